@@ -1,0 +1,98 @@
+"""Turn records into the engine's frozen config (a plain dict, stored on the Run and never edited).
+
+Paths inside the frozen config are relative to ARTIFACT_ROOT where they point at this system's own outputs, so
+a config stays valid when the artifact root moves; ``resolve_paths`` makes them absolute on the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "max_steps": 500,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "weight_decay": 0.01,
+    "warmup_steps": 0,
+    "lr_schedule": "linear",
+    "grad_clip": 1.0,
+    "log_every": 10,
+    "eval_every": 100,
+    "save_every": 100,
+}
+
+HARD_LABELS_TERMS = [{"name": "ce", "weight": 1.0, "params": {}}]
+
+
+def run_output_dir(run_id: int) -> str:
+    """Where a run writes (relative to ARTIFACT_ROOT). Generated from the id, never from input."""
+    return f"runs/{run_id}"
+
+
+def model_config(spec: ModelSpec) -> dict[str, Any]:
+    base = {"source": spec.source, "num_labels": spec.num_labels}
+    match spec.source:
+        case ModelSpec.Source.BUILTIN:
+            return {**base, "name": spec.builtin_arch, "params": dict(spec.config)}
+        case ModelSpec.Source.CONFIG:
+            return {**base, "params": dict(spec.config)}
+        case ModelSpec.Source.HF:
+            return {**base, "name": spec.hub_id, "path": spec.local_path, "revision": spec.revision}
+        case ModelSpec.Source.RUN:
+            return {**base, "path": f"{run_output_dir(spec.source_run_id)}/final"}
+    raise ValueError(f"model source {spec.source!r} cannot be trained yet")
+
+
+def dataset_config(spec: DatasetSpec) -> dict[str, Any]:
+    return {
+        "source": spec.source,
+        "name": spec.builtin_name or spec.hub_name,
+        "path": spec.local_path,
+        "text_column": spec.text_column,
+        "label_column": spec.label_column,
+        "eval_fraction": spec.eval_fraction,
+        "split_seed": spec.split_seed,
+        "max_length": spec.max_length,
+    }
+
+
+def split_key(dataset_cfg: dict[str, Any]) -> str:
+    """A stable hash of everything that decides which rows land in the eval split and how they are read."""
+    return hashlib.sha256(json.dumps(dataset_cfg, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def build_run_config(
+    *, experiment: Experiment, student: ModelSpec, recipe: Recipe | None, seed: int, teacher: ModelSpec | None
+) -> dict[str, Any]:
+    """The frozen config of one run. ``recipe=None`` means the automatic hard-label baseline."""
+    scheme = recipe.scheme if recipe else Recipe.Scheme.HARD_LABELS
+    terms = recipe.terms if recipe else HARD_LABELS_TERMS
+    uses_teacher = scheme != Recipe.Scheme.HARD_LABELS and any(t["name"] != "ce" for t in terms)
+    train = {**TRAIN_DEFAULTS, **experiment.train, "seed": seed}
+    return {
+        "student": model_config(student),
+        "teacher": model_config(teacher) if (teacher and uses_teacher) else None,
+        "dataset": dataset_config(experiment.dataset),
+        "terms": [
+            {"name": t["name"], "weight": float(t.get("weight", 1.0)), "params": dict(t.get("params", {}))}
+            for t in terms
+        ],
+        "scheme": scheme,
+        "train": train,
+    }
+
+
+def resolve_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> dict[str, Any]:
+    """Return a copy of the frozen config with this system's relative paths made absolute."""
+    resolved = json.loads(json.dumps(config))
+    for role in ("student", "teacher"):
+        model = resolved.get(role)
+        if model and model["source"] == ModelSpec.Source.RUN:
+            model["path"] = str(artifact_root / model["path"])
+    resolved["output_dir"] = str(artifact_root / run_output_dir(run.id))
+    return resolved

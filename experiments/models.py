@@ -1,0 +1,407 @@
+"""Records (DESIGN.md §3). No side effects in save(): writes go through experiments.services."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+def _choices_check(field: str, choices: type[models.TextChoices], name: str) -> models.CheckConstraint:
+    return models.CheckConstraint(condition=Q(**{f"{field}__in": choices.values}), name=name)
+
+
+class Team(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    slug = models.SlugField(max_length=100, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="teams")
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class MembershipRole(models.TextChoices):
+    MEMBER = "member", "Member"
+    LEAD = "lead", "Lead"
+
+
+class Membership(models.Model):
+    Role = MembershipRole
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "team"], name="membership_unique_user_team"),
+            _choices_check("role", MembershipRole, "membership_role_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team} ({self.role})"
+
+
+class TeamOwned(models.Model):
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        abstract = True
+
+
+class Task(models.TextChoices):
+    CLASSIFICATION = "classification", "Sequence / tabular classification"
+
+
+class ModelSpecSource(models.TextChoices):
+    HF = "hf", "Hugging Face (hub id or local folder)"
+    CONFIG = "config", "Random init from a transformers config"
+    DERIVED = "derived", "Derived from another model"
+    BUILTIN = "builtin", "Builtin torch net"
+    RUN = "run", "Trained by a run here"
+
+
+class ModelSpec(TeamOwned):
+    """A model usable as teacher and/or student."""
+
+    Source = ModelSpecSource
+
+    name = models.CharField(max_length=120)
+    source = models.CharField(max_length=16, choices=Source.choices)
+    task = models.CharField(max_length=32, choices=Task.choices, default=Task.CLASSIFICATION)
+    hub_id = models.CharField(max_length=200, blank=True, help_text="Hub id, e.g. org/name")
+    local_path = models.CharField(max_length=500, blank=True, help_text="Folder under a configured model root")
+    revision = models.CharField(max_length=100, blank=True)
+    builtin_arch = models.CharField(max_length=32, blank=True)
+    config = models.JSONField(default=dict, blank=True, help_text="Builtin net parameters or transformers config")
+    parent = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="derived")
+    source_run = models.ForeignKey(
+        "Run", on_delete=models.PROTECT, null=True, blank=True, related_name="registered_models"
+    )
+    num_labels = models.PositiveIntegerField()
+    param_count = models.BigIntegerField(null=True, blank=True)
+    tokenizer_id = models.CharField(max_length=200, blank=True)
+    disk_size_bytes = models.BigIntegerField(null=True, blank=True)
+    notes = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["team", "name"], name="modelspec_unique_team_name"),
+            _choices_check("source", ModelSpecSource, "modelspec_source_valid"),
+            _choices_check("task", Task, "modelspec_task_valid"),
+            models.CheckConstraint(condition=Q(num_labels__gte=2), name="modelspec_num_labels_gte_2"),
+            models.CheckConstraint(
+                condition=~Q(source="run") | Q(source_run__isnull=False), name="modelspec_run_source_has_run"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DatasetSpecSource(models.TextChoices):
+    BUILTIN = "builtin", "Packaged real data"
+    HF = "hf", "Hugging Face hub name or local CSV / JSONL file"
+    UPLOAD = "upload", "Uploaded file"
+
+
+class DatasetSpec(TeamOwned):
+    Source = DatasetSpecSource
+
+    name = models.CharField(max_length=120)
+    source = models.CharField(max_length=16, choices=Source.choices)
+    task = models.CharField(max_length=32, choices=Task.choices, default=Task.CLASSIFICATION)
+    builtin_name = models.CharField(max_length=64, blank=True)
+    hub_name = models.CharField(max_length=200, blank=True)
+    local_path = models.CharField(max_length=500, blank=True)
+    text_column = models.CharField(max_length=100, default="text")
+    label_column = models.CharField(max_length=100, default="label")
+    label_names = models.JSONField(default=list, blank=True)
+    num_labels = models.PositiveIntegerField()
+    eval_fraction = models.FloatField(default=0.2)
+    split_seed = models.IntegerField(default=0)
+    max_length = models.PositiveIntegerField(default=128)
+    splits = models.JSONField(default=dict, blank=True, help_text="Row counts per split")
+    notes = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["team", "name"], name="datasetspec_unique_team_name"),
+            _choices_check("source", DatasetSpecSource, "datasetspec_source_valid"),
+            _choices_check("task", Task, "datasetspec_task_valid"),
+            models.CheckConstraint(condition=Q(num_labels__gte=2), name="datasetspec_num_labels_gte_2"),
+            models.CheckConstraint(
+                condition=Q(eval_fraction__gt=0) & Q(eval_fraction__lt=1), name="datasetspec_eval_fraction_range"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RecipeScheme(models.TextChoices):
+    OFFLINE = "offline", "Offline (teacher outputs computed once)"
+    ONLINE = "online", "Online (teacher forward every step)"
+    HARD_LABELS = "hard_labels", "Hard labels only (no teacher)"
+
+
+class Recipe(TeamOwned):
+    """A named, versioned distillation method: weighted loss terms + a training scheme."""
+
+    Scheme = RecipeScheme
+
+    name = models.CharField(max_length=120)
+    version = models.PositiveIntegerField(default=1)
+    scheme = models.CharField(max_length=32, choices=Scheme.choices, default=Scheme.OFFLINE)
+    terms = models.JSONField(help_text='[{"name": "kd", "weight": 0.9, "params": {"temperature": 4}}, ...]')
+    description = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["team", "name", "version"], name="recipe_unique_team_name_version"),
+            _choices_check("scheme", RecipeScheme, "recipe_scheme_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}" if self.version > 1 else self.name
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.scheme != self.Scheme.HARD_LABELS and any(t.get("name") != "ce" for t in self.terms)
+
+    @property
+    def formula(self) -> str:
+        """Human-readable sum of terms, e.g. ``0.1·ce + 0.9·kd(temperature=4)``."""
+        parts = []
+        for term in self.terms:
+            params = ", ".join(f"{k}={v}" for k, v in sorted(term.get("params", {}).items()))
+            parts.append(f"{term.get('weight', 1)}·{term['name']}" + (f"({params})" if params else ""))
+        return " + ".join(parts)
+
+
+class Experiment(TeamOwned):
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    teacher = models.ForeignKey(
+        ModelSpec, on_delete=models.PROTECT, null=True, blank=True, related_name="teacher_experiments"
+    )
+    dataset = models.ForeignKey(DatasetSpec, on_delete=models.PROTECT, related_name="experiments")
+    students = models.ManyToManyField(ModelSpec, related_name="student_experiments")
+    recipes = models.ManyToManyField(Recipe, related_name="experiments")
+    seeds = models.JSONField(default=list)
+    train = models.JSONField(default=dict, help_text="Training settings shared by every run (fair comparison)")
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["team", "-created_at"], name="experiment_team_created")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class Run(models.Model):
+    Status = RunStatus
+
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="runs")
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="runs")
+    student = models.ForeignKey(ModelSpec, on_delete=models.PROTECT, related_name="student_runs")
+    teacher = models.ForeignKey(
+        ModelSpec, on_delete=models.PROTECT, null=True, blank=True, related_name="teacher_runs"
+    )
+    recipe = models.ForeignKey(Recipe, on_delete=models.PROTECT, related_name="runs")
+    seed = models.IntegerField(default=0)
+    is_baseline = models.BooleanField(default=False, help_text="The automatic hard-label baseline")
+    config = models.JSONField(help_text="Frozen, fully resolved engine config; never edited after launch")
+    waiting_for = models.ForeignKey(
+        "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="dependents",
+        help_text="A run whose output this run needs (e.g. the run that trains its teacher)",
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    queue = models.CharField(max_length=64, default="training")
+    task_id = models.CharField(max_length=64, blank=True)
+    worker_name = models.CharField(max_length=200, blank=True)
+    attempt = models.PositiveIntegerField(default=0)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    samples_per_s = models.FloatField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    checkpoint_path = models.CharField(max_length=500, blank=True, help_text="Relative to ARTIFACT_ROOT")
+    result = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            _choices_check("status", RunStatus, "run_status_valid"),
+            models.CheckConstraint(
+                condition=Q(status__in=["succeeded", "failed", "cancelled"]) | Q(finished_at__isnull=True),
+                name="run_finished_at_only_when_terminal",
+            ),
+            models.CheckConstraint(
+                condition=~Q(status="running") | Q(started_at__isnull=False), name="run_running_has_started_at"
+            ),
+            models.CheckConstraint(
+                condition=Q(total_steps=0) | Q(step__lte=models.F("total_steps")), name="run_step_lte_total"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["team", "-created_at"], name="run_team_created"),
+            models.Index(fields=["experiment", "status"], name="run_experiment_status"),
+            models.Index(fields=["status", "heartbeat_at"], name="run_status_heartbeat"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run #{self.pk}"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+    @property
+    def progress_percent(self) -> int:
+        if self.status == self.Status.SUCCEEDED:
+            return 100
+        return int(100 * self.step / self.total_steps) if self.total_steps else 0
+
+
+class MetricPoint(models.Model):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="metric_points")
+    name = models.CharField(max_length=64)
+    step = models.PositiveIntegerField()
+    value = models.FloatField()
+    wall_time = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "name", "step"], name="metricpoint_unique_run_name_step")]
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.step}={self.value:.4g}"
+
+
+class EvaluationRole(models.TextChoices):
+    STUDENT = "student", "Student"
+    TEACHER = "teacher", "Teacher"
+
+
+class Evaluation(models.Model):
+    """A model on a dataset split with a frozen eval config.
+
+    Student evaluations hang off their run. A teacher is evaluated once per (model, dataset, split key) and the
+    result is reused by every run that needs it.
+    """
+
+    Role = EvaluationRole
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="evaluations")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, null=True, blank=True, related_name="evaluations")
+    model = models.ForeignKey(ModelSpec, on_delete=models.CASCADE, related_name="evaluations")
+    dataset = models.ForeignKey(DatasetSpec, on_delete=models.CASCADE, related_name="evaluations")
+    split = models.CharField(max_length=32, default="eval")
+    split_key = models.CharField(max_length=64, help_text="Hash of the dataset preprocessing and split settings")
+    accuracy = models.FloatField(null=True, blank=True)
+    macro_f1 = models.FloatField(null=True, blank=True)
+    param_count = models.BigIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    metrics = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            _choices_check("role", EvaluationRole, "evaluation_role_valid"),
+            models.UniqueConstraint(
+                fields=["model", "dataset", "split", "split_key"],
+                condition=Q(role="teacher"),
+                name="evaluation_one_teacher_eval_per_benchmark",
+            ),
+            models.UniqueConstraint(
+                fields=["run", "role"], condition=Q(run__isnull=False, role="student"), name="evaluation_one_per_run"
+            ),
+        ]
+        indexes = [models.Index(fields=["dataset", "role", "-accuracy"], name="evaluation_leaderboard")]
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.model} on {self.dataset}/{self.split}"
+
+
+class ArtifactKind(models.TextChoices):
+    CHECKPOINT = "checkpoint", "Checkpoint"
+    MODEL = "model", "Final model"
+    TEACHER_CACHE = "teacher_cache", "Teacher-output cache"
+    PLOT = "plot", "Plot"
+
+
+class Artifact(models.Model):
+    Kind = ArtifactKind
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="artifacts")
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    path = models.CharField(max_length=500, help_text="Relative to ARTIFACT_ROOT; generated, never user input")
+    step = models.PositiveIntegerField(null=True, blank=True)
+    size_bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "path"], name="artifact_unique_run_path"),
+            _choices_check("kind", ArtifactKind, "artifact_kind_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return self.path
+
+
+class WorkerState(models.TextChoices):
+    ONLINE = "online", "Online"
+    DRAINING = "draining", "Draining"
+    OFFLINE = "offline", "Offline"
+
+
+class Worker(models.Model):
+    State = WorkerState
+
+    name = models.CharField(max_length=200, unique=True, help_text="Celery node name, e.g. gpu0@host")
+    hostname = models.CharField(max_length=200, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    queues = models.JSONField(default=list)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.ONLINE)
+    versions = models.JSONField(default=dict, blank=True)
+    gpus = models.JSONField(default=list, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [_choices_check("state", WorkerState, "worker_state_valid")]
+
+    def __str__(self) -> str:
+        return self.name

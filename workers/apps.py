@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class WorkersConfig(AppConfig):
+    name = "workers"
+    verbose_name = "Workers"
+
+    def ready(self) -> None:
+        from . import fleet  # noqa: F401  (connects the worker registration signals)
