@@ -199,6 +199,7 @@ def experiment_create(
                     experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed, teacher=teacher
                 ),
                 total_steps=train["max_steps"],
+                queue=settings.RUN_QUEUE,
                 waiting_for=(waiting_for if p.recipe.needs_teacher else None) or _pending_source_run(p.student),
             )
             for p in plan

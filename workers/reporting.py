@@ -6,7 +6,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, connection
 
 from experiments import selectors, services
 
@@ -31,7 +31,7 @@ class RunReporter:
         self._buffer: list[tuple[str, int, float, datetime]] = []
         self._last_flush = clock()
         self._last_progress = 0.0
-        self._last_poll = clock()
+        self._last_poll = float("-inf")  # the first poll always reads the database
         self._last_step_time: tuple[int, float] | None = None
 
     # --- engine callbacks -------------------------------------------------------------------------
@@ -50,7 +50,7 @@ class RunReporter:
             rate = (step - self._last_step_time[0]) / (now - self._last_step_time[1])
         self._last_step_time = (step, now)
         self._last_progress = now
-        self.owned = services.run_report_progress(
+        self.owned = _retrying(services.run_report_progress,
             run_id=self.run_id, task_id=self.task_id, step=step, total=total, samples_per_s=None if rate is None
             else rate * self._batch_size
         ) and self.owned
@@ -58,14 +58,13 @@ class RunReporter:
     def on_checkpoint(self, step: int, path: str) -> None:
         # Points up to the checkpoint must be durable before it counts, so a resume never loses any.
         self.flush()
-        services.run_record_checkpoint(run_id=self.run_id, task_id=self.task_id, step=step, path=Path(path))
+        _retrying(services.run_record_checkpoint, run_id=self.run_id, task_id=self.task_id, step=step, path=Path(path))
 
     def should_stop(self) -> bool:
         now = self.clock()
         if now - self._last_poll >= self.poll_every_s:
             self._last_poll = now
-            close_old_connections()
-            self.cancel_requested = selectors.run_is_cancel_requested(run_id=self.run_id)
+            self.cancel_requested = _retrying(selectors.run_is_cancel_requested, run_id=self.run_id)
         return self.cancel_requested or not self.owned
 
     # --- plumbing ---------------------------------------------------------------------------------
@@ -77,5 +76,17 @@ class RunReporter:
     def flush(self) -> None:
         if self._buffer:
             batch, self._buffer = self._buffer, []
-            self.owned = services.run_record_metrics(run_id=self.run_id, task_id=self.task_id, points=batch) and self.owned
+            self.owned = _retrying(services.run_record_metrics, run_id=self.run_id, task_id=self.task_id,
+                                   points=batch) and self.owned
         self._last_flush = self.clock()
+
+
+def _retrying(write, **kwargs):
+    """Run a database call; if the connection died during a long training run, reconnect once and retry."""
+    try:
+        return write(**kwargs)
+    except (OperationalError, InterfaceError):
+        if connection.in_atomic_block:
+            raise
+        connection.close()
+        return write(**kwargs)

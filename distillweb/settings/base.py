@@ -135,6 +135,8 @@ RUN_HEARTBEAT_TIMEOUT_S = env.int("RUN_HEARTBEAT_TIMEOUT_S", default=120)
 WORKER_HEARTBEAT_INTERVAL_S = env.int("WORKER_HEARTBEAT_INTERVAL_S", default=10)
 WORKER_OFFLINE_AFTER_S = env.int("WORKER_OFFLINE_AFTER_S", default=60)
 MAX_RUNS_PER_EXPERIMENT = env.int("MAX_RUNS_PER_EXPERIMENT", default=200)
+# The Celery queue new runs are sent to (workers consume it with `-Q`).
+RUN_QUEUE = env("RUN_QUEUE", default="training")
 
 # --- Celery ---------------------------------------------------------------------------------------
 # Default: kombu's filesystem transport under var/, so the embedded shape needs no broker server.

@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("DEBUG", "true")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/distillweb")
 os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
+# Integration tests start real workers over this broker; unit tests never publish (dispatch is on commit).
+os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 
 from .base import *  # noqa: E402,F403
 from pathlib import Path  # noqa: E402

@@ -25,8 +25,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--username", default=None, help="Admin user name (env DEMO_ADMIN_USER, default admin)")
         parser.add_argument("--password", default=None, help="Admin password (env DEMO_ADMIN_PASSWORD)")
-        parser.add_argument("--teacher-steps", type=int, default=600)
-        parser.add_argument("--student-steps", type=int, default=500)
+        parser.add_argument("--teacher-steps", type=int, default=int(os.environ.get("DEMO_TEACHER_STEPS", 600)))
+        parser.add_argument("--student-steps", type=int, default=int(os.environ.get("DEMO_STUDENT_STEPS", 500)))
 
     def handle(self, *args, username=None, password=None, teacher_steps=600, student_steps=500, **options):
         username = username or os.environ.get("DEMO_ADMIN_USER", "admin")

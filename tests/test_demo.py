@@ -1,0 +1,64 @@
+"""`make demo`'s embedded shape for real: SQLite, kombu's filesystem broker, a web server and one worker."""
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_serves_the_site_and_its_worker_finishes_the_seeded_experiments(tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE",
+                                                             "ARTIFACT_ROOT", "SECURE_SSL_REDIRECT"}}
+    env.update({"DEBUG": "true", "DISTILLWEB_VAR_DIR": str(tmp_path), "DEMO_ADMIN_PASSWORD": "demo-pass-123",
+                "DEMO_TEACHER_STEPS": "100", "DEMO_STUDENT_STEPS": "40", "PYTHONUNBUFFERED": "1"})
+    log = tmp_path / "demo.log"
+    demo = subprocess.Popen([sys.executable, "manage.py", "demo", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        db = tmp_path / "distillweb.sqlite3"
+        deadline = time.monotonic() + 420
+        statuses: list[str] = []
+        while time.monotonic() < deadline:
+            assert demo.poll() is None, log.read_text()[-5000:]
+            if db.exists():
+                try:
+                    with sqlite3.connect(db, timeout=5) as conn:
+                        statuses = [row[0] for row in conn.execute("select status from experiments_run")]
+                except sqlite3.OperationalError:
+                    statuses = []
+                if statuses and all(s in ("succeeded", "failed", "cancelled") for s in statuses):
+                    break
+            time.sleep(2)
+        assert statuses and set(statuses) == {"succeeded"}, (statuses, log.read_text()[-5000:])
+        assert len(statuses) == 1 + 2 * 2 * 3  # teacher + 2 students × (kd, hard labels) × 3 seeds
+        output = log.read_text()
+        assert "Admin login: admin / demo-pass-123" in output
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        try:
+            demo.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+            raise
+    assert demo.returncode == 0, log.read_text()[-3000:]
+    assert "Stopped." in log.read_text()
