@@ -24,6 +24,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "eval_every": 100,
     "save_every": 100,
+    "labelled_fraction": 1.0,
 }
 
 HARD_LABELS_TERMS = [{"name": "ce", "weight": 1.0, "params": {}}]
@@ -62,8 +63,12 @@ def dataset_config(spec: DatasetSpec) -> dict[str, Any]:
 
 
 def split_key(dataset_cfg: dict[str, Any]) -> str:
-    """A stable hash of everything that decides which rows land in the eval split and how they are read."""
-    return hashlib.sha256(json.dumps(dataset_cfg, sort_keys=True).encode()).hexdigest()[:32]
+    """A stable hash of everything that decides which rows land in the eval split and how they are read.
+
+    The labelled fraction only changes which train labels are used, so it does not change the key.
+    """
+    relevant = {k: v for k, v in dataset_cfg.items() if k != "labelled_fraction"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def build_run_config(
@@ -74,10 +79,12 @@ def build_run_config(
     terms = recipe.terms if recipe else HARD_LABELS_TERMS
     uses_teacher = scheme != Recipe.Scheme.HARD_LABELS and any(t["name"] != "ce" for t in terms)
     train = {**TRAIN_DEFAULTS, **experiment.train, "seed": seed}
+    # Every run of the experiment, the hard-label baseline included, sees the same labelled rows.
+    dataset = {**dataset_config(experiment.dataset), "labelled_fraction": train.pop("labelled_fraction")}
     return {
         "student": model_config(student),
         "teacher": model_config(teacher) if (teacher and uses_teacher) else None,
-        "dataset": dataset_config(experiment.dataset),
+        "dataset": dataset,
         "terms": [
             {"name": t["name"], "weight": float(t.get("weight", 1.0)), "params": dict(t.get("params", {}))}
             for t in terms

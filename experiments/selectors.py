@@ -5,9 +5,11 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.utils import timezone
 
 from .models import DatasetSpec, Evaluation, Experiment, MetricPoint, ModelSpec, Recipe, Run, Team, Worker
 
@@ -35,8 +37,11 @@ def recipe_list(*, user) -> QuerySet[Recipe]:
 def experiment_list(*, user) -> QuerySet[Experiment]:
     """Experiments with their run counts per status, in one query."""
     counts = {s: Count("runs", filter=Q(runs__status=s)) for s in Run.Status.values}
-    return _scoped(Experiment.objects.select_related("team", "teacher", "dataset", "created_by"), user).annotate(
-        run_count=Count("runs"), **{f"{s}_count": c for s, c in counts.items()}
+    # Meta.ordering is dropped from GROUP BY queries, so order explicitly (newest first).
+    return (
+        _scoped(Experiment.objects.select_related("team", "teacher", "dataset", "created_by"), user)
+        .annotate(run_count=Count("runs"), **{f"{s}_count": c for s, c in counts.items()})
+        .order_by("-created_at", "-id")
     )
 
 
@@ -46,6 +51,18 @@ def run_list(*, user) -> QuerySet[Run]:
 
 def run_is_cancel_requested(*, run_id: int) -> bool:
     return Run.objects.filter(id=run_id, cancel_requested=True).exists()
+
+
+def teacher_evaluation_exists(*, run: Run) -> bool:
+    """Whether the run's teacher was already evaluated on this benchmark (then it is not measured again)."""
+    from .engine_config import split_key
+
+    if run.teacher_id is None:
+        return False
+    return Evaluation.objects.filter(
+        role=Evaluation.Role.TEACHER, model_id=run.teacher_id, dataset_id=run.experiment.dataset_id,
+        split="eval", split_key=split_key(run.config["dataset"]),
+    ).exists()
 
 
 def run_metric_series(*, run: Run) -> dict[str, tuple[list[int], list[float]]]:
@@ -184,3 +201,58 @@ def home_summary(*, user) -> dict[str, Any]:
         "runs": runs[:10],
         "active_runs": runs.filter(status__in=[Run.Status.QUEUED, Run.Status.RUNNING]).count(),
     }
+
+
+# --- web UI reads -----------------------------------------------------------------------------------
+def experiment_runs(*, experiment: Experiment) -> QuerySet[Run]:
+    """The runs of one experiment for its runs table, each annotated with its student ``accuracy``."""
+    student_accuracy = Evaluation.objects.filter(run=OuterRef("pk"), role=Evaluation.Role.STUDENT).values(
+        "accuracy"
+    )[:1]
+    return (
+        Run.objects.filter(experiment=experiment)
+        .select_related("student", "recipe", "waiting_for")
+        .annotate(accuracy=Subquery(student_accuracy))
+        .order_by("student__name", "-is_baseline", "recipe__name", "seed", "id")
+    )
+
+
+def experiment_metric_series(*, experiment: Experiment, name: str) -> dict[int, tuple[list[int], list[float]]]:
+    """One metric's curve for every run of an experiment: run id → (steps, values), in one query."""
+    series: dict[int, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    rows = (
+        MetricPoint.objects.filter(run__experiment=experiment, name=name)
+        .order_by("run_id", "step")
+        .values_list("run_id", "step", "value")
+    )
+    for run_id, step, value in rows.iterator(chunk_size=5000):
+        steps, values = series[run_id]
+        steps.append(step)
+        values.append(value)
+    return dict(series)
+
+
+def run_evaluations(*, run: Run) -> list[Evaluation]:
+    """The student's evaluation of this run and the teacher's on the same eval split (either may be missing)."""
+    student = list(run.evaluations.filter(role=Evaluation.Role.STUDENT).select_related("model"))
+    teacher: list[Evaluation] = []
+    if run.teacher_id:
+        teacher_evals = Evaluation.objects.filter(
+            role=Evaluation.Role.TEACHER, model_id=run.teacher_id, dataset_id=run.experiment.dataset_id
+        ).select_related("model")
+        if student:
+            teacher_evals = teacher_evals.filter(split_key=student[0].split_key)
+        teacher = list(teacher_evals[:1])
+    return student + teacher
+
+
+def worker_online_count(*, offline_after_s: int) -> int:
+    """Workers that are online and sent a heartbeat recently."""
+    fresh = timezone.now() - timedelta(seconds=offline_after_s)
+    return Worker.objects.filter(state=Worker.State.ONLINE, last_heartbeat__gte=fresh).count()
+
+
+def leaderboard_datasets(*, user) -> QuerySet[DatasetSpec]:
+    """The user's datasets with the number of finished student evaluations on each (rows on its leaderboard)."""
+    finished = Q(evaluations__role=Evaluation.Role.STUDENT, evaluations__run__status=Run.Status.SUCCEEDED)
+    return dataset_spec_list(user=user).annotate(result_count=Count("evaluations", filter=finished))

@@ -22,6 +22,8 @@ TRAIN_FIELDS: dict[str, tuple[type, float, float, str]] = {
     "save_every": (int, 1, 1_000_000, "Checkpoint every N steps"),
     "log_every": (int, 1, 100_000, "Log training losses every N steps"),
     "grad_clip": (float, 0.0, 1e6, "Gradient-norm clipping (0 = off)"),
+    "labelled_fraction": (float, 0.01, 1.0, "Fraction of train rows whose labels are used (the rest are "
+                                            "unlabelled inputs that only teacher terms learn from)"),
 }
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MAX_SEEDS = 20
@@ -189,6 +191,19 @@ def clean_dataset_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def dataset_kind(dataset: DatasetSpec) -> str:
+    """``tabular`` (numeric features) or ``text``."""
+    if dataset.source == DatasetSpec.Source.BUILTIN:
+        return BUILTIN_DATASETS.get(dataset.builtin_name, {}).get("kind", "text")
+    return "text"
+
+
+def model_kind(model: ModelSpec) -> str:
+    if model.source == ModelSpec.Source.BUILTIN or (model.source == ModelSpec.Source.RUN and model.builtin_arch):
+        return "tabular"
+    return "text"
+
+
 def check_experiment(*, team, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
                      recipes: Sequence[Recipe]) -> None:
     """Pre-flight checks that make a whole experiment invalid (nothing is created)."""
@@ -211,6 +226,12 @@ def check_experiment(*, team, dataset: DatasetSpec, teacher: ModelSpec | None, s
             )
         if teacher in students:
             errors.setdefault("students", []).append("The teacher cannot also be a student.")
+    data_kind = dataset_kind(dataset)
+    for model in [*students, *([teacher] if teacher else [])]:
+        if model_kind(model) != data_kind:
+            field = "teacher" if model == teacher else "students"
+            need = "numeric features (builtin nets such as mlp)" if data_kind == "tabular" else "text (transformers)"
+            errors.setdefault(field, []).append(f"{model} cannot read {dataset}: that dataset needs a model for {need}.")
     for student in students:
         if student.num_labels != dataset.num_labels:
             errors.setdefault("students", []).append(

@@ -2,43 +2,47 @@
 
 import pytest
 
-from experiments.models import Membership
-from tests.factories import (
-    DatasetSpecFactory,
-    MembershipFactory,
-    ModelSpecFactory,
-    RecipeFactory,
-    TeamFactory,
-    UserFactory,
-)
+# Imports of Django code live inside the fixtures, so that the engine's tests (tests/workers/engine) can run
+# without Django at all: `pytest tests/workers/engine -p no:django`.
 
 
 @pytest.fixture(autouse=True)
-def _artifact_root(settings, tmp_path):
-    """Every test writes artifacts to its own folder."""
+def _artifact_root(request, tmp_path):
+    """Every Django test writes artifacts to its own folder."""
+    if not request.config.pluginmanager.hasplugin("django"):
+        return
+    settings = request.getfixturevalue("settings")
     settings.ARTIFACT_ROOT = tmp_path / "artifacts"
     settings.ARTIFACT_ROOT.mkdir()
 
 
 @pytest.fixture
 def team(db):
+    from tests.factories import TeamFactory
+
     return TeamFactory()
 
 
 @pytest.fixture
 def user(team):
+    from tests.factories import MembershipFactory, UserFactory
+
     user = UserFactory()
-    MembershipFactory(user=user, team=team, role=Membership.Role.MEMBER)
+    MembershipFactory(user=user, team=team, role="member")
     return user
 
 
 @pytest.fixture
 def other_team(db):
+    from tests.factories import TeamFactory
+
     return TeamFactory()
 
 
 @pytest.fixture
 def other_user(other_team):
+    from tests.factories import MembershipFactory, UserFactory
+
     user = UserFactory()
     MembershipFactory(user=user, team=other_team)
     return user
@@ -46,6 +50,8 @@ def other_user(other_team):
 
 @pytest.fixture
 def staff_user(db):
+    from tests.factories import UserFactory
+
     return UserFactory(is_staff=True, is_superuser=True)
 
 
@@ -58,6 +64,8 @@ def client_logged_in(client, user):
 @pytest.fixture
 def digits_setup(team, user):
     """A digits dataset, an MLP teacher, two MLP students and a kd recipe, all in ``team``."""
+    from tests.factories import DatasetSpecFactory, ModelSpecFactory, RecipeFactory
+
     return {
         "dataset": DatasetSpecFactory(team=team, name="digits"),
         "teacher": ModelSpecFactory(team=team, name="mlp-teacher", config={"hidden_sizes": [64]}),

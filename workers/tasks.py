@@ -15,7 +15,7 @@ def run_distillation(self, run_id: int) -> None:
     # Lazy imports: torch must not touch CUDA in the prefork parent process.
     from django.conf import settings
 
-    from experiments import services
+    from experiments import selectors, services
     from experiments.engine_config import resolve_paths
     from workers.engine.config import RunConfig
     from workers.engine.errors import EngineError
@@ -29,7 +29,9 @@ def run_distillation(self, run_id: int) -> None:
         return
     reporter = RunReporter(run_id=run_id, task_id=task_id)
     try:
-        cfg = RunConfig.from_dict(resolve_paths(run.config, run=run, artifact_root=settings.ARTIFACT_ROOT))
+        resolved = resolve_paths(run.config, run=run, artifact_root=settings.ARTIFACT_ROOT)
+        resolved["evaluate_teacher"] = not selectors.teacher_evaluation_exists(run=run)
+        cfg = RunConfig.from_dict(resolved)
         reporter.set_batch_size(cfg.train.batch_size)
         result = train(
             cfg,

@@ -45,6 +45,15 @@ def test_experiment_create_adds_a_hard_label_baseline_per_student_and_seed(digit
     assert {r.config["train"]["seed"] for r in runs} == {0, 1}
 
 
+def test_a_text_model_on_numeric_features_is_refused_before_anything_runs(digits_setup, team, user):
+    bert = ModelSpecFactory(team=team, name="tiny-bert", source="config", builtin_arch="",
+                            config={"model_type": "bert"})
+    with mock.patch(DISPATCH), pytest.raises(ValidationError) as exc:
+        _create(digits_setup, team, user, students=[bert])
+    assert "cannot read digits" in str(exc.value.message_dict["students"])
+    assert Run.objects.count() == 0
+
+
 def test_runs_are_enqueued_only_after_commit(digits_setup, team, user, django_capture_on_commit_callbacks):
     with mock.patch(DISPATCH) as dispatch:
         with django_capture_on_commit_callbacks(execute=False) as callbacks:

@@ -46,12 +46,9 @@ def test_worker_trains_a_teacher_then_distills_and_reports_everything(celery_wor
     kd = services.recipe_create(team=team, created_by=user, name="kd", scheme="offline",
                                 terms=[{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9,
                                                                          "params": {"temperature": 4}}])
-    # A text model on numeric features fails with a message saying so; the other runs carry on.
-    wrong_kind = services.model_spec_create(team=team, created_by=user, name="text-model", source="hf",
-                                            hub_id="distillweb-tests/some-text-model", num_labels=10)
     experiment = services.experiment_create(
-        team=team, created_by=user, name="kd", dataset=digits, teacher=teacher,
-        students=[mlp("s16", [16]), wrong_kind], recipes=[kd], seeds=[0], train=train,
+        team=team, created_by=user, name="kd", dataset=digits, teacher=teacher, students=[mlp("s16", [16])],
+        recipes=[kd], seeds=[0], train=train,
     )
     runs = list(experiment.runs.all())
     assert all(r.waiting_for_id == training.runs.get().id for r in runs if not r.is_baseline)
@@ -62,9 +59,6 @@ def test_worker_trains_a_teacher_then_distills_and_reports_everything(celery_wor
         by_student.setdefault(run.student.name, []).append(run)
     assert [r.status for r in by_student["teacher-arch"]] == [Run.Status.SUCCEEDED]
     assert {r.status for r in by_student["s16"]} == {Run.Status.SUCCEEDED}
-    for run in by_student["text-model"]:
-        assert run.status == Run.Status.FAILED
-        assert "needs text" in run.error and "digits" in run.error
 
     for run in by_student["s16"] + by_student["teacher-arch"]:
         assert run.step == run.total_steps and run.worker_name == worker.name and run.attempt == 1

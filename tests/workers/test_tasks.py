@@ -43,6 +43,23 @@ def test_a_real_run_trains_distills_and_records_results(experiment, settings):
     assert run.artifacts.filter(kind="checkpoint").exists()
 
 
+def test_the_teacher_is_evaluated_once_per_benchmark(experiment, digits_setup, team, user):
+    first = experiment.runs.get(is_baseline=False)
+    run_distillation.apply(args=(first.id,))
+    with mock.patch(DISPATCH):
+        again = services.experiment_create(
+            team=team, created_by=user, name="kd again", dataset=digits_setup["dataset"],
+            teacher=digits_setup["teacher"], students=digits_setup["students"][1:], recipes=[digits_setup["recipe"]],
+            seeds=[0], train={"max_steps": 10, "eval_every": 10},
+        )
+    second = again.runs.get(is_baseline=False)
+    run_distillation.apply(args=(second.id,))
+    second.refresh_from_db()
+    assert second.status == Run.Status.SUCCEEDED and second.result["teacher"] is None  # not measured again
+    assert second.result["student"]["agreement"] > 0  # fidelity still measured against the teacher's logits
+    assert Evaluation.objects.filter(role="teacher").count() == 1
+
+
 def test_duplicate_delivery_of_a_live_run_does_nothing(experiment):
     run = experiment.runs.first()
     services.run_claim(run_id=run.id, task_id="first-delivery", worker_name="w1")

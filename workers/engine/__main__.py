@@ -1,0 +1,138 @@
+"""Command line: ``python -m workers.engine run CONFIG.json`` | ``python -m workers.engine methods``.
+
+``run`` trains one run config (JSON, or YAML when PyYAML is installed), draws a one-line progress bar on stderr
+and prints a results table. ``methods`` lists the loss terms and their parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from .config import RunConfig
+from .errors import EngineError
+
+DEFAULT_RUNS_DIR = Path("var") / "engine-runs"
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a run config from JSON or YAML."""
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit("YAML configs need PyYAML (pip install pyyaml); or use JSON.") from None
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+class ProgressBar:
+    """``step 120/500 [#####.....] 24% loss 0.53 12.3 it/s`` on one line, redrawn at most 10 times a second."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 20) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.loss: float | None = None
+        self.start = time.perf_counter()
+        self.first_step: int | None = None
+        self.last_draw = 0.0
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if "loss" in metrics:
+            self.loss = metrics["loss"]
+
+    def on_progress(self, step: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.first_step is None:  # a resumed run starts counting where it resumed
+            self.first_step, self.start = step, now
+        if now - self.last_draw < 0.1 and step < total:
+            return
+        self.last_draw = now
+        self.stream.write("\r" + self.render(step, total, now) + ("\n" if step >= total else ""))
+        self.stream.flush()
+
+    def render(self, step: int, total: int, now: float) -> str:
+        done = int(self.width * step / total)
+        steps, seconds = step - (self.first_step or 0), now - self.start
+        rate = f" {steps / seconds:.1f} it/s" if steps > 0 and seconds > 0 else ""
+        loss = f" loss {self.loss:.4g}" if self.loss is not None else ""
+        return f"step {step}/{total} [{'#' * done}{'.' * (self.width - done)}] {100 * step // total}%{loss}{rate}"
+
+
+def results_table(result: dict[str, Any]) -> str:
+    """Metric rows with student and teacher columns."""
+    student, teacher = result.get("student") or {}, result.get("teacher") or {}
+    names = list(student) + [k for k in teacher if k not in student]
+    rows = [("metric", "student", "teacher")]
+    rows += [(name, _fmt(student.get(name)), _fmt(teacher.get(name))) for name in names]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .trainer import Callbacks, train
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bars would break the one-line progress bar
+    data = load_config_file(Path(args.config))
+    if args.output_dir:
+        data["output_dir"] = args.output_dir
+    if not data.get("output_dir"):
+        data["output_dir"] = str(DEFAULT_RUNS_DIR / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    cfg = RunConfig.from_dict(data)
+    bar = ProgressBar()
+    result = train(cfg, Callbacks(on_metrics=bar.on_metrics, on_progress=bar.on_progress))
+    print(f"output: {cfg.output_dir}")
+    print(f"steps: {result.steps}  train time: {result.train_seconds:.1f} s  final model: {result.final_dir}")
+    print(results_table(result.to_dict()))
+    return 0
+
+
+def cmd_methods(_args: argparse.Namespace) -> int:
+    from .losses import LOSS_TERMS
+
+    for spec in LOSS_TERMS.values():
+        needs = "needs a teacher" if spec.needs_teacher else "no teacher"
+        print(f"{spec.name}  ({needs})  {spec.title}")
+        print(f"    {spec.description}")
+        for p in spec.params.values():
+            print(f"    - {p.name} = {p.default:g}  ({p.range_text()})  {p.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.engine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate one run config")
+    run.add_argument("config", help="run config file (.json, .yaml)")
+    run.add_argument("--output-dir", help="where to write (default: ./var/engine-runs/<timestamp>)")
+    run.set_defaults(func=cmd_run)
+    methods = sub.add_parser("methods", help="list the loss terms and their parameters")
+    methods.set_defaults(func=cmd_methods)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EngineError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

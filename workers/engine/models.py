@@ -1,0 +1,391 @@
+"""Build, load and save teachers and students.
+
+Sources (see ``ModelConfig``):
+- ``builtin``: small torch nets for tabular data (``mlp``);
+- ``config``: a transformers model with random weights from a config dict; its tokenizer is a folder you name or
+  a WordPiece vocabulary fitted on the train texts (:mod:`.tokenization`), so everything works offline;
+- ``hf``: ``from_pretrained`` from the hub or a local folder;
+- ``run``: the ``final`` folder a previous run wrote with :func:`save_model`.
+
+Every failure surfaces as ``ModelLoadError`` with a message the user can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .data import LoadedDataset
+from .errors import ConfigError, ModelLoadError
+
+Role = Literal["teacher", "student"]
+ModelKind = Literal["builtin", "transformers"]
+
+METADATA_FILE = "distillweb_model.json"
+WEIGHTS_FILE = "model.safetensors"
+HUB_TIMEOUT_S = 10.0
+
+
+# --- builtin nets ----------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """Feed-forward classifier: ``[Linear → ReLU → Dropout] × len(hidden_sizes) → Linear``."""
+
+    def __init__(self, input_dim: int, num_labels: int, hidden_sizes: list[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = input_dim
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, num_labels))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, D) float features → (B, num_labels) logits."""
+        return self.net(features)
+
+
+@dataclass(frozen=True)
+class BuiltinParam:
+    """One parameter of a builtin architecture (for forms and validation)."""
+
+    name: str
+    default: Any
+    description: str
+
+
+BUILTIN_MODELS: dict[str, dict[str, BuiltinParam]] = {
+    "mlp": {
+        "hidden_sizes": BuiltinParam("hidden_sizes", [256], "Width of each hidden layer, e.g. [256, 256]."),
+        "dropout": BuiltinParam("dropout", 0.0, "Dropout after each hidden layer, in [0, 1)."),
+    },
+}
+
+
+def validate_builtin_params(arch: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Check a builtin architecture's parameters and fill defaults.
+
+    Returns:
+        e.g. ``{"hidden_sizes": [256, 256], "dropout": 0.0}``.
+    Raises:
+        ConfigError: unknown architecture or parameter, or a bad value.
+    """
+    schema = BUILTIN_MODELS.get(arch)
+    if schema is None:
+        raise ConfigError(f"Unknown builtin model '{arch}'. Available: {', '.join(BUILTIN_MODELS)}.")
+    unknown = sorted(set(params) - set(schema))
+    if unknown:
+        raise ConfigError(f"Builtin model '{arch}' has no parameter '{unknown[0]}'. "
+                          f"Its parameters: {', '.join(schema)}.")
+    cleaned = {name: p.default for name, p in schema.items()} | dict(params)
+    sizes = cleaned["hidden_sizes"]
+    if not isinstance(sizes, list | tuple) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 65536 for s in sizes
+    ):
+        raise ConfigError(f"hidden_sizes must be a list of integers between 1 and 65536, got {sizes!r}.")
+    dropout = cleaned["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}.")
+    return {"hidden_sizes": [int(s) for s in sizes], "dropout": float(dropout)}
+
+
+# --- loaded models ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A ready classifier. ``tokenizer`` is None for builtin nets (they read features).
+
+    ``spec`` describes a builtin net (arch, params, input_dim) so :func:`save_model` can write it back.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    kind: ModelKind
+    label_names: list[str]
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def max_length(self, wanted: int) -> int:
+        """The sequence length to truncate to: ``wanted`` capped by the model's position embeddings."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return min(wanted, limit) if isinstance(limit, int) and limit > 0 else wanted
+
+
+def forward_logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    """Run ``model(**inputs)`` and return its logits (B, num_labels), whatever the model returns."""
+    out = model(**inputs)
+    return out if isinstance(out, Tensor) else out.logits
+
+
+def load_model(cfg: ModelConfig, *, dataset: LoadedDataset, role: Role) -> LoadedModel:
+    """Build or load a classifier for ``dataset``.
+
+    Args:
+        cfg: where the model comes from.
+        dataset: decides the label count, the input kind (features or text) and, for ``config`` models
+            without a tokenizer folder, the texts the tokenizer is fitted on.
+        role: ``teacher`` or ``student`` (only used in messages).
+    Returns:
+        LoadedModel in train mode on the CPU.
+    Raises:
+        ModelLoadError: missing folder, unknown hub id, wrong input kind, label-count mismatch.
+        ConfigError: invalid builtin parameters.
+    """
+    what = f"{role.capitalize()} model '{cfg.describe()}'"
+    if cfg.num_labels and cfg.num_labels != dataset.num_labels:
+        raise ModelLoadError(f"{what} is configured for {cfg.num_labels} labels but dataset "
+                             f"'{dataset.name}' has {dataset.num_labels}.")
+    if cfg.source == "builtin":
+        return _build_builtin(cfg.name, cfg.params, dataset, what)
+    if cfg.source in ("config", "hf", "run") and dataset.kind != "text" and not _is_builtin_run(cfg):
+        raise ModelLoadError(f"{what} is a transformers model and needs text, but dataset "
+                             f"'{dataset.name}' has numeric features. Use a builtin model (e.g. mlp).")
+    if cfg.source == "config":
+        return _build_from_config(cfg, dataset, what)
+    if cfg.source == "hf":
+        return _load_pretrained(cfg, dataset, what)
+    if cfg.source == "run":
+        return _load_run(Path(cfg.path), dataset, what)
+    raise ModelLoadError(f"{what} has an unknown source '{cfg.source}'. Use builtin, config, hf or run.")
+
+
+def _is_builtin_run(cfg: ModelConfig) -> bool:
+    meta = Path(cfg.path) / METADATA_FILE
+    return cfg.source == "run" and meta.is_file() and _read_metadata(meta).get("format") == "builtin"
+
+
+def _build_builtin(arch: str, params: dict[str, Any], dataset: LoadedDataset, what: str) -> LoadedModel:
+    if dataset.kind != "tabular":
+        raise ModelLoadError(f"{what} is a builtin net for numeric features, but dataset '{dataset.name}' is "
+                             "text. Use a transformers model (source 'config' or 'hf').")
+    cleaned = validate_builtin_params(arch, params)
+    model = MLP(dataset.input_dim, dataset.num_labels, cleaned["hidden_sizes"], cleaned["dropout"])
+    spec = {"arch": arch, "params": cleaned, "input_dim": dataset.input_dim}
+    return LoadedModel(model, None, "builtin", list(dataset.label_names), spec)
+
+
+def _build_from_config(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    params = dict(cfg.params)
+    tokenizer_source = params.pop("tokenizer", "") or cfg.path
+    model_type = params.pop("model_type", "")
+    if not model_type:
+        raise ModelLoadError(f"{what} needs a 'model_type' in its config (e.g. \"bert\").")
+    try:
+        config = AutoConfig.for_model(model_type, **params)
+    except Exception as exc:
+        raise ModelLoadError(f"{what} could not be built: {_short(exc)}") from exc
+    _set_labels(config, dataset.label_names)
+
+    max_positions = getattr(config, "max_position_embeddings", 512)
+    if tokenizer_source:
+        from transformers import AutoTokenizer
+
+        tokenizer = _from_pretrained(AutoTokenizer, _resolve_source(tokenizer_source, "", what), what)
+    else:
+        from .tokenization import fit_wordpiece_tokenizer
+
+        vocab_size = getattr(config, "vocab_size", None)
+        if not isinstance(vocab_size, int) or vocab_size < 64:
+            raise ModelLoadError(f"{what} needs a vocab_size of at least 64 to fit a tokenizer, got {vocab_size}.")
+        tokenizer = fit_wordpiece_tokenizer(dataset.train_texts, vocab_size=vocab_size,
+                                            model_max_length=max_positions)
+    if len(tokenizer) > getattr(config, "vocab_size", math.inf):
+        raise ModelLoadError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the config's vocab_size is "
+                             f"only {config.vocab_size}.")
+    if tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = AutoModelForSequenceClassification.from_config(config)
+    except Exception as exc:
+        raise ModelLoadError(f"{what} could not be built: {_short(exc)}") from exc
+    _ensure_pad_token(model, tokenizer)
+    return LoadedModel(model, tokenizer, "transformers", list(dataset.label_names))
+
+
+def _load_pretrained(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    name = cfg.path or cfg.name
+    if not name:
+        raise ModelLoadError(f"{what} needs a hub id (name) or a local folder (path).")
+    source = _resolve_source(name, cfg.revision, what)
+    remote = {"trust_remote_code": cfg.trust_remote_code}
+    config = _from_pretrained(AutoConfig, source, what, **remote)
+    _check_head(config, dataset, what)
+    _set_labels(config, dataset.label_names)
+    tokenizer = _from_pretrained(AutoTokenizer, source, what, **remote)
+    model = _from_pretrained(AutoModelForSequenceClassification, source, what, config=config, **remote)
+    _ensure_pad_token(model, tokenizer)
+    return LoadedModel(model, tokenizer, "transformers", list(dataset.label_names))
+
+
+def _load_run(folder: Path, dataset: LoadedDataset, what: str) -> LoadedModel:
+    if not folder.is_dir():
+        raise ModelLoadError(f"{what} could not be loaded: folder {folder} does not exist.")
+    meta_path = folder / METADATA_FILE
+    meta = _read_metadata(meta_path) if meta_path.is_file() else {"format": "transformers"}
+    if meta.get("num_labels") not in (None, dataset.num_labels):
+        raise ModelLoadError(f"{what} has {meta['num_labels']} output labels but dataset '{dataset.name}' has "
+                             f"{dataset.num_labels}.")
+    if meta.get("format") != "builtin":
+        # A transformers folder loads like a local pretrained model, head included.
+        return _load_pretrained(ModelConfig(source="hf", path=str(folder)), dataset, what)
+    if dataset.kind != "tabular" or dataset.input_dim != meta["input_dim"]:
+        got = dataset.input_dim if dataset.kind == "tabular" else "text"
+        raise ModelLoadError(f"{what} reads {meta['input_dim']} features but dataset '{dataset.name}' has {got}.")
+    loaded = _build_builtin(meta["arch"], meta["params"], dataset, what)
+    try:
+        loaded.model.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    except Exception as exc:
+        raise ModelLoadError(f"{what} could not be loaded: {_short(exc)}") from exc
+    return loaded
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"Model metadata {path} is unreadable: {_short(exc)}") from exc
+
+
+def _check_head(config: Any, dataset: LoadedDataset, what: str) -> None:
+    """A checkpoint that already has a classification head must have the dataset's label count."""
+    architectures = getattr(config, "architectures", None) or []
+    has_head = any(a.endswith("ForSequenceClassification") for a in architectures)
+    if has_head and config.num_labels != dataset.num_labels:
+        raise ModelLoadError(f"{what} has {config.num_labels} output labels but dataset '{dataset.name}' has "
+                             f"{dataset.num_labels}.")
+
+
+def _set_labels(config: Any, label_names: list[str]) -> None:
+    config.num_labels = len(label_names)
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {name: i for i, name in enumerate(label_names)}
+
+
+def _ensure_pad_token(model: nn.Module, tokenizer: Any) -> None:
+    """Decoder-only tokenizers often lack a pad token; sequence classification needs one to find the last token."""
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+# --- hub access ------------------------------------------------------------------------------------------------
+
+
+def _is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where pretrained files come from: a local folder, the hub, or (hub unreachable) the local cache only."""
+
+    name: str
+    revision: str
+    local_only: bool
+    unreachable: bool
+
+
+def _resolve_source(name: str, revision: str, what: str) -> _Source:
+    """Decide how to load ``name`` without ever hanging.
+
+    transformers retries an unreachable hub with back-off (about 30 s without network); one quick
+    ``model_info`` probe tells "no such model" from "no network" first, and without network only the local
+    cache is tried.
+    """
+    if Path(name).is_dir() or _is_offline():
+        return _Source(name, revision, local_only=True, unreachable=False)
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        raise ModelLoadError(f"{what} could not be loaded: '{name}' is neither a local folder nor a valid "
+                             "hub id.") from exc
+    try:
+        HfApi().model_info(name, revision=revision or None, timeout=HUB_TIMEOUT_S)
+    except RevisionNotFoundError as exc:
+        raise ModelLoadError(f"{what} could not be loaded: revision '{revision}' does not exist.") from exc
+    except RepositoryNotFoundError as exc:  # also covers gated and private repositories
+        raise ModelLoadError(f"{what} could not be loaded: no such model on the Hugging Face hub (or it is "
+                             "private or gated).") from exc
+    except Exception:  # DNS, connection refused, timeout, proxy: the hub is unreachable from here
+        return _Source(name, revision, local_only=True, unreachable=True)
+    return _Source(name, revision, local_only=False, unreachable=False)
+
+
+def _from_pretrained(loader: Any, source: _Source, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` for ``source``, with every failure turned into a ModelLoadError."""
+    try:
+        return loader.from_pretrained(source.name, revision=source.revision or None,
+                                      local_files_only=source.local_only, **kwargs)
+    except Exception as exc:
+        if source.unreachable:
+            raise ModelLoadError(f"{what} could not be loaded: the Hugging Face hub cannot be reached and the "
+                                 "model is not in the local cache.") from exc
+        raise ModelLoadError(f"{what} could not be loaded: {_short(exc)}") from exc
+
+
+# --- saving and sizes ------------------------------------------------------------------------------------------
+
+
+def save_model(loaded: LoadedModel, folder: str | Path) -> Path:
+    """Write ``loaded`` so a ``run`` source can load it back.
+
+    Builtin nets: ``model.safetensors`` + ``distillweb_model.json`` (arch, params, input_dim, num_labels,
+    label_names). Transformers: ``save_pretrained`` (safetensors) + the tokenizer + the same JSON.
+
+    Returns:
+        the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"format": loaded.kind, "num_labels": loaded.num_labels,
+                            "label_names": loaded.label_names}
+    if loaded.kind == "builtin":
+        state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
+        save_file(state, folder / WEIGHTS_FILE)
+        meta |= loaded.spec
+    else:
+        loaded.model.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def count_non_embedding_parameters(model: nn.Module) -> int:
+    """Parameters outside ``nn.Embedding`` layers (token, position and type embeddings)."""
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    unique = {id(p): p for p in model.parameters()}
+    return sum(p.numel() for pid, p in unique.items() if pid not in embedding_ids)
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
