@@ -94,9 +94,8 @@ def clean_seeds(seeds: Sequence[Any]) -> list[int]:
 
 def clean_terms(terms: list[dict[str, Any]], *, scheme: str) -> list[dict[str, Any]]:
     """Validate a recipe's weighted loss terms against each method's parameter schema."""
-    from workers.engine.losses import validate_term_params
-
     from workers.engine.errors import ConfigError
+    from workers.engine.losses import validate_term_params
 
     if not isinstance(terms, list) or not terms:
         raise ValidationError({"terms": "A recipe needs at least one loss term."})

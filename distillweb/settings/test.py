@@ -8,9 +8,9 @@ os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
 # Integration tests start real workers over this broker; unit tests never publish (dispatch is on commit).
 os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 
-from .base import *  # noqa: E402,F403
 from pathlib import Path  # noqa: E402
 
+from .base import *  # noqa: E402,F403
 from .base import BASE_DIR, env  # noqa: E402
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

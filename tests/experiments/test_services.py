@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from experiments import services
 from experiments.models import Evaluation, Experiment, MetricPoint, ModelSpec, Run
-from tests.factories import ModelSpecFactory, RecipeFactory
+from tests.factories import ModelSpecFactory
 
 pytestmark = pytest.mark.django_db
 

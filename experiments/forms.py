@@ -1,0 +1,452 @@
+"""Forms only validate and shape input; services create records.
+
+Services raise ``ValidationError`` with field keys; :func:`add_service_errors` puts them on the form so a
+page shows every problem next to the field it belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from django import forms
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+
+from . import selectors
+from .engine_config import TRAIN_DEFAULTS
+from .models import DatasetSpec, ModelSpec, Recipe
+from .validation import BUILTIN_ARCHS, BUILTIN_DATASETS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
+
+
+def add_service_errors(form: forms.BaseForm, exc: ValidationError, aliases: dict[str, str] | None = None) -> None:
+    """Attach a service's ValidationError to ``form``: known keys become field errors, the rest non-field ones."""
+    aliases = aliases or {}
+    if not hasattr(exc, "error_dict"):
+        for message in exc.messages:
+            form.add_error(None, message)
+        return
+    for key, messages in exc.message_dict.items():
+        field = aliases.get(key, key)
+        for message in messages:
+            if field in form.fields:
+                form.add_error(field, message)
+            else:
+                prefix = "" if key == "__all__" else f"{key.replace('_', ' ').capitalize()}: "
+                form.add_error(None, prefix + message)
+
+
+class TeamOptionSelect(forms.Select):
+    """A select whose options carry ``data-team`` (and optional extra data) so the page can filter them by team."""
+
+    def __init__(self, *args: Any, option_data=None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.option_data = option_data
+
+    def create_option(self, name, value, label, selected, index, subindex=None, attrs=None):
+        option = super().create_option(name, value, label, selected, index, subindex, attrs)
+        instance = getattr(value, "instance", None)
+        if instance is not None:
+            option["attrs"]["data-team"] = instance.team_id
+            for key, val in (self.option_data(instance) if self.option_data else {}).items():
+                option["attrs"][f"data-{key}"] = val
+        return option
+
+
+class TeamOptionSelectMultiple(TeamOptionSelect, forms.SelectMultiple):
+    pass
+
+
+class TeamScopedForm(forms.Form):
+    """A form whose first field is one of the user's teams; records it refers to must belong to that team."""
+
+    team = forms.ModelChoiceField(queryset=None, empty_label=None)
+    team_fields: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, user, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+        teams = selectors.team_list(user=user)
+        self.fields["team"].queryset = teams
+        team_count = teams.count()
+        self.has_team = team_count > 0
+        self.multiple_teams = team_count > 1
+        if not self.multiple_teams:
+            self.fields["team"].widget = forms.HiddenInput()
+            first = teams.first()
+            if first is not None:
+                self.fields["team"].initial = first.pk
+
+    def label_with_team(self, obj) -> str:
+        return f"{obj} · {obj.team}" if self.multiple_teams else str(obj)
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        team = cleaned.get("team")
+        if team is None:
+            return cleaned
+        for name in self.team_fields:
+            value = cleaned.get(name)
+            records = list(value) if isinstance(value, list | tuple | QuerySet) else [value]
+            wrong = [r for r in records if r is not None and r.team_id != team.pk]
+            if wrong:
+                names = ", ".join(str(r) for r in wrong)
+                self.add_error(name, f"{names} belongs to another team than {team}.")
+        return cleaned
+
+
+# --- models ---------------------------------------------------------------------------------------
+MODEL_SOURCES = [
+    (ModelSpec.Source.BUILTIN, "Builtin torch net (MLP)"),
+    (ModelSpec.Source.CONFIG, "Random init from a transformers config"),
+    (ModelSpec.Source.HF, "Hugging Face model (hub id or local folder)"),
+]
+
+
+class ModelSpecForm(TeamScopedForm):
+    name = forms.CharField(max_length=120)
+    source = forms.ChoiceField(choices=MODEL_SOURCES, widget=forms.RadioSelect, initial=ModelSpec.Source.BUILTIN)
+    num_labels = forms.IntegerField(min_value=2, max_value=1_000_000, help_text="Classes the model predicts.")
+    builtin_arch = forms.ChoiceField(
+        label="Architecture", choices=[(k, f"{k} — {v}") for k, v in BUILTIN_ARCHS.items()], required=False
+    )
+    hidden_sizes = forms.CharField(
+        required=False, initial="256,256", help_text='Hidden layer widths, comma-separated, e.g. "256,256".'
+    )
+    config = forms.CharField(
+        label="Transformers config (JSON)", required=False,
+        widget=forms.Textarea(attrs={"rows": 8, "class": "mono", "spellcheck": "false",
+                                     "placeholder": '{"model_type": "bert", "hidden_size": 128, '
+                                                    '"num_hidden_layers": 2, "num_attention_heads": 2}'}),
+        help_text='A transformers config dict with a "model_type"; the model starts from random weights.',
+    )
+    hub_id = forms.CharField(label="Hub id", max_length=200, required=False,
+                             help_text="e.g. google-bert/bert-base-uncased")
+    local_path = forms.CharField(label="Local folder", max_length=500, required=False,
+                                 help_text="A model folder under one of the server's model roots.")
+    revision = forms.CharField(max_length=100, required=False, help_text="Branch, tag or commit (optional).")
+    tokenizer_id = forms.CharField(label="Tokenizer id", max_length=200, required=False,
+                                   help_text="Optional; defaults to the model's own tokenizer.")
+    notes = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+
+    def clean_hidden_sizes(self) -> list[int]:
+        raw = self.cleaned_data["hidden_sizes"].strip()
+        if not raw:
+            return []
+        try:
+            sizes = [int(part) for part in raw.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise ValidationError('Enter layer widths as whole numbers separated by commas, e.g. "256,256".') from None
+        if any(not 1 <= s <= 65536 for s in sizes):
+            raise ValidationError("Each layer width must be between 1 and 65536.")
+        return sizes
+
+    def clean_config(self) -> dict[str, Any]:
+        raw = self.cleaned_data["config"].strip()
+        if not raw:
+            return {}
+        try:
+            config = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).") from None
+        if not isinstance(config, dict):
+            raise ValidationError("The config must be a JSON object.")
+        return config
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        source = cleaned.get("source")
+        if source == ModelSpec.Source.BUILTIN and not cleaned.get("builtin_arch"):
+            self.add_error("builtin_arch", "Choose an architecture.")
+        if source == ModelSpec.Source.CONFIG and "config" in cleaned and not cleaned["config"]:
+            self.add_error("config", "Paste a transformers config.")
+        return cleaned
+
+    def service_fields(self) -> dict[str, Any]:
+        """Keyword arguments for ``services.model_spec_create`` (besides team and created_by)."""
+        data = self.cleaned_data
+        fields: dict[str, Any] = {"name": data["name"], "source": data["source"], "num_labels": data["num_labels"],
+                                  "notes": data["notes"], "tokenizer_id": data["tokenizer_id"]}
+        match data["source"]:
+            case ModelSpec.Source.BUILTIN:
+                fields.update(builtin_arch=data["builtin_arch"], config={"hidden_sizes": data["hidden_sizes"]})
+            case ModelSpec.Source.CONFIG:
+                fields.update(config=data["config"])
+            case ModelSpec.Source.HF:
+                fields.update(hub_id=data["hub_id"].strip(), local_path=data["local_path"].strip(),
+                              revision=data["revision"].strip())
+        return fields
+
+    def error_aliases(self) -> dict[str, str]:
+        """Service error keys → this form's fields (a builtin net's config is its hidden sizes)."""
+        if self.cleaned_data.get("source") == ModelSpec.Source.BUILTIN:
+            return {"config": "hidden_sizes"}
+        return {}
+
+
+# --- datasets -------------------------------------------------------------------------------------
+DATASET_SOURCES = [
+    (DatasetSpec.Source.BUILTIN, "Packaged dataset"),
+    (DatasetSpec.Source.HF, "Hugging Face hub dataset or local CSV / JSONL file"),
+]
+
+
+class DatasetSpecForm(TeamScopedForm):
+    name = forms.CharField(max_length=120)
+    source = forms.ChoiceField(choices=DATASET_SOURCES, widget=forms.RadioSelect,
+                               initial=DatasetSpec.Source.BUILTIN)
+    builtin_name = forms.ChoiceField(
+        label="Packaged dataset", required=False,
+        choices=[(k, f"{k} — {v['num_labels']} classes, {v['splits_total']} rows ({v['kind']})")
+                 for k, v in BUILTIN_DATASETS.items()],
+    )
+    hub_name = forms.CharField(label="Hub dataset", max_length=200, required=False, help_text="e.g. SetFit/bbc-news")
+    local_path = forms.CharField(label="Local file", max_length=500, required=False,
+                                 help_text="A CSV or JSONL file under one of the server's dataset roots.")
+    text_column = forms.CharField(max_length=100, initial="text")
+    label_column = forms.CharField(max_length=100, initial="label")
+    num_labels = forms.IntegerField(min_value=2, max_value=1_000_000, required=False,
+                                    help_text="Number of classes (filled in for packaged datasets).")
+    label_names = forms.CharField(required=False, help_text="Optional, comma-separated, in label-id order.")
+    eval_fraction = forms.FloatField(initial=0.2, min_value=0.01, max_value=0.9,
+                                     help_text="Share of rows held out for evaluation (stratified).")
+    split_seed = forms.IntegerField(initial=0, min_value=0, max_value=2**31 - 1,
+                                    help_text="Seed of the train / eval split.")
+    max_length = forms.IntegerField(initial=128, min_value=8, max_value=32768,
+                                    help_text="Token limit for text inputs.")
+    notes = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+
+    def clean_label_names(self) -> list[str]:
+        return [name.strip() for name in self.cleaned_data["label_names"].split(",") if name.strip()]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        names, num_labels = cleaned.get("label_names"), cleaned.get("num_labels")
+        if names and num_labels and len(names) != num_labels:
+            self.add_error("label_names", f"Give {num_labels} names (one per label) or none.")
+        if cleaned.get("source") == DatasetSpec.Source.BUILTIN and not cleaned.get("builtin_name"):
+            self.add_error("builtin_name", "Choose a packaged dataset.")
+        return cleaned
+
+    def service_fields(self) -> dict[str, Any]:
+        """Keyword arguments for ``services.dataset_spec_create``; empty values are left to the service."""
+        data = self.cleaned_data
+        keys = ["name", "source", "text_column", "label_column", "eval_fraction", "split_seed", "max_length", "notes"]
+        keys += ["builtin_name"] if data["source"] == DatasetSpec.Source.BUILTIN else ["hub_name", "local_path"]
+        fields = {k: data[k].strip() if isinstance(data[k], str) and k != "notes" else data[k] for k in keys}
+        if data.get("num_labels"):
+            fields["num_labels"] = data["num_labels"]
+        if data.get("label_names"):
+            fields["label_names"] = data["label_names"]
+        return fields
+
+
+# --- recipes --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TermInfo:
+    name: str
+    title: str
+    description: str
+    needs_teacher: bool
+    params: list[tuple[str, float, str]]  # (name, default, "description (range)")
+
+
+_FALLBACK_TERMS = [
+    TermInfo("ce", "Cross-entropy", "Cross-entropy with the hard labels.", False,
+             [("label_smoothing", 0.0, "Mass spread over all classes")]),
+    TermInfo("kd", "Knowledge distillation", "τ²·KL(p_T^τ ‖ p_S^τ) (Hinton et al. 2015).", True,
+             [("temperature", 4.0, "Softmax temperature")]),
+    TermInfo("reverse_kl", "Reverse KL", "τ²·KL(p_S^τ ‖ p_T^τ), mode-seeking.", True,
+             [("temperature", 1.0, "Softmax temperature")]),
+    TermInfo("jsd", "Generalized JSD", "β·KL(p_T‖M) + (1−β)·KL(p_S‖M).", True,
+             [("beta", 0.5, "Teacher weight in the mixture"), ("temperature", 1.0, "Softmax temperature")]),
+]
+
+
+def loss_term_catalog() -> list[TermInfo]:
+    """The loss terms the engine offers (its ``LOSS_TERMS`` registry), or a fixed list if it cannot be imported."""
+    try:
+        from workers.engine.losses import LOSS_TERMS
+    except ImportError:
+        return list(_FALLBACK_TERMS)
+    return [
+        TermInfo(spec.name, spec.title, spec.description, spec.needs_teacher,
+                 [(p.name, p.default, f"{p.description} ({p.range_text()})") for p in spec.params.values()])
+        for spec in LOSS_TERMS.values()
+    ]
+
+
+def term_param_names(catalog: list[TermInfo]) -> list[str]:
+    names: list[str] = []
+    for term in catalog:
+        names += [p[0] for p in term.params if p[0] not in names]
+    return names
+
+
+class RecipeForm(TeamScopedForm):
+    name = forms.CharField(max_length=120, help_text="Saving a name that exists creates its next version.")
+    scheme = forms.ChoiceField(choices=Recipe.Scheme.choices, initial=Recipe.Scheme.OFFLINE)
+    description = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+
+
+class TermForm(forms.Form):
+    """One weighted loss term. Blank parameters take the term's defaults; a row without a term is skipped."""
+
+    def __init__(self, *args: Any, catalog: list[TermInfo], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["name"] = forms.ChoiceField(
+            label="Term", required=False, choices=[("", "—")] + [(t.name, t.name) for t in catalog]
+        )
+        self.fields["weight"] = forms.FloatField(min_value=0, max_value=1e6, required=False,
+                                                 widget=forms.NumberInput(attrs={"step": "any"}))
+        for param in term_param_names(catalog):
+            self.fields[param] = forms.FloatField(
+                required=False, widget=forms.NumberInput(attrs={"step": "any", "placeholder": "default"})
+            )
+        self.param_names = term_param_names(catalog)
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if not cleaned.get("name") and any(cleaned.get(f) is not None for f in ["weight", *self.param_names]):
+            self.add_error("name", "Choose a loss term for this row, or clear it.")
+        return cleaned
+
+    def term(self) -> dict[str, Any] | None:
+        data = self.cleaned_data
+        if not data.get("name"):
+            return None
+        params = {p: data[p] for p in self.param_names if data.get(p) is not None}
+        return {"name": data["name"], "weight": 1.0 if data.get("weight") is None else data["weight"],
+                "params": params}
+
+
+class BaseTermFormSet(forms.BaseFormSet):
+    def clean(self) -> None:
+        if any(self.errors):
+            return
+        if not self.terms():
+            raise ValidationError("Add at least one loss term.")
+
+    def terms(self) -> list[dict[str, Any]]:
+        return [t for t in (f.term() for f in self.forms if f.cleaned_data) if t is not None]
+
+
+TermFormSet = forms.formset_factory(TermForm, formset=BaseTermFormSet, extra=4, max_num=8, validate_max=True)
+
+
+# --- experiments ----------------------------------------------------------------------------------
+def parse_seeds(raw: str) -> list[int]:
+    """ "0, 1, 2" → [0, 1, 2]; also accepts a range "0-4"."""
+    seeds: list[int] = []
+    for part in raw.replace(" ", "").split(","):
+        if not part:
+            continue
+        if "-" in part[1:]:
+            lo, hi = part.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                raise ValidationError(f'"{part}" is not a range like "0-4".')
+            seeds += range(int(lo), int(hi) + 1)
+        elif part.isdigit():
+            seeds.append(int(part))
+        else:
+            raise ValidationError('Enter whole numbers (0 or more) separated by commas, e.g. "0,1,2".')
+    return seeds
+
+
+TRAIN_LABELS = {"lr": "Learning rate", "eval_every": "Evaluate every", "save_every": "Checkpoint every",
+                "log_every": "Log every", "grad_clip": "Gradient clipping"}
+
+
+class ExperimentForm(TeamScopedForm):
+    name = forms.CharField(max_length=200)
+    description = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+    dataset = forms.ModelChoiceField(queryset=None, widget=TeamOptionSelect)
+    teacher = forms.ModelChoiceField(
+        queryset=None, required=False, empty_label="— none (hard-label training only) —", widget=TeamOptionSelect,
+        help_text="Needed by every recipe that distills (any term other than ce).",
+    )
+    students = forms.ModelMultipleChoiceField(
+        queryset=None, widget=TeamOptionSelectMultiple(attrs={"size": 6}),
+        help_text="Each student is trained with each recipe and seed, plus a hard-label baseline.",
+    )
+    recipes = forms.ModelMultipleChoiceField(queryset=None, widget=TeamOptionSelectMultiple(attrs={"size": 6}))
+    seeds = forms.CharField(initial="0", max_length=200,
+                            help_text=f'Comma-separated, e.g. "0,1,2" or "0-2"; at most {MAX_SEEDS}.')
+    lr_schedule = forms.ChoiceField(label="LR schedule", choices=[(s, s) for s in LR_SCHEDULES], required=False,
+                                    initial=TRAIN_DEFAULTS["lr_schedule"],
+                                    help_text="Decay after warm-up.")
+
+    team_fields = ("dataset", "teacher", "students", "recipes")
+    train_field_names = (*TRAIN_FIELDS, "lr_schedule")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        models = selectors.model_spec_list(user=self.user).order_by("team__name", "name")
+        self.fields["dataset"].queryset = selectors.dataset_spec_list(user=self.user).order_by("team__name", "name")
+        self.fields["teacher"].queryset = models
+        self.fields["students"].queryset = models
+        self.fields["recipes"].queryset = selectors.recipe_list(user=self.user).order_by("team__name", "name",
+                                                                                          "-version")
+        for name in ("dataset", "teacher", "students", "recipes"):
+            self.fields[name].label_from_instance = self.label_with_team
+        self.fields["recipes"].widget.option_data = lambda r: {
+            "baseline": "1" if r.scheme == Recipe.Scheme.HARD_LABELS else "0"
+        }
+        for name, (kind, lo, hi, help_text) in TRAIN_FIELDS.items():
+            field_class = forms.IntegerField if kind is int else forms.FloatField
+            widget = forms.NumberInput(attrs={"step": "1" if kind is int else "any",
+                                              "placeholder": f"default {TRAIN_DEFAULTS.get(name, '')}"})
+            self.fields[name] = field_class(
+                label=TRAIN_LABELS.get(name, name.replace("_", " ").capitalize()), required=False, min_value=lo, max_value=hi,
+                initial=TRAIN_DEFAULTS.get(name), help_text=help_text, widget=widget,
+            )
+        # Keep the schedule next to the numeric settings.
+        self.fields["lr_schedule"] = self.fields.pop("lr_schedule")
+
+    def clean_seeds(self) -> list[int]:
+        seeds = parse_seeds(self.cleaned_data["seeds"])
+        if not seeds:
+            raise ValidationError("Give at least one seed.")
+        if len(seeds) > MAX_SEEDS:
+            raise ValidationError(f"At most {MAX_SEEDS} seeds.")
+        if len(set(seeds)) != len(seeds):
+            raise ValidationError("Seeds must be different from each other.")
+        return seeds
+
+    def basic_fields(self):
+        return [self[n] for n in ("team", "name", "description", "dataset", "teacher", "students", "recipes",
+                                  "seeds")]
+
+    def train_fields(self):
+        return [self[n] for n in self.train_field_names]
+
+    def service_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``services.experiment_create`` (besides created_by)."""
+        data = self.cleaned_data
+        return {
+            "team": data["team"],
+            "name": data["name"],
+            "description": data["description"],
+            "dataset": data["dataset"],
+            "teacher": data["teacher"],
+            "students": list(data["students"]),
+            "recipes": list(data["recipes"]),
+            "seeds": data["seeds"],
+            "train": {k: data[k] for k in self.train_field_names if data.get(k) not in (None, "")},
+        }
+
+
+# --- runs -----------------------------------------------------------------------------------------
+class RegisterModelForm(forms.Form):
+    name = forms.CharField(max_length=120, help_text="The new model's name in its team.")
+
+
+# --- leaderboards ---------------------------------------------------------------------------------
+class LeaderboardFilterForm(forms.Form):
+    """A size / latency budget: rows above it are hidden and the rest ranked among themselves."""
+
+    max_params = forms.IntegerField(label="Max parameters", min_value=1, required=False,
+                                    widget=forms.NumberInput(attrs={"placeholder": "any"}))
+    max_latency_ms = forms.FloatField(label="Max latency (ms)", min_value=0, required=False,
+                                      widget=forms.NumberInput(attrs={"placeholder": "any", "step": "any"}))

@@ -1,0 +1,156 @@
+"""Display helpers for the templates. Every filter returns plain text: autoescaping still applies."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timedelta
+from typing import Any
+
+from django import template
+from django.utils import timezone
+
+from experiments import selectors
+
+register = template.Library()
+
+
+@register.filter
+def ago(value: datetime | float | int | None) -> str:
+    """A datetime (or an age in seconds) as "12 s ago", "3 min ago", "2 h ago", "4 d ago"; "never" for None."""
+    if value is None or value == "":
+        return "never"
+    seconds = (timezone.now() - value).total_seconds() if isinstance(value, datetime) else float(value)
+    return "just now" if seconds < 1 else f"{duration(seconds)} ago"
+
+
+@register.filter
+def duration(seconds: float | timedelta | None) -> str:
+    """Seconds as "12 s", "3 min", "2 h 5 min", "4 d"."""
+    if seconds is None or seconds == "":
+        return ""
+    if isinstance(seconds, timedelta):
+        seconds = seconds.total_seconds()
+    if seconds < 1:
+        return "<1 s"
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 86400:
+        h, m = divmod(s // 60, 60)
+        return f"{h} h {m} min" if m else f"{h} h"
+    return f"{s // 86400} d"
+
+
+@register.filter
+def pct(value: float | None, digits: int = 1) -> str:
+    """A fraction as a percentage: 0.8734 → "87.3%"; "—" when missing."""
+    if value is None or value == "" or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{100 * float(value):.{int(digits)}f}%"
+
+
+@register.filter
+def pp(value: float | None, digits: int = 1) -> str:
+    """A difference of fractions in signed percentage points: 0.0123 → "+1.2 pp"."""
+    if value is None or value == "":
+        return "—"
+    return f"{100 * float(value):+.{int(digits)}f} pp"
+
+
+@register.filter
+def compact(value: int | float | None) -> str:
+    """A large count in short form: 1234567 → "1.23M", 52000 → "52.0k"."""
+    if value is None or value == "":
+        return "—"
+    value = float(value)
+    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g}{suffix}" if value / limit < 100 else f"{value / limit:.0f}{suffix}"
+    return f"{value:g}"
+
+
+@register.filter
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+@register.filter
+def experiment_status(experiment) -> str:
+    return selectors.experiment_status(experiment)
+
+
+@register.filter
+def slug_class(value: str) -> str:
+    """A status such as "partly failed" as a CSS class suffix ("partly-failed")."""
+    return str(value).replace(" ", "-").replace("_", "-")
+
+
+@register.filter
+def eta(run) -> str:
+    """Time left for a running run from its throughput; "" when unknown."""
+    batch = ((run.config or {}).get("train") or {}).get("batch_size")
+    if run.status != "running" or not run.samples_per_s or not batch or not run.total_steps:
+        return ""
+    return duration((run.total_steps - run.step) * batch / run.samples_per_s)
+
+
+@register.filter
+def first_line(value: str) -> str:
+    return (value or "").strip().splitlines()[0] if (value or "").strip() else ""
+
+
+@register.filter
+def get_item(mapping: dict, key: str) -> Any:
+    return mapping.get(key) if isinstance(mapping, dict) else None
+
+
+@register.filter
+def startswith(value: str | None, prefix: str) -> bool:
+    return str(value or "").startswith(prefix)
+
+
+@register.filter
+def get_form_field(form, name: str):
+    """``form[name]`` for a name held in a variable."""
+    return form[name]
+
+
+@register.filter
+def elapsed(run) -> str:
+    """How long a run trained: from its start to its end (or to now while it runs)."""
+    if not run.started_at:
+        return ""
+    return duration((run.finished_at or timezone.now()) - run.started_at)
+
+
+@register.filter
+def metric(value: Any) -> str:
+    """A metric value for display: numbers with 4 significant digits, anything else as short text."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 1e15):
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = json.dumps(value, default=str) if isinstance(value, list | dict) else str(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+@register.filter
+def pp_unsigned(value: float | None, digits: int = 1) -> str:
+    """Like ``pp`` without the sign, for a spread: 0.0123 → "1.2 pp"."""
+    if value is None or value == "":
+        return "—"
+    return f"{100 * float(value):.{int(digits)}f} pp"
+
+
+SHOWN_METRICS = {"accuracy", "macro_f1", "params", "latency_ms_p50"}
+
+
+@register.filter
+def other_metrics(metrics: dict | None) -> list[tuple[str, Any]]:
+    """An evaluation's metrics without those the table shows in their own columns."""
+    return [(k, v) for k, v in sorted((metrics or {}).items()) if k not in SHOWN_METRICS]

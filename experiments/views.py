@@ -1,0 +1,383 @@
+"""Thin function views: parse the request, call selectors and services, render.
+
+Every record is looked up through a team-scoped selector, so another team's ids give 404. The ``*_json``
+views feed the pages' live refresh (static/js/app.js) and are login-required like everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.paginator import Paginator
+from django.db.models import Q
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect
+from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+
+from . import forms, plots, selectors, services
+from .engine_config import TRAIN_DEFAULTS
+from .models import Experiment, Run, Worker
+
+ACTIVE = (Run.Status.QUEUED, Run.Status.RUNNING)
+
+
+# --- home -----------------------------------------------------------------------------------------
+@require_GET
+def home(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    context = {
+        **selectors.home_summary(user=user),
+        "workers_online": selectors.worker_online_count(offline_after_s=settings.WORKER_OFFLINE_AFTER_S),
+        "model_count": selectors.model_spec_list(user=user).count(),
+        "dataset_count": selectors.dataset_spec_list(user=user).count(),
+        "recipe_count": selectors.recipe_list(user=user).count(),
+        "has_team": selectors.team_list(user=user).exists(),
+    }
+    return TemplateResponse(request, "experiments/home.html", context)
+
+
+# --- records --------------------------------------------------------------------------------------
+@require_GET
+def model_list(request: HttpRequest) -> HttpResponse:
+    models = selectors.model_spec_list(user=request.user).order_by("team__name", "name")
+    return TemplateResponse(request, "experiments/model_list.html", {"models": models})
+
+
+def model_create(request: HttpRequest) -> HttpResponse:
+    form = forms.ModelSpecForm(request.POST or None, user=request.user)
+    if request.method == "POST" and form.is_valid():
+        try:
+            spec = services.model_spec_create(
+                team=form.cleaned_data["team"], created_by=request.user, **form.service_fields()
+            )
+        except ValidationError as exc:
+            forms.add_service_errors(form, exc, form.error_aliases())
+        else:
+            messages.success(request, f"Model {spec} registered.")
+            return redirect("experiments:model_list")
+    return TemplateResponse(request, "experiments/model_form.html", {"form": form})
+
+
+@require_GET
+def model_detail(request: HttpRequest, model_id: int) -> HttpResponse:
+    spec = get_object_or_404(selectors.model_spec_list(user=request.user), pk=model_id)
+    runs = selectors.run_list(user=request.user).filter(Q(student=spec) | Q(teacher=spec))[:20]
+    return TemplateResponse(request, "experiments/model_detail.html", {"spec": spec, "runs": runs})
+
+
+@require_GET
+def dataset_list(request: HttpRequest) -> HttpResponse:
+    datasets = selectors.dataset_spec_list(user=request.user).order_by("team__name", "name")
+    return TemplateResponse(request, "experiments/dataset_list.html", {"datasets": datasets})
+
+
+def dataset_create(request: HttpRequest) -> HttpResponse:
+    form = forms.DatasetSpecForm(request.POST or None, user=request.user)
+    if request.method == "POST" and form.is_valid():
+        try:
+            dataset = services.dataset_spec_create(
+                team=form.cleaned_data["team"], created_by=request.user, **form.service_fields()
+            )
+        except ValidationError as exc:
+            forms.add_service_errors(form, exc)
+        else:
+            messages.success(request, f"Dataset {dataset} registered.")
+            return redirect("experiments:dataset_list")
+    return TemplateResponse(request, "experiments/dataset_form.html", {"form": form})
+
+
+@require_GET
+def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
+    dataset = get_object_or_404(selectors.dataset_spec_list(user=request.user), pk=dataset_id)
+    experiments = selectors.experiment_list(user=request.user).filter(dataset=dataset)[:20]
+    return TemplateResponse(
+        request, "experiments/dataset_detail.html", {"dataset": dataset, "experiments": experiments}
+    )
+
+
+@require_GET
+def recipe_list(request: HttpRequest) -> HttpResponse:
+    recipes = selectors.recipe_list(user=request.user).order_by("team__name", "name", "-version")
+    return TemplateResponse(request, "experiments/recipe_list.html", {"recipes": recipes})
+
+
+RECIPE_INITIAL_TERMS = [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9, "temperature": 4.0}]
+
+
+def recipe_create(request: HttpRequest) -> HttpResponse:
+    catalog = forms.loss_term_catalog()
+    bound = request.method == "POST"
+    form = forms.RecipeForm(request.POST if bound else None, user=request.user)
+    terms = forms.TermFormSet(
+        request.POST if bound else None, prefix="terms", form_kwargs={"catalog": catalog},
+        initial=None if bound else RECIPE_INITIAL_TERMS,
+    )
+    if bound and all([form.is_valid(), terms.is_valid()]):
+        data = form.cleaned_data
+        try:
+            recipe = services.recipe_create(
+                team=data["team"], created_by=request.user, name=data["name"], scheme=data["scheme"],
+                terms=terms.terms(), description=data["description"],
+            )
+        except ValidationError as exc:
+            forms.add_service_errors(form, exc)
+        else:
+            messages.success(request, f"Recipe {recipe} saved: {recipe.formula}")
+            return redirect("experiments:recipe_list")
+    context = {"form": form, "terms": terms, "catalog": catalog, "param_names": forms.term_param_names(catalog)}
+    return TemplateResponse(request, "experiments/recipe_form.html", context)
+
+
+# --- experiments ----------------------------------------------------------------------------------
+@require_GET
+def experiment_list(request: HttpRequest) -> HttpResponse:
+    experiments = selectors.experiment_list(user=request.user).prefetch_related("students", "recipes")
+    page = Paginator(experiments, 25).get_page(request.GET.get("page"))
+    return TemplateResponse(request, "experiments/experiment_list.html", {"page": page})
+
+
+def experiment_create(request: HttpRequest) -> HttpResponse:
+    initial = _experiment_initial(request)
+    form = forms.ExperimentForm(request.POST or None, user=request.user, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        try:
+            experiment = services.experiment_create(created_by=request.user, **form.service_kwargs())
+        except ValidationError as exc:
+            forms.add_service_errors(form, exc)
+        else:
+            messages.success(request, f"Experiment {experiment} created with {experiment.runs.count()} runs.")
+            return redirect("experiments:experiment_detail", experiment_id=experiment.pk)
+    return TemplateResponse(request, "experiments/experiment_form.html", {"form": form})
+
+
+def _experiment_initial(request: HttpRequest) -> dict[str, Any]:
+    """``?copy=<id>`` starts the form from an existing experiment's choices and settings."""
+    source_id = request.GET.get("copy", "")
+    if request.method != "GET" or not source_id.isdigit():
+        return {}
+    source = selectors.experiment_list(user=request.user).filter(pk=source_id).first()
+    if source is None:
+        return {}
+    return {
+        "team": source.team_id, "name": f"{source.name} (copy)", "description": source.description,
+        "dataset": source.dataset_id, "teacher": source.teacher_id,
+        "students": [s.pk for s in source.students.all()], "recipes": [r.pk for r in source.recipes.all()],
+        "seeds": ",".join(str(s) for s in source.seeds), **source.train,
+    }
+
+
+@require_GET
+def experiment_detail(request: HttpRequest, experiment_id: int) -> HttpResponse:
+    experiment = get_object_or_404(selectors.experiment_list(user=request.user), pk=experiment_id)
+    runs = list(selectors.experiment_runs(experiment=experiment))
+    context = {
+        **_experiment_live(experiment, runs),
+        "experiment": experiment,
+        "students": experiment.students.all(),
+        "recipes": experiment.recipes.all(),
+        "train": {**TRAIN_DEFAULTS, **experiment.train},
+        "curves": _experiment_figure(experiment, runs),
+    }
+    return TemplateResponse(request, "experiments/experiment_detail.html", context)
+
+
+@require_GET
+def experiment_runs_json(request: HttpRequest, experiment_id: int) -> JsonResponse:
+    experiment = get_object_or_404(selectors.experiment_list(user=request.user), pk=experiment_id)
+    runs = list(selectors.experiment_runs(experiment=experiment))
+    live = _experiment_live(experiment, runs)
+    data: dict[str, Any] = {
+        "status": live["status"],
+        "active": live["active"],
+        "runs": [
+            {"id": r.pk, "status": r.status, "step": r.step, "total_steps": r.total_steps,
+             "progress_percent": r.progress_percent, "accuracy": r.accuracy, "error": r.error}
+            for r in runs
+        ],
+        "html": render_to_string("experiments/_runs_table.html", {**live, "experiment": experiment}, request),
+    }
+    if request.GET.get("curves"):
+        data["figures"] = {"curves-figure": _experiment_figure(experiment, runs)}
+    return JsonResponse(data)
+
+
+def _experiment_live(experiment: Experiment, runs: list[Run]) -> dict[str, Any]:
+    """What the runs table shows; recomputed from the fresh runs so the live refresh never lags."""
+    counts = {s: 0 for s in Run.Status.values}
+    for run in runs:
+        counts[run.status] += 1
+    for status, n in counts.items():
+        setattr(experiment, f"{status}_count", n)
+    done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+    return {
+        "runs": runs,
+        "counts": {s: n for s, n in counts.items() if n},
+        "done": done,
+        "progress": int(100 * done / len(runs)) if runs else 0,
+        "status": selectors.experiment_status(experiment),
+        "active": counts["queued"] + counts["running"] > 0,
+    }
+
+
+def _experiment_figure(experiment: Experiment, runs: list[Run]) -> dict[str, Any]:
+    series = selectors.experiment_metric_series(experiment=experiment, name="eval/accuracy")
+    by_id = {r.pk: r for r in runs}
+    return plots.runs_figure(
+        plots.Curve(f"#{r.pk} {r.student} · {r.recipe} · s{r.seed}", steps, values, dashed=r.is_baseline)
+        for r, (steps, values) in ((by_id[i], s) for i, s in sorted(series.items()) if i in by_id)
+    )
+
+
+@require_POST
+def experiment_cancel(request: HttpRequest, experiment_id: int) -> HttpResponse:
+    experiment = get_object_or_404(selectors.experiment_list(user=request.user), pk=experiment_id)
+    n = services.experiment_cancel(experiment=experiment)
+    if n:
+        messages.success(request, f"Cancelling {n} unfinished run{'s' if n != 1 else ''}.")
+    else:
+        messages.info(request, "Every run of this experiment had already finished.")
+    return redirect("experiments:experiment_detail", experiment_id=experiment.pk)
+
+
+# --- runs -----------------------------------------------------------------------------------------
+@require_GET
+def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
+    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    return _render_run(request, run, forms.RegisterModelForm(initial={"name": _registered_name(run)}))
+
+
+def _registered_name(run: Run) -> str:
+    return f"{run.student.name}-{run.recipe.name}-s{run.seed}-run{run.pk}"[:120]
+
+
+def _render_run(request: HttpRequest, run: Run, register_form: forms.RegisterModelForm) -> HttpResponse:
+    series = selectors.run_metric_series(run=run)
+    context = {
+        "run": run,
+        "figures": _run_figures(series),
+        "evaluations": selectors.run_evaluations(run=run),
+        "artifacts": run.artifacts.all(),
+        "registered": run.registered_models.all(),
+        "register_form": register_form,
+    }
+    return TemplateResponse(request, "experiments/run_detail.html", context)
+
+
+def _run_figures(series: dict[str, tuple[list[int], list[float]]]) -> dict[str, Any]:
+    return {"loss-figure": plots.loss_figure(series), "eval-figure": plots.eval_figure(series)}
+
+
+@require_GET
+def run_status_json(request: HttpRequest, run_id: int) -> JsonResponse:
+    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    data: dict[str, Any] = {
+        "id": run.pk,
+        "status": run.status,
+        "active": not run.is_terminal,
+        "step": run.step,
+        "total_steps": run.total_steps,
+        "progress_percent": run.progress_percent,
+        "samples_per_s": run.samples_per_s,
+        "error": run.error,
+        "html": render_to_string("experiments/_run_status.html", {"run": run}, request),
+    }
+    if request.GET.get("curves"):
+        data["figures"] = _run_figures(selectors.run_metric_series(run=run))
+    return JsonResponse(data)
+
+
+@require_POST
+def run_cancel(request: HttpRequest, run_id: int) -> HttpResponse:
+    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    if run.is_terminal:
+        messages.info(request, f"Run #{run.pk} had already finished ({run.status}).")
+    else:
+        run = services.run_cancel(run=run)
+        messages.success(request, f"Run #{run.pk} cancelled." if run.is_terminal
+                         else f"Run #{run.pk} will stop at its next check (within a few steps).")
+    return redirect("experiments:run_detail", run_id=run.pk)
+
+
+@require_POST
+def run_register_model(request: HttpRequest, run_id: int) -> HttpResponse:
+    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    form = forms.RegisterModelForm(request.POST)
+    if form.is_valid():
+        try:
+            spec = services.model_register_from_run(run=run, name=form.cleaned_data["name"], created_by=request.user)
+        except ValidationError as exc:
+            forms.add_service_errors(form, exc, {"__all__": "name"})
+        else:
+            messages.success(request, f"Registered {spec} from run #{run.pk}; use it as a teacher or a student.")
+            return redirect("experiments:model_list")
+    return _render_run(request, run, form)
+
+
+# --- leaderboards ---------------------------------------------------------------------------------
+@require_GET
+def leaderboard_index(request: HttpRequest) -> HttpResponse:
+    datasets = selectors.leaderboard_datasets(user=request.user).order_by("team__name", "name")
+    return TemplateResponse(request, "experiments/leaderboard_index.html", {"datasets": datasets})
+
+
+@require_GET
+def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
+    dataset = get_object_or_404(selectors.dataset_spec_list(user=request.user), pk=dataset_id)
+    rows = selectors.leaderboard(user=request.user, dataset=dataset)
+    budget = forms.LeaderboardFilterForm(request.GET or None)
+    total = len(rows)
+    if budget.is_valid():
+        rows = _within_budget(rows, budget.cleaned_data["max_params"], budget.cleaned_data["max_latency_ms"])
+    points = [
+        {"label": f"{r.student} · {r.recipe}", "recipe": "hard-label baseline" if r.is_baseline else str(r.recipe),
+         "params": r.params, "mean": r.mean, "std": r.std}
+        for r in rows
+    ]
+    context = {"dataset": dataset, "rows": rows, "total": total, "budget": budget,
+               "figure": plots.leaderboard_figure(points)}
+    return TemplateResponse(request, "experiments/leaderboard.html", context)
+
+
+def _within_budget(rows: list[selectors.LeaderboardRow], max_params: int | None,
+                   max_latency_ms: float | None) -> list[selectors.LeaderboardRow]:
+    """Rows that fit the budget (an unknown size or latency does not fit), ranked again among themselves."""
+    kept = [
+        r for r in rows
+        if (max_params is None or (r.params is not None and r.params <= max_params))
+        and (max_latency_ms is None or (r.latency_ms is not None and r.latency_ms <= max_latency_ms))
+    ]
+    for rank, row in enumerate(kept, 1):
+        row.rank = rank
+    return kept
+
+
+# --- workers (staff) ------------------------------------------------------------------------------
+@dataclass
+class WorkerRow:
+    worker: Worker
+    heartbeat_age_s: float | None
+    offline: bool
+    runs: list[Run]
+
+
+@require_GET
+def worker_list(request: HttpRequest) -> HttpResponse:
+    if not request.user.is_staff:
+        raise PermissionDenied("The worker fleet is visible to staff only.")
+    now = timezone.now()
+    current = selectors.worker_current_runs()
+    rows = []
+    for worker in selectors.worker_list():
+        age = (now - worker.last_heartbeat).total_seconds() if worker.last_heartbeat else None
+        offline = worker.state == Worker.State.OFFLINE or age is None or age > settings.WORKER_OFFLINE_AFTER_S
+        rows.append(WorkerRow(worker, age, offline, current.pop(worker.name, [])))
+    orphans = [run for runs in current.values() for run in runs]
+    context = {"rows": rows, "orphans": orphans, "offline_after_s": settings.WORKER_OFFLINE_AFTER_S}
+    return TemplateResponse(request, "experiments/worker_list.html", context)
