@@ -1,5 +1,7 @@
 """Shared fixtures: users in teams, and a ready digits setup (dataset, teacher, students, recipe)."""
 
+import uuid
+
 import pytest
 
 # Imports of Django code live inside the fixtures, so that the engine's tests (tests/workers/engine) can run
@@ -75,3 +77,22 @@ def digits_setup(team, user):
         ],
         "recipe": RecipeFactory(team=team, name="kd-t4"),
     }
+
+
+@pytest.fixture
+def celery_worker_process(transactional_db, settings, tmp_path):
+    """One real `celery worker` on a queue of its own, sharing the test database and artifact root."""
+    from django.db import connections
+
+    from tests.worker_process import WorkerProcess, redis_broker_url
+
+    broker = redis_broker_url()
+    queue = f"test-{uuid.uuid4().hex[:8]}"
+    settings.RUN_QUEUE = queue
+    worker = WorkerProcess(queue=queue, name=f"it-{queue}", broker_url=broker, log=tmp_path / "worker.log")
+    try:
+        worker.wait_registered()
+        yield worker
+    finally:
+        worker.stop()
+        connections.close_all()

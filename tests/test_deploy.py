@@ -45,3 +45,21 @@ def test_embedded_default_is_sqlite_and_the_filesystem_broker(tmp_path, debug):
     assert engine == "django.db.backends.sqlite3" and broker == "filesystem://"
     assert artifacts == str(tmp_path / "artifacts")
     assert (tmp_path / "broker" / "queue").is_dir()
+
+
+def test_plotly_js_is_served_locally(client, django_user_model):
+    from django.contrib.staticfiles import finders
+
+    path = finders.find("vendor/plotly.min.js")
+    assert path and path.endswith("plotly.min.js")
+    response = client.get("/static/vendor/plotly.min.js")
+    assert response.status_code == 200
+    assert b"plotly" in b"".join(response.streaming_content)[:2000].lower()
+
+
+def test_collectstatic_includes_plotly(tmp_path):
+    result = _manage("collectstatic", "--noinput", env={"DEBUG": "false", "SECRET_KEY": "x" * 60,
+                                                         "STATIC_ROOT": str(tmp_path / "static"),
+                                                         "DISTILLWEB_VAR_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "static" / "vendor" / "plotly.min.js").stat().st_size > 1_000_000

@@ -1,4 +1,4 @@
-"""Real worker processes over a real broker, for the integration tests."""
+"""Real `celery worker` processes over a real broker, for the integration and browser tests."""
 
 from __future__ import annotations
 
@@ -6,14 +6,25 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 from django.db import connection
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def redis_broker_url() -> str:
+    """The Redis broker for tests; skips when there is none, unless the run says the services must be there."""
+    url = settings.CELERY_BROKER_URL
+    if not url.startswith("redis://"):
+        pytest.skip("integration tests need CELERY_BROKER_URL to name a Redis broker")
+    if not broker_reachable(url):
+        if os.environ.get("DISTILLWEB_REQUIRE_SERVICES"):
+            pytest.fail(f"Redis is not reachable at {url}, and DISTILLWEB_REQUIRE_SERVICES is set")
+        pytest.skip(f"Redis is not reachable at {url}")
+    return url
 
 
 def broker_reachable(url: str) -> bool:
@@ -23,18 +34,6 @@ def broker_reachable(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=2).ping())
     except redis.RedisError:
         return False
-
-
-@pytest.fixture
-def redis_broker_url() -> str:
-    url = settings.CELERY_BROKER_URL
-    if not url.startswith("redis://"):
-        pytest.skip("integration tests need CELERY_BROKER_URL to name a Redis broker")
-    if not broker_reachable(url):
-        if os.environ.get("DISTILLWEB_REQUIRE_SERVICES"):
-            pytest.fail(f"Redis is not reachable at {url}, and DISTILLWEB_REQUIRE_SERVICES is set")
-        pytest.skip(f"Redis is not reachable at {url}")
-    return url
 
 
 class WorkerProcess:
@@ -82,19 +81,3 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-@pytest.fixture
-def celery_worker_process(redis_broker_url, transactional_db, settings, tmp_path):
-    """One real `celery worker` on a queue of its own, sharing the test database and artifact root."""
-    queue = f"test-{uuid.uuid4().hex[:8]}"
-    settings.RUN_QUEUE = queue
-    worker = WorkerProcess(queue=queue, name=f"it-{queue}", broker_url=redis_broker_url, log=tmp_path / "worker.log")
-    try:
-        worker.wait_registered()
-        yield worker
-    finally:
-        worker.stop()
-        from django.db import connections
-
-        connections.close_all()
