@@ -312,7 +312,7 @@ def _resolve_source(name: str, revision: str, what: str) -> _Source:
     ``model_info`` probe tells "no such model" from "no network" first, and without network only the local
     cache is tried.
     """
-    if Path(name).is_dir() or _is_offline():
+    if Path(name).is_dir():
         return _Source(name, revision, local_only=True, unreachable=False)
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
@@ -323,6 +323,8 @@ def _resolve_source(name: str, revision: str, what: str) -> _Source:
     except HFValidationError as exc:
         raise ModelLoadError(f"{what} could not be loaded: '{name}' is neither a local folder nor a valid "
                              "hub id.") from exc
+    if _is_offline():  # HF_HUB_OFFLINE: only the local cache
+        return _Source(name, revision, local_only=True, unreachable=True)
     try:
         HfApi().model_info(name, revision=revision or None, timeout=HUB_TIMEOUT_S)
     except RevisionNotFoundError as exc:
