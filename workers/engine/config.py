@@ -10,10 +10,12 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-MODEL_SOURCES = ("builtin", "config", "hf", "run")
+MODEL_SOURCES = ("builtin", "config", "hf", "run", "derived")
 DATASET_SOURCES = ("builtin", "hf")
 SCHEMES = ("offline", "online", "hard_labels")
-TASKS = ("classification",)
+# classification: sequence / tabular classification; causal_lm: next-token prediction;
+# embedding: sentence embeddings (the student learns the teacher's pooled embedding).
+TASKS = ("classification", "causal_lm", "embedding")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class ModelConfig:
     - ``config``: random init from a transformers config; ``params`` is the config dict (``model_type`` etc.).
     - ``hf``: ``name`` is a hub id, or ``path`` a local folder; ``revision`` optional.
     - ``run``: ``path`` is the ``final`` folder a run of this system wrote (builtin or transformers format).
+    - ``derived``: built from ``parent`` (another model config): ``params`` says which layers to keep and
+      optionally narrower widths; weights are copied from the parent where shapes allow.
     """
 
     source: str
@@ -33,6 +37,7 @@ class ModelConfig:
     params: dict[str, Any] = field(default_factory=dict)
     num_labels: int = 0
     trust_remote_code: bool = False
+    parent: ModelConfig | None = None
 
     def describe(self) -> str:
         return self.name or self.path or self.source
@@ -65,6 +70,9 @@ class LossTermConfig:
     name: str
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    # Optional schedules over training progress for the weight or a numeric parameter, e.g.
+    # {"weight": {"kind": "linear", "start": 0.0, "end": 1.0}, "temperature": {"kind": "cosine", ...}}.
+    schedule: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,11 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 100
+    grad_accum_steps: int = 1
+    # Early stopping on an eval metric (e.g. "accuracy"); off when empty or patience is 0.
+    early_stopping_metric: str = ""
+    early_stopping_mode: str = "max"  # max | min
+    early_stopping_patience: int = 0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -93,13 +106,22 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: ModelConfig | None = None
     scheme: str = "offline"
+    task: str = "classification"
     output_dir: str = ""
     evaluate_teacher: bool = True
+    # Shared teacher-output cache root (several runs reuse one entry); empty: a folder inside output_dir.
+    cache_dir: str = ""
+    # multi_teacher: further teachers whose distributions are averaged with ``teacher``'s, and their weights
+    # (``teacher`` first). Empty for the other schemes.
+    extra_teachers: tuple[ModelConfig, ...] = ()
+    teacher_weights: tuple[float, ...] = ()
 
     # --- JSON round-trip -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["terms"] = [asdict(t) for t in self.terms]
+        data["extra_teachers"] = [asdict(t) for t in self.extra_teachers]
+        data["teacher_weights"] = list(self.teacher_weights)
         return data
 
     def to_json(self) -> str:
@@ -113,11 +135,13 @@ class RunConfig:
             raise ValueError(f"unknown run config keys: {', '.join(sorted(unknown))}")
         teacher = data.pop("teacher", None)
         return cls(
-            student=_build(ModelConfig, data.pop("student")),
+            student=_build_model(data.pop("student")),
             dataset=_build(DatasetConfig, data.pop("dataset")),
             terms=tuple(_build(LossTermConfig, t) for t in data.pop("terms", ())),
             train=_build(TrainConfig, data.pop("train", {})),
-            teacher=_build(ModelConfig, teacher) if teacher else None,
+            teacher=_build_model(teacher) if teacher else None,
+            extra_teachers=tuple(_build_model(t) for t in data.pop("extra_teachers", ())),
+            teacher_weights=tuple(float(w) for w in data.pop("teacher_weights", ())),
             **data,
         )
 
@@ -128,6 +152,14 @@ class RunConfig:
     @property
     def needs_teacher(self) -> bool:
         return self.scheme != "hard_labels" and any(t.name != "ce" for t in self.terms)
+
+
+def _build_model(data: dict[str, Any] | ModelConfig) -> ModelConfig:
+    if isinstance(data, ModelConfig):
+        return data
+    data = dict(data)
+    parent = data.pop("parent", None)
+    return _build(ModelConfig, {**data, "parent": _build_model(parent) if parent else None})
 
 
 def _build(kind, data: dict[str, Any]):
