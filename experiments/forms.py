@@ -16,7 +16,7 @@ from django.db.models import QuerySet
 
 from . import selectors
 from .engine_config import TRAIN_DEFAULTS
-from .models import DatasetSpec, ModelSpec, Recipe
+from .models import DatasetSpec, ModelSpec, Recipe, Task
 from .validation import BUILTIN_ARCHS, BUILTIN_DATASETS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
 
 
@@ -107,7 +107,9 @@ MODEL_SOURCES = [
 class ModelSpecForm(TeamScopedForm):
     name = forms.CharField(max_length=120)
     source = forms.ChoiceField(choices=MODEL_SOURCES, widget=forms.RadioSelect, initial=ModelSpec.Source.BUILTIN)
-    num_labels = forms.IntegerField(min_value=2, max_value=1_000_000, help_text="Classes the model predicts.")
+    task = forms.ChoiceField(choices=Task.choices, initial=Task.CLASSIFICATION, required=False)
+    num_labels = forms.IntegerField(min_value=2, max_value=1_000_000, required=False,
+                                    help_text="Classes the model predicts (classification only).")
     builtin_arch = forms.ChoiceField(
         label="Architecture", choices=[(k, f"{k} — {v}") for k, v in BUILTIN_ARCHS.items()], required=False
     )
@@ -161,13 +163,21 @@ class ModelSpecForm(TeamScopedForm):
             self.add_error("builtin_arch", "Choose an architecture.")
         if source == ModelSpec.Source.CONFIG and "config" in cleaned and not cleaned["config"]:
             self.add_error("config", "Paste a transformers config.")
+        cleaned["task"] = cleaned.get("task") or Task.CLASSIFICATION
+        if cleaned.get("task") == Task.CLASSIFICATION and not cleaned.get("num_labels") \
+                and "num_labels" not in self.errors:
+            self.add_error("num_labels", "A classifier needs its number of classes (2 or more).")
+        if cleaned.get("task") != Task.CLASSIFICATION:
+            cleaned["num_labels"] = 0
+        if source == ModelSpec.Source.BUILTIN and cleaned.get("task") != Task.CLASSIFICATION:
+            self.add_error("task", "Builtin nets are classifiers.")
         return cleaned
 
     def service_fields(self) -> dict[str, Any]:
         """Keyword arguments for ``services.model_spec_create`` (besides team and created_by)."""
         data = self.cleaned_data
         fields: dict[str, Any] = {"name": data["name"], "source": data["source"], "num_labels": data["num_labels"],
-                                  "notes": data["notes"], "tokenizer_id": data["tokenizer_id"]}
+                                  "task": data["task"], "notes": data["notes"], "tokenizer_id": data["tokenizer_id"]}
         match data["source"]:
             case ModelSpec.Source.BUILTIN:
                 fields.update(builtin_arch=data["builtin_arch"], config={"hidden_sizes": data["hidden_sizes"]})
@@ -185,6 +195,43 @@ class ModelSpecForm(TeamScopedForm):
         return {}
 
 
+LAYER_PRESETS = ("every_other", "every_third", "all")
+
+
+class ModelDeriveForm(forms.Form):
+    """A student derived from the model on the page (DistilBERT recipe): kept layers and optional widths."""
+
+    name = forms.CharField(max_length=120, help_text="The student's name in the parent's team.")
+    layers = forms.CharField(
+        max_length=400, initial="every_other",
+        help_text='"every_other" (layers 0, 2, 4, …), "every_third", "all", or layer ids such as '
+                  '"0,2,4,7,9,11".',
+    )
+    hidden_size = forms.IntegerField(required=False, min_value=1, max_value=65536,
+                                     widget=forms.NumberInput(attrs={"placeholder": "parent's"}),
+                                     help_text="Narrower width (optional); the leading features are copied.")
+    intermediate_size = forms.IntegerField(required=False, min_value=1, max_value=262144,
+                                           widget=forms.NumberInput(attrs={"placeholder": "parent's"}),
+                                           help_text="Feed-forward width (optional).")
+    num_attention_heads = forms.IntegerField(required=False, min_value=1, max_value=1024,
+                                             widget=forms.NumberInput(attrs={"placeholder": "auto"}),
+                                             help_text="Default keeps the parent's head size.")
+
+    def clean_layers(self) -> str | list[int]:
+        raw = self.cleaned_data["layers"].strip().lower().replace(" ", "")
+        if raw in LAYER_PRESETS:
+            return raw
+        parts = [p for p in raw.split(",") if p]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise ValidationError('Enter "every_other", "every_third", "all", or layer ids such as "0,2,4".')
+        return [int(p) for p in parts]
+
+    def service_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``services.model_derive`` (besides parent and created_by)."""
+        return {k: self.cleaned_data[k] for k in ("name", "layers", "hidden_size", "intermediate_size",
+                                                  "num_attention_heads")}
+
+
 # --- datasets -------------------------------------------------------------------------------------
 DATASET_SOURCES = [
     (DatasetSpec.Source.BUILTIN, "Packaged dataset"),
@@ -196,9 +243,13 @@ class DatasetSpecForm(TeamScopedForm):
     name = forms.CharField(max_length=120)
     source = forms.ChoiceField(choices=DATASET_SOURCES, widget=forms.RadioSelect,
                                initial=DatasetSpec.Source.BUILTIN)
+    task = forms.ChoiceField(choices=Task.choices, initial=Task.CLASSIFICATION, required=False,
+                             help_text="What is learned from it: labels, next tokens, or sentence embeddings.")
     builtin_name = forms.ChoiceField(
         label="Packaged dataset", required=False,
-        choices=[(k, f"{k} — {v['num_labels']} classes, {v['splits_total']} rows ({v['kind']})")
+        choices=[(k, f"{k} — " + (f"{v['num_labels']} classes, " if v["num_labels"] else "")
+                  + (f"{v['splits_total']:,} rows, " if v["splits_total"] else "")
+                  + " / ".join(v["tasks"]))
                  for k, v in BUILTIN_DATASETS.items()],
     )
     hub_name = forms.CharField(label="Hub dataset", max_length=200, required=False, help_text="e.g. SetFit/bbc-news")
@@ -227,12 +278,14 @@ class DatasetSpecForm(TeamScopedForm):
             self.add_error("label_names", f"Give {num_labels} names (one per label) or none.")
         if cleaned.get("source") == DatasetSpec.Source.BUILTIN and not cleaned.get("builtin_name"):
             self.add_error("builtin_name", "Choose a packaged dataset.")
+        cleaned["task"] = cleaned.get("task") or Task.CLASSIFICATION
         return cleaned
 
     def service_fields(self) -> dict[str, Any]:
         """Keyword arguments for ``services.dataset_spec_create``; empty values are left to the service."""
         data = self.cleaned_data
-        keys = ["name", "source", "text_column", "label_column", "eval_fraction", "split_seed", "max_length", "notes"]
+        keys = ["name", "source", "task", "text_column", "label_column", "eval_fraction", "split_seed", "max_length",
+                "notes"]
         keys += ["builtin_name"] if data["source"] == DatasetSpec.Source.BUILTIN else ["hub_name", "local_path"]
         fields = {k: data[k].strip() if isinstance(data[k], str) and k != "notes" else data[k] for k in keys}
         if data.get("num_labels"):
@@ -244,35 +297,56 @@ class DatasetSpecForm(TeamScopedForm):
 
 # --- recipes --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    default: str            # as a user would type it
+    help: str               # "description (allowed values)"
+    type: str = "float"     # float | int | bool | str (a choice) | list (a layer map)
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TermInfo:
     name: str
     title: str
     description: str
     needs_teacher: bool
-    params: list[tuple[str, float, str]]  # (name, default, "description (range)")
+    params: list[ParamInfo]
+    needs: tuple[str, ...] = ()   # what the term reads besides the student's logits, in words
+
+
+NEED_LABELS = {"teacher_logits": "teacher logits", "teacher_topk": "teacher top-k (cache) or logits",
+               "hidden_states": "hidden states", "attentions": "attention maps", "values": "value vectors",
+               "embeddings": "sentence embeddings"}
 
 
 _FALLBACK_TERMS = [
     TermInfo("ce", "Cross-entropy", "Cross-entropy with the hard labels.", False,
-             [("label_smoothing", 0.0, "Mass spread over all classes")]),
+             [ParamInfo("label_smoothing", "0", "Mass spread over all classes")], ()),
     TermInfo("kd", "Knowledge distillation", "τ²·KL(p_T^τ ‖ p_S^τ) (Hinton et al. 2015).", True,
-             [("temperature", 4.0, "Softmax temperature")]),
+             [ParamInfo("temperature", "4", "Softmax temperature")], ("teacher logits",)),
     TermInfo("reverse_kl", "Reverse KL", "τ²·KL(p_S^τ ‖ p_T^τ), mode-seeking.", True,
-             [("temperature", 1.0, "Softmax temperature")]),
+             [ParamInfo("temperature", "1", "Softmax temperature")], ("teacher logits",)),
     TermInfo("jsd", "Generalized JSD", "β·KL(p_T‖M) + (1−β)·KL(p_S‖M).", True,
-             [("beta", 0.5, "Teacher weight in the mixture"), ("temperature", 1.0, "Softmax temperature")]),
+             [ParamInfo("beta", "0.5", "Teacher weight in the mixture"),
+              ParamInfo("temperature", "1", "Softmax temperature")], ("teacher logits",)),
 ]
+
+WEIGHT_SCHEDULES = [("", "constant"), ("linear", "linear"), ("cosine", "cosine")]
 
 
 def loss_term_catalog() -> list[TermInfo]:
     """The loss terms the engine offers (its ``LOSS_TERMS`` registry), or a fixed list if it cannot be imported."""
     try:
-        from workers.engine.losses import LOSS_TERMS
+        from workers.engine.methods import LOSS_TERMS
     except ImportError:
         return list(_FALLBACK_TERMS)
     return [
-        TermInfo(spec.name, spec.title, spec.description, spec.needs_teacher,
-                 [(p.name, p.default, f"{p.description} ({p.range_text()})") for p in spec.params.values()])
+        TermInfo(spec.name, spec.title, spec.description, spec.needs_teacher, [
+            ParamInfo(p.name, p.default_text(), f"{p.description} ({p.range_text()})", p.type.__name__,
+                      tuple(p.choices))
+            for p in spec.params.values()
+        ], tuple(NEED_LABELS.get(n, n) for n in sorted(spec.needs)))
         for spec in LOSS_TERMS.values()
     ]
 
@@ -280,7 +354,7 @@ def loss_term_catalog() -> list[TermInfo]:
 def term_param_names(catalog: list[TermInfo]) -> list[str]:
     names: list[str] = []
     for term in catalog:
-        names += [p[0] for p in term.params if p[0] not in names]
+        names += [p.name for p in term.params if p.name not in names]
     return names
 
 
@@ -289,36 +363,138 @@ class RecipeForm(TeamScopedForm):
     scheme = forms.ChoiceField(choices=Recipe.Scheme.choices, initial=Recipe.Scheme.OFFLINE)
     description = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Read at form creation, so schemes added to the model appear without touching the form.
+        self.fields["scheme"].choices = Recipe.Scheme.choices
+
+
+def _param_field(name: str, infos: list[tuple[str, ParamInfo]]) -> forms.Field:
+    """One form field for a parameter name shared by the terms in ``infos`` ((term, info) pairs)."""
+    info = infos[0][1]
+    terms = " ".join(term for term, _ in infos)
+    attrs = {"data-terms": terms, "title": "; ".join(f"{term}: {i.help}, default {i.default}" for term, i in infos)}
+    if info.type == "bool":
+        # A checkbox cannot be "blank", so it starts at the default and is only read for the terms that have it.
+        return forms.BooleanField(required=False, initial=info.default == "true",
+                                  widget=forms.CheckboxInput(attrs=attrs))
+    if info.type == "str":
+        choices = [("", "default")] + [(c, c) for c in info.choices]
+        return forms.ChoiceField(required=False, choices=choices, widget=forms.Select(attrs=attrs))
+    if info.type == "list":
+        return forms.CharField(required=False, max_length=200, widget=forms.TextInput(
+            attrs={**attrs, "placeholder": f"{' / '.join(info.choices)} / 2,4,6", "size": 10}))
+    if info.type == "int":
+        return forms.IntegerField(required=False, widget=forms.NumberInput(
+            attrs={**attrs, "step": "1", "placeholder": "default"}))
+    return forms.FloatField(required=False, widget=forms.NumberInput(
+        attrs={**attrs, "step": "any", "placeholder": "default"}))
+
 
 class TermForm(forms.Form):
-    """One weighted loss term. Blank parameters take the term's defaults; a row without a term is skipped."""
+    """One weighted loss term. Blank parameters take the term's defaults; a row without a term is skipped.
+
+    Every term's parameters are validated here against the engine's schema, so each error shows on its field.
+    """
 
     def __init__(self, *args: Any, catalog: list[TermInfo], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.catalog = {t.name: t for t in catalog}
         self.fields["name"] = forms.ChoiceField(
             label="Term", required=False, choices=[("", "—")] + [(t.name, t.name) for t in catalog]
         )
         self.fields["weight"] = forms.FloatField(min_value=0, max_value=1e6, required=False,
                                                  widget=forms.NumberInput(attrs={"step": "any"}))
-        for param in term_param_names(catalog):
-            self.fields[param] = forms.FloatField(
-                required=False, widget=forms.NumberInput(attrs={"step": "any", "placeholder": "default"})
-            )
+        # A schedule moves the weight from the row's weight at the start of training to ``weight_end``.
+        self.fields["weight_schedule"] = forms.ChoiceField(label="Weight schedule", required=False,
+                                                           choices=WEIGHT_SCHEDULES)
+        self.fields["weight_end"] = forms.FloatField(
+            label="End weight", min_value=0, max_value=1e6, required=False,
+            widget=forms.NumberInput(attrs={"step": "any", "placeholder": "end"}))
         self.param_names = term_param_names(catalog)
+        for param in self.param_names:
+            users = [(t.name, p) for t in catalog for p in t.params if p.name == param]
+            self.fields[param] = _param_field(param, users)
+        self.bool_params = {n for n in self.param_names if isinstance(self.fields[n], forms.BooleanField)}
+        self.valid_params: dict[str, Any] | None = None
+
+    def _given(self, cleaned: dict[str, Any], name: str) -> bool:
+        return name not in self.bool_params and cleaned.get(name) not in (None, "")
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
-        if not cleaned.get("name") and any(cleaned.get(f) is not None for f in ["weight", *self.param_names]):
-            self.add_error("name", "Choose a loss term for this row, or clear it.")
+        name = cleaned.get("name")
+        given = [f for f in ["weight", "weight_schedule", "weight_end", *self.param_names] if self._given(cleaned, f)]
+        if not name:
+            if given:
+                self.add_error("name", "Choose a loss term for this row, or clear it.")
+            return cleaned
+        if self.errors:
+            return cleaned
+        self._check_params(name, cleaned)
+        self._check_schedule(name, cleaned)
         return cleaned
+
+    def _params(self, name: str, cleaned: dict[str, Any]) -> dict[str, Any]:
+        own = {p.name for p in self.catalog[name].params}
+        params = {}
+        for field in self.param_names:
+            if field in own and (field in self.bool_params or self._given(cleaned, field)):
+                params[field] = cleaned[field]
+        return params
+
+    def _check_params(self, name: str, cleaned: dict[str, Any]) -> None:
+        from workers.engine.errors import ConfigError
+        from workers.engine.methods import validate_term_params
+
+        own = {p.name for p in self.catalog[name].params}
+        for field in self.param_names:
+            if field not in own and self._given(cleaned, field):
+                self.add_error(field, f"{name} has no parameter {field}; clear it.")
+        given = self._params(name, cleaned)
+        try:
+            valid = validate_term_params(name, given)
+        except ConfigError as exc:
+            field = getattr(exc, "param", None)
+            self.add_error(field if field in self.fields else None, str(exc))
+        else:
+            # Keep what the user set, in the engine's normal form (e.g. "2, 4" → [2, 4]); defaults stay implicit.
+            self.valid_params = {k: valid[k] for k in given}
+
+    def _schedule(self, cleaned: dict[str, Any]) -> dict[str, Any]:
+        kind = cleaned.get("weight_schedule")
+        if not kind:
+            return {}
+        start = 1.0 if cleaned.get("weight") is None else cleaned["weight"]
+        return {"weight": {"kind": kind, "start": start, "end": cleaned.get("weight_end")}}
+
+    def _check_schedule(self, name: str, cleaned: dict[str, Any]) -> None:
+        from workers.engine.errors import ConfigError
+        from workers.engine.schedules import validate_schedule
+
+        kind = cleaned.get("weight_schedule")
+        if not kind:
+            if cleaned.get("weight_end") is not None:
+                self.add_error("weight_schedule", "Choose linear or cosine to use an end weight.")
+            return
+        if cleaned.get("weight_end") is None:
+            self.add_error("weight_end", f"A {kind} schedule needs the weight at the end of training.")
+            return
+        try:
+            validate_schedule(name, self._schedule(cleaned), {})
+        except ConfigError as exc:
+            self.add_error("weight_end", str(exc))
 
     def term(self) -> dict[str, Any] | None:
         data = self.cleaned_data
         if not data.get("name"):
             return None
-        params = {p: data[p] for p in self.param_names if data.get(p) is not None}
-        return {"name": data["name"], "weight": 1.0 if data.get("weight") is None else data["weight"],
-                "params": params}
+        term = {"name": data["name"], "weight": 1.0 if data.get("weight") is None else data["weight"],
+                "params": self.valid_params if self.valid_params is not None else self._params(data["name"], data)}
+        schedule = self._schedule(data)
+        if schedule:
+            term["schedule"] = schedule
+        return term
 
 
 class BaseTermFormSet(forms.BaseFormSet):
@@ -371,13 +547,25 @@ class ExperimentForm(TeamScopedForm):
         help_text="Each student is trained with each recipe and seed, plus a hard-label baseline.",
     )
     recipes = forms.ModelMultipleChoiceField(queryset=None, widget=TeamOptionSelectMultiple(attrs={"size": 6}))
+    assistant = forms.ModelChoiceField(
+        queryset=None, required=False, empty_label="— none —", widget=TeamOptionSelect,
+        help_text="Teacher-assistant recipes: distilled from the teacher first, then teaches the students.",
+    )
+    extra_teachers = forms.ModelMultipleChoiceField(
+        queryset=None, required=False, widget=TeamOptionSelectMultiple(attrs={"size": 4}),
+        help_text="Multi-teacher recipes: averaged with the teacher above.",
+    )
+    teacher_weights = forms.CharField(
+        required=False, max_length=200,
+        help_text='Multi-teacher weights, the teacher above first, e.g. "0.5,0.25,0.25" (default: equal).',
+    )
     seeds = forms.CharField(initial="0", max_length=200,
                             help_text=f'Comma-separated, e.g. "0,1,2" or "0-2"; at most {MAX_SEEDS}.')
     lr_schedule = forms.ChoiceField(label="LR schedule", choices=[(s, s) for s in LR_SCHEDULES], required=False,
                                     initial=TRAIN_DEFAULTS["lr_schedule"],
                                     help_text="Decay after warm-up.")
 
-    team_fields = ("dataset", "teacher", "students", "recipes")
+    team_fields = ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers")
     train_field_names = (*TRAIN_FIELDS, "lr_schedule")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -386,9 +574,11 @@ class ExperimentForm(TeamScopedForm):
         self.fields["dataset"].queryset = selectors.dataset_spec_list(user=self.user).order_by("team__name", "name")
         self.fields["teacher"].queryset = models
         self.fields["students"].queryset = models
+        self.fields["assistant"].queryset = models
+        self.fields["extra_teachers"].queryset = models
         self.fields["recipes"].queryset = selectors.recipe_list(user=self.user).order_by("team__name", "name",
                                                                                           "-version")
-        for name in ("dataset", "teacher", "students", "recipes"):
+        for name in ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers"):
             self.fields[name].label_from_instance = self.label_with_team
         self.fields["recipes"].widget.option_data = lambda r: {
             "baseline": "1" if r.scheme == Recipe.Scheme.HARD_LABELS else "0"
@@ -414,9 +604,19 @@ class ExperimentForm(TeamScopedForm):
             raise ValidationError("Seeds must be different from each other.")
         return seeds
 
+    def clean_teacher_weights(self) -> list[float]:
+        raw = self.cleaned_data["teacher_weights"].replace(" ", "")
+        try:
+            return [float(part) for part in raw.split(",") if part]
+        except ValueError:
+            raise ValidationError('Enter numbers separated by commas, e.g. "0.5,0.5".') from None
+
     def basic_fields(self):
         return [self[n] for n in ("team", "name", "description", "dataset", "teacher", "students", "recipes",
                                   "seeds")]
+
+    def scheme_fields(self):
+        return [self[n] for n in ("assistant", "extra_teachers", "teacher_weights")]
 
     def train_fields(self):
         return [self[n] for n in self.train_field_names]
@@ -432,6 +632,9 @@ class ExperimentForm(TeamScopedForm):
             "teacher": data["teacher"],
             "students": list(data["students"]),
             "recipes": list(data["recipes"]),
+            "assistant": data.get("assistant"),
+            "extra_teachers": list(data.get("extra_teachers") or ()),
+            "teacher_weights": data.get("teacher_weights") or [],
             "seeds": data["seeds"],
             "train": {k: data[k] for k in self.train_field_names if data.get(k) not in (None, "")},
         }

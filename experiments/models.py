@@ -60,6 +60,8 @@ class TeamOwned(models.Model):
 
 class Task(models.TextChoices):
     CLASSIFICATION = "classification", "Sequence / tabular classification"
+    CAUSAL_LM = "causal_lm", "Causal language model"
+    EMBEDDING = "embedding", "Sentence embeddings"
 
 
 class ModelSpecSource(models.TextChoices):
@@ -87,7 +89,7 @@ class ModelSpec(TeamOwned):
     source_run = models.ForeignKey(
         "Run", on_delete=models.PROTECT, null=True, blank=True, related_name="registered_models"
     )
-    num_labels = models.PositiveIntegerField()
+    num_labels = models.PositiveIntegerField(default=0, help_text="Classes predicted (classification only)")
     param_count = models.BigIntegerField(null=True, blank=True)
     tokenizer_id = models.CharField(max_length=200, blank=True)
     disk_size_bytes = models.BigIntegerField(null=True, blank=True)
@@ -99,7 +101,9 @@ class ModelSpec(TeamOwned):
             models.UniqueConstraint(fields=["team", "name"], name="modelspec_unique_team_name"),
             _choices_check("source", ModelSpecSource, "modelspec_source_valid"),
             _choices_check("task", Task, "modelspec_task_valid"),
-            models.CheckConstraint(condition=Q(num_labels__gte=2), name="modelspec_num_labels_gte_2"),
+            models.CheckConstraint(
+                condition=~Q(task="classification") | Q(num_labels__gte=2), name="modelspec_classifier_labels_gte_2"
+            ),
             models.CheckConstraint(
                 condition=~Q(source="run") | Q(source_run__isnull=False), name="modelspec_run_source_has_run"
             ),
@@ -127,7 +131,7 @@ class DatasetSpec(TeamOwned):
     text_column = models.CharField(max_length=100, default="text")
     label_column = models.CharField(max_length=100, default="label")
     label_names = models.JSONField(default=list, blank=True)
-    num_labels = models.PositiveIntegerField()
+    num_labels = models.PositiveIntegerField(default=0, help_text="Classes (classification only)")
     eval_fraction = models.FloatField(default=0.2)
     split_seed = models.IntegerField(default=0)
     max_length = models.PositiveIntegerField(default=128)
@@ -140,7 +144,10 @@ class DatasetSpec(TeamOwned):
             models.UniqueConstraint(fields=["team", "name"], name="datasetspec_unique_team_name"),
             _choices_check("source", DatasetSpecSource, "datasetspec_source_valid"),
             _choices_check("task", Task, "datasetspec_task_valid"),
-            models.CheckConstraint(condition=Q(num_labels__gte=2), name="datasetspec_num_labels_gte_2"),
+            models.CheckConstraint(
+                condition=~Q(task="classification") | Q(num_labels__gte=2),
+                name="datasetspec_classifier_labels_gte_2",
+            ),
             models.CheckConstraint(
                 condition=Q(eval_fraction__gt=0) & Q(eval_fraction__lt=1), name="datasetspec_eval_fraction_range"
             ),
@@ -154,6 +161,11 @@ class RecipeScheme(models.TextChoices):
     OFFLINE = "offline", "Offline (teacher outputs computed once)"
     ONLINE = "online", "Online (teacher forward every step)"
     HARD_LABELS = "hard_labels", "Hard labels only (no teacher)"
+    SEQ_KD = "seq_kd", "Sequence-level KD (student learns teacher-generated text)"
+    ON_POLICY = "on_policy", "On-policy (student samples, teacher scores)"
+    SELF_DISTILLATION = "self_distillation", "Self-distillation (born-again generations)"
+    TEACHER_ASSISTANT = "teacher_assistant", "Teacher → assistant → student"
+    MULTI_TEACHER = "multi_teacher", "Several teachers, averaged"
 
 
 class Recipe(TeamOwned):
@@ -165,6 +177,7 @@ class Recipe(TeamOwned):
     version = models.PositiveIntegerField(default=1)
     scheme = models.CharField(max_length=32, choices=Scheme.choices, default=Scheme.OFFLINE)
     terms = models.JSONField(help_text='[{"name": "kd", "weight": 0.9, "params": {"temperature": 4}}, ...]')
+    scheme_params = models.JSONField(default=dict, blank=True, help_text="Parameters of the training scheme")
     description = models.TextField(blank=True)
 
     class Meta:
@@ -200,6 +213,15 @@ class Experiment(TeamOwned):
     dataset = models.ForeignKey(DatasetSpec, on_delete=models.PROTECT, related_name="experiments")
     students = models.ManyToManyField(ModelSpec, related_name="student_experiments")
     recipes = models.ManyToManyField(Recipe, related_name="experiments")
+    assistant = models.ForeignKey(
+        ModelSpec, on_delete=models.PROTECT, null=True, blank=True, related_name="assistant_experiments",
+        help_text="teacher_assistant recipes: the intermediate model distilled from the teacher first",
+    )
+    extra_teachers = models.ManyToManyField(
+        ModelSpec, blank=True, related_name="extra_teacher_experiments",
+        help_text="multi_teacher recipes: teachers averaged with the main one",
+    )
+    teacher_weights = models.JSONField(default=list, blank=True, help_text="multi_teacher: main teacher first")
     seeds = models.JSONField(default=list)
     train = models.JSONField(default=dict, help_text="Training settings shared by every run (fair comparison)")
 
@@ -233,6 +255,10 @@ class Run(models.Model):
     recipe = models.ForeignKey(Recipe, on_delete=models.PROTECT, related_name="runs")
     seed = models.IntegerField(default=0)
     is_baseline = models.BooleanField(default=False, help_text="The automatic hard-label baseline")
+    stage = models.CharField(
+        max_length=32, blank=True,
+        help_text="Intermediate step of a chained recipe (e.g. 'assistant', 'generation 1'); empty for final runs",
+    )
     config = models.JSONField(help_text="Frozen, fully resolved engine config; never edited after launch")
     waiting_for = models.ForeignKey(
         "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="dependents",

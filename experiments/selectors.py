@@ -113,13 +113,26 @@ class LeaderboardRow:
     recipe: Recipe
     teacher: ModelSpec | None
     is_baseline: bool
+    stage: str = ""
     run_ids: list[int] = field(default_factory=list)
     accuracies: list[float] = field(default_factory=list)
     gains: list[float] = field(default_factory=list)
     params: int | None = None
     latency_ms: float | None = None
     teacher_accuracy: float | None = None
+    teacher_params: int | None = None
+    teacher_latency_ms: float | None = None
     rank: int = 0
+
+    @property
+    def compression(self) -> float | None:
+        """Teacher parameters / student parameters."""
+        return self.teacher_params / self.params if self.teacher_params and self.params else None
+
+    @property
+    def speedup(self) -> float | None:
+        """Teacher latency / student latency (batch 1, on the workers that measured them)."""
+        return self.teacher_latency_ms / self.latency_ms if self.teacher_latency_ms and self.latency_ms else None
 
     @property
     def mean(self) -> float:
@@ -147,7 +160,7 @@ class LeaderboardRow:
 
 
 def leaderboard(*, user, dataset: DatasetSpec) -> list[LeaderboardRow]:
-    """Rows per (experiment, student, recipe), ranked by mean accuracy over seeds.
+    """Rows per (experiment, student, recipe, stage), ranked by mean accuracy over seeds.
 
     KD gain pairs each distilled run with the hard-label baseline of the same experiment, student and seed;
     retention divides by the teacher's accuracy on the same eval split. Three queries whatever the row count.
@@ -158,8 +171,8 @@ def leaderboard(*, user, dataset: DatasetSpec) -> list[LeaderboardRow]:
         .select_related("run__experiment__teacher", "run__student", "run__recipe")
         .order_by("run_id")
     )
-    teacher_acc: dict[tuple[int, str], float] = {
-        (e.model_id, e.split_key): e.accuracy
+    teachers: dict[tuple[int, str], Evaluation] = {
+        (e.model_id, e.split_key): e
         for e in Evaluation.objects.filter(dataset=dataset, role=Evaluation.Role.TEACHER, accuracy__isnull=False)
     }
     baseline: dict[tuple[int, int, int], float] = {
@@ -167,16 +180,16 @@ def leaderboard(*, user, dataset: DatasetSpec) -> list[LeaderboardRow]:
         for e in evaluations
         if e.run.is_baseline and e.accuracy is not None
     }
-    rows: dict[tuple[int, int, int], LeaderboardRow] = {}
+    rows: dict[tuple[int, int, int, str], LeaderboardRow] = {}
     for e in evaluations:
         if e.accuracy is None:
             continue
         run = e.run
-        key = (run.experiment_id, run.student_id, run.recipe_id)
+        key = (run.experiment_id, run.student_id, run.recipe_id, run.stage)
         row = rows.get(key)
         if row is None:
             row = rows[key] = LeaderboardRow(
-                run.experiment, run.student, run.recipe, run.experiment.teacher, run.is_baseline
+                run.experiment, run.student, run.recipe, run.experiment.teacher, run.is_baseline, run.stage
             )
         row.run_ids.append(run.id)
         row.accuracies.append(e.accuracy)
@@ -186,8 +199,11 @@ def leaderboard(*, user, dataset: DatasetSpec) -> list[LeaderboardRow]:
         if base is not None and not run.is_baseline:
             row.gains.append(e.accuracy - base)
         teacher_id = run.experiment.teacher_id
-        if teacher_id and row.teacher_accuracy is None:
-            row.teacher_accuracy = teacher_acc.get((teacher_id, e.split_key))
+        teacher_eval = teachers.get((teacher_id, e.split_key)) if teacher_id else None
+        if teacher_eval is not None and row.teacher_accuracy is None:
+            row.teacher_accuracy = teacher_eval.accuracy
+            row.teacher_params = teacher_eval.param_count
+            row.teacher_latency_ms = teacher_eval.latency_ms
     ranked = sorted(rows.values(), key=lambda r: (-r.mean, r.params or 0))
     for i, row in enumerate(ranked, 1):
         row.rank = i

@@ -71,13 +71,15 @@ def dataset_spec_create(*, team: Team, created_by, **fields: Any) -> DatasetSpec
     return _save_new(DatasetSpec(team=team, created_by=created_by, **fields))
 
 
-def recipe_create(*, team: Team, created_by, name: str, scheme: str, terms: list[dict], description: str = "") -> Recipe:
+def recipe_create(*, team: Team, created_by, name: str, scheme: str, terms: list[dict], description: str = "",
+                  scheme_params: dict[str, Any] | None = None) -> Recipe:
     terms = validation.clean_terms(terms, scheme=scheme)
+    scheme_params = validation.clean_scheme_params(scheme, scheme_params or {})
     version = (Recipe.objects.filter(team=team, name=name).order_by("-version").values_list("version", flat=True)
                .first() or 0) + 1
     return _save_new(
         Recipe(team=team, created_by=created_by, name=name, version=version, scheme=scheme, terms=terms,
-               description=description)
+               scheme_params=scheme_params, description=description)
     )
 
 
@@ -126,28 +128,80 @@ def model_register_from_run(*, run: Run, name: str, created_by, allow_pending: b
     return _save_new(spec)
 
 
+def model_derive(*, parent: ModelSpec, name: str, created_by, layers: str | list[int],
+                 hidden_size: int | None = None, intermediate_size: int | None = None,
+                 num_attention_heads: int | None = None, notes: str = "") -> ModelSpec:
+    """A smaller student built from ``parent`` (a layer subset and/or narrower widths), in the parent's team.
+
+    Its weights are copied from the parent when a run loads it (``workers.engine.derive``); the tokenizer,
+    task and labels are the parent's. Raises ValidationError keyed by the derive parameter at fault.
+    """
+    params: dict[str, Any] = {"layers": layers}
+    widths = {"hidden_size": hidden_size, "intermediate_size": intermediate_size,
+              "num_attention_heads": num_attention_heads}
+    params |= {k: v for k, v in widths.items() if v is not None}
+    fields = validation.clean_model_fields({"source": ModelSpec.Source.DERIVED, "parent": parent,
+                                            "config": params})
+    kept = fields["config"]["layers"]
+    described = kept.replace("_", " ") if isinstance(kept, str) else "layers " + ", ".join(map(str, kept))
+    shape = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields["config"].items() if k != "layers")
+    auto_notes = f"Derived from {parent}: {described}" + (f"; {shape}" if shape else "") + "."
+    return _save_new(ModelSpec(
+        team=parent.team, created_by=created_by, name=name, source=ModelSpec.Source.DERIVED, parent=parent,
+        task=parent.task, num_labels=parent.num_labels, tokenizer_id=parent.tokenizer_id,
+        config=fields["config"], notes=f"{auto_notes}\n{notes}".strip(),
+    ))
+
+
 # --- experiments ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlannedRun:
+    """One run to create. ``teacher_from`` is the index in the plan of the run whose output is this run's
+    teacher (chained recipes); otherwise the teacher is ``teacher`` (a record)."""
+
     student: ModelSpec
     recipe: Recipe
     seed: int
     is_baseline: bool
+    teacher: ModelSpec | None = None
+    teacher_from: int | None = None
+    stage: str = ""
 
 
 def experiment_plan(
-    *, team: Team, students: Sequence[ModelSpec], recipes: Sequence[Recipe], seeds: Sequence[int]
+    *,
+    team: Team,
+    students: Sequence[ModelSpec],
+    recipes: Sequence[Recipe],
+    seeds: Sequence[int],
+    teacher: ModelSpec | None = None,
+    assistant: ModelSpec | None = None,
+    with_baseline: bool = True,
 ) -> list[PlannedRun]:
     """Every run an experiment will create: students × recipes × seeds, plus one hard-label baseline per
-    student and seed unless a recipe already is the hard-label baseline."""
+    student and seed. Chained recipes add their intermediate runs: ``teacher_assistant`` distils the assistant
+    first; ``self_distillation`` chains its generations, each the teacher of the next. Embedding data has no
+    labels, so there is no hard-label baseline there (``with_baseline=False``)."""
     chosen = [r for r in recipes if r.scheme != Recipe.Scheme.HARD_LABELS]
     picked_baselines = [r for r in recipes if r.scheme == Recipe.Scheme.HARD_LABELS]
     baseline = picked_baselines[0] if picked_baselines else hard_labels_recipe(team=team)
-    plan = []
+    plan: list[PlannedRun] = []
     for student in students:
         for seed in seeds:
-            plan.extend(PlannedRun(student, recipe, seed, is_baseline=False) for recipe in chosen)
-            plan.append(PlannedRun(student, baseline, seed, is_baseline=True))
+            for recipe in chosen:
+                if recipe.scheme == Recipe.Scheme.TEACHER_ASSISTANT:
+                    plan.append(PlannedRun(assistant, recipe, seed, False, teacher=teacher, stage="assistant"))
+                    plan.append(PlannedRun(student, recipe, seed, False, teacher_from=len(plan) - 1))
+                elif recipe.scheme == Recipe.Scheme.SELF_DISTILLATION:
+                    generations = int((recipe.scheme_params or {}).get("generations", 2))
+                    for generation in range(1, generations + 1):
+                        previous = {"teacher": teacher} if generation == 1 else {"teacher_from": len(plan) - 1}
+                        stage = "" if generation == generations else f"generation {generation}"
+                        plan.append(PlannedRun(student, recipe, seed, False, stage=stage, **previous))
+                else:
+                    plan.append(PlannedRun(student, recipe, seed, False, teacher=teacher))
+            if with_baseline:
+                plan.append(PlannedRun(student, baseline, seed, is_baseline=True))
     return plan
 
 
@@ -162,49 +216,56 @@ def experiment_create(
     recipes: Sequence[Recipe],
     seeds: Sequence[int],
     teacher: ModelSpec | None = None,
+    assistant: ModelSpec | None = None,
+    extra_teachers: Sequence[ModelSpec] = (),
+    teacher_weights: Sequence[float] = (),
     train: dict[str, Any] | None = None,
     description: str = "",
 ) -> Experiment:
     """Create the experiment and all its runs in one transaction; each run is enqueued after the commit.
 
-    Raises ValidationError with field keys (teacher, students, recipes, seeds, train, dataset) and creates
-    nothing when the combination cannot run.
+    Raises ValidationError with field keys (teacher, students, recipes, seeds, train, dataset, assistant,
+    extra_teachers, teacher_weights) and creates nothing when the combination cannot run.
     """
     train = validation.clean_train(train or {})
     seeds = validation.clean_seeds(seeds)
-    validation.check_experiment(team=team, dataset=dataset, teacher=teacher, students=students, recipes=recipes)
-    plan = experiment_plan(team=team, students=students, recipes=recipes, seeds=seeds)
+    teacher_weights = validation.check_experiment(
+        team=team, dataset=dataset, teacher=teacher, students=students, recipes=recipes, assistant=assistant,
+        extra_teachers=extra_teachers, teacher_weights=teacher_weights,
+    )
+    plan = experiment_plan(team=team, students=students, recipes=recipes, seeds=seeds, teacher=teacher,
+                           assistant=assistant, with_baseline=dataset.task != "embedding")
     if len(plan) > settings.MAX_RUNS_PER_EXPERIMENT:
         raise ValidationError(
             {"seeds": f"This experiment would create {len(plan)} runs; the limit is {settings.MAX_RUNS_PER_EXPERIMENT}."}
         )
     experiment = _save_new(
         Experiment(team=team, created_by=created_by, name=name, description=description, teacher=teacher,
-                   dataset=dataset, seeds=list(seeds), train=train)
+                   assistant=assistant, teacher_weights=list(teacher_weights), dataset=dataset, seeds=list(seeds),
+                   train=train)
     )
     experiment.students.set(students)
     experiment.recipes.set(recipes)
-    waiting_for = _pending_source_run(teacher)
-    runs = Run.objects.bulk_create(
-        [
-            Run(
-                team=team,
-                experiment=experiment,
-                student=p.student,
-                teacher=teacher if p.recipe.needs_teacher else None,
-                recipe=p.recipe,
-                seed=p.seed,
-                is_baseline=p.is_baseline,
-                config=engine_config.build_run_config(
-                    experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed, teacher=teacher
-                ),
-                total_steps=train["max_steps"],
-                queue=settings.RUN_QUEUE,
-                waiting_for=(waiting_for if p.recipe.needs_teacher else None) or _pending_source_run(p.student),
-            )
-            for p in plan
-        ]
-    )
+    experiment.extra_teachers.set(extra_teachers)
+    runs: list[Run] = []
+    for p in plan:
+        upstream = runs[p.teacher_from] if p.teacher_from is not None else None
+        uses_teacher = p.recipe.needs_teacher
+        run = Run(
+            team=team, experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed,
+            is_baseline=p.is_baseline, stage=p.stage, teacher=p.teacher if uses_teacher else None,
+            total_steps=train["max_steps"], queue=settings.RUN_QUEUE,
+            waiting_for=upstream or (_pending_source_run(p.teacher) if uses_teacher else None)
+            or _pending_source_run(p.student),
+            config={},
+        )
+        run.save()
+        run.config = engine_config.build_run_config(
+            experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed,
+            teacher=p.teacher, teacher_run=upstream, extra_teachers=extra_teachers, teacher_weights=teacher_weights,
+        )
+        run.save(update_fields=["config"])
+        runs.append(run)
     for run in runs:
         if run.waiting_for_id is None:
             _enqueue_on_commit(run)
@@ -331,6 +392,13 @@ def run_finish(*, run_id: int, task_id: str, result: dict[str, Any]) -> Run | No
             run=run, path=_relative_artifact_path(path),
             defaults={"kind": Artifact.Kind.MODEL, "size_bytes": _du(path), "sha256": _sha256_tree(path)},
         )
+    for entry in result.get("teacher_cache") or []:
+        path = Path(entry.get("path") or "")
+        if entry.get("path") and path.resolve().is_relative_to(Path(settings.ARTIFACT_ROOT).resolve()):
+            Artifact.objects.update_or_create(
+                run=run, path=_relative_artifact_path(path),
+                defaults={"kind": Artifact.Kind.TEACHER_CACHE, "size_bytes": entry.get("bytes") or _du(path)},
+            )
     if result.get("last_checkpoint"):
         run.checkpoint_path = _relative_artifact_path(Path(result["last_checkpoint"]))
     run.save()

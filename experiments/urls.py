@@ -9,6 +9,7 @@ urlpatterns = [
     path("models/", views.model_list, name="model_list"),
     path("models/new/", views.model_create, name="model_create"),
     path("models/<int:model_id>/", views.model_detail, name="model_detail"),
+    path("models/<int:model_id>/derive/", views.model_derive, name="model_derive"),
     path("datasets/", views.dataset_list, name="dataset_list"),
     path("datasets/new/", views.dataset_create, name="dataset_create"),
     path("datasets/<int:dataset_id>/", views.dataset_detail, name="dataset_detail"),

@@ -28,11 +28,23 @@ TRAIN_FIELDS: dict[str, tuple[type, float, float, str]] = {
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MAX_SEEDS = 20
 
+_CLS, _LM, _EMB = "classification", "causal_lm", "embedding"
+# Packaged real data (DATA.md): the tasks each supports; label counts for classification.
 BUILTIN_DATASETS = {
     "digits": {"num_labels": 10, "label_names": [str(i) for i in range(10)], "kind": "tabular",
-               "splits_total": 1797},
+               "splits_total": 1797, "tasks": (_CLS,)},
+    "iris": {"num_labels": 3, "label_names": ["setosa", "versicolor", "virginica"], "kind": "tabular",
+             "splits_total": 150, "tasks": (_CLS,)},
+    "wine": {"num_labels": 3, "label_names": ["class_0", "class_1", "class_2"], "kind": "tabular",
+             "splits_total": 178, "tasks": (_CLS,)},
+    "breast_cancer": {"num_labels": 2, "label_names": ["malignant", "benign"], "kind": "tabular",
+                      "splits_total": 569, "tasks": (_CLS,)},
     "bbc-news": {"num_labels": 5, "label_names": ["business", "entertainment", "politics", "sport", "tech"],
-                 "kind": "text", "splits_total": 2225},
+                 "kind": "text", "splits_total": 2225, "tasks": (_CLS, _LM, _EMB)},
+    "tweets": {"num_labels": 3, "label_names": ["negative", "neutral", "positive"], "kind": "text",
+               "splits_total": 38158, "tasks": (_CLS, _LM, _EMB)},
+    "fortunes": {"num_labels": None, "label_names": [], "kind": "text", "splits_total": None,
+                 "tasks": (_LM, _EMB)},
 }
 BUILTIN_ARCHS = {"mlp": "Multi-layer perceptron for tabular / flattened image data"}
 
@@ -93,9 +105,14 @@ def clean_seeds(seeds: Sequence[Any]) -> list[int]:
 
 
 def clean_terms(terms: list[dict[str, Any]], *, scheme: str) -> list[dict[str, Any]]:
-    """Validate a recipe's weighted loss terms against each method's parameter schema."""
+    """Validate a recipe's weighted loss terms (parameters and optional schedules) against the engine's schema.
+
+    Returns plain JSON: ``{"name", "weight", "params"}`` plus ``"schedule"`` when the term has one.
+    """
+    from workers.engine.config import LossTermConfig
     from workers.engine.errors import ConfigError
-    from workers.engine.losses import validate_term_params
+    from workers.engine.losses import validate_term
+    from workers.engine.schedules import max_weight
 
     if not isinstance(terms, list) or not terms:
         raise ValidationError({"terms": "A recipe needs at least one loss term."})
@@ -105,11 +122,13 @@ def clean_terms(terms: list[dict[str, Any]], *, scheme: str) -> list[dict[str, A
             raise ValidationError({"terms": f"Term {i} needs a name."})
         weight = _number(term.get("weight", 1.0), float, 0.0, 1e6, "terms")
         try:
-            params = validate_term_params(term["name"], term.get("params") or {})
+            valid = validate_term(LossTermConfig(term["name"], weight, term.get("params") or {},
+                                                 term.get("schedule") or {}))
         except ConfigError as exc:
             raise ValidationError({"terms": f"Term {i} ({term['name']}): {exc}"}) from None
-        cleaned.append({"name": term["name"], "weight": weight, "params": params})
-    if sum(t["weight"] for t in cleaned) <= 0:
+        cleaned.append({"name": valid.name, "weight": valid.weight, "params": valid.params,
+                        **({"schedule": valid.schedule} if valid.schedule else {})})
+    if not any(max_weight(t["weight"], t.get("schedule", {})) > 0 for t in cleaned):
         raise ValidationError({"terms": "At least one term needs a positive weight."})
     names = [t["name"] for t in cleaned]
     if len(set(names)) != len(names):
@@ -117,6 +136,17 @@ def clean_terms(terms: list[dict[str, Any]], *, scheme: str) -> list[dict[str, A
     if scheme == Recipe.Scheme.HARD_LABELS and names != ["ce"]:
         raise ValidationError({"scheme": "The hard-labels scheme trains with the ce term only."})
     return cleaned
+
+
+def clean_scheme_params(scheme: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Validate a recipe's scheme parameters against the scheme's schema (defaults filled in)."""
+    from workers.engine.errors import ConfigError
+    from workers.engine.schemes import validate_scheme_params
+
+    try:
+        return validate_scheme_params(scheme, params)
+    except ConfigError as exc:
+        raise ValidationError({"scheme_params": str(exc)}) from None
 
 
 def check_local_path(path: str, *, roots: Sequence[Path], field: str, kind: str) -> str:
@@ -154,11 +184,81 @@ def clean_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
             )
         if (fields.get("config") or {}).get("trust_remote_code") and not settings.ALLOW_TRUST_REMOTE_CODE:
             raise ValidationError({"config": "trust_remote_code is disabled on this server."})
-    elif source in (ModelSpec.Source.RUN, ModelSpec.Source.DERIVED):
+    elif source == ModelSpec.Source.DERIVED:
+        parent = fields.get("parent")
+        if parent is None:
+            raise ValidationError({"parent": "Choose the model to derive from."})
+        fields["config"] = clean_derive_params(parent, fields.get("config") or {})
+    elif source == ModelSpec.Source.RUN:
         raise ValidationError({"source": "Register trained models from their run page."})
     else:
         raise ValidationError({"source": "Choose a model source."})
     return fields
+
+
+DERIVE_FIELDS = ("layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def clean_derive_params(parent: ModelSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Validate how a student is derived from ``parent`` (engine rules, see ``workers.engine.derive``).
+
+    Layer ids and widths are checked against the parent's architecture when it is known here without loading
+    weights (a config, a local folder, or a derived model built on those); otherwise the worker checks them
+    when the run starts. Errors are keyed by the offending parameter.
+    """
+    from workers.engine.derive import plan_derivation, validate_derive_params
+    from workers.engine.errors import ConfigError, ModelLoadError
+
+    if model_kind(parent) != "text":
+        message = f"{parent} is a builtin net; only transformers models can be derived from."
+        raise ValidationError({"parent": message})
+    try:
+        cleaned = validate_derive_params(params)
+        architecture = parent_architecture(parent)
+        if architecture is not None:
+            plan_derivation(architecture, cleaned)
+    except (ConfigError, ModelLoadError) as exc:
+        raise ValidationError({_derive_error_field(str(exc)): str(exc)}) from None
+    return cleaned
+
+
+def _derive_error_field(message: str) -> str:
+    lowered = message.lower()
+    if lowered.startswith("cannot derive"):
+        return "parent"
+    if lowered.startswith(("layer", "each layer")):
+        return "layers"
+    if lowered.startswith("unknown derive"):
+        return "config"
+    positions = {name: lowered.find(name) for name in DERIVE_FIELDS if name in lowered}
+    return min(positions, key=positions.get) if positions else "config"
+
+
+def parent_architecture(spec: ModelSpec) -> Any | None:
+    """The transformers config of ``spec`` when it can be known without weights or network, else None."""
+    from workers.engine.errors import ConfigError, ModelLoadError
+
+    try:
+        if spec.source == ModelSpec.Source.CONFIG:
+            from transformers import AutoConfig
+
+            skip = ("model_type", "tokenizer", "normalize")  # engine-side keys, not config attributes
+            params = {k: v for k, v in spec.config.items() if k not in skip}
+            return AutoConfig.for_model(spec.config["model_type"], **params)
+        if spec.source == ModelSpec.Source.HF and spec.local_path:
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(spec.local_path, local_files_only=True)
+        if spec.source == ModelSpec.Source.DERIVED and spec.parent is not None:
+            from workers.engine.derive import child_config, plan_derivation
+
+            parent = parent_architecture(spec.parent)
+            return child_config(parent, plan_derivation(parent, spec.config)) if parent is not None else None
+    except (ConfigError, ModelLoadError):
+        raise
+    except Exception:  # an unreadable folder or config: the worker reports it with the run
+        return None
+    return None
 
 
 def clean_dataset_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -168,14 +268,21 @@ def clean_dataset_fields(fields: dict[str, Any]) -> dict[str, Any]:
         info = BUILTIN_DATASETS.get(fields.get("builtin_name", ""))
         if info is None:
             raise ValidationError({"builtin_name": f"Choose one of: {', '.join(BUILTIN_DATASETS)}."})
-        fields.setdefault("num_labels", info["num_labels"])
-        fields.setdefault("label_names", info["label_names"])
-        if fields["num_labels"] != info["num_labels"]:
-            raise ValidationError({"num_labels": f"{fields['builtin_name']} has {info['num_labels']} labels."})
-        fields["label_names"] = fields["label_names"] or info["label_names"]
+        task = fields.setdefault("task", info["tasks"][0])
+        if task not in info["tasks"]:
+            raise ValidationError({"task": f"{fields['builtin_name']} supports: {', '.join(info['tasks'])}."})
+        if task == _CLS:
+            fields.setdefault("num_labels", info["num_labels"])
+            fields.setdefault("label_names", info["label_names"])
+            if fields["num_labels"] != info["num_labels"]:
+                raise ValidationError({"num_labels": f"{fields['builtin_name']} has {info['num_labels']} labels."})
+            fields["label_names"] = fields["label_names"] or info["label_names"]
+        else:
+            fields["num_labels"], fields["label_names"] = 0, []
         total = info["splits_total"]
-        eval_rows = round(total * fields.get("eval_fraction", 0.2))
-        fields["splits"] = {"train": total - eval_rows, "eval": eval_rows}
+        if total:
+            eval_rows = round(total * fields.get("eval_fraction", 0.2))
+            fields["splits"] = {"train": total - eval_rows, "eval": eval_rows}
     elif source == DatasetSpec.Source.HF:
         if bool(fields.get("hub_name")) == bool(fields.get("local_path")):
             raise ValidationError({"hub_name": "Give either a hub dataset name or a local CSV / JSONL file."})
@@ -185,7 +292,7 @@ def clean_dataset_fields(fields: dict[str, Any]) -> dict[str, Any]:
             )
     else:
         raise ValidationError({"source": "Choose a dataset source."})
-    if not fields.get("num_labels") or fields["num_labels"] < 2:
+    if fields.get("task", _CLS) == _CLS and (not fields.get("num_labels") or fields["num_labels"] < 2):
         raise ValidationError({"num_labels": "A classification dataset needs at least 2 labels."})
     return fields
 
@@ -204,37 +311,80 @@ def model_kind(model: ModelSpec) -> str:
 
 
 def check_experiment(*, team, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
-                     recipes: Sequence[Recipe]) -> None:
-    """Pre-flight checks that make a whole experiment invalid (nothing is created)."""
+                     recipes: Sequence[Recipe], assistant: ModelSpec | None = None,
+                     extra_teachers: Sequence[ModelSpec] = (), teacher_weights: Sequence[Any] = ()) -> list[float]:
+    """Pre-flight checks that make a whole experiment invalid (nothing is created).
+
+    Returns the cleaned multi-teacher weights (main teacher first; equal weights when none are given).
+    """
     errors: dict[str, list[str]] = {}
-    records = [dataset, *students, *recipes] + ([teacher] if teacher else [])
+
+    def err(field: str, message: str) -> None:
+        errors.setdefault(field, []).append(message)
+
+    others = [m for m in (teacher, assistant, *extra_teachers) if m is not None]
+    records = [dataset, *students, *recipes, *others]
     if any(r.team_id != team.id for r in records):
-        errors.setdefault("__all__", []).append("Every record must belong to the experiment's team.")
+        err("__all__", "Every record must belong to the experiment's team.")
     if not students:
-        errors.setdefault("students", []).append("Choose at least one student.")
+        err("students", "Choose at least one student.")
     if not recipes:
-        errors.setdefault("recipes", []).append("Choose at least one recipe.")
+        err("recipes", "Choose at least one recipe.")
     needing = [r for r in recipes if r.needs_teacher]
     if needing and teacher is None:
-        names = ", ".join(str(r) for r in needing)
-        errors.setdefault("teacher", []).append(f"Recipe {names} distills from a teacher: choose one.")
-    if teacher is not None:
-        if teacher.num_labels != dataset.num_labels:
-            errors.setdefault("teacher", []).append(
-                f"{teacher} predicts {teacher.num_labels} labels but {dataset} has {dataset.num_labels}."
-            )
-        if teacher in students:
-            errors.setdefault("students", []).append("The teacher cannot also be a student.")
+        err("teacher", f"Recipe {', '.join(str(r) for r in needing)} distills from a teacher: choose one.")
+    schemes = {r.scheme for r in recipes}
+    if Recipe.Scheme.TEACHER_ASSISTANT in schemes and assistant is None:
+        err("assistant", "A teacher-assistant recipe needs an assistant model.")
+    weights: list[float] = []
+    if Recipe.Scheme.MULTI_TEACHER in schemes:
+        if not extra_teachers:
+            err("extra_teachers", "A multi-teacher recipe needs at least one more teacher.")
+        weights = _clean_teacher_weights(teacher_weights, 1 + len(extra_teachers), err)
+    for recipe in recipes:
+        allowed = SCHEME_TASKS.get(recipe.scheme)
+        if allowed and dataset.task not in allowed:
+            err("recipes", f"Recipe {recipe} ({recipe.scheme}) works on {' / '.join(allowed)} data, "
+                           f"not {dataset.task}.")
+    if teacher is not None and teacher in students:
+        err("students", "The teacher cannot also be a student.")
     data_kind = dataset_kind(dataset)
-    for model in [*students, *([teacher] if teacher else [])]:
-        if model_kind(model) != data_kind:
-            field = "teacher" if model == teacher else "students"
-            need = "numeric features (builtin nets such as mlp)" if data_kind == "tabular" else "text (transformers)"
-            errors.setdefault(field, []).append(f"{model} cannot read {dataset}: that dataset needs a model for {need}.")
-    for student in students:
-        if student.num_labels != dataset.num_labels:
-            errors.setdefault("students", []).append(
-                f"{student} predicts {student.num_labels} labels but {dataset} has {dataset.num_labels}."
-            )
+    for field, models in (("teacher", [teacher]), ("assistant", [assistant]), ("extra_teachers", extra_teachers),
+                          ("students", students)):
+        for model in models:
+            if model is None:
+                continue
+            if model.task != dataset.task:
+                err(field, f"{model} is a {model.get_task_display().lower()} model but {dataset} is "
+                           f"{dataset.get_task_display().lower()} data.")
+            elif model_kind(model) != data_kind:
+                need = "numeric features (builtin nets such as mlp)" if data_kind == "tabular" else "text (transformers)"
+                err(field, f"{model} cannot read {dataset}: that dataset needs a model for {need}.")
+            elif dataset.task == "classification" and model.num_labels != dataset.num_labels:
+                err(field, f"{model} predicts {model.num_labels} labels but {dataset} has {dataset.num_labels}.")
     if errors:
         raise ValidationError(errors)
+    return weights
+
+
+SCHEME_TASKS = {
+    Recipe.Scheme.SEQ_KD: ("causal_lm",),
+    Recipe.Scheme.ON_POLICY: ("causal_lm",),
+}
+
+
+def _clean_teacher_weights(raw: Sequence[Any], count: int, err) -> list[float]:
+    if not raw:
+        return [1.0 / count] * count
+    if len(raw) != count:
+        err("teacher_weights", f"Give one weight per teacher ({count}: the main teacher first).")
+        return []
+    try:
+        weights = [_number(w, float, 0.0, 1e6, "teacher_weights") for w in raw]
+    except ValidationError as exc:
+        err("teacher_weights", exc.message_dict["teacher_weights"][0])
+        return []
+    if sum(weights) <= 0:
+        err("teacher_weights", "At least one teacher weight must be positive.")
+        return []
+    return [w / sum(weights) for w in weights]

@@ -21,7 +21,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from . import forms, plots, selectors, services
+from . import forms, plots, selectors, services, validation
 from .engine_config import TRAIN_DEFAULTS
 from .models import Experiment, Run, Worker
 
@@ -68,8 +68,34 @@ def model_create(request: HttpRequest) -> HttpResponse:
 @require_GET
 def model_detail(request: HttpRequest, model_id: int) -> HttpResponse:
     spec = get_object_or_404(selectors.model_spec_list(user=request.user), pk=model_id)
+    return _render_model(request, spec, forms.ModelDeriveForm(initial={"name": f"{spec.name}-student"[:120]}))
+
+
+def _render_model(request: HttpRequest, spec, derive_form: forms.ModelDeriveForm) -> HttpResponse:
     runs = selectors.run_list(user=request.user).filter(Q(student=spec) | Q(teacher=spec))[:20]
-    return TemplateResponse(request, "experiments/model_detail.html", {"spec": spec, "runs": runs})
+    context = {
+        "spec": spec,
+        "runs": runs,
+        "derived": spec.derived.order_by("name"),
+        # Only transformers models can be derived from (builtin nets have no layers to subset).
+        "derive_form": derive_form if validation.model_kind(spec) == "text" else None,
+    }
+    return TemplateResponse(request, "experiments/model_detail.html", context)
+
+
+@require_POST
+def model_derive(request: HttpRequest, model_id: int) -> HttpResponse:
+    parent = get_object_or_404(selectors.model_spec_list(user=request.user), pk=model_id)
+    form = forms.ModelDeriveForm(request.POST)
+    if form.is_valid():
+        try:
+            spec = services.model_derive(parent=parent, created_by=request.user, **form.service_kwargs())
+        except ValidationError as exc:
+            forms.add_service_errors(form, exc, {"__all__": "name", "config": "layers", "parent": "__all__"})
+        else:
+            messages.success(request, f"Derived {spec} from {parent}; use it as a student.")
+            return redirect("experiments:model_detail", model_id=spec.pk)
+    return _render_model(request, parent, form)
 
 
 @require_GET

@@ -3,6 +3,11 @@
 import uuid
 
 import pytest
+import torch
+
+# Tiny test models run fastest on one thread, and two threads per process thrash the 2-core CI machine
+# when a worker process trains beside the test process.
+torch.set_num_threads(1)
 
 # Imports of Django code live inside the fixtures, so that the engine's tests (tests/workers/engine) can run
 # without Django at all: `pytest tests/workers/engine -p no:django`.

@@ -134,7 +134,9 @@ X_FRAME_OPTIONS = "DENY"
 ARTIFACT_ROOT = Path(env("ARTIFACT_ROOT", default=str(VAR_DIR / "artifacts")))
 # Local model folders and data files may only be registered from under these roots (checked after
 # resolving symlinks). Empty: local paths are refused.
-MODEL_ROOTS = [Path(p) for p in env.list("MODEL_ROOTS", default=[])]
+# Folders `prepare_models` writes the packaged real models into (and the default model root).
+MODELS_DIR = Path(env("DISTILLWEB_MODELS_DIR", default=str(VAR_DIR / "models")))
+MODEL_ROOTS = [Path(p) for p in env.list("MODEL_ROOTS", default=[str(MODELS_DIR)])]
 DATASET_ROOTS = [Path(p) for p in env.list("DATASET_ROOTS", default=[])]
 ALLOW_TRUST_REMOTE_CODE = env.bool("ALLOW_TRUST_REMOTE_CODE", default=False)
 # A running run whose worker has not reported for this long is considered dead and may be taken over.

@@ -157,9 +157,128 @@ def test_term_row_with_params_but_no_term_is_an_error():
 
 
 def test_loss_term_catalog_lists_the_engine_terms():
-    names = [t.name for t in forms.loss_term_catalog()]
+    catalog = {t.name: t for t in forms.loss_term_catalog()}
 
-    assert {"ce", "kd", "reverse_kl", "jsd"} <= set(names)
+    assert {"ce", "kd", "reverse_kl", "jsd", "taid", "topk", "uld", "hidden_mse", "hidden_cosine",
+            "attention_mse", "attention_kl", "embedding_mse"} <= set(catalog)
+    topk = {p.name: p for p in catalog["topk"].params}
+    assert (topk["k"].type, topk["k"].default) == ("int", "64")
+    assert topk["divergence"].choices == ("kd", "reverse_kl", "jsd", "tvd")
+    assert (topk["tail"].type, topk["tail"].default) == ("bool", "true")
+    assert catalog["hidden_mse"].needs == ("hidden states",) and catalog["ce"].needs == ()
+
+
+def _term_form(catalog=None, **data):
+    catalog = catalog or forms.loss_term_catalog()
+    return forms.TermForm({f"t-{k}": v for k, v in data.items()}, prefix="t", catalog=catalog)
+
+
+def test_term_form_builds_a_widget_per_parameter_type():
+    form = forms.TermForm(catalog=forms.loss_term_catalog())
+
+    assert isinstance(form.fields["temperature"], django_forms.FloatField)
+    assert isinstance(form.fields["k"], django_forms.IntegerField)
+    assert isinstance(form.fields["divergence"].widget, django_forms.Select)
+    assert [c[0] for c in form.fields["divergence"].choices] == ["", "kd", "reverse_kl", "jsd", "tvd"]
+    assert isinstance(form.fields["pooling"], django_forms.ChoiceField)
+    assert isinstance(form.fields["tail"].widget, django_forms.CheckboxInput) and form.fields["tail"].initial is True
+    assert isinstance(form.fields["adaptive"], django_forms.BooleanField)
+    assert isinstance(form.fields["layer_map"], django_forms.CharField)
+    assert "topk" in form.fields["temperature"].widget.attrs["data-terms"].split()
+    assert [c[0] for c in form.fields["weight_schedule"].choices] == ["", "linear", "cosine"]
+
+
+def test_term_form_keeps_only_the_chosen_terms_params_in_engine_form():
+    form = _term_form(name="topk", weight="1", k="8", divergence="jsd", beta="0.2", adaptive="on")
+    assert form.is_valid(), form.errors
+    assert form.term() == {"name": "topk", "weight": 1.0,
+                           "params": {"k": 8, "divergence": "jsd", "tail": False, "beta": 0.2}}
+
+    form = _term_form(name="hidden_mse", layer_map="2, 4", tail="on")
+    assert form.is_valid(), form.errors
+    assert form.term() == {"name": "hidden_mse", "weight": 1.0, "params": {"layer_map": [2, 4]}}
+
+    form = _term_form(name="taid", adaptive="on")
+    assert form.is_valid(), form.errors
+    assert form.term()["params"] == {"adaptive": True}
+
+
+@pytest.mark.parametrize(("data", "field", "message"), [
+    ({"name": "kd", "temperature": "-1"}, "temperature", "must be > 0, got -1"),
+    ({"name": "topk", "k": "0"}, "k", "Parameter 'k' of loss term 'topk' must be >= 1, got 0."),
+    ({"name": "topk", "tail": "on", "temperature": "2"}, "temperature", "must be 1 when tail is on"),
+    ({"name": "taid", "t_start": "0.8", "t_end": "0.5"}, "t_end", "must be >= t_start (0.8)"),
+    ({"name": "hidden_mse", "layer_map": "middle"}, "layer_map", "a list of teacher layer numbers"),
+    ({"name": "topk", "divergence": "hellinger"}, "divergence", "Select a valid choice"),
+    ({"name": "ce", "temperature": "2"}, "temperature", "ce has no parameter temperature"),
+    ({"name": "kd", "weight_schedule": "linear"}, "weight_end", "needs the weight at the end of training"),
+    ({"name": "kd", "weight_end": "1"}, "weight_schedule", "Choose linear or cosine"),
+])
+def test_term_form_shows_each_error_on_its_field(data, field, message):
+    form = _term_form(**data)
+
+    assert not form.is_valid()
+    assert message in " ".join(form.errors[field])
+
+
+def test_term_form_weight_schedule_goes_from_the_weight_to_the_end_weight():
+    form = _term_form(name="kd", weight="0", weight_schedule="linear", weight_end="0.9", temperature="4")
+
+    assert form.is_valid(), form.errors
+    assert form.term() == {"name": "kd", "weight": 0.0, "params": {"temperature": 4.0},
+                           "schedule": {"weight": {"kind": "linear", "start": 0.0, "end": 0.9}}}
+
+
+def test_term_formset_with_new_terms_and_a_schedule():
+    formset = forms.TermFormSet(
+        _terms_data([{"name": "ce", "weight": "0.1"},
+                     {"name": "topk", "weight": "0.9", "k": "16", "tail": "on", "weight_schedule": "cosine",
+                      "weight_end": "0.5"},
+                     {"tail": "on", "adaptive": "on"}]),                     # checkboxes alone do not make a row
+        prefix="terms", form_kwargs={"catalog": forms.loss_term_catalog()},
+    )
+
+    assert formset.is_valid(), formset.errors
+    assert formset.terms() == [
+        {"name": "ce", "weight": 0.1, "params": {}},
+        {"name": "topk", "weight": 0.9, "params": {"k": 16, "tail": True},
+         "schedule": {"weight": {"kind": "cosine", "start": 0.9, "end": 0.5}}},
+    ]
+
+
+def test_recipe_form_offers_every_scheme_of_the_model(user):
+    form = forms.RecipeForm(user=user)
+
+    assert list(form.fields["scheme"].choices) == list(Recipe.Scheme.choices)
+
+
+def test_clean_terms_keeps_schedules_and_normalises_params():
+    from experiments.validation import clean_terms
+
+    cleaned = clean_terms([
+        {"name": "kd", "weight": 0, "params": {"temperature": 4},
+         "schedule": {"weight": {"kind": "linear", "start": 0, "end": 1}}},
+        {"name": "hidden_mse", "weight": 1, "params": {"layer_map": "2,4"}},
+    ], scheme="online")
+
+    assert cleaned == [
+        {"name": "kd", "weight": 0.0, "params": {"temperature": 4.0},
+         "schedule": {"weight": {"kind": "linear", "start": 0.0, "end": 1.0}}},
+        {"name": "hidden_mse", "weight": 1.0, "params": {"layer_map": [2, 4]}},
+    ]
+
+
+@pytest.mark.parametrize(("terms", "message"), [
+    ([{"name": "kd", "schedule": {"temperature": {"kind": "linear", "start": 4, "end": 0}}}], "end must be > 0"),
+    ([{"name": "topk", "params": {"k": 0}}], "Term 1 (topk): Parameter 'k' of loss term 'topk' must be >= 1"),
+    ([{"name": "kd", "weight": 0, "schedule": {"weight": {"kind": "constant", "start": 0}}}], "positive weight"),
+])
+def test_clean_terms_rejects_bad_params_and_schedules(terms, message):
+    from experiments.validation import clean_terms
+
+    with pytest.raises(ValidationError) as exc:
+        clean_terms(terms, scheme="offline")
+    assert message in exc.value.message_dict["terms"][0]
 
 
 # --- experiments ----------------------------------------------------------------------------------

@@ -65,9 +65,10 @@ def _succeeded(experiment, student, recipe, seed, accuracy, *, baseline=False, p
     return run
 
 
-def _teacher_eval(teacher, dataset, accuracy):
+def _teacher_eval(teacher, dataset, accuracy, *, params=None, latency=None):
     return Evaluation.objects.create(team=teacher.team, role=Evaluation.Role.TEACHER, model=teacher,
-                                     dataset=dataset, split_key="k", accuracy=accuracy)
+                                     dataset=dataset, split_key="k", accuracy=accuracy, param_count=params,
+                                     latency_ms=latency)
 
 
 def _baseline_recipe(team):
@@ -347,7 +348,7 @@ def test_recipe_create_out_of_range_param_creates_nothing(client_logged_in, team
     ))
 
     assert response.status_code == 200
-    assert "temperature" in " ".join(response.context["form"].non_field_errors())
+    assert "must be > 0" in " ".join(response.context["terms"].forms[0].errors["temperature"])
     assert not Recipe.objects.exists()
 
 
@@ -634,7 +635,7 @@ def ranked(team, experiment, digits_setup):
     """Two students, a kd recipe and the baseline over seeds 0 and 1; teacher accuracy 0.9."""
     s1, s2 = digits_setup["students"]
     kd, base = digits_setup["recipe"], _baseline_recipe(team)
-    _teacher_eval(digits_setup["teacher"], experiment.dataset, 0.9)
+    _teacher_eval(digits_setup["teacher"], experiment.dataset, 0.9, params=8000, latency=2.0)
     for seed, acc in ((0, 0.85), (1, 0.87)):
         _succeeded(experiment, s1, kd, seed, acc, params=2000)
     for seed, acc in ((0, 0.80), (1, 0.82)):
@@ -659,7 +660,10 @@ def test_leaderboard_ranks_rows_with_retention_and_kd_gain(client_logged_in, exp
     assert top.kd_gain == pytest.approx(0.05)
     assert rows[1].kd_gain is None  # the baseline gains nothing over itself
     assert rows[3].kd_gain == pytest.approx(-0.02)
+    assert top.compression == pytest.approx(4.0) and top.speedup == pytest.approx(4.0)  # 8000/2000, 2.0/0.5
+    assert rows[2].compression == pytest.approx(16.0)
     html = response.content.decode()
+    assert "4.0×" in html and "16.0×" in html
     assert "86.00%" in html and "95.6%" in html and "+5.00 pp" in html and "-2.00 pp" in html
     assert "(n=2)" in html
 

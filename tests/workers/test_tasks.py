@@ -46,6 +46,8 @@ def test_a_real_run_trains_distills_and_records_results(experiment, settings):
 def test_the_teacher_is_evaluated_once_per_benchmark(experiment, digits_setup, team, user):
     first = experiment.runs.get(is_baseline=False)
     run_distillation.apply(args=(first.id,))
+    first.refresh_from_db()
+    assert first.result["teacher_forwards"] > 0 and not any(e["hit"] for e in first.result["teacher_cache"])
     with mock.patch(DISPATCH):
         again = services.experiment_create(
             team=team, created_by=user, name="kd again", dataset=digits_setup["dataset"],
@@ -58,6 +60,13 @@ def test_the_teacher_is_evaluated_once_per_benchmark(experiment, digits_setup, t
     assert second.status == Run.Status.SUCCEEDED and second.result["teacher"] is None  # not measured again
     assert second.result["student"]["agreement"] > 0  # fidelity still measured against the teacher's logits
     assert Evaluation.objects.filter(role="teacher").count() == 1
+    # The teacher-output cache computed by the first run serves the second: no teacher forward at all.
+    assert second.result["teacher_forwards"] == 0
+    assert second.result["teacher_cache"] and all(entry["hit"] for entry in second.result["teacher_cache"])
+    first_cache = set(first.artifacts.filter(kind="teacher_cache").values_list("path", flat=True))
+    second_cache = set(second.artifacts.filter(kind="teacher_cache").values_list("path", flat=True))
+    assert first_cache and first_cache == second_cache
+    assert all(p.startswith("teacher-cache/") for p in first_cache)
 
 
 def test_duplicate_delivery_of_a_live_run_does_nothing(experiment):

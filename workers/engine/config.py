@@ -12,7 +12,7 @@ from typing import Any
 
 MODEL_SOURCES = ("builtin", "config", "hf", "run", "derived")
 DATASET_SOURCES = ("builtin", "hf")
-SCHEMES = ("offline", "online", "hard_labels")
+SCHEMES = ("offline", "online", "hard_labels", "multi_teacher", "seq_kd", "on_policy")
 # classification: sequence / tabular classification; causal_lm: next-token prediction;
 # embedding: sentence embeddings (the student learns the teacher's pooled embedding).
 TASKS = ("classification", "causal_lm", "embedding")
@@ -106,6 +106,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: ModelConfig | None = None
     scheme: str = "offline"
+    # Parameters of the scheme (see workers.engine.schemes), e.g. {"lmbda": 0.5} for on_policy.
+    scheme_params: dict[str, Any] = field(default_factory=dict)
     task: str = "classification"
     output_dir: str = ""
     evaluate_teacher: bool = True
@@ -151,7 +153,8 @@ class RunConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.scheme != "hard_labels" and any(t.name != "ce" for t in self.terms)
+        # seq_kd needs the teacher to write the continuations even when the recipe is ce alone.
+        return self.scheme == "seq_kd" or (self.scheme != "hard_labels" and any(t.name != "ce" for t in self.terms))
 
 
 def _build_model(data: dict[str, Any] | ModelConfig) -> ModelConfig:

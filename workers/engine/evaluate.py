@@ -1,20 +1,47 @@
-"""Evaluation: task quality, fidelity to the teacher, and efficiency on the current device."""
+"""Evaluation: task quality, fidelity to the teacher, and efficiency on the current device.
+
+Metrics by task (all on the eval split):
+
+- classification: ``accuracy``, ``macro_f1``, ``nll``, ``ece``; with a teacher ``agreement`` (top-1) and
+  ``kl_to_teacher`` (mean KL(p_T‖p_S));
+- causal_lm: ``nll`` (per predicted token), ``perplexity``, ``bits_per_token``, ``tokens``; with a teacher
+  ``agreement`` (student argmax = teacher top-1, per token) and ``kl_to_teacher`` (per token, over the teacher's
+  top-k plus a tail bucket, see :func:`lm_topk_fidelity`);
+- embedding: ``cosine_to_teacher`` (mean cosine similarity of student and teacher sentence embeddings);
+- efficiency (final evaluation): ``params``, ``params_non_embedding``, ``size_bytes``, ``latency_ms_p50`` /
+  ``latency_ms_p95`` (batch 1), ``throughput_per_s`` (rows per second at batch 32; ``tokens_per_s`` for text),
+  ``peak_memory_bytes`` (``torch.cuda.max_memory_allocated`` during the timing on CUDA; the process's peak
+  resident set size on CPU).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import resource
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import IGNORE_INDEX, Batcher
-from .models import count_non_embedding_parameters, count_parameters, forward_logits
+from .data import IGNORE_INDEX, Batch, Batcher
+from .errors import ConfigError
+from .losses import TopK
+from .models import (
+    MLP,
+    SentenceEmbedder,
+    count_non_embedding_parameters,
+    count_parameters,
+    forward_logits,
+    mean_pool,
+)
 
 ECE_BINS = 15
 LATENCY_WARMUP = 3
@@ -127,14 +154,17 @@ def efficiency_metrics(model: nn.Module, batcher: Batcher, *, device: torch.devi
 
     Returns:
         ``params``, ``params_non_embedding``, ``size_bytes`` (the saved ``*.safetensors`` in ``saved_dir``, or
-        the in-memory weights when not saved), ``latency_ms_p50`` / ``latency_ms_p95`` (batch 1) and
-        ``throughput_per_s`` (examples per second at batch 32).
+        the in-memory weights when not saved), ``latency_ms_p50`` / ``latency_ms_p95`` (batch 1),
+        ``throughput_per_s`` (examples per second at batch 32), ``tokens_per_s`` (text models) and
+        ``peak_memory_bytes``.
     """
     metrics: dict[str, float] = {
         "params": count_parameters(model),
         "params_non_embedding": count_non_embedding_parameters(model),
         "size_bytes": _size_bytes(model, saved_dir),
     }
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with eval_mode(model):
         single = [batcher.batch([i % len(batcher)]).to(device) for i in range(LATENCY_WARMUP + LATENCY_ITERS)]
         times = _time_forwards(model, single, warmup=LATENCY_WARMUP, device=device)
@@ -144,7 +174,18 @@ def efficiency_metrics(model: nn.Module, batcher: Batcher, *, device: torch.devi
         big = [batcher.batch(rows).to(device)] * (1 + THROUGHPUT_ITERS)
         times = _time_forwards(model, big, warmup=1, device=device)
         metrics["throughput_per_s"] = THROUGHPUT_BATCH * len(times) / sum(times)
+        if "attention_mask" in big[0].inputs:
+            tokens = int(big[0].inputs["attention_mask"].sum())
+            metrics["tokens_per_s"] = tokens * len(times) / sum(times)
+    metrics["peak_memory_bytes"] = peak_memory_bytes(device)
     return metrics
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated since the last reset on CUDA; the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def _time_forwards(model: nn.Module, batches: list, *, warmup: int, device: torch.device) -> list[float]:
@@ -179,25 +220,246 @@ def _size_bytes(model: nn.Module, saved_dir: str | Path | None) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batcher: Batcher, *, device: torch.device | str = "cpu",
+def evaluate(model: nn.Module, batcher: Any, *, device: torch.device | str = "cpu",
              teacher_logits: Tensor | None = None, batch_size: int = 64, efficiency: bool = True,
-             saved_dir: str | Path | None = None) -> dict[str, float]:
-    """Evaluate a classifier on the split behind ``batcher`` (model switched to eval() and back).
+             saved_dir: str | Path | None = None, task: str = "classification",
+             teacher_topk: Callable[[Batch, int], TopK] | None = None, teacher_embeddings: Tensor | None = None,
+             projection: nn.Module | None = None) -> dict[str, float]:
+    """Evaluate a model on the split behind ``batcher`` (model switched to eval() and back).
 
     Args:
-        model: the classifier (builtin net or transformers model).
-        batcher: batches of the eval split, tokenised for this model.
+        model: the classifier, causal LM or sentence embedder.
+        batcher: batches of the eval split, tokenised for this model (an ``LMBatcher`` for causal LMs).
         device: where to run.
-        teacher_logits: (N, C) teacher logits for the same rows, for ``agreement`` and ``kl_to_teacher``.
+        teacher_logits: classification: (N, C) teacher logits for the same rows (``agreement``,
+            ``kl_to_teacher``).
         batch_size: batch size for the quality pass.
         efficiency: also measure size and speed (slower; skip for evaluations during training).
         saved_dir: folder the model was saved to, for ``size_bytes``.
+        task: ``classification``, ``causal_lm`` or ``embedding``.
+        teacher_topk: causal LM: the teacher's top-k for a batch (see :func:`lm_metrics`).
+        teacher_embeddings: embedding: (N, D_T) teacher embeddings of the same rows.
+        projection: embedding: maps student embeddings to the teacher's width when they differ (the
+            embedding term's learned projection).
     Returns:
-        the metrics of :func:`classification_metrics`, plus those of :func:`efficiency_metrics` when asked.
+        the task's metrics (see the module docstring), plus :func:`efficiency_metrics` when asked.
     """
     device = torch.device(device)
-    logits = predict_logits(model, batcher, device=device, batch_size=batch_size)
-    metrics = classification_metrics(logits, batcher.labels, teacher_logits=teacher_logits)
+    if task == "causal_lm":
+        metrics = lm_metrics(model, batcher, device=device, batch_size=batch_size, teacher_topk=teacher_topk)
+    elif task == "embedding":
+        student = predict_logits(model, batcher, device=device, batch_size=batch_size)      # (N, D_S)
+        if projection is not None:
+            with eval_mode(projection):
+                student = projection(student)
+        if teacher_embeddings is not None and student.shape[-1] != teacher_embeddings.shape[-1]:
+            raise ConfigError(f"Student embeddings have width {student.shape[-1]} but the teacher's have "
+                              f"{teacher_embeddings.shape[-1]}; use the embedding_mse term (it learns a projection).")
+        metrics = embedding_metrics(student, teacher_embeddings)
+    else:
+        logits = predict_logits(model, batcher, device=device, batch_size=batch_size)
+        metrics = classification_metrics(logits, batcher.labels, teacher_logits=teacher_logits)
     if efficiency:
         metrics |= efficiency_metrics(model, batcher, device=device, saved_dir=saved_dir)
     return metrics
+
+
+# --- model outputs ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelOutputs:
+    """What one forward produced. ``logits``: (B, C) classification, (B, T, V) causal LM (not shifted), or the
+    (B, D) sentence embedding of an embedding model; the rest only when asked for."""
+
+    logits: Tensor
+    hidden: tuple[Tensor, ...] | None = None       # (B, T, H) per layer, [0] = embeddings
+    attentions: tuple[Tensor, ...] | None = None   # (B, heads, T, T) per layer
+    values: tuple[Tensor, ...] | None = None       # (B, heads, T, d) of the last layer
+    embedding: Tensor | None = None                # (B, D) mean-pooled over real tokens
+
+
+def forward_outputs(model: nn.Module, inputs: dict[str, Tensor], *, hidden: bool = False, attentions: bool = False,
+                    values: bool = False, embedding: bool = False) -> ModelOutputs:
+    """Run ``model(**inputs)`` once and collect what the loss terms need.
+
+    Builtin nets expose their hidden activations (after each ReLU) as a one-token sequence, (B, 1, H) per layer,
+    so feature terms also work on tabular data. ``values`` hooks the last attention layer's value projection.
+    ``embedding`` for a non-embedding model mean-pools the last hidden state over ``attention_mask``.
+    """
+    if isinstance(model, MLP):
+        return _mlp_outputs(model, inputs, hidden=hidden or embedding, embedding=embedding)
+    captured: list[Tensor] = []
+    handle = None
+    if values:
+        module, split = _value_projection(model)
+        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(split(out)))
+    want_hidden = hidden or (embedding and not isinstance(model, SentenceEmbedder))
+    kwargs: dict[str, Any] = {}
+    if want_hidden:
+        kwargs["output_hidden_states"] = True
+    if attentions:
+        kwargs["output_attentions"] = True
+    try:
+        out = model(**inputs, **kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if isinstance(out, Tensor):
+        return ModelOutputs(out, embedding=out if isinstance(model, SentenceEmbedder) else None)
+    hidden_states = getattr(out, "hidden_states", None)
+    pooled = None
+    if isinstance(model, SentenceEmbedder):
+        pooled = out.embeddings
+    elif embedding and hidden_states is not None:
+        pooled = mean_pool(hidden_states[-1], inputs.get("attention_mask"))
+    heads = _attention_heads(model)
+    vals = tuple(_to_heads(v, heads) for v in captured) if values else None
+    return ModelOutputs(out.logits, hidden_states if hidden else None, getattr(out, "attentions", None) if
+                        attentions else None, vals, pooled)
+
+
+def _mlp_outputs(model: MLP, inputs: dict[str, Tensor], *, hidden: bool, embedding: bool) -> ModelOutputs:
+    if not hidden:
+        return ModelOutputs(model(**inputs))
+    states = [inputs["features"]]
+    x = inputs["features"]
+    for layer in model.net:
+        x = layer(x)
+        if isinstance(layer, nn.ReLU):
+            states.append(x)
+    seq = tuple(s.unsqueeze(1) for s in states)                                 # (B, 1, H) per layer
+    return ModelOutputs(x, seq, embedding=states[-1] if embedding else None)
+
+
+def _value_projection(model: nn.Module) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+    """The last attention layer's value projection and how to read the values from its output."""
+    found: tuple[nn.Module, Callable[[Tensor], Tensor]] | None = None
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("v_proj", "value", "v_lin"):
+            found = (module, lambda out: out)
+        elif leaf == "c_attn":  # GPT-2: one fused q, k, v projection
+            found = (module, lambda out: out.chunk(3, dim=-1)[2])
+    if found is None:
+        raise ConfigError(f"Model {type(model).__name__} has no recognisable value projection (v_proj, value, "
+                          "v_lin or c_attn), so value-relation terms cannot be used with it.")
+    return found
+
+
+def _attention_heads(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # Grouped-query attention projects values for the key/value heads only.
+    return int(getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 1) or 1)
+
+
+def _to_heads(values: Tensor, heads: int) -> Tensor:
+    """(B, T, heads·d) → (B, heads, T, d)."""
+    b, t, width = values.shape
+    return values.view(b, t, heads, width // heads).transpose(1, 2)
+
+
+def shift_for_lm(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Align a causal LM's outputs with its targets: the logits at position t predict token t+1.
+
+    Args:
+        logits: (B, T, V); labels: (B, T) input ids with -100 where nothing is predicted.
+    Returns:
+        (B, T−1, V) logits and (B, T−1) labels.
+    """
+    return logits[:, :-1], labels[:, 1:]
+
+
+# --- causal LM -------------------------------------------------------------------------------------------------
+
+
+def lm_topk_fidelity(student_logits: Tensor, teacher: TopK, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-position top-1 agreement and KL(p_T‖p_S) from the teacher's top-k (+ tail bucket).
+
+    The KL is taken over the teacher's top-k tokens plus one bucket for the rest of the vocabulary (with
+    tail_logmass; without it, the top-k renormalised): a lower bound of the full KL that needs no dense teacher.
+    The same formula is used whether the teacher runs or comes from the cache, so results never depend on it.
+
+    Args:
+        student_logits: (B, T, V) shifted; teacher: TopK (B, T, k); mask: (B, T) bool.
+    Returns:
+        (sum of agreements, sum of KLs) over the masked positions, float32 scalars.
+    """
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)                     # (B, T, V)
+    s_top = log_s.gather(-1, teacher.indices)                                     # (B, T, k)
+    t_top = teacher.logprobs.float()                                              # (B, T, k)
+    if teacher.tail_logmass is None:
+        t_top = t_top - torch.logsumexp(t_top, dim=-1, keepdim=True)
+        kl = (t_top.exp() * (t_top - s_top)).sum(-1)
+    else:
+        t_tail = teacher.tail_logmass.float()                                     # (B, T)
+        s_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, dim=-1))).clamp_min(1e-12))
+        kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
+    agree = (log_s.argmax(-1) == teacher.indices[..., 0]).float()
+    zero = torch.zeros((), device=kl.device)
+    return torch.where(mask, agree, zero).sum(), torch.where(mask, kl.clamp_min(0), zero).sum()
+
+
+@torch.no_grad()
+def lm_metrics(model: nn.Module, batcher: Any, *, device: torch.device, batch_size: int = 16,
+               teacher_topk: Callable[[Batch, int], TopK] | None = None) -> dict[str, float]:
+    """Perplexity and bits per token of a causal LM (and fidelity to a teacher) on ``batcher``'s rows.
+
+    Args:
+        batcher: an ``LMBatcher``.
+        teacher_topk: gives the teacher's TopK (B, T−1, k) for a batch and width T−1, for ``agreement`` and
+            ``kl_to_teacher`` (see :func:`lm_topk_fidelity`).
+    Returns:
+        ``nll`` (mean per predicted token, nats), ``perplexity`` = exp(nll), ``bits_per_token`` = nll / ln 2,
+        ``tokens``; with a teacher also ``agreement`` and ``kl_to_teacher``.
+    """
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    agree_sum = torch.zeros((), dtype=torch.float64, device=device)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with eval_mode(model):
+        for batch in batcher.iter_batches(batch_size):
+            batch = batch.to(device)
+            with autocast(device):
+                logits = forward_logits(model, batch.inputs)
+            logits, labels = shift_for_lm(logits.float(), batch.labels)
+            mask = labels != IGNORE_INDEX
+            n = int(mask.sum())
+            if n == 0:
+                continue
+            nll_sum += F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                       reduction="sum").double()
+            if teacher_topk is not None:
+                agree, kl = lm_topk_fidelity(logits, teacher_topk(batch, logits.shape[1]), mask)
+                agree_sum += agree.double()
+                kl_sum += kl.double()
+            count += n
+    return lm_metrics_from_sums(nll_sum.item(), count, agree=agree_sum.item() if teacher_topk else None,
+                                kl=kl_sum.item() if teacher_topk else None)
+
+
+def lm_metrics_from_sums(nll_sum: float, count: int, *, agree: float | None = None,
+                         kl: float | None = None) -> dict[str, float]:
+    """The LM metrics from summed per-token values over ``count`` predicted tokens."""
+    nll = nll_sum / max(count, 1)
+    metrics = {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "bits_per_token": nll / math.log(2),
+               "tokens": float(count)}
+    if agree is not None and kl is not None:
+        metrics |= {"agreement": agree / max(count, 1), "kl_to_teacher": kl / max(count, 1)}
+    return metrics
+
+
+# --- embeddings ------------------------------------------------------------------------------------------------
+
+
+def embedding_metrics(student: Tensor, teacher: Tensor | None) -> dict[str, float]:
+    """``cosine_to_teacher``: the mean cosine similarity of each row's student and teacher embeddings.
+
+    Args:
+        student: (N, D) (already projected to the teacher's width when the widths differ); teacher: (N, D).
+    """
+    if teacher is None:
+        return {}
+    cos = F.cosine_similarity(student.float().cpu(), teacher.float().cpu(), dim=-1)
+    return {"cosine_to_teacher": cos.mean().item()}

@@ -6,23 +6,59 @@ mean over valid positions as a float32 scalar; with no valid position it returns
 gradient is 0. Softmaxes run in float32 whatever the input dtype (see METHODS.md).
 
 ``KL(a‖b) = Σ a·(log a − log b)``; ``p^τ = softmax(z / τ)``.
+
+Token-level terms are written as a per-position function (``_kd_tokens`` etc.) plus a public wrapper that
+averages it over the mask. With ``chunk_size`` the wrapper goes through :func:`chunked_token_loss`, which
+never holds more than ``chunk_size`` positions' float32 softmaxes at once, in the forward or the backward.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import LossTermConfig
 from .errors import ConfigError
+from .schedules import WEIGHT, max_weight, validate_schedule
 
 IGNORE_INDEX = -100
+# A finite stand-in for log(0): exp() of it is exactly 0, yet differences and gradients stay finite (a true
+# -inf gives 0·inf = NaN in KL terms and in logsumexp's backward).
+LOG_ZERO = -1e30
+DIVERGENCES = ("kd", "reverse_kl", "jsd", "tvd")
+POOLINGS = ("mean", "cls", "last")
+LAYER_MAPS = ("uniform", "last")
+
+
+@dataclass
+class TopK:
+    """A sparse teacher distribution over the vocabulary (what the LM teacher-output cache stores).
+
+    Attributes:
+        logprobs: (..., k) float teacher log-probabilities (temperature 1) of its top-k tokens.
+        indices: (..., k) int64 token ids.
+        tail_logmass: (...) log of the probability mass outside the top k; None when not stored.
+    """
+
+    logprobs: Tensor
+    indices: Tensor
+    tail_logmass: Tensor | None = None
+
+
+class TermParamError(ConfigError):
+    """A loss-term parameter is invalid; ``param`` names it (the recipe form shows the error on that field)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -38,7 +74,7 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     return total / mask.sum().clamp_min(1).to(values.dtype)
 
 
-def _log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+def _log_probs(logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
     """float32 log-softmax of ``logits / temperature`` over the last dimension."""
     return F.log_softmax(logits.float() / temperature, dim=-1)
 
@@ -56,29 +92,159 @@ def _mix_log(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     )
 
 
-# --- loss terms ------------------------------------------------------------------------------------------------
+def _divergence(divergence: str, log_s: Tensor, log_t: Tensor, *, beta: float = 0.5) -> Tensor:
+    """Per-position divergence between two distributions given as log-probabilities (..., n) → (...).
+
+    ``kd`` = KL(t‖s), ``reverse_kl`` = KL(s‖t), ``jsd`` the generalized JSD with teacher weight β (β=0 forward
+    KL, β=1 reverse KL), ``tvd`` = ½Σ|t − s|. No temperature factor here.
+    """
+    if divergence == "kd":
+        return _kl(log_t, log_s)
+    if divergence == "reverse_kl":
+        return _kl(log_s, log_t)
+    if divergence == "jsd":
+        if beta == 0:
+            return _kl(log_t, log_s)
+        if beta == 1:
+            return _kl(log_s, log_t)
+        m = _mix_log(log_t, log_s, beta)                       # (..., n) log M
+        return beta * _kl(log_t, m) + (1 - beta) * _kl(log_s, m)
+    if divergence == "tvd":
+        return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)
+    raise ConfigError(f"Unknown divergence '{divergence}'. Use one of: {', '.join(DIVERGENCES)}.")
 
 
-def ce(student_logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
+def _tau_squared(divergence: str, temperature: float | Tensor) -> float | Tensor:
+    """The Hinton τ² factor for the KL divergences (jsd and tvd are not scaled, as in TRL and DistiLLM)."""
+    return temperature**2 if divergence in ("kd", "reverse_kl") else 1.0
+
+
+# --- memory-aware token loss -----------------------------------------------------------------------------------
+
+
+def _take(target: Any, index: tuple) -> Any:
+    """``target[index]`` for a tensor, or for each tensor of a :class:`TopK`."""
+    if isinstance(target, TopK):
+        tail = None if target.tail_logmass is None else target.tail_logmass[index]
+        return TopK(target.logprobs[index], target.indices[index], tail)
+    return target[index]
+
+
+def _chunk_indices(leading: torch.Size, chunk_size: int) -> list[tuple]:
+    """Index tuples covering the leading dims in blocks of at most ``chunk_size`` positions (views, no copies)."""
+    if len(leading) == 1:
+        return [(slice(i, i + chunk_size),) for i in range(0, leading[0], chunk_size)]
+    if len(leading) == 2:
+        # One batch row at a time, so shifted (non-contiguous) logits are sliced, never copied.
+        return [(b, slice(i, i + chunk_size)) for b in range(leading[0]) for i in range(0, leading[1], chunk_size)]
+    raise ValueError(f"chunked losses take (N, V) or (B, T, V) logits, got {len(leading) + 1} dims")
+
+
+class _ChunkedTokenMean(torch.autograd.Function):
+    """Masked mean of a per-position loss, computed block by block.
+
+    The forward computes each block's value and its gradient at once (inside ``enable_grad``) and keeps only the
+    gradient, in the logits' dtype: one logits-sized buffer instead of several float32 (positions × V) softmaxes.
+    The backward scales that buffer in place, so the graph supports a single backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, per_token: Callable[..., Tensor], target: Any, mask: Tensor,
+                chunk_size: int) -> Tensor:
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(logits, memory_format=torch.contiguous_format) if want_grad else None
+        count = mask.sum().clamp_min(1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for index in _chunk_indices(logits.shape[:-1], chunk_size):
+            rows, rows_target, rows_mask = logits[index], _take(target, index), mask[index]
+            if want_grad:
+                with torch.enable_grad():
+                    x = rows.detach().requires_grad_()
+                    value = torch.where(rows_mask, per_token(x, rows_target), 0.0).sum() / count
+                    (g,) = torch.autograd.grad(value, x)
+                grad[index] = g
+            else:
+                value = torch.where(rows_mask, per_token(rows, rows_target), 0.0).sum() / count
+            total += value.detach()
+        ctx.grad = grad
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("chunked_token_loss supports a single backward pass.")
+        ctx.grad = None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None
+
+
+def chunked_token_loss(per_token: Callable[..., Tensor], student_logits: Tensor, target: Any,
+                       mask: Tensor | None = None, *, chunk_size: int, **params: Any) -> Tensor:
+    """Masked mean of ``per_token(student_rows, target_rows, **params)`` over positions, ``chunk_size`` at a time.
+
+    Equal to ``_masked_mean(per_token(student_logits, target, **params), mask)``, but the float32 softmaxes of
+    all positions never exist at once, in the forward or the backward. Peak extra memory is one gradient
+    buffer in the logits' dtype plus one block's intermediates. Only ``student_logits`` gets a gradient.
+
+    Args:
+        per_token: (n, V) student rows and the matching target rows → (n,) float32 values.
+        student_logits: (N, V) or (B, T, V), any float dtype (slices of shifted logits are fine).
+        target: teacher logits (..., V_t), labels (...), or a :class:`TopK`, aligned with the positions.
+        mask: (...) bool; None = all positions.
+        chunk_size: positions per block (>= 1).
+    Returns:
+        float32 scalar; 0 (with a zero gradient) when no position is valid.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if mask is None:
+        mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    fn = functools.partial(per_token, **params)
+    return _ChunkedTokenMean.apply(student_logits, fn, target, mask, chunk_size)
+
+
+def token_mean(per_token: Callable[..., Tensor], student_logits: Tensor, target: Any, mask: Tensor | None, *,
+               chunk_size: int | None = None, **params: Any) -> Tensor:
+    """Masked mean of a per-position loss; chunked (:func:`chunked_token_loss`) when ``chunk_size`` is given and
+    smaller than the number of positions."""
+    positions = math.prod(student_logits.shape[:-1])
+    if chunk_size is None or chunk_size >= positions:
+        return _masked_mean(per_token(student_logits, target, **params), mask)
+    return chunked_token_loss(per_token, student_logits, target, mask, chunk_size=chunk_size, **params)
+
+
+# --- output (logit) terms --------------------------------------------------------------------------------------
+
+
+def _ce_tokens(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
+    flat = logits.float().reshape(-1, logits.shape[-1])                    # (N, V)
+    per_position = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                   label_smoothing=label_smoothing, reduction="none")   # (N,), 0 where ignored
+    return per_position.reshape(labels.shape)
+
+
+def ce(student_logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
+       chunk_size: int | None = None) -> Tensor:
     """Cross-entropy with the hard labels; rows labelled ``IGNORE_INDEX`` (-100) do not count.
 
     Args:
         student_logits: (..., V).
         labels: (...), int64 class ids or -100.
         label_smoothing: in [0, 1).
+        chunk_size: positions per block for long sequences (see :func:`chunked_token_loss`); None = all at once.
     Returns:
         float32 scalar: mean over labelled positions, 0 when none is labelled.
     """
-    logits = student_logits.float().reshape(-1, student_logits.shape[-1])  # (N, V)
-    flat_labels = labels.reshape(-1)                                        # (N,)
-    per_position = F.cross_entropy(
-        logits, flat_labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="none"
-    )                                                                       # (N,), 0 where ignored
-    return _masked_mean(per_position, flat_labels != IGNORE_INDEX)
+    return token_mean(_ce_tokens, student_logits, labels, labels != IGNORE_INDEX, chunk_size=chunk_size,
+                      label_smoothing=label_smoothing)
+
+
+def _kd_tokens(s: Tensor, t: Tensor, *, temperature: float = 1.0) -> Tensor:
+    return _kl(_log_probs(t, temperature), _log_probs(s, temperature)) * temperature**2
 
 
 def kd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
-       temperature: float = 1.0) -> Tensor:
+       temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
     """Hinton KD: ``τ² · KL(p_T^τ ‖ p_S^τ)``.
 
     The τ² factor keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
@@ -87,27 +253,34 @@ def kd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = Non
         student_logits, teacher_logits: (..., V).
         mask: (...) bool, True where the position counts; None = all.
         temperature: τ > 0.
+        chunk_size: positions per block (:func:`chunked_token_loss`); None = all at once.
     Returns:
         float32 scalar.
     """
-    s = _log_probs(student_logits, temperature)   # (..., V)
-    t = _log_probs(teacher_logits, temperature)   # (..., V)
-    return _masked_mean(_kl(t, s), mask) * temperature**2
+    return token_mean(_kd_tokens, student_logits, teacher_logits, mask, chunk_size=chunk_size,
+                      temperature=temperature)
+
+
+def _reverse_kl_tokens(s: Tensor, t: Tensor, *, temperature: float = 1.0) -> Tensor:
+    return _kl(_log_probs(s, temperature), _log_probs(t, temperature)) * temperature**2
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
-               temperature: float = 1.0) -> Tensor:
+               temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
     """Mode-seeking reverse KL: ``τ² · KL(p_S^τ ‖ p_T^τ)`` (MiniLLM, token level).
 
     Args/Returns: as :func:`kd`.
     """
-    s = _log_probs(student_logits, temperature)
-    t = _log_probs(teacher_logits, temperature)
-    return _masked_mean(_kl(s, t), mask) * temperature**2
+    return token_mean(_reverse_kl_tokens, student_logits, teacher_logits, mask, chunk_size=chunk_size,
+                      temperature=temperature)
+
+
+def _jsd_tokens(s: Tensor, t: Tensor, *, beta: float = 0.5, temperature: float = 1.0) -> Tensor:
+    return _divergence("jsd", _log_probs(s, temperature), _log_probs(t, temperature), beta=beta)
 
 
 def jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
-        beta: float = 0.5, temperature: float = 1.0) -> Tensor:
+        beta: float = 0.5, temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
     """Generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2024).
 
     ``M = β·p_T + (1−β)·p_S``; loss ``β·KL(p_T‖M) + (1−β)·KL(p_S‖M)``. β=0 is defined as forward
@@ -120,54 +293,406 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = No
         mask: (...) bool; None = all positions.
         beta: in [0, 1], the teacher's weight in the mixture.
         temperature: τ > 0.
+        chunk_size: positions per block; None = all at once.
     Returns:
         float32 scalar.
     """
-    s = _log_probs(student_logits, temperature)   # (..., V)
-    t = _log_probs(teacher_logits, temperature)   # (..., V)
-    if beta == 0:
-        per_position = _kl(t, s)
-    elif beta == 1:
-        per_position = _kl(s, t)
-    else:
-        m = _mix_log(t, s, beta)                  # (..., V) log M
-        per_position = beta * _kl(t, m) + (1 - beta) * _kl(s, m)
-    return _masked_mean(per_position, mask)
+    return token_mean(_jsd_tokens, student_logits, teacher_logits, mask, chunk_size=chunk_size, beta=beta,
+                      temperature=temperature)
+
+
+def _skew_kl_tokens(s: Tensor, t: Tensor, *, alpha: float = 0.1) -> Tensor:
+    log_s, log_t = _log_probs(s), _log_probs(t)
+    return _kl(log_t, log_s if alpha == 0 else _mix_log(log_t, log_s, alpha))
 
 
 def skew_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
-            alpha: float = 0.1) -> Tensor:
+            alpha: float = 0.1, chunk_size: int | None = None) -> Tensor:
     """Skew KL (DistiLLM): ``KL(p_T ‖ α·p_T + (1−α)·p_S)``; α=0 is forward KL.
 
     Args/Returns: as :func:`kd`; ``alpha`` in [0, 1).
     """
-    s = _log_probs(student_logits)
-    t = _log_probs(teacher_logits)
-    m = s if alpha == 0 else _mix_log(t, s, alpha)
-    return _masked_mean(_kl(t, m), mask)
+    return token_mean(_skew_kl_tokens, student_logits, teacher_logits, mask, chunk_size=chunk_size, alpha=alpha)
+
+
+def _skew_reverse_kl_tokens(s: Tensor, t: Tensor, *, alpha: float = 0.1) -> Tensor:
+    log_s, log_t = _log_probs(s), _log_probs(t)
+    return _kl(log_s, log_t if alpha == 0 else _mix_log(log_s, log_t, alpha))
 
 
 def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
-                    alpha: float = 0.1) -> Tensor:
+                    alpha: float = 0.1, chunk_size: int | None = None) -> Tensor:
     """Skew reverse KL (DistiLLM): ``KL(p_S ‖ (1−α)·p_T + α·p_S)``; α=0 is reverse KL.
 
     Args/Returns: as :func:`kd`; ``alpha`` in [0, 1).
     """
-    s = _log_probs(student_logits)
-    t = _log_probs(teacher_logits)
-    m = t if alpha == 0 else _mix_log(s, t, alpha)
-    return _masked_mean(_kl(s, m), mask)
+    return token_mean(_skew_reverse_kl_tokens, student_logits, teacher_logits, mask, chunk_size=chunk_size,
+                      alpha=alpha)
+
+
+def _tvd_tokens(s: Tensor, t: Tensor, *, temperature: float = 1.0) -> Tensor:
+    return _divergence("tvd", _log_probs(s, temperature), _log_probs(t, temperature))
 
 
 def tvd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
-        temperature: float = 1.0) -> Tensor:
+        temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
     """Total variation distance ``½ Σ |p_T^τ − p_S^τ|`` (bounded in [0, 1]; no τ² factor).
 
     Args/Returns: as :func:`kd`.
     """
-    s = _log_probs(student_logits, temperature).exp()
-    t = _log_probs(teacher_logits, temperature).exp()
-    return _masked_mean(0.5 * (t - s).abs().sum(dim=-1), mask)
+    return token_mean(_tvd_tokens, student_logits, teacher_logits, mask, chunk_size=chunk_size,
+                      temperature=temperature)
+
+
+def _taid_tokens(s: Tensor, t: Tensor, *, interpolation: float | Tensor) -> Tensor:
+    # The student side of the target is detached: p_t is a moving target, only log p_S is trained.
+    target = _log_probs((1 - interpolation) * s.detach().float() + interpolation * t.float())   # (..., V)
+    return _kl(target, _log_probs(s))
+
+
+def taid(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
+         interpolation: float | Tensor, chunk_size: int | None = None) -> Tensor:
+    """TAID (Shing et al., ICLR 2025): ``KL(p_t ‖ p_S)`` with ``p_t = softmax((1−t)·stopgrad(z_S) + t·z_T)``.
+
+    ``t`` (``interpolation``) is chosen by the caller: linear in training progress, or adaptive
+    (:func:`taid_update`). At t = 1 this is forward KL at temperature 1.
+
+    Args:
+        student_logits, teacher_logits: (..., V).
+        mask: (...) bool; None = all positions.
+        interpolation: t in [0, 1], a float or a 0-d tensor.
+        chunk_size: positions per block; None = all at once.
+    Returns:
+        float32 scalar.
+    """
+    return token_mean(_taid_tokens, student_logits, teacher_logits, mask, chunk_size=chunk_size,
+                      interpolation=interpolation)
+
+
+def taid_update(t: Tensor, momentum: Tensor, prev_loss: Tensor, loss: Tensor, *, t_target: float,
+                t_end: float, alpha: float, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One adaptive TAID step on 0-d float32 tensors (no CPU-GPU sync): returns the new (t, momentum, prev_loss).
+
+    ``δ = (J_prev − J)/J_prev`` is the loss's relative improvement, ``m ← β·m + (1−β)·δ``, and
+    ``t ← min(t_end, max(t_target, t + α·sigmoid(m)·(1 − t)))`` where ``t_target`` is the linear schedule's
+    value: t moves fast while the student learns quickly and never lags the linear schedule. The first call
+    (``prev_loss`` = inf) only records the loss, as in the authors' implementation.
+    """
+    first = torch.isinf(prev_loss)
+    relative = (prev_loss - loss) / (prev_loss + 1e-15)
+    new_momentum = beta * momentum + (1 - beta) * relative
+    step = alpha * torch.sigmoid(new_momentum) * (1 - t)
+    new_t = torch.clamp(torch.clamp(t + step, min=t_target), max=t_end)
+    return (torch.where(first, t, new_t), torch.where(first, momentum, new_momentum),
+            loss.detach().float())
+
+
+def _tail_logmass(log_probs: Tensor, indices: Tensor) -> Tensor:
+    """log of the probability outside ``indices``: (..., V), (..., k) → (...)."""
+    return torch.logsumexp(log_probs.scatter(-1, indices, LOG_ZERO), dim=-1)
+
+
+def topk_log_probs(student_logits: Tensor, teacher: Tensor | TopK, *, k: int, tail: bool,
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Student and teacher distributions restricted to the teacher's top-k tokens, as log-probabilities.
+
+    Without ``tail`` both are renormalised over the k tokens; with ``tail`` one more entry holds the rest of
+    the mass (the student's is the exact log-mass of its other tokens; the teacher's the cache's stored tail,
+    or ``1 − Σ top-k`` when none is stored). Both rows sum to 1.
+
+    Args:
+        student_logits: (..., V).
+        teacher: dense teacher logits (..., V) or a :class:`TopK` (at least k entries per position).
+        k: tokens kept.
+        tail: add the remaining-mass bucket (needs temperature 1).
+        temperature: τ applied to both sides.
+    Returns:
+        (log_s, log_t), each (..., k) or (..., k + 1) float32.
+    """
+    t_tail: Tensor | None = None
+    if isinstance(teacher, TopK):
+        log_t, indices = teacher.logprobs.float(), teacher.indices                     # (..., K)
+        available = log_t.shape[-1]
+        if available < k:
+            raise ConfigError(f"Loss term 'topk' uses k={k}, but the teacher cache holds only the top "
+                              f"{available} tokens. Lower k or rebuild the cache.")
+        dropped = None
+        if available > k:
+            keep = log_t.topk(k, dim=-1).indices                                      # (..., k)
+            dropped = _tail_logmass(log_t, keep)                                      # mass of the K − k others
+            log_t, indices = log_t.gather(-1, keep), indices.gather(-1, keep)
+        log_t = log_t / temperature
+        if tail:
+            if teacher.tail_logmass is not None:
+                t_tail = teacher.tail_logmass.float()
+                if dropped is not None:
+                    t_tail = torch.logaddexp(t_tail, dropped)
+            else:
+                covered = torch.logsumexp(log_t, dim=-1).clamp(max=0.0)
+                t_tail = torch.log((-torch.expm1(covered)).clamp_min(1e-30))
+    else:
+        if teacher.shape[-1] < k:
+            raise ConfigError(f"Loss term 'topk' uses k={k}, but the teacher has only {teacher.shape[-1]} "
+                              "classes. Lower k.")
+        full_t = _log_probs(teacher, temperature)                                    # (..., V)
+        indices = teacher.topk(k, dim=-1).indices                                     # (..., k)
+        log_t = full_t.gather(-1, indices)
+        if tail:
+            t_tail = _tail_logmass(full_t, indices)
+    full_s = _log_probs(student_logits, temperature)                                 # (..., V)
+    log_s = full_s.gather(-1, indices)                                                # (..., k)
+    if tail:
+        log_s = torch.cat([log_s, _tail_logmass(full_s, indices).unsqueeze(-1)], dim=-1)
+        log_t = torch.cat([log_t, t_tail.unsqueeze(-1)], dim=-1)
+    # Renormalise: a no-op with the tail (up to rounding in a half-precision cache), the restriction without.
+    return log_s - torch.logsumexp(log_s, -1, keepdim=True), log_t - torch.logsumexp(log_t, -1, keepdim=True)
+
+
+def _topk_tokens(s: Tensor, teacher: Tensor | TopK, *, k: int, divergence: str, tail: bool, temperature: float,
+                 beta: float) -> Tensor:
+    log_s, log_t = topk_log_probs(s, teacher, k=k, tail=tail, temperature=temperature)
+    return _divergence(divergence, log_s, log_t, beta=beta) * _tau_squared(divergence, temperature)
+
+
+def topk(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor | None = None, *, k: int = 64,
+         divergence: str = "kd", tail: bool = True, temperature: float = 1.0, beta: float = 0.5,
+         chunk_size: int | None = None) -> Tensor:
+    """A divergence restricted to the teacher's top-k tokens (Sparse Logit Sampling / DistillKit / TRL).
+
+    See :func:`topk_log_probs` for the restricted distributions. ``kd`` and ``reverse_kl`` keep their τ²
+    factor, ``jsd`` and ``tvd`` are unscaled, so with k = V and no tail this equals the dense term.
+
+    Args:
+        student_logits: (..., V).
+        teacher: dense teacher logits (..., V) or a sparse :class:`TopK` from the cache.
+        mask: (...) bool; None = all positions.
+        k: >= 1 tokens; divergence: kd | reverse_kl | jsd | tvd; tail: add the remaining-mass bucket;
+        temperature: τ > 0 (1 with the tail); beta: jsd's teacher weight.
+        chunk_size: positions per block; None = all at once.
+    Returns:
+        float32 scalar.
+    """
+    return token_mean(_topk_tokens, student_logits, teacher, mask, chunk_size=chunk_size, k=k,
+                      divergence=divergence, tail=tail, temperature=temperature, beta=beta)
+
+
+def _uld_tokens(s: Tensor, t: Tensor) -> Tensor:
+    p_s = _log_probs(s).exp().sort(dim=-1, descending=True).values                  # (..., V_s)
+    p_t = _log_probs(t).exp().sort(dim=-1, descending=True).values                  # (..., V_t)
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    p_s = F.pad(p_s, (0, width - p_s.shape[-1]))                                    # zeros for the shorter vocab
+    p_t = F.pad(p_t, (0, width - p_t.shape[-1]))
+    return (p_t - p_s).abs().sum(dim=-1)
+
+
+def uld(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
+        chunk_size: int | None = None) -> Tensor:
+    """Universal logit distillation (Boizard et al. 2024): ``Σ_i |p_T(i) − p_S(i)|`` over sorted probabilities.
+
+    Each probability vector is sorted in decreasing order and the shorter one padded with zeros, so teacher
+    and student may use different tokenizers (V_T ≠ V_S). Positions must already be aligned.
+
+    Args:
+        student_logits: (..., V_S); teacher_logits: (..., V_T) with the same leading shape.
+        mask: (...) bool; None = all positions.
+        chunk_size: positions per block; None = all at once.
+    Returns:
+        float32 scalar in [0, 2].
+    """
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ConfigError(f"Loss term 'uld' needs aligned positions; student logits {tuple(student_logits.shape)}"
+                          f" vs teacher {tuple(teacher_logits.shape)}.")
+    return token_mean(_uld_tokens, student_logits, teacher_logits, mask, chunk_size=chunk_size)
+
+
+# --- feature terms ---------------------------------------------------------------------------------------------
+
+
+def layer_pairs(layer_map: str | Sequence[int], student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Which teacher layer each distilled student layer is matched with, as 1-based layer numbers.
+
+    ``uniform``: student layer l ↦ teacher layer round(l · L_T / L_S) (TinyBERT's g(m) = m·N/M; the last layers
+    always meet); ``last``: only the last layers; a list: entry i is the teacher layer for student layer i + 1.
+
+    Raises:
+        ConfigError: an explicit list of the wrong length or naming a layer the teacher does not have.
+    """
+    if layer_map == "last":
+        return [(student_layers, teacher_layers)]
+    if layer_map == "uniform":
+        return [(layer, max(1, math.floor(layer * teacher_layers / student_layers + 0.5)))
+                for layer in range(1, student_layers + 1)]
+    ids = list(layer_map)
+    if len(ids) != student_layers:
+        raise ConfigError(f"The layer map {ids} has {len(ids)} entries but the student has {student_layers} "
+                          "layers: give one teacher layer per student layer.")
+    if any(not 1 <= i <= teacher_layers for i in ids):
+        raise ConfigError(f"The layer map {ids} names a teacher layer outside 1..{teacher_layers}.")
+    return list(zip(range(1, student_layers + 1), ids, strict=True))
+
+
+def _project(h: Tensor, projection: nn.Module | None, target_width: int, term: str) -> Tensor:
+    h = h.float()
+    if projection is not None:
+        return projection(h)
+    if h.shape[-1] != target_width:
+        raise ConfigError(f"Loss term '{term}' compares widths {h.shape[-1]} (student) and {target_width} "
+                          "(teacher) and needs a learned projection: build the term modules with the model dims.")
+    return h
+
+
+def _hidden_pairs(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], layer_map: Any,
+                  projections: Sequence[nn.Module | None] | None, term: str):
+    pairs = layer_pairs(layer_map, len(student_hidden) - 1, len(teacher_hidden) - 1)
+    if projections is not None and len(projections) != len(pairs):
+        raise ConfigError(f"Loss term '{term}' has {len(projections)} projections for {len(pairs)} mapped layers.")
+    for i, (ls, lt) in enumerate(pairs):
+        h_t = teacher_hidden[lt].float()                                               # (B, T, H_t)
+        h_s = _project(student_hidden[ls], None if projections is None else projections[i], h_t.shape[-1], term)
+        if h_s.shape[:-1] != h_t.shape[:-1]:
+            raise ConfigError(f"Loss term '{term}' needs the same tokens for teacher and student; got "
+                              f"{tuple(h_s.shape[:-1])} and {tuple(h_t.shape[:-1])}.")
+        yield h_s, h_t
+
+
+def hidden_mse(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], mask: Tensor | None = None, *,
+               layer_map: str | Sequence[int] = "uniform",
+               projections: Sequence[nn.Module | None] | None = None) -> Tensor:
+    """FitNets / TinyBERT hidden-state loss: ``Σ_l MSE(W_l·h_S^l, h_T^{map(l)})``.
+
+    Args:
+        student_hidden, teacher_hidden: Hugging Face ``hidden_states``: (B, T, H) per layer, [0] = embeddings.
+        mask: (B, T) bool, real tokens; None = all.
+        layer_map: ``uniform`` | ``last`` | teacher layer per student layer (see :func:`layer_pairs`).
+        projections: one module per mapped layer (H_S → H_T) or None for identity; required when widths differ.
+    Returns:
+        float32 scalar: per layer the mean over real tokens and hidden units, summed over mapped layers.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=student_hidden[0].device)
+    for h_s, h_t in _hidden_pairs(student_hidden, teacher_hidden, layer_map, projections, "hidden_mse"):
+        total = total + _masked_mean((h_s - h_t).pow(2).mean(dim=-1), mask)             # (B, T) → ()
+    return total
+
+
+def hidden_cosine(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], mask: Tensor | None = None,
+                  *, layer_map: str | Sequence[int] = "last",
+                  projections: Sequence[nn.Module | None] | None = None) -> Tensor:
+    """DistilBERT cosine loss: ``1 − cos(h_S, h_T)`` per token, mean over real tokens, summed over mapped layers.
+
+    Args/Returns: as :func:`hidden_mse` (projections only when widths differ).
+    """
+    total = torch.zeros((), dtype=torch.float32, device=student_hidden[0].device)
+    for h_s, h_t in _hidden_pairs(student_hidden, teacher_hidden, layer_map, projections, "hidden_cosine"):
+        total = total + _masked_mean(1 - F.cosine_similarity(h_s, h_t, dim=-1, eps=1e-8), mask)
+    return total
+
+
+def _pair_mask(mask: Tensor | None, like: Tensor) -> Tensor:
+    """(B, T) token mask → (B, 1, T, T) mask of (query, key) pairs that are both real tokens."""
+    if mask is None:
+        return torch.ones_like(like, dtype=torch.bool)
+    return mask[:, None, :, None] & mask[:, None, None, :]
+
+
+def attention_mse(student_attentions: Sequence[Tensor], teacher_attentions: Sequence[Tensor],
+                  mask: Tensor | None = None, *, layer_map: str | Sequence[int] = "uniform") -> Tensor:
+    """TinyBERT attention loss: MSE between attention maps of mapped layers (same number of heads).
+
+    Args:
+        student_attentions, teacher_attentions: (B, heads, T, T) per layer ([0] = first layer).
+        mask: (B, T) bool, real tokens; pairs with a padded query or key do not count.
+        layer_map: as :func:`hidden_mse`.
+    Returns:
+        float32 scalar: per layer the mean over heads and real (query, key) pairs, summed over layers.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=student_attentions[0].device)
+    for ls, lt in layer_pairs(layer_map, len(student_attentions), len(teacher_attentions)):
+        a_s, a_t = student_attentions[ls - 1].float(), teacher_attentions[lt - 1].float()   # (B, h, T, T)
+        if a_s.shape != a_t.shape:
+            raise ConfigError(f"Loss term 'attention_mse' needs attention maps of the same shape (heads, tokens); "
+                              f"got {tuple(a_s.shape)} (student) and {tuple(a_t.shape)} (teacher).")
+        pairs = _pair_mask(mask, a_s[:, :1]).expand_as(a_s)
+        total = total + _masked_mean((a_s - a_t).pow(2), pairs)
+    return total
+
+
+def _row_kl(p: Tensor, q: Tensor) -> Tensor:
+    """KL(p‖q) over the last dim for probability tensors (0·log 0 = 0; q floored to keep it finite)."""
+    return (torch.xlogy(p, p) - p * torch.log(q.clamp_min(1e-30))).sum(dim=-1)
+
+
+def _value_relation(values: Tensor, mask: Tensor | None) -> Tensor:
+    """MiniLM value relation ``softmax(V·Vᵀ/√d)`` over real keys: (B, h, T, d) → (B, h, T, T)."""
+    v = values.float()
+    scores = v @ v.transpose(-1, -2) / math.sqrt(v.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], LOG_ZERO)
+    return scores.softmax(dim=-1)
+
+
+def attention_kl(student_attention: Tensor, teacher_attention: Tensor, student_values: Tensor,
+                 teacher_values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """MiniLM (Wang et al. 2020): ``KL(A_T ‖ A_S) + KL(VR_T ‖ VR_S)`` on the last layer.
+
+    ``A`` are the self-attention distributions, ``VR = softmax(V·Vᵀ/√d)`` the value relations (the head
+    widths d may differ; the head counts must match). Each KL is per (head, query) row over the keys, averaged
+    over heads and real query tokens; padded keys are ignored.
+
+    Args:
+        student_attention, teacher_attention: (B, heads, T, T) last-layer attention probabilities.
+        student_values, teacher_values: (B, heads, T, d) last-layer value vectors.
+        mask: (B, T) bool, real tokens; None = all.
+    Returns:
+        float32 scalar.
+    """
+    if student_attention.shape != teacher_attention.shape or student_values.shape[:3] != teacher_values.shape[:3]:
+        raise ConfigError("Loss term 'attention_kl' needs the same number of heads and tokens for teacher and "
+                          f"student; got attentions {tuple(student_attention.shape)} and "
+                          f"{tuple(teacher_attention.shape)}.")
+    a_s, a_t = student_attention.float(), teacher_attention.float()                  # (B, h, T, T)
+    if mask is not None:
+        keys = mask[:, None, None, :]
+        a_s, a_t = a_s.masked_fill(~keys, 0.0), a_t.masked_fill(~keys, 0.0)
+    per_row = _row_kl(a_t, a_s) + _row_kl(_value_relation(teacher_values, mask),
+                                          _value_relation(student_values, mask))  # (B, h, T)
+    rows = None if mask is None else mask[:, None, :].expand_as(per_row)
+    return _masked_mean(per_row, rows)
+
+
+def pool(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
+    """Sentence embedding from token states: (B, T, H) → (B, H); ``mean`` over real tokens, ``cls`` (first
+    token) or ``last`` (last real token, right padding)."""
+    h = hidden.float()
+    if mask is None:
+        mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
+    if pooling == "cls":
+        return h[:, 0]
+    if pooling == "last":
+        last = (mask.long().sum(dim=1) - 1).clamp_min(0)                              # (B,)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    raise ConfigError(f"Unknown pooling '{pooling}'. Use one of: {', '.join(POOLINGS)}.")
+
+
+def embedding_mse(student_embedding: Tensor, teacher_embedding: Tensor, mask: Tensor | None = None, *,
+                  pooling: str = "mean", projection: nn.Module | None = None) -> Tensor:
+    """Sentence-embedding distillation (Reimers & Gurevych 2020): ``MSE(P·e_S, e_T)``.
+
+    Args:
+        student_embedding, teacher_embedding: pooled (B, D) embeddings, or token states (B, T, H) that are
+            pooled here with ``pooling`` and ``mask``.
+        mask: (B, T) bool real tokens, used for pooling only.
+        pooling: mean | cls | last.
+        projection: D_S → D_T module, required when the widths differ.
+    Returns:
+        float32 scalar: mean over examples and embedding dimensions.
+    """
+    e_s = pool(student_embedding, mask, pooling) if student_embedding.dim() == 3 else student_embedding
+    e_t = pool(teacher_embedding, mask, pooling) if teacher_embedding.dim() == 3 else teacher_embedding.float()
+    e_s = _project(e_s, projection, e_t.shape[-1], "embedding_mse")
+    return (e_s - e_t.float()).pow(2).mean()
 
 
 # --- registry --------------------------------------------------------------------------------------------------
@@ -175,19 +700,31 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = No
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One numeric parameter of a loss term, with its allowed range (bounds inclusive unless noted)."""
+    """One parameter of a loss term, with its allowed values.
+
+    ``type`` is ``float`` or ``int`` (numbers with an optional range, bounds inclusive unless noted), ``bool``,
+    ``str`` (one of ``choices``) or ``list`` (a layer map: one of ``choices`` or a list of layer numbers >= 1).
+    Only ``float`` parameters can have a schedule.
+    """
 
     name: str
-    default: float
+    default: Any
     description: str
     min: float | None = None
     max: float | None = None
     min_inclusive: bool = True
     max_inclusive: bool = True
     type: type = float
+    choices: tuple[str, ...] = ()
 
     def range_text(self) -> str:
-        """Human-readable range, e.g. ``> 0``, ``in [0, 1]``, ``in [0, 1)``."""
+        """Human-readable allowed values, e.g. ``> 0``, ``in [0, 1)``, ``one of: kd, jsd``."""
+        if self.type is bool:
+            return "true or false"
+        if self.type is str:
+            return f"one of: {', '.join(self.choices)}"
+        if self.type is list:
+            return f"{', '.join(self.choices)}, or a list of teacher layer numbers (1 = first layer), e.g. [2, 4]"
         if self.min is not None and self.max is not None:
             left = "[" if self.min_inclusive else "("
             right = "]" if self.max_inclusive else ")"
@@ -196,7 +733,11 @@ class ParamSpec:
             return f"{'>=' if self.min_inclusive else '>'} {_fmt(self.min)}"
         if self.max is not None:
             return f"{'<=' if self.max_inclusive else '<'} {_fmt(self.max)}"
-        return "any number"
+        return "any number" if self.type is float else "any whole number"
+
+    def default_text(self) -> str:
+        """The default as a user would type it (``4``, ``uniform``, ``true``)."""
+        return _value_text(self.default)
 
     def in_range(self, value: float) -> bool:
         if self.min is not None and (value < self.min or (value == self.min and not self.min_inclusive)):
@@ -205,28 +746,87 @@ class ParamSpec:
             return False
         return True
 
+    def clean(self, value: Any, term: str) -> Any:
+        """``value`` checked and normalised to a plain JSON value of this parameter's type.
+
+        Raises:
+            TermParamError: with a message naming the term and the parameter.
+        """
+        where = f"Parameter '{self.name}' of loss term '{term}'"
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise TermParamError(f"{where} must be true or false, got {value!r}.", param=self.name)
+            return value
+        if self.type is str:
+            if value not in self.choices:
+                raise TermParamError(f"{where} must be {self.range_text()}; got {value!r}.", param=self.name)
+            return value
+        if self.type is list:
+            return self._clean_layer_map(value, where)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise TermParamError(f"{where} must be a number, got {value!r}.", param=self.name)
+        if self.type is int:
+            if value != int(value):
+                raise TermParamError(f"{where} must be a whole number, got {_fmt(value)}.", param=self.name)
+            value = int(value)
+        if not self.in_range(value):
+            raise TermParamError(f"{where} must be {self.range_text()}, got {_fmt(value)}.", param=self.name)
+        return float(value) if self.type is float else value
+
+    def _clean_layer_map(self, value: Any, where: str) -> str | list[int]:
+        if isinstance(value, str):
+            if value.strip() in self.choices:
+                return value.strip()
+            items: Any = [v for v in value.replace(" ", "").strip("[]").split(",") if v]
+            items = [int(v) if v.isdigit() else v for v in items]
+        else:
+            items = value
+        ok = isinstance(items, list | tuple) and items and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in items)
+        if not ok:
+            raise TermParamError(f"{where} must be {self.range_text()}; got {value!r}.", param=self.name)
+        return list(items)
+
 
 @dataclass(frozen=True)
 class TermSpec:
     """A loss term the UI can offer: what it needs, its parameters, and the function computing it.
 
-    ``fn`` is called as ``fn(student_logits, labels, **params)`` when ``needs_teacher`` is False, else as
-    ``fn(student_logits, teacher_logits, mask, **params)``.
+    ``needs`` ⊆ ``methods.NEEDS`` names the inputs beyond the student logits and labels. ``kind`` says how
+    ``methods.combine`` calls ``fn``: ``labels`` as ``fn(student_logits, labels, **params)``; ``logits`` as
+    ``fn(student_logits, teacher_logits, mask, **params)``; the other kinds are documented in ``methods``.
+    ``check`` validates combinations of parameters (raising :class:`TermParamError`).
     """
 
     name: str
     title: str
     description: str
-    needs_teacher: bool
     fn: Callable[..., Tensor]
     params: Mapping[str, ParamSpec] = field(default_factory=dict)
+    needs: frozenset[str] = frozenset()
+    kind: str = "logits"
+    check: Callable[[Mapping[str, Any]], None] | None = None
 
-    def defaults(self) -> dict[str, float]:
-        return {p.name: p.default for p in self.params.values()}
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.needs)
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: (list(p.default) if isinstance(p.default, list) else p.default) for p in self.params.values()}
 
 
 def _fmt(x: float) -> str:
     return f"{x:g}"
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return _fmt(value)
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def _temperature(default: float = 1.0) -> ParamSpec:
@@ -234,33 +834,53 @@ def _temperature(default: float = 1.0) -> ParamSpec:
                      min=0.0, min_inclusive=False)
 
 
+def _layer_map(default: str) -> ParamSpec:
+    return ParamSpec("layer_map", default, "Which teacher layer each student layer learns from.", type=list,
+                     choices=LAYER_MAPS)
+
+
 def _params(*specs: ParamSpec) -> dict[str, ParamSpec]:
     return {p.name: p for p in specs}
 
+
+def _check_taid(params: Mapping[str, Any]) -> None:
+    if params["t_start"] > params["t_end"]:
+        raise TermParamError(f"Parameter 't_end' of loss term 'taid' must be >= t_start ({_fmt(params['t_start'])}),"
+                             f" got {_fmt(params['t_end'])}.", param="t_end")
+
+
+def _check_topk(params: Mapping[str, Any]) -> None:
+    if params["tail"] and params["temperature"] != 1:
+        raise TermParamError("Parameter 'temperature' of loss term 'topk' must be 1 when tail is on (the tail mass "
+                             f"is known at temperature 1 only), got {_fmt(params['temperature'])}.",
+                             param="temperature")
+
+
+_TEACHER_LOGITS = frozenset({"teacher_logits"})
 
 LOSS_TERMS: dict[str, TermSpec] = {
     spec.name: spec
     for spec in (
         TermSpec(
             "ce", "Cross-entropy", "Cross-entropy with the hard labels (no teacher). Unlabelled rows are skipped.",
-            needs_teacher=False, fn=ce,
+            fn=ce, kind="labels",
             params=_params(ParamSpec("label_smoothing", 0.0, "Mass spread uniformly over all classes.",
                                      min=0.0, max=1.0, max_inclusive=False)),
         ),
         TermSpec(
             "kd", "Knowledge distillation (forward KL)",
             "τ²·KL(p_T^τ ‖ p_S^τ) between temperature-softened distributions (Hinton et al. 2015).",
-            needs_teacher=True, fn=kd, params=_params(_temperature(4.0)),
+            needs=_TEACHER_LOGITS, fn=kd, params=_params(_temperature(4.0)),
         ),
         TermSpec(
             "reverse_kl", "Reverse KL", "τ²·KL(p_S^τ ‖ p_T^τ), mode-seeking (MiniLLM).",
-            needs_teacher=True, fn=reverse_kl, params=_params(_temperature()),
+            needs=_TEACHER_LOGITS, fn=reverse_kl, params=_params(_temperature()),
         ),
         TermSpec(
             "jsd", "Generalized JSD",
             "β·KL(p_T‖M) + (1−β)·KL(p_S‖M) with M = β·p_T + (1−β)·p_S; β=0 is forward KL, β=1 reverse KL "
             "(GKD). Not scaled by τ², like TRL.",
-            needs_teacher=True, fn=jsd,
+            needs=_TEACHER_LOGITS, fn=jsd,
             params=_params(
                 ParamSpec("beta", 0.5, "Teacher weight β in the mixture M.", min=0.0, max=1.0),
                 _temperature(),
@@ -268,34 +888,102 @@ LOSS_TERMS: dict[str, TermSpec] = {
         ),
         TermSpec(
             "skew_kl", "Skew KL", "KL(p_T ‖ α·p_T + (1−α)·p_S) (DistiLLM).",
-            needs_teacher=True, fn=skew_kl,
+            needs=_TEACHER_LOGITS, fn=skew_kl,
             params=_params(ParamSpec("alpha", 0.1, "Skew α: how much teacher is mixed into the student side.",
                                      min=0.0, max=1.0, max_inclusive=False)),
         ),
         TermSpec(
             "skew_reverse_kl", "Skew reverse KL", "KL(p_S ‖ (1−α)·p_T + α·p_S) (DistiLLM).",
-            needs_teacher=True, fn=skew_reverse_kl,
+            needs=_TEACHER_LOGITS, fn=skew_reverse_kl,
             params=_params(ParamSpec("alpha", 0.1, "Skew α: how much student is mixed into the teacher side.",
                                      min=0.0, max=1.0, max_inclusive=False)),
         ),
         TermSpec(
             "tvd", "Total variation distance", "½·Σ|p_T^τ − p_S^τ| (DistiLLM / DistillKit).",
-            needs_teacher=True, fn=tvd, params=_params(_temperature()),
+            needs=_TEACHER_LOGITS, fn=tvd, params=_params(_temperature()),
+        ),
+        TermSpec(
+            "taid", "TAID (interpolated teacher)",
+            "KL(p_t ‖ p_S) with p_t = softmax((1−t)·stopgrad(z_S) + t·z_T); t rises from t_start to t_end, "
+            "adaptively or linearly (Shing et al., ICLR 2025).",
+            needs=_TEACHER_LOGITS, fn=taid, kind="taid", check=_check_taid,
+            params=_params(
+                ParamSpec("t_start", 0.4, "Interpolation t at the start (0 = student, 1 = teacher).",
+                          min=0.0, max=1.0, max_inclusive=False),
+                ParamSpec("t_end", 1.0, "Interpolation t reached at the end.", min=0.0, max=1.0, min_inclusive=False),
+                ParamSpec("alpha", 5e-4, "Adaptive step size α for t.", min=0.0, max=1.0),
+                ParamSpec("beta", 0.99, "Momentum β of the loss's relative change.", min=0.0, max=1.0),
+                ParamSpec("adaptive", True, "Move t adaptively (on) or linearly with training progress (off).",
+                          type=bool),
+            ),
+        ),
+        TermSpec(
+            "topk", "Top-k divergence",
+            "A divergence restricted to the teacher's top-k tokens, optionally with a bucket for the remaining "
+            "mass; works from a sparse teacher cache (Sparse Logit Sampling / DistillKit).",
+            needs=frozenset({"teacher_topk"}), fn=topk, kind="topk", check=_check_topk,
+            params=_params(
+                ParamSpec("k", 64, "Teacher tokens kept per position.", min=1, type=int),
+                ParamSpec("divergence", "kd", "Divergence on the restricted distributions.", type=str,
+                          choices=DIVERGENCES),
+                ParamSpec("tail", True, "Add one bucket holding the mass outside the top k.", type=bool),
+                _temperature(),
+                ParamSpec("beta", 0.5, "Teacher weight β (jsd only).", min=0.0, max=1.0),
+            ),
+        ),
+        TermSpec(
+            "uld", "Universal logit distillation",
+            "Σ|p_T(i) − p_S(i)| over probabilities sorted in decreasing order (shorter vocab zero-padded): works "
+            "across tokenizers (Boizard et al. 2024).",
+            needs=_TEACHER_LOGITS, fn=uld, kind="uld",
+        ),
+        TermSpec(
+            "hidden_mse", "Hidden-state MSE",
+            "Σ_l MSE(W_l·h_S^l, h_T^map(l)); W_l is learned when widths differ (FitNets, TinyBERT).",
+            needs=frozenset({"hidden_states"}), fn=hidden_mse, kind="hidden",
+            params=_params(_layer_map("uniform")),
+        ),
+        TermSpec(
+            "hidden_cosine", "Hidden-state cosine",
+            "1 − cos(h_S, h_T) per token on mapped layers (DistilBERT).",
+            needs=frozenset({"hidden_states"}), fn=hidden_cosine, kind="hidden",
+            params=_params(_layer_map("last")),
+        ),
+        TermSpec(
+            "attention_mse", "Attention-map MSE",
+            "MSE between the attention maps of mapped layers; same number of heads (TinyBERT).",
+            needs=frozenset({"attentions"}), fn=attention_mse, kind="attentions",
+            params=_params(_layer_map("uniform")),
+        ),
+        TermSpec(
+            "attention_kl", "Attention and value-relation KL",
+            "KL between last-layer self-attention distributions plus KL between value relations "
+            "softmax(V·Vᵀ/√d) (MiniLM).",
+            needs=frozenset({"attentions", "values"}), fn=attention_kl, kind="attention_relations",
+        ),
+        TermSpec(
+            "embedding_mse", "Embedding MSE",
+            "MSE between the (pooled, projected) student sentence embedding and the teacher's "
+            "(Reimers & Gurevych 2020).",
+            needs=frozenset({"embeddings"}), fn=embedding_mse, kind="embeddings",
+            params=_params(ParamSpec("pooling", "mean", "How token states become one embedding, when the model "
+                                     "does not pool itself.", type=str, choices=POOLINGS)),
         ),
     )
 }
 
 
-def validate_term_params(name: str, params: Mapping[str, Any] | None) -> dict[str, float]:
+def validate_term_params(name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
     """Check a term's parameters against its schema and fill in defaults.
 
     Args:
         name: a key of ``LOSS_TERMS``.
         params: user-given values, e.g. ``{"temperature": 4}``.
     Returns:
-        a complete dict of floats, e.g. ``{"temperature": 4.0}``.
+        a complete dict of plain JSON values, e.g. ``{"temperature": 4.0}`` (floats for float parameters).
     Raises:
-        ConfigError: unknown term, unknown parameter, non-numeric or out-of-range value.
+        ConfigError: unknown term; TermParamError (a ConfigError): unknown parameter, wrong type, out of range,
+        not one of the choices, inconsistent combination.
     """
     spec = LOSS_TERMS.get(name)
     if spec is None:
@@ -305,23 +993,40 @@ def validate_term_params(name: str, params: Mapping[str, Any] | None) -> dict[st
         param = spec.params.get(key)
         if param is None:
             known = ", ".join(spec.params) or "none"
-            raise ConfigError(f"Loss term '{name}' has no parameter '{key}'. Its parameters: {known}.")
-        # bool is an int subclass; True as a temperature is a mistake, not 1.0.
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"Parameter '{key}' of loss term '{name}' must be a number, got {value!r}.")
-        if not param.in_range(value):
-            raise ConfigError(
-                f"Parameter '{key}' of loss term '{name}' must be {param.range_text()}, got {_fmt(value)}."
-            )
-        cleaned[key] = float(value)
+            raise TermParamError(f"Loss term '{name}' has no parameter '{key}'. Its parameters: {known}.", param=key)
+        cleaned[key] = param.clean(value, name)
+    if spec.check is not None:
+        spec.check(cleaned)
     return cleaned
 
 
-def validate_terms(terms: Sequence[LossTermConfig]) -> list[LossTermConfig]:
-    """Validate a whole recipe: at least one term, each known, unique, with a finite weight >= 0.
+def validate_term(term: LossTermConfig) -> LossTermConfig:
+    """One term: known, finite weight >= 0, valid parameters and schedules (a scheduled parameter must pass the
+    term's combination checks at both ends of its schedule).
 
     Returns:
-        the terms with complete, validated parameters.
+        the term with complete parameters (floats for float parameters) and normalised schedules.
+    """
+    weight = term.weight
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"The weight of loss term '{term.name}' must be a number >= 0, got {weight!r}.")
+    params = validate_term_params(term.name, term.params)
+    spec = LOSS_TERMS[term.name]
+    schedule = validate_schedule(term.name, term.schedule, spec.params)
+    if spec.check is not None:
+        for target, sched in schedule.items():
+            if target != WEIGHT:
+                for end in ("start", "end"):
+                    spec.check({**params, target: sched[end]})
+    return LossTermConfig(term.name, float(weight), params, schedule)
+
+
+def validate_terms(terms: Sequence[LossTermConfig]) -> list[LossTermConfig]:
+    """Validate a whole recipe: at least one term, each known and unique (:func:`validate_term`), and at least
+    one weight that is positive at some point of training.
+
+    Returns:
+        the terms with complete, validated parameters and schedules (see ``schedules.validate_schedule``).
     """
     if not terms:
         raise ConfigError("The recipe has no loss terms. Add at least one (e.g. ce).")
@@ -329,28 +1034,24 @@ def validate_terms(terms: Sequence[LossTermConfig]) -> list[LossTermConfig]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"Each loss term may appear once; repeated: {', '.join(duplicates)}.")
-    cleaned = []
-    for term in terms:
-        weight = term.weight
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) \
-                or weight < 0:
-            raise ConfigError(f"The weight of loss term '{term.name}' must be a number >= 0, got {weight!r}.")
-        cleaned.append(LossTermConfig(term.name, float(weight), validate_term_params(term.name, term.params)))
-    if not any(t.weight > 0 for t in cleaned):
+    cleaned = [validate_term(term) for term in terms]
+    if not any(max_weight(t.weight, t.schedule) > 0 for t in cleaned):
         raise ConfigError("At least one loss term needs a positive weight.")
     return cleaned
 
 
 class LossParts(NamedTuple):
-    """``total`` carries the gradient; ``parts`` holds each term's detached, unweighted value by name."""
+    """``total`` carries the gradient; ``parts`` holds each term's detached, unweighted value by name;
+    ``weights`` each term's weight at this step (schedules applied; Python floats, safe to log)."""
 
     total: Tensor
     parts: dict[str, Tensor]
+    weights: Mapping[str, float] = MappingProxyType({})
 
 
 def combine_terms(terms: Sequence[LossTermConfig], student_logits: Tensor, teacher_logits: Tensor | None,
                   labels: Tensor) -> LossParts:
-    """Weighted sum of a recipe's terms.
+    """Weighted sum of a recipe's logit terms (the pre-``methods.combine`` entry point; no schedules).
 
     Teacher terms see every classification row, labelled or not: there ``-100`` means "unlabelled" and
     the teacher's distribution is still a target (transfer set). For sequences (``student_logits.dim() > 2``)
@@ -362,7 +1063,7 @@ def combine_terms(terms: Sequence[LossTermConfig], student_logits: Tensor, teach
         teacher_logits: same shape as ``student_logits``, or None when no term needs a teacher.
         labels: (B,) or (B, T); -100 = no label.
     Returns:
-        LossParts(total: float32 scalar, parts: {term name: detached float32 scalar}).
+        LossParts(total: float32 scalar, parts: {term name: detached float32 scalar}, weights).
     """
     mask = labels != IGNORE_INDEX if student_logits.dim() > 2 else None
     total = student_logits.new_zeros((), dtype=torch.float32)
@@ -371,6 +1072,8 @@ def combine_terms(terms: Sequence[LossTermConfig], student_logits: Tensor, teach
         spec = LOSS_TERMS.get(term.name)
         if spec is None:
             raise ConfigError(f"Unknown loss term '{term.name}'. Available terms: {', '.join(LOSS_TERMS)}.")
+        if spec.kind not in ("labels", "logits"):
+            raise ConfigError(f"Loss term '{term.name}' needs more than logits; train it with methods.combine.")
         if spec.needs_teacher:
             if teacher_logits is None:
                 raise ConfigError(f"Loss term '{term.name}' needs a teacher, but there are no teacher logits.")
@@ -379,4 +1082,4 @@ def combine_terms(terms: Sequence[LossTermConfig], student_logits: Tensor, teach
             value = spec.fn(student_logits, labels, **term.params)
         total = total + term.weight * value
         parts[term.name] = value.detach()
-    return LossParts(total=total, parts=parts)
+    return LossParts(total=total, parts=parts, weights={t.name: t.weight for t in terms})

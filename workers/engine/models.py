@@ -5,28 +5,39 @@ Sources (see ``ModelConfig``):
 - ``config``: a transformers model with random weights from a config dict; its tokenizer is a folder you name or
   a WordPiece vocabulary fitted on the train texts (:mod:`.tokenization`), so everything works offline;
 - ``hf``: ``from_pretrained`` from the hub or a local folder;
-- ``run``: the ``final`` folder a previous run wrote with :func:`save_model`.
+- ``run``: the ``final`` folder a previous run wrote with :func:`save_model`;
+- ``derived``: a smaller copy of a parent model (:mod:`.derive`).
 
-Every failure surfaces as ``ModelLoadError`` with a message the user can act on.
+Three tasks (``RunConfig.task``) decide the head:
+- ``classification``: ``AutoModelForSequenceClassification`` (or a builtin net) with the dataset's labels;
+- ``causal_lm``: ``AutoModelForCausalLM`` with its tokenizer (a pad token is ensured);
+- ``embedding``: ``AutoModel`` wrapped in :class:`SentenceEmbedder` (mean pooling over real tokens), whose
+  forward returns (B, D) sentence embeddings.
+
+``trust_remote_code`` is passed to transformers only when ``ModelConfig.trust_remote_code`` is True (the
+Django side sets it only where the server allows it). Every failure surfaces as ``ModelLoadError`` with a
+message the user can act on.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import TASKS, ModelConfig
 from .data import LoadedDataset
 from .errors import ConfigError, ModelLoadError
 
 Role = Literal["teacher", "student"]
 ModelKind = Literal["builtin", "transformers"]
+Task = Literal["classification", "causal_lm", "embedding"]
 
 METADATA_FILE = "distillweb_model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -103,9 +114,11 @@ def validate_builtin_params(arch: str, params: dict[str, Any]) -> dict[str, Any]
 
 @dataclass
 class LoadedModel:
-    """A ready classifier. ``tokenizer`` is None for builtin nets (they read features).
+    """A ready model. ``tokenizer`` is None for builtin nets (they read features).
 
-    ``spec`` describes a builtin net (arch, params, input_dim) so :func:`save_model` can write it back.
+    ``label_names`` is empty for ``causal_lm`` and ``embedding`` models. ``spec`` describes a builtin net
+    (arch, params, input_dim) so :func:`save_model` can write it back; a derived model records how it was
+    derived.
     """
 
     model: nn.Module
@@ -113,6 +126,7 @@ class LoadedModel:
     kind: ModelKind
     label_names: list[str]
     spec: dict[str, Any] = field(default_factory=dict)
+    task: Task = "classification"
 
     @property
     def num_labels(self) -> int:
@@ -125,26 +139,124 @@ class LoadedModel:
 
 
 def forward_logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
-    """Run ``model(**inputs)`` and return its logits (B, num_labels), whatever the model returns."""
+    """Run ``model(**inputs)`` and return its logits (B, num_labels) / (B, T, V), or (B, D) embeddings for a
+    :class:`SentenceEmbedder`, whatever the model returns."""
     out = model(**inputs)
     return out if isinstance(out, Tensor) else out.logits
 
 
-def load_model(cfg: ModelConfig, *, dataset: LoadedDataset, role: Role) -> LoadedModel:
-    """Build or load a classifier for ``dataset``.
+# --- sentence embeddings ------------------------------------------------------------------------------------
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Average token vectors over real tokens only.
+
+    Args:
+        hidden: (B, T, D) token vectors.
+        attention_mask: (B, T), 1 = real token, 0 = padding; None = every token is real.
+    Returns:
+        (B, D) in ``hidden``'s dtype (summed in float32); a row without real tokens gives zeros, never NaN.
+    """
+    if attention_mask is None:
+        return hidden.float().mean(dim=1).to(hidden.dtype)
+    mask = attention_mask.to(torch.float32).unsqueeze(-1)                     # (B, T, 1)
+    summed = (hidden.float() * mask).sum(dim=1)                                # (B, D)
+    return (summed / mask.sum(dim=1).clamp_min(1.0)).to(hidden.dtype)
+
+
+@dataclass
+class EmbeddingOutput:
+    """What :class:`SentenceEmbedder` returns when hidden states or attentions are asked for.
+
+    ``logits`` is the embedding too, so code written for ``out.logits`` (e.g. :func:`forward_logits`) works.
+    """
+
+    embeddings: Tensor                               # (B, D)
+    last_hidden_state: Tensor                        # (B, T, D)
+    hidden_states: tuple[Tensor, ...] | None = None  # (B, T, D) per layer, [0] = embeddings layer
+    attentions: tuple[Tensor, ...] | None = None     # (B, heads, T, T) per layer
+
+    @property
+    def logits(self) -> Tensor:
+        return self.embeddings
+
+
+class SentenceEmbedder(nn.Module):
+    """A transformers encoder (``AutoModel``) + mean pooling (+ optional L2 normalisation), as in
+    sentence-transformers' ``Transformer → Pooling(mean) [→ Normalize]``.
+
+    ``forward(input_ids, attention_mask, ...)`` returns the (B, D) embeddings, or an :class:`EmbeddingOutput`
+    when ``output_hidden_states`` / ``output_attentions`` is set. ``config`` and ``save_pretrained`` are the
+    encoder's, so the wrapper saves and sizes like any transformers model.
+    """
+
+    def __init__(self, encoder: nn.Module, *, normalize: bool = False) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.normalize = normalize
+
+    @property
+    def config(self) -> Any:
+        return self.encoder.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                **kwargs: Any) -> Tensor | EmbeddingOutput:
+        extra = {k: v for k, v in kwargs.items() if v is not None}
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                           output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                           **extra)
+        embeddings = mean_pool(out.last_hidden_state, attention_mask)           # (B, D)
+        if self.normalize:
+            embeddings = nn.functional.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
+        if not (output_hidden_states or output_attentions):
+            return embeddings
+        return EmbeddingOutput(embeddings, out.last_hidden_state, getattr(out, "hidden_states", None),
+                               getattr(out, "attentions", None))
+
+    def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
+        self.encoder.save_pretrained(folder, **kwargs)
+
+
+def _st_normalizes(folder: Path) -> bool:
+    """Whether a sentence-transformers folder's pipeline (``modules.json``) ends with L2 normalisation."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(str(m.get("type", "")).endswith(".Normalize") for m in modules if isinstance(m, dict))
+
+
+def load_model(cfg: ModelConfig, *, dataset: LoadedDataset | None = None, role: Role,
+               task: str | None = None) -> LoadedModel:
+    """Build or load a model for ``dataset`` and ``task``.
 
     Args:
         cfg: where the model comes from.
         dataset: decides the label count, the input kind (features or text) and, for ``config`` models
-            without a tokenizer folder, the texts the tokenizer is fitted on.
+            without a tokenizer folder, the texts the tokenizer is fitted on. Optional for ``causal_lm`` and
+            ``embedding`` models that bring their own tokenizer.
         role: ``teacher`` or ``student`` (only used in messages).
+        task: ``classification``, ``causal_lm`` or ``embedding``; default: the dataset's task, else
+            ``classification``.
     Returns:
         LoadedModel in train mode on the CPU.
     Raises:
         ModelLoadError: missing folder, unknown hub id, wrong input kind, label-count mismatch.
-        ConfigError: invalid builtin parameters.
+        ConfigError: invalid builtin or derive parameters, unknown task.
     """
+    task = task or getattr(dataset, "task", None) or "classification"
+    if task not in TASKS:
+        raise ConfigError(f"Unknown task '{task}'. Use one of: {', '.join(TASKS)}.")
     what = f"{role.capitalize()} model '{cfg.describe()}'"
+    if cfg.source == "derived":
+        from .derive import derive_model
+
+        return derive_model(cfg, dataset=dataset, role=role, task=task)
+    if task != "classification":
+        return _load_text_model(cfg, dataset, task, what)
+    if dataset is None:
+        raise ModelLoadError(f"{what} is a classifier and needs a dataset to know its labels.")
     if cfg.num_labels and cfg.num_labels != dataset.num_labels:
         raise ModelLoadError(f"{what} is configured for {cfg.num_labels} labels but dataset "
                              f"'{dataset.name}' has {dataset.num_labels}.")
@@ -159,7 +271,8 @@ def load_model(cfg: ModelConfig, *, dataset: LoadedDataset, role: Role) -> Loade
         return _load_pretrained(cfg, dataset, what)
     if cfg.source == "run":
         return _load_run(Path(cfg.path), dataset, what)
-    raise ModelLoadError(f"{what} has an unknown source '{cfg.source}'. Use builtin, config, hf or run.")
+    raise ModelLoadError(f"{what} has an unknown source '{cfg.source}'. Use builtin, config, hf, run or "
+                         "derived.")
 
 
 def _is_builtin_run(cfg: ModelConfig) -> bool:
@@ -177,8 +290,9 @@ def _build_builtin(arch: str, params: dict[str, Any], dataset: LoadedDataset, wh
     return LoadedModel(model, None, "builtin", list(dataset.label_names), spec)
 
 
-def _build_from_config(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def _config_and_tokenizer(cfg: ModelConfig, dataset: LoadedDataset | None, what: str) -> tuple[Any, Any]:
+    """A transformers config from ``cfg.params`` and its tokenizer (a named folder, or fitted on texts)."""
+    from transformers import AutoConfig
 
     params = dict(cfg.params)
     tokenizer_source = params.pop("tokenizer", "") or cfg.path
@@ -189,7 +303,6 @@ def _build_from_config(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> L
         config = AutoConfig.for_model(model_type, **params)
     except Exception as exc:
         raise ModelLoadError(f"{what} could not be built: {_short(exc)}") from exc
-    _set_labels(config, dataset.label_names)
 
     max_positions = getattr(config, "max_position_embeddings", 512)
     if tokenizer_source:
@@ -199,6 +312,9 @@ def _build_from_config(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> L
     else:
         from .tokenization import fit_wordpiece_tokenizer
 
+        if dataset is None or dataset.kind != "text":
+            raise ModelLoadError(f"{what} has no tokenizer: name a tokenizer folder in its config "
+                                 "(\"tokenizer\") or give it a text dataset to fit one on.")
         vocab_size = getattr(config, "vocab_size", None)
         if not isinstance(vocab_size, int) or vocab_size < 64:
             raise ModelLoadError(f"{what} needs a vocab_size of at least 64 to fit a tokenizer, got {vocab_size}.")
@@ -209,12 +325,25 @@ def _build_from_config(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> L
                              f"only {config.vocab_size}.")
     if tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id
+    return config, tokenizer
+
+
+def _build_from_config(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> LoadedModel:
+    from transformers import AutoModelForSequenceClassification
+
+    config, tokenizer = _config_and_tokenizer(cfg, dataset, what)
+    _set_labels(config, dataset.label_names)
     try:
         model = AutoModelForSequenceClassification.from_config(config)
     except Exception as exc:
         raise ModelLoadError(f"{what} could not be built: {_short(exc)}") from exc
     _ensure_pad_token(model, tokenizer)
     return LoadedModel(model, tokenizer, "transformers", list(dataset.label_names))
+
+
+def _remote_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """``trust_remote_code`` only when the config asks for it: never pass the flag otherwise."""
+    return {"trust_remote_code": True} if cfg.trust_remote_code else {}
 
 
 def _load_pretrained(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> LoadedModel:
@@ -224,7 +353,7 @@ def _load_pretrained(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> Loa
     if not name:
         raise ModelLoadError(f"{what} needs a hub id (name) or a local folder (path).")
     source = _resolve_source(name, cfg.revision, what)
-    remote = {"trust_remote_code": cfg.trust_remote_code}
+    remote = _remote_kwargs(cfg)
     config = _from_pretrained(AutoConfig, source, what, **remote)
     _check_head(config, dataset, what)
     _set_labels(config, dataset.label_names)
@@ -239,6 +368,7 @@ def _load_run(folder: Path, dataset: LoadedDataset, what: str) -> LoadedModel:
         raise ModelLoadError(f"{what} could not be loaded: folder {folder} does not exist.")
     meta_path = folder / METADATA_FILE
     meta = _read_metadata(meta_path) if meta_path.is_file() else {"format": "transformers"}
+    _check_run_task(meta, "classification", what)
     if meta.get("num_labels") not in (None, dataset.num_labels):
         raise ModelLoadError(f"{what} has {meta['num_labels']} output labels but dataset '{dataset.name}' has "
                              f"{dataset.num_labels}.")
@@ -254,6 +384,85 @@ def _load_run(folder: Path, dataset: LoadedDataset, what: str) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(f"{what} could not be loaded: {_short(exc)}") from exc
     return loaded
+
+
+def _check_run_task(meta: dict[str, Any], task: str, what: str) -> None:
+    saved = meta.get("task", "classification")
+    if saved != task:
+        raise ModelLoadError(f"{what} was saved by a {saved} run and cannot be loaded for a {task} run.")
+
+
+# --- causal LMs and sentence embedders ----------------------------------------------------------------------
+
+
+def _load_text_model(cfg: ModelConfig, dataset: LoadedDataset | None, task: str, what: str) -> LoadedModel:
+    """A ``causal_lm`` or ``embedding`` model from a config, a hub id / local folder, or a run folder."""
+    if dataset is not None and dataset.kind != "text":
+        raise ModelLoadError(f"{what}: a {task} model needs text, but dataset '{dataset.name}' has numeric "
+                             "features.")
+    if cfg.source == "builtin":
+        raise ModelLoadError(f"{what}: builtin nets are classifiers only; a {task} run needs a transformers "
+                             "model (source 'config', 'hf', 'run' or 'derived').")
+    normalize = cfg.params.get("normalize") if cfg.source != "config" else None
+    if cfg.source == "config":
+        params = dict(cfg.params)
+        normalize = params.pop("normalize", None)
+        config, tokenizer = _config_and_tokenizer(replace(cfg, params=params), dataset, what)
+        _align_special_tokens(config, tokenizer)
+        model_cls = _text_model_class(task)
+        try:
+            model = model_cls.from_config(config)
+        except Exception as exc:
+            raise ModelLoadError(f"{what} could not be built as a {task} model: {_short(exc)}") from exc
+        folder = None
+    elif cfg.source in ("hf", "run"):
+        name = cfg.path or cfg.name
+        if not name:
+            raise ModelLoadError(f"{what} needs a hub id (name) or a local folder (path).")
+        if cfg.source == "run":
+            folder = Path(cfg.path)
+            if not folder.is_dir():
+                raise ModelLoadError(f"{what} could not be loaded: folder {folder} does not exist.")
+            meta_path = folder / METADATA_FILE
+            meta = _read_metadata(meta_path) if meta_path.is_file() else {"task": task}
+            _check_run_task(meta, task, what)
+            if normalize is None:
+                normalize = meta.get("normalize")
+            source = _Source(str(folder), "", local_only=True, unreachable=False)
+            remote: dict[str, Any] = {}
+        else:
+            source = _resolve_source(name, cfg.revision, what)
+            folder = Path(name) if Path(name).is_dir() else None
+            remote = _remote_kwargs(cfg)
+        from transformers import AutoTokenizer
+
+        tokenizer = _from_pretrained(AutoTokenizer, source, what, **remote)
+        model = _from_pretrained(_text_model_class(task), source, what, **remote)
+    else:
+        raise ModelLoadError(f"{what} has an unknown source '{cfg.source}'. Use config, hf, run or derived.")
+    if task == "embedding":
+        if normalize is None:
+            normalize = folder is not None and _st_normalizes(folder)
+        model = SentenceEmbedder(model, normalize=bool(normalize))
+    _ensure_pad_token(model, tokenizer)
+    return LoadedModel(model, tokenizer, "transformers", [], task=task)  # type: ignore[arg-type]
+
+
+def _align_special_tokens(config: Any, tokenizer: Any) -> None:
+    """A config built from scratch (e.g. GPT-2's) names BOS/EOS ids of its original vocabulary; use the
+    tokenizer's instead, taking a BERT-style tokenizer's [CLS]/[SEP] as BOS/EOS when it has none."""
+    if tokenizer.bos_token is None and getattr(tokenizer, "cls_token", None) is not None:
+        tokenizer.bos_token = tokenizer.cls_token
+    if tokenizer.eos_token is None and getattr(tokenizer, "sep_token", None) is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+
+
+def _text_model_class(task: str) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModel
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -279,11 +488,63 @@ def _set_labels(config: Any, label_names: list[str]) -> None:
 
 
 def _ensure_pad_token(model: nn.Module, tokenizer: Any) -> None:
-    """Decoder-only tokenizers often lack a pad token; sequence classification needs one to find the last token."""
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    """Decoder-only tokenizers often lack a pad token; batching (and sequence classification, which looks for
+    the last real token) needs one. Use the EOS token, or add a ``<pad>`` token (and grow the embeddings) if
+    there is none either."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            core = model.encoder if isinstance(model, SentenceEmbedder) else model
+            if len(tokenizer) > core.get_input_embeddings().num_embeddings:
+                core.resize_token_embeddings(len(tokenizer))
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+
+
+# --- sizes of a loaded model --------------------------------------------------------------------------------
+
+
+def model_dims(loaded: LoadedModel) -> dict[str, int | None]:
+    """Sizes the loss terms' cross-checks need: ``vocab_size`` (output width: classes, vocabulary or embedding
+    size), ``num_layers``, ``hidden_size``, ``num_heads``; None where a model has no such thing (builtin nets
+    have no heads; their hidden size is the last hidden layer's width).
+
+    Per model; :func:`pair_dims` combines a teacher's and a student's into ``methods.ModelDims``.
+    """
+    if loaded.kind == "builtin":
+        sizes = list(loaded.spec.get("params", {}).get("hidden_sizes", []))
+        return {"vocab_size": loaded.num_labels, "num_layers": len(sizes),
+                "hidden_size": sizes[-1] if sizes else None, "num_heads": None}
+    config = loaded.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    if loaded.task == "classification":
+        width = loaded.num_labels
+    elif loaded.task == "embedding":
+        width = hidden
+    else:
+        head = loaded.model.get_output_embeddings()
+        width = head.out_features if head is not None else getattr(text, "vocab_size", None)
+    return {"vocab_size": width, "num_layers": getattr(text, "num_hidden_layers", None),
+            "hidden_size": hidden, "num_heads": getattr(text, "num_attention_heads", None)}
+
+
+def pair_dims(*, student: LoadedModel, teacher: LoadedModel | None = None,
+              sparse_teacher: bool = False) -> Any:
+    """``methods.ModelDims`` for a student and (optionally) its teacher, from :func:`model_dims`."""
+    from .methods import ModelDims
+
+    s = model_dims(student)
+    t = model_dims(teacher) if teacher is not None else {}
+    return ModelDims(
+        student_vocab_size=s["vocab_size"], teacher_vocab_size=t.get("vocab_size"),
+        student_num_layers=s["num_layers"], teacher_num_layers=t.get("num_layers"),
+        student_hidden_size=s["hidden_size"], teacher_hidden_size=t.get("hidden_size"),
+        student_num_heads=s["num_heads"], teacher_num_heads=t.get("num_heads"),
+        sparse_teacher=sparse_teacher,
+    )
 
 
 # --- hub access ------------------------------------------------------------------------------------------------
@@ -356,15 +617,20 @@ def save_model(loaded: LoadedModel, folder: str | Path) -> Path:
     """Write ``loaded`` so a ``run`` source can load it back.
 
     Builtin nets: ``model.safetensors`` + ``distillweb_model.json`` (arch, params, input_dim, num_labels,
-    label_names). Transformers: ``save_pretrained`` (safetensors) + the tokenizer + the same JSON.
+    label_names). Transformers: ``save_pretrained`` (safetensors) + the tokenizer + the same JSON, which also
+    records the task (and, for sentence embedders, the pooling) and how a derived model was derived.
 
     Returns:
         the folder.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {"format": loaded.kind, "num_labels": loaded.num_labels,
+    meta: dict[str, Any] = {"format": loaded.kind, "task": loaded.task, "num_labels": loaded.num_labels,
                             "label_names": loaded.label_names}
+    if isinstance(loaded.model, SentenceEmbedder):
+        meta |= {"pooling": "mean", "normalize": loaded.model.normalize}
+    if "derived" in loaded.spec:
+        meta["derived"] = loaded.spec["derived"]
     if loaded.kind == "builtin":
         state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
         save_file(state, folder / WEIGHTS_FILE)

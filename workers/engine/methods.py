@@ -1,0 +1,385 @@
+"""The method layer between the trainer and the loss functions.
+
+The trainer gathers what a recipe's terms need into one :class:`TermInputs`, builds the terms' learned modules
+once (:func:`build_term_modules`: add their parameters to the optimizer and save them with the student) and
+their mutable state (:class:`TermState`: save ``state_dict()`` in checkpoints), and calls :func:`combine` every
+step. Everything here is plain PyTorch; the Django side only uses :data:`LOSS_TERMS`,
+:func:`validate_term_params` and :func:`validate_terms`.
+
+How :func:`combine` feeds each term kind (``TermSpec.kind``); ``mask`` is ``labels != -100`` for sequences and
+None (every row) for classification, where -100 means "unlabelled" and the teacher is still a target:
+
+- ``labels`` (ce): ``fn(student_logits, labels, **params)``.
+- ``logits`` (kd, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd): ``fn(student_logits, teacher_logits, mask)``;
+  the teacher's logits must have the student's shape.
+- ``taid``: as ``logits`` with ``interpolation=t``; t is linear in ``step / total_steps`` or adaptive (kept in
+  ``state``, updated once per optimizer step while gradients are on).
+- ``topk``: ``fn(student_logits, teacher_topk or teacher_logits, mask)`` (the sparse cache wins when both exist).
+- ``uld``: ``fn(student_logits, teacher_logits, mask)``; the vocabularies may differ.
+- ``hidden`` (hidden_mse, hidden_cosine): ``fn(student_hidden, teacher_hidden, attention_mask, projections=…)``.
+- ``attentions`` (attention_mse): ``fn(student_attentions, teacher_attentions, attention_mask)``.
+- ``attention_relations`` (attention_kl): last-layer attentions and values, ``attention_mask``.
+- ``embeddings`` (embedding_mse): pooled embeddings, or the last hidden states pooled with the term's
+  ``pooling`` and ``attention_mask`` when the inputs carry no embedding.
+
+Token-level kinds (labels, logits, taid, topk, uld) on large (B, T, V) logits are computed in blocks of
+positions (``losses.chunked_token_loss``), so the float32 softmaxes of the whole batch never exist at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import schedules
+from .config import LossTermConfig
+from .errors import ConfigError
+from .losses import IGNORE_INDEX, LOSS_TERMS, LossParts, TermSpec, TopK, taid_update, validate_term_params
+from .losses import validate_terms as _validate_term_list
+
+__all__ = [
+    "LOSS_TERMS", "NEEDS", "LossParts", "ModelDims", "TermInputs", "TermSpec", "TermState", "TopK",
+    "build_term_modules", "combine", "validate_term_params", "validate_terms",
+]
+
+NEEDS = frozenset({"teacher_logits", "teacher_topk", "hidden_states", "attentions", "values", "embeddings"})
+
+# What a missing need means to the person who configured the run.
+_NEED_TEXT = {
+    "teacher_logits": "dense teacher logits",
+    "teacher_topk": "the teacher's top-k distribution (from the cache) or dense teacher logits",
+    "hidden_states": "student and teacher hidden states",
+    "attentions": "student and teacher attention maps",
+    "values": "student and teacher last-layer value vectors",
+    "embeddings": "student and teacher sentence embeddings",
+}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes of the teacher and the student that the cross-checks and learned projections need.
+
+    None means unknown: the checks that need it are skipped. ``sparse_teacher`` says the teacher's outputs
+    come from a top-k cache (no dense teacher logits).
+    """
+
+    student_vocab_size: int | None = None
+    teacher_vocab_size: int | None = None
+    student_num_layers: int | None = None
+    teacher_num_layers: int | None = None
+    student_hidden_size: int | None = None
+    teacher_hidden_size: int | None = None
+    student_num_heads: int | None = None
+    teacher_num_heads: int | None = None
+    student_embedding_size: int | None = None    # None: the hidden size
+    teacher_embedding_size: int | None = None
+    sparse_teacher: bool = False
+
+
+@dataclass
+class TermInputs:
+    """Everything a step's loss terms may read; fields a recipe does not need stay None.
+
+    Shapes: ``student_logits`` (B, C) classification or (B, T, V) causal LM (already shifted); ``labels``
+    (B,) or (B, T) with -100 = no label / padding / prompt; ``teacher_logits`` same leading shape (its V may
+    differ for uld); hidden states (B, T, H) per layer with [0] = embeddings (Hugging Face ``hidden_states``);
+    attentions (B, heads, T, T) per layer; values (B, heads, T, d) per layer (the last one is used);
+    ``attention_mask`` (B, T) with 1 = real token; embeddings (B, D).
+    """
+
+    student_logits: Tensor
+    labels: Tensor
+    teacher_logits: Tensor | None = None
+    teacher_topk: TopK | None = None
+    student_hidden: tuple[Tensor, ...] | None = None
+    teacher_hidden: tuple[Tensor, ...] | None = None
+    student_attentions: tuple[Tensor, ...] | None = None
+    teacher_attentions: tuple[Tensor, ...] | None = None
+    student_values: tuple[Tensor, ...] | None = None
+    teacher_values: tuple[Tensor, ...] | None = None
+    attention_mask: Tensor | None = None
+    student_embedding: Tensor | None = None
+    teacher_embedding: Tensor | None = None
+    step: int = 0
+    total_steps: int = 1
+
+    def has(self, need: str) -> bool:
+        """Whether the inputs satisfy one entry of ``NEEDS``."""
+        if need == "teacher_logits":
+            return self.teacher_logits is not None
+        if need == "teacher_topk":
+            return self.teacher_topk is not None or self.teacher_logits is not None
+        if need == "hidden_states":
+            return self.student_hidden is not None and self.teacher_hidden is not None
+        if need == "attentions":
+            return self.student_attentions is not None and self.teacher_attentions is not None
+        if need == "values":
+            return self.student_values is not None and self.teacher_values is not None
+        if need == "embeddings":
+            return (self.student_embedding is not None or self.student_hidden is not None) and (
+                self.teacher_embedding is not None or self.teacher_hidden is not None)
+        raise ValueError(f"unknown need {need!r}")
+
+
+class TermState:
+    """Per-run mutable state of the terms (e.g. taid's adaptive interpolation ``t``), by term name.
+
+    Values may be 0-d tensors on the training device while running (updating them needs no CPU-GPU sync);
+    ``state_dict()`` turns them into Python floats, so it is JSON-serialisable and goes into checkpoints.
+    """
+
+    def __init__(self) -> None:
+        self.terms: dict[str, dict[str, float | Tensor]] = {}
+
+    def get(self, term: str) -> dict[str, float | Tensor]:
+        """The mutable state dict of one term (created empty)."""
+        return self.terms.setdefault(term, {})
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        """Plain floats (one sync per tensor value: call it at checkpoint time, not every step)."""
+        return {name: {k: float(v) for k, v in values.items()} for name, values in self.terms.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, float]]) -> None:
+        self.terms = {name: {k: float(v) for k, v in values.items()} for name, values in state.items()}
+
+
+# --- validation ------------------------------------------------------------------------------------------------
+
+
+def validate_terms(terms: Sequence[LossTermConfig], *, dims: ModelDims | None = None) -> list[LossTermConfig]:
+    """Validate a recipe (parameters, schedules, weights) and, given ``dims``, check it fits the models.
+
+    Args:
+        terms: the recipe's terms.
+        dims: teacher and student sizes; None skips the cross-checks.
+    Returns:
+        the terms with complete, validated parameters and schedules.
+    Raises:
+        ConfigError: with a message naming the term and what to change.
+    """
+    cleaned = _validate_term_list(terms)
+    if dims is not None:
+        for term in cleaned:
+            _check_dims(term, LOSS_TERMS[term.name], dims)
+    return cleaned
+
+
+def _check_dims(term: LossTermConfig, spec: TermSpec, dims: ModelDims) -> None:
+    name, params = term.name, term.params
+    s_vocab, t_vocab = dims.student_vocab_size, dims.teacher_vocab_size
+    if spec.kind in ("logits", "taid", "uld") and dims.sparse_teacher:
+        raise ConfigError(
+            f"Loss term '{name}' needs dense teacher logits, but the teacher's outputs come from a top-k cache. "
+            "Use the topk term, or the online scheme.")
+    if spec.kind in ("logits", "taid") or (spec.kind == "topk" and not dims.sparse_teacher):
+        if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
+            raise ConfigError(
+                f"Loss term '{name}' compares distributions over the same vocabulary, but the student has "
+                f"{s_vocab} and the teacher {t_vocab} entries: tokenizer or label-space mismatch without a "
+                "cross-tokenizer method. Use uld (universal logit distillation) instead.")
+    if spec.kind == "topk":
+        known = [v for v in (s_vocab, None if dims.sparse_teacher else t_vocab) if v is not None]
+        if known and params["k"] > min(known):
+            raise ConfigError(f"Loss term 'topk' keeps k={params['k']} tokens, but the vocabulary has only "
+                              f"{min(known)}. Lower k.")
+    if spec.kind in ("hidden", "attentions") and isinstance(params.get("layer_map"), list):
+        layer_map = params["layer_map"]
+        if dims.student_num_layers is not None and len(layer_map) != dims.student_num_layers:
+            raise ConfigError(f"The layer map of loss term '{name}' has {len(layer_map)} entries but the student "
+                              f"has {dims.student_num_layers} layers: give one teacher layer per student layer.")
+        if dims.teacher_num_layers is not None and max(layer_map) > dims.teacher_num_layers:
+            raise ConfigError(f"The layer map of loss term '{name}' names teacher layer {max(layer_map)}, but the "
+                              f"teacher has {dims.teacher_num_layers} layers.")
+    if spec.kind in ("attentions", "attention_relations"):
+        s_heads, t_heads = dims.student_num_heads, dims.teacher_num_heads
+        if s_heads is not None and t_heads is not None and s_heads != t_heads:
+            raise ConfigError(f"Loss term '{name}' compares attention heads one to one, but the student has "
+                              f"{s_heads} heads and the teacher {t_heads}. Use hidden_mse instead.")
+
+
+# --- learned modules -------------------------------------------------------------------------------------------
+
+
+def build_term_modules(terms: Sequence[LossTermConfig], dims: ModelDims | None = None) -> nn.ModuleDict:
+    """Learned parts of the terms, keyed by term name; train them with the student and save them with it.
+
+    ``hidden_mse`` / ``hidden_cosine``: an ``nn.ModuleList`` of ``nn.Linear(H_S, H_T)``, one per mapped layer,
+    when the hidden sizes differ. ``embedding_mse``: an ``nn.Linear(D_S, D_T)`` when the embedding sizes
+    differ. Equal or unknown sizes need no module (unknown sizes that turn out to differ make :func:`combine`
+    raise ConfigError).
+
+    Args:
+        terms: validated terms.
+        dims: the models' sizes.
+    Returns:
+        nn.ModuleDict (float32 parameters on the CPU; move it with the student).
+    """
+    modules = nn.ModuleDict()
+    if dims is None:
+        return modules
+    for term in terms:
+        kind = LOSS_TERMS[term.name].kind
+        if kind == "hidden":
+            width_s, width_t = dims.student_hidden_size, dims.teacher_hidden_size
+            if width_s is None or width_t is None or width_s == width_t:
+                continue
+            layer_map = term.params.get("layer_map", "uniform")
+            if layer_map == "last":
+                count = 1
+            elif isinstance(layer_map, list):
+                count = len(layer_map)
+            elif dims.student_num_layers is None:
+                raise ConfigError(f"Loss term '{term.name}' needs the student's layer count to build its "
+                                  "projections.")
+            else:
+                count = dims.student_num_layers
+            modules[term.name] = nn.ModuleList(nn.Linear(width_s, width_t) for _ in range(count))
+        elif kind == "embeddings":
+            width_s = dims.student_embedding_size or dims.student_hidden_size
+            width_t = dims.teacher_embedding_size or dims.teacher_hidden_size
+            if width_s is not None and width_t is not None and width_s != width_t:
+                modules[term.name] = nn.Linear(width_s, width_t)
+    return modules
+
+
+# --- combining -------------------------------------------------------------------------------------------------
+
+# Logit terms over more positions × vocabulary entries than this are computed in blocks of about this many
+# elements (see losses.chunked_token_loss): 2**22 float32 values are 16 MiB per intermediate.
+CHUNK_ELEMENTS = 2**22
+_TOKEN_KINDS = ("labels", "logits", "taid", "topk", "uld")
+
+
+def auto_chunk_size(student_logits: Tensor) -> int | None:
+    """Positions per block for sequence logits too large to softmax at once; None = no chunking."""
+    if student_logits.dim() != 3 or student_logits.numel() <= 2 * CHUNK_ELEMENTS:
+        return None
+    return max(1, CHUNK_ELEMENTS // student_logits.shape[-1])
+
+
+def sequence_mask(inputs: TermInputs) -> Tensor | None:
+    """Positions logit terms average over: labelled tokens for sequences, every row for classification."""
+    if inputs.student_logits.dim() > 2:
+        return inputs.labels != IGNORE_INDEX
+    return None
+
+
+def current_params(term: LossTermConfig, step: int, total_steps: int) -> tuple[float, dict[str, Any]]:
+    """A term's weight and parameters at ``step`` with its schedules applied."""
+    weight, params = term.weight, dict(term.params)
+    for target, schedule in term.schedule.items():
+        value = schedules.value_at(schedule, step, total_steps)
+        if target == schedules.WEIGHT:
+            weight = value
+        else:
+            params[target] = value
+    return weight, params
+
+
+def combine(terms: Sequence[LossTermConfig], inputs: TermInputs, *, modules: nn.ModuleDict, state: TermState,
+            chunk_size: int | None = None) -> LossParts:
+    """Weighted sum of a recipe's terms at ``inputs.step``, schedules applied.
+
+    Args:
+        terms: validated terms (:func:`validate_terms`).
+        inputs: this batch's tensors and the step counters.
+        modules: from :func:`build_term_modules`.
+        state: the run's :class:`TermState`; stateful terms (adaptive taid) update it once per optimizer step,
+            and only while gradients are enabled (evaluation under ``torch.no_grad()`` leaves it alone).
+        chunk_size: positions per block for the token-level logit terms; None = automatic
+            (:func:`auto_chunk_size`), 0 = never chunk.
+    Returns:
+        LossParts: ``total`` (float32 scalar with the gradient), ``parts`` (each term's detached, unweighted
+        value), ``weights`` (each term's weight at this step, Python floats).
+    Raises:
+        ConfigError: a term's inputs are missing (the message names them) or do not fit together.
+    """
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(inputs.student_logits)
+    total = inputs.student_logits.new_zeros((), dtype=torch.float32)
+    parts: dict[str, Tensor] = {}
+    weights: dict[str, float] = {}
+    for term in terms:
+        spec = LOSS_TERMS.get(term.name)
+        if spec is None:
+            raise ConfigError(f"Unknown loss term '{term.name}'. Available terms: {', '.join(LOSS_TERMS)}.")
+        missing = [need for need in sorted(spec.needs) if not inputs.has(need)]
+        if missing:
+            raise ConfigError(f"Loss term '{term.name}' needs {' and '.join(_NEED_TEXT[n] for n in missing)}, "
+                              "but this step has none.")
+        weight, params = current_params(term, inputs.step, inputs.total_steps)
+        extra = {"chunk_size": chunk_size} if chunk_size and spec.kind in _TOKEN_KINDS else {}
+        value = _compute(spec, params, inputs, modules=modules, state=state, extra=extra)
+        total = total + weight * value
+        parts[term.name] = value.detach()
+        weights[term.name] = weight
+    return LossParts(total=total, parts=parts, weights=weights)
+
+
+def _compute(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, *, modules: nn.ModuleDict,
+             state: TermState, extra: dict[str, Any]) -> Tensor:
+    kind, name = spec.kind, spec.name
+    student, teacher = inputs.student_logits, inputs.teacher_logits
+    if kind == "labels":
+        return spec.fn(student, inputs.labels, **params, **extra)
+    if kind in ("logits", "taid") and teacher.shape != student.shape:
+        raise ConfigError(
+            f"Loss term '{name}' needs teacher logits shaped like the student's {tuple(student.shape)}, got "
+            f"{tuple(teacher.shape)}: tokenizer or label-space mismatch without a cross-tokenizer method. "
+            "Use uld instead.")
+    if kind == "logits":
+        return spec.fn(student, teacher, sequence_mask(inputs), **params, **extra)
+    if kind == "taid":
+        return _taid(spec, params, inputs, state, extra)
+    if kind == "topk":
+        source = inputs.teacher_topk if inputs.teacher_topk is not None else teacher
+        return spec.fn(student, source, sequence_mask(inputs), **params, **extra)
+    if kind == "uld":
+        return spec.fn(student, teacher, sequence_mask(inputs), **params, **extra)
+    mask = None if inputs.attention_mask is None else inputs.attention_mask.bool()
+    if kind == "hidden":
+        projections = modules[name] if name in modules else None
+        return spec.fn(inputs.student_hidden, inputs.teacher_hidden, mask, projections=projections, **params)
+    if kind == "attentions":
+        return spec.fn(inputs.student_attentions, inputs.teacher_attentions, mask, **params)
+    if kind == "attention_relations":
+        return spec.fn(inputs.student_attentions[-1], inputs.teacher_attentions[-1], inputs.student_values[-1],
+                       inputs.teacher_values[-1], mask, **params)
+    if kind == "embeddings":
+        e_s = inputs.student_embedding if inputs.student_embedding is not None else inputs.student_hidden[-1]
+        e_t = inputs.teacher_embedding if inputs.teacher_embedding is not None else inputs.teacher_hidden[-1]
+        projection = modules[name] if name in modules else None
+        return spec.fn(e_s, e_t, mask, projection=projection, **params)
+    raise ConfigError(f"Loss term '{name}' has an unknown kind '{kind}'.")
+
+
+def taid_interpolation(params: Mapping[str, Any], step: int, total_steps: int,
+                       term_state: Mapping[str, Any]) -> float | Tensor:
+    """TAID's t at ``step``: linear from t_start to t_end, or the adaptive value kept in the term's state."""
+    linear = params["t_start"] + (params["t_end"] - params["t_start"]) * schedules.progress(step, total_steps)
+    if not params["adaptive"]:
+        return linear
+    return term_state.get("t", params["t_start"])
+
+
+def _taid(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, state: TermState,
+          extra: dict[str, Any]) -> Tensor:
+    term_state = state.get(spec.name)
+    t = taid_interpolation(params, inputs.step, inputs.total_steps, term_state)
+    value = spec.fn(inputs.student_logits, inputs.teacher_logits, sequence_mask(inputs), interpolation=t, **extra)
+    # One update per optimizer step (the first micro-batch of it), and never during evaluation.
+    if params["adaptive"] and torch.is_grad_enabled() and inputs.step > term_state.get("step", -1):
+        def tensor(key: str, default: float) -> Tensor:
+            return torch.as_tensor(term_state.get(key, default), dtype=torch.float32, device=value.device)
+
+        linear = taid_interpolation({**params, "adaptive": False}, inputs.step, inputs.total_steps, term_state)
+        new_t, momentum, prev_loss = taid_update(
+            tensor("t", params["t_start"]), tensor("momentum", 0.0), tensor("prev_loss", math.inf), value.detach(),
+            t_target=linear, t_end=params["t_end"], alpha=params["alpha"], beta=params["beta"])
+        term_state.update(t=new_t, momentum=momentum, prev_loss=prev_loss, step=inputs.step)
+    return value
