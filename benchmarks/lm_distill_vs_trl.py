@@ -4,8 +4,8 @@ Same teacher, student initialisation, data, batch size, sequence length, optimiz
 three. The teacher (Llama, 4 layers × 256) is first trained briefly on BBC news text so its distribution is
 not uniform; the student (2 layers × 128) starts from the same saved weights in every contender.
 
-- distillweb: ``workers.engine.train`` with the ``offline`` scheme — teacher outputs are computed once into the
-  teacher-output cache, so from the second epoch on no teacher forward runs;
+- distillweb: ``workers.engine.train`` with the ``offline`` scheme — the teacher's top-64 log-probabilities (plus the
+  tail mass) are computed once into the teacher-output cache, so from the second epoch on no teacher forward runs;
 - TRL: ``GKDTrainer`` with ``lmbda=0, beta=0`` (pure offline forward KL, temperature 1), installed in its own
   virtual environment (see shared PEERS.md);
 - plain: a hand-written loop with a teacher forward every step.
@@ -167,7 +167,9 @@ def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int
         teacher=ModelConfig(source="hf", path=str(work / "teacher")),
         dataset=DatasetConfig(source="hf", path=str(work / "train-window.jsonl"), text_column="text",
                               max_length=SEQ_LEN, eval_fraction=0.05),
-        terms=(LossTermConfig("kd", 1.0, {"temperature": 1.0}),),
+        # Offline LM distillation reads the sparse teacher cache: forward KL on the teacher's top 64 tokens plus
+        # one bucket for the remaining mass, at temperature 1 like TRL's loss.
+        terms=(LossTermConfig("topk", 1.0, {"k": 64, "divergence": "kd", "tail": True, "temperature": 1.0}),),
         train=TrainConfig(max_steps=steps, batch_size=BATCH, lr=LR, weight_decay=0.0, lr_schedule="constant",
                           grad_clip=0.0, log_every=steps_per_epoch, eval_every=10 * steps, save_every=10 * steps,
                           device="cpu"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from collections import Counter
 
 import numpy as np
@@ -82,8 +83,8 @@ def test_unknown_builtin_and_missing_file_are_data_errors(tmp_path):
         load_dataset(DatasetConfig(source="hf", path=str(tmp_path / "nope.csv")))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="the datasets package is installed")
-def test_hub_dataset_without_the_datasets_package_explains_what_is_missing():
+def test_hub_dataset_without_the_datasets_package_explains_what_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
     with pytest.raises(DataError, match="could not be loaded: the `datasets` package is needed"):
         load_dataset(DatasetConfig(source="hf", name="imdb"))
 
