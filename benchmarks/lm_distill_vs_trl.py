@@ -125,7 +125,7 @@ def _read_texts(path: Path) -> list[str]:
 
 
 # --- contenders (each in its own process) -----------------------------------------------------------------------
-def contender_plain(work: Path, out: Path, steps: int, steps_per_epoch: int) -> dict:
+def contender_plain(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 0) -> dict:
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,7 +154,7 @@ def contender_plain(work: Path, out: Path, steps: int, steps_per_epoch: int) -> 
     return {"marks": marks}
 
 
-def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int) -> dict:
+def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 64) -> dict:
     sys.path.insert(0, str(REPO))
     from workers.engine.config import DatasetConfig, LossTermConfig, ModelConfig, RunConfig, TrainConfig
     from workers.engine.trainer import Callbacks, train
@@ -167,9 +167,9 @@ def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int
         teacher=ModelConfig(source="hf", path=str(work / "teacher")),
         dataset=DatasetConfig(source="hf", path=str(work / "train-window.jsonl"), text_column="text",
                               max_length=SEQ_LEN, eval_fraction=0.05),
-        # Offline LM distillation reads the sparse teacher cache: forward KL on the teacher's top 64 tokens plus
+        # Offline LM distillation reads the sparse teacher cache: forward KL on the teacher's top-k tokens plus
         # one bucket for the remaining mass, at temperature 1 like TRL's loss.
-        terms=(LossTermConfig("topk", 1.0, {"k": 64, "divergence": "kd", "tail": True, "temperature": 1.0}),),
+        terms=(LossTermConfig("topk", 1.0, {"k": topk, "divergence": "kd", "tail": True, "temperature": 1.0}),),
         train=TrainConfig(max_steps=steps, batch_size=BATCH, lr=LR, weight_decay=0.0, lr_schedule="constant",
                           grad_clip=0.0, log_every=steps_per_epoch, eval_every=10 * steps, save_every=10 * steps,
                           device="cpu"),
@@ -181,7 +181,7 @@ def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int
     return {"marks": marks, "final_dir": result.final_dir, "teacher_cache": result.to_dict().get("teacher_cache")}
 
 
-def contender_trl(work: Path, out: Path, steps: int, steps_per_epoch: int) -> dict:
+def contender_trl(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 0) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -219,9 +219,9 @@ def contender_trl(work: Path, out: Path, steps: int, steps_per_epoch: int) -> di
 CONTENDERS = {"plain": contender_plain, "distillweb": contender_distillweb, "trl": contender_trl}
 
 
-def run_contender(name: str, work: Path, out: Path, steps: int, steps_per_epoch: int) -> None:
+def run_contender(name: str, work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    result = CONTENDERS[name](work, out, steps, steps_per_epoch)
+    result = CONTENDERS[name](work, out, steps, steps_per_epoch, topk=topk)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "result.json").write_text(json.dumps(result))
 
@@ -259,23 +259,28 @@ def main() -> int:
     parser.add_argument("--out")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--topk", type=int, default=64, help="teacher tokens kept per position in distillweb's cache")
+    parser.add_argument("--contenders", default="plain,distillweb,trl")
     args = parser.parse_args()
     work = Path(args.work)
     if args.contender:  # child process
-        run_contender(args.contender, work, Path(args.out), args.steps, args.steps_per_epoch)
+        run_contender(args.contender, work, Path(args.out), args.steps, args.steps_per_epoch, args.topk)
         return 0
 
     prepare(work, train_rows=args.train_rows, eval_rows=args.eval_rows)
     windowed(work, "train"), windowed(work, "eval")
     steps_per_epoch = args.train_rows // BATCH
     steps = steps_per_epoch * args.epochs
-    pythons = {"plain": sys.executable, "distillweb": sys.executable, "trl": args.trl_python}
+    pythons = {name: python for name, python in
+               {"plain": sys.executable, "distillweb": sys.executable, "trl": args.trl_python}.items()
+               if name in args.contenders.split(",")}
     results: dict[str, list[dict]] = {name: [] for name in pythons}
     for repeat in range(args.repeats):
         for name, python in pythons.items():  # interleaved: A, B, C, A, B, C
             out = work / f"{name}-{repeat}"
             subprocess.run([python, __file__, "--work", str(work), "--contender", name, "--out", str(out),
-                            "--steps", str(steps), "--steps-per-epoch", str(steps_per_epoch)], check=True,
+                            "--steps", str(steps), "--steps-per-epoch", str(steps_per_epoch),
+                            "--topk", str(args.topk)], check=True,
                            env={**os.environ, "PYTHONPATH": str(REPO)})
             result = json.loads((out / "result.json").read_text())
             marks = result["marks"]
@@ -296,9 +301,10 @@ def main() -> int:
         summary[name] = {k: statistics.median(r[k] for r in rows) for k in ("steps_per_s", "peak_rss_mb", "eval_kl")}
         s = summary[name]
         print(f"| {name} | {s['steps_per_s']:.2f} | {s['peak_rss_mb']:.0f} | {s['eval_kl']:.4f} |")
-    ratio = summary["distillweb"]["steps_per_s"] / summary["trl"]["steps_per_s"]
-    kl_gap = summary["distillweb"]["eval_kl"] / summary["trl"]["eval_kl"] - 1
-    print(f"distillweb / TRL throughput: {ratio:.2f}×; eval KL difference: {kl_gap:+.1%}")
+    if "distillweb" in summary and "trl" in summary:
+        ratio = summary["distillweb"]["steps_per_s"] / summary["trl"]["steps_per_s"]
+        kl_gap = summary["distillweb"]["eval_kl"] / summary["trl"]["eval_kl"] - 1
+        print(f"distillweb (top-{args.topk}) / TRL throughput: {ratio:.2f}×; eval KL difference: {kl_gap:+.1%}")
     return 0
 
 

@@ -158,12 +158,15 @@ def runs_figure(curves: Iterable[Curve], *, metric: str = "eval/accuracy", max_p
     return _figure_dict(go.Figure(traces, layout=layout))
 
 
-def leaderboard_figure(points: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Accuracy against parameter count, one marker per leaderboard row, grouped by recipe.
+def leaderboard_figure(points: Iterable[Mapping[str, Any]], *, metric_label: str = "Accuracy",
+                       percent: bool = True) -> dict[str, Any]:
+    """The leaderboard's metric against parameter count, one marker per row, grouped by recipe.
 
     Each point: ``label``, ``recipe``, ``params`` (may be None: such rows are left out), ``mean`` and ``std``
-    (accuracy as a fraction).
+    (a fraction when ``percent``).
     """
+    scale = 100 if percent else 1
+    unit = " (%)" if percent else ""
     by_recipe: dict[str, list[Mapping[str, Any]]] = {}
     for point in points:
         if point.get("params"):
@@ -171,16 +174,18 @@ def leaderboard_figure(points: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     traces = [
         go.Scatter(
             x=[p["params"] for p in group],
-            y=[100 * p["mean"] for p in group],
-            error_y={"type": "data", "array": [100 * p["std"] for p in group], "visible": True, "thickness": 1},
+            y=[scale * p["mean"] for p in group],
+            error_y={"type": "data", "array": [scale * p["std"] for p in group], "visible": True, "thickness": 1},
             text=[p["label"] for p in group],
             name=recipe,
             mode="markers",
             marker={"size": 10, "symbol": "circle"},
-            hovertemplate="%{text}<br>%{y:.2f}% at %{x:,} params<extra>%{fullData.name}</extra>",
+            hovertemplate="%{text}<br>%{y:.3g}" + ("%" if percent else "") + " at %{x:,} params"
+                          "<extra>%{fullData.name}</extra>",
         )
         for recipe, group in sorted(by_recipe.items())
     ]
-    layout = _layout(title="Accuracy vs size", x_title="parameters", y_title="accuracy (%)", hovermode="closest")
+    layout = _layout(title=f"{metric_label} vs size", x_title="parameters", y_title=f"{metric_label.lower()}{unit}",
+                     hovermode="closest")
     layout["xaxis"]["type"] = "log"
     return _figure_dict(go.Figure(traces, layout=layout))

@@ -122,6 +122,7 @@ class LeaderboardRow:
     teacher_accuracy: float | None = None
     teacher_params: int | None = None
     teacher_latency_ms: float | None = None
+    higher_is_better: bool = True
     rank: int = 0
 
     @property
@@ -148,7 +149,10 @@ class LeaderboardRow:
 
     @property
     def retention(self) -> float | None:
-        return self.mean / self.teacher_accuracy if self.teacher_accuracy else None
+        """Student score / teacher score (inverted for lower-is-better metrics such as perplexity)."""
+        if not self.teacher_accuracy or not self.mean:
+            return None
+        return self.mean / self.teacher_accuracy if self.higher_is_better else self.teacher_accuracy / self.mean
 
     @property
     def kd_gain(self) -> float | None:
@@ -159,8 +163,39 @@ class LeaderboardRow:
         return statistics.stdev(self.gains) if len(self.gains) > 1 and not self.is_baseline else None
 
 
+@dataclass(frozen=True)
+class PrimaryMetric:
+    """What a dataset's leaderboard ranks by."""
+
+    name: str
+    label: str
+    higher_is_better: bool
+    percent: bool
+
+
+PRIMARY_METRICS = {
+    "classification": PrimaryMetric("accuracy", "Accuracy", True, True),
+    "causal_lm": PrimaryMetric("perplexity", "Perplexity", False, False),
+    "embedding": PrimaryMetric("cosine_to_teacher", "Cosine to teacher", True, False),
+}
+
+
+def primary_metric(dataset: DatasetSpec) -> PrimaryMetric:
+    return PRIMARY_METRICS.get(dataset.task, PRIMARY_METRICS["classification"])
+
+
+def _metric_value(evaluation: Evaluation, metric: PrimaryMetric) -> float | None:
+    if metric.name == "accuracy":
+        return evaluation.accuracy
+    value = (evaluation.metrics or {}).get(metric.name)
+    return float(value) if isinstance(value, int | float) else None
+
+
 def leaderboard(*, user, dataset: DatasetSpec) -> list[LeaderboardRow]:
-    """Rows per (experiment, student, recipe, stage), ranked by mean accuracy over seeds.
+    """Rows per (experiment, student, recipe, stage), ranked by the dataset's primary metric (mean over seeds):
+    accuracy for classification, perplexity (lower is better) for causal LMs, cosine to the teacher for
+    embeddings. ``accuracies`` then hold that metric; gains and retention are oriented so that positive /
+    above 100% means better.
 
     KD gain pairs each distilled run with the hard-label baseline of the same experiment, student and seed;
     retention divides by the teacher's accuracy on the same eval split. Three queries whatever the row count.
@@ -171,18 +206,22 @@ def leaderboard(*, user, dataset: DatasetSpec) -> list[LeaderboardRow]:
         .select_related("run__experiment__teacher", "run__student", "run__recipe")
         .order_by("run_id")
     )
+    metric = primary_metric(dataset)
     teachers: dict[tuple[int, str], Evaluation] = {
         (e.model_id, e.split_key): e
-        for e in Evaluation.objects.filter(dataset=dataset, role=Evaluation.Role.TEACHER, accuracy__isnull=False)
+        for e in Evaluation.objects.filter(dataset=dataset, role=Evaluation.Role.TEACHER)
+        if _metric_value(e, metric) is not None
     }
     baseline: dict[tuple[int, int, int], float] = {
-        (e.run.experiment_id, e.run.student_id, e.run.seed): e.accuracy
+        (e.run.experiment_id, e.run.student_id, e.run.seed): _metric_value(e, metric)
         for e in evaluations
-        if e.run.is_baseline and e.accuracy is not None
+        if e.run.is_baseline and _metric_value(e, metric) is not None
     }
+    sign = 1.0 if metric.higher_is_better else -1.0
     rows: dict[tuple[int, int, int, str], LeaderboardRow] = {}
     for e in evaluations:
-        if e.accuracy is None:
+        value = _metric_value(e, metric)
+        if value is None:
             continue
         run = e.run
         key = (run.experiment_id, run.student_id, run.recipe_id, run.stage)
@@ -192,19 +231,20 @@ def leaderboard(*, user, dataset: DatasetSpec) -> list[LeaderboardRow]:
                 run.experiment, run.student, run.recipe, run.experiment.teacher, run.is_baseline, run.stage
             )
         row.run_ids.append(run.id)
-        row.accuracies.append(e.accuracy)
+        row.accuracies.append(value)
         row.params = e.param_count or row.params
         row.latency_ms = e.latency_ms if e.latency_ms is not None else row.latency_ms
         base = baseline.get((run.experiment_id, run.student_id, run.seed))
         if base is not None and not run.is_baseline:
-            row.gains.append(e.accuracy - base)
+            row.gains.append(sign * (value - base))
         teacher_id = run.experiment.teacher_id
         teacher_eval = teachers.get((teacher_id, e.split_key)) if teacher_id else None
         if teacher_eval is not None and row.teacher_accuracy is None:
-            row.teacher_accuracy = teacher_eval.accuracy
+            row.teacher_accuracy = _metric_value(teacher_eval, metric)
+            row.higher_is_better = metric.higher_is_better
             row.teacher_params = teacher_eval.param_count
             row.teacher_latency_ms = teacher_eval.latency_ms
-    ranked = sorted(rows.values(), key=lambda r: (-r.mean, r.params or 0))
+    ranked = sorted(rows.values(), key=lambda r: (-sign * r.mean, r.params or 0))
     for i, row in enumerate(ranked, 1):
         row.rank = i
     return ranked

@@ -366,8 +366,9 @@ def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
          "params": r.params, "mean": r.mean, "std": r.std}
         for r in rows
     ]
-    context = {"dataset": dataset, "rows": rows, "total": total, "budget": budget,
-               "figure": plots.leaderboard_figure(points)}
+    metric = selectors.primary_metric(dataset)
+    context = {"dataset": dataset, "rows": rows, "total": total, "budget": budget, "metric": metric,
+               "figure": plots.leaderboard_figure(points, metric_label=metric.label, percent=metric.percent)}
     return TemplateResponse(request, "experiments/leaderboard.html", context)
 
 

@@ -733,3 +733,27 @@ def test_leaderboard_uses_a_constant_number_of_queries(client_logged_in, team, e
     with django_assert_max_num_queries(few):
         response = client_logged_in.get(url)
     assert len(response.context["rows"]) == 17
+
+
+def test_causal_lm_leaderboard_ranks_by_perplexity_lower_first(client_logged_in, team, digits_setup):
+    from tests.factories import DatasetSpecFactory, ExperimentFactory
+
+    corpus = DatasetSpecFactory(team=team, name="corpus", task="causal_lm", num_labels=0, builtin_name="fortunes")
+    experiment = ExperimentFactory(team=team, dataset=corpus, teacher=digits_setup["teacher"])
+    student, kd, base = digits_setup["students"][0], digits_setup["recipe"], _baseline_recipe(team)
+    Evaluation.objects.create(team=team, role=Evaluation.Role.TEACHER, model=digits_setup["teacher"],
+                              dataset=corpus, split_key="k", metrics={"perplexity": 10.0})
+    for recipe, ppl, baseline in ((kd, 20.0, False), (base, 25.0, True)):
+        run = RunFactory(experiment=experiment, student=student, recipe=recipe, seed=0, is_baseline=baseline,
+                         status=Run.Status.SUCCEEDED, step=20, total_steps=20, finished_at=timezone.now())
+        Evaluation.objects.create(team=team, role=Evaluation.Role.STUDENT, run=run, model=student, dataset=corpus,
+                                  split_key="k", metrics={"perplexity": ppl}, param_count=1000)
+
+    response = client_logged_in.get(reverse("experiments:leaderboard", kwargs={"dataset_id": corpus.pk}))
+
+    rows = response.context["rows"]
+    assert [r.recipe for r in rows] == [kd, base]  # lower perplexity ranks first
+    assert rows[0].kd_gain == pytest.approx(5.0)  # 5 points of perplexity better than the baseline
+    assert rows[0].retention == pytest.approx(0.5)  # teacher 10 / student 20
+    html = response.content.decode()
+    assert "Perplexity" in html and "20.000" in html

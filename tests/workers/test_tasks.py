@@ -1,5 +1,6 @@
 """The Celery task in-process (``apply``): claim, engine wiring, failures and duplicate delivery."""
 
+import json
 from types import SimpleNamespace
 from unittest import mock
 
@@ -148,3 +149,42 @@ def test_reporter_stops_the_engine_when_the_run_was_taken_over(experiment):
     reporter = RunReporter(run_id=run.id, task_id="old", clock=lambda: 100.0)
     reporter.on_progress(5, 40)
     assert reporter.should_stop()
+
+
+def test_a_causal_lm_experiment_distils_through_the_sparse_teacher_cache(team, user, settings, tmp_path):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    lines = [f"the {w} sat on the mat and the {w} ran to the door number {i}" for i, w in
+             enumerate(["cat", "dog", "fox", "owl"] * 30)]
+    (data / "lines.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    settings.DATASET_ROOTS = [data]
+    dataset = services.dataset_spec_create(team=team, created_by=user, name="lines", source="hf", task="causal_lm",
+                                           local_path=str(data / "lines.jsonl"), max_length=32)
+
+    def llama(name, hidden, layers):
+        return services.model_spec_create(team=team, created_by=user, name=name, source="config", task="causal_lm",
+                                          config={"model_type": "llama", "hidden_size": hidden,
+                                                  "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+                                                  "num_attention_heads": 2, "num_key_value_heads": 2,
+                                                  "vocab_size": 300, "max_position_embeddings": 64})
+
+    teacher, student = llama("lm-teacher", 64, 2), llama("lm-student", 32, 1)
+    topk = services.recipe_create(team=team, created_by=user, name="topk", scheme="offline",
+                                  terms=[{"name": "topk", "weight": 1.0, "params": {"k": 16}}])
+    with mock.patch(DISPATCH):
+        experiment = services.experiment_create(
+            team=team, created_by=user, name="lm", dataset=dataset, teacher=teacher, students=[student],
+            recipes=[topk], seeds=[0], train={"max_steps": 12, "batch_size": 8, "eval_every": 6, "log_every": 3,
+                                              "save_every": 6, "lr": 0.003},
+        )
+    distilled, baseline = experiment.runs.get(is_baseline=False), experiment.runs.get(is_baseline=True)
+    assert distilled.config["task"] == "causal_lm"
+    for run in (distilled, baseline):
+        run_distillation.apply(args=(run.id,))
+        run.refresh_from_db()
+        assert run.status == Run.Status.SUCCEEDED, run.error
+    metrics = distilled.result["student"]
+    assert metrics["perplexity"] > 1 and metrics["bits_per_token"] > 0 and 0 <= metrics["agreement"] <= 1
+    assert {"loss", "topk", "eval/loss"} <= set(MetricPoint.objects.filter(run=distilled).values_list("name", flat=True))
+    assert distilled.artifacts.filter(kind="teacher_cache").exists()
+    assert baseline.result["student"]["perplexity"] > 1
