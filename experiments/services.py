@@ -251,20 +251,19 @@ def experiment_create(
     for p in plan:
         upstream = runs[p.teacher_from] if p.teacher_from is not None else None
         uses_teacher = p.recipe.needs_teacher
+        # The config names an upstream run only by its id, which exists already: one INSERT per run.
         run = Run(
             team=team, experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed,
             is_baseline=p.is_baseline, stage=p.stage, teacher=p.teacher if uses_teacher else None,
             total_steps=train["max_steps"], queue=settings.RUN_QUEUE,
             waiting_for=upstream or (_pending_source_run(p.teacher) if uses_teacher else None)
             or _pending_source_run(p.student),
-            config={},
+            config=engine_config.build_run_config(
+                experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed, teacher=p.teacher,
+                teacher_run=upstream, extra_teachers=extra_teachers, teacher_weights=teacher_weights,
+            ),
         )
         run.save()
-        run.config = engine_config.build_run_config(
-            experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed,
-            teacher=p.teacher, teacher_run=upstream, extra_teachers=extra_teachers, teacher_weights=teacher_weights,
-        )
-        run.save(update_fields=["config"])
         runs.append(run)
     for run in runs:
         if run.waiting_for_id is None:
