@@ -125,20 +125,24 @@ def _read_texts(path: Path) -> list[str]:
 
 
 # --- contenders (each in its own process) -----------------------------------------------------------------------
-def contender_plain(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 0) -> dict:
+def contender_plain(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 0, seed: int = 0) -> dict:
+    import numpy as np
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     teacher = AutoModelForCausalLM.from_pretrained(work / "teacher").eval().requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(work / "student-init")
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
     batches = _token_batches(tokenizer, _read_texts(work / "train-window.jsonl"), BATCH)
     marks = []
+    order: list[int] = []
     for step in range(steps):
-        ids, mask = batches[step % len(batches)]
+        if step % len(batches) == 0:  # a new shuffle each epoch, like the other two
+            order = np.random.default_rng([seed, step // len(batches)]).permutation(len(batches)).tolist()
+        ids, mask = batches[order[step % len(batches)]]
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits
         s_logits = student(input_ids=ids, attention_mask=mask).logits
@@ -154,7 +158,8 @@ def contender_plain(work: Path, out: Path, steps: int, steps_per_epoch: int, top
     return {"marks": marks}
 
 
-def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 64) -> dict:
+def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 64,
+                         seed: int = 0) -> dict:
     sys.path.insert(0, str(REPO))
     from workers.engine.config import DatasetConfig, LossTermConfig, ModelConfig, RunConfig, TrainConfig
     from workers.engine.trainer import Callbacks, train
@@ -165,14 +170,15 @@ def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int
         scheme="offline",
         student=ModelConfig(source="hf", path=str(work / "student-init")),
         teacher=ModelConfig(source="hf", path=str(work / "teacher")),
+        # Every train row trains (like the other two); the held-out file is the engine's eval split.
         dataset=DatasetConfig(source="hf", path=str(work / "train-window.jsonl"), text_column="text",
-                              max_length=SEQ_LEN, eval_fraction=0.05),
+                              max_length=SEQ_LEN, eval_path=str(work / "eval-window.jsonl")),
         # Offline LM distillation reads the sparse teacher cache: forward KL on the teacher's top-k tokens plus
         # one bucket for the remaining mass, at temperature 1 like TRL's loss.
         terms=(LossTermConfig("topk", 1.0, {"k": topk, "divergence": "kd", "tail": True, "temperature": 1.0}),),
         train=TrainConfig(max_steps=steps, batch_size=BATCH, lr=LR, weight_decay=0.0, lr_schedule="constant",
                           grad_clip=0.0, log_every=steps_per_epoch, eval_every=10 * steps, save_every=10 * steps,
-                          device="cpu"),
+                          device="cpu", seed=seed),
         output_dir=str(out / "run"),
         cache_dir=str(out / "cache"),
         evaluate_teacher=False,
@@ -181,7 +187,7 @@ def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int
     return {"marks": marks, "final_dir": result.final_dir, "teacher_cache": result.to_dict().get("teacher_cache")}
 
 
-def contender_trl(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 0) -> dict:
+def contender_trl(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 0, seed: int = 0) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -204,7 +210,7 @@ def contender_trl(work: Path, out: Path, steps: int, steps_per_epoch: int, topk:
         output_dir=str(out / "trl"), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
         weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, lmbda=0.0, beta=0.0,
         temperature=1.0, max_length=SEQ_LEN, use_cpu=True, bf16=False, gradient_checkpointing=False,
-        report_to="none", save_strategy="no", logging_steps=steps_per_epoch, seed=0, dataloader_num_workers=0,
+        report_to="none", save_strategy="no", logging_steps=steps_per_epoch, seed=seed, dataloader_num_workers=0,
     )
     trainer = GKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(work / "student-init"),
@@ -219,9 +225,9 @@ def contender_trl(work: Path, out: Path, steps: int, steps_per_epoch: int, topk:
 CONTENDERS = {"plain": contender_plain, "distillweb": contender_distillweb, "trl": contender_trl}
 
 
-def run_contender(name: str, work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int) -> None:
+def run_contender(name: str, work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int, seed: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    result = CONTENDERS[name](work, out, steps, steps_per_epoch, topk=topk)
+    result = CONTENDERS[name](work, out, steps, steps_per_epoch, topk=topk, seed=seed)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "result.json").write_text(json.dumps(result))
 
@@ -261,10 +267,11 @@ def main() -> int:
     parser.add_argument("--steps-per-epoch", type=int)
     parser.add_argument("--topk", type=int, default=64, help="teacher tokens kept per position in distillweb's cache")
     parser.add_argument("--contenders", default="plain,distillweb,trl")
+    parser.add_argument("--seed", type=int, default=0, help="child process: data order (and sampling) seed")
     args = parser.parse_args()
     work = Path(args.work)
     if args.contender:  # child process
-        run_contender(args.contender, work, Path(args.out), args.steps, args.steps_per_epoch, args.topk)
+        run_contender(args.contender, work, Path(args.out), args.steps, args.steps_per_epoch, args.topk, args.seed)
         return 0
 
     prepare(work, train_rows=args.train_rows, eval_rows=args.eval_rows)
@@ -280,7 +287,7 @@ def main() -> int:
             out = work / f"{name}-{repeat}"
             subprocess.run([python, __file__, "--work", str(work), "--contender", name, "--out", str(out),
                             "--steps", str(steps), "--steps-per-epoch", str(steps_per_epoch),
-                            "--topk", str(args.topk)], check=True,
+                            "--topk", str(args.topk), "--seed", str(repeat)], check=True,
                            env={**os.environ, "PYTHONPATH": str(REPO)})
             result = json.loads((out / "result.json").read_text())
             marks = result["marks"]
@@ -293,14 +300,18 @@ def main() -> int:
                   f"peak RSS {result['peak_rss_mb']:.0f} MB, eval KL {result['eval_kl']:.4f}", file=sys.stderr)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; batch {BATCH} × {SEQ_LEN} tokens, "
-          f"vocab {VOCAB}, {args.epochs} epochs of {steps_per_epoch} steps, {args.repeats} repeats (medians)")
+          f"vocab {VOCAB}, {args.epochs} epochs of {steps_per_epoch} steps, {args.repeats} repeats = data-order "
+          f"seeds 0..{args.repeats - 1} (throughput: median; eval KL: mean ± std over seeds)")
     print("| contender | steps/s (epochs 2+) | peak RSS (MB) | eval KL(p_T‖p_S) |")
     print("|---|---|---|---|")
     summary = {}
     for name, rows in results.items():
-        summary[name] = {k: statistics.median(r[k] for r in rows) for k in ("steps_per_s", "peak_rss_mb", "eval_kl")}
+        summary[name] = {k: statistics.median(r[k] for r in rows) for k in ("steps_per_s", "peak_rss_mb")}
+        kls = [r["eval_kl"] for r in rows]
+        summary[name]["eval_kl"] = statistics.fmean(kls)
+        spread = statistics.stdev(kls) if len(kls) > 1 else 0.0
         s = summary[name]
-        print(f"| {name} | {s['steps_per_s']:.2f} | {s['peak_rss_mb']:.0f} | {s['eval_kl']:.4f} |")
+        print(f"| {name} | {s['steps_per_s']:.2f} | {s['peak_rss_mb']:.0f} | {s['eval_kl']:.4f} ± {spread:.4f} |")
     if "distillweb" in summary and "trl" in summary:
         ratio = summary["distillweb"]["steps_per_s"] / summary["trl"]["steps_per_s"]
         kl_gap = summary["distillweb"]["eval_kl"] / summary["trl"]["eval_kl"] - 1

@@ -167,6 +167,12 @@ def dataset_description(cfg: DatasetConfig, *, task: str, max_length: int) -> di
         description["label_column"] = cfg.label_column  # the stratified split depends on the labels
     if cfg.path and Path(cfg.path).exists():
         description["content"] = digest_path(cfg.path)
+    if cfg.pack:
+        description["pack"] = True
+    if cfg.eval_path:
+        description["eval_path"] = cfg.eval_path
+        if Path(cfg.eval_path).exists():
+            description["eval_content"] = digest_path(cfg.eval_path)
     if cfg.source == "builtin" and cfg.name == "fortunes":
         from .data import fortune_files, fortunes_dir
 

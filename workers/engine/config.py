@@ -49,7 +49,9 @@ class DatasetConfig:
 
     - ``builtin``: ``name`` is ``digits`` or ``bbc-news`` (packaged real data).
     - ``hf``: ``path`` is a local CSV / JSONL file, or ``name`` a hub dataset name.
-    The eval split is a fixed, stratified fraction of the rows, drawn with ``split_seed``.
+    The eval split is a fixed, stratified fraction of the rows, drawn with ``split_seed``; or, when
+    ``eval_path`` names a second local file (same columns), every row of ``path`` trains and every row of
+    ``eval_path`` evaluates (``eval_fraction`` is then not used).
     """
 
     source: str
@@ -61,6 +63,10 @@ class DatasetConfig:
     split_seed: int = 0
     max_length: int = 128
     labelled_fraction: float = 1.0
+    eval_path: str = ""
+    # Causal LM: concatenate the texts (each ended by EOS) and cut the stream into max_length blocks, instead
+    # of one row per text cut at max_length (nothing is thrown away and no position is padding).
+    pack: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,8 @@ class TrainConfig:
     early_stopping_metric: str = ""
     early_stopping_mode: str = "max"  # max | min
     early_stopping_patience: int = 0
+    # With early stopping on: the saved and evaluated student is the best evaluated one, not the last.
+    early_stopping_restore_best: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 

@@ -18,7 +18,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +89,7 @@ class LoadedDataset:
     eval: Split
     max_length: int = 128
     task: str = "classification"
+    pack: bool = False
 
     @property
     def num_labels(self) -> int:
@@ -125,6 +126,8 @@ def load_dataset(cfg: DatasetConfig, *, task: str = "classification") -> LoadedD
     """
     if task not in TASKS:
         raise DataError(f"Unknown task '{task}'. Use one of: {', '.join(TASKS)}.")
+    if cfg.eval_path and (cfg.source != "hf" or not cfg.path):
+        raise DataError("eval_path (a separate eval file) needs a local train file: source 'hf' with a path.")
     if not 0 < cfg.eval_fraction < 1:
         raise DataError(f"eval_fraction must be between 0 and 1 (exclusive), got {cfg.eval_fraction}.")
     if not 0 < cfg.labelled_fraction <= 1:
@@ -140,10 +143,12 @@ def load_dataset(cfg: DatasetConfig, *, task: str = "classification") -> LoadedD
         inputs, labels, label_names = _load_hf(cfg)
     else:
         raise DataError(f"Unknown dataset source '{cfg.source}'. Use 'builtin' or 'hf'.")
-    if len(labels) < 2:
+    if cfg.eval_path:
+        inputs, labels, label_names, train_rows, eval_rows = _with_eval_file(cfg, inputs, labels, label_names)
+    elif len(labels) < 2:
         raise DataError(f"Dataset '{name}' has {len(labels)} rows; at least 2 are needed to split it.")
-
-    train_rows, eval_rows = stratified_split(labels, cfg.eval_fraction, seed=cfg.split_seed)
+    else:
+        train_rows, eval_rows = stratified_split(labels, cfg.eval_fraction, seed=cfg.split_seed)
     if len(train_rows) == 0 or len(eval_rows) == 0:
         raise DataError(f"Dataset '{name}' is too small to split with eval_fraction={cfg.eval_fraction}.")
     train_labels = labels[train_rows].copy()
@@ -174,6 +179,8 @@ def _load_text_task(cfg: DatasetConfig, task: str) -> LoadedDataset:
     """Text rows for ``causal_lm`` / ``embedding``: empty rows dropped, a seeded random split, no labels."""
     if cfg.labelled_fraction < 1:
         raise DataError(f"labelled_fraction applies to classification only; task '{task}' uses every row.")
+    if cfg.pack and task != "causal_lm":
+        raise DataError(f"pack (packing texts into blocks) applies to causal_lm only, not {task}.")
     if cfg.source == "builtin":
         name, texts = cfg.name, _builtin_texts(cfg.name, task)
     elif cfg.source == "hf":
@@ -181,16 +188,40 @@ def _load_text_task(cfg: DatasetConfig, task: str) -> LoadedDataset:
     else:
         raise DataError(f"Unknown dataset source '{cfg.source}'. Use 'builtin' or 'hf'.")
     texts = [t for t in (text.strip() for text in texts) if t]
-    if len(texts) < 2:
+    if cfg.eval_path:
+        held_out = [t for t in (text.strip() for text in _hf_texts(replace(cfg, path=cfg.eval_path))) if t]
+        if not texts or not held_out:
+            raise DataError(f"Dataset '{name}' has an empty {'train' if not texts else 'eval'} file.")
+        train_rows, eval_rows = np.arange(len(texts)), np.arange(len(texts), len(texts) + len(held_out))
+        texts = texts + held_out
+    elif len(texts) < 2:
         raise DataError(f"Dataset '{name}' has {len(texts)} non-empty text rows; at least 2 are needed to "
                         "split it.")
-    train_rows, eval_rows = random_split(len(texts), cfg.eval_fraction, seed=cfg.split_seed)
+    else:
+        train_rows, eval_rows = random_split(len(texts), cfg.eval_fraction, seed=cfg.split_seed)
     zeros = np.zeros  # text tasks have no class labels; 0 marks every row as usable
     return LoadedDataset(
-        name=name, kind="text", label_names=[], task=task, max_length=cfg.max_length,
+        name=name, kind="text", label_names=[], task=task, max_length=cfg.max_length, pack=cfg.pack,
         train=Split([texts[i] for i in train_rows], zeros(len(train_rows), dtype=np.int64)),
         eval=Split([texts[i] for i in eval_rows], zeros(len(eval_rows), dtype=np.int64)),
     )
+
+
+def _with_eval_file(cfg: DatasetConfig, inputs: list[str], labels: np.ndarray, label_names: list[str]
+                    ) -> tuple[list[str], np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Train rows from ``cfg.path`` and eval rows from ``cfg.eval_path``, with one label space: the eval
+    file's labels are looked up by name in the train file's; a label the train file lacks is an error."""
+    eval_inputs, eval_ids, eval_names = _load_hf(replace(cfg, path=cfg.eval_path))
+    index = {n: i for i, n in enumerate(label_names)}
+    unknown = sorted({eval_names[i] for i in eval_ids.tolist()} - set(index))
+    if unknown:
+        raise DataError(f"The eval file has labels the train file lacks: {', '.join(unknown[:10])}.")
+    if not inputs or not eval_inputs:
+        raise DataError(f"Dataset has an empty {'train' if not inputs else 'eval'} file.")
+    eval_labels = np.asarray([index[eval_names[i]] for i in eval_ids.tolist()], dtype=np.int64)
+    n, m = len(inputs), len(eval_inputs)
+    return (list(inputs) + list(eval_inputs), np.concatenate([labels, eval_labels]), label_names,
+            np.arange(n), np.arange(n, n + m))
 
 
 def _load_builtin(name: str) -> tuple[str, TaskKind, Any, np.ndarray, list[str]]:
@@ -619,9 +650,12 @@ class LMBatcher:
         self.labels = torch.zeros(len(self.token_rows), dtype=torch.long)  # no class labels; kept for symmetry
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], *, tokenizer: Any, max_length: int) -> LMBatcher:
+    def from_texts(cls, texts: Sequence[str], *, tokenizer: Any, max_length: int, pack: bool = False) -> LMBatcher:
         """Tokenise ``texts`` (the tokenizer's own special tokens included) and cut them to ``max_length``
-        tokens; a text that fits gets the tokenizer's EOS appended, so the model learns where texts end."""
+        tokens; a text that fits gets the tokenizer's EOS appended, so the model learns where texts end.
+        ``pack``: see :func:`pack_for_lm`."""
+        if pack:
+            return cls(pack_for_lm(texts, tokenizer=tokenizer, max_length=max_length), pad_id=lm_pad_id(tokenizer))
         rows = tokenize_for_lm(texts, tokenizer=tokenizer, max_length=max_length)
         return cls(rows, pad_id=lm_pad_id(tokenizer))
 
@@ -660,6 +694,20 @@ def tokenize_for_lm(texts: Sequence[str], *, tokenizer: Any, max_length: int) ->
             ids = [*ids, eos]
         rows.append(ids)
     return rows
+
+
+def pack_for_lm(texts: Sequence[str], *, tokenizer: Any, max_length: int) -> list[list[int]]:
+    """Every text whole, each followed by EOS, concatenated into one stream and cut into rows of
+    ``max_length`` tokens (the last row may be shorter; a 1-token remainder, which predicts nothing, is
+    dropped). Rows cross text boundaries; the EOS between texts marks where one ends."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in tokenizer(list(texts), verbose=False)["input_ids"]:
+        stream.extend(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            stream.append(eos)
+    rows = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
+    return [r for r in rows if len(r) >= 2]
 
 
 def lm_pad_id(tokenizer: Any) -> int:

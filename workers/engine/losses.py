@@ -448,8 +448,20 @@ def topk_log_probs(student_logits: Tensor, teacher: Tensor | TopK, *, k: int, ta
     return log_s - torch.logsumexp(log_s, -1, keepdim=True), log_t - torch.logsumexp(log_t, -1, keepdim=True)
 
 
+def _dense_from_topk(teacher: TopK, temperature: float) -> Tensor:
+    """A TopK that holds the whole vocabulary (k = V) as dense log-probabilities (..., V) at ``temperature``."""
+    log_t = torch.empty_like(teacher.logprobs, dtype=torch.float32)
+    log_t.scatter_(-1, teacher.indices, teacher.logprobs.float() / temperature)
+    return log_t - torch.logsumexp(log_t, -1, keepdim=True)          # undo the cache's half-precision rounding
+
+
 def _topk_tokens(s: Tensor, teacher: Tensor | TopK, *, k: int, divergence: str, tail: bool, temperature: float,
                  beta: float) -> Tensor:
+    if isinstance(teacher, TopK) and k == s.shape[-1] == teacher.logprobs.shape[-1]:
+        # The cache holds the full distribution: the dense divergence, no gathers and no tail bucket (it is empty).
+        log_t = _dense_from_topk(teacher, temperature)
+        return _divergence(divergence, _log_probs(s, temperature), log_t, beta=beta) * _tau_squared(
+            divergence, temperature)
     log_s, log_t = topk_log_probs(s, teacher, k=k, tail=tail, temperature=temperature)
     return _divergence(divergence, log_s, log_t, beta=beta) * _tau_squared(divergence, temperature)
 
@@ -490,7 +502,9 @@ def uld(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = No
     """Universal logit distillation (Boizard et al. 2024): ``Σ_i |p_T(i) − p_S(i)|`` over sorted probabilities.
 
     Each probability vector is sorted in decreasing order and the shorter one padded with zeros, so teacher
-    and student may use different tokenizers (V_T ≠ V_S). Positions must already be aligned.
+    and student may use different tokenizers (V_T ≠ V_S). Positions must already be aligned: for causal LMs
+    with different tokenizers the trainer pairs positions that have read the same text (:mod:`.align`) and
+    masks the rest.
 
     Args:
         student_logits: (..., V_S); teacher_logits: (..., V_T) with the same leading shape.

@@ -89,7 +89,8 @@ class TermInputs:
     (B,) or (B, T) with -100 = no label / padding / prompt; ``teacher_logits`` same leading shape (its V may
     differ for uld); hidden states (B, T, H) per layer with [0] = embeddings (Hugging Face ``hidden_states``);
     attentions (B, heads, T, T) per layer; values (B, heads, T, d) per layer (the last one is used);
-    ``attention_mask`` (B, T) with 1 = real token; embeddings (B, D).
+    ``attention_mask`` (B, T) with 1 = real token; embeddings (B, D); ``teacher_paired`` (B, T) bool, for
+    cross-tokenizer causal LMs: positions whose teacher logits come from a position that read the same text.
     """
 
     student_logits: Tensor
@@ -105,6 +106,7 @@ class TermInputs:
     attention_mask: Tensor | None = None
     student_embedding: Tensor | None = None
     teacher_embedding: Tensor | None = None
+    teacher_paired: Tensor | None = None
     step: int = 0
     total_steps: int = 1
 
@@ -340,7 +342,10 @@ def _compute(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, *, modu
         source = inputs.teacher_topk if inputs.teacher_topk is not None else teacher
         return spec.fn(student, source, sequence_mask(inputs), **params, **extra)
     if kind == "uld":
-        return spec.fn(student, teacher, sequence_mask(inputs), **params, **extra)
+        mask = sequence_mask(inputs)
+        if inputs.teacher_paired is not None:  # cross-tokenizer: only positions that read the same text
+            mask = inputs.teacher_paired if mask is None else mask & inputs.teacher_paired
+        return spec.fn(student, teacher, mask, **params, **extra)
     mask = None if inputs.attention_mask is None else inputs.attention_mask.bool()
     if kind == "hidden":
         projections = modules[name] if name in modules else None

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from . import methods
+from .align import align_positions, gather_aligned, prefix_ends
 from .cache import (
     EVAL_TOPK,
     CacheEntry,
@@ -86,6 +87,8 @@ STREAMED_EVAL_METRICS = {
 TEACHER_METRICS = ("agreement", "kl_to_teacher", "cosine_to_teacher")
 EARLY_STOPPING_MODES = ("max", "min")
 TERM_MODULES_FILE = "term_modules.safetensors"
+BEST_DIR = "best"                       # the best eval's weights while early stopping watches a metric
+BEST_WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -113,7 +116,8 @@ class TrainResult:
 
     ``stopped``: ``should_stop`` ended the run (nothing saved or evaluated). ``stopped_early``: early stopping
     ended it (saved and evaluated as usual); ``best_step`` / ``best_metric``: the best eval of the monitored
-    metric (None without early stopping). ``teacher_cache``: one entry per teacher-output cache entry the run
+    metric (None without early stopping); ``restored_best``: the saved, evaluated student is the one of
+    ``best_step`` (``train.early_stopping_restore_best``), not the last weights. ``teacher_cache``: one entry per teacher-output cache entry the run
     used (``key``, ``split``, ``stored``, ``hit``, ``seconds``, ``path``, ``bytes``, ``waited``).
     ``teacher_forwards``: teacher forward passes this run executed (0 when everything came from the cache).
     """
@@ -130,6 +134,7 @@ class TrainResult:
     stopped_early: bool = False
     best_step: int | None = None
     best_metric: float | None = None
+    restored_best: bool = False
     teacher_cache: list[dict[str, Any]] = field(default_factory=list)
     teacher_forwards: int = 0
 
@@ -425,7 +430,7 @@ def make_batcher(split_name: str, dataset: LoadedDataset, model: LoadedModel, *,
     split = dataset.train if split_name == "train" else dataset.eval
     if dataset.task == "causal_lm":
         length = max_length or lm_max_length(dataset, model)
-        return LMBatcher.from_texts(split.inputs, tokenizer=model.tokenizer, max_length=length)
+        return LMBatcher.from_texts(split.inputs, tokenizer=model.tokenizer, max_length=length, pack=dataset.pack)
     return Batcher(split, tokenizer=model.tokenizer, max_length=model.max_length(dataset.max_length))
 
 
@@ -592,9 +597,30 @@ class TeacherTargets:
     runs on the batch, returning what the terms need (logits, hidden states, attentions, values, embeddings).
     """
 
-    def __init__(self, teachers: Teachers, *, entry: CacheEntry | None, task: str, same_tokens: bool) -> None:
+    def __init__(self, teachers: Teachers, *, entry: CacheEntry | None, task: str, same_tokens: bool,
+                 student: LoadedModel | None = None, student_rows: LMBatcher | None = None) -> None:
         self.teachers, self.entry, self.task, self.same_tokens = teachers, entry, task, same_tokens
+        self.student, self.student_rows = student, student_rows
         self._own: dict[int, Any] = {}
+        self._ends: dict[str, list[list[int]] | None] = {}
+
+    def _prefix_ends(self, key: str, rows: LMBatcher, tokenizer: Any) -> list[list[int]] | None:
+        if key not in self._ends:
+            self._ends[key] = prefix_ends(self.teachers.dataset.train.inputs, rows.token_rows, tokenizer=tokenizer)
+        return self._ends[key]
+
+    def _alignment(self, loaded: LoadedModel, rows: np.ndarray | None, student_width: int,
+                   teacher_width: int) -> Tensor | None:
+        """Cross-tokenizer pairs of positions that have read the same text (:mod:`.align`); None when either
+        tokenizer gives no character offsets (positions are then paired by index)."""
+        if rows is None or self.student is None or self.student_rows is None:
+            return None
+        s_ends = self._prefix_ends("student", self.student_rows, self.student.tokenizer)
+        t_ends = self._prefix_ends(f"teacher-{id(loaded)}", self._own[id(loaded)], loaded.tokenizer)
+        if s_ends is None or t_ends is None:
+            return None
+        return align_positions([s_ends[i] for i in rows.tolist()], [t_ends[i] for i in rows.tolist()],
+                               student_width=student_width, teacher_width=teacher_width)
 
     def _teacher_batch(self, loaded: LoadedModel, batch: Batch, rows: np.ndarray) -> Batch:
         """The teacher's view of a batch: the same tensors when it shares the student's inputs, else the same
@@ -629,7 +655,11 @@ class TeacherTargets:
         if self.task == "causal_lm":
             logits = out.logits.float()[:, :-1]
             student_width = batch.inputs["input_ids"].shape[1] - 1
-            fields["teacher_logits"] = _fit_width(logits, student_width)
+            index = None if self.same_tokens else self._alignment(loaded, rows, student_width, logits.shape[1])
+            if index is None:
+                fields["teacher_logits"] = _fit_width(logits, student_width)
+            else:
+                fields["teacher_logits"], fields["teacher_paired"] = gather_aligned(logits, index)
         elif self.task == "classification":
             fields["teacher_logits"] = out.logits.float()
         return fields
@@ -762,6 +792,9 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             raise ConfigError("The teacher and the student use different tokenizers, so their token positions "
                               "do not line up. Give them the same tokenizer, or train online with the uld "
                               "(cross-tokenizer) term.")
+        if cfg.dataset.pack:
+            raise ConfigError("Cross-tokenizer (uld) runs pair positions within each text, so they cannot pack "
+                              "texts into blocks: turn packing off.")
 
     # --- the train rows (seq_kd: prompts continued by the teacher, once, through the cache) ---
     train_batches = make_batcher("train", dataset, student, max_length=max_length)
@@ -803,7 +836,8 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             with _out_of_memory_as_training_error(0, tc.batch_size):
                 entry = entry_for("train", stored_for("train"), train_entry_compute)
         same_tokens = task == "causal_lm" and same_vocab
-        targets = TeacherTargets(teachers, entry=entry, task=task, same_tokens=same_tokens)
+        targets = TeacherTargets(teachers, entry=entry, task=task, same_tokens=same_tokens, student=student,
+                                 student_rows=train_batches if isinstance(train_batches, LMBatcher) else None)
 
     # --- evaluation (teacher outputs on the eval split always come through the cache) ---
     eval_batches = make_batcher("eval", dataset, student, max_length=max_length)
@@ -853,6 +887,29 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         if cb.on_checkpoint:
             cb.on_checkpoint(at_step, str(path))
         return path
+
+    restore_best = stopper.enabled and tc.early_stopping_restore_best
+
+    def save_best() -> None:
+        """The student (and the terms' learned projections) of the best eval so far, replaced atomically."""
+        from safetensors.torch import save_model as save_weights_of
+
+        best = output_dir / BEST_DIR
+        best.mkdir(parents=True, exist_ok=True)
+        for module, name in ((student.model, BEST_WEIGHTS_FILE), (modules, TERM_MODULES_FILE)):
+            if module is modules and not len(modules.state_dict()):
+                continue
+            tmp = best / f".{name}.tmp"
+            save_weights_of(module, str(tmp))
+            tmp.replace(best / name)
+
+    def load_best() -> None:
+        from safetensors.torch import load_model as load_weights_into
+
+        best = output_dir / BEST_DIR
+        load_weights_into(student.model, str(best / BEST_WEIGHTS_FILE), device=str(device))
+        if len(modules.state_dict()) and (best / TERM_MODULES_FILE).exists():
+            load_weights_into(modules, str(best / TERM_MODULES_FILE), device=str(device))
 
     def term_inputs(batch: Batch, rows: np.ndarray | None, at_step: int) -> TermInputs:
         """Student forward + the teacher's part, as the terms need them."""
@@ -942,6 +999,8 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             metrics = run_eval(final=False)
             emit_eval(step, metrics)
             stopped_early = stopper.update(step, metrics)
+            if restore_best and stopper.best_step == step:
+                save_best()
         saved_now = False
         if step % tc.save_every == 0:
             last_checkpoint, saved_now = checkpoint(step), True
@@ -960,14 +1019,24 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         return TrainResult(steps=step, stopped=True, final_dir=None, student={}, teacher=None,
                            train_seconds=train_seconds, last_checkpoint=str(last_checkpoint),
                            teacher_forwards=teachers.forwards if teachers else 0, **common)
+    restored = False
+    if restore_best:
+        if not stopped_early:  # the last weights are a candidate too
+            last_metrics = run_eval(final=False)
+            emit_eval(step, last_metrics)
+            stopper.update(step, last_metrics)
+        if stopper.best_step not in (None, step) and (output_dir / BEST_DIR / BEST_WEIGHTS_FILE).exists():
+            load_best()
+            restored = True
     final_dir = save_model(student, output_dir / "final")
     if len(modules.state_dict()):
         from safetensors.torch import save_model as save_weights_of
 
         save_weights_of(modules, str(final_dir / TERM_MODULES_FILE))
     student_metrics = run_eval(final=True)
-    emit_eval(step, student_metrics)
-    if not stopped_early:
+    if not restored:  # the curve keeps the last weights' point; the result holds the best weights' metrics
+        emit_eval(step, student_metrics)
+    if not stopped_early and not restore_best:
         stopper.update(step, student_metrics)
     teacher_metrics = None
     if teachers is not None and cfg.evaluate_teacher:
@@ -979,7 +1048,7 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
                        teacher=teacher_metrics, train_seconds=train_seconds,
                        last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
                        stopped_early=stopped_early, best_step=stopper.best_step if stopper.enabled else None,
-                       best_metric=stopper.best if stopper.enabled else None,
+                       best_metric=stopper.best if stopper.enabled else None, restored_best=restored,
                        teacher_forwards=teachers.forwards if teachers else 0, **common)
 
 

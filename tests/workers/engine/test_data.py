@@ -218,3 +218,16 @@ def test_fortunes_corpus_when_installed(monkeypatch, tmp_path):
     monkeypatch.setenv("DISTILLWEB_FORTUNES_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="fetch_corpora.sh.*DISTILLWEB_FORTUNES_DIR"):
         load_dataset(DatasetConfig(source="builtin", name="fortunes"), task="causal_lm")
+
+
+def test_classification_eval_file_shares_the_train_label_space(tmp_path):
+    train_file, eval_file = tmp_path / "train.csv", tmp_path / "eval.csv"
+    train_file.write_text("text,label\n" + "".join(f"row {i},{'spam' if i % 2 else 'ham'}\n" for i in range(8)))
+    eval_file.write_text("text,label\nheld one,spam\nheld two,spam\n")
+    ds = load_dataset(DatasetConfig(source="hf", path=str(train_file), eval_path=str(eval_file)))
+    assert ds.label_names == ["ham", "spam"]
+    assert len(ds.train.inputs) == 8 and ds.eval.inputs == ["held one", "held two"]
+    assert ds.eval.labels.tolist() == [1, 1]
+    eval_file.write_text("text,label\nheld one,eggs\n")
+    with pytest.raises(DataError, match="labels the train file lacks: eggs"):
+        load_dataset(DatasetConfig(source="hf", path=str(train_file), eval_path=str(eval_file)))

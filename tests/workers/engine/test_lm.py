@@ -228,3 +228,38 @@ def test_bad_lm_data_is_refused(tmp_path):
     table.write_text("body,label\nhello there,0\ngeneral kenobi,1\n")
     with pytest.raises(DataError, match="Dataset has no column 'text'. Available columns: body, label."):
         train(_lm_run(tmp_path / "b", table))
+
+
+def test_packing_fills_every_row_with_whole_texts(tmp_path, corpus):
+    from workers.engine.data import pack_for_lm, tokenize_for_lm
+    from workers.engine.models import load_model
+
+    cfg = _lm_run(tmp_path / "run", corpus, dataset={"source": "hf", "path": str(corpus), "max_length": 16,
+                                                       "pack": True})
+    dataset = load_dataset(cfg.dataset, task="causal_lm")
+    assert dataset.pack
+    student = load_model(cfg.student, dataset=dataset, role="student")
+    texts = dataset.train.inputs
+    rows = pack_for_lm(texts, tokenizer=student.tokenizer, max_length=16)
+    whole = tokenize_for_lm(texts, tokenizer=student.tokenizer, max_length=10_000)   # each text + EOS
+    assert [t for r in rows for t in r] == [t for r in whole for t in r][: sum(map(len, rows))]
+    assert all(len(r) == 16 for r in rows[:-1]) and 2 <= len(rows[-1]) <= 16
+    assert sum(map(len, rows)) >= sum(map(len, whole)) - 1            # nothing lost but a 1-token tail
+    log = Log()
+    result = train(cfg, log.callbacks())
+    assert result.steps == 6 and math.isfinite(result.student["perplexity"])
+    with pytest.raises(DataError, match="applies to causal_lm only"):
+        load_dataset(DatasetConfig(source="hf", path=str(corpus), pack=True), task="embedding")
+
+
+def test_a_separate_eval_file_is_the_eval_split(tmp_path, corpus):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text('{"text": "a quiet evening by the river"}\n{"text": "the train left at dawn"}\n')
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(f'{{"text": "line {i} of the train file"}}\n' for i in range(10)))
+    dataset = load_dataset(DatasetConfig(source="hf", path=str(train_file), eval_path=str(held_out)),
+                           task="causal_lm")
+    assert len(dataset.train.inputs) == 10 and dataset.eval.inputs == ["a quiet evening by the river",
+                                                                        "the train left at dawn"]
+    with pytest.raises(DataError, match="needs a local train file"):
+        load_dataset(DatasetConfig(source="builtin", name="fortunes", eval_path=str(held_out)), task="causal_lm")

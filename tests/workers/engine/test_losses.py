@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import json
 import tempfile
 
@@ -408,6 +410,24 @@ def test_topk_from_a_sparse_cache_matches_the_dense_teacher(tail, cached_k):
             dense = losses.topk(s, t, mask, k=4, tail=tail, divergence=divergence)
             got = losses.topk(s, sparse, mask, k=4, tail=tail, divergence=divergence)
             assert got.item() == pytest.approx(dense.item(), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["kd", "reverse_kl", "jsd", "tvd"])
+def test_a_cache_holding_the_whole_vocabulary_gives_the_dense_divergence(divergence):
+    g = torch.Generator().manual_seed(15)
+    s = (torch.randn(2, 3, 10, generator=g) * 2).requires_grad_()
+    t = torch.randn(2, 3, 10, generator=g) * 2
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    full = _sparse(t, 10, tail=True)
+    full = losses.TopK(full.logprobs.half(), full.indices, full.tail_logmass)   # as the cache stores it
+    dense = {"kd": losses.kd, "reverse_kl": losses.reverse_kl, "tvd": losses.tvd,
+             "jsd": functools.partial(losses.jsd, beta=0.5)}[divergence](s, t, mask, temperature=2.0) \
+        if divergence != "tvd" else losses.tvd(s, t, mask)
+    got = losses.topk(s, full, mask, k=10, tail=False, divergence=divergence,
+                      temperature=1.0 if divergence == "tvd" else 2.0)
+    assert got.item() == pytest.approx(dense.item(), rel=2e-3, abs=1e-5)       # half-precision cache
+    (grad,) = torch.autograd.grad(got, s)
+    assert torch.isfinite(grad).all() and grad[0, 1].abs().sum() == 0          # masked position: no gradient
 
 
 def test_topk_rejects_k_larger_than_the_teacher_offers():

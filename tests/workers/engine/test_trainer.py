@@ -66,7 +66,7 @@ def test_hard_labels_training_lowers_the_loss_and_reports_everything(tmp_path, d
     assert {"params", "size_bytes", "latency_ms_p50", "latency_ms_p95", "throughput_per_s"} <= set(result.student)
     assert set(result.to_dict()) == {"steps", "stopped", "final_dir", "student", "teacher", "train_seconds",
                                      "last_checkpoint", "task", "scheme", "stopped_early", "best_step",
-                                     "best_metric", "teacher_cache", "teacher_forwards"}
+                                     "best_metric", "restored_best", "teacher_cache", "teacher_forwards"}
     json.dumps(result.to_dict())
 
 
@@ -338,6 +338,23 @@ def test_early_stopping_stops_and_records_why(tmp_path, digits_run):
     assert result.final_dir is not None and "accuracy" in result.student
     plain = train(digits_run(tmp_path / "plain", train={"max_steps": 10}))
     assert plain.stopped_early is False and plain.best_step is None and plain.best_metric is None
+
+
+def test_early_stopping_keeps_the_best_evaluated_weights(tmp_path, digits_run):
+    rec = Recorder()
+    best = train(digits_run(tmp_path / "best", train=_stopping()), rec.callbacks())
+    at_best = next(m for s, m in rec.metrics if s == 5 and "eval/loss" in m)
+    assert best.restored_best and best.best_step == 5
+    # The saved student is the step-5 one: its final evaluation repeats step 5's numbers.
+    assert best.student["nll"] == pytest.approx(at_best["eval/loss"], rel=1e-6)
+    assert best.student["accuracy"] == pytest.approx(at_best["eval/accuracy"])
+    last = train(digits_run(tmp_path / "last", train=_stopping(early_stopping_restore_best=False)))
+    assert not last.restored_best and last.student["nll"] != pytest.approx(at_best["eval/loss"], rel=1e-6)
+    reloaded = _weights(best)
+    assert not all(torch.equal(reloaded[k], v) for k, v in _weights(last).items())
+    # A run that ends at max_steps while its last weights are the best restores nothing.
+    improving = train(digits_run(tmp_path / "up", train=_stopping(early_stopping_mode="min", max_steps=20)))
+    assert not improving.stopped_early and improving.best_step == 20 and not improving.restored_best
 
 
 def test_early_stopping_state_survives_a_resume(tmp_path, digits_run):
