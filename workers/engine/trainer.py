@@ -96,7 +96,8 @@ class Callbacks:
     """How a caller follows and steers a run. Every field is optional.
 
     - ``on_metrics(step, metrics)``: training metrics every ``log_every`` steps (``loss``, one entry per term,
-      ``weight/<term>`` and ``<param>/<term>`` for scheduled terms, ``lr``, ``samples_per_s``, and for
+      ``weight/<term>`` and ``<param>/<term>`` for scheduled terms, ``lr``, ``samples_per_s``, for causal LMs
+      ``tokens_per_s`` (non-padding tokens), on CUDA ``gpu_memory_bytes`` (peak allocated in the interval), and for
       ``on_policy`` ``student_generated``: the fraction of micro-batches sampled from the student) and eval
       metrics every ``eval_every`` steps and at the end (``eval/loss``, ``eval/accuracy``, ...).
     - ``on_progress(step, total)``: after every step; throttle on the caller's side.
@@ -787,11 +788,15 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     terms = methods.validate_terms(terms, dims=dims)
     same_vocab = t_vocab is None or t_vocab == vocab_digest(student.tokenizer)
     if task == "causal_lm" and not same_vocab:
-        if not any(LOSS_TERMS[t.name].kind == "uld" for t in terms) or plan.teacher_mode == "cached" \
-                or cfg.scheme in ("seq_kd", "on_policy"):
+        if cfg.scheme == "seq_kd":
+            if any(LOSS_TERMS[t.name].kind != "labels" for t in terms):
+                raise ConfigError("seq_kd across tokenizers trains the student on the teacher's text, re-tokenised "
+                                  "with its own tokenizer; only ce can score it. Remove the other terms.")
+        elif not any(LOSS_TERMS[t.name].kind == "uld" for t in terms) or plan.teacher_mode == "cached" \
+                or cfg.scheme == "on_policy":
             raise ConfigError("The teacher and the student use different tokenizers, so their token positions "
-                              "do not line up. Give them the same tokenizer, or train online with the uld "
-                              "(cross-tokenizer) term.")
+                              "do not line up. Give them the same tokenizer, train online with the uld "
+                              "(cross-tokenizer) term, or use seq_kd (trains on the teacher's text).")
         if cfg.dataset.pack:
             raise ConfigError("Cross-tokenizer (uld) runs pair positions within each text, so they cannot pack "
                               "texts into blocks: turn packing off.")
@@ -799,7 +804,9 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     # --- the train rows (seq_kd: prompts continued by the teacher, once, through the cache) ---
     train_batches = make_batcher("train", dataset, student, max_length=max_length)
     if cfg.scheme == "seq_kd":
-        train_batches = _seq_kd_rows(cfg, plan, student, teachers, train_batches, max_length, entry_for)
+        train_batches, generated_same_vocab = _seq_kd_rows(cfg, plan, student, teachers, train_batches, max_length,
+                                                           entry_for)
+        same_vocab = same_vocab and generated_same_vocab
     # Without teacher terms, unlabelled rows teach nothing: sample labelled rows only.
     train_rows = dataset.train.labelled_rows if plan.teacher_mode == "none" and task == "classification" \
         else np.arange(len(train_batches))
@@ -949,6 +956,7 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     scheduled = [t for t in terms if t.schedule]
     watch = _NonFiniteWatch(term_names, device)
     sums = torch.zeros(1 + len(term_names), device=device)   # running totals for the log interval, no sync
+    tokens = torch.zeros((), dtype=torch.long, device=device)   # causal LM: real tokens in the interval
     interval_steps, interval_start, generated = 0, time.perf_counter(), 0
     stopped = stopped_early = False
     while step < tc.max_steps:
@@ -965,6 +973,8 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
                 (parts.total / accum).backward()
                 watch.update(step + 1, parts)
                 sums += torch.stack([parts.total.detach()] + [parts.parts[n] for n in term_names]) / accum
+                if task == "causal_lm":
+                    tokens += batch.inputs["attention_mask"].sum()
                 generated += sampled
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
@@ -981,6 +991,12 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             elapsed = time.perf_counter() - interval_start
             logged = {"loss": means[0], **dict(zip(term_names, means[1:], strict=True)), "lr": lr,
                       "samples_per_s": interval_steps * batch_size * accum / max(elapsed, 1e-9)}
+            if task == "causal_lm":
+                logged["tokens_per_s"] = float(tokens.item()) / max(elapsed, 1e-9)
+                tokens.zero_()
+            if device.type == "cuda":
+                logged["gpu_memory_bytes"] = float(torch.cuda.max_memory_allocated(device))
+                torch.cuda.reset_peak_memory_stats(device)
             for term in scheduled:
                 weight, values = methods.current_params(term, step - 1, tc.max_steps)
                 logged |= {(f"weight/{term.name}" if target == "weight" else f"{target}/{term.name}"):
@@ -1055,27 +1071,29 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
 def _seq_kd_rows(cfg: RunConfig, plan: RunPlan, student: LoadedModel, teachers: Teachers, text_rows: LMBatcher,
                  max_length: int,
                  entry_for: Callable[[str, dict[str, Any], Callable[[], dict[str, Tensor]]], CacheEntry]
-                 ) -> LMBatcher:
+                 ) -> tuple[LMBatcher, bool]:
     """seq_kd's train rows: each train row's prompt (its first half) continued by the teacher, loss on the
-    continuation. Generated once and kept in the teacher-output cache."""
+    continuation. Generated once and kept in the teacher-output cache. Also returns whether the teacher's
+    tokenizer is the student's (else the rows were re-tokenised for the student)."""
     p = plan.scheme_params
-    eos = student.tokenizer.eos_token_id
     stored = {"kind": "generations", "max_new_tokens": p["max_new_tokens"], "temperature": p["temperature"],
               "prompt": "first-half", "batch_size": cfg.train.batch_size,
               "seed": cfg.train.seed if p["temperature"] > 0 else None}
 
     def compute() -> dict[str, Tensor]:
         teacher = teachers.first
-        if vocab_digest(teacher.tokenizer) != vocab_digest(student.tokenizer):
-            raise ConfigError("seq_kd trains the student on the teacher's tokens, so both need the same tokenizer.")
-        prompts = [r[: prompt_length(r, max_new_tokens=p["max_new_tokens"], max_length=max_length, eos_id=eos)]
-                   for r in text_rows.token_rows]
+        # Prompts in the teacher's own tokens (the student's, unless the two tokenizers differ).
+        source = text_rows if vocab_digest(teacher.tokenizer) == vocab_digest(student.tokenizer) else \
+            make_batcher("train", teachers.dataset, teacher, max_length=max_length)
+        t_eos = teacher.tokenizer.eos_token_id
+        prompts = [r[: prompt_length(r, max_new_tokens=p["max_new_tokens"], max_length=max_length, eos_id=t_eos)]
+                   for r in source.token_rows]
         rows, lengths = [], []
         size = cfg.train.batch_size
         for start in range(0, len(prompts), size):
             chunk = prompts[start : start + size]
             new = generate_continuations(teacher.model, chunk, max_new_tokens=p["max_new_tokens"],
-                                         temperature=p["temperature"], pad_id=text_rows.pad_id, eos_id=eos,
+                                         temperature=p["temperature"], pad_id=source.pad_id, eos_id=t_eos,
                                          device=teachers.device, seed=_step_seed(cfg.train.seed, start, 2))
             rows += [a + b for a, b in zip(chunk, new, strict=True)]
             lengths += [len(a) for a in chunk]
@@ -1083,10 +1101,34 @@ def _seq_kd_rows(cfg: RunConfig, plan: RunPlan, student: LoadedModel, teachers: 
         return pack_positions(flat) | {"prompt_lengths": torch.as_tensor(lengths, dtype=torch.int64)}
 
     entry = entry_for("train", stored, compute)
-    if entry.manifest["vocab_digest"] != vocab_digest(student.tokenizer):
-        raise ConfigError("seq_kd trains the student on the teacher's tokens, so both need the same tokenizer.")
     rows, lengths = row_tokens(entry)
-    return LMBatcher(rows, pad_id=text_rows.pad_id, prompt_lengths=lengths)
+    same = entry.manifest["vocab_digest"] == vocab_digest(student.tokenizer)
+    if not same:
+        rows, lengths = retokenize_rows(rows, lengths, source=teachers.first.tokenizer, target=student.tokenizer,
+                                        max_length=max_length)
+    return LMBatcher(rows, pad_id=text_rows.pad_id, prompt_lengths=lengths), same
+
+
+def retokenize_rows(rows: list[list[int]], prompt_lengths: list[int], *, source: Any, target: Any,
+                    max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Token rows of one tokenizer as rows of another: each row is decoded to text and tokenised again, the
+    prompt/continuation boundary moved to the nearest token of the new tokenization. A row that ended with
+    the source's EOS ends with the target's; one cut short does not get one."""
+    s_eos, t_eos = source.eos_token_id, target.eos_token_id
+    out_rows, out_lengths = [], []
+    for row, prompt in zip(rows, prompt_lengths, strict=True):
+        ended = s_eos is not None and bool(row) and row[-1] == s_eos
+        ids = list(target(source.decode(row, skip_special_tokens=True))["input_ids"])
+        if t_eos is not None and ids and ids[-1] == t_eos:
+            ids.pop()                                   # the tokenizer's own end marker; decided below
+        ids = ids[: max_length - 1 if ended and t_eos is not None else max_length]
+        if ended and t_eos is not None:
+            ids.append(t_eos)
+        prompt_ids = list(target(source.decode(row[:prompt], skip_special_tokens=True))["input_ids"])
+        n_prompt = len(prompt_ids) - (1 if t_eos is not None and prompt_ids and prompt_ids[-1] == t_eos else 0)
+        out_rows.append(ids)
+        out_lengths.append(max(1, min(n_prompt, len(ids) - 1)))
+    return out_rows, out_lengths
 
 
 def _teacher_metrics(teachers: Teachers, entry: CacheEntry, cache: TeacherCache, dataset: LoadedDataset,

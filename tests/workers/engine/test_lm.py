@@ -81,6 +81,8 @@ def test_lm_training_lowers_the_loss_and_reports_lm_metrics(tmp_path, corpus):
                    log.callbacks())
     losses = [m["loss"] for m in log.train()]
     assert losses[-1] < 0.7 * losses[0]
+    # Rows hold 8-20 tokens: tokens/s lies between 8 and 20 × samples/s (× batch 8 per step).
+    assert all(8 * m["samples_per_s"] <= m["tokens_per_s"] <= 20 * m["samples_per_s"] for m in log.train())
     assert result.task == "causal_lm" and result.teacher is None
     s = result.student
     assert s["perplexity"] == pytest.approx(math.exp(s["nll"])) and s["bits_per_token"] == pytest.approx(
@@ -263,3 +265,34 @@ def test_a_separate_eval_file_is_the_eval_split(tmp_path, corpus):
                                                                         "the train left at dawn"]
     with pytest.raises(DataError, match="needs a local train file"):
         load_dataset(DatasetConfig(source="builtin", name="fortunes", eval_path=str(held_out)), task="causal_lm")
+
+
+def test_seq_kd_across_tokenizers_trains_on_the_teachers_text(tmp_path, corpus):
+    from workers.engine.cache import TeacherCache, row_tokens
+    from workers.engine.models import load_model
+
+    teacher_cfg = {"source": "config", "params": {**TINY_LLAMA, "vocab_size": 120}}   # its own, smaller vocabulary
+    cfg = _lm_run(tmp_path / "run", corpus, teacher=teacher_cfg, scheme="seq_kd",
+                  scheme_params={"max_new_tokens": 4})
+    log = Log()
+    result = train(cfg, log.callbacks())
+    assert result.steps == 6 and all(math.isfinite(m["ce"]) for m in log.train())
+    generations = result.teacher_cache[0]
+    dataset = load_dataset(cfg.dataset, task="causal_lm")
+    teacher = load_model(cfg.teacher, dataset=dataset, role="teacher")
+    student = load_model(cfg.student, dataset=dataset, role="student")
+    rows, prompts = row_tokens(TeacherCache(tmp_path / "cache").lookup(generations["key"]))
+    assert teacher.tokenizer.vocab_size != student.tokenizer.vocab_size
+    converted, converted_prompts = trainer.retokenize_rows(rows, prompts, source=teacher.tokenizer,
+                                                           target=student.tokenizer, max_length=20)
+
+    def text(tokenizer, ids):
+        return " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())
+
+    for row, new, p, q in zip(rows, converted, prompts, converted_prompts, strict=True):
+        assert text(student.tokenizer, new) == text(teacher.tokenizer, row)[: len(text(student.tokenizer, new))]
+        assert 1 <= q < len(new)
+        assert text(student.tokenizer, new[:q]) == text(teacher.tokenizer, row[:p])   # same prompt text
+    with pytest.raises(ConfigError, match="seq_kd across tokenizers.*only ce"):
+        train(_lm_run(tmp_path / "kd", corpus, teacher=teacher_cfg, scheme="seq_kd",
+                      terms=[{"name": "ce"}, {"name": "uld"}]))

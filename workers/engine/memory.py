@@ -1,0 +1,563 @@
+"""Peak GPU memory of a run, estimated from its frozen config without loading any weights.
+
+The router (``experiments.routing``) matches this estimate against the memory a queue declares. It adds up:
+
+- the CUDA context (about 500 MiB on every GPU process; nothing on a ``cpu`` device);
+- the student's weights and gradients, in the dtype the engine loads them in (a checkpoint's own dtype for
+  ``hf`` and ``run`` models, which transformers' ``dtype="auto"`` keeps; float32 for ``config``, ``derived``
+  and builtin models), and AdamW's two moments, counted as float32;
+- the student's stored activations: batch × sequence × hidden × layers × 34 bytes, the per-layer figure for
+  bf16 mixed precision without recomputation (Korthikanti et al., 2022, "Reducing Activation Recomputation in
+  Large Transformer Models"), plus the attention maps when a term needs them (eager attention);
+- the logits and loss buffers: causal LMs hold batch × sequence × vocabulary logits and their gradient
+  (bf16, 4 bytes per entry together); the logit terms are computed in blocks (``methods.CHUNK_ELEMENTS``), so
+  their float32 softmaxes are bounded by one block;
+- the teachers' weights whenever the run loads them: ``online`` and ``on_policy`` teachers run on every batch;
+  ``offline`` and ``multi_teacher`` teachers fill the shared teacher-output cache and stay loaded for the rest of
+  that run (a later run that finds the entry loads no teacher, but which run comes first is not known when it is
+  routed, so every one counts them); ``seq_kd`` teachers write the continuations;
+- an online teacher's forward pass: one layer's transient buffers, its logits, and the hidden states or
+  attention maps the terms read.
+
+Not counted: evaluation (a no-grad pass, smaller than a training step), the key/value caches of generation
+(``on_policy``, ``seq_kd``), and allocator fragmentation, which the router's headroom covers.
+
+Model sizes come from configs and file headers only: ``config.json`` (parameters by the standard transformer
+formula) or the tensor shapes in a safetensors header (exact), the hub cache for hub ids, a run's
+``distillweb_model.json`` for builtin nets, and the parent's config with the kept layers for ``derived`` models.
+No Django here; torch is imported only to plan a derived model (``derive.plan_derivation``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+MIB = 1024**2
+GIB = 1024**3
+CUDA_CONTEXT_BYTES = 500 * MIB
+# Stored activations per layer, token and hidden unit under bf16 autocast (Korthikanti et al., 2022).
+ACTIVATION_BYTES = 34
+# Eager attention keeps, per layer, head and (query, key) pair: the scores, the softmax and the dropout mask.
+ATTENTION_MAP_BYTES = 5
+ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq, float32 each
+# workers.engine.methods.CHUNK_ELEMENTS (a test checks they agree): logit terms over more positions × vocabulary
+# entries than twice this are computed in blocks of this many, so at most this many float32 values per buffer.
+LOSS_CHUNK_ELEMENTS = 2**22
+LOSS_BUFFERS = 4  # float32 (positions × V) buffers a logit term holds at once: log-softmaxes, their gradient
+BUILTIN_INPUT_WIDTH = 1024  # builtin nets read tabular features whose width only the data knows: a generous bound
+
+DTYPE_BYTES = {
+    "float64": 8, "float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+# Names of one quantity across transformers config classes (BERT/Llama, GPT-2, T5/OPT, …).
+CONFIG_ALIASES = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim"),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions", "n_ctx"),
+}
+HIDDEN_TERMS = frozenset({"hidden_mse", "hidden_cosine"})
+ATTENTION_TERMS = frozenset({"attention_mse", "attention_kl"})
+CACHED_SCHEMES = frozenset({"offline", "multi_teacher"})
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about one model, read without loading it.
+
+    ``params`` counts the model the run builds (with its task head); ``bytes_per_param`` is the dtype it is
+    loaded in. Builtin nets have ``num_layers`` hidden layers of at most ``hidden_size`` units.
+    """
+
+    params: int
+    bytes_per_param: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int = 1
+    intermediate_size: int = 0
+    vocab_size: int = 0
+    num_labels: int = 0
+    max_positions: int | None = None
+    builtin: bool = False
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params * self.bytes_per_param
+
+    def sequence_length(self, wanted: int) -> int:
+        """Tokens per row: the dataset's max_length capped by the model's positions (1 for builtin nets)."""
+        if self.builtin:
+            return 1
+        return min(wanted, self.max_positions) if self.max_positions else wanted
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of a run by component, in bytes (see the module docstring for what each one counts).
+
+    ``unknown`` names the models whose size could not be read; their components are 0, so ``total_bytes`` is
+    then a lower bound.
+    """
+
+    cuda_context: int = 0
+    student_weights: int = 0
+    student_grads: int = 0
+    optimizer_states: int = 0
+    activations: int = 0
+    logits: int = 0
+    teacher_weights: int = 0
+    teacher_forward: int = 0
+    device: str = "auto"
+    teacher_mode: str = "none"
+    unknown: tuple[str, ...] = ()
+
+    COMPONENTS = (
+        ("cuda_context", "CUDA context"),
+        ("student_weights", "Student weights"),
+        ("student_grads", "Student gradients"),
+        ("optimizer_states", "AdamW states"),
+        ("activations", "Activations"),
+        ("logits", "Logits and loss buffers"),
+        ("teacher_weights", "Teacher weights"),
+        ("teacher_forward", "Teacher forward pass"),
+    )
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(getattr(self, name) for name, _ in self.COMPONENTS)
+
+    @property
+    def total_text(self) -> str:
+        return size_text(self.total_bytes)
+
+    @property
+    def needs_gpu(self) -> bool:
+        """False for runs pinned to the CPU (``train.device == "cpu"``): they need no GPU memory at all."""
+        return self.device != "cpu"
+
+    @property
+    def complete(self) -> bool:
+        return not self.unknown
+
+    @property
+    def model_bytes(self) -> int:
+        """Everything but the CUDA context: what the run holds in memory on whichever device it trains."""
+        return self.total_bytes - self.cuda_context
+
+    def breakdown(self) -> list[tuple[str, int, str]]:
+        """The non-zero components as (label, bytes, "1.2 GiB") rows, in display order."""
+        return [(label, getattr(self, name), size_text(getattr(self, name)))
+                for name, label in self.COMPONENTS if getattr(self, name)]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON: every component, the total, the device and the models of unknown size."""
+        return {**{name: getattr(self, name) for name, _ in self.COMPONENTS}, "total": self.total_bytes,
+                "device": self.device, "teacher_mode": self.teacher_mode, "unknown": list(self.unknown)}
+
+
+def size_text(n_bytes: float) -> str:
+    """``1288490188`` → ``"1.2 GiB"``; whole MiB below 1 GiB, and ``"< 1 MiB"`` below that."""
+    if n_bytes >= GIB:
+        return f"{n_bytes / GIB:.1f} GiB"
+    return f"{n_bytes / MIB:.0f} MiB" if n_bytes >= MIB else "< 1 MiB"
+
+
+# --- parameter counts ---------------------------------------------------------------------------------------
+
+
+def canonical_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A transformers config dict with the canonical names (``hidden_size``, ``num_hidden_layers``, …) filled in
+    from their per-architecture aliases; a multimodal config's ``text_config`` stands for the whole model."""
+    config = dict(raw)
+    text = config.get("text_config")
+    if not _int(config.get("hidden_size")) and isinstance(text, Mapping):
+        config = {**config, **text}
+    for name, aliases in CONFIG_ALIASES.items():
+        if not _int(config.get(name)):
+            value = next((config[a] for a in aliases if _int(config.get(a))), None)
+            if value is not None:
+                config[name] = value
+    return config
+
+
+def count_transformer_params(config: Mapping[str, Any], *, task: str, num_labels: int = 0) -> int:
+    """Parameters of the transformers model a run builds from ``config``, by the standard formula.
+
+    Decoders with grouped key/value heads (configs with ``num_key_value_heads``: Llama, Mistral, Qwen, Gemma, …)
+    get a gated MLP (3·H·I), RMS norms and rotary positions; the others (BERT, GPT-2 families) a plain MLP
+    (2·H·I), biases, LayerNorms, learned positions and, for BERT-style encoders, token types and a pooler.
+
+    Args:
+        config: a config dict (canonical names or their aliases).
+        task: ``classification`` adds a head of ``num_labels`` outputs, ``causal_lm`` an LM head unless the
+            embeddings are tied, ``embedding`` nothing.
+    Returns:
+        the parameter count; 0 when the config lacks the hidden size, depth or vocabulary.
+    """
+    c = canonical_config(config)
+    hidden, layers, vocab = _int(c.get("hidden_size")), _int(c.get("num_hidden_layers")), _int(c.get("vocab_size"))
+    if not (hidden and layers and vocab):
+        return 0
+    heads = _int(c.get("num_attention_heads")) or 1
+    head_dim = _int(c.get("head_dim")) or hidden // heads
+    inner = _int(c.get("intermediate_size")) or 4 * hidden
+    kv_heads = _int(c.get("num_key_value_heads"))
+    bert_like = _int(c.get("type_vocab_size")) > 0
+    if kv_heads:
+        q_width, kv_width = heads * head_dim, kv_heads * head_dim
+        attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
+        if c.get("attention_bias"):
+            attention += q_width + 2 * kv_width
+        mlp = 3 * hidden * inner + (inner * 2 + hidden if c.get("mlp_bias") else 0)
+        per_layer = attention + mlp + 2 * hidden
+        embeddings, final_norm = vocab * hidden, hidden
+    else:
+        width = heads * head_dim
+        attention = 3 * (hidden * width + width) + width * hidden + hidden
+        mlp = 2 * hidden * inner + inner + hidden
+        per_layer = attention + mlp + 4 * hidden
+        positions = _int(c.get("max_position_embeddings"))
+        learned = positions and c.get("position_embedding_type", "absolute") == "absolute" and not any(
+            key.startswith(("rope", "rotary")) for key in c)
+        embeddings = vocab * hidden + (positions * hidden if learned else 0)
+        embeddings += _int(c.get("type_vocab_size")) * hidden
+        final_norm = 2 * hidden  # BERT's embedding LayerNorm, or GPT-2's final one
+    total = embeddings + layers * per_layer + final_norm
+    pooler = hidden * hidden + hidden if bert_like else 0
+    if task == "classification":
+        total += pooler + hidden * max(num_labels, 2) + (max(num_labels, 2) if bert_like else 0)
+    elif task == "causal_lm":
+        total += 0 if c.get("tie_word_embeddings", True) else vocab * hidden
+    else:
+        total += pooler
+    return total
+
+
+def builtin_shape(params: Mapping[str, Any], *, input_width: int, num_labels: int) -> ModelShape:
+    """An MLP's shape: ``[Linear → ReLU → Dropout] × len(hidden_sizes) → Linear`` (defaults as in models.py)."""
+    sizes = [int(s) for s in params.get("hidden_sizes", [256]) if _int(s)]
+    widths = [input_width, *sizes, max(num_labels, 2)]
+    count = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+    return ModelShape(params=count, bytes_per_param=4, hidden_size=max(sizes, default=1), num_layers=len(sizes),
+                      num_labels=num_labels, builtin=True)
+
+
+# --- reading shapes -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A model's config dict and what its files say: stored tensor elements and the dtype it loads in."""
+
+    config: dict[str, Any]
+    stored_params: int | None = None
+    bytes_per_param: int = 4
+    builtin: Mapping[str, Any] | None = None  # distillweb_model.json of a builtin net
+
+
+PendingRun = Callable[[str], Mapping[str, Any] | None]
+
+
+class ModelShapeReader:
+    """Reads model shapes from configs, folders and the hub cache; remembers each for the reader's lifetime.
+
+    Args:
+        artifact_root: where ``run`` models' relative paths (``runs/12/final``) point.
+        pending_run: for a ``run`` model whose folder does not exist yet (its run has not finished), the model
+            config of the student that run trains, from the path; None when unknown.
+    """
+
+    MAX_DEPTH = 8  # derived-from-derived and run-of-a-run chains
+
+    def __init__(self, *, artifact_root: Path | None = None, pending_run: PendingRun | None = None) -> None:
+        self.artifact_root = artifact_root
+        self.pending_run = pending_run
+        self._shapes: dict[str, ModelShape | None] = {}
+
+    def shape(self, model: Mapping[str, Any], *, task: str) -> ModelShape | None:
+        """The shape of the model a run builds from ``model`` (an engine model config) for ``task``; None when
+        its size cannot be read (a hub model not in the local cache, a missing folder, a malformed config)."""
+        key = json.dumps([model, task], sort_keys=True, default=str)
+        if key not in self._shapes:
+            self._shapes[key] = self._read(model, task=task, depth=0)
+        return self._shapes[key]
+
+    def _read(self, model: Mapping[str, Any], *, task: str, depth: int) -> ModelShape | None:
+        num_labels = _int(model.get("num_labels"))
+        if model.get("source") == "builtin":
+            return builtin_shape(model.get("params") or {}, input_width=BUILTIN_INPUT_WIDTH, num_labels=num_labels)
+        found = self._find(model, task=task, depth=depth)
+        if found is None:
+            return None
+        if found.builtin is not None:
+            meta = found.builtin
+            return builtin_shape(meta.get("params") or {}, input_width=_int(meta.get("input_dim")) or 1,
+                                 num_labels=_int(meta.get("num_labels")) or num_labels)
+        c = canonical_config(found.config)
+        labels = num_labels or _int(c.get("num_labels")) or len(c.get("id2label") or {})
+        hidden = _int(c.get("hidden_size"))
+        if found.stored_params:
+            params = found.stored_params + (hidden * max(labels, 2) if task == "classification" else 0)
+        else:
+            params = count_transformer_params(c, task=task, num_labels=labels)
+        if not params or not hidden:
+            return None
+        return ModelShape(
+            params=params, bytes_per_param=found.bytes_per_param, hidden_size=hidden,
+            num_layers=_int(c.get("num_hidden_layers")) or 1, num_heads=_int(c.get("num_attention_heads")) or 1,
+            intermediate_size=_int(c.get("intermediate_size")) or 4 * hidden, vocab_size=_int(c.get("vocab_size")),
+            num_labels=labels, max_positions=_int(c.get("max_position_embeddings")) or None,
+        )
+
+    def _find(self, model: Mapping[str, Any], *, task: str, depth: int) -> _Found | None:
+        if depth > self.MAX_DEPTH:
+            return None
+        source = model.get("source")
+        if source == "config":
+            return _Found(_config_from_params(model.get("params") or {}))
+        if source == "hf":
+            path = str(model.get("path") or "")
+            folder = Path(path) if path and Path(path).is_dir() else _hub_cache_folder(
+                str(model.get("name") or path), str(model.get("revision") or ""))
+            return _read_folder(folder) if folder is not None else None
+        if source == "run":
+            path = str(model.get("path") or "")
+            folder = Path(path)
+            if not folder.is_absolute() and self.artifact_root is not None:
+                folder = self.artifact_root / folder
+            if path and folder.is_dir():
+                return _read_folder(folder)
+            producer = self.pending_run(path) if self.pending_run and path else None
+            return self._find(producer, task=task, depth=depth + 1) if producer else None
+        if source == "derived":
+            parent = model.get("parent")
+            found = self._find(parent, task=task, depth=depth + 1) if isinstance(parent, Mapping) else None
+            if found is None or found.builtin is not None:
+                return None
+            child = _derived_config(found.config, model.get("params") or {})
+            return _Found(child) if child is not None else None  # built in float32, no file of its own
+        if source == "builtin":
+            return _Found({}, builtin={"params": model.get("params") or {}, "input_dim": BUILTIN_INPUT_WIDTH,
+                                       "num_labels": _int(model.get("num_labels"))})
+        return None
+
+
+def _config_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``config`` model's full config: transformers fills the defaults the params leave out (as the engine's
+    ``AutoConfig.for_model`` does); the params alone when transformers does not know the model type."""
+    params = {k: v for k, v in params.items() if k not in ("tokenizer", "normalize")}
+    model_type = params.pop("model_type", "")
+    try:
+        from transformers import AutoConfig
+
+        return {**AutoConfig.for_model(model_type, **params).to_dict(), **params}
+    except Exception:  # unknown model type or bad params: the run reports that itself
+        return params
+
+
+def _derived_config(parent: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The child config ``derive.plan_derivation`` makes from a parent config dict; None for bad params."""
+    from .derive import child_config, plan_derivation
+
+    namespace = SimpleNamespace(**canonical_config(parent))
+    try:
+        plan = plan_derivation(namespace, dict(params))
+    except Exception:  # ConfigError / ModelLoadError: the run fails with the message, nothing to size
+        return None
+    return dict(vars(child_config(namespace, plan)))
+
+
+def _hub_cache_folder(name: str, revision: str) -> Path | None:
+    """The hub cache's snapshot folder of ``name`` when its config.json is cached; never touches the network."""
+    if not name:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json", revision=revision or None)
+    except Exception:  # an invalid repo id, or huggingface_hub missing
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _read_folder(folder: Path) -> _Found | None:
+    """A model folder's config.json, its safetensors headers (tensor elements, no weights) and load dtype."""
+    meta = _read_json(folder / "distillweb_model.json")
+    if meta and meta.get("format") == "builtin":
+        return _Found({}, builtin=meta)
+    config = _read_json(folder / "config.json")
+    if config is None:
+        return None
+    stored, stored_dtype = _safetensors_elements(folder)
+    declared = config.get("dtype") or config.get("torch_dtype")
+    # dtype="auto" (transformers' default) loads the dtype config.json declares, else the checkpoint's own.
+    width = DTYPE_BYTES.get(str(declared).removeprefix("torch.")) or DTYPE_BYTES.get(stored_dtype or "") or 4
+    return _Found(config, stored or None, width)
+
+
+def _safetensors_elements(folder: Path) -> tuple[int, str | None]:
+    """Elements of the floating-point tensors in the folder's safetensors file(s) (one file or an index of
+    shards), read from the headers only, and the first one's dtype; (0, None) without safetensors."""
+    index = _read_json(folder / "model.safetensors.index.json")
+    if index and isinstance(index.get("weight_map"), Mapping):
+        files = sorted({folder / str(name) for name in index["weight_map"].values()})
+    else:
+        files = [folder / "model.safetensors"]
+    total, dtype = 0, None
+    try:
+        from safetensors import safe_open
+
+        for path in files:
+            if not path.is_file():
+                return 0, None
+            with safe_open(str(path), framework="numpy") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_slice(key)
+                    kind = tensor.get_dtype()
+                    if kind.startswith(("F", "BF")):  # integer buffers (e.g. BERT's position_ids) are no weights
+                        total += math.prod(tensor.get_shape())
+                        dtype = dtype or kind
+    except Exception:  # a truncated or foreign file: fall back to the config formula
+        return 0, None
+    return total, dtype
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _int(value: Any) -> int:
+    """A positive int, or 0 (None, bools, strings and other junk in a config count as missing)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+# --- the estimate -------------------------------------------------------------------------------------------
+
+
+def teacher_mode(config: Mapping[str, Any]) -> str:
+    """How a run uses its teacher, as ``trainer.plan_run`` decides: ``none``, ``cached`` or ``online``.
+
+    Every loss term but ``ce`` reads the teacher's outputs (``hard_labels`` keeps ``ce`` alone); ``seq_kd``
+    loads the teacher for its continuations even when the recipe is ``ce`` alone (mode ``none``, but see
+    :func:`teacher_configs`).
+    """
+    scheme = config.get("scheme", "offline")
+    terms = config.get("terms") or []
+    if not config.get("teacher") or scheme == "hard_labels" or not any(t.get("name") != "ce" for t in terms):
+        return "none"
+    return "cached" if scheme in CACHED_SCHEMES else "online"
+
+
+def teacher_configs(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The teacher model configs a run loads (none for a run that never reads a teacher)."""
+    teacher = config.get("teacher")
+    if not teacher or (teacher_mode(config) == "none" and config.get("scheme") != "seq_kd"):
+        return []
+    if config.get("scheme") == "multi_teacher":
+        return [teacher, *(config.get("extra_teachers") or [])]
+    return [teacher]
+
+
+def estimate_run_memory(config: Mapping[str, Any], *, reader: ModelShapeReader | None = None) -> MemoryEstimate:
+    """Estimate the peak GPU memory of one run from its frozen engine config (see the module docstring).
+
+    Args:
+        config: a run config as ``RunConfig.to_dict`` (or the Django side's frozen ``Run.config``) has it.
+        reader: reads model sizes; share one across runs to read each model once.
+    Returns:
+        the estimate by component; models whose size is unknown are named in ``unknown``.
+    """
+    reader = reader or ModelShapeReader()
+    task = str(config.get("task") or "classification")
+    train = config.get("train") or {}
+    batch = _int(train.get("batch_size")) or 64
+    wanted_length = _int((config.get("dataset") or {}).get("max_length")) or 128
+    device = str(train.get("device") or "auto")
+    term_names = {str(t.get("name")) for t in config.get("terms") or []}
+    mode = teacher_mode(config)
+    eager = bool(term_names & ATTENTION_TERMS)
+    parts = {name: 0 for name, _ in MemoryEstimate.COMPONENTS}
+    unknown: list[str] = []
+
+    student = reader.shape(config["student"], task=task) if config.get("student") else None
+    # Causal LM rows are cut to the student's positions, and the teacher reads the same rows.
+    length = student.sequence_length(wanted_length) if student else wanted_length
+    if student is None:
+        unknown.append(_describe(config.get("student") or {}))
+    else:
+        parts["student_weights"] = student.weight_bytes
+        parts["student_grads"] = student.weight_bytes
+        parts["optimizer_states"] = student.params * ADAMW_STATE_BYTES
+        parts["activations"] = _training_activations(student, batch, length, eager=eager)
+        parts["logits"] = _student_logits(student, batch, length, task=task)
+    for teacher_cfg in teacher_configs(config):
+        teacher = reader.shape(teacher_cfg, task=task)
+        if teacher is None:
+            unknown.append(_describe(teacher_cfg))
+            continue
+        parts["teacher_weights"] += teacher.weight_bytes
+        if mode == "online":
+            teacher_length = length if task == "causal_lm" else teacher.sequence_length(wanted_length)
+            parts["teacher_forward"] += _teacher_forward(teacher, batch, teacher_length, task=task,
+                                                         hidden=bool(term_names & HIDDEN_TERMS), attentions=eager)
+    if device != "cpu":
+        parts["cuda_context"] = CUDA_CONTEXT_BYTES
+    return MemoryEstimate(**parts, device=device, teacher_mode=mode, unknown=tuple(unknown))
+
+
+def _training_activations(model: ModelShape, batch: int, length: int, *, eager: bool) -> int:
+    """What the backward pass needs kept from the forward: per layer 34 bytes per token and hidden unit (bf16),
+    plus the attention maps under eager attention; builtin nets keep each layer's output, ReLU and mask."""
+    if model.builtin:
+        return batch * model.hidden_size * model.num_layers * 12
+    tokens = batch * length
+    stored = tokens * model.hidden_size * model.num_layers * ACTIVATION_BYTES
+    stored += tokens * model.hidden_size * 4  # the embeddings' output and the final hidden state
+    if eager:
+        stored += batch * model.num_heads * length * length * model.num_layers * ATTENTION_MAP_BYTES
+    return stored
+
+
+def _output_width(model: ModelShape, task: str) -> int:
+    if task == "causal_lm":
+        return model.vocab_size
+    if task == "embedding":
+        return model.hidden_size
+    return max(model.num_labels, 2)
+
+
+def _student_logits(model: ModelShape, batch: int, length: int, *, task: str) -> int:
+    """Logits and their gradient (bf16: 4 bytes per entry together) and the float32 buffers of the loss terms,
+    bounded by one block of the chunked logit terms."""
+    entries = batch * (length if task == "causal_lm" else 1) * _output_width(model, task)
+    return entries * 4 + min(entries, 2 * LOSS_CHUNK_ELEMENTS) * 4 * LOSS_BUFFERS
+
+
+def _teacher_forward(model: ModelShape, batch: int, length: int, *, task: str, hidden: bool,
+                     attentions: bool) -> int:
+    """An online teacher's no-grad forward: one layer's transient buffers (bf16), its logits (bf16 and the
+    float32 copy the terms read), and the hidden states or attention maps of every layer when terms read them."""
+    tokens = batch * (1 if model.builtin else length)
+    total = tokens * (4 * model.hidden_size + 2 * (model.intermediate_size or model.hidden_size)) * 2
+    total += batch * (length if task == "causal_lm" else 1) * _output_width(model, task) * 6
+    if hidden and not model.builtin:
+        total += (model.num_layers + 1) * tokens * model.hidden_size * 2
+    if attentions and not model.builtin:
+        total += model.num_layers * batch * model.num_heads * length * length * 2
+    return total
+
+
+def _describe(model: Mapping[str, Any]) -> str:
+    return str(model.get("name") or model.get("path") or model.get("source") or "model")
