@@ -1,8 +1,9 @@
 """Django admin for every record, with list columns and filters; actions call services."""
 
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 
-from . import services
+from . import fleet, services
 from .models import (
     Artifact,
     DatasetSpec,
@@ -68,6 +69,21 @@ def cancel_runs(modeladmin, request, queryset):
     messages.success(request, "Cancellation requested.")
 
 
+@admin.action(description="Requeue the selected runs (new attempt, resumes from the last checkpoint)")
+def requeue_runs(modeladmin, request, queryset):
+    requeued, refused = 0, []
+    for run in queryset:
+        try:
+            services.run_requeue(run=run, reason=f"requeued by {request.user} from the admin")
+            requeued += 1
+        except ValidationError as exc:
+            refused.append(f"#{run.pk}: {' '.join(exc.messages)}")
+    if requeued:
+        messages.success(request, f"{requeued} run(s) requeued.")
+    for line in refused:
+        messages.warning(request, line)
+
+
 @admin.register(Experiment)
 class ExperimentAdmin(admin.ModelAdmin):
     list_display = ["name", "team", "teacher", "dataset", "created_by", "created_at"]
@@ -85,7 +101,7 @@ class RunAdmin(admin.ModelAdmin):
     search_fields = ["id", "experiment__name", "student__name", "error", "worker_name"]
     raw_id_fields = ["experiment", "student", "teacher", "recipe", "waiting_for"]
     readonly_fields = ["config", "result"]
-    actions = [cancel_runs]
+    actions = [cancel_runs, requeue_runs]
     list_select_related = ["experiment", "student", "recipe"]
 
 
@@ -114,6 +130,28 @@ class ArtifactAdmin(admin.ModelAdmin):
 
 @admin.register(Worker)
 class WorkerAdmin(admin.ModelAdmin):
+    """Workers, with the fleet console's drain / resume / shut down as actions (through Celery's remote control)."""
+
     list_display = ["name", "hostname", "state", "queues", "last_heartbeat", "started_at"]
     list_filter = ["state"]
     search_fields = ["name", "hostname"]
+    actions = ["drain_workers", "resume_workers", "shutdown_workers"]
+
+    def _each(self, request, queryset, action) -> None:
+        for worker in queryset:
+            try:
+                messages.success(request, action(worker_id=worker.pk))
+            except fleet.FleetError as exc:
+                messages.error(request, str(exc))
+
+    @admin.action(description="Drain the selected workers (finish current runs, take no new ones)")
+    def drain_workers(self, request, queryset) -> None:
+        self._each(request, queryset, fleet.worker_drain)
+
+    @admin.action(description="Resume the selected workers")
+    def resume_workers(self, request, queryset) -> None:
+        self._each(request, queryset, fleet.worker_resume)
+
+    @admin.action(description="Shut down the selected workers (after their current runs)")
+    def shutdown_workers(self, request, queryset) -> None:
+        self._each(request, queryset, fleet.worker_shutdown)

@@ -70,6 +70,9 @@ def dataset_config(spec: DatasetSpec) -> dict[str, Any]:
         "eval_fraction": spec.eval_fraction,
         "split_seed": spec.split_seed,
         "max_length": spec.max_length,
+        # Only when set, so the split keys of datasets without them (and their teacher evaluations) stay as they were.
+        **({"eval_path": spec.eval_local_path} if spec.eval_local_path else {}),
+        **({"pack": True} if spec.pack else {}),
     }
 
 

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
-from . import selectors
+from . import selectors, sweeps
 from .engine_config import TRAIN_DEFAULTS
-from .models import DatasetSpec, ModelSpec, Recipe, Task
+from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Task
 from .validation import BUILTIN_ARCHS, BUILTIN_DATASETS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
 
 
@@ -255,6 +256,11 @@ class DatasetSpecForm(TeamScopedForm):
     hub_name = forms.CharField(label="Hub dataset", max_length=200, required=False, help_text="e.g. SetFit/bbc-news")
     local_path = forms.CharField(label="Local file", max_length=500, required=False,
                                  help_text="A CSV or JSONL file under one of the server's dataset roots.")
+    eval_local_path = forms.CharField(label="Separate eval file", max_length=500, required=False,
+                                      help_text="Optional: a held-out file with the same columns, under a dataset "
+                                                "root. The whole local file then trains.")
+    pack = forms.BooleanField(label="Pack texts into blocks", required=False,
+                              help_text="Causal LM: concatenate the texts and cut them into max-length blocks.")
     text_column = forms.CharField(max_length=100, initial="text")
     label_column = forms.CharField(max_length=100, initial="label")
     num_labels = forms.IntegerField(min_value=2, max_value=1_000_000, required=False,
@@ -286,7 +292,10 @@ class DatasetSpecForm(TeamScopedForm):
         data = self.cleaned_data
         keys = ["name", "source", "task", "text_column", "label_column", "eval_fraction", "split_seed", "max_length",
                 "notes"]
-        keys += ["builtin_name"] if data["source"] == DatasetSpec.Source.BUILTIN else ["hub_name", "local_path"]
+        keys += ["builtin_name"] if data["source"] == DatasetSpec.Source.BUILTIN else [
+            "hub_name", "local_path", "eval_local_path"]
+        if data.get("pack"):
+            keys.append("pack")
         fields = {k: data[k].strip() if isinstance(data[k], str) and k != "notes" else data[k] for k in keys}
         if data.get("num_labels"):
             fields["num_labels"] = data["num_labels"]
@@ -522,6 +531,8 @@ def parse_seeds(raw: str) -> list[int]:
             lo, hi = part.split("-", 1)
             if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
                 raise ValidationError(f'"{part}" is not a range like "0-4".')
+            if int(hi) - int(lo) >= MAX_SEEDS:  # refused before it is expanded: "0-1000000000" costs nothing
+                raise ValidationError(f"At most {MAX_SEEDS} seeds.")
             seeds += range(int(lo), int(hi) + 1)
         elif part.isdigit():
             seeds.append(int(part))
@@ -534,9 +545,63 @@ TRAIN_LABELS = {"lr": "Learning rate", "eval_every": "Evaluate every", "save_eve
                 "log_every": "Log every", "grad_clip": "Gradient clipping"}
 
 
+def _bound(value: float, kind: type) -> str:
+    return f"{int(value):,}" if kind is int else sweeps.format_number(value)
+
+
+class SweepField(forms.CharField):
+    """A numeric setting that takes one value or a sweep (``sweeps.SYNTAX_HELP``); cleans to a list of values
+    (empty when left blank)."""
+
+    def __init__(self, *, kind: type, min_value: float | None = None, max_value: float | None = None,
+                 **kwargs: Any) -> None:
+        self.kind, self.min_value, self.max_value = kind, min_value, max_value
+        kwargs.setdefault("max_length", 200)
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        return sweeps.format_values(value) if isinstance(value, list | tuple) else value
+
+    def clean(self, value: Any) -> list[int | float]:
+        text = super().clean(value)  # a string: stripped, length-checked
+        if not text:
+            return []
+        try:
+            return sweeps.parse_values(text, kind=self.kind, lo=self.min_value, hi=self.max_value,
+                                       limit=settings.MAX_RUNS_PER_EXPERIMENT)
+        except sweeps.SweepError as exc:
+            raise ValidationError(str(exc)) from None
+
+
+class TermSweepsField(forms.CharField):
+    """Sweeps of recipe term parameters, one per line (``sweeps.parse_term_sweeps``); cleans to
+    ``{"kd.temperature": [2.0, 4.0]}``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("max_length", 2000)
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return "\n".join(f"{axis} = {sweeps.format_values(values)}" for axis, values in value.items())
+        return value
+
+    def clean(self, value: Any) -> dict[str, list[Any]]:
+        text = super().clean(value)
+        if not text:
+            return {}
+        try:
+            return sweeps.parse_term_sweeps(text, limit=settings.MAX_RUNS_PER_EXPERIMENT)
+        except sweeps.SweepError as exc:
+            raise ValidationError(str(exc)) from None
+
+
 class ExperimentForm(TeamScopedForm):
+    """Teacher, dataset, students, recipes and seeds, the training settings, and sweeps: any numeric training
+    setting may list or range its values, and ``term_sweeps`` sweeps recipe term parameters."""
+
     name = forms.CharField(max_length=200)
-    description = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+    description = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=5000)
     dataset = forms.ModelChoiceField(queryset=None, widget=TeamOptionSelect)
     teacher = forms.ModelChoiceField(
         queryset=None, required=False, empty_label="— none (hard-label training only) —", widget=TeamOptionSelect,
@@ -547,6 +612,11 @@ class ExperimentForm(TeamScopedForm):
         help_text="Each student is trained with each recipe and seed, plus a hard-label baseline.",
     )
     recipes = forms.ModelMultipleChoiceField(queryset=None, widget=TeamOptionSelectMultiple(attrs={"size": 6}))
+    term_sweeps = TermSweepsField(
+        label="Recipe parameter sweeps", required=False, help_text=sweeps.TERM_SWEEP_HELP,
+        widget=forms.Textarea(attrs={"rows": 3, "class": "mono", "spellcheck": "false",
+                                     "placeholder": "kd.temperature = 2, 4, 8"}),
+    )
     assistant = forms.ModelChoiceField(
         queryset=None, required=False, empty_label="— none —", widget=TeamOptionSelect,
         help_text="Teacher-assistant recipes: distilled from the teacher first, then teaches the students.",
@@ -567,6 +637,7 @@ class ExperimentForm(TeamScopedForm):
 
     team_fields = ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers")
     train_field_names = (*TRAIN_FIELDS, "lr_schedule")
+    sweep_syntax = sweeps.SYNTAX_HELP
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -580,16 +651,21 @@ class ExperimentForm(TeamScopedForm):
                                                                                           "-version")
         for name in ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers"):
             self.fields[name].label_from_instance = self.label_with_team
+        # What the page's run count needs to know about each option (static/js/experiment_setup.js).
         self.fields["recipes"].widget.option_data = lambda r: {
-            "baseline": "1" if r.scheme == Recipe.Scheme.HARD_LABELS else "0"
+            "baseline": "1" if r.scheme == Recipe.Scheme.HARD_LABELS else "0",
+            "terms": " ".join(str(t.get("name", "")) for t in r.terms),
+            "chain": sweeps.chain_length(r.scheme, r.scheme_params),
         }
+        self.fields["dataset"].widget.option_data = lambda d: {"task": d.task}
         for name, (kind, lo, hi, help_text) in TRAIN_FIELDS.items():
-            field_class = forms.IntegerField if kind is int else forms.FloatField
-            widget = forms.NumberInput(attrs={"step": "1" if kind is int else "any",
-                                              "placeholder": f"default {TRAIN_DEFAULTS.get(name, '')}"})
-            self.fields[name] = field_class(
-                label=TRAIN_LABELS.get(name, name.replace("_", " ").capitalize()), required=False, min_value=lo, max_value=hi,
-                initial=TRAIN_DEFAULTS.get(name), help_text=help_text, widget=widget,
+            default = TRAIN_DEFAULTS.get(name)
+            widget = forms.TextInput(attrs={"placeholder": f"default {default}", "autocomplete": "off",
+                                            "spellcheck": "false", "data-sweep": kind.__name__})
+            self.fields[name] = SweepField(
+                kind=kind, min_value=lo, max_value=hi, required=False, initial=default, widget=widget,
+                label=TRAIN_LABELS.get(name, name.replace("_", " ").capitalize()),
+                help_text=f"{help_text} ({_bound(lo, kind)} to {_bound(hi, kind)}).",
             )
         # Keep the schedule next to the numeric settings.
         self.fields["lr_schedule"] = self.fields.pop("lr_schedule")
@@ -621,6 +697,18 @@ class ExperimentForm(TeamScopedForm):
     def train_fields(self):
         return [self[n] for n in self.train_field_names]
 
+    def train_settings(self) -> dict[str, Any]:
+        """The training settings given: one value as itself, a sweep as its list of values."""
+        data = self.cleaned_data
+        train: dict[str, Any] = {}
+        for name in TRAIN_FIELDS:
+            values = data.get(name) or []
+            if values:
+                train[name] = values[0] if len(values) == 1 else list(values)
+        if data.get("lr_schedule"):
+            train["lr_schedule"] = data["lr_schedule"]
+        return train
+
     def service_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``services.experiment_create`` (besides created_by)."""
         data = self.cleaned_data
@@ -628,16 +716,68 @@ class ExperimentForm(TeamScopedForm):
             "team": data["team"],
             "name": data["name"],
             "description": data["description"],
+            **self.preflight_kwargs(),
+            "teacher_weights": data.get("teacher_weights") or [],
+        }
+
+    def preflight_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``preflight.experiment_preflight``."""
+        data = self.cleaned_data
+        return {
             "dataset": data["dataset"],
             "teacher": data["teacher"],
             "students": list(data["students"]),
             "recipes": list(data["recipes"]),
             "assistant": data.get("assistant"),
             "extra_teachers": list(data.get("extra_teachers") or ()),
-            "teacher_weights": data.get("teacher_weights") or [],
             "seeds": data["seeds"],
-            "train": {k: data[k] for k in self.train_field_names if data.get(k) not in (None, "")},
+            "train": self.train_settings(),
+            "term_sweeps": data.get("term_sweeps") or {},
         }
+
+
+def _weights_text(weights: list[float]) -> str:
+    return ",".join(f"{w:.6g}" for w in weights)
+
+
+def experiment_initial(experiment: Experiment) -> dict[str, Any]:
+    """The experiment form pre-filled from an experiment, its sweep included: the same runs, ready to edit."""
+    train = {k: v for k, v in (experiment.train or {}).items() if k in ExperimentForm.train_field_names}
+    return {
+        "team": experiment.team_id, "name": f"{experiment.name} (clone)"[:200], "description": experiment.description,
+        "dataset": experiment.dataset_id, "teacher": experiment.teacher_id, "assistant": experiment.assistant_id,
+        "students": [s.pk for s in experiment.students.all()], "recipes": [r.pk for r in experiment.recipes.all()],
+        "extra_teachers": [m.pk for m in experiment.extra_teachers.all()],
+        "teacher_weights": _weights_text(experiment.teacher_weights) if experiment.extra_teachers.exists() else "",
+        "seeds": ",".join(str(s) for s in experiment.seeds), **train,
+        "term_sweeps": dict((experiment.train or {}).get("term_sweeps") or {}),
+    }
+
+
+def run_initial(run: Run) -> dict[str, Any]:
+    """The experiment form pre-filled to train one run again: its student, recipe and seed, and the concrete
+    values its frozen config was trained with (the swept ones included)."""
+    experiment = run.experiment
+    config = run.config or {}
+    train = {k: v for k, v in (config.get("train") or {}).items() if k in ExperimentForm.train_field_names}
+    fraction = (config.get("dataset") or {}).get("labelled_fraction")
+    if fraction is not None:
+        train["labelled_fraction"] = fraction
+    term_sweeps = {}
+    for axis in (experiment.train or {}).get("term_sweeps") or {}:
+        value = sweeps.config_value(config, axis)
+        if value is not None:
+            term_sweeps[axis] = [value]
+    label = sweeps.run_label(train=experiment.train or {}, config=config)
+    return {
+        "team": run.team_id, "name": f"{experiment.name} · run #{run.pk} (clone)"[:200],
+        "description": f"Clone of run #{run.pk} of {experiment.name}" + (f" ({label})." if label else "."),
+        "dataset": experiment.dataset_id, "teacher": experiment.teacher_id, "assistant": experiment.assistant_id,
+        "students": [run.student_id], "recipes": [run.recipe_id],
+        "extra_teachers": [m.pk for m in experiment.extra_teachers.all()],
+        "teacher_weights": _weights_text(experiment.teacher_weights) if experiment.extra_teachers.exists() else "",
+        "seeds": str(run.seed), **train, "term_sweeps": term_sweeps,
+    }
 
 
 # --- runs -----------------------------------------------------------------------------------------

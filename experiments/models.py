@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 
 def _choices_check(field: str, choices: type[models.TextChoices], name: str) -> models.CheckConstraint:
@@ -135,6 +136,10 @@ class DatasetSpec(TeamOwned):
     eval_fraction = models.FloatField(default=0.2)
     split_seed = models.IntegerField(default=0)
     max_length = models.PositiveIntegerField(default=128)
+    eval_local_path = models.CharField(
+        max_length=500, blank=True, help_text="A separate eval file (same columns); every row of the local file trains"
+    )
+    pack = models.BooleanField(default=False, help_text="Causal LM: texts concatenated into max_length blocks")
     splits = models.JSONField(default=dict, blank=True, help_text="Row counts per split")
     notes = models.TextField(blank=True)
 
@@ -241,6 +246,28 @@ class RunStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
+# The run lifecycle (DESIGN.md §4): every status change goes through experiments.services._transition, which
+# checks this table, and RunTransition's constraint enforces it in the database too.
+#   queued → running (claimed) | cancelled | failed (a run it waits for failed)
+#   running → succeeded | failed | cancelled | queued (requeued: lease expired, worker lost, admin requeue)
+#   failed | cancelled → queued (requeued by a user: a new attempt that resumes from the last checkpoint)
+RUN_TRANSITIONS: dict[str, frozenset[str]] = {
+    RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.FAILED}),
+    RunStatus.RUNNING: frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.QUEUED}),
+    RunStatus.SUCCEEDED: frozenset(),
+    RunStatus.FAILED: frozenset({RunStatus.QUEUED}),
+    RunStatus.CANCELLED: frozenset({RunStatus.QUEUED}),
+}
+
+
+def _allowed_transitions() -> Q:
+    allowed = Q()
+    for source, targets in RUN_TRANSITIONS.items():
+        if targets:
+            allowed |= Q(from_status=source.value, to_status__in=sorted(t.value for t in targets))
+    return allowed
+
+
 class Run(models.Model):
     Status = RunStatus
 
@@ -290,6 +317,10 @@ class Run(models.Model):
                 name="run_finished_at_only_when_terminal",
             ),
             models.CheckConstraint(
+                condition=Q(status__in=["queued", "running"]) | Q(finished_at__isnull=False),
+                name="run_terminal_has_finished_at",
+            ),
+            models.CheckConstraint(
                 condition=~Q(status="running") | Q(started_at__isnull=False), name="run_running_has_started_at"
             ),
             models.CheckConstraint(
@@ -315,6 +346,45 @@ class Run(models.Model):
             return 100
         return int(100 * self.step / self.total_steps) if self.total_steps else 0
 
+    @property
+    def lease_expired(self) -> bool:
+        """A running run whose worker has not renewed its lease (the heartbeat) within RUN_HEARTBEAT_TIMEOUT_S."""
+        if self.status != self.Status.RUNNING or self.heartbeat_at is None:
+            return False
+        return (timezone.now() - self.heartbeat_at).total_seconds() > settings.RUN_HEARTBEAT_TIMEOUT_S
+
+    @property
+    def can_requeue(self) -> bool:
+        return self.status in (self.Status.FAILED, self.Status.CANCELLED) or self.lease_expired
+
+
+class RunTransition(models.Model):
+    """One status change of a run: when, why, on which worker and in which attempt.
+
+    Written only by ``experiments.services._transition``, in the same transaction as the change itself.
+    """
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="transitions", db_index=False)
+    from_status = models.CharField(max_length=16, choices=RunStatus.choices)
+    to_status = models.CharField(max_length=16, choices=RunStatus.choices)
+    at = models.DateTimeField(default=timezone.now)
+    reason = models.TextField(blank=True)
+    worker_name = models.CharField(max_length=200, blank=True)
+    attempt = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        # Insertion order: a run's transitions are serialised by its row lock, while clocks of hosts may differ.
+        ordering = ["id"]
+        constraints = [
+            _choices_check("from_status", RunStatus, "runtransition_from_status_valid"),
+            _choices_check("to_status", RunStatus, "runtransition_to_status_valid"),
+            models.CheckConstraint(condition=_allowed_transitions(), name="runtransition_allowed"),
+        ]
+        indexes = [models.Index(fields=["run", "at", "id"], name="runtransition_run_at")]
+
+    def __str__(self) -> str:
+        return f"run #{self.run_id}: {self.from_status} → {self.to_status}"
+
 
 class MetricPoint(models.Model):
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="metric_points")
@@ -328,6 +398,37 @@ class MetricPoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}@{self.step}={self.value:.4g}"
+
+
+# Long curves are also kept as per-bucket extremes (MetricRollup), so a page never reads every point of them.
+ROLLUP_MIN_STEPS = 4096     # runs longer than this get rollups
+ROLLUP_BUCKETS = 1024       # at most this many buckets per curve: width = the power of two that keeps within it
+
+
+class MetricRollup(models.Model):
+    """The lowest and highest point of one bucket of ``width`` steps of a long metric curve.
+
+    Written with the points (``services.run_record_metrics``) for runs of more than ``ROLLUP_MIN_STEPS`` steps,
+    so the run page, compare view and API draw a 100,000-step curve from about a thousand rows per run.
+    """
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="metric_rollups")
+    name = models.CharField(max_length=64)
+    width = models.PositiveIntegerField()
+    bucket = models.PositiveIntegerField()
+    min_step = models.PositiveIntegerField()
+    min_value = models.FloatField()
+    max_step = models.PositiveIntegerField()
+    max_value = models.FloatField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "name", "width", "bucket"], name="metricrollup_unique_bucket"),
+            models.CheckConstraint(condition=Q(width__gte=1), name="metricrollup_width_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.bucket}×{self.width}]"
 
 
 class EvaluationRole(models.TextChoices):

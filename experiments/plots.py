@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import plotly.graph_objects as go
 
 MAX_POINTS = 2000
@@ -101,8 +102,10 @@ def _loss_order(name: str) -> tuple[int, str]:
 
 
 def _is_training_loss(name: str) -> bool:
-    """Loss curves share one axis: leave out eval metrics, the learning rate and throughputs (``…_per_s``)."""
-    return not name.startswith("eval/") and name != "lr" and not name.endswith("_per_s")
+    """Loss curves share one axis: leave out eval metrics, the learning rate, throughputs (``…_per_s``) and
+    memory (``gpu_memory_bytes``)."""
+    return (not name.startswith("eval/") and name not in ("lr", "gpu_memory_bytes")
+            and not name.endswith("_per_s"))
 
 
 def _is_divergence(name: str) -> bool:
@@ -189,3 +192,94 @@ def leaderboard_figure(points: Iterable[Mapping[str, Any]], *, metric_label: str
                      hovermode="closest")
     layout["xaxis"]["type"] = "log"
     return _figure_dict(go.Figure(traces, layout=layout))
+
+
+def compare_figure(curves: Iterable[Curve], *, metric: str, max_points: int = MAX_POINTS) -> dict[str, Any]:
+    """One metric (a loss term, the learning rate or an eval metric) of several runs, overlaid; dashed curves
+    (baselines) dashed. Curves longer than ``max_points`` are downsampled here too, so the cap always holds.
+
+    The points go out as numpy arrays, which plotly validates without a Python loop and serialises as typed
+    arrays (``{"dtype", "bdata"}``, base64) that plotly.js decodes: up to 50 runs × 2,000 points stay cheap to
+    build and to send. Gaps (non-finite values) are NaN there.
+    """
+    traces = []
+    for curve in (Curve(*c) for c in curves):
+        steps, values = downsample(curve.steps, curve.values, max_points)
+        traces.append(go.Scatter(
+            x=np.asarray(steps, dtype=np.int64), y=np.array([np.nan if v is None else v for v in values]),
+            name=curve.label, mode="lines+markers" if len(steps) < 30 else "lines",
+            line={"dash": "dash" if curve.dashed else "solid", "width": 1.5},
+        ))
+    layout = _layout(title=metric, y_title=metric.removeprefix("eval/"), hovermode="closest")
+    return _figure_dict(go.Figure(traces, layout=layout))
+
+
+class ParetoPoint(NamedTuple):
+    """A model on the quality/cost plane. ``optimal``: on the Pareto frontier (see
+    ``selectors.pareto_flags``); ``teacher`` points are drawn apart and never on the frontier."""
+
+    label: str
+    cost: float | None
+    quality: float | None
+    group: str = ""
+    teacher: bool = False
+    optimal: bool = False
+
+
+def pareto_figure(points: Iterable[ParetoPoint], *, cost_label: str, metric_label: str, higher_is_better: bool,
+                  percent: bool) -> dict[str, Any]:
+    """Quality against cost (parameters or latency) on a log axis: students grouped by recipe, dominated ones
+    faded; the frontier as a step line (from each optimal model, the best quality reachable for that cost
+    until the next one); teachers as stars. Points without a positive cost or a quality are left out."""
+    scale = 100 if percent else 1
+    shown = [p for p in points if p.cost is not None and p.cost > 0 and _finite(p.quality) is not None]
+    students = [p for p in shown if not p.teacher]
+    groups: dict[str, list[ParetoPoint]] = {}
+    for p in students:
+        groups.setdefault(p.group or "runs", []).append(p)
+    hover = "%{text}<br>%{y:.4g}" + ("%" if percent else "") + " at %{x:,.4g}<extra>%{fullData.name}</extra>"
+    traces = []
+    frontier = sorted((p for p in students if p.optimal), key=lambda p: (p.cost, -p.quality if higher_is_better
+                                                                           else p.quality))
+    if frontier:
+        traces.append(go.Scatter(
+            x=[p.cost for p in frontier], y=[scale * p.quality for p in frontier], name="Pareto frontier",
+            mode="lines", line={"shape": "hv", "color": "#6b7280", "width": 1.5, "dash": "dot"}, hoverinfo="skip",
+        ))
+    for group, members in sorted(groups.items()):
+        traces.append(go.Scatter(
+            x=[p.cost for p in members], y=[scale * p.quality for p in members], text=[p.label for p in members],
+            name=group, mode="markers", hovertemplate=hover,
+            marker={"size": 11, "opacity": [1.0 if p.optimal else 0.3 for p in members],
+                    "line": {"width": [1.5 if p.optimal else 0 for p in members], "color": "#111827"}},
+        ))
+    teachers = [p for p in shown if p.teacher]
+    if teachers:
+        traces.append(go.Scatter(
+            x=[p.cost for p in teachers], y=[scale * p.quality for p in teachers], text=[p.label for p in teachers],
+            name="teacher", mode="markers", hovertemplate=hover,
+            marker={"symbol": "star", "size": 17, "color": "#111827", "line": {"width": 1, "color": "#facc15"}},
+        ))
+    direction = "" if higher_is_better else " — lower is better"
+    layout = _layout(title=f"{metric_label} vs {cost_label}", x_title=f"{cost_label} (log scale)",
+                     y_title=f"{metric_label.lower()}{' (%)' if percent else ''}{direction}", hovermode="closest")
+    layout["xaxis"]["type"] = "log"
+    return _figure_dict(go.Figure(traces, layout=layout))
+
+
+def heatmap_figure(*, x_label: str, y_label: str, x_levels: Sequence[str], y_levels: Sequence[str],
+                   z: Sequence[Sequence[float | None]], metric_label: str, higher_is_better: bool,
+                   percent: bool) -> dict[str, Any]:
+    """A two-parameter sweep: the mean metric (over seeds) of each combination, written in its cell; the
+    colour scale runs from worst to best whatever the metric's direction. Missing cells stay empty."""
+    scale = 100 if percent else 1
+    values = [[None if _finite(v) is None else scale * v for v in row] for row in z]
+    trace = go.Heatmap(
+        z=values, x=list(x_levels), y=list(y_levels), colorscale="Viridis", reversescale=not higher_is_better,
+        texttemplate="%{z:.4g}", hovertemplate=f"{x_label}=%{{x}}<br>{y_label}=%{{y}}<br>%{{z:.4g}}<extra></extra>",
+        colorbar={"title": {"text": metric_label + (" (%)" if percent else "")}},
+    )
+    layout = _layout(title=f"Sweep: mean {metric_label.lower()} over seeds", x_title=x_label, y_title=y_label,
+                     hovermode="closest")
+    layout["xaxis"]["type"] = layout["yaxis"]["type"] = "category"
+    return _figure_dict(go.Figure([trace], layout=layout))

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.db import connections
+from django.db.models import Count, Max, Min, OuterRef, Q, QuerySet, Subquery
+from django.db.models.fields.json import KeyTransform
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from .models import DatasetSpec, Evaluation, Experiment, MetricPoint, ModelSpec, Recipe, Run, Team, Worker
+from . import rollups, sweeps
+from .models import (
+    Artifact,
+    DatasetSpec,
+    Evaluation,
+    Experiment,
+    MetricPoint,
+    MetricRollup,
+    ModelSpec,
+    Recipe,
+    Run,
+    Team,
+    Worker,
+)
 
 
 def team_list(*, user) -> QuerySet[Team]:
@@ -34,13 +54,25 @@ def recipe_list(*, user) -> QuerySet[Recipe]:
     return _scoped(Recipe.objects.select_related("team"), user)
 
 
+def _run_count(status: str | None = None) -> Coalesce:
+    """The number of runs of the outer experiment (with ``status``), as a correlated subquery."""
+    runs = Run.objects.filter(experiment=OuterRef("pk"))
+    if status is not None:
+        runs = runs.filter(status=status)
+    return Coalesce(Subquery(runs.order_by().values("experiment").annotate(n=Count("pk")).values("n")), 0)
+
+
 def experiment_list(*, user) -> QuerySet[Experiment]:
-    """Experiments with their run counts per status, in one query."""
-    counts = {s: Count("runs", filter=Q(runs__status=s)) for s in Run.Status.values}
-    # Meta.ordering is dropped from GROUP BY queries, so order explicitly (newest first).
+    """Experiments with their run counts per status, in one query.
+
+    The counts are correlated subqueries (index-only scans of ``run_experiment_status``), not a join grouped by
+    experiment: Postgres evaluates them after ORDER BY … LIMIT, for the rows of one page only, where a GROUP BY
+    would count every run of every experiment before paging (and a page's COUNT(*) would count them again).
+    """
+    counts = {f"{s}_count": _run_count(s) for s in Run.Status.values}
     return (
         _scoped(Experiment.objects.select_related("team", "teacher", "dataset", "created_by"), user)
-        .annotate(run_count=Count("runs"), **{f"{s}_count": c for s, c in counts.items()})
+        .annotate(run_count=_run_count(), **counts)
         .order_by("-created_at", "-id")
     )
 
@@ -65,15 +97,92 @@ def teacher_evaluation_exists(*, run: Run) -> bool:
     ).exists()
 
 
-def run_metric_series(*, run: Run) -> dict[str, tuple[list[int], list[float]]]:
-    """All metric curves of a run: name → (steps, values), ordered by step."""
-    series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+LIVE_METRICS = ("tokens_per_s", "gpu_memory_bytes")
+
+
+def run_live_telemetry(*, run: Run) -> dict[str, float]:
+    """The newest value of each of ``LIVE_METRICS`` the run has logged (tokens/s for causal LMs, peak GPU memory
+    on CUDA), in one query."""
+    latest = {
+        name: Subquery(MetricPoint.objects.filter(run_id=OuterRef("pk"), name=name).order_by("-step")
+                       .values("value")[:1])
+        for name in LIVE_METRICS
+    }
+    row = Run.objects.filter(pk=run.pk).annotate(**{f"latest_{n}": q for n, q in latest.items()}).values(
+        *(f"latest_{n}" for n in LIVE_METRICS)).first() or {}
+    return {name: row[f"latest_{name}"] for name in LIVE_METRICS if row.get(f"latest_{name}") is not None}
+
+
+def run_metric_series(*, run: Run, max_points: int = 2000) -> dict[str, tuple[list[int], list[float | None]]]:
+    """All metric curves of a run: name → (steps, values), ordered by step, each at most ``max_points`` long.
+
+    On Postgres a curve with more steps is downsampled on the database as :func:`metric_curves` does (min/max
+    buckets over the curve's steps, first and last point kept; non-finite values become None), in two queries
+    whatever the number of points: a run page never reads a 100,000-point curve into Python. Other databases
+    return every point (the plots downsample them).
+    """
+    connection = connections[MetricPoint.objects.db]
+    if connection.vendor == "postgresql":
+        return _run_metric_series_downsampled(run_id=run.pk, max_points=max_points)
+    series: dict[str, tuple[list[int], list[float | None]]] = defaultdict(lambda: ([], []))
     rows = MetricPoint.objects.filter(run=run).order_by("name", "step").values_list("name", "step", "value")
     for name, step, value in rows.iterator(chunk_size=5000):
         steps, values = series[name]
         steps.append(step)
         values.append(value)
     return dict(series)
+
+
+def _run_metric_series_downsampled(*, run_id: int, max_points: int) -> dict[str, tuple[list[int], list[float | None]]]:
+    """:func:`run_metric_series` on Postgres, in two queries: each name's first and last point (a loose index
+    scan over the names, then two index lookups per name); then one aggregate over the run's points into
+    buckets, whose widths go into the query as constants (a CASE on the name)."""
+    connection = connections[MetricPoint.objects.db]
+    table, run_col, name_col, step_col, value_col = _curve_table()
+    ends_sql = f"""
+        WITH RECURSIVE walk(name) AS (
+            SELECT (SELECT min(m.{name_col}) FROM {table} m WHERE m.{run_col} = %(run)s)
+            UNION ALL
+            SELECT (SELECT min(m.{name_col}) FROM {table} m WHERE m.{run_col} = %(run)s AND m.{name_col} > w.name)
+            FROM walk w WHERE w.name IS NOT NULL
+        )
+        SELECT w.name,
+            (SELECT ARRAY[m.{step_col}::float8, m.{value_col}] FROM {table} m
+              WHERE m.{run_col} = %(run)s AND m.{name_col} = w.name ORDER BY m.{step_col} LIMIT 1),
+            (SELECT ARRAY[m.{step_col}::float8, m.{value_col}] FROM {table} m
+              WHERE m.{run_col} = %(run)s AND m.{name_col} = w.name ORDER BY m.{step_col} DESC LIMIT 1)
+        FROM walk w WHERE w.name IS NOT NULL"""
+    with connection.cursor() as cursor:
+        cursor.execute(ends_sql, {"run": run_id})
+        ends = {
+            name: ((int(first[0]), first[1]), (int(last[0]), last[1]))
+            for name, first, last in cursor.fetchall() if first is not None
+        }
+        if not ends:
+            return {}
+        widths = _bucket_widths({n: (f[0], la[0]) for n, (f, la) in ends.items()}, max_points)
+        long = sorted(n for n, (_, width) in widths.items() if width > 1)
+        # Short curves keep every point (a bucket per step); each long one gets its own constant bucket width.
+        bucket, params = f"m.{step_col}", []
+        if long:
+            cases = " ".join(f"WHEN %s THEN (m.{step_col} - %s::integer) / %s::integer" for _ in long)
+            bucket = f"CASE m.{name_col} {cases} ELSE m.{step_col} END"
+            params = [v for n in long for v in (n, *widths[n])]
+        # ARRAY[value, step] compares by value first, so min/max return each extreme with its step. Each extreme
+        # comes back as two plain columns (Postgres computes a repeated aggregate once): parsing arrays costs more.
+        low, high = (f"{agg}(ARRAY[m.{value_col}, m.{step_col}::float8])" for agg in ("min", "max"))
+        source = table
+        if rollups.rolled_up([run_id]):  # a long run: merge its stored bucket extremes instead of every point
+            low, high = "min(ARRAY[m.min_value, m.min_step::float8])", "max(ARRAY[m.max_value, m.max_step::float8])"
+            source = connection.ops.quote_name(MetricRollup._meta.db_table)
+            bucket = bucket.replace(f"m.{step_col}", "(m.bucket * m.width)")
+            run_col, name_col = "run_id", "name"
+        cursor.execute(f"""
+            SELECT m.{name_col}, ({low})[2]::integer, ({low})[1], ({high})[2]::integer, ({high})[1]
+            FROM {source} m WHERE m.{run_col} = %s
+            GROUP BY m.{name_col}, {bucket}""", [run_id, *params])
+        extremes = cursor.fetchall()
+    return dict(sorted(_assemble(ends, extremes).items()))
 
 
 def experiment_status(experiment: Experiment) -> str:
@@ -114,6 +223,8 @@ class LeaderboardRow:
     teacher: ModelSpec | None
     is_baseline: bool
     stage: str = ""
+    sweep: str = ""
+    """The row's point of its experiment's sweep, e.g. ``"lr=3e-4 τ=4"`` (empty when nothing is swept)."""
     run_ids: list[int] = field(default_factory=list)
     accuracies: list[float] = field(default_factory=list)
     gains: list[float] = field(default_factory=list)
@@ -124,6 +235,12 @@ class LeaderboardRow:
     teacher_latency_ms: float | None = None
     higher_is_better: bool = True
     rank: int = 0
+    pareto: bool = False
+
+    @property
+    def family(self) -> str:
+        """The student's family (``mlp``, ``bert``, …; see :func:`model_family`)."""
+        return model_family(self.student)
 
     @property
     def compression(self) -> float | None:
@@ -173,10 +290,27 @@ class PrimaryMetric:
     percent: bool
 
 
+QUALITY_METRICS: dict[str, PrimaryMetric] = {
+    m.name: m
+    for m in (
+        PrimaryMetric("accuracy", "Accuracy", True, True),
+        PrimaryMetric("macro_f1", "Macro F1", True, True),
+        PrimaryMetric("agreement", "Agreement with teacher", True, True),
+        PrimaryMetric("nll", "NLL", False, False),
+        PrimaryMetric("ece", "Calibration error (ECE)", False, False),
+        PrimaryMetric("kl_to_teacher", "KL to teacher", False, False),
+        PrimaryMetric("perplexity", "Perplexity", False, False),
+        PrimaryMetric("bits_per_token", "Bits per token", False, False),
+        PrimaryMetric("cosine_to_teacher", "Cosine to teacher", True, False),
+    )
+}
+"""Eval metrics a leaderboard or a comparison can rank by, with their direction. Efficiency numbers (params,
+latency, throughput, memory) are not quality metrics: they are the other axis."""
+
 PRIMARY_METRICS = {
-    "classification": PrimaryMetric("accuracy", "Accuracy", True, True),
-    "causal_lm": PrimaryMetric("perplexity", "Perplexity", False, False),
-    "embedding": PrimaryMetric("cosine_to_teacher", "Cosine to teacher", True, False),
+    "classification": QUALITY_METRICS["accuracy"],
+    "causal_lm": QUALITY_METRICS["perplexity"],
+    "embedding": QUALITY_METRICS["cosine_to_teacher"],
 }
 
 
@@ -185,69 +319,335 @@ def primary_metric(dataset: DatasetSpec) -> PrimaryMetric:
 
 
 def _metric_value(evaluation: Evaluation, metric: PrimaryMetric) -> float | None:
-    if metric.name == "accuracy":
+    if metric.name == "accuracy" and evaluation.accuracy is not None:
         return evaluation.accuracy
     value = (evaluation.metrics or {}).get(metric.name)
-    return float(value) if isinstance(value, int | float) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def leaderboard(*, user, dataset: DatasetSpec) -> list[LeaderboardRow]:
-    """Rows per (experiment, student, recipe, stage), ranked by the dataset's primary metric (mean over seeds):
-    accuracy for classification, perplexity (lower is better) for causal LMs, cosine to the teacher for
-    embeddings. ``accuracies`` then hold that metric; gains and retention are oriented so that positive /
-    above 100% means better.
+def metric_value(evaluation: Evaluation | None, metric: PrimaryMetric) -> float | None:
+    """An evaluation's score on ``metric`` (None when it was not measured)."""
+    return _metric_value(evaluation, metric) if evaluation is not None else None
 
-    KD gain pairs each distilled run with the hard-label baseline of the same experiment, student and seed;
-    retention divides by the teacher's accuracy on the same eval split. Three queries whatever the row count.
+
+def evaluation_metric_names(evaluations: Iterable[Evaluation], *, primary: PrimaryMetric) -> list[PrimaryMetric]:
+    """The quality metrics present in ``evaluations``: the primary one first, then in QUALITY_METRICS order."""
+    present = {
+        name for e in evaluations for name, metric in QUALITY_METRICS.items() if _metric_value(e, metric) is not None
+    }
+    return [primary] + [m for name, m in QUALITY_METRICS.items() if name in present and name != primary.name]
+
+
+def _leaderboard_evaluations(*, user, dataset: DatasetSpec, split_key: str | None,
+                             scope: str) -> QuerySet[Evaluation]:
+    """Finished student evaluations of the benchmark, scoped to the user's teams (staff: all).
+
+    ``scope="team"``: evaluations on this dataset record. ``scope="global"`` (needs ``split_key``): every
+    evaluation on the same eval split of the same data — the split key hashes the data source and the split
+    settings — whichever team's dataset record it was registered under.
     """
-    evaluations = list(
-        Evaluation.objects.filter(dataset=dataset, role=Evaluation.Role.STUDENT, run__status=Run.Status.SUCCEEDED)
-        .filter(Q(run__team__memberships__user=user) if not user.is_staff else Q())
-        .select_related("run__experiment__teacher", "run__student", "run__recipe")
-        .order_by("run_id")
-    )
-    metric = primary_metric(dataset)
-    teachers: dict[tuple[int, str], Evaluation] = {
-        (e.model_id, e.split_key): e
-        for e in Evaluation.objects.filter(dataset=dataset, role=Evaluation.Role.TEACHER)
-        if _metric_value(e, metric) is not None
-    }
-    baseline: dict[tuple[int, int, int], float] = {
-        (e.run.experiment_id, e.run.student_id, e.run.seed): _metric_value(e, metric)
-        for e in evaluations
-        if e.run.is_baseline and _metric_value(e, metric) is not None
-    }
+    qs = Evaluation.objects.filter(role=Evaluation.Role.STUDENT, run__status=Run.Status.SUCCEEDED)
+    if scope == "global" and split_key:
+        qs = qs.filter(split_key=split_key, dataset__task=dataset.task)
+    else:
+        qs = qs.filter(dataset=dataset)
+        if split_key:
+            qs = qs.filter(split_key=split_key)
+    if not user.is_staff:
+        qs = qs.filter(run__team__memberships__user=user)
+    return qs.select_related(
+        "run__experiment__teacher", "run__experiment__team", "run__student__parent", "run__recipe"
+    ).defer(*_LEADERBOARD_DEFERRED).annotate(**_LEADERBOARD_SWEEP_PARTS).order_by("run_id")
+
+
+# What a leaderboard never reads of the records it joins: each run's frozen config and result (kilobytes of JSON
+# apiece, for every finished run of the benchmark), error texts and descriptions. The experiment's ``train`` is
+# read (small: it names the swept settings), and of each run's config only the parts that hold swept values.
+_LEADERBOARD_DEFERRED = (
+    "run__config", "run__result", "run__error", "run__experiment__description",
+    "run__experiment__teacher__notes", "run__student__notes", "run__student__parent__notes",
+    "run__recipe__description",
+)
+_LEADERBOARD_SWEEP_PARTS = {
+    "sweep_train": KeyTransform("train", "run__config"),
+    "sweep_terms": KeyTransform("terms", "run__config"),
+    "sweep_labelled_fraction": KeyTransform("labelled_fraction", KeyTransform("dataset", "run__config")),
+}
+
+
+def _sweep_config(evaluation: Evaluation) -> dict[str, Any]:
+    """The parts of the evaluated run's frozen config that hold swept values (annotated by
+    :func:`_leaderboard_evaluations`), shaped like the config for ``sweeps.config_value``."""
+    train = getattr(evaluation, "sweep_train", None)
+    terms = getattr(evaluation, "sweep_terms", None)
+    fraction = getattr(evaluation, "sweep_labelled_fraction", None)
+    return {"train": train if isinstance(train, dict) else {},
+            "terms": [t for t in terms if isinstance(t, dict)] if isinstance(terms, list) else [],
+            "dataset": {"labelled_fraction": fraction} if fraction is not None else {}}
+
+
+def _sweep_point(train: Mapping[str, Any], config: Mapping[str, Any], axes: Sequence[str]) -> tuple:
+    """The run's values of ``axes`` (a hashable key; None where the run does not have one)."""
+    point = []
+    for axis in axes:
+        value = sweeps.config_value(config, axis)
+        point.append((axis, value if isinstance(value, int | float | str | bool) or value is None else repr(value)))
+    return tuple(point)
+
+
+def _leaderboard_teachers(*, dataset: DatasetSpec, split_key: str | None, scope: str,
+                          metric: PrimaryMetric) -> dict[tuple[int, str], Evaluation]:
+    qs = Evaluation.objects.filter(role=Evaluation.Role.TEACHER)
+    if scope == "global" and split_key:
+        qs = qs.filter(split_key=split_key, dataset__task=dataset.task)
+    else:
+        qs = qs.filter(dataset=dataset)
+        if split_key:
+            qs = qs.filter(split_key=split_key)
+    return {(e.model_id, e.split_key): e for e in qs if _metric_value(e, metric) is not None}
+
+
+def _leaderboard_rows(evaluations: Iterable[Evaluation], teachers: dict[tuple[int, str], Evaluation],
+                      metric: PrimaryMetric) -> list[LeaderboardRow]:
+    """Group student evaluations into rows per (experiment, student, recipe, stage, point of the experiment's
+    sweep) and rank them: the seeds of one point are averaged, different points are different rows.
+
+    KD gain pairs each distilled run with the hard-label baseline of the same experiment, student and seed
+    trained with the same training settings (baselines follow the training-setting sweep, not the term sweeps);
+    when there is none, with the experiment's baseline for that student and seed if it has exactly one.
+    """
+    evaluations = list(evaluations)
+    points: dict[int, tuple[str, tuple, tuple]] = {}  # evaluation id → (label, point, training-setting point)
+    for e in evaluations:
+        train = e.run.experiment.train if isinstance(e.run.experiment.train, dict) else {}
+        axes = sweeps.experiment_axes(train)
+        if not axes:
+            points[e.pk] = ("", (), ())
+            continue
+        config = _sweep_config(e)
+        points[e.pk] = (sweeps.run_label(train=train, config=config), _sweep_point(train, config, axes),
+                        _sweep_point(train, config, list(sweeps.train_axes(train))))
+    baseline: dict[tuple[int, int, int, tuple], float] = {}
+    by_seed: dict[tuple[int, int, int], set[float]] = defaultdict(set)
+    for e in evaluations:
+        value = _metric_value(e, metric)
+        if e.run.is_baseline and value is not None:
+            baseline[(e.run.experiment_id, e.run.student_id, e.run.seed, points[e.pk][2])] = value
+            by_seed[(e.run.experiment_id, e.run.student_id, e.run.seed)].add(value)
+    sole_baseline = {key: next(iter(values)) for key, values in by_seed.items() if len(values) == 1}
     sign = 1.0 if metric.higher_is_better else -1.0
-    rows: dict[tuple[int, int, int, str], LeaderboardRow] = {}
+    rows: dict[tuple[int, int, int, str, tuple], LeaderboardRow] = {}
     for e in evaluations:
         value = _metric_value(e, metric)
         if value is None:
             continue
         run = e.run
-        key = (run.experiment_id, run.student_id, run.recipe_id, run.stage)
+        label, point, train_point = points[e.pk]
+        key = (run.experiment_id, run.student_id, run.recipe_id, run.stage, point)
         row = rows.get(key)
         if row is None:
             row = rows[key] = LeaderboardRow(
-                run.experiment, run.student, run.recipe, run.experiment.teacher, run.is_baseline, run.stage
+                run.experiment, run.student, run.recipe, run.experiment.teacher, run.is_baseline, run.stage,
+                sweep=label, higher_is_better=metric.higher_is_better,
             )
         row.run_ids.append(run.id)
         row.accuracies.append(value)
         row.params = e.param_count or row.params
         row.latency_ms = e.latency_ms if e.latency_ms is not None else row.latency_ms
-        base = baseline.get((run.experiment_id, run.student_id, run.seed))
-        if base is not None and not run.is_baseline:
-            row.gains.append(sign * (value - base))
+        if not run.is_baseline:
+            base = baseline.get((run.experiment_id, run.student_id, run.seed, train_point))
+            if base is None:
+                base = sole_baseline.get((run.experiment_id, run.student_id, run.seed))
+            if base is not None:
+                row.gains.append(sign * (value - base))
         teacher_id = run.experiment.teacher_id
         teacher_eval = teachers.get((teacher_id, e.split_key)) if teacher_id else None
         if teacher_eval is not None and row.teacher_accuracy is None:
             row.teacher_accuracy = _metric_value(teacher_eval, metric)
-            row.higher_is_better = metric.higher_is_better
             row.teacher_params = teacher_eval.param_count
             row.teacher_latency_ms = teacher_eval.latency_ms
     ranked = sorted(rows.values(), key=lambda r: (-sign * r.mean, r.params or 0))
     for i, row in enumerate(ranked, 1):
         row.rank = i
     return ranked
+
+
+def leaderboard(*, user, dataset: DatasetSpec, metric: PrimaryMetric | None = None, split_key: str | None = None,
+                scope: str = "team") -> list[LeaderboardRow]:
+    """Rows per (experiment, student, recipe, stage, sweep point), ranked by ``metric`` (mean over seeds;
+    default the dataset's primary metric): accuracy for classification, perplexity (lower is better) for causal
+    LMs, cosine to the teacher for embeddings. ``accuracies`` then hold that metric; gains and retention are
+    oriented so that positive / above 100% means better.
+
+    KD gain pairs each distilled run with the hard-label baseline of the same experiment, student, seed and
+    training settings (see :func:`_leaderboard_rows`); retention divides by the teacher's score on the same eval split. ``split_key`` keeps one eval split (all
+    when None); ``scope`` is "team" (this dataset record) or "global" (see :func:`_leaderboard_evaluations`).
+    Two queries whatever the row count.
+    """
+    metric = metric or primary_metric(dataset)
+    evaluations = _leaderboard_evaluations(user=user, dataset=dataset, split_key=split_key, scope=scope)
+    teachers = _leaderboard_teachers(dataset=dataset, split_key=split_key, scope=scope, metric=metric)
+    return _leaderboard_rows(evaluations, teachers, metric)
+
+
+@dataclass(frozen=True)
+class SplitOption:
+    """One eval split of a dataset that has results: its key, a readable label and the number of results."""
+
+    key: str
+    label: str
+    count: int
+
+
+@dataclass
+class Benchmark:
+    """One leaderboard: a dataset's eval split and a metric, with the options its page offers."""
+
+    dataset: DatasetSpec
+    metric: PrimaryMetric
+    metrics: list[PrimaryMetric]
+    split_key: str | None
+    splits: list[SplitOption]
+    scope: str
+    rows: list[LeaderboardRow]
+
+    @property
+    def recipes(self) -> list[str]:
+        return sorted({r.recipe.name for r in self.rows})
+
+    @property
+    def families(self) -> list[str]:
+        return sorted({r.family for r in self.rows if r.family})
+
+
+def _split_labels(evaluations: Iterable[Evaluation]) -> dict[str, str]:
+    """A label per eval split of ``evaluations``, from the frozen dataset config of one run evaluated on each
+    (one query whatever the number of splits)."""
+    first: dict[str, Evaluation] = {}
+    for e in evaluations:
+        first.setdefault(e.split_key, e)
+    run_ids = [e.run_id for e in first.values() if e.run_id]
+    configs = dict(Run.objects.filter(pk__in=run_ids).values_list("pk", "config__dataset")) if run_ids else {}
+    return {key: _split_label(e, configs.get(e.run_id)) for key, e in first.items()}
+
+
+def _split_label(evaluation: Evaluation, dataset_config: Mapping[str, Any] | None) -> str:
+    """What distinguishes an eval split, read from the frozen dataset config of a run evaluated on it."""
+    cfg = dataset_config if isinstance(dataset_config, Mapping) else {}
+    parts = []
+    if isinstance(cfg.get("eval_fraction"), int | float):
+        parts.append(f"{100 * cfg['eval_fraction']:g}% eval")
+    for key, label in (("split_seed", "seed"), ("max_length", "max length")):
+        if cfg.get(key) is not None:
+            parts.append(f"{label} {cfg[key]}")
+    return f"{evaluation.split} · " + (", ".join(parts) or evaluation.split_key[:8])
+
+
+def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", split_key: str = "",
+                          scope: str = "team") -> Benchmark:
+    """The leaderboard of one benchmark of ``dataset``: an eval split (default: the one with most results) and
+    a quality metric (default: the dataset's primary metric), in the team or the global scope.
+
+    Four queries in the team scope, five in the global one, whatever the row count.
+    """
+    scope = "global" if scope == "global" else "team"
+    local = list(_leaderboard_evaluations(user=user, dataset=dataset, split_key=None, scope="team"))
+    counts: dict[str, int] = defaultdict(int)
+    for e in local:
+        counts[e.split_key] += 1
+    labels = _split_labels(local)
+    splits = [SplitOption(k, labels[k], n) for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    chosen = split_key if split_key in counts else (splits[0].key if splits else None)
+    if scope == "global" and chosen:
+        evaluations = list(_leaderboard_evaluations(user=user, dataset=dataset, split_key=chosen, scope="global"))
+    else:
+        evaluations = [e for e in local if e.split_key == chosen]
+    primary = primary_metric(dataset)
+    metrics = evaluation_metric_names(evaluations, primary=primary)
+    metric = next((m for m in metrics if m.name == metric_name), primary)
+    teachers = _leaderboard_teachers(dataset=dataset, split_key=chosen, scope=scope, metric=metric)
+    return Benchmark(dataset=dataset, metric=metric, metrics=metrics, split_key=chosen, splits=splits, scope=scope,
+                     rows=_leaderboard_rows(evaluations, teachers, metric))
+
+
+def pareto_flags(points: Sequence[tuple[float | None, float | None]], *, higher_is_better: bool) -> list[bool]:
+    """Which (cost, quality) points are Pareto-optimal: no other point costs at most as much and scores at least
+    as well, better in one of the two. Points with an unknown cost or quality are never optimal; equal points
+    are optimal together. O(n log n).
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    known = sorted(
+        ((cost, sign * quality, i) for i, (cost, quality) in enumerate(points)
+         if cost is not None and quality is not None and math.isfinite(cost) and math.isfinite(quality)),
+        key=lambda t: (t[0], -t[1]),
+    )
+    flags = [False] * len(points)
+    best_cheaper = -math.inf  # the best (oriented) quality among strictly cheaper points
+    i = 0
+    while i < len(known):
+        cost = known[i][0]
+        group_best = known[i][1]  # sorted best-first within one cost
+        j = i
+        while j < len(known) and known[j][0] == cost:
+            if known[j][1] == group_best and group_best > best_cheaper:
+                flags[known[j][2]] = True
+            j += 1
+        best_cheaper = max(best_cheaper, group_best)
+        i = j
+    return flags
+
+
+def leaderboard_filter(rows: Sequence[LeaderboardRow], *, higher_is_better: bool, max_params: int | None = None,
+                       max_latency_ms: float | None = None, recipe: str = "",
+                       family: str = "") -> list[LeaderboardRow]:
+    """The rows that fit a size / latency budget (an unknown size or latency does not fit), a recipe name and a
+    student family, ranked again among themselves and flagged ``pareto`` when no other kept row is at least as
+    small and as good (quality vs parameters)."""
+    kept = [
+        r for r in rows
+        if (max_params is None or (r.params is not None and r.params <= max_params))
+        and (max_latency_ms is None or (r.latency_ms is not None and r.latency_ms <= max_latency_ms))
+        and (not recipe or r.recipe.name == recipe)
+        and (not family or r.family == family)
+    ]
+    flags = pareto_flags([(r.params, r.mean) for r in kept], higher_is_better=higher_is_better)
+    for rank, (row, flag) in enumerate(zip(kept, flags, strict=True), 1):
+        row.rank = rank
+        row.pareto = flag
+    return kept
+
+
+_HF_MODEL_TYPES: dict[str, str] = {}
+
+
+def _local_model_type(folder: str) -> str:
+    """``model_type`` from a local transformers folder's config.json (read once per folder and process)."""
+    if folder not in _HF_MODEL_TYPES:
+        try:
+            data = json.loads((Path(folder) / "config.json").read_text())
+            _HF_MODEL_TYPES[folder] = str(data.get("model_type") or "") if isinstance(data, dict) else ""
+        except (OSError, ValueError):
+            _HF_MODEL_TYPES[folder] = ""
+    return _HF_MODEL_TYPES[folder]
+
+
+def model_family(spec: ModelSpec) -> str:
+    """A student's family for filtering: the builtin architecture (``mlp``) or the transformers ``model_type``
+    (``bert``, ``llama``, …); derived models and models trained here take their parent's / source run
+    student's family when it is already loaded (never a query). "" when unknown."""
+    if spec.source == ModelSpec.Source.BUILTIN:
+        return spec.builtin_arch
+    model_type = (spec.config or {}).get("model_type") if isinstance(spec.config, dict) else None
+    if model_type:
+        return str(model_type)
+    if spec.source == ModelSpec.Source.HF and spec.local_path:
+        return _local_model_type(spec.local_path)
+    if spec.source == ModelSpec.Source.DERIVED and ModelSpec.parent.is_cached(spec) and spec.parent:
+        return model_family(spec.parent)
+    if spec.source == ModelSpec.Source.RUN and ModelSpec.source_run.is_cached(spec) and spec.source_run:
+        run = spec.source_run
+        return model_family(run.student) if Run.student.is_cached(run) else ""
+    return ""
 
 
 def home_summary(*, user) -> dict[str, Any]:
@@ -267,7 +667,7 @@ def experiment_runs(*, experiment: Experiment) -> QuerySet[Run]:
     )[:1]
     return (
         Run.objects.filter(experiment=experiment)
-        .select_related("student", "recipe", "waiting_for")
+        .select_related("experiment", "student", "recipe", "waiting_for")
         .annotate(accuracy=Subquery(student_accuracy))
         .order_by("student__name", "-is_baseline", "recipe__name", "seed", "id")
     )
@@ -302,6 +702,22 @@ def run_evaluations(*, run: Run) -> list[Evaluation]:
     return student + teacher
 
 
+def run_model_artifact(*, run: Run) -> Artifact | None:
+    """The run's final model (the latest ``model`` artifact), or None."""
+    return run.artifacts.filter(kind=Artifact.Kind.MODEL).order_by("-created_at", "-id").first()
+
+
+def run_baseline_evaluation(*, run: Run) -> Evaluation | None:
+    """The student evaluation of the hard-label baseline paired with ``run`` (same experiment, student and
+    seed), the reference for its KD gain; None when there is no finished one."""
+    return (
+        Evaluation.objects.filter(
+            role=Evaluation.Role.STUDENT, run__experiment_id=run.experiment_id, run__student_id=run.student_id,
+            run__seed=run.seed, run__is_baseline=True, run__status=Run.Status.SUCCEEDED,
+        ).exclude(run_id=run.pk).order_by("-run_id").first()
+    )
+
+
 def worker_online_count(*, offline_after_s: int) -> int:
     """Workers that are online and sent a heartbeat recently."""
     fresh = timezone.now() - timedelta(seconds=offline_after_s)
@@ -312,3 +728,397 @@ def leaderboard_datasets(*, user) -> QuerySet[DatasetSpec]:
     """The user's datasets with the number of finished student evaluations on each (rows on its leaderboard)."""
     finished = Q(evaluations__role=Evaluation.Role.STUDENT, evaluations__run__status=Run.Status.SUCCEEDED)
     return dataset_spec_list(user=user).annotate(result_count=Count("evaluations", filter=finished))
+
+
+# --- compare ----------------------------------------------------------------------------------------
+def compare_run_list(*, user, run_ids: Sequence[int]) -> list[Run]:
+    """The runs among ``run_ids`` the user may see, in the order asked for, with what a comparison shows
+    (experiment, dataset, teacher, student, recipe) in one query. Fewer runs than ids means some are not
+    visible (or do not exist)."""
+    runs = {
+        r.pk: r
+        for r in run_list(user=user).filter(pk__in=run_ids).select_related("experiment__dataset", "student__parent")
+    }
+    return [runs[i] for i in run_ids if i in runs]
+
+
+def _curve_table() -> tuple[str, str, str, str, str]:
+    opts, quote = MetricPoint._meta, connections[MetricPoint.objects.db].ops.quote_name
+    return (quote(opts.db_table), *(quote(opts.get_field(f).column) for f in ("run", "name", "step", "value")))
+
+
+def metric_names(*, run_ids: Sequence[int]) -> list[str]:
+    """The metric names logged by any of the runs, sorted, in one query.
+
+    On Postgres a recursive query walks the (run, name, step) index from one name to the next (a "loose index
+    scan"), so the cost grows with runs × names, not with the number of points.
+    """
+    run_ids = list(run_ids)
+    if not run_ids:
+        return []
+    connection = connections[MetricPoint.objects.db]
+    if connection.vendor != "postgresql":
+        return metric_names_portable(run_ids=run_ids)
+    table, run_col, name_col, _, _ = _curve_table()
+    sql = f"""
+        WITH RECURSIVE walk(run_id, name) AS (
+            SELECT r.id, (SELECT min(m.{name_col}) FROM {table} m WHERE m.{run_col} = r.id)
+            FROM unnest(%s::bigint[]) AS r(id)
+            UNION ALL
+            SELECT w.run_id, (SELECT min(m.{name_col}) FROM {table} m WHERE m.{run_col} = w.run_id
+                                                                   AND m.{name_col} > w.name)
+            FROM walk w WHERE w.name IS NOT NULL
+        )
+        SELECT DISTINCT name FROM walk WHERE name IS NOT NULL ORDER BY name"""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [run_ids])
+        return [name for (name,) in cursor.fetchall()]
+
+
+def metric_names_portable(*, run_ids: Sequence[int]) -> list[str]:
+    """:func:`metric_names` on any database (a DISTINCT over every point of the runs)."""
+    names = MetricPoint.objects.filter(run_id__in=list(run_ids)).values_list("name", flat=True)
+    return sorted(set(names.order_by().distinct()))
+
+
+Curves = dict[int, tuple[list[int], list[float | None]]]
+
+
+def _clean(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _bucket_widths(ends: Mapping[int, tuple[int, int]], max_points: int) -> dict[int, tuple[int, int]]:
+    """Each run's (first step, bucket width): its steps cut into at most (max_points - 2) // 2 buckets of equal
+    width, so that with its first and last point a curve keeps at most ``max_points`` points; a run with fewer
+    steps than buckets keeps every point."""
+    if max_points < 4:
+        raise ValueError("max_points must be at least 4")
+    buckets = (max_points - 2) // 2
+    return {run_id: (lo, max(1, -(-(hi - lo + 1) // buckets))) for run_id, (lo, hi) in ends.items()}
+
+
+def _assemble(ends: Mapping[int, tuple[tuple[int, float], tuple[int, float]]],
+              extremes: Iterable[tuple[int, int, float, int, float]]) -> Curves:
+    """Curves from each run's first and last points and each bucket's lowest and highest point
+    (``run_id, min_step, min_value, max_step, max_value``), in step order, one value per step."""
+    points: dict[int, dict[int, float]] = {run_id: {} for run_id in ends}
+    for run_id, (first, last) in ends.items():
+        points[run_id][first[0]] = first[1]
+        points[run_id][last[0]] = last[1]
+    for run_id, min_step, min_value, max_step, max_value in extremes:
+        points[run_id][min_step] = min_value
+        points[run_id][max_step] = max_value
+    return {
+        run_id: ([s for s in sorted(by_step)], [_clean(by_step[s]) for s in sorted(by_step)])
+        for run_id, by_step in points.items()
+    }
+
+
+def metric_curves(*, run_ids: Sequence[int], name: str, max_points: int = 2000) -> Curves:
+    """One metric's curve for each run that logged it: run id → (steps, values), downsampled on the database
+    to at most ``max_points`` points per run, in two queries whatever the number of points.
+
+    Each run's steps are cut into (max_points - 2) // 2 equal buckets; each bucket keeps its lowest and highest
+    point (with their steps), and each run keeps its first and last point, so spikes, dips and the ends of
+    every curve survive. Non-finite values become None (a gap); a bucket that holds a NaN or +inf shows
+    the gap instead of its highest finite value (Postgres orders NaN above every number).
+    """
+    run_ids = list(run_ids)
+    if not run_ids:
+        return {}
+    connection = connections[MetricPoint.objects.db]
+    if connection.vendor != "postgresql":
+        return metric_curves_portable(run_ids=run_ids, name=name, max_points=max_points)
+    table, run_col, name_col, step_col, value_col = _curve_table()
+    ends_sql = f"""
+        SELECT r.id,
+            (SELECT ARRAY[m.{step_col}::float8, m.{value_col}] FROM {table} m
+              WHERE m.{run_col} = r.id AND m.{name_col} = %s ORDER BY m.{step_col} LIMIT 1),
+            (SELECT ARRAY[m.{step_col}::float8, m.{value_col}] FROM {table} m
+              WHERE m.{run_col} = r.id AND m.{name_col} = %s ORDER BY m.{step_col} DESC LIMIT 1)
+        FROM unnest(%s::bigint[]) AS r(id)"""
+    with connection.cursor() as cursor:
+        cursor.execute(ends_sql, [name, name, run_ids])
+        ends = {
+            run_id: ((int(first[0]), first[1]), (int(last[0]), last[1]))
+            for run_id, first, last in cursor.fetchall() if first is not None
+        }
+        if not ends:
+            return {}
+        widths = _bucket_widths({r: (f[0], la[0]) for r, (f, la) in ends.items()}, max_points)
+        rolled = rollups.rolled_up(list(widths), name)
+        extremes = []
+        for ids, source in (([i for i in widths if i not in rolled], "points"), (sorted(rolled), "rollups")):
+            if not ids:
+                continue
+            cursor.execute(_buckets_sql(source), [ids, [widths[i][0] for i in ids], [widths[i][1] for i in ids],
+                                                  ids, name])
+            extremes += [(run_id, int(low[1]), low[0], int(high[1]), high[0])
+                         for run_id, low, high in cursor.fetchall()]
+    return _assemble(ends, extremes)
+
+
+def _buckets_sql(source: str) -> str:
+    """Each run's curve cut into buckets (``b``: run id, first step, bucket width), with each bucket's lowest and
+    highest point. ``points`` aggregates every point; ``rollups`` merges the stored extremes of a long run
+    (:mod:`.rollups`), each stored bucket going whole into the bucket of its first step. ARRAY[value, step]
+    compares by value first, so min/max return each extreme with its step."""
+    table, run_col, name_col, step_col, value_col = _curve_table()
+    if source == "points":
+        low = high = f"ARRAY[m.{value_col}, m.{step_col}::float8]"
+        frm, run, name, step = table, f"m.{run_col}", f"m.{name_col}", f"m.{step_col}"
+    else:
+        low, high = "ARRAY[m.min_value, m.min_step::float8]", "ARRAY[m.max_value, m.max_step::float8]"
+        frm = connections[MetricRollup.objects.db].ops.quote_name(MetricRollup._meta.db_table)
+        run, name, step = "m.run_id", "m.name", "m.bucket * m.width"
+    return f"""
+        SELECT {run}, min({low}), max({high})
+        FROM {frm} m
+        JOIN unnest(%s::bigint[], %s::integer[], %s::integer[]) AS b(run_id, lo, width) ON b.run_id = {run}
+        WHERE {run} = ANY(%s::bigint[]) AND {name} = %s
+        GROUP BY {run}, ({step} - b.lo) / b.width"""
+
+
+def _order_key(value: float) -> tuple[int, float]:
+    """Postgres' float order: NaN above +inf above every number."""
+    return (1, 0.0) if math.isnan(value) else (0, value)
+
+
+def metric_curves_portable(*, run_ids: Sequence[int], name: str, max_points: int = 2000) -> Curves:
+    """:func:`metric_curves` on any database: the same buckets, computed while streaming the points."""
+    bounds = {
+        row["run_id"]: (row["lo"], row["hi"])
+        for row in MetricPoint.objects.filter(run_id__in=list(run_ids), name=name)
+        .values("run_id").annotate(lo=Min("step"), hi=Max("step")).order_by()
+    }
+    if not bounds:
+        return {}
+    widths = _bucket_widths(bounds, max_points)
+    ends: dict[int, list[tuple[int, float]]] = {}
+    lows: dict[tuple[int, int], tuple[int, float]] = {}
+    highs: dict[tuple[int, int], tuple[int, float]] = {}
+    rows = (MetricPoint.objects.filter(run_id__in=list(bounds), name=name)
+            .order_by("run_id", "step").values_list("run_id", "step", "value"))
+    for run_id, step, value in rows.iterator(chunk_size=10_000):
+        first_last = ends.setdefault(run_id, [(step, value), (step, value)])
+        first_last[1] = (step, value)
+        lo, width = widths[run_id]
+        key = (run_id, (step - lo) // width)
+        low, high = lows.get(key), highs.get(key)
+        # Ties keep the earliest step for the minimum and the latest for the maximum, as ARRAY[value, step] does.
+        if low is None or _order_key(value) < _order_key(low[1]):
+            lows[key] = (step, value)
+        if high is None or _order_key(value) >= _order_key(high[1]):
+            highs[key] = (step, value)
+    extremes = [(key[0], *lows[key], *highs[key]) for key in lows]
+    return _assemble({r: (f, la) for r, (f, la) in ends.items()}, extremes)
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
+    """A frozen run config as dotted keys → JSON text of the leaf values.
+
+    Nested dicts become ``train.lr``; lists of dicts that all carry a distinct ``name`` (the loss terms) are
+    keyed by it (``terms.kd.params.temperature``), other lists of dicts by index; lists of plain values
+    (``hidden_sizes``) stay one leaf.
+    """
+    if isinstance(config, Mapping):
+        if not config and prefix:
+            return {prefix: "{}"}
+        flat: dict[str, str] = {}
+        for key, value in config.items():
+            flat |= flatten_config(value, f"{prefix}.{key}" if prefix else str(key))
+        return flat
+    if isinstance(config, list) and config and all(isinstance(item, Mapping) for item in config):
+        names = [item.get("name") for item in config]
+        named = all(isinstance(n, str) and n for n in names) and len(set(names)) == len(names)
+        flat = {}
+        for i, item in enumerate(config):
+            label = item["name"] if named else str(i)
+            flat |= flatten_config({k: v for k, v in item.items() if not (named and k == "name")} or {"name": label},
+                                   f"{prefix}.{label}")
+        return flat
+    return {prefix: json.dumps(config, sort_keys=True)}
+
+
+MISSING = "—"
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One flattened config key and its value in each compared run (MISSING where a run lacks it)."""
+
+    key: str
+    values: tuple[str, ...]
+
+    @property
+    def differs(self) -> bool:
+        return len(set(self.values)) > 1
+
+
+def config_diff(configs: Sequence[Mapping[str, Any]]) -> list[ConfigKey]:
+    """Every key of the runs' flattened configs, sorted, with one value per run."""
+    flat = [flatten_config(c) for c in configs]
+    keys = sorted({k for f in flat for k in f})
+    return [ConfigKey(k, tuple(f.get(k, MISSING) for f in flat)) for k in keys]
+
+
+SWEEP_IGNORED = frozenset({"train.seed"})
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The runs as a full grid over two parameters: ``z[i][j]`` is the mean metric of the runs (seeds) at
+    ``y_levels[i]``, ``x_levels[j]`` (None when none of them has a value)."""
+
+    x_key: str
+    y_key: str
+    x_levels: list[str]
+    y_levels: list[str]
+    z: list[list[float | None]]
+    x_keys: tuple[str, ...] = ()
+    y_keys: tuple[str, ...] = ()
+
+
+def _level_order(level: str) -> tuple[int, float, str]:
+    try:
+        number = json.loads(level)
+    except ValueError:
+        number = None
+    if isinstance(number, int | float) and not isinstance(number, bool):
+        return (0, float(number), level)
+    return (1, 0.0, level)
+
+
+def sweep_grid(configs: Sequence[Mapping[str, Any]], values: Sequence[float | None]) -> SweepGrid | None:
+    """The heatmap of a two-parameter sweep, or None when the runs do not form one.
+
+    Keys that vary together (a different student changes several keys at once) count as one parameter,
+    labelled by its first key; the seed is averaged over. The runs form a grid when exactly two parameters
+    vary, each with at least two values, and every combination of their values has a run.
+    """
+    if len(configs) != len(values):
+        raise ValueError("one value per config")
+    diff = [k for k in config_diff(configs) if k.differs and k.key not in SWEEP_IGNORED]
+    by_partition: dict[tuple[int, ...], list[ConfigKey]] = {}
+    for key in diff:
+        first_seen: dict[str, int] = {}
+        partition = tuple(first_seen.setdefault(v, len(first_seen)) for v in key.values)
+        by_partition.setdefault(partition, []).append(key)
+    if len(by_partition) != 2:
+        return None
+    (y_group, x_group) = sorted(by_partition.values(), key=lambda keys: keys[0].key)
+    y, x = y_group[0], x_group[0]
+    y_levels = sorted(set(y.values), key=_level_order)
+    x_levels = sorted(set(x.values), key=_level_order)
+    cells: dict[tuple[str, str], list[float]] = {}
+    for yv, xv, value in zip(y.values, x.values, values, strict=True):
+        bucket = cells.setdefault((yv, xv), [])
+        if value is not None and math.isfinite(value):
+            bucket.append(value)
+    if len(x_levels) < 2 or len(y_levels) < 2 or len(cells) != len(x_levels) * len(y_levels):
+        return None
+    z = [[statistics.fmean(cells[(yv, xv)]) if cells[(yv, xv)] else None for xv in x_levels] for yv in y_levels]
+    return SweepGrid(x.key, y.key, x_levels, y_levels, z,
+                     tuple(k.key for k in x_group), tuple(k.key for k in y_group))
+
+
+@dataclass
+class CompareRow:
+    """One compared run with its final student evaluation and its teacher's on the same eval split."""
+
+    run: Run
+    evaluation: Evaluation | None
+    teacher_evaluation: Evaluation | None
+    metric: PrimaryMetric
+
+    @property
+    def quality(self) -> float | None:
+        return _metric_value(self.evaluation, self.metric) if self.evaluation else None
+
+    @property
+    def teacher_quality(self) -> float | None:
+        return _metric_value(self.teacher_evaluation, self.metric) if self.teacher_evaluation else None
+
+    @property
+    def params(self) -> int | None:
+        return self.evaluation.param_count if self.evaluation else None
+
+    @property
+    def latency_ms(self) -> float | None:
+        return self.evaluation.latency_ms if self.evaluation else None
+
+    @property
+    def retention(self) -> float | None:
+        """Student score / teacher score, inverted for lower-is-better metrics."""
+        student, teacher = self.quality, self.teacher_quality
+        if not student or not teacher:
+            return None
+        return student / teacher if self.metric.higher_is_better else teacher / student
+
+    def value(self, metric: PrimaryMetric) -> float | None:
+        return _metric_value(self.evaluation, metric) if self.evaluation else None
+
+
+@dataclass
+class Comparison:
+    """What the compare page shows besides the curves."""
+
+    rows: list[CompareRow]
+    metric: PrimaryMetric
+    columns: list[PrimaryMetric]
+    teachers: list[Evaluation]
+    config: list[ConfigKey]
+    grid: SweepGrid | None
+
+    @property
+    def differing(self) -> list[ConfigKey]:
+        return [k for k in self.config if k.differs]
+
+    @property
+    def same(self) -> list[ConfigKey]:
+        return [k for k in self.config if not k.differs]
+
+    @property
+    def table(self) -> list[tuple[CompareRow, list[tuple[PrimaryMetric, float | None]]]]:
+        """Each run with its (column, value) cells."""
+        return [(row, [(c, row.value(c)) for c in self.columns]) for row in self.rows]
+
+    @property
+    def teacher_table(self) -> list[tuple[Evaluation, list[tuple[PrimaryMetric, float | None]]]]:
+        return [(e, [(c, metric_value(e, c)) for c in self.columns]) for e in self.teachers]
+
+
+def run_comparison(*, runs: Sequence[Run]) -> Comparison:
+    """Final evaluations, the config diff and the sweep grid of ``runs`` (from :func:`compare_run_list`), in one
+    query. Quality is the primary metric of the task most of the runs share."""
+    runs = list(runs)
+    tasks: dict[str, int] = defaultdict(int)
+    for run in runs:
+        tasks[run.experiment.dataset.task] += 1
+    task = max(tasks, key=lambda t: (tasks[t], t)) if tasks else "classification"
+    metric = PRIMARY_METRICS.get(task, PRIMARY_METRICS["classification"])
+    teacher_ids = {r.teacher_id for r in runs if r.teacher_id}
+    dataset_ids = {r.experiment.dataset_id for r in runs}
+    evaluations = list(
+        Evaluation.objects.filter(
+            Q(role=Evaluation.Role.STUDENT, run__in=runs)
+            | Q(role=Evaluation.Role.TEACHER, model_id__in=teacher_ids, dataset_id__in=dataset_ids)
+        ).select_related("model")
+    ) if runs else []
+    students = {e.run_id: e for e in evaluations if e.role == Evaluation.Role.STUDENT}
+    teachers = {
+        (e.model_id, e.dataset_id, e.split_key): e for e in evaluations if e.role == Evaluation.Role.TEACHER
+    }
+    rows = []
+    for run in runs:
+        student = students.get(run.pk)
+        teacher = None
+        if run.teacher_id and student is not None:
+            teacher = teachers.get((run.teacher_id, run.experiment.dataset_id, student.split_key))
+        rows.append(CompareRow(run, student, teacher, metric))
+    shown_teachers = list({e.pk: e for e in (r.teacher_evaluation for r in rows) if e is not None}.values())
+    columns = evaluation_metric_names([r.evaluation for r in rows if r.evaluation], primary=metric)
+    return Comparison(rows=rows, metric=metric, columns=columns, teachers=shown_teachers,
+                      config=config_diff([r.config for r in runs]),
+                      grid=sweep_grid([r.config for r in runs], [row.quality for row in rows]))

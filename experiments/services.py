@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
-from django.db.models import F, Q
+from django.db import connection, transaction
+from django.db.models import F, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.text import slugify
 
-from . import engine_config, validation
+from . import engine_config, rollups, routing, sweeps, validation
 from .models import (
+    RUN_TRANSITIONS,
     Artifact,
     DatasetSpec,
     Evaluation,
@@ -29,6 +33,7 @@ from .models import (
     ModelSpec,
     Recipe,
     Run,
+    RunTransition,
     Team,
     Worker,
 )
@@ -157,7 +162,8 @@ def model_derive(*, parent: ModelSpec, name: str, created_by, layers: str | list
 @dataclass(frozen=True)
 class PlannedRun:
     """One run to create. ``teacher_from`` is the index in the plan of the run whose output is this run's
-    teacher (chained recipes); otherwise the teacher is ``teacher`` (a record)."""
+    teacher (chained recipes); otherwise the teacher is ``teacher`` (a record). ``train`` and ``term_values``
+    are the run's point of the sweep (empty when nothing is swept)."""
 
     student: ModelSpec
     recipe: Recipe
@@ -166,6 +172,8 @@ class PlannedRun:
     teacher: ModelSpec | None = None
     teacher_from: int | None = None
     stage: str = ""
+    train: dict[str, Any] = field(default_factory=dict)
+    term_values: dict[str, Any] = field(default_factory=dict)
 
 
 def experiment_plan(
@@ -177,32 +185,140 @@ def experiment_plan(
     teacher: ModelSpec | None = None,
     assistant: ModelSpec | None = None,
     with_baseline: bool = True,
+    train_points: Sequence[dict[str, Any]] = ({},),
+    term_sweeps: dict[str, list[Any]] | None = None,
 ) -> list[PlannedRun]:
-    """Every run an experiment will create: students × recipes × seeds, plus one hard-label baseline per
-    student and seed. Chained recipes add their intermediate runs: ``teacher_assistant`` distils the assistant
-    first; ``self_distillation`` chains its generations, each the teacher of the next. Embedding data has no
-    labels, so there is no hard-label baseline there (``with_baseline=False``)."""
+    """Every run an experiment will create: students × seeds × training-setting points × recipes × the
+    recipe's term points, plus one hard-label baseline per student, seed and training-setting point. Chained
+    recipes add their intermediate runs: ``teacher_assistant`` distils the assistant first;
+    ``self_distillation`` chains its generations, each the teacher of the next. Embedding data has no labels,
+    so there is no hard-label baseline there (``with_baseline=False``). ``sweeps.count_runs`` gives the same
+    number without building the plan."""
     chosen = [r for r in recipes if r.scheme != Recipe.Scheme.HARD_LABELS]
     picked_baselines = [r for r in recipes if r.scheme == Recipe.Scheme.HARD_LABELS]
     baseline = picked_baselines[0] if picked_baselines else hard_labels_recipe(team=team)
+    term_points = {
+        r.pk: sweeps.grid_points(sweeps.recipe_axes((t.get("name") for t in r.terms), term_sweeps or {}))
+        for r in chosen
+    }
     plan: list[PlannedRun] = []
     for student in students:
         for seed in seeds:
-            for recipe in chosen:
-                if recipe.scheme == Recipe.Scheme.TEACHER_ASSISTANT:
-                    plan.append(PlannedRun(assistant, recipe, seed, False, teacher=teacher, stage="assistant"))
-                    plan.append(PlannedRun(student, recipe, seed, False, teacher_from=len(plan) - 1))
-                elif recipe.scheme == Recipe.Scheme.SELF_DISTILLATION:
-                    generations = int((recipe.scheme_params or {}).get("generations", 2))
-                    for generation in range(1, generations + 1):
-                        previous = {"teacher": teacher} if generation == 1 else {"teacher_from": len(plan) - 1}
-                        stage = "" if generation == generations else f"generation {generation}"
-                        plan.append(PlannedRun(student, recipe, seed, False, stage=stage, **previous))
-                else:
-                    plan.append(PlannedRun(student, recipe, seed, False, teacher=teacher))
-            if with_baseline:
-                plan.append(PlannedRun(student, baseline, seed, is_baseline=True))
+            for train in train_points:
+                for recipe in chosen:
+                    for values in term_points[recipe.pk]:
+                        point = {"train": train, "term_values": values}
+                        if recipe.scheme == Recipe.Scheme.TEACHER_ASSISTANT:
+                            plan.append(PlannedRun(assistant, recipe, seed, False, teacher=teacher, stage="assistant",
+                                                   **point))
+                            plan.append(PlannedRun(student, recipe, seed, False, teacher_from=len(plan) - 1, **point))
+                        elif recipe.scheme == Recipe.Scheme.SELF_DISTILLATION:
+                            generations = sweeps.chain_length(recipe.scheme, recipe.scheme_params)
+                            for generation in range(1, generations + 1):
+                                previous = {"teacher": teacher} if generation == 1 else {"teacher_from": len(plan) - 1}
+                                stage = "" if generation == generations else f"generation {generation}"
+                                plan.append(PlannedRun(student, recipe, seed, False, stage=stage, **previous, **point))
+                        else:
+                            plan.append(PlannedRun(student, recipe, seed, False, teacher=teacher, **point))
+                if with_baseline:
+                    plan.append(PlannedRun(student, baseline, seed, is_baseline=True, train=train))
     return plan
+
+
+@dataclass(frozen=True)
+class ExperimentInputs:
+    """An experiment's inputs once validated: what ``experiment_create`` stores and plans from."""
+
+    train: dict[str, Any]              # defaults filled in; a swept setting holds its list of values
+    seeds: list[int]
+    teacher_weights: list[float]
+    term_sweeps: dict[str, list[Any]]
+    count: sweeps.RunCount
+
+
+def experiment_validate(
+    *,
+    team: Team,
+    dataset: DatasetSpec,
+    students: Sequence[ModelSpec],
+    recipes: Sequence[Recipe],
+    seeds: Sequence[int],
+    teacher: ModelSpec | None = None,
+    assistant: ModelSpec | None = None,
+    extra_teachers: Sequence[ModelSpec] = (),
+    teacher_weights: Sequence[float] = (),
+    train: dict[str, Any] | None = None,
+    term_sweeps: dict[str, list[Any]] | None = None,
+) -> ExperimentInputs:
+    """Check an experiment without creating anything: every field's errors at once, then the size of the grid
+    against ``MAX_RUNS_PER_EXPERIMENT`` (counted, never expanded). Raises ValidationError with field keys; the
+    run limit is reported on the swept fields (on ``seeds`` when nothing is swept)."""
+    errors: dict[str, list[str]] = {}
+    cleaned: dict[str, Any] = {}
+    checks = {
+        "train": lambda: validation.clean_train(train or {}),
+        "seeds": lambda: validation.clean_seeds(seeds),
+        "teacher_weights": lambda: validation.check_experiment(
+            team=team, dataset=dataset, teacher=teacher, students=students, recipes=recipes, assistant=assistant,
+            extra_teachers=extra_teachers, teacher_weights=teacher_weights),
+        "term_sweeps": lambda: validation.clean_term_sweeps(term_sweeps or {}, recipes=recipes),
+    }
+    for name, check in checks.items():
+        try:
+            cleaned[name] = check()
+        except ValidationError as exc:
+            for key, messages in exc.message_dict.items():
+                errors.setdefault(key, []).extend(m for m in messages if m not in errors.get(key, []))
+    if errors:
+        raise ValidationError(errors)
+    count = sweeps.count_runs(students=len(students), seeds=len(cleaned["seeds"]), train=cleaned["train"],
+                              recipes=recipes, term_sweeps=cleaned["term_sweeps"],
+                              with_baseline=dataset.task != "embedding")
+    limit = settings.MAX_RUNS_PER_EXPERIMENT
+    if count.total > limit:
+        message = (f"This experiment would create {count.total:,} runs; the limit is {limit} "
+                   f"({count.describe()}).")
+        swept_fields = [*sweeps.train_axes(cleaned["train"]), *(["term_sweeps"] if cleaned["term_sweeps"] else [])]
+        raise ValidationError({key: message for key in swept_fields or ["seeds"]})
+    for recipe in recipes:
+        if recipe.scheme != Recipe.Scheme.HARD_LABELS:
+            for values in sweeps.grid_points(sweeps.recipe_axes((t.get("name") for t in recipe.terms),
+                                                                cleaned["term_sweeps"])):
+                _swept_terms(recipe, values)  # raises on a combination the engine refuses
+    return ExperimentInputs(train=cleaned["train"], seeds=cleaned["seeds"], teacher_weights=cleaned["teacher_weights"],
+                            term_sweeps=cleaned["term_sweeps"], count=count)
+
+
+def _swept_terms(recipe: Recipe, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recipe's terms with this run's swept values set, validated like a recipe's own terms."""
+    if not values:
+        return recipe.terms
+    terms = sweeps.apply_term_values(recipe.terms, values)
+    try:
+        return validation.clean_terms(terms, scheme=recipe.scheme)
+    except ValidationError as exc:
+        point = ", ".join(f"{axis}={sweeps.format_number(v)}" for axis, v in values.items())
+        problems = " ".join(m for ms in exc.message_dict.values() for m in ms)
+        raise ValidationError({"term_sweeps": f"Recipe {recipe} with {point}: {problems}"}) from None
+
+
+def _run_config(p: PlannedRun, *, experiment: Experiment, upstream: Run | None, extra_teachers: Sequence[ModelSpec],
+                teacher_weights: Sequence[float], base_train: dict[str, Any]) -> dict[str, Any]:
+    """The frozen config of a planned run, with its concrete point of the sweep.
+
+    ``build_run_config`` reads the training settings from the experiment and the terms from the recipe, so it is
+    handed unsaved copies holding this run's concrete values (the records themselves keep the sweep).
+    """
+    concrete = copy.copy(experiment)
+    concrete.train = {**base_train, **p.train}
+    recipe = p.recipe
+    if p.term_values:
+        recipe = copy.copy(p.recipe)
+        recipe.terms = _swept_terms(p.recipe, p.term_values)
+    return engine_config.build_run_config(
+        experiment=concrete, student=p.student, recipe=recipe, seed=p.seed, teacher=p.teacher,
+        teacher_run=upstream, extra_teachers=extra_teachers, teacher_weights=teacher_weights,
+    )
 
 
 @transaction.atomic
@@ -220,49 +336,64 @@ def experiment_create(
     extra_teachers: Sequence[ModelSpec] = (),
     teacher_weights: Sequence[float] = (),
     train: dict[str, Any] | None = None,
+    term_sweeps: dict[str, list[Any]] | None = None,
     description: str = "",
 ) -> Experiment:
     """Create the experiment and all its runs in one transaction; each run is enqueued after the commit.
 
-    Raises ValidationError with field keys (teacher, students, recipes, seeds, train, dataset, assistant,
-    extra_teachers, teacher_weights) and creates nothing when the combination cannot run.
+    A training setting given as a list, and each entry of ``term_sweeps`` (``{"kd.temperature": [2, 4]}``), is
+    swept: one run per point of the grid (see ``experiment_plan``), each run's frozen config holding its
+    concrete values. The sweep is kept in ``Experiment.train`` (swept settings as lists, term sweeps under
+    ``"term_sweeps"``).
+
+    Raises ValidationError with field keys (teacher, students, recipes, seeds, the training settings,
+    term_sweeps, dataset, assistant, extra_teachers, teacher_weights) and creates nothing when the combination
+    cannot run, is over the run limit, or fails a blocking pre-flight check (``preflight.launch_errors``).
     """
-    train = validation.clean_train(train or {})
-    seeds = validation.clean_seeds(seeds)
-    teacher_weights = validation.check_experiment(
-        team=team, dataset=dataset, teacher=teacher, students=students, recipes=recipes, assistant=assistant,
-        extra_teachers=extra_teachers, teacher_weights=teacher_weights,
+    from . import preflight
+
+    inputs = experiment_validate(
+        team=team, dataset=dataset, students=students, recipes=recipes, seeds=seeds, teacher=teacher,
+        assistant=assistant, extra_teachers=extra_teachers, teacher_weights=teacher_weights, train=train,
+        term_sweeps=term_sweeps,
     )
-    plan = experiment_plan(team=team, students=students, recipes=recipes, seeds=seeds, teacher=teacher,
-                           assistant=assistant, with_baseline=dataset.task != "embedding")
-    if len(plan) > settings.MAX_RUNS_PER_EXPERIMENT:
-        raise ValidationError(
-            {"seeds": f"This experiment would create {len(plan)} runs; the limit is {settings.MAX_RUNS_PER_EXPERIMENT}."}
-        )
+    blocking = preflight.launch_errors(
+        dataset=dataset, teacher=teacher, students=students, recipes=recipes, assistant=assistant,
+        extra_teachers=extra_teachers, train=inputs.train,
+    )
+    if blocking:
+        raise ValidationError(blocking)
+    axes = sweeps.train_axes(inputs.train)
+    base_train = {k: v for k, v in inputs.train.items() if k not in axes}
+    stored_train = {**inputs.train, **({"term_sweeps": inputs.term_sweeps} if inputs.term_sweeps else {})}
+    plan = experiment_plan(team=team, students=students, recipes=recipes, seeds=inputs.seeds, teacher=teacher,
+                           assistant=assistant, with_baseline=dataset.task != "embedding",
+                           train_points=sweeps.grid_points(axes), term_sweeps=inputs.term_sweeps)
     experiment = _save_new(
         Experiment(team=team, created_by=created_by, name=name, description=description, teacher=teacher,
-                   assistant=assistant, teacher_weights=list(teacher_weights), dataset=dataset, seeds=list(seeds),
-                   train=train)
+                   assistant=assistant, teacher_weights=list(inputs.teacher_weights), dataset=dataset,
+                   seeds=list(inputs.seeds), train=stored_train)
     )
     experiment.students.set(students)
     experiment.recipes.set(recipes)
     experiment.extra_teachers.set(extra_teachers)
     runs: list[Run] = []
+    router = routing.RunRouter()  # one read of the worker table for all the runs
     for p in plan:
         upstream = runs[p.teacher_from] if p.teacher_from is not None else None
         uses_teacher = p.recipe.needs_teacher
+        config = _run_config(p, experiment=experiment, upstream=upstream, extra_teachers=extra_teachers,
+                             teacher_weights=inputs.teacher_weights, base_train=base_train)
         # The config names an upstream run only by its id, which exists already: one INSERT per run.
         run = Run(
             team=team, experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed,
             is_baseline=p.is_baseline, stage=p.stage, teacher=p.teacher if uses_teacher else None,
-            total_steps=train["max_steps"], queue=settings.RUN_QUEUE,
+            total_steps=config["train"]["max_steps"],
             waiting_for=upstream or (_pending_source_run(p.teacher) if uses_teacher else None)
             or _pending_source_run(p.student),
-            config=engine_config.build_run_config(
-                experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed, teacher=p.teacher,
-                teacher_run=upstream, extra_teachers=extra_teachers, teacher_weights=teacher_weights,
-            ),
+            config=config,
         )
+        run.queue = router.queue_for(run.config)
         run.save()
         runs.append(run)
     for run in runs:
@@ -279,35 +410,210 @@ def _pending_source_run(spec: ModelSpec | None) -> Run | None:
     return None if source_run.status == Run.Status.SUCCEEDED else source_run
 
 
-def _enqueue_on_commit(run: Run) -> None:
+def _enqueue_on_commit(run: Run, *, task_id: str | None = None) -> None:
+    """Send the run's task to its queue once the transaction commits. ``task_id``: the delivery the run expects
+    (already recorded on the run); None records a new one first."""
+    _send_on_commit(run_id=run.id, queue=run.queue, task_id=task_id)
+
+
+def _send_on_commit(*, run_id: int, queue: str, task_id: str | None) -> None:
+    transaction.on_commit(lambda: _dispatch(run_id=run_id, queue=queue, task_id=task_id))
+
+
+# After a failed send, skip sends for this long: a request that launches 200 runs while the broker is down
+# must not wait for 200 timeouts. The lifecycle sweep sends every queued run whose message never arrived.
+_BROKER_BACKOFF_S = 10.0
+_broker_down_until = 0.0
+
+
+def _dispatch(*, run_id: int, queue: str, task_id: str | None) -> None:
+    from kombu.exceptions import OperationalError as BrokerError
+
     from workers.tasks import run_distillation
 
-    run_id, queue = run.id, run.queue
-    transaction.on_commit(lambda: run_distillation.apply_async(args=(run_id,), queue=queue))
+    global _broker_down_until
+    if time.monotonic() < _broker_down_until:
+        logger.warning("broker unreachable: run %s stays queued until the lifecycle sweep sends it", run_id)
+        return
+    if task_id is None:
+        # Record the id first, so the run can be revoked while queued and only this message claims it.
+        task_id = str(uuid.uuid4())
+        if not Run.objects.filter(id=run_id, status=Run.Status.QUEUED, task_id="").update(task_id=task_id):
+            return  # cancelled meanwhile, or already expecting another message
+    try:
+        run_distillation.apply_async(args=(run_id,), queue=queue, task_id=task_id)
+    except (BrokerError, OSError):
+        _broker_down_until = time.monotonic() + _BROKER_BACKOFF_S
+        logger.exception("could not send run %s to the broker; the lifecycle sweep sends it again", run_id)
 
 
-# --- the run lifecycle (called by the worker) -------------------------------------------------------
+def _revoke_on_commit(task_id: str) -> None:
+    """Tell the workers to drop the task's message (a cancelled queued run); the claim refuses it anyway."""
+
+    def revoke() -> None:
+        from celery import current_app
+
+        try:
+            current_app.control.revoke(task_id)
+        except Exception:  # best effort: a cancelled run is never claimed, revoked or not
+            logger.warning("could not revoke task %s", task_id, exc_info=True)
+
+    transaction.on_commit(revoke)
+
+
+# --- the run lifecycle ------------------------------------------------------------------------------
+# RUN_TRANSITIONS (experiments.models) is the state machine and _transition the only code that changes a run's
+# status. The heartbeat is the run's lease: the worker renews it with every metric, progress and checkpoint
+# write; a running run whose lease expired lost its worker and is requeued (run_requeue_stale, run by celery
+# beat) or taken over by the next delivery, up to RUN_MAX_ATTEMPTS attempts.
+def _transition(
+    *,
+    run_id: int,
+    to: str,
+    sources: Sequence[str],
+    reason: str,
+    where: Q | None = None,
+    values: dict[str, Any] | None = None,
+    worker_name: str | None = None,
+    related: Sequence[str] = (),
+) -> Run | None:
+    """Move the run from one of ``sources`` to ``to`` and record the RunTransition, in one transaction.
+
+    Each source gets one conditional UPDATE (``status = source AND where``), so of two concurrent changes exactly
+    one applies. Returns the updated run, or None when it was in none of ``sources`` or ``where`` did not hold.
+    """
+    for source in sources:
+        if to not in RUN_TRANSITIONS[source]:
+            raise ValueError(f"A run cannot go from {source} to {to}.")
+    now = timezone.now()
+    fields: dict[str, Any] = {"status": to}
+    if to in Run.TERMINAL:
+        fields |= {"finished_at": now, "heartbeat_at": now}
+    else:
+        fields["finished_at"] = None
+    if to == Run.Status.RUNNING:
+        fields |= {"started_at": Coalesce("started_at", now), "heartbeat_at": now}
+    fields |= values or {}
+    with transaction.atomic():
+        for source in sources:
+            if Run.objects.filter(where or Q(), id=run_id, status=source).update(**fields):
+                run = Run.objects.select_related(*related).get(id=run_id)
+                RunTransition.objects.create(
+                    run=run, from_status=source, to_status=to, at=now, reason=reason[:2000], attempt=run.attempt,
+                    worker_name=run.worker_name if worker_name is None else worker_name,
+                )
+                return run
+    return None
+
+
+def _lease_cutoff() -> datetime:
+    return timezone.now() - timedelta(seconds=settings.RUN_HEARTBEAT_TIMEOUT_S)
+
+
+def _attempts_since_requeue(run_id: int, attempt: int) -> int:
+    """Attempts made since the run was last requeued by a user (each user requeue starts a fresh budget)."""
+    base = (RunTransition.objects.filter(run_id=run_id, to_status=Run.Status.QUEUED,
+                                         from_status__in=[Run.Status.FAILED, Run.Status.CANCELLED])
+            .order_by("-id").values_list("attempt", flat=True).first())
+    return attempt - (base or 0)
+
+
+def _expire_lease(run_id: int, *, next_task_id: str) -> Run | None:
+    """A running run whose lease expired: requeue it for ``next_task_id``, cancel it when cancellation had been
+    requested, or fail it once RUN_MAX_ATTEMPTS attempts have lost their worker. None if its lease is alive."""
+    cutoff = _lease_cutoff()
+    stale = (Run.objects.filter(id=run_id, status=Run.Status.RUNNING, heartbeat_at__lt=cutoff)
+             .values("worker_name", "attempt", "cancel_requested", "heartbeat_at").first())
+    if stale is None:
+        return None
+    worker = stale["worker_name"] or "its worker"
+    silent = int((timezone.now() - stale["heartbeat_at"]).total_seconds())
+    still_stale = Q(heartbeat_at__lt=cutoff)  # a worker that renewed in the meantime keeps its run
+    if stale["cancel_requested"]:
+        reason = f"Cancelled: {worker} stopped responding ({silent} s) after cancellation was requested."
+        return _transition(run_id=run_id, to=Run.Status.CANCELLED, sources=[Run.Status.RUNNING], where=still_stale,
+                           reason=reason)
+    attempts = _attempts_since_requeue(run_id, stale["attempt"])
+    if attempts >= settings.RUN_MAX_ATTEMPTS:
+        error = f"The worker running this run stopped responding {attempts} times; giving up."
+        run = _transition(run_id=run_id, to=Run.Status.FAILED, sources=[Run.Status.RUNNING], where=still_stale,
+                          values={"error": error}, reason=f"{error} (last: {worker}, silent {silent} s)")
+        if run is not None:
+            _fail_dependents(run_id, reason=f"Run #{run_id}, which trains this run's teacher, failed: {error}")
+        return run
+    return _transition(
+        run_id=run_id, to=Run.Status.QUEUED, sources=[Run.Status.RUNNING], where=still_stale,
+        values={"task_id": next_task_id},
+        reason=f"Worker lost: {worker} stopped renewing the lease ({silent} s without a heartbeat); "
+               f"requeued for attempt {attempts + 1} of {settings.RUN_MAX_ATTEMPTS}.",
+    )
+
+
 def run_claim(*, run_id: int, task_id: str, worker_name: str) -> Run | None:
     """Claim the run for this delivery with one conditional UPDATE.
 
-    Succeeds for a queued run, or a running one whose heartbeat is stale (its worker died). Returns None when a
-    live delivery owns the run, it has finished, or it was cancelled: the caller then does nothing.
+    A run that ran before is claimed only by the delivery it expects (its recorded ``task_id``), so the old
+    message of a requeued run claims nothing; one that never ran, by any delivery. A running run whose lease
+    expired is requeued first (its restart budget permitting) and then claimed: it resumes from its last
+    checkpoint. Returns None when a live delivery owns the run, it has finished or been cancelled, or it waits
+    for another run.
     """
-    now = timezone.now()
-    stale = now - timedelta(seconds=settings.RUN_HEARTBEAT_TIMEOUT_S)
-    claimed = Run.objects.filter(
-        Q(status=Run.Status.QUEUED) | Q(status=Run.Status.RUNNING, heartbeat_at__lt=stale),
-        id=run_id,
-        cancel_requested=False,
-    ).update(
-        status=Run.Status.RUNNING,
-        task_id=task_id,
-        worker_name=worker_name,
-        heartbeat_at=now,
-        started_at=Coalesce("started_at", now),
-        attempt=F("attempt") + 1,
-    )
-    return Run.objects.select_related("experiment", "student", "teacher", "recipe").get(id=run_id) if claimed else None
+    with transaction.atomic():
+        _expire_lease(run_id, next_task_id=task_id)
+        return _transition(
+            run_id=run_id, to=Run.Status.RUNNING, sources=[Run.Status.QUEUED],
+            where=(Q(attempt=0) | Q(task_id="") | Q(task_id=task_id)) & Q(cancel_requested=False)
+            & (Q(waiting_for__isnull=True) | Q(waiting_for__status=Run.Status.SUCCEEDED)),
+            values={"task_id": task_id, "worker_name": worker_name, "attempt": F("attempt") + 1, "error": ""},
+            reason=f"Claimed by {worker_name or 'a worker'}.",
+            related=("experiment", "student", "teacher", "recipe"),
+        )
+
+
+def run_requeue_stale() -> dict[str, int]:
+    """Requeue every running run whose lease expired (a fresh task on the run's queue), or fail it when its
+    restart budget is spent. Returns how many runs went to each status."""
+    counts: dict[str, int] = {}
+    stale = Run.objects.filter(status=Run.Status.RUNNING, heartbeat_at__lt=_lease_cutoff())
+    for run_id in stale.values_list("id", flat=True):
+        with transaction.atomic():
+            run = _expire_lease(run_id, next_task_id=str(uuid.uuid4()))
+            if run is None:
+                continue
+            if run.status == Run.Status.QUEUED:
+                logger.warning("run %s lost its worker %s; requeued as task %s", run_id, run.worker_name, run.task_id)
+                _enqueue_on_commit(run, task_id=run.task_id)
+            counts[run.status] = counts.get(run.status, 0) + 1
+    return counts
+
+
+def run_redispatch_lost(*, queue_size: Callable[[str], int | None]) -> int:
+    """Send again the queued runs whose message seems lost (a broker that restarted without persistence, or a
+    send that failed): ready to start, queued for longer than RUN_REDISPATCH_AFTER_S, on a queue the broker
+    reports empty (``queue_size``: messages waiting in a queue, None when unknown). A duplicate is harmless: one
+    conditional update claims the run, once. Returns how many runs were sent."""
+    cutoff = timezone.now() - timedelta(seconds=settings.RUN_REDISPATCH_AFTER_S)
+    last_queued = (RunTransition.objects.filter(run=OuterRef("pk"), to_status=Run.Status.QUEUED)
+                   .order_by("-id").values("at")[:1])
+    waiting = (Run.objects.filter(status=Run.Status.QUEUED, cancel_requested=False)
+               .filter(Q(waiting_for__isnull=True) | Q(waiting_for__status=Run.Status.SUCCEEDED))
+               .annotate(queued_since=Coalesce(Subquery(last_queued), "created_at"))
+               .filter(queued_since__lt=cutoff).values_list("id", "queue"))
+    by_queue: dict[str, list[int]] = {}
+    for run_id, queue in waiting:
+        by_queue.setdefault(queue, []).append(run_id)
+    sent = 0
+    for queue, run_ids in by_queue.items():
+        if queue_size(queue) != 0:
+            continue  # messages are waiting: these runs may simply be behind them
+        for run_id in run_ids:
+            task_id = str(uuid.uuid4())
+            with transaction.atomic():
+                if Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(task_id=task_id):
+                    logger.warning("run %s has been queued without a message on %s; sending it again", run_id, queue)
+                    _send_on_commit(run_id=run_id, queue=queue, task_id=task_id)
+                    sent += 1
+    return sent
 
 
 def _owned(run_id: int, task_id: str):
@@ -315,33 +621,74 @@ def _owned(run_id: int, task_id: str):
     return Run.objects.filter(id=run_id, task_id=task_id, status=Run.Status.RUNNING)
 
 
-def run_record_metrics(*, run_id: int, task_id: str, points: Sequence[tuple[str, int, float, datetime]]) -> bool:
-    """Write a batch of (name, step, value, wall_time) points and renew the heartbeat.
+def _telemetry_commit() -> None:
+    """Inside a transaction: let Postgres confirm its commit before the WAL is on disk (saves a disk flush, about
+    4 ms here, per write). Heartbeats and progress are rewritten within seconds, so losing the last ones in a
+    crash of the database server costs nothing; the rest of the database stays consistent.
+    https://www.postgresql.org/docs/current/wal-async-commit.html"""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+
+
+def run_record_metrics(*, run_id: int, task_id: str, points: Sequence[tuple[str, int, float, datetime]],
+                       durable: bool = True, progress: tuple[int, int, float | None] | None = None) -> bool:
+    """Write a batch of (name, step, value, wall_time) points and renew the lease, with the progress (step,
+    total, samples/s) when given: one transaction.
 
     A resumed run re-logs the steps after its last checkpoint: the upsert on (run, name, step) keeps exactly one
-    point per step. Returns False when this delivery no longer owns the run.
+    point per step. ``durable=False`` (routine batches) confirms the commit before the disk flush; the next
+    durable write, the one before each checkpoint, flushes them too. Returns False when this delivery no longer
+    owns the run.
     """
+    fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
+    if progress is not None:
+        step, total, samples_per_s = progress
+        fields |= {"step": min(step, total), "total_steps": total, "samples_per_s": samples_per_s}
     with transaction.atomic():
-        owned = _owned(run_id, task_id).update(heartbeat_at=timezone.now())
+        if not durable:
+            _telemetry_commit()
+        owned = _owned(run_id, task_id).update(**fields)
         if not owned:
             return False
-        MetricPoint.objects.bulk_create(
-            [MetricPoint(run_id=run_id, name=n, step=s, value=v, wall_time=t) for n, s, v, t in points],
-            update_conflicts=True,
-            unique_fields=["run", "name", "step"],
-            update_fields=["value", "wall_time"],
-            batch_size=1000,
-        )
+        _upsert_points(run_id, points)
     return True
 
 
-def run_report_progress(*, run_id: int, task_id: str, step: int, total: int, samples_per_s: float | None) -> bool:
-    """Store progress and renew the heartbeat. Returns False when this delivery no longer owns the run."""
-    return bool(
-        _owned(run_id, task_id).update(
-            step=min(step, total), total_steps=total, samples_per_s=samples_per_s, heartbeat_at=timezone.now()
+def _upsert_points(run_id: int, points: Sequence[tuple[str, int, float, datetime]]) -> None:
+    latest = {(name, step): (value, wall_time) for name, step, value, wall_time in points}  # one row per key
+    if not latest:
+        return
+    if connection.vendor != "postgresql":
+        MetricPoint.objects.bulk_create(
+            [MetricPoint(run_id=run_id, name=n, step=s, value=v, wall_time=t) for (n, s), (v, t) in latest.items()],
+            update_conflicts=True, unique_fields=["run", "name", "step"], update_fields=["value", "wall_time"],
+            batch_size=1000,
         )
-    )
+        return
+    # One statement over arrays: Django's bulk_create compiles SQL per row, which costs more than the write.
+    names, steps = zip(*latest.keys(), strict=True)
+    values, times = zip(*latest.values(), strict=True)
+    table = connection.ops.quote_name(MetricPoint._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (run_id, name, step, value, wall_time) "
+            "SELECT %s, * FROM unnest(%s::varchar[], %s::integer[], %s::double precision[], %s::timestamptz[]) "
+            "ON CONFLICT (run_id, name, step) DO UPDATE SET value = EXCLUDED.value, wall_time = EXCLUDED.wall_time",
+            [run_id, list(names), list(steps), list(values), list(times)],
+        )
+        rollups.record(cursor, run_id, names, steps, values)
+
+
+def run_report_progress(*, run_id: int, task_id: str, step: int, total: int, samples_per_s: float | None) -> bool:
+    """Store progress and renew the lease. Returns False when this delivery no longer owns the run."""
+    with transaction.atomic():
+        _telemetry_commit()
+        return bool(
+            _owned(run_id, task_id).update(
+                step=min(step, total), total_steps=total, samples_per_s=samples_per_s, heartbeat_at=timezone.now()
+            )
+        )
 
 
 def run_record_checkpoint(*, run_id: int, task_id: str, step: int, path: Path) -> None:
@@ -361,17 +708,17 @@ def run_record_checkpoint(*, run_id: int, task_id: str, step: int, path: Path) -
 @transaction.atomic
 def run_finish(*, run_id: int, task_id: str, result: dict[str, Any]) -> Run | None:
     """Mark the run succeeded with its evaluations and final model; start runs that waited for it."""
-    run = (Run.objects.select_for_update().filter(id=run_id, task_id=task_id, status=Run.Status.RUNNING).first())
+    values: dict[str, Any] = {"result": result, "error": ""}
+    values |= {"step": result["steps"], "total_steps": result["steps"]} if "steps" in result \
+        else {"step": F("total_steps")}
+    if result.get("last_checkpoint"):
+        values["checkpoint_path"] = _relative_artifact_path(Path(result["last_checkpoint"]))
+    run = _transition(run_id=run_id, to=Run.Status.SUCCEEDED, sources=[Run.Status.RUNNING],
+                      where=Q(task_id=task_id), values=values, reason=_finished_reason(result),
+                      related=("team", "experiment__dataset"))
     if run is None:
         return None
-    now = timezone.now()
     student_metrics = result.get("student") or {}
-    run.status = Run.Status.SUCCEEDED
-    run.finished_at = now
-    run.heartbeat_at = now
-    run.step = run.total_steps = result.get("steps", run.total_steps)
-    run.result = result
-    run.error = ""
     dataset = run.experiment.dataset
     key = engine_config.split_key(run.config["dataset"])
     Evaluation.objects.create(
@@ -398,12 +745,15 @@ def run_finish(*, run_id: int, task_id: str, result: dict[str, Any]) -> Run | No
                 run=run, path=_relative_artifact_path(path),
                 defaults={"kind": Artifact.Kind.TEACHER_CACHE, "size_bytes": entry.get("bytes") or _du(path)},
             )
-    if result.get("last_checkpoint"):
-        run.checkpoint_path = _relative_artifact_path(Path(result["last_checkpoint"]))
-    run.save()
     for dependent in Run.objects.filter(waiting_for=run, status=Run.Status.QUEUED):
         _enqueue_on_commit(dependent)
     return run
+
+
+def _finished_reason(result: dict[str, Any]) -> str:
+    steps = result.get("steps")
+    early = " (stopped early)" if result.get("stopped_early") else ""
+    return f"Trained {steps} steps{early} and evaluated." if steps is not None else "Trained and evaluated."
 
 
 def _evaluation_columns(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -419,47 +769,99 @@ def _evaluation_columns(metrics: dict[str, Any]) -> dict[str, Any]:
 @transaction.atomic
 def run_fail(*, run_id: int, task_id: str, error: str) -> bool:
     """Mark the run failed with a readable message; metrics and checkpoints already written stay."""
-    now = timezone.now()
-    failed = _owned(run_id, task_id).update(status=Run.Status.FAILED, error=error[:5000], finished_at=now,
-                                            heartbeat_at=now)
+    failed = _transition(run_id=run_id, to=Run.Status.FAILED, sources=[Run.Status.RUNNING], where=Q(task_id=task_id),
+                         values={"error": error[:5000]}, reason=error)
     if failed:
         _fail_dependents(run_id, reason=f"Run #{run_id}, which trains this run's teacher, failed: {error[:500]}")
-    return bool(failed)
+    return failed is not None
 
 
-def run_mark_cancelled(*, run_id: int, task_id: str) -> bool:
-    """The worker stopped a run whose cancellation was requested."""
-    now = timezone.now()
+def run_mark_cancelled(*, run_id: int, task_id: str, step: int | None = None) -> bool:
+    """The worker stopped a run whose cancellation was requested; its metrics and checkpoint stay."""
+    at = f" at step {step}" if step is not None else ""
     with transaction.atomic():
-        done = _owned(run_id, task_id).update(status=Run.Status.CANCELLED, finished_at=now, heartbeat_at=now)
+        done = _transition(run_id=run_id, to=Run.Status.CANCELLED, sources=[Run.Status.RUNNING],
+                           where=Q(task_id=task_id), reason=f"Stopped{at} after cancellation was requested.")
         if done:
             _fail_dependents(run_id, reason=f"Run #{run_id}, which trains this run's teacher, was cancelled.",
                              status=Run.Status.CANCELLED)
-    return bool(done)
+    return done is not None
 
 
 def _fail_dependents(run_id: int, *, reason: str, status: str = Run.Status.FAILED) -> None:
-    pending = list(Run.objects.filter(waiting_for_id=run_id, status=Run.Status.QUEUED).values_list("id", flat=True))
-    if pending:
-        Run.objects.filter(id__in=pending, status=Run.Status.QUEUED).update(
-            status=status, error=reason, finished_at=timezone.now()
-        )
-        for dependent_id in pending:
+    """Runs still queued behind ``run_id`` cannot start: fail (or cancel) them, and the runs behind those."""
+    for dependent_id in Run.objects.filter(waiting_for_id=run_id, status=Run.Status.QUEUED).values_list("id", flat=True):
+        if _transition(run_id=dependent_id, to=status, sources=[Run.Status.QUEUED], values={"error": reason},
+                       reason=reason):
             _fail_dependents(dependent_id, reason=reason, status=status)
 
 
 @transaction.atomic
-def run_cancel(*, run: Run) -> Run:
-    """Cancel a run: a queued one at once, a running one at its next cancellation poll (within a few steps)."""
-    now = timezone.now()
-    Run.objects.filter(pk=run.pk, status=Run.Status.QUEUED).update(
-        status=Run.Status.CANCELLED, cancel_requested=True, finished_at=now
-    )
-    Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(cancel_requested=True)
+def run_cancel(*, run: Run, reason: str = "Cancelled by a user.") -> Run:
+    """Cancel a run: a queued one at once (its message is revoked), a running one at its next cancellation poll
+    (within a few steps; it keeps its metrics and checkpoint), a running one whose worker died at once."""
+    cancelled = _transition(run_id=run.pk, to=Run.Status.CANCELLED, sources=[Run.Status.QUEUED], reason=reason,
+                            values={"cancel_requested": True})
+    if cancelled is not None and cancelled.task_id:
+        _revoke_on_commit(cancelled.task_id)
+    if cancelled is None:
+        Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(cancel_requested=True)
+        _transition(run_id=run.pk, to=Run.Status.CANCELLED, sources=[Run.Status.RUNNING],
+                    where=Q(heartbeat_at__lt=_lease_cutoff()), reason=f"{reason} Its worker had stopped responding.")
     _fail_dependents(run.pk, reason=f"Run #{run.pk}, which trains this run's teacher, was cancelled.",
                      status=Run.Status.CANCELLED)
     run.refresh_from_db()
     return run
+
+
+@transaction.atomic
+def run_requeue(*, run: Run, reason: str) -> Run:
+    """Queue a failed, cancelled or stale (lease expired) run again as a new attempt, with a fresh restart budget;
+    it resumes from its last checkpoint. Runs that were failed or cancelled only because they waited for it are
+    queued again behind it.
+
+    Raises ValidationError when the run is queued, live or succeeded, or waits for a run that did not succeed.
+    """
+    run = Run.objects.select_related("waiting_for").get(pk=run.pk)
+    upstream = run.waiting_for
+    if upstream is not None and upstream.status in (Run.Status.FAILED, Run.Status.CANCELLED):
+        raise ValidationError(f"Run #{run.pk} waits for run #{upstream.pk}, which {upstream.status}; "
+                              f"requeue that one first.")
+    task_id = str(uuid.uuid4())
+    values = {"task_id": task_id, "cancel_requested": False, "error": ""}
+    if run.status in (Run.Status.FAILED, Run.Status.CANCELLED):
+        requeued = _transition(run_id=run.pk, to=Run.Status.QUEUED, sources=[run.status], values=values, reason=reason)
+    elif run.status == Run.Status.RUNNING and run.lease_expired:
+        requeued = _transition(run_id=run.pk, to=Run.Status.QUEUED, sources=[Run.Status.RUNNING], values=values,
+                               where=Q(heartbeat_at__lt=_lease_cutoff()), reason=f"{reason} (its worker had stopped "
+                               f"responding)")
+    else:
+        requeued = None
+    if requeued is None:
+        raise ValidationError(_not_requeueable(run))
+    _requeue_dependents(run.pk)
+    if upstream is None or upstream.status == Run.Status.SUCCEEDED:
+        _enqueue_on_commit(requeued, task_id=task_id)
+    return requeued
+
+
+def _not_requeueable(run: Run) -> str:
+    if run.status == Run.Status.SUCCEEDED:
+        return f"Run #{run.pk} succeeded; launch a new experiment to train it again."
+    if run.status == Run.Status.QUEUED:
+        return f"Run #{run.pk} is already queued."
+    return f"Run #{run.pk} is running and its worker is alive; cancel it first, or wait for it to finish."
+
+
+def _requeue_dependents(run_id: int) -> None:
+    """Runs that failed or were cancelled, without ever starting, because they waited for ``run_id`` wait again."""
+    behind = Run.objects.filter(waiting_for_id=run_id, status__in=[Run.Status.FAILED, Run.Status.CANCELLED],
+                                started_at__isnull=True, cancel_requested=False)
+    for dependent in behind.values_list("id", "status"):
+        dependent_id, status = dependent
+        if _transition(run_id=dependent_id, to=Run.Status.QUEUED, sources=[status], values={"error": "", "task_id": ""},
+                       reason=f"Run #{run_id}, which it waits for, was requeued."):
+            _requeue_dependents(dependent_id)
 
 
 @transaction.atomic
@@ -471,8 +873,41 @@ def experiment_cancel(*, experiment: Experiment) -> int:
 
 
 # --- workers --------------------------------------------------------------------------------------
-def worker_register(*, name: str, hostname: str, pid: int, queues: list[str], versions: dict[str, str]) -> Worker:
+class WorkerNameInUse(Exception):
+    """Another live worker process holds this Celery node name."""
+
+
+def _holds_name(worker: Worker, *, hostname: str, pid: int, now: datetime,
+                pid_alive: Callable[[int], bool] | None) -> bool:
+    """Whether ``worker`` is a different process that still owns its name (online, with a fresh heartbeat).
+
+    ``pid_alive`` lets a worker on the same host tell that the previous holder of its name has died (a restart
+    after a crash), instead of waiting for its heartbeat to go stale.
+    """
+    if worker.state == Worker.State.OFFLINE or worker.last_heartbeat is None:
+        return False
+    if (worker.hostname, worker.pid) == (hostname, pid):
+        return False
+    if now - worker.last_heartbeat > timedelta(seconds=settings.WORKER_OFFLINE_AFTER_S):
+        return False
+    if worker.hostname == hostname and worker.pid is not None and pid_alive is not None:
+        return pid_alive(worker.pid)
+    return True
+
+
+@transaction.atomic
+def worker_register(*, name: str, hostname: str, pid: int, queues: list[str], versions: dict[str, str],
+                    pid_alive: Callable[[int], bool] | None = None) -> Worker:
+    """Register a worker, or raise WorkerNameInUse when another live worker process holds the name."""
     now = timezone.now()
+    current = Worker.objects.select_for_update().filter(name=name).first()
+    if current is not None and _holds_name(current, hostname=hostname, pid=pid, now=now, pid_alive=pid_alive):
+        logger.error("refused to register worker %s (pid %s on %s): pid %s on %s holds that name and is online",
+                     name, pid, hostname, current.pid, current.hostname)
+        raise WorkerNameInUse(
+            f"Worker {name} is online as pid {current.pid} on {current.hostname}; start this worker with another "
+            f"node name (-n)."
+        )
     worker, _ = Worker.objects.update_or_create(
         name=name,
         defaults={"hostname": hostname, "pid": pid, "queues": queues, "versions": versions,
@@ -481,15 +916,46 @@ def worker_register(*, name: str, hostname: str, pid: int, queues: list[str], ve
     return worker
 
 
-def worker_heartbeat(*, name: str, gpus: list[dict] | None = None) -> bool:
+def worker_heartbeat(*, name: str, gpus: list[dict] | None = None, hostname: str | None = None,
+                     pid: int | None = None) -> bool:
+    """Record a heartbeat (and the GPUs). With ``hostname`` and ``pid``, only the process that registered the name
+    beats for it. False when there is no such row or it is marked offline (see ``worker_revive``)."""
     fields: dict[str, Any] = {"last_heartbeat": timezone.now()}
     if gpus is not None:
         fields["gpus"] = gpus
-    return bool(Worker.objects.filter(name=name).exclude(state=Worker.State.OFFLINE).update(**fields))
+    workers = Worker.objects.filter(name=name).exclude(state=Worker.State.OFFLINE)
+    if hostname is not None and pid is not None:
+        workers = workers.filter(hostname=hostname, pid=pid)
+    return bool(workers.update(**fields))
 
 
-def worker_mark_offline(*, name: str) -> None:
-    Worker.objects.filter(name=name).update(state=Worker.State.OFFLINE)
+@transaction.atomic
+def worker_revive(*, name: str, hostname: str, pid: int, consuming: list[str]) -> bool:
+    """Bring back a worker that the offline sweep marked offline while it was only silent (a database outage).
+
+    It comes back ``online`` on the queues it consumes now, or ``draining`` (its queues kept for resume) when it
+    consumes none. False when the row belongs to another process or is not offline.
+    """
+    worker = (Worker.objects.select_for_update()
+              .filter(name=name, hostname=hostname, pid=pid, state=Worker.State.OFFLINE).first())
+    if worker is None:
+        return False
+    worker.last_heartbeat = timezone.now()
+    if consuming:
+        worker.state, worker.queues = Worker.State.ONLINE, sorted(consuming)
+    else:
+        worker.state = Worker.State.DRAINING
+    worker.save(update_fields=["last_heartbeat", "state", "queues"])
+    logger.info("worker %s is heartbeating again; back as %s", name, worker.state)
+    return True
+
+
+def worker_mark_offline(*, name: str, hostname: str | None = None, pid: int | None = None) -> None:
+    """Mark a worker offline; with ``hostname`` and ``pid``, only if that process still holds the name."""
+    workers = Worker.objects.filter(name=name)
+    if hostname is not None and pid is not None:
+        workers = workers.filter(hostname=hostname, pid=pid)
+    workers.update(state=Worker.State.OFFLINE)
 
 
 # --- helpers --------------------------------------------------------------------------------------

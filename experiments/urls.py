@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import views, views_compare, views_fleet, views_setup, views_teams
 
 app_name = "experiments"
 
@@ -16,15 +16,36 @@ urlpatterns = [
     path("recipes/", views.recipe_list, name="recipe_list"),
     path("recipes/new/", views.recipe_create, name="recipe_create"),
     path("experiments/", views.experiment_list, name="experiment_list"),
-    path("experiments/new/", views.experiment_create, name="experiment_create"),
+    path("experiments/new/", views_setup.experiment_create, name="experiment_create"),
+    path("experiments/new/check/", views_setup.experiment_check, name="experiment_check"),
+    path("experiments/<int:experiment_id>/clone/", views_setup.experiment_clone, name="experiment_clone"),
+    path("runs/<int:run_id>/clone/", views_setup.run_clone, name="run_clone"),
     path("experiments/<int:experiment_id>/", views.experiment_detail, name="experiment_detail"),
     path("experiments/<int:experiment_id>/runs.json", views.experiment_runs_json, name="experiment_runs_json"),
     path("experiments/<int:experiment_id>/cancel/", views.experiment_cancel, name="experiment_cancel"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<int:run_id>/status.json", views.run_status_json, name="run_status_json"),
     path("runs/<int:run_id>/cancel/", views.run_cancel, name="run_cancel"),
+    path("runs/<int:run_id>/requeue/", views.run_requeue, name="run_requeue"),
     path("runs/<int:run_id>/register/", views.run_register_model, name="run_register_model"),
+    path("teams/", views_teams.team_list, name="team_list"),
+    path("teams/switch/", views_teams.team_switch, name="team_switch"),
+    path("teams/<int:team_id>/", views_teams.team_detail, name="team_detail"),
+    path("teams/<int:team_id>/members/add/", views_teams.team_member_add, name="team_member_add"),
+    path("teams/<int:team_id>/members/<int:membership_id>/role/", views_teams.team_member_role,
+         name="team_member_role"),
+    path("teams/<int:team_id>/members/<int:membership_id>/remove/", views_teams.team_member_remove,
+         name="team_member_remove"),
     path("leaderboard/", views.leaderboard_index, name="leaderboard_index"),
-    path("leaderboard/<int:dataset_id>/", views.leaderboard, name="leaderboard"),
-    path("workers/", views.worker_list, name="worker_list"),
+    path("leaderboard/<int:dataset_id>/", views_compare.leaderboard, name="leaderboard"),
+    path("compare/", views_compare.compare, name="compare"),
+    path("runs/<int:run_id>/config.json", views_compare.run_config_json, name="run_config_json"),
+    path("runs/<int:run_id>/model.zip", views_compare.run_model_download, name="run_model_download"),
+    path("workers/", views_fleet.worker_list, name="worker_list"),
+    path("workers/status.json", views_fleet.worker_list_json, name="worker_list_json"),
+    path("workers/<int:worker_id>/drain/", views_fleet.worker_drain, name="worker_drain"),
+    path("workers/<int:worker_id>/resume/", views_fleet.worker_resume, name="worker_resume"),
+    path("workers/<int:worker_id>/shutdown/", views_fleet.worker_shutdown, name="worker_shutdown"),
+    path("workers/<int:worker_id>/queues/add/", views_fleet.worker_add_queue, name="worker_add_queue"),
+    path("workers/<int:worker_id>/queues/remove/", views_fleet.worker_remove_queue, name="worker_remove_queue"),
 ]

@@ -63,14 +63,21 @@ def _number(value: Any, kind: type, lo: float, hi: float, field: str) -> int | f
     return number
 
 
-def clean_train(train: dict[str, Any]) -> dict[str, Any]:
+def clean_train(train: dict[str, Any], *, limit: int | None = None) -> dict[str, Any]:
+    """Validate training settings and fill in the defaults.
+
+    A numeric setting may be a list of values (a sweep): each value is checked like a single one, and the list
+    stays a list (one value becomes a plain value). ``limit`` bounds a list's length (default
+    ``MAX_RUNS_PER_EXPERIMENT``: more values than runs can never fit). Errors are keyed by setting.
+    """
+    limit = settings.MAX_RUNS_PER_EXPERIMENT if limit is None else limit
     errors: dict[str, list[str]] = {}
     cleaned: dict[str, Any] = {}
     for key, value in train.items():
-        if value is None or value == "":
+        if value is None or value == "" or value == []:
             continue
         if key == "lr_schedule":
-            if value not in LR_SCHEDULES:
+            if not isinstance(value, str) or value not in LR_SCHEDULES:
                 errors[key] = [f"Choose one of: {', '.join(LR_SCHEDULES)}."]
             else:
                 cleaned[key] = value
@@ -80,17 +87,78 @@ def clean_train(train: dict[str, Any]) -> dict[str, Any]:
             continue
         kind, lo, hi, _ = TRAIN_FIELDS[key]
         try:
-            cleaned[key] = _number(value, kind, lo, hi, key)
+            if isinstance(value, list | tuple):
+                cleaned[key] = _clean_sweep(list(value), kind, lo, hi, key, limit)
+            else:
+                cleaned[key] = _number(value, kind, lo, hi, key)
         except ValidationError as exc:
             errors.update(exc.message_dict)
     from .engine_config import TRAIN_DEFAULTS
 
     merged = {**TRAIN_DEFAULTS, **cleaned}
-    if "warmup_steps" not in errors and merged["warmup_steps"] >= merged["max_steps"] and merged["warmup_steps"]:
-        errors["warmup_steps"] = ["Warm-up must be shorter than the run (max steps)."]
+    if "warmup_steps" not in errors and "max_steps" not in errors:
+        # Every combination of a sweep is trained, so the longest warm-up must fit the shortest run.
+        warmup, steps = max(_as_list(merged["warmup_steps"])), min(_as_list(merged["max_steps"]))
+        if warmup and warmup >= steps:
+            errors["warmup_steps"] = ["Warm-up must be shorter than the run (max steps)."
+                                      if not _swept(merged, "warmup_steps", "max_steps") else
+                                      f"Warm-up must be shorter than the run: {warmup} warm-up steps do not fit "
+                                      f"in a run of {steps} steps."]
     if errors:
         raise ValidationError(errors)
     return merged
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _swept(train: dict[str, Any], *keys: str) -> bool:
+    return any(isinstance(train.get(k), list) for k in keys)
+
+
+def _clean_sweep(values: list[Any], kind: type, lo: float, hi: float, field: str, limit: int) -> Any:
+    """A swept setting: every value checked, none repeated, at most ``limit``; one value is kept plain."""
+    if len(values) > limit:
+        raise ValidationError({field: f"This gives {len(values):,} values; at most {limit:,} fit in one experiment."})
+    cleaned = [_number(v, kind, lo, hi, field) for v in values]
+    if len(set(cleaned)) != len(cleaned):
+        raise ValidationError({field: "Each swept value may appear once."})
+    return cleaned if len(cleaned) > 1 else cleaned[0]
+
+
+def clean_term_sweeps(term_sweeps: Any, *, recipes: Sequence[Recipe], limit: int | None = None) -> dict[str, list]:
+    """Validate sweeps of recipe term parameters (``{"kd.temperature": [2, 4]}``) against the engine's schema and
+    the chosen recipes: every swept term must be in at least one chosen recipe (hard-label baselines aside).
+
+    Errors are keyed ``term_sweeps``. Combinations (a recipe's terms with the swept values set) are checked when
+    the runs are planned, once the grid is known to be small enough.
+    """
+    from .sweeps import SweepError, check_term_values, term_axis
+
+    limit = settings.MAX_RUNS_PER_EXPERIMENT if limit is None else limit
+    if not term_sweeps:
+        return {}
+    if not isinstance(term_sweeps, dict):
+        raise ValidationError({"term_sweeps": "Give term sweeps as {TERM.PARAM: [values]}."})
+    distilling = [r for r in recipes if r.scheme != Recipe.Scheme.HARD_LABELS]
+    present = {t.get("name") for r in distilling for t in r.terms}
+    cleaned: dict[str, list] = {}
+    errors: list[str] = []
+    for axis, values in term_sweeps.items():
+        try:
+            if not isinstance(values, list | tuple):
+                raise SweepError("give a list of values.")
+            cleaned[axis] = check_term_values(str(axis), list(values), limit=limit)
+        except SweepError as exc:
+            errors.append(f"{axis}: {exc}")
+            continue
+        term = term_axis(axis)[0]
+        if term not in present:
+            errors.append(f"{axis}: no chosen recipe has a {term} term; choose one that does, or remove this line.")
+    if errors:
+        raise ValidationError({"term_sweeps": errors})
+    return cleaned
 
 
 def clean_seeds(seeds: Sequence[Any]) -> list[int]:
@@ -292,6 +360,14 @@ def clean_dataset_fields(fields: dict[str, Any]) -> dict[str, Any]:
             )
     else:
         raise ValidationError({"source": "Choose a dataset source."})
+    if fields.get("eval_local_path"):
+        if not fields.get("local_path"):
+            raise ValidationError({"eval_local_path": "A separate eval file needs a local train file."})
+        fields["eval_local_path"] = check_local_path(
+            fields["eval_local_path"], roots=settings.DATASET_ROOTS, field="eval_local_path", kind="dataset"
+        )
+    if fields.get("pack") and fields.get("task", _CLS) != _LM:
+        raise ValidationError({"pack": "Packing texts into blocks applies to causal language modelling only."})
     if fields.get("task", _CLS) == _CLS and (not fields.get("num_labels") or fields["num_labels"] < 2):
         raise ValidationError({"num_labels": "A classification dataset needs at least 2 labels."})
     return fields

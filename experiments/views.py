@@ -6,24 +6,21 @@ views feed the pages' live refresh (static/js/app.js) and are login-required lik
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.contrib import messages
-from django.core.exceptions import PermissionDenied, ValidationError
-from django.core.paginator import Paginator
-from django.db.models import Q
+from django.core.exceptions import ValidationError
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
-from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from . import forms, plots, selectors, services, validation
+from . import fleet, forms, plots, routing, selectors, services, teams, validation
 from .engine_config import TRAIN_DEFAULTS
-from .models import Experiment, Run, Worker
+from .listing import list_page
+from .models import Experiment, Run
 
 ACTIVE = (Run.Status.QUEUED, Run.Status.RUNNING)
 
@@ -32,9 +29,11 @@ ACTIVE = (Run.Status.QUEUED, Run.Status.RUNNING)
 @require_GET
 def home(request: HttpRequest) -> HttpResponse:
     user = request.user
+    fleet_summary = fleet.fleet_summary()
     context = {
         **selectors.home_summary(user=user),
-        "workers_online": selectors.worker_online_count(offline_after_s=settings.WORKER_OFFLINE_AFTER_S),
+        "fleet": fleet_summary,
+        "workers_online": fleet_summary.workers_online,
         "model_count": selectors.model_spec_list(user=user).count(),
         "dataset_count": selectors.dataset_spec_list(user=user).count(),
         "recipe_count": selectors.recipe_list(user=user).count(),
@@ -44,10 +43,42 @@ def home(request: HttpRequest) -> HttpResponse:
 
 
 # --- records --------------------------------------------------------------------------------------
+# Sort keys each list offers (?sort=key or ?sort=-key); the fields they order by.
+MODEL_SORTS = {
+    "name": ("name",), "team": ("team__name", "name"), "source": ("source", "name"),
+    "labels": ("num_labels",), "params": ("param_count",), "created_at": ("created_at",),
+}
+DATASET_SORTS = {
+    "name": ("name",), "team": ("team__name", "name"), "source": ("source", "name"),
+    "classes": ("num_labels",), "created_at": ("created_at",),
+}
+RECIPE_SORTS = {
+    "name": ("name", "version"), "team": ("team__name", "name"), "scheme": ("scheme", "name"),
+    "created_at": ("created_at",),
+}
+EXPERIMENT_SORTS = {
+    "name": ("name",), "team": ("team__name", "name"), "dataset": ("dataset__name", "name"),
+    "runs": ("run_count",), "created_at": ("created_at",),
+}
+DESCENDING_FIRST = frozenset({"created_at", "params", "labels", "classes", "runs"})
+
+
+def _list_context(
+    request: HttpRequest, queryset: QuerySet, sorts: dict[str, tuple[str, ...]], default: str
+) -> dict[str, Any]:
+    """A list page's rows for the team chosen in the header (all the user's teams if none), sorted and paged."""
+    team = teams.selected_team(request)
+    if team is not None:
+        queryset = queryset.filter(team=team)
+    listing = list_page(request, queryset, sorts=sorts, default=default, descending_first=DESCENDING_FIRST)
+    return {"page": listing.page, "sorting": listing.columns, "sort": listing.sort, "team": team}
+
+
 @require_GET
 def model_list(request: HttpRequest) -> HttpResponse:
-    models = selectors.model_spec_list(user=request.user).order_by("team__name", "name")
-    return TemplateResponse(request, "experiments/model_list.html", {"models": models})
+    context = _list_context(request, selectors.model_spec_list(user=request.user), MODEL_SORTS, "name")
+    context["models"] = context["page"].object_list
+    return TemplateResponse(request, "experiments/model_list.html", context)
 
 
 def model_create(request: HttpRequest) -> HttpResponse:
@@ -100,8 +131,9 @@ def model_derive(request: HttpRequest, model_id: int) -> HttpResponse:
 
 @require_GET
 def dataset_list(request: HttpRequest) -> HttpResponse:
-    datasets = selectors.dataset_spec_list(user=request.user).order_by("team__name", "name")
-    return TemplateResponse(request, "experiments/dataset_list.html", {"datasets": datasets})
+    context = _list_context(request, selectors.dataset_spec_list(user=request.user), DATASET_SORTS, "name")
+    context["datasets"] = context["page"].object_list
+    return TemplateResponse(request, "experiments/dataset_list.html", context)
 
 
 def dataset_create(request: HttpRequest) -> HttpResponse:
@@ -130,8 +162,9 @@ def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
 
 @require_GET
 def recipe_list(request: HttpRequest) -> HttpResponse:
-    recipes = selectors.recipe_list(user=request.user).order_by("team__name", "name", "-version")
-    return TemplateResponse(request, "experiments/recipe_list.html", {"recipes": recipes})
+    context = _list_context(request, selectors.recipe_list(user=request.user), RECIPE_SORTS, "name")
+    context["recipes"] = context["page"].object_list
+    return TemplateResponse(request, "experiments/recipe_list.html", context)
 
 
 RECIPE_INITIAL_TERMS = [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9, "temperature": 4.0}]
@@ -165,38 +198,8 @@ def recipe_create(request: HttpRequest) -> HttpResponse:
 @require_GET
 def experiment_list(request: HttpRequest) -> HttpResponse:
     experiments = selectors.experiment_list(user=request.user).prefetch_related("students", "recipes")
-    page = Paginator(experiments, 25).get_page(request.GET.get("page"))
-    return TemplateResponse(request, "experiments/experiment_list.html", {"page": page})
-
-
-def experiment_create(request: HttpRequest) -> HttpResponse:
-    initial = _experiment_initial(request)
-    form = forms.ExperimentForm(request.POST or None, user=request.user, initial=initial)
-    if request.method == "POST" and form.is_valid():
-        try:
-            experiment = services.experiment_create(created_by=request.user, **form.service_kwargs())
-        except ValidationError as exc:
-            forms.add_service_errors(form, exc)
-        else:
-            messages.success(request, f"Experiment {experiment} created with {experiment.runs.count()} runs.")
-            return redirect("experiments:experiment_detail", experiment_id=experiment.pk)
-    return TemplateResponse(request, "experiments/experiment_form.html", {"form": form})
-
-
-def _experiment_initial(request: HttpRequest) -> dict[str, Any]:
-    """``?copy=<id>`` starts the form from an existing experiment's choices and settings."""
-    source_id = request.GET.get("copy", "")
-    if request.method != "GET" or not source_id.isdigit():
-        return {}
-    source = selectors.experiment_list(user=request.user).filter(pk=source_id).first()
-    if source is None:
-        return {}
-    return {
-        "team": source.team_id, "name": f"{source.name} (copy)", "description": source.description,
-        "dataset": source.dataset_id, "teacher": source.teacher_id,
-        "students": [s.pk for s in source.students.all()], "recipes": [r.pk for r in source.recipes.all()],
-        "seeds": ",".join(str(s) for s in source.seeds), **source.train,
-    }
+    context = _list_context(request, experiments, EXPERIMENT_SORTS, "-created_at")
+    return TemplateResponse(request, "experiments/experiment_list.html", context)
 
 
 @require_GET
@@ -210,6 +213,7 @@ def experiment_detail(request: HttpRequest, experiment_id: int) -> HttpResponse:
         "recipes": experiment.recipes.all(),
         "train": {**TRAIN_DEFAULTS, **experiment.train},
         "curves": _experiment_figure(experiment, runs),
+        "queue_notices": routing.experiment_queue_notices(runs=runs),
     }
     return TemplateResponse(request, "experiments/experiment_detail.html", context)
 
@@ -292,6 +296,9 @@ def _render_run(request: HttpRequest, run: Run, register_form: forms.RegisterMod
         "artifacts": run.artifacts.all(),
         "registered": run.registered_models.all(),
         "register_form": register_form,
+        "queue_notice": routing.run_queue_notice(run=run),
+        "live": selectors.run_live_telemetry(run=run) if run.status == Run.Status.RUNNING else {},
+        "transitions": run.transitions.all(),
     }
     return TemplateResponse(request, "experiments/run_detail.html", context)
 
@@ -312,7 +319,10 @@ def run_status_json(request: HttpRequest, run_id: int) -> JsonResponse:
         "progress_percent": run.progress_percent,
         "samples_per_s": run.samples_per_s,
         "error": run.error,
-        "html": render_to_string("experiments/_run_status.html", {"run": run}, request),
+        "html": render_to_string("experiments/_run_status.html", {
+            "run": run,
+            "live": selectors.run_live_telemetry(run=run) if run.status == Run.Status.RUNNING else {},
+        }, request),
     }
     if request.GET.get("curves"):
         data["figures"] = _run_figures(selectors.run_metric_series(run=run))
@@ -328,6 +338,19 @@ def run_cancel(request: HttpRequest, run_id: int) -> HttpResponse:
         run = services.run_cancel(run=run)
         messages.success(request, f"Run #{run.pk} cancelled." if run.is_terminal
                          else f"Run #{run.pk} will stop at its next check (within a few steps).")
+    return redirect("experiments:run_detail", run_id=run.pk)
+
+
+@require_POST
+def run_requeue(request: HttpRequest, run_id: int) -> HttpResponse:
+    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    try:
+        run = services.run_requeue(run=run, reason=f"Requeued by {request.user.get_username()}.")
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        messages.success(request, f"Run #{run.pk} is queued again (a new attempt that resumes from its last "
+                                  f"checkpoint).")
     return redirect("experiments:run_detail", run_id=run.pk)
 
 
@@ -351,60 +374,3 @@ def run_register_model(request: HttpRequest, run_id: int) -> HttpResponse:
 def leaderboard_index(request: HttpRequest) -> HttpResponse:
     datasets = selectors.leaderboard_datasets(user=request.user).order_by("team__name", "name")
     return TemplateResponse(request, "experiments/leaderboard_index.html", {"datasets": datasets})
-
-
-@require_GET
-def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
-    dataset = get_object_or_404(selectors.dataset_spec_list(user=request.user), pk=dataset_id)
-    rows = selectors.leaderboard(user=request.user, dataset=dataset)
-    budget = forms.LeaderboardFilterForm(request.GET or None)
-    total = len(rows)
-    if budget.is_valid():
-        rows = _within_budget(rows, budget.cleaned_data["max_params"], budget.cleaned_data["max_latency_ms"])
-    points = [
-        {"label": f"{r.student} · {r.recipe}", "recipe": "hard-label baseline" if r.is_baseline else str(r.recipe),
-         "params": r.params, "mean": r.mean, "std": r.std}
-        for r in rows
-    ]
-    metric = selectors.primary_metric(dataset)
-    context = {"dataset": dataset, "rows": rows, "total": total, "budget": budget, "metric": metric,
-               "figure": plots.leaderboard_figure(points, metric_label=metric.label, percent=metric.percent)}
-    return TemplateResponse(request, "experiments/leaderboard.html", context)
-
-
-def _within_budget(rows: list[selectors.LeaderboardRow], max_params: int | None,
-                   max_latency_ms: float | None) -> list[selectors.LeaderboardRow]:
-    """Rows that fit the budget (an unknown size or latency does not fit), ranked again among themselves."""
-    kept = [
-        r for r in rows
-        if (max_params is None or (r.params is not None and r.params <= max_params))
-        and (max_latency_ms is None or (r.latency_ms is not None and r.latency_ms <= max_latency_ms))
-    ]
-    for rank, row in enumerate(kept, 1):
-        row.rank = rank
-    return kept
-
-
-# --- workers (staff) ------------------------------------------------------------------------------
-@dataclass
-class WorkerRow:
-    worker: Worker
-    heartbeat_age_s: float | None
-    offline: bool
-    runs: list[Run]
-
-
-@require_GET
-def worker_list(request: HttpRequest) -> HttpResponse:
-    if not request.user.is_staff:
-        raise PermissionDenied("The worker fleet is visible to staff only.")
-    now = timezone.now()
-    current = selectors.worker_current_runs()
-    rows = []
-    for worker in selectors.worker_list():
-        age = (now - worker.last_heartbeat).total_seconds() if worker.last_heartbeat else None
-        offline = worker.state == Worker.State.OFFLINE or age is None or age > settings.WORKER_OFFLINE_AFTER_S
-        rows.append(WorkerRow(worker, age, offline, current.pop(worker.name, [])))
-    orphans = [run for runs in current.values() for run in runs]
-    context = {"rows": rows, "orphans": orphans, "offline_after_s": settings.WORKER_OFFLINE_AFTER_S}
-    return TemplateResponse(request, "experiments/worker_list.html", context)

@@ -1,8 +1,9 @@
 """Worker registry: each ``celery worker`` registers itself when ready and heartbeats from a thread.
 
 The thread lives in the worker's main process (not in the pool children), so heartbeats continue while a
-child trains. A worker that stops heartbeating shows as offline once its last heartbeat is older than
-WORKER_OFFLINE_AFTER_S.
+child trains. Each beat carries the GPUs this worker may use, read through NVML (``workers.gpus``; never torch,
+which must not touch CUDA in this process). A worker that stops heartbeating shows as offline once its last
+heartbeat is older than WORKER_OFFLINE_AFTER_S, and the ``workers.fleet_sweep`` beat task marks it so.
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ import platform
 import socket
 import threading
 from importlib import metadata
+from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 from django.conf import settings
 from django.db import close_old_connections
 
+from . import gpus
+
 logger = logging.getLogger(__name__)
 
 _stop = threading.Event()
+# Set when this process registered; a worker refused its name must not beat for, or unregister, the holder.
+_registered: dict[str, Any] = {}
 
 
 def software_versions() -> dict[str, str]:
@@ -31,16 +37,42 @@ def software_versions() -> dict[str, str]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "missing"
+    versions.update(gpus.cuda_versions())
     return versions
 
 
-def _heartbeat_loop(name: str, interval: float) -> None:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def consumed_queues(consumer: Any) -> list[str]:
+    """The queues the worker consumes right now (none while drained)."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    return sorted(q.name for q in task_consumer.queues) if task_consumer else []
+
+
+def beat(*, name: str, hostname: str, pid: int, consumer: Any) -> None:
+    """One heartbeat with the GPUs; a worker the sweep marked offline while it was silent comes back."""
     from experiments import services
 
+    inventory = gpus.read_gpus()
+    if not services.worker_heartbeat(name=name, gpus=inventory, hostname=hostname, pid=pid):
+        if services.worker_revive(name=name, hostname=hostname, pid=pid, consuming=consumed_queues(consumer)):
+            services.worker_heartbeat(name=name, gpus=inventory, hostname=hostname, pid=pid)
+
+
+def _heartbeat_loop(name: str, hostname: str, pid: int, consumer: Any, interval: float) -> None:
     while not _stop.wait(interval):
         try:
             close_old_connections()
-            services.worker_heartbeat(name=name)
+            beat(name=name, hostname=hostname, pid=pid, consumer=consumer)
         except Exception:  # a database blip must not kill the heartbeat thread; the next beat retries
             logger.exception("worker heartbeat failed")
 
@@ -49,15 +81,20 @@ def _heartbeat_loop(name: str, interval: float) -> None:
 def register_worker(sender, **_kwargs) -> None:
     from experiments import services
 
-    name = sender.hostname
-    queues = sorted(q.name for q in sender.task_consumer.queues) if sender.task_consumer else []
-    services.worker_register(
-        name=name, hostname=socket.gethostname(), pid=os.getpid(), queues=queues, versions=software_versions()
-    )
+    name, hostname, pid = sender.hostname, socket.gethostname(), os.getpid()
+    queues = consumed_queues(sender)
+    try:
+        services.worker_register(name=name, hostname=hostname, pid=pid, queues=queues,
+                                 versions=software_versions(), pid_alive=pid_alive)
+    except services.WorkerNameInUse as exc:
+        logger.error("not registered: %s", exc)
+        return
+    _registered.update(name=name, hostname=hostname, pid=pid)
+    beat(name=name, hostname=hostname, pid=pid, consumer=sender)  # the GPUs show at once, not after a beat
     _stop.clear()
     threading.Thread(
         target=_heartbeat_loop,
-        args=(name, settings.WORKER_HEARTBEAT_INTERVAL_S),
+        args=(name, hostname, pid, sender, settings.WORKER_HEARTBEAT_INTERVAL_S),
         name="distillweb-heartbeat",
         daemon=True,
     ).start()
@@ -69,8 +106,11 @@ def unregister_worker(sender, **_kwargs) -> None:
     from experiments import services
 
     _stop.set()
+    if not _registered:
+        return
     try:
         close_old_connections()
-        services.worker_mark_offline(name=sender.hostname)
+        services.worker_mark_offline(name=_registered["name"], hostname=_registered["hostname"],
+                                     pid=_registered["pid"])
     except Exception:
-        logger.exception("could not mark worker %s offline", sender.hostname)
+        logger.exception("could not mark worker %s offline", _registered["name"])

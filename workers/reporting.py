@@ -1,92 +1,284 @@
-"""Bridges the engine's callbacks to the database, batching writes so they never slow training down."""
+"""Bridges the engine's callbacks to the database, batching writes so they never slow training down.
+
+A run's writes also renew its lease (the heartbeat). In a worker, a thread of the reporter does the routine
+writes and the cancellation polls, so the training loop never waits for the database except before a
+checkpoint, whose points must be durable first. A database outage does not crash the run: metric points stay
+buffered (up to a bound) and are written when the database is back, and a checkpoint waits for them. Only an
+outage longer than RUN_DB_RETRY_S gives up, with DatabaseUnavailable: the task then leaves the run to be resumed,
+never marks it.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
+from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
 from experiments import selectors, services
 
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors of a database that went away (psycopg maps refused or dropped connections to these).
+DATABASE_ERRORS = (OperationalError, InterfaceError)
+# Retries back off exponentially from 0.5 s up to this, so a run resumes within seconds of the database's return.
+MAX_BACKOFF_S = 5.0
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database stayed unreachable for longer than the reporter's retry window."""
+
 
 class RunReporter:
-    """Buffers metric points and throttles progress writes and cancellation polls for one run delivery.
+    """Buffers metric points, progress and cancellation polls for one run delivery.
+
+    Points and progress go to the database together, in one write every ``flush_every_s`` that also renews the
+    run's lease; the points logged before a checkpoint are written (durably) before the engine saves it. Used as
+    a context manager, a thread does the routine writes and polls, also while the engine loads models or
+    evaluates, so the lease only expires when the worker dies; without it (or inside a transaction, where
+    another connection cannot see the run) the callbacks do them in line.
 
     ``owned`` turns False when the run was taken over by another delivery or cancelled; the engine then stops
-    at its next poll.
+    at its next poll. ``max_buffer`` points trigger a write; while the database is down up to ``max_pending``
+    points wait in memory, then training pauses until they are written.
     """
 
     def __init__(self, *, run_id: int, task_id: str, flush_every_s: float = 2.0, max_buffer: int = 500,
-                 poll_every_s: float = 2.0, clock=time.monotonic) -> None:
+                 max_pending: int = 100_000, poll_every_s: float = 2.0, retry_for_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.run_id = run_id
         self.task_id = task_id
         self.flush_every_s = flush_every_s
         self.max_buffer = max_buffer
+        self.max_pending = max(max_pending, max_buffer)
         self.poll_every_s = poll_every_s
+        self.retry_for_s = settings.RUN_DB_RETRY_S if retry_for_s is None else retry_for_s
         self.clock = clock
+        self.sleep = sleep
         self.owned = True
         self.cancel_requested = False
         self._buffer: list[tuple[str, int, float, datetime]] = []
+        self._state = threading.Lock()  # the buffer and the progress, shared with the writer thread
+        self._writing = threading.Lock()  # one database write at a time, so a flush waits for one in flight
         self._last_flush = clock()
-        self._last_progress = 0.0
+        self._last_progress = float("-inf")  # the first progress is written at once
         self._last_poll = float("-inf")  # the first poll always reads the database
         self._last_step_time: tuple[int, float] | None = None
+        self._last_step = 0
+        self._total = 0
+        self._batch_size = 1
+        self._save_every = 0
+        self._log_every = 0
+        self._failures = 0  # consecutive failed writes that did not wait
+        self._retry_at = float("-inf")  # no such write before this time after a failure
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- the writer thread ------------------------------------------------------------------------
+    def __enter__(self) -> RunReporter:
+        if not connection.in_atomic_block:
+            self._thread = threading.Thread(target=self._run_writer, name=f"report-run-{self.run_id}", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
+
+    def _run_writer(self) -> None:
+        try:
+            while not self._stop.wait(min(0.2, self.flush_every_s)):
+                self._routine_work()
+        finally:
+            connection.close()  # this thread's own connection
+
+    def _routine_work(self) -> None:
+        """A write when one is due (also renewing the lease when nothing new was logged), and a poll."""
+        now = self.clock()
+        with self._state:
+            due = now - self._last_flush >= self.flush_every_s or len(self._buffer) >= self.max_buffer
+        if due:
+            self._attempt(self._write_points, durable=False)
+        if now - self._last_poll >= self.poll_every_s:
+            self._last_poll = now
+            requested = self._attempt(selectors.run_is_cancel_requested, run_id=self.run_id)
+            if requested is not None:  # None: the database is down, keep the last answer
+                self.cancel_requested = requested
 
     # --- engine callbacks -------------------------------------------------------------------------
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         now = datetime.now(UTC)
-        self._buffer.extend((name, step, float(value), now) for name, value in metrics.items())
-        if len(self._buffer) >= self.max_buffer or self.clock() - self._last_flush >= self.flush_every_s:
+        with self._state:
+            self._buffer.extend((name, step, float(value), now) for name, value in metrics.items())
+            pending = len(self._buffer)
+        if pending >= self.max_pending or self._is_checkpoint_step(step):
+            # The database has been down for long: pause rather than drop points. Or the engine writes a
+            # checkpoint after this call: a resume from it never logs this step again, so it must be durable.
             self.flush()
+        elif self._thread is None and (pending >= self.max_buffer
+                                       or self.clock() - self._last_flush >= self.flush_every_s):
+            self._attempt(self._write_points, durable=False)
 
     def on_progress(self, step: int, total: int) -> None:
-        now = self.clock()
-        if now - self._last_progress < 1.0 and step < total:
-            return
-        rate = None
-        if self._last_step_time is not None and now > self._last_step_time[1]:
-            rate = (step - self._last_step_time[0]) / (now - self._last_step_time[1])
-        self._last_step_time = (step, now)
-        self._last_progress = now
-        self.owned = _retrying(services.run_report_progress,
-            run_id=self.run_id, task_id=self.task_id, step=step, total=total, samples_per_s=None if rate is None
-            else rate * self._batch_size
-        ) and self.owned
+        with self._state:
+            self._last_step, self._total = step, total
+        if self._is_checkpoint_step(step) and not self._is_log_step(step, total):
+            # Everything logged before a checkpoint is durable before the checkpoint exists (at a log step, the
+            # metrics of the step come before the checkpoint too, and that call flushes).
+            self.flush()
+        elif self._thread is None and (self.clock() - self._last_progress >= self.flush_every_s or step == total):
+            self._attempt(self._write_points, durable=False)  # progress, with any buffered points
 
     def on_checkpoint(self, step: int, path: str) -> None:
         # Points up to the checkpoint must be durable before it counts, so a resume never loses any.
         self.flush()
-        _retrying(services.run_record_checkpoint, run_id=self.run_id, task_id=self.task_id, step=step, path=Path(path))
+        self.call(services.run_record_checkpoint, run_id=self.run_id, task_id=self.task_id, step=step,
+                  path=Path(path))
 
     def should_stop(self) -> bool:
-        now = self.clock()
-        if now - self._last_poll >= self.poll_every_s:
-            self._last_poll = now
-            self.cancel_requested = _retrying(selectors.run_is_cancel_requested, run_id=self.run_id)
-        return self.cancel_requested or not self.owned
+        if self._thread is None:
+            now = self.clock()
+            if now - self._last_poll >= self.poll_every_s:
+                self._last_poll = now
+                requested = self._attempt(selectors.run_is_cancel_requested, run_id=self.run_id)
+                if requested is not None:  # None: the database is down, keep the last answer
+                    self.cancel_requested = requested
+        stop = self.cancel_requested or not self.owned
+        if stop and self.owned:
+            self.flush()  # the engine checkpoints this step before it stops
+        return stop
 
     # --- plumbing ---------------------------------------------------------------------------------
-    _batch_size = 1
+    @property
+    def last_step(self) -> int:
+        return self._last_step
+
+    @property
+    def pending_points(self) -> int:
+        return len(self._buffer)
 
     def set_batch_size(self, batch_size: int) -> None:
         self._batch_size = batch_size
 
+    def set_schedule(self, *, save_every: int, log_every: int) -> None:
+        """The engine checkpoints every ``save_every`` steps, and logs metrics every ``log_every`` steps (and at
+        the last); the points before each checkpoint must be durable first."""
+        self._save_every, self._log_every = save_every, log_every
+
+    def _is_checkpoint_step(self, step: int) -> bool:
+        return self._save_every > 0 and step > 0 and step % self._save_every == 0
+
+    def _is_log_step(self, step: int, total: int) -> bool:
+        return step == total or (self._log_every > 0 and step % self._log_every == 0)
+
     def flush(self) -> None:
-        if self._buffer:
-            batch, self._buffer = self._buffer, []
-            self.owned = _retrying(services.run_record_metrics, run_id=self.run_id, task_id=self.task_id,
-                                   points=batch) and self.owned
+        """Write every buffered point durably, retrying through a database outage (raises DatabaseUnavailable)."""
+        while self._buffer:
+            self.call(self._write_points)
         self._last_flush = self.clock()
 
-
-def _retrying(write, **kwargs):
-    """Run a database call; if the connection died during a long training run, reconnect once and retry."""
-    try:
-        return write(**kwargs)
-    except (OperationalError, InterfaceError):
-        if connection.in_atomic_block:
+    def finish_with(self, write: Callable[..., T], **kwargs: Any) -> T:
+        """Write the points logged so far, then record the run's outcome (e.g. ``services.run_fail``), both
+        through a database outage. A bad point does not stop the outcome from being recorded."""
+        try:
+            self.flush()
+        except DatabaseUnavailable:
             raise
-        connection.close()
-        return write(**kwargs)
+        except Exception:
+            logger.exception("run %s: could not write the last metric points", self.run_id)
+            with self._state:
+                self._buffer.clear()
+        return self.call(write, **kwargs)
+
+    def call(self, write: Callable[..., T], **kwargs: Any) -> T:
+        """Run a database call, retrying with exponential backoff while the database is unreachable.
+
+        Raises DatabaseUnavailable when it stays unreachable for ``retry_for_s``.
+        """
+        deadline = None
+        delay = 0.5
+        while True:
+            try:
+                result = write(**kwargs)
+            except DATABASE_ERRORS as exc:
+                _drop_connection()
+                now = self.clock()
+                if deadline is None:
+                    deadline = now + self.retry_for_s
+                    logger.warning("run %s: database unreachable (%s); retrying for up to %.0f s", self.run_id,
+                                   _first_line(exc), self.retry_for_s)
+                if now >= deadline:
+                    raise DatabaseUnavailable(
+                        f"The database was unreachable for {self.retry_for_s:.0f} s: {_first_line(exc)}"
+                    ) from exc
+                self.sleep(min(delay, max(deadline - now, 0.0)))
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                continue
+            if deadline is not None:
+                logger.info("run %s: database reachable again", self.run_id)
+            self._failures, self._retry_at = 0, float("-inf")
+            return result
+
+    def _attempt(self, write: Callable[..., T], **kwargs: Any) -> T | None:
+        """One try that never waits: None when the database is down (or was, moments ago)."""
+        if self.clock() < self._retry_at:
+            return None
+        try:
+            result = write(**kwargs)
+        except DATABASE_ERRORS as exc:
+            _drop_connection()
+            self._failures += 1
+            self._retry_at = self.clock() + min(0.5 * 2 ** self._failures, MAX_BACKOFF_S)
+            if self._failures == 1:
+                logger.warning("run %s: database unreachable (%s); %d metric points kept for later", self.run_id,
+                               _first_line(exc), len(self._buffer))
+            return None
+        self._failures, self._retry_at = 0, float("-inf")
+        return result
+
+    def _write_points(self, durable: bool = True) -> bool:
+        """One write: buffered points, the progress (renewing the lease) and the throughput since the last one."""
+        with self._writing:
+            now = self.clock()
+            with self._state:
+                batch = self._buffer[: self.max_pending]
+                step, total = self._last_step, self._total
+            progress = None  # unchanged since the last write (loading, evaluating): renew the lease only
+            if total and (self._last_step_time is None or step != self._last_step_time[0]):
+                rate = None
+                if self._last_step_time is not None and now > self._last_step_time[1]:
+                    rate = (step - self._last_step_time[0]) / (now - self._last_step_time[1])
+                progress = (step, total, None if rate is None else rate * self._batch_size)
+            owned = services.run_record_metrics(run_id=self.run_id, task_id=self.task_id, points=batch,
+                                                durable=durable, progress=progress)
+            with self._state:
+                del self._buffer[: len(batch)]  # only once written: a failed write keeps them
+            self._last_flush = now
+            if progress is not None:
+                self._last_progress, self._last_step_time = now, (step, now)
+            self.owned = owned and self.owned
+            return owned
+
+
+def _drop_connection() -> None:
+    """Close a broken connection so the next query opens a new one (never inside a transaction: a test's
+    atomic block, or a caller's, owns its connection)."""
+    if not connection.in_atomic_block:
+        try:
+            connection.close()
+        except DATABASE_ERRORS:
+            pass
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

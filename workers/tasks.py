@@ -3,16 +3,48 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from celery import shared_task
+from celery.exceptions import Reject
+
+if TYPE_CHECKING:
+    from experiments.models import Run
+    from workers.reporting import RunReporter
 
 logger = logging.getLogger(__name__)
 
 
 @shared_task(name="workers.run_distillation", bind=True, acks_late=True, ignore_result=True)
 def run_distillation(self, run_id: int) -> None:
-    """Train and evaluate one run. A second delivery of a live run claims nothing and returns."""
+    """Train and evaluate one run. A second delivery of a live run claims nothing and returns.
+
+    While it runs, the reporter's thread renews the run's lease. When the database stays unreachable (longer than
+    RUN_DB_RETRY_S) the outcome cannot be recorded: the message is rejected back to the broker instead of being
+    acknowledged, and the run, still ``running`` with an expiring lease, resumes from its last checkpoint in a
+    later delivery.
+    """
     # Lazy imports: torch must not touch CUDA in the prefork parent process.
+    from experiments import services
+    from workers.reporting import DatabaseUnavailable, RunReporter
+
+    task_id = self.request.id or f"local-{run_id}"
+    reporter = RunReporter(run_id=run_id, task_id=task_id)
+    try:
+        run = reporter.call(services.run_claim, run_id=run_id, task_id=task_id, worker_name=self.request.hostname or "")
+        if run is None:
+            logger.info("run %s is owned by a live delivery, finished, or expects another message; nothing to do",
+                        run_id)
+            return
+        with reporter:  # its thread writes metrics and progress, renewing the lease, until the run is recorded
+            _train_and_record(run, reporter)
+    except DatabaseUnavailable as exc:
+        logger.error("run %s: %s; the message goes back to the broker and the run resumes later", run_id, exc)
+        raise Reject(str(exc), requeue=True) from exc
+
+
+def _train_and_record(run: Run, reporter: RunReporter) -> None:
+    """Train the claimed run and record how it ended: succeeded, failed with a readable error, or cancelled."""
     from django.conf import settings
 
     from experiments import selectors, services
@@ -20,19 +52,15 @@ def run_distillation(self, run_id: int) -> None:
     from workers.engine.config import RunConfig
     from workers.engine.errors import EngineError
     from workers.engine.trainer import Callbacks, train
-    from workers.reporting import RunReporter
+    from workers.reporting import DatabaseUnavailable
 
-    task_id = self.request.id or f"local-{run_id}"
-    run = services.run_claim(run_id=run_id, task_id=task_id, worker_name=self.request.hostname or "")
-    if run is None:
-        logger.info("run %s is owned by a live delivery or finished; nothing to do", run_id)
-        return
-    reporter = RunReporter(run_id=run_id, task_id=task_id)
+    owner = {"run_id": run.id, "task_id": reporter.task_id}
     try:
         resolved = resolve_paths(run.config, run=run, artifact_root=settings.ARTIFACT_ROOT)
-        resolved["evaluate_teacher"] = not selectors.teacher_evaluation_exists(run=run)
+        resolved["evaluate_teacher"] = not reporter.call(selectors.teacher_evaluation_exists, run=run)
         cfg = RunConfig.from_dict(resolved)
         reporter.set_batch_size(cfg.train.batch_size)
+        reporter.set_schedule(save_every=cfg.train.save_every, log_every=cfg.train.log_every)
         result = train(
             cfg,
             Callbacks(
@@ -43,29 +71,21 @@ def run_distillation(self, run_id: int) -> None:
             ),
         )
         reporter.flush()
+    except DatabaseUnavailable:
+        raise
     except EngineError as exc:
-        _flush_quietly(reporter)
-        services.run_fail(run_id=run_id, task_id=task_id, error=str(exc))
+        reporter.finish_with(services.run_fail, **owner, error=str(exc))
         return
     except (ValueError, TypeError, KeyError) as exc:
-        _flush_quietly(reporter)
-        logger.exception("run %s has an invalid config", run_id)
-        services.run_fail(run_id=run_id, task_id=task_id, error=f"The run's configuration is invalid: {exc}")
+        logger.exception("run %s has an invalid config", run.id)
+        reporter.finish_with(services.run_fail, **owner, error=f"The run's configuration is invalid: {exc}")
         return
     except Exception as exc:
-        _flush_quietly(reporter)
-        logger.exception("run %s crashed", run_id)
-        services.run_fail(run_id=run_id, task_id=task_id, error=f"Internal error ({type(exc).__name__}): {exc}")
+        logger.exception("run %s crashed", run.id)
+        reporter.finish_with(services.run_fail, **owner, error=f"Internal error ({type(exc).__name__}): {exc}")
         return
     if result.stopped:
         if reporter.cancel_requested:
-            services.run_mark_cancelled(run_id=run_id, task_id=task_id)
-        return  # taken over by another delivery: that one finishes the run
-    services.run_finish(run_id=run_id, task_id=task_id, result=result.to_dict())
-
-
-def _flush_quietly(reporter) -> None:
-    try:
-        reporter.flush()
-    except Exception:
-        logger.exception("could not write the last metric points")
+            reporter.call(services.run_mark_cancelled, **owner, step=reporter.last_step or None)
+        return  # or taken over by another delivery: that one finishes the run
+    reporter.call(services.run_finish, **owner, result=result.to_dict())

@@ -33,6 +33,10 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "experiments",
     "workers",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served locally (no CDN)
+    "api",
 ]
 
 MIDDLEWARE = [
@@ -60,6 +64,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "experiments.context_processors.team_switcher",
             ],
         },
     },
@@ -139,13 +144,27 @@ MODELS_DIR = Path(env("DISTILLWEB_MODELS_DIR", default=str(VAR_DIR / "models")))
 MODEL_ROOTS = [Path(p) for p in env.list("MODEL_ROOTS", default=[str(MODELS_DIR)])]
 DATASET_ROOTS = [Path(p) for p in env.list("DATASET_ROOTS", default=[])]
 ALLOW_TRUST_REMOTE_CODE = env.bool("ALLOW_TRUST_REMOTE_CODE", default=False)
-# A running run whose worker has not reported for this long is considered dead and may be taken over.
+# The run lifecycle (experiments.services): a run's heartbeat is its lease, renewed by every metric, progress and
+# checkpoint write. A running run silent for RUN_HEARTBEAT_TIMEOUT_S lost its worker: the `workers.requeue_stale_runs`
+# beat task (every RUN_SWEEP_INTERVAL_S) requeues it, and another worker resumes it from its last checkpoint, up to
+# RUN_MAX_ATTEMPTS attempts; then it fails. A worker rides out a database outage of up to RUN_DB_RETRY_S (metric
+# points stay buffered). A queued run whose broker message was lost is sent again after RUN_REDISPATCH_AFTER_S.
 RUN_HEARTBEAT_TIMEOUT_S = env.int("RUN_HEARTBEAT_TIMEOUT_S", default=120)
+RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
+RUN_SWEEP_INTERVAL_S = env.float("RUN_SWEEP_INTERVAL_S", default=30.0)
+RUN_DB_RETRY_S = env.float("RUN_DB_RETRY_S", default=300.0)
+RUN_REDISPATCH_AFTER_S = env.int("RUN_REDISPATCH_AFTER_S", default=300)
 WORKER_HEARTBEAT_INTERVAL_S = env.int("WORKER_HEARTBEAT_INTERVAL_S", default=10)
 WORKER_OFFLINE_AFTER_S = env.int("WORKER_OFFLINE_AFTER_S", default=60)
 MAX_RUNS_PER_EXPERIMENT = env.int("MAX_RUNS_PER_EXPERIMENT", default=200)
 # The Celery queue new runs are sent to (workers consume it with `-Q`).
 RUN_QUEUE = env("RUN_QUEUE", default="training")
+# How a new run picks its queue (experiments.routing): "auto" sends it to the smallest queue named gpu-<N>g (N GiB
+# per GPU) or cpu that an online worker consumes and that fits its estimated GPU memory (RUN_QUEUE while no worker
+# declares such a queue); "off" sends every run to RUN_QUEUE.
+RUN_ROUTING = env("RUN_ROUTING", default="auto")
+if RUN_ROUTING not in ("auto", "off"):
+    raise environ.ImproperlyConfigured(f"RUN_ROUTING must be 'auto' or 'off', not {RUN_ROUTING!r}.")
 
 # --- Celery ---------------------------------------------------------------------------------------
 # Default: kombu's filesystem transport under var/, so the embedded shape needs no broker server.
@@ -162,8 +181,11 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "control_folder": str(_broker_dir / "control"),
     }
 else:
-    # Redis re-delivers an unacknowledged message after this long; longer than the longest run, because a
-    # live run's claim is protected by its heartbeat anyway (see experiments.services.run_claim).
+    # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
+    # Redis re-delivers a message nobody acknowledged after this long. Runs are acknowledged when they end
+    # (acks_late), so it must exceed the longest run, or Redis starts a second copy of every long one. Worker
+    # loss is handled by the database lease instead (RUN_HEARTBEAT_TIMEOUT_S, the requeue sweep), which needs
+    # no redelivery at all; a late one is harmless (run_claim refuses a live or finished run).
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("BROKER_VISIBILITY_TIMEOUT_S", default=48 * 3600)}
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
@@ -176,8 +198,60 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "training"
 CELERY_TASK_ROUTES = {"workers.run_distillation": {"queue": "training"}}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A broker outage must not stop a run that is training: it needs only the database (its lease), and its message
+# is acknowledged when it ends. https://docs.celeryq.dev/en/stable/userguide/configuration.html
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = TIME_ZONE
+# Worker fleet: the offline sweep runs under celery beat on FLEET_QUEUE (a worker consuming it runs it, e.g.
+# `celery -A distillweb worker -Q fleet -B`); the console waits this long for a worker's remote-control reply.
+FLEET_QUEUE = env("FLEET_QUEUE", default="fleet")
+WORKER_CONTROL_TIMEOUT_S = env.float("WORKER_CONTROL_TIMEOUT_S", default=3.0)
+# workers/fleet_tasks.py is not a `tasks` module, so autodiscovery would miss it.
+CELERY_IMPORTS = ["workers.fleet_tasks", "workers.lifecycle_tasks"]
+# https://docs.celeryq.dev/en/stable/userguide/periodic-tasks.html
+CELERY_BEAT_SCHEDULE = {
+    "fleet-sweep": {
+        "task": "workers.fleet_sweep",
+        "schedule": WORKER_OFFLINE_AFTER_S / 2,
+        # A sweep nobody ran in time is dropped: the next one does the same work.
+        "options": {"queue": FLEET_QUEUE, "expires": WORKER_OFFLINE_AFTER_S / 2},
+    },
+    # Runs whose lease expired are requeued (or failed past RUN_MAX_ATTEMPTS); lost queued messages are re-sent.
+    "requeue-stale-runs": {
+        "task": "workers.requeue_stale_runs",
+        "schedule": RUN_SWEEP_INTERVAL_S,
+        "options": {"queue": FLEET_QUEUE, "expires": RUN_SWEEP_INTERVAL_S},
+    },
+}
+
+# --- REST API (api/) ---------------------------------------------------------------------------------
+# https://www.django-rest-framework.org/api-guide/settings/ — token first, so a request without credentials gets
+# 401 with `WWW-Authenticate: Bearer`; the session serves the browser (and enforces CSRF on writes).
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "api.authentication.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["api.parsers.CappedJSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "api.pagination.CappedLimitOffsetPagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "api.exceptions.exception_handler",
+}
+# https://drf-spectacular.readthedocs.io/en/latest/settings.html
+SPECTACULAR_SETTINGS = {
+    "TITLE": "distillweb API",
+    "DESCRIPTION": "Records, experiments, runs, metrics and leaderboards of distillweb, scoped to your teams.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
 
 LOGGING = {
     "version": 1,

@@ -35,3 +35,17 @@ def test_admin_is_staff_only(client, user):
     client.force_login(user)
     response = client.get(reverse("admin:experiments_run_changelist"))
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_admin_requeue_action_starts_a_new_attempt_or_says_why_not(client, staff_user):
+    run = RunFactory()
+    client.force_login(staff_user)
+    changelist = reverse("admin:experiments_run_changelist")
+    client.post(changelist, {"action": "cancel_runs", "_selected_action": [run.pk]})
+    response = client.post(changelist, {"action": "requeue_runs", "_selected_action": [run.pk]}, follow=True)
+    run.refresh_from_db()
+    assert run.status == Run.Status.QUEUED
+    assert "1 run(s) requeued" in response.content.decode()
+    assert run.transitions.order_by("-id").first().to_status == Run.Status.QUEUED
+    response = client.post(changelist, {"action": "requeue_runs", "_selected_action": [run.pk]}, follow=True)
+    assert f"#{run.pk}:" in response.content.decode()                # a queued run cannot be requeued

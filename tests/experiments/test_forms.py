@@ -293,7 +293,7 @@ def test_experiment_form_builds_hyperparameter_fields_from_train_fields(user):
 
     for name, (kind, lo, hi, _help) in TRAIN_FIELDS.items():
         field = form.fields[name]
-        assert isinstance(field, django_forms.IntegerField if kind is int else django_forms.FloatField)
+        assert isinstance(field, forms.SweepField) and field.kind is kind  # one value or a sweep
         assert field.initial == TRAIN_DEFAULTS[name]
         assert (field.min_value, field.max_value) == (lo, hi)
     assert form.fields["lr_schedule"].initial == TRAIN_DEFAULTS["lr_schedule"]
@@ -345,3 +345,30 @@ def test_experiment_form_marks_baseline_recipes_for_the_run_preview(user, team):
 
     assert 'data-baseline="1"' in html
     assert f'data-team="{team.pk}"' in html
+
+
+def test_a_dataset_with_a_separate_eval_file_and_packing_reaches_the_engine(user, team, settings, tmp_path):
+    from experiments import engine_config, services
+
+    settings.DATASET_ROOTS = [tmp_path]
+    (tmp_path / "train.jsonl").write_text('{"text": "a b c"}\n')
+    (tmp_path / "eval.jsonl").write_text('{"text": "d e f"}\n')
+    base = {"team": team.pk, "name": "corpus", "source": "hf", "task": "causal_lm", "text_column": "text",
+            "label_column": "label", "eval_fraction": 0.2, "split_seed": 0, "max_length": 64,
+            "local_path": str(tmp_path / "train.jsonl")}
+    form = forms.DatasetSpecForm({**base, "eval_local_path": str(tmp_path / "eval.jsonl"), "pack": "on"}, user=user)
+    assert form.is_valid(), form.errors
+    spec = services.dataset_spec_create(team=team, created_by=user, **form.service_fields())
+    cfg = engine_config.dataset_config(spec)
+    assert cfg["eval_path"] == str((tmp_path / "eval.jsonl").resolve()) and cfg["pack"] is True
+    plain = engine_config.dataset_config(DatasetSpecFactory(team=team))
+    assert "eval_path" not in plain and "pack" not in plain       # split keys of older datasets do not move
+
+    for extra, field in (({"eval_local_path": "/etc/passwd"}, "eval_local_path"),
+                         ({"eval_local_path": str(tmp_path / "../x.jsonl")}, "eval_local_path"),
+                         ({"pack": "on", "task": "classification", "num_labels": 2}, "pack")):
+        form = forms.DatasetSpecForm({**base, "name": f"bad-{field}-{len(extra)}", **extra}, user=user)
+        assert form.is_valid(), form.errors
+        with pytest.raises(ValidationError) as exc:
+            services.dataset_spec_create(team=team, created_by=user, **form.service_fields())
+        assert field in exc.value.message_dict

@@ -580,6 +580,12 @@ def test_run_status_json_reports_progress_and_curves(client_logged_in, run):
     assert "step 5 / 20" in data["html"]
     assert "figures" not in data
     assert with_curves["figures"]["loss-figure"]["data"][0]["y"] == [1.0]
+    assert "tokens/s" not in data["html"] and "GPU memory" not in data["html"]
+    # A causal LM on a GPU also logs tokens/s and peak GPU memory: the newest of each shows live.
+    _points(run, "tokens_per_s", [4, 5], [900.0, 1234.0])
+    _points(run, "gpu_memory_bytes", [5], [3 * 2**30])
+    html = client_logged_in.get(url).json()["html"]
+    assert "1234 tokens/s" in html and "GPU memory 3.0\xa0GB" in html
 
 
 def test_run_cancel_marks_a_queued_run_cancelled(client_logged_in, run):

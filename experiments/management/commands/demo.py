@@ -31,9 +31,13 @@ class Command(BaseCommand):
                 [sys.executable, "manage.py", "runserver", "--noreload", f"{host}:{port}"], env=env,
                 cwd=settings.BASE_DIR,
             ),
+            # -B: celery beat in the worker sends the periodic sweeps (silent workers offline, runs whose worker
+            # died requeued); the worker consumes the sweeps' queue beside the training queue.
             subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "distillweb", "worker", "-Q", "training", "-n",
-                 "demo@%h", "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+                [sys.executable, "-m", "celery", "-A", "distillweb", "worker", "-Q",
+                 f"{settings.RUN_QUEUE},{settings.FLEET_QUEUE}", "-n", "demo@%h", "--concurrency", "1",
+                 "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+                 "-B", "--schedule", str(settings.VAR_DIR / "celerybeat-schedule")],
                 env=env, cwd=settings.BASE_DIR,
             ),
         ]

@@ -1,0 +1,67 @@
+"""Request bodies with a size cap, checked on the Content-Length before anything is read.
+
+DRF hands some parsers the raw stream, which bypasses Django's DATA_UPLOAD_MAX_MEMORY_SIZE check (applied only
+when ``request.body`` is read): JSON gets that cap here too, YAML documents a smaller one of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from rest_framework import exceptions, parsers, status
+
+YAML_MAX_BYTES = 256 * 1024
+
+
+class RequestTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The request body is too large."
+    default_code = "too_large"
+
+
+def _check_size(parser_context: dict[str, Any] | None, limit: int) -> None:
+    request = (parser_context or {}).get("request")
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0) if request is not None else 0
+    except ValueError:
+        raise exceptions.ParseError("Bad Content-Length header.") from None
+    if length > limit:
+        raise RequestTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
+
+
+class CappedJSONParser(parsers.JSONParser):
+    def parse(self, stream, media_type=None, parser_context=None):
+        _check_size(parser_context, settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+        return super().parse(stream, media_type, parser_context)
+
+
+class YAMLTextParser(parsers.BaseParser):
+    """A YAML document, handed to the view as text (api.yaml_io parses it with ``yaml.safe_load``)."""
+
+    media_type = "application/yaml"
+
+    def parse(self, stream, media_type=None, parser_context=None) -> str:
+        _check_size(parser_context, YAML_MAX_BYTES)
+        data = stream.read(YAML_MAX_BYTES + 1) if stream is not None else b""
+        if len(data) > YAML_MAX_BYTES:
+            raise RequestTooLarge(f"A YAML document may be at most {YAML_MAX_BYTES} bytes.")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise exceptions.ParseError("The YAML document is not valid UTF-8.") from None
+
+
+class XYAMLTextParser(YAMLTextParser):
+    media_type = "application/x-yaml"
+
+
+class TextYAMLParser(YAMLTextParser):
+    media_type = "text/yaml"
+
+
+class PlainTextYAMLParser(YAMLTextParser):
+    media_type = "text/plain"
+
+
+YAML_PARSERS = [YAMLTextParser, XYAMLTextParser, TextYAMLParser, PlainTextYAMLParser]

@@ -1,0 +1,65 @@
+"""Reads the API needs beyond experiments.selectors; every one starts from a team-scoped selector there."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
+
+from experiments import selectors
+from experiments.models import Evaluation, Membership, MetricPoint, Run, Team
+
+from .models import ApiToken
+
+
+def team_list(*, user) -> QuerySet[Team]:
+    """The user's teams (staff: all), each with the user's ``role`` in it (None where staff is no member)."""
+    role = Membership.objects.filter(team=OuterRef("pk"), user=user).values("role")[:1]
+    return selectors.team_list(user=user).annotate(role=Subquery(role)).order_by("name")
+
+
+def run_list(*, user) -> QuerySet[Run]:
+    """Runs with what their rows show: dataset (for the primary metric) and the student's evaluation
+    (``student_evaluations``, zero or one), in a constant number of queries."""
+    student = Evaluation.objects.filter(role=Evaluation.Role.STUDENT)
+    return (
+        selectors.run_list(user=user)
+        .select_related("experiment__dataset")
+        .prefetch_related(Prefetch("evaluations", queryset=student, to_attr="student_evaluations"))
+    )
+
+
+def run_primary_metric(run: Run) -> tuple[str, float | None]:
+    """The run's score on its dataset's leaderboard metric (accuracy, perplexity, …): (name, value or None).
+
+    Needs ``student_evaluations`` (see :func:`run_list`).
+    """
+    metric = selectors.primary_metric(run.experiment.dataset)
+    evaluations = getattr(run, "student_evaluations", None)
+    if evaluations is None:
+        evaluations = list(run.evaluations.filter(role=Evaluation.Role.STUDENT))
+    return metric.name, selectors.metric_value(evaluations[0] if evaluations else None, metric)
+
+
+def run_metric_names(*, run: Run) -> list[str]:
+    return list(MetricPoint.objects.filter(run=run).order_by("name").values_list("name", flat=True).distinct())
+
+
+def run_metric_points(*, run: Run, names: Sequence[str] = ()) -> dict[str, tuple[list[int], list[float]]]:
+    """The run's curves (all, or only ``names``): name → (steps, values), ordered by step, in one query."""
+    points = MetricPoint.objects.filter(run=run)
+    if names:
+        points = points.filter(name__in=names)
+    series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    for name, step, value in points.order_by("name", "step").values_list("name", "step", "value").iterator(
+        chunk_size=5000
+    ):
+        steps, values = series[name]
+        steps.append(step)
+        values.append(value)
+    return dict(series)
+
+
+def api_token_list(*, user) -> QuerySet[ApiToken]:
+    return ApiToken.objects.filter(user=user)

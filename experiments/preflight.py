@@ -1,0 +1,507 @@
+"""Pre-flight checks shown before an experiment is launched (DESIGN.md §4).
+
+Each check gives a level — ``ok``, ``notice`` (worth knowing, nothing to fix), ``unknown`` (cannot be checked
+here), ``warning`` (launch is allowed) or ``error`` (launch is refused) — a one-line summary and details:
+
+- **Runs**: how many runs the grid creates, against ``MAX_RUNS_PER_EXPERIMENT``.
+- **Label spaces**: on classification data every model predicts the dataset's classes; a teacher trained here on
+  other data with other label names is a warning (class 3 may not mean the same thing).
+- **Tokenizers**: for text models, teacher and student tokenizers compared by the identity their records keep
+  (``tokenizer_id``, a config's named tokenizer, a derived model's parent, a registered run's student). A
+  mismatch is an error where tokens must line up (causal-LM logit terms, hidden-state and attention terms) and a
+  notice where a cross-tokenizer method carries it (``uld`` in an online run, ``seq_kd`` with ``ce``);
+  classification logits and sentence embeddings do not depend on tokens. Unrecorded identities: "cannot check".
+- **GPU memory**: each distinct run shape estimated from its config (``workers.engine.memory``) and routed like a
+  new run (``routing.route``); a run no online worker can take is a warning, one larger than any GPU an error.
+- **Time**: the median seconds per step of finished runs of the same student on the same dataset with a similar
+  number of steps (one query: a window over the runs, whatever their number), times the planned steps.
+
+The functions are pure apart from :func:`similar_run_speeds` (one query), the worker table read for routing,
+and the few records a tokenizer identity walks through (a derived model's parent, a run's student).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count, F, FloatField, Func, Window
+from django.db.models.functions import Cast, RowNumber
+
+from . import engine_config, routing, sweeps
+from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run
+from .validation import model_kind
+
+LEVELS = ("ok", "notice", "unknown", "warning", "error")  # by severity
+# Past runs count as similar when their length is within this factor of the planned one.
+SIMILAR_STEPS_FACTOR = 4
+# The largest single GPU a queue can declare (routing.COMMON_GPU_GIB): a run above it fits no GPU at all.
+LARGEST_GPU_BYTES = max(routing.COMMON_GPU_GIB) * 1024**3
+# Term kinds (workers.engine.losses.TermSpec.kind) that compare positions of the token sequences themselves.
+TOKEN_ALIGNED_KINDS = frozenset({"hidden", "attentions", "attention_relations"})
+
+
+@dataclass(frozen=True)
+class Check:
+    """One pre-flight check. ``field`` is the form field an error belongs to (``__all__``: the whole form)."""
+
+    key: str
+    title: str
+    level: str
+    summary: str
+    details: tuple[str, ...] = ()
+    field: str = "__all__"
+
+    @property
+    def blocks(self) -> bool:
+        return self.level == "error"
+
+
+@dataclass(frozen=True)
+class Report:
+    """Every check of one experiment set-up, and its run count."""
+
+    count: sweeps.RunCount
+    checks: tuple[Check, ...] = field(default_factory=tuple)
+
+    @property
+    def errors(self) -> list[Check]:
+        return [c for c in self.checks if c.blocks]
+
+    @property
+    def can_launch(self) -> bool:
+        return not self.errors
+
+
+def worst(levels: Iterable[str]) -> str:
+    """The most severe of ``levels`` (``ok`` when there are none)."""
+    return max(levels, key=LEVELS.index, default="ok")
+
+
+# --- runs -----------------------------------------------------------------------------------------------------
+def check_run_count(count: sweeps.RunCount, *, limit: int) -> Check:
+    text = f"{count.total:,} run{'s' if count.total != 1 else ''}: {count.describe()}."
+    if count.total > limit:
+        swept = count.swept[0] if count.swept else "seeds"
+        return Check("runs", "Runs", "error", f"{text} The limit is {limit:,}: sweep fewer values.",
+                     field="term_sweeps" if "." in swept else swept)
+    details = (f"{count.baselines} of them hard-label baselines.",) if count.baselines else ()
+    return Check("runs", "Runs", "ok", text, details)
+
+
+# --- label spaces ---------------------------------------------------------------------------------------------
+def _roles(*, teacher: ModelSpec | None, students: Sequence[ModelSpec], assistant: ModelSpec | None,
+           extra_teachers: Sequence[ModelSpec]) -> list[tuple[str, str, ModelSpec]]:
+    """(form field, role, model) for every model of the experiment."""
+    rows = [("teacher", "teacher", teacher), ("assistant", "assistant", assistant)]
+    rows += [("extra_teachers", "teacher", m) for m in extra_teachers]
+    rows += [("students", "student", m) for m in students]
+    return [(f, role, m) for f, role, m in rows if m is not None]
+
+
+def _trained_on(model: ModelSpec) -> DatasetSpec | None:
+    """The dataset a model registered from a run of this site was trained on."""
+    if model.source != ModelSpec.Source.RUN or model.source_run_id is None:
+        return None
+    return DatasetSpec.objects.filter(experiments__runs=model.source_run_id).first()
+
+
+def check_labels(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
+                 assistant: ModelSpec | None = None, extra_teachers: Sequence[ModelSpec] = ()) -> Check:
+    title = "Label spaces"
+    if dataset.task != "classification":
+        return Check("labels", title, "notice", f"{dataset} is {dataset.get_task_display().lower()} data: there "
+                                                "are no classes to match.")
+    errors: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    for form_field, role, model in _roles(teacher=teacher, students=students, assistant=assistant,
+                                          extra_teachers=extra_teachers):
+        if model.task != "classification":
+            errors.append((form_field, f"The {role} {model} is a {model.get_task_display().lower()} model, not a "
+                                       f"classifier."))
+            continue
+        if model.num_labels != dataset.num_labels:
+            errors.append((form_field, f"The {role} {model} predicts {model.num_labels} classes but {dataset} has "
+                                       f"{dataset.num_labels}."))
+            continue
+        source = _trained_on(model)
+        if source is not None and source.pk != dataset.pk and source.label_names and dataset.label_names \
+                and list(source.label_names) != list(dataset.label_names):
+            warnings.append(f"The {role} {model} was trained on {source}, whose classes are "
+                            f"{_names(source.label_names)}; {dataset}'s are {_names(dataset.label_names)}. "
+                            "Class i may not mean the same thing in both.")
+    if errors:
+        return Check("labels", title, "error", errors[0][1], tuple(m for _, m in errors[1:]) + tuple(warnings),
+                     field=errors[0][0])
+    if warnings:
+        return Check("labels", title, "warning", warnings[0], tuple(warnings[1:]))
+    return Check("labels", title, "ok", f"Every model predicts the {dataset.num_labels} classes of {dataset}.")
+
+
+def _names(names: Sequence[Any], shown: int = 6) -> str:
+    text = ", ".join(str(n) for n in list(names)[:shown])
+    return text + (", …" if len(names) > shown else "")
+
+
+# --- tokenizers -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """What a model's record says about its tokenizer. ``key`` None: unknown; ``recorded``: named explicitly
+    (a tokenizer id, a config's tokenizer), not guessed from the model's own name."""
+
+    key: str | None
+    recorded: bool = False
+    why_unknown: str = ""
+
+
+def tokenizer_identity(model: ModelSpec, *, _depth: int = 0) -> TokenizerIdentity:
+    """The tokenizer a model uses, as far as its record tells."""
+    if model.tokenizer_id.strip():
+        return TokenizerIdentity(model.tokenizer_id.strip(), recorded=True)
+    if _depth > 8:
+        return TokenizerIdentity(None, why_unknown=f"{model} derives from too many generations of models")
+    match model.source:
+        case ModelSpec.Source.HF:
+            return TokenizerIdentity(model.hub_id or model.local_path)  # the model's own tokenizer
+        case ModelSpec.Source.CONFIG:
+            named = (model.config or {}).get("tokenizer")
+            if isinstance(named, str) and named:
+                return TokenizerIdentity(named, recorded=True)
+            return TokenizerIdentity(None, why_unknown=f"{model} fits its tokenizer on the training texts")
+        case ModelSpec.Source.DERIVED if model.parent is not None:
+            return tokenizer_identity(model.parent, _depth=_depth + 1)
+        case ModelSpec.Source.RUN if model.source_run_id is not None:
+            return tokenizer_identity(model.source_run.student, _depth=_depth + 1)
+    return TokenizerIdentity(None, why_unknown=f"{model}'s record names no tokenizer")
+
+
+def same_tokenizer(a: TokenizerIdentity, b: TokenizerIdentity) -> bool | None:
+    """True / False when the records tell, None when they cannot (an unknown or unrecorded identity)."""
+    if a.key is None or b.key is None:
+        return None
+    if a.key == b.key:
+        return True
+    return False if a.recorded and b.recorded else None
+
+
+def tokenizer_rule(*, task: str, scheme: str, term_names: Sequence[str]) -> str:
+    """What a tokenizer mismatch means for a recipe (the engine's rules, ``workers.engine.trainer``):
+
+    ``free``: each model reads the text with its own tokenizer and nothing compares tokens (classification
+    logits, sentence embeddings); ``cross``: a cross-tokenizer method carries a mismatch (``uld`` in an online
+    causal-LM run, ``seq_kd`` scored by ``ce``); ``aligned``: tokens must line up, a mismatch fails the run.
+    """
+    from workers.engine.losses import LOSS_TERMS
+
+    kinds = {LOSS_TERMS[n].kind for n in term_names if n in LOSS_TERMS}
+    if kinds & TOKEN_ALIGNED_KINDS:
+        return "aligned"
+    if task != "causal_lm":
+        return "free"
+    if scheme == Recipe.Scheme.SEQ_KD:
+        return "cross" if kinds <= {"labels"} else "aligned"
+    if scheme == Recipe.Scheme.ONLINE and "uld" in kinds and kinds <= {"labels", "uld"}:
+        return "cross"
+    return "aligned"
+
+
+def _distilling_pairs(recipe: Recipe, *, teacher: ModelSpec | None, students: Sequence[ModelSpec],
+                      assistant: ModelSpec | None, extra_teachers: Sequence[ModelSpec]
+                      ) -> list[tuple[ModelSpec, ModelSpec]]:
+    """(teacher, student) pairs whose outputs a recipe compares (chained recipes included)."""
+    if recipe.scheme == Recipe.Scheme.HARD_LABELS or not (recipe.needs_teacher
+                                                          or recipe.scheme == Recipe.Scheme.SEQ_KD):
+        return []
+    if recipe.scheme == Recipe.Scheme.TEACHER_ASSISTANT:
+        if assistant is None:
+            return []
+        return ([(teacher, assistant)] if teacher is not None else []) + [(assistant, s) for s in students]
+    teachers = [teacher] if teacher is not None else []
+    if recipe.scheme == Recipe.Scheme.MULTI_TEACHER:
+        teachers += list(extra_teachers)
+    return [(t, s) for t in teachers for s in students]
+
+
+def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
+                     recipes: Sequence[Recipe], assistant: ModelSpec | None = None,
+                     extra_teachers: Sequence[ModelSpec] = ()) -> Check:
+    title = "Tokenizers"
+    findings: list[tuple[str, str]] = []  # (level, text)
+    identities: dict[int, TokenizerIdentity] = {}
+
+    def identity(model: ModelSpec) -> TokenizerIdentity:
+        if model.pk not in identities:
+            identities[model.pk] = tokenizer_identity(model)
+        return identities[model.pk]
+
+    seen: set[tuple[int, int, int]] = set()
+    for recipe in recipes:
+        rule = tokenizer_rule(task=dataset.task, scheme=recipe.scheme, term_names=[t.get("name") for t in recipe.terms])
+        for t, s in _distilling_pairs(recipe, teacher=teacher, students=students, assistant=assistant,
+                                      extra_teachers=extra_teachers):
+            if (t.pk, s.pk, recipe.pk) in seen or model_kind(t) != "text" or model_kind(s) != "text":
+                continue
+            seen.add((t.pk, s.pk, recipe.pk))
+            a, b = identity(t), identity(s)
+            same = same_tokenizer(a, b)
+            pair = f"{t} → {s} ({recipe})"
+            if same:
+                findings.append(("ok", f"{pair}: both use {a.key}."))
+            elif rule == "free":
+                findings.append(("ok", f"{pair}: each model reads the text with its own tokenizer; "
+                                       f"{'class logits' if dataset.task == 'classification' else 'embeddings'} "
+                                       "compare directly."))
+            elif same is None:
+                why = a.why_unknown or b.why_unknown or "their records name different models and no tokenizer id"
+                findings.append(("unknown", f"{pair}: cannot check ({why})."))
+            elif rule == "cross":
+                findings.append(("notice", f"{pair}: different tokenizers ({a.key} vs {b.key}), carried by the "
+                                           "recipe's cross-tokenizer method."))
+            else:
+                findings.append(("error", f"{pair}: different tokenizers ({a.key} vs {b.key}) but the recipe "
+                                          "compares token positions. Give both models one tokenizer, or use a "
+                                          "cross-tokenizer recipe: uld in an online run, or seq_kd with ce."))
+    if not findings:
+        models = [m for m in (teacher, assistant, *extra_teachers, *students) if m is not None]
+        if models and all(model_kind(m) == "tabular" for m in models):
+            return Check("tokenizers", title, "notice", "The models read numeric features: no tokenizers to compare.")
+        return Check("tokenizers", title, "notice", "No teacher and student text models to compare.")
+    level = worst(level for level, _ in findings)
+    ordered = sorted(findings, key=lambda f: -LEVELS.index(f[0]))
+    if level == "ok":
+        summary = "Compatible: " + ordered[0][1]
+    else:
+        summary = ordered[0][1]
+    return Check("tokenizers", title, level, summary, tuple(text for _, text in ordered[1:]), field="students")
+
+
+# --- GPU memory -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunShape:
+    """One distinct kind of run of the experiment, for the memory estimate."""
+
+    label: str
+    config: dict[str, Any]
+
+
+def run_shapes(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
+               recipes: Sequence[Recipe], train: dict[str, Any], assistant: ModelSpec | None = None,
+               extra_teachers: Sequence[ModelSpec] = (), with_baseline: bool = True) -> list[RunShape]:
+    """A frozen config for every distinct (student, teacher, recipe, batch size) of the experiment.
+
+    Chained recipes are sized by the models their stages load (the assistant as a student, then as the teacher;
+    a self-distilled student as its own teacher). Term sweeps change no tensor size and are left out.
+    """
+    axes = sweeps.train_axes(train)
+    base = {k: v for k, v in train.items() if k not in axes and k != "term_sweeps"}
+    base.update({k: v[0] for k, v in axes.items()})
+    batch_sizes = axes.get("batch_size") or [base.get("batch_size", engine_config.TRAIN_DEFAULTS["batch_size"])]
+    weights = [1.0 / (1 + len(extra_teachers))] * (1 + len(extra_teachers))
+    kinds: list[tuple[str, ModelSpec, Recipe | None, ModelSpec | None]] = []  # label, student, recipe, teacher
+    for student in students:
+        for recipe in recipes:
+            if recipe.scheme == Recipe.Scheme.HARD_LABELS:
+                continue
+            if recipe.scheme == Recipe.Scheme.TEACHER_ASSISTANT and assistant is not None:
+                kinds.append((f"{assistant} · {recipe} (assistant stage)", assistant, recipe, teacher))
+                kinds.append((f"{student} · {recipe}", student, recipe, assistant))
+                continue
+            kinds.append((f"{student} · {recipe}", student, recipe, teacher))
+            if recipe.scheme == Recipe.Scheme.SELF_DISTILLATION:
+                kinds.append((f"{student} · {recipe} (later generations)", student, recipe, student))
+        if with_baseline:
+            kinds.append((f"{student} · baseline", student, None, None))
+    shapes: list[RunShape] = []
+    for batch in batch_sizes:
+        experiment = Experiment(dataset=dataset, train={**base, "batch_size": batch})
+        for label, student, recipe, run_teacher in kinds:
+            config = engine_config.build_run_config(experiment=experiment, student=student, recipe=recipe, seed=0,
+                                                    teacher=run_teacher, extra_teachers=extra_teachers,
+                                                    teacher_weights=weights)
+            shapes.append(RunShape(f"{label}, batch {batch}", config))
+    return shapes
+
+
+def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | None = None) -> Check:
+    title = "GPU memory"
+    if not shapes:
+        return Check("memory", title, "notice", "No runs to size.")
+    fleet = fleet if fleet is not None else routing.fleet_queues()
+    reader = routing.model_shape_reader()
+    rows = []
+    for shape in shapes:
+        estimate = routing.config_memory_estimate(shape.config, reader=reader)
+        queue = routing.route(estimate, fleet)
+        reason = routing.queue_reason(queue=queue, fleet=fleet, estimate=lambda e=estimate: e)
+        rows.append((shape, estimate, queue, reason))
+    too_big = [(s, e) for s, e, _, _ in rows if e.complete and e.needs_gpu and routing.needed_bytes(e) > LARGEST_GPU_BYTES]
+    unknown = [(s, e) for s, e, _, _ in rows if not e.complete]
+    waiting = [(s, e, q, r) for s, e, q, r in rows if r]
+    sized = [(s, e, q) for s, e, q, _ in rows if e.complete]
+    details: list[str] = []
+    if sized:
+        shape, estimate, queue = max(sized, key=lambda row: row[1].total_bytes)
+        where = "runs on the CPU" if not estimate.needs_gpu else f"goes to queue '{queue}'"
+        largest = (f"Largest run: ~{estimate.total_text} ({shape.label}); it {where}.")
+        parts = ", ".join(f"{label} {text}" for label, _, text in estimate.breakdown())
+        details.append(f"Breakdown of the largest: {parts}.")
+    else:
+        largest = "No run could be sized."
+    for shape, estimate in unknown:
+        details.append(f"{shape.label}: size unknown ({', '.join(estimate.unknown)}), at least ~{estimate.total_text}.")
+    if too_big:
+        shape, estimate = too_big[0]
+        return Check("memory", title, "error",
+                     f"{shape.label} needs ~{estimate.total_text} of GPU memory "
+                     f"({routing.size_text(routing.needed_bytes(estimate))} with headroom), more than any single GPU "
+                     f"({routing.size_text(LARGEST_GPU_BYTES)}). Use a smaller batch, student or teacher.",
+                     (largest, *details), field="batch_size")
+    if waiting:
+        reasons = sorted({r for _, _, _, r in waiting})
+        return Check("memory", title, "warning", f"{largest} Some runs will wait: {reasons[0]}",
+                     (*reasons[1:], *details))
+    if unknown:
+        return Check("memory", title, "unknown", f"{largest} Some models could not be sized.", tuple(details))
+    return Check("memory", title, "ok", largest, tuple(details))
+
+
+# --- time -----------------------------------------------------------------------------------------------------
+class ElapsedSeconds(Func):
+    """Seconds between two timestamps, ``ElapsedSeconds(end, start)``, on Postgres and SQLite."""
+
+    arity = 2
+    output_field = FloatField()
+
+    def as_sql(self, compiler, connection, **extra_context):  # Postgres (and any database with EXTRACT EPOCH)
+        return super().as_sql(compiler, connection, template="EXTRACT(EPOCH FROM (%(expressions)s))",
+                              arg_joiner=" - ", **extra_context)
+
+    def as_sqlite(self, compiler, connection, **extra_context):
+        return super().as_sql(compiler, connection, template="((julianday(%(expressions)s)) * 86400.0)",
+                              arg_joiner=") - julianday(", **extra_context)
+
+
+def similar_run_speeds(*, students: Sequence[ModelSpec], dataset: DatasetSpec, min_steps: int,
+                       max_steps: int) -> dict[int, tuple[float, int]]:
+    """Median seconds per step of the succeeded runs of each student on ``dataset`` that trained between
+    ``min_steps`` and ``max_steps`` steps: ``{student id: (median, number of runs)}``.
+
+    One query whatever the number of runs: each student's runs are ranked by seconds per step in a window and
+    only the one or two middle rows come back.
+    """
+    per_step = ElapsedSeconds(F("finished_at"), F("started_at")) / Cast(F("total_steps"), FloatField())
+    rows = (
+        Run.objects.filter(student__in=students, experiment__dataset=dataset, status=Run.Status.SUCCEEDED,
+                           started_at__isnull=False, finished_at__isnull=False, total_steps__gte=max(min_steps, 1),
+                           total_steps__lte=max_steps)
+        .order_by()
+        .annotate(per_step=per_step)
+        .annotate(rank=Window(RowNumber(), partition_by=[F("student_id")], order_by=[F("per_step").asc(),
+                                                                                       F("id").asc()]),
+                  n=Window(Count("id"), partition_by=[F("student_id")]))
+        .filter(rank__gte=(F("n") + 1) / 2, rank__lte=(F("n") + 2) / 2)
+        .values_list("student_id", "per_step", "n")
+    )
+    middles: dict[int, list[float]] = {}
+    counts: dict[int, int] = {}
+    for student_id, value, n in rows:
+        middles.setdefault(student_id, []).append(max(float(value), 0.0))
+        counts[student_id] = n
+    return {sid: (sum(values) / len(values), counts[sid]) for sid, values in middles.items()}
+
+
+def duration_text(seconds: float) -> str:
+    """``42`` → "< 1 min", ``600`` → "10 min", ``7560`` → "2.1 h", ``300000`` → "3.5 days"."""
+    if seconds < 60:
+        return "< 1 min"
+    if seconds < 3600:
+        return f"{round(seconds / 60)} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def check_time(*, dataset: DatasetSpec, students: Sequence[ModelSpec], train: dict[str, Any],
+               count: sweeps.RunCount) -> Check:
+    title = "Time"
+    steps_values = train.get("max_steps", engine_config.TRAIN_DEFAULTS["max_steps"])
+    steps_values = list(steps_values) if isinstance(steps_values, list) else [steps_values]
+    lo, hi = min(steps_values), max(steps_values)
+    lo_similar, hi_similar = math.ceil(lo / SIMILAR_STEPS_FACTOR), hi * SIMILAR_STEPS_FACTOR
+    speeds = similar_run_speeds(students=students, dataset=dataset, min_steps=lo_similar, max_steps=hi_similar)
+    window = f"{lo_similar:,}–{hi_similar:,} steps"
+    if not speeds:
+        names = ", ".join(str(s) for s in students)
+        return Check("time", title, "unknown", "No similar runs yet.",
+                     (f"No finished run of {names} on {dataset} with {window} to time from.",))
+    runs_per_student = count.total / max(len(students), 1)
+    mean_steps = sum(steps_values) / len(steps_values)
+    details: list[str] = []
+    total = 0.0
+    per_run: list[float] = []
+    missing: list[str] = []
+    for student in students:
+        if student.pk not in speeds:
+            missing.append(str(student))
+            continue
+        seconds_per_step, n = speeds[student.pk]
+        per_run += [seconds_per_step * steps for steps in steps_values]
+        total += seconds_per_step * mean_steps * runs_per_student
+        details.append(f"{student}: median {seconds_per_step:.3g} s/step over {n} finished run{'s' if n != 1 else ''} "
+                       f"on {dataset} ({window}).")
+    if missing:
+        details.append(f"No similar runs yet for {', '.join(missing)}; not counted in the total.")
+    shortest, longest = min(per_run), max(per_run)
+    each = duration_text(longest) if duration_text(shortest) == duration_text(longest) else \
+        f"{duration_text(shortest)} to {duration_text(longest)}"
+    summary = f"About {each} per run; ~{duration_text(total)} of training in all, on one worker."
+    return Check("time", title, "ok", summary, tuple(details))
+
+
+# --- everything -----------------------------------------------------------------------------------------------
+def experiment_preflight(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
+                         recipes: Sequence[Recipe], seeds: Sequence[int], train: dict[str, Any],
+                         term_sweeps: dict[str, list[Any]] | None = None, assistant: ModelSpec | None = None,
+                         extra_teachers: Sequence[ModelSpec] = ()) -> Report:
+    """Every check of an experiment set-up, for the page before launch.
+
+    ``train`` holds the training settings as the form gives them (a swept setting as a list of values); the
+    inputs need not be valid together (that is what the checks are for). Over the run limit, only the run count
+    is reported: nothing else is worth computing for a grid that will be refused.
+    """
+    train = {**engine_config.TRAIN_DEFAULTS, **train}
+    count = sweeps.count_runs(students=len(students), seeds=len(seeds), train=train, recipes=recipes,
+                              term_sweeps=term_sweeps or {}, with_baseline=dataset.task != "embedding")
+    runs = check_run_count(count, limit=settings.MAX_RUNS_PER_EXPERIMENT)
+    if runs.blocks:
+        return Report(count, (runs,))
+    models = {"teacher": teacher, "students": students, "assistant": assistant, "extra_teachers": extra_teachers}
+    shapes = run_shapes(dataset=dataset, recipes=recipes, train=train, with_baseline=count.baseline, **models)
+    checks = (
+        runs,
+        check_labels(dataset=dataset, **models),
+        check_tokenizers(dataset=dataset, recipes=recipes, **models),
+        check_memory(shapes),
+        check_time(dataset=dataset, students=students, train=train, count=count),
+    )
+    return Report(count, checks)
+
+
+def launch_errors(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
+                  recipes: Sequence[Recipe], train: dict[str, Any], assistant: ModelSpec | None = None,
+                  extra_teachers: Sequence[ModelSpec] = ()) -> dict[str, list[str]]:
+    """The blocking pre-flight problems of an experiment that passed validation (``services.experiment_validate``:
+    labels and the run limit are checked there), by form field: tokenizers that cannot line up, and runs larger
+    than any GPU."""
+    models = {"teacher": teacher, "students": students, "assistant": assistant, "extra_teachers": extra_teachers}
+    checks = [check_tokenizers(dataset=dataset, recipes=recipes, **models)]
+    shapes = run_shapes(dataset=dataset, recipes=recipes, train=train, with_baseline=False, **models)
+    checks.append(check_memory(shapes))
+    errors: dict[str, list[str]] = {}
+    for check in checks:
+        if check.blocks:
+            errors.setdefault(check.field, []).append(check.summary)
+    return errors

@@ -1,0 +1,316 @@
+"""Route each run to a queue by the GPU memory it needs, and say why a queued run is still waiting.
+
+Queues declare their memory by name: ``gpu-<N>g`` (N GiB per GPU: ``gpu-24g``, ``gpu-80g``, ``gpu-141g``) and
+``cpu`` (no GPU: runs pinned to the CPU, and small ones). Any other name, like the default ``training``, has an
+unknown capacity and takes any run. With ``RUN_ROUTING=auto`` (the default) a new run goes to:
+
+1. the smallest declared queue an online worker consumes that fits the run's estimate × ``HEADROOM``
+   (``cpu`` counts as the smallest);
+2. else ``RUN_QUEUE``, when an online worker consumes it and it declares no memory (unknown capacity: accepted);
+3. else the smallest declared queue that fits among those of every registered worker, offline and draining ones
+   included: the run waits for that worker to come back;
+4. else ``gpu-<N>g`` for the smallest common GPU size that fits: a queue no worker has yet.
+
+While no registered worker declares a queue (the embedded default, a fleet on ``training`` only) every run goes
+to ``RUN_QUEUE``, as with ``RUN_ROUTING=off``. A run whose size cannot be read (a hub model outside the local
+cache) goes to ``RUN_QUEUE`` when it is served, else to the largest online GPU queue.
+
+The estimate (``workers.engine.memory``) is computed from the frozen config, never stored in it: the engine's
+``RunConfig.from_dict`` refuses unknown keys, and the config stays exactly what the worker trains. Why a queued
+run waits is computed on read as well (:func:`run_queue_reason`), from one read of the worker table.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+
+from workers.engine.memory import GIB, MIB, MemoryEstimate, ModelShapeReader, estimate_run_memory, size_text
+
+from .models import Run, Worker
+
+logger = logging.getLogger(__name__)
+
+HEADROOM = 1.1  # allocator fragmentation, and the estimate's own error
+CPU_QUEUE = "cpu"
+# A run on the "auto" device this small (without the CUDA context) trains acceptably on a CPU worker.
+CPU_SMALL_RUN_BYTES = 512 * MIB
+# Total memory of common GPUs, in GiB as their queues name it (NVML reports a little less: an "80 GB" H100 has
+# 79.6 GiB, a "24 GB" A10 22.5 GiB).
+COMMON_GPU_GIB = (8, 12, 16, 24, 32, 40, 48, 64, 80, 94, 96, 141, 192, 288)
+# A GPU is named after the smallest common size it reaches at least this fraction of.
+COMMON_SIZE_MIN_FRACTION = 0.85
+GPU_QUEUE_RE = re.compile(r"^gpu-(\d{1,5})g$")
+# A run's output folder, as engine_config.run_output_config writes it (relative to ARTIFACT_ROOT).
+RUN_OUTPUT_RE = re.compile(r"^runs/(\d+)/final$")
+
+
+# --- queue names ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QueueCapacity:
+    """What a declared queue offers: ``gpu_memory_bytes`` per GPU, or None for the ``cpu`` queue."""
+
+    name: str
+    gpu_memory_bytes: int | None
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.gpu_memory_bytes is None
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """``cpu`` first, then GPU queues from the smallest."""
+        return (0, 0) if self.gpu_memory_bytes is None else (1, self.gpu_memory_bytes)
+
+    def fits(self, estimate: MemoryEstimate) -> bool:
+        """Whether a run of this estimate may go here (the estimate must be complete to mean anything).
+
+        ``cpu`` takes runs pinned to the CPU and small runs on the ``auto`` device; a GPU queue takes runs
+        pinned to the CPU too, and the others when their estimate with headroom is within its memory.
+        """
+        if self.gpu_memory_bytes is None:
+            return not estimate.needs_gpu or (
+                estimate.device == "auto" and estimate.model_bytes <= CPU_SMALL_RUN_BYTES)
+        return not estimate.needs_gpu or needed_bytes(estimate) <= self.gpu_memory_bytes
+
+
+def queue_capacity(name: str) -> QueueCapacity | None:
+    """``gpu-80g`` → 80 GiB per GPU; ``cpu`` → no GPU; None for any other name (unknown capacity)."""
+    if name == CPU_QUEUE:
+        return QueueCapacity(name, None)
+    match = GPU_QUEUE_RE.fullmatch(name)
+    if match and int(match[1]) > 0:
+        return QueueCapacity(name, int(match[1]) * GIB)
+    return None
+
+
+def gpu_queue_name(memory_total_bytes: int) -> str:
+    """The queue a GPU of this much memory serves: whole GiB rounded up to the common size it nearly reaches
+    (79.6 GiB → ``gpu-80g``, 22.5 GiB → ``gpu-24g``), else the whole GiB it has (``gpu-20g``)."""
+    whole = max(1, math.floor(memory_total_bytes / GIB))
+    for size in COMMON_GPU_GIB:
+        if size >= whole:
+            return f"gpu-{size if whole >= COMMON_SIZE_MIN_FRACTION * size else whole}g"
+    return f"gpu-{whole}g"
+
+
+def needed_bytes(estimate: MemoryEstimate) -> int:
+    """The GPU memory a run asks of a queue: its estimate with the headroom."""
+    return math.ceil(estimate.total_bytes * HEADROOM)
+
+
+def smallest_gpu_queue_for(n_bytes: int) -> str:
+    """``gpu-<N>g`` for the smallest common GPU size that holds ``n_bytes`` (whole GiB beyond the largest)."""
+    gib = n_bytes / GIB
+    size = next((s for s in COMMON_GPU_GIB if s >= gib), math.ceil(gib))
+    return f"gpu-{size}g"
+
+
+# --- the fleet ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FleetQueues:
+    """The queues of the registered workers: consumed by an online worker, held by a draining one, and all."""
+
+    online: frozenset[str] = frozenset()
+    draining: frozenset[str] = frozenset()
+    known: frozenset[str] = frozenset()
+
+    def declared(self, names: Iterable[str]) -> list[QueueCapacity]:
+        """The declared queues among ``names``, smallest first (``cpu`` before any GPU)."""
+        found = (queue_capacity(name) for name in names)
+        return sorted((c for c in found if c is not None), key=lambda c: (c.sort_key, c.name))
+
+
+def fleet_queues() -> FleetQueues:
+    """Read the worker table once. Online means in state online with a heartbeat within WORKER_OFFLINE_AFTER_S
+    (the fleet console's rule); a draining worker consumes nothing."""
+    fresh_since = timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER_S)
+    online: set[str] = set()
+    draining: set[str] = set()
+    known: set[str] = set()
+    for state, heartbeat, queues in Worker.objects.values_list("state", "last_heartbeat", "queues"):
+        names = {q for q in queues if isinstance(q, str)} if isinstance(queues, list) else set()
+        known |= names
+        if heartbeat is None or heartbeat < fresh_since:
+            continue
+        if state == Worker.State.ONLINE:
+            online |= names
+        elif state == Worker.State.DRAINING:
+            draining |= names
+    return FleetQueues(frozenset(online), frozenset(draining), frozenset(known))
+
+
+# --- estimates ------------------------------------------------------------------------------------------------
+def model_shape_reader(*, runs: Iterable[Run] = (), query: bool = True) -> ModelShapeReader:
+    """A shape reader for this site: ``run`` models under ARTIFACT_ROOT, and a run that has not written its model
+    yet sized by the student it trains, taken from ``runs`` or (when ``query``) read once per run id."""
+    configs: dict[int, Any] = {run.pk: run.config for run in runs if run.pk is not None}
+
+    def pending_run(path: str) -> Mapping[str, Any] | None:
+        match = RUN_OUTPUT_RE.fullmatch(path)
+        if match is None:
+            return None
+        run_id = int(match[1])
+        if run_id not in configs and query:
+            configs[run_id] = Run.objects.filter(pk=run_id).values_list("config", flat=True).first()
+        config = configs.get(run_id)
+        student = config.get("student") if isinstance(config, dict) else None
+        return student if isinstance(student, dict) else None
+
+    return ModelShapeReader(artifact_root=Path(settings.ARTIFACT_ROOT), pending_run=pending_run)
+
+
+def config_memory_estimate(config: Mapping[str, Any], *, reader: ModelShapeReader) -> MemoryEstimate:
+    """The estimate of a frozen config. Never raises: an estimate is advice, and a config it cannot read (which
+    the worker will report properly) must not stop an experiment from being created or a page from showing, so
+    a failure gives an estimate of unknown size."""
+    try:
+        return estimate_run_memory(config, reader=reader)
+    except Exception:
+        logger.exception("could not estimate the memory of a run config")
+        return MemoryEstimate(unknown=("the run's models",))
+
+
+def run_memory_estimate(*, run: Run, reader: ModelShapeReader | None = None) -> MemoryEstimate:
+    """The run's estimated peak GPU memory, from its frozen config."""
+    return config_memory_estimate(run.config, reader=reader or model_shape_reader())
+
+
+# --- routing --------------------------------------------------------------------------------------------------
+def route(estimate: MemoryEstimate, fleet: FleetQueues) -> str:
+    """The queue for a new run of this estimate (the rules are in the module docstring)."""
+    if settings.RUN_ROUTING == "off" or not fleet.declared(fleet.known):
+        return settings.RUN_QUEUE
+    run_queue_accepts = settings.RUN_QUEUE in fleet.online and queue_capacity(settings.RUN_QUEUE) is None
+    online = fleet.declared(fleet.online)
+    if not estimate.complete:
+        gpu = [c for c in online if not c.is_cpu]
+        return settings.RUN_QUEUE if run_queue_accepts or not gpu else gpu[-1].name
+    for capacity in online:
+        if capacity.fits(estimate):
+            return capacity.name
+    if run_queue_accepts:
+        return settings.RUN_QUEUE
+    for capacity in fleet.declared(fleet.known):
+        if capacity.fits(estimate):
+            return capacity.name
+    return smallest_gpu_queue_for(needed_bytes(estimate))
+
+
+class RunRouter:
+    """Routes the runs of one experiment: the worker table is read once, each model's size once."""
+
+    def __init__(self, *, fleet: FleetQueues | None = None) -> None:
+        self.enabled = settings.RUN_ROUTING != "off"
+        if fleet is None and self.enabled:
+            fleet = fleet_queues()
+        self.fleet = fleet
+        self.reader = model_shape_reader()
+
+    def queue_for(self, config: Mapping[str, Any]) -> str:
+        """The queue for a new run with this frozen config."""
+        if not self.enabled or self.fleet is None:
+            return settings.RUN_QUEUE
+        if not self.fleet.declared(self.fleet.known):
+            return settings.RUN_QUEUE  # nothing to route between: skip the estimate
+        return route(config_memory_estimate(config, reader=self.reader), self.fleet)
+
+
+# --- why a queued run waits -----------------------------------------------------------------------------------
+def queue_reason(*, queue: str, fleet: FleetQueues, estimate: Callable[[], MemoryEstimate]) -> str | None:
+    """Why a run ready to start on ``queue`` is not taken, or None when an online worker consumes the queue.
+
+    Args:
+        estimate: the run's estimate, called only when the reason needs it (a GPU queue nobody serves).
+    """
+    if queue in fleet.online:
+        return None
+    capacity = queue_capacity(queue)
+    if capacity is not None and not capacity.is_cpu:
+        run = estimate()
+        if run.complete and run.needs_gpu:
+            gpus = [c for c in fleet.declared(fleet.online) if not c.is_cpu]
+            if gpus and not gpus[-1].fits(run):
+                return (f"Needs ~{size_text(run.total_bytes)} of GPU memory ({size_text(needed_bytes(run))} with "
+                        f"{round((HEADROOM - 1) * 100)}% headroom); no online worker serves a queue with that much "
+                        f"(largest: {gpus[-1].name}).")
+    reason = f"No online worker consumes queue '{queue}'."
+    if queue in fleet.draining:
+        reason += " The workers that have it are draining."
+    return reason
+
+
+@dataclass(frozen=True)
+class QueueNotice:
+    """Why a queued run waits, with its memory estimate for the page (None where it was not needed)."""
+
+    reason: str
+    estimate: MemoryEstimate | None = None
+
+
+def _ready_to_start(run: Run) -> bool:
+    return run.status == Run.Status.QUEUED and run.waiting_for_id is None
+
+
+def run_queue_notice(*, run: Run, fleet: FleetQueues | None = None) -> QueueNotice | None:
+    """Why this queued run waits for a worker (None when it is not queued, waits for another run, or its queue
+    is consumed), with its memory estimate."""
+    if not _ready_to_start(run):
+        return None
+    fleet = fleet if fleet is not None else fleet_queues()
+    estimate = _Lazy(lambda: run_memory_estimate(run=run))
+    reason = queue_reason(queue=run.queue, fleet=fleet, estimate=estimate)
+    return QueueNotice(reason, estimate()) if reason else None
+
+
+def run_queue_reason(*, run: Run, fleet: FleetQueues | None = None) -> str | None:
+    """The text of :func:`run_queue_notice`: e.g. "No online worker consumes queue 'gpu-80g'."."""
+    notice = run_queue_notice(run=run, fleet=fleet)
+    return notice.reason if notice else None
+
+
+@dataclass
+class QueueNoticeGroup:
+    """One reason and the runs of an experiment it holds back."""
+
+    reason: str
+    run_ids: list[int] = field(default_factory=list)
+
+
+def experiment_queue_notices(*, runs: Sequence[Run]) -> list[QueueNoticeGroup]:
+    """Why the experiment's queued runs wait, grouped by reason: one worker-table read whatever the number of runs
+    (none when no run is ready to start), and no further query (upstream runs are sized from ``runs``)."""
+    ready = [run for run in runs if _ready_to_start(run)]
+    if not ready:
+        return []
+    fleet = fleet_queues()
+    reader = model_shape_reader(runs=runs, query=False)
+    groups: dict[str, QueueNoticeGroup] = {}
+    for run in ready:
+        reason = queue_reason(queue=run.queue, fleet=fleet,
+                              estimate=lambda run=run: run_memory_estimate(run=run, reader=reader))
+        if reason:
+            groups.setdefault(reason, QueueNoticeGroup(reason)).run_ids.append(run.pk)
+    return list(groups.values())
+
+
+class _Lazy:
+    """Computes a value on the first call and returns the same one after."""
+
+    def __init__(self, compute: Callable[[], MemoryEstimate]) -> None:
+        self._compute = compute
+        self._value: MemoryEstimate | None = None
+
+    def __call__(self) -> MemoryEstimate:
+        if self._value is None:
+            self._value = self._compute()
+        return self._value

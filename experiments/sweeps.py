@@ -1,0 +1,529 @@
+"""Sweeps: several values for a training setting or a recipe term parameter, and the grid they span.
+
+One field takes comma-separated items; an item is a number or a range ``START:STOP:SPEC``:
+
+- ``logN``  — N values evenly spaced on a log scale, both ends included: ``1e-4:1e-3:log4`` → 1e-4, 2.15e-4,
+  4.64e-4, 1e-3;
+- ``linN``  — N evenly spaced values, both ends included: ``0.1:0.9:lin5`` → 0.1, 0.3, 0.5, 0.7, 0.9;
+- ``stepS`` — START, START + S, … up to STOP: ``2:8:step2`` → 2, 4, 6, 8.
+
+Items mix freely (``1e-4, 5e-4:1e-3:lin2``). A range is counted before it is expanded, so ``1:1e9:step1`` is
+refused at once. Recipe term parameters are swept one per line, ``TERM.PARAM = VALUES``: ``kd.temperature =
+2, 4, 8`` or ``kd.weight = 0.5:0.9:lin3`` (a term's weight is ``TERM.weight``); choice and true/false parameters
+take lists (``topk.divergence = kd, jsd``).
+
+This module is pure: no database. The planner (``services.experiment_plan``) and the run count shown before
+launch (:func:`count_runs`) both follow the same rule: every training-setting point applies to every run, the
+hard-label baseline included; a term sweep multiplies only the runs of recipes that have that term.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Number = int | float
+Value = int | float | str | bool
+
+SYNTAX_HELP = ('One value, a list "1e-4, 3e-4", or a range: "1e-4:1e-3:log4" (4 log-spaced values), '
+               '"0.1:0.9:lin5" (5 evenly spaced), "2:8:step2" (2, 4, 6, 8).')
+TERM_SWEEP_HELP = ('One per line, TERM.PARAM = values, e.g. "kd.temperature = 2, 4, 8" or "kd.weight = 0.5:0.9:lin3"; '
+                   "it applies to the chosen recipes that have that term.")
+# Each line of the term sweeps field, and the field itself, are bounded so that parsing stays cheap.
+MAX_TERM_SWEEP_LINES = 20
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_NUMBER_RE = re.compile(rf"^{_NUMBER}$")
+_RANGE_RE = re.compile(rf"^(?P<start>{_NUMBER}):(?P<stop>{_NUMBER}):(?P<mode>log|lin|step)(?P<arg>{_NUMBER})$",
+                       re.IGNORECASE)
+_AXIS_RE = re.compile(r"^(?P<term>[a-z][a-z0-9_]*)\.(?P<param>[a-z][a-z0-9_]*)$")
+# Floating-point noise in generated values (0.1 + 2 * 0.2 = 0.5000000000000001) is rounded away.
+_LINEAR_DIGITS = 12
+_LOG_DIGITS = 6
+SYMBOLS = {"temperature": "τ", "alpha": "α", "beta": "β", "weight": "w"}
+
+
+class SweepError(ValueError):
+    """A sweep that cannot be read or is too large; its message is shown under the field."""
+
+
+@dataclass(frozen=True)
+class _Range:
+    start: float
+    stop: float
+    mode: str
+    arg: float
+    text: str
+
+    def count(self) -> int:
+        if self.mode in ("log", "lin"):
+            return int(self.arg)
+        steps = (self.stop - self.start) / self.arg
+        if not math.isfinite(steps) or steps > 1e15:
+            return 10**16  # more than any limit: refused without expanding
+        return math.floor(steps * (1 + 1e-12) + 1e-9) + 1
+
+    def values(self) -> list[float]:
+        n = self.count()
+        if self.mode == "step":
+            return [_round(self.start + i * self.arg, _LINEAR_DIGITS) for i in range(n)]
+        if self.mode == "lin":
+            width = (self.stop - self.start) / (n - 1)
+            return [self.start, *(_round(self.start + i * width, _LINEAR_DIGITS) for i in range(1, n - 1)),
+                    self.stop]
+        lo, hi = math.log10(self.start), math.log10(self.stop)
+        inner = (_round(10 ** (lo + i * (hi - lo) / (n - 1)), _LOG_DIGITS) for i in range(1, n - 1))
+        return [self.start, *inner, self.stop]
+
+
+def _round(value: float, digits: int) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def _number(text: str, what: str) -> float:
+    if not _NUMBER_RE.match(text):
+        raise SweepError(f'"{_clip(text)}" is not {what}.')
+    value = float(text)
+    if not math.isfinite(value):
+        raise SweepError(f'"{_clip(text)}" is too large.')
+    return value
+
+
+def _clip(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _items(text: str) -> list[str]:
+    items = [part.strip() for part in text.split(",")]
+    if any(not item for item in items):
+        raise SweepError('Separate values with single commas, e.g. "1e-4, 3e-4".')
+    return items
+
+
+def _parse_item(item: str) -> float | _Range:
+    compact = item.replace(" ", "")
+    if ":" not in compact:
+        return _number(compact, "a number")
+    match = _RANGE_RE.match(compact)
+    if match is None:
+        raise SweepError(f'"{_clip(item)}" is not a range: write START:STOP:logN, START:STOP:linN or '
+                         f"START:STOP:stepS, e.g. 1e-4:1e-3:log4.")
+    start, stop = _number(match["start"], "a number"), _number(match["stop"], "a number")
+    mode, arg = match["mode"].lower(), _number(match["arg"], "a number")
+    if start >= stop:
+        raise SweepError(f'In "{_clip(item)}" the start must be smaller than the stop.')
+    if mode in ("log", "lin"):
+        if not arg.is_integer() or arg < 2:
+            raise SweepError(f'In "{_clip(item)}" give how many values as a whole number of 2 or more '
+                             f"(e.g. {mode}4).")
+        if mode == "log" and start <= 0:
+            raise SweepError(f'A log range starts above 0: "{_clip(item)}".')
+    elif arg <= 0:
+        raise SweepError(f'In "{_clip(item)}" the step must be above 0.')
+    return _Range(start, stop, mode, arg, item)
+
+
+def _check_bounds(value: float, *, lo: float | None, hi: float | None, item: str) -> None:
+    where = f' ("{_clip(item)}")' if ":" in item else ""
+    if lo is not None and value < lo:
+        raise SweepError(f"Ensure this value is greater than or equal to {lo:g}{where}.")
+    if hi is not None and value > hi:
+        raise SweepError(f"Ensure this value is less than or equal to {hi:g}{where}.")
+
+
+def count_values(text: str) -> int:
+    """How many values ``text`` gives, without expanding its ranges.
+
+    Raises:
+        SweepError: the text is not a list of numbers and ranges.
+    """
+    total = 0
+    for item in _items(text):
+        parsed = _parse_item(item)
+        total += parsed.count() if isinstance(parsed, _Range) else 1
+    return total
+
+
+def parse_values(text: str, *, kind: type = float, lo: float | None = None, hi: float | None = None,
+                 limit: int) -> list[Number]:
+    """The values of one swept field, in the order written.
+
+    Args:
+        text: e.g. ``"3e-4"``, ``"1e-4, 3e-4"``, ``"1e-4:1e-3:log4"``.
+        kind: ``int`` (whole numbers; log and linear ranges are rounded) or ``float``.
+        lo, hi: inclusive bounds every value must respect (checked on a range's ends before expanding it).
+        limit: the most values accepted; counted before anything is expanded.
+    Raises:
+        SweepError: bad syntax, a value out of range or not whole, repeated values, or more than ``limit``.
+    """
+    text = text.strip()
+    if not text:
+        raise SweepError("Enter a value.")
+    parsed = [(item, _parse_item(item)) for item in _items(text)]
+    total = sum(p.count() if isinstance(p, _Range) else 1 for _, p in parsed)
+    if total > limit:
+        raise SweepError(f"This gives {total:,} values; at most {limit:,} fit in one experiment.")
+    values: list[Number] = []
+    for item, p in parsed:
+        ends = (p.start, p.stop) if isinstance(p, _Range) else (p,)
+        for end in ends:
+            _check_bounds(end, lo=lo, hi=hi, item=item)
+        if kind is int:
+            values += _whole(item, p)
+        else:
+            values += p.values() if isinstance(p, _Range) else [p]
+    seen: set[Number] = set()
+    for value in values:
+        if value in seen:
+            raise SweepError(f"{format_number(value)} appears more than once"
+                             + ("; rounded to whole numbers, this range repeats values: use fewer."
+                                if kind is int else "."))
+        seen.add(value)
+    return values
+
+
+def _whole(item: str, parsed: float | _Range) -> list[int]:
+    if not isinstance(parsed, _Range):
+        if not parsed.is_integer():
+            raise SweepError(f'"{_clip(item)}" is not a whole number.')
+        return [int(parsed)]
+    if parsed.mode == "step" and not (parsed.start.is_integer() and parsed.arg.is_integer()):
+        raise SweepError(f'"{_clip(item)}": a range of whole numbers starts and steps by whole numbers.')
+    return [round(v) for v in parsed.values()]
+
+
+def parse_choices(text: str, *, choices: Sequence[str], limit: int) -> list[str]:
+    """A list of choices (``"kd, jsd"``) for a parameter that takes one of ``choices``."""
+    items = [item.lower() for item in _items(text.strip())] if text.strip() else []
+    if not items:
+        raise SweepError("Enter a value.")
+    if len(items) > limit:
+        raise SweepError(f"This gives {len(items):,} values; at most {limit:,} fit in one experiment.")
+    for item in items:
+        if item not in choices:
+            raise SweepError(f'"{_clip(item)}" is not one of: {", ".join(choices)}.')
+    if len(set(items)) != len(items):
+        raise SweepError("Each value may appear once.")
+    return items
+
+
+def parse_booleans(text: str) -> list[bool]:
+    """``"true, false"`` → [True, False]."""
+    words = {"true": True, "false": False}
+    items = [item.lower() for item in _items(text.strip())] if text.strip() else []
+    if not items or any(item not in words for item in items):
+        raise SweepError('Enter true, false, or "true, false".')
+    if len(set(items)) != len(items):
+        raise SweepError("Each value may appear once.")
+    return [words[item] for item in items]
+
+
+# --- recipe term parameters ---------------------------------------------------------------------------------
+def parse_term_sweeps(text: str, *, limit: int) -> dict[str, list[Value]]:
+    """``"kd.temperature = 2, 4\\nkd.weight = 0.5:0.9:lin3"`` → ``{"kd.temperature": [2.0, 4.0], ...}``.
+
+    Each term and parameter is checked against the engine's schema (``workers.engine.losses.LOSS_TERMS``), and
+    each value against the parameter's own rules. Blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        SweepError: naming the line at fault.
+    """
+    from workers.engine.losses import LOSS_TERMS
+
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if len(lines) > MAX_TERM_SWEEP_LINES:
+        raise SweepError(f"At most {MAX_TERM_SWEEP_LINES} swept parameters.")
+    axes: dict[str, list[Value]] = {}
+    for number, line in enumerate(lines, 1):
+        where = f"Line {number} ({_clip(line, 30)})"
+        name, sep, values = line.partition("=")
+        axis = name.strip().lower().replace(" ", "")
+        match = _AXIS_RE.match(axis)
+        if not sep or match is None:
+            raise SweepError(f"{where}: write TERM.PARAM = values, e.g. kd.temperature = 2, 4, 8.")
+        term, param = match["term"], match["param"]
+        spec = LOSS_TERMS.get(term)
+        if spec is None:
+            raise SweepError(f"{where}: there is no loss term {term}; terms: {', '.join(LOSS_TERMS)}.")
+        if axis in axes:
+            raise SweepError(f"{where}: {axis} is swept twice.")
+        try:
+            axes[axis] = _term_values(term, param, spec, values, limit=limit)
+        except SweepError as exc:
+            raise SweepError(f"{where}: {exc}") from None
+    return axes
+
+
+def _term_values(term: str, param: str, spec: Any, text: str, *, limit: int) -> list[Value]:
+    """Read the values of ``term.param`` from text, by the parameter's type, then check them."""
+    if param == "weight":
+        values: list[Value] = list(parse_values(text, kind=float, lo=0.0, hi=1e6, limit=limit))
+    else:
+        info = spec.params.get(param)
+        if info is None:
+            raise SweepError(f"{term} has no parameter {param}; it has: {', '.join(['weight', *spec.params])}.")
+        type_name = info.type.__name__
+        if type_name in ("int", "float"):
+            values = list(parse_values(text, kind=info.type, limit=limit))
+        elif type_name == "bool":
+            values = list(parse_booleans(text))
+        elif type_name == "str" and info.choices:
+            values = list(parse_choices(text, choices=tuple(info.choices), limit=limit))
+        else:
+            raise SweepError(f"{term}.{param} cannot be swept; set it in the recipe.")
+    return check_term_values(f"{term}.{param}", values, limit=limit)
+
+
+def check_term_values(axis: str, values: Sequence[Any], *, limit: int) -> list[Value]:
+    """Check already-parsed values of a term sweep (``axis`` is ``TERM.PARAM``) against the engine's schema.
+
+    Returns the values in the engine's normal form (floats for float parameters).
+
+    Raises:
+        SweepError: an unknown term or parameter, a parameter that cannot be swept, a bad or repeated value, or
+            more than ``limit`` values.
+    """
+    from workers.engine.errors import ConfigError
+    from workers.engine.losses import LOSS_TERMS, validate_term_params
+
+    match = _AXIS_RE.match(axis)
+    if match is None:
+        raise SweepError("name a term parameter as TERM.PARAM, e.g. kd.temperature.")
+    term, param = match["term"], match["param"]
+    spec = LOSS_TERMS.get(term)
+    if spec is None:
+        raise SweepError(f"there is no loss term {term}; terms: {', '.join(LOSS_TERMS)}.")
+    if not values:
+        raise SweepError("give at least one value.")
+    if len(values) > limit:
+        raise SweepError(f"this gives {len(values):,} values; at most {limit:,} fit in one experiment.")
+    cleaned: list[Value] = []
+    for value in values:
+        if param == "weight":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                    or not 0 <= value <= 1e6:
+                raise SweepError(f"a term weight is a number between 0 and 1e6, not {_clip(repr(value))}.")
+            cleaned.append(float(value))
+            continue
+        if param not in spec.params:
+            raise SweepError(f"{term} has no parameter {param}; it has: {', '.join(['weight', *spec.params])}.")
+        if spec.params[param].type.__name__ == "list":
+            raise SweepError(f"{term}.{param} cannot be swept; set it in the recipe.")
+        try:
+            cleaned.append(validate_term_params(term, {param: value})[param])
+        except ConfigError as exc:
+            raise SweepError(str(exc)) from None
+    if len(set(cleaned)) != len(cleaned):
+        raise SweepError("each value may appear once.")
+    return cleaned
+
+
+def term_axis(axis: str) -> tuple[str, str]:
+    """``"kd.temperature"`` → ``("kd", "temperature")``."""
+    term, _, param = axis.partition(".")
+    return term, param
+
+
+def recipe_axes(term_names: Iterable[str], axes: Mapping[str, Sequence[Value]]) -> dict[str, Sequence[Value]]:
+    """The term sweeps that apply to a recipe with these terms (its other term sweeps leave it alone)."""
+    names = set(term_names)
+    return {axis: values for axis, values in axes.items() if term_axis(axis)[0] in names}
+
+
+def apply_term_values(terms: Sequence[Mapping[str, Any]], values: Mapping[str, Value]) -> list[dict[str, Any]]:
+    """A copy of a recipe's terms with swept values set (a scheduled weight starts at the swept weight)."""
+    result = []
+    for term in terms:
+        copy = {**term, "params": dict(term.get("params") or {})}
+        if term.get("schedule"):
+            copy["schedule"] = {k: dict(v) for k, v in term["schedule"].items()}
+        for axis, value in values.items():
+            name, param = term_axis(axis)
+            if name != term.get("name"):
+                continue
+            if param == "weight":
+                copy["weight"] = value
+                if "weight" in copy.get("schedule", {}):
+                    copy["schedule"]["weight"]["start"] = value
+            else:
+                copy["params"][param] = value
+        result.append(copy)
+    return result
+
+
+# --- the grid -----------------------------------------------------------------------------------------------
+def grid_size(axes: Mapping[str, Sequence[Any]]) -> int:
+    """How many points the axes span (1 when nothing is swept)."""
+    return math.prod(len(values) for values in axes.values())
+
+
+def grid_points(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the axes' values, the first axis varying slowest; ``[{}]`` when nothing is swept.
+
+    Callers check :func:`grid_size` against the run limit first.
+    """
+    keys = list(axes)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def train_axes(train: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The swept training settings of an experiment's ``train`` (those stored as lists)."""
+    return {key: list(value) for key, value in train.items() if isinstance(value, list)}
+
+
+def chain_length(scheme: str, scheme_params: Mapping[str, Any] | None) -> int:
+    """Runs one (student, seed, point) of a recipe creates: chained schemes train several models in a row."""
+    if scheme == "teacher_assistant":
+        return 2
+    if scheme == "self_distillation":
+        return int((scheme_params or {}).get("generations", 2))
+    return 1
+
+
+@dataclass(frozen=True)
+class RecipeCount:
+    """A recipe's share of the grid: its runs per (student, seed, training-setting point)."""
+
+    label: str
+    chain: int
+    term_points: int
+
+    @property
+    def runs(self) -> int:
+        return self.chain * self.term_points
+
+
+@dataclass(frozen=True)
+class RunCount:
+    """How many runs an experiment creates, and from what."""
+
+    students: int
+    seeds: int
+    train_points: int
+    recipes: tuple[RecipeCount, ...]
+    baseline: bool
+    swept: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def per_point(self) -> int:
+        """Runs per (student, seed, training-setting point)."""
+        return sum(r.runs for r in self.recipes) + (1 if self.baseline else 0)
+
+    @property
+    def total(self) -> int:
+        return self.students * self.seeds * self.train_points * self.per_point
+
+    @property
+    def baselines(self) -> int:
+        return self.students * self.seeds * self.train_points if self.baseline else 0
+
+    def describe(self) -> str:
+        """E.g. "2 students × 2 seeds × 3 training settings × (kd-t4 × 3 term values + baseline)"."""
+        def plural(n: int, word: str) -> str:
+            return f"{n} {word}{'' if n == 1 else 's'}"
+
+        parts = [plural(self.students, "student"), plural(self.seeds, "seed")]
+        if self.train_points > 1:
+            parts.append(plural(self.train_points, "training setting"))
+        inner = []
+        for recipe in self.recipes:
+            text = recipe.label
+            if recipe.term_points > 1:
+                text += f" × {recipe.term_points} term values"
+            if recipe.chain > 1:
+                text += f" × {recipe.chain} chained runs"
+            inner.append(text)
+        if self.baseline:
+            inner.append("baseline")
+        return " × ".join(parts) + " × (" + " + ".join(inner) + ")"
+
+
+def count_runs(*, students: int, seeds: int, train: Mapping[str, Any], recipes: Sequence[Any],
+               term_sweeps: Mapping[str, Sequence[Value]], with_baseline: bool) -> RunCount:
+    """The size of an experiment, computed without building it.
+
+    ``recipes`` are Recipe records (or anything with ``scheme``, ``scheme_params``, ``terms`` and a ``str``);
+    hard-label recipes are the baseline, as in ``services.experiment_plan``.
+    """
+    chosen = [r for r in recipes if r.scheme != "hard_labels"]
+    counts = tuple(
+        RecipeCount(str(r), chain_length(r.scheme, r.scheme_params),
+                    grid_size(recipe_axes((t.get("name") for t in r.terms), term_sweeps)))
+        for r in chosen
+    )
+    axes = train_axes(train)
+    swept = (*axes, *term_sweeps)
+    return RunCount(students, seeds, grid_size(axes), counts, with_baseline, tuple(swept))
+
+
+# --- labels -------------------------------------------------------------------------------------------------
+def format_number(value: Value) -> str:
+    """A short, readable value: ``0.0003`` → ``3e-4``, ``4.0`` → ``4``, ``0.25`` → ``0.25``."""
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value).lower()
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e6):
+        mantissa, exponent = f"{value:.3e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{value:.4g}"
+
+
+def format_values(values: Sequence[Value]) -> str:
+    """Values as a field shows them again (exact, so a clone creates the same runs): ``"0.0001, 0.0003"``."""
+    def exact(value: Value) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return str(value)
+
+    return ", ".join(exact(v) for v in values)
+
+
+def axis_label(axis: str, swept: Sequence[str]) -> str:
+    """A short name for a swept axis: ``lr``; ``τ`` for ``kd.temperature`` unless another term's temperature is
+    swept too (then ``kd.τ``); ``w_kd`` for a term weight."""
+    if "." not in axis:
+        return axis
+    term, param = term_axis(axis)
+    if param == "weight":
+        return f"w_{term}"
+    symbol = SYMBOLS.get(param, param)
+    shared = [a for a in swept if "." in a and term_axis(a)[1] == param]
+    return symbol if len(shared) <= 1 else f"{term}.{symbol}"
+
+
+def config_value(config: Mapping[str, Any], axis: str) -> Value | None:
+    """The concrete value of a swept axis in a run's frozen config (None when the run does not have it)."""
+    if "." not in axis:
+        if axis == "labelled_fraction":
+            return (config.get("dataset") or {}).get(axis)
+        return (config.get("train") or {}).get(axis)
+    term, param = term_axis(axis)
+    for t in config.get("terms") or ():
+        if t.get("name") == term:
+            return t.get("weight") if param == "weight" else (t.get("params") or {}).get(param)
+    return None
+
+
+def experiment_axes(train: Mapping[str, Any]) -> list[str]:
+    """The names of an experiment's swept axes, as stored in ``Experiment.train``: training settings held as
+    lists, and ``term_sweeps``."""
+    return [*train_axes(train), *(train.get("term_sweeps") or {})]
+
+
+def run_label(*, train: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """The swept values of one run, e.g. ``"lr=3e-4 τ=4"`` (empty when its experiment sweeps nothing)."""
+    axes = experiment_axes(train)
+    parts = []
+    for axis in axes:
+        value = config_value(config, axis)
+        if value is not None:
+            parts.append(f"{axis_label(axis, axes)}={format_number(value)}")
+    return " ".join(parts)
