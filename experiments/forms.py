@@ -14,8 +14,9 @@ from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
+from django.forms.utils import ErrorDict
 
-from . import selectors, sweeps
+from . import selectors, sweeps, uploads, validation
 from .engine_config import TRAIN_DEFAULTS
 from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Task
 from .validation import BUILTIN_ARCHS, BUILTIN_DATASETS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
@@ -237,6 +238,7 @@ class ModelDeriveForm(forms.Form):
 DATASET_SOURCES = [
     (DatasetSpec.Source.BUILTIN, "Packaged dataset"),
     (DatasetSpec.Source.HF, "Hugging Face hub dataset or local CSV / JSONL file"),
+    (DatasetSpec.Source.UPLOAD, "Upload a file"),
 ]
 
 
@@ -256,6 +258,10 @@ class DatasetSpecForm(TeamScopedForm):
     hub_name = forms.CharField(label="Hub dataset", max_length=200, required=False, help_text="e.g. SetFit/bbc-news")
     local_path = forms.CharField(label="Local file", max_length=500, required=False,
                                  help_text="A CSV or JSONL file under one of the server's dataset roots.")
+    upload = forms.FileField(
+        label="File", required=False, allow_empty_file=False,
+        widget=forms.FileInput(attrs={"accept": ",".join(validation.UPLOAD_SUFFIXES)}),
+    )
     eval_local_path = forms.CharField(label="Separate eval file", max_length=500, required=False,
                                       help_text="Optional: a held-out file with the same columns, under a dataset "
                                                 "root. The whole local file then trains.")
@@ -264,7 +270,7 @@ class DatasetSpecForm(TeamScopedForm):
     text_column = forms.CharField(max_length=100, initial="text")
     label_column = forms.CharField(max_length=100, initial="label")
     num_labels = forms.IntegerField(min_value=2, max_value=1_000_000, required=False,
-                                    help_text="Number of classes (filled in for packaged datasets).")
+                                    help_text="Number of classes (filled in for packaged datasets and uploaded files).")
     label_names = forms.CharField(required=False, help_text="Optional, comma-separated, in label-id order.")
     eval_fraction = forms.FloatField(initial=0.2, min_value=0.01, max_value=0.9,
                                      help_text="Share of rows held out for evaluation (stratified).")
@@ -274,8 +280,31 @@ class DatasetSpecForm(TeamScopedForm):
                                     help_text="Token limit for text inputs.")
     notes = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The limit may change at run time (settings in tests), so the help text is read per form.
+        self.fields["upload"].help_text = (
+            "CSV, JSONL, JSON, Parquet or text (causal LM / embedding), up to "
+            f"{uploads.size_text(settings.DATASET_UPLOAD_MAX_BYTES)}."
+        )
+
     def clean_label_names(self) -> list[str]:
         return [name.strip() for name in self.cleaned_data["label_names"].split(",") if name.strip()]
+
+    def clean_upload(self):
+        upload = self.cleaned_data.get("upload")
+        if upload:
+            suffix = validation.upload_suffix(upload.name)
+            if suffix is None:
+                raise ValidationError(f"Upload a {', '.join(validation.UPLOAD_SUFFIXES)} file.")
+            if upload.size > settings.DATASET_UPLOAD_MAX_BYTES:
+                raise ValidationError(uploads.too_large_message(settings.DATASET_UPLOAD_MAX_BYTES))
+        return upload
+
+    def refuse_upload(self, message: str) -> None:
+        """Show only ``message`` on the file field (an oversized upload: the other fields are not checked)."""
+        self._errors = ErrorDict()
+        self._errors["upload"] = self.error_class([message])
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
@@ -284,6 +313,9 @@ class DatasetSpecForm(TeamScopedForm):
             self.add_error("label_names", f"Give {num_labels} names (one per label) or none.")
         if cleaned.get("source") == DatasetSpec.Source.BUILTIN and not cleaned.get("builtin_name"):
             self.add_error("builtin_name", "Choose a packaged dataset.")
+        if cleaned.get("source") == DatasetSpec.Source.UPLOAD and not cleaned.get("upload") \
+                and "upload" not in self.errors:
+            self.add_error("upload", "Choose a file to upload.")
         cleaned["task"] = cleaned.get("task") or Task.CLASSIFICATION
         return cleaned
 
@@ -292,8 +324,12 @@ class DatasetSpecForm(TeamScopedForm):
         data = self.cleaned_data
         keys = ["name", "source", "task", "text_column", "label_column", "eval_fraction", "split_seed", "max_length",
                 "notes"]
-        keys += ["builtin_name"] if data["source"] == DatasetSpec.Source.BUILTIN else [
-            "hub_name", "local_path", "eval_local_path"]
+        if data["source"] == DatasetSpec.Source.BUILTIN:
+            keys.append("builtin_name")
+        elif data["source"] == DatasetSpec.Source.UPLOAD:
+            keys.append("upload")
+        else:
+            keys += ["hub_name", "local_path", "eval_local_path"]
         if data.get("pack"):
             keys.append("pack")
         fields = {k: data[k].strip() if isinstance(data[k], str) and k != "notes" else data[k] for k in keys}
@@ -608,8 +644,13 @@ class ExperimentForm(TeamScopedForm):
         help_text="Needed by every recipe that distills (any term other than ce).",
     )
     students = forms.ModelMultipleChoiceField(
-        queryset=None, widget=TeamOptionSelectMultiple(attrs={"size": 6}),
+        queryset=None, required=False, widget=TeamOptionSelectMultiple(attrs={"size": 6}),
         help_text="Each student is trained with each recipe and seed, plus a hard-label baseline.",
+    )
+    derive_student = forms.ChoiceField(
+        label="Derive a student from the teacher", required=False,
+        choices=[("", "— no —"), ("every_other", "keep every other layer"), ("every_third", "keep every third layer")],
+        help_text="Adds a student built from the teacher's own layers, weights copied (the DistilBERT recipe).",
     )
     recipes = forms.ModelMultipleChoiceField(queryset=None, widget=TeamOptionSelectMultiple(attrs={"size": 6}))
     term_sweeps = TermSweepsField(
@@ -680,6 +721,14 @@ class ExperimentForm(TeamScopedForm):
             raise ValidationError("Seeds must be different from each other.")
         return seeds
 
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if not cleaned.get("students") and not cleaned.get("derive_student") and "students" not in self.errors:
+            self.add_error("students", "Choose at least one student, or derive one from the teacher.")
+        if cleaned.get("derive_student") and not cleaned.get("teacher") and "teacher" not in self.errors:
+            self.add_error("derive_student", "Choose a teacher to derive a student from.")
+        return cleaned
+
     def clean_teacher_weights(self) -> list[float]:
         raw = self.cleaned_data["teacher_weights"].replace(" ", "")
         try:
@@ -688,8 +737,8 @@ class ExperimentForm(TeamScopedForm):
             raise ValidationError('Enter numbers separated by commas, e.g. "0.5,0.5".') from None
 
     def basic_fields(self):
-        return [self[n] for n in ("team", "name", "description", "dataset", "teacher", "students", "recipes",
-                                  "seeds")]
+        return [self[n] for n in ("team", "name", "description", "dataset", "teacher", "students",
+                                  "derive_student", "recipes", "seeds")]
 
     def scheme_fields(self):
         return [self[n] for n in ("assistant", "extra_teachers", "teacher_weights")]
@@ -718,6 +767,7 @@ class ExperimentForm(TeamScopedForm):
             "description": data["description"],
             **self.preflight_kwargs(),
             "teacher_weights": data.get("teacher_weights") or [],
+            "derive_student": data.get("derive_student") or "",
         }
 
     def preflight_kwargs(self) -> dict[str, Any]:

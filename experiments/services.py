@@ -158,6 +158,22 @@ def model_derive(*, parent: ModelSpec, name: str, created_by, layers: str | list
     ))
 
 
+def derived_student(*, parent: ModelSpec, layers: str, created_by) -> ModelSpec:
+    """The student derived from ``parent`` by the layer preset ``layers``: an existing one, or a new one named
+    after the parent (``"<parent> (every third layer)"``, numbered when the name is taken)."""
+    existing = ModelSpec.objects.filter(team=parent.team, parent=parent, source=ModelSpec.Source.DERIVED,
+                                        config={"layers": layers}).order_by("id").first()
+    if existing is not None:
+        return existing
+    base = f"{parent.name} ({layers.replace('_', ' ')} layer)"[:110]
+    taken = set(ModelSpec.objects.filter(team=parent.team, name__startswith=base).values_list("name", flat=True))
+    name = next(n for n in (base, *(f"{base} {i}" for i in range(2, len(taken) + 3))) if n not in taken)
+    try:
+        return model_derive(parent=parent, name=name, created_by=created_by, layers=layers)
+    except ValidationError as exc:
+        raise ValidationError({"derive_student": " ".join(exc.messages)}) from exc
+
+
 # --- experiments ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlannedRun:
@@ -338,8 +354,13 @@ def experiment_create(
     train: dict[str, Any] | None = None,
     term_sweeps: dict[str, list[Any]] | None = None,
     description: str = "",
+    derive_student: str = "",
 ) -> Experiment:
     """Create the experiment and all its runs in one transaction; each run is enqueued after the commit.
+
+    ``derive_student`` (``every_other`` / ``every_third``) adds a student derived from the teacher (the model
+    already registered for it, or a new one created in the same transaction: it disappears if the experiment
+    is refused).
 
     A training setting given as a list, and each entry of ``term_sweeps`` (``{"kd.temperature": [2, 4]}``), is
     swept: one run per point of the grid (see ``experiment_plan``), each run's frozen config holding its
@@ -352,6 +373,10 @@ def experiment_create(
     """
     from . import preflight
 
+    if derive_student:
+        if teacher is None:
+            raise ValidationError({"derive_student": "Choose a teacher to derive a student from."})
+        students = [*students, derived_student(parent=teacher, layers=derive_student, created_by=created_by)]
     inputs = experiment_validate(
         team=team, dataset=dataset, students=students, recipes=recipes, seeds=seeds, teacher=teacher,
         assistant=assistant, extra_teachers=extra_teachers, teacher_weights=teacher_weights, train=train,

@@ -1,15 +1,18 @@
 """Derived students on the web side: the service, validation, the engine config, the model page's form."""
 
+from unittest import mock
+
 import pytest
 from django.core.exceptions import ValidationError
 from django.urls import reverse
 
 from experiments import engine_config, services
-from experiments.models import ModelSpec
-from tests.factories import ModelSpecFactory
+from experiments.models import Experiment, ModelSpec
+from tests.factories import DatasetSpecFactory, ModelSpecFactory, RecipeFactory
 from workers.engine.config import ModelConfig, RunConfig
 
 pytestmark = pytest.mark.django_db
+DISPATCH = "experiments.services._dispatch"
 
 TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
              "intermediate_size": 64, "vocab_size": 500, "max_position_embeddings": 64}
@@ -170,3 +173,43 @@ def test_derive_is_post_only_and_other_teams_models_give_404(client_logged_in, o
     assert client_logged_in.post(url, {"name": "x", "layers": "all"}).status_code == 404
     assert client_logged_in.get(url).status_code == 405
     assert not ModelSpec.objects.filter(name="x").exists()
+
+
+# --- derive a student inline while setting up an experiment ---------------------------------------------------
+@pytest.fixture
+def news(team):
+    return DatasetSpecFactory(team=team, name="bbc", builtin_name="bbc-news", num_labels=5,
+                              label_names=["business", "entertainment", "politics", "sport", "tech"])
+
+
+def test_an_experiment_can_derive_its_student_from_the_teacher(bert, news, team, user, client_logged_in):
+    recipe = RecipeFactory(team=team)
+    data = {"team": team.pk, "name": "derive-inline", "dataset": news.pk, "teacher": bert.pk,
+            "derive_student": "every_other", "recipes": [recipe.pk], "seeds": "0"}
+    with mock.patch(DISPATCH):
+        response = client_logged_in.post(reverse("experiments:experiment_create"), data)
+    assert response.status_code == 302, response.context["form"].errors
+    derived = ModelSpec.objects.get(parent=bert)
+    assert derived.source == ModelSpec.Source.DERIVED and derived.config == {"layers": "every_other"}
+    assert derived.name == "tiny-bert (every other layer)"
+    experiment = Experiment.objects.get(name="derive-inline")
+    assert set(experiment.runs.values_list("student_id", flat=True)) == {derived.pk}
+    # A second experiment reuses the derived student instead of registering another one.
+    with mock.patch(DISPATCH):
+        client_logged_in.post(reverse("experiments:experiment_create"), {**data, "name": "again"})
+    assert ModelSpec.objects.filter(parent=bert).count() == 1
+
+
+def test_deriving_needs_a_teacher_and_a_refused_experiment_keeps_no_derived_model(bert, news, team, user,
+                                                                                 client_logged_in):
+    recipe = RecipeFactory(team=team)
+    base = {"team": team.pk, "name": "x", "dataset": news.pk, "recipes": [recipe.pk], "seeds": "0"}
+    response = client_logged_in.post(reverse("experiments:experiment_create"), {**base, "derive_student": "every_third"})
+    assert "Choose a teacher to derive a student from." in response.content.decode()
+    response = client_logged_in.post(reverse("experiments:experiment_create"), base)
+    assert "Choose at least one student, or derive one from the teacher." in response.content.decode()
+    with pytest.raises(ValidationError):    # refused (seeds over the limit): the derived model goes too
+        services.experiment_create(team=team, created_by=user, name="refused", dataset=news, students=[],
+                                   recipes=[recipe], seeds=list(range(500)), teacher=bert,
+                                   derive_student="every_other")
+    assert not ModelSpec.objects.filter(parent=bert).exists()

@@ -82,6 +82,7 @@
     // Not form.dataset: the form's <select name="dataset"> shadows that property.
     var limit = Number(form.getAttribute("data-run-limit")) || Infinity;
     var students = form.querySelector("select[name='students']");
+    var derive = form.querySelector("select[name='derive_student']");
     var recipes = form.querySelector("select[name='recipes']");
     var dataset = form.querySelector("select[name='dataset']");
     var seeds = form.querySelector("input[name='seeds']");
@@ -111,7 +112,7 @@
           problems.push("recipe parameter sweeps: " + err.message);
         }
       }
-      var s = students ? students.selectedOptions.length : 0;
+      var s = (students ? students.selectedOptions.length : 0) + (derive && derive.value ? 1 : 0);
       var k = seeds ? countSeeds(seeds.value) : 0;
       var picked = recipes ? Array.prototype.slice.call(recipes.selectedOptions) : [];
       var option = dataset && dataset.selectedOptions[0];
