@@ -61,8 +61,10 @@ def model_config(spec: ModelSpec) -> dict[str, Any]:
 
 
 def dataset_config(spec: DatasetSpec) -> dict[str, Any]:
+    # An uploaded file is a local file to the engine: source "hf" with the stored path.
+    uploaded = spec.source == DatasetSpec.Source.UPLOAD
     return {
-        "source": spec.source,
+        "source": "hf" if uploaded else spec.source,
         "name": spec.builtin_name or spec.hub_name,
         "path": spec.local_path,
         "text_column": spec.text_column,

@@ -71,9 +71,88 @@ def model_spec_create(*, team: Team, created_by, **fields: Any) -> ModelSpec:
     return _save_new(ModelSpec(team=team, created_by=created_by, **fields))
 
 
-def dataset_spec_create(*, team: Team, created_by, **fields: Any) -> DatasetSpec:
+def dataset_spec_create(*, team: Team, created_by, upload=None, **fields: Any) -> DatasetSpec:
+    """Register a dataset; with source ``upload``, ``upload`` is the uploaded file (see the next function)."""
+    if fields.get("source") == DatasetSpec.Source.UPLOAD:
+        return dataset_spec_create_from_upload(team=team, created_by=created_by, upload=upload, **fields)
+    if upload is not None:
+        raise ValidationError({"upload": "A file is only used by the “Upload a file” source."})
     fields = validation.clean_dataset_fields(fields)
     return _save_new(DatasetSpec(team=team, created_by=created_by, **fields))
+
+
+def dataset_spec_create_from_upload(*, team: Team, created_by, upload, **fields: Any) -> DatasetSpec:
+    """Store an uploaded data file, check that the engine can read it as this dataset, and register it.
+
+    The file is written to ``ARTIFACT_ROOT/datasets/<team_id>/<uuid4><suffix>``: of the uploaded name only its
+    suffix is used, from a whitelist, so no name can place the file anywhere else. The file is then read the way a
+    run reads it; an unreadable or empty file, a missing text / label column or too few rows is an error on
+    ``upload``. On any failure the stored file is deleted again.
+    """
+    from .uploads import too_large_message
+
+    fields = {**fields, "source": DatasetSpec.Source.UPLOAD}
+    fields.setdefault("task", DatasetSpec._meta.get_field("task").default)
+    validation.refuse_upload_paths(fields)
+    if upload is None:
+        raise ValidationError({"upload": "Choose a file to upload."})
+    original_name = Path(str(upload.name or "").replace("\\", "/")).name[:100]
+    suffix = validation.upload_suffix(original_name)
+    if suffix is None:
+        raise ValidationError({"upload": f"Upload a {', '.join(validation.UPLOAD_SUFFIXES)} file."})
+    cap = settings.DATASET_UPLOAD_MAX_BYTES
+    if upload.size is not None and upload.size > cap:
+        raise ValidationError({"upload": too_large_message(cap)})
+    folder = validation.upload_dir() / str(team.pk)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4().hex}{suffix}"
+    try:
+        written = 0
+        with path.open("xb") as out:
+            for chunk in upload.chunks():
+                written += len(chunk)
+                if written > cap:
+                    raise ValidationError({"upload": too_large_message(cap)})
+                out.write(chunk)
+        if written == 0:
+            raise ValidationError({"upload": "The file is empty."})
+        fields.update(_uploaded_dataset_facts(fields, path, original_name))
+        fields = validation.clean_dataset_fields(fields, stored_path=path)
+        return _save_new(DatasetSpec(team=team, created_by=created_by, **fields))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _uploaded_dataset_facts(fields: dict[str, Any], path: Path, original_name: str) -> dict[str, Any]:
+    """Read a stored upload with the engine: its row counts per split, and its labels (classification)."""
+    from workers.engine.config import DatasetConfig
+    from workers.engine.data import load_dataset
+    from workers.engine.errors import DataError
+
+    spec = DatasetSpec(**{**fields, "local_path": str(path)})  # unsaved: only for its engine config
+    try:
+        data = load_dataset(DatasetConfig(**engine_config.dataset_config(spec)), task=spec.task)
+    except DataError as exc:
+        message = str(exc).replace(str(path), original_name).replace(path.name, original_name)
+        raise ValidationError({"upload": f"The file cannot be used: {message}"}) from None
+    except Exception:  # anything else the readers trip over: the content is not what its suffix says
+        logger.info("uploaded dataset file %s could not be read", path, exc_info=True)
+        raise ValidationError({"upload": f"The file could not be read as a {path.suffix[1:]} file."}) from None
+    facts: dict[str, Any] = {"splits": {"train": len(data.train), "eval": len(data.eval)}}
+    if spec.task == "classification":
+        found = data.num_labels
+        if found < 2:
+            raise ValidationError({"upload": f"The file's column '{spec.label_column}' holds fewer than 2 labels; "
+                                             "classification needs at least 2."})
+        if not fields.get("num_labels"):
+            facts["num_labels"] = found
+            if not fields.get("label_names"):
+                facts["label_names"] = list(data.label_names)
+        elif fields["num_labels"] < found:
+            raise ValidationError({"num_labels": f"The file's labels need {found} classes, more than "
+                                                 f"{fields['num_labels']}."})
+    return facts
 
 
 def recipe_create(*, team: Team, created_by, name: str, scheme: str, terms: list[dict], description: str = "",

@@ -329,7 +329,35 @@ def parent_architecture(spec: ModelSpec) -> Any | None:
     return None
 
 
-def clean_dataset_fields(fields: dict[str, Any]) -> dict[str, Any]:
+# File types an uploaded dataset may have (the engine reads them by suffix); the stored file gets the same suffix.
+UPLOAD_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet", ".txt")
+
+
+def upload_suffix(filename: str) -> str | None:
+    """The whitelisted suffix of an uploaded file's name (lower-cased), or None. Only the suffix is ever used."""
+    suffix = Path(str(filename).replace("\\", "/")).suffix.lower()
+    return suffix if suffix in UPLOAD_SUFFIXES else None
+
+
+def upload_dir() -> Path:
+    """Where uploaded dataset files are stored: ``ARTIFACT_ROOT/datasets`` (one sub-folder per team)."""
+    return Path(settings.ARTIFACT_ROOT) / "datasets"
+
+
+def refuse_upload_paths(fields: dict[str, Any]) -> None:
+    """An uploaded dataset's file is stored by the server: no path or other source may come with it."""
+    given = [key for key in ("local_path", "eval_local_path", "hub_name", "builtin_name") if fields.get(key)]
+    if given:
+        raise ValidationError({key: "An uploaded dataset's file is stored by the server; leave this empty."
+                               for key in given})
+
+
+def clean_dataset_fields(fields: dict[str, Any], *, stored_path: str | Path | None = None) -> dict[str, Any]:
+    """Check and complete a dataset's fields.
+
+    ``stored_path`` is where the service stored an uploaded file (source ``upload``); an upload's path never comes
+    from input.
+    """
     fields = dict(fields)
     source = fields.get("source")
     if source == DatasetSpec.Source.BUILTIN:
@@ -358,6 +386,15 @@ def clean_dataset_fields(fields: dict[str, Any]) -> dict[str, Any]:
             fields["local_path"] = check_local_path(
                 fields["local_path"], roots=settings.DATASET_ROOTS, field="local_path", kind="dataset"
             )
+    elif source == DatasetSpec.Source.UPLOAD:
+        refuse_upload_paths(fields)
+        if not stored_path:
+            raise ValidationError({"upload": "Choose a file to upload."})
+        stored = Path(stored_path).resolve()
+        if not stored.is_relative_to(upload_dir().resolve()) or not stored.is_file() \
+                or upload_suffix(stored.name) is None:
+            raise ValidationError({"upload": "The uploaded file was not stored where expected."})
+        fields["local_path"] = str(stored)
     else:
         raise ValidationError({"source": "Choose a dataset source."})
     if fields.get("eval_local_path"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
@@ -15,12 +16,13 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 
-from . import fleet, forms, plots, routing, selectors, services, teams, validation
+from . import fleet, forms, plots, routing, selectors, services, teams, uploads, validation
 from .engine_config import TRAIN_DEFAULTS
 from .listing import list_page
-from .models import Experiment, Run
+from .models import DatasetSpec, Experiment, Run
 
 ACTIVE = (Run.Status.QUEUED, Run.Status.RUNNING)
 
@@ -136,9 +138,30 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
     return TemplateResponse(request, "experiments/dataset_list.html", context)
 
 
+@csrf_exempt  # checked by _dataset_create once the upload cap is in place (reading the token parses the body)
 def dataset_create(request: HttpRequest) -> HttpResponse:
-    form = forms.DatasetSpecForm(request.POST or None, user=request.user)
-    if request.method == "POST" and form.is_valid():
+    """Register a dataset; an uploaded file over ``DATASET_UPLOAD_MAX_BYTES`` is refused before it is stored.
+
+    A body announced too large is not read at all. Otherwise :class:`~experiments.uploads.CappedUploadHandler`
+    goes first for this request, so a client that sends more than it announced is cut off while the body is read.
+    """
+    cap = settings.DATASET_UPLOAD_MAX_BYTES
+    if request.method == "POST":
+        if uploads.announced_too_large(request, cap):
+            form = forms.DatasetSpecForm(user=request.user, initial={"source": DatasetSpec.Source.UPLOAD})
+            return _dataset_too_large(request, form, cap)
+        request.upload_handlers.insert(0, uploads.CappedUploadHandler(cap, request))
+    return _dataset_create(request, cap)
+
+
+@csrf_protect
+def _dataset_create(request: HttpRequest, cap: int) -> HttpResponse:
+    bound = request.method == "POST"
+    form = forms.DatasetSpecForm(request.POST if bound else None, request.FILES if bound else None, user=request.user)
+    capped = next((h for h in request.upload_handlers if isinstance(h, uploads.CappedUploadHandler)), None)
+    if bound and capped is not None and capped.exceeded:
+        return _dataset_too_large(request, form, cap)
+    if bound and form.is_valid():
         try:
             dataset = services.dataset_spec_create(
                 team=form.cleaned_data["team"], created_by=request.user, **form.service_fields()
@@ -149,6 +172,11 @@ def dataset_create(request: HttpRequest) -> HttpResponse:
             messages.success(request, f"Dataset {dataset} registered.")
             return redirect("experiments:dataset_list")
     return TemplateResponse(request, "experiments/dataset_form.html", {"form": form})
+
+
+def _dataset_too_large(request: HttpRequest, form: forms.DatasetSpecForm, cap: int) -> HttpResponse:
+    form.refuse_upload(uploads.too_large_message(cap))
+    return TemplateResponse(request, "experiments/dataset_form.html", {"form": form}, status=413)
 
 
 @require_GET

@@ -143,6 +143,8 @@ ARTIFACT_ROOT = Path(env("ARTIFACT_ROOT", default=str(VAR_DIR / "artifacts")))
 MODELS_DIR = Path(env("DISTILLWEB_MODELS_DIR", default=str(VAR_DIR / "models")))
 MODEL_ROOTS = [Path(p) for p in env.list("MODEL_ROOTS", default=[str(MODELS_DIR)])]
 DATASET_ROOTS = [Path(p) for p in env.list("DATASET_ROOTS", default=[])]
+# Largest dataset file the "Upload a file" source accepts; bigger uploads are refused before anything is stored.
+DATASET_UPLOAD_MAX_BYTES = env.int("DATASET_UPLOAD_MAX_BYTES", default=50 * 1024 * 1024)
 ALLOW_TRUST_REMOTE_CODE = env.bool("ALLOW_TRUST_REMOTE_CODE", default=False)
 # The run lifecycle (experiments.services): a run's heartbeat is its lease, renewed by every metric, progress and
 # checkpoint write. A running run silent for RUN_HEARTBEAT_TIMEOUT_S lost its worker: the `workers.requeue_stale_runs`
