@@ -1,4 +1,4 @@
-"""distillweb at 10,000 runs and 5,000,000 metric points, side by side with MLflow's tracking server (issue 5).
+"""distillweb at 10,000 runs and 5,000,000 metric points, side by side with MLflow's tracking server.
 
 1. Seeds a dedicated Postgres database (``distillweb_scale``): 2 teams, 500 experiments of 20 runs (2 students ×
    (4 recipes + the hard-label baseline) × 2 seeds) with a realistic mix of statuses, frozen configs built by
@@ -1605,15 +1605,15 @@ BEGIN, END = "<!-- dashboard_scale:begin -->", "<!-- dashboard_scale:end -->"
 
 
 def write_readme(report: str) -> None:
-    """Put the generated block between the markers of the "Dashboard at scale (issue 5)" section (created at
-    the end of benchmarks/README.md if missing); the text around the markers is kept."""
+    """Put the generated block between the markers of the dashboard-at-scale section (created at the end of
+    benchmarks/README.md if missing); the text around the markers is kept."""
     path = REPO / "benchmarks" / "README.md"
     text = path.read_text()
     block = f"{BEGIN}\n{report}{END}"
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
     else:
-        text = text.rstrip("\n") + "\n\n## Dashboard at scale (issue 5)\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n## Dashboard at scale: 10,000 runs, 5,000,000 points, vs MLflow\n\n" + block + "\n"
     path.write_text(text)
 
 
