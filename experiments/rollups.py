@@ -10,6 +10,7 @@ instead of aggregating every point.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from django.db import connection
@@ -38,19 +39,41 @@ _EXTREMES = """(min(ARRAY[{v}, {s}::float8]))[2]::integer, (min(ARRAY[{v}, {s}::
                (max(ARRAY[{v}, {s}::float8]))[2]::integer, (max(ARRAY[{v}, {s}::float8]))[1]"""
 
 
+def _order(value: float, step: int) -> tuple[int, float, int]:
+    """Postgres' order of ARRAY[value, step]: NaN above every number, then the step."""
+    return (1, 0.0, step) if math.isnan(value) else (0, value, step)
+
+
 def record(cursor, run_id: int, names: Sequence[str], steps: Sequence[int], values: Sequence[float]) -> None:
     """Fold a batch of points into the run's rollups (nothing for a run of ``ROLLUP_MIN_STEPS`` steps or
-    fewer). One statement; call it in the transaction that writes the points."""
+    fewer). The batch's bucket extremes are found here, in one pass, and merged with the stored ones in one
+    statement (a few rows per bucket width of points, not one per point); call it in the points' transaction."""
     rollup, _, run = _tables()
+    cursor.execute(f"SELECT {_WIDTH} FROM {run} r WHERE r.id = %s AND r.total_steps > %s",
+                   [run_id, ROLLUP_MIN_STEPS])
+    row = cursor.fetchone()
+    if row is None:
+        return
+    width = int(row[0])
+    low: dict[tuple[str, int], tuple[int, float]] = {}
+    high: dict[tuple[str, int], tuple[int, float]] = {}
+    for name, step, value in zip(names, steps, values, strict=True):
+        key, point = (name, step // width), (step, value)
+        current = low.get(key)
+        if current is None or _order(value, step) < _order(current[1], current[0]):
+            low[key] = point
+        current = high.get(key)
+        if current is None or _order(value, step) > _order(current[1], current[0]):
+            high[key] = point
+    keys = list(low)
     cursor.execute(f"""
         INSERT INTO {rollup} AS t (run_id, name, width, bucket, min_step, min_value, max_step, max_value)
-        SELECT %(run)s, p.name, w.width, p.step / w.width, {_EXTREMES.format(v="p.value", s="p.step")}
-        FROM unnest(%(names)s::varchar[], %(steps)s::integer[], %(values)s::double precision[]) AS p(name, step, value),
-             (SELECT {_WIDTH} AS width FROM {run} r WHERE r.id = %(run)s AND r.total_steps > %(min)s) AS w
-        GROUP BY p.name, w.width, p.step / w.width
+        SELECT %s, * FROM unnest(%s::varchar[], %s::integer[], %s::integer[], %s::integer[],
+                                 %s::double precision[], %s::integer[], %s::double precision[])
         {_MERGE.format(t="t")}""",
-        {"run": run_id, "names": list(names), "steps": list(steps), "values": list(values),
-         "min": ROLLUP_MIN_STEPS})
+        [run_id, [k[0] for k in keys], [width] * len(keys), [k[1] for k in keys],
+         [low[k][0] for k in keys], [low[k][1] for k in keys], [high[k][0] for k in keys],
+         [high[k][1] for k in keys]])
 
 
 def rebuild(run_ids: Sequence[int] | None = None) -> int:

@@ -117,3 +117,20 @@ def test_the_run_page_reads_a_long_run_from_its_rollups():
         _check_curve(*series[name], truth, 2000)
     aggregates = [q["sql"] for q in queries.captured_queries if "GROUP BY" in q["sql"]]
     assert aggregates and all("experiments_metricrollup" in sql for sql in aggregates)
+
+
+def test_nan_and_infinite_values_fold_like_postgres_orders_them():
+    run = _running(STEPS)
+    values = _curve()
+    values[5_001], values[5_002], values[6_000] = float("nan"), float("-inf"), float("inf")
+    _write(run, values, batch=333)
+    incremental = _stored(run)
+    rollups.rebuild([run.id])                   # the SQL aggregate is the reference for the order
+    rebuilt = _stored(run)
+    assert len(incremental) == len(rebuilt)
+    for a, b in zip(incremental, rebuilt, strict=True):
+        assert a[:4] == b[:4] and a[5] == b[5]
+        assert (math.isnan(a[4]) and math.isnan(b[4])) or a[4] == b[4]
+        assert (math.isnan(a[6]) and math.isnan(b[6])) or a[6] == b[6]
+    nan_bucket = next(r for r in incremental if r[0] == "loss" and r[2] == 5_001 // 16)
+    assert nan_bucket[3] == 5_002 and nan_bucket[4] == float("-inf") and math.isnan(nan_bucket[6])
