@@ -366,7 +366,8 @@ def _leaderboard_evaluations(*, user, dataset: DatasetSpec, split_key: str | Non
 _LEADERBOARD_DEFERRED = (
     "run__config", "run__result", "run__error", "run__experiment__description",
     "run__experiment__teacher__notes", "run__student__notes", "run__student__parent__notes",
-    "run__recipe__description",
+    "run__recipe__description", "run__recipe__terms", "run__recipe__scheme_params",
+    "run__experiment__teacher_weights", "run__experiment__seeds", "run__experiment__teacher__config",
 )
 _LEADERBOARD_SWEEP_PARTS = {
     "sweep_train": KeyTransform("train", "run__config"),

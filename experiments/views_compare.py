@@ -13,6 +13,7 @@ import csv
 from typing import Any
 
 from django.contrib import messages
+from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
@@ -145,6 +146,9 @@ def run_model_download(request: HttpRequest, run_id: int) -> HttpResponse:
 
 
 # --- leaderboards ---------------------------------------------------------------------------------------
+LEADERBOARD_PAGE_ROWS = 50
+
+
 @require_GET
 def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
     dataset = get_object_or_404(selectors.dataset_spec_list(user=request.user), pk=dataset_id)
@@ -169,8 +173,11 @@ def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
     ]
     csv_query = request.GET.copy()
     csv_query["format"] = "csv"
+    # The table shows one page of the ranking (the plot and the CSV keep every row): a benchmark with a thousand
+    # rows would otherwise send a megabyte of HTML.
+    page = Paginator(rows, LEADERBOARD_PAGE_ROWS).get_page(request.GET.get("page"))
     context = {
-        "dataset": dataset, "rows": rows, "total": len(benchmark.rows), "budget": query, "metric": metric,
+        "dataset": dataset, "rows": rows, "page": page, "total": len(benchmark.rows), "budget": query, "metric": metric,
         "benchmark": benchmark, "chosen": chosen, "csv_query": csv_query.urlencode(), "max_runs": MAX_COMPARE_RUNS,
         "filtered": any(k in chosen for k in ("max_params", "max_latency_ms", "recipe", "family")),
         "figure": plots.leaderboard_figure(points, metric_label=metric.label, percent=metric.percent),

@@ -204,3 +204,20 @@ def test_team_list(setup, user):
             MembershipFactory(user=user, team=TeamFactory(), role=Membership.Role.LEAD)
 
     _assert_constant(setup["client"], reverse("experiments:team_list"), add)
+
+
+def test_the_leaderboard_table_is_paginated_but_the_plot_and_csv_keep_every_row(setup):
+    experiment = _experiment(setup, runs=0)
+    for i in range(60):
+        student = ModelSpecFactory(team=setup["team"], param_count=500 + i)
+        _finished_run(setup, experiment, student, seed=0, accuracy=0.5 + i / 200)
+    url = reverse("experiments:leaderboard", args=[setup["dataset"].pk])
+    first = setup["client"].get(url)
+    second = setup["client"].get(url, {"page": 2})
+    assert len(first.context["page"].object_list) == 50 and len(second.context["page"].object_list) == 10
+    assert first.context["page"].object_list[0].rank == 1 and second.context["page"].object_list[0].rank == 51
+    assert "Page 1 of 2" in first.content.decode()
+    assert len(first.context["figure"]["data"][0]["x"]) + sum(
+        len(t["x"]) for t in first.context["figure"]["data"][1:]) >= 60
+    csv_rows = setup["client"].get(url, {"format": "csv"}).content.decode().strip().splitlines()
+    assert len(csv_rows) == 61                                   # header + every row
