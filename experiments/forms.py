@@ -66,7 +66,8 @@ class TeamScopedForm(forms.Form):
     team = forms.ModelChoiceField(queryset=None, empty_label=None)
     team_fields: tuple[str, ...] = ()
 
-    def __init__(self, *args: Any, user, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, user, default_team=None, **kwargs: Any) -> None:
+        """``default_team``: the team chosen in the header's switcher, preselected (a bound form keeps its data)."""
         super().__init__(*args, **kwargs)
         self.user = user
         teams = selectors.team_list(user=user)
@@ -79,6 +80,11 @@ class TeamScopedForm(forms.Form):
             first = teams.first()
             if first is not None:
                 self.fields["team"].initial = first.pk
+        elif default_team is not None and "team" not in self.initial:
+            self.fields["team"].initial = default_team.pk
+        # Keyboard-first: the cursor starts in the record's name.
+        if "name" in self.fields:
+            self.fields["name"].widget.attrs.setdefault("autofocus", True)
 
     def label_with_team(self, obj) -> str:
         return f"{obj} · {obj.team}" if self.multiple_teams else str(obj)

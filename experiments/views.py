@@ -84,7 +84,8 @@ def model_list(request: HttpRequest) -> HttpResponse:
 
 
 def model_create(request: HttpRequest) -> HttpResponse:
-    form = forms.ModelSpecForm(request.POST or None, user=request.user)
+    default_team = teams.selected_team(request)
+    form = forms.ModelSpecForm(request.POST or None, user=request.user, default_team=default_team)
     if request.method == "POST" and form.is_valid():
         try:
             spec = services.model_spec_create(
@@ -148,7 +149,9 @@ def dataset_create(request: HttpRequest) -> HttpResponse:
     cap = settings.DATASET_UPLOAD_MAX_BYTES
     if request.method == "POST":
         if uploads.announced_too_large(request, cap):
-            form = forms.DatasetSpecForm(user=request.user, initial={"source": DatasetSpec.Source.UPLOAD})
+            default_team = teams.selected_team(request)
+            form = forms.DatasetSpecForm(user=request.user, default_team=default_team,
+                                         initial={"source": DatasetSpec.Source.UPLOAD})
             return _dataset_too_large(request, form, cap)
         request.upload_handlers.insert(0, uploads.CappedUploadHandler(cap, request))
     return _dataset_create(request, cap)
@@ -157,7 +160,9 @@ def dataset_create(request: HttpRequest) -> HttpResponse:
 @csrf_protect
 def _dataset_create(request: HttpRequest, cap: int) -> HttpResponse:
     bound = request.method == "POST"
-    form = forms.DatasetSpecForm(request.POST if bound else None, request.FILES if bound else None, user=request.user)
+    default_team = teams.selected_team(request)
+    form = forms.DatasetSpecForm(request.POST if bound else None, request.FILES if bound else None,
+                                 user=request.user, default_team=default_team)
     capped = next((h for h in request.upload_handlers if isinstance(h, uploads.CappedUploadHandler)), None)
     if bound and capped is not None and capped.exceeded:
         return _dataset_too_large(request, form, cap)
@@ -201,7 +206,8 @@ RECIPE_INITIAL_TERMS = [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 
 def recipe_create(request: HttpRequest) -> HttpResponse:
     catalog = forms.loss_term_catalog()
     bound = request.method == "POST"
-    form = forms.RecipeForm(request.POST if bound else None, user=request.user)
+    default_team = teams.selected_team(request)
+    form = forms.RecipeForm(request.POST if bound else None, user=request.user, default_team=default_team)
     terms = forms.TermFormSet(
         request.POST if bound else None, prefix="terms", form_kwargs={"catalog": catalog},
         initial=None if bound else RECIPE_INITIAL_TERMS,

@@ -16,7 +16,7 @@ from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from . import forms, preflight, selectors, services
+from . import forms, preflight, selectors, services, teams
 
 
 def _render(request: HttpRequest, form: forms.ExperimentForm, *, report: preflight.Report | None = None,
@@ -33,9 +33,10 @@ def experiment_create(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
         source = _copy_source(request)
         initial = forms.experiment_initial(source) if source is not None else {}
-        return _render(request, forms.ExperimentForm(user=request.user, initial=initial),
+        default_team = teams.selected_team(request)
+        return _render(request, forms.ExperimentForm(user=request.user, default_team=default_team, initial=initial),
                        source=str(source) if source is not None else "")
-    form = forms.ExperimentForm(request.POST, user=request.user)
+    form = forms.ExperimentForm(request.POST, user=request.user, default_team=teams.selected_team(request))
     if form.is_valid():
         try:
             experiment = services.experiment_create(created_by=request.user, **form.service_kwargs())
@@ -58,7 +59,7 @@ def _copy_source(request: HttpRequest):
 def experiment_check(request: HttpRequest) -> HttpResponse:
     """The step before launch: the number of runs and the pre-flight checks, recomputed by the server, with the
     errors launching would give; nothing is created."""
-    form = forms.ExperimentForm(request.POST, user=request.user)
+    form = forms.ExperimentForm(request.POST, user=request.user, default_team=teams.selected_team(request))
     report = None
     if form.is_valid():
         kwargs = form.preflight_kwargs()
@@ -76,7 +77,8 @@ def experiment_check(request: HttpRequest) -> HttpResponse:
 def experiment_clone(request: HttpRequest, experiment_id: int) -> HttpResponse:
     """The experiment form pre-filled from an experiment of the user's teams (its sweep included)."""
     source = get_object_or_404(selectors.experiment_list(user=request.user), pk=experiment_id)
-    form = forms.ExperimentForm(user=request.user, initial=forms.experiment_initial(source))
+    default_team = teams.selected_team(request)
+    form = forms.ExperimentForm(user=request.user, default_team=default_team, initial=forms.experiment_initial(source))
     return _render(request, form, source=str(source))
 
 
@@ -84,5 +86,6 @@ def experiment_clone(request: HttpRequest, experiment_id: int) -> HttpResponse:
 def run_clone(request: HttpRequest, run_id: int) -> HttpResponse:
     """The experiment form pre-filled to train one run again with its concrete values, ready to edit."""
     run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
-    form = forms.ExperimentForm(user=request.user, initial=forms.run_initial(run))
+    default_team = teams.selected_team(request)
+    form = forms.ExperimentForm(user=request.user, default_team=default_team, initial=forms.run_initial(run))
     return _render(request, form, source=f"run #{run.pk} of {run.experiment}")

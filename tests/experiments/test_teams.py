@@ -373,3 +373,22 @@ def test_the_add_member_form_is_labelled_and_focused(as_lead, team):
 
     assert re.search(r'<label for="id_username"[^>]*>', html)
     assert re.search(r'<input[^>]*name="username"[^>]*autofocus', html)
+
+
+def test_create_forms_start_in_the_header_team_with_the_cursor_in_the_name(client, user):
+    from django.urls import reverse
+
+    from tests.factories import MembershipFactory, TeamFactory
+
+    first, second = TeamFactory(name="aaa-team"), TeamFactory(name="zzz-team")
+    MembershipFactory(team=first, user=user)
+    MembershipFactory(team=second, user=user)
+    client.force_login(user)
+    session = client.session
+    session["team_id"] = second.pk
+    session.save()
+    for name in ("model_create", "dataset_create", "recipe_create", "experiment_create"):
+        response = client.get(reverse(f"experiments:{name}"))
+        form = response.context["form"]
+        assert form["team"].value() == second.pk, name
+        assert 'autofocus' in str(form["name"]), name
