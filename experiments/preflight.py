@@ -394,7 +394,9 @@ def similar_run_speeds(*, students: Sequence[ModelSpec], dataset: DatasetSpec, m
     """
     per_step = ElapsedSeconds(F("finished_at"), F("started_at")) / Cast(F("total_steps"), FloatField())
     rows = (
-        Run.objects.filter(student__in=students, experiment__dataset=dataset, status=Run.Status.SUCCEEDED,
+        # Saved students only: one derived at launch has no runs yet.
+        Run.objects.filter(student_id__in=[s.pk for s in students if s.pk is not None],
+                           experiment__dataset=dataset, status=Run.Status.SUCCEEDED,
                            started_at__isnull=False, finished_at__isnull=False, total_steps__gte=max(min_steps, 1),
                            total_steps__lte=max_steps)
         .order_by()

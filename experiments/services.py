@@ -237,6 +237,23 @@ def model_derive(*, parent: ModelSpec, name: str, created_by, layers: str | list
     ))
 
 
+def derived_student_preview(*, parent: ModelSpec, layers: str) -> ModelSpec:
+    """What :func:`derived_student` would use, without saving anything: the existing derived model, or an unsaved
+    one (for counting runs and pre-flight checks before launch). Raises ValidationError for a bad preset."""
+    existing = ModelSpec.objects.filter(team=parent.team, parent=parent, source=ModelSpec.Source.DERIVED,
+                                        config={"layers": layers}).order_by("id").first()
+    if existing is not None:
+        return existing
+    try:
+        fields = validation.clean_model_fields({"source": ModelSpec.Source.DERIVED, "parent": parent,
+                                                "config": {"layers": layers}})
+    except ValidationError as exc:
+        raise ValidationError({"derive_student": " ".join(exc.messages)}) from exc
+    return ModelSpec(team=parent.team, name=f"{parent.name} ({layers.replace('_', ' ')} layer)", parent=parent,
+                     source=ModelSpec.Source.DERIVED, task=parent.task, num_labels=parent.num_labels,
+                     tokenizer_id=parent.tokenizer_id, config=fields["config"])
+
+
 def derived_student(*, parent: ModelSpec, layers: str, created_by) -> ModelSpec:
     """The student derived from ``parent`` by the layer preset ``layers``: an existing one, or a new one named
     after the parent (``"<parent> (every third layer)"``, numbered when the name is taken)."""

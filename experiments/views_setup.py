@@ -63,8 +63,12 @@ def experiment_check(request: HttpRequest) -> HttpResponse:
     report = None
     if form.is_valid():
         kwargs = form.preflight_kwargs()
-        report = preflight.experiment_preflight(**kwargs)
+        derive, teacher = form.cleaned_data.get("derive_student"), form.cleaned_data.get("teacher")
         try:
+            if derive and teacher is not None:  # counted and checked like the student it will become
+                kwargs["students"] = [*kwargs["students"],
+                                      services.derived_student_preview(parent=teacher, layers=derive)]
+            report = preflight.experiment_preflight(**kwargs)
             services.experiment_validate(team=form.cleaned_data["team"],
                                          teacher_weights=form.cleaned_data.get("teacher_weights") or [],
                                          **kwargs)

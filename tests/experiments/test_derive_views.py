@@ -213,3 +213,13 @@ def test_deriving_needs_a_teacher_and_a_refused_experiment_keeps_no_derived_mode
                                    recipes=[recipe], seeds=list(range(500)), teacher=bert,
                                    derive_student="every_other")
     assert not ModelSpec.objects.filter(parent=bert).exists()
+
+
+def test_the_check_step_counts_the_student_it_would_derive(bert, news, team, client_logged_in):
+    recipe = RecipeFactory(team=team)
+    data = {"team": team.pk, "name": "check", "dataset": news.pk, "teacher": bert.pk, "derive_student": "every_other",
+            "recipes": [recipe.pk], "seeds": "0,1"}
+    response = client_logged_in.post(reverse("experiments:experiment_check"), data)
+    assert response.status_code == 200 and response.context["report"] is not None
+    assert response.context["report"].count.total == 2 * (1 + 1)        # 2 seeds × (the recipe + its baseline)
+    assert not ModelSpec.objects.filter(parent=bert).exists()          # nothing saved before launch
