@@ -257,11 +257,10 @@ def derived_student_preview(*, parent: ModelSpec, layers: str) -> ModelSpec:
 def derived_student(*, parent: ModelSpec, layers: str, created_by) -> ModelSpec:
     """The student derived from ``parent`` by the layer preset ``layers``: an existing one, or a new one named
     after the parent (``"<parent> (every third layer)"``, numbered when the name is taken)."""
-    existing = ModelSpec.objects.filter(team=parent.team, parent=parent, source=ModelSpec.Source.DERIVED,
-                                        config={"layers": layers}).order_by("id").first()
-    if existing is not None:
-        return existing
-    base = f"{parent.name} ({layers.replace('_', ' ')} layer)"[:110]
+    preview = derived_student_preview(parent=parent, layers=layers)
+    if preview.pk is not None:
+        return preview
+    base = preview.name[:110]
     taken = set(ModelSpec.objects.filter(team=parent.team, name__startswith=base).values_list("name", flat=True))
     name = next(n for n in (base, *(f"{base} {i}" for i in range(2, len(taken) + 3))) if n not in taken)
     try:

@@ -286,6 +286,8 @@ def fleet(transactional_db, settings, tmp_path):
     """Starts real workers for one test (on a queue of its own) and stops them all at the end."""
     broker = redis_broker_url()
     if connection.settings_dict["ENGINE"] != "django.db.backends.postgresql":
+        if os.environ.get("DISTILLWEB_REQUIRE_SERVICES"):
+            pytest.fail("the fault tests need Postgres (DATABASE_URL): the workers share its test database")
         pytest.skip("the workers share the Postgres test database")
     tag = uuid.uuid4().hex[:8]
     queue, sweeps = f"faults-{tag}", f"faults-{tag}-fleet"
