@@ -9,7 +9,8 @@ here), ``warning`` (launch is allowed) or ``error`` (launch is refused) — a on
 - **Tokenizers**: for text models, teacher and student tokenizers compared by the identity their records keep
   (``tokenizer_id``, a config's named tokenizer, a derived model's parent, a registered run's student). A
   mismatch is an error where tokens must line up (causal-LM logit terms, hidden-state and attention terms) and a
-  notice where a cross-tokenizer method carries it (``uld`` in an online run, ``seq_kd`` with ``ce``);
+  notice where a cross-tokenizer method carries it (``uld``, alone or with ``ce``, online, offline from the
+  cache or on-policy; ``seq_kd`` with ``ce``);
   classification logits and sentence embeddings do not depend on tokens. Unrecorded identities: "cannot check".
 - **GPU memory**: each distinct run shape estimated from its config (``workers.engine.memory``) and routed like a
   new run (``routing.route``); a run no online worker can take is a warning, one larger than any GPU an error.
@@ -191,8 +192,9 @@ def tokenizer_rule(*, task: str, scheme: str, term_names: Sequence[str]) -> str:
     """What a tokenizer mismatch means for a recipe (the engine's rules, ``workers.engine.trainer``):
 
     ``free``: each model reads the text with its own tokenizer and nothing compares tokens (classification
-    logits, sentence embeddings); ``cross``: a cross-tokenizer method carries a mismatch (``uld`` in an online
-    causal-LM run, ``seq_kd`` scored by ``ce``); ``aligned``: tokens must line up, a mismatch fails the run.
+    logits, sentence embeddings); ``cross``: a cross-tokenizer method carries a mismatch (``uld``, alone or with
+    ``ce``, in a causal-LM run of any scheme but ``seq_kd``; ``seq_kd`` scored by ``ce``); ``aligned``: tokens
+    must line up, a mismatch fails the run.
     """
     from workers.engine.losses import LOSS_TERMS
 
@@ -203,7 +205,7 @@ def tokenizer_rule(*, task: str, scheme: str, term_names: Sequence[str]) -> str:
         return "free"
     if scheme == Recipe.Scheme.SEQ_KD:
         return "cross" if kinds <= {"labels"} else "aligned"
-    if scheme == Recipe.Scheme.ONLINE and "uld" in kinds and kinds <= {"labels", "uld"}:
+    if "uld" in kinds and kinds <= {"labels", "uld"}:
         return "cross"
     return "aligned"
 
@@ -263,7 +265,7 @@ def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, student
             else:
                 findings.append(("error", f"{pair}: different tokenizers ({a.key} vs {b.key}) but the recipe "
                                           "compares token positions. Give both models one tokenizer, or use a "
-                                          "cross-tokenizer recipe: uld in an online run, or seq_kd with ce."))
+                                          "cross-tokenizer recipe: uld (alone or with ce), or seq_kd with ce."))
     if not findings:
         models = [m for m in (teacher, assistant, *extra_teachers, *students) if m is not None]
         if models and all(model_kind(m) == "tabular" for m in models):

@@ -148,13 +148,24 @@ def test_a_tokenizer_mismatch_with_a_cross_tokenizer_method_is_a_notice(lm_setup
     assert check.level == "notice" and "cross-tokenizer method" in check.summary
 
 
-def test_uld_pairs_tokenizers_only_in_online_runs(lm_setup, team):
-    offline_uld = RecipeFactory(team=team, name="offline-uld", terms=lm_setup["uld"].terms)
+@pytest.mark.parametrize("scheme", ["offline", "on_policy"])
+def test_uld_pairs_tokenizers_in_cached_and_on_policy_runs_too(lm_setup, team, scheme):
+    uld = RecipeFactory(team=team, name=f"{scheme}-uld", scheme=scheme, terms=lm_setup["uld"].terms)
 
     check = preflight.check_tokenizers(dataset=lm_setup["dataset"], teacher=lm_setup["teacher"],
-                                       students=[lm_setup["smol"]], recipes=[offline_uld])
+                                       students=[lm_setup["smol"]], recipes=[uld])
 
-    assert check.level == "error"
+    assert check.level == "notice" and "cross-tokenizer method" in check.summary
+
+
+def test_uld_beside_a_position_by_position_term_still_needs_one_tokenizer(lm_setup, team):
+    mixed = RecipeFactory(team=team, name="uld-and-topk", terms=[*lm_setup["uld"].terms,
+                                                                 {"name": "topk", "weight": 1.0, "params": {"k": 8}}])
+
+    check = preflight.check_tokenizers(dataset=lm_setup["dataset"], teacher=lm_setup["teacher"],
+                                       students=[lm_setup["smol"]], recipes=[mixed])
+
+    assert check.level == "error" and "uld (alone or with ce)" in " ".join((check.summary, *check.details))
 
 
 def test_unrecorded_tokenizers_cannot_be_checked(lm_setup, team):

@@ -17,7 +17,9 @@ What an entry stores (float16 where noted; row ``i`` of the split is entry row `
 - causal LM ``topk``: per predicted position (positions 0..len-2 of each row, i.e. already shifted), flat over
   the split: ``logprobs`` (P, k) float16, ``indices`` (P, k) int32, ``tail_logmass`` (P,) float16 (log of the
   mass outside the top k), ``target_logprob`` (P,) float32 (the teacher's log-probability of the actual next
-  token, for its perplexity); ``offsets`` (N+1,) int64 say where each row's positions start;
+  token, for its perplexity); ``offsets`` (N+1,) int64 say where each row's positions start; train entries of
+  unpacked text also ``prefix_end`` (P,) int64, the character offset where the text the teacher has read at each
+  position ends (:mod:`.align`), so a student with another tokenizer can pair its positions with them;
 - ``embeddings``: (N, D) float32;
 - ``generations`` (seq_kd): ``tokens`` (P,) int32 prompt + continuation, ``offsets`` (N+1,), ``prompt_lengths``.
 

@@ -488,7 +488,9 @@ def topk(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor | None = N
                       divergence=divergence, tail=tail, temperature=temperature, beta=beta)
 
 
-def _uld_tokens(s: Tensor, t: Tensor) -> Tensor:
+def _uld_tokens(s: Tensor, t: Tensor | TopK) -> Tensor:
+    if isinstance(t, TopK):
+        return _uld_sparse_tokens(s, t)
     p_s = _log_probs(s).exp().sort(dim=-1, descending=True).values                  # (..., V_s)
     p_t = _log_probs(t).exp().sort(dim=-1, descending=True).values                  # (..., V_t)
     width = max(p_s.shape[-1], p_t.shape[-1])
@@ -497,7 +499,34 @@ def _uld_tokens(s: Tensor, t: Tensor) -> Tensor:
     return (p_t - p_s).abs().sum(dim=-1)
 
 
-def uld(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
+def _sparse_teacher_probs(teacher: TopK) -> tuple[Tensor, Tensor]:
+    """A cached teacher's top-k probabilities, sorted in decreasing order (..., k), and its tail mass (...).
+
+    Both are rescaled so they sum to 1, which undoes the rounding of a half-precision cache. Without a stored
+    tail the tail is ``1 − Σ top-k`` (at least 0).
+    """
+    p_t = teacher.logprobs.float().exp().sort(dim=-1, descending=True).values       # (..., k)
+    covered = p_t.sum(dim=-1)                                                        # (...)
+    if teacher.tail_logmass is None:
+        tail = (1 - covered).clamp_min(0)
+    else:
+        tail = teacher.tail_logmass.float().exp()
+    total = (covered + tail).clamp_min(1e-30)
+    return p_t / total.unsqueeze(-1), tail / total
+
+
+def _uld_sparse_tokens(s: Tensor, teacher: TopK) -> Tensor:
+    p_t, t_tail = _sparse_teacher_probs(teacher)                                     # (..., k), (...)
+    k = p_t.shape[-1]
+    log_s = _log_probs(s)                                                            # (..., V_s)
+    kept = min(k, log_s.shape[-1])
+    top_s, top_index = log_s.topk(kept, dim=-1)                                      # (..., kept), descending
+    s_tail = _tail_logmass(log_s, top_index).exp()                                   # (...), 0 when kept = V_s
+    p_s = F.pad(top_s.exp(), (0, k - kept))                                          # zeros past a small vocab
+    return (p_t - p_s).abs().sum(dim=-1) + (s_tail - t_tail).abs()
+
+
+def uld(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor | None = None, *,
         chunk_size: int | None = None) -> Tensor:
     """Universal logit distillation (Boizard et al. 2024): ``Σ_i |p_T(i) − p_S(i)|`` over sorted probabilities.
 
@@ -506,17 +535,29 @@ def uld(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = No
     with different tokenizers the trainer pairs positions that have read the same text (:mod:`.align`) and
     masks the rest.
 
+    With a sparse teacher (a :class:`TopK` from the cache) only the teacher's k largest probabilities are known
+    one by one; the rest is known only by its total, the tail mass ``T``. The loss is then
+    ``Σ_{i<k} |p_T(i) − p_S(i)| + |Σ_{i≥k} p_S(i) − T|`` (sorted probabilities, the student's zero-padded to k
+    when V_S < k). The first sum is exact; the tail term is the tight lower bound of the dense tail sum
+    ``Σ_{i≥k} |p_T(i) − p_S(i)|`` given what the cache holds (triangle inequality; equal whenever the
+    differences past rank k all have one sign, e.g. when one tail is a scaled copy of the other). So the sparse
+    value never exceeds the dense one, grows with k, and equals it when the cache holds the whole vocabulary
+    (k = V_T, where the tail is empty).
+
     Args:
-        student_logits: (..., V_S); teacher_logits: (..., V_T) with the same leading shape.
+        student_logits: (..., V_S).
+        teacher: dense teacher logits (..., V_T) with the same leading shape, or a :class:`TopK` with
+            logprobs (..., k) and, optionally, tail_logmass (...).
         mask: (...) bool; None = all positions.
         chunk_size: positions per block; None = all at once.
     Returns:
         float32 scalar in [0, 2].
     """
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+    teacher_shape = teacher.logprobs.shape if isinstance(teacher, TopK) else teacher.shape
+    if student_logits.shape[:-1] != teacher_shape[:-1]:
         raise ConfigError(f"Loss term 'uld' needs aligned positions; student logits {tuple(student_logits.shape)}"
-                          f" vs teacher {tuple(teacher_logits.shape)}.")
-    return token_mean(_uld_tokens, student_logits, teacher_logits, mask, chunk_size=chunk_size)
+                          f" vs teacher {tuple(teacher_shape)}.")
+    return token_mean(_uld_tokens, student_logits, teacher, mask, chunk_size=chunk_size)
 
 
 # --- feature terms ---------------------------------------------------------------------------------------------
@@ -948,8 +989,8 @@ LOSS_TERMS: dict[str, TermSpec] = {
         TermSpec(
             "uld", "Universal logit distillation",
             "Σ|p_T(i) − p_S(i)| over probabilities sorted in decreasing order (shorter vocab zero-padded): works "
-            "across tokenizers (Boizard et al. 2024).",
-            needs=_TEACHER_LOGITS, fn=uld, kind="uld",
+            "across tokenizers (Boizard et al. 2024). From a top-k cache, the teacher's tail enters as one total.",
+            needs=frozenset({"teacher_topk"}), fn=uld, kind="uld",
         ),
         TermSpec(
             "hidden_mse", "Hidden-state MSE",

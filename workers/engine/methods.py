@@ -15,7 +15,9 @@ None (every row) for classification, where -100 means "unlabelled" and the teach
 - ``taid``: as ``logits`` with ``interpolation=t``; t is linear in ``step / total_steps`` or adaptive (kept in
   ``state``, updated once per optimizer step while gradients are on).
 - ``topk``: ``fn(student_logits, teacher_topk or teacher_logits, mask)`` (the sparse cache wins when both exist).
-- ``uld``: ``fn(student_logits, teacher_logits, mask)``; the vocabularies may differ.
+- ``uld``: ``fn(student_logits, teacher_topk or teacher_logits, mask)`` (the sparse cache wins when both exist);
+  the vocabularies may differ; across tokenizers ``mask`` also drops the positions without a teacher partner
+  (``teacher_paired``).
 - ``hidden`` (hidden_mse, hidden_cosine): ``fn(student_hidden, teacher_hidden, attention_mask, projections=…)``.
 - ``attentions`` (attention_mse): ``fn(student_attentions, teacher_attentions, attention_mask)``.
 - ``attention_relations`` (attention_kl): last-layer attentions and values, ``attention_mask``.
@@ -90,7 +92,8 @@ class TermInputs:
     differ for uld); hidden states (B, T, H) per layer with [0] = embeddings (Hugging Face ``hidden_states``);
     attentions (B, heads, T, T) per layer; values (B, heads, T, d) per layer (the last one is used);
     ``attention_mask`` (B, T) with 1 = real token; embeddings (B, D); ``teacher_paired`` (B, T) bool, for
-    cross-tokenizer causal LMs: positions whose teacher logits come from a position that read the same text.
+    cross-tokenizer causal LMs: positions whose teacher logits (or cached top-k) come from a position that
+    read the same text; ``teacher_topk`` the cached sparse teacher, laid out like ``teacher_logits``.
     """
 
     student_logits: Tensor
@@ -174,10 +177,12 @@ def validate_terms(terms: Sequence[LossTermConfig], *, dims: ModelDims | None = 
 def _check_dims(term: LossTermConfig, spec: TermSpec, dims: ModelDims) -> None:
     name, params = term.name, term.params
     s_vocab, t_vocab = dims.student_vocab_size, dims.teacher_vocab_size
-    if spec.kind in ("logits", "taid", "uld") and dims.sparse_teacher:
+    # topk and uld read a sparse teacher (uld with its tail as one total, see losses.uld); the others need every
+    # teacher probability.
+    if spec.kind in ("logits", "taid") and dims.sparse_teacher:
         raise ConfigError(
             f"Loss term '{name}' needs dense teacher logits, but the teacher's outputs come from a top-k cache. "
-            "Use the topk term, or the online scheme.")
+            "Use the topk or uld term, or the online scheme.")
     if spec.kind in ("logits", "taid") or (spec.kind == "topk" and not dims.sparse_teacher):
         if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
             raise ConfigError(
@@ -345,7 +350,8 @@ def _compute(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, *, modu
         mask = sequence_mask(inputs)
         if inputs.teacher_paired is not None:  # cross-tokenizer: only positions that read the same text
             mask = inputs.teacher_paired if mask is None else mask & inputs.teacher_paired
-        return spec.fn(student, teacher, mask, **params, **extra)
+        source = inputs.teacher_topk if inputs.teacher_topk is not None else teacher
+        return spec.fn(student, source, mask, **params, **extra)
     mask = None if inputs.attention_mask is None else inputs.attention_mask.bool()
     if kind == "hidden":
         projections = modules[name] if name in modules else None

@@ -9,13 +9,18 @@ Schemes:
 - ``offline``: the teacher's outputs on the train split come from the teacher-output cache (:mod:`.cache`):
   computed once, by whichever run needs them first, then reused by every run with the same key; a cache hit
   runs no teacher forward and loads no teacher weights. Classification caches full logits, causal LMs the
-  top-k log-probabilities (so only sparse terms such as ``topk`` train offline), embeddings the embeddings;
+  top-k log-probabilities (so only the terms that read a sparse teacher, ``topk`` and ``uld``, train offline),
+  embeddings the embeddings;
 - ``online``: the teacher runs on every batch (needed for feature terms: hidden states, attentions, values);
 - ``multi_teacher``: like ``offline``, with the weighted average of several teachers' distributions as target;
 - ``seq_kd`` (causal LM): the teacher writes continuations of the train rows' prompts once (cached); the
   student is trained on prompt + continuation with the loss on the continuation only;
 - ``on_policy`` (causal LM): with probability λ a step's continuations are sampled from the student and scored
   by the online teacher with the recipe's divergences; otherwise the step trains on the dataset's text.
+
+Causal LMs whose teacher uses another tokenizer train with ``uld`` (plus ``ce`` on the data) in the offline,
+online and on_policy schemes, on the positions where both models have read the same text (:mod:`.align`); the
+other terms compare token positions one to one and are refused. ``seq_kd`` re-tokenises the teacher's text.
 ``self_distillation`` and ``teacher_assistant`` are chains of ``offline`` runs built by the caller.
 
 A run is repeatable bit for bit on CPU: everything is seeded from ``train.seed``, the batch at step ``s`` is a
@@ -39,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from . import methods
-from .align import align_positions, gather_aligned, prefix_ends
+from .align import align_positions, decoded_prefix_ends, gather_aligned, prefix_ends
 from .cache import (
     EVAL_TOPK,
     CacheEntry,
@@ -461,6 +466,36 @@ def run_dims(student: LoadedModel, teacher: dict[str, Any] | None, *, task: str,
     )
 
 
+def _check_cross_tokenizer_terms(terms: list[LossTermConfig], *, scheme: str, teacher_mode: str,
+                                 student: LoadedModel, teacher: LoadedModel | None) -> None:
+    """Raise ConfigError unless a causal-LM recipe can run with a teacher that uses another tokenizer.
+
+    Across tokenizers only ``uld`` compares the two models, on the positions where both have read the same text
+    (:mod:`.align`), online, from the top-k cache or on the student's samples (``on_policy``); ``ce`` trains on
+    the data alone. Pairing cached positions needs the student's character offsets, pairing sampled text the
+    teacher's: both come from fast (Rust) tokenizers only. ``teacher``: the loaded teacher, None when not
+    loaded.
+    """
+    if not any(LOSS_TERMS[t.name].kind == "uld" for t in terms):
+        raise ConfigError("The teacher and the student use different tokenizers, so their token positions "
+                          "do not line up. Give them the same tokenizer, use the uld (cross-tokenizer) term, or "
+                          "use seq_kd (trains on the teacher's text).")
+    others = [t.name for t in terms if LOSS_TERMS[t.name].kind not in ("uld", "labels")]
+    if others:
+        raise ConfigError(f"The teacher and the student use different tokenizers, so only the uld term can compare "
+                          "them (on the positions where both have read the same text); "
+                          f"{', '.join(others)} compare{'s' if len(others) == 1 else ''} token positions one to "
+                          f"one. Remove {'it' if len(others) == 1 else 'them'}, or give both models the same "
+                          "tokenizer.")
+    if teacher_mode == "cached" and not getattr(student.tokenizer, "is_fast", False):
+        raise ConfigError("Cross-tokenizer uld from the teacher cache pairs positions by the characters each "
+                          "token covers, which needs a fast (Rust) tokenizer, and the student's is a slow one.")
+    if scheme == "on_policy" and teacher is not None and not getattr(teacher.tokenizer, "is_fast", False):
+        raise ConfigError("Cross-tokenizer on_policy pairs the student's samples with the teacher's reading of "
+                          "their text by the characters each token covers, which needs a fast (Rust) tokenizer, "
+                          "and the teacher's is a slow one.")
+
+
 def prompt_length(row: list[int], *, max_new_tokens: int, max_length: int, eos_id: int | None) -> int:
     """How many leading tokens of a text row serve as a generation prompt: the first half of the text (EOS not
     counted), at least 1, leaving room for ``max_new_tokens`` within ``max_length``."""
@@ -596,6 +631,12 @@ class TeacherTargets:
 
     ``cached``: looked up by row in a teacher-output cache entry (no teacher forward). ``online``: the teacher
     runs on the batch, returning what the terms need (logits, hidden states, attentions, values, embeddings).
+
+    Causal LMs across tokenizers (``same_tokens`` False) pair each student position with the teacher position
+    that has read the same text (:mod:`.align`) and add ``teacher_paired``: from the cache, the entry's rows
+    (the teacher's tokens of the same texts) are gathered at the paired positions; online, the teacher reads the
+    batch's texts with its own tokenizer; on student samples (``on_policy``, no dataset rows), it reads their
+    decoded text.
     """
 
     def __init__(self, teachers: Teachers, *, entry: CacheEntry | None, task: str, same_tokens: bool,
@@ -633,6 +674,62 @@ class TeacherTargets:
             self._own[key] = make_batcher("train", self.teachers.dataset, loaded)
         return self._own[key].batch(rows).to(self.teachers.device)
 
+    def _cached_teacher_ends(self) -> list[list[int]]:
+        """Prefix ends of the cache entry's predicting positions, one list per train row: stored in the entry,
+        or (an entry written before they were stored) from the teacher's tokenizer, which loads the teacher."""
+        if "cached" not in self._ends:
+            t = self.entry.tensors
+            offsets = t["offsets"].tolist()
+            if "prefix_end" in t:
+                flat = t["prefix_end"].tolist()
+                ends: list[list[int]] | None = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+            else:
+                loaded = self.teachers.first
+                rows = make_batcher("train", self.teachers.dataset, loaded, max_length=self.teachers.max_length)
+                full = prefix_ends(self.teachers.dataset.train.inputs, rows.token_rows, tokenizer=loaded.tokenizer)
+                ends = None if full is None else [
+                    row[: offsets[i + 1] - offsets[i]] for i, row in enumerate(full)]
+            if ends is None:
+                raise ConfigError("Cross-tokenizer uld from the teacher cache pairs positions by the characters each "
+                                  "token covers, which needs a fast (Rust) tokenizer, and the teacher's is a slow "
+                                  "one.")
+            self._ends["cached"] = ends
+        return self._ends["cached"]
+
+    def _cached_across_tokenizers(self, rows: Tensor, width: int) -> dict[str, Any]:
+        """The cached top-k of the teacher positions paired with each of the student's ``width`` predicting
+        positions, and the ``teacher_paired`` mask."""
+        s_ends = self._prefix_ends("student", self.student_rows, self.student.tokenizer)
+        if s_ends is None:
+            raise ConfigError("Cross-tokenizer uld from the teacher cache pairs positions by the characters each "
+                              "token covers, which needs a fast (Rust) tokenizer, and the student's is a slow one.")
+        t_ends = self._cached_teacher_ends()
+        ids = rows.tolist()
+        t_width = max(1, max(len(t_ends[i]) for i in ids))
+        top = gather_topk(self.entry, rows, t_width, self.teachers.device)                  # (B, T_t, k)
+        index = align_positions([s_ends[i] for i in ids], [t_ends[i] for i in ids], student_width=width,
+                                teacher_width=t_width, teacher_predicting_only=True)      # (B, width)
+        picked, paired = gather_aligned(top, index)
+        return {"teacher_topk": picked, "teacher_paired": paired}
+
+    def _sampled_view(self, loaded: LoadedModel, batch: Batch) -> tuple[Batch, Tensor]:
+        """Student-sampled rows (``on_policy``) for a teacher with another tokenizer: their decoded text read by
+        the teacher, and the (B, T_s − 1) pairs of positions that have read the same text."""
+        ids, lengths = batch.inputs["input_ids"].cpu(), batch.inputs["attention_mask"].sum(1).tolist()
+        student_rows = [ids[b, : int(n)].tolist() for b, n in enumerate(lengths)]
+        texts, s_ends = decoded_prefix_ends(student_rows, tokenizer=self.student.tokenizer)
+        own = LMBatcher.from_texts(texts, tokenizer=loaded.tokenizer,
+                                   max_length=lm_max_length(self.teachers.dataset, loaded))
+        t_ends = prefix_ends(texts, own.token_rows, tokenizer=loaded.tokenizer)
+        if t_ends is None:
+            raise ConfigError("Cross-tokenizer on_policy pairs the student's samples with the teacher's reading of "
+                              "their text by the characters each token covers, which needs a fast (Rust) "
+                              "tokenizer, and the teacher's is a slow one.")
+        teacher_batch = own.batch(np.arange(len(texts))).to(self.teachers.device)
+        index = align_positions(s_ends, t_ends, student_width=ids.shape[1] - 1,
+                                teacher_width=teacher_batch.inputs["input_ids"].shape[1] - 1)
+        return teacher_batch, index
+
     @torch.no_grad()
     def fields(self, batch: Batch, rows: np.ndarray | None, *, plan: RunPlan) -> dict[str, Any]:
         device = self.teachers.device
@@ -643,10 +740,16 @@ class TeacherTargets:
             if self.task == "embedding":
                 return {"teacher_embedding": t["embeddings"].to(device)[batch.indices]}
             width = batch.inputs["input_ids"].shape[1] - 1
-            return {"teacher_topk": gather_topk(self.entry, batch.indices.cpu(), width, device)}
+            if self.same_tokens:
+                return {"teacher_topk": gather_topk(self.entry, batch.indices.cpu(), width, device)}
+            return self._cached_across_tokenizers(batch.indices.cpu(), width)
         needs = plan.needs
         loaded = self.teachers.first
-        teacher_batch = self._teacher_batch(loaded, batch, rows)
+        index: Tensor | None = None
+        if self.task == "causal_lm" and not self.same_tokens and rows is None:
+            teacher_batch, index = self._sampled_view(loaded, batch)
+        else:
+            teacher_batch = self._teacher_batch(loaded, batch, rows)
         with autocast(device):
             out = forward_outputs(loaded.model, teacher_batch.inputs, hidden="hidden_states" in needs,
                                   attentions="attentions" in needs, values="values" in needs,
@@ -656,7 +759,8 @@ class TeacherTargets:
         if self.task == "causal_lm":
             logits = out.logits.float()[:, :-1]
             student_width = batch.inputs["input_ids"].shape[1] - 1
-            index = None if self.same_tokens else self._alignment(loaded, rows, student_width, logits.shape[1])
+            if index is None and not self.same_tokens:
+                index = self._alignment(loaded, rows, student_width, logits.shape[1])
             if index is None:
                 fields["teacher_logits"] = _fit_width(logits, student_width)
             else:
@@ -697,8 +801,16 @@ def _embedding_outputs(teachers: Teachers, split: str, batch_size: int) -> dict[
 
 
 @torch.no_grad()
-def _lm_topk_outputs(teachers: Teachers, batcher: LMBatcher, *, k: int, batch_size: int) -> dict[str, Tensor]:
-    """Top-k log-probs (+ tail, + the target token's log-prob) at every predicted position of every row."""
+def _lm_topk_outputs(teachers: Teachers, batcher: LMBatcher, *, k: int, batch_size: int,
+                     texts: list[str] | None = None) -> dict[str, Tensor]:
+    """Top-k log-probs (+ tail, + the target token's log-prob) at every predicted position of every row.
+
+    With ``texts`` (the texts the rows were made from, one per row) and a fast teacher tokenizer, also the
+    ``prefix_end`` of every predicted position (:func:`align.prefix_ends`), so a run whose student uses another
+    tokenizer can pair its positions with the entry's without the teacher.
+    """
+    ends = prefix_ends(texts, batcher.token_rows, tokenizer=teachers.first.tokenizer) if texts is not None \
+        else None
     per_row: list[dict[str, Tensor]] = []
     with contextlib.ExitStack() as stack:
         for loaded in teachers.models():
@@ -709,12 +821,14 @@ def _lm_topk_outputs(teachers: Teachers, batcher: LMBatcher, *, k: int, batch_si
             top = topk_of(logits, k)
             target = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
             lengths = batch.inputs["attention_mask"].sum(1).tolist()
-            for b, length in enumerate(lengths):
+            for b, (length, row) in enumerate(zip(lengths, batch.indices.tolist(), strict=True)):
                 n = max(int(length) - 1, 0)
                 per_row.append({"logprobs": top.logprobs[b, :n].half().cpu(),
                                 "indices": top.indices[b, :n].int().cpu(),
                                 "tail_logmass": top.tail_logmass[b, :n].half().cpu(),
                                 "target_logprob": target[b, :n].float().cpu()})
+                if ends is not None:
+                    per_row[-1]["prefix_end"] = torch.as_tensor(ends[row][:n], dtype=torch.int64)
     return pack_positions(per_row)
 
 
@@ -755,7 +869,8 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     teachers = Teachers(cfg, plan, dataset, device, max_length=max_length) if plan.uses_teacher else None
 
     def stored_for(split: str) -> dict[str, Any]:
-        """What a cache entry of ``split`` holds (LM train entries keep the largest k the topk terms ask for)."""
+        """What a cache entry of ``split`` holds (LM train entries keep the largest k the topk terms ask for, else
+        EVAL_TOPK; uld reads whatever k the entry holds)."""
         if task == "classification":
             return {"kind": "logits", "dtype": "float32"}
         if task == "embedding":
@@ -792,11 +907,9 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             if any(LOSS_TERMS[t.name].kind != "labels" for t in terms):
                 raise ConfigError("seq_kd across tokenizers trains the student on the teacher's text, re-tokenised "
                                   "with its own tokenizer; only ce can score it. Remove the other terms.")
-        elif not any(LOSS_TERMS[t.name].kind == "uld" for t in terms) or plan.teacher_mode == "cached" \
-                or cfg.scheme == "on_policy":
-            raise ConfigError("The teacher and the student use different tokenizers, so their token positions "
-                              "do not line up. Give them the same tokenizer, train online with the uld "
-                              "(cross-tokenizer) term, or use seq_kd (trains on the teacher's text).")
+        else:
+            _check_cross_tokenizer_terms(terms, scheme=cfg.scheme, teacher_mode=plan.teacher_mode, student=student,
+                                         teacher=teachers.first if teachers.is_loaded else None)
         if cfg.dataset.pack:
             raise ConfigError("Cross-tokenizer (uld) runs pair positions within each text, so they cannot pack "
                               "texts into blocks: turn packing off.")
@@ -833,7 +946,11 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             return _classification_outputs(teachers, "train", tc.batch_size)
         if task == "embedding":
             return _embedding_outputs(teachers, "train", tc.batch_size)
-        return _lm_topk_outputs(teachers, train_batches, k=stored_for("train")["k"], batch_size=tc.batch_size)
+        # The teacher's own tokens (they are the student's unless a cross-tokenizer run), cut at the same max
+        # length either way, so the entry is the same whichever student asks for it first.
+        rows = train_batches if same_vocab else make_batcher("train", dataset, teachers.first, max_length=max_length)
+        return _lm_topk_outputs(teachers, rows, k=stored_for("train")["k"], batch_size=tc.batch_size,
+                                texts=None if dataset.pack else dataset.train.inputs)
 
     started = time.perf_counter()
     targets = None

@@ -162,7 +162,7 @@ def test_offline_topk_cache_is_reused_without_loading_the_teacher(tmp_path, corp
 
 def test_dense_terms_are_refused_with_a_sparse_offline_teacher(tmp_path, corpus, lm_teacher):
     log = Log()
-    with pytest.raises(ConfigError, match="needs dense teacher logits.*top-k cache.*topk term, or the online"):
+    with pytest.raises(ConfigError, match="needs dense teacher logits.*top-k cache.*topk or uld term, or the online"):
         train(_lm_run(tmp_path / "run", corpus, teacher={"source": "run", "path": str(lm_teacher)},
                       terms=[{"name": "kd"}], scheme="offline"), log.callbacks())
     assert log.progress == [] and not (tmp_path / "cache").exists()

@@ -257,7 +257,7 @@ def test_term_state_round_trips_through_json():
     ([LossTermConfig("taid")], ModelDims(student_vocab_size=100, teacher_vocab_size=120), "Use uld"),
     ([LossTermConfig("topk")], ModelDims(student_vocab_size=100, teacher_vocab_size=120), "Use uld"),
     ([LossTermConfig("kd")], ModelDims(sparse_teacher=True), "top-k cache"),
-    ([LossTermConfig("uld")], ModelDims(sparse_teacher=True), "top-k cache"),
+    ([LossTermConfig("taid")], ModelDims(sparse_teacher=True), "top-k cache. Use the topk or uld term"),
     ([LossTermConfig("topk", params={"k": 65})], ModelDims(student_vocab_size=64, teacher_vocab_size=64),
      "k=65 tokens, but the vocabulary has only 64"),
     ([LossTermConfig("topk", params={"k": 65})], ModelDims(student_vocab_size=64, sparse_teacher=True),
@@ -279,6 +279,10 @@ def test_validate_terms_accepts_what_fits():
     mismatch = ModelDims(student_vocab_size=100, teacher_vocab_size=120)
     assert validate([LossTermConfig("uld"), LossTermConfig("ce")], dims=mismatch)
     assert validate([LossTermConfig("topk", params={"k": 8})],
+                    dims=ModelDims(student_vocab_size=100, teacher_vocab_size=120, sparse_teacher=True))
+    # uld reads the sparse cache too (its tail as one total), across vocabularies as well
+    assert validate([LossTermConfig("uld")], dims=ModelDims(sparse_teacher=True))
+    assert validate([LossTermConfig("uld"), LossTermConfig("ce")],
                     dims=ModelDims(student_vocab_size=100, teacher_vocab_size=120, sparse_teacher=True))
     assert validate([LossTermConfig("hidden_mse", params={"layer_map": [2, 6]})],
                     dims=ModelDims(student_num_layers=2, teacher_num_layers=6))
