@@ -9,11 +9,25 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import connections
-from django.db.models import Count, Max, Min, OuterRef, Q, QuerySet, Subquery
+from django.db.models import (
+    Case,
+    Count,
+    JSONField,
+    Max,
+    Min,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
+)
 from django.db.models.fields.json import KeyTransform
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -74,6 +88,18 @@ def experiment_list(*, user) -> QuerySet[Experiment]:
         _scoped(Experiment.objects.select_related("team", "teacher", "dataset", "created_by"), user)
         .annotate(run_count=_run_count(), **counts)
         .order_by("-created_at", "-id")
+    )
+
+
+def experiment_list_rows(*, user) -> QuerySet[Experiment]:
+    """:func:`experiment_list` with only what the list page shows of each experiment and the records it names
+    (names, times and counts; never the JSON settings, descriptions or configs), students and recipes
+    prefetched by name: three queries for a page."""
+    return experiment_list(user=user).only(
+        "name", "created_at", "team__name", "teacher__name", "dataset__name", "created_by__username",
+    ).prefetch_related(
+        Prefetch("students", queryset=ModelSpec.objects.only("name")),
+        Prefetch("recipes", queryset=Recipe.objects.only("name", "version")),
     )
 
 
@@ -215,6 +241,15 @@ def worker_current_runs() -> dict[str, list[Run]]:
 
 
 # --- leaderboard ------------------------------------------------------------------------------------
+def _sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n - 1), 0 for fewer than two values. Float arithmetic: ``statistics.stdev``
+    is exact but builds fractions, which a leaderboard of thousands of rows cannot afford."""
+    if len(values) < 2:
+        return 0.0
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 @dataclass
 class LeaderboardRow:
     experiment: Experiment
@@ -252,13 +287,15 @@ class LeaderboardRow:
         """Teacher latency / student latency (batch 1, on the workers that measured them)."""
         return self.teacher_latency_ms / self.latency_ms if self.teacher_latency_ms and self.latency_ms else None
 
-    @property
+    # Mean and spread are read many times per row (ranking, filters, plot, table) and only once the row holds
+    # all its seeds: computed once.
+    @cached_property
     def mean(self) -> float:
         return statistics.fmean(self.accuracies)
 
-    @property
+    @cached_property
     def std(self) -> float:
-        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+        return _sample_std(self.accuracies)
 
     @property
     def seeds(self) -> int:
@@ -277,7 +314,7 @@ class LeaderboardRow:
 
     @property
     def kd_gain_std(self) -> float | None:
-        return statistics.stdev(self.gains) if len(self.gains) > 1 and not self.is_baseline else None
+        return _sample_std(self.gains) if len(self.gains) > 1 and not self.is_baseline else None
 
 
 @dataclass(frozen=True)
@@ -318,11 +355,16 @@ def primary_metric(dataset: DatasetSpec) -> PrimaryMetric:
     return PRIMARY_METRICS.get(dataset.task, PRIMARY_METRICS["classification"])
 
 
+def _score(accuracy: float | None, raw: Any, metric: PrimaryMetric) -> float | None:
+    """A score on ``metric`` from an evaluation's accuracy column and the metric's raw JSON value (None when it
+    was not measured, or is not a number)."""
+    if metric.name == "accuracy" and accuracy is not None:
+        return accuracy
+    return float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else None
+
+
 def _metric_value(evaluation: Evaluation, metric: PrimaryMetric) -> float | None:
-    if metric.name == "accuracy" and evaluation.accuracy is not None:
-        return evaluation.accuracy
-    value = (evaluation.metrics or {}).get(metric.name)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return _score(evaluation.accuracy, (evaluation.metrics or {}).get(metric.name), metric)
 
 
 def metric_value(evaluation: Evaluation | None, metric: PrimaryMetric) -> float | None:
@@ -338,8 +380,7 @@ def evaluation_metric_names(evaluations: Iterable[Evaluation], *, primary: Prima
     return [primary] + [m for name, m in QUALITY_METRICS.items() if name in present and name != primary.name]
 
 
-def _leaderboard_evaluations(*, user, dataset: DatasetSpec, split_key: str | None,
-                             scope: str) -> QuerySet[Evaluation]:
+def _leaderboard_scope(*, user, dataset: DatasetSpec, split_key: str | None, scope: str) -> QuerySet[Evaluation]:
     """Finished student evaluations of the benchmark, scoped to the user's teams (staff: all).
 
     ``scope="team"``: evaluations on this dataset record. ``scope="global"`` (needs ``split_key``): every
@@ -355,20 +396,37 @@ def _leaderboard_evaluations(*, user, dataset: DatasetSpec, split_key: str | Non
             qs = qs.filter(split_key=split_key)
     if not user.is_staff:
         qs = qs.filter(run__team__memberships__user=user)
-    return qs.select_related(
-        "run__experiment__teacher", "run__experiment__team", "run__student__parent", "run__recipe"
-    ).defer(*_LEADERBOARD_DEFERRED).annotate(**_LEADERBOARD_SWEEP_PARTS).order_by("run_id")
+    return qs
 
 
-# What a leaderboard never reads of the records it joins: each run's frozen config and result (kilobytes of JSON
-# apiece, for every finished run of the benchmark), error texts and descriptions. The experiment's ``train`` is
-# read (small: it names the swept settings), and of each run's config only the parts that hold swept values.
-_LEADERBOARD_DEFERRED = (
-    "run__config", "run__result", "run__error", "run__experiment__description",
-    "run__experiment__teacher__notes", "run__student__notes", "run__student__parent__notes",
-    "run__recipe__description", "run__recipe__terms", "run__recipe__scheme_params",
-    "run__experiment__teacher_weights", "run__experiment__seeds", "run__experiment__teacher__config",
-)
+class _BoardEval(NamedTuple):
+    """What a leaderboard reads of one student evaluation: plain values from one query, never model instances
+    (a benchmark holds thousands of evaluations; building and joining objects for each cost far more than the
+    SQL)."""
+
+    pk: int
+    run_id: int
+    split_key: str
+    accuracy: float | None
+    metric_raw: Any
+    params: int | None
+    latency_ms: float | None
+    experiment_id: int
+    student_id: int
+    recipe_id: int
+    stage: str
+    seed: int
+    is_baseline: bool
+
+    def value(self, metric: PrimaryMetric) -> float | None:
+        return _score(self.accuracy, self.metric_raw, metric)
+
+
+_BOARD_FIELDS = ("pk", "run_id", "split_key", "accuracy", "metric_raw", "param_count", "latency_ms",
+                 "run__experiment_id", "run__student_id", "run__recipe_id", "run__stage", "run__seed",
+                 "run__is_baseline")
+
+# The parts of a run's frozen config that hold swept values (read only for runs of experiments that sweep).
 _LEADERBOARD_SWEEP_PARTS = {
     "sweep_train": KeyTransform("train", "run__config"),
     "sweep_terms": KeyTransform("terms", "run__config"),
@@ -376,15 +434,31 @@ _LEADERBOARD_SWEEP_PARTS = {
 }
 
 
-def _sweep_config(evaluation: Evaluation) -> dict[str, Any]:
-    """The parts of the evaluated run's frozen config that hold swept values (annotated by
-    :func:`_leaderboard_evaluations`), shaped like the config for ``sweeps.config_value``."""
-    train = getattr(evaluation, "sweep_train", None)
-    terms = getattr(evaluation, "sweep_terms", None)
-    fraction = getattr(evaluation, "sweep_labelled_fraction", None)
-    return {"train": train if isinstance(train, dict) else {},
-            "terms": [t for t in terms if isinstance(t, dict)] if isinstance(terms, list) else [],
-            "dataset": {"labelled_fraction": fraction} if fraction is not None else {}}
+def _board_evaluations(qs: QuerySet[Evaluation], metric: PrimaryMetric,
+                       swept_experiments: Sequence[int]) -> tuple[list[_BoardEval], dict[int, dict[str, Any]]]:
+    """The benchmark's evaluations as :class:`_BoardEval` rows, with ``metric`` read out of the metrics JSON in
+    SQL, and for the runs of ``swept_experiments`` the parts of their frozen config that hold swept values
+    (evaluation id → config parts shaped like the config for ``sweeps.config_value``). One query."""
+    rows = qs.annotate(metric_raw=KeyTransform(metric.name, "metrics")).order_by("run_id")
+    if not swept_experiments:
+        return [_BoardEval(*values) for values in rows.values_list(*_BOARD_FIELDS)], {}
+    swept = Q(run__experiment_id__in=list(swept_experiments))
+    rows = rows.annotate(**{
+        name: Case(When(swept, then=part), default=Value(None), output_field=JSONField())
+        for name, part in _LEADERBOARD_SWEEP_PARTS.items()
+    })
+    evaluations, configs = [], {}
+    for values in rows.values_list(*_BOARD_FIELDS, *_LEADERBOARD_SWEEP_PARTS):
+        evaluation = _BoardEval(*values[:len(_BOARD_FIELDS)])
+        evaluations.append(evaluation)
+        if evaluation.experiment_id in swept_experiments:
+            train, terms, fraction = values[len(_BOARD_FIELDS):]
+            configs[evaluation.pk] = {
+                "train": train if isinstance(train, dict) else {},
+                "terms": [t for t in terms if isinstance(t, dict)] if isinstance(terms, list) else [],
+                "dataset": {"labelled_fraction": fraction} if fraction is not None else {},
+            }
+    return evaluations, configs
 
 
 def _sweep_point(train: Mapping[str, Any], config: Mapping[str, Any], axes: Sequence[str]) -> tuple:
@@ -405,66 +479,90 @@ def _leaderboard_teachers(*, dataset: DatasetSpec, split_key: str | None, scope:
         qs = qs.filter(dataset=dataset)
         if split_key:
             qs = qs.filter(split_key=split_key)
-    return {(e.model_id, e.split_key): e for e in qs if _metric_value(e, metric) is not None}
+    return {(e.model_id, e.split_key): e for e in qs.defer("metrics").annotate(
+        metric_raw=KeyTransform(metric.name, "metrics")) if _teacher_value(e, metric) is not None}
 
 
-def _leaderboard_rows(evaluations: Iterable[Evaluation], teachers: dict[tuple[int, str], Evaluation],
+def _teacher_value(evaluation: Evaluation, metric: PrimaryMetric) -> float | None:
+    return _score(evaluation.accuracy, getattr(evaluation, "metric_raw", None), metric)
+
+
+# What a leaderboard never reads of the records its rows name: frozen JSON configs, texts and weights.
+_BOARD_EXPERIMENT_DEFERRED = ("description", "teacher_weights", "seeds", "teacher__config", "teacher__notes")
+_BOARD_MODEL_DEFERRED = ("notes", "parent__notes", "parent__config")
+
+
+def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], Evaluation],
                       metric: PrimaryMetric) -> list[LeaderboardRow]:
-    """Group student evaluations into rows per (experiment, student, recipe, stage, point of the experiment's
-    sweep) and rank them: the seeds of one point are averaged, different points are different rows.
+    """Group the student evaluations of ``qs`` into rows per (experiment, student, recipe, stage, point of the
+    experiment's sweep) and rank them: the seeds of one point are averaged, different points are different rows.
 
     KD gain pairs each distilled run with the hard-label baseline of the same experiment, student and seed
     trained with the same training settings (baselines follow the training-setting sweep, not the term sweeps);
     when there is none, with the experiment's baseline for that student and seed if it has exactly one.
+
+    Four queries whatever the row count: the experiments of the board (whose ``train`` names what they
+    sweep), the evaluations as plain values (with the swept parts of their runs' configs), then the students
+    and recipes they name.
     """
-    evaluations = list(evaluations)
+    experiments = {x.pk: x for x in Experiment.objects.filter(pk__in=qs.order_by().values("run__experiment_id"))
+                   .select_related("team", "teacher").defer(*_BOARD_EXPERIMENT_DEFERRED)}
+    trains = {pk: x.train if isinstance(x.train, dict) else {} for pk, x in experiments.items()}
+    axes_of = {pk: sweeps.experiment_axes(train) for pk, train in trains.items()}
+    evaluations, configs = _board_evaluations(qs, metric, {pk for pk, axes in axes_of.items() if axes})
+    if not evaluations:
+        return []
+    students = ModelSpec.objects.select_related("parent").defer(*_BOARD_MODEL_DEFERRED) \
+        .in_bulk({e.student_id for e in evaluations})
+    recipes = Recipe.objects.defer("description", "terms", "scheme_params") \
+        .in_bulk({e.recipe_id for e in evaluations})
     points: dict[int, tuple[str, tuple, tuple]] = {}  # evaluation id → (label, point, training-setting point)
     for e in evaluations:
-        train = e.run.experiment.train if isinstance(e.run.experiment.train, dict) else {}
-        axes = sweeps.experiment_axes(train)
+        train, axes = trains[e.experiment_id], axes_of[e.experiment_id]
         if not axes:
             points[e.pk] = ("", (), ())
             continue
-        config = _sweep_config(e)
+        config = configs.get(e.pk, {})
         points[e.pk] = (sweeps.run_label(train=train, config=config), _sweep_point(train, config, axes),
                         _sweep_point(train, config, list(sweeps.train_axes(train))))
+    values = {e.pk: e.value(metric) for e in evaluations}
     baseline: dict[tuple[int, int, int, tuple], float] = {}
     by_seed: dict[tuple[int, int, int], set[float]] = defaultdict(set)
     for e in evaluations:
-        value = _metric_value(e, metric)
-        if e.run.is_baseline and value is not None:
-            baseline[(e.run.experiment_id, e.run.student_id, e.run.seed, points[e.pk][2])] = value
-            by_seed[(e.run.experiment_id, e.run.student_id, e.run.seed)].add(value)
-    sole_baseline = {key: next(iter(values)) for key, values in by_seed.items() if len(values) == 1}
+        value = values[e.pk]
+        if e.is_baseline and value is not None:
+            baseline[(e.experiment_id, e.student_id, e.seed, points[e.pk][2])] = value
+            by_seed[(e.experiment_id, e.student_id, e.seed)].add(value)
+    sole_baseline = {key: next(iter(found)) for key, found in by_seed.items() if len(found) == 1}
     sign = 1.0 if metric.higher_is_better else -1.0
     rows: dict[tuple[int, int, int, str, tuple], LeaderboardRow] = {}
     for e in evaluations:
-        value = _metric_value(e, metric)
+        value = values[e.pk]
         if value is None:
             continue
-        run = e.run
         label, point, train_point = points[e.pk]
-        key = (run.experiment_id, run.student_id, run.recipe_id, run.stage, point)
+        key = (e.experiment_id, e.student_id, e.recipe_id, e.stage, point)
         row = rows.get(key)
         if row is None:
+            experiment = experiments[e.experiment_id]
             row = rows[key] = LeaderboardRow(
-                run.experiment, run.student, run.recipe, run.experiment.teacher, run.is_baseline, run.stage,
-                sweep=label, higher_is_better=metric.higher_is_better,
+                experiment, students[e.student_id], recipes[e.recipe_id], experiment.teacher, e.is_baseline,
+                e.stage, sweep=label, higher_is_better=metric.higher_is_better,
             )
-        row.run_ids.append(run.id)
+        row.run_ids.append(e.run_id)
         row.accuracies.append(value)
-        row.params = e.param_count or row.params
+        row.params = e.params or row.params
         row.latency_ms = e.latency_ms if e.latency_ms is not None else row.latency_ms
-        if not run.is_baseline:
-            base = baseline.get((run.experiment_id, run.student_id, run.seed, train_point))
+        if not e.is_baseline:
+            base = baseline.get((e.experiment_id, e.student_id, e.seed, train_point))
             if base is None:
-                base = sole_baseline.get((run.experiment_id, run.student_id, run.seed))
+                base = sole_baseline.get((e.experiment_id, e.student_id, e.seed))
             if base is not None:
                 row.gains.append(sign * (value - base))
-        teacher_id = run.experiment.teacher_id
+        teacher_id = row.experiment.teacher_id
         teacher_eval = teachers.get((teacher_id, e.split_key)) if teacher_id else None
         if teacher_eval is not None and row.teacher_accuracy is None:
-            row.teacher_accuracy = _metric_value(teacher_eval, metric)
+            row.teacher_accuracy = _teacher_value(teacher_eval, metric)
             row.teacher_params = teacher_eval.param_count
             row.teacher_latency_ms = teacher_eval.latency_ms
     ranked = sorted(rows.values(), key=lambda r: (-sign * r.mean, r.params or 0))
@@ -481,14 +579,14 @@ def leaderboard(*, user, dataset: DatasetSpec, metric: PrimaryMetric | None = No
     oriented so that positive / above 100% means better.
 
     KD gain pairs each distilled run with the hard-label baseline of the same experiment, student, seed and
-    training settings (see :func:`_leaderboard_rows`); retention divides by the teacher's score on the same eval split. ``split_key`` keeps one eval split (all
-    when None); ``scope`` is "team" (this dataset record) or "global" (see :func:`_leaderboard_evaluations`).
-    Two queries whatever the row count.
+    training settings (see :func:`_leaderboard_rows`); retention divides by the teacher's score on the same eval
+    split. ``split_key`` keeps one eval split (all when None); ``scope`` is "team" (this dataset record) or
+    "global" (see :func:`_leaderboard_scope`). A constant number of queries whatever the row count.
     """
     metric = metric or primary_metric(dataset)
-    evaluations = _leaderboard_evaluations(user=user, dataset=dataset, split_key=split_key, scope=scope)
+    qs = _leaderboard_scope(user=user, dataset=dataset, split_key=split_key, scope=scope)
     teachers = _leaderboard_teachers(dataset=dataset, split_key=split_key, scope=scope, metric=metric)
-    return _leaderboard_rows(evaluations, teachers, metric)
+    return _leaderboard_rows(qs, teachers, metric)
 
 
 @dataclass(frozen=True)
@@ -521,18 +619,19 @@ class Benchmark:
         return sorted({r.family for r in self.rows if r.family})
 
 
-def _split_labels(evaluations: Iterable[Evaluation]) -> dict[str, str]:
-    """A label per eval split of ``evaluations``, from the frozen dataset config of one run evaluated on each
-    (one query whatever the number of splits)."""
-    first: dict[str, Evaluation] = {}
-    for e in evaluations:
-        first.setdefault(e.split_key, e)
-    run_ids = [e.run_id for e in first.values() if e.run_id]
+def _split_options(qs: QuerySet[Evaluation]) -> list[SplitOption]:
+    """The eval splits of ``qs`` with their result counts, most results first, each labelled from the frozen
+    dataset config of one run evaluated on it (two queries whatever the number of splits)."""
+    groups = list(qs.order_by().values("split_key").annotate(n=Count("pk"), split=Min("split"),
+                                                              run_id=Min("run_id")))
+    run_ids = [g["run_id"] for g in groups if g["run_id"]]
     configs = dict(Run.objects.filter(pk__in=run_ids).values_list("pk", "config__dataset")) if run_ids else {}
-    return {key: _split_label(e, configs.get(e.run_id)) for key, e in first.items()}
+    options = [SplitOption(g["split_key"], _split_label(g["split"], g["split_key"], configs.get(g["run_id"])),
+                           g["n"]) for g in groups]
+    return sorted(options, key=lambda o: (-o.count, o.key))
 
 
-def _split_label(evaluation: Evaluation, dataset_config: Mapping[str, Any] | None) -> str:
+def _split_label(split: str, split_key: str, dataset_config: Mapping[str, Any] | None) -> str:
     """What distinguishes an eval split, read from the frozen dataset config of a run evaluated on it."""
     cfg = dataset_config if isinstance(dataset_config, Mapping) else {}
     parts = []
@@ -541,7 +640,19 @@ def _split_label(evaluation: Evaluation, dataset_config: Mapping[str, Any] | Non
     for key, label in (("split_seed", "seed"), ("max_length", "max length")):
         if cfg.get(key) is not None:
             parts.append(f"{label} {cfg[key]}")
-    return f"{evaluation.split} · " + (", ".join(parts) or evaluation.split_key[:8])
+    return f"{split} · " + (", ".join(parts) or split_key[:8])
+
+
+def _board_metrics(qs: QuerySet[Evaluation], *, primary: PrimaryMetric) -> list[PrimaryMetric]:
+    """The quality metrics measured by the evaluations of ``qs``: the primary one first, then in QUALITY_METRICS
+    order (one aggregate query; the metrics JSON is never sent to Python)."""
+    counts = qs.order_by().aggregate(
+        _accuracy_column=Count("accuracy"),
+        **{name: Count("pk", filter=Q(metrics__has_key=name) & ~Q(**{f"metrics__{name}": None}))
+           for name in QUALITY_METRICS},
+    )
+    counts["accuracy"] += counts.pop("_accuracy_column")
+    return [primary] + [m for name, m in QUALITY_METRICS.items() if counts[name] and name != primary.name]
 
 
 def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", split_key: str = "",
@@ -549,26 +660,23 @@ def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", 
     """The leaderboard of one benchmark of ``dataset``: an eval split (default: the one with most results) and
     a quality metric (default: the dataset's primary metric), in the team or the global scope.
 
-    Four queries in the team scope, five in the global one, whatever the row count.
+    A constant number of queries whatever the row count: the splits and their labels, the metrics present, the
+    teachers' scores, then the rows (:func:`_leaderboard_rows`).
     """
     scope = "global" if scope == "global" else "team"
-    local = list(_leaderboard_evaluations(user=user, dataset=dataset, split_key=None, scope="team"))
-    counts: dict[str, int] = defaultdict(int)
-    for e in local:
-        counts[e.split_key] += 1
-    labels = _split_labels(local)
-    splits = [SplitOption(k, labels[k], n) for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-    chosen = split_key if split_key in counts else (splits[0].key if splits else None)
-    if scope == "global" and chosen:
-        evaluations = list(_leaderboard_evaluations(user=user, dataset=dataset, split_key=chosen, scope="global"))
-    else:
-        evaluations = [e for e in local if e.split_key == chosen]
+    splits = _split_options(_leaderboard_scope(user=user, dataset=dataset, split_key=None, scope="team"))
+    keys = {o.key for o in splits}
+    chosen = split_key if split_key in keys else (splits[0].key if splits else None)
     primary = primary_metric(dataset)
-    metrics = evaluation_metric_names(evaluations, primary=primary)
+    if chosen is None:
+        return Benchmark(dataset=dataset, metric=primary, metrics=[primary], split_key=None, splits=[],
+                         scope=scope, rows=[])
+    qs = _leaderboard_scope(user=user, dataset=dataset, split_key=chosen, scope=scope)
+    metrics = _board_metrics(qs, primary=primary)
     metric = next((m for m in metrics if m.name == metric_name), primary)
     teachers = _leaderboard_teachers(dataset=dataset, split_key=chosen, scope=scope, metric=metric)
     return Benchmark(dataset=dataset, metric=metric, metrics=metrics, split_key=chosen, splits=splits, scope=scope,
-                     rows=_leaderboard_rows(evaluations, teachers, metric))
+                     rows=_leaderboard_rows(qs, teachers, metric))
 
 
 def pareto_flags(points: Sequence[tuple[float | None, float | None]], *, higher_is_better: bool) -> list[bool]:

@@ -231,8 +231,8 @@ def recipe_create(request: HttpRequest) -> HttpResponse:
 # --- experiments ----------------------------------------------------------------------------------
 @require_GET
 def experiment_list(request: HttpRequest) -> HttpResponse:
-    experiments = selectors.experiment_list(user=request.user).prefetch_related("students", "recipes")
-    context = _list_context(request, experiments, EXPERIMENT_SORTS, "-created_at")
+    context = _list_context(request, selectors.experiment_list_rows(user=request.user), EXPERIMENT_SORTS,
+                            "-created_at")
     return TemplateResponse(request, "experiments/experiment_list.html", context)
 
 
