@@ -975,8 +975,10 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
                     return _classification_outputs(teachers, "eval", tc.batch_size)
                 if task == "embedding":
                     return _embedding_outputs(teachers, "eval", tc.batch_size)
-                # The teacher's own tokens (they are the student's unless a cross-tokenizer run).
-                rows = eval_batches if same_vocab else make_batcher("eval", dataset, teachers.first)
+                # The teacher's own tokens (they are the student's unless a cross-tokenizer run), cut at the run's
+                # max length like the train entry: the key holds that length.
+                rows = eval_batches if same_vocab else make_batcher("eval", dataset, teachers.first,
+                                                                    max_length=max_length)
                 return _lm_topk_outputs(teachers, rows, k=EVAL_TOPK, batch_size=tc.batch_size)
 
             eval_entry = entry_for("eval", stored_for("eval"), compute)
@@ -1173,7 +1175,8 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         stopper.update(step, student_metrics)
     teacher_metrics = None
     if teachers is not None and cfg.evaluate_teacher:
-        teacher_rows = eval_batches if same_vocab else make_batcher("eval", dataset, teachers.first)
+        teacher_rows = eval_batches if same_vocab else make_batcher("eval", dataset, teachers.first,
+                                                                    max_length=max_length)
         teacher_metrics = _teacher_metrics(teachers, teacher_eval_entry(), cache, dataset, teacher_rows,
                                            task=task, batch_size=tc.batch_size)
     common["teacher_cache"] = [u.to_dict() for u in cache.uses]

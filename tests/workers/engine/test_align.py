@@ -118,3 +118,27 @@ def test_online_uld_between_different_tokenizers_trains_on_paired_positions(tmp_
                                    scheme="online", train={"max_steps": 4, "log_every": 2}), log.callbacks())
     assert result.steps == 4 and all(math.isfinite(m["uld"]) and m["uld"] > 0 for m in log.train())
     assert len(pairs) == 4 and all(0 < n < total for n, total in pairs)     # some, not all, positions pair
+
+
+def test_cross_tokenizer_teacher_rows_are_cut_at_the_runs_max_length(tmp_path, monkeypatch):
+    """Every teacher-output cache entry of a cross-tokenizer run (train and eval) holds rows cut at the run's max
+    length, which its key records, not at whatever the teacher alone could read."""
+    from tests.workers.engine.test_lm import TINY_LLAMA, _lm_run
+    from workers.engine import trainer
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"{t} {t} {i}" for i in range(8) for t in TEXTS) + "\n")
+    widths: list[int] = []
+    original = trainer._lm_topk_outputs
+
+    def spy(teachers, rows, **kwargs):
+        widths.append(max(len(r) for r in rows.token_rows))
+        return original(teachers, rows, **kwargs)
+
+    monkeypatch.setattr(trainer, "_lm_topk_outputs", spy)
+    student = {"source": "config", "params": {**TINY_LLAMA, "num_hidden_layers": 1, "max_position_embeddings": 8}}
+    teacher = {"source": "config", "params": {**TINY_LLAMA, "vocab_size": 120}}    # reads up to 64 positions
+    result = trainer.train(_lm_run(tmp_path / "run", path, student=student, teacher=teacher, terms=[{"name": "uld"}],
+                                   scheme="offline", train={"max_steps": 2}))
+    assert result.steps == 2 and result.teacher is not None
+    assert len(widths) == 2 and max(widths) == 8       # the train and the eval entry, both at the student's 8
