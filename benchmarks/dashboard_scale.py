@@ -1417,6 +1417,8 @@ def measure(args: argparse.Namespace, marker: dict[str, Any], child: MlflowChild
     from django.contrib.auth import get_user_model
     from django.test import Client
 
+    import distillweb.wsgi  # noqa: F401  the serving entry point: its start-up (gc.freeze) applies here too
+
     user = get_user_model().objects.get(username=marker["user"])
     client = Client()
     client.force_login(user)

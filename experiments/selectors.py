@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,11 +17,11 @@ from django.db import connections
 from django.db.models import (
     Case,
     Count,
+    F,
     JSONField,
     Max,
     Min,
     OuterRef,
-    Prefetch,
     Q,
     QuerySet,
     Subquery,
@@ -91,16 +91,74 @@ def experiment_list(*, user) -> QuerySet[Experiment]:
     )
 
 
-def experiment_list_rows(*, user) -> QuerySet[Experiment]:
-    """:func:`experiment_list` with only what the list page shows of each experiment and the records it names
-    (names, times and counts; never the JSON settings, descriptions or configs), students and recipes
-    prefetched by name: three queries for a page."""
-    return experiment_list(user=user).only(
-        "name", "created_at", "team__name", "teacher__name", "dataset__name", "created_by__username",
-    ).prefetch_related(
-        Prefetch("students", queryset=ModelSpec.objects.only("name")),
-        Prefetch("recipes", queryset=Recipe.objects.only("name", "version")),
+@dataclass
+class ExperimentRow:
+    """One line of the experiment list: names, times and run counts only (built from plain values, never model
+    instances: the list shows 25 experiments and the records each names, which as objects cost more to build
+    than the SQL)."""
+
+    pk: int
+    name: str
+    team: str
+    dataset: str
+    teacher: str | None
+    created_by: str | None
+    created_at: datetime
+    run_count: int = 0
+    queued_count: int = 0
+    running_count: int = 0
+    succeeded_count: int = 0
+    failed_count: int = 0
+    cancelled_count: int = 0
+    students: list[str] = field(default_factory=list)
+    recipes: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return experiment_status(self)
+
+    @property
+    def done(self) -> int:
+        return self.succeeded_count + self.failed_count + self.cancelled_count
+
+
+_EXPERIMENT_ROW_VALUES = {"team_name": F("team__name"), "dataset_name": F("dataset__name"),
+                          "teacher_name": F("teacher__name"), "creator": F("created_by__username")}
+
+
+def experiment_list_rows(*, user) -> QuerySet:
+    """The list page's experiments as plain values (``values()`` rows, sortable and pageable like the records):
+    names and times, and the total run count (the list sorts by it). :func:`experiment_rows` turns one page of
+    them into :class:`ExperimentRow` objects."""
+    return (
+        _scoped(Experiment.objects.all(), user)
+        .annotate(run_count=_run_count())
+        .order_by("-created_at", "-id")
+        .values("pk", "name", "created_at", "run_count", **_EXPERIMENT_ROW_VALUES)
     )
+
+
+def experiment_rows(values: Iterable[Mapping[str, Any]]) -> list[ExperimentRow]:
+    """One page of :func:`experiment_list_rows` as :class:`ExperimentRow` objects with their students, recipes and
+    per-status run counts: three queries whatever the page size."""
+    rows = [ExperimentRow(pk=v["pk"], name=v["name"], team=v["team_name"], dataset=v["dataset_name"],
+                          teacher=v["teacher_name"], created_by=v["creator"], created_at=v["created_at"])
+            for v in values]
+    by_pk = {row.pk: row for row in rows}
+    if not by_pk:
+        return rows
+    students = Experiment.students.through.objects.filter(experiment_id__in=by_pk).order_by("pk")
+    for experiment_id, name in students.values_list("experiment_id", "modelspec__name"):
+        by_pk[experiment_id].students.append(name)
+    recipes = Experiment.recipes.through.objects.filter(experiment_id__in=by_pk).order_by("pk")
+    for experiment_id, name, version in recipes.values_list("experiment_id", "recipe__name", "recipe__version"):
+        by_pk[experiment_id].recipes.append(f"{name} v{version}" if version > 1 else name)
+    runs = Run.objects.filter(experiment_id__in=by_pk).order_by()
+    for experiment_id, status, n in runs.values_list("experiment_id", "status").annotate(n=Count("pk")):
+        setattr(by_pk[experiment_id], f"{status}_count", n)
+    for row in rows:
+        row.run_count = sum(getattr(row, f"{status}_count") for status in Run.Status.values)
+    return rows
 
 
 def run_list(*, user) -> QuerySet[Run]:

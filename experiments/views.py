@@ -233,6 +233,8 @@ def recipe_create(request: HttpRequest) -> HttpResponse:
 def experiment_list(request: HttpRequest) -> HttpResponse:
     context = _list_context(request, selectors.experiment_list_rows(user=request.user), EXPERIMENT_SORTS,
                             "-created_at")
+    page = context["page"]
+    page.object_list = selectors.experiment_rows(page.object_list)
     return TemplateResponse(request, "experiments/experiment_list.html", context)
 
 

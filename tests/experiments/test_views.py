@@ -166,7 +166,8 @@ def test_other_teams_records_give_404(client_logged_in, foreign, method, name, k
 def test_lists_show_only_the_users_teams(client_logged_in, experiment, foreign):
     response = client_logged_in.get(reverse("experiments:experiment_list"))
 
-    assert list(response.context["page"].object_list) == [experiment]
+    assert [row.pk for row in response.context["page"].object_list] == [experiment.pk]
+    assert foreign["experiment"].name not in response.content.decode()
     models = client_logged_in.get(reverse("experiments:model_list")).context["models"]
     assert foreign["model"] not in models
 
