@@ -106,6 +106,23 @@ def test_compare_curves_come_from_the_rollups(max_points):
                  truth, max_points)
 
 
+def test_the_bucket_query_can_read_the_rollups_from_their_covering_index_alone():
+    """The compare and run pages read each bucket's extremes: the migration's covering index holds every column
+    the query touches, so Postgres can answer it by an index-only scan (no visit to the table's rows)."""
+    long_run = _running(STEPS)
+    _write(long_run, _curve())
+    with CaptureQueriesContext(connection) as queries:
+        selectors.metric_curves(run_ids=[long_run.id], name="loss")
+    bucket_sql = next(q["sql"] for q in queries.captured_queries if "min_value" in q["sql"])
+    with connection.cursor() as cursor:
+        # A test table is small enough that any plan is cheap: leave the planner only index-only scans to choose.
+        for method in ("seqscan", "indexscan", "bitmapscan"):
+            cursor.execute(f"SET LOCAL enable_{method} = off")
+        cursor.execute("EXPLAIN " + bucket_sql)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "Index Only Scan using metricrollup_curve_covering" in plan
+
+
 def test_the_run_page_reads_a_long_run_from_its_rollups():
     run = _running(STEPS)
     truth = _curve()
