@@ -193,7 +193,12 @@ class Recipe(TeamOwned):
         ]
 
     def __str__(self) -> str:
-        return f"{self.name} v{self.version}" if self.version > 1 else self.name
+        return self.label(self.name, self.version)
+
+    @staticmethod
+    def label(name: str, version: int) -> str:
+        """How a recipe is named on pages: ``kd-t4``, then ``kd-t4 v2`` for later versions."""
+        return f"{name} v{version}" if version > 1 else name
 
     @property
     def needs_teacher(self) -> bool:

@@ -142,7 +142,8 @@ def experiment_rows(values: Iterable[Mapping[str, Any]]) -> list[ExperimentRow]:
     """One page of :func:`experiment_list_rows` as :class:`ExperimentRow` objects with their students, recipes and
     per-status run counts: three queries whatever the page size."""
     rows = [ExperimentRow(pk=v["pk"], name=v["name"], team=v["team_name"], dataset=v["dataset_name"],
-                          teacher=v["teacher_name"], created_by=v["creator"], created_at=v["created_at"])
+                          teacher=v["teacher_name"], created_by=v["creator"], created_at=v["created_at"],
+                          run_count=v["run_count"])
             for v in values]
     by_pk = {row.pk: row for row in rows}
     if not by_pk:
@@ -152,12 +153,10 @@ def experiment_rows(values: Iterable[Mapping[str, Any]]) -> list[ExperimentRow]:
         by_pk[experiment_id].students.append(name)
     recipes = Experiment.recipes.through.objects.filter(experiment_id__in=by_pk).order_by("pk")
     for experiment_id, name, version in recipes.values_list("experiment_id", "recipe__name", "recipe__version"):
-        by_pk[experiment_id].recipes.append(f"{name} v{version}" if version > 1 else name)
+        by_pk[experiment_id].recipes.append(Recipe.label(name, version))
     runs = Run.objects.filter(experiment_id__in=by_pk).order_by()
     for experiment_id, status, n in runs.values_list("experiment_id", "status").annotate(n=Count("pk")):
         setattr(by_pk[experiment_id], f"{status}_count", n)
-    for row in rows:
-        row.run_count = sum(getattr(row, f"{status}_count") for status in Run.Status.values)
     return rows
 
 

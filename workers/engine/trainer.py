@@ -661,7 +661,8 @@ class TeacherTargets:
         t_ends = self._prefix_ends(f"teacher-{id(loaded)}", self._own[id(loaded)], loaded.tokenizer)
         if s_ends is None or t_ends is None:
             return None
-        return align_positions([s_ends[i] for i in rows.tolist()], [t_ends[i] for i in rows.tolist()],
+        ids = rows.tolist()
+        return align_positions([s_ends[i] for i in ids], [t_ends[i] for i in ids],
                                student_width=student_width, teacher_width=teacher_width)
 
     def _teacher_batch(self, loaded: LoadedModel, batch: Batch, rows: np.ndarray) -> Batch:
