@@ -382,7 +382,8 @@ def test_a_killed_worker_s_run_is_taken_over_and_finishes_from_its_last_checkpoi
     b = fleet.start("b", queues=[fleet.sweeps], beat=True)
     a.wait_registered()
     b.wait_registered()
-    run = fleet.launch(max_steps=6000)
+    # Long enough to outlast the lease wait below on an idle machine too (~1 ms a step there, 2–3 ms under load).
+    run = fleet.launch(max_steps=20000)
     wait_for(training_with_a_checkpoint(run), timeout=90, workers=[a, b], what="A's first checkpoint")
     time.sleep(LEASE_S + 1.5)  # longer than the lease: B's sweeps must leave A's live run alone
     live = reload(run)
@@ -476,7 +477,7 @@ def test_a_broker_restart_during_a_run_loses_and_duplicates_nothing(fleet, own_r
     worker = fleet.start("w", broker_url=own_redis.url)
     worker.wait_registered()
     with mock.patch(DISPATCH):  # the task goes to the test's own redis-server below
-        run = fleet.launch(max_steps=3000)
+        run = fleet.launch(max_steps=10000)  # still training when the broker comes back, even on an idle machine
     publish(run, broker_url=own_redis.url, queue=fleet.queue, task_id=reload(run).task_id)
     wait_for(training_with_a_checkpoint(run), timeout=90, workers=[worker], what="the first checkpoint")
 
@@ -540,7 +541,7 @@ def test_a_duplicate_delivery_of_a_live_run_does_nothing(fleet):
     first, second = fleet.start("one"), fleet.start("two")
     first.wait_registered()
     second.wait_registered()
-    run = fleet.launch(max_steps=3000)
+    run = fleet.launch(max_steps=10000)  # still training once the idle worker has refused both copies
     live = wait_for(training_with_a_checkpoint(run), timeout=90, workers=[first, second], what="the run to start")
     owner, idle = (first, second) if live.worker_name == first.name else (second, first)
     # The same message again (as Redis redelivers it), and a stray copy under another id: the idle worker gets both.
