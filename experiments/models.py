@@ -528,6 +528,8 @@ class Worker(models.Model):
     state = models.CharField(max_length=16, choices=State.choices, default=State.ONLINE)
     versions = models.JSONField(default=dict, blank=True)
     gpus = models.JSONField(default=list, blank=True)
+    memory_total_bytes = models.BigIntegerField(
+        null=True, blank=True, help_text="RAM the worker's runs may use: the host's, or its cgroup's limit if lower")
     started_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
 
