@@ -2,7 +2,7 @@
 
 from django.contrib.auth.decorators import login_not_required
 from django.urls import path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from . import views, views_tokens
 
@@ -18,7 +18,9 @@ urlpatterns = [
     path("token/<int:token_id>/revoke/", views_tokens.token_revoke, name="token_revoke"),
     # The schema and its viewer describe the API only; they are public like any API documentation.
     path("schema/", login_not_required(SpectacularAPIView.as_view()), name="schema"),
-    path("docs/", login_not_required(SpectacularSwaggerView.as_view(url_name="api:schema")), name="docs"),
+    # The split view serves Swagger UI's set-up script from the same URL (?script): no inline script, so the
+    # site's Content-Security-Policy applies unchanged.
+    path("docs/", login_not_required(SpectacularSwaggerSplitView.as_view(url_name="api:schema")), name="docs"),
     # Endpoints.
     path("teams/", views.TeamViewSet.as_view(LIST), name="team_list"),
     path("models/", views.ModelSpecViewSet.as_view(LIST_CREATE), name="model_list"),

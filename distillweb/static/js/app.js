@@ -7,6 +7,9 @@
  * - shows only the fields of the chosen source on the model / dataset forms
  * - filters the experiment form's choices by team and previews how many runs it will create
  * - asks for confirmation before forms marked data-confirm are submitted
+ * - selects the whole value of a field marked data-select-on-focus when it gets the focus
+ *
+ * The site's Content-Security-Policy allows scripts from this site only: no inline <script> or on*= attribute.
  */
 (function () {
   "use strict";
@@ -177,8 +180,16 @@
     });
   }
 
+  function selectOnFocus() {
+    // A field whose whole value is meant to be copied (a new API token): focusing it selects it.
+    document.querySelectorAll("[data-select-on-focus]").forEach(function (input) {
+      input.addEventListener("focus", function () { input.select(); });
+    });
+  }
+
   function start() {
     drawAll();
+    selectOnFocus();
     document.querySelectorAll("[data-live-url]").forEach(function (el) {
       if (el.dataset.liveActive === "1") live(el);
     });
