@@ -119,6 +119,32 @@ def _tau_squared(divergence: str, temperature: float | Tensor) -> float | Tensor
     return temperature**2 if divergence in ("kd", "reverse_kl") else 1.0
 
 
+def mix_teachers(logits: Tensor | Sequence[Tensor], weights: Sequence[float], *,
+                 temperature: float | Tensor = 1.0) -> Tensor:
+    """Teacher logits whose distribution at ``temperature`` is the weighted average of the teachers' softened
+    distributions (Hinton et al. 2015): ``softmax(mixed / τ) = Σ_i w_i softmax(z_i / τ)``.
+
+    The result is ``τ · log Σ_i w_i softmax(z_i / τ)``: any term that divides its teacher logits by τ (kd,
+    reverse_kl, jsd, tvd, topk) then compares the student with the average of the softened teachers, not with
+    the τ = 1 average softened afterwards. Weights are normalised to sum to 1; a weight of 0 drops its teacher.
+
+    Args:
+        logits: (K, ..., V), or K tensors (..., V), one per teacher.
+        weights: K numbers >= 0 with a positive sum.
+        temperature: τ > 0 of the term that reads the result.
+    Returns:
+        (..., V) float32.
+    """
+    stacked = torch.stack(list(logits)) if not isinstance(logits, Tensor) else logits      # (K, ..., V)
+    if len(weights) != stacked.shape[0]:
+        raise ConfigError(f"{stacked.shape[0]} teachers but {len(weights)} teacher weights.")
+    total = float(sum(weights))
+    log_w = torch.tensor([math.log(w / total) if w > 0 else -math.inf for w in weights], dtype=torch.float32,
+                         device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))     # (K, 1, ..., 1)
+    log_mix = torch.logsumexp(_log_probs(stacked, temperature) + log_w, dim=0)           # (..., V)
+    return log_mix * temperature
+
+
 # --- memory-aware token loss -----------------------------------------------------------------------------------
 
 

@@ -11,7 +11,9 @@ None (every row) for classification, where -100 means "unlabelled" and the teach
 
 - ``labels`` (ce): ``fn(student_logits, labels, **params)``.
 - ``logits`` (kd, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd): ``fn(student_logits, teacher_logits, mask)``;
-  the teacher's logits must have the student's shape.
+  the teacher's logits must have the student's shape. With several teachers (``teacher_mixture``) the logit,
+  taid, topk and uld kinds read ``losses.mix_teachers`` at the term's own τ (1 for terms without one): the
+  weighted average of the teachers' softened distributions.
 - ``taid``: as ``logits`` with ``interpolation=t``; t is linear in ``step / total_steps`` or adaptive (kept in
   ``state``, updated once per optimizer step while gradients are on).
 - ``topk``: ``fn(student_logits, teacher_topk or teacher_logits, mask)`` (the sparse cache wins when both exist).
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,7 +43,16 @@ from torch import Tensor, nn
 from . import schedules
 from .config import LossTermConfig
 from .errors import ConfigError
-from .losses import IGNORE_INDEX, LOSS_TERMS, LossParts, TermSpec, TopK, taid_update, validate_term_params
+from .losses import (
+    IGNORE_INDEX,
+    LOSS_TERMS,
+    LossParts,
+    TermSpec,
+    TopK,
+    mix_teachers,
+    taid_update,
+    validate_term_params,
+)
 from .losses import validate_terms as _validate_term_list
 
 __all__ = [
@@ -110,6 +121,10 @@ class TermInputs:
     student_embedding: Tensor | None = None
     teacher_embedding: Tensor | None = None
     teacher_paired: Tensor | None = None
+    # multi_teacher: each teacher's logits (K, ...) laid out like ``teacher_logits`` (which then holds their
+    # τ = 1 mixture), and the K weights; every logit term mixes them at its own temperature.
+    teacher_mixture: Tensor | None = None
+    teacher_weights: tuple[float, ...] = ()
     step: int = 0
     total_steps: int = 1
 
@@ -331,6 +346,11 @@ def combine(terms: Sequence[LossTermConfig], inputs: TermInputs, *, modules: nn.
 def _compute(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, *, modules: nn.ModuleDict,
              state: TermState, extra: dict[str, Any]) -> Tensor:
     kind, name = spec.kind, spec.name
+    if inputs.teacher_mixture is not None and kind in _TOKEN_KINDS and kind != "labels":
+        # Average the teachers' distributions softened at this term's τ (its schedule applied), not at τ = 1.
+        mixed = mix_teachers(inputs.teacher_mixture, inputs.teacher_weights,
+                             temperature=params.get("temperature", 1.0))
+        inputs = replace(inputs, teacher_logits=mixed)
     student, teacher = inputs.student_logits, inputs.teacher_logits
     if kind == "labels":
         return spec.fn(student, inputs.labels, **params, **extra)

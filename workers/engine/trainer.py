@@ -74,7 +74,7 @@ from .evaluate import (
     predict_logits,
     shift_for_lm,
 )
-from .losses import LossParts
+from .losses import LossParts, mix_teachers
 from .methods import LOSS_TERMS, ModelDims, TermInputs, TermState
 from .models import LoadedModel, SentenceEmbedder, load_model, model_dims, save_model
 from .schemes import SCHEMES, validate_scheme_params
@@ -220,21 +220,20 @@ def check_train_config(train: TrainConfig) -> None:
         raise ConfigError(f"train.early_stopping_mode must be max or min, got {train.early_stopping_mode!r}.")
 
 
-def mix_teacher_logits(logits: list[Tensor], weights: list[float]) -> Tensor:
-    """The log of the weighted average of several teachers' distributions: ``log Σ_i w_i softmax(z_i)``.
+def mix_teacher_logits(logits: list[Tensor], weights: list[float], *, temperature: float = 1.0) -> Tensor:
+    """Teacher logits for ``multi_teacher``: ``τ · log Σ_i w_i softmax(z_i / τ)`` (see :func:`losses.mix_teachers`).
 
-    Used as the teacher logits of ``multi_teacher`` (any per-row constant cancels in a softmax, so these
-    log-probabilities act as logits). Weights are normalised to sum to 1.
+    At τ = 1 (what the caches store, for evaluation and the sparse LM top-k) these are the log-probabilities of
+    the weighted average of the teachers' distributions. Training terms with their own τ mix the per-teacher
+    logits again at that τ (``TermInputs.teacher_mixture``), so the target is the average of the softened
+    teachers. Weights are normalised to sum to 1.
 
     Args:
         logits: one (..., V) tensor per teacher; weights: one number >= 0 per teacher.
     Returns:
         (..., V) float32.
     """
-    total = float(sum(weights))
-    stacked = torch.stack([torch.log_softmax(z.float(), dim=-1) + math.log(w / total) if w > 0
-                           else torch.full_like(z.float(), -math.inf) for z, w in zip(logits, weights, strict=True)])
-    return torch.logsumexp(stacked, dim=0)
+    return mix_teachers([z.float() for z in logits], weights, temperature=temperature)
 
 
 # --- what a run is, checked before anything is loaded ----------------------------------------------------------
@@ -323,6 +322,14 @@ def plan_run(cfg: RunConfig) -> RunPlan:
                           "scheme.")
     if cfg.scheme == "multi_teacher" and cfg.task == "embedding":
         raise ConfigError("multi_teacher averages the teachers' output distributions; embedding runs have none.")
+    if cfg.scheme == "multi_teacher" and cfg.task == "causal_lm" and len(teachers) > 1:
+        # The LM cache keeps the top-k of the τ = 1 mixture only; softening it afterwards is not the average of
+        # the softened teachers.
+        softened = [t.name for t in terms if t.params.get("temperature", 1.0) != 1 or "temperature" in t.schedule]
+        if softened:
+            raise ConfigError(f"Loss term '{softened[0]}' softens the teachers with a temperature other than 1, but "
+                              "a causal-LM multi_teacher run caches the top-k of the teachers' average at "
+                              "temperature 1 only. Set its temperature to 1 (without a schedule).")
     if not teacher_terms:
         mode = "none"
     elif cfg.scheme in ("offline", "multi_teacher"):
@@ -737,7 +744,11 @@ class TeacherTargets:
         if self.entry is not None:
             t = self.entry.tensors
             if self.task == "classification":
-                return {"teacher_logits": t["logits"].to(device)[batch.indices]}
+                fields = {"teacher_logits": t["logits"].to(device)[batch.indices]}
+                if "teacher_logits" in t:    # multi_teacher: each teacher's logits, (K, B, C)
+                    fields |= {"teacher_mixture": t["teacher_logits"].to(device)[:, batch.indices],
+                               "teacher_weights": tuple(self.teachers.weights)}
+                return fields
             if self.task == "embedding":
                 return {"teacher_embedding": t["embeddings"].to(device)[batch.indices]}
             width = batch.inputs["input_ids"].shape[1] - 1
@@ -791,7 +802,9 @@ def _classification_outputs(teachers: Teachers, split: str, batch_size: int) -> 
         per_teacher.append(predict_logits(loaded.model, batcher, device=teachers.device, batch_size=batch_size))
     if len(per_teacher) == 1:
         return {"logits": per_teacher[0]}
-    return {"logits": mix_teacher_logits(per_teacher, teachers.weights)}
+    # The τ = 1 mixture (evaluation, agreement) and each teacher's logits, so every term can mix at its own τ.
+    return {"logits": mix_teacher_logits(per_teacher, teachers.weights),
+            "teacher_logits": torch.stack(per_teacher)}                                # (K, N, C)
 
 
 @torch.no_grad()
@@ -873,7 +886,9 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         """What a cache entry of ``split`` holds (LM train entries keep the largest k the topk terms ask for, else
         EVAL_TOPK; uld reads whatever k the entry holds)."""
         if task == "classification":
-            return {"kind": "logits", "dtype": "float32"}
+            # Several teachers: each one's logits are stored beside their mixture (terms mix at their own τ).
+            return {"kind": "logits", "dtype": "float32",
+                    **({"per_teacher": True} if split == "train" and len(plan.teachers) > 1 else {})}
         if task == "embedding":
             return {"kind": "embeddings", "dtype": "float32"}
         ks = [t.params["k"] for t in terms if LOSS_TERMS[t.name].kind == "topk"] if split == "train" else []
