@@ -108,18 +108,22 @@ def _sweep_values_text(values: Any, *, choices: bool) -> tuple[str | None, str |
     return ", ".join(items), None
 
 
-def _term_sweep_entries(value: Any) -> tuple[list[tuple[str, Any]] | None, str | None]:
-    """(axis, values) pairs of term sweeps given as a mapping or a list; a line given as text is ("", line)."""
+_LINE = object()  # the axis of a term sweep given as a whole "TERM.PARAM = values" line
+
+
+def _term_sweep_entries(value: Any) -> tuple[list[tuple[Any, Any]] | None, str | None]:
+    """(axis, values) pairs of term sweeps given as a mapping or a list; a line given as text is (_LINE, line)
+    (an axis given as "" or null is a mistake to report, not a line)."""
     shape = ('Give term sweeps as {"TERM.PARAM": [values]}, or a list of "TERM.PARAM = values" lines or of '
              '{"param": "TERM.PARAM", "values": [values]}.')
     if isinstance(value, dict):
         return list(value.items()), None
-    entries: list[tuple[str, Any]] = []
+    entries: list[tuple[Any, Any]] = []
     for item in value:
         if isinstance(item, str):
             if "\n" in item or "\r" in item:
                 return None, "Give one TERM.PARAM = values line per list item."
-            entries.append(("", item))
+            entries.append((_LINE, item))
         elif isinstance(item, dict) and set(item) == {"param", "values"}:
             entries.append((item["param"], item["values"]))
         elif isinstance(item, dict) and item:
@@ -138,8 +142,8 @@ def _term_sweeps_text(value: Any, *, cap: int) -> tuple[str | None, str | None]:
     lines = []
     for axis, values in entries:
         if isinstance(values, str) and len(values) > cap:
-            return None, f"{str(axis)[:40] or 'A line'}: at most {cap} characters."
-        if axis == "":  # a line as written in the form
+            return None, f"{'A line' if axis is _LINE else str(axis)[:40]}: at most {cap} characters."
+        if axis is _LINE:  # a line as written in the form
             lines.append(values)
             continue
         if not isinstance(axis, str) or not axis.strip() or any(c in axis for c in "=\n\r"):

@@ -11,6 +11,8 @@ from typing import Any
 from django.conf import settings
 from rest_framework import exceptions, parsers, status
 
+from experiments import validation
+
 YAML_MAX_BYTES = 256 * 1024
 
 
@@ -31,9 +33,20 @@ def _check_size(parser_context: dict[str, Any] | None, limit: int) -> None:
 
 
 class CappedJSONParser(parsers.JSONParser):
+    """JSON bodies, capped in size, and checked as a whole before any view reads them: text with a NUL character
+    or a lone surrogate, non-text keys and nesting deeper than ``validation.MAX_NESTING`` are field errors (a
+    400), wherever they sit in the body, instead of a database error later (``validation.data_errors``)."""
+
     def parse(self, stream, media_type=None, parser_context=None):
         _check_size(parser_context, settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
-        return super().parse(stream, media_type, parser_context)
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError:  # the json module's own limit, met by "[[[[…" bodies
+            raise exceptions.ParseError(
+                f"JSON parse error - nested deeper than {validation.MAX_NESTING} levels.") from None
+        if errors := validation.data_errors(data):
+            raise exceptions.ValidationError(errors)
+        return data
 
 
 class YAMLTextParser(parsers.BaseParser):

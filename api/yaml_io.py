@@ -15,7 +15,7 @@ import yaml
 from django.db.models import Q
 from rest_framework.exceptions import ValidationError
 
-from experiments import selectors
+from experiments import selectors, validation
 from experiments.engine_config import TRAIN_DEFAULTS
 from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Team
 from experiments.validation import TRAIN_FIELDS
@@ -76,6 +76,9 @@ def load(text: str, *, kind: str, keys: tuple[str, ...]) -> dict[str, Any]:
     if spec.get("format", FORMAT) != FORMAT:
         errors["format"] = [f"Unknown format {spec['format']!r}; this server reads {FORMAT}."]
     if errors:
+        raise ValidationError(errors)
+    # YAML has values JSON lacks (dates, binary, sets, .nan) and "\0" escapes: refused like a JSON body's.
+    if errors := validation.data_errors(spec):
         raise ValidationError(errors)
     return spec
 

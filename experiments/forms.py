@@ -160,8 +160,12 @@ class ModelSpecForm(TeamScopedForm):
             config = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ValidationError(f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).") from None
+        except RecursionError:
+            raise ValidationError(f"Nested deeper than {validation.MAX_NESTING} levels.") from None
         if not isinstance(config, dict):
             raise ValidationError("The config must be a JSON object.")
+        if problem := validation.data_problem(config):  # "\u0000" escapes, NaN: not storable
+            raise ValidationError(problem)
         return config
 
     def clean(self) -> dict[str, Any]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+
+from workers.engine import sources
 
 from .models import DatasetSpec, ModelSpec, Recipe
 
@@ -47,6 +51,109 @@ BUILTIN_DATASETS = {
                  "tasks": (_LM, _EMB)},
 }
 BUILTIN_ARCHS = {"mlp": "Multi-layer perceptron for tabular / flattened image data"}
+
+
+# --- decoded input: only what the database can store ----------------------------------------------
+# Every structured input (an API body, a YAML document, a JSON text typed into a form) passes this check where
+# it is decoded, before any field reads it: Postgres refuses the NUL character in text and jsonb, a lone
+# surrogate cannot be encoded as UTF-8, and jsonb has no NaN or infinity, so each would otherwise fail as a
+# database error (a 500) long after the input was accepted.
+MAX_NESTING = 20
+_TEXT_LIMIT = 40  # characters of a key shown in a message
+
+
+def _shown_key(key: str) -> str:
+    """A key as it may appear in a message: escaped when it is not plain printable text, and cut short."""
+    if key.isidentifier() and len(key) <= _TEXT_LIMIT:
+        return key
+    return json.dumps(key[:_TEXT_LIMIT])  # ASCII escapes: no NUL or surrogate reaches the message
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains the NUL character (\\u0000), which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (it holds a lone surrogate such as \\ud800)"
+    return None
+
+
+def _first_problem(value: Any, where: str) -> tuple[str, str] | None:
+    """(where, what) of the first part of ``value`` that cannot be accepted, or None."""
+    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            if problem := _text_problem(item):
+                return path, f"the text {problem}"
+        elif isinstance(item, bool) or item is None or isinstance(item, int):
+            continue
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return path, "give a finite number (not NaN or infinity)"
+        elif isinstance(item, list | tuple | dict):
+            if depth >= MAX_NESTING:
+                return path, f"nested deeper than {MAX_NESTING} levels"
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        return path, f"keys must be text, not {type(key).__name__} ({str(key)[:_TEXT_LIMIT]})"
+                    if problem := _text_problem(key):
+                        return path, f"a key {problem}"
+                    stack.append((child, f"{path}.{_shown_key(key)}" if path else _shown_key(key), depth + 1))
+            else:
+                stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+        else:
+            return path, (f"a {type(item).__name__} value is not accepted; give text, a number, true/false, null, "
+                          f"a list or an object")
+    return None
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
+def _message(found: tuple[str, str], *, field: str = "") -> str:
+    """The problem as a message for ``field``'s errors: its path shown unless it is the field itself."""
+    path, problem = found
+    return _sentence(problem) if path in ("", field) else f"{path}: {problem}."
+
+
+def data_problem(value: Any, *, where: str = "") -> str | None:
+    """Why ``value`` (decoded JSON or YAML) cannot be accepted as input, or None.
+
+    Accepted: text, finite numbers, true/false, null, lists, and objects with text keys, nested at most
+    ``MAX_NESTING`` levels; text (keys too) without NUL characters or lone surrogates. ``where`` names the value
+    in the message ("config" gives "config.a: the text contains ...").
+    """
+    found = _first_problem(value, where)
+    return _message(found) if found else None
+
+
+def data_errors(data: Any) -> dict[str, list[str]]:
+    """:func:`data_problem` for a whole request body or document: ``{field: [message]}`` keyed by the top-level
+    key that holds the problem (a problem in a top-level key itself, or in a body that is not an object, under
+    ``non_field_errors``). Empty when everything can be stored."""
+    if not isinstance(data, dict):
+        found = _first_problem(data, "")
+        return {"non_field_errors": [_message(found)]} if found else {}
+    errors: dict[str, list[str]] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            errors.setdefault("non_field_errors", []).append("Field names must be text.")
+        elif key_problem := _text_problem(key):
+            errors.setdefault("non_field_errors", []).append(f"A field name {key_problem}.")
+        elif found := _first_problem(value, key):
+            errors[key] = [_message(found, field=key)]
+    return errors
+
+
+def check_data(value: Any, *, field: str) -> Any:
+    """``value`` unchanged, or a ValidationError keyed ``field`` saying what in it cannot be accepted."""
+    if found := _first_problem(value, field):
+        raise ValidationError({field: _message(found, field=field)})
+    return value
 
 
 def _number(value: Any, kind: type, lo: float, hi: float, field: str) -> int | float:
@@ -218,21 +325,60 @@ def clean_scheme_params(scheme: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_local_path(path: str, *, roots: Sequence[Path], field: str, kind: str) -> str:
-    """Accept a local path only if, after resolving symlinks, it lies under one of the configured roots."""
+    """Accept a local path only if, after resolving symlinks, it lies under one of the configured roots and not
+    under the artifact root (every team's runs and uploads: those are reachable only as ``run`` sources and
+    uploads). Messages do not repeat the path."""
     if not roots:
         raise ValidationError({field: f"Local {kind} paths are disabled on this server (no {kind} roots configured)."})
-    resolved = Path(path).expanduser().resolve()
-    for root in roots:
-        if resolved.is_relative_to(Path(root).resolve()):
-            if not resolved.exists():
-                raise ValidationError({field: f"{path} does not exist."})
-            return str(resolved)
-    raise ValidationError({field: f"{path} is outside the allowed {kind} folders."})
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, ValueError):
+        raise ValidationError({field: f"This is not a path of a {kind} folder or file on the server."}) from None
+    if sources.is_within(resolved, [settings.ARTIFACT_ROOT]) or not sources.is_within(resolved, roots):
+        raise ValidationError({field: f"This path is outside the allowed {kind} folders."})
+    if not resolved.exists():
+        raise ValidationError({field: "Nothing exists at this path."})
+    return str(resolved)
+
+
+def check_hub_field(fields: dict[str, Any], field: str, problem_of=sources.repo_id_problem, *,
+                    what: str = "hub id") -> None:
+    """A ValidationError keyed ``field`` when ``fields[field]`` is given and is not a ``what`` of the hub's syntax
+    (``workers.engine.sources``): a hub identifier is never a path, a URL or an encoded string."""
+    value = fields.get(field)
+    if value in (None, ""):
+        return
+    problem = problem_of(value)
+    if problem:
+        example = {"hub id": "org/name", "revision": "main, v1.0 or a commit sha",
+                   "hub dataset name": "org/name"}.get(what, "org/name")
+        raise ValidationError({field: f"Enter a {what} such as {example}: {problem}."})
+
+
+def _check_config_tokenizer(config: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer a ``config`` model names: a hub id, or an absolute path of a folder under a model root."""
+    tokenizer = config.get("tokenizer")
+    if tokenizer in (None, ""):
+        return config
+    if not isinstance(tokenizer, str):
+        raise ValidationError({"config": '"tokenizer" must be a hub id or a model folder, as text.'})
+    if sources.is_local_tokenizer(tokenizer):
+        try:
+            local = check_local_path(tokenizer, roots=settings.MODEL_ROOTS, field="config", kind="model")
+        except ValidationError as exc:
+            raise ValidationError({"config": f'"tokenizer": {" ".join(exc.messages)}'}) from None
+        return {**config, "tokenizer": local}
+    problem = sources.repo_id_problem(tokenizer)
+    if problem:
+        raise ValidationError({"config": f'"tokenizer" must be a hub id such as org/name, or the absolute path of a '
+                                         f"folder under a model root: {problem}."})
+    return config
 
 
 def clean_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
     fields = dict(fields)
     source = fields.get("source")
+    check_hub_field(fields, "tokenizer_id")
     if source == ModelSpec.Source.BUILTIN:
         if fields.get("builtin_arch") not in BUILTIN_ARCHS:
             raise ValidationError({"builtin_arch": f"Choose one of: {', '.join(BUILTIN_ARCHS)}."})
@@ -243,9 +389,12 @@ def clean_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
         config = fields.get("config")
         if not isinstance(config, dict) or not config.get("model_type"):
             raise ValidationError({"config": 'A transformers config needs a "model_type", e.g. "bert".'})
+        fields["config"] = _check_config_tokenizer(config)
     elif source == ModelSpec.Source.HF:
         if bool(fields.get("hub_id")) == bool(fields.get("local_path")):
             raise ValidationError({"hub_id": "Give either a hub id or a local folder."})
+        check_hub_field(fields, "hub_id")
+        check_hub_field(fields, "revision", sources.revision_problem, what="revision")
         if fields.get("local_path"):
             fields["local_path"] = check_local_path(
                 fields["local_path"], roots=settings.MODEL_ROOTS, field="local_path", kind="model"
@@ -382,6 +531,7 @@ def clean_dataset_fields(fields: dict[str, Any], *, stored_path: str | Path | No
     elif source == DatasetSpec.Source.HF:
         if bool(fields.get("hub_name")) == bool(fields.get("local_path")):
             raise ValidationError({"hub_name": "Give either a hub dataset name or a local CSV / JSONL file."})
+        check_hub_field(fields, "hub_name", sources.dataset_name_problem, what="hub dataset name")
         if fields.get("local_path"):
             fields["local_path"] = check_local_path(
                 fields["local_path"], roots=settings.DATASET_ROOTS, field="local_path", kind="dataset"
