@@ -62,4 +62,4 @@ def run_metric_points(*, run: Run, names: Sequence[str] = ()) -> dict[str, tuple
 
 
 def api_token_list(*, user) -> QuerySet[ApiToken]:
-    return ApiToken.objects.filter(user=user)
+    return ApiToken.objects.filter(user=user).select_related("team")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+
+from experiments import selectors
+from experiments.models import Team
 
 from .models import ApiToken
 
@@ -25,18 +28,28 @@ def token_hash(token: str) -> str:
 
 
 @transaction.atomic
-def api_token_create(*, user, name: str) -> tuple[ApiToken, str]:
+def api_token_create(*, user, name: str, expires_at: datetime | None = None, scope: str = ApiToken.Scope.WRITE,
+                     team: Team | None = None) -> tuple[ApiToken, str]:
     """Create a token for ``user``; returns the record and the token itself, which is never stored.
 
-    Raises ValidationError keyed ``name`` when the user already has a token of that name or too many tokens.
+    ``expires_at`` (None: never), ``scope`` (read only, or read and write) and ``team`` (None: all the user's teams)
+    limit what the token may do. Raises ValidationError keyed by field when the user already has a token of that
+    name or too many tokens, the expiry is not in the future, or the team is not one of the user's.
     """
     name = name.strip()
     if not name:
         raise ValidationError({"name": "Give the token a name, e.g. 'laptop CLI'."})
     if ApiToken.objects.filter(user=user).count() >= MAX_TOKENS_PER_USER:
         raise ValidationError({"name": f"You have {MAX_TOKENS_PER_USER} tokens; revoke one first."})
+    if scope not in ApiToken.Scope.values:
+        raise ValidationError({"scope": f"Choose one of {', '.join(ApiToken.Scope.values)}."})
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ValidationError({"expires_at": "Choose an expiry in the future."})
+    if team is not None and not selectors.team_list(user=user).filter(pk=team.pk).exists():
+        raise ValidationError({"team": "You are not in that team."})
     token = TOKEN_PREFIX + secrets.token_urlsafe(30)
-    record = ApiToken(user=user, name=name, prefix=token[:10], key_hash=token_hash(token))
+    record = ApiToken(user=user, name=name, prefix=token[:10], key_hash=token_hash(token), expires_at=expires_at,
+                      scope=scope, team=team)
     try:
         with transaction.atomic():
             record.save()
@@ -50,10 +63,11 @@ def api_token_revoke(*, token: ApiToken) -> None:
 
 
 def api_token_authenticate(*, token: str) -> ApiToken | None:
-    """The live token record for ``token`` (with its user), or None; notes when it was last used."""
-    record = ApiToken.objects.select_related("user").filter(key_hash=token_hash(token)).first()
-    if record is None:
-        return None
+    """The token record for ``token`` (with its user), or None; notes when it was last used. An expired record is
+    returned too (the caller refuses it with a message saying so) but is not marked as used."""
+    record = ApiToken.objects.select_related("user", "team").filter(key_hash=token_hash(token)).first()
+    if record is None or record.is_expired():
+        return record
     now = timezone.now()
     if record.last_used_at is None or now - record.last_used_at > LAST_USED_RESOLUTION:
         ApiToken.objects.filter(pk=record.pk).update(last_used_at=now)

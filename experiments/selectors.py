@@ -48,12 +48,23 @@ from .models import (
 )
 
 
+def team_scope(user) -> int | None:
+    """The one team a request is limited to, or None: an API token bound to a team sets ``scope_team_id`` on the
+    request's user (api.authentication), and every team-scoped read here honours it, staff included."""
+    return getattr(user, "scope_team_id", None)
+
+
 def team_list(*, user) -> QuerySet[Team]:
-    return Team.objects.all() if user.is_staff else Team.objects.filter(memberships__user=user)
+    teams = Team.objects.all() if user.is_staff else Team.objects.filter(memberships__user=user)
+    if (team_id := team_scope(user)) is not None:
+        teams = teams.filter(pk=team_id)
+    return teams
 
 
-def _scoped(qs: QuerySet, user) -> QuerySet:
-    return qs if user.is_staff else qs.filter(team__memberships__user=user)
+def _scoped(qs: QuerySet, user, *, team_field: str = "team") -> QuerySet:
+    if (team_id := team_scope(user)) is not None:
+        qs = qs.filter(**{f"{team_field}_id": team_id})
+    return qs if user.is_staff else qs.filter(**{f"{team_field}__memberships__user": user})
 
 
 def model_spec_list(*, user) -> QuerySet[ModelSpec]:
@@ -451,9 +462,7 @@ def _leaderboard_scope(*, user, dataset: DatasetSpec, split_key: str | None, sco
         qs = qs.filter(dataset=dataset)
         if split_key:
             qs = qs.filter(split_key=split_key)
-    if not user.is_staff:
-        qs = qs.filter(run__team__memberships__user=user)
-    return qs
+    return _scoped(qs, user, team_field="run__team")
 
 
 class _BoardEval(NamedTuple):

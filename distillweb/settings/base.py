@@ -279,7 +279,8 @@ REST_FRAMEWORK = {
         "api.authentication.BearerTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Authenticated, and a read-only token may only read.
+    "DEFAULT_PERMISSION_CLASSES": ["api.permissions.TokenScopePermission"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["api.parsers.CappedJSONParser"],
     "DEFAULT_PAGINATION_CLASS": "api.pagination.CappedLimitOffsetPagination",

@@ -4,7 +4,10 @@ loads, and chromium reports no violation (neither as a `securitypolicyviolation`
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.test_compare_browser import finished_sweep, log_in  # noqa: F401 (a fixture)
+from tests.browser import test_compare_browser as compare_pages
+
+log_in = compare_pages.log_in
+finished_sweep = compare_pages.finished_sweep  # the fixture: a finished sweep with curves and a leaderboard
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
