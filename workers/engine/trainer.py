@@ -31,6 +31,7 @@ resumed from a checkpoint continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -75,6 +76,7 @@ from .evaluate import (
     shift_for_lm,
 )
 from .losses import LossParts, mix_teachers
+from .memory import host_memory_bytes, out_of_memory_message
 from .methods import LOSS_TERMS, ModelDims, TermInputs, TermState
 from .models import LoadedModel, SentenceEmbedder, load_model, model_dims, save_model
 from .schemes import SCHEMES, validate_scheme_params
@@ -417,16 +419,54 @@ class _NonFiniteWatch:
                                 "Try a lower learning rate or temperature.")
 
 
+# What torch's allocators say when they fail: CUDA/MPS "out of memory", the CPU allocator "can't allocate memory"
+# or "not enough memory" (and the OS's ENOMEM text).
+OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+GPU_MEMORY_TEXTS = ("cuda", "gpu", "mps", "hip", "xpu")
+
+
+def out_of_memory_error(exc: BaseException, cfg: RunConfig, during: str) -> TrainingError | None:
+    """The run's message for an out-of-memory failure, or None when ``exc`` is something else.
+
+    The one place that recognises out of memory in its forms: ``torch.OutOfMemoryError`` (CUDA), a RuntimeError
+    of an allocator (the CPU's ``DefaultCPUAllocator: can't allocate memory``, MPS, ...) and Python's MemoryError
+    (numpy, pure Python). The message names the phase (``during``: "at step 12", "while loading the student"),
+    the run's memory estimate (:mod:`.memory`) and what to change.
+    """
+    text = str(exc).lower()
+    if isinstance(exc, torch.OutOfMemoryError):
+        gpu = True
+    elif isinstance(exc, MemoryError):
+        gpu = False
+    elif isinstance(exc, RuntimeError) and any(marker in text for marker in OUT_OF_MEMORY_TEXTS):
+        gpu = any(marker in text for marker in GPU_MEMORY_TEXTS)
+    else:
+        return None
+    headline = f"Out of GPU memory {during}" if gpu else f"Out of memory (RAM) {during}"
+    return TrainingError(out_of_memory_message(cfg.to_dict(), headline=headline, gpu=gpu,
+                                               available_bytes=None if gpu else host_memory_bytes()))
+
+
 @contextlib.contextmanager
-def _out_of_memory_as_training_error(step: int, batch_size: int) -> Iterator[None]:
-    """Turn CUDA OOM (``OutOfMemoryError`` or a RuntimeError saying so) into an actionable TrainingError."""
+def _out_of_memory_as_training_error(cfg: RunConfig, during: str) -> Iterator[None]:
+    """Turn out of memory (:func:`out_of_memory_error`) raised inside the block into its TrainingError."""
     try:
         yield
-    except RuntimeError as exc:
-        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
-            raise TrainingError(f"Out of GPU memory at step {step} with batch size {batch_size}. "
-                                "Lower the batch size or max length.") from exc
-        raise
+    except (RuntimeError, MemoryError) as exc:
+        error = out_of_memory_error(exc, cfg, during)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _reports_out_of_memory(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """``train``'s last net: out of memory in a phase without a wrap of its own still reads as out of memory."""
+    @functools.wraps(function)
+    def wrapper(cfg: RunConfig, *args: Any, **kwargs: Any) -> TrainResult:
+        with _out_of_memory_as_training_error(cfg, "during the run"):
+            return function(cfg, *args, **kwargs)
+
+    return wrapper
 
 
 # --- models and batches ----------------------------------------------------------------------------------------
@@ -577,7 +617,8 @@ class Teachers:
             loaded = []
             devices = [self.device] if self.device.type == "cuda" else []
             for i, teacher_cfg in enumerate(self.plan.teachers):
-                with torch.random.fork_rng(devices=devices):
+                with torch.random.fork_rng(devices=devices), \
+                        _out_of_memory_as_training_error(self.cfg, "while loading the teacher"):
                     torch.manual_seed(self.cfg.train.seed)
                     model = load_model(teacher_cfg, dataset=self.dataset, role="teacher")
                 _prepare_attention(model, self.plan)
@@ -585,7 +626,8 @@ class Teachers:
                     raise ConfigError(f"Teacher '{teacher_cfg.describe()}' reads at most "
                                       f"{model.max_length(self.max_length)} tokens, but the student's rows are "
                                       f"{self.max_length} long. Lower the dataset's max_length.")
-                model.model.to(self.device).eval().requires_grad_(False)
+                with _out_of_memory_as_training_error(self.cfg, "while loading the teacher"):
+                    model.model.to(self.device).eval().requires_grad_(False)
                 model.model.register_forward_hook(self._count)
                 if i and self.dataset.task != "classification" and vocab_digest(model.tokenizer) != vocab_digest(
                         loaded[0].tokenizer):
@@ -849,6 +891,7 @@ def _lm_topk_outputs(teachers: Teachers, batcher: LMBatcher, *, k: int, batch_si
 # --- the loop --------------------------------------------------------------------------------------------------
 
 
+@_reports_out_of_memory
 def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     """Train ``cfg.student`` (distilling from ``cfg.teacher`` if the recipe asks), save it and evaluate it.
 
@@ -862,7 +905,7 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         and nothing is evaluated.
     Raises:
         ConfigError, DataError, ModelLoadError: before training starts.
-        TrainingError: NaN/inf loss or out of GPU memory.
+        TrainingError: NaN/inf loss, or out of memory (GPU or RAM, in any phase), with the run's estimate.
     """
     cb = callbacks or Callbacks()
     tc = cfg.train
@@ -876,9 +919,10 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     if len(dataset.train) == 0 or len(dataset.eval) == 0:
         raise DataError(f"Dataset '{dataset.name}' has an empty train or eval split.")
     seed_everything(tc.seed)
-    student = load_model(cfg.student, dataset=dataset, role="student")
-    _prepare_attention(student, plan)
-    student.model.to(device).train()
+    with _out_of_memory_as_training_error(cfg, "while loading the student"):
+        student = load_model(cfg.student, dataset=dataset, role="student")
+        _prepare_attention(student, plan)
+        student.model.to(device).train()
     max_length = lm_max_length(dataset, student) if task == "causal_lm" else dataset.max_length
     teachers = Teachers(cfg, plan, dataset, device, max_length=max_length) if plan.uses_teacher else None
 
@@ -902,8 +946,9 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     def entry_for(split: str, stored: dict[str, Any], compute: Callable[[], dict[str, Tensor]]) -> CacheEntry:
         """A teacher-output cache entry for ``split``; ``compute`` runs (and loads the teacher) on a miss."""
         description = describe(split, stored)
-        return cache.get_or_compute(cache_key(description), lambda: (compute(), teachers.describe()),
-                                    split=split, stored=stored, description=description)
+        with _out_of_memory_as_training_error(cfg, f"while the teacher computed its outputs on the {split} split"):
+            return cache.get_or_compute(cache_key(description), lambda: (compute(), teachers.describe()),
+                                        split=split, stored=stored, description=description)
 
     # --- checks that need the models, before any training or teacher work: the teacher's sizes and vocabulary
     # come from an existing cache entry when there is one (no teacher load), else from the teacher itself ---
@@ -973,8 +1018,7 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     if plan.teacher_mode != "none" and step < tc.max_steps:
         entry = None
         if plan.teacher_mode == "cached":
-            with _out_of_memory_as_training_error(0, tc.batch_size):
-                entry = entry_for("train", stored_for("train"), train_entry_compute)
+            entry = entry_for("train", stored_for("train"), train_entry_compute)
         same_tokens = task == "causal_lm" and same_vocab
         targets = TeacherTargets(teachers, entry=entry, task=task, same_tokens=same_tokens, student=student,
                                  student_rows=train_batches if isinstance(train_batches, LMBatcher) else None)
@@ -1011,8 +1055,9 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         elif entry is not None:
             kwargs["teacher_embeddings"] = entry.tensors["embeddings"]
         projection = modules["embedding_mse"] if task == "embedding" and "embedding_mse" in modules else None
-        metrics = evaluate(student.model, eval_batches, device=device, batch_size=tc.batch_size,
-                           efficiency=final, saved_dir=saved, task=task, projection=projection, **kwargs)
+        with _out_of_memory_as_training_error(cfg, "while evaluating the student"):
+            metrics = evaluate(student.model, eval_batches, device=device, batch_size=tc.batch_size,
+                               efficiency=final, saved_dir=saved, task=task, projection=projection, **kwargs)
         return metrics
 
     def emit_eval(at_step: int, metrics: dict[str, float]) -> None:
@@ -1099,7 +1144,7 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with _out_of_memory_as_training_error(step + 1, batch_size):
+        with _out_of_memory_as_training_error(cfg, f"at step {step + 1}"):
             for index, rows in enumerate(np.array_split(step_rows, accum)):    # gradient accumulation
                 batch, batch_rows, sampled = micro_batch(rows, step, index)
                 with autocast(device):
