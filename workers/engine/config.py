@@ -94,12 +94,17 @@ class TrainConfig:
     eval_every: int = 100
     save_every: int = 100
     grad_accum_steps: int = 1
-    # Early stopping on an eval metric (e.g. "accuracy"); off when empty or patience is 0.
+    # Early stopping on an eval metric (e.g. "accuracy"); off when empty or patience is 0. The metric is measured
+    # on the validation slice (logged as ``val/<metric>``), never on the eval split the result reports.
     early_stopping_metric: str = ""
     early_stopping_mode: str = "max"  # max | min
     early_stopping_patience: int = 0
     # With early stopping on: the saved and evaluated student is the best evaluated one, not the last.
     early_stopping_restore_best: bool = True
+    # With early stopping on: this fraction of the train split's labelled rows (stratified by class, drawn with
+    # the dataset's split_seed) is held out of training and used for every decision; the eval split is only
+    # evaluated at the end, for the result. Unused (nothing held out) when early stopping is off.
+    validation_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 

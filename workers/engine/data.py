@@ -560,6 +560,30 @@ def random_split(num_rows: int, eval_fraction: float, *, seed: int) -> tuple[np.
     return np.setdiff1d(np.arange(num_rows), eval_rows).astype(np.int64), eval_rows
 
 
+def validation_rows(labels: np.ndarray, fraction: float, *, seed: int | Sequence[int], stratify: bool) -> np.ndarray:
+    """The validation slice of a train split: the rows held out of training for decisions (early stopping, the
+    best weights), so that the eval split is only reported, never selected on.
+
+    The slice comes from the labelled rows only (``labels != -100``), so it can score task metrics: stratified by
+    class when ``stratify`` (each class with two or more labelled rows gives ``round(n_c · fraction)`` rows, at
+    least one, and keeps at least one to train on), else a random ``fraction`` of them. A pure function of
+    (labels, fraction, seed).
+
+    Args:
+        labels: (N,) the train split's labels (-100 = withheld).
+    Returns:
+        sorted int64 row ids into the split; empty when fewer than two labelled rows exist.
+    """
+    labelled = np.flatnonzero(labels != IGNORE_INDEX)
+    if len(labelled) < 2:
+        return np.zeros(0, dtype=np.int64)
+    if stratify:
+        _, held = stratified_split(labels[labelled], fraction, seed=seed)
+    else:
+        _, held = random_split(len(labelled), fraction, seed=seed)
+    return np.sort(labelled[held]).astype(np.int64)
+
+
 # --- batching --------------------------------------------------------------------------------------------------
 
 

@@ -31,12 +31,13 @@ resumed from a checkpoint continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import functools
 import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ from .cache import (
 )
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TASKS, LossTermConfig, ModelConfig, RunConfig, TrainConfig
-from .data import Batch, Batcher, LMBatcher, LoadedDataset, load_dataset, rows_for_step
+from .data import Batch, Batcher, LMBatcher, LoadedDataset, Split, load_dataset, rows_for_step, validation_rows
 from .errors import ConfigError, DataError, TrainingError
 from .evaluate import (
     autocast,
@@ -220,6 +221,9 @@ def check_train_config(train: TrainConfig) -> None:
         raise ConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {train.lr_schedule!r}.")
     if train.early_stopping_mode not in EARLY_STOPPING_MODES:
         raise ConfigError(f"train.early_stopping_mode must be max or min, got {train.early_stopping_mode!r}.")
+    fraction = train.validation_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 0.5:
+        raise ConfigError(f"train.validation_fraction must be a number in (0, 0.5], got {fraction!r}.")
 
 
 def mix_teacher_logits(logits: list[Tensor], weights: list[float], *, temperature: float = 1.0) -> Tensor:
@@ -346,18 +350,24 @@ def _check_early_stopping(cfg: RunConfig, *, has_teacher: bool) -> None:
     tc = cfg.train
     if not tc.early_stopping_metric or tc.early_stopping_patience == 0:
         return
-    name = tc.early_stopping_metric.removeprefix("eval/")
+    name = _watched_metric(tc.early_stopping_metric)
     allowed = [m for m in STREAMED_EVAL_METRICS[cfg.task] if has_teacher or m not in TEACHER_METRICS]
     if name not in allowed:
         raise ConfigError(f"Early stopping cannot watch '{tc.early_stopping_metric}': a {cfg.task} run reports "
                           f"{', '.join(allowed) or 'no eval metric without a teacher'}.")
 
 
+def _watched_metric(name: str) -> str:
+    """The early-stopping metric without a split prefix: it is always measured on the validation slice."""
+    return name.removeprefix("val/").removeprefix("eval/")
+
+
 class EarlyStopping:
-    """Stops when the watched eval metric has not improved for ``patience`` evaluations in a row."""
+    """Stops when the watched metric, measured on the validation slice, has not improved for ``patience``
+    evaluations in a row."""
 
     def __init__(self, train: TrainConfig) -> None:
-        self.metric = train.early_stopping_metric.removeprefix("eval/")
+        self.metric = _watched_metric(train.early_stopping_metric)
         self.mode = train.early_stopping_mode
         self.patience = train.early_stopping_patience if self.metric else 0
         self.best: float | None = None
@@ -837,10 +847,12 @@ def _fit_width(logits: Tensor, width: int) -> Tensor:
 
 
 @torch.no_grad()
-def _classification_outputs(teachers: Teachers, split: str, batch_size: int) -> dict[str, Tensor]:
+def _classification_outputs(teachers: Teachers, split: str, batch_size: int, *,
+                            dataset: LoadedDataset | None = None) -> dict[str, Tensor]:
+    """The teachers' logits on ``split`` of ``dataset`` (default: the run's dataset)."""
     per_teacher = []
     for loaded in teachers.models():
-        batcher = make_batcher(split, teachers.dataset, loaded)
+        batcher = make_batcher(split, dataset or teachers.dataset, loaded)
         per_teacher.append(predict_logits(loaded.model, batcher, device=teachers.device, batch_size=batch_size))
     if len(per_teacher) == 1:
         return {"logits": per_teacher[0]}
@@ -850,9 +862,10 @@ def _classification_outputs(teachers: Teachers, split: str, batch_size: int) -> 
 
 
 @torch.no_grad()
-def _embedding_outputs(teachers: Teachers, split: str, batch_size: int) -> dict[str, Tensor]:
+def _embedding_outputs(teachers: Teachers, split: str, batch_size: int, *,
+                       dataset: LoadedDataset | None = None) -> dict[str, Tensor]:
     loaded = teachers.first
-    batcher = make_batcher(split, teachers.dataset, loaded)
+    batcher = make_batcher(split, dataset or teachers.dataset, loaded)
     return {"embeddings": predict_logits(loaded.model, batcher, device=teachers.device, batch_size=batch_size)}
 
 
@@ -886,6 +899,50 @@ def _lm_topk_outputs(teachers: Teachers, batcher: LMBatcher, *, k: int, batch_si
                 if ends is not None:
                     per_row[-1]["prefix_end"] = torch.as_tensor(ends[row][:n], dtype=torch.int64)
     return pack_positions(per_row)
+
+
+# --- the validation slice --------------------------------------------------------------------------------------
+
+VALIDATION_SALT = 2  # the slice's random stream: [split_seed, 2] (the labelled subset draws from [split_seed, 1])
+
+
+def _validation_slice(cfg: RunConfig, dataset: LoadedDataset, train_batches: Batcher | LMBatcher) -> np.ndarray:
+    """Rows of ``train_batches`` held out of training for early stopping (``train.validation_fraction`` of the
+    labelled rows, stratified by class for classification; for causal LMs, of the rows the student trains on,
+    which are blocks when texts are packed), a pure function of the dataset's ``split_seed``.
+
+    Raises:
+        DataError: the train split is too small to hold a slice out.
+    """
+    if dataset.task == "classification":
+        labels, stratify = dataset.train.labels, True
+    else:
+        labels, stratify = np.zeros(len(train_batches), dtype=np.int64), False
+    rows = validation_rows(labels, cfg.train.validation_fraction, seed=[cfg.dataset.split_seed, VALIDATION_SALT],
+                           stratify=stratify)
+    if len(rows) == 0:
+        raise DataError("Early stopping selects on a validation slice held out of the train split, but the train "
+                        "split has fewer than two labelled rows. Turn early stopping off or use more data.")
+    return rows
+
+
+def _validation_view(dataset: LoadedDataset, train_batches: Batcher | LMBatcher, rows: np.ndarray,
+                     student: LoadedModel, *, max_length: int
+                     ) -> tuple[LoadedDataset | None, Batcher | LMBatcher | None]:
+    """The validation slice as a dataset whose eval split holds its rows (classification and embedding: what the
+    teachers read), and the student's batches of it; (None, None) without a slice."""
+    if len(rows) == 0:
+        return None, None
+    if dataset.task == "causal_lm":
+        return None, LMBatcher([train_batches.token_rows[i] for i in rows.tolist()], pad_id=train_batches.pad_id)
+    split = dataset.train
+    inputs = split.inputs[rows] if isinstance(split.inputs, np.ndarray) else [split.inputs[i] for i in rows.tolist()]
+    view = replace(dataset, eval=Split(inputs, split.labels[rows].copy()))
+    return view, make_batcher("eval", view, student, max_length=max_length)
+
+
+def _rows_digest(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:32]
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
@@ -977,6 +1034,11 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
 
     # --- the train rows (seq_kd: prompts continued by the teacher, once, through the cache) ---
     train_batches = make_batcher("train", dataset, student, max_length=max_length)
+    # With early stopping, decisions are taken on a validation slice held out of the train rows; the eval split is
+    # evaluated once, at the end, for the result.
+    selecting = EarlyStopping(tc).enabled
+    held_out = _validation_slice(cfg, dataset, train_batches) if selecting else np.zeros(0, dtype=np.int64)
+    val_dataset, val_batches = _validation_view(dataset, train_batches, held_out, student, max_length=max_length)
     if cfg.scheme == "seq_kd":
         train_batches, generated_same_vocab = _seq_kd_rows(cfg, plan, student, teachers, train_batches, max_length,
                                                            entry_for)
@@ -984,6 +1046,8 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     # Without teacher terms, unlabelled rows teach nothing: sample labelled rows only.
     train_rows = dataset.train.labelled_rows if plan.teacher_mode == "none" and task == "classification" \
         else np.arange(len(train_batches))
+    if len(held_out):
+        train_rows = np.setdiff1d(train_rows, held_out).astype(np.int64)
     if len(train_rows) == 0:
         raise DataError("The train split has no labelled rows to train on.")
     accum = tc.grad_accum_steps
@@ -1044,8 +1108,27 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             eval_entry = entry_for("eval", stored_for("eval"), compute)
         return eval_entry
 
-    def run_eval(final: bool) -> dict[str, float]:
-        entry = teacher_eval_entry() if teachers is not None and same_vocab else None
+    val_entry: CacheEntry | None = None
+
+    def teacher_val_entry() -> CacheEntry | None:
+        """The teachers' outputs on the validation slice: an entry of its own, keyed by the slice's rows."""
+        nonlocal val_entry
+        if teachers is not None and val_entry is None:
+            def compute() -> dict[str, Tensor]:
+                if task == "classification":
+                    return _classification_outputs(teachers, "eval", tc.batch_size, dataset=val_dataset)
+                if task == "embedding":
+                    return _embedding_outputs(teachers, "eval", tc.batch_size, dataset=val_dataset)
+                return _lm_topk_outputs(teachers, val_batches, k=EVAL_TOPK, batch_size=tc.batch_size)
+
+            stored = stored_for("eval") | {"validation_rows": _rows_digest(held_out)}
+            val_entry = entry_for("validation", stored, compute)
+        return val_entry
+
+    def run_eval(final: bool, *, validation: bool = False) -> dict[str, float]:
+        """The student's metrics on the eval split, or (``validation``) on the validation slice."""
+        teacher_entry = teacher_val_entry if validation else teacher_eval_entry
+        entry = teacher_entry() if teachers is not None and same_vocab else None
         saved = output_dir / "final" if final else None
         kwargs: dict[str, Any] = {}
         if entry is not None and task == "classification":
@@ -1056,14 +1139,16 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             kwargs["teacher_embeddings"] = entry.tensors["embeddings"]
         projection = modules["embedding_mse"] if task == "embedding" and "embedding_mse" in modules else None
         with _out_of_memory_as_training_error(cfg, "while evaluating the student"):
-            metrics = evaluate(student.model, eval_batches, device=device, batch_size=tc.batch_size,
+            metrics = evaluate(student.model, val_batches if validation else eval_batches, device=device,
+                               batch_size=tc.batch_size,
                                efficiency=final, saved_dir=saved, task=task, projection=projection, **kwargs)
         return metrics
 
-    def emit_eval(at_step: int, metrics: dict[str, float]) -> None:
+    def emit_eval(at_step: int, metrics: dict[str, float], prefix: str = "eval") -> None:
+        """Stream ``prefix/<metric>``: ``eval/`` for the eval split, ``val/`` for the validation slice."""
         if cb.on_metrics:
             streamed = {"loss": metrics.get("nll")} | metrics
-            cb.on_metrics(at_step, {f"eval/{k}": float(streamed[k]) for k in STREAMED_EVAL_METRICS[task]
+            cb.on_metrics(at_step, {f"{prefix}/{k}": float(streamed[k]) for k in STREAMED_EVAL_METRICS[task]
                                     if streamed.get(k) is not None})
 
     def checkpoint(at_step: int) -> Path:
@@ -1192,8 +1277,9 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             interval_steps, interval_start, generated = 0, time.perf_counter(), 0
         if step % tc.eval_every == 0 and step < tc.max_steps:
             watch.check()
-            metrics = run_eval(final=False)
-            emit_eval(step, metrics)
+            # Early stopping decides on the validation slice; without it the eval split's curve is only a curve.
+            metrics = run_eval(final=False, validation=selecting)
+            emit_eval(step, metrics, "val" if selecting else "eval")
             stopped_early = stopper.update(step, metrics)
             if restore_best and stopper.best_step == step:
                 save_best()
@@ -1217,9 +1303,9 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
                            teacher_forwards=teachers.forwards if teachers else 0, **common)
     restored = False
     if restore_best:
-        if not stopped_early:  # the last weights are a candidate too
-            last_metrics = run_eval(final=False)
-            emit_eval(step, last_metrics)
+        if not stopped_early:  # the last weights are a candidate too, judged on the validation slice
+            last_metrics = run_eval(final=False, validation=True)
+            emit_eval(step, last_metrics, "val")
             stopper.update(step, last_metrics)
         if stopper.best_step not in (None, step) and (output_dir / BEST_DIR / BEST_WEIGHTS_FILE).exists():
             load_best()
@@ -1230,10 +1316,13 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
 
         save_weights_of(modules, str(final_dir / TERM_MODULES_FILE))
     student_metrics = run_eval(final=True)
-    if not restored:  # the curve keeps the last weights' point; the result holds the best weights' metrics
-        emit_eval(step, student_metrics)
-    if not stopped_early and not restore_best:
-        stopper.update(step, student_metrics)
+    # The eval split's point of the reported student (with early stopping, the eval split's only point: every
+    # decision was taken on the validation slice).
+    emit_eval(step, student_metrics)
+    if not stopped_early and not restore_best and stopper.enabled:  # the last weights' val point, for best_step
+        last_metrics = run_eval(final=False, validation=True)
+        emit_eval(step, last_metrics, "val")
+        stopper.update(step, last_metrics)
     teacher_metrics = None
     if teachers is not None and cfg.evaluate_teacher:
         teacher_rows = eval_batches if same_vocab else make_batcher("eval", dataset, teachers.first,

@@ -328,13 +328,27 @@ def _stopping(**train_overrides) -> dict:
             "early_stopping_mode": "max", "early_stopping_patience": 2, **train_overrides}
 
 
+def _validation_metrics(cfg, result) -> dict[str, float]:
+    """A finished run's saved student evaluated on the run's validation slice."""
+    from workers.engine.data import Batcher
+    from workers.engine.evaluate import evaluate
+    from workers.engine.models import load_model
+
+    dataset = load_dataset(cfg.dataset)
+    student = load_model(ModelConfig(source="run", path=result.final_dir), dataset=dataset, role="student")
+    rows = trainer._validation_slice(cfg, dataset, Batcher(dataset.train))
+    _, batches = trainer._validation_view(dataset, Batcher(dataset.train), rows, student, max_length=128)
+    return evaluate(student.model, batches, efficiency=False)
+
+
 def test_early_stopping_stops_and_records_why(tmp_path, digits_run):
     rec = Recorder()
     result = train(digits_run(tmp_path, train=_stopping()), rec.callbacks())
     assert result.stopped_early and not result.stopped
     assert result.steps == 15 and result.best_step == 5
-    assert result.best_metric == pytest.approx(next(m["eval/loss"] for s, m in rec.metrics if s == 5 and
-                                                    "eval/loss" in m))
+    # Selection happens on the validation slice held out of the train split, never on the eval split.
+    assert result.best_metric == pytest.approx(next(m["val/loss"] for s, m in rec.metrics if s == 5 and
+                                                    "val/loss" in m))
     assert result.final_dir is not None and "accuracy" in result.student
     plain = train(digits_run(tmp_path / "plain", train={"max_steps": 10}))
     assert plain.stopped_early is False and plain.best_step is None and plain.best_metric is None
@@ -343,13 +357,15 @@ def test_early_stopping_stops_and_records_why(tmp_path, digits_run):
 def test_early_stopping_keeps_the_best_evaluated_weights(tmp_path, digits_run):
     rec = Recorder()
     best = train(digits_run(tmp_path / "best", train=_stopping()), rec.callbacks())
-    at_best = next(m for s, m in rec.metrics if s == 5 and "eval/loss" in m)
+    at_best = next(m for s, m in rec.metrics if s == 5 and "val/loss" in m)
     assert best.restored_best and best.best_step == 5
-    # The saved student is the step-5 one: its final evaluation repeats step 5's numbers.
-    assert best.student["nll"] == pytest.approx(at_best["eval/loss"], rel=1e-6)
-    assert best.student["accuracy"] == pytest.approx(at_best["eval/accuracy"])
+    # The saved student is the step-5 one: its evaluation on the validation slice repeats step 5's numbers.
+    on_val = _validation_metrics(digits_run(tmp_path / "best", train=_stopping()), best)
+    assert on_val["nll"] == pytest.approx(at_best["val/loss"], rel=1e-6)
+    assert on_val["accuracy"] == pytest.approx(at_best["val/accuracy"])
     last = train(digits_run(tmp_path / "last", train=_stopping(early_stopping_restore_best=False)))
-    assert not last.restored_best and last.student["nll"] != pytest.approx(at_best["eval/loss"], rel=1e-6)
+    last_on_val = _validation_metrics(digits_run(tmp_path / "last", train=_stopping()), last)
+    assert not last.restored_best and last_on_val["nll"] != pytest.approx(at_best["val/loss"], rel=1e-6)
     reloaded = _weights(best)
     assert not all(torch.equal(reloaded[k], v) for k, v in _weights(last).items())
     # A run that ends at max_steps while its last weights are the best restores nothing.
