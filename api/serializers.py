@@ -14,7 +14,14 @@ from rest_framework import serializers
 
 from experiments import forms, preflight, selectors
 from experiments.models import DatasetSpec, Evaluation, Experiment, ModelSpec, Recipe, Run, Task
-from experiments.validation import BUILTIN_ARCHS, BUILTIN_DATASETS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
+from experiments.validation import (
+    ALL_EARLY_STOPPING_METRICS,
+    BUILTIN_ARCHS,
+    BUILTIN_DATASETS,
+    LR_SCHEDULES,
+    MAX_SEEDS,
+    TRAIN_FIELDS,
+)
 
 from . import selectors as api_selectors
 from .inputs import MAX_TERMS
@@ -495,6 +502,12 @@ class _ExperimentCreateBody(_TeamScopedBody):
     seeds = serializers.ListField(child=serializers.IntegerField(min_value=0), min_length=1, max_length=MAX_SEEDS,
                                   help_text='e.g. [0, 1, 2] (or "0,1,2", "0-2")')
     lr_schedule = serializers.ChoiceField(choices=list(LR_SCHEDULES), required=False)
+    early_stopping_metric = serializers.ChoiceField(
+        choices=["", *ALL_EARLY_STOPPING_METRICS], required=False, allow_blank=True,
+        help_text="Early stopping: the metric watched on a validation slice held out of the train split (with "
+                  "early_stopping_patience >= 1); the eval split is only reported")
+    vary_labelled_subset = serializers.BooleanField(
+        required=False, help_text="With labelled_fraction < 1: each seed draws its own labelled rows")
 
 
 @extend_schema_field({"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}},

@@ -28,7 +28,7 @@ MAX_DEPTH = 20
 RECIPE_KEYS = ("format", "kind", "team", "name", "scheme", "description", "terms", "scheme_params")
 EXPERIMENT_KEYS = ("format", "kind", "team", "name", "description", "dataset", "teacher", "students", "recipes",
                    "assistant", "extra_teachers", "teacher_weights", "seeds", "train", "term_sweeps")
-TRAIN_KEYS = frozenset(TRAIN_FIELDS) | {"lr_schedule"}
+TRAIN_KEYS = frozenset(TRAIN_FIELDS) | {"lr_schedule", "early_stopping_metric", "vary_labelled_subset"}
 
 
 # --- documents ------------------------------------------------------------------------------------

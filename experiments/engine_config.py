@@ -28,6 +28,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_every": 100,
     "save_every": 100,
     "labelled_fraction": 1.0,
+    # Early stopping (off unless a metric and a patience are given) selects on a validation slice of this
+    # fraction of the labelled train rows; the fraction is recorded in every frozen config.
+    "early_stopping_patience": 0,
+    "validation_fraction": 0.1,
 }
 
 HARD_LABELS_TERMS = [{"name": "ce", "weight": 1.0, "params": {}}]
@@ -81,9 +85,10 @@ def dataset_config(spec: DatasetSpec) -> dict[str, Any]:
 def split_key(dataset_cfg: dict[str, Any]) -> str:
     """A stable hash of everything that decides which rows land in the eval split and how they are read.
 
-    The labelled fraction only changes which train labels are used, so it does not change the key.
+    The labelled fraction (and the seed of a run's own labelled subset) only changes which train labels are used,
+    so it does not change the key.
     """
-    relevant = {k: v for k, v in dataset_cfg.items() if k != "labelled_fraction"}
+    relevant = {k: v for k, v in dataset_cfg.items() if k not in ("labelled_fraction", "labelled_seed")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -116,6 +121,15 @@ def build_run_config(
     train = {**TRAIN_DEFAULTS, **experiment.train, "seed": seed}
     # Every run of the experiment, the hard-label baseline included, sees the same labelled rows.
     dataset = {**dataset_config(experiment.dataset), "labelled_fraction": train.pop("labelled_fraction")}
+    if train.pop("vary_labelled_subset", False) and dataset["labelled_fraction"] < 1:
+        # Each seed draws its own labelled subset (its baseline shares it), so the spread over seeds includes
+        # the choice of labelled rows.
+        dataset["labelled_seed"] = seed
+    if train.get("early_stopping_metric"):
+        from .validation import EARLY_STOPPING_METRICS
+
+        modes = EARLY_STOPPING_METRICS.get(experiment.dataset.task, {})
+        train["early_stopping_mode"] = modes.get(train["early_stopping_metric"], "max")
     if not uses_teacher:
         teacher_cfg = None
     elif teacher_run is not None:

@@ -401,6 +401,10 @@ def model_card(*, run: Run, fmt: str, meta: dict[str, Any], folder_name: str, st
                   + (" (stopped early)" if result.get("stopped_early") else "")
                   + (f"; the saved weights are those of step {result['best_step']}" if result.get("restored_best")
                      else "") + "."]
+    if train.get("early_stopping_metric") and train.get("early_stopping_patience"):
+        lines += ["", f"Early stopping watched {_md(train['early_stopping_metric'])} on a validation slice "
+                      f"({100 * float(train.get('validation_fraction', 0.1)):g}% of the labelled train rows, "
+                      "held out of training); the eval split below was used for no decision."]
     lines += ["", "## Results on the eval split", "", *_metrics_table(student, teacher), ""]
     lines += _comparison_lines(run, metric, student, teacher, baseline)
     lines += ["", "## How to use", "", *_usage(fmt, task, folder_name, meta, data_cfg.get("max_length")), ""]

@@ -19,7 +19,14 @@ from django.forms.utils import ErrorDict
 from . import selectors, sweeps, uploads, validation
 from .engine_config import TRAIN_DEFAULTS
 from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Task
-from .validation import BUILTIN_ARCHS, BUILTIN_DATASETS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
+from .validation import (
+    ALL_EARLY_STOPPING_METRICS,
+    BUILTIN_ARCHS,
+    BUILTIN_DATASETS,
+    LR_SCHEDULES,
+    MAX_SEEDS,
+    TRAIN_FIELDS,
+)
 
 
 def add_service_errors(form: forms.BaseForm, exc: ValidationError, aliases: dict[str, str] | None = None) -> None:
@@ -685,9 +692,18 @@ class ExperimentForm(TeamScopedForm):
     lr_schedule = forms.ChoiceField(label="LR schedule", choices=[(s, s) for s in LR_SCHEDULES], required=False,
                                     initial=TRAIN_DEFAULTS["lr_schedule"],
                                     help_text="Decay after warm-up.")
+    early_stopping_metric = forms.ChoiceField(
+        label="Early-stopping metric", required=False,
+        choices=[("", "off"), *((m, m) for m in ALL_EARLY_STOPPING_METRICS)],
+        help_text="Watched on a validation slice held out of the train split (the eval split is only reported); "
+                  "needs a patience.")
+    vary_labelled_subset = forms.BooleanField(
+        label="Vary the labelled subset with the seed", required=False,
+        help_text="With a labelled fraction below 1: each seed draws its own labelled rows (its baseline shares "
+                  "them), so the spread over seeds includes the choice of labelled subset.")
 
     team_fields = ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers")
-    train_field_names = (*TRAIN_FIELDS, "lr_schedule")
+    train_field_names = (*TRAIN_FIELDS, "lr_schedule", "early_stopping_metric", "vary_labelled_subset")
     sweep_syntax = sweeps.SYNTAX_HELP
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -718,8 +734,9 @@ class ExperimentForm(TeamScopedForm):
                 label=TRAIN_LABELS.get(name, name.replace("_", " ").capitalize()),
                 help_text=f"{help_text} ({_bound(lo, kind)} to {_bound(hi, kind)}).",
             )
-        # Keep the schedule next to the numeric settings.
-        self.fields["lr_schedule"] = self.fields.pop("lr_schedule")
+        # Keep the schedule and the other choices next to the numeric settings.
+        for name in ("lr_schedule", "early_stopping_metric", "vary_labelled_subset"):
+            self.fields[name] = self.fields.pop(name)
 
     def clean_seeds(self) -> list[int]:
         seeds = parse_seeds(self.cleaned_data["seeds"])
@@ -766,6 +783,10 @@ class ExperimentForm(TeamScopedForm):
                 train[name] = values[0] if len(values) == 1 else list(values)
         if data.get("lr_schedule"):
             train["lr_schedule"] = data["lr_schedule"]
+        if data.get("early_stopping_metric"):
+            train["early_stopping_metric"] = data["early_stopping_metric"]
+        if data.get("vary_labelled_subset"):
+            train["vary_labelled_subset"] = True
         return train
 
     def service_kwargs(self) -> dict[str, Any]:
@@ -823,6 +844,8 @@ def run_initial(run: Run) -> dict[str, Any]:
     fraction = (config.get("dataset") or {}).get("labelled_fraction")
     if fraction is not None:
         train["labelled_fraction"] = fraction
+    if (config.get("dataset") or {}).get("labelled_seed") is not None:
+        train["vary_labelled_subset"] = True
     term_sweeps = {}
     for axis in (experiment.train or {}).get("term_sweeps") or {}:
         value = sweeps.config_value(config, axis)

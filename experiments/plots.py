@@ -124,16 +124,22 @@ def _loss_order(name: str) -> tuple[int, str]:
     return (0 if name == "loss" else 1, name)
 
 
+def _is_evaluation(name: str) -> bool:
+    """Metrics of an evaluation: ``eval/…`` on the eval split, ``val/…`` on the validation slice early stopping
+    selects on."""
+    return name.startswith(("eval/", "val/"))
+
+
 def _is_training_loss(name: str) -> bool:
     """Loss curves share one axis: leave out eval metrics, the learning rate, throughputs (``…_per_s``) and
     memory (``gpu_memory_bytes``)."""
-    return (not name.startswith("eval/") and name not in ("lr", "gpu_memory_bytes")
+    return (not _is_evaluation(name) and name not in ("lr", "gpu_memory_bytes")
             and not name.endswith("_per_s"))
 
 
 def _is_divergence(name: str) -> bool:
     """Eval metrics on a loss scale (unbounded) rather than a score scale (0–1)."""
-    short = name.removeprefix("eval/")
+    short = name.removeprefix("eval/").removeprefix("val/")
     return "loss" in short or short in ("nll", "perplexity") or short.startswith("kl") or "_kl" in short
 
 
@@ -157,9 +163,10 @@ def loss_figure(series: Series, *, max_points: int = MAX_POINTS) -> dict[str, An
 
 
 def eval_figure(series: Series, *, max_points: int = MAX_POINTS) -> dict[str, Any]:
-    """Eval curves (``eval/…``): scores such as accuracy and macro F1 on the left axis; losses and divergences
+    """Eval curves (``eval/…``, named without the prefix) and, with early stopping, the validation slice's
+    (``val/…``, named with it): scores such as accuracy and macro F1 on the left axis; losses and divergences
     (``loss``, ``nll``, ``kl_to_teacher``) on the right."""
-    names = sorted(n for n in series if n.startswith("eval/"))
+    names = sorted(n for n in series if _is_evaluation(n))
     losses = [n for n in names if _is_divergence(n)]
     traces = [_line(n.removeprefix("eval/"), *series[n], max_points=max_points) for n in names if n not in losses]
     traces += [

@@ -367,7 +367,7 @@ def experiment_validate(
     errors: dict[str, list[str]] = {}
     cleaned: dict[str, Any] = {}
     checks = {
-        "train": lambda: validation.clean_train(train or {}),
+        "train": lambda: validation.check_selection(validation.clean_train(train or {}), dataset=dataset),
         "seeds": lambda: validation.clean_seeds(seeds),
         "teacher_weights": lambda: validation.check_experiment(
             team=team, dataset=dataset, teacher=teacher, students=students, recipes=recipes, assistant=assistant,

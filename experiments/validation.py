@@ -22,14 +22,30 @@ TRAIN_FIELDS: dict[str, tuple[type, float, float, str]] = {
     "lr": (float, 1e-8, 1.0, "Peak learning rate (AdamW)"),
     "weight_decay": (float, 0.0, 1.0, "AdamW weight decay"),
     "warmup_steps": (int, 0, 1_000_000, "Linear warm-up steps"),
-    "eval_every": (int, 1, 1_000_000, "Evaluate on the eval split every N steps"),
+    "eval_every": (int, 1, 1_000_000, "Evaluate every N steps (on the validation slice with early stopping, "
+                                      "else on the eval split)"),
     "save_every": (int, 1, 1_000_000, "Checkpoint every N steps"),
     "log_every": (int, 1, 100_000, "Log training losses every N steps"),
     "grad_clip": (float, 0.0, 1e6, "Gradient-norm clipping (0 = off)"),
     "labelled_fraction": (float, 0.01, 1.0, "Fraction of train rows whose labels are used (the rest are "
                                             "unlabelled inputs that only teacher terms learn from)"),
+    "early_stopping_patience": (int, 0, 10_000, "Early stopping: stop after this many evaluations without "
+                                                "improvement of the watched metric on the validation slice "
+                                                "(0 = off)"),
+    "validation_fraction": (float, 0.01, 0.5, "Early stopping: fraction of the labelled train rows held out of "
+                                              "training to select on; the eval split is only reported"),
 }
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# Early stopping watches a task metric on the validation slice, improving upward (max) or downward (min). Only
+# metrics every run has (the hard-label baseline has no teacher to agree with).
+EARLY_STOPPING_METRICS: dict[str, dict[str, str]] = {
+    "classification": {"accuracy": "max", "macro_f1": "max", "loss": "min", "ece": "min"},
+    "causal_lm": {"loss": "min", "perplexity": "min", "bits_per_token": "min"},
+    "embedding": {},
+}
+ALL_EARLY_STOPPING_METRICS = tuple(dict.fromkeys(m for ms in EARLY_STOPPING_METRICS.values() for m in ms))
+# Settings that are not numbers (and never swept).
+TRAIN_CHOICES = ("lr_schedule", "early_stopping_metric", "vary_labelled_subset")
 MAX_SEEDS = 20
 
 _CLS, _LM, _EMB = "classification", "causal_lm", "embedding"
@@ -189,6 +205,18 @@ def clean_train(train: dict[str, Any], *, limit: int | None = None) -> dict[str,
             else:
                 cleaned[key] = value
             continue
+        if key == "early_stopping_metric":
+            if not isinstance(value, str) or value not in ALL_EARLY_STOPPING_METRICS:
+                errors[key] = [f"Choose one of: {', '.join(ALL_EARLY_STOPPING_METRICS)}."]
+            else:
+                cleaned[key] = value
+            continue
+        if key == "vary_labelled_subset":
+            if not isinstance(value, bool):
+                errors[key] = ["Give true or false."]
+            elif value:
+                cleaned[key] = True
+            continue
         if key not in TRAIN_FIELDS:
             errors[key] = [f"Unknown training setting '{key}'."]
             continue
@@ -211,9 +239,40 @@ def clean_train(train: dict[str, Any], *, limit: int | None = None) -> dict[str,
                                       if not _swept(merged, "warmup_steps", "max_steps") else
                                       f"Warm-up must be shorter than the run: {warmup} warm-up steps do not fit "
                                       f"in a run of {steps} steps."]
+    if "early_stopping_patience" not in errors and "early_stopping_metric" not in errors:
+        patience = max(_as_list(merged.get("early_stopping_patience", 0)))
+        if patience and not merged.get("early_stopping_metric"):
+            errors["early_stopping_metric"] = ["Choose the metric early stopping watches on the validation slice."]
+        elif merged.get("early_stopping_metric") and not patience:
+            errors["early_stopping_patience"] = ["Give a patience of at least 1 evaluation, or clear the "
+                                                 "early-stopping metric."]
     if errors:
         raise ValidationError(errors)
     return merged
+
+
+def check_selection(train: dict[str, Any], *, dataset: DatasetSpec) -> dict[str, Any]:
+    """Early-stopping settings that depend on the dataset: the watched metric is one its task reports, and the
+    validation slice (``validation_fraction`` of the labelled train rows) has rows to select on while leaving
+    rows to train on. ``train`` is cleaned (:func:`clean_train`); returned unchanged."""
+    metric = train.get("early_stopping_metric")
+    if not metric or not max(_as_list(train.get("early_stopping_patience", 0))):
+        return train
+    allowed = EARLY_STOPPING_METRICS.get(dataset.task, {})
+    if metric not in allowed:
+        raise ValidationError({"early_stopping_metric": (
+            f"A {dataset.task} run's validation slice reports {', '.join(allowed) or 'no metric every run has'}; "
+            f"it cannot watch {metric}.")})
+    counts = dataset.splits if isinstance(dataset.splits, dict) else {}
+    rows = counts.get("train")
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        labelled = rows * min(_as_list(train.get("labelled_fraction", 1.0))) if dataset.task == "classification" \
+            else rows
+        if round(labelled) < 2:
+            raise ValidationError({"validation_fraction": (
+                f"Early stopping holds a validation slice out of the labelled train rows, but this dataset has about "
+                f"{round(labelled)} of them; at least 2 are needed (one to select on, one to train on).")})
+    return train
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -63,6 +63,9 @@ class DatasetConfig:
     split_seed: int = 0
     max_length: int = 128
     labelled_fraction: float = 1.0
+    # Which train rows keep their labels (``labelled_fraction`` < 1): drawn with ``split_seed`` alone (None: the
+    # same subset for every run), or also with this number (the run's seed, so each seed has its own subset).
+    labelled_seed: int | None = None
     eval_path: str = ""
     # Causal LM: concatenate the texts (each ended by EOS) and cut the stream into max_length blocks, instead
     # of one row per text cut at max_length (nothing is thrown away and no position is padding).

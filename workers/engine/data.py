@@ -132,6 +132,9 @@ def load_dataset(cfg: DatasetConfig, *, task: str = "classification") -> LoadedD
         raise DataError(f"eval_fraction must be between 0 and 1 (exclusive), got {cfg.eval_fraction}.")
     if not 0 < cfg.labelled_fraction <= 1:
         raise DataError(f"labelled_fraction must be in (0, 1], got {cfg.labelled_fraction}.")
+    seed_ok = isinstance(cfg.labelled_seed, int) and not isinstance(cfg.labelled_seed, bool) and cfg.labelled_seed >= 0
+    if cfg.labelled_seed is not None and not seed_ok:
+        raise DataError(f"labelled_seed must be a whole number >= 0, got {cfg.labelled_seed!r}.")
     if cfg.max_length < 2:
         raise DataError(f"max_length must be at least 2, got {cfg.max_length}.")
     if task != "classification":
@@ -154,7 +157,8 @@ def load_dataset(cfg: DatasetConfig, *, task: str = "classification") -> LoadedD
     train_labels = labels[train_rows].copy()
     if cfg.labelled_fraction < 1:
         # A separate stream from the split, so changing the fraction never moves rows between splits.
-        keep = stratified_subset(train_labels, cfg.labelled_fraction, seed=[cfg.split_seed, 1])
+        seed = [cfg.split_seed, 1] if cfg.labelled_seed is None else [cfg.split_seed, 1, cfg.labelled_seed]
+        keep = stratified_subset(train_labels, cfg.labelled_fraction, seed=seed)
         hidden = np.ones(len(train_labels), dtype=bool)
         hidden[keep] = False
         train_labels[hidden] = IGNORE_INDEX
