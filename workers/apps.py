@@ -7,3 +7,4 @@ class WorkersConfig(AppConfig):
 
     def ready(self) -> None:
         from . import fleet  # noqa: F401  (connects the worker registration signals)
+        from . import sessions  # noqa: F401  (bounds idle transactions in worker processes)

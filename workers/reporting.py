@@ -139,11 +139,18 @@ class RunReporter:
         elif self._thread is None and (self.clock() - self._last_progress >= self.flush_every_s or step == total):
             self._attempt(self._write_points, durable=False)  # progress, with any buffered points
 
-    def on_checkpoint(self, step: int, path: str) -> None:
-        # Points up to the checkpoint must be durable before it counts, so a resume never loses any.
+    def on_checkpoint(self, step: int, path: str) -> bool:
+        """Register the checkpoint, only while this delivery owns the run (False: the engine deletes it and
+        stops). Points up to the checkpoint are durable before it counts, so a resume never loses any."""
         self.flush()
-        self.call(services.run_record_checkpoint, run_id=self.run_id, task_id=self.task_id, step=step,
-                  path=Path(path))
+        registered = self.owned and self.call(services.run_record_checkpoint, run_id=self.run_id,
+                                              task_id=self.task_id, step=step, path=Path(path))
+        self.owned = bool(registered) and self.owned
+        return self.owned
+
+    def owns_run(self) -> bool:
+        """False once a write found the run taken over (or cancelled and closed): the engine writes no weights."""
+        return self.owned
 
     def should_stop(self) -> bool:
         if self._thread is None:

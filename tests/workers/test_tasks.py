@@ -40,7 +40,9 @@ def test_a_real_run_trains_distills_and_records_results(experiment, settings):
     student = Evaluation.objects.get(run=run, role="student")
     assert student.accuracy is not None and student.param_count == run.result["student"]["params"]
     assert Evaluation.objects.filter(role="teacher", model=run.teacher).count() == 1
-    assert (settings.ARTIFACT_ROOT / f"runs/{run.id}/final").is_dir()
+    # The final model is written by the attempt that owns the run, in a folder of its own, and recorded.
+    model = run.artifacts.get(kind="model")
+    assert model.path == f"runs/{run.id}/final-a1" and (settings.ARTIFACT_ROOT / model.path).is_dir()
     assert run.artifacts.filter(kind="checkpoint").exists()
 
 
