@@ -21,6 +21,8 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.text import slugify
 
+from workers.engine.memory import host_memory_bytes, out_of_memory_message
+
 from . import engine_config, rollups, routing, sweeps, validation
 from .models import (
     RUN_TRANSITIONS,
@@ -705,6 +707,52 @@ def run_requeue_stale() -> dict[str, int]:
                 _enqueue_on_commit(run, task_id=run.task_id)
             counts[run.status] = counts.get(run.status, 0) + 1
     return counts
+
+
+def run_worker_process_lost(*, run_id: int, task_id: str, worker_name: str, status: str) -> Run | None:
+    """The pool process running this delivery of the run died under its worker (Celery's WorkerLostError, seen by
+    the worker's main process): requeue the run at once (it resumes from its last checkpoint), cancel it when
+    cancellation had been requested, or fail it once RUN_MAX_ATTEMPTS attempts have lost their worker.
+
+    ``status`` is how the process ended, as Celery words it ("signal 9 (SIGKILL)", "exitcode 1"). A SIGKILL is how
+    the kernel's out-of-memory killer ends a process, so the reason (and the error, once the budget is spent) says
+    so, with the run's memory estimate, this machine's RAM and what to change. Returns the updated run, or None
+    when this delivery no longer owns it (it finished or was taken over in the meantime).
+    """
+    with transaction.atomic():
+        run = Run.objects.filter(id=run_id, status=Run.Status.RUNNING, task_id=task_id).first()
+        if run is None:
+            return None
+        owned = Q(task_id=task_id)
+        worker = worker_name or run.worker_name or "its worker"
+        at = f" at step {run.step}" if run.step else ""
+        if "SIGKILL" in status:
+            what = out_of_memory_message(
+                run.config, gpu=False, estimate=routing.run_memory_estimate(run=run),
+                available_bytes=host_memory_bytes(),
+                headline=f"The worker process running this run on {worker} was killed (SIGKILL){at}, most likely "
+                         f"by the kernel's out-of-memory killer")
+        else:
+            what = f"The worker process running this run on {worker} exited prematurely ({status}){at}."
+        if run.cancel_requested:
+            return _transition(run_id=run_id, to=Run.Status.CANCELLED, sources=[Run.Status.RUNNING], where=owned,
+                               reason=f"Cancelled: {what}")
+        attempts = _attempts_since_requeue(run_id, run.attempt)
+        if attempts >= settings.RUN_MAX_ATTEMPTS:
+            error = f"{what} That was attempt {attempts} of {settings.RUN_MAX_ATTEMPTS}; giving up."
+            failed = _transition(run_id=run_id, to=Run.Status.FAILED, sources=[Run.Status.RUNNING], where=owned,
+                                 values={"error": error[:5000]}, reason=error)
+            if failed is not None:
+                _fail_dependents(run_id, reason=f"Run #{run_id}, which trains this run's teacher, failed: {error[:500]}")
+            return failed
+        next_task_id = str(uuid.uuid4())
+        requeued = _transition(run_id=run_id, to=Run.Status.QUEUED, sources=[Run.Status.RUNNING], where=owned,
+                               values={"task_id": next_task_id},
+                               reason=f"{what} Requeued for attempt {attempts + 1} of {settings.RUN_MAX_ATTEMPTS}.")
+        if requeued is not None:
+            logger.warning("run %s: its worker process died (%s); requeued as task %s", run_id, status, next_task_id)
+            _enqueue_on_commit(requeued, task_id=next_task_id)
+        return requeued
 
 
 def run_redispatch_lost(*, queue_size: Callable[[str], int | None]) -> int:

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="workers.run_distillation", bind=True, acks_late=True, ignore_result=True)
+@shared_task(name="workers.run_distillation", bind=True, acks_late=True, ignore_result=True,
+             Request="workers.lost_process:RunRequest")  # a pool process killed under a run is recorded on it
 def run_distillation(self, run_id: int) -> None:
     """Train and evaluate one run. A second delivery of a live run claims nothing and returns.
 
