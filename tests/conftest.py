@@ -13,6 +13,23 @@ torch.set_num_threads(1)
 # without Django at all: `pytest tests/workers/engine -p no:django`.
 
 
+def pytest_collection_modifyitems(config, items):
+    """pytest-timeout's per-test guard (``timeout`` in pyproject.toml) scales like every wait for a worker
+    (tests/waiting.py, DISTILLWEB_TEST_WAIT_SCALE), so a loaded machine is never cut off by the guard before a
+    wait's own bound. A ``--timeout`` given on the command line, or a test's own timeout mark, is kept."""
+    from tests.waiting import wait_scale
+
+    if config.getoption("timeout", None) is not None:
+        return
+    base = float(config.getini("timeout") or 0)
+    if not base:
+        return
+    guard = pytest.mark.timeout(base * max(1.0, wait_scale()))
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(guard)
+
+
 @pytest.fixture(autouse=True)
 def _artifact_root(request, tmp_path):
     """Every Django test writes artifacts to its own folder."""

@@ -6,11 +6,12 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.waiting import scaled, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,29 +35,33 @@ def test_demo_serves_the_site_and_its_worker_finishes_the_seeded_experiments(tmp
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         db = tmp_path / "distillweb.sqlite3"
-        deadline = time.monotonic() + 420
-        statuses: list[str] = []
-        while time.monotonic() < deadline:
+
+        def finished_statuses() -> list[str] | None:
+            """Every run's status once all have finished (the demo's own database), else None."""
+            if not db.exists():
+                return None
+            try:
+                with sqlite3.connect(db, timeout=5) as conn:
+                    statuses = [row[0] for row in conn.execute("select status from experiments_run")]
+            except sqlite3.OperationalError:
+                return None
+            return statuses if statuses and all(s in ("succeeded", "failed", "cancelled") for s in statuses) else None
+
+        def demo_alive() -> None:
             assert demo.poll() is None, log.read_text()[-5000:]
-            if db.exists():
-                try:
-                    with sqlite3.connect(db, timeout=5) as conn:
-                        statuses = [row[0] for row in conn.execute("select status from experiments_run")]
-                except sqlite3.OperationalError:
-                    statuses = []
-                if statuses and all(s in ("succeeded", "failed", "cancelled") for s in statuses):
-                    break
-            time.sleep(2)
-        assert statuses and set(statuses) == {"succeeded"}, (statuses, log.read_text()[-5000:])
+
+        statuses = wait_until(finished_statuses, timeout=420, what="the demo's runs to finish", every=2,
+                              check=demo_alive, describe=lambda: log.read_text()[-5000:])
+        assert set(statuses) == {"succeeded"}, (statuses, log.read_text()[-5000:])
         assert len(statuses) == 1 + 2 * 2 * 3  # teacher + 2 students × (kd, hard labels) × 3 seeds
         output = log.read_text()
         assert "Admin login: admin / demo-pass-123" in output
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=10) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=scaled(10)) as response:
             assert response.status == 200
     finally:
         os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
         try:
-            demo.wait(timeout=60)
+            demo.wait(timeout=scaled(60))
         except subprocess.TimeoutExpired:
             os.killpg(demo.pid, signal.SIGKILL)
             raise

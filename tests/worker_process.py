@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 from django.db import connection
+
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,16 +63,19 @@ class WorkerProcess:
         )
 
     def wait_registered(self, timeout: float = 60) -> None:
+        """Wait until the worker is online; ``timeout`` is an idle machine's bound, scaled (tests/waiting.py)."""
         from experiments.models import Worker
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if Worker.objects.filter(name=self.name, state=Worker.State.ONLINE).exists():
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.3)
-        raise AssertionError(f"worker {self.name} did not register; log:\n{self.log.read_text()[-4000:]}")
+        wait_until(lambda: Worker.objects.filter(name=self.name, state=Worker.State.ONLINE).exists(),
+                   timeout=timeout, what=f"worker {self.name} to register", every=0.3, check=self.check_alive,
+                   describe=self.tail)
+
+    def check_alive(self) -> None:
+        """Raises when the worker process has exited: nothing it was awaited for will happen any more."""
+        assert self.process.poll() is None, f"worker {self.name} exited; log:\n{self.tail()}"
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -19,6 +19,7 @@ from django.utils import timezone
 from distillweb_cli import main as cli
 from experiments.models import Experiment, Recipe, Run
 from tests.api.conftest import DISPATCH, make_token
+from tests.waiting import scaled
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -243,7 +244,7 @@ def test_the_console_script_reads_credentials_from_the_environment(live_server, 
     env = {**os.environ, "DISTILLWEB_URL": live_server.url, "DISTILLWEB_TOKEN": make_token(user)}
 
     result = subprocess.run([str(CONSOLE_SCRIPT), "status", str(experiment.pk)], env=env, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=scaled(60))
 
     assert result.returncode == 0, result.stderr
     assert f"Experiment {experiment.pk}" in result.stdout and str(run.pk) in result.stdout

@@ -6,6 +6,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
+
+from tests.waiting import scaled_ms
 
 # Playwright's fixtures start an asyncio loop before the test database exists; Django refuses ORM calls from
 # inside a running loop unless told this is a test process.
@@ -36,6 +39,18 @@ def browser_type_launch_args(browser_type_launch_args):
 @pytest.fixture(scope="session")
 def browser_context_args(browser_context_args):
     return {**browser_context_args, "viewport": {"width": 1400, "height": 1000}}
+
+
+@pytest.fixture(autouse=True)
+def _scaled_browser_timeouts(request):
+    """Playwright's default bounds (5 s for an expectation, 30 s for an action or a page load) are idle-machine
+    bounds: they scale like every other wait (tests/waiting.py, DISTILLWEB_TEST_WAIT_SCALE)."""
+    if "page" not in request.fixturenames:
+        return
+    page = request.getfixturevalue("page")
+    page.set_default_timeout(scaled_ms(30))
+    page.set_default_navigation_timeout(scaled_ms(30))
+    expect.set_options(timeout=scaled_ms(5))
 
 
 @pytest.fixture

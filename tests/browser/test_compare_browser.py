@@ -18,6 +18,7 @@ from tests.factories import (
     TeamFactory,
     UserFactory,
 )
+from tests.waiting import scaled_ms
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -89,7 +90,7 @@ def test_select_runs_compare_them_and_see_the_pareto_plot(page, live_server, fin
     ids = ",".join(str(r.pk) for r in runs[:3])
     expect(page).to_have_url(re.compile(rf"/compare/\?runs={ids}$"))
     pareto = page.locator("#pareto-figure.js-plotly-plot")
-    expect(pareto).to_be_visible(timeout=15_000)
+    expect(pareto).to_be_visible(timeout=scaled_ms(15))
     expect(pareto.locator(".scatterlayer .trace").first).to_be_attached()
     names = page.evaluate("document.getElementById('pareto-figure').data.map(t => t.name)")
     assert {"Pareto frontier", "teacher", "kd-t4", "hard-label baseline"} <= set(names)
@@ -102,7 +103,7 @@ def test_select_runs_compare_them_and_see_the_pareto_plot(page, live_server, fin
     page.select_option("#id_metric", "loss")
     page.click("#compare-controls button[type=submit]")
     expect(page).to_have_url(re.compile(r"metric=loss"))
-    expect(page.locator("#curves-figure .gtitle")).to_have_text("loss", timeout=15_000)
+    expect(page.locator("#curves-figure .gtitle")).to_have_text("loss", timeout=scaled_ms(15))
 
 
 def test_compare_rows_of_a_leaderboard(page, live_server, finished_sweep, screenshot):
@@ -120,7 +121,7 @@ def test_compare_rows_of_a_leaderboard(page, live_server, finished_sweep, screen
 
     expect(page).to_have_url(re.compile(r"/compare/\?runs="))
     expect(page.locator("h1")).to_contain_text("Compare 2 runs")
-    expect(page.locator("#pareto-figure.js-plotly-plot")).to_be_visible(timeout=15_000)
+    expect(page.locator("#pareto-figure.js-plotly-plot")).to_be_visible(timeout=scaled_ms(15))
     assert _trace_count(page, "pareto-figure") >= 2
 
 
@@ -134,7 +135,7 @@ def test_ticked_runs_stay_ticked_when_the_live_refresh_swaps_the_table(page, liv
     page.evaluate("document.querySelectorAll('input[data-compare-run]').forEach(b => { b.dataset.old = '1'; })")
 
     # The live refresh (every 2 s while a run is queued) replaces every checkbox with a fresh, unticked one.
-    page.wait_for_function("() => !document.querySelector('input[data-compare-run]').dataset.old", timeout=15_000)
+    page.wait_for_function("() => !document.querySelector('input[data-compare-run]').dataset.old", timeout=scaled_ms(15))
 
     ticked = page.evaluate(
         "Array.from(document.querySelectorAll('input[data-compare-run]:checked')).map(b => Number(b.value))")

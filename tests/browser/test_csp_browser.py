@@ -5,6 +5,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser import test_compare_browser as compare_pages
+from tests.waiting import scaled_ms
 
 log_in = compare_pages.log_in
 finished_sweep = compare_pages.finished_sweep  # the fixture: a finished sweep with curves and a leaderboard
@@ -34,7 +35,7 @@ def violations(page) -> list[str]:
 def _drawn(page, *figure_ids: str) -> None:
     for figure_id in figure_ids:
         plot = page.locator(f"#{figure_id}.js-plotly-plot")
-        expect(plot).to_be_visible(timeout=15_000)
+        expect(plot).to_be_visible(timeout=scaled_ms(15))
         expect(plot.locator(".main-svg").first).to_be_attached()
         assert page.evaluate(f"document.getElementById('{figure_id}').data.length") > 0, figure_id
 
@@ -75,6 +76,6 @@ def test_every_page_draws_its_figures_under_the_policy(page, violations, live_se
 
 def test_swagger_ui_loads_under_the_policy(page, violations, live_server):
     page.goto(live_server.url + "/api/docs/")
-    expect(page.locator(".swagger-ui .information-container")).to_contain_text("distillweb API", timeout=15_000)
+    expect(page.locator(".swagger-ui .information-container")).to_contain_text("distillweb API", timeout=scaled_ms(15))
     expect(page.locator(".opblock").first).to_be_visible()
     assert violations == [], "\n".join(violations)

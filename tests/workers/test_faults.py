@@ -29,6 +29,7 @@ from django.utils import timezone
 from experiments import services
 from experiments.models import Evaluation, MetricPoint, Run, RunTransition, Worker
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
+from tests.waiting import scaled
 from tests.worker_process import REPO, broker_reachable, redis_broker_url
 from workers.engine.checkpoint import latest_checkpoint
 from workers.reporting import DatabaseUnavailable, RunReporter
@@ -194,7 +195,7 @@ def test_the_reporter_thread_writes_and_renews_the_lease_while_the_engine_is_sil
     reporter = RunReporter(run_id=run.id, task_id=run.task_id, flush_every_s=0.05, poll_every_s=0.05)
 
     def soon(condition: Callable[[], bool]) -> bool:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + scaled(10)
         while not condition() and time.monotonic() < deadline:
             time.sleep(0.02)
         return condition()
@@ -255,7 +256,7 @@ class FaultWorker:
         )
 
     def wait_registered(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while time.monotonic() < deadline:
             if Worker.objects.filter(name=self.name, state=Worker.State.ONLINE).exists():
                 return
@@ -332,7 +333,8 @@ def fleet(transactional_db, settings, tmp_path):
 
 
 def wait_for(condition: Callable[[], object], *, timeout: float, workers: list[FaultWorker], what: str):
-    deadline = time.monotonic() + timeout
+    """Poll ``condition`` until it holds; ``timeout`` is an idle machine's bound, scaled (tests/waiting.py)."""
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         value = condition()
         if value:
@@ -437,7 +439,7 @@ class RedisServer:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + scaled(20)
         while not broker_reachable(self.url):
             assert time.monotonic() < deadline and self.process.poll() is None, self.log.read_text()
             time.sleep(0.1)

@@ -17,6 +17,7 @@ from kombu import Connection
 
 from experiments import fleet, services
 from experiments.models import Run, Worker
+from tests import waiting
 from tests.factories import ExperimentFactory, MembershipFactory, RunFactory, TeamFactory, UserFactory
 from workers.fleet_tasks import fleet_sweep
 
@@ -374,14 +375,9 @@ def digits_experiment(user, team, name: str, *, max_steps: int):
 
 
 def wait_until(predicate, *, timeout: float, worker, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        assert worker.process.poll() is None, worker.log.read_text()[-4000:]
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; worker log:\n{worker.log.read_text()[-4000:]}")
+    """Poll ``predicate`` while the worker lives; ``timeout`` is an idle machine's bound, scaled (tests/waiting.py)."""
+    return waiting.wait_until(predicate, timeout=timeout, what=what, every=0.2, check=worker.check_alive,
+                              describe=worker.tail)
 
 
 def status(run) -> str:
@@ -441,7 +437,7 @@ def test_a_drained_worker_finishes_its_run_takes_no_new_one_and_works_again_when
     # Shut down: the process exits and its row shows offline.
     response = client.post(reverse("experiments:worker_shutdown", args=[row.pk]), follow=True)
     assert "told to shut down" in " ".join(texts(response))
-    worker.process.wait(timeout=60)
+    worker.process.wait(timeout=waiting.scaled(60))
     assert Worker.objects.get(pk=row.pk).state == Worker.State.OFFLINE
 
 

@@ -1,27 +1,18 @@
 """End to end: a real `celery worker` over Redis trains and distills, results land in Postgres."""
 
-import time
-
 import pytest
 
 from experiments import services
 from experiments.models import Artifact, DatasetSpec, Evaluation, MetricPoint, ModelSpec, Run, Worker
+from tests import waiting
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def wait_for_runs(runs, timeout: float, worker) -> list[Run]:
-    ids = [r.id for r in runs]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = list(Run.objects.filter(id__in=ids).order_by("id"))
-        if all(r.is_terminal for r in current):
-            return current
-        assert worker.process.poll() is None, worker.log.read_text()[-4000:]
-        time.sleep(0.5)
-    states = {r.id: (r.status, r.step, r.error) for r in Run.objects.filter(id__in=ids)}
-    raise AssertionError(f"runs did not finish: {states}\nworker log:\n{worker.log.read_text()[-4000:]}")
+    """Follow the runs in the database until all have finished (``timeout``: an idle machine's bound, scaled)."""
+    return waiting.wait_for_runs(runs, timeout=timeout, check=worker.check_alive, describe=worker.tail)
 
 
 def test_worker_trains_a_teacher_then_distills_and_reports_everything(celery_worker_process, tmp_path):
