@@ -28,6 +28,9 @@ from .inputs import MAX_TERMS
 from .pagination import DEFAULT_LIMIT, MAX_LIMIT
 
 MAX_ID = 2**63 - 1  # ids are bigints: a larger number is a 400, never a database error
+# What every hub identifier accepts (workers.engine.sources): never a path, a URL or an encoded string.
+HUB_ID_HELP = ("A hub id: NAME or ORG/NAME of letters, digits, '-', '_' and '.', at most 96 characters, not starting "
+               "or ending with '/', '.' or '-', no '..' or '--'")
 
 
 def _web_url(serializer: serializers.Serializer, name: str, **kwargs: Any) -> str:
@@ -436,12 +439,17 @@ class ModelCreateSerializer(_TeamScopedBody):
     builtin_arch = serializers.ChoiceField(choices=list(BUILTIN_ARCHS), required=False)
     hidden_sizes = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=65536), required=False,
                                          help_text='Builtin nets: layer widths, e.g. [256, 256] (or "256,256")')
-    config = serializers.DictField(required=False, help_text='source=config: a transformers config with "model_type"')
-    hub_id = serializers.CharField(max_length=200, required=False)
+    config = serializers.DictField(required=False, help_text='source=config: a transformers config with "model_type"; '
+                                                            'its optional "tokenizer" is a hub id or the absolute '
+                                                            "path of a folder under a model root")
+    hub_id = serializers.CharField(max_length=200, required=False, help_text=HUB_ID_HELP)
     local_path = serializers.CharField(max_length=500, required=False,
-                                       help_text="A folder under one of the server's model roots")
-    revision = serializers.CharField(max_length=100, required=False)
-    tokenizer_id = serializers.CharField(max_length=200, required=False)
+                                       help_text="A folder under one of the server's model roots (after resolving "
+                                                 "symlinks; never under the artifact root)")
+    revision = serializers.CharField(max_length=100, required=False,
+                                     help_text="A branch, tag or commit sha: parts of letters, digits, '-', '_' and "
+                                               "'.' joined by single '/'")
+    tokenizer_id = serializers.CharField(max_length=200, required=False, help_text=HUB_ID_HELP)
     notes = serializers.CharField(required=False)
 
 
@@ -459,7 +467,9 @@ class DatasetCreateSerializer(_TeamScopedBody):
     source = serializers.ChoiceField(choices=forms.DATASET_SOURCES)
     task = serializers.ChoiceField(choices=Task.choices, required=False, default=Task.CLASSIFICATION)
     builtin_name = serializers.ChoiceField(choices=list(BUILTIN_DATASETS), required=False)
-    hub_name = serializers.CharField(max_length=200, required=False)
+    hub_name = serializers.CharField(max_length=200, required=False,
+                                     help_text=HUB_ID_HELP + "; not a file reader of the datasets package (csv, json, "
+                                                             "text, ...)")
     local_path = serializers.CharField(max_length=500, required=False,
                                        help_text="A CSV or JSONL file under one of the server's dataset roots")
     text_column = serializers.CharField(max_length=100, default="text")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -172,9 +173,40 @@ def _run_models(config: dict[str, Any]) -> list[dict[str, Any]]:
 def resolve_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> dict[str, Any]:
     """Return a copy of the frozen config with this system's relative paths made absolute."""
     resolved = json.loads(json.dumps(config))
+    allowed = allowed_paths(resolved, run=run, artifact_root=artifact_root)  # before the run paths are resolved
     for model in _run_models(resolved):
         if model["source"] == ModelSpec.Source.RUN:
             model["path"] = str(artifact_root / model["path"])
     resolved["output_dir"] = str(artifact_root / run_output_dir(run.id))
     resolved["cache_dir"] = str(artifact_root / TEACHER_CACHE_DIR)
+    resolved["allowed_paths"] = allowed
     return resolved
+
+
+def allowed_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> dict[str, Any]:
+    """What the engine may read for ``run`` (``workers.engine.config.AllowedPaths``), from this process's settings
+    and never from the stored config: the model and dataset roots, the run's team upload folder, and the model
+    folders of the config's ``run`` sources that are runs of the run's team (the engine refuses any other)."""
+    from .validation import upload_dir
+
+    wanted = {int(m[1]): m[0] for model in _run_models(config) if model.get("source") == ModelSpec.Source.RUN
+              and (m := re.fullmatch(r"runs/(\d+)/final", str(model.get("path") or "")))}
+    same_team = set(Run.objects.filter(pk__in=wanted, team_id=run.team_id).values_list("pk", flat=True))
+    uploads = Path(artifact_root) / upload_dir().relative_to(settings.ARTIFACT_ROOT) / str(run.team_id)
+    return {
+        "model_roots": [str(p) for p in settings.MODEL_ROOTS],
+        "dataset_roots": [str(p) for p in settings.DATASET_ROOTS],
+        "run_outputs": [str(artifact_root / wanted[pk]) for pk in sorted(same_team)],
+        "artifact_root": str(artifact_root),
+        "uploads": str(uploads),
+    }
+
+
+def public_message(text: str) -> str:
+    """``text`` as users may see it: the artifact, model and dataset roots by name (``ARTIFACT_ROOT/runs/5``), any
+    other absolute path of the machine by its last part only (``workers.engine.sources.redact_paths``)."""
+    from workers.engine.sources import redact_paths
+
+    labels = [("ARTIFACT_ROOT", settings.ARTIFACT_ROOT), *(("MODEL_ROOT", root) for root in settings.MODEL_ROOTS),
+              *(("DATASET_ROOT", root) for root in settings.DATASET_ROOTS)]
+    return redact_paths(text, labels)

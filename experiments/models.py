@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -113,6 +116,21 @@ class ModelSpec(TeamOwned):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        # Hub identifiers follow the hub's syntax wherever a record is saved from (the admin too).
+        from workers.engine.sources import repo_id_problem, revision_problem
+
+        _refuse_non_hub_ids({"hub_id": (self.hub_id, repo_id_problem), "revision": (self.revision, revision_problem),
+                             "tokenizer_id": (self.tokenizer_id, repo_id_problem)})
+
+
+def _refuse_non_hub_ids(values: dict[str, tuple[str, Any]]) -> None:
+    """A ValidationError for every given field whose value fails its hub syntax check (``problem_of``)."""
+    errors = {field: f"Not a hub identifier: {problem}."
+              for field, (value, problem_of) in values.items() if value and (problem := problem_of(value))}
+    if errors:
+        raise ValidationError(errors)
+
 
 class DatasetSpecSource(models.TextChoices):
     BUILTIN = "builtin", "Packaged real data"
@@ -157,6 +175,11 @@ class DatasetSpec(TeamOwned):
                 condition=Q(eval_fraction__gt=0) & Q(eval_fraction__lt=1), name="datasetspec_eval_fraction_range"
             ),
         ]
+
+    def clean(self) -> None:
+        from workers.engine.sources import dataset_name_problem
+
+        _refuse_non_hub_ids({"hub_name": (self.hub_name, dataset_name_problem)})
 
     def __str__(self) -> str:
         return self.name

@@ -14,6 +14,10 @@ here), ``warning`` (launch is allowed) or ``error`` (launch is refused) — a on
   classification logits and sentence embeddings do not depend on tokens. Unrecorded identities: "cannot check".
 - **GPU memory**: each distinct run shape estimated from its config (``workers.engine.memory``) and routed like a
   new run (``routing.route``); a run no online worker can take is a warning, one larger than any GPU an error.
+  A run that trains on the CPU (pinned to it, sent to the ``cpu`` queue, or on the ``auto`` device while no GPU
+  queue is declared and no worker that takes it has a GPU) holds its whole estimate in RAM: with the headroom,
+  more than the largest RAM among the workers that take it (``Worker.memory_total_bytes``), or, when none of them
+  has reported it, than this machine's, is an error.
 - **Time**: the median seconds per step of finished runs of the same student on the same dataset with a similar
   number of steps (one query: a window over the runs, whatever their number), times the planned steps.
 
@@ -26,14 +30,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db.models import Count, F, FloatField, Func, Window
 from django.db.models.functions import Cast, RowNumber
+from django.utils import timezone
+
+from workers.engine.memory import MODEL_COMPONENTS, MemoryEstimate, host_memory_bytes
 
 from . import engine_config, routing, sweeps
-from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run
+from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Worker
 from .validation import model_kind
 
 LEVELS = ("ok", "notice", "unknown", "warning", "error")  # by severity
@@ -42,7 +50,7 @@ SIMILAR_STEPS_FACTOR = 4
 # The largest single GPU a queue can declare (routing.COMMON_GPU_GIB): a run above it fits no GPU at all.
 LARGEST_GPU_BYTES = max(routing.COMMON_GPU_GIB) * 1024**3
 # Term kinds (workers.engine.losses.TermSpec.kind) that compare positions of the token sequences themselves.
-TOKEN_ALIGNED_KINDS = frozenset({"hidden", "attentions", "attention_relations"})
+TOKEN_ALIGNED_KINDS = frozenset({"hidden", "attentions", "attention_scores", "attention_relations"})
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,12 @@ class TokenizerIdentity:
     recorded: bool = False
     why_unknown: str = ""
 
+    @property
+    def label(self) -> str:
+        """The identity as messages show it: a local folder by its name, never by its absolute path."""
+        key = self.key or ""
+        return key.rstrip("/").rsplit("/", 1)[-1] if key.startswith("/") else key
+
 
 def tokenizer_identity(model: ModelSpec, *, _depth: int = 0) -> TokenizerIdentity:
     """The tokenizer a model uses, as far as its record tells."""
@@ -251,7 +265,7 @@ def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, student
             same = same_tokenizer(a, b)
             pair = f"{t} → {s} ({recipe})"
             if same:
-                findings.append(("ok", f"{pair}: both use {a.key}."))
+                findings.append(("ok", f"{pair}: both use {a.label}."))
             elif rule == "free":
                 findings.append(("ok", f"{pair}: each model reads the text with its own tokenizer; "
                                        f"{'class logits' if dataset.task == 'classification' else 'embeddings'} "
@@ -260,10 +274,10 @@ def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, student
                 why = a.why_unknown or b.why_unknown or "their records name different models and no tokenizer id"
                 findings.append(("unknown", f"{pair}: cannot check ({why})."))
             elif rule == "cross":
-                findings.append(("notice", f"{pair}: different tokenizers ({a.key} vs {b.key}), carried by the "
+                findings.append(("notice", f"{pair}: different tokenizers ({a.label} vs {b.label}), carried by the "
                                            "recipe's cross-tokenizer method."))
             else:
-                findings.append(("error", f"{pair}: different tokenizers ({a.key} vs {b.key}) but the recipe "
+                findings.append(("error", f"{pair}: different tokenizers ({a.label} vs {b.label}) but the recipe "
                                           "compares token positions. Give both models one tokenizer, or use a "
                                           "cross-tokenizer recipe: uld (alone or with ce), or seq_kd with ce."))
     if not findings:
@@ -327,6 +341,50 @@ def run_shapes(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Seq
     return shapes
 
 
+@dataclass(frozen=True)
+class CpuRam:
+    """The RAM a CPU run may find: the largest among the workers that take it, or this machine's when none of them
+    has reported it (``where`` says which, for the message)."""
+
+    memory_bytes: int | None
+    where: str
+
+
+def _worker_hosts() -> list[dict[str, Any]]:
+    """The worker table, once: what a CPU run's RAM check needs of each worker."""
+    fresh_since = timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER_S)
+    rows = Worker.objects.values("state", "last_heartbeat", "queues", "gpus", "memory_total_bytes")
+    return [{**row, "online": row["state"] == Worker.State.ONLINE and row["last_heartbeat"] is not None
+             and row["last_heartbeat"] >= fresh_since} for row in rows]
+
+
+def cpu_ram(estimate: MemoryEstimate, queue: str, *, fleet: routing.FleetQueues,
+            workers: Sequence[dict[str, Any]]) -> CpuRam | None:
+    """The RAM a run on ``queue`` finds when it trains on the CPU; None when it trains on a GPU.
+
+    It trains on the CPU when pinned to it (``train.device``), on the ``cpu`` queue, or on the ``auto`` device
+    on a queue that declares no GPU while no GPU queue is declared at all and none of the workers that take it
+    has a GPU. Those workers are the online ones consuming the queue, else every registered one that has it.
+    """
+    takers = [w for w in workers if isinstance(w["queues"], list) and queue in w["queues"]]
+    takers = [w for w in takers if w["online"]] or takers
+    if estimate.needs_gpu and queue != routing.CPU_QUEUE:
+        if estimate.device != "auto" or routing.queue_capacity(queue) is not None:
+            return None  # pinned to a GPU, or on a gpu-<N>g queue
+        if any(not c.is_cpu for c in fleet.declared(fleet.known)) or any(w["gpus"] for w in takers):
+            return None
+        takers = [w for w in takers if not w["gpus"]]
+    reported = [w["memory_total_bytes"] for w in takers if w["memory_total_bytes"]]
+    if reported:
+        return CpuRam(max(reported), "the largest CPU worker")
+    return CpuRam(host_memory_bytes(), "this machine")
+
+
+def ram_needed_bytes(estimate: MemoryEstimate) -> int:
+    """The RAM a CPU run needs: its estimate (no CUDA context on a CPU) with the router's headroom."""
+    return math.ceil(estimate.model_bytes * routing.HEADROOM)
+
+
 def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | None = None) -> Check:
     title = "GPU memory"
     if not shapes:
@@ -334,11 +392,18 @@ def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | Non
     fleet = fleet if fleet is not None else routing.fleet_queues()
     reader = routing.model_shape_reader()
     rows = []
+    workers: list[dict[str, Any]] | None = None
+    on_cpu: list[tuple[RunShape, MemoryEstimate, CpuRam]] = []
     for shape in shapes:
         estimate = routing.config_memory_estimate(shape.config, reader=reader)
         queue = routing.route(estimate, fleet)
         reason = routing.queue_reason(queue=queue, fleet=fleet, estimate=lambda e=estimate: e)
         rows.append((shape, estimate, queue, reason))
+        if estimate.complete:
+            workers = _worker_hosts() if workers is None else workers
+            ram = cpu_ram(estimate, queue, fleet=fleet, workers=workers)
+            if ram is not None and ram.memory_bytes:
+                on_cpu.append((shape, estimate, ram))
     too_big = [(s, e) for s, e, _, _ in rows if e.complete and e.needs_gpu and routing.needed_bytes(e) > LARGEST_GPU_BYTES]
     unknown = [(s, e) for s, e, _, _ in rows if not e.complete]
     waiting = [(s, e, q, r) for s, e, q, r in rows if r]
@@ -354,6 +419,11 @@ def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | Non
         largest = "No run could be sized."
     for shape, estimate in unknown:
         details.append(f"{shape.label}: size unknown ({', '.join(estimate.unknown)}), at least ~{estimate.total_text}.")
+    short_of_ram = [(s, e, r) for s, e, r in on_cpu if ram_needed_bytes(e) > r.memory_bytes]
+    if on_cpu:
+        shape, estimate, ram = max(on_cpu, key=lambda row: row[1].model_bytes)
+        details.append(f"Largest CPU run: needs about {routing.size_text(ram_needed_bytes(estimate))} of RAM "
+                       f"({shape.label}); {ram.where} has {routing.size_text(ram.memory_bytes)}.")
     if too_big:
         shape, estimate = too_big[0]
         return Check("memory", title, "error",
@@ -361,6 +431,15 @@ def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | Non
                      f"({routing.size_text(routing.needed_bytes(estimate))} with headroom), more than any single GPU "
                      f"({routing.size_text(LARGEST_GPU_BYTES)}). Use a smaller batch, student or teacher.",
                      (largest, *details), field="batch_size")
+    if short_of_ram:
+        shape, estimate, ram = max(short_of_ram, key=lambda row: row[1].model_bytes)
+        models = sum(getattr(estimate, name) for name in MODEL_COMPONENTS)
+        return Check("memory", title, "error",
+                     f"{shape.label} trains on the CPU and needs about "
+                     f"{routing.size_text(ram_needed_bytes(estimate))} of RAM (~{routing.size_text(estimate.model_bytes)}"
+                     f" estimated, with {round((routing.HEADROOM - 1) * 100)}% headroom); {ram.where} has "
+                     f"{routing.size_text(ram.memory_bytes)}. Use a smaller student, teacher or batch, or a GPU queue.",
+                     (largest, *details), field="students" if models * 2 > estimate.model_bytes else "batch_size")
     if waiting:
         reasons = sorted({r for _, _, _, r in waiting})
         return Check("memory", title, "warning", f"{largest} Some runs will wait: {reasons[0]}",

@@ -938,7 +938,9 @@ def _evaluation_columns(metrics: dict[str, Any]) -> dict[str, Any]:
 
 @transaction.atomic
 def run_fail(*, run_id: int, task_id: str, error: str) -> bool:
-    """Mark the run failed with a readable message; metrics and checkpoints already written stay."""
+    """Mark the run failed with a readable message; metrics and checkpoints already written stay. The message shows
+    no absolute path of the machine (``ARTIFACT_ROOT/...`` for the artifact root)."""
+    error = engine_config.public_message(error)
     failed = _transition(run_id=run_id, to=Run.Status.FAILED, sources=[Run.Status.RUNNING], where=Q(task_id=task_id),
                          values={"error": error[:5000]}, reason=error)
     if failed:

@@ -437,6 +437,9 @@ def _check_config_tokenizer(config: dict[str, Any]) -> dict[str, Any]:
 def clean_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
     fields = dict(fields)
     source = fields.get("source")
+    # Hub identifiers, whatever the source: a hub id is never a path (workers.engine.sources).
+    check_hub_field(fields, "hub_id")
+    check_hub_field(fields, "revision", sources.revision_problem, what="revision")
     check_hub_field(fields, "tokenizer_id")
     if source == ModelSpec.Source.BUILTIN:
         if fields.get("builtin_arch") not in BUILTIN_ARCHS:
@@ -452,8 +455,6 @@ def clean_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
     elif source == ModelSpec.Source.HF:
         if bool(fields.get("hub_id")) == bool(fields.get("local_path")):
             raise ValidationError({"hub_id": "Give either a hub id or a local folder."})
-        check_hub_field(fields, "hub_id")
-        check_hub_field(fields, "revision", sources.revision_problem, what="revision")
         if fields.get("local_path"):
             fields["local_path"] = check_local_path(
                 fields["local_path"], roots=settings.MODEL_ROOTS, field="local_path", kind="model"

@@ -132,9 +132,7 @@ def model_files_fingerprint(cfg: ModelConfig) -> str | None:
     if cfg.source == "run" or (cfg.source == "hf" and cfg.path):
         folder = Path(cfg.path)
         return f"files:{digest_path(folder)}" if folder.exists() else None
-    if cfg.source == "hf" and cfg.name:
-        if Path(cfg.name).is_dir():
-            return f"files:{digest_path(cfg.name)}"
+    if cfg.source == "hf" and cfg.name:  # a hub id, never a local folder (see .sources)
         commit = _hub_commit(cfg.name, cfg.revision)
         return f"hub:{cfg.name}@{commit}" if commit else None
     if cfg.source == "derived" and cfg.parent is not None:

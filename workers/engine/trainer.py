@@ -81,6 +81,7 @@ from .memory import host_memory_bytes, out_of_memory_message
 from .methods import LOSS_TERMS, ModelDims, TermInputs, TermState
 from .models import LoadedModel, SentenceEmbedder, load_model, model_dims, save_model
 from .schemes import SCHEMES, validate_scheme_params
+from .sources import check_run_sources
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # Schemes this loop runs; the chained ones are sequences of offline runs the caller builds.
@@ -276,6 +277,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         ConfigError: with a message the user can act on.
     """
     check_train_config(cfg.train)
+    check_run_sources(cfg)  # hub ids and local paths, before any file is read
     if not cfg.output_dir:
         raise ConfigError("The run has no output_dir.")
     if cfg.task not in TASKS:

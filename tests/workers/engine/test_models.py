@@ -81,7 +81,7 @@ def test_unknown_hub_id_fails_fast_with_a_model_load_error(topics):
 
 
 def test_invalid_hub_id_and_missing_run_folder_are_model_load_errors(topics, tmp_path):
-    with pytest.raises(ModelLoadError, match="neither a local folder nor a valid hub id"):
+    with pytest.raises(ModelLoadError, match="is not a hub id"):
         load_model(ModelConfig(source="hf", name="not//valid id"), dataset=topics, role="student")
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(ModelConfig(source="run", path=str(tmp_path / "missing")), dataset=topics, role="student")
