@@ -111,7 +111,8 @@ def celery_worker_process(transactional_db, settings, tmp_path):
     broker = redis_broker_url()
     queue = f"test-{uuid.uuid4().hex[:8]}"
     settings.RUN_QUEUE = queue
-    worker = WorkerProcess(queue=queue, name=f"it-{queue}", broker_url=broker, log=tmp_path / "worker.log")
+    worker = WorkerProcess(queue=queue, name=f"it-{queue}", broker_url=broker, log=tmp_path / "worker.log",
+                           read_roots=(tmp_path,))  # the test's own files, wherever it registers them from
     try:
         worker.wait_registered()
         yield worker

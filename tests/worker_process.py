@@ -38,7 +38,7 @@ def broker_reachable(url: str) -> bool:
 
 
 class WorkerProcess:
-    def __init__(self, *, queue: str, name: str, broker_url: str, log: Path) -> None:
+    def __init__(self, *, queue: str, name: str, broker_url: str, log: Path, read_roots: tuple[Path, ...] = ()) -> None:
         db = connection.settings_dict
         database_url = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
         if db["ENGINE"] != "django.db.backends.postgresql":
@@ -52,6 +52,9 @@ class WorkerProcess:
             "DATABASE_URL": database_url,
             "CELERY_BROKER_URL": broker_url,
             "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT),
+            # The worker checks local model and data paths against its own roots: the test's, and ``read_roots``.
+            "MODEL_ROOTS": ",".join(str(p) for p in (*settings.MODEL_ROOTS, *read_roots)),
+            "DATASET_ROOTS": ",".join(str(p) for p in (*settings.DATASET_ROOTS, *read_roots)),
             "RUN_QUEUE": queue,
             "WORKER_HEARTBEAT_INTERVAL_S": "1",
             "PYTHONUNBUFFERED": "1",
