@@ -378,7 +378,8 @@ class TermInfo:
 
 
 NEED_LABELS = {"teacher_logits": "teacher logits", "teacher_topk": "teacher top-k (cache) or logits",
-               "hidden_states": "hidden states", "attentions": "attention maps", "values": "value vectors",
+               "hidden_states": "hidden states", "attentions": "attention maps",
+               "attention_scores": "pre-softmax attention scores", "values": "value vectors",
                "embeddings": "sentence embeddings"}
 
 

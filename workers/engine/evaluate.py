@@ -22,7 +22,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import capture_scores
 from .data import IGNORE_INDEX, Batch, Batcher
 from .errors import ConfigError
 from .losses import TopK
@@ -277,18 +278,26 @@ class ModelOutputs:
     attentions: tuple[Tensor, ...] | None = None   # (B, heads, T, T) per layer
     values: tuple[Tensor, ...] | None = None       # (B, heads, T, d) of the last layer
     embedding: Tensor | None = None                # (B, D) mean-pooled over real tokens
+    scores: tuple[Tensor, ...] | None = None       # (B, heads, T, T) pre-softmax attention scores per layer
 
 
 def forward_outputs(model: nn.Module, inputs: dict[str, Tensor], *, hidden: bool = False, attentions: bool = False,
-                    values: bool = False, embedding: bool = False) -> ModelOutputs:
+                    values: bool = False, embedding: bool = False, scores: bool = False) -> ModelOutputs:
     """Run ``model(**inputs)`` once and collect what the loss terms need.
 
     Builtin nets expose their hidden activations (after each ReLU) as a one-token sequence, (B, 1, H) per layer,
     so feature terms also work on tabular data. ``values`` hooks the last attention layer's value projection.
-    ``embedding`` for a non-embedding model mean-pools the last hidden state over ``attention_mask``.
+    ``embedding`` for a non-embedding model mean-pools the last hidden state over ``attention_mask``. ``scores``
+    collects the pre-softmax attention scores of a model switched to :data:`attention.SCORES_ATTENTION` (none
+    otherwise).
     """
     if isinstance(model, MLP):
         return _mlp_outputs(model, inputs, hidden=hidden or embedding, embedding=embedding)
+    if scores:
+        with capture_scores() as recorded:
+            out = forward_outputs(model, inputs, hidden=hidden, attentions=attentions, values=values,
+                                  embedding=embedding)
+        return replace(out, scores=tuple(recorded) or None)
     captured: list[Tensor] = []
     handle = None
     if values:

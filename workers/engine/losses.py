@@ -675,26 +675,50 @@ def _pair_mask(mask: Tensor | None, like: Tensor) -> Tensor:
     return mask[:, None, :, None] & mask[:, None, None, :]
 
 
-def attention_mse(student_attentions: Sequence[Tensor], teacher_attentions: Sequence[Tensor],
-                  mask: Tensor | None = None, *, layer_map: str | Sequence[int] = "uniform") -> Tensor:
-    """TinyBERT attention loss: MSE between attention maps of mapped layers (same number of heads).
+def _attention_map_mse(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], mask: Tensor | None,
+                       layer_map: str | Sequence[int], term: str) -> Tensor:
+    """Σ over mapped layers of the MSE between (B, heads, T, T) maps, over heads and real (query, key) pairs."""
+    total = torch.zeros((), dtype=torch.float32, device=student_maps[0].device)
+    for ls, lt in layer_pairs(layer_map, len(student_maps), len(teacher_maps)):
+        a_s, a_t = student_maps[ls - 1].float(), teacher_maps[lt - 1].float()              # (B, h, T, T)
+        if a_s.shape != a_t.shape:
+            raise ConfigError(f"Loss term '{term}' needs attention maps of the same shape (heads, tokens); "
+                              f"got {tuple(a_s.shape)} (student) and {tuple(a_t.shape)} (teacher).")
+        pairs = _pair_mask(mask, a_s[:, :1]).expand_as(a_s)
+        total = total + _masked_mean((a_s - a_t).pow(2), pairs)
+    return total
+
+
+def attention_mse(student_scores: Sequence[Tensor], teacher_scores: Sequence[Tensor], mask: Tensor | None = None,
+                  *, layer_map: str | Sequence[int] = "uniform") -> Tensor:
+    """TinyBERT attention loss (Jiao et al. 2020, eq. 7): MSE between the pre-softmax attention scores
+    ``Q·Kᵀ/√d`` of mapped layers (same number of heads), before the padding mask and the softmax.
 
     Args:
-        student_attentions, teacher_attentions: (B, heads, T, T) per layer ([0] = first layer).
+        student_scores, teacher_scores: (B, heads, T, T) per layer ([0] = first layer), from
+            :mod:`workers.engine.attention`.
+        mask: (B, T) bool, real tokens; pairs with a padded query or key do not count (TinyBERT zeroes them).
+        layer_map: as :func:`hidden_mse`.
+    Returns:
+        float32 scalar: per layer the mean over heads and real (query, key) pairs, summed over layers.
+    """
+    return _attention_map_mse(student_scores, teacher_scores, mask, layer_map, "attention_mse")
+
+
+def attention_prob_mse(student_attentions: Sequence[Tensor], teacher_attentions: Sequence[Tensor],
+                       mask: Tensor | None = None, *, layer_map: str | Sequence[int] = "uniform") -> Tensor:
+    """MSE between the post-softmax attention probabilities of mapped layers (same number of heads): the variant
+    of TinyBERT's loss on the maps ``output_attentions`` returns (what ``attention_mse`` computed before it fitted
+    the scores).
+
+    Args:
+        student_attentions, teacher_attentions: (B, heads, T, T) probabilities per layer ([0] = first layer).
         mask: (B, T) bool, real tokens; pairs with a padded query or key do not count.
         layer_map: as :func:`hidden_mse`.
     Returns:
         float32 scalar: per layer the mean over heads and real (query, key) pairs, summed over layers.
     """
-    total = torch.zeros((), dtype=torch.float32, device=student_attentions[0].device)
-    for ls, lt in layer_pairs(layer_map, len(student_attentions), len(teacher_attentions)):
-        a_s, a_t = student_attentions[ls - 1].float(), teacher_attentions[lt - 1].float()   # (B, h, T, T)
-        if a_s.shape != a_t.shape:
-            raise ConfigError(f"Loss term 'attention_mse' needs attention maps of the same shape (heads, tokens); "
-                              f"got {tuple(a_s.shape)} (student) and {tuple(a_t.shape)} (teacher).")
-        pairs = _pair_mask(mask, a_s[:, :1]).expand_as(a_s)
-        total = total + _masked_mean((a_s - a_t).pow(2), pairs)
-    return total
+    return _attention_map_mse(student_attentions, teacher_attentions, mask, layer_map, "attention_prob_mse")
 
 
 def _row_kl(p: Tensor, q: Tensor) -> Tensor:
@@ -1031,9 +1055,19 @@ LOSS_TERMS: dict[str, TermSpec] = {
             params=_params(_layer_map("last")),
         ),
         TermSpec(
-            "attention_mse", "Attention-map MSE",
-            "MSE between the attention maps of mapped layers; same number of heads (TinyBERT).",
-            needs=frozenset({"attentions"}), fn=attention_mse, kind="attentions",
+            "attention_mse", "Attention-score MSE",
+            "MSE between the pre-softmax attention scores Q·Kᵀ/√d of mapped layers, over real token pairs; same "
+            "number of heads (TinyBERT, Jiao et al. 2020). Transformers models only (read through an eager "
+            "attention path).",
+            needs=frozenset({"attention_scores"}), fn=attention_mse, kind="attention_scores",
+            params=_params(_layer_map("uniform")),
+        ),
+        TermSpec(
+            "attention_prob_mse", "Attention-probability MSE",
+            "MSE between the post-softmax attention probabilities of mapped layers, over real token pairs; same "
+            "number of heads (a variant of TinyBERT's loss; recipes saved with attention_mse before it fitted the "
+            "scores were moved to this term).",
+            needs=frozenset({"attentions"}), fn=attention_prob_mse, kind="attentions",
             params=_params(_layer_map("uniform")),
         ),
         TermSpec(

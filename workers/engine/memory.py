@@ -66,7 +66,7 @@ CONFIG_ALIASES = {
     "max_position_embeddings": ("max_position_embeddings", "n_positions", "n_ctx"),
 }
 HIDDEN_TERMS = frozenset({"hidden_mse", "hidden_cosine"})
-ATTENTION_TERMS = frozenset({"attention_mse", "attention_kl"})
+ATTENTION_TERMS = frozenset({"attention_mse", "attention_prob_mse", "attention_kl"})
 CACHED_SCHEMES = frozenset({"offline", "multi_teacher"})
 
 

@@ -21,7 +21,10 @@ None (every row) for classification, where -100 means "unlabelled" and the teach
   the vocabularies may differ; across tokenizers ``mask`` also drops the positions without a teacher partner
   (``teacher_paired``).
 - ``hidden`` (hidden_mse, hidden_cosine): ``fn(student_hidden, teacher_hidden, attention_mask, projections=…)``.
-- ``attentions`` (attention_mse): ``fn(student_attentions, teacher_attentions, attention_mask)``.
+- ``attentions`` (attention_prob_mse): ``fn(student_attentions, teacher_attentions, attention_mask)``: the
+  post-softmax probabilities (``output_attentions``).
+- ``attention_scores`` (attention_mse): ``fn(student_attention_scores, teacher_attention_scores, attention_mask)``:
+  the pre-softmax scores Q·Kᵀ/√d, recorded by the eager attention path of :mod:`.attention`.
 - ``attention_relations`` (attention_kl): last-layer attentions and values, ``attention_mask``.
 - ``embeddings`` (embedding_mse): pooled embeddings, or the last hidden states pooled with the term's
   ``pooling`` and ``attention_mask`` when the inputs carry no embedding.
@@ -60,7 +63,8 @@ __all__ = [
     "build_term_modules", "combine", "validate_term_params", "validate_terms",
 ]
 
-NEEDS = frozenset({"teacher_logits", "teacher_topk", "hidden_states", "attentions", "values", "embeddings"})
+NEEDS = frozenset({"teacher_logits", "teacher_topk", "hidden_states", "attentions", "attention_scores", "values",
+                   "embeddings"})
 
 # What a missing need means to the person who configured the run.
 _NEED_TEXT = {
@@ -68,6 +72,7 @@ _NEED_TEXT = {
     "teacher_topk": "the teacher's top-k distribution (from the cache) or dense teacher logits",
     "hidden_states": "student and teacher hidden states",
     "attentions": "student and teacher attention maps",
+    "attention_scores": "student and teacher pre-softmax attention scores (transformers models)",
     "values": "student and teacher last-layer value vectors",
     "embeddings": "student and teacher sentence embeddings",
 }
@@ -115,6 +120,9 @@ class TermInputs:
     teacher_hidden: tuple[Tensor, ...] | None = None
     student_attentions: tuple[Tensor, ...] | None = None
     teacher_attentions: tuple[Tensor, ...] | None = None
+    # Pre-softmax attention scores Q·Kᵀ/√d, (B, heads, T, T) per layer (workers.engine.attention).
+    student_attention_scores: tuple[Tensor, ...] | None = None
+    teacher_attention_scores: tuple[Tensor, ...] | None = None
     student_values: tuple[Tensor, ...] | None = None
     teacher_values: tuple[Tensor, ...] | None = None
     attention_mask: Tensor | None = None
@@ -138,6 +146,8 @@ class TermInputs:
             return self.student_hidden is not None and self.teacher_hidden is not None
         if need == "attentions":
             return self.student_attentions is not None and self.teacher_attentions is not None
+        if need == "attention_scores":
+            return self.student_attention_scores is not None and self.teacher_attention_scores is not None
         if need == "values":
             return self.student_values is not None and self.teacher_values is not None
         if need == "embeddings":
@@ -209,7 +219,7 @@ def _check_dims(term: LossTermConfig, spec: TermSpec, dims: ModelDims) -> None:
         if known and params["k"] > min(known):
             raise ConfigError(f"Loss term 'topk' keeps k={params['k']} tokens, but the vocabulary has only "
                               f"{min(known)}. Lower k.")
-    if spec.kind in ("hidden", "attentions") and isinstance(params.get("layer_map"), list):
+    if spec.kind in ("hidden", "attentions", "attention_scores") and isinstance(params.get("layer_map"), list):
         layer_map = params["layer_map"]
         if dims.student_num_layers is not None and len(layer_map) != dims.student_num_layers:
             raise ConfigError(f"The layer map of loss term '{name}' has {len(layer_map)} entries but the student "
@@ -217,7 +227,7 @@ def _check_dims(term: LossTermConfig, spec: TermSpec, dims: ModelDims) -> None:
         if dims.teacher_num_layers is not None and max(layer_map) > dims.teacher_num_layers:
             raise ConfigError(f"The layer map of loss term '{name}' names teacher layer {max(layer_map)}, but the "
                               f"teacher has {dims.teacher_num_layers} layers.")
-    if spec.kind in ("attentions", "attention_relations"):
+    if spec.kind in ("attentions", "attention_scores", "attention_relations"):
         s_heads, t_heads = dims.student_num_heads, dims.teacher_num_heads
         if s_heads is not None and t_heads is not None and s_heads != t_heads:
             raise ConfigError(f"Loss term '{name}' compares attention heads one to one, but the student has "
@@ -378,6 +388,8 @@ def _compute(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, *, modu
         return spec.fn(inputs.student_hidden, inputs.teacher_hidden, mask, projections=projections, **params)
     if kind == "attentions":
         return spec.fn(inputs.student_attentions, inputs.teacher_attentions, mask, **params)
+    if kind == "attention_scores":
+        return spec.fn(inputs.student_attention_scores, inputs.teacher_attention_scores, mask, **params)
     if kind == "attention_relations":
         return spec.fn(inputs.student_attentions[-1], inputs.teacher_attentions[-1], inputs.student_values[-1],
                        inputs.teacher_values[-1], mask, **params)

@@ -31,8 +31,8 @@ resumed from a checkpoint continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import functools
+import hashlib
 import math
 import random
 import time
@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from . import methods
 from .align import align_positions, decoded_prefix_ends, gather_aligned, prefix_ends
+from .attention import use_scores_attention
 from .cache import (
     EVAL_TOPK,
     CacheEntry,
@@ -64,7 +65,16 @@ from .cache import (
 )
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TASKS, LossTermConfig, ModelConfig, RunConfig, TrainConfig
-from .data import Batch, Batcher, LMBatcher, LoadedDataset, Split, load_dataset, rows_for_step, validation_rows
+from .data import (
+    Batch,
+    Batcher,
+    LMBatcher,
+    LoadedDataset,
+    Split,
+    load_dataset,
+    rows_for_step,
+    validation_rows,
+)
 from .errors import ConfigError, DataError, TrainingError
 from .evaluate import (
     autocast,
@@ -86,7 +96,7 @@ from .sources import check_run_sources
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # Schemes this loop runs; the chained ones are sequences of offline runs the caller builds.
 LOOP_SCHEMES = ("offline", "online", "hard_labels", "multi_teacher", "seq_kd", "on_policy")
-FEATURE_NEEDS = frozenset({"hidden_states", "attentions", "values"})
+FEATURE_NEEDS = frozenset({"hidden_states", "attentions", "attention_scores", "values"})
 # Eval metrics streamed during training (efficiency is measured once, at the end), by task.
 STREAMED_EVAL_METRICS = {
     "classification": ("loss", "accuracy", "macro_f1", "ece", "agreement", "kl_to_teacher"),
@@ -504,9 +514,14 @@ def _core_model(model: nn.Module) -> nn.Module:
 
 
 def _prepare_attention(loaded: LoadedModel, plan: RunPlan) -> None:
-    """Attention maps need the eager attention implementation (SDPA does not return them)."""
+    """Attention maps need the eager attention implementation (SDPA does not return them); pre-softmax scores
+    need the eager path that also records them (:mod:`.attention`, which returns the maps too)."""
     core = _core_model(loaded.model)
-    if "attentions" in plan.needs and hasattr(core, "set_attn_implementation"):
+    if not hasattr(core, "set_attn_implementation"):
+        return
+    if "attention_scores" in plan.needs:
+        use_scores_attention(core)
+    elif "attentions" in plan.needs:
         core.set_attn_implementation("eager")
 
 
@@ -819,9 +834,10 @@ class TeacherTargets:
         with autocast(device):
             out = forward_outputs(loaded.model, teacher_batch.inputs, hidden="hidden_states" in needs,
                                   attentions="attentions" in needs, values="values" in needs,
-                                  embedding=self.task == "embedding")
+                                  embedding=self.task == "embedding", scores="attention_scores" in needs)
         fields: dict[str, Any] = {"teacher_hidden": out.hidden, "teacher_attentions": out.attentions,
-                                  "teacher_values": out.values, "teacher_embedding": out.embedding}
+                                  "teacher_values": out.values, "teacher_embedding": out.embedding,
+                                  "teacher_attention_scores": out.scores}
         if self.task == "causal_lm":
             logits = out.logits.float()[:, :-1]
             student_width = batch.inputs["input_ids"].shape[1] - 1
@@ -1190,13 +1206,14 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         needs = plan.needs
         out = forward_outputs(student.model, batch.inputs, hidden="hidden_states" in needs,
                               attentions="attentions" in needs, values="values" in needs,
-                              embedding=task == "embedding")
+                              embedding=task == "embedding", scores="attention_scores" in needs)
         logits, labels = out.logits, batch.labels
         if task == "causal_lm":
             logits, labels = shift_for_lm(logits, labels)
         teacher_fields = targets.fields(batch, rows, plan=plan) if targets else {}
         return TermInputs(student_logits=logits, labels=labels, student_hidden=out.hidden,
-                          student_attentions=out.attentions, student_values=out.values,
+                          student_attentions=out.attentions, student_attention_scores=out.scores,
+                          student_values=out.values,
                           student_embedding=out.embedding, attention_mask=batch.inputs.get("attention_mask"),
                           step=at_step, total_steps=tc.max_steps, **teacher_fields)
 

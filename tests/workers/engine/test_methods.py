@@ -138,9 +138,9 @@ def test_combine_attention_terms_use_the_attention_mask():
     inputs = TermInputs(torch.randn(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), student_attentions=attn,
                         teacher_attentions=other, student_values=values, teacher_values=values,
                         attention_mask=mask)
-    out = _combine([LossTermConfig("attention_mse"), LossTermConfig("attention_kl")], inputs)
-    assert out.parts["attention_mse"].item() == pytest.approx(
-        losses.attention_mse(attn, other, mask.bool()).item())
+    out = _combine([LossTermConfig("attention_prob_mse"), LossTermConfig("attention_kl")], inputs)
+    assert out.parts["attention_prob_mse"].item() == pytest.approx(
+        losses.attention_prob_mse(attn, other, mask.bool()).item())
     assert out.parts["attention_kl"].item() == pytest.approx(
         losses.attention_kl(attn[-1], other[-1], values[-1], values[-1], mask.bool()).item())
 
