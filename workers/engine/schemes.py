@@ -84,7 +84,8 @@ SCHEMES: dict[str, SchemeSpec] = {
         ),
         SchemeSpec(
             "multi_teacher", "Multi-teacher",
-            "Targets are the weighted average of several teachers' distributions.", True,
+            "Targets are the weighted average of several teachers' distributions, each softened at the term's "
+            "temperature before averaging (Hinton et al. 2015).", True,
         ),
     )
 }

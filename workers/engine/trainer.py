@@ -12,7 +12,8 @@ Schemes:
   top-k log-probabilities (so only the terms that read a sparse teacher, ``topk`` and ``uld``, train offline),
   embeddings the embeddings;
 - ``online``: the teacher runs on every batch (needed for feature terms: hidden states, attentions, values);
-- ``multi_teacher``: like ``offline``, with the weighted average of several teachers' distributions as target;
+- ``multi_teacher``: like ``offline``, with the weighted average of several teachers' distributions, each softened
+  at the term's own temperature, as target (:func:`losses.mix_teachers`);
 - ``seq_kd`` (causal LM): the teacher writes continuations of the train rows' prompts once (cached); the
   student is trained on prompt + continuation with the loss on the continuation only;
 - ``on_policy`` (causal LM): with probability λ a step's continuations are sampled from the student and scored
@@ -118,7 +119,9 @@ class Callbacks:
       ``weight/<term>`` and ``<param>/<term>`` for scheduled terms, ``lr``, ``samples_per_s``, for causal LMs
       ``tokens_per_s`` (non-padding tokens), on CUDA ``gpu_memory_bytes`` (peak allocated in the interval), and for
       ``on_policy`` ``student_generated``: the fraction of micro-batches sampled from the student) and eval
-      metrics every ``eval_every`` steps and at the end (``eval/loss``, ``eval/accuracy``, ...).
+      metrics every ``eval_every`` steps: ``eval/loss``, ``eval/accuracy``, ... on the eval split, or, with early
+      stopping, ``val/loss``, ``val/accuracy``, ... on the validation slice (the eval split is then evaluated only
+      at the end); and the eval split's ``eval/...`` of the reported student at the last step.
     - ``on_progress(step, total)``: after every step; throttle on the caller's side.
     - ``on_checkpoint(step, path)``: after a checkpoint folder is complete.
     - ``should_stop()``: polled every ``log_every`` steps; True saves a checkpoint and ends the run early.
@@ -135,8 +138,8 @@ class TrainResult:
     """What a run produced. ``student``/``teacher`` are :func:`evaluate` metrics on the eval split.
 
     ``stopped``: ``should_stop`` ended the run (nothing saved or evaluated). ``stopped_early``: early stopping
-    ended it (saved and evaluated as usual); ``best_step`` / ``best_metric``: the best eval of the monitored
-    metric (None without early stopping); ``restored_best``: the saved, evaluated student is the one of
+    ended it (saved and evaluated as usual); ``best_step`` / ``best_metric``: the best evaluation of the monitored
+    metric on the validation slice (None without early stopping); ``restored_best``: the saved, evaluated student is the one of
     ``best_step`` (``train.early_stopping_restore_best``), not the last weights. ``teacher_cache``: one entry per teacher-output cache entry the run
     used (``key``, ``split``, ``stored``, ``hit``, ``seconds``, ``path``, ``bytes``, ``waited``).
     ``teacher_forwards``: teacher forward passes this run executed (0 when everything came from the cache).
