@@ -1069,8 +1069,10 @@ def _holds_name(worker: Worker, *, hostname: str, pid: int, now: datetime,
 
 @transaction.atomic
 def worker_register(*, name: str, hostname: str, pid: int, queues: list[str], versions: dict[str, str],
-                    pid_alive: Callable[[int], bool] | None = None) -> Worker:
-    """Register a worker, or raise WorkerNameInUse when another live worker process holds the name."""
+                    pid_alive: Callable[[int], bool] | None = None, memory_total_bytes: int | None = None) -> Worker:
+    """Register a worker, or raise WorkerNameInUse when another live worker process holds the name.
+
+    ``memory_total_bytes``: the RAM its runs may use (pre-flight checks CPU runs against it)."""
     now = timezone.now()
     current = Worker.objects.select_for_update().filter(name=name).first()
     if current is not None and _holds_name(current, hostname=hostname, pid=pid, now=now, pid_alive=pid_alive):
@@ -1083,7 +1085,8 @@ def worker_register(*, name: str, hostname: str, pid: int, queues: list[str], ve
     worker, _ = Worker.objects.update_or_create(
         name=name,
         defaults={"hostname": hostname, "pid": pid, "queues": queues, "versions": versions,
-                  "state": Worker.State.ONLINE, "started_at": now, "last_heartbeat": now},
+                  "state": Worker.State.ONLINE, "started_at": now, "last_heartbeat": now,
+                  "memory_total_bytes": memory_total_bytes},
     )
     return worker
 

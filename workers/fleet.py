@@ -1,9 +1,11 @@
 """Worker registry: each ``celery worker`` registers itself when ready and heartbeats from a thread.
 
 The thread lives in the worker's main process (not in the pool children), so heartbeats continue while a
-child trains. Each beat carries the GPUs this worker may use, read through NVML (``workers.gpus``; never torch,
-which must not touch CUDA in this process). A worker that stops heartbeating shows as offline once its last
-heartbeat is older than WORKER_OFFLINE_AFTER_S, and the ``workers.fleet_sweep`` beat task marks it so.
+child trains. Registration records the RAM the worker's runs may use (the host's, or its cgroup's limit), which
+pre-flight checks CPU runs against. Each beat carries the GPUs this worker may use, read through NVML
+(``workers.gpus``; never torch, which must not touch CUDA in this process). A worker that stops heartbeating
+shows as offline once its last heartbeat is older than WORKER_OFFLINE_AFTER_S, and the ``workers.fleet_sweep``
+beat task marks it so.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from . import gpus
+from .engine.memory import host_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,8 @@ def register_worker(sender, **_kwargs) -> None:
     queues = consumed_queues(sender)
     try:
         services.worker_register(name=name, hostname=hostname, pid=pid, queues=queues,
-                                 versions=software_versions(), pid_alive=pid_alive)
+                                 versions=software_versions(), pid_alive=pid_alive,
+                                 memory_total_bytes=host_memory_bytes())
     except services.WorkerNameInUse as exc:
         logger.error("not registered: %s", exc)
         return

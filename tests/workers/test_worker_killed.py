@@ -13,9 +13,12 @@ import pytest
 from django.urls import reverse
 
 from experiments import routing
-from experiments.models import Run
-from tests.workers.test_faults import fleet, history, reload, training_with_a_checkpoint, wait_for  # noqa: F401
+from experiments.models import Run, Worker
+from tests.workers import test_faults as faults
+from tests.workers.test_faults import history, reload, training_with_a_checkpoint, wait_for
 from workers.engine.memory import host_memory_bytes, size_text
+
+fleet = faults.fleet  # real `celery worker` processes on a queue of the test's own
 
 
 def pool_processes(parent_pid: int) -> list[int]:
@@ -48,8 +51,9 @@ def test_a_pool_process_killed_mid_run_is_reported_as_likely_out_of_memory_with_
         pytest.skip("finds the pool process through /proc")
     a = fleet.start("a", RUN_MAX_ATTEMPTS="2")
     a.wait_registered()
+    assert Worker.objects.get(name=a.name).memory_total_bytes == host_memory_bytes()  # registered with its RAM
     run = fleet.launch(max_steps=500000, save_every=100)
-    live = wait_for(training_with_a_checkpoint(run), timeout=120, workers=[a], what="the run to train")
+    live = wait_for(training_with_a_checkpoint(run), timeout=60, workers=[a], what="the run to train")
     estimate = routing.run_memory_estimate(run=live)
     about = (f"most likely by the kernel's out-of-memory killer. The run's estimate is {approx(estimate.model_bytes)} "
              f"of RAM: ")
@@ -62,7 +66,7 @@ def test_a_pool_process_killed_mid_run_is_reported_as_likely_out_of_memory_with_
         rows = [t for t in history(run) if (t.from_status, t.to_status) == ("running", "queued")]
         return rows[0] if rows else None
 
-    first = wait_for(requeued, timeout=60, workers=[a], what="the kill to be recorded")
+    first = wait_for(requeued, timeout=30, workers=[a], what="the kill to be recorded")
     assert killed.match(first.reason), first.reason
     assert f"this machine has {size_text(host_memory_bytes())}" in first.reason
     assert "What to change: " in first.reason
@@ -75,14 +79,14 @@ def test_a_pool_process_killed_mid_run_is_reported_as_likely_out_of_memory_with_
         current = reload(run)
         return current if current.status == Run.Status.RUNNING and current.attempt == 2 and current.step > 0 else None
 
-    wait_for(resumed, timeout=120, workers=[a], what="the run to resume on a fresh pool process")
+    wait_for(resumed, timeout=60, workers=[a], what="the run to resume on a fresh pool process")
     kill_the_pool_process(a)
 
     def failed() -> Run | None:
         current = reload(run)
         return current if current.is_terminal else None
 
-    done = wait_for(failed, timeout=60, workers=[a], what="the second kill to fail the run")
+    done = wait_for(failed, timeout=30, workers=[a], what="the second kill to fail the run")
     assert done.status == Run.Status.FAILED, (done.status, done.error)
     assert killed.match(done.error), done.error
     assert done.error.endswith("That was attempt 2 of 2; giving up."), done.error
