@@ -104,3 +104,33 @@ def test_a_crafted_config_that_reaches_the_worker_fails_the_run_and_reads_nothin
     assert expected in run.error, run.error
     assert not MetricPoint.objects.filter(run=run).exists()
     _assert_no_machine_path(run.error, settings.ARTIFACT_ROOT, tmp_path)
+
+
+def test_a_teams_own_upload_trains_and_another_teams_upload_is_refused(team, user, settings, tmp_path,
+                                                                         foreign_model):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    rows = "".join(f"{'great fun' if i % 2 else 'dull and slow'} review {i},{i % 2}\n" for i in range(40))
+    upload = SimpleUploadedFile("reviews.csv", ("text,label\n" + rows).encode())
+    dataset = services.dataset_spec_create(team=team, created_by=user, name="reviews", source="upload",
+                                           upload=upload, text_column="text", label_column="label")
+    student = services.model_spec_create(
+        team=team, created_by=user, name="tiny-bert", source="config", num_labels=2,
+        config={"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "intermediate_size": 32, "vocab_size": 200})
+    with mock.patch(DISPATCH):
+        experiment = services.experiment_create(
+            team=team, created_by=user, name="own upload", dataset=dataset, students=[student],
+            recipes=[services.hard_labels_recipe(team=team)], seeds=[0, 1], train={"max_steps": 4, "eval_every": 4})
+    own, crafted = experiment.runs.order_by("seed")
+    run_distillation.apply(args=(own.id,))
+    own.refresh_from_db()
+    assert own.status == Run.Status.SUCCEEDED, own.error
+
+    Run.objects.filter(pk=crafted.pk).update(
+        config={**crafted.config, "dataset": {**crafted.config["dataset"], "path": str(foreign_model["upload"])}})
+    run_distillation.apply(args=(crafted.id,))
+    crafted.refresh_from_db()
+    assert crafted.status == Run.Status.FAILED
+    assert "is outside the folders this worker may read datasets from" in crafted.error
+    _assert_no_machine_path(crafted.error, settings.ARTIFACT_ROOT, tmp_path)

@@ -235,3 +235,12 @@ def test_model_descriptions_and_redacted_messages_name_no_absolute_path(tmp_path
     assert shown == ("ARTIFACT_ROOT/runs/3/final is gone; see …/x.py, https://huggingface.co/org/name and "
                      "org/name, 1/2 of it")
     assert not re.search(r"(?<![\w:/])/(?:usr|tmp|srv|etc|home|root)\b", shown)
+
+
+def test_the_allowed_paths_survive_the_json_round_trip(tmp_path):
+    cfg = _run(tmp_path, allowed_paths={"model_roots": ["/m"], "dataset_roots": [], "run_outputs": ["/a/runs/1/final"],
+                                        "artifact_root": "/a", "uploads": "/a/datasets/3"})
+    assert cfg.allowed_paths == AllowedPaths(model_roots=("/m",), run_outputs=("/a/runs/1/final",), artifact_root="/a",
+                                             uploads="/a/datasets/3")
+    assert RunConfig.from_json(cfg.to_json()) == cfg == RunConfig.from_dict(cfg.to_dict())
+    assert _run(tmp_path).allowed_paths is None
