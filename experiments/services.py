@@ -550,6 +550,7 @@ _broker_down_until = 0.0
 
 def _dispatch(*, run_id: int, queue: str, task_id: str | None) -> None:
     from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import RedisError  # a timeout kombu did not wrap
 
     from workers.tasks import run_distillation
 
@@ -563,8 +564,9 @@ def _dispatch(*, run_id: int, queue: str, task_id: str | None) -> None:
         if not Run.objects.filter(id=run_id, status=Run.Status.QUEUED, task_id="").update(task_id=task_id):
             return  # cancelled meanwhile, or already expecting another message
     try:
+        # In the web process this gives up within about 2 × BROKER_PUBLISH_TIMEOUT_S (experiments/broker.py).
         run_distillation.apply_async(args=(run_id,), queue=queue, task_id=task_id)
-    except (BrokerError, OSError):
+    except (BrokerError, OSError, RedisError):
         _broker_down_until = time.monotonic() + _BROKER_BACKOFF_S
         logger.exception("could not send run %s to the broker; the lifecycle sweep sends it again", run_id)
 
