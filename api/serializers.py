@@ -79,6 +79,9 @@ class ModelSpecSerializer(_Owned):
 
 class DatasetSpecSerializer(_Owned):
     url = serializers.SerializerMethodField()
+    local_path = serializers.SerializerMethodField(
+        help_text="The local file under a dataset root; an uploaded file is stored by the server "
+                  "(ARTIFACT_ROOT/datasets/<team>/<file>), and shown so")
 
     class Meta:
         model = DatasetSpec
@@ -89,6 +92,12 @@ class DatasetSpecSerializer(_Owned):
 
     def get_url(self, obj: DatasetSpec) -> str:
         return _web_url(self, "experiments:dataset_detail", dataset_id=obj.pk)
+
+    def get_local_path(self, obj: DatasetSpec) -> str:
+        from experiments.engine_config import public_message
+
+        # An upload lies in the artifact root, which no user needs to know the place of.
+        return public_message(obj.local_path) if obj.source == DatasetSpec.Source.UPLOAD else obj.local_path
 
 
 class RecipeSerializer(_Owned):
