@@ -535,16 +535,23 @@ class SweepableField(serializers.JSONField):
     """One value, a list of values (a sweep), or a sweep in the form's syntax ("1e-4:1e-3:log4")."""
 
 
-_TERM_VALUES = {"oneOf": [{"type": "array", "items": {}}, {"type": "string"}, {"type": "number"},
-                          {"type": "boolean"}]}
+# What api.inputs accepts for one axis of a term sweep: a value, a list of values (or of ranges in the form's
+# syntax, one per item), or the values in the form's syntax on one line; an axis is TERM.PARAM (sweeps._AXIS_RE).
+_TERM_AXIS = {"type": "string", "pattern": r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$", "example": "kd.temperature"}
+_TERM_VALUE = {"oneOf": [{"type": "number"}, {"type": "boolean"},
+                         {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[^,\r\n]+$"}]}
+_TERM_VALUES = {"oneOf": [{"type": "array", "items": _TERM_VALUE, "minItems": 1},
+                          {"type": "string", "minLength": 1, "pattern": r"^[^\r\n]+$"},
+                          {"type": "number"}, {"type": "boolean"}]}
 
 
 @extend_schema_field({"oneOf": [
-    {"type": "object", "additionalProperties": _TERM_VALUES},
+    {"type": "object", "additionalProperties": _TERM_VALUES,
+     "description": "TERM.PARAM (e.g. kd.temperature) → values"},
     {"type": "array", "items": {"oneOf": [
-        {"type": "string"},
-        {"type": "object", "properties": {"param": {"type": "string"}, "values": _TERM_VALUES},
-         "required": ["param", "values"]},
+        {"type": "string", "pattern": r"^[^=\r\n]+=[^\r\n]+$", "description": "A TERM.PARAM = values line"},
+        {"type": "object", "properties": {"param": _TERM_AXIS, "values": _TERM_VALUES},
+         "required": ["param", "values"], "additionalProperties": False},
     ]}},
 ]})
 class TermSweepsField(serializers.JSONField):

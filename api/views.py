@@ -17,6 +17,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.urls import Resolver404, resolve, reverse
 from django.utils.text import slugify
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers as drf_serializers
@@ -426,6 +427,7 @@ class LeaderboardViewSet(ApiViewSet):
 
 
 # --- anything else under /api/ --------------------------------------------------------------------
+@csrf_exempt  # it changes nothing: a POST to an unknown path is a 404, not a CSRF failure page
 @login_not_required
 def not_found(request: HttpRequest, path: str = "") -> JsonResponse:
     """A JSON 404 for unknown API paths (instead of the site's HTML page or a login redirect)."""
