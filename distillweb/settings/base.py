@@ -244,9 +244,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "training"
 CELERY_TASK_ROUTES = {"workers.run_distillation": {"queue": "training"}}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-# A send from the web process (a launch, a requeue, a cancel's revoke) waits at most this long per socket
-# operation, and retries once, when the broker is down or hung; the run stays queued and the lifecycle sweep sends
-# it once the broker is back (experiments/broker.py). Worker processes keep Celery's connection and retry settings.
+# A task message sent by the web process (a launch, a requeue) waits at most this long per socket operation, and
+# is retried once, when the broker is down or hung; the run stays queued and the lifecycle sweep sends it once the
+# broker is back (experiments/broker.py). Worker processes keep Celery's connection and retry settings.
 BROKER_PUBLISH_TIMEOUT_S = env.float("BROKER_PUBLISH_TIMEOUT_S", default=1.0)
 # A broker outage must not stop a run that is training: it needs only the database (its lease), and its message
 # is acknowledged when it ends. https://docs.celeryq.dev/en/stable/userguide/configuration.html
