@@ -6,7 +6,8 @@ connection for ``broker_connection_timeout``, 4 s, then the publish retry policy
 that accepts connections but does not answer, e.g. a stopped or overloaded one: redis-py and py-amqp have no
 read timeout by default). The web's entry points (``distillweb/wsgi.py``, ``asgi.py``) call
 :func:`configure_web_process`: its task messages go through connections whose every socket operation gives up
-after ``BROKER_PUBLISH_TIMEOUT_S``, with one immediate retry
+after ``BROKER_PUBLISH_TIMEOUT_S``, with one immediate retry, and the revoke of a cancelled run's message is
+sent from a thread of its own (:func:`off_the_request`)
 (enough to replace a connection that went stale when the broker restarted). When that fails, ``_dispatch`` logs
 it and the run stays queued; the lifecycle sweep on a worker sends it once the broker is back
 (``services.run_redispatch_lost``). Worker processes never call this: they keep Celery's connection and
@@ -15,9 +16,17 @@ publish retry settings, and their consumers are untouched here.
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+# Set by configure_web_process: this process serves requests.
+_web_process = False
 
 
 def timeout_options(url: str, timeout: float) -> dict[str, Any]:
@@ -51,3 +60,17 @@ def configure_web_process(app: Any = None) -> None:
     producer_pool = pools.producers[connection]
     producer_pool.limit = app.pool.limit
     app.amqp._producer_pool = producer_pool
+    global _web_process
+    _web_process = True
+
+
+def off_the_request(send: Callable[[], None], *, what: str) -> None:
+    """Run ``send`` (a best-effort remote-control message, such as the revoke of a cancelled run's task) on a
+    thread of its own in the web process, so that no request waits for it; at once in any other process.
+
+    Remote control publishes with kombu's unbounded retries, so on a hung broker the thread waits until the
+    broker answers again (or the process ends: the thread is a daemon)."""
+    if not _web_process:
+        send()
+        return
+    threading.Thread(target=send, name=f"broker-{what}", daemon=True).start()

@@ -23,7 +23,7 @@ from django.utils.text import slugify
 
 from workers.engine.memory import host_memory_bytes, out_of_memory_message
 
-from . import engine_config, rollups, routing, sweeps, validation
+from . import broker, engine_config, rollups, routing, sweeps, validation
 from .models import (
     RUN_TRANSITIONS,
     Artifact,
@@ -582,7 +582,8 @@ def _revoke_on_commit(task_id: str) -> None:
         except Exception:  # best effort: a cancelled run is never claimed, revoked or not
             logger.warning("could not revoke task %s", task_id, exc_info=True)
 
-    transaction.on_commit(revoke)
+    # Never on a request's thread in the web process: a hung broker would hold it (experiments/broker.py).
+    transaction.on_commit(lambda: broker.off_the_request(revoke, what="revoke"))
 
 
 # --- the run lifecycle ------------------------------------------------------------------------------

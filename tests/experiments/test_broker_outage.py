@@ -1,5 +1,6 @@
-"""A broker that is down or hung never holds a launch: the web process (gunicorn over distillweb.wsgi, as deployed)
-stores the runs queued and answers at once, and the lifecycle sweep sends them when the broker is back.
+"""A broker that is down or hung never holds a launch or a cancel: the web process (gunicorn over distillweb.wsgi,
+as deployed) stores the runs queued and answers at once, and the lifecycle sweep sends them when the broker is
+back.
 
 The broker is the test's own redis-server, stopped with SIGSTOP: it still accepts connections but answers
 nothing, as a hung or overloaded broker (or a half-open connection) does; then it is restarted, empty. Before
@@ -182,7 +183,7 @@ def _launch(web: WebServer, token: str, setup: dict, name: str) -> tuple[request
     return response, time.monotonic() - started
 
 
-def test_a_hung_broker_does_not_hold_a_launch_and_the_sweep_sends_its_runs_later(
+def test_a_hung_broker_holds_no_launch_or_cancel_and_the_sweep_sends_the_runs_later(
         web, broker, sweep_broker, user, digits_setup, settings):
     from workers.lifecycle_tasks import requeue_stale_runs
 
@@ -205,10 +206,23 @@ def test_a_hung_broker_does_not_hold_a_launch_and_the_sweep_sends_its_runs_later
     runs = list(Run.objects.filter(experiment_id=response.json()["id"]))
     assert len(runs) == 2 and {r.status for r in runs} == {Run.Status.QUEUED}
 
+    # Cancelling a queued run whose message was sent revokes that message: not on the request's time either.
+    sent_run = next(r for r in runs if r.task_id)
+    started = time.monotonic()
+    try:
+        cancelled = requests.post(f"{web.url}/api/runs/{sent_run.pk}/cancel/", timeout=scaled(5),
+                                  headers={"Authorization": f"Bearer {token}"})
+    except requests.Timeout:
+        cancelled = None
+    elapsed = time.monotonic() - started
+    assert cancelled is not None, f"the cancel was still waiting on the broker after {elapsed:.1f} s"
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == Run.Status.CANCELLED
+    assert elapsed < scaled(0.7), f"the cancel took {elapsed:.2f} s"
+
     broker.restart()  # the hung broker is restarted, empty
     settings.RUN_REDISPATCH_AFTER_S = 0
     counts = requeue_stale_runs.apply().get()
 
-    assert counts == {"redispatched": 2}
-    sent = broker.task_ids(queue)
-    assert sorted(sent) == sorted(Run.objects.filter(pk__in=[r.pk for r in runs]).values_list("task_id", flat=True))
+    assert counts == {"redispatched": 1}  # the run still queued; the cancelled one stays cancelled
+    waiting = Run.objects.get(pk=next(r.pk for r in runs if r.pk != sent_run.pk))
+    assert waiting.status == Run.Status.QUEUED and broker.task_ids(queue) == [waiting.task_id]
