@@ -170,15 +170,32 @@ def _run_models(config: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+def recorded_model_folder(path: str) -> str:
+    """The folder a ``run`` model's logical path (``runs/<id>/final``) names on disk: the final model its run
+    recorded (written by the attempt that owned the run: ``runs/<id>/final-a<attempt>``), else the path itself."""
+    from .models import Artifact
+
+    match = re.fullmatch(r"runs/(\d+)/final", path)
+    if match is None:
+        return path
+    recorded = (Artifact.objects.filter(run_id=int(match[1]), kind=Artifact.Kind.MODEL)
+                .order_by("-created_at", "-id").values_list("path", flat=True).first())
+    return recorded or path
+
+
 def resolve_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> dict[str, Any]:
-    """Return a copy of the frozen config with this system's relative paths made absolute."""
+    """Return a copy of the frozen config with this system's relative paths made absolute, and the run's
+    ownership for the engine: the attempt (its lease token) and the checkpoint its owner registered last."""
     resolved = json.loads(json.dumps(config))
     allowed = allowed_paths(resolved, run=run, artifact_root=artifact_root)  # before the run paths are resolved
     for model in _run_models(resolved):
         if model["source"] == ModelSpec.Source.RUN:
-            model["path"] = str(artifact_root / model["path"])
+            model["path"] = str(artifact_root / recorded_model_folder(model["path"]))
     resolved["output_dir"] = str(artifact_root / run_output_dir(run.id))
     resolved["cache_dir"] = str(artifact_root / TEACHER_CACHE_DIR)
+    resolved["attempt"] = run.attempt
+    resolved["resume_from"] = str(artifact_root / run.checkpoint_path) if run.checkpoint_path else ""
+    resolved["keep_checkpoints"] = settings.RUN_KEEP_CHECKPOINTS
     resolved["allowed_paths"] = allowed
     return resolved
 
@@ -196,7 +213,7 @@ def allowed_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> d
     return {
         "model_roots": [str(p) for p in settings.MODEL_ROOTS],
         "dataset_roots": [str(p) for p in settings.DATASET_ROOTS],
-        "run_outputs": [str(artifact_root / wanted[pk]) for pk in sorted(same_team)],
+        "run_outputs": [str(artifact_root / recorded_model_folder(wanted[pk])) for pk in sorted(same_team)],
         "artifact_root": str(artifact_root),
         "uploads": str(uploads),
     }

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from django.db import connections
+from django.db import connection, connections
 from django.db.models import (
     Case,
     Count,
@@ -177,6 +177,18 @@ def run_list(*, user) -> QuerySet[Run]:
 
 def run_is_cancel_requested(*, run_id: int) -> bool:
     return Run.objects.filter(id=run_id, cancel_requested=True).exists()
+
+
+def database_incarnation() -> str | None:
+    """When the database server last started (Postgres), read on this thread's connection; None where every
+    commit is durable (SQLite). A restart, a crash's included, changes it: commits confirmed before the disk
+    flush on an earlier incarnation may be lost, ones on the current incarnation are flushed by its next durable
+    commit."""
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_postmaster_start_time()::text")
+        return cursor.fetchone()[0]
 
 
 def teacher_evaluation_exists(*, run: Run) -> bool:

@@ -864,23 +864,42 @@ def run_report_progress(*, run_id: int, task_id: str, step: int, total: int, sam
         )
 
 
-def run_record_checkpoint(*, run_id: int, task_id: str, step: int, path: Path) -> None:
-    rel = _relative_artifact_path(path)
+def run_record_checkpoint(*, run_id: int, task_id: str, step: int, path: Path) -> bool:
+    """Register a complete checkpoint folder as the one the run resumes from, only while this delivery owns the
+    run (one conditional UPDATE). Returns False when it does not: the caller deletes the folder and stops."""
+    rel, size = _relative_artifact_path(path), _du(path)
     with transaction.atomic():
         if not _owned(run_id, task_id).update(checkpoint_path=rel, heartbeat_at=timezone.now()):
-            return
+            return False
         Artifact.objects.update_or_create(
-            run_id=run_id, path=rel, defaults={"kind": Artifact.Kind.CHECKPOINT, "step": step, "size_bytes": _du(path)}
+            run_id=run_id, path=rel, defaults={"kind": Artifact.Kind.CHECKPOINT, "step": step, "size_bytes": size}
         )
         # The engine keeps only its newest checkpoints on disk; drop records of the ones it deleted.
         stale = [a.pk for a in Artifact.objects.filter(run_id=run_id, kind=Artifact.Kind.CHECKPOINT)
                  if not (settings.ARTIFACT_ROOT / a.path).exists()]
         Artifact.objects.filter(pk__in=stale).delete()
+    return True
 
 
-@transaction.atomic
 def run_finish(*, run_id: int, task_id: str, result: dict[str, Any]) -> Run | None:
-    """Mark the run succeeded with its evaluations and final model; start runs that waited for it."""
+    """Mark the run succeeded with its evaluations and final model, only while this delivery owns the run; start
+    runs that waited for it. The files' sizes and digests are read before the transaction, so a worker never holds
+    the run's row while it reads gigabytes."""
+    final_dir = result.get("final_dir")
+    model = None
+    if final_dir:
+        path = Path(final_dir)
+        model = (_relative_artifact_path(path), _du(path), _sha256_tree(path))
+    caches = [(_relative_artifact_path(path), entry.get("bytes") or _du(path))
+              for entry in result.get("teacher_cache") or [] if entry.get("path")
+              for path in [Path(entry["path"])]
+              if path.resolve().is_relative_to(Path(settings.ARTIFACT_ROOT).resolve())]
+    with transaction.atomic():
+        return _record_finish(run_id=run_id, task_id=task_id, result=result, model=model, caches=caches)
+
+
+def _record_finish(*, run_id: int, task_id: str, result: dict[str, Any], model: tuple[str, int, str] | None,
+                   caches: list[tuple[str, int]]) -> Run | None:
     values: dict[str, Any] = {"result": result, "error": ""}
     values |= {"step": result["steps"], "total_steps": result["steps"]} if "steps" in result \
         else {"step": F("total_steps")}
@@ -904,20 +923,13 @@ def run_finish(*, run_id: int, task_id: str, result: dict[str, Any]) -> Run | No
             role=Evaluation.Role.TEACHER, model_id=run.teacher_id, dataset=dataset, split="eval", split_key=key,
             defaults={"team": run.team, "run": run, **_evaluation_columns(teacher_metrics)},
         )
-    final_dir = result.get("final_dir")
-    if final_dir:
-        path = Path(final_dir)
+    if model is not None:
+        rel, size, digest = model
         Artifact.objects.update_or_create(
-            run=run, path=_relative_artifact_path(path),
-            defaults={"kind": Artifact.Kind.MODEL, "size_bytes": _du(path), "sha256": _sha256_tree(path)},
-        )
-    for entry in result.get("teacher_cache") or []:
-        path = Path(entry.get("path") or "")
-        if entry.get("path") and path.resolve().is_relative_to(Path(settings.ARTIFACT_ROOT).resolve()):
-            Artifact.objects.update_or_create(
-                run=run, path=_relative_artifact_path(path),
-                defaults={"kind": Artifact.Kind.TEACHER_CACHE, "size_bytes": entry.get("bytes") or _du(path)},
-            )
+            run=run, path=rel, defaults={"kind": Artifact.Kind.MODEL, "size_bytes": size, "sha256": digest})
+    for rel, size in caches:
+        Artifact.objects.update_or_create(run=run, path=rel,
+                                          defaults={"kind": Artifact.Kind.TEACHER_CACHE, "size_bytes": size})
     for dependent in Run.objects.filter(waiting_for=run, status=Run.Status.QUEUED):
         _enqueue_on_commit(dependent)
     return run

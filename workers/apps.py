@@ -6,5 +6,7 @@ class WorkersConfig(AppConfig):
     verbose_name = "Workers"
 
     def ready(self) -> None:
-        from . import fleet  # noqa: F401  (connects the worker registration signals)
-        from . import sessions  # noqa: F401  (bounds idle transactions in worker processes)
+        from . import (
+            fleet,  # noqa: F401  (connects the worker registration signals)
+            sessions,  # noqa: F401  (bounds idle transactions in worker processes)
+        )

@@ -49,23 +49,33 @@ class RunReporter:
     ``owned`` turns False when the run was taken over by another delivery or cancelled; the engine then stops
     at its next poll. ``max_buffer`` points trigger a write; while the database is down up to ``max_pending``
     points wait in memory, then training pauses until they are written.
+
+    Durability: routine writes on Postgres are confirmed before their disk flush (cheaper), so the reporter keeps
+    their points until a durable commit covers them: every ``durable_every_s``, before each checkpoint and at the
+    end. A durable commit flushes every earlier commit of the same server incarnation; points confirmed by an
+    incarnation that has since ended (the server crashed or restarted, see ``selectors.database_incarnation``)
+    are written again. A crash of the database server therefore loses no point.
     """
 
     def __init__(self, *, run_id: int, task_id: str, flush_every_s: float = 2.0, max_buffer: int = 500,
                  max_pending: int = 100_000, poll_every_s: float = 2.0, retry_for_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 durable_every_s: float = 10.0, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.run_id = run_id
         self.task_id = task_id
         self.flush_every_s = flush_every_s
         self.max_buffer = max_buffer
         self.max_pending = max(max_pending, max_buffer)
         self.poll_every_s = poll_every_s
+        self.durable_every_s = durable_every_s
         self.retry_for_s = settings.RUN_DB_RETRY_S if retry_for_s is None else retry_for_s
         self.clock = clock
         self.sleep = sleep
         self.owned = True
         self.cancel_requested = False
         self._buffer: list[tuple[str, int, float, datetime]] = []
+        # Points whose commit is not yet known to be on disk, by the server incarnation that confirmed them.
+        self._unconfirmed: list[tuple[str, list[tuple[str, int, float, datetime]]]] = []
+        self._last_durable = clock()
         self._state = threading.Lock()  # the buffer and the progress, shared with the writer thread
         self._writing = threading.Lock()  # one database write at a time, so a flush waits for one in flight
         self._last_flush = clock()
@@ -108,7 +118,7 @@ class RunReporter:
         with self._state:
             due = now - self._last_flush >= self.flush_every_s or len(self._buffer) >= self.max_buffer
         if due:
-            self._attempt(self._write_points, durable=False)
+            self._attempt(self._write_points, durable=now - self._last_durable >= self.durable_every_s)
         if now - self._last_poll >= self.poll_every_s:
             self._last_poll = now
             requested = self._attempt(selectors.run_is_cancel_requested, run_id=self.run_id)
@@ -268,13 +278,36 @@ class RunReporter:
                 progress = (step, total, None if rate is None else rate * self._batch_size)
             owned = services.run_record_metrics(run_id=self.run_id, task_id=self.task_id, points=batch,
                                                 durable=durable, progress=progress)
+            # On the same connection: had the server restarted since the commit, this read would fail instead.
+            incarnation = selectors.database_incarnation()
             with self._state:
                 del self._buffer[: len(batch)]  # only once written: a failed write keeps them
+                self._settle(batch if owned else [], durable=durable, incarnation=incarnation)
+            if durable:
+                self._last_durable = now
             self._last_flush = now
             if progress is not None:
                 self._last_progress, self._last_step_time = now, (step, now)
             self.owned = owned and self.owned
             return owned
+
+
+    def _settle(self, batch: list[tuple[str, int, float, datetime]], *, durable: bool,
+                incarnation: str | None) -> None:
+        """After a write (``_state`` held): forget the points a durable commit covers, keep the others, and put
+        back in the buffer those a server that has since restarted may have lost."""
+        lost = [points for seen, points in self._unconfirmed if seen != incarnation]
+        if lost:
+            again = [p for points in lost for p in points]
+            logger.warning("run %s: the database server restarted; writing again %d metric points it may have lost",
+                           self.run_id, len(again))
+            self._buffer[:0] = again
+        if durable or incarnation is None:
+            self._unconfirmed = []
+        else:
+            self._unconfirmed = [(seen, points) for seen, points in self._unconfirmed if seen == incarnation]
+            if batch:
+                self._unconfirmed.append((incarnation, batch))
 
 
 def _drop_connection() -> None:

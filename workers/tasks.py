@@ -69,6 +69,7 @@ def _train_and_record(run: Run, reporter: RunReporter) -> None:
                 on_progress=reporter.on_progress,
                 on_checkpoint=reporter.on_checkpoint,
                 should_stop=reporter.should_stop,
+                owns_run=reporter.owns_run,
             ),
         )
         reporter.flush()

@@ -200,6 +200,8 @@ RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
 RUN_SWEEP_INTERVAL_S = env.float("RUN_SWEEP_INTERVAL_S", default=30.0)
 RUN_DB_RETRY_S = env.float("RUN_DB_RETRY_S", default=300.0)
 RUN_REDISPATCH_AFTER_S = env.int("RUN_REDISPATCH_AFTER_S", default=300)
+# How many of its newest registered checkpoints a run keeps on disk (a resume uses the newest).
+RUN_KEEP_CHECKPOINTS = env.int("RUN_KEEP_CHECKPOINTS", default=2)
 WORKER_HEARTBEAT_INTERVAL_S = env.int("WORKER_HEARTBEAT_INTERVAL_S", default=10)
 WORKER_OFFLINE_AFTER_S = env.int("WORKER_OFFLINE_AFTER_S", default=60)
 MAX_RUNS_PER_EXPERIMENT = env.int("MAX_RUNS_PER_EXPERIMENT", default=200)

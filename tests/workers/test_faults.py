@@ -529,7 +529,9 @@ def test_cancelled_queued_and_running_runs_stop_and_the_running_one_keeps_its_wo
     assert MetricPoint.objects.filter(run=running).count() == points > 0
     assert logged_steps(running) == list(range(10, stopped.step + 1, 10))  # its metrics stay, every step once
     checkpoint = latest_checkpoint(Path(settings.ARTIFACT_ROOT) / f"runs/{running.id}")
-    assert checkpoint is not None and checkpoint.name == f"step-{stopped.step}"  # and its checkpoint to resume from
+    # ... and its checkpoint to resume from, written by its owner (attempt 1) and registered
+    assert checkpoint is not None and checkpoint.name == f"step-{stopped.step}-a1"
+    assert stopped.checkpoint_path == f"runs/{running.id}/checkpoints/{checkpoint.name}"
     assert stopped.artifacts.filter(kind="checkpoint").exists()
     never = reload(queued)
     assert never.attempt == 0 and never.started_at is None and not MetricPoint.objects.filter(run=never).exists()

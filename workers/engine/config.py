@@ -168,6 +168,14 @@ class RunConfig:
     # Set by the worker from its own settings: where local files may be read from (see .sources). None: the engine
     # used as a library or from the CLI, where local paths are the caller's choice (hub ids are checked always).
     allowed_paths: AllowedPaths | None = None
+    # Set by the worker that owns the run (never taken from users). ``attempt``: the run's lease token; 0 outside
+    # the web app (the CLI), where a run resumes from the newest checkpoint on disk. With an attempt, checkpoint
+    # and final-model folders carry it in their names, and the run resumes only from ``resume_from``, the
+    # checkpoint its owner registered while it held the lease (empty: from the start). ``keep_checkpoints``: how
+    # many of its newest checkpoints a run keeps on disk.
+    attempt: int = 0
+    resume_from: str = ""
+    keep_checkpoints: int = 2
 
     # --- JSON round-trip -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

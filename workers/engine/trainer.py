@@ -36,6 +36,7 @@ import functools
 import hashlib
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -64,7 +65,16 @@ from .cache import (
     topk_of,
     vocab_digest,
 )
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINTS,
+    STATE_FILE,
+    clean_for_resume,
+    latest_checkpoint,
+    load_checkpoint,
+    owned_name,
+    prune,
+    write_checkpoint,
+)
 from .config import TASKS, LossTermConfig, ModelConfig, RunConfig, TrainConfig
 from .data import (
     Batch,
@@ -123,21 +133,29 @@ class Callbacks:
       stopping, ``val/loss``, ``val/accuracy``, ... on the validation slice (the eval split is then evaluated only
       at the end); and the eval split's ``eval/...`` of the reported student at the last step.
     - ``on_progress(step, total)``: after every step; throttle on the caller's side.
-    - ``on_checkpoint(step, path)``: after a checkpoint folder is complete.
-    - ``should_stop()``: polled every ``log_every`` steps; True saves a checkpoint and ends the run early.
+    - ``on_checkpoint(step, path)``: registers a complete checkpoint folder; returning False refuses it (the
+      caller lost the run): the folder is deleted and the run stops at once, writing nothing more.
+    - ``should_stop()``: polled every ``log_every`` steps; True ends the run early, with a checkpoint of the step
+      while the caller still owns the run.
+    - ``owns_run()``: False once the caller lost the run (another worker took it over); checked before any
+      weights are written (checkpoints, best weights, the final model), so a run that lost its owner saves nothing.
     """
 
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
     on_progress: Callable[[int, int], None] | None = None
-    on_checkpoint: Callable[[int, str], None] | None = None
+    on_checkpoint: Callable[[int, str], bool | None] | None = None
     should_stop: Callable[[], bool] | None = None
+    owns_run: Callable[[], bool] | None = None
+
+    def owned(self) -> bool:
+        return self.owns_run is None or self.owns_run()
 
 
 @dataclass
 class TrainResult:
     """What a run produced. ``student``/``teacher`` are :func:`evaluate` metrics on the eval split.
 
-    ``stopped``: ``should_stop`` ended the run (nothing saved or evaluated). ``stopped_early``: early stopping
+    ``stopped``: ``should_stop`` ended the run, or its caller lost it (nothing saved or evaluated). ``stopped_early``: early stopping
     ended it (saved and evaluated as usual); ``best_step`` / ``best_metric``: the best evaluation of the monitored
     metric on the validation slice (None without early stopping); ``restored_best``: the saved, evaluated student is the one of
     ``best_step`` (``train.early_stopping_restore_best``), not the last weights. ``teacher_cache``: one entry per teacher-output cache entry the run
@@ -969,6 +987,20 @@ def _rows_digest(rows: np.ndarray) -> str:
 # --- the loop --------------------------------------------------------------------------------------------------
 
 
+def resume_point(cfg: RunConfig) -> Path | None:
+    """The checkpoint a run continues from: for an owned attempt, the one its owner registered last (never
+    merely the newest on disk); without an attempt, the newest complete one in ``output_dir``."""
+    if not cfg.attempt:
+        return latest_checkpoint(cfg.output_dir)
+    if not cfg.resume_from:
+        return None
+    path = Path(cfg.resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise TrainingError(f"The checkpoint this run resumes from ({path.name}) is missing or incomplete, so it "
+                            "cannot continue where it stopped. Requeueing it will not help; launch the run again.")
+    return path
+
+
 @_reports_out_of_memory
 def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     """Train ``cfg.student`` (distilling from ``cfg.teacher`` if the recipe asks), save it and evaluate it.
@@ -1080,12 +1112,18 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     config_dict = cfg.to_dict()
     stopper = EarlyStopping(tc)
     step = 0
-    last_checkpoint = latest_checkpoint(output_dir)
+    attempt = cfg.attempt
+    best_name = ""  # the folder under best/ holding the best eval's weights (early stopping)
+    last_checkpoint = resume_point(cfg)
+    clean_for_resume(output_dir, attempt=attempt, resume_from=last_checkpoint)
     if last_checkpoint is not None:
         step, extra = load_checkpoint(last_checkpoint, model=student.model, optimizer=optimizer,
                                       config=config_dict, device=device, modules=modules)
         term_state.load_state_dict(extra.get("term_state", {}))
         stopper.load_state_dict(extra.get("early_stopping", {}))
+        best_name = extra.get("best_weights", "")
+    # Best weights that no registered checkpoint refers to (a lost worker's, a crash's) never count.
+    prune(output_dir / BEST_DIR, attempt=attempt + 1, keep=0, protect=(best_name,))
 
     def train_entry_compute() -> dict[str, Tensor]:
         if task == "classification":
@@ -1146,11 +1184,13 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             val_entry = entry_for("validation", stored, compute)
         return val_entry
 
+    final_dir = output_dir / owned_name("final", attempt)
+
     def run_eval(final: bool, *, validation: bool = False) -> dict[str, float]:
         """The student's metrics on the eval split, or (``validation``) on the validation slice."""
         teacher_entry = teacher_val_entry if validation else teacher_eval_entry
         entry = teacher_entry() if teachers is not None and same_vocab else None
-        saved = output_dir / "final" if final else None
+        saved = final_dir if final else None
         kwargs: dict[str, Any] = {}
         if entry is not None and task == "classification":
             kwargs["teacher_logits"] = entry.tensors["logits"].to(device)
@@ -1172,34 +1212,50 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             cb.on_metrics(at_step, {f"{prefix}/{k}": float(streamed[k]) for k in STREAMED_EVAL_METRICS[task]
                                     if streamed.get(k) is not None})
 
-    def checkpoint(at_step: int) -> Path:
+    def checkpoint(at_step: int) -> Path | None:
+        """Write, register and prune; None when the caller lost the run (nothing of it stays on disk)."""
+        if not cb.owned():
+            return None
         watch.check()  # never persist weights that came from a NaN step
-        extra = {"term_state": term_state.state_dict(), "early_stopping": stopper.state_dict()}
-        path = save_checkpoint(output_dir, step=at_step, model=student.model, optimizer=optimizer,
-                               config=config_dict, modules=modules, extra=extra)
-        if cb.on_checkpoint:
-            cb.on_checkpoint(at_step, str(path))
+        extra = {"term_state": term_state.state_dict(), "early_stopping": stopper.state_dict(),
+                 "best_weights": best_name}
+        path = write_checkpoint(output_dir, step=at_step, model=student.model, optimizer=optimizer,
+                                config=config_dict, attempt=attempt, modules=modules, extra=extra)
+        if cb.on_checkpoint and cb.on_checkpoint(at_step, str(path)) is False:
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        # Registered: older checkpoints and best weights no registered checkpoint refers to can go.
+        prune(output_dir / CHECKPOINTS, attempt=attempt, keep=cfg.keep_checkpoints)
+        prune(output_dir / BEST_DIR, attempt=attempt, keep=0, protect=(best_name,))
         return path
 
     restore_best = stopper.enabled and tc.early_stopping_restore_best
 
-    def save_best() -> None:
-        """The student (and the terms' learned projections) of the best eval so far, replaced atomically."""
+    def save_best(at_step: int) -> None:
+        """The student (and the terms' learned projections) of the best eval so far, in a folder of its own that
+        the next registered checkpoint refers to."""
+        nonlocal best_name
         from safetensors.torch import save_model as save_weights_of
 
-        best = output_dir / BEST_DIR
-        best.mkdir(parents=True, exist_ok=True)
-        for module, name in ((student.model, BEST_WEIGHTS_FILE), (modules, TERM_MODULES_FILE)):
+        if not cb.owned():
+            return
+        name = owned_name(f"step-{at_step}", attempt)
+        best = output_dir / BEST_DIR / name
+        tmp = best.with_name(f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for module, file in ((student.model, BEST_WEIGHTS_FILE), (modules, TERM_MODULES_FILE)):
             if module is modules and not len(modules.state_dict()):
                 continue
-            tmp = best / f".{name}.tmp"
-            save_weights_of(module, str(tmp))
-            tmp.replace(best / name)
+            save_weights_of(module, str(tmp / file))
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.replace(best)
+        best_name = name
 
     def load_best() -> None:
         from safetensors.torch import load_model as load_weights_into
 
-        best = output_dir / BEST_DIR
+        best = output_dir / BEST_DIR / best_name
         load_weights_into(student.model, str(best / BEST_WEIGHTS_FILE), device=str(device))
         if len(modules.state_dict()) and (best / TERM_MODULES_FILE).exists():
             load_weights_into(modules, str(best / TERM_MODULES_FILE), device=str(device))
@@ -1304,24 +1360,29 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             emit_eval(step, metrics, "val" if selecting else "eval")
             stopped_early = stopper.update(step, metrics)
             if restore_best and stopper.best_step == step:
-                save_best()
+                save_best(step)
         saved_now = False
         if step % tc.save_every == 0:
-            last_checkpoint, saved_now = checkpoint(step), True
+            saved = checkpoint(step)
+            if saved is None:  # another worker owns the run now: stop, writing nothing more
+                stopped = True
+                break
+            last_checkpoint, saved_now = saved, True
         if stopped_early:
             break
         if step % tc.log_every == 0 and step < tc.max_steps and cb.should_stop and cb.should_stop():
             if not saved_now:
-                last_checkpoint = checkpoint(step)
+                last_checkpoint = checkpoint(step) or last_checkpoint
             stopped = True
             break
     watch.check()
     train_seconds = time.perf_counter() - started
 
     common = {"task": task, "scheme": cfg.scheme, "teacher_cache": [u.to_dict() for u in cache.uses]}
-    if stopped:
+    if stopped or not cb.owned():
         return TrainResult(steps=step, stopped=True, final_dir=None, student={}, teacher=None,
-                           train_seconds=train_seconds, last_checkpoint=str(last_checkpoint),
+                           train_seconds=train_seconds,
+                           last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
                            teacher_forwards=teachers.forwards if teachers else 0, **common)
     restored = False
     if restore_best:
@@ -1329,10 +1390,14 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             last_metrics = run_eval(final=False, validation=True)
             emit_eval(step, last_metrics, "val")
             stopper.update(step, last_metrics)
-        if stopper.best_step not in (None, step) and (output_dir / BEST_DIR / BEST_WEIGHTS_FILE).exists():
+        if stopper.best_step not in (None, step) and best_name \
+                and (output_dir / BEST_DIR / best_name / BEST_WEIGHTS_FILE).exists():
             load_best()
             restored = True
-    final_dir = save_model(student, output_dir / "final")
+    if not cb.owned():
+        return TrainResult(steps=step, stopped=True, final_dir=None, student={}, teacher=None,
+                           train_seconds=train_seconds, last_checkpoint=None, **common)
+    save_model(student, final_dir)
     if len(modules.state_dict()):
         from safetensors.torch import save_model as save_weights_of
 
