@@ -156,19 +156,19 @@ def sweep_broker(broker, monkeypatch):
     """This process's Celery app (where the test runs the lifecycle sweep, as a worker would) sends to ``broker``."""
     from distillweb.celery import app
 
-    def reset_pools() -> None:  # the app builds them from the broker URL on first use
-        if app._pool is not None:
-            app._pool.force_close_all()
-        app._pool = None
-        app.amqp._producer_pool = None
-
-    original = app.conf.broker_url
+    # The app builds its pools from the broker URL on first use, in kombu's process-wide pool groups keyed by the
+    # URL: set the suite's own aside (never close them: every later test of this process sends through them) and
+    # close only the ones built for the test's broker.
+    original = app.conf.broker_url, app._pool, app.amqp._producer_pool
     monkeypatch.setenv("CELERY_BROKER_URL", broker.url)  # Celery reads the variable before its own setting
     app.conf.broker_url = broker.url
-    reset_pools()
-    yield app
-    reset_pools()
-    app.conf.broker_url = original
+    app._pool = app.amqp._producer_pool = None
+    try:
+        yield app
+    finally:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        app.conf.broker_url, app._pool, app.amqp._producer_pool = original
 
 
 def _launch(web: WebServer, token: str, setup: dict, name: str) -> tuple[requests.Response | None, float]:
