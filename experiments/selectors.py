@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,7 +30,6 @@ from django.db.models import (
 )
 from django.db.models.fields.json import KeyTransform
 from django.db.models.functions import Coalesce
-from django.utils import timezone
 
 from . import rollups, sweeps
 from .models import (
@@ -903,12 +902,6 @@ def run_baseline_evaluation(*, run: Run) -> Evaluation | None:
             run__seed=run.seed, run__is_baseline=True, run__status=Run.Status.SUCCEEDED,
         ).exclude(run_id=run.pk).order_by("-run_id").first()
     )
-
-
-def worker_online_count(*, offline_after_s: int) -> int:
-    """Workers that are online and sent a heartbeat recently."""
-    fresh = timezone.now() - timedelta(seconds=offline_after_s)
-    return Worker.objects.filter(state=Worker.State.ONLINE, last_heartbeat__gte=fresh).count()
 
 
 def leaderboard_datasets(*, user) -> QuerySet[DatasetSpec]:

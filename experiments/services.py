@@ -56,12 +56,6 @@ def team_create(*, name: str, members: Iterable = (), leads: Iterable = ()) -> T
     return team
 
 
-def membership_add(*, team: Team, user, role: str = Membership.Role.MEMBER) -> Membership:
-    membership, _ = Membership.objects.update_or_create(team=team, user=user, defaults={"role": role})
-    return membership
-
-
-# --- records --------------------------------------------------------------------------------------
 def _save_new(obj):
     obj.full_clean()
     obj.save()
@@ -851,17 +845,6 @@ def _upsert_points(run_id: int, points: Sequence[tuple[str, int, float, datetime
             [run_id, list(names), list(steps), list(values), [t.timestamp() for t in times]],
         )
         rollups.record(cursor, run_id, names, steps, values)
-
-
-def run_report_progress(*, run_id: int, task_id: str, step: int, total: int, samples_per_s: float | None) -> bool:
-    """Store progress and renew the lease. Returns False when this delivery no longer owns the run."""
-    with transaction.atomic():
-        _telemetry_commit()
-        return bool(
-            _owned(run_id, task_id).update(
-                step=min(step, total), total_steps=total, samples_per_s=samples_per_s, heartbeat_at=timezone.now()
-            )
-        )
 
 
 def run_record_checkpoint(*, run_id: int, task_id: str, step: int, path: Path) -> bool:

@@ -134,19 +134,6 @@ def _check_bounds(value: float, *, lo: float | None, hi: float | None, item: str
         raise SweepError(f"Ensure this value is less than or equal to {hi:g}{where}.")
 
 
-def count_values(text: str) -> int:
-    """How many values ``text`` gives, without expanding its ranges.
-
-    Raises:
-        SweepError: the text is not a list of numbers and ranges.
-    """
-    total = 0
-    for item in _items(text):
-        parsed = _parse_item(item)
-        total += parsed.count() if isinstance(parsed, _Range) else 1
-    return total
-
-
 def parse_values(text: str, *, kind: type = float, lo: float | None = None, hi: float | None = None,
                  limit: int) -> list[Number]:
     """The values of one swept field, in the order written.

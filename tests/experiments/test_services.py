@@ -107,7 +107,7 @@ def test_stale_running_run_is_taken_over_and_old_delivery_loses_ownership(digits
     now = timezone.now()
     assert services.run_record_metrics(run_id=run.id, task_id="a", points=[("loss", 1, 1.0, now)]) is False
     assert not MetricPoint.objects.filter(run=run).exists()
-    assert services.run_report_progress(run_id=run.id, task_id="a", step=5, total=30, samples_per_s=None) is False
+    assert services.run_record_metrics(run_id=run.id, task_id="a", points=[], progress=(5, 30, None)) is False
 
 
 def test_metric_points_are_upserted_per_step(digits_setup, team, user):
