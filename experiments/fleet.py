@@ -25,8 +25,8 @@ from kombu.exceptions import KombuError
 from distillweb.celery import app as celery_app
 
 from . import selectors
+from .humanize import ago
 from .models import Run, Worker
-from .templatetags.distill import ago
 
 logger = logging.getLogger(__name__)
 

@@ -4,44 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timedelta
 from typing import Any
 
 from django import template
 from django.utils import timezone
 
-from experiments import selectors
+from experiments import humanize, selectors
 
 register = template.Library()
 
 
-@register.filter
-def ago(value: datetime | float | int | None) -> str:
-    """A datetime (or an age in seconds) as "12 s ago", "3 min ago", "2 h ago", "4 d ago"; "never" for None."""
-    if value is None or value == "":
-        return "never"
-    seconds = (timezone.now() - value).total_seconds() if isinstance(value, datetime) else float(value)
-    return "just now" if seconds < 1 else f"{duration(seconds)} ago"
-
-
-@register.filter
-def duration(seconds: float | timedelta | None) -> str:
-    """Seconds as "12 s", "3 min", "2 h 5 min", "4 d"."""
-    if seconds is None or seconds == "":
-        return ""
-    if isinstance(seconds, timedelta):
-        seconds = seconds.total_seconds()
-    if seconds < 1:
-        return "<1 s"
-    s = int(seconds)
-    if s < 120:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min"
-    if s < 86400:
-        h, m = divmod(s // 60, 60)
-        return f"{h} h {m} min" if m else f"{h} h"
-    return f"{s // 86400} d"
+# Plain functions (experiments.humanize) that Python modules use too; templates use them as filters.
+register.filter("ago", humanize.ago)
+register.filter("duration", humanize.duration)
 
 
 @register.filter
@@ -94,7 +69,7 @@ def eta(run) -> str:
     batch = ((run.config or {}).get("train") or {}).get("batch_size")
     if run.status != "running" or not run.samples_per_s or not batch or not run.total_steps:
         return ""
-    return duration((run.total_steps - run.step) * batch / run.samples_per_s)
+    return humanize.duration((run.total_steps - run.step) * batch / run.samples_per_s)
 
 
 @register.filter
@@ -123,7 +98,7 @@ def elapsed(run) -> str:
     """How long a run trained: from its start to its end (or to now while it runs)."""
     if not run.started_at:
         return ""
-    return duration((run.finished_at or timezone.now()) - run.started_at)
+    return humanize.duration((run.finished_at or timezone.now()) - run.started_at)
 
 
 @register.filter
