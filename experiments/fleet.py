@@ -25,6 +25,7 @@ from kombu.exceptions import KombuError
 from distillweb.celery import app as celery_app
 
 from . import selectors
+from .broker import timeout_options
 from .humanize import ago
 from .models import Run, Worker
 
@@ -234,8 +235,13 @@ def _reply_text(reply: dict[str, Any]) -> str:
 def _send(worker: Worker, command: str, *, wait: bool = True, **arguments: Any) -> dict[str, Any] | None:
     """Send one remote-control command to this worker only; its reply, or None when it did not answer."""
     timeout = settings.WORKER_CONTROL_TIMEOUT_S
+    # Every socket operation is bounded too (a hung broker accepts connections and answers nothing), with a margin
+    # over the reply wait, which polls with its own timeout.
+    url = celery_app.conf.broker_write_url or celery_app.conf.broker_url
+    conn = celery_app.connection_for_write(connect_timeout=timeout,
+                                           transport_options=timeout_options(url, timeout + 2))
     try:
-        with celery_app.connection_for_write(connect_timeout=timeout) as conn:
+        with conn:
             conn.ensure_connection(max_retries=0)  # fail at once, instead of retrying forever, when it is down
             method = getattr(celery_app.control, command)
             if command == "ping":  # ping always waits for replies
@@ -243,7 +249,7 @@ def _send(worker: Worker, command: str, *, wait: bool = True, **arguments: Any) 
             else:
                 replies = method(**arguments, destination=[worker.name], reply=wait, timeout=timeout,
                                  connection=conn)
-    except (KombuError, OSError) as exc:
+    except (KombuError, OSError, *conn.connection_errors, *conn.channel_errors) as exc:
         raise FleetError(f"The message broker could not be reached ({exc}); nothing was sent to "
                          f"{worker.name}.") from exc
     for reply in replies or []:

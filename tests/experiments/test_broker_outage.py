@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -226,3 +227,30 @@ def test_a_hung_broker_holds_no_launch_or_cancel_and_the_sweep_sends_the_runs_la
     assert counts == {"redispatched": 1}  # the run still queued; the cancelled one stays cancelled
     waiting = Run.objects.get(pk=next(r.pk for r in runs if r.pk != sent_run.pk))
     assert waiting.status == Run.Status.QUEUED and broker.task_ids(queue) == [waiting.task_id]
+
+
+def test_a_hung_broker_holds_no_fleet_command(broker, sweep_broker, staff_user, client, settings):
+    """A staff action on the Workers page goes through remote control: a broker that accepts connections and
+    answers nothing gives a clear message within about the control timeout, instead of holding the request."""
+    from django.urls import reverse
+
+    from experiments.models import Worker
+    from tests.workers.test_fleet_console import make_worker, texts
+
+    settings.WORKER_CONTROL_TIMEOUT_S = 1
+    worker = make_worker()
+    client.force_login(staff_user)
+    broker.freeze()
+    answer: dict[str, object] = {}
+
+    def drain() -> None:
+        answer["response"] = client.post(reverse("experiments:worker_drain", args=[worker.pk]), follow=True)
+
+    started = time.monotonic()
+    request = threading.Thread(target=drain, daemon=True)
+    request.start()
+    request.join(scaled(4))  # 12 s at the default scale; the control timeout is 1 s, plus 2 s for a socket
+    elapsed = time.monotonic() - started
+    assert "response" in answer, f"the drain was still waiting on the broker after {elapsed:.1f} s"
+    assert any("broker could not be reached" in text for text in texts(answer["response"]))
+    assert Worker.objects.get(pk=worker.pk).state == Worker.State.ONLINE
