@@ -401,7 +401,7 @@ WEIGHT_SCHEDULES = [("", "constant"), ("linear", "linear"), ("cosine", "cosine")
 def loss_term_catalog() -> list[TermInfo]:
     """The loss terms the engine offers (its ``LOSS_TERMS`` registry), or a fixed list if it cannot be imported."""
     try:
-        from workers.engine.methods import LOSS_TERMS
+        from workers.engine.terms import LOSS_TERMS
     except ImportError:
         return list(_FALLBACK_TERMS)
     return [
@@ -508,7 +508,7 @@ class TermForm(forms.Form):
 
     def _check_params(self, name: str, cleaned: dict[str, Any]) -> None:
         from workers.engine.errors import ConfigError
-        from workers.engine.methods import validate_term_params
+        from workers.engine.terms import validate_term_params
 
         own = {p.name for p in self.catalog[name].params}
         for field in self.param_names:

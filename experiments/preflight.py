@@ -49,7 +49,7 @@ LEVELS = ("ok", "notice", "unknown", "warning", "error")  # by severity
 SIMILAR_STEPS_FACTOR = 4
 # The largest single GPU a queue can declare (routing.COMMON_GPU_GIB): a run above it fits no GPU at all.
 LARGEST_GPU_BYTES = max(routing.COMMON_GPU_GIB) * 1024**3
-# Term kinds (workers.engine.losses.TermSpec.kind) that compare positions of the token sequences themselves.
+# Term kinds (workers.engine.terms.TermSpec.kind) that compare positions of the token sequences themselves.
 TOKEN_ALIGNED_KINDS = frozenset({"hidden", "attentions", "attention_scores", "attention_relations"})
 
 
@@ -210,7 +210,7 @@ def tokenizer_rule(*, task: str, scheme: str, term_names: Sequence[str]) -> str:
     ``ce``, in a causal-LM run of any scheme but ``seq_kd``; ``seq_kd`` scored by ``ce``); ``aligned``: tokens
     must line up, a mismatch fails the run.
     """
-    from workers.engine.losses import LOSS_TERMS
+    from workers.engine.terms import LOSS_TERMS
 
     kinds = {LOSS_TERMS[n].kind for n in term_names if n in LOSS_TERMS}
     if kinds & TOKEN_ALIGNED_KINDS:

@@ -212,13 +212,13 @@ def parse_booleans(text: str) -> list[bool]:
 def parse_term_sweeps(text: str, *, limit: int) -> dict[str, list[Value]]:
     """``"kd.temperature = 2, 4\\nkd.weight = 0.5:0.9:lin3"`` → ``{"kd.temperature": [2.0, 4.0], ...}``.
 
-    Each term and parameter is checked against the engine's schema (``workers.engine.losses.LOSS_TERMS``), and
+    Each term and parameter is checked against the engine's schema (``workers.engine.terms.LOSS_TERMS``), and
     each value against the parameter's own rules. Blank lines and lines starting with ``#`` are skipped.
 
     Raises:
         SweepError: naming the line at fault.
     """
-    from workers.engine.losses import LOSS_TERMS
+    from workers.engine.terms import LOSS_TERMS
 
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
@@ -275,7 +275,7 @@ def check_term_values(axis: str, values: Sequence[Any], *, limit: int) -> list[V
             more than ``limit`` values.
     """
     from workers.engine.errors import ConfigError
-    from workers.engine.losses import LOSS_TERMS, validate_term_params
+    from workers.engine.terms import LOSS_TERMS, validate_term_params
 
     match = _AXIS_RE.match(axis)
     if match is None:

@@ -345,8 +345,8 @@ def clean_terms(terms: list[dict[str, Any]], *, scheme: str) -> list[dict[str, A
     """
     from workers.engine.config import LossTermConfig
     from workers.engine.errors import ConfigError
-    from workers.engine.losses import validate_term
     from workers.engine.schedules import max_weight
+    from workers.engine.terms import validate_term
 
     if not isinstance(terms, list) or not terms:
         raise ValidationError({"terms": "A recipe needs at least one loss term."})

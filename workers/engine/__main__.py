@@ -116,8 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(_args: argparse.Namespace) -> int:
-    from .losses import LOSS_TERMS
     from .schemes import SCHEMES
+    from .terms import LOSS_TERMS
 
     print("Loss terms:")
     for spec in LOSS_TERMS.values():

@@ -3,8 +3,8 @@
 The trainer gathers what a recipe's terms need into one :class:`TermInputs`, builds the terms' learned modules
 once (:func:`build_term_modules`: add their parameters to the optimizer and save them with the student) and
 their mutable state (:class:`TermState`: save ``state_dict()`` in checkpoints), and calls :func:`combine` every
-step. Everything here is plain PyTorch; the Django side only uses :data:`LOSS_TERMS`,
-:func:`validate_term_params` and :func:`validate_terms`.
+step. Everything here is plain PyTorch; the term catalogue and recipe validation live in :mod:`.terms`
+(which the Django side reads without importing torch).
 
 How :func:`combine` feeds each term kind (``TermSpec.kind``); ``mask`` is ``labels != -100`` for sequences and
 None (every row) for classification, where -100 means "unlabelled" and the teacher is still a target:
@@ -46,25 +46,14 @@ from torch import Tensor, nn
 from . import schedules
 from .config import LossTermConfig
 from .errors import ConfigError
-from .losses import (
-    IGNORE_INDEX,
-    LOSS_TERMS,
-    LossParts,
-    TermSpec,
-    TopK,
-    mix_teachers,
-    taid_update,
-    validate_term_params,
-)
-from .losses import validate_terms as _validate_term_list
+from .losses import IGNORE_INDEX, LOSS_TERMS, LossParts, TopK, mix_teachers, taid_update
+from .terms import ModelDims, TermSpec, validate_terms
 
 __all__ = [
-    "LOSS_TERMS", "NEEDS", "LossParts", "ModelDims", "TermInputs", "TermSpec", "TermState", "TopK",
-    "build_term_modules", "combine", "validate_term_params", "validate_terms",
+    "TermInputs", "TermState", "build_term_modules", "combine",
+    # Re-exported until trainer.train() calls terms.validate_terms (the module that owns it).
+    "validate_terms",
 ]
-
-NEEDS = frozenset({"teacher_logits", "teacher_topk", "hidden_states", "attentions", "attention_scores", "values",
-                   "embeddings"})
 
 # What a missing need means to the person who configured the run.
 _NEED_TEXT = {
@@ -76,27 +65,6 @@ _NEED_TEXT = {
     "values": "student and teacher last-layer value vectors",
     "embeddings": "student and teacher sentence embeddings",
 }
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """Sizes of the teacher and the student that the cross-checks and learned projections need.
-
-    None means unknown: the checks that need it are skipped. ``sparse_teacher`` says the teacher's outputs
-    come from a top-k cache (no dense teacher logits).
-    """
-
-    student_vocab_size: int | None = None
-    teacher_vocab_size: int | None = None
-    student_num_layers: int | None = None
-    teacher_num_layers: int | None = None
-    student_hidden_size: int | None = None
-    teacher_hidden_size: int | None = None
-    student_num_heads: int | None = None
-    teacher_num_heads: int | None = None
-    student_embedding_size: int | None = None    # None: the hidden size
-    teacher_embedding_size: int | None = None
-    sparse_teacher: bool = False
 
 
 @dataclass
@@ -137,7 +105,7 @@ class TermInputs:
     total_steps: int = 1
 
     def has(self, need: str) -> bool:
-        """Whether the inputs satisfy one entry of ``NEEDS``."""
+        """Whether the inputs satisfy one entry of ``terms.NEEDS``."""
         if need == "teacher_logits":
             return self.teacher_logits is not None
         if need == "teacher_topk":
@@ -176,62 +144,6 @@ class TermState:
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, float]]) -> None:
         self.terms = {name: {k: float(v) for k, v in values.items()} for name, values in state.items()}
-
-
-# --- validation ------------------------------------------------------------------------------------------------
-
-
-def validate_terms(terms: Sequence[LossTermConfig], *, dims: ModelDims | None = None) -> list[LossTermConfig]:
-    """Validate a recipe (parameters, schedules, weights) and, given ``dims``, check it fits the models.
-
-    Args:
-        terms: the recipe's terms.
-        dims: teacher and student sizes; None skips the cross-checks.
-    Returns:
-        the terms with complete, validated parameters and schedules.
-    Raises:
-        ConfigError: with a message naming the term and what to change.
-    """
-    cleaned = _validate_term_list(terms)
-    if dims is not None:
-        for term in cleaned:
-            _check_dims(term, LOSS_TERMS[term.name], dims)
-    return cleaned
-
-
-def _check_dims(term: LossTermConfig, spec: TermSpec, dims: ModelDims) -> None:
-    name, params = term.name, term.params
-    s_vocab, t_vocab = dims.student_vocab_size, dims.teacher_vocab_size
-    # topk and uld read a sparse teacher (uld with its tail as one total, see losses.uld); the others need every
-    # teacher probability.
-    if spec.kind in ("logits", "taid") and dims.sparse_teacher:
-        raise ConfigError(
-            f"Loss term '{name}' needs dense teacher logits, but the teacher's outputs come from a top-k cache. "
-            "Use the topk or uld term, or the online scheme.")
-    if spec.kind in ("logits", "taid") or (spec.kind == "topk" and not dims.sparse_teacher):
-        if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
-            raise ConfigError(
-                f"Loss term '{name}' compares distributions over the same vocabulary, but the student has "
-                f"{s_vocab} and the teacher {t_vocab} entries: tokenizer or label-space mismatch without a "
-                "cross-tokenizer method. Use uld (universal logit distillation) instead.")
-    if spec.kind == "topk":
-        known = [v for v in (s_vocab, None if dims.sparse_teacher else t_vocab) if v is not None]
-        if known and params["k"] > min(known):
-            raise ConfigError(f"Loss term 'topk' keeps k={params['k']} tokens, but the vocabulary has only "
-                              f"{min(known)}. Lower k.")
-    if spec.kind in ("hidden", "attentions", "attention_scores") and isinstance(params.get("layer_map"), list):
-        layer_map = params["layer_map"]
-        if dims.student_num_layers is not None and len(layer_map) != dims.student_num_layers:
-            raise ConfigError(f"The layer map of loss term '{name}' has {len(layer_map)} entries but the student "
-                              f"has {dims.student_num_layers} layers: give one teacher layer per student layer.")
-        if dims.teacher_num_layers is not None and max(layer_map) > dims.teacher_num_layers:
-            raise ConfigError(f"The layer map of loss term '{name}' names teacher layer {max(layer_map)}, but the "
-                              f"teacher has {dims.teacher_num_layers} layers.")
-    if spec.kind in ("attentions", "attention_scores", "attention_relations"):
-        s_heads, t_heads = dims.student_num_heads, dims.teacher_num_heads
-        if s_heads is not None and t_heads is not None and s_heads != t_heads:
-            raise ConfigError(f"Loss term '{name}' compares attention heads one to one, but the student has "
-                              f"{s_heads} heads and the teacher {t_heads}. Use hidden_mse instead.")
 
 
 # --- learned modules -------------------------------------------------------------------------------------------

@@ -520,7 +520,7 @@ def model_dims(loaded: LoadedModel) -> dict[str, int | None]:
     size), ``num_layers``, ``hidden_size``, ``num_heads``; None where a model has no such thing (builtin nets
     have no heads; their hidden size is the last hidden layer's width).
 
-    Per model; :func:`pair_dims` combines a teacher's and a student's into ``methods.ModelDims``.
+    Per model; :func:`pair_dims` combines a teacher's and a student's into ``terms.ModelDims``.
     """
     if loaded.kind == "builtin":
         sizes = list(loaded.spec.get("params", {}).get("hidden_sizes", []))
@@ -542,8 +542,8 @@ def model_dims(loaded: LoadedModel) -> dict[str, int | None]:
 
 def pair_dims(*, student: LoadedModel, teacher: LoadedModel | None = None,
               sparse_teacher: bool = False) -> Any:
-    """``methods.ModelDims`` for a student and (optionally) its teacher, from :func:`model_dims`."""
-    from .methods import ModelDims
+    """``terms.ModelDims`` for a student and (optionally) its teacher, from :func:`model_dims`."""
+    from .terms import ModelDims
 
     s = model_dims(student)
     t = model_dims(teacher) if teacher is not None else {}

@@ -25,7 +25,7 @@ MAX_WEIGHT = 1e6
 
 
 class _RangeSpec(Protocol):
-    """What schedules need from ``losses.ParamSpec`` (kept structural to avoid an import cycle)."""
+    """What schedules need from ``terms.ParamSpec`` (kept structural to avoid an import cycle)."""
 
     type: type
 

@@ -15,6 +15,7 @@ from workers.engine.config import LossTermConfig, RunConfig
 from workers.engine.errors import ConfigError
 from workers.engine.evaluate import forward_outputs
 from workers.engine.methods import TermInputs, TermState
+from workers.engine.terms import validate_terms
 from workers.engine.trainer import Callbacks, train
 
 from .conftest import TINY_BERT
@@ -106,7 +107,7 @@ def test_combine_feeds_scores_to_attention_mse_and_maps_to_attention_prob_mse():
     inputs = TermInputs(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), student_attentions=maps[0],
                         teacher_attentions=maps[1], student_attention_scores=scores[0],
                         teacher_attention_scores=scores[1], attention_mask=MASK)
-    terms = methods.validate_terms([LossTermConfig("attention_mse"), LossTermConfig("attention_prob_mse")])
+    terms = validate_terms([LossTermConfig("attention_mse"), LossTermConfig("attention_prob_mse")])
     parts = methods.combine(terms, inputs, modules=nn.ModuleDict(), state=TermState()).parts
     assert parts["attention_mse"].item() == pytest.approx(
         losses.attention_mse(scores[0], scores[1], MASK.bool()).item())

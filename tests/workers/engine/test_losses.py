@@ -13,7 +13,8 @@ import torch
 from workers.engine import losses
 from workers.engine.config import LossTermConfig
 from workers.engine.errors import ConfigError
-from workers.engine.losses import LOSS_TERMS, combine_terms, validate_term_params
+from workers.engine.losses import LOSS_TERMS, combine_terms
+from workers.engine.terms import TermParamError, validate_term_params, validate_terms
 
 # Every token-level term that compares the student's logits with a dense teacher's.
 TEACHER_TERMS = [name for name, spec in LOSS_TERMS.items() if spec.kind in ("logits", "taid", "topk", "uld")]
@@ -297,7 +298,7 @@ def test_validate_term_params_accepts_choices_bools_ints_and_layer_maps_as_plain
     ],
 )
 def test_validate_term_params_rejects_bad_new_params_and_names_the_field(name, params, message):
-    with pytest.raises(losses.TermParamError) as exc:
+    with pytest.raises(TermParamError) as exc:
         validate_term_params(name, params)
     assert message in str(exc.value)
     assert exc.value.param in params
@@ -556,11 +557,11 @@ def test_chunked_loss_allocates_much_less_memory_than_the_full_softmax():
 
 def test_validate_terms_rejects_duplicates_and_all_zero_weights():
     with pytest.raises(ConfigError, match="appear once"):
-        losses.validate_terms([LossTermConfig("kd"), LossTermConfig("kd")])
+        validate_terms([LossTermConfig("kd"), LossTermConfig("kd")])
     with pytest.raises(ConfigError, match="positive weight"):
-        losses.validate_terms([LossTermConfig("ce", 0.0)])
+        validate_terms([LossTermConfig("ce", 0.0)])
     with pytest.raises(ConfigError, match="no loss terms"):
-        losses.validate_terms([])
+        validate_terms([])
 
 
 def _trl_style_generalized_jsd(student_logits, teacher_logits, labels, beta, temperature):

@@ -13,8 +13,9 @@ from torch import nn
 from workers.engine import losses, methods
 from workers.engine.config import LossTermConfig
 from workers.engine.errors import ConfigError
-from workers.engine.methods import ModelDims, TermInputs, TermState, build_term_modules, combine
-from workers.engine.methods import validate_terms as validate
+from workers.engine.methods import TermInputs, TermState, build_term_modules, combine
+from workers.engine.terms import NEEDS, ModelDims, validate_term_params
+from workers.engine.terms import validate_terms as validate
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -34,10 +35,10 @@ def _lm_inputs(seed=0, *, vocab=7, teacher_vocab=None, **extra):
     return TermInputs(student, labels, teacher_logits=teacher, **extra)
 
 
-def test_methods_re_exports_the_registry_for_the_django_side():
+def test_methods_computes_the_catalogue_that_losses_binds():
     assert methods.LOSS_TERMS is losses.LOSS_TERMS
-    assert methods.validate_term_params("kd", {}) == {"temperature": 4.0}
-    assert all(spec.needs <= methods.NEEDS for spec in methods.LOSS_TERMS.values())
+    assert validate_term_params("kd", {}) == {"temperature": 4.0}
+    assert all(spec.needs <= NEEDS for spec in methods.LOSS_TERMS.values())
 
 
 def test_combine_weights_terms_and_keeps_unweighted_detached_parts():

@@ -11,6 +11,7 @@ from workers.engine.config import LossTermConfig
 from workers.engine.errors import ConfigError
 from workers.engine.losses import mix_teachers
 from workers.engine.methods import TermInputs, TermState
+from workers.engine.terms import validate_terms
 
 TAU = 2.0
 
@@ -49,7 +50,7 @@ def test_each_term_compares_the_student_with_the_average_at_its_own_temperature(
     inputs = TermInputs(student_logits=student, labels=torch.zeros(z.shape[1], dtype=torch.long),
                         teacher_logits=trainer.mix_teacher_logits(list(z), weights), teacher_mixture=z,
                         teacher_weights=tuple(weights))
-    term = methods.validate_terms([LossTermConfig(name, 1.0, {"temperature": TAU})])
+    term = validate_terms([LossTermConfig(name, 1.0, {"temperature": TAU})])
     got = methods.combine(term, inputs, modules=torch.nn.ModuleDict(), state=TermState()).parts[name].item()
 
     p_t = _reference(z, weights, TAU)
@@ -71,9 +72,8 @@ def test_each_term_compares_the_student_with_the_average_at_its_own_temperature(
 def test_a_temperature_schedule_mixes_at_the_scheduled_temperature():
     z, weights = _teachers(2)
     student = torch.zeros(z.shape[1:])
-    term = methods.validate_terms([LossTermConfig("kd", 1.0, {"temperature": 1.0},
-                                                  schedule={"temperature": {"kind": "linear", "start": 1.0,
-                                                                            "end": 5.0}})])
+    term = validate_terms([LossTermConfig("kd", 1.0, {"temperature": 1.0},
+                                          schedule={"temperature": {"kind": "linear", "start": 1.0, "end": 5.0}})])
     inputs = TermInputs(student_logits=student, labels=torch.zeros(z.shape[1], dtype=torch.long),
                         teacher_logits=trainer.mix_teacher_logits(list(z), weights), teacher_mixture=z,
                         teacher_weights=tuple(weights), step=100, total_steps=100)

@@ -8,7 +8,7 @@ import pytest
 
 from workers.engine import schedules
 from workers.engine.errors import ConfigError
-from workers.engine.losses import LOSS_TERMS
+from workers.engine.terms import LOSS_TERMS
 
 
 def _at(kind, step, total=100, start=4.0, end=1.0):

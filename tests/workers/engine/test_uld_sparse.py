@@ -20,7 +20,8 @@ from workers.engine.config import LossTermConfig
 from workers.engine.data import tokenize_for_lm
 from workers.engine.errors import ConfigError
 from workers.engine.losses import TopK
-from workers.engine.methods import ModelDims, TermInputs, TermState
+from workers.engine.methods import TermInputs, TermState
+from workers.engine.terms import ModelDims, validate_terms
 from workers.engine.trainer import train
 
 # A teacher with its own, smaller fitted vocabulary: it cuts the corpus into other tokens than STUDENT.
@@ -166,17 +167,17 @@ def test_combine_feeds_uld_from_the_sparse_cache_on_paired_positions_only():
     labels = torch.tensor([[1, 2, -100, 3], [-100, 0, 1, 2]])
     paired = torch.tensor([[True, False, True, True], [True, True, False, True]])
     inputs = TermInputs(student, labels, teacher_topk=top, teacher_paired=paired)
-    out = methods.combine(methods.validate_terms([LossTermConfig("uld")]), inputs, modules=torch.nn.ModuleDict(),
+    out = methods.combine(validate_terms([LossTermConfig("uld")]), inputs, modules=torch.nn.ModuleDict(),
                           state=TermState())
     assert out.total.item() == pytest.approx(losses.uld(student, top, (labels != -100) & paired).item())
 
 
 def test_dense_terms_still_refuse_a_sparse_teacher_but_uld_takes_it():
     sparse = ModelDims(student_vocab_size=160, teacher_vocab_size=120, sparse_teacher=True)
-    assert methods.validate_terms([LossTermConfig("uld")], dims=sparse)
+    assert validate_terms([LossTermConfig("uld")], dims=sparse)
     for name in ("kd", "jsd", "taid", "tvd"):
         with pytest.raises(ConfigError, match=f"'{name}' needs dense teacher logits.*top-k cache"):
-            methods.validate_terms([LossTermConfig(name)], dims=sparse)
+            validate_terms([LossTermConfig(name)], dims=sparse)
 
 
 # --- pairing cached and sampled positions ------------------------------------------------------------------------
