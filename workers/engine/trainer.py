@@ -99,10 +99,11 @@ from .evaluate import (
 )
 from .losses import LossParts, mix_teachers
 from .memory import host_memory_bytes, out_of_memory_message
-from .methods import LOSS_TERMS, ModelDims, TermInputs, TermState
+from .methods import TermInputs, TermState
 from .models import LoadedModel, SentenceEmbedder, load_model, model_dims, save_model
 from .schemes import SCHEMES, validate_scheme_params
 from .sources import check_run_sources
+from .terms import LOSS_TERMS, ModelDims
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # Schemes this loop runs; the chained ones are sequences of offline runs the caller builds.
