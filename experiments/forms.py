@@ -383,27 +383,13 @@ NEED_LABELS = {"teacher_logits": "teacher logits", "teacher_topk": "teacher top-
                "embeddings": "sentence embeddings"}
 
 
-_FALLBACK_TERMS = [
-    TermInfo("ce", "Cross-entropy", "Cross-entropy with the hard labels.", False,
-             [ParamInfo("label_smoothing", "0", "Mass spread over all classes")], ()),
-    TermInfo("kd", "Knowledge distillation", "τ²·KL(p_T^τ ‖ p_S^τ) (Hinton et al. 2015).", True,
-             [ParamInfo("temperature", "4", "Softmax temperature")], ("teacher logits",)),
-    TermInfo("reverse_kl", "Reverse KL", "τ²·KL(p_S^τ ‖ p_T^τ), mode-seeking.", True,
-             [ParamInfo("temperature", "1", "Softmax temperature")], ("teacher logits",)),
-    TermInfo("jsd", "Generalized JSD", "β·KL(p_T‖M) + (1−β)·KL(p_S‖M).", True,
-             [ParamInfo("beta", "0.5", "Teacher weight in the mixture"),
-              ParamInfo("temperature", "1", "Softmax temperature")], ("teacher logits",)),
-]
-
 WEIGHT_SCHEDULES = [("", "constant"), ("linear", "linear"), ("cosine", "cosine")]
 
 
 def loss_term_catalog() -> list[TermInfo]:
-    """The loss terms the engine offers (its ``LOSS_TERMS`` registry), or a fixed list if it cannot be imported."""
-    try:
-        from workers.engine.terms import LOSS_TERMS
-    except ImportError:
-        return list(_FALLBACK_TERMS)
+    """The loss terms the engine offers (its catalogue, ``workers.engine.terms.LOSS_TERMS``: no torch)."""
+    from workers.engine.terms import LOSS_TERMS
+
     return [
         TermInfo(spec.name, spec.title, spec.description, spec.needs_teacher, [
             ParamInfo(p.name, p.default_text(), f"{p.description} ({p.range_text()})", p.type.__name__,
