@@ -67,7 +67,7 @@ def main() -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from workers.engine import trainer
+    from workers.engine import teachers, trainer
     from workers.engine.config import RunConfig
 
     hf_logging.disable_progress_bar()
@@ -79,7 +79,7 @@ def main() -> int:
     print(f"teacher trained in {time.perf_counter() - started:.1f} s (not part of the comparison)", flush=True)
 
     counts = {"forwards": 0, "loads": 0}
-    real_load_model = trainer.load_model
+    real_load_model = teachers.load_model
 
     def counting_load_model(cfg, *, dataset, role):
         loaded = real_load_model(cfg, dataset=dataset, role=role)
@@ -88,7 +88,7 @@ def main() -> int:
             loaded.model.register_forward_hook(lambda *_: counts.__setitem__("forwards", counts["forwards"] + 1))
         return loaded
 
-    trainer.load_model = counting_load_model
+    teachers.load_model = counting_load_model
     rows = []
     for name in ("first", "second"):
         counts.update(forwards=0, loads=0)

@@ -31,40 +31,22 @@ resumed from a checkpoint continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import methods
-from .align import align_positions, decoded_prefix_ends, gather_aligned, prefix_ends
-from .attention import use_scores_attention
-from .cache import (
-    EVAL_TOPK,
-    CacheEntry,
-    TeacherCache,
-    cache_key,
-    dataset_description,
-    gather_rows,
-    gather_topk,
-    model_files_fingerprint,
-    pack_positions,
-    row_tokens,
-    state_dict_digest,
-    topk_of,
-    vocab_digest,
-)
+from .cache import CacheEntry, TeacherCache, gather_topk, vocab_digest
 from .checkpoint import (
     CHECKPOINTS,
     STATE_FILE,
@@ -87,23 +69,23 @@ from .data import (
     validation_rows,
 )
 from .errors import ConfigError, DataError, TrainingError
-from .evaluate import (
-    autocast,
-    efficiency_metrics,
-    eval_mode,
-    evaluate,
-    forward_outputs,
-    lm_metrics_from_sums,
-    predict_logits,
-    shift_for_lm,
-)
-from .losses import LossParts, mix_teachers
-from .memory import host_memory_bytes, out_of_memory_message
+from .evaluate import autocast, evaluate, forward_outputs, shift_for_lm
+from .losses import LossParts
 from .methods import TermInputs, TermState
-from .models import LoadedModel, SentenceEmbedder, load_model, model_dims, save_model
+from .models import LoadedModel, load_model, model_dims, save_model
+from .runtime import (
+    generate_continuations,
+    lm_max_length,
+    make_batcher,
+    out_of_memory_as_training_error,
+    prepare_attention,
+    prompt_length,
+    step_seed,
+)
 from .schemes import SCHEMES, validate_scheme_params
 from .sources import check_run_sources
-from .terms import LOSS_TERMS, ModelDims
+from .teachers import TeacherOutputs, Teachers, TeacherTargets, _seq_kd_rows, _teacher_metrics
+from .terms import LOSS_TERMS, ModelDims, validate_terms
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # Schemes this loop runs; the chained ones are sequences of offline runs the caller builds.
@@ -226,10 +208,10 @@ def recipe_terms(cfg: RunConfig) -> list[LossTermConfig]:
     ``hard_labels`` keeps only ``ce`` (with its parameters) at weight 1: the baseline must train at the same
     effective learning rate as a plain classifier, not at the ce weight the distillation recipe used.
     """
-    terms = methods.validate_terms(cfg.terms)
+    terms = validate_terms(cfg.terms)
     if cfg.scheme == "hard_labels":
         ce = next((t for t in terms if t.name == "ce"), LossTermConfig("ce", 1.0, {}))
-        return methods.validate_terms([LossTermConfig("ce", 1.0, ce.params)])
+        return validate_terms([LossTermConfig("ce", 1.0, ce.params)])
     return terms
 
 
@@ -257,22 +239,6 @@ def check_train_config(train: TrainConfig) -> None:
     fraction = train.validation_fraction
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 0.5:
         raise ConfigError(f"train.validation_fraction must be a number in (0, 0.5], got {fraction!r}.")
-
-
-def mix_teacher_logits(logits: list[Tensor], weights: list[float], *, temperature: float = 1.0) -> Tensor:
-    """Teacher logits for ``multi_teacher``: ``τ · log Σ_i w_i softmax(z_i / τ)`` (see :func:`losses.mix_teachers`).
-
-    At τ = 1 (what the caches store, for evaluation and the sparse LM top-k) these are the log-probabilities of
-    the weighted average of the teachers' distributions. Training terms with their own τ mix the per-teacher
-    logits again at that τ (``TermInputs.teacher_mixture``), so the target is the average of the softened
-    teachers. Weights are normalised to sum to 1.
-
-    Args:
-        logits: one (..., V) tensor per teacher; weights: one number >= 0 per teacher.
-    Returns:
-        (..., V) float32.
-    """
-    return mix_teachers([z.float() for z in logits], weights, temperature=temperature)
 
 
 # --- what a run is, checked before anything is loaded ----------------------------------------------------------
@@ -463,88 +429,18 @@ class _NonFiniteWatch:
                                 "Try a lower learning rate or temperature.")
 
 
-# What torch's allocators say when they fail: CUDA/MPS "out of memory", the CPU allocator "can't allocate memory"
-# or "not enough memory" (and the OS's ENOMEM text).
-OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
-GPU_MEMORY_TEXTS = ("cuda", "gpu", "mps", "hip", "xpu")
-
-
-def out_of_memory_error(exc: BaseException, cfg: RunConfig, during: str) -> TrainingError | None:
-    """The run's message for an out-of-memory failure, or None when ``exc`` is something else.
-
-    The one place that recognises out of memory in its forms: ``torch.OutOfMemoryError`` (CUDA), a RuntimeError
-    of an allocator (the CPU's ``DefaultCPUAllocator: can't allocate memory``, MPS, ...) and Python's MemoryError
-    (numpy, pure Python). The message names the phase (``during``: "at step 12", "while loading the student"),
-    the run's memory estimate (:mod:`.memory`) and what to change.
-    """
-    text = str(exc).lower()
-    if isinstance(exc, torch.OutOfMemoryError):
-        gpu = True
-    elif isinstance(exc, MemoryError):
-        gpu = False
-    elif isinstance(exc, RuntimeError) and any(marker in text for marker in OUT_OF_MEMORY_TEXTS):
-        gpu = any(marker in text for marker in GPU_MEMORY_TEXTS)
-    else:
-        return None
-    headline = f"Out of GPU memory {during}" if gpu else f"Out of memory (RAM) {during}"
-    return TrainingError(out_of_memory_message(cfg.to_dict(), headline=headline, gpu=gpu,
-                                               available_bytes=None if gpu else host_memory_bytes()))
-
-
-@contextlib.contextmanager
-def _out_of_memory_as_training_error(cfg: RunConfig, during: str) -> Iterator[None]:
-    """Turn out of memory (:func:`out_of_memory_error`) raised inside the block into its TrainingError."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as exc:
-        error = out_of_memory_error(exc, cfg, during)
-        if error is None:
-            raise
-        raise error from exc
-
 
 def _reports_out_of_memory(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
     """``train``'s last net: out of memory in a phase without a wrap of its own still reads as out of memory."""
     @functools.wraps(function)
     def wrapper(cfg: RunConfig, *args: Any, **kwargs: Any) -> TrainResult:
-        with _out_of_memory_as_training_error(cfg, "during the run"):
+        with out_of_memory_as_training_error(cfg, "during the run"):
             return function(cfg, *args, **kwargs)
 
     return wrapper
 
 
-# --- models and batches ----------------------------------------------------------------------------------------
-
-
-def lm_max_length(dataset: LoadedDataset, model: LoadedModel) -> int:
-    """Token rows of a causal LM run are cut to the dataset's max_length, capped by the student's positions."""
-    return model.max_length(dataset.max_length)
-
-
-def make_batcher(split_name: str, dataset: LoadedDataset, model: LoadedModel, *,
-                 max_length: int | None = None) -> Batcher | LMBatcher:
-    """Batches of one split for ``model`` (tokenised with its own tokenizer)."""
-    split = dataset.train if split_name == "train" else dataset.eval
-    if dataset.task == "causal_lm":
-        length = max_length or lm_max_length(dataset, model)
-        return LMBatcher.from_texts(split.inputs, tokenizer=model.tokenizer, max_length=length, pack=dataset.pack)
-    return Batcher(split, tokenizer=model.tokenizer, max_length=model.max_length(dataset.max_length))
-
-
-def _core_model(model: nn.Module) -> nn.Module:
-    return model.encoder if isinstance(model, SentenceEmbedder) else model
-
-
-def _prepare_attention(loaded: LoadedModel, plan: RunPlan) -> None:
-    """Attention maps need the eager attention implementation (SDPA does not return them); pre-softmax scores
-    need the eager path that also records them (:mod:`.attention`, which returns the maps too)."""
-    core = _core_model(loaded.model)
-    if not hasattr(core, "set_attn_implementation"):
-        return
-    if "attention_scores" in plan.needs:
-        use_scores_attention(core)
-    elif "attentions" in plan.needs:
-        core.set_attn_implementation("eager")
+# --- checks that need the models -------------------------------------------------------------------------------
 
 
 def run_dims(student: LoadedModel, teacher: dict[str, Any] | None, *, task: str, sparse: bool) -> ModelDims:
@@ -592,355 +488,6 @@ def _check_cross_tokenizer_terms(terms: list[LossTermConfig], *, scheme: str, te
                           "and the teacher's is a slow one.")
 
 
-def prompt_length(row: list[int], *, max_new_tokens: int, max_length: int, eos_id: int | None) -> int:
-    """How many leading tokens of a text row serve as a generation prompt: the first half of the text (EOS not
-    counted), at least 1, leaving room for ``max_new_tokens`` within ``max_length``."""
-    n = len(row) - (1 if eos_id is not None and row and row[-1] == eos_id and len(row) > 1 else 0)
-    return max(1, min(max(1, n // 2), max_length - max_new_tokens))
-
-
-@torch.no_grad()
-def generate_continuations(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
-                           temperature: float, pad_id: int, eos_id: int | None, device: torch.device,
-                           seed: int) -> list[list[int]]:
-    """Continue each prompt with ``model.generate`` (greedy when ``temperature`` is 0, else sampled with a
-    generator seeded by ``seed``, leaving the global RNG untouched). Prompts are left-padded into one batch.
-
-    Returns:
-        the new tokens of each prompt, up to and including the first EOS.
-    """
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(p)
-        mask[i, width - len(p):] = 1
-    sample = temperature > 0
-    kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
-    if eos_id is not None:
-        kwargs["eos_token_id"] = eos_id
-    if sample:
-        kwargs |= {"temperature": temperature, "top_k": 0, "top_p": 1.0}
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), eval_mode(model):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-    new = out[:, width:].tolist()
-    result = []
-    for tokens in new:
-        if eos_id is not None and eos_id in tokens:
-            tokens = tokens[: tokens.index(eos_id) + 1]
-        result.append(tokens)
-    return result
-
-
-def _step_seed(seed: int, step: int, salt: int) -> int:
-    return int(np.random.default_rng([seed, step, salt]).integers(2**62))
-
-
-# --- the teacher side ------------------------------------------------------------------------------------------
-
-
-class Teachers:
-    """The run's teacher (or teachers, for multi_teacher), loaded only when something needs them.
-
-    Loading runs inside a forked RNG seeded with the run's seed, so whether and when the teacher is loaded
-    never changes the student's random numbers. Every forward of a loaded teacher is counted.
-    """
-
-    def __init__(self, cfg: RunConfig, plan: RunPlan, dataset: LoadedDataset, device: torch.device, *,
-                 max_length: int) -> None:
-        self.cfg, self.plan, self.dataset, self.device = cfg, plan, dataset, device
-        self.max_length = max_length
-        self.weights = list(plan.teacher_weights)
-        self._loaded: list[LoadedModel] | None = None
-        self._fingerprint: str | None = None
-        self.forwards = 0
-
-    @property
-    def is_loaded(self) -> bool:
-        return self._loaded is not None
-
-    def models(self) -> list[LoadedModel]:
-        if self._loaded is None:
-            loaded = []
-            devices = [self.device] if self.device.type == "cuda" else []
-            for i, teacher_cfg in enumerate(self.plan.teachers):
-                with torch.random.fork_rng(devices=devices), \
-                        _out_of_memory_as_training_error(self.cfg, "while loading the teacher"):
-                    torch.manual_seed(self.cfg.train.seed)
-                    model = load_model(teacher_cfg, dataset=self.dataset, role="teacher")
-                _prepare_attention(model, self.plan)
-                if self.dataset.task == "causal_lm" and model.max_length(self.max_length) < self.max_length:
-                    raise ConfigError(f"Teacher '{teacher_cfg.describe()}' reads at most "
-                                      f"{model.max_length(self.max_length)} tokens, but the student's rows are "
-                                      f"{self.max_length} long. Lower the dataset's max_length.")
-                with _out_of_memory_as_training_error(self.cfg, "while loading the teacher"):
-                    model.model.to(self.device).eval().requires_grad_(False)
-                model.model.register_forward_hook(self._count)
-                if i and self.dataset.task != "classification" and vocab_digest(model.tokenizer) != vocab_digest(
-                        loaded[0].tokenizer):
-                    raise ConfigError("multi_teacher needs teachers that share one tokenizer for a "
-                                      f"{self.dataset.task} run; teacher {i + 1} has a different vocabulary.")
-                loaded.append(model)
-            self._loaded = loaded
-        return self._loaded
-
-    def _count(self, *_args: Any) -> None:
-        self.forwards += 1
-
-    @property
-    def first(self) -> LoadedModel:
-        return self.models()[0]
-
-    def fingerprint(self) -> str:
-        """What identifies the teachers' outputs: file digests where possible, else state-dict digests."""
-        if self._fingerprint is None:
-            parts = []
-            for i, teacher_cfg in enumerate(self.plan.teachers):
-                files = model_files_fingerprint(teacher_cfg)
-                if files is None:
-                    loaded = self.models()[i]
-                    files = f"state:{state_dict_digest(loaded.model)}:vocab:{vocab_digest(loaded.tokenizer)}"
-                parts.append(files)
-            self._fingerprint = parts[0] if len(parts) == 1 else cache_key(
-                {"teachers": parts, "weights": [w / sum(self.weights) for w in self.weights]})
-        return self._fingerprint
-
-    def describe(self) -> dict[str, Any]:
-        """Manifest fields recorded with a computed entry, so a later hit needs no teacher to check the run."""
-        first = self.first
-        return {"teacher_dims": model_dims(first), "vocab_digest": vocab_digest(first.tokenizer),
-                "teachers": [c.describe() for c in self.plan.teachers]}
-
-    # -- dense outputs on a batch --
-    def logits(self, batch_for: Callable[[LoadedModel], Batch]) -> Tensor:
-        """The teachers' (mixed) logits on one batch; ``batch_for`` builds each teacher's view of it."""
-        outs = []
-        for loaded in self.models():
-            batch = batch_for(loaded)
-            with autocast(self.device):
-                outs.append(forward_outputs(loaded.model, batch.inputs).logits.float())
-        return outs[0] if len(outs) == 1 else mix_teacher_logits(outs, self.weights)
-
-
-class TeacherTargets:
-    """The teacher's part of each training batch's :class:`TermInputs`.
-
-    ``cached``: looked up by row in a teacher-output cache entry (no teacher forward). ``online``: the teacher
-    runs on the batch, returning what the terms need (logits, hidden states, attentions, values, embeddings).
-
-    Causal LMs across tokenizers (``same_tokens`` False) pair each student position with the teacher position
-    that has read the same text (:mod:`.align`) and add ``teacher_paired``: from the cache, the entry's rows
-    (the teacher's tokens of the same texts) are gathered at the paired positions; online, the teacher reads the
-    batch's texts with its own tokenizer; on student samples (``on_policy``, no dataset rows), it reads their
-    decoded text.
-    """
-
-    def __init__(self, teachers: Teachers, *, entry: CacheEntry | None, task: str, same_tokens: bool,
-                 student: LoadedModel | None = None, student_rows: LMBatcher | None = None) -> None:
-        self.teachers, self.entry, self.task, self.same_tokens = teachers, entry, task, same_tokens
-        self.student, self.student_rows = student, student_rows
-        self._own: dict[int, Any] = {}
-        self._ends: dict[str, list[list[int]] | None] = {}
-
-    def _prefix_ends(self, key: str, rows: LMBatcher, tokenizer: Any) -> list[list[int]] | None:
-        if key not in self._ends:
-            self._ends[key] = prefix_ends(self.teachers.dataset.train.inputs, rows.token_rows, tokenizer=tokenizer)
-        return self._ends[key]
-
-    def _alignment(self, loaded: LoadedModel, rows: np.ndarray | None, student_width: int,
-                   teacher_width: int) -> Tensor | None:
-        """Cross-tokenizer pairs of positions that have read the same text (:mod:`.align`); None when either
-        tokenizer gives no character offsets (positions are then paired by index)."""
-        if rows is None or self.student is None or self.student_rows is None:
-            return None
-        s_ends = self._prefix_ends("student", self.student_rows, self.student.tokenizer)
-        t_ends = self._prefix_ends(f"teacher-{id(loaded)}", self._own[id(loaded)], loaded.tokenizer)
-        if s_ends is None or t_ends is None:
-            return None
-        ids = rows.tolist()
-        return align_positions([s_ends[i] for i in ids], [t_ends[i] for i in ids],
-                               student_width=student_width, teacher_width=teacher_width)
-
-    def _teacher_batch(self, loaded: LoadedModel, batch: Batch, rows: np.ndarray) -> Batch:
-        """The teacher's view of a batch: the same tensors when it shares the student's inputs, else the same
-        rows tokenised with its own tokenizer."""
-        if self.same_tokens:
-            return batch
-        key = id(loaded)
-        if key not in self._own:
-            self._own[key] = make_batcher("train", self.teachers.dataset, loaded)
-        return self._own[key].batch(rows).to(self.teachers.device)
-
-    def _cached_teacher_ends(self) -> list[list[int]]:
-        """Prefix ends of the cache entry's predicting positions, one list per train row: stored in the entry,
-        or (an entry written before they were stored) from the teacher's tokenizer, which loads the teacher."""
-        if "cached" not in self._ends:
-            t = self.entry.tensors
-            offsets = t["offsets"].tolist()
-            if "prefix_end" in t:
-                flat = t["prefix_end"].tolist()
-                ends: list[list[int]] | None = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-            else:
-                loaded = self.teachers.first
-                rows = make_batcher("train", self.teachers.dataset, loaded, max_length=self.teachers.max_length)
-                full = prefix_ends(self.teachers.dataset.train.inputs, rows.token_rows, tokenizer=loaded.tokenizer)
-                ends = None if full is None else [
-                    row[: offsets[i + 1] - offsets[i]] for i, row in enumerate(full)]
-            if ends is None:
-                raise ConfigError("Cross-tokenizer uld from the teacher cache pairs positions by the characters each "
-                                  "token covers, which needs a fast (Rust) tokenizer, and the teacher's is a slow "
-                                  "one.")
-            self._ends["cached"] = ends
-        return self._ends["cached"]
-
-    def _cached_across_tokenizers(self, rows: Tensor, width: int) -> dict[str, Any]:
-        """The cached top-k of the teacher positions paired with each of the student's ``width`` predicting
-        positions, and the ``teacher_paired`` mask."""
-        s_ends = self._prefix_ends("student", self.student_rows, self.student.tokenizer)
-        if s_ends is None:
-            raise ConfigError("Cross-tokenizer uld from the teacher cache pairs positions by the characters each "
-                              "token covers, which needs a fast (Rust) tokenizer, and the student's is a slow one.")
-        t_ends = self._cached_teacher_ends()
-        ids = rows.tolist()
-        t_width = max(1, max(len(t_ends[i]) for i in ids))
-        top = gather_topk(self.entry, rows, t_width, self.teachers.device)                  # (B, T_t, k)
-        index = align_positions([s_ends[i] for i in ids], [t_ends[i] for i in ids], student_width=width,
-                                teacher_width=t_width, teacher_predicting_only=True)      # (B, width)
-        picked, paired = gather_aligned(top, index)
-        return {"teacher_topk": picked, "teacher_paired": paired}
-
-    def _sampled_view(self, loaded: LoadedModel, batch: Batch) -> tuple[Batch, Tensor]:
-        """Student-sampled rows (``on_policy``) for a teacher with another tokenizer: their decoded text read by
-        the teacher, and the (B, T_s − 1) pairs of positions that have read the same text."""
-        ids, lengths = batch.inputs["input_ids"].cpu(), batch.inputs["attention_mask"].sum(1).tolist()
-        student_rows = [ids[b, : int(n)].tolist() for b, n in enumerate(lengths)]
-        texts, s_ends = decoded_prefix_ends(student_rows, tokenizer=self.student.tokenizer)
-        own = LMBatcher.from_texts(texts, tokenizer=loaded.tokenizer,
-                                   max_length=lm_max_length(self.teachers.dataset, loaded))
-        t_ends = prefix_ends(texts, own.token_rows, tokenizer=loaded.tokenizer)
-        if t_ends is None:
-            raise ConfigError("Cross-tokenizer on_policy pairs the student's samples with the teacher's reading of "
-                              "their text by the characters each token covers, which needs a fast (Rust) "
-                              "tokenizer, and the teacher's is a slow one.")
-        teacher_batch = own.batch(np.arange(len(texts))).to(self.teachers.device)
-        index = align_positions(s_ends, t_ends, student_width=ids.shape[1] - 1,
-                                teacher_width=teacher_batch.inputs["input_ids"].shape[1] - 1)
-        return teacher_batch, index
-
-    @torch.no_grad()
-    def fields(self, batch: Batch, rows: np.ndarray | None, *, plan: RunPlan) -> dict[str, Any]:
-        device = self.teachers.device
-        if self.entry is not None:
-            t = self.entry.tensors
-            if self.task == "classification":
-                fields = {"teacher_logits": t["logits"].to(device)[batch.indices]}
-                if "teacher_logits" in t:    # multi_teacher: each teacher's logits, (K, B, C)
-                    fields |= {"teacher_mixture": t["teacher_logits"].to(device)[:, batch.indices],
-                               "teacher_weights": tuple(self.teachers.weights)}
-                return fields
-            if self.task == "embedding":
-                return {"teacher_embedding": t["embeddings"].to(device)[batch.indices]}
-            width = batch.inputs["input_ids"].shape[1] - 1
-            if self.same_tokens:
-                return {"teacher_topk": gather_topk(self.entry, batch.indices.cpu(), width, device)}
-            return self._cached_across_tokenizers(batch.indices.cpu(), width)
-        needs = plan.needs
-        loaded = self.teachers.first
-        index: Tensor | None = None
-        if self.task == "causal_lm" and not self.same_tokens and rows is None:
-            teacher_batch, index = self._sampled_view(loaded, batch)
-        else:
-            teacher_batch = self._teacher_batch(loaded, batch, rows)
-        with autocast(device):
-            out = forward_outputs(loaded.model, teacher_batch.inputs, hidden="hidden_states" in needs,
-                                  attentions="attentions" in needs, values="values" in needs,
-                                  embedding=self.task == "embedding", scores="attention_scores" in needs)
-        fields: dict[str, Any] = {"teacher_hidden": out.hidden, "teacher_attentions": out.attentions,
-                                  "teacher_values": out.values, "teacher_embedding": out.embedding,
-                                  "teacher_attention_scores": out.scores}
-        if self.task == "causal_lm":
-            logits = out.logits.float()[:, :-1]
-            student_width = batch.inputs["input_ids"].shape[1] - 1
-            if index is None and not self.same_tokens:
-                index = self._alignment(loaded, rows, student_width, logits.shape[1])
-            if index is None:
-                fields["teacher_logits"] = _fit_width(logits, student_width)
-            else:
-                fields["teacher_logits"], fields["teacher_paired"] = gather_aligned(logits, index)
-        elif self.task == "classification":
-            fields["teacher_logits"] = out.logits.float()
-        return fields
-
-
-def _fit_width(logits: Tensor, width: int) -> Tensor:
-    """Crop or pad (B, T, V) teacher logits to ``width`` positions (cross-tokenizer rows differ in length; the
-    padding is a uniform distribution, and positions the student masks never count)."""
-    if logits.shape[1] >= width:
-        return logits[:, :width]
-    pad = logits.new_zeros(logits.shape[0], width - logits.shape[1], logits.shape[2])
-    return torch.cat([logits, pad], dim=1)
-
-
-# --- teacher outputs for the cache -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _classification_outputs(teachers: Teachers, split: str, batch_size: int, *,
-                            dataset: LoadedDataset | None = None) -> dict[str, Tensor]:
-    """The teachers' logits on ``split`` of ``dataset`` (default: the run's dataset)."""
-    per_teacher = []
-    for loaded in teachers.models():
-        batcher = make_batcher(split, dataset or teachers.dataset, loaded)
-        per_teacher.append(predict_logits(loaded.model, batcher, device=teachers.device, batch_size=batch_size))
-    if len(per_teacher) == 1:
-        return {"logits": per_teacher[0]}
-    # The τ = 1 mixture (evaluation, agreement) and each teacher's logits, so every term can mix at its own τ.
-    return {"logits": mix_teacher_logits(per_teacher, teachers.weights),
-            "teacher_logits": torch.stack(per_teacher)}                                # (K, N, C)
-
-
-@torch.no_grad()
-def _embedding_outputs(teachers: Teachers, split: str, batch_size: int, *,
-                       dataset: LoadedDataset | None = None) -> dict[str, Tensor]:
-    loaded = teachers.first
-    batcher = make_batcher(split, dataset or teachers.dataset, loaded)
-    return {"embeddings": predict_logits(loaded.model, batcher, device=teachers.device, batch_size=batch_size)}
-
-
-@torch.no_grad()
-def _lm_topk_outputs(teachers: Teachers, batcher: LMBatcher, *, k: int, batch_size: int,
-                     texts: list[str] | None = None) -> dict[str, Tensor]:
-    """Top-k log-probs (+ tail, + the target token's log-prob) at every predicted position of every row.
-
-    With ``texts`` (the texts the rows were made from, one per row) and a fast teacher tokenizer, also the
-    ``prefix_end`` of every predicted position (:func:`align.prefix_ends`), so a run whose student uses another
-    tokenizer can pair its positions with the entry's without the teacher.
-    """
-    ends = prefix_ends(texts, batcher.token_rows, tokenizer=teachers.first.tokenizer) if texts is not None \
-        else None
-    per_row: list[dict[str, Tensor]] = []
-    with contextlib.ExitStack() as stack:
-        for loaded in teachers.models():
-            stack.enter_context(eval_mode(loaded.model))
-        for batch in batcher.iter_batches(batch_size):
-            batch = batch.to(teachers.device)
-            logits, labels = shift_for_lm(teachers.logits(lambda _loaded, b=batch: b), batch.inputs["input_ids"])
-            top = topk_of(logits, k)
-            target = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            lengths = batch.inputs["attention_mask"].sum(1).tolist()
-            for b, (length, row) in enumerate(zip(lengths, batch.indices.tolist(), strict=True)):
-                n = max(int(length) - 1, 0)
-                per_row.append({"logprobs": top.logprobs[b, :n].half().cpu(),
-                                "indices": top.indices[b, :n].int().cpu(),
-                                "tail_logmass": top.tail_logmass[b, :n].half().cpu(),
-                                "target_logprob": target[b, :n].float().cpu()})
-                if ends is not None:
-                    per_row[-1]["prefix_end"] = torch.as_tensor(ends[row][:n], dtype=torch.int64)
-    return pack_positions(per_row)
-
-
 # --- the validation slice --------------------------------------------------------------------------------------
 
 VALIDATION_SALT = 2  # the slice's random stream: [split_seed, 2] (the labelled subset draws from [split_seed, 1])
@@ -981,11 +528,132 @@ def _validation_view(dataset: LoadedDataset, train_batches: Batcher | LMBatcher,
     return view, make_batcher("eval", view, student, max_length=max_length)
 
 
-def _rows_digest(rows: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:32]
+# --- the run's setup, one named step at a time -----------------------------------------------------------------
 
 
-# --- the loop --------------------------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    """A run's data and models: the dataset, the student on its device, the teachers (loaded only when first
+    needed) and the teacher-output cache entries it reads."""
+
+    device: torch.device
+    output_dir: Path
+    cache: TeacherCache
+    dataset: LoadedDataset
+    student: LoadedModel
+    max_length: int
+    teachers: Teachers | None
+    outputs: TeacherOutputs
+
+
+def load_data_and_models(cfg: RunConfig, plan: RunPlan) -> Loaded:
+    """Load the dataset and the student (after seeding everything); the teachers load later, if ever."""
+    device = resolve_device(cfg.train.device)
+    output_dir = Path(cfg.output_dir)
+    cache = TeacherCache(Path(cfg.cache_dir) if cfg.cache_dir else output_dir / "teacher-cache")
+    dataset = load_dataset(cfg.dataset, task=cfg.task)
+    if len(dataset.train) == 0 or len(dataset.eval) == 0:
+        raise DataError(f"Dataset '{dataset.name}' has an empty train or eval split.")
+    seed_everything(cfg.train.seed)
+    with out_of_memory_as_training_error(cfg, "while loading the student"):
+        student = load_model(cfg.student, dataset=dataset, role="student")
+        prepare_attention(student, plan)
+        student.model.to(device).train()
+    max_length = lm_max_length(dataset, student) if cfg.task == "causal_lm" else dataset.max_length
+    teachers = Teachers(cfg, plan, dataset, device, max_length=max_length) if plan.uses_teacher else None
+    outputs = TeacherOutputs(cfg, plan, teachers, cache, terms=plan.terms, max_length=max_length)
+    return Loaded(device, output_dir, cache, dataset, student, max_length, teachers, outputs)
+
+
+def check_with_models(cfg: RunConfig, plan: RunPlan,
+                      run: Loaded) -> tuple[list[LossTermConfig], ModelDims, bool]:
+    """Checks that need the models, before any training or teacher work: the terms against both models' sizes,
+    and what a teacher with another tokenizer allows. The teacher's sizes and vocabulary come from an existing
+    cache entry when there is one (no teacher load), else from the teacher itself.
+
+    Returns:
+        the validated terms, the models' dims, and whether the teacher's vocabulary is the student's.
+    """
+    task, teachers = cfg.task, run.teachers
+    t_dims, t_vocab = None, None
+    if plan.teacher_mode != "none":
+        existing = run.outputs.existing_train_entry() if plan.teacher_mode == "cached" else None
+        if existing is not None and not teachers.is_loaded:
+            t_dims, t_vocab = existing.manifest["teacher_dims"], existing.manifest["vocab_digest"]
+        else:
+            t_dims, t_vocab = model_dims(teachers.first), vocab_digest(teachers.first.tokenizer)
+    sparse = plan.teacher_mode == "cached" and task == "causal_lm"
+    dims = run_dims(run.student, t_dims, task=task, sparse=sparse)
+    terms = validate_terms(plan.terms, dims=dims)
+    same_vocab = t_vocab is None or t_vocab == vocab_digest(run.student.tokenizer)
+    if task == "causal_lm" and not same_vocab:
+        if cfg.scheme == "seq_kd":
+            if any(LOSS_TERMS[t.name].kind != "labels" for t in terms):
+                raise ConfigError("seq_kd across tokenizers trains the student on the teacher's text, re-tokenised "
+                                  "with its own tokenizer; only ce can score it. Remove the other terms.")
+        else:
+            _check_cross_tokenizer_terms(terms, scheme=cfg.scheme, teacher_mode=plan.teacher_mode,
+                                         student=run.student,
+                                         teacher=teachers.first if teachers.is_loaded else None)
+        if cfg.dataset.pack:
+            raise ConfigError("Cross-tokenizer (uld) runs pair positions within each text, so they cannot pack "
+                              "texts into blocks: turn packing off.")
+    return terms, dims, same_vocab
+
+
+@dataclass
+class TrainRows:
+    """The rows the student trains on (``batches``, sampled from ``rows``) and the validation slice held out
+    of them for early stopping (``held_out``, empty without it). ``same_vocab``: the teacher's tokens are the
+    student's (seq_kd: also those of the generated rows)."""
+
+    batches: Batcher | LMBatcher
+    rows: np.ndarray
+    held_out: np.ndarray
+    val_dataset: LoadedDataset | None
+    val_batches: Batcher | LMBatcher | None
+    same_vocab: bool
+
+
+def select_train_rows(cfg: RunConfig, plan: RunPlan, run: Loaded, *, same_vocab: bool) -> TrainRows:
+    """The train rows (seq_kd: prompts continued by the teacher, once, through the cache), less the
+    validation slice. With early stopping, decisions are taken on that slice; the eval split is evaluated
+    once, at the end, for the result."""
+    dataset, student, max_length = run.dataset, run.student, run.max_length
+    batches = make_batcher("train", dataset, student, max_length=max_length)
+    selecting = EarlyStopping(cfg.train).enabled
+    held_out = _validation_slice(cfg, dataset, batches) if selecting else np.zeros(0, dtype=np.int64)
+    val_dataset, val_batches = _validation_view(dataset, batches, held_out, student, max_length=max_length)
+    if cfg.scheme == "seq_kd":
+        batches, generated_same_vocab = _seq_kd_rows(cfg, plan, student, run.teachers, batches, max_length,
+                                                     run.outputs.entry_for)
+        same_vocab = same_vocab and generated_same_vocab
+    # Without teacher terms, unlabelled rows teach nothing: sample labelled rows only.
+    rows = dataset.train.labelled_rows if plan.teacher_mode == "none" and cfg.task == "classification" \
+        else np.arange(len(batches))
+    if len(held_out):
+        rows = np.setdiff1d(rows, held_out).astype(np.int64)
+    if len(rows) == 0:
+        raise DataError("The train split has no labelled rows to train on.")
+    return TrainRows(batches, rows, held_out, val_dataset, val_batches, same_vocab)
+
+
+def teacher_targets(cfg: RunConfig, plan: RunPlan, run: Loaded, rows: TrainRows, *,
+                    step: int) -> TeacherTargets | None:
+    """The teacher's part of each batch: looked up in the train split's cache entry (computed now on a miss)
+    or computed online; None when no term reads the teacher or no step is left to train."""
+    if plan.teacher_mode == "none" or step >= cfg.train.max_steps:
+        return None
+    entry = None
+    if plan.teacher_mode == "cached":
+        entry = run.outputs.train_entry(rows.batches, same_vocab=rows.same_vocab)
+    same_tokens = cfg.task == "causal_lm" and rows.same_vocab
+    return TeacherTargets(run.teachers, entry=entry, task=cfg.task, same_tokens=same_tokens,
+                          student=run.student,
+                          student_rows=rows.batches if isinstance(rows.batches, LMBatcher) else None)
+
+
+# --- resume: the run's checkpoints and best weights ------------------------------------------------------------
 
 
 def resume_point(cfg: RunConfig) -> Path | None:
@@ -1000,6 +668,205 @@ def resume_point(cfg: RunConfig) -> Path | None:
         raise TrainingError(f"The checkpoint this run resumes from ({path.name}) is missing or incomplete, so it "
                             "cannot continue where it stopped. Requeueing it will not help; launch the run again.")
     return path
+
+
+@dataclass
+class Checkpoints:
+    """The run's checkpoints and best weights, in folders of its attempt. Nothing is written once the caller
+    lost the run (``Callbacks.owned()`` False), and a checkpoint that ``on_checkpoint`` refuses is deleted at
+    once."""
+
+    cfg: RunConfig
+    cb: Callbacks
+    student: LoadedModel
+    modules: nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+    term_state: TermState
+    stopper: EarlyStopping
+    watch: _NonFiniteWatch
+    device: torch.device
+    best_name: str = ""  # the folder under best/ holding the best eval's weights (early stopping)
+
+    def __post_init__(self) -> None:
+        self.output_dir, self.attempt = Path(self.cfg.output_dir), self.cfg.attempt
+        self.config_dict = self.cfg.to_dict()
+
+    def resume(self) -> tuple[int, Path | None]:
+        """Clear what no registered checkpoint owns, then load the one the run continues from (weights,
+        optimizer, RNG, term and early-stopping state), if any.
+
+        Returns:
+            the step to start at, and that checkpoint (None when the run starts afresh).
+        """
+        step = 0
+        last_checkpoint = resume_point(self.cfg)
+        clean_for_resume(self.output_dir, attempt=self.attempt, resume_from=last_checkpoint)
+        if last_checkpoint is not None:
+            step, extra = load_checkpoint(last_checkpoint, model=self.student.model, optimizer=self.optimizer,
+                                          config=self.config_dict, device=self.device, modules=self.modules)
+            self.term_state.load_state_dict(extra.get("term_state", {}))
+            self.stopper.load_state_dict(extra.get("early_stopping", {}))
+            self.best_name = extra.get("best_weights", "")
+        # Best weights that no registered checkpoint refers to (a lost worker's, a crash's) never count.
+        prune(self.output_dir / BEST_DIR, attempt=self.attempt + 1, keep=0, protect=(self.best_name,))
+        return step, last_checkpoint
+
+    def checkpoint(self, at_step: int) -> Path | None:
+        """Write, register and prune; None when the caller lost the run (nothing of it stays on disk)."""
+        if not self.cb.owned():
+            return None
+        self.watch.check()  # never persist weights that came from a NaN step
+        extra = {"term_state": self.term_state.state_dict(), "early_stopping": self.stopper.state_dict(),
+                 "best_weights": self.best_name}
+        path = write_checkpoint(self.output_dir, step=at_step, model=self.student.model,
+                                optimizer=self.optimizer, config=self.config_dict, attempt=self.attempt,
+                                modules=self.modules, extra=extra)
+        if self.cb.on_checkpoint and self.cb.on_checkpoint(at_step, str(path)) is False:
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        # Registered: older checkpoints and best weights no registered checkpoint refers to can go.
+        prune(self.output_dir / CHECKPOINTS, attempt=self.attempt, keep=self.cfg.keep_checkpoints)
+        prune(self.output_dir / BEST_DIR, attempt=self.attempt, keep=0, protect=(self.best_name,))
+        return path
+
+    def save_best(self, at_step: int) -> None:
+        """The student (and the terms' learned projections) of the best eval so far, in a folder of its own that
+        the next registered checkpoint refers to."""
+        from safetensors.torch import save_model as save_weights_of
+
+        if not self.cb.owned():
+            return
+        name = owned_name(f"step-{at_step}", self.attempt)
+        best = self.output_dir / BEST_DIR / name
+        tmp = best.with_name(f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for module, file in ((self.student.model, BEST_WEIGHTS_FILE), (self.modules, TERM_MODULES_FILE)):
+            if module is self.modules and not len(self.modules.state_dict()):
+                continue
+            save_weights_of(module, str(tmp / file))
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.replace(best)
+        self.best_name = name
+
+    def has_best(self) -> bool:
+        best = self.output_dir / BEST_DIR / self.best_name
+        return bool(self.best_name) and (best / BEST_WEIGHTS_FILE).exists()
+
+    def load_best(self) -> None:
+        from safetensors.torch import load_model as load_weights_into
+
+        best = self.output_dir / BEST_DIR / self.best_name
+        load_weights_into(self.student.model, str(best / BEST_WEIGHTS_FILE), device=str(self.device))
+        if len(self.modules.state_dict()) and (best / TERM_MODULES_FILE).exists():
+            load_weights_into(self.modules, str(best / TERM_MODULES_FILE), device=str(self.device))
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """The student's evaluations, on the eval split or (``validation``) on the validation slice, beside the
+    teachers' outputs on the same rows, which always come through the cache."""
+
+    cfg: RunConfig
+    cb: Callbacks
+    run: Loaded
+    rows: TrainRows
+    modules: nn.ModuleDict
+    eval_batches: Batcher | LMBatcher
+    final_dir: Path
+
+    def teacher_entry(self, *, validation: bool = False) -> CacheEntry | None:
+        if validation:
+            return self.run.outputs.validation_entry(self.rows.val_dataset, self.rows.val_batches,
+                                                     self.rows.held_out)
+        return self.run.outputs.eval_entry(self.eval_batches, same_vocab=self.rows.same_vocab)
+
+    def student(self, final: bool, *, validation: bool = False) -> dict[str, float]:
+        """The student's metrics on the eval split, or (``validation``) on the validation slice."""
+        task, device = self.cfg.task, self.run.device
+        entry = self.teacher_entry(validation=validation) \
+            if self.run.teachers is not None and self.rows.same_vocab else None
+        saved = self.final_dir if final else None
+        kwargs: dict[str, Any] = {}
+        if entry is not None and task == "classification":
+            kwargs["teacher_logits"] = entry.tensors["logits"].to(device)
+        elif entry is not None and task == "causal_lm":
+            kwargs["teacher_topk"] = lambda batch, width: gather_topk(entry, batch.indices.cpu(), width, device)
+        elif entry is not None:
+            kwargs["teacher_embeddings"] = entry.tensors["embeddings"]
+        modules = self.modules
+        projection = modules["embedding_mse"] if task == "embedding" and "embedding_mse" in modules else None
+        batches = self.rows.val_batches if validation else self.eval_batches
+        with out_of_memory_as_training_error(self.cfg, "while evaluating the student"):
+            return evaluate(self.run.student.model, batches, device=device, batch_size=self.cfg.train.batch_size,
+                            efficiency=final, saved_dir=saved, task=task, projection=projection, **kwargs)
+
+    def emit(self, at_step: int, metrics: dict[str, float], prefix: str = "eval") -> None:
+        """Stream ``prefix/<metric>``: ``eval/`` for the eval split, ``val/`` for the validation slice."""
+        if self.cb.on_metrics:
+            streamed = {"loss": metrics.get("nll")} | metrics
+            self.cb.on_metrics(at_step, {f"{prefix}/{k}": float(streamed[k])
+                                         for k in STREAMED_EVAL_METRICS[self.cfg.task]
+                                         if streamed.get(k) is not None})
+
+
+# --- one training step's inputs --------------------------------------------------------------------------------
+
+
+@dataclass
+class StepInputs:
+    """What a micro-batch feeds the terms: its batch (on_policy: with probability λ, student continuations),
+    the student's forward and the teacher's part."""
+
+    cfg: RunConfig
+    plan: RunPlan
+    run: Loaded
+    batches: Batcher | LMBatcher
+    targets: TeacherTargets | None
+
+    def micro_batch(self, rows: np.ndarray, at_step: int,
+                    index: int) -> tuple[Batch, np.ndarray | None, bool]:
+        """The batch for ``rows``; on_policy replaces it, with probability λ, by student continuations."""
+        cfg, device, student, batches = self.cfg, self.run.device, self.run.student, self.batches
+        batch = batches.batch(rows)
+        if cfg.scheme != "on_policy":
+            return batch.to(device), rows, False
+        p = self.plan.scheme_params
+        if np.random.default_rng([cfg.train.seed, at_step, index, 1]).random() >= p["lmbda"]:
+            return batch.to(device), rows, False
+        eos = student.tokenizer.eos_token_id
+        token_rows = [batches.token_rows[i] for i in rows]
+        prompts = [r[: prompt_length(r, max_new_tokens=p["max_new_tokens"], max_length=self.run.max_length,
+                                     eos_id=eos)]
+                   for r in token_rows]
+        new = generate_continuations(student.model, prompts, max_new_tokens=p["max_new_tokens"],
+                                     temperature=p["temperature"], pad_id=batches.pad_id, eos_id=eos,
+                                     device=device, seed=step_seed(cfg.train.seed, at_step, index))
+        sampled = LMBatcher([a + b for a, b in zip(prompts, new, strict=True)], pad_id=batches.pad_id,
+                            prompt_lengths=[len(a) for a in prompts])
+        return sampled.batch(np.arange(len(prompts))).to(device), None, True
+
+    def term_inputs(self, batch: Batch, rows: np.ndarray | None, at_step: int) -> TermInputs:
+        """Student forward + the teacher's part, as the terms need them."""
+        needs, task = self.plan.needs, self.cfg.task
+        out = forward_outputs(self.run.student.model, batch.inputs, hidden="hidden_states" in needs,
+                              attentions="attentions" in needs, values="values" in needs,
+                              embedding=task == "embedding", scores="attention_scores" in needs)
+        logits, labels = out.logits, batch.labels
+        if task == "causal_lm":
+            logits, labels = shift_for_lm(logits, labels)
+        teacher_fields = self.targets.fields(batch, rows, plan=self.plan) if self.targets else {}
+        return TermInputs(student_logits=logits, labels=labels, student_hidden=out.hidden,
+                          student_attentions=out.attentions, student_attention_scores=out.scores,
+                          student_values=out.values,
+                          student_embedding=out.embedding, attention_mask=batch.inputs.get("attention_mask"),
+                          step=at_step, total_steps=self.cfg.train.max_steps, **teacher_fields)
+
+
+# --- the loop --------------------------------------------------------------------------------------------------
 
 
 @_reports_out_of_memory
@@ -1019,300 +886,46 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         TrainingError: NaN/inf loss, or out of memory (GPU or RAM, in any phase), with the run's estimate.
     """
     cb = callbacks or Callbacks()
-    tc = cfg.train
+    tc, task = cfg.train, cfg.task
     plan = plan_run(cfg)
-    terms, task = plan.terms, cfg.task
-    device = resolve_device(tc.device)
-    output_dir = Path(cfg.output_dir)
-    cache = TeacherCache(Path(cfg.cache_dir) if cfg.cache_dir else output_dir / "teacher-cache")
-
-    dataset = load_dataset(cfg.dataset, task=task)
-    if len(dataset.train) == 0 or len(dataset.eval) == 0:
-        raise DataError(f"Dataset '{dataset.name}' has an empty train or eval split.")
-    seed_everything(tc.seed)
-    with _out_of_memory_as_training_error(cfg, "while loading the student"):
-        student = load_model(cfg.student, dataset=dataset, role="student")
-        _prepare_attention(student, plan)
-        student.model.to(device).train()
-    max_length = lm_max_length(dataset, student) if task == "causal_lm" else dataset.max_length
-    teachers = Teachers(cfg, plan, dataset, device, max_length=max_length) if plan.uses_teacher else None
-
-    def stored_for(split: str) -> dict[str, Any]:
-        """What a cache entry of ``split`` holds (LM train entries keep the largest k the topk terms ask for, else
-        EVAL_TOPK; uld reads whatever k the entry holds)."""
-        if task == "classification":
-            # Several teachers: each one's logits are stored beside their mixture (terms mix at their own τ).
-            return {"kind": "logits", "dtype": "float32",
-                    **({"per_teacher": True} if split == "train" and len(plan.teachers) > 1 else {})}
-        if task == "embedding":
-            return {"kind": "embeddings", "dtype": "float32"}
-        ks = [t.params["k"] for t in terms if LOSS_TERMS[t.name].kind == "topk"] if split == "train" else []
-        return {"kind": "topk", "k": max(ks) if ks else EVAL_TOPK, "tail": True, "dtype": "float16"}
-
-    def describe(split: str, stored: dict[str, Any]) -> dict[str, Any]:
-        """Everything the cache key of an entry depends on."""
-        return {"teacher": teachers.fingerprint(), "split": split, "stored": stored,
-                "dataset": dataset_description(cfg.dataset, task=task, max_length=max_length)}
-
-    def entry_for(split: str, stored: dict[str, Any], compute: Callable[[], dict[str, Tensor]]) -> CacheEntry:
-        """A teacher-output cache entry for ``split``; ``compute`` runs (and loads the teacher) on a miss."""
-        description = describe(split, stored)
-        with _out_of_memory_as_training_error(cfg, f"while the teacher computed its outputs on the {split} split"):
-            return cache.get_or_compute(cache_key(description), lambda: (compute(), teachers.describe()),
-                                        split=split, stored=stored, description=description)
-
-    # --- checks that need the models, before any training or teacher work: the teacher's sizes and vocabulary
-    # come from an existing cache entry when there is one (no teacher load), else from the teacher itself ---
-    t_dims, t_vocab = None, None
-    if plan.teacher_mode != "none":
-        existing = cache.lookup(cache_key(describe("train", stored_for("train")))) \
-            if plan.teacher_mode == "cached" else None
-        if existing is not None and not teachers.is_loaded:
-            t_dims, t_vocab = existing.manifest["teacher_dims"], existing.manifest["vocab_digest"]
-        else:
-            t_dims, t_vocab = model_dims(teachers.first), vocab_digest(teachers.first.tokenizer)
-    dims = run_dims(student, t_dims, task=task, sparse=plan.teacher_mode == "cached" and task == "causal_lm")
-    terms = methods.validate_terms(terms, dims=dims)
-    same_vocab = t_vocab is None or t_vocab == vocab_digest(student.tokenizer)
-    if task == "causal_lm" and not same_vocab:
-        if cfg.scheme == "seq_kd":
-            if any(LOSS_TERMS[t.name].kind != "labels" for t in terms):
-                raise ConfigError("seq_kd across tokenizers trains the student on the teacher's text, re-tokenised "
-                                  "with its own tokenizer; only ce can score it. Remove the other terms.")
-        else:
-            _check_cross_tokenizer_terms(terms, scheme=cfg.scheme, teacher_mode=plan.teacher_mode, student=student,
-                                         teacher=teachers.first if teachers.is_loaded else None)
-        if cfg.dataset.pack:
-            raise ConfigError("Cross-tokenizer (uld) runs pair positions within each text, so they cannot pack "
-                              "texts into blocks: turn packing off.")
-
-    # --- the train rows (seq_kd: prompts continued by the teacher, once, through the cache) ---
-    train_batches = make_batcher("train", dataset, student, max_length=max_length)
-    # With early stopping, decisions are taken on a validation slice held out of the train rows; the eval split is
-    # evaluated once, at the end, for the result.
-    selecting = EarlyStopping(tc).enabled
-    held_out = _validation_slice(cfg, dataset, train_batches) if selecting else np.zeros(0, dtype=np.int64)
-    val_dataset, val_batches = _validation_view(dataset, train_batches, held_out, student, max_length=max_length)
-    if cfg.scheme == "seq_kd":
-        train_batches, generated_same_vocab = _seq_kd_rows(cfg, plan, student, teachers, train_batches, max_length,
-                                                           entry_for)
-        same_vocab = same_vocab and generated_same_vocab
-    # Without teacher terms, unlabelled rows teach nothing: sample labelled rows only.
-    train_rows = dataset.train.labelled_rows if plan.teacher_mode == "none" and task == "classification" \
-        else np.arange(len(train_batches))
-    if len(held_out):
-        train_rows = np.setdiff1d(train_rows, held_out).astype(np.int64)
-    if len(train_rows) == 0:
-        raise DataError("The train split has no labelled rows to train on.")
+    run = load_data_and_models(cfg, plan)
+    device, student = run.device, run.student
+    terms, dims, same_vocab = check_with_models(cfg, plan, run)
+    run.outputs.terms = terms  # the train entry keeps the largest k the validated topk terms ask for
+    rows = select_train_rows(cfg, plan, run, same_vocab=same_vocab)
     accum = tc.grad_accum_steps
-    batch_size = min(tc.batch_size, len(train_rows))
+    batch_size = min(tc.batch_size, len(rows.rows))
     modules = methods.build_term_modules(terms, dims).to(device)
     term_state = TermState()
     params = list(student.model.parameters()) + list(modules.parameters())
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    config_dict = cfg.to_dict()
     stopper = EarlyStopping(tc)
-    step = 0
-    attempt = cfg.attempt
-    best_name = ""  # the folder under best/ holding the best eval's weights (early stopping)
-    last_checkpoint = resume_point(cfg)
-    clean_for_resume(output_dir, attempt=attempt, resume_from=last_checkpoint)
-    if last_checkpoint is not None:
-        step, extra = load_checkpoint(last_checkpoint, model=student.model, optimizer=optimizer,
-                                      config=config_dict, device=device, modules=modules)
-        term_state.load_state_dict(extra.get("term_state", {}))
-        stopper.load_state_dict(extra.get("early_stopping", {}))
-        best_name = extra.get("best_weights", "")
-    # Best weights that no registered checkpoint refers to (a lost worker's, a crash's) never count.
-    prune(output_dir / BEST_DIR, attempt=attempt + 1, keep=0, protect=(best_name,))
-
-    def train_entry_compute() -> dict[str, Tensor]:
-        if task == "classification":
-            return _classification_outputs(teachers, "train", tc.batch_size)
-        if task == "embedding":
-            return _embedding_outputs(teachers, "train", tc.batch_size)
-        # The teacher's own tokens (they are the student's unless a cross-tokenizer run), cut at the same max
-        # length either way, so the entry is the same whichever student asks for it first.
-        rows = train_batches if same_vocab else make_batcher("train", dataset, teachers.first, max_length=max_length)
-        return _lm_topk_outputs(teachers, rows, k=stored_for("train")["k"], batch_size=tc.batch_size,
-                                texts=None if dataset.pack else dataset.train.inputs)
+    term_names = [t.name for t in terms]
+    watch = _NonFiniteWatch(term_names, device)
+    saves = Checkpoints(cfg, cb, student, modules, optimizer, term_state, stopper, watch, device)
+    step, last_checkpoint = saves.resume()
 
     started = time.perf_counter()
-    targets = None
-    if plan.teacher_mode != "none" and step < tc.max_steps:
-        entry = None
-        if plan.teacher_mode == "cached":
-            entry = entry_for("train", stored_for("train"), train_entry_compute)
-        same_tokens = task == "causal_lm" and same_vocab
-        targets = TeacherTargets(teachers, entry=entry, task=task, same_tokens=same_tokens, student=student,
-                                 student_rows=train_batches if isinstance(train_batches, LMBatcher) else None)
-
-    # --- evaluation (teacher outputs on the eval split always come through the cache) ---
-    eval_batches = make_batcher("eval", dataset, student, max_length=max_length)
-    eval_entry: CacheEntry | None = None
-
-    def teacher_eval_entry() -> CacheEntry | None:
-        nonlocal eval_entry
-        if teachers is not None and eval_entry is None:
-            def compute() -> dict[str, Tensor]:
-                if task == "classification":
-                    return _classification_outputs(teachers, "eval", tc.batch_size)
-                if task == "embedding":
-                    return _embedding_outputs(teachers, "eval", tc.batch_size)
-                # The teacher's own tokens (they are the student's unless a cross-tokenizer run), cut at the run's
-                # max length like the train entry: the key holds that length.
-                rows = eval_batches if same_vocab else make_batcher("eval", dataset, teachers.first,
-                                                                    max_length=max_length)
-                return _lm_topk_outputs(teachers, rows, k=EVAL_TOPK, batch_size=tc.batch_size)
-
-            eval_entry = entry_for("eval", stored_for("eval"), compute)
-        return eval_entry
-
-    val_entry: CacheEntry | None = None
-
-    def teacher_val_entry() -> CacheEntry | None:
-        """The teachers' outputs on the validation slice: an entry of its own, keyed by the slice's rows."""
-        nonlocal val_entry
-        if teachers is not None and val_entry is None:
-            def compute() -> dict[str, Tensor]:
-                if task == "classification":
-                    return _classification_outputs(teachers, "eval", tc.batch_size, dataset=val_dataset)
-                if task == "embedding":
-                    return _embedding_outputs(teachers, "eval", tc.batch_size, dataset=val_dataset)
-                return _lm_topk_outputs(teachers, val_batches, k=EVAL_TOPK, batch_size=tc.batch_size)
-
-            stored = stored_for("eval") | {"validation_rows": _rows_digest(held_out)}
-            val_entry = entry_for("validation", stored, compute)
-        return val_entry
-
-    final_dir = output_dir / owned_name("final", attempt)
-
-    def run_eval(final: bool, *, validation: bool = False) -> dict[str, float]:
-        """The student's metrics on the eval split, or (``validation``) on the validation slice."""
-        teacher_entry = teacher_val_entry if validation else teacher_eval_entry
-        entry = teacher_entry() if teachers is not None and same_vocab else None
-        saved = final_dir if final else None
-        kwargs: dict[str, Any] = {}
-        if entry is not None and task == "classification":
-            kwargs["teacher_logits"] = entry.tensors["logits"].to(device)
-        elif entry is not None and task == "causal_lm":
-            kwargs["teacher_topk"] = lambda batch, width: gather_topk(entry, batch.indices.cpu(), width, device)
-        elif entry is not None:
-            kwargs["teacher_embeddings"] = entry.tensors["embeddings"]
-        projection = modules["embedding_mse"] if task == "embedding" and "embedding_mse" in modules else None
-        with _out_of_memory_as_training_error(cfg, "while evaluating the student"):
-            metrics = evaluate(student.model, val_batches if validation else eval_batches, device=device,
-                               batch_size=tc.batch_size,
-                               efficiency=final, saved_dir=saved, task=task, projection=projection, **kwargs)
-        return metrics
-
-    def emit_eval(at_step: int, metrics: dict[str, float], prefix: str = "eval") -> None:
-        """Stream ``prefix/<metric>``: ``eval/`` for the eval split, ``val/`` for the validation slice."""
-        if cb.on_metrics:
-            streamed = {"loss": metrics.get("nll")} | metrics
-            cb.on_metrics(at_step, {f"{prefix}/{k}": float(streamed[k]) for k in STREAMED_EVAL_METRICS[task]
-                                    if streamed.get(k) is not None})
-
-    def checkpoint(at_step: int) -> Path | None:
-        """Write, register and prune; None when the caller lost the run (nothing of it stays on disk)."""
-        if not cb.owned():
-            return None
-        watch.check()  # never persist weights that came from a NaN step
-        extra = {"term_state": term_state.state_dict(), "early_stopping": stopper.state_dict(),
-                 "best_weights": best_name}
-        path = write_checkpoint(output_dir, step=at_step, model=student.model, optimizer=optimizer,
-                                config=config_dict, attempt=attempt, modules=modules, extra=extra)
-        if cb.on_checkpoint and cb.on_checkpoint(at_step, str(path)) is False:
-            shutil.rmtree(path, ignore_errors=True)
-            return None
-        # Registered: older checkpoints and best weights no registered checkpoint refers to can go.
-        prune(output_dir / CHECKPOINTS, attempt=attempt, keep=cfg.keep_checkpoints)
-        prune(output_dir / BEST_DIR, attempt=attempt, keep=0, protect=(best_name,))
-        return path
-
+    inputs_of = StepInputs(cfg, plan, run, rows.batches, teacher_targets(cfg, plan, run, rows, step=step))
+    eval_batches = make_batcher("eval", run.dataset, student, max_length=run.max_length)
+    evaluation = Evaluation(cfg, cb, run, rows, modules, eval_batches=eval_batches,
+                            final_dir=run.output_dir / owned_name("final", cfg.attempt))
     restore_best = stopper.enabled and tc.early_stopping_restore_best
-
-    def save_best(at_step: int) -> None:
-        """The student (and the terms' learned projections) of the best eval so far, in a folder of its own that
-        the next registered checkpoint refers to."""
-        nonlocal best_name
-        from safetensors.torch import save_model as save_weights_of
-
-        if not cb.owned():
-            return
-        name = owned_name(f"step-{at_step}", attempt)
-        best = output_dir / BEST_DIR / name
-        tmp = best.with_name(f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for module, file in ((student.model, BEST_WEIGHTS_FILE), (modules, TERM_MODULES_FILE)):
-            if module is modules and not len(modules.state_dict()):
-                continue
-            save_weights_of(module, str(tmp / file))
-        shutil.rmtree(best, ignore_errors=True)
-        tmp.replace(best)
-        best_name = name
-
-    def load_best() -> None:
-        from safetensors.torch import load_model as load_weights_into
-
-        best = output_dir / BEST_DIR / best_name
-        load_weights_into(student.model, str(best / BEST_WEIGHTS_FILE), device=str(device))
-        if len(modules.state_dict()) and (best / TERM_MODULES_FILE).exists():
-            load_weights_into(modules, str(best / TERM_MODULES_FILE), device=str(device))
-
-    def term_inputs(batch: Batch, rows: np.ndarray | None, at_step: int) -> TermInputs:
-        """Student forward + the teacher's part, as the terms need them."""
-        needs = plan.needs
-        out = forward_outputs(student.model, batch.inputs, hidden="hidden_states" in needs,
-                              attentions="attentions" in needs, values="values" in needs,
-                              embedding=task == "embedding", scores="attention_scores" in needs)
-        logits, labels = out.logits, batch.labels
-        if task == "causal_lm":
-            logits, labels = shift_for_lm(logits, labels)
-        teacher_fields = targets.fields(batch, rows, plan=plan) if targets else {}
-        return TermInputs(student_logits=logits, labels=labels, student_hidden=out.hidden,
-                          student_attentions=out.attentions, student_attention_scores=out.scores,
-                          student_values=out.values,
-                          student_embedding=out.embedding, attention_mask=batch.inputs.get("attention_mask"),
-                          step=at_step, total_steps=tc.max_steps, **teacher_fields)
-
-    def micro_batch(rows: np.ndarray, at_step: int, index: int) -> tuple[Batch, np.ndarray | None, bool]:
-        """The batch for ``rows``; on_policy replaces it, with probability λ, by student continuations."""
-        batch = train_batches.batch(rows)
-        if cfg.scheme != "on_policy":
-            return batch.to(device), rows, False
-        p = plan.scheme_params
-        if np.random.default_rng([tc.seed, at_step, index, 1]).random() >= p["lmbda"]:
-            return batch.to(device), rows, False
-        eos = student.tokenizer.eos_token_id
-        token_rows = [train_batches.token_rows[i] for i in rows]
-        prompts = [r[: prompt_length(r, max_new_tokens=p["max_new_tokens"], max_length=max_length, eos_id=eos)]
-                   for r in token_rows]
-        new = generate_continuations(student.model, prompts, max_new_tokens=p["max_new_tokens"],
-                                     temperature=p["temperature"], pad_id=train_batches.pad_id, eos_id=eos,
-                                     device=device, seed=_step_seed(tc.seed, at_step, index))
-        sampled = LMBatcher([a + b for a, b in zip(prompts, new, strict=True)], pad_id=train_batches.pad_id,
-                            prompt_lengths=[len(a) for a in prompts])
-        return sampled.batch(np.arange(len(prompts))).to(device), None, True
-
-    term_names = [t.name for t in terms]
     scheduled = [t for t in terms if t.schedule]
-    watch = _NonFiniteWatch(term_names, device)
     sums = torch.zeros(1 + len(term_names), device=device)   # running totals for the log interval, no sync
     tokens = torch.zeros((), dtype=torch.long, device=device)   # causal LM: real tokens in the interval
     interval_steps, interval_start, generated = 0, time.perf_counter(), 0
     stopped = stopped_early = False
     while step < tc.max_steps:
-        step_rows = rows_for_step(step, train_rows, batch_size=batch_size * accum, seed=tc.seed)
+        step_rows = rows_for_step(step, rows.rows, batch_size=batch_size * accum, seed=tc.seed)
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with _out_of_memory_as_training_error(cfg, f"at step {step + 1}"):
-            for index, rows in enumerate(np.array_split(step_rows, accum)):    # gradient accumulation
-                batch, batch_rows, sampled = micro_batch(rows, step, index)
+        with out_of_memory_as_training_error(cfg, f"at step {step + 1}"):
+            for index, micro_rows in enumerate(np.array_split(step_rows, accum)):    # gradient accumulation
+                batch, batch_rows, sampled = inputs_of.micro_batch(micro_rows, step, index)
                 with autocast(device):
-                    inputs = term_inputs(batch, batch_rows, step)
+                    inputs = inputs_of.term_inputs(batch, batch_rows, step)
                 parts = methods.combine(terms, inputs, modules=modules, state=term_state)
                 (parts.total / accum).backward()
                 watch.update(step + 1, parts)
@@ -1357,14 +970,14 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         if step % tc.eval_every == 0 and step < tc.max_steps:
             watch.check()
             # Early stopping decides on the validation slice; without it the eval split's curve is only a curve.
-            metrics = run_eval(final=False, validation=selecting)
-            emit_eval(step, metrics, "val" if selecting else "eval")
+            metrics = evaluation.student(final=False, validation=stopper.enabled)
+            evaluation.emit(step, metrics, "val" if stopper.enabled else "eval")
             stopped_early = stopper.update(step, metrics)
             if restore_best and stopper.best_step == step:
-                save_best(step)
+                saves.save_best(step)
         saved_now = False
         if step % tc.save_every == 0:
-            saved = checkpoint(step)
+            saved = saves.checkpoint(step)
             if saved is None:  # another worker owns the run now: stop, writing nothing more
                 stopped = True
                 break
@@ -1373,13 +986,26 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             break
         if step % tc.log_every == 0 and step < tc.max_steps and cb.should_stop and cb.should_stop():
             if not saved_now:
-                last_checkpoint = checkpoint(step) or last_checkpoint
+                last_checkpoint = saves.checkpoint(step) or last_checkpoint
             stopped = True
             break
     watch.check()
-    train_seconds = time.perf_counter() - started
+    return finish(cfg, cb, run, evaluation, saves, step=step, stopped=stopped, stopped_early=stopped_early,
+                  restore_best=restore_best, train_seconds=time.perf_counter() - started,
+                  last_checkpoint=last_checkpoint)
 
-    common = {"task": task, "scheme": cfg.scheme, "teacher_cache": [u.to_dict() for u in cache.uses]}
+
+# --- the finish ------------------------------------------------------------------------------------------------
+
+
+def finish(cfg: RunConfig, cb: Callbacks, run: Loaded, evaluation: Evaluation, saves: Checkpoints, *,
+           step: int, stopped: bool, stopped_early: bool, restore_best: bool, train_seconds: float,
+           last_checkpoint: Path | None) -> TrainResult:
+    """After the loop: restore the best weights (early stopping), save the final model, evaluate the student
+    (and the teacher) on the eval split. A run that was stopped or lost its owner saves and evaluates
+    nothing."""
+    teachers, stopper, modules = run.teachers, saves.stopper, saves.modules
+    common = {"task": cfg.task, "scheme": cfg.scheme, "teacher_cache": [u.to_dict() for u in run.cache.uses]}
     if stopped or not cb.owned():
         return TrainResult(steps=step, stopped=True, final_dir=None, student={}, teacher=None,
                            train_seconds=train_seconds,
@@ -1388,145 +1014,39 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     restored = False
     if restore_best:
         if not stopped_early:  # the last weights are a candidate too, judged on the validation slice
-            last_metrics = run_eval(final=False, validation=True)
-            emit_eval(step, last_metrics, "val")
+            last_metrics = evaluation.student(final=False, validation=True)
+            evaluation.emit(step, last_metrics, "val")
             stopper.update(step, last_metrics)
-        if stopper.best_step not in (None, step) and best_name \
-                and (output_dir / BEST_DIR / best_name / BEST_WEIGHTS_FILE).exists():
-            load_best()
+        if stopper.best_step not in (None, step) and saves.has_best():
+            saves.load_best()
             restored = True
     if not cb.owned():
         return TrainResult(steps=step, stopped=True, final_dir=None, student={}, teacher=None,
                            train_seconds=train_seconds, last_checkpoint=None, **common)
-    save_model(student, final_dir)
+    final_dir = evaluation.final_dir
+    save_model(run.student, final_dir)
     if len(modules.state_dict()):
         from safetensors.torch import save_model as save_weights_of
 
         save_weights_of(modules, str(final_dir / TERM_MODULES_FILE))
-    student_metrics = run_eval(final=True)
+    student_metrics = evaluation.student(final=True)
     # The eval split's point of the reported student (with early stopping, the eval split's only point: every
     # decision was taken on the validation slice).
-    emit_eval(step, student_metrics)
+    evaluation.emit(step, student_metrics)
     if not stopped_early and not restore_best and stopper.enabled:  # the last weights' val point, for best_step
-        last_metrics = run_eval(final=False, validation=True)
-        emit_eval(step, last_metrics, "val")
+        last_metrics = evaluation.student(final=False, validation=True)
+        evaluation.emit(step, last_metrics, "val")
         stopper.update(step, last_metrics)
     teacher_metrics = None
     if teachers is not None and cfg.evaluate_teacher:
-        teacher_rows = eval_batches if same_vocab else make_batcher("eval", dataset, teachers.first,
-                                                                    max_length=max_length)
-        teacher_metrics = _teacher_metrics(teachers, teacher_eval_entry(), cache, dataset, teacher_rows,
-                                           task=task, batch_size=tc.batch_size)
-    common["teacher_cache"] = [u.to_dict() for u in cache.uses]
+        teacher_rows = evaluation.eval_batches if evaluation.rows.same_vocab else make_batcher(
+            "eval", run.dataset, teachers.first, max_length=run.max_length)
+        teacher_metrics = _teacher_metrics(teachers, evaluation.teacher_entry(), run.cache, run.dataset,
+                                           teacher_rows, task=cfg.task, batch_size=cfg.train.batch_size)
+    common["teacher_cache"] = [u.to_dict() for u in run.cache.uses]
     return TrainResult(steps=step, stopped=False, final_dir=str(final_dir), student=student_metrics,
                        teacher=teacher_metrics, train_seconds=train_seconds,
                        last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
                        stopped_early=stopped_early, best_step=stopper.best_step if stopper.enabled else None,
                        best_metric=stopper.best if stopper.enabled else None, restored_best=restored,
                        teacher_forwards=teachers.forwards if teachers else 0, **common)
-
-
-def _seq_kd_rows(cfg: RunConfig, plan: RunPlan, student: LoadedModel, teachers: Teachers, text_rows: LMBatcher,
-                 max_length: int,
-                 entry_for: Callable[[str, dict[str, Any], Callable[[], dict[str, Tensor]]], CacheEntry]
-                 ) -> tuple[LMBatcher, bool]:
-    """seq_kd's train rows: each train row's prompt (its first half) continued by the teacher, loss on the
-    continuation. Generated once and kept in the teacher-output cache. Also returns whether the teacher's
-    tokenizer is the student's (else the rows were re-tokenised for the student)."""
-    p = plan.scheme_params
-    stored = {"kind": "generations", "max_new_tokens": p["max_new_tokens"], "temperature": p["temperature"],
-              "prompt": "first-half", "batch_size": cfg.train.batch_size,
-              "seed": cfg.train.seed if p["temperature"] > 0 else None}
-
-    def compute() -> dict[str, Tensor]:
-        teacher = teachers.first
-        # Prompts in the teacher's own tokens (the student's, unless the two tokenizers differ).
-        source = text_rows if vocab_digest(teacher.tokenizer) == vocab_digest(student.tokenizer) else \
-            make_batcher("train", teachers.dataset, teacher, max_length=max_length)
-        t_eos = teacher.tokenizer.eos_token_id
-        prompts = [r[: prompt_length(r, max_new_tokens=p["max_new_tokens"], max_length=max_length, eos_id=t_eos)]
-                   for r in source.token_rows]
-        rows, lengths = [], []
-        size = cfg.train.batch_size
-        for start in range(0, len(prompts), size):
-            chunk = prompts[start : start + size]
-            new = generate_continuations(teacher.model, chunk, max_new_tokens=p["max_new_tokens"],
-                                         temperature=p["temperature"], pad_id=source.pad_id, eos_id=t_eos,
-                                         device=teachers.device, seed=_step_seed(cfg.train.seed, start, 2))
-            rows += [a + b for a, b in zip(chunk, new, strict=True)]
-            lengths += [len(a) for a in chunk]
-        flat = [{"tokens": torch.as_tensor(r, dtype=torch.int32)} for r in rows]
-        return pack_positions(flat) | {"prompt_lengths": torch.as_tensor(lengths, dtype=torch.int64)}
-
-    entry = entry_for("train", stored, compute)
-    rows, lengths = row_tokens(entry)
-    same = entry.manifest["vocab_digest"] == vocab_digest(student.tokenizer)
-    if not same:
-        rows, lengths = retokenize_rows(rows, lengths, source=teachers.first.tokenizer, target=student.tokenizer,
-                                        max_length=max_length)
-    return LMBatcher(rows, pad_id=text_rows.pad_id, prompt_lengths=lengths), same
-
-
-def retokenize_rows(rows: list[list[int]], prompt_lengths: list[int], *, source: Any, target: Any,
-                    max_length: int) -> tuple[list[list[int]], list[int]]:
-    """Token rows of one tokenizer as rows of another: each row is decoded to text and tokenised again, the
-    prompt/continuation boundary moved to the nearest token of the new tokenization. A row that ended with
-    the source's EOS ends with the target's; one cut short does not get one."""
-    s_eos, t_eos = source.eos_token_id, target.eos_token_id
-    out_rows, out_lengths = [], []
-    for row, prompt in zip(rows, prompt_lengths, strict=True):
-        ended = s_eos is not None and bool(row) and row[-1] == s_eos
-        ids = list(target(source.decode(row, skip_special_tokens=True))["input_ids"])
-        if t_eos is not None and ids and ids[-1] == t_eos:
-            ids.pop()                                   # the tokenizer's own end marker; decided below
-        ids = ids[: max_length - 1 if ended and t_eos is not None else max_length]
-        if ended and t_eos is not None:
-            ids.append(t_eos)
-        prompt_ids = list(target(source.decode(row[:prompt], skip_special_tokens=True))["input_ids"])
-        n_prompt = len(prompt_ids) - (1 if t_eos is not None and prompt_ids and prompt_ids[-1] == t_eos else 0)
-        out_rows.append(ids)
-        out_lengths.append(max(1, min(n_prompt, len(ids) - 1)))
-    return out_rows, out_lengths
-
-
-def _teacher_metrics(teachers: Teachers, entry: CacheEntry, cache: TeacherCache, dataset: LoadedDataset,
-                     eval_batches: Batcher | LMBatcher, *, task: str, batch_size: int) -> dict[str, float]:
-    """The teacher's own eval metrics: quality from its cached eval outputs, efficiency measured once per
-    device and kept beside the entry (so a cache hit needs no teacher at all)."""
-    if task == "classification":
-        from .evaluate import classification_metrics
-
-        metrics = classification_metrics(entry.tensors["logits"], torch.as_tensor(dataset.eval.labels))
-    elif task == "causal_lm":
-        total, count = 0.0, 0
-        for batch in eval_batches.iter_batches(batch_size):
-            _, labels = shift_for_lm(batch.inputs["input_ids"], batch.labels)
-            target = gather_rows(entry, "target_logprob", batch.indices, labels.shape[1])
-            mask = labels != -100
-            total -= float(target[mask].double().sum())
-            count += int(mask.sum())
-        metrics = lm_metrics_from_sums(total, count)
-    else:
-        metrics = {}
-    device = teachers.device
-    label = f"{device.type}:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
-    efficiency = (entry.extra("efficiency") or {}).get(label)
-    if efficiency is None:
-        efficiency = {}
-        for loaded in teachers.models():
-            one = efficiency_metrics(loaded.model, make_batcher("eval", dataset, loaded), device=device)
-            efficiency = one if not efficiency else _sum_efficiency(efficiency, one)
-        cache.write_extra(entry, "efficiency", {**(entry.extra("efficiency") or {}), label: efficiency})
-    return metrics | efficiency
-
-
-def _sum_efficiency(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    """Efficiency of running two models one after the other (a multi-teacher ensemble)."""
-    out = {k: a[k] + b[k] for k in ("params", "params_non_embedding", "size_bytes", "latency_ms_p50",
-                                    "latency_ms_p95")}
-    for k in ("throughput_per_s", "tokens_per_s"):
-        if k in a and k in b:
-            out[k] = 1.0 / (1.0 / a[k] + 1.0 / b[k])
-    out["peak_memory_bytes"] = max(a["peak_memory_bytes"], b["peak_memory_bytes"])
-    return out
-

@@ -99,19 +99,19 @@ def test_slow_tokenizers_give_no_offsets():
 
 def test_online_uld_between_different_tokenizers_trains_on_paired_positions(tmp_path, monkeypatch):
     from tests.workers.engine.test_lm import TINY_LLAMA, Log, _lm_run
-    from workers.engine import trainer
+    from workers.engine import teachers, trainer
 
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(f"{t} {i}" for i in range(8) for t in TEXTS) + "\n")
     pairs: list[tuple[int, int]] = []
-    original = trainer.TeacherTargets._alignment
+    original = teachers.TeacherTargets._alignment
 
     def spy(self, *args, **kwargs):
         index = original(self, *args, **kwargs)
         pairs.append((int((index >= 0).sum()), index.numel()))
         return index
 
-    monkeypatch.setattr(trainer.TeacherTargets, "_alignment", spy)
+    monkeypatch.setattr(teachers.TeacherTargets, "_alignment", spy)
     teacher = {"source": "config", "params": {**TINY_LLAMA, "vocab_size": 120}}    # its own, smaller vocabulary
     log = Log()
     result = trainer.train(_lm_run(tmp_path / "run", path, teacher=teacher, terms=[{"name": "uld"}],
@@ -124,18 +124,18 @@ def test_cross_tokenizer_teacher_rows_are_cut_at_the_runs_max_length(tmp_path, m
     """Every teacher-output cache entry of a cross-tokenizer run (train and eval) holds rows cut at the run's max
     length, which its key records, not at whatever the teacher alone could read."""
     from tests.workers.engine.test_lm import TINY_LLAMA, _lm_run
-    from workers.engine import trainer
+    from workers.engine import teachers, trainer
 
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(f"{t} {t} {i}" for i in range(8) for t in TEXTS) + "\n")
     widths: list[int] = []
-    original = trainer._lm_topk_outputs
+    original = teachers._lm_topk_outputs
 
     def spy(teachers, rows, **kwargs):
         widths.append(max(len(r) for r in rows.token_rows))
         return original(teachers, rows, **kwargs)
 
-    monkeypatch.setattr(trainer, "_lm_topk_outputs", spy)
+    monkeypatch.setattr(teachers, "_lm_topk_outputs", spy)
     student = {"source": "config", "params": {**TINY_LLAMA, "num_hidden_layers": 1, "max_position_embeddings": 8}}
     teacher = {"source": "config", "params": {**TINY_LLAMA, "vocab_size": 120}}    # reads up to 64 positions
     result = trainer.train(_lm_run(tmp_path / "run", path, student=student, teacher=teacher, terms=[{"name": "uld"}],

@@ -10,7 +10,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from workers.engine import trainer
+from workers.engine import teachers
 from workers.engine.cache import (
     TeacherCache,
     cache_key,
@@ -30,14 +30,14 @@ KD_TERMS = [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9, "params
 
 def _count_teacher_loads(monkeypatch) -> dict[str, int]:
     calls = {"loads": 0}
-    real = trainer.load_model
+    real = teachers.load_model
 
     def counting(cfg, *, dataset, role):
         if role == "teacher":
             calls["loads"] += 1
         return real(cfg, dataset=dataset, role=role)
 
-    monkeypatch.setattr(trainer, "load_model", counting)
+    monkeypatch.setattr(teachers, "load_model", counting)
     return calls
 
 

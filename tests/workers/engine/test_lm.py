@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from workers.engine import trainer
+from workers.engine import teachers
 from workers.engine.config import DatasetConfig, RunConfig
 from workers.engine.data import IGNORE_INDEX, LMBatcher, load_dataset
 from workers.engine.errors import ConfigError, DataError
@@ -129,13 +129,13 @@ def test_perplexity_of_a_fair_coin_is_two():
 
 def test_offline_topk_cache_is_reused_without_loading_the_teacher(tmp_path, corpus, lm_teacher, monkeypatch):
     loads = {"teacher": 0}
-    real = trainer.load_model
+    real = teachers.load_model
 
     def counting(cfg, *, dataset, role):
         loads["teacher"] += role == "teacher"
         return real(cfg, dataset=dataset, role=role)
 
-    monkeypatch.setattr(trainer, "load_model", counting)
+    monkeypatch.setattr(teachers, "load_model", counting)
     terms = [{"name": "ce", "weight": 0.5}, {"name": "topk", "weight": 0.5, "params": {"k": 8}}]
 
     def run(name):
@@ -283,7 +283,7 @@ def test_seq_kd_across_tokenizers_trains_on_the_teachers_text(tmp_path, corpus):
     student = load_model(cfg.student, dataset=dataset, role="student")
     rows, prompts = row_tokens(TeacherCache(tmp_path / "cache").lookup(generations["key"]))
     assert teacher.tokenizer.vocab_size != student.tokenizer.vocab_size
-    converted, converted_prompts = trainer.retokenize_rows(rows, prompts, source=teacher.tokenizer,
+    converted, converted_prompts = teachers.retokenize_rows(rows, prompts, source=teacher.tokenizer,
                                                            target=student.tokenizer, max_length=20)
 
     def text(tokenizer, ids):

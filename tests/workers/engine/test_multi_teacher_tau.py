@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.engine import methods, trainer
+from workers.engine import methods, teachers, trainer
 from workers.engine.config import LossTermConfig
 from workers.engine.errors import ConfigError
 from workers.engine.losses import mix_teachers
@@ -48,7 +48,7 @@ def test_each_term_compares_the_student_with_the_average_at_its_own_temperature(
     z, weights = _teachers(1)
     student = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(7))
     inputs = TermInputs(student_logits=student, labels=torch.zeros(z.shape[1], dtype=torch.long),
-                        teacher_logits=trainer.mix_teacher_logits(list(z), weights), teacher_mixture=z,
+                        teacher_logits=teachers.mix_teacher_logits(list(z), weights), teacher_mixture=z,
                         teacher_weights=tuple(weights))
     term = validate_terms([LossTermConfig(name, 1.0, {"temperature": TAU})])
     got = methods.combine(term, inputs, modules=torch.nn.ModuleDict(), state=TermState()).parts[name].item()
@@ -75,7 +75,7 @@ def test_a_temperature_schedule_mixes_at_the_scheduled_temperature():
     term = validate_terms([LossTermConfig("kd", 1.0, {"temperature": 1.0},
                                           schedule={"temperature": {"kind": "linear", "start": 1.0, "end": 5.0}})])
     inputs = TermInputs(student_logits=student, labels=torch.zeros(z.shape[1], dtype=torch.long),
-                        teacher_logits=trainer.mix_teacher_logits(list(z), weights), teacher_mixture=z,
+                        teacher_logits=teachers.mix_teacher_logits(list(z), weights), teacher_mixture=z,
                         teacher_weights=tuple(weights), step=100, total_steps=100)
     got = methods.combine(term, inputs, modules=torch.nn.ModuleDict(), state=TermState()).parts["kd"].item()
     tau = 5.0
@@ -96,7 +96,7 @@ def test_a_multi_teacher_run_caches_each_teacher_and_trains_on_the_softened_aver
     stored = load_file(f"{result.teacher_cache[0]['path']}/outputs.safetensors")
     per_teacher = stored["teacher_logits"]                                              # (2, N, 10)
     assert per_teacher.shape[0] == 2
-    assert torch.allclose(stored["logits"], trainer.mix_teacher_logits(list(per_teacher), [3, 1]), atol=1e-6)
+    assert torch.allclose(stored["logits"], teachers.mix_teacher_logits(list(per_teacher), [3, 1]), atol=1e-6)
 
 
 def test_a_causal_lm_multi_teacher_run_refuses_a_temperature_it_cannot_apply(tmp_path):

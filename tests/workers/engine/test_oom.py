@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.engine import trainer
+from workers.engine import teachers, trainer
 from workers.engine.errors import TrainingError
 from workers.engine.memory import estimate_run_memory, host_memory_bytes, size_text
 from workers.engine.trainer import train
@@ -101,7 +101,7 @@ def fail_forward(monkeypatch, *, role: str, when, exc: BaseException | None = No
             loaded.model.register_forward_hook(hook)
         return loaded
 
-    monkeypatch.setattr(trainer, "load_model", load_model)
+    monkeypatch.setattr(teachers if role == "teacher" else trainer, "load_model", load_model)
 
 
 def gpu_estimate_text(cfg) -> str:
@@ -174,7 +174,7 @@ def test_out_of_memory_while_loading_the_teacher_says_so(tmp_path, digits_run, d
                                "you tried to allocate 1073741824 bytes.")
         return real_load_model(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "load_model", load_model)
+    monkeypatch.setattr(teachers, "load_model", load_model)
     with pytest.raises(TrainingError) as exc:
         train(cfg)
     assert str(exc.value).startswith(f"Out of memory (RAM) while loading the teacher. The run's estimate is "

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.engine import trainer
+from workers.engine import teachers, trainer
 from workers.engine.__main__ import main as cli_main
 from workers.engine.checkpoint import list_checkpoints
 from workers.engine.config import ModelConfig, TrainConfig
@@ -72,7 +72,7 @@ def test_hard_labels_training_lowers_the_loss_and_reports_everything(tmp_path, d
 
 def test_offline_kd_runs_the_teacher_only_to_precompute_logits(tmp_path, digits_run, digits_teacher, monkeypatch):
     calls = {"teacher": 0}
-    real_load_model = trainer.load_model
+    real_load_model = teachers.load_model
 
     def counting_load_model(cfg, *, dataset, role):
         loaded = real_load_model(cfg, dataset=dataset, role=role)
@@ -80,7 +80,7 @@ def test_offline_kd_runs_the_teacher_only_to_precompute_logits(tmp_path, digits_
             loaded.model.register_forward_hook(lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
         return loaded
 
-    monkeypatch.setattr(trainer, "load_model", counting_load_model)
+    monkeypatch.setattr(teachers, "load_model", counting_load_model)
     calls_at_step: dict[int, int] = {}
     rec = Recorder()
     callbacks = rec.callbacks()
@@ -100,7 +100,7 @@ def test_offline_kd_runs_the_teacher_only_to_precompute_logits(tmp_path, digits_
 
 def test_online_kd_runs_the_teacher_on_every_step(tmp_path, digits_run, digits_teacher, monkeypatch):
     calls = {"teacher": 0}
-    real_load_model = trainer.load_model
+    real_load_model = teachers.load_model
 
     def counting_load_model(cfg, *, dataset, role):
         loaded = real_load_model(cfg, dataset=dataset, role=role)
@@ -108,7 +108,7 @@ def test_online_kd_runs_the_teacher_on_every_step(tmp_path, digits_run, digits_t
             loaded.model.register_forward_hook(lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
         return loaded
 
-    monkeypatch.setattr(trainer, "load_model", counting_load_model)
+    monkeypatch.setattr(teachers, "load_model", counting_load_model)
     calls_at_step: dict[int, int] = {}
     cfg = digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=KD_TERMS, scheme="online",
                      evaluate_teacher=False, train={"max_steps": 10})
@@ -472,10 +472,10 @@ def test_transformer_feature_terms_read_hidden_states_attentions_and_values(tmp_
 def test_multi_teacher_target_is_the_weighted_average_of_the_distributions():
     z1, z2 = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
     p1, p2 = torch.softmax(z1, -1), torch.softmax(z2, -1)
-    mixed = trainer.mix_teacher_logits([z1, z2], [1.0, 3.0])
+    mixed = teachers.mix_teacher_logits([z1, z2], [1.0, 3.0])
     assert torch.allclose(mixed.exp(), 0.25 * p1 + 0.75 * p2)
     assert torch.allclose(mixed, torch.log(0.25 * p1 + 0.75 * p2))
-    assert torch.allclose(trainer.mix_teacher_logits([z1, z2], [1.0, 0.0]).exp(), p1)
+    assert torch.allclose(teachers.mix_teacher_logits([z1, z2], [1.0, 0.0]).exp(), p1)
 
 
 def test_multi_teacher_run_caches_the_mixture_of_its_teachers(tmp_path, digits_run, digits_teacher, digits):

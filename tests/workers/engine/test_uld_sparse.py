@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.workers.engine.test_align import TEXTS, _bpe
 from tests.workers.engine.test_lm import _SENTENCES, STUDENT, TINY_LLAMA, Log, _lm_run
-from workers.engine import losses, methods, trainer
+from workers.engine import losses, methods, teachers
 from workers.engine.align import UNPAIRABLE, align_positions, decoded_prefix_ends, gather_aligned, prefix_ends
 from workers.engine.cache import topk_of
 from workers.engine.config import LossTermConfig
@@ -247,13 +247,13 @@ def trained_teacher(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> P
 
 def _count_teacher_loads(monkeypatch) -> dict[str, int]:
     loads = {"teacher": 0}
-    real = trainer.load_model
+    real = teachers.load_model
 
     def counting(cfg, *, dataset, role):
         loads["teacher"] += role == "teacher"
         return real(cfg, dataset=dataset, role=role)
 
-    monkeypatch.setattr(trainer, "load_model", counting)
+    monkeypatch.setattr(teachers, "load_model", counting)
     return loads
 
 
@@ -289,14 +289,14 @@ def test_offline_uld_trains_from_the_topk_cache_and_reuses_it(tmp_path, corpus, 
 
 def test_offline_uld_across_tokenizers_pairs_cached_teacher_positions(tmp_path, corpus, monkeypatch):
     calls: list[tuple] = []
-    original = trainer.TeacherTargets._cached_across_tokenizers
+    original = teachers.TeacherTargets._cached_across_tokenizers
 
     def spy(self, rows, width):
         out = original(self, rows, width)
         calls.append((self, rows, out))
         return out
 
-    monkeypatch.setattr(trainer.TeacherTargets, "_cached_across_tokenizers", spy)
+    monkeypatch.setattr(teachers.TeacherTargets, "_cached_across_tokenizers", spy)
 
     def run(name):
         log = Log()
@@ -313,8 +313,8 @@ def test_offline_uld_across_tokenizers_pairs_cached_teacher_positions(tmp_path, 
 
     # The cached targets are what the teacher gives online at the paired positions.
     targets, rows, cached = calls[0]
-    online = trainer.TeacherTargets(targets.teachers, entry=None, task="causal_lm", same_tokens=False,
-                                    student=targets.student, student_rows=targets.student_rows)
+    online = teachers.TeacherTargets(targets.teachers, entry=None, task="causal_lm", same_tokens=False,
+                                     student=targets.student, student_rows=targets.student_rows)
     batch = targets.student_rows.batch(rows.numpy())
     dense = online.fields(batch, rows.numpy(), plan=SimpleNamespace(needs=frozenset({"teacher_topk"})))
     assert torch.equal(dense["teacher_paired"], cached["teacher_paired"])
@@ -343,7 +343,7 @@ def test_offline_uld_across_tokenizers_pairs_cached_teacher_positions(tmp_path, 
 
 def test_on_policy_uld_across_tokenizers_scores_decoded_student_samples(tmp_path, corpus, monkeypatch):
     views: list[tuple[list[str], list[str], int, int]] = []
-    original = trainer.TeacherTargets._sampled_view
+    original = teachers.TeacherTargets._sampled_view
 
     def spy(self, loaded, batch):
         teacher_batch, index = original(self, loaded, batch)
@@ -357,7 +357,7 @@ def test_on_policy_uld_across_tokenizers_scores_decoded_student_samples(tmp_path
         views.append((student_text, teacher_text, int((index >= 0).sum()), index.numel()))
         return teacher_batch, index
 
-    monkeypatch.setattr(trainer.TeacherTargets, "_sampled_view", spy)
+    monkeypatch.setattr(teachers.TeacherTargets, "_sampled_view", spy)
     log = Log()
     result = train(_lm_run(tmp_path / "run", corpus, teacher=OTHER_TOKENIZER, terms=[{"name": "uld"}],
                            scheme="on_policy", scheme_params={"lmbda": 0.5, "max_new_tokens": 4},
