@@ -826,7 +826,7 @@ def combine_terms(terms: Sequence[LossTermConfig], student_logits: Tensor, teach
     ``-100`` marks padding/prompt positions, which no term may use.
 
     Args:
-        terms: validated terms (see :func:`validate_terms`).
+        terms: validated terms (see ``terms.validate_terms``).
         student_logits: (B, V) or (B, T, V).
         teacher_logits: same shape as ``student_logits``, or None when no term needs a teacher.
         labels: (B,) or (B, T); -100 = no label.

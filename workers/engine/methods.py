@@ -47,13 +47,9 @@ from . import schedules
 from .config import LossTermConfig
 from .errors import ConfigError
 from .losses import IGNORE_INDEX, LOSS_TERMS, LossParts, TopK, mix_teachers, taid_update
-from .terms import ModelDims, TermSpec, validate_terms
+from .terms import ModelDims, TermSpec
 
-__all__ = [
-    "TermInputs", "TermState", "build_term_modules", "combine",
-    # Re-exported until trainer.train() calls terms.validate_terms (the module that owns it).
-    "validate_terms",
-]
+__all__ = ["TermInputs", "TermState", "build_term_modules", "combine"]
 
 # What a missing need means to the person who configured the run.
 _NEED_TEXT = {
@@ -230,7 +226,7 @@ def combine(terms: Sequence[LossTermConfig], inputs: TermInputs, *, modules: nn.
     """Weighted sum of a recipe's terms at ``inputs.step``, schedules applied.
 
     Args:
-        terms: validated terms (:func:`validate_terms`).
+        terms: validated terms (``terms.validate_terms``).
         inputs: this batch's tensors and the step counters.
         modules: from :func:`build_term_modules`.
         state: the run's :class:`TermState`; stateful terms (adaptive taid) update it once per optimizer step,
