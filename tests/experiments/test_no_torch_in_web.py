@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _run(code: str) -> dict:
     """Run ``code`` in a fresh interpreter at the repository root; it prints one JSON object last."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -46,7 +46,8 @@ def test_rendering_and_validating_a_recipe_imports_no_torch():
 
         # The recipe form: render the term rows, then validate a filled one and a wrong one.
         catalog = forms.loss_term_catalog()
-        rows = {"terms-TOTAL_FORMS": "2", "terms-INITIAL_FORMS": "0", "terms-0-name": "ce", "terms-0-weight": "0.1",
+        rows = {"terms-TOTAL_FORMS": "2", "terms-INITIAL_FORMS": "0",
+                "terms-0-name": "ce", "terms-0-weight": "0.1",
                 "terms-1-name": "kd", "terms-1-weight": "0.9", "terms-1-temperature": "4"}
         formset = forms.TermFormSet(rows, prefix="terms", form_kwargs={"catalog": catalog})
         rendered = str(forms.TermFormSet(prefix="terms", form_kwargs={"catalog": catalog}))
@@ -61,7 +62,8 @@ def test_rendering_and_validating_a_recipe_imports_no_torch():
         body_valid = body.is_valid()
         cleaned = validation.clean_terms(body.validated_data["terms"], scheme="offline")
         try:
-            validation.clean_terms([{"name": "kd", "weight": 1, "params": {"temperature": 0}}], scheme="offline")
+            validation.clean_terms([{"name": "kd", "weight": 1, "params": {"temperature": 0}}],
+                                   scheme="offline")
             api_error = ""
         except ValidationError as exc:
             api_error = str(exc)
@@ -90,7 +92,8 @@ def test_the_web_side_reads_the_catalogue_from_terms_only():
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            names += [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.ImportFrom):
+                names += [f"{node.module}.{a.name}" for a in node.names]
             hits = [n for n in names if any(n == m or n.startswith(m + ".") for m in engine_with_torch)]
             if hits:
                 bad.setdefault(str(path.relative_to(REPO)), []).extend(hits)
