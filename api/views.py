@@ -27,6 +27,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from experiments import export, plots, selectors, services
+from experiments.domain import leaderboard
 from experiments.forms_compare import LeaderboardQueryForm
 from experiments.models import Experiment
 
@@ -384,7 +385,7 @@ class LeaderboardViewSet(ApiViewSet):
                                f"{', '.join(o.key for o in benchmark.splits) or 'none'}."]
         if errors:
             raise ValidationError(errors)
-        rows = selectors.leaderboard_filter(
+        rows = leaderboard.leaderboard_filter(
             benchmark.rows, higher_is_better=benchmark.metric.higher_is_better, max_params=chosen.get("max_params"),
             max_latency_ms=chosen.get("max_latency_ms"), recipe=chosen.get("recipe", ""),
             family=chosen.get("family", ""),

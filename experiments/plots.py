@@ -246,7 +246,7 @@ def compare_figure(curves: Iterable[Curve], *, metric: str, max_points: int = MA
 
 class ParetoPoint(NamedTuple):
     """A model on the quality/cost plane. ``optimal``: on the Pareto frontier (see
-    ``selectors.pareto_flags``); ``teacher`` points are drawn apart and never on the frontier."""
+    ``domain.leaderboard.pareto_flags``); ``teacher`` points are drawn apart and never on the frontier."""
 
     label: str
     cost: float | None

@@ -32,6 +32,8 @@ from django.db.models.fields.json import KeyTransform
 from django.db.models.functions import Coalesce
 
 from . import rollups, sweeps
+from .domain.compare import ConfigKey, SweepGrid, config_diff, sweep_grid
+from .domain.leaderboard import sample_std
 from .models import (
     Artifact,
     DatasetSpec,
@@ -320,15 +322,6 @@ def worker_current_runs() -> dict[str, list[Run]]:
 
 
 # --- leaderboard ------------------------------------------------------------------------------------
-def _sample_std(values: Sequence[float]) -> float:
-    """The sample standard deviation (n - 1), 0 for fewer than two values. Float arithmetic: ``statistics.stdev``
-    is exact but builds fractions, which a leaderboard of thousands of rows cannot afford."""
-    if len(values) < 2:
-        return 0.0
-    mean = math.fsum(values) / len(values)
-    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 @dataclass
 class LeaderboardRow:
     experiment: Experiment
@@ -374,7 +367,7 @@ class LeaderboardRow:
 
     @cached_property
     def std(self) -> float:
-        return _sample_std(self.accuracies)
+        return sample_std(self.accuracies)
 
     @property
     def seeds(self) -> int:
@@ -393,7 +386,7 @@ class LeaderboardRow:
 
     @property
     def kd_gain_std(self) -> float | None:
-        return _sample_std(self.gains) if len(self.gains) > 1 and not self.is_baseline else None
+        return sample_std(self.gains) if len(self.gains) > 1 and not self.is_baseline else None
 
 
 @dataclass(frozen=True)
@@ -756,53 +749,6 @@ def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", 
                      rows=_leaderboard_rows(qs, teachers, metric))
 
 
-def pareto_flags(points: Sequence[tuple[float | None, float | None]], *, higher_is_better: bool) -> list[bool]:
-    """Which (cost, quality) points are Pareto-optimal: no other point costs at most as much and scores at least
-    as well, better in one of the two. Points with an unknown cost or quality are never optimal; equal points
-    are optimal together. O(n log n).
-    """
-    sign = 1.0 if higher_is_better else -1.0
-    known = sorted(
-        ((cost, sign * quality, i) for i, (cost, quality) in enumerate(points)
-         if cost is not None and quality is not None and math.isfinite(cost) and math.isfinite(quality)),
-        key=lambda t: (t[0], -t[1]),
-    )
-    flags = [False] * len(points)
-    best_cheaper = -math.inf  # the best (oriented) quality among strictly cheaper points
-    i = 0
-    while i < len(known):
-        cost = known[i][0]
-        group_best = known[i][1]  # sorted best-first within one cost
-        j = i
-        while j < len(known) and known[j][0] == cost:
-            if known[j][1] == group_best and group_best > best_cheaper:
-                flags[known[j][2]] = True
-            j += 1
-        best_cheaper = max(best_cheaper, group_best)
-        i = j
-    return flags
-
-
-def leaderboard_filter(rows: Sequence[LeaderboardRow], *, higher_is_better: bool, max_params: int | None = None,
-                       max_latency_ms: float | None = None, recipe: str = "",
-                       family: str = "") -> list[LeaderboardRow]:
-    """The rows that fit a size / latency budget (an unknown size or latency does not fit), a recipe name and a
-    student family, ranked again among themselves and flagged ``pareto`` when no other kept row is at least as
-    small and as good (quality vs parameters)."""
-    kept = [
-        r for r in rows
-        if (max_params is None or (r.params is not None and r.params <= max_params))
-        and (max_latency_ms is None or (r.latency_ms is not None and r.latency_ms <= max_latency_ms))
-        and (not recipe or r.recipe.name == recipe)
-        and (not family or r.family == family)
-    ]
-    flags = pareto_flags([(r.params, r.mean) for r in kept], higher_is_better=higher_is_better)
-    for rank, (row, flag) in enumerate(zip(kept, flags, strict=True), 1):
-        row.rank = rank
-        row.pareto = flag
-    return kept
-
-
 _HF_MODEL_TYPES: dict[str, str] = {}
 
 
@@ -1093,114 +1039,6 @@ def metric_curves_portable(*, run_ids: Sequence[int], name: str, max_points: int
             highs[key] = (step, value)
     extremes = [(key[0], *lows[key], *highs[key]) for key in lows]
     return _assemble({r: (f, la) for r, (f, la) in ends.items()}, extremes)
-
-
-def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
-    """A frozen run config as dotted keys → JSON text of the leaf values.
-
-    Nested dicts become ``train.lr``; lists of dicts that all carry a distinct ``name`` (the loss terms) are
-    keyed by it (``terms.kd.params.temperature``), other lists of dicts by index; lists of plain values
-    (``hidden_sizes``) stay one leaf.
-    """
-    if isinstance(config, Mapping):
-        if not config and prefix:
-            return {prefix: "{}"}
-        flat: dict[str, str] = {}
-        for key, value in config.items():
-            flat |= flatten_config(value, f"{prefix}.{key}" if prefix else str(key))
-        return flat
-    if isinstance(config, list) and config and all(isinstance(item, Mapping) for item in config):
-        names = [item.get("name") for item in config]
-        named = all(isinstance(n, str) and n for n in names) and len(set(names)) == len(names)
-        flat = {}
-        for i, item in enumerate(config):
-            label = item["name"] if named else str(i)
-            flat |= flatten_config({k: v for k, v in item.items() if not (named and k == "name")} or {"name": label},
-                                   f"{prefix}.{label}")
-        return flat
-    return {prefix: json.dumps(config, sort_keys=True)}
-
-
-MISSING = "—"
-
-
-@dataclass(frozen=True)
-class ConfigKey:
-    """One flattened config key and its value in each compared run (MISSING where a run lacks it)."""
-
-    key: str
-    values: tuple[str, ...]
-
-    @property
-    def differs(self) -> bool:
-        return len(set(self.values)) > 1
-
-
-def config_diff(configs: Sequence[Mapping[str, Any]]) -> list[ConfigKey]:
-    """Every key of the runs' flattened configs, sorted, with one value per run."""
-    flat = [flatten_config(c) for c in configs]
-    keys = sorted({k for f in flat for k in f})
-    return [ConfigKey(k, tuple(f.get(k, MISSING) for f in flat)) for k in keys]
-
-
-SWEEP_IGNORED = frozenset({"train.seed"})
-
-
-@dataclass(frozen=True)
-class SweepGrid:
-    """The runs as a full grid over two parameters: ``z[i][j]`` is the mean metric of the runs (seeds) at
-    ``y_levels[i]``, ``x_levels[j]`` (None when none of them has a value)."""
-
-    x_key: str
-    y_key: str
-    x_levels: list[str]
-    y_levels: list[str]
-    z: list[list[float | None]]
-    x_keys: tuple[str, ...] = ()
-    y_keys: tuple[str, ...] = ()
-
-
-def _level_order(level: str) -> tuple[int, float, str]:
-    try:
-        number = json.loads(level)
-    except ValueError:
-        number = None
-    if isinstance(number, int | float) and not isinstance(number, bool):
-        return (0, float(number), level)
-    return (1, 0.0, level)
-
-
-def sweep_grid(configs: Sequence[Mapping[str, Any]], values: Sequence[float | None]) -> SweepGrid | None:
-    """The heatmap of a two-parameter sweep, or None when the runs do not form one.
-
-    Keys that vary together (a different student changes several keys at once) count as one parameter,
-    labelled by its first key; the seed is averaged over. The runs form a grid when exactly two parameters
-    vary, each with at least two values, and every combination of their values has a run.
-    """
-    if len(configs) != len(values):
-        raise ValueError("one value per config")
-    diff = [k for k in config_diff(configs) if k.differs and k.key not in SWEEP_IGNORED]
-    by_partition: dict[tuple[int, ...], list[ConfigKey]] = {}
-    for key in diff:
-        first_seen: dict[str, int] = {}
-        partition = tuple(first_seen.setdefault(v, len(first_seen)) for v in key.values)
-        by_partition.setdefault(partition, []).append(key)
-    if len(by_partition) != 2:
-        return None
-    (y_group, x_group) = sorted(by_partition.values(), key=lambda keys: keys[0].key)
-    y, x = y_group[0], x_group[0]
-    y_levels = sorted(set(y.values), key=_level_order)
-    x_levels = sorted(set(x.values), key=_level_order)
-    cells: dict[tuple[str, str], list[float]] = {}
-    for yv, xv, value in zip(y.values, x.values, values, strict=True):
-        bucket = cells.setdefault((yv, xv), [])
-        if value is not None and math.isfinite(value):
-            bucket.append(value)
-    if len(x_levels) < 2 or len(y_levels) < 2 or len(cells) != len(x_levels) * len(y_levels):
-        return None
-    z = [[statistics.fmean(cells[(yv, xv)]) if cells[(yv, xv)] else None for xv in x_levels] for yv in y_levels]
-    return SweepGrid(x.key, y.key, x_levels, y_levels, z,
-                     tuple(k.key for k in x_group), tuple(k.key for k in y_group))
 
 
 @dataclass

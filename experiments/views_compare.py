@@ -23,6 +23,7 @@ from django.utils.text import slugify
 from django.views.decorators.http import require_GET
 
 from . import export, plots, selectors
+from .domain import leaderboard as board
 from .forms_compare import MAX_COMPARE_RUNS, CompareForm, LeaderboardQueryForm
 from .models import Run
 
@@ -93,7 +94,7 @@ def _pareto(comparison: selectors.Comparison, cost: str) -> tuple[dict[str, Any]
 
     metric = comparison.metric
     costs = [cost_of(row.evaluation) for row in comparison.rows]
-    flags = selectors.pareto_flags(list(zip(costs, [r.quality for r in comparison.rows], strict=True)),
+    flags = board.pareto_flags(list(zip(costs, [r.quality for r in comparison.rows], strict=True)),
                                    higher_is_better=metric.higher_is_better)
     points = [
         plots.ParetoPoint(_run_label(row.run), c, row.quality,
@@ -159,7 +160,7 @@ def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
         split_key=chosen.get("split", ""), scope=chosen.get("scope", "team"),
     )
     metric = benchmark.metric
-    rows = selectors.leaderboard_filter(
+    rows = board.leaderboard_filter(
         benchmark.rows, higher_is_better=metric.higher_is_better, max_params=chosen.get("max_params"),
         max_latency_ms=chosen.get("max_latency_ms"), recipe=chosen.get("recipe", ""),
         family=chosen.get("family", ""),

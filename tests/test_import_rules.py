@@ -2,6 +2,7 @@
 
 - the engine (``workers/engine``) imports nothing of Django, the web apps, Celery or the rest of ``workers``;
 - ``experiments/plots.py`` builds figures from values: no ORM, no records;
+- ``experiments/domain`` holds rules without requests or records: no views, forms, services, selectors or ORM;
 - reads never write: ``experiments/selectors.py`` imports no services;
 - template tags are for templates: no Python module imports ``experiments.templatetags``.
 """
@@ -57,6 +58,13 @@ def test_the_engine_imports_no_django_web_or_celery():
 def test_plots_read_no_records():
     assert breaking([REPO / "experiments/plots.py"], ("django.db", "experiments.models", "experiments.selectors",
                                                        "experiments.services")) == {}
+
+
+def test_the_domain_imports_no_views_forms_services_or_orm():
+    forbidden = ("experiments.views", "experiments.views_compare", "experiments.views_fleet", "experiments.views_setup",
+                 "experiments.views_teams", "experiments.forms", "experiments.forms_compare", "experiments.services",
+                 "experiments.selectors", "experiments.models", "django.db", "django.http", "api")
+    assert breaking(python_files("experiments/domain"), forbidden) == {}
 
 
 def test_selectors_import_no_services():

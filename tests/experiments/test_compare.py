@@ -15,6 +15,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from experiments import plots, selectors
+from experiments.domain import compare, leaderboard
 from experiments.models import Evaluation, MetricPoint, Run
 from tests.factories import (
     DatasetSpecFactory,
@@ -174,7 +175,7 @@ def test_compare_figure_caps_every_trace_and_keeps_gaps():
 
 # --- config diff and sweep grid --------------------------------------------------------------------
 def test_flatten_config_keys_terms_by_name_and_keeps_value_lists_whole():
-    flat = selectors.flatten_config(_config(hidden=(16, 8)))
+    flat = compare.flatten_config(_config(hidden=(16, 8)))
 
     assert flat["terms.kd.params.temperature"] == "4.0"
     assert flat["terms.ce.weight"] == "0.1"
@@ -191,7 +192,7 @@ def test_sweep_grid_averages_seeds_over_a_full_two_parameter_grid():
                 configs.append(_config(temperature=t, lr=lr, seed=seed))
                 values.append(0.5 + t / 10 + (lr * 10) + bump)
 
-    grid = selectors.sweep_grid(configs, values)
+    grid = compare.sweep_grid(configs, values)
 
     assert grid is not None
     assert (grid.x_key, grid.y_key) == ("train.lr", "terms.kd.params.temperature")
@@ -207,10 +208,10 @@ def test_sweep_grid_needs_every_combination_and_exactly_two_parameters():
              for h in ((8,), (16,))]
     one = [_config(temperature=t) for t in (1.0, 2.0, 4.0)]
 
-    assert selectors.sweep_grid(incomplete, [0.5] * 3) is None
-    assert selectors.sweep_grid(three, [0.5] * 8) is None
-    assert selectors.sweep_grid(one, [0.5] * 3) is None
-    assert selectors.sweep_grid([_config(seed=0), _config(seed=1)], [0.5, 0.6]) is None  # seeds only
+    assert compare.sweep_grid(incomplete, [0.5] * 3) is None
+    assert compare.sweep_grid(three, [0.5] * 8) is None
+    assert compare.sweep_grid(one, [0.5] * 3) is None
+    assert compare.sweep_grid([_config(seed=0), _config(seed=1)], [0.5, 0.6]) is None  # seeds only
 
 
 def test_sweep_grid_counts_keys_that_change_together_as_one_parameter():
@@ -221,7 +222,7 @@ def test_sweep_grid_counts_keys_that_change_together_as_one_parameter():
             config["student"]["num_labels"] = 10 + hidden[0]  # changes with the student
             configs.append(config)
 
-    grid = selectors.sweep_grid(configs, [0.1, 0.2, 0.3, 0.4])
+    grid = compare.sweep_grid(configs, [0.1, 0.2, 0.3, 0.4])
 
     assert grid is not None
     assert set(grid.y_keys) == {"student.num_labels", "student.params.hidden_sizes"}
@@ -243,15 +244,15 @@ def test_pareto_flags_higher_is_better():
         (50, float("nan")),
     ]
 
-    assert selectors.pareto_flags(points, higher_is_better=True) == [
+    assert leaderboard.pareto_flags(points, higher_is_better=True) == [
         True, True, False, False, True, True, False, False, False]
 
 
 def test_pareto_flags_lower_is_better_metric():
     points = [(100, 30.0), (200, 20.0), (250, 25.0), (300, 20.0), (400, 12.0)]  # perplexity
 
-    assert selectors.pareto_flags(points, higher_is_better=False) == [True, True, False, False, True]
-    assert selectors.pareto_flags([], higher_is_better=False) == []
+    assert leaderboard.pareto_flags(points, higher_is_better=False) == [True, True, False, False, True]
+    assert leaderboard.pareto_flags([], higher_is_better=False) == []
 
 
 def test_pareto_figure_draws_the_frontier_as_a_step_line_fades_dominated_runs_and_stars_the_teacher():

@@ -13,6 +13,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from experiments import export, selectors
+from experiments.domain import leaderboard
 from experiments.models import Evaluation, ModelSpec, Recipe, Run
 from tests.factories import (
     DatasetSpecFactory,
@@ -282,8 +283,8 @@ def test_leaderboard_filter_selector_keeps_unknown_sizes_out_of_budgets_and_the_
     rows = selectors.leaderboard(user=user, dataset=board["dataset"])
     rows[0].params = None
 
-    kept = selectors.leaderboard_filter(rows, higher_is_better=True)
-    budget = selectors.leaderboard_filter(rows, higher_is_better=True, max_params=10**9)
+    kept = leaderboard.leaderboard_filter(rows, higher_is_better=True)
+    budget = leaderboard.leaderboard_filter(rows, higher_is_better=True, max_params=10**9)
 
     assert kept[0].pareto is False and len(kept) == 5
     assert rows[0] not in budget and [r.rank for r in budget] == [1, 2, 3, 4]
