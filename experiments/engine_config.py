@@ -41,6 +41,11 @@ HARD_LABELS_TERMS = [{"name": "ce", "weight": 1.0, "params": {}}]
 TEACHER_CACHE_DIR = "teacher-cache"
 
 
+# The logical path of a run's model in frozen configs (``run_output_config``); on disk it is the folder the run's
+# model artifact names (``recorded_model_folder``).
+RUN_OUTPUT_RE = re.compile(r"runs/(\d+)/final")
+
+
 def run_output_dir(run_id: int) -> str:
     """Where a run writes (relative to ARTIFACT_ROOT). Generated from the id, never from input."""
     return f"runs/{run_id}"
@@ -175,7 +180,7 @@ def recorded_model_folder(path: str) -> str:
     recorded (written by the attempt that owned the run: ``runs/<id>/final-a<attempt>``), else the path itself."""
     from .models import Artifact
 
-    match = re.fullmatch(r"runs/(\d+)/final", path)
+    match = RUN_OUTPUT_RE.fullmatch(path)
     if match is None:
         return path
     recorded = (Artifact.objects.filter(run_id=int(match[1]), kind=Artifact.Kind.MODEL)
@@ -187,10 +192,11 @@ def resolve_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> d
     """Return a copy of the frozen config with this system's relative paths made absolute, and the run's
     ownership for the engine: the attempt (its lease token) and the checkpoint its owner registered last."""
     resolved = json.loads(json.dumps(config))
-    allowed = allowed_paths(resolved, run=run, artifact_root=artifact_root)  # before the run paths are resolved
-    for model in _run_models(resolved):
-        if model["source"] == ModelSpec.Source.RUN:
-            model["path"] = str(artifact_root / recorded_model_folder(model["path"]))
+    run_models = [m for m in _run_models(resolved) if m.get("source") == ModelSpec.Source.RUN]
+    on_disk = {str(m.get("path") or ""): recorded_model_folder(str(m.get("path") or "")) for m in run_models}
+    allowed = allowed_paths(on_disk, run=run, artifact_root=artifact_root)
+    for model in run_models:
+        model["path"] = str(artifact_root / on_disk[str(model.get("path") or "")])
     resolved["output_dir"] = str(artifact_root / run_output_dir(run.id))
     resolved["cache_dir"] = str(artifact_root / TEACHER_CACHE_DIR)
     resolved["attempt"] = run.attempt
@@ -200,20 +206,20 @@ def resolve_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> d
     return resolved
 
 
-def allowed_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> dict[str, Any]:
+def allowed_paths(run_outputs: dict[str, str], *, run: Run, artifact_root: Path) -> dict[str, Any]:
     """What the engine may read for ``run`` (``workers.engine.config.AllowedPaths``), from this process's settings
     and never from the stored config: the model and dataset roots, the run's team upload folder, and the model
-    folders of the config's ``run`` sources that are runs of the run's team (the engine refuses any other)."""
+    folders of the config's ``run`` sources (``run_outputs``: logical path → folder on disk) that are runs of the
+    run's team (the engine refuses any other)."""
     from .validation import upload_dir
 
-    wanted = {int(m[1]): m[0] for model in _run_models(config) if model.get("source") == ModelSpec.Source.RUN
-              and (m := re.fullmatch(r"runs/(\d+)/final", str(model.get("path") or "")))}
+    wanted = {int(m[1]): folder for path, folder in run_outputs.items() if (m := RUN_OUTPUT_RE.fullmatch(path))}
     same_team = set(Run.objects.filter(pk__in=wanted, team_id=run.team_id).values_list("pk", flat=True))
     uploads = Path(artifact_root) / upload_dir().relative_to(settings.ARTIFACT_ROOT) / str(run.team_id)
     return {
         "model_roots": [str(p) for p in settings.MODEL_ROOTS],
         "dataset_roots": [str(p) for p in settings.DATASET_ROOTS],
-        "run_outputs": [str(artifact_root / recorded_model_folder(wanted[pk])) for pk in sorted(same_team)],
+        "run_outputs": [str(artifact_root / wanted[pk]) for pk in sorted(same_team)],
         "artifact_root": str(artifact_root),
         "uploads": str(uploads),
     }

@@ -36,6 +36,7 @@ from django.utils import timezone
 
 from workers.engine.memory import GIB, MIB, MemoryEstimate, ModelShapeReader, estimate_run_memory, size_text
 
+from .engine_config import RUN_OUTPUT_RE
 from .models import Run, Worker
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ COMMON_GPU_GIB = (8, 12, 16, 24, 32, 40, 48, 64, 80, 94, 96, 141, 192, 288)
 # A GPU is named after the smallest common size it reaches at least this fraction of.
 COMMON_SIZE_MIN_FRACTION = 0.85
 GPU_QUEUE_RE = re.compile(r"^gpu-(\d{1,5})g$")
-# A run's output folder, as engine_config.run_output_config writes it (relative to ARTIFACT_ROOT).
-RUN_OUTPUT_RE = re.compile(r"^runs/(\d+)/final$")
 
 
 # --- queue names ----------------------------------------------------------------------------------------------

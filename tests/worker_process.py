@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,20 @@ from django.db import connection
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_database_url(*, port: int | None = None) -> str:
+    """The URL of this test run's database, for the processes a test starts (workers, a web server) to share it;
+    ``port`` points them at the same server through another port (a proxy, or a cluster of the test's own)."""
+    db = connection.settings_dict
+    return f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{port or db['PORT'] or 5432}/{db['NAME']}"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def redis_broker_url() -> str:
@@ -39,9 +54,8 @@ def broker_reachable(url: str) -> bool:
 
 class WorkerProcess:
     def __init__(self, *, queue: str, name: str, broker_url: str, log: Path, read_roots: tuple[Path, ...] = ()) -> None:
-        db = connection.settings_dict
-        database_url = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-        if db["ENGINE"] != "django.db.backends.postgresql":
+        database_url = shared_database_url()
+        if connection.settings_dict["ENGINE"] != "django.db.backends.postgresql":
             pytest.skip("the integration test shares the Postgres test database with the worker")
         self.name = f"{name}@{os.uname().nodename}"
         self.queue = queue

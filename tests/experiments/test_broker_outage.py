@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from django.db import connection
 from experiments.models import Experiment, Run
 from tests.api.conftest import make_token
 from tests.waiting import scaled, wait_until
-from tests.worker_process import broker_reachable
+from tests.worker_process import broker_reachable, free_port, shared_database_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -36,17 +35,11 @@ REPO = Path(__file__).resolve().parents[2]
 PUBLISH_TIMEOUT_S = 0.25  # the web's BROKER_PUBLISH_TIMEOUT_S here: a send gives up after about twice this
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Broker:
     """The test's own redis-server, which the test can freeze (SIGSTOP) and thaw (SIGCONT) by its pid."""
 
     def __init__(self, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log = log
         self.client = redis.Redis.from_url(self.url, socket_timeout=scaled(5))
@@ -86,16 +79,15 @@ class WebServer:
     """gunicorn serving distillweb.wsgi on the test database, sending to ``broker_url``."""
 
     def __init__(self, *, broker_url: str, log: Path) -> None:
-        db = connection.settings_dict
-        if db["ENGINE"] != "django.db.backends.postgresql":
+        if connection.settings_dict["ENGINE"] != "django.db.backends.postgresql":
             pytest.skip("the web process shares the Postgres test database")
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "distillweb.settings.test",
-            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
+            "DATABASE_URL": shared_database_url(),
             "CELERY_BROKER_URL": broker_url,
             "BROKER_PUBLISH_TIMEOUT_S": str(PUBLISH_TIMEOUT_S),
             "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT),

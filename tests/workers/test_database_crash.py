@@ -22,9 +22,8 @@ import pytest
 from django.db import connection
 
 from tests.waiting import scaled
-from tests.worker_process import REPO
+from tests.worker_process import REPO, free_port
 from tests.workers import test_faults as faults
-from tests.workers.test_faults import free_port
 
 LOG_EVERY = 20
 

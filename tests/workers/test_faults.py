@@ -30,7 +30,7 @@ from experiments import services
 from experiments.models import Evaluation, MetricPoint, Run, RunTransition, Worker
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 from tests.waiting import scaled
-from tests.worker_process import REPO, broker_reachable, redis_broker_url
+from tests.worker_process import REPO, broker_reachable, free_port, redis_broker_url, shared_database_url
 from workers.engine.checkpoint import latest_checkpoint
 from workers.reporting import DatabaseUnavailable, RunReporter
 from workers.tasks import run_distillation
@@ -240,8 +240,6 @@ class FaultWorker:
 
     def __init__(self, name: str, *, queues: list[str], broker_url: str, log: Path, beat_schedule: Path | None,
                  env: dict[str, str], database_port: int | None = None) -> None:
-        db = connection.settings_dict
-        port = database_port or db["PORT"] or 5432
         self.name = f"{name}@{os.uname().nodename}"
         self.log = log
         command = [sys.executable, "-m", "celery", "-A", "distillweb", "worker", "-Q", ",".join(queues), "-n",
@@ -251,7 +249,7 @@ class FaultWorker:
         self.process = subprocess.Popen(
             command, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "DJANGO_SETTINGS_MODULE": "distillweb.settings.test",
-                 "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{port}/{db['NAME']}",
+                 "DATABASE_URL": shared_database_url(port=database_port),
                  "CELERY_BROKER_URL": broker_url, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env},
         )
 
@@ -417,12 +415,6 @@ def test_a_killed_worker_s_run_is_taken_over_and_finishes_from_its_last_checkpoi
     wall: dict[int, datetime] = dict(MetricPoint.objects.filter(run=run, name="loss").values_list("step", "wall_time"))
     assert all(wall[s] < killed_at for s in range(10, resume_step + 1, 10))
     assert all(wall[s] > killed_at for s in range(resume_step + 10, run.total_steps + 1, 10))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisServer:
