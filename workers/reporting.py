@@ -4,8 +4,8 @@ A run's writes also renew its lease (the heartbeat). In a worker, a thread of th
 writes and the cancellation polls, so the training loop never waits for the database except before a
 checkpoint, whose points must be durable first. A database outage does not crash the run: metric points stay
 buffered (up to a bound) and are written when the database is back, and a checkpoint waits for them. Only an
-outage longer than RUN_DB_RETRY_S gives up, with DatabaseUnavailable: the task then leaves the run to be resumed,
-never marks it.
+outage longer than RUN_DB_RETRY_S gives up, with DatabaseUnavailable: the task then leaves the run to be
+resumed, never marks it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ T = TypeVar("T")
 
 # Errors of a database that went away (psycopg maps refused or dropped connections to these).
 DATABASE_ERRORS = (OperationalError, InterfaceError)
-# Retries back off exponentially from 0.5 s up to this, so a run resumes within seconds of the database's return.
+# Retries back off exponentially from 0.5 s up to this, so a run resumes within seconds of the database's
+# return.
 MAX_BACKOFF_S = 5.0
 
 
@@ -41,8 +42,8 @@ class RunReporter:
     """Buffers metric points, progress and cancellation polls for one run delivery.
 
     Points and progress go to the database together, in one write every ``flush_every_s`` that also renews the
-    run's lease; the points logged before a checkpoint are written (durably) before the engine saves it. Used as
-    a context manager, a thread does the routine writes and polls, also while the engine loads models or
+    run's lease; the points logged before a checkpoint are written (durably) before the engine saves it. Used
+    as a context manager, a thread does the routine writes and polls, also while the engine loads models or
     evaluates, so the lease only expires when the worker dies; without it (or inside a transaction, where
     another connection cannot see the run) the callbacks do them in line.
 
@@ -50,16 +51,28 @@ class RunReporter:
     at its next poll. ``max_buffer`` points trigger a write; while the database is down up to ``max_pending``
     points wait in memory, then training pauses until they are written.
 
-    Durability: routine writes on Postgres are confirmed before their disk flush (cheaper), so the reporter keeps
-    their points until a durable commit covers them: every ``durable_every_s``, before each checkpoint and at the
-    end. A durable commit flushes every earlier commit of the same server incarnation; points confirmed by an
-    incarnation that has since ended (the server crashed or restarted, see ``selectors.database_incarnation``)
-    are written again. A crash of the database server therefore loses no point.
+    Durability: routine writes on Postgres are confirmed before their disk flush (cheaper), so the reporter
+    keeps their points until a durable commit covers them: every ``durable_every_s``, before each checkpoint
+    and at the end. A durable commit flushes every earlier commit of the same server incarnation; points
+    confirmed by an incarnation that has since ended (the server crashed or restarted, see
+    ``selectors.database_incarnation``) are written again. A crash of the database server therefore loses no
+    point.
     """
 
-    def __init__(self, *, run_id: int, task_id: str, flush_every_s: float = 2.0, max_buffer: int = 500,
-                 max_pending: int = 100_000, poll_every_s: float = 2.0, retry_for_s: float | None = None,
-                 durable_every_s: float = 10.0, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        *,
+        run_id: int,
+        task_id: str,
+        flush_every_s: float = 2.0,
+        max_buffer: int = 500,
+        max_pending: int = 100_000,
+        poll_every_s: float = 2.0,
+        retry_for_s: float | None = None,
+        durable_every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.run_id = run_id
         self.task_id = task_id
         self.flush_every_s = flush_every_s
@@ -95,7 +108,9 @@ class RunReporter:
     # --- the writer thread ------------------------------------------------------------------------
     def __enter__(self) -> RunReporter:
         if not connection.in_atomic_block:
-            self._thread = threading.Thread(target=self._run_writer, name=f"report-run-{self.run_id}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run_writer, name=f"report-run-{self.run_id}", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -135,31 +150,40 @@ class RunReporter:
             # The database has been down for long: pause rather than drop points. Or the engine writes a
             # checkpoint after this call: a resume from it never logs this step again, so it must be durable.
             self.flush()
-        elif self._thread is None and (pending >= self.max_buffer
-                                       or self.clock() - self._last_flush >= self.flush_every_s):
+        elif self._thread is None and (
+            pending >= self.max_buffer or self.clock() - self._last_flush >= self.flush_every_s
+        ):
             self._attempt(self._write_points, durable=False)
 
     def on_progress(self, step: int, total: int) -> None:
         with self._state:
             self._last_step, self._total = step, total
         if self._is_checkpoint_step(step) and not self._is_log_step(step, total):
-            # Everything logged before a checkpoint is durable before the checkpoint exists (at a log step, the
-            # metrics of the step come before the checkpoint too, and that call flushes).
+            # Everything logged before a checkpoint is durable before the checkpoint exists (at a log step,
+            # the metrics of the step come before the checkpoint too, and that call flushes).
             self.flush()
-        elif self._thread is None and (self.clock() - self._last_progress >= self.flush_every_s or step == total):
+        elif self._thread is None and (
+            self.clock() - self._last_progress >= self.flush_every_s or step == total
+        ):
             self._attempt(self._write_points, durable=False)  # progress, with any buffered points
 
     def on_checkpoint(self, step: int, path: str) -> bool:
         """Register the checkpoint, only while this delivery owns the run (False: the engine deletes it and
         stops). Points up to the checkpoint are durable before it counts, so a resume never loses any."""
         self.flush()
-        registered = self.owned and self.call(services.run_record_checkpoint, run_id=self.run_id,
-                                              task_id=self.task_id, step=step, path=Path(path))
+        registered = self.owned and self.call(
+            services.run_record_checkpoint,
+            run_id=self.run_id,
+            task_id=self.task_id,
+            step=step,
+            path=Path(path),
+        )
         self.owned = bool(registered) and self.owned
         return self.owned
 
     def owns_run(self) -> bool:
-        """False once a write found the run taken over (or cancelled and closed): the engine writes no weights."""
+        """False once a write found the run taken over (or cancelled and closed): the engine writes no
+        weights."""
         return self.owned
 
     def should_stop(self) -> bool:
@@ -188,8 +212,8 @@ class RunReporter:
         self._batch_size = batch_size
 
     def set_schedule(self, *, save_every: int, log_every: int) -> None:
-        """The engine checkpoints every ``save_every`` steps, and logs metrics every ``log_every`` steps (and at
-        the last); the points before each checkpoint must be durable first."""
+        """The engine checkpoints every ``save_every`` steps, and logs metrics every ``log_every`` steps (and
+        at the last); the points before each checkpoint must be durable first."""
         self._save_every, self._log_every = save_every, log_every
 
     def _is_checkpoint_step(self, step: int) -> bool:
@@ -199,7 +223,8 @@ class RunReporter:
         return step == total or (self._log_every > 0 and step % self._log_every == 0)
 
     def flush(self) -> None:
-        """Write every buffered point durably, retrying through a database outage (raises DatabaseUnavailable)."""
+        """Write every buffered point durably, retrying through a database outage (raises
+        DatabaseUnavailable)."""
         while self._buffer:
             self.call(self._write_points)
         self._last_flush = self.clock()
@@ -232,8 +257,12 @@ class RunReporter:
                 now = self.clock()
                 if deadline is None:
                     deadline = now + self.retry_for_s
-                    logger.warning("run %s: database unreachable (%s); retrying for up to %.0f s", self.run_id,
-                                   _first_line(exc), self.retry_for_s)
+                    logger.warning(
+                        "run %s: database unreachable (%s); retrying for up to %.0f s",
+                        self.run_id,
+                        _first_line(exc),
+                        self.retry_for_s,
+                    )
                 if now >= deadline:
                     raise DatabaseUnavailable(
                         f"The database was unreachable for {self.retry_for_s:.0f} s: {_first_line(exc)}"
@@ -255,16 +284,21 @@ class RunReporter:
         except DATABASE_ERRORS as exc:
             _drop_connection()
             self._failures += 1
-            self._retry_at = self.clock() + min(0.5 * 2 ** self._failures, MAX_BACKOFF_S)
+            self._retry_at = self.clock() + min(0.5 * 2**self._failures, MAX_BACKOFF_S)
             if self._failures == 1:
-                logger.warning("run %s: database unreachable (%s); %d metric points kept for later", self.run_id,
-                               _first_line(exc), len(self._buffer))
+                logger.warning(
+                    "run %s: database unreachable (%s); %d metric points kept for later",
+                    self.run_id,
+                    _first_line(exc),
+                    len(self._buffer),
+                )
             return None
         self._failures, self._retry_at = 0, float("-inf")
         return result
 
     def _write_points(self, durable: bool = True) -> bool:
-        """One write: buffered points, the progress (renewing the lease) and the throughput since the last one."""
+        """One write: buffered points, the progress (renewing the lease) and the throughput since the last
+        one."""
         with self._writing:
             now = self.clock()
             with self._state:
@@ -276,8 +310,9 @@ class RunReporter:
                 if self._last_step_time is not None and now > self._last_step_time[1]:
                     rate = (step - self._last_step_time[0]) / (now - self._last_step_time[1])
                 progress = (step, total, None if rate is None else rate * self._batch_size)
-            owned = services.run_record_metrics(run_id=self.run_id, task_id=self.task_id, points=batch,
-                                                durable=durable, progress=progress)
+            owned = services.run_record_metrics(
+                run_id=self.run_id, task_id=self.task_id, points=batch, durable=durable, progress=progress
+            )
             # On the same connection: had the server restarted since the commit, this read would fail instead.
             incarnation = selectors.database_incarnation()
             with self._state:
@@ -291,16 +326,19 @@ class RunReporter:
             self.owned = owned and self.owned
             return owned
 
-
-    def _settle(self, batch: list[tuple[str, int, float, datetime]], *, durable: bool,
-                incarnation: str | None) -> None:
-        """After a write (``_state`` held): forget the points a durable commit covers, keep the others, and put
-        back in the buffer those a server that has since restarted may have lost."""
+    def _settle(
+        self, batch: list[tuple[str, int, float, datetime]], *, durable: bool, incarnation: str | None
+    ) -> None:
+        """After a write (``_state`` held): forget the points a durable commit covers, keep the others, and
+        put back in the buffer those a server that has since restarted may have lost."""
         lost = [points for seen, points in self._unconfirmed if seen != incarnation]
         if lost:
             again = [p for points in lost for p in points]
-            logger.warning("run %s: the database server restarted; writing again %d metric points it may have lost",
-                           self.run_id, len(again))
+            logger.warning(
+                "run %s: the database server restarted; writing again %d metric points it may have lost",
+                self.run_id,
+                len(again),
+            )
             self._buffer[:0] = again
         if durable or incarnation is None:
             self._unconfirmed = []

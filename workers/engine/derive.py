@@ -67,7 +67,7 @@ def validate_derive_params(params: dict[str, Any]) -> dict[str, Any]:
         ConfigError: unknown parameter, bad layer spec, non-positive width.
     """
     if not isinstance(params, dict):
-        raise ConfigError("Derive parameters must be a mapping, e.g. {\"layers\": \"every_other\"}.")
+        raise ConfigError('Derive parameters must be a mapping, e.g. {"layers": "every_other"}.')
     unknown = sorted(set(params) - set(DERIVE_PARAMS))
     if unknown:
         raise ConfigError(f"Unknown derive parameter '{unknown[0]}'. Parameters: {', '.join(DERIVE_PARAMS)}.")
@@ -75,8 +75,9 @@ def validate_derive_params(params: dict[str, Any]) -> dict[str, Any]:
     layers = params.get("layers", "all")
     if isinstance(layers, str):
         if layers not in LAYER_PRESETS:
-            raise ConfigError(f"layers must be one of {', '.join(LAYER_PRESETS)} or a list of layer ids, "
-                              f"got '{layers}'.")
+            raise ConfigError(
+                f"layers must be one of {', '.join(LAYER_PRESETS)} or a list of layer ids, got '{layers}'."
+            )
         cleaned["layers"] = layers
     elif isinstance(layers, list | tuple):
         if not layers:
@@ -89,8 +90,9 @@ def validate_derive_params(params: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"Each layer may be kept once; got {list(layers)!r}.")
         cleaned["layers"] = sorted(layers)
     else:
-        raise ConfigError(f"layers must be one of {', '.join(LAYER_PRESETS)} or a list of layer ids, "
-                          f"got {layers!r}.")
+        raise ConfigError(
+            f"layers must be one of {', '.join(LAYER_PRESETS)} or a list of layer ids, got {layers!r}."
+        )
     for name in DERIVE_PARAMS[1:]:
         value = params.get(name)
         if value is None:
@@ -111,8 +113,10 @@ def resolve_layers(layers: str | list[int], num_layers: int) -> list[int]:
         return list(range(0, num_layers, LAYER_PRESETS[layers]))
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise ModelLoadError(f"Layer {bad[0]} is out of range: the parent model has {num_layers} layers "
-                             f"(ids 0 to {num_layers - 1}).")
+        raise ModelLoadError(
+            f"Layer {bad[0]} is out of range: the parent model has {num_layers} layers "
+            f"(ids 0 to {num_layers - 1})."
+        )
     return sorted(layers)
 
 
@@ -141,8 +145,10 @@ def plan_derivation(config: Any, params: dict[str, Any]) -> DerivePlan:
     heads = getattr(config, "num_attention_heads", None)
     if not isinstance(num_layers, int) or not isinstance(hidden, int) or not isinstance(heads, int):
         kind = getattr(config, "model_type", "?")
-        raise ModelLoadError(f"Cannot derive from a '{kind}' model: its config has no num_hidden_layers / "
-                             "hidden_size / num_attention_heads.")
+        raise ModelLoadError(
+            f"Cannot derive from a '{kind}' model: its config has no num_hidden_layers / "
+            "hidden_size / num_attention_heads."
+        )
     kept = resolve_layers(params["layers"], num_layers)
     parent_head_dim = getattr(config, "head_dim", None) or hidden // heads
     new_hidden = params.get("hidden_size", hidden)
@@ -153,11 +159,15 @@ def plan_derivation(config: Any, params: dict[str, Any]) -> DerivePlan:
     elif new_hidden % parent_head_dim == 0:
         new_heads = new_hidden // parent_head_dim  # keep the head size, drop heads
     else:
-        raise ConfigError(f"hidden_size {new_hidden} is not a multiple of the parent's head size "
-                          f"{parent_head_dim}; give num_attention_heads (a divisor of {new_hidden}).")
+        raise ConfigError(
+            f"hidden_size {new_hidden} is not a multiple of the parent's head size "
+            f"{parent_head_dim}; give num_attention_heads (a divisor of {new_hidden})."
+        )
     if new_hidden % new_heads:
-        raise ConfigError(f"hidden_size {new_hidden} is not divisible by num_attention_heads {new_heads}: "
-                          "each head must get the same number of features.")
+        raise ConfigError(
+            f"hidden_size {new_hidden} is not divisible by num_attention_heads {new_heads}: "
+            "each head must get the same number of features."
+        )
     head_dim = new_hidden // new_heads
     if new_hidden == hidden and new_heads == heads:
         head_dim = parent_head_dim  # some configs (e.g. Gemma) set head_dim independently of the width
@@ -174,8 +184,9 @@ def plan_derivation(config: Any, params: dict[str, Any]) -> DerivePlan:
             group = heads // kv_heads
             new_kv = new_heads // group if new_heads % group == 0 else math.gcd(new_heads, kv_heads)
         if new_heads % new_kv:
-            raise ConfigError(f"num_attention_heads {new_heads} is not divisible by num_key_value_heads "
-                              f"{new_kv}.")
+            raise ConfigError(
+                f"num_attention_heads {new_heads} is not divisible by num_key_value_heads {new_kv}."
+            )
     elif "num_key_value_heads" in params:
         raise ConfigError(f"A '{config.model_type}' model has no num_key_value_heads to set.")
     intermediate = params.get("intermediate_size", getattr(config, "intermediate_size", None))
@@ -215,8 +226,12 @@ class CopyReport:
     fresh: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"copied": len(self.exact), "sliced": len(self.sliced), "fresh": len(self.fresh),
-                "fresh_names": self.fresh[:20]}
+        return {
+            "copied": len(self.exact),
+            "sliced": len(self.sliced),
+            "fresh": len(self.fresh),
+            "fresh_names": self.fresh[:20],
+        }
 
 
 def find_layer_stack(model: nn.Module, num_layers: int) -> str:
@@ -225,21 +240,33 @@ def find_layer_stack(model: nn.Module, num_layers: int) -> str:
     Raises:
         ModelLoadError: no (or more than one) such list.
     """
-    candidates = [name for name, module in model.named_modules()
-                  if isinstance(module, nn.ModuleList) and len(module) == num_layers and name]
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and name
+    ]
     preferred = [n for n in candidates if re.search(r"(^|\.)(encoder\.layer|layers|h|block)$", n)]
     found = preferred or candidates
     if len(found) != 1:
-        raise ModelLoadError(f"Cannot find the layer stack of a {type(model).__name__} to derive from "
-                             f"(candidates: {', '.join(found) or 'none'}).")
+        raise ModelLoadError(
+            f"Cannot find the layer stack of a {type(model).__name__} to derive from "
+            f"(candidates: {', '.join(found) or 'none'})."
+        )
     return found[0]
 
 
 Heads = tuple[int, int, int | None]  # (num_heads, head_dim, num_key_value_heads or None)
 
 
-def copy_weights(parent: nn.Module, child: nn.Module, *, stack: str, kept_layers: list[int] | tuple[int, ...],
-                 parent_heads: Heads, child_heads: Heads) -> CopyReport:
+def copy_weights(
+    parent: nn.Module,
+    child: nn.Module,
+    *,
+    stack: str,
+    kept_layers: list[int] | tuple[int, ...],
+    parent_heads: Heads,
+    child_heads: Heads,
+) -> CopyReport:
     """Initialise ``child`` from ``parent`` in place (see the module docstring for the slicing rules).
 
     Args:
@@ -257,7 +284,7 @@ def copy_weights(parent: nn.Module, child: nn.Module, *, stack: str, kept_layers
             match = layer_key.match(name)
             source_name = name
             if match:
-                source_name = f"{stack}.{kept_layers[int(match.group(1))]}.{name[match.end():]}"
+                source_name = f"{stack}.{kept_layers[int(match.group(1))]}.{name[match.end() :]}"
             source = parent_state.get(source_name)
             if source is None or source.dim() != target.dim():
                 report.fresh.append(name)
@@ -271,8 +298,9 @@ def copy_weights(parent: nn.Module, child: nn.Module, *, stack: str, kept_layers
     return report
 
 
-def _copy_overlap(name: str, source: torch.Tensor, target: torch.Tensor, parent_heads: Heads,
-                  child_heads: Heads) -> None:
+def _copy_overlap(
+    name: str, source: torch.Tensor, target: torch.Tensor, parent_heads: Heads, child_heads: Heads
+) -> None:
     """Copy the leading block of ``source`` into ``target``; attention dims are sliced per head."""
     src, dst = source, target
     head_dim_axis = None
@@ -316,8 +344,10 @@ def derive_model(cfg: ModelConfig, *, dataset: Any, role: str, task: str) -> Any
         raise ConfigError(f"{what}: {exc}") from None
     parent = load_model(cfg.parent, dataset=dataset, role=role, task=task)  # type: ignore[arg-type]
     if parent.kind != "transformers":
-        raise ModelLoadError(f"{what}: only transformers models can be derived from; the parent "
-                             f"'{cfg.parent.describe()}' is a builtin net.")
+        raise ModelLoadError(
+            f"{what}: only transformers models can be derived from; the parent "
+            f"'{cfg.parent.describe()}' is a builtin net."
+        )
     return derive_from_loaded(parent, cfg.params, what=what)
 
 
@@ -340,15 +370,30 @@ def derive_from_loaded(parent: Any, params: dict[str, Any], *, what: str = "Deri
     parent_head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     parent_heads = (config.num_attention_heads, parent_head_dim, getattr(config, "num_key_value_heads", None))
     child_heads = (plan.num_attention_heads, plan.head_dim, plan.num_key_value_heads)
-    report = copy_weights(core, child, stack=stack, kept_layers=plan.kept_layers, parent_heads=parent_heads,
-                          child_heads=child_heads)
+    report = copy_weights(
+        core,
+        child,
+        stack=stack,
+        kept_layers=plan.kept_layers,
+        parent_heads=parent_heads,
+        child_heads=child_heads,
+    )
     child.train(core.training)
     model = SentenceEmbedder(child, normalize=parent.model.normalize) if core is not parent.model else child
     derived = {
-        "kept_layers": list(plan.kept_layers), "parent_layers": config.num_hidden_layers,
-        "hidden_size": plan.hidden_size, "intermediate_size": plan.intermediate_size,
-        "num_attention_heads": plan.num_attention_heads, "num_key_value_heads": plan.num_key_value_heads,
+        "kept_layers": list(plan.kept_layers),
+        "parent_layers": config.num_hidden_layers,
+        "hidden_size": plan.hidden_size,
+        "intermediate_size": plan.intermediate_size,
+        "num_attention_heads": plan.num_attention_heads,
+        "num_key_value_heads": plan.num_key_value_heads,
         "init": report.summary(),
     }
-    return LoadedModel(model, parent.tokenizer, "transformers", list(parent.label_names),
-                       {"derived": derived}, task=parent.task)
+    return LoadedModel(
+        model,
+        parent.tokenizer,
+        "transformers",
+        list(parent.label_names),
+        {"derived": derived},
+        task=parent.task,
+    )

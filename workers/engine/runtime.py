@@ -23,21 +23,26 @@ from .models import LoadedModel, SentenceEmbedder
 if TYPE_CHECKING:
     from .trainer import RunPlan
 
-# --- out of memory ---------------------------------------------------------------------------------------------
+# --- out of memory ------------------------------------------------------------------------------------------
 
-# What torch's allocators say when they fail: CUDA/MPS "out of memory", the CPU allocator "can't allocate memory"
-# or "not enough memory" (and the OS's ENOMEM text).
-OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+# What torch's allocators say when they fail: CUDA/MPS "out of memory", the CPU allocator "can't allocate
+# memory" or "not enough memory" (and the OS's ENOMEM text).
+OUT_OF_MEMORY_TEXTS = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "not enough memory",
+)
 GPU_MEMORY_TEXTS = ("cuda", "gpu", "mps", "hip", "xpu")
 
 
 def out_of_memory_error(exc: BaseException, cfg: RunConfig, during: str) -> TrainingError | None:
     """The run's message for an out-of-memory failure, or None when ``exc`` is something else.
 
-    The one place that recognises out of memory in its forms: ``torch.OutOfMemoryError`` (CUDA), a RuntimeError
-    of an allocator (the CPU's ``DefaultCPUAllocator: can't allocate memory``, MPS, ...) and Python's MemoryError
-    (numpy, pure Python). The message names the phase (``during``: "at step 12", "while loading the student"),
-    the run's memory estimate (:mod:`.memory`) and what to change.
+    The one place that recognises out of memory in its forms: ``torch.OutOfMemoryError`` (CUDA), a
+    RuntimeError of an allocator (the CPU's ``DefaultCPUAllocator: can't allocate memory``, MPS, ...) and
+    Python's MemoryError (numpy, pure Python). The message names the phase (``during``: "at step 12", "while
+    loading the student"), the run's memory estimate (:mod:`.memory`) and what to change.
     """
     text = str(exc).lower()
     if isinstance(exc, torch.OutOfMemoryError):
@@ -49,8 +54,11 @@ def out_of_memory_error(exc: BaseException, cfg: RunConfig, during: str) -> Trai
     else:
         return None
     headline = f"Out of GPU memory {during}" if gpu else f"Out of memory (RAM) {during}"
-    return TrainingError(out_of_memory_message(cfg.to_dict(), headline=headline, gpu=gpu,
-                                               available_bytes=None if gpu else host_memory_bytes()))
+    return TrainingError(
+        out_of_memory_message(
+            cfg.to_dict(), headline=headline, gpu=gpu, available_bytes=None if gpu else host_memory_bytes()
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -65,21 +73,25 @@ def out_of_memory_as_training_error(cfg: RunConfig, during: str) -> Iterator[Non
         raise error from exc
 
 
-# --- models and batches ----------------------------------------------------------------------------------------
+# --- models and batches -------------------------------------------------------------------------------------
 
 
 def lm_max_length(dataset: LoadedDataset, model: LoadedModel) -> int:
-    """Token rows of a causal LM run are cut to the dataset's max_length, capped by the student's positions."""
+    """Token rows of a causal LM run are cut to the dataset's max_length, capped by the student's
+    positions."""
     return model.max_length(dataset.max_length)
 
 
-def make_batcher(split_name: str, dataset: LoadedDataset, model: LoadedModel, *,
-                 max_length: int | None = None) -> Batcher | LMBatcher:
+def make_batcher(
+    split_name: str, dataset: LoadedDataset, model: LoadedModel, *, max_length: int | None = None
+) -> Batcher | LMBatcher:
     """Batches of one split for ``model`` (tokenised with its own tokenizer)."""
     split = dataset.train if split_name == "train" else dataset.eval
     if dataset.task == "causal_lm":
         length = max_length or lm_max_length(dataset, model)
-        return LMBatcher.from_texts(split.inputs, tokenizer=model.tokenizer, max_length=length, pack=dataset.pack)
+        return LMBatcher.from_texts(
+            split.inputs, tokenizer=model.tokenizer, max_length=length, pack=dataset.pack
+        )
     return Batcher(split, tokenizer=model.tokenizer, max_length=model.max_length(dataset.max_length))
 
 
@@ -99,8 +111,7 @@ def prepare_attention(loaded: LoadedModel, plan: RunPlan) -> None:
         core.set_attn_implementation("eager")
 
 
-
-# --- generation ------------------------------------------------------------------------------------------------
+# --- generation ---------------------------------------------------------------------------------------------
 
 
 def prompt_length(row: list[int], *, max_new_tokens: int, max_length: int, eos_id: int | None) -> int:
@@ -111,9 +122,17 @@ def prompt_length(row: list[int], *, max_new_tokens: int, max_length: int, eos_i
 
 
 @torch.no_grad()
-def generate_continuations(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
-                           temperature: float, pad_id: int, eos_id: int | None, device: torch.device,
-                           seed: int) -> list[list[int]]:
+def generate_continuations(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    pad_id: int,
+    eos_id: int | None,
+    device: torch.device,
+    seed: int,
+) -> list[list[int]]:
     """Continue each prompt with ``model.generate`` (greedy when ``temperature`` is 0, else sampled with a
     generator seeded by ``seed``, leaving the global RNG untouched). Prompts are left-padded into one batch.
 
@@ -124,8 +143,8 @@ def generate_continuations(model: nn.Module, prompts: list[list[int]], *, max_ne
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.as_tensor(p)
+        mask[i, width - len(p) :] = 1
     sample = temperature > 0
     kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
     if eos_id is not None:

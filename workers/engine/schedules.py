@@ -62,8 +62,9 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
-def validate_schedule(term: str, schedule: Mapping[str, Any] | None,
-                      params: Mapping[str, _RangeSpec]) -> dict[str, dict[str, Any]]:
+def validate_schedule(
+    term: str, schedule: Mapping[str, Any] | None, params: Mapping[str, _RangeSpec]
+) -> dict[str, dict[str, Any]]:
     """Check a term's schedules; returns them with floats and an explicit ``end``.
 
     Args:
@@ -82,15 +83,18 @@ def validate_schedule(term: str, schedule: Mapping[str, Any] | None,
         param = params.get(target)
         if target != WEIGHT and (param is None or param.type is not float):
             numeric = [name for name, p in params.items() if p.type is float]
-            raise ConfigError(f"Loss term '{term}' cannot schedule '{target}'. Schedulable: "
-                              f"{', '.join([WEIGHT, *numeric])}.")
+            raise ConfigError(
+                f"Loss term '{term}' cannot schedule '{target}'. Schedulable: "
+                f"{', '.join([WEIGHT, *numeric])}."
+            )
         where = f"The {target} schedule of loss term '{term}'"
         if not isinstance(spec, Mapping):
             raise ConfigError(f"{where} must be a mapping with kind, start and end, got {spec!r}.")
         extra = set(spec) - {"kind", "start", "end"}
         if extra:
-            raise ConfigError(f"{where} has unknown keys: {', '.join(sorted(map(str, extra)))}. "
-                              "Use kind, start and end.")
+            raise ConfigError(
+                f"{where} has unknown keys: {', '.join(sorted(map(str, extra)))}. Use kind, start and end."
+            )
         kind = spec.get("kind")
         if kind not in SCHEDULE_KINDS:
             raise ConfigError(f"{where} has kind {kind!r}; use one of: {', '.join(SCHEDULE_KINDS)}.")

@@ -54,17 +54,27 @@ SCHEMES: dict[str, SchemeSpec] = {
         SchemeSpec("online", "Online", "The teacher runs on every batch (needed for feature terms).", True),
         SchemeSpec("hard_labels", "Hard labels", "Baseline: ce on the labels only, no teacher.", False),
         SchemeSpec(
-            "seq_kd", "Sequence-level KD", "The student is trained with ce on teacher-generated continuations.",
-            True, tasks=("causal_lm",),
+            "seq_kd",
+            "Sequence-level KD",
+            "The student is trained with ce on teacher-generated continuations.",
+            True,
+            tasks=("causal_lm",),
             params=_params(
-                SchemeParam("max_new_tokens", 64, "Tokens the teacher generates per prompt.", 1, 2048, integer=True),
-                SchemeParam("temperature", 0.0, "Sampling temperature of the teacher (0 = greedy).", 0.0, 10.0),
+                SchemeParam(
+                    "max_new_tokens", 64, "Tokens the teacher generates per prompt.", 1, 2048, integer=True
+                ),
+                SchemeParam(
+                    "temperature", 0.0, "Sampling temperature of the teacher (0 = greedy).", 0.0, 10.0
+                ),
             ),
         ),
         SchemeSpec(
-            "on_policy", "On-policy (GKD)",
-            "With probability λ a batch's continuations are sampled from the student, then scored by the teacher.",
-            True, tasks=("causal_lm",),
+            "on_policy",
+            "On-policy (GKD)",
+            "With probability λ a batch's continuations are sampled from the student, "
+            "then scored by the teacher.",
+            True,
+            tasks=("causal_lm",),
             params=_params(
                 SchemeParam("lmbda", 0.5, "Probability λ that a batch is student-generated.", 0.0, 1.0),
                 SchemeParam("temperature", 1.0, "Sampling temperature of the student.", 0.01, 10.0),
@@ -72,20 +82,27 @@ SCHEMES: dict[str, SchemeSpec] = {
             ),
         ),
         SchemeSpec(
-            "self_distillation", "Self-distillation (born-again)",
-            "Each generation of the same architecture distils from the previous one; the first from the teacher.",
-            True, chained=True,
+            "self_distillation",
+            "Self-distillation (born-again)",
+            "Each generation of the same architecture distils from the previous one; "
+            "the first from the teacher.",
+            True,
+            chained=True,
             params=_params(SchemeParam("generations", 2, "Generations to chain.", 1, 10, integer=True)),
         ),
         SchemeSpec(
-            "teacher_assistant", "Teacher assistant",
+            "teacher_assistant",
+            "Teacher assistant",
             "The assistant is distilled from the teacher first, then the student from the assistant.",
-            True, chained=True,
+            True,
+            chained=True,
         ),
         SchemeSpec(
-            "multi_teacher", "Multi-teacher",
-            "Targets are the weighted average of several teachers' distributions, each softened at the term's "
-            "temperature before averaging (Hinton et al. 2015).", True,
+            "multi_teacher",
+            "Multi-teacher",
+            "Targets are the weighted average of several teachers' distributions, "
+            "each softened at the term's temperature before averaging (Hinton et al. 2015).",
+            True,
         ),
     )
 }
@@ -107,6 +124,8 @@ def validate_scheme_params(name: str, params: Mapping[str, Any] | None) -> dict[
         if param.integer and float(value) != int(value):
             raise ConfigError(f"Parameter '{key}' of scheme '{name}' must be a whole number, got {value!r}.")
         if not param.min <= value <= param.max:
-            raise ConfigError(f"Parameter '{key}' of scheme '{name}' must be {param.range_text()}, got {value:g}.")
+            raise ConfigError(
+                f"Parameter '{key}' of scheme '{name}' must be {param.range_text()}, got {value:g}."
+            )
         cleaned[key] = int(value) if param.integer else float(value)
     return cleaned

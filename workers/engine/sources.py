@@ -3,17 +3,18 @@
 Two kinds of names reach a run, and they never stand in for each other:
 
 - **hub identifiers** (a model or tokenizer id, a dataset name, a dataset config name, a revision) follow the
-  Hugging Face hub's id syntax and are handed to the hub loaders only. A value that fails the syntax (an absolute
-  or relative path, ``~``, a URL such as ``file://``, a URL-encoded ``%2e%2e%2f``) is not a hub id; neither is one
-  that names a file or folder that exists where the worker runs (transformers and datasets would read that instead).
+  Hugging Face hub's id syntax and are handed to the hub loaders only. A value that fails the syntax (an
+  absolute or relative path, ``~``, a URL such as ``file://``, a URL-encoded ``%2e%2e%2f``) is not a hub id;
+  neither is one that names a file or folder that exists where the worker runs (transformers and datasets
+  would read that instead).
 - **local paths** come only through the ``local`` sources (a model folder, a dataset file) and must lie, after
-  resolving symlinks, under a root the server is configured with. Nothing under the artifact root is read that way:
-  a run's outputs are reachable only as the ``run`` source path the worker itself resolved, an uploaded dataset only
-  from its team's upload folder.
+  resolving symlinks, under a root the server is configured with. Nothing under the artifact root is read that
+  way: a run's outputs are reachable only as the ``run`` source path the worker itself resolved, an uploaded
+  dataset only from its team's upload folder.
 
 The web side validates input with these functions; the engine checks every run config again with
-:func:`check_run_sources`, against the roots of the worker that runs it (``RunConfig.allowed_paths``), before it
-reads a file. :func:`redact_paths` keeps absolute paths of the machine out of messages shown to users.
+:func:`check_run_sources`, against the roots of the worker that runs it (``RunConfig.allowed_paths``), before
+it reads a file. :func:`redact_paths` keeps absolute paths of the machine out of messages shown to users.
 """
 
 from __future__ import annotations
@@ -36,12 +37,42 @@ CONFIG_NAME_MAX = 100
 _PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 _SAFE_CHARS = re.compile(r"[A-Za-z0-9_./-]*")
 # Builder names of the `datasets` package: load_dataset("csv") and friends read local files, never the hub.
-PACKAGED_BUILDERS = frozenset({
-    "arrow", "audiofolder", "cache", "conll", "csv", "eval", "fasta", "fastq", "folder_based_builder", "genbank",
-    "generator", "harbor", "hdf5", "iceberg", "imagefolder", "json", "lance", "meshfolder", "mmcif", "niftifolder",
-    "pandas", "parquet", "pdb", "pdffolder", "spark", "sql", "text", "tsfile", "videofolder", "vortex",
-    "webdataset", "xml",
-})
+PACKAGED_BUILDERS = frozenset(
+    {
+        "arrow",
+        "audiofolder",
+        "cache",
+        "conll",
+        "csv",
+        "eval",
+        "fasta",
+        "fastq",
+        "folder_based_builder",
+        "genbank",
+        "generator",
+        "harbor",
+        "hdf5",
+        "iceberg",
+        "imagefolder",
+        "json",
+        "lance",
+        "meshfolder",
+        "mmcif",
+        "niftifolder",
+        "pandas",
+        "parquet",
+        "pdb",
+        "pdffolder",
+        "spark",
+        "sql",
+        "text",
+        "tsfile",
+        "videofolder",
+        "vortex",
+        "webdataset",
+        "xml",
+    }
+)
 HUB_ID_RULE = "NAME or ORG/NAME of letters, digits, '-', '_' and '.'"
 
 
@@ -69,8 +100,9 @@ def _shape_problem(value: Any, *, limit: int) -> str | None:
 def repo_id_problem(value: Any) -> str | None:
     """Why ``value`` is not a hub repo id (a model, tokenizer or dataset id: ``gpt2``, ``org/name``), or None.
 
-    The hub's rules: one or two parts (``NAME`` or ``ORG/NAME``), each of letters, digits, ``-``, ``_``, ``.``, not
-    starting or ending with ``-`` or ``.``; no ``--`` or ``..``; not ending in ``.git``; at most 96 characters.
+    The hub's rules: one or two parts (``NAME`` or ``ORG/NAME``), each of letters, digits, ``-``, ``_``,
+    ``.``, not starting or ending with ``-`` or ``.``; no ``--`` or ``..``; not ending in ``.git``; at most 96
+    characters.
     """
     problem = _shape_problem(value, limit=REPO_ID_MAX)
     if problem:
@@ -99,14 +131,16 @@ def dataset_name_problem(value: Any) -> str | None:
 
 
 def revision_problem(value: Any) -> str | None:
-    """Why ``value`` is not a hub revision (a branch or tag name such as ``main`` or ``v1.0``, ``refs/pr/1``, or a
-    commit sha), or None."""
+    """Why ``value`` is not a hub revision (a branch or tag name such as ``main`` or ``v1.0``, ``refs/pr/1``,
+    or a commit sha), or None."""
     problem = _shape_problem(value, limit=REVISION_MAX)
     if problem:
         return problem
     if not all(_PART.fullmatch(p) for p in value.split("/")):
-        return ("a revision is a branch, a tag or a commit: parts of letters, digits, '-', '_' and '.' separated "
-                "by single '/', none starting or ending with '.' or '-'")
+        return (
+            "a revision is a branch, a tag or a commit: parts of letters, digits, '-', '_' and '.' separated "
+            "by single '/', none starting or ending with '.' or '-'"
+        )
     if any(p.endswith(".lock") for p in value.split("/")):
         return "a revision part does not end in '.lock'"
     return None
@@ -140,7 +174,7 @@ def is_within(path: str | Path, roots: Iterable[str | Path]) -> bool:
         return False
 
 
-# --- the engine's check of a whole run config ------------------------------------------------------------------
+# --- the engine's check of a whole run config ---------------------------------------------------------------
 
 
 def _model_configs(cfg: RunConfig) -> Iterator[tuple[str, ModelConfig]]:
@@ -162,13 +196,16 @@ def _hub_model_problem(name: str, revision: str) -> str | None:
     if problem:
         return f"'{name}' is not a hub id ({problem})"
     if names_local_path(name):
-        return (f"'{name}' is not a hub id here: a file or folder of that name exists on the worker, and a hub id "
-                "is never read from local files")
+        return (
+            f"'{name}' is not a hub id here: a file or folder of that name exists on the worker, "
+            "and a hub id is never read from local files"
+        )
     return None
 
 
 def check_hub_model(name: str, revision: str, what: str) -> None:
-    """Refuse (``ModelLoadError``) a model or tokenizer hub id that fails the hub's syntax or names a local path."""
+    """Refuse (``ModelLoadError``) a model or tokenizer hub id that fails the hub's syntax or names a local
+    path."""
     problem = _hub_model_problem(name, revision)
     if problem:
         raise ModelLoadError(f"{what} could not be loaded: {problem}.")
@@ -180,23 +217,26 @@ def check_hub_dataset(name: str) -> None:
     if problem:
         raise DataError(f"Dataset could not be loaded: '{name}' is not a hub id ({problem}).")
     if names_local_path(name):
-        raise DataError(f"Dataset could not be loaded: '{name}' is not a hub id here: a file or folder of that name "
-                        "exists on the worker, and a hub dataset is never read from local files.")
+        raise DataError(
+            f"Dataset could not be loaded: '{name}' is not a hub id here: a file or folder of that name "
+            "exists on the worker, and a hub dataset is never read from local files."
+        )
 
 
 def is_local_tokenizer(value: str) -> bool:
-    """A tokenizer named in a ``config`` model is a local folder when it is an absolute path, else a hub id."""
+    """A tokenizer named in a ``config`` model is a local folder when it is an absolute path, else a hub
+    id."""
     return Path(value).is_absolute()
 
 
 def check_run_sources(cfg: RunConfig) -> None:
     """Check where every model, tokenizer and dataset of ``cfg`` comes from, before anything is read.
 
-    Hub ids must follow the hub's syntax and name no local file (always). With ``cfg.allowed_paths`` (set by the
-    worker from its own settings), local paths must lie under its roots after resolving symlinks, paths under the
-    artifact root are refused except the resolved ``run`` sources and the team's upload folder, and a ``run``
-    source must be one of the run outputs the worker resolved. Without it (the engine used as a library or from
-    the CLI), local paths are the caller's to choose.
+    Hub ids must follow the hub's syntax and name no local file (always). With ``cfg.allowed_paths`` (set by
+    the worker from its own settings), local paths must lie under its roots after resolving symlinks, paths
+    under the artifact root are refused except the resolved ``run`` sources and the team's upload folder, and
+    a ``run`` source must be one of the run outputs the worker resolved. Without it (the engine used as a
+    library or from the CLI), local paths are the caller's to choose.
 
     Raises:
         ModelLoadError / DataError: naming what is refused, without reading it.
@@ -209,7 +249,9 @@ def check_run_sources(cfg: RunConfig) -> None:
                 check_hub_model(model.name, model.revision, what)
         elif model.source == "hf":
             if model.revision and (problem := revision_problem(model.revision)):
-                raise ModelLoadError(f"{what} could not be loaded: its revision is not a hub revision ({problem}).")
+                raise ModelLoadError(
+                    f"{what} could not be loaded: its revision is not a hub revision ({problem})."
+                )
             _check_local(model.path, allowed, kind="model", what=what)
         elif model.source == "run":
             _check_run_output(model.path, allowed, what)
@@ -242,14 +284,17 @@ def _check_local(path: str, allowed: AllowedPaths | None, *, kind: str, what: st
         return
     roots = allowed.model_roots if kind == "model" else allowed.dataset_roots
     if allowed.artifact_root and is_within(path, [allowed.artifact_root]):
-        # Every team's runs and uploads: of these only the run's own team uploads are read as files, whatever the
-        # roots say (run outputs come through ``run`` sources).
+        # Every team's runs and uploads: of these only the run's own team uploads are read as files, whatever
+        # the roots say (run outputs come through ``run`` sources).
         permitted = kind == "dataset" and bool(allowed.uploads) and is_within(path, [allowed.uploads])
     else:
         permitted = is_within(path, roots)
     if not permitted:
-        raise _error(kind, f"{what} could not be loaded: {display_path(path, allowed)} is outside the folders this "
-                           f"worker may read {kind}s from.")
+        raise _error(
+            kind,
+            f"{what} could not be loaded: {display_path(path, allowed)} is outside the folders this "
+            f"worker may read {kind}s from.",
+        )
 
 
 def _check_run_output(path: str, allowed: AllowedPaths | None, what: str) -> None:
@@ -261,17 +306,20 @@ def _check_run_output(path: str, allowed: AllowedPaths | None, what: str) -> Non
     except (OSError, ValueError):
         ok = False
     if not ok:
-        raise ModelLoadError(f"{what} could not be loaded: {display_path(path, allowed)} is outside the folders this "
-                             "worker may read models from (a run's model is read only from a run of the same team).")
+        raise ModelLoadError(
+            f"{what} could not be loaded: {display_path(path, allowed)} is outside the folders this "
+            "worker may read models from (a run's model is read only from a run of the same team)."
+        )
 
 
-# --- messages without the machine's paths ----------------------------------------------------------------------
+# --- messages without the machine's paths -------------------------------------------------------------------
 
 _RUN_OUTPUT = re.compile(r"final(?:-a\d+)?")
 
 
 def run_id_of(path: str | Path) -> int | None:
-    """The run whose model folder ``path`` is (``.../runs/<id>/final``, as the worker lays outputs out), or None."""
+    """The run whose model folder ``path`` is (``.../runs/<id>/final``, as the worker lays outputs out), or
+    None."""
     parts = Path(path).parts
     if len(parts) >= 3 and parts[-3] == "runs" and parts[-2].isdigit() and _RUN_OUTPUT.fullmatch(parts[-1]):
         return int(parts[-2])
@@ -297,8 +345,8 @@ def display_path(path: str | Path, allowed: AllowedPaths | None = None) -> str:
     return f"'{describe_path(path)}'"
 
 
-# An absolute path in free text: '/' not preceded by a word character, '.', ':' or another '/' (URLs, fractions
-# and hub ids stay), then at least one path segment.
+# An absolute path in free text: '/' not preceded by a word character, '.', ':' or another '/' (URLs,
+# fractions and hub ids stay), then at least one path segment.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"`/:,;()\[\]{}<>|]+/)*[^\s'\"`/:,;()\[\]{}<>|]+")
 
 

@@ -21,8 +21,17 @@ DIVERGENCES = ("kd", "reverse_kl", "jsd", "tvd")
 POOLINGS = ("mean", "cls", "last")
 LAYER_MAPS = ("uniform", "last")
 # The inputs a term may need beyond the student logits and labels (``methods.TermInputs.has``).
-NEEDS = frozenset({"teacher_logits", "teacher_topk", "hidden_states", "attentions", "attention_scores",
-                   "values", "embeddings"})
+NEEDS = frozenset(
+    {
+        "teacher_logits",
+        "teacher_topk",
+        "hidden_states",
+        "attentions",
+        "attention_scores",
+        "values",
+        "embeddings",
+    }
+)
 
 
 class TermParamError(ConfigError):
@@ -63,8 +72,10 @@ class ParamSpec:
         if self.type is str:
             return f"one of: {', '.join(self.choices)}"
         if self.type is list:
-            return (f"{', '.join(self.choices)}, or a list of teacher layer numbers (1 = first layer), "
-                    "e.g. [2, 4]")
+            return (
+                f"{', '.join(self.choices)}, or a list of teacher layer numbers (1 = first layer), "
+                "e.g. [2, 4]"
+            )
         if self.min is not None and self.max is not None:
             left = "[" if self.min_inclusive else "("
             right = "]" if self.max_inclusive else ")"
@@ -121,8 +132,11 @@ class ParamSpec:
             items = [int(v) if v.isdigit() else v for v in items]
         else:
             items = value
-        ok = isinstance(items, list | tuple) and items and all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in items)
+        ok = (
+            isinstance(items, list | tuple)
+            and items
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in items)
+        )
         if not ok:
             raise TermParamError(f"{where} must be {self.range_text()}; got {value!r}.", param=self.name)
         return list(items)
@@ -154,8 +168,10 @@ class TermSpec:
         return bool(self.needs)
 
     def defaults(self) -> dict[str, Any]:
-        return {p.name: (list(p.default) if isinstance(p.default, list) else p.default)
-                for p in self.params.values()}
+        return {
+            p.name: (list(p.default) if isinstance(p.default, list) else p.default)
+            for p in self.params.values()
+        }
 
 
 def _fmt(x: float) -> str:
@@ -173,14 +189,23 @@ def _value_text(value: Any) -> str:
 
 
 def _temperature(default: float = 1.0) -> ParamSpec:
-    return ParamSpec("temperature", default,
-                     "Softmax temperature τ; higher values soften both distributions.",
-                     min=0.0, min_inclusive=False)
+    return ParamSpec(
+        "temperature",
+        default,
+        "Softmax temperature τ; higher values soften both distributions.",
+        min=0.0,
+        min_inclusive=False,
+    )
 
 
 def _layer_map(default: str) -> ParamSpec:
-    return ParamSpec("layer_map", default, "Which teacher layer each student layer learns from.", type=list,
-                     choices=LAYER_MAPS)
+    return ParamSpec(
+        "layer_map",
+        default,
+        "Which teacher layer each student layer learns from.",
+        type=list,
+        choices=LAYER_MAPS,
+    )
 
 
 def _params(*specs: ParamSpec) -> dict[str, ParamSpec]:
@@ -189,15 +214,21 @@ def _params(*specs: ParamSpec) -> dict[str, ParamSpec]:
 
 def _check_taid(params: Mapping[str, Any]) -> None:
     if params["t_start"] > params["t_end"]:
-        raise TermParamError("Parameter 't_end' of loss term 'taid' must be >= t_start "
-                             f"({_fmt(params['t_start'])}), got {_fmt(params['t_end'])}.", param="t_end")
+        raise TermParamError(
+            "Parameter 't_end' of loss term 'taid' must be >= t_start "
+            f"({_fmt(params['t_start'])}), got {_fmt(params['t_end'])}.",
+            param="t_end",
+        )
 
 
 def _check_topk(params: Mapping[str, Any]) -> None:
     if params["tail"] and params["temperature"] != 1:
-        raise TermParamError("Parameter 'temperature' of loss term 'topk' must be 1 when tail is on (the "
-                             "tail mass is known at temperature 1 only), got "
-                             f"{_fmt(params['temperature'])}.", param="temperature")
+        raise TermParamError(
+            "Parameter 'temperature' of loss term 'topk' must be 1 when tail is on (the "
+            "tail mass is known at temperature 1 only), got "
+            f"{_fmt(params['temperature'])}.",
+            param="temperature",
+        )
 
 
 _TEACHER_LOGITS = frozenset({"teacher_logits"})
@@ -206,23 +237,38 @@ LOSS_TERMS: dict[str, TermSpec] = {
     spec.name: spec
     for spec in (
         TermSpec(
-            "ce", "Cross-entropy",
+            "ce",
+            "Cross-entropy",
             "Cross-entropy with the hard labels (no teacher). Unlabelled rows are skipped.",
             kind="labels",
-            params=_params(ParamSpec("label_smoothing", 0.0, "Mass spread uniformly over all classes.",
-                                     min=0.0, max=1.0, max_inclusive=False)),
+            params=_params(
+                ParamSpec(
+                    "label_smoothing",
+                    0.0,
+                    "Mass spread uniformly over all classes.",
+                    min=0.0,
+                    max=1.0,
+                    max_inclusive=False,
+                )
+            ),
         ),
         TermSpec(
-            "kd", "Knowledge distillation (forward KL)",
+            "kd",
+            "Knowledge distillation (forward KL)",
             "τ²·KL(p_T^τ ‖ p_S^τ) between temperature-softened distributions (Hinton et al. 2015).",
-            needs=_TEACHER_LOGITS, params=_params(_temperature(4.0)),
+            needs=_TEACHER_LOGITS,
+            params=_params(_temperature(4.0)),
         ),
         TermSpec(
-            "reverse_kl", "Reverse KL", "τ²·KL(p_S^τ ‖ p_T^τ), mode-seeking (MiniLLM).",
-            needs=_TEACHER_LOGITS, params=_params(_temperature()),
+            "reverse_kl",
+            "Reverse KL",
+            "τ²·KL(p_S^τ ‖ p_T^τ), mode-seeking (MiniLLM).",
+            needs=_TEACHER_LOGITS,
+            params=_params(_temperature()),
         ),
         TermSpec(
-            "jsd", "Generalized JSD",
+            "jsd",
+            "Generalized JSD",
             "β·KL(p_T‖M) + (1−β)·KL(p_S‖M) with M = β·p_T + (1−β)·p_S; β=0 is forward KL, β=1 reverse KL "
             "(GKD). Not scaled by τ², like TRL.",
             needs=_TEACHER_LOGITS,
@@ -232,99 +278,165 @@ LOSS_TERMS: dict[str, TermSpec] = {
             ),
         ),
         TermSpec(
-            "skew_kl", "Skew KL", "KL(p_T ‖ α·p_T + (1−α)·p_S) (DistiLLM).",
+            "skew_kl",
+            "Skew KL",
+            "KL(p_T ‖ α·p_T + (1−α)·p_S) (DistiLLM).",
             needs=_TEACHER_LOGITS,
-            params=_params(ParamSpec("alpha", 0.1, "Skew α: how much teacher is mixed into the student side.",
-                                     min=0.0, max=1.0, max_inclusive=False)),
-        ),
-        TermSpec(
-            "skew_reverse_kl", "Skew reverse KL", "KL(p_S ‖ (1−α)·p_T + α·p_S) (DistiLLM).",
-            needs=_TEACHER_LOGITS,
-            params=_params(ParamSpec("alpha", 0.1, "Skew α: how much student is mixed into the teacher side.",
-                                     min=0.0, max=1.0, max_inclusive=False)),
-        ),
-        TermSpec(
-            "tvd", "Total variation distance", "½·Σ|p_T^τ − p_S^τ| (DistiLLM / DistillKit).",
-            needs=_TEACHER_LOGITS, params=_params(_temperature()),
-        ),
-        TermSpec(
-            "taid", "TAID (interpolated teacher)",
-            "KL(p_t ‖ p_S) with p_t = softmax((1−t)·stopgrad(z_S) + t·z_T); t rises from t_start to t_end, "
-            "adaptively or linearly (Shing et al., ICLR 2025).",
-            needs=_TEACHER_LOGITS, kind="taid", check=_check_taid,
             params=_params(
-                ParamSpec("t_start", 0.4, "Interpolation t at the start (0 = student, 1 = teacher).",
-                          min=0.0, max=1.0, max_inclusive=False),
-                ParamSpec("t_end", 1.0, "Interpolation t reached at the end.", min=0.0, max=1.0,
-                          min_inclusive=False),
-                ParamSpec("alpha", 5e-4, "Adaptive step size α for t.", min=0.0, max=1.0),
-                ParamSpec("beta", 0.99, "Momentum β of the loss's relative change.", min=0.0, max=1.0),
-                ParamSpec("adaptive", True,
-                          "Move t adaptively (on) or linearly with training progress (off).", type=bool),
+                ParamSpec(
+                    "alpha",
+                    0.1,
+                    "Skew α: how much teacher is mixed into the student side.",
+                    min=0.0,
+                    max=1.0,
+                    max_inclusive=False,
+                )
             ),
         ),
         TermSpec(
-            "topk", "Top-k divergence",
+            "skew_reverse_kl",
+            "Skew reverse KL",
+            "KL(p_S ‖ (1−α)·p_T + α·p_S) (DistiLLM).",
+            needs=_TEACHER_LOGITS,
+            params=_params(
+                ParamSpec(
+                    "alpha",
+                    0.1,
+                    "Skew α: how much student is mixed into the teacher side.",
+                    min=0.0,
+                    max=1.0,
+                    max_inclusive=False,
+                )
+            ),
+        ),
+        TermSpec(
+            "tvd",
+            "Total variation distance",
+            "½·Σ|p_T^τ − p_S^τ| (DistiLLM / DistillKit).",
+            needs=_TEACHER_LOGITS,
+            params=_params(_temperature()),
+        ),
+        TermSpec(
+            "taid",
+            "TAID (interpolated teacher)",
+            "KL(p_t ‖ p_S) with p_t = softmax((1−t)·stopgrad(z_S) + t·z_T); t rises from t_start to t_end, "
+            "adaptively or linearly (Shing et al., ICLR 2025).",
+            needs=_TEACHER_LOGITS,
+            kind="taid",
+            check=_check_taid,
+            params=_params(
+                ParamSpec(
+                    "t_start",
+                    0.4,
+                    "Interpolation t at the start (0 = student, 1 = teacher).",
+                    min=0.0,
+                    max=1.0,
+                    max_inclusive=False,
+                ),
+                ParamSpec(
+                    "t_end", 1.0, "Interpolation t reached at the end.", min=0.0, max=1.0, min_inclusive=False
+                ),
+                ParamSpec("alpha", 5e-4, "Adaptive step size α for t.", min=0.0, max=1.0),
+                ParamSpec("beta", 0.99, "Momentum β of the loss's relative change.", min=0.0, max=1.0),
+                ParamSpec(
+                    "adaptive",
+                    True,
+                    "Move t adaptively (on) or linearly with training progress (off).",
+                    type=bool,
+                ),
+            ),
+        ),
+        TermSpec(
+            "topk",
+            "Top-k divergence",
             "A divergence restricted to the teacher's top-k tokens, optionally with a bucket for the "
             "remaining mass; works from a sparse teacher cache (Sparse Logit Sampling / DistillKit).",
-            needs=frozenset({"teacher_topk"}), kind="topk", check=_check_topk,
+            needs=frozenset({"teacher_topk"}),
+            kind="topk",
+            check=_check_topk,
             params=_params(
                 ParamSpec("k", 64, "Teacher tokens kept per position.", min=1, type=int),
-                ParamSpec("divergence", "kd", "Divergence on the restricted distributions.", type=str,
-                          choices=DIVERGENCES),
+                ParamSpec(
+                    "divergence",
+                    "kd",
+                    "Divergence on the restricted distributions.",
+                    type=str,
+                    choices=DIVERGENCES,
+                ),
                 ParamSpec("tail", True, "Add one bucket holding the mass outside the top k.", type=bool),
                 _temperature(),
                 ParamSpec("beta", 0.5, "Teacher weight β (jsd only).", min=0.0, max=1.0),
             ),
         ),
         TermSpec(
-            "uld", "Universal logit distillation",
+            "uld",
+            "Universal logit distillation",
             "Σ|p_T(i) − p_S(i)| over probabilities sorted in decreasing order (shorter vocab zero-padded): "
             "works across tokenizers (Boizard et al. 2024). From a top-k cache, the teacher's tail enters as "
             "one total.",
-            needs=frozenset({"teacher_topk"}), kind="uld",
+            needs=frozenset({"teacher_topk"}),
+            kind="uld",
         ),
         TermSpec(
-            "hidden_mse", "Hidden-state MSE",
+            "hidden_mse",
+            "Hidden-state MSE",
             "Σ_l MSE(W_l·h_S^l, h_T^map(l)); W_l is learned when widths differ (FitNets, TinyBERT).",
-            needs=frozenset({"hidden_states"}), kind="hidden",
+            needs=frozenset({"hidden_states"}),
+            kind="hidden",
             params=_params(_layer_map("uniform")),
         ),
         TermSpec(
-            "hidden_cosine", "Hidden-state cosine",
+            "hidden_cosine",
+            "Hidden-state cosine",
             "1 − cos(h_S, h_T) per token on mapped layers (DistilBERT).",
-            needs=frozenset({"hidden_states"}), kind="hidden",
+            needs=frozenset({"hidden_states"}),
+            kind="hidden",
             params=_params(_layer_map("last")),
         ),
         TermSpec(
-            "attention_mse", "Attention-score MSE",
+            "attention_mse",
+            "Attention-score MSE",
             "MSE between the pre-softmax attention scores Q·Kᵀ/√d of mapped layers, over real token pairs; "
             "same number of heads (TinyBERT, Jiao et al. 2020). Transformers models only (read through an "
             "eager attention path).",
-            needs=frozenset({"attention_scores"}), kind="attention_scores",
+            needs=frozenset({"attention_scores"}),
+            kind="attention_scores",
             params=_params(_layer_map("uniform")),
         ),
         TermSpec(
-            "attention_prob_mse", "Attention-probability MSE",
+            "attention_prob_mse",
+            "Attention-probability MSE",
             "MSE between the post-softmax attention probabilities of mapped layers, over real token pairs; "
             "same number of heads (a variant of TinyBERT's loss; recipes saved with attention_mse before it "
             "fitted the scores were moved to this term).",
-            needs=frozenset({"attentions"}), kind="attentions",
+            needs=frozenset({"attentions"}),
+            kind="attentions",
             params=_params(_layer_map("uniform")),
         ),
         TermSpec(
-            "attention_kl", "Attention and value-relation KL",
+            "attention_kl",
+            "Attention and value-relation KL",
             "KL between last-layer self-attention distributions plus KL between value relations "
             "softmax(V·Vᵀ/√d) (MiniLM).",
-            needs=frozenset({"attentions", "values"}), kind="attention_relations",
+            needs=frozenset({"attentions", "values"}),
+            kind="attention_relations",
         ),
         TermSpec(
-            "embedding_mse", "Embedding MSE",
+            "embedding_mse",
+            "Embedding MSE",
             "MSE between the (pooled, projected) student sentence embedding and the teacher's "
             "(Reimers & Gurevych 2020).",
-            needs=frozenset({"embeddings"}), kind="embeddings",
-            params=_params(ParamSpec("pooling", "mean", "How token states become one embedding, when the "
-                                     "model does not pool itself.", type=str, choices=POOLINGS)),
+            needs=frozenset({"embeddings"}),
+            kind="embeddings",
+            params=_params(
+                ParamSpec(
+                    "pooling",
+                    "mean",
+                    "How token states become one embedding, when the model does not pool itself.",
+                    type=str,
+                    choices=POOLINGS,
+                )
+            ),
         ),
     )
 }
@@ -353,8 +465,9 @@ def validate_term_params(name: str, params: Mapping[str, Any] | None) -> dict[st
         param = spec.params.get(key)
         if param is None:
             known = ", ".join(spec.params) or "none"
-            raise TermParamError(f"Loss term '{name}' has no parameter '{key}'. Its parameters: {known}.",
-                                 param=key)
+            raise TermParamError(
+                f"Loss term '{name}' has no parameter '{key}'. Its parameters: {known}.", param=key
+            )
         cleaned[key] = param.clean(value, name)
     if spec.check is not None:
         spec.check(cleaned)
@@ -369,8 +482,12 @@ def validate_term(term: LossTermConfig) -> LossTermConfig:
         the term with complete parameters (floats for float parameters) and normalised schedules.
     """
     weight = term.weight
-    if (isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight)
-            or weight < 0):
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
         raise ConfigError(f"The weight of loss term '{term.name}' must be a number >= 0, got {weight!r}.")
     params = validate_term_params(term.name, term.params)
     spec = LOSS_TERMS[term.name]
@@ -399,7 +516,7 @@ class ModelDims:
     teacher_hidden_size: int | None = None
     student_num_heads: int | None = None
     teacher_num_heads: int | None = None
-    student_embedding_size: int | None = None    # None: the hidden size
+    student_embedding_size: int | None = None  # None: the hidden size
     teacher_embedding_size: int | None = None
     sparse_teacher: bool = False
 
@@ -439,29 +556,39 @@ def _check_dims(term: LossTermConfig, spec: TermSpec, dims: ModelDims) -> None:
     if spec.kind in ("logits", "taid") and dims.sparse_teacher:
         raise ConfigError(
             f"Loss term '{name}' needs dense teacher logits, but the teacher's outputs come from a top-k "
-            "cache. Use the topk or uld term, or the online scheme.")
+            "cache. Use the topk or uld term, or the online scheme."
+        )
     if spec.kind in ("logits", "taid") or (spec.kind == "topk" and not dims.sparse_teacher):
         if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
             raise ConfigError(
                 f"Loss term '{name}' compares distributions over the same vocabulary, but the student has "
                 f"{s_vocab} and the teacher {t_vocab} entries: tokenizer or label-space mismatch without a "
-                "cross-tokenizer method. Use uld (universal logit distillation) instead.")
+                "cross-tokenizer method. Use uld (universal logit distillation) instead."
+            )
     if spec.kind == "topk":
         known = [v for v in (s_vocab, None if dims.sparse_teacher else t_vocab) if v is not None]
         if known and params["k"] > min(known):
-            raise ConfigError(f"Loss term 'topk' keeps k={params['k']} tokens, but the vocabulary has only "
-                              f"{min(known)}. Lower k.")
+            raise ConfigError(
+                f"Loss term 'topk' keeps k={params['k']} tokens, but the vocabulary has only "
+                f"{min(known)}. Lower k."
+            )
     layer_map = params.get("layer_map")
     if spec.kind in ("hidden", "attentions", "attention_scores") and isinstance(layer_map, list):
         if dims.student_num_layers is not None and len(layer_map) != dims.student_num_layers:
-            raise ConfigError(f"The layer map of loss term '{name}' has {len(layer_map)} entries but the "
-                              f"student has {dims.student_num_layers} layers: give one teacher layer per "
-                              "student layer.")
+            raise ConfigError(
+                f"The layer map of loss term '{name}' has {len(layer_map)} entries but the "
+                f"student has {dims.student_num_layers} layers: give one teacher layer per "
+                "student layer."
+            )
         if dims.teacher_num_layers is not None and max(layer_map) > dims.teacher_num_layers:
-            raise ConfigError(f"The layer map of loss term '{name}' names teacher layer {max(layer_map)}, "
-                              f"but the teacher has {dims.teacher_num_layers} layers.")
+            raise ConfigError(
+                f"The layer map of loss term '{name}' names teacher layer {max(layer_map)}, "
+                f"but the teacher has {dims.teacher_num_layers} layers."
+            )
     if spec.kind in ("attentions", "attention_scores", "attention_relations"):
         s_heads, t_heads = dims.student_num_heads, dims.teacher_num_heads
         if s_heads is not None and t_heads is not None and s_heads != t_heads:
-            raise ConfigError(f"Loss term '{name}' compares attention heads one to one, but the student has "
-                              f"{s_heads} heads and the teacher {t_heads}. Use hidden_mse instead.")
+            raise ConfigError(
+                f"Loss term '{name}' compares attention heads one to one, but the student has "
+                f"{s_heads} heads and the teacher {t_heads}. Use hidden_mse instead."
+            )

@@ -1,9 +1,9 @@
 """A small, deterministic WordPiece tokenizer fitted on a dataset's train texts.
 
-Used for transformers models built from a config (random init) when no tokenizer folder is given, so tiny BERTs
-work offline. The vocabulary is chosen in plain Python rather than with ``tokenizers``' WordPieceTrainer: that
-trainer breaks frequency ties in hash order, so two fits on the same texts can give different vocabularies, and
-a teacher and a student built the same way must get identical tokenizers.
+Used for transformers models built from a config (random init) when no tokenizer folder is given, so tiny
+BERTs work offline. The vocabulary is chosen in plain Python rather than with ``tokenizers``'
+WordPieceTrainer: that trainer breaks frequency ties in hash order, so two fits on the same texts can give
+different vocabularies, and a teacher and a student built the same way must get identical tokenizers.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 _MAX_SUFFIX = 4
 
 
-def fit_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int,
-                            model_max_length: int = 512) -> PreTrainedTokenizerFast:
+def fit_wordpiece_tokenizer(
+    texts: Iterable[str], *, vocab_size: int, model_max_length: int = 512
+) -> PreTrainedTokenizerFast:
     """Fit an uncased BERT-style WordPiece tokenizer.
 
     The vocabulary is the special tokens, every character (as a word start and as a ``##`` continuation),
@@ -84,6 +85,11 @@ def fit_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int,
     )
     tokenizer.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length,
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
     )

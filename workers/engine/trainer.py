@@ -1,8 +1,8 @@
 """The training loop: one readable function, progress reported through callbacks only.
 
 Tasks (``RunConfig.task``): ``classification``, ``causal_lm`` (next-token prediction on text rows; the logits
-at position t are trained against token t+1, padding and prompts masked with -100) and ``embedding`` (the student
-learns the teacher's mean-pooled sentence embedding).
+at position t are trained against token t+1, padding and prompts masked with -100) and ``embedding`` (the
+student learns the teacher's mean-pooled sentence embedding).
 
 Schemes:
 - ``hard_labels``: the student alone, ``ce`` on the labelled rows (the baseline of every experiment);
@@ -12,8 +12,8 @@ Schemes:
   top-k log-probabilities (so only the terms that read a sparse teacher, ``topk`` and ``uld``, train offline),
   embeddings the embeddings;
 - ``online``: the teacher runs on every batch (needed for feature terms: hidden states, attentions, values);
-- ``multi_teacher``: like ``offline``, with the weighted average of several teachers' distributions, each softened
-  at the term's own temperature, as target (:func:`losses.mix_teachers`);
+- ``multi_teacher``: like ``offline``, with the weighted average of several teachers' distributions, each
+  softened at the term's own temperature, as target (:func:`losses.mix_teachers`);
 - ``seq_kd`` (causal LM): the teacher writes continuations of the train rows' prompts once (cached); the
   student is trained on prompt + continuation with the loss on the continuation only;
 - ``on_policy`` (causal LM): with probability λ a step's continuations are sampled from the student and scored
@@ -100,7 +100,7 @@ STREAMED_EVAL_METRICS = {
 TEACHER_METRICS = ("agreement", "kl_to_teacher", "cosine_to_teacher")
 EARLY_STOPPING_MODES = ("max", "min")
 TERM_MODULES_FILE = "term_modules.safetensors"
-BEST_DIR = "best"                       # the best eval's weights while early stopping watches a metric
+BEST_DIR = "best"  # the best eval's weights while early stopping watches a metric
 BEST_WEIGHTS_FILE = "model.safetensors"
 
 
@@ -110,18 +110,19 @@ class Callbacks:
 
     - ``on_metrics(step, metrics)``: training metrics every ``log_every`` steps (``loss``, one entry per term,
       ``weight/<term>`` and ``<param>/<term>`` for scheduled terms, ``lr``, ``samples_per_s``, for causal LMs
-      ``tokens_per_s`` (non-padding tokens), on CUDA ``gpu_memory_bytes`` (peak allocated in the interval), and for
-      ``on_policy`` ``student_generated``: the fraction of micro-batches sampled from the student) and eval
-      metrics every ``eval_every`` steps: ``eval/loss``, ``eval/accuracy``, ... on the eval split, or, with early
-      stopping, ``val/loss``, ``val/accuracy``, ... on the validation slice (the eval split is then evaluated only
-      at the end); and the eval split's ``eval/...`` of the reported student at the last step.
+      ``tokens_per_s`` (non-padding tokens), on CUDA ``gpu_memory_bytes`` (peak allocated in the interval),
+      and for ``on_policy`` ``student_generated``: the fraction of micro-batches sampled from the student) and
+      eval metrics every ``eval_every`` steps: ``eval/loss``, ``eval/accuracy``, ... on the eval split, or,
+      with early stopping, ``val/loss``, ``val/accuracy``, ... on the validation slice (the eval split is then
+      evaluated only at the end); and the eval split's ``eval/...`` of the reported student at the last step.
     - ``on_progress(step, total)``: after every step; throttle on the caller's side.
     - ``on_checkpoint(step, path)``: registers a complete checkpoint folder; returning False refuses it (the
       caller lost the run): the folder is deleted and the run stops at once, writing nothing more.
-    - ``should_stop()``: polled every ``log_every`` steps; True ends the run early, with a checkpoint of the step
-      while the caller still owns the run.
+    - ``should_stop()``: polled every ``log_every`` steps; True ends the run early, with a checkpoint of the
+      step while the caller still owns the run.
     - ``owns_run()``: False once the caller lost the run (another worker took it over); checked before any
-      weights are written (checkpoints, best weights, the final model), so a run that lost its owner saves nothing.
+      weights are written (checkpoints, best weights, the final model), so a run that lost its owner saves
+      nothing.
     """
 
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
@@ -138,12 +139,14 @@ class Callbacks:
 class TrainResult:
     """What a run produced. ``student``/``teacher`` are :func:`evaluate` metrics on the eval split.
 
-    ``stopped``: ``should_stop`` ended the run, or its caller lost it (nothing saved or evaluated). ``stopped_early``: early stopping
-    ended it (saved and evaluated as usual); ``best_step`` / ``best_metric``: the best evaluation of the monitored
-    metric on the validation slice (None without early stopping); ``restored_best``: the saved, evaluated student is the one of
-    ``best_step`` (``train.early_stopping_restore_best``), not the last weights. ``teacher_cache``: one entry per teacher-output cache entry the run
-    used (``key``, ``split``, ``stored``, ``hit``, ``seconds``, ``path``, ``bytes``, ``waited``).
-    ``teacher_forwards``: teacher forward passes this run executed (0 when everything came from the cache).
+    ``stopped``: ``should_stop`` ended the run, or its caller lost it (nothing saved or evaluated).
+    ``stopped_early``: early stopping ended it (saved and evaluated as usual); ``best_step`` /
+    ``best_metric``: the best evaluation of the monitored metric on the validation slice (None without early
+    stopping); ``restored_best``: the saved, evaluated student is the one of ``best_step``
+    (``train.early_stopping_restore_best``), not the last weights. ``teacher_cache``: one entry per
+    teacher-output cache entry the run used (``key``, ``split``, ``stored``, ``hit``, ``seconds``, ``path``,
+    ``bytes``, ``waited``). ``teacher_forwards``: teacher forward passes this run executed (0 when everything
+    came from the cache).
     """
 
     steps: int
@@ -166,7 +169,7 @@ class TrainResult:
         return asdict(self)
 
 
-# --- pure helpers ----------------------------------------------------------------------------------------------
+# --- pure helpers -------------------------------------------------------------------------------------------
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
@@ -192,7 +195,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"Device '{name}' was requested but CUDA is not available on this worker.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"Device '{name}' does not exist; this worker has {torch.cuda.device_count()} GPU(s).")
+        raise ConfigError(
+            f"Device '{name}' does not exist; this worker has {torch.cuda.device_count()} GPU(s)."
+        )
     return device
 
 
@@ -228,12 +233,19 @@ def check_train_config(train: TrainConfig) -> None:
             raise ConfigError(f"train.{name} must be a whole number >= 0, got {value!r}.")
     for name in ("lr", "weight_decay", "grad_clip"):
         value = getattr(train, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
             raise ConfigError(f"train.{name} must be a number >= 0, got {value!r}.")
     if train.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {train.lr!r}.")
     if train.lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {train.lr_schedule!r}.")
+        raise ConfigError(
+            f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {train.lr_schedule!r}."
+        )
     if train.early_stopping_mode not in EARLY_STOPPING_MODES:
         raise ConfigError(f"train.early_stopping_mode must be max or min, got {train.early_stopping_mode!r}.")
     fraction = train.validation_fraction
@@ -241,7 +253,7 @@ def check_train_config(train: TrainConfig) -> None:
         raise ConfigError(f"train.validation_fraction must be a number in (0, 0.5], got {fraction!r}.")
 
 
-# --- what a run is, checked before anything is loaded ----------------------------------------------------------
+# --- what a run is, checked before anything is loaded -------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -282,8 +294,10 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         raise ConfigError(f"Unknown task '{cfg.task}'. Use one of: {', '.join(TASKS)}.")
     spec = SCHEMES.get(cfg.scheme)
     if spec is not None and spec.chained:
-        raise ConfigError(f"Scheme '{cfg.scheme}' is a chain of runs that the experiment builds; each of its runs "
-                          "uses the offline scheme.")
+        raise ConfigError(
+            f"Scheme '{cfg.scheme}' is a chain of runs that the experiment builds; each of its runs "
+            "uses the offline scheme."
+        )
     if cfg.scheme not in LOOP_SCHEMES or spec is None:
         raise ConfigError(f"Unknown training scheme '{cfg.scheme}'. Use one of: {', '.join(LOOP_SCHEMES)}.")
     if cfg.task not in spec.tasks:
@@ -293,11 +307,15 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     if cfg.task == "embedding":
         label_terms = [t.name for t in terms if LOSS_TERMS[t.name].kind == "labels"]
         if label_terms:
-            raise ConfigError(f"Loss term '{label_terms[0]}' needs labels, but an embedding run has none. Use "
-                              "embedding_mse (and an offline, online or multi_teacher scheme).")
+            raise ConfigError(
+                f"Loss term '{label_terms[0]}' needs labels, but an embedding run has none. Use "
+                "embedding_mse (and an offline, online or multi_teacher scheme)."
+            )
     if cfg.scheme == "on_policy" and any(t.name == "ce" and t.weight > 0 for t in terms):
-        raise ConfigError("The on_policy scheme scores student samples with the teacher; they have no ground "
-                          "truth for ce. Remove ce, or use the online scheme.")
+        raise ConfigError(
+            "The on_policy scheme scores student samples with the teacher; they have no ground "
+            "truth for ce. Remove ce, or use the online scheme."
+        )
     needs = frozenset().union(*(LOSS_TERMS[t.name].needs for t in terms))
     if cfg.task != "embedding" and "embeddings" in needs:
         needs |= {"hidden_states"}  # pooled from the last hidden state, on every batch
@@ -306,7 +324,9 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     if needs_teacher and cfg.teacher is None:
         first = teacher_terms[0] if teacher_terms else None
         what = f"Loss term '{first}' needs" if first else f"Scheme '{cfg.scheme}' needs"
-        raise ConfigError(f"{what} a teacher, but the run has none. Add a teacher or use the hard_labels scheme.")
+        raise ConfigError(
+            f"{what} a teacher, but the run has none. Add a teacher or use the hard_labels scheme."
+        )
     if cfg.extra_teachers and cfg.scheme != "multi_teacher":
         raise ConfigError("Extra teachers are only used by the multi_teacher scheme.")
     teachers: tuple[ModelConfig, ...] = ()
@@ -315,27 +335,41 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         teachers = (cfg.teacher, *cfg.extra_teachers) if cfg.scheme == "multi_teacher" else (cfg.teacher,)
         weights = tuple(cfg.teacher_weights) or (1.0,) * len(teachers)
         if len(weights) != len(teachers):
-            raise ConfigError(f"teacher_weights has {len(weights)} entries for {len(teachers)} teachers; give one "
-                              "weight per teacher (the main teacher first), or none for equal weights.")
+            raise ConfigError(
+                f"teacher_weights has {len(weights)} entries for {len(teachers)} teachers; give one "
+                "weight per teacher (the main teacher first), or none for equal weights."
+            )
         if any(isinstance(w, bool) or not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError("teacher_weights must be numbers >= 0 with a positive sum.")
     features = needs & FEATURE_NEEDS
     if features and cfg.scheme in ("offline", "multi_teacher"):
-        term = next(t.name for t in terms if LOSS_TERMS[t.name].needs & features or
-                    ("embeddings" in LOSS_TERMS[t.name].needs and cfg.task != "embedding"))
-        raise ConfigError(f"Loss term '{term}' needs the teacher's {', '.join(sorted(features))} on every batch, "
-                          f"which the {cfg.scheme} scheme does not keep (it caches outputs only). Use the online "
-                          "scheme.")
+        term = next(
+            t.name
+            for t in terms
+            if LOSS_TERMS[t.name].needs & features
+            or ("embeddings" in LOSS_TERMS[t.name].needs and cfg.task != "embedding")
+        )
+        raise ConfigError(
+            f"Loss term '{term}' needs the teacher's {', '.join(sorted(features))} on every batch, "
+            f"which the {cfg.scheme} scheme does not keep (it caches outputs only). Use the online "
+            "scheme."
+        )
     if cfg.scheme == "multi_teacher" and cfg.task == "embedding":
-        raise ConfigError("multi_teacher averages the teachers' output distributions; embedding runs have none.")
+        raise ConfigError(
+            "multi_teacher averages the teachers' output distributions; embedding runs have none."
+        )
     if cfg.scheme == "multi_teacher" and cfg.task == "causal_lm" and len(teachers) > 1:
-        # The LM cache keeps the top-k of the τ = 1 mixture only; softening it afterwards is not the average of
-        # the softened teachers.
-        softened = [t.name for t in terms if t.params.get("temperature", 1.0) != 1 or "temperature" in t.schedule]
+        # The LM cache keeps the top-k of the τ = 1 mixture only; softening it afterwards is not the average
+        # of the softened teachers.
+        softened = [
+            t.name for t in terms if t.params.get("temperature", 1.0) != 1 or "temperature" in t.schedule
+        ]
         if softened:
-            raise ConfigError(f"Loss term '{softened[0]}' softens the teachers with a temperature other than 1, but "
-                              "a causal-LM multi_teacher run caches the top-k of the teachers' average at "
-                              "temperature 1 only. Set its temperature to 1 (without a schedule).")
+            raise ConfigError(
+                f"Loss term '{softened[0]}' softens the teachers with a temperature other than 1, but "
+                "a causal-LM multi_teacher run caches the top-k of the teachers' average at "
+                "temperature 1 only. Set its temperature to 1 (without a schedule)."
+            )
     if not teacher_terms:
         mode = "none"
     elif cfg.scheme in ("offline", "multi_teacher"):
@@ -353,8 +387,10 @@ def _check_early_stopping(cfg: RunConfig, *, has_teacher: bool) -> None:
     name = _watched_metric(tc.early_stopping_metric)
     allowed = [m for m in STREAMED_EVAL_METRICS[cfg.task] if has_teacher or m not in TEACHER_METRICS]
     if name not in allowed:
-        raise ConfigError(f"Early stopping cannot watch '{tc.early_stopping_metric}': a {cfg.task} run reports "
-                          f"{', '.join(allowed) or 'no eval metric without a teacher'}.")
+        raise ConfigError(
+            f"Early stopping cannot watch '{tc.early_stopping_metric}': a {cfg.task} run reports "
+            f"{', '.join(allowed) or 'no eval metric without a teacher'}."
+        )
 
 
 def _watched_metric(name: str) -> str:
@@ -396,8 +432,11 @@ class EarlyStopping:
         return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_step, self.bad_evals = state.get("best"), state.get("best_step"), state.get(
-            "bad_evals", 0)
+        self.best, self.best_step, self.bad_evals = (
+            state.get("best"),
+            state.get("best_step"),
+            state.get("bad_evals", 0),
+        )
 
 
 class _NonFiniteWatch:
@@ -412,7 +451,7 @@ class _NonFiniteWatch:
         self.first_term = torch.full((), -1, dtype=torch.long, device=device)
 
     def update(self, step: int, parts: LossParts) -> None:
-        terms = torch.stack([parts.parts[n].float() for n in self.term_names])        # (T,)
+        terms = torch.stack([parts.parts[n].float() for n in self.term_names])  # (T,)
         term_bad = ~torch.isfinite(terms)
         bad = term_bad.any() | ~torch.isfinite(parts.total.detach())
         is_first = bad & (self.first_step < 0)
@@ -425,13 +464,15 @@ class _NonFiniteWatch:
         if step >= 0:
             index = int(self.first_term.item())
             term = self.term_names[index] if index >= 0 else "total"
-            raise TrainingError(f"Loss became NaN at step {step} (term: {term}). "
-                                "Try a lower learning rate or temperature.")
-
+            raise TrainingError(
+                f"Loss became NaN at step {step} (term: {term}). Try a lower learning rate or temperature."
+            )
 
 
 def _reports_out_of_memory(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
-    """``train``'s last net: out of memory in a phase without a wrap of its own still reads as out of memory."""
+    """``train``'s last net: out of memory in a phase without a wrap of its own still reads as out of
+    memory."""
+
     @functools.wraps(function)
     def wrapper(cfg: RunConfig, *args: Any, **kwargs: Any) -> TrainResult:
         with out_of_memory_as_training_error(cfg, "during the run"):
@@ -440,7 +481,7 @@ def _reports_out_of_memory(function: Callable[..., TrainResult]) -> Callable[...
     return wrapper
 
 
-# --- checks that need the models -------------------------------------------------------------------------------
+# --- checks that need the models ----------------------------------------------------------------------------
 
 
 def run_dims(student: LoadedModel, teacher: dict[str, Any] | None, *, task: str, sparse: bool) -> ModelDims:
@@ -448,52 +489,74 @@ def run_dims(student: LoadedModel, teacher: dict[str, Any] | None, *, task: str,
     s, t = model_dims(student), teacher or {}
     embedding = task == "embedding"
     return ModelDims(
-        student_vocab_size=s["vocab_size"], teacher_vocab_size=t.get("vocab_size"),
-        student_num_layers=s["num_layers"], teacher_num_layers=t.get("num_layers"),
-        student_hidden_size=s["hidden_size"], teacher_hidden_size=t.get("hidden_size"),
-        student_num_heads=s["num_heads"], teacher_num_heads=t.get("num_heads"),
+        student_vocab_size=s["vocab_size"],
+        teacher_vocab_size=t.get("vocab_size"),
+        student_num_layers=s["num_layers"],
+        teacher_num_layers=t.get("num_layers"),
+        student_hidden_size=s["hidden_size"],
+        teacher_hidden_size=t.get("hidden_size"),
+        student_num_heads=s["num_heads"],
+        teacher_num_heads=t.get("num_heads"),
         student_embedding_size=s["vocab_size"] if embedding else None,
         teacher_embedding_size=t.get("vocab_size") if embedding else None,
         sparse_teacher=sparse,
     )
 
 
-def _check_cross_tokenizer_terms(terms: list[LossTermConfig], *, scheme: str, teacher_mode: str,
-                                 student: LoadedModel, teacher: LoadedModel | None) -> None:
+def _check_cross_tokenizer_terms(
+    terms: list[LossTermConfig],
+    *,
+    scheme: str,
+    teacher_mode: str,
+    student: LoadedModel,
+    teacher: LoadedModel | None,
+) -> None:
     """Raise ConfigError unless a causal-LM recipe can run with a teacher that uses another tokenizer.
 
-    Across tokenizers only ``uld`` compares the two models, on the positions where both have read the same text
-    (:mod:`.align`), online, from the top-k cache or on the student's samples (``on_policy``); ``ce`` trains on
-    the data alone. Pairing cached positions needs the student's character offsets, pairing sampled text the
-    teacher's: both come from fast (Rust) tokenizers only. ``teacher``: the loaded teacher, None when not
-    loaded.
+    Across tokenizers only ``uld`` compares the two models, on the positions where both have read the same
+    text (:mod:`.align`), online, from the top-k cache or on the student's samples (``on_policy``); ``ce``
+    trains on the data alone. Pairing cached positions needs the student's character offsets, pairing sampled
+    text the teacher's: both come from fast (Rust) tokenizers only. ``teacher``: the loaded teacher, None when
+    not loaded.
     """
     if not any(LOSS_TERMS[t.name].kind == "uld" for t in terms):
-        raise ConfigError("The teacher and the student use different tokenizers, so their token positions "
-                          "do not line up. Give them the same tokenizer, use the uld (cross-tokenizer) term, or "
-                          "use seq_kd (trains on the teacher's text).")
+        raise ConfigError(
+            "The teacher and the student use different tokenizers, so their token positions "
+            "do not line up. Give them the same tokenizer, use the uld (cross-tokenizer) term, or "
+            "use seq_kd (trains on the teacher's text)."
+        )
     others = [t.name for t in terms if LOSS_TERMS[t.name].kind not in ("uld", "labels")]
     if others:
-        raise ConfigError(f"The teacher and the student use different tokenizers, so only the uld term can compare "
-                          "them (on the positions where both have read the same text); "
-                          f"{', '.join(others)} compare{'s' if len(others) == 1 else ''} token positions one to "
-                          f"one. Remove {'it' if len(others) == 1 else 'them'}, or give both models the same "
-                          "tokenizer.")
+        raise ConfigError(
+            f"The teacher and the student use different tokenizers, so only the uld term can compare "
+            "them (on the positions where both have read the same text); "
+            f"{', '.join(others)} compare{'s' if len(others) == 1 else ''} token positions one to "
+            f"one. Remove {'it' if len(others) == 1 else 'them'}, or give both models the same "
+            "tokenizer."
+        )
     if teacher_mode == "cached" and not getattr(student.tokenizer, "is_fast", False):
-        raise ConfigError("Cross-tokenizer uld from the teacher cache pairs positions by the characters each "
-                          "token covers, which needs a fast (Rust) tokenizer, and the student's is a slow one.")
+        raise ConfigError(
+            "Cross-tokenizer uld from the teacher cache pairs positions by the characters each "
+            "token covers, which needs a fast (Rust) tokenizer, and the student's is a slow one."
+        )
     if scheme == "on_policy" and teacher is not None and not getattr(teacher.tokenizer, "is_fast", False):
-        raise ConfigError("Cross-tokenizer on_policy pairs the student's samples with the teacher's reading of "
-                          "their text by the characters each token covers, which needs a fast (Rust) tokenizer, "
-                          "and the teacher's is a slow one.")
+        raise ConfigError(
+            "Cross-tokenizer on_policy pairs the student's samples with the teacher's reading of "
+            "their text by the characters each token covers, which needs a fast (Rust) tokenizer, "
+            "and the teacher's is a slow one."
+        )
 
 
-# --- the validation slice --------------------------------------------------------------------------------------
+# --- the validation slice -----------------------------------------------------------------------------------
 
-VALIDATION_SALT = 2  # the slice's random stream: [split_seed, 2] (the labelled subset draws from [split_seed, 1])
+VALIDATION_SALT = (
+    2  # the slice's random stream: [split_seed, 2] (the labelled subset draws from [split_seed, 1])
+)
 
 
-def _validation_slice(cfg: RunConfig, dataset: LoadedDataset, train_batches: Batcher | LMBatcher) -> np.ndarray:
+def _validation_slice(
+    cfg: RunConfig, dataset: LoadedDataset, train_batches: Batcher | LMBatcher
+) -> np.ndarray:
     """Rows of ``train_batches`` held out of training for early stopping (``train.validation_fraction`` of the
     labelled rows, stratified by class for classification; for causal LMs, of the rows the student trains on,
     which are blocks when texts are packed), a pure function of the dataset's ``split_seed``.
@@ -505,30 +568,47 @@ def _validation_slice(cfg: RunConfig, dataset: LoadedDataset, train_batches: Bat
         labels, stratify = dataset.train.labels, True
     else:
         labels, stratify = np.zeros(len(train_batches), dtype=np.int64), False
-    rows = validation_rows(labels, cfg.train.validation_fraction, seed=[cfg.dataset.split_seed, VALIDATION_SALT],
-                           stratify=stratify)
+    rows = validation_rows(
+        labels,
+        cfg.train.validation_fraction,
+        seed=[cfg.dataset.split_seed, VALIDATION_SALT],
+        stratify=stratify,
+    )
     if len(rows) == 0:
-        raise DataError("Early stopping selects on a validation slice held out of the train split, but the train "
-                        "split has fewer than two labelled rows. Turn early stopping off or use more data.")
+        raise DataError(
+            "Early stopping selects on a validation slice held out of the train split, but the train "
+            "split has fewer than two labelled rows. Turn early stopping off or use more data."
+        )
     return rows
 
 
-def _validation_view(dataset: LoadedDataset, train_batches: Batcher | LMBatcher, rows: np.ndarray,
-                     student: LoadedModel, *, max_length: int
-                     ) -> tuple[LoadedDataset | None, Batcher | LMBatcher | None]:
-    """The validation slice as a dataset whose eval split holds its rows (classification and embedding: what the
-    teachers read), and the student's batches of it; (None, None) without a slice."""
+def _validation_view(
+    dataset: LoadedDataset,
+    train_batches: Batcher | LMBatcher,
+    rows: np.ndarray,
+    student: LoadedModel,
+    *,
+    max_length: int,
+) -> tuple[LoadedDataset | None, Batcher | LMBatcher | None]:
+    """The validation slice as a dataset whose eval split holds its rows (classification and embedding: what
+    the teachers read), and the student's batches of it; (None, None) without a slice."""
     if len(rows) == 0:
         return None, None
     if dataset.task == "causal_lm":
-        return None, LMBatcher([train_batches.token_rows[i] for i in rows.tolist()], pad_id=train_batches.pad_id)
+        return None, LMBatcher(
+            [train_batches.token_rows[i] for i in rows.tolist()], pad_id=train_batches.pad_id
+        )
     split = dataset.train
-    inputs = split.inputs[rows] if isinstance(split.inputs, np.ndarray) else [split.inputs[i] for i in rows.tolist()]
+    inputs = (
+        split.inputs[rows]
+        if isinstance(split.inputs, np.ndarray)
+        else [split.inputs[i] for i in rows.tolist()]
+    )
     view = replace(dataset, eval=Split(inputs, split.labels[rows].copy()))
     return view, make_batcher("eval", view, student, max_length=max_length)
 
 
-# --- the run's setup, one named step at a time -----------------------------------------------------------------
+# --- the run's setup, one named step at a time --------------------------------------------------------------
 
 
 @dataclass
@@ -565,8 +645,9 @@ def load_data_and_models(cfg: RunConfig, plan: RunPlan) -> Loaded:
     return Loaded(device, output_dir, cache, dataset, student, max_length, teachers, outputs)
 
 
-def check_with_models(cfg: RunConfig, plan: RunPlan,
-                      run: Loaded) -> tuple[list[LossTermConfig], ModelDims, bool]:
+def check_with_models(
+    cfg: RunConfig, plan: RunPlan, run: Loaded
+) -> tuple[list[LossTermConfig], ModelDims, bool]:
     """Checks that need the models, before any training or teacher work: the terms against both models' sizes,
     and what a teacher with another tokenizer allows. The teacher's sizes and vocabulary come from an existing
     cache entry when there is one (no teacher load), else from the teacher itself.
@@ -589,15 +670,23 @@ def check_with_models(cfg: RunConfig, plan: RunPlan,
     if task == "causal_lm" and not same_vocab:
         if cfg.scheme == "seq_kd":
             if any(LOSS_TERMS[t.name].kind != "labels" for t in terms):
-                raise ConfigError("seq_kd across tokenizers trains the student on the teacher's text, re-tokenised "
-                                  "with its own tokenizer; only ce can score it. Remove the other terms.")
+                raise ConfigError(
+                    "seq_kd across tokenizers trains the student on the teacher's text, re-tokenised "
+                    "with its own tokenizer; only ce can score it. Remove the other terms."
+                )
         else:
-            _check_cross_tokenizer_terms(terms, scheme=cfg.scheme, teacher_mode=plan.teacher_mode,
-                                         student=run.student,
-                                         teacher=teachers.first if teachers.is_loaded else None)
+            _check_cross_tokenizer_terms(
+                terms,
+                scheme=cfg.scheme,
+                teacher_mode=plan.teacher_mode,
+                student=run.student,
+                teacher=teachers.first if teachers.is_loaded else None,
+            )
         if cfg.dataset.pack:
-            raise ConfigError("Cross-tokenizer (uld) runs pair positions within each text, so they cannot pack "
-                              "texts into blocks: turn packing off.")
+            raise ConfigError(
+                "Cross-tokenizer (uld) runs pair positions within each text, so they cannot pack "
+                "texts into blocks: turn packing off."
+            )
     return terms, dims, same_vocab
 
 
@@ -625,12 +714,16 @@ def select_train_rows(cfg: RunConfig, plan: RunPlan, run: Loaded, *, same_vocab:
     held_out = _validation_slice(cfg, dataset, batches) if selecting else np.zeros(0, dtype=np.int64)
     val_dataset, val_batches = _validation_view(dataset, batches, held_out, student, max_length=max_length)
     if cfg.scheme == "seq_kd":
-        batches, generated_same_vocab = _seq_kd_rows(cfg, plan, student, run.teachers, batches, max_length,
-                                                     run.outputs.entry_for)
+        batches, generated_same_vocab = _seq_kd_rows(
+            cfg, plan, student, run.teachers, batches, max_length, run.outputs.entry_for
+        )
         same_vocab = same_vocab and generated_same_vocab
     # Without teacher terms, unlabelled rows teach nothing: sample labelled rows only.
-    rows = dataset.train.labelled_rows if plan.teacher_mode == "none" and cfg.task == "classification" \
+    rows = (
+        dataset.train.labelled_rows
+        if plan.teacher_mode == "none" and cfg.task == "classification"
         else np.arange(len(batches))
+    )
     if len(held_out):
         rows = np.setdiff1d(rows, held_out).astype(np.int64)
     if len(rows) == 0:
@@ -638,8 +731,9 @@ def select_train_rows(cfg: RunConfig, plan: RunPlan, run: Loaded, *, same_vocab:
     return TrainRows(batches, rows, held_out, val_dataset, val_batches, same_vocab)
 
 
-def teacher_targets(cfg: RunConfig, plan: RunPlan, run: Loaded, rows: TrainRows, *,
-                    step: int) -> TeacherTargets | None:
+def teacher_targets(
+    cfg: RunConfig, plan: RunPlan, run: Loaded, rows: TrainRows, *, step: int
+) -> TeacherTargets | None:
     """The teacher's part of each batch: looked up in the train split's cache entry (computed now on a miss)
     or computed online; None when no term reads the teacher or no step is left to train."""
     if plan.teacher_mode == "none" or step >= cfg.train.max_steps:
@@ -648,12 +742,17 @@ def teacher_targets(cfg: RunConfig, plan: RunPlan, run: Loaded, rows: TrainRows,
     if plan.teacher_mode == "cached":
         entry = run.outputs.train_entry(rows.batches, same_vocab=rows.same_vocab)
     same_tokens = cfg.task == "causal_lm" and rows.same_vocab
-    return TeacherTargets(run.teachers, entry=entry, task=cfg.task, same_tokens=same_tokens,
-                          student=run.student,
-                          student_rows=rows.batches if isinstance(rows.batches, LMBatcher) else None)
+    return TeacherTargets(
+        run.teachers,
+        entry=entry,
+        task=cfg.task,
+        same_tokens=same_tokens,
+        student=run.student,
+        student_rows=rows.batches if isinstance(rows.batches, LMBatcher) else None,
+    )
 
 
-# --- resume: the run's checkpoints and best weights ------------------------------------------------------------
+# --- resume: the run's checkpoints and best weights ---------------------------------------------------------
 
 
 def resume_point(cfg: RunConfig) -> Path | None:
@@ -665,8 +764,10 @@ def resume_point(cfg: RunConfig) -> Path | None:
         return None
     path = Path(cfg.resume_from)
     if not (path / STATE_FILE).is_file():
-        raise TrainingError(f"The checkpoint this run resumes from ({path.name}) is missing or incomplete, so it "
-                            "cannot continue where it stopped. Requeueing it will not help; launch the run again.")
+        raise TrainingError(
+            f"The checkpoint this run resumes from ({path.name}) is missing or incomplete, so it "
+            "cannot continue where it stopped. Requeueing it will not help; launch the run again."
+        )
     return path
 
 
@@ -702,8 +803,14 @@ class Checkpoints:
         last_checkpoint = resume_point(self.cfg)
         clean_for_resume(self.output_dir, attempt=self.attempt, resume_from=last_checkpoint)
         if last_checkpoint is not None:
-            step, extra = load_checkpoint(last_checkpoint, model=self.student.model, optimizer=self.optimizer,
-                                          config=self.config_dict, device=self.device, modules=self.modules)
+            step, extra = load_checkpoint(
+                last_checkpoint,
+                model=self.student.model,
+                optimizer=self.optimizer,
+                config=self.config_dict,
+                device=self.device,
+                modules=self.modules,
+            )
             self.term_state.load_state_dict(extra.get("term_state", {}))
             self.stopper.load_state_dict(extra.get("early_stopping", {}))
             self.best_name = extra.get("best_weights", "")
@@ -716,11 +823,21 @@ class Checkpoints:
         if not self.cb.owned():
             return None
         self.watch.check()  # never persist weights that came from a NaN step
-        extra = {"term_state": self.term_state.state_dict(), "early_stopping": self.stopper.state_dict(),
-                 "best_weights": self.best_name}
-        path = write_checkpoint(self.output_dir, step=at_step, model=self.student.model,
-                                optimizer=self.optimizer, config=self.config_dict, attempt=self.attempt,
-                                modules=self.modules, extra=extra)
+        extra = {
+            "term_state": self.term_state.state_dict(),
+            "early_stopping": self.stopper.state_dict(),
+            "best_weights": self.best_name,
+        }
+        path = write_checkpoint(
+            self.output_dir,
+            step=at_step,
+            model=self.student.model,
+            optimizer=self.optimizer,
+            config=self.config_dict,
+            attempt=self.attempt,
+            modules=self.modules,
+            extra=extra,
+        )
         if self.cb.on_checkpoint and self.cb.on_checkpoint(at_step, str(path)) is False:
             shutil.rmtree(path, ignore_errors=True)
             return None
@@ -730,8 +847,8 @@ class Checkpoints:
         return path
 
     def save_best(self, at_step: int) -> None:
-        """The student (and the terms' learned projections) of the best eval so far, in a folder of its own that
-        the next registered checkpoint refers to."""
+        """The student (and the terms' learned projections) of the best eval so far, in a folder of its own
+        that the next registered checkpoint refers to."""
         from safetensors.torch import save_model as save_weights_of
 
         if not self.cb.owned():
@@ -762,7 +879,7 @@ class Checkpoints:
             load_weights_into(self.modules, str(best / TERM_MODULES_FILE), device=str(self.device))
 
 
-# --- evaluation ------------------------------------------------------------------------------------------------
+# --- evaluation ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -780,40 +897,60 @@ class Evaluation:
 
     def teacher_entry(self, *, validation: bool = False) -> CacheEntry | None:
         if validation:
-            return self.run.outputs.validation_entry(self.rows.val_dataset, self.rows.val_batches,
-                                                     self.rows.held_out)
+            return self.run.outputs.validation_entry(
+                self.rows.val_dataset, self.rows.val_batches, self.rows.held_out
+            )
         return self.run.outputs.eval_entry(self.eval_batches, same_vocab=self.rows.same_vocab)
 
     def student(self, final: bool, *, validation: bool = False) -> dict[str, float]:
         """The student's metrics on the eval split, or (``validation``) on the validation slice."""
         task, device = self.cfg.task, self.run.device
-        entry = self.teacher_entry(validation=validation) \
-            if self.run.teachers is not None and self.rows.same_vocab else None
+        entry = (
+            self.teacher_entry(validation=validation)
+            if self.run.teachers is not None and self.rows.same_vocab
+            else None
+        )
         saved = self.final_dir if final else None
         kwargs: dict[str, Any] = {}
         if entry is not None and task == "classification":
             kwargs["teacher_logits"] = entry.tensors["logits"].to(device)
         elif entry is not None and task == "causal_lm":
-            kwargs["teacher_topk"] = lambda batch, width: gather_topk(entry, batch.indices.cpu(), width, device)
+            kwargs["teacher_topk"] = lambda batch, width: gather_topk(
+                entry, batch.indices.cpu(), width, device
+            )
         elif entry is not None:
             kwargs["teacher_embeddings"] = entry.tensors["embeddings"]
         modules = self.modules
         projection = modules["embedding_mse"] if task == "embedding" and "embedding_mse" in modules else None
         batches = self.rows.val_batches if validation else self.eval_batches
         with out_of_memory_as_training_error(self.cfg, "while evaluating the student"):
-            return evaluate(self.run.student.model, batches, device=device, batch_size=self.cfg.train.batch_size,
-                            efficiency=final, saved_dir=saved, task=task, projection=projection, **kwargs)
+            return evaluate(
+                self.run.student.model,
+                batches,
+                device=device,
+                batch_size=self.cfg.train.batch_size,
+                efficiency=final,
+                saved_dir=saved,
+                task=task,
+                projection=projection,
+                **kwargs,
+            )
 
     def emit(self, at_step: int, metrics: dict[str, float], prefix: str = "eval") -> None:
         """Stream ``prefix/<metric>``: ``eval/`` for the eval split, ``val/`` for the validation slice."""
         if self.cb.on_metrics:
             streamed = {"loss": metrics.get("nll")} | metrics
-            self.cb.on_metrics(at_step, {f"{prefix}/{k}": float(streamed[k])
-                                         for k in STREAMED_EVAL_METRICS[self.cfg.task]
-                                         if streamed.get(k) is not None})
+            self.cb.on_metrics(
+                at_step,
+                {
+                    f"{prefix}/{k}": float(streamed[k])
+                    for k in STREAMED_EVAL_METRICS[self.cfg.task]
+                    if streamed.get(k) is not None
+                },
+            )
 
 
-# --- one training step's inputs --------------------------------------------------------------------------------
+# --- one training step's inputs -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -827,8 +964,9 @@ class StepInputs:
     batches: Batcher | LMBatcher
     targets: TeacherTargets | None
 
-    def micro_batch(self, rows: np.ndarray, at_step: int,
-                    index: int) -> tuple[Batch, np.ndarray | None, bool]:
+    def micro_batch(
+        self, rows: np.ndarray, at_step: int, index: int
+    ) -> tuple[Batch, np.ndarray | None, bool]:
         """The batch for ``rows``; on_policy replaces it, with probability λ, by student continuations."""
         cfg, device, student, batches = self.cfg, self.run.device, self.run.student, self.batches
         batch = batches.batch(rows)
@@ -839,34 +977,63 @@ class StepInputs:
             return batch.to(device), rows, False
         eos = student.tokenizer.eos_token_id
         token_rows = [batches.token_rows[i] for i in rows]
-        prompts = [r[: prompt_length(r, max_new_tokens=p["max_new_tokens"], max_length=self.run.max_length,
-                                     eos_id=eos)]
-                   for r in token_rows]
-        new = generate_continuations(student.model, prompts, max_new_tokens=p["max_new_tokens"],
-                                     temperature=p["temperature"], pad_id=batches.pad_id, eos_id=eos,
-                                     device=device, seed=step_seed(cfg.train.seed, at_step, index))
-        sampled = LMBatcher([a + b for a, b in zip(prompts, new, strict=True)], pad_id=batches.pad_id,
-                            prompt_lengths=[len(a) for a in prompts])
+        prompts = [
+            r[
+                : prompt_length(
+                    r, max_new_tokens=p["max_new_tokens"], max_length=self.run.max_length, eos_id=eos
+                )
+            ]
+            for r in token_rows
+        ]
+        new = generate_continuations(
+            student.model,
+            prompts,
+            max_new_tokens=p["max_new_tokens"],
+            temperature=p["temperature"],
+            pad_id=batches.pad_id,
+            eos_id=eos,
+            device=device,
+            seed=step_seed(cfg.train.seed, at_step, index),
+        )
+        sampled = LMBatcher(
+            [a + b for a, b in zip(prompts, new, strict=True)],
+            pad_id=batches.pad_id,
+            prompt_lengths=[len(a) for a in prompts],
+        )
         return sampled.batch(np.arange(len(prompts))).to(device), None, True
 
     def term_inputs(self, batch: Batch, rows: np.ndarray | None, at_step: int) -> TermInputs:
         """Student forward + the teacher's part, as the terms need them."""
         needs, task = self.plan.needs, self.cfg.task
-        out = forward_outputs(self.run.student.model, batch.inputs, hidden="hidden_states" in needs,
-                              attentions="attentions" in needs, values="values" in needs,
-                              embedding=task == "embedding", scores="attention_scores" in needs)
+        out = forward_outputs(
+            self.run.student.model,
+            batch.inputs,
+            hidden="hidden_states" in needs,
+            attentions="attentions" in needs,
+            values="values" in needs,
+            embedding=task == "embedding",
+            scores="attention_scores" in needs,
+        )
         logits, labels = out.logits, batch.labels
         if task == "causal_lm":
             logits, labels = shift_for_lm(logits, labels)
         teacher_fields = self.targets.fields(batch, rows, plan=self.plan) if self.targets else {}
-        return TermInputs(student_logits=logits, labels=labels, student_hidden=out.hidden,
-                          student_attentions=out.attentions, student_attention_scores=out.scores,
-                          student_values=out.values,
-                          student_embedding=out.embedding, attention_mask=batch.inputs.get("attention_mask"),
-                          step=at_step, total_steps=self.cfg.train.max_steps, **teacher_fields)
+        return TermInputs(
+            student_logits=logits,
+            labels=labels,
+            student_hidden=out.hidden,
+            student_attentions=out.attentions,
+            student_attention_scores=out.scores,
+            student_values=out.values,
+            student_embedding=out.embedding,
+            attention_mask=batch.inputs.get("attention_mask"),
+            step=at_step,
+            total_steps=self.cfg.train.max_steps,
+            **teacher_fields,
+        )
 
 
-# --- the loop --------------------------------------------------------------------------------------------------
+# --- the loop -----------------------------------------------------------------------------------------------
 
 
 @_reports_out_of_memory
@@ -908,12 +1075,19 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     started = time.perf_counter()
     inputs_of = StepInputs(cfg, plan, run, rows.batches, teacher_targets(cfg, plan, run, rows, step=step))
     eval_batches = make_batcher("eval", run.dataset, student, max_length=run.max_length)
-    evaluation = Evaluation(cfg, cb, run, rows, modules, eval_batches=eval_batches,
-                            final_dir=run.output_dir / owned_name("final", cfg.attempt))
+    evaluation = Evaluation(
+        cfg,
+        cb,
+        run,
+        rows,
+        modules,
+        eval_batches=eval_batches,
+        final_dir=run.output_dir / owned_name("final", cfg.attempt),
+    )
     restore_best = stopper.enabled and tc.early_stopping_restore_best
     scheduled = [t for t in terms if t.schedule]
-    sums = torch.zeros(1 + len(term_names), device=device)   # running totals for the log interval, no sync
-    tokens = torch.zeros((), dtype=torch.long, device=device)   # causal LM: real tokens in the interval
+    sums = torch.zeros(1 + len(term_names), device=device)  # running totals for the log interval, no sync
+    tokens = torch.zeros((), dtype=torch.long, device=device)  # causal LM: real tokens in the interval
     interval_steps, interval_start, generated = 0, time.perf_counter(), 0
     stopped = stopped_early = False
     while step < tc.max_steps:
@@ -922,7 +1096,7 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
         with out_of_memory_as_training_error(cfg, f"at step {step + 1}"):
-            for index, micro_rows in enumerate(np.array_split(step_rows, accum)):    # gradient accumulation
+            for index, micro_rows in enumerate(np.array_split(step_rows, accum)):  # gradient accumulation
                 batch, batch_rows, sampled = inputs_of.micro_batch(micro_rows, step, index)
                 with autocast(device):
                     inputs = inputs_of.term_inputs(batch, batch_rows, step)
@@ -944,10 +1118,14 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
 
         if step % tc.log_every == 0 or step == tc.max_steps:
             watch.check()
-            means = (sums / interval_steps).tolist()    # the one sync of the interval
+            means = (sums / interval_steps).tolist()  # the one sync of the interval
             elapsed = time.perf_counter() - interval_start
-            logged = {"loss": means[0], **dict(zip(term_names, means[1:], strict=True)), "lr": lr,
-                      "samples_per_s": interval_steps * batch_size * accum / max(elapsed, 1e-9)}
+            logged = {
+                "loss": means[0],
+                **dict(zip(term_names, means[1:], strict=True)),
+                "lr": lr,
+                "samples_per_s": interval_steps * batch_size * accum / max(elapsed, 1e-9),
+            }
             if task == "causal_lm":
                 logged["tokens_per_s"] = float(tokens.item()) / max(elapsed, 1e-9)
                 tokens.zero_()
@@ -956,8 +1134,12 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
                 torch.cuda.reset_peak_memory_stats(device)
             for term in scheduled:
                 weight, values = methods.current_params(term, step - 1, tc.max_steps)
-                logged |= {(f"weight/{term.name}" if target == "weight" else f"{target}/{term.name}"):
-                           float(weight if target == "weight" else values[target]) for target in term.schedule}
+                logged |= {
+                    (f"weight/{term.name}" if target == "weight" else f"{target}/{term.name}"): float(
+                        weight if target == "weight" else values[target]
+                    )
+                    for target in term.schedule
+                }
             for name, values in term_state.terms.items():
                 if "t" in values:  # taid's interpolation
                     logged[f"t/{name}"] = float(values["t"])
@@ -969,7 +1151,8 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             interval_steps, interval_start, generated = 0, time.perf_counter(), 0
         if step % tc.eval_every == 0 and step < tc.max_steps:
             watch.check()
-            # Early stopping decides on the validation slice; without it the eval split's curve is only a curve.
+            # Early stopping decides on the validation slice; without it the eval split's curve is only a
+            # curve.
             metrics = evaluation.student(final=False, validation=stopper.enabled)
             evaluation.emit(step, metrics, "val" if stopper.enabled else "eval")
             stopped_early = stopper.update(step, metrics)
@@ -990,27 +1173,55 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             stopped = True
             break
     watch.check()
-    return finish(cfg, cb, run, evaluation, saves, step=step, stopped=stopped, stopped_early=stopped_early,
-                  restore_best=restore_best, train_seconds=time.perf_counter() - started,
-                  last_checkpoint=last_checkpoint)
+    return finish(
+        cfg,
+        cb,
+        run,
+        evaluation,
+        saves,
+        step=step,
+        stopped=stopped,
+        stopped_early=stopped_early,
+        restore_best=restore_best,
+        train_seconds=time.perf_counter() - started,
+        last_checkpoint=last_checkpoint,
+    )
 
 
-# --- the finish ------------------------------------------------------------------------------------------------
+# --- the finish ---------------------------------------------------------------------------------------------
 
 
-def finish(cfg: RunConfig, cb: Callbacks, run: Loaded, evaluation: Evaluation, saves: Checkpoints, *,
-           step: int, stopped: bool, stopped_early: bool, restore_best: bool, train_seconds: float,
-           last_checkpoint: Path | None) -> TrainResult:
+def finish(
+    cfg: RunConfig,
+    cb: Callbacks,
+    run: Loaded,
+    evaluation: Evaluation,
+    saves: Checkpoints,
+    *,
+    step: int,
+    stopped: bool,
+    stopped_early: bool,
+    restore_best: bool,
+    train_seconds: float,
+    last_checkpoint: Path | None,
+) -> TrainResult:
     """After the loop: restore the best weights (early stopping), save the final model, evaluate the student
     (and the teacher) on the eval split. A run that was stopped or lost its owner saves and evaluates
     nothing."""
     teachers, stopper, modules = run.teachers, saves.stopper, saves.modules
     common = {"task": cfg.task, "scheme": cfg.scheme, "teacher_cache": [u.to_dict() for u in run.cache.uses]}
     if stopped or not cb.owned():
-        return TrainResult(steps=step, stopped=True, final_dir=None, student={}, teacher=None,
-                           train_seconds=train_seconds,
-                           last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
-                           teacher_forwards=teachers.forwards if teachers else 0, **common)
+        return TrainResult(
+            steps=step,
+            stopped=True,
+            final_dir=None,
+            student={},
+            teacher=None,
+            train_seconds=train_seconds,
+            last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
+            teacher_forwards=teachers.forwards if teachers else 0,
+            **common,
+        )
     restored = False
     if restore_best:
         if not stopped_early:  # the last weights are a candidate too, judged on the validation slice
@@ -1021,8 +1232,16 @@ def finish(cfg: RunConfig, cb: Callbacks, run: Loaded, evaluation: Evaluation, s
             saves.load_best()
             restored = True
     if not cb.owned():
-        return TrainResult(steps=step, stopped=True, final_dir=None, student={}, teacher=None,
-                           train_seconds=train_seconds, last_checkpoint=None, **common)
+        return TrainResult(
+            steps=step,
+            stopped=True,
+            final_dir=None,
+            student={},
+            teacher=None,
+            train_seconds=train_seconds,
+            last_checkpoint=None,
+            **common,
+        )
     final_dir = evaluation.final_dir
     save_model(run.student, final_dir)
     if len(modules.state_dict()):
@@ -1033,20 +1252,41 @@ def finish(cfg: RunConfig, cb: Callbacks, run: Loaded, evaluation: Evaluation, s
     # The eval split's point of the reported student (with early stopping, the eval split's only point: every
     # decision was taken on the validation slice).
     evaluation.emit(step, student_metrics)
-    if not stopped_early and not restore_best and stopper.enabled:  # the last weights' val point, for best_step
+    if (
+        not stopped_early and not restore_best and stopper.enabled
+    ):  # the last weights' val point, for best_step
         last_metrics = evaluation.student(final=False, validation=True)
         evaluation.emit(step, last_metrics, "val")
         stopper.update(step, last_metrics)
     teacher_metrics = None
     if teachers is not None and cfg.evaluate_teacher:
-        teacher_rows = evaluation.eval_batches if evaluation.rows.same_vocab else make_batcher(
-            "eval", run.dataset, teachers.first, max_length=run.max_length)
-        teacher_metrics = _teacher_metrics(teachers, evaluation.teacher_entry(), run.cache, run.dataset,
-                                           teacher_rows, task=cfg.task, batch_size=cfg.train.batch_size)
+        teacher_rows = (
+            evaluation.eval_batches
+            if evaluation.rows.same_vocab
+            else make_batcher("eval", run.dataset, teachers.first, max_length=run.max_length)
+        )
+        teacher_metrics = _teacher_metrics(
+            teachers,
+            evaluation.teacher_entry(),
+            run.cache,
+            run.dataset,
+            teacher_rows,
+            task=cfg.task,
+            batch_size=cfg.train.batch_size,
+        )
     common["teacher_cache"] = [u.to_dict() for u in run.cache.uses]
-    return TrainResult(steps=step, stopped=False, final_dir=str(final_dir), student=student_metrics,
-                       teacher=teacher_metrics, train_seconds=train_seconds,
-                       last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
-                       stopped_early=stopped_early, best_step=stopper.best_step if stopper.enabled else None,
-                       best_metric=stopper.best if stopper.enabled else None, restored_best=restored,
-                       teacher_forwards=teachers.forwards if teachers else 0, **common)
+    return TrainResult(
+        steps=step,
+        stopped=False,
+        final_dir=str(final_dir),
+        student=student_metrics,
+        teacher=teacher_metrics,
+        train_seconds=train_seconds,
+        last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
+        stopped_early=stopped_early,
+        best_step=stopper.best_step if stopper.enabled else None,
+        best_metric=stopper.best if stopper.enabled else None,
+        restored_best=restored,
+        teacher_forwards=teachers.forwards if teachers else 0,
+        **common,
+    )

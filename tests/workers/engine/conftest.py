@@ -12,13 +12,28 @@ from workers.engine.config import DatasetConfig, RunConfig
 from workers.engine.data import LoadedDataset, load_dataset
 
 TINY_BERT = {
-    "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "intermediate_size": 64, "vocab_size": 500, "max_position_embeddings": 64,
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 500,
+    "max_position_embeddings": 64,
 }
 
 _TOPICS = {
-    "sport": ["the team won the match", "a late goal in the final", "the striker scored twice", "fans cheered"],
-    "tech": ["the new phone has a faster chip", "software update fixes bugs", "a robot learns", "cloud servers"],
+    "sport": [
+        "the team won the match",
+        "a late goal in the final",
+        "the striker scored twice",
+        "fans cheered",
+    ],
+    "tech": [
+        "the new phone has a faster chip",
+        "software update fixes bugs",
+        "a robot learns",
+        "cloud servers",
+    ],
     "money": ["shares fell on the market", "the bank raised rates", "profits rose this quarter", "tax cuts"],
 }
 
@@ -46,8 +61,11 @@ def topics_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def topics(topics_csv: Path) -> LoadedDataset:
-    return load_dataset(DatasetConfig(source="hf", path=str(topics_csv), text_column="body", label_column="topic",
-                                      max_length=32))
+    return load_dataset(
+        DatasetConfig(
+            source="hf", path=str(topics_csv), text_column="body", label_column="topic", max_length=32
+        )
+    )
 
 
 def _digits_run(output_dir: Path, **overrides: Any) -> RunConfig:
@@ -58,8 +76,16 @@ def _digits_run(output_dir: Path, **overrides: Any) -> RunConfig:
         "dataset": {"source": "builtin", "name": "digits"},
         "terms": [{"name": "ce"}],
         "scheme": "hard_labels",
-        "train": {"max_steps": 30, "batch_size": 32, "lr": 1e-2, "log_every": 5, "eval_every": 1000,
-                  "save_every": 1000, "seed": 0, "device": "cpu"},
+        "train": {
+            "max_steps": 30,
+            "batch_size": 32,
+            "lr": 1e-2,
+            "log_every": 5,
+            "eval_every": 1000,
+            "save_every": 1000,
+            "seed": 0,
+            "device": "cpu",
+        },
         "output_dir": str(output_dir),
     }
     data["train"] |= overrides.pop("train", {})
@@ -79,6 +105,9 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.engine.trainer import train
 
     out = tmp_path_factory.mktemp("teacher")
-    cfg = _digits_run(out, student={"source": "builtin", "name": "mlp", "params": {"hidden_sizes": [64]}},
-                     train={"max_steps": 150, "batch_size": 64})
+    cfg = _digits_run(
+        out,
+        student={"source": "builtin", "name": "mlp", "params": {"hidden_sizes": [64]}},
+        train={"max_steps": 150, "batch_size": 64},
+    )
     return Path(train(cfg).final_dir)

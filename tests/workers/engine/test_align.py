@@ -16,7 +16,7 @@ from workers.engine.data import tokenize_for_lm
 TEXTS = [
     "the cat sat on the mat and looked at the bird",
     "a dog ran to the park to play with a red ball",
-    "naïve café owners serve crème brûlée at noon",   # multi-byte characters split into several byte tokens
+    "naïve café owners serve crème brûlée at noon",  # multi-byte characters split into several byte tokens
 ]
 
 
@@ -24,9 +24,14 @@ def _bpe(vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS * 3, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        TEXTS * 3,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<pad>", "<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
@@ -44,11 +49,11 @@ def test_prefix_ends_are_the_text_each_prefix_decodes_to(coarse):
     rows = tokenize_for_lm(TEXTS, tokenizer=coarse, max_length=64)
     ends = prefix_ends(TEXTS, rows, tokenizer=coarse)
     for text, row, row_ends in zip(TEXTS, rows, ends, strict=True):
-        assert row[-1] == coarse.eos_token_id and row_ends[-1] == len(text) + 1    # appended EOS
+        assert row[-1] == coarse.eos_token_id and row_ends[-1] == len(text) + 1  # appended EOS
         assert row_ends == sorted(row_ends)
         for k in range(len(row) - 1):
             decoded = coarse.decode(row[: k + 1], skip_special_tokens=True)
-            if "\ufffd" not in decoded:        # not in the middle of a multi-byte character
+            if "\ufffd" not in decoded:  # not in the middle of a multi-byte character
                 assert decoded == text[: row_ends[k]]
 
 
@@ -62,7 +67,7 @@ def test_cut_rows_keep_their_ends_and_get_no_end_of_text(coarse):
 def test_positions_pair_only_where_both_models_read_the_same_text(coarse, fine):
     s_rows = tokenize_for_lm(TEXTS, tokenizer=coarse, max_length=64)
     t_rows = tokenize_for_lm(TEXTS, tokenizer=fine, max_length=64)
-    assert any(len(a) != len(b) for a, b in zip(s_rows, t_rows, strict=True))      # really cut differently
+    assert any(len(a) != len(b) for a, b in zip(s_rows, t_rows, strict=True))  # really cut differently
     s_ends, t_ends = prefix_ends(TEXTS, s_rows, tokenizer=coarse), prefix_ends(TEXTS, t_rows, tokenizer=fine)
     s_width, t_width = max(map(len, s_rows)) - 1, max(map(len, t_rows)) - 1
     index = align_positions(s_ends, t_ends, student_width=s_width, teacher_width=t_width)
@@ -70,7 +75,7 @@ def test_positions_pair_only_where_both_models_read_the_same_text(coarse, fine):
     for b in range(len(TEXTS)):
         shared = set(s_ends[b][: len(s_rows[b]) - 1]) & set(t_ends[b][: len(t_rows[b]) - 1])
         paired = {s_ends[b][i] for i in range(s_width) if index[b, i] >= 0}
-        assert paired == shared                                      # every shared boundary, and only those
+        assert paired == shared  # every shared boundary, and only those
         for i in range(s_width):
             j = int(index[b, i])
             if j >= 0:
@@ -80,7 +85,8 @@ def test_positions_pair_only_where_both_models_read_the_same_text(coarse, fine):
 
 
 def test_hand_made_alignment_and_gather():
-    # Student read "ab|c|de|<eos>", teacher "a|bc|d|e|<eos>": shared prefix ends are 3 (abc), 5 (abcde), 6 (eos).
+    # Student read "ab|c|de|<eos>", teacher "a|bc|d|e|<eos>": shared prefix ends are 3 (abc), 5 (abcde), 6
+    # (eos).
     s_ends, t_ends = [[2, 3, 5, 6]], [[1, 3, 4, 5, 6]]
     index = align_positions(s_ends, t_ends, student_width=3, teacher_width=4)
     assert index.tolist() == [[-1, 1, 3]]
@@ -112,17 +118,26 @@ def test_online_uld_between_different_tokenizers_trains_on_paired_positions(tmp_
         return index
 
     monkeypatch.setattr(teachers.TeacherTargets, "_alignment", spy)
-    teacher = {"source": "config", "params": {**TINY_LLAMA, "vocab_size": 120}}    # its own, smaller vocabulary
+    teacher = {"source": "config", "params": {**TINY_LLAMA, "vocab_size": 120}}  # its own, smaller vocabulary
     log = Log()
-    result = trainer.train(_lm_run(tmp_path / "run", path, teacher=teacher, terms=[{"name": "uld"}],
-                                   scheme="online", train={"max_steps": 4, "log_every": 2}), log.callbacks())
+    result = trainer.train(
+        _lm_run(
+            tmp_path / "run",
+            path,
+            teacher=teacher,
+            terms=[{"name": "uld"}],
+            scheme="online",
+            train={"max_steps": 4, "log_every": 2},
+        ),
+        log.callbacks(),
+    )
     assert result.steps == 4 and all(math.isfinite(m["uld"]) and m["uld"] > 0 for m in log.train())
-    assert len(pairs) == 4 and all(0 < n < total for n, total in pairs)     # some, not all, positions pair
+    assert len(pairs) == 4 and all(0 < n < total for n, total in pairs)  # some, not all, positions pair
 
 
 def test_cross_tokenizer_teacher_rows_are_cut_at_the_runs_max_length(tmp_path, monkeypatch):
-    """Every teacher-output cache entry of a cross-tokenizer run (train and eval) holds rows cut at the run's max
-    length, which its key records, not at whatever the teacher alone could read."""
+    """Every teacher-output cache entry of a cross-tokenizer run (train and eval) holds rows cut at the run's
+    max length, which its key records, not at whatever the teacher alone could read."""
     from tests.workers.engine.test_lm import TINY_LLAMA, _lm_run
     from workers.engine import teachers, trainer
 
@@ -136,9 +151,21 @@ def test_cross_tokenizer_teacher_rows_are_cut_at_the_runs_max_length(tmp_path, m
         return original(teachers, rows, **kwargs)
 
     monkeypatch.setattr(teachers, "_lm_topk_outputs", spy)
-    student = {"source": "config", "params": {**TINY_LLAMA, "num_hidden_layers": 1, "max_position_embeddings": 8}}
-    teacher = {"source": "config", "params": {**TINY_LLAMA, "vocab_size": 120}}    # reads up to 64 positions
-    result = trainer.train(_lm_run(tmp_path / "run", path, student=student, teacher=teacher, terms=[{"name": "uld"}],
-                                   scheme="offline", train={"max_steps": 2}))
+    student = {
+        "source": "config",
+        "params": {**TINY_LLAMA, "num_hidden_layers": 1, "max_position_embeddings": 8},
+    }
+    teacher = {"source": "config", "params": {**TINY_LLAMA, "vocab_size": 120}}  # reads up to 64 positions
+    result = trainer.train(
+        _lm_run(
+            tmp_path / "run",
+            path,
+            student=student,
+            teacher=teacher,
+            terms=[{"name": "uld"}],
+            scheme="offline",
+            train={"max_steps": 2},
+        )
+    )
     assert result.steps == 2 and result.teacher is not None
-    assert len(widths) == 2 and max(widths) == 8       # the train and the eval entry, both at the student's 8
+    assert len(widths) == 2 and max(widths) == 8  # the train and the eval entry, both at the student's 8

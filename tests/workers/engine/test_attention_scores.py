@@ -1,4 +1,5 @@
-"""attention_mse fits TinyBERT's pre-softmax attention scores; attention_prob_mse keeps the post-softmax maps."""
+"""attention_mse fits TinyBERT's pre-softmax attention scores; attention_prob_mse keeps the post-softmax
+maps."""
 
 from __future__ import annotations
 
@@ -36,15 +37,33 @@ def _models():
     )
 
     return {
-        "bert": lambda: BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
-                                                                 num_attention_heads=2, intermediate_size=64,
-                                                                 vocab_size=100)),
-        "distilbert": lambda: DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=2, n_heads=2,
-                                                                                   hidden_dim=64, vocab_size=100)),
-        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
-                                                   bos_token_id=0, eos_token_id=0)),
-        "llama": lambda: LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                      num_key_value_heads=2, intermediate_size=64, vocab_size=100)),
+        "bert": lambda: BertForSequenceClassification(
+            BertConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                vocab_size=100,
+            )
+        ),
+        "distilbert": lambda: DistilBertForSequenceClassification(
+            DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=100)
+        ),
+        "gpt2": lambda: GPT2LMHeadModel(
+            GPT2Config(
+                n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0
+            )
+        ),
+        "llama": lambda: LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                vocab_size=100,
+            )
+        ),
     }
 
 
@@ -55,7 +74,9 @@ def test_attention_mse_matches_a_float64_reference_over_real_pairs():
     m = MASK.bool().numpy()
     pairs = np.broadcast_to(m[:, None, :, None] & m[:, None, None, :], (2, 2, 5, 5))
     # uniform map of 2 student layers onto 4 teacher layers: 1→2, 2→4.
-    expected = sum(((s[a].double().numpy() - t[b].double().numpy()) ** 2)[pairs].mean() for a, b in ((0, 1), (1, 3)))
+    expected = sum(
+        ((s[a].double().numpy() - t[b].double().numpy()) ** 2)[pairs].mean() for a, b in ((0, 1), (1, 3))
+    )
     assert losses.attention_mse(s, t, MASK.bool()).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -91,11 +112,11 @@ def test_bert_scores_are_q_k_over_sqrt_d_in_float64():
     with torch.no_grad():
         out = forward_outputs(model, {"input_ids": ids, "attention_mask": MASK}, hidden=True, scores=True)
         attention = model.bert.encoder.layer[0].attention.self
-        h = out.hidden[0]                                                                   # (B, T, H)
+        h = out.hidden[0]  # (B, T, H)
         heads, d = 2, 16
         q = attention.query(h).view(2, 5, heads, d).transpose(1, 2)
         k = attention.key(h).view(2, 5, heads, d).transpose(1, 2)
-        expected = q @ k.transpose(-1, -2) / math.sqrt(d)                                   # (B, h, T, T)
+        expected = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, h, T, T)
     assert out.scores[0].dtype == torch.float64
     assert torch.allclose(out.scores[0], expected, atol=1e-6, rtol=0)
 
@@ -104,18 +125,31 @@ def test_combine_feeds_scores_to_attention_mse_and_maps_to_attention_prob_mse():
     g = torch.Generator().manual_seed(5)
     scores = [tuple(torch.randn(2, 2, 5, 5, generator=g) for _ in range(2)) for _ in range(2)]
     maps = [tuple(x.softmax(-1) for x in s) for s in scores]
-    inputs = TermInputs(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), student_attentions=maps[0],
-                        teacher_attentions=maps[1], student_attention_scores=scores[0],
-                        teacher_attention_scores=scores[1], attention_mask=MASK)
+    inputs = TermInputs(
+        torch.randn(2, 3),
+        torch.zeros(2, dtype=torch.long),
+        student_attentions=maps[0],
+        teacher_attentions=maps[1],
+        student_attention_scores=scores[0],
+        teacher_attention_scores=scores[1],
+        attention_mask=MASK,
+    )
     terms = validate_terms([LossTermConfig("attention_mse"), LossTermConfig("attention_prob_mse")])
     parts = methods.combine(terms, inputs, modules=nn.ModuleDict(), state=TermState()).parts
     assert parts["attention_mse"].item() == pytest.approx(
-        losses.attention_mse(scores[0], scores[1], MASK.bool()).item())
+        losses.attention_mse(scores[0], scores[1], MASK.bool()).item()
+    )
     assert parts["attention_prob_mse"].item() == pytest.approx(
-        losses.attention_prob_mse(maps[0], maps[1], MASK.bool()).item())
+        losses.attention_prob_mse(maps[0], maps[1], MASK.bool()).item()
+    )
     assert parts["attention_mse"].item() != pytest.approx(parts["attention_prob_mse"].item())
-    without = TermInputs(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), student_attentions=maps[0],
-                         teacher_attentions=maps[1], attention_mask=MASK)
+    without = TermInputs(
+        torch.randn(2, 3),
+        torch.zeros(2, dtype=torch.long),
+        student_attentions=maps[0],
+        teacher_attentions=maps[1],
+        attention_mask=MASK,
+    )
     with pytest.raises(ConfigError, match="pre-softmax attention scores"):
         methods.combine(terms[:1], without, modules=nn.ModuleDict(), state=TermState())
 
@@ -127,17 +161,28 @@ def test_the_catalogue_says_which_term_fits_what():
 
 
 def test_an_online_bert_run_trains_with_both_attention_terms(tmp_path, topics_csv):
-    cfg = RunConfig.from_dict({
-        "student": {"source": "config", "params": {**TINY_BERT, "num_hidden_layers": 1}},
-        "teacher": {"source": "config", "params": TINY_BERT},
-        "dataset": {"source": "hf", "path": str(topics_csv), "text_column": "body", "label_column": "topic",
-                    "max_length": 16},
-        "terms": [{"name": "ce", "weight": 0.5}, {"name": "attention_mse", "weight": 0.1},
-                  {"name": "attention_prob_mse", "weight": 0.1}],
-        "scheme": "online", "evaluate_teacher": False,
-        "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 100, "device": "cpu"},
-        "output_dir": str(tmp_path),
-    })
+    cfg = RunConfig.from_dict(
+        {
+            "student": {"source": "config", "params": {**TINY_BERT, "num_hidden_layers": 1}},
+            "teacher": {"source": "config", "params": TINY_BERT},
+            "dataset": {
+                "source": "hf",
+                "path": str(topics_csv),
+                "text_column": "body",
+                "label_column": "topic",
+                "max_length": 16,
+            },
+            "terms": [
+                {"name": "ce", "weight": 0.5},
+                {"name": "attention_mse", "weight": 0.1},
+                {"name": "attention_prob_mse", "weight": 0.1},
+            ],
+            "scheme": "online",
+            "evaluate_teacher": False,
+            "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 100, "device": "cpu"},
+            "output_dir": str(tmp_path),
+        }
+    )
     logged: list[dict[str, float]] = []
     train(cfg, Callbacks(on_metrics=lambda _s, m: logged.append(m)))
     first = logged[0]

@@ -41,14 +41,22 @@ def _count_teacher_loads(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def test_second_run_reuses_the_cache_without_loading_or_running_the_teacher(tmp_path, digits_run, digits_teacher,
-                                                                           monkeypatch):
+def test_second_run_reuses_the_cache_without_loading_or_running_the_teacher(
+    tmp_path, digits_run, digits_teacher, monkeypatch
+):
     calls = _count_teacher_loads(monkeypatch)
 
     def run(name):
-        return train(digits_run(tmp_path / name, teacher={"source": "run", "path": str(digits_teacher)},
-                                terms=KD_TERMS, scheme="offline", cache_dir=str(tmp_path / "cache"),
-                                train={"max_steps": 20, "eval_every": 10}))
+        return train(
+            digits_run(
+                tmp_path / name,
+                teacher={"source": "run", "path": str(digits_teacher)},
+                terms=KD_TERMS,
+                scheme="offline",
+                cache_dir=str(tmp_path / "cache"),
+                train={"max_steps": 20, "eval_every": 10},
+            )
+        )
 
     first = run("a")
     assert calls["loads"] == 1 and first.teacher_forwards > 0
@@ -56,11 +64,12 @@ def test_second_run_reuses_the_cache_without_loading_or_running_the_teacher(tmp_
     assert first.teacher_cache[0]["stored"] == {"kind": "logits", "dtype": "float32"}
 
     second = run("b")
-    assert calls["loads"] == 1                     # the teacher's weights were never read again
+    assert calls["loads"] == 1  # the teacher's weights were never read again
     assert second.teacher_forwards == 0
     assert [(c["split"], c["hit"]) for c in second.teacher_cache] == [("train", True), ("eval", True)]
     assert [c["key"] for c in second.teacher_cache] == [c["key"] for c in first.teacher_cache]
-    # Same numbers as when the teacher ran: quality from the cached eval logits, speed from the entry's side file.
+    # Same numbers as when the teacher ran: quality from the cached eval logits, speed from the entry's side
+    # file.
     assert second.teacher == first.teacher
     assert second.student["agreement"] == first.student["agreement"]
     a = load_file(f"{first.final_dir}/model.safetensors")
@@ -72,9 +81,16 @@ def test_second_run_reuses_the_cache_without_loading_or_running_the_teacher(tmp_
 
 def test_runs_with_a_different_teacher_or_data_get_a_new_entry(tmp_path, digits_run, digits_teacher):
     def run(name, teacher, **dataset):
-        cfg = digits_run(tmp_path / name, teacher={"source": "run", "path": str(teacher)}, terms=KD_TERMS,
-                         scheme="offline", cache_dir=str(tmp_path / "cache"), evaluate_teacher=False,
-                         dataset={"source": "builtin", "name": "digits", **dataset}, train={"max_steps": 2})
+        cfg = digits_run(
+            tmp_path / name,
+            teacher={"source": "run", "path": str(teacher)},
+            terms=KD_TERMS,
+            scheme="offline",
+            cache_dir=str(tmp_path / "cache"),
+            evaluate_teacher=False,
+            dataset={"source": "builtin", "name": "digits", **dataset},
+            train={"max_steps": 2},
+        )
         return train(cfg).teacher_cache
 
     first = run("a", digits_teacher)
@@ -95,12 +111,22 @@ def test_runs_with_a_different_teacher_or_data_get_a_new_entry(tmp_path, digits_
 def test_key_parts_follow_file_contents(tmp_path, digits_teacher):
     data = tmp_path / "data.csv"
     data.write_text("text,label\na,0\nb,1\n")
-    before = dataset_description(DatasetConfig(source="hf", path=str(data)), task="classification", max_length=32)
+    before = dataset_description(
+        DatasetConfig(source="hf", path=str(data)), task="classification", max_length=32
+    )
     data.write_text("text,label\na,0\nc,1\n")
-    after = dataset_description(DatasetConfig(source="hf", path=str(data)), task="classification", max_length=32)
+    after = dataset_description(
+        DatasetConfig(source="hf", path=str(data)), task="classification", max_length=32
+    )
     assert before["content"] != after["content"] and cache_key(before) != cache_key(after)
-    assert dataset_description(DatasetConfig(source="hf", path=str(data), labelled_fraction=0.5),
-                               task="classification", max_length=32) == after
+    assert (
+        dataset_description(
+            DatasetConfig(source="hf", path=str(data), labelled_fraction=0.5),
+            task="classification",
+            max_length=32,
+        )
+        == after
+    )
 
     copy = tmp_path / "copy"
     shutil.copytree(digits_teacher, copy)
@@ -123,7 +149,9 @@ def test_concurrent_requests_for_one_key_compute_it_once(tmp_path):
 
     def worker():
         cache = TeacherCache(tmp_path)
-        entry = cache.get_or_compute("k" * 64, compute, split="train", stored={"kind": "logits"}, description={})
+        entry = cache.get_or_compute(
+            "k" * 64, compute, split="train", stored={"kind": "logits"}, description={}
+        )
         results.append((entry.tensors["logits"], cache.uses[0]))
 
     threads = [threading.Thread(target=worker) for _ in range(2)]
@@ -140,26 +168,42 @@ def test_concurrent_requests_for_one_key_compute_it_once(tmp_path):
 
 def test_topk_entries_round_trip_through_the_cache(tmp_path):
     torch.manual_seed(0)
-    logits = torch.randn(3, 5, 50) * 3                              # (B, T, V), already shifted
+    logits = torch.randn(3, 5, 50) * 3  # (B, T, V), already shifted
     lengths = [5, 2, 4]
     top = topk_of(logits, 8)
-    assert torch.allclose(torch.logsumexp(torch.cat([top.logprobs, top.tail_logmass.unsqueeze(-1)], -1), -1),
-                          torch.zeros(3, 5), atol=1e-5)             # top-k mass + tail = 1
+    assert torch.allclose(
+        torch.logsumexp(torch.cat([top.logprobs, top.tail_logmass.unsqueeze(-1)], -1), -1),
+        torch.zeros(3, 5),
+        atol=1e-5,
+    )  # top-k mass + tail = 1
     target = torch.log_softmax(logits, -1)[..., 0]
-    rows = [{"logprobs": top.logprobs[b, :n].half(), "indices": top.indices[b, :n].int(),
-             "tail_logmass": top.tail_logmass[b, :n].half(), "target_logprob": target[b, :n]}
-            for b, n in enumerate(lengths)]
+    rows = [
+        {
+            "logprobs": top.logprobs[b, :n].half(),
+            "indices": top.indices[b, :n].int(),
+            "tail_logmass": top.tail_logmass[b, :n].half(),
+            "target_logprob": target[b, :n],
+        }
+        for b, n in enumerate(lengths)
+    ]
     cache = TeacherCache(tmp_path)
     key = cache_key({"test": 1})
-    cache.get_or_compute(key, lambda: (pack_positions(rows), {}), split="train", stored={"kind": "topk", "k": 8},
-                         description={})
+    cache.get_or_compute(
+        key,
+        lambda: (pack_positions(rows), {}),
+        split="train",
+        stored={"kind": "topk", "k": 8},
+        description={},
+    )
     entry = TeacherCache(tmp_path).lookup(key)
     assert entry.tensors["logprobs"].dtype == torch.float16 and entry.tensors["indices"].dtype == torch.int32
     assert entry.tensors["offsets"].tolist() == [0, 5, 7, 11]
 
-    back = gather_topk(entry, torch.tensor([2, 0]), 5, torch.device("cpu"))     # rows in another order
+    back = gather_topk(entry, torch.tensor([2, 0]), 5, torch.device("cpu"))  # rows in another order
     assert back.logprobs.shape == (2, 5, 8)
-    assert torch.equal(back.indices[0, :4], top.indices[2, :4]) and torch.equal(back.indices[1], top.indices[0])
+    assert torch.equal(back.indices[0, :4], top.indices[2, :4]) and torch.equal(
+        back.indices[1], top.indices[0]
+    )
     assert torch.allclose(back.logprobs[0, :4], top.logprobs[2, :4], atol=1e-2)
     assert torch.allclose(back.tail_logmass[1], top.tail_logmass[0], atol=1e-2)
     assert torch.isfinite(back.logprobs).all() and torch.isfinite(back.tail_logmass).all()  # padding is valid

@@ -1,5 +1,5 @@
-"""Checkpoints of an owned run (an attempt holding the run's lease): registered before they count, resumed only
-from the one registered last, and never written, pruned or kept by an attempt that lost the run."""
+"""Checkpoints of an owned run (an attempt holding the run's lease): registered before they count, resumed
+only from the one registered last, and never written, pruned or kept by an attempt that lost the run."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from workers.engine.trainer import Callbacks, train
 
 
 class Owner:
-    """A caller that registers checkpoints (as the worker's conditional update does) until it loses the run."""
+    """A caller that registers checkpoints (as the worker's conditional update does) until it loses the
+    run."""
 
     def __init__(self, *, lose_at: int | None = None) -> None:
         self.registered: list[tuple[int, str]] = []
@@ -33,9 +34,12 @@ class Owner:
         return True
 
     def callbacks(self) -> Callbacks:
-        return Callbacks(on_progress=lambda s, _t: self.steps.append(s),
-                         on_metrics=lambda s, m: self.losses.__setitem__(s, m["loss"]) if "loss" in m else None,
-                         on_checkpoint=self.register, owns_run=lambda: self.owns)
+        return Callbacks(
+            on_progress=lambda s, _t: self.steps.append(s),
+            on_metrics=lambda s, m: self.losses.__setitem__(s, m["loss"]) if "loss" in m else None,
+            on_checkpoint=self.register,
+            owns_run=lambda: self.owns,
+        )
 
 
 def folders(out: Path) -> list[str]:
@@ -54,8 +58,10 @@ def test_an_attempt_resumes_from_the_registered_checkpoint_and_removes_every_oth
 
     second = Owner()
     registered = str(out / CHECKPOINTS / "step-20-a1")
-    train(digits_run(out, attempt=2, resume_from=registered, train={"max_steps": 40, "save_every": 10}),
-          second.callbacks())
+    train(
+        digits_run(out, attempt=2, resume_from=registered, train={"max_steps": 40, "save_every": 10}),
+        second.callbacks(),
+    )
     assert second.steps[0] == 21  # from the registered checkpoint, not the newest folder on disk
     assert [s for s, _ in second.registered] == [30, 40]
     # Earlier attempts' folders are gone once the new owner registered its own; its own are kept (2).
@@ -65,20 +71,29 @@ def test_an_attempt_resumes_from_the_registered_checkpoint_and_removes_every_oth
 
 def test_the_same_steps_give_the_same_losses_after_a_resume(tmp_path, digits_run):
     whole = Owner()
-    train(digits_run(tmp_path / "whole", attempt=1, train={"max_steps": 30, "save_every": 10}), whole.callbacks())
+    train(
+        digits_run(tmp_path / "whole", attempt=1, train={"max_steps": 30, "save_every": 10}),
+        whole.callbacks(),
+    )
     out = tmp_path / "split"
     first, second = Owner(lose_at=15), Owner()
     train(digits_run(out, attempt=1, train={"max_steps": 30, "save_every": 10}), first.callbacks())
-    train(digits_run(out, attempt=2, resume_from=first.registered[-1][1], train={"max_steps": 30, "save_every": 10}),
-          second.callbacks())
+    train(
+        digits_run(
+            out, attempt=2, resume_from=first.registered[-1][1], train={"max_steps": 30, "save_every": 10}
+        ),
+        second.callbacks(),
+    )
     assert second.losses == {s: v for s, v in whole.losses.items() if s > 10}
 
 
 def test_an_attempt_that_lost_the_run_saves_nothing_and_stops(tmp_path, digits_run):
     out = tmp_path / "run"
     lost = Owner(lose_at=15)
-    result = train(digits_run(out, attempt=1, train={"max_steps": 30, "save_every": 10, "log_every": 5}),
-                   lost.callbacks())
+    result = train(
+        digits_run(out, attempt=1, train={"max_steps": 30, "save_every": 10, "log_every": 5}),
+        lost.callbacks(),
+    )
     assert result.stopped and result.final_dir is None and not result.student
     assert [s for s, _ in lost.registered] == [10]
     assert folders(out) == ["step-10-a1"]  # the refused step-20 was deleted; nothing else written
@@ -95,12 +110,24 @@ def test_a_registration_refused_at_the_last_moment_deletes_the_folder(tmp_path, 
 
 def test_prune_never_touches_a_later_attempt(tmp_path):
     root = tmp_path / "checkpoints"
-    for name in ["step-10", "step-10-a1", "step-20-a1", "step-30-a2", "step-40-a2", "step-50-a2", "step-60-a3",
-                 ".step-70-a2.tmp-1"]:
+    for name in [
+        "step-10",
+        "step-10-a1",
+        "step-20-a1",
+        "step-30-a2",
+        "step-40-a2",
+        "step-50-a2",
+        "step-60-a3",
+        ".step-70-a2.tmp-1",
+    ]:
         (root / name).mkdir(parents=True)
     prune(root, attempt=2, keep=2)
-    assert sorted(p.name for p in root.iterdir()) == [".step-70-a2.tmp-1", "step-40-a2", "step-50-a2",
-                                                       "step-60-a3"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".step-70-a2.tmp-1",
+        "step-40-a2",
+        "step-50-a2",
+        "step-60-a3",
+    ]
 
 
 def test_a_missing_registered_checkpoint_is_a_clear_error(tmp_path, digits_run):

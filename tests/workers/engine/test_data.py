@@ -72,7 +72,9 @@ def test_jsonl_with_integer_labels(tmp_path):
 
 def test_missing_column_names_the_available_ones(topics_csv):
     with pytest.raises(DataError) as exc:
-        load_dataset(DatasetConfig(source="hf", path=str(topics_csv), text_column="xyz", label_column="topic"))
+        load_dataset(
+            DatasetConfig(source="hf", path=str(topics_csv), text_column="xyz", label_column="topic")
+        )
     assert str(exc.value) == "Dataset has no column 'xyz'. Available columns: id, body, topic."
 
 
@@ -96,20 +98,26 @@ def test_labelled_fraction_hides_labels_of_a_stratified_seeded_subset():
 
     kept = part.train.labels != -100
     assert kept.sum() == pytest.approx(0.1 * len(full.train), abs=10)
-    assert np.array_equal(part.train.labels[kept], full.train.labels[kept])    # visible labels are the true ones
+    assert np.array_equal(
+        part.train.labels[kept], full.train.labels[kept]
+    )  # visible labels are the true ones
     assert set(Counter(part.train.labels[kept].tolist()).values()) <= {14, 15}  # ~10% of each class
     assert np.array_equal(part.train.labels, again.train.labels)
-    assert np.array_equal(part.eval.labels, full.eval.labels)                  # eval keeps every label
-    assert np.array_equal(part.train.inputs, full.train.inputs)                # the split does not move
+    assert np.array_equal(part.eval.labels, full.eval.labels)  # eval keeps every label
+    assert np.array_equal(part.train.inputs, full.train.inputs)  # the split does not move
 
 
 def test_rows_for_step_is_a_pure_function_covering_each_row_once_per_epoch():
     rows = np.arange(10, 110)
     epoch = np.concatenate([rows_for_step(s, rows, batch_size=32, seed=1) for s in range(3)])
-    assert len(set(epoch.tolist())) == 96                                      # 3 full batches, no repeats
+    assert len(set(epoch.tolist())) == 96  # 3 full batches, no repeats
     assert set(epoch.tolist()) <= set(rows.tolist())
-    assert np.array_equal(rows_for_step(5, rows, batch_size=32, seed=1), rows_for_step(5, rows, batch_size=32, seed=1))
-    assert not np.array_equal(rows_for_step(0, rows, batch_size=32, seed=1), rows_for_step(3, rows, batch_size=32, seed=1))
+    assert np.array_equal(
+        rows_for_step(5, rows, batch_size=32, seed=1), rows_for_step(5, rows, batch_size=32, seed=1)
+    )
+    assert not np.array_equal(
+        rows_for_step(0, rows, batch_size=32, seed=1), rows_for_step(3, rows, batch_size=32, seed=1)
+    )
 
 
 def test_text_batches_pad_to_the_longest_row_and_carry_row_indices(topics):
@@ -126,7 +134,7 @@ def test_text_batches_pad_to_the_longest_row_and_carry_row_indices(topics):
     assert attention.sum(1).max() == ids.shape[1]
 
 
-# --- text tasks, corpora and file formats ----------------------------------------------------------------------
+# --- text tasks, corpora and file formats -------------------------------------------------------------------
 
 
 def test_split_records_understands_fortunes_paragraphs_and_lines():
@@ -143,10 +151,14 @@ def test_text_tasks_read_files_and_folders_and_split_randomly(tmp_path):
     (tmp_path / "docs" / "sub" / "b").write_text("x\n%\ny\n")
     (tmp_path / "docs" / "b.dat").write_bytes(b"\x00\x01binary index")
     (tmp_path / "docs" / ".hidden").write_text("never read\n")
-    ds = load_dataset(DatasetConfig(source="hf", path=str(tmp_path / "docs"), eval_fraction=0.4), task="causal_lm")
+    ds = load_dataset(
+        DatasetConfig(source="hf", path=str(tmp_path / "docs"), eval_fraction=0.4), task="causal_lm"
+    )
     assert sorted(ds.train.inputs + ds.eval.inputs) == ["first", "second", "third", "x", "y"]
     assert len(ds.eval) == 2 and ds.task == "causal_lm" and ds.label_names == []
-    again = load_dataset(DatasetConfig(source="hf", path=str(tmp_path / "docs"), eval_fraction=0.4), task="causal_lm")
+    again = load_dataset(
+        DatasetConfig(source="hf", path=str(tmp_path / "docs"), eval_fraction=0.4), task="causal_lm"
+    )
     assert again.eval.inputs == ds.eval.inputs
 
     table = tmp_path / "rows.jsonl"
@@ -162,8 +174,10 @@ def test_parquet_files_and_labelled_folders(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": [f"t{i}" for i in range(12)], "label": ["a", "b", "c"] * 4}),
-                   tmp_path / "rows.parquet")
+    pq.write_table(
+        pa.table({"text": [f"t{i}" for i in range(12)], "label": ["a", "b", "c"] * 4}),
+        tmp_path / "rows.parquet",
+    )
     ds = load_dataset(DatasetConfig(source="hf", path=str(tmp_path / "rows.parquet")))
     assert ds.label_names == ["a", "b", "c"] and len(ds.train) + len(ds.eval) == 12
 
@@ -185,7 +199,7 @@ def test_lm_batches_mask_padding_and_prompts_and_end_texts_with_eos():
             return {"input_ids": [[10 + len(t)] * min(len(t), max_length) for t in texts]}
 
     rows = tokenize_for_lm(["ab", "abcdefgh"], tokenizer=Tok(), max_length=4)
-    assert rows == [[12, 12, 2], [18, 18, 18, 18]]                 # a cut text gets no EOS
+    assert rows == [[12, 12, 2], [18, 18, 18, 18]]  # a cut text gets no EOS
     batch = LMBatcher([[5, 6, 7, 8], [5, 6]], pad_id=0, prompt_lengths=[2, 0]).batch([0, 1])
     assert batch.inputs["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 0, 0]]
     assert batch.inputs["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
@@ -207,7 +221,9 @@ def test_fortunes_corpus_when_installed(monkeypatch, tmp_path):
 
     if not fortunes_dir().is_dir():
         if os.environ.get("DISTILLWEB_REQUIRE_SERVICES"):
-            pytest.fail(f"the fortunes corpus is missing from {fortunes_dir()}: sh workers/engine/fetch_corpora.sh")
+            pytest.fail(
+                f"the fortunes corpus is missing from {fortunes_dir()}: sh workers/engine/fetch_corpora.sh"
+            )
         pytest.skip("the fortunes corpus is not installed (sh workers/engine/fetch_corpora.sh)")
     lm = load_dataset(DatasetConfig(source="builtin", name="fortunes"), task="causal_lm")
     assert len(lm.train) + len(lm.eval) > 10000
@@ -222,7 +238,9 @@ def test_fortunes_corpus_when_installed(monkeypatch, tmp_path):
 
 def test_classification_eval_file_shares_the_train_label_space(tmp_path):
     train_file, eval_file = tmp_path / "train.csv", tmp_path / "eval.csv"
-    train_file.write_text("text,label\n" + "".join(f"row {i},{'spam' if i % 2 else 'ham'}\n" for i in range(8)))
+    train_file.write_text(
+        "text,label\n" + "".join(f"row {i},{'spam' if i % 2 else 'ham'}\n" for i in range(8))
+    )
     eval_file.write_text("text,label\nheld one,spam\nheld two,spam\n")
     ds = load_dataset(DatasetConfig(source="hf", path=str(train_file), eval_path=str(eval_file)))
     assert ds.label_names == ["ham", "spam"]

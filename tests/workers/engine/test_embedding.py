@@ -22,12 +22,23 @@ TEACHER = {"source": "config", "params": TINY_BERT}
 
 def _embedding_run(output_dir: Path, topics_csv: Path, **overrides: Any) -> RunConfig:
     data: dict[str, Any] = {
-        "student": STUDENT, "teacher": TEACHER, "task": "embedding",
+        "student": STUDENT,
+        "teacher": TEACHER,
+        "task": "embedding",
         "dataset": {"source": "hf", "path": str(topics_csv), "text_column": "body", "max_length": 16},
-        "terms": [{"name": "embedding_mse"}], "scheme": "offline",
-        "train": {"max_steps": 12, "batch_size": 8, "lr": 1e-2, "log_every": 4, "eval_every": 100,
-                  "save_every": 100, "device": "cpu"},
-        "output_dir": str(output_dir), "cache_dir": str(output_dir.parent / "cache"),
+        "terms": [{"name": "embedding_mse"}],
+        "scheme": "offline",
+        "train": {
+            "max_steps": 12,
+            "batch_size": 8,
+            "lr": 1e-2,
+            "log_every": 4,
+            "eval_every": 100,
+            "save_every": 100,
+            "device": "cpu",
+        },
+        "output_dir": str(output_dir),
+        "cache_dir": str(output_dir.parent / "cache"),
     }
     data |= overrides
     return RunConfig.from_dict(data)
@@ -35,8 +46,10 @@ def _embedding_run(output_dir: Path, topics_csv: Path, **overrides: Any) -> RunC
 
 def test_embedding_student_gets_closer_to_the_teacher(tmp_path, topics_csv):
     metrics: list[dict[str, float]] = []
-    result = train(_embedding_run(tmp_path / "offline", topics_csv),
-                   Callbacks(on_metrics=lambda _s, m: metrics.append(m)))
+    result = train(
+        _embedding_run(tmp_path / "offline", topics_csv),
+        Callbacks(on_metrics=lambda _s, m: metrics.append(m)),
+    )
     losses = [m["embedding_mse"] for m in metrics if "embedding_mse" in m]
     assert losses[-1] < losses[0]
     assert result.task == "embedding"
@@ -44,8 +57,10 @@ def test_embedding_student_gets_closer_to_the_teacher(tmp_path, topics_csv):
     assert metrics[-1] == {"eval/cosine_to_teacher": result.student["cosine_to_teacher"]}
     assert {"params", "latency_ms_p50", "throughput_per_s", "peak_memory_bytes"} <= set(result.student)
     assert {"params", "latency_ms_p50"} <= set(result.teacher)
-    assert [(c["split"], c["stored"]["kind"]) for c in result.teacher_cache] == [("train", "embeddings"),
-                                                                              ("eval", "embeddings")]
+    assert [(c["split"], c["stored"]["kind"]) for c in result.teacher_cache] == [
+        ("train", "embeddings"),
+        ("eval", "embeddings"),
+    ]
     # The 16 → 32 projection the embedding term learned is saved beside the student.
     projection = load_file(Path(result.final_dir) / "term_modules.safetensors")
     assert projection["embedding_mse.weight"].shape == (32, 16)

@@ -21,8 +21,8 @@ def _logits_for(predictions: list[int], num_classes: int = 3, confidence: float 
 
 def test_metrics_on_a_hand_made_case():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    student = _logits_for([0, 0, 1, 2, 2, 2])        # one class-1 example predicted as 2
-    teacher = _logits_for([0, 1, 1, 2, 2, 2])        # disagrees with the student on example 1 only
+    student = _logits_for([0, 0, 1, 2, 2, 2])  # one class-1 example predicted as 2
+    teacher = _logits_for([0, 1, 1, 2, 2, 2])  # disagrees with the student on example 1 only
 
     m = classification_metrics(student, labels, teacher_logits=teacher)
 
@@ -44,7 +44,7 @@ def test_kl_to_teacher_is_zero_and_agreement_one_for_the_teacher_itself():
 def test_macro_f1_agrees_with_scikit_learn():
     rng = np.random.default_rng(0)
     true, pred = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
-    pred[pred == 4] = 3                               # class 4 is never predicted
+    pred[pred == 4] = 3  # class 4 is never predicted
     assert macro_f1(pred, true) == pytest.approx(f1_score(true, pred, average="macro"))
 
 
@@ -56,8 +56,11 @@ def test_ece_of_an_overconfident_model():
 
 
 def test_evaluate_restores_the_training_mode_and_measures_efficiency(digits):
-    loaded = load_model(ModelConfig(source="builtin", name="mlp", params={"hidden_sizes": [16]}),
-                        dataset=digits, role="student")
+    loaded = load_model(
+        ModelConfig(source="builtin", name="mlp", params={"hidden_sizes": [16]}),
+        dataset=digits,
+        role="student",
+    )
     loaded.model.train()
     batcher = Batcher(digits.eval)
     m = evaluate(loaded.model, batcher, device="cpu")
@@ -82,14 +85,19 @@ def test_lm_fidelity_from_a_teachers_top_k():
     student, teacher = torch.randn(2, 4, 12), torch.randn(2, 4, 12) * 2
     mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
     agree, kl = lm_topk_fidelity(student, topk_of(student, 3), mask)
-    assert agree.item() == 5 and kl.item() == pytest.approx(0.0, abs=1e-5)   # the student is its own teacher
+    assert agree.item() == 5 and kl.item() == pytest.approx(0.0, abs=1e-5)  # the student is its own teacher
 
-    full = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
-                                      log_target=True, reduction="none").sum(-1)[mask].sum()
+    full = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), log_target=True, reduction="none"
+        )
+        .sum(-1)[mask]
+        .sum()
+    )
     _, kl_all = lm_topk_fidelity(student, topk_of(teacher, 12), mask)
     _, kl_top = lm_topk_fidelity(student, topk_of(teacher, 3), mask)
-    assert kl_all.item() == pytest.approx(full.item(), rel=1e-4)              # k = V: the exact KL
-    assert 0 < kl_top.item() <= full.item() + 1e-5                            # top-k + tail: a lower bound
+    assert kl_all.item() == pytest.approx(full.item(), rel=1e-4)  # k = V: the exact KL
+    assert 0 < kl_top.item() <= full.item() + 1e-5  # top-k + tail: a lower bound
     expected_agree = (student.argmax(-1) == teacher.argmax(-1))[mask].sum().item()
     assert lm_topk_fidelity(student, topk_of(teacher, 3), mask)[0].item() == expected_agree
 
@@ -97,8 +105,11 @@ def test_lm_fidelity_from_a_teachers_top_k():
 def test_builtin_nets_expose_hidden_activations_for_feature_terms(digits):
     from workers.engine.evaluate import forward_outputs
 
-    loaded = load_model(ModelConfig(source="builtin", name="mlp", params={"hidden_sizes": [16, 8]}),
-                        dataset=digits, role="student")
+    loaded = load_model(
+        ModelConfig(source="builtin", name="mlp", params={"hidden_sizes": [16, 8]}),
+        dataset=digits,
+        role="student",
+    )
     inputs = Batcher(digits.eval).batch([0, 1, 2]).inputs
     out = forward_outputs(loaded.model, inputs, hidden=True)
     assert [tuple(h.shape) for h in out.hidden] == [(3, 1, 64), (3, 1, 16), (3, 1, 8)]

@@ -29,7 +29,7 @@ def _attentions(layers, heads=HEADS, seed=0, mask=MASK):
     maps = []
     for _ in range(layers):
         scores = torch.randn(B, heads, T, T, generator=g) * 2
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))   # as HF masks padded keys
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))  # as HF masks padded keys
         maps.append(scores.softmax(dim=-1))
     return tuple(maps)
 
@@ -45,8 +45,10 @@ def _features(name, seed, *, layers=2):
     if name == "attention_mse":
         return _attentions(layers, seed=seed), _attentions(layers, seed=seed + 100)
     if name == "attention_kl":
-        return ((_attentions(1, seed=seed)[0], _values(seed=seed)),
-                (_attentions(1, seed=seed + 100)[0], _values(seed=seed + 100)))
+        return (
+            (_attentions(1, seed=seed)[0], _values(seed=seed)),
+            (_attentions(1, seed=seed + 100)[0], _values(seed=seed + 100)),
+        )
     return torch.randn(B, T, H, generator=_gen(seed)), torch.randn(B, T, H, generator=_gen(seed + 100))
 
 
@@ -62,7 +64,9 @@ def _leaves(x):
 
 
 def _requires_grad(x):
-    return tuple(t.clone().requires_grad_() for t in x) if isinstance(x, tuple) else x.clone().requires_grad_()
+    return (
+        tuple(t.clone().requires_grad_() for t in x) if isinstance(x, tuple) else x.clone().requires_grad_()
+    )
 
 
 FEATURE_TERMS = ["hidden_mse", "hidden_cosine", "attention_mse", "attention_kl", "embedding_mse"]
@@ -103,9 +107,9 @@ def _scramble_padding(x, seed):
 
     def noisy(t):
         t = t.clone()
-        if t.dim() == 3:                                              # (B, T, H)
+        if t.dim() == 3:  # (B, T, H)
             t[pad] = torch.randn(int(pad.sum()), t.shape[-1], generator=g) * 50
-        else:                                                         # (B, heads, T, T) or (B, heads, T, d)
+        else:  # (B, heads, T, T) or (B, heads, T, d)
             rows = pad[:, None, :, None].expand_as(t)
             t[rows] = torch.rand(int(rows.sum()), generator=g)
             if t.shape[-1] == T:
@@ -140,10 +144,12 @@ def test_all_padded_gives_zero_and_a_finite_zero_gradient(name):
     loss = _call(name, student, teacher, mask=nothing)
     loss.backward()
     assert loss.item() == 0.0
-    assert all(t.grad is None or (torch.isfinite(t.grad).all() and torch.all(t.grad == 0)) for t in _leaves(student))
+    assert all(
+        t.grad is None or (torch.isfinite(t.grad).all() and torch.all(t.grad == 0)) for t in _leaves(student)
+    )
 
 
-# --- hand-computed values ---------------------------------------------------------------------------------------
+# --- hand-computed values -----------------------------------------------------------------------------------
 
 
 def test_hidden_mse_hand_value_sums_layers_of_masked_token_means():
@@ -197,7 +203,7 @@ def _np_kl(p, q):
 
 def test_attention_kl_hand_value_is_attention_kl_plus_value_relation_kl():
     a_s, a_t = _attentions(1, seed=16)[0].numpy(), _attentions(1, seed=17)[0].numpy()
-    v_s, v_t = _values(d=3, seed=18).numpy(), _values(d=5, seed=19).numpy()    # head widths may differ
+    v_s, v_t = _values(d=3, seed=18).numpy(), _values(d=5, seed=19).numpy()  # head widths may differ
     m = MASK.numpy()
     keys = m[:, None, None, :]
 
@@ -205,9 +211,11 @@ def test_attention_kl_hand_value_is_attention_kl_plus_value_relation_kl():
         scores = v @ np.swapaxes(v, -1, -2) / np.sqrt(v.shape[-1])
         return _np_softmax(np.where(keys, scores, -1e30))
 
-    per_row = _np_kl(a_t, a_s) + _np_kl(relation(v_t), relation(v_s))           # (B, heads, T)
+    per_row = _np_kl(a_t, a_s) + _np_kl(relation(v_t), relation(v_s))  # (B, heads, T)
     rows = np.broadcast_to(m[:, None, :], per_row.shape)
-    got = losses.attention_kl(torch.tensor(a_s), torch.tensor(a_t), torch.tensor(v_s), torch.tensor(v_t), MASK)
+    got = losses.attention_kl(
+        torch.tensor(a_s), torch.tensor(a_t), torch.tensor(v_s), torch.tensor(v_t), MASK
+    )
     assert got.item() == pytest.approx(per_row[rows].mean(), rel=1e-5)
 
 
@@ -237,13 +245,15 @@ def test_embedding_mse_on_pooled_embeddings_with_a_projection():
     e_s, e_t = torch.randn(4, 3, generator=_gen(22)), torch.randn(4, 5, generator=_gen(23))
     projection = nn.Linear(3, 5)
     expected = (projection(e_s) - e_t).pow(2).mean()
-    assert losses.embedding_mse(e_s, e_t, projection=projection).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses.embedding_mse(e_s, e_t, projection=projection).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
     assert losses.embedding_mse(e_t, e_t.clone()).item() == 0.0
     with pytest.raises(ConfigError, match="needs a learned projection"):
         losses.embedding_mse(e_s, e_t)
 
 
-# --- layer maps -------------------------------------------------------------------------------------------------
+# --- layer maps ---------------------------------------------------------------------------------------------
 
 
 def test_layer_pairs_uniform_last_and_explicit():
@@ -254,8 +264,9 @@ def test_layer_pairs_uniform_last_and_explicit():
     assert layer_pairs([2, 5], 2, 6) == [(1, 2), (2, 5)]
 
 
-@pytest.mark.parametrize(("layer_map", "message"), [([1, 2, 3], "has 3 entries but the student has 2"),
-                                                     ([1, 7], "outside 1..6")])
+@pytest.mark.parametrize(
+    ("layer_map", "message"), [([1, 2, 3], "has 3 entries but the student has 2"), ([1, 7], "outside 1..6")]
+)
 def test_layer_pairs_reject_maps_that_do_not_fit(layer_map, message):
     with pytest.raises(ConfigError, match=message):
         layer_pairs(layer_map, 2, 6)
@@ -264,6 +275,7 @@ def test_layer_pairs_reject_maps_that_do_not_fit(layer_map, message):
 def test_hidden_mse_with_an_explicit_map_uses_those_teacher_layers():
     s, t = _hidden(2, seed=24), _hidden(4, seed=25)
     expected = losses.hidden_mse((s[0], s[1]), (t[0], t[3]), MASK, layer_map="uniform") + losses.hidden_mse(
-        (s[0], s[2]), (t[0], t[1]), MASK, layer_map="uniform")
+        (s[0], s[2]), (t[0], t[1]), MASK, layer_map="uniform"
+    )
     got = losses.hidden_mse(s, t, MASK, layer_map=[3, 1])
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)

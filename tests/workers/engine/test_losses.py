@@ -45,7 +45,7 @@ def _t(x: np.ndarray) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float32).reshape(1, -1)
 
 
-# --- properties ------------------------------------------------------------------------------------------------
+# --- properties ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", TEACHER_TERMS)
@@ -86,7 +86,8 @@ def test_masked_positions_change_nothing(name):
 def test_ce_ignores_rows_labelled_minus_100():
     logits = torch.tensor([[2.0, 1.0, 0.0], [9.0, -9.0, 0.0]])
     assert losses.ce(logits, torch.tensor([0, -100])).item() == pytest.approx(
-        losses.ce(logits[:1], torch.tensor([0])).item())
+        losses.ce(logits[:1], torch.tensor([0])).item()
+    )
 
 
 @pytest.mark.parametrize("name", [*TEACHER_TERMS, "ce"])
@@ -120,20 +121,21 @@ def test_bf16_inputs_give_float32_results(name):
     assert loss.dtype == torch.float32
 
 
-# --- hand-computed values --------------------------------------------------------------------------------------
+# --- hand-computed values -----------------------------------------------------------------------------------
 
 
 def test_kd_is_tau_squared_times_kl_of_softened_distributions():
     tau = 2.0
-    expected = tau**2 * _kl(_softmax(T3 / tau), _softmax(S3 / tau))   # ≈ 4 × 0.34
+    expected = tau**2 * _kl(_softmax(T3 / tau), _softmax(S3 / tau))  # ≈ 4 × 0.34
     assert losses.kd(_t(S3), _t(T3), temperature=tau).item() == pytest.approx(expected, rel=1e-5)
     plain = losses.kd(_t(S3 / tau), _t(T3 / tau), temperature=1.0).item()
     assert losses.kd(_t(S3), _t(T3), temperature=tau).item() == pytest.approx(tau**2 * plain, rel=1e-5)
 
 
 def test_kd_hand_value_at_temperature_one():
-    # p_T = softmax([3, 1, 0.5]) = [0.82140, 0.11117, 0.06743]; p_S = softmax([1, 2, 3]) = [0.09003, 0.24473, 0.66524]
-    # KL = 0.82140·ln(9.1236) + 0.11117·ln(0.45425) + 0.06743·ln(0.10136) = 1.81604 − 0.08773 − 0.15435
+    # p_T = softmax([3, 1, 0.5]) = [0.82140, 0.11117, 0.06743]; p_S = softmax([1, 2, 3]) = [0.09003, 0.24473,
+    # 0.66524] KL = 0.82140·ln(9.1236) + 0.11117·ln(0.45425) + 0.06743·ln(0.10136) = 1.81604 − 0.08773 −
+    # 0.15435
     by_hand = 1.57396
     assert losses.kd(_t(S3), _t(T3), temperature=1.0).item() == pytest.approx(by_hand, abs=2e-5)
 
@@ -147,10 +149,12 @@ def test_reverse_kl_hand_value():
 def test_ce_hand_value_with_and_without_label_smoothing():
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     log_p = np.log(_softmax(np.array([2.0, 1.0, 0.0])))
-    assert losses.ce(logits, torch.tensor([0])).item() == pytest.approx(-log_p[0], rel=1e-6)   # 0.4076
+    assert losses.ce(logits, torch.tensor([0])).item() == pytest.approx(-log_p[0], rel=1e-6)  # 0.4076
     eps = 0.3
     smoothed = -((1 - eps) * log_p[0] + eps * log_p.mean())
-    assert losses.ce(logits, torch.tensor([0]), label_smoothing=eps).item() == pytest.approx(smoothed, rel=1e-6)
+    assert losses.ce(logits, torch.tensor([0]), label_smoothing=eps).item() == pytest.approx(
+        smoothed, rel=1e-6
+    )
 
 
 def test_jsd_endpoints_are_forward_and_reverse_kl():
@@ -164,7 +168,8 @@ def test_jsd_endpoints_are_forward_and_reverse_kl():
 def test_jsd_divides_by_temperature_but_is_not_scaled_by_tau_squared():
     s, t, tau = _t(S3), _t(T3), 2.0
     assert losses.jsd(s, t, beta=0.0, temperature=tau).item() == pytest.approx(
-        losses.kd(s, t, temperature=tau).item() / tau**2, rel=1e-6)
+        losses.kd(s, t, temperature=tau).item() / tau**2, rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("beta", [0.5, 0.1, 0.9])
@@ -174,8 +179,8 @@ def test_jsd_matches_a_direct_numpy_computation(beta):
     mask = np.array([[True, False, True], [True, True, False]])
     p_s, p_t = _softmax(s / tau), _softmax(t / tau)
     m = beta * p_t + (1 - beta) * p_s
-    per_token = beta * _kl(p_t, m) + (1 - beta) * _kl(p_s, m)     # (2, 3)
-    expected = per_token[mask].mean()                              # TRL: sum over valid tokens / their count
+    per_token = beta * _kl(p_t, m) + (1 - beta) * _kl(p_s, m)  # (2, 3)
+    expected = per_token[mask].mean()  # TRL: sum over valid tokens / their count
     got = losses.jsd(torch.tensor(s), torch.tensor(t), torch.tensor(mask), beta=beta, temperature=tau)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -183,13 +188,15 @@ def test_jsd_matches_a_direct_numpy_computation(beta):
 def test_skew_kl_and_tvd_hand_values():
     p_s, p_t, alpha = _softmax(S3), _softmax(T3), 0.1
     assert losses.skew_kl(_t(S3), _t(T3), alpha=alpha).item() == pytest.approx(
-        _kl(p_t, alpha * p_t + (1 - alpha) * p_s), rel=1e-5)
+        _kl(p_t, alpha * p_t + (1 - alpha) * p_s), rel=1e-5
+    )
     assert losses.skew_reverse_kl(_t(S3), _t(T3), alpha=alpha).item() == pytest.approx(
-        _kl(p_s, (1 - alpha) * p_t + alpha * p_s), rel=1e-5)
+        _kl(p_s, (1 - alpha) * p_t + alpha * p_s), rel=1e-5
+    )
     assert losses.tvd(_t(S3), _t(T3)).item() == pytest.approx(0.5 * np.abs(p_t - p_s).sum(), rel=1e-5)
 
 
-# --- combining terms -------------------------------------------------------------------------------------------
+# --- combining terms ----------------------------------------------------------------------------------------
 
 
 def test_combine_terms_weights_terms_and_reports_each_unweighted_and_detached():
@@ -197,13 +204,18 @@ def test_combine_terms_weights_terms_and_reports_each_unweighted_and_detached():
     student = torch.randn(4, 5, generator=g).requires_grad_()
     teacher = torch.randn(4, 5, generator=g)
     labels = torch.tensor([0, 1, -100, 3])
-    terms = [LossTermConfig("ce", 0.1, {"label_smoothing": 0.0}), LossTermConfig("kd", 0.9, {"temperature": 4.0})]
+    terms = [
+        LossTermConfig("ce", 0.1, {"label_smoothing": 0.0}),
+        LossTermConfig("kd", 0.9, {"temperature": 4.0}),
+    ]
 
     out = combine_terms(terms, student, teacher, labels)
 
     ce, kd = losses.ce(student, labels), losses.kd(student, teacher, temperature=4.0)
     assert set(out.parts) == {"ce", "kd"}
-    assert out.parts["ce"].item() == pytest.approx(ce.item()) and out.parts["kd"].item() == pytest.approx(kd.item())
+    assert out.parts["ce"].item() == pytest.approx(ce.item()) and out.parts["kd"].item() == pytest.approx(
+        kd.item()
+    )
     assert out.total.item() == pytest.approx(0.1 * ce.item() + 0.9 * kd.item(), rel=1e-6)
     assert out.total.requires_grad and not any(p.requires_grad for p in out.parts.values())
 
@@ -227,7 +239,7 @@ def test_combine_terms_without_teacher_logits_rejects_teacher_terms():
         combine_terms([LossTermConfig("kd", 1.0, {})], torch.randn(2, 3), None, torch.tensor([0, 1]))
 
 
-# --- parameter validation --------------------------------------------------------------------------------------
+# --- parameter validation -----------------------------------------------------------------------------------
 
 
 def test_validate_term_params_fills_defaults_and_coerces_to_float():
@@ -271,7 +283,12 @@ def test_every_registered_term_is_introspectable_and_its_defaults_are_valid():
 
 def test_validate_term_params_accepts_choices_bools_ints_and_layer_maps_as_plain_json():
     assert validate_term_params("topk", {"k": 8.0, "divergence": "jsd", "tail": False, "temperature": 2}) == {
-        "k": 8, "divergence": "jsd", "tail": False, "temperature": 2.0, "beta": 0.5}
+        "k": 8,
+        "divergence": "jsd",
+        "tail": False,
+        "temperature": 2.0,
+        "beta": 0.5,
+    }
     assert isinstance(validate_term_params("topk", {"k": 8.0})["k"], int)
     assert validate_term_params("hidden_mse", {"layer_map": [2, 4]}) == {"layer_map": [2, 4]}
     assert validate_term_params("hidden_mse", {"layer_map": "2, 4"}) == {"layer_map": [2, 4]}
@@ -285,11 +302,19 @@ def test_validate_term_params_accepts_choices_bools_ints_and_layer_maps_as_plain
     [
         ("topk", {"k": 0}, "Parameter 'k' of loss term 'topk' must be >= 1, got 0."),
         ("topk", {"k": 2.5}, "Parameter 'k' of loss term 'topk' must be a whole number, got 2.5."),
-        ("topk", {"divergence": "hellinger"},
-         "Parameter 'divergence' of loss term 'topk' must be one of: kd, reverse_kl, jsd, tvd; got 'hellinger'."),
+        (
+            "topk",
+            {"divergence": "hellinger"},
+            "Parameter 'divergence' of loss term 'topk' must be one of: kd, reverse_kl, jsd, tvd; "
+            "got 'hellinger'.",
+        ),
         ("topk", {"tail": "yes"}, "Parameter 'tail' of loss term 'topk' must be true or false, got 'yes'."),
         ("topk", {"tail": True, "temperature": 2.0}, "must be 1 when tail is on"),
-        ("taid", {"t_start": 0.8, "t_end": 0.5}, "Parameter 't_end' of loss term 'taid' must be >= t_start (0.8)"),
+        (
+            "taid",
+            {"t_start": 0.8, "t_end": 0.5},
+            "Parameter 't_end' of loss term 'taid' must be >= t_start (0.8)",
+        ),
         ("taid", {"beta": 1.5}, "Parameter 'beta' of loss term 'taid' must be in [0, 1], got 1.5."),
         ("hidden_mse", {"layer_map": "middle"}, "must be uniform, last, or a list of teacher layer numbers"),
         ("hidden_mse", {"layer_map": [0, 2]}, "list of teacher layer numbers (1 = first layer)"),
@@ -304,7 +329,7 @@ def test_validate_term_params_rejects_bad_new_params_and_names_the_field(name, p
     assert exc.value.param in params
 
 
-# --- taid -------------------------------------------------------------------------------------------------------
+# --- taid ---------------------------------------------------------------------------------------------------
 
 
 def test_taid_hand_value_against_numpy():
@@ -336,14 +361,16 @@ def test_taid_update_first_call_only_records_the_loss():
 
 
 def test_taid_update_moves_t_by_alpha_sigmoid_momentum_and_respects_the_linear_floor_and_t_end():
-    t, m, prev = _update(0.4, 0.0, 2.0, 1.0)                        # relative change 0.5 → m = 0.25
+    t, m, prev = _update(0.4, 0.0, 2.0, 1.0)  # relative change 0.5 → m = 0.25
     assert m == pytest.approx(0.25) and prev == 1.0
     assert t == pytest.approx(0.4 + 0.1 * (1 / (1 + np.exp(-0.25))) * 0.6, rel=1e-6)
-    assert _update(0.4, 0.0, 2.0, 1.0, t_target=0.7)[0] == pytest.approx(0.7)   # never below the linear schedule
+    assert _update(0.4, 0.0, 2.0, 1.0, t_target=0.7)[0] == pytest.approx(
+        0.7
+    )  # never below the linear schedule
     assert _update(0.99, 5.0, 2.0, 1.0, alpha=1.0, t_end=0.995)[0] == pytest.approx(0.995)
 
 
-# --- topk -------------------------------------------------------------------------------------------------------
+# --- topk ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("divergence", ["kd", "reverse_kl", "jsd", "tvd"])
@@ -351,7 +378,9 @@ def test_topk_with_k_equal_to_vocab_and_no_tail_equals_the_dense_divergence(dive
     g = torch.Generator().manual_seed(11)
     s, t = torch.randn(2, 4, 9, generator=g) * 2, torch.randn(2, 4, 9, generator=g) * 2
     mask = torch.rand(2, 4, generator=g) > 0.3
-    dense = {"kd": losses.kd, "reverse_kl": losses.reverse_kl, "jsd": losses.jsd, "tvd": losses.tvd}[divergence]
+    dense = {"kd": losses.kd, "reverse_kl": losses.reverse_kl, "jsd": losses.jsd, "tvd": losses.tvd}[
+        divergence
+    ]
     extra = {"beta": 0.3} if divergence == "jsd" else {}
     got = losses.topk(s, t, mask, k=9, divergence=divergence, tail=False, temperature=2.0, **extra)
     assert got.item() == pytest.approx(dense(s, t, mask, temperature=2.0, **extra).item(), rel=1e-5, abs=1e-7)
@@ -370,7 +399,7 @@ def test_topk_kd_keeps_the_tau_squared_factor():
 def test_topk_hand_values_with_and_without_tail():
     s, t = np.array([1.0, 2.0, 3.0, 0.0]), np.array([3.0, 1.0, 0.5, 2.5])
     p_s, p_t = _softmax(s), _softmax(t)
-    top = [0, 3]                                                    # the teacher's two largest logits
+    top = [0, 3]  # the teacher's two largest logits
     no_tail = _kl(p_t[top] / p_t[top].sum(), p_s[top] / p_s[top].sum())
     tail_t = np.append(p_t[top], 1 - p_t[top].sum())
     tail_s = np.append(p_s[top], 1 - p_s[top].sum())
@@ -384,7 +413,9 @@ def test_topk_distributions_with_the_tail_bucket_sum_to_one():
     for teacher in (t, _sparse(t, 6, tail=True), _sparse(t, 6, tail=False)):
         log_s, log_t = losses.topk_log_probs(s, teacher, k=4, tail=True)
         assert log_s.shape == log_t.shape == (5, 5)
-        assert torch.allclose(log_s.exp().sum(-1), torch.ones(5)) and torch.allclose(log_t.exp().sum(-1), torch.ones(5))
+        assert torch.allclose(log_s.exp().sum(-1), torch.ones(5)) and torch.allclose(
+            log_t.exp().sum(-1), torch.ones(5)
+        )
         # the student's bucket is the mass on every other token
         kept = t.topk(4, dim=-1).indices
         other = 1 - torch.softmax(s, -1).gather(-1, kept).sum(-1)
@@ -419,15 +450,29 @@ def test_a_cache_holding_the_whole_vocabulary_gives_the_dense_divergence(diverge
     t = torch.randn(2, 3, 10, generator=g) * 2
     mask = torch.tensor([[True, False, True], [True, True, True]])
     full = _sparse(t, 10, tail=True)
-    full = losses.TopK(full.logprobs.half(), full.indices, full.tail_logmass)   # as the cache stores it
-    dense = {"kd": losses.kd, "reverse_kl": losses.reverse_kl, "tvd": losses.tvd,
-             "jsd": functools.partial(losses.jsd, beta=0.5)}[divergence](s, t, mask, temperature=2.0) \
-        if divergence != "tvd" else losses.tvd(s, t, mask)
-    got = losses.topk(s, full, mask, k=10, tail=False, divergence=divergence,
-                      temperature=1.0 if divergence == "tvd" else 2.0)
-    assert got.item() == pytest.approx(dense.item(), rel=2e-3, abs=1e-5)       # half-precision cache
+    full = losses.TopK(full.logprobs.half(), full.indices, full.tail_logmass)  # as the cache stores it
+    dense = (
+        {
+            "kd": losses.kd,
+            "reverse_kl": losses.reverse_kl,
+            "tvd": losses.tvd,
+            "jsd": functools.partial(losses.jsd, beta=0.5),
+        }[divergence](s, t, mask, temperature=2.0)
+        if divergence != "tvd"
+        else losses.tvd(s, t, mask)
+    )
+    got = losses.topk(
+        s,
+        full,
+        mask,
+        k=10,
+        tail=False,
+        divergence=divergence,
+        temperature=1.0 if divergence == "tvd" else 2.0,
+    )
+    assert got.item() == pytest.approx(dense.item(), rel=2e-3, abs=1e-5)  # half-precision cache
     (grad,) = torch.autograd.grad(got, s)
-    assert torch.isfinite(grad).all() and grad[0, 1].abs().sum() == 0          # masked position: no gradient
+    assert torch.isfinite(grad).all() and grad[0, 1].abs().sum() == 0  # masked position: no gradient
 
 
 def test_topk_rejects_k_larger_than_the_teacher_offers():
@@ -437,7 +482,7 @@ def test_topk_rejects_k_larger_than_the_teacher_offers():
         losses.topk(torch.randn(2, 10), torch.randn(2, 10), k=11)
 
 
-# --- uld --------------------------------------------------------------------------------------------------------
+# --- uld ----------------------------------------------------------------------------------------------------
 
 
 def test_uld_matches_numpy_with_different_vocab_sizes():
@@ -457,7 +502,7 @@ def test_uld_matches_numpy_with_different_vocab_sizes():
 
 def test_uld_is_zero_for_the_same_distribution_in_another_token_order_and_padding():
     student = torch.tensor([[3.0, 1.0, 0.0]])
-    teacher = torch.tensor([[0.0, -1e4, 3.0, 1.0]])                 # same probabilities, permuted, plus a ~0 entry
+    teacher = torch.tensor([[0.0, -1e4, 3.0, 1.0]])  # same probabilities, permuted, plus a ~0 entry
     assert losses.uld(student, teacher).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -466,7 +511,7 @@ def test_uld_rejects_unaligned_positions():
         losses.uld(torch.randn(1, 4, 5), torch.randn(1, 3, 6))
 
 
-# --- memory-aware (chunked) token losses ------------------------------------------------------------------------
+# --- memory-aware (chunked) token losses --------------------------------------------------------------------
 
 
 def _chunked_pair(name, shape, dtype, chunk):
@@ -546,13 +591,14 @@ def test_chunked_loss_allocates_much_less_memory_than_the_full_softmax():
         def step():
             x = student.clone().requires_grad_()
             losses.kd(x, teacher, temperature=2.0, chunk_size=chunk_size).backward()
+
         return step
 
     logits_bytes = student.numel() * 4
     naive, chunked = _peak_allocated_bytes(run(None)), _peak_allocated_bytes(run(16))
-    assert naive >= 4 * logits_bytes          # several float32 (positions × V) buffers at once
+    assert naive >= 4 * logits_bytes  # several float32 (positions × V) buffers at once
     assert chunked <= 0.6 * naive
-    assert chunked <= 3 * logits_bytes        # the input's copy + one gradient buffer + one block's temporaries
+    assert chunked <= 3 * logits_bytes  # the input's copy + one gradient buffer + one block's temporaries
 
 
 def test_validate_terms_rejects_duplicates_and_all_zero_weights():
@@ -565,7 +611,8 @@ def test_validate_terms_rejects_duplicates_and_all_zero_weights():
 
 
 def _trl_style_generalized_jsd(student_logits, teacher_logits, labels, beta, temperature):
-    """The steps of TRL's ``GKDTrainer.generalized_jsd_loss`` (reduction="batchmean", with labels), for comparison."""
+    """The steps of TRL's ``GKDTrainer.generalized_jsd_loss`` (reduction="batchmean", with labels), for
+    comparison."""
     import torch.nn.functional as F
 
     s = F.log_softmax(student_logits / temperature, dim=-1)
@@ -578,7 +625,8 @@ def _trl_style_generalized_jsd(student_logits, teacher_logits, labels, beta, tem
         b = torch.tensor(beta, dtype=s.dtype)
         m = torch.logsumexp(torch.stack([s + torch.log(1 - b), t + torch.log(b)]), dim=0)
         per_vocab = b * F.kl_div(m, t, reduction="none", log_target=True) + (1 - b) * F.kl_div(
-            m, s, reduction="none", log_target=True)
+            m, s, reduction="none", log_target=True
+        )
     mask = labels != -100
     return per_vocab[mask].sum() / mask.sum()
 

