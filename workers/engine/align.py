@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .losses import TopK
+from .loss_primitives import TopK
 
 # The prefix end of a position whose text cannot be told (a decoded prefix that is not a prefix of the decoded
 # row, e.g. half of a multi-byte character): it pairs with nothing.
@@ -39,7 +39,7 @@ def prefix_ends(
     """Per row, the character offset where the text read up to and including each token ends.
 
     Args:
-        texts: the texts ``token_rows`` were made from (by :func:`data.tokenize_for_lm`).
+        texts: the texts ``token_rows`` were made from (by :func:`batching.tokenize_for_lm`).
         token_rows: the token ids of each text (possibly cut short, possibly with an appended EOS).
         tokenizer: the fast tokenizer that made them.
     Returns:

@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import DatasetConfig, ModelConfig
-from .losses import TopK
+from .loss_primitives import TopK
 
 CACHE_FORMAT = 1
 OUTPUTS_FILE = "outputs.safetensors"

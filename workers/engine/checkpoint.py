@@ -16,6 +16,10 @@ owner may: its own older folders and those of earlier attempts, never a later at
 :func:`clean_for_resume` removes, when an attempt starts, everything but the checkpoint it resumes from
 (temporary folders of killed workers, folders that were never registered). Without an attempt (the CLI), names
 carry no suffix and a run resumes from the newest complete checkpoint.
+
+:class:`Checkpoints` is a run's side of this: it resumes from the point :func:`resume_point` names, writes,
+registers and prunes the run's checkpoints, and keeps the best eval's weights under ``best/`` while early
+stopping watches a metric.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,11 +40,21 @@ from safetensors.torch import load_model as load_weights_into
 from safetensors.torch import save_model as save_weights_of
 from torch import nn
 
-from .errors import ConfigError
+from .config import RunConfig
+from .errors import ConfigError, TrainingError
+
+if TYPE_CHECKING:
+    from .methods import TermState
+    from .models import LoadedModel
+    from .run_evaluation import EarlyStopping
+    from .step_inputs import NonFiniteWatch
+    from .trainer import Callbacks
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 MODULES_FILE = "term_modules.safetensors"
+BEST_DIR = "best"  # the best eval's weights while early stopping watches a metric
+BEST_WEIGHTS_FILE = "model.safetensors"
 _STEP_DIR = re.compile(r"step-(\d+)(?:-a(\d+))?")
 # Settings that may change between a run and its resumption without changing what it computes.
 _RESUMABLE_CHANGES = {
@@ -253,3 +268,126 @@ def _jsonable(value: Any) -> Any:
 def _python_state(value: Any) -> Any:
     """JSON turned random.getstate()'s tuples into lists; turn them back."""
     return tuple(_python_state(v) for v in value) if isinstance(value, list) else value
+
+
+# --- a run's checkpoints and best weights -------------------------------------------------------------------
+
+
+def resume_point(cfg: RunConfig) -> Path | None:
+    """The checkpoint a run continues from: for an owned attempt, the one its owner registered last (never
+    merely the newest on disk); without an attempt, the newest complete one in ``output_dir``."""
+    if not cfg.attempt:
+        return latest_checkpoint(cfg.output_dir)
+    if not cfg.resume_from:
+        return None
+    path = Path(cfg.resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise TrainingError(
+            f"The checkpoint this run resumes from ({path.name}) is missing or incomplete, so it "
+            "cannot continue where it stopped. Requeueing it will not help; launch the run again."
+        )
+    return path
+
+
+@dataclass
+class Checkpoints:
+    """The run's checkpoints and best weights, in folders of its attempt. Nothing is written once the caller
+    lost the run (``Callbacks.owned()`` False), and a checkpoint that ``on_checkpoint`` refuses is deleted at
+    once."""
+
+    cfg: RunConfig
+    cb: Callbacks
+    student: LoadedModel
+    modules: nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+    term_state: TermState
+    stopper: EarlyStopping
+    watch: NonFiniteWatch
+    device: torch.device
+    best_name: str = ""  # the folder under best/ holding the best eval's weights (early stopping)
+
+    def __post_init__(self) -> None:
+        self.output_dir, self.attempt = Path(self.cfg.output_dir), self.cfg.attempt
+        self.config_dict = self.cfg.to_dict()
+
+    def resume(self) -> tuple[int, Path | None]:
+        """Clear what no registered checkpoint owns, then load the one the run continues from (weights,
+        optimizer, RNG, term and early-stopping state), if any.
+
+        Returns:
+            the step to start at, and that checkpoint (None when the run starts afresh).
+        """
+        step = 0
+        last_checkpoint = resume_point(self.cfg)
+        clean_for_resume(self.output_dir, attempt=self.attempt, resume_from=last_checkpoint)
+        if last_checkpoint is not None:
+            step, extra = load_checkpoint(
+                last_checkpoint,
+                model=self.student.model,
+                optimizer=self.optimizer,
+                config=self.config_dict,
+                device=self.device,
+                modules=self.modules,
+            )
+            self.term_state.load_state_dict(extra.get("term_state", {}))
+            self.stopper.load_state_dict(extra.get("early_stopping", {}))
+            self.best_name = extra.get("best_weights", "")
+        # Best weights that no registered checkpoint refers to (a lost worker's, a crash's) never count.
+        prune(self.output_dir / BEST_DIR, attempt=self.attempt + 1, keep=0, protect=(self.best_name,))
+        return step, last_checkpoint
+
+    def checkpoint(self, at_step: int) -> Path | None:
+        """Write, register and prune; None when the caller lost the run (nothing of it stays on disk)."""
+        if not self.cb.owned():
+            return None
+        self.watch.check()  # never persist weights that came from a NaN step
+        extra = {
+            "term_state": self.term_state.state_dict(),
+            "early_stopping": self.stopper.state_dict(),
+            "best_weights": self.best_name,
+        }
+        path = write_checkpoint(
+            self.output_dir,
+            step=at_step,
+            model=self.student.model,
+            optimizer=self.optimizer,
+            config=self.config_dict,
+            attempt=self.attempt,
+            modules=self.modules,
+            extra=extra,
+        )
+        if self.cb.on_checkpoint and self.cb.on_checkpoint(at_step, str(path)) is False:
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        # Registered: older checkpoints and best weights no registered checkpoint refers to can go.
+        prune(self.output_dir / CHECKPOINTS, attempt=self.attempt, keep=self.cfg.keep_checkpoints)
+        prune(self.output_dir / BEST_DIR, attempt=self.attempt, keep=0, protect=(self.best_name,))
+        return path
+
+    def save_best(self, at_step: int) -> None:
+        """The student (and the terms' learned projections) of the best eval so far, in a folder of its own
+        that the next registered checkpoint refers to."""
+        if not self.cb.owned():
+            return
+        name = owned_name(f"step-{at_step}", self.attempt)
+        best = self.output_dir / BEST_DIR / name
+        tmp = best.with_name(f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for module, file in ((self.student.model, BEST_WEIGHTS_FILE), (self.modules, MODULES_FILE)):
+            if module is self.modules and not len(self.modules.state_dict()):
+                continue
+            save_weights_of(module, str(tmp / file))
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.replace(best)
+        self.best_name = name
+
+    def has_best(self) -> bool:
+        best = self.output_dir / BEST_DIR / self.best_name
+        return bool(self.best_name) and (best / BEST_WEIGHTS_FILE).exists()
+
+    def load_best(self) -> None:
+        best = self.output_dir / BEST_DIR / self.best_name
+        load_weights_into(self.student.model, str(best / BEST_WEIGHTS_FILE), device=str(self.device))
+        if len(self.modules.state_dict()) and (best / MODULES_FILE).exists():
+            load_weights_into(self.modules, str(best / MODULES_FILE), device=str(self.device))

@@ -353,7 +353,8 @@ def derive_model(cfg: ModelConfig, *, dataset: Any, role: str, task: str) -> Any
 
 def derive_from_loaded(parent: Any, params: dict[str, Any], *, what: str = "Derived model") -> Any:
     """Derive a student from an already loaded parent (``LoadedModel``); the parent is left unchanged."""
-    from .models import LoadedModel, SentenceEmbedder
+    from .embedder import SentenceEmbedder
+    from .models import LoadedModel
 
     core = parent.model.encoder if isinstance(parent.model, SentenceEmbedder) else parent.model
     config = core.config

@@ -32,17 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import capture_scores
-from .data import IGNORE_INDEX, Batch, Batcher
+from .batching import Batch, Batcher
+from .data import IGNORE_INDEX
+from .embedder import SentenceEmbedder, mean_pool
 from .errors import ConfigError
-from .losses import TopK
-from .models import (
-    MLP,
-    SentenceEmbedder,
-    count_non_embedding_parameters,
-    count_parameters,
-    forward_logits,
-    mean_pool,
-)
+from .loss_primitives import TopK
+from .models import MLP, count_non_embedding_parameters, count_parameters, forward_logits
 
 ECE_BINS = 15
 LATENCY_WARMUP = 3

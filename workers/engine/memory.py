@@ -22,22 +22,33 @@ The router (``experiments.routing``) matches this estimate against the memory a 
 Not counted: evaluation (a no-grad pass, smaller than a training step), the key/value caches of generation
 (``on_policy``, ``seq_kd``), and allocator fragmentation, which the router's headroom covers.
 
-Model sizes come from configs and file headers only: ``config.json`` (parameters by the standard transformer
-formula) or the tensor shapes in a safetensors header (exact), the hub cache for hub ids, a run's
-``distillweb_model.json`` for builtin nets, and the parent's config with the kept layers for ``derived``
-models. No Django here; torch is imported only to plan a derived model (``derive.plan_derivation``).
+Model sizes come from configs and file headers only (:mod:`.model_files`): ``config.json`` (parameters by the
+standard transformer formula) or the tensor shapes in a safetensors header (exact), the hub cache for hub ids,
+a run's ``distillweb_model.json`` for builtin nets, and the parent's config with the kept layers for
+``derived`` models. No Django here; torch is imported only to plan a derived model
+(``derive.plan_derivation``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
+
+from .model_files import (
+    FoundModel,
+    ModelShape,
+    builtin_shape,
+    canonical_config,
+    config_from_params,
+    derived_config,
+    hub_cache_folder,
+    positive_int,
+    read_model_folder,
+)
 
 MIB = 1024**2
 GIB = 1024**3
@@ -56,61 +67,9 @@ BUILTIN_INPUT_WIDTH = (
     1024  # builtin nets read tabular features whose width only the data knows: a generous bound
 )
 
-DTYPE_BYTES = {
-    "float64": 8,
-    "float32": 4,
-    "float": 4,
-    "float16": 2,
-    "half": 2,
-    "bfloat16": 2,
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-# Names of one quantity across transformers config classes (BERT/Llama, GPT-2, T5/OPT, …).
-CONFIG_ALIASES = {
-    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
-    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
-    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
-    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim"),
-    "max_position_embeddings": ("max_position_embeddings", "n_positions", "n_ctx"),
-}
 HIDDEN_TERMS = frozenset({"hidden_mse", "hidden_cosine"})
 ATTENTION_TERMS = frozenset({"attention_mse", "attention_prob_mse", "attention_kl"})
 CACHED_SCHEMES = frozenset({"offline", "multi_teacher"})
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimate needs to know about one model, read without loading it.
-
-    ``params`` counts the model the run builds (with its task head); ``bytes_per_param`` is the dtype it is
-    loaded in. Builtin nets have ``num_layers`` hidden layers of at most ``hidden_size`` units.
-    """
-
-    params: int
-    bytes_per_param: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int = 1
-    intermediate_size: int = 0
-    vocab_size: int = 0
-    num_labels: int = 0
-    max_positions: int | None = None
-    builtin: bool = False
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.params * self.bytes_per_param
-
-    def sequence_length(self, wanted: int) -> int:
-        """Tokens per row: the dataset's max_length capped by the model's positions (1 for builtin nets)."""
-        if self.builtin:
-            return 1
-        return min(wanted, self.max_positions) if self.max_positions else wanted
 
 
 @dataclass(frozen=True)
@@ -195,22 +154,6 @@ def size_text(n_bytes: float) -> str:
 # --- parameter counts ---------------------------------------------------------------------------------------
 
 
-def canonical_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A transformers config dict with the canonical names (``hidden_size``, ``num_hidden_layers``, …) filled
-    in from their per-architecture aliases; a multimodal config's ``text_config`` stands for the whole
-    model."""
-    config = dict(raw)
-    text = config.get("text_config")
-    if not _int(config.get("hidden_size")) and isinstance(text, Mapping):
-        config = {**config, **text}
-    for name, aliases in CONFIG_ALIASES.items():
-        if not _int(config.get(name)):
-            value = next((config[a] for a in aliases if _int(config.get(a))), None)
-            if value is not None:
-                config[name] = value
-    return config
-
-
 def count_transformer_params(config: Mapping[str, Any], *, task: str, num_labels: int = 0) -> int:
     """Parameters of the transformers model a run builds from ``config``, by the standard formula.
 
@@ -227,17 +170,17 @@ def count_transformer_params(config: Mapping[str, Any], *, task: str, num_labels
     """
     c = canonical_config(config)
     hidden, layers, vocab = (
-        _int(c.get("hidden_size")),
-        _int(c.get("num_hidden_layers")),
-        _int(c.get("vocab_size")),
+        positive_int(c.get("hidden_size")),
+        positive_int(c.get("num_hidden_layers")),
+        positive_int(c.get("vocab_size")),
     )
     if not (hidden and layers and vocab):
         return 0
-    heads = _int(c.get("num_attention_heads")) or 1
-    head_dim = _int(c.get("head_dim")) or hidden // heads
-    inner = _int(c.get("intermediate_size")) or 4 * hidden
-    kv_heads = _int(c.get("num_key_value_heads"))
-    bert_like = _int(c.get("type_vocab_size")) > 0
+    heads = positive_int(c.get("num_attention_heads")) or 1
+    head_dim = positive_int(c.get("head_dim")) or hidden // heads
+    inner = positive_int(c.get("intermediate_size")) or 4 * hidden
+    kv_heads = positive_int(c.get("num_key_value_heads"))
+    bert_like = positive_int(c.get("type_vocab_size")) > 0
     if kv_heads:
         q_width, kv_width = heads * head_dim, kv_heads * head_dim
         attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
@@ -251,14 +194,14 @@ def count_transformer_params(config: Mapping[str, Any], *, task: str, num_labels
         attention = 3 * (hidden * width + width) + width * hidden + hidden
         mlp = 2 * hidden * inner + inner + hidden
         per_layer = attention + mlp + 4 * hidden
-        positions = _int(c.get("max_position_embeddings"))
+        positions = positive_int(c.get("max_position_embeddings"))
         learned = (
             positions
             and c.get("position_embedding_type", "absolute") == "absolute"
             and not any(key.startswith(("rope", "rotary")) for key in c)
         )
         embeddings = vocab * hidden + (positions * hidden if learned else 0)
-        embeddings += _int(c.get("type_vocab_size")) * hidden
+        embeddings += positive_int(c.get("type_vocab_size")) * hidden
         final_norm = 2 * hidden  # BERT's embedding LayerNorm, or GPT-2's final one
     total = embeddings + layers * per_layer + final_norm
     pooler = hidden * hidden + hidden if bert_like else 0
@@ -271,33 +214,7 @@ def count_transformer_params(config: Mapping[str, Any], *, task: str, num_labels
     return total
 
 
-def builtin_shape(params: Mapping[str, Any], *, input_width: int, num_labels: int) -> ModelShape:
-    """An MLP's shape: ``[Linear → ReLU → Dropout] × len(hidden_sizes) → Linear`` (defaults as in
-    models.py)."""
-    sizes = [int(s) for s in params.get("hidden_sizes", [256]) if _int(s)]
-    widths = [input_width, *sizes, max(num_labels, 2)]
-    count = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
-    return ModelShape(
-        params=count,
-        bytes_per_param=4,
-        hidden_size=max(sizes, default=1),
-        num_layers=len(sizes),
-        num_labels=num_labels,
-        builtin=True,
-    )
-
-
 # --- reading shapes -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Found:
-    """A model's config dict and what its files say: stored tensor elements and the dtype it loads in."""
-
-    config: dict[str, Any]
-    stored_params: int | None = None
-    bytes_per_param: int = 4
-    builtin: Mapping[str, Any] | None = None  # distillweb_model.json of a builtin net
 
 
 PendingRun = Callable[[str], Mapping[str, Any] | None]
@@ -328,7 +245,7 @@ class ModelShapeReader:
         return self._shapes[key]
 
     def _read(self, model: Mapping[str, Any], *, task: str, depth: int) -> ModelShape | None:
-        num_labels = _int(model.get("num_labels"))
+        num_labels = positive_int(model.get("num_labels"))
         if model.get("source") == "builtin":
             return builtin_shape(
                 model.get("params") or {}, input_width=BUILTIN_INPUT_WIDTH, num_labels=num_labels
@@ -340,12 +257,12 @@ class ModelShapeReader:
             meta = found.builtin
             return builtin_shape(
                 meta.get("params") or {},
-                input_width=_int(meta.get("input_dim")) or 1,
-                num_labels=_int(meta.get("num_labels")) or num_labels,
+                input_width=positive_int(meta.get("input_dim")) or 1,
+                num_labels=positive_int(meta.get("num_labels")) or num_labels,
             )
         c = canonical_config(found.config)
-        labels = num_labels or _int(c.get("num_labels")) or len(c.get("id2label") or {})
-        hidden = _int(c.get("hidden_size"))
+        labels = num_labels or positive_int(c.get("num_labels")) or len(c.get("id2label") or {})
+        hidden = positive_int(c.get("hidden_size"))
         if found.stored_params:
             params = found.stored_params + (hidden * max(labels, 2) if task == "classification" else 0)
         else:
@@ -356,35 +273,35 @@ class ModelShapeReader:
             params=params,
             bytes_per_param=found.bytes_per_param,
             hidden_size=hidden,
-            num_layers=_int(c.get("num_hidden_layers")) or 1,
-            num_heads=_int(c.get("num_attention_heads")) or 1,
-            intermediate_size=_int(c.get("intermediate_size")) or 4 * hidden,
-            vocab_size=_int(c.get("vocab_size")),
+            num_layers=positive_int(c.get("num_hidden_layers")) or 1,
+            num_heads=positive_int(c.get("num_attention_heads")) or 1,
+            intermediate_size=positive_int(c.get("intermediate_size")) or 4 * hidden,
+            vocab_size=positive_int(c.get("vocab_size")),
             num_labels=labels,
-            max_positions=_int(c.get("max_position_embeddings")) or None,
+            max_positions=positive_int(c.get("max_position_embeddings")) or None,
         )
 
-    def _find(self, model: Mapping[str, Any], *, task: str, depth: int) -> _Found | None:
+    def _find(self, model: Mapping[str, Any], *, task: str, depth: int) -> FoundModel | None:
         if depth > self.MAX_DEPTH:
             return None
         source = model.get("source")
         if source == "config":
-            return _Found(_config_from_params(model.get("params") or {}))
+            return FoundModel(config_from_params(model.get("params") or {}))
         if source == "hf":
             path = str(model.get("path") or "")
             folder = (
                 Path(path)
                 if path and Path(path).is_dir()
-                else _hub_cache_folder(str(model.get("name") or path), str(model.get("revision") or ""))
+                else hub_cache_folder(str(model.get("name") or path), str(model.get("revision") or ""))
             )
-            return _read_folder(folder) if folder is not None else None
+            return read_model_folder(folder) if folder is not None else None
         if source == "run":
             path = str(model.get("path") or "")
             folder = Path(path)
             if not folder.is_absolute() and self.artifact_root is not None:
                 folder = self.artifact_root / folder
             if path and folder.is_dir():
-                return _read_folder(folder)
+                return read_model_folder(folder)
             producer = self.pending_run(path) if self.pending_run and path else None
             return self._find(producer, task=task, depth=depth + 1) if producer else None
         if source == "derived":
@@ -392,114 +309,18 @@ class ModelShapeReader:
             found = self._find(parent, task=task, depth=depth + 1) if isinstance(parent, Mapping) else None
             if found is None or found.builtin is not None:
                 return None
-            child = _derived_config(found.config, model.get("params") or {})
-            return _Found(child) if child is not None else None  # built in float32, no file of its own
+            child = derived_config(found.config, model.get("params") or {})
+            return FoundModel(child) if child is not None else None  # built in float32, no file of its own
         if source == "builtin":
-            return _Found(
+            return FoundModel(
                 {},
                 builtin={
                     "params": model.get("params") or {},
                     "input_dim": BUILTIN_INPUT_WIDTH,
-                    "num_labels": _int(model.get("num_labels")),
+                    "num_labels": positive_int(model.get("num_labels")),
                 },
             )
         return None
-
-
-def _config_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``config`` model's full config: transformers fills the defaults the params leave out (as the engine's
-    ``AutoConfig.for_model`` does); the params alone when transformers does not know the model type."""
-    params = {k: v for k, v in params.items() if k not in ("tokenizer", "normalize")}
-    model_type = params.pop("model_type", "")
-    try:
-        from transformers import AutoConfig
-
-        return {**AutoConfig.for_model(model_type, **params).to_dict(), **params}
-    except Exception:  # unknown model type or bad params: the run reports that itself
-        return params
-
-
-def _derived_config(parent: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The child config ``derive.plan_derivation`` makes from a parent config dict; None for bad params."""
-    from .derive import child_config, plan_derivation
-
-    namespace = SimpleNamespace(**canonical_config(parent))
-    try:
-        plan = plan_derivation(namespace, dict(params))
-    except Exception:  # ConfigError / ModelLoadError: the run fails with the message, nothing to size
-        return None
-    return dict(vars(child_config(namespace, plan)))
-
-
-def _hub_cache_folder(name: str, revision: str) -> Path | None:
-    """The hub cache's snapshot folder of ``name`` when its config.json is cached; never touches the
-    network."""
-    if not name:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(name, "config.json", revision=revision or None)
-    except Exception:  # an invalid repo id, or huggingface_hub missing
-        return None
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def _read_folder(folder: Path) -> _Found | None:
-    """A model folder's config.json, its safetensors headers (tensor elements, no weights) and load dtype."""
-    meta = _read_json(folder / "distillweb_model.json")
-    if meta and meta.get("format") == "builtin":
-        return _Found({}, builtin=meta)
-    config = _read_json(folder / "config.json")
-    if config is None:
-        return None
-    stored, stored_dtype = _safetensors_elements(folder)
-    declared = config.get("dtype") or config.get("torch_dtype")
-    # dtype="auto" (transformers' default) loads the dtype config.json declares, else the checkpoint's own.
-    width = DTYPE_BYTES.get(str(declared).removeprefix("torch.")) or DTYPE_BYTES.get(stored_dtype or "") or 4
-    return _Found(config, stored or None, width)
-
-
-def _safetensors_elements(folder: Path) -> tuple[int, str | None]:
-    """Elements of the floating-point tensors in the folder's safetensors file(s) (one file or an index of
-    shards), read from the headers only, and the first one's dtype; (0, None) without safetensors."""
-    index = _read_json(folder / "model.safetensors.index.json")
-    if index and isinstance(index.get("weight_map"), Mapping):
-        files = sorted({folder / str(name) for name in index["weight_map"].values()})
-    else:
-        files = [folder / "model.safetensors"]
-    total, dtype = 0, None
-    try:
-        from safetensors import safe_open
-
-        for path in files:
-            if not path.is_file():
-                return 0, None
-            with safe_open(str(path), framework="numpy") as handle:
-                for key in handle.keys():
-                    tensor = handle.get_slice(key)
-                    kind = tensor.get_dtype()
-                    if kind.startswith(
-                        ("F", "BF")
-                    ):  # integer buffers (e.g. BERT's position_ids) are no weights
-                        total += math.prod(tensor.get_shape())
-                        dtype = dtype or kind
-    except Exception:  # a truncated or foreign file: fall back to the config formula
-        return 0, None
-    return total, dtype
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _int(value: Any) -> int:
-    """A positive int, or 0 (None, bools, strings and other junk in a config count as missing)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 # --- the estimate -------------------------------------------------------------------------------------------
@@ -543,8 +364,8 @@ def estimate_run_memory(
     reader = reader or ModelShapeReader()
     task = str(config.get("task") or "classification")
     train = config.get("train") or {}
-    batch = _int(train.get("batch_size")) or 64
-    wanted_length = _int((config.get("dataset") or {}).get("max_length")) or 128
+    batch = positive_int(train.get("batch_size")) or 64
+    wanted_length = positive_int((config.get("dataset") or {}).get("max_length")) or 128
     device = str(train.get("device") or "auto")
     term_names = {str(t.get("name")) for t in config.get("terms") or []}
     mode = teacher_mode(config)
@@ -700,9 +521,8 @@ def out_of_memory_message(
     Args:
         config: the run's config (``RunConfig.to_dict`` or the frozen ``Run.config``).
         headline: the first sentence, e.g. "Out of GPU memory at step 12."
-        gpu: GPU memory ran out (the estimate's total, a bigger GPU as advice); else the host's RAM (the
-        estimate
-            without the CUDA context, a GPU queue as advice).
+        gpu: GPU memory ran out (the estimate's total, a bigger GPU as advice); else the host's RAM
+            (the estimate without the CUDA context, a GPU queue as advice).
         estimate: the run's estimate; computed from ``config`` when None.
         available_bytes: the RAM of the machine, quoted when known (RAM only).
     """
@@ -743,8 +563,8 @@ def _out_of_memory_advice(
 ) -> str:
     """The changes that shrink the run, those that matter most first."""
     train = config.get("train") or {}
-    batch = _int(train.get("batch_size")) or 64
-    accum = _int(train.get("grad_accum_steps")) or 1
+    batch = positive_int(train.get("batch_size")) or 64
+    accum = positive_int(train.get("grad_accum_steps")) or 1
     options = []
     if batch > 1:
         options.append(
@@ -753,7 +573,7 @@ def _out_of_memory_advice(
         )
     student = config.get("student") or {}
     if student.get("source") != "builtin":
-        length = _int((config.get("dataset") or {}).get("max_length")) or 128
+        length = positive_int((config.get("dataset") or {}).get("max_length")) or 128
         options.append(f"a shorter max length (now {length})")
     options.insert(0 if models_first else len(options), "a smaller student or teacher")
     if gpu:

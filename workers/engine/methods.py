@@ -12,9 +12,8 @@ None (every row) for classification, where -100 means "unlabelled" and the teach
 - ``labels`` (ce): ``fn(student_logits, labels, **params)``.
 - ``logits`` (kd, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd): ``fn(student_logits, teacher_logits,
   mask)``; the teacher's logits must have the student's shape. With several teachers (``teacher_mixture``) the
-  logit, taid, topk and uld kinds read ``losses.mix_teachers`` at the term's own τ (1 for terms without one):
-  the
-  weighted average of the teachers' softened distributions.
+  logit, taid, topk and uld kinds read ``loss_primitives.mix_teachers`` at the term's own τ (1 for terms
+  without one): the weighted average of the teachers' softened distributions.
 - ``taid``: as ``logits`` with ``interpolation=t``; t is linear in ``step / total_steps`` or adaptive (kept in
   ``state``, updated once per optimizer step while gradients are on).
 - ``topk``: ``fn(student_logits, teacher_topk or teacher_logits, mask)`` (the sparse cache wins when both
@@ -34,7 +33,8 @@ None (every row) for classification, where -100 means "unlabelled" and the teach
   ``pooling`` and ``attention_mask`` when the inputs carry no embedding.
 
 Token-level kinds (labels, logits, taid, topk, uld) on large (B, T, V) logits are computed in blocks of
-positions (``losses.chunked_token_loss``), so the float32 softmaxes of the whole batch never exist at once.
+positions (``loss_primitives.chunked_token_loss``), so the float32 softmaxes of the whole batch never exist at
+once.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ from torch import Tensor, nn
 from . import schedules
 from .config import LossTermConfig
 from .errors import ConfigError
-from .losses import IGNORE_INDEX, LOSS_TERMS, LossParts, TopK, mix_teachers, taid_update
+from .logit_losses import taid_update
+from .loss_primitives import IGNORE_INDEX, TopK, mix_teachers
+from .losses import LOSS_TERMS, LossParts
 from .terms import ModelDims, TermSpec
 
 __all__ = ["TermInputs", "TermState", "build_term_modules", "combine"]
@@ -196,7 +198,7 @@ def build_term_modules(terms: Sequence[LossTermConfig], dims: ModelDims | None =
 # --- combining ----------------------------------------------------------------------------------------------
 
 # Logit terms over more positions × vocabulary entries than this are computed in blocks of about this many
-# elements (see losses.chunked_token_loss): 2**22 float32 values are 16 MiB per intermediate.
+# elements (see loss_primitives.chunked_token_loss): 2**22 float32 values are 16 MiB per intermediate.
 CHUNK_ELEMENTS = 2**22
 _TOKEN_KINDS = ("labels", "logits", "taid", "topk", "uld")
 

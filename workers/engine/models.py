@@ -27,14 +27,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import TASKS, ModelConfig
 from .data import LoadedDataset
+from .embedder import SentenceEmbedder, st_normalizes
 from .errors import ConfigError, ModelLoadError
-from .sources import check_hub_model, describe_path, is_local_tokenizer, run_id_of
+from .sources import (
+    ModelSource,
+    describe_path,
+    is_local_tokenizer,
+    local_source,
+    pretrained_source,
+    resolve_source,
+    run_id_of,
+)
 
 Role = Literal["teacher", "student"]
 ModelKind = Literal["builtin", "transformers"]
@@ -42,7 +50,6 @@ Task = Literal["classification", "causal_lm", "embedding"]
 
 METADATA_FILE = "distillweb_model.json"
 WEIGHTS_FILE = "model.safetensors"
-HUB_TIMEOUT_S = 10.0
 
 
 # --- builtin nets -------------------------------------------------------------------------------------------
@@ -152,100 +159,6 @@ def forward_logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
 # --- sentence embeddings ------------------------------------------------------------------------------------
 
 
-def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Average token vectors over real tokens only.
-
-    Args:
-        hidden: (B, T, D) token vectors.
-        attention_mask: (B, T), 1 = real token, 0 = padding; None = every token is real.
-    Returns:
-        (B, D) in ``hidden``'s dtype (summed in float32); a row without real tokens gives zeros, never NaN.
-    """
-    if attention_mask is None:
-        return hidden.float().mean(dim=1).to(hidden.dtype)
-    mask = attention_mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
-    summed = (hidden.float() * mask).sum(dim=1)  # (B, D)
-    return (summed / mask.sum(dim=1).clamp_min(1.0)).to(hidden.dtype)
-
-
-@dataclass
-class EmbeddingOutput:
-    """What :class:`SentenceEmbedder` returns when hidden states or attentions are asked for.
-
-    ``logits`` is the embedding too, so code written for ``out.logits`` (e.g. :func:`forward_logits`) works.
-    """
-
-    embeddings: Tensor  # (B, D)
-    last_hidden_state: Tensor  # (B, T, D)
-    hidden_states: tuple[Tensor, ...] | None = None  # (B, T, D) per layer, [0] = embeddings layer
-    attentions: tuple[Tensor, ...] | None = None  # (B, heads, T, T) per layer
-
-    @property
-    def logits(self) -> Tensor:
-        return self.embeddings
-
-
-class SentenceEmbedder(nn.Module):
-    """A transformers encoder (``AutoModel``) + mean pooling (+ optional L2 normalisation), as in
-    sentence-transformers' ``Transformer → Pooling(mean) [→ Normalize]``.
-
-    ``forward(input_ids, attention_mask, ...)`` returns the (B, D) embeddings, or an :class:`EmbeddingOutput`
-    when ``output_hidden_states`` / ``output_attentions`` is set. ``config`` and ``save_pretrained`` are the
-    encoder's, so the wrapper saves and sizes like any transformers model.
-    """
-
-    def __init__(self, encoder: nn.Module, *, normalize: bool = False) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.normalize = normalize
-
-    @property
-    def config(self) -> Any:
-        return self.encoder.config
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        **kwargs: Any,
-    ) -> Tensor | EmbeddingOutput:
-        extra = {k: v for k, v in kwargs.items() if v is not None}
-        out = self.encoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            return_dict=True,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            **extra,
-        )
-        embeddings = mean_pool(out.last_hidden_state, attention_mask)  # (B, D)
-        if self.normalize:
-            embeddings = nn.functional.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
-        if not (output_hidden_states or output_attentions):
-            return embeddings
-        return EmbeddingOutput(
-            embeddings,
-            out.last_hidden_state,
-            getattr(out, "hidden_states", None),
-            getattr(out, "attentions", None),
-        )
-
-    def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
-        self.encoder.save_pretrained(folder, **kwargs)
-
-
-def _st_normalizes(folder: Path) -> bool:
-    """Whether a sentence-transformers folder's pipeline (``modules.json``) ends with L2 normalisation."""
-    try:
-        modules = json.loads((folder / "modules.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return any(str(m.get("type", "")).endswith(".Normalize") for m in modules if isinstance(m, dict))
-
-
 def load_model(
     cfg: ModelConfig, *, dataset: LoadedDataset | None = None, role: Role, task: str | None = None
 ) -> LoadedModel:
@@ -353,9 +266,9 @@ def _config_and_tokenizer(cfg: ModelConfig, dataset: LoadedDataset | None, what:
         from transformers import AutoTokenizer
 
         if is_local_tokenizer(tokenizer_source):
-            source = _local_source(tokenizer_source, "", f"{what}'s tokenizer")
+            source = local_source(tokenizer_source, "", f"{what}'s tokenizer")
         else:
-            source = _resolve_source(tokenizer_source, "", f"{what}'s tokenizer")
+            source = resolve_source(tokenizer_source, "", f"{what}'s tokenizer")
         tokenizer = _from_pretrained(AutoTokenizer, source, what)
     else:
         from .tokenization import fit_wordpiece_tokenizer
@@ -404,7 +317,7 @@ def _remote_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 def _load_pretrained(cfg: ModelConfig, dataset: LoadedDataset, what: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    source = _pretrained_source(cfg, what)
+    source = pretrained_source(cfg, what)
     remote = _remote_kwargs(cfg)
     config = _from_pretrained(AutoConfig, source, what, **remote)
     _check_head(config, dataset, what)
@@ -482,10 +395,10 @@ def _load_text_model(cfg: ModelConfig, dataset: LoadedDataset | None, task: str,
             _check_run_task(meta, task, what)
             if normalize is None:
                 normalize = meta.get("normalize")
-            source = _Source(str(folder), "", local_only=True, unreachable=False)
+            source = ModelSource(str(folder), "", local_only=True, unreachable=False)
             remote: dict[str, Any] = {}
         else:
-            source = _pretrained_source(cfg, what)
+            source = pretrained_source(cfg, what)
             folder = Path(cfg.path) if cfg.path else None
             remote = _remote_kwargs(cfg)
         from transformers import AutoTokenizer
@@ -496,7 +409,7 @@ def _load_text_model(cfg: ModelConfig, dataset: LoadedDataset | None, task: str,
         raise ModelLoadError(f"{what} has an unknown source '{cfg.source}'. Use config, hf, run or derived.")
     if task == "embedding":
         if normalize is None:
-            normalize = folder is not None and _st_normalizes(folder)
+            normalize = folder is not None and st_normalizes(folder)
         model = SentenceEmbedder(model, normalize=bool(normalize))
     _ensure_pad_token(model, tokenizer)
     return LoadedModel(model, tokenizer, "transformers", [], task=task)  # type: ignore[arg-type]
@@ -618,73 +531,7 @@ def pair_dims(
     )
 
 
-# --- hub access ---------------------------------------------------------------------------------------------
-
-
-def _is_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-@dataclass(frozen=True)
-class _Source:
-    """Where pretrained files come from: a local folder, the hub, or (hub unreachable) the local cache
-    only."""
-
-    name: str
-    revision: str
-    local_only: bool
-    unreachable: bool
-
-
-def _pretrained_source(cfg: ModelConfig, what: str) -> _Source:
-    """An ``hf`` model's files: its local folder (``path``), else its hub id (``name``), never one for the
-    other."""
-    if cfg.path:
-        return _local_source(cfg.path, cfg.revision, what)
-    if cfg.name:
-        return _resolve_source(cfg.name, cfg.revision, what)
-    raise ModelLoadError(f"{what} needs a hub id (name) or a local folder (path).")
-
-
-def _local_source(path: str, revision: str, what: str) -> _Source:
-    """A local model folder (which folders a run may read is checked with the run config: ``sources``)."""
-    if not Path(path).is_dir():
-        raise ModelLoadError(
-            f"{what} could not be loaded: its local folder {describe_path(path)!r} does not exist."
-        )
-    return _Source(path, revision, local_only=True, unreachable=False)
-
-
-def _resolve_source(name: str, revision: str, what: str) -> _Source:
-    """Decide how to load the hub id ``name`` without ever hanging.
-
-    ``name`` must be a hub id that names no local file or folder (transformers would read that instead): it is
-    refused before anything is read. transformers retries an unreachable hub with back-off (about 30 s without
-    network); one quick ``model_info`` probe tells "no such model" from "no network" first, and without
-    network only the local cache is tried.
-    """
-    check_hub_model(name, revision, what)
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    if _is_offline():  # HF_HUB_OFFLINE: only the local cache
-        return _Source(name, revision, local_only=True, unreachable=True)
-    try:
-        HfApi().model_info(name, revision=revision or None, timeout=HUB_TIMEOUT_S)
-    except RevisionNotFoundError as exc:
-        raise ModelLoadError(f"{what} could not be loaded: revision '{revision}' does not exist.") from exc
-    except RepositoryNotFoundError as exc:  # also covers gated and private repositories
-        raise ModelLoadError(
-            f"{what} could not be loaded: no such model on the Hugging Face hub (or it is private or gated)."
-        ) from exc
-    except Exception:  # DNS, connection refused, timeout, proxy: the hub is unreachable from here
-        return _Source(name, revision, local_only=True, unreachable=True)
-    return _Source(name, revision, local_only=False, unreachable=False)
-
-
-def _from_pretrained(loader: Any, source: _Source, what: str, **kwargs: Any) -> Any:
+def _from_pretrained(loader: Any, source: ModelSource, what: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` for ``source``, with every failure turned into a ModelLoadError."""
     try:
         return loader.from_pretrained(

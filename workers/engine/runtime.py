@@ -1,10 +1,11 @@
 """What the training loop and the teacher side (:mod:`.teachers`) both use: out-of-memory reporting, a split's
-batches for a model, the attention implementation a run's terms need, and generation (``seq_kd``'s teacher
-continuations, ``on_policy``'s student samples)."""
+batches for a model, the attention implementation a run's terms need, generation (``seq_kd``'s teacher
+continuations, ``on_policy``'s student samples), the run's device and its seeds."""
 
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -13,15 +14,17 @@ import torch
 from torch import nn
 
 from .attention import use_scores_attention
+from .batching import Batcher, LMBatcher
 from .config import RunConfig
-from .data import Batcher, LMBatcher, LoadedDataset
-from .errors import TrainingError
+from .data import LoadedDataset
+from .embedder import SentenceEmbedder
+from .errors import ConfigError, TrainingError
 from .evaluate import eval_mode
 from .memory import host_memory_bytes, out_of_memory_message
-from .models import LoadedModel, SentenceEmbedder
+from .models import LoadedModel
 
 if TYPE_CHECKING:
-    from .trainer import RunPlan
+    from .planning import RunPlan
 
 # --- out of memory ------------------------------------------------------------------------------------------
 
@@ -166,3 +169,29 @@ def generate_continuations(
 
 def step_seed(seed: int, step: int, salt: int) -> int:
     return int(np.random.default_rng([seed, step, salt]).integers(2**62))
+
+
+# --- device and seeds ---------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``; other names are checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"Unknown device '{name}'. Use auto, cpu, cuda or cuda:N.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device '{name}' was requested but CUDA is not available on this worker.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"Device '{name}' does not exist; this worker has {torch.cuda.device_count()} GPU(s)."
+        )
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too

@@ -15,12 +15,15 @@ Two kinds of names reach a run, and they never stand in for each other:
 The web side validates input with these functions; the engine checks every run config again with
 :func:`check_run_sources`, against the roots of the worker that runs it (``RunConfig.allowed_paths``), before
 it reads a file. :func:`redact_paths` keeps absolute paths of the machine out of messages shown to users.
+:func:`pretrained_source` decides where an ``hf`` model's files are read from (its local folder, the hub, or
+the local cache only when the hub cannot be reached), probing the hub once instead of hanging on retries.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -363,3 +366,71 @@ def redact_paths(text: str, labels: Sequence[tuple[str, str | Path]] = ()) -> st
         if form:
             text = re.sub(re.escape(form) + r"(?=/|\b|$)", label, text)
     return _ABSOLUTE_PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+# --- where a model's pretrained files come from -------------------------------------------------------------
+
+HUB_TIMEOUT_S = 10.0
+
+
+def hub_is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where pretrained files come from: a local folder, the hub, or (hub unreachable) the local cache
+    only."""
+
+    name: str
+    revision: str
+    local_only: bool
+    unreachable: bool
+
+
+def pretrained_source(cfg: ModelConfig, what: str) -> ModelSource:
+    """An ``hf`` model's files: its local folder (``path``), else its hub id (``name``), never one for the
+    other."""
+    if cfg.path:
+        return local_source(cfg.path, cfg.revision, what)
+    if cfg.name:
+        return resolve_source(cfg.name, cfg.revision, what)
+    raise ModelLoadError(f"{what} needs a hub id (name) or a local folder (path).")
+
+
+def local_source(path: str, revision: str, what: str) -> ModelSource:
+    """A local model folder (which folders a run may read is checked with the run config: ``sources``)."""
+    if not Path(path).is_dir():
+        raise ModelLoadError(
+            f"{what} could not be loaded: its local folder {describe_path(path)!r} does not exist."
+        )
+    return ModelSource(path, revision, local_only=True, unreachable=False)
+
+
+def resolve_source(name: str, revision: str, what: str) -> ModelSource:
+    """Decide how to load the hub id ``name`` without ever hanging.
+
+    ``name`` must be a hub id that names no local file or folder (transformers would read that instead): it is
+    refused before anything is read. transformers retries an unreachable hub with back-off (about 30 s without
+    network); one quick ``model_info`` probe tells "no such model" from "no network" first, and without
+    network only the local cache is tried.
+    """
+    check_hub_model(name, revision, what)
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if hub_is_offline():  # HF_HUB_OFFLINE: only the local cache
+        return ModelSource(name, revision, local_only=True, unreachable=True)
+    try:
+        HfApi().model_info(name, revision=revision or None, timeout=HUB_TIMEOUT_S)
+    except RevisionNotFoundError as exc:
+        raise ModelLoadError(f"{what} could not be loaded: revision '{revision}' does not exist.") from exc
+    except RepositoryNotFoundError as exc:  # also covers gated and private repositories
+        raise ModelLoadError(
+            f"{what} could not be loaded: no such model on the Hugging Face hub (or it is private or gated)."
+        ) from exc
+    except Exception:  # DNS, connection refused, timeout, proxy: the hub is unreachable from here
+        return ModelSource(name, revision, local_only=True, unreachable=True)
+    return ModelSource(name, revision, local_only=False, unreachable=False)

@@ -1,7 +1,7 @@
-"""The teacher side of a run: loading the teacher(s) (:class:`Teachers`), their part of each batch's
-:class:`TermInputs` (:class:`TeacherTargets`), and the teacher-output cache entries a run reads
-(:class:`TeacherOutputs`): the train split's outputs (offline, multi_teacher), seq_kd's generated rows, and
-the eval split's and validation slice's outputs that evaluation compares the student with.
+"""The teacher side of a run: loading the teacher(s) (:class:`Teachers`) and the teacher-output cache
+entries a run reads (:class:`TeacherOutputs`): the train split's outputs (offline, multi_teacher), seq_kd's
+generated rows, and the eval split's and validation slice's outputs that evaluation compares the student with.
+Each batch's part of the teacher is :mod:`.teacher_targets`'s; seq_kd's continuations are :mod:`.seq_kd`'s.
 
 Teachers are loaded only when something needs them: a run whose entries are all in the cache loads none.
 """
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .align import align_positions, decoded_prefix_ends, gather_aligned, prefix_ends
+from .align import prefix_ends
+from .batching import Batch, Batcher, LMBatcher
 from .cache import (
     EVAL_TOPK,
     CacheEntry,
@@ -25,16 +26,14 @@ from .cache import (
     cache_key,
     dataset_description,
     gather_rows,
-    gather_topk,
     model_files_fingerprint,
     pack_positions,
-    row_tokens,
     state_dict_digest,
     topk_of,
     vocab_digest,
 )
 from .config import LossTermConfig, RunConfig
-from .data import Batch, Batcher, LMBatcher, LoadedDataset
+from .data import LoadedDataset
 from .errors import ConfigError
 from .evaluate import (
     autocast,
@@ -45,26 +44,22 @@ from .evaluate import (
     predict_logits,
     shift_for_lm,
 )
-from .losses import mix_teachers
+from .loss_primitives import mix_teachers
 from .models import LoadedModel, load_model, model_dims
 from .runtime import (
-    generate_continuations,
-    lm_max_length,
     make_batcher,
     out_of_memory_as_training_error,
     prepare_attention,
-    prompt_length,
-    step_seed,
 )
 from .terms import LOSS_TERMS
 
 if TYPE_CHECKING:
-    from .trainer import RunPlan
+    from .planning import RunPlan
 
 
 def mix_teacher_logits(logits: list[Tensor], weights: list[float], *, temperature: float = 1.0) -> Tensor:
     """Teacher logits for ``multi_teacher``: ``τ · log Σ_i w_i softmax(z_i / τ)`` (see
-    :func:`losses.mix_teachers`).
+    :func:`loss_primitives.mix_teachers`).
 
     At τ = 1 (what the caches store, for evaluation and the sparse LM top-k) these are the log-probabilities
     of the weighted average of the teachers' distributions. Training terms with their own τ mix the
@@ -79,7 +74,7 @@ def mix_teacher_logits(logits: list[Tensor], weights: list[float], *, temperatur
     return mix_teachers([z.float() for z in logits], weights, temperature=temperature)
 
 
-# --- loading and targets ------------------------------------------------------------------------------------
+# --- loading ------------------------------------------------------------------------------------------------
 
 
 class Teachers:
@@ -180,218 +175,6 @@ class Teachers:
             with autocast(self.device):
                 outs.append(forward_outputs(loaded.model, batch.inputs).logits.float())
         return outs[0] if len(outs) == 1 else mix_teacher_logits(outs, self.weights)
-
-
-class TeacherTargets:
-    """The teacher's part of each training batch's :class:`TermInputs`.
-
-    ``cached``: looked up by row in a teacher-output cache entry (no teacher forward). ``online``: the teacher
-    runs on the batch, returning what the terms need (logits, hidden states, attentions, values, embeddings).
-
-    Causal LMs across tokenizers (``same_tokens`` False) pair each student position with the teacher position
-    that has read the same text (:mod:`.align`) and add ``teacher_paired``: from the cache, the entry's rows
-    (the teacher's tokens of the same texts) are gathered at the paired positions; online, the teacher reads
-    the batch's texts with its own tokenizer; on student samples (``on_policy``, no dataset rows), it reads
-    their decoded text.
-    """
-
-    def __init__(
-        self,
-        teachers: Teachers,
-        *,
-        entry: CacheEntry | None,
-        task: str,
-        same_tokens: bool,
-        student: LoadedModel | None = None,
-        student_rows: LMBatcher | None = None,
-    ) -> None:
-        self.teachers, self.entry, self.task, self.same_tokens = teachers, entry, task, same_tokens
-        self.student, self.student_rows = student, student_rows
-        self._own: dict[int, Any] = {}
-        self._ends: dict[str, list[list[int]] | None] = {}
-
-    def _prefix_ends(self, key: str, rows: LMBatcher, tokenizer: Any) -> list[list[int]] | None:
-        if key not in self._ends:
-            self._ends[key] = prefix_ends(
-                self.teachers.dataset.train.inputs, rows.token_rows, tokenizer=tokenizer
-            )
-        return self._ends[key]
-
-    def _alignment(
-        self, loaded: LoadedModel, rows: np.ndarray | None, student_width: int, teacher_width: int
-    ) -> Tensor | None:
-        """Cross-tokenizer pairs of positions that have read the same text (:mod:`.align`); None when either
-        tokenizer gives no character offsets (positions are then paired by index)."""
-        if rows is None or self.student is None or self.student_rows is None:
-            return None
-        s_ends = self._prefix_ends("student", self.student_rows, self.student.tokenizer)
-        t_ends = self._prefix_ends(f"teacher-{id(loaded)}", self._own[id(loaded)], loaded.tokenizer)
-        if s_ends is None or t_ends is None:
-            return None
-        ids = rows.tolist()
-        return align_positions(
-            [s_ends[i] for i in ids],
-            [t_ends[i] for i in ids],
-            student_width=student_width,
-            teacher_width=teacher_width,
-        )
-
-    def _teacher_batch(self, loaded: LoadedModel, batch: Batch, rows: np.ndarray) -> Batch:
-        """The teacher's view of a batch: the same tensors when it shares the student's inputs, else the same
-        rows tokenised with its own tokenizer."""
-        if self.same_tokens:
-            return batch
-        key = id(loaded)
-        if key not in self._own:
-            self._own[key] = make_batcher("train", self.teachers.dataset, loaded)
-        return self._own[key].batch(rows).to(self.teachers.device)
-
-    def _cached_teacher_ends(self) -> list[list[int]]:
-        """Prefix ends of the cache entry's predicting positions, one list per train row: stored in the entry,
-        or (an entry written before they were stored) from the teacher's tokenizer, which loads the
-        teacher."""
-        if "cached" not in self._ends:
-            t = self.entry.tensors
-            offsets = t["offsets"].tolist()
-            if "prefix_end" in t:
-                flat = t["prefix_end"].tolist()
-                ends: list[list[int]] | None = [
-                    flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)
-                ]
-            else:
-                loaded = self.teachers.first
-                rows = make_batcher(
-                    "train", self.teachers.dataset, loaded, max_length=self.teachers.max_length
-                )
-                full = prefix_ends(
-                    self.teachers.dataset.train.inputs, rows.token_rows, tokenizer=loaded.tokenizer
-                )
-                ends = (
-                    None
-                    if full is None
-                    else [row[: offsets[i + 1] - offsets[i]] for i, row in enumerate(full)]
-                )
-            if ends is None:
-                raise ConfigError(
-                    "Cross-tokenizer uld from the teacher cache pairs positions by the characters each "
-                    "token covers, which needs a fast (Rust) tokenizer, and the teacher's is a slow "
-                    "one."
-                )
-            self._ends["cached"] = ends
-        return self._ends["cached"]
-
-    def _cached_across_tokenizers(self, rows: Tensor, width: int) -> dict[str, Any]:
-        """The cached top-k of the teacher positions paired with each of the student's ``width`` predicting
-        positions, and the ``teacher_paired`` mask."""
-        s_ends = self._prefix_ends("student", self.student_rows, self.student.tokenizer)
-        if s_ends is None:
-            raise ConfigError(
-                "Cross-tokenizer uld from the teacher cache pairs positions by the characters each "
-                "token covers, which needs a fast (Rust) tokenizer, and the student's is a slow one."
-            )
-        t_ends = self._cached_teacher_ends()
-        ids = rows.tolist()
-        t_width = max(1, max(len(t_ends[i]) for i in ids))
-        top = gather_topk(self.entry, rows, t_width, self.teachers.device)  # (B, T_t, k)
-        index = align_positions(
-            [s_ends[i] for i in ids],
-            [t_ends[i] for i in ids],
-            student_width=width,
-            teacher_width=t_width,
-            teacher_predicting_only=True,
-        )  # (B, width)
-        picked, paired = gather_aligned(top, index)
-        return {"teacher_topk": picked, "teacher_paired": paired}
-
-    def _sampled_view(self, loaded: LoadedModel, batch: Batch) -> tuple[Batch, Tensor]:
-        """Student-sampled rows (``on_policy``) for a teacher with another tokenizer: their decoded text read
-        by the teacher, and the (B, T_s − 1) pairs of positions that have read the same text."""
-        ids, lengths = batch.inputs["input_ids"].cpu(), batch.inputs["attention_mask"].sum(1).tolist()
-        student_rows = [ids[b, : int(n)].tolist() for b, n in enumerate(lengths)]
-        texts, s_ends = decoded_prefix_ends(student_rows, tokenizer=self.student.tokenizer)
-        own = LMBatcher.from_texts(
-            texts, tokenizer=loaded.tokenizer, max_length=lm_max_length(self.teachers.dataset, loaded)
-        )
-        t_ends = prefix_ends(texts, own.token_rows, tokenizer=loaded.tokenizer)
-        if t_ends is None:
-            raise ConfigError(
-                "Cross-tokenizer on_policy pairs the student's samples with the teacher's reading of "
-                "their text by the characters each token covers, which needs a fast (Rust) "
-                "tokenizer, and the teacher's is a slow one."
-            )
-        teacher_batch = own.batch(np.arange(len(texts))).to(self.teachers.device)
-        index = align_positions(
-            s_ends,
-            t_ends,
-            student_width=ids.shape[1] - 1,
-            teacher_width=teacher_batch.inputs["input_ids"].shape[1] - 1,
-        )
-        return teacher_batch, index
-
-    @torch.no_grad()
-    def fields(self, batch: Batch, rows: np.ndarray | None, *, plan: RunPlan) -> dict[str, Any]:
-        device = self.teachers.device
-        if self.entry is not None:
-            t = self.entry.tensors
-            if self.task == "classification":
-                fields = {"teacher_logits": t["logits"].to(device)[batch.indices]}
-                if "teacher_logits" in t:  # multi_teacher: each teacher's logits, (K, B, C)
-                    fields |= {
-                        "teacher_mixture": t["teacher_logits"].to(device)[:, batch.indices],
-                        "teacher_weights": tuple(self.teachers.weights),
-                    }
-                return fields
-            if self.task == "embedding":
-                return {"teacher_embedding": t["embeddings"].to(device)[batch.indices]}
-            width = batch.inputs["input_ids"].shape[1] - 1
-            if self.same_tokens:
-                return {"teacher_topk": gather_topk(self.entry, batch.indices.cpu(), width, device)}
-            return self._cached_across_tokenizers(batch.indices.cpu(), width)
-        needs = plan.needs
-        loaded = self.teachers.first
-        index: Tensor | None = None
-        if self.task == "causal_lm" and not self.same_tokens and rows is None:
-            teacher_batch, index = self._sampled_view(loaded, batch)
-        else:
-            teacher_batch = self._teacher_batch(loaded, batch, rows)
-        with autocast(device):
-            out = forward_outputs(
-                loaded.model,
-                teacher_batch.inputs,
-                hidden="hidden_states" in needs,
-                attentions="attentions" in needs,
-                values="values" in needs,
-                embedding=self.task == "embedding",
-                scores="attention_scores" in needs,
-            )
-        fields: dict[str, Any] = {
-            "teacher_hidden": out.hidden,
-            "teacher_attentions": out.attentions,
-            "teacher_values": out.values,
-            "teacher_embedding": out.embedding,
-            "teacher_attention_scores": out.scores,
-        }
-        if self.task == "causal_lm":
-            logits = out.logits.float()[:, :-1]
-            student_width = batch.inputs["input_ids"].shape[1] - 1
-            if index is None and not self.same_tokens:
-                index = self._alignment(loaded, rows, student_width, logits.shape[1])
-            if index is None:
-                fields["teacher_logits"] = _fit_width(logits, student_width)
-            else:
-                fields["teacher_logits"], fields["teacher_paired"] = gather_aligned(logits, index)
-        elif self.task == "classification":
-            fields["teacher_logits"] = out.logits.float()
-        return fields
-
-
-def _fit_width(logits: Tensor, width: int) -> Tensor:
-    """Crop or pad (B, T, V) teacher logits to ``width`` positions (cross-tokenizer rows differ in length; the
-    padding is a uniform distribution, and positions the student masks never count)."""
-    if logits.shape[1] >= width:
-        return logits[:, :width]
-    pad = logits.new_zeros(logits.shape[0], width - logits.shape[1], logits.shape[2])
-    return torch.cat([logits, pad], dim=1)
 
 
 # --- teacher outputs for the cache --------------------------------------------------------------------------
@@ -618,96 +401,7 @@ def _rows_digest(rows: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:32]
 
 
-# --- seq_kd's generated rows and the teacher's own metrics --------------------------------------------------
-
-
-def _seq_kd_rows(
-    cfg: RunConfig,
-    plan: RunPlan,
-    student: LoadedModel,
-    teachers: Teachers,
-    text_rows: LMBatcher,
-    max_length: int,
-    entry_for: Callable[[str, dict[str, Any], Callable[[], dict[str, Tensor]]], CacheEntry],
-) -> tuple[LMBatcher, bool]:
-    """seq_kd's train rows: each train row's prompt (its first half) continued by the teacher, loss on the
-    continuation. Generated once and kept in the teacher-output cache. Also returns whether the teacher's
-    tokenizer is the student's (else the rows were re-tokenised for the student)."""
-    p = plan.scheme_params
-    stored = {
-        "kind": "generations",
-        "max_new_tokens": p["max_new_tokens"],
-        "temperature": p["temperature"],
-        "prompt": "first-half",
-        "batch_size": cfg.train.batch_size,
-        "seed": cfg.train.seed if p["temperature"] > 0 else None,
-    }
-
-    def compute() -> dict[str, Tensor]:
-        teacher = teachers.first
-        # Prompts in the teacher's own tokens (the student's, unless the two tokenizers differ).
-        source = (
-            text_rows
-            if vocab_digest(teacher.tokenizer) == vocab_digest(student.tokenizer)
-            else make_batcher("train", teachers.dataset, teacher, max_length=max_length)
-        )
-        t_eos = teacher.tokenizer.eos_token_id
-        prompts = [
-            r[: prompt_length(r, max_new_tokens=p["max_new_tokens"], max_length=max_length, eos_id=t_eos)]
-            for r in source.token_rows
-        ]
-        rows, lengths = [], []
-        size = cfg.train.batch_size
-        for start in range(0, len(prompts), size):
-            chunk = prompts[start : start + size]
-            new = generate_continuations(
-                teacher.model,
-                chunk,
-                max_new_tokens=p["max_new_tokens"],
-                temperature=p["temperature"],
-                pad_id=source.pad_id,
-                eos_id=t_eos,
-                device=teachers.device,
-                seed=step_seed(cfg.train.seed, start, 2),
-            )
-            rows += [a + b for a, b in zip(chunk, new, strict=True)]
-            lengths += [len(a) for a in chunk]
-        flat = [{"tokens": torch.as_tensor(r, dtype=torch.int32)} for r in rows]
-        return pack_positions(flat) | {"prompt_lengths": torch.as_tensor(lengths, dtype=torch.int64)}
-
-    entry = entry_for("train", stored, compute)
-    rows, lengths = row_tokens(entry)
-    same = entry.manifest["vocab_digest"] == vocab_digest(student.tokenizer)
-    if not same:
-        rows, lengths = retokenize_rows(
-            rows, lengths, source=teachers.first.tokenizer, target=student.tokenizer, max_length=max_length
-        )
-    return LMBatcher(rows, pad_id=text_rows.pad_id, prompt_lengths=lengths), same
-
-
-def retokenize_rows(
-    rows: list[list[int]], prompt_lengths: list[int], *, source: Any, target: Any, max_length: int
-) -> tuple[list[list[int]], list[int]]:
-    """Token rows of one tokenizer as rows of another: each row is decoded to text and tokenised again, the
-    prompt/continuation boundary moved to the nearest token of the new tokenization. A row that ended with
-    the source's EOS ends with the target's; one cut short does not get one."""
-    s_eos, t_eos = source.eos_token_id, target.eos_token_id
-    out_rows, out_lengths = [], []
-    for row, prompt in zip(rows, prompt_lengths, strict=True):
-        ended = s_eos is not None and bool(row) and row[-1] == s_eos
-        ids = list(target(source.decode(row, skip_special_tokens=True))["input_ids"])
-        if t_eos is not None and ids and ids[-1] == t_eos:
-            ids.pop()  # the tokenizer's own end marker; decided below
-        ids = ids[: max_length - 1 if ended and t_eos is not None else max_length]
-        if ended and t_eos is not None:
-            ids.append(t_eos)
-        prompt_ids = list(target(source.decode(row[:prompt], skip_special_tokens=True))["input_ids"])
-        n_prompt = len(prompt_ids) - (
-            1 if t_eos is not None and prompt_ids and prompt_ids[-1] == t_eos else 0
-        )
-        out_rows.append(ids)
-        out_lengths.append(max(1, min(n_prompt, len(ids) - 1)))
-    return out_rows, out_lengths
+# --- the teacher's own metrics ------------------------------------------------------------------------------
 
 
 def _teacher_metrics(

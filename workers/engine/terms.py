@@ -551,8 +551,8 @@ def validate_terms(terms: Sequence[LossTermConfig], *, dims: ModelDims | None = 
 def _check_dims(term: LossTermConfig, spec: TermSpec, dims: ModelDims) -> None:
     name, params = term.name, term.params
     s_vocab, t_vocab = dims.student_vocab_size, dims.teacher_vocab_size
-    # topk and uld read a sparse teacher (uld with its tail as one total, see losses.uld); the others need
-    # every teacher probability.
+    # topk and uld read a sparse teacher (uld with its tail as one total, see sparse_losses.uld); the others
+    # need every teacher probability.
     if spec.kind in ("logits", "taid") and dims.sparse_teacher:
         raise ConfigError(
             f"Loss term '{name}' needs dense teacher logits, but the teacher's outputs come from a top-k "

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from workers.engine.align import align_positions, gather_aligned, prefix_ends
-from workers.engine.data import tokenize_for_lm
+from workers.engine.batching import tokenize_for_lm
 
 TEXTS = [
     "the cat sat on the mat and looked at the bird",
@@ -105,19 +105,19 @@ def test_slow_tokenizers_give_no_offsets():
 
 def test_online_uld_between_different_tokenizers_trains_on_paired_positions(tmp_path, monkeypatch):
     from tests.workers.engine.test_lm import TINY_LLAMA, Log, _lm_run
-    from workers.engine import teachers, trainer
+    from workers.engine import teacher_targets, trainer
 
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(f"{t} {i}" for i in range(8) for t in TEXTS) + "\n")
     pairs: list[tuple[int, int]] = []
-    original = teachers.TeacherTargets._alignment
+    original = teacher_targets.TeacherTargets._alignment
 
     def spy(self, *args, **kwargs):
         index = original(self, *args, **kwargs)
         pairs.append((int((index >= 0).sum()), index.numel()))
         return index
 
-    monkeypatch.setattr(teachers.TeacherTargets, "_alignment", spy)
+    monkeypatch.setattr(teacher_targets.TeacherTargets, "_alignment", spy)
     teacher = {"source": "config", "params": {**TINY_LLAMA, "vocab_size": 120}}  # its own, smaller vocabulary
     log = Log()
     result = trainer.train(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from workers.engine import losses, methods
+from workers.engine import feature_losses, losses, methods
 from workers.engine.attention import capture_scores, use_scores_attention
 from workers.engine.config import LossTermConfig, RunConfig
 from workers.engine.errors import ConfigError
@@ -77,7 +77,7 @@ def test_attention_mse_matches_a_float64_reference_over_real_pairs():
     expected = sum(
         ((s[a].double().numpy() - t[b].double().numpy()) ** 2)[pairs].mean() for a, b in ((0, 1), (1, 3))
     )
-    assert losses.attention_mse(s, t, MASK.bool()).item() == pytest.approx(expected, rel=1e-6)
+    assert feature_losses.attention_mse(s, t, MASK.bool()).item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "gpt2", "llama"])
@@ -137,10 +137,10 @@ def test_combine_feeds_scores_to_attention_mse_and_maps_to_attention_prob_mse():
     terms = validate_terms([LossTermConfig("attention_mse"), LossTermConfig("attention_prob_mse")])
     parts = methods.combine(terms, inputs, modules=nn.ModuleDict(), state=TermState()).parts
     assert parts["attention_mse"].item() == pytest.approx(
-        losses.attention_mse(scores[0], scores[1], MASK.bool()).item()
+        feature_losses.attention_mse(scores[0], scores[1], MASK.bool()).item()
     )
     assert parts["attention_prob_mse"].item() == pytest.approx(
-        losses.attention_prob_mse(maps[0], maps[1], MASK.bool()).item()
+        feature_losses.attention_prob_mse(maps[0], maps[1], MASK.bool()).item()
     )
     assert parts["attention_mse"].item() != pytest.approx(parts["attention_prob_mse"].item())
     without = TermInputs(

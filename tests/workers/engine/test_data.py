@@ -10,9 +10,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from workers.engine.batching import Batcher, rows_for_step
 from workers.engine.config import DatasetConfig
-from workers.engine.data import Batcher, load_dataset, rows_for_step, stratified_split
+from workers.engine.data import load_dataset
 from workers.engine.errors import DataError
+from workers.engine.splits import stratified_split
 
 
 def test_digits_has_64_scaled_features_and_ten_classes(digits):
@@ -190,7 +192,7 @@ def test_parquet_files_and_labelled_folders(tmp_path):
 
 
 def test_lm_batches_mask_padding_and_prompts_and_end_texts_with_eos():
-    from workers.engine.data import LMBatcher, tokenize_for_lm
+    from workers.engine.batching import LMBatcher, tokenize_for_lm
 
     class Tok:
         eos_token_id = 2

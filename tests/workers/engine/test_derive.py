@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from workers.engine.batching import Batcher
 from workers.engine.config import ModelConfig, RunConfig
-from workers.engine.data import Batcher
 from workers.engine.derive import derive_from_loaded, resolve_layers, validate_derive_params
 from workers.engine.errors import ConfigError, ModelLoadError
 from workers.engine.models import count_parameters, forward_logits, load_model, save_model

@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
+from workers.engine.batching import Batcher
 from workers.engine.config import ModelConfig
-from workers.engine.data import Batcher
 from workers.engine.evaluate import classification_metrics, evaluate, expected_calibration_error, macro_f1
 from workers.engine.models import count_parameters, load_model
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from workers.engine import losses
+from workers.engine import feature_losses, losses
 from workers.engine.errors import ConfigError
-from workers.engine.losses import layer_pairs
+from workers.engine.feature_losses import layer_pairs
 
 B, T, H, HEADS, D = 2, 5, 6, 2, 3
 MASK = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -156,7 +156,9 @@ def test_hidden_mse_hand_value_sums_layers_of_masked_token_means():
     s, t = _hidden(2, seed=8), _hidden(2, seed=9)
     m = MASK.numpy()
     expected = sum(((s[i].numpy() - t[i].numpy()) ** 2).mean(-1)[m].mean() for i in (1, 2))
-    assert losses.hidden_mse(s, t, MASK, layer_map="uniform").item() == pytest.approx(expected, rel=1e-5)
+    assert feature_losses.hidden_mse(s, t, MASK, layer_map="uniform").item() == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_hidden_mse_applies_the_projection_per_layer():
@@ -167,19 +169,21 @@ def test_hidden_mse_applies_the_projection_per_layer():
     for i, layer in enumerate((1, 2)):
         w, b = projections[i].weight.detach().numpy(), projections[i].bias.detach().numpy()
         expected += ((s[layer].numpy() @ w.T + b - t[layer].numpy()) ** 2).mean(-1)[m].mean()
-    got = losses.hidden_mse(s, t, MASK, projections=projections)
+    got = feature_losses.hidden_mse(s, t, MASK, projections=projections)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     got.backward()
     assert projections[0].weight.grad is not None
     with pytest.raises(ConfigError, match="needs a learned projection"):
-        losses.hidden_mse(s, t, MASK)
+        feature_losses.hidden_mse(s, t, MASK)
 
 
 def test_hidden_cosine_hand_value():
     s, t = _hidden(1, seed=12), _hidden(1, seed=13)
     a, b = s[1].numpy(), t[1].numpy()
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    assert losses.hidden_cosine(s, t, MASK).item() == pytest.approx((1 - cos)[MASK.numpy()].mean(), rel=1e-5)
+    assert feature_losses.hidden_cosine(s, t, MASK).item() == pytest.approx(
+        (1 - cos)[MASK.numpy()].mean(), rel=1e-5
+    )
 
 
 def test_attention_mse_hand_value_over_real_query_key_pairs():
@@ -188,7 +192,7 @@ def test_attention_mse_hand_value_over_real_query_key_pairs():
     pairs = m[:, None, :, None] & m[:, None, None, :]
     pairs = np.broadcast_to(pairs, s[0].shape)
     expected = ((s[0].numpy() - t[0].numpy()) ** 2)[pairs].mean()
-    assert losses.attention_mse(s, t, MASK).item() == pytest.approx(expected, rel=1e-5)
+    assert feature_losses.attention_mse(s, t, MASK).item() == pytest.approx(expected, rel=1e-5)
 
 
 def _np_softmax(x):
@@ -213,7 +217,7 @@ def test_attention_kl_hand_value_is_attention_kl_plus_value_relation_kl():
 
     per_row = _np_kl(a_t, a_s) + _np_kl(relation(v_t), relation(v_s))  # (B, heads, T)
     rows = np.broadcast_to(m[:, None, :], per_row.shape)
-    got = losses.attention_kl(
+    got = feature_losses.attention_kl(
         torch.tensor(a_s), torch.tensor(a_t), torch.tensor(v_s), torch.tensor(v_t), MASK
     )
     assert got.item() == pytest.approx(per_row[rows].mean(), rel=1e-5)
@@ -221,7 +225,9 @@ def test_attention_kl_hand_value_is_attention_kl_plus_value_relation_kl():
 
 def test_attention_kl_needs_the_same_head_count():
     with pytest.raises(ConfigError, match="same number of heads"):
-        losses.attention_kl(_attentions(1, heads=2)[0], _attentions(1, heads=3)[0], _values(2), _values(3))
+        feature_losses.attention_kl(
+            _attentions(1, heads=2)[0], _attentions(1, heads=3)[0], _values(2), _values(3)
+        )
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
@@ -238,19 +244,21 @@ def test_embedding_mse_hand_value_with_pooling(pooling):
         return x[np.arange(B), m.sum(1) - 1]
 
     expected = ((pooled(s) - pooled(t)) ** 2).mean()
-    assert losses.embedding_mse(s, t, MASK, pooling=pooling).item() == pytest.approx(expected, rel=1e-5)
+    assert feature_losses.embedding_mse(s, t, MASK, pooling=pooling).item() == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_embedding_mse_on_pooled_embeddings_with_a_projection():
     e_s, e_t = torch.randn(4, 3, generator=_gen(22)), torch.randn(4, 5, generator=_gen(23))
     projection = nn.Linear(3, 5)
     expected = (projection(e_s) - e_t).pow(2).mean()
-    assert losses.embedding_mse(e_s, e_t, projection=projection).item() == pytest.approx(
+    assert feature_losses.embedding_mse(e_s, e_t, projection=projection).item() == pytest.approx(
         expected.item(), rel=1e-6
     )
-    assert losses.embedding_mse(e_t, e_t.clone()).item() == 0.0
+    assert feature_losses.embedding_mse(e_t, e_t.clone()).item() == 0.0
     with pytest.raises(ConfigError, match="needs a learned projection"):
-        losses.embedding_mse(e_s, e_t)
+        feature_losses.embedding_mse(e_s, e_t)
 
 
 # --- layer maps ---------------------------------------------------------------------------------------------
@@ -274,8 +282,8 @@ def test_layer_pairs_reject_maps_that_do_not_fit(layer_map, message):
 
 def test_hidden_mse_with_an_explicit_map_uses_those_teacher_layers():
     s, t = _hidden(2, seed=24), _hidden(4, seed=25)
-    expected = losses.hidden_mse((s[0], s[1]), (t[0], t[3]), MASK, layer_map="uniform") + losses.hidden_mse(
-        (s[0], s[2]), (t[0], t[1]), MASK, layer_map="uniform"
-    )
-    got = losses.hidden_mse(s, t, MASK, layer_map=[3, 1])
+    expected = feature_losses.hidden_mse(
+        (s[0], s[1]), (t[0], t[3]), MASK, layer_map="uniform"
+    ) + feature_losses.hidden_mse((s[0], s[2]), (t[0], t[1]), MASK, layer_map="uniform")
+    got = feature_losses.hidden_mse(s, t, MASK, layer_map=[3, 1])
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)

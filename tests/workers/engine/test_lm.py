@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from workers.engine import teachers
+from workers.engine import seq_kd, teachers
+from workers.engine.batching import LMBatcher
 from workers.engine.config import DatasetConfig, RunConfig
-from workers.engine.data import IGNORE_INDEX, LMBatcher, load_dataset
+from workers.engine.data import IGNORE_INDEX, load_dataset
 from workers.engine.errors import ConfigError, DataError
 from workers.engine.evaluate import lm_metrics, shift_for_lm
 from workers.engine.trainer import Callbacks, train
@@ -324,7 +325,7 @@ def test_bad_lm_data_is_refused(tmp_path):
 
 
 def test_packing_fills_every_row_with_whole_texts(tmp_path, corpus):
-    from workers.engine.data import pack_for_lm, tokenize_for_lm
+    from workers.engine.batching import pack_for_lm, tokenize_for_lm
     from workers.engine.models import load_model
 
     cfg = _lm_run(
@@ -386,7 +387,7 @@ def test_seq_kd_across_tokenizers_trains_on_the_teachers_text(tmp_path, corpus):
     student = load_model(cfg.student, dataset=dataset, role="student")
     rows, prompts = row_tokens(TeacherCache(tmp_path / "cache").lookup(generations["key"]))
     assert teacher.tokenizer.vocab_size != student.tokenizer.vocab_size
-    converted, converted_prompts = teachers.retokenize_rows(
+    converted, converted_prompts = seq_kd.retokenize_rows(
         rows, prompts, source=teacher.tokenizer, target=student.tokenizer, max_length=20
     )
 

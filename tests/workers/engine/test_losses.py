@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.engine import losses
+from workers.engine import logit_losses, loss_primitives, sparse_losses
 from workers.engine.config import LossTermConfig
 from workers.engine.errors import ConfigError
 from workers.engine.losses import LOSS_TERMS, combine_terms
@@ -85,8 +85,8 @@ def test_masked_positions_change_nothing(name):
 
 def test_ce_ignores_rows_labelled_minus_100():
     logits = torch.tensor([[2.0, 1.0, 0.0], [9.0, -9.0, 0.0]])
-    assert losses.ce(logits, torch.tensor([0, -100])).item() == pytest.approx(
-        losses.ce(logits[:1], torch.tensor([0])).item()
+    assert logit_losses.ce(logits, torch.tensor([0, -100])).item() == pytest.approx(
+        logit_losses.ce(logits[:1], torch.tensor([0])).item()
     )
 
 
@@ -94,7 +94,7 @@ def test_ce_ignores_rows_labelled_minus_100():
 def test_all_masked_gives_zero_and_a_finite_gradient(name):
     student = torch.randn(2, 3, 5).requires_grad_()
     if name == "ce":
-        loss = losses.ce(student, torch.full((2, 3), -100))
+        loss = logit_losses.ce(student, torch.full((2, 3), -100))
     else:
         loss = _call(name, student, torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.bool))
     loss.backward()
@@ -107,7 +107,7 @@ def test_gradients_are_finite_for_extreme_logits(name):
     g = torch.Generator().manual_seed(3)
     student = (torch.randn(8, 6, generator=g) * 80).requires_grad_()
     teacher = torch.randn(8, 6, generator=g) * 80
-    loss = losses.ce(student, torch.arange(8) % 6) if name == "ce" else _call(name, student, teacher)
+    loss = logit_losses.ce(student, torch.arange(8) % 6) if name == "ce" else _call(name, student, teacher)
     loss.backward()
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
@@ -117,7 +117,11 @@ def test_gradients_are_finite_for_extreme_logits(name):
 def test_bf16_inputs_give_float32_results(name):
     student = torch.randn(4, 5).to(torch.bfloat16)
     teacher = torch.randn(4, 5).to(torch.bfloat16)
-    loss = losses.ce(student, torch.tensor([0, 1, 2, 3])) if name == "ce" else _call(name, student, teacher)
+    loss = (
+        logit_losses.ce(student, torch.tensor([0, 1, 2, 3]))
+        if name == "ce"
+        else _call(name, student, teacher)
+    )
     assert loss.dtype == torch.float32
 
 
@@ -127,9 +131,9 @@ def test_bf16_inputs_give_float32_results(name):
 def test_kd_is_tau_squared_times_kl_of_softened_distributions():
     tau = 2.0
     expected = tau**2 * _kl(_softmax(T3 / tau), _softmax(S3 / tau))  # ≈ 4 × 0.34
-    assert losses.kd(_t(S3), _t(T3), temperature=tau).item() == pytest.approx(expected, rel=1e-5)
-    plain = losses.kd(_t(S3 / tau), _t(T3 / tau), temperature=1.0).item()
-    assert losses.kd(_t(S3), _t(T3), temperature=tau).item() == pytest.approx(tau**2 * plain, rel=1e-5)
+    assert logit_losses.kd(_t(S3), _t(T3), temperature=tau).item() == pytest.approx(expected, rel=1e-5)
+    plain = logit_losses.kd(_t(S3 / tau), _t(T3 / tau), temperature=1.0).item()
+    assert logit_losses.kd(_t(S3), _t(T3), temperature=tau).item() == pytest.approx(tau**2 * plain, rel=1e-5)
 
 
 def test_kd_hand_value_at_temperature_one():
@@ -137,22 +141,24 @@ def test_kd_hand_value_at_temperature_one():
     # 0.66524] KL = 0.82140·ln(9.1236) + 0.11117·ln(0.45425) + 0.06743·ln(0.10136) = 1.81604 − 0.08773 −
     # 0.15435
     by_hand = 1.57396
-    assert losses.kd(_t(S3), _t(T3), temperature=1.0).item() == pytest.approx(by_hand, abs=2e-5)
+    assert logit_losses.kd(_t(S3), _t(T3), temperature=1.0).item() == pytest.approx(by_hand, abs=2e-5)
 
 
 def test_reverse_kl_hand_value():
     tau = 3.0
     expected = tau**2 * _kl(_softmax(S3 / tau), _softmax(T3 / tau))
-    assert losses.reverse_kl(_t(S3), _t(T3), temperature=tau).item() == pytest.approx(expected, rel=1e-5)
+    assert logit_losses.reverse_kl(_t(S3), _t(T3), temperature=tau).item() == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_ce_hand_value_with_and_without_label_smoothing():
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     log_p = np.log(_softmax(np.array([2.0, 1.0, 0.0])))
-    assert losses.ce(logits, torch.tensor([0])).item() == pytest.approx(-log_p[0], rel=1e-6)  # 0.4076
+    assert logit_losses.ce(logits, torch.tensor([0])).item() == pytest.approx(-log_p[0], rel=1e-6)  # 0.4076
     eps = 0.3
     smoothed = -((1 - eps) * log_p[0] + eps * log_p.mean())
-    assert losses.ce(logits, torch.tensor([0]), label_smoothing=eps).item() == pytest.approx(
+    assert logit_losses.ce(logits, torch.tensor([0]), label_smoothing=eps).item() == pytest.approx(
         smoothed, rel=1e-6
     )
 
@@ -161,14 +167,19 @@ def test_jsd_endpoints_are_forward_and_reverse_kl():
     g = torch.Generator().manual_seed(4)
     s, t = torch.randn(3, 4, 9, generator=g), torch.randn(3, 4, 9, generator=g)
     mask = torch.rand(3, 4, generator=g) > 0.3
-    assert losses.jsd(s, t, mask, beta=0.0).item() == losses.kd(s, t, mask, temperature=1.0).item()
-    assert losses.jsd(s, t, mask, beta=1.0).item() == losses.reverse_kl(s, t, mask, temperature=1.0).item()
+    assert (
+        logit_losses.jsd(s, t, mask, beta=0.0).item() == logit_losses.kd(s, t, mask, temperature=1.0).item()
+    )
+    assert (
+        logit_losses.jsd(s, t, mask, beta=1.0).item()
+        == logit_losses.reverse_kl(s, t, mask, temperature=1.0).item()
+    )
 
 
 def test_jsd_divides_by_temperature_but_is_not_scaled_by_tau_squared():
     s, t, tau = _t(S3), _t(T3), 2.0
-    assert losses.jsd(s, t, beta=0.0, temperature=tau).item() == pytest.approx(
-        losses.kd(s, t, temperature=tau).item() / tau**2, rel=1e-6
+    assert logit_losses.jsd(s, t, beta=0.0, temperature=tau).item() == pytest.approx(
+        logit_losses.kd(s, t, temperature=tau).item() / tau**2, rel=1e-6
     )
 
 
@@ -181,19 +192,19 @@ def test_jsd_matches_a_direct_numpy_computation(beta):
     m = beta * p_t + (1 - beta) * p_s
     per_token = beta * _kl(p_t, m) + (1 - beta) * _kl(p_s, m)  # (2, 3)
     expected = per_token[mask].mean()  # TRL: sum over valid tokens / their count
-    got = losses.jsd(torch.tensor(s), torch.tensor(t), torch.tensor(mask), beta=beta, temperature=tau)
+    got = logit_losses.jsd(torch.tensor(s), torch.tensor(t), torch.tensor(mask), beta=beta, temperature=tau)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_skew_kl_and_tvd_hand_values():
     p_s, p_t, alpha = _softmax(S3), _softmax(T3), 0.1
-    assert losses.skew_kl(_t(S3), _t(T3), alpha=alpha).item() == pytest.approx(
+    assert logit_losses.skew_kl(_t(S3), _t(T3), alpha=alpha).item() == pytest.approx(
         _kl(p_t, alpha * p_t + (1 - alpha) * p_s), rel=1e-5
     )
-    assert losses.skew_reverse_kl(_t(S3), _t(T3), alpha=alpha).item() == pytest.approx(
+    assert logit_losses.skew_reverse_kl(_t(S3), _t(T3), alpha=alpha).item() == pytest.approx(
         _kl(p_s, (1 - alpha) * p_t + alpha * p_s), rel=1e-5
     )
-    assert losses.tvd(_t(S3), _t(T3)).item() == pytest.approx(0.5 * np.abs(p_t - p_s).sum(), rel=1e-5)
+    assert logit_losses.tvd(_t(S3), _t(T3)).item() == pytest.approx(0.5 * np.abs(p_t - p_s).sum(), rel=1e-5)
 
 
 # --- combining terms ----------------------------------------------------------------------------------------
@@ -211,7 +222,7 @@ def test_combine_terms_weights_terms_and_reports_each_unweighted_and_detached():
 
     out = combine_terms(terms, student, teacher, labels)
 
-    ce, kd = losses.ce(student, labels), losses.kd(student, teacher, temperature=4.0)
+    ce, kd = logit_losses.ce(student, labels), logit_losses.kd(student, teacher, temperature=4.0)
     assert set(out.parts) == {"ce", "kd"}
     assert out.parts["ce"].item() == pytest.approx(ce.item()) and out.parts["kd"].item() == pytest.approx(
         kd.item()
@@ -224,14 +235,14 @@ def test_combine_terms_lets_teacher_terms_use_unlabelled_classification_rows():
     student, teacher = torch.randn(3, 4), torch.randn(3, 4)
     unlabelled = torch.full((3,), -100)
     out = combine_terms([LossTermConfig("kd", 1.0, {"temperature": 1.0})], student, teacher, unlabelled)
-    assert out.total.item() == pytest.approx(losses.kd(student, teacher).item())
+    assert out.total.item() == pytest.approx(logit_losses.kd(student, teacher).item())
 
 
 def test_combine_terms_masks_sequence_positions_by_label():
     student, teacher = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     labels = torch.tensor([[1, -100, 2], [-100, -100, 0]])
     out = combine_terms([LossTermConfig("kd", 1.0, {"temperature": 1.0})], student, teacher, labels)
-    assert out.total.item() == pytest.approx(losses.kd(student, teacher, labels != -100).item())
+    assert out.total.item() == pytest.approx(logit_losses.kd(student, teacher, labels != -100).item())
 
 
 def test_combine_terms_without_teacher_logits_rejects_teacher_terms():
@@ -336,23 +347,27 @@ def test_taid_hand_value_against_numpy():
     t = 0.3
     p_target = _softmax((1 - t) * S3 + t * T3)
     expected = _kl(p_target, _softmax(S3))
-    assert losses.taid(_t(S3), _t(T3), interpolation=t).item() == pytest.approx(expected, rel=1e-5)
+    assert logit_losses.taid(_t(S3), _t(T3), interpolation=t).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_taid_at_t_one_is_forward_kl_and_its_target_carries_no_student_gradient():
     g = torch.Generator().manual_seed(10)
     s, t = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
-    assert losses.taid(s, t, interpolation=1.0).item() == pytest.approx(losses.kd(s, t).item(), rel=1e-6)
+    assert logit_losses.taid(s, t, interpolation=1.0).item() == pytest.approx(
+        logit_losses.kd(s, t).item(), rel=1e-6
+    )
     # d/dz_S KL(p_t‖p_S) with p_t fixed is p_S − p_t (per row, before averaging)
     student = s.clone().requires_grad_()
-    losses.taid(student, t, interpolation=0.5).backward()
+    logit_losses.taid(student, t, interpolation=0.5).backward()
     p_t = torch.softmax(0.5 * s + 0.5 * t, dim=-1)
     assert torch.allclose(student.grad, (torch.softmax(s, -1) - p_t) / 3, atol=1e-6)
 
 
 def _update(t, m, prev, loss, **kw):
     args = {"t_target": 0.4, "t_end": 1.0, "alpha": 0.1, "beta": 0.5} | kw
-    out = losses.taid_update(torch.tensor(t), torch.tensor(m), torch.tensor(prev), torch.tensor(loss), **args)
+    out = logit_losses.taid_update(
+        torch.tensor(t), torch.tensor(m), torch.tensor(prev), torch.tensor(loss), **args
+    )
     return [x.item() for x in out]
 
 
@@ -378,21 +393,24 @@ def test_topk_with_k_equal_to_vocab_and_no_tail_equals_the_dense_divergence(dive
     g = torch.Generator().manual_seed(11)
     s, t = torch.randn(2, 4, 9, generator=g) * 2, torch.randn(2, 4, 9, generator=g) * 2
     mask = torch.rand(2, 4, generator=g) > 0.3
-    dense = {"kd": losses.kd, "reverse_kl": losses.reverse_kl, "jsd": losses.jsd, "tvd": losses.tvd}[
-        divergence
-    ]
+    dense = {
+        "kd": logit_losses.kd,
+        "reverse_kl": logit_losses.reverse_kl,
+        "jsd": logit_losses.jsd,
+        "tvd": logit_losses.tvd,
+    }[divergence]
     extra = {"beta": 0.3} if divergence == "jsd" else {}
-    got = losses.topk(s, t, mask, k=9, divergence=divergence, tail=False, temperature=2.0, **extra)
+    got = sparse_losses.topk(s, t, mask, k=9, divergence=divergence, tail=False, temperature=2.0, **extra)
     assert got.item() == pytest.approx(dense(s, t, mask, temperature=2.0, **extra).item(), rel=1e-5, abs=1e-7)
-    with_tail = losses.topk(s, t, mask, k=9, divergence=divergence, tail=True, **extra)
+    with_tail = sparse_losses.topk(s, t, mask, k=9, divergence=divergence, tail=True, **extra)
     assert with_tail.item() == pytest.approx(dense(s, t, mask, temperature=1.0, **extra).item(), rel=1e-5)
 
 
 def test_topk_kd_keeps_the_tau_squared_factor():
     g = torch.Generator().manual_seed(12)
     s, t, tau = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g), 3.0
-    scaled = losses.topk(s, t, k=3, tail=False, temperature=tau).item()
-    plain = losses.topk(s / tau, t / tau, k=3, tail=False, temperature=1.0).item()
+    scaled = sparse_losses.topk(s, t, k=3, tail=False, temperature=tau).item()
+    plain = sparse_losses.topk(s / tau, t / tau, k=3, tail=False, temperature=1.0).item()
     assert scaled == pytest.approx(tau**2 * plain, rel=1e-5)
 
 
@@ -403,15 +421,17 @@ def test_topk_hand_values_with_and_without_tail():
     no_tail = _kl(p_t[top] / p_t[top].sum(), p_s[top] / p_s[top].sum())
     tail_t = np.append(p_t[top], 1 - p_t[top].sum())
     tail_s = np.append(p_s[top], 1 - p_s[top].sum())
-    assert losses.topk(_t(s), _t(t), k=2, tail=False).item() == pytest.approx(no_tail, rel=1e-5)
-    assert losses.topk(_t(s), _t(t), k=2, tail=True).item() == pytest.approx(_kl(tail_t, tail_s), rel=1e-5)
+    assert sparse_losses.topk(_t(s), _t(t), k=2, tail=False).item() == pytest.approx(no_tail, rel=1e-5)
+    assert sparse_losses.topk(_t(s), _t(t), k=2, tail=True).item() == pytest.approx(
+        _kl(tail_t, tail_s), rel=1e-5
+    )
 
 
 def test_topk_distributions_with_the_tail_bucket_sum_to_one():
     g = torch.Generator().manual_seed(13)
     s, t = torch.randn(5, 11, generator=g) * 3, torch.randn(5, 11, generator=g) * 3
     for teacher in (t, _sparse(t, 6, tail=True), _sparse(t, 6, tail=False)):
-        log_s, log_t = losses.topk_log_probs(s, teacher, k=4, tail=True)
+        log_s, log_t = sparse_losses.topk_log_probs(s, teacher, k=4, tail=True)
         assert log_s.shape == log_t.shape == (5, 5)
         assert torch.allclose(log_s.exp().sum(-1), torch.ones(5)) and torch.allclose(
             log_t.exp().sum(-1), torch.ones(5)
@@ -426,7 +446,7 @@ def _sparse(teacher_logits, k, *, tail):
     log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
     values, indices = log_p.topk(k, dim=-1)
     rest = torch.log1p(-values.exp().sum(-1).clamp(max=1 - 1e-7)) if tail else None
-    return losses.TopK(values, indices, rest)
+    return loss_primitives.TopK(values, indices, rest)
 
 
 @pytest.mark.parametrize("tail", [True, False])
@@ -438,8 +458,8 @@ def test_topk_from_a_sparse_cache_matches_the_dense_teacher(tail, cached_k):
     for stored_tail in (True, False):
         sparse = _sparse(t, cached_k, tail=stored_tail)
         for divergence in ("kd", "jsd"):
-            dense = losses.topk(s, t, mask, k=4, tail=tail, divergence=divergence)
-            got = losses.topk(s, sparse, mask, k=4, tail=tail, divergence=divergence)
+            dense = sparse_losses.topk(s, t, mask, k=4, tail=tail, divergence=divergence)
+            got = sparse_losses.topk(s, sparse, mask, k=4, tail=tail, divergence=divergence)
             assert got.item() == pytest.approx(dense.item(), rel=1e-4, abs=1e-6)
 
 
@@ -450,18 +470,20 @@ def test_a_cache_holding_the_whole_vocabulary_gives_the_dense_divergence(diverge
     t = torch.randn(2, 3, 10, generator=g) * 2
     mask = torch.tensor([[True, False, True], [True, True, True]])
     full = _sparse(t, 10, tail=True)
-    full = losses.TopK(full.logprobs.half(), full.indices, full.tail_logmass)  # as the cache stores it
+    full = loss_primitives.TopK(
+        full.logprobs.half(), full.indices, full.tail_logmass
+    )  # as the cache stores it
     dense = (
         {
-            "kd": losses.kd,
-            "reverse_kl": losses.reverse_kl,
-            "tvd": losses.tvd,
-            "jsd": functools.partial(losses.jsd, beta=0.5),
+            "kd": logit_losses.kd,
+            "reverse_kl": logit_losses.reverse_kl,
+            "tvd": logit_losses.tvd,
+            "jsd": functools.partial(logit_losses.jsd, beta=0.5),
         }[divergence](s, t, mask, temperature=2.0)
         if divergence != "tvd"
-        else losses.tvd(s, t, mask)
+        else logit_losses.tvd(s, t, mask)
     )
-    got = losses.topk(
+    got = sparse_losses.topk(
         s,
         full,
         mask,
@@ -477,9 +499,9 @@ def test_a_cache_holding_the_whole_vocabulary_gives_the_dense_divergence(diverge
 
 def test_topk_rejects_k_larger_than_the_teacher_offers():
     with pytest.raises(ConfigError, match="holds only the top 4"):
-        losses.topk(torch.randn(2, 10), _sparse(torch.randn(2, 10), 4, tail=True), k=5)
+        sparse_losses.topk(torch.randn(2, 10), _sparse(torch.randn(2, 10), 4, tail=True), k=5)
     with pytest.raises(ConfigError, match="only 10 classes"):
-        losses.topk(torch.randn(2, 10), torch.randn(2, 10), k=11)
+        sparse_losses.topk(torch.randn(2, 10), torch.randn(2, 10), k=11)
 
 
 # --- uld ----------------------------------------------------------------------------------------------------
@@ -493,22 +515,22 @@ def test_uld_matches_numpy_with_different_vocab_sizes():
     p_t = -np.sort(-_softmax(t), axis=-1)
     p_s = np.concatenate([p_s, np.zeros((2, 3, 3))], axis=-1)
     expected = np.abs(p_t - p_s).sum(-1)[mask].mean()
-    got = losses.uld(torch.tensor(s), torch.tensor(t), torch.tensor(mask))
+    got = sparse_losses.uld(torch.tensor(s), torch.tensor(t), torch.tensor(mask))
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # and the student side may be the larger vocabulary
-    flipped = losses.uld(torch.tensor(t), torch.tensor(s), torch.tensor(mask))
+    flipped = sparse_losses.uld(torch.tensor(t), torch.tensor(s), torch.tensor(mask))
     assert flipped.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_uld_is_zero_for_the_same_distribution_in_another_token_order_and_padding():
     student = torch.tensor([[3.0, 1.0, 0.0]])
     teacher = torch.tensor([[0.0, -1e4, 3.0, 1.0]])  # same probabilities, permuted, plus a ~0 entry
-    assert losses.uld(student, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert sparse_losses.uld(student, teacher).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_uld_rejects_unaligned_positions():
     with pytest.raises(ConfigError, match="aligned positions"):
-        losses.uld(torch.randn(1, 4, 5), torch.randn(1, 3, 6))
+        sparse_losses.uld(torch.randn(1, 4, 5), torch.randn(1, 3, 6))
 
 
 # --- memory-aware (chunked) token losses --------------------------------------------------------------------
@@ -525,7 +547,7 @@ def _chunked_pair(name, shape, dtype, chunk):
         if name == "ce":
             labels = torch.randint(0, shape[-1], shape[:-1], generator=torch.Generator().manual_seed(17))
             labels[~mask] = -100
-            loss = losses.ce(x, labels, chunk_size=chunk_size)
+            loss = logit_losses.ce(x, labels, chunk_size=chunk_size)
         else:
             loss = _call(name, x, teacher, mask, chunk_size=chunk_size)
         loss.backward()
@@ -553,19 +575,21 @@ def test_chunked_loss_reads_shifted_non_contiguous_logits_and_scales_by_the_upst
     g = torch.Generator().manual_seed(18)
     full, teacher = torch.randn(2, 6, 11, generator=g), torch.randn(2, 5, 11, generator=g)
     a, b = full.clone().requires_grad_(), full.clone().requires_grad_()
-    (0.25 * losses.jsd(a[:, :-1], teacher, beta=0.2)).backward()
-    (0.25 * losses.jsd(b[:, :-1], teacher, beta=0.2, chunk_size=2)).backward()
+    (0.25 * logit_losses.jsd(a[:, :-1], teacher, beta=0.2)).backward()
+    (0.25 * logit_losses.jsd(b[:, :-1], teacher, beta=0.2, chunk_size=2)).backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-7)
 
 
 def test_chunked_loss_all_masked_is_zero_with_a_zero_gradient_and_runs_without_grad():
     x = torch.randn(2, 5, 7).requires_grad_()
-    loss = losses.kd(x, torch.randn(2, 5, 7), torch.zeros(2, 5, dtype=torch.bool), chunk_size=2)
+    loss = logit_losses.kd(x, torch.randn(2, 5, 7), torch.zeros(2, 5, dtype=torch.bool), chunk_size=2)
     loss.backward()
     assert loss.item() == 0.0 and torch.all(x.grad == 0)
     with torch.no_grad():
         s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
-        assert losses.kd(s, t, chunk_size=3).item() == pytest.approx(losses.kd(s, t).item(), rel=1e-6)
+        assert logit_losses.kd(s, t, chunk_size=3).item() == pytest.approx(
+            logit_losses.kd(s, t).item(), rel=1e-6
+        )
 
 
 def _peak_allocated_bytes(fn) -> int:
@@ -590,7 +614,7 @@ def test_chunked_loss_allocates_much_less_memory_than_the_full_softmax():
     def run(chunk_size):
         def step():
             x = student.clone().requires_grad_()
-            losses.kd(x, teacher, temperature=2.0, chunk_size=chunk_size).backward()
+            logit_losses.kd(x, teacher, temperature=2.0, chunk_size=chunk_size).backward()
 
         return step
 

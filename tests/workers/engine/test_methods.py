@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from workers.engine import losses, methods
+from workers.engine import feature_losses, logit_losses, losses, methods, sparse_losses
 from workers.engine.config import LossTermConfig
 from workers.engine.errors import ConfigError
 from workers.engine.methods import TermInputs, TermState, build_term_modules, combine
@@ -52,7 +52,7 @@ def test_combine_weights_terms_and_keeps_unweighted_detached_parts():
 
     out = _combine(terms, TermInputs(student, labels, teacher_logits=teacher))
 
-    ce, kd = losses.ce(student, labels), losses.kd(student, teacher, temperature=4.0)
+    ce, kd = logit_losses.ce(student, labels), logit_losses.kd(student, teacher, temperature=4.0)
     assert out.parts["ce"].item() == pytest.approx(ce.item()) and out.parts["kd"].item() == pytest.approx(
         kd.item()
     )
@@ -69,7 +69,7 @@ def test_combine_masks_sequence_positions_by_label():
     out = _combine([LossTermConfig("jsd", 1.0)], inputs)
     mask = inputs.labels != -100
     assert out.total.item() == pytest.approx(
-        losses.jsd(inputs.student_logits, inputs.teacher_logits, mask).item()
+        logit_losses.jsd(inputs.student_logits, inputs.teacher_logits, mask).item()
     )
 
 
@@ -103,7 +103,7 @@ def test_combine_feeds_topk_from_the_sparse_cache_or_the_dense_teacher():
     sparse = _combine(terms, inputs)
     assert dense.total.item() == pytest.approx(sparse.total.item(), rel=1e-5)
     assert sparse.total.item() == pytest.approx(
-        losses.topk(inputs.student_logits, inputs.teacher_topk, mask, k=3).item(), rel=1e-6
+        sparse_losses.topk(inputs.student_logits, inputs.teacher_topk, mask, k=3).item(), rel=1e-6
     )
 
 
@@ -111,7 +111,7 @@ def test_combine_runs_uld_across_vocabulary_sizes_but_dense_terms_refuse():
     inputs = _lm_inputs(4, vocab=7, teacher_vocab=9)
     out = _combine([LossTermConfig("uld")], inputs)
     assert out.total.item() == pytest.approx(
-        losses.uld(inputs.student_logits, inputs.teacher_logits, inputs.labels != -100).item()
+        sparse_losses.uld(inputs.student_logits, inputs.teacher_logits, inputs.labels != -100).item()
     )
     with pytest.raises(ConfigError, match="tokenizer or label-space mismatch.*uld"):
         _combine([LossTermConfig("kd")], inputs)
@@ -146,9 +146,10 @@ def test_combine_feature_terms_with_learned_projections():
     out = combine(terms, inputs, modules=modules, state=TermState())
     mask = attention_mask.bool()
     expected = (
-        losses.hidden_mse(s_hidden, t_hidden, mask, projections=modules["hidden_mse"])
-        + 0.5 * losses.hidden_cosine(s_hidden, t_hidden, mask, projections=modules["hidden_cosine"])
-        + 2.0 * losses.embedding_mse(s_hidden[-1], t_hidden[-1], mask, projection=modules["embedding_mse"])
+        feature_losses.hidden_mse(s_hidden, t_hidden, mask, projections=modules["hidden_mse"])
+        + 0.5 * feature_losses.hidden_cosine(s_hidden, t_hidden, mask, projections=modules["hidden_cosine"])
+        + 2.0
+        * feature_losses.embedding_mse(s_hidden[-1], t_hidden[-1], mask, projection=modules["embedding_mse"])
     )
     assert out.total.item() == pytest.approx(expected.item(), rel=1e-6)
     out.total.backward()
@@ -174,10 +175,10 @@ def test_combine_attention_terms_use_the_attention_mask():
     )
     out = _combine([LossTermConfig("attention_prob_mse"), LossTermConfig("attention_kl")], inputs)
     assert out.parts["attention_prob_mse"].item() == pytest.approx(
-        losses.attention_prob_mse(attn, other, mask.bool()).item()
+        feature_losses.attention_prob_mse(attn, other, mask.bool()).item()
     )
     assert out.parts["attention_kl"].item() == pytest.approx(
-        losses.attention_kl(attn[-1], other[-1], values[-1], values[-1], mask.bool()).item()
+        feature_losses.attention_kl(attn[-1], other[-1], values[-1], values[-1], mask.bool()).item()
     )
 
 
@@ -199,7 +200,7 @@ def test_combine_applies_weight_and_temperature_schedules_and_reports_the_weight
     for step, weight, tau in [(0, 0.0, 4.0), (5, 0.5, 2.5), (10, 1.0, 1.0), (12, 1.0, 1.0)]:
         inputs.step, inputs.total_steps = step, 10
         out = _combine([term, LossTermConfig("ce", 0.1)], inputs)
-        kd = losses.kd(inputs.student_logits, inputs.teacher_logits, mask, temperature=tau)
+        kd = logit_losses.kd(inputs.student_logits, inputs.teacher_logits, mask, temperature=tau)
         assert out.weights["kd"] == pytest.approx(weight)
         assert out.parts["kd"].item() == pytest.approx(kd.item(), rel=1e-5)  # unweighted
         assert out.total.item() == pytest.approx(weight * kd.item() + 0.1 * out.parts["ce"].item(), rel=1e-5)
@@ -216,7 +217,7 @@ def test_taid_linear_schedule_moves_t_from_t_start_to_t_end():
         inputs.step, inputs.total_steps = step, 100
         state = TermState()
         out = _combine([term], inputs, state=state)
-        expected = losses.taid(inputs.student_logits, inputs.teacher_logits, mask, interpolation=t)
+        expected = logit_losses.taid(inputs.student_logits, inputs.teacher_logits, mask, interpolation=t)
         assert out.total.item() == pytest.approx(expected.item(), rel=1e-6)
         assert state.state_dict() == {"taid": {}}  # linear t keeps no state
 

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from workers.engine import models as models_module
+from workers.engine.batching import Batcher
 from workers.engine.config import DatasetConfig, ModelConfig
-from workers.engine.data import Batcher, load_dataset
+from workers.engine.data import load_dataset
+from workers.engine.embedder import SentenceEmbedder, mean_pool
 from workers.engine.errors import ConfigError, ModelLoadError
 from workers.engine.models import (
-    SentenceEmbedder,
     _ensure_pad_token,
     count_non_embedding_parameters,
     count_parameters,
     forward_logits,
     load_model,
-    mean_pool,
     model_dims,
     pair_dims,
     save_model,

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.engine import methods, teachers, trainer
+from workers.engine import methods, planning, teachers, trainer
 from workers.engine.config import LossTermConfig
 from workers.engine.errors import ConfigError
-from workers.engine.losses import mix_teachers
+from workers.engine.loss_primitives import mix_teachers
 from workers.engine.methods import TermInputs, TermState
 from workers.engine.terms import validate_terms
 
@@ -151,4 +151,4 @@ def test_a_causal_lm_multi_teacher_run_refuses_a_temperature_it_cannot_apply(tmp
         }
     )
     with pytest.raises(ConfigError, match="temperature other than 1"):
-        trainer.plan_run(cfg)
+        planning.plan_run(cfg)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.engine import teachers, trainer
+from workers.engine import run_setup, teachers
 from workers.engine.errors import TrainingError
 from workers.engine.memory import estimate_run_memory, host_memory_bytes, size_text
 from workers.engine.trainer import train
@@ -109,7 +109,7 @@ def test_the_cpu_allocator_failing_is_reported_as_out_of_memory_with_the_estimat
 def fail_forward(monkeypatch, *, role: str, when, exc: BaseException | None = None) -> None:
     """Models of ``role`` that the engine loads raise ``exc`` (CUDA OOM by default) from their forward pass
     whenever ``when(module)`` holds."""
-    real_load_model = trainer.load_model
+    real_load_model = run_setup.load_model
 
     def load_model(*args, **kwargs):
         loaded = real_load_model(*args, **kwargs)
@@ -124,7 +124,7 @@ def fail_forward(monkeypatch, *, role: str, when, exc: BaseException | None = No
             loaded.model.register_forward_hook(hook)
         return loaded
 
-    monkeypatch.setattr(teachers if role == "teacher" else trainer, "load_model", load_model)
+    monkeypatch.setattr(teachers if role == "teacher" else run_setup, "load_model", load_model)
 
 
 def gpu_estimate_text(cfg) -> str:
@@ -213,7 +213,7 @@ def test_out_of_memory_while_loading_the_teacher_says_so(tmp_path, digits_run, d
         terms=[{"name": "kd"}, {"name": "ce"}],
         teacher={"source": "run", "path": str(digits_teacher)},
     )
-    real_load_model = trainer.load_model
+    real_load_model = run_setup.load_model
 
     def load_model(*args, **kwargs):
         if kwargs.get("role") == "teacher":

@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.engine import pretrained
+from workers.engine import conversions, pretrained
+from workers.engine.batching import Batcher
 from workers.engine.config import ModelConfig
-from workers.engine.data import Batcher
 from workers.engine.derive import derive_from_loaded
-from workers.engine.models import SentenceEmbedder, count_parameters, forward_logits, load_model, mean_pool
+from workers.engine.embedder import SentenceEmbedder, mean_pool
+from workers.engine.models import count_parameters, forward_logits, load_model
 
 L6, L3, SMOL = "all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2", "SmolLM2-135M-Instruct"
 SENTENCES = [
@@ -111,7 +112,7 @@ def test_l3_conversion_matches_the_onnx_graph_and_is_recorded(l3_folder):
     # Preparing again is a no-op; the check can be re-run on the folder at any time.
     again = pretrained.prepare_model(L3, l3_folder.parent, log=lambda line: None)
     assert again.status == "up to date"
-    diff, _ = pretrained.check_onnx_conversion(pretrained.PACKAGED[L3].source_path(), l3_folder)
+    diff, _ = conversions.check_onnx_conversion(pretrained.PACKAGED[L3].source_path(), l3_folder)
     assert diff < pretrained.ONNX_TOLERANCE
 
 

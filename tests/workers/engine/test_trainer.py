@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.engine import teachers, trainer
+from workers.engine import run_setup, step_inputs, teachers, trainer
 from workers.engine.__main__ import main as cli_main
 from workers.engine.checkpoint import list_checkpoints
 from workers.engine.config import ModelConfig, TrainConfig
@@ -270,8 +270,8 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_tiny_bert_distils_end_to_end_and_its_final_folder_loads_as_a_run(tmp_path, topics_csv, topics):
+    from workers.engine.batching import Batcher
     from workers.engine.config import RunConfig
-    from workers.engine.data import Batcher
     from workers.engine.models import forward_logits, load_model
 
     cfg = RunConfig.from_dict(
@@ -342,7 +342,7 @@ def test_out_of_memory_becomes_a_training_error_with_step_and_batch_size(tmp_pat
     def oom(*_args, **_kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer, "forward_outputs", oom)
+    monkeypatch.setattr(step_inputs, "forward_outputs", oom)
     with pytest.raises(TrainingError) as exc:
         train(digits_run(tmp_path))
     assert str(exc.value).startswith("Out of GPU memory at step 1. The run's estimate is ")
@@ -418,14 +418,14 @@ def _stopping(**train_overrides) -> dict:
 
 def _validation_metrics(cfg, result) -> dict[str, float]:
     """A finished run's saved student evaluated on the run's validation slice."""
-    from workers.engine.data import Batcher
+    from workers.engine.batching import Batcher
     from workers.engine.evaluate import evaluate
     from workers.engine.models import load_model
 
     dataset = load_dataset(cfg.dataset)
     student = load_model(ModelConfig(source="run", path=result.final_dir), dataset=dataset, role="student")
-    rows = trainer._validation_slice(cfg, dataset, Batcher(dataset.train))
-    _, batches = trainer._validation_view(dataset, Batcher(dataset.train), rows, student, max_length=128)
+    rows = run_setup._validation_slice(cfg, dataset, Batcher(dataset.train))
+    _, batches = run_setup._validation_view(dataset, Batcher(dataset.train), rows, student, max_length=128)
     return evaluate(student.model, batches, efficiency=False)
 
 
@@ -576,7 +576,7 @@ def test_feature_terms_train_online_and_are_refused_offline(
     assert result.steps == 10 and losses[-1] < losses[0]
 
     calls = {"loads": 0}
-    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: calls.__setitem__("loads", 1))
+    monkeypatch.setattr(run_setup, "load_dataset", lambda *a, **k: calls.__setitem__("loads", 1))
     with pytest.raises(
         ConfigError,
         match="Loss term 'hidden_mse' needs the teacher's hidden_states on every "
@@ -631,7 +631,7 @@ def test_multi_teacher_target_is_the_weighted_average_of_the_distributions():
 
 
 def test_multi_teacher_run_caches_the_mixture_of_its_teachers(tmp_path, digits_run, digits_teacher, digits):
-    from workers.engine.data import Batcher
+    from workers.engine.batching import Batcher
     from workers.engine.models import load_model
 
     extra = {"source": "builtin", "name": "mlp", "params": {"hidden_sizes": [16]}}
@@ -691,6 +691,6 @@ def test_multi_teacher_run_caches_the_mixture_of_its_teachers(tmp_path, digits_r
 def test_bad_schemes_and_settings_are_refused_before_anything_loads(
     tmp_path, digits_run, digits_teacher, overrides, message, monkeypatch
 ):
-    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    monkeypatch.setattr(run_setup, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
     with pytest.raises(ConfigError, match=message):
         train(digits_run(tmp_path, teacher=_teacher(digits_teacher), terms=KD_TERMS, **overrides))

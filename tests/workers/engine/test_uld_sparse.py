@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from tests.workers.engine.test_align import TEXTS, _bpe
 from tests.workers.engine.test_lm import _SENTENCES, STUDENT, TINY_LLAMA, Log, _lm_run
-from workers.engine import losses, methods, teachers
+from workers.engine import methods, sparse_losses, teacher_targets, teachers
 from workers.engine.align import UNPAIRABLE, align_positions, decoded_prefix_ends, gather_aligned, prefix_ends
+from workers.engine.batching import tokenize_for_lm
 from workers.engine.cache import topk_of
 from workers.engine.config import LossTermConfig
-from workers.engine.data import tokenize_for_lm
 from workers.engine.errors import ConfigError
-from workers.engine.losses import TopK
+from workers.engine.loss_primitives import TopK
 from workers.engine.methods import TermInputs, TermState
 from workers.engine.terms import ModelDims, validate_terms
 from workers.engine.trainer import train
@@ -49,7 +49,7 @@ def test_sparse_uld_equals_the_dense_uld_when_the_cache_holds_the_whole_vocabula
     s = (torch.randn(2, 4, student_vocab, generator=g) * 2).requires_grad_()
     t = torch.randn(2, 4, 9, generator=g) * 2
     mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
-    dense = losses.uld(s, t, mask)
+    dense = sparse_losses.uld(s, t, mask)
     (dense_grad,) = torch.autograd.grad(dense, s)
     full = topk_of(t, 9)  # k = V_T: the tail is empty
     for teacher, tol in (
@@ -57,7 +57,7 @@ def test_sparse_uld_equals_the_dense_uld_when_the_cache_holds_the_whole_vocabula
         (TopK(full.logprobs, full.indices, None), 1e-6),
         (TopK(full.logprobs.half(), full.indices.int(), full.tail_logmass.half()), 2e-3),
     ):
-        sparse = losses.uld(s, teacher, mask)
+        sparse = sparse_losses.uld(s, teacher, mask)
         (grad,) = torch.autograd.grad(sparse, s)
         assert sparse.item() == pytest.approx(dense.item(), rel=tol, abs=tol)
         if tol < 1e-3:
@@ -68,15 +68,15 @@ def test_sparse_uld_is_a_lower_bound_of_the_dense_uld_that_grows_with_k():
     g = _gen(1)
     s, t = torch.randn(3, 5, 11, generator=g) * 2, torch.randn(3, 5, 8, generator=g) * 2
     mask = torch.rand(3, 5, generator=g) > 0.3
-    dense = losses.uld(s, t, mask).item()
-    values = [losses.uld(s, topk_of(t, k), mask).item() for k in range(1, 9)]
+    dense = sparse_losses.uld(s, t, mask).item()
+    values = [sparse_losses.uld(s, topk_of(t, k), mask).item() for k in range(1, 9)]
     assert all(v <= dense + 1e-6 for v in values)
     assert all(a <= b + 1e-6 for a, b in zip(values, values[1:], strict=False))  # more known, never less
     assert values[0] < dense - 1e-3 and values[-1] == pytest.approx(dense, abs=1e-6)
     # per position too (no averaging can hide a position above its dense value)
-    per_position_dense = losses._uld_tokens(s, t)
+    per_position_dense = sparse_losses._uld_tokens(s, t)
     for k in (1, 3, 5):
-        assert (losses._uld_tokens(s, topk_of(t, k)) <= per_position_dense + 1e-6).all()
+        assert (sparse_losses._uld_tokens(s, topk_of(t, k)) <= per_position_dense + 1e-6).all()
 
 
 def test_sparse_uld_reaches_the_dense_uld_when_the_teachers_tail_is_a_scaled_copy_of_the_students():
@@ -85,37 +85,37 @@ def test_sparse_uld_reaches_the_dense_uld_when_the_teachers_tail_is_a_scaled_cop
     p_t = [0.5, 0.2, 0.1, *tail]
     student = _probs_as_logits(p_s, [3, 0, 7, 1, 6, 2, 5, 4])
     teacher = _probs_as_logits(p_t, [5, 1, 4, 0, 2, 7, 6, 3])
-    dense = losses.uld(student, teacher).item()
+    dense = sparse_losses.uld(student, teacher).item()
     # top 3: |.3-.5| + |.25-.2| + |.15-.1| = .3; tail: Σ|p - 2p/3| = .3/3 = .1 (dense) = |.3 - .2| (sparse)
     assert dense == pytest.approx(0.4, abs=1e-6)
-    assert losses.uld(student, topk_of(teacher, 3)).item() == pytest.approx(dense, abs=1e-6)
+    assert sparse_losses.uld(student, topk_of(teacher, 3)).item() == pytest.approx(dense, abs=1e-6)
     # A teacher tail that is above the student's at one rank and below at others loses what cancels.
     crossing = _probs_as_logits([0.35, 0.3, 0.2, 0.06, 0.04, 0.02, 0.02, 0.01], [7, 6, 5, 4, 3, 2, 1, 0])
     # dense: .05 + .05 + |.15-.2| + .04 + .04 + .04 + .02 + .01 = .30; k = 2: .05 + .05 + |.45-.35| = .20
-    assert losses.uld(student, crossing).item() == pytest.approx(0.30, abs=1e-6)
-    assert losses.uld(student, topk_of(crossing, 2)).item() == pytest.approx(0.20, abs=1e-6)
+    assert sparse_losses.uld(student, crossing).item() == pytest.approx(0.30, abs=1e-6)
+    assert sparse_losses.uld(student, topk_of(crossing, 2)).item() == pytest.approx(0.20, abs=1e-6)
 
 
 def test_sparse_uld_hand_computed_values():
     # student .5/.3/.2, teacher top-2 .6/.3 with tail .1: |.5-.6| + |.3-.3| + |.2-.1| = .2
     student = _probs_as_logits([0.5, 0.3, 0.2], [2, 0, 1])
     teacher = TopK(torch.tensor([[0.6, 0.3]]).log(), torch.tensor([[4, 1]]), torch.tensor([0.1]).log())
-    assert losses.uld(student, teacher).item() == pytest.approx(0.2, abs=1e-6)
+    assert sparse_losses.uld(student, teacher).item() == pytest.approx(0.2, abs=1e-6)
     # a student vocabulary smaller than k is zero-padded: |.5-.7| + |.3-.3| + |.1-0| + |.1-0| = .4
     small = _probs_as_logits([0.7, 0.3], [1, 0])
     teacher = TopK(
         torch.tensor([[0.5, 0.3, 0.1]]).log(), torch.tensor([[9, 3, 4]]), torch.tensor([0.1]).log()
     )
-    assert losses.uld(small, teacher).item() == pytest.approx(0.4, abs=1e-6)
+    assert sparse_losses.uld(small, teacher).item() == pytest.approx(0.4, abs=1e-6)
     # without a stored tail it is 1 − Σ top-k
     no_tail = TopK(teacher.logprobs, teacher.indices, None)
-    assert losses.uld(small, no_tail).item() == pytest.approx(0.4, abs=1e-6)
+    assert sparse_losses.uld(small, no_tail).item() == pytest.approx(0.4, abs=1e-6)
 
 
 def test_sparse_uld_is_zero_for_the_teachers_own_cache():
     logits = torch.randn(2, 3, 10, generator=_gen(2)) * 3
     for k in (1, 4, 10):
-        assert losses.uld(logits, topk_of(logits, k)).item() == pytest.approx(0.0, abs=1e-6)
+        assert sparse_losses.uld(logits, topk_of(logits, k)).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_sparse_uld_masked_positions_change_nothing_and_gradients_are_finite():
@@ -126,8 +126,8 @@ def test_sparse_uld_masked_positions_change_nothing_and_gradients_are_finite():
     noisy_student[~mask] = torch.randn(int((~mask).sum()), 9, generator=g) * 100
     noisy_teacher[~mask] = torch.randn(int((~mask).sum()), 12, generator=g) * 100
     a, b = student.clone().requires_grad_(), noisy_student.clone().requires_grad_()
-    loss_a = losses.uld(a, topk_of(teacher, 4), mask)
-    loss_b = losses.uld(b, topk_of(noisy_teacher, 4), mask)
+    loss_a = sparse_losses.uld(a, topk_of(teacher, 4), mask)
+    loss_b = sparse_losses.uld(b, topk_of(noisy_teacher, 4), mask)
     loss_a.backward()
     loss_b.backward()
     assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-6)
@@ -135,7 +135,7 @@ def test_sparse_uld_masked_positions_change_nothing_and_gradients_are_finite():
     assert torch.isfinite(b.grad).all()
     # every position masked: exactly 0 with a zero gradient
     c = student.clone().requires_grad_()
-    nothing = losses.uld(c, topk_of(teacher, 4), torch.zeros(2, 5, dtype=torch.bool))
+    nothing = sparse_losses.uld(c, topk_of(teacher, 4), torch.zeros(2, 5, dtype=torch.bool))
     nothing.backward()
     assert nothing.item() == 0.0 and torch.all(c.grad == 0)
     # extreme and tied logits (a one-hot student, a uniform teacher, a half-precision cache) stay finite
@@ -144,7 +144,7 @@ def test_sparse_uld_masked_positions_change_nothing_and_gradients_are_finite():
     d.requires_grad_()
     flat = topk_of(torch.zeros(1, 2, 12), 4)
     cached = TopK(flat.logprobs.half(), flat.indices.int(), flat.tail_logmass.half())
-    value = losses.uld(d, cached)
+    value = sparse_losses.uld(d, cached)
     value.backward()
     assert math.isfinite(value.item()) and torch.isfinite(d.grad).all()
 
@@ -154,8 +154,8 @@ def test_sparse_uld_in_blocks_matches_all_at_once():
     s, t = torch.randn(2, 7, 10, generator=g), torch.randn(2, 7, 6, generator=g)
     mask = torch.rand(2, 7, generator=g) > 0.2
     whole, blocks = s.clone().requires_grad_(), s.clone().requires_grad_()
-    a = losses.uld(whole, topk_of(t, 3), mask)
-    b = losses.uld(blocks, topk_of(t, 3), mask, chunk_size=2)
+    a = sparse_losses.uld(whole, topk_of(t, 3), mask)
+    b = sparse_losses.uld(blocks, topk_of(t, 3), mask, chunk_size=2)
     a.backward()
     b.backward()
     assert a.item() == pytest.approx(b.item(), rel=1e-6) and torch.allclose(
@@ -165,7 +165,7 @@ def test_sparse_uld_in_blocks_matches_all_at_once():
 
 def test_sparse_uld_rejects_unaligned_positions():
     with pytest.raises(ConfigError, match="aligned positions"):
-        losses.uld(torch.randn(1, 4, 5), topk_of(torch.randn(1, 3, 6), 2))
+        sparse_losses.uld(torch.randn(1, 4, 5), topk_of(torch.randn(1, 3, 6), 2))
 
 
 def test_combine_feeds_uld_from_the_sparse_cache_on_paired_positions_only():
@@ -178,7 +178,9 @@ def test_combine_feeds_uld_from_the_sparse_cache_on_paired_positions_only():
     out = methods.combine(
         validate_terms([LossTermConfig("uld")]), inputs, modules=torch.nn.ModuleDict(), state=TermState()
     )
-    assert out.total.item() == pytest.approx(losses.uld(student, top, (labels != -100) & paired).item())
+    assert out.total.item() == pytest.approx(
+        sparse_losses.uld(student, top, (labels != -100) & paired).item()
+    )
 
 
 def test_dense_terms_still_refuse_a_sparse_teacher_but_uld_takes_it():
@@ -328,14 +330,14 @@ def test_offline_uld_trains_from_the_topk_cache_and_reuses_it(tmp_path, corpus, 
 
 def test_offline_uld_across_tokenizers_pairs_cached_teacher_positions(tmp_path, corpus, monkeypatch):
     calls: list[tuple] = []
-    original = teachers.TeacherTargets._cached_across_tokenizers
+    original = teacher_targets.TeacherTargets._cached_across_tokenizers
 
     def spy(self, rows, width):
         out = original(self, rows, width)
         calls.append((self, rows, out))
         return out
 
-    monkeypatch.setattr(teachers.TeacherTargets, "_cached_across_tokenizers", spy)
+    monkeypatch.setattr(teacher_targets.TeacherTargets, "_cached_across_tokenizers", spy)
 
     def run(name):
         log = Log()
@@ -360,7 +362,7 @@ def test_offline_uld_across_tokenizers_pairs_cached_teacher_positions(tmp_path, 
 
     # The cached targets are what the teacher gives online at the paired positions.
     targets, rows, cached = calls[0]
-    online = teachers.TeacherTargets(
+    online = teacher_targets.TeacherTargets(
         targets.teachers,
         entry=None,
         task="causal_lm",
@@ -396,7 +398,7 @@ def test_offline_uld_across_tokenizers_pairs_cached_teacher_positions(tmp_path, 
 
 def test_on_policy_uld_across_tokenizers_scores_decoded_student_samples(tmp_path, corpus, monkeypatch):
     views: list[tuple[list[str], list[str], int, int]] = []
-    original = teachers.TeacherTargets._sampled_view
+    original = teacher_targets.TeacherTargets._sampled_view
 
     def spy(self, loaded, batch):
         teacher_batch, index = original(self, loaded, batch)
@@ -414,7 +416,7 @@ def test_on_policy_uld_across_tokenizers_scores_decoded_student_samples(tmp_path
         views.append((student_text, teacher_text, int((index >= 0).sum()), index.numel()))
         return teacher_batch, index
 
-    monkeypatch.setattr(teachers.TeacherTargets, "_sampled_view", spy)
+    monkeypatch.setattr(teacher_targets.TeacherTargets, "_sampled_view", spy)
     log = Log()
     result = train(
         _lm_run(

@@ -8,12 +8,14 @@ import csv
 import numpy as np
 import pytest
 
-from workers.engine import trainer
+from workers.engine import run_evaluation, run_setup, trainer
+from workers.engine.batching import Batcher
 from workers.engine.config import ModelConfig, RunConfig, TrainConfig
-from workers.engine.data import IGNORE_INDEX, Batcher, load_dataset, validation_rows
+from workers.engine.data import IGNORE_INDEX, load_dataset
 from workers.engine.errors import ConfigError
 from workers.engine.evaluate import evaluate
 from workers.engine.models import load_model
+from workers.engine.run_setup import validation_rows
 from workers.engine.trainer import Callbacks, train
 
 from .conftest import TINY_BERT
@@ -42,19 +44,19 @@ class Recorder:
 def evaluations(monkeypatch):
     """Every evaluate() call of the trainer, as the number of rows it scored."""
     calls: list[int] = []
-    real = trainer.evaluate
+    real = run_evaluation.evaluate
 
     def counting(model, batcher, **kwargs):
         calls.append(len(batcher))
         return real(model, batcher, **kwargs)
 
-    monkeypatch.setattr(trainer, "evaluate", counting)
+    monkeypatch.setattr(run_evaluation, "evaluate", counting)
     return calls
 
 
 def _slice(cfg: RunConfig) -> np.ndarray:
     dataset = load_dataset(cfg.dataset)
-    return trainer._validation_slice(cfg, dataset, Batcher(dataset.train))
+    return run_setup._validation_slice(cfg, dataset, Batcher(dataset.train))
 
 
 def test_with_early_stopping_the_eval_split_is_evaluated_once_at_the_end(tmp_path, digits_run, evaluations):
@@ -156,7 +158,7 @@ def test_the_reported_result_is_computed_on_the_eval_split(tmp_path, digits_run)
     dataset = load_dataset(cfg.dataset)
     saved = load_model(ModelConfig(source="run", path=result.final_dir), dataset=dataset, role="student")
     on_eval = evaluate(saved.model, Batcher(dataset.eval), efficiency=False)
-    _, val = trainer._validation_view(dataset, Batcher(dataset.train), _slice(cfg), saved, max_length=128)
+    _, val = run_setup._validation_view(dataset, Batcher(dataset.train), _slice(cfg), saved, max_length=128)
     on_val = evaluate(saved.model, val, efficiency=False)
     assert result.student["accuracy"] == pytest.approx(on_eval["accuracy"])
     assert result.student["nll"] == pytest.approx(on_eval["nll"], rel=1e-6)
@@ -196,7 +198,8 @@ def test_a_local_dataset_with_an_eval_file_holds_the_slice_out_of_the_train_file
     )
     train(cfg, rec.callbacks())
     dataset = load_dataset(cfg.dataset)
-    held_out = trainer._validation_slice(cfg, dataset, dataset.train)  # classification: by the split's labels
+    # Classification: by the split's labels.
+    held_out = run_setup._validation_slice(cfg, dataset, dataset.train)
     assert len(held_out) == round(0.25 * len(dataset.train))
     assert rec.steps_with("val/") == [2, 4] and rec.steps_with("eval/") == [4]
     assert evaluations == [len(held_out), len(held_out), len(dataset.eval)]
@@ -206,7 +209,7 @@ def test_a_local_dataset_with_an_eval_file_holds_the_slice_out_of_the_train_file
 def test_a_validation_fraction_out_of_range_is_refused_before_anything_loads(
     tmp_path, digits_run, fraction, monkeypatch
 ):
-    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    monkeypatch.setattr(run_setup, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
     with pytest.raises(ConfigError, match="train.validation_fraction"):
         train(digits_run(tmp_path, train={**STOPPING, "validation_fraction": fraction}))
 
