@@ -204,10 +204,6 @@ class RunReporter:
     def last_step(self) -> int:
         return self._last_step
 
-    @property
-    def pending_points(self) -> int:
-        return len(self._buffer)
-
     def set_batch_size(self, batch_size: int) -> None:
         self._batch_size = batch_size
 

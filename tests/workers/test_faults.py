@@ -47,11 +47,13 @@ class FlakyDatabase:
         self.real = real
         self.failures = failures
         self.calls = 0
+        self.written: list[list] = []  # the points handed to each call that went through
 
     def __call__(self, **kwargs):
         self.calls += 1
         if self.calls <= self.failures:
             raise OperationalError("connection to server at 127.0.0.1, port 5432 failed: Connection refused")
+        self.written.append(list(kwargs.get("points", [])))
         return self.real(**kwargs)
 
 
@@ -95,11 +97,16 @@ def test_metric_points_wait_out_a_database_outage_and_are_written_once(claimed_r
             fake.now += 1.0
             reporter.on_metrics(step, {"loss": 1.0 / step, "kd": 0.5})
             if step == 8:  # the outage: nothing written, nothing lost, training never waited
-                assert MetricPoint.objects.filter(run=claimed_run).count() == 0 and reporter.pending_points == 16
+                assert MetricPoint.objects.filter(run=claimed_run).count() == 0
         reporter.flush()
-    assert fake.sleeps == [] and flaky.calls > 4
+        writes = flaky.calls
+        reporter.flush()  # nothing is left in memory: no further write
+    assert fake.sleeps == [] and flaky.calls > 4 and flaky.calls == writes
+    # The 16 points of the outage's first 8 steps were held, then came with the first write that went through.
+    outage = {(name, step) for step in range(1, 9) for name in ("loss", "kd")}
+    assert outage <= {(name, step) for name, step, *_ in flaky.written[0]}
     assert logged_steps(claimed_run) == list(range(1, 31)) and logged_steps(claimed_run, "kd") == list(range(1, 31))
-    assert MetricPoint.objects.filter(run=claimed_run).count() == 60 and reporter.pending_points == 0
+    assert MetricPoint.objects.filter(run=claimed_run).count() == 60
 
 
 @pytest.mark.django_db
@@ -135,7 +142,8 @@ def test_the_reporter_gives_up_after_the_retry_window_and_keeps_the_points(claim
             pytest.raises(DatabaseUnavailable, match="unreachable for 60 s"):
         reporter.flush()
     assert sum(fake.sleeps) == pytest.approx(60) and max(fake.sleeps) == 5.0
-    assert reporter.pending_points == 1
+    reporter.flush()  # the database is back: the point it kept is written
+    assert logged_steps(claimed_run) == [10]
 
 
 @pytest.mark.django_db
@@ -147,7 +155,8 @@ def test_a_full_buffer_pauses_training_until_the_database_is_back(claimed_run):
     with mock.patch("experiments.services.run_record_metrics", side_effect=flaky):
         for step in range(1, 21):
             reporter.on_metrics(step, {"loss": 1.0, "kd": 0.5})
-            assert reporter.pending_points <= 40  # bounded
+            unwritten = 2 * step - MetricPoint.objects.filter(run=claimed_run).count()
+            assert unwritten <= 40  # bounded
     assert fake.sleeps  # it waited for the database instead of dropping points
     reporter.flush()
     assert logged_steps(claimed_run) == list(range(1, 21))

@@ -10,16 +10,13 @@ benchmarks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
-from .config import LossTermConfig
-from .errors import ConfigError
 from .feature_losses import (
     attention_kl,
     attention_mse,
@@ -29,7 +26,7 @@ from .feature_losses import (
     hidden_mse,
 )
 from .logit_losses import ce, jsd, kd, reverse_kl, skew_kl, skew_reverse_kl, taid, tvd
-from .loss_primitives import IGNORE_INDEX, chunked_token_loss
+from .loss_primitives import chunked_token_loss
 from .sparse_losses import topk, uld
 from .terms import LOSS_TERMS as CATALOGUE
 from .terms import TermSpec
@@ -73,44 +70,3 @@ class LossParts(NamedTuple):
     total: Tensor
     parts: dict[str, Tensor]
     weights: Mapping[str, float] = MappingProxyType({})
-
-
-def combine_terms(
-    terms: Sequence[LossTermConfig], student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor
-) -> LossParts:
-    """Weighted sum of a recipe's logit terms (the pre-``methods.combine`` entry point; no schedules).
-
-    Teacher terms see every classification row, labelled or not: there ``-100`` means "unlabelled" and
-    the teacher's distribution is still a target (transfer set). For sequences (``student_logits.dim() > 2``)
-    ``-100`` marks padding/prompt positions, which no term may use.
-
-    Args:
-        terms: validated terms (see ``terms.validate_terms``).
-        student_logits: (B, V) or (B, T, V).
-        teacher_logits: same shape as ``student_logits``, or None when no term needs a teacher.
-        labels: (B,) or (B, T); -100 = no label.
-    Returns:
-        LossParts(total: float32 scalar, parts: {term name: detached float32 scalar}, weights).
-    """
-    mask = labels != IGNORE_INDEX if student_logits.dim() > 2 else None
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    parts: dict[str, Tensor] = {}
-    for term in terms:
-        spec = LOSS_TERMS.get(term.name)
-        if spec is None:
-            raise ConfigError(f"Unknown loss term '{term.name}'. Available terms: {', '.join(LOSS_TERMS)}.")
-        if spec.kind not in ("labels", "logits"):
-            raise ConfigError(
-                f"Loss term '{term.name}' needs more than logits; train it with methods.combine."
-            )
-        if spec.needs_teacher:
-            if teacher_logits is None:
-                raise ConfigError(
-                    f"Loss term '{term.name}' needs a teacher, but there are no teacher logits."
-                )
-            value = spec.fn(student_logits, teacher_logits, mask, **term.params)
-        else:
-            value = spec.fn(student_logits, labels, **term.params)
-        total = total + term.weight * value
-        parts[term.name] = value.detach()
-    return LossParts(total=total, parts=parts, weights={t.name: t.weight for t in terms})

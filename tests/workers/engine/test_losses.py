@@ -13,7 +13,8 @@ import torch
 from workers.engine import logit_losses, loss_primitives, sparse_losses
 from workers.engine.config import LossTermConfig
 from workers.engine.errors import ConfigError
-from workers.engine.losses import LOSS_TERMS, combine_terms
+from workers.engine.losses import LOSS_TERMS
+from workers.engine.methods import TermInputs, TermState, build_term_modules, combine
 from workers.engine.terms import TermParamError, validate_term_params, validate_terms
 
 # Every token-level term that compares the student's logits with a dense teacher's.
@@ -210,7 +211,14 @@ def test_skew_kl_and_tvd_hand_values():
 # --- combining terms ----------------------------------------------------------------------------------------
 
 
-def test_combine_terms_weights_terms_and_reports_each_unweighted_and_detached():
+def _combine(terms: list[LossTermConfig], student, teacher, labels):
+    """The recipe's weighted sum as a training step computes it (``methods.combine``)."""
+    terms = validate_terms(terms)
+    inputs = TermInputs(student, labels, teacher_logits=teacher)
+    return combine(terms, inputs, modules=build_term_modules(terms), state=TermState())
+
+
+def test_combine_weights_terms_and_reports_each_unweighted_and_detached():
     g = torch.Generator().manual_seed(6)
     student = torch.randn(4, 5, generator=g).requires_grad_()
     teacher = torch.randn(4, 5, generator=g)
@@ -220,7 +228,7 @@ def test_combine_terms_weights_terms_and_reports_each_unweighted_and_detached():
         LossTermConfig("kd", 0.9, {"temperature": 4.0}),
     ]
 
-    out = combine_terms(terms, student, teacher, labels)
+    out = _combine(terms, student, teacher, labels)
 
     ce, kd = logit_losses.ce(student, labels), logit_losses.kd(student, teacher, temperature=4.0)
     assert set(out.parts) == {"ce", "kd"}
@@ -231,23 +239,23 @@ def test_combine_terms_weights_terms_and_reports_each_unweighted_and_detached():
     assert out.total.requires_grad and not any(p.requires_grad for p in out.parts.values())
 
 
-def test_combine_terms_lets_teacher_terms_use_unlabelled_classification_rows():
+def test_combine_lets_teacher_terms_use_unlabelled_classification_rows():
     student, teacher = torch.randn(3, 4), torch.randn(3, 4)
     unlabelled = torch.full((3,), -100)
-    out = combine_terms([LossTermConfig("kd", 1.0, {"temperature": 1.0})], student, teacher, unlabelled)
+    out = _combine([LossTermConfig("kd", 1.0, {"temperature": 1.0})], student, teacher, unlabelled)
     assert out.total.item() == pytest.approx(logit_losses.kd(student, teacher).item())
 
 
-def test_combine_terms_masks_sequence_positions_by_label():
+def test_combine_masks_sequence_positions_by_label():
     student, teacher = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     labels = torch.tensor([[1, -100, 2], [-100, -100, 0]])
-    out = combine_terms([LossTermConfig("kd", 1.0, {"temperature": 1.0})], student, teacher, labels)
+    out = _combine([LossTermConfig("kd", 1.0, {"temperature": 1.0})], student, teacher, labels)
     assert out.total.item() == pytest.approx(logit_losses.kd(student, teacher, labels != -100).item())
 
 
-def test_combine_terms_without_teacher_logits_rejects_teacher_terms():
-    with pytest.raises(ConfigError, match="needs a teacher"):
-        combine_terms([LossTermConfig("kd", 1.0, {})], torch.randn(2, 3), None, torch.tensor([0, 1]))
+def test_combine_without_teacher_logits_rejects_teacher_terms():
+    with pytest.raises(ConfigError, match="needs dense teacher logits"):
+        _combine([LossTermConfig("kd", 1.0, {})], torch.randn(2, 3), None, torch.tensor([0, 1]))
 
 
 # --- parameter validation -----------------------------------------------------------------------------------
@@ -661,5 +669,5 @@ def test_jsd_agrees_with_trl_generalized_jsd_loss(beta):
     s, t = torch.randn(2, 6, 11, generator=g) * 3, torch.randn(2, 6, 11, generator=g) * 3
     labels = torch.randint(0, 11, (2, 6), generator=g)
     labels[0, :2] = -100
-    ours = combine_terms([LossTermConfig("jsd", 1.0, {"beta": beta, "temperature": 2.0})], s, t, labels).total
+    ours = _combine([LossTermConfig("jsd", 1.0, {"beta": beta, "temperature": 2.0})], s, t, labels).total
     assert ours.item() == pytest.approx(_trl_style_generalized_jsd(s, t, labels, beta, 2.0).item(), rel=1e-5)
