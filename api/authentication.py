@@ -1,7 +1,7 @@
 """``Authorization: Bearer <token>`` (or ``Token <token>``) with the personal tokens of api.models.ApiToken.
 
 A token's limits: an expired token is refused here (401); a team-scoped one limits the request's user to that
-team (see experiments.selectors.team_scope); a read-only one is refused any unsafe method by
+team (see experiments.selectors.teams.team_scope); a read-only one is refused any unsafe method by
 api.permissions.TokenScopePermission (403)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 from django import forms
 
-from experiments import selectors
+from experiments.selectors import teams
 
 from .models import ApiToken
 
@@ -27,4 +27,4 @@ class TokenCreateForm(forms.Form):
 
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["team"].queryset = selectors.team_list(user=user).order_by("name")
+        self.fields["team"].queryset = teams.team_list(user=user).order_by("name")

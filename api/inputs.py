@@ -19,8 +19,10 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import MaxLengthValidator
 from rest_framework.exceptions import ValidationError
 
-from experiments import forms, preflight, services, sweeps
+from experiments import forms
+from experiments.domain import preflight, sweeps
 from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Run
+from experiments.services import launch, records
 
 from .exceptions import validation_detail
 
@@ -66,7 +68,7 @@ def _writes_its_own_syntax(field: django_forms.Field) -> bool:
 # A swept training setting may be a list (``[1e-4, 3e-4]``, items in the form's syntax too: ``["1e-4",
 # "2e-4:1e-3:log3"]``), and term sweeps a mapping ``{"kd.temperature": [2, 4]}`` or a list of lines
 # (``["kd.temperature = 2, 4"]``) or of ``{"param": "kd.temperature", "values": [2, 4]}``. They are written in
-# the form's own text syntax and read by the form, so the rules are the form's (``experiments.sweeps``). The
+# the form's own text syntax and read by the form, so the rules are the form's (``experiments.domain.sweeps``). The
 # form's length cap bounds what a person types; a list is bounded by its number of items instead (each item, and
 # each line given as text, by a cap of its own), so that an exported sweep of many values imports again.
 _SWEEP_ITEM_PROBLEM = "Give one value or range per list item (no commas or line breaks inside an item)."
@@ -294,7 +296,7 @@ def model_create(*, user, payload: Any) -> ModelSpec:
     form = bind(forms.ModelSpecForm, payload, user=user, list_fields=("hidden_sizes",), json_fields=("config",))
 
     def create(f: forms.ModelSpecForm) -> ModelSpec:
-        return services.model_spec_create(team=f.cleaned_data["team"], created_by=user, **f.service_fields())
+        return records.model_spec_create(team=f.cleaned_data["team"], created_by=user, **f.service_fields())
 
     return submit(form, create, form.error_aliases)
 
@@ -302,14 +304,14 @@ def model_create(*, user, payload: Any) -> ModelSpec:
 def model_derive(*, user, parent: ModelSpec, payload: Any) -> ModelSpec:
     """A smaller student derived from ``parent``; ``layers`` may be a list of layer ids."""
     form = bind(forms.ModelDeriveForm, payload, list_fields=("layers",))
-    return submit(form, lambda f: services.model_derive(parent=parent, created_by=user, **f.service_kwargs()),
+    return submit(form, lambda f: records.model_derive(parent=parent, created_by=user, **f.service_kwargs()),
                   {"__all__": "name", "config": "layers", "parent": "__all__"})
 
 
 def dataset_create(*, user, payload: Any) -> DatasetSpec:
     """Register a dataset from the fields of the web's dataset form; ``label_names`` may be a list."""
     form = bind(forms.DatasetSpecForm, payload, user=user, list_fields=("label_names",))
-    return submit(form, lambda f: services.dataset_spec_create(team=f.cleaned_data["team"], created_by=user,
+    return submit(form, lambda f: records.dataset_spec_create(team=f.cleaned_data["team"], created_by=user,
                                                                **f.service_fields()))
 
 
@@ -355,7 +357,7 @@ def recipe_create(*, user, payload: Any) -> Recipe:
 
     def create(f: forms.RecipeForm) -> Recipe:
         data = f.cleaned_data
-        return services.recipe_create(team=data["team"], created_by=user, name=data["name"], scheme=data["scheme"],
+        return records.recipe_create(team=data["team"], created_by=user, name=data["name"], scheme=data["scheme"],
                                       terms=terms, description=data["description"], scheme_params=scheme_params)
 
     return submit(form, create, extra=("terms", "scheme_params"))
@@ -371,7 +373,7 @@ def experiment_create(*, user, payload: Any) -> Experiment:
     rules apply to each; see the sweep section above). Creates the runs and enqueues them after the commit.
     """
     form = bind(forms.ExperimentForm, payload, user=user, list_fields=("seeds", "teacher_weights"))
-    return submit(form, lambda f: services.experiment_create(created_by=user, **f.service_kwargs()))
+    return submit(form, lambda f: launch.experiment_create(created_by=user, **f.service_kwargs()))
 
 
 def experiment_check(*, user, payload: Any) -> dict[str, Any]:
@@ -384,7 +386,7 @@ def experiment_check(*, user, payload: Any) -> dict[str, Any]:
     kwargs = form.preflight_kwargs()
     report = preflight.experiment_preflight(**kwargs)
     try:
-        services.experiment_validate(team=form.cleaned_data["team"],
+        launch.experiment_validate(team=form.cleaned_data["team"],
                                      teacher_weights=form.cleaned_data.get("teacher_weights") or [], **kwargs)
     except DjangoValidationError as exc:
         errors = validation_detail(exc)
@@ -405,5 +407,5 @@ def experiment_check(*, user, payload: Any) -> dict[str, Any]:
 def run_register_model(*, user, run: Run, payload: Any) -> ModelSpec:
     """Register a succeeded run's student as a model of the run's team."""
     form = bind(forms.RegisterModelForm, payload)
-    return submit(form, lambda f: services.model_register_from_run(run=run, name=f.cleaned_data["name"],
+    return submit(form, lambda f: records.model_register_from_run(run=run, name=f.cleaned_data["name"],
                                                                    created_by=user), {"__all__": "name"})

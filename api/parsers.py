@@ -11,7 +11,7 @@ from typing import Any
 from django.conf import settings
 from rest_framework import exceptions, parsers, status
 
-from experiments import validation
+from experiments.domain import inputs
 
 YAML_MAX_BYTES = 256 * 1024
 
@@ -43,8 +43,8 @@ class CappedJSONParser(parsers.JSONParser):
             data = super().parse(stream, media_type, parser_context)
         except RecursionError:  # the json module's own limit, met by "[[[[…" bodies
             raise exceptions.ParseError(
-                f"JSON parse error - nested deeper than {validation.MAX_NESTING} levels.") from None
-        if errors := validation.data_errors(data):
+                f"JSON parse error - nested deeper than {inputs.MAX_NESTING} levels.") from None
+        if errors := inputs.data_errors(data):
             raise exceptions.ValidationError(errors)
         return data
 

@@ -40,7 +40,7 @@ _WITH_ID = {"404": ("No such record among your teams'", _DETAIL)}
 
 INPUT_RULES = (
     "Every JSON body and YAML document is checked as a whole before any field is read "
-    "(experiments.validation.data_errors): text, keys included, may not contain the NUL character (\\u0000) or "
+    "(experiments.domain.inputs.data_errors): text, keys included, may not contain the NUL character (\\u0000) or "
     "a lone surrogate; numbers must be finite; object keys are text; values nest at most 20 levels. Anything else "
     "is a 400 with the field that holds it. A YAML document may hold only what JSON can (no dates, binary or sets)."
 )

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
 
-from experiments import selectors
 from experiments.models import Evaluation, Membership, MetricPoint, Run, Team
+from experiments.selectors import leaderboard, records, teams
 
 from .models import ApiToken
 
@@ -16,7 +16,7 @@ from .models import ApiToken
 def team_list(*, user) -> QuerySet[Team]:
     """The user's teams (staff: all), each with the user's ``role`` in it (None where staff is no member)."""
     role = Membership.objects.filter(team=OuterRef("pk"), user=user).values("role")[:1]
-    return selectors.team_list(user=user).annotate(role=Subquery(role)).order_by("name")
+    return teams.team_list(user=user).annotate(role=Subquery(role)).order_by("name")
 
 
 def run_list(*, user) -> QuerySet[Run]:
@@ -24,7 +24,7 @@ def run_list(*, user) -> QuerySet[Run]:
     (``student_evaluations``, zero or one), in a constant number of queries."""
     student = Evaluation.objects.filter(role=Evaluation.Role.STUDENT)
     return (
-        selectors.run_list(user=user)
+        records.run_list(user=user)
         .select_related("experiment__dataset")
         .prefetch_related(Prefetch("evaluations", queryset=student, to_attr="student_evaluations"))
     )
@@ -35,11 +35,11 @@ def run_primary_metric(run: Run) -> tuple[str, float | None]:
 
     Needs ``student_evaluations`` (see :func:`run_list`).
     """
-    metric = selectors.primary_metric(run.experiment.dataset)
+    metric = leaderboard.primary_metric(run.experiment.dataset)
     evaluations = getattr(run, "student_evaluations", None)
     if evaluations is None:
         evaluations = list(run.evaluations.filter(role=Evaluation.Role.STUDENT))
-    return metric.name, selectors.metric_value(evaluations[0] if evaluations else None, metric)
+    return metric.name, leaderboard.metric_value(evaluations[0] if evaluations else None, metric)
 
 
 def run_metric_names(*, run: Run) -> list[str]:

@@ -12,16 +12,12 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from experiments import forms, preflight, selectors
+from experiments import forms
+from experiments.domain import preflight
+from experiments.domain.specs import BUILTIN_ARCHS, BUILTIN_DATASETS
+from experiments.domain.validation import ALL_EARLY_STOPPING_METRICS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
 from experiments.models import DatasetSpec, Evaluation, Experiment, ModelSpec, Recipe, Run, Task
-from experiments.validation import (
-    ALL_EARLY_STOPPING_METRICS,
-    BUILTIN_ARCHS,
-    BUILTIN_DATASETS,
-    LR_SCHEDULES,
-    MAX_SEEDS,
-    TRAIN_FIELDS,
-)
+from experiments.selectors import records
 
 from . import selectors as api_selectors
 from .inputs import MAX_TERMS
@@ -94,7 +90,7 @@ class DatasetSpecSerializer(_Owned):
         return _web_url(self, "experiments:dataset_detail", dataset_id=obj.pk)
 
     def get_local_path(self, obj: DatasetSpec) -> str:
-        from experiments.engine_config import public_message
+        from experiments.domain.engine_config import public_message
 
         # An upload lies in the artifact root, which no user needs to know the place of.
         return public_message(obj.local_path) if obj.source == DatasetSpec.Source.UPLOAD else obj.local_path
@@ -140,7 +136,7 @@ class ExperimentSerializer(_Owned):
         read_only_fields = fields
 
     def get_status(self, obj: Experiment) -> str:
-        return selectors.experiment_status(obj)
+        return records.experiment_status(obj)
 
     @extend_schema_field(RunCountsSerializer)
     def get_run_counts(self, obj: Experiment) -> dict[str, int]:
@@ -235,7 +231,7 @@ class RunDetailSerializer(RunSerializer):
 
     @extend_schema_field(EvaluationSerializer(many=True))
     def get_evaluations(self, obj: Run) -> list[dict[str, Any]]:
-        return EvaluationSerializer(selectors.run_evaluations(run=obj), many=True).data
+        return EvaluationSerializer(records.run_evaluations(run=obj), many=True).data
 
 
 class SeriesSerializer(serializers.Serializer):

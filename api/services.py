@@ -10,8 +10,8 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from experiments import selectors
 from experiments.models import Team
+from experiments.selectors import teams
 
 from .models import ApiToken
 
@@ -45,7 +45,7 @@ def api_token_create(*, user, name: str, expires_at: datetime | None = None, sco
         raise ValidationError({"scope": f"Choose one of {', '.join(ApiToken.Scope.values)}."})
     if expires_at is not None and expires_at <= timezone.now():
         raise ValidationError({"expires_at": "Choose an expiry in the future."})
-    if team is not None and not selectors.team_list(user=user).filter(pk=team.pk).exists():
+    if team is not None and not teams.team_list(user=user).filter(pk=team.pk).exists():
         raise ValidationError({"team": "You are not in that team."})
     token = TOKEN_PREFIX + secrets.token_urlsafe(30)
     record = ApiToken(user=user, name=name, prefix=token[:10], key_hash=token_hash(token), expires_at=expires_at,

@@ -26,10 +26,13 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from experiments import export, plots, selectors, services
+from experiments import export, plots
 from experiments.domain import leaderboard
 from experiments.forms_compare import LeaderboardQueryForm
 from experiments.models import Experiment
+from experiments.selectors import leaderboard as leaderboard_reads
+from experiments.selectors import records as records_reads
+from experiments.services import lifecycle
 
 from . import inputs, yaml_io
 from . import selectors as api_selectors
@@ -117,7 +120,7 @@ class ModelSpecViewSet(ApiViewSet):
     serializer_class = s.ModelSpecSerializer
 
     def get_queryset(self) -> QuerySet:
-        return (selectors.model_spec_list(user=self.request.user).select_related("created_by")
+        return (records_reads.model_spec_list(user=self.request.user).select_related("created_by")
                 .order_by("team__name", "name", "id"))
 
     @extend_schema(summary="Models of your teams", parameters=[s.ModelFilterSerializer])
@@ -150,7 +153,7 @@ class DatasetSpecViewSet(ApiViewSet):
     serializer_class = s.DatasetSpecSerializer
 
     def get_queryset(self) -> QuerySet:
-        return selectors.dataset_spec_list(user=self.request.user).select_related("created_by").order_by(
+        return records_reads.dataset_spec_list(user=self.request.user).select_related("created_by").order_by(
             "team__name", "name", "id")
 
     @extend_schema(summary="Datasets of your teams", parameters=[s.DatasetFilterSerializer])
@@ -176,7 +179,7 @@ class RecipeViewSet(ApiViewSet):
     serializer_class = s.RecipeSerializer
 
     def get_queryset(self) -> QuerySet:
-        return selectors.recipe_list(user=self.request.user).select_related("created_by").order_by(
+        return records_reads.recipe_list(user=self.request.user).select_related("created_by").order_by(
             "team__name", "name", "-version", "id")
 
     @extend_schema(summary="Recipes of your teams (every version)", parameters=[s.RecipeFilterSerializer])
@@ -217,7 +220,7 @@ class ExperimentViewSet(ApiViewSet):
     serializer_class = s.ExperimentDetailSerializer
 
     def get_queryset(self) -> QuerySet:
-        return (selectors.experiment_list(user=self.request.user)
+        return (records_reads.experiment_list(user=self.request.user)
                 .select_related("assistant")
                 .prefetch_related("students", "recipes", "extra_teachers"))
 
@@ -260,7 +263,7 @@ class ExperimentViewSet(ApiViewSet):
     @extend_schema(summary="Cancel every unfinished run", request=None,
                    responses={200: s.CancelledSerializer, 404: _NOT_FOUND})
     def cancel(self, request: Request, pk: int) -> Response:
-        return Response({"cancelled": services.experiment_cancel(experiment=self.get_object())})
+        return Response({"cancelled": lifecycle.experiment_cancel(experiment=self.get_object())})
 
     @extend_schema(summary="The experiment as YAML (records by name)",
                    responses={(200, "application/yaml"): OpenApiTypes.STR, 404: _NOT_FOUND})
@@ -314,7 +317,7 @@ class RunViewSet(ApiViewSet):
         if run.is_terminal:
             return Response({"detail": f"Run #{run.pk} had already finished ({run.status})."},
                             status=status.HTTP_409_CONFLICT)
-        services.run_cancel(run=run, reason=f"Cancelled by {request.user.get_username()} (API).")
+        lifecycle.run_cancel(run=run, reason=f"Cancelled by {request.user.get_username()} (API).")
         return self.respond(self.get_object(), s.RunDetailSerializer)
 
     @extend_schema(summary="Queue a failed, cancelled or stale run again (resumes from its checkpoint)",
@@ -322,7 +325,7 @@ class RunViewSet(ApiViewSet):
     def requeue(self, request: Request, pk: int) -> Response:
         run = self.get_object()
         try:
-            services.run_requeue(run=run, reason=f"Requeued by {request.user.get_username()} (API).")
+            lifecycle.run_requeue(run=run, reason=f"Requeued by {request.user.get_username()} (API).")
         except DjangoValidationError as exc:
             return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_409_CONFLICT)
         return self.respond(self.get_object(), s.RunDetailSerializer)
@@ -361,18 +364,18 @@ class LeaderboardViewSet(ApiViewSet):
                    parameters=[s.RecordFilterSerializer], responses=s.LeaderboardDatasetSerializer(many=True))
     def list(self, request: Request) -> Response:
         params = self.query(s.RecordFilterSerializer)
-        datasets = _filter_records(selectors.leaderboard_datasets(user=request.user), params)
+        datasets = _filter_records(leaderboard_reads.leaderboard_datasets(user=request.user), params)
         return self.paginated(datasets.order_by("team__name", "name", "id"), s.LeaderboardDatasetSerializer)
 
-    def _board(self, pk: int) -> tuple[selectors.Benchmark, list[selectors.LeaderboardRow]]:
+    def _board(self, pk: int) -> tuple[leaderboard_reads.Benchmark, list[leaderboard_reads.LeaderboardRow]]:
         """The benchmark and its filtered rows, chosen by the page's query parameters (400 on bad ones, and on a
         metric or split the results do not have, where the page would fall back to its default)."""
-        dataset = get_object_or_404(selectors.dataset_spec_list(user=self.request.user), pk=pk)
+        dataset = get_object_or_404(records_reads.dataset_spec_list(user=self.request.user), pk=pk)
         query = LeaderboardQueryForm(self.request.query_params)
         if not query.is_valid():
             raise ValidationError(inputs.form_errors(query))
         chosen = query.filters()
-        benchmark = selectors.leaderboard_benchmark(
+        benchmark = leaderboard_reads.leaderboard_benchmark(
             user=self.request.user, dataset=dataset, metric_name=chosen.get("metric", ""),
             split_key=chosen.get("split", ""), scope=chosen.get("scope", "team"),
         )

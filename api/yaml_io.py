@@ -15,10 +15,11 @@ import yaml
 from django.db.models import Q
 from rest_framework.exceptions import ValidationError
 
-from experiments import selectors, validation
-from experiments.engine_config import TRAIN_DEFAULTS
+from experiments.domain import inputs as inputs_rules
+from experiments.domain.engine_config import TRAIN_DEFAULTS
+from experiments.domain.validation import TRAIN_FIELDS
 from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Team
-from experiments.validation import TRAIN_FIELDS
+from experiments.selectors import teams as teams_reads
 
 from . import inputs
 from .parsers import YAML_MAX_BYTES
@@ -78,7 +79,7 @@ def load(text: str, *, kind: str, keys: tuple[str, ...]) -> dict[str, Any]:
     if errors:
         raise ValidationError(errors)
     # YAML has values JSON lacks (dates, binary, sets, .nan) and "\0" escapes: refused like a JSON body's.
-    if errors := validation.data_errors(spec):
+    if errors := inputs_rules.data_errors(spec):
         raise ValidationError(errors)
     return spec
 
@@ -91,7 +92,7 @@ def dump(spec: dict[str, Any], *, header: str) -> str:
 def import_team(*, user, team_id: int | None, spec: dict[str, Any]) -> Team:
     """The team an import goes to: ``team_id`` (the request's), else the document's ``team`` (a name or slug),
     else the user's only team."""
-    teams = selectors.team_list(user=user)
+    teams = teams_reads.team_list(user=user)
     if team_id is not None:
         team = teams.filter(pk=team_id).first()
         if team is None:

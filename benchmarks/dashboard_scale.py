@@ -269,7 +269,7 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
     from django.core.management.color import no_style
     from django.db import connection, transaction
 
-    from experiments.engine_config import build_run_config, split_key
+    from experiments.domain.engine_config import build_run_config, split_key
     from experiments.models import (
         Artifact,
         DatasetSpec,
@@ -823,10 +823,10 @@ class DistillwebIngest:
     def ingest(self, points: int) -> tuple[int, float]:
         import contextlib
 
-        from experiments import services
+        from experiments.services import telemetry
         from workers.reporting import RunReporter
 
-        write = services.run_record_metrics
+        write = telemetry.run_record_metrics
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.writes.append(len(kwargs.get("points") or ()))
@@ -839,7 +839,7 @@ class DistillwebIngest:
         total = 10_000_000
         steps = points // len(INGEST_NAMES)
         first = self.next_step
-        services.run_record_metrics = counted
+        telemetry.run_record_metrics = counted
         try:
             start = time.perf_counter()
             with reporter if hasattr(reporter, "__enter__") else contextlib.nullcontext():
@@ -854,7 +854,7 @@ class DistillwebIngest:
                 reporter.flush()
             elapsed = time.perf_counter() - start
         finally:
-            services.run_record_metrics = write
+            telemetry.run_record_metrics = write
         self.next_step = first + steps
         self.samples.append((steps * len(INGEST_NAMES), elapsed))
         return steps * len(INGEST_NAMES), elapsed

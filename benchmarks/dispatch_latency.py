@@ -45,24 +45,25 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def setup_records():
-    from experiments import services
     from experiments.models import DatasetSpec, ModelSpec, Team
+    from experiments.services import records
 
     team, _ = Team.objects.get_or_create(name="dispatch benchmark", defaults={"slug": "dispatch-benchmark"})
-    digits = DatasetSpec.objects.filter(team=team, name="digits").first() or services.dataset_spec_create(
+    digits = DatasetSpec.objects.filter(team=team, name="digits").first() or records.dataset_spec_create(
         team=team, created_by=None, name="digits", source="builtin", builtin_name="digits")
-    mlp = ModelSpec.objects.filter(team=team, name="mlp-128x2").first() or services.model_spec_create(
+    mlp = ModelSpec.objects.filter(team=team, name="mlp-128x2").first() or records.model_spec_create(
         team=team, created_by=None, name="mlp-128x2", source="builtin", builtin_arch="mlp",
         config={"hidden_sizes": [128, 128]}, num_labels=10)
     return team, digits, mlp
 
 
 def launch(team, digits, mlp, train: dict):
-    from experiments import services
+    from experiments.services import launch as launch_writes
+    from experiments.services import records
 
-    experiment = services.experiment_create(
+    experiment = launch_writes.experiment_create(
         team=team, created_by=None, name=f"dispatch {uuid.uuid4().hex[:6]}", dataset=digits, students=[mlp],
-        recipes=[services.hard_labels_recipe(team=team)], seeds=[0], train=train)
+        recipes=[records.hard_labels_recipe(team=team)], seeds=[0], train=train)
     return experiment.runs.get()
 
 
@@ -139,8 +140,8 @@ def reporting_overhead(repeats: int, steps: int, work: Path
     import torch
     from django.conf import settings
 
-    from experiments import services
-    from experiments.engine_config import resolve_paths
+    from experiments.domain.engine_config import resolve_paths
+    from experiments.services import lifecycle
     from workers.engine.config import RunConfig
     from workers.engine.trainer import Callbacks, train
     from workers.reporting import RunReporter
@@ -154,7 +155,7 @@ def reporting_overhead(repeats: int, steps: int, work: Path
         with mock.patch("workers.tasks.run_distillation.apply_async"):
             run = launch(team, digits, mlp, settings_train)
         run.refresh_from_db()
-        claimed = services.run_claim(run_id=run.id, task_id=run.task_id, worker_name="benchmark")
+        claimed = lifecycle.run_claim(run_id=run.id, task_id=run.task_id, worker_name="benchmark")
         cfg = RunConfig.from_dict({**resolve_paths(claimed.config, run=claimed, artifact_root=work / "artifacts"),
                                    "output_dir": str(settings.ARTIFACT_ROOT / f"overhead-{i}")})
         if i == 0:  # warm-up: first data load, allocator

@@ -3,8 +3,7 @@
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 
-from . import fleet, services
-from .models import (
+from experiments.models import (
     Artifact,
     DatasetSpec,
     Evaluation,
@@ -17,6 +16,7 @@ from .models import (
     Team,
     Worker,
 )
+from experiments.services import fleet, lifecycle
 
 
 class MembershipInline(admin.TabularInline):
@@ -65,7 +65,7 @@ class RecipeAdmin(admin.ModelAdmin):
 @admin.action(description="Cancel the selected runs")
 def cancel_runs(modeladmin, request, queryset):
     for run in queryset.exclude(status__in=Run.TERMINAL):
-        services.run_cancel(run=run)
+        lifecycle.run_cancel(run=run)
     messages.success(request, "Cancellation requested.")
 
 
@@ -74,7 +74,7 @@ def requeue_runs(modeladmin, request, queryset):
     requeued, refused = 0, []
     for run in queryset:
         try:
-            services.run_requeue(run=run, reason=f"requeued by {request.user} from the admin")
+            lifecycle.run_requeue(run=run, reason=f"requeued by {request.user} from the admin")
             requeued += 1
         except ValidationError as exc:
             refused.append(f"#{run.pk}: {' '.join(exc.messages)}")

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from django.http import HttpRequest
 from django.utils.functional import SimpleLazyObject
 
-from . import teams
-from .models import Team
+from experiments.models import Team
+from experiments.selectors import teams
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from typing import Any
 from django.conf import settings
 from django.utils.text import slugify
 
-from . import selectors
-from .models import Evaluation, ModelSpec, Run
+from experiments.models import Evaluation, ModelSpec, Run
+from experiments.selectors import leaderboard, records
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def model_export(*, run: Run) -> ModelExport:
     if run.status != Run.Status.SUCCEEDED:
         raise ExportRefused(f"Run #{run.pk} is {run.status}: only the student of a succeeded run can be "
                             f"downloaded.")
-    artifact = selectors.run_model_artifact(run=run)
+    artifact = records.run_model_artifact(run=run)
     if artifact is None:
         raise ExportRefused(f"Run #{run.pk} recorded no final model, so there is nothing to download.")
     folder = resolve_artifact_folder(artifact.path)
@@ -123,10 +123,10 @@ def model_export(*, run: Run) -> ModelExport:
     meta = _read_engine_metadata(folder)
     fmt = "builtin" if meta.get("format") == "builtin" else "transformers"
     root_name = f"{slugify(run.student.name)[:60] or 'student'}-run{run.pk}"
-    evaluations = selectors.run_evaluations(run=run)
+    evaluations = records.run_evaluations(run=run)
     student = next((e for e in evaluations if e.role == Evaluation.Role.STUDENT), None)
     teacher = next((e for e in evaluations if e.role == Evaluation.Role.TEACHER), None)
-    baseline = None if run.is_baseline else selectors.run_baseline_evaluation(run=run)
+    baseline = None if run.is_baseline else records.run_baseline_evaluation(run=run)
     card = model_card(run=run, fmt=fmt, meta=meta, folder_name=root_name, student=student, teacher=teacher,
                       baseline=baseline)
     files = [(p, f"{root_name}/{p.relative_to(folder).as_posix()}") for p in paths
@@ -230,8 +230,8 @@ def _terms_table(terms: Iterable[dict[str, Any]]) -> list[str]:
 def _metrics_table(student: Evaluation | None, teacher: Evaluation | None) -> list[str]:
     s_metrics = dict(student.metrics or {}) if student else {}
     t_metrics = dict(teacher.metrics or {}) if teacher else {}
-    names = [n for n in selectors.QUALITY_METRICS if n in s_metrics or n in t_metrics]
-    names += sorted(n for n in {*s_metrics, *t_metrics} if n not in selectors.QUALITY_METRICS)
+    names = [n for n in leaderboard.QUALITY_METRICS if n in s_metrics or n in t_metrics]
+    names += sorted(n for n in {*s_metrics, *t_metrics} if n not in leaderboard.QUALITY_METRICS)
     if not names:
         return ["No evaluation was recorded."]
     lines = ["| metric | student | teacher |", "|---|---|---|"]
@@ -241,18 +241,18 @@ def _metrics_table(student: Evaluation | None, teacher: Evaluation | None) -> li
     return lines
 
 
-def _comparison_lines(run: Run, metric: selectors.PrimaryMetric, student: Evaluation | None,
+def _comparison_lines(run: Run, metric: leaderboard.PrimaryMetric, student: Evaluation | None,
                       teacher: Evaluation | None, baseline: Evaluation | None) -> list[str]:
-    value = selectors.metric_value(student, metric) if student else None
+    value = leaderboard.metric_value(student, metric) if student else None
     lines = []
     if value is None:
         return lines
-    teacher_value = selectors.metric_value(teacher, metric) if teacher else None
+    teacher_value = leaderboard.metric_value(teacher, metric) if teacher else None
     if value and teacher_value:
         retention = value / teacher_value if metric.higher_is_better else teacher_value / value
         lines.append(f"- **Retention**: {100 * retention:.1f}% of the teacher's {metric.label.lower()} "
                      f"({_number(value)} vs {_number(teacher_value)}).")
-    base_value = selectors.metric_value(baseline, metric) if baseline else None
+    base_value = leaderboard.metric_value(baseline, metric) if baseline else None
     if base_value is not None:
         gain = (value - base_value) * (1 if metric.higher_is_better else -1)
         shown = f"{100 * gain:+.2f} percentage points" if metric.percent else f"{gain:+.4g}"
@@ -338,7 +338,7 @@ def model_card(*, run: Run, fmt: str, meta: dict[str, Any], folder_name: str, st
     config = run.config or {}
     experiment, dataset = run.experiment, run.experiment.dataset
     task = config.get("task") or dataset.task
-    metric = selectors.primary_metric(dataset)
+    metric = leaderboard.primary_metric(dataset)
     data_cfg = config.get("dataset") or {}
     train = config.get("train") or {}
     recipe = run.recipe
@@ -430,7 +430,7 @@ LEADERBOARD_CSV_HEADER = [
 ]
 
 
-def leaderboard_csv_lines(rows: Iterable[selectors.LeaderboardRow], *, metric: selectors.PrimaryMetric,
+def leaderboard_csv_lines(rows: Iterable[leaderboard.LeaderboardRow], *, metric: leaderboard.PrimaryMetric,
                           config_url: Callable[[int], str]) -> Iterator[list[Any]]:
     """The header, then one list of cells per leaderboard row (escaped with :func:`csv_safe`); ``config_url``
     turns a run id into the address of its frozen config."""

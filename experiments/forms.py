@@ -16,17 +16,13 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.forms.utils import ErrorDict
 
-from . import selectors, sweeps, uploads, validation
-from .engine_config import TRAIN_DEFAULTS
-from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Task
-from .validation import (
-    ALL_EARLY_STOPPING_METRICS,
-    BUILTIN_ARCHS,
-    BUILTIN_DATASETS,
-    LR_SCHEDULES,
-    MAX_SEEDS,
-    TRAIN_FIELDS,
-)
+from experiments.domain import inputs, sweeps, uploads
+from experiments.domain.engine_config import TRAIN_DEFAULTS
+from experiments.domain.specs import BUILTIN_ARCHS, BUILTIN_DATASETS
+from experiments.domain.validation import ALL_EARLY_STOPPING_METRICS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
+from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Task
+from experiments.selectors import records as records_reads
+from experiments.selectors import teams as teams_reads
 
 
 def add_service_errors(form: forms.BaseForm, exc: ValidationError, aliases: dict[str, str] | None = None) -> None:
@@ -77,7 +73,7 @@ class TeamScopedForm(forms.Form):
         """``default_team``: the team chosen in the header's switcher, preselected (a bound form keeps its data)."""
         super().__init__(*args, **kwargs)
         self.user = user
-        teams = selectors.team_list(user=user)
+        teams = teams_reads.team_list(user=user)
         self.fields["team"].queryset = teams
         team_count = teams.count()
         self.has_team = team_count > 0
@@ -168,10 +164,10 @@ class ModelSpecForm(TeamScopedForm):
         except json.JSONDecodeError as exc:
             raise ValidationError(f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).") from None
         except RecursionError:
-            raise ValidationError(f"Nested deeper than {validation.MAX_NESTING} levels.") from None
+            raise ValidationError(f"Nested deeper than {inputs.MAX_NESTING} levels.") from None
         if not isinstance(config, dict):
             raise ValidationError("The config must be a JSON object.")
-        if problem := validation.data_problem(config):  # "\u0000" escapes, NaN: not storable
+        if problem := inputs.data_problem(config):  # "\u0000" escapes, NaN: not storable
             raise ValidationError(problem)
         return config
 
@@ -277,7 +273,7 @@ class DatasetSpecForm(TeamScopedForm):
                                  help_text="A CSV or JSONL file under one of the server's dataset roots.")
     upload = forms.FileField(
         label="File", required=False, allow_empty_file=False,
-        widget=forms.FileInput(attrs={"accept": ",".join(validation.UPLOAD_SUFFIXES)}),
+        widget=forms.FileInput(attrs={"accept": ",".join(uploads.UPLOAD_SUFFIXES)}),
     )
     eval_local_path = forms.CharField(label="Separate eval file", max_length=500, required=False,
                                       help_text="Optional: a held-out file with the same columns, under a dataset "
@@ -311,9 +307,9 @@ class DatasetSpecForm(TeamScopedForm):
     def clean_upload(self):
         upload = self.cleaned_data.get("upload")
         if upload:
-            suffix = validation.upload_suffix(upload.name)
+            suffix = uploads.upload_suffix(upload.name)
             if suffix is None:
-                raise ValidationError(f"Upload a {', '.join(validation.UPLOAD_SUFFIXES)} file.")
+                raise ValidationError(f"Upload a {', '.join(uploads.UPLOAD_SUFFIXES)} file.")
             if upload.size > settings.DATASET_UPLOAD_MAX_BYTES:
                 raise ValidationError(uploads.too_large_message(settings.DATASET_UPLOAD_MAX_BYTES))
         return upload
@@ -695,13 +691,13 @@ class ExperimentForm(TeamScopedForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        models = selectors.model_spec_list(user=self.user).order_by("team__name", "name")
-        self.fields["dataset"].queryset = selectors.dataset_spec_list(user=self.user).order_by("team__name", "name")
+        models = records_reads.model_spec_list(user=self.user).order_by("team__name", "name")
+        self.fields["dataset"].queryset = records_reads.dataset_spec_list(user=self.user).order_by("team__name", "name")
         self.fields["teacher"].queryset = models
         self.fields["students"].queryset = models
         self.fields["assistant"].queryset = models
         self.fields["extra_teachers"].queryset = models
-        self.fields["recipes"].queryset = selectors.recipe_list(user=self.user).order_by("team__name", "name",
+        self.fields["recipes"].queryset = records_reads.recipe_list(user=self.user).order_by("team__name", "name",
                                                                                           "-version")
         for name in ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers"):
             self.fields[name].label_from_instance = self.label_with_team

@@ -8,7 +8,7 @@ from typing import Any
 
 from django import forms
 
-from .forms import LeaderboardFilterForm
+from experiments.forms import LeaderboardFilterForm
 
 MAX_COMPARE_RUNS = 50
 

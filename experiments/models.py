@@ -274,7 +274,7 @@ class RunStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
-# The run lifecycle (DESIGN.md §4): every status change goes through experiments.services._transition, which
+# The run lifecycle (DESIGN.md §4): every status change goes through experiments.services.lifecycle._transition, which
 # checks this table, and RunTransition's constraint enforces it in the database too.
 #   queued → running (claimed) | cancelled | failed (a run it waits for failed)
 #   running → succeeded | failed | cancelled | queued (requeued: lease expired, worker lost, admin requeue)
@@ -389,7 +389,7 @@ class Run(models.Model):
 class RunTransition(models.Model):
     """One status change of a run: when, why, on which worker and in which attempt.
 
-    Written only by ``experiments.services._transition``, in the same transaction as the change itself.
+    Written only by ``experiments.services.lifecycle._transition``, in the same transaction as the change itself.
     """
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="transitions", db_index=False)

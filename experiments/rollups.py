@@ -4,7 +4,7 @@ A run of more than ``ROLLUP_MIN_STEPS`` steps gets, for each metric, one row per
 (the power of two that cuts the run's ``total_steps`` into at most ``ROLLUP_BUCKETS`` buckets) holding the
 bucket's lowest and highest point. :func:`record` keeps them current in the same statement batch as the
 points; :func:`rebuild` recomputes them from the points (after a bulk import, or for runs older than the
-table). Readers (``selectors.metric_curves``, ``selectors.run_metric_series``) take a run's extremes from here
+table). Readers (``selectors.curves.metric_curves``, ``selectors.curves.run_metric_series``) take a run's extremes from here
 instead of aggregating every point.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from django.db import connection
 
-from .models import ROLLUP_BUCKETS, ROLLUP_MIN_STEPS, MetricPoint, MetricRollup, Run
+from experiments.models import ROLLUP_BUCKETS, ROLLUP_MIN_STEPS, MetricPoint, MetricRollup, Run
 
 
 def _tables() -> tuple[str, str, str]:

@@ -63,12 +63,12 @@ def consumed_queues(consumer: Any) -> list[str]:
 
 def beat(*, name: str, hostname: str, pid: int, consumer: Any) -> None:
     """One heartbeat with the GPUs; a worker the sweep marked offline while it was silent comes back."""
-    from experiments import services
+    from experiments.services import fleet
 
     inventory = gpus.read_gpus()
-    if not services.worker_heartbeat(name=name, gpus=inventory, hostname=hostname, pid=pid):
-        if services.worker_revive(name=name, hostname=hostname, pid=pid, consuming=consumed_queues(consumer)):
-            services.worker_heartbeat(name=name, gpus=inventory, hostname=hostname, pid=pid)
+    if not fleet.worker_heartbeat(name=name, gpus=inventory, hostname=hostname, pid=pid):
+        if fleet.worker_revive(name=name, hostname=hostname, pid=pid, consuming=consumed_queues(consumer)):
+            fleet.worker_heartbeat(name=name, gpus=inventory, hostname=hostname, pid=pid)
 
 
 def _heartbeat_loop(name: str, hostname: str, pid: int, consumer: Any, interval: float) -> None:
@@ -82,15 +82,15 @@ def _heartbeat_loop(name: str, hostname: str, pid: int, consumer: Any, interval:
 
 @worker_ready.connect
 def register_worker(sender, **_kwargs) -> None:
-    from experiments import services
+    from experiments.services import fleet
 
     name, hostname, pid = sender.hostname, socket.gethostname(), os.getpid()
     queues = consumed_queues(sender)
     try:
-        services.worker_register(name=name, hostname=hostname, pid=pid, queues=queues,
+        fleet.worker_register(name=name, hostname=hostname, pid=pid, queues=queues,
                                  versions=software_versions(), pid_alive=pid_alive,
                                  memory_total_bytes=host_memory_bytes())
-    except services.WorkerNameInUse as exc:
+    except fleet.WorkerNameInUse as exc:
         logger.error("not registered: %s", exc)
         return
     _registered.update(name=name, hostname=hostname, pid=pid)
@@ -107,14 +107,14 @@ def register_worker(sender, **_kwargs) -> None:
 
 @worker_shutdown.connect
 def unregister_worker(sender, **_kwargs) -> None:
-    from experiments import services
+    from experiments.services import fleet
 
     _stop.set()
     if not _registered:
         return
     try:
         close_old_connections()
-        services.worker_mark_offline(name=_registered["name"], hostname=_registered["hostname"],
+        fleet.worker_mark_offline(name=_registered["name"], hostname=_registered["hostname"],
                                      pid=_registered["pid"])
     except Exception:
         logger.exception("could not mark worker %s offline", _registered["name"])

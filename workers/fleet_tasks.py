@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 @shared_task(name="workers.fleet_sweep", ignore_result=True)
 def fleet_sweep() -> int:
     """Mark workers whose last heartbeat is older than WORKER_OFFLINE_AFTER_S offline; returns how many."""
-    from experiments import fleet
+    from experiments.services import fleet
 
     swept = fleet.fleet_sweep()
     if swept:

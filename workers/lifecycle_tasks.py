@@ -18,10 +18,10 @@ logger = logging.getLogger(__name__)
 def requeue_stale_runs() -> dict[str, int]:
     """Requeue (or, past RUN_MAX_ATTEMPTS, fail) runs whose worker stopped renewing their lease, and re-send
     queued runs whose message was lost. Returns how many runs went to each status, and ``redispatched``."""
-    from experiments import services
+    from experiments.services import dispatch, lifecycle
 
-    counts = services.run_requeue_stale()
-    redispatched = services.run_redispatch_lost(queue_size=broker_queue_size)
+    counts = lifecycle.run_requeue_stale()
+    redispatched = dispatch.run_redispatch_lost(queue_size=broker_queue_size)
     if redispatched:
         counts["redispatched"] = redispatched
     if counts:

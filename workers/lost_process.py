@@ -45,7 +45,7 @@ class RunRequest(Request):
     def _record_lost_process(self, exc: WorkerLostError) -> None:
         from django.db import close_old_connections
 
-        from experiments import services
+        from experiments.services import lifecycle
 
         args = self.args or []
         if not args or not isinstance(args[0], int):
@@ -53,7 +53,7 @@ class RunRequest(Request):
         status = exit_status(exc)
         try:
             close_old_connections()
-            run = services.run_worker_process_lost(run_id=args[0], task_id=self.id, worker_name=self.hostname or "",
+            run = lifecycle.run_worker_process_lost(run_id=args[0], task_id=self.id, worker_name=self.hostname or "",
                                                    status=status)
         except Exception:  # the database is away: the lease expiry requeues the run later
             logger.exception("run %s: could not record that its worker process died (%s)", args[0], status)

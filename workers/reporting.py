@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
-from experiments import selectors, services
+from experiments.selectors import records
+from experiments.services import telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class RunReporter:
     keeps their points until a durable commit covers them: every ``durable_every_s``, before each checkpoint
     and at the end. A durable commit flushes every earlier commit of the same server incarnation; points
     confirmed by an incarnation that has since ended (the server crashed or restarted, see
-    ``selectors.database_incarnation``) are written again. A crash of the database server therefore loses no
+    ``records.database_incarnation``) are written again. A crash of the database server therefore loses no
     point.
     """
 
@@ -136,7 +137,7 @@ class RunReporter:
             self._attempt(self._write_points, durable=now - self._last_durable >= self.durable_every_s)
         if now - self._last_poll >= self.poll_every_s:
             self._last_poll = now
-            requested = self._attempt(selectors.run_is_cancel_requested, run_id=self.run_id)
+            requested = self._attempt(records.run_is_cancel_requested, run_id=self.run_id)
             if requested is not None:  # None: the database is down, keep the last answer
                 self.cancel_requested = requested
 
@@ -172,7 +173,7 @@ class RunReporter:
         stops). Points up to the checkpoint are durable before it counts, so a resume never loses any."""
         self.flush()
         registered = self.owned and self.call(
-            services.run_record_checkpoint,
+            telemetry.run_record_checkpoint,
             run_id=self.run_id,
             task_id=self.task_id,
             step=step,
@@ -191,7 +192,7 @@ class RunReporter:
             now = self.clock()
             if now - self._last_poll >= self.poll_every_s:
                 self._last_poll = now
-                requested = self._attempt(selectors.run_is_cancel_requested, run_id=self.run_id)
+                requested = self._attempt(records.run_is_cancel_requested, run_id=self.run_id)
                 if requested is not None:  # None: the database is down, keep the last answer
                     self.cancel_requested = requested
         stop = self.cancel_requested or not self.owned
@@ -226,7 +227,7 @@ class RunReporter:
         self._last_flush = self.clock()
 
     def finish_with(self, write: Callable[..., T], **kwargs: Any) -> T:
-        """Write the points logged so far, then record the run's outcome (e.g. ``services.run_fail``), both
+        """Write the points logged so far, then record the run's outcome (e.g. ``lifecycle.run_fail``), both
         through a database outage. A bad point does not stop the outcome from being recorded."""
         try:
             self.flush()
@@ -306,11 +307,11 @@ class RunReporter:
                 if self._last_step_time is not None and now > self._last_step_time[1]:
                     rate = (step - self._last_step_time[0]) / (now - self._last_step_time[1])
                 progress = (step, total, None if rate is None else rate * self._batch_size)
-            owned = services.run_record_metrics(
+            owned = telemetry.run_record_metrics(
                 run_id=self.run_id, task_id=self.task_id, points=batch, durable=durable, progress=progress
             )
             # On the same connection: had the server restarted since the commit, this read would fail instead.
-            incarnation = selectors.database_incarnation()
+            incarnation = records.database_incarnation()
             with self._state:
                 del self._buffer[: len(batch)]  # only once written: a failed write keeps them
                 self._settle(batch if owned else [], durable=durable, incarnation=incarnation)

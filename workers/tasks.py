@@ -26,13 +26,13 @@ def run_distillation(self, run_id: int) -> None:
     later delivery.
     """
     # Lazy imports: torch must not touch CUDA in the prefork parent process.
-    from experiments import services
+    from experiments.services import lifecycle
     from workers.reporting import DatabaseUnavailable, RunReporter
 
     task_id = self.request.id or f"local-{run_id}"
     reporter = RunReporter(run_id=run_id, task_id=task_id)
     try:
-        run = reporter.call(services.run_claim, run_id=run_id, task_id=task_id, worker_name=self.request.hostname or "")
+        run = reporter.call(lifecycle.run_claim, run_id=run_id, task_id=task_id, worker_name=self.request.hostname or "")
         if run is None:
             logger.info("run %s is owned by a live delivery, finished, or expects another message; nothing to do",
                         run_id)
@@ -48,8 +48,9 @@ def _train_and_record(run: Run, reporter: RunReporter) -> None:
     """Train the claimed run and record how it ended: succeeded, failed with a readable error, or cancelled."""
     from django.conf import settings
 
-    from experiments import selectors, services
-    from experiments.engine_config import resolve_paths
+    from experiments.domain.engine_config import resolve_paths
+    from experiments.selectors import records
+    from experiments.services import lifecycle
     from workers.engine.config import RunConfig
     from workers.engine.errors import EngineError
     from workers.engine.trainer import Callbacks, train
@@ -58,7 +59,7 @@ def _train_and_record(run: Run, reporter: RunReporter) -> None:
     owner = {"run_id": run.id, "task_id": reporter.task_id}
     try:
         resolved = resolve_paths(run.config, run=run, artifact_root=settings.ARTIFACT_ROOT)
-        resolved["evaluate_teacher"] = not reporter.call(selectors.teacher_evaluation_exists, run=run)
+        resolved["evaluate_teacher"] = not reporter.call(records.teacher_evaluation_exists, run=run)
         cfg = RunConfig.from_dict(resolved)
         reporter.set_batch_size(cfg.train.batch_size)
         reporter.set_schedule(save_every=cfg.train.save_every, log_every=cfg.train.log_every)
@@ -76,18 +77,18 @@ def _train_and_record(run: Run, reporter: RunReporter) -> None:
     except DatabaseUnavailable:
         raise
     except EngineError as exc:
-        reporter.finish_with(services.run_fail, **owner, error=str(exc))
+        reporter.finish_with(lifecycle.run_fail, **owner, error=str(exc))
         return
     except (ValueError, TypeError, KeyError) as exc:
         logger.exception("run %s has an invalid config", run.id)
-        reporter.finish_with(services.run_fail, **owner, error=f"The run's configuration is invalid: {exc}")
+        reporter.finish_with(lifecycle.run_fail, **owner, error=f"The run's configuration is invalid: {exc}")
         return
     except Exception as exc:
         logger.exception("run %s crashed", run.id)
-        reporter.finish_with(services.run_fail, **owner, error=f"Internal error ({type(exc).__name__}): {exc}")
+        reporter.finish_with(lifecycle.run_fail, **owner, error=f"Internal error ({type(exc).__name__}): {exc}")
         return
     if result.stopped:
         if reporter.cancel_requested:
-            reporter.call(services.run_mark_cancelled, **owner, step=reporter.last_step or None)
+            reporter.call(lifecycle.run_mark_cancelled, **owner, step=reporter.last_step or None)
         return  # or taken over by another delivery: that one finishes the run
-    reporter.call(services.run_finish, **owner, result=result.to_dict())
+    reporter.call(lifecycle.run_finish, **owner, result=result.to_dict())

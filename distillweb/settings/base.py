@@ -207,7 +207,7 @@ WORKER_OFFLINE_AFTER_S = env.int("WORKER_OFFLINE_AFTER_S", default=60)
 MAX_RUNS_PER_EXPERIMENT = env.int("MAX_RUNS_PER_EXPERIMENT", default=200)
 # The Celery queue new runs are sent to (workers consume it with `-Q`).
 RUN_QUEUE = env("RUN_QUEUE", default="training")
-# How a new run picks its queue (experiments.routing): "auto" sends it to the smallest queue named gpu-<N>g (N GiB
+# How a new run picks its queue (experiments.domain.routing): "auto" sends it to the smallest queue named gpu-<N>g (N GiB
 # per GPU) or cpu that an online worker consumes and that fits its estimated GPU memory (RUN_QUEUE while no worker
 # declares such a queue); "off" sends every run to RUN_QUEUE.
 RUN_ROUTING = env("RUN_ROUTING", default="auto")

@@ -1,5 +1,5 @@
 """Comparison maths, with no database: frozen configs flattened and diffed, and the heatmap grid of a
-two-parameter sweep (``experiments.selectors.run_comparison`` reads the runs)."""
+two-parameter sweep (``experiments.selectors.compare.run_comparison`` reads the runs)."""
 
 from __future__ import annotations
 

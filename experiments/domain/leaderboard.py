@@ -9,7 +9,7 @@ from typing import Any, Protocol, TypeVar
 
 
 class BoardRow(Protocol):
-    """What ranking needs of a leaderboard row (``experiments.selectors.LeaderboardRow``)."""
+    """What ranking needs of a leaderboard row (``experiments.selectors.leaderboard.LeaderboardRow``)."""
 
     params: int | None
     latency_ms: float | None

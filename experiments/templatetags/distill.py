@@ -9,7 +9,8 @@ from typing import Any
 from django import template
 from django.utils import timezone
 
-from experiments import humanize, selectors
+from experiments import humanize
+from experiments.selectors import records
 
 register = template.Library()
 
@@ -54,7 +55,7 @@ def pretty_json(value: Any) -> str:
 
 @register.filter
 def experiment_status(experiment) -> str:
-    return selectors.experiment_status(experiment)
+    return records.experiment_status(experiment)
 
 
 @register.filter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django import template
 
-from experiments import sweeps
+from experiments.domain import sweeps
 from experiments.models import Run
 
 register = template.Library()

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from api import urls as api_urls
 from api.models import ApiToken
-from experiments import preflight
+from experiments.domain import preflight
 from experiments.models import DatasetSpec, Experiment, MetricPoint, ModelSpec, Recipe, Run
 from tests.api.conftest import DISPATCH, Api, make_token, succeeded_run
 from tests.factories import (

@@ -109,10 +109,10 @@ def test_messages_do_not_repeat_the_servers_paths(api, team, settings, tmp_path,
 def test_an_uploaded_dataset_shows_where_it_is_stored_without_the_servers_path(api, team, user, settings):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
-    from experiments import services
+    from experiments.services import records
 
     upload = SimpleUploadedFile("reviews.csv", b"text,label\n" + b"".join(b"row %d,%d\n" % (i, i % 2) for i in range(20)))
-    dataset = services.dataset_spec_create(team=team, created_by=user, name="reviews", source="upload", upload=upload)
+    dataset = records.dataset_spec_create(team=team, created_by=user, name="reviews", source="upload", upload=upload)
     shown = api.get(reverse("api:dataset_detail", kwargs={"pk": dataset.pk})).json()["local_path"]
     assert shown.startswith(f"ARTIFACT_ROOT/datasets/{team.pk}/") and shown.endswith(".csv")
     assert str(settings.ARTIFACT_ROOT) not in api.get(_url("dataset_list")).content.decode()

@@ -12,8 +12,8 @@ import yaml
 from django.urls import reverse
 
 from api import yaml_io
-from experiments import services
 from experiments.models import Experiment
+from experiments.services import records
 from tests.api.conftest import DISPATCH
 
 pytestmark = pytest.mark.django_db
@@ -84,7 +84,7 @@ def test_every_kind_of_swept_setting_round_trips(api, digits_setup):
 
 
 def test_choice_and_boolean_term_sweeps_round_trip(api, team, user, digits_setup):
-    recipe = services.recipe_create(team=team, created_by=user, name="topk", scheme="offline",
+    recipe = records.recipe_create(team=team, created_by=user, name="topk", scheme="offline",
                                     terms=[{"name": "topk", "weight": 1.0, "params": {"k": 3, "temperature": 1.0}}])
     original = _create(api, _body(digits_setup, recipes=[recipe.pk],
                                   term_sweeps={"topk.divergence": ["kd", "jsd"], "topk.tail": [True, False]}))
@@ -209,7 +209,7 @@ def test_check_takes_the_same_lists(api, digits_setup):
     ({"term_sweeps": {"kd.temperature": []}}, "term_sweeps", "at least one value"),
     ({"lr": ["1" * 201]}, "lr", "at most 200 characters"),
     ({"term_sweeps": ["kd.temperature = " + "2" * 2000]}, "term_sweeps", "at most 2000 characters"),
-    # the form's own rules (experiments.sweeps), the same as on the page
+    # the form's own rules (experiments.domain.sweeps), the same as on the page
     ({"lr": [1e-4, 1e-4]}, "lr", "appears more than once"),
     ({"lr": [2.0]}, "lr", "less than or equal to 1"),
     ({"max_steps": [10, 2.5]}, "max_steps", "not a whole number"),

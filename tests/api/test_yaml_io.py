@@ -10,8 +10,8 @@ from django.urls import reverse
 from rest_framework.exceptions import ValidationError
 
 from api import yaml_io
-from experiments import services
 from experiments.models import Experiment, Recipe
+from experiments.services import records
 from tests.api.conftest import DISPATCH
 from tests.factories import MembershipFactory, ModelSpecFactory, RecipeFactory
 
@@ -65,7 +65,7 @@ def test_recipe_round_trip_into_another_team_gives_an_equal_recipe(api, user, te
 
 
 def test_recipe_import_of_an_existing_name_is_its_next_version(api, team, user):
-    recipe = services.recipe_create(team=team, created_by=user, name="jsd", scheme="online",
+    recipe = records.recipe_create(team=team, created_by=user, name="jsd", scheme="online",
                                     terms=[{"name": "jsd", "weight": 1.0, "params": {"beta": 0.3}}])
     exported = api.get(_url("recipe_export", pk=recipe.pk)).content
 

@@ -5,8 +5,8 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from experiments import services
 from experiments.models import Experiment, Run
+from experiments.services import records
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 from tests.waiting import scaled_ms, wait_for_runs
 
@@ -70,7 +70,7 @@ def test_create_records_launch_an_experiment_and_watch_it_finish(
     screenshot("models")
 
     # The teacher is trained here first: an experiment with the hard-labels recipe only.
-    hard_labels = services.hard_labels_recipe(team=team)
+    hard_labels = records.hard_labels_recipe(team=team)
     page.goto(live_server.url + "/experiments/new/")
     page.fill("input[name=name]", "train teacher")
     page.select_option("select[name=dataset]", label="digits")
@@ -91,7 +91,7 @@ def test_create_records_launch_an_experiment_and_watch_it_finish(
     expect(page.locator("body")).to_contain_text("digits-teacher")
 
     # A KD recipe without a teacher is refused with a field error, and nothing is created.
-    kd = services.recipe_create(team=team, created_by=user, name="kd-t4", scheme="offline",
+    kd = records.recipe_create(team=team, created_by=user, name="kd-t4", scheme="offline",
                                 terms=[{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9,
                                                                          "params": {"temperature": 4}}])
     page.goto(live_server.url + "/experiments/new/")

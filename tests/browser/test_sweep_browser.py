@@ -38,7 +38,7 @@ def records():
 @pytest.fixture
 def no_broker():
     """The runs stay queued: nothing is sent to a broker (no worker is part of this test)."""
-    with mock.patch("experiments.services._dispatch") as dispatch:
+    with mock.patch("experiments.services.dispatch._dispatch") as dispatch:
         yield dispatch
 
 

@@ -6,20 +6,20 @@ from unittest import mock
 import pytest
 from django.urls import reverse
 
-from experiments import services
 from experiments.models import Experiment, Run
+from experiments.services import launch
 from tests.factories import ExperimentFactory, RunFactory
 
 pytestmark = pytest.mark.django_db
 
-DISPATCH = "experiments.services._dispatch"
+DISPATCH = "experiments.services.dispatch._dispatch"
 
 
 @pytest.fixture
 def swept(digits_setup, team, user):
     """An experiment sweeping lr × kd temperature for one student: 2 × (2 + baseline) = 6 runs."""
     with mock.patch(DISPATCH):
-        return services.experiment_create(
+        return launch.experiment_create(
             team=team, created_by=user, name="lr × τ", dataset=digits_setup["dataset"],
             teacher=digits_setup["teacher"], students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]],
             seeds=[3], train={"max_steps": 40, "lr": [1e-3, 3e-3], "lr_schedule": "cosine"},

@@ -14,9 +14,10 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from experiments import plots, selectors
+from experiments import plots
 from experiments.domain import compare, leaderboard
 from experiments.models import Evaluation, MetricPoint, Run
+from experiments.selectors import curves as curves_reads
 from tests.factories import (
     DatasetSpecFactory,
     ExperimentFactory,
@@ -107,7 +108,7 @@ def test_metric_curves_keep_first_last_and_extremes_within_the_cap(experiment):
     _points(long_run, "loss", steps, values)
     _points(short_run, "loss", [10, 20, 30], [3.0, 2.0, 1.0])
 
-    curves = selectors.metric_curves(run_ids=[long_run.pk, short_run.pk], name="loss", max_points=200)
+    curves = curves_reads.metric_curves(run_ids=[long_run.pk, short_run.pk], name="loss", max_points=200)
 
     out_steps, out_values = curves[long_run.pk]
     assert len(out_steps) == len(out_values) <= 200
@@ -134,15 +135,15 @@ def test_metric_curves_on_postgres_match_the_portable_path_and_turn_non_finite_i
     _points(runs[0], "other", [1, 2], [1.0, 2.0])
     ids = [r.pk for r in runs]
 
-    fast = selectors.metric_curves(run_ids=ids, name="kd", max_points=300)
-    portable = selectors.metric_curves_portable(run_ids=ids, name="kd", max_points=300)
+    fast = curves_reads.metric_curves(run_ids=ids, name="kd", max_points=300)
+    portable = curves_reads.metric_curves_portable(run_ids=ids, name="kd", max_points=300)
 
     assert fast == portable
     assert set(fast) == set(ids)
     assert all(len(s) <= 300 for s, _ in fast.values())
     assert any(v is None for v in fast[runs[0].pk][1])
-    assert selectors.metric_curves(run_ids=ids, name="missing") == {}
-    assert selectors.metric_curves(run_ids=[], name="kd") == {}
+    assert curves_reads.metric_curves(run_ids=ids, name="missing") == {}
+    assert curves_reads.metric_curves(run_ids=[], name="kd") == {}
 
 
 def test_metric_names_walk_the_index_and_match_a_plain_distinct(experiment):
@@ -152,10 +153,10 @@ def test_metric_names_walk_the_index_and_match_a_plain_distinct(experiment):
     _points(b, "kd", [1], [0.1])
     _points(c, "ce", [1], [0.1])
 
-    names = selectors.metric_names(run_ids=[a.pk, b.pk])
+    names = curves_reads.metric_names(run_ids=[a.pk, b.pk])
 
     assert names == ["eval/accuracy", "kd", "loss"]
-    assert names == selectors.metric_names_portable(run_ids=[a.pk, b.pk])
+    assert names == curves_reads.metric_names_portable(run_ids=[a.pk, b.pk])
 
 
 def test_compare_figure_caps_every_trace_and_keeps_gaps():

@@ -6,13 +6,14 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.urls import reverse
 
-from experiments import engine_config, services
+from experiments.domain import engine_config
 from experiments.models import Experiment, ModelSpec
+from experiments.services import launch, records
 from tests.factories import DatasetSpecFactory, ModelSpecFactory, RecipeFactory
 from workers.engine.config import ModelConfig, RunConfig
 
 pytestmark = pytest.mark.django_db
-DISPATCH = "experiments.services._dispatch"
+DISPATCH = "experiments.services.dispatch._dispatch"
 
 TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
              "intermediate_size": 64, "vocab_size": 500, "max_position_embeddings": 64}
@@ -32,7 +33,7 @@ def hub_model(team):
 
 # --- service and validation ---------------------------------------------------------------------------------
 def test_model_derive_creates_a_student_in_the_parents_team(bert, user):
-    spec = services.model_derive(parent=bert, name="bert-half", created_by=user, layers="every_other",
+    spec = records.model_derive(parent=bert, name="bert-half", created_by=user, layers="every_other",
                                  hidden_size=16)
     spec.refresh_from_db()
     assert spec.source == ModelSpec.Source.DERIVED and spec.parent == bert and spec.team == bert.team
@@ -43,44 +44,44 @@ def test_model_derive_creates_a_student_in_the_parents_team(bert, user):
 
 
 def test_explicit_layers_are_sorted_and_checked_against_the_parent(bert, user):
-    spec = services.model_derive(parent=bert, name="bert-13", created_by=user, layers=[3, 1])
+    spec = records.model_derive(parent=bert, name="bert-13", created_by=user, layers=[3, 1])
     assert spec.config == {"layers": [1, 3]}
     with pytest.raises(ValidationError) as exc:
-        services.model_derive(parent=bert, name="bad", created_by=user, layers=[0, 4])
+        records.model_derive(parent=bert, name="bad", created_by=user, layers=[0, 4])
     assert exc.value.message_dict == {"layers": ["Layer 4 is out of range: the parent model has 4 layers "
                                                  "(ids 0 to 3)."]}
     with pytest.raises(ValidationError) as exc:
-        services.model_derive(parent=bert, name="bad", created_by=user, layers="all", hidden_size=20,
+        records.model_derive(parent=bert, name="bad", created_by=user, layers="all", hidden_size=20,
                               num_attention_heads=3)
     message = exc.value.message_dict["hidden_size"][0]
     assert "hidden_size 20 is not divisible by num_attention_heads 3" in message
     with pytest.raises(ValidationError) as exc:
-        services.model_derive(parent=bert, name="bad", created_by=user, layers="half")
+        records.model_derive(parent=bert, name="bad", created_by=user, layers="half")
     assert "layers" in exc.value.message_dict
     assert not ModelSpec.objects.filter(name="bad").exists()
 
 
 def test_a_derived_parent_is_checked_with_its_own_derivation(bert, user):
-    half = services.model_derive(parent=bert, name="bert-half", created_by=user, layers="every_other")
+    half = records.model_derive(parent=bert, name="bert-half", created_by=user, layers="every_other")
     with pytest.raises(ValidationError, match="the parent model has 2 layers"):
-        services.model_derive(parent=half, name="bert-quarter", created_by=user, layers=[2])
-    quarter = services.model_derive(parent=half, name="bert-quarter", created_by=user, layers=[1])
+        records.model_derive(parent=half, name="bert-quarter", created_by=user, layers=[2])
+    quarter = records.model_derive(parent=half, name="bert-quarter", created_by=user, layers=[1])
     assert quarter.parent == half
 
 
 def test_hub_parents_are_checked_by_the_worker_and_builtin_parents_refused(hub_model, team, user):
     # The hub model's depth is unknown without downloading it: any well-formed spec is accepted here.
-    spec = services.model_derive(parent=hub_model, name="minilm-3", created_by=user, layers=[0, 2, 4])
+    spec = records.model_derive(parent=hub_model, name="minilm-3", created_by=user, layers=[0, 2, 4])
     assert spec.config == {"layers": [0, 2, 4]}
     mlp = ModelSpecFactory(team=team)
     with pytest.raises(ValidationError) as exc:
-        services.model_derive(parent=mlp, name="mlp-half", created_by=user, layers="every_other")
+        records.model_derive(parent=mlp, name="mlp-half", created_by=user, layers="every_other")
     assert "only transformers models can be derived from" in exc.value.message_dict["parent"][0]
 
 
 def test_derived_engine_config_round_trips_through_the_run_config(bert, user):
-    half = services.model_derive(parent=bert, name="bert-half", created_by=user, layers="every_other")
-    quarter = services.model_derive(parent=half, name="bert-quarter", created_by=user, layers=[1],
+    half = records.model_derive(parent=bert, name="bert-half", created_by=user, layers="every_other")
+    quarter = records.model_derive(parent=half, name="bert-quarter", created_by=user, layers=[1],
                                     intermediate_size=32)
     cfg = engine_config.model_config(quarter)
     assert cfg == {"source": "derived", "num_labels": 5, "params": {"layers": [1], "intermediate_size": 32},
@@ -98,13 +99,13 @@ def test_trust_remote_code_is_refused_unless_the_server_allows_it(team, user, se
     fields = {"name": "remote", "source": "hf", "hub_id": "org/custom", "num_labels": 2,
               "config": {"trust_remote_code": True}}
     with pytest.raises(ValidationError) as exc:
-        services.model_spec_create(team=team, created_by=user, **fields)
+        records.model_spec_create(team=team, created_by=user, **fields)
     assert exc.value.message_dict == {"config": ["trust_remote_code is disabled on this server."]}
 
     settings.ALLOW_TRUST_REMOTE_CODE = True
-    spec = services.model_spec_create(team=team, created_by=user, **fields)
+    spec = records.model_spec_create(team=team, created_by=user, **fields)
     assert engine_config.model_config(spec)["trust_remote_code"] is True
-    derived = services.model_derive(parent=spec, name="remote-half", created_by=user, layers="every_other")
+    derived = records.model_derive(parent=spec, name="remote-half", created_by=user, layers="every_other")
     assert engine_config.model_config(derived)["parent"]["trust_remote_code"] is True
     # Switching the setting off later wins over the stored record: the worker never gets the flag.
     settings.ALLOW_TRUST_REMOTE_CODE = False
@@ -209,7 +210,7 @@ def test_deriving_needs_a_teacher_and_a_refused_experiment_keeps_no_derived_mode
     response = client_logged_in.post(reverse("experiments:experiment_create"), base)
     assert "Choose at least one student, or derive one from the teacher." in response.content.decode()
     with pytest.raises(ValidationError):    # refused (seeds over the limit): the derived model goes too
-        services.experiment_create(team=team, created_by=user, name="refused", dataset=news, students=[],
+        launch.experiment_create(team=team, created_by=user, name="refused", dataset=news, students=[],
                                    recipes=[recipe], seeds=list(range(500)), teacher=bert,
                                    derive_student="every_other")
     assert not ModelSpec.objects.filter(parent=bert).exists()

@@ -3,9 +3,9 @@ from django import forms as django_forms
 from django.core.exceptions import ValidationError
 
 from experiments import forms
-from experiments.engine_config import TRAIN_DEFAULTS
+from experiments.domain.engine_config import TRAIN_DEFAULTS
+from experiments.domain.validation import TRAIN_FIELDS
 from experiments.models import Recipe
-from experiments.validation import TRAIN_FIELDS
 from tests.factories import DatasetSpecFactory, MembershipFactory, ModelSpecFactory, RecipeFactory
 
 pytestmark = pytest.mark.django_db
@@ -253,7 +253,7 @@ def test_recipe_form_offers_every_scheme_of_the_model(user):
 
 
 def test_clean_terms_keeps_schedules_and_normalises_params():
-    from experiments.validation import clean_terms
+    from experiments.domain.validation import clean_terms
 
     cleaned = clean_terms([
         {"name": "kd", "weight": 0, "params": {"temperature": 4},
@@ -274,7 +274,7 @@ def test_clean_terms_keeps_schedules_and_normalises_params():
     ([{"name": "kd", "weight": 0, "schedule": {"weight": {"kind": "constant", "start": 0}}}], "positive weight"),
 ])
 def test_clean_terms_rejects_bad_params_and_schedules(terms, message):
-    from experiments.validation import clean_terms
+    from experiments.domain.validation import clean_terms
 
     with pytest.raises(ValidationError) as exc:
         clean_terms(terms, scheme="offline")
@@ -348,7 +348,8 @@ def test_experiment_form_marks_baseline_recipes_for_the_run_preview(user, team):
 
 
 def test_a_dataset_with_a_separate_eval_file_and_packing_reaches_the_engine(user, team, settings, tmp_path):
-    from experiments import engine_config, services
+    from experiments.domain import engine_config
+    from experiments.services import records
 
     settings.DATASET_ROOTS = [tmp_path]
     (tmp_path / "train.jsonl").write_text('{"text": "a b c"}\n')
@@ -358,7 +359,7 @@ def test_a_dataset_with_a_separate_eval_file_and_packing_reaches_the_engine(user
             "local_path": str(tmp_path / "train.jsonl")}
     form = forms.DatasetSpecForm({**base, "eval_local_path": str(tmp_path / "eval.jsonl"), "pack": "on"}, user=user)
     assert form.is_valid(), form.errors
-    spec = services.dataset_spec_create(team=team, created_by=user, **form.service_fields())
+    spec = records.dataset_spec_create(team=team, created_by=user, **form.service_fields())
     cfg = engine_config.dataset_config(spec)
     assert cfg["eval_path"] == str((tmp_path / "eval.jsonl").resolve()) and cfg["pack"] is True
     plain = engine_config.dataset_config(DatasetSpecFactory(team=team))
@@ -370,5 +371,5 @@ def test_a_dataset_with_a_separate_eval_file_and_packing_reaches_the_engine(user
         form = forms.DatasetSpecForm({**base, "name": f"bad-{field}-{len(extra)}", **extra}, user=user)
         assert form.is_valid(), form.errors
         with pytest.raises(ValidationError) as exc:
-            services.dataset_spec_create(team=team, created_by=user, **form.service_fields())
+            records.dataset_spec_create(team=team, created_by=user, **form.service_fields())
         assert field in exc.value.message_dict

@@ -7,7 +7,7 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.urls import reverse
 
-from experiments import engine_config
+from experiments.domain import engine_config
 from experiments.models import DatasetSpec, ModelSpec
 from tests.factories import ExperimentFactory, ModelSpecFactory, RunFactory
 
@@ -110,7 +110,7 @@ def test_the_worker_allows_only_run_outputs_of_the_runs_team(team, other_team, d
 
 
 def test_the_tokenizer_check_names_local_tokenizer_folders_without_their_path(team, settings, tmp_path):
-    from experiments import preflight
+    from experiments.domain import preflight
     from tests.factories import DatasetSpecFactory, RecipeFactory
 
     folder = tmp_path / "models" / "shared-tokenizer"

@@ -12,9 +12,9 @@ import yaml
 from django.core.exceptions import ValidationError
 from django.urls import reverse
 
-from experiments import services
 from experiments.forms import ExperimentForm
 from experiments.models import Experiment
+from experiments.services import launch
 from tests.api.conftest import Api, make_token
 from workers.engine.config import DatasetConfig
 from workers.engine.data import load_dataset
@@ -26,7 +26,7 @@ DISPATCH = "workers.tasks.run_distillation.apply_async"
 
 def _create(setup, team, user, **train):
     with mock.patch(DISPATCH), nullcontext():
-        return services.experiment_create(
+        return launch.experiment_create(
             team=team, created_by=user, name="subsets", dataset=setup["dataset"], teacher=setup["teacher"],
             students=setup["students"][:1], recipes=[setup["recipe"]], seeds=[0, 1],
             train={"max_steps": 20, "labelled_fraction": 0.2, **train})
@@ -48,7 +48,7 @@ def test_with_the_option_on_each_seed_has_its_own_labelled_subset_shared_with_it
     assert np.array_equal(_labelled_rows(runs[(0, True)]), seed0)
     assert np.array_equal(_labelled_rows(runs[(1, True)]), seed1)
     # The eval split does not move with the labelled subset (teacher evaluations are shared).
-    from experiments.engine_config import split_key
+    from experiments.domain.engine_config import split_key
 
     assert split_key(runs[(0, False)].config["dataset"]) == split_key(runs[(1, False)].config["dataset"])
 

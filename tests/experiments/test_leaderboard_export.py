@@ -12,9 +12,10 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from experiments import export, selectors
+from experiments import export
 from experiments.domain import leaderboard
 from experiments.models import Evaluation, ModelSpec, Recipe, Run
+from experiments.selectors import leaderboard as leaderboard_reads
 from tests.factories import (
     DatasetSpecFactory,
     ExperimentFactory,
@@ -280,7 +281,7 @@ def test_leaderboard_rows_link_runs_configs_and_compare(client_logged_in, board)
 
 
 def test_leaderboard_filter_selector_keeps_unknown_sizes_out_of_budgets_and_the_frontier(board, user):
-    rows = selectors.leaderboard(user=user, dataset=board["dataset"])
+    rows = leaderboard_reads.leaderboard(user=user, dataset=board["dataset"])
     rows[0].params = None
 
     kept = leaderboard.leaderboard_filter(rows, higher_is_better=True)

@@ -13,17 +13,18 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from experiments import selectors, services
 from experiments.models import Evaluation, Experiment, Run
+from experiments.selectors import leaderboard as leaderboard_reads
+from experiments.services import launch
 
 pytestmark = pytest.mark.django_db
 
-DISPATCH = "experiments.services._dispatch"
+DISPATCH = "experiments.services.dispatch._dispatch"
 
 
 def _launch(digits_setup, team, user, *, train, term_sweeps=None, seeds=(0, 1), name="sweep") -> Experiment:
     with mock.patch(DISPATCH):
-        return services.experiment_create(
+        return launch.experiment_create(
             team=team, created_by=user, name=name, dataset=digits_setup["dataset"],
             teacher=digits_setup["teacher"], students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]],
             seeds=list(seeds), train={"max_steps": 10, **train}, term_sweeps=term_sweeps or {},
@@ -47,11 +48,11 @@ def _finish_all(experiment: Experiment, accuracy) -> None:
             _finish(run, value)
 
 
-def _rows(user, experiment) -> list[selectors.LeaderboardRow]:
-    return selectors.leaderboard(user=user, dataset=experiment.dataset)
+def _rows(user, experiment) -> list[leaderboard_reads.LeaderboardRow]:
+    return leaderboard_reads.leaderboard(user=user, dataset=experiment.dataset)
 
 
-def _by_label(rows) -> dict[tuple[bool, str], selectors.LeaderboardRow]:
+def _by_label(rows) -> dict[tuple[bool, str], leaderboard_reads.LeaderboardRow]:
     table = {(r.is_baseline, r.sweep): r for r in rows}
     assert len(table) == len(rows), "two rows share a (baseline, sweep) label"
     return table
@@ -208,4 +209,4 @@ def test_the_page_runs_as_many_queries_for_many_sweep_points_as_for_one(client_l
     _finish_all(many, lambda run: 0.7 if run.is_baseline else 0.8)
 
     assert count() == one_point
-    assert len(selectors.leaderboard(user=user, dataset=digits_setup["dataset"])) == 2 + 6 * 2 + 6
+    assert len(leaderboard_reads.leaderboard(user=user, dataset=digits_setup["dataset"])) == 2 + 6 * 2 + 6

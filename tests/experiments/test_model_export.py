@@ -16,8 +16,8 @@ import torch
 from django.urls import reverse
 from django.utils import timezone
 
-from experiments import services
 from experiments.models import Artifact, DatasetSpec, Evaluation, ModelSpec, Recipe, Run
+from experiments.services import lifecycle
 from tests.factories import DatasetSpecFactory, ExperimentFactory, ModelSpecFactory, RecipeFactory, RunFactory
 
 pytestmark = pytest.mark.django_db
@@ -98,8 +98,8 @@ def _record(run, result, settings):
     """Copy the engine's final folder under this test's ARTIFACT_ROOT and finish the run like a worker does."""
     final = Path(settings.ARTIFACT_ROOT) / "runs" / str(run.pk) / "final"
     shutil.copytree(result["final_dir"], final)
-    assert services.run_claim(run_id=run.pk, task_id=f"task-{run.pk}", worker_name="test-worker") is not None
-    services.run_finish(run_id=run.pk, task_id=f"task-{run.pk}",
+    assert lifecycle.run_claim(run_id=run.pk, task_id=f"task-{run.pk}", worker_name="test-worker") is not None
+    lifecycle.run_finish(run_id=run.pk, task_id=f"task-{run.pk}",
                         result={**result, "final_dir": str(final), "last_checkpoint": None, "teacher_cache": []})
     run.refresh_from_db()
     return run, final

@@ -41,7 +41,8 @@ def test_rendering_and_validating_a_recipe_imports_no_torch():
         import django
         django.setup()
         from django.core.exceptions import ValidationError
-        from experiments import forms, preflight, sweeps, validation
+        from experiments import forms
+        from experiments.domain import preflight, sweeps, validation
         from api import serializers
 
         # The recipe form: render the term rows, then validate a filled one and a wrong one.

@@ -80,7 +80,7 @@ def _walk(patterns: list, namespace: str) -> list[Endpoint]:
         elif isinstance(pattern, URLPattern) and pattern.name:
             args = tuple(getattr(pattern.pattern, "converters", {}) or pattern.pattern.regex.groupindex)
             view = pattern.callback
-            fleet = view.__module__.endswith("views_fleet") or pattern.name.startswith(("worker", "fleet"))
+            fleet = view.__module__ == "experiments.views.fleet" or pattern.name.startswith(("worker", "fleet"))
             found.append(Endpoint(f"{namespace}:{pattern.name}", args, fleet))
     return found
 

@@ -8,13 +8,14 @@ from django.core.exceptions import ValidationError
 from django.urls import reverse
 from django.utils import timezone
 
-from experiments import preflight, services, sweeps
+from experiments.domain import preflight, sweeps
 from experiments.models import Experiment, ModelSpec, Recipe, Run, Worker
+from experiments.services import launch
 from tests.factories import DatasetSpecFactory, ExperimentFactory, ModelSpecFactory, RecipeFactory, RunFactory
 
 pytestmark = pytest.mark.django_db
 
-DISPATCH = "experiments.services._dispatch"
+DISPATCH = "experiments.services.dispatch._dispatch"
 TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 500, "n_positions": 64}
 # Far beyond any single GPU: ~740 billion parameters.
 HUGE_LLAMA = {"model_type": "llama", "hidden_size": 16384, "num_hidden_layers": 200, "num_attention_heads": 128,
@@ -210,12 +211,12 @@ def test_experiment_create_refuses_a_tokenizer_error_and_accepts_a_notice(lm_set
               "teacher": lm_setup["teacher"], "students": [lm_setup["smol"]], "seeds": [0],
               "train": {"max_steps": 10}}
     with mock.patch(DISPATCH), pytest.raises(ValidationError) as exc:
-        services.experiment_create(recipes=[lm_setup["kd"]], **kwargs)
+        launch.experiment_create(recipes=[lm_setup["kd"]], **kwargs)
     assert "different tokenizers" in exc.value.message_dict["students"][0]
     assert not Experiment.objects.exists()
 
     with mock.patch(DISPATCH):
-        experiment = services.experiment_create(recipes=[lm_setup["uld"]], **kwargs)
+        experiment = launch.experiment_create(recipes=[lm_setup["uld"]], **kwargs)
     assert experiment.runs.count() == 2
 
 
@@ -262,7 +263,7 @@ def test_a_run_larger_than_any_gpu_is_an_error_and_blocks_the_launch(lm_setup, t
 
     assert check.level == "error" and "more than any single GPU" in check.summary
     with pytest.raises(ValidationError) as exc:
-        services.experiment_create(team=team, created_by=user, name="too big", dataset=lm_setup["dataset"],
+        launch.experiment_create(team=team, created_by=user, name="too big", dataset=lm_setup["dataset"],
                                    teacher=lm_setup["teacher"], students=[huge], recipes=[lm_setup["kd"]],
                                    seeds=[0])
     assert "more than any single GPU" in exc.value.message_dict["batch_size"][0]

@@ -7,8 +7,9 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from experiments import preflight, routing, services
+from experiments.domain import preflight, routing
 from experiments.models import Run, Worker
+from experiments.services import launch
 from tests.factories import ModelSpecFactory
 from workers.engine.memory import GIB, estimate_run_memory, host_memory_bytes, size_text
 
@@ -48,7 +49,7 @@ def test_a_3_6b_parameter_mlp_on_cpu_workers_is_refused_with_the_figures(digits_
         f"RAM (~{size_text(estimate_run_memory(shapes[0].config).model_bytes)} estimated, with 10% headroom); the "
         "largest CPU worker has 24.0 GiB. Use a smaller student, teacher or batch, or a GPU queue.")
     with pytest.raises(ValidationError) as exc:
-        services.experiment_create(team=team, created_by=user, name="too big", dataset=digits_setup["dataset"],
+        launch.experiment_create(team=team, created_by=user, name="too big", dataset=digits_setup["dataset"],
                                    teacher=digits_setup["teacher"], students=[huge], recipes=[digits_setup["recipe"]],
                                    seeds=[0])
     assert "the largest CPU worker has 24.0 GiB" in exc.value.message_dict["students"][0]

@@ -5,7 +5,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from experiments import engine_config
+from experiments.domain import engine_config
 from experiments.models import ModelSpec
 from tests.factories import ModelSpecFactory
 from workers.engine import pretrained

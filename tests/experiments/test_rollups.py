@@ -12,8 +12,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from experiments import rollups, selectors, services
+from experiments import rollups
 from experiments.models import MetricPoint, MetricRollup, Run
+from experiments.selectors import curves as curves_reads
+from experiments.services import telemetry
 from tests.factories import RunFactory
 
 pytestmark = [pytest.mark.django_db,
@@ -39,7 +41,7 @@ def _write(run: Run, values: dict[int, float], batch: int = 700) -> None:
     now, items = timezone.now(), sorted(values.items())
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
-        assert services.run_record_metrics(run_id=run.id, task_id="t",
+        assert telemetry.run_record_metrics(run_id=run.id, task_id="t",
                                            points=[(name, s, v, now) for s, v in chunk for name in ("loss", "ce")])
 
 
@@ -95,14 +97,14 @@ def test_compare_curves_come_from_the_rollups(max_points):
     _write(long_run, truth)
     _write(short_run, {s: float(s) for s in range(1, 2_001)})
     with CaptureQueriesContext(connection) as queries:
-        curves = selectors.metric_curves(run_ids=[long_run.id, short_run.id], name="loss", max_points=max_points)
+        curves = curves_reads.metric_curves(run_ids=[long_run.id, short_run.id], name="loss", max_points=max_points)
     _check_curve(*curves[long_run.id], truth, max_points)
     assert len(curves[short_run.id][0]) <= max_points and curves[short_run.id][0][-1] == 2_000
     sql = " ".join(q["sql"] for q in queries.captured_queries)
     assert "experiments_metricrollup" in sql and len(queries.captured_queries) <= 4
     # Points imported without rollups (a bulk COPY before `rebuild_metric_rollups`) are read from the points.
     MetricRollup.objects.filter(run=long_run).delete()
-    _check_curve(*selectors.metric_curves(run_ids=[long_run.id], name="loss", max_points=max_points)[long_run.id],
+    _check_curve(*curves_reads.metric_curves(run_ids=[long_run.id], name="loss", max_points=max_points)[long_run.id],
                  truth, max_points)
 
 
@@ -112,7 +114,7 @@ def test_the_bucket_query_can_read_the_rollups_from_their_covering_index_alone()
     long_run = _running(STEPS)
     _write(long_run, _curve())
     with CaptureQueriesContext(connection) as queries:
-        selectors.metric_curves(run_ids=[long_run.id], name="loss")
+        curves_reads.metric_curves(run_ids=[long_run.id], name="loss")
     bucket_sql = next(q["sql"] for q in queries.captured_queries if "min_value" in q["sql"])
     with connection.cursor() as cursor:
         # A test table is small enough that any plan is cheap: leave the planner only index-only scans to choose.
@@ -128,7 +130,7 @@ def test_the_run_page_reads_a_long_run_from_its_rollups():
     truth = _curve()
     _write(run, truth)
     with CaptureQueriesContext(connection) as queries:
-        series = selectors.run_metric_series(run=run)
+        series = curves_reads.run_metric_series(run=run)
     assert set(series) == {"loss", "ce"}
     for name in ("loss", "ce"):
         _check_curve(*series[name], truth, 2000)

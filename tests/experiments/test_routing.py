@@ -1,4 +1,4 @@
-"""Memory estimates (workers.engine.memory) and queue routing (experiments.routing)."""
+"""Memory estimates (workers.engine.memory) and queue routing (experiments.domain.routing)."""
 
 from datetime import timedelta
 from unittest import mock
@@ -11,13 +11,14 @@ from django.urls import reverse
 from django.utils import timezone
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from experiments import routing, services
+from experiments.domain import routing
 from experiments.models import ModelSpec, Run, Worker
+from experiments.services import launch
 from tests.factories import DatasetSpecFactory, ExperimentFactory, ModelSpecFactory, RecipeFactory, RunFactory
 from workers.engine import memory
 from workers.engine.memory import GIB, MIB, MemoryEstimate, ModelShapeReader, estimate_run_memory
 
-DISPATCH = "experiments.services._dispatch"
+DISPATCH = "experiments.services.dispatch._dispatch"
 TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
              "intermediate_size": 64, "vocab_size": 1000, "max_position_embeddings": 128}
 # SmolLM2-135M's shape (134,515,008 parameters, tied embeddings).
@@ -315,7 +316,7 @@ def text_setup(team):
 
 def create(setup, team, user, students):
     with mock.patch(DISPATCH):
-        return services.experiment_create(team=team, created_by=user, name="routed", dataset=setup["dataset"],
+        return launch.experiment_create(team=team, created_by=user, name="routed", dataset=setup["dataset"],
                                           students=students, recipes=[setup["recipe"]], seeds=[0, 1],
                                           train={"max_steps": 5, "batch_size": 8})
 

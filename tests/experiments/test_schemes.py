@@ -6,8 +6,8 @@ from unittest import mock
 import pytest
 from django.core.exceptions import ValidationError
 
-from experiments import services
 from experiments.models import Experiment, Recipe, Run
+from experiments.services import launch, records
 from tests.factories import ModelSpecFactory
 from workers.tasks import run_distillation
 
@@ -18,13 +18,13 @@ KD = [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9, "params": {"t
 
 
 def _recipe(team, user, scheme, **params):
-    return services.recipe_create(team=team, created_by=user, name=f"{scheme}-recipe", scheme=scheme, terms=KD,
+    return records.recipe_create(team=team, created_by=user, name=f"{scheme}-recipe", scheme=scheme, terms=KD,
                                   scheme_params=params)
 
 
 def _create(setup, team, user, recipe, capture=None, **kwargs):
     with mock.patch(DISPATCH) as dispatch, capture(execute=True) if capture else nullcontext():
-        experiment = services.experiment_create(
+        experiment = launch.experiment_create(
             team=team, created_by=user, name="chain", dataset=setup["dataset"], teacher=setup["teacher"],
             students=setup["students"][:1], recipes=[recipe], seeds=[0],
             train={"max_steps": 30, "eval_every": 10, "save_every": 10, "log_every": 10, "lr": 0.01}, **kwargs,

@@ -7,11 +7,13 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.urls import reverse
 
-from experiments import forms, services, sweeps
+from experiments import forms
+from experiments.domain import sweeps
 from experiments.models import Experiment, Recipe, Run
+from experiments.services import launch
 from tests.factories import DatasetSpecFactory, RecipeFactory
 
-DISPATCH = "experiments.services._dispatch"
+DISPATCH = "experiments.services.dispatch._dispatch"
 
 
 # --- the value syntax -----------------------------------------------------------------------------
@@ -187,7 +189,7 @@ def test_count_runs_matches_the_plan_that_is_built(team, digits_setup, train, te
 
     count = sweeps.count_runs(students=2, seeds=2, train=train, recipes=recipes, term_sweeps=term_sweeps,
                               with_baseline=True)
-    plan = services.experiment_plan(
+    plan = launch.experiment_plan(
         team=team, students=digits_setup["students"], recipes=recipes, seeds=[0, 1], teacher=digits_setup["teacher"],
         assistant=digits_setup["teacher"], train_points=sweeps.grid_points(sweeps.train_axes(train)),
         term_sweeps=term_sweeps)
@@ -209,7 +211,7 @@ def _create(setup, team, user, **overrides):
               "teacher": setup["teacher"], "students": setup["students"], "recipes": [setup["recipe"]],
               "seeds": [0], "train": {"max_steps": 30, "lr": [1e-3, 3e-3, 1e-2]},
               "term_sweeps": {"kd.temperature": [2.0, 8.0]}}
-    return services.experiment_create(**{**kwargs, **overrides})
+    return launch.experiment_create(**{**kwargs, **overrides})
 
 
 @pytest.mark.django_db
@@ -269,7 +271,7 @@ def test_a_sweep_over_the_run_limit_is_refused_with_the_count_on_the_swept_field
 def test_a_sweep_too_large_to_plan_is_refused_before_any_run_is_built(digits_setup, team, user):
     # 200 values × 200 values × 2 students: 80,000 points, refused by arithmetic.
     train = {"lr": [1e-4 + i * 1e-6 for i in range(200)], "weight_decay": [i / 1000 for i in range(200)]}
-    with mock.patch("experiments.services.experiment_plan") as plan, pytest.raises(ValidationError) as exc:
+    with mock.patch("experiments.services.launch.experiment_plan") as plan, pytest.raises(ValidationError) as exc:
         _create(digits_setup, team, user, train=train, term_sweeps={})
 
     assert "would create 160,000 runs" in exc.value.message_dict["lr"][0]

@@ -11,8 +11,8 @@ from django.core.exceptions import ValidationError
 from django.db import connections, transaction
 from django.urls import reverse
 
-from experiments import teams
 from experiments.models import Membership
+from experiments.services import teams
 from tests.factories import (
     DatasetSpecFactory,
     ExperimentFactory,

@@ -10,9 +10,11 @@ from django.http.multipartparser import MultiPartParser
 from django.test import Client
 from django.urls import reverse
 
-from experiments import engine_config, services
+from experiments.domain import engine_config
+from experiments.domain.uploads import size_text
 from experiments.models import DatasetSpec
-from experiments.uploads import CappedUploadHandler, size_text
+from experiments.services import records
+from experiments.views.uploads import CappedUploadHandler
 
 pytestmark = pytest.mark.django_db
 
@@ -173,7 +175,7 @@ def test_path_like_filename_is_stored_under_a_generated_name(client_logged_in, t
     # The service itself never uses the name as a path either (whatever a caller hands it).
     upload = SimpleUploadedFile("x.csv", _csv())
     upload._name = "..\\..\\..\\evil.csv"  # bypass the basename the class applies
-    dataset = services.dataset_spec_create(team=team, created_by=None, name="second", source="upload",
+    dataset = records.dataset_spec_create(team=team, created_by=None, name="second", source="upload",
                                            upload=upload, task="classification")
     assert Path(dataset.local_path).parent == stored.parent and STORED_NAME.match(Path(dataset.local_path).name)
     assert not any(p.name == "evil.csv" for p in tmp_path.rglob("*"))
@@ -216,7 +218,7 @@ def test_duplicate_name_removes_the_stored_file(client_logged_in, team, settings
 
 def test_user_supplied_local_path_is_refused_for_uploads(team, settings, tmp_path):
     with pytest.raises(Exception) as refused:
-        services.dataset_spec_create(team=team, created_by=None, name="x", source="upload",
+        records.dataset_spec_create(team=team, created_by=None, name="x", source="upload",
                                      local_path="/etc/passwd", upload=SimpleUploadedFile("a.csv", _csv()))
     assert "local_path" in refused.value.message_dict
     assert _stored_files(settings) == []

@@ -26,8 +26,9 @@ import pytest
 from django.db import OperationalError, connection, connections
 from django.utils import timezone
 
-from experiments import services
 from experiments.models import Evaluation, MetricPoint, Run, RunTransition, Worker
+from experiments.services import launch as launch_writes
+from experiments.services import lifecycle, records, telemetry
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 from tests.waiting import scaled
 from tests.worker_process import REPO, broker_reachable, free_port, redis_broker_url, shared_database_url
@@ -73,13 +74,13 @@ class FakeTime:
 @pytest.fixture
 def claimed_run(digits_setup, team, user) -> Run:
     with mock.patch(DISPATCH):
-        experiment = services.experiment_create(
+        experiment = launch_writes.experiment_create(
             team=team, created_by=user, name="kd", dataset=digits_setup["dataset"], teacher=digits_setup["teacher"],
             students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]], seeds=[0],
             train={"max_steps": 40, "eval_every": 20, "save_every": 20, "log_every": 10},
         )
     run = experiment.runs.get(is_baseline=False)
-    return services.run_claim(run_id=run.id, task_id="t", worker_name="w")
+    return lifecycle.run_claim(run_id=run.id, task_id="t", worker_name="w")
 
 
 def logged_steps(run: Run, name: str = "loss") -> list[int]:
@@ -91,8 +92,8 @@ def logged_steps(run: Run, name: str = "loss") -> list[int]:
 def test_metric_points_wait_out_a_database_outage_and_are_written_once(claimed_run):
     fake = FakeTime()
     reporter = RunReporter(run_id=claimed_run.id, task_id="t", flush_every_s=1.0, clock=fake.clock, sleep=fake.sleep)
-    flaky = FlakyDatabase(services.run_record_metrics, failures=4)
-    with mock.patch("experiments.services.run_record_metrics", side_effect=flaky):
+    flaky = FlakyDatabase(telemetry.run_record_metrics, failures=4)
+    with mock.patch("experiments.services.telemetry.run_record_metrics", side_effect=flaky):
         for step in range(1, 31):
             fake.now += 1.0
             reporter.on_metrics(step, {"loss": 1.0 / step, "kd": 0.5})
@@ -118,8 +119,8 @@ def test_a_checkpoint_waits_until_the_points_before_it_are_durable(claimed_run, 
     reporter.on_metrics(20, {"loss": 0.8})
     checkpoint = settings.ARTIFACT_ROOT / f"runs/{claimed_run.id}/checkpoints/step-25"
     checkpoint.mkdir(parents=True)
-    with mock.patch("experiments.services.run_record_metrics",
-                    side_effect=FlakyDatabase(services.run_record_metrics, failures=3)):
+    with mock.patch("experiments.services.telemetry.run_record_metrics",
+                    side_effect=FlakyDatabase(telemetry.run_record_metrics, failures=3)):
         reporter.on_progress(25, 40)  # the engine checkpoints step 25 next: the training pauses until written
     assert fake.sleeps == [0.5, 1.0, 2.0]  # exponential backoff while the database is down
     assert logged_steps(claimed_run) == [10, 20]
@@ -137,8 +138,8 @@ def test_the_reporter_gives_up_after_the_retry_window_and_keeps_the_points(claim
     fake = FakeTime()
     reporter = RunReporter(run_id=claimed_run.id, task_id="t", clock=fake.clock, sleep=fake.sleep, retry_for_s=60)
     reporter.on_metrics(10, {"loss": 0.9})
-    with mock.patch("experiments.services.run_record_metrics",
-                    side_effect=FlakyDatabase(services.run_record_metrics, failures=10**6)), \
+    with mock.patch("experiments.services.telemetry.run_record_metrics",
+                    side_effect=FlakyDatabase(telemetry.run_record_metrics, failures=10**6)), \
             pytest.raises(DatabaseUnavailable, match="unreachable for 60 s"):
         reporter.flush()
     assert sum(fake.sleeps) == pytest.approx(60) and max(fake.sleeps) == 5.0
@@ -151,8 +152,8 @@ def test_a_full_buffer_pauses_training_until_the_database_is_back(claimed_run):
     fake = FakeTime()
     reporter = RunReporter(run_id=claimed_run.id, task_id="t", max_buffer=10, max_pending=40, clock=fake.clock,
                            sleep=fake.sleep, retry_for_s=600)
-    flaky = FlakyDatabase(services.run_record_metrics, failures=8)
-    with mock.patch("experiments.services.run_record_metrics", side_effect=flaky):
+    flaky = FlakyDatabase(telemetry.run_record_metrics, failures=8)
+    with mock.patch("experiments.services.telemetry.run_record_metrics", side_effect=flaky):
         for step in range(1, 21):
             reporter.on_metrics(step, {"loss": 1.0, "kd": 0.5})
             unwritten = 2 * step - MetricPoint.objects.filter(run=claimed_run).count()
@@ -168,7 +169,7 @@ def test_cancellation_polls_during_an_outage_keep_the_last_answer(claimed_run):
     reporter = RunReporter(run_id=claimed_run.id, task_id="t", poll_every_s=1.0, clock=fake.clock, sleep=fake.sleep)
     assert reporter.should_stop() is False
     Run.objects.filter(id=claimed_run.id).update(cancel_requested=True)
-    with mock.patch("experiments.selectors.run_is_cancel_requested",
+    with mock.patch("experiments.selectors.records.run_is_cancel_requested",
                     side_effect=OperationalError("server closed the connection unexpectedly")):
         fake.now += 5
         assert reporter.should_stop() is False  # unknown: training goes on
@@ -183,7 +184,7 @@ def test_a_run_whose_outcome_cannot_be_recorded_goes_back_to_the_broker(claimed_
     result = SimpleNamespace(stopped=False, to_dict=lambda: {"steps": 40, "student": {"accuracy": 0.9}})
     down = OperationalError("connection to server at 127.0.0.1, port 5432 failed: Connection refused")
     with mock.patch("workers.engine.trainer.train", return_value=result), \
-            mock.patch("experiments.services.run_finish", side_effect=down) as finish:
+            mock.patch("experiments.services.lifecycle.run_finish", side_effect=down) as finish:
         outcome = run_distillation.apply(args=(claimed_run.id,), task_id="delivery-1")
     assert outcome.state == "REJECTED"  # not acknowledged as done: the broker delivers it again
     assert finish.call_count >= 2
@@ -194,11 +195,11 @@ def test_a_run_whose_outcome_cannot_be_recorded_goes_back_to_the_broker(claimed_
 @pytest.mark.django_db(transaction=True)
 def test_the_reporter_thread_writes_and_renews_the_lease_while_the_engine_is_silent(digits_setup, team, user):
     with mock.patch(DISPATCH):
-        experiment = services.experiment_create(
+        experiment = launch_writes.experiment_create(
             team=team, created_by=user, name="kd", dataset=digits_setup["dataset"], teacher=digits_setup["teacher"],
             students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]], seeds=[0])
     run = experiment.runs.get(is_baseline=False)
-    services.run_claim(run_id=run.id, task_id=run.task_id, worker_name="w")
+    lifecycle.run_claim(run_id=run.id, task_id=run.task_id, worker_name="w")
     old = timezone.now() - timedelta(hours=1)
     Run.objects.filter(id=run.id).update(heartbeat_at=old)
     reporter = RunReporter(run_id=run.id, task_id=run.task_id, flush_every_s=0.05, poll_every_s=0.05)
@@ -316,16 +317,16 @@ def fleet(transactional_db, settings, tmp_path):
 
     user, team = UserFactory(), TeamFactory()
     MembershipFactory(user=user, team=team)
-    digits = services.dataset_spec_create(team=team, created_by=user, name="digits", source="builtin",
+    digits = records.dataset_spec_create(team=team, created_by=user, name="digits", source="builtin",
                                           builtin_name="digits")
-    student = services.model_spec_create(team=team, created_by=user, name="mlp", source="builtin",
+    student = records.model_spec_create(team=team, created_by=user, name="mlp", source="builtin",
                                          builtin_arch="mlp", config={"hidden_sizes": MLP}, num_labels=10)
 
     def launch(*, max_steps: int, save_every: int = 100, log_every: int = 10, eval_every: int = 1000) -> Run:
         """One hard-label run on digits, sent to the test's queue (on commit, through the test's broker)."""
-        experiment = services.experiment_create(
+        experiment = launch_writes.experiment_create(
             team=team, created_by=user, name=f"run {uuid.uuid4().hex[:4]}", dataset=digits, students=[student],
-            recipes=[services.hard_labels_recipe(team=team)], seeds=[0],
+            recipes=[records.hard_labels_recipe(team=team)], seeds=[0],
             train={"max_steps": max_steps, "save_every": save_every, "log_every": log_every,
                    "eval_every": eval_every, "batch_size": 64, "lr": 0.01},
         )
@@ -515,8 +516,8 @@ def test_cancelled_queued_and_running_runs_stop_and_the_running_one_keeps_its_wo
     time.sleep(1)
     assert reload(queued).status == Run.Status.QUEUED and reload(queued).task_id
 
-    assert services.run_cancel(run=queued).status == Run.Status.CANCELLED  # at once
-    assert services.run_cancel(run=running).status == Run.Status.RUNNING  # at its next check
+    assert lifecycle.run_cancel(run=queued).status == Run.Status.CANCELLED  # at once
+    assert lifecycle.run_cancel(run=running).status == Run.Status.RUNNING  # at its next check
     stopped = wait_for(finished(running), timeout=30, workers=[worker], what="the running run to stop")
     assert stopped.status == Run.Status.CANCELLED and stopped.step < stopped.total_steps
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from experiments import services
 from experiments.models import Artifact, Evaluation, MetricPoint, Run
+from experiments.services import launch as launch_writes
+from experiments.services import records
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 from tests.workers import test_faults as faults
 from tests.workers.test_faults import (
@@ -56,13 +57,13 @@ WORKER_ENV = {"RUN_MAX_ATTEMPTS": "20", "RUN_KEEP_CHECKPOINTS": "100000", "RUN_H
 def launch(fleet) -> Run:
     user, team = UserFactory(), TeamFactory()
     MembershipFactory(user=user, team=team)
-    digits = services.dataset_spec_create(team=team, created_by=user, name="digits", source="builtin",
+    digits = records.dataset_spec_create(team=team, created_by=user, name="digits", source="builtin",
                                           builtin_name="digits")
-    student = services.model_spec_create(team=team, created_by=user, name="mlp", source="builtin",
+    student = records.model_spec_create(team=team, created_by=user, name="mlp", source="builtin",
                                          builtin_arch="mlp", config={"hidden_sizes": HIDDEN}, num_labels=10)
-    experiment = services.experiment_create(
+    experiment = launch_writes.experiment_create(
         team=team, created_by=user, name=f"fenced {uuid.uuid4().hex[:4]}", dataset=digits, students=[student],
-        recipes=[services.hard_labels_recipe(team=team)], seeds=[0],
+        recipes=[records.hard_labels_recipe(team=team)], seeds=[0],
         train={"max_steps": MAX_STEPS, "save_every": SAVE_EVERY, "log_every": LOG_EVERY, "eval_every": 100000,
                "batch_size": 128, "lr": 0.01},
     )

@@ -15,8 +15,10 @@ from django.urls import reverse
 from django.utils import timezone
 from kombu import Connection
 
-from experiments import fleet, services
 from experiments.models import Run, Worker
+from experiments.selectors import fleet as fleet_reads
+from experiments.services import fleet as fleet_writes
+from experiments.services import launch, records
 from tests import waiting
 from tests.factories import ExperimentFactory, MembershipFactory, RunFactory, TeamFactory, UserFactory
 from workers.fleet_tasks import fleet_sweep
@@ -68,7 +70,7 @@ def test_anonymous_users_are_sent_to_the_login_page_everywhere(client):
 @pytest.mark.django_db
 def test_non_staff_get_403_on_the_page_the_json_and_every_action(client_logged_in):
     worker = make_worker()
-    with mock.patch.object(fleet, "_send") as send:
+    with mock.patch.object(fleet_writes, "_send") as send:
         assert client_logged_in.get(reverse("experiments:worker_list")).status_code == 403
         assert client_logged_in.get(reverse("experiments:worker_list_json")).status_code == 403
         for name in ACTIONS:
@@ -102,7 +104,7 @@ def test_admin_worker_actions_report_an_offline_worker(staff_client):
 @pytest.mark.django_db
 @pytest.mark.parametrize("name", ACTIONS)
 def test_actions_on_an_unknown_worker_say_so(staff_client, name):
-    with mock.patch.object(fleet, "_send") as send:
+    with mock.patch.object(fleet_writes, "_send") as send:
         response = staff_client.post(reverse(f"experiments:{name}", args=[987654]), {"queue": "cpu"}, follow=True)
 
     assert response.status_code == 200
@@ -115,7 +117,7 @@ def test_actions_on_an_unknown_worker_say_so(staff_client, name):
 @pytest.mark.parametrize("name", ACTIONS)
 def test_actions_on_an_offline_worker_say_so_and_change_nothing(staff_client, name, state, age_s):
     worker = make_worker(state=state, age_s=age_s, queues=["gpu-80g", "cpu"])
-    with mock.patch.object(fleet, "_send") as send:
+    with mock.patch.object(fleet_writes, "_send") as send:
         response = staff_client.post(reverse(f"experiments:{name}", args=[worker.pk]), {"queue": "cpu"},
                                      follow=True)
 
@@ -129,7 +131,7 @@ def test_actions_on_an_offline_worker_say_so_and_change_nothing(staff_client, na
 @pytest.mark.parametrize("queue", ["", "   ", "has space", "a" * 65, "q;rm -rf", "<script>", "queue/1", "ünïcode"])
 def test_queue_names_are_validated(staff_client, queue):
     worker = make_worker()
-    with mock.patch.object(fleet, "_send") as send:
+    with mock.patch.object(fleet_writes, "_send") as send:
         response = staff_client.post(reverse("experiments:worker_add_queue", args=[worker.pk]), {"queue": queue},
                                      follow=True)
 
@@ -140,13 +142,13 @@ def test_queue_names_are_validated(staff_client, queue):
 
 @pytest.mark.parametrize("queue", ["gpu-80g", "cpu", "a" * 64, "celery", "team.a:gpu_24g"])
 def test_valid_queue_names_pass(queue):
-    assert fleet.validate_queue_name(queue) == queue
+    assert fleet_writes.validate_queue_name(queue) == queue
 
 
 @pytest.mark.django_db
 def test_a_worker_that_does_not_answer_is_reported_and_left_as_it_was(staff_client):
     worker = make_worker()
-    with mock.patch.object(fleet, "_send", return_value=None):
+    with mock.patch.object(fleet_writes, "_send", return_value=None):
         response = staff_client.post(reverse("experiments:worker_drain", args=[worker.pk]), follow=True)
 
     assert any("did not answer" in text for text in texts(response))
@@ -157,7 +159,7 @@ def test_a_worker_that_does_not_answer_is_reported_and_left_as_it_was(staff_clie
 def test_a_broker_that_is_down_gives_a_clear_message(staff_client):
     worker = make_worker()
     down = Connection("redis://127.0.0.1:1/0", connect_timeout=1)
-    with mock.patch.object(fleet.celery_app, "connection_for_write", return_value=down):
+    with mock.patch.object(fleet_writes.celery_app, "connection_for_write", return_value=down):
         response = staff_client.post(reverse("experiments:worker_drain", args=[worker.pk]), follow=True)
 
     assert any("broker could not be reached" in text for text in texts(response))
@@ -167,7 +169,7 @@ def test_a_broker_that_is_down_gives_a_clear_message(staff_client):
 @pytest.mark.django_db
 def test_queue_changes_on_a_draining_worker_only_change_what_resume_consumes(staff_client):
     worker = make_worker(state=Worker.State.DRAINING)
-    with mock.patch.object(fleet, "_send") as send:
+    with mock.patch.object(fleet_writes, "_send") as send:
         staff_client.post(reverse("experiments:worker_add_queue", args=[worker.pk]), {"queue": "cpu"})
         staff_client.post(reverse("experiments:worker_remove_queue", args=[worker.pk]), {"queue": "gpu-80g"})
         response = staff_client.post(reverse("experiments:worker_remove_queue", args=[worker.pk]), {"queue": "cpu"},
@@ -231,15 +233,15 @@ def test_the_page_shows_gpus_queues_runs_and_heartbeat_age(staff_client, run):
 def test_a_worker_cannot_register_under_the_name_of_a_live_one(caplog):
     make_worker(name="gpu0@a", hostname="a", pid=100)
 
-    with pytest.raises(services.WorkerNameInUse, match="is online as pid 100 on a"):
-        services.worker_register(name="gpu0@a", hostname="b", pid=200, queues=["x"], versions={})
+    with pytest.raises(fleet_writes.WorkerNameInUse, match="is online as pid 100 on a"):
+        fleet_writes.worker_register(name="gpu0@a", hostname="b", pid=200, queues=["x"], versions={})
 
     holder = Worker.objects.get(name="gpu0@a")
     assert (holder.hostname, holder.pid, holder.queues) == ("a", 100, ["gpu-80g"])
     assert "refused to register worker gpu0@a" in caplog.text
     # the refused process cannot beat for, or unregister, the holder either
-    assert not services.worker_heartbeat(name="gpu0@a", gpus=[gpu()], hostname="b", pid=200)
-    services.worker_mark_offline(name="gpu0@a", hostname="b", pid=200)
+    assert not fleet_writes.worker_heartbeat(name="gpu0@a", gpus=[gpu()], hostname="b", pid=200)
+    fleet_writes.worker_mark_offline(name="gpu0@a", hostname="b", pid=200)
     assert Worker.objects.get(name="gpu0@a").state == Worker.State.ONLINE
 
 
@@ -253,7 +255,7 @@ def test_a_worker_cannot_register_under_the_name_of_a_live_one(caplog):
 def test_a_name_is_free_again_once_its_holder_is_gone(holder, pid_alive):
     make_worker(name="gpu0@b", **{"hostname": "a", "pid": 100, **holder})
 
-    worker = services.worker_register(name="gpu0@b", hostname="b", pid=200, queues=["x"], versions={"torch": "2"},
+    worker = fleet_writes.worker_register(name="gpu0@b", hostname="b", pid=200, queues=["x"], versions={"torch": "2"},
                                       pid_alive=pid_alive)
 
     assert (worker.hostname, worker.pid, worker.queues, worker.state) == ("b", 200, ["x"], Worker.State.ONLINE)
@@ -263,8 +265,8 @@ def test_a_name_is_free_again_once_its_holder_is_gone(holder, pid_alive):
 def test_a_live_process_on_the_same_host_keeps_its_name():
     make_worker(name="gpu0@a", hostname="a", pid=100)
 
-    with pytest.raises(services.WorkerNameInUse):
-        services.worker_register(name="gpu0@a", hostname="a", pid=101, queues=[], versions={},
+    with pytest.raises(fleet_writes.WorkerNameInUse):
+        fleet_writes.worker_register(name="gpu0@a", hostname="a", pid=101, queues=[], versions={},
                                  pid_alive=lambda pid: pid == 100)
 
 
@@ -324,7 +326,7 @@ def test_home_summarises_workers_gpus_and_queues(client_logged_in, run, settings
     make_worker(name="w4", gpus=[gpu(0, util=99)], age_s=settings.WORKER_OFFLINE_AFTER_S + 1)  # not counted
     Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING, started_at=timezone.now(),
                                          worker_name=busy_by_run.name)
-    with mock.patch.object(fleet, "queue_depths", side_effect=lambda names: dict.fromkeys(names, 7)) as depths:
+    with mock.patch.object(fleet_reads, "queue_depths", side_effect=lambda names: dict.fromkeys(names, 7)) as depths:
         response = client_logged_in.get(reverse("experiments:home"))
 
     summary = response.context["fleet"]
@@ -338,7 +340,7 @@ def test_home_summarises_workers_gpus_and_queues(client_logged_in, run, settings
 @pytest.mark.django_db
 def test_home_says_unknown_when_the_broker_cannot_count(client_logged_in):
     down = Connection("redis://127.0.0.1:1/0", connect_timeout=1)
-    with mock.patch.object(fleet.celery_app, "connection_for_read", return_value=down):
+    with mock.patch.object(fleet_reads.celery_app, "connection_for_read", return_value=down):
         response = client_logged_in.get(reverse("experiments:home"))
 
     assert response.status_code == 200
@@ -355,19 +357,19 @@ def test_queue_depths_are_read_from_the_redis_broker():
     client = redis.Redis.from_url(url)
     try:
         client.rpush(name, json.dumps({"body": "x"}), json.dumps({"body": "y"}))
-        assert fleet.queue_depths([name, f"{name}-empty"]) == {name: 2, f"{name}-empty": 0}
+        assert fleet_reads.queue_depths([name, f"{name}-empty"]) == {name: 2, f"{name}-empty": 0}
     finally:
         client.delete(name)
 
 
 def digits_experiment(user, team, name: str, *, max_steps: int):
-    dataset = services.dataset_spec_create(team=team, created_by=user, name=f"digits-{name}", source="builtin",
+    dataset = records.dataset_spec_create(team=team, created_by=user, name=f"digits-{name}", source="builtin",
                                            builtin_name="digits")
-    student = services.model_spec_create(team=team, created_by=user, name=f"mlp-{name}", source="builtin",
+    student = records.model_spec_create(team=team, created_by=user, name=f"mlp-{name}", source="builtin",
                                          builtin_arch="mlp", config={"hidden_sizes": [64]}, num_labels=10)
-    experiment = services.experiment_create(
+    experiment = launch.experiment_create(
         team=team, created_by=user, name=name, dataset=dataset, students=[student],
-        recipes=[services.hard_labels_recipe(team=team)], seeds=[0],
+        recipes=[records.hard_labels_recipe(team=team)], seeds=[0],
         train={"max_steps": max_steps, "eval_every": max_steps, "save_every": max_steps, "log_every": 10,
                "batch_size": 32, "lr": 0.01},
     )
@@ -411,7 +413,7 @@ def test_a_drained_worker_finishes_its_run_takes_no_new_one_and_works_again_when
                what="the first run to finish")
     time.sleep(4)  # several heartbeats and consumer cycles: a consuming worker would have taken it by now
     assert status(second) == Run.Status.QUEUED
-    assert fleet.queue_depths([worker.queue]) == {worker.queue: 1}  # still waiting in the broker
+    assert fleet_reads.queue_depths([worker.queue]) == {worker.queue: 1}  # still waiting in the broker
     data = client.get(reverse("experiments:worker_list_json")).json()
     assert [(w["name"], w["state"], w["runs"]) for w in data["workers"]] == [(worker.name, "draining", [])]
 
@@ -442,7 +444,7 @@ def test_a_drained_worker_finishes_its_run_takes_no_new_one_and_works_again_when
 
 
 def _active_queues(name: str) -> set[str]:
-    replies = fleet.celery_app.control.inspect(destination=[name], timeout=2).active_queues() or {}
+    replies = fleet_writes.celery_app.control.inspect(destination=[name], timeout=2).active_queues() or {}
     return {q["name"] for q in replies.get(name, [])}
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from experiments import services
 from experiments.models import Artifact, DatasetSpec, Evaluation, MetricPoint, ModelSpec, Run, Worker
+from experiments.services import launch, records
 from tests import waiting
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 
@@ -20,24 +20,24 @@ def test_worker_trains_a_teacher_then_distills_and_reports_everything(celery_wor
     user = UserFactory()
     team = TeamFactory()
     MembershipFactory(user=user, team=team)
-    digits = services.dataset_spec_create(team=team, created_by=user, name="digits", source="builtin",
+    digits = records.dataset_spec_create(team=team, created_by=user, name="digits", source="builtin",
                                           builtin_name="digits")
 
     def mlp(name, hidden, **extra):
-        return services.model_spec_create(team=team, created_by=user, name=name, source="builtin",
+        return records.model_spec_create(team=team, created_by=user, name=name, source="builtin",
                                           builtin_arch="mlp", config={"hidden_sizes": hidden}, num_labels=10, **extra)
 
     train = {"max_steps": 60, "eval_every": 20, "save_every": 20, "log_every": 10, "batch_size": 64, "lr": 0.01}
-    training = services.experiment_create(
+    training = launch.experiment_create(
         team=team, created_by=user, name="teacher", dataset=digits, students=[mlp("teacher-arch", [128])],
-        recipes=[services.hard_labels_recipe(team=team)], seeds=[0], train={**train, "max_steps": 150},
+        recipes=[records.hard_labels_recipe(team=team)], seeds=[0], train={**train, "max_steps": 150},
     )
-    teacher = services.model_register_from_run(run=training.runs.get(), name="teacher", created_by=user,
+    teacher = records.model_register_from_run(run=training.runs.get(), name="teacher", created_by=user,
                                                allow_pending=True)
-    kd = services.recipe_create(team=team, created_by=user, name="kd", scheme="offline",
+    kd = records.recipe_create(team=team, created_by=user, name="kd", scheme="offline",
                                 terms=[{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9,
                                                                          "params": {"temperature": 4}}])
-    experiment = services.experiment_create(
+    experiment = launch.experiment_create(
         team=team, created_by=user, name="kd", dataset=digits, teacher=teacher, students=[mlp("s16", [16])],
         recipes=[kd], seeds=[0], train=train,
     )
@@ -87,21 +87,21 @@ def test_bad_columns_and_unknown_model_ids_fail_only_their_runs(celery_worker_pr
     settings.DATASET_ROOTS = [data]
 
     def csv_dataset(name):
-        return services.dataset_spec_create(team=team, created_by=user, name=name, source="hf",
+        return records.dataset_spec_create(team=team, created_by=user, name=name, source="hf",
                                             local_path=str(data / f"{name}.csv"), text_column="text", num_labels=2)
 
-    tiny_bert = services.model_spec_create(
+    tiny_bert = records.model_spec_create(
         team=team, created_by=user, name="tiny-bert", source="config", num_labels=2,
         config={"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
                 "intermediate_size": 32, "vocab_size": 200},
     )
-    missing = services.model_spec_create(team=team, created_by=user, name="missing", source="hf",
+    missing = records.model_spec_create(team=team, created_by=user, name="missing", source="hf",
                                          hub_id="distillweb-tests/no-such-model", num_labels=2)
-    hard_labels = [services.hard_labels_recipe(team=team)]
-    good = services.experiment_create(team=team, created_by=user, name="good", dataset=csv_dataset("good"),
+    hard_labels = [records.hard_labels_recipe(team=team)]
+    good = launch.experiment_create(team=team, created_by=user, name="good", dataset=csv_dataset("good"),
                                       students=[tiny_bert, missing], recipes=hard_labels, seeds=[0],
                                       train={"max_steps": 6, "eval_every": 3, "log_every": 3})
-    bad = services.experiment_create(team=team, created_by=user, name="bad", dataset=csv_dataset("bad"),
+    bad = launch.experiment_create(team=team, created_by=user, name="bad", dataset=csv_dataset("bad"),
                                      students=[tiny_bert], recipes=hard_labels, seeds=[0], train={"max_steps": 6})
     finished = {r.id: r for r in wait_for_runs([*good.runs.all(), *bad.runs.all()], timeout=180, worker=worker)}
     ok = finished[good.runs.get(student=tiny_bert).id]

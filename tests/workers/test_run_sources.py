@@ -9,8 +9,8 @@ from unittest import mock
 
 import pytest
 
-from experiments import services
 from experiments.models import MetricPoint, Run
+from experiments.services import launch, records
 from tests.factories import RunFactory
 from workers.tasks import run_distillation
 
@@ -27,7 +27,7 @@ def _assert_no_machine_path(text: str, *paths) -> None:
 
 def _experiment(team, user, digits_setup, *, teacher=None, students=None, name="kd"):
     with mock.patch(DISPATCH):
-        return services.experiment_create(
+        return launch.experiment_create(
             team=team, created_by=user, name=name, dataset=digits_setup["dataset"],
             teacher=teacher or digits_setup["teacher"], students=students or digits_setup["students"][:1],
             recipes=[digits_setup["recipe"]], seeds=[0],
@@ -41,7 +41,7 @@ def test_a_model_registered_from_a_run_whose_folder_was_deleted_fails_runs_clear
     run_distillation.apply(args=(trained.id,))
     trained.refresh_from_db()
     assert trained.status == Run.Status.SUCCEEDED, trained.error
-    registered = services.model_register_from_run(run=trained, name="trained mlp", created_by=user)
+    registered = records.model_register_from_run(run=trained, name="trained mlp", created_by=user)
     shutil.rmtree(settings.ARTIFACT_ROOT / "runs" / str(trained.id))
 
     run = _experiment(team, user, digits_setup, teacher=registered, students=digits_setup["students"][1:],
@@ -112,16 +112,16 @@ def test_a_teams_own_upload_trains_and_another_teams_upload_is_refused(team, use
 
     rows = "".join(f"{'great fun' if i % 2 else 'dull and slow'} review {i},{i % 2}\n" for i in range(40))
     upload = SimpleUploadedFile("reviews.csv", ("text,label\n" + rows).encode())
-    dataset = services.dataset_spec_create(team=team, created_by=user, name="reviews", source="upload",
+    dataset = records.dataset_spec_create(team=team, created_by=user, name="reviews", source="upload",
                                            upload=upload, text_column="text", label_column="label")
-    student = services.model_spec_create(
+    student = records.model_spec_create(
         team=team, created_by=user, name="tiny-bert", source="config", num_labels=2,
         config={"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
                 "intermediate_size": 32, "vocab_size": 200})
     with mock.patch(DISPATCH):
-        experiment = services.experiment_create(
+        experiment = launch.experiment_create(
             team=team, created_by=user, name="own upload", dataset=dataset, students=[student],
-            recipes=[services.hard_labels_recipe(team=team)], seeds=[0, 1], train={"max_steps": 4, "eval_every": 4})
+            recipes=[records.hard_labels_recipe(team=team)], seeds=[0, 1], train={"max_steps": 4, "eval_every": 4})
     own, crafted = experiment.runs.order_by("seed")
     run_distillation.apply(args=(own.id,))
     own.refresh_from_db()

@@ -6,8 +6,8 @@ from unittest import mock
 
 import pytest
 
-from experiments import services
 from experiments.models import Evaluation, MetricPoint, Run
+from experiments.services import launch, lifecycle, records
 from workers.engine.errors import DataError
 from workers.reporting import RunReporter
 from workers.tasks import run_distillation
@@ -20,7 +20,7 @@ DISPATCH = "workers.tasks.run_distillation.apply_async"
 @pytest.fixture
 def experiment(digits_setup, team, user):
     with mock.patch(DISPATCH):
-        return services.experiment_create(
+        return launch.experiment_create(
             team=team, created_by=user, name="kd", dataset=digits_setup["dataset"], teacher=digits_setup["teacher"],
             students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]], seeds=[0],
             train={"max_steps": 40, "eval_every": 20, "save_every": 20, "log_every": 10},
@@ -52,7 +52,7 @@ def test_the_teacher_is_evaluated_once_per_benchmark(experiment, digits_setup, t
     first.refresh_from_db()
     assert first.result["teacher_forwards"] > 0 and not any(e["hit"] for e in first.result["teacher_cache"])
     with mock.patch(DISPATCH):
-        again = services.experiment_create(
+        again = launch.experiment_create(
             team=team, created_by=user, name="kd again", dataset=digits_setup["dataset"],
             teacher=digits_setup["teacher"], students=digits_setup["students"][1:], recipes=[digits_setup["recipe"]],
             seeds=[0], train={"max_steps": 10, "eval_every": 10},
@@ -74,7 +74,7 @@ def test_the_teacher_is_evaluated_once_per_benchmark(experiment, digits_setup, t
 
 def test_duplicate_delivery_of_a_live_run_does_nothing(experiment):
     run = experiment.runs.first()
-    services.run_claim(run_id=run.id, task_id="first-delivery", worker_name="w1")
+    lifecycle.run_claim(run_id=run.id, task_id="first-delivery", worker_name="w1")
     with mock.patch("workers.engine.trainer.train") as train:
         run_distillation.apply(args=(run.id,), task_id="second-delivery")
     train.assert_not_called()
@@ -120,7 +120,7 @@ def test_a_cancelled_run_stops_and_keeps_its_metrics(experiment):
 
     def train_until_cancelled(cfg, callbacks):
         callbacks.on_metrics(10, {"loss": 1.0})
-        services.run_cancel(run=Run.objects.get(id=run.id))
+        lifecycle.run_cancel(run=Run.objects.get(id=run.id))
         assert callbacks.should_stop()
         return SimpleNamespace(stopped=True, to_dict=dict)
 
@@ -133,7 +133,7 @@ def test_a_cancelled_run_stops_and_keeps_its_metrics(experiment):
 
 def test_reporter_batches_metric_writes(experiment):
     run = experiment.runs.first()
-    services.run_claim(run_id=run.id, task_id="t", worker_name="w")
+    lifecycle.run_claim(run_id=run.id, task_id="t", worker_name="w")
     now = [0.0]
     reporter = RunReporter(run_id=run.id, task_id="t", flush_every_s=5.0, max_buffer=1000, clock=lambda: now[0])
     for step in range(1, 101):
@@ -146,7 +146,7 @@ def test_reporter_batches_metric_writes(experiment):
 
 def test_reporter_stops_the_engine_when_the_run_was_taken_over(experiment):
     run = experiment.runs.first()
-    services.run_claim(run_id=run.id, task_id="old", worker_name="w")
+    lifecycle.run_claim(run_id=run.id, task_id="old", worker_name="w")
     Run.objects.filter(id=run.id).update(task_id="new")  # another delivery took it over
     reporter = RunReporter(run_id=run.id, task_id="old", clock=lambda: 100.0)
     reporter.on_progress(5, 40)
@@ -160,21 +160,21 @@ def test_a_causal_lm_experiment_distils_through_the_sparse_teacher_cache(team, u
              enumerate(["cat", "dog", "fox", "owl"] * 30)]
     (data / "lines.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
     settings.DATASET_ROOTS = [data]
-    dataset = services.dataset_spec_create(team=team, created_by=user, name="lines", source="hf", task="causal_lm",
+    dataset = records.dataset_spec_create(team=team, created_by=user, name="lines", source="hf", task="causal_lm",
                                            local_path=str(data / "lines.jsonl"), max_length=32)
 
     def llama(name, hidden, layers):
-        return services.model_spec_create(team=team, created_by=user, name=name, source="config", task="causal_lm",
+        return records.model_spec_create(team=team, created_by=user, name=name, source="config", task="causal_lm",
                                           config={"model_type": "llama", "hidden_size": hidden,
                                                   "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
                                                   "num_attention_heads": 2, "num_key_value_heads": 2,
                                                   "vocab_size": 300, "max_position_embeddings": 64})
 
     teacher, student = llama("lm-teacher", 64, 2), llama("lm-student", 32, 1)
-    topk = services.recipe_create(team=team, created_by=user, name="topk", scheme="offline",
+    topk = records.recipe_create(team=team, created_by=user, name="topk", scheme="offline",
                                   terms=[{"name": "topk", "weight": 1.0, "params": {"k": 16}}])
     with mock.patch(DISPATCH):
-        experiment = services.experiment_create(
+        experiment = launch.experiment_create(
             team=team, created_by=user, name="lm", dataset=dataset, teacher=teacher, students=[student],
             recipes=[topk], seeds=[0], train={"max_steps": 12, "batch_size": 8, "eval_every": 6, "log_every": 3,
                                               "save_every": 6, "lr": 0.003},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from django.urls import reverse
 
-from experiments import routing
+from experiments.domain import routing
 from experiments.models import Run, Worker
 from tests.workers import test_faults as faults
 from tests.workers.test_faults import history, reload, training_with_a_checkpoint, wait_for

@@ -9,8 +9,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from experiments import services
 from experiments.models import DatasetSpec, ModelSpec, Recipe, Team
+from experiments.services import launch, records, teams
 
 DEMO_TEAM = "Demo team"
 
@@ -60,36 +60,36 @@ class Command(BaseCommand):
         return user
 
     def _seed(self, admin, *, teacher_steps: int, student_steps: int) -> None:
-        team = services.team_create(name=DEMO_TEAM, leads=[admin])
-        digits = services.dataset_spec_create(
+        team = teams.team_create(name=DEMO_TEAM, leads=[admin])
+        digits = records.dataset_spec_create(
             team=team, created_by=admin, name="digits", source=DatasetSpec.Source.BUILTIN, builtin_name="digits",
             notes="1,797 8×8 handwritten digits (scikit-learn), 10 classes.",
         )
 
         def mlp(name: str, hidden: list[int]) -> ModelSpec:
-            return services.model_spec_create(
+            return records.model_spec_create(
                 team=team, created_by=admin, name=name, source=ModelSpec.Source.BUILTIN, builtin_arch="mlp",
                 config={"hidden_sizes": hidden}, num_labels=10,
             )
 
         teacher_arch = mlp("mlp-256x2", [256, 256])
         small, medium = mlp("mlp-16", [16]), mlp("mlp-64", [64])
-        hard_labels = services.hard_labels_recipe(team=team)
-        kd = services.recipe_create(
+        hard_labels = records.hard_labels_recipe(team=team)
+        kd = records.recipe_create(
             team=team, created_by=admin, name="kd-t4", scheme=Recipe.Scheme.OFFLINE,
             terms=[{"name": "ce", "weight": 0.1, "params": {}},
                    {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}],
             description="Hinton et al. 2015: 0.1·CE + 0.9·τ²·KL at τ = 4.",
         )
-        teacher_training = services.experiment_create(
+        teacher_training = launch.experiment_create(
             team=team, created_by=admin, name="Train the digits teacher", dataset=digits, students=[teacher_arch],
             recipes=[hard_labels], seeds=[0], train={"max_steps": teacher_steps, "eval_every": 100, "lr": 0.01},
             description="A 2×256 MLP trained on hard labels; its output becomes the teacher below.",
         )
-        teacher = services.model_register_from_run(
+        teacher = records.model_register_from_run(
             run=teacher_training.runs.get(), name="digits-teacher", created_by=admin, allow_pending=True
         )
-        services.experiment_create(
+        launch.experiment_create(
             team=team, created_by=admin, name="Distill digits into two student sizes", dataset=digits,
             teacher=teacher, students=[small, medium], recipes=[kd], seeds=[0, 1, 2],
             train={"max_steps": student_steps, "eval_every": 100, "lr": 0.01, "labelled_fraction": 0.1},

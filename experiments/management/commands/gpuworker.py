@@ -2,7 +2,7 @@
 
 Each GPU gets ``celery -A distillweb worker -Q gpu-<N>g -n gpu<index>@%h --concurrency 1`` with
 ``CUDA_VISIBLE_DEVICES=<index>``, where N is the GPU's memory in GiB rounded to its common size (an 80 GB H100
-reports 79.6 GiB: ``gpu-80g``), so the router (experiments.routing) sends it the runs that fit. The GPUs are read
+reports 79.6 GiB: ``gpu-80g``), so the router (experiments.domain.routing) sends it the runs that fit. The GPUs are read
 through NVML (workers.gpus), whose indices are in PCI bus order; the workers get ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
 so that CUDA numbers the GPUs the same way.
 
@@ -25,8 +25,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from experiments import routing
-from experiments.fleet import FleetError, validate_queue_name
+from experiments.domain import routing
+from experiments.services.fleet import FleetError, validate_queue_name
 from workers import gpus
 
 POLL_INTERVAL_S = 0.5

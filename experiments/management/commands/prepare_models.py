@@ -17,8 +17,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from experiments import services
 from experiments.models import ModelSpec, Task, Team
+from experiments.services import records
 
 # (registered name, packaged model, task). A BERT encoder registered for classification gets a fresh head: a
 # teacher on a topic dataset is fine-tuned from it first (a run here), students can be derived from it.
@@ -111,7 +111,7 @@ class Command(BaseCommand):
             notes += (f" Registered as a {num_labels}-class classifier: the classification head is new, so "
                       "fine-tune it (a hard-label run) before using it as a teacher.")
         try:
-            services.model_spec_create(
+            records.model_spec_create(
                 team=team, created_by=None, name=name, source=ModelSpec.Source.HF,
                 local_path=str(result.path), task=task,
                 num_labels=num_labels if task == "classification" else 0,

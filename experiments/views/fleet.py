@@ -17,7 +17,8 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.views.decorators.http import require_GET, require_POST
 
-from . import fleet
+from experiments.selectors import fleet as fleet_reads
+from experiments.services import fleet as fleet_writes
 
 View = Callable[..., HttpResponse]
 
@@ -35,7 +36,7 @@ def staff_required(view: View) -> View:
 @staff_required
 @require_GET
 def worker_list(request: HttpRequest) -> HttpResponse:
-    rows, orphans = fleet.worker_rows()
+    rows, orphans = fleet_reads.worker_rows()
     context = {"rows": rows, "orphans": orphans, "offline_after_s": settings.WORKER_OFFLINE_AFTER_S}
     return TemplateResponse(request, "experiments/worker_list.html", context)
 
@@ -43,9 +44,9 @@ def worker_list(request: HttpRequest) -> HttpResponse:
 @staff_required
 @require_GET
 def worker_list_json(request: HttpRequest) -> JsonResponse:
-    rows, orphans = fleet.worker_rows()
+    rows, orphans = fleet_reads.worker_rows()
     return JsonResponse({
-        "workers": [fleet.worker_row_data(row) for row in rows],
+        "workers": [fleet_reads.worker_row_data(row) for row in rows],
         "orphans": [run.pk for run in orphans],
     })
 
@@ -53,7 +54,7 @@ def worker_list_json(request: HttpRequest) -> JsonResponse:
 def _act(request: HttpRequest, action: Callable[[], str]) -> HttpResponse:
     try:
         messages.success(request, action())
-    except fleet.FleetError as exc:
+    except fleet_writes.FleetError as exc:
         messages.error(request, str(exc))
     return redirect("experiments:worker_list")
 
@@ -61,30 +62,30 @@ def _act(request: HttpRequest, action: Callable[[], str]) -> HttpResponse:
 @staff_required
 @require_POST
 def worker_drain(request: HttpRequest, worker_id: int) -> HttpResponse:
-    return _act(request, lambda: fleet.worker_drain(worker_id=worker_id))
+    return _act(request, lambda: fleet_writes.worker_drain(worker_id=worker_id))
 
 
 @staff_required
 @require_POST
 def worker_resume(request: HttpRequest, worker_id: int) -> HttpResponse:
-    return _act(request, lambda: fleet.worker_resume(worker_id=worker_id))
+    return _act(request, lambda: fleet_writes.worker_resume(worker_id=worker_id))
 
 
 @staff_required
 @require_POST
 def worker_shutdown(request: HttpRequest, worker_id: int) -> HttpResponse:
-    return _act(request, lambda: fleet.worker_shutdown(worker_id=worker_id))
+    return _act(request, lambda: fleet_writes.worker_shutdown(worker_id=worker_id))
 
 
 @staff_required
 @require_POST
 def worker_add_queue(request: HttpRequest, worker_id: int) -> HttpResponse:
     queue = request.POST.get("queue", "")
-    return _act(request, lambda: fleet.worker_add_queue(worker_id=worker_id, queue=queue))
+    return _act(request, lambda: fleet_writes.worker_add_queue(worker_id=worker_id, queue=queue))
 
 
 @staff_required
 @require_POST
 def worker_remove_queue(request: HttpRequest, worker_id: int) -> HttpResponse:
     queue = request.POST.get("queue", "")
-    return _act(request, lambda: fleet.worker_remove_queue(worker_id=worker_id, queue=queue))
+    return _act(request, lambda: fleet_writes.worker_remove_queue(worker_id=worker_id, queue=queue))

@@ -38,11 +38,10 @@ from django.db.models import Count, F, FloatField, Func, Window
 from django.db.models.functions import Cast, RowNumber
 from django.utils import timezone
 
+from experiments.domain import engine_config, routing, sweeps
+from experiments.domain.specs import model_kind
+from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Worker
 from workers.engine.memory import MODEL_COMPONENTS, MemoryEstimate, host_memory_bytes
-
-from . import engine_config, routing, sweeps
-from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Worker
-from .validation import model_kind
 
 LEVELS = ("ok", "notice", "unknown", "warning", "error")  # by severity
 # Past runs count as similar when their length is within this factor of the planned one.

@@ -34,10 +34,9 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
+from experiments.domain.engine_config import RUN_OUTPUT_RE
+from experiments.models import Run, Worker
 from workers.engine.memory import GIB, MIB, MemoryEstimate, ModelShapeReader, estimate_run_memory, size_text
-
-from .engine_config import RUN_OUTPUT_RE
-from .models import Run, Worker
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,5 @@
-"""Size limits for uploaded dataset files, enforced while the request body is read.
-
-A request that announces a body over the limit (``CONTENT_LENGTH``) is refused before it is read at all; for a
-client that sends no length, or a wrong one, :class:`CappedUploadHandler` stops the upload as soon as more bytes
-have arrived than the limit allows, so an oversized file is never kept in memory or in a temporary file.
-"""
+"""The upload cap applied while a request's body is read: a body announced too large is not read at all, and a
+file that grows past the cap is cut off (the view then shows the field error)."""
 
 from __future__ import annotations
 
@@ -13,18 +9,6 @@ from django.http import HttpRequest
 # What the other fields of a multipart form (and the part headers) may add to the body besides the file itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
 
-
-def size_text(num_bytes: int) -> str:
-    """``50 MiB``, ``512 KiB`` or ``100 bytes``: the limit as a person reads it."""
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if num_bytes >= size:
-            value = num_bytes / size
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{num_bytes} bytes"
-
-
-def too_large_message(cap: int) -> str:
-    return f"The file is larger than the {size_text(cap)} limit."
 
 
 def content_length(request: HttpRequest) -> int | None:
@@ -64,3 +48,6 @@ class CappedUploadHandler(FileUploadHandler):
 
     def file_complete(self, file_size: int) -> None:
         return None  # the next handler (memory or temporary file) builds the uploaded file
+
+
+# File types an uploaded dataset may have (the engine reads them by suffix); the stored file gets the same suffix.

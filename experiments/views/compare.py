@@ -22,10 +22,14 @@ from django.utils.http import content_disposition_header
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET
 
-from . import export, plots, selectors
-from .domain import leaderboard as board
-from .forms_compare import MAX_COMPARE_RUNS, CompareForm, LeaderboardQueryForm
-from .models import Run
+from experiments import export, plots
+from experiments.domain import leaderboard as board
+from experiments.forms_compare import MAX_COMPARE_RUNS, CompareForm, LeaderboardQueryForm
+from experiments.models import Run
+from experiments.selectors import compare as compare_reads
+from experiments.selectors import curves as curves_reads
+from experiments.selectors import leaderboard as leaderboard_reads
+from experiments.selectors import records
 
 
 # --- compare ------------------------------------------------------------------------------------------
@@ -38,15 +42,15 @@ def compare(request: HttpRequest) -> HttpResponse:
     run_ids: list[int] = form.cleaned_data["runs"] if form.is_bound else []
     if not run_ids:
         return TemplateResponse(request, "experiments/compare.html", context)
-    runs = selectors.compare_run_list(user=request.user, run_ids=run_ids)
+    runs = compare_reads.compare_run_list(user=request.user, run_ids=run_ids)
     if len(runs) != len(run_ids):
         raise Http404("Some of these runs do not exist or belong to a team you are not in.")
-    comparison = selectors.run_comparison(runs=runs)
-    names = selectors.metric_names(run_ids=run_ids)
+    comparison = compare_reads.run_comparison(runs=runs)
+    names = curves_reads.metric_names(run_ids=run_ids)
     curve = form.cleaned_data["metric"] if form.cleaned_data["metric"] in names else _default_curve(
         names, comparison.metric)
     cost = form.cleaned_data["cost"] or "params"
-    curves = selectors.metric_curves(run_ids=run_ids, name=curve) if curve else {}
+    curves = curves_reads.metric_curves(run_ids=run_ids, name=curve) if curve else {}
     pareto_figure, optimal = _pareto(comparison, cost)
     context |= {
         "runs": runs,
@@ -65,7 +69,7 @@ def compare(request: HttpRequest) -> HttpResponse:
     return TemplateResponse(request, "experiments/compare.html", context)
 
 
-def _default_curve(names: list[str], metric: selectors.PrimaryMetric) -> str:
+def _default_curve(names: list[str], metric: leaderboard_reads.PrimaryMetric) -> str:
     """The eval curve of the ranking metric when logged, else the training loss, else the first metric."""
     for name in (f"eval/{metric.name}", "loss"):
         if name in names:
@@ -77,14 +81,14 @@ def _run_label(run: Run) -> str:
     return f"#{run.pk} {run.student} · {'baseline' if run.is_baseline else run.recipe} · s{run.seed}"
 
 
-def _curves_figure(runs: list[Run], curves: selectors.Curves, name: str) -> dict[str, Any]:
+def _curves_figure(runs: list[Run], curves: curves_reads.Curves, name: str) -> dict[str, Any]:
     return plots.compare_figure(
         (plots.Curve(_run_label(r), *curves[r.pk], dashed=r.is_baseline) for r in runs if r.pk in curves),
         metric=name,
     )
 
 
-def _pareto(comparison: selectors.Comparison, cost: str) -> tuple[dict[str, Any], set[int]]:
+def _pareto(comparison: compare_reads.Comparison, cost: str) -> tuple[dict[str, Any], set[int]]:
     """The Pareto figure and the ids of the runs on the frontier (quality vs ``cost``; teachers left out)."""
 
     def cost_of(evaluation: Any) -> float | None:
@@ -102,7 +106,7 @@ def _pareto(comparison: selectors.Comparison, cost: str) -> tuple[dict[str, Any]
         for row, c, flag in zip(comparison.rows, costs, flags, strict=True)
     ]
     points += [
-        plots.ParetoPoint(f"teacher {e.model}", cost_of(e), selectors.metric_value(e, metric), teacher=True)
+        plots.ParetoPoint(f"teacher {e.model}", cost_of(e), leaderboard_reads.metric_value(e, metric), teacher=True)
         for e in comparison.teachers
     ]
     figure = plots.pareto_figure(points, cost_label="parameters" if cost == "params" else "latency (ms)",
@@ -111,7 +115,7 @@ def _pareto(comparison: selectors.Comparison, cost: str) -> tuple[dict[str, Any]
     return figure, {row.run.pk for row, flag in zip(comparison.rows, flags, strict=True) if flag}
 
 
-def _heatmap_figure(comparison: selectors.Comparison) -> dict[str, Any] | None:
+def _heatmap_figure(comparison: compare_reads.Comparison) -> dict[str, Any] | None:
     grid = comparison.grid
     if grid is None:
         return None
@@ -125,7 +129,7 @@ def _heatmap_figure(comparison: selectors.Comparison) -> dict[str, Any] | None:
 @require_GET
 def run_config_json(request: HttpRequest, run_id: int) -> JsonResponse:
     """The run's frozen config exactly as its worker received it (before paths are made absolute)."""
-    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    run = get_object_or_404(records.run_list(user=request.user), pk=run_id)
     response = JsonResponse(run.config, safe=False, json_dumps_params={"indent": 2, "sort_keys": True})
     response["Content-Disposition"] = content_disposition_header(False, f"run-{run.pk}-config.json")
     return response
@@ -134,7 +138,7 @@ def run_config_json(request: HttpRequest, run_id: int) -> JsonResponse:
 @require_GET
 def run_model_download(request: HttpRequest, run_id: int) -> HttpResponse:
     """The finished student as a zipped Hugging Face folder with a model card (see experiments.export)."""
-    runs = selectors.run_list(user=request.user).select_related("experiment__dataset", "student__parent")
+    runs = records.run_list(user=request.user).select_related("experiment__dataset", "student__parent")
     run = get_object_or_404(runs, pk=run_id)
     try:
         model = export.model_export(run=run)
@@ -152,10 +156,10 @@ LEADERBOARD_PAGE_ROWS = 50
 
 @require_GET
 def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
-    dataset = get_object_or_404(selectors.dataset_spec_list(user=request.user), pk=dataset_id)
+    dataset = get_object_or_404(records.dataset_spec_list(user=request.user), pk=dataset_id)
     query = LeaderboardQueryForm(request.GET or None)
     chosen = query.filters()
-    benchmark = selectors.leaderboard_benchmark(
+    benchmark = leaderboard_reads.leaderboard_benchmark(
         user=request.user, dataset=dataset, metric_name=chosen.get("metric", ""),
         split_key=chosen.get("split", ""), scope=chosen.get("scope", "team"),
     )
@@ -186,8 +190,8 @@ def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
     return TemplateResponse(request, "experiments/leaderboard.html", context)
 
 
-def _leaderboard_csv(request: HttpRequest, benchmark: selectors.Benchmark,
-                     rows: list[selectors.LeaderboardRow]) -> HttpResponse:
+def _leaderboard_csv(request: HttpRequest, benchmark: leaderboard_reads.Benchmark,
+                     rows: list[leaderboard_reads.LeaderboardRow]) -> HttpResponse:
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     name = f"leaderboard-{slugify(benchmark.dataset.name) or benchmark.dataset.pk}-{benchmark.metric.name}.csv"
     response["Content-Disposition"] = content_disposition_header(True, name)

@@ -1,7 +1,7 @@
 """Team pages: the user's teams, one team's members, what a lead changes there, and the header's team switch.
 
 A team the user is not in gives 404 (staff see every team). Membership changes are POSTs that only a lead of
-the team (or staff) may make: others get 403. The forms here only validate; ``experiments.teams`` decides.
+the team (or staff) may make: others get 403. The forms here only validate; ``experiments.services.teams`` decides.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from django.template.response import TemplateResponse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
-from . import teams
-from .models import Membership, Team
+from experiments.models import Membership, Team
+from experiments.selectors import teams as teams_reads
+from experiments.services import teams as teams_writes
 
 
 class MemberAddForm(forms.Form):
@@ -36,13 +37,13 @@ class TeamSwitchForm(forms.Form):
 
 
 def _team(request: HttpRequest, team_id: int) -> Team:
-    return get_object_or_404(teams.team_list(user=request.user), pk=team_id)
+    return get_object_or_404(teams_reads.team_summaries(user=request.user), pk=team_id)
 
 
 def _managed_team(request: HttpRequest, team_id: int) -> Team:
     """The team whose membership the request changes: 404 if the user is not in it, 403 if not a lead."""
     team = _team(request, team_id)
-    if not teams.can_manage(user=request.user, team=team):
+    if not teams_reads.can_manage(user=request.user, team=team):
         raise PermissionDenied("Only a lead of this team can change its members.")
     return team
 
@@ -52,8 +53,8 @@ def _membership(team: Team, membership_id: int) -> Membership:
 
 
 @require_GET
-def team_list(request: HttpRequest) -> HttpResponse:
-    return TemplateResponse(request, "experiments/team_list.html", {"teams": teams.team_list(user=request.user)})
+def team_list_page(request: HttpRequest) -> HttpResponse:
+    return TemplateResponse(request, "experiments/team_list.html", {"teams": teams_reads.team_summaries(user=request.user)})
 
 
 @require_GET
@@ -65,8 +66,8 @@ def team_detail(request: HttpRequest, team_id: int) -> HttpResponse:
 def _render_team(request: HttpRequest, team: Team, add_form: MemberAddForm) -> HttpResponse:
     context = {
         "team": team,
-        "members": teams.team_members(team=team),
-        "can_manage": teams.can_manage(user=request.user, team=team),
+        "members": teams_reads.team_members(team=team),
+        "can_manage": teams_reads.can_manage(user=request.user, team=team),
         "add_form": add_form,
         "roles": Membership.Role.choices,
     }
@@ -79,7 +80,7 @@ def team_member_add(request: HttpRequest, team_id: int) -> HttpResponse:
     form = MemberAddForm(request.POST)
     if form.is_valid():
         try:
-            membership = teams.team_member_add(team=team, by=request.user, **form.cleaned_data)
+            membership = teams_writes.team_member_add(team=team, by=request.user, **form.cleaned_data)
         except ValidationError as exc:
             for field, errors in exc.message_dict.items():
                 for error in errors:
@@ -99,7 +100,7 @@ def team_member_role(request: HttpRequest, team_id: int, membership_id: int) -> 
         messages.error(request, "Choose a role: member or lead.")
         return redirect("experiments:team_detail", team_id=team.pk)
     try:
-        membership = teams.team_member_set_role(membership=membership, role=form.cleaned_data["role"],
+        membership = teams_writes.team_member_set_role(membership=membership, role=form.cleaned_data["role"],
                                                 by=request.user)
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
@@ -113,7 +114,7 @@ def team_member_remove(request: HttpRequest, team_id: int, membership_id: int) -
     team = _managed_team(request, team_id)
     membership = _membership(team, membership_id)
     try:
-        teams.team_member_remove(membership=membership, by=request.user)
+        teams_writes.team_member_remove(membership=membership, by=request.user)
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
         return redirect("experiments:team_detail", team_id=team.pk)
@@ -131,7 +132,7 @@ def team_switch(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         return HttpResponseBadRequest("Choose a team from the list.")
     try:
-        teams.select_team(request, team_id=form.cleaned_data["team"])
+        teams_writes.select_team(request, team_id=form.cleaned_data["team"])
     except ValidationError:
         return HttpResponseBadRequest("You are not in that team.")
     target = form.cleaned_data["next"]

@@ -16,7 +16,12 @@ from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from . import forms, preflight, selectors, services, teams
+from experiments import forms
+from experiments.domain import preflight
+from experiments.selectors import records as records_reads
+from experiments.selectors import teams
+from experiments.services import launch
+from experiments.services import records as records_writes
 
 
 def _render(request: HttpRequest, form: forms.ExperimentForm, *, report: preflight.Report | None = None,
@@ -39,7 +44,7 @@ def experiment_create(request: HttpRequest) -> HttpResponse:
     form = forms.ExperimentForm(request.POST, user=request.user, default_team=teams.selected_team(request))
     if form.is_valid():
         try:
-            experiment = services.experiment_create(created_by=request.user, **form.service_kwargs())
+            experiment = launch.experiment_create(created_by=request.user, **form.service_kwargs())
         except ValidationError as exc:
             forms.add_service_errors(form, exc)
         else:
@@ -52,7 +57,7 @@ def _copy_source(request: HttpRequest):
     source_id = request.GET.get("copy", "")
     if not source_id.isdigit():
         return None
-    return selectors.experiment_list(user=request.user).filter(pk=source_id).first()
+    return records_reads.experiment_list(user=request.user).filter(pk=source_id).first()
 
 
 @require_POST
@@ -67,9 +72,9 @@ def experiment_check(request: HttpRequest) -> HttpResponse:
         try:
             if derive and teacher is not None:  # counted and checked like the student it will become
                 kwargs["students"] = [*kwargs["students"],
-                                      services.derived_student_preview(parent=teacher, layers=derive)]
+                                      records_writes.derived_student_preview(parent=teacher, layers=derive)]
             report = preflight.experiment_preflight(**kwargs)
-            services.experiment_validate(team=form.cleaned_data["team"],
+            launch.experiment_validate(team=form.cleaned_data["team"],
                                          teacher_weights=form.cleaned_data.get("teacher_weights") or [],
                                          **kwargs)
         except ValidationError as exc:
@@ -80,7 +85,7 @@ def experiment_check(request: HttpRequest) -> HttpResponse:
 @require_GET
 def experiment_clone(request: HttpRequest, experiment_id: int) -> HttpResponse:
     """The experiment form pre-filled from an experiment of the user's teams (its sweep included)."""
-    source = get_object_or_404(selectors.experiment_list(user=request.user), pk=experiment_id)
+    source = get_object_or_404(records_reads.experiment_list(user=request.user), pk=experiment_id)
     default_team = teams.selected_team(request)
     form = forms.ExperimentForm(user=request.user, default_team=default_team, initial=forms.experiment_initial(source))
     return _render(request, form, source=str(source))
@@ -89,7 +94,7 @@ def experiment_clone(request: HttpRequest, experiment_id: int) -> HttpResponse:
 @require_GET
 def run_clone(request: HttpRequest, run_id: int) -> HttpResponse:
     """The experiment form pre-filled to train one run again with its concrete values, ready to edit."""
-    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    run = get_object_or_404(records_reads.run_list(user=request.user), pk=run_id)
     default_team = teams.selected_team(request)
     form = forms.ExperimentForm(user=request.user, default_team=default_team, initial=forms.run_initial(run))
     return _render(request, form, source=f"run #{run.pk} of {run.experiment}")

@@ -1,203 +1,121 @@
-"""The GPU worker fleet: reads for the staff console and the home page, and console actions.
-
-Actions act on real workers through Celery's remote control (``cancel_consumer`` / ``add_consumer`` /
-``shutdown``, sent to that worker only) and record the result on the Worker row only once the worker has
-answered. Every refusal is a ``FleetError`` whose text is meant for the page.
-"""
+"""The worker fleet's writes: registration, heartbeats and the offline sweep (the Worker rows are written here
+only), and the staff's remote-control commands (drain, resume, shutdown, queues)."""
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from amqp.exceptions import ChannelError
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
-from django.urls import reverse
 from django.utils import timezone
 from kombu.exceptions import KombuError
 
 from distillweb.celery import app as celery_app
-
-from . import selectors
-from .broker import timeout_options
-from .humanize import ago
-from .models import Run, Worker
+from experiments.broker import timeout_options
+from experiments.models import (
+    Worker,
+)
+from experiments.selectors import fleet as fleet_reads
 
 logger = logging.getLogger(__name__)
 
-QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-GPU_BUSY_UTILIZATION_PCT = 10
-GIB = 1024**3
+
+class WorkerNameInUse(Exception):
+    """Another live worker process holds this Celery node name."""
+
+
+def _holds_name(worker: Worker, *, hostname: str, pid: int, now: datetime,
+                pid_alive: Callable[[int], bool] | None) -> bool:
+    """Whether ``worker`` is a different process that still owns its name (online, with a fresh heartbeat).
+
+    ``pid_alive`` lets a worker on the same host tell that the previous holder of its name has died (a restart
+    after a crash), instead of waiting for its heartbeat to go stale.
+    """
+    if worker.state == Worker.State.OFFLINE or worker.last_heartbeat is None:
+        return False
+    if (worker.hostname, worker.pid) == (hostname, pid):
+        return False
+    if now - worker.last_heartbeat > timedelta(seconds=settings.WORKER_OFFLINE_AFTER_S):
+        return False
+    if worker.hostname == hostname and worker.pid is not None and pid_alive is not None:
+        return pid_alive(worker.pid)
+    return True
+
+
+@transaction.atomic
+def worker_register(*, name: str, hostname: str, pid: int, queues: list[str], versions: dict[str, str],
+                    pid_alive: Callable[[int], bool] | None = None, memory_total_bytes: int | None = None) -> Worker:
+    """Register a worker, or raise WorkerNameInUse when another live worker process holds the name.
+
+    ``memory_total_bytes``: the RAM its runs may use (pre-flight checks CPU runs against it)."""
+    now = timezone.now()
+    current = Worker.objects.select_for_update().filter(name=name).first()
+    if current is not None and _holds_name(current, hostname=hostname, pid=pid, now=now, pid_alive=pid_alive):
+        logger.error("refused to register worker %s (pid %s on %s): pid %s on %s holds that name and is online",
+                     name, pid, hostname, current.pid, current.hostname)
+        raise WorkerNameInUse(
+            f"Worker {name} is online as pid {current.pid} on {current.hostname}; start this worker with another "
+            f"node name (-n)."
+        )
+    worker, _ = Worker.objects.update_or_create(
+        name=name,
+        defaults={"hostname": hostname, "pid": pid, "queues": queues, "versions": versions,
+                  "state": Worker.State.ONLINE, "started_at": now, "last_heartbeat": now,
+                  "memory_total_bytes": memory_total_bytes},
+    )
+    return worker
+
+
+def worker_heartbeat(*, name: str, gpus: list[dict] | None = None, hostname: str | None = None,
+                     pid: int | None = None) -> bool:
+    """Record a heartbeat (and the GPUs). With ``hostname`` and ``pid``, only the process that registered the name
+    beats for it. False when there is no such row or it is marked offline (see ``worker_revive``)."""
+    fields: dict[str, Any] = {"last_heartbeat": timezone.now()}
+    if gpus is not None:
+        fields["gpus"] = gpus
+    workers = Worker.objects.filter(name=name).exclude(state=Worker.State.OFFLINE)
+    if hostname is not None and pid is not None:
+        workers = workers.filter(hostname=hostname, pid=pid)
+    return bool(workers.update(**fields))
+
+
+@transaction.atomic
+def worker_revive(*, name: str, hostname: str, pid: int, consuming: list[str]) -> bool:
+    """Bring back a worker that the offline sweep marked offline while it was only silent (a database outage).
+
+    It comes back ``online`` on the queues it consumes now, or ``draining`` (its queues kept for resume) when it
+    consumes none. False when the row belongs to another process or is not offline.
+    """
+    worker = (Worker.objects.select_for_update()
+              .filter(name=name, hostname=hostname, pid=pid, state=Worker.State.OFFLINE).first())
+    if worker is None:
+        return False
+    worker.last_heartbeat = timezone.now()
+    if consuming:
+        worker.state, worker.queues = Worker.State.ONLINE, sorted(consuming)
+    else:
+        worker.state = Worker.State.DRAINING
+    worker.save(update_fields=["last_heartbeat", "state", "queues"])
+    logger.info("worker %s is heartbeating again; back as %s", name, worker.state)
+    return True
+
+
+def worker_mark_offline(*, name: str, hostname: str | None = None, pid: int | None = None) -> None:
+    """Mark a worker offline; with ``hostname`` and ``pid``, only if that process still holds the name."""
+    workers = Worker.objects.filter(name=name)
+    if hostname is not None and pid is not None:
+        workers = workers.filter(hostname=hostname, pid=pid)
+    workers.update(state=Worker.State.OFFLINE)
 
 
 class FleetError(Exception):
     """A console action that could not be done; the message says why, for the page."""
 
 
-# --- reads ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GpuView:
-    """One GPU from a heartbeat, with its display text computed once (for the page and the JSON)."""
-
-    index: int | None
-    name: str
-    uuid: str
-    memory_used_bytes: int | None
-    memory_total_bytes: int | None
-    memory_pct: int
-    memory_text: str
-    utilization_pct: int | None
-    utilization_text: str
-    temperature_c: int | None
-    temperature_text: str
-    busy: bool
-
-
-@dataclass
-class WorkerRow:
-    worker: Worker
-    heartbeat_age_s: float | None
-    offline: bool
-    runs: list[Run]
-    gpus: list[GpuView] = field(default_factory=list)
-
-    @property
-    def state(self) -> str:
-        """What the worker is now: its recorded state, or offline when it has gone silent."""
-        return Worker.State.OFFLINE if self.offline else self.worker.state
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return None if value is None or isinstance(value, bool) else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def gpu_views(raw: Any, *, has_run: bool) -> list[GpuView]:
-    """The GPUs of a heartbeat (JSON from the worker) as display rows; malformed entries are skipped."""
-    views = []
-    for gpu in raw if isinstance(raw, list) else []:
-        if not isinstance(gpu, dict):
-            continue
-        used, total = _int_or_none(gpu.get("memory_used_bytes")), _int_or_none(gpu.get("memory_total_bytes"))
-        util = _int_or_none(gpu.get("utilization_pct"))
-        temperature = _int_or_none(gpu.get("temperature_c"))
-        known = used is not None and total
-        views.append(GpuView(
-            index=_int_or_none(gpu.get("index")),
-            name=str(gpu.get("name", "GPU")),
-            uuid=str(gpu.get("uuid", "")),
-            memory_used_bytes=used,
-            memory_total_bytes=total,
-            memory_pct=max(0, min(100, round(100 * used / total))) if known else 0,
-            memory_text=f"{used / GIB:.1f} / {total / GIB:.1f} GiB" if known else "memory unknown",
-            utilization_pct=util,
-            utilization_text=f"util {util}%" if util is not None else "util —",
-            temperature_c=temperature,
-            temperature_text=f"{temperature} °C" if temperature is not None else "— °C",
-            busy=has_run or (util is not None and util > GPU_BUSY_UTILIZATION_PCT),
-        ))
-    return views
-
-
-def _is_offline(worker: Worker, now: datetime) -> tuple[bool, float | None]:
-    age = (now - worker.last_heartbeat).total_seconds() if worker.last_heartbeat else None
-    offline = worker.state == Worker.State.OFFLINE or age is None or age > settings.WORKER_OFFLINE_AFTER_S
-    return offline, age
-
-
-def worker_rows() -> tuple[list[WorkerRow], list[Run]]:
-    """Every registered worker with its heartbeat age, runs and GPUs; and running runs no worker row claims."""
-    now = timezone.now()
-    current = selectors.worker_current_runs()
-    rows = []
-    for worker in selectors.worker_list():
-        offline, age = _is_offline(worker, now)
-        runs = current.pop(worker.name, [])
-        rows.append(WorkerRow(worker, age, offline, runs, gpu_views(worker.gpus, has_run=bool(runs))))
-    orphans = [run for runs in current.values() for run in runs]
-    return rows, orphans
-
-
-def worker_row_data(row: WorkerRow) -> dict[str, Any]:
-    """One row as plain JSON for the console's live refresh; the page inserts it as text, never as HTML."""
-    worker = row.worker
-    return {
-        "id": worker.pk,
-        "name": worker.name,
-        "hostname": worker.hostname,
-        "pid": worker.pid,
-        "state": row.state,
-        "reported_state": worker.state,
-        "offline": row.offline,
-        "heartbeat_age_s": row.heartbeat_age_s,
-        "heartbeat_text": ago(row.heartbeat_age_s),
-        "queues": list(worker.queues),
-        "gpus": [asdict(gpu) for gpu in row.gpus],
-        "runs": [
-            {"id": run.pk, "url": reverse("experiments:run_detail", args=[run.pk]),
-             "label": f"#{run.pk}", "detail": f"{run.experiment} · {run.step}/{run.total_steps}"}
-            for run in row.runs
-        ],
-    }
-
-
-def queue_depths(names: Iterable[str]) -> dict[str, int | None]:
-    """Messages waiting in each broker queue; None for all of them when the broker cannot say."""
-    names = sorted(set(names))
-    timeout = settings.WORKER_CONTROL_TIMEOUT_S
-    depths: dict[str, int | None] = {}
-    try:
-        with celery_app.connection_for_read(connect_timeout=timeout) as conn:
-            conn.ensure_connection(max_retries=0)  # a page must not wait on a broker that is down
-            channel = conn.default_channel
-            for name in names:
-                try:
-                    depths[name] = channel.queue_declare(name, passive=True).message_count
-                except ChannelError:
-                    # No such queue: nothing waits in it (Redis keeps no key for an empty list). AMQP closes
-                    # the channel after a failed passive declare, so continue on a new one.
-                    depths[name] = 0
-                    channel = conn.channel()
-    except (KombuError, OSError, NotImplementedError) as exc:
-        logger.warning("could not read queue depths from the broker: %s", exc)
-        return dict.fromkeys(names)
-    return depths
-
-
-@dataclass(frozen=True)
-class FleetSummary:
-    workers_online: int
-    workers_draining: int
-    gpus_busy: int
-    gpus_free: int
-    queue_depths: dict[str, int | None]
-
-
-def fleet_summary() -> FleetSummary:
-    """Workers online, GPUs busy/free on live workers, and the depth of every queue runs or workers use."""
-    rows, _ = worker_rows()
-    live = [row for row in rows if not row.offline]
-    gpus = [gpu for row in live for gpu in row.gpus]
-    queues = {settings.RUN_QUEUE, *(q for row in live for q in row.worker.queues)}
-    queues.update(Run.objects.filter(status=Run.Status.QUEUED).values_list("queue", flat=True).distinct())
-    return FleetSummary(
-        workers_online=sum(row.state == Worker.State.ONLINE for row in live),
-        workers_draining=sum(row.state == Worker.State.DRAINING for row in live),
-        gpus_busy=sum(gpu.busy for gpu in gpus),
-        gpus_free=sum(not gpu.busy for gpu in gpus),
-        queue_depths=queue_depths(queues),
-    )
-
-
-# --- writes ---------------------------------------------------------------------------------------
 def fleet_sweep() -> int:
     """Mark every worker whose last heartbeat is older than WORKER_OFFLINE_AFTER_S offline."""
     stale = timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER_S)
@@ -208,7 +126,7 @@ def fleet_sweep() -> int:
 
 def validate_queue_name(name: str) -> str:
     name = (name or "").strip()
-    if not QUEUE_NAME_RE.fullmatch(name):
+    if not fleet_reads.QUEUE_NAME_RE.fullmatch(name):
         raise FleetError(
             "A queue name is 1–64 letters, digits and the characters _ . : - (for example gpu-80g)."
         )
@@ -220,7 +138,7 @@ def _live_worker(worker_id: int) -> Worker:
     worker = Worker.objects.filter(pk=worker_id).first()
     if worker is None:
         raise FleetError("There is no such worker; it may have been removed. Reload the worker list.")
-    offline, age = _is_offline(worker, timezone.now())
+    offline, age = fleet_reads.is_offline(worker, timezone.now())
     if offline:
         since = f"its last heartbeat was {age:.0f} s ago" if age is not None else "it never sent a heartbeat"
         raise FleetError(f"Worker {worker.name} is offline ({since}), so it cannot take commands. "

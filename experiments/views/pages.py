@@ -19,10 +19,16 @@ from django.template.response import TemplateResponse
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 
-from . import fleet, forms, plots, routing, selectors, services, teams, uploads, validation
-from .engine_config import TRAIN_DEFAULTS
-from .listing import list_page
-from .models import DatasetSpec, Experiment, Run
+from experiments import forms, plots
+from experiments.domain import routing, specs, uploads
+from experiments.domain.engine_config import TRAIN_DEFAULTS
+from experiments.listing import list_page
+from experiments.models import DatasetSpec, Experiment, Run
+from experiments.selectors import curves, fleet, leaderboard, teams
+from experiments.selectors import records as records_reads
+from experiments.services import lifecycle
+from experiments.services import records as records_writes
+from experiments.views.uploads import CappedUploadHandler, announced_too_large
 
 ACTIVE = (Run.Status.QUEUED, Run.Status.RUNNING)
 
@@ -33,13 +39,13 @@ def home(request: HttpRequest) -> HttpResponse:
     user = request.user
     fleet_summary = fleet.fleet_summary()
     context = {
-        **selectors.home_summary(user=user),
+        **records_reads.home_summary(user=user),
         "fleet": fleet_summary,
         "workers_online": fleet_summary.workers_online,
-        "model_count": selectors.model_spec_list(user=user).count(),
-        "dataset_count": selectors.dataset_spec_list(user=user).count(),
-        "recipe_count": selectors.recipe_list(user=user).count(),
-        "has_team": selectors.team_list(user=user).exists(),
+        "model_count": records_reads.model_spec_list(user=user).count(),
+        "dataset_count": records_reads.dataset_spec_list(user=user).count(),
+        "recipe_count": records_reads.recipe_list(user=user).count(),
+        "has_team": teams.team_list(user=user).exists(),
     }
     return TemplateResponse(request, "experiments/home.html", context)
 
@@ -78,7 +84,7 @@ def _list_context(
 
 @require_GET
 def model_list(request: HttpRequest) -> HttpResponse:
-    context = _list_context(request, selectors.model_spec_list(user=request.user), MODEL_SORTS, "name")
+    context = _list_context(request, records_reads.model_spec_list(user=request.user), MODEL_SORTS, "name")
     context["models"] = context["page"].object_list
     return TemplateResponse(request, "experiments/model_list.html", context)
 
@@ -88,7 +94,7 @@ def model_create(request: HttpRequest) -> HttpResponse:
     form = forms.ModelSpecForm(request.POST or None, user=request.user, default_team=default_team)
     if request.method == "POST" and form.is_valid():
         try:
-            spec = services.model_spec_create(
+            spec = records_writes.model_spec_create(
                 team=form.cleaned_data["team"], created_by=request.user, **form.service_fields()
             )
         except ValidationError as exc:
@@ -101,29 +107,29 @@ def model_create(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 def model_detail(request: HttpRequest, model_id: int) -> HttpResponse:
-    spec = get_object_or_404(selectors.model_spec_list(user=request.user), pk=model_id)
+    spec = get_object_or_404(records_reads.model_spec_list(user=request.user), pk=model_id)
     return _render_model(request, spec, forms.ModelDeriveForm(initial={"name": f"{spec.name}-student"[:120]}))
 
 
 def _render_model(request: HttpRequest, spec, derive_form: forms.ModelDeriveForm) -> HttpResponse:
-    runs = selectors.run_list(user=request.user).filter(Q(student=spec) | Q(teacher=spec))[:20]
+    runs = records_reads.run_list(user=request.user).filter(Q(student=spec) | Q(teacher=spec))[:20]
     context = {
         "spec": spec,
         "runs": runs,
         "derived": spec.derived.order_by("name"),
         # Only transformers models can be derived from (builtin nets have no layers to subset).
-        "derive_form": derive_form if validation.model_kind(spec) == "text" else None,
+        "derive_form": derive_form if specs.model_kind(spec) == "text" else None,
     }
     return TemplateResponse(request, "experiments/model_detail.html", context)
 
 
 @require_POST
 def model_derive(request: HttpRequest, model_id: int) -> HttpResponse:
-    parent = get_object_or_404(selectors.model_spec_list(user=request.user), pk=model_id)
+    parent = get_object_or_404(records_reads.model_spec_list(user=request.user), pk=model_id)
     form = forms.ModelDeriveForm(request.POST)
     if form.is_valid():
         try:
-            spec = services.model_derive(parent=parent, created_by=request.user, **form.service_kwargs())
+            spec = records_writes.model_derive(parent=parent, created_by=request.user, **form.service_kwargs())
         except ValidationError as exc:
             forms.add_service_errors(form, exc, {"__all__": "name", "config": "layers", "parent": "__all__"})
         else:
@@ -134,7 +140,7 @@ def model_derive(request: HttpRequest, model_id: int) -> HttpResponse:
 
 @require_GET
 def dataset_list(request: HttpRequest) -> HttpResponse:
-    context = _list_context(request, selectors.dataset_spec_list(user=request.user), DATASET_SORTS, "name")
+    context = _list_context(request, records_reads.dataset_spec_list(user=request.user), DATASET_SORTS, "name")
     context["datasets"] = context["page"].object_list
     return TemplateResponse(request, "experiments/dataset_list.html", context)
 
@@ -143,17 +149,17 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
 def dataset_create(request: HttpRequest) -> HttpResponse:
     """Register a dataset; an uploaded file over ``DATASET_UPLOAD_MAX_BYTES`` is refused before it is stored.
 
-    A body announced too large is not read at all. Otherwise :class:`~experiments.uploads.CappedUploadHandler`
+    A body announced too large is not read at all. Otherwise :class:`~experiments.views.CappedUploadHandler`
     goes first for this request, so a client that sends more than it announced is cut off while the body is read.
     """
     cap = settings.DATASET_UPLOAD_MAX_BYTES
     if request.method == "POST":
-        if uploads.announced_too_large(request, cap):
+        if announced_too_large(request, cap):
             default_team = teams.selected_team(request)
             form = forms.DatasetSpecForm(user=request.user, default_team=default_team,
                                          initial={"source": DatasetSpec.Source.UPLOAD})
             return _dataset_too_large(request, form, cap)
-        request.upload_handlers.insert(0, uploads.CappedUploadHandler(cap, request))
+        request.upload_handlers.insert(0, CappedUploadHandler(cap, request))
     return _dataset_create(request, cap)
 
 
@@ -163,12 +169,12 @@ def _dataset_create(request: HttpRequest, cap: int) -> HttpResponse:
     default_team = teams.selected_team(request)
     form = forms.DatasetSpecForm(request.POST if bound else None, request.FILES if bound else None,
                                  user=request.user, default_team=default_team)
-    capped = next((h for h in request.upload_handlers if isinstance(h, uploads.CappedUploadHandler)), None)
+    capped = next((h for h in request.upload_handlers if isinstance(h, CappedUploadHandler)), None)
     if bound and capped is not None and capped.exceeded:
         return _dataset_too_large(request, form, cap)
     if bound and form.is_valid():
         try:
-            dataset = services.dataset_spec_create(
+            dataset = records_writes.dataset_spec_create(
                 team=form.cleaned_data["team"], created_by=request.user, **form.service_fields()
             )
         except ValidationError as exc:
@@ -186,8 +192,8 @@ def _dataset_too_large(request: HttpRequest, form: forms.DatasetSpecForm, cap: i
 
 @require_GET
 def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
-    dataset = get_object_or_404(selectors.dataset_spec_list(user=request.user), pk=dataset_id)
-    experiments = selectors.experiment_list(user=request.user).filter(dataset=dataset)[:20]
+    dataset = get_object_or_404(records_reads.dataset_spec_list(user=request.user), pk=dataset_id)
+    experiments = records_reads.experiment_list(user=request.user).filter(dataset=dataset)[:20]
     return TemplateResponse(
         request, "experiments/dataset_detail.html", {"dataset": dataset, "experiments": experiments}
     )
@@ -195,7 +201,7 @@ def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
 
 @require_GET
 def recipe_list(request: HttpRequest) -> HttpResponse:
-    context = _list_context(request, selectors.recipe_list(user=request.user), RECIPE_SORTS, "name")
+    context = _list_context(request, records_reads.recipe_list(user=request.user), RECIPE_SORTS, "name")
     context["recipes"] = context["page"].object_list
     return TemplateResponse(request, "experiments/recipe_list.html", context)
 
@@ -215,7 +221,7 @@ def recipe_create(request: HttpRequest) -> HttpResponse:
     if bound and all([form.is_valid(), terms.is_valid()]):
         data = form.cleaned_data
         try:
-            recipe = services.recipe_create(
+            recipe = records_writes.recipe_create(
                 team=data["team"], created_by=request.user, name=data["name"], scheme=data["scheme"],
                 terms=terms.terms(), description=data["description"],
             )
@@ -231,17 +237,17 @@ def recipe_create(request: HttpRequest) -> HttpResponse:
 # --- experiments ----------------------------------------------------------------------------------
 @require_GET
 def experiment_list(request: HttpRequest) -> HttpResponse:
-    context = _list_context(request, selectors.experiment_list_rows(user=request.user), EXPERIMENT_SORTS,
+    context = _list_context(request, records_reads.experiment_list_rows(user=request.user), EXPERIMENT_SORTS,
                             "-created_at")
     page = context["page"]
-    page.object_list = selectors.experiment_rows(page.object_list)
+    page.object_list = records_reads.experiment_rows(page.object_list)
     return TemplateResponse(request, "experiments/experiment_list.html", context)
 
 
 @require_GET
 def experiment_detail(request: HttpRequest, experiment_id: int) -> HttpResponse:
-    experiment = get_object_or_404(selectors.experiment_list(user=request.user), pk=experiment_id)
-    runs = list(selectors.experiment_runs(experiment=experiment))
+    experiment = get_object_or_404(records_reads.experiment_list(user=request.user), pk=experiment_id)
+    runs = list(records_reads.experiment_runs(experiment=experiment))
     context = {
         **_experiment_live(experiment, runs),
         "experiment": experiment,
@@ -256,8 +262,8 @@ def experiment_detail(request: HttpRequest, experiment_id: int) -> HttpResponse:
 
 @require_GET
 def experiment_runs_json(request: HttpRequest, experiment_id: int) -> JsonResponse:
-    experiment = get_object_or_404(selectors.experiment_list(user=request.user), pk=experiment_id)
-    runs = list(selectors.experiment_runs(experiment=experiment))
+    experiment = get_object_or_404(records_reads.experiment_list(user=request.user), pk=experiment_id)
+    runs = list(records_reads.experiment_runs(experiment=experiment))
     live = _experiment_live(experiment, runs)
     data: dict[str, Any] = {
         "status": live["status"],
@@ -287,13 +293,13 @@ def _experiment_live(experiment: Experiment, runs: list[Run]) -> dict[str, Any]:
         "counts": {s: n for s, n in counts.items() if n},
         "done": done,
         "progress": int(100 * done / len(runs)) if runs else 0,
-        "status": selectors.experiment_status(experiment),
+        "status": records_reads.experiment_status(experiment),
         "active": counts["queued"] + counts["running"] > 0,
     }
 
 
 def _experiment_figure(experiment: Experiment, runs: list[Run]) -> dict[str, Any]:
-    series = selectors.experiment_metric_series(experiment=experiment, name="eval/accuracy")
+    series = curves.experiment_metric_series(experiment=experiment, name="eval/accuracy")
     by_id = {r.pk: r for r in runs}
     return plots.runs_figure(
         plots.Curve(f"#{r.pk} {r.student} · {r.recipe} · s{r.seed}", steps, values, dashed=r.is_baseline)
@@ -303,8 +309,8 @@ def _experiment_figure(experiment: Experiment, runs: list[Run]) -> dict[str, Any
 
 @require_POST
 def experiment_cancel(request: HttpRequest, experiment_id: int) -> HttpResponse:
-    experiment = get_object_or_404(selectors.experiment_list(user=request.user), pk=experiment_id)
-    n = services.experiment_cancel(experiment=experiment)
+    experiment = get_object_or_404(records_reads.experiment_list(user=request.user), pk=experiment_id)
+    n = lifecycle.experiment_cancel(experiment=experiment)
     if n:
         messages.success(request, f"Cancelling {n} unfinished run{'s' if n != 1 else ''}.")
     else:
@@ -315,7 +321,7 @@ def experiment_cancel(request: HttpRequest, experiment_id: int) -> HttpResponse:
 # --- runs -----------------------------------------------------------------------------------------
 @require_GET
 def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
-    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    run = get_object_or_404(records_reads.run_list(user=request.user), pk=run_id)
     return _render_run(request, run, forms.RegisterModelForm(initial={"name": _registered_name(run)}))
 
 
@@ -324,16 +330,16 @@ def _registered_name(run: Run) -> str:
 
 
 def _render_run(request: HttpRequest, run: Run, register_form: forms.RegisterModelForm) -> HttpResponse:
-    series = selectors.run_metric_series(run=run)
+    series = curves.run_metric_series(run=run)
     context = {
         "run": run,
         "figures": _run_figures(series),
-        "evaluations": selectors.run_evaluations(run=run),
+        "evaluations": records_reads.run_evaluations(run=run),
         "artifacts": run.artifacts.all(),
         "registered": run.registered_models.all(),
         "register_form": register_form,
         "queue_notice": routing.run_queue_notice(run=run),
-        "live": selectors.run_live_telemetry(run=run) if run.status == Run.Status.RUNNING else {},
+        "live": curves.run_live_telemetry(run=run) if run.status == Run.Status.RUNNING else {},
         "transitions": run.transitions.all(),
     }
     return TemplateResponse(request, "experiments/run_detail.html", context)
@@ -345,7 +351,7 @@ def _run_figures(series: dict[str, tuple[list[int], list[float]]]) -> dict[str, 
 
 @require_GET
 def run_status_json(request: HttpRequest, run_id: int) -> JsonResponse:
-    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    run = get_object_or_404(records_reads.run_list(user=request.user), pk=run_id)
     data: dict[str, Any] = {
         "id": run.pk,
         "status": run.status,
@@ -357,21 +363,21 @@ def run_status_json(request: HttpRequest, run_id: int) -> JsonResponse:
         "error": run.error,
         "html": render_to_string("experiments/_run_status.html", {
             "run": run,
-            "live": selectors.run_live_telemetry(run=run) if run.status == Run.Status.RUNNING else {},
+            "live": curves.run_live_telemetry(run=run) if run.status == Run.Status.RUNNING else {},
         }, request),
     }
     if request.GET.get("curves"):
-        data["figures"] = _run_figures(selectors.run_metric_series(run=run))
+        data["figures"] = _run_figures(curves.run_metric_series(run=run))
     return JsonResponse(data)
 
 
 @require_POST
 def run_cancel(request: HttpRequest, run_id: int) -> HttpResponse:
-    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    run = get_object_or_404(records_reads.run_list(user=request.user), pk=run_id)
     if run.is_terminal:
         messages.info(request, f"Run #{run.pk} had already finished ({run.status}).")
     else:
-        run = services.run_cancel(run=run)
+        run = lifecycle.run_cancel(run=run)
         messages.success(request, f"Run #{run.pk} cancelled." if run.is_terminal
                          else f"Run #{run.pk} will stop at its next check (within a few steps).")
     return redirect("experiments:run_detail", run_id=run.pk)
@@ -379,9 +385,9 @@ def run_cancel(request: HttpRequest, run_id: int) -> HttpResponse:
 
 @require_POST
 def run_requeue(request: HttpRequest, run_id: int) -> HttpResponse:
-    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    run = get_object_or_404(records_reads.run_list(user=request.user), pk=run_id)
     try:
-        run = services.run_requeue(run=run, reason=f"Requeued by {request.user.get_username()}.")
+        run = lifecycle.run_requeue(run=run, reason=f"Requeued by {request.user.get_username()}.")
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
     else:
@@ -392,11 +398,11 @@ def run_requeue(request: HttpRequest, run_id: int) -> HttpResponse:
 
 @require_POST
 def run_register_model(request: HttpRequest, run_id: int) -> HttpResponse:
-    run = get_object_or_404(selectors.run_list(user=request.user), pk=run_id)
+    run = get_object_or_404(records_reads.run_list(user=request.user), pk=run_id)
     form = forms.RegisterModelForm(request.POST)
     if form.is_valid():
         try:
-            spec = services.model_register_from_run(run=run, name=form.cleaned_data["name"], created_by=request.user)
+            spec = records_writes.model_register_from_run(run=run, name=form.cleaned_data["name"], created_by=request.user)
         except ValidationError as exc:
             forms.add_service_errors(form, exc, {"__all__": "name"})
         else:
@@ -408,5 +414,5 @@ def run_register_model(request: HttpRequest, run_id: int) -> HttpResponse:
 # --- leaderboards ---------------------------------------------------------------------------------
 @require_GET
 def leaderboard_index(request: HttpRequest) -> HttpResponse:
-    datasets = selectors.leaderboard_datasets(user=request.user).order_by("team__name", "name")
+    datasets = leaderboard.leaderboard_datasets(user=request.user).order_by("team__name", "name")
     return TemplateResponse(request, "experiments/leaderboard_index.html", {"datasets": datasets})

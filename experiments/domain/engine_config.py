@@ -15,7 +15,7 @@ from typing import Any
 
 from django.conf import settings
 
-from .models import DatasetSpec, Experiment, ModelSpec, Recipe, Run
+from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Run
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "max_steps": 500,
@@ -132,7 +132,7 @@ def build_run_config(
         # the choice of labelled rows.
         dataset["labelled_seed"] = seed
     if train.get("early_stopping_metric"):
-        from .validation import EARLY_STOPPING_METRICS
+        from experiments.domain.validation import EARLY_STOPPING_METRICS
 
         modes = EARLY_STOPPING_METRICS.get(experiment.dataset.task, {})
         train["early_stopping_mode"] = modes.get(train["early_stopping_metric"], "max")
@@ -178,7 +178,7 @@ def _run_models(config: dict[str, Any]) -> list[dict[str, Any]]:
 def recorded_model_folder(path: str) -> str:
     """The folder a ``run`` model's logical path (``runs/<id>/final``) names on disk: the final model its run
     recorded (written by the attempt that owned the run: ``runs/<id>/final-a<attempt>``), else the path itself."""
-    from .models import Artifact
+    from experiments.models import Artifact
 
     match = RUN_OUTPUT_RE.fullmatch(path)
     if match is None:
@@ -211,7 +211,7 @@ def allowed_paths(run_outputs: dict[str, str], *, run: Run, artifact_root: Path)
     and never from the stored config: the model and dataset roots, the run's team upload folder, and the model
     folders of the config's ``run`` sources (``run_outputs``: logical path → folder on disk) that are runs of the
     run's team (the engine refuses any other)."""
-    from .validation import upload_dir
+    from experiments.domain.uploads import upload_dir
 
     wanted = {int(m[1]): folder for path, folder in run_outputs.items() if (m := RUN_OUTPUT_RE.fullmatch(path))}
     same_team = set(Run.objects.filter(pk__in=wanted, team_id=run.team_id).values_list("pk", flat=True))

@@ -1,0 +1,472 @@
+"""Reads for the leaderboard and benchmarks: each finished run's evaluation beside its teacher's and its
+hard-label baseline, per split, ranked by the primary metric of its task."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, NamedTuple
+
+from django.db.models import (
+    Case,
+    Count,
+    JSONField,
+    Min,
+    Q,
+    QuerySet,
+    Value,
+    When,
+)
+from django.db.models.fields.json import KeyTransform
+
+from experiments.domain import sweeps
+from experiments.domain.leaderboard import sample_std
+from experiments.models import (
+    DatasetSpec,
+    Evaluation,
+    Experiment,
+    ModelSpec,
+    Recipe,
+    Run,
+)
+from experiments.selectors import records as records_reads
+
+
+@dataclass
+class LeaderboardRow:
+    experiment: Experiment
+    student: ModelSpec
+    recipe: Recipe
+    teacher: ModelSpec | None
+    is_baseline: bool
+    stage: str = ""
+    sweep: str = ""
+    """The row's point of its experiment's sweep, e.g. ``"lr=3e-4 τ=4"`` (empty when nothing is swept)."""
+    run_ids: list[int] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
+    gains: list[float] = field(default_factory=list)
+    params: int | None = None
+    latency_ms: float | None = None
+    teacher_accuracy: float | None = None
+    teacher_params: int | None = None
+    teacher_latency_ms: float | None = None
+    higher_is_better: bool = True
+    rank: int = 0
+    pareto: bool = False
+
+    @property
+    def family(self) -> str:
+        """The student's family (``mlp``, ``bert``, …; see :func:`model_family`)."""
+        return records_reads.model_family(self.student)
+
+    @property
+    def compression(self) -> float | None:
+        """Teacher parameters / student parameters."""
+        return self.teacher_params / self.params if self.teacher_params and self.params else None
+
+    @property
+    def speedup(self) -> float | None:
+        """Teacher latency / student latency (batch 1, on the workers that measured them)."""
+        return self.teacher_latency_ms / self.latency_ms if self.teacher_latency_ms and self.latency_ms else None
+
+    # Mean and spread are read many times per row (ranking, filters, plot, table) and only once the row holds
+    # all its seeds: computed once.
+    @cached_property
+    def mean(self) -> float:
+        return statistics.fmean(self.accuracies)
+
+    @cached_property
+    def std(self) -> float:
+        return sample_std(self.accuracies)
+
+    @property
+    def seeds(self) -> int:
+        return len(self.accuracies)
+
+    @property
+    def retention(self) -> float | None:
+        """Student score / teacher score (inverted for lower-is-better metrics such as perplexity)."""
+        if not self.teacher_accuracy or not self.mean:
+            return None
+        return self.mean / self.teacher_accuracy if self.higher_is_better else self.teacher_accuracy / self.mean
+
+    @property
+    def kd_gain(self) -> float | None:
+        return statistics.fmean(self.gains) if self.gains and not self.is_baseline else None
+
+    @property
+    def kd_gain_std(self) -> float | None:
+        return sample_std(self.gains) if len(self.gains) > 1 and not self.is_baseline else None
+
+
+@dataclass(frozen=True)
+class PrimaryMetric:
+    """What a dataset's leaderboard ranks by."""
+
+    name: str
+    label: str
+    higher_is_better: bool
+    percent: bool
+
+
+QUALITY_METRICS: dict[str, PrimaryMetric] = {
+    m.name: m
+    for m in (
+        PrimaryMetric("accuracy", "Accuracy", True, True),
+        PrimaryMetric("macro_f1", "Macro F1", True, True),
+        PrimaryMetric("agreement", "Agreement with teacher", True, True),
+        PrimaryMetric("nll", "NLL", False, False),
+        PrimaryMetric("ece", "Calibration error (ECE)", False, False),
+        PrimaryMetric("kl_to_teacher", "KL to teacher", False, False),
+        PrimaryMetric("perplexity", "Perplexity", False, False),
+        PrimaryMetric("bits_per_token", "Bits per token", False, False),
+        PrimaryMetric("cosine_to_teacher", "Cosine to teacher", True, False),
+    )
+}
+"""Eval metrics a leaderboard or a comparison can rank by, with their direction. Efficiency numbers (params,
+latency, throughput, memory) are not quality metrics: they are the other axis."""
+
+
+PRIMARY_METRICS = {
+    "classification": QUALITY_METRICS["accuracy"],
+    "causal_lm": QUALITY_METRICS["perplexity"],
+    "embedding": QUALITY_METRICS["cosine_to_teacher"],
+}
+
+
+def primary_metric(dataset: DatasetSpec) -> PrimaryMetric:
+    return PRIMARY_METRICS.get(dataset.task, PRIMARY_METRICS["classification"])
+
+
+def _score(accuracy: float | None, raw: Any, metric: PrimaryMetric) -> float | None:
+    """A score on ``metric`` from an evaluation's accuracy column and the metric's raw JSON value (None when it
+    was not measured, or is not a number)."""
+    if metric.name == "accuracy" and accuracy is not None:
+        return accuracy
+    return float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else None
+
+
+def _metric_value(evaluation: Evaluation, metric: PrimaryMetric) -> float | None:
+    return _score(evaluation.accuracy, (evaluation.metrics or {}).get(metric.name), metric)
+
+
+def metric_value(evaluation: Evaluation | None, metric: PrimaryMetric) -> float | None:
+    """An evaluation's score on ``metric`` (None when it was not measured)."""
+    return _metric_value(evaluation, metric) if evaluation is not None else None
+
+
+def evaluation_metric_names(evaluations: Iterable[Evaluation], *, primary: PrimaryMetric) -> list[PrimaryMetric]:
+    """The quality metrics present in ``evaluations``: the primary one first, then in QUALITY_METRICS order."""
+    present = {
+        name for e in evaluations for name, metric in QUALITY_METRICS.items() if _metric_value(e, metric) is not None
+    }
+    return [primary] + [m for name, m in QUALITY_METRICS.items() if name in present and name != primary.name]
+
+
+def _leaderboard_scope(*, user, dataset: DatasetSpec, split_key: str | None, scope: str) -> QuerySet[Evaluation]:
+    """Finished student evaluations of the benchmark, scoped to the user's teams (staff: all).
+
+    ``scope="team"``: evaluations on this dataset record. ``scope="global"`` (needs ``split_key``): every
+    evaluation on the same eval split of the same data — the split key hashes the data source and the split
+    settings — whichever team's dataset record it was registered under.
+    """
+    qs = Evaluation.objects.filter(role=Evaluation.Role.STUDENT, run__status=Run.Status.SUCCEEDED)
+    if scope == "global" and split_key:
+        qs = qs.filter(split_key=split_key, dataset__task=dataset.task)
+    else:
+        qs = qs.filter(dataset=dataset)
+        if split_key:
+            qs = qs.filter(split_key=split_key)
+    return records_reads.scoped(qs, user, team_field="run__team")
+
+
+class _BoardEval(NamedTuple):
+    """What a leaderboard reads of one student evaluation: plain values from one query, never model instances
+    (a benchmark holds thousands of evaluations; building and joining objects for each cost far more than the
+    SQL)."""
+
+    pk: int
+    run_id: int
+    split_key: str
+    accuracy: float | None
+    metric_raw: Any
+    params: int | None
+    latency_ms: float | None
+    experiment_id: int
+    student_id: int
+    recipe_id: int
+    stage: str
+    seed: int
+    is_baseline: bool
+
+    def value(self, metric: PrimaryMetric) -> float | None:
+        return _score(self.accuracy, self.metric_raw, metric)
+
+
+_BOARD_FIELDS = ("pk", "run_id", "split_key", "accuracy", "metric_raw", "param_count", "latency_ms",
+                 "run__experiment_id", "run__student_id", "run__recipe_id", "run__stage", "run__seed",
+                 "run__is_baseline")
+
+
+# The parts of a run's frozen config that hold swept values (read only for runs of experiments that sweep).
+_LEADERBOARD_SWEEP_PARTS = {
+    "sweep_train": KeyTransform("train", "run__config"),
+    "sweep_terms": KeyTransform("terms", "run__config"),
+    "sweep_labelled_fraction": KeyTransform("labelled_fraction", KeyTransform("dataset", "run__config")),
+}
+
+
+def _board_evaluations(qs: QuerySet[Evaluation], metric: PrimaryMetric,
+                       swept_experiments: Sequence[int]) -> tuple[list[_BoardEval], dict[int, dict[str, Any]]]:
+    """The benchmark's evaluations as :class:`_BoardEval` rows, with ``metric`` read out of the metrics JSON in
+    SQL, and for the runs of ``swept_experiments`` the parts of their frozen config that hold swept values
+    (evaluation id → config parts shaped like the config for ``sweeps.config_value``). One query."""
+    rows = qs.annotate(metric_raw=KeyTransform(metric.name, "metrics")).order_by("run_id")
+    if not swept_experiments:
+        return [_BoardEval(*values) for values in rows.values_list(*_BOARD_FIELDS)], {}
+    swept = Q(run__experiment_id__in=list(swept_experiments))
+    rows = rows.annotate(**{
+        name: Case(When(swept, then=part), default=Value(None), output_field=JSONField())
+        for name, part in _LEADERBOARD_SWEEP_PARTS.items()
+    })
+    evaluations, configs = [], {}
+    for values in rows.values_list(*_BOARD_FIELDS, *_LEADERBOARD_SWEEP_PARTS):
+        evaluation = _BoardEval(*values[:len(_BOARD_FIELDS)])
+        evaluations.append(evaluation)
+        if evaluation.experiment_id in swept_experiments:
+            train, terms, fraction = values[len(_BOARD_FIELDS):]
+            configs[evaluation.pk] = {
+                "train": train if isinstance(train, dict) else {},
+                "terms": [t for t in terms if isinstance(t, dict)] if isinstance(terms, list) else [],
+                "dataset": {"labelled_fraction": fraction} if fraction is not None else {},
+            }
+    return evaluations, configs
+
+
+def _sweep_point(train: Mapping[str, Any], config: Mapping[str, Any], axes: Sequence[str]) -> tuple:
+    """The run's values of ``axes`` (a hashable key; None where the run does not have one)."""
+    point = []
+    for axis in axes:
+        value = sweeps.config_value(config, axis)
+        point.append((axis, value if isinstance(value, int | float | str | bool) or value is None else repr(value)))
+    return tuple(point)
+
+
+def _leaderboard_teachers(*, dataset: DatasetSpec, split_key: str | None, scope: str,
+                          metric: PrimaryMetric) -> dict[tuple[int, str], Evaluation]:
+    qs = Evaluation.objects.filter(role=Evaluation.Role.TEACHER)
+    if scope == "global" and split_key:
+        qs = qs.filter(split_key=split_key, dataset__task=dataset.task)
+    else:
+        qs = qs.filter(dataset=dataset)
+        if split_key:
+            qs = qs.filter(split_key=split_key)
+    return {(e.model_id, e.split_key): e for e in qs.defer("metrics").annotate(
+        metric_raw=KeyTransform(metric.name, "metrics")) if _teacher_value(e, metric) is not None}
+
+
+def _teacher_value(evaluation: Evaluation, metric: PrimaryMetric) -> float | None:
+    return _score(evaluation.accuracy, getattr(evaluation, "metric_raw", None), metric)
+
+
+# What a leaderboard never reads of the records its rows name: frozen JSON configs, texts and weights.
+_BOARD_EXPERIMENT_DEFERRED = ("description", "teacher_weights", "seeds", "teacher__config", "teacher__notes")
+
+
+_BOARD_MODEL_DEFERRED = ("notes", "parent__notes", "parent__config")
+
+
+def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], Evaluation],
+                      metric: PrimaryMetric) -> list[LeaderboardRow]:
+    """Group the student evaluations of ``qs`` into rows per (experiment, student, recipe, stage, point of the
+    experiment's sweep) and rank them: the seeds of one point are averaged, different points are different rows.
+
+    KD gain pairs each distilled run with the hard-label baseline of the same experiment, student and seed
+    trained with the same training settings (baselines follow the training-setting sweep, not the term sweeps);
+    when there is none, with the experiment's baseline for that student and seed if it has exactly one.
+
+    Four queries whatever the row count: the experiments of the board (whose ``train`` names what they
+    sweep), the evaluations as plain values (with the swept parts of their runs' configs), then the students
+    and recipes they name.
+    """
+    experiments = {x.pk: x for x in Experiment.objects.filter(pk__in=qs.order_by().values("run__experiment_id"))
+                   .select_related("team", "teacher").defer(*_BOARD_EXPERIMENT_DEFERRED)}
+    trains = {pk: x.train if isinstance(x.train, dict) else {} for pk, x in experiments.items()}
+    axes_of = {pk: sweeps.experiment_axes(train) for pk, train in trains.items()}
+    evaluations, configs = _board_evaluations(qs, metric, {pk for pk, axes in axes_of.items() if axes})
+    if not evaluations:
+        return []
+    students = ModelSpec.objects.select_related("parent").defer(*_BOARD_MODEL_DEFERRED) \
+        .in_bulk({e.student_id for e in evaluations})
+    recipes = Recipe.objects.defer("description", "terms", "scheme_params") \
+        .in_bulk({e.recipe_id for e in evaluations})
+    points: dict[int, tuple[str, tuple, tuple]] = {}  # evaluation id → (label, point, training-setting point)
+    for e in evaluations:
+        train, axes = trains[e.experiment_id], axes_of[e.experiment_id]
+        if not axes:
+            points[e.pk] = ("", (), ())
+            continue
+        config = configs.get(e.pk, {})
+        points[e.pk] = (sweeps.run_label(train=train, config=config), _sweep_point(train, config, axes),
+                        _sweep_point(train, config, list(sweeps.train_axes(train))))
+    values = {e.pk: e.value(metric) for e in evaluations}
+    baseline: dict[tuple[int, int, int, tuple], float] = {}
+    by_seed: dict[tuple[int, int, int], set[float]] = defaultdict(set)
+    for e in evaluations:
+        value = values[e.pk]
+        if e.is_baseline and value is not None:
+            baseline[(e.experiment_id, e.student_id, e.seed, points[e.pk][2])] = value
+            by_seed[(e.experiment_id, e.student_id, e.seed)].add(value)
+    sole_baseline = {key: next(iter(found)) for key, found in by_seed.items() if len(found) == 1}
+    sign = 1.0 if metric.higher_is_better else -1.0
+    rows: dict[tuple[int, int, int, str, tuple], LeaderboardRow] = {}
+    for e in evaluations:
+        value = values[e.pk]
+        if value is None:
+            continue
+        label, point, train_point = points[e.pk]
+        key = (e.experiment_id, e.student_id, e.recipe_id, e.stage, point)
+        row = rows.get(key)
+        if row is None:
+            experiment = experiments[e.experiment_id]
+            row = rows[key] = LeaderboardRow(
+                experiment, students[e.student_id], recipes[e.recipe_id], experiment.teacher, e.is_baseline,
+                e.stage, sweep=label, higher_is_better=metric.higher_is_better,
+            )
+        row.run_ids.append(e.run_id)
+        row.accuracies.append(value)
+        row.params = e.params or row.params
+        row.latency_ms = e.latency_ms if e.latency_ms is not None else row.latency_ms
+        if not e.is_baseline:
+            base = baseline.get((e.experiment_id, e.student_id, e.seed, train_point))
+            if base is None:
+                base = sole_baseline.get((e.experiment_id, e.student_id, e.seed))
+            if base is not None:
+                row.gains.append(sign * (value - base))
+        teacher_id = row.experiment.teacher_id
+        teacher_eval = teachers.get((teacher_id, e.split_key)) if teacher_id else None
+        if teacher_eval is not None and row.teacher_accuracy is None:
+            row.teacher_accuracy = _teacher_value(teacher_eval, metric)
+            row.teacher_params = teacher_eval.param_count
+            row.teacher_latency_ms = teacher_eval.latency_ms
+    ranked = sorted(rows.values(), key=lambda r: (-sign * r.mean, r.params or 0))
+    for i, row in enumerate(ranked, 1):
+        row.rank = i
+    return ranked
+
+
+def leaderboard(*, user, dataset: DatasetSpec, metric: PrimaryMetric | None = None, split_key: str | None = None,
+                scope: str = "team") -> list[LeaderboardRow]:
+    """Rows per (experiment, student, recipe, stage, sweep point), ranked by ``metric`` (mean over seeds;
+    default the dataset's primary metric): accuracy for classification, perplexity (lower is better) for causal
+    LMs, cosine to the teacher for embeddings. ``accuracies`` then hold that metric; gains and retention are
+    oriented so that positive / above 100% means better.
+
+    KD gain pairs each distilled run with the hard-label baseline of the same experiment, student, seed and
+    training settings (see :func:`_leaderboard_rows`); retention divides by the teacher's score on the same eval
+    split. ``split_key`` keeps one eval split (all when None); ``scope`` is "team" (this dataset record) or
+    "global" (see :func:`_leaderboard_scope`). A constant number of queries whatever the row count.
+    """
+    metric = metric or primary_metric(dataset)
+    qs = _leaderboard_scope(user=user, dataset=dataset, split_key=split_key, scope=scope)
+    teachers = _leaderboard_teachers(dataset=dataset, split_key=split_key, scope=scope, metric=metric)
+    return _leaderboard_rows(qs, teachers, metric)
+
+
+@dataclass(frozen=True)
+class SplitOption:
+    """One eval split of a dataset that has results: its key, a readable label and the number of results."""
+
+    key: str
+    label: str
+    count: int
+
+
+@dataclass
+class Benchmark:
+    """One leaderboard: a dataset's eval split and a metric, with the options its page offers."""
+
+    dataset: DatasetSpec
+    metric: PrimaryMetric
+    metrics: list[PrimaryMetric]
+    split_key: str | None
+    splits: list[SplitOption]
+    scope: str
+    rows: list[LeaderboardRow]
+
+    @property
+    def recipes(self) -> list[str]:
+        return sorted({r.recipe.name for r in self.rows})
+
+    @property
+    def families(self) -> list[str]:
+        return sorted({r.family for r in self.rows if r.family})
+
+
+def _split_options(qs: QuerySet[Evaluation]) -> list[SplitOption]:
+    """The eval splits of ``qs`` with their result counts, most results first, each labelled from the frozen
+    dataset config of one run evaluated on it (two queries whatever the number of splits)."""
+    groups = list(qs.order_by().values("split_key").annotate(n=Count("pk"), split=Min("split"),
+                                                              run_id=Min("run_id")))
+    run_ids = [g["run_id"] for g in groups if g["run_id"]]
+    configs = dict(Run.objects.filter(pk__in=run_ids).values_list("pk", "config__dataset")) if run_ids else {}
+    options = [SplitOption(g["split_key"], _split_label(g["split"], g["split_key"], configs.get(g["run_id"])),
+                           g["n"]) for g in groups]
+    return sorted(options, key=lambda o: (-o.count, o.key))
+
+
+def _split_label(split: str, split_key: str, dataset_config: Mapping[str, Any] | None) -> str:
+    """What distinguishes an eval split, read from the frozen dataset config of a run evaluated on it."""
+    cfg = dataset_config if isinstance(dataset_config, Mapping) else {}
+    parts = []
+    if isinstance(cfg.get("eval_fraction"), int | float):
+        parts.append(f"{100 * cfg['eval_fraction']:g}% eval")
+    for key, label in (("split_seed", "seed"), ("max_length", "max length")):
+        if cfg.get(key) is not None:
+            parts.append(f"{label} {cfg[key]}")
+    return f"{split} · " + (", ".join(parts) or split_key[:8])
+
+
+def _board_metrics(qs: QuerySet[Evaluation], *, primary: PrimaryMetric) -> list[PrimaryMetric]:
+    """The quality metrics measured by the evaluations of ``qs``: the primary one first, then in QUALITY_METRICS
+    order (one aggregate query; the metrics JSON is never sent to Python)."""
+    counts = qs.order_by().aggregate(
+        _accuracy_column=Count("accuracy"),
+        **{name: Count("pk", filter=Q(metrics__has_key=name) & ~Q(**{f"metrics__{name}": None}))
+           for name in QUALITY_METRICS},
+    )
+    counts["accuracy"] += counts.pop("_accuracy_column")
+    return [primary] + [m for name, m in QUALITY_METRICS.items() if counts[name] and name != primary.name]
+
+
+def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", split_key: str = "",
+                          scope: str = "team") -> Benchmark:
+    """The leaderboard of one benchmark of ``dataset``: an eval split (default: the one with most results) and
+    a quality metric (default: the dataset's primary metric), in the team or the global scope.
+
+    A constant number of queries whatever the row count: the splits and their labels, the metrics present, the
+    teachers' scores, then the rows (:func:`_leaderboard_rows`).
+    """
+    scope = "global" if scope == "global" else "team"
+    splits = _split_options(_leaderboard_scope(user=user, dataset=dataset, split_key=None, scope="team"))
+    keys = {o.key for o in splits}
+    chosen = split_key if split_key in keys else (splits[0].key if splits else None)
+    primary = primary_metric(dataset)
+    if chosen is None:
+        return Benchmark(dataset=dataset, metric=primary, metrics=[primary], split_key=None, splits=[],
+                         scope=scope, rows=[])
+    qs = _leaderboard_scope(user=user, dataset=dataset, split_key=chosen, scope=scope)
+    metrics = _board_metrics(qs, primary=primary)
+    metric = next((m for m in metrics if m.name == metric_name), primary)
+    teachers = _leaderboard_teachers(dataset=dataset, split_key=chosen, scope=scope, metric=metric)
+    return Benchmark(dataset=dataset, metric=metric, metrics=metrics, split_key=chosen, splits=splits, scope=scope,
+                     rows=_leaderboard_rows(qs, teachers, metric))
+
+
+def leaderboard_datasets(*, user) -> QuerySet[DatasetSpec]:
+    """The user's datasets with the number of finished student evaluations on each (rows on its leaderboard)."""
+    finished = Q(evaluations__role=Evaluation.Role.STUDENT, evaluations__run__status=Run.Status.SUCCEEDED)
+    return records_reads.dataset_spec_list(user=user).annotate(result_count=Count("evaluations", filter=finished))
