@@ -31,7 +31,7 @@ from tests.worker_process import broker_reachable, free_port, shared_database_ur
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PUBLISH_TIMEOUT_S = 0.25  # the web's BROKER_PUBLISH_TIMEOUT_S here: a send gives up after about twice this
 
 
