@@ -15,7 +15,9 @@ USER_AGENT = "distillweb-cli/1"
 class ApiError(Exception):
     """An HTTP error answer (``status``, the API's message and field errors) or an unreachable server."""
 
-    def __init__(self, message: str, *, status: int | None = None, errors: dict[str, list[str]] | None = None):
+    def __init__(
+        self, message: str, *, status: int | None = None, errors: dict[str, list[str]] | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -53,7 +55,9 @@ class Client:
     def _url(self, path: str, params: dict[str, Any] | None) -> str:
         url = path if path.startswith(("http://", "https://")) else f"{self.url}/{path.lstrip('/')}"
         query = {k: v for k, v in (params or {}).items() if v is not None}
-        return f"{url}{'&' if '?' in url else '?'}{urllib.parse.urlencode(query, doseq=True)}" if query else url
+        return (
+            f"{url}{'&' if '?' in url else '?'}{urllib.parse.urlencode(query, doseq=True)}" if query else url
+        )
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, json_body: Any = None,
                 body: bytes | None = None, content_type: str | None = None, raw: bool = False) -> Any:

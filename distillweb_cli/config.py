@@ -32,7 +32,11 @@ def read_file() -> dict[str, str]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    return (
+        {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+        if isinstance(data, dict)
+        else {}
+    )
 
 
 def save(*, url: str, token: str) -> Path:
@@ -53,8 +57,10 @@ def resolve(*, url: str | None = None, token: str | None = None) -> Settings:
     url = url or os.environ.get("DISTILLWEB_URL") or stored.get("url")
     token = token or os.environ.get("DISTILLWEB_TOKEN") or stored.get("token")
     if not url or not token:
-        raise ConfigError("not logged in: run `distillweb login --url URL --token TOKEN` (a token comes from the "
-                          "site's \"API token\" page), or set DISTILLWEB_URL and DISTILLWEB_TOKEN")
+        raise ConfigError(
+            "not logged in: run `distillweb login --url URL --token TOKEN` (a token comes from the "
+            'site\'s "API token" page), or set DISTILLWEB_URL and DISTILLWEB_TOKEN'
+        )
     return Settings(url=normalise_url(url), token=token)
 
 

@@ -89,7 +89,10 @@ def cmd_submit(args: argparse.Namespace, out: TextIO) -> int:
         return _check(client, args, out)
     experiment = client.request("POST", "/api/experiments/import", params={"team": args.team},
                                 body=_read_document(args.file), content_type="application/yaml")
-    out.write(f"Experiment {experiment['id']} ({experiment['name']}) launched with {experiment['run_count']} runs.\n")
+    out.write(
+        f"Experiment {experiment['id']} ({experiment['name']}) launched with {experiment['run_count']} "
+        "runs.\n"
+    )
     out.write(f"{experiment['url']}\n")
     if not args.wait:
         return EXIT_OK
@@ -100,17 +103,22 @@ LEVEL_MARKS = {"warning": "WARN", "error": "ERROR"}  # others (ok, notice, unkno
 
 
 def _check(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    """Print what launching the file would do (runs, pre-flight checks, errors); exit 1 if it cannot launch."""
+    """Print what launching the file would do (runs, pre-flight checks, errors); exit 1 if it cannot
+    launch."""
     report = client.request("POST", "/api/experiments/import", params={"team": args.team, "check": "true"},
                             body=_read_document(args.file), content_type="application/yaml")
     out.write(f"{report['runs']} runs: {report['runs_described']}\n")
     for check in report["checks"]:
-        out.write(f"  [{LEVEL_MARKS.get(check['level'], check['level'])}] {check['title']}: {check['summary']}\n")
+        out.write(
+            f"  [{LEVEL_MARKS.get(check['level'], check['level'])}] {check['title']}: {check['summary']}\n"
+        )
         for detail in check["details"]:
             out.write(f"      {detail}\n")
     for field, messages in report["errors"].items():
         for message in messages:
-            out.write(f"  error: {field}: {message}\n" if field != "non_field_errors" else f"  error: {message}\n")
+            out.write(
+                f"  error: {field}: {message}\n" if field != "non_field_errors" else f"  error: {message}\n"
+            )
     out.write("Ready to launch.\n" if report["can_launch"] else "It cannot launch as it is.\n")
     return EXIT_OK if report["can_launch"] else EXIT_FAILED
 
@@ -164,7 +172,9 @@ def cmd_leaderboard(args: argparse.Namespace, out: TextIO) -> int:
     params = {"max_params": args.max_params, "max_latency_ms": args.max_latency_ms, "metric": args.metric,
               "split": args.split, "scope": args.scope, "recipe": args.recipe, "family": args.family}
     if args.csv:  # the page's own CSV export: every column, spreadsheet-safe
-        out.write(client.request("GET", f"/api/leaderboards/{args.dataset}/export.csv", params=params, raw=True))
+        out.write(
+            client.request("GET", f"/api/leaderboards/{args.dataset}/export.csv", params=params, raw=True)
+        )
         return EXIT_OK
     first = client.get(f"/api/leaderboards/{args.dataset}/", **params, limit=500)
     rows = list(first["results"])
@@ -241,15 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     login = commands.add_parser("login", help="check a token against a server and save both")
     login.add_argument("--url", required=True, help="e.g. https://distill.example.org")
-    login.add_argument("--token", help="the token (asked for when left out, so it stays out of shell history)")
+    login.add_argument(
+        "--token", help="the token (asked for when left out, so it stays out of shell history)"
+    )
     login.set_defaults(func=cmd_login)
 
     submit = commands.add_parser("submit", help="launch the experiment in a YAML file")
     submit.add_argument("file", help="the experiment YAML (as `export-experiment` writes it); - reads stdin")
-    submit.add_argument("--team", type=_positive_id, help="team id (default: the YAML's team, or your only team)")
-    submit.add_argument("--check", action="store_true",
-                        help="launch nothing: show the run count and the pre-flight checks (exit 1 if it cannot "
-                             "launch)")
+    submit.add_argument(
+        "--team", type=_positive_id, help="team id (default: the YAML's team, or your only team)"
+    )
+    submit.add_argument(
+        "--check",
+        action="store_true",
+        help="launch nothing: show the run count and the pre-flight checks (exit 1 if it cannot launch)",
+    )
     submit.add_argument("--wait", action="store_true", help="follow the runs until they finish")
     submit.add_argument("--interval", type=float, default=5.0, help="seconds between checks with --wait")
     submit.set_defaults(func=cmd_submit)
@@ -281,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     import_recipe = commands.add_parser("import-recipe", help="save the recipe in a YAML file")
     import_recipe.add_argument("file", help="the recipe YAML; - reads stdin")
-    import_recipe.add_argument("--team", type=_positive_id, help="team id (default: the YAML's team, or your only "
-                                                                  "team)")
+    import_recipe.add_argument(
+        "--team", type=_positive_id, help="team id (default: the YAML's team, or your only team)"
+    )
     import_recipe.set_defaults(func=cmd_import_recipe)
 
     cancel = commands.add_parser("cancel", help="cancel every unfinished run of an experiment")
@@ -305,7 +322,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         err.write(f"distillweb: {exc}\n")
         return EXIT_USAGE
     except ApiError as exc:
-        err.write(f"distillweb: error {exc.describe()}\n" if exc.status else f"distillweb: {exc.describe()}\n")
+        err.write(
+            f"distillweb: error {exc.describe()}\n" if exc.status else f"distillweb: {exc.describe()}\n"
+        )
         return EXIT_FAILED
     except KeyboardInterrupt:
         err.write("\ndistillweb: interrupted\n")

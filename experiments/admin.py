@@ -95,8 +95,21 @@ class ExperimentAdmin(admin.ModelAdmin):
 
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
-    list_display = ["id", "experiment", "student", "recipe", "seed", "is_baseline", "status", "step", "total_steps",
-                    "attempt", "worker_name", "heartbeat_at", "created_at"]
+    list_display = [
+        "id",
+        "experiment",
+        "student",
+        "recipe",
+        "seed",
+        "is_baseline",
+        "status",
+        "step",
+        "total_steps",
+        "attempt",
+        "worker_name",
+        "heartbeat_at",
+        "created_at",
+    ]
     list_filter = ["status", "is_baseline", "team", "queue"]
     search_fields = ["id", "experiment__name", "student__name", "error", "worker_name"]
     raw_id_fields = ["experiment", "student", "teacher", "recipe", "waiting_for"]
@@ -115,7 +128,17 @@ class MetricPointAdmin(admin.ModelAdmin):
 
 @admin.register(Evaluation)
 class EvaluationAdmin(admin.ModelAdmin):
-    list_display = ["model", "role", "dataset", "split", "accuracy", "macro_f1", "param_count", "latency_ms", "run"]
+    list_display = [
+        "model",
+        "role",
+        "dataset",
+        "split",
+        "accuracy",
+        "macro_f1",
+        "param_count",
+        "latency_ms",
+        "run",
+    ]
     list_filter = ["role", "dataset", "team"]
     raw_id_fields = ["run", "model", "dataset"]
     list_select_related = ["model", "dataset", "run"]
@@ -130,7 +153,8 @@ class ArtifactAdmin(admin.ModelAdmin):
 
 @admin.register(Worker)
 class WorkerAdmin(admin.ModelAdmin):
-    """Workers, with the fleet console's drain / resume / shut down as actions (through Celery's remote control)."""
+    """Workers, with the fleet console's drain / resume / shut down as actions (through Celery's remote
+    control)."""
 
     list_display = ["name", "hostname", "state", "queues", "last_heartbeat", "started_at"]
     list_filter = ["state"]

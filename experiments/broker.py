@@ -2,14 +2,14 @@
 
 A request that launches runs stores them queued and sends their messages after the commit
 (``services._dispatch``). With Celery's defaults that send can hold the request for seconds (kombu retries the
-connection for ``broker_connection_timeout``, 4 s, then the publish retry policy retries) or for ever (a broker
-that accepts connections but does not answer, e.g. a stopped or overloaded one: redis-py and py-amqp have no
-read timeout by default). The web's entry points (``distillweb/wsgi.py``, ``asgi.py``) call
+connection for ``broker_connection_timeout``, 4 s, then the publish retry policy retries) or for ever (a
+broker that accepts connections but does not answer, e.g. a stopped or overloaded one: redis-py and py-amqp
+have no read timeout by default). The web's entry points (``distillweb/wsgi.py``, ``asgi.py``) call
 :func:`configure_web_process`: its task messages go through connections whose every socket operation gives up
 after ``BROKER_PUBLISH_TIMEOUT_S``, with one immediate retry, and the revoke of a cancelled run's message is
 sent from a thread of its own (:func:`off_the_request`)
-(enough to replace a connection that went stale when the broker restarted). When that fails, ``_dispatch`` logs
-it and the run stays queued; the lifecycle sweep on a worker sends it once the broker is back
+(enough to replace a connection that went stale when the broker restarted). When that fails, ``_dispatch``
+logs it and the run stays queued; the lifecycle sweep on a worker sends it once the broker is back
 (``services.run_redispatch_lost``). Worker processes never call this: they keep Celery's connection and
 publish retry settings, and their consumers are untouched here.
 """
@@ -53,10 +53,12 @@ def configure_web_process(app: Any = None) -> None:
     app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0, "interval_step": 0,
                                           "interval_max": 0}
     url = app.conf.broker_write_url or app.conf.broker_url
-    connection = app.connection_for_write(connect_timeout=timeout, transport_options=timeout_options(url, timeout))
-    # Celery publishes task messages through ``app.amqp.producer_pool`` (built on first use from the app's default
-    # connection): build it from the bounded connection instead. The app's own pool (``app.pool``: remote control,
-    # the fleet console's replies) keeps the defaults.
+    connection = app.connection_for_write(
+        connect_timeout=timeout, transport_options=timeout_options(url, timeout)
+    )
+    # Celery publishes task messages through ``app.amqp.producer_pool`` (built on first use from the app's
+    # default connection): build it from the bounded connection instead. The app's own pool (``app.pool``:
+    # remote control, the fleet console's replies) keeps the defaults.
     producer_pool = pools.producers[connection]
     producer_pool.limit = app.pool.limit
     app.amqp._producer_pool = producer_pool

@@ -70,9 +70,13 @@ def resolve_artifact_folder(relative: str) -> Path:
     folder = (root / relative).resolve()
     if not folder.is_relative_to(root) or folder == root:
         logger.warning("refused to export %r: it resolves outside ARTIFACT_ROOT (%s)", relative, folder)
-        raise ExportRefused("The model's recorded location is outside the artifact storage, so it is not served.")
+        raise ExportRefused(
+            "The model's recorded location is outside the artifact storage, so it is not served."
+        )
     if not folder.is_dir():
-        raise ExportRefused("The model's folder is no longer in the artifact storage (it was moved or deleted).")
+        raise ExportRefused(
+            "The model's folder is no longer in the artifact storage (it was moved or deleted)."
+        )
     return folder
 
 
@@ -167,7 +171,9 @@ def model_export_stream(export: ModelExport) -> Iterator[bytes]:
             if not resolved.is_relative_to(root):  # changed since the export was checked
                 raise ExportRefused(f"{name} now points outside the artifact storage.")
             info = zipfile.ZipInfo.from_file(resolved, name)
-            info.compress_type = zipfile.ZIP_STORED if name.endswith(STORED_SUFFIXES) else zipfile.ZIP_DEFLATED
+            info.compress_type = (
+                zipfile.ZIP_STORED if name.endswith(STORED_SUFFIXES) else zipfile.ZIP_DEFLATED
+            )
             with resolved.open("rb") as source, archive.open(info, mode="w", force_zip64=True) as target:
                 while chunk := source.read(CHUNK_BYTES):
                     target.write(chunk)
@@ -203,13 +209,18 @@ def _describe_model(spec: ModelSpec | None, config: dict[str, Any] | None) -> st
     if spec is None:
         return "none"
     source = {
-        ModelSpec.Source.HF: f"Hugging Face `{spec.hub_id}`" if spec.hub_id else "a local transformers folder",
-        ModelSpec.Source.CONFIG: f"a randomly initialised `{(spec.config or {}).get('model_type', '?')}` config",
+        ModelSpec.Source.HF: f"Hugging Face `{spec.hub_id}`"
+        if spec.hub_id
+        else "a local transformers folder",
+        ModelSpec.Source.CONFIG: f"a randomly initialised `{(spec.config or {}).get('model_type', '?')}` "
+                                 "config",
         ModelSpec.Source.DERIVED: f"derived from {spec.parent}" if spec.parent_id else "derived",
         ModelSpec.Source.BUILTIN: f"builtin `{spec.builtin_arch}` net",
         ModelSpec.Source.RUN: f"trained by distillweb run #{spec.source_run_id}",
     }.get(spec.source, spec.source)
-    revision = f" (revision `{spec.revision}`)" if spec.source == ModelSpec.Source.HF and spec.revision else ""
+    revision = (
+        f" (revision `{spec.revision}`)" if spec.source == ModelSpec.Source.HF and spec.revision else ""
+    )
     params = f", {spec.param_count:,} parameters" if spec.param_count else ""
     detail = ""
     if config and config.get("params"):
@@ -256,8 +267,10 @@ def _comparison_lines(run: Run, metric: leaderboard.PrimaryMetric, student: Eval
     if base_value is not None:
         gain = (value - base_value) * (1 if metric.higher_is_better else -1)
         shown = f"{100 * gain:+.2f} percentage points" if metric.percent else f"{gain:+.4g}"
-        lines.append(f"- **KD gain**: {shown} of {metric.label.lower()} over the same student trained on hard "
-                     f"labels with the same seed (run #{baseline.run_id}: {_number(base_value)}).")
+        lines.append(
+            f"- **KD gain**: {shown} of {metric.label.lower()} over the same student trained on hard "
+            f"labels with the same seed (run #{baseline.run_id}: {_number(base_value)})."
+        )
     elif not run.is_baseline:
         lines.append("- **KD gain**: unknown (no finished hard-label baseline of this student and seed).")
     return lines
@@ -267,7 +280,8 @@ def _usage(fmt: str, task: str, folder_name: str, meta: dict[str, Any], max_leng
     path = f"./{folder_name}"
     if fmt == "builtin":
         return [
-            "This is a builtin distillweb net (an MLP over numeric features), not a transformers model. Rebuild it "
+            "This is a builtin distillweb net (an MLP over numeric features), not a transformers model. "
+            "Rebuild it "
             "in PyTorch from `distillweb_model.json` and load the weights:",
             "",
             "```python",
@@ -280,7 +294,7 @@ def _usage(fmt: str, task: str, folder_name: str, meta: dict[str, Any], max_leng
             'meta = json.load(open(f"{folder}/distillweb_model.json"))',
             'layers, width = [], meta["input_dim"]',
             'for size in meta["params"]["hidden_sizes"]:',
-            '    layers += [torch.nn.Linear(width, size), torch.nn.ReLU(), '
+            "    layers += [torch.nn.Linear(width, size), torch.nn.ReLU(), "
             'torch.nn.Dropout(meta["params"].get("dropout", 0.0))]',
             "    width = size",
             'layers.append(torch.nn.Linear(width, meta["num_labels"]))',
@@ -288,7 +302,9 @@ def _usage(fmt: str, task: str, folder_name: str, meta: dict[str, Any], max_leng
             'weights = load_file(f"{folder}/model.safetensors")',
             'net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})',
             "net.eval()",
-            "# logits = net(features)  # features: (batch, input_dim) float32, prepared as distillweb prepares them",
+            "# logits = net(features)  "
+            "# features: (batch, input_dim) float32, prepared as distillweb "
+            "prepares them",
             "```",
         ]
     limit = f", truncation=True, max_length={max_length}" if max_length else ""
@@ -381,26 +397,51 @@ def model_card(*, run: Run, fmt: str, meta: dict[str, Any], folder_name: str, st
         lines.append(f"- Labels: {_md(', '.join(str(n) for n in dataset.label_names[:50]))}"
                      + (" …" if len(dataset.label_names) > 50 else ""))
     lines += [
-        "", "## Recipe", "",
+        "",
+        "## Recipe",
+        "",
         f"- **{_md(recipe)}**: `{_md(recipe.formula)}`"
         + (f" — {_md(recipe.description)}" if recipe.description else ""),
         f"- Scheme: `{_md(config.get('scheme', recipe.scheme))}`"
-        + (f" (recipe scheme `{recipe.scheme}`)" if recipe.scheme != config.get("scheme", recipe.scheme) else "")
-        + (f", scheme parameters `{_md(json.dumps(config['scheme_params'], sort_keys=True))}`"
-           if config.get("scheme_params") else ""),
-        "", "Loss terms, exactly as trained:", "", *_terms_table(config.get("terms") or recipe.terms),
-        "", "## Training settings", "",
-        "| setting | value |", "|---|---|",
+        + (
+            f" (recipe scheme `{recipe.scheme}`)"
+            if recipe.scheme != config.get("scheme", recipe.scheme)
+            else ""
+        )
+        + (
+            f", scheme parameters `{_md(json.dumps(config['scheme_params'], sort_keys=True))}`"
+            if config.get("scheme_params")
+            else ""
+        ),
+        "",
+        "Loss terms, exactly as trained:",
+        "",
+        *_terms_table(config.get("terms") or recipe.terms),
+        "",
+        "## Training settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
         *(f"| {_md(k)} | {_number(v)} |" for k, v in sorted(train.items())),
     ]
     result = run.result or {}
     if result.get("steps") is not None:
-        lines += ["", f"Trained {result['steps']:,} steps"
-                  + (f" in {result['train_seconds']:.0f} s" if isinstance(result.get("train_seconds"), int | float)
-                     else "")
-                  + (" (stopped early)" if result.get("stopped_early") else "")
-                  + (f"; the saved weights are those of step {result['best_step']}" if result.get("restored_best")
-                     else "") + "."]
+        lines += [
+            "",
+            f"Trained {result['steps']:,} steps"
+            + (
+                f" in {result['train_seconds']:.0f} s"
+                if isinstance(result.get("train_seconds"), int | float)
+                else ""
+            )
+            + (" (stopped early)" if result.get("stopped_early") else "")
+            + (
+                f"; the saved weights are those of step {result['best_step']}"
+                if result.get("restored_best")
+                else ""
+            )
+            + ".",
+        ]
     if train.get("early_stopping_metric") and train.get("early_stopping_patience"):
         lines += ["", f"Early stopping watched {_md(train['early_stopping_metric'])} on a validation slice "
                       f"({100 * float(train.get('validation_fraction', 0.1)):g}% of the labelled train rows, "
@@ -416,17 +457,41 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_safe(value: Any) -> Any:
-    """A CSV cell that a spreadsheet will not run as a formula: text starting with = + - @ (or a tab / carriage
-    return) gets a leading apostrophe. Numbers are written as numbers (a negative KD gain stays numeric)."""
+    """A CSV cell that a spreadsheet will not run as a formula: text starting with = + - @ (or a tab /
+    carriage return) gets a leading apostrophe. Numbers are written as numbers (a negative KD gain stays
+    numeric)."""
     if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
         return "'" + value
     return value
 
 
 LEADERBOARD_CSV_HEADER = [
-    "rank", "student", "family", "recipe", "baseline", "stage", "sweep", "experiment", "team", "teacher", "metric",
-    "higher_is_better", "mean", "std", "seeds", "teacher_score", "retention", "kd_gain", "kd_gain_std", "params",
-    "compression", "latency_ms", "speedup", "pareto", "run_ids", "config_urls",
+    "rank",
+    "student",
+    "family",
+    "recipe",
+    "baseline",
+    "stage",
+    "sweep",
+    "experiment",
+    "team",
+    "teacher",
+    "metric",
+    "higher_is_better",
+    "mean",
+    "std",
+    "seeds",
+    "teacher_score",
+    "retention",
+    "kd_gain",
+    "kd_gain_std",
+    "params",
+    "compression",
+    "latency_ms",
+    "speedup",
+    "pareto",
+    "run_ids",
+    "config_urls",
 ]
 
 
@@ -436,10 +501,34 @@ def leaderboard_csv_lines(rows: Iterable[leaderboard.LeaderboardRow], *, metric:
     turns a run id into the address of its frozen config."""
     yield LEADERBOARD_CSV_HEADER
     for r in rows:
-        yield [csv_safe(v) for v in (
-            r.rank, r.student.name, r.family, str(r.recipe), r.is_baseline, r.stage, r.sweep, r.experiment.name,
-            r.experiment.team.name, r.teacher.name if r.teacher else "", metric.name, metric.higher_is_better,
-            r.mean, r.std, r.seeds, r.teacher_accuracy, r.retention, r.kd_gain, r.kd_gain_std, r.params,
-            r.compression, r.latency_ms, r.speedup, r.pareto, " ".join(str(i) for i in r.run_ids),
-            " ".join(config_url(i) for i in r.run_ids),
-        )]
+        yield [
+            csv_safe(v)
+            for v in (
+                r.rank,
+                r.student.name,
+                r.family,
+                str(r.recipe),
+                r.is_baseline,
+                r.stage,
+                r.sweep,
+                r.experiment.name,
+                r.experiment.team.name,
+                r.teacher.name if r.teacher else "",
+                metric.name,
+                metric.higher_is_better,
+                r.mean,
+                r.std,
+                r.seeds,
+                r.teacher_accuracy,
+                r.retention,
+                r.kd_gain,
+                r.kd_gain_std,
+                r.params,
+                r.compression,
+                r.latency_ms,
+                r.speedup,
+                r.pareto,
+                " ".join(str(i) for i in r.run_ids),
+                " ".join(config_url(i) for i in r.run_ids),
+            )
+        ]

@@ -9,7 +9,8 @@ from django.utils import timezone
 
 
 def ago(value: datetime | float | int | None) -> str:
-    """A datetime (or an age in seconds) as "12 s ago", "3 min ago", "2 h ago", "4 d ago"; "never" for None."""
+    """A datetime (or an age in seconds) as "12 s ago", "3 min ago", "2 h ago", "4 d ago"; "never" for
+    None."""
     if value is None or value == "":
         return "never"
     seconds = (timezone.now() - value).total_seconds() if isinstance(value, datetime) else float(value)

@@ -50,8 +50,8 @@ def list_page(
     """One page of ``queryset`` sorted as ``?sort=`` asks (a key of ``sorts``, ``-`` for descending).
 
     Args:
-        sorts: sort key → the fields it orders by, e.g. ``{"name": ("name",), "team": ("team__name", "name")}``.
-        default: the sort used when ``?sort=`` is missing or not offered, e.g. ``"-created_at"``.
+        sorts: sort key → the fields it orders by, e.g. ``{"name": ("name",), "team": ("team__name",
+        "name")}``. default: the sort used when ``?sort=`` is missing or not offered, e.g. ``"-created_at"``.
         descending_first: keys whose header link sorts descending first (dates, counts, sizes).
     """
     sort = request.GET.get("sort", "")
@@ -59,11 +59,15 @@ def list_page(
     if key not in sorts:
         sort, key = default, default.removeprefix("-")
     descending = sort.startswith("-")
-    page = Paginator(queryset.order_by(*_order_by(sorts[key], descending)), per_page).get_page(request.GET.get("page"))
+    page = Paginator(queryset.order_by(*_order_by(sorts[key], descending)), per_page).get_page(
+        request.GET.get("page")
+    )
     columns = {}
     for name in sorts:
         if name == key:
-            columns[name] = SortColumn(name if descending else f"-{name}", "descending" if descending else "ascending")
+            columns[name] = SortColumn(
+                name if descending else f"-{name}", "descending" if descending else "ascending"
+            )
         else:
             columns[name] = SortColumn(f"-{name}" if name in descending_first else name, "")
     return ListPage(page=page, sort=sort, columns=columns)

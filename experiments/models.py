@@ -85,11 +85,17 @@ class ModelSpec(TeamOwned):
     source = models.CharField(max_length=16, choices=Source.choices)
     task = models.CharField(max_length=32, choices=Task.choices, default=Task.CLASSIFICATION)
     hub_id = models.CharField(max_length=200, blank=True, help_text="Hub id, e.g. org/name")
-    local_path = models.CharField(max_length=500, blank=True, help_text="Folder under a configured model root")
+    local_path = models.CharField(
+        max_length=500, blank=True, help_text="Folder under a configured model root"
+    )
     revision = models.CharField(max_length=100, blank=True)
     builtin_arch = models.CharField(max_length=32, blank=True)
-    config = models.JSONField(default=dict, blank=True, help_text="Builtin net parameters or transformers config")
-    parent = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="derived")
+    config = models.JSONField(
+        default=dict, blank=True, help_text="Builtin net parameters or transformers config"
+    )
+    parent = models.ForeignKey(
+        "self", on_delete=models.PROTECT, null=True, blank=True, related_name="derived"
+    )
     source_run = models.ForeignKey(
         "Run", on_delete=models.PROTECT, null=True, blank=True, related_name="registered_models"
     )
@@ -106,7 +112,8 @@ class ModelSpec(TeamOwned):
             _choices_check("source", ModelSpecSource, "modelspec_source_valid"),
             _choices_check("task", Task, "modelspec_task_valid"),
             models.CheckConstraint(
-                condition=~Q(task="classification") | Q(num_labels__gte=2), name="modelspec_classifier_labels_gte_2"
+                condition=~Q(task="classification") | Q(num_labels__gte=2),
+                name="modelspec_classifier_labels_gte_2",
             ),
             models.CheckConstraint(
                 condition=~Q(source="run") | Q(source_run__isnull=False), name="modelspec_run_source_has_run"
@@ -120,8 +127,13 @@ class ModelSpec(TeamOwned):
         # Hub identifiers follow the hub's syntax wherever a record is saved from (the admin too).
         from workers.engine.sources import repo_id_problem, revision_problem
 
-        _refuse_non_hub_ids({"hub_id": (self.hub_id, repo_id_problem), "revision": (self.revision, revision_problem),
-                             "tokenizer_id": (self.tokenizer_id, repo_id_problem)})
+        _refuse_non_hub_ids(
+            {
+                "hub_id": (self.hub_id, repo_id_problem),
+                "revision": (self.revision, revision_problem),
+                "tokenizer_id": (self.tokenizer_id, repo_id_problem),
+            }
+        )
 
 
 def _refuse_non_hub_ids(values: dict[str, tuple[str, Any]]) -> None:
@@ -155,9 +167,13 @@ class DatasetSpec(TeamOwned):
     split_seed = models.IntegerField(default=0)
     max_length = models.PositiveIntegerField(default=128)
     eval_local_path = models.CharField(
-        max_length=500, blank=True, help_text="A separate eval file (same columns); every row of the local file trains"
+        max_length=500,
+        blank=True,
+        help_text="A separate eval file (same columns); every row of the local file trains",
     )
-    pack = models.BooleanField(default=False, help_text="Causal LM: texts concatenated into max_length blocks")
+    pack = models.BooleanField(
+        default=False, help_text="Causal LM: texts concatenated into max_length blocks"
+    )
     splits = models.JSONField(default=dict, blank=True, help_text="Row counts per split")
     notes = models.TextField(blank=True)
 
@@ -172,7 +188,8 @@ class DatasetSpec(TeamOwned):
                 name="datasetspec_classifier_labels_gte_2",
             ),
             models.CheckConstraint(
-                condition=Q(eval_fraction__gt=0) & Q(eval_fraction__lt=1), name="datasetspec_eval_fraction_range"
+                condition=Q(eval_fraction__gt=0) & Q(eval_fraction__lt=1),
+                name="datasetspec_eval_fraction_range",
             ),
         ]
 
@@ -211,7 +228,9 @@ class Recipe(TeamOwned):
     class Meta:
         ordering = ["name", "-version"]
         constraints = [
-            models.UniqueConstraint(fields=["team", "name", "version"], name="recipe_unique_team_name_version"),
+            models.UniqueConstraint(
+                fields=["team", "name", "version"], name="recipe_unique_team_name_version"
+            ),
             _choices_check("scheme", RecipeScheme, "recipe_scheme_valid"),
         ]
 
@@ -254,9 +273,13 @@ class Experiment(TeamOwned):
         ModelSpec, blank=True, related_name="extra_teacher_experiments",
         help_text="multi_teacher recipes: teachers averaged with the main one",
     )
-    teacher_weights = models.JSONField(default=list, blank=True, help_text="multi_teacher: main teacher first")
+    teacher_weights = models.JSONField(
+        default=list, blank=True, help_text="multi_teacher: main teacher first"
+    )
     seeds = models.JSONField(default=list)
-    train = models.JSONField(default=dict, help_text="Training settings shared by every run (fair comparison)")
+    train = models.JSONField(
+        default=dict, help_text="Training settings shared by every run (fair comparison)"
+    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -274,14 +297,17 @@ class RunStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
-# The run lifecycle (DESIGN.md §4): every status change goes through experiments.services.lifecycle._transition, which
-# checks this table, and RunTransition's constraint enforces it in the database too.
+# The run lifecycle (DESIGN.md §4): every status change goes through
+# experiments.services.lifecycle._transition, which checks this table, and RunTransition's constraint enforces
+# it in the database too.
 #   queued → running (claimed) | cancelled | failed (a run it waits for failed)
 #   running → succeeded | failed | cancelled | queued (requeued: lease expired, worker lost, admin requeue)
 #   failed | cancelled → queued (requeued by a user: a new attempt that resumes from the last checkpoint)
 RUN_TRANSITIONS: dict[str, frozenset[str]] = {
     RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.FAILED}),
-    RunStatus.RUNNING: frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.QUEUED}),
+    RunStatus.RUNNING: frozenset(
+        {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.QUEUED}
+    ),
     RunStatus.SUCCEEDED: frozenset(),
     RunStatus.FAILED: frozenset({RunStatus.QUEUED}),
     RunStatus.CANCELLED: frozenset({RunStatus.QUEUED}),
@@ -311,8 +337,10 @@ class Run(models.Model):
     seed = models.IntegerField(default=0)
     is_baseline = models.BooleanField(default=False, help_text="The automatic hard-label baseline")
     stage = models.CharField(
-        max_length=32, blank=True,
-        help_text="Intermediate step of a chained recipe (e.g. 'assistant', 'generation 1'); empty for final runs",
+        max_length=32,
+        blank=True,
+        help_text="Intermediate step of a chained recipe (e.g. 'assistant', 'generation 1'); "
+                  "empty for final runs",
     )
     config = models.JSONField(help_text="Frozen, fully resolved engine config; never edited after launch")
     waiting_for = models.ForeignKey(
@@ -349,7 +377,8 @@ class Run(models.Model):
                 name="run_terminal_has_finished_at",
             ),
             models.CheckConstraint(
-                condition=~Q(status="running") | Q(started_at__isnull=False), name="run_running_has_started_at"
+                condition=~Q(status="running") | Q(started_at__isnull=False),
+                name="run_running_has_started_at",
             ),
             models.CheckConstraint(
                 condition=Q(total_steps=0) | Q(step__lte=models.F("total_steps")), name="run_step_lte_total"
@@ -376,7 +405,8 @@ class Run(models.Model):
 
     @property
     def lease_expired(self) -> bool:
-        """A running run whose worker has not renewed its lease (the heartbeat) within RUN_HEARTBEAT_TIMEOUT_S."""
+        """A running run whose worker has not renewed its lease (the heartbeat) within
+        RUN_HEARTBEAT_TIMEOUT_S."""
         if self.status != self.Status.RUNNING or self.heartbeat_at is None:
             return False
         return (timezone.now() - self.heartbeat_at).total_seconds() > settings.RUN_HEARTBEAT_TIMEOUT_S
@@ -389,7 +419,8 @@ class Run(models.Model):
 class RunTransition(models.Model):
     """One status change of a run: when, why, on which worker and in which attempt.
 
-    Written only by ``experiments.services.lifecycle._transition``, in the same transaction as the change itself.
+    Written only by ``experiments.services.lifecycle._transition``, in the same transaction as the change
+    itself.
     """
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="transitions", db_index=False)
@@ -401,7 +432,8 @@ class RunTransition(models.Model):
     attempt = models.PositiveIntegerField(default=0)
 
     class Meta:
-        # Insertion order: a run's transitions are serialised by its row lock, while clocks of hosts may differ.
+        # Insertion order: a run's transitions are serialised by its row lock, while clocks of hosts may
+        # differ.
         ordering = ["id"]
         constraints = [
             _choices_check("from_status", RunStatus, "runtransition_from_status_valid"),
@@ -422,7 +454,9 @@ class MetricPoint(models.Model):
     wall_time = models.DateTimeField()
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["run", "name", "step"], name="metricpoint_unique_run_name_step")]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "name", "step"], name="metricpoint_unique_run_name_step")
+        ]
 
     def __str__(self) -> str:
         return f"{self.name}@{self.step}={self.value:.4g}"
@@ -430,14 +464,14 @@ class MetricPoint(models.Model):
 
 # Long curves are also kept as per-bucket extremes (MetricRollup), so a page never reads every point of them.
 ROLLUP_MIN_STEPS = 4096     # runs longer than this get rollups
-ROLLUP_BUCKETS = 1024       # at most this many buckets per curve: width = the power of two that keeps within it
+ROLLUP_BUCKETS = 1024  # at most this many buckets per curve: width = the power of two that keeps within it
 
 
 class MetricRollup(models.Model):
     """The lowest and highest point of one bucket of ``width`` steps of a long metric curve.
 
-    Written with the points (``services.run_record_metrics``) for runs of more than ``ROLLUP_MIN_STEPS`` steps,
-    so the run page, compare view and API draw a 100,000-step curve from about a thousand rows per run.
+    Written with the points (``services.run_record_metrics``) for runs of more than ``ROLLUP_MIN_STEPS``
+    steps, so the run page, compare view and API draw a 100,000-step curve from about a thousand rows per run.
     """
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="metric_rollups")
@@ -451,7 +485,9 @@ class MetricRollup(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["run", "name", "width", "bucket"], name="metricrollup_unique_bucket"),
+            models.UniqueConstraint(
+                fields=["run", "name", "width", "bucket"], name="metricrollup_unique_bucket"
+            ),
             models.CheckConstraint(condition=Q(width__gte=1), name="metricrollup_width_positive"),
         ]
 
@@ -467,8 +503,8 @@ class EvaluationRole(models.TextChoices):
 class Evaluation(models.Model):
     """A model on a dataset split with a frozen eval config.
 
-    Student evaluations hang off their run. A teacher is evaluated once per (model, dataset, split key) and the
-    result is reused by every run that needs it.
+    Student evaluations hang off their run. A teacher is evaluated once per (model, dataset, split key) and
+    the result is reused by every run that needs it.
     """
 
     Role = EvaluationRole
@@ -479,7 +515,9 @@ class Evaluation(models.Model):
     model = models.ForeignKey(ModelSpec, on_delete=models.CASCADE, related_name="evaluations")
     dataset = models.ForeignKey(DatasetSpec, on_delete=models.CASCADE, related_name="evaluations")
     split = models.CharField(max_length=32, default="eval")
-    split_key = models.CharField(max_length=64, help_text="Hash of the dataset preprocessing and split settings")
+    split_key = models.CharField(
+        max_length=64, help_text="Hash of the dataset preprocessing and split settings"
+    )
     accuracy = models.FloatField(null=True, blank=True)
     macro_f1 = models.FloatField(null=True, blank=True)
     param_count = models.BigIntegerField(null=True, blank=True)
@@ -497,7 +535,9 @@ class Evaluation(models.Model):
                 name="evaluation_one_teacher_eval_per_benchmark",
             ),
             models.UniqueConstraint(
-                fields=["run", "role"], condition=Q(run__isnull=False, role="student"), name="evaluation_one_per_run"
+                fields=["run", "role"],
+                condition=Q(run__isnull=False, role="student"),
+                name="evaluation_one_per_run",
             ),
         ]
         indexes = [models.Index(fields=["dataset", "role", "-accuracy"], name="evaluation_leaderboard")]
@@ -518,7 +558,9 @@ class Artifact(models.Model):
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="artifacts")
     kind = models.CharField(max_length=32, choices=Kind.choices)
-    path = models.CharField(max_length=500, help_text="Relative to ARTIFACT_ROOT; generated, never user input")
+    path = models.CharField(
+        max_length=500, help_text="Relative to ARTIFACT_ROOT; generated, never user input"
+    )
     step = models.PositiveIntegerField(null=True, blank=True)
     size_bytes = models.BigIntegerField(default=0)
     sha256 = models.CharField(max_length=64, blank=True)
@@ -552,7 +594,10 @@ class Worker(models.Model):
     versions = models.JSONField(default=dict, blank=True)
     gpus = models.JSONField(default=list, blank=True)
     memory_total_bytes = models.BigIntegerField(
-        null=True, blank=True, help_text="RAM the worker's runs may use: the host's, or its cgroup's limit if lower")
+        null=True,
+        blank=True,
+        help_text="RAM the worker's runs may use: the host's, or its cgroup's limit if lower",
+    )
     started_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
 

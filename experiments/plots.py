@@ -86,7 +86,10 @@ def _typed(values: np.ndarray) -> dict[str, str]:
         for name, dtype in _INT_DTYPES:
             info = np.iinfo(dtype)
             if info.min <= low and high <= info.max:
-                return {"dtype": name, "bdata": base64.b64encode(values.astype(f"<{name}").tobytes()).decode()}
+                return {
+                    "dtype": name,
+                    "bdata": base64.b64encode(values.astype(f"<{name}").tobytes()).decode(),
+                }
     return {"dtype": "f8", "bdata": base64.b64encode(values.astype("<f8").tobytes()).decode()}
 
 
@@ -125,8 +128,8 @@ def _loss_order(name: str) -> tuple[int, str]:
 
 
 def _is_evaluation(name: str) -> bool:
-    """Metrics of an evaluation: ``eval/…`` on the eval split, ``val/…`` on the validation slice early stopping
-    selects on."""
+    """Metrics of an evaluation: ``eval/…`` on the eval split, ``val/…`` on the validation slice early
+    stopping selects on."""
     return name.startswith(("eval/", "val/"))
 
 
@@ -144,12 +147,13 @@ def _is_divergence(name: str) -> bool:
 
 
 def loss_figure(series: Series, *, max_points: int = MAX_POINTS) -> dict[str, Any]:
-    """Training curves: the total ``loss`` and each loss term (``ce``, ``kd``, …) on one axis; the learning rate
-    (``lr``), when logged, on a second axis. Metrics named ``eval/…`` belong to :func:`eval_figure`;
+    """Training curves: the total ``loss`` and each loss term (``ce``, ``kd``, …) on one axis; the learning
+    rate (``lr``), when logged, on a second axis. Metrics named ``eval/…`` belong to :func:`eval_figure`;
     throughputs such as ``samples_per_s`` are left out."""
     names = sorted((n for n in series if _is_training_loss(n)), key=_loss_order)
     traces = [
-        _line(n, *series[n], max_points=max_points, line={"width": 2.5 if n == "loss" else 1.5}) for n in names
+        _line(n, *series[n], max_points=max_points, line={"width": 2.5 if n == "loss" else 1.5})
+        for n in names
     ]
     extra: dict[str, Any] = {}
     if "lr" in series:
@@ -168,7 +172,9 @@ def eval_figure(series: Series, *, max_points: int = MAX_POINTS) -> dict[str, An
     (``loss``, ``nll``, ``kl_to_teacher``) on the right."""
     names = sorted(n for n in series if _is_evaluation(n))
     losses = [n for n in names if _is_divergence(n)]
-    traces = [_line(n.removeprefix("eval/"), *series[n], max_points=max_points) for n in names if n not in losses]
+    traces = [
+        _line(n.removeprefix("eval/"), *series[n], max_points=max_points) for n in names if n not in losses
+    ]
     traces += [
         _line(n.removeprefix("eval/"), *series[n], max_points=max_points, yaxis="y2", line={"dash": "dash"})
         for n in losses
@@ -180,10 +186,15 @@ def eval_figure(series: Series, *, max_points: int = MAX_POINTS) -> dict[str, An
     return _figure(traces, _layout(title="Evaluation", y_title="score", **extra))
 
 
-def runs_figure(curves: Iterable[Curve], *, metric: str = "eval/accuracy", max_points: int = MAX_POINTS) -> dict[str, Any]:
-    """One metric across the runs of an experiment: one line per curve, dashed ones (e.g. baselines) dashed."""
+def runs_figure(
+    curves: Iterable[Curve], *, metric: str = "eval/accuracy", max_points: int = MAX_POINTS
+) -> dict[str, Any]:
+    """One metric across the runs of an experiment: one line per curve, dashed ones (e.g. baselines)
+    dashed."""
     traces = [
-        _line(c.label, c.steps, c.values, max_points=max_points, line={"dash": "dash" if c.dashed else "solid"})
+        _line(
+            c.label, c.steps, c.values, max_points=max_points, line={"dash": "dash" if c.dashed else "solid"}
+        )
         for c in (Curve(*curve) for curve in curves)
     ]
     short = metric.removeprefix("eval/")
@@ -208,18 +219,27 @@ def leaderboard_figure(points: Iterable[Mapping[str, Any]], *, metric_label: str
         _scatter(
             x=[p["params"] for p in group],
             y=[scale * p["mean"] for p in group],
-            error_y={"type": "data", "array": [scale * p["std"] for p in group], "visible": True, "thickness": 1},
+            error_y={
+                "type": "data",
+                "array": [scale * p["std"] for p in group],
+                "visible": True,
+                "thickness": 1,
+            },
             text=[p["label"] for p in group],
             name=recipe,
             mode="markers",
             marker={"size": 10, "symbol": "circle"},
             hovertemplate="%{text}<br>%{y:.3g}" + ("%" if percent else "") + " at %{x:,} params"
-                          "<extra>%{fullData.name}</extra>",
+            "<extra>%{fullData.name}</extra>",
         )
         for recipe, group in sorted(by_recipe.items())
     ]
-    layout = _layout(title=f"{metric_label} vs size", x_title="parameters", y_title=f"{metric_label.lower()}{unit}",
-                     hovermode="closest")
+    layout = _layout(
+        title=f"{metric_label} vs size",
+        x_title="parameters",
+        y_title=f"{metric_label.lower()}{unit}",
+        hovermode="closest",
+    )
     layout["xaxis"]["type"] = "log"
     return _figure(traces, layout)
 
@@ -256,8 +276,14 @@ class ParetoPoint(NamedTuple):
     optimal: bool = False
 
 
-def pareto_figure(points: Iterable[ParetoPoint], *, cost_label: str, metric_label: str, higher_is_better: bool,
-                  percent: bool) -> dict[str, Any]:
+def pareto_figure(
+    points: Iterable[ParetoPoint],
+    *,
+    cost_label: str,
+    metric_label: str,
+    higher_is_better: bool,
+    percent: bool,
+) -> dict[str, Any]:
     """Quality against cost (parameters or latency) on a log axis: students grouped by recipe, dominated ones
     faded; the frontier as a step line (from each optimal model, the best quality reachable for that cost
     until the next one); teachers as stars. Points without a positive cost or a quality are left out."""
@@ -269,30 +295,62 @@ def pareto_figure(points: Iterable[ParetoPoint], *, cost_label: str, metric_labe
         groups.setdefault(p.group or "runs", []).append(p)
     hover = "%{text}<br>%{y:.4g}" + ("%" if percent else "") + " at %{x:,.4g}<extra>%{fullData.name}</extra>"
     traces = []
-    frontier = sorted((p for p in students if p.optimal), key=lambda p: (p.cost, -p.quality if higher_is_better
-                                                                           else p.quality))
+    frontier = sorted(
+        (p for p in students if p.optimal),
+        key=lambda p: (p.cost, -p.quality if higher_is_better else p.quality),
+    )
     if frontier:
-        traces.append(_scatter(
-            x=[p.cost for p in frontier], y=[scale * p.quality for p in frontier], name="Pareto frontier",
-            mode="lines", line={"shape": "hv", "color": "#6b7280", "width": 1.5, "dash": "dot"}, hoverinfo="skip",
-        ))
+        traces.append(
+            _scatter(
+                x=[p.cost for p in frontier],
+                y=[scale * p.quality for p in frontier],
+                name="Pareto frontier",
+                mode="lines",
+                line={"shape": "hv", "color": "#6b7280", "width": 1.5, "dash": "dot"},
+                hoverinfo="skip",
+            )
+        )
     for group, members in sorted(groups.items()):
-        traces.append(_scatter(
-            x=[p.cost for p in members], y=[scale * p.quality for p in members], text=[p.label for p in members],
-            name=group, mode="markers", hovertemplate=hover,
-            marker={"size": 11, "opacity": [1.0 if p.optimal else 0.3 for p in members],
-                    "line": {"width": [1.5 if p.optimal else 0 for p in members], "color": "#111827"}},
-        ))
+        traces.append(
+            _scatter(
+                x=[p.cost for p in members],
+                y=[scale * p.quality for p in members],
+                text=[p.label for p in members],
+                name=group,
+                mode="markers",
+                hovertemplate=hover,
+                marker={
+                    "size": 11,
+                    "opacity": [1.0 if p.optimal else 0.3 for p in members],
+                    "line": {"width": [1.5 if p.optimal else 0 for p in members], "color": "#111827"},
+                },
+            )
+        )
     teachers = [p for p in shown if p.teacher]
     if teachers:
-        traces.append(_scatter(
-            x=[p.cost for p in teachers], y=[scale * p.quality for p in teachers], text=[p.label for p in teachers],
-            name="teacher", mode="markers", hovertemplate=hover,
-            marker={"symbol": "star", "size": 17, "color": "#111827", "line": {"width": 1, "color": "#facc15"}},
-        ))
+        traces.append(
+            _scatter(
+                x=[p.cost for p in teachers],
+                y=[scale * p.quality for p in teachers],
+                text=[p.label for p in teachers],
+                name="teacher",
+                mode="markers",
+                hovertemplate=hover,
+                marker={
+                    "symbol": "star",
+                    "size": 17,
+                    "color": "#111827",
+                    "line": {"width": 1, "color": "#facc15"},
+                },
+            )
+        )
     direction = "" if higher_is_better else " — lower is better"
-    layout = _layout(title=f"{metric_label} vs {cost_label}", x_title=f"{cost_label} (log scale)",
-                     y_title=f"{metric_label.lower()}{' (%)' if percent else ''}{direction}", hovermode="closest")
+    layout = _layout(
+        title=f"{metric_label} vs {cost_label}",
+        x_title=f"{cost_label} (log scale)",
+        y_title=f"{metric_label.lower()}{' (%)' if percent else ''}{direction}",
+        hovermode="closest",
+    )
     layout["xaxis"]["type"] = "log"
     return _figure(traces, layout)
 
@@ -305,8 +363,14 @@ def heatmap_figure(*, x_label: str, y_label: str, x_levels: Sequence[str], y_lev
     scale = 100 if percent else 1
     values = [[None if _finite(v) is None else scale * v for v in row] for row in z]
     trace = dict(
-        type="heatmap", z=values, x=list(x_levels), y=list(y_levels), colorscale="Viridis", reversescale=not higher_is_better,
-        texttemplate="%{z:.4g}", hovertemplate=f"{x_label}=%{{x}}<br>{y_label}=%{{y}}<br>%{{z:.4g}}<extra></extra>",
+        type="heatmap",
+        z=values,
+        x=list(x_levels),
+        y=list(y_levels),
+        colorscale="Viridis",
+        reversescale=not higher_is_better,
+        texttemplate="%{z:.4g}",
+        hovertemplate=f"{x_label}=%{{x}}<br>{y_label}=%{{y}}<br>%{{z:.4g}}<extra></extra>",
         colorbar={"title": {"text": metric_label + (" (%)" if percent else "")}},
     )
     layout = _layout(title=f"Sweep: mean {metric_label.lower()} over seeds", x_title=x_label, y_title=y_label,

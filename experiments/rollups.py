@@ -4,8 +4,8 @@ A run of more than ``ROLLUP_MIN_STEPS`` steps gets, for each metric, one row per
 (the power of two that cuts the run's ``total_steps`` into at most ``ROLLUP_BUCKETS`` buckets) holding the
 bucket's lowest and highest point. :func:`record` keeps them current in the same statement batch as the
 points; :func:`rebuild` recomputes them from the points (after a bulk import, or for runs older than the
-table). Readers (``selectors.curves.metric_curves``, ``selectors.curves.run_metric_series``) take a run's extremes from here
-instead of aggregating every point.
+table). Readers (``selectors.curves.metric_curves``, ``selectors.curves.run_metric_series``) take a run's
+extremes from here instead of aggregating every point.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ def _tables() -> tuple[str, str, str]:
     return (quote(MetricRollup._meta.db_table), quote(MetricPoint._meta.db_table), quote(Run._meta.db_table))
 
 
-# The bucket width of a run: 2^ceil(log2(total_steps / ROLLUP_BUCKETS)); only runs longer than ROLLUP_MIN_STEPS.
+# The bucket width of a run: 2^ceil(log2(total_steps / ROLLUP_BUCKETS)); only runs longer than
+# ROLLUP_MIN_STEPS.
 _WIDTH = f"power(2, ceil(log(2.0, r.total_steps / {float(ROLLUP_BUCKETS)})))::integer"
 
-# A bucket's new extremes: the lower of the stored and the incoming minimum, with its step (Postgres orders NaN
-# above every number, as the raw-point readers do).
+# A bucket's new extremes: the lower of the stored and the incoming minimum, with its step (Postgres orders
+# NaN above every number, as the raw-point readers do).
 _MERGE = """
     ON CONFLICT (run_id, name, width, bucket) DO UPDATE SET
         min_step = CASE WHEN EXCLUDED.min_value < {t}.min_value THEN EXCLUDED.min_step ELSE {t}.min_step END,
@@ -47,7 +48,8 @@ def _order(value: float, step: int) -> tuple[int, float, int]:
 def record(cursor, run_id: int, names: Sequence[str], steps: Sequence[int], values: Sequence[float]) -> None:
     """Fold a batch of points into the run's rollups (nothing for a run of ``ROLLUP_MIN_STEPS`` steps or
     fewer). The batch's bucket extremes are found here, in one pass, and merged with the stored ones in one
-    statement (a few rows per bucket width of points, not one per point); call it in the points' transaction."""
+    statement (a few rows per bucket width of points, not one per point); call it in the points'
+    transaction."""
     rollup, _, run = _tables()
     cursor.execute(f"SELECT {_WIDTH} FROM {run} r WHERE r.id = %s AND r.total_steps > %s",
                    [run_id, ROLLUP_MIN_STEPS])
@@ -77,13 +79,15 @@ def record(cursor, run_id: int, names: Sequence[str], steps: Sequence[int], valu
 
 
 def rebuild(run_ids: Sequence[int] | None = None) -> int:
-    """Recompute the rollups of ``run_ids`` (None: every run longer than ``ROLLUP_MIN_STEPS``) from their points.
-    Returns the number of rollup rows written."""
+    """Recompute the rollups of ``run_ids`` (None: every run longer than ``ROLLUP_MIN_STEPS``) from their
+    points. Returns the number of rollup rows written."""
     rollup, point, run = _tables()
     where = "" if run_ids is None else "AND r.id = ANY(%(ids)s::bigint[])"
     params = {"ids": list(run_ids or []), "min": ROLLUP_MIN_STEPS}
     with connection.cursor() as cursor:
-        cursor.execute(f"DELETE FROM {rollup} WHERE run_id IN (SELECT r.id FROM {run} r WHERE TRUE {where})", params)
+        cursor.execute(
+            f"DELETE FROM {rollup} WHERE run_id IN (SELECT r.id FROM {run} r WHERE TRUE {where})", params
+        )
         cursor.execute(f"""
             INSERT INTO {rollup} (run_id, name, width, bucket, min_step, min_value, max_step, max_value)
             SELECT m.run_id, m.name, w.width, m.step / w.width, {_EXTREMES.format(v="m.value", s="m.step")}
@@ -95,8 +99,8 @@ def rebuild(run_ids: Sequence[int] | None = None) -> int:
 
 
 def rolled_up(run_ids: Sequence[int], name: str | None = None) -> set[int]:
-    """Which of ``run_ids`` have rollups (of metric ``name``, or of any): those are read from here; the others,
-    short runs or points imported without :func:`rebuild`, from their points."""
+    """Which of ``run_ids`` have rollups (of metric ``name``, or of any): those are read from here; the
+    others, short runs or points imported without :func:`rebuild`, from their points."""
     rollup, _, _ = _tables()
     same_name = "AND m.name = %(name)s" if name is not None else ""
     with connection.cursor() as cursor:

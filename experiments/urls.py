@@ -22,7 +22,9 @@ urlpatterns = [
     path("experiments/<int:experiment_id>/clone/", setup.experiment_clone, name="experiment_clone"),
     path("runs/<int:run_id>/clone/", setup.run_clone, name="run_clone"),
     path("experiments/<int:experiment_id>/", pages.experiment_detail, name="experiment_detail"),
-    path("experiments/<int:experiment_id>/runs.json", pages.experiment_runs_json, name="experiment_runs_json"),
+    path(
+        "experiments/<int:experiment_id>/runs.json", pages.experiment_runs_json, name="experiment_runs_json"
+    ),
     path("experiments/<int:experiment_id>/cancel/", pages.experiment_cancel, name="experiment_cancel"),
     path("runs/<int:run_id>/", pages.run_detail, name="run_detail"),
     path("runs/<int:run_id>/status.json", pages.run_status_json, name="run_status_json"),
@@ -33,10 +35,16 @@ urlpatterns = [
     path("teams/switch/", teams.team_switch, name="team_switch"),
     path("teams/<int:team_id>/", teams.team_detail, name="team_detail"),
     path("teams/<int:team_id>/members/add/", teams.team_member_add, name="team_member_add"),
-    path("teams/<int:team_id>/members/<int:membership_id>/role/", teams.team_member_role,
-         name="team_member_role"),
-    path("teams/<int:team_id>/members/<int:membership_id>/remove/", teams.team_member_remove,
-         name="team_member_remove"),
+    path(
+        "teams/<int:team_id>/members/<int:membership_id>/role/",
+        teams.team_member_role,
+        name="team_member_role",
+    ),
+    path(
+        "teams/<int:team_id>/members/<int:membership_id>/remove/",
+        teams.team_member_remove,
+        name="team_member_remove",
+    ),
     path("leaderboard/", pages.leaderboard_index, name="leaderboard_index"),
     path("leaderboard/<int:dataset_id>/", compare_views.leaderboard, name="leaderboard"),
     path("compare/", compare_views.compare, name="compare"),

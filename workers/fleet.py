@@ -1,8 +1,8 @@
 """Worker registry: each ``celery worker`` registers itself when ready and heartbeats from a thread.
 
 The thread lives in the worker's main process (not in the pool children), so heartbeats continue while a
-child trains. Registration records the RAM the worker's runs may use (the host's, or its cgroup's limit), which
-pre-flight checks CPU runs against. Each beat carries the GPUs this worker may use, read through NVML
+child trains. Registration records the RAM the worker's runs may use (the host's, or its cgroup's limit),
+which pre-flight checks CPU runs against. Each beat carries the GPUs this worker may use, read through NVML
 (``workers.gpus``; never torch, which must not touch CUDA in this process). A worker that stops heartbeating
 shows as offline once its last heartbeat is older than WORKER_OFFLINE_AFTER_S, and the ``workers.fleet_sweep``
 beat task marks it so.

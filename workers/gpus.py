@@ -4,9 +4,9 @@ Runs in the worker's main process, which must never initialise CUDA: NVML talks 
 this module never imports torch. A host without the NVIDIA driver (or without ``pynvml``) reports no GPUs.
 
 ``CUDA_VISIBLE_DEVICES`` is honoured the way CUDA reads it: a comma-separated list of device indices or
-(prefixes of) ``GPU-…`` UUIDs, read up to the first entry that names no device; an empty value hides every GPU.
-Indices are NVML's (PCI bus order), which is CUDA's order when ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; pin workers by
-UUID where the two orders may differ. MIG instances (``MIG-…``) are not listed.
+(prefixes of) ``GPU-…`` UUIDs, read up to the first entry that names no device; an empty value hides every
+GPU. Indices are NVML's (PCI bus order), which is CUDA's order when ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; pin
+workers by UUID where the two orders may differ. MIG instances (``MIG-…``) are not listed.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ class GpuInfo(TypedDict):
 class GpuInventory:
     """Reads GPUs through one NVML session, opened on first use and kept for the life of the process."""
 
-    def __init__(self, nvml: ModuleType | Any | None = None, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, nvml: ModuleType | Any | None = None, environ: Mapping[str, str] | None = None
+    ) -> None:
         self._nvml = nvml
         self._environ = os.environ if environ is None else environ
         self._initialised = False
@@ -92,7 +94,8 @@ class GpuInventory:
         return gpus
 
     def driver_versions(self) -> dict[str, str]:
-        """``{"nvidia_driver": "550.54.15", "cuda": "12.4"}`` from the driver; {} where NVML is unavailable."""
+        """``{"nvidia_driver": "550.54.15", "cuda": "12.4"}`` from the driver; {} where NVML is
+        unavailable."""
         nvml = self._session()
         if nvml is None:
             return {}
@@ -142,7 +145,9 @@ def _read_device(nvml: Any, index: int, handle: Any, uuid: str) -> GpuInfo:
         memory_total_bytes=int(memory.total),
         memory_used_bytes=int(memory.used),
         utilization_pct=_optional(lambda: int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)),
-        temperature_c=_optional(lambda: int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))),
+        temperature_c=_optional(
+            lambda: int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+        ),
     )
 
 
@@ -193,7 +198,8 @@ def read_gpus() -> list[GpuInfo]:
 
 
 def cuda_versions() -> dict[str, str]:
-    """The driver's CUDA version (and driver version) where NVML has them, else the CUDA torch was built for."""
+    """The driver's CUDA version (and driver version) where NVML has them, else the CUDA torch was built
+    for."""
     versions = _default.driver_versions()
     if "cuda" not in versions:
         versions["cuda"] = torch_cuda_build() or "none"

@@ -30,7 +30,8 @@ def requeue_stale_runs() -> dict[str, int]:
 
 
 def broker_queue_size(queue: str) -> int | None:
-    """Messages waiting in ``queue`` on the broker (0 when it does not exist), or None when it cannot be read."""
+    """Messages waiting in ``queue`` on the broker (0 when it does not exist), or None when it cannot be
+    read."""
     from kombu.exceptions import ChannelError
 
     try:

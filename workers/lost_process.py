@@ -53,8 +53,9 @@ class RunRequest(Request):
         status = exit_status(exc)
         try:
             close_old_connections()
-            run = lifecycle.run_worker_process_lost(run_id=args[0], task_id=self.id, worker_name=self.hostname or "",
-                                                   status=status)
+            run = lifecycle.run_worker_process_lost(
+                run_id=args[0], task_id=self.id, worker_name=self.hostname or "", status=status
+            )
         except Exception:  # the database is away: the lease expiry requeues the run later
             logger.exception("run %s: could not record that its worker process died (%s)", args[0], status)
             return

@@ -1,11 +1,12 @@
 """Database sessions of worker processes: a frozen worker never holds a run's row for long.
 
-A worker paused in the middle of a transaction (SIGSTOP, a VM pause, a swap storm) keeps its row locks, and the
-update that hands its run to another worker would wait for it as long as it sleeps. Every Postgres session a
-worker opens therefore ends a transaction left idle for a quarter of the run lease (at least a few seconds):
-Postgres closes the session and releases its locks, and the paused worker, when it wakes, finds its transaction
-gone and, through the run's fencing, writes nothing more. Worker transactions never wait on anything but the
-database (files are read before a transaction opens), so a live worker never comes near the limit.
+A worker paused in the middle of a transaction (SIGSTOP, a VM pause, a swap storm) keeps its row locks, and
+the update that hands its run to another worker would wait for it as long as it sleeps. Every Postgres session
+a worker opens therefore ends a transaction left idle for a quarter of the run lease (at least a few seconds):
+Postgres closes the session and releases its locks, and the paused worker, when it wakes, finds its
+transaction gone and, through the run's fencing, writes nothing more. Worker transactions never wait on
+anything but the database (files are read before a transaction opens), so a live worker never comes near the
+limit.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ logger = logging.getLogger(__name__)
 def run_distillation(self, run_id: int) -> None:
     """Train and evaluate one run. A second delivery of a live run claims nothing and returns.
 
-    While it runs, the reporter's thread renews the run's lease. When the database stays unreachable (longer than
-    RUN_DB_RETRY_S) the outcome cannot be recorded: the message is rejected back to the broker instead of being
-    acknowledged, and the run, still ``running`` with an expiring lease, resumes from its last checkpoint in a
-    later delivery.
+    While it runs, the reporter's thread renews the run's lease. When the database stays unreachable (longer
+    than RUN_DB_RETRY_S) the outcome cannot be recorded: the message is rejected back to the broker instead of
+    being acknowledged, and the run, still ``running`` with an expiring lease, resumes from its last
+    checkpoint in a later delivery.
     """
     # Lazy imports: torch must not touch CUDA in the prefork parent process.
     from experiments.services import lifecycle
@@ -32,12 +32,18 @@ def run_distillation(self, run_id: int) -> None:
     task_id = self.request.id or f"local-{run_id}"
     reporter = RunReporter(run_id=run_id, task_id=task_id)
     try:
-        run = reporter.call(lifecycle.run_claim, run_id=run_id, task_id=task_id, worker_name=self.request.hostname or "")
+        run = reporter.call(
+            lifecycle.run_claim, run_id=run_id, task_id=task_id, worker_name=self.request.hostname or ""
+        )
         if run is None:
-            logger.info("run %s is owned by a live delivery, finished, or expects another message; nothing to do",
-                        run_id)
+            logger.info(
+                "run %s is owned by a live delivery, finished, or expects another message; nothing to do",
+                run_id,
+            )
             return
-        with reporter:  # its thread writes metrics and progress, renewing the lease, until the run is recorded
+        with (
+            reporter
+        ):  # its thread writes metrics and progress, renewing the lease, until the run is recorded
             _train_and_record(run, reporter)
     except DatabaseUnavailable as exc:
         logger.error("run %s: %s; the message goes back to the broker and the run resumes later", run_id, exc)
@@ -45,7 +51,8 @@ def run_distillation(self, run_id: int) -> None:
 
 
 def _train_and_record(run: Run, reporter: RunReporter) -> None:
-    """Train the claimed run and record how it ended: succeeded, failed with a readable error, or cancelled."""
+    """Train the claimed run and record how it ended: succeeded, failed with a readable error, or
+    cancelled."""
     from django.conf import settings
 
     from experiments.domain.engine_config import resolve_paths
@@ -85,7 +92,9 @@ def _train_and_record(run: Run, reporter: RunReporter) -> None:
         return
     except Exception as exc:
         logger.exception("run %s crashed", run.id)
-        reporter.finish_with(lifecycle.run_fail, **owner, error=f"Internal error ({type(exc).__name__}): {exc}")
+        reporter.finish_with(
+            lifecycle.run_fail, **owner, error=f"Internal error ({type(exc).__name__}): {exc}"
+        )
         return
     if result.stopped:
         if reporter.cancel_requested:

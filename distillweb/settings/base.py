@@ -142,16 +142,19 @@ SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=not DEBUG)
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 31536000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG)
 SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=not DEBUG)
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("BEHIND_TLS_PROXY", default=False) else None
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("BEHIND_TLS_PROXY", default=False) else None
+)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 
 # Content-Security-Policy on every response (django-csp 4: https://django-csp.readthedocs.io/en/latest/configuration.html).
-# Scripts only from this site (plotly.js is served locally): no inline script or on*= handler, no eval, no other
-# origin; Swagger UI (/api/docs/) loads its set-up script from its own view (drf-spectacular's split view). Styles
-# also come from this site, plus inline ones: plotly.js injects <style> elements at run time, progress bars set
-# their width in a style attribute, and Swagger UI's page has a <style> block; styles cannot run code.
+# Scripts only from this site (plotly.js is served locally): no inline script or on*= handler, no eval, no
+# other origin; Swagger UI (/api/docs/) loads its set-up script from its own view (drf-spectacular's split
+# view). Styles also come from this site, plus inline ones: plotly.js injects <style> elements at run time,
+# progress bars set their width in a style attribute, and Swagger UI's page has a <style> block; styles cannot
+# run code.
 CONTENT_SECURITY_POLICY = {
     "DIRECTIVES": {
         "default-src": [SELF],
@@ -187,14 +190,16 @@ ARTIFACT_ROOT = Path(env("ARTIFACT_ROOT", default=str(VAR_DIR / "artifacts")))
 MODELS_DIR = Path(env("DISTILLWEB_MODELS_DIR", default=str(VAR_DIR / "models")))
 MODEL_ROOTS = [Path(p) for p in env.list("MODEL_ROOTS", default=[str(MODELS_DIR)])]
 DATASET_ROOTS = [Path(p) for p in env.list("DATASET_ROOTS", default=[])]
-# Largest dataset file the "Upload a file" source accepts; bigger uploads are refused before anything is stored.
+# Largest dataset file the "Upload a file" source accepts; bigger uploads are refused before anything is
+# stored.
 DATASET_UPLOAD_MAX_BYTES = env.int("DATASET_UPLOAD_MAX_BYTES", default=50 * 1024 * 1024)
 ALLOW_TRUST_REMOTE_CODE = env.bool("ALLOW_TRUST_REMOTE_CODE", default=False)
-# The run lifecycle (experiments.services): a run's heartbeat is its lease, renewed by every metric, progress and
-# checkpoint write. A running run silent for RUN_HEARTBEAT_TIMEOUT_S lost its worker: the `workers.requeue_stale_runs`
-# beat task (every RUN_SWEEP_INTERVAL_S) requeues it, and another worker resumes it from its last checkpoint, up to
-# RUN_MAX_ATTEMPTS attempts; then it fails. A worker rides out a database outage of up to RUN_DB_RETRY_S (metric
-# points stay buffered). A queued run whose broker message was lost is sent again after RUN_REDISPATCH_AFTER_S.
+# The run lifecycle (experiments.services): a run's heartbeat is its lease, renewed by every metric, progress
+# and checkpoint write. A running run silent for RUN_HEARTBEAT_TIMEOUT_S lost its worker: the
+# `workers.requeue_stale_runs` beat task (every RUN_SWEEP_INTERVAL_S) requeues it, and another worker resumes
+# it from its last checkpoint, up to RUN_MAX_ATTEMPTS attempts; then it fails. A worker rides out a database
+# outage of up to RUN_DB_RETRY_S (metric points stay buffered). A queued run whose broker message was lost is
+# sent again after RUN_REDISPATCH_AFTER_S.
 RUN_HEARTBEAT_TIMEOUT_S = env.int("RUN_HEARTBEAT_TIMEOUT_S", default=120)
 RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
 RUN_SWEEP_INTERVAL_S = env.float("RUN_SWEEP_INTERVAL_S", default=30.0)
@@ -207,9 +212,9 @@ WORKER_OFFLINE_AFTER_S = env.int("WORKER_OFFLINE_AFTER_S", default=60)
 MAX_RUNS_PER_EXPERIMENT = env.int("MAX_RUNS_PER_EXPERIMENT", default=200)
 # The Celery queue new runs are sent to (workers consume it with `-Q`).
 RUN_QUEUE = env("RUN_QUEUE", default="training")
-# How a new run picks its queue (experiments.domain.routing): "auto" sends it to the smallest queue named gpu-<N>g (N GiB
-# per GPU) or cpu that an online worker consumes and that fits its estimated GPU memory (RUN_QUEUE while no worker
-# declares such a queue); "off" sends every run to RUN_QUEUE.
+# How a new run picks its queue (experiments.domain.routing): "auto" sends it to the smallest queue named
+# gpu-<N>g (N GiB per GPU) or cpu that an online worker consumes and that fits its estimated GPU memory
+# (RUN_QUEUE while no worker declares such a queue); "off" sends every run to RUN_QUEUE.
 RUN_ROUTING = env("RUN_ROUTING", default="auto")
 if RUN_ROUTING not in ("auto", "off"):
     raise environ.ImproperlyConfigured(f"RUN_ROUTING must be 'auto' or 'off', not {RUN_ROUTING!r}.")
@@ -234,7 +239,9 @@ else:
     # (acks_late), so it must exceed the longest run, or Redis starts a second copy of every long one. Worker
     # loss is handled by the database lease instead (RUN_HEARTBEAT_TIMEOUT_S, the requeue sweep), which needs
     # no redelivery at all; a late one is harmless (run_claim refuses a live or finished run).
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("BROKER_VISIBILITY_TIMEOUT_S", default=48 * 3600)}
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": env.int("BROKER_VISIBILITY_TIMEOUT_S", default=48 * 3600)
+    }
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -246,12 +253,13 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "training"
 CELERY_TASK_ROUTES = {"workers.run_distillation": {"queue": "training"}}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-# A task message sent by the web process (a launch, a requeue) waits at most this long per socket operation, and
-# is retried once, when the broker is down or hung; the run stays queued and the lifecycle sweep sends it once the
-# broker is back (experiments/broker.py). Worker processes keep Celery's connection and retry settings.
+# A task message sent by the web process (a launch, a requeue) waits at most this long per socket operation,
+# and is retried once, when the broker is down or hung; the run stays queued and the lifecycle sweep sends it
+# once the broker is back (experiments/broker.py). Worker processes keep Celery's connection and retry
+# settings.
 BROKER_PUBLISH_TIMEOUT_S = env.float("BROKER_PUBLISH_TIMEOUT_S", default=1.0)
-# A broker outage must not stop a run that is training: it needs only the database (its lease), and its message
-# is acknowledged when it ends. https://docs.celeryq.dev/en/stable/userguide/configuration.html
+# A broker outage must not stop a run that is training: it needs only the database (its lease), and its
+# message is acknowledged when it ends. https://docs.celeryq.dev/en/stable/userguide/configuration.html
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = TIME_ZONE
@@ -269,7 +277,8 @@ CELERY_BEAT_SCHEDULE = {
         # A sweep nobody ran in time is dropped: the next one does the same work.
         "options": {"queue": FLEET_QUEUE, "expires": WORKER_OFFLINE_AFTER_S / 2},
     },
-    # Runs whose lease expired are requeued (or failed past RUN_MAX_ATTEMPTS); lost queued messages are re-sent.
+    # Runs whose lease expired are requeued (or failed past RUN_MAX_ATTEMPTS); lost queued messages are
+    # re-sent.
     "requeue-stale-runs": {
         "task": "workers.requeue_stale_runs",
         "schedule": RUN_SWEEP_INTERVAL_S,
@@ -278,8 +287,8 @@ CELERY_BEAT_SCHEDULE = {
 }
 
 # --- REST API (api/) ---------------------------------------------------------------------------------
-# https://www.django-rest-framework.org/api-guide/settings/ — token first, so a request without credentials gets
-# 401 with `WWW-Authenticate: Bearer`; the session serves the browser (and enforces CSRF on writes).
+# https://www.django-rest-framework.org/api-guide/settings/ — token first, so a request without credentials
+# gets 401 with `WWW-Authenticate: Bearer`; the session serves the browser (and enforces CSRF on writes).
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "api.authentication.BearerTokenAuthentication",
@@ -296,7 +305,8 @@ REST_FRAMEWORK = {
 # https://drf-spectacular.readthedocs.io/en/latest/settings.html
 SPECTACULAR_SETTINGS = {
     "TITLE": "distillweb API",
-    "DESCRIPTION": "Records, experiments, runs, metrics and leaderboards of distillweb, scoped to your teams.",
+    "DESCRIPTION": "Records, experiments, runs, metrics and leaderboards of distillweb, scoped to your "
+                   "teams.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
@@ -304,8 +314,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
-    # Every operation also documents the error answers it shares with the others (401, 403, 400, 404, 413, 415).
-    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "api.schema.document_error_responses"],
+    # Every operation also documents the error answers it shares with the others (401, 403, 400, 404, 413,
+    # 415).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "api.schema.document_error_responses",
+    ],
 }
 
 LOGGING = {

@@ -31,8 +31,10 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
         flat = {}
         for i, item in enumerate(config):
             label = item["name"] if named else str(i)
-            flat |= flatten_config({k: v for k, v in item.items() if not (named and k == "name")} or {"name": label},
-                                   f"{prefix}.{label}")
+            flat |= flatten_config(
+                {k: v for k, v in item.items() if not (named and k == "name")} or {"name": label},
+                f"{prefix}.{label}",
+            )
         return flat
     return {prefix: json.dumps(config, sort_keys=True)}
 
@@ -114,6 +116,8 @@ def sweep_grid(configs: Sequence[Mapping[str, Any]], values: Sequence[float | No
             bucket.append(value)
     if len(x_levels) < 2 or len(y_levels) < 2 or len(cells) != len(x_levels) * len(y_levels):
         return None
-    z = [[statistics.fmean(cells[(yv, xv)]) if cells[(yv, xv)] else None for xv in x_levels] for yv in y_levels]
+    z = [
+        [statistics.fmean(cells[(yv, xv)]) if cells[(yv, xv)] else None for xv in x_levels] for yv in y_levels
+    ]
     return SweepGrid(x.key, y.key, x_levels, y_levels, z,
                      tuple(k.key for k in x_group), tuple(k.key for k in y_group))

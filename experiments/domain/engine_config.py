@@ -41,8 +41,8 @@ HARD_LABELS_TERMS = [{"name": "ce", "weight": 1.0, "params": {}}]
 TEACHER_CACHE_DIR = "teacher-cache"
 
 
-# The logical path of a run's model in frozen configs (``run_output_config``); on disk it is the folder the run's
-# model artifact names (``recorded_model_folder``).
+# The logical path of a run's model in frozen configs (``run_output_config``); on disk it is the folder the
+# run's model artifact names (``recorded_model_folder``).
 RUN_OUTPUT_RE = re.compile(r"runs/(\d+)/final")
 
 
@@ -82,7 +82,8 @@ def dataset_config(spec: DatasetSpec) -> dict[str, Any]:
         "eval_fraction": spec.eval_fraction,
         "split_seed": spec.split_seed,
         "max_length": spec.max_length,
-        # Only when set, so the split keys of datasets without them (and their teacher evaluations) stay as they were.
+        # Only when set, so the split keys of datasets without them (and their teacher evaluations) stay as
+        # they were.
         **({"eval_path": spec.eval_local_path} if spec.eval_local_path else {}),
         **({"pack": True} if spec.pack else {}),
     }
@@ -91,8 +92,8 @@ def dataset_config(spec: DatasetSpec) -> dict[str, Any]:
 def split_key(dataset_cfg: dict[str, Any]) -> str:
     """A stable hash of everything that decides which rows land in the eval split and how they are read.
 
-    The labelled fraction (and the seed of a run's own labelled subset) only changes which train labels are used,
-    so it does not change the key.
+    The labelled fraction (and the seed of a run's own labelled subset) only changes which train labels are
+    used, so it does not change the key.
     """
     relevant = {k: v for k, v in dataset_cfg.items() if k not in ("labelled_fraction", "labelled_seed")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:32]
@@ -177,7 +178,8 @@ def _run_models(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 def recorded_model_folder(path: str) -> str:
     """The folder a ``run`` model's logical path (``runs/<id>/final``) names on disk: the final model its run
-    recorded (written by the attempt that owned the run: ``runs/<id>/final-a<attempt>``), else the path itself."""
+    recorded (written by the attempt that owned the run: ``runs/<id>/final-a<attempt>``), else the path
+    itself."""
     from experiments.models import Artifact
 
     match = RUN_OUTPUT_RE.fullmatch(path)
@@ -207,13 +209,15 @@ def resolve_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> d
 
 
 def allowed_paths(run_outputs: dict[str, str], *, run: Run, artifact_root: Path) -> dict[str, Any]:
-    """What the engine may read for ``run`` (``workers.engine.config.AllowedPaths``), from this process's settings
-    and never from the stored config: the model and dataset roots, the run's team upload folder, and the model
-    folders of the config's ``run`` sources (``run_outputs``: logical path → folder on disk) that are runs of the
-    run's team (the engine refuses any other)."""
+    """What the engine may read for ``run`` (``workers.engine.config.AllowedPaths``), from this process's
+    settings and never from the stored config: the model and dataset roots, the run's team upload folder, and
+    the model folders of the config's ``run`` sources (``run_outputs``: logical path → folder on disk) that
+    are runs of the run's team (the engine refuses any other)."""
     from experiments.domain.uploads import upload_dir
 
-    wanted = {int(m[1]): folder for path, folder in run_outputs.items() if (m := RUN_OUTPUT_RE.fullmatch(path))}
+    wanted = {
+        int(m[1]): folder for path, folder in run_outputs.items() if (m := RUN_OUTPUT_RE.fullmatch(path))
+    }
     same_team = set(Run.objects.filter(pk__in=wanted, team_id=run.team_id).values_list("pk", flat=True))
     uploads = Path(artifact_root) / upload_dir().relative_to(settings.ARTIFACT_ROOT) / str(run.team_id)
     return {
@@ -226,10 +230,13 @@ def allowed_paths(run_outputs: dict[str, str], *, run: Run, artifact_root: Path)
 
 
 def public_message(text: str) -> str:
-    """``text`` as users may see it: the artifact, model and dataset roots by name (``ARTIFACT_ROOT/runs/5``), any
-    other absolute path of the machine by its last part only (``workers.engine.sources.redact_paths``)."""
+    """``text`` as users may see it: the artifact, model and dataset roots by name (``ARTIFACT_ROOT/runs/5``),
+    any other absolute path of the machine by its last part only (``workers.engine.sources.redact_paths``)."""
     from workers.engine.sources import redact_paths
 
-    labels = [("ARTIFACT_ROOT", settings.ARTIFACT_ROOT), *(("MODEL_ROOT", root) for root in settings.MODEL_ROOTS),
-              *(("DATASET_ROOT", root) for root in settings.DATASET_ROOTS)]
+    labels = [
+        ("ARTIFACT_ROOT", settings.ARTIFACT_ROOT),
+        *(("MODEL_ROOT", root) for root in settings.MODEL_ROOTS),
+        *(("DATASET_ROOT", root) for root in settings.DATASET_ROOTS),
+    ]
     return redact_paths(text, labels)

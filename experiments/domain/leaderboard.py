@@ -1,5 +1,5 @@
-"""Leaderboard maths, with no database: spreads, the Pareto frontier, budgets and ranking of rows the selectors
-built (``experiments.selectors.leaderboard``)."""
+"""Leaderboard maths, with no database: spreads, the Pareto frontier, budgets and ranking of rows the
+selectors built (``experiments.selectors.leaderboard``)."""
 
 from __future__ import annotations
 
@@ -28,18 +28,21 @@ Row = TypeVar("Row", bound=BoardRow)
 
 
 def sample_std(values: Sequence[float]) -> float:
-    """The sample standard deviation (n - 1), 0 for fewer than two values. Float arithmetic: ``statistics.stdev``
-    is exact but builds fractions, which a leaderboard of thousands of rows cannot afford."""
+    """The sample standard deviation (n - 1), 0 for fewer than two values. Float arithmetic:
+    ``statistics.stdev`` is exact but builds fractions, which a leaderboard of thousands of rows cannot
+    afford."""
     if len(values) < 2:
         return 0.0
     mean = math.fsum(values) / len(values)
     return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def pareto_flags(points: Sequence[tuple[float | None, float | None]], *, higher_is_better: bool) -> list[bool]:
-    """Which (cost, quality) points are Pareto-optimal: no other point costs at most as much and scores at least
-    as well, better in one of the two. Points with an unknown cost or quality are never optimal; equal points
-    are optimal together. O(n log n).
+def pareto_flags(
+    points: Sequence[tuple[float | None, float | None]], *, higher_is_better: bool
+) -> list[bool]:
+    """Which (cost, quality) points are Pareto-optimal: no other point costs at most as much and scores at
+    least as well, better in one of the two. Points with an unknown cost or quality are never optimal; equal
+    points are optimal together. O(n log n).
     """
     sign = 1.0 if higher_is_better else -1.0
     known = sorted(
@@ -66,9 +69,9 @@ def pareto_flags(points: Sequence[tuple[float | None, float | None]], *, higher_
 def leaderboard_filter(rows: Sequence[Row], *, higher_is_better: bool, max_params: int | None = None,
                        max_latency_ms: float | None = None, recipe: str = "",
                        family: str = "") -> list[Row]:
-    """The rows that fit a size / latency budget (an unknown size or latency does not fit), a recipe name and a
-    student family, ranked again among themselves and flagged ``pareto`` when no other kept row is at least as
-    small and as good (quality vs parameters)."""
+    """The rows that fit a size / latency budget (an unknown size or latency does not fit), a recipe name and
+    a student family, ranked again among themselves and flagged ``pareto`` when no other kept row is at least
+    as small and as good (quality vs parameters)."""
     kept = [
         r for r in rows
         if (max_params is None or (r.params is not None and r.params <= max_params))

@@ -4,22 +4,22 @@ Each check gives a level — ``ok``, ``notice`` (worth knowing, nothing to fix),
 here), ``warning`` (launch is allowed) or ``error`` (launch is refused) — a one-line summary and details:
 
 - **Runs**: how many runs the grid creates, against ``MAX_RUNS_PER_EXPERIMENT``.
-- **Label spaces**: on classification data every model predicts the dataset's classes; a teacher trained here on
-  other data with other label names is a warning (class 3 may not mean the same thing).
+- **Label spaces**: on classification data every model predicts the dataset's classes; a teacher trained here
+  on other data with other label names is a warning (class 3 may not mean the same thing).
 - **Tokenizers**: for text models, teacher and student tokenizers compared by the identity their records keep
   (``tokenizer_id``, a config's named tokenizer, a derived model's parent, a registered run's student). A
-  mismatch is an error where tokens must line up (causal-LM logit terms, hidden-state and attention terms) and a
-  notice where a cross-tokenizer method carries it (``uld``, alone or with ``ce``, online, offline from the
-  cache or on-policy; ``seq_kd`` with ``ce``);
-  classification logits and sentence embeddings do not depend on tokens. Unrecorded identities: "cannot check".
-- **GPU memory**: each distinct run shape estimated from its config (``workers.engine.memory``) and routed like a
-  new run (``routing.route``); a run no online worker can take is a warning, one larger than any GPU an error.
-  A run that trains on the CPU (pinned to it, sent to the ``cpu`` queue, or on the ``auto`` device while no GPU
-  queue is declared and no worker that takes it has a GPU) holds its whole estimate in RAM: with the headroom,
-  more than the largest RAM among the workers that take it (``Worker.memory_total_bytes``), or, when none of them
-  has reported it, than this machine's, is an error.
-- **Time**: the median seconds per step of finished runs of the same student on the same dataset with a similar
-  number of steps (one query: a window over the runs, whatever their number), times the planned steps.
+  mismatch is an error where tokens must line up (causal-LM logit terms, hidden-state and attention terms) and
+  a notice where a cross-tokenizer method carries it (``uld``, alone or with ``ce``, online, offline from the
+  cache or on-policy; ``seq_kd`` with ``ce``); classification logits and sentence embeddings do not depend on
+  tokens. Unrecorded identities: "cannot check".
+- **GPU memory**: each distinct run shape estimated from its config (``workers.engine.memory``) and routed
+  like a new run (``routing.route``); a run no online worker can take is a warning, one larger than any GPU an
+  error. A run that trains on the CPU (pinned to it, sent to the ``cpu`` queue, or on the ``auto`` device
+  while no GPU queue is declared and no worker that takes it has a GPU) holds its whole estimate in RAM: with
+  the headroom, more than the largest RAM among the workers that take it (``Worker.memory_total_bytes``), or,
+  when none of them has reported it, than this machine's, is an error.
+- **Time**: the median seconds per step of finished runs of the same student on the same dataset with a
+  similar number of steps (one query: a window over the runs, whatever their number), times the planned steps.
 
 The functions are pure apart from :func:`similar_run_speeds` (one query), the worker table read for routing,
 and the few records a tokenizer identity walks through (a derived model's parent, a run's student).
@@ -89,7 +89,7 @@ def worst(levels: Iterable[str]) -> str:
     return max(levels, key=LEVELS.index, default="ok")
 
 
-# --- runs -----------------------------------------------------------------------------------------------------
+# --- runs ---------------------------------------------------------------------------------------------------
 def check_run_count(count: sweeps.RunCount, *, limit: int) -> Check:
     text = f"{count.total:,} run{'s' if count.total != 1 else ''}: {count.describe()}."
     if count.total > limit:
@@ -100,7 +100,7 @@ def check_run_count(count: sweeps.RunCount, *, limit: int) -> Check:
     return Check("runs", "Runs", "ok", text, details)
 
 
-# --- label spaces ---------------------------------------------------------------------------------------------
+# --- label spaces -------------------------------------------------------------------------------------------
 def _roles(*, teacher: ModelSpec | None, students: Sequence[ModelSpec], assistant: ModelSpec | None,
            extra_teachers: Sequence[ModelSpec]) -> list[tuple[str, str, ModelSpec]]:
     """(form field, role, model) for every model of the experiment."""
@@ -121,19 +121,32 @@ def check_labels(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: S
                  assistant: ModelSpec | None = None, extra_teachers: Sequence[ModelSpec] = ()) -> Check:
     title = "Label spaces"
     if dataset.task != "classification":
-        return Check("labels", title, "notice", f"{dataset} is {dataset.get_task_display().lower()} data: there "
-                                                "are no classes to match.")
+        return Check(
+            "labels",
+            title,
+            "notice",
+            f"{dataset} is {dataset.get_task_display().lower()} data: there are no classes to match.",
+        )
     errors: list[tuple[str, str]] = []
     warnings: list[str] = []
     for form_field, role, model in _roles(teacher=teacher, students=students, assistant=assistant,
                                           extra_teachers=extra_teachers):
         if model.task != "classification":
-            errors.append((form_field, f"The {role} {model} is a {model.get_task_display().lower()} model, not a "
-                                       f"classifier."))
+            errors.append(
+                (
+                    form_field,
+                    f"The {role} {model} is a {model.get_task_display().lower()} model, not a classifier.",
+                )
+            )
             continue
         if model.num_labels != dataset.num_labels:
-            errors.append((form_field, f"The {role} {model} predicts {model.num_labels} classes but {dataset} has "
-                                       f"{dataset.num_labels}."))
+            errors.append(
+                (
+                    form_field,
+                    f"The {role} {model} predicts {model.num_labels} classes but {dataset} has "
+                    f"{dataset.num_labels}.",
+                )
+            )
             continue
         source = _trained_on(model)
         if source is not None and source.pk != dataset.pk and source.label_names and dataset.label_names \
@@ -142,11 +155,19 @@ def check_labels(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: S
                             f"{_names(source.label_names)}; {dataset}'s are {_names(dataset.label_names)}. "
                             "Class i may not mean the same thing in both.")
     if errors:
-        return Check("labels", title, "error", errors[0][1], tuple(m for _, m in errors[1:]) + tuple(warnings),
-                     field=errors[0][0])
+        return Check(
+            "labels",
+            title,
+            "error",
+            errors[0][1],
+            tuple(m for _, m in errors[1:]) + tuple(warnings),
+            field=errors[0][0],
+        )
     if warnings:
         return Check("labels", title, "warning", warnings[0], tuple(warnings[1:]))
-    return Check("labels", title, "ok", f"Every model predicts the {dataset.num_labels} classes of {dataset}.")
+    return Check(
+        "labels", title, "ok", f"Every model predicts the {dataset.num_labels} classes of {dataset}."
+    )
 
 
 def _names(names: Sequence[Any], shown: int = 6) -> str:
@@ -154,7 +175,7 @@ def _names(names: Sequence[Any], shown: int = 6) -> str:
     return text + (", …" if len(names) > shown else "")
 
 
-# --- tokenizers -----------------------------------------------------------------------------------------------
+# --- tokenizers ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TokenizerIdentity:
     """What a model's record says about its tokenizer. ``key`` None: unknown; ``recorded``: named explicitly
@@ -205,9 +226,9 @@ def tokenizer_rule(*, task: str, scheme: str, term_names: Sequence[str]) -> str:
     """What a tokenizer mismatch means for a recipe (the engine's rules, ``workers.engine.trainer``):
 
     ``free``: each model reads the text with its own tokenizer and nothing compares tokens (classification
-    logits, sentence embeddings); ``cross``: a cross-tokenizer method carries a mismatch (``uld``, alone or with
-    ``ce``, in a causal-LM run of any scheme but ``seq_kd``; ``seq_kd`` scored by ``ce``); ``aligned``: tokens
-    must line up, a mismatch fails the run.
+    logits, sentence embeddings); ``cross``: a cross-tokenizer method carries a mismatch (``uld``, alone or
+    with ``ce``, in a causal-LM run of any scheme but ``seq_kd``; ``seq_kd`` scored by ``ce``); ``aligned``:
+    tokens must line up, a mismatch fails the run.
     """
     from workers.engine.terms import LOSS_TERMS
 
@@ -254,7 +275,9 @@ def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, student
 
     seen: set[tuple[int, int, int]] = set()
     for recipe in recipes:
-        rule = tokenizer_rule(task=dataset.task, scheme=recipe.scheme, term_names=[t.get("name") for t in recipe.terms])
+        rule = tokenizer_rule(
+            task=dataset.task, scheme=recipe.scheme, term_names=[t.get("name") for t in recipe.terms]
+        )
         for t, s in _distilling_pairs(recipe, teacher=teacher, students=students, assistant=assistant,
                                       extra_teachers=extra_teachers):
             if (t.pk, s.pk, recipe.pk) in seen or model_kind(t) != "text" or model_kind(s) != "text":
@@ -266,23 +289,44 @@ def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, student
             if same:
                 findings.append(("ok", f"{pair}: both use {a.label}."))
             elif rule == "free":
-                findings.append(("ok", f"{pair}: each model reads the text with its own tokenizer; "
-                                       f"{'class logits' if dataset.task == 'classification' else 'embeddings'} "
-                                       "compare directly."))
+                findings.append(
+                    (
+                        "ok",
+                        f"{pair}: each model reads the text with its own tokenizer; "
+                        f"{'class logits' if dataset.task == 'classification' else 'embeddings'} "
+                        "compare directly.",
+                    )
+                )
             elif same is None:
-                why = a.why_unknown or b.why_unknown or "their records name different models and no tokenizer id"
+                why = (
+                    a.why_unknown
+                    or b.why_unknown
+                    or "their records name different models and no tokenizer id"
+                )
                 findings.append(("unknown", f"{pair}: cannot check ({why})."))
             elif rule == "cross":
-                findings.append(("notice", f"{pair}: different tokenizers ({a.label} vs {b.label}), carried by the "
-                                           "recipe's cross-tokenizer method."))
+                findings.append(
+                    (
+                        "notice",
+                        f"{pair}: different tokenizers ({a.label} vs {b.label}), carried by the "
+                        "recipe's cross-tokenizer method.",
+                    )
+                )
             else:
-                findings.append(("error", f"{pair}: different tokenizers ({a.label} vs {b.label}) but the recipe "
-                                          "compares token positions. Give both models one tokenizer, or use a "
-                                          "cross-tokenizer recipe: uld (alone or with ce), or seq_kd with ce."))
+                findings.append(
+                    (
+                        "error",
+                        f"{pair}: different tokenizers ({a.label} vs {b.label}) but the recipe "
+                        "compares token positions. Give both models one tokenizer, or use a "
+                        "cross-tokenizer recipe: uld (alone or with ce), or seq_kd with ce.",
+                    )
+                )
     if not findings:
         models = [m for m in (teacher, assistant, *extra_teachers, *students) if m is not None]
         if models and all(model_kind(m) == "tabular" for m in models):
-            return Check("tokenizers", title, "notice", "The models read numeric features: no tokenizers to compare.")
+            return Check(
+                "tokenizers", title, "notice", "The models read numeric features: no tokenizers to compare."
+            )
         return Check("tokenizers", title, "notice", "No teacher and student text models to compare.")
     level = worst(level for level, _ in findings)
     ordered = sorted(findings, key=lambda f: -LEVELS.index(f[0]))
@@ -290,10 +334,12 @@ def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, student
         summary = "Compatible: " + ordered[0][1]
     else:
         summary = ordered[0][1]
-    return Check("tokenizers", title, level, summary, tuple(text for _, text in ordered[1:]), field="students")
+    return Check(
+        "tokenizers", title, level, summary, tuple(text for _, text in ordered[1:]), field="students"
+    )
 
 
-# --- GPU memory -----------------------------------------------------------------------------------------------
+# --- GPU memory ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunShape:
     """One distinct kind of run of the experiment, for the memory estimate."""
@@ -307,15 +353,19 @@ def run_shapes(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Seq
                extra_teachers: Sequence[ModelSpec] = (), with_baseline: bool = True) -> list[RunShape]:
     """A frozen config for every distinct (student, teacher, recipe, batch size) of the experiment.
 
-    Chained recipes are sized by the models their stages load (the assistant as a student, then as the teacher;
-    a self-distilled student as its own teacher). Term sweeps change no tensor size and are left out.
+    Chained recipes are sized by the models their stages load (the assistant as a student, then as the
+    teacher; a self-distilled student as its own teacher). Term sweeps change no tensor size and are left out.
     """
     axes = sweeps.train_axes(train)
     base = {k: v for k, v in train.items() if k not in axes and k != "term_sweeps"}
     base.update({k: v[0] for k, v in axes.items()})
-    batch_sizes = axes.get("batch_size") or [base.get("batch_size", engine_config.TRAIN_DEFAULTS["batch_size"])]
+    batch_sizes = axes.get("batch_size") or [
+        base.get("batch_size", engine_config.TRAIN_DEFAULTS["batch_size"])
+    ]
     weights = [1.0 / (1 + len(extra_teachers))] * (1 + len(extra_teachers))
-    kinds: list[tuple[str, ModelSpec, Recipe | None, ModelSpec | None]] = []  # label, student, recipe, teacher
+    kinds: list[
+        tuple[str, ModelSpec, Recipe | None, ModelSpec | None]
+    ] = []  # label, student, recipe, teacher
     for student in students:
         for recipe in recipes:
             if recipe.scheme == Recipe.Scheme.HARD_LABELS:
@@ -333,17 +383,23 @@ def run_shapes(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Seq
     for batch in batch_sizes:
         experiment = Experiment(dataset=dataset, train={**base, "batch_size": batch})
         for label, student, recipe, run_teacher in kinds:
-            config = engine_config.build_run_config(experiment=experiment, student=student, recipe=recipe, seed=0,
-                                                    teacher=run_teacher, extra_teachers=extra_teachers,
-                                                    teacher_weights=weights)
+            config = engine_config.build_run_config(
+                experiment=experiment,
+                student=student,
+                recipe=recipe,
+                seed=0,
+                teacher=run_teacher,
+                extra_teachers=extra_teachers,
+                teacher_weights=weights,
+            )
             shapes.append(RunShape(f"{label}, batch {batch}", config))
     return shapes
 
 
 @dataclass(frozen=True)
 class CpuRam:
-    """The RAM a CPU run may find: the largest among the workers that take it, or this machine's when none of them
-    has reported it (``where`` says which, for the message)."""
+    """The RAM a CPU run may find: the largest among the workers that take it, or this machine's when none of
+    them has reported it (``where`` says which, for the message)."""
 
     memory_bytes: int | None
     where: str
@@ -403,7 +459,11 @@ def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | Non
             ram = cpu_ram(estimate, queue, fleet=fleet, workers=workers)
             if ram is not None and ram.memory_bytes:
                 on_cpu.append((shape, estimate, ram))
-    too_big = [(s, e) for s, e, _, _ in rows if e.complete and e.needs_gpu and routing.needed_bytes(e) > LARGEST_GPU_BYTES]
+    too_big = [
+        (s, e)
+        for s, e, _, _ in rows
+        if e.complete and e.needs_gpu and routing.needed_bytes(e) > LARGEST_GPU_BYTES
+    ]
     unknown = [(s, e) for s, e, _, _ in rows if not e.complete]
     waiting = [(s, e, q, r) for s, e, q, r in rows if r]
     sized = [(s, e, q) for s, e, q, _ in rows if e.complete]
@@ -417,7 +477,9 @@ def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | Non
     else:
         largest = "No run could be sized."
     for shape, estimate in unknown:
-        details.append(f"{shape.label}: size unknown ({', '.join(estimate.unknown)}), at least ~{estimate.total_text}.")
+        details.append(
+            f"{shape.label}: size unknown ({', '.join(estimate.unknown)}), at least ~{estimate.total_text}."
+        )
     short_of_ram = [(s, e, r) for s, e, r in on_cpu if ram_needed_bytes(e) > r.memory_bytes]
     if on_cpu:
         shape, estimate, ram = max(on_cpu, key=lambda row: row[1].model_bytes)
@@ -425,20 +487,32 @@ def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | Non
                        f"({shape.label}); {ram.where} has {routing.size_text(ram.memory_bytes)}.")
     if too_big:
         shape, estimate = too_big[0]
-        return Check("memory", title, "error",
-                     f"{shape.label} needs ~{estimate.total_text} of GPU memory "
-                     f"({routing.size_text(routing.needed_bytes(estimate))} with headroom), more than any single GPU "
-                     f"({routing.size_text(LARGEST_GPU_BYTES)}). Use a smaller batch, student or teacher.",
-                     (largest, *details), field="batch_size")
+        return Check(
+            "memory",
+            title,
+            "error",
+            f"{shape.label} needs ~{estimate.total_text} of GPU memory "
+            f"({routing.size_text(routing.needed_bytes(estimate))} with headroom), more than any single GPU "
+            f"({routing.size_text(LARGEST_GPU_BYTES)}). Use a smaller batch, student or teacher.",
+            (largest, *details),
+            field="batch_size",
+        )
     if short_of_ram:
         shape, estimate, ram = max(short_of_ram, key=lambda row: row[1].model_bytes)
         models = sum(getattr(estimate, name) for name in MODEL_COMPONENTS)
-        return Check("memory", title, "error",
-                     f"{shape.label} trains on the CPU and needs about "
-                     f"{routing.size_text(ram_needed_bytes(estimate))} of RAM (~{routing.size_text(estimate.model_bytes)}"
-                     f" estimated, with {round((routing.HEADROOM - 1) * 100)}% headroom); {ram.where} has "
-                     f"{routing.size_text(ram.memory_bytes)}. Use a smaller student, teacher or batch, or a GPU queue.",
-                     (largest, *details), field="students" if models * 2 > estimate.model_bytes else "batch_size")
+        return Check(
+            "memory",
+            title,
+            "error",
+            f"{shape.label} trains on the CPU and needs about "
+            f"{routing.size_text(ram_needed_bytes(estimate))} of RAM "
+            f"(~{routing.size_text(estimate.model_bytes)}"
+            f" estimated, with {round((routing.HEADROOM - 1) * 100)}% headroom); {ram.where} has "
+            f"{routing.size_text(ram.memory_bytes)}. Use a smaller student, teacher or batch, "
+            "or a GPU queue.",
+            (largest, *details),
+            field="students" if models * 2 > estimate.model_bytes else "batch_size",
+        )
     if waiting:
         reasons = sorted({r for _, _, _, r in waiting})
         return Check("memory", title, "warning", f"{largest} Some runs will wait: {reasons[0]}",
@@ -448,7 +522,7 @@ def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | Non
     return Check("memory", title, "ok", largest, tuple(details))
 
 
-# --- time -----------------------------------------------------------------------------------------------------
+# --- time ---------------------------------------------------------------------------------------------------
 class ElapsedSeconds(Func):
     """Seconds between two timestamps, ``ElapsedSeconds(end, start)``, on Postgres and SQLite."""
 
@@ -475,15 +549,23 @@ def similar_run_speeds(*, students: Sequence[ModelSpec], dataset: DatasetSpec, m
     per_step = ElapsedSeconds(F("finished_at"), F("started_at")) / Cast(F("total_steps"), FloatField())
     rows = (
         # Saved students only: one derived at launch has no runs yet.
-        Run.objects.filter(student_id__in=[s.pk for s in students if s.pk is not None],
-                           experiment__dataset=dataset, status=Run.Status.SUCCEEDED,
-                           started_at__isnull=False, finished_at__isnull=False, total_steps__gte=max(min_steps, 1),
-                           total_steps__lte=max_steps)
+        Run.objects.filter(
+            student_id__in=[s.pk for s in students if s.pk is not None],
+            experiment__dataset=dataset,
+            status=Run.Status.SUCCEEDED,
+            started_at__isnull=False,
+            finished_at__isnull=False,
+            total_steps__gte=max(min_steps, 1),
+            total_steps__lte=max_steps,
+        )
         .order_by()
         .annotate(per_step=per_step)
-        .annotate(rank=Window(RowNumber(), partition_by=[F("student_id")], order_by=[F("per_step").asc(),
-                                                                                       F("id").asc()]),
-                  n=Window(Count("id"), partition_by=[F("student_id")]))
+        .annotate(
+            rank=Window(
+                RowNumber(), partition_by=[F("student_id")], order_by=[F("per_step").asc(), F("id").asc()]
+            ),
+            n=Window(Count("id"), partition_by=[F("student_id")]),
+        )
         .filter(rank__gte=(F("n") + 1) / 2, rank__lte=(F("n") + 2) / 2)
         .values_list("student_id", "per_step", "n")
     )
@@ -513,7 +595,9 @@ def check_time(*, dataset: DatasetSpec, students: Sequence[ModelSpec], train: di
     steps_values = list(steps_values) if isinstance(steps_values, list) else [steps_values]
     lo, hi = min(steps_values), max(steps_values)
     lo_similar, hi_similar = math.ceil(lo / SIMILAR_STEPS_FACTOR), hi * SIMILAR_STEPS_FACTOR
-    speeds = similar_run_speeds(students=students, dataset=dataset, min_steps=lo_similar, max_steps=hi_similar)
+    speeds = similar_run_speeds(
+        students=students, dataset=dataset, min_steps=lo_similar, max_steps=hi_similar
+    )
     window = f"{lo_similar:,}–{hi_similar:,} steps"
     if not speeds:
         names = ", ".join(str(s) for s in students)
@@ -532,8 +616,10 @@ def check_time(*, dataset: DatasetSpec, students: Sequence[ModelSpec], train: di
         seconds_per_step, n = speeds[student.pk]
         per_run += [seconds_per_step * steps for steps in steps_values]
         total += seconds_per_step * mean_steps * runs_per_student
-        details.append(f"{student}: median {seconds_per_step:.3g} s/step over {n} finished run{'s' if n != 1 else ''} "
-                       f"on {dataset} ({window}).")
+        details.append(
+            f"{student}: median {seconds_per_step:.3g} s/step over {n} finished run{'s' if n != 1 else ''} "
+            f"on {dataset} ({window})."
+        )
     if missing:
         details.append(f"No similar runs yet for {', '.join(missing)}; not counted in the total.")
     shortest, longest = min(per_run), max(per_run)
@@ -543,7 +629,7 @@ def check_time(*, dataset: DatasetSpec, students: Sequence[ModelSpec], train: di
     return Check("time", title, "ok", summary, tuple(details))
 
 
-# --- everything -----------------------------------------------------------------------------------------------
+# --- everything ---------------------------------------------------------------------------------------------
 def experiment_preflight(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
                          recipes: Sequence[Recipe], seeds: Sequence[int], train: dict[str, Any],
                          term_sweeps: dict[str, list[Any]] | None = None, assistant: ModelSpec | None = None,
@@ -551,8 +637,8 @@ def experiment_preflight(*, dataset: DatasetSpec, teacher: ModelSpec | None, stu
     """Every check of an experiment set-up, for the page before launch.
 
     ``train`` holds the training settings as the form gives them (a swept setting as a list of values); the
-    inputs need not be valid together (that is what the checks are for). Over the run limit, only the run count
-    is reported: nothing else is worth computing for a grid that will be refused.
+    inputs need not be valid together (that is what the checks are for). Over the run limit, only the run
+    count is reported: nothing else is worth computing for a grid that will be refused.
     """
     train = {**engine_config.TRAIN_DEFAULTS, **train}
     count = sweeps.count_runs(students=len(students), seeds=len(seeds), train=train, recipes=recipes,
@@ -560,7 +646,12 @@ def experiment_preflight(*, dataset: DatasetSpec, teacher: ModelSpec | None, stu
     runs = check_run_count(count, limit=settings.MAX_RUNS_PER_EXPERIMENT)
     if runs.blocks:
         return Report(count, (runs,))
-    models = {"teacher": teacher, "students": students, "assistant": assistant, "extra_teachers": extra_teachers}
+    models = {
+        "teacher": teacher,
+        "students": students,
+        "assistant": assistant,
+        "extra_teachers": extra_teachers,
+    }
     shapes = run_shapes(dataset=dataset, recipes=recipes, train=train, with_baseline=count.baseline, **models)
     checks = (
         runs,
@@ -575,10 +666,15 @@ def experiment_preflight(*, dataset: DatasetSpec, teacher: ModelSpec | None, stu
 def launch_errors(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
                   recipes: Sequence[Recipe], train: dict[str, Any], assistant: ModelSpec | None = None,
                   extra_teachers: Sequence[ModelSpec] = ()) -> dict[str, list[str]]:
-    """The blocking pre-flight problems of an experiment that passed validation (``services.experiment_validate``:
-    labels and the run limit are checked there), by form field: tokenizers that cannot line up, and runs larger
-    than any GPU."""
-    models = {"teacher": teacher, "students": students, "assistant": assistant, "extra_teachers": extra_teachers}
+    """The blocking pre-flight problems of an experiment that passed validation
+    (``services.experiment_validate``: labels and the run limit are checked there), by form field: tokenizers
+    that cannot line up, and runs larger than any GPU."""
+    models = {
+        "teacher": teacher,
+        "students": students,
+        "assistant": assistant,
+        "extra_teachers": extra_teachers,
+    }
     checks = [check_tokenizers(dataset=dataset, recipes=recipes, **models)]
     shapes = run_shapes(dataset=dataset, recipes=recipes, train=train, with_baseline=False, **models)
     checks.append(check_memory(shapes))

@@ -1,23 +1,24 @@
 """Route each run to a queue by the GPU memory it needs, and say why a queued run is still waiting.
 
 Queues declare their memory by name: ``gpu-<N>g`` (N GiB per GPU: ``gpu-24g``, ``gpu-80g``, ``gpu-141g``) and
-``cpu`` (no GPU: runs pinned to the CPU, and small ones). Any other name, like the default ``training``, has an
-unknown capacity and takes any run. With ``RUN_ROUTING=auto`` (the default) a new run goes to:
+``cpu`` (no GPU: runs pinned to the CPU, and small ones). Any other name, like the default ``training``, has
+an unknown capacity and takes any run. With ``RUN_ROUTING=auto`` (the default) a new run goes to:
 
 1. the smallest declared queue an online worker consumes that fits the run's estimate × ``HEADROOM``
    (``cpu`` counts as the smallest);
-2. else ``RUN_QUEUE``, when an online worker consumes it and it declares no memory (unknown capacity: accepted);
-3. else the smallest declared queue that fits among those of every registered worker, offline and draining ones
-   included: the run waits for that worker to come back;
+2. else ``RUN_QUEUE``, when an online worker consumes it and it declares no memory (unknown capacity:
+   accepted);
+3. else the smallest declared queue that fits among those of every registered worker, offline and draining
+   ones included: the run waits for that worker to come back;
 4. else ``gpu-<N>g`` for the smallest common GPU size that fits: a queue no worker has yet.
 
-While no registered worker declares a queue (the embedded default, a fleet on ``training`` only) every run goes
-to ``RUN_QUEUE``, as with ``RUN_ROUTING=off``. A run whose size cannot be read (a hub model outside the local
-cache) goes to ``RUN_QUEUE`` when it is served, else to the largest online GPU queue.
+While no registered worker declares a queue (the embedded default, a fleet on ``training`` only) every run
+goes to ``RUN_QUEUE``, as with ``RUN_ROUTING=off``. A run whose size cannot be read (a hub model outside the
+local cache) goes to ``RUN_QUEUE`` when it is served, else to the largest online GPU queue.
 
 The estimate (``workers.engine.memory``) is computed from the frozen config, never stored in it: the engine's
-``RunConfig.from_dict`` refuses unknown keys, and the config stays exactly what the worker trains. Why a queued
-run waits is computed on read as well (:func:`run_queue_reason`), from one read of the worker table.
+``RunConfig.from_dict`` refuses unknown keys, and the config stays exactly what the worker trains. Why a
+queued run waits is computed on read as well (:func:`run_queue_reason`), from one read of the worker table.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ COMMON_SIZE_MIN_FRACTION = 0.85
 GPU_QUEUE_RE = re.compile(r"^gpu-(\d{1,5})g$")
 
 
-# --- queue names ----------------------------------------------------------------------------------------------
+# --- queue names --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class QueueCapacity:
     """What a declared queue offers: ``gpu_memory_bytes`` per GPU, or None for the ``cpu`` queue."""
@@ -113,7 +114,7 @@ def smallest_gpu_queue_for(n_bytes: int) -> str:
     return f"gpu-{size}g"
 
 
-# --- the fleet ------------------------------------------------------------------------------------------------
+# --- the fleet ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FleetQueues:
     """The queues of the registered workers: consumed by an online worker, held by a draining one, and all."""
@@ -147,10 +148,10 @@ def fleet_queues() -> FleetQueues:
     return FleetQueues(frozenset(online), frozenset(draining), frozenset(known))
 
 
-# --- estimates ------------------------------------------------------------------------------------------------
+# --- estimates ----------------------------------------------------------------------------------------------
 def model_shape_reader(*, runs: Iterable[Run] = (), query: bool = True) -> ModelShapeReader:
-    """A shape reader for this site: ``run`` models under ARTIFACT_ROOT, and a run that has not written its model
-    yet sized by the student it trains, taken from ``runs`` or (when ``query``) read once per run id."""
+    """A shape reader for this site: ``run`` models under ARTIFACT_ROOT, and a run that has not written its
+    model yet sized by the student it trains, taken from ``runs`` or (when ``query``) read once per run id."""
     configs: dict[int, Any] = {run.pk: run.config for run in runs if run.pk is not None}
 
     def pending_run(path: str) -> Mapping[str, Any] | None:
@@ -168,9 +169,9 @@ def model_shape_reader(*, runs: Iterable[Run] = (), query: bool = True) -> Model
 
 
 def config_memory_estimate(config: Mapping[str, Any], *, reader: ModelShapeReader) -> MemoryEstimate:
-    """The estimate of a frozen config. Never raises: an estimate is advice, and a config it cannot read (which
-    the worker will report properly) must not stop an experiment from being created or a page from showing, so
-    a failure gives an estimate of unknown size."""
+    """The estimate of a frozen config. Never raises: an estimate is advice, and a config it cannot read
+    (which the worker will report properly) must not stop an experiment from being created or a page from
+    showing, so a failure gives an estimate of unknown size."""
     try:
         return estimate_run_memory(config, reader=reader)
     except Exception:
@@ -183,7 +184,7 @@ def run_memory_estimate(*, run: Run, reader: ModelShapeReader | None = None) -> 
     return config_memory_estimate(run.config, reader=reader or model_shape_reader())
 
 
-# --- routing --------------------------------------------------------------------------------------------------
+# --- routing ------------------------------------------------------------------------------------------------
 def route(estimate: MemoryEstimate, fleet: FleetQueues) -> str:
     """The queue for a new run of this estimate (the rules are in the module docstring)."""
     if settings.RUN_ROUTING == "off" or not fleet.declared(fleet.known):
@@ -223,7 +224,7 @@ class RunRouter:
         return route(config_memory_estimate(config, reader=self.reader), self.fleet)
 
 
-# --- why a queued run waits -----------------------------------------------------------------------------------
+# --- why a queued run waits ---------------------------------------------------------------------------------
 def queue_reason(*, queue: str, fleet: FleetQueues, estimate: Callable[[], MemoryEstimate]) -> str | None:
     """Why a run ready to start on ``queue`` is not taken, or None when an online worker consumes the queue.
 
@@ -238,9 +239,11 @@ def queue_reason(*, queue: str, fleet: FleetQueues, estimate: Callable[[], Memor
         if run.complete and run.needs_gpu:
             gpus = [c for c in fleet.declared(fleet.online) if not c.is_cpu]
             if gpus and not gpus[-1].fits(run):
-                return (f"Needs ~{size_text(run.total_bytes)} of GPU memory ({size_text(needed_bytes(run))} with "
-                        f"{round((HEADROOM - 1) * 100)}% headroom); no online worker serves a queue with that much "
-                        f"(largest: {gpus[-1].name}).")
+                return (
+                    f"Needs ~{size_text(run.total_bytes)} of GPU memory ({size_text(needed_bytes(run))} with "
+                    f"{round((HEADROOM - 1) * 100)}% headroom); no online worker serves a queue with that "
+                    f"much (largest: {gpus[-1].name})."
+                )
     reason = f"No online worker consumes queue '{queue}'."
     if queue in fleet.draining:
         reason += " The workers that have it are draining."
@@ -285,8 +288,9 @@ class QueueNoticeGroup:
 
 
 def experiment_queue_notices(*, runs: Sequence[Run]) -> list[QueueNoticeGroup]:
-    """Why the experiment's queued runs wait, grouped by reason: one worker-table read whatever the number of runs
-    (none when no run is ready to start), and no further query (upstream runs are sized from ``runs``)."""
+    """Why the experiment's queued runs wait, grouped by reason: one worker-table read whatever the number of
+    runs (none when no run is ready to start), and no further query (upstream runs are sized from
+    ``runs``)."""
     ready = [run for run in runs if _ready_to_start(run)]
     if not ready:
         return []

@@ -1,5 +1,6 @@
-"""Dataset uploads: the accepted suffixes, the team's upload folder, refusing paths sent with an upload, and the
-size limit as a person reads it (the cap applied while a request is read is in ``experiments.views.uploads``)."""
+"""Dataset uploads: the accepted suffixes, the team's upload folder, refusing paths sent with an upload, and
+the size limit as a person reads it (the cap applied while a request is read is in
+``experiments.views.uploads``)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ UPLOAD_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet", ".txt")
 
 
 def upload_suffix(filename: str) -> str | None:
-    """The whitelisted suffix of an uploaded file's name (lower-cased), or None. Only the suffix is ever used."""
+    """The whitelisted suffix of an uploaded file's name (lower-cased), or None. Only the suffix is ever
+    used."""
     suffix = Path(str(filename).replace("\\", "/")).suffix.lower()
     return suffix if suffix in UPLOAD_SUFFIXES else None
 

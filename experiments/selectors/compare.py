@@ -25,7 +25,9 @@ def compare_run_list(*, user, run_ids: Sequence[int]) -> list[Run]:
     visible (or do not exist)."""
     runs = {
         r.pk: r
-        for r in records.run_list(user=user).filter(pk__in=run_ids).select_related("experiment__dataset", "student__parent")
+        for r in records.run_list(user=user)
+        .filter(pk__in=run_ids)
+        .select_related("experiment__dataset", "student__parent")
     }
     return [runs[i] for i in run_ids if i in runs]
 
@@ -45,7 +47,11 @@ class CompareRow:
 
     @property
     def teacher_quality(self) -> float | None:
-        return leaderboard_reads.metric_value(self.teacher_evaluation, self.metric) if self.teacher_evaluation else None
+        return (
+            leaderboard_reads.metric_value(self.teacher_evaluation, self.metric)
+            if self.teacher_evaluation
+            else None
+        )
 
     @property
     def params(self) -> int | None:
@@ -92,13 +98,15 @@ class Comparison:
         return [(row, [(c, row.value(c)) for c in self.columns]) for row in self.rows]
 
     @property
-    def teacher_table(self) -> list[tuple[Evaluation, list[tuple[leaderboard_reads.PrimaryMetric, float | None]]]]:
+    def teacher_table(
+        self,
+    ) -> list[tuple[Evaluation, list[tuple[leaderboard_reads.PrimaryMetric, float | None]]]]:
         return [(e, [(c, leaderboard_reads.metric_value(e, c)) for c in self.columns]) for e in self.teachers]
 
 
 def run_comparison(*, runs: Sequence[Run]) -> Comparison:
-    """Final evaluations, the config diff and the sweep grid of ``runs`` (from :func:`compare_run_list`), in one
-    query. Quality is the primary metric of the task most of the runs share."""
+    """Final evaluations, the config diff and the sweep grid of ``runs`` (from :func:`compare_run_list`), in
+    one query. Quality is the primary metric of the task most of the runs share."""
     runs = list(runs)
     tasks: dict[str, int] = defaultdict(int)
     for run in runs:
@@ -125,7 +133,9 @@ def run_comparison(*, runs: Sequence[Run]) -> Comparison:
             teacher = teachers.get((run.teacher_id, run.experiment.dataset_id, student.split_key))
         rows.append(CompareRow(run, student, teacher, metric))
     shown_teachers = list({e.pk: e for e in (r.teacher_evaluation for r in rows) if e is not None}.values())
-    columns = leaderboard_reads.evaluation_metric_names([r.evaluation for r in rows if r.evaluation], primary=metric)
+    columns = leaderboard_reads.evaluation_metric_names(
+        [r.evaluation for r in rows if r.evaluation], primary=metric
+    )
     return Comparison(rows=rows, metric=metric, columns=columns, teachers=shown_teachers,
                       config=config_diff([r.config for r in runs]),
                       grid=sweep_grid([r.config for r in runs], [row.quality for row in rows]))

@@ -27,8 +27,8 @@ LIVE_METRICS = ("tokens_per_s", "gpu_memory_bytes")
 
 
 def run_live_telemetry(*, run: Run) -> dict[str, float]:
-    """The newest value of each of ``LIVE_METRICS`` the run has logged (tokens/s for causal LMs, peak GPU memory
-    on CUDA), in one query."""
+    """The newest value of each of ``LIVE_METRICS`` the run has logged (tokens/s for causal LMs, peak GPU
+    memory on CUDA), in one query."""
     latest = {
         name: Subquery(MetricPoint.objects.filter(run_id=OuterRef("pk"), name=name).order_by("-step")
                        .values("value")[:1])
@@ -59,7 +59,9 @@ def run_metric_series(*, run: Run, max_points: int = 2000) -> dict[str, tuple[li
     return dict(series)
 
 
-def _run_metric_series_downsampled(*, run_id: int, max_points: int) -> dict[str, tuple[list[int], list[float | None]]]:
+def _run_metric_series_downsampled(
+    *, run_id: int, max_points: int
+) -> dict[str, tuple[list[int], list[float | None]]]:
     """:func:`run_metric_series` on Postgres, in two queries: each name's first and last point (a loose index
     scan over the names, then two index lookups per name); then one aggregate over the run's points into
     buckets, whose widths go into the query as constants (a CASE on the name)."""
@@ -69,7 +71,8 @@ def _run_metric_series_downsampled(*, run_id: int, max_points: int) -> dict[str,
         WITH RECURSIVE walk(name) AS (
             SELECT (SELECT min(m.{name_col}) FROM {table} m WHERE m.{run_col} = %(run)s)
             UNION ALL
-            SELECT (SELECT min(m.{name_col}) FROM {table} m WHERE m.{run_col} = %(run)s AND m.{name_col} > w.name)
+            SELECT (SELECT min(m.{name_col}) FROM {table} m
+                     WHERE m.{run_col} = %(run)s AND m.{name_col} > w.name)
             FROM walk w WHERE w.name IS NOT NULL
         )
         SELECT w.name,
@@ -94,12 +97,16 @@ def _run_metric_series_downsampled(*, run_id: int, max_points: int) -> dict[str,
             cases = " ".join(f"WHEN %s THEN (m.{step_col} - %s::integer) / %s::integer" for _ in long)
             bucket = f"CASE m.{name_col} {cases} ELSE m.{step_col} END"
             params = [v for n in long for v in (n, *widths[n])]
-        # ARRAY[value, step] compares by value first, so min/max return each extreme with its step. Each extreme
-        # comes back as two plain columns (Postgres computes a repeated aggregate once): parsing arrays costs more.
+        # ARRAY[value, step] compares by value first, so min/max return each extreme with its step. Each
+        # extreme comes back as two plain columns (Postgres computes a repeated aggregate once): parsing
+        # arrays costs more.
         low, high = (f"{agg}(ARRAY[m.{value_col}, m.{step_col}::float8])" for agg in ("min", "max"))
         source = table
         if rollups.rolled_up([run_id]):  # a long run: merge its stored bucket extremes instead of every point
-            low, high = "min(ARRAY[m.min_value, m.min_step::float8])", "max(ARRAY[m.max_value, m.max_step::float8])"
+            low, high = (
+                "min(ARRAY[m.min_value, m.min_step::float8])",
+                "max(ARRAY[m.max_value, m.max_step::float8])",
+            )
             source = connection.ops.quote_name(MetricRollup._meta.db_table)
             bucket = bucket.replace(f"m.{step_col}", "(m.bucket * m.width)")
             run_col, name_col = "run_id", "name"
@@ -111,7 +118,9 @@ def _run_metric_series_downsampled(*, run_id: int, max_points: int) -> dict[str,
     return dict(sorted(_assemble(ends, extremes).items()))
 
 
-def experiment_metric_series(*, experiment: Experiment, name: str) -> dict[int, tuple[list[int], list[float]]]:
+def experiment_metric_series(
+    *, experiment: Experiment, name: str
+) -> dict[int, tuple[list[int], list[float]]]:
     """One metric's curve for every run of an experiment: run id → (steps, values), in one query."""
     series: dict[int, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
     rows = (
@@ -128,7 +137,10 @@ def experiment_metric_series(*, experiment: Experiment, name: str) -> dict[int, 
 
 def _curve_table() -> tuple[str, str, str, str, str]:
     opts, quote = MetricPoint._meta, connections[MetricPoint.objects.db].ops.quote_name
-    return (quote(opts.db_table), *(quote(opts.get_field(f).column) for f in ("run", "name", "step", "value")))
+    return (
+        quote(opts.db_table),
+        *(quote(opts.get_field(f).column) for f in ("run", "name", "step", "value")),
+    )
 
 
 def metric_names(*, run_ids: Sequence[int]) -> list[str]:
@@ -173,9 +185,9 @@ def _clean(value: float | None) -> float | None:
 
 
 def _bucket_widths(ends: Mapping[int, tuple[int, int]], max_points: int) -> dict[int, tuple[int, int]]:
-    """Each run's (first step, bucket width): its steps cut into at most (max_points - 2) // 2 buckets of equal
-    width, so that with its first and last point a curve keeps at most ``max_points`` points; a run with fewer
-    steps than buckets keeps every point."""
+    """Each run's (first step, bucket width): its steps cut into at most (max_points - 2) // 2 buckets of
+    equal width, so that with its first and last point a curve keeps at most ``max_points`` points; a run with
+    fewer steps than buckets keeps every point."""
     if max_points < 4:
         raise ValueError("max_points must be at least 4")
     buckets = (max_points - 2) // 2
@@ -203,10 +215,10 @@ def metric_curves(*, run_ids: Sequence[int], name: str, max_points: int = 2000) 
     """One metric's curve for each run that logged it: run id → (steps, values), downsampled on the database
     to at most ``max_points`` points per run, in two queries whatever the number of points.
 
-    Each run's steps are cut into (max_points - 2) // 2 equal buckets; each bucket keeps its lowest and highest
-    point (with their steps), and each run keeps its first and last point, so spikes, dips and the ends of
-    every curve survive. Non-finite values become None (a gap); a bucket that holds a NaN or +inf shows
-    the gap instead of its highest finite value (Postgres orders NaN above every number).
+    Each run's steps are cut into (max_points - 2) // 2 equal buckets; each bucket keeps its lowest and
+    highest point (with their steps), and each run keeps its first and last point, so spikes, dips and the
+    ends of every curve survive. Non-finite values become None (a gap); a bucket that holds a NaN or +inf
+    shows the gap instead of its highest finite value (Postgres orders NaN above every number).
     """
     run_ids = list(run_ids)
     if not run_ids:
@@ -236,16 +248,18 @@ def metric_curves(*, run_ids: Sequence[int], name: str, max_points: int = 2000) 
         for ids, source in (([i for i in widths if i not in rolled], "points"), (sorted(rolled), "rollups")):
             if not ids:
                 continue
-            cursor.execute(_buckets_sql(source), [ids, [widths[i][0] for i in ids], [widths[i][1] for i in ids],
-                                                  ids, name])
+            cursor.execute(
+                _buckets_sql(source),
+                [ids, [widths[i][0] for i in ids], [widths[i][1] for i in ids], ids, name],
+            )
             extremes += [(run_id, int(low[1]), low[0], int(high[1]), high[0])
                          for run_id, low, high in cursor.fetchall()]
     return _assemble(ends, extremes)
 
 
 def _buckets_sql(source: str) -> str:
-    """Each run's curve cut into buckets (``b``: run id, first step, bucket width), with each bucket's lowest and
-    highest point. ``points`` aggregates every point; ``rollups`` merges the stored extremes of a long run
+    """Each run's curve cut into buckets (``b``: run id, first step, bucket width), with each bucket's lowest
+    and highest point. ``points`` aggregates every point; ``rollups`` merges the stored extremes of a long run
     (:mod:`.rollups`), each stored bucket going whole into the bucket of its first step. ARRAY[value, step]
     compares by value first, so min/max return each extreme with its step."""
     table, run_col, name_col, step_col, value_col = _curve_table()
@@ -290,7 +304,8 @@ def metric_curves_portable(*, run_ids: Sequence[int], name: str, max_points: int
         lo, width = widths[run_id]
         key = (run_id, (step - lo) // width)
         low, high = lows.get(key), highs.get(key)
-        # Ties keep the earliest step for the minimum and the latest for the maximum, as ARRAY[value, step] does.
+        # Ties keep the earliest step for the minimum and the latest for the maximum, as ARRAY[value, step]
+        # does.
         if low is None or _order_key(value) < _order_key(low[1]):
             lows[key] = (step, value)
         if high is None or _order_key(value) >= _order_key(high[1]):

@@ -108,7 +108,8 @@ def is_offline(worker: Worker, now: datetime) -> tuple[bool, float | None]:
 
 
 def worker_rows() -> tuple[list[WorkerRow], list[Run]]:
-    """Every registered worker with its heartbeat age, runs and GPUs; and running runs no worker row claims."""
+    """Every registered worker with its heartbeat age, runs and GPUs; and running runs no worker row
+    claims."""
     now = timezone.now()
     current = worker_current_runs()
     rows = []

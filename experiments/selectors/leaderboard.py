@@ -70,7 +70,9 @@ class LeaderboardRow:
     @property
     def speedup(self) -> float | None:
         """Teacher latency / student latency (batch 1, on the workers that measured them)."""
-        return self.teacher_latency_ms / self.latency_ms if self.teacher_latency_ms and self.latency_ms else None
+        return (
+            self.teacher_latency_ms / self.latency_ms if self.teacher_latency_ms and self.latency_ms else None
+        )
 
     # Mean and spread are read many times per row (ranking, filters, plot, table) and only once the row holds
     # all its seeds: computed once.
@@ -91,7 +93,9 @@ class LeaderboardRow:
         """Student score / teacher score (inverted for lower-is-better metrics such as perplexity)."""
         if not self.teacher_accuracy or not self.mean:
             return None
-        return self.mean / self.teacher_accuracy if self.higher_is_better else self.teacher_accuracy / self.mean
+        return (
+            self.mean / self.teacher_accuracy if self.higher_is_better else self.teacher_accuracy / self.mean
+        )
 
     @property
     def kd_gain(self) -> float | None:
@@ -142,8 +146,8 @@ def primary_metric(dataset: DatasetSpec) -> PrimaryMetric:
 
 
 def _score(accuracy: float | None, raw: Any, metric: PrimaryMetric) -> float | None:
-    """A score on ``metric`` from an evaluation's accuracy column and the metric's raw JSON value (None when it
-    was not measured, or is not a number)."""
+    """A score on ``metric`` from an evaluation's accuracy column and the metric's raw JSON value (None when
+    it was not measured, or is not a number)."""
     if metric.name == "accuracy" and accuracy is not None:
         return accuracy
     return float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else None
@@ -158,15 +162,23 @@ def metric_value(evaluation: Evaluation | None, metric: PrimaryMetric) -> float 
     return _metric_value(evaluation, metric) if evaluation is not None else None
 
 
-def evaluation_metric_names(evaluations: Iterable[Evaluation], *, primary: PrimaryMetric) -> list[PrimaryMetric]:
-    """The quality metrics present in ``evaluations``: the primary one first, then in QUALITY_METRICS order."""
+def evaluation_metric_names(
+    evaluations: Iterable[Evaluation], *, primary: PrimaryMetric
+) -> list[PrimaryMetric]:
+    """The quality metrics present in ``evaluations``: the primary one first, then in QUALITY_METRICS
+    order."""
     present = {
-        name for e in evaluations for name, metric in QUALITY_METRICS.items() if _metric_value(e, metric) is not None
+        name
+        for e in evaluations
+        for name, metric in QUALITY_METRICS.items()
+        if _metric_value(e, metric) is not None
     }
     return [primary] + [m for name, m in QUALITY_METRICS.items() if name in present and name != primary.name]
 
 
-def _leaderboard_scope(*, user, dataset: DatasetSpec, split_key: str | None, scope: str) -> QuerySet[Evaluation]:
+def _leaderboard_scope(
+    *, user, dataset: DatasetSpec, split_key: str | None, scope: str
+) -> QuerySet[Evaluation]:
     """Finished student evaluations of the benchmark, scoped to the user's teams (staff: all).
 
     ``scope="team"``: evaluations on this dataset record. ``scope="global"`` (needs ``split_key``): every
@@ -219,10 +231,11 @@ _LEADERBOARD_SWEEP_PARTS = {
 }
 
 
-def _board_evaluations(qs: QuerySet[Evaluation], metric: PrimaryMetric,
-                       swept_experiments: Sequence[int]) -> tuple[list[_BoardEval], dict[int, dict[str, Any]]]:
-    """The benchmark's evaluations as :class:`_BoardEval` rows, with ``metric`` read out of the metrics JSON in
-    SQL, and for the runs of ``swept_experiments`` the parts of their frozen config that hold swept values
+def _board_evaluations(
+    qs: QuerySet[Evaluation], metric: PrimaryMetric, swept_experiments: Sequence[int]
+) -> tuple[list[_BoardEval], dict[int, dict[str, Any]]]:
+    """The benchmark's evaluations as :class:`_BoardEval` rows, with ``metric`` read out of the metrics JSON
+    in SQL, and for the runs of ``swept_experiments`` the parts of their frozen config that hold swept values
     (evaluation id → config parts shaped like the config for ``sweeps.config_value``). One query."""
     rows = qs.annotate(metric_raw=KeyTransform(metric.name, "metrics")).order_by("run_id")
     if not swept_experiments:
@@ -251,7 +264,9 @@ def _sweep_point(train: Mapping[str, Any], config: Mapping[str, Any], axes: Sequ
     point = []
     for axis in axes:
         value = sweeps.config_value(config, axis)
-        point.append((axis, value if isinstance(value, int | float | str | bool) or value is None else repr(value)))
+        point.append(
+            (axis, value if isinstance(value, int | float | str | bool) or value is None else repr(value))
+        )
     return tuple(point)
 
 
@@ -282,18 +297,24 @@ _BOARD_MODEL_DEFERRED = ("notes", "parent__notes", "parent__config")
 def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], Evaluation],
                       metric: PrimaryMetric) -> list[LeaderboardRow]:
     """Group the student evaluations of ``qs`` into rows per (experiment, student, recipe, stage, point of the
-    experiment's sweep) and rank them: the seeds of one point are averaged, different points are different rows.
+    experiment's sweep) and rank them: the seeds of one point are averaged, different points are different
+    rows.
 
     KD gain pairs each distilled run with the hard-label baseline of the same experiment, student and seed
-    trained with the same training settings (baselines follow the training-setting sweep, not the term sweeps);
-    when there is none, with the experiment's baseline for that student and seed if it has exactly one.
+    trained with the same training settings (baselines follow the training-setting sweep, not the term
+    sweeps); when there is none, with the experiment's baseline for that student and seed if it has exactly
+    one.
 
     Four queries whatever the row count: the experiments of the board (whose ``train`` names what they
     sweep), the evaluations as plain values (with the swept parts of their runs' configs), then the students
     and recipes they name.
     """
-    experiments = {x.pk: x for x in Experiment.objects.filter(pk__in=qs.order_by().values("run__experiment_id"))
-                   .select_related("team", "teacher").defer(*_BOARD_EXPERIMENT_DEFERRED)}
+    experiments = {
+        x.pk: x
+        for x in Experiment.objects.filter(pk__in=qs.order_by().values("run__experiment_id"))
+        .select_related("team", "teacher")
+        .defer(*_BOARD_EXPERIMENT_DEFERRED)
+    }
     trains = {pk: x.train if isinstance(x.train, dict) else {} for pk, x in experiments.items()}
     axes_of = {pk: sweeps.experiment_axes(train) for pk, train in trains.items()}
     evaluations, configs = _board_evaluations(qs, metric, {pk for pk, axes in axes_of.items() if axes})
@@ -358,17 +379,23 @@ def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], 
     return ranked
 
 
-def leaderboard(*, user, dataset: DatasetSpec, metric: PrimaryMetric | None = None, split_key: str | None = None,
-                scope: str = "team") -> list[LeaderboardRow]:
+def leaderboard(
+    *,
+    user,
+    dataset: DatasetSpec,
+    metric: PrimaryMetric | None = None,
+    split_key: str | None = None,
+    scope: str = "team",
+) -> list[LeaderboardRow]:
     """Rows per (experiment, student, recipe, stage, sweep point), ranked by ``metric`` (mean over seeds;
-    default the dataset's primary metric): accuracy for classification, perplexity (lower is better) for causal
-    LMs, cosine to the teacher for embeddings. ``accuracies`` then hold that metric; gains and retention are
-    oriented so that positive / above 100% means better.
+    default the dataset's primary metric): accuracy for classification, perplexity (lower is better) for
+    causal LMs, cosine to the teacher for embeddings. ``accuracies`` then hold that metric; gains and
+    retention are oriented so that positive / above 100% means better.
 
     KD gain pairs each distilled run with the hard-label baseline of the same experiment, student, seed and
-    training settings (see :func:`_leaderboard_rows`); retention divides by the teacher's score on the same eval
-    split. ``split_key`` keeps one eval split (all when None); ``scope`` is "team" (this dataset record) or
-    "global" (see :func:`_leaderboard_scope`). A constant number of queries whatever the row count.
+    training settings (see :func:`_leaderboard_rows`); retention divides by the teacher's score on the same
+    eval split. ``split_key`` keeps one eval split (all when None); ``scope`` is "team" (this dataset record)
+    or "global" (see :func:`_leaderboard_scope`). A constant number of queries whatever the row count.
     """
     metric = metric or primary_metric(dataset)
     qs = _leaderboard_scope(user=user, dataset=dataset, split_key=split_key, scope=scope)
@@ -431,8 +458,8 @@ def _split_label(split: str, split_key: str, dataset_config: Mapping[str, Any] |
 
 
 def _board_metrics(qs: QuerySet[Evaluation], *, primary: PrimaryMetric) -> list[PrimaryMetric]:
-    """The quality metrics measured by the evaluations of ``qs``: the primary one first, then in QUALITY_METRICS
-    order (one aggregate query; the metrics JSON is never sent to Python)."""
+    """The quality metrics measured by the evaluations of ``qs``: the primary one first, then in
+    QUALITY_METRICS order (one aggregate query; the metrics JSON is never sent to Python)."""
     counts = qs.order_by().aggregate(
         _accuracy_column=Count("accuracy"),
         **{name: Count("pk", filter=Q(metrics__has_key=name) & ~Q(**{f"metrics__{name}": None}))
@@ -462,11 +489,21 @@ def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", 
     metrics = _board_metrics(qs, primary=primary)
     metric = next((m for m in metrics if m.name == metric_name), primary)
     teachers = _leaderboard_teachers(dataset=dataset, split_key=chosen, scope=scope, metric=metric)
-    return Benchmark(dataset=dataset, metric=metric, metrics=metrics, split_key=chosen, splits=splits, scope=scope,
-                     rows=_leaderboard_rows(qs, teachers, metric))
+    return Benchmark(
+        dataset=dataset,
+        metric=metric,
+        metrics=metrics,
+        split_key=chosen,
+        splits=splits,
+        scope=scope,
+        rows=_leaderboard_rows(qs, teachers, metric),
+    )
 
 
 def leaderboard_datasets(*, user) -> QuerySet[DatasetSpec]:
-    """The user's datasets with the number of finished student evaluations on each (rows on its leaderboard)."""
+    """The user's datasets with the number of finished student evaluations on each (rows on its
+    leaderboard)."""
     finished = Q(evaluations__role=Evaluation.Role.STUDENT, evaluations__run__status=Run.Status.SUCCEEDED)
-    return records_reads.dataset_spec_list(user=user).annotate(result_count=Count("evaluations", filter=finished))
+    return records_reads.dataset_spec_list(user=user).annotate(
+        result_count=Count("evaluations", filter=finished)
+    )

@@ -53,9 +53,10 @@ def _run_count(status: str | None = None) -> Coalesce:
 def experiment_list(*, user) -> QuerySet[Experiment]:
     """Experiments with their run counts per status, in one query.
 
-    The counts are correlated subqueries (index-only scans of ``run_experiment_status``), not a join grouped by
-    experiment: Postgres evaluates them after ORDER BY … LIMIT, for the rows of one page only, where a GROUP BY
-    would count every run of every experiment before paging (and a page's COUNT(*) would count them again).
+    The counts are correlated subqueries (index-only scans of ``run_experiment_status``), not a join grouped
+    by experiment: Postgres evaluates them after ORDER BY … LIMIT, for the rows of one page only, where a
+    GROUP BY would count every run of every experiment before paging (and a page's COUNT(*) would count them
+    again).
     """
     counts = {f"{s}_count": _run_count(s) for s in Run.Status.values}
     return (
@@ -101,9 +102,9 @@ _EXPERIMENT_ROW_VALUES = {"team_name": F("team__name"), "dataset_name": F("datas
 
 
 def experiment_list_rows(*, user) -> QuerySet:
-    """The list page's experiments as plain values (``values()`` rows, sortable and pageable like the records):
-    names and times, and the total run count (the list sorts by it). :func:`experiment_rows` turns one page of
-    them into :class:`ExperimentRow` objects."""
+    """The list page's experiments as plain values (``values()`` rows, sortable and pageable like the
+    records): names and times, and the total run count (the list sorts by it). :func:`experiment_rows` turns
+    one page of them into :class:`ExperimentRow` objects."""
     return (
         scoped(Experiment.objects.all(), user)
         .annotate(run_count=_run_count())
@@ -113,8 +114,8 @@ def experiment_list_rows(*, user) -> QuerySet:
 
 
 def experiment_rows(values: Iterable[Mapping[str, Any]]) -> list[ExperimentRow]:
-    """One page of :func:`experiment_list_rows` as :class:`ExperimentRow` objects with their students, recipes and
-    per-status run counts: three queries whatever the page size."""
+    """One page of :func:`experiment_list_rows` as :class:`ExperimentRow` objects with their students, recipes
+    and per-status run counts: three queries whatever the page size."""
     rows = [ExperimentRow(pk=v["pk"], name=v["name"], team=v["team_name"], dataset=v["dataset_name"],
                           teacher=v["teacher_name"], created_by=v["creator"], created_at=v["created_at"],
                           run_count=v["run_count"])
@@ -126,7 +127,9 @@ def experiment_rows(values: Iterable[Mapping[str, Any]]) -> list[ExperimentRow]:
     for experiment_id, name in students.values_list("experiment_id", "modelspec__name"):
         by_pk[experiment_id].students.append(name)
     recipes = Experiment.recipes.through.objects.filter(experiment_id__in=by_pk).order_by("pk")
-    for experiment_id, name, version in recipes.values_list("experiment_id", "recipe__name", "recipe__version"):
+    for experiment_id, name, version in recipes.values_list(
+        "experiment_id", "recipe__name", "recipe__version"
+    ):
         by_pk[experiment_id].recipes.append(Recipe.label(name, version))
     runs = Run.objects.filter(experiment_id__in=by_pk).order_by()
     for experiment_id, status, n in runs.values_list("experiment_id", "status").annotate(n=Count("pk")):
@@ -145,8 +148,8 @@ def run_is_cancel_requested(*, run_id: int) -> bool:
 def database_incarnation() -> str | None:
     """When the database server last started (Postgres), read on this thread's connection; None where every
     commit is durable (SQLite). A restart, a crash's included, changes it: commits confirmed before the disk
-    flush on an earlier incarnation may be lost, ones on the current incarnation are flushed by its next durable
-    commit."""
+    flush on an earlier incarnation may be lost, ones on the current incarnation are flushed by its next
+    durable commit."""
     if connection.vendor != "postgresql":
         return None
     with connection.cursor() as cursor:
@@ -240,7 +243,8 @@ def experiment_runs(*, experiment: Experiment) -> QuerySet[Run]:
 
 
 def run_evaluations(*, run: Run) -> list[Evaluation]:
-    """The student's evaluation of this run and the teacher's on the same eval split (either may be missing)."""
+    """The student's evaluation of this run and the teacher's on the same eval split (either may be
+    missing)."""
     student = list(run.evaluations.filter(role=Evaluation.Role.STUDENT).select_related("model"))
     teacher: list[Evaluation] = []
     if run.teacher_id:
@@ -263,7 +267,14 @@ def run_baseline_evaluation(*, run: Run) -> Evaluation | None:
     seed), the reference for its KD gain; None when there is no finished one."""
     return (
         Evaluation.objects.filter(
-            role=Evaluation.Role.STUDENT, run__experiment_id=run.experiment_id, run__student_id=run.student_id,
-            run__seed=run.seed, run__is_baseline=True, run__status=Run.Status.SUCCEEDED,
-        ).exclude(run_id=run.pk).order_by("-run_id").first()
+            role=Evaluation.Role.STUDENT,
+            run__experiment_id=run.experiment_id,
+            run__student_id=run.student_id,
+            run__seed=run.seed,
+            run__is_baseline=True,
+            run__status=Run.Status.SUCCEEDED,
+        )
+        .exclude(run_id=run.pk)
+        .order_by("-run_id")
+        .first()
     )

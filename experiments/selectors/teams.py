@@ -20,7 +20,8 @@ User = AbstractBaseUser | AnonymousUser
 
 
 def team_summaries(*, user: User) -> QuerySet[Team]:
-    """The user's teams (staff: all), each with ``member_count`` and the user's own ``my_role`` ("" if none)."""
+    """The user's teams (staff: all), each with ``member_count`` and the user's own ``my_role`` ("" if
+    none)."""
     mine = Membership.objects.filter(user_id=user.pk)
     # Filtered by id, not through the memberships join, so that member_count counts every member.
     teams = Team.objects.all() if user.is_staff else Team.objects.filter(pk__in=mine.values("team_id"))
@@ -30,7 +31,9 @@ def team_summaries(*, user: User) -> QuerySet[Team]:
 
 def team_members(*, team: Team) -> QuerySet[Membership]:
     """The team's memberships with their users: leads first, then by username."""
-    lead_first = Case(When(role=Membership.Role.LEAD, then=Value(0)), default=Value(1), output_field=IntegerField())
+    lead_first = Case(
+        When(role=Membership.Role.LEAD, then=Value(0)), default=Value(1), output_field=IntegerField()
+    )
     return (
         Membership.objects.filter(team=team)
         .select_related("user")
@@ -73,8 +76,8 @@ def selected_team(request: HttpRequest) -> Team | None:
 
 
 def team_scope(user) -> int | None:
-    """The one team a request is limited to, or None: an API token bound to a team sets ``scope_team_id`` on the
-    request's user (api.authentication), and every team-scoped read here honours it, staff included."""
+    """The one team a request is limited to, or None: an API token bound to a team sets ``scope_team_id`` on
+    the request's user (api.authentication), and every team-scoped read here honours it, staff included."""
     return getattr(user, "scope_team_id", None)
 
 

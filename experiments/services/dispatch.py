@@ -34,8 +34,8 @@ def pending_source_run(spec: ModelSpec | None) -> Run | None:
 
 
 def enqueue_on_commit(run: Run, *, task_id: str | None = None) -> None:
-    """Send the run's task to its queue once the transaction commits. ``task_id``: the delivery the run expects
-    (already recorded on the run); None records a new one first."""
+    """Send the run's task to its queue once the transaction commits. ``task_id``: the delivery the run
+    expects (already recorded on the run); None records a new one first."""
     _send_on_commit(run_id=run.id, queue=run.queue, task_id=task_id)
 
 
@@ -92,8 +92,8 @@ def revoke_on_commit(task_id: str) -> None:
 def run_redispatch_lost(*, queue_size: Callable[[str], int | None]) -> int:
     """Send again the queued runs whose message seems lost (a broker that restarted without persistence, or a
     send that failed): ready to start, queued for longer than RUN_REDISPATCH_AFTER_S, on a queue the broker
-    reports empty (``queue_size``: messages waiting in a queue, None when unknown). A duplicate is harmless: one
-    conditional update claims the run, once. Returns how many runs were sent."""
+    reports empty (``queue_size``: messages waiting in a queue, None when unknown). A duplicate is harmless:
+    one conditional update claims the run, once. Returns how many runs were sent."""
     cutoff = timezone.now() - timedelta(seconds=settings.RUN_REDISPATCH_AFTER_S)
     last_queued = (RunTransition.objects.filter(run=OuterRef("pk"), to_status=Run.Status.QUEUED)
                    .order_by("-id").values("at")[:1])
@@ -112,7 +112,9 @@ def run_redispatch_lost(*, queue_size: Callable[[str], int | None]) -> int:
             task_id = str(uuid.uuid4())
             with transaction.atomic():
                 if Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(task_id=task_id):
-                    logger.warning("run %s has been queued without a message on %s; sending it again", run_id, queue)
+                    logger.warning(
+                        "run %s has been queued without a message on %s; sending it again", run_id, queue
+                    )
                     _send_on_commit(run_id=run_id, queue=queue, task_id=task_id)
                     sent += 1
     return sent

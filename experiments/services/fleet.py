@@ -47,19 +47,33 @@ def _holds_name(worker: Worker, *, hostname: str, pid: int, now: datetime,
 
 
 @transaction.atomic
-def worker_register(*, name: str, hostname: str, pid: int, queues: list[str], versions: dict[str, str],
-                    pid_alive: Callable[[int], bool] | None = None, memory_total_bytes: int | None = None) -> Worker:
+def worker_register(
+    *,
+    name: str,
+    hostname: str,
+    pid: int,
+    queues: list[str],
+    versions: dict[str, str],
+    pid_alive: Callable[[int], bool] | None = None,
+    memory_total_bytes: int | None = None,
+) -> Worker:
     """Register a worker, or raise WorkerNameInUse when another live worker process holds the name.
 
     ``memory_total_bytes``: the RAM its runs may use (pre-flight checks CPU runs against it)."""
     now = timezone.now()
     current = Worker.objects.select_for_update().filter(name=name).first()
     if current is not None and _holds_name(current, hostname=hostname, pid=pid, now=now, pid_alive=pid_alive):
-        logger.error("refused to register worker %s (pid %s on %s): pid %s on %s holds that name and is online",
-                     name, pid, hostname, current.pid, current.hostname)
+        logger.error(
+            "refused to register worker %s (pid %s on %s): pid %s on %s holds that name and is online",
+            name,
+            pid,
+            hostname,
+            current.pid,
+            current.hostname,
+        )
         raise WorkerNameInUse(
-            f"Worker {name} is online as pid {current.pid} on {current.hostname}; start this worker with another "
-            f"node name (-n)."
+            f"Worker {name} is online as pid {current.pid} on {current.hostname}; start this worker with "
+            "another node name (-n)."
         )
     worker, _ = Worker.objects.update_or_create(
         name=name,
@@ -72,8 +86,8 @@ def worker_register(*, name: str, hostname: str, pid: int, queues: list[str], ve
 
 def worker_heartbeat(*, name: str, gpus: list[dict] | None = None, hostname: str | None = None,
                      pid: int | None = None) -> bool:
-    """Record a heartbeat (and the GPUs). With ``hostname`` and ``pid``, only the process that registered the name
-    beats for it. False when there is no such row or it is marked offline (see ``worker_revive``)."""
+    """Record a heartbeat (and the GPUs). With ``hostname`` and ``pid``, only the process that registered the
+    name beats for it. False when there is no such row or it is marked offline (see ``worker_revive``)."""
     fields: dict[str, Any] = {"last_heartbeat": timezone.now()}
     if gpus is not None:
         fields["gpus"] = gpus
@@ -87,8 +101,8 @@ def worker_heartbeat(*, name: str, gpus: list[dict] | None = None, hostname: str
 def worker_revive(*, name: str, hostname: str, pid: int, consuming: list[str]) -> bool:
     """Bring back a worker that the offline sweep marked offline while it was only silent (a database outage).
 
-    It comes back ``online`` on the queues it consumes now, or ``draining`` (its queues kept for resume) when it
-    consumes none. False when the row belongs to another process or is not offline.
+    It comes back ``online`` on the queues it consumes now, or ``draining`` (its queues kept for resume) when
+    it consumes none. False when the row belongs to another process or is not offline.
     """
     worker = (Worker.objects.select_for_update()
               .filter(name=name, hostname=hostname, pid=pid, state=Worker.State.OFFLINE).first())
@@ -153,14 +167,16 @@ def _reply_text(reply: dict[str, Any]) -> str:
 def _send(worker: Worker, command: str, *, wait: bool = True, **arguments: Any) -> dict[str, Any] | None:
     """Send one remote-control command to this worker only; its reply, or None when it did not answer."""
     timeout = settings.WORKER_CONTROL_TIMEOUT_S
-    # Every socket operation is bounded too (a hung broker accepts connections and answers nothing), with a margin
-    # over the reply wait, which polls with its own timeout.
+    # Every socket operation is bounded too (a hung broker accepts connections and answers nothing), with a
+    # margin over the reply wait, which polls with its own timeout.
     url = celery_app.conf.broker_write_url or celery_app.conf.broker_url
     conn = celery_app.connection_for_write(connect_timeout=timeout,
                                            transport_options=timeout_options(url, timeout + 2))
     try:
         with conn:
-            conn.ensure_connection(max_retries=0)  # fail at once, instead of retrying forever, when it is down
+            conn.ensure_connection(
+                max_retries=0
+            )  # fail at once, instead of retrying forever, when it is down
             method = getattr(celery_app.control, command)
             if command == "ping":  # ping always waits for replies
                 replies = method(destination=[worker.name], timeout=timeout, connection=conn)

@@ -1,5 +1,5 @@
-"""Launching an experiment: its plan (runs, baselines, sweeps), its validation, and its creation with every run
-queued after the commit."""
+"""Launching an experiment: its plan (runs, baselines, sweeps), its validation, and its creation with every
+run queued after the commit."""
 
 from __future__ import annotations
 
@@ -75,15 +75,32 @@ def experiment_plan(
                     for values in term_points[recipe.pk]:
                         point = {"train": train, "term_values": values}
                         if recipe.scheme == Recipe.Scheme.TEACHER_ASSISTANT:
-                            plan.append(PlannedRun(assistant, recipe, seed, False, teacher=teacher, stage="assistant",
-                                                   **point))
-                            plan.append(PlannedRun(student, recipe, seed, False, teacher_from=len(plan) - 1, **point))
+                            plan.append(
+                                PlannedRun(
+                                    assistant,
+                                    recipe,
+                                    seed,
+                                    False,
+                                    teacher=teacher,
+                                    stage="assistant",
+                                    **point,
+                                )
+                            )
+                            plan.append(
+                                PlannedRun(student, recipe, seed, False, teacher_from=len(plan) - 1, **point)
+                            )
                         elif recipe.scheme == Recipe.Scheme.SELF_DISTILLATION:
                             generations = sweeps.chain_length(recipe.scheme, recipe.scheme_params)
                             for generation in range(1, generations + 1):
-                                previous = {"teacher": teacher} if generation == 1 else {"teacher_from": len(plan) - 1}
+                                previous = (
+                                    {"teacher": teacher}
+                                    if generation == 1
+                                    else {"teacher_from": len(plan) - 1}
+                                )
                                 stage = "" if generation == generations else f"generation {generation}"
-                                plan.append(PlannedRun(student, recipe, seed, False, stage=stage, **previous, **point))
+                                plan.append(
+                                    PlannedRun(student, recipe, seed, False, stage=stage, **previous, **point)
+                                )
                         else:
                             plan.append(PlannedRun(student, recipe, seed, False, teacher=teacher, **point))
                 if with_baseline:
@@ -125,8 +142,15 @@ def experiment_validate(
         "train": lambda: validation.check_selection(validation.clean_train(train or {}), dataset=dataset),
         "seeds": lambda: validation.clean_seeds(seeds),
         "teacher_weights": lambda: validation.check_experiment(
-            team=team, dataset=dataset, teacher=teacher, students=students, recipes=recipes, assistant=assistant,
-            extra_teachers=extra_teachers, teacher_weights=teacher_weights),
+            team=team,
+            dataset=dataset,
+            teacher=teacher,
+            students=students,
+            recipes=recipes,
+            assistant=assistant,
+            extra_teachers=extra_teachers,
+            teacher_weights=teacher_weights,
+        ),
         "term_sweeps": lambda: validation.clean_term_sweeps(term_sweeps or {}, recipes=recipes),
     }
     for name, check in checks.items():
@@ -144,15 +168,23 @@ def experiment_validate(
     if count.total > limit:
         message = (f"This experiment would create {count.total:,} runs; the limit is {limit} "
                    f"({count.describe()}).")
-        swept_fields = [*sweeps.train_axes(cleaned["train"]), *(["term_sweeps"] if cleaned["term_sweeps"] else [])]
+        swept_fields = [
+            *sweeps.train_axes(cleaned["train"]),
+            *(["term_sweeps"] if cleaned["term_sweeps"] else []),
+        ]
         raise ValidationError({key: message for key in swept_fields or ["seeds"]})
     for recipe in recipes:
         if recipe.scheme != Recipe.Scheme.HARD_LABELS:
             for values in sweeps.grid_points(sweeps.recipe_axes((t.get("name") for t in recipe.terms),
                                                                 cleaned["term_sweeps"])):
                 _swept_terms(recipe, values)  # raises on a combination the engine refuses
-    return ExperimentInputs(train=cleaned["train"], seeds=cleaned["seeds"], teacher_weights=cleaned["teacher_weights"],
-                            term_sweeps=cleaned["term_sweeps"], count=count)
+    return ExperimentInputs(
+        train=cleaned["train"],
+        seeds=cleaned["seeds"],
+        teacher_weights=cleaned["teacher_weights"],
+        term_sweeps=cleaned["term_sweeps"],
+        count=count,
+    )
 
 
 def _swept_terms(recipe: Recipe, values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -168,12 +200,19 @@ def _swept_terms(recipe: Recipe, values: dict[str, Any]) -> list[dict[str, Any]]
         raise ValidationError({"term_sweeps": f"Recipe {recipe} with {point}: {problems}"}) from None
 
 
-def _run_config(p: PlannedRun, *, experiment: Experiment, upstream: Run | None, extra_teachers: Sequence[ModelSpec],
-                teacher_weights: Sequence[float], base_train: dict[str, Any]) -> dict[str, Any]:
+def _run_config(
+    p: PlannedRun,
+    *,
+    experiment: Experiment,
+    upstream: Run | None,
+    extra_teachers: Sequence[ModelSpec],
+    teacher_weights: Sequence[float],
+    base_train: dict[str, Any],
+) -> dict[str, Any]:
     """The frozen config of a planned run, with its concrete point of the sweep.
 
-    ``build_run_config`` reads the training settings from the experiment and the terms from the recipe, so it is
-    handed unsaved copies holding this run's concrete values (the records themselves keep the sweep).
+    ``build_run_config`` reads the training settings from the experiment and the terms from the recipe, so it
+    is handed unsaved copies holding this run's concrete values (the records themselves keep the sweep).
     """
     concrete = copy.copy(experiment)
     concrete.train = {**base_train, **p.train}
@@ -226,7 +265,10 @@ def experiment_create(
     if derive_student:
         if teacher is None:
             raise ValidationError({"derive_student": "Choose a teacher to derive a student from."})
-        students = [*students, records_writes.derived_student(parent=teacher, layers=derive_student, created_by=created_by)]
+        students = [
+            *students,
+            records_writes.derived_student(parent=teacher, layers=derive_student, created_by=created_by),
+        ]
     inputs = experiment_validate(
         team=team, dataset=dataset, students=students, recipes=recipes, seeds=seeds, teacher=teacher,
         assistant=assistant, extra_teachers=extra_teachers, teacher_weights=teacher_weights, train=train,

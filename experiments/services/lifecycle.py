@@ -1,8 +1,8 @@
-"""A run's state machine: claiming it, its lease, requeue after a lost worker, finishing, failing, cancelling and
-requeueing, with the dependents of each.
+"""A run's state machine: claiming it, its lease, requeue after a lost worker, finishing, failing, cancelling
+and requeueing, with the dependents of each.
 
-RUN_TRANSITIONS (experiments.models) is the state machine and ``_transition`` the only code that changes a run's
-status."""
+RUN_TRANSITIONS (experiments.models) is the state machine and ``_transition`` the only code that changes a
+run's status."""
 
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ def _transition(
 ) -> Run | None:
     """Move the run from one of ``sources`` to ``to`` and record the RunTransition, in one transaction.
 
-    Each source gets one conditional UPDATE (``status = source AND where``), so of two concurrent changes exactly
-    one applies. Returns the updated run, or None when it was in none of ``sources`` or ``where`` did not hold.
+    Each source gets one conditional UPDATE (``status = source AND where``), so of two concurrent changes
+    exactly one applies. Returns the updated run, or None when it was in none of ``sources`` or ``where`` did
+    not hold.
     """
     for source in sources:
         if to not in RUN_TRANSITIONS[source]:
@@ -72,7 +73,12 @@ def _transition(
             if Run.objects.filter(where or Q(), id=run_id, status=source).update(**fields):
                 run = Run.objects.select_related(*related).get(id=run_id)
                 RunTransition.objects.create(
-                    run=run, from_status=source, to_status=to, at=now, reason=reason[:2000], attempt=run.attempt,
+                    run=run,
+                    from_status=source,
+                    to_status=to,
+                    at=now,
+                    reason=reason[:2000],
+                    attempt=run.attempt,
                     worker_name=run.worker_name if worker_name is None else worker_name,
                 )
                 return run
@@ -92,8 +98,9 @@ def _attempts_since_requeue(run_id: int, attempt: int) -> int:
 
 
 def _expire_lease(run_id: int, *, next_task_id: str) -> Run | None:
-    """A running run whose lease expired: requeue it for ``next_task_id``, cancel it when cancellation had been
-    requested, or fail it once RUN_MAX_ATTEMPTS attempts have lost their worker. None if its lease is alive."""
+    """A running run whose lease expired: requeue it for ``next_task_id``, cancel it when cancellation had
+    been requested, or fail it once RUN_MAX_ATTEMPTS attempts have lost their worker. None if its lease is
+    alive."""
     cutoff = _lease_cutoff()
     stale = (Run.objects.filter(id=run_id, status=Run.Status.RUNNING, heartbeat_at__lt=cutoff)
              .values("worker_name", "attempt", "cancel_requested", "heartbeat_at").first())
@@ -104,15 +111,28 @@ def _expire_lease(run_id: int, *, next_task_id: str) -> Run | None:
     still_stale = Q(heartbeat_at__lt=cutoff)  # a worker that renewed in the meantime keeps its run
     if stale["cancel_requested"]:
         reason = f"Cancelled: {worker} stopped responding ({silent} s) after cancellation was requested."
-        return _transition(run_id=run_id, to=Run.Status.CANCELLED, sources=[Run.Status.RUNNING], where=still_stale,
-                           reason=reason)
+        return _transition(
+            run_id=run_id,
+            to=Run.Status.CANCELLED,
+            sources=[Run.Status.RUNNING],
+            where=still_stale,
+            reason=reason,
+        )
     attempts = _attempts_since_requeue(run_id, stale["attempt"])
     if attempts >= settings.RUN_MAX_ATTEMPTS:
         error = f"The worker running this run stopped responding {attempts} times; giving up."
-        run = _transition(run_id=run_id, to=Run.Status.FAILED, sources=[Run.Status.RUNNING], where=still_stale,
-                          values={"error": error}, reason=f"{error} (last: {worker}, silent {silent} s)")
+        run = _transition(
+            run_id=run_id,
+            to=Run.Status.FAILED,
+            sources=[Run.Status.RUNNING],
+            where=still_stale,
+            values={"error": error},
+            reason=f"{error} (last: {worker}, silent {silent} s)",
+        )
         if run is not None:
-            _fail_dependents(run_id, reason=f"Run #{run_id}, which trains this run's teacher, failed: {error}")
+            _fail_dependents(
+                run_id, reason=f"Run #{run_id}, which trains this run's teacher, failed: {error}"
+            )
         return run
     return _transition(
         run_id=run_id, to=Run.Status.QUEUED, sources=[Run.Status.RUNNING], where=still_stale,
@@ -154,21 +174,23 @@ def run_requeue_stale() -> dict[str, int]:
             if run is None:
                 continue
             if run.status == Run.Status.QUEUED:
-                logger.warning("run %s lost its worker %s; requeued as task %s", run_id, run.worker_name, run.task_id)
+                logger.warning(
+                    "run %s lost its worker %s; requeued as task %s", run_id, run.worker_name, run.task_id
+                )
                 dispatch.enqueue_on_commit(run, task_id=run.task_id)
             counts[run.status] = counts.get(run.status, 0) + 1
     return counts
 
 
 def run_worker_process_lost(*, run_id: int, task_id: str, worker_name: str, status: str) -> Run | None:
-    """The pool process running this delivery of the run died under its worker (Celery's WorkerLostError, seen by
-    the worker's main process): requeue the run at once (it resumes from its last checkpoint), cancel it when
-    cancellation had been requested, or fail it once RUN_MAX_ATTEMPTS attempts have lost their worker.
+    """The pool process running this delivery of the run died under its worker (Celery's WorkerLostError, seen
+    by the worker's main process): requeue the run at once (it resumes from its last checkpoint), cancel it
+    when cancellation had been requested, or fail it once RUN_MAX_ATTEMPTS attempts have lost their worker.
 
-    ``status`` is how the process ended, as Celery words it ("signal 9 (SIGKILL)", "exitcode 1"). A SIGKILL is how
-    the kernel's out-of-memory killer ends a process, so the reason (and the error, once the budget is spent) says
-    so, with the run's memory estimate, this machine's RAM and what to change. Returns the updated run, or None
-    when this delivery no longer owns it (it finished or was taken over in the meantime).
+    ``status`` is how the process ended, as Celery words it ("signal 9 (SIGKILL)", "exitcode 1"). A SIGKILL is
+    how the kernel's out-of-memory killer ends a process, so the reason (and the error, once the budget is
+    spent) says so, with the run's memory estimate, this machine's RAM and what to change. Returns the updated
+    run, or None when this delivery no longer owns it (it finished or was taken over in the meantime).
     """
     with transaction.atomic():
         run = Run.objects.filter(id=run_id, status=Run.Status.RUNNING, task_id=task_id).first()
@@ -179,37 +201,60 @@ def run_worker_process_lost(*, run_id: int, task_id: str, worker_name: str, stat
         at = f" at step {run.step}" if run.step else ""
         if "SIGKILL" in status:
             what = out_of_memory_message(
-                run.config, gpu=False, estimate=routing.run_memory_estimate(run=run),
+                run.config,
+                gpu=False,
+                estimate=routing.run_memory_estimate(run=run),
                 available_bytes=host_memory_bytes(),
-                headline=f"The worker process running this run on {worker} was killed (SIGKILL){at}, most likely "
-                         f"by the kernel's out-of-memory killer")
+                headline=f"The worker process running this run on {worker} was killed (SIGKILL){at}, most "
+                "likely by the kernel's out-of-memory killer",
+            )
         else:
             what = f"The worker process running this run on {worker} exited prematurely ({status}){at}."
         if run.cancel_requested:
-            return _transition(run_id=run_id, to=Run.Status.CANCELLED, sources=[Run.Status.RUNNING], where=owned,
-                               reason=f"Cancelled: {what}")
+            return _transition(
+                run_id=run_id,
+                to=Run.Status.CANCELLED,
+                sources=[Run.Status.RUNNING],
+                where=owned,
+                reason=f"Cancelled: {what}",
+            )
         attempts = _attempts_since_requeue(run_id, run.attempt)
         if attempts >= settings.RUN_MAX_ATTEMPTS:
             error = f"{what} That was attempt {attempts} of {settings.RUN_MAX_ATTEMPTS}; giving up."
-            failed = _transition(run_id=run_id, to=Run.Status.FAILED, sources=[Run.Status.RUNNING], where=owned,
-                                 values={"error": error[:5000]}, reason=error)
+            failed = _transition(
+                run_id=run_id,
+                to=Run.Status.FAILED,
+                sources=[Run.Status.RUNNING],
+                where=owned,
+                values={"error": error[:5000]},
+                reason=error,
+            )
             if failed is not None:
-                _fail_dependents(run_id, reason=f"Run #{run_id}, which trains this run's teacher, failed: {error[:500]}")
+                _fail_dependents(
+                    run_id, reason=f"Run #{run_id}, which trains this run's teacher, failed: {error[:500]}"
+                )
             return failed
         next_task_id = str(uuid.uuid4())
-        requeued = _transition(run_id=run_id, to=Run.Status.QUEUED, sources=[Run.Status.RUNNING], where=owned,
-                               values={"task_id": next_task_id},
-                               reason=f"{what} Requeued for attempt {attempts + 1} of {settings.RUN_MAX_ATTEMPTS}.")
+        requeued = _transition(
+            run_id=run_id,
+            to=Run.Status.QUEUED,
+            sources=[Run.Status.RUNNING],
+            where=owned,
+            values={"task_id": next_task_id},
+            reason=f"{what} Requeued for attempt {attempts + 1} of {settings.RUN_MAX_ATTEMPTS}.",
+        )
         if requeued is not None:
-            logger.warning("run %s: its worker process died (%s); requeued as task %s", run_id, status, next_task_id)
+            logger.warning(
+                "run %s: its worker process died (%s); requeued as task %s", run_id, status, next_task_id
+            )
             dispatch.enqueue_on_commit(requeued, task_id=next_task_id)
         return requeued
 
 
 def run_finish(*, run_id: int, task_id: str, result: dict[str, Any]) -> Run | None:
-    """Mark the run succeeded with its evaluations and final model, only while this delivery owns the run; start
-    runs that waited for it. The files' sizes and digests are read before the transaction, so a worker never holds
-    the run's row while it reads gigabytes."""
+    """Mark the run succeeded with its evaluations and final model, only while this delivery owns the run;
+    start runs that waited for it. The files' sizes and digests are read before the transaction, so a worker
+    never holds the run's row while it reads gigabytes."""
     final_dir = result.get("final_dir")
     model = None
     if final_dir:
@@ -239,13 +284,22 @@ def _record_finish(*, run_id: int, task_id: str, result: dict[str, Any], model: 
     dataset = run.experiment.dataset
     key = engine_config.split_key(run.config["dataset"])
     Evaluation.objects.create(
-        team=run.team, role=Evaluation.Role.STUDENT, run=run, model=run.student, dataset=dataset, split_key=key,
+        team=run.team,
+        role=Evaluation.Role.STUDENT,
+        run=run,
+        model=run.student,
+        dataset=dataset,
+        split_key=key,
         **_evaluation_columns(student_metrics),
     )
     teacher_metrics = result.get("teacher")
     if run.teacher_id and teacher_metrics:
         Evaluation.objects.get_or_create(
-            role=Evaluation.Role.TEACHER, model_id=run.teacher_id, dataset=dataset, split="eval", split_key=key,
+            role=Evaluation.Role.TEACHER,
+            model_id=run.teacher_id,
+            dataset=dataset,
+            split="eval",
+            split_key=key,
             defaults={"team": run.team, "run": run, **_evaluation_columns(teacher_metrics)},
         )
     if model is not None:
@@ -278,13 +332,21 @@ def _evaluation_columns(metrics: dict[str, Any]) -> dict[str, Any]:
 
 @transaction.atomic
 def run_fail(*, run_id: int, task_id: str, error: str) -> bool:
-    """Mark the run failed with a readable message; metrics and checkpoints already written stay. The message shows
-    no absolute path of the machine (``ARTIFACT_ROOT/...`` for the artifact root)."""
+    """Mark the run failed with a readable message; metrics and checkpoints already written stay. The message
+    shows no absolute path of the machine (``ARTIFACT_ROOT/...`` for the artifact root)."""
     error = engine_config.public_message(error)
-    failed = _transition(run_id=run_id, to=Run.Status.FAILED, sources=[Run.Status.RUNNING], where=Q(task_id=task_id),
-                         values={"error": error[:5000]}, reason=error)
+    failed = _transition(
+        run_id=run_id,
+        to=Run.Status.FAILED,
+        sources=[Run.Status.RUNNING],
+        where=Q(task_id=task_id),
+        values={"error": error[:5000]},
+        reason=error,
+    )
     if failed:
-        _fail_dependents(run_id, reason=f"Run #{run_id}, which trains this run's teacher, failed: {error[:500]}")
+        _fail_dependents(
+            run_id, reason=f"Run #{run_id}, which trains this run's teacher, failed: {error[:500]}"
+        )
     return failed is not None
 
 
@@ -302,7 +364,9 @@ def run_mark_cancelled(*, run_id: int, task_id: str, step: int | None = None) ->
 
 def _fail_dependents(run_id: int, *, reason: str, status: str = Run.Status.FAILED) -> None:
     """Runs still queued behind ``run_id`` cannot start: fail (or cancel) them, and the runs behind those."""
-    for dependent_id in Run.objects.filter(waiting_for_id=run_id, status=Run.Status.QUEUED).values_list("id", flat=True):
+    for dependent_id in Run.objects.filter(waiting_for_id=run_id, status=Run.Status.QUEUED).values_list(
+        "id", flat=True
+    ):
         if _transition(run_id=dependent_id, to=status, sources=[Run.Status.QUEUED], values={"error": reason},
                        reason=reason):
             _fail_dependents(dependent_id, reason=reason, status=status)
@@ -310,16 +374,27 @@ def _fail_dependents(run_id: int, *, reason: str, status: str = Run.Status.FAILE
 
 @transaction.atomic
 def run_cancel(*, run: Run, reason: str = "Cancelled by a user.") -> Run:
-    """Cancel a run: a queued one at once (its message is revoked), a running one at its next cancellation poll
-    (within a few steps; it keeps its metrics and checkpoint), a running one whose worker died at once."""
-    cancelled = _transition(run_id=run.pk, to=Run.Status.CANCELLED, sources=[Run.Status.QUEUED], reason=reason,
-                            values={"cancel_requested": True})
+    """Cancel a run: a queued one at once (its message is revoked), a running one at its next cancellation
+    poll (within a few steps; it keeps its metrics and checkpoint), a running one whose worker died at
+    once."""
+    cancelled = _transition(
+        run_id=run.pk,
+        to=Run.Status.CANCELLED,
+        sources=[Run.Status.QUEUED],
+        reason=reason,
+        values={"cancel_requested": True},
+    )
     if cancelled is not None and cancelled.task_id:
         dispatch.revoke_on_commit(cancelled.task_id)
     if cancelled is None:
         Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(cancel_requested=True)
-        _transition(run_id=run.pk, to=Run.Status.CANCELLED, sources=[Run.Status.RUNNING],
-                    where=Q(heartbeat_at__lt=_lease_cutoff()), reason=f"{reason} Its worker had stopped responding.")
+        _transition(
+            run_id=run.pk,
+            to=Run.Status.CANCELLED,
+            sources=[Run.Status.RUNNING],
+            where=Q(heartbeat_at__lt=_lease_cutoff()),
+            reason=f"{reason} Its worker had stopped responding.",
+        )
     _fail_dependents(run.pk, reason=f"Run #{run.pk}, which trains this run's teacher, was cancelled.",
                      status=Run.Status.CANCELLED)
     run.refresh_from_db()
@@ -328,9 +403,9 @@ def run_cancel(*, run: Run, reason: str = "Cancelled by a user.") -> Run:
 
 @transaction.atomic
 def run_requeue(*, run: Run, reason: str) -> Run:
-    """Queue a failed, cancelled or stale (lease expired) run again as a new attempt, with a fresh restart budget;
-    it resumes from its last checkpoint. Runs that were failed or cancelled only because they waited for it are
-    queued again behind it.
+    """Queue a failed, cancelled or stale (lease expired) run again as a new attempt, with a fresh restart
+    budget; it resumes from its last checkpoint. Runs that were failed or cancelled only because they waited
+    for it are queued again behind it.
 
     Raises ValidationError when the run is queued, live or succeeded, or waits for a run that did not succeed.
     """
@@ -342,11 +417,18 @@ def run_requeue(*, run: Run, reason: str) -> Run:
     task_id = str(uuid.uuid4())
     values = {"task_id": task_id, "cancel_requested": False, "error": ""}
     if run.status in (Run.Status.FAILED, Run.Status.CANCELLED):
-        requeued = _transition(run_id=run.pk, to=Run.Status.QUEUED, sources=[run.status], values=values, reason=reason)
+        requeued = _transition(
+            run_id=run.pk, to=Run.Status.QUEUED, sources=[run.status], values=values, reason=reason
+        )
     elif run.status == Run.Status.RUNNING and run.lease_expired:
-        requeued = _transition(run_id=run.pk, to=Run.Status.QUEUED, sources=[Run.Status.RUNNING], values=values,
-                               where=Q(heartbeat_at__lt=_lease_cutoff()), reason=f"{reason} (its worker had stopped "
-                               f"responding)")
+        requeued = _transition(
+            run_id=run.pk,
+            to=Run.Status.QUEUED,
+            sources=[Run.Status.RUNNING],
+            values=values,
+            where=Q(heartbeat_at__lt=_lease_cutoff()),
+            reason=f"{reason} (its worker had stopped responding)",
+        )
     else:
         requeued = None
     if requeued is None:
@@ -366,13 +448,19 @@ def _not_requeueable(run: Run) -> str:
 
 
 def _requeue_dependents(run_id: int) -> None:
-    """Runs that failed or were cancelled, without ever starting, because they waited for ``run_id`` wait again."""
+    """Runs that failed or were cancelled, without ever starting, because they waited for ``run_id`` wait
+    again."""
     behind = Run.objects.filter(waiting_for_id=run_id, status__in=[Run.Status.FAILED, Run.Status.CANCELLED],
                                 started_at__isnull=True, cancel_requested=False)
     for dependent in behind.values_list("id", "status"):
         dependent_id, status = dependent
-        if _transition(run_id=dependent_id, to=Run.Status.QUEUED, sources=[status], values={"error": "", "task_id": ""},
-                       reason=f"Run #{run_id}, which it waits for, was requeued."):
+        if _transition(
+            run_id=dependent_id,
+            to=Run.Status.QUEUED,
+            sources=[status],
+            values={"error": "", "task_id": ""},
+            reason=f"Run #{run_id}, which it waits for, was requeued.",
+        ):
             _requeue_dependents(dependent_id)
 
 

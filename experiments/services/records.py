@@ -53,9 +53,9 @@ def dataset_spec_create_from_upload(*, team: Team, created_by, upload, **fields:
     """Store an uploaded data file, check that the engine can read it as this dataset, and register it.
 
     The file is written to ``ARTIFACT_ROOT/datasets/<team_id>/<uuid4><suffix>``: of the uploaded name only its
-    suffix is used, from a whitelist, so no name can place the file anywhere else. The file is then read the way a
-    run reads it; an unreadable or empty file, a missing text / label column or too few rows is an error on
-    ``upload``. On any failure the stored file is deleted again.
+    suffix is used, from a whitelist, so no name can place the file anywhere else. The file is then read the
+    way a run reads it; an unreadable or empty file, a missing text / label column or too few rows is an error
+    on ``upload``. On any failure the stored file is deleted again.
     """
     from experiments.domain.uploads import too_large_message
 
@@ -106,13 +106,19 @@ def _uploaded_dataset_facts(fields: dict[str, Any], path: Path, original_name: s
         raise ValidationError({"upload": f"The file cannot be used: {message}"}) from None
     except Exception:  # anything else the readers trip over: the content is not what its suffix says
         logger.info("uploaded dataset file %s could not be read", path, exc_info=True)
-        raise ValidationError({"upload": f"The file could not be read as a {path.suffix[1:]} file."}) from None
+        raise ValidationError(
+            {"upload": f"The file could not be read as a {path.suffix[1:]} file."}
+        ) from None
     facts: dict[str, Any] = {"splits": {"train": len(data.train), "eval": len(data.eval)}}
     if spec.task == "classification":
         found = data.num_labels
         if found < 2:
-            raise ValidationError({"upload": f"The file's column '{spec.label_column}' holds fewer than 2 labels; "
-                                             "classification needs at least 2."})
+            raise ValidationError(
+                {
+                    "upload": f"The file's column '{spec.label_column}' holds fewer than 2 labels; "
+                    "classification needs at least 2."
+                }
+            )
         if not fields.get("num_labels"):
             facts["num_labels"] = found
             if not fields.get("label_names"):
@@ -127,8 +133,13 @@ def recipe_create(*, team: Team, created_by, name: str, scheme: str, terms: list
                   scheme_params: dict[str, Any] | None = None) -> Recipe:
     terms = validation.clean_terms(terms, scheme=scheme)
     scheme_params = validation.clean_scheme_params(scheme, scheme_params or {})
-    version = (Recipe.objects.filter(team=team, name=name).order_by("-version").values_list("version", flat=True)
-               .first() or 0) + 1
+    version = (
+        Recipe.objects.filter(team=team, name=name)
+        .order_by("-version")
+        .values_list("version", flat=True)
+        .first()
+        or 0
+    ) + 1
     return save_new(
         Recipe(team=team, created_by=created_by, name=name, version=version, scheme=scheme, terms=terms,
                scheme_params=scheme_params, description=description)
@@ -158,9 +169,15 @@ def model_register_from_run(*, run: Run, name: str, created_by, allow_pending: b
     the run to succeed (and fail with a clear reason if it does not).
     """
     run = Run.objects.select_for_update().select_related("student", "experiment__dataset").get(pk=run.pk)
-    usable = (Run.Status.SUCCEEDED, Run.Status.QUEUED, Run.Status.RUNNING) if allow_pending else (Run.Status.SUCCEEDED,)
+    usable = (
+        (Run.Status.SUCCEEDED, Run.Status.QUEUED, Run.Status.RUNNING)
+        if allow_pending
+        else (Run.Status.SUCCEEDED,)
+    )
     if run.status not in usable:
-        raise ValidationError({"run": f"Run #{run.pk} has not succeeded, so it has no trained model to register."})
+        raise ValidationError(
+            {"run": f"Run #{run.pk} has not succeeded, so it has no trained model to register."}
+        )
     student = run.student
     spec = ModelSpec(
         team=run.team,
@@ -206,8 +223,9 @@ def model_derive(*, parent: ModelSpec, name: str, created_by, layers: str | list
 
 
 def derived_student_preview(*, parent: ModelSpec, layers: str) -> ModelSpec:
-    """What :func:`derived_student` would use, without saving anything: the existing derived model, or an unsaved
-    one (for counting runs and pre-flight checks before launch). Raises ValidationError for a bad preset."""
+    """What :func:`derived_student` would use, without saving anything: the existing derived model, or an
+    unsaved one (for counting runs and pre-flight checks before launch). Raises ValidationError for a bad
+    preset."""
     existing = ModelSpec.objects.filter(team=parent.team, parent=parent, source=ModelSpec.Source.DERIVED,
                                         config={"layers": layers}).order_by("id").first()
     if existing is not None:
@@ -217,9 +235,16 @@ def derived_student_preview(*, parent: ModelSpec, layers: str) -> ModelSpec:
                                                 "config": {"layers": layers}})
     except ValidationError as exc:
         raise ValidationError({"derive_student": " ".join(exc.messages)}) from exc
-    return ModelSpec(team=parent.team, name=f"{parent.name} ({layers.replace('_', ' ')} layer)", parent=parent,
-                     source=ModelSpec.Source.DERIVED, task=parent.task, num_labels=parent.num_labels,
-                     tokenizer_id=parent.tokenizer_id, config=fields["config"])
+    return ModelSpec(
+        team=parent.team,
+        name=f"{parent.name} ({layers.replace('_', ' ')} layer)",
+        parent=parent,
+        source=ModelSpec.Source.DERIVED,
+        task=parent.task,
+        num_labels=parent.num_labels,
+        tokenizer_id=parent.tokenizer_id,
+        config=fields["config"],
+    )
 
 
 def derived_student(*, parent: ModelSpec, layers: str, created_by) -> ModelSpec:
@@ -229,7 +254,9 @@ def derived_student(*, parent: ModelSpec, layers: str, created_by) -> ModelSpec:
     if preview.pk is not None:
         return preview
     base = preview.name[:110]
-    taken = set(ModelSpec.objects.filter(team=parent.team, name__startswith=base).values_list("name", flat=True))
+    taken = set(
+        ModelSpec.objects.filter(team=parent.team, name__startswith=base).values_list("name", flat=True)
+    )
     name = next(n for n in (base, *(f"{base} {i}" for i in range(2, len(taken) + 3))) if n not in taken)
     try:
         return model_derive(parent=parent, name=name, created_by=created_by, layers=layers)

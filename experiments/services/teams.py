@@ -42,7 +42,9 @@ def _lock_team_for(team: Team, *, by: teams_reads.User) -> None:
 
 def _check_role(role: str) -> None:
     if role not in Membership.Role.values:
-        raise ValidationError({"role": f"Unknown role {role!r}: choose one of {', '.join(Membership.Role.values)}."})
+        raise ValidationError(
+            {"role": f"Unknown role {role!r}: choose one of {', '.join(Membership.Role.values)}."}
+        )
 
 
 def _leads_besides(membership: Membership) -> int:
@@ -72,9 +74,17 @@ def team_member_set_role(*, membership: Membership, role: str, by: teams_reads.U
     _lock_team_for(membership.team, by=by)
     _check_role(role)
     membership.refresh_from_db()
-    if membership.role == Membership.Role.LEAD and role != Membership.Role.LEAD and not _leads_besides(membership):
-        raise ValidationError({"role": f"{membership.user} is the last lead of {membership.team}: make someone "
-                                       f"else a lead first."})
+    if (
+        membership.role == Membership.Role.LEAD
+        and role != Membership.Role.LEAD
+        and not _leads_besides(membership)
+    ):
+        raise ValidationError(
+            {
+                "role": f"{membership.user} is the last lead of {membership.team}: make someone "
+                f"else a lead first."
+            }
+        )
     membership.role = role
     membership.save(update_fields=["role"])
     return membership
@@ -92,7 +102,8 @@ def team_member_remove(*, membership: Membership, by: teams_reads.User) -> None:
 
 
 def select_team(request: HttpRequest, *, team_id: int | None) -> Team | None:
-    """Remember ``team_id`` for this session (None: all teams). Raises ValidationError if not one of the user's."""
+    """Remember ``team_id`` for this session (None: all teams). Raises ValidationError if not one of the
+    user's."""
     if team_id is None:
         request.session.pop(teams_reads.SESSION_KEY, None)
         return None

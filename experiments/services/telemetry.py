@@ -27,9 +27,9 @@ def _owned(run_id: int, task_id: str):
 
 
 def _telemetry_commit() -> None:
-    """Inside a transaction: let Postgres confirm its commit before the WAL is on disk (saves a disk flush, about
-    4 ms here, per write). Heartbeats and progress are rewritten within seconds, so losing the last ones in a
-    crash of the database server costs nothing; the rest of the database stays consistent.
+    """Inside a transaction: let Postgres confirm its commit before the WAL is on disk (saves a disk flush,
+    about 4 ms here, per write). Heartbeats and progress are rewritten within seconds, so losing the last ones
+    in a crash of the database server costs nothing; the rest of the database stays consistent.
     https://www.postgresql.org/docs/current/wal-async-commit.html"""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
@@ -41,10 +41,10 @@ def run_record_metrics(*, run_id: int, task_id: str, points: Sequence[tuple[str,
     """Write a batch of (name, step, value, wall_time) points and renew the lease, with the progress (step,
     total, samples/s) when given: one transaction.
 
-    A resumed run re-logs the steps after its last checkpoint: the upsert on (run, name, step) keeps exactly one
-    point per step. ``durable=False`` (routine batches) confirms the commit before the disk flush; the next
-    durable write, the one before each checkpoint, flushes them too. Returns False when this delivery no longer
-    owns the run.
+    A resumed run re-logs the steps after its last checkpoint: the upsert on (run, name, step) keeps exactly
+    one point per step. ``durable=False`` (routine batches) confirms the commit before the disk flush; the
+    next durable write, the one before each checkpoint, flushes them too. Returns False when this delivery no
+    longer owns the run.
     """
     fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
     if progress is not None:
@@ -66,8 +66,13 @@ def _upsert_points(run_id: int, points: Sequence[tuple[str, int, float, datetime
         return
     if connection.vendor != "postgresql":
         MetricPoint.objects.bulk_create(
-            [MetricPoint(run_id=run_id, name=n, step=s, value=v, wall_time=t) for (n, s), (v, t) in latest.items()],
-            update_conflicts=True, unique_fields=["run", "name", "step"], update_fields=["value", "wall_time"],
+            [
+                MetricPoint(run_id=run_id, name=n, step=s, value=v, wall_time=t)
+                for (n, s), (v, t) in latest.items()
+            ],
+            update_conflicts=True,
+            unique_fields=["run", "name", "step"],
+            update_fields=["value", "wall_time"],
             batch_size=1000,
         )
         return
@@ -79,23 +84,28 @@ def _upsert_points(run_id: int, points: Sequence[tuple[str, int, float, datetime
         # Wall times travel as epoch seconds: adapting a float8 array costs a fraction of a timestamptz one.
         cursor.execute(
             f"INSERT INTO {table} (run_id, name, step, value, wall_time) "
-            "SELECT %s, n, s, v, to_timestamp(e) FROM unnest(%s::varchar[], %s::integer[], %s::double precision[], "
+            "SELECT %s, n, s, v, to_timestamp(e) "
+            "FROM unnest(%s::varchar[], %s::integer[], %s::double precision[], "
             "%s::double precision[]) AS u(n, s, v, e) "
-            "ON CONFLICT (run_id, name, step) DO UPDATE SET value = EXCLUDED.value, wall_time = EXCLUDED.wall_time",
+            "ON CONFLICT (run_id, name, step) "
+            "DO UPDATE SET value = EXCLUDED.value, wall_time = EXCLUDED.wall_time",
             [run_id, list(names), list(steps), list(values), [t.timestamp() for t in times]],
         )
         rollups.record(cursor, run_id, names, steps, values)
 
 
 def run_record_checkpoint(*, run_id: int, task_id: str, step: int, path: Path) -> bool:
-    """Register a complete checkpoint folder as the one the run resumes from, only while this delivery owns the
-    run (one conditional UPDATE). Returns False when it does not: the caller deletes the folder and stops."""
+    """Register a complete checkpoint folder as the one the run resumes from, only while this delivery owns
+    the run (one conditional UPDATE). Returns False when it does not: the caller deletes the folder and
+    stops."""
     rel, size = artifacts.relative_artifact_path(path), artifacts.du(path)
     with transaction.atomic():
         if not _owned(run_id, task_id).update(checkpoint_path=rel, heartbeat_at=timezone.now()):
             return False
         Artifact.objects.update_or_create(
-            run_id=run_id, path=rel, defaults={"kind": Artifact.Kind.CHECKPOINT, "step": step, "size_bytes": size}
+            run_id=run_id,
+            path=rel,
+            defaults={"kind": Artifact.Kind.CHECKPOINT, "step": step, "size_bytes": size},
         )
         # The engine keeps only its newest checkpoints on disk; drop records of the ones it deleted.
         stale = [a.pk for a in Artifact.objects.filter(run_id=run_id, kind=Artifact.Kind.CHECKPOINT)

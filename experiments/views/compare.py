@@ -1,5 +1,5 @@
-"""Analysis pages: compare runs, the leaderboards (and their CSV export), a run's frozen config as JSON and the
-download of a finished student.
+"""Analysis pages: compare runs, the leaderboards (and their CSV export), a run's frozen config as JSON and
+the download of a finished student.
 
 Team scoping: every run, dataset and config is looked up through the team-scoped selectors. Compare answers
 404 for the whole request when any requested run is not visible to the user (or does not exist), rather than
@@ -101,12 +101,19 @@ def _pareto(comparison: compare_reads.Comparison, cost: str) -> tuple[dict[str, 
     flags = board.pareto_flags(list(zip(costs, [r.quality for r in comparison.rows], strict=True)),
                                    higher_is_better=metric.higher_is_better)
     points = [
-        plots.ParetoPoint(_run_label(row.run), c, row.quality,
-                          group="hard-label baseline" if row.run.is_baseline else str(row.run.recipe), optimal=flag)
+        plots.ParetoPoint(
+            _run_label(row.run),
+            c,
+            row.quality,
+            group="hard-label baseline" if row.run.is_baseline else str(row.run.recipe),
+            optimal=flag,
+        )
         for row, c, flag in zip(comparison.rows, costs, flags, strict=True)
     ]
     points += [
-        plots.ParetoPoint(f"teacher {e.model}", cost_of(e), leaderboard_reads.metric_value(e, metric), teacher=True)
+        plots.ParetoPoint(
+            f"teacher {e.model}", cost_of(e), leaderboard_reads.metric_value(e, metric), teacher=True
+        )
         for e in comparison.teachers
     ]
     figure = plots.pareto_figure(points, cost_label="parameters" if cost == "params" else "latency (ms)",
@@ -172,18 +179,31 @@ def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
     if request.GET.get("format") == "csv":
         return _leaderboard_csv(request, benchmark, rows)
     points = [
-        {"label": f"{r.student} · {r.recipe}" + (f" · {r.sweep}" if r.sweep else ""), "recipe": "hard-label baseline" if r.is_baseline else str(r.recipe),
-         "params": r.params, "mean": r.mean, "std": r.std}
+        {
+            "label": f"{r.student} · {r.recipe}" + (f" · {r.sweep}" if r.sweep else ""),
+            "recipe": "hard-label baseline" if r.is_baseline else str(r.recipe),
+            "params": r.params,
+            "mean": r.mean,
+            "std": r.std,
+        }
         for r in rows
     ]
     csv_query = request.GET.copy()
     csv_query["format"] = "csv"
-    # The table shows one page of the ranking (the plot and the CSV keep every row): a benchmark with a thousand
-    # rows would otherwise send a megabyte of HTML.
+    # The table shows one page of the ranking (the plot and the CSV keep every row): a benchmark with a
+    # thousand rows would otherwise send a megabyte of HTML.
     page = Paginator(rows, LEADERBOARD_PAGE_ROWS).get_page(request.GET.get("page"))
     context = {
-        "dataset": dataset, "rows": rows, "page": page, "total": len(benchmark.rows), "budget": query, "metric": metric,
-        "benchmark": benchmark, "chosen": chosen, "csv_query": csv_query.urlencode(), "max_runs": MAX_COMPARE_RUNS,
+        "dataset": dataset,
+        "rows": rows,
+        "page": page,
+        "total": len(benchmark.rows),
+        "budget": query,
+        "metric": metric,
+        "benchmark": benchmark,
+        "chosen": chosen,
+        "csv_query": csv_query.urlencode(),
+        "max_runs": MAX_COMPARE_RUNS,
         "filtered": any(k in chosen for k in ("max_params", "max_latency_ms", "recipe", "family")),
         "figure": plots.leaderboard_figure(points, metric_label=metric.label, percent=metric.percent),
     }
@@ -193,11 +213,18 @@ def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
 def _leaderboard_csv(request: HttpRequest, benchmark: leaderboard_reads.Benchmark,
                      rows: list[leaderboard_reads.LeaderboardRow]) -> HttpResponse:
     response = HttpResponse(content_type="text/csv; charset=utf-8")
-    name = f"leaderboard-{slugify(benchmark.dataset.name) or benchmark.dataset.pk}-{benchmark.metric.name}.csv"
+    name = (
+        f"leaderboard-{slugify(benchmark.dataset.name) or benchmark.dataset.pk}-{benchmark.metric.name}.csv"
+    )
     response["Content-Disposition"] = content_disposition_header(True, name)
     writer = csv.writer(response)
-    writer.writerows(export.leaderboard_csv_lines(
-        rows, metric=benchmark.metric,
-        config_url=lambda run_id: request.build_absolute_uri(reverse("experiments:run_config_json", args=[run_id])),
-    ))
+    writer.writerows(
+        export.leaderboard_csv_lines(
+            rows,
+            metric=benchmark.metric,
+            config_url=lambda run_id: request.build_absolute_uri(
+                reverse("experiments:run_config_json", args=[run_id])
+            ),
+        )
+    )
     return response

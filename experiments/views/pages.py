@@ -74,7 +74,8 @@ DESCENDING_FIRST = frozenset({"created_at", "params", "labels", "classes", "runs
 def _list_context(
     request: HttpRequest, queryset: QuerySet, sorts: dict[str, tuple[str, ...]], default: str
 ) -> dict[str, Any]:
-    """A list page's rows for the team chosen in the header (all the user's teams if none), sorted and paged."""
+    """A list page's rows for the team chosen in the header (all the user's teams if none), sorted and
+    paged."""
     team = teams.selected_team(request)
     if team is not None:
         queryset = queryset.filter(team=team)
@@ -129,7 +130,9 @@ def model_derive(request: HttpRequest, model_id: int) -> HttpResponse:
     form = forms.ModelDeriveForm(request.POST)
     if form.is_valid():
         try:
-            spec = records_writes.model_derive(parent=parent, created_by=request.user, **form.service_kwargs())
+            spec = records_writes.model_derive(
+                parent=parent, created_by=request.user, **form.service_kwargs()
+            )
         except ValidationError as exc:
             forms.add_service_errors(form, exc, {"__all__": "name", "config": "layers", "parent": "__all__"})
         else:
@@ -140,7 +143,9 @@ def model_derive(request: HttpRequest, model_id: int) -> HttpResponse:
 
 @require_GET
 def dataset_list(request: HttpRequest) -> HttpResponse:
-    context = _list_context(request, records_reads.dataset_spec_list(user=request.user), DATASET_SORTS, "name")
+    context = _list_context(
+        request, records_reads.dataset_spec_list(user=request.user), DATASET_SORTS, "name"
+    )
     context["datasets"] = context["page"].object_list
     return TemplateResponse(request, "experiments/dataset_list.html", context)
 
@@ -150,7 +155,8 @@ def dataset_create(request: HttpRequest) -> HttpResponse:
     """Register a dataset; an uploaded file over ``DATASET_UPLOAD_MAX_BYTES`` is refused before it is stored.
 
     A body announced too large is not read at all. Otherwise :class:`~experiments.views.CappedUploadHandler`
-    goes first for this request, so a client that sends more than it announced is cut off while the body is read.
+    goes first for this request, so a client that sends more than it announced is cut off while the body is
+    read.
     """
     cap = settings.DATASET_UPLOAD_MAX_BYTES
     if request.method == "POST":
@@ -230,7 +236,12 @@ def recipe_create(request: HttpRequest) -> HttpResponse:
         else:
             messages.success(request, f"Recipe {recipe} saved: {recipe.formula}")
             return redirect("experiments:recipe_list")
-    context = {"form": form, "terms": terms, "catalog": catalog, "param_names": forms.term_param_names(catalog)}
+    context = {
+        "form": form,
+        "terms": terms,
+        "catalog": catalog,
+        "param_names": forms.term_param_names(catalog),
+    }
     return TemplateResponse(request, "experiments/recipe_form.html", context)
 
 
@@ -402,11 +413,15 @@ def run_register_model(request: HttpRequest, run_id: int) -> HttpResponse:
     form = forms.RegisterModelForm(request.POST)
     if form.is_valid():
         try:
-            spec = records_writes.model_register_from_run(run=run, name=form.cleaned_data["name"], created_by=request.user)
+            spec = records_writes.model_register_from_run(
+                run=run, name=form.cleaned_data["name"], created_by=request.user
+            )
         except ValidationError as exc:
             forms.add_service_errors(form, exc, {"__all__": "name"})
         else:
-            messages.success(request, f"Registered {spec} from run #{run.pk}; use it as a teacher or a student.")
+            messages.success(
+                request, f"Registered {spec} from run #{run.pk}; use it as a teacher or a student."
+            )
             return redirect("experiments:model_list")
     return _render_run(request, run, form)
 

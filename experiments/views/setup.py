@@ -1,7 +1,8 @@
-"""Experiment set-up: the form (with sweeps), the check step before launch, and clones of experiments and runs.
+"""Experiment set-up: the form (with sweeps), the check step before launch, and clones of experiments and
+runs.
 
-Thin views: the form validates and parses sweeps, ``preflight`` computes the checks, ``services`` validates and
-creates. Every source record is looked up through a team-scoped selector, so another team's ids give 404.
+Thin views: the form validates and parses sweeps, ``preflight`` computes the checks, ``services`` validates
+and creates. Every source record is looked up through a team-scoped selector, so another team's ids give 404.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def experiment_create(request: HttpRequest) -> HttpResponse:
         source = _copy_source(request)
         initial = forms.experiment_initial(source) if source is not None else {}
         default_team = teams.selected_team(request)
-        return _render(request, forms.ExperimentForm(user=request.user, default_team=default_team, initial=initial),
-                       source=str(source) if source is not None else "")
+        return _render(
+            request,
+            forms.ExperimentForm(user=request.user, default_team=default_team, initial=initial),
+            source=str(source) if source is not None else "",
+        )
     form = forms.ExperimentForm(request.POST, user=request.user, default_team=teams.selected_team(request))
     if form.is_valid():
         try:
@@ -62,8 +66,8 @@ def _copy_source(request: HttpRequest):
 
 @require_POST
 def experiment_check(request: HttpRequest) -> HttpResponse:
-    """The step before launch: the number of runs and the pre-flight checks, recomputed by the server, with the
-    errors launching would give; nothing is created."""
+    """The step before launch: the number of runs and the pre-flight checks, recomputed by the server, with
+    the errors launching would give; nothing is created."""
     form = forms.ExperimentForm(request.POST, user=request.user, default_team=teams.selected_team(request))
     report = None
     if form.is_valid():
@@ -87,7 +91,9 @@ def experiment_clone(request: HttpRequest, experiment_id: int) -> HttpResponse:
     """The experiment form pre-filled from an experiment of the user's teams (its sweep included)."""
     source = get_object_or_404(records_reads.experiment_list(user=request.user), pk=experiment_id)
     default_team = teams.selected_team(request)
-    form = forms.ExperimentForm(user=request.user, default_team=default_team, initial=forms.experiment_initial(source))
+    form = forms.ExperimentForm(
+        user=request.user, default_team=default_team, initial=forms.experiment_initial(source)
+    )
     return _render(request, form, source=str(source))
 
 

@@ -1,7 +1,8 @@
 """Team pages: the user's teams, one team's members, what a lead changes there, and the header's team switch.
 
 A team the user is not in gives 404 (staff see every team). Membership changes are POSTs that only a lead of
-the team (or staff) may make: others get 403. The forms here only validate; ``experiments.services.teams`` decides.
+the team (or staff) may make: others get 403. The forms here only validate; ``experiments.services.teams``
+decides.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def _membership(team: Team, membership_id: int) -> Membership:
 
 @require_GET
 def team_list_page(request: HttpRequest) -> HttpResponse:
-    return TemplateResponse(request, "experiments/team_list.html", {"teams": teams_reads.team_summaries(user=request.user)})
+    return TemplateResponse(
+        request, "experiments/team_list.html", {"teams": teams_reads.team_summaries(user=request.user)}
+    )
 
 
 @require_GET
@@ -86,7 +89,9 @@ def team_member_add(request: HttpRequest, team_id: int) -> HttpResponse:
                 for error in errors:
                     form.add_error(field if field in form.fields else None, error)
         else:
-            messages.success(request, f"{membership.user} joined {team} as {membership.get_role_display().lower()}.")
+            messages.success(
+                request, f"{membership.user} joined {team} as {membership.get_role_display().lower()}."
+            )
             return redirect("experiments:team_detail", team_id=team.pk)
     return _render_team(request, team, form)
 
@@ -105,7 +110,9 @@ def team_member_role(request: HttpRequest, team_id: int, membership_id: int) -> 
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
     else:
-        messages.success(request, f"{membership.user} is now a {membership.get_role_display().lower()} of {team}.")
+        messages.success(
+            request, f"{membership.user} is now a {membership.get_role_display().lower()} of {team}."
+        )
     return redirect("experiments:team_detail", team_id=team.pk)
 
 
@@ -127,7 +134,8 @@ def team_member_remove(request: HttpRequest, team_id: int, membership_id: int) -
 
 @require_POST
 def team_switch(request: HttpRequest) -> HttpResponse:
-    """Choose the team the list pages show (or all the user's teams), then go back to the page it came from."""
+    """Choose the team the list pages show (or all the user's teams), then go back to the page it came
+    from."""
     form = TeamSwitchForm(request.POST)
     if not form.is_valid():
         return HttpResponseBadRequest("Choose a team from the list.")

@@ -6,7 +6,8 @@ from __future__ import annotations
 from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 from django.http import HttpRequest
 
-# What the other fields of a multipart form (and the part headers) may add to the body besides the file itself.
+# What the other fields of a multipart form (and the part headers) may add to the body besides the file
+# itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
 
 
@@ -27,10 +28,12 @@ def announced_too_large(request: HttpRequest, cap: int) -> bool:
 
 
 class CappedUploadHandler(FileUploadHandler):
-    """Passes file data on to the next handlers until more than ``cap`` file bytes arrived, then stops the upload.
+    """Passes file data on to the next handlers until more than ``cap`` file bytes arrived, then stops the
+    upload.
 
-    ``exceeded`` tells the view afterwards that a file was cut off (it is then missing from ``request.FILES``);
-    the rest of the body is read and thrown away, so the response reaches the client normally.
+    ``exceeded`` tells the view afterwards that a file was cut off (it is then missing from
+    ``request.FILES``); the rest of the body is read and thrown away, so the response reaches the client
+    normally.
     """
 
     def __init__(self, cap: int, request: HttpRequest | None = None) -> None:
@@ -50,4 +53,5 @@ class CappedUploadHandler(FileUploadHandler):
         return None  # the next handler (memory or temporary file) builds the uploaded file
 
 
-# File types an uploaded dataset may have (the engine reads them by suffix); the stored file gets the same suffix.
+# File types an uploaded dataset may have (the engine reads them by suffix); the stored file gets the same
+# suffix.

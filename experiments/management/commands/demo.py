@@ -31,8 +31,8 @@ class Command(BaseCommand):
                 [sys.executable, "manage.py", "runserver", "--noreload", f"{host}:{port}"], env=env,
                 cwd=settings.BASE_DIR,
             ),
-            # -B: celery beat in the worker sends the periodic sweeps (silent workers offline, runs whose worker
-            # died requeued); the worker consumes the sweeps' queue beside the training queue.
+            # -B: celery beat in the worker sends the periodic sweeps (silent workers offline, runs whose
+            # worker died requeued); the worker consumes the sweeps' queue beside the training queue.
             subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "distillweb", "worker", "-Q",
                  f"{settings.RUN_QUEUE},{settings.FLEET_QUEUE}", "-n", "demo@%h", "--concurrency", "1",

@@ -2,13 +2,13 @@
 
 Each GPU gets ``celery -A distillweb worker -Q gpu-<N>g -n gpu<index>@%h --concurrency 1`` with
 ``CUDA_VISIBLE_DEVICES=<index>``, where N is the GPU's memory in GiB rounded to its common size (an 80 GB H100
-reports 79.6 GiB: ``gpu-80g``), so the router (experiments.domain.routing) sends it the runs that fit. The GPUs are read
-through NVML (workers.gpus), whose indices are in PCI bus order; the workers get ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
-so that CUDA numbers the GPUs the same way.
+reports 79.6 GiB: ``gpu-80g``), so the router (experiments.domain.routing) sends it the runs that fit. The
+GPUs are read through NVML (workers.gpus), whose indices are in PCI bus order; the workers get
+``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA numbers the GPUs the same way.
 
-The workers run in their own process groups: a Ctrl-C or SIGTERM reaches this command only, which forwards it to
-each worker once (a warm shutdown: each finishes its current run), then waits for all of them to exit. A second
-signal is forwarded too, which Celery takes as a cold shutdown.
+The workers run in their own process groups: a Ctrl-C or SIGTERM reaches this command only, which forwards it
+to each worker once (a warm shutdown: each finishes its current run), then waits for all of them to exit. A
+second signal is forwarded too, which Celery takes as a cold shutdown.
 """
 
 from __future__ import annotations
@@ -57,19 +57,27 @@ def _gib(n_bytes: int) -> str:
 
 
 class Command(BaseCommand):
-    help = ("Start one Celery worker per GPU (CUDA_VISIBLE_DEVICES pinned, queue gpu-<N>g by its memory), or one "
-            "CPU-only worker on queue cpu; forwards Ctrl-C / SIGTERM to them and waits.")
+    help = (
+        "Start one Celery worker per GPU (CUDA_VISIBLE_DEVICES pinned, queue gpu-<N>g by its memory), or one "
+        "CPU-only worker on queue cpu; forwards Ctrl-C / SIGTERM to them and waits."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--queues", default="",
                             help="comma-separated queues every worker consumes, instead of gpu-<N>g (or cpu)")
-        parser.add_argument("--gpus", default="", dest="gpu_indices",
-                            help="comma-separated GPU indices (NVML's) to start workers for; default: every GPU "
-                                 "this process may see")
+        parser.add_argument(
+            "--gpus",
+            default="",
+            dest="gpu_indices",
+            help="comma-separated GPU indices (NVML's) to start workers for; default: every GPU "
+            "this process may see",
+        )
         parser.add_argument("--cpu", action="store_true",
                             help="start one CPU-only worker on queue cpu instead (GPUs hidden from it)")
         parser.add_argument("--loglevel", default="INFO", help="the workers' log level (default INFO)")
-        parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+        parser.add_argument(
+            "--dry-run", action="store_true", help="print the commands instead of running them"
+        )
 
     def handle(self, *args: Any, queues: str = "", gpu_indices: str = "", cpu: bool = False,
                loglevel: str = "INFO", dry_run: bool = False, **options: Any) -> None:
@@ -83,8 +91,10 @@ class Command(BaseCommand):
         if not dry_run:
             self.supervise(launches)
 
-    # --- what to start ------------------------------------------------------------------------------------------
-    def plan(self, *, queues: list[str], only: list[int] | None, cpu: bool, loglevel: str) -> list[WorkerLaunch]:
+    # --- what to start --------------------------------------------------------------------------------------
+    def plan(
+        self, *, queues: list[str], only: list[int] | None, cpu: bool, loglevel: str
+    ) -> list[WorkerLaunch]:
         """The workers to start: one per GPU (or the chosen ones), or the one CPU worker."""
         if cpu:
             chosen = queues or [routing.CPU_QUEUE]
@@ -93,8 +103,10 @@ class Command(BaseCommand):
                                  celery_command(queues=chosen, node=node, loglevel=loglevel))]
         found = gpus.read_gpus()
         if not found:
-            raise CommandError("No GPU found through NVML (no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides every "
-                               "GPU). Use --cpu to start a CPU-only worker on queue 'cpu'.")
+            raise CommandError(
+                "No GPU found through NVML (no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides every "
+                "GPU). Use --cpu to start a CPU-only worker on queue 'cpu'."
+            )
         if only is not None:
             missing = sorted(set(only) - {gpu["index"] for gpu in found})
             if missing:
@@ -130,7 +142,7 @@ class Command(BaseCommand):
             raise CommandError(f"--gpus takes GPU indices such as 0,1; got '{text}'.")
         return [int(part) for part in parts]
 
-    # --- running them -------------------------------------------------------------------------------------------
+    # --- running them ---------------------------------------------------------------------------------------
     def supervise(self, launches: list[WorkerLaunch]) -> None:
         """Start every worker, forward SIGINT/SIGTERM to them, and return once all have exited.
 

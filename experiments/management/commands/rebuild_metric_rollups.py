@@ -13,7 +13,9 @@ class Command(BaseCommand):
     help = "Recompute the per-bucket extremes of long runs' metric curves from their points (Postgres)."
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--run", type=int, action="append", dest="runs", help="only this run (repeatable)")
+        parser.add_argument(
+            "--run", type=int, action="append", dest="runs", help="only this run (repeatable)"
+        )
 
     def handle(self, *args, runs: list[int] | None = None, **options) -> None:
         if connection.vendor != "postgresql":
