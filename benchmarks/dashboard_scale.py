@@ -1,22 +1,24 @@
 """distillweb at 10,000 runs and 5,000,000 metric points, side by side with MLflow's tracking server.
 
-1. Seeds a dedicated Postgres database (``distillweb_scale``): 2 teams, 500 experiments of 20 runs (2 students ×
-   (4 recipes + the hard-label baseline) × 2 seeds) with a realistic mix of statuses, frozen configs built by
-   ``engine_config.build_run_config``, transitions, artifacts, student and teacher evaluations, and 5,000,000
-   metric points: 10 runs × 100,000 points of ``loss`` (the compare case) and the rest spread over every run
-   that started (loss, ce, kd, lr every few steps, eval/accuracy less often). Records go in with COPY (psycopg 3)
-   and the points with one server-side INSERT … SELECT over generate_series per chunk of runs.
+1. Seeds a dedicated Postgres database (``distillweb_scale``): 2 teams, 500 experiments of 20 runs (2 students
+   × (4 recipes + the hard-label baseline) × 2 seeds) with a realistic mix of statuses, frozen configs built
+   by ``engine_config.build_run_config``, transitions, artifacts, student and teacher evaluations, and
+   5,000,000 metric points: 10 runs × 100,000 points of ``loss`` (the compare case) and the rest spread over
+   every run that started (loss, ce, kd, lr every few steps, eval/accuracy less often). Records go in with
+   COPY (psycopg 3) and the points with one server-side INSERT … SELECT over generate_series per chunk of
+   runs.
 2. Times server time in-process (Django's test ``Client`` against that database, DEBUG off, logged in as a
-   member of both teams): the experiment list, the leaderboard of the dataset with most finished runs, the page
-   of a run with 100,000 points, and compare of the 10 runs × 100,000 points (``/compare/?runs=…&metric=loss``).
-   Asserts that every curve trace on those pages holds at most 2,000 points, counts SQL queries per page, and
-   for a page over the target prints EXPLAIN ANALYZE of its slowest query and a profile.
-3. Ingestion through the worker path: ``workers.reporting.RunReporter`` (its default 500-point batches, with the
-   progress writes and cancellation polls a worker makes) writing 500,000 points into a running run.
+   member of both teams): the experiment list, the leaderboard of the dataset with most finished runs, the
+   page of a run with 100,000 points, and compare of the 10 runs × 100,000 points
+   (``/compare/?runs=…&metric=loss``). Asserts that every curve trace on those pages holds at most 2,000
+   points, counts SQL queries per page, and for a page over the target prints EXPLAIN ANALYZE of its slowest
+   query and a profile.
+3. Ingestion through the worker path: ``workers.reporting.RunReporter`` (its default 500-point batches, with
+   the progress writes and cancellation polls a worker makes) writing 500,000 points into a running run.
 4. MLflow: its own venv (``--mlflow-python``), its own database (``mlflow_scale``) and ``mlflow server``; the
    same experiments and runs (params, tags, final metrics, the 10 × 100,000-point curves and the other runs'
-   histories) are logged through its REST API by a child process running in MLflow's venv, which reads them from
-   the distillweb database. Then ``search_runs`` (100 per page), ``get_metric_history`` and MLflow's own
+   histories) are logged through its REST API by a child process running in MLflow's venv, which reads them
+   from the distillweb database. Then ``search_runs`` (100 per page), ``get_metric_history`` and MLflow's own
    downsampled endpoint (``get-history-bulk-interval``) are timed, interleaved with the distillweb pages, and
    ``log_batch`` ingestion is measured. The server is stopped (SIGTERM to its PID) at the end.
 
@@ -121,7 +123,9 @@ class Scale:
     def of(cls, factor: float) -> Scale:
         experiments = max(20, round(500 * factor))
         curve_points = max(5_000, round(100_000 * factor))
-        total = max(round(5_000_000 * factor), CURVE_RUNS * curve_points + 300 * experiments * RUNS_PER_EXPERIMENT)
+        total = max(
+            round(5_000_000 * factor), CURVE_RUNS * curve_points + 300 * experiments * RUNS_PER_EXPERIMENT
+        )
         return cls(experiments, total, curve_points)
 
     @property
@@ -323,10 +327,21 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
             accuracy_of[ds.pk] = teacher_acc
             if family == "text":
                 teacher = ModelSpec.objects.create(
-                    team=team, created_by=lead, name=f"{name}-bert-6l-512-teacher", source=ModelSpec.Source.CONFIG,
-                    num_labels=classes, param_count=41_370_000, tokenizer_id="bert-base-uncased",
-                    config={"model_type": "bert", "num_hidden_layers": 6, "hidden_size": 512,
-                            "num_attention_heads": 8, "intermediate_size": 2048, "vocab_size": 30522},
+                    team=team,
+                    created_by=lead,
+                    name=f"{name}-bert-6l-512-teacher",
+                    source=ModelSpec.Source.CONFIG,
+                    num_labels=classes,
+                    param_count=41_370_000,
+                    tokenizer_id="bert-base-uncased",
+                    config={
+                        "model_type": "bert",
+                        "num_hidden_layers": 6,
+                        "hidden_size": 512,
+                        "num_attention_heads": 8,
+                        "intermediate_size": 2048,
+                        "vocab_size": 30522,
+                    },
                 )
                 specs = [
                     ModelSpec.objects.create(
@@ -341,8 +356,13 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
                 ]
             else:
                 teacher = ModelSpec.objects.create(
-                    team=team, created_by=lead, name=f"{name}-mlp-2x256-teacher", source=ModelSpec.Source.BUILTIN,
-                    builtin_arch="mlp", num_labels=classes, param_count=64 * 256 + 256 * 256 + 256 * classes,
+                    team=team,
+                    created_by=lead,
+                    name=f"{name}-mlp-2x256-teacher",
+                    source=ModelSpec.Source.BUILTIN,
+                    builtin_arch="mlp",
+                    num_labels=classes,
+                    param_count=64 * 256 + 256 * 256 + 256 * classes,
                     config={"hidden_sizes": [256, 256]},
                 )
                 specs = [
@@ -356,8 +376,17 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
             teachers[ds.pk] = teacher
             students[ds.pk] = specs
         recipes[team.pk] = [
-            (Recipe.objects.create(team=team, created_by=lead, name=name, scheme=Recipe.Scheme.OFFLINE, terms=terms,
-                                   description=f"{name} distillation"), gain)
+            (
+                Recipe.objects.create(
+                    team=team,
+                    created_by=lead,
+                    name=name,
+                    scheme=Recipe.Scheme.OFFLINE,
+                    terms=terms,
+                    description=f"{name} distillation",
+                ),
+                gain,
+            )
             for name, terms, gain in RECIPES
         ]
         baseline_recipe[team.pk] = Recipe.objects.create(
@@ -383,7 +412,9 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
     teacher_evaluated: set[tuple[int, str]] = set()
     curve_experiment = None
     curve_runs: list[int] = []
-    plans: list[tuple[int, int, int, datetime, float, bool]] = []  # run id, reached step, total, t0, s/step, curve
+    plans: list[
+        tuple[int, int, int, datetime, float, bool]
+    ] = []  # run id, reached step, total, t0, s/step, curve
     run_id = 0
     progress = Progress("runs", scale.runs)
     for i in range(n_exp):
@@ -402,8 +433,14 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
         picked_students = rng.sample(students[ds.pk], 2)
         picked_recipes = rng.sample(recipes[team.pk], 4)
         total = scale.curve_points if is_curve else rng.choice([1000, 2000, 3000, 5000])
-        train = {"max_steps": total, "batch_size": rng.choice([32, 64, 128]), "lr": rng.choice([5e-4, 1e-3, 2e-3]),
-                 "eval_every": max(total // 20, 50), "save_every": max(total // 10, 100), "log_every": 10}
+        train = {
+            "max_steps": total,
+            "batch_size": rng.choice([32, 64, 128]),
+            "lr": rng.choice([5e-4, 1e-3, 2e-3]),
+            "eval_every": max(total // 20, 50),
+            "save_every": max(total // 10, 100),
+            "log_every": 10,
+        }
         exp_obj = Experiment(id=exp_id, team=team, name="", dataset=ds, train=train, seeds=[0, 1])
         exp_obj.dataset = ds
         label = ("Distill " if rng.random() < 0.5 else "Sweep ") + f"{ds.name} #{exp_id}"
@@ -436,7 +473,9 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
                     sec_per_step = rng.uniform(0.02, 0.2)
                     queued_for = timedelta(seconds=rng.uniform(1, 900))
                     started = created + queued_for if status != "queued" else None
-                    reached = {"succeeded": total, "queued": 0}.get(status, int(total * rng.uniform(0.3, 0.95)))
+                    reached = {"succeeded": total, "queued": 0}.get(
+                        status, int(total * rng.uniform(0.3, 0.95))
+                    )
                     finished = (started + timedelta(seconds=reached * sec_per_step)
                                 if status in ("succeeded", "failed", "cancelled") else None)
                     if status == "running":
@@ -446,10 +485,15 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
                     params = student.param_count
                     latency = 0.05 + params / 2e7 + rng.uniform(0, 0.02)
                     student_metrics = {
-                        "accuracy": accuracy, "macro_f1": max(0.0, accuracy - rng.uniform(0.002, 0.03)),
-                        "nll": -math.log(accuracy) * 1.3, "ece": rng.uniform(0.01, 0.06),
-                        "agreement": min(1.0, accuracy / teacher_acc), "kl_to_teacher": rng.uniform(0.02, 0.4),
-                        "params": params, "latency_ms_p50": latency, "size_bytes": params * 4,
+                        "accuracy": accuracy,
+                        "macro_f1": max(0.0, accuracy - rng.uniform(0.002, 0.03)),
+                        "nll": -math.log(accuracy) * 1.3,
+                        "ece": rng.uniform(0.01, 0.06),
+                        "agreement": min(1.0, accuracy / teacher_acc),
+                        "kl_to_teacher": rng.uniform(0.02, 0.4),
+                        "params": params,
+                        "latency_ms_p50": latency,
+                        "size_bytes": params * 4,
                     }
                     teacher_metrics = {"accuracy": teacher_acc, "macro_f1": teacher_acc - 0.01, "nll": 0.1,
                                        "params": teacher.param_count,
@@ -458,27 +502,61 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
                     if status == "failed":
                         error = rng.choice(ERRORS).format(step=reached, labels=ds.num_labels - 1)
                     worker = f"gpu{rng.randint(0, 3)}@node-{rng.randint(1, 6)}"
-                    runs.append({
-                        "id": run_id, "team_id": team.pk, "experiment_id": exp_id, "student_id": student.pk,
-                        "teacher_id": None if is_baseline else teacher.pk, "recipe_id": recipe.pk, "seed": seed,
-                        "is_baseline": is_baseline, "stage": "", "config": config, "status": status,
-                        "queue": "training", "task_id": "" if status == "queued" and rng.random() < 0.5
-                        else f"{secrets.token_hex(16)}", "worker_name": "" if status == "queued" else worker,
-                        "attempt": 0 if status == "queued" else 1, "step": reached, "total_steps": total,
-                        "samples_per_s": None if status == "queued" else train["batch_size"] / sec_per_step,
-                        "cancel_requested": False, "error": error,
-                        "checkpoint_path": "" if status == "queued" else
-                        f"runs/{run_id}/checkpoints/step-{reached - reached % train['save_every']}",
-                        "result": {"steps": total, "student": student_metrics, "teacher": teacher_metrics,
-                                   "final_dir": f"runs/{run_id}/final"} if status == "succeeded" else {},
-                        "created_at": created, "started_at": started,
-                        "heartbeat_at": now - timedelta(seconds=5) if status == "running" else finished,
-                        "finished_at": finished,
-                    })
+                    runs.append(
+                        {
+                            "id": run_id,
+                            "team_id": team.pk,
+                            "experiment_id": exp_id,
+                            "student_id": student.pk,
+                            "teacher_id": None if is_baseline else teacher.pk,
+                            "recipe_id": recipe.pk,
+                            "seed": seed,
+                            "is_baseline": is_baseline,
+                            "stage": "",
+                            "config": config,
+                            "status": status,
+                            "queue": "training",
+                            "task_id": ""
+                            if status == "queued" and rng.random() < 0.5
+                            else f"{secrets.token_hex(16)}",
+                            "worker_name": "" if status == "queued" else worker,
+                            "attempt": 0 if status == "queued" else 1,
+                            "step": reached,
+                            "total_steps": total,
+                            "samples_per_s": None
+                            if status == "queued"
+                            else train["batch_size"] / sec_per_step,
+                            "cancel_requested": False,
+                            "error": error,
+                            "checkpoint_path": ""
+                            if status == "queued"
+                            else f"runs/{run_id}/checkpoints/step-{reached - reached % train['save_every']}",
+                            "result": {
+                                "steps": total,
+                                "student": student_metrics,
+                                "teacher": teacher_metrics,
+                                "final_dir": f"runs/{run_id}/final",
+                            }
+                            if status == "succeeded"
+                            else {},
+                            "created_at": created,
+                            "started_at": started,
+                            "heartbeat_at": now - timedelta(seconds=5) if status == "running" else finished,
+                            "finished_at": finished,
+                        }
+                    )
                     if status != "queued":
-                        transitions.append({"run_id": run_id, "from_status": "queued", "to_status": "running",
-                                            "at": started, "reason": f"Claimed by {worker}.", "worker_name": worker,
-                                            "attempt": 1})
+                        transitions.append(
+                            {
+                                "run_id": run_id,
+                                "from_status": "queued",
+                                "to_status": "running",
+                                "at": started,
+                                "reason": f"Claimed by {worker}.",
+                                "worker_name": worker,
+                                "attempt": 1,
+                            }
+                        )
                     if status in ("succeeded", "failed", "cancelled"):
                         reason = {"succeeded": f"Trained {total} steps and evaluated.", "failed": error,
                                   "cancelled": f"Stopped at step {reached} after cancellation was requested."}
@@ -487,29 +565,65 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
                                             "attempt": 1})
                     if status == "succeeded":
                         key = split_key(config["dataset"])
-                        evaluations.append({
-                            "team_id": team.pk, "role": "student", "run_id": run_id, "model_id": student.pk,
-                            "dataset_id": ds.pk, "split": "eval", "split_key": key, "accuracy": accuracy,
-                            "macro_f1": student_metrics["macro_f1"], "param_count": params, "latency_ms": latency,
-                            "metrics": student_metrics, "created_at": finished,
-                        })
+                        evaluations.append(
+                            {
+                                "team_id": team.pk,
+                                "role": "student",
+                                "run_id": run_id,
+                                "model_id": student.pk,
+                                "dataset_id": ds.pk,
+                                "split": "eval",
+                                "split_key": key,
+                                "accuracy": accuracy,
+                                "macro_f1": student_metrics["macro_f1"],
+                                "param_count": params,
+                                "latency_ms": latency,
+                                "metrics": student_metrics,
+                                "created_at": finished,
+                            }
+                        )
                         if not is_baseline and (teacher.pk, key) not in teacher_evaluated:
                             teacher_evaluated.add((teacher.pk, key))
-                            evaluations.append({
-                                "team_id": team.pk, "role": "teacher", "run_id": run_id, "model_id": teacher.pk,
-                                "dataset_id": ds.pk, "split": "eval", "split_key": key, "accuracy": teacher_acc,
-                                "macro_f1": teacher_acc - 0.01, "param_count": teacher.param_count,
-                                "latency_ms": teacher_metrics["latency_ms_p50"], "metrics": teacher_metrics,
+                            evaluations.append(
+                                {
+                                    "team_id": team.pk,
+                                    "role": "teacher",
+                                    "run_id": run_id,
+                                    "model_id": teacher.pk,
+                                    "dataset_id": ds.pk,
+                                    "split": "eval",
+                                    "split_key": key,
+                                    "accuracy": teacher_acc,
+                                    "macro_f1": teacher_acc - 0.01,
+                                    "param_count": teacher.param_count,
+                                    "latency_ms": teacher_metrics["latency_ms_p50"],
+                                    "metrics": teacher_metrics,
+                                    "created_at": finished,
+                                }
+                            )
+                        artifacts.append(
+                            {
+                                "run_id": run_id,
+                                "kind": "model",
+                                "path": f"runs/{run_id}/final",
+                                "step": total,
+                                "size_bytes": params * 4,
+                                "sha256": secrets.token_hex(32),
                                 "created_at": finished,
-                            })
-                        artifacts.append({"run_id": run_id, "kind": "model", "path": f"runs/{run_id}/final",
-                                          "step": total, "size_bytes": params * 4, "sha256": secrets.token_hex(32),
-                                          "created_at": finished})
+                            }
+                        )
                     if status != "queued":
-                        artifacts.append({"run_id": run_id, "kind": "checkpoint",
-                                          "path": f"runs/{run_id}/checkpoints/step-{reached}", "step": reached,
-                                          "size_bytes": params * 12, "sha256": "",
-                                          "created_at": finished or now})
+                        artifacts.append(
+                            {
+                                "run_id": run_id,
+                                "kind": "checkpoint",
+                                "path": f"runs/{run_id}/checkpoints/step-{reached}",
+                                "step": reached,
+                                "size_bytes": params * 12,
+                                "sha256": "",
+                                "created_at": finished or now,
+                            }
+                        )
                         plans.append((run_id, reached, total, started, sec_per_step, is_curve and seed == 0))
                     if run_id % 500 == 0:
                         progress.update(run_id)
@@ -555,7 +669,10 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
     rolled = rebuild_rollups()
     if rolled is not None:
         timings["rollups"] = time.monotonic() - t0
-        log(f"  rollups of the long runs rebuilt from their points: {rolled:,} rows in {timings['rollups']:.1f} s")
+        log(
+            f"  rollups of the long runs rebuilt from their points: {rolled:,} rows in "
+            f"{timings['rollups']:.1f} s"
+        )
     t0 = time.monotonic()
     with connection.cursor() as cursor:
         cursor.execute("VACUUM (ANALYZE)")  # statistics and visibility maps, as autovacuum would leave them
@@ -574,8 +691,8 @@ def seed_distillweb(scale: Scale, db: str) -> SeedInfo:
 
 
 def seed_points(scale: Scale, plans: list[tuple[int, int, int, datetime, float, bool]]) -> int:
-    """Exactly ``scale.total_points`` points: CURVE_RUNS × curve_points of ``loss`` for the curve runs, the rest
-    spread over every started run (``loss``/``ce``/``kd``/``lr`` and ``eval/accuracy`` every few steps).
+    """Exactly ``scale.total_points`` points: CURVE_RUNS × curve_points of ``loss`` for the curve runs, the
+    rest spread over every started run (``loss``/``ce``/``kd``/``lr`` and ``eval/accuracy`` every few steps).
 
     Each run's plan (name, number of points, last step reached) goes in with COPY; the points themselves are
     generated by Postgres (generate_series), one INSERT per chunk of runs so the progress line moves."""
@@ -606,8 +723,10 @@ def seed_points(scale: Scale, plans: list[tuple[int, int, int, datetime, float, 
         cursor = c.cursor
         cursor.execute("SET synchronous_commit TO OFF")
         cursor.execute("DROP TABLE IF EXISTS scale_plan")
-        cursor.execute("CREATE UNLOGGED TABLE scale_plan (run_id bigint, name text, n int, reached int, total int,"
-                       " t0 timestamptz, sec_per_step float8, level float8)")
+        cursor.execute(
+            "CREATE UNLOGGED TABLE scale_plan (run_id bigint, name text, n int, reached int, total int,"
+            " t0 timestamptz, sec_per_step float8, level float8)"
+        )
         with cursor.copy("COPY scale_plan FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
@@ -649,8 +768,9 @@ def seed_points(scale: Scale, plans: list[tuple[int, int, int, datetime, float, 
 
 
 def rebuild_rollups() -> int | None:
-    """Points written with SQL bypass ``services.run_record_metrics``, which keeps the per-bucket rollups of long
-    runs current: rebuild them the way the app documents for a bulk import (None where the app has none)."""
+    """Points written with SQL bypass ``services.run_record_metrics``, which keeps the per-bucket rollups of
+    long runs current: rebuild them the way the app documents for a bulk import (None where the app has
+    none)."""
     try:
         from experiments import rollups
     except ImportError:
@@ -705,7 +825,9 @@ def ensure_seeded(scale: Scale, db: str, reuse: bool) -> SeedInfo:
 def figure_traces(html: str, element_id: str) -> list[tuple[str, int]]:
     """(trace name, number of x values) of the plotly figure embedded with json_script under ``element_id``.
     Typed arrays (``{"dtype": …, "bdata": …}``) are counted from their decoded length."""
-    match = re.search(rf'<script id="{re.escape(element_id)}" type="application/json">(.*?)</script>', html, re.S)
+    match = re.search(
+        rf'<script id="{re.escape(element_id)}" type="application/json">(.*?)</script>', html, re.S
+    )
     if match is None:
         raise AssertionError(f"no figure {element_id!r} in the page")
     figure = json.loads(match.group(1))
@@ -800,9 +922,9 @@ def time_request(client, case: PageCase) -> float:
 class DistillwebIngest:
     """A running run fed through ``workers.reporting.RunReporter`` the way ``workers.tasks`` drives it: the
     reporter as a context manager (its writer thread, where it has one), its schedule set, then per step
-    ``on_metrics`` (5 metrics), ``on_progress`` and ``should_stop``; a final ``flush``. The reporter batches as
-    it does in a worker; the writes are counted (by wrapping ``services.run_record_metrics``) to report their
-    mean size."""
+    ``on_metrics`` (5 metrics), ``on_progress`` and ``should_stop``; a final ``flush``. The reporter batches
+    as it does in a worker; the writes are counted (by wrapping ``services.run_record_metrics``) to report
+    their mean size."""
 
     def __init__(self, marker: dict[str, Any]) -> None:
         from experiments.models import Run
@@ -845,9 +967,16 @@ class DistillwebIngest:
             with reporter if hasattr(reporter, "__enter__") else contextlib.nullcontext():
                 for step in range(first, first + steps):
                     x = step / 50_000
-                    reporter.on_metrics(step, {"loss": 2.3 * math.exp(-x) + 0.1, "ce": 0.9 * math.exp(-x) + 0.05,
-                                               "kd": 1.4 * math.exp(-x) + 0.05, "lr": 1e-3 * (1 - x / 100),
-                                               "grad_norm": 1.0 + 0.1 * math.sin(step)})
+                    reporter.on_metrics(
+                        step,
+                        {
+                            "loss": 2.3 * math.exp(-x) + 0.1,
+                            "ce": 0.9 * math.exp(-x) + 0.05,
+                            "kd": 1.4 * math.exp(-x) + 0.05,
+                            "lr": 1e-3 * (1 - x / 100),
+                            "grad_norm": 1.0 + 0.1 * math.sin(step),
+                        },
+                    )
                     reporter.on_progress(step, total)
                     if reporter.should_stop():
                         raise RuntimeError("the ingest run was taken over")
@@ -904,9 +1033,20 @@ class MlflowServer:
         artifacts.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **mlflow_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("DATABASE_URL", None)
-        cmd = [str(self.mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{self.db}",
-               "--default-artifact-root", str(artifacts)]
+        cmd = [
+            str(self.mlflow_bin),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{self.db}",
+            "--default-artifact-root",
+            str(artifacts),
+        ]
         self.log_path = BENCH_DIR / "mlflow-scale-server.log"
         self.proc = subprocess.Popen(cmd, cwd=BENCH_DIR, env=env, stdout=self.log_path.open("wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -940,7 +1080,11 @@ class MlflowServer:
 
 def mlflow_env() -> dict[str, str]:
     # The last one: set_terminated would otherwise print the run's address, after one more get_run request.
-    return {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+    return {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    }
 
 
 class MlflowChild:
@@ -1040,7 +1184,9 @@ class ChildState:
         progress = Progress("MLflow experiments", len(experiments))
         for n, e in enumerate(experiments, 1):
             exp_map[e["id"]] = self.client.create_experiment(
-                f"{e['team']} / {e['name']}", tags={"team": e["team"], "distillweb_experiment_id": str(e["id"])})
+                f"{e['team']} / {e['name']}",
+                tags={"team": e["team"], "distillweb_experiment_id": str(e["id"])},
+            )
             progress.update(n)
         progress.done()
         cur.execute("""
@@ -1071,22 +1217,33 @@ class ChildState:
             cfg = run["config"] or {}
             train = cfg.get("train") or {}
             created = client.create_run(
-                exp_map[run["experiment_id"]], start_time=_ms(run["started_at"] or run["created_at"]),
-                run_name=f"{run['student']} · {'baseline' if run['is_baseline'] else run['recipe']} · s{run['seed']}",
+                exp_map[run["experiment_id"]],
+                start_time=_ms(run["started_at"] or run["created_at"]),
+                run_name=f"{run['student']} · {'baseline' if run['is_baseline'] else run['recipe']} · "
+                         f"s{run['seed']}",
                 tags={"team": run["team"], "distillweb_run_id": str(run["id"])},
             )
             rid = created.info.run_id
             params = {
-                "student": run["student"], "teacher": run["teacher"] or "", "recipe": run["recipe"],
-                "dataset": run["dataset"], "seed": run["seed"], "is_baseline": run["is_baseline"],
-                "scheme": cfg.get("scheme", ""), "terms": _formula(run["terms"] or []),
-                "lr": train.get("lr"), "batch_size": train.get("batch_size"), "max_steps": train.get("max_steps"),
+                "student": run["student"],
+                "teacher": run["teacher"] or "",
+                "recipe": run["recipe"],
+                "dataset": run["dataset"],
+                "seed": run["seed"],
+                "is_baseline": run["is_baseline"],
+                "scheme": cfg.get("scheme", ""),
+                "terms": _formula(run["terms"] or []),
+                "lr": train.get("lr"),
+                "batch_size": train.get("batch_size"),
+                "max_steps": train.get("max_steps"),
             }
             stamp = _ms(run["finished_at"] or run["started_at"] or run["created_at"]) or 0
             metrics = [Metric(key, float(value), ts, step) for key, step, value, ts in points]
             final = {"accuracy": run["accuracy"], "macro_f1": run["macro_f1"], "params": run["param_count"],
                      "latency_ms": run["latency_ms"]}
-            metrics += [Metric(f"final/{k}", float(v), stamp, run["step"]) for k, v in final.items() if v is not None]
+            metrics += [
+                Metric(f"final/{k}", float(v), stamp, run["step"]) for k, v in final.items() if v is not None
+            ]
             client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
             status = MLFLOW_STATUS[run["status"]]
             if status in ("FINISHED", "FAILED", "KILLED"):
@@ -1098,7 +1255,8 @@ class ChildState:
                 logged["points"] += len(points)
                 logged["runs"] += 1
 
-        # 1. The curve runs, one client, in order: MLflow's log_batch ingestion rate (1,000 metrics a request).
+        # 1. The curve runs, one client, in order: MLflow's log_batch ingestion rate (1,000 metrics a
+        #    request).
         by_id = {r["id"]: r for r in runs}
         curve_points = 0
         t_curves = time.monotonic()
@@ -1112,7 +1270,8 @@ class ChildState:
             curve_points += len(pts)
         curve_seconds = time.monotonic() - t_curves
 
-        # 2. Every other run (params, tags, final metrics and, for history runs, their points), several clients.
+        # 2. Every other run (params, tags, final metrics and, for history runs, their points), several
+        #    clients.
         from concurrent.futures import ThreadPoolExecutor, wait
 
         rest = [r for r in runs if r["id"] not in curve_ids]
@@ -1208,8 +1367,10 @@ class ChildState:
         elif case == "history_all":
             count = sum(len(self.client.get_metric_history(rid, "loss")) for rid in curve)
         elif case == "sampled":
-            r = self.http.get(f"{self.uri}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
-                              params={"run_ids": curve, "metric_key": "loss", "max_results": MAX_TRACE_POINTS})
+            r = self.http.get(
+                f"{self.uri}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
+                params={"run_ids": curve, "metric_key": "loss", "max_results": MAX_TRACE_POINTS},
+            )
             r.raise_for_status()
             count = len(r.json().get("metrics", []))
         else:
@@ -1232,8 +1393,13 @@ class ChildState:
         batch: list[Any] = []
         for step in range(first, first + steps):
             x = step / 50_000
-            values = {"loss": 2.3 * math.exp(-x) + 0.1, "ce": 0.9 * math.exp(-x) + 0.05, "kd": 1.4 * math.exp(-x)
-                      + 0.05, "lr": 1e-3 * (1 - x / 100), "grad_norm": 1.0 + 0.1 * math.sin(step)}
+            values = {
+                "loss": 2.3 * math.exp(-x) + 0.1,
+                "ce": 0.9 * math.exp(-x) + 0.05,
+                "kd": 1.4 * math.exp(-x) + 0.05,
+                "lr": 1e-3 * (1 - x / 100),
+                "grad_norm": 1.0 + 0.1 * math.sin(step),
+            }
             batch += [Metric(k, v, stamp, step) for k, v in values.items()]
             if len(batch) >= 1000:
                 self.client.log_batch(self.ingest_run, metrics=batch)
@@ -1329,11 +1495,15 @@ def machine_line(loads: list[float]) -> str:
         pass
     load = (f"; load average (1 min) during the timings {min(loads):.1f}–{max(loads):.1f}, median "
             f"{statistics.median(loads):.1f}" if loads else "")
-    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}{load}"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}{load}"
+    )
 
 
 def fmt_ms(value: float) -> str:
-    return "—" if value is None or math.isnan(value) else (f"{value:,.0f}" if value >= 100 else f"{value:.1f}")
+    return (
+        "—" if value is None or math.isnan(value) else (f"{value:,.0f}" if value >= 100 else f"{value:.1f}")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1346,9 +1516,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ingest-points", type=int, default=500_000)
     parser.add_argument("--mlflow-python", type=Path, default=None)
-    parser.add_argument("--mlflow-threads", type=int, default=4, help="clients logging runs to MLflow in parallel")
-    parser.add_argument("--mlflow-history", default="1000",
-                        help="metric histories logged to MLflow besides the 10 curves: all, curves, or N runs")
+    parser.add_argument(
+        "--mlflow-threads", type=int, default=4, help="clients logging runs to MLflow in parallel"
+    )
+    parser.add_argument(
+        "--mlflow-history",
+        default="1000",
+        help="metric histories logged to MLflow besides the 10 curves: all, curves, or N runs",
+    )
     parser.add_argument("--mlflow-ingest-points", type=int, default=100_000)
     parser.add_argument("--mlflow-full-compare-rounds", type=int, default=5,
                         help="rounds that fetch the 10 full 100k-point histories from MLflow (slow)")
@@ -1368,7 +1543,9 @@ def main(argv: list[str] | None = None) -> int:
         args.mlflow_python = args.mlflow_python.absolute()  # not resolve(): the venv's python is a symlink
     scale = Scale.of(args.scale)
     db = args.db if args.scale == 1.0 else f"{args.db}_{str(args.scale).replace('.', '_')}"
-    mlflow_db = args.mlflow_db if args.scale == 1.0 else f"{args.mlflow_db}_{str(args.scale).replace('.', '_')}"
+    mlflow_db = (
+        args.mlflow_db if args.scale == 1.0 else f"{args.mlflow_db}_{str(args.scale).replace('.', '_')}"
+    )
     command = "$ .venv/bin/python benchmarks/dashboard_scale.py " + " ".join(argv or sys.argv[1:])
     loads: list[float] = [os.getloadavg()[0]]
     info = ensure_seeded(scale, db, args.reuse)
@@ -1430,24 +1607,47 @@ def measure(args: argparse.Namespace, marker: dict[str, Any], child: MlflowChild
                                       run__status="succeeded").count()
     pages = [
         PageCase("list", f"Experiment list (page 1 of {n_exp} experiments, 25 a page)", "/experiments/"),
-        PageCase("leaderboard", "Leaderboard (team A's bbc-news" + (f", {board:,} finished runs)" if board else ")"),
-                 f"/leaderboard/{marker['leaderboard_dataset']}/"),
-        PageCase("run", f"Run page (a run with {n_curve:,} loss points)", f"/runs/{curve_runs[0]}/",
-                 ("loss-figure-data", "eval-figure-data")),
-        PageCase("compare", f"Compare {len(curve_runs)} runs × {n_curve:,} points (loss)",
-                 f"/compare/?runs={','.join(map(str, curve_runs))}&metric=loss", ("curves-figure-data",)),
+        PageCase(
+            "leaderboard",
+            "Leaderboard (team A's bbc-news" + (f", {board:,} finished runs)" if board else ")"),
+            f"/leaderboard/{marker['leaderboard_dataset']}/",
+        ),
+        PageCase(
+            "run",
+            f"Run page (a run with {n_curve:,} loss points)",
+            f"/runs/{curve_runs[0]}/",
+            ("loss-figure-data", "eval-figure-data"),
+        ),
+        PageCase(
+            "compare",
+            f"Compare {len(curve_runs)} runs × {n_curve:,} points (loss)",
+            f"/compare/?runs={','.join(map(str, curve_runs))}&metric=loss",
+            ("curves-figure-data",),
+        ),
     ]
     ml: dict[str, Sampled] = {}
     ml_cases: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
-        "list": [("search_runs", f"search_runs ({n_exp} experiments, 100 a page), client", {"max_results": 100}),
-                 ("search_runs_rest", "runs/search (100 a page), raw HTTP", {"max_results": 100})],
-        "run": [("history", f"get_metric_history ({n_curve:,} points), client", {"curve_runs": curve_runs[:1]}),
-                ("history_rest", "metrics/get-history, raw HTTP", {"curve_runs": curve_runs[:1]}),
-                ("sampled1", "get-history-bulk-interval (1 run, ≤2,000 points), raw HTTP",
-                 {"curve_runs": curve_runs[:1]})],
-        "compare": [("sampled10", "get-history-bulk-interval (10 runs, ≤2,000 points each), raw HTTP",
-                     {"curve_runs": curve_runs}),
-                    ("history_all", "get_metric_history × 10 runs, client", {"curve_runs": curve_runs})],
+        "list": [
+            ("search_runs", f"search_runs ({n_exp} experiments, 100 a page), client", {"max_results": 100}),
+            ("search_runs_rest", "runs/search (100 a page), raw HTTP", {"max_results": 100}),
+        ],
+        "run": [
+            ("history", f"get_metric_history ({n_curve:,} points), client", {"curve_runs": curve_runs[:1]}),
+            ("history_rest", "metrics/get-history, raw HTTP", {"curve_runs": curve_runs[:1]}),
+            (
+                "sampled1",
+                "get-history-bulk-interval (1 run, ≤2,000 points), raw HTTP",
+                {"curve_runs": curve_runs[:1]},
+            ),
+        ],
+        "compare": [
+            (
+                "sampled10",
+                "get-history-bulk-interval (10 runs, ≤2,000 points each), raw HTTP",
+                {"curve_runs": curve_runs},
+            ),
+            ("history_all", "get_metric_history × 10 runs, client", {"curve_runs": curve_runs}),
+        ],
     }
     for cases in ml_cases.values():
         for key, label, _ in cases:
@@ -1469,7 +1669,9 @@ def measure(args: argparse.Namespace, marker: dict[str, Any], child: MlflowChild
             if child is None:
                 continue
             for key, _, kw in ml_cases.get(case.key, []):
-                if key == "history_all" and (not record or len(ml[key].samples) >= args.mlflow_full_compare_rounds):
+                if key == "history_all" and (
+                    not record or len(ml[key].samples) >= args.mlflow_full_compare_rounds
+                ):
                     continue
                 op = "sampled" if key.startswith("sampled") else key
                 answer = child.call("time", case=op, **kw)
@@ -1519,8 +1721,14 @@ def measure(args: argparse.Namespace, marker: dict[str, Any], child: MlflowChild
     if dw_rate < TARGET_INGEST:
         failures.append(f"ingestion {dw_rate:,.0f} points/s < {TARGET_INGEST:,}")
     ml_rate = (sum(n for n, _ in ml_ingest) / sum(s for _, s in ml_ingest)) if ml_ingest else None
-    return {"pages": pages, "mlflow": ml, "ml_cases": ml_cases, "dw_ingest": (dw_points, dw_rate, ingest.mean_batch),
-            "ml_ingest": (sum(n for n, _ in ml_ingest), ml_rate), "failures": failures}
+    return {
+        "pages": pages,
+        "mlflow": ml,
+        "ml_cases": ml_cases,
+        "dw_ingest": (dw_points, dw_rate, ingest.mean_batch),
+        "ml_ingest": (sum(n for n, _ in ml_ingest), ml_rate),
+        "failures": failures,
+    }
 
 
 def render(args, scale: Scale, info: SeedInfo, marker: dict[str, Any], results: dict[str, Any],
@@ -1531,17 +1739,23 @@ def render(args, scale: Scale, info: SeedInfo, marker: dict[str, Any], results: 
     out = []
     seeded = marker.get("seed_seconds", {})
     statuses = ", ".join(f"{n:,} {s}" for s, n in marker.get("statuses", {}).items())
-    out.append(f"Data: {marker['runs']:,} runs ({statuses}) in {scale.experiments} experiments of 2 teams, "
-               f"{marker.get('evaluations', 0):,} evaluations, {marker['points']:,} metric points "
-               f"({CURVE_RUNS} runs × {scale.curve_points:,} `loss` points, the rest spread over every started run). "
-               f"Seeding (COPY + INSERT … SELECT generate_series, `rollups.rebuild()`, then VACUUM ANALYZE): "
-               f"{seeded.get('total', 0):.0f} s in all, of which metric points {seeded.get('metric points', 0):.0f} s"
-               + (f" and their rollups {seeded['rollups']:.0f} s" if "rollups" in seeded else "")
-               + (" (reused this run)." if not info.seconds else "."))
+    out.append(
+        f"Data: {marker['runs']:,} runs ({statuses}) in {scale.experiments} experiments of 2 teams, "
+        f"{marker.get('evaluations', 0):,} evaluations, {marker['points']:,} metric points "
+        f"({CURVE_RUNS} runs × {scale.curve_points:,} `loss` points, "
+        "the rest spread over every started run). "
+        f"Seeding (COPY + INSERT … SELECT generate_series, `rollups.rebuild()`, then VACUUM ANALYZE): "
+        f"{seeded.get('total', 0):.0f} s in all, of which metric points {seeded.get('metric points', 0):.0f} "
+        f"s"
+        + (f" and their rollups {seeded['rollups']:.0f} s" if "rollups" in seeded else "")
+        + (" (reused this run)." if not info.seconds else ".")
+    )
     out.append("")
-    out.append(f"Server time in-process (Django test `Client`, DEBUG off, logged in as a member of both teams), "
-               f"{args.requests} requests per page after {args.warmup} warm-up rounds, interleaved with the MLflow "
-               f"calls; MLflow times are the client's wall time around each call (server + HTTP + parsing).")
+    out.append(
+        f"Server time in-process (Django test `Client`, DEBUG off, logged in as a member of both teams), "
+        f"{args.requests} requests per page after {args.warmup} warm-up rounds, interleaved with the MLflow "
+        f"calls; MLflow times are the client's wall time around each call (server + HTTP + parsing)."
+    )
     out.append("")
     out.append("| page | p50 ms | p95 ms | SQL queries (ms) | points per trace (max) | MLflow equivalent "
                "| MLflow p50 ms | MLflow p95 ms | MLflow / distillweb (p50) |")
@@ -1557,8 +1771,11 @@ def render(args, scale: Scale, info: SeedInfo, marker: dict[str, Any], results: 
             ratio = f"{sample.p50 / p50:.1f}×" if sample and sample.samples else "—"
             mp50 = fmt_ms(sample.p50) if sample and sample.samples else "—"
             mp95 = fmt_ms(sample.p95) if sample and sample.samples else "—"
-            n = f" (n={len(sample.samples)})" if sample and sample.samples and len(sample.samples) != args.requests \
+            n = (
+                f" (n={len(sample.samples)})"
+                if sample and sample.samples and len(sample.samples) != args.requests
                 else ""
+            )
             if sample and sample.samples:
                 n += f" → {sample.count:,} {'runs' if key.startswith('search') else 'points'}"
             if k == 0:
@@ -1575,18 +1792,22 @@ def render(args, scale: Scale, info: SeedInfo, marker: dict[str, Any], results: 
     out.append(f"| distillweb `RunReporter` as `workers.tasks` drives it (5 metrics a step; its writes held "
                f"{dw_batch:,.0f} points on average) | {dw_points:,} | {dw_rate:,.0f} |")
     if ml_rate:
-        out.append(f"| MLflow `log_batch` (1,000 metrics a request, one client) | {ml_points:,} | {ml_rate:,.0f} |")
+        out.append(
+            f"| MLflow `log_batch` (1,000 metrics a request, one client) | {ml_points:,} | {ml_rate:,.0f} |"
+        )
     if mlflow_seed:
         out.append("")
         hist = mlflow_seed.get("history")
-        out.append(f"MLflow {mlflow_version} (`mlflow server --workers 1`, its own Postgres database): "
-                   f"{mlflow_seed['experiments']} experiments, {mlflow_seed['runs']:,} runs with 11 params, 2 tags "
-                   f"and their final metrics, {mlflow_seed['points']:,} history points "
-                   f"(histories: {hist}, {mlflow_seed['history_runs']:,} runs), logged through its REST API in "
-                   f"{mlflow_seed['seconds']:.0f} s ({mlflow_seed['threads']} clients); the 10 curves "
-                   f"({mlflow_seed['curve_points']:,} points) by one client at "
-                   f"{mlflow_seed['curve_rate']:,.0f} points/s" + (" (reused this run)." if mlflow_seed.get("reused")
-                                                                   else "."))
+        out.append(
+            f"MLflow {mlflow_version} (`mlflow server --workers 1`, its own Postgres database): "
+            f"{mlflow_seed['experiments']} experiments, {mlflow_seed['runs']:,} runs with 11 params, 2 tags "
+            f"and their final metrics, {mlflow_seed['points']:,} history points "
+            f"(histories: {hist}, {mlflow_seed['history_runs']:,} runs), logged through its REST API in "
+            f"{mlflow_seed['seconds']:.0f} s ({mlflow_seed['threads']} clients); the 10 curves "
+            f"({mlflow_seed['curve_points']:,} points) by one client at "
+            f"{mlflow_seed['curve_rate']:,.0f} points/s"
+            + (" (reused this run)." if mlflow_seed.get("reused") else ".")
+        )
     out.append("")
     out.append(f"Machine: {machine_line(loads)}.")
     out.append("")
@@ -1615,7 +1836,12 @@ def write_readme(report: str) -> None:
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
     else:
-        text = text.rstrip("\n") + "\n\n## Dashboard at scale: 10,000 runs, 5,000,000 points, vs MLflow\n\n" + block + "\n"
+        text = (
+            text.rstrip("\n")
+            + "\n\n## Dashboard at scale: 10,000 runs, 5,000,000 points, vs MLflow\n\n"
+            + block
+            + "\n"
+        )
     path.write_text(text)
 
 

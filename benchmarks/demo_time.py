@@ -48,11 +48,19 @@ def experiment_states(db: Path) -> dict[str, list[str]]:
 def main() -> int:
     var = Path(tempfile.mkdtemp(prefix="distillweb-demo-"))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "ARTIFACT_ROOT"}}
+    env = {
+        k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "ARTIFACT_ROOT"}
+    }
     env.update({"DEBUG": "true", "DISTILLWEB_VAR_DIR": str(var), "DEMO_ADMIN_PASSWORD": "benchmark-pass"})
     start = time.monotonic()
-    demo = subprocess.Popen([sys.executable, "manage.py", "demo", "--port", str(port)], cwd=REPO, env=env,
-                            stdout=(var / "demo.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    demo = subprocess.Popen(
+        [sys.executable, "manage.py", "demo", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=(var / "demo.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     marks: dict[str, float] = {}
     try:
         while time.monotonic() - start < 900 and demo.poll() is None:
@@ -66,7 +74,10 @@ def main() -> int:
             for name, statuses in experiment_states(var / "distillweb.sqlite3").items():
                 if name not in marks and statuses and set(statuses) <= TERMINAL:
                     marks[name] = elapsed
-                    print(f"{elapsed:7.1f} s  {name}: {len(statuses)} runs {sorted(set(statuses))}", file=sys.stderr)
+                    print(
+                        f"{elapsed:7.1f} s  {name}: {len(statuses)} runs {sorted(set(statuses))}",
+                        file=sys.stderr,
+                    )
             if len(marks) >= 3:
                 break
             time.sleep(0.5)

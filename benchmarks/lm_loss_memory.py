@@ -1,9 +1,9 @@
 """Peak memory of a token-level LM distillation loss, forward + backward: full softmax vs chunked.
 
 For vocab V × T positions × batch B, student logits (bf16 or fp32, requiring grad) and teacher logits of the
-same dtype, it runs ``losses.kd`` (τ = 2, 10% of positions masked) once the naive way (float32 log-softmaxes of
-all positions at once) and once with ``chunk_size`` positions per block (``losses.chunked_token_loss``), and
-reports the peak memory above what the inputs already hold:
+same dtype, it runs ``losses.kd`` (τ = 2, 10% of positions masked) once the naive way (float32 log-softmaxes
+of all positions at once) and once with ``chunk_size`` positions per block (``losses.chunked_token_loss``),
+and reports the peak memory above what the inputs already hold:
 
 - on CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's exact high-water mark);
 - on CPU: the peak of the allocator's own allocation / free events recorded by ``torch.profiler`` with
@@ -14,8 +14,8 @@ reports the peak memory above what the inputs already hold:
 
 It also checks that both ways give the same loss and gradient.
 
-    .venv/bin/python benchmarks/lm_loss_memory.py                      # V 49152, T 512, B 1 and 4, bf16 + fp32
-    .venv/bin/python benchmarks/lm_loss_memory.py --batch 1 --dtype bf16 --chunk-size 64
+    .venv/bin/python benchmarks/lm_loss_memory.py                      # V 49152, T 512, B 1 and 4, bf16 +
+    fp32 .venv/bin/python benchmarks/lm_loss_memory.py --batch 1 --dtype bf16 --chunk-size 64
 """
 
 from __future__ import annotations
@@ -137,9 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, no GPU"
     print(f"# {machine}; Python {platform.python_version()}, torch {torch.__version__}; device {device}")
-    print(f"# kd (τ=2), V={args.vocab}, T={args.positions}, 10% of positions masked; peak memory of forward + "
-          "backward above the inputs")
-    header = "| batch | logits dtype | logits | naive peak | chunked peak (chunk) | ratio | naive s | chunked s |"
+    print(
+        f"# kd (τ=2), V={args.vocab}, T={args.positions}, 10% of positions masked; peak memory of forward + "
+        "backward above the inputs"
+    )
+    header = (
+        "| batch | logits dtype | logits | naive peak | chunked peak (chunk) | ratio | naive s | chunked s |"
+    )
     if device == "cpu" and not args.no_rss:
         header += " RSS naive | RSS chunked |"
     print(header)
@@ -152,14 +156,19 @@ def main(argv: list[str] | None = None) -> int:
             naive = measure(batch, args.positions, args.vocab, dtype_name, None, device)
             chunked = measure(batch, args.positions, args.vocab, dtype_name, chunk, device)
             tol = 2e-2 if dtype_name == "bf16" else 1e-4
-            assert abs(naive["loss"] - chunked["loss"]) <= 1e-4 * abs(naive["loss"]), (naive["loss"], chunked["loss"])
+            assert abs(naive["loss"] - chunked["loss"]) <= 1e-4 * abs(naive["loss"]), (
+                naive["loss"],
+                chunked["loss"],
+            )
             assert torch.allclose(naive["grad"].float(), chunked["grad"].float(), rtol=tol, atol=1e-6)
             logits_bytes = batch * args.positions * args.vocab * DTYPES[dtype_name].itemsize
             ratio = chunked["peak"] / naive["peak"]
             worst = max(worst, ratio)
-            row = (f"| {batch} | {dtype_name} | {logits_bytes / MiB:.0f} MiB | {naive['peak'] / MiB:.0f} MiB | "
-                   f"{chunked['peak'] / MiB:.0f} MiB ({chunk}) | {ratio:.2f} | {naive['seconds']:.2f} | "
-                   f"{chunked['seconds']:.2f} |")
+            row = (
+                f"| {batch} | {dtype_name} | {logits_bytes / MiB:.0f} MiB | {naive['peak'] / MiB:.0f} MiB | "
+                f"{chunked['peak'] / MiB:.0f} MiB ({chunk}) | {ratio:.2f} | {naive['seconds']:.2f} | "
+                f"{chunked['seconds']:.2f} |"
+            )
             if device == "cpu" and not args.no_rss:
                 rss_naive = rss_peak(batch, args.positions, args.vocab, dtype_name, None)
                 rss_chunked = rss_peak(batch, args.positions, args.vocab, dtype_name, chunk)

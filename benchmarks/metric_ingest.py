@@ -1,12 +1,14 @@
-"""Metric ingestion through the worker path: points/s that ``workers.reporting.RunReporter`` writes to Postgres.
+"""Metric ingestion through the worker path: points/s that ``workers.reporting.RunReporter`` writes to
+Postgres.
 
-A running run of 10,000,000 steps (so its curves also keep rollups) receives 100,000 steps × 5 metrics, logged the
-way a training loop logs them (``on_metrics`` + ``on_progress`` every step); the reporter batches them and writes
-through ``services.run_record_metrics``. Run it against a migrated scratch database:
+A running run of 10,000,000 steps (so its curves also keep rollups) receives 100,000 steps × 5 metrics, logged
+the way a training loop logs them (``on_metrics`` + ``on_progress`` every step); the reporter batches them and
+writes through ``services.run_record_metrics``. Run it against a migrated scratch database:
 
     createdb -h 127.0.0.1 -U postgres distillweb_ingest
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/distillweb_ingest DEBUG=true .venv/bin/python manage.py migrate
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/distillweb_ingest DEBUG=true .venv/bin/python benchmarks/metric_ingest.py
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/distillweb_ingest DEBUG=true .venv/bin/python manage.py
+    migrate DATABASE_URL=postgres://postgres@127.0.0.1:5432/distillweb_ingest DEBUG=true .venv/bin/python
+    benchmarks/metric_ingest.py
 """
 
 from __future__ import annotations

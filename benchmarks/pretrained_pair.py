@@ -1,9 +1,9 @@
 """A real pretrained pair, offline: all-MiniLM-L6-v2 fine-tuned on BBC topics → a derived 2-layer student.
 
-The teacher is the packaged all-MiniLM-L6-v2 (prepared with ``python -m workers.engine prepare-models``) with a
-fresh 5-way head, fine-tuned here on all BBC labels. The student is derived from the fine-tuned teacher (layers 0
-and 3 of 6, weights copied — the DistilBERT recipe) and trained with 10% of the labels, once on hard labels and
-once distilled (0.1·ce + 0.9·kd, τ = 2) over all articles.
+The teacher is the packaged all-MiniLM-L6-v2 (prepared with ``python -m workers.engine prepare-models``) with
+a fresh 5-way head, fine-tuned here on all BBC labels. The student is derived from the fine-tuned teacher
+(layers 0 and 3 of 6, weights copied — the DistilBERT recipe) and trained with 10% of the labels, once on hard
+labels and once distilled (0.1·ce + 0.9·kd, τ = 2) over all articles.
 
     .venv/bin/python benchmarks/pretrained_pair.py [--seeds 1]
 """
@@ -43,11 +43,23 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="distillweb-pair-"))
     data = DatasetConfig(source="builtin", name="bbc-news", max_length=128)
     started = time.perf_counter()
-    teacher = train(RunConfig(
-        student=ModelConfig(source="hf", path=str(l6), num_labels=5), dataset=data, terms=CE, scheme="hard_labels",
-        train=TrainConfig(max_steps=args.teacher_steps, batch_size=16, lr=5e-5, warmup_steps=15,
-                          eval_every=args.teacher_steps, save_every=args.teacher_steps),
-        output_dir=str(work / "teacher"))).to_dict()
+    teacher = train(
+        RunConfig(
+            student=ModelConfig(source="hf", path=str(l6), num_labels=5),
+            dataset=data,
+            terms=CE,
+            scheme="hard_labels",
+            train=TrainConfig(
+                max_steps=args.teacher_steps,
+                batch_size=16,
+                lr=5e-5,
+                warmup_steps=15,
+                eval_every=args.teacher_steps,
+                save_every=args.teacher_steps,
+            ),
+            output_dir=str(work / "teacher"),
+        )
+    ).to_dict()
     print(f"teacher: all-MiniLM-L6-v2 fine-tuned {args.teacher_steps} steps: accuracy "
           f"{100 * teacher['student']['accuracy']:.2f}%, {teacher['student']['params']:,} params, "
           f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
@@ -57,12 +69,26 @@ def main() -> int:
     results: dict[str, list[dict]] = {"hard_labels": [], "kd": []}
     for seed in range(args.seeds):
         for name, terms, scheme in (("hard_labels", CE, "hard_labels"), ("kd", KD, "offline")):
-            result = train(RunConfig(
-                student=student_cfg, teacher=teacher_cfg if scheme == "offline" else None, dataset=labelled,
-                terms=terms, scheme=scheme, output_dir=str(work / f"{name}-{seed}"), cache_dir=str(work / "cache"),
-                train=TrainConfig(max_steps=args.student_steps, batch_size=16, lr=1e-4, warmup_steps=30, seed=seed,
-                                  eval_every=args.student_steps, save_every=args.student_steps),
-            )).to_dict()
+            result = train(
+                RunConfig(
+                    student=student_cfg,
+                    teacher=teacher_cfg if scheme == "offline" else None,
+                    dataset=labelled,
+                    terms=terms,
+                    scheme=scheme,
+                    output_dir=str(work / f"{name}-{seed}"),
+                    cache_dir=str(work / "cache"),
+                    train=TrainConfig(
+                        max_steps=args.student_steps,
+                        batch_size=16,
+                        lr=1e-4,
+                        warmup_steps=30,
+                        seed=seed,
+                        eval_every=args.student_steps,
+                        save_every=args.student_steps,
+                    ),
+                )
+            ).to_dict()
             results[name].append(result["student"])
             print(f"  seed {seed} {name:11s} accuracy {100 * result['student']['accuracy']:.2f}%  "
                   f"latency p50 {result['student']['latency_ms_p50']:.2f} ms", file=sys.stderr)

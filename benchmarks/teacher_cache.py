@@ -2,8 +2,8 @@
 
 Trains a teacher once (not timed), then runs the same ``offline`` distillation twice against one shared cache
 folder and reports, per run: wall time, teacher forward passes (counted by a forward hook this script puts on
-every teacher the trainer loads, and by ``TrainResult.teacher_forwards``), teacher loads, and the cache entries
-(hit or miss, seconds, size).
+every teacher the trainer loads, and by ``TrainResult.teacher_forwards``), teacher loads, and the cache
+entries (hit or miss, seconds, size).
 
     .venv/bin/python benchmarks/teacher_cache.py                      # BBC news topics, BERT teacher
     .venv/bin/python benchmarks/teacher_cache.py --task causal_lm     # fortunes corpus, Llama teacher, top-k
@@ -33,7 +33,8 @@ LLAMA_TEACHER = {"model_type": "llama", "hidden_size": 128, "num_hidden_layers":
 
 
 def configs(task: str, work: Path, steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(teacher training config, distillation config) as dicts; the teacher's final folder is filled in later."""
+    """(teacher training config, distillation config) as dicts; the teacher's final folder is filled in
+    later."""
     if task == "classification":
         dataset = {"source": "builtin", "name": "bbc-news", "max_length": 64}
         teacher_params, terms = BERT_TEACHER, [{"name": "ce", "weight": 0.1},
@@ -48,13 +49,38 @@ def configs(task: str, work: Path, steps: int) -> tuple[dict[str, Any], dict[str
     if task == "classification":
         student["params"].pop("num_key_value_heads")
     common = {"task": task, "dataset": dataset, "cache_dir": str(work / "teacher-cache")}
-    teacher_run = {**common, "student": {"source": "config", "params": teacher_params}, "terms": [{"name": "ce"}],
-                   "scheme": "hard_labels", "evaluate_teacher": False, "output_dir": str(work / "teacher"),
-                   "train": {"max_steps": 40, "batch_size": 16, "lr": 1e-3, "eval_every": 1000,
-                             "save_every": 1000, "log_every": 10, "device": "cpu"}}
-    distill = {**common, "student": student, "terms": terms, "scheme": "offline",
-               "train": {"max_steps": steps, "batch_size": 16, "lr": 1e-3, "eval_every": 1000, "save_every": 1000,
-                         "log_every": 10, "device": "cpu"}}
+    teacher_run = {
+        **common,
+        "student": {"source": "config", "params": teacher_params},
+        "terms": [{"name": "ce"}],
+        "scheme": "hard_labels",
+        "evaluate_teacher": False,
+        "output_dir": str(work / "teacher"),
+        "train": {
+            "max_steps": 40,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "eval_every": 1000,
+            "save_every": 1000,
+            "log_every": 10,
+            "device": "cpu",
+        },
+    }
+    distill = {
+        **common,
+        "student": student,
+        "terms": terms,
+        "scheme": "offline",
+        "train": {
+            "max_steps": steps,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "eval_every": 1000,
+            "save_every": 1000,
+            "log_every": 10,
+            "device": "cpu",
+        },
+    }
     return teacher_run, distill
 
 
@@ -76,7 +102,9 @@ def main() -> int:
     print(f"work folder: {work}", flush=True)
     started = time.perf_counter()
     teacher_dir = trainer.train(RunConfig.from_dict(teacher_run)).final_dir
-    print(f"teacher trained in {time.perf_counter() - started:.1f} s (not part of the comparison)", flush=True)
+    print(
+        f"teacher trained in {time.perf_counter() - started:.1f} s (not part of the comparison)", flush=True
+    )
 
     counts = {"forwards": 0, "loads": 0}
     real_load_model = teachers.load_model
@@ -85,7 +113,9 @@ def main() -> int:
         loaded = real_load_model(cfg, dataset=dataset, role=role)
         if role == "teacher":
             counts["loads"] += 1
-            loaded.model.register_forward_hook(lambda *_: counts.__setitem__("forwards", counts["forwards"] + 1))
+            loaded.model.register_forward_hook(
+                lambda *_: counts.__setitem__("forwards", counts["forwards"] + 1)
+            )
         return loaded
 
     teachers.load_model = counting_load_model
@@ -97,7 +127,9 @@ def main() -> int:
         t0 = time.perf_counter()
         result = trainer.train(cfg)
         wall = time.perf_counter() - t0
-        rows.append((name, wall, counts["forwards"], result.teacher_forwards, counts["loads"], result.teacher_cache))
+        rows.append(
+            (name, wall, counts["forwards"], result.teacher_forwards, counts["loads"], result.teacher_cache)
+        )
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), Python {platform.python_version()}, load average "

@@ -26,8 +26,18 @@ def _free_port() -> int:
 
 def test_demo_serves_the_site_and_its_worker_finishes_the_seeded_experiments(tmp_path):
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE",
-                                                             "ARTIFACT_ROOT", "SECURE_SSL_REDIRECT"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in {
+            "DATABASE_URL",
+            "CELERY_BROKER_URL",
+            "DJANGO_SETTINGS_MODULE",
+            "ARTIFACT_ROOT",
+            "SECURE_SSL_REDIRECT",
+        }
+    }
     env.update({"DEBUG": "true", "DISTILLWEB_VAR_DIR": str(tmp_path), "DEMO_ADMIN_PASSWORD": "demo-pass-123",
                 "DEMO_TEACHER_STEPS": "100", "DEMO_STUDENT_STEPS": "40", "PYTHONUNBUFFERED": "1"})
     log = tmp_path / "demo.log"
@@ -45,7 +55,11 @@ def test_demo_serves_the_site_and_its_worker_finishes_the_seeded_experiments(tmp
                     statuses = [row[0] for row in conn.execute("select status from experiments_run")]
             except sqlite3.OperationalError:
                 return None
-            return statuses if statuses and all(s in ("succeeded", "failed", "cancelled") for s in statuses) else None
+            return (
+                statuses
+                if statuses and all(s in ("succeeded", "failed", "cancelled") for s in statuses)
+                else None
+            )
 
         def demo_alive() -> None:
             assert demo.poll() is None, log.read_text()[-5000:]

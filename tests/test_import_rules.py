@@ -39,13 +39,17 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def python_files(*folders: str) -> list[Path]:
-    return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py") if "migrations" not in p.parts)
+    return sorted(
+        p for folder in folders for p in (REPO / folder).rglob("*.py") if "migrations" not in p.parts
+    )
 
 
 def breaking(paths: list[Path], forbidden: tuple[str, ...]) -> dict[str, list[str]]:
     bad = {}
     for path in paths:
-        hits = sorted(m for m in imported_modules(path) if any(m == f or m.startswith(f + ".") for f in forbidden))
+        hits = sorted(
+            m for m in imported_modules(path) if any(m == f or m.startswith(f + ".") for f in forbidden)
+        )
         if hits:
             bad[str(path.relative_to(REPO))] = hits
     return bad
@@ -59,13 +63,25 @@ def test_the_engine_imports_no_django_web_or_celery():
 
 
 def test_plots_read_no_records():
-    assert breaking([REPO / "experiments/plots.py"], ("django.db", "experiments.models", "experiments.selectors",
-                                                       "experiments.services")) == {}
+    assert (
+        breaking(
+            [REPO / "experiments/plots.py"],
+            ("django.db", "experiments.models", "experiments.selectors", "experiments.services"),
+        )
+        == {}
+    )
 
 
 def test_the_domain_imports_no_views_forms_services_selectors_or_requests():
-    forbidden = ("experiments.views", "experiments.forms", "experiments.forms_compare", "experiments.services",
-                 "experiments.selectors", "django.http", "api")
+    forbidden = (
+        "experiments.views",
+        "experiments.forms",
+        "experiments.forms_compare",
+        "experiments.services",
+        "experiments.selectors",
+        "django.http",
+        "api",
+    )
     assert breaking(python_files("experiments/domain"), forbidden) == {}
 
 
@@ -86,13 +102,17 @@ QUERY_WRITES = {"update", "delete"}
 
 def _is_write(call: ast.Call) -> bool:
     name, receiver = call.func.attr, call.func.value
-    on_query = isinstance(receiver, ast.Call) or (isinstance(receiver, ast.Attribute) and receiver.attr == "objects")
+    on_query = isinstance(receiver, ast.Call) or (
+        isinstance(receiver, ast.Attribute) and receiver.attr == "objects"
+    )
     return name in ORM_WRITES or (name in QUERY_WRITES and on_query)
 
 
 def orm_writes(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
-    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)]
+    calls = [
+        node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    ]
     found = [f"{node.lineno}: .{node.func.attr}()" for node in calls if _is_write(node)]
     found += [f"{node.lineno}: transaction.{node.attr}" for node in ast.walk(tree)
               if isinstance(node, ast.Attribute) and node.attr in ("atomic", "on_commit")]
@@ -100,7 +120,9 @@ def orm_writes(path: Path) -> list[str]:
 
 
 def test_the_domain_writes_no_records():
-    writes = {str(p.relative_to(REPO)): hits for p in python_files("experiments/domain") if (hits := orm_writes(p))}
+    writes = {
+        str(p.relative_to(REPO)): hits for p in python_files("experiments/domain") if (hits := orm_writes(p))
+    }
     assert writes == {}
 
 

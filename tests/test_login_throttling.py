@@ -1,4 +1,5 @@
-"""Login throttling (django-axes): too many failed logins lock that username from that address for a cool-off."""
+"""Login throttling (django-axes): too many failed logins lock that username from that address for a
+cool-off."""
 
 from datetime import timedelta
 
@@ -40,7 +41,11 @@ def test_bad_logins_lock_the_account_with_a_message_even_for_the_right_password(
     response = _login(client, "wrong")
     assert response.status_code == 429
     text = response.content.decode()
-    assert "Too many failed logins" in text and "after 3 failed attempts" in text and "Try again in 15 min" in text
+    assert (
+        "Too many failed logins" in text
+        and "after 3 failed attempts" in text
+        and "Try again in 15 min" in text
+    )
 
     response = _login(client, PASSWORD)
     assert response.status_code == 429 and not _logged_in(client)
@@ -51,7 +56,9 @@ def test_the_lock_ends_after_the_cool_off(client, user):
         _login(client, "wrong")
     assert _login(client, PASSWORD).status_code == 429
     # The cool-off passes: every recorded failure is now older than it.
-    AccessAttempt.objects.update(attempt_time=AccessAttempt.objects.get().attempt_time - timedelta(minutes=16))
+    AccessAttempt.objects.update(
+        attempt_time=AccessAttempt.objects.get().attempt_time - timedelta(minutes=16)
+    )
     response = _login(client, PASSWORD)
     assert response.status_code == 302 and _logged_in(client)
 

@@ -26,7 +26,9 @@ def test_wait_until_returns_the_first_truthy_value():
 def test_wait_until_gives_up_after_the_scaled_bound_and_says_what_it_saw(monkeypatch):
     monkeypatch.setenv(waiting.SCALE_VARIABLE, "0.01")
     with pytest.raises(AssertionError, match=r"gave up waiting for the thing after 0 s .*=0.01\)\nstate: 3"):
-        waiting.wait_until(lambda: False, timeout=5, what="the thing", every=0.01, describe=lambda: "state: 3")
+        waiting.wait_until(
+            lambda: False, timeout=5, what="the thing", every=0.01, describe=lambda: "state: 3"
+        )
 
 
 def test_wait_until_stops_at_once_when_its_check_fails():
@@ -47,7 +49,9 @@ def test_wait_for_runs_follows_the_runs_until_all_have_finished(digits_setup, te
     from experiments.models import Run
     from tests.factories import ExperimentFactory, RunFactory
 
-    experiment = ExperimentFactory(team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"])
+    experiment = ExperimentFactory(
+        team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"]
+    )
     done = RunFactory(experiment=experiment, status=Run.Status.SUCCEEDED, finished_at=timezone.now())
     running = RunFactory(experiment=experiment, status=Run.Status.QUEUED)
     polls = []

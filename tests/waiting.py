@@ -1,10 +1,10 @@
 """Waiting in tests for what another process does (a worker training runs, a browser page, a server starting).
 
-Every such wait follows the state it waits for (polls the database, the page or the process) until it is reached,
-and gives up only after a bound that scales with the machine's load: the bound a test names is what an idle
-machine needs with a margin, multiplied by ``DISTILLWEB_TEST_WAIT_SCALE`` (default 3). A busy CI machine raises
-the scale (e.g. 10 at 5x load); nothing else changes. pytest-timeout's per-test guard scales the same way
-(tests/conftest.py), so a slow machine is never cut off by it before a wait's own bound.
+Every such wait follows the state it waits for (polls the database, the page or the process) until it is
+reached, and gives up only after a bound that scales with the machine's load: the bound a test names is what
+an idle machine needs with a margin, multiplied by ``DISTILLWEB_TEST_WAIT_SCALE`` (default 3). A busy CI
+machine raises the scale (e.g. 10 at 5x load); nothing else changes. pytest-timeout's per-test guard scales
+the same way (tests/conftest.py), so a slow machine is never cut off by it before a wait's own bound.
 """
 
 from __future__ import annotations

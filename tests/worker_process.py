@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_database_url(*, port: int | None = None) -> str:
-    """The URL of this test run's database, for the processes a test starts (workers, a web server) to share it;
-    ``port`` points them at the same server through another port (a proxy, or a cluster of the test's own)."""
+    """The URL of this test run's database, for the processes a test starts (workers, a web server) to share
+    it; ``port`` points them at the same server through another port (a proxy, or a cluster of the test's
+    own)."""
     db = connection.settings_dict
     return f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{port or db['PORT'] or 5432}/{db['NAME']}"
 
@@ -32,7 +33,8 @@ def free_port() -> int:
 
 
 def redis_broker_url() -> str:
-    """The Redis broker for tests; skips when there is none, unless the run says the services must be there."""
+    """The Redis broker for tests; skips when there is none, unless the run says the services must be
+    there."""
     url = settings.CELERY_BROKER_URL
     if not url.startswith("redis://"):
         pytest.skip("integration tests need CELERY_BROKER_URL to name a Redis broker")
@@ -53,7 +55,9 @@ def broker_reachable(url: str) -> bool:
 
 
 class WorkerProcess:
-    def __init__(self, *, queue: str, name: str, broker_url: str, log: Path, read_roots: tuple[Path, ...] = ()) -> None:
+    def __init__(
+        self, *, queue: str, name: str, broker_url: str, log: Path, read_roots: tuple[Path, ...] = ()
+    ) -> None:
         database_url = shared_database_url()
         if connection.settings_dict["ENGINE"] != "django.db.backends.postgresql":
             pytest.skip("the integration test shares the Postgres test database with the worker")
@@ -66,7 +70,8 @@ class WorkerProcess:
             "DATABASE_URL": database_url,
             "CELERY_BROKER_URL": broker_url,
             "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT),
-            # The worker checks local model and data paths against its own roots: the test's, and ``read_roots``.
+            # The worker checks local model and data paths against its own roots: the test's, and
+            # ``read_roots``.
             "MODEL_ROOTS": ",".join(str(p) for p in (*settings.MODEL_ROOTS, *read_roots)),
             "DATASET_ROOTS": ",".join(str(p) for p in (*settings.DATASET_ROOTS, *read_roots)),
             "RUN_QUEUE": queue,
@@ -80,7 +85,8 @@ class WorkerProcess:
         )
 
     def wait_registered(self, timeout: float = 60) -> None:
-        """Wait until the worker is online; ``timeout`` is an idle machine's bound, scaled (tests/waiting.py)."""
+        """Wait until the worker is online; ``timeout`` is an idle machine's bound, scaled
+        (tests/waiting.py)."""
         from experiments.models import Worker
 
         wait_until(lambda: Worker.objects.filter(name=self.name, state=Worker.State.ONLINE).exists(),

@@ -26,7 +26,9 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots
 def browser_type_launch_args(browser_type_launch_args):
     if not Path(CHROMIUM).exists():
         if os.environ.get("DISTILLWEB_REQUIRE_SERVICES"):
-            pytest.fail("chromium is not installed (apt-get install chromium), and DISTILLWEB_REQUIRE_SERVICES is set")
+            pytest.fail(
+                "chromium is not installed (apt-get install chromium), and DISTILLWEB_REQUIRE_SERVICES is set"
+            )
         pytest.skip("chromium is not installed")
     return {
         **browser_type_launch_args,
@@ -43,8 +45,8 @@ def browser_context_args(browser_context_args):
 
 @pytest.fixture(autouse=True)
 def _scaled_browser_timeouts(request):
-    """Playwright's default bounds (5 s for an expectation, 30 s for an action or a page load) are idle-machine
-    bounds: they scale like every other wait (tests/waiting.py, DISTILLWEB_TEST_WAIT_SCALE)."""
+    """Playwright's default bounds (5 s for an expectation, 30 s for an action or a page load) are
+    idle-machine bounds: they scale like every other wait (tests/waiting.py, DISTILLWEB_TEST_WAIT_SCALE)."""
     if "page" not in request.fixturenames:
         return
     page = request.getfixturevalue("page")

@@ -1,5 +1,5 @@
-"""Comparing runs in a real browser: tick runs in an experiment's runs table (and rows of a leaderboard), open the
-comparison, and see the curves and the Pareto plot drawn by the locally served plotly.js."""
+"""Comparing runs in a real browser: tick runs in an experiment's runs table (and rows of a leaderboard), open
+the comparison, and see the curves and the Pareto plot drawn by the locally served plotly.js."""
 
 import re
 
@@ -127,15 +127,21 @@ def test_compare_rows_of_a_leaderboard(page, live_server, finished_sweep, screen
 
 def test_ticked_runs_stay_ticked_when_the_live_refresh_swaps_the_table(page, live_server, finished_sweep):
     user, experiment, runs = finished_sweep
-    waiting = RunFactory(experiment=experiment, student=runs[0].student, recipe=runs[0].recipe, seed=1)  # polls
+    waiting = RunFactory(
+        experiment=experiment, student=runs[0].student, recipe=runs[0].recipe, seed=1
+    )  # polls
     log_in(page, live_server, user.username)
     page.goto(live_server.url + f"/experiments/{experiment.pk}/")
     page.check(f"input[data-compare-run][value='{runs[1].pk}']")
     page.check(f"input[data-compare-run][value='{waiting.pk}']")
-    page.evaluate("document.querySelectorAll('input[data-compare-run]').forEach(b => { b.dataset.old = '1'; })")
+    page.evaluate(
+        "document.querySelectorAll('input[data-compare-run]').forEach(b => { b.dataset.old = '1'; })"
+    )
 
     # The live refresh (every 2 s while a run is queued) replaces every checkbox with a fresh, unticked one.
-    page.wait_for_function("() => !document.querySelector('input[data-compare-run]').dataset.old", timeout=scaled_ms(15))
+    page.wait_for_function(
+        "() => !document.querySelector('input[data-compare-run]').dataset.old", timeout=scaled_ms(15)
+    )
 
     ticked = page.evaluate(
         "Array.from(document.querySelectorAll('input[data-compare-run]:checked')).map(b => Number(b.value))")

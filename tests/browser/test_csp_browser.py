@@ -12,8 +12,8 @@ finished_sweep = compare_pages.finished_sweep  # the fixture: a finished sweep w
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# Runs before any page script (through the DevTools protocol, so the policy does not apply to it) and reports each
-# violation to the test through an exposed function, so reports survive navigations.
+# Runs before any page script (through the DevTools protocol, so the policy does not apply to it) and reports
+# each violation to the test through an exposed function, so reports survive navigations.
 REPORT_VIOLATIONS = """
 document.addEventListener("securitypolicyviolation", function (e) {
   window.reportCspViolation(e.violatedDirective + " blocked " + (e.blockedURI || "inline") + " at " +
@@ -46,7 +46,9 @@ def test_every_page_draws_its_figures_under_the_policy(page, violations, live_se
 
     response = page.goto(live_server.url + f"/runs/{runs[0].pk}/")
     policy = response.headers["content-security-policy"]
-    assert "script-src 'self'" in policy and "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
+    assert (
+        "script-src 'self'" in policy and "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
+    )
     assert "unsafe-eval" not in policy
     _drawn(page, "loss-figure", "eval-figure")
 
@@ -68,14 +70,17 @@ def test_every_page_draws_its_figures_under_the_policy(page, violations, live_se
     page.click("form.form button[type=submit]")
     token_field = page.locator("input[aria-label='New API token']")
     token_field.focus()  # app.js selects the whole token (it used to be an inline onfocus= handler)
-    assert page.evaluate("document.activeElement.selectionEnd - document.activeElement.selectionStart") == len(
-        token_field.input_value())
+    assert page.evaluate(
+        "document.activeElement.selectionEnd - document.activeElement.selectionStart"
+    ) == len(token_field.input_value())
 
     assert violations == [], "\n".join(violations)
 
 
 def test_swagger_ui_loads_under_the_policy(page, violations, live_server):
     page.goto(live_server.url + "/api/docs/")
-    expect(page.locator(".swagger-ui .information-container")).to_contain_text("distillweb API", timeout=scaled_ms(15))
+    expect(page.locator(".swagger-ui .information-container")).to_contain_text(
+        "distillweb API", timeout=scaled_ms(15)
+    )
     expect(page.locator(".opblock").first).to_be_visible()
     assert violations == [], "\n".join(violations)

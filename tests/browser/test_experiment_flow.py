@@ -121,11 +121,15 @@ def test_create_records_launch_an_experiment_and_watch_it_finish(
     )
     screenshot("experiment-live")
     experiment = Experiment.objects.get(name="kd student")
-    finished = wait_for_runs(experiment.runs.all(), timeout=120, check=worker.check_alive, describe=worker.tail)
+    finished = wait_for_runs(
+        experiment.runs.all(), timeout=120, check=worker.check_alive, describe=worker.tail
+    )
     assert {r.status for r in finished} == {Run.Status.SUCCEEDED}, [r.error for r in finished]
     # Once everything has finished the page shows the final table by itself.
     live = "[data-live-url]"
-    expect(page.locator(f"{live} .status-queued, {live} .status-running")).to_have_count(0, timeout=scaled_ms(15))
+    expect(page.locator(f"{live} .status-queued, {live} .status-running")).to_have_count(
+        0, timeout=scaled_ms(15)
+    )
     expect(page.locator(f"{live} tbody .status-succeeded")).to_have_count(2)
 
     # The run page draws its curves with the locally served plotly.js.

@@ -1,4 +1,5 @@
-"""Setting up a sweep in a real browser: the live run count, the pre-flight checks, launch, and a run's clone."""
+"""Setting up a sweep in a real browser: the live run count, the pre-flight checks, launch, and a run's
+clone."""
 
 import re
 from unittest import mock

@@ -1,4 +1,5 @@
-"""Recipes saved when attention_mse meant the post-softmax maps keep that computation, as attention_prob_mse."""
+"""Recipes saved when attention_mse meant the post-softmax maps keep that computation, as
+attention_prob_mse."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ OLD_TERMS = [{"name": "ce", "weight": 0.5, "params": {}},
 def test_the_data_migration_moves_saved_recipes_sweeps_and_unstarted_runs_to_attention_prob_mse(team):
     recipe = RecipeFactory(team=team, scheme=Recipe.Scheme.ONLINE, terms=OLD_TERMS)
     other = RecipeFactory(team=team)
-    experiment = ExperimentFactory(team=team, train={"max_steps": 20,
-                                                     "term_sweeps": {"attention_mse.layer_map": ["uniform", "last"]}})
+    experiment = ExperimentFactory(
+        team=team, train={"max_steps": 20, "term_sweeps": {"attention_mse.layer_map": ["uniform", "last"]}}
+    )
     queued = RunFactory(experiment=experiment, recipe=recipe, config={"terms": OLD_TERMS})
     # Requeued after an attempt: it may resume from a checkpoint trained with the old computation.
     started = RunFactory(experiment=experiment, recipe=recipe, config={"terms": OLD_TERMS},

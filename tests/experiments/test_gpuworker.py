@@ -1,4 +1,5 @@
-"""`manage.py gpuworker`: one Celery worker per GPU, pinned with CUDA_VISIBLE_DEVICES (a fake NVML inventory)."""
+"""`manage.py gpuworker`: one Celery worker per GPU, pinned with CUDA_VISIBLE_DEVICES (a fake NVML
+inventory)."""
 
 import io
 import itertools
@@ -57,8 +58,16 @@ def test_one_pinned_worker_per_gpu_on_the_queue_its_memory_names(fake_gpus):
     assert env0 == {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     assert env1 == {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     assert argv0[:6] == [sys.executable, "-m", "celery", "-A", "distillweb", "worker"]
-    assert (option(argv0, "-Q"), option(argv0, "-n"), option(argv0, "--concurrency")) == ("gpu-80g", "gpu0@%h", "1")
-    assert (option(argv1, "-Q"), option(argv1, "-n"), option(argv1, "--concurrency")) == ("gpu-24g", "gpu1@%h", "1")
+    assert (option(argv0, "-Q"), option(argv0, "-n"), option(argv0, "--concurrency")) == (
+        "gpu-80g",
+        "gpu0@%h",
+        "1",
+    )
+    assert (option(argv1, "-Q"), option(argv1, "-n"), option(argv1, "--concurrency")) == (
+        "gpu-24g",
+        "gpu1@%h",
+        "1",
+    )
     assert option(argv0, "--prefetch-multiplier") == "1"
 
 
@@ -121,7 +130,9 @@ def signal_when_started(folder: Path, nodes: list[str], signum: int) -> threadin
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signals_are_forwarded_to_every_worker_and_the_command_waits(fake_gpus, monkeypatch, tmp_path, signum):
+def test_signals_are_forwarded_to_every_worker_and_the_command_waits(
+    fake_gpus, monkeypatch, tmp_path, signum
+):
     monkeypatch.setattr(gpuworker, "celery_command", fake_worker_command(tmp_path))
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     thread = signal_when_started(tmp_path, ["gpu0", "gpu1"], signum)
@@ -130,7 +141,9 @@ def test_signals_are_forwarded_to_every_worker_and_the_command_waits(fake_gpus, 
     thread.join()
     assert (tmp_path / "gpu0.env").read_text() == "0" and (tmp_path / "gpu1.env").read_text() == "1"
     # Each worker got the signal exactly once, and the command returned only after both had exited.
-    assert (tmp_path / "gpu0.signal").read_text() == (tmp_path / "gpu1.signal").read_text() == str(int(signum))
+    assert (
+        (tmp_path / "gpu0.signal").read_text() == (tmp_path / "gpu1.signal").read_text() == str(int(signum))
+    )
     assert "gpu0@%h exited (0)." in out.getvalue() and "gpu1@%h exited (0)." in out.getvalue()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 

@@ -30,8 +30,18 @@ STUDENT_BERT = {**TINY_BERT, "num_hidden_layers": 1}
 KD_TERMS = [{"name": "ce", "weight": 0.1, "params": {}},
             {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}]
 TOPICS = {
-    "sport": ["the team won the match", "a late goal in the final", "the striker scored twice", "fans cheered"],
-    "tech": ["the new phone has a faster chip", "software update fixes bugs", "a robot learns", "cloud servers"],
+    "sport": [
+        "the team won the match",
+        "a late goal in the final",
+        "the striker scored twice",
+        "fans cheered",
+    ],
+    "tech": [
+        "the new phone has a faster chip",
+        "software update fixes bugs",
+        "a robot learns",
+        "cloud servers",
+    ],
     "money": ["shares fell on the market", "the bank raised rates", "profits rose this quarter", "tax cuts"],
 }
 
@@ -95,12 +105,16 @@ def mlp_trained(tmp_path_factory):
 
 
 def _record(run, result, settings):
-    """Copy the engine's final folder under this test's ARTIFACT_ROOT and finish the run like a worker does."""
+    """Copy the engine's final folder under this test's ARTIFACT_ROOT and finish the run like a worker
+    does."""
     final = Path(settings.ARTIFACT_ROOT) / "runs" / str(run.pk) / "final"
     shutil.copytree(result["final_dir"], final)
     assert lifecycle.run_claim(run_id=run.pk, task_id=f"task-{run.pk}", worker_name="test-worker") is not None
-    lifecycle.run_finish(run_id=run.pk, task_id=f"task-{run.pk}",
-                        result={**result, "final_dir": str(final), "last_checkpoint": None, "teacher_cache": []})
+    lifecycle.run_finish(
+        run_id=run.pk,
+        task_id=f"task-{run.pk}",
+        result={**result, "final_dir": str(final), "last_checkpoint": None, "teacher_cache": []},
+    )
     run.refresh_from_db()
     return run, final
 
@@ -111,8 +125,14 @@ def bert_run(team, bert_trained, settings):
     dataset = DatasetSpecFactory(team=team, name="topics", source=DatasetSpec.Source.HF, builtin_name="",
                                  text_column="body", label_column="topic", num_labels=3,
                                  label_names=["money", "sport", "tech"], max_length=32)
-    teacher = ModelSpecFactory(team=team, name="tiny-bert-teacher", source=ModelSpec.Source.CONFIG, builtin_arch="",
-                               config=TINY_BERT, num_labels=3)
+    teacher = ModelSpecFactory(
+        team=team,
+        name="tiny-bert-teacher",
+        source=ModelSpec.Source.CONFIG,
+        builtin_arch="",
+        config=TINY_BERT,
+        num_labels=3,
+    )
     student = ModelSpecFactory(team=team, name="tiny-bert-student", source=ModelSpec.Source.CONFIG,
                                builtin_arch="", config=STUDENT_BERT, num_labels=3)
     recipe = RecipeFactory(team=team, name="kd-t4", scheme=Recipe.Scheme.ONLINE, terms=KD_TERMS)
@@ -123,8 +143,15 @@ def bert_run(team, bert_trained, settings):
     baseline = RunFactory(experiment=experiment, student=student, recipe=RecipeFactory(team=team), seed=0,
                           is_baseline=True, status=Run.Status.SUCCEEDED, step=4, total_steps=4,
                           finished_at=timezone.now(), config=config)
-    Evaluation.objects.create(team=team, role=Evaluation.Role.STUDENT, run=baseline, model=student, dataset=dataset,
-                              split_key=run.evaluations.get(role="student").split_key, accuracy=0.125)
+    Evaluation.objects.create(
+        team=team,
+        role=Evaluation.Role.STUDENT,
+        run=baseline,
+        model=student,
+        dataset=dataset,
+        split_key=run.evaluations.get(role="student").split_key,
+        accuracy=0.125,
+    )
     return run, final
 
 
@@ -236,7 +263,9 @@ def test_builtin_mlp_exports_weights_metadata_and_a_card_whose_code_rebuilds_it(
     namespace: dict = {}
     exec(compile(code, "model-card", "exec"), namespace)  # the card's own instructions
     digits = load_dataset(DatasetConfig(source="builtin", name="digits"))
-    engine_model = load_model(ModelConfig(source="run", path=str(final)), dataset=digits, role="teacher").model
+    engine_model = load_model(
+        ModelConfig(source="run", path=str(final)), dataset=digits, role="teacher"
+    ).model
     features = torch.as_tensor(digits.eval.inputs[:16], dtype=torch.float32)
     with torch.no_grad():
         assert torch.allclose(namespace["net"](features), engine_model.eval()(features))
@@ -250,8 +279,13 @@ def _refusal(client, run):
 
 
 def _succeeded_run(team):
-    return RunFactory(experiment=ExperimentFactory(team=team), status=Run.Status.SUCCEEDED, step=20, total_steps=20,
-                      finished_at=timezone.now())
+    return RunFactory(
+        experiment=ExperimentFactory(team=team),
+        status=Run.Status.SUCCEEDED,
+        step=20,
+        total_steps=20,
+        finished_at=timezone.now(),
+    )
 
 
 def _fake_model_folder(folder):
@@ -270,7 +304,9 @@ def test_a_run_without_a_model_artifact_says_so(client_logged_in, team):
 def test_an_unfinished_run_cannot_be_downloaded(client_logged_in, team):
     run = RunFactory(experiment=ExperimentFactory(team=team))
 
-    assert "is queued: only the student of a succeeded run can be downloaded" in _refusal(client_logged_in, run)
+    assert "is queued: only the student of a succeeded run can be downloaded" in _refusal(
+        client_logged_in, run
+    )
 
 
 @pytest.mark.parametrize("recorded", ["../outside-model", "{outside}"])

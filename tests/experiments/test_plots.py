@@ -148,7 +148,9 @@ def test_loss_figure_leaves_out_throughput():
 
 
 def test_eval_figure_puts_divergences_on_the_loss_axis():
-    series = {f"eval/{n}": ([1], [0.5]) for n in ("accuracy", "ece", "agreement", "kl_to_teacher", "nll", "loss")}
+    series = {
+        f"eval/{n}": ([1], [0.5]) for n in ("accuracy", "ece", "agreement", "kl_to_teacher", "nll", "loss")
+    }
 
     fig = plots.eval_figure(series)
 
@@ -157,7 +159,9 @@ def test_eval_figure_puts_divergences_on_the_loss_axis():
 
 
 def test_runs_figure_dashes_marked_curves():
-    fig = plots.runs_figure([plots.Curve("#1 kd", [1], [0.5]), plots.Curve("#2 baseline", [1], [0.4], dashed=True)])
+    fig = plots.runs_figure(
+        [plots.Curve("#1 kd", [1], [0.5]), plots.Curve("#2 baseline", [1], [0.4], dashed=True)]
+    )
 
     assert [t["line"]["dash"] for t in fig["data"]] == ["solid", "dash"]
 
@@ -166,19 +170,33 @@ def _every_figure():
     """One output of each builder, with gaps, a second axis, typed arrays, faded points and empty cells."""
     series = {"loss": ([1, 2, 3], [1.0, float("nan"), 0.5]), "kd": ([1, 2, 3], [0.4, 0.3, 0.2]),
               "lr": ([1, 2, 3], [1e-3, 5e-4, 1e-4]), "eval/accuracy": ([3], [0.9]), "eval/nll": ([3], [0.3])}
-    curves = [plots.Curve("#1", [1, 2, 3], [0.3, float("inf"), 0.1]), plots.Curve("#2", [1, 70_000], [0.5, 0.4], True)]
+    curves = [
+        plots.Curve("#1", [1, 2, 3], [0.3, float("inf"), 0.1]),
+        plots.Curve("#2", [1, 70_000], [0.5, 0.4], True),
+    ]
     pareto = [plots.ParetoPoint("a", 1e3, 0.9, "kd", optimal=True), plots.ParetoPoint("b", 2e3, 0.8, "kd"),
               plots.ParetoPoint("t", 1e5, 0.95, teacher=True)]
     return {
-        "loss": plots.loss_figure(series), "eval": plots.eval_figure(series), "runs": plots.runs_figure(curves),
-        "leaderboard": plots.leaderboard_figure([{"label": "a", "recipe": "kd", "params": 10, "mean": 0.5,
-                                                  "std": 0.1}]),
+        "loss": plots.loss_figure(series),
+        "eval": plots.eval_figure(series),
+        "runs": plots.runs_figure(curves),
+        "leaderboard": plots.leaderboard_figure(
+            [{"label": "a", "recipe": "kd", "params": 10, "mean": 0.5, "std": 0.1}]
+        ),
         "compare": plots.compare_figure(curves, metric="loss"),
-        "pareto": plots.pareto_figure(pareto, cost_label="parameters", metric_label="Accuracy",
-                                      higher_is_better=True, percent=True),
-        "heatmap": plots.heatmap_figure(x_label="lr", y_label="τ", x_levels=["1e-4", "1e-3"], y_levels=["2", "4"],
-                                        z=[[0.8, None], [0.9, 0.85]], metric_label="Accuracy",
-                                        higher_is_better=True, percent=True),
+        "pareto": plots.pareto_figure(
+            pareto, cost_label="parameters", metric_label="Accuracy", higher_is_better=True, percent=True
+        ),
+        "heatmap": plots.heatmap_figure(
+            x_label="lr",
+            y_label="τ",
+            x_levels=["1e-4", "1e-3"],
+            y_levels=["2", "4"],
+            z=[[0.8, None], [0.9, 0.85]],
+            metric_label="Accuracy",
+            higher_is_better=True,
+            percent=True,
+        ),
     }
 
 
@@ -202,6 +220,10 @@ def test_compare_figure_sends_typed_arrays_that_decode_to_the_curve():
     fig = plots.compare_figure([plots.Curve("#1", [1, 2, 70_000], [0.3, float("nan"), 0.1])], metric="loss")
 
     x, y = fig["data"][0]["x"], fig["data"][0]["y"]
-    assert x["dtype"] == "i4" and np.frombuffer(base64.b64decode(x["bdata"]), "<i4").tolist() == [1, 2, 70_000]
+    assert x["dtype"] == "i4" and np.frombuffer(base64.b64decode(x["bdata"]), "<i4").tolist() == [
+        1,
+        2,
+        70_000,
+    ]
     values = np.frombuffer(base64.b64decode(y["bdata"]), "<f8")
     assert y["dtype"] == "f8" and values[0] == 0.3 and math.isnan(values[1]) and values[2] == 0.1

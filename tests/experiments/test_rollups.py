@@ -26,7 +26,9 @@ STEPS = 10_000          # width 16: 10,000 / 1,024 â†’ 2^ceil(log2(9.77)) = 16 â
 
 def _running(total: int) -> Run:
     now = timezone.now()
-    return RunFactory(status=Run.Status.RUNNING, task_id="t", total_steps=total, started_at=now, heartbeat_at=now)
+    return RunFactory(
+        status=Run.Status.RUNNING, task_id="t", total_steps=total, started_at=now, heartbeat_at=now
+    )
 
 
 def _curve(seed: int = 0) -> dict[int, float]:
@@ -41,8 +43,11 @@ def _write(run: Run, values: dict[int, float], batch: int = 700) -> None:
     now, items = timezone.now(), sorted(values.items())
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
-        assert telemetry.run_record_metrics(run_id=run.id, task_id="t",
-                                           points=[(name, s, v, now) for s, v in chunk for name in ("loss", "ce")])
+        assert telemetry.run_record_metrics(
+            run_id=run.id,
+            task_id="t",
+            points=[(name, s, v, now) for s, v in chunk for name in ("loss", "ce")],
+        )
 
 
 def _stored(run: Run) -> list[tuple]:
@@ -82,7 +87,9 @@ def test_short_runs_keep_no_rollups():
     assert MetricPoint.objects.filter(run=run).count() == 8_000
 
 
-def _check_curve(steps: list[int], values: list[float | None], truth: dict[int, float], max_points: int) -> None:
+def _check_curve(
+    steps: list[int], values: list[float | None], truth: dict[int, float], max_points: int
+) -> None:
     assert len(steps) <= max_points and steps == sorted(set(steps))
     assert steps[0] == 1 and steps[-1] == STEPS                                   # both ends
     assert all(truth[s] == v for s, v in zip(steps, values, strict=True))        # only real points
@@ -97,27 +104,34 @@ def test_compare_curves_come_from_the_rollups(max_points):
     _write(long_run, truth)
     _write(short_run, {s: float(s) for s in range(1, 2_001)})
     with CaptureQueriesContext(connection) as queries:
-        curves = curves_reads.metric_curves(run_ids=[long_run.id, short_run.id], name="loss", max_points=max_points)
+        curves = curves_reads.metric_curves(
+            run_ids=[long_run.id, short_run.id], name="loss", max_points=max_points
+        )
     _check_curve(*curves[long_run.id], truth, max_points)
     assert len(curves[short_run.id][0]) <= max_points and curves[short_run.id][0][-1] == 2_000
     sql = " ".join(q["sql"] for q in queries.captured_queries)
     assert "experiments_metricrollup" in sql and len(queries.captured_queries) <= 4
     # Points imported without rollups (a bulk COPY before `rebuild_metric_rollups`) are read from the points.
     MetricRollup.objects.filter(run=long_run).delete()
-    _check_curve(*curves_reads.metric_curves(run_ids=[long_run.id], name="loss", max_points=max_points)[long_run.id],
-                 truth, max_points)
+    _check_curve(
+        *curves_reads.metric_curves(run_ids=[long_run.id], name="loss", max_points=max_points)[long_run.id],
+        truth,
+        max_points,
+    )
 
 
 def test_the_bucket_query_can_read_the_rollups_from_their_covering_index_alone():
-    """The compare and run pages read each bucket's extremes: the migration's covering index holds every column
-    the query touches, so Postgres can answer it by an index-only scan (no visit to the table's rows)."""
+    """The compare and run pages read each bucket's extremes: the migration's covering index holds every
+    column the query touches, so Postgres can answer it by an index-only scan (no visit to the table's
+    rows)."""
     long_run = _running(STEPS)
     _write(long_run, _curve())
     with CaptureQueriesContext(connection) as queries:
         curves_reads.metric_curves(run_ids=[long_run.id], name="loss")
     bucket_sql = next(q["sql"] for q in queries.captured_queries if "min_value" in q["sql"])
     with connection.cursor() as cursor:
-        # A test table is small enough that any plan is cheap: leave the planner only index-only scans to choose.
+        # A test table is small enough that any plan is cheap: leave the planner only index-only scans to
+        # choose.
         for method in ("seqscan", "indexscan", "bitmapscan"):
             cursor.execute(f"SET LOCAL enable_{method} = off")
         cursor.execute("EXPLAIN " + bucket_sql)

@@ -3,8 +3,9 @@
 The test runs a Postgres cluster of its own (initdb in a temporary folder, a spare loopback port), so the
 machine's server stays up. Its WAL writer flushes rarely (``wal_writer_delay=10s``): a commit confirmed before
 its disk flush stays in memory for seconds, as it may on a busy server, and an immediate shutdown loses it. A
-real `celery worker` trains a run against that cluster; the test crashes the server right after the worker wrote
-points, starts it again, and checks that the run succeeds with every logged step of every series exactly once.
+real `celery worker` trains a run against that cluster; the test crashes the server right after the worker
+wrote points, starts it again, and checks that the run succeeds with every logged step of every series exactly
+once.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def postgres_bin() -> Path | None:
 
 
 class PrivatePostgres:
-    """A throwaway Postgres cluster on a spare loopback port, run as the ``postgres`` user when we are root."""
+    """A throwaway Postgres cluster on a spare loopback port, run as the ``postgres`` user when we are
+    root."""
 
     def __init__(self, bin_dir: Path) -> None:
         self.bin = bin_dir
@@ -59,8 +61,9 @@ class PrivatePostgres:
     def start(self) -> None:
         options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c wal_writer_delay=10s "
                    "-c fsync=on")
-        self._as_owner("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o", options,
-                       "start")
+        self._as_owner(
+            "pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o", options, "start"
+        )
 
     def crash(self) -> None:
         self._as_owner("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "stop")
@@ -103,9 +106,10 @@ from experiments import services
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 user, team = UserFactory(), TeamFactory()
 MembershipFactory(user=user, team=team)
-digits = services.dataset_spec_create(team=team, created_by=user, name="digits", source="builtin", builtin_name="digits")
-student = services.model_spec_create(team=team, created_by=user, name="mlp", source="builtin", builtin_arch="mlp",
-                                     config={"hidden_sizes": [256, 256]}, num_labels=10)
+digits = services.dataset_spec_create(team=team, created_by=user, name="digits", source="builtin",
+                                      builtin_name="digits")
+student = services.model_spec_create(team=team, created_by=user, name="mlp", source="builtin",
+                                     builtin_arch="mlp", config={"hidden_sizes": [256, 256]}, num_labels=10)
 experiment = services.experiment_create(
     team=team, created_by=user, name="crash", dataset=digits, students=[student],
     recipes=[services.hard_labels_recipe(team=team)], seeds=[0],
@@ -130,15 +134,28 @@ def test_metric_points_survive_a_crash_of_the_database_server(fleet, private_pos
     pg = private_postgres
     name = connection.settings_dict["NAME"]  # the workers are given the test database's name, on pg's port
     pg.query("postgres", f'CREATE DATABASE "{name}"')
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "distillweb.settings.test", "DATABASE_URL": pg.url(name),
-           "CELERY_BROKER_URL": fleet.broker, "RUN_QUEUE": fleet.queue, "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT)}
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "distillweb.settings.test",
+        "DATABASE_URL": pg.url(name),
+        "CELERY_BROKER_URL": fleet.broker,
+        "RUN_QUEUE": fleet.queue,
+        "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT),
+    }
     manage = [sys.executable, "manage.py"]
     subprocess.run([*manage, "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True,
                    timeout=scaled(300))
     # Rare worker heartbeats: their commits would flush the WAL, and the point is what the run's writes do.
     worker = fleet.start("w", database_port=pg.port, DB_CONN_MAX_AGE="0", WORKER_HEARTBEAT_INTERVAL_S="60")
-    setup = subprocess.run([*manage, "shell", "-c", SETUP], cwd=REPO, env=env, check=True, capture_output=True,
-                           text=True, timeout=scaled(300))
+    setup = subprocess.run(
+        [*manage, "shell", "-c", SETUP],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=scaled(300),
+    )
     run_id = int(setup.stdout.split("RUN", 1)[1].split()[0])
 
     def steps(series: str = "loss") -> list[int]:
@@ -161,6 +178,8 @@ def test_metric_points_survive_a_crash_of_the_database_server(fleet, private_pos
     assert status() == "succeeded", pg.query(name, "SELECT error FROM experiments_run WHERE id = %s", run_id)
     # Whatever the crash took away, the worker wrote again: every logged step of every series, exactly once.
     assert steps() == list(range(LOG_EVERY, 4000 + 1, LOG_EVERY))
-    for (series,) in pg.query(name, "SELECT DISTINCT name FROM experiments_metricpoint WHERE run_id = %s", run_id):
+    for (series,) in pg.query(
+        name, "SELECT DISTINCT name FROM experiments_metricpoint WHERE run_id = %s", run_id
+    ):
         logged = steps(series)
         assert len(logged) == len(set(logged)), series

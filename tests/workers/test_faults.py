@@ -75,8 +75,14 @@ class FakeTime:
 def claimed_run(digits_setup, team, user) -> Run:
     with mock.patch(DISPATCH):
         experiment = launch_writes.experiment_create(
-            team=team, created_by=user, name="kd", dataset=digits_setup["dataset"], teacher=digits_setup["teacher"],
-            students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]], seeds=[0],
+            team=team,
+            created_by=user,
+            name="kd",
+            dataset=digits_setup["dataset"],
+            teacher=digits_setup["teacher"],
+            students=digits_setup["students"][:1],
+            recipes=[digits_setup["recipe"]],
+            seeds=[0],
             train={"max_steps": 40, "eval_every": 20, "save_every": 20, "log_every": 10},
         )
     run = experiment.runs.get(is_baseline=False)
@@ -84,14 +90,18 @@ def claimed_run(digits_setup, team, user) -> Run:
 
 
 def logged_steps(run: Run, name: str = "loss") -> list[int]:
-    return list(MetricPoint.objects.filter(run=run, name=name).order_by("step").values_list("step", flat=True))
+    return list(
+        MetricPoint.objects.filter(run=run, name=name).order_by("step").values_list("step", flat=True)
+    )
 
 
 # --- database outages, in process ---------------------------------------------------------------------
 @pytest.mark.django_db
 def test_metric_points_wait_out_a_database_outage_and_are_written_once(claimed_run):
     fake = FakeTime()
-    reporter = RunReporter(run_id=claimed_run.id, task_id="t", flush_every_s=1.0, clock=fake.clock, sleep=fake.sleep)
+    reporter = RunReporter(
+        run_id=claimed_run.id, task_id="t", flush_every_s=1.0, clock=fake.clock, sleep=fake.sleep
+    )
     flaky = FlakyDatabase(telemetry.run_record_metrics, failures=4)
     with mock.patch("experiments.services.telemetry.run_record_metrics", side_effect=flaky):
         for step in range(1, 31):
@@ -106,14 +116,18 @@ def test_metric_points_wait_out_a_database_outage_and_are_written_once(claimed_r
     # The 16 points of the outage's first 8 steps were held, then came with the first write that went through.
     outage = {(name, step) for step in range(1, 9) for name in ("loss", "kd")}
     assert outage <= {(name, step) for name, step, *_ in flaky.written[0]}
-    assert logged_steps(claimed_run) == list(range(1, 31)) and logged_steps(claimed_run, "kd") == list(range(1, 31))
+    assert logged_steps(claimed_run) == list(range(1, 31)) and logged_steps(claimed_run, "kd") == list(
+        range(1, 31)
+    )
     assert MetricPoint.objects.filter(run=claimed_run).count() == 60
 
 
 @pytest.mark.django_db
 def test_a_checkpoint_waits_until_the_points_before_it_are_durable(claimed_run, settings):
     fake = FakeTime()
-    reporter = RunReporter(run_id=claimed_run.id, task_id="t", clock=fake.clock, sleep=fake.sleep, retry_for_s=60)
+    reporter = RunReporter(
+        run_id=claimed_run.id, task_id="t", clock=fake.clock, sleep=fake.sleep, retry_for_s=60
+    )
     reporter.set_schedule(save_every=25, log_every=10)
     reporter.on_metrics(10, {"loss": 0.9})
     reporter.on_metrics(20, {"loss": 0.8})
@@ -136,7 +150,9 @@ def test_a_checkpoint_waits_until_the_points_before_it_are_durable(claimed_run, 
 @pytest.mark.django_db
 def test_the_reporter_gives_up_after_the_retry_window_and_keeps_the_points(claimed_run):
     fake = FakeTime()
-    reporter = RunReporter(run_id=claimed_run.id, task_id="t", clock=fake.clock, sleep=fake.sleep, retry_for_s=60)
+    reporter = RunReporter(
+        run_id=claimed_run.id, task_id="t", clock=fake.clock, sleep=fake.sleep, retry_for_s=60
+    )
     reporter.on_metrics(10, {"loss": 0.9})
     with mock.patch("experiments.services.telemetry.run_record_metrics",
                     side_effect=FlakyDatabase(telemetry.run_record_metrics, failures=10**6)), \
@@ -150,8 +166,15 @@ def test_the_reporter_gives_up_after_the_retry_window_and_keeps_the_points(claim
 @pytest.mark.django_db
 def test_a_full_buffer_pauses_training_until_the_database_is_back(claimed_run):
     fake = FakeTime()
-    reporter = RunReporter(run_id=claimed_run.id, task_id="t", max_buffer=10, max_pending=40, clock=fake.clock,
-                           sleep=fake.sleep, retry_for_s=600)
+    reporter = RunReporter(
+        run_id=claimed_run.id,
+        task_id="t",
+        max_buffer=10,
+        max_pending=40,
+        clock=fake.clock,
+        sleep=fake.sleep,
+        retry_for_s=600,
+    )
     flaky = FlakyDatabase(telemetry.run_record_metrics, failures=8)
     with mock.patch("experiments.services.telemetry.run_record_metrics", side_effect=flaky):
         for step in range(1, 21):
@@ -166,7 +189,9 @@ def test_a_full_buffer_pauses_training_until_the_database_is_back(claimed_run):
 @pytest.mark.django_db
 def test_cancellation_polls_during_an_outage_keep_the_last_answer(claimed_run):
     fake = FakeTime()
-    reporter = RunReporter(run_id=claimed_run.id, task_id="t", poll_every_s=1.0, clock=fake.clock, sleep=fake.sleep)
+    reporter = RunReporter(
+        run_id=claimed_run.id, task_id="t", poll_every_s=1.0, clock=fake.clock, sleep=fake.sleep
+    )
     assert reporter.should_stop() is False
     Run.objects.filter(id=claimed_run.id).update(cancel_requested=True)
     with mock.patch("experiments.selectors.records.run_is_cancel_requested",
@@ -196,8 +221,15 @@ def test_a_run_whose_outcome_cannot_be_recorded_goes_back_to_the_broker(claimed_
 def test_the_reporter_thread_writes_and_renews_the_lease_while_the_engine_is_silent(digits_setup, team, user):
     with mock.patch(DISPATCH):
         experiment = launch_writes.experiment_create(
-            team=team, created_by=user, name="kd", dataset=digits_setup["dataset"], teacher=digits_setup["teacher"],
-            students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]], seeds=[0])
+            team=team,
+            created_by=user,
+            name="kd",
+            dataset=digits_setup["dataset"],
+            teacher=digits_setup["teacher"],
+            students=digits_setup["students"][:1],
+            recipes=[digits_setup["recipe"]],
+            seeds=[0],
+        )
     run = experiment.runs.get(is_baseline=False)
     lifecycle.run_claim(run_id=run.id, task_id=run.task_id, worker_name="w")
     old = timezone.now() - timedelta(hours=1)
@@ -212,7 +244,9 @@ def test_the_reporter_thread_writes_and_renews_the_lease_while_the_engine_is_sil
 
     with reporter:
         reporter.on_progress(3, 40)
-        reporter.on_metrics(3, {"loss": 0.7})  # the training thread only buffers: the reporter's thread writes
+        reporter.on_metrics(
+            3, {"loss": 0.7}
+        )  # the training thread only buffers: the reporter's thread writes
         assert soon(lambda: logged_steps(run) == [3] and Run.objects.get(id=run.id).step == 3)
         assert soon(lambda: Run.objects.get(id=run.id).heartbeat_at > old + timedelta(minutes=59))
         renewed = Run.objects.get(id=run.id).heartbeat_at
@@ -239,21 +273,49 @@ def test_the_sweep_task_requeues_stale_runs_and_resends_lost_messages(claimed_ru
     with mock.patch(DISPATCH) as dispatch, django_capture_on_commit_callbacks(execute=True):
         counts = requeue_stale_runs.apply().get()
     assert counts == {"queued": 1, "redispatched": 1}
-    assert sorted(call.kwargs["args"][0] for call in dispatch.call_args_list) == sorted([claimed_run.id, lost.get().id])
+    assert sorted(call.kwargs["args"][0] for call in dispatch.call_args_list) == sorted(
+        [claimed_run.id, lost.get().id]
+    )
     with mock.patch("celery.app.base.Celery.connection_for_read", side_effect=OSError("Connection refused")):
         assert broker_queue_size(queue) is None  # unknown: the sweep sends nothing on a guess
 
 
 # --- real processes -------------------------------------------------------------------------------------
 class FaultWorker:
-    """A real `celery worker` in a process group of its own, so that the test can kill it with its pool child."""
+    """A real `celery worker` in a process group of its own, so that the test can kill it with its pool
+    child."""
 
-    def __init__(self, name: str, *, queues: list[str], broker_url: str, log: Path, beat_schedule: Path | None,
-                 env: dict[str, str], database_port: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        queues: list[str],
+        broker_url: str,
+        log: Path,
+        beat_schedule: Path | None,
+        env: dict[str, str],
+        database_port: int | None = None,
+    ) -> None:
         self.name = f"{name}@{os.uname().nodename}"
         self.log = log
-        command = [sys.executable, "-m", "celery", "-A", "distillweb", "worker", "-Q", ",".join(queues), "-n",
-                   self.name, "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "distillweb",
+            "worker",
+            "-Q",
+            ",".join(queues),
+            "-n",
+            self.name,
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
         if beat_schedule is not None:
             command += ["-B", "--schedule", str(beat_schedule)]
         self.process = subprocess.Popen(
@@ -303,14 +365,31 @@ def fleet(transactional_db, settings, tmp_path):
     settings.RUN_QUEUE = queue
     started: list[FaultWorker] = []
 
-    def start(name: str, *, queues: list[str] | None = None, beat: bool = False, broker_url: str | None = None,
-              database_port: int | None = None, **env: str) -> FaultWorker:
+    def start(
+        name: str,
+        *,
+        queues: list[str] | None = None,
+        beat: bool = False,
+        broker_url: str | None = None,
+        database_port: int | None = None,
+        **env: str,
+    ) -> FaultWorker:
         worker = FaultWorker(
-            f"{name}-{tag}", queues=queues or [queue], broker_url=broker_url or broker, log=tmp_path / f"{name}.log",
-            beat_schedule=tmp_path / f"{name}-beat" if beat else None, database_port=database_port,
-            env={"ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT), "RUN_QUEUE": queue, "FLEET_QUEUE": sweeps,
-                 "WORKER_HEARTBEAT_INTERVAL_S": "1", "RUN_HEARTBEAT_TIMEOUT_S": str(LEASE_S),
-                 "RUN_SWEEP_INTERVAL_S": "1", **env},
+            f"{name}-{tag}",
+            queues=queues or [queue],
+            broker_url=broker_url or broker,
+            log=tmp_path / f"{name}.log",
+            beat_schedule=tmp_path / f"{name}-beat" if beat else None,
+            database_port=database_port,
+            env={
+                "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT),
+                "RUN_QUEUE": queue,
+                "FLEET_QUEUE": sweeps,
+                "WORKER_HEARTBEAT_INTERVAL_S": "1",
+                "RUN_HEARTBEAT_TIMEOUT_S": str(LEASE_S),
+                "RUN_SWEEP_INTERVAL_S": "1",
+                **env,
+            },
         )
         started.append(worker)
         return worker
@@ -325,15 +404,28 @@ def fleet(transactional_db, settings, tmp_path):
     def launch(*, max_steps: int, save_every: int = 100, log_every: int = 10, eval_every: int = 1000) -> Run:
         """One hard-label run on digits, sent to the test's queue (on commit, through the test's broker)."""
         experiment = launch_writes.experiment_create(
-            team=team, created_by=user, name=f"run {uuid.uuid4().hex[:4]}", dataset=digits, students=[student],
-            recipes=[records.hard_labels_recipe(team=team)], seeds=[0],
-            train={"max_steps": max_steps, "save_every": save_every, "log_every": log_every,
-                   "eval_every": eval_every, "batch_size": 64, "lr": 0.01},
+            team=team,
+            created_by=user,
+            name=f"run {uuid.uuid4().hex[:4]}",
+            dataset=digits,
+            students=[student],
+            recipes=[records.hard_labels_recipe(team=team)],
+            seeds=[0],
+            train={
+                "max_steps": max_steps,
+                "save_every": save_every,
+                "log_every": log_every,
+                "eval_every": eval_every,
+                "batch_size": 64,
+                "lr": 0.01,
+            },
         )
         return experiment.runs.get()
 
     try:
-        yield SimpleNamespace(start=start, launch=launch, queue=queue, sweeps=sweeps, broker=broker, workers=started)
+        yield SimpleNamespace(
+            start=start, launch=launch, queue=queue, sweeps=sweeps, broker=broker, workers=started
+        )
     finally:
         for worker in started:
             worker.stop()
@@ -341,7 +433,8 @@ def fleet(transactional_db, settings, tmp_path):
 
 
 def wait_for(condition: Callable[[], object], *, timeout: float, workers: list[FaultWorker], what: str):
-    """Poll ``condition`` until it holds; ``timeout`` is an idle machine's bound, scaled (tests/waiting.py)."""
+    """Poll ``condition`` until it holds; ``timeout`` is an idle machine's bound, scaled
+    (tests/waiting.py)."""
     deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         value = condition()
@@ -392,7 +485,8 @@ def test_a_killed_worker_s_run_is_taken_over_and_finishes_from_its_last_checkpoi
     b = fleet.start("b", queues=[fleet.sweeps], beat=True)
     a.wait_registered()
     b.wait_registered()
-    # Long enough to outlast the lease wait below on an idle machine too (~1 ms a step there, 2–3 ms under load).
+    # Long enough to outlast the lease wait below on an idle machine too (~1 ms a step there, 2–3 ms under
+    # load).
     run = fleet.launch(max_steps=20000)
     wait_for(training_with_a_checkpoint(run), timeout=90, workers=[a, b], what="A's first checkpoint")
     time.sleep(LEASE_S + 1.5)  # longer than the lease: B's sweeps must leave A's live run alone
@@ -422,7 +516,9 @@ def test_a_killed_worker_s_run_is_taken_over_and_finishes_from_its_last_checkpoi
     assert Evaluation.objects.filter(run=run, role="student").count() == 1  # succeeded once
     assert_every_logged_step_once(done, log_every=10)
     # B resumed from A's last checkpoint: the points up to it are A's, written before the kill, never redone.
-    wall: dict[int, datetime] = dict(MetricPoint.objects.filter(run=run, name="loss").values_list("step", "wall_time"))
+    wall: dict[int, datetime] = dict(
+        MetricPoint.objects.filter(run=run, name="loss").values_list("step", "wall_time")
+    )
     assert all(wall[s] < killed_at for s in range(10, resume_step + 1, 10))
     assert all(wall[s] > killed_at for s in range(resume_step + 10, run.total_steps + 1, 10))
 
@@ -438,8 +534,19 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + scaled(20)
         while not broker_reachable(self.url):
@@ -481,7 +588,9 @@ def test_a_broker_restart_during_a_run_loses_and_duplicates_nothing(fleet, own_r
     worker = fleet.start("w", broker_url=own_redis.url)
     worker.wait_registered()
     with mock.patch(DISPATCH):  # the task goes to the test's own redis-server below
-        run = fleet.launch(max_steps=10000)  # still training when the broker comes back, even on an idle machine
+        run = fleet.launch(
+            max_steps=10000
+        )  # still training when the broker comes back, even on an idle machine
     publish(run, broker_url=own_redis.url, queue=fleet.queue, task_id=reload(run).task_id)
     wait_for(training_with_a_checkpoint(run), timeout=90, workers=[worker], what="the first checkpoint")
 
@@ -495,15 +604,20 @@ def test_a_broker_restart_during_a_run_loses_and_duplicates_nothing(fleet, own_r
     assert done.status == Run.Status.SUCCEEDED, done.error
     assert step_at_kill < done.total_steps and done.attempt == 1 and done.worker_name == worker.name
     assert "Connection to broker lost" in worker.tail(10**6)  # the restart did reach the worker
-    assert [(t.from_status, t.to_status) for t in history(run)] == [("queued", "running"), ("running", "succeeded")]
+    assert [(t.from_status, t.to_status) for t in history(run)] == [
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
     assert_every_logged_step_once(done, log_every=10)
     assert Evaluation.objects.filter(run=run, role="student").count() == 1
     # The worker came back to the restarted broker: it takes the next run from it.
     with mock.patch(DISPATCH):
         after = fleet.launch(max_steps=50)
     publish(after, broker_url=own_redis.url, queue=fleet.queue, task_id=reload(after).task_id)
-    assert wait_for(finished(after), timeout=120, workers=[worker], what="a run after the restart").status == \
-        Run.Status.SUCCEEDED
+    assert (
+        wait_for(finished(after), timeout=120, workers=[worker], what="a run after the restart").status
+        == Run.Status.SUCCEEDED
+    )
 
 
 @pytest.mark.integration
@@ -522,8 +636,14 @@ def test_cancelled_queued_and_running_runs_stop_and_the_running_one_keeps_its_wo
     assert stopped.status == Run.Status.CANCELLED and stopped.step < stopped.total_steps
 
     # The worker then receives the cancelled run's message and drops it: the message was revoked.
-    wait_for(lambda: f"Discarding revoked task: workers.run_distillation[{reload(queued).task_id}]" in worker.tail(),
-             timeout=30, workers=[worker], what="the revoked message to be dropped")
+    wait_for(
+        lambda: (
+            f"Discarding revoked task: workers.run_distillation[{reload(queued).task_id}]" in worker.tail()
+        ),
+        timeout=30,
+        workers=[worker],
+        what="the revoked message to be dropped",
+    )
     points = MetricPoint.objects.filter(run=running).count()
     time.sleep(2)
     for run in (stopped, reload(queued)):  # neither continues
@@ -536,7 +656,9 @@ def test_cancelled_queued_and_running_runs_stop_and_the_running_one_keeps_its_wo
     assert stopped.checkpoint_path == f"runs/{running.id}/checkpoints/{checkpoint.name}"
     assert stopped.artifacts.filter(kind="checkpoint").exists()
     never = reload(queued)
-    assert never.attempt == 0 and never.started_at is None and not MetricPoint.objects.filter(run=never).exists()
+    assert (
+        never.attempt == 0 and never.started_at is None and not MetricPoint.objects.filter(run=never).exists()
+    )
     assert [(t.from_status, t.to_status) for t in history(never)] == [("queued", "cancelled")]
     assert [(t.from_status, t.to_status) for t in history(running)] == [("queued", "running"),
                                                                         ("running", "cancelled")]
@@ -548,9 +670,12 @@ def test_a_duplicate_delivery_of_a_live_run_does_nothing(fleet):
     first.wait_registered()
     second.wait_registered()
     run = fleet.launch(max_steps=10000)  # still training once the idle worker has refused both copies
-    live = wait_for(training_with_a_checkpoint(run), timeout=90, workers=[first, second], what="the run to start")
+    live = wait_for(
+        training_with_a_checkpoint(run), timeout=90, workers=[first, second], what="the run to start"
+    )
     owner, idle = (first, second) if live.worker_name == first.name else (second, first)
-    # The same message again (as Redis redelivers it), and a stray copy under another id: the idle worker gets both.
+    # The same message again (as Redis redelivers it), and a stray copy under another id: the idle worker gets
+    # both.
     run_distillation.apply_async(args=(run.id,), queue=fleet.queue, task_id=live.task_id)
     run_distillation.apply_async(args=(run.id,), queue=fleet.queue, task_id=str(uuid.uuid4()))
     wait_for(lambda: idle.tail().count("nothing to do") == 2, timeout=60, workers=[owner, idle],
@@ -561,7 +686,10 @@ def test_a_duplicate_delivery_of_a_live_run_does_nothing(fleet):
 
     done = wait_for(finished(run), timeout=240, workers=[owner, idle], what="the run to finish")
     assert done.status == Run.Status.SUCCEEDED and done.attempt == 1 and done.worker_name == owner.name
-    assert [(t.from_status, t.to_status) for t in history(run)] == [("queued", "running"), ("running", "succeeded")]
+    assert [(t.from_status, t.to_status) for t in history(run)] == [
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
     assert_every_logged_step_once(done, log_every=10)
 
 
@@ -632,7 +760,9 @@ def test_a_database_outage_pauses_the_run_and_loses_nothing(fleet):
     proxy = FlakyTcpProxy((db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432)))
     try:
         # The default lease (120 s) outlasts the outage: no sweep may hand the run to someone else meanwhile.
-        worker = fleet.start("w", database_port=proxy.port, RUN_HEARTBEAT_TIMEOUT_S="120", DB_CONN_MAX_AGE="0")
+        worker = fleet.start(
+            "w", database_port=proxy.port, RUN_HEARTBEAT_TIMEOUT_S="120", DB_CONN_MAX_AGE="0"
+        )
         worker.wait_registered()
         run = fleet.launch(max_steps=3000)
         wait_for(training_with_a_checkpoint(run), timeout=90, workers=[worker], what="the first checkpoint")
@@ -645,5 +775,8 @@ def test_a_database_outage_pauses_the_run_and_loses_nothing(fleet):
         proxy.cut()
     assert done.status == Run.Status.SUCCEEDED, done.error
     assert done.attempt == 1 and "database unreachable" in worker.tail(10**6)
-    assert [(t.from_status, t.to_status) for t in history(run)] == [("queued", "running"), ("running", "succeeded")]
+    assert [(t.from_status, t.to_status) for t in history(run)] == [
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
     assert_every_logged_step_once(done, log_every=10)

@@ -1,9 +1,9 @@
 """A worker that lost its lease never writes into the run again, with real processes.
 
-A killed worker never comes back; the dangerous one is a worker that does: frozen past its lease (SIGSTOP, a VM
-pause, a swap storm) or cut off from Postgres for longer than the lease, it wakes up with a model, buffered points
-and a checkpoint to write while another worker owns the run. These tests freeze and cut real `celery worker`
-processes at different moments of a run and check, each time, that
+A killed worker never comes back; the dangerous one is a worker that does: frozen past its lease (SIGSTOP, a
+VM pause, a swap storm) or cut off from Postgres for longer than the lease, it wakes up with a model, buffered
+points and a checkpoint to write while another worker owns the run. These tests freeze and cut real `celery
+worker` processes at different moments of a run and check, each time, that
 
 - the run succeeds once (one success, one student evaluation);
 - every logged step of every series exists exactly once;
@@ -49,8 +49,9 @@ fleet = faults.fleet  # real `celery worker` processes on a queue of the test's 
 # reference below stays short.
 HIDDEN = [512, 512]
 MAX_STEPS, SAVE_EVERY, LOG_EVERY = 3000, 25, 5
-# Every worker keeps all its checkpoints, so any folder of the owner that disappears was deleted by someone else.
-# A lease a little longer than the other fault tests', so a loaded machine does not add takeovers of its own.
+# Every worker keeps all its checkpoints, so any folder of the owner that disappears was deleted by someone
+# else. A lease a little longer than the other fault tests', so a loaded machine does not add takeovers of its
+# own.
 WORKER_ENV = {"RUN_MAX_ATTEMPTS": "20", "RUN_KEEP_CHECKPOINTS": "100000", "RUN_HEARTBEAT_TIMEOUT_S": "8"}
 
 
@@ -76,7 +77,9 @@ def checkpoint_folders(run: Run, root: Path, attempt: int) -> set[str]:
 
 
 def registered_by(run: Run, *, after: int = 0):
-    """The run, once an attempt later than ``after`` is training and has registered a checkpoint of its own."""
+    """The run, once an attempt later than ``after`` is training and has registered a checkpoint of its
+    own."""
+
     def check() -> Run | None:
         current = reload(run)
         return current if (current.status == Run.Status.RUNNING and current.attempt > after
@@ -94,11 +97,17 @@ def assert_matches_an_uninterrupted_run(run: Run, tmp_path: Path) -> None:
     the final evaluation (CPU training is deterministic for a seed: a resumed run continues bit for bit)."""
     config = {**run.config, "output_dir": str(tmp_path / "reference"), "cache_dir": str(tmp_path / "cache")}
     losses: dict[int, float] = {}
-    result = train(RunConfig.from_dict(config),
-                   Callbacks(on_metrics=lambda step, m: losses.__setitem__(step, m["loss"]) if "loss" in m else None))
+    result = train(
+        RunConfig.from_dict(config),
+        Callbacks(on_metrics=lambda step, m: losses.__setitem__(step, m["loss"]) if "loss" in m else None),
+    )
     logged = dict(MetricPoint.objects.filter(run=run, name="loss").values_list("step", "value"))
     assert sorted(logged) == sorted(losses)
-    off = {s: (logged[s], losses[s]) for s in losses if abs(logged[s] - losses[s]) > 1e-6 * max(1.0, abs(losses[s]))}
+    off = {
+        s: (logged[s], losses[s])
+        for s in losses
+        if abs(logged[s] - losses[s]) > 1e-6 * max(1.0, abs(losses[s]))
+    }
     assert not off, f"the run's curve leaves the uninterrupted one at steps {sorted(off)[:10]}: {off}"
     assert run.result["student"]["accuracy"] == pytest.approx(result.student["accuracy"], abs=1e-9)
     assert run.result["student"]["nll"] == pytest.approx(result.student["nll"], rel=1e-6)
@@ -128,16 +137,20 @@ def test_workers_frozen_past_their_lease_write_nothing_when_they_wake(fleet, set
     frozen_at = []
     for target in targets:
         wait_for(registered_by(run), timeout=300, workers=fleet.workers, what="an attempt training")
-        wait_for(lambda t=target: reload(run).step >= t, timeout=300, workers=fleet.workers, what=f"step {target}")
-        time.sleep(chance.uniform(0, 0.5))  # a different moment of the loop each time: a step, a write, a save
+        wait_for(
+            lambda t=target: reload(run).step >= t, timeout=300, workers=fleet.workers, what=f"step {target}"
+        )
+        time.sleep(
+            chance.uniform(0, 0.5)
+        )  # a different moment of the loop each time: a step, a write, a save
         owner = reload(run)
         assert owner.status == Run.Status.RUNNING, "the run ended too soon"
         evicted = by_name[owner.worker_name]
         os.killpg(evicted.process.pid, signal.SIGSTOP)
         frozen_at.append(reload(run).step)
         try:
-            # The lease expires, the sweep requeues the run and the other worker resumes it from the checkpoint
-            # the frozen one registered last.
+            # The lease expires, the sweep requeues the run and the other worker resumes it from the
+            # checkpoint the frozen one registered last.
             successor = wait_for(registered_by(run, after=owner.attempt), timeout=300, workers=fleet.workers,
                                  what="another worker to take over")
             assert successor.worker_name != evicted.name

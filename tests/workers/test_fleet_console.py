@@ -1,5 +1,5 @@
-"""The worker fleet console: staff-only pages and actions, worker registration rules, the offline sweep, the home
-page's fleet summary, and a real worker drained and resumed through the console."""
+"""The worker fleet console: staff-only pages and actions, worker registration rules, the offline sweep, the
+home page's fleet summary, and a real worker drained and resumed through the console."""
 
 import json
 import time
@@ -105,7 +105,9 @@ def test_admin_worker_actions_report_an_offline_worker(staff_client):
 @pytest.mark.parametrize("name", ACTIONS)
 def test_actions_on_an_unknown_worker_say_so(staff_client, name):
     with mock.patch.object(fleet_writes, "_send") as send:
-        response = staff_client.post(reverse(f"experiments:{name}", args=[987654]), {"queue": "cpu"}, follow=True)
+        response = staff_client.post(
+            reverse(f"experiments:{name}", args=[987654]), {"queue": "cpu"}, follow=True
+        )
 
     assert response.status_code == 200
     assert any("no such worker" in text for text in texts(response))
@@ -128,12 +130,15 @@ def test_actions_on_an_offline_worker_say_so_and_change_nothing(staff_client, na
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("queue", ["", "   ", "has space", "a" * 65, "q;rm -rf", "<script>", "queue/1", "ünïcode"])
+@pytest.mark.parametrize(
+    "queue", ["", "   ", "has space", "a" * 65, "q;rm -rf", "<script>", "queue/1", "ünïcode"]
+)
 def test_queue_names_are_validated(staff_client, queue):
     worker = make_worker()
     with mock.patch.object(fleet_writes, "_send") as send:
-        response = staff_client.post(reverse("experiments:worker_add_queue", args=[worker.pk]), {"queue": queue},
-                                     follow=True)
+        response = staff_client.post(
+            reverse("experiments:worker_add_queue", args=[worker.pk]), {"queue": queue}, follow=True
+        )
 
     assert any("A queue name is 1–64 letters" in text for text in texts(response))
     send.assert_not_called()
@@ -172,8 +177,9 @@ def test_queue_changes_on_a_draining_worker_only_change_what_resume_consumes(sta
     with mock.patch.object(fleet_writes, "_send") as send:
         staff_client.post(reverse("experiments:worker_add_queue", args=[worker.pk]), {"queue": "cpu"})
         staff_client.post(reverse("experiments:worker_remove_queue", args=[worker.pk]), {"queue": "gpu-80g"})
-        response = staff_client.post(reverse("experiments:worker_remove_queue", args=[worker.pk]), {"queue": "cpu"},
-                                     follow=True)
+        response = staff_client.post(
+            reverse("experiments:worker_remove_queue", args=[worker.pk]), {"queue": "cpu"}, follow=True
+        )
 
     send.assert_not_called()
     assert any("only queue" in text for text in texts(response))
@@ -223,7 +229,9 @@ def test_the_page_shows_gpus_queues_runs_and_heartbeat_age(staff_client, run):
     assert reverse("experiments:worker_drain", args=[worker.pk]) in html and "csrfmiddlewaretoken" in html
     data = staff_client.get(reverse("experiments:worker_list_json")).json()
     (row,) = data["workers"]
-    assert row["state"] == "online" and 11 <= row["heartbeat_age_s"] < 20 and row["queues"] == ["gpu-80g", "cpu"]
+    assert (
+        row["state"] == "online" and 11 <= row["heartbeat_age_s"] < 20 and row["queues"] == ["gpu-80g", "cpu"]
+    )
     assert [r["url"] for r in row["runs"]] == [reverse("experiments:run_detail", args=[run.pk])]
     assert [g["busy"] for g in row["gpus"]] == [True, True]  # a run is on this worker: both its GPUs are busy
 
@@ -255,10 +263,16 @@ def test_a_worker_cannot_register_under_the_name_of_a_live_one(caplog):
 def test_a_name_is_free_again_once_its_holder_is_gone(holder, pid_alive):
     make_worker(name="gpu0@b", **{"hostname": "a", "pid": 100, **holder})
 
-    worker = fleet_writes.worker_register(name="gpu0@b", hostname="b", pid=200, queues=["x"], versions={"torch": "2"},
-                                      pid_alive=pid_alive)
+    worker = fleet_writes.worker_register(
+        name="gpu0@b", hostname="b", pid=200, queues=["x"], versions={"torch": "2"}, pid_alive=pid_alive
+    )
 
-    assert (worker.hostname, worker.pid, worker.queues, worker.state) == ("b", 200, ["x"], Worker.State.ONLINE)
+    assert (worker.hostname, worker.pid, worker.queues, worker.state) == (
+        "b",
+        200,
+        ["x"],
+        Worker.State.ONLINE,
+    )
 
 
 @pytest.mark.django_db
@@ -280,7 +294,9 @@ def test_a_worker_swept_offline_while_silent_comes_back_on_its_next_beat(consumi
 
     make_worker(name="gpu0@a", hostname="a", pid=100, age_s=3600, queues=["gpu-80g", "cpu"])
     fleet_sweep.apply()
-    consumer = SimpleNamespace(task_consumer=SimpleNamespace(queues=[SimpleNamespace(name=q) for q in consuming]))
+    consumer = SimpleNamespace(
+        task_consumer=SimpleNamespace(queues=[SimpleNamespace(name=q) for q in consuming])
+    )
 
     beat(name="gpu0@a", hostname="a", pid=100, consumer=consumer)
 
@@ -294,7 +310,9 @@ def test_a_worker_swept_offline_while_silent_comes_back_on_its_next_beat(consumi
 @pytest.mark.django_db
 def test_the_sweep_marks_silent_workers_offline(settings):
     silent = make_worker(name="a", age_s=settings.WORKER_OFFLINE_AFTER_S + 5)
-    silent_draining = make_worker(name="b", age_s=settings.WORKER_OFFLINE_AFTER_S + 5, state=Worker.State.DRAINING)
+    silent_draining = make_worker(
+        name="b", age_s=settings.WORKER_OFFLINE_AFTER_S + 5, state=Worker.State.DRAINING
+    )
     never = make_worker(name="c", last_heartbeat=None)
     fresh = make_worker(name="d", age_s=2)
 
@@ -326,11 +344,18 @@ def test_home_summarises_workers_gpus_and_queues(client_logged_in, run, settings
     make_worker(name="w4", gpus=[gpu(0, util=99)], age_s=settings.WORKER_OFFLINE_AFTER_S + 1)  # not counted
     Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING, started_at=timezone.now(),
                                          worker_name=busy_by_run.name)
-    with mock.patch.object(fleet_reads, "queue_depths", side_effect=lambda names: dict.fromkeys(names, 7)) as depths:
+    with mock.patch.object(
+        fleet_reads, "queue_depths", side_effect=lambda names: dict.fromkeys(names, 7)
+    ) as depths:
         response = client_logged_in.get(reverse("experiments:home"))
 
     summary = response.context["fleet"]
-    assert (summary.workers_online, summary.workers_draining, summary.gpus_busy, summary.gpus_free) == (2, 1, 2, 2)
+    assert (summary.workers_online, summary.workers_draining, summary.gpus_busy, summary.gpus_free) == (
+        2,
+        1,
+        2,
+        2,
+    )
     assert set(depths.call_args.args[0]) == {settings.RUN_QUEUE, "gpu-80g"}
     html = response.content.decode()
     assert "GPUs busy / free" in html and "2 / 2" in html and "gpu-80g" in html
@@ -377,7 +402,8 @@ def digits_experiment(user, team, name: str, *, max_steps: int):
 
 
 def wait_until(predicate, *, timeout: float, worker, what: str):
-    """Poll ``predicate`` while the worker lives; ``timeout`` is an idle machine's bound, scaled (tests/waiting.py)."""
+    """Poll ``predicate`` while the worker lives; ``timeout`` is an idle machine's bound, scaled
+    (tests/waiting.py)."""
     return waiting.wait_until(predicate, timeout=timeout, what=what, every=0.2, check=worker.check_alive,
                               describe=worker.tail)
 
@@ -401,10 +427,14 @@ def test_a_drained_worker_finishes_its_run_takes_no_new_one_and_works_again_when
     assert row.gpus == [] and row.versions["cuda"] == "none" and row.versions["torch"]
 
     first = digits_experiment(user, team, "first", max_steps=400)
-    wait_until(lambda: status(first) == Run.Status.RUNNING, timeout=120, worker=worker, what="the first run to start")
+    wait_until(
+        lambda: status(first) == Run.Status.RUNNING, timeout=120, worker=worker, what="the first run to start"
+    )
 
     response = client.post(reverse("experiments:worker_drain", args=[row.pk]), follow=True)
-    assert [t for t in texts(response) if "is draining" in t and f"no longer consuming from {worker.queue}" in t]
+    assert [
+        t for t in texts(response) if "is draining" in t and f"no longer consuming from {worker.queue}" in t
+    ]
     assert Worker.objects.get(pk=row.pk).state == Worker.State.DRAINING
     assert status(first) == Run.Status.RUNNING  # drained mid-run
 

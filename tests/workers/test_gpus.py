@@ -53,7 +53,9 @@ class FakeNvml:
         return handle["name"]
 
     def nvmlDeviceGetMemoryInfo(self, handle):
-        return SimpleNamespace(total=handle["total"], used=handle["used"], free=handle["total"] - handle["used"])
+        return SimpleNamespace(
+            total=handle["total"], used=handle["used"], free=handle["total"] - handle["used"]
+        )
 
     def nvmlDeviceGetUtilizationRates(self, handle):
         if handle.get("util") is None:
@@ -87,10 +89,24 @@ def test_reads_every_gpu_with_memory_in_bytes_utilisation_and_temperature():
     result = inventory([device(0), device(1)]).gpus()
 
     assert result == [
-        {"index": 0, "name": "NVIDIA H100 80GB HBM3 #0", "uuid": device(0)["uuid"], "memory_total_bytes": 80 * GIB,
-         "memory_used_bytes": 0, "utilization_pct": 0, "temperature_c": 40},
-        {"index": 1, "name": "NVIDIA H100 80GB HBM3 #1", "uuid": device(1)["uuid"], "memory_total_bytes": 80 * GIB,
-         "memory_used_bytes": GIB, "utilization_pct": 10, "temperature_c": 41},
+        {
+            "index": 0,
+            "name": "NVIDIA H100 80GB HBM3 #0",
+            "uuid": device(0)["uuid"],
+            "memory_total_bytes": 80 * GIB,
+            "memory_used_bytes": 0,
+            "utilization_pct": 0,
+            "temperature_c": 40,
+        },
+        {
+            "index": 1,
+            "name": "NVIDIA H100 80GB HBM3 #1",
+            "uuid": device(1)["uuid"],
+            "memory_total_bytes": 80 * GIB,
+            "memory_used_bytes": GIB,
+            "utilization_pct": 10,
+            "temperature_c": 41,
+        },
     ]
     json.dumps(result)  # goes into a JSON column as it is
 
@@ -113,7 +129,11 @@ def test_old_pynvml_bytes_names_are_decoded():
 def test_unsupported_readings_become_none_instead_of_hiding_the_gpu():
     (gpu,) = inventory([device(0, util=None, temp=None)]).gpus()
 
-    assert gpu["utilization_pct"] is None and gpu["temperature_c"] is None and gpu["memory_total_bytes"] == 80 * GIB
+    assert (
+        gpu["utilization_pct"] is None
+        and gpu["temperature_c"] is None
+        and gpu["memory_total_bytes"] == 80 * GIB
+    )
 
 
 def test_a_lost_gpu_is_skipped_and_the_others_still_reported():
@@ -141,7 +161,9 @@ def test_cuda_visible_devices_selects_and_orders_gpus(visible, indices):
     assert [g["index"] for g in result] == indices
 
 
-@pytest.mark.parametrize("error", [FakeNVMLError("NVML Shared Library Not Found"), OSError("libnvidia-ml.so.1")])
+@pytest.mark.parametrize(
+    "error", [FakeNVMLError("NVML Shared Library Not Found"), OSError("libnvidia-ml.so.1")]
+)
 def test_a_host_without_a_driver_reports_no_gpus_and_no_versions(error):
     inv = inventory([device(0)], init_error=error)
 
@@ -150,7 +172,10 @@ def test_a_host_without_a_driver_reports_no_gpus_and_no_versions(error):
 
 
 def test_driver_and_cuda_versions_come_from_nvml():
-    assert inventory([device(0)], cuda=12040).driver_versions() == {"nvidia_driver": "550.54.15", "cuda": "12.4"}
+    assert inventory([device(0)], cuda=12040).driver_versions() == {
+        "nvidia_driver": "550.54.15",
+        "cuda": "12.4",
+    }
     assert gpus.cuda_version_text(11080) == "11.8"
 
 

@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def wait_for_runs(runs, timeout: float, worker) -> list[Run]:
-    """Follow the runs in the database until all have finished (``timeout``: an idle machine's bound, scaled)."""
+    """Follow the runs in the database until all have finished (``timeout``: an idle machine's bound,
+    scaled)."""
     return waiting.wait_for_runs(runs, timeout=timeout, check=worker.check_alive, describe=worker.tail)
 
 
@@ -24,10 +25,25 @@ def test_worker_trains_a_teacher_then_distills_and_reports_everything(celery_wor
                                           builtin_name="digits")
 
     def mlp(name, hidden, **extra):
-        return records.model_spec_create(team=team, created_by=user, name=name, source="builtin",
-                                          builtin_arch="mlp", config={"hidden_sizes": hidden}, num_labels=10, **extra)
+        return records.model_spec_create(
+            team=team,
+            created_by=user,
+            name=name,
+            source="builtin",
+            builtin_arch="mlp",
+            config={"hidden_sizes": hidden},
+            num_labels=10,
+            **extra,
+        )
 
-    train = {"max_steps": 60, "eval_every": 20, "save_every": 20, "log_every": 10, "batch_size": 64, "lr": 0.01}
+    train = {
+        "max_steps": 60,
+        "eval_every": 20,
+        "save_every": 20,
+        "log_every": 10,
+        "batch_size": 64,
+        "lr": 0.01,
+    }
     training = launch.experiment_create(
         team=team, created_by=user, name="teacher", dataset=digits, students=[mlp("teacher-arch", [128])],
         recipes=[records.hard_labels_recipe(team=team)], seeds=[0], train={**train, "max_steps": 150},
@@ -53,7 +69,9 @@ def test_worker_trains_a_teacher_then_distills_and_reports_everything(celery_wor
 
     for run in by_student["s16"] + by_student["teacher-arch"]:
         assert run.step == run.total_steps and run.worker_name == worker.name and run.attempt == 1
-        steps = list(MetricPoint.objects.filter(run=run, name="loss").order_by("step").values_list("step", flat=True))
+        steps = list(
+            MetricPoint.objects.filter(run=run, name="loss").order_by("step").values_list("step", flat=True)
+        )
         assert steps == list(range(10, run.total_steps + 1, 10))  # every logged step exactly once
         assert MetricPoint.objects.filter(run=run, name="eval/accuracy").count() >= 3
         evaluation = Evaluation.objects.get(run=run, role="student")
@@ -87,8 +105,15 @@ def test_bad_columns_and_unknown_model_ids_fail_only_their_runs(celery_worker_pr
     settings.DATASET_ROOTS = [data]
 
     def csv_dataset(name):
-        return records.dataset_spec_create(team=team, created_by=user, name=name, source="hf",
-                                            local_path=str(data / f"{name}.csv"), text_column="text", num_labels=2)
+        return records.dataset_spec_create(
+            team=team,
+            created_by=user,
+            name=name,
+            source="hf",
+            local_path=str(data / f"{name}.csv"),
+            text_column="text",
+            num_labels=2,
+        )
 
     tiny_bert = records.model_spec_create(
         team=team, created_by=user, name="tiny-bert", source="config", num_labels=2,
@@ -101,9 +126,19 @@ def test_bad_columns_and_unknown_model_ids_fail_only_their_runs(celery_worker_pr
     good = launch.experiment_create(team=team, created_by=user, name="good", dataset=csv_dataset("good"),
                                       students=[tiny_bert, missing], recipes=hard_labels, seeds=[0],
                                       train={"max_steps": 6, "eval_every": 3, "log_every": 3})
-    bad = launch.experiment_create(team=team, created_by=user, name="bad", dataset=csv_dataset("bad"),
-                                     students=[tiny_bert], recipes=hard_labels, seeds=[0], train={"max_steps": 6})
-    finished = {r.id: r for r in wait_for_runs([*good.runs.all(), *bad.runs.all()], timeout=180, worker=worker)}
+    bad = launch.experiment_create(
+        team=team,
+        created_by=user,
+        name="bad",
+        dataset=csv_dataset("bad"),
+        students=[tiny_bert],
+        recipes=hard_labels,
+        seeds=[0],
+        train={"max_steps": 6},
+    )
+    finished = {
+        r.id: r for r in wait_for_runs([*good.runs.all(), *bad.runs.all()], timeout=180, worker=worker)
+    }
     ok = finished[good.runs.get(student=tiny_bert).id]
     assert ok.status == Run.Status.SUCCEEDED, ok.error
     unknown = finished[good.runs.get(student=missing).id]

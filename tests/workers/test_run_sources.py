@@ -1,5 +1,6 @@
-"""The task in-process (``apply``): a run config that names files the run may not read fails the run with a clear
-message before anything is read, and no message of a failed run holds an absolute path of the machine."""
+"""The task in-process (``apply``): a run config that names files the run may not read fails the run with a
+clear message before anything is read, and no message of a failed run holds an absolute path of the
+machine."""
 
 from __future__ import annotations
 
@@ -74,14 +75,25 @@ def foreign_model(other_team, settings, digits_setup):
     return {"run": foreign, "folder": folder, "upload": uploads / "secret.csv"}
 
 
-@pytest.mark.parametrize("case", ["run output of another team", "hub id that is a path", "hub id of a local folder",
-                                  "another team's upload"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "run output of another team",
+        "hub id that is a path",
+        "hub id of a local folder",
+        "another team's upload",
+    ],
+)
 def test_a_crafted_config_that_reaches_the_worker_fails_the_run_and_reads_nothing(
         team, user, digits_setup, settings, tmp_path, foreign_model, monkeypatch, case):
     run = _experiment(team, user, digits_setup).runs.get(is_baseline=True)
     config = dict(run.config)
     if case == "run output of another team":
-        config["student"] = {"source": "run", "num_labels": 10, "path": f"runs/{foreign_model['run'].pk}/final"}
+        config["student"] = {
+            "source": "run",
+            "num_labels": 10,
+            "path": f"runs/{foreign_model['run'].pk}/final",
+        }
         expected = "is outside the folders this worker may read models from"
     elif case == "hub id that is a path":
         config["student"] = {"source": "hf", "num_labels": 10, "name": str(foreign_model["folder"])}
@@ -91,7 +103,12 @@ def test_a_crafted_config_that_reaches_the_worker_fails_the_run_and_reads_nothin
         config["student"] = {"source": "hf", "num_labels": 10, "name": f"runs/{foreign_model['run'].pk}"}
         expected = "is not a hub id here"
     else:
-        config["dataset"] = {**config["dataset"], "source": "hf", "name": "", "path": str(foreign_model["upload"])}
+        config["dataset"] = {
+            **config["dataset"],
+            "source": "hf",
+            "name": "",
+            "path": str(foreign_model["upload"]),
+        }
         expected = "is outside the folders this worker may read datasets from"
     Run.objects.filter(pk=run.pk).update(config=config)
 
@@ -120,15 +137,26 @@ def test_a_teams_own_upload_trains_and_another_teams_upload_is_refused(team, use
                 "intermediate_size": 32, "vocab_size": 200})
     with mock.patch(DISPATCH):
         experiment = launch.experiment_create(
-            team=team, created_by=user, name="own upload", dataset=dataset, students=[student],
-            recipes=[records.hard_labels_recipe(team=team)], seeds=[0, 1], train={"max_steps": 4, "eval_every": 4})
+            team=team,
+            created_by=user,
+            name="own upload",
+            dataset=dataset,
+            students=[student],
+            recipes=[records.hard_labels_recipe(team=team)],
+            seeds=[0, 1],
+            train={"max_steps": 4, "eval_every": 4},
+        )
     own, crafted = experiment.runs.order_by("seed")
     run_distillation.apply(args=(own.id,))
     own.refresh_from_db()
     assert own.status == Run.Status.SUCCEEDED, own.error
 
     Run.objects.filter(pk=crafted.pk).update(
-        config={**crafted.config, "dataset": {**crafted.config["dataset"], "path": str(foreign_model["upload"])}})
+        config={
+            **crafted.config,
+            "dataset": {**crafted.config["dataset"], "path": str(foreign_model["upload"])},
+        }
+    )
     run_distillation.apply(args=(crafted.id,))
     crafted.refresh_from_db()
     assert crafted.status == Run.Status.FAILED

@@ -21,8 +21,14 @@ DISPATCH = "workers.tasks.run_distillation.apply_async"
 def experiment(digits_setup, team, user):
     with mock.patch(DISPATCH):
         return launch.experiment_create(
-            team=team, created_by=user, name="kd", dataset=digits_setup["dataset"], teacher=digits_setup["teacher"],
-            students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]], seeds=[0],
+            team=team,
+            created_by=user,
+            name="kd",
+            dataset=digits_setup["dataset"],
+            teacher=digits_setup["teacher"],
+            students=digits_setup["students"][:1],
+            recipes=[digits_setup["recipe"]],
+            seeds=[0],
             train={"max_steps": 40, "eval_every": 20, "save_every": 20, "log_every": 10},
         )
 
@@ -35,8 +41,9 @@ def test_a_real_run_trains_distills_and_records_results(experiment, settings):
     assert run.step == 40 and run.finished_at and run.attempt == 1
     names = set(MetricPoint.objects.filter(run=run).values_list("name", flat=True))
     assert {"loss", "ce", "kd", "eval/accuracy"} <= names
-    assert list(MetricPoint.objects.filter(run=run, name="loss").values_list("step", flat=True).order_by("step")) == [
-        10, 20, 30, 40]
+    assert list(
+        MetricPoint.objects.filter(run=run, name="loss").values_list("step", flat=True).order_by("step")
+    ) == [10, 20, 30, 40]
     student = Evaluation.objects.get(run=run, role="student")
     assert student.accuracy is not None and student.param_count == run.result["student"]["params"]
     assert Evaluation.objects.filter(role="teacher", model=run.teacher).count() == 1
@@ -53,9 +60,15 @@ def test_the_teacher_is_evaluated_once_per_benchmark(experiment, digits_setup, t
     assert first.result["teacher_forwards"] > 0 and not any(e["hit"] for e in first.result["teacher_cache"])
     with mock.patch(DISPATCH):
         again = launch.experiment_create(
-            team=team, created_by=user, name="kd again", dataset=digits_setup["dataset"],
-            teacher=digits_setup["teacher"], students=digits_setup["students"][1:], recipes=[digits_setup["recipe"]],
-            seeds=[0], train={"max_steps": 10, "eval_every": 10},
+            team=team,
+            created_by=user,
+            name="kd again",
+            dataset=digits_setup["dataset"],
+            teacher=digits_setup["teacher"],
+            students=digits_setup["students"][1:],
+            recipes=[digits_setup["recipe"]],
+            seeds=[0],
+            train={"max_steps": 10, "eval_every": 10},
         )
     second = again.runs.get(is_baseline=False)
     run_distillation.apply(args=(second.id,))
@@ -135,7 +148,9 @@ def test_reporter_batches_metric_writes(experiment):
     run = experiment.runs.first()
     lifecycle.run_claim(run_id=run.id, task_id="t", worker_name="w")
     now = [0.0]
-    reporter = RunReporter(run_id=run.id, task_id="t", flush_every_s=5.0, max_buffer=1000, clock=lambda: now[0])
+    reporter = RunReporter(
+        run_id=run.id, task_id="t", flush_every_s=5.0, max_buffer=1000, clock=lambda: now[0]
+    )
     for step in range(1, 101):
         reporter.on_metrics(step, {"loss": 1.0 / step, "kd": 0.5})
     assert MetricPoint.objects.filter(run=run).count() == 0  # buffered, not one write per step
@@ -160,24 +175,56 @@ def test_a_causal_lm_experiment_distils_through_the_sparse_teacher_cache(team, u
              enumerate(["cat", "dog", "fox", "owl"] * 30)]
     (data / "lines.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
     settings.DATASET_ROOTS = [data]
-    dataset = records.dataset_spec_create(team=team, created_by=user, name="lines", source="hf", task="causal_lm",
-                                           local_path=str(data / "lines.jsonl"), max_length=32)
+    dataset = records.dataset_spec_create(
+        team=team,
+        created_by=user,
+        name="lines",
+        source="hf",
+        task="causal_lm",
+        local_path=str(data / "lines.jsonl"),
+        max_length=32,
+    )
 
     def llama(name, hidden, layers):
-        return records.model_spec_create(team=team, created_by=user, name=name, source="config", task="causal_lm",
-                                          config={"model_type": "llama", "hidden_size": hidden,
-                                                  "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
-                                                  "num_attention_heads": 2, "num_key_value_heads": 2,
-                                                  "vocab_size": 300, "max_position_embeddings": 64})
+        return records.model_spec_create(
+            team=team,
+            created_by=user,
+            name=name,
+            source="config",
+            task="causal_lm",
+            config={
+                "model_type": "llama",
+                "hidden_size": hidden,
+                "intermediate_size": 2 * hidden,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "vocab_size": 300,
+                "max_position_embeddings": 64,
+            },
+        )
 
     teacher, student = llama("lm-teacher", 64, 2), llama("lm-student", 32, 1)
     topk = records.recipe_create(team=team, created_by=user, name="topk", scheme="offline",
                                   terms=[{"name": "topk", "weight": 1.0, "params": {"k": 16}}])
     with mock.patch(DISPATCH):
         experiment = launch.experiment_create(
-            team=team, created_by=user, name="lm", dataset=dataset, teacher=teacher, students=[student],
-            recipes=[topk], seeds=[0], train={"max_steps": 12, "batch_size": 8, "eval_every": 6, "log_every": 3,
-                                              "save_every": 6, "lr": 0.003},
+            team=team,
+            created_by=user,
+            name="lm",
+            dataset=dataset,
+            teacher=teacher,
+            students=[student],
+            recipes=[topk],
+            seeds=[0],
+            train={
+                "max_steps": 12,
+                "batch_size": 8,
+                "eval_every": 6,
+                "log_every": 3,
+                "save_every": 6,
+                "lr": 0.003,
+            },
         )
     distilled, baseline = experiment.runs.get(is_baseline=False), experiment.runs.get(is_baseline=True)
     assert distilled.config["task"] == "causal_lm"
@@ -187,6 +234,8 @@ def test_a_causal_lm_experiment_distils_through_the_sparse_teacher_cache(team, u
         assert run.status == Run.Status.SUCCEEDED, run.error
     metrics = distilled.result["student"]
     assert metrics["perplexity"] > 1 and metrics["bits_per_token"] > 0 and 0 <= metrics["agreement"] <= 1
-    assert {"loss", "topk", "eval/loss"} <= set(MetricPoint.objects.filter(run=distilled).values_list("name", flat=True))
+    assert {"loss", "topk", "eval/loss"} <= set(
+        MetricPoint.objects.filter(run=distilled).values_list("name", flat=True)
+    )
     assert distilled.artifacts.filter(kind="teacher_cache").exists()
     assert baseline.result["student"]["perplexity"] > 1

@@ -1,6 +1,7 @@
-"""A worker's pool process killed under a run (SIGKILL: what the kernel's out-of-memory killer sends) is recorded
-on the run at once: requeued with the reason, the run's memory estimate and what to change, and failed with that
-message once its restart budget is spent. Real `celery worker` processes (tests/workers/test_faults.py)."""
+"""A worker's pool process killed under a run (SIGKILL: what the kernel's out-of-memory killer sends) is
+recorded on the run at once: requeued with the reason, the run's memory estimate and what to change, and
+failed with that message once its restart budget is spent. Real `celery worker` processes
+(tests/workers/test_faults.py)."""
 
 from __future__ import annotations
 
@@ -51,12 +52,16 @@ def test_a_pool_process_killed_mid_run_is_reported_as_likely_out_of_memory_with_
         pytest.skip("finds the pool process through /proc")
     a = fleet.start("a", RUN_MAX_ATTEMPTS="2")
     a.wait_registered()
-    assert Worker.objects.get(name=a.name).memory_total_bytes == host_memory_bytes()  # registered with its RAM
+    assert (
+        Worker.objects.get(name=a.name).memory_total_bytes == host_memory_bytes()
+    )  # registered with its RAM
     run = fleet.launch(max_steps=500000, save_every=100)
     live = wait_for(training_with_a_checkpoint(run), timeout=60, workers=[a], what="the run to train")
     estimate = routing.run_memory_estimate(run=live)
-    about = (f"most likely by the kernel's out-of-memory killer. The run's estimate is {approx(estimate.model_bytes)} "
-             f"of RAM: ")
+    about = (
+        f"most likely by the kernel's out-of-memory killer. The run's estimate is "
+        f"{approx(estimate.model_bytes)} of RAM: "
+    )
     killed = re.compile(rf"^The worker process running this run on {re.escape(a.name)} was killed \(SIGKILL\)"
                         rf" at step \d+, {re.escape(about)}")
 
@@ -74,10 +79,15 @@ def test_a_pool_process_killed_mid_run_is_reported_as_likely_out_of_memory_with_
     assert first.reason.endswith("Requeued for attempt 2 of 2."), first.reason
     assert (first.attempt, first.worker_name) == (1, a.name)
 
-    # A fresh pool process resumes it; killed again, the restart budget is spent: the run fails with the reason.
+    # A fresh pool process resumes it; killed again, the restart budget is spent: the run fails with the
+    # reason.
     def resumed() -> Run | None:
         current = reload(run)
-        return current if current.status == Run.Status.RUNNING and current.attempt == 2 and current.step > 0 else None
+        return (
+            current
+            if current.status == Run.Status.RUNNING and current.attempt == 2 and current.step > 0
+            else None
+        )
 
     wait_for(resumed, timeout=60, workers=[a], what="the run to resume on a fresh pool process")
     kill_the_pool_process(a)
@@ -91,7 +101,11 @@ def test_a_pool_process_killed_mid_run_is_reported_as_likely_out_of_memory_with_
     assert killed.match(done.error), done.error
     assert done.error.endswith("That was attempt 2 of 2; giving up."), done.error
     assert [(t.from_status, t.to_status, t.attempt) for t in history(run)] == [
-        ("queued", "running", 1), ("running", "queued", 1), ("queued", "running", 2), ("running", "failed", 2)]
+        ("queued", "running", 1),
+        ("running", "queued", 1),
+        ("queued", "running", 2),
+        ("running", "failed", 2),
+    ]
 
     client.force_login(done.experiment.created_by)
     page = client.get(reverse("experiments:run_detail", kwargs={"run_id": run.id})).content.decode()

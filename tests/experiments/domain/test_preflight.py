@@ -1,4 +1,5 @@
-"""Pre-flight checks before launch: each check passing, warning and failing, and the check step of the page."""
+"""Pre-flight checks before launch: each check passing, warning and failing, and the check step of the
+page."""
 
 from datetime import timedelta
 from unittest import mock
@@ -16,16 +17,42 @@ from tests.factories import DatasetSpecFactory, ExperimentFactory, ModelSpecFact
 pytestmark = pytest.mark.django_db
 
 DISPATCH = "experiments.services.dispatch._dispatch"
-TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 500, "n_positions": 64}
+TINY_GPT2 = {
+    "model_type": "gpt2",
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 2,
+    "vocab_size": 500,
+    "n_positions": 64,
+}
 # Far beyond any single GPU: ~740 billion parameters.
-HUGE_LLAMA = {"model_type": "llama", "hidden_size": 16384, "num_hidden_layers": 200, "num_attention_heads": 128,
-              "intermediate_size": 53248, "vocab_size": 128000, "max_position_embeddings": 4096}
-KD = [{"name": "ce", "weight": 0.5, "params": {}}, {"name": "kd", "weight": 0.5, "params": {"temperature": 2.0}}]
+HUGE_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 16384,
+    "num_hidden_layers": 200,
+    "num_attention_heads": 128,
+    "intermediate_size": 53248,
+    "vocab_size": 128000,
+    "max_position_embeddings": 4096,
+}
+KD = [
+    {"name": "ce", "weight": 0.5, "params": {}},
+    {"name": "kd", "weight": 0.5, "params": {"temperature": 2.0}},
+]
 
 
 def _lm(team, name, *, tokenizer_id="", config=None, **extra):
-    return ModelSpecFactory(team=team, name=name, source=ModelSpec.Source.CONFIG, builtin_arch="", task="causal_lm",
-                            num_labels=0, config=config or TINY_GPT2, tokenizer_id=tokenizer_id, **extra)
+    return ModelSpecFactory(
+        team=team,
+        name=name,
+        source=ModelSpec.Source.CONFIG,
+        builtin_arch="",
+        task="causal_lm",
+        num_labels=0,
+        config=config or TINY_GPT2,
+        tokenizer_id=tokenizer_id,
+        **extra,
+    )
 
 
 @pytest.fixture
@@ -98,8 +125,11 @@ def test_labels_are_an_error_when_the_teacher_predicts_other_classes(digits_setu
 
 def test_labels_warn_when_a_teacher_trained_here_learned_other_label_names(digits_setup, team):
     other = DatasetSpecFactory(team=team, name="shuffled", label_names=list("abcdefghij"))
-    source_run = RunFactory(experiment=ExperimentFactory(team=team, dataset=other),
-                            student=ModelSpecFactory(team=team, name="source-student"), recipe=digits_setup["recipe"])
+    source_run = RunFactory(
+        experiment=ExperimentFactory(team=team, dataset=other),
+        student=ModelSpecFactory(team=team, name="source-student"),
+        recipe=digits_setup["recipe"],
+    )
     teacher = ModelSpecFactory(team=team, name="trained-elsewhere", source=ModelSpec.Source.RUN,
                                source_run=source_run)
 
@@ -160,8 +190,11 @@ def test_uld_pairs_tokenizers_in_cached_and_on_policy_runs_too(lm_setup, team, s
 
 
 def test_uld_beside_a_position_by_position_term_still_needs_one_tokenizer(lm_setup, team):
-    mixed = RecipeFactory(team=team, name="uld-and-topk", terms=[*lm_setup["uld"].terms,
-                                                                 {"name": "topk", "weight": 1.0, "params": {"k": 8}}])
+    mixed = RecipeFactory(
+        team=team,
+        name="uld-and-topk",
+        terms=[*lm_setup["uld"].terms, {"name": "topk", "weight": 1.0, "params": {"k": 8}}],
+    )
 
     check = preflight.check_tokenizers(dataset=lm_setup["dataset"], teacher=lm_setup["teacher"],
                                        students=[lm_setup["smol"]], recipes=[mixed])
@@ -170,10 +203,26 @@ def test_uld_beside_a_position_by_position_term_still_needs_one_tokenizer(lm_set
 
 
 def test_unrecorded_tokenizers_cannot_be_checked(lm_setup, team):
-    hub_a = ModelSpecFactory(team=team, name="hub-a", source="hf", builtin_arch="", hub_id="org/a", task="causal_lm",
-                             num_labels=0, config={})
-    hub_b = ModelSpecFactory(team=team, name="hub-b", source="hf", builtin_arch="", hub_id="org/b", task="causal_lm",
-                             num_labels=0, config={})
+    hub_a = ModelSpecFactory(
+        team=team,
+        name="hub-a",
+        source="hf",
+        builtin_arch="",
+        hub_id="org/a",
+        task="causal_lm",
+        num_labels=0,
+        config={},
+    )
+    hub_b = ModelSpecFactory(
+        team=team,
+        name="hub-b",
+        source="hf",
+        builtin_arch="",
+        hub_id="org/b",
+        task="causal_lm",
+        num_labels=0,
+        config={},
+    )
 
     check = _tokenizers(lm_setup, hub_b, "kd", teacher=hub_a)
 
@@ -196,11 +245,15 @@ def test_classification_logits_do_not_depend_on_tokenizers(team):
     kwargs = {"source": "config", "builtin_arch": "", "num_labels": 5, "config": {"model_type": "bert"}}
     teacher = ModelSpecFactory(team=team, name="bert-a", tokenizer_id="bert-base-uncased", **kwargs)
     student = ModelSpecFactory(team=team, name="bert-b", tokenizer_id="roberta-base", **kwargs)
-    hidden = RecipeFactory(team=team, name="hidden", terms=[{"name": "hidden_mse", "weight": 1.0, "params": {}}])
+    hidden = RecipeFactory(
+        team=team, name="hidden", terms=[{"name": "hidden_mse", "weight": 1.0, "params": {}}]
+    )
 
     logits = preflight.check_tokenizers(dataset=dataset, teacher=teacher, students=[student],
                                         recipes=[RecipeFactory(team=team, name="cls-kd")])
-    aligned = preflight.check_tokenizers(dataset=dataset, teacher=teacher, students=[student], recipes=[hidden])
+    aligned = preflight.check_tokenizers(
+        dataset=dataset, teacher=teacher, students=[student], recipes=[hidden]
+    )
 
     assert logits.level == "ok" and "own tokenizer" in logits.summary
     assert aligned.level == "error"  # hidden states compare token positions
@@ -342,8 +395,9 @@ def test_similar_run_speeds_is_one_query_whatever_the_number_of_runs(digits_setu
         _finished(student, digits_setup["dataset"], steps=100, seconds=10 + i)
 
     with django_assert_num_queries(1):
-        speeds = preflight.similar_run_speeds(students=digits_setup["students"], dataset=digits_setup["dataset"],
-                                              min_steps=1, max_steps=1000)
+        speeds = preflight.similar_run_speeds(
+            students=digits_setup["students"], dataset=digits_setup["dataset"], min_steps=1, max_steps=1000
+        )
 
     assert speeds[student.pk] == (pytest.approx(0.245), 30)  # the middle two of 0.10 … 0.39 s/step
 
@@ -356,9 +410,18 @@ def test_duration_text(seconds, text):
 
 # --- the check step on the page -------------------------------------------------------------------
 def _post(team, setup, **extra):
-    data = {"team": team.pk, "name": "checked", "dataset": setup["dataset"].pk, "teacher": setup["teacher"].pk,
-            "students": [s.pk for s in setup["students"]], "recipes": [setup["recipe"].pk], "seeds": "0,1",
-            "max_steps": "50", "lr": "1e-3:1e-2:log3", "lr_schedule": "linear"}
+    data = {
+        "team": team.pk,
+        "name": "checked",
+        "dataset": setup["dataset"].pk,
+        "teacher": setup["teacher"].pk,
+        "students": [s.pk for s in setup["students"]],
+        "recipes": [setup["recipe"].pk],
+        "seeds": "0,1",
+        "max_steps": "50",
+        "lr": "1e-3:1e-2:log3",
+        "lr_schedule": "linear",
+    }
     return {**data, **extra}
 
 
@@ -384,7 +447,9 @@ def test_the_check_step_shows_the_errors_launching_would_give(client_logged_in, 
 
 
 def test_the_check_step_with_invalid_input_shows_field_errors_only(client_logged_in, team, digits_setup):
-    response = client_logged_in.post(reverse("experiments:experiment_check"), _post(team, digits_setup, lr="1:2:x"))
+    response = client_logged_in.post(
+        reverse("experiments:experiment_check"), _post(team, digits_setup, lr="1:2:x")
+    )
 
     assert response.status_code == 200 and response.context["report"] is None
     assert "is not a range" in response.context["form"].errors["lr"][0]

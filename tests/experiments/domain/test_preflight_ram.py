@@ -1,5 +1,5 @@
-"""Pre-flight checks the RAM of runs that train on the CPU: against the largest RAM among the workers that take
-them (what each worker registered), or this machine's when none has reported it."""
+"""Pre-flight checks the RAM of runs that train on the CPU: against the largest RAM among the workers that
+take them (what each worker registered), or this machine's when none has reported it."""
 
 import math
 
@@ -45,13 +45,23 @@ def test_a_3_6b_parameter_mlp_on_cpu_workers_is_refused_with_the_figures(digits_
 
     assert check.level == "error" and check.field == "students"
     assert check.summary == (
-        f"mlp-3.6b · kd-t4, batch 64 trains on the CPU and needs about {_needed(shapes, 'mlp-3.6b · kd-t4')} of "
-        f"RAM (~{size_text(estimate_run_memory(shapes[0].config).model_bytes)} estimated, with 10% headroom); the "
-        "largest CPU worker has 24.0 GiB. Use a smaller student, teacher or batch, or a GPU queue.")
+        f"mlp-3.6b · kd-t4, batch 64 trains on the CPU and needs about "
+        f"{_needed(shapes, 'mlp-3.6b · kd-t4')} of "
+        f"RAM (~{size_text(estimate_run_memory(shapes[0].config).model_bytes)} estimated, "
+        f"with 10% headroom); the "
+        "largest CPU worker has 24.0 GiB. Use a smaller student, teacher or batch, or a GPU queue."
+    )
     with pytest.raises(ValidationError) as exc:
-        launch.experiment_create(team=team, created_by=user, name="too big", dataset=digits_setup["dataset"],
-                                   teacher=digits_setup["teacher"], students=[huge], recipes=[digits_setup["recipe"]],
-                                   seeds=[0])
+        launch.experiment_create(
+            team=team,
+            created_by=user,
+            name="too big",
+            dataset=digits_setup["dataset"],
+            teacher=digits_setup["teacher"],
+            students=[huge],
+            recipes=[digits_setup["recipe"]],
+            seeds=[0],
+        )
     assert "the largest CPU worker has 24.0 GiB" in exc.value.message_dict["students"][0]
     assert not Run.objects.exists()
 
@@ -74,7 +84,9 @@ def test_without_a_worker_s_figure_the_run_is_checked_against_this_machine(digit
 
 
 def test_the_ram_check_follows_where_the_run_trains(digits_setup, team):
-    _worker("gpu0@host", "gpu-80g", memory_gib=256, gpus=[{"index": 0, "name": "H100", "memory_total": 80 * GIB}])
+    _worker(
+        "gpu0@host", "gpu-80g", memory_gib=256, gpus=[{"index": 0, "name": "H100", "memory_total": 80 * GIB}]
+    )
     _worker("cpu0@host", "cpu", memory_gib=16)
     huge = ModelSpecFactory(team=team, name="mlp-3.6b", config=MLP_3_6B)
 
@@ -83,8 +95,9 @@ def test_the_ram_check_follows_where_the_run_trains(digits_setup, team):
 
     assert on_gpu.level == "ok" and "goes to queue 'gpu-80g'" in on_gpu.summary
     assert pinned.level == "error"
-    assert pinned.summary.endswith("the largest CPU worker has 16.0 GiB. Use a smaller student, teacher or batch, "
-                                   "or a GPU queue.")
+    assert pinned.summary.endswith(
+        "the largest CPU worker has 16.0 GiB. Use a smaller student, teacher or batch, or a GPU queue."
+    )
 
 
 def test_a_small_cpu_run_passes_and_shows_its_ram(digits_setup):
@@ -93,5 +106,8 @@ def test_a_small_cpu_run_passes_and_shows_its_ram(digits_setup):
     check, shapes = _memory(digits_setup, digits_setup["students"][:1])
 
     assert check.level == "ok"
-    assert (f"Largest CPU run: needs about {_needed(shapes, 'mlp-16 · kd-t4')} of RAM (mlp-16 · kd-t4, batch 64); "
-            "the largest CPU worker has 24.0 GiB.") in check.details
+    assert (
+        f"Largest CPU run: needs about {_needed(shapes, 'mlp-16 · kd-t4')} of RAM (mlp-16 · kd-t4, batch "
+        f"64); "
+        "the largest CPU worker has 24.0 GiB."
+    ) in check.details

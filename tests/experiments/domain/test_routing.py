@@ -29,7 +29,10 @@ SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000,
             "max_position_embeddings": 4096, "tie_word_embeddings": False}
-KD = [{"name": "ce", "weight": 0.5, "params": {}}, {"name": "kd", "weight": 0.5, "params": {"temperature": 2.0}}]
+KD = [
+    {"name": "ce", "weight": 0.5, "params": {}},
+    {"name": "kd", "weight": 0.5, "params": {"temperature": 2.0}},
+]
 
 
 def run_config(student, *, teacher=None, task="causal_lm", scheme="offline", terms=None, batch_size=8,
@@ -48,9 +51,11 @@ def config_model(params, num_labels=0):
     return {"source": "config", "params": dict(params), "num_labels": num_labels}
 
 
-# --- estimates ------------------------------------------------------------------------------------------------
+# --- estimates ----------------------------------------------------------------------------------------------
 def test_a_tiny_config_bert_is_small():
-    estimate = estimate_run_memory(run_config(config_model(TINY_BERT, 4), task="classification", terms=KD[:1]))
+    estimate = estimate_run_memory(
+        run_config(config_model(TINY_BERT, 4), task="classification", terms=KD[:1])
+    )
     assert estimate.complete and estimate.needs_gpu
     assert 0 < estimate.student_weights < 1 * MIB
     assert estimate.cuda_context == memory.CUDA_CONTEXT_BYTES
@@ -80,8 +85,12 @@ def test_the_estimate_grows_with_batch_and_max_length(change):
 
 
 def test_the_sequence_is_capped_by_the_model_positions():
-    capped = estimate_run_memory(run_config(config_model(TINY_BERT, 4), task="classification", max_length=4096))
-    at_limit = estimate_run_memory(run_config(config_model(TINY_BERT, 4), task="classification", max_length=128))
+    capped = estimate_run_memory(
+        run_config(config_model(TINY_BERT, 4), task="classification", max_length=4096)
+    )
+    at_limit = estimate_run_memory(
+        run_config(config_model(TINY_BERT, 4), task="classification", max_length=128)
+    )
     assert capped.activations == at_limit.activations
 
 
@@ -116,8 +125,10 @@ def test_a_derived_student_is_smaller_than_its_parent():
     full = reader.shape(parent, task="causal_lm")
     half = reader.shape({"source": "derived", "parent": parent, "params": {"layers": "every_other"}},
                         task="causal_lm")
-    narrow = reader.shape({"source": "derived", "parent": parent, "params": {"layers": [0, 29], "hidden_size": 384}},
-                          task="causal_lm")
+    narrow = reader.shape(
+        {"source": "derived", "parent": parent, "params": {"layers": [0, 29], "hidden_size": 384}},
+        task="causal_lm",
+    )
     per_layer = (full.params - 49152 * 576 - 576) // 30
     assert (half.num_layers, narrow.num_layers) == (15, 2)
     assert half.params == full.params - 15 * per_layer
@@ -133,7 +144,9 @@ def test_attention_terms_count_the_attention_maps():
 
 
 def test_a_cpu_run_needs_no_gpu_memory():
-    estimate = estimate_run_memory(run_config(config_model(TINY_BERT, 4), task="classification", device="cpu"))
+    estimate = estimate_run_memory(
+        run_config(config_model(TINY_BERT, 4), task="classification", device="cpu")
+    )
     assert not estimate.needs_gpu and estimate.cuda_context == 0 and estimate.model_bytes > 0
 
 
@@ -143,18 +156,51 @@ def test_builtin_nets_are_tiny():
     assert estimate.complete and estimate.model_bytes < 32 * MIB
 
 
-@pytest.mark.parametrize("model_type, params, task, model_class", [
-    ("bert", {k: v for k, v in TINY_BERT.items() if k != "model_type"}, "classification",
-     AutoModelForSequenceClassification),
-    ("bert", {k: v for k, v in TINY_BERT.items() if k != "model_type"}, "embedding", AutoModel),
-    ("llama", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "intermediate_size": 160, "vocab_size": 500, "tie_word_embeddings": False}, "causal_lm",
-     AutoModelForCausalLM),
-    ("llama", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "intermediate_size": 160, "vocab_size": 500}, "classification", AutoModelForSequenceClassification),
-    ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 500, "n_positions": 128}, "causal_lm",
-     AutoModelForCausalLM),
-])
+@pytest.mark.parametrize(
+    "model_type, params, task, model_class",
+    [
+        (
+            "bert",
+            {k: v for k, v in TINY_BERT.items() if k != "model_type"},
+            "classification",
+            AutoModelForSequenceClassification,
+        ),
+        ("bert", {k: v for k, v in TINY_BERT.items() if k != "model_type"}, "embedding", AutoModel),
+        (
+            "llama",
+            {
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 160,
+                "vocab_size": 500,
+                "tie_word_embeddings": False,
+            },
+            "causal_lm",
+            AutoModelForCausalLM,
+        ),
+        (
+            "llama",
+            {
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 160,
+                "vocab_size": 500,
+            },
+            "classification",
+            AutoModelForSequenceClassification,
+        ),
+        (
+            "gpt2",
+            {"n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 500, "n_positions": 128},
+            "causal_lm",
+            AutoModelForCausalLM,
+        ),
+    ],
+)
 def test_the_parameter_formula_matches_the_built_model(model_type, params, task, model_class):
     config = AutoConfig.for_model(model_type, num_labels=3, **params)
     model = model_class.from_config(config)
@@ -200,7 +246,7 @@ def test_the_loss_chunk_matches_the_engine():
     assert memory.LOSS_CHUNK_ELEMENTS == CHUNK_ELEMENTS
 
 
-# --- queue names ----------------------------------------------------------------------------------------------
+# --- queue names --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, capacity", [
     ("gpu-24g", 24 * GIB), ("gpu-80g", 80 * GIB), ("gpu-141g", 141 * GIB), ("cpu", None),
 ])
@@ -209,7 +255,9 @@ def test_declared_queues_say_their_memory(name, capacity):
     assert parsed.name == name and parsed.gpu_memory_bytes == capacity and parsed.is_cpu == (capacity is None)
 
 
-@pytest.mark.parametrize("name", ["training", "gpu", "gpu-0g", "gpu-24G", "gpu-24gb", "gpu-g", "gpu--1g", "CPU"])
+@pytest.mark.parametrize(
+    "name", ["training", "gpu", "gpu-0g", "gpu-24G", "gpu-24gb", "gpu-g", "gpu--1g", "CPU"]
+)
 def test_other_queue_names_have_unknown_capacity(name):
     assert routing.queue_capacity(name) is None
 
@@ -227,19 +275,26 @@ def test_a_gpu_is_named_after_its_common_size(mib, queue):
     assert routing.gpu_queue_name(mib * MIB) == queue
 
 
-# --- routing --------------------------------------------------------------------------------------------------
+# --- routing ------------------------------------------------------------------------------------------------
 def estimate_of(gib, *, device="auto", unknown=()):
-    return MemoryEstimate(cuda_context=memory.CUDA_CONTEXT_BYTES if device != "cpu" else 0,
-                          student_weights=int(gib * GIB) - (memory.CUDA_CONTEXT_BYTES if device != "cpu" else 0),
-                          device=device, unknown=tuple(unknown))
+    return MemoryEstimate(
+        cuda_context=memory.CUDA_CONTEXT_BYTES if device != "cpu" else 0,
+        student_weights=int(gib * GIB) - (memory.CUDA_CONTEXT_BYTES if device != "cpu" else 0),
+        device=device,
+        unknown=tuple(unknown),
+    )
 
 
 def fleet_of(online=(), known=(), draining=()):
-    return routing.FleetQueues(frozenset(online), frozenset(draining), frozenset({*online, *known, *draining}))
+    return routing.FleetQueues(
+        frozenset(online), frozenset(draining), frozenset({*online, *known, *draining})
+    )
 
 
-@pytest.mark.parametrize("need_gib, queue", [(2, "gpu-24g"), (21.8, "gpu-24g"), (22, "gpu-80g"), (31.2, "gpu-80g"),
-                                             (100, "gpu-141g")])
+@pytest.mark.parametrize(
+    "need_gib, queue",
+    [(2, "gpu-24g"), (21.8, "gpu-24g"), (22, "gpu-80g"), (31.2, "gpu-80g"), (100, "gpu-141g")],
+)
 def test_routing_picks_the_smallest_online_queue_that_fits_with_headroom(settings, need_gib, queue):
     fleet = fleet_of(online={"gpu-141g", "gpu-24g", "gpu-80g", "training"})
     assert routing.route(estimate_of(need_gib), fleet) == queue
@@ -251,7 +306,10 @@ def test_routing_waits_for_an_offline_queue_that_fits_before_inventing_one(setti
     # Nothing registered fits: the smallest common size that would (31.2 GiB × 1.1 = 34.3 → 40).
     assert routing.route(estimate_of(31.2), fleet_of(online={"gpu-24g"})) == "gpu-40g"
     # RUN_QUEUE served by an online worker declares no memory: it takes what fits nowhere else.
-    assert routing.route(estimate_of(31.2), fleet_of(online={"gpu-24g", "training"}, known={"gpu-80g"})) == "training"
+    assert (
+        routing.route(estimate_of(31.2), fleet_of(online={"gpu-24g", "training"}, known={"gpu-80g"}))
+        == "training"
+    )
 
 
 def test_without_declared_queues_or_with_routing_off_every_run_goes_to_run_queue(settings):
@@ -299,7 +357,7 @@ def test_only_online_workers_with_a_fresh_heartbeat_count(settings):
     assert routing.route(estimate_of(31.2), fleet) == "gpu-48g"
 
 
-# --- experiment_create ----------------------------------------------------------------------------------------
+# --- experiment_create --------------------------------------------------------------------------------------
 @pytest.fixture
 def text_setup(team):
     """A 5-label text dataset, a Llama-7B-shaped student (fits no 24 GiB GPU) and a tiny BERT student."""
@@ -332,7 +390,9 @@ def test_experiment_runs_are_routed_with_one_read_of_the_worker_table(settings, 
     queues = {(run.student.name, run.queue) for run in experiment.runs.select_related("student")}
     # Llama-7B in float32 with AdamW needs ~110 GiB: no registered worker has that much.
     assert queues == {("tiny-bert", "gpu-24g"), ("llama-7b", "gpu-141g")}
-    assert all("resources" not in run.config for run in experiment.runs.all())  # the engine config stays clean
+    assert all(
+        "resources" not in run.config for run in experiment.runs.all()
+    )  # the engine config stays clean
 
 
 @pytest.mark.django_db
@@ -347,7 +407,7 @@ def test_routing_off_and_an_undeclared_fleet_keep_run_queue(settings, text_setup
         "training"}
 
 
-# --- why a run waits ------------------------------------------------------------------------------------------
+# --- why a run waits ----------------------------------------------------------------------------------------
 @pytest.mark.django_db
 def test_a_run_that_fits_no_online_worker_stays_queued_with_the_reason_on_its_page(
         settings, client_logged_in, text_setup, team, user):
@@ -356,12 +416,17 @@ def test_a_run_that_fits_no_online_worker_stays_queued_with_the_reason_on_its_pa
     run = experiment.runs.first()
     assert (run.status, run.queue) == (Run.Status.QUEUED, "gpu-141g")
     reason = routing.run_queue_reason(run=run)
-    assert reason.startswith("Needs ~") and "no online worker serves a queue with that much (largest: gpu-24g)" in reason
+    assert (
+        reason.startswith("Needs ~")
+        and "no online worker serves a queue with that much (largest: gpu-24g)" in reason
+    )
 
     page = client_logged_in.get(reverse("experiments:run_detail", args=[run.pk])).content.decode()
     assert 'id="queue-reason"' in page and "(largest: gpu-24g)." in page
     assert "Student weights" in page and "AdamW states" in page  # the estimate's breakdown
-    listing = client_logged_in.get(reverse("experiments:experiment_detail", args=[experiment.pk])).content.decode()
+    listing = client_logged_in.get(
+        reverse("experiments:experiment_detail", args=[experiment.pk])
+    ).content.decode()
     assert 'id="queue-reasons"' in listing and "(largest: gpu-24g)." in listing
 
     make_worker("gpu7@b", ["gpu-141g"])  # a big enough worker comes online: nothing left to explain
@@ -376,8 +441,9 @@ def test_a_queue_without_online_worker_is_named(settings, team):
     mlp = {"source": "builtin", "name": "mlp", "params": {"hidden_sizes": [32]}, "num_labels": 10}
     run = RunFactory(experiment=ExperimentFactory(team=team), queue="gpu-80g",
                      config=run_config(mlp, task="classification"))
-    assert routing.run_queue_reason(run=run) == ("No online worker consumes queue 'gpu-80g'. The workers that have "
-                                                 "it are draining.")
+    assert routing.run_queue_reason(run=run) == (
+        "No online worker consumes queue 'gpu-80g'. The workers that have it are draining."
+    )
     run.queue = "training"
     assert routing.run_queue_reason(run=run) == "No online worker consumes queue 'training'."
     make_worker("w@a", ["training"])
@@ -394,11 +460,17 @@ def test_the_experiment_page_reads_the_fleet_once_whatever_the_number_of_runs(cl
 
     def add_runs(n):
         for _ in range(n):
-            producer = RunFactory(experiment=experiment, queue="gpu-141g", config=run_config(config_model(LLAMA_7B)))
+            producer = RunFactory(
+                experiment=experiment, queue="gpu-141g", config=run_config(config_model(LLAMA_7B))
+            )
             # A chained run sized by the run that trains its teacher, which is on the page: no query for it.
-            RunFactory(experiment=experiment, queue="gpu-141g",
-                       config=run_config(config_model(TINY_BERT), teacher={"source": "run",
-                                                                           "path": f"runs/{producer.pk}/final"}))
+            RunFactory(
+                experiment=experiment,
+                queue="gpu-141g",
+                config=run_config(
+                    config_model(TINY_BERT), teacher={"source": "run", "path": f"runs/{producer.pk}/final"}
+                ),
+            )
 
     def count_queries():
         with CaptureQueriesContext(connection) as ctx:

@@ -1,4 +1,5 @@
-"""Compare view: server-side downsampling, config diff, Pareto frontier, sweep heatmap, scoping and queries."""
+"""Compare view: server-side downsampling, config diff, Pareto frontier, sweep heatmap, scoping and
+queries."""
 
 import base64
 import itertools
@@ -43,11 +44,18 @@ def _run(experiment, **kwargs):
 
 def _config(*, temperature=4.0, lr=1e-3, seed=0, hidden=(16,)):
     return {
-        "student": {"source": "builtin", "name": "mlp", "params": {"hidden_sizes": list(hidden)}, "num_labels": 10},
+        "student": {
+            "source": "builtin",
+            "name": "mlp",
+            "params": {"hidden_sizes": list(hidden)},
+            "num_labels": 10,
+        },
         "teacher": {"source": "builtin", "name": "mlp", "params": {"hidden_sizes": [64]}, "num_labels": 10},
         "dataset": {"source": "builtin", "name": "digits", "eval_fraction": 0.2},
-        "terms": [{"name": "ce", "weight": 0.1, "params": {}},
-                  {"name": "kd", "weight": 0.9, "params": {"temperature": temperature}}],
+        "terms": [
+            {"name": "ce", "weight": 0.1, "params": {}},
+            {"name": "kd", "weight": 0.9, "params": {"temperature": temperature}},
+        ],
         "scheme": "offline",
         "task": "classification",
         "train": {"max_steps": 100, "lr": lr, "batch_size": 32, "seed": seed},
@@ -57,20 +65,41 @@ def _config(*, temperature=4.0, lr=1e-3, seed=0, hidden=(16,)):
 def _points(run, name, steps, values):
     now = timezone.now()
     MetricPoint.objects.bulk_create(
-        [MetricPoint(run=run, name=name, step=s, value=v, wall_time=now) for s, v in zip(steps, values, strict=True)],
+        [
+            MetricPoint(run=run, name=name, step=s, value=v, wall_time=now)
+            for s, v in zip(steps, values, strict=True)
+        ],
         batch_size=5000,
     )
 
 
 def _finished(experiment, *, config=None, accuracy=0.8, params=1000, latency=0.5, seed=0, student=None,
               recipe=None, baseline=False, teacher=None):
-    run = RunFactory(experiment=experiment, seed=seed, config=config or _config(seed=seed), is_baseline=baseline,
-                     status=Run.Status.SUCCEEDED, step=100, total_steps=100, finished_at=timezone.now(),
-                     teacher=teacher, student=student or _student(experiment.team),
-                     **({"recipe": recipe} if recipe else {}))
-    Evaluation.objects.create(team=experiment.team, role=Evaluation.Role.STUDENT, run=run, model=run.student,
-                              dataset=experiment.dataset, split_key="k", accuracy=accuracy, param_count=params,
-                              latency_ms=latency, metrics={"accuracy": accuracy, "macro_f1": accuracy - 0.05})
+    run = RunFactory(
+        experiment=experiment,
+        seed=seed,
+        config=config or _config(seed=seed),
+        is_baseline=baseline,
+        status=Run.Status.SUCCEEDED,
+        step=100,
+        total_steps=100,
+        finished_at=timezone.now(),
+        teacher=teacher,
+        student=student or _student(experiment.team),
+        **({"recipe": recipe} if recipe else {}),
+    )
+    Evaluation.objects.create(
+        team=experiment.team,
+        role=Evaluation.Role.STUDENT,
+        run=run,
+        model=run.student,
+        dataset=experiment.dataset,
+        split_key="k",
+        accuracy=accuracy,
+        param_count=params,
+        latency_ms=latency,
+        metrics={"accuracy": accuracy, "macro_f1": accuracy - 0.05},
+    )
     return run
 
 
@@ -93,7 +122,9 @@ def _array(value):
 
 @pytest.fixture
 def experiment(team, digits_setup):
-    experiment = ExperimentFactory(team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"])
+    experiment = ExperimentFactory(
+        team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"]
+    )
     return experiment
 
 
@@ -120,7 +151,9 @@ def test_metric_curves_keep_first_last_and_extremes_within_the_cap(experiment):
     by_step = dict(zip(steps, values, strict=True))
     assert all(by_step[s] == v for s, v in zip(out_steps, out_values, strict=True))
     # Every bucket keeps its own extremes: the curve's envelope survives, not just the global ones.
-    assert max(v for s, v in zip(out_steps, out_values, strict=True) if s < 5000) == pytest.approx(1.0, abs=1e-4)
+    assert max(v for s, v in zip(out_steps, out_values, strict=True) if s < 5000) == pytest.approx(
+        1.0, abs=1e-4
+    )
     assert curves[short_run.pk] == ([10, 20, 30], [3.0, 2.0, 1.0])
 
 
@@ -283,10 +316,17 @@ def sweep(team, experiment, digits_setup):
     runs = []
     for i, (t, lr) in enumerate([(1.0, 1e-3), (1.0, 1e-2), (4.0, 1e-3), (4.0, 1e-2)]):
         for seed in (0, 1):
-            run = _finished(experiment, config=_config(temperature=t, lr=lr, seed=seed), seed=seed,
-                            accuracy=0.7 + 0.05 * i + 0.01 * seed, params=1000 * (i + 1), latency=0.1 * (i + 1),
-                            student=digits_setup["students"][0], recipe=digits_setup["recipe"],
-                            teacher=digits_setup["teacher"])
+            run = _finished(
+                experiment,
+                config=_config(temperature=t, lr=lr, seed=seed),
+                seed=seed,
+                accuracy=0.7 + 0.05 * i + 0.01 * seed,
+                params=1000 * (i + 1),
+                latency=0.1 * (i + 1),
+                student=digits_setup["students"][0],
+                recipe=digits_setup["recipe"],
+                teacher=digits_setup["teacher"],
+            )
             _points(run, "loss", range(0, 3000, 1), [1.0 / (s + 1) for s in range(3000)])
             _points(run, "kd", range(0, 3000, 10), [0.5] * 300)
             _points(run, "eval/accuracy", [1000, 2000, 3000], [0.5, 0.6, 0.7 + 0.05 * i])
@@ -322,7 +362,9 @@ def test_compare_page_shows_curves_config_diff_metrics_pareto_and_heatmap(client
     assert heatmap["data"][0]["z"][0][0] == pytest.approx(100 * 0.705)  # mean over the two seeds, in %
 
 
-def test_compare_defaults_to_the_eval_curve_of_the_ranking_metric_and_switches_cost_axis(client_logged_in, sweep):
+def test_compare_defaults_to_the_eval_curve_of_the_ranking_metric_and_switches_cost_axis(
+    client_logged_in, sweep
+):
     response = _compare(client_logged_in, [r.pk for r in sweep[:2]], cost="latency", metric="no-such-metric")
 
     assert response.context["curve"] == "eval/accuracy"
@@ -341,7 +383,9 @@ def test_compare_without_runs_says_how_to_select_them(client_logged_in):
 
 def test_compare_accepts_repeated_and_comma_separated_ids(client_logged_in, sweep):
     a, b, c = sweep[:3]
-    response = client_logged_in.get(reverse("experiments:compare") + f"?runs={a.pk},{b.pk}&runs={c.pk}&runs={a.pk}")
+    response = client_logged_in.get(
+        reverse("experiments:compare") + f"?runs={a.pk},{b.pk}&runs={c.pk}&runs={a.pk}"
+    )
 
     assert [r.pk for r in response.context["runs"]] == [a.pk, b.pk, c.pk]
 

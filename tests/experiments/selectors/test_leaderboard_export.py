@@ -76,15 +76,24 @@ def board(team, digits_setup):
                               split_key="k", accuracy=0.9, param_count=8000, latency_ms=2.0,
                               metrics={"accuracy": 0.9, "macro_f1": 0.88})
     runs = {
-        "s1-kd": [_succeeded(experiment, s1, kd, 0, 0.85, params=2000), _succeeded(experiment, s1, kd, 1, 0.87,
-                                                                                   params=2000)],
-        "s1-base": [_succeeded(experiment, s1, base, 0, 0.80, baseline=True, params=2000),
-                    _succeeded(experiment, s1, base, 1, 0.82, baseline=True, params=2000)],
+        "s1-kd": [
+            _succeeded(experiment, s1, kd, 0, 0.85, params=2000),
+            _succeeded(experiment, s1, kd, 1, 0.87, params=2000),
+        ],
+        "s1-base": [
+            _succeeded(experiment, s1, base, 0, 0.80, baseline=True, params=2000),
+            _succeeded(experiment, s1, base, 1, 0.82, baseline=True, params=2000),
+        ],
         "s2-kd": [_succeeded(experiment, s2, kd, 0, 0.70, params=500, latency=0.2)],
         "s2-base": [_succeeded(experiment, s2, base, 0, 0.72, baseline=True, params=500, latency=0.2)],
     }
-    bert = ModelSpecFactory(team=team, name='=HYPERLINK("http://evil.example","x")', source=ModelSpec.Source.CONFIG,
-                            builtin_arch="", config={"model_type": "bert", "hidden_size": 32})
+    bert = ModelSpecFactory(
+        team=team,
+        name='=HYPERLINK("http://evil.example","x")',
+        source=ModelSpec.Source.CONFIG,
+        builtin_arch="",
+        config={"model_type": "bert", "hidden_size": 32},
+    )
     evil_recipe = RecipeFactory(team=team, name="@SUM(A1)")
     evil_experiment = ExperimentFactory(team=team, dataset=dataset, teacher=teacher, name="-1+2")
     runs["bert"] = [_succeeded(evil_experiment, bert, evil_recipe, 0, 0.95, params=50_000, latency=3.0)]
@@ -156,7 +165,9 @@ def test_filters_by_method_family_and_latency(client_logged_in, board):
     assert {(r.student, r.recipe) for r in rows} == {(board["s2"], board["kd"]), (board["s2"], board["base"])}
     assert response.context["total"] == 5
     html = response.content.decode()
-    assert '<option value="bert">bert</option>' in html and '<option value="mlp" selected>mlp</option>' in html
+    assert (
+        '<option value="bert">bert</option>' in html and '<option value="mlp" selected>mlp</option>' in html
+    )
     assert '<option value="@SUM(A1)">@SUM(A1)</option>' in html  # every method present on the benchmark
 
 
@@ -175,10 +186,15 @@ def test_pareto_flag_marks_rows_nobody_beats_at_their_size(client_logged_in, boa
 def test_pareto_flag_is_recomputed_among_the_filtered_rows(client_logged_in, board):
     response = _get(client_logged_in, board["dataset"], recipe="kd-t4")
 
-    assert [(r.student, r.pareto) for r in response.context["rows"]] == [(board["s1"], True), (board["s2"], True)]
+    assert [(r.student, r.pareto) for r in response.context["rows"]] == [
+        (board["s1"], True),
+        (board["s2"], True),
+    ]
 
 
-def test_metric_select_ranks_by_another_metric_and_defaults_to_the_primary(client_logged_in, team, digits_setup):
+def test_metric_select_ranks_by_another_metric_and_defaults_to_the_primary(
+    client_logged_in, team, digits_setup
+):
     experiment = ExperimentFactory(team=team, dataset=digits_setup["dataset"])
     s1, s2 = digits_setup["students"]
     _succeeded(experiment, s1, digits_setup["recipe"], 0, 0.9, macro_f1=0.5)
@@ -243,7 +259,11 @@ def test_staff_global_view_shows_every_team(client, staff_user, teams):
 
     response = _get(client, teams["datasets"][teams["mine"].pk], scope="global")
 
-    assert {r.experiment.team for r in response.context["rows"]} == {teams["mine"], teams["second"], teams["third"]}
+    assert {r.experiment.team for r in response.context["rows"]} == {
+        teams["mine"],
+        teams["second"],
+        teams["third"],
+    }
 
 
 def test_other_teams_leaderboard_and_csv_are_404(client_logged_in, teams):
@@ -253,7 +273,9 @@ def test_other_teams_leaderboard_and_csv_are_404(client_logged_in, teams):
     assert _get(client_logged_in, foreign, format="csv", scope="global").status_code == 404
 
 
-def test_global_view_uses_a_constant_number_of_queries(client_logged_in, teams, django_assert_max_num_queries):
+def test_global_view_uses_a_constant_number_of_queries(
+    client_logged_in, teams, django_assert_max_num_queries
+):
     dataset = teams["datasets"][teams["mine"].pk]
     url, params = _url(dataset, scope="global")
     with CaptureQueriesContext(connection) as ctx:

@@ -1,5 +1,5 @@
-"""Leaderboard rows of swept experiments: one row per point of the sweep (seeds averaged within a point), labelled
-with the point, and KD gain against the baseline trained with the same training settings."""
+"""Leaderboard rows of swept experiments: one row per point of the sweep (seeds averaged within a point),
+labelled with the point, and KD gain against the baseline trained with the same training settings."""
 
 from __future__ import annotations
 
@@ -25,9 +25,16 @@ DISPATCH = "experiments.services.dispatch._dispatch"
 def _launch(digits_setup, team, user, *, train, term_sweeps=None, seeds=(0, 1), name="sweep") -> Experiment:
     with mock.patch(DISPATCH):
         return launch.experiment_create(
-            team=team, created_by=user, name=name, dataset=digits_setup["dataset"],
-            teacher=digits_setup["teacher"], students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]],
-            seeds=list(seeds), train={"max_steps": 10, **train}, term_sweeps=term_sweeps or {},
+            team=team,
+            created_by=user,
+            name=name,
+            dataset=digits_setup["dataset"],
+            teacher=digits_setup["teacher"],
+            students=digits_setup["students"][:1],
+            recipes=[digits_setup["recipe"]],
+            seeds=list(seeds),
+            train={"max_steps": 10, **train},
+            term_sweeps=term_sweeps or {},
         )
 
 
@@ -134,7 +141,9 @@ def test_training_and_term_sweeps_together_label_both_values(digits_setup, team,
     assert table[(False, "lr=3e-4 τ=8")].kd_gain == pytest.approx(0.25)
 
 
-def test_without_a_baseline_at_the_same_settings_kd_gain_uses_the_experiments_baseline(digits_setup, team, user):
+def test_without_a_baseline_at_the_same_settings_kd_gain_uses_the_experiments_baseline(
+    digits_setup, team, user
+):
     experiment = _launch(digits_setup, team, user, train={"lr": [1e-4, 3e-4]})
     # The baseline at lr=3e-4 never finished: only the lr=1e-4 one is on the leaderboard.
     _finish_all(experiment, lambda run: None if run.is_baseline and run.config["train"]["lr"] == 3e-4
@@ -186,7 +195,12 @@ def test_page_csv_and_api_show_the_sweep_label(client_logged_in, digits_setup, t
     html = page.content.decode()
     assert html.count(">lr=1e-4</span>") == 2 and html.count(">lr=3e-4</span>") == 2
     header, *lines = list(csv.reader(io.StringIO(exported.content.decode())))
-    assert sorted(line[header.index("sweep")] for line in lines) == ["lr=1e-4", "lr=1e-4", "lr=3e-4", "lr=3e-4"]
+    assert sorted(line[header.index("sweep")] for line in lines) == [
+        "lr=1e-4",
+        "lr=1e-4",
+        "lr=3e-4",
+        "lr=3e-4",
+    ]
     assert sorted((r["is_baseline"], r["sweep"], r["seeds"]) for r in api.json()["results"]) == [
         (False, "lr=1e-4", 2), (False, "lr=3e-4", 2), (True, "lr=1e-4", 2), (True, "lr=3e-4", 2)]
 

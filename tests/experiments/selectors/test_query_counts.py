@@ -54,7 +54,9 @@ def _assert_constant(client, url: str, add_rows: Callable[[int], None]) -> None:
     many = _queries(client, url)
     extra = Counter(map(_shape, many)) - Counter(map(_shape, few))
     repeated = "\n".join(f"{n}× {sql[:300]}" for sql, n in extra.most_common(5))
-    assert len(many) == len(few), f"{url}: {len(few)} queries with {FEW} rows, {len(many)} with {MANY}:\n{repeated}"
+    assert len(many) == len(few), (
+        f"{url}: {len(few)} queries with {FEW} rows, {len(many)} with {MANY}:\n{repeated}"
+    )
 
 
 @pytest.fixture
@@ -73,7 +75,9 @@ def setup(team, user, client):
 
 
 def _experiment(s: dict, *, runs: int = 2):
-    experiment = ExperimentFactory(team=s["team"], dataset=s["dataset"], teacher=s["teacher"], created_by=s["user"])
+    experiment = ExperimentFactory(
+        team=s["team"], dataset=s["dataset"], teacher=s["teacher"], created_by=s["user"]
+    )
     students = [s["student"], ModelSpecFactory(team=s["team"])]
     experiment.students.set(students)
     experiment.recipes.set([s["recipe"], RecipeFactory(team=s["team"])])
@@ -85,9 +89,19 @@ def _experiment(s: dict, *, runs: int = 2):
 def _finished_run(s: dict, experiment, student: ModelSpec, *, seed: int, recipe: Recipe | None = None,
                   baseline: bool = False, accuracy: float = 0.8) -> Run:
     now = timezone.now()
-    run = RunFactory(experiment=experiment, student=student, teacher=experiment.teacher,
-                     recipe=recipe or s["recipe"], seed=seed, is_baseline=baseline, status=Run.Status.SUCCEEDED,
-                     step=20, total_steps=20, started_at=now, finished_at=now)
+    run = RunFactory(
+        experiment=experiment,
+        student=student,
+        teacher=experiment.teacher,
+        recipe=recipe or s["recipe"],
+        seed=seed,
+        is_baseline=baseline,
+        status=Run.Status.SUCCEEDED,
+        step=20,
+        total_steps=20,
+        started_at=now,
+        finished_at=now,
+    )
     Evaluation.objects.create(team=s["team"], role=Evaluation.Role.STUDENT, run=run, model=student,
                               dataset=experiment.dataset, split_key="k", accuracy=accuracy,
                               param_count=student.param_count, latency_ms=0.3)
@@ -151,7 +165,9 @@ def test_list_pages_of_a_user_in_many_teams(setup, user):
 
 # --- other pages ----------------------------------------------------------------------------------
 def test_home(setup):
-    _assert_constant(setup["client"], reverse("experiments:home"), lambda n: [_experiment(setup) for _ in range(n)])
+    _assert_constant(
+        setup["client"], reverse("experiments:home"), lambda n: [_experiment(setup) for _ in range(n)]
+    )
 
 
 def test_experiment_page(setup):

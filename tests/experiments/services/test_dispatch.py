@@ -1,6 +1,6 @@
-"""A broker that is down or hung never holds a launch or a cancel: the web process (gunicorn over distillweb.wsgi,
-as deployed) stores the runs queued and answers at once, and the lifecycle sweep sends them when the broker is
-back.
+"""A broker that is down or hung never holds a launch or a cancel: the web process (gunicorn over
+distillweb.wsgi, as deployed) stores the runs queued and answers at once, and the lifecycle sweep sends them
+when the broker is back.
 
 The broker is the test's own redis-server, stopped with SIGSTOP: it still accepts connections but answers
 nothing, as a hung or overloaded broker (or a half-open connection) does; then it is restarted, empty. Before
@@ -47,8 +47,19 @@ class Broker:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
         )
         wait_until(lambda: broker_reachable(self.url), timeout=10, what="the test's redis-server",
                    check=self._alive)
@@ -94,9 +105,22 @@ class WebServer:
             "PYTHONUNBUFFERED": "1",
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "distillweb.wsgi:application", "--bind", f"127.0.0.1:{self.port}",
-             "--workers", "1", "--timeout", str(int(scaled(20)))],
-            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "distillweb.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                "1",
+                "--timeout",
+                str(int(scaled(20))),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
         )
         wait_until(self._answers, timeout=60, what="gunicorn to serve", every=0.5, check=self._alive,
                    describe=lambda: log.read_text()[-4000:])
@@ -146,12 +170,13 @@ def web(broker, tmp_path):
 
 @pytest.fixture
 def sweep_broker(broker, monkeypatch):
-    """This process's Celery app (where the test runs the lifecycle sweep, as a worker would) sends to ``broker``."""
+    """This process's Celery app (where the test runs the lifecycle sweep, as a worker would) sends to
+    ``broker``."""
     from distillweb.celery import app
 
-    # The app builds its pools from the broker URL on first use, in kombu's process-wide pool groups keyed by the
-    # URL: set the suite's own aside (never close them: every later test of this process sends through them) and
-    # close only the ones built for the test's broker.
+    # The app builds its pools from the broker URL on first use, in kombu's process-wide pool groups keyed by
+    # the URL: set the suite's own aside (never close them: every later test of this process sends through
+    # them) and close only the ones built for the test's broker.
     original = app.conf.broker_url, app._pool, app.amqp._producer_pool
     monkeypatch.setenv("CELERY_BROKER_URL", broker.url)  # Celery reads the variable before its own setting
     app.conf.broker_url = broker.url
@@ -165,8 +190,15 @@ def sweep_broker(broker, monkeypatch):
 
 
 def _launch(web: WebServer, token: str, setup: dict, name: str) -> tuple[requests.Response | None, float]:
-    body = {"name": name, "dataset": setup["dataset"].pk, "teacher": setup["teacher"].pk,
-            "students": [setup["students"][0].pk], "recipes": [setup["recipe"].pk], "seeds": [0], "max_steps": 10}
+    body = {
+        "name": name,
+        "dataset": setup["dataset"].pk,
+        "teacher": setup["teacher"].pk,
+        "students": [setup["students"][0].pk],
+        "recipes": [setup["recipe"].pk],
+        "seeds": [0],
+        "max_steps": 10,
+    }
     started = time.monotonic()
     try:
         response = requests.post(f"{web.url}/api/experiments/", json=body, timeout=scaled(5),

@@ -20,9 +20,15 @@ def swept(digits_setup, team, user):
     """An experiment sweeping lr × kd temperature for one student: 2 × (2 + baseline) = 6 runs."""
     with mock.patch(DISPATCH):
         return launch.experiment_create(
-            team=team, created_by=user, name="lr × τ", dataset=digits_setup["dataset"],
-            teacher=digits_setup["teacher"], students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]],
-            seeds=[3], train={"max_steps": 40, "lr": [1e-3, 3e-3], "lr_schedule": "cosine"},
+            team=team,
+            created_by=user,
+            name="lr × τ",
+            dataset=digits_setup["dataset"],
+            teacher=digits_setup["teacher"],
+            students=digits_setup["students"][:1],
+            recipes=[digits_setup["recipe"]],
+            seeds=[3],
+            train={"max_steps": 40, "lr": [1e-3, 3e-3], "lr_schedule": "cosine"},
             term_sweeps={"kd.temperature": [2.0, 8.0]},
         )
 
@@ -53,7 +59,9 @@ def _configs(experiment) -> list[str]:
 
 # --- experiments ----------------------------------------------------------------------------------
 def test_an_experiment_clone_prefills_the_form_with_its_sweep(client_logged_in, swept, digits_setup):
-    response = client_logged_in.get(reverse("experiments:experiment_clone", kwargs={"experiment_id": swept.pk}))
+    response = client_logged_in.get(
+        reverse("experiments:experiment_clone", kwargs={"experiment_id": swept.pk})
+    )
 
     assert response.status_code == 200
     form = response.context["form"]
@@ -97,7 +105,9 @@ def test_an_experiment_clone_can_be_edited_before_launch(client_logged_in, swept
 
 
 # --- runs -----------------------------------------------------------------------------------------
-def test_a_run_clone_prefills_its_student_recipe_seed_and_concrete_values(client_logged_in, swept, digits_setup):
+def test_a_run_clone_prefills_its_student_recipe_seed_and_concrete_values(
+    client_logged_in, swept, digits_setup
+):
     run = _pick(swept, lr=3e-3, temperature=8.0)
 
     response = client_logged_in.get(reverse("experiments:run_clone", kwargs={"run_id": run.pk}))
@@ -128,7 +138,9 @@ def test_a_run_clone_launched_unchanged_trains_the_same_config_again(client_logg
 
 def test_a_baseline_run_clone_trains_the_baseline_only(client_logged_in, swept):
     baseline = _pick(swept, lr=1e-3)
-    form = client_logged_in.get(reverse("experiments:run_clone", kwargs={"run_id": baseline.pk})).context["form"]
+    form = client_logged_in.get(reverse("experiments:run_clone", kwargs={"run_id": baseline.pk})).context[
+        "form"
+    ]
 
     with mock.patch(DISPATCH):
         client_logged_in.post(reverse("experiments:experiment_create"), _as_posted(form))
@@ -143,7 +155,9 @@ def test_the_experiment_and_run_pages_have_clone_buttons(client_logged_in, swept
 
     experiment_page = client_logged_in.get(reverse("experiments:experiment_detail",
                                                    kwargs={"experiment_id": swept.pk})).content.decode()
-    run_page = client_logged_in.get(reverse("experiments:run_detail", kwargs={"run_id": run.pk})).content.decode()
+    run_page = client_logged_in.get(
+        reverse("experiments:run_detail", kwargs={"run_id": run.pk})
+    ).content.decode()
 
     assert reverse("experiments:experiment_clone", kwargs={"experiment_id": swept.pk}) in experiment_page
     assert reverse("experiments:run_clone", kwargs={"run_id": run.pk}) in run_page
@@ -151,8 +165,12 @@ def test_the_experiment_and_run_pages_have_clone_buttons(client_logged_in, swept
 
 
 def test_a_run_of_an_experiment_without_a_sweep_shows_no_sweep_label(client_logged_in, team, digits_setup):
-    experiment = ExperimentFactory(team=team, dataset=digits_setup["dataset"], train={"max_steps": 20, "lr": 1e-3})
-    run = RunFactory(experiment=experiment, student=digits_setup["students"][0], recipe=digits_setup["recipe"])
+    experiment = ExperimentFactory(
+        team=team, dataset=digits_setup["dataset"], train={"max_steps": 20, "lr": 1e-3}
+    )
+    run = RunFactory(
+        experiment=experiment, student=digits_setup["students"][0], recipe=digits_setup["recipe"]
+    )
 
     page = client_logged_in.get(reverse("experiments:run_detail", kwargs={"run_id": run.pk})).content.decode()
 
@@ -167,7 +185,9 @@ def foreign_run(other_team):
 
 
 def test_cloning_another_teams_experiment_or_run_is_a_404(client_logged_in, foreign_run):
-    experiment_url = reverse("experiments:experiment_clone", kwargs={"experiment_id": foreign_run.experiment_id})
+    experiment_url = reverse(
+        "experiments:experiment_clone", kwargs={"experiment_id": foreign_run.experiment_id}
+    )
     run_url = reverse("experiments:run_clone", kwargs={"run_id": foreign_run.pk})
 
     assert client_logged_in.get(experiment_url).status_code == 404
@@ -175,7 +195,9 @@ def test_cloning_another_teams_experiment_or_run_is_a_404(client_logged_in, fore
 
 
 def test_copy_of_another_teams_experiment_starts_an_empty_form(client_logged_in, foreign_run):
-    response = client_logged_in.get(reverse("experiments:experiment_create") + f"?copy={foreign_run.experiment_id}")
+    response = client_logged_in.get(
+        reverse("experiments:experiment_create") + f"?copy={foreign_run.experiment_id}"
+    )
 
     assert response.status_code == 200
     assert "dataset" not in response.context["form"].initial
@@ -200,7 +222,9 @@ def test_clone_pages_only_answer_gets(client_logged_in, swept):
 def test_staff_may_clone_any_teams_experiment(client, staff_user, foreign_run):
     client.force_login(staff_user)
 
-    response = client.get(reverse("experiments:experiment_clone", kwargs={"experiment_id": foreign_run.experiment_id}))
+    response = client.get(
+        reverse("experiments:experiment_clone", kwargs={"experiment_id": foreign_run.experiment_id})
+    )
 
     assert response.status_code == 200
     assert response.context["form"].initial["dataset"] == foreign_run.experiment.dataset_id

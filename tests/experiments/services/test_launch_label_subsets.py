@@ -1,5 +1,5 @@
-"""Per-experiment options of how runs use the data: a labelled subset per seed, and early stopping on a validation
-slice (form, API, YAML, frozen config, and the checks that refuse what cannot run)."""
+"""Per-experiment options of how runs use the data: a labelled subset per seed, and early stopping on a
+validation slice (form, API, YAML, frozen config, and the checks that refuse what cannot run)."""
 
 from __future__ import annotations
 
@@ -115,17 +115,30 @@ def test_the_form_gives_the_settings_to_the_service(digits_setup, team, user):
 def test_the_api_and_yaml_accept_the_settings_and_round_trip_them(client, user, team, digits_setup,
                                                                   django_capture_on_commit_callbacks):
     api = Api(client, make_token(user))
-    body = {"name": "es", "dataset": digits_setup["dataset"].pk, "teacher": digits_setup["teacher"].pk,
-            "students": [digits_setup["students"][0].pk], "recipes": [digits_setup["recipe"].pk], "seeds": [0, 1],
-            "max_steps": 20, "labelled_fraction": 0.3, "vary_labelled_subset": True,
-            "early_stopping_metric": "accuracy", "early_stopping_patience": 2, "validation_fraction": 0.25}
+    body = {
+        "name": "es",
+        "dataset": digits_setup["dataset"].pk,
+        "teacher": digits_setup["teacher"].pk,
+        "students": [digits_setup["students"][0].pk],
+        "recipes": [digits_setup["recipe"].pk],
+        "seeds": [0, 1],
+        "max_steps": 20,
+        "labelled_fraction": 0.3,
+        "vary_labelled_subset": True,
+        "early_stopping_metric": "accuracy",
+        "early_stopping_patience": 2,
+        "validation_fraction": 0.25,
+    }
     with mock.patch(DISPATCH):
         response = api.post(reverse("api:experiment_list"), body)
     assert response.status_code == 201, response.json()
     original = Experiment.objects.get(pk=response.json()["id"])
     run = original.runs.get(seed=1, is_baseline=False)
     assert run.config["dataset"]["labelled_seed"] == 1
-    assert run.config["train"]["validation_fraction"] == 0.25 and run.config["train"]["early_stopping_mode"] == "max"
+    assert (
+        run.config["train"]["validation_fraction"] == 0.25
+        and run.config["train"]["early_stopping_mode"] == "max"
+    )
 
     exported = api.get(reverse("api:experiment_export", kwargs={"pk": original.pk})).content
     assert yaml.safe_load(exported)["train"]["vary_labelled_subset"] is True

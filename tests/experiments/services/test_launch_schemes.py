@@ -25,9 +25,16 @@ def _recipe(team, user, scheme, **params):
 def _create(setup, team, user, recipe, capture=None, **kwargs):
     with mock.patch(DISPATCH) as dispatch, capture(execute=True) if capture else nullcontext():
         experiment = launch.experiment_create(
-            team=team, created_by=user, name="chain", dataset=setup["dataset"], teacher=setup["teacher"],
-            students=setup["students"][:1], recipes=[recipe], seeds=[0],
-            train={"max_steps": 30, "eval_every": 10, "save_every": 10, "log_every": 10, "lr": 0.01}, **kwargs,
+            team=team,
+            created_by=user,
+            name="chain",
+            dataset=setup["dataset"],
+            teacher=setup["teacher"],
+            students=setup["students"][:1],
+            recipes=[recipe],
+            seeds=[0],
+            train={"max_steps": 30, "eval_every": 10, "save_every": 10, "log_every": 10, "lr": 0.01},
+            **kwargs,
         )
     return experiment, dispatch
 
@@ -41,7 +48,9 @@ def test_teacher_assistant_distils_the_assistant_first(digits_setup, team, user,
     first, second, baseline = experiment.runs.order_by("id")
     assert (first.student, first.stage, first.teacher) == (assistant, "assistant", digits_setup["teacher"])
     assert first.config["scheme"] == "offline" and first.config["teacher"]["source"] == "builtin"
-    assert second.student == digits_setup["students"][0] and second.stage == "" and second.waiting_for == first
+    assert (
+        second.student == digits_setup["students"][0] and second.stage == "" and second.waiting_for == first
+    )
     assert second.config["teacher"] == {"source": "run", "num_labels": 10, "path": f"runs/{first.id}/final"}
     assert baseline.is_baseline
     # Only runs that wait for nothing are sent now; the student follows when the assistant succeeds.

@@ -32,8 +32,14 @@ def _broker_up():
 def experiment(digits_setup, team, user):
     with mock.patch(DISPATCH):
         return launch.experiment_create(
-            team=team, created_by=user, name="kd", dataset=digits_setup["dataset"], teacher=digits_setup["teacher"],
-            students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]], seeds=[0],
+            team=team,
+            created_by=user,
+            name="kd",
+            dataset=digits_setup["dataset"],
+            teacher=digits_setup["teacher"],
+            students=digits_setup["students"][:1],
+            recipes=[digits_setup["recipe"]],
+            seeds=[0],
             train={"max_steps": 40, "eval_every": 20, "save_every": 20, "log_every": 10},
         )
 
@@ -62,7 +68,9 @@ def sweep(django_capture_on_commit_callbacks) -> tuple[dict[str, int], mock.Magi
 def test_claim_and_finish_are_recorded_as_transitions(run):
     lifecycle.run_claim(run_id=run.id, task_id="t1", worker_name="gpu0@a")
     telemetry.run_record_metrics(run_id=run.id, task_id="t1", points=[("loss", 10, 0.5, timezone.now())])
-    assert lifecycle.run_finish(run_id=run.id, task_id="t1", result={"steps": 40, "student": {"accuracy": 0.9}})
+    assert lifecycle.run_finish(
+        run_id=run.id, task_id="t1", result={"steps": 40, "student": {"accuracy": 0.9}}
+    )
     rows = list(RunTransition.objects.filter(run=run).order_by("id"))
     assert [(r.from_status, r.to_status, r.attempt, r.worker_name) for r in rows] == [
         ("queued", "running", 1, "gpu0@a"), ("running", "succeeded", 1, "gpu0@a")]
@@ -104,7 +112,8 @@ def test_transitions_outside_the_table_are_refused_by_the_service_and_the_databa
 def test_a_transition_applies_once_when_two_changes_race(run):
     lifecycle.run_claim(run_id=run.id, task_id="t1", worker_name="w")
     assert lifecycle.run_fail(run_id=run.id, task_id="t1", error="boom")
-    # The second writer's conditional UPDATE finds the run no longer running: nothing changes, nothing recorded.
+    # The second writer's conditional UPDATE finds the run no longer running: nothing changes, nothing
+    # recorded.
     assert lifecycle.run_finish(run_id=run.id, task_id="t1", result={"steps": 40}) is None
     assert lifecycle.run_mark_cancelled(run_id=run.id, task_id="t1") is False
     assert history(run) == [("queued", "running"), ("running", "failed")]
@@ -115,8 +124,15 @@ def test_a_launched_run_expects_the_task_id_it_was_sent_with(digits_setup, team,
                                                              django_capture_on_commit_callbacks):
     with mock.patch(DISPATCH) as dispatch, django_capture_on_commit_callbacks(execute=True):
         experiment = launch.experiment_create(
-            team=team, created_by=user, name="kd", dataset=digits_setup["dataset"], teacher=digits_setup["teacher"],
-            students=digits_setup["students"][:1], recipes=[digits_setup["recipe"]], seeds=[0])
+            team=team,
+            created_by=user,
+            name="kd",
+            dataset=digits_setup["dataset"],
+            teacher=digits_setup["teacher"],
+            students=digits_setup["students"][:1],
+            recipes=[digits_setup["recipe"]],
+            seeds=[0],
+        )
     runs = {run.id: run for run in experiment.runs.all()}
     sent = {call.kwargs["args"][0]: call.kwargs["task_id"] for call in dispatch.call_args_list}
     assert sent.keys() == runs.keys() and all(sent[i] == runs[i].task_id != "" for i in runs)  # revocable
@@ -161,8 +177,12 @@ def test_the_old_message_of_a_requeued_run_claims_nothing_and_the_fresh_one_resu
     assert lifecycle.run_claim(run_id=run.id, task_id="first", worker_name="w1") is None
     assert lifecycle.run_claim(run_id=run.id, task_id=fresh, worker_name="w3") is None
     # The old delivery, had it survived, can no longer write.
-    assert telemetry.run_record_metrics(run_id=run.id, task_id="first", points=[("loss", 10, 1.0, timezone.now())]) \
+    assert (
+        telemetry.run_record_metrics(
+            run_id=run.id, task_id="first", points=[("loss", 10, 1.0, timezone.now())]
+        )
         is False
+    )
     assert history(run) == [("queued", "running"), ("running", "queued"), ("queued", "running")]
 
 
@@ -289,7 +309,9 @@ def test_requeue_of_a_run_behind_a_failed_run_asks_for_that_one_first(run, exper
     Run.objects.filter(id=dependent.id).update(waiting_for=run)
     lifecycle.run_claim(run_id=run.id, task_id="a", worker_name="w")
     lifecycle.run_fail(run_id=run.id, task_id="a", error="boom")
-    with pytest.raises(ValidationError, match=f"waits for run #{run.id}, which failed; requeue that one first"):
+    with pytest.raises(
+        ValidationError, match=f"waits for run #{run.id}, which failed; requeue that one first"
+    ):
         lifecycle.run_requeue(run=dependent, reason="again")
 
 
@@ -369,7 +391,9 @@ def test_requeue_button_queues_the_run_again(client_logged_in, run, user, django
 def test_requeue_of_a_succeeded_run_explains_why_not(client_logged_in, run):
     lifecycle.run_claim(run_id=run.id, task_id="a", worker_name="w")
     lifecycle.run_finish(run_id=run.id, task_id="a", result={"steps": 40})
-    response = client_logged_in.post(reverse("experiments:run_requeue", kwargs={"run_id": run.pk}), follow=True)
+    response = client_logged_in.post(
+        reverse("experiments:run_requeue", kwargs={"run_id": run.pk}), follow=True
+    )
     assert "succeeded; launch a new experiment to train it again" in response.content.decode()
     assert Run.objects.get(id=run.id).status == Run.Status.SUCCEEDED
 

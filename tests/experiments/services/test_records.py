@@ -37,7 +37,9 @@ def test_experiment_create_adds_a_hard_label_baseline_per_student_and_seed(digit
     baselines = [r for r in runs if r.is_baseline]
     assert len(baselines) == 4
     assert all(r.recipe.scheme == "hard_labels" and r.teacher is None for r in baselines)
-    assert {(r.student_id, r.seed) for r in baselines} == {(s.id, seed) for s in digits_setup["students"] for seed in (0, 1)}
+    assert {(r.student_id, r.seed) for r in baselines} == {
+        (s.id, seed) for s in digits_setup["students"] for seed in (0, 1)
+    }
     distilled = [r for r in runs if not r.is_baseline]
     assert all(r.teacher == digits_setup["teacher"] for r in distilled)
     assert all(r.config["teacher"]["source"] == "builtin" for r in distilled)
@@ -101,13 +103,17 @@ def test_stale_running_run_is_taken_over_and_old_delivery_loses_ownership(digits
     with mock.patch(DISPATCH):
         run = _create(digits_setup, team, user, seeds=[0]).runs.first()
     lifecycle.run_claim(run_id=run.id, task_id="a", worker_name="w1")
-    Run.objects.filter(id=run.id).update(heartbeat_at=timezone.now() - timedelta(seconds=settings.RUN_HEARTBEAT_TIMEOUT_S + 5))
+    Run.objects.filter(id=run.id).update(
+        heartbeat_at=timezone.now() - timedelta(seconds=settings.RUN_HEARTBEAT_TIMEOUT_S + 5)
+    )
     taken = lifecycle.run_claim(run_id=run.id, task_id="b", worker_name="w2")
     assert taken is not None and taken.attempt == 2
     now = timezone.now()
     assert telemetry.run_record_metrics(run_id=run.id, task_id="a", points=[("loss", 1, 1.0, now)]) is False
     assert not MetricPoint.objects.filter(run=run).exists()
-    assert telemetry.run_record_metrics(run_id=run.id, task_id="a", points=[], progress=(5, 30, None)) is False
+    assert (
+        telemetry.run_record_metrics(run_id=run.id, task_id="a", points=[], progress=(5, 30, None)) is False
+    )
 
 
 def test_metric_points_are_upserted_per_step(digits_setup, team, user):
@@ -115,9 +121,13 @@ def test_metric_points_are_upserted_per_step(digits_setup, team, user):
         run = _create(digits_setup, team, user, seeds=[0]).runs.first()
     lifecycle.run_claim(run_id=run.id, task_id="a", worker_name="w")
     now = timezone.now()
-    telemetry.run_record_metrics(run_id=run.id, task_id="a", points=[("loss", s, 1.0 / s, now) for s in (1, 2, 3)])
+    telemetry.run_record_metrics(
+        run_id=run.id, task_id="a", points=[("loss", s, 1.0 / s, now) for s in (1, 2, 3)]
+    )
     # A resumed run logs steps 2 and 3 again: still one point each, with the newest value.
-    telemetry.run_record_metrics(run_id=run.id, task_id="a", points=[("loss", 2, 0.25, now), ("loss", 3, 0.2, now)])
+    telemetry.run_record_metrics(
+        run_id=run.id, task_id="a", points=[("loss", 2, 0.25, now), ("loss", 3, 0.2, now)]
+    )
     points = list(MetricPoint.objects.filter(run=run).order_by("step").values_list("step", "value"))
     assert points == [(1, 1.0), (2, 0.25), (3, 0.2)]
 
@@ -133,7 +143,9 @@ def test_failure_keeps_metrics_and_stores_the_message(digits_setup, team, user):
     assert MetricPoint.objects.filter(run=run).count() == 1
 
 
-def test_finish_stores_evaluations_and_reuses_the_teacher_evaluation(digits_setup, team, user, tmp_path, settings):
+def test_finish_stores_evaluations_and_reuses_the_teacher_evaluation(
+    digits_setup, team, user, tmp_path, settings
+):
     with mock.patch(DISPATCH):
         experiment = _create(digits_setup, team, user, seeds=[0])
     distilled = list(experiment.runs.filter(is_baseline=False))
@@ -142,8 +154,12 @@ def test_finish_stores_evaluations_and_reuses_the_teacher_evaluation(digits_setu
         final = settings.ARTIFACT_ROOT / f"runs/{run.id}/final"
         final.mkdir(parents=True)
         (final / "model.safetensors").write_bytes(b"weights")
-        result = {"steps": 30, "final_dir": str(final), "student": {"accuracy": 0.9 + i / 100, "params": 1000},
-                  "teacher": {"accuracy": 0.97, "params": 20000}}
+        result = {
+            "steps": 30,
+            "final_dir": str(final),
+            "student": {"accuracy": 0.9 + i / 100, "params": 1000},
+            "teacher": {"accuracy": 0.97, "params": 20000},
+        }
         assert lifecycle.run_finish(run_id=run.id, task_id=f"t{i}", result=result)
     assert Evaluation.objects.filter(role="student").count() == 2
     teacher_eval = Evaluation.objects.get(role="teacher")  # evaluated once per benchmark
@@ -172,7 +188,11 @@ def test_runs_wait_for_the_run_that_trains_their_teacher(digits_setup, team, use
     distilled = experiment.runs.get(is_baseline=False)
     baseline = experiment.runs.get(is_baseline=True)
     assert distilled.waiting_for == teacher_run and baseline.waiting_for is None
-    assert distilled.config["teacher"] == {"source": "run", "num_labels": 10, "path": f"runs/{teacher_run.id}/final"}
+    assert distilled.config["teacher"] == {
+        "source": "run",
+        "num_labels": 10,
+        "path": f"runs/{teacher_run.id}/final",
+    }
 
     lifecycle.run_claim(run_id=teacher_run.id, task_id="t", worker_name="w")
     with mock.patch(DISPATCH) as dispatch:
@@ -222,15 +242,18 @@ def test_local_model_paths_must_be_under_a_configured_root(team, user, settings,
     (root / "bert").mkdir(parents=True)
     settings.MODEL_ROOTS = [root]
     with pytest.raises(ValidationError) as exc:
-        records.model_spec_create(team=team, created_by=user, name="x", source="hf", local_path="/etc", num_labels=2)
+        records.model_spec_create(
+            team=team, created_by=user, name="x", source="hf", local_path="/etc", num_labels=2
+        )
     assert "local_path" in exc.value.message_dict
     with pytest.raises(ValidationError):
         records.model_spec_create(team=team, created_by=user, name="x", source="hf",
                                    local_path=str(root / "bert" / ".." / ".." / ".."), num_labels=2)
     (root / "escape").symlink_to("/etc")
     with pytest.raises(ValidationError):
-        records.model_spec_create(team=team, created_by=user, name="x", source="hf", local_path=str(root / "escape"),
-                                   num_labels=2)
+        records.model_spec_create(
+            team=team, created_by=user, name="x", source="hf", local_path=str(root / "escape"), num_labels=2
+        )
     spec = records.model_spec_create(team=team, created_by=user, name="x", source="hf",
                                       local_path=str(root / "bert"), num_labels=2)
     assert spec.local_path == str((root / "bert").resolve())

@@ -140,7 +140,9 @@ def test_the_last_lead_can_be_neither_demoted_nor_removed(as_lead, team, lead):
 
     demote = as_lead.post(reverse("experiments:team_member_role", args=[team.pk, membership.pk]),
                           {"role": "member"}, follow=True)
-    remove = as_lead.post(reverse("experiments:team_member_remove", args=[team.pk, membership.pk]), follow=True)
+    remove = as_lead.post(
+        reverse("experiments:team_member_remove", args=[team.pk, membership.pk]), follow=True
+    )
 
     assert "last lead" in " ".join(_messages(demote))
     assert "last lead" in " ".join(_messages(remove))
@@ -150,7 +152,9 @@ def test_the_last_lead_can_be_neither_demoted_nor_removed(as_lead, team, lead):
 def test_a_lead_can_step_down_when_another_lead_remains(as_lead, team, user, lead):
     Membership.objects.filter(team=team, user=user).update(role=Membership.Role.LEAD)
 
-    response = as_lead.post(reverse("experiments:team_member_remove", args=[team.pk, _membership(team, lead).pk]))
+    response = as_lead.post(
+        reverse("experiments:team_member_remove", args=[team.pk, _membership(team, lead).pk])
+    )
 
     assert response.url == reverse("experiments:team_list")
     assert _role(team, lead) is None and _role(team, user) == "lead"
@@ -334,7 +338,9 @@ def test_sorting_by_a_column_and_back(client_logged_in, team):
     assert 'href="?sort=-created_at"' in html and 'href="?sort=name"' in html
 
 
-@pytest.mark.parametrize("sort", ["password", "team__memberships__user__password", "-", "", "name;drop", "x" * 500])
+@pytest.mark.parametrize(
+    "sort", ["password", "team__memberships__user__password", "-", "", "name;drop", "x" * 500]
+)
 @pytest.mark.parametrize("name", ["model_list", "dataset_list", "recipe_list", "experiment_list"])
 def test_an_unknown_sort_falls_back_to_the_default(client_logged_in, team, name, sort):
     ExperimentFactory(team=team)
@@ -345,11 +351,22 @@ def test_an_unknown_sort_falls_back_to_the_default(client_logged_in, team, name,
     assert response.context["sort"] in ("name", "-created_at")
 
 
-@pytest.mark.parametrize(("name", "sort"), [
-    ("model_list", "-created_at"), ("model_list", "team"), ("model_list", "labels"), ("model_list", "source"),
-    ("dataset_list", "-classes"), ("dataset_list", "source"), ("recipe_list", "scheme"), ("recipe_list", "-name"),
-    ("experiment_list", "-runs"), ("experiment_list", "dataset"), ("experiment_list", "team"),
-])
+@pytest.mark.parametrize(
+    ("name", "sort"),
+    [
+        ("model_list", "-created_at"),
+        ("model_list", "team"),
+        ("model_list", "labels"),
+        ("model_list", "source"),
+        ("dataset_list", "-classes"),
+        ("dataset_list", "source"),
+        ("recipe_list", "scheme"),
+        ("recipe_list", "-name"),
+        ("experiment_list", "-runs"),
+        ("experiment_list", "dataset"),
+        ("experiment_list", "team"),
+    ],
+)
 def test_every_offered_sort_works(client_logged_in, team, name, sort):
     ExperimentFactory.create_batch(2, team=team)
     RecipeFactory.create_batch(2, team=team)

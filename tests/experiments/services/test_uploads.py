@@ -1,4 +1,5 @@
-"""The "Upload a file" dataset source: storage under generated names, the size cap, content checks, scoping."""
+"""The "Upload a file" dataset source: storage under generated names, the size cap, content checks,
+scoping."""
 
 import re
 from pathlib import Path
@@ -27,9 +28,18 @@ def _csv(rows: int = 20, text: str = "text", label: str = "label") -> bytes:
 
 
 def _post(team, upload, **extra):
-    data = {"team": team.pk, "name": "reviews", "source": "upload", "task": "classification", "upload": upload,
-            "text_column": "text", "label_column": "label", "eval_fraction": "0.2", "split_seed": "0",
-            "max_length": "128"}
+    data = {
+        "team": team.pk,
+        "name": "reviews",
+        "source": "upload",
+        "task": "classification",
+        "upload": upload,
+        "text_column": "text",
+        "label_column": "label",
+        "eval_fraction": "0.2",
+        "split_seed": "0",
+        "max_length": "128",
+    }
     data.update(extra)
     return data
 
@@ -118,7 +128,8 @@ def test_oversized_upload_is_cut_off_by_the_upload_handler(client_logged_in, tea
 
 
 def test_handler_stops_a_body_without_a_trustworthy_length(rf):
-    """A client that announces no length (chunked) or a wrong one is stopped by the bytes actually received."""
+    """A client that announces no length (chunked) or a wrong one is stopped by the bytes actually
+    received."""
     handler = CappedUploadHandler(100)
     assert handler.receive_data_chunk(b"a" * 60, 0) == b"a" * 60
     with pytest.raises(StopUpload) as stopped:
@@ -177,7 +188,9 @@ def test_path_like_filename_is_stored_under_a_generated_name(client_logged_in, t
     upload._name = "..\\..\\..\\evil.csv"  # bypass the basename the class applies
     dataset = records.dataset_spec_create(team=team, created_by=None, name="second", source="upload",
                                            upload=upload, task="classification")
-    assert Path(dataset.local_path).parent == stored.parent and STORED_NAME.match(Path(dataset.local_path).name)
+    assert Path(dataset.local_path).parent == stored.parent and STORED_NAME.match(
+        Path(dataset.local_path).name
+    )
     assert not any(p.name == "evil.csv" for p in tmp_path.rglob("*"))
 
 
@@ -228,7 +241,9 @@ def test_csrf_is_still_checked(team, user, settings):
     client = Client(enforce_csrf_checks=True)
     client.force_login(user)
 
-    response = client.post(reverse("experiments:dataset_create"), _post(team, SimpleUploadedFile("a.csv", _csv())))
+    response = client.post(
+        reverse("experiments:dataset_create"), _post(team, SimpleUploadedFile("a.csv", _csv()))
+    )
 
     assert response.status_code == 403
     assert not DatasetSpec.objects.exists() and _stored_files(settings) == []

@@ -34,8 +34,9 @@ pytestmark = pytest.mark.django_db
 # --- helpers --------------------------------------------------------------------------------------
 @pytest.fixture
 def experiment(team, digits_setup):
-    experiment = ExperimentFactory(team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"],
-                                   seeds=[0])
+    experiment = ExperimentFactory(
+        team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"], seeds=[0]
+    )
     experiment.students.set(digits_setup["students"])
     experiment.recipes.set([digits_setup["recipe"]])
     return experiment
@@ -43,8 +44,12 @@ def experiment(team, digits_setup):
 
 @pytest.fixture
 def run(experiment, digits_setup):
-    return RunFactory(experiment=experiment, student=digits_setup["students"][0], recipe=digits_setup["recipe"],
-                      teacher=digits_setup["teacher"])
+    return RunFactory(
+        experiment=experiment,
+        student=digits_setup["students"][0],
+        recipe=digits_setup["recipe"],
+        teacher=digits_setup["teacher"],
+    )
 
 
 @pytest.fixture
@@ -59,9 +64,17 @@ def foreign(other_team):
 def _succeeded(experiment, student, recipe, seed, accuracy, *, baseline=False, params=1000, latency=0.5):
     run = RunFactory(experiment=experiment, student=student, recipe=recipe, seed=seed, is_baseline=baseline,
                      status=Run.Status.SUCCEEDED, step=20, total_steps=20, finished_at=timezone.now())
-    Evaluation.objects.create(team=experiment.team, role=Evaluation.Role.STUDENT, run=run, model=student,
-                              dataset=experiment.dataset, split_key="k", accuracy=accuracy, param_count=params,
-                              latency_ms=latency)
+    Evaluation.objects.create(
+        team=experiment.team,
+        role=Evaluation.Role.STUDENT,
+        run=run,
+        model=student,
+        dataset=experiment.dataset,
+        split_key="k",
+        accuracy=accuracy,
+        param_count=params,
+        latency_ms=latency,
+    )
     return run
 
 
@@ -85,7 +98,10 @@ def _json_script(html, element_id):
 def _points(run, name, steps, values):
     now = timezone.now()
     MetricPoint.objects.bulk_create(
-        [MetricPoint(run=run, name=name, step=s, value=v, wall_time=now) for s, v in zip(steps, values, strict=True)]
+        [
+            MetricPoint(run=run, name=name, step=s, value=v, wall_time=now)
+            for s, v in zip(steps, values, strict=True)
+        ]
     )
 
 
@@ -213,10 +229,16 @@ def test_workers_page_is_forbidden_for_non_staff(client_logged_in):
 def test_workers_page_escapes_worker_data_and_shows_heartbeat_age(client, staff_user, run):
     now = timezone.now()
     Worker.objects.create(
-        name="<script>x</script>", hostname="host<b>", queues=["training"], versions={"torch": "<i>2.4</i>"},
-        gpus=[{"name": "<img src=x onerror=alert(1)>", "memory_used_mb": 100}], last_heartbeat=now - timedelta(seconds=12),
+        name="<script>x</script>",
+        hostname="host<b>",
+        queues=["training"],
+        versions={"torch": "<i>2.4</i>"},
+        gpus=[{"name": "<img src=x onerror=alert(1)>", "memory_used_mb": 100}],
+        last_heartbeat=now - timedelta(seconds=12),
     )
-    Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING, started_at=now, worker_name="<script>x</script>")
+    Run.objects.filter(pk=run.pk).update(
+        status=Run.Status.RUNNING, started_at=now, worker_name="<script>x</script>"
+    )
     client.force_login(staff_user)
 
     response = client.get(reverse("experiments:worker_list"))
@@ -268,7 +290,9 @@ def test_model_create_with_bad_hidden_sizes_creates_nothing(client_logged_in, te
     assert not ModelSpec.objects.exists()
 
 
-def test_model_create_refuses_a_local_folder_outside_the_model_roots(client_logged_in, team, settings, tmp_path):
+def test_model_create_refuses_a_local_folder_outside_the_model_roots(
+    client_logged_in, team, settings, tmp_path
+):
     settings.MODEL_ROOTS = [tmp_path / "models"]
     (tmp_path / "models").mkdir()
     (tmp_path / "elsewhere").mkdir()
@@ -292,19 +316,36 @@ def test_model_create_from_a_transformers_config(client_logged_in, team):
 
 
 def test_model_create_service_errors_show_on_the_form(client_logged_in, team):
-    response = client_logged_in.post(reverse("experiments:model_create"), {
-        "team": team.pk, "name": "no-type", "source": "config", "num_labels": 5, "config": '{"hidden_size": 32}',
-    })
+    response = client_logged_in.post(
+        reverse("experiments:model_create"),
+        {
+            "team": team.pk,
+            "name": "no-type",
+            "source": "config",
+            "num_labels": 5,
+            "config": '{"hidden_size": 32}',
+        },
+    )
 
     assert "model_type" in response.context["form"].errors["config"][0]
     assert not ModelSpec.objects.exists()
 
 
 def test_dataset_create_packaged_digits(client_logged_in, team):
-    response = client_logged_in.post(reverse("experiments:dataset_create"), {
-        "team": team.pk, "name": "digits", "source": "builtin", "builtin_name": "digits", "text_column": "text",
-        "label_column": "label", "eval_fraction": "0.2", "split_seed": "0", "max_length": "128",
-    })
+    response = client_logged_in.post(
+        reverse("experiments:dataset_create"),
+        {
+            "team": team.pk,
+            "name": "digits",
+            "source": "builtin",
+            "builtin_name": "digits",
+            "text_column": "text",
+            "label_column": "label",
+            "eval_fraction": "0.2",
+            "split_seed": "0",
+            "max_length": "128",
+        },
+    )
 
     assert response.status_code == 302
     dataset = DatasetSpec.objects.get(name="digits")
@@ -315,10 +356,21 @@ def test_dataset_create_refuses_a_file_outside_the_dataset_roots(client_logged_i
     settings.DATASET_ROOTS = [tmp_path / "data"]
     (tmp_path / "data").mkdir()
 
-    response = client_logged_in.post(reverse("experiments:dataset_create"), {
-        "team": team.pk, "name": "leak", "source": "hf", "local_path": "/etc/passwd", "text_column": "text",
-        "label_column": "label", "num_labels": 2, "eval_fraction": "0.2", "split_seed": "0", "max_length": "128",
-    })
+    response = client_logged_in.post(
+        reverse("experiments:dataset_create"),
+        {
+            "team": team.pk,
+            "name": "leak",
+            "source": "hf",
+            "local_path": "/etc/passwd",
+            "text_column": "text",
+            "label_column": "label",
+            "num_labels": 2,
+            "eval_fraction": "0.2",
+            "split_seed": "0",
+            "max_length": "128",
+        },
+    )
 
     assert "outside the allowed" in response.context["form"].errors["local_path"][0]
     assert not DatasetSpec.objects.exists()
@@ -364,9 +416,19 @@ def test_recipe_create_hard_labels_scheme_with_kd_is_a_scheme_error(client_logge
 
 # --- experiment create ----------------------------------------------------------------------------
 def _experiment_post(team, setup, **extra):
-    data = {"team": team.pk, "name": "kd sweep", "dataset": setup["dataset"].pk, "teacher": setup["teacher"].pk,
-            "students": [s.pk for s in setup["students"]], "recipes": [setup["recipe"].pk], "seeds": "0,1",
-            "max_steps": "20", "batch_size": "32", "lr": "0.001", "lr_schedule": "cosine"}
+    data = {
+        "team": team.pk,
+        "name": "kd sweep",
+        "dataset": setup["dataset"].pk,
+        "teacher": setup["teacher"].pk,
+        "students": [s.pk for s in setup["students"]],
+        "recipes": [setup["recipe"].pk],
+        "seeds": "0,1",
+        "max_steps": "20",
+        "batch_size": "32",
+        "lr": "0.001",
+        "lr_schedule": "cosine",
+    }
     data.update(extra)
     return {k: v for k, v in data.items() if v is not None}
 
@@ -406,7 +468,9 @@ def test_experiment_create_kd_recipe_without_teacher_is_a_teacher_error(client_l
     _assert_nothing_created()
 
 
-def test_experiment_create_student_with_other_label_count_is_a_students_error(client_logged_in, team, digits_setup):
+def test_experiment_create_student_with_other_label_count_is_a_students_error(
+    client_logged_in, team, digits_setup
+):
     five = ModelSpecFactory(team=team, name="five-way", num_labels=5)
 
     response = client_logged_in.post(reverse("experiments:experiment_create"),
@@ -430,7 +494,9 @@ def test_experiment_create_bad_settings_are_field_errors(client_logged_in, team,
     _assert_nothing_created()
 
 
-def test_experiment_create_warmup_longer_than_run_is_a_service_field_error(client_logged_in, team, digits_setup):
+def test_experiment_create_warmup_longer_than_run_is_a_service_field_error(
+    client_logged_in, team, digits_setup
+):
     response = client_logged_in.post(reverse("experiments:experiment_create"),
                                      _experiment_post(team, digits_setup, warmup_steps="50"))
 
@@ -461,7 +527,9 @@ def test_experiment_detail_shows_setup_runs_and_a_live_endpoint(client_logged_in
                                          finished_at=timezone.now())
     RunFactory(experiment=experiment, student=run.student, recipe=run.recipe, seed=1, is_baseline=True)
 
-    response = client_logged_in.get(reverse("experiments:experiment_detail", kwargs={"experiment_id": experiment.pk}))
+    response = client_logged_in.get(
+        reverse("experiments:experiment_detail", kwargs={"experiment_id": experiment.pk})
+    )
 
     html = response.content.decode()
     assert response.context["active"] is True
@@ -502,7 +570,9 @@ def test_experiment_runs_json_is_inactive_when_all_runs_finished(client_logged_i
 def test_experiment_cancel_cancels_unfinished_runs(client_logged_in, experiment, run, digits_setup):
     done = _succeeded(experiment, digits_setup["students"][1], digits_setup["recipe"], 0, 0.8)
 
-    response = client_logged_in.post(reverse("experiments:experiment_cancel", kwargs={"experiment_id": experiment.pk}))
+    response = client_logged_in.post(
+        reverse("experiments:experiment_cancel", kwargs={"experiment_id": experiment.pk})
+    )
 
     assert response.status_code == 302
     run.refresh_from_db()
@@ -576,7 +646,12 @@ def test_run_status_json_reports_progress_and_curves(client_logged_in, run):
     data = client_logged_in.get(url).json()
     with_curves = client_logged_in.get(url + "?curves=1").json()
 
-    assert (data["status"], data["step"], data["total_steps"], data["progress_percent"]) == ("running", 5, 20, 25)
+    assert (data["status"], data["step"], data["total_steps"], data["progress_percent"]) == (
+        "running",
+        5,
+        20,
+        25,
+    )
     assert data["active"] is True and data["samples_per_s"] == 512.0
     assert "step 5 / 20" in data["html"]
     assert "figures" not in data
@@ -653,7 +728,9 @@ def ranked(team, experiment, digits_setup):
 
 
 def test_leaderboard_ranks_rows_with_retention_and_kd_gain(client_logged_in, experiment, ranked):
-    response = client_logged_in.get(reverse("experiments:leaderboard", kwargs={"dataset_id": experiment.dataset_id}))
+    response = client_logged_in.get(
+        reverse("experiments:leaderboard", kwargs={"dataset_id": experiment.dataset_id})
+    )
 
     rows = response.context["rows"]
     assert [(r.student, r.recipe) for r in rows] == [
@@ -710,7 +787,9 @@ def _count_queries(client, url):
 def test_experiment_list_uses_a_constant_number_of_queries(client_logged_in, team, digits_setup,
                                                            django_assert_max_num_queries):
     def add_experiment():
-        experiment = ExperimentFactory(team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"])
+        experiment = ExperimentFactory(
+            team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"]
+        )
         experiment.students.set(digits_setup["students"])
         experiment.recipes.set([digits_setup["recipe"]])
         RunFactory(experiment=experiment, student=digits_setup["students"][0], recipe=digits_setup["recipe"])
@@ -745,7 +824,9 @@ def test_leaderboard_uses_a_constant_number_of_queries(client_logged_in, team, e
 def test_causal_lm_leaderboard_ranks_by_perplexity_lower_first(client_logged_in, team, digits_setup):
     from tests.factories import DatasetSpecFactory, ExperimentFactory
 
-    corpus = DatasetSpecFactory(team=team, name="corpus", task="causal_lm", num_labels=0, builtin_name="fortunes")
+    corpus = DatasetSpecFactory(
+        team=team, name="corpus", task="causal_lm", num_labels=0, builtin_name="fortunes"
+    )
     experiment = ExperimentFactory(team=team, dataset=corpus, teacher=digits_setup["teacher"])
     student, kd, base = digits_setup["students"][0], digits_setup["recipe"], _baseline_recipe(team)
     Evaluation.objects.create(team=team, role=Evaluation.Role.TEACHER, model=digits_setup["teacher"],
@@ -753,8 +834,16 @@ def test_causal_lm_leaderboard_ranks_by_perplexity_lower_first(client_logged_in,
     for recipe, ppl, baseline in ((kd, 20.0, False), (base, 25.0, True)):
         run = RunFactory(experiment=experiment, student=student, recipe=recipe, seed=0, is_baseline=baseline,
                          status=Run.Status.SUCCEEDED, step=20, total_steps=20, finished_at=timezone.now())
-        Evaluation.objects.create(team=team, role=Evaluation.Role.STUDENT, run=run, model=student, dataset=corpus,
-                                  split_key="k", metrics={"perplexity": ppl}, param_count=1000)
+        Evaluation.objects.create(
+            team=team,
+            role=Evaluation.Role.STUDENT,
+            run=run,
+            model=student,
+            dataset=corpus,
+            split_key="k",
+            metrics={"perplexity": ppl},
+            param_count=1000,
+        )
 
     response = client_logged_in.get(reverse("experiments:leaderboard", kwargs={"dataset_id": corpus.pk}))
 

@@ -58,7 +58,13 @@ FOREIGN_QUERY = {
     "recipe": "recipe", "team": "team",
 }
 # What a POST carries: enough for most forms to be valid, pointing at Bravo's records where a form takes ids.
-POST_FIELDS = {"name": "hijacked", "role": "lead", "username": "alpha-lead", "queue": "hijacked", "layers": "0"}
+POST_FIELDS = {
+    "name": "hijacked",
+    "role": "lead",
+    "username": "alpha-lead",
+    "queue": "hijacked",
+    "layers": "0",
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,9 @@ def _walk(patterns: list, namespace: str) -> list[Endpoint]:
         elif isinstance(pattern, URLPattern) and pattern.name:
             args = tuple(getattr(pattern.pattern, "converters", {}) or pattern.pattern.regex.groupindex)
             view = pattern.callback
-            fleet = view.__module__ == "experiments.views.fleet" or pattern.name.startswith(("worker", "fleet"))
+            fleet = view.__module__ == "experiments.views.fleet" or pattern.name.startswith(
+                ("worker", "fleet")
+            )
             found.append(Endpoint(f"{namespace}:{pattern.name}", args, fleet))
     return found
 
@@ -102,7 +110,9 @@ def _team_world(prefix: str) -> dict[str, Any]:
     lead = UserFactory(username=f"{prefix}-lead")
     membership = MembershipFactory(user=lead, team=team, role=Membership.Role.LEAD)
     dataset = DatasetSpecFactory(team=team, name=f"{prefix}-digits")
-    teacher = ModelSpecFactory(team=team, name=f"{prefix}-teacher", config={"hidden_sizes": [64]}, param_count=5000)
+    teacher = ModelSpecFactory(
+        team=team, name=f"{prefix}-teacher", config={"hidden_sizes": [64]}, param_count=5000
+    )
     student = ModelSpecFactory(team=team, name=f"{prefix}-student", param_count=800)
     recipe = RecipeFactory(team=team, name=f"{prefix}-kd")
     experiment = ExperimentFactory(team=team, name=f"{prefix}-experiment", dataset=dataset, teacher=teacher)
@@ -121,9 +131,18 @@ def _team_world(prefix: str) -> dict[str, Any]:
     artifact = Artifact.objects.create(run=run, kind=Artifact.Kind.MODEL, path=f"runs/{run.pk}/model")
     Artifact.objects.create(run=run, kind=Artifact.Kind.CHECKPOINT, path=f"runs/{run.pk}/ckpt-20", step=20)
     return {
-        "team": team, "user": lead, "membership": membership, "dataset": dataset, "teacher": teacher,
-        "student": student, "recipe": recipe, "experiment": experiment, "run": run, "metric_point": metric_point,
-        "evaluation": evaluation, "artifact": artifact,
+        "team": team,
+        "user": lead,
+        "membership": membership,
+        "dataset": dataset,
+        "teacher": teacher,
+        "student": student,
+        "recipe": recipe,
+        "experiment": experiment,
+        "run": run,
+        "metric_point": metric_point,
+        "evaluation": evaluation,
+        "artifact": artifact,
     }
 
 
@@ -148,7 +167,8 @@ def as_alpha(client, alpha, bravo):
 
 
 def _database_state() -> dict[str, list[dict[str, Any]]]:
-    """Every row of the app's tables and of the users table, to check that a refused request changed nothing."""
+    """Every row of the app's tables and of the users table, to check that a refused request changed
+    nothing."""
     models = [*apps.get_app_config("experiments").get_models(), apps.get_model("auth", "User")]
     return {m._meta.label: list(m.objects.order_by("pk").values()) for m in models}
 
@@ -219,7 +239,9 @@ def test_another_teams_records_give_404_and_posts_change_nothing(as_alpha, alpha
     if own_get != 405:
         assert as_alpha.get(url).status_code == 404, f"GET {url}"
     post = as_alpha.post(url, _foreign_post(bravo))
-    assert post.status_code == 404 or (post.status_code == 405 and own_get != 405), f"POST {url}: {post.status_code}"
+    assert post.status_code == 404 or (post.status_code == 405 and own_get != 405), (
+        f"POST {url}: {post.status_code}"
+    )
     assert _database_state() == before
 
 
@@ -277,7 +299,9 @@ def test_fleet_pages_are_forbidden_to_non_staff(as_alpha, alpha, endpoint):
 def test_fleet_pages_open_for_staff(client, staff_user, alpha, bravo, endpoint):
     client.force_login(staff_user)
     response = client.get(endpoint.url(alpha))
-    if response.status_code == 405:  # an action on a worker that is not running: a clear message, not an error
+    if (
+        response.status_code == 405
+    ):  # an action on a worker that is not running: a clear message, not an error
         response = client.post(endpoint.url(alpha), POST_FIELDS, follow=True)
         assert response.status_code == 200
         assert [str(m) for m in response.context["messages"]], f"POST {endpoint.url(alpha)} said nothing"

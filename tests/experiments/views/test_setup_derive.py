@@ -176,7 +176,7 @@ def test_derive_is_post_only_and_other_teams_models_give_404(client_logged_in, o
     assert not ModelSpec.objects.filter(name="x").exists()
 
 
-# --- derive a student inline while setting up an experiment ---------------------------------------------------
+# --- derive a student inline while setting up an experiment -------------------------------------------------
 @pytest.fixture
 def news(team):
     return DatasetSpecFactory(team=team, name="bbc", builtin_name="bbc-news", num_labels=5,
@@ -205,7 +205,9 @@ def test_deriving_needs_a_teacher_and_a_refused_experiment_keeps_no_derived_mode
                                                                                  client_logged_in):
     recipe = RecipeFactory(team=team)
     base = {"team": team.pk, "name": "x", "dataset": news.pk, "recipes": [recipe.pk], "seeds": "0"}
-    response = client_logged_in.post(reverse("experiments:experiment_create"), {**base, "derive_student": "every_third"})
+    response = client_logged_in.post(
+        reverse("experiments:experiment_create"), {**base, "derive_student": "every_third"}
+    )
     assert "Choose a teacher to derive a student from." in response.content.decode()
     response = client_logged_in.post(reverse("experiments:experiment_create"), base)
     assert "Choose at least one student, or derive one from the teacher." in response.content.decode()
@@ -218,9 +220,16 @@ def test_deriving_needs_a_teacher_and_a_refused_experiment_keeps_no_derived_mode
 
 def test_the_check_step_counts_the_student_it_would_derive(bert, news, team, client_logged_in):
     recipe = RecipeFactory(team=team)
-    data = {"team": team.pk, "name": "check", "dataset": news.pk, "teacher": bert.pk, "derive_student": "every_other",
-            "recipes": [recipe.pk], "seeds": "0,1"}
+    data = {
+        "team": team.pk,
+        "name": "check",
+        "dataset": news.pk,
+        "teacher": bert.pk,
+        "derive_student": "every_other",
+        "recipes": [recipe.pk],
+        "seeds": "0,1",
+    }
     response = client_logged_in.post(reverse("experiments:experiment_check"), data)
     assert response.status_code == 200 and response.context["report"] is not None
-    assert response.context["report"].count.total == 2 * (1 + 1)        # 2 seeds × (the recipe + its baseline)
+    assert response.context["report"].count.total == 2 * (1 + 1)  # 2 seeds × (the recipe + its baseline)
     assert not ModelSpec.objects.filter(parent=bert).exists()          # nothing saved before launch
