@@ -294,6 +294,45 @@ _BOARD_EXPERIMENT_DEFERRED = ("description", "teacher_weights", "seeds", "teache
 _BOARD_MODEL_DEFERRED = ("notes", "parent__notes", "parent__config")
 
 
+def _sweep_points(
+    evaluations: Sequence[_BoardEval],
+    *,
+    trains: dict[int, dict],
+    axes_of: dict[int, list],
+    configs: dict[int, dict],
+) -> dict[int, tuple[str, tuple, tuple]]:
+    """Evaluation id → (sweep label, point of the experiment's sweep, point of its training-setting sweep)."""
+    points: dict[int, tuple[str, tuple, tuple]] = {}
+    for e in evaluations:
+        train, axes = trains[e.experiment_id], axes_of[e.experiment_id]
+        if not axes:
+            points[e.pk] = ("", (), ())
+            continue
+        config = configs.get(e.pk, {})
+        points[e.pk] = (sweeps.run_label(train=train, config=config), _sweep_point(train, config, axes),
+                        _sweep_point(train, config, list(sweeps.train_axes(train))))
+    return points
+
+
+def _baselines(
+    evaluations: Sequence[_BoardEval],
+    *,
+    values: dict[int, float | None],
+    points: dict[int, tuple[str, tuple, tuple]],
+) -> tuple[dict[tuple[int, int, int, tuple], float], dict[tuple[int, int, int], float]]:
+    """The baseline values per (experiment, student, seed, training-setting point), and per (experiment,
+    student, seed) where that experiment has exactly one baseline value for the student and seed."""
+    baseline: dict[tuple[int, int, int, tuple], float] = {}
+    by_seed: dict[tuple[int, int, int], set[float]] = defaultdict(set)
+    for e in evaluations:
+        value = values[e.pk]
+        if e.is_baseline and value is not None:
+            baseline[(e.experiment_id, e.student_id, e.seed, points[e.pk][2])] = value
+            by_seed[(e.experiment_id, e.student_id, e.seed)].add(value)
+    sole_baseline = {key: next(iter(found)) for key, found in by_seed.items() if len(found) == 1}
+    return baseline, sole_baseline
+
+
 def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], Evaluation],
                       metric: PrimaryMetric) -> list[LeaderboardRow]:
     """Group the student evaluations of ``qs`` into rows per (experiment, student, recipe, stage, point of the
@@ -324,24 +363,9 @@ def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], 
         .in_bulk({e.student_id for e in evaluations})
     recipes = Recipe.objects.defer("description", "terms", "scheme_params") \
         .in_bulk({e.recipe_id for e in evaluations})
-    points: dict[int, tuple[str, tuple, tuple]] = {}  # evaluation id → (label, point, training-setting point)
-    for e in evaluations:
-        train, axes = trains[e.experiment_id], axes_of[e.experiment_id]
-        if not axes:
-            points[e.pk] = ("", (), ())
-            continue
-        config = configs.get(e.pk, {})
-        points[e.pk] = (sweeps.run_label(train=train, config=config), _sweep_point(train, config, axes),
-                        _sweep_point(train, config, list(sweeps.train_axes(train))))
+    points = _sweep_points(evaluations, trains=trains, axes_of=axes_of, configs=configs)
     values = {e.pk: e.value(metric) for e in evaluations}
-    baseline: dict[tuple[int, int, int, tuple], float] = {}
-    by_seed: dict[tuple[int, int, int], set[float]] = defaultdict(set)
-    for e in evaluations:
-        value = values[e.pk]
-        if e.is_baseline and value is not None:
-            baseline[(e.experiment_id, e.student_id, e.seed, points[e.pk][2])] = value
-            by_seed[(e.experiment_id, e.student_id, e.seed)].add(value)
-    sole_baseline = {key: next(iter(found)) for key, found in by_seed.items() if len(found) == 1}
+    baseline, sole_baseline = _baselines(evaluations, values=values, points=points)
     sign = 1.0 if metric.higher_is_better else -1.0
     rows: dict[tuple[int, int, int, str, tuple], LeaderboardRow] = {}
     for e in evaluations:

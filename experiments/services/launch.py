@@ -263,12 +263,9 @@ def experiment_create(
     from experiments.domain import preflight
 
     if derive_student:
-        if teacher is None:
-            raise ValidationError({"derive_student": "Choose a teacher to derive a student from."})
-        students = [
-            *students,
-            records_writes.derived_student(parent=teacher, layers=derive_student, created_by=created_by),
-        ]
+        students = _with_derived_student(
+            students, teacher=teacher, layers=derive_student, created_by=created_by
+        )
     inputs = experiment_validate(
         team=team, dataset=dataset, students=students, recipes=recipes, seeds=seeds, teacher=teacher,
         assistant=assistant, extra_teachers=extra_teachers, teacher_weights=teacher_weights, train=train,
@@ -281,11 +278,49 @@ def experiment_create(
     if blocking:
         raise ValidationError(blocking)
     axes = sweeps.train_axes(inputs.train)
-    base_train = {k: v for k, v in inputs.train.items() if k not in axes}
-    stored_train = {**inputs.train, **({"term_sweeps": inputs.term_sweeps} if inputs.term_sweeps else {})}
     plan = experiment_plan(team=team, students=students, recipes=recipes, seeds=inputs.seeds, teacher=teacher,
                            assistant=assistant, with_baseline=dataset.task != "embedding",
                            train_points=sweeps.grid_points(axes), term_sweeps=inputs.term_sweeps)
+    experiment = _record_experiment(
+        inputs, team=team, created_by=created_by, name=name, description=description, dataset=dataset,
+        teacher=teacher, assistant=assistant, students=students, recipes=recipes,
+        extra_teachers=extra_teachers,
+    )
+    base_train = {k: v for k, v in inputs.train.items() if k not in axes}
+    runs = _record_runs(plan, experiment=experiment, extra_teachers=extra_teachers,
+                        teacher_weights=inputs.teacher_weights, base_train=base_train)
+    _queue_ready(runs)
+    return experiment
+
+
+def _with_derived_student(
+    students: Sequence[ModelSpec], *, teacher: ModelSpec | None, layers: str, created_by
+) -> list[ModelSpec]:
+    """The students plus one derived from the teacher (registered already, or created in this transaction)."""
+    if teacher is None:
+        raise ValidationError({"derive_student": "Choose a teacher to derive a student from."})
+    return [
+        *students,
+        records_writes.derived_student(parent=teacher, layers=layers, created_by=created_by),
+    ]
+
+
+def _record_experiment(
+    inputs: ExperimentInputs,
+    *,
+    team: Team,
+    created_by,
+    name: str,
+    description: str,
+    dataset: DatasetSpec,
+    teacher: ModelSpec | None,
+    assistant: ModelSpec | None,
+    students: Sequence[ModelSpec],
+    recipes: Sequence[Recipe],
+    extra_teachers: Sequence[ModelSpec],
+) -> Experiment:
+    """The experiment row and its model and recipe links; the sweep is kept in ``train``."""
+    stored_train = {**inputs.train, **({"term_sweeps": inputs.term_sweeps} if inputs.term_sweeps else {})}
     experiment = records_writes.save_new(
         Experiment(team=team, created_by=created_by, name=name, description=description, teacher=teacher,
                    assistant=assistant, teacher_weights=list(inputs.teacher_weights), dataset=dataset,
@@ -294,16 +329,28 @@ def experiment_create(
     experiment.students.set(students)
     experiment.recipes.set(recipes)
     experiment.extra_teachers.set(extra_teachers)
+    return experiment
+
+
+def _record_runs(
+    plan: Sequence[PlannedRun],
+    *,
+    experiment: Experiment,
+    extra_teachers: Sequence[ModelSpec],
+    teacher_weights: Sequence[float],
+    base_train: dict[str, Any],
+) -> list[Run]:
+    """One run per planned run, in plan order, each with its frozen config and queue."""
     runs: list[Run] = []
     router = routing.RunRouter()  # one read of the worker table for all the runs
     for p in plan:
         upstream = runs[p.teacher_from] if p.teacher_from is not None else None
         uses_teacher = p.recipe.needs_teacher
         config = _run_config(p, experiment=experiment, upstream=upstream, extra_teachers=extra_teachers,
-                             teacher_weights=inputs.teacher_weights, base_train=base_train)
+                             teacher_weights=teacher_weights, base_train=base_train)
         # The config names an upstream run only by its id, which exists already: one INSERT per run.
         run = Run(
-            team=team, experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed,
+            team=experiment.team, experiment=experiment, student=p.student, recipe=p.recipe, seed=p.seed,
             is_baseline=p.is_baseline, stage=p.stage, teacher=p.teacher if uses_teacher else None,
             total_steps=config["train"]["max_steps"],
             waiting_for=upstream or (dispatch.pending_source_run(p.teacher) if uses_teacher else None)
@@ -313,7 +360,11 @@ def experiment_create(
         run.queue = router.queue_for(run.config)
         run.save()
         runs.append(run)
+    return runs
+
+
+def _queue_ready(runs: Sequence[Run]) -> None:
+    """Enqueue, after the commit, every run that waits for no other run."""
     for run in runs:
         if run.waiting_for_id is None:
             dispatch.enqueue_on_commit(run)
-    return experiment
