@@ -42,7 +42,7 @@ def test_rendering_and_validating_a_recipe_imports_no_torch():
         django.setup()
         from django.core.exceptions import ValidationError
         from experiments import forms
-        from experiments.domain import preflight, sweeps, validation
+        from experiments.domain import sweeps, tokenizers, validation
         from api import serializers
 
         # The recipe form: render the term rows, then validate a filled one and a wrong one.
@@ -71,7 +71,7 @@ def test_rendering_and_validating_a_recipe_imports_no_torch():
 
         # Sweeps of term parameters and the pre-flight's tokenizer rule read the same catalogue.
         swept = sweeps.check_term_values("kd.temperature", [2, 4], limit=10)
-        rule = preflight.tokenizer_rule(task="causal_lm", scheme="offline", term_names=["ce", "uld"])
+        rule = tokenizers.tokenizer_rule(task="causal_lm", scheme="offline", term_names=["ce", "uld"])
         print(json.dumps({"torch": "torch" in sys.modules, "rendered": "temperature" in rendered,
                           "valid": valid, "terms": terms, "bad_errors": bad_errors, "body_valid": body_valid,
                           "cleaned": cleaned, "api_error": api_error, "swept": swept, "rule": rule}))

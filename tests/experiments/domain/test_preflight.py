@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError
 from django.urls import reverse
 from django.utils import timezone
 
-from experiments.domain import preflight, sweeps
+from experiments.domain import preflight, sweeps, tokenizers
 from experiments.models import Experiment, ModelSpec, Recipe, Run, Worker
 from experiments.services import launch
 from tests.factories import DatasetSpecFactory, ExperimentFactory, ModelSpecFactory, RecipeFactory, RunFactory
@@ -235,7 +235,7 @@ def test_a_derived_student_shares_its_parents_tokenizer(lm_setup, team):
     derived = ModelSpecFactory(team=team, name="half", source="derived", builtin_arch="", parent=parent,
                                task="causal_lm", num_labels=0, config={"layers": "every_other"})
 
-    assert preflight.tokenizer_identity(derived) == preflight.tokenizer_identity(parent)
+    assert tokenizers.tokenizer_identity(derived) == tokenizers.tokenizer_identity(parent)
     assert _tokenizers(lm_setup, derived, "kd", teacher=parent).level == "ok"
 
 
