@@ -28,6 +28,7 @@ from typing import Any
 
 Number = int | float
 Value = int | float | str | bool
+Item = int | float | str | bool  # one item of a swept list given as a value
 
 SYNTAX_HELP = ('One value, a list "1e-4, 3e-4", or a range: "1e-4:1e-3:log4" (4 log-spaced values), '
                '"0.1:0.9:lin5" (5 evenly spaced), "2:8:step2" (2, 4, 6, 8).')
@@ -136,7 +137,7 @@ def _check_bounds(value: float, *, lo: float | None, hi: float | None, item: str
 
 def parse_values(text: str, *, kind: type = float, lo: float | None = None, hi: float | None = None,
                  limit: int) -> list[Number]:
-    """The values of one swept field, in the order written.
+    """The values of one swept field typed as text, in the order written.
 
     Args:
         text: e.g. ``"3e-4"``, ``"1e-4, 3e-4"``, ``"1e-4:1e-3:log4"``.
@@ -149,7 +150,20 @@ def parse_values(text: str, *, kind: type = float, lo: float | None = None, hi: 
     text = text.strip()
     if not text:
         raise SweepError("Enter a value.")
-    parsed = [(item, _parse_item(item)) for item in _items(text)]
+    return _numbers(_items(text), kind=kind, lo=lo, hi=hi, limit=limit)
+
+
+def value_list(values: Any, *, kind: type = float, lo: float | None = None, hi: float | None = None,
+               limit: int) -> list[Number]:
+    """The values of one swept field given as a value (a JSON or YAML list, or one value): a number is itself,
+    a text item one value or range (``"2e-4:1e-3:log3"``). The rules of :func:`parse_values` apply; a list is
+    bounded by its number of items, each text item by ``ITEM_CAP`` characters."""
+    return _numbers(list_items(values, choices=False, limit=limit), kind=kind, lo=lo, hi=hi, limit=limit)
+
+
+def _numbers(items: Sequence[Item], *, kind: type, lo: float | None, hi: float | None,
+             limit: int) -> list[Number]:
+    parsed = [_parse_any(item) for item in items]
     total = sum(p.count() if isinstance(p, _Range) else 1 for _, p in parsed)
     if total > limit:
         raise SweepError(f"This gives {total:,} values; at most {limit:,} fit in one experiment.")
@@ -172,6 +186,54 @@ def parse_values(text: str, *, kind: type = float, lo: float | None = None, hi: 
     return values
 
 
+def _parse_any(item: Item) -> tuple[str, float | _Range]:
+    """(the item as shown in messages, its value or range): text is read, a number taken as it is."""
+    if isinstance(item, str):
+        return item, _parse_item(item)
+    shown = _exact(item)
+    if isinstance(item, bool):
+        return shown, _number(shown, "a number")
+    try:
+        value = float(item)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise SweepError(f'"{_clip(shown)}" is too large.')
+    return shown, value
+
+
+# --- sweeps given as values (JSON / YAML lists) -----------------------------------------------------------
+# A list is bounded by its number of items instead of a field's length (each text item by a cap of its own),
+# so that an exported sweep of many values imports again.
+ITEM_CAP = 200  # characters of one list item: what the field of one training setting takes
+_ITEM_SHAPE = "Give one value or range per list item (no commas or line breaks inside an item)."
+
+
+def list_items(values: Any, *, choices: bool, limit: int) -> list[Item]:
+    """The items of a swept list (one value becomes a list of one): numbers, and text holding one value or range
+    each (``choices``: true/false and names too, for term parameters)."""
+    if not isinstance(values, list):
+        values = [values]
+    if not values:
+        raise SweepError("Give at least one value.")
+    if len(values) > limit:
+        raise SweepError(f"This gives {len(values):,} values; at most {limit:,} fit in one experiment.")
+    items: list[Item] = []
+    for item in values:
+        if isinstance(item, bool) and not choices:
+            raise SweepError("Give numbers, not true/false.")
+        if isinstance(item, str):
+            item = item.strip()
+            if len(item) > ITEM_CAP:
+                raise SweepError(f"A list item may be at most {ITEM_CAP} characters.")
+            if not item or any(c in item for c in ",\n\r"):
+                raise SweepError(_ITEM_SHAPE)
+        elif not isinstance(item, int | float):
+            raise SweepError('Give a list of values: numbers, or ranges such as "1e-4:1e-3:log4".')
+        items.append(item)
+    return items
+
+
 def _whole(item: str, parsed: float | _Range) -> list[int]:
     if not isinstance(parsed, _Range):
         if not parsed.is_integer():
@@ -184,7 +246,18 @@ def _whole(item: str, parsed: float | _Range) -> list[int]:
 
 def parse_choices(text: str, *, choices: Sequence[str], limit: int) -> list[str]:
     """A list of choices (``"kd, jsd"``) for a parameter that takes one of ``choices``."""
-    items = [item.lower() for item in _items(text.strip())] if text.strip() else []
+    return _choices(_words(text), choices=choices, limit=limit)
+
+
+def _words(text: str) -> list[str]:
+    return [item.lower() for item in _items(text.strip())] if text.strip() else []
+
+
+def _item_words(items: Sequence[Item]) -> list[str]:
+    return [(item if isinstance(item, str) else _exact(item)).lower() for item in items]
+
+
+def _choices(items: list[str], *, choices: Sequence[str], limit: int) -> list[str]:
     if not items:
         raise SweepError("Enter a value.")
     if len(items) > limit:
@@ -199,8 +272,11 @@ def parse_choices(text: str, *, choices: Sequence[str], limit: int) -> list[str]
 
 def parse_booleans(text: str) -> list[bool]:
     """``"true, false"`` → [True, False]."""
+    return _booleans(_words(text))
+
+
+def _booleans(items: list[str]) -> list[bool]:
     words = {"true": True, "false": False}
-    items = [item.lower() for item in _items(text.strip())] if text.strip() else []
     if not items or any(item not in words for item in items):
         raise SweepError('Enter true, false, or "true, false".')
     if len(set(items)) != len(items):
@@ -218,19 +294,83 @@ def parse_term_sweeps(text: str, *, limit: int) -> dict[str, list[Value]]:
     Raises:
         SweepError: naming the line at fault.
     """
+    return _term_axes([_line_row(line) for line in text.splitlines()], limit=limit)
+
+
+_TermRow = tuple[str, "str | None", "str | list[Item]"]  # (the line shown in messages, TERM.PARAM, values)
+
+
+def _line_row(line: str) -> _TermRow:
+    name, sep, values = line.strip().partition("=")
+    return line.strip(), (name if sep else None), values
+
+
+_LINE = object()  # the axis of a term sweep given as a whole "TERM.PARAM = values" line
+_TERM_SHAPE = ('Give term sweeps as {"TERM.PARAM": [values]}, or a list of "TERM.PARAM = values" lines or of '
+               '{"param": "TERM.PARAM", "values": [values]}.')
+
+
+def _term_sweep_entries(value: dict[str, Any] | list[Any]) -> list[tuple[Any, Any]]:
+    """(axis, values) pairs of term sweeps given as a mapping or a list; a line given as text is (_LINE, line)
+    (an axis given as "" or null is a mistake to report, not a line)."""
+    if isinstance(value, dict):
+        return list(value.items())
+    entries: list[tuple[Any, Any]] = []
+    for item in value:
+        if isinstance(item, str):
+            if "\n" in item or "\r" in item:
+                raise SweepError("Give one TERM.PARAM = values line per list item.")
+            entries.append((_LINE, item))
+        elif isinstance(item, dict) and set(item) == {"param", "values"}:
+            entries.append((item["param"], item["values"]))
+        elif isinstance(item, dict) and item:
+            entries.extend(item.items())
+        else:
+            raise SweepError(_TERM_SHAPE)
+    return entries
+
+
+def term_sweeps_value(value: dict[str, Any] | list[Any], *, cap: int, limit: int) -> dict[str, list[Value]]:
+    """Term sweeps given as a value (JSON, YAML): a mapping ``{"kd.temperature": [2, 4]}``, or a list of
+    ``"TERM.PARAM = values"`` lines or of ``{"param": "kd.temperature", "values": [2, 4]}``. A line, or values
+    given as text, may be ``cap`` characters long; the rules of :func:`parse_term_sweeps` apply."""
+    rows: list[_TermRow] = []
+    for axis, values in _term_sweep_entries(value):
+        if isinstance(values, str) and len(values) > cap:
+            raise SweepError(f"{'A line' if axis is _LINE else str(axis)[:40]}: at most {cap} characters.")
+        if axis is _LINE:  # a line as written in the form
+            rows.append(_line_row(values))
+            continue
+        if not isinstance(axis, str) or not axis.strip() or any(c in axis for c in "=\n\r"):
+            raise SweepError(f"{str(axis)[:40]!r} does not name a term parameter; write TERM.PARAM, "
+                             "e.g. kd.temperature.")
+        if isinstance(values, str):  # the values in the form's syntax: "2, 4" or "2:8:step2"
+            if "\n" in values or "\r" in values:
+                raise SweepError(f"{axis}: give the values on one line.")
+            rows.append((f"{axis} = {values}".strip(), axis, values))
+            continue
+        try:
+            items = list_items(values, choices=True, limit=limit)
+        except SweepError as exc:
+            raise SweepError(f"{axis}: {exc}") from None
+        shown = ", ".join(item if isinstance(item, str) else _exact(item) for item in items)
+        rows.append((f"{axis} = {shown}".strip(), axis, items))
+    return _term_axes(rows, limit=limit)
+
+
+def _term_axes(rows: list[_TermRow], *, limit: int) -> dict[str, list[Value]]:
+    """The swept values of each ``TERM.PARAM`` row (blank rows and ``#`` comments skipped)."""
     from workers.engine.terms import LOSS_TERMS
 
-    lines = [line.strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.startswith("#")]
-    if len(lines) > MAX_TERM_SWEEP_LINES:
+    rows = [row for row in rows if row[0] and not row[0].startswith("#")]
+    if len(rows) > MAX_TERM_SWEEP_LINES:
         raise SweepError(f"At most {MAX_TERM_SWEEP_LINES} swept parameters.")
     axes: dict[str, list[Value]] = {}
-    for number, line in enumerate(lines, 1):
+    for number, (line, name, values) in enumerate(rows, 1):
         where = f"Line {number} ({_clip(line, 30)})"
-        name, sep, values = line.partition("=")
-        axis = name.strip().lower().replace(" ", "")
+        axis = (name or "").strip().lower().replace(" ", "")
         match = _AXIS_RE.match(axis)
-        if not sep or match is None:
+        if name is None or match is None:
             raise SweepError(f"{where}: write TERM.PARAM = values, e.g. kd.temperature = 2, 4, 8.")
         term, param = match["term"], match["param"]
         spec = LOSS_TERMS.get(term)
@@ -245,24 +385,34 @@ def parse_term_sweeps(text: str, *, limit: int) -> dict[str, list[Value]]:
     return axes
 
 
-def _term_values(term: str, param: str, spec: Any, text: str, *, limit: int) -> list[Value]:
-    """Read the values of ``term.param`` from text, by the parameter's type, then check them."""
+def _term_values(term: str, param: str, spec: Any, values: str | list[Item], *, limit: int) -> list[Value]:
+    """Read the values of ``term.param`` (text, or items of a list) by the parameter's type, then check them."""
+    text = values if isinstance(values, str) else None
+
+    def numbers(kind: type, lo: float | None = None, hi: float | None = None) -> list[Value]:
+        if text is not None:
+            return list(parse_values(text, kind=kind, lo=lo, hi=hi, limit=limit))
+        return list(_numbers(values, kind=kind, lo=lo, hi=hi, limit=limit))
+
+    def words() -> list[str]:
+        return _words(text) if text is not None else _item_words(values)
+
     if param == "weight":
-        values: list[Value] = list(parse_values(text, kind=float, lo=0.0, hi=1e6, limit=limit))
+        found = numbers(float, 0.0, 1e6)
     else:
         info = spec.params.get(param)
         if info is None:
             raise SweepError(f"{term} has no parameter {param}; it has: {', '.join(['weight', *spec.params])}.")
         type_name = info.type.__name__
         if type_name in ("int", "float"):
-            values = list(parse_values(text, kind=info.type, limit=limit))
+            found = numbers(info.type)
         elif type_name == "bool":
-            values = list(parse_booleans(text))
+            found = list(_booleans(words()))
         elif type_name == "str" and info.choices:
-            values = list(parse_choices(text, choices=tuple(info.choices), limit=limit))
+            found = list(_choices(words(), choices=tuple(info.choices), limit=limit))
         else:
             raise SweepError(f"{term}.{param} cannot be swept; set it in the recipe.")
-    return check_term_values(f"{term}.{param}", values, limit=limit)
+    return check_term_values(f"{term}.{param}", found, limit=limit)
 
 
 def check_term_values(axis: str, values: Sequence[Any], *, limit: int) -> list[Value]:
@@ -461,16 +611,18 @@ def format_number(value: Value) -> str:
     return f"{value:.4g}"
 
 
+def _exact(value: Value) -> str:
+    """One value exactly as a field shows it (``True`` → ``true``, ``4.0`` → ``4``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
 def format_values(values: Sequence[Value]) -> str:
     """Values as a field shows them again (exact, so a clone creates the same runs): ``"0.0001, 0.0003"``."""
-    def exact(value: Value) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-            return str(int(value))
-        return str(value)
-
-    return ", ".join(exact(v) for v in values)
+    return ", ".join(_exact(v) for v in values)
 
 
 def axis_label(axis: str, swept: Sequence[str]) -> str:
