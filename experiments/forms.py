@@ -6,40 +6,28 @@ page shows every problem next to the field it belongs to.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db.models import QuerySet
 from django.forms.utils import ErrorDict
 
-from experiments.domain import inputs, sweeps, uploads
+from experiments.domain import fields as field_rules
+from experiments.domain import input_rules, sweeps, uploads
 from experiments.domain.engine_config import TRAIN_DEFAULTS
-from experiments.domain.specs import BUILTIN_ARCHS, BUILTIN_DATASETS
-from experiments.domain.validation import ALL_EARLY_STOPPING_METRICS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
-from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Task
+from experiments.domain.input_rules import DATASET_SOURCES, MODEL_SOURCES  # noqa: F401  (the pages' names)
+from experiments.domain.validation import MAX_SEEDS, TRAIN_FIELDS
+from experiments.models import Experiment, Recipe, Run
 from experiments.selectors import records as records_reads
 from experiments.selectors import teams as teams_reads
 
 
 def add_service_errors(form: forms.BaseForm, exc: ValidationError, aliases: dict[str, str] | None = None) -> None:
     """Attach a service's ValidationError to ``form``: known keys become field errors, the rest non-field ones."""
-    aliases = aliases or {}
-    if not hasattr(exc, "error_dict"):
-        for message in exc.messages:
-            form.add_error(None, message)
-        return
-    for key, messages in exc.message_dict.items():
-        field = aliases.get(key, key)
-        for message in messages:
-            if field in form.fields:
-                form.add_error(field, message)
-            else:
-                prefix = "" if key == "__all__" else f"{key.replace('_', ' ').capitalize()}: "
-                form.add_error(None, prefix + message)
+    for field, message in field_rules.service_error_targets(exc, form.fields, aliases):
+        form.add_error(field, message)
 
 
 class TeamOptionSelect(forms.Select):
@@ -66,7 +54,7 @@ class TeamOptionSelectMultiple(TeamOptionSelect, forms.SelectMultiple):
 class TeamScopedForm(forms.Form):
     """A form whose first field is one of the user's teams; records it refers to must belong to that team."""
 
-    team = forms.ModelChoiceField(queryset=None, empty_label=None)
+    team = input_rules.TEAM.field()
     team_fields: tuple[str, ...] = ()
 
     def __init__(self, *args: Any, user, default_team=None, **kwargs: Any) -> None:
@@ -80,9 +68,9 @@ class TeamScopedForm(forms.Form):
         self.multiple_teams = team_count > 1
         if not self.multiple_teams:
             self.fields["team"].widget = forms.HiddenInput()
-            first = teams.first()
+            first = field_rules.default_team(teams)
             if first is not None:
-                self.fields["team"].initial = first.pk
+                self.fields["team"].initial = first
         elif default_team is not None and "team" not in self.initial:
             self.fields["team"].initial = default_team.pk
         # Keyboard-first: the cursor starts in the record's name.
@@ -94,204 +82,115 @@ class TeamScopedForm(forms.Form):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
-        team = cleaned.get("team")
-        if team is None:
-            return cleaned
-        for name in self.team_fields:
-            value = cleaned.get(name)
-            records = list(value) if isinstance(value, list | tuple | QuerySet) else [value]
-            wrong = [r for r in records if r is not None and r.team_id != team.pk]
-            if wrong:
-                names = ", ".join(str(r) for r in wrong)
-                self.add_error(name, f"{names} belongs to another team than {team}.")
+        for name, message in field_rules.team_problems(cleaned, self.team_fields):
+            self.add_error(name, message)
         return cleaned
 
 
 # --- models ---------------------------------------------------------------------------------------
-MODEL_SOURCES = [
-    (ModelSpec.Source.BUILTIN, "Builtin torch net (MLP)"),
-    (ModelSpec.Source.CONFIG, "Random init from a transformers config"),
-    (ModelSpec.Source.HF, "Hugging Face model (hub id or local folder)"),
-]
+MODEL = input_rules.MODEL_SPEC
 
 
 class ModelSpecForm(TeamScopedForm):
-    name = forms.CharField(max_length=120)
-    source = forms.ChoiceField(choices=MODEL_SOURCES, widget=forms.RadioSelect, initial=ModelSpec.Source.BUILTIN)
-    task = forms.ChoiceField(choices=Task.choices, initial=Task.CLASSIFICATION, required=False)
-    num_labels = forms.IntegerField(min_value=2, max_value=1_000_000, required=False,
-                                    help_text="Classes the model predicts (classification only).")
-    builtin_arch = forms.ChoiceField(
-        label="Architecture", choices=[(k, f"{k} — {v}") for k, v in BUILTIN_ARCHS.items()], required=False
-    )
-    hidden_sizes = forms.CharField(
-        required=False, initial="256,256", help_text='Hidden layer widths, comma-separated, e.g. "256,256".'
-    )
-    config = forms.CharField(
-        label="Transformers config (JSON)", required=False,
+    name = MODEL["name"].field()
+    source = MODEL["source"].field(widget=forms.RadioSelect)
+    task = MODEL["task"].field()
+    num_labels = MODEL["num_labels"].field(help_text="Classes the model predicts (classification only).")
+    builtin_arch = MODEL["builtin_arch"].field(label="Architecture")
+    hidden_sizes = MODEL["hidden_sizes"].field(help_text='Hidden layer widths, comma-separated, e.g. "256,256".')
+    config = MODEL["config"].field(
+        label="Transformers config (JSON)",
         widget=forms.Textarea(attrs={"rows": 8, "class": "mono", "spellcheck": "false",
                                      "placeholder": '{"model_type": "bert", "hidden_size": 128, '
                                                     '"num_hidden_layers": 2, "num_attention_heads": 2}'}),
         help_text='A transformers config dict with a "model_type"; the model starts from random weights.',
     )
-    hub_id = forms.CharField(label="Hub id", max_length=200, required=False,
-                             help_text="e.g. google-bert/bert-base-uncased")
-    local_path = forms.CharField(label="Local folder", max_length=500, required=False,
-                                 help_text="A model folder under one of the server's model roots.")
-    revision = forms.CharField(max_length=100, required=False, help_text="Branch, tag or commit (optional).")
-    tokenizer_id = forms.CharField(label="Tokenizer id", max_length=200, required=False,
-                                   help_text="Optional; defaults to the model's own tokenizer.")
-    notes = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+    hub_id = MODEL["hub_id"].field(label="Hub id", help_text="e.g. google-bert/bert-base-uncased")
+    local_path = MODEL["local_path"].field(label="Local folder",
+                                           help_text="A model folder under one of the server's model roots.")
+    revision = MODEL["revision"].field(help_text="Branch, tag or commit (optional).")
+    tokenizer_id = MODEL["tokenizer_id"].field(label="Tokenizer id",
+                                               help_text="Optional; defaults to the model's own tokenizer.")
+    notes = MODEL["notes"].field(widget=forms.Textarea(attrs={"rows": 2}))
 
     def clean_hidden_sizes(self) -> list[int]:
-        raw = self.cleaned_data["hidden_sizes"].strip()
-        if not raw:
-            return []
-        try:
-            sizes = [int(part) for part in raw.replace(" ", "").split(",") if part]
-        except ValueError:
-            raise ValidationError('Enter layer widths as whole numbers separated by commas, e.g. "256,256".') from None
-        if any(not 1 <= s <= 65536 for s in sizes):
-            raise ValidationError("Each layer width must be between 1 and 65536.")
-        return sizes
+        return MODEL["hidden_sizes"].from_text(self.cleaned_data["hidden_sizes"])
 
     def clean_config(self) -> dict[str, Any]:
-        raw = self.cleaned_data["config"].strip()
-        if not raw:
-            return {}
-        try:
-            config = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).") from None
-        except RecursionError:
-            raise ValidationError(f"Nested deeper than {inputs.MAX_NESTING} levels.") from None
-        if not isinstance(config, dict):
-            raise ValidationError("The config must be a JSON object.")
-        if problem := inputs.data_problem(config):  # "\u0000" escapes, NaN: not storable
-            raise ValidationError(problem)
-        return config
+        return MODEL["config"].from_text(self.cleaned_data["config"])
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
-        source = cleaned.get("source")
-        if source == ModelSpec.Source.BUILTIN and not cleaned.get("builtin_arch"):
-            self.add_error("builtin_arch", "Choose an architecture.")
-        if source == ModelSpec.Source.CONFIG and "config" in cleaned and not cleaned["config"]:
-            self.add_error("config", "Paste a transformers config.")
-        cleaned["task"] = cleaned.get("task") or Task.CLASSIFICATION
-        if cleaned.get("task") == Task.CLASSIFICATION and not cleaned.get("num_labels") \
-                and "num_labels" not in self.errors:
-            self.add_error("num_labels", "A classifier needs its number of classes (2 or more).")
-        if cleaned.get("task") != Task.CLASSIFICATION:
-            cleaned["num_labels"] = 0
-        if source == ModelSpec.Source.BUILTIN and cleaned.get("task") != Task.CLASSIFICATION:
-            self.add_error("task", "Builtin nets are classifiers.")
+        input_rules.model_spec_checks(cleaned, self.errors, self.add_error)
         return cleaned
 
     def service_fields(self) -> dict[str, Any]:
         """Keyword arguments for ``services.model_spec_create`` (besides team and created_by)."""
-        data = self.cleaned_data
-        fields: dict[str, Any] = {"name": data["name"], "source": data["source"], "num_labels": data["num_labels"],
-                                  "task": data["task"], "notes": data["notes"], "tokenizer_id": data["tokenizer_id"]}
-        match data["source"]:
-            case ModelSpec.Source.BUILTIN:
-                fields.update(builtin_arch=data["builtin_arch"], config={"hidden_sizes": data["hidden_sizes"]})
-            case ModelSpec.Source.CONFIG:
-                fields.update(config=data["config"])
-            case ModelSpec.Source.HF:
-                fields.update(hub_id=data["hub_id"].strip(), local_path=data["local_path"].strip(),
-                              revision=data["revision"].strip())
-        return fields
+        return input_rules.model_spec_service_fields(self.cleaned_data)
 
     def error_aliases(self) -> dict[str, str]:
         """Service error keys → this form's fields (a builtin net's config is its hidden sizes)."""
-        if self.cleaned_data.get("source") == ModelSpec.Source.BUILTIN:
-            return {"config": "hidden_sizes"}
-        return {}
+        return input_rules.model_spec_error_aliases(self.cleaned_data)
 
 
-LAYER_PRESETS = ("every_other", "every_third", "all")
+LAYER_PRESETS = field_rules.LAYER_PRESETS
+DERIVE = input_rules.MODEL_DERIVE
 
 
 class ModelDeriveForm(forms.Form):
     """A student derived from the model on the page (DistilBERT recipe): kept layers and optional widths."""
 
-    name = forms.CharField(max_length=120, help_text="The student's name in the parent's team.")
-    layers = forms.CharField(
-        max_length=400, initial="every_other",
+    name = DERIVE["name"].field(help_text="The student's name in the parent's team.")
+    layers = DERIVE["layers"].field(
         help_text='"every_other" (layers 0, 2, 4, …), "every_third", "all", or layer ids such as '
                   '"0,2,4,7,9,11".',
     )
-    hidden_size = forms.IntegerField(required=False, min_value=1, max_value=65536,
-                                     widget=forms.NumberInput(attrs={"placeholder": "parent's"}),
+    hidden_size = DERIVE["hidden_size"].field(widget=forms.NumberInput(attrs={"placeholder": "parent's"}),
                                      help_text="Narrower width (optional); the leading features are copied.")
-    intermediate_size = forms.IntegerField(required=False, min_value=1, max_value=262144,
-                                           widget=forms.NumberInput(attrs={"placeholder": "parent's"}),
+    intermediate_size = DERIVE["intermediate_size"].field(widget=forms.NumberInput(attrs={"placeholder": "parent's"}),
                                            help_text="Feed-forward width (optional).")
-    num_attention_heads = forms.IntegerField(required=False, min_value=1, max_value=1024,
-                                             widget=forms.NumberInput(attrs={"placeholder": "auto"}),
+    num_attention_heads = DERIVE["num_attention_heads"].field(widget=forms.NumberInput(attrs={"placeholder": "auto"}),
                                              help_text="Default keeps the parent's head size.")
 
     def clean_layers(self) -> str | list[int]:
-        raw = self.cleaned_data["layers"].strip().lower().replace(" ", "")
-        if raw in LAYER_PRESETS:
-            return raw
-        parts = [p for p in raw.split(",") if p]
-        if not parts or not all(p.isdigit() for p in parts):
-            raise ValidationError('Enter "every_other", "every_third", "all", or layer ids such as "0,2,4".')
-        return [int(p) for p in parts]
+        return DERIVE["layers"].from_text(self.cleaned_data["layers"])
 
     def service_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``services.model_derive`` (besides parent and created_by)."""
-        return {k: self.cleaned_data[k] for k in ("name", "layers", "hidden_size", "intermediate_size",
-                                                  "num_attention_heads")}
+        return input_rules.model_derive_kwargs(self.cleaned_data)
 
 
 # --- datasets -------------------------------------------------------------------------------------
-DATASET_SOURCES = [
-    (DatasetSpec.Source.BUILTIN, "Packaged dataset"),
-    (DatasetSpec.Source.HF, "Hugging Face hub dataset or local CSV / JSONL file"),
-    (DatasetSpec.Source.UPLOAD, "Upload a file"),
-]
+DATASET = input_rules.DATASET_SPEC
 
 
 class DatasetSpecForm(TeamScopedForm):
-    name = forms.CharField(max_length=120)
-    source = forms.ChoiceField(choices=DATASET_SOURCES, widget=forms.RadioSelect,
-                               initial=DatasetSpec.Source.BUILTIN)
-    task = forms.ChoiceField(choices=Task.choices, initial=Task.CLASSIFICATION, required=False,
-                             help_text="What is learned from it: labels, next tokens, or sentence embeddings.")
-    builtin_name = forms.ChoiceField(
-        label="Packaged dataset", required=False,
-        choices=[(k, f"{k} — " + (f"{v['num_labels']} classes, " if v["num_labels"] else "")
-                  + (f"{v['splits_total']:,} rows, " if v["splits_total"] else "")
-                  + " / ".join(v["tasks"]))
-                 for k, v in BUILTIN_DATASETS.items()],
-    )
-    hub_name = forms.CharField(label="Hub dataset", max_length=200, required=False, help_text="e.g. SetFit/bbc-news")
-    local_path = forms.CharField(label="Local file", max_length=500, required=False,
-                                 help_text="A CSV or JSONL file under one of the server's dataset roots.")
-    upload = forms.FileField(
-        label="File", required=False, allow_empty_file=False,
-        widget=forms.FileInput(attrs={"accept": ",".join(uploads.UPLOAD_SUFFIXES)}),
-    )
-    eval_local_path = forms.CharField(label="Separate eval file", max_length=500, required=False,
-                                      help_text="Optional: a held-out file with the same columns, under a dataset "
-                                                "root. The whole local file then trains.")
-    pack = forms.BooleanField(label="Pack texts into blocks", required=False,
-                              help_text="Causal LM: concatenate the texts and cut them into max-length blocks.")
-    text_column = forms.CharField(max_length=100, initial="text")
-    label_column = forms.CharField(max_length=100, initial="label")
-    num_labels = forms.IntegerField(min_value=2, max_value=1_000_000, required=False,
-                                    help_text="Number of classes (filled in for packaged datasets and uploaded files).")
-    label_names = forms.CharField(required=False, help_text="Optional, comma-separated, in label-id order.")
-    eval_fraction = forms.FloatField(initial=0.2, min_value=0.01, max_value=0.9,
-                                     help_text="Share of rows held out for evaluation (stratified).")
-    split_seed = forms.IntegerField(initial=0, min_value=0, max_value=2**31 - 1,
-                                    help_text="Seed of the train / eval split.")
-    max_length = forms.IntegerField(initial=128, min_value=8, max_value=32768,
-                                    help_text="Token limit for text inputs.")
-    notes = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+    name = DATASET["name"].field()
+    source = DATASET["source"].field(widget=forms.RadioSelect)
+    task = DATASET["task"].field(
+        help_text="What is learned from it: labels, next tokens, or sentence embeddings.")
+    builtin_name = DATASET["builtin_name"].field(label="Packaged dataset")
+    hub_name = DATASET["hub_name"].field(label="Hub dataset", help_text="e.g. SetFit/bbc-news")
+    local_path = DATASET["local_path"].field(
+        label="Local file", help_text="A CSV or JSONL file under one of the server's dataset roots.")
+    upload = DATASET["upload"].field(
+        label="File", widget=forms.FileInput(attrs={"accept": ",".join(uploads.UPLOAD_SUFFIXES)}))
+    eval_local_path = DATASET["eval_local_path"].field(
+        label="Separate eval file",
+        help_text="Optional: a held-out file with the same columns, under a dataset root. The whole local file "
+                  "then trains.")
+    pack = DATASET["pack"].field(
+        label="Pack texts into blocks",
+        help_text="Causal LM: concatenate the texts and cut them into max-length blocks.")
+    text_column = DATASET["text_column"].field()
+    label_column = DATASET["label_column"].field()
+    num_labels = DATASET["num_labels"].field(
+        help_text="Number of classes (filled in for packaged datasets and uploaded files).")
+    label_names = DATASET["label_names"].field(help_text="Optional, comma-separated, in label-id order.")
+    eval_fraction = DATASET["eval_fraction"].field(help_text="Share of rows held out for evaluation (stratified).")
+    split_seed = DATASET["split_seed"].field(help_text="Seed of the train / eval split.")
+    max_length = DATASET["max_length"].field(help_text="Token limit for text inputs.")
+    notes = DATASET["notes"].field(widget=forms.Textarea(attrs={"rows": 2}))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -302,7 +201,7 @@ class DatasetSpecForm(TeamScopedForm):
         )
 
     def clean_label_names(self) -> list[str]:
-        return [name.strip() for name in self.cleaned_data["label_names"].split(",") if name.strip()]
+        return DATASET["label_names"].from_text(self.cleaned_data["label_names"])
 
     def clean_upload(self):
         upload = self.cleaned_data.get("upload")
@@ -321,36 +220,12 @@ class DatasetSpecForm(TeamScopedForm):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
-        names, num_labels = cleaned.get("label_names"), cleaned.get("num_labels")
-        if names and num_labels and len(names) != num_labels:
-            self.add_error("label_names", f"Give {num_labels} names (one per label) or none.")
-        if cleaned.get("source") == DatasetSpec.Source.BUILTIN and not cleaned.get("builtin_name"):
-            self.add_error("builtin_name", "Choose a packaged dataset.")
-        if cleaned.get("source") == DatasetSpec.Source.UPLOAD and not cleaned.get("upload") \
-                and "upload" not in self.errors:
-            self.add_error("upload", "Choose a file to upload.")
-        cleaned["task"] = cleaned.get("task") or Task.CLASSIFICATION
+        input_rules.dataset_spec_checks(cleaned, self.errors, self.add_error)
         return cleaned
 
     def service_fields(self) -> dict[str, Any]:
         """Keyword arguments for ``services.dataset_spec_create``; empty values are left to the service."""
-        data = self.cleaned_data
-        keys = ["name", "source", "task", "text_column", "label_column", "eval_fraction", "split_seed", "max_length",
-                "notes"]
-        if data["source"] == DatasetSpec.Source.BUILTIN:
-            keys.append("builtin_name")
-        elif data["source"] == DatasetSpec.Source.UPLOAD:
-            keys.append("upload")
-        else:
-            keys += ["hub_name", "local_path", "eval_local_path"]
-        if data.get("pack"):
-            keys.append("pack")
-        fields = {k: data[k].strip() if isinstance(data[k], str) and k != "notes" else data[k] for k in keys}
-        if data.get("num_labels"):
-            fields["num_labels"] = data["num_labels"]
-        if data.get("label_names"):
-            fields["label_names"] = data["label_names"]
-        return fields
+        return input_rules.dataset_spec_service_fields(self.cleaned_data)
 
 
 # --- recipes --------------------------------------------------------------------------------------
@@ -404,14 +279,9 @@ def term_param_names(catalog: list[TermInfo]) -> list[str]:
 
 
 class RecipeForm(TeamScopedForm):
-    name = forms.CharField(max_length=120, help_text="Saving a name that exists creates its next version.")
-    scheme = forms.ChoiceField(choices=Recipe.Scheme.choices, initial=Recipe.Scheme.OFFLINE)
-    description = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Read at form creation, so schemes added to the model appear without touching the form.
-        self.fields["scheme"].choices = Recipe.Scheme.choices
+    name = input_rules.RECIPE["name"].field(help_text="Saving a name that exists creates its next version.")
+    scheme = input_rules.RECIPE["scheme"].field()
+    description = input_rules.RECIPE["description"].field(widget=forms.Textarea(attrs={"rows": 2}))
 
 
 def _param_field(name: str, infos: list[tuple[str, ParamInfo]]) -> forms.Field:
@@ -553,28 +423,14 @@ class BaseTermFormSet(forms.BaseFormSet):
         return [t for t in (f.term() for f in self.forms if f.cleaned_data) if t is not None]
 
 
-TermFormSet = forms.formset_factory(TermForm, formset=BaseTermFormSet, extra=4, max_num=8, validate_max=True)
+TermFormSet = forms.formset_factory(TermForm, formset=BaseTermFormSet, extra=4, max_num=field_rules.MAX_TERMS,
+                                   validate_max=True)
 
 
 # --- experiments ----------------------------------------------------------------------------------
 def parse_seeds(raw: str) -> list[int]:
     """ "0, 1, 2" → [0, 1, 2]; also accepts a range "0-4"."""
-    seeds: list[int] = []
-    for part in raw.replace(" ", "").split(","):
-        if not part:
-            continue
-        if "-" in part[1:]:
-            lo, hi = part.split("-", 1)
-            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
-                raise ValidationError(f'"{part}" is not a range like "0-4".')
-            if int(hi) - int(lo) >= MAX_SEEDS:  # refused before it is expanded: "0-1000000000" costs nothing
-                raise ValidationError(f"At most {MAX_SEEDS} seeds.")
-            seeds += range(int(lo), int(hi) + 1)
-        elif part.isdigit():
-            seeds.append(int(part))
-        else:
-            raise ValidationError('Enter whole numbers (0 or more) separated by commas, e.g. "0,1,2".')
-    return seeds
+    return field_rules.parse_seeds(raw.replace(" ", "").split(","))
 
 
 TRAIN_LABELS = {"lr": "Learning rate", "eval_every": "Evaluate every", "save_every": "Checkpoint every",
@@ -585,37 +441,29 @@ def _bound(value: float, kind: type) -> str:
     return f"{int(value):,}" if kind is int else sweeps.format_number(value)
 
 
+EXPERIMENT = input_rules.EXPERIMENT
+
+
 class SweepField(forms.CharField):
     """A numeric setting that takes one value or a sweep (``sweeps.SYNTAX_HELP``); cleans to a list of values
     (empty when left blank)."""
 
-    def __init__(self, *, kind: type, min_value: float | None = None, max_value: float | None = None,
-                 **kwargs: Any) -> None:
-        self.kind, self.min_value, self.max_value = kind, min_value, max_value
-        kwargs.setdefault("max_length", 200)
+    def __init__(self, *, setting: str, **kwargs: Any) -> None:
+        self.setting = setting
+        self.kind, self.min_value, self.max_value, _ = TRAIN_FIELDS[setting]
         super().__init__(**kwargs)
 
     def prepare_value(self, value: Any) -> Any:
         return sweeps.format_values(value) if isinstance(value, list | tuple) else value
 
     def clean(self, value: Any) -> list[int | float]:
-        text = super().clean(value)  # a string: stripped, length-checked
-        if not text:
-            return []
-        try:
-            return sweeps.parse_values(text, kind=self.kind, lo=self.min_value, hi=self.max_value,
-                                       limit=settings.MAX_RUNS_PER_EXPERIMENT)
-        except sweeps.SweepError as exc:
-            raise ValidationError(str(exc)) from None
+        # A string, stripped and length-checked, then read as the setting's values.
+        return EXPERIMENT[self.setting].from_text(super().clean(value))
 
 
 class TermSweepsField(forms.CharField):
     """Sweeps of recipe term parameters, one per line (``sweeps.parse_term_sweeps``); cleans to
     ``{"kd.temperature": [2.0, 4.0]}``."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("max_length", 2000)
-        super().__init__(**kwargs)
 
     def prepare_value(self, value: Any) -> Any:
         if isinstance(value, dict):
@@ -623,69 +471,57 @@ class TermSweepsField(forms.CharField):
         return value
 
     def clean(self, value: Any) -> dict[str, list[Any]]:
-        text = super().clean(value)
-        if not text:
-            return {}
-        try:
-            return sweeps.parse_term_sweeps(text, limit=settings.MAX_RUNS_PER_EXPERIMENT)
-        except sweeps.SweepError as exc:
-            raise ValidationError(str(exc)) from None
+        return EXPERIMENT["term_sweeps"].from_text(super().clean(value))
 
 
 class ExperimentForm(TeamScopedForm):
     """Teacher, dataset, students, recipes and seeds, the training settings, and sweeps: any numeric training
     setting may list or range its values, and ``term_sweeps`` sweeps recipe term parameters."""
 
-    name = forms.CharField(max_length=200)
-    description = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=5000)
-    dataset = forms.ModelChoiceField(queryset=None, widget=TeamOptionSelect)
-    teacher = forms.ModelChoiceField(
-        queryset=None, required=False, empty_label="— none (hard-label training only) —", widget=TeamOptionSelect,
+    name = EXPERIMENT["name"].field()
+    description = EXPERIMENT["description"].field(widget=forms.Textarea(attrs={"rows": 2}))
+    dataset = EXPERIMENT["dataset"].field(widget=TeamOptionSelect)
+    teacher = EXPERIMENT["teacher"].field(
+        empty_label="— none (hard-label training only) —", widget=TeamOptionSelect,
         help_text="Needed by every recipe that distills (any term other than ce).",
     )
-    students = forms.ModelMultipleChoiceField(
-        queryset=None, required=False, widget=TeamOptionSelectMultiple(attrs={"size": 6}),
+    students = EXPERIMENT["students"].field(
+        widget=TeamOptionSelectMultiple(attrs={"size": 6}),
         help_text="Each student is trained with each recipe and seed, plus a hard-label baseline.",
     )
-    derive_student = forms.ChoiceField(
-        label="Derive a student from the teacher", required=False,
-        choices=[("", "— no —"), ("every_other", "keep every other layer"), ("every_third", "keep every third layer")],
+    derive_student = EXPERIMENT["derive_student"].field(
+        label="Derive a student from the teacher",
         help_text="Adds a student built from the teacher's own layers, weights copied (the DistilBERT recipe).",
     )
-    recipes = forms.ModelMultipleChoiceField(queryset=None, widget=TeamOptionSelectMultiple(attrs={"size": 6}))
-    term_sweeps = TermSweepsField(
-        label="Recipe parameter sweeps", required=False, help_text=sweeps.TERM_SWEEP_HELP,
+    recipes = EXPERIMENT["recipes"].field(widget=TeamOptionSelectMultiple(attrs={"size": 6}))
+    term_sweeps = EXPERIMENT["term_sweeps"].field(
+        TermSweepsField, label="Recipe parameter sweeps", help_text=sweeps.TERM_SWEEP_HELP,
         widget=forms.Textarea(attrs={"rows": 3, "class": "mono", "spellcheck": "false",
                                      "placeholder": "kd.temperature = 2, 4, 8"}),
     )
-    assistant = forms.ModelChoiceField(
-        queryset=None, required=False, empty_label="— none —", widget=TeamOptionSelect,
+    assistant = EXPERIMENT["assistant"].field(
+        empty_label="— none —", widget=TeamOptionSelect,
         help_text="Teacher-assistant recipes: distilled from the teacher first, then teaches the students.",
     )
-    extra_teachers = forms.ModelMultipleChoiceField(
-        queryset=None, required=False, widget=TeamOptionSelectMultiple(attrs={"size": 4}),
+    extra_teachers = EXPERIMENT["extra_teachers"].field(
+        widget=TeamOptionSelectMultiple(attrs={"size": 4}),
         help_text="Multi-teacher recipes: averaged with the teacher above.",
     )
-    teacher_weights = forms.CharField(
-        required=False, max_length=200,
+    teacher_weights = EXPERIMENT["teacher_weights"].field(
         help_text='Multi-teacher weights, the teacher above first, e.g. "0.5,0.25,0.25" (default: equal).',
     )
-    seeds = forms.CharField(initial="0", max_length=200,
-                            help_text=f'Comma-separated, e.g. "0,1,2" or "0-2"; at most {MAX_SEEDS}.')
-    lr_schedule = forms.ChoiceField(label="LR schedule", choices=[(s, s) for s in LR_SCHEDULES], required=False,
-                                    initial=TRAIN_DEFAULTS["lr_schedule"],
-                                    help_text="Decay after warm-up.")
-    early_stopping_metric = forms.ChoiceField(
-        label="Early-stopping metric", required=False,
-        choices=[("", "off"), *((m, m) for m in ALL_EARLY_STOPPING_METRICS)],
+    seeds = EXPERIMENT["seeds"].field(help_text=f'Comma-separated, e.g. "0,1,2" or "0-2"; at most {MAX_SEEDS}.')
+    lr_schedule = EXPERIMENT["lr_schedule"].field(label="LR schedule", help_text="Decay after warm-up.")
+    early_stopping_metric = EXPERIMENT["early_stopping_metric"].field(
+        label="Early-stopping metric",
         help_text="Watched on a validation slice held out of the train split (the eval split is only reported); "
                   "needs a patience.")
-    vary_labelled_subset = forms.BooleanField(
-        label="Vary the labelled subset with the seed", required=False,
+    vary_labelled_subset = EXPERIMENT["vary_labelled_subset"].field(
+        label="Vary the labelled subset with the seed",
         help_text="With a labelled fraction below 1: each seed draws its own labelled rows (its baseline shares "
                   "them), so the spread over seeds includes the choice of labelled subset.")
 
-    team_fields = ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers")
+    team_fields = input_rules.EXPERIMENT_TEAM_FIELDS
     train_field_names = (*TRAIN_FIELDS, "lr_schedule", "early_stopping_metric", "vary_labelled_subset")
     sweep_syntax = sweeps.SYNTAX_HELP
 
@@ -712,8 +548,8 @@ class ExperimentForm(TeamScopedForm):
             default = TRAIN_DEFAULTS.get(name)
             widget = forms.TextInput(attrs={"placeholder": f"default {default}", "autocomplete": "off",
                                             "spellcheck": "false", "data-sweep": kind.__name__})
-            self.fields[name] = SweepField(
-                kind=kind, min_value=lo, max_value=hi, required=False, initial=default, widget=widget,
+            self.fields[name] = EXPERIMENT[name].field(
+                SweepField, setting=name, widget=widget,
                 label=TRAIN_LABELS.get(name, name.replace("_", " ").capitalize()),
                 help_text=f"{help_text} ({_bound(lo, kind)} to {_bound(hi, kind)}).",
             )
@@ -722,29 +558,15 @@ class ExperimentForm(TeamScopedForm):
             self.fields[name] = self.fields.pop(name)
 
     def clean_seeds(self) -> list[int]:
-        seeds = parse_seeds(self.cleaned_data["seeds"])
-        if not seeds:
-            raise ValidationError("Give at least one seed.")
-        if len(seeds) > MAX_SEEDS:
-            raise ValidationError(f"At most {MAX_SEEDS} seeds.")
-        if len(set(seeds)) != len(seeds):
-            raise ValidationError("Seeds must be different from each other.")
-        return seeds
+        return EXPERIMENT["seeds"].from_text(self.cleaned_data["seeds"])
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
-        if not cleaned.get("students") and not cleaned.get("derive_student") and "students" not in self.errors:
-            self.add_error("students", "Choose at least one student, or derive one from the teacher.")
-        if cleaned.get("derive_student") and not cleaned.get("teacher") and "teacher" not in self.errors:
-            self.add_error("derive_student", "Choose a teacher to derive a student from.")
+        input_rules.experiment_checks(cleaned, self.errors, self.add_error)
         return cleaned
 
     def clean_teacher_weights(self) -> list[float]:
-        raw = self.cleaned_data["teacher_weights"].replace(" ", "")
-        try:
-            return [float(part) for part in raw.split(",") if part]
-        except ValueError:
-            raise ValidationError('Enter numbers separated by commas, e.g. "0.5,0.5".') from None
+        return EXPERIMENT["teacher_weights"].from_text(self.cleaned_data["teacher_weights"])
 
     def basic_fields(self):
         return [self[n] for n in ("team", "name", "description", "dataset", "teacher", "students",
@@ -758,46 +580,15 @@ class ExperimentForm(TeamScopedForm):
 
     def train_settings(self) -> dict[str, Any]:
         """The training settings given: one value as itself, a sweep as its list of values."""
-        data = self.cleaned_data
-        train: dict[str, Any] = {}
-        for name in TRAIN_FIELDS:
-            values = data.get(name) or []
-            if values:
-                train[name] = values[0] if len(values) == 1 else list(values)
-        if data.get("lr_schedule"):
-            train["lr_schedule"] = data["lr_schedule"]
-        if data.get("early_stopping_metric"):
-            train["early_stopping_metric"] = data["early_stopping_metric"]
-        if data.get("vary_labelled_subset"):
-            train["vary_labelled_subset"] = True
-        return train
+        return input_rules.experiment_train_settings(self.cleaned_data)
 
     def service_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``services.experiment_create`` (besides created_by)."""
-        data = self.cleaned_data
-        return {
-            "team": data["team"],
-            "name": data["name"],
-            "description": data["description"],
-            **self.preflight_kwargs(),
-            "teacher_weights": data.get("teacher_weights") or [],
-            "derive_student": data.get("derive_student") or "",
-        }
+        return input_rules.experiment_service_kwargs(self.cleaned_data)
 
     def preflight_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``preflight.experiment_preflight``."""
-        data = self.cleaned_data
-        return {
-            "dataset": data["dataset"],
-            "teacher": data["teacher"],
-            "students": list(data["students"]),
-            "recipes": list(data["recipes"]),
-            "assistant": data.get("assistant"),
-            "extra_teachers": list(data.get("extra_teachers") or ()),
-            "seeds": data["seeds"],
-            "train": self.train_settings(),
-            "term_sweeps": data.get("term_sweeps") or {},
-        }
+        return input_rules.experiment_preflight_kwargs(self.cleaned_data)
 
 
 def _weights_text(weights: list[float]) -> str:
@@ -848,14 +639,14 @@ def run_initial(run: Run) -> dict[str, Any]:
 
 # --- runs -----------------------------------------------------------------------------------------
 class RegisterModelForm(forms.Form):
-    name = forms.CharField(max_length=120, help_text="The new model's name in its team.")
+    name = input_rules.REGISTER_MODEL["name"].field(help_text="The new model's name in its team.")
 
 
 # --- leaderboards ---------------------------------------------------------------------------------
 class LeaderboardFilterForm(forms.Form):
     """A size / latency budget: rows above it are hidden and the rest ranked among themselves."""
 
-    max_params = forms.IntegerField(label="Max parameters", min_value=1, required=False,
-                                    widget=forms.NumberInput(attrs={"placeholder": "any"}))
-    max_latency_ms = forms.FloatField(label="Max latency (ms)", min_value=0, required=False,
-                                      widget=forms.NumberInput(attrs={"placeholder": "any", "step": "any"}))
+    max_params = input_rules.LEADERBOARD_BUDGET["max_params"].field(
+        label="Max parameters", widget=forms.NumberInput(attrs={"placeholder": "any"}))
+    max_latency_ms = input_rules.LEADERBOARD_BUDGET["max_latency_ms"].field(
+        label="Max latency (ms)", widget=forms.NumberInput(attrs={"placeholder": "any", "step": "any"}))

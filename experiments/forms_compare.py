@@ -8,9 +8,11 @@ from typing import Any
 
 from django import forms
 
+from experiments.domain import input_rules
 from experiments.forms import LeaderboardFilterForm
 
 MAX_COMPARE_RUNS = 50
+QUERY = input_rules.LEADERBOARD_QUERY
 
 
 class RunIdsField(forms.Field):
@@ -60,13 +62,13 @@ class CompareForm(forms.Form):
 class LeaderboardQueryForm(LeaderboardFilterForm):
     """The leaderboard's budget plus the benchmark (eval split, metric), scope and row filters."""
 
-    SCOPE_CHOICES = [("team", "This team"), ("global", "All my teams")]
+    SCOPE_CHOICES = input_rules.LEADERBOARD_SCOPES
 
-    split = forms.CharField(max_length=64, required=False, label="Eval split")
-    metric = forms.CharField(max_length=64, required=False, label="Metric")
-    scope = forms.ChoiceField(choices=SCOPE_CHOICES, required=False, label="View")
-    recipe = forms.CharField(max_length=120, required=False, label="Method")
-    family = forms.CharField(max_length=64, required=False, label="Student family")
+    split = QUERY["split"].field(label="Eval split")
+    metric = QUERY["metric"].field(label="Metric")
+    scope = QUERY["scope"].field(label="View")
+    recipe = QUERY["recipe"].field(label="Method")
+    family = QUERY["family"].field(label="Student family")
 
     def filters(self) -> dict[str, Any]:
         """The valid parameters (an invalid one is left out, so the others still apply)."""
