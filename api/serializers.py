@@ -12,15 +12,15 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from experiments import forms
 from experiments.domain import preflight
+from experiments.domain.fields import MAX_TERMS
+from experiments.domain.input_rules import DATASET_SOURCES, MODEL_SOURCES
 from experiments.domain.specs import BUILTIN_ARCHS, BUILTIN_DATASETS
 from experiments.domain.validation import ALL_EARLY_STOPPING_METRICS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
 from experiments.models import DatasetSpec, Evaluation, Experiment, ModelSpec, Recipe, Run, Task
 from experiments.selectors import records
 
 from . import selectors as api_selectors
-from .inputs import MAX_TERMS
 from .pagination import DEFAULT_LIMIT, MAX_LIMIT
 
 MAX_ID = 2**63 - 1  # ids are bigints: a larger number is a 400, never a database error
@@ -437,7 +437,7 @@ class _TeamScopedBody(serializers.Serializer):
 
 class ModelCreateSerializer(_TeamScopedBody):
     name = serializers.CharField(max_length=120)
-    source = serializers.ChoiceField(choices=forms.MODEL_SOURCES)
+    source = serializers.ChoiceField(choices=MODEL_SOURCES)
     task = serializers.ChoiceField(choices=Task.choices, required=False, default=Task.CLASSIFICATION)
     num_labels = serializers.IntegerField(min_value=2, max_value=1_000_000, required=False,
                                          help_text="Classes (classification only)")
@@ -469,7 +469,7 @@ class ModelDeriveSerializer(serializers.Serializer):
 
 class DatasetCreateSerializer(_TeamScopedBody):
     name = serializers.CharField(max_length=120)
-    source = serializers.ChoiceField(choices=forms.DATASET_SOURCES)
+    source = serializers.ChoiceField(choices=DATASET_SOURCES)
     task = serializers.ChoiceField(choices=Task.choices, required=False, default=Task.CLASSIFICATION)
     builtin_name = serializers.ChoiceField(choices=list(BUILTIN_DATASETS), required=False)
     hub_name = serializers.CharField(max_length=200, required=False,

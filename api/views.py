@@ -28,7 +28,6 @@ from rest_framework.response import Response
 
 from experiments import export, plots
 from experiments.domain import leaderboard
-from experiments.forms_compare import LeaderboardQueryForm
 from experiments.models import Experiment
 from experiments.selectors import leaderboard as leaderboard_reads
 from experiments.selectors import records as records_reads
@@ -371,10 +370,7 @@ class LeaderboardViewSet(ApiViewSet):
         """The benchmark and its filtered rows, chosen by the page's query parameters (400 on bad ones, and on a
         metric or split the results do not have, where the page would fall back to its default)."""
         dataset = get_object_or_404(records_reads.dataset_spec_list(user=self.request.user), pk=pk)
-        query = LeaderboardQueryForm(self.request.query_params)
-        if not query.is_valid():
-            raise ValidationError(inputs.form_errors(query))
-        chosen = query.filters()
+        chosen = inputs.leaderboard_query(self.request.query_params)
         benchmark = leaderboard_reads.leaderboard_benchmark(
             user=self.request.user, dataset=dataset, metric_name=chosen.get("metric", ""),
             split_key=chosen.get("split", ""), scope=chosen.get("scope", "team"),

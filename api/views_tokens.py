@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
-from experiments.forms import add_service_errors
+from experiments.domain.fields import service_error_targets
 
 from . import selectors, services
 from .forms import TokenCreateForm
@@ -34,7 +34,8 @@ def token_list(request: HttpRequest) -> HttpResponse:
                 expires_at=timezone.now() + timedelta(days=days) if days else None,
             )
         except ValidationError as exc:
-            add_service_errors(form, exc, aliases={"expires_at": "expires_in_days"})
+            for field, message in service_error_targets(exc, form.fields, {"expires_at": "expires_in_days"}):
+                form.add_error(field, message)
         else:
             form = TokenCreateForm(user=request.user)
     context = {

@@ -232,17 +232,19 @@ def test_the_list_form_reads_values_as_the_page_does(user, team, digits_setup):
     """A JSON list and the same values typed in the form give the same experiment inputs."""
     from api import inputs
     from experiments import forms
+    from experiments.domain import input_rules
 
-    listed = inputs.bind(forms.ExperimentForm, _body(digits_setup, lr=[1e-4, "3e-4"], term_sweeps={
-        "kd.temperature": [2, 8]}, team=team.pk), user=user, list_fields=("seeds",))
+    listed = inputs.experiment_input(user=user, payload=_body(digits_setup, lr=[1e-4, "3e-4"], term_sweeps={
+        "kd.temperature": [2, 8]}, team=team.pk))
     typed = forms.ExperimentForm({**_body(digits_setup, team=team.pk, seeds="0", lr="1e-4, 3e-4",
                                           term_sweeps="kd.temperature = 2, 8"),
                                   "students": [digits_setup["students"][0].pk],
                                   "recipes": [digits_setup["recipe"].pk]}, user=user)
 
-    assert listed.is_valid(), listed.errors
+    assert not listed.errors, listed.errors
     assert typed.is_valid(), typed.errors
-    listed_kwargs, typed_kwargs = listed.preflight_kwargs(), typed.preflight_kwargs()
+    listed_kwargs = input_rules.experiment_preflight_kwargs(listed.data)
+    typed_kwargs = typed.preflight_kwargs()
     assert listed_kwargs["train"]["lr"] == typed_kwargs["train"]["lr"] == [1e-4, 3e-4]
     assert listed_kwargs["term_sweeps"] == typed_kwargs["term_sweeps"] == {"kd.temperature": [2.0, 8.0]}
 
