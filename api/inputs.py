@@ -1,9 +1,10 @@
 """API input → the domain's input rules → experiments.services.
 
-A JSON body is validated field by field with the rules the web forms render (``experiments.domain.input_rules``):
-a single value goes through the field's own checks, a list or an object is read as a value by the field's
-parser (a sweep's list stays a list), and the checks across fields are the pages' own. The service then runs its
-checks; its ValidationError is mapped onto the fields as the pages do it (``fields.service_error_targets``).
+A JSON body is validated field by field with the rules the web forms render
+(``experiments.domain.input_rules``): a single value goes through the field's own checks, a list or an object
+is read as a value by the field's parser (a sweep's list stays a list), and the checks across fields are the
+pages' own. The service then runs its checks; its ValidationError is mapped onto the fields as the pages do it
+(``fields.service_error_targets``).
 Anything that fails comes back as a DRF ValidationError: a 400 with ``{field: [messages]}``.
 """
 
@@ -65,12 +66,13 @@ def _shape_problem(rule: Rule, value: Any) -> str | None:
     return None
 
 
-def _given(rules: Rules, payload: Any, *, extra: Collection[str] = (),
-           initial: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _given(
+    rules: Rules, payload: Any, *, extra: Collection[str] = (), initial: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The values of ``payload`` (a JSON object) for ``rules``: keys left out take the field's initial value,
     as a browser posts a page's pre-filled fields (``initial``: ones that depend on the user, e.g. the team);
-    an explicit null is a blank field. Keys the input does not know are refused, except ``extra`` ones (read by
-    the caller).
+    an explicit null is a blank field. Keys the input does not know are refused, except ``extra`` ones (read
+    by the caller).
 
     Raises ValidationError (400) for unknown keys and values of the wrong shape.
     """
@@ -104,8 +106,15 @@ def _given(rules: Rules, payload: Any, *, extra: Collection[str] = (),
 class Cleaned:
     """An input cleaned by its rules: ``data`` holds the valid fields, ``errors`` the 400's body."""
 
-    def __init__(self, rules: Rules, data: Mapping[str, Any], *, context: Mapping[str, Mapping[str, Any]],
-                 team_fields: Collection[str] = (), checks: Checks | None = None) -> None:
+    def __init__(
+        self,
+        rules: Rules,
+        data: Mapping[str, Any],
+        *,
+        context: Mapping[str, Mapping[str, Any]],
+        team_fields: Collection[str] = (),
+        checks: Checks | None = None,
+    ) -> None:
         self.rules = rules
         self.data: dict[str, Any] = {}
         self.errors: dict[str, list[str]] = {}
@@ -131,12 +140,16 @@ class Cleaned:
         if name is not None:
             self.data.pop(name, None)
 
-    def submit(self, create: Callable[[dict[str, Any]], T], aliases: Mapping[str, str] | None = None,
-               extra: Collection[str] = ()) -> T:
+    def submit(
+        self,
+        create: Callable[[dict[str, Any]], T],
+        aliases: Mapping[str, str] | None = None,
+        extra: Collection[str] = (),
+    ) -> T:
         """``create(data)`` (a service call) when the input is valid; either's errors become one 400.
 
-        ``aliases`` maps the service's error keys to the fields; errors keyed by an ``extra`` input (one the API
-        reads besides the rules' fields) stay under that key.
+        ``aliases`` maps the service's error keys to the fields; errors keyed by an ``extra`` input (one the
+        API reads besides the rules' fields) stay under that key.
         """
         extra_errors: dict[str, list[str]] = {}
         if not self.errors:
@@ -155,26 +168,40 @@ class Cleaned:
         raise ValidationError({**self.errors, **extra_errors})
 
 
-def _team_scoped(rules: Rules, *, user, payload: Any, extra: Collection[str] = (),
-                 context: Mapping[str, Mapping[str, Any]] | None = None, team_fields: Collection[str] = (),
-                 checks: Checks | None = None) -> Cleaned:
+def _team_scoped(
+    rules: Rules,
+    *,
+    user,
+    payload: Any,
+    extra: Collection[str] = (),
+    context: Mapping[str, Mapping[str, Any]] | None = None,
+    team_fields: Collection[str] = (),
+    checks: Checks | None = None,
+) -> Cleaned:
     """An input whose team is one of the user's teams (their only one when left out)."""
     teams = teams_reads.team_list(user=user)
     data = _given(rules, payload, extra=extra, initial={"team": fields.default_team(teams)})
-    return Cleaned(rules, data, context={"team": {"queryset": teams}, **(context or {})},
-                   team_fields=team_fields, checks=checks)
+    return Cleaned(
+        rules,
+        data,
+        context={"team": {"queryset": teams}, **(context or {})},
+        team_fields=team_fields,
+        checks=checks,
+    )
 
 
 # --- records --------------------------------------------------------------------------------------
 def model_create(*, user, payload: Any) -> ModelSpec:
     """Register a model from the fields of the web's model form; ``hidden_sizes`` may be a list and ``config``
     an object."""
-    cleaned = _team_scoped(input_rules.MODEL_SPEC, user=user, payload=payload,
-                           checks=input_rules.model_spec_checks)
+    cleaned = _team_scoped(
+        input_rules.MODEL_SPEC, user=user, payload=payload, checks=input_rules.model_spec_checks
+    )
 
     def create(data: dict[str, Any]) -> ModelSpec:
-        return records.model_spec_create(team=data["team"], created_by=user,
-                                         **input_rules.model_spec_service_fields(data))
+        return records.model_spec_create(
+            team=data["team"], created_by=user, **input_rules.model_spec_service_fields(data)
+        )
 
     return cleaned.submit(create, input_rules.model_spec_error_aliases(cleaned.data))
 
@@ -183,17 +210,24 @@ def model_derive(*, user, parent: ModelSpec, payload: Any) -> ModelSpec:
     """A smaller student derived from ``parent``; ``layers`` may be a list of layer ids."""
     rules = input_rules.MODEL_DERIVE
     cleaned = Cleaned(rules, _given(rules, payload), context={})
-    return cleaned.submit(lambda data: records.model_derive(parent=parent, created_by=user,
-                                                            **input_rules.model_derive_kwargs(data)),
-                          input_rules.MODEL_DERIVE_ALIASES)
+    return cleaned.submit(
+        lambda data: records.model_derive(
+            parent=parent, created_by=user, **input_rules.model_derive_kwargs(data)
+        ),
+        input_rules.MODEL_DERIVE_ALIASES,
+    )
 
 
 def dataset_create(*, user, payload: Any) -> DatasetSpec:
     """Register a dataset from the fields of the web's dataset form; ``label_names`` may be a list."""
-    cleaned = _team_scoped(input_rules.DATASET_SPEC, user=user, payload=payload,
-                           checks=input_rules.dataset_spec_checks)
-    return cleaned.submit(lambda data: records.dataset_spec_create(
-        team=data["team"], created_by=user, **input_rules.dataset_spec_service_fields(data)))
+    cleaned = _team_scoped(
+        input_rules.DATASET_SPEC, user=user, payload=payload, checks=input_rules.dataset_spec_checks
+    )
+    return cleaned.submit(
+        lambda data: records.dataset_spec_create(
+            team=data["team"], created_by=user, **input_rules.dataset_spec_service_fields(data)
+        )
+    )
 
 
 def recipe_create(*, user, payload: Any) -> Recipe:
@@ -212,8 +246,15 @@ def recipe_create(*, user, payload: Any) -> Recipe:
         raise ValidationError({**cleaned.errors, **shape})
 
     def create(data: dict[str, Any]) -> Recipe:
-        return records.recipe_create(team=data["team"], created_by=user, name=data["name"], scheme=data["scheme"],
-                                     terms=terms, description=data["description"], scheme_params=scheme_params)
+        return records.recipe_create(
+            team=data["team"],
+            created_by=user,
+            name=data["name"],
+            scheme=data["scheme"],
+            terms=terms,
+            description=data["description"],
+            scheme_params=scheme_params,
+        )
 
     return cleaned.submit(create, extra=extra)
 
@@ -222,28 +263,37 @@ def recipe_create(*, user, payload: Any) -> Recipe:
 def experiment_input(*, user, payload: Any) -> Cleaned:
     """An experiment's fields, cleaned against the user's records (training settings flat, as on the page).
 
-    ``seeds`` and ``teacher_weights`` may be lists; a training setting may be a list of values or a sweep in the
-    page's syntax ("1e-4:1e-3:log4"), and ``term_sweeps`` a mapping ``{"kd.temperature": [2, 4]}``, a list of
-    ``"TERM.PARAM = values"`` lines or a list of ``{"param": "kd.temperature", "values": [2, 4]}``
+    ``seeds`` and ``teacher_weights`` may be lists; a training setting may be a list of values or a sweep in
+    the page's syntax ("1e-4:1e-3:log4"), and ``term_sweeps`` a mapping ``{"kd.temperature": [2, 4]}``, a list
+    of ``"TERM.PARAM = values"`` lines or a list of ``{"param": "kd.temperature", "values": [2, 4]}``
     (``experiments.domain.sweeps``).
     """
     models = records_reads.model_spec_list(user=user).order_by("team__name", "name")
     records_of = {
         "dataset": records_reads.dataset_spec_list(user=user).order_by("team__name", "name"),
-        "teacher": models, "students": models, "assistant": models, "extra_teachers": models,
+        "teacher": models,
+        "students": models,
+        "assistant": models,
+        "extra_teachers": models,
         "recipes": records_reads.recipe_list(user=user).order_by("team__name", "name", "-version"),
     }
-    return _team_scoped(input_rules.EXPERIMENT, user=user, payload=payload,
-                        context={k: {"queryset": qs} for k, qs in records_of.items()},
-                        team_fields=input_rules.EXPERIMENT_TEAM_FIELDS, checks=input_rules.experiment_checks)
+    return _team_scoped(
+        input_rules.EXPERIMENT,
+        user=user,
+        payload=payload,
+        context={k: {"queryset": qs} for k, qs in records_of.items()},
+        team_fields=input_rules.EXPERIMENT_TEAM_FIELDS,
+        checks=input_rules.experiment_checks,
+    )
 
 
 def experiment_create(*, user, payload: Any) -> Experiment:
     """Launch an experiment (see :func:`experiment_input`): creates the runs and enqueues them after the
     commit."""
     cleaned = experiment_input(user=user, payload=payload)
-    return cleaned.submit(lambda data: launch.experiment_create(
-        created_by=user, **input_rules.experiment_service_kwargs(data)))
+    return cleaned.submit(
+        lambda data: launch.experiment_create(created_by=user, **input_rules.experiment_service_kwargs(data))
+    )
 
 
 def experiment_check(*, user, payload: Any) -> dict[str, Any]:
@@ -257,7 +307,9 @@ def experiment_check(*, user, payload: Any) -> dict[str, Any]:
     kwargs = input_rules.experiment_preflight_kwargs(data)
     report = preflight.experiment_preflight(**kwargs)
     try:
-        launch.experiment_validate(team=data["team"], teacher_weights=data.get("teacher_weights") or [], **kwargs)
+        launch.experiment_validate(
+            team=data["team"], teacher_weights=data.get("teacher_weights") or [], **kwargs
+        )
     except DjangoValidationError as exc:
         errors = validation_detail(exc)
     else:
@@ -268,9 +320,17 @@ def experiment_check(*, user, payload: Any) -> dict[str, Any]:
         "baselines": report.count.baselines,
         "can_launch": report.can_launch and not errors,
         "errors": errors,
-        "checks": [{"key": c.key, "title": c.title, "level": c.level, "summary": c.summary,
-                    "details": list(c.details), "field": NON_FIELD if c.field == "__all__" else c.field}
-                   for c in report.checks],
+        "checks": [
+            {
+                "key": c.key,
+                "title": c.title,
+                "level": c.level,
+                "summary": c.summary,
+                "details": list(c.details),
+                "field": NON_FIELD if c.field == "__all__" else c.field,
+            }
+            for c in report.checks
+        ],
     }
 
 
@@ -278,15 +338,16 @@ def run_register_model(*, user, run: Run, payload: Any) -> ModelSpec:
     """Register a succeeded run's student as a model of the run's team."""
     rules = input_rules.REGISTER_MODEL
     cleaned = Cleaned(rules, _given(rules, payload), context={})
-    return cleaned.submit(lambda data: records.model_register_from_run(run=run, name=data["name"],
-                                                                       created_by=user),
-                          input_rules.REGISTER_MODEL_ALIASES)
+    return cleaned.submit(
+        lambda data: records.model_register_from_run(run=run, name=data["name"], created_by=user),
+        input_rules.REGISTER_MODEL_ALIASES,
+    )
 
 
 # --- leaderboards ---------------------------------------------------------------------------------
 def leaderboard_query(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The leaderboard's query parameters (budget, benchmark, scope, row filters) that were given; 400 on a bad
-    one. Other parameters (paging) are left to their readers."""
+    """The leaderboard's query parameters (budget, benchmark, scope, row filters) that were given; 400 on a
+    bad one. Other parameters (paging) are left to their readers."""
     rules = input_rules.LEADERBOARD_QUERY
     cleaned = Cleaned(rules, {k: params.get(k) for k in rules}, context={})
     if cleaned.errors:

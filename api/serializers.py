@@ -25,8 +25,10 @@ from .pagination import DEFAULT_LIMIT, MAX_LIMIT
 
 MAX_ID = 2**63 - 1  # ids are bigints: a larger number is a 400, never a database error
 # What every hub identifier accepts (workers.engine.sources): never a path, a URL or an encoded string.
-HUB_ID_HELP = ("A hub id: NAME or ORG/NAME of letters, digits, '-', '_' and '.', at most 96 characters, not starting "
-               "or ending with '/', '.' or '-', no '..' or '--'")
+HUB_ID_HELP = (
+    "A hub id: NAME or ORG/NAME of letters, digits, '-', '_' and '.', at most 96 characters, not starting "
+    "or ending with '/', '.' or '-', no '..' or '--'"
+)
 
 
 def _web_url(serializer: serializers.Serializer, name: str, **kwargs: Any) -> str:
@@ -50,8 +52,11 @@ class TeamSerializer(serializers.Serializer):
     id = serializers.IntegerField(read_only=True)
     name = serializers.CharField(read_only=True)
     slug = serializers.CharField(read_only=True)
-    role = serializers.CharField(read_only=True, allow_null=True,
-                                 help_text="Your role in the team (member, lead); null for staff who are not in it.")
+    role = serializers.CharField(
+        read_only=True,
+        allow_null=True,
+        help_text="Your role in the team (member, lead); null for staff who are not in it.",
+    )
 
 
 class _Owned(serializers.ModelSerializer):
@@ -64,9 +69,28 @@ class ModelSpecSerializer(_Owned):
 
     class Meta:
         model = ModelSpec
-        fields = ["id", "team", "name", "source", "task", "hub_id", "local_path", "revision", "builtin_arch",
-                  "config", "parent", "source_run", "num_labels", "param_count", "tokenizer_id", "disk_size_bytes",
-                  "notes", "created_at", "created_by", "url"]
+        fields = [
+            "id",
+            "team",
+            "name",
+            "source",
+            "task",
+            "hub_id",
+            "local_path",
+            "revision",
+            "builtin_arch",
+            "config",
+            "parent",
+            "source_run",
+            "num_labels",
+            "param_count",
+            "tokenizer_id",
+            "disk_size_bytes",
+            "notes",
+            "created_at",
+            "created_by",
+            "url",
+        ]
         read_only_fields = fields
 
     def get_url(self, obj: ModelSpec) -> str:
@@ -77,13 +101,33 @@ class DatasetSpecSerializer(_Owned):
     url = serializers.SerializerMethodField()
     local_path = serializers.SerializerMethodField(
         help_text="The local file under a dataset root; an uploaded file is stored by the server "
-                  "(ARTIFACT_ROOT/datasets/<team>/<file>), and shown so")
+        "(ARTIFACT_ROOT/datasets/<team>/<file>), and shown so"
+    )
 
     class Meta:
         model = DatasetSpec
-        fields = ["id", "team", "name", "source", "task", "builtin_name", "hub_name", "local_path", "text_column",
-                  "label_column", "label_names", "num_labels", "eval_fraction", "split_seed", "max_length", "splits",
-                  "notes", "created_at", "created_by", "url"]
+        fields = [
+            "id",
+            "team",
+            "name",
+            "source",
+            "task",
+            "builtin_name",
+            "hub_name",
+            "local_path",
+            "text_column",
+            "label_column",
+            "label_names",
+            "num_labels",
+            "eval_fraction",
+            "split_seed",
+            "max_length",
+            "splits",
+            "notes",
+            "created_at",
+            "created_by",
+            "url",
+        ]
         read_only_fields = fields
 
     def get_url(self, obj: DatasetSpec) -> str:
@@ -102,8 +146,20 @@ class RecipeSerializer(_Owned):
 
     class Meta:
         model = Recipe
-        fields = ["id", "team", "name", "version", "scheme", "terms", "scheme_params", "description", "formula",
-                  "needs_teacher", "created_at", "created_by"]
+        fields = [
+            "id",
+            "team",
+            "name",
+            "version",
+            "scheme",
+            "terms",
+            "scheme_params",
+            "description",
+            "formula",
+            "needs_teacher",
+            "created_at",
+            "created_by",
+        ]
         read_only_fields = fields
 
 
@@ -123,16 +179,32 @@ class ExperimentSerializer(_Owned):
     teacher = RefSerializer(read_only=True, allow_null=True)
     students = RefSerializer(many=True, read_only=True)
     recipes = RecipeRefSerializer(many=True, read_only=True)
-    status = serializers.SerializerMethodField(help_text="running, queued, failed, partly failed, cancelled, "
-                                                         "succeeded or empty")
+    status = serializers.SerializerMethodField(
+        help_text="running, queued, failed, partly failed, cancelled, succeeded or empty"
+    )
     run_count = serializers.IntegerField(read_only=True)
     run_counts = serializers.SerializerMethodField()
     url = serializers.SerializerMethodField()
 
     class Meta:
         model = Experiment
-        fields = ["id", "team", "name", "description", "dataset", "teacher", "students", "recipes", "seeds",
-                  "status", "run_count", "run_counts", "created_at", "created_by", "url"]
+        fields = [
+            "id",
+            "team",
+            "name",
+            "description",
+            "dataset",
+            "teacher",
+            "students",
+            "recipes",
+            "seeds",
+            "status",
+            "run_count",
+            "run_counts",
+            "created_at",
+            "created_by",
+            "url",
+        ]
         read_only_fields = fields
 
     def get_status(self, obj: Experiment) -> str:
@@ -151,7 +223,13 @@ class ExperimentDetailSerializer(ExperimentSerializer):
     extra_teachers = RefSerializer(many=True, read_only=True)
 
     class Meta(ExperimentSerializer.Meta):
-        fields = [*ExperimentSerializer.Meta.fields, "assistant", "extra_teachers", "teacher_weights", "train"]
+        fields = [
+            *ExperimentSerializer.Meta.fields,
+            "assistant",
+            "extra_teachers",
+            "teacher_weights",
+            "train",
+        ]
         read_only_fields = fields
 
 
@@ -169,15 +247,41 @@ class RunSerializer(serializers.ModelSerializer):
     teacher = RefSerializer(read_only=True, allow_null=True)
     recipe = RecipeRefSerializer(read_only=True)
     progress_percent = serializers.IntegerField(read_only=True)
-    metric = serializers.SerializerMethodField(help_text="The student's score on the dataset's leaderboard metric")
+    metric = serializers.SerializerMethodField(
+        help_text="The student's score on the dataset's leaderboard metric"
+    )
     url = serializers.SerializerMethodField()
 
     class Meta:
         model = Run
-        fields = ["id", "team", "experiment", "student", "teacher", "recipe", "seed", "is_baseline", "stage",
-                  "status", "queue", "worker_name", "attempt", "step", "total_steps", "progress_percent",
-                  "samples_per_s", "cancel_requested", "error", "waiting_for", "metric", "created_at", "started_at",
-                  "heartbeat_at", "finished_at", "url"]
+        fields = [
+            "id",
+            "team",
+            "experiment",
+            "student",
+            "teacher",
+            "recipe",
+            "seed",
+            "is_baseline",
+            "stage",
+            "status",
+            "queue",
+            "worker_name",
+            "attempt",
+            "step",
+            "total_steps",
+            "progress_percent",
+            "samples_per_s",
+            "cancel_requested",
+            "error",
+            "waiting_for",
+            "metric",
+            "created_at",
+            "started_at",
+            "heartbeat_at",
+            "finished_at",
+            "url",
+        ]
         read_only_fields = fields
 
     @extend_schema_field(MetricValueSerializer)
@@ -194,8 +298,20 @@ class EvaluationSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Evaluation
-        fields = ["id", "role", "model", "dataset", "split", "split_key", "accuracy", "macro_f1", "param_count",
-                  "latency_ms", "metrics", "created_at"]
+        fields = [
+            "id",
+            "role",
+            "model",
+            "dataset",
+            "split",
+            "split_key",
+            "accuracy",
+            "macro_f1",
+            "param_count",
+            "latency_ms",
+            "metrics",
+            "created_at",
+        ]
         read_only_fields = fields
 
 
@@ -225,8 +341,15 @@ class RunDetailSerializer(RunSerializer):
     transitions = TransitionSerializer(many=True, read_only=True)
 
     class Meta(RunSerializer.Meta):
-        fields = [*RunSerializer.Meta.fields, "config", "result", "checkpoint_path", "evaluations", "artifacts",
-                  "transitions"]
+        fields = [
+            *RunSerializer.Meta.fields,
+            "config",
+            "result",
+            "checkpoint_path",
+            "evaluations",
+            "artifacts",
+            "transitions",
+        ]
         read_only_fields = fields
 
     @extend_schema_field(EvaluationSerializer(many=True))
@@ -239,8 +362,9 @@ class SeriesSerializer(serializers.Serializer):
     points = serializers.IntegerField(help_text="Points stored for this metric")
     downsampled = serializers.BooleanField()
     steps = serializers.ListField(child=serializers.IntegerField())
-    values = serializers.ListField(child=serializers.FloatField(allow_null=True),
-                                   help_text="null where the value was NaN or infinite")
+    values = serializers.ListField(
+        child=serializers.FloatField(allow_null=True), help_text="null where the value was NaN or infinite"
+    )
 
 
 class MetricsSerializer(serializers.Serializer):
@@ -268,8 +392,10 @@ class LeaderboardRowSerializer(serializers.Serializer):
     teacher = RefSerializer(allow_null=True)
     is_baseline = serializers.BooleanField()
     stage = serializers.CharField()
-    sweep = serializers.CharField(help_text='The row\'s point of its experiment\'s sweep, e.g. "lr=3e-4 τ=4" '
-                                            '(empty when nothing is swept)')
+    sweep = serializers.CharField(
+        help_text="The row's point of its experiment's sweep, e.g. \"lr=3e-4 τ=4\" "
+        "(empty when nothing is swept)"
+    )
     run_ids = serializers.ListField(child=serializers.IntegerField())
     seeds = serializers.IntegerField()
     mean = serializers.FloatField(help_text="Mean of the primary metric over seeds")
@@ -319,24 +445,34 @@ class LeaderboardDatasetSerializer(serializers.Serializer):
 class CheckSerializer(serializers.Serializer):
     key = serializers.CharField()
     title = serializers.CharField()
-    level = serializers.ChoiceField(choices=list(preflight.LEVELS), help_text="By severity; an error blocks the launch")
+    level = serializers.ChoiceField(
+        choices=list(preflight.LEVELS), help_text="By severity; an error blocks the launch"
+    )
     summary = serializers.CharField()
     details = serializers.ListField(child=serializers.CharField())
-    field = serializers.CharField(help_text="The input field it concerns (non_field_errors: the whole set-up)")
+    field = serializers.CharField(
+        help_text="The input field it concerns (non_field_errors: the whole set-up)"
+    )
 
 
 class PreflightSerializer(serializers.Serializer):
-    runs = serializers.IntegerField(help_text="Runs a launch would create, baselines and chained stages included")
+    runs = serializers.IntegerField(
+        help_text="Runs a launch would create, baselines and chained stages included"
+    )
     runs_described = serializers.CharField(help_text='e.g. "2 students × 3 seeds × (kd-t4 + baseline)"')
     baselines = serializers.IntegerField()
     can_launch = serializers.BooleanField()
-    errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()),
-                                   help_text="The field errors a launch would give now")
+    errors = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()),
+        help_text="The field errors a launch would give now",
+    )
     checks = CheckSerializer(many=True)
 
 
 class CancelledSerializer(serializers.Serializer):
-    cancelled = serializers.IntegerField(help_text="Unfinished runs that were cancelled (or will stop shortly)")
+    cancelled = serializers.IntegerField(
+        help_text="Unfinished runs that were cancelled (or will stop shortly)"
+    )
 
 
 class DetailSerializer(serializers.Serializer):
@@ -373,10 +509,15 @@ class ExperimentFilterSerializer(RecordFilterSerializer):
     teacher = _id()
     student = _id(help_text="Experiments training this model")
     recipe = _id(help_text="Experiments using this recipe")
-    active = serializers.BooleanField(required=False, allow_null=True, default=None,
-                                      help_text="true: with queued or running runs; false: all runs finished")
-    ordering = serializers.ChoiceField(choices=["-created_at", "created_at", "name", "-name"], required=False,
-                                       default="-created_at")
+    active = serializers.BooleanField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="true: with queued or running runs; false: all runs finished",
+    )
+    ordering = serializers.ChoiceField(
+        choices=["-created_at", "created_at", "name", "-name"], required=False, default="-created_at"
+    )
 
 
 class RunFilterSerializer(serializers.Serializer):
@@ -384,29 +525,48 @@ class RunFilterSerializer(serializers.Serializer):
     team = _id()
     student = _id()
     recipe = _id()
-    status = serializers.MultipleChoiceField(choices=Run.Status.choices, required=False,
-                                             help_text="Repeat or comma-separate for several")
+    status = serializers.MultipleChoiceField(
+        choices=Run.Status.choices, required=False, help_text="Repeat or comma-separate for several"
+    )
     is_baseline = serializers.BooleanField(required=False, allow_null=True, default=None)
-    ordering = serializers.ChoiceField(choices=["-created_at", "created_at", "id", "-id"], required=False,
-                                       default="-created_at")
+    ordering = serializers.ChoiceField(
+        choices=["-created_at", "created_at", "id", "-id"], required=False, default="-created_at"
+    )
 
 
 class MetricsQuerySerializer(serializers.Serializer):
-    name = serializers.ListField(child=serializers.CharField(max_length=64), required=False, max_length=50,
-                                 help_text="Metric names (repeat for several); all when left out")
-    max_points = serializers.IntegerField(required=False, min_value=4, max_value=10_000, default=2000,
-                                          help_text="Points per series at most (min/max buckets keep the spikes)")
+    name = serializers.ListField(
+        child=serializers.CharField(max_length=64),
+        required=False,
+        max_length=50,
+        help_text="Metric names (repeat for several); all when left out",
+    )
+    max_points = serializers.IntegerField(
+        required=False,
+        min_value=4,
+        max_value=10_000,
+        default=2000,
+        help_text="Points per series at most (min/max buckets keep the spikes)",
+    )
 
 
 class LeaderboardQuerySerializer(serializers.Serializer):
     """The leaderboard page's parameters (documentation; the page's own form validates them)."""
 
-    metric = serializers.CharField(required=False, max_length=64,
-                                   help_text="Rank by this quality metric (default: the dataset's primary one)")
-    split = serializers.CharField(required=False, max_length=64,
-                                  help_text="Eval split key (default: the one with most results)")
-    scope = serializers.ChoiceField(choices=["team", "global"], required=False, default="team",
-                                    help_text="team: this dataset record; global: the same data in all your teams")
+    metric = serializers.CharField(
+        required=False,
+        max_length=64,
+        help_text="Rank by this quality metric (default: the dataset's primary one)",
+    )
+    split = serializers.CharField(
+        required=False, max_length=64, help_text="Eval split key (default: the one with most results)"
+    )
+    scope = serializers.ChoiceField(
+        choices=["team", "global"],
+        required=False,
+        default="team",
+        help_text="team: this dataset record; global: the same data in all your teams",
+    )
     recipe = serializers.CharField(required=False, max_length=120, help_text="Only this recipe (by name)")
     family = serializers.CharField(required=False, max_length=64, help_text="Only this student family")
     max_params = serializers.IntegerField(required=False, min_value=1, max_value=MAX_ID)
@@ -416,8 +576,12 @@ class LeaderboardQuerySerializer(serializers.Serializer):
 class PageQuerySerializer(serializers.Serializer):
     """Pagination of a list that is not a queryset (documentation; see api.pagination)."""
 
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_LIMIT,
-                                     help_text=f"Rows per page (default {DEFAULT_LIMIT}, at most {MAX_LIMIT}).")
+    limit = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=MAX_LIMIT,
+        help_text=f"Rows per page (default {DEFAULT_LIMIT}, at most {MAX_LIMIT}).",
+    )
     offset = serializers.IntegerField(required=False, min_value=0)
 
 
@@ -426,8 +590,9 @@ class ImportQuerySerializer(serializers.Serializer):
 
 
 class ExperimentImportQuerySerializer(ImportQuerySerializer):
-    check = serializers.BooleanField(required=False, default=False,
-                                     help_text="true: only check the launch (run count, pre-flight checks)")
+    check = serializers.BooleanField(
+        required=False, default=False, help_text="true: only check the launch (run count, pre-flight checks)"
+    )
 
 
 # --- request bodies (documentation; the web's forms validate them) ---------------------------------
@@ -439,29 +604,46 @@ class ModelCreateSerializer(_TeamScopedBody):
     name = serializers.CharField(max_length=120)
     source = serializers.ChoiceField(choices=MODEL_SOURCES)
     task = serializers.ChoiceField(choices=Task.choices, required=False, default=Task.CLASSIFICATION)
-    num_labels = serializers.IntegerField(min_value=2, max_value=1_000_000, required=False,
-                                         help_text="Classes (classification only)")
+    num_labels = serializers.IntegerField(
+        min_value=2, max_value=1_000_000, required=False, help_text="Classes (classification only)"
+    )
     builtin_arch = serializers.ChoiceField(choices=list(BUILTIN_ARCHS), required=False)
-    hidden_sizes = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=65536), required=False,
-                                         help_text='Builtin nets: layer widths, e.g. [256, 256] (or "256,256")')
-    config = serializers.DictField(required=False, help_text='source=config: a transformers config with "model_type"; '
-                                                            'its optional "tokenizer" is a hub id or the absolute '
-                                                            "path of a folder under a model root")
+    hidden_sizes = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=65536),
+        required=False,
+        help_text='Builtin nets: layer widths, e.g. [256, 256] (or "256,256")',
+    )
+    config = serializers.DictField(
+        required=False,
+        help_text='source=config: a transformers config with "model_type"; '
+        'its optional "tokenizer" is a hub id or the absolute '
+        "path of a folder under a model root",
+    )
     hub_id = serializers.CharField(max_length=200, required=False, help_text=HUB_ID_HELP)
-    local_path = serializers.CharField(max_length=500, required=False,
-                                       help_text="A folder under one of the server's model roots (after resolving "
-                                                 "symlinks; never under the artifact root)")
-    revision = serializers.CharField(max_length=100, required=False,
-                                     help_text="A branch, tag or commit sha: parts of letters, digits, '-', '_' and "
-                                               "'.' joined by single '/'")
+    local_path = serializers.CharField(
+        max_length=500,
+        required=False,
+        help_text="A folder under one of the server's model roots (after resolving "
+        "symlinks; never under the artifact root)",
+    )
+    revision = serializers.CharField(
+        max_length=100,
+        required=False,
+        help_text="A branch, tag or commit sha: parts of letters, digits, '-', '_' and "
+        "'.' joined by single '/'",
+    )
     tokenizer_id = serializers.CharField(max_length=200, required=False, help_text=HUB_ID_HELP)
     notes = serializers.CharField(required=False)
 
 
 class ModelDeriveSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=120)
-    layers = serializers.CharField(max_length=400, required=False, default="every_other",
-                                   help_text='"every_other", "every_third", "all", or layer ids [0, 2, 4]')
+    layers = serializers.CharField(
+        max_length=400,
+        required=False,
+        default="every_other",
+        help_text='"every_other", "every_third", "all", or layer ids [0, 2, 4]',
+    )
     hidden_size = serializers.IntegerField(required=False, min_value=1, max_value=65536)
     intermediate_size = serializers.IntegerField(required=False, min_value=1, max_value=262144)
     num_attention_heads = serializers.IntegerField(required=False, min_value=1, max_value=1024)
@@ -472,11 +654,16 @@ class DatasetCreateSerializer(_TeamScopedBody):
     source = serializers.ChoiceField(choices=DATASET_SOURCES)
     task = serializers.ChoiceField(choices=Task.choices, required=False, default=Task.CLASSIFICATION)
     builtin_name = serializers.ChoiceField(choices=list(BUILTIN_DATASETS), required=False)
-    hub_name = serializers.CharField(max_length=200, required=False,
-                                     help_text=HUB_ID_HELP + "; not a file reader of the datasets package (csv, json, "
-                                                             "text, ...)")
-    local_path = serializers.CharField(max_length=500, required=False,
-                                       help_text="A CSV or JSONL file under one of the server's dataset roots")
+    hub_name = serializers.CharField(
+        max_length=200,
+        required=False,
+        help_text=HUB_ID_HELP + "; not a file reader of the datasets package (csv, json, text, ...)",
+    )
+    local_path = serializers.CharField(
+        max_length=500,
+        required=False,
+        help_text="A CSV or JSONL file under one of the server's dataset roots",
+    )
     text_column = serializers.CharField(max_length=100, default="text")
     label_column = serializers.CharField(max_length=100, default="label")
     num_labels = serializers.IntegerField(min_value=2, max_value=1_000_000, required=False)
@@ -491,8 +678,9 @@ class TermSerializer(serializers.Serializer):
     name = serializers.CharField(help_text="A loss term: ce, kd, reverse_kl, jsd, …")
     weight = serializers.FloatField(min_value=0, max_value=1e6, default=1.0)
     params = serializers.DictField(required=False, help_text="The term's parameters, e.g. {temperature: 4}")
-    schedule = serializers.DictField(required=False,
-                                     help_text='e.g. {weight: {kind: linear, start: 0.9, end: 0.1}}')
+    schedule = serializers.DictField(
+        required=False, help_text="e.g. {weight: {kind: linear, start: 0.9, end: 0.1}}"
+    )
 
 
 class RecipeCreateSerializer(_TeamScopedBody):
@@ -507,69 +695,118 @@ class _ExperimentCreateBody(_TeamScopedBody):
     name = serializers.CharField(max_length=200)
     description = serializers.CharField(required=False)
     dataset = serializers.IntegerField()
-    teacher = serializers.IntegerField(required=False, allow_null=True,
-                                       help_text="Needed by every recipe that distills (any term other than ce)")
+    teacher = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        help_text="Needed by every recipe that distills (any term other than ce)",
+    )
     students = serializers.ListField(child=serializers.IntegerField(), min_length=1)
     recipes = serializers.ListField(child=serializers.IntegerField(), min_length=1)
     assistant = serializers.IntegerField(required=False, allow_null=True)
     extra_teachers = serializers.ListField(child=serializers.IntegerField(), required=False)
     teacher_weights = serializers.ListField(child=serializers.FloatField(min_value=0), required=False)
-    seeds = serializers.ListField(child=serializers.IntegerField(min_value=0), min_length=1, max_length=MAX_SEEDS,
-                                  help_text='e.g. [0, 1, 2] (or "0,1,2", "0-2")')
+    seeds = serializers.ListField(
+        child=serializers.IntegerField(min_value=0),
+        min_length=1,
+        max_length=MAX_SEEDS,
+        help_text='e.g. [0, 1, 2] (or "0,1,2", "0-2")',
+    )
     lr_schedule = serializers.ChoiceField(choices=list(LR_SCHEDULES), required=False)
     early_stopping_metric = serializers.ChoiceField(
-        choices=["", *ALL_EARLY_STOPPING_METRICS], required=False, allow_blank=True,
-        help_text="Early stopping: the metric watched on a validation slice held out of the train split (with "
-                  "early_stopping_patience >= 1); the eval split is only reported")
+        choices=["", *ALL_EARLY_STOPPING_METRICS],
+        required=False,
+        allow_blank=True,
+        help_text="Early stopping: the metric watched on a validation slice held out of the train split "
+        "(with early_stopping_patience >= 1); the eval split is only reported",
+    )
     vary_labelled_subset = serializers.BooleanField(
-        required=False, help_text="With labelled_fraction < 1: each seed draws its own labelled rows")
+        required=False, help_text="With labelled_fraction < 1: each seed draws its own labelled rows"
+    )
 
 
-@extend_schema_field({"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}},
-                                 {"type": "string"}]})
+@extend_schema_field(
+    {"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}, {"type": "string"}]}
+)
 class SweepableField(serializers.JSONField):
     """One value, a list of values (a sweep), or a sweep in the form's syntax ("1e-4:1e-3:log4")."""
 
 
 # What api.inputs accepts for one axis of a term sweep: a value, a list of values (or of ranges in the form's
-# syntax, one per item), or the values in the form's syntax on one line; an axis is TERM.PARAM (sweeps._AXIS_RE).
+# syntax, one per item), or the values in the form's syntax on one line; an axis is TERM.PARAM
+# (sweeps._AXIS_RE).
 _TERM_AXIS = {"type": "string", "pattern": r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$", "example": "kd.temperature"}
-_TERM_VALUE = {"oneOf": [{"type": "number"}, {"type": "boolean"},
-                         {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[^,\r\n]+$"}]}
-_TERM_VALUES = {"oneOf": [{"type": "array", "items": _TERM_VALUE, "minItems": 1},
-                          {"type": "string", "minLength": 1, "pattern": r"^[^\r\n]+$"},
-                          {"type": "number"}, {"type": "boolean"}]}
+_TERM_VALUE = {
+    "oneOf": [
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[^,\r\n]+$"},
+    ]
+}
+_TERM_VALUES = {
+    "oneOf": [
+        {"type": "array", "items": _TERM_VALUE, "minItems": 1},
+        {"type": "string", "minLength": 1, "pattern": r"^[^\r\n]+$"},
+        {"type": "number"},
+        {"type": "boolean"},
+    ]
+}
 
 
-@extend_schema_field({"oneOf": [
-    {"type": "object", "additionalProperties": _TERM_VALUES,
-     "description": "TERM.PARAM (e.g. kd.temperature) → values"},
-    {"type": "array", "items": {"oneOf": [
-        {"type": "string", "pattern": r"^[^=\r\n]+=[^\r\n]+$", "description": "A TERM.PARAM = values line"},
-        {"type": "object", "properties": {"param": _TERM_AXIS, "values": _TERM_VALUES},
-         "required": ["param", "values"], "additionalProperties": False},
-    ]}},
-]})
+@extend_schema_field(
+    {
+        "oneOf": [
+            {
+                "type": "object",
+                "additionalProperties": _TERM_VALUES,
+                "description": "TERM.PARAM (e.g. kd.temperature) → values",
+            },
+            {
+                "type": "array",
+                "items": {
+                    "oneOf": [
+                        {
+                            "type": "string",
+                            "pattern": r"^[^=\r\n]+=[^\r\n]+$",
+                            "description": "A TERM.PARAM = values line",
+                        },
+                        {
+                            "type": "object",
+                            "properties": {"param": _TERM_AXIS, "values": _TERM_VALUES},
+                            "required": ["param", "values"],
+                            "additionalProperties": False,
+                        },
+                    ]
+                },
+            },
+        ]
+    }
+)
 class TermSweepsField(serializers.JSONField):
     """Term sweeps: a mapping of TERM.PARAM to values, or a list of lines or of {param, values} objects."""
 
 
 def _train_field(kind: type, lo: float, hi: float, help_text: str) -> serializers.Field:
     kind_text = "whole number" if kind is int else "number"
-    return SweepableField(required=False, help_text=f"{help_text}: a {kind_text} in [{lo:g}, {hi:g}], a list of "
-                                                    f"them, or a range such as \"1e-4:1e-3:log4\"")
+    return SweepableField(
+        required=False,
+        help_text=f"{help_text}: a {kind_text} in [{lo:g}, {hi:g}], a list of "
+        f'them, or a range such as "1e-4:1e-3:log4"',
+    )
 
 
 ExperimentCreateSerializer = type(
     "ExperimentCreateSerializer",
     (_ExperimentCreateBody,),
-    {"__doc__": "The experiment form's fields: records by id, training settings flat (each may be swept).",
-     **{name: _train_field(*spec) for name, spec in TRAIN_FIELDS.items()},
-     "term_sweeps": TermSweepsField(
-         required=False,
-         help_text='Sweeps of recipe term parameters: {"kd.temperature": [2, 4, 8]} (values may also be a range '
-                   'such as "0.5:0.9:lin3"), or a list of "TERM.PARAM = values" lines or of '
-                   '{"param": "kd.temperature", "values": [2, 4, 8]}')},
+    {
+        "__doc__": "The experiment form's fields: records by id, training settings flat (each may be swept).",
+        **{name: _train_field(*spec) for name, spec in TRAIN_FIELDS.items()},
+        "term_sweeps": TermSweepsField(
+            required=False,
+            help_text='Sweeps of recipe term parameters: {"kd.temperature": [2, 4, 8]} (values may also be a '
+            'range such as "0.5:0.9:lin3"), or a list of "TERM.PARAM = values" lines or of '
+            '{"param": "kd.temperature", "values": [2, 4, 8]}',
+        ),
+    },
 )
 
 

@@ -1,8 +1,8 @@
-"""REST endpoints: thin viewsets over experiments.selectors (team-scoped reads: another team's record is a 404,
-like on the pages) and experiments.services (writes, through the web's forms in api.inputs).
+"""REST endpoints: thin viewsets over experiments.selectors (team-scoped reads: another team's record is a
+404, like on the pages) and experiments.services (writes, through the domain's input rules in api.inputs).
 
-Every view is exempt from LoginRequiredMiddleware: DRF authenticates (a bearer token, or the browser's session)
-and answers 401 JSON instead of redirecting to the login page.
+Every view is exempt from LoginRequiredMiddleware: DRF authenticates (a bearer token, or the browser's
+session) and answers 401 JSON instead of redirecting to the login page.
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ _CONFLICT = OpenApiResponse(s.DetailSerializer, description="The run is in a sta
 
 
 class ApiViewSet(viewsets.GenericViewSet):
-    """Base of every endpoint: DRF authentication instead of the login redirect, validated query parameters."""
+    """Base of every endpoint: DRF authentication instead of the login redirect, validated query
+    parameters."""
 
     @classmethod
     def as_view(cls, actions=None, **initkwargs):
-        # DRF (3.15.2+) exempts its views from LoginRequiredMiddleware too; the API depends on it, so say it here.
+        # DRF (3.15.2+) exempts its views from LoginRequiredMiddleware too; the API depends on it, so say it
+        # here.
         return login_not_required(super().as_view(actions, **initkwargs))
 
     def get_parsers(self):
@@ -60,7 +62,9 @@ class ApiViewSet(viewsets.GenericViewSet):
             return [parser() for parser in YAML_PARSERS]
         return super().get_parsers()
 
-    def query(self, serializer_class: type[drf_serializers.Serializer], *, lists: tuple[str, ...] = ()) -> dict[str, Any]:
+    def query(
+        self, serializer_class: type[drf_serializers.Serializer], *, lists: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         """The request's query parameters validated by ``serializer_class`` (400 on bad values). Parameters in
         ``lists`` may repeat or hold comma-separated values."""
         data: dict[str, Any] = {}
@@ -73,12 +77,21 @@ class ApiViewSet(viewsets.GenericViewSet):
         serializer.is_valid(raise_exception=True)
         return serializer.validated_data
 
-    def paginated(self, rows: QuerySet | list, serializer_class: type[drf_serializers.Serializer]) -> Response:
+    def paginated(
+        self, rows: QuerySet | list, serializer_class: type[drf_serializers.Serializer]
+    ) -> Response:
         page = self.paginate_queryset(rows)
-        return self.get_paginated_response(serializer_class(page, many=True, context=self.get_serializer_context()).data)
+        return self.get_paginated_response(
+            serializer_class(page, many=True, context=self.get_serializer_context()).data
+        )
 
-    def respond(self, obj: Any, serializer_class: type[drf_serializers.Serializer], *,
-                status_code: int = status.HTTP_200_OK) -> Response:
+    def respond(
+        self,
+        obj: Any,
+        serializer_class: type[drf_serializers.Serializer],
+        *,
+        status_code: int = status.HTTP_200_OK,
+    ) -> Response:
         return Response(serializer_class(obj, context=self.get_serializer_context()).data, status=status_code)
 
 
@@ -99,7 +112,9 @@ def _yaml_response(text: str, name: str) -> HttpResponse:
 
 def _yaml_body(request: Request) -> str:
     if not isinstance(request.data, str) or not request.data.strip():
-        raise ValidationError({"yaml": ["Send a YAML document as the body (Content-Type: application/yaml)."]})
+        raise ValidationError(
+            {"yaml": ["Send a YAML document as the body (Content-Type: application/yaml)."]}
+        )
     return request.data
 
 
@@ -119,28 +134,37 @@ class ModelSpecViewSet(ApiViewSet):
     serializer_class = s.ModelSpecSerializer
 
     def get_queryset(self) -> QuerySet:
-        return (records_reads.model_spec_list(user=self.request.user).select_related("created_by")
-                .order_by("team__name", "name", "id"))
+        return (
+            records_reads.model_spec_list(user=self.request.user)
+            .select_related("created_by")
+            .order_by("team__name", "name", "id")
+        )
 
     @extend_schema(summary="Models of your teams", parameters=[s.ModelFilterSerializer])
     def list(self, request: Request) -> Response:
         params = self.query(s.ModelFilterSerializer)
-        return self.paginated(_filter_records(self.get_queryset(), params, task="task", source="source"),
-                              s.ModelSpecSerializer)
+        return self.paginated(
+            _filter_records(self.get_queryset(), params, task="task", source="source"), s.ModelSpecSerializer
+        )
 
     @extend_schema(summary="A model", responses={200: s.ModelSpecSerializer, 404: _NOT_FOUND})
     def retrieve(self, request: Request, pk: int) -> Response:
         return self.respond(self.get_object(), s.ModelSpecSerializer)
 
-    @extend_schema(summary="Register a model (the web form's fields)", request=s.ModelCreateSerializer,
-                   responses={201: s.ModelSpecSerializer, 400: _ERRORS})
+    @extend_schema(
+        summary="Register a model (the web form's fields)",
+        request=s.ModelCreateSerializer,
+        responses={201: s.ModelSpecSerializer, 400: _ERRORS},
+    )
     def create(self, request: Request) -> Response:
         spec = inputs.model_create(user=request.user, payload=request.data)
         return self.respond(spec, s.ModelSpecSerializer, status_code=status.HTTP_201_CREATED)
 
-    @extend_schema(summary="Derive a smaller student from this model (a layer subset, narrower widths)",
-                   request=s.ModelDeriveSerializer,
-                   responses={201: s.ModelSpecSerializer, 400: _ERRORS, 404: _NOT_FOUND})
+    @extend_schema(
+        summary="Derive a smaller student from this model (a layer subset, narrower widths)",
+        request=s.ModelDeriveSerializer,
+        responses={201: s.ModelSpecSerializer, 400: _ERRORS, 404: _NOT_FOUND},
+    )
     def derive(self, request: Request, pk: int) -> Response:
         spec = inputs.model_derive(user=request.user, parent=self.get_object(), payload=request.data)
         return self.respond(spec, s.ModelSpecSerializer, status_code=status.HTTP_201_CREATED)
@@ -152,21 +176,29 @@ class DatasetSpecViewSet(ApiViewSet):
     serializer_class = s.DatasetSpecSerializer
 
     def get_queryset(self) -> QuerySet:
-        return records_reads.dataset_spec_list(user=self.request.user).select_related("created_by").order_by(
-            "team__name", "name", "id")
+        return (
+            records_reads.dataset_spec_list(user=self.request.user)
+            .select_related("created_by")
+            .order_by("team__name", "name", "id")
+        )
 
     @extend_schema(summary="Datasets of your teams", parameters=[s.DatasetFilterSerializer])
     def list(self, request: Request) -> Response:
         params = self.query(s.DatasetFilterSerializer)
-        return self.paginated(_filter_records(self.get_queryset(), params, task="task", source="source"),
-                              s.DatasetSpecSerializer)
+        return self.paginated(
+            _filter_records(self.get_queryset(), params, task="task", source="source"),
+            s.DatasetSpecSerializer,
+        )
 
     @extend_schema(summary="A dataset", responses={200: s.DatasetSpecSerializer, 404: _NOT_FOUND})
     def retrieve(self, request: Request, pk: int) -> Response:
         return self.respond(self.get_object(), s.DatasetSpecSerializer)
 
-    @extend_schema(summary="Register a dataset (the web form's fields)", request=s.DatasetCreateSerializer,
-                   responses={201: s.DatasetSpecSerializer, 400: _ERRORS})
+    @extend_schema(
+        summary="Register a dataset (the web form's fields)",
+        request=s.DatasetCreateSerializer,
+        responses={201: s.DatasetSpecSerializer, 400: _ERRORS},
+    )
     def create(self, request: Request) -> Response:
         dataset = inputs.dataset_create(user=request.user, payload=request.data)
         return self.respond(dataset, s.DatasetSpecSerializer, status_code=status.HTTP_201_CREATED)
@@ -178,8 +210,11 @@ class RecipeViewSet(ApiViewSet):
     serializer_class = s.RecipeSerializer
 
     def get_queryset(self) -> QuerySet:
-        return records_reads.recipe_list(user=self.request.user).select_related("created_by").order_by(
-            "team__name", "name", "-version", "id")
+        return (
+            records_reads.recipe_list(user=self.request.user)
+            .select_related("created_by")
+            .order_by("team__name", "name", "-version", "id")
+        )
 
     @extend_schema(summary="Recipes of your teams (every version)", parameters=[s.RecipeFilterSerializer])
     def list(self, request: Request) -> Response:
@@ -191,21 +226,28 @@ class RecipeViewSet(ApiViewSet):
     def retrieve(self, request: Request, pk: int) -> Response:
         return self.respond(self.get_object(), s.RecipeSerializer)
 
-    @extend_schema(summary="Save a recipe (an existing name gets its next version)",
-                   request=s.RecipeCreateSerializer, responses={201: s.RecipeSerializer, 400: _ERRORS})
+    @extend_schema(
+        summary="Save a recipe (an existing name gets its next version)",
+        request=s.RecipeCreateSerializer,
+        responses={201: s.RecipeSerializer, 400: _ERRORS},
+    )
     def create(self, request: Request) -> Response:
         recipe = inputs.recipe_create(user=request.user, payload=request.data)
         return self.respond(recipe, s.RecipeSerializer, status_code=status.HTTP_201_CREATED)
 
-    @extend_schema(summary="The recipe as YAML",
-                   responses={(200, "application/yaml"): OpenApiTypes.STR, 404: _NOT_FOUND})
+    @extend_schema(
+        summary="The recipe as YAML", responses={(200, "application/yaml"): OpenApiTypes.STR, 404: _NOT_FOUND}
+    )
     def export(self, request: Request, pk: int) -> HttpResponse:
         recipe = self.get_object()
         return _yaml_response(yaml_io.recipe_export(recipe), f"{recipe.name}-v{recipe.version}")
 
-    @extend_schema(summary="Save a recipe from YAML (as exported)", request=_YAML_BODY,
-                   parameters=[s.ImportQuerySerializer],
-                   responses={201: s.RecipeSerializer, 400: _ERRORS})
+    @extend_schema(
+        summary="Save a recipe from YAML (as exported)",
+        request=_YAML_BODY,
+        parameters=[s.ImportQuerySerializer],
+        responses={201: s.RecipeSerializer, 400: _ERRORS},
+    )
     def import_yaml(self, request: Request) -> Response:
         params = self.query(s.ImportQuerySerializer)
         recipe = yaml_io.recipe_import(_yaml_body(request), user=request.user, team_id=params.get("team"))
@@ -219,19 +261,28 @@ class ExperimentViewSet(ApiViewSet):
     serializer_class = s.ExperimentDetailSerializer
 
     def get_queryset(self) -> QuerySet:
-        return (records_reads.experiment_list(user=self.request.user)
-                .select_related("assistant")
-                .prefetch_related("students", "recipes", "extra_teachers"))
+        return (
+            records_reads.experiment_list(user=self.request.user)
+            .select_related("assistant")
+            .prefetch_related("students", "recipes", "extra_teachers")
+        )
 
-    @extend_schema(summary="Experiments of your teams, newest first", parameters=[s.ExperimentFilterSerializer],
-                   responses=s.ExperimentSerializer(many=True))
+    @extend_schema(
+        summary="Experiments of your teams, newest first",
+        parameters=[s.ExperimentFilterSerializer],
+        responses=s.ExperimentSerializer(many=True),
+    )
     def list(self, request: Request) -> Response:
         params = self.query(s.ExperimentFilterSerializer)
         experiments = _filter_records(self.get_queryset(), params, dataset="dataset_id", teacher="teacher_id")
         if params.get("student"):
-            experiments = experiments.filter(pk__in=Experiment.objects.filter(students=params["student"]).values("pk"))
+            experiments = experiments.filter(
+                pk__in=Experiment.objects.filter(students=params["student"]).values("pk")
+            )
         if params.get("recipe"):
-            experiments = experiments.filter(pk__in=Experiment.objects.filter(recipes=params["recipe"]).values("pk"))
+            experiments = experiments.filter(
+                pk__in=Experiment.objects.filter(recipes=params["recipe"]).values("pk")
+            )
         if params.get("active") is not None:
             active = Q(queued_count__gt=0) | Q(running_count__gt=0)  # the run counts of experiment_list
             experiments = experiments.filter(active if params["active"] else ~active)
@@ -242,44 +293,65 @@ class ExperimentViewSet(ApiViewSet):
         return self.respond(self.get_object(), s.ExperimentDetailSerializer)
 
     def _created(self, experiment: Experiment) -> Response:
-        response = self.respond(self.get_queryset().get(pk=experiment.pk), s.ExperimentDetailSerializer,
-                                status_code=status.HTTP_201_CREATED)
+        response = self.respond(
+            self.get_queryset().get(pk=experiment.pk),
+            s.ExperimentDetailSerializer,
+            status_code=status.HTTP_201_CREATED,
+        )
         response["Location"] = response.data["url"]
         return response
 
-    @extend_schema(summary="Launch an experiment: creates its runs (with a hard-label baseline per student "
-                           "and seed) and queues them", request=s.ExperimentCreateSerializer,
-                   responses={201: s.ExperimentDetailSerializer, 400: _ERRORS})
+    @extend_schema(
+        summary="Launch an experiment: creates its runs (with a hard-label baseline per student "
+        "and seed) and queues them",
+        request=s.ExperimentCreateSerializer,
+        responses={201: s.ExperimentDetailSerializer, 400: _ERRORS},
+    )
     def create(self, request: Request) -> Response:
         return self._created(inputs.experiment_create(user=request.user, payload=request.data))
 
-    @extend_schema(summary="Check a launch without creating anything: run count, pre-flight checks and the "
-                           "errors it would give", request=s.ExperimentCreateSerializer,
-                   responses={200: s.PreflightSerializer, 400: _ERRORS})
+    @extend_schema(
+        summary="Check a launch without creating anything: run count, pre-flight checks and the "
+        "errors it would give",
+        request=s.ExperimentCreateSerializer,
+        responses={200: s.PreflightSerializer, 400: _ERRORS},
+    )
     def check(self, request: Request) -> Response:
         return Response(inputs.experiment_check(user=request.user, payload=request.data))
 
-    @extend_schema(summary="Cancel every unfinished run", request=None,
-                   responses={200: s.CancelledSerializer, 404: _NOT_FOUND})
+    @extend_schema(
+        summary="Cancel every unfinished run",
+        request=None,
+        responses={200: s.CancelledSerializer, 404: _NOT_FOUND},
+    )
     def cancel(self, request: Request, pk: int) -> Response:
         return Response({"cancelled": lifecycle.experiment_cancel(experiment=self.get_object())})
 
-    @extend_schema(summary="The experiment as YAML (records by name)",
-                   responses={(200, "application/yaml"): OpenApiTypes.STR, 404: _NOT_FOUND})
+    @extend_schema(
+        summary="The experiment as YAML (records by name)",
+        responses={(200, "application/yaml"): OpenApiTypes.STR, 404: _NOT_FOUND},
+    )
     def export(self, request: Request, pk: int) -> HttpResponse:
         experiment = self.get_object()
         return _yaml_response(yaml_io.experiment_export(experiment), experiment.name)
 
-    @extend_schema(summary="Launch an experiment from YAML (as exported); with ?check=true only check it",
-                   request=_YAML_BODY, parameters=[s.ExperimentImportQuerySerializer],
-                   responses={201: s.ExperimentDetailSerializer, 200: s.PreflightSerializer, 400: _ERRORS})
+    @extend_schema(
+        summary="Launch an experiment from YAML (as exported); with ?check=true only check it",
+        request=_YAML_BODY,
+        parameters=[s.ExperimentImportQuerySerializer],
+        responses={201: s.ExperimentDetailSerializer, 200: s.PreflightSerializer, 400: _ERRORS},
+    )
     def import_yaml(self, request: Request) -> Response:
         params = self.query(s.ExperimentImportQuerySerializer)
         if params.get("check"):
-            return Response(yaml_io.experiment_import(_yaml_body(request), user=request.user,
-                                                      team_id=params.get("team"), check=True))
-        return self._created(yaml_io.experiment_import(_yaml_body(request), user=request.user,
-                                                       team_id=params.get("team")))
+            return Response(
+                yaml_io.experiment_import(
+                    _yaml_body(request), user=request.user, team_id=params.get("team"), check=True
+                )
+            )
+        return self._created(
+            yaml_io.experiment_import(_yaml_body(request), user=request.user, team_id=params.get("team"))
+        )
 
 
 # --- runs -----------------------------------------------------------------------------------------
@@ -294,33 +366,52 @@ class RunViewSet(ApiViewSet):
             runs = runs.prefetch_related("artifacts", "transitions")
         return runs
 
-    @extend_schema(summary="Runs of your teams, newest first", parameters=[s.RunFilterSerializer],
-                   responses=s.RunSerializer(many=True))
+    @extend_schema(
+        summary="Runs of your teams, newest first",
+        parameters=[s.RunFilterSerializer],
+        responses=s.RunSerializer(many=True),
+    )
     def list(self, request: Request) -> Response:
         params = self.query(s.RunFilterSerializer, lists=("status",))
-        runs = _filter_records(self.get_queryset(), params, experiment="experiment_id", student="student_id",
-                               recipe="recipe_id", is_baseline="is_baseline")
+        runs = _filter_records(
+            self.get_queryset(),
+            params,
+            experiment="experiment_id",
+            student="student_id",
+            recipe="recipe_id",
+            is_baseline="is_baseline",
+        )
         if params.get("status"):
             runs = runs.filter(status__in=sorted(params["status"]))
         return self.paginated(runs.order_by(params["ordering"], "-id"), s.RunSerializer)
 
-    @extend_schema(summary="A run with its frozen config, evaluations and artifacts",
-                   responses={200: s.RunDetailSerializer, 404: _NOT_FOUND})
+    @extend_schema(
+        summary="A run with its frozen config, evaluations and artifacts",
+        responses={200: s.RunDetailSerializer, 404: _NOT_FOUND},
+    )
     def retrieve(self, request: Request, pk: int) -> Response:
         return self.respond(self.get_object(), s.RunDetailSerializer)
 
-    @extend_schema(summary="Cancel a run: a queued one at once, a running one at its next check",
-                   request=None, responses={200: s.RunDetailSerializer, 404: _NOT_FOUND, 409: _CONFLICT})
+    @extend_schema(
+        summary="Cancel a run: a queued one at once, a running one at its next check",
+        request=None,
+        responses={200: s.RunDetailSerializer, 404: _NOT_FOUND, 409: _CONFLICT},
+    )
     def cancel(self, request: Request, pk: int) -> Response:
         run = self.get_object()
         if run.is_terminal:
-            return Response({"detail": f"Run #{run.pk} had already finished ({run.status})."},
-                            status=status.HTTP_409_CONFLICT)
+            return Response(
+                {"detail": f"Run #{run.pk} had already finished ({run.status})."},
+                status=status.HTTP_409_CONFLICT,
+            )
         lifecycle.run_cancel(run=run, reason=f"Cancelled by {request.user.get_username()} (API).")
         return self.respond(self.get_object(), s.RunDetailSerializer)
 
-    @extend_schema(summary="Queue a failed, cancelled or stale run again (resumes from its checkpoint)",
-                   request=None, responses={200: s.RunDetailSerializer, 404: _NOT_FOUND, 409: _CONFLICT})
+    @extend_schema(
+        summary="Queue a failed, cancelled or stale run again (resumes from its checkpoint)",
+        request=None,
+        responses={200: s.RunDetailSerializer, 404: _NOT_FOUND, 409: _CONFLICT},
+    )
     def requeue(self, request: Request, pk: int) -> Response:
         run = self.get_object()
         try:
@@ -329,9 +420,11 @@ class RunViewSet(ApiViewSet):
             return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_409_CONFLICT)
         return self.respond(self.get_object(), s.RunDetailSerializer)
 
-    @extend_schema(summary="The run's metric curves, downsampled on the server",
-                   parameters=[s.MetricsQuerySerializer],
-                   responses={200: s.MetricsSerializer, 400: _ERRORS, 404: _NOT_FOUND})
+    @extend_schema(
+        summary="The run's metric curves, downsampled on the server",
+        parameters=[s.MetricsQuerySerializer],
+        responses={200: s.MetricsSerializer, 400: _ERRORS, 404: _NOT_FOUND},
+    )
     def metrics(self, request: Request, pk: int) -> Response:
         run = self.get_object()
         params = self.query(s.MetricsQuerySerializer, lists=("name",))
@@ -340,14 +433,29 @@ class RunViewSet(ApiViewSet):
         series = []
         for name, (steps, values) in sorted(curves.items()):
             xs, ys = plots.downsample(steps, values, max_points)  # min/max buckets: spikes survive
-            series.append({"name": name, "points": len(steps), "downsampled": len(xs) < len(steps), "steps": xs,
-                           "values": ys})
-        return Response({"run": run.pk, "max_points": max_points, "names": api_selectors.run_metric_names(run=run),
-                         "series": series})
+            series.append(
+                {
+                    "name": name,
+                    "points": len(steps),
+                    "downsampled": len(xs) < len(steps),
+                    "steps": xs,
+                    "values": ys,
+                }
+            )
+        return Response(
+            {
+                "run": run.pk,
+                "max_points": max_points,
+                "names": api_selectors.run_metric_names(run=run),
+                "series": series,
+            }
+        )
 
-    @extend_schema(summary="Register the run's trained student as a model",
-                   request=s.RegisterModelSerializer,
-                   responses={201: s.ModelSpecSerializer, 400: _ERRORS, 404: _NOT_FOUND})
+    @extend_schema(
+        summary="Register the run's trained student as a model",
+        request=s.RegisterModelSerializer,
+        responses={201: s.ModelSpecSerializer, 400: _ERRORS, 404: _NOT_FOUND},
+    )
     def register(self, request: Request, pk: int) -> Response:
         spec = inputs.run_register_model(user=request.user, run=self.get_object(), payload=request.data)
         return self.respond(spec, s.ModelSpecSerializer, status_code=status.HTTP_201_CREATED)
@@ -359,42 +467,57 @@ class LeaderboardViewSet(ApiViewSet):
 
     serializer_class = s.LeaderboardRowSerializer
 
-    @extend_schema(summary="Datasets with a leaderboard, and how many results each has",
-                   parameters=[s.RecordFilterSerializer], responses=s.LeaderboardDatasetSerializer(many=True))
+    @extend_schema(
+        summary="Datasets with a leaderboard, and how many results each has",
+        parameters=[s.RecordFilterSerializer],
+        responses=s.LeaderboardDatasetSerializer(many=True),
+    )
     def list(self, request: Request) -> Response:
         params = self.query(s.RecordFilterSerializer)
         datasets = _filter_records(leaderboard_reads.leaderboard_datasets(user=request.user), params)
         return self.paginated(datasets.order_by("team__name", "name", "id"), s.LeaderboardDatasetSerializer)
 
     def _board(self, pk: int) -> tuple[leaderboard_reads.Benchmark, list[leaderboard_reads.LeaderboardRow]]:
-        """The benchmark and its filtered rows, chosen by the page's query parameters (400 on bad ones, and on a
-        metric or split the results do not have, where the page would fall back to its default)."""
+        """The benchmark and its filtered rows, chosen by the page's query parameters (400 on bad ones, and on
+        a metric or split the results do not have, where the page would fall back to its default)."""
         dataset = get_object_or_404(records_reads.dataset_spec_list(user=self.request.user), pk=pk)
         chosen = inputs.leaderboard_query(self.request.query_params)
         benchmark = leaderboard_reads.leaderboard_benchmark(
-            user=self.request.user, dataset=dataset, metric_name=chosen.get("metric", ""),
-            split_key=chosen.get("split", ""), scope=chosen.get("scope", "team"),
+            user=self.request.user,
+            dataset=dataset,
+            metric_name=chosen.get("metric", ""),
+            split_key=chosen.get("split", ""),
+            scope=chosen.get("scope", "team"),
         )
         errors = {}
         if chosen.get("metric", benchmark.metric.name) != benchmark.metric.name:
-            errors["metric"] = [f"No result here measures {chosen['metric']!r}; available: "
-                                f"{', '.join(m.name for m in benchmark.metrics)}."]
+            errors["metric"] = [
+                f"No result here measures {chosen['metric']!r}; available: "
+                f"{', '.join(m.name for m in benchmark.metrics)}."
+            ]
         if chosen.get("split", benchmark.split_key) != benchmark.split_key:
-            errors["split"] = [f"No results on eval split {chosen['split']!r}; available: "
-                               f"{', '.join(o.key for o in benchmark.splits) or 'none'}."]
+            errors["split"] = [
+                f"No results on eval split {chosen['split']!r}; available: "
+                f"{', '.join(o.key for o in benchmark.splits) or 'none'}."
+            ]
         if errors:
             raise ValidationError(errors)
         rows = leaderboard.leaderboard_filter(
-            benchmark.rows, higher_is_better=benchmark.metric.higher_is_better, max_params=chosen.get("max_params"),
-            max_latency_ms=chosen.get("max_latency_ms"), recipe=chosen.get("recipe", ""),
+            benchmark.rows,
+            higher_is_better=benchmark.metric.higher_is_better,
+            max_params=chosen.get("max_params"),
+            max_latency_ms=chosen.get("max_latency_ms"),
+            recipe=chosen.get("recipe", ""),
             family=chosen.get("family", ""),
         )
         return benchmark, rows
 
-    @extend_schema(summary="A dataset's leaderboard: rows ranked by a quality metric (mean over seeds), with "
-                           "retention, KD gain, compression, speedup and the Pareto flag",
-                   parameters=[s.LeaderboardQuerySerializer, s.PageQuerySerializer],
-                   responses={200: s.LeaderboardPageSerializer, 400: _ERRORS, 404: _NOT_FOUND})
+    @extend_schema(
+        summary="A dataset's leaderboard: rows ranked by a quality metric (mean over seeds), with "
+        "retention, KD gain, compression, speedup and the Pareto flag",
+        parameters=[s.LeaderboardQuerySerializer, s.PageQuerySerializer],
+        responses={200: s.LeaderboardPageSerializer, 400: _ERRORS, 404: _NOT_FOUND},
+    )
     def retrieve(self, request: Request, pk: int) -> Response:
         benchmark, rows = self._board(pk)
         page = self.paginated(rows, s.LeaderboardRowSerializer)
@@ -410,19 +533,26 @@ class LeaderboardViewSet(ApiViewSet):
         }
         return page
 
-    @extend_schema(summary="The leaderboard as CSV, as the page exports it (same parameters)",
-                   parameters=[s.LeaderboardQuerySerializer],
-                   responses={(200, "text/csv"): OpenApiTypes.STR, 400: _ERRORS, 404: _NOT_FOUND})
+    @extend_schema(
+        summary="The leaderboard as CSV, as the page exports it (same parameters)",
+        parameters=[s.LeaderboardQuerySerializer],
+        responses={(200, "text/csv"): OpenApiTypes.STR, 400: _ERRORS, 404: _NOT_FOUND},
+    )
     def export(self, request: Request, pk: int) -> HttpResponse:
         benchmark, rows = self._board(pk)
         response = HttpResponse(content_type="text/csv; charset=utf-8")
-        name = f"leaderboard-{slugify(benchmark.dataset.name) or benchmark.dataset.pk}-{benchmark.metric.name}.csv"
+        dataset_slug = slugify(benchmark.dataset.name) or benchmark.dataset.pk
+        name = f"leaderboard-{dataset_slug}-{benchmark.metric.name}.csv"
         response["Content-Disposition"] = f'attachment; filename="{name}"'
-        csv.writer(response).writerows(export.leaderboard_csv_lines(
-            rows, metric=benchmark.metric,
-            config_url=lambda run_id: request.build_absolute_uri(
-                reverse("experiments:run_config_json", kwargs={"run_id": run_id})),
-        ))
+        csv.writer(response).writerows(
+            export.leaderboard_csv_lines(
+                rows,
+                metric=benchmark.metric,
+                config_url=lambda run_id: request.build_absolute_uri(
+                    reverse("experiments:run_config_json", kwargs={"run_id": run_id})
+                ),
+            )
+        )
         return response
 
 

@@ -30,7 +30,10 @@ def token_list(request: HttpRequest) -> HttpResponse:
         days = data["expires_in_days"]
         try:
             created, token = services.api_token_create(
-                user=request.user, name=data["name"], scope=data["scope"], team=data["team"],
+                user=request.user,
+                name=data["name"],
+                scope=data["scope"],
+                team=data["team"],
                 expires_at=timezone.now() + timedelta(days=days) if days else None,
             )
         except ValidationError as exc:

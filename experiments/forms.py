@@ -24,14 +24,18 @@ from experiments.selectors import records as records_reads
 from experiments.selectors import teams as teams_reads
 
 
-def add_service_errors(form: forms.BaseForm, exc: ValidationError, aliases: dict[str, str] | None = None) -> None:
-    """Attach a service's ValidationError to ``form``: known keys become field errors, the rest non-field ones."""
+def add_service_errors(
+    form: forms.BaseForm, exc: ValidationError, aliases: dict[str, str] | None = None
+) -> None:
+    """Attach a service's ValidationError to ``form``: known keys become field errors, the rest non-field
+    ones."""
     for field, message in field_rules.service_error_targets(exc, form.fields, aliases):
         form.add_error(field, message)
 
 
 class TeamOptionSelect(forms.Select):
-    """A select whose options carry ``data-team`` (and optional extra data) so the page can filter them by team."""
+    """A select whose options carry ``data-team`` (and optional extra data) so the page can filter them by
+    team."""
 
     def __init__(self, *args: Any, option_data=None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -58,7 +62,8 @@ class TeamScopedForm(forms.Form):
     team_fields: tuple[str, ...] = ()
 
     def __init__(self, *args: Any, user, default_team=None, **kwargs: Any) -> None:
-        """``default_team``: the team chosen in the header's switcher, preselected (a bound form keeps its data)."""
+        """``default_team``: the team chosen in the header's switcher, preselected (a bound form keeps its
+        data)."""
         super().__init__(*args, **kwargs)
         self.user = user
         teams = teams_reads.team_list(user=user)
@@ -97,20 +102,30 @@ class ModelSpecForm(TeamScopedForm):
     task = MODEL["task"].field()
     num_labels = MODEL["num_labels"].field(help_text="Classes the model predicts (classification only).")
     builtin_arch = MODEL["builtin_arch"].field(label="Architecture")
-    hidden_sizes = MODEL["hidden_sizes"].field(help_text='Hidden layer widths, comma-separated, e.g. "256,256".')
+    hidden_sizes = MODEL["hidden_sizes"].field(
+        help_text='Hidden layer widths, comma-separated, e.g. "256,256".'
+    )
     config = MODEL["config"].field(
         label="Transformers config (JSON)",
-        widget=forms.Textarea(attrs={"rows": 8, "class": "mono", "spellcheck": "false",
-                                     "placeholder": '{"model_type": "bert", "hidden_size": 128, '
-                                                    '"num_hidden_layers": 2, "num_attention_heads": 2}'}),
+        widget=forms.Textarea(
+            attrs={
+                "rows": 8,
+                "class": "mono",
+                "spellcheck": "false",
+                "placeholder": '{"model_type": "bert", "hidden_size": 128, '
+                '"num_hidden_layers": 2, "num_attention_heads": 2}',
+            }
+        ),
         help_text='A transformers config dict with a "model_type"; the model starts from random weights.',
     )
     hub_id = MODEL["hub_id"].field(label="Hub id", help_text="e.g. google-bert/bert-base-uncased")
-    local_path = MODEL["local_path"].field(label="Local folder",
-                                           help_text="A model folder under one of the server's model roots.")
+    local_path = MODEL["local_path"].field(
+        label="Local folder", help_text="A model folder under one of the server's model roots."
+    )
     revision = MODEL["revision"].field(help_text="Branch, tag or commit (optional).")
-    tokenizer_id = MODEL["tokenizer_id"].field(label="Tokenizer id",
-                                               help_text="Optional; defaults to the model's own tokenizer.")
+    tokenizer_id = MODEL["tokenizer_id"].field(
+        label="Tokenizer id", help_text="Optional; defaults to the model's own tokenizer."
+    )
     notes = MODEL["notes"].field(widget=forms.Textarea(attrs={"rows": 2}))
 
     def clean_hidden_sizes(self) -> list[int]:
@@ -143,14 +158,20 @@ class ModelDeriveForm(forms.Form):
     name = DERIVE["name"].field(help_text="The student's name in the parent's team.")
     layers = DERIVE["layers"].field(
         help_text='"every_other" (layers 0, 2, 4, …), "every_third", "all", or layer ids such as '
-                  '"0,2,4,7,9,11".',
+        '"0,2,4,7,9,11".',
     )
-    hidden_size = DERIVE["hidden_size"].field(widget=forms.NumberInput(attrs={"placeholder": "parent's"}),
-                                     help_text="Narrower width (optional); the leading features are copied.")
-    intermediate_size = DERIVE["intermediate_size"].field(widget=forms.NumberInput(attrs={"placeholder": "parent's"}),
-                                           help_text="Feed-forward width (optional).")
-    num_attention_heads = DERIVE["num_attention_heads"].field(widget=forms.NumberInput(attrs={"placeholder": "auto"}),
-                                             help_text="Default keeps the parent's head size.")
+    hidden_size = DERIVE["hidden_size"].field(
+        widget=forms.NumberInput(attrs={"placeholder": "parent's"}),
+        help_text="Narrower width (optional); the leading features are copied.",
+    )
+    intermediate_size = DERIVE["intermediate_size"].field(
+        widget=forms.NumberInput(attrs={"placeholder": "parent's"}),
+        help_text="Feed-forward width (optional).",
+    )
+    num_attention_heads = DERIVE["num_attention_heads"].field(
+        widget=forms.NumberInput(attrs={"placeholder": "auto"}),
+        help_text="Default keeps the parent's head size.",
+    )
 
     def clean_layers(self) -> str | list[int]:
         return DERIVE["layers"].from_text(self.cleaned_data["layers"])
@@ -168,26 +189,34 @@ class DatasetSpecForm(TeamScopedForm):
     name = DATASET["name"].field()
     source = DATASET["source"].field(widget=forms.RadioSelect)
     task = DATASET["task"].field(
-        help_text="What is learned from it: labels, next tokens, or sentence embeddings.")
+        help_text="What is learned from it: labels, next tokens, or sentence embeddings."
+    )
     builtin_name = DATASET["builtin_name"].field(label="Packaged dataset")
     hub_name = DATASET["hub_name"].field(label="Hub dataset", help_text="e.g. SetFit/bbc-news")
     local_path = DATASET["local_path"].field(
-        label="Local file", help_text="A CSV or JSONL file under one of the server's dataset roots.")
+        label="Local file", help_text="A CSV or JSONL file under one of the server's dataset roots."
+    )
     upload = DATASET["upload"].field(
-        label="File", widget=forms.FileInput(attrs={"accept": ",".join(uploads.UPLOAD_SUFFIXES)}))
+        label="File", widget=forms.FileInput(attrs={"accept": ",".join(uploads.UPLOAD_SUFFIXES)})
+    )
     eval_local_path = DATASET["eval_local_path"].field(
         label="Separate eval file",
-        help_text="Optional: a held-out file with the same columns, under a dataset root. The whole local file "
-                  "then trains.")
+        help_text="Optional: a held-out file with the same columns, under a dataset root. The whole local "
+        "file then trains.",
+    )
     pack = DATASET["pack"].field(
         label="Pack texts into blocks",
-        help_text="Causal LM: concatenate the texts and cut them into max-length blocks.")
+        help_text="Causal LM: concatenate the texts and cut them into max-length blocks.",
+    )
     text_column = DATASET["text_column"].field()
     label_column = DATASET["label_column"].field()
     num_labels = DATASET["num_labels"].field(
-        help_text="Number of classes (filled in for packaged datasets and uploaded files).")
+        help_text="Number of classes (filled in for packaged datasets and uploaded files)."
+    )
     label_names = DATASET["label_names"].field(help_text="Optional, comma-separated, in label-id order.")
-    eval_fraction = DATASET["eval_fraction"].field(help_text="Share of rows held out for evaluation (stratified).")
+    eval_fraction = DATASET["eval_fraction"].field(
+        help_text="Share of rows held out for evaluation (stratified)."
+    )
     split_seed = DATASET["split_seed"].field(help_text="Seed of the train / eval split.")
     max_length = DATASET["max_length"].field(help_text="Token limit for text inputs.")
     notes = DATASET["notes"].field(widget=forms.Textarea(attrs={"rows": 2}))
@@ -232,9 +261,9 @@ class DatasetSpecForm(TeamScopedForm):
 @dataclass(frozen=True)
 class ParamInfo:
     name: str
-    default: str            # as a user would type it
-    help: str               # "description (allowed values)"
-    type: str = "float"     # float | int | bool | str (a choice) | list (a layer map)
+    default: str  # as a user would type it
+    help: str  # "description (allowed values)"
+    type: str = "float"  # float | int | bool | str (a choice) | list (a layer map)
     choices: tuple[str, ...] = ()
 
 
@@ -245,13 +274,18 @@ class TermInfo:
     description: str
     needs_teacher: bool
     params: list[ParamInfo]
-    needs: tuple[str, ...] = ()   # what the term reads besides the student's logits, in words
+    needs: tuple[str, ...] = ()  # what the term reads besides the student's logits, in words
 
 
-NEED_LABELS = {"teacher_logits": "teacher logits", "teacher_topk": "teacher top-k (cache) or logits",
-               "hidden_states": "hidden states", "attentions": "attention maps",
-               "attention_scores": "pre-softmax attention scores", "values": "value vectors",
-               "embeddings": "sentence embeddings"}
+NEED_LABELS = {
+    "teacher_logits": "teacher logits",
+    "teacher_topk": "teacher top-k (cache) or logits",
+    "hidden_states": "hidden states",
+    "attentions": "attention maps",
+    "attention_scores": "pre-softmax attention scores",
+    "values": "value vectors",
+    "embeddings": "sentence embeddings",
+}
 
 
 WEIGHT_SCHEDULES = [("", "constant"), ("linear", "linear"), ("cosine", "cosine")]
@@ -262,11 +296,23 @@ def loss_term_catalog() -> list[TermInfo]:
     from workers.engine.terms import LOSS_TERMS
 
     return [
-        TermInfo(spec.name, spec.title, spec.description, spec.needs_teacher, [
-            ParamInfo(p.name, p.default_text(), f"{p.description} ({p.range_text()})", p.type.__name__,
-                      tuple(p.choices))
-            for p in spec.params.values()
-        ], tuple(NEED_LABELS.get(n, n) for n in sorted(spec.needs)))
+        TermInfo(
+            spec.name,
+            spec.title,
+            spec.description,
+            spec.needs_teacher,
+            [
+                ParamInfo(
+                    p.name,
+                    p.default_text(),
+                    f"{p.description} ({p.range_text()})",
+                    p.type.__name__,
+                    tuple(p.choices),
+                )
+                for p in spec.params.values()
+            ],
+            tuple(NEED_LABELS.get(n, n) for n in sorted(spec.needs)),
+        )
         for spec in LOSS_TERMS.values()
     ]
 
@@ -288,22 +334,34 @@ def _param_field(name: str, infos: list[tuple[str, ParamInfo]]) -> forms.Field:
     """One form field for a parameter name shared by the terms in ``infos`` ((term, info) pairs)."""
     info = infos[0][1]
     terms = " ".join(term for term, _ in infos)
-    attrs = {"data-terms": terms, "title": "; ".join(f"{term}: {i.help}, default {i.default}" for term, i in infos)}
+    attrs = {
+        "data-terms": terms,
+        "title": "; ".join(f"{term}: {i.help}, default {i.default}" for term, i in infos),
+    }
     if info.type == "bool":
-        # A checkbox cannot be "blank", so it starts at the default and is only read for the terms that have it.
-        return forms.BooleanField(required=False, initial=info.default == "true",
-                                  widget=forms.CheckboxInput(attrs=attrs))
+        # A checkbox cannot be "blank", so it starts at the default and is only read for the terms that have
+        # it.
+        return forms.BooleanField(
+            required=False, initial=info.default == "true", widget=forms.CheckboxInput(attrs=attrs)
+        )
     if info.type == "str":
         choices = [("", "default")] + [(c, c) for c in info.choices]
         return forms.ChoiceField(required=False, choices=choices, widget=forms.Select(attrs=attrs))
     if info.type == "list":
-        return forms.CharField(required=False, max_length=200, widget=forms.TextInput(
-            attrs={**attrs, "placeholder": f"{' / '.join(info.choices)} / 2,4,6", "size": 10}))
+        return forms.CharField(
+            required=False,
+            max_length=200,
+            widget=forms.TextInput(
+                attrs={**attrs, "placeholder": f"{' / '.join(info.choices)} / 2,4,6", "size": 10}
+            ),
+        )
     if info.type == "int":
-        return forms.IntegerField(required=False, widget=forms.NumberInput(
-            attrs={**attrs, "step": "1", "placeholder": "default"}))
-    return forms.FloatField(required=False, widget=forms.NumberInput(
-        attrs={**attrs, "step": "any", "placeholder": "default"}))
+        return forms.IntegerField(
+            required=False, widget=forms.NumberInput(attrs={**attrs, "step": "1", "placeholder": "default"})
+        )
+    return forms.FloatField(
+        required=False, widget=forms.NumberInput(attrs={**attrs, "step": "any", "placeholder": "default"})
+    )
 
 
 class TermForm(forms.Form):
@@ -318,14 +376,20 @@ class TermForm(forms.Form):
         self.fields["name"] = forms.ChoiceField(
             label="Term", required=False, choices=[("", "—")] + [(t.name, t.name) for t in catalog]
         )
-        self.fields["weight"] = forms.FloatField(min_value=0, max_value=1e6, required=False,
-                                                 widget=forms.NumberInput(attrs={"step": "any"}))
+        self.fields["weight"] = forms.FloatField(
+            min_value=0, max_value=1e6, required=False, widget=forms.NumberInput(attrs={"step": "any"})
+        )
         # A schedule moves the weight from the row's weight at the start of training to ``weight_end``.
-        self.fields["weight_schedule"] = forms.ChoiceField(label="Weight schedule", required=False,
-                                                           choices=WEIGHT_SCHEDULES)
+        self.fields["weight_schedule"] = forms.ChoiceField(
+            label="Weight schedule", required=False, choices=WEIGHT_SCHEDULES
+        )
         self.fields["weight_end"] = forms.FloatField(
-            label="End weight", min_value=0, max_value=1e6, required=False,
-            widget=forms.NumberInput(attrs={"step": "any", "placeholder": "end"}))
+            label="End weight",
+            min_value=0,
+            max_value=1e6,
+            required=False,
+            widget=forms.NumberInput(attrs={"step": "any", "placeholder": "end"}),
+        )
         self.param_names = term_param_names(catalog)
         for param in self.param_names:
             users = [(t.name, p) for t in catalog for p in t.params if p.name == param]
@@ -339,7 +403,11 @@ class TermForm(forms.Form):
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
         name = cleaned.get("name")
-        given = [f for f in ["weight", "weight_schedule", "weight_end", *self.param_names] if self._given(cleaned, f)]
+        given = [
+            f
+            for f in ["weight", "weight_schedule", "weight_end", *self.param_names]
+            if self._given(cleaned, f)
+        ]
         if not name:
             if given:
                 self.add_error("name", "Choose a loss term for this row, or clear it.")
@@ -373,7 +441,8 @@ class TermForm(forms.Form):
             field = getattr(exc, "param", None)
             self.add_error(field if field in self.fields else None, str(exc))
         else:
-            # Keep what the user set, in the engine's normal form (e.g. "2, 4" → [2, 4]); defaults stay implicit.
+            # Keep what the user set, in the engine's normal form (e.g. "2, 4" → [2, 4]); defaults stay
+            # implicit.
             self.valid_params = {k: valid[k] for k in given}
 
     def _schedule(self, cleaned: dict[str, Any]) -> dict[str, Any]:
@@ -404,8 +473,13 @@ class TermForm(forms.Form):
         data = self.cleaned_data
         if not data.get("name"):
             return None
-        term = {"name": data["name"], "weight": 1.0 if data.get("weight") is None else data["weight"],
-                "params": self.valid_params if self.valid_params is not None else self._params(data["name"], data)}
+        term = {
+            "name": data["name"],
+            "weight": 1.0 if data.get("weight") is None else data["weight"],
+            "params": self.valid_params
+            if self.valid_params is not None
+            else self._params(data["name"], data),
+        }
         schedule = self._schedule(data)
         if schedule:
             term["schedule"] = schedule
@@ -423,8 +497,9 @@ class BaseTermFormSet(forms.BaseFormSet):
         return [t for t in (f.term() for f in self.forms if f.cleaned_data) if t is not None]
 
 
-TermFormSet = forms.formset_factory(TermForm, formset=BaseTermFormSet, extra=4, max_num=field_rules.MAX_TERMS,
-                                   validate_max=True)
+TermFormSet = forms.formset_factory(
+    TermForm, formset=BaseTermFormSet, extra=4, max_num=field_rules.MAX_TERMS, validate_max=True
+)
 
 
 # --- experiments ----------------------------------------------------------------------------------
@@ -433,8 +508,13 @@ def parse_seeds(raw: str) -> list[int]:
     return field_rules.parse_seeds(raw.replace(" ", "").split(","))
 
 
-TRAIN_LABELS = {"lr": "Learning rate", "eval_every": "Evaluate every", "save_every": "Checkpoint every",
-                "log_every": "Log every", "grad_clip": "Gradient clipping"}
+TRAIN_LABELS = {
+    "lr": "Learning rate",
+    "eval_every": "Evaluate every",
+    "save_every": "Checkpoint every",
+    "log_every": "Log every",
+    "grad_clip": "Gradient clipping",
+}
 
 
 def _bound(value: float, kind: type) -> str:
@@ -482,7 +562,8 @@ class ExperimentForm(TeamScopedForm):
     description = EXPERIMENT["description"].field(widget=forms.Textarea(attrs={"rows": 2}))
     dataset = EXPERIMENT["dataset"].field(widget=TeamOptionSelect)
     teacher = EXPERIMENT["teacher"].field(
-        empty_label="— none (hard-label training only) —", widget=TeamOptionSelect,
+        empty_label="— none (hard-label training only) —",
+        widget=TeamOptionSelect,
         help_text="Needed by every recipe that distills (any term other than ce).",
     )
     students = EXPERIMENT["students"].field(
@@ -491,16 +572,26 @@ class ExperimentForm(TeamScopedForm):
     )
     derive_student = EXPERIMENT["derive_student"].field(
         label="Derive a student from the teacher",
-        help_text="Adds a student built from the teacher's own layers, weights copied (the DistilBERT recipe).",
+        help_text="Adds a student built from the teacher's own layers, weights copied (the DistilBERT "
+        "recipe).",
     )
     recipes = EXPERIMENT["recipes"].field(widget=TeamOptionSelectMultiple(attrs={"size": 6}))
     term_sweeps = EXPERIMENT["term_sweeps"].field(
-        TermSweepsField, label="Recipe parameter sweeps", help_text=sweeps.TERM_SWEEP_HELP,
-        widget=forms.Textarea(attrs={"rows": 3, "class": "mono", "spellcheck": "false",
-                                     "placeholder": "kd.temperature = 2, 4, 8"}),
+        TermSweepsField,
+        label="Recipe parameter sweeps",
+        help_text=sweeps.TERM_SWEEP_HELP,
+        widget=forms.Textarea(
+            attrs={
+                "rows": 3,
+                "class": "mono",
+                "spellcheck": "false",
+                "placeholder": "kd.temperature = 2, 4, 8",
+            }
+        ),
     )
     assistant = EXPERIMENT["assistant"].field(
-        empty_label="— none —", widget=TeamOptionSelect,
+        empty_label="— none —",
+        widget=TeamOptionSelect,
         help_text="Teacher-assistant recipes: distilled from the teacher first, then teaches the students.",
     )
     extra_teachers = EXPERIMENT["extra_teachers"].field(
@@ -510,16 +601,20 @@ class ExperimentForm(TeamScopedForm):
     teacher_weights = EXPERIMENT["teacher_weights"].field(
         help_text='Multi-teacher weights, the teacher above first, e.g. "0.5,0.25,0.25" (default: equal).',
     )
-    seeds = EXPERIMENT["seeds"].field(help_text=f'Comma-separated, e.g. "0,1,2" or "0-2"; at most {MAX_SEEDS}.')
+    seeds = EXPERIMENT["seeds"].field(
+        help_text=f'Comma-separated, e.g. "0,1,2" or "0-2"; at most {MAX_SEEDS}.'
+    )
     lr_schedule = EXPERIMENT["lr_schedule"].field(label="LR schedule", help_text="Decay after warm-up.")
     early_stopping_metric = EXPERIMENT["early_stopping_metric"].field(
         label="Early-stopping metric",
-        help_text="Watched on a validation slice held out of the train split (the eval split is only reported); "
-                  "needs a patience.")
+        help_text="Watched on a validation slice held out of the train split (the eval split is only "
+        "reported); needs a patience.",
+    )
     vary_labelled_subset = EXPERIMENT["vary_labelled_subset"].field(
         label="Vary the labelled subset with the seed",
-        help_text="With a labelled fraction below 1: each seed draws its own labelled rows (its baseline shares "
-                  "them), so the spread over seeds includes the choice of labelled subset.")
+        help_text="With a labelled fraction below 1: each seed draws its own labelled rows (its baseline "
+        "shares them), so the spread over seeds includes the choice of labelled subset.",
+    )
 
     team_fields = input_rules.EXPERIMENT_TEAM_FIELDS
     train_field_names = (*TRAIN_FIELDS, "lr_schedule", "early_stopping_metric", "vary_labelled_subset")
@@ -528,13 +623,16 @@ class ExperimentForm(TeamScopedForm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         models = records_reads.model_spec_list(user=self.user).order_by("team__name", "name")
-        self.fields["dataset"].queryset = records_reads.dataset_spec_list(user=self.user).order_by("team__name", "name")
+        self.fields["dataset"].queryset = records_reads.dataset_spec_list(user=self.user).order_by(
+            "team__name", "name"
+        )
         self.fields["teacher"].queryset = models
         self.fields["students"].queryset = models
         self.fields["assistant"].queryset = models
         self.fields["extra_teachers"].queryset = models
-        self.fields["recipes"].queryset = records_reads.recipe_list(user=self.user).order_by("team__name", "name",
-                                                                                          "-version")
+        self.fields["recipes"].queryset = records_reads.recipe_list(user=self.user).order_by(
+            "team__name", "name", "-version"
+        )
         for name in ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers"):
             self.fields[name].label_from_instance = self.label_with_team
         # What the page's run count needs to know about each option (static/js/experiment_setup.js).
@@ -546,10 +644,18 @@ class ExperimentForm(TeamScopedForm):
         self.fields["dataset"].widget.option_data = lambda d: {"task": d.task}
         for name, (kind, lo, hi, help_text) in TRAIN_FIELDS.items():
             default = TRAIN_DEFAULTS.get(name)
-            widget = forms.TextInput(attrs={"placeholder": f"default {default}", "autocomplete": "off",
-                                            "spellcheck": "false", "data-sweep": kind.__name__})
+            widget = forms.TextInput(
+                attrs={
+                    "placeholder": f"default {default}",
+                    "autocomplete": "off",
+                    "spellcheck": "false",
+                    "data-sweep": kind.__name__,
+                }
+            )
             self.fields[name] = EXPERIMENT[name].field(
-                SweepField, setting=name, widget=widget,
+                SweepField,
+                setting=name,
+                widget=widget,
                 label=TRAIN_LABELS.get(name, name.replace("_", " ").capitalize()),
                 help_text=f"{help_text} ({_bound(lo, kind)} to {_bound(hi, kind)}).",
             )
@@ -569,8 +675,20 @@ class ExperimentForm(TeamScopedForm):
         return EXPERIMENT["teacher_weights"].from_text(self.cleaned_data["teacher_weights"])
 
     def basic_fields(self):
-        return [self[n] for n in ("team", "name", "description", "dataset", "teacher", "students",
-                                  "derive_student", "recipes", "seeds")]
+        return [
+            self[n]
+            for n in (
+                "team",
+                "name",
+                "description",
+                "dataset",
+                "teacher",
+                "students",
+                "derive_student",
+                "recipes",
+                "seeds",
+            )
+        ]
 
     def scheme_fields(self):
         return [self[n] for n in ("assistant", "extra_teachers", "teacher_weights")]
@@ -599,12 +717,20 @@ def experiment_initial(experiment: Experiment) -> dict[str, Any]:
     """The experiment form pre-filled from an experiment, its sweep included: the same runs, ready to edit."""
     train = {k: v for k, v in (experiment.train or {}).items() if k in ExperimentForm.train_field_names}
     return {
-        "team": experiment.team_id, "name": f"{experiment.name} (clone)"[:200], "description": experiment.description,
-        "dataset": experiment.dataset_id, "teacher": experiment.teacher_id, "assistant": experiment.assistant_id,
-        "students": [s.pk for s in experiment.students.all()], "recipes": [r.pk for r in experiment.recipes.all()],
+        "team": experiment.team_id,
+        "name": f"{experiment.name} (clone)"[:200],
+        "description": experiment.description,
+        "dataset": experiment.dataset_id,
+        "teacher": experiment.teacher_id,
+        "assistant": experiment.assistant_id,
+        "students": [s.pk for s in experiment.students.all()],
+        "recipes": [r.pk for r in experiment.recipes.all()],
         "extra_teachers": [m.pk for m in experiment.extra_teachers.all()],
-        "teacher_weights": _weights_text(experiment.teacher_weights) if experiment.extra_teachers.exists() else "",
-        "seeds": ",".join(str(s) for s in experiment.seeds), **train,
+        "teacher_weights": _weights_text(experiment.teacher_weights)
+        if experiment.extra_teachers.exists()
+        else "",
+        "seeds": ",".join(str(s) for s in experiment.seeds),
+        **train,
         "term_sweeps": dict((experiment.train or {}).get("term_sweeps") or {}),
     }
 
@@ -627,13 +753,21 @@ def run_initial(run: Run) -> dict[str, Any]:
             term_sweeps[axis] = [value]
     label = sweeps.run_label(train=experiment.train or {}, config=config)
     return {
-        "team": run.team_id, "name": f"{experiment.name} · run #{run.pk} (clone)"[:200],
+        "team": run.team_id,
+        "name": f"{experiment.name} · run #{run.pk} (clone)"[:200],
         "description": f"Clone of run #{run.pk} of {experiment.name}" + (f" ({label})." if label else "."),
-        "dataset": experiment.dataset_id, "teacher": experiment.teacher_id, "assistant": experiment.assistant_id,
-        "students": [run.student_id], "recipes": [run.recipe_id],
+        "dataset": experiment.dataset_id,
+        "teacher": experiment.teacher_id,
+        "assistant": experiment.assistant_id,
+        "students": [run.student_id],
+        "recipes": [run.recipe_id],
         "extra_teachers": [m.pk for m in experiment.extra_teachers.all()],
-        "teacher_weights": _weights_text(experiment.teacher_weights) if experiment.extra_teachers.exists() else "",
-        "seeds": str(run.seed), **train, "term_sweeps": term_sweeps,
+        "teacher_weights": _weights_text(experiment.teacher_weights)
+        if experiment.extra_teachers.exists()
+        else "",
+        "seeds": str(run.seed),
+        **train,
+        "term_sweeps": term_sweeps,
     }
 
 
@@ -647,6 +781,8 @@ class LeaderboardFilterForm(forms.Form):
     """A size / latency budget: rows above it are hidden and the rest ranked among themselves."""
 
     max_params = input_rules.LEADERBOARD_BUDGET["max_params"].field(
-        label="Max parameters", widget=forms.NumberInput(attrs={"placeholder": "any"}))
+        label="Max parameters", widget=forms.NumberInput(attrs={"placeholder": "any"})
+    )
     max_latency_ms = input_rules.LEADERBOARD_BUDGET["max_latency_ms"].field(
-        label="Max latency (ms)", widget=forms.NumberInput(attrs={"placeholder": "any", "step": "any"}))
+        label="Max latency (ms)", widget=forms.NumberInput(attrs={"placeholder": "any", "step": "any"})
+    )

@@ -28,11 +28,17 @@ class RunIdsField(forms.Field):
     def to_python(self, value: Any) -> list[int]:
         if not value:
             return []
-        parts = [p.strip() for chunk in (value if isinstance(value, list | tuple) else [value])
-                 for p in str(chunk).split(",") if p.strip()]
+        parts = [
+            p.strip()
+            for chunk in (value if isinstance(value, list | tuple) else [value])
+            for p in str(chunk).split(",")
+            if p.strip()
+        ]
         if len(parts) > 10 * self.max_runs:  # refuse before converting a huge list
             raise forms.ValidationError(
-                f"Compare at most {self.max_runs} runs at a time ({len(parts)} were selected).", code="too_many")
+                f"Compare at most {self.max_runs} runs at a time ({len(parts)} were selected).",
+                code="too_many",
+            )
         ids: list[int] = []
         for part in parts:
             if not (part.isascii() and part.isdigit()) or len(part) > 18 or int(part) < 1:
@@ -45,8 +51,10 @@ class RunIdsField(forms.Field):
         super().validate(value)
         if len(value) > self.max_runs:
             raise forms.ValidationError(
-                f"Compare at most {self.max_runs} runs at a time ({len(value)} were selected): deselect some.",
-                code="too_many")
+                f"Compare at most {self.max_runs} runs at a time ({len(value)} were selected): "
+                "deselect some.",
+                code="too_many",
+            )
 
 
 class CompareForm(forms.Form):

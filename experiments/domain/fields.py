@@ -2,10 +2,10 @@
 bounds, choices), its initial value, and the parsing of its value into what the services take.
 
 A form renders a :class:`Rule` (``rule.field(widget=..., help_text=...)``) and reads its text with
-:meth:`Rule.from_text`; the API cleans a JSON value with the same checks (:meth:`Rule.clean`) and reads a list
-or an object with :meth:`Rule.from_value`, never writing it back as text. Either way the messages are the same.
-The parsers here take values (a list of layer widths, a config object); the text helpers turn what a person
-typed into such values first.
+:meth:`Rule.from_text`; the API cleans a JSON value with the same checks (:meth:`Rule.clean`) and reads a
+list or an object with :meth:`Rule.from_value`, never writing it back as text. Either way the messages are
+the same. The parsers here take values (a list of layer widths, a config object); the text helpers turn
+what a person typed into such values first.
 """
 
 from __future__ import annotations
@@ -66,8 +66,14 @@ class Rule:
         return self.options.get("initial")
 
 
-def rule(kind: type[forms.Field], *, text: Parser = _identity, value: Parser | None = None,
-         takes: tuple[type, ...] = (list,), **options: Any) -> Rule:
+def rule(
+    kind: type[forms.Field],
+    *,
+    text: Parser = _identity,
+    value: Parser | None = None,
+    takes: tuple[type, ...] = (list,),
+    **options: Any,
+) -> Rule:
     return Rule(kind, options, text, value, takes if value is not None else ())
 
 
@@ -117,7 +123,9 @@ def hidden_sizes(values: list[Any]) -> list[int]:
     try:
         sizes = [_whole(item) for item in scalar_items(values) if item != ""]
     except ValueError:
-        raise ValidationError('Enter layer widths as whole numbers separated by commas, e.g. "256,256".') from None
+        raise ValidationError(
+            'Enter layer widths as whole numbers separated by commas, e.g. "256,256".'
+        ) from None
     if any(not 1 <= s <= 65536 for s in sizes):
         raise ValidationError("Each layer width must be between 1 and 65536.")
     return sizes
@@ -136,15 +144,18 @@ LAYER_PRESETS = ("every_other", "every_third", "all")
 
 
 def derive_layers(value: str | list[Any]) -> str | list[int]:
-    """The layers a derived student keeps: a preset (``"every_other"``) or layer ids (a list, or ``"0,2,4"``)."""
+    """The layers a derived student keeps: a preset (``"every_other"``) or layer ids (a list, or
+    ``"0,2,4"``)."""
     problem = 'Enter "every_other", "every_third", "all", or layer ids such as "0,2,4".'
     if isinstance(value, str):
         raw = value.strip().lower().replace(" ", "")
         if raw in LAYER_PRESETS:
             return raw
         value = [p for p in raw.split(",") if p]
-    ids = [str(item).replace(" ", "") if isinstance(item, int | str) and not isinstance(item, bool) else ""
-           for item in scalar_items(value)]
+    ids = [
+        str(item).replace(" ", "") if isinstance(item, int | str) and not isinstance(item, bool) else ""
+        for item in scalar_items(value)
+    ]
     if not ids or not all(p.isdigit() for p in ids):
         raise ValidationError(problem)
     return [int(p) for p in ids]
@@ -205,8 +216,11 @@ def seeds_text(text: str) -> list[int]:
 def teacher_weights(values: list[Any]) -> list[float]:
     """Multi-teacher weights, the main teacher first."""
     try:
-        return [float(item.replace(" ", "") if isinstance(item, str) else item)
-                for item in scalar_items(values) if item != ""]
+        return [
+            float(item.replace(" ", "") if isinstance(item, str) else item)
+            for item in scalar_items(values)
+            if item != ""
+        ]
     except ValueError:
         raise ValidationError('Enter numbers separated by commas, e.g. "0.5,0.5".') from None
 
@@ -228,8 +242,9 @@ def train_sweep_text(name: str, text: str) -> list[int | float]:
     kind, lo, hi, _ = TRAIN_FIELDS[name]
     if not text:
         return []
-    return _sweep(lambda: sweeps.parse_values(text, kind=kind, lo=lo, hi=hi,
-                                              limit=settings.MAX_RUNS_PER_EXPERIMENT))
+    return _sweep(
+        lambda: sweeps.parse_values(text, kind=kind, lo=lo, hi=hi, limit=settings.MAX_RUNS_PER_EXPERIMENT)
+    )
 
 
 def train_sweep_value(name: str, values: Any) -> list[int | float]:
@@ -237,8 +252,9 @@ def train_sweep_value(name: str, values: Any) -> list[int | float]:
     kind, lo, hi, _ = TRAIN_FIELDS[name]
     if isinstance(values, dict):
         raise ValidationError(SWEEP_SHAPE)
-    return _sweep(lambda: sweeps.value_list(values, kind=kind, lo=lo, hi=hi,
-                                            limit=settings.MAX_RUNS_PER_EXPERIMENT))
+    return _sweep(
+        lambda: sweeps.value_list(values, kind=kind, lo=lo, hi=hi, limit=settings.MAX_RUNS_PER_EXPERIMENT)
+    )
 
 
 def term_sweeps_text(text: str) -> dict[str, list[Any]]:
@@ -250,8 +266,9 @@ def term_sweeps_text(text: str) -> dict[str, list[Any]]:
 
 def term_sweeps_value(value: Any) -> dict[str, list[Any]]:
     """Term sweeps given as a mapping or a list (``sweeps.term_sweeps_value``)."""
-    return _sweep(lambda: sweeps.term_sweeps_value(value, cap=TERM_SWEEPS_CAP,
-                                                   limit=settings.MAX_RUNS_PER_EXPERIMENT))
+    return _sweep(
+        lambda: sweeps.term_sweeps_value(value, cap=TERM_SWEEPS_CAP, limit=settings.MAX_RUNS_PER_EXPERIMENT)
+    )
 
 
 # --- recipes ----------------------------------------------------------------------------------------------
@@ -272,8 +289,9 @@ def term_shape_problems(terms: Any) -> list[str]:
             continue
         unknown = sorted(set(term) - TERM_KEYS)
         if unknown:
-            problems.append(f"Term {i}: unknown key {', '.join(map(str, unknown))} "
-                            f"(use {', '.join(sorted(TERM_KEYS))}).")
+            problems.append(
+                f"Term {i}: unknown key {', '.join(map(str, unknown))} (use {', '.join(sorted(TERM_KEYS))})."
+            )
         if not isinstance(term.get("name"), str):
             problems.append(f"Term {i} needs a name (text).")
         weight = term.get("weight", 1.0)
@@ -305,12 +323,15 @@ def team_problems(cleaned: Mapping[str, Any], team_fields: Iterable[str]) -> lis
         records = list(value) if isinstance(value, list | tuple | QuerySet) else [value]
         wrong = [r for r in records if r is not None and r.team_id != team.pk]
         if wrong:
-            problems.append((name, f"{', '.join(str(r) for r in wrong)} belongs to another team than {team}."))
+            problems.append(
+                (name, f"{', '.join(str(r) for r in wrong)} belongs to another team than {team}.")
+            )
     return problems
 
 
-def service_error_targets(exc: ValidationError, fields: Container[str],
-                          aliases: Mapping[str, str] | None = None) -> list[tuple[str | None, str]]:
+def service_error_targets(
+    exc: ValidationError, fields: Container[str], aliases: Mapping[str, str] | None = None
+) -> list[tuple[str | None, str]]:
     """Where each message of a service's ValidationError goes: (field, message) for a key among ``fields``
     (through ``aliases``: service key → field), else (None, message) prefixed with the key in words."""
     aliases = aliases or {}

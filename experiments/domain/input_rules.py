@@ -1,5 +1,5 @@
-"""What each record's input takes: its fields' rules (``fields.Rule``: checks, choices, initial values, parsers),
-the checks across fields, and the keyword arguments the services take. The web forms
+"""What each record's input takes: its fields' rules (``fields.Rule``: checks, choices, initial values,
+parsers), the checks across fields, and the keyword arguments the services take. The web forms
 (``experiments/forms.py``) render these rules with their widgets and help texts; the API validates JSON values
 with them (``api/inputs.py``). Fields whose records depend on the user (team, dataset, models, recipes) are
 cleaned against a queryset the caller passes.
@@ -39,13 +39,23 @@ MODEL_SPEC: Rules = {
     "source": rule(forms.ChoiceField, choices=MODEL_SOURCES, initial=ModelSpec.Source.BUILTIN),
     "task": rule(forms.ChoiceField, choices=Task.choices, initial=Task.CLASSIFICATION, required=False),
     "num_labels": rule(forms.IntegerField, min_value=2, max_value=1_000_000, required=False),
-    "builtin_arch": rule(forms.ChoiceField, choices=[(k, f"{k} — {v}") for k, v in BUILTIN_ARCHS.items()],
-                         required=False),
-    "hidden_sizes": rule(forms.CharField, required=False, initial="256,256",
-                         text=lambda text: fields.hidden_sizes(fields.comma_items(text)),
-                         value=fields.hidden_sizes),
-    "config": rule(forms.CharField, required=False, text=fields.json_object_text, value=fields.model_config,
-                   takes=(dict,)),
+    "builtin_arch": rule(
+        forms.ChoiceField, choices=[(k, f"{k} — {v}") for k, v in BUILTIN_ARCHS.items()], required=False
+    ),
+    "hidden_sizes": rule(
+        forms.CharField,
+        required=False,
+        initial="256,256",
+        text=lambda text: fields.hidden_sizes(fields.comma_items(text)),
+        value=fields.hidden_sizes,
+    ),
+    "config": rule(
+        forms.CharField,
+        required=False,
+        text=fields.json_object_text,
+        value=fields.model_config,
+        takes=(dict,),
+    ),
     "hub_id": rule(forms.CharField, max_length=200, required=False),
     "local_path": rule(forms.CharField, max_length=500, required=False),
     "revision": rule(forms.CharField, max_length=100, required=False),
@@ -63,7 +73,11 @@ def model_spec_checks(cleaned: dict[str, Any], errors: Container[str], add_error
     if source == ModelSpec.Source.CONFIG and "config" in cleaned and not cleaned["config"]:
         add_error("config", "Paste a transformers config.")
     cleaned["task"] = cleaned.get("task") or Task.CLASSIFICATION
-    if cleaned.get("task") == Task.CLASSIFICATION and not cleaned.get("num_labels") and "num_labels" not in errors:
+    if (
+        cleaned.get("task") == Task.CLASSIFICATION
+        and not cleaned.get("num_labels")
+        and "num_labels" not in errors
+    ):
         add_error("num_labels", "A classifier needs its number of classes (2 or more).")
     if cleaned.get("task") != Task.CLASSIFICATION:
         cleaned["num_labels"] = 0
@@ -73,16 +87,25 @@ def model_spec_checks(cleaned: dict[str, Any], errors: Container[str], add_error
 
 def model_spec_service_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``records.model_spec_create`` (besides team and created_by)."""
-    found: dict[str, Any] = {"name": data["name"], "source": data["source"], "num_labels": data["num_labels"],
-                             "task": data["task"], "notes": data["notes"], "tokenizer_id": data["tokenizer_id"]}
+    found: dict[str, Any] = {
+        "name": data["name"],
+        "source": data["source"],
+        "num_labels": data["num_labels"],
+        "task": data["task"],
+        "notes": data["notes"],
+        "tokenizer_id": data["tokenizer_id"],
+    }
     match data["source"]:
         case ModelSpec.Source.BUILTIN:
             found.update(builtin_arch=data["builtin_arch"], config={"hidden_sizes": data["hidden_sizes"]})
         case ModelSpec.Source.CONFIG:
             found.update(config=data["config"])
         case ModelSpec.Source.HF:
-            found.update(hub_id=data["hub_id"].strip(), local_path=data["local_path"].strip(),
-                         revision=data["revision"].strip())
+            found.update(
+                hub_id=data["hub_id"].strip(),
+                local_path=data["local_path"].strip(),
+                revision=data["revision"].strip(),
+            )
     return found
 
 
@@ -93,8 +116,13 @@ def model_spec_error_aliases(data: Mapping[str, Any]) -> dict[str, str]:
 
 MODEL_DERIVE: Rules = {
     "name": RECORD_NAME,
-    "layers": rule(forms.CharField, max_length=400, initial="every_other", text=fields.derive_layers,
-                   value=fields.derive_layers),
+    "layers": rule(
+        forms.CharField,
+        max_length=400,
+        initial="every_other",
+        text=fields.derive_layers,
+        value=fields.derive_layers,
+    ),
     "hidden_size": rule(forms.IntegerField, required=False, min_value=1, max_value=65536),
     "intermediate_size": rule(forms.IntegerField, required=False, min_value=1, max_value=262144),
     "num_attention_heads": rule(forms.IntegerField, required=False, min_value=1, max_value=1024),
@@ -116,8 +144,13 @@ DATASET_SOURCES = [
 ]
 
 BUILTIN_DATASET_CHOICES = [
-    (k, f"{k} — " + (f"{v['num_labels']} classes, " if v["num_labels"] else "")
-     + (f"{v['splits_total']:,} rows, " if v["splits_total"] else "") + " / ".join(v["tasks"]))
+    (
+        k,
+        f"{k} — "
+        + (f"{v['num_labels']} classes, " if v["num_labels"] else "")
+        + (f"{v['splits_total']:,} rows, " if v["splits_total"] else "")
+        + " / ".join(v["tasks"]),
+    )
     for k, v in BUILTIN_DATASETS.items()
 ]
 
@@ -135,7 +168,9 @@ DATASET_SPEC: Rules = {
     "text_column": rule(forms.CharField, max_length=100, initial="text"),
     "label_column": rule(forms.CharField, max_length=100, initial="label"),
     "num_labels": rule(forms.IntegerField, min_value=2, max_value=1_000_000, required=False),
-    "label_names": rule(forms.CharField, required=False, text=fields.label_names_text, value=fields.label_names),
+    "label_names": rule(
+        forms.CharField, required=False, text=fields.label_names_text, value=fields.label_names
+    ),
     "eval_fraction": rule(forms.FloatField, initial=0.2, min_value=0.01, max_value=0.9),
     "split_seed": rule(forms.IntegerField, initial=0, min_value=0, max_value=2**31 - 1),
     "max_length": rule(forms.IntegerField, initial=128, min_value=8, max_value=32768),
@@ -150,15 +185,28 @@ def dataset_spec_checks(cleaned: dict[str, Any], errors: Container[str], add_err
         add_error("label_names", f"Give {num_labels} names (one per label) or none.")
     if cleaned.get("source") == DatasetSpec.Source.BUILTIN and not cleaned.get("builtin_name"):
         add_error("builtin_name", "Choose a packaged dataset.")
-    if cleaned.get("source") == DatasetSpec.Source.UPLOAD and not cleaned.get("upload") and "upload" not in errors:
+    if (
+        cleaned.get("source") == DatasetSpec.Source.UPLOAD
+        and not cleaned.get("upload")
+        and "upload" not in errors
+    ):
         add_error("upload", "Choose a file to upload.")
     cleaned["task"] = cleaned.get("task") or Task.CLASSIFICATION
 
 
 def dataset_spec_service_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``records.dataset_spec_create``; empty values are left to the service."""
-    keys = ["name", "source", "task", "text_column", "label_column", "eval_fraction", "split_seed", "max_length",
-            "notes"]
+    keys = [
+        "name",
+        "source",
+        "task",
+        "text_column",
+        "label_column",
+        "eval_fraction",
+        "split_seed",
+        "max_length",
+        "notes",
+    ]
     if data["source"] == DatasetSpec.Source.BUILTIN:
         keys.append("builtin_name")
     elif data["source"] == DatasetSpec.Source.UPLOAD:
@@ -185,15 +233,24 @@ RECIPE: Rules = {
 }
 
 # --- experiments --------------------------------------------------------------------------------------------
-DERIVE_STUDENT_CHOICES = [("", "— no —"), ("every_other", "keep every other layer"),
-                          ("every_third", "keep every third layer")]
+DERIVE_STUDENT_CHOICES = [
+    ("", "— no —"),
+    ("every_other", "keep every other layer"),
+    ("every_third", "keep every third layer"),
+]
 
 
 def _train_rule(name: str) -> Rule:
     """A numeric training setting: one value or a sweep, as text (``sweeps.SYNTAX_HELP``) or a list."""
-    return rule(forms.CharField, max_length=200, required=False, initial=TRAIN_DEFAULTS.get(name),
-                text=partial(fields.train_sweep_text, name), value=partial(fields.train_sweep_value, name),
-                takes=(list, dict))
+    return rule(
+        forms.CharField,
+        max_length=200,
+        required=False,
+        initial=TRAIN_DEFAULTS.get(name),
+        text=partial(fields.train_sweep_text, name),
+        value=partial(fields.train_sweep_value, name),
+        takes=(list, dict),
+    )
 
 
 EXPERIMENT: Rules = {
@@ -205,19 +262,36 @@ EXPERIMENT: Rules = {
     "students": rule(forms.ModelMultipleChoiceField, queryset=None, required=False),
     "derive_student": rule(forms.ChoiceField, required=False, choices=DERIVE_STUDENT_CHOICES),
     "recipes": rule(forms.ModelMultipleChoiceField, queryset=None),
-    "term_sweeps": rule(forms.CharField, max_length=fields.TERM_SWEEPS_CAP, required=False,
-                        text=fields.term_sweeps_text, value=fields.term_sweeps_value, takes=(list, dict)),
+    "term_sweeps": rule(
+        forms.CharField,
+        max_length=fields.TERM_SWEEPS_CAP,
+        required=False,
+        text=fields.term_sweeps_text,
+        value=fields.term_sweeps_value,
+        takes=(list, dict),
+    ),
     "assistant": rule(forms.ModelChoiceField, queryset=None, required=False),
     "extra_teachers": rule(forms.ModelMultipleChoiceField, queryset=None, required=False),
-    "teacher_weights": rule(forms.CharField, required=False, max_length=200,
-                            text=lambda text: fields.teacher_weights(fields.comma_items(text)),
-                            value=fields.teacher_weights),
+    "teacher_weights": rule(
+        forms.CharField,
+        required=False,
+        max_length=200,
+        text=lambda text: fields.teacher_weights(fields.comma_items(text)),
+        value=fields.teacher_weights,
+    ),
     "seeds": rule(forms.CharField, initial="0", max_length=200, text=fields.seeds_text, value=fields.seeds),
     **{name: _train_rule(name) for name in TRAIN_FIELDS},
-    "lr_schedule": rule(forms.ChoiceField, choices=[(s, s) for s in LR_SCHEDULES], required=False,
-                        initial=TRAIN_DEFAULTS["lr_schedule"]),
-    "early_stopping_metric": rule(forms.ChoiceField, required=False,
-                                  choices=[("", "off"), *((m, m) for m in ALL_EARLY_STOPPING_METRICS)]),
+    "lr_schedule": rule(
+        forms.ChoiceField,
+        choices=[(s, s) for s in LR_SCHEDULES],
+        required=False,
+        initial=TRAIN_DEFAULTS["lr_schedule"],
+    ),
+    "early_stopping_metric": rule(
+        forms.ChoiceField,
+        required=False,
+        choices=[("", "off"), *((m, m) for m in ALL_EARLY_STOPPING_METRICS)],
+    ),
     "vary_labelled_subset": rule(forms.BooleanField, required=False),
 }
 EXPERIMENT_TEAM_FIELDS = ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers")

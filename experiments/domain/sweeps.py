@@ -9,8 +9,8 @@ One field takes comma-separated items; an item is a number or a range ``START:ST
 
 Items mix freely (``1e-4, 5e-4:1e-3:lin2``). A range is counted before it is expanded, so ``1:1e9:step1`` is
 refused at once. Recipe term parameters are swept one per line, ``TERM.PARAM = VALUES``: ``kd.temperature =
-2, 4, 8`` or ``kd.weight = 0.5:0.9:lin3`` (a term's weight is ``TERM.weight``); choice and true/false parameters
-take lists (``topk.divergence = kd, jsd``).
+2, 4, 8`` or ``kd.weight = 0.5:0.9:lin3`` (a term's weight is ``TERM.weight``); choice and true/false
+parameters take lists (``topk.divergence = kd, jsd``).
 
 This module is pure: no database. The planner (``services.experiment_plan``) and the run count shown before
 launch (:func:`count_runs`) both follow the same rule: every training-setting point applies to every run, the
@@ -30,16 +30,21 @@ Number = int | float
 Value = int | float | str | bool
 Item = int | float | str | bool  # one item of a swept list given as a value
 
-SYNTAX_HELP = ('One value, a list "1e-4, 3e-4", or a range: "1e-4:1e-3:log4" (4 log-spaced values), '
-               '"0.1:0.9:lin5" (5 evenly spaced), "2:8:step2" (2, 4, 6, 8).')
-TERM_SWEEP_HELP = ('One per line, TERM.PARAM = values, e.g. "kd.temperature = 2, 4, 8" or "kd.weight = 0.5:0.9:lin3"; '
-                   "it applies to the chosen recipes that have that term.")
+SYNTAX_HELP = (
+    'One value, a list "1e-4, 3e-4", or a range: "1e-4:1e-3:log4" (4 log-spaced values), '
+    '"0.1:0.9:lin5" (5 evenly spaced), "2:8:step2" (2, 4, 6, 8).'
+)
+TERM_SWEEP_HELP = (
+    'One per line, TERM.PARAM = values, e.g. "kd.temperature = 2, 4, 8" or "kd.weight = 0.5:0.9:lin3"; '
+    "it applies to the chosen recipes that have that term."
+)
 # Each line of the term sweeps field, and the field itself, are bounded so that parsing stays cheap.
 MAX_TERM_SWEEP_LINES = 20
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _NUMBER_RE = re.compile(rf"^{_NUMBER}$")
-_RANGE_RE = re.compile(rf"^(?P<start>{_NUMBER}):(?P<stop>{_NUMBER}):(?P<mode>log|lin|step)(?P<arg>{_NUMBER})$",
-                       re.IGNORECASE)
+_RANGE_RE = re.compile(
+    rf"^(?P<start>{_NUMBER}):(?P<stop>{_NUMBER}):(?P<mode>log|lin|step)(?P<arg>{_NUMBER})$", re.IGNORECASE
+)
 _AXIS_RE = re.compile(r"^(?P<term>[a-z][a-z0-9_]*)\.(?P<param>[a-z][a-z0-9_]*)$")
 # Floating-point noise in generated values (0.1 + 2 * 0.2 = 0.5000000000000001) is rounded away.
 _LINEAR_DIGITS = 12
@@ -73,8 +78,11 @@ class _Range:
             return [_round(self.start + i * self.arg, _LINEAR_DIGITS) for i in range(n)]
         if self.mode == "lin":
             width = (self.stop - self.start) / (n - 1)
-            return [self.start, *(_round(self.start + i * width, _LINEAR_DIGITS) for i in range(1, n - 1)),
-                    self.stop]
+            return [
+                self.start,
+                *(_round(self.start + i * width, _LINEAR_DIGITS) for i in range(1, n - 1)),
+                self.stop,
+            ]
         lo, hi = math.log10(self.start), math.log10(self.stop)
         inner = (_round(10 ** (lo + i * (hi - lo) / (n - 1)), _LOG_DIGITS) for i in range(1, n - 1))
         return [self.start, *inner, self.stop]
@@ -110,16 +118,19 @@ def _parse_item(item: str) -> float | _Range:
         return _number(compact, "a number")
     match = _RANGE_RE.match(compact)
     if match is None:
-        raise SweepError(f'"{_clip(item)}" is not a range: write START:STOP:logN, START:STOP:linN or '
-                         f"START:STOP:stepS, e.g. 1e-4:1e-3:log4.")
+        raise SweepError(
+            f'"{_clip(item)}" is not a range: write START:STOP:logN, START:STOP:linN or '
+            f"START:STOP:stepS, e.g. 1e-4:1e-3:log4."
+        )
     start, stop = _number(match["start"], "a number"), _number(match["stop"], "a number")
     mode, arg = match["mode"].lower(), _number(match["arg"], "a number")
     if start >= stop:
         raise SweepError(f'In "{_clip(item)}" the start must be smaller than the stop.')
     if mode in ("log", "lin"):
         if not arg.is_integer() or arg < 2:
-            raise SweepError(f'In "{_clip(item)}" give how many values as a whole number of 2 or more '
-                             f"(e.g. {mode}4).")
+            raise SweepError(
+                f'In "{_clip(item)}" give how many values as a whole number of 2 or more (e.g. {mode}4).'
+            )
         if mode == "log" and start <= 0:
             raise SweepError(f'A log range starts above 0: "{_clip(item)}".')
     elif arg <= 0:
@@ -135,8 +146,9 @@ def _check_bounds(value: float, *, lo: float | None, hi: float | None, item: str
         raise SweepError(f"Ensure this value is less than or equal to {hi:g}{where}.")
 
 
-def parse_values(text: str, *, kind: type = float, lo: float | None = None, hi: float | None = None,
-                 limit: int) -> list[Number]:
+def parse_values(
+    text: str, *, kind: type = float, lo: float | None = None, hi: float | None = None, limit: int
+) -> list[Number]:
     """The values of one swept field typed as text, in the order written.
 
     Args:
@@ -153,16 +165,18 @@ def parse_values(text: str, *, kind: type = float, lo: float | None = None, hi: 
     return _numbers(_items(text), kind=kind, lo=lo, hi=hi, limit=limit)
 
 
-def value_list(values: Any, *, kind: type = float, lo: float | None = None, hi: float | None = None,
-               limit: int) -> list[Number]:
+def value_list(
+    values: Any, *, kind: type = float, lo: float | None = None, hi: float | None = None, limit: int
+) -> list[Number]:
     """The values of one swept field given as a value (a JSON or YAML list, or one value): a number is itself,
     a text item one value or range (``"2e-4:1e-3:log3"``). The rules of :func:`parse_values` apply; a list is
     bounded by its number of items, each text item by ``ITEM_CAP`` characters."""
     return _numbers(list_items(values, choices=False, limit=limit), kind=kind, lo=lo, hi=hi, limit=limit)
 
 
-def _numbers(items: Sequence[Item], *, kind: type, lo: float | None, hi: float | None,
-             limit: int) -> list[Number]:
+def _numbers(
+    items: Sequence[Item], *, kind: type, lo: float | None, hi: float | None, limit: int
+) -> list[Number]:
     parsed = [_parse_any(item) for item in items]
     total = sum(p.count() if isinstance(p, _Range) else 1 for _, p in parsed)
     if total > limit:
@@ -179,9 +193,14 @@ def _numbers(items: Sequence[Item], *, kind: type, lo: float | None, hi: float |
     seen: set[Number] = set()
     for value in values:
         if value in seen:
-            raise SweepError(f"{format_number(value)} appears more than once"
-                             + ("; rounded to whole numbers, this range repeats values: use fewer."
-                                if kind is int else "."))
+            raise SweepError(
+                f"{format_number(value)} appears more than once"
+                + (
+                    "; rounded to whole numbers, this range repeats values: use fewer."
+                    if kind is int
+                    else "."
+                )
+            )
         seen.add(value)
     return values
 
@@ -210,8 +229,8 @@ _ITEM_SHAPE = "Give one value or range per list item (no commas or line breaks i
 
 
 def list_items(values: Any, *, choices: bool, limit: int) -> list[Item]:
-    """The items of a swept list (one value becomes a list of one): numbers, and text holding one value or range
-    each (``choices``: true/false and names too, for term parameters)."""
+    """The items of a swept list (one value becomes a list of one): numbers, and text holding one value or
+    range each (``choices``: true/false and names too, for term parameters)."""
     if not isinstance(values, list):
         values = [values]
     if not values:
@@ -306,8 +325,10 @@ def _line_row(line: str) -> _TermRow:
 
 
 _LINE = object()  # the axis of a term sweep given as a whole "TERM.PARAM = values" line
-_TERM_SHAPE = ('Give term sweeps as {"TERM.PARAM": [values]}, or a list of "TERM.PARAM = values" lines or of '
-               '{"param": "TERM.PARAM", "values": [values]}.')
+_TERM_SHAPE = (
+    'Give term sweeps as {"TERM.PARAM": [values]}, or a list of "TERM.PARAM = values" lines or of '
+    '{"param": "TERM.PARAM", "values": [values]}.'
+)
 
 
 def _term_sweep_entries(value: dict[str, Any] | list[Any]) -> list[tuple[Any, Any]]:
@@ -342,8 +363,9 @@ def term_sweeps_value(value: dict[str, Any] | list[Any], *, cap: int, limit: int
             rows.append(_line_row(values))
             continue
         if not isinstance(axis, str) or not axis.strip() or any(c in axis for c in "=\n\r"):
-            raise SweepError(f"{str(axis)[:40]!r} does not name a term parameter; write TERM.PARAM, "
-                             "e.g. kd.temperature.")
+            raise SweepError(
+                f"{str(axis)[:40]!r} does not name a term parameter; write TERM.PARAM, e.g. kd.temperature."
+            )
         if isinstance(values, str):  # the values in the form's syntax: "2, 4" or "2:8:step2"
             if "\n" in values or "\r" in values:
                 raise SweepError(f"{axis}: give the values on one line.")
@@ -386,7 +408,8 @@ def _term_axes(rows: list[_TermRow], *, limit: int) -> dict[str, list[Value]]:
 
 
 def _term_values(term: str, param: str, spec: Any, values: str | list[Item], *, limit: int) -> list[Value]:
-    """Read the values of ``term.param`` (text, or items of a list) by the parameter's type, then check them."""
+    """Read the values of ``term.param`` (text, or items of a list) by the parameter's type, then check
+    them."""
     text = values if isinstance(values, str) else None
 
     def numbers(kind: type, lo: float | None = None, hi: float | None = None) -> list[Value]:
@@ -402,7 +425,9 @@ def _term_values(term: str, param: str, spec: Any, values: str | list[Item], *, 
     else:
         info = spec.params.get(param)
         if info is None:
-            raise SweepError(f"{term} has no parameter {param}; it has: {', '.join(['weight', *spec.params])}.")
+            raise SweepError(
+                f"{term} has no parameter {param}; it has: {', '.join(['weight', *spec.params])}."
+            )
         type_name = info.type.__name__
         if type_name in ("int", "float"):
             found = numbers(info.type)
@@ -421,8 +446,8 @@ def check_term_values(axis: str, values: Sequence[Any], *, limit: int) -> list[V
     Returns the values in the engine's normal form (floats for float parameters).
 
     Raises:
-        SweepError: an unknown term or parameter, a parameter that cannot be swept, a bad or repeated value, or
-            more than ``limit`` values.
+        SweepError: an unknown term or parameter, a parameter that cannot be swept, a bad or repeated value,
+            or more than ``limit`` values.
     """
     from workers.engine.errors import ConfigError
     from workers.engine.terms import LOSS_TERMS, validate_term_params
@@ -441,13 +466,19 @@ def check_term_values(axis: str, values: Sequence[Any], *, limit: int) -> list[V
     cleaned: list[Value] = []
     for value in values:
         if param == "weight":
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                    or not 0 <= value <= 1e6:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or not 0 <= value <= 1e6
+            ):
                 raise SweepError(f"a term weight is a number between 0 and 1e6, not {_clip(repr(value))}.")
             cleaned.append(float(value))
             continue
         if param not in spec.params:
-            raise SweepError(f"{term} has no parameter {param}; it has: {', '.join(['weight', *spec.params])}.")
+            raise SweepError(
+                f"{term} has no parameter {param}; it has: {', '.join(['weight', *spec.params])}."
+            )
         if spec.params[param].type.__name__ == "list":
             raise SweepError(f"{term}.{param} cannot be swept; set it in the recipe.")
         try:
@@ -471,7 +502,9 @@ def recipe_axes(term_names: Iterable[str], axes: Mapping[str, Sequence[Value]]) 
     return {axis: values for axis, values in axes.items() if term_axis(axis)[0] in names}
 
 
-def apply_term_values(terms: Sequence[Mapping[str, Any]], values: Mapping[str, Value]) -> list[dict[str, Any]]:
+def apply_term_values(
+    terms: Sequence[Mapping[str, Any]], values: Mapping[str, Value]
+) -> list[dict[str, Any]]:
     """A copy of a recipe's terms with swept values set (a scheduled weight starts at the swept weight)."""
     result = []
     for term in terms:
@@ -560,6 +593,7 @@ class RunCount:
 
     def describe(self) -> str:
         """E.g. "2 students × 2 seeds × 3 training settings × (kd-t4 × 3 term values + baseline)"."""
+
         def plural(n: int, word: str) -> str:
             return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -579,8 +613,15 @@ class RunCount:
         return " × ".join(parts) + " × (" + " + ".join(inner) + ")"
 
 
-def count_runs(*, students: int, seeds: int, train: Mapping[str, Any], recipes: Sequence[Any],
-               term_sweeps: Mapping[str, Sequence[Value]], with_baseline: bool) -> RunCount:
+def count_runs(
+    *,
+    students: int,
+    seeds: int,
+    train: Mapping[str, Any],
+    recipes: Sequence[Any],
+    term_sweeps: Mapping[str, Sequence[Value]],
+    with_baseline: bool,
+) -> RunCount:
     """The size of an experiment, computed without building it.
 
     ``recipes`` are Recipe records (or anything with ``scheme``, ``scheme_params``, ``terms`` and a ``str``);
@@ -588,8 +629,11 @@ def count_runs(*, students: int, seeds: int, train: Mapping[str, Any], recipes: 
     """
     chosen = [r for r in recipes if r.scheme != "hard_labels"]
     counts = tuple(
-        RecipeCount(str(r), chain_length(r.scheme, r.scheme_params),
-                    grid_size(recipe_axes((t.get("name") for t in r.terms), term_sweeps)))
+        RecipeCount(
+            str(r),
+            chain_length(r.scheme, r.scheme_params),
+            grid_size(recipe_axes((t.get("name") for t in r.terms), term_sweeps)),
+        )
         for r in chosen
     )
     axes = train_axes(train)
@@ -626,8 +670,8 @@ def format_values(values: Sequence[Value]) -> str:
 
 
 def axis_label(axis: str, swept: Sequence[str]) -> str:
-    """A short name for a swept axis: ``lr``; ``τ`` for ``kd.temperature`` unless another term's temperature is
-    swept too (then ``kd.τ``); ``w_kd`` for a term weight."""
+    """A short name for a swept axis: ``lr``; ``τ`` for ``kd.temperature`` unless another term's temperature
+    is swept too (then ``kd.τ``); ``w_kd`` for a term weight."""
     if "." not in axis:
         return axis
     term, param = term_axis(axis)

@@ -15,10 +15,13 @@ def _message(parse, value) -> str:
     return " ".join(caught.value.messages)
 
 
-@pytest.mark.parametrize(("typed", "given"), [
-    ("256, 128", [256, "128"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    ("typed", "given"),
+    [
+        ("256, 128", [256, "128"]),
+        ("", []),
+    ],
+)
 def test_hidden_sizes_typed_and_listed_are_the_same(typed, given):
     rule = input_rules.MODEL_SPEC["hidden_sizes"]
     assert rule.from_text(typed) == rule.from_value(given) == fields.hidden_sizes(given)
@@ -45,7 +48,8 @@ def test_a_config_object_is_checked_as_typed_json():
 def test_a_swept_list_stays_a_list_of_the_typed_values():
     limit = 100
     assert sweeps.value_list([1e-4, "3e-4", "1e-3:1e-2:log2"], limit=limit) == sweeps.parse_values(
-        "1e-4, 3e-4, 1e-3:1e-2:log2", limit=limit)
+        "1e-4, 3e-4, 1e-3:1e-2:log2", limit=limit
+    )
     with pytest.raises(sweeps.SweepError, match="not a whole number"):
         sweeps.value_list([2.5], kind=int, limit=limit)
     with pytest.raises(sweeps.SweepError, match="Give numbers, not true/false"):
@@ -56,10 +60,12 @@ def test_a_swept_list_stays_a_list_of_the_typed_values():
 
 def test_term_sweeps_given_as_values_match_the_typed_lines():
     typed = sweeps.parse_term_sweeps("kd.temperature = 2, 8\ntopk.tail = true, false", limit=100)
-    given = sweeps.term_sweeps_value({"kd.temperature": [2, 8], "topk.tail": [True, False]}, cap=2000,
-                                     limit=100)
-    lines = sweeps.term_sweeps_value(["kd.temperature = 2, 8", {"param": "topk.tail", "values": "true, false"}],
-                                     cap=2000, limit=100)
+    given = sweeps.term_sweeps_value(
+        {"kd.temperature": [2, 8], "topk.tail": [True, False]}, cap=2000, limit=100
+    )
+    lines = sweeps.term_sweeps_value(
+        ["kd.temperature = 2, 8", {"param": "topk.tail", "values": "true, false"}], cap=2000, limit=100
+    )
     assert typed == given == lines == {"kd.temperature": [2.0, 8.0], "topk.tail": [True, False]}
 
 
