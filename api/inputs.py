@@ -1,25 +1,23 @@
 """API input → the domain's input rules → experiments.services.
 
-A JSON body is validated field by field with the rules the web forms render
-(``experiments.domain.input_rules``): a single value goes through the field's own checks, a list or an object
-is read as a value by the field's parser (a sweep's list stays a list), and the checks across fields are the
-pages' own. The service then runs its checks; its ValidationError is mapped onto the fields as the pages do it
-(``fields.service_error_targets``).
-Anything that fails comes back as a DRF ValidationError: a 400 with ``{field: [messages]}``.
+A JSON body is validated with the rules the web forms render (``experiments.domain.input_rules``): each
+value's shape first (``fields.value_shape_problem``), then ``fields.CleanedValues``: a single value goes
+through the field's own checks, a list or an object is read as a value by the field's parser (a sweep's list
+stays a list), and the checks across fields are the pages' own. The service then runs its checks; its
+ValidationError is mapped onto the fields as the pages do it (``fields.service_error_targets``). Anything that
+fails comes back as a DRF ValidationError: a 400 with ``{field: [messages]}``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
-from django import forms as django_forms
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework.exceptions import ValidationError
 
 from experiments.domain import fields, input_rules, preflight
-from experiments.domain.fields import Rule
+from experiments.domain.fields import CleanedValues, Rule
 from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Run
 from experiments.selectors import records as records_reads
 from experiments.selectors import teams as teams_reads
@@ -29,41 +27,8 @@ from .exceptions import validation_detail
 
 T = TypeVar("T")
 Rules = Mapping[str, Rule]
-Checks = Callable[[dict[str, Any], Collection[str], fields.AddError], None]
 
-# A name is shown on every page and in every export: markup or control characters in it are refused.
-_NAME_FORBIDDEN = re.compile(r"[<>\x00-\x1f\x7f]")
 NON_FIELD = "non_field_errors"
-
-
-def name_problem(value: Any) -> str | None:
-    """Why ``value`` cannot be a record name, or None."""
-    if isinstance(value, str) and _NAME_FORBIDDEN.search(value):
-        return "Names cannot contain < or > or control characters."
-    return None
-
-
-def _scalar(value: Any) -> bool:
-    return isinstance(value, str | int | float) and not isinstance(value, bool)
-
-
-def _shape_problem(rule: Rule, value: Any) -> str | None:
-    """Why a JSON value cannot be given for this field at all, or None."""
-    if rule.value is not None and isinstance(value, rule.takes):
-        if rule.takes == (list,) and not all(_scalar(v) for v in value):
-            return "Give a list of numbers or names."
-        return None  # read as a value by the field's parser
-    if issubclass(rule.kind, django_forms.MultipleChoiceField | django_forms.ModelMultipleChoiceField):
-        if isinstance(value, list) and not all(_scalar(v) for v in value):
-            return "Give a list of ids."
-        return None
-    if issubclass(rule.kind, django_forms.BooleanField):
-        return None if isinstance(value, bool) else "Enter true or false."
-    if isinstance(value, bool):
-        return "Give a number or text, not true/false."
-    if not _scalar(value):
-        return "Give a single value (text or a number)."
-    return None
 
 
 def _given(
@@ -89,7 +54,9 @@ def _given(
             continue
         if value is None:
             continue
-        problem = _shape_problem(rule, value) or (name_problem(value) if key == "name" else None)
+        problem = fields.value_shape_problem(rule, value) or (
+            fields.name_problem(value) if key == "name" else None
+        )
         if problem:
             errors[key] = [problem]
         else:
@@ -103,69 +70,36 @@ def _given(
     return data
 
 
-class Cleaned:
-    """An input cleaned by its rules: ``data`` holds the valid fields, ``errors`` the 400's body."""
+def _body(errors: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """Errors as DRF's body: ``{field: [messages]}``, the whole input's under ``non_field_errors``."""
+    return {(NON_FIELD if key == "__all__" else key): messages for key, messages in errors.items()}
 
-    def __init__(
-        self,
-        rules: Rules,
-        data: Mapping[str, Any],
-        *,
-        context: Mapping[str, Mapping[str, Any]],
-        team_fields: Collection[str] = (),
-        checks: Checks | None = None,
-    ) -> None:
-        self.rules = rules
-        self.data: dict[str, Any] = {}
-        self.errors: dict[str, list[str]] = {}
-        for name, rule in rules.items():
-            # A file comes as an upload, never in a JSON body.
-            value = None if issubclass(rule.kind, django_forms.FileField) else data.get(name)
-            try:
-                if rule.value is not None and isinstance(value, rule.takes) and value:
-                    self.data[name] = rule.from_value(value)
-                else:  # a single value, or an empty list: a blank field
-                    blank = isinstance(value, list | dict) and rule.value is not None
-                    self.data[name] = rule.clean("" if blank else value, **context.get(name, {}))
-            except DjangoValidationError as exc:
-                self.errors[name] = list(exc.messages)
-        for name, message in fields.team_problems(self.data, team_fields):
-            self.add_error(name, message)
-        if checks is not None:
-            checks(self.data, self.errors, self.add_error)
 
-    def add_error(self, name: str | None, message: str) -> None:
-        """Like a form's add_error: the message under its field (None: the whole input), the field dropped."""
-        self.errors.setdefault(name or NON_FIELD, []).append(message)
-        if name is not None:
-            self.data.pop(name, None)
+def _submit(
+    cleaned: CleanedValues,
+    create: Callable[[dict[str, Any]], T],
+    aliases: Mapping[str, str] | None = None,
+    extra: Collection[str] = (),
+) -> T:
+    """``create(data)`` (a service call) when the input is valid; either's errors become one 400.
 
-    def submit(
-        self,
-        create: Callable[[dict[str, Any]], T],
-        aliases: Mapping[str, str] | None = None,
-        extra: Collection[str] = (),
-    ) -> T:
-        """``create(data)`` (a service call) when the input is valid; either's errors become one 400.
-
-        ``aliases`` maps the service's error keys to the fields; errors keyed by an ``extra`` input (one the
-        API reads besides the rules' fields) stay under that key.
-        """
-        extra_errors: dict[str, list[str]] = {}
-        if not self.errors:
-            try:
-                return create(self.data)
-            except DjangoValidationError as exc:
-                rest: DjangoValidationError | None = exc
-                if hasattr(exc, "error_dict"):
-                    messages = exc.message_dict
-                    extra_errors = {k: v for k, v in messages.items() if k in extra}
-                    others = {k: v for k, v in messages.items() if k not in extra}
-                    rest = DjangoValidationError(others) if others else None
-                if rest is not None:
-                    for name, message in fields.service_error_targets(rest, self.rules, aliases):
-                        self.add_error(name, message)
-        raise ValidationError({**self.errors, **extra_errors})
+    ``aliases`` maps the service's error keys to the fields; errors keyed by an ``extra`` input (one the API
+    reads besides the rules' fields) stay under that key.
+    """
+    extra_errors: dict[str, list[str]] = {}
+    if not cleaned.errors:
+        try:
+            return create(cleaned.data)
+        except DjangoValidationError as exc:
+            rest: DjangoValidationError | None = exc
+            if hasattr(exc, "error_dict"):
+                messages = exc.message_dict
+                extra_errors = {k: v for k, v in messages.items() if k in extra}
+                others = {k: v for k, v in messages.items() if k not in extra}
+                rest = DjangoValidationError(others) if others else None
+            if rest is not None:
+                cleaned.add_service_errors(rest, aliases)
+    raise ValidationError({**_body(cleaned.errors), **extra_errors})
 
 
 def _team_scoped(
@@ -176,12 +110,12 @@ def _team_scoped(
     extra: Collection[str] = (),
     context: Mapping[str, Mapping[str, Any]] | None = None,
     team_fields: Collection[str] = (),
-    checks: Checks | None = None,
-) -> Cleaned:
+    checks: fields.Checks | None = None,
+) -> CleanedValues:
     """An input whose team is one of the user's teams (their only one when left out)."""
     teams = teams_reads.team_list(user=user)
     data = _given(rules, payload, extra=extra, initial={"team": fields.default_team(teams)})
-    return Cleaned(
+    return CleanedValues(
         rules,
         data,
         context={"team": {"queryset": teams}, **(context or {})},
@@ -203,14 +137,15 @@ def model_create(*, user, payload: Any) -> ModelSpec:
             team=data["team"], created_by=user, **input_rules.model_spec_service_fields(data)
         )
 
-    return cleaned.submit(create, input_rules.model_spec_error_aliases(cleaned.data))
+    return _submit(cleaned, create, input_rules.model_spec_error_aliases(cleaned.data))
 
 
 def model_derive(*, user, parent: ModelSpec, payload: Any) -> ModelSpec:
     """A smaller student derived from ``parent``; ``layers`` may be a list of layer ids."""
     rules = input_rules.MODEL_DERIVE
-    cleaned = Cleaned(rules, _given(rules, payload), context={})
-    return cleaned.submit(
+    cleaned = CleanedValues(rules, _given(rules, payload))
+    return _submit(
+        cleaned,
         lambda data: records.model_derive(
             parent=parent, created_by=user, **input_rules.model_derive_kwargs(data)
         ),
@@ -223,10 +158,11 @@ def dataset_create(*, user, payload: Any) -> DatasetSpec:
     cleaned = _team_scoped(
         input_rules.DATASET_SPEC, user=user, payload=payload, checks=input_rules.dataset_spec_checks
     )
-    return cleaned.submit(
+    return _submit(
+        cleaned,
         lambda data: records.dataset_spec_create(
             team=data["team"], created_by=user, **input_rules.dataset_spec_service_fields(data)
-        )
+        ),
     )
 
 
@@ -243,7 +179,7 @@ def recipe_create(*, user, payload: Any) -> Recipe:
     if scheme_params is not None and not isinstance(scheme_params, dict):
         shape["scheme_params"] = ["Give an object of scheme parameters, e.g. {generations: 2}."]
     if shape:
-        raise ValidationError({**cleaned.errors, **shape})
+        raise ValidationError({**_body(cleaned.errors), **shape})
 
     def create(data: dict[str, Any]) -> Recipe:
         return records.recipe_create(
@@ -256,11 +192,11 @@ def recipe_create(*, user, payload: Any) -> Recipe:
             scheme_params=scheme_params,
         )
 
-    return cleaned.submit(create, extra=extra)
+    return _submit(cleaned, create, extra=extra)
 
 
 # --- experiments ----------------------------------------------------------------------------------
-def experiment_input(*, user, payload: Any) -> Cleaned:
+def experiment_input(*, user, payload: Any) -> CleanedValues:
     """An experiment's fields, cleaned against the user's records (training settings flat, as on the page).
 
     ``seeds`` and ``teacher_weights`` may be lists; a training setting may be a list of values or a sweep in
@@ -291,8 +227,9 @@ def experiment_create(*, user, payload: Any) -> Experiment:
     """Launch an experiment (see :func:`experiment_input`): creates the runs and enqueues them after the
     commit."""
     cleaned = experiment_input(user=user, payload=payload)
-    return cleaned.submit(
-        lambda data: launch.experiment_create(created_by=user, **input_rules.experiment_service_kwargs(data))
+    return _submit(
+        cleaned,
+        lambda data: launch.experiment_create(created_by=user, **input_rules.experiment_service_kwargs(data)),
     )
 
 
@@ -302,7 +239,7 @@ def experiment_check(*, user, payload: Any) -> dict[str, Any]:
     the web's check step shows them. Field errors of the input itself are a 400, as for a launch."""
     cleaned = experiment_input(user=user, payload=payload)
     if cleaned.errors:
-        raise ValidationError(cleaned.errors)
+        raise ValidationError(_body(cleaned.errors))
     data = cleaned.data
     kwargs = input_rules.experiment_preflight_kwargs(data)
     report = preflight.experiment_preflight(**kwargs)
@@ -337,8 +274,9 @@ def experiment_check(*, user, payload: Any) -> dict[str, Any]:
 def run_register_model(*, user, run: Run, payload: Any) -> ModelSpec:
     """Register a succeeded run's student as a model of the run's team."""
     rules = input_rules.REGISTER_MODEL
-    cleaned = Cleaned(rules, _given(rules, payload), context={})
-    return cleaned.submit(
+    cleaned = CleanedValues(rules, _given(rules, payload))
+    return _submit(
+        cleaned,
         lambda data: records.model_register_from_run(run=run, name=data["name"], created_by=user),
         input_rules.REGISTER_MODEL_ALIASES,
     )
@@ -349,7 +287,7 @@ def leaderboard_query(params: Mapping[str, Any]) -> dict[str, Any]:
     """The leaderboard's query parameters (budget, benchmark, scope, row filters) that were given; 400 on a
     bad one. Other parameters (paging) are left to their readers."""
     rules = input_rules.LEADERBOARD_QUERY
-    cleaned = Cleaned(rules, {k: params.get(k) for k in rules}, context={})
+    cleaned = CleanedValues(rules, {k: params.get(k) for k in rules})
     if cleaned.errors:
-        raise ValidationError(cleaned.errors)
+        raise ValidationError(_body(cleaned.errors))
     return {k: v for k, v in cleaned.data.items() if v not in (None, "")}

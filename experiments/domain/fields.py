@@ -11,6 +11,7 @@ what a person typed into such values first.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from experiments.domain.validation import MAX_SEEDS, TRAIN_FIELDS
 
 Parser = Callable[[Any], Any]
 AddError = Callable[[str | None, str], None]
+# The checks across an input's fields: (cleaned data, the fields with errors, add_error).
+Checks = Callable[[dict[str, Any], Container[str], AddError], None]
 
 
 def _identity(value: Any) -> Any:
@@ -347,3 +350,84 @@ def service_error_targets(
                 prefix = "" if key == "__all__" else f"{key.replace('_', ' ').capitalize()}: "
                 targets.append((None, prefix + message))
     return targets
+
+
+# A name is shown on every page and in every export: markup or control characters in it are refused.
+_NAME_FORBIDDEN = re.compile(r"[<>\x00-\x1f\x7f]")
+
+
+def name_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a record name given as a value (JSON, YAML), or None."""
+    if isinstance(value, str) and _NAME_FORBIDDEN.search(value):
+        return "Names cannot contain < or > or control characters."
+    return None
+
+
+def value_shape_problem(rule: Rule, value: Any) -> str | None:
+    """Why a value (JSON, YAML) cannot be given for this field at all, or None: a list or an object only where
+    the field reads one (``rule.takes``) or takes several records, true/false only for a yes/no field."""
+    if rule.value is not None and isinstance(value, rule.takes):
+        if rule.takes == (list,) and not all(_scalar(v) for v in value):
+            return "Give a list of numbers or names."
+        return None  # read as a value by the field's parser
+    if issubclass(rule.kind, forms.MultipleChoiceField | forms.ModelMultipleChoiceField):
+        if isinstance(value, list) and not all(_scalar(v) for v in value):
+            return "Give a list of ids."
+        return None
+    if issubclass(rule.kind, forms.BooleanField):
+        return None if isinstance(value, bool) else "Enter true or false."
+    if isinstance(value, bool):
+        return "Give a number or text, not true/false."
+    if not _scalar(value):
+        return "Give a single value (text or a number)."
+    return None
+
+
+class CleanedValues:
+    """An input given as values (a JSON object) cleaned by its rules, as a form cleans what a page posts:
+    ``data`` holds the valid fields, ``errors`` the messages by field (``"__all__"``: the whole input).
+
+    A list or an object given for a field that takes one is read as a value (``Rule.from_value``; an empty one
+    is a blank field), any other value goes through the field's checks (``context``: what a field needs, e.g.
+    its queryset); then the records' teams (``team_fields``) and the ``checks`` across fields.
+    """
+
+    def __init__(
+        self,
+        rules: Mapping[str, Rule],
+        data: Mapping[str, Any],
+        *,
+        context: Mapping[str, Mapping[str, Any]] | None = None,
+        team_fields: Iterable[str] = (),
+        checks: Checks | None = None,
+    ) -> None:
+        self.rules = rules
+        self.data: dict[str, Any] = {}
+        self.errors: dict[str, list[str]] = {}
+        context = context or {}
+        for name, rule in rules.items():
+            # Values never hold a file: an upload comes with the request's files.
+            value = None if issubclass(rule.kind, forms.FileField) else data.get(name)
+            try:
+                if rule.value is not None and isinstance(value, rule.takes) and value:
+                    self.data[name] = rule.from_value(value)
+                else:  # a single value, or an empty list: a blank field
+                    blank = isinstance(value, list | dict) and rule.value is not None
+                    self.data[name] = rule.clean("" if blank else value, **context.get(name, {}))
+            except ValidationError as exc:
+                self.errors[name] = list(exc.messages)
+        for name, message in team_problems(self.data, team_fields):
+            self.add_error(name, message)
+        if checks is not None:
+            checks(self.data, self.errors, self.add_error)
+
+    def add_error(self, name: str | None, message: str) -> None:
+        """Like a form's add_error: the message under its field (None: the whole input), the field dropped."""
+        self.errors.setdefault(name or "__all__", []).append(message)
+        if name is not None:
+            self.data.pop(name, None)
+
+    def add_service_errors(self, exc: ValidationError, aliases: Mapping[str, str] | None = None) -> None:
+        """A service's ValidationError on these fields (see :func:`service_error_targets`)."""
+        for name, message in service_error_targets(exc, self.rules, aliases):
+            self.add_error(name, message)

@@ -88,3 +88,30 @@ def test_leaderboard_rules_check_the_budget():
     assert rules["max_params"].clean("1000") == 1000
     assert _message(rules["max_params"].clean, "0") == "Ensure this value is greater than or equal to 1."
     assert _message(rules["scope"].clean, "world").startswith("Select a valid choice.")
+
+
+def test_values_of_the_wrong_shape_are_refused_before_any_check():
+    rules = input_rules.EXPERIMENT
+    assert fields.value_shape_problem(rules["seeds"], [0, [1]]) == "Give a list of numbers or names."
+    assert fields.value_shape_problem(rules["students"], [{"id": 1}]) == "Give a list of ids."
+    assert fields.value_shape_problem(rules["vary_labelled_subset"], "yes") == "Enter true or false."
+    assert fields.value_shape_problem(rules["name"], True) == "Give a number or text, not true/false."
+    assert fields.value_shape_problem(rules["lr"], {"a": 1}) is None  # the sweep's parser explains
+    assert fields.name_problem("<b>run</b>") == "Names cannot contain < or > or control characters."
+
+
+def test_cleaned_values_read_lists_as_values_and_run_the_checks_across_fields():
+    cleaned = fields.CleanedValues(
+        input_rules.MODEL_SPEC,
+        {
+            "name": "mlp",
+            "source": "builtin",
+            "builtin_arch": "mlp",
+            "hidden_sizes": [64, 32],
+            "num_labels": 3,
+        },
+        context={"team": {"queryset": None}},
+        checks=input_rules.model_spec_checks,
+    )
+    assert cleaned.data["hidden_sizes"] == [64, 32] and cleaned.data["task"] == "classification"
+    assert set(cleaned.errors) == {"team"}
