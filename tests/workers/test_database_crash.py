@@ -102,17 +102,17 @@ def private_postgres():
 
 
 SETUP = """
-from experiments import services
+from experiments.services import launch, records
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 user, team = UserFactory(), TeamFactory()
 MembershipFactory(user=user, team=team)
-digits = services.dataset_spec_create(team=team, created_by=user, name="digits", source="builtin",
-                                      builtin_name="digits")
-student = services.model_spec_create(team=team, created_by=user, name="mlp", source="builtin",
-                                     builtin_arch="mlp", config={"hidden_sizes": [256, 256]}, num_labels=10)
-experiment = services.experiment_create(
+digits = records.dataset_spec_create(team=team, created_by=user, name="digits", source="builtin",
+                                     builtin_name="digits")
+student = records.model_spec_create(team=team, created_by=user, name="mlp", source="builtin",
+                                    builtin_arch="mlp", config={"hidden_sizes": [256, 256]}, num_labels=10)
+experiment = launch.experiment_create(
     team=team, created_by=user, name="crash", dataset=digits, students=[student],
-    recipes=[services.hard_labels_recipe(team=team)], seeds=[0],
+    recipes=[records.hard_labels_recipe(team=team)], seeds=[0],
     train={"max_steps": 4000, "save_every": 100000, "log_every": LOG_EVERY, "eval_every": 100000,
            "batch_size": 64, "lr": 0.01})
 print("RUN", experiment.runs.get().id)
