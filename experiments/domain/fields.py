@@ -38,13 +38,15 @@ def _identity(value: Any) -> Any:
 class Rule:
     """One input field: a Django field class with its checks and initial value (``options``), how its text is
     read (``text``: the cleaned string → the value the services take) and, for fields that take a list or an
-    object as a value, how that value is read (``value``, for the JSON types in ``takes``)."""
+    object as a value, how that value is read (``value``, for the JSON types in ``takes``; ``shape`` checks
+    such a value's shape alone, before any field is cleaned)."""
 
     kind: type[forms.Field]
     options: Mapping[str, Any] = field(default_factory=dict)
     text: Parser = _identity
     value: Parser | None = None
     takes: tuple[type, ...] = ()
+    shape: Parser | None = None
 
     def field(self, cls: type[forms.Field] | None = None, **ui: Any) -> forms.Field:
         """The form field: these checks, plus the page's widget, label and help text (``cls``: a subclass of
@@ -75,9 +77,10 @@ def rule(
     text: Parser = _identity,
     value: Parser | None = None,
     takes: tuple[type, ...] = (list,),
+    shape: Parser | None = None,
     **options: Any,
 ) -> Rule:
-    return Rule(kind, options, text, value, takes if value is not None else ())
+    return Rule(kind, options, text, value, takes if value is not None else (), shape)
 
 
 # --- text helpers: what a person typed → values ---------------------------------------------------------
@@ -240,6 +243,19 @@ def _sweep(parse: Callable[[], Any]) -> Any:
         raise ValidationError(str(exc)) from None
 
 
+def train_sweep_shape(values: Any) -> None:
+    """A training setting's list of values: at most as many items as runs, each a number or one value or
+    range."""
+    if isinstance(values, dict):
+        raise ValidationError(SWEEP_SHAPE)
+    _sweep(lambda: sweeps.list_items(values, choices=False, limit=settings.MAX_RUNS_PER_EXPERIMENT))
+
+
+def term_sweeps_shape(value: Any) -> None:
+    """Term sweeps given as a mapping or a list: each axis named, each list of values within its caps."""
+    _sweep(lambda: sweeps.term_sweep_rows(value, cap=TERM_SWEEPS_CAP, limit=settings.MAX_RUNS_PER_EXPERIMENT))
+
+
 def train_sweep_text(name: str, text: str) -> list[int | float]:
     """A training setting typed as one value or a sweep (``sweeps.SYNTAX_HELP``); blank: no values."""
     kind, lo, hi, _ = TRAIN_FIELDS[name]
@@ -369,6 +385,11 @@ def value_shape_problem(rule: Rule, value: Any) -> str | None:
     if rule.value is not None and isinstance(value, rule.takes):
         if rule.takes == (list,) and not all(_scalar(v) for v in value):
             return "Give a list of numbers or names."
+        if rule.shape is not None and value:
+            try:
+                rule.shape(value)
+            except ValidationError as exc:
+                return " ".join(exc.messages)
         return None  # read as a value by the field's parser
     if issubclass(rule.kind, forms.MultipleChoiceField | forms.ModelMultipleChoiceField):
         if isinstance(value, list) and not all(_scalar(v) for v in value):

@@ -249,6 +249,7 @@ def _train_rule(name: str) -> Rule:
         initial=TRAIN_DEFAULTS.get(name),
         text=partial(fields.train_sweep_text, name),
         value=partial(fields.train_sweep_value, name),
+        shape=fields.train_sweep_shape,
         takes=(list, dict),
     )
 
@@ -268,6 +269,7 @@ EXPERIMENT: Rules = {
         required=False,
         text=fields.term_sweeps_text,
         value=fields.term_sweeps_value,
+        shape=fields.term_sweeps_shape,
         takes=(list, dict),
     ),
     "assistant": rule(forms.ModelChoiceField, queryset=None, required=False),

@@ -355,6 +355,12 @@ def term_sweeps_value(value: dict[str, Any] | list[Any], *, cap: int, limit: int
     """Term sweeps given as a value (JSON, YAML): a mapping ``{"kd.temperature": [2, 4]}``, or a list of
     ``"TERM.PARAM = values"`` lines or of ``{"param": "kd.temperature", "values": [2, 4]}``. A line, or values
     given as text, may be ``cap`` characters long; the rules of :func:`parse_term_sweeps` apply."""
+    return _term_axes(term_sweep_rows(value, cap=cap, limit=limit), limit=limit)
+
+
+def term_sweep_rows(value: dict[str, Any] | list[Any], *, cap: int, limit: int) -> list[_TermRow]:
+    """The rows of term sweeps given as a value, their shape checked (each axis named, each list of values
+    within its caps) but not yet their parameters or values."""
     rows: list[_TermRow] = []
     for axis, values in _term_sweep_entries(value):
         if isinstance(values, str) and len(values) > cap:
@@ -377,7 +383,7 @@ def term_sweeps_value(value: dict[str, Any] | list[Any], *, cap: int, limit: int
             raise SweepError(f"{axis}: {exc}") from None
         shown = ", ".join(item if isinstance(item, str) else _exact(item) for item in items)
         rows.append((f"{axis} = {shown}".strip(), axis, items))
-    return _term_axes(rows, limit=limit)
+    return rows
 
 
 def _term_axes(rows: list[_TermRow], *, limit: int) -> dict[str, list[Value]]:

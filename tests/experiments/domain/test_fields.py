@@ -96,7 +96,8 @@ def test_values_of_the_wrong_shape_are_refused_before_any_check():
     assert fields.value_shape_problem(rules["students"], [{"id": 1}]) == "Give a list of ids."
     assert fields.value_shape_problem(rules["vary_labelled_subset"], "yes") == "Enter true or false."
     assert fields.value_shape_problem(rules["name"], True) == "Give a number or text, not true/false."
-    assert fields.value_shape_problem(rules["lr"], {"a": 1}) is None  # the sweep's parser explains
+    assert fields.value_shape_problem(rules["lr"], {"a": 1}) == fields.SWEEP_SHAPE
+    assert fields.value_shape_problem(rules["lr"], [1e-4, "1e-3:1e-2:log3"]) is None  # read by the parser
     assert fields.name_problem("<b>run</b>") == "Names cannot contain < or > or control characters."
 
 
