@@ -34,11 +34,13 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("Invalid or revoked token.")
         if record.is_expired():
             raise exceptions.AuthenticationFailed(
-                f"This token expired on {record.expires_at:%Y-%m-%d %H:%M} UTC: create a new one on the API token page.")
+                f"This token expired on {record.expires_at:%Y-%m-%d %H:%M} UTC: "
+                "create a new one on the API token page."
+            )
         user = record.user
         if record.team_id is not None:
-            # Every team-scoped read goes through experiments.selectors, which honour this (selectors.team_scope):
-            # the request sees, and its forms offer, only this team's records.
+            # Every team-scoped read goes through experiments.selectors, which honour this
+            # (selectors.team_scope): the request sees, and its forms offer, only this team's records.
             user.scope_team_id = record.team_id
         return user, record
 

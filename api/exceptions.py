@@ -1,5 +1,5 @@
-"""Errors as JSON: DRF's own, the services' Django ValidationError as 400 with field keys, and an oversized body
-as 413."""
+"""Errors as JSON: DRF's own, the services' Django ValidationError as 400 with field keys, and an oversized
+body as 413."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def validation_detail(exc: DjangoValidationError) -> dict[str, list[str]]:
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(validation_detail(exc))
-    elif isinstance(exc, RequestDataTooBig):  # Django's DATA_UPLOAD_MAX_MEMORY_SIZE, met while DRF reads the body
+    elif isinstance(
+        exc, RequestDataTooBig
+    ):  # Django's DATA_UPLOAD_MAX_MEMORY_SIZE, met while DRF reads the body
         exc = RequestTooLarge(f"The request body is over {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.")
     return drf_exception_handler(exc, context)

@@ -21,14 +21,24 @@ class ApiToken(models.Model):
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
     name = models.CharField(max_length=100, help_text="What the token is for, e.g. 'laptop CLI' or 'CI'")
-    prefix = models.CharField(max_length=16, help_text="The token's first characters, to recognise it in lists")
+    prefix = models.CharField(
+        max_length=16, help_text="The token's first characters, to recognise it in lists"
+    )
     key_hash = models.CharField(max_length=64, unique=True, help_text="sha256 of the token (hex)")
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
-    expires_at = models.DateTimeField(null=True, blank=True, help_text="Refused from then on; empty: never expires")
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="Refused from then on; empty: never expires"
+    )
     scope = models.CharField(max_length=8, choices=Scope.choices, default=Scope.WRITE)
-    team = models.ForeignKey("experiments.Team", null=True, blank=True, on_delete=models.CASCADE,
-                             related_name="api_tokens", help_text="Only this team's records; empty: all the user's teams")
+    team = models.ForeignKey(
+        "experiments.Team",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="api_tokens",
+        help_text="Only this team's records; empty: all the user's teams",
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]

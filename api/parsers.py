@@ -33,9 +33,10 @@ def _check_size(parser_context: dict[str, Any] | None, limit: int) -> None:
 
 
 class CappedJSONParser(parsers.JSONParser):
-    """JSON bodies, capped in size, and checked as a whole before any view reads them: text with a NUL character
-    or a lone surrogate, non-text keys and nesting deeper than ``validation.MAX_NESTING`` are field errors (a
-    400), wherever they sit in the body, instead of a database error later (``validation.data_errors``)."""
+    """JSON bodies, capped in size, and checked as a whole before any view reads them: text with a NUL
+    character or a lone surrogate, non-text keys and nesting deeper than ``validation.MAX_NESTING`` are field
+    errors (a 400), wherever they sit in the body, instead of a database error later
+    (``validation.data_errors``)."""
 
     def parse(self, stream, media_type=None, parser_context=None):
         _check_size(parser_context, settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
@@ -43,7 +44,8 @@ class CappedJSONParser(parsers.JSONParser):
             data = super().parse(stream, media_type, parser_context)
         except RecursionError:  # the json module's own limit, met by "[[[[…" bodies
             raise exceptions.ParseError(
-                f"JSON parse error - nested deeper than {inputs.MAX_NESTING} levels.") from None
+                f"JSON parse error - nested deeper than {inputs.MAX_NESTING} levels."
+            ) from None
         if errors := inputs.data_errors(data):
             raise exceptions.ValidationError(errors)
         return data

@@ -11,7 +11,10 @@ from .models import ApiToken
 class TokenScopePermission(permissions.IsAuthenticated):
     """An authenticated request; one made with a read-only token may only read (GET, HEAD, OPTIONS)."""
 
-    message = "This token is read-only: it may only read (GET). Create a read-and-write token on the API token page."
+    message = (
+        "This token is read-only: it may only read (GET). "
+        "Create a read-and-write token on the API token page."
+    )
 
     def has_permission(self, request: Request, view) -> bool:
         if not super().has_permission(request, view):

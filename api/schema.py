@@ -8,8 +8,11 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
     name = "bearerToken"
 
     def get_security_definition(self, auto_schema):
-        return {"type": "http", "scheme": "bearer",
-                "description": "A personal API token from the \"API token\" page: `Authorization: Bearer dw_…`."}
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": 'A personal API token from the "API token" page: `Authorization: Bearer dw_…`.',
+        }
 
 
 # --- the error answers every operation can give --------------------------------------------------------
@@ -19,13 +22,16 @@ _ERROR_SCHEMAS = {
     "ErrorDetail": {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]},
     "FieldErrors": {
         "type": "object",
-        "description": "Field errors: {field: [messages]} (errors of the body as a whole under non_field_errors); "
-                       "a body that cannot be parsed: {detail: message}.",
+        "description": "Field errors: {field: [messages]} (errors of the body as a whole under "
+        "non_field_errors); a body that cannot be parsed: {detail: message}.",
         "additionalProperties": {},
     },
 }
 _COMMON = {
-    "401": ("No credentials, or a token that is unknown, revoked or expired (JSON, with WWW-Authenticate)", _DETAIL),
+    "401": (
+        "No credentials, or a token that is unknown, revoked or expired (JSON, with WWW-Authenticate)",
+        _DETAIL,
+    ),
     "403": ("Authenticated, but not allowed (a read-only token, a session without its CSRF token)", _DETAIL),
 }
 _WITH_INPUT = {
@@ -40,15 +46,16 @@ _WITH_ID = {"404": ("No such record among your teams'", _DETAIL)}
 
 INPUT_RULES = (
     "Every JSON body and YAML document is checked as a whole before any field is read "
-    "(experiments.domain.inputs.data_errors): text, keys included, may not contain the NUL character (\\u0000) or "
-    "a lone surrogate; numbers must be finite; object keys are text; values nest at most 20 levels. Anything else "
-    "is a 400 with the field that holds it. A YAML document may hold only what JSON can (no dates, binary or sets)."
+    "(experiments.domain.inputs.data_errors): text, keys included, may not contain the NUL character "
+    "(\\u0000) or a lone surrogate; numbers must be finite; object keys are text; values nest at most 20 "
+    "levels. Anything else is a 400 with the field that holds it. A YAML document may hold only what JSON "
+    "can (no dates, binary or sets)."
 )
 
 
 def document_error_responses(result: dict, generator, request, public) -> dict:
-    """drf-spectacular postprocessing hook: every operation documents the errors the API's shared machinery gives
-    (authentication and permissions, input validation, body parsing, unknown ids), besides its own."""
+    """drf-spectacular postprocessing hook: every operation documents the errors the API's shared machinery
+    gives (authentication and permissions, input validation, body parsing, unknown ids), besides its own."""
     result.setdefault("components", {}).setdefault("schemas", {}).update(_ERROR_SCHEMAS)
     info = result.setdefault("info", {})
     info["description"] = f"{info.get('description', '')}\n\n{INPUT_RULES}".strip()
@@ -66,6 +73,7 @@ def document_error_responses(result: dict, generator, request, public) -> dict:
                 codes.update(_WITH_ID)
             responses = operation["responses"]
             for code, (description, schema) in codes.items():
-                responses.setdefault(code, {"description": description,
-                                            "content": {"application/json": {"schema": schema}}})
+                responses.setdefault(
+                    code, {"description": description, "content": {"application/json": {"schema": schema}}}
+                )
     return result

@@ -43,7 +43,9 @@ def run_primary_metric(run: Run) -> tuple[str, float | None]:
 
 
 def run_metric_names(*, run: Run) -> list[str]:
-    return list(MetricPoint.objects.filter(run=run).order_by("name").values_list("name", flat=True).distinct())
+    return list(
+        MetricPoint.objects.filter(run=run).order_by("name").values_list("name", flat=True).distinct()
+    )
 
 
 def run_metric_points(*, run: Run, names: Sequence[str] = ()) -> dict[str, tuple[list[int], list[float]]]:
@@ -52,8 +54,8 @@ def run_metric_points(*, run: Run, names: Sequence[str] = ()) -> dict[str, tuple
     if names:
         points = points.filter(name__in=names)
     series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
-    for name, step, value in points.order_by("name", "step").values_list("name", "step", "value").iterator(
-        chunk_size=5000
+    for name, step, value in (
+        points.order_by("name", "step").values_list("name", "step", "value").iterator(chunk_size=5000)
     ):
         steps, values = series[name]
         steps.append(step)

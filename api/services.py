@@ -28,13 +28,20 @@ def token_hash(token: str) -> str:
 
 
 @transaction.atomic
-def api_token_create(*, user, name: str, expires_at: datetime | None = None, scope: str = ApiToken.Scope.WRITE,
-                     team: Team | None = None) -> tuple[ApiToken, str]:
+def api_token_create(
+    *,
+    user,
+    name: str,
+    expires_at: datetime | None = None,
+    scope: str = ApiToken.Scope.WRITE,
+    team: Team | None = None,
+) -> tuple[ApiToken, str]:
     """Create a token for ``user``; returns the record and the token itself, which is never stored.
 
-    ``expires_at`` (None: never), ``scope`` (read only, or read and write) and ``team`` (None: all the user's teams)
-    limit what the token may do. Raises ValidationError keyed by field when the user already has a token of that
-    name or too many tokens, the expiry is not in the future, or the team is not one of the user's.
+    ``expires_at`` (None: never), ``scope`` (read only, or read and write) and ``team`` (None: all the user's
+    teams) limit what the token may do. Raises ValidationError keyed by field when the user already has a
+    token of that name or too many tokens, the expiry is not in the future, or the team is not one of the
+    user's.
     """
     name = name.strip()
     if not name:
@@ -48,8 +55,15 @@ def api_token_create(*, user, name: str, expires_at: datetime | None = None, sco
     if team is not None and not teams.team_list(user=user).filter(pk=team.pk).exists():
         raise ValidationError({"team": "You are not in that team."})
     token = TOKEN_PREFIX + secrets.token_urlsafe(30)
-    record = ApiToken(user=user, name=name, prefix=token[:10], key_hash=token_hash(token), expires_at=expires_at,
-                      scope=scope, team=team)
+    record = ApiToken(
+        user=user,
+        name=name,
+        prefix=token[:10],
+        key_hash=token_hash(token),
+        expires_at=expires_at,
+        scope=scope,
+        team=team,
+    )
     try:
         with transaction.atomic():
             record.save()
@@ -63,8 +77,8 @@ def api_token_revoke(*, token: ApiToken) -> None:
 
 
 def api_token_authenticate(*, token: str) -> ApiToken | None:
-    """The token record for ``token`` (with its user), or None; notes when it was last used. An expired record is
-    returned too (the caller refuses it with a message saying so) but is not marked as used."""
+    """The token record for ``token`` (with its user), or None; notes when it was last used. An expired record
+    is returned too (the caller refuses it with a message saying so) but is not marked as used."""
     record = ApiToken.objects.select_related("user", "team").filter(key_hash=token_hash(token)).first()
     if record is None or record.is_expired():
         return record

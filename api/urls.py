@@ -20,7 +20,9 @@ urlpatterns = [
     path("schema/", login_not_required(SpectacularAPIView.as_view()), name="schema"),
     # The split view serves Swagger UI's set-up script from the same URL (?script): no inline script, so the
     # site's Content-Security-Policy applies unchanged.
-    path("docs/", login_not_required(SpectacularSwaggerSplitView.as_view(url_name="api:schema")), name="docs"),
+    path(
+        "docs/", login_not_required(SpectacularSwaggerSplitView.as_view(url_name="api:schema")), name="docs"
+    ),
     # Endpoints.
     path("teams/", views.TeamViewSet.as_view(LIST), name="team_list"),
     path("models/", views.ModelSpecViewSet.as_view(LIST_CREATE), name="model_list"),
@@ -31,15 +33,27 @@ urlpatterns = [
     path("recipes/", views.RecipeViewSet.as_view(LIST_CREATE), name="recipe_list"),
     path("recipes/import", views.RecipeViewSet.as_view({"post": "import_yaml"}), name="recipe_import"),
     path("recipes/<int:pk>/", views.RecipeViewSet.as_view(DETAIL), name="recipe_detail"),
-    path("recipes/<int:pk>/export.yaml", views.RecipeViewSet.as_view({"get": "export"}), name="recipe_export"),
+    path(
+        "recipes/<int:pk>/export.yaml", views.RecipeViewSet.as_view({"get": "export"}), name="recipe_export"
+    ),
     path("experiments/", views.ExperimentViewSet.as_view(LIST_CREATE), name="experiment_list"),
     path("experiments/check", views.ExperimentViewSet.as_view({"post": "check"}), name="experiment_check"),
-    path("experiments/import", views.ExperimentViewSet.as_view({"post": "import_yaml"}), name="experiment_import"),
+    path(
+        "experiments/import",
+        views.ExperimentViewSet.as_view({"post": "import_yaml"}),
+        name="experiment_import",
+    ),
     path("experiments/<int:pk>/", views.ExperimentViewSet.as_view(DETAIL), name="experiment_detail"),
-    path("experiments/<int:pk>/cancel/", views.ExperimentViewSet.as_view({"post": "cancel"}),
-         name="experiment_cancel"),
-    path("experiments/<int:pk>/export.yaml", views.ExperimentViewSet.as_view({"get": "export"}),
-         name="experiment_export"),
+    path(
+        "experiments/<int:pk>/cancel/",
+        views.ExperimentViewSet.as_view({"post": "cancel"}),
+        name="experiment_cancel",
+    ),
+    path(
+        "experiments/<int:pk>/export.yaml",
+        views.ExperimentViewSet.as_view({"get": "export"}),
+        name="experiment_export",
+    ),
     path("runs/", views.RunViewSet.as_view(LIST), name="run_list"),
     path("runs/<int:pk>/", views.RunViewSet.as_view(DETAIL), name="run_detail"),
     path("runs/<int:pk>/cancel/", views.RunViewSet.as_view({"post": "cancel"}), name="run_cancel"),
@@ -48,7 +62,10 @@ urlpatterns = [
     path("runs/<int:pk>/register/", views.RunViewSet.as_view({"post": "register"}), name="run_register"),
     path("leaderboards/", views.LeaderboardViewSet.as_view(LIST), name="leaderboard_list"),
     path("leaderboards/<int:pk>/", views.LeaderboardViewSet.as_view(DETAIL), name="leaderboard_detail"),
-    path("leaderboards/<int:pk>/export.csv", views.LeaderboardViewSet.as_view({"get": "export"}),
-         name="leaderboard_export"),
+    path(
+        "leaderboards/<int:pk>/export.csv",
+        views.LeaderboardViewSet.as_view({"get": "export"}),
+        name="leaderboard_export",
+    ),
     re_path(r"^(?P<path>.*)$", views.not_found, name="not_found"),
 ]

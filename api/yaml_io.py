@@ -1,10 +1,10 @@
 """Recipes and experiments as YAML documents, and back.
 
-An export is self-contained: it names the records it uses (dataset, models, recipes with their version) instead
-of giving database ids, so it can be imported into another team or server that has records of those names.
-Imports go through the same forms and services as the API's JSON bodies (api.inputs), so they follow the same
-rules. Documents are parsed with ``yaml.safe_load`` only (no Python tags), after a pass over the parser's events
-that refuses anchors and aliases (exponential "billion laughs" expansion) and deep nesting.
+An export is self-contained: it names the records it uses (dataset, models, recipes with their version)
+instead of giving database ids, so it can be imported into another team or server that has records of those
+names. Imports go through the same forms and services as the API's JSON bodies (api.inputs), so they follow
+the same rules. Documents are parsed with ``yaml.safe_load`` only (no Python tags), after a pass over the
+parser's events that refuses anchors and aliases (exponential "billion laughs" expansion) and deep nesting.
 """
 
 from __future__ import annotations
@@ -27,8 +27,23 @@ from .parsers import YAML_MAX_BYTES
 FORMAT = "distillweb/v1"
 MAX_DEPTH = 20
 RECIPE_KEYS = ("format", "kind", "team", "name", "scheme", "description", "terms", "scheme_params")
-EXPERIMENT_KEYS = ("format", "kind", "team", "name", "description", "dataset", "teacher", "students", "recipes",
-                   "assistant", "extra_teachers", "teacher_weights", "seeds", "train", "term_sweeps")
+EXPERIMENT_KEYS = (
+    "format",
+    "kind",
+    "team",
+    "name",
+    "description",
+    "dataset",
+    "teacher",
+    "students",
+    "recipes",
+    "assistant",
+    "extra_teachers",
+    "teacher_weights",
+    "seeds",
+    "train",
+    "term_sweeps",
+)
 TRAIN_KEYS = frozenset(TRAIN_FIELDS) | {"lr_schedule", "early_stopping_metric", "vary_labelled_subset"}
 
 
@@ -45,7 +60,9 @@ def _check_events(text: str) -> None:
     depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
-            raise ValidationError({"yaml": ["Anchors and aliases (&name, *name) are not accepted: write the values out."]})
+            raise ValidationError(
+                {"yaml": ["Anchors and aliases (&name, *name) are not accepted: write the values out."]}
+            )
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
@@ -108,8 +125,11 @@ def import_team(*, user, team_id: int | None, spec: dict[str, Any]) -> Team:
         return team
     candidates = list(teams.order_by("pk")[:2])
     if len(candidates) != 1:
-        message = "You are in no team." if not candidates else \
-            "You are in several teams: choose one (?team=ID, or `team:` in the YAML)."
+        message = (
+            "You are in no team."
+            if not candidates
+            else "You are in several teams: choose one (?team=ID, or `team:` in the YAML)."
+        )
         raise ValidationError({"team": [message]})
     return candidates[0]
 
@@ -126,8 +146,11 @@ def recipe_spec(recipe: Recipe) -> dict[str, Any]:
 
 
 def recipe_export(recipe: Recipe) -> str:
-    return dump(recipe_spec(recipe), header="A distillweb recipe: `distillweb import-recipe FILE` or "
-                                            "POST /api/recipes/import (a name that exists gets its next version).")
+    return dump(
+        recipe_spec(recipe),
+        header="A distillweb recipe: `distillweb import-recipe FILE` or "
+        "POST /api/recipes/import (a name that exists gets its next version).",
+    )
 
 
 def recipe_import(text: str, *, user, team_id: int | None = None) -> Recipe:
@@ -147,8 +170,9 @@ def experiment_spec(experiment: Experiment) -> dict[str, Any]:
     if experiment.teacher is not None:
         spec["teacher"] = experiment.teacher.name
     spec["students"] = sorted(s.name for s in experiment.students.all())
-    spec["recipes"] = [{"name": r.name, "version": r.version}
-                       for r in experiment.recipes.order_by("name", "version")]
+    spec["recipes"] = [
+        {"name": r.name, "version": r.version} for r in experiment.recipes.order_by("name", "version")
+    ]
     if experiment.assistant is not None:
         spec["assistant"] = experiment.assistant.name
     extra = sorted(m.name for m in experiment.extra_teachers.all())
@@ -166,8 +190,11 @@ def experiment_spec(experiment: Experiment) -> dict[str, Any]:
 
 
 def experiment_export(experiment: Experiment) -> str:
-    return dump(experiment_spec(experiment), header="A distillweb experiment: `distillweb submit FILE` or "
-                                                    "POST /api/experiments/import launches it.")
+    return dump(
+        experiment_spec(experiment),
+        header="A distillweb experiment: `distillweb submit FILE` or "
+        "POST /api/experiments/import launches it.",
+    )
 
 
 class _Resolver:
@@ -195,8 +222,11 @@ class _Resolver:
     def models(self, spec: dict[str, Any]) -> dict[str, Any]:
         fields = {"teacher": False, "assistant": False, "students": True, "extra_teachers": True}
         wanted = {f: self.names(f, spec.get(f), many=many) for f, many in fields.items()}
-        found = dict(ModelSpec.objects.filter(team=self.team, name__in={n for ns in wanted.values() for n in ns})
-                     .values_list("name", "pk"))
+        found = dict(
+            ModelSpec.objects.filter(
+                team=self.team, name__in={n for ns in wanted.values() for n in ns}
+            ).values_list("name", "pk")
+        )
         resolved: dict[str, Any] = {}
         for field, names in wanted.items():
             missing = [n for n in names if n not in found]
@@ -225,17 +255,28 @@ class _Resolver:
         for ref in value:
             if isinstance(ref, str) and ref:
                 refs.append((ref, None))
-            elif isinstance(ref, dict) and isinstance(ref.get("name"), str) and set(ref) <= {"name", "version"} \
-                    and (ref.get("version") is None or (isinstance(ref["version"], int)
-                                                        and not isinstance(ref["version"], bool))):
+            elif (
+                isinstance(ref, dict)
+                and isinstance(ref.get("name"), str)
+                and set(ref) <= {"name", "version"}
+                and (
+                    ref.get("version") is None
+                    or (isinstance(ref["version"], int) and not isinstance(ref["version"], bool))
+                )
+            ):
                 refs.append((ref["name"], ref.get("version")))
             else:
-                self.error("recipes", f"Not a recipe reference: {ref!r} (a name, or {{name: NAME, version: N}}).")
+                self.error(
+                    "recipes", f"Not a recipe reference: {ref!r} (a name, or {{name: NAME, version: N}})."
+                )
                 return []
         versions: dict[tuple[str, int], int] = {}
         latest: dict[str, int] = {}
-        for pk, name, version in (Recipe.objects.filter(team=self.team, name__in={n for n, _ in refs})
-                                  .order_by("name", "version").values_list("pk", "name", "version")):
+        for pk, name, version in (
+            Recipe.objects.filter(team=self.team, name__in={n for n, _ in refs})
+            .order_by("name", "version")
+            .values_list("pk", "name", "version")
+        ):
             versions[(name, version)] = pk
             latest[name] = pk
         ids = []
@@ -251,13 +292,18 @@ class _Resolver:
 
 def experiment_import(text: str, *, user, team_id: int | None = None, check: bool = False) -> Any:
     """Launch the experiment in a YAML document (validated like POST /api/experiments/): its runs are created
-    and enqueued. With ``check``, create nothing and return what launching would do (``inputs.experiment_check``).
+    and enqueued. With ``check``, create nothing and return what launching would do
+    (``inputs.experiment_check``).
     """
     spec = load(text, kind="experiment", keys=EXPERIMENT_KEYS)
     team = import_team(user=user, team_id=team_id, spec=spec)
     resolver = _Resolver(team)
-    payload: dict[str, Any] = {"team": team.pk, **resolver.models(spec), "dataset": resolver.dataset(spec.get("dataset")),
-                               "recipes": resolver.recipes(spec.get("recipes"))}
+    payload: dict[str, Any] = {
+        "team": team.pk,
+        **resolver.models(spec),
+        "dataset": resolver.dataset(spec.get("dataset")),
+        "recipes": resolver.recipes(spec.get("recipes")),
+    }
     for key in ("name", "description", "seeds", "teacher_weights", "term_sweeps"):
         if key in spec:
             payload[key] = spec[key]
@@ -265,16 +311,22 @@ def experiment_import(text: str, *, user, team_id: int | None = None, check: boo
     if not isinstance(train, dict):
         resolver.error("train", "Give training settings as a mapping, e.g. {max_steps: 500, lr: 0.001}.")
     else:
-        if "term_sweeps" in train:  # where Experiment.train keeps them (the API shows it so): take them from there
+        if (
+            "term_sweeps" in train
+        ):  # where Experiment.train keeps them (the API shows it so): take them from there
             train = dict(train)
             nested = train.pop("term_sweeps")
             if "term_sweeps" in spec and spec["term_sweeps"] != nested:
-                resolver.error("term_sweeps", "Give term sweeps once: at the top level or under train, not both.")
+                resolver.error(
+                    "term_sweeps", "Give term sweeps once: at the top level or under train, not both."
+                )
             payload.setdefault("term_sweeps", nested)
         unknown = sorted(str(k) for k in train if k not in TRAIN_KEYS)
         if unknown:
-            resolver.error("train", f"Unknown training setting {', '.join(unknown)}; known: "
-                                    f"{', '.join(sorted(TRAIN_KEYS))}.")
+            resolver.error(
+                "train",
+                f"Unknown training setting {', '.join(unknown)}; known: {', '.join(sorted(TRAIN_KEYS))}.",
+            )
         payload.update({k: v for k, v in train.items() if k in TRAIN_KEYS})
     if resolver.errors:
         raise ValidationError(resolver.errors)

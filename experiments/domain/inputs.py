@@ -1,7 +1,7 @@
 """Structured input (an API body, a YAML document, JSON typed into a form) checked where it is decoded, before
-any field reads it: Postgres refuses the NUL character in text and jsonb, a lone surrogate cannot be encoded as
-UTF-8, and jsonb has no NaN or infinity, so each would otherwise fail as a database error (a 500) long after
-the input was accepted."""
+any field reads it: Postgres refuses the NUL character in text and jsonb, a lone surrogate cannot be encoded
+as UTF-8, and jsonb has no NaN or infinity, so each would otherwise fail as a database error (a 500) long
+after the input was accepted."""
 
 from __future__ import annotations
 
@@ -64,8 +64,10 @@ def _first_problem(value: Any, where: str) -> tuple[str, str] | None:
             else:
                 stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
         else:
-            return path, (f"a {type(item).__name__} value is not accepted; give text, a number, true/false, null, "
-                          f"a list or an object")
+            return path, (
+                f"a {type(item).__name__} value is not accepted; give text, a number, true/false, null, "
+                f"a list or an object"
+            )
     return None
 
 
@@ -83,17 +85,17 @@ def data_problem(value: Any, *, where: str = "") -> str | None:
     """Why ``value`` (decoded JSON or YAML) cannot be accepted as input, or None.
 
     Accepted: text, finite numbers, true/false, null, lists, and objects with text keys, nested at most
-    ``MAX_NESTING`` levels; text (keys too) without NUL characters or lone surrogates. ``where`` names the value
-    in the message ("config" gives "config.a: the text contains ...").
+    ``MAX_NESTING`` levels; text (keys too) without NUL characters or lone surrogates. ``where`` names the
+    value in the message ("config" gives "config.a: the text contains ...").
     """
     found = _first_problem(value, where)
     return _message(found) if found else None
 
 
 def data_errors(data: Any) -> dict[str, list[str]]:
-    """:func:`data_problem` for a whole request body or document: ``{field: [message]}`` keyed by the top-level
-    key that holds the problem (a problem in a top-level key itself, or in a body that is not an object, under
-    ``non_field_errors``). Empty when everything can be stored."""
+    """:func:`data_problem` for a whole request body or document: ``{field: [message]}`` keyed by the
+    top-level key that holds the problem (a problem in a top-level key itself, or in a body that is not an
+    object, under ``non_field_errors``). Empty when everything can be stored."""
     if not isinstance(data, dict):
         found = _first_problem(data, "")
         return {"non_field_errors": [_message(found)]} if found else {}

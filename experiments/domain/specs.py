@@ -1,5 +1,5 @@
-"""The fields of a model or a dataset: builtin ones, hub ids, local paths under the configured roots, uploads and
-derived students, each refused with a message on the field a user fixes."""
+"""The fields of a model or a dataset: builtin ones, hub ids, local paths under the configured roots, uploads
+and derived students, each refused with a message on the field a user fixes."""
 
 from __future__ import annotations
 
@@ -19,20 +19,55 @@ _CLS, _LM, _EMB = "classification", "causal_lm", "embedding"
 
 # Packaged real data (DATA.md): the tasks each supports; label counts for classification.
 BUILTIN_DATASETS = {
-    "digits": {"num_labels": 10, "label_names": [str(i) for i in range(10)], "kind": "tabular",
-               "splits_total": 1797, "tasks": (_CLS,)},
-    "iris": {"num_labels": 3, "label_names": ["setosa", "versicolor", "virginica"], "kind": "tabular",
-             "splits_total": 150, "tasks": (_CLS,)},
-    "wine": {"num_labels": 3, "label_names": ["class_0", "class_1", "class_2"], "kind": "tabular",
-             "splits_total": 178, "tasks": (_CLS,)},
-    "breast_cancer": {"num_labels": 2, "label_names": ["malignant", "benign"], "kind": "tabular",
-                      "splits_total": 569, "tasks": (_CLS,)},
-    "bbc-news": {"num_labels": 5, "label_names": ["business", "entertainment", "politics", "sport", "tech"],
-                 "kind": "text", "splits_total": 2225, "tasks": (_CLS, _LM, _EMB)},
-    "tweets": {"num_labels": 3, "label_names": ["negative", "neutral", "positive"], "kind": "text",
-               "splits_total": 38158, "tasks": (_CLS, _LM, _EMB)},
-    "fortunes": {"num_labels": None, "label_names": [], "kind": "text", "splits_total": None,
-                 "tasks": (_LM, _EMB)},
+    "digits": {
+        "num_labels": 10,
+        "label_names": [str(i) for i in range(10)],
+        "kind": "tabular",
+        "splits_total": 1797,
+        "tasks": (_CLS,),
+    },
+    "iris": {
+        "num_labels": 3,
+        "label_names": ["setosa", "versicolor", "virginica"],
+        "kind": "tabular",
+        "splits_total": 150,
+        "tasks": (_CLS,),
+    },
+    "wine": {
+        "num_labels": 3,
+        "label_names": ["class_0", "class_1", "class_2"],
+        "kind": "tabular",
+        "splits_total": 178,
+        "tasks": (_CLS,),
+    },
+    "breast_cancer": {
+        "num_labels": 2,
+        "label_names": ["malignant", "benign"],
+        "kind": "tabular",
+        "splits_total": 569,
+        "tasks": (_CLS,),
+    },
+    "bbc-news": {
+        "num_labels": 5,
+        "label_names": ["business", "entertainment", "politics", "sport", "tech"],
+        "kind": "text",
+        "splits_total": 2225,
+        "tasks": (_CLS, _LM, _EMB),
+    },
+    "tweets": {
+        "num_labels": 3,
+        "label_names": ["negative", "neutral", "positive"],
+        "kind": "text",
+        "splits_total": 38158,
+        "tasks": (_CLS, _LM, _EMB),
+    },
+    "fortunes": {
+        "num_labels": None,
+        "label_names": [],
+        "kind": "text",
+        "splits_total": None,
+        "tasks": (_LM, _EMB),
+    },
 }
 
 
@@ -40,15 +75,19 @@ BUILTIN_ARCHS = {"mlp": "Multi-layer perceptron for tabular / flattened image da
 
 
 def check_local_path(path: str, *, roots: Sequence[Path], field: str, kind: str) -> str:
-    """Accept a local path only if, after resolving symlinks, it lies under one of the configured roots and not
-    under the artifact root (every team's runs and uploads: those are reachable only as ``run`` sources and
-    uploads). Messages do not repeat the path."""
+    """Accept a local path only if, after resolving symlinks, it lies under one of the configured roots and
+    not under the artifact root (every team's runs and uploads: those are reachable only as ``run`` sources
+    and uploads). Messages do not repeat the path."""
     if not roots:
-        raise ValidationError({field: f"Local {kind} paths are disabled on this server (no {kind} roots configured)."})
+        raise ValidationError(
+            {field: f"Local {kind} paths are disabled on this server (no {kind} roots configured)."}
+        )
     try:
         resolved = Path(path).expanduser().resolve()
     except (OSError, ValueError):
-        raise ValidationError({field: f"This is not a path of a {kind} folder or file on the server."}) from None
+        raise ValidationError(
+            {field: f"This is not a path of a {kind} folder or file on the server."}
+        ) from None
     if sources.is_within(resolved, [settings.ARTIFACT_ROOT]) or not sources.is_within(resolved, roots):
         raise ValidationError({field: f"This path is outside the allowed {kind} folders."})
     if not resolved.exists():
@@ -56,22 +95,27 @@ def check_local_path(path: str, *, roots: Sequence[Path], field: str, kind: str)
     return str(resolved)
 
 
-def check_hub_field(fields: dict[str, Any], field: str, problem_of=sources.repo_id_problem, *,
-                    what: str = "hub id") -> None:
-    """A ValidationError keyed ``field`` when ``fields[field]`` is given and is not a ``what`` of the hub's syntax
-    (``workers.engine.sources``): a hub identifier is never a path, a URL or an encoded string."""
+def check_hub_field(
+    fields: dict[str, Any], field: str, problem_of=sources.repo_id_problem, *, what: str = "hub id"
+) -> None:
+    """A ValidationError keyed ``field`` when ``fields[field]`` is given and is not a ``what`` of the hub's
+    syntax (``workers.engine.sources``): a hub identifier is never a path, a URL or an encoded string."""
     value = fields.get(field)
     if value in (None, ""):
         return
     problem = problem_of(value)
     if problem:
-        example = {"hub id": "org/name", "revision": "main, v1.0 or a commit sha",
-                   "hub dataset name": "org/name"}.get(what, "org/name")
+        example = {
+            "hub id": "org/name",
+            "revision": "main, v1.0 or a commit sha",
+            "hub dataset name": "org/name",
+        }.get(what, "org/name")
         raise ValidationError({field: f"Enter a {what} such as {example}: {problem}."})
 
 
 def _check_config_tokenizer(config: dict[str, Any]) -> dict[str, Any]:
-    """The tokenizer a ``config`` model names: a hub id, or an absolute path of a folder under a model root."""
+    """The tokenizer a ``config`` model names: a hub id, or an absolute path of a folder under a model
+    root."""
     tokenizer = config.get("tokenizer")
     if tokenizer in (None, ""):
         return config
@@ -85,8 +129,12 @@ def _check_config_tokenizer(config: dict[str, Any]) -> dict[str, Any]:
         return {**config, "tokenizer": local}
     problem = sources.repo_id_problem(tokenizer)
     if problem:
-        raise ValidationError({"config": f'"tokenizer" must be a hub id such as org/name, or the absolute path of a '
-                                         f"folder under a model root: {problem}."})
+        raise ValidationError(
+            {
+                "config": f'"tokenizer" must be a hub id such as org/name, or the absolute path of a '
+                f"folder under a model root: {problem}."
+            }
+        )
     return config
 
 
@@ -102,7 +150,9 @@ def clean_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
             raise ValidationError({"builtin_arch": f"Choose one of: {', '.join(BUILTIN_ARCHS)}."})
         hidden = (fields.get("config") or {}).get("hidden_sizes", [])
         if not isinstance(hidden, list) or not all(isinstance(h, int) and 1 <= h <= 65536 for h in hidden):
-            raise ValidationError({"config": "hidden_sizes must be a list of layer widths between 1 and 65536."})
+            raise ValidationError(
+                {"config": "hidden_sizes must be a list of layer widths between 1 and 65536."}
+            )
     elif source == ModelSpec.Source.CONFIG:
         config = fields.get("config")
         if not isinstance(config, dict) or not config.get("model_type"):
@@ -197,8 +247,8 @@ def parent_architecture(spec: ModelSpec) -> Any | None:
 def clean_dataset_fields(fields: dict[str, Any], *, stored_path: str | Path | None = None) -> dict[str, Any]:
     """Check and complete a dataset's fields.
 
-    ``stored_path`` is where the service stored an uploaded file (source ``upload``); an upload's path never comes
-    from input.
+    ``stored_path`` is where the service stored an uploaded file (source ``upload``); an upload's path never
+    comes from input.
     """
     fields = dict(fields)
     source = fields.get("source")
@@ -213,7 +263,9 @@ def clean_dataset_fields(fields: dict[str, Any], *, stored_path: str | Path | No
             fields.setdefault("num_labels", info["num_labels"])
             fields.setdefault("label_names", info["label_names"])
             if fields["num_labels"] != info["num_labels"]:
-                raise ValidationError({"num_labels": f"{fields['builtin_name']} has {info['num_labels']} labels."})
+                raise ValidationError(
+                    {"num_labels": f"{fields['builtin_name']} has {info['num_labels']} labels."}
+                )
             fields["label_names"] = fields["label_names"] or info["label_names"]
         else:
             fields["num_labels"], fields["label_names"] = 0, []
@@ -234,8 +286,11 @@ def clean_dataset_fields(fields: dict[str, Any], *, stored_path: str | Path | No
         if not stored_path:
             raise ValidationError({"upload": "Choose a file to upload."})
         stored = Path(stored_path).resolve()
-        if not stored.is_relative_to(uploads_rules.upload_dir().resolve()) or not stored.is_file() \
-                or uploads_rules.upload_suffix(stored.name) is None:
+        if (
+            not stored.is_relative_to(uploads_rules.upload_dir().resolve())
+            or not stored.is_file()
+            or uploads_rules.upload_suffix(stored.name) is None
+        ):
             raise ValidationError({"upload": "The uploaded file was not stored where expected."})
         fields["local_path"] = str(stored)
     else:
@@ -247,7 +302,9 @@ def clean_dataset_fields(fields: dict[str, Any], *, stored_path: str | Path | No
             fields["eval_local_path"], roots=settings.DATASET_ROOTS, field="eval_local_path", kind="dataset"
         )
     if fields.get("pack") and fields.get("task", _CLS) != _LM:
-        raise ValidationError({"pack": "Packing texts into blocks applies to causal language modelling only."})
+        raise ValidationError(
+            {"pack": "Packing texts into blocks applies to causal language modelling only."}
+        )
     if fields.get("task", _CLS) == _CLS and (not fields.get("num_labels") or fields["num_labels"] < 2):
         raise ValidationError({"num_labels": "A classification dataset needs at least 2 labels."})
     return fields
@@ -261,6 +318,8 @@ def dataset_kind(dataset: DatasetSpec) -> str:
 
 
 def model_kind(model: ModelSpec) -> str:
-    if model.source == ModelSpec.Source.BUILTIN or (model.source == ModelSpec.Source.RUN and model.builtin_arch):
+    if model.source == ModelSpec.Source.BUILTIN or (
+        model.source == ModelSpec.Source.RUN and model.builtin_arch
+    ):
         return "tabular"
     return "text"

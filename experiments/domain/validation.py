@@ -1,5 +1,5 @@
-"""Validation rules shared by forms, services and the API: training settings, terms and their sweeps, seeds, and
-whether an experiment's parts fit together. Messages name the field a user fixes."""
+"""Validation rules shared by forms, services and the API: training settings, terms and their sweeps, seeds,
+and whether an experiment's parts fit together. Messages name the field a user fixes."""
 
 from __future__ import annotations
 
@@ -19,18 +19,37 @@ TRAIN_FIELDS: dict[str, tuple[type, float, float, str]] = {
     "lr": (float, 1e-8, 1.0, "Peak learning rate (AdamW)"),
     "weight_decay": (float, 0.0, 1.0, "AdamW weight decay"),
     "warmup_steps": (int, 0, 1_000_000, "Linear warm-up steps"),
-    "eval_every": (int, 1, 1_000_000, "Evaluate every N steps (on the validation slice with early stopping, "
-                                      "else on the eval split)"),
+    "eval_every": (
+        int,
+        1,
+        1_000_000,
+        "Evaluate every N steps (on the validation slice with early stopping, else on the eval split)",
+    ),
     "save_every": (int, 1, 1_000_000, "Checkpoint every N steps"),
     "log_every": (int, 1, 100_000, "Log training losses every N steps"),
     "grad_clip": (float, 0.0, 1e6, "Gradient-norm clipping (0 = off)"),
-    "labelled_fraction": (float, 0.01, 1.0, "Fraction of train rows whose labels are used (the rest are "
-                                            "unlabelled inputs that only teacher terms learn from)"),
-    "early_stopping_patience": (int, 0, 10_000, "Early stopping: stop after this many evaluations without "
-                                                "improvement of the watched metric on the validation slice "
-                                                "(0 = off)"),
-    "validation_fraction": (float, 0.01, 0.5, "Early stopping: fraction of the labelled train rows held out of "
-                                              "training to select on; the eval split is only reported"),
+    "labelled_fraction": (
+        float,
+        0.01,
+        1.0,
+        "Fraction of train rows whose labels are used (the rest are "
+        "unlabelled inputs that only teacher terms learn from)",
+    ),
+    "early_stopping_patience": (
+        int,
+        0,
+        10_000,
+        "Early stopping: stop after this many evaluations without "
+        "improvement of the watched metric on the validation slice "
+        "(0 = off)",
+    ),
+    "validation_fraction": (
+        float,
+        0.01,
+        0.5,
+        "Early stopping: fraction of the labelled train rows held out of "
+        "training to select on; the eval split is only reported",
+    ),
 }
 
 
@@ -119,17 +138,22 @@ def clean_train(train: dict[str, Any], *, limit: int | None = None) -> dict[str,
         # Every combination of a sweep is trained, so the longest warm-up must fit the shortest run.
         warmup, steps = max(_as_list(merged["warmup_steps"])), min(_as_list(merged["max_steps"]))
         if warmup and warmup >= steps:
-            errors["warmup_steps"] = ["Warm-up must be shorter than the run (max steps)."
-                                      if not _swept(merged, "warmup_steps", "max_steps") else
-                                      f"Warm-up must be shorter than the run: {warmup} warm-up steps do not fit "
-                                      f"in a run of {steps} steps."]
+            errors["warmup_steps"] = [
+                "Warm-up must be shorter than the run (max steps)."
+                if not _swept(merged, "warmup_steps", "max_steps")
+                else f"Warm-up must be shorter than the run: {warmup} warm-up steps do not fit "
+                f"in a run of {steps} steps."
+            ]
     if "early_stopping_patience" not in errors and "early_stopping_metric" not in errors:
         patience = max(_as_list(merged.get("early_stopping_patience", 0)))
         if patience and not merged.get("early_stopping_metric"):
-            errors["early_stopping_metric"] = ["Choose the metric early stopping watches on the validation slice."]
+            errors["early_stopping_metric"] = [
+                "Choose the metric early stopping watches on the validation slice."
+            ]
         elif merged.get("early_stopping_metric") and not patience:
-            errors["early_stopping_patience"] = ["Give a patience of at least 1 evaluation, or clear the "
-                                                 "early-stopping metric."]
+            errors["early_stopping_patience"] = [
+                "Give a patience of at least 1 evaluation, or clear the early-stopping metric."
+            ]
     if errors:
         raise ValidationError(errors)
     return merged
@@ -144,18 +168,33 @@ def check_selection(train: dict[str, Any], *, dataset: DatasetSpec) -> dict[str,
         return train
     allowed = EARLY_STOPPING_METRICS.get(dataset.task, {})
     if metric not in allowed:
-        raise ValidationError({"early_stopping_metric": (
-            f"A {dataset.task} run's validation slice reports {', '.join(allowed) or 'no metric every run has'}; "
-            f"it cannot watch {metric}.")})
+        raise ValidationError(
+            {
+                "early_stopping_metric": (
+                    f"A {dataset.task} run's validation slice reports "
+                    f"{', '.join(allowed) or 'no metric every run has'}; "
+                    f"it cannot watch {metric}."
+                )
+            }
+        )
     counts = dataset.splits if isinstance(dataset.splits, dict) else {}
     rows = counts.get("train")
     if isinstance(rows, int) and not isinstance(rows, bool):
-        labelled = rows * min(_as_list(train.get("labelled_fraction", 1.0))) if dataset.task == "classification" \
+        labelled = (
+            rows * min(_as_list(train.get("labelled_fraction", 1.0)))
+            if dataset.task == "classification"
             else rows
+        )
         if round(labelled) < 2:
-            raise ValidationError({"validation_fraction": (
-                f"Early stopping holds a validation slice out of the labelled train rows, but this dataset has about "
-                f"{round(labelled)} of them; at least 2 are needed (one to select on, one to train on).")})
+            raise ValidationError(
+                {
+                    "validation_fraction": (
+                        "Early stopping holds a validation slice out of the labelled train rows, but this "
+                        f"dataset has about {round(labelled)} of them; at least 2 are needed "
+                        "(one to select on, one to train on)."
+                    )
+                }
+            )
     return train
 
 
@@ -170,19 +209,24 @@ def _swept(train: dict[str, Any], *keys: str) -> bool:
 def _clean_sweep(values: list[Any], kind: type, lo: float, hi: float, field: str, limit: int) -> Any:
     """A swept setting: every value checked, none repeated, at most ``limit``; one value is kept plain."""
     if len(values) > limit:
-        raise ValidationError({field: f"This gives {len(values):,} values; at most {limit:,} fit in one experiment."})
+        raise ValidationError(
+            {field: f"This gives {len(values):,} values; at most {limit:,} fit in one experiment."}
+        )
     cleaned = [_number(v, kind, lo, hi, field) for v in values]
     if len(set(cleaned)) != len(cleaned):
         raise ValidationError({field: "Each swept value may appear once."})
     return cleaned if len(cleaned) > 1 else cleaned[0]
 
 
-def clean_term_sweeps(term_sweeps: Any, *, recipes: Sequence[Recipe], limit: int | None = None) -> dict[str, list]:
-    """Validate sweeps of recipe term parameters (``{"kd.temperature": [2, 4]}``) against the engine's schema and
-    the chosen recipes: every swept term must be in at least one chosen recipe (hard-label baselines aside).
+def clean_term_sweeps(
+    term_sweeps: Any, *, recipes: Sequence[Recipe], limit: int | None = None
+) -> dict[str, list]:
+    """Validate sweeps of recipe term parameters (``{"kd.temperature": [2, 4]}``) against the engine's schema
+    and the chosen recipes: every swept term must be in at least one chosen recipe (hard-label baselines
+    aside).
 
-    Errors are keyed ``term_sweeps``. Combinations (a recipe's terms with the swept values set) are checked when
-    the runs are planned, once the grid is known to be small enough.
+    Errors are keyed ``term_sweeps``. Combinations (a recipe's terms with the swept values set) are checked
+    when the runs are planned, once the grid is known to be small enough.
     """
     from experiments.domain.sweeps import SweepError, check_term_values, term_axis
 
@@ -205,7 +249,9 @@ def clean_term_sweeps(term_sweeps: Any, *, recipes: Sequence[Recipe], limit: int
             continue
         term = term_axis(axis)[0]
         if term not in present:
-            errors.append(f"{axis}: no chosen recipe has a {term} term; choose one that does, or remove this line.")
+            errors.append(
+                f"{axis}: no chosen recipe has a {term} term; choose one that does, or remove this line."
+            )
     if errors:
         raise ValidationError({"term_sweeps": errors})
     return cleaned
@@ -223,7 +269,8 @@ def clean_seeds(seeds: Sequence[Any]) -> list[int]:
 
 
 def clean_terms(terms: list[dict[str, Any]], *, scheme: str) -> list[dict[str, Any]]:
-    """Validate a recipe's weighted loss terms (parameters and optional schedules) against the engine's schema.
+    """Validate a recipe's weighted loss terms (parameters and optional schedules) against the engine's
+    schema.
 
     Returns plain JSON: ``{"name", "weight", "params"}`` plus ``"schedule"`` when the term has one.
     """
@@ -240,12 +287,19 @@ def clean_terms(terms: list[dict[str, Any]], *, scheme: str) -> list[dict[str, A
             raise ValidationError({"terms": f"Term {i} needs a name."})
         weight = _number(term.get("weight", 1.0), float, 0.0, 1e6, "terms")
         try:
-            valid = validate_term(LossTermConfig(term["name"], weight, term.get("params") or {},
-                                                 term.get("schedule") or {}))
+            valid = validate_term(
+                LossTermConfig(term["name"], weight, term.get("params") or {}, term.get("schedule") or {})
+            )
         except ConfigError as exc:
             raise ValidationError({"terms": f"Term {i} ({term['name']}): {exc}"}) from None
-        cleaned.append({"name": valid.name, "weight": valid.weight, "params": valid.params,
-                        **({"schedule": valid.schedule} if valid.schedule else {})})
+        cleaned.append(
+            {
+                "name": valid.name,
+                "weight": valid.weight,
+                "params": valid.params,
+                **({"schedule": valid.schedule} if valid.schedule else {}),
+            }
+        )
     if not any(max_weight(t["weight"], t.get("schedule", {})) > 0 for t in cleaned):
         raise ValidationError({"terms": "At least one term needs a positive weight."})
     names = [t["name"] for t in cleaned]
@@ -267,9 +321,17 @@ def clean_scheme_params(scheme: str, params: dict[str, Any]) -> dict[str, Any]:
         raise ValidationError({"scheme_params": str(exc)}) from None
 
 
-def check_experiment(*, team, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
-                     recipes: Sequence[Recipe], assistant: ModelSpec | None = None,
-                     extra_teachers: Sequence[ModelSpec] = (), teacher_weights: Sequence[Any] = ()) -> list[float]:
+def check_experiment(
+    *,
+    team,
+    dataset: DatasetSpec,
+    teacher: ModelSpec | None,
+    students: Sequence[ModelSpec],
+    recipes: Sequence[Recipe],
+    assistant: ModelSpec | None = None,
+    extra_teachers: Sequence[ModelSpec] = (),
+    teacher_weights: Sequence[Any] = (),
+) -> list[float]:
     """Pre-flight checks that make a whole experiment invalid (nothing is created).
 
     Returns the cleaned multi-teacher weights (main teacher first; equal weights when none are given).
@@ -301,24 +363,40 @@ def check_experiment(*, team, dataset: DatasetSpec, teacher: ModelSpec | None, s
     for recipe in recipes:
         allowed = SCHEME_TASKS.get(recipe.scheme)
         if allowed and dataset.task not in allowed:
-            err("recipes", f"Recipe {recipe} ({recipe.scheme}) works on {' / '.join(allowed)} data, "
-                           f"not {dataset.task}.")
+            err(
+                "recipes",
+                f"Recipe {recipe} ({recipe.scheme}) works on {' / '.join(allowed)} data, not {dataset.task}.",
+            )
     if teacher is not None and teacher in students:
         err("students", "The teacher cannot also be a student.")
     data_kind = specs.dataset_kind(dataset)
-    for field, models in (("teacher", [teacher]), ("assistant", [assistant]), ("extra_teachers", extra_teachers),
-                          ("students", students)):
+    for field, models in (
+        ("teacher", [teacher]),
+        ("assistant", [assistant]),
+        ("extra_teachers", extra_teachers),
+        ("students", students),
+    ):
         for model in models:
             if model is None:
                 continue
             if model.task != dataset.task:
-                err(field, f"{model} is a {model.get_task_display().lower()} model but {dataset} is "
-                           f"{dataset.get_task_display().lower()} data.")
+                err(
+                    field,
+                    f"{model} is a {model.get_task_display().lower()} model but {dataset} is "
+                    f"{dataset.get_task_display().lower()} data.",
+                )
             elif specs.model_kind(model) != data_kind:
-                need = "numeric features (builtin nets such as mlp)" if data_kind == "tabular" else "text (transformers)"
+                need = (
+                    "numeric features (builtin nets such as mlp)"
+                    if data_kind == "tabular"
+                    else "text (transformers)"
+                )
                 err(field, f"{model} cannot read {dataset}: that dataset needs a model for {need}.")
             elif dataset.task == "classification" and model.num_labels != dataset.num_labels:
-                err(field, f"{model} predicts {model.num_labels} labels but {dataset} has {dataset.num_labels}.")
+                err(
+                    field,
+                    f"{model} predicts {model.num_labels} labels but {dataset} has {dataset.num_labels}.",
+                )
     if errors:
         raise ValidationError(errors)
     return weights

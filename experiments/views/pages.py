@@ -20,7 +20,7 @@ from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 
 from experiments import forms, plots
-from experiments.domain import routing, specs, uploads
+from experiments.domain import input_rules, routing, specs, uploads
 from experiments.domain.engine_config import TRAIN_DEFAULTS
 from experiments.listing import list_page
 from experiments.models import DatasetSpec, Experiment, Run
@@ -134,7 +134,7 @@ def model_derive(request: HttpRequest, model_id: int) -> HttpResponse:
                 parent=parent, created_by=request.user, **form.service_kwargs()
             )
         except ValidationError as exc:
-            forms.add_service_errors(form, exc, {"__all__": "name", "config": "layers", "parent": "__all__"})
+            forms.add_service_errors(form, exc, input_rules.MODEL_DERIVE_ALIASES)
         else:
             messages.success(request, f"Derived {spec} from {parent}; use it as a student.")
             return redirect("experiments:model_detail", model_id=spec.pk)
@@ -417,7 +417,7 @@ def run_register_model(request: HttpRequest, run_id: int) -> HttpResponse:
                 run=run, name=form.cleaned_data["name"], created_by=request.user
             )
         except ValidationError as exc:
-            forms.add_service_errors(form, exc, {"__all__": "name"})
+            forms.add_service_errors(form, exc, input_rules.REGISTER_MODEL_ALIASES)
         else:
             messages.success(
                 request, f"Registered {spec} from run #{run.pk}; use it as a teacher or a student."

@@ -1,4 +1,5 @@
-"""Fixtures of the API tests: tokens, a JSON client that sends one, and records of the user's and another team."""
+"""Fixtures of the API tests: tokens, a JSON client that sends one, and records of the user's and another
+team."""
 
 from __future__ import annotations
 
@@ -57,8 +58,13 @@ def anonymous(client) -> Api:
 def experiment(team, digits_setup):
     from tests.factories import ExperimentFactory
 
-    experiment = ExperimentFactory(team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"],
-                                   seeds=[0], train={"max_steps": 20})
+    experiment = ExperimentFactory(
+        team=team,
+        dataset=digits_setup["dataset"],
+        teacher=digits_setup["teacher"],
+        seeds=[0],
+        train={"max_steps": 20},
+    )
     experiment.students.set(digits_setup["students"])
     experiment.recipes.set([digits_setup["recipe"]])
     return experiment
@@ -68,8 +74,12 @@ def experiment(team, digits_setup):
 def run(experiment, digits_setup):
     from tests.factories import RunFactory
 
-    return RunFactory(experiment=experiment, student=digits_setup["students"][0], recipe=digits_setup["recipe"],
-                      teacher=digits_setup["teacher"])
+    return RunFactory(
+        experiment=experiment,
+        student=digits_setup["students"][0],
+        recipe=digits_setup["recipe"],
+        teacher=digits_setup["teacher"],
+    )
 
 
 @pytest.fixture
@@ -83,22 +93,62 @@ def foreign(other_team):
     run = RunFactory(experiment=experiment, status=Run.Status.SUCCEEDED, step=20, finished_at=timezone.now())
     experiment.students.set([run.student])
     experiment.recipes.set([run.recipe])
-    Evaluation.objects.create(team=other_team, role=Evaluation.Role.STUDENT, run=run, model=run.student,
-                              dataset=dataset, split_key="k", accuracy=0.5, param_count=100)
-    return {"experiment": experiment, "run": run, "model": run.student, "dataset": dataset, "recipe": run.recipe}
+    Evaluation.objects.create(
+        team=other_team,
+        role=Evaluation.Role.STUDENT,
+        run=run,
+        model=run.student,
+        dataset=dataset,
+        split_key="k",
+        accuracy=0.5,
+        param_count=100,
+    )
+    return {
+        "experiment": experiment,
+        "run": run,
+        "model": run.student,
+        "dataset": dataset,
+        "recipe": run.recipe,
+    }
 
 
-def succeeded_run(experiment, student, recipe, seed: int, accuracy: float, *, baseline: bool = False,
-                  params: int = 1000, latency: float = 0.5):
+def succeeded_run(
+    experiment,
+    student,
+    recipe,
+    seed: int,
+    accuracy: float,
+    *,
+    baseline: bool = False,
+    params: int = 1000,
+    latency: float = 0.5,
+):
     """A finished run with its student evaluation."""
     from experiments.models import Evaluation, Run
     from tests.factories import RunFactory
 
-    run = RunFactory(experiment=experiment, student=student, recipe=recipe, seed=seed, is_baseline=baseline,
-                     status=Run.Status.SUCCEEDED, step=20, total_steps=20, finished_at=timezone.now())
-    Evaluation.objects.create(team=experiment.team, role=Evaluation.Role.STUDENT, run=run, model=student,
-                              dataset=experiment.dataset, split_key="k", accuracy=accuracy, param_count=params,
-                              latency_ms=latency)
+    run = RunFactory(
+        experiment=experiment,
+        student=student,
+        recipe=recipe,
+        seed=seed,
+        is_baseline=baseline,
+        status=Run.Status.SUCCEEDED,
+        step=20,
+        total_steps=20,
+        finished_at=timezone.now(),
+    )
+    Evaluation.objects.create(
+        team=experiment.team,
+        role=Evaluation.Role.STUDENT,
+        run=run,
+        model=student,
+        dataset=experiment.dataset,
+        split_key="k",
+        accuracy=accuracy,
+        param_count=params,
+        latency_ms=latency,
+    )
     return run
 
 
@@ -110,11 +160,22 @@ def ranked(team, experiment, digits_setup):
 
     s1, s2 = digits_setup["students"]
     kd = digits_setup["recipe"]
-    base = RecipeFactory(team=team, name="hard_labels", scheme=Recipe.Scheme.HARD_LABELS,
-                         terms=[{"name": "ce", "weight": 1.0, "params": {}}])
-    Evaluation.objects.create(team=team, role=Evaluation.Role.TEACHER, model=digits_setup["teacher"],
-                              dataset=experiment.dataset, split_key="k", accuracy=0.9, param_count=8000,
-                              latency_ms=2.0)
+    base = RecipeFactory(
+        team=team,
+        name="hard_labels",
+        scheme=Recipe.Scheme.HARD_LABELS,
+        terms=[{"name": "ce", "weight": 1.0, "params": {}}],
+    )
+    Evaluation.objects.create(
+        team=team,
+        role=Evaluation.Role.TEACHER,
+        model=digits_setup["teacher"],
+        dataset=experiment.dataset,
+        split_key="k",
+        accuracy=0.9,
+        param_count=8000,
+        latency_ms=2.0,
+    )
     for seed, acc in ((0, 0.85), (1, 0.87)):
         succeeded_run(experiment, s1, kd, seed, acc, params=2000)
     for seed, acc in ((0, 0.80), (1, 0.82)):

@@ -45,7 +45,9 @@ def test_no_credentials_is_a_401_json_not_a_login_redirect(anonymous):
     assert response["WWW-Authenticate"].startswith("Bearer")
 
 
-@pytest.mark.parametrize("header", ["Bearer nope", "Bearer dw_" + "x" * 40, "Token", "Bearer a b", "Bearer \u00e9"])
+@pytest.mark.parametrize(
+    "header", ["Bearer nope", "Bearer dw_" + "x" * 40, "Token", "Bearer a b", "Bearer \u00e9"]
+)
 def test_a_bad_token_is_a_401(client, user, header):
     response = client.get(_url("model_list"), headers={"Authorization": header})
 
@@ -159,8 +161,14 @@ def test_the_user_menu_links_to_the_token_page(client_logged_in):
 
 
 # --- team scoping ---------------------------------------------------------------------------------
-LISTS = {"model_list": "model", "dataset_list": "dataset", "recipe_list": "recipe", "experiment_list": "experiment",
-         "run_list": "run", "leaderboard_list": "dataset"}
+LISTS = {
+    "model_list": "model",
+    "dataset_list": "dataset",
+    "recipe_list": "recipe",
+    "experiment_list": "experiment",
+    "run_list": "run",
+    "leaderboard_list": "dataset",
+}
 
 
 @pytest.mark.parametrize(("name", "record"), LISTS.items())
@@ -191,8 +199,14 @@ def test_staff_see_every_team_and_record(client, staff_user, team, other_team, f
 
 
 # Every API URL that names a record, with each method it answers, is checked against another team's record.
-_RECORD_FOR_URL = {"model": "model", "dataset": "dataset", "recipe": "recipe", "experiment": "experiment",
-                   "run": "run", "leaderboard": "dataset"}
+_RECORD_FOR_URL = {
+    "model": "model",
+    "dataset": "dataset",
+    "recipe": "recipe",
+    "experiment": "experiment",
+    "run": "run",
+    "leaderboard": "dataset",
+}
 _BODIES = {"model_derive": {"name": "x", "layers": [0]}, "run_register": {"name": "stolen"}}
 
 
@@ -209,9 +223,22 @@ def _record_urls() -> list[tuple[str, str, str]]:
 def test_every_record_url_is_covered():
     names = {name for name, _, _ in _record_urls()}
 
-    assert {"model_detail", "dataset_detail", "recipe_detail", "recipe_export", "experiment_detail",
-            "experiment_cancel", "experiment_export", "run_detail", "run_cancel", "run_requeue", "run_metrics",
-            "run_register", "model_derive", "leaderboard_detail"} <= names
+    assert {
+        "model_detail",
+        "dataset_detail",
+        "recipe_detail",
+        "recipe_export",
+        "experiment_detail",
+        "experiment_cancel",
+        "experiment_export",
+        "run_detail",
+        "run_cancel",
+        "run_requeue",
+        "run_metrics",
+        "run_register",
+        "model_derive",
+        "leaderboard_detail",
+    } <= names
 
 
 @pytest.mark.parametrize(("name", "method", "record"), _record_urls())
@@ -224,14 +251,24 @@ def test_another_teams_record_is_a_404_and_nothing_changes(api, foreign, name, m
     assert response.status_code == 404, response.content
     assert set(response.json()) == {"detail"}
     assert "secret" not in response.content.decode()
-    assert (Run.objects.get(pk=foreign["run"].pk).status, ModelSpec.objects.count(), Recipe.objects.count()) == before
+    assert (
+        Run.objects.get(pk=foreign["run"].pk).status,
+        ModelSpec.objects.count(),
+        Recipe.objects.count(),
+    ) == before
 
 
 @pytest.mark.parametrize("record", ["model", "dataset", "recipe", "experiment", "run"])
-def test_delete_is_not_offered_and_answers_the_same_for_any_team(api, foreign, experiment, run, digits_setup,
-                                                                   record):
-    own = {"model": digits_setup["teacher"], "dataset": digits_setup["dataset"], "recipe": digits_setup["recipe"],
-           "experiment": experiment, "run": run}[record]
+def test_delete_is_not_offered_and_answers_the_same_for_any_team(
+    api, foreign, experiment, run, digits_setup, record
+):
+    own = {
+        "model": digits_setup["teacher"],
+        "dataset": digits_setup["dataset"],
+        "recipe": digits_setup["recipe"],
+        "experiment": experiment,
+        "run": run,
+    }[record]
 
     mine = api.delete(_url(f"{record}_detail", pk=own.pk))
     theirs = api.delete(_url(f"{record}_detail", pk=foreign[record].pk))
@@ -248,8 +285,16 @@ def test_a_huge_or_odd_id_is_a_404_not_a_500(api):
 
 # --- records: create ------------------------------------------------------------------------------
 def test_create_a_builtin_model_with_the_web_forms_fields(api, team, user):
-    response = api.post(_url("model_list"), {"name": "mlp-64", "source": "builtin", "builtin_arch": "mlp",
-                                             "hidden_sizes": [64, 64], "num_labels": 10})
+    response = api.post(
+        _url("model_list"),
+        {
+            "name": "mlp-64",
+            "source": "builtin",
+            "builtin_arch": "mlp",
+            "hidden_sizes": [64, 64],
+            "num_labels": 10,
+        },
+    )
 
     assert response.status_code == 201, response.json()
     spec = ModelSpec.objects.get(name="mlp-64")
@@ -258,11 +303,17 @@ def test_create_a_builtin_model_with_the_web_forms_fields(api, team, user):
 
 
 def test_create_a_config_model_takes_the_config_as_an_object(api, team):
-    config = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 64}
+    config = {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
 
-    response = api.post(_url("model_list"), {"name": "tiny-bert", "source": "config", "config": config,
-                                             "num_labels": 10})
+    response = api.post(
+        _url("model_list"), {"name": "tiny-bert", "source": "config", "config": config, "num_labels": 10}
+    )
 
     assert response.status_code == 201, response.json()
     assert ModelSpec.objects.get(name="tiny-bert").config == config
@@ -314,8 +365,12 @@ def test_create_with_a_body_that_is_not_an_object_is_a_400(api, team, body):
 
 
 def test_malformed_json_is_a_400(api, team):
-    response = api.client.post(_url("model_list"), "{bad", content_type="application/json",
-                               headers={"Authorization": f"Bearer {api.token}"})
+    response = api.client.post(
+        _url("model_list"),
+        "{bad",
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {api.token}"},
+    )
 
     assert response.status_code == 400 and "JSON" in response.json()["detail"]
 
@@ -357,13 +412,26 @@ def test_a_taken_model_name_is_an_error_from_the_service(api, team, digits_setup
 def test_create_a_dataset_and_its_bad_input(api, team):
     ok = api.post(_url("dataset_list"), {"name": "iris", "source": "builtin", "builtin_name": "iris"})
     bad = {
-        "eval_fraction": api.post(_url("dataset_list"), {"name": "d", "source": "builtin", "builtin_name": "iris",
-                                                          "eval_fraction": 5}),
-        "builtin_name": api.post(_url("dataset_list"), {"name": "d", "source": "builtin", "builtin_name": "../x"}),
-        "local_path": api.post(_url("dataset_list"), {"name": "d", "source": "hf", "local_path": "/etc/passwd",
-                                                       "num_labels": 2}),
-        "label_names": api.post(_url("dataset_list"), {"name": "d", "source": "builtin", "builtin_name": "iris",
-                                                        "num_labels": 3, "label_names": ["a", "b"]}),
+        "eval_fraction": api.post(
+            _url("dataset_list"),
+            {"name": "d", "source": "builtin", "builtin_name": "iris", "eval_fraction": 5},
+        ),
+        "builtin_name": api.post(
+            _url("dataset_list"), {"name": "d", "source": "builtin", "builtin_name": "../x"}
+        ),
+        "local_path": api.post(
+            _url("dataset_list"), {"name": "d", "source": "hf", "local_path": "/etc/passwd", "num_labels": 2}
+        ),
+        "label_names": api.post(
+            _url("dataset_list"),
+            {
+                "name": "d",
+                "source": "builtin",
+                "builtin_name": "iris",
+                "num_labels": 3,
+                "label_names": ["a", "b"],
+            },
+        ),
     }
 
     assert ok.status_code == 201, ok.json()
@@ -374,9 +442,18 @@ def test_create_a_dataset_and_its_bad_input(api, team):
 
 
 def test_create_a_recipe_validates_terms_with_the_engine(api, team):
-    response = api.post(_url("recipe_list"), {"name": "kd-t4", "scheme": "offline", "description": "classic",
-                                              "terms": [{"name": "ce", "weight": 0.1},
-                                                        {"name": "kd", "weight": 0.9, "params": {"temperature": 4}}]})
+    response = api.post(
+        _url("recipe_list"),
+        {
+            "name": "kd-t4",
+            "scheme": "offline",
+            "description": "classic",
+            "terms": [
+                {"name": "ce", "weight": 0.1},
+                {"name": "kd", "weight": 0.9, "params": {"temperature": 4}},
+            ],
+        },
+    )
 
     assert response.status_code == 201, response.json()
     recipe = Recipe.objects.get(name="kd-t4")
@@ -420,9 +497,19 @@ def test_create_recipe_bad_input_is_a_400_with_the_field_message(api, team, chan
 
 
 def test_derive_a_student_from_a_transformers_model(api, team):
-    parent = ModelSpecFactory(team=team, name="bert-4", source=ModelSpec.Source.CONFIG, builtin_arch="",
-                              config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 4,
-                                      "num_attention_heads": 2, "intermediate_size": 64})
+    parent = ModelSpecFactory(
+        team=team,
+        name="bert-4",
+        source=ModelSpec.Source.CONFIG,
+        builtin_arch="",
+        config={
+            "model_type": "bert",
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+    )
 
     ok = api.post(_url("model_derive", pk=parent.pk), {"name": "bert-2", "layers": [0, 2]})
     bad = api.post(_url("model_derive", pk=parent.pk), {"name": "bert-x", "layers": [0, 9]})
@@ -497,15 +584,26 @@ def test_pagination_pages_and_caps_the_page_size(api, team):
 
 # --- experiments ----------------------------------------------------------------------------------
 def _experiment_body(team, setup, **change):
-    body = {"team": team.pk, "name": "kd sweep", "dataset": setup["dataset"].pk, "teacher": setup["teacher"].pk,
-            "students": [s.pk for s in setup["students"]], "recipes": [setup["recipe"].pk], "seeds": [0, 1],
-            "max_steps": 20, "batch_size": 32, "lr": 0.001, "lr_schedule": "cosine"}
+    body = {
+        "team": team.pk,
+        "name": "kd sweep",
+        "dataset": setup["dataset"].pk,
+        "teacher": setup["teacher"].pk,
+        "students": [s.pk for s in setup["students"]],
+        "recipes": [setup["recipe"].pk],
+        "seeds": [0, 1],
+        "max_steps": 20,
+        "batch_size": 32,
+        "lr": 0.001,
+        "lr_schedule": "cosine",
+    }
     body.update(change)
     return {k: v for k, v in body.items() if v is not None}
 
 
-def test_launch_creates_the_runs_and_enqueues_them_after_the_commit(api, team, digits_setup,
-                                                                     django_capture_on_commit_callbacks):
+def test_launch_creates_the_runs_and_enqueues_them_after_the_commit(
+    api, team, digits_setup, django_capture_on_commit_callbacks
+):
     with mock.patch(DISPATCH) as dispatch, django_capture_on_commit_callbacks(execute=True):
         response = api.post(_url("experiment_list"), _experiment_body(team, digits_setup))
 
@@ -516,9 +614,14 @@ def test_launch_creates_the_runs_and_enqueues_them_after_the_commit(api, team, d
     assert {c.kwargs["args"][0] for c in dispatch.call_args_list} == {r.pk for r in runs}
     body = response.json()
     assert body["id"] == experiment.pk and body["run_count"] == 8 and body["run_counts"]["queued"] == 8
-    assert body["status"] == "queued" and body["train"]["max_steps"] == 20 and body["train"]["lr_schedule"] == "cosine"
-    assert response["Location"].endswith(reverse("experiments:experiment_detail",
-                                                 kwargs={"experiment_id": experiment.pk}))
+    assert (
+        body["status"] == "queued"
+        and body["train"]["max_steps"] == 20
+        and body["train"]["lr_schedule"] == "cosine"
+    )
+    assert response["Location"].endswith(
+        reverse("experiments:experiment_detail", kwargs={"experiment_id": experiment.pk})
+    )
 
 
 def test_launch_accepts_the_forms_text_syntax_for_seeds(api, team, digits_setup):
@@ -534,8 +637,10 @@ def _web_form_errors(client, user, team, setup, change) -> dict[str, list[str]]:
     from django.test import Client
 
     body = _experiment_body(team, setup, **change)
-    data = {k: (",".join(map(str, v)) if k in ("seeds", "teacher_weights") and isinstance(v, list) else v)
-            for k, v in body.items()}
+    data = {
+        k: (",".join(map(str, v)) if k in ("seeds", "teacher_weights") and isinstance(v, list) else v)
+        for k, v in body.items()
+    }
     browser = Client()
     browser.force_login(user)
     form = browser.post(reverse("experiments:experiment_create"), data).context["form"]
@@ -563,8 +668,9 @@ def _web_form_errors(client, user, team, setup, change) -> dict[str, list[str]]:
         ({"lr": "1e-4:1e-3:log999999"}, "lr"),
     ],
 )
-def test_launch_bad_input_gives_the_web_forms_field_errors_and_creates_nothing(api, user, team, digits_setup,
-                                                                                change, field):
+def test_launch_bad_input_gives_the_web_forms_field_errors_and_creates_nothing(
+    api, user, team, digits_setup, change, field
+):
     with mock.patch(DISPATCH) as dispatch:
         response = api.post(_url("experiment_list"), _experiment_body(team, digits_setup, **change))
         web = _web_form_errors(api.client, user, team, digits_setup, change)
@@ -596,8 +702,14 @@ def test_launch_bad_json_shapes_are_400s(api, team, digits_setup, change, field,
 
 
 def test_launch_a_sweep_of_training_settings_and_term_parameters(api, team, digits_setup):
-    body = _experiment_body(team, digits_setup, students=[digits_setup["students"][0].pk], seeds=[0],
-                            lr=[0.001, 0.003], term_sweeps={"kd.temperature": [2, 4]})
+    body = _experiment_body(
+        team,
+        digits_setup,
+        students=[digits_setup["students"][0].pk],
+        seeds=[0],
+        lr=[0.001, 0.003],
+        term_sweeps={"kd.temperature": [2, 4]},
+    )
 
     with mock.patch(DISPATCH):
         response = api.post(_url("experiment_list"), body)
@@ -609,7 +721,11 @@ def test_launch_a_sweep_of_training_settings_and_term_parameters(api, team, digi
     kd_runs = experiment.runs.filter(is_baseline=False)
     assert kd_runs.count() == 4  # 2 learning rates × 2 temperatures
     assert {(r.config["train"]["lr"], r.config["terms"][1]["params"]["temperature"]) for r in kd_runs} == {
-        (0.001, 2), (0.001, 4), (0.003, 2), (0.003, 4)}
+        (0.001, 2),
+        (0.001, 4),
+        (0.003, 2),
+        (0.003, 4),
+    }
 
 
 def test_a_sweep_over_the_run_cap_is_refused_with_the_count(api, team, digits_setup, settings):
@@ -618,7 +734,9 @@ def test_a_sweep_over_the_run_cap_is_refused_with_the_count(api, team, digits_se
     response = api.post(_url("experiment_list"), _experiment_body(team, digits_setup, seeds=list(range(5))))
 
     assert response.status_code == 400
-    assert "20 runs" in " ".join(response.json()["seeds"]) and "the limit is 10" in " ".join(response.json()["seeds"])
+    assert "20 runs" in " ".join(response.json()["seeds"]) and "the limit is 10" in " ".join(
+        response.json()["seeds"]
+    )
     assert not Experiment.objects.exists()
 
 
@@ -637,7 +755,9 @@ def test_check_reports_the_runs_and_checks_and_creates_nothing(api, team, digits
 def test_check_of_an_oversized_sweep_says_it_cannot_launch(api, team, digits_setup, settings):
     settings.MAX_RUNS_PER_EXPERIMENT = 10
 
-    body = api.post(_url("experiment_check"), _experiment_body(team, digits_setup, lr=[0.001, 0.002, 0.003])).json()
+    body = api.post(
+        _url("experiment_check"), _experiment_body(team, digits_setup, lr=[0.001, 0.002, 0.003])
+    ).json()
 
     assert body["runs"] == 24 and not body["can_launch"]
     assert "the limit is 10" in " ".join(body["errors"]["lr"])
@@ -651,8 +771,9 @@ def test_check_with_bad_input_is_a_400_like_a_launch(api, team, digits_setup):
 
 
 def test_launch_with_another_teams_records_is_refused(api, team, digits_setup, foreign):
-    response = api.post(_url("experiment_list"), _experiment_body(team, digits_setup,
-                                                                  students=[foreign["model"].pk]))
+    response = api.post(
+        _url("experiment_list"), _experiment_body(team, digits_setup, students=[foreign["model"].pk])
+    )
 
     assert response.status_code == 400 and "students" in response.json()
     assert not Experiment.objects.filter(team=team).exists()
@@ -695,8 +816,9 @@ def test_run_list_filters_by_experiment_and_status(api, team, experiment, run, d
     baseline = RunFactory(experiment=experiment, is_baseline=True, student=digits_setup["students"][0])
 
     queued = api.get(_url("run_list"), {"experiment": experiment.pk, "status": "queued"}).json()
-    both = api.get(_url("run_list"), {"experiment": experiment.pk, "status": "queued,succeeded",
-                                      "ordering": "id"}).json()
+    both = api.get(
+        _url("run_list"), {"experiment": experiment.pk, "status": "queued,succeeded", "ordering": "id"}
+    ).json()
     baselines = api.get(_url("run_list"), {"is_baseline": "true"}).json()
     other = api.get(_url("run_list"), {"experiment": elsewhere.experiment_id}).json()
     finished = api.get(_url("run_list"), {"status": "succeeded"}).json()["results"][0]
@@ -773,8 +895,9 @@ def test_metrics_by_name_with_nan_as_null(api, run):
     assert body["series"][0]["values"] == [1.0, None, 0.5]
 
 
-@pytest.mark.parametrize("params", [{"max_points": "3"}, {"max_points": "abc"}, {"max_points": "100000"},
-                                    {"name": "x" * 65}])
+@pytest.mark.parametrize(
+    "params", [{"max_points": "3"}, {"max_points": "abc"}, {"max_points": "100000"}, {"name": "x" * 65}]
+)
 def test_metrics_bad_parameters_are_400s(api, run, params):
     assert api.get(_url("run_metrics", pk=run.pk), params).status_code == 400
 
@@ -787,8 +910,10 @@ def test_leaderboard_mirrors_the_web_rows(api, experiment, ranked):
     assert body["count"] == body["total"] == 4 and body["dataset"]["id"] == experiment.dataset_id
     assert body["metric"]["name"] == "accuracy" and body["split"] == "k" and body["scope"] == "team"
     assert [(r["student"]["id"], r["recipe"]["id"], r["rank"]) for r in rows] == [
-        (ranked["s1"].pk, ranked["kd"].pk, 1), (ranked["s1"].pk, ranked["base"].pk, 2),
-        (ranked["s2"].pk, ranked["base"].pk, 3), (ranked["s2"].pk, ranked["kd"].pk, 4),
+        (ranked["s1"].pk, ranked["kd"].pk, 1),
+        (ranked["s1"].pk, ranked["base"].pk, 2),
+        (ranked["s2"].pk, ranked["base"].pk, 3),
+        (ranked["s2"].pk, ranked["kd"].pk, 4),
     ]
     top = rows[0]
     assert top["mean"] == pytest.approx(0.86) and top["seeds"] == 2
@@ -805,17 +930,25 @@ def test_leaderboard_budget_filters_and_pages(api, experiment, ranked):
     by_recipe = api.get(url, {"recipe": "kd-t4"}).json()
     page = api.get(url, {"limit": 1, "offset": 1}).json()
 
-    assert [(r["student"]["id"], r["rank"]) for r in budget["results"]] == [(ranked["s2"].pk, 1), (ranked["s2"].pk, 2)]
+    assert [(r["student"]["id"], r["rank"]) for r in budget["results"]] == [
+        (ranked["s2"].pk, 1),
+        (ranked["s2"].pk, 2),
+    ]
     assert budget["count"] == 2 and budget["total"] == 4
     assert {r["recipe"]["name"] for r in by_recipe["results"]} == {"kd-t4"} and by_recipe["count"] == 2
     assert page["count"] == 4 and [r["rank"] for r in page["results"]] == [2]
 
 
-@pytest.mark.parametrize(("params", "field"), [({"max_params": "lots"}, "max_params"),
-                                               ({"max_latency_ms": "-1"}, "max_latency_ms"),
-                                               ({"scope": "universe"}, "scope"),
-                                               ({"metric": "vibes"}, "metric"),
-                                               ({"split": "nope"}, "split")])
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"max_params": "lots"}, "max_params"),
+        ({"max_latency_ms": "-1"}, "max_latency_ms"),
+        ({"scope": "universe"}, "scope"),
+        ({"metric": "vibes"}, "metric"),
+        ({"split": "nope"}, "split"),
+    ],
+)
 def test_leaderboard_bad_parameters_are_400s(api, experiment, ranked, params, field):
     response = api.get(_url("leaderboard_detail", pk=experiment.dataset_id), params)
 
@@ -846,15 +979,32 @@ def test_the_schema_is_valid_openapi_3_listing_every_endpoint(anonymous):
     schema = response.json()
     validate_schema(schema)
     assert schema["openapi"].startswith("3.")
-    for path in ["/api/teams/", "/api/models/", "/api/models/{id}/", "/api/datasets/", "/api/recipes/",
-                 "/api/recipes/{id}/export.yaml", "/api/recipes/import", "/api/experiments/",
-                 "/api/experiments/{id}/cancel/", "/api/experiments/{id}/export.yaml", "/api/experiments/import",
-                 "/api/experiments/check", "/api/leaderboards/{id}/export.csv",
-                 "/api/runs/", "/api/runs/{id}/", "/api/runs/{id}/cancel/", "/api/runs/{id}/requeue/",
-                 "/api/runs/{id}/metrics/", "/api/leaderboards/{id}/"]:
+    for path in [
+        "/api/teams/",
+        "/api/models/",
+        "/api/models/{id}/",
+        "/api/datasets/",
+        "/api/recipes/",
+        "/api/recipes/{id}/export.yaml",
+        "/api/recipes/import",
+        "/api/experiments/",
+        "/api/experiments/{id}/cancel/",
+        "/api/experiments/{id}/export.yaml",
+        "/api/experiments/import",
+        "/api/experiments/check",
+        "/api/leaderboards/{id}/export.csv",
+        "/api/runs/",
+        "/api/runs/{id}/",
+        "/api/runs/{id}/cancel/",
+        "/api/runs/{id}/requeue/",
+        "/api/runs/{id}/metrics/",
+        "/api/leaderboards/{id}/",
+    ]:
         assert path in schema["paths"], path
     assert schema["components"]["securitySchemes"]["bearerToken"]["scheme"] == "bearer"
-    launch = schema["paths"]["/api/experiments/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    launch = schema["paths"]["/api/experiments/"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
     assert launch["$ref"] == "#/components/schemas/ExperimentCreateRequest"
 
 
@@ -885,15 +1035,28 @@ def _grow(team, digits_setup, n):
         ModelSpecFactory(team=team)
         DatasetSpecFactory(team=team)
         RecipeFactory(team=team)
-        experiment = ExperimentFactory(team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"])
+        experiment = ExperimentFactory(
+            team=team, dataset=digits_setup["dataset"], teacher=digits_setup["teacher"]
+        )
         experiment.students.set(digits_setup["students"])
         experiment.recipes.set([digits_setup["recipe"]])
         RunFactory(experiment=experiment, student=digits_setup["students"][0], recipe=digits_setup["recipe"])
         succeeded_run(experiment, digits_setup["students"][1], digits_setup["recipe"], i, 0.5 + i / 100)
 
 
-@pytest.mark.parametrize("name", ["team_list", "model_list", "dataset_list", "recipe_list", "experiment_list",
-                                  "run_list", "leaderboard_list", "leaderboard_detail"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "team_list",
+        "model_list",
+        "dataset_list",
+        "recipe_list",
+        "experiment_list",
+        "run_list",
+        "leaderboard_list",
+        "leaderboard_detail",
+    ],
+)
 def test_lists_use_a_constant_number_of_queries(api, team, digits_setup, name, django_assert_max_num_queries):
     url = _url(name, pk=digits_setup["dataset"].pk) if name == "leaderboard_detail" else _url(name)
     _grow(team, digits_setup, 2)

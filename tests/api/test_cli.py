@@ -110,7 +110,9 @@ def test_an_unreachable_server_is_a_clear_error(monkeypatch):
 
 
 # --- submit and status ----------------------------------------------------------------------------
-def test_submit_launches_the_yaml_and_status_lists_its_runs(logged_in, live_server, digits_setup, dispatch, tmp_path):
+def test_submit_launches_the_yaml_and_status_lists_its_runs(
+    logged_in, live_server, digits_setup, dispatch, tmp_path
+):
     code, out, err = run_cli("submit", str(_experiment_yaml(tmp_path)))
 
     assert code == 0, err
@@ -124,7 +126,7 @@ def test_submit_launches_the_yaml_and_status_lists_its_runs(logged_in, live_serv
     assert code == 0, err
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("RUN"))
-    rows = lines[header + 1:]
+    rows = lines[header + 1 :]
     assert len(rows) == 4 and "0/4 runs done (4 queued)" in out
     assert {int(line.split()[0]) for line in rows} == set(experiment.runs.values_list("pk", flat=True))
     assert sum("baseline hard_labels" in line for line in rows) == 2
@@ -158,7 +160,9 @@ def test_submit_check_shows_the_plan_and_launches_nothing(logged_in, digits_setu
     code, out, err = run_cli("submit", str(_experiment_yaml(tmp_path, seeds=[0, 1])), "--check")
 
     assert code == 0, err
-    assert out.startswith("8 runs: 2 students × 2 seeds") and "[ok] Runs:" in out and "Ready to launch." in out
+    assert (
+        out.startswith("8 runs: 2 students × 2 seeds") and "[ok] Runs:" in out and "Ready to launch." in out
+    )
     assert not Experiment.objects.exists() and not dispatch.called
 
 
@@ -205,8 +209,10 @@ def test_leaderboard_csv_is_the_pages_export(logged_in, experiment, ranked):
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["rank"], r["student"], r["recipe"], r["pareto"]) for r in rows] == [
-        ("1", "mlp-16", "kd-t4", "True"), ("2", "mlp-16", "hard_labels", "False"),
-        ("3", "mlp-32", "hard_labels", "True"), ("4", "mlp-32", "kd-t4", "False"),
+        ("1", "mlp-16", "kd-t4", "True"),
+        ("2", "mlp-16", "hard_labels", "False"),
+        ("3", "mlp-32", "hard_labels", "True"),
+        ("4", "mlp-32", "kd-t4", "False"),
     ]
     assert float(rows[0]["mean"]) == pytest.approx(0.86) and float(rows[0]["kd_gain"]) == pytest.approx(0.05)
     assert rows[0]["params"] == "2000" and len(rows[0]["run_ids"].split()) == 2
@@ -243,8 +249,13 @@ def test_export_and_import_a_recipe(logged_in, digits_setup):
 def test_the_console_script_reads_credentials_from_the_environment(live_server, user, experiment, run):
     env = {**os.environ, "DISTILLWEB_URL": live_server.url, "DISTILLWEB_TOKEN": make_token(user)}
 
-    result = subprocess.run([str(CONSOLE_SCRIPT), "status", str(experiment.pk)], env=env, capture_output=True,
-                            text=True, timeout=scaled(60))
+    result = subprocess.run(
+        [str(CONSOLE_SCRIPT), "status", str(experiment.pk)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
 
     assert result.returncode == 0, result.stderr
     assert f"Experiment {experiment.pk}" in result.stdout and str(run.pk) in result.stdout

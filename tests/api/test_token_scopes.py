@@ -1,6 +1,7 @@
-"""API token limits, enforced on every endpoint: an expiry (then 401), a read-only scope (every unsafe method is a
-403) and one team (the token sees and creates only that team's records). The endpoints are enumerated from the
-URL patterns, and the served schema is checked against them, so a new endpoint cannot escape these tests."""
+"""API token limits, enforced on every endpoint: an expiry (then 401), a read-only scope (every unsafe method
+is a 403) and one team (the token sees and creates only that team's records). The endpoints are enumerated
+from the URL patterns, and the served schema is checked against them, so a new endpoint cannot escape these
+tests."""
 
 from __future__ import annotations
 
@@ -21,15 +22,24 @@ from tests.factories import MembershipFactory
 pytestmark = pytest.mark.django_db
 
 SAFE = {"get", "head", "options"}
-_KIND = {"model": "model", "dataset": "dataset", "recipe": "recipe", "experiment": "experiment", "run": "run",
-         "leaderboard": "dataset"}
+_KIND = {
+    "model": "model",
+    "dataset": "dataset",
+    "recipe": "recipe",
+    "experiment": "experiment",
+    "run": "run",
+    "leaderboard": "dataset",
+}
 
 
 def _endpoints() -> list[tuple[str, str]]:
     """(URL name, method) of every API endpoint: each route of a viewset with each method it answers."""
-    return [(p.name, method) for p in api_urls.urlpatterns
-            if isinstance(p, URLPattern) and getattr(p.callback, "actions", None)
-            for method in p.callback.actions]
+    return [
+        (p.name, method)
+        for p in api_urls.urlpatterns
+        if isinstance(p, URLPattern) and getattr(p.callback, "actions", None)
+        for method in p.callback.actions
+    ]
 
 
 def _url(name: str, records: dict) -> str:
@@ -44,8 +54,13 @@ def _call(api: Api, method: str, url: str):
 
 
 def _state() -> tuple:
-    return (ModelSpec.objects.count(), DatasetSpec.objects.count(), Recipe.objects.count(),
-            Experiment.objects.count(), sorted(Run.objects.values_list("pk", "status", "cancel_requested")))
+    return (
+        ModelSpec.objects.count(),
+        DatasetSpec.objects.count(),
+        Recipe.objects.count(),
+        Experiment.objects.count(),
+        sorted(Run.objects.values_list("pk", "status", "cancel_requested")),
+    )
 
 
 def _token(user, **limits) -> str:
@@ -55,15 +70,24 @@ def _token(user, **limits) -> str:
 @pytest.fixture
 def own(digits_setup, experiment, run, ranked):
     """One record of every kind in the user's team, with a leaderboard."""
-    return {"model": digits_setup["teacher"], "dataset": digits_setup["dataset"], "recipe": digits_setup["recipe"],
-            "experiment": experiment, "run": run}
+    return {
+        "model": digits_setup["teacher"],
+        "dataset": digits_setup["dataset"],
+        "recipe": digits_setup["recipe"],
+        "experiment": experiment,
+        "run": run,
+    }
 
 
 def test_every_operation_of_the_served_schema_is_enumerated(anonymous):
     schema = anonymous.get(reverse("api:schema"), {"format": "json"}).json()
     endpoints = set(_endpoints())
-    operations = [(path, method) for path, item in schema["paths"].items() for method in item
-                  if method in {"get", "post", "put", "patch", "delete"}]
+    operations = [
+        (path, method)
+        for path, item in schema["paths"].items()
+        for method in item
+        if method in {"get", "post", "put", "patch", "delete"}
+    ]
 
     assert len(operations) >= 25
     for path, method in operations:
@@ -79,7 +103,9 @@ def test_the_enumeration_holds_reads_and_writes():
 
 # --- read-only --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "method"), [e for e in _endpoints() if e[1] not in SAFE])
-def test_a_read_only_token_is_refused_every_write_with_a_403_and_nothing_changes(client, user, own, name, method):
+def test_a_read_only_token_is_refused_every_write_with_a_403_and_nothing_changes(
+    client, user, own, name, method
+):
     api = Api(client, _token(user, scope=ApiToken.Scope.READ))
     before = _state()
 
@@ -101,8 +127,10 @@ def test_a_read_only_token_reads_every_endpoint(client, user, own, name, method)
 
 def test_a_token_created_without_limits_has_full_scope(client, user, team):
     api = Api(client, _token(user))
-    response = api.post(reverse("api:model_list"), {"name": "m", "source": "builtin", "builtin_arch": "mlp",
-                                                    "hidden_sizes": "32", "num_labels": 10})
+    response = api.post(
+        reverse("api:model_list"),
+        {"name": "m", "source": "builtin", "builtin_arch": "mlp", "hidden_sizes": "32", "num_labels": 10},
+    )
     assert response.status_code == 201, response.content
     assert ApiToken.objects.get().scope == ApiToken.Scope.WRITE
 
@@ -148,8 +176,12 @@ def two_teams(user, team, other_team, foreign):
 
 
 def _record_endpoints() -> list[tuple[str, str]]:
-    return [(name, method) for name, method in _endpoints()
-            if "pk" in next(p for p in api_urls.urlpatterns if getattr(p, "name", None) == name).pattern.converters]
+    return [
+        (name, method)
+        for name, method in _endpoints()
+        if "pk"
+        in next(p for p in api_urls.urlpatterns if getattr(p, "name", None) == name).pattern.converters
+    ]
 
 
 @pytest.mark.parametrize(("name", "method"), _record_endpoints())
@@ -178,7 +210,8 @@ def test_a_team_token_lists_only_its_team(client, user, team, own, two_teams, na
 
 
 def test_a_team_token_sees_the_other_teams_records_through_no_endpoint(client, user, team, own, two_teams):
-    """The control: the same user without the team limit does see them (so the 404s above come from the limit)."""
+    """The control: the same user without the team limit does see them (so the 404s above come from the
+    limit)."""
     unscoped = Api(client, _token(user))
     for name, method in _record_endpoints():
         if method == "get":
@@ -195,16 +228,22 @@ def test_a_team_token_creates_only_in_its_team(client, user, team, other_team, t
     created = scoped.post(reverse("api:model_list"), model)
     assert created.status_code == 201 and ModelSpec.objects.get(name="m").team == team
 
-    yaml_doc = "format: distillweb/v1\nkind: recipe\nname: r\nscheme: logits\nterms:\n- {name: kd, weight: 1.0}\n"
-    imported = scoped.post(reverse("api:recipe_import") + f"?team={other_team.pk}", yaml_doc,
-                           content_type="application/yaml")
+    yaml_doc = (
+        "format: distillweb/v1\nkind: recipe\nname: r\nscheme: logits\nterms:\n- {name: kd, weight: 1.0}\n"
+    )
+    imported = scoped.post(
+        reverse("api:recipe_import") + f"?team={other_team.pk}", yaml_doc, content_type="application/yaml"
+    )
     assert imported.status_code == 400 and "team" in imported.json()
     assert not Recipe.objects.filter(team=other_team, name="r").exists()
 
 
 def test_a_team_token_limits_staff_too(client, staff_user, team, other_team, foreign):
     scoped = Api(client, _token(staff_user, team=team))
-    assert scoped.get(reverse("api:experiment_detail", kwargs={"pk": foreign["experiment"].pk})).status_code == 404
+    assert (
+        scoped.get(reverse("api:experiment_detail", kwargs={"pk": foreign["experiment"].pk})).status_code
+        == 404
+    )
     assert [t["id"] for t in scoped.get(reverse("api:team_list")).json()["results"]] == [team.pk]
 
 
@@ -223,19 +262,22 @@ def test_a_team_token_of_a_user_who_left_the_team_sees_nothing(client, user, tea
 
 
 # --- the token page -------------------------------------------------------------------------------------
-def test_the_token_page_creates_a_limited_token_and_shows_its_limits(client_logged_in, client, user, team,
-                                                                      other_team):
+def test_the_token_page_creates_a_limited_token_and_shows_its_limits(
+    client_logged_in, client, user, team, other_team
+):
     MembershipFactory(user=user, team=other_team)
-    response = client_logged_in.post(reverse("api:token_list"), {"name": "ci", "expires_in_days": "30",
-                                                                 "scope": "read", "team": str(team.pk)})
+    response = client_logged_in.post(
+        reverse("api:token_list"),
+        {"name": "ci", "expires_in_days": "30", "scope": "read", "team": str(team.pk)},
+    )
     assert response.status_code == 200, response.context["form"].errors
     record = ApiToken.objects.get(name="ci")
     assert record.scope == ApiToken.Scope.READ and record.team == team
     assert timedelta(days=29, hours=23) < record.expires_at - timezone.now() <= timedelta(days=30)
 
     html = client_logged_in.get(reverse("api:token_list")).content.decode()
-    row = html[html.index("<strong>ci</strong>"):]
-    row = row[:row.index("</tr>")]
+    row = html[html.index("<strong>ci</strong>") :]
+    row = row[: row.index("</tr>")]
     assert "read only" in row and f"{team.name} only" in row and f"{record.expires_at:%Y-%m-%d}" in row
 
     token = response.context["token"]

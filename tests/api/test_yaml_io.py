@@ -77,7 +77,9 @@ def test_recipe_import_of_an_existing_name_is_its_next_version(api, team, user):
 
 
 def test_recipe_import_applies_the_same_rules_as_create(api, team):
-    document = "kind: recipe\nname: bad\nscheme: offline\nterms:\n  - name: kd\n    params: {temperature: -3}\n"
+    document = (
+        "kind: recipe\nname: bad\nscheme: offline\nterms:\n  - name: kd\n    params: {temperature: -3}\n"
+    )
 
     response = api.post(_url("recipe_import"), document, content_type=YAML)
 
@@ -96,14 +98,24 @@ def test_experiment_export_names_its_records(api, experiment, digits_setup):
     assert spec["seeds"] == [0] and spec["train"]["max_steps"] == 20 and spec["train"]["batch_size"] == 64
 
 
-def test_experiment_round_trip_launches_an_equal_experiment(api, team, digits_setup,
-                                                            django_capture_on_commit_callbacks):
+def test_experiment_round_trip_launches_an_equal_experiment(
+    api, team, digits_setup, django_capture_on_commit_callbacks
+):
     with mock.patch(DISPATCH):
-        created = api.post(_url("experiment_list"), {
-            "name": "sweep", "description": "two seeds", "dataset": digits_setup["dataset"].pk,
-            "teacher": digits_setup["teacher"].pk, "students": [s.pk for s in digits_setup["students"]],
-            "recipes": [digits_setup["recipe"].pk], "seeds": [3, 4], "max_steps": 30, "lr": 0.002,
-        }).json()
+        created = api.post(
+            _url("experiment_list"),
+            {
+                "name": "sweep",
+                "description": "two seeds",
+                "dataset": digits_setup["dataset"].pk,
+                "teacher": digits_setup["teacher"].pk,
+                "students": [s.pk for s in digits_setup["students"]],
+                "recipes": [digits_setup["recipe"].pk],
+                "seeds": [3, 4],
+                "max_steps": 30,
+                "lr": 0.002,
+            },
+        ).json()
     original = Experiment.objects.get(pk=created["id"])
     exported = api.get(_url("experiment_export", pk=original.pk)).content
 
@@ -120,11 +132,20 @@ def test_experiment_round_trip_launches_an_equal_experiment(api, team, digits_se
 
 def test_a_sweep_round_trips_with_its_term_sweeps(api, team, digits_setup):
     with mock.patch(DISPATCH):
-        created = api.post(_url("experiment_list"), {
-            "name": "grid", "dataset": digits_setup["dataset"].pk, "teacher": digits_setup["teacher"].pk,
-            "students": [digits_setup["students"][0].pk], "recipes": [digits_setup["recipe"].pk], "seeds": [0],
-            "max_steps": 10, "lr": "1e-4:1e-3:log3", "term_sweeps": {"kd.temperature": [2, 4]},
-        }).json()
+        created = api.post(
+            _url("experiment_list"),
+            {
+                "name": "grid",
+                "dataset": digits_setup["dataset"].pk,
+                "teacher": digits_setup["teacher"].pk,
+                "students": [digits_setup["students"][0].pk],
+                "recipes": [digits_setup["recipe"].pk],
+                "seeds": [0],
+                "max_steps": 10,
+                "lr": "1e-4:1e-3:log3",
+                "term_sweeps": {"kd.temperature": [2, 4]},
+            },
+        ).json()
     original = Experiment.objects.get(pk=created["id"])
     spec = yaml.safe_load(api.get(_url("experiment_export", pk=original.pk)).content)
 
@@ -140,8 +161,10 @@ def test_a_sweep_round_trips_with_its_term_sweeps(api, team, digits_setup):
 
 
 def test_import_with_check_creates_nothing(api, team, digits_setup):
-    document = ("kind: experiment\nname: dry\ndataset: digits\nteacher: mlp-teacher\nstudents: [mlp-16, mlp-32]\n"
-                "recipes: [kd-t4]\nseeds: [0, 1, 2]\ntrain: {max_steps: 10}\n")
+    document = (
+        "kind: experiment\nname: dry\ndataset: digits\nteacher: mlp-teacher\nstudents: [mlp-16, mlp-32]\n"
+        "recipes: [kd-t4]\nseeds: [0, 1, 2]\ntrain: {max_steps: 10}\n"
+    )
 
     with mock.patch(DISPATCH) as dispatch:
         response = api.post(f"{_url('experiment_import')}?check=true", document, content_type=YAML)
@@ -152,8 +175,10 @@ def test_import_with_check_creates_nothing(api, team, digits_setup):
 
 def test_experiment_import_resolves_a_plain_recipe_name_to_its_latest_version(api, team, digits_setup):
     newer = RecipeFactory(team=team, name="kd-t4", version=2)
-    document = ("kind: experiment\nname: latest\ndataset: digits\nteacher: mlp-teacher\nstudents: [mlp-16]\n"
-                "recipes: [kd-t4]\nseeds: [0]\ntrain: {max_steps: 10}\n")
+    document = (
+        "kind: experiment\nname: latest\ndataset: digits\nteacher: mlp-teacher\nstudents: [mlp-16]\n"
+        "recipes: [kd-t4]\nseeds: [0]\ntrain: {max_steps: 10}\n"
+    )
 
     with mock.patch(DISPATCH):
         response = api.post(_url("experiment_import"), document, content_type=YAML)
@@ -163,9 +188,11 @@ def test_experiment_import_resolves_a_plain_recipe_name_to_its_latest_version(ap
 
 
 def test_experiment_import_names_every_unknown_record(api, team, digits_setup):
-    document = ("kind: experiment\nname: typo\ndataset: digitz\nteacher: mlp-teacher\n"
-                "students: [mlp-16, mlp-99]\nrecipes: [{name: kd-t4, version: 7}]\nseeds: [0]\n"
-                "train: {max_steps: 10, epochs: 3}\n")
+    document = (
+        "kind: experiment\nname: typo\ndataset: digitz\nteacher: mlp-teacher\n"
+        "students: [mlp-16, mlp-99]\nrecipes: [{name: kd-t4, version: 7}]\nseeds: [0]\n"
+        "train: {max_steps: 10, epochs: 3}\n"
+    )
 
     response = api.post(_url("experiment_import"), document, content_type=YAML)
 
@@ -177,8 +204,10 @@ def test_experiment_import_names_every_unknown_record(api, team, digits_setup):
 
 
 def test_experiment_import_applies_the_forms_rules(api, team, digits_setup):
-    document = ("kind: experiment\nname: x\ndataset: digits\nstudents: [mlp-16]\nrecipes: [kd-t4]\n"
-                "seeds: '0-99999999'\ntrain: {lr: 7}\n")
+    document = (
+        "kind: experiment\nname: x\ndataset: digits\nstudents: [mlp-16]\nrecipes: [kd-t4]\n"
+        "seeds: '0-99999999'\ntrain: {lr: 7}\n"
+    )
 
     response = api.post(_url("experiment_import"), document, content_type=YAML)
 
@@ -188,8 +217,10 @@ def test_experiment_import_applies_the_forms_rules(api, team, digits_setup):
 
 def test_experiment_import_validates_after_name_resolution(api, team, digits_setup):
     ModelSpecFactory(team=team, name="five-way", num_labels=5)
-    document = ("kind: experiment\nname: x\ndataset: digits\nteacher: mlp-teacher\nstudents: [five-way]\n"
-                "recipes: [kd-t4]\nseeds: [0]\ntrain: {lr: 7}\n")
+    document = (
+        "kind: experiment\nname: x\ndataset: digits\nteacher: mlp-teacher\nstudents: [five-way]\n"
+        "recipes: [kd-t4]\nseeds: [0]\ntrain: {lr: 7}\n"
+    )
 
     response = api.post(_url("experiment_import"), document, content_type=YAML)
 
@@ -224,8 +255,10 @@ def test_import_into_a_team_the_user_is_not_in_is_refused(api, team, other_team)
 # --- hostile and broken documents -----------------------------------------------------------------
 def test_python_tags_are_refused_and_never_run(api, team, tmp_path):
     marker = tmp_path / "pwned"
-    document = (f"kind: recipe\nname: !!python/object/apply:os.system ['touch {marker}']\nscheme: offline\n"
-                "terms: [{name: kd}]\n")
+    document = (
+        f"kind: recipe\nname: !!python/object/apply:os.system ['touch {marker}']\nscheme: offline\n"
+        "terms: [{name: kd}]\n"
+    )
 
     response = api.post(_url("recipe_import"), document, content_type=YAML)
 

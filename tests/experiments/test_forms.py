@@ -14,7 +14,14 @@ pytestmark = pytest.mark.django_db
 # --- seeds ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("raw", "seeds"),
-    [("0", [0]), ("0,1,2", [0, 1, 2]), (" 3 , 5 ", [3, 5]), ("0-2", [0, 1, 2]), ("7,0-1", [7, 0, 1]), ("", [])],
+    [
+        ("0", [0]),
+        ("0,1,2", [0, 1, 2]),
+        (" 3 , 5 ", [3, 5]),
+        ("0-2", [0, 1, 2]),
+        ("7,0-1", [7, 0, 1]),
+        ("", []),
+    ],
 )
 def test_parse_seeds_accepts_lists_and_ranges(raw, seeds):
     assert forms.parse_seeds(raw) == seeds
@@ -58,8 +65,15 @@ def test_service_error_without_fields_is_a_non_field_error():
 
 # --- models ---------------------------------------------------------------------------------------
 def _model_data(team, **extra):
-    return {"team": team.pk, "name": "mlp-big", "source": "builtin", "num_labels": 10, "builtin_arch": "mlp",
-            "hidden_sizes": "256, 256", **extra}
+    return {
+        "team": team.pk,
+        "name": "mlp-big",
+        "source": "builtin",
+        "num_labels": 10,
+        "builtin_arch": "mlp",
+        "hidden_sizes": "256, 256",
+        **extra,
+    }
 
 
 def test_model_form_parses_hidden_sizes(user, team):
@@ -96,9 +110,19 @@ def test_model_form_only_offers_the_users_teams(user, team, other_team):
 
 # --- datasets -------------------------------------------------------------------------------------
 def test_dataset_form_checks_label_names_against_num_labels(user, team):
-    data = {"team": team.pk, "name": "news", "source": "hf", "hub_name": "org/news", "text_column": "text",
-            "label_column": "label", "num_labels": 3, "label_names": "a, b", "eval_fraction": 0.2,
-            "split_seed": 0, "max_length": 128}
+    data = {
+        "team": team.pk,
+        "name": "news",
+        "source": "hf",
+        "hub_name": "org/news",
+        "text_column": "text",
+        "label_column": "label",
+        "num_labels": 3,
+        "label_names": "a, b",
+        "eval_fraction": 0.2,
+        "split_seed": 0,
+        "max_length": 128,
+    }
 
     form = forms.DatasetSpecForm(data, user=user)
 
@@ -107,8 +131,17 @@ def test_dataset_form_checks_label_names_against_num_labels(user, team):
 
 
 def test_dataset_form_leaves_builtin_label_count_to_the_service(user, team):
-    data = {"team": team.pk, "name": "digits", "source": "builtin", "builtin_name": "digits", "text_column": "text",
-            "label_column": "label", "eval_fraction": 0.2, "split_seed": 0, "max_length": 128}
+    data = {
+        "team": team.pk,
+        "name": "digits",
+        "source": "builtin",
+        "builtin_name": "digits",
+        "text_column": "text",
+        "label_column": "label",
+        "eval_fraction": 0.2,
+        "split_seed": 0,
+        "max_length": 128,
+    }
 
     form = forms.DatasetSpecForm(data, user=user)
 
@@ -129,8 +162,11 @@ def _terms_data(rows):
 def test_term_formset_skips_empty_rows_and_keeps_given_params_only():
     catalog = forms.loss_term_catalog()
     formset = forms.TermFormSet(
-        _terms_data([{"name": "ce", "weight": "0.1"}, {}, {"name": "kd", "weight": "0.9", "temperature": "4"}]),
-        prefix="terms", form_kwargs={"catalog": catalog},
+        _terms_data(
+            [{"name": "ce", "weight": "0.1"}, {}, {"name": "kd", "weight": "0.9", "temperature": "4"}]
+        ),
+        prefix="terms",
+        form_kwargs={"catalog": catalog},
     )
 
     assert formset.is_valid(), formset.errors
@@ -141,16 +177,18 @@ def test_term_formset_skips_empty_rows_and_keeps_given_params_only():
 
 
 def test_term_formset_needs_a_term():
-    formset = forms.TermFormSet(_terms_data([{}, {}]), prefix="terms",
-                                form_kwargs={"catalog": forms.loss_term_catalog()})
+    formset = forms.TermFormSet(
+        _terms_data([{}, {}]), prefix="terms", form_kwargs={"catalog": forms.loss_term_catalog()}
+    )
 
     assert not formset.is_valid()
     assert "at least one loss term" in formset.non_form_errors()[0]
 
 
 def test_term_row_with_params_but_no_term_is_an_error():
-    formset = forms.TermFormSet(_terms_data([{"weight": "0.5"}]), prefix="terms",
-                                form_kwargs={"catalog": forms.loss_term_catalog()})
+    formset = forms.TermFormSet(
+        _terms_data([{"weight": "0.5"}]), prefix="terms", form_kwargs={"catalog": forms.loss_term_catalog()}
+    )
 
     assert not formset.is_valid()
     assert "name" in formset.forms[0].errors
@@ -159,8 +197,20 @@ def test_term_row_with_params_but_no_term_is_an_error():
 def test_loss_term_catalog_lists_the_engine_terms():
     catalog = {t.name: t for t in forms.loss_term_catalog()}
 
-    assert {"ce", "kd", "reverse_kl", "jsd", "taid", "topk", "uld", "hidden_mse", "hidden_cosine",
-            "attention_mse", "attention_kl", "embedding_mse"} <= set(catalog)
+    assert {
+        "ce",
+        "kd",
+        "reverse_kl",
+        "jsd",
+        "taid",
+        "topk",
+        "uld",
+        "hidden_mse",
+        "hidden_cosine",
+        "attention_mse",
+        "attention_kl",
+        "embedding_mse",
+    } <= set(catalog)
     topk = {p.name: p for p in catalog["topk"].params}
     assert (topk["k"].type, topk["k"].default) == ("int", "64")
     assert topk["divergence"].choices == ("kd", "reverse_kl", "jsd", "tvd")
@@ -181,7 +231,10 @@ def test_term_form_builds_a_widget_per_parameter_type():
     assert isinstance(form.fields["divergence"].widget, django_forms.Select)
     assert [c[0] for c in form.fields["divergence"].choices] == ["", "kd", "reverse_kl", "jsd", "tvd"]
     assert isinstance(form.fields["pooling"], django_forms.ChoiceField)
-    assert isinstance(form.fields["tail"].widget, django_forms.CheckboxInput) and form.fields["tail"].initial is True
+    assert (
+        isinstance(form.fields["tail"].widget, django_forms.CheckboxInput)
+        and form.fields["tail"].initial is True
+    )
     assert isinstance(form.fields["adaptive"], django_forms.BooleanField)
     assert isinstance(form.fields["layer_map"], django_forms.CharField)
     assert "topk" in form.fields["temperature"].widget.attrs["data-terms"].split()
@@ -191,8 +244,11 @@ def test_term_form_builds_a_widget_per_parameter_type():
 def test_term_form_keeps_only_the_chosen_terms_params_in_engine_form():
     form = _term_form(name="topk", weight="1", k="8", divergence="jsd", beta="0.2", adaptive="on")
     assert form.is_valid(), form.errors
-    assert form.term() == {"name": "topk", "weight": 1.0,
-                           "params": {"k": 8, "divergence": "jsd", "tail": False, "beta": 0.2}}
+    assert form.term() == {
+        "name": "topk",
+        "weight": 1.0,
+        "params": {"k": 8, "divergence": "jsd", "tail": False, "beta": 0.2},
+    }
 
     form = _term_form(name="hidden_mse", layer_map="2, 4", tail="on")
     assert form.is_valid(), form.errors
@@ -203,17 +259,24 @@ def test_term_form_keeps_only_the_chosen_terms_params_in_engine_form():
     assert form.term()["params"] == {"adaptive": True}
 
 
-@pytest.mark.parametrize(("data", "field", "message"), [
-    ({"name": "kd", "temperature": "-1"}, "temperature", "must be > 0, got -1"),
-    ({"name": "topk", "k": "0"}, "k", "Parameter 'k' of loss term 'topk' must be >= 1, got 0."),
-    ({"name": "topk", "tail": "on", "temperature": "2"}, "temperature", "must be 1 when tail is on"),
-    ({"name": "taid", "t_start": "0.8", "t_end": "0.5"}, "t_end", "must be >= t_start (0.8)"),
-    ({"name": "hidden_mse", "layer_map": "middle"}, "layer_map", "a list of teacher layer numbers"),
-    ({"name": "topk", "divergence": "hellinger"}, "divergence", "Select a valid choice"),
-    ({"name": "ce", "temperature": "2"}, "temperature", "ce has no parameter temperature"),
-    ({"name": "kd", "weight_schedule": "linear"}, "weight_end", "needs the weight at the end of training"),
-    ({"name": "kd", "weight_end": "1"}, "weight_schedule", "Choose linear or cosine"),
-])
+@pytest.mark.parametrize(
+    ("data", "field", "message"),
+    [
+        ({"name": "kd", "temperature": "-1"}, "temperature", "must be > 0, got -1"),
+        ({"name": "topk", "k": "0"}, "k", "Parameter 'k' of loss term 'topk' must be >= 1, got 0."),
+        ({"name": "topk", "tail": "on", "temperature": "2"}, "temperature", "must be 1 when tail is on"),
+        ({"name": "taid", "t_start": "0.8", "t_end": "0.5"}, "t_end", "must be >= t_start (0.8)"),
+        ({"name": "hidden_mse", "layer_map": "middle"}, "layer_map", "a list of teacher layer numbers"),
+        ({"name": "topk", "divergence": "hellinger"}, "divergence", "Select a valid choice"),
+        ({"name": "ce", "temperature": "2"}, "temperature", "ce has no parameter temperature"),
+        (
+            {"name": "kd", "weight_schedule": "linear"},
+            "weight_end",
+            "needs the weight at the end of training",
+        ),
+        ({"name": "kd", "weight_end": "1"}, "weight_schedule", "Choose linear or cosine"),
+    ],
+)
 def test_term_form_shows_each_error_on_its_field(data, field, message):
     form = _term_form(**data)
 
@@ -225,24 +288,43 @@ def test_term_form_weight_schedule_goes_from_the_weight_to_the_end_weight():
     form = _term_form(name="kd", weight="0", weight_schedule="linear", weight_end="0.9", temperature="4")
 
     assert form.is_valid(), form.errors
-    assert form.term() == {"name": "kd", "weight": 0.0, "params": {"temperature": 4.0},
-                           "schedule": {"weight": {"kind": "linear", "start": 0.0, "end": 0.9}}}
+    assert form.term() == {
+        "name": "kd",
+        "weight": 0.0,
+        "params": {"temperature": 4.0},
+        "schedule": {"weight": {"kind": "linear", "start": 0.0, "end": 0.9}},
+    }
 
 
 def test_term_formset_with_new_terms_and_a_schedule():
     formset = forms.TermFormSet(
-        _terms_data([{"name": "ce", "weight": "0.1"},
-                     {"name": "topk", "weight": "0.9", "k": "16", "tail": "on", "weight_schedule": "cosine",
-                      "weight_end": "0.5"},
-                     {"tail": "on", "adaptive": "on"}]),                     # checkboxes alone do not make a row
-        prefix="terms", form_kwargs={"catalog": forms.loss_term_catalog()},
+        _terms_data(
+            [
+                {"name": "ce", "weight": "0.1"},
+                {
+                    "name": "topk",
+                    "weight": "0.9",
+                    "k": "16",
+                    "tail": "on",
+                    "weight_schedule": "cosine",
+                    "weight_end": "0.5",
+                },
+                {"tail": "on", "adaptive": "on"},
+            ]
+        ),  # checkboxes alone do not make a row
+        prefix="terms",
+        form_kwargs={"catalog": forms.loss_term_catalog()},
     )
 
     assert formset.is_valid(), formset.errors
     assert formset.terms() == [
         {"name": "ce", "weight": 0.1, "params": {}},
-        {"name": "topk", "weight": 0.9, "params": {"k": 16, "tail": True},
-         "schedule": {"weight": {"kind": "cosine", "start": 0.9, "end": 0.5}}},
+        {
+            "name": "topk",
+            "weight": 0.9,
+            "params": {"k": 16, "tail": True},
+            "schedule": {"weight": {"kind": "cosine", "start": 0.9, "end": 0.5}},
+        },
     ]
 
 
@@ -255,24 +337,47 @@ def test_recipe_form_offers_every_scheme_of_the_model(user):
 def test_clean_terms_keeps_schedules_and_normalises_params():
     from experiments.domain.validation import clean_terms
 
-    cleaned = clean_terms([
-        {"name": "kd", "weight": 0, "params": {"temperature": 4},
-         "schedule": {"weight": {"kind": "linear", "start": 0, "end": 1}}},
-        {"name": "hidden_mse", "weight": 1, "params": {"layer_map": "2,4"}},
-    ], scheme="online")
+    cleaned = clean_terms(
+        [
+            {
+                "name": "kd",
+                "weight": 0,
+                "params": {"temperature": 4},
+                "schedule": {"weight": {"kind": "linear", "start": 0, "end": 1}},
+            },
+            {"name": "hidden_mse", "weight": 1, "params": {"layer_map": "2,4"}},
+        ],
+        scheme="online",
+    )
 
     assert cleaned == [
-        {"name": "kd", "weight": 0.0, "params": {"temperature": 4.0},
-         "schedule": {"weight": {"kind": "linear", "start": 0.0, "end": 1.0}}},
+        {
+            "name": "kd",
+            "weight": 0.0,
+            "params": {"temperature": 4.0},
+            "schedule": {"weight": {"kind": "linear", "start": 0.0, "end": 1.0}},
+        },
         {"name": "hidden_mse", "weight": 1.0, "params": {"layer_map": [2, 4]}},
     ]
 
 
-@pytest.mark.parametrize(("terms", "message"), [
-    ([{"name": "kd", "schedule": {"temperature": {"kind": "linear", "start": 4, "end": 0}}}], "end must be > 0"),
-    ([{"name": "topk", "params": {"k": 0}}], "Term 1 (topk): Parameter 'k' of loss term 'topk' must be >= 1"),
-    ([{"name": "kd", "weight": 0, "schedule": {"weight": {"kind": "constant", "start": 0}}}], "positive weight"),
-])
+@pytest.mark.parametrize(
+    ("terms", "message"),
+    [
+        (
+            [{"name": "kd", "schedule": {"temperature": {"kind": "linear", "start": 4, "end": 0}}}],
+            "end must be > 0",
+        ),
+        (
+            [{"name": "topk", "params": {"k": 0}}],
+            "Term 1 (topk): Parameter 'k' of loss term 'topk' must be >= 1",
+        ),
+        (
+            [{"name": "kd", "weight": 0, "schedule": {"weight": {"kind": "constant", "start": 0}}}],
+            "positive weight",
+        ),
+    ],
+)
 def test_clean_terms_rejects_bad_params_and_schedules(terms, message):
     from experiments.domain.validation import clean_terms
 
@@ -283,9 +388,16 @@ def test_clean_terms_rejects_bad_params_and_schedules(terms, message):
 
 # --- experiments ----------------------------------------------------------------------------------
 def _experiment_data(team, setup, **extra):
-    return {"team": team.pk, "name": "sweep", "dataset": setup["dataset"].pk, "teacher": setup["teacher"].pk,
-            "students": [s.pk for s in setup["students"]], "recipes": [setup["recipe"].pk], "seeds": "0,1",
-            **extra}
+    return {
+        "team": team.pk,
+        "name": "sweep",
+        "dataset": setup["dataset"].pk,
+        "teacher": setup["teacher"].pk,
+        "students": [s.pk for s in setup["students"]],
+        "recipes": [setup["recipe"].pk],
+        "seeds": "0,1",
+        **extra,
+    }
 
 
 def test_experiment_form_builds_hyperparameter_fields_from_train_fields(user):
@@ -338,8 +450,12 @@ def test_experiment_form_checks_seeds(user, team, digits_setup, seeds):
 
 
 def test_experiment_form_marks_baseline_recipes_for_the_run_preview(user, team):
-    RecipeFactory(team=team, name="hard", scheme=Recipe.Scheme.HARD_LABELS,
-                  terms=[{"name": "ce", "weight": 1.0, "params": {}}])
+    RecipeFactory(
+        team=team,
+        name="hard",
+        scheme=Recipe.Scheme.HARD_LABELS,
+        terms=[{"name": "ce", "weight": 1.0, "params": {}}],
+    )
 
     html = str(forms.ExperimentForm(user=user)["recipes"])
 
@@ -354,20 +470,33 @@ def test_a_dataset_with_a_separate_eval_file_and_packing_reaches_the_engine(user
     settings.DATASET_ROOTS = [tmp_path]
     (tmp_path / "train.jsonl").write_text('{"text": "a b c"}\n')
     (tmp_path / "eval.jsonl").write_text('{"text": "d e f"}\n')
-    base = {"team": team.pk, "name": "corpus", "source": "hf", "task": "causal_lm", "text_column": "text",
-            "label_column": "label", "eval_fraction": 0.2, "split_seed": 0, "max_length": 64,
-            "local_path": str(tmp_path / "train.jsonl")}
-    form = forms.DatasetSpecForm({**base, "eval_local_path": str(tmp_path / "eval.jsonl"), "pack": "on"}, user=user)
+    base = {
+        "team": team.pk,
+        "name": "corpus",
+        "source": "hf",
+        "task": "causal_lm",
+        "text_column": "text",
+        "label_column": "label",
+        "eval_fraction": 0.2,
+        "split_seed": 0,
+        "max_length": 64,
+        "local_path": str(tmp_path / "train.jsonl"),
+    }
+    form = forms.DatasetSpecForm(
+        {**base, "eval_local_path": str(tmp_path / "eval.jsonl"), "pack": "on"}, user=user
+    )
     assert form.is_valid(), form.errors
     spec = records.dataset_spec_create(team=team, created_by=user, **form.service_fields())
     cfg = engine_config.dataset_config(spec)
     assert cfg["eval_path"] == str((tmp_path / "eval.jsonl").resolve()) and cfg["pack"] is True
     plain = engine_config.dataset_config(DatasetSpecFactory(team=team))
-    assert "eval_path" not in plain and "pack" not in plain       # split keys of older datasets do not move
+    assert "eval_path" not in plain and "pack" not in plain  # split keys of older datasets do not move
 
-    for extra, field in (({"eval_local_path": "/etc/passwd"}, "eval_local_path"),
-                         ({"eval_local_path": str(tmp_path / "../x.jsonl")}, "eval_local_path"),
-                         ({"pack": "on", "task": "classification", "num_labels": 2}, "pack")):
+    for extra, field in (
+        ({"eval_local_path": "/etc/passwd"}, "eval_local_path"),
+        ({"eval_local_path": str(tmp_path / "../x.jsonl")}, "eval_local_path"),
+        ({"pack": "on", "task": "classification", "num_labels": 2}, "pack"),
+    ):
         form = forms.DatasetSpecForm({**base, "name": f"bad-{field}-{len(extra)}", **extra}, user=user)
         assert form.is_valid(), form.errors
         with pytest.raises(ValidationError) as exc:

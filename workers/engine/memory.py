@@ -1,6 +1,7 @@
 """Peak GPU memory of a run, estimated from its frozen config without loading any weights.
 
-The router (``experiments.domain.routing``) matches this estimate against the memory a queue declares. It adds up:
+The router (``experiments.domain.routing``) matches this estimate against the memory a queue declares. It adds
+up:
 
 - the CUDA context (about 500 MiB on every GPU process; nothing on a ``cpu`` device);
 - the student's weights and gradients, in the dtype the engine loads them in (a checkpoint's own dtype for

@@ -70,7 +70,9 @@ def test_parse_values_refuses_bad_syntax_with_a_message(text, kind, message):
         sweeps.parse_values(text, kind=kind, limit=200)
 
 
-@pytest.mark.parametrize("text", ["1:1e9:step1", "1e-8:1:log1000000000", "0:1e300:step1e-300", "1:2:lin1e300"])
+@pytest.mark.parametrize(
+    "text", ["1:1e9:step1", "1e-8:1:log1000000000", "0:1e300:step1e-300", "1:2:lin1e300"]
+)
 def test_huge_ranges_are_refused_by_their_count_without_expanding_them(text):
     started = time.perf_counter()
     with pytest.raises(sweeps.SweepError, match="at most 200 fit in one experiment"):
@@ -95,10 +97,18 @@ def test_the_limit_counts_list_items_too():
 def test_term_sweeps_are_read_one_per_line_in_the_engines_types():
     axes = sweeps.parse_term_sweeps(
         "kd.temperature = 2, 4, 8\n\n# comment\nKD.Weight=0.5:0.9:lin3\ntopk.k = 8:64:log4\n"
-        "topk.divergence = kd, jsd\ntaid.adaptive = true, false\njsd.beta = 0.1:0.9:step0.4", limit=200)
+        "topk.divergence = kd, jsd\ntaid.adaptive = true, false\njsd.beta = 0.1:0.9:step0.4",
+        limit=200,
+    )
 
-    assert axes == {"kd.temperature": [2.0, 4.0, 8.0], "kd.weight": [0.5, 0.7, 0.9], "topk.k": [8, 16, 32, 64],
-                    "topk.divergence": ["kd", "jsd"], "taid.adaptive": [True, False], "jsd.beta": [0.1, 0.5, 0.9]}
+    assert axes == {
+        "kd.temperature": [2.0, 4.0, 8.0],
+        "kd.weight": [0.5, 0.7, 0.9],
+        "topk.k": [8, 16, 32, 64],
+        "topk.divergence": ["kd", "jsd"],
+        "taid.adaptive": [True, False],
+        "jsd.beta": [0.1, 0.5, 0.9],
+    }
 
 
 @pytest.mark.parametrize(
@@ -125,9 +135,15 @@ def test_bad_term_sweeps_name_the_line_at_fault(text, message):
 
 
 def test_apply_term_values_sets_params_and_weights_on_a_copy():
-    terms = [{"name": "ce", "weight": 0.1, "params": {}},
-             {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0},
-              "schedule": {"weight": {"kind": "linear", "start": 0.9, "end": 0.1}}}]
+    terms = [
+        {"name": "ce", "weight": 0.1, "params": {}},
+        {
+            "name": "kd",
+            "weight": 0.9,
+            "params": {"temperature": 4.0},
+            "schedule": {"weight": {"kind": "linear", "start": 0.9, "end": 0.1}},
+        },
+    ]
 
     swept = sweeps.apply_term_values(terms, {"kd.temperature": 2.0, "kd.weight": 0.5})
 
@@ -139,8 +155,17 @@ def test_apply_term_values_sets_params_and_weights_on_a_copy():
 # --- labels ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(3e-4, "3e-4"), (1e-3, "1e-3"), (4.0, "4"), (0.25, "0.25"), (0.000215443, "2.154e-4"), (64, "64"),
-     (2.5e7, "2.5e7"), ("jsd", "jsd"), (True, "true")],
+    [
+        (3e-4, "3e-4"),
+        (1e-3, "1e-3"),
+        (4.0, "4"),
+        (0.25, "0.25"),
+        (0.000215443, "2.154e-4"),
+        (64, "64"),
+        (2.5e7, "2.5e7"),
+        ("jsd", "jsd"),
+        (True, "true"),
+    ],
 )
 def test_format_number_is_short(value, text):
     assert sweeps.format_number(value) == text
@@ -148,8 +173,10 @@ def test_format_number_is_short(value, text):
 
 def test_run_label_shows_the_swept_values_of_a_config():
     train = {"lr": [1e-4, 3e-4], "max_steps": 100, "term_sweeps": {"kd.temperature": [2.0, 4.0]}}
-    config = {"train": {"lr": 3e-4, "max_steps": 100}, "terms": [{"name": "kd", "weight": 1.0,
-                                                                   "params": {"temperature": 4.0}}]}
+    config = {
+        "train": {"lr": 3e-4, "max_steps": 100},
+        "terms": [{"name": "kd", "weight": 1.0, "params": {"temperature": 4.0}}],
+    }
 
     assert sweeps.run_label(train=train, config=config) == "lr=3e-4 τ=4"
     assert sweeps.run_label(train={"lr": 1e-3}, config=config) == ""
@@ -164,9 +191,17 @@ def test_axis_labels_disambiguate_a_parameter_swept_in_two_terms():
 
 # --- the grid and its count -----------------------------------------------------------------------
 def _recipe(team, name, scheme=Recipe.Scheme.OFFLINE, terms=None, **extra):
-    return RecipeFactory(team=team, name=name, scheme=scheme, terms=terms or [
-        {"name": "ce", "weight": 0.1, "params": {}}, {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}],
-        **extra)
+    return RecipeFactory(
+        team=team,
+        name=name,
+        scheme=scheme,
+        terms=terms
+        or [
+            {"name": "ce", "weight": 0.1, "params": {}},
+            {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}},
+        ],
+        **extra,
+    )
 
 
 @pytest.mark.django_db
@@ -175,10 +210,13 @@ def _recipe(team, name, scheme=Recipe.Scheme.OFFLINE, terms=None, **extra):
     [
         ({}, {}, 2 * 2 * (1 + 1 + 2 + 3 + 1)),
         ({"lr": [1e-3, 3e-3]}, {}, 2 * 2 * 2 * (1 + 1 + 2 + 3 + 1)),
-        # kd.temperature multiplies the recipes with a kd term only (kd, the assistant chain, self-distillation);
-        # jsd.beta the jsd recipe only.
-        ({"lr": [1e-3, 3e-3], "batch_size": [16, 32, 64]}, {"kd.temperature": [2.0, 4.0], "jsd.beta": [0.2, 0.8]},
-         2 * 2 * 6 * (2 + 2 + 2 * 2 + 3 * 2 + 1)),
+        # kd.temperature multiplies the recipes with a kd term only (kd, the assistant chain,
+        # self-distillation); jsd.beta the jsd recipe only.
+        (
+            {"lr": [1e-3, 3e-3], "batch_size": [16, 32, 64]},
+            {"kd.temperature": [2.0, 4.0], "jsd.beta": [0.2, 0.8]},
+            2 * 2 * 6 * (2 + 2 + 2 * 2 + 3 * 2 + 1),
+        ),
     ],
 )
 def test_count_runs_matches_the_plan_that_is_built(team, digits_setup, train, term_sweeps, expected):
@@ -187,12 +225,19 @@ def test_count_runs_matches_the_plan_that_is_built(team, digits_setup, train, te
     born_again = _recipe(team, "sd", scheme=Recipe.Scheme.SELF_DISTILLATION, scheme_params={"generations": 3})
     recipes = [digits_setup["recipe"], jsd, assistant_chain, born_again]
 
-    count = sweeps.count_runs(students=2, seeds=2, train=train, recipes=recipes, term_sweeps=term_sweeps,
-                              with_baseline=True)
+    count = sweeps.count_runs(
+        students=2, seeds=2, train=train, recipes=recipes, term_sweeps=term_sweeps, with_baseline=True
+    )
     plan = launch.experiment_plan(
-        team=team, students=digits_setup["students"], recipes=recipes, seeds=[0, 1], teacher=digits_setup["teacher"],
-        assistant=digits_setup["teacher"], train_points=sweeps.grid_points(sweeps.train_axes(train)),
-        term_sweeps=term_sweeps)
+        team=team,
+        students=digits_setup["students"],
+        recipes=recipes,
+        seeds=[0, 1],
+        teacher=digits_setup["teacher"],
+        assistant=digits_setup["teacher"],
+        train_points=sweeps.grid_points(sweeps.train_axes(train)),
+        term_sweeps=term_sweeps,
+    )
 
     assert count.total == len(plan) == expected
     assert count.baselines == sum(p.is_baseline for p in plan)
@@ -200,17 +245,29 @@ def test_count_runs_matches_the_plan_that_is_built(team, digits_setup, train, te
 
 def test_grid_points_vary_the_last_axis_fastest():
     assert sweeps.grid_points({"a": [1, 2], "b": ["x", "y"]}) == [
-        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+        {"a": 1, "b": "x"},
+        {"a": 1, "b": "y"},
+        {"a": 2, "b": "x"},
+        {"a": 2, "b": "y"},
+    ]
     assert sweeps.grid_points({}) == [{}]
     assert sweeps.grid_size({"a": [1, 2, 3], "b": [1, 2]}) == 6
 
 
 # --- experiments created from a sweep -------------------------------------------------------------
 def _create(setup, team, user, **overrides):
-    kwargs = {"team": team, "created_by": user, "name": "lr × τ", "dataset": setup["dataset"],
-              "teacher": setup["teacher"], "students": setup["students"], "recipes": [setup["recipe"]],
-              "seeds": [0], "train": {"max_steps": 30, "lr": [1e-3, 3e-3, 1e-2]},
-              "term_sweeps": {"kd.temperature": [2.0, 8.0]}}
+    kwargs = {
+        "team": team,
+        "created_by": user,
+        "name": "lr × τ",
+        "dataset": setup["dataset"],
+        "teacher": setup["teacher"],
+        "students": setup["students"],
+        "recipes": [setup["recipe"]],
+        "seeds": [0],
+        "train": {"max_steps": 30, "lr": [1e-3, 3e-3, 1e-2]},
+        "term_sweeps": {"kd.temperature": [2.0, 8.0]},
+    }
     return launch.experiment_create(**{**kwargs, **overrides})
 
 
@@ -225,15 +282,21 @@ def test_experiment_create_with_a_sweep_makes_one_run_per_point_with_concrete_va
     # 2 students × 1 seed × 3 learning rates × (kd at 2 temperatures + the baseline)
     assert len(runs) == 2 * 3 * (2 + 1) == 18
     distilled = [r for r in runs if not r.is_baseline]
-    points = {(r.student_id, r.config["train"]["lr"], r.config["terms"][1]["params"]["temperature"])
-              for r in distilled}
-    assert points == {(s.pk, lr, t) for s in digits_setup["students"] for lr in (1e-3, 3e-3, 1e-2) for t in (2.0, 8.0)}
+    points = {
+        (r.student_id, r.config["train"]["lr"], r.config["terms"][1]["params"]["temperature"])
+        for r in distilled
+    }
+    assert points == {
+        (s.pk, lr, t) for s in digits_setup["students"] for lr in (1e-3, 3e-3, 1e-2) for t in (2.0, 8.0)
+    }
     baselines = [r for r in runs if r.is_baseline]
     assert {(r.student_id, r.config["train"]["lr"]) for r in baselines} == {
-        (s.pk, lr) for s in digits_setup["students"] for lr in (1e-3, 3e-3, 1e-2)}
+        (s.pk, lr) for s in digits_setup["students"] for lr in (1e-3, 3e-3, 1e-2)
+    }
     assert all(r.config["terms"] == [{"name": "ce", "weight": 1.0, "params": {}}] for r in baselines)
     # Every frozen config is concrete and loads in the engine; the records keep the sweep.
     from workers.engine.config import RunConfig
+
     assert all(RunConfig.from_dict(r.config).train.max_steps == 30 for r in runs)
     assert experiment.train["lr"] == [1e-3, 3e-3, 1e-2]
     assert experiment.train["term_sweeps"] == {"kd.temperature": [2.0, 8.0]}
@@ -246,16 +309,23 @@ def test_experiment_create_with_a_sweep_makes_one_run_per_point_with_concrete_va
 @pytest.mark.django_db
 def test_a_swept_max_steps_sets_each_runs_total_steps(digits_setup, team, user):
     with mock.patch(DISPATCH):
-        experiment = _create(digits_setup, team, user, students=digits_setup["students"][:1],
-                             train={"max_steps": [20, 40]}, term_sweeps={})
+        experiment = _create(
+            digits_setup,
+            team,
+            user,
+            students=digits_setup["students"][:1],
+            train={"max_steps": [20, 40]},
+            term_sweeps={},
+        )
 
     assert sorted(experiment.runs.values_list("total_steps", flat=True)) == [20, 20, 40, 40]
     assert all(r.total_steps == r.config["train"]["max_steps"] for r in experiment.runs.all())
 
 
 @pytest.mark.django_db
-def test_a_sweep_over_the_run_limit_is_refused_with_the_count_on_the_swept_fields(digits_setup, team, user,
-                                                                                   settings):
+def test_a_sweep_over_the_run_limit_is_refused_with_the_count_on_the_swept_fields(
+    digits_setup, team, user, settings
+):
     settings.MAX_RUNS_PER_EXPERIMENT = 10
     with mock.patch(DISPATCH) as dispatch, pytest.raises(ValidationError) as exc:
         _create(digits_setup, team, user)
@@ -271,7 +341,10 @@ def test_a_sweep_over_the_run_limit_is_refused_with_the_count_on_the_swept_field
 def test_a_sweep_too_large_to_plan_is_refused_before_any_run_is_built(digits_setup, team, user):
     # 200 values × 200 values × 2 students: 80,000 points, refused by arithmetic.
     train = {"lr": [1e-4 + i * 1e-6 for i in range(200)], "weight_decay": [i / 1000 for i in range(200)]}
-    with mock.patch("experiments.services.launch.experiment_plan") as plan, pytest.raises(ValidationError) as exc:
+    with (
+        mock.patch("experiments.services.launch.experiment_plan") as plan,
+        pytest.raises(ValidationError) as exc,
+    ):
         _create(digits_setup, team, user, train=train, term_sweeps={})
 
     assert "would create 160,000 runs" in exc.value.message_dict["lr"][0]
@@ -309,8 +382,14 @@ def test_a_term_sweep_is_checked_with_the_rest_of_the_recipe(digits_setup, team,
 @pytest.mark.django_db
 @pytest.mark.parametrize(
     "train",
-    [{"lr": ["fast", 1e-3]}, {"lr": [1e-3, 1e-3]}, {"lr": [1e-3, 5.0]}, {"batch_size": [16, 2.5]},
-     {"lr_schedule": ["linear", "cosine"]}, {"lr": list(range(1, 300))}],
+    [
+        {"lr": ["fast", 1e-3]},
+        {"lr": [1e-3, 1e-3]},
+        {"lr": [1e-3, 5.0]},
+        {"batch_size": [16, 2.5]},
+        {"lr_schedule": ["linear", "cosine"]},
+        {"lr": list(range(1, 300))},
+    ],
 )
 def test_bad_swept_settings_are_field_errors_from_the_service(digits_setup, team, user, train):
     with pytest.raises(ValidationError) as exc:
@@ -321,10 +400,19 @@ def test_bad_swept_settings_are_field_errors_from_the_service(digits_setup, team
 
 # --- through the page -----------------------------------------------------------------------------
 def _post(team, setup, **extra):
-    data = {"team": team.pk, "name": "lr sweep", "dataset": setup["dataset"].pk, "teacher": setup["teacher"].pk,
-            "students": [setup["students"][0].pk], "recipes": [setup["recipe"].pk], "seeds": "0",
-            "max_steps": "20", "lr": "1e-3, 3e-3", "term_sweeps": "kd.temperature = 2:8:step2",
-            "lr_schedule": "linear"}
+    data = {
+        "team": team.pk,
+        "name": "lr sweep",
+        "dataset": setup["dataset"].pk,
+        "teacher": setup["teacher"].pk,
+        "students": [setup["students"][0].pk],
+        "recipes": [setup["recipe"].pk],
+        "seeds": "0",
+        "max_steps": "20",
+        "lr": "1e-3, 3e-3",
+        "term_sweeps": "kd.temperature = 2:8:step2",
+        "lr_schedule": "linear",
+    }
     data.update(extra)
     return {k: v for k, v in data.items() if v is not None}
 
@@ -335,8 +423,12 @@ def test_the_form_parses_sweeps_into_service_kwargs(user, team, digits_setup):
 
     assert form.is_valid(), form.errors
     kwargs = form.service_kwargs()
-    assert kwargs["train"] == {"max_steps": 20, "lr": [1e-3, 3e-3], "batch_size": [16, 32, 64],
-                               "lr_schedule": "linear"}
+    assert kwargs["train"] == {
+        "max_steps": 20,
+        "lr": [1e-3, 3e-3],
+        "batch_size": [16, 32, 64],
+        "lr_schedule": "linear",
+    }
     assert kwargs["term_sweeps"] == {"kd.temperature": [2.0, 4.0, 6.0, 8.0]}
 
 
@@ -379,11 +471,13 @@ def test_launching_a_sweep_from_the_page_creates_every_run(client_logged_in, tea
         ("seeds", "0-1000000000", "At most 20 seeds"),
     ],
 )
-def test_bad_sweeps_on_the_page_are_field_errors_and_create_nothing(client_logged_in, team, digits_setup, field,
-                                                                    value, message):
+def test_bad_sweeps_on_the_page_are_field_errors_and_create_nothing(
+    client_logged_in, team, digits_setup, field, value, message
+):
     started = time.perf_counter()
-    response = client_logged_in.post(reverse("experiments:experiment_create"), _post(team, digits_setup,
-                                                                                     **{field: value}))
+    response = client_logged_in.post(
+        reverse("experiments:experiment_create"), _post(team, digits_setup, **{field: value})
+    )
 
     assert response.status_code == 200
     assert message in " ".join(response.context["form"].errors[field])
@@ -404,8 +498,9 @@ def test_the_run_limit_on_the_page_names_the_count(client_logged_in, team, digit
 def test_names_with_markup_are_stored_as_text_and_shown_escaped(client_logged_in, team, digits_setup):
     name = '<script>alert("x")</script> ../../etc/passwd'
     with mock.patch(DISPATCH):
-        response = client_logged_in.post(reverse("experiments:experiment_create"),
-                                         _post(team, digits_setup, name=name, term_sweeps=""))
+        response = client_logged_in.post(
+            reverse("experiments:experiment_create"), _post(team, digits_setup, name=name, term_sweeps="")
+        )
 
     experiment = Experiment.objects.get()
     assert experiment.name == name
@@ -417,12 +512,24 @@ def test_names_with_markup_are_stored_as_text_and_shown_escaped(client_logged_in
 @pytest.mark.django_db
 @pytest.mark.parametrize(
     "extra",
-    [{"students": ["abc"]}, {"students": ["../../1"]}, {"dataset": "999999"}, {"recipes": []}, {"name": ""},
-     {"name": "x" * 201}, {"teacher": "<b>"}, {"description": "d" * 6000}, {"lr_schedule": "sawtooth"},
-     {"seeds": ""}, {"team": "0"}],
+    [
+        {"students": ["abc"]},
+        {"students": ["../../1"]},
+        {"dataset": "999999"},
+        {"recipes": []},
+        {"name": ""},
+        {"name": "x" * 201},
+        {"teacher": "<b>"},
+        {"description": "d" * 6000},
+        {"lr_schedule": "sawtooth"},
+        {"seeds": ""},
+        {"team": "0"},
+    ],
 )
 def test_missing_wrong_and_oversized_fields_are_field_errors(client_logged_in, team, digits_setup, extra):
-    response = client_logged_in.post(reverse("experiments:experiment_create"), {**_post(team, digits_setup), **extra})
+    response = client_logged_in.post(
+        reverse("experiments:experiment_create"), {**_post(team, digits_setup), **extra}
+    )
 
     assert response.status_code == 200
     assert set(extra) & set(response.context["form"].errors)
@@ -431,11 +538,18 @@ def test_missing_wrong_and_oversized_fields_are_field_errors(client_logged_in, t
 
 @pytest.mark.django_db
 def test_an_embedding_dataset_has_no_baselines_in_the_count(team, user, digits_setup):
-    dataset = DatasetSpecFactory(team=team, name="bbc", builtin_name="bbc-news", task="embedding", num_labels=0,
-                                 label_names=[])
+    dataset = DatasetSpecFactory(
+        team=team, name="bbc", builtin_name="bbc-news", task="embedding", num_labels=0, label_names=[]
+    )
     recipe = RecipeFactory(team=team, terms=[{"name": "embedding_mse", "weight": 1.0, "params": {}}])
 
-    count = sweeps.count_runs(students=1, seeds=2, train={"lr": [1e-3, 1e-2]}, recipes=[recipe], term_sweeps={},
-                              with_baseline=dataset.task != "embedding")
+    count = sweeps.count_runs(
+        students=1,
+        seeds=2,
+        train={"lr": [1e-3, 1e-2]},
+        recipes=[recipe],
+        term_sweeps={},
+        with_baseline=dataset.task != "embedding",
+    )
 
     assert count.total == 4 and count.baselines == 0
