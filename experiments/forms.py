@@ -15,9 +15,8 @@ from django.core.exceptions import ValidationError
 from django.forms.utils import ErrorDict
 
 from experiments.domain import fields as field_rules
-from experiments.domain import input_rules, sweeps, uploads
+from experiments.domain import input_rules, sweep_plan, sweeps, uploads
 from experiments.domain.engine_config import TRAIN_DEFAULTS
-from experiments.domain.input_rules import DATASET_SOURCES, MODEL_SOURCES  # noqa: F401  (the pages' names)
 from experiments.domain.validation import MAX_SEEDS, TRAIN_FIELDS
 from experiments.models import Experiment, Recipe, Run
 from experiments.selectors import records as records_reads
@@ -534,7 +533,7 @@ class SweepField(forms.CharField):
         super().__init__(**kwargs)
 
     def prepare_value(self, value: Any) -> Any:
-        return sweeps.format_values(value) if isinstance(value, list | tuple) else value
+        return sweep_plan.format_values(value) if isinstance(value, list | tuple) else value
 
     def clean(self, value: Any) -> list[int | float]:
         # A string, stripped and length-checked, then read as the setting's values.
@@ -547,7 +546,7 @@ class TermSweepsField(forms.CharField):
 
     def prepare_value(self, value: Any) -> Any:
         if isinstance(value, dict):
-            return "\n".join(f"{axis} = {sweeps.format_values(values)}" for axis, values in value.items())
+            return "\n".join(f"{axis} = {sweep_plan.format_values(values)}" for axis, values in value.items())
         return value
 
     def clean(self, value: Any) -> dict[str, list[Any]]:
@@ -639,7 +638,7 @@ class ExperimentForm(TeamScopedForm):
         self.fields["recipes"].widget.option_data = lambda r: {
             "baseline": "1" if r.scheme == Recipe.Scheme.HARD_LABELS else "0",
             "terms": " ".join(str(t.get("name", "")) for t in r.terms),
-            "chain": sweeps.chain_length(r.scheme, r.scheme_params),
+            "chain": sweep_plan.chain_length(r.scheme, r.scheme_params),
         }
         self.fields["dataset"].widget.option_data = lambda d: {"task": d.task}
         for name, (kind, lo, hi, help_text) in TRAIN_FIELDS.items():
@@ -748,10 +747,10 @@ def run_initial(run: Run) -> dict[str, Any]:
         train["vary_labelled_subset"] = True
     term_sweeps = {}
     for axis in (experiment.train or {}).get("term_sweeps") or {}:
-        value = sweeps.config_value(config, axis)
+        value = sweep_plan.config_value(config, axis)
         if value is not None:
             term_sweeps[axis] = [value]
-    label = sweeps.run_label(train=experiment.train or {}, config=config)
+    label = sweep_plan.run_label(train=experiment.train or {}, config=config)
     return {
         "team": run.team_id,
         "name": f"{experiment.name} · run #{run.pk} (clone)"[:200],

@@ -38,7 +38,7 @@ from django.db.models import Count, F, FloatField, Func, Window
 from django.db.models.functions import Cast, RowNumber
 from django.utils import timezone
 
-from experiments.domain import engine_config, routing, sweeps, tokenizers
+from experiments.domain import engine_config, routing, sweep_plan, tokenizers
 from experiments.domain.specs import model_kind
 from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Worker
 from workers.engine.memory import MODEL_COMPONENTS, MemoryEstimate, host_memory_bytes
@@ -70,7 +70,7 @@ class Check:
 class Report:
     """Every check of one experiment set-up, and its run count."""
 
-    count: sweeps.RunCount
+    count: sweep_plan.RunCount
     checks: tuple[Check, ...] = field(default_factory=tuple)
 
     @property
@@ -88,7 +88,7 @@ def worst(levels: Iterable[str]) -> str:
 
 
 # --- runs ---------------------------------------------------------------------------------------------------
-def check_run_count(count: sweeps.RunCount, *, limit: int) -> Check:
+def check_run_count(count: sweep_plan.RunCount, *, limit: int) -> Check:
     text = f"{count.total:,} run{'s' if count.total != 1 else ''}: {count.describe()}."
     if count.total > limit:
         swept = count.swept[0] if count.swept else "seeds"
@@ -270,7 +270,7 @@ def run_shapes(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Seq
     Chained recipes are sized by the models their stages load (the assistant as a student, then as the
     teacher; a self-distilled student as its own teacher). Term sweeps change no tensor size and are left out.
     """
-    axes = sweeps.train_axes(train)
+    axes = sweep_plan.train_axes(train)
     base = {k: v for k, v in train.items() if k not in axes and k != "term_sweeps"}
     base.update({k: v[0] for k, v in axes.items()})
     batch_sizes = axes.get("batch_size") or [
@@ -503,7 +503,7 @@ def duration_text(seconds: float) -> str:
 
 
 def check_time(*, dataset: DatasetSpec, students: Sequence[ModelSpec], train: dict[str, Any],
-               count: sweeps.RunCount) -> Check:
+               count: sweep_plan.RunCount) -> Check:
     title = "Time"
     steps_values = train.get("max_steps", engine_config.TRAIN_DEFAULTS["max_steps"])
     steps_values = list(steps_values) if isinstance(steps_values, list) else [steps_values]
@@ -555,7 +555,7 @@ def experiment_preflight(*, dataset: DatasetSpec, teacher: ModelSpec | None, stu
     count is reported: nothing else is worth computing for a grid that will be refused.
     """
     train = {**engine_config.TRAIN_DEFAULTS, **train}
-    count = sweeps.count_runs(students=len(students), seeds=len(seeds), train=train, recipes=recipes,
+    count = sweep_plan.count_runs(students=len(students), seeds=len(seeds), train=train, recipes=recipes,
                               term_sweeps=term_sweeps or {}, with_baseline=dataset.task != "embedding")
     runs = check_run_count(count, limit=settings.MAX_RUNS_PER_EXPERIMENT)
     if runs.blocks:

@@ -12,43 +12,64 @@ refused at once. Recipe term parameters are swept one per line, ``TERM.PARAM = V
 2, 4, 8`` or ``kd.weight = 0.5:0.9:lin3`` (a term's weight is ``TERM.weight``); choice and true/false
 parameters take lists (``topk.divergence = kd, jsd``).
 
-This module is pure: no database. The planner (``services.experiment_plan``) and the run count shown before
-launch (:func:`count_runs`) both follow the same rule: every training-setting point applies to every run, the
-hard-label baseline included; a term sweep multiplies only the runs of recipes that have that term.
+This module is pure: no database. What the parsed sweeps span (the grid, the run count, labels) is in
+:mod:`experiments.domain.sweep_plan`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 Number = int | float
+
+
 Value = int | float | str | bool
+
+
 Item = int | float | str | bool  # one item of a swept list given as a value
+
 
 SYNTAX_HELP = (
     'One value, a list "1e-4, 3e-4", or a range: "1e-4:1e-3:log4" (4 log-spaced values), '
     '"0.1:0.9:lin5" (5 evenly spaced), "2:8:step2" (2, 4, 6, 8).'
 )
+
+
 TERM_SWEEP_HELP = (
     'One per line, TERM.PARAM = values, e.g. "kd.temperature = 2, 4, 8" or "kd.weight = 0.5:0.9:lin3"; '
     "it applies to the chosen recipes that have that term."
 )
+
+
 # Each line of the term sweeps field, and the field itself, are bounded so that parsing stays cheap.
 MAX_TERM_SWEEP_LINES = 20
+
+
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+
+
 _NUMBER_RE = re.compile(rf"^{_NUMBER}$")
+
+
 _RANGE_RE = re.compile(
     rf"^(?P<start>{_NUMBER}):(?P<stop>{_NUMBER}):(?P<mode>log|lin|step)(?P<arg>{_NUMBER})$", re.IGNORECASE
 )
+
+
 _AXIS_RE = re.compile(r"^(?P<term>[a-z][a-z0-9_]*)\.(?P<param>[a-z][a-z0-9_]*)$")
+
+
 # Floating-point noise in generated values (0.1 + 2 * 0.2 = 0.5000000000000001) is rounded away.
 _LINEAR_DIGITS = 12
+
+
 _LOG_DIGITS = 6
+
+
 SYMBOLS = {"temperature": "τ", "alpha": "α", "beta": "β", "weight": "w"}
 
 
@@ -209,7 +230,7 @@ def _parse_any(item: Item) -> tuple[str, float | _Range]:
     """(the item as shown in messages, its value or range): text is read, a number taken as it is."""
     if isinstance(item, str):
         return item, _parse_item(item)
-    shown = _exact(item)
+    shown = exact(item)
     if isinstance(item, bool):
         return shown, _number(shown, "a number")
     try:
@@ -221,10 +242,11 @@ def _parse_any(item: Item) -> tuple[str, float | _Range]:
     return shown, value
 
 
-# --- sweeps given as values (JSON / YAML lists) -----------------------------------------------------------
 # A list is bounded by its number of items instead of a field's length (each text item by a cap of its own),
 # so that an exported sweep of many values imports again.
 ITEM_CAP = 200  # characters of one list item: what the field of one training setting takes
+
+
 _ITEM_SHAPE = "Give one value or range per list item (no commas or line breaks inside an item)."
 
 
@@ -273,7 +295,7 @@ def _words(text: str) -> list[str]:
 
 
 def _item_words(items: Sequence[Item]) -> list[str]:
-    return [(item if isinstance(item, str) else _exact(item)).lower() for item in items]
+    return [(item if isinstance(item, str) else exact(item)).lower() for item in items]
 
 
 def _choices(items: list[str], *, choices: Sequence[str], limit: int) -> list[str]:
@@ -303,7 +325,6 @@ def _booleans(items: list[str]) -> list[bool]:
     return [words[item] for item in items]
 
 
-# --- recipe term parameters ---------------------------------------------------------------------------------
 def parse_term_sweeps(text: str, *, limit: int) -> dict[str, list[Value]]:
     """``"kd.temperature = 2, 4\\nkd.weight = 0.5:0.9:lin3"`` → ``{"kd.temperature": [2.0, 4.0], ...}``.
 
@@ -325,6 +346,8 @@ def _line_row(line: str) -> _TermRow:
 
 
 _LINE = object()  # the axis of a term sweep given as a whole "TERM.PARAM = values" line
+
+
 _TERM_SHAPE = (
     'Give term sweeps as {"TERM.PARAM": [values]}, or a list of "TERM.PARAM = values" lines or of '
     '{"param": "TERM.PARAM", "values": [values]}.'
@@ -381,7 +404,7 @@ def term_sweep_rows(value: dict[str, Any] | list[Any], *, cap: int, limit: int) 
             items = list_items(values, choices=True, limit=limit)
         except SweepError as exc:
             raise SweepError(f"{axis}: {exc}") from None
-        shown = ", ".join(item if isinstance(item, str) else _exact(item) for item in items)
+        shown = ", ".join(item if isinstance(item, str) else exact(item) for item in items)
         rows.append((f"{axis} = {shown}".strip(), axis, items))
     return rows
 
@@ -531,123 +554,6 @@ def apply_term_values(
     return result
 
 
-# --- the grid -----------------------------------------------------------------------------------------------
-def grid_size(axes: Mapping[str, Sequence[Any]]) -> int:
-    """How many points the axes span (1 when nothing is swept)."""
-    return math.prod(len(values) for values in axes.values())
-
-
-def grid_points(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the axes' values, the first axis varying slowest; ``[{}]`` when nothing is swept.
-
-    Callers check :func:`grid_size` against the run limit first.
-    """
-    keys = list(axes)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(axes[k] for k in keys))]
-
-
-def train_axes(train: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """The swept training settings of an experiment's ``train`` (those stored as lists)."""
-    return {key: list(value) for key, value in train.items() if isinstance(value, list)}
-
-
-def chain_length(scheme: str, scheme_params: Mapping[str, Any] | None) -> int:
-    """Runs one (student, seed, point) of a recipe creates: chained schemes train several models in a row."""
-    if scheme == "teacher_assistant":
-        return 2
-    if scheme == "self_distillation":
-        return int((scheme_params or {}).get("generations", 2))
-    return 1
-
-
-@dataclass(frozen=True)
-class RecipeCount:
-    """A recipe's share of the grid: its runs per (student, seed, training-setting point)."""
-
-    label: str
-    chain: int
-    term_points: int
-
-    @property
-    def runs(self) -> int:
-        return self.chain * self.term_points
-
-
-@dataclass(frozen=True)
-class RunCount:
-    """How many runs an experiment creates, and from what."""
-
-    students: int
-    seeds: int
-    train_points: int
-    recipes: tuple[RecipeCount, ...]
-    baseline: bool
-    swept: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def per_point(self) -> int:
-        """Runs per (student, seed, training-setting point)."""
-        return sum(r.runs for r in self.recipes) + (1 if self.baseline else 0)
-
-    @property
-    def total(self) -> int:
-        return self.students * self.seeds * self.train_points * self.per_point
-
-    @property
-    def baselines(self) -> int:
-        return self.students * self.seeds * self.train_points if self.baseline else 0
-
-    def describe(self) -> str:
-        """E.g. "2 students × 2 seeds × 3 training settings × (kd-t4 × 3 term values + baseline)"."""
-
-        def plural(n: int, word: str) -> str:
-            return f"{n} {word}{'' if n == 1 else 's'}"
-
-        parts = [plural(self.students, "student"), plural(self.seeds, "seed")]
-        if self.train_points > 1:
-            parts.append(plural(self.train_points, "training setting"))
-        inner = []
-        for recipe in self.recipes:
-            text = recipe.label
-            if recipe.term_points > 1:
-                text += f" × {recipe.term_points} term values"
-            if recipe.chain > 1:
-                text += f" × {recipe.chain} chained runs"
-            inner.append(text)
-        if self.baseline:
-            inner.append("baseline")
-        return " × ".join(parts) + " × (" + " + ".join(inner) + ")"
-
-
-def count_runs(
-    *,
-    students: int,
-    seeds: int,
-    train: Mapping[str, Any],
-    recipes: Sequence[Any],
-    term_sweeps: Mapping[str, Sequence[Value]],
-    with_baseline: bool,
-) -> RunCount:
-    """The size of an experiment, computed without building it.
-
-    ``recipes`` are Recipe records (or anything with ``scheme``, ``scheme_params``, ``terms`` and a ``str``);
-    hard-label recipes are the baseline, as in ``services.experiment_plan``.
-    """
-    chosen = [r for r in recipes if r.scheme != "hard_labels"]
-    counts = tuple(
-        RecipeCount(
-            str(r),
-            chain_length(r.scheme, r.scheme_params),
-            grid_size(recipe_axes((t.get("name") for t in r.terms), term_sweeps)),
-        )
-        for r in chosen
-    )
-    axes = train_axes(train)
-    swept = (*axes, *term_sweeps)
-    return RunCount(students, seeds, grid_size(axes), counts, with_baseline, tuple(swept))
-
-
-# --- labels -------------------------------------------------------------------------------------------------
 def format_number(value: Value) -> str:
     """A short, readable value: ``0.0003`` → ``3e-4``, ``4.0`` → ``4``, ``0.25`` → ``0.25``."""
     if isinstance(value, bool) or isinstance(value, str):
@@ -661,58 +567,10 @@ def format_number(value: Value) -> str:
     return f"{value:.4g}"
 
 
-def _exact(value: Value) -> str:
+def exact(value: Value) -> str:
     """One value exactly as a field shows it (``True`` → ``true``, ``4.0`` → ``4``)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return str(value)
-
-
-def format_values(values: Sequence[Value]) -> str:
-    """Values as a field shows them again (exact, so a clone creates the same runs): ``"0.0001, 0.0003"``."""
-    return ", ".join(_exact(v) for v in values)
-
-
-def axis_label(axis: str, swept: Sequence[str]) -> str:
-    """A short name for a swept axis: ``lr``; ``τ`` for ``kd.temperature`` unless another term's temperature
-    is swept too (then ``kd.τ``); ``w_kd`` for a term weight."""
-    if "." not in axis:
-        return axis
-    term, param = term_axis(axis)
-    if param == "weight":
-        return f"w_{term}"
-    symbol = SYMBOLS.get(param, param)
-    shared = [a for a in swept if "." in a and term_axis(a)[1] == param]
-    return symbol if len(shared) <= 1 else f"{term}.{symbol}"
-
-
-def config_value(config: Mapping[str, Any], axis: str) -> Value | None:
-    """The concrete value of a swept axis in a run's frozen config (None when the run does not have it)."""
-    if "." not in axis:
-        if axis == "labelled_fraction":
-            return (config.get("dataset") or {}).get(axis)
-        return (config.get("train") or {}).get(axis)
-    term, param = term_axis(axis)
-    for t in config.get("terms") or ():
-        if t.get("name") == term:
-            return t.get("weight") if param == "weight" else (t.get("params") or {}).get(param)
-    return None
-
-
-def experiment_axes(train: Mapping[str, Any]) -> list[str]:
-    """The names of an experiment's swept axes, as stored in ``Experiment.train``: training settings held as
-    lists, and ``term_sweeps``."""
-    return [*train_axes(train), *(train.get("term_sweeps") or {})]
-
-
-def run_label(*, train: Mapping[str, Any], config: Mapping[str, Any]) -> str:
-    """The swept values of one run, e.g. ``"lr=3e-4 τ=4"`` (empty when its experiment sweeps nothing)."""
-    axes = experiment_axes(train)
-    parts = []
-    for axis in axes:
-        value = config_value(config, axis)
-        if value is not None:
-            parts.append(f"{axis_label(axis, axes)}={format_number(value)}")
-    return " ".join(parts)

@@ -22,7 +22,7 @@ from django.db.models import (
 )
 from django.db.models.fields.json import KeyTransform
 
-from experiments.domain import sweeps
+from experiments.domain import sweep_plan
 from experiments.domain.leaderboard import sample_std
 from experiments.models import (
     DatasetSpec,
@@ -236,7 +236,7 @@ def _board_evaluations(
 ) -> tuple[list[_BoardEval], dict[int, dict[str, Any]]]:
     """The benchmark's evaluations as :class:`_BoardEval` rows, with ``metric`` read out of the metrics JSON
     in SQL, and for the runs of ``swept_experiments`` the parts of their frozen config that hold swept values
-    (evaluation id → config parts shaped like the config for ``sweeps.config_value``). One query."""
+    (evaluation id → config parts shaped like the config for ``sweep_plan.config_value``). One query."""
     rows = qs.annotate(metric_raw=KeyTransform(metric.name, "metrics")).order_by("run_id")
     if not swept_experiments:
         return [_BoardEval(*values) for values in rows.values_list(*_BOARD_FIELDS)], {}
@@ -263,7 +263,7 @@ def _sweep_point(train: Mapping[str, Any], config: Mapping[str, Any], axes: Sequ
     """The run's values of ``axes`` (a hashable key; None where the run does not have one)."""
     point = []
     for axis in axes:
-        value = sweeps.config_value(config, axis)
+        value = sweep_plan.config_value(config, axis)
         point.append(
             (axis, value if isinstance(value, int | float | str | bool) or value is None else repr(value))
         )
@@ -309,8 +309,8 @@ def _sweep_points(
             points[e.pk] = ("", (), ())
             continue
         config = configs.get(e.pk, {})
-        points[e.pk] = (sweeps.run_label(train=train, config=config), _sweep_point(train, config, axes),
-                        _sweep_point(train, config, list(sweeps.train_axes(train))))
+        points[e.pk] = (sweep_plan.run_label(train=train, config=config), _sweep_point(train, config, axes),
+                        _sweep_point(train, config, list(sweep_plan.train_axes(train))))
     return points
 
 
@@ -355,7 +355,7 @@ def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], 
         .defer(*_BOARD_EXPERIMENT_DEFERRED)
     }
     trains = {pk: x.train if isinstance(x.train, dict) else {} for pk, x in experiments.items()}
-    axes_of = {pk: sweeps.experiment_axes(train) for pk, train in trains.items()}
+    axes_of = {pk: sweep_plan.experiment_axes(train) for pk, train in trains.items()}
     evaluations, configs = _board_evaluations(qs, metric, {pk for pk, axes in axes_of.items() if axes})
     if not evaluations:
         return []

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from experiments.domain import engine_config, routing, sweeps, validation
+from experiments.domain import engine_config, routing, sweep_plan, sweeps, validation
 from experiments.models import (
     DatasetSpec,
     Experiment,
@@ -58,13 +58,13 @@ def experiment_plan(
     recipe's term points, plus one hard-label baseline per student, seed and training-setting point. Chained
     recipes add their intermediate runs: ``teacher_assistant`` distils the assistant first;
     ``self_distillation`` chains its generations, each the teacher of the next. Embedding data has no labels,
-    so there is no hard-label baseline there (``with_baseline=False``). ``sweeps.count_runs`` gives the same
-    number without building the plan."""
+    so there is no hard-label baseline there (``with_baseline=False``). ``sweep_plan.count_runs`` gives the
+    same number without building the plan."""
     chosen = [r for r in recipes if r.scheme != Recipe.Scheme.HARD_LABELS]
     picked_baselines = [r for r in recipes if r.scheme == Recipe.Scheme.HARD_LABELS]
     baseline = picked_baselines[0] if picked_baselines else records_writes.hard_labels_recipe(team=team)
     term_points = {
-        r.pk: sweeps.grid_points(sweeps.recipe_axes((t.get("name") for t in r.terms), term_sweeps or {}))
+        r.pk: sweep_plan.grid_points(sweeps.recipe_axes((t.get("name") for t in r.terms), term_sweeps or {}))
         for r in chosen
     }
     plan: list[PlannedRun] = []
@@ -90,7 +90,7 @@ def experiment_plan(
                                 PlannedRun(student, recipe, seed, False, teacher_from=len(plan) - 1, **point)
                             )
                         elif recipe.scheme == Recipe.Scheme.SELF_DISTILLATION:
-                            generations = sweeps.chain_length(recipe.scheme, recipe.scheme_params)
+                            generations = sweep_plan.chain_length(recipe.scheme, recipe.scheme_params)
                             for generation in range(1, generations + 1):
                                 previous = (
                                     {"teacher": teacher}
@@ -116,7 +116,7 @@ class ExperimentInputs:
     seeds: list[int]
     teacher_weights: list[float]
     term_sweeps: dict[str, list[Any]]
-    count: sweeps.RunCount
+    count: sweep_plan.RunCount
 
 
 def experiment_validate(
@@ -161,7 +161,7 @@ def experiment_validate(
                 errors.setdefault(key, []).extend(m for m in messages if m not in errors.get(key, []))
     if errors:
         raise ValidationError(errors)
-    count = sweeps.count_runs(students=len(students), seeds=len(cleaned["seeds"]), train=cleaned["train"],
+    count = sweep_plan.count_runs(students=len(students), seeds=len(cleaned["seeds"]), train=cleaned["train"],
                               recipes=recipes, term_sweeps=cleaned["term_sweeps"],
                               with_baseline=dataset.task != "embedding")
     limit = settings.MAX_RUNS_PER_EXPERIMENT
@@ -169,13 +169,13 @@ def experiment_validate(
         message = (f"This experiment would create {count.total:,} runs; the limit is {limit} "
                    f"({count.describe()}).")
         swept_fields = [
-            *sweeps.train_axes(cleaned["train"]),
+            *sweep_plan.train_axes(cleaned["train"]),
             *(["term_sweeps"] if cleaned["term_sweeps"] else []),
         ]
         raise ValidationError({key: message for key in swept_fields or ["seeds"]})
     for recipe in recipes:
         if recipe.scheme != Recipe.Scheme.HARD_LABELS:
-            for values in sweeps.grid_points(sweeps.recipe_axes((t.get("name") for t in recipe.terms),
+            for values in sweep_plan.grid_points(sweeps.recipe_axes((t.get("name") for t in recipe.terms),
                                                                 cleaned["term_sweeps"])):
                 _swept_terms(recipe, values)  # raises on a combination the engine refuses
     return ExperimentInputs(
@@ -277,10 +277,10 @@ def experiment_create(
     )
     if blocking:
         raise ValidationError(blocking)
-    axes = sweeps.train_axes(inputs.train)
+    axes = sweep_plan.train_axes(inputs.train)
     plan = experiment_plan(team=team, students=students, recipes=recipes, seeds=inputs.seeds, teacher=teacher,
                            assistant=assistant, with_baseline=dataset.task != "embedding",
-                           train_points=sweeps.grid_points(axes), term_sweeps=inputs.term_sweeps)
+                           train_points=sweep_plan.grid_points(axes), term_sweeps=inputs.term_sweeps)
     experiment = _record_experiment(
         inputs, team=team, created_by=created_by, name=name, description=description, dataset=dataset,
         teacher=teacher, assistant=assistant, students=students, recipes=recipes,

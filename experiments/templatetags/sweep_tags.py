@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django import template
 
-from experiments.domain import sweeps
+from experiments.domain import sweep_plan
 from experiments.models import Run
 
 register = template.Library()
@@ -14,4 +14,4 @@ register = template.Library()
 def sweep_label(run: Run) -> str:
     """The run's point of its experiment's sweep (empty when the experiment sweeps nothing). Reads
     ``run.experiment``: select it with the run where many rows are shown."""
-    return sweeps.run_label(train=run.experiment.train or {}, config=run.config or {})
+    return sweep_plan.run_label(train=run.experiment.train or {}, config=run.config or {})

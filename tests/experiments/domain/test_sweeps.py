@@ -8,7 +8,7 @@ from django.core.exceptions import ValidationError
 from django.urls import reverse
 
 from experiments import forms
-from experiments.domain import sweeps
+from experiments.domain import sweep_plan, sweeps
 from experiments.models import Experiment, Recipe, Run
 from experiments.services import launch
 from tests.factories import DatasetSpecFactory, RecipeFactory
@@ -178,15 +178,15 @@ def test_run_label_shows_the_swept_values_of_a_config():
         "terms": [{"name": "kd", "weight": 1.0, "params": {"temperature": 4.0}}],
     }
 
-    assert sweeps.run_label(train=train, config=config) == "lr=3e-4 τ=4"
-    assert sweeps.run_label(train={"lr": 1e-3}, config=config) == ""
+    assert sweep_plan.run_label(train=train, config=config) == "lr=3e-4 τ=4"
+    assert sweep_plan.run_label(train={"lr": 1e-3}, config=config) == ""
     # A baseline has no kd term: only the training settings show.
-    assert sweeps.run_label(train=train, config={"train": {"lr": 1e-4}, "terms": []}) == "lr=1e-4"
+    assert sweep_plan.run_label(train=train, config={"train": {"lr": 1e-4}, "terms": []}) == "lr=1e-4"
 
 
 def test_axis_labels_disambiguate_a_parameter_swept_in_two_terms():
     axes = ["kd.temperature", "jsd.temperature", "jsd.beta", "kd.weight"]
-    assert [sweeps.axis_label(a, axes) for a in axes] == ["kd.τ", "jsd.τ", "β", "w_kd"]
+    assert [sweep_plan.axis_label(a, axes) for a in axes] == ["kd.τ", "jsd.τ", "β", "w_kd"]
 
 
 # --- the grid and its count -----------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_count_runs_matches_the_plan_that_is_built(team, digits_setup, train, te
     born_again = _recipe(team, "sd", scheme=Recipe.Scheme.SELF_DISTILLATION, scheme_params={"generations": 3})
     recipes = [digits_setup["recipe"], jsd, assistant_chain, born_again]
 
-    count = sweeps.count_runs(
+    count = sweep_plan.count_runs(
         students=2, seeds=2, train=train, recipes=recipes, term_sweeps=term_sweeps, with_baseline=True
     )
     plan = launch.experiment_plan(
@@ -235,7 +235,7 @@ def test_count_runs_matches_the_plan_that_is_built(team, digits_setup, train, te
         seeds=[0, 1],
         teacher=digits_setup["teacher"],
         assistant=digits_setup["teacher"],
-        train_points=sweeps.grid_points(sweeps.train_axes(train)),
+        train_points=sweep_plan.grid_points(sweep_plan.train_axes(train)),
         term_sweeps=term_sweeps,
     )
 
@@ -244,14 +244,14 @@ def test_count_runs_matches_the_plan_that_is_built(team, digits_setup, train, te
 
 
 def test_grid_points_vary_the_last_axis_fastest():
-    assert sweeps.grid_points({"a": [1, 2], "b": ["x", "y"]}) == [
+    assert sweep_plan.grid_points({"a": [1, 2], "b": ["x", "y"]}) == [
         {"a": 1, "b": "x"},
         {"a": 1, "b": "y"},
         {"a": 2, "b": "x"},
         {"a": 2, "b": "y"},
     ]
-    assert sweeps.grid_points({}) == [{}]
-    assert sweeps.grid_size({"a": [1, 2, 3], "b": [1, 2]}) == 6
+    assert sweep_plan.grid_points({}) == [{}]
+    assert sweep_plan.grid_size({"a": [1, 2, 3], "b": [1, 2]}) == 6
 
 
 # --- experiments created from a sweep -------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_experiment_create_with_a_sweep_makes_one_run_per_point_with_concrete_va
     assert experiment.train["term_sweeps"] == {"kd.temperature": [2.0, 8.0]}
     assert digits_setup["recipe"].terms[1]["params"]["temperature"] == 4.0  # the recipe itself is unchanged
     assert dispatch.call_count == 18
-    labels = {sweeps.run_label(train=experiment.train, config=r.config) for r in distilled}
+    labels = {sweep_plan.run_label(train=experiment.train, config=r.config) for r in distilled}
     assert "lr=3e-3 τ=8" in labels and len(labels) == 6
 
 
@@ -543,7 +543,7 @@ def test_an_embedding_dataset_has_no_baselines_in_the_count(team, user, digits_s
     )
     recipe = RecipeFactory(team=team, terms=[{"name": "embedding_mse", "weight": 1.0, "params": {}}])
 
-    count = sweeps.count_runs(
+    count = sweep_plan.count_runs(
         students=1,
         seeds=2,
         train={"lr": [1e-3, 1e-2]},
