@@ -121,6 +121,15 @@ class TrainConfig:
     validation_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Resources: one run may span several ranks (torchrun). On CUDA a run has one rank per GPU (``gpus``);
+    # a run without a GPU may still ask for several CPU ranks (``processes``, gloo), so the distributed path
+    # runs anywhere. ``strategy``: auto (fsdp with several ranks) | ddp | fsdp (FSDP2 ``fully_shard`` per
+    # block + root). ``precision``: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.
+    gpus: int = 1
+    processes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    activation_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
