@@ -1,0 +1,450 @@
+"""One prepared check of the CUDA paths on a GPU host, in order of value. ``--dry`` runs the same sections on
+the CPU with tiny models and a few steps; the test suite runs it so the script cannot rot.
+
+    python benchmarks/gpu_check.py [--dry] [--out DIR] [--budget-s 420]
+    python benchmarks/gpu_check.py --fetch-wheels .whl    # here: the wheels a GPU host lacks (Python 3.12)
+
+Sections (each timed; a failure is recorded with its error and the next section still runs; a section that
+would start after ``--budget-s`` is skipped):
+
+1. ``inventory`` — the GPUs as a worker registers them (NVML via ``workers.gpus``), torch and CUDA versions,
+   bf16 support.
+2. ``engine`` — online and offline distillation on the device: teacher SmolLM2-135M when prepared (``make
+   models``), else a randomly initialised Llama of the same shape; student derived from it (every other
+   layer). Seconds per step after warm-up, tokens/s, model FLOP utilisation (6·N per trained token plus 2·N
+   per teacher token for the online teacher, against the card's dense bf16 peak) and peak memory.
+3. ``memory`` — the engine's memory estimate (what routing and pre-flight use) against
+   ``torch.cuda.max_memory_allocated`` for full training and with activation checkpointing.
+4. ``worker`` — a real run through a Celery worker on the embedded default (``manage.py demo``: SQLite and a
+   filesystem broker, no Postgres or Redis needed): the seeded teacher experiment, and the GPUs the worker
+   registered.
+
+Writes ``results.json`` under ``--out`` and prints a markdown summary. The GPU host reaches no package
+registry: ``--fetch-wheels`` downloads, here, the wheels of what its image lacks (Django, Celery, …), at the
+versions installed here, for CPython 3.12 on x86-64; carry that folder and install it there first:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Dense bf16 peak (TFLOP/s, no sparsity) by a word of the device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# What the GPU image lacks of the project's dependencies (its image has torch, transformers, numpy, pandas,
+# scikit-learn, scipy, pyyaml, nvidia-ml-py, tokenizers, safetensors, peft, accelerate and their needs).
+GPU_HOST_WHEELS = (
+    "Django",
+    "asgiref",
+    "sqlparse",
+    "django-environ",
+    "celery",
+    "kombu",
+    "billiard",
+    "vine",
+    "amqp",
+    "click-didyoumean",
+    "click-repl",
+    "click-plugins",
+    "prompt_toolkit",
+    "wcwidth",
+    "tzdata",
+    "redis",
+    "whitenoise",
+    "plotly",
+    "datasets",
+    "dill",
+    "multiprocess",
+    "djangorestframework",
+    "drf-spectacular",
+    "drf-spectacular-sidecar",
+    "jsonschema",
+    "jsonschema-specifications",
+    "referencing",
+    "rpds-py",
+    "uritemplate",
+    "inflection",
+    "django-csp",
+    "django-axes",
+    "psycopg",
+    "psycopg-binary",
+)
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 256,
+    "max_position_embeddings": 64,
+}
+# SmolLM2-135M's shape, randomly initialised when the prepared model is not there.
+SMOL_SHAPE = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+
+
+@dataclass
+class Check:
+    dry: bool
+    work: Path
+    deadline: float
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.dry else "cuda"
+
+
+def section_inventory(check: Check) -> dict[str, Any]:
+    import torch
+
+    from workers import gpus
+
+    cuda = torch.cuda.is_available()
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": cuda,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "nvml_gpus": [dict(g) for g in gpus.read_gpus()],
+        "cuda_versions": gpus.cuda_versions(),
+    }
+
+
+def corpus(work: Path, lines: int) -> Path:
+    """Deterministic text with enough variety for a tokenizer and a language model to learn something."""
+    words = (
+        "the cat dog bird fish tree river stone cloud light sat ran flew swam grew fell on under over near "
+        "a small large quiet loud red green blue old new"
+    ).split()
+    path = work / "corpus.txt"
+    path.write_text(
+        "\n".join(
+            " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12 + i % 9)) for i in range(lines)
+        )
+    )
+    return path
+
+
+def teacher_config(check: Check) -> dict[str, Any]:
+    from workers.engine.pretrained import models_dir
+
+    smol = models_dir() / "SmolLM2-135M-Instruct"
+    if check.dry:
+        return {"source": "config", "params": TINY_LLAMA}
+    if smol.is_dir():
+        return {"source": "hf", "path": str(smol)}
+    return {"source": "config", "params": SMOL_SHAPE}
+
+
+def run_config(check: Check, *, slug: str, scheme: str, terms: list[dict], steps: int, **train: Any) -> dict:
+    teacher = teacher_config(check)
+    batch, length = (4, 16) if check.dry else (16, 256)
+    return {
+        "task": "causal_lm",
+        "scheme": scheme,
+        "teacher": teacher,
+        "student": {"source": "derived", "parent": teacher, "params": {"layers": "every_other"}},
+        "dataset": {
+            "source": "hf",
+            "path": str(corpus(check.work, 200 if check.dry else 4000)),
+            "max_length": length,
+            "pack": True,
+        },
+        "terms": terms,
+        "output_dir": str(check.work / slug),
+        "cache_dir": str(check.work / "cache"),
+        "evaluate_teacher": False,
+        "train": {
+            "max_steps": steps,
+            "batch_size": batch,
+            "lr": 2e-4,
+            "log_every": steps,
+            "eval_every": steps * 10,
+            "save_every": steps * 10,
+            "device": check.device,
+            **train,
+        },
+    }
+
+
+def timed_train(config: dict[str, Any], *, warmup: int) -> dict[str, Any]:
+    """Train ``config``; seconds per step after ``warmup`` steps, peak CUDA memory, the student's metrics."""
+    import torch
+
+    from workers.engine.config import RunConfig
+    from workers.engine.trainer import Callbacks, train
+
+    marks: list[float] = []
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = train(
+        RunConfig.from_dict(config), Callbacks(on_progress=lambda *_: marks.append(time.perf_counter()))
+    )
+    seconds = time.perf_counter() - started
+    timed = marks[warmup:] if len(marks) > warmup + 1 else marks
+    step_s = (timed[-1] - timed[0]) / (len(timed) - 1) if len(timed) > 1 else None
+    return {
+        "seconds": round(seconds, 2),
+        "s_per_step": step_s,
+        "peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "student": result.to_dict().get("student", {}),
+    }
+
+
+def model_params(model: dict[str, Any]) -> int:
+    from workers.engine.memory import ModelShapeReader
+
+    shape = ModelShapeReader().shape(model, task="causal_lm")
+    return shape.params if shape else 0
+
+
+def peak_flops(name: str) -> float | None:
+    return next((tf * 1e12 for word, tf in PEAK_BF16_TFLOPS.items() if word in name), None)
+
+
+def section_engine(check: Check) -> dict[str, Any]:
+    import torch
+
+    steps, warmup = (3, 1) if check.dry else (60, 10)
+    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    out: dict[str, Any] = {"device": device_name}
+    for slug, scheme, terms in (
+        ("online", "online", [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9}]),
+        (
+            "offline",
+            "offline",
+            [
+                {"name": "ce", "weight": 0.1},
+                {"name": "topk", "weight": 0.9, "params": {"k": 64, "tail": True}},
+            ],
+        ),
+    ):
+        config = run_config(check, slug=slug, scheme=scheme, terms=terms, steps=steps)
+        row = timed_train(config, warmup=warmup)
+        batch, length = config["train"]["batch_size"], config["dataset"]["max_length"]
+        student_params = row["student"].get("params") or 0
+        if row["s_per_step"]:
+            row["tokens_per_s"] = batch * length / row["s_per_step"]
+            teacher_params = 0 if scheme == "offline" else model_params(config["teacher"])
+            flops = (6 * student_params + 2 * teacher_params) * row["tokens_per_s"]
+            peak = peak_flops(device_name)
+            row["mfu"] = flops / peak if peak else None
+        out[slug] = row
+    return out
+
+
+def section_memory(check: Check) -> dict[str, Any]:
+    from workers.engine.memory import estimate_run_memory
+
+    steps = 2 if check.dry else 5
+    rows = {}
+    for slug, extra in (("full", {}), ("activation_checkpointing", {"activation_checkpointing": True})):
+        config = run_config(
+            check,
+            slug=f"memory-{slug}",
+            scheme="online",
+            steps=steps,
+            terms=[{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9}],
+            **extra,
+        )
+        estimate = estimate_run_memory(config)
+        measured = timed_train(config, warmup=0)["peak_bytes"]
+        rows[slug] = {
+            "estimate_bytes": estimate.total_bytes,
+            "measured_bytes": measured,
+            "ratio": measured / estimate.total_bytes if measured and estimate.total_bytes else None,
+        }
+    return rows
+
+
+def section_worker(check: Check) -> dict[str, Any]:
+    """The seeded teacher experiment of ``manage.py demo`` through its Celery worker, on this host's
+    device."""
+    from benchmarks.demo_time import TERMINAL, experiment_states, free_port
+
+    var = check.work / "demo"
+    var.mkdir()
+    env = {
+        k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "ARTIFACT_ROOT"}
+    }
+    env.update({"DEBUG": "true", "DISTILLWEB_VAR_DIR": str(var), "DEMO_ADMIN_PASSWORD": "gpu-check-pass"})
+    demo = subprocess.Popen(
+        [sys.executable, "manage.py", "demo", "--port", str(free_port())],
+        cwd=REPO,
+        env=env,
+        stdout=(var / "demo.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    db, first = var / "distillweb.sqlite3", None
+    try:
+        while time.monotonic() < check.deadline and demo.poll() is None:
+            states = experiment_states(db)
+            first = next(iter(states.items()), None)
+            if first and first[1] and set(first[1]) <= TERMINAL:
+                break
+            time.sleep(1)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGINT)
+        demo.wait(timeout=60)
+    if not first or not set(first[1]) <= TERMINAL:
+        tail = (var / "demo.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"the seeded experiment did not finish in time; demo log ends:\n{tail}")
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        workers = conn.execute("select name, gpus from experiments_worker").fetchall()
+    return {
+        "experiment": first[0],
+        "statuses": first[1],
+        "workers": [{"name": name, "gpus": json.loads(gpus or "[]")} for name, gpus in workers],
+    }
+
+
+SECTIONS: tuple[tuple[str, Callable[[Check], dict[str, Any]]], ...] = (
+    ("inventory", section_inventory),
+    ("engine", section_engine),
+    ("memory", section_memory),
+    ("worker", section_worker),
+)
+
+
+def run_sections(check: Check, names: list[str]) -> None:
+    for name, section in SECTIONS:
+        if names and name not in names:
+            continue
+        if time.monotonic() > check.deadline:
+            check.results[name] = {"status": "skipped", "why": "over the time budget"}
+            continue
+        started = time.monotonic()
+        print(f"[gpu_check] {name} …", file=sys.stderr, flush=True)
+        try:
+            check.results[name] = {"status": "ok", **section(check)}
+        except Exception as exc:  # recorded: the next section still runs on the lent machine
+            check.results[name] = {
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-3000:],
+            }
+        check.results[name]["seconds"] = round(time.monotonic() - started, 1)
+        print(
+            f"[gpu_check] {name}: {check.results[name]['status']} in {check.results[name]['seconds']} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def summary(check: Check) -> str:
+    lines = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{'dry (CPU)' if check.dry else 'GPU'}"
+    ]
+    for name, row in check.results.items():
+        lines.append(
+            f"- {name}: {row['status']} ({row.get('seconds', 0)} s)"
+            + (f" — {row['error']}" if row.get("error") else "")
+        )
+    engine = check.results.get("engine", {})
+    for slug in ("online", "offline"):
+        if isinstance(engine.get(slug), dict) and engine[slug].get("tokens_per_s"):
+            r = engine[slug]
+            mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+            lines.append(f"  - {slug}: {r['s_per_step']:.3f} s/step, {r['tokens_per_s']:,.0f} tokens/s{mfu}")
+    return "\n".join(lines)
+
+
+def fetch_wheels(folder: Path) -> int:
+    """Download, here, the wheels the GPU image lacks, at the versions installed here, for CPython 3.12."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pins = []
+    for name in GPU_HOST_WHEELS:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            print(f"{name} is not installed here; skipped", file=sys.stderr)
+    platforms = [arg for n in (28, 27, 17) for arg in ("--platform", f"manylinux_2_{n}_x86_64")]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *platforms,
+        "--platform",
+        "manylinux2014_x86_64",
+        "--platform",
+        "any",
+        "-d",
+        str(folder),
+        *pins,
+    ]
+    done = subprocess.run(command)
+    size = sum(p.stat().st_size for p in folder.glob("*.whl"))
+    print(f"{len(list(folder.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB in {folder}")
+    return done.returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry", action="store_true", help="the CPU, tiny models, a few steps")
+    parser.add_argument("--out", default="", help="folder for results.json (default: a temporary folder)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="start no section after this")
+    parser.add_argument("--only", nargs="*", default=[], help="run only these sections")
+    parser.add_argument("--fetch-wheels", default="", help="download the GPU host's missing wheels here")
+    args = parser.parse_args()
+    if args.fetch_wheels:
+        return fetch_wheels(Path(args.fetch_wheels))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "distillweb.settings.base")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="distillweb-gpu-check-"))
+    out.mkdir(parents=True, exist_ok=True)
+    check = Check(
+        dry=args.dry,
+        work=Path(tempfile.mkdtemp(prefix="work-", dir=out)),
+        deadline=time.monotonic() + args.budget_s,
+    )
+    run_sections(check, args.only)
+    (out / "results.json").write_text(json.dumps(check.results, indent=2, default=str))
+    print(summary(check))
+    return 0 if all(r["status"] == "ok" for r in check.results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

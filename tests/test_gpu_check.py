@@ -1,0 +1,35 @@
+"""The GPU check's dry mode: every section of ``benchmarks/gpu_check.py`` runs on the CPU with tiny models, so
+the script a lent GPU host runs first cannot rot between GPU sessions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests import waiting
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_dry_gpu_check_runs_every_section_on_the_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--dry", "--out", str(tmp_path), "--budget-s", "600"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=waiting.scaled(900),
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    failed = {name: row.get("error") for name, row in results.items() if row["status"] != "ok"}
+    assert failed == {}, done.stderr[-3000:]
+    assert done.returncode == 0
+    assert set(results) == {"inventory", "engine", "memory", "worker"}
+    assert results["inventory"]["cuda_available"] is False and results["inventory"]["nvml_gpus"] == []
+    for scheme in ("online", "offline"):
+        row = results["engine"][scheme]
+        assert row["tokens_per_s"] > 0 and row["student"]["perplexity"] > 1
+    assert results["memory"]["full"]["estimate_bytes"] > 0
+    assert results["worker"]["statuses"] == ["succeeded"]
+    assert results["worker"]["workers"], "the demo's worker registered itself"
+    assert "engine: ok" in done.stdout
