@@ -16,7 +16,14 @@ from experiments.domain import preflight
 from experiments.domain.fields import MAX_TERMS
 from experiments.domain.input_rules import DATASET_SOURCES, MODEL_SOURCES
 from experiments.domain.specs import BUILTIN_ARCHS, BUILTIN_DATASETS
-from experiments.domain.validation import ALL_EARLY_STOPPING_METRICS, LR_SCHEDULES, MAX_SEEDS, TRAIN_FIELDS
+from experiments.domain.validation import (
+    ALL_EARLY_STOPPING_METRICS,
+    LR_SCHEDULES,
+    MAX_SEEDS,
+    PRECISIONS,
+    STRATEGIES,
+    TRAIN_FIELDS,
+)
 from experiments.models import DatasetSpec, Evaluation, Experiment, ModelSpec, Recipe, Run, Task
 from experiments.selectors import records
 
@@ -785,6 +792,38 @@ class TermSweepsField(serializers.JSONField):
     """Term sweeps: a mapping of TERM.PARAM to values, or a list of lines or of {param, values} objects."""
 
 
+def _json_field(name: str, schema: dict[str, Any], help_text: str) -> serializers.Field:
+    """A JSON value documented by ``schema`` (a subclass of its own, so JSONField's schema stays as it is)."""
+    cls = extend_schema_field(schema)(type(name, (serializers.JSONField,), {"__doc__": help_text}))
+    return cls(required=False, help_text=help_text)
+
+
+def _choices_schema(choices: tuple[Any, ...], kind: str) -> dict[str, Any]:
+    one = {"type": kind, **({"enum": list(choices)} if kind == "string" else {})}
+    return {"oneOf": [one, {"type": "array", "items": one, "minItems": 1, "uniqueItems": True}]}
+
+
+RESOURCE_FIELDS = {
+    "strategy": _json_field(
+        "StrategyField",
+        _choices_schema(STRATEGIES, "string"),
+        "Resources: how several ranks share the student (fsdp shards it, ddp replicates it; auto is fsdp "
+        'with several ranks); a list such as ["ddp", "fsdp"] sweeps them',
+    ),
+    "precision": _json_field(
+        "PrecisionField",
+        _choices_schema(PRECISIONS, "string"),
+        "Resources: auto (bf16 on a GPU, fp32 on a CPU), bf16 or fp32; a list sweeps them",
+    ),
+    "activation_checkpointing": _json_field(
+        "ActivationCheckpointingField",
+        _choices_schema((False, True), "boolean"),
+        "Resources: recompute each block's activations in the backward pass (less memory); [false, true] "
+        "sweeps it",
+    ),
+}
+
+
 def _train_field(kind: type, lo: float, hi: float, help_text: str) -> serializers.Field:
     kind_text = "whole number" if kind is int else "number"
     return SweepableField(
@@ -800,6 +839,7 @@ ExperimentCreateSerializer = type(
     {
         "__doc__": "The experiment form's fields: records by id, training settings flat (each may be swept).",
         **{name: _train_field(*spec) for name, spec in TRAIN_FIELDS.items()},
+        **RESOURCE_FIELDS,
         "term_sweeps": TermSweepsField(
             required=False,
             help_text='Sweeps of recipe term parameters: {"kd.temperature": [2, 4, 8]} (values may also be a '

@@ -17,7 +17,7 @@ from rest_framework.exceptions import ValidationError
 
 from experiments.domain import inputs as inputs_rules
 from experiments.domain.engine_config import TRAIN_DEFAULTS
-from experiments.domain.validation import TRAIN_FIELDS
+from experiments.domain.validation import TRAIN_CHOICES, TRAIN_FIELDS
 from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Team
 from experiments.selectors import teams as teams_reads
 
@@ -44,7 +44,7 @@ EXPERIMENT_KEYS = (
     "train",
     "term_sweeps",
 )
-TRAIN_KEYS = frozenset(TRAIN_FIELDS) | {"lr_schedule", "early_stopping_metric", "vary_labelled_subset"}
+TRAIN_KEYS = frozenset(TRAIN_FIELDS) | frozenset(TRAIN_CHOICES)
 
 
 # --- documents ------------------------------------------------------------------------------------

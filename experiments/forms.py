@@ -17,7 +17,7 @@ from django.forms.utils import ErrorDict
 from experiments.domain import fields as field_rules
 from experiments.domain import input_rules, sweep_plan, sweeps, uploads
 from experiments.domain.engine_config import TRAIN_DEFAULTS
-from experiments.domain.validation import MAX_SEEDS, TRAIN_FIELDS
+from experiments.domain.validation import MAX_SEEDS, RESOURCE_FIELDS, TRAIN_CHOICES, TRAIN_FIELDS
 from experiments.models import Experiment, Recipe, Run
 from experiments.selectors import records as records_reads
 from experiments.selectors import teams as teams_reads
@@ -513,6 +513,8 @@ TRAIN_LABELS = {
     "save_every": "Checkpoint every",
     "log_every": "Log every",
     "grad_clip": "Gradient clipping",
+    "gpus": "GPUs",
+    "processes": "CPU processes",
 }
 
 
@@ -537,6 +539,35 @@ class SweepField(forms.CharField):
 
     def clean(self, value: Any) -> list[int | float]:
         # A string, stripped and length-checked, then read as the setting's values.
+        return EXPERIMENT[self.setting].from_text(super().clean(value))
+
+
+class ChoiceSweepField(forms.MultipleChoiceField):
+    """A resource choice (strategy, precision): tick one, or several to sweep them; cleans to one name, a list
+    of names, or None when nothing is ticked (the default)."""
+
+    def __init__(self, *, setting: str, **kwargs: Any) -> None:
+        self.setting = setting
+        super().__init__(**kwargs)
+
+    def clean(self, value: Any) -> Any:
+        return EXPERIMENT[self.setting].from_text(super().clean(value))
+
+
+class OnOffSweepField(forms.CharField):
+    """A yes/no resource (activation checkpointing): off, on, or both (a sweep); cleans to False, True,
+    ``[False, True]``, or None when blank."""
+
+    def __init__(self, *, setting: str, **kwargs: Any) -> None:
+        self.setting = setting
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return "both" if len(set(value)) > 1 else self.prepare_value(value[0]) if value else ""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    def clean(self, value: Any) -> Any:
         return EXPERIMENT[self.setting].from_text(super().clean(value))
 
 
@@ -615,8 +646,36 @@ class ExperimentForm(TeamScopedForm):
         "shares them), so the spread over seeds includes the choice of labelled subset.",
     )
 
+    strategy = EXPERIMENT["strategy"].field(
+        ChoiceSweepField,
+        setting="strategy",
+        widget=forms.CheckboxSelectMultiple,
+        initial=[TRAIN_DEFAULTS["strategy"]],
+        label="Strategy",
+        help_text="How several ranks share the student: fsdp shards its weights, gradients and optimizer "
+        "state over the ranks, ddp replicates them; auto is fsdp with several ranks. With one rank either "
+        "trains as a single process. Tick several to sweep them.",
+    )
+    precision = EXPERIMENT["precision"].field(
+        ChoiceSweepField,
+        setting="precision",
+        widget=forms.CheckboxSelectMultiple,
+        initial=[TRAIN_DEFAULTS["precision"]],
+        label="Precision",
+        help_text="auto: bf16 on a GPU, fp32 on a CPU. Tick several to sweep them.",
+    )
+    activation_checkpointing = EXPERIMENT["activation_checkpointing"].field(
+        OnOffSweepField,
+        setting="activation_checkpointing",
+        widget=forms.Select(choices=input_rules.ON_OFF_CHOICES),
+        initial="off",
+        label="Activation checkpointing",
+        help_text="Recompute each block's activations in the backward pass: less memory, about a third "
+        "more compute.",
+    )
+
     team_fields = input_rules.EXPERIMENT_TEAM_FIELDS
-    train_field_names = (*TRAIN_FIELDS, "lr_schedule", "early_stopping_metric", "vary_labelled_subset")
+    train_field_names = (*TRAIN_FIELDS, *TRAIN_CHOICES)
     sweep_syntax = sweeps.SYNTAX_HELP
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -659,7 +718,7 @@ class ExperimentForm(TeamScopedForm):
                 help_text=f"{help_text} ({_bound(lo, kind)} to {_bound(hi, kind)}).",
             )
         # Keep the schedule and the other choices next to the numeric settings.
-        for name in ("lr_schedule", "early_stopping_metric", "vary_labelled_subset"):
+        for name in (*TRAIN_CHOICES, *RESOURCE_FIELDS):
             self.fields[name] = self.fields.pop(name)
 
     def clean_seeds(self) -> list[int]:
@@ -693,7 +752,11 @@ class ExperimentForm(TeamScopedForm):
         return [self[n] for n in ("assistant", "extra_teachers", "teacher_weights")]
 
     def train_fields(self):
-        return [self[n] for n in self.train_field_names]
+        return [self[n] for n in self.train_field_names if n not in RESOURCE_FIELDS]
+
+    def resource_fields(self):
+        """The Resources section: GPUs, CPU processes, strategy, precision, activation checkpointing."""
+        return [self[n] for n in RESOURCE_FIELDS]
 
     def train_settings(self) -> dict[str, Any]:
         """The training settings given: one value as itself, a sweep as its list of values."""

@@ -33,6 +33,13 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     # fraction of the labelled train rows; the fraction is recorded in every frozen config.
     "early_stopping_patience": 0,
     "validation_fraction": 0.1,
+    # Resources (workers.engine.config.TrainConfig): one rank per GPU on CUDA, ``processes`` gloo ranks on a
+    # CPU; strategy auto = fsdp with several ranks; precision auto = bf16 on CUDA, fp32 on a CPU.
+    "gpus": 1,
+    "processes": 1,
+    "strategy": "auto",
+    "precision": "auto",
+    "activation_checkpointing": False,
 }
 
 HARD_LABELS_TERMS = [{"name": "ce", "weight": 1.0, "params": {}}]

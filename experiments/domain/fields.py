@@ -22,7 +22,13 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from experiments.domain import inputs, sweeps
-from experiments.domain.validation import MAX_SEEDS, TRAIN_FIELDS
+from experiments.domain.validation import (
+    MAX_SEEDS,
+    MULTI_HOST_MESSAGE,
+    SWEPT_CHOICES,
+    TRAIN_FIELDS,
+    clean_choice_sweep,
+)
 
 Parser = Callable[[Any], Any]
 AddError = Callable[[str | None, str], None]
@@ -258,22 +264,56 @@ def term_sweeps_shape(value: Any) -> None:
 
 def train_sweep_text(name: str, text: str) -> list[int | float]:
     """A training setting typed as one value or a sweep (``sweeps.SYNTAX_HELP``); blank: no values."""
-    kind, lo, hi, _ = TRAIN_FIELDS[name]
     if not text:
         return []
-    return _sweep(
-        lambda: sweeps.parse_values(text, kind=kind, lo=lo, hi=hi, limit=settings.MAX_RUNS_PER_EXPERIMENT)
+    return _train_values(
+        name, lambda kind, lo, hi: sweeps.parse_values(
+            text, kind=kind, lo=lo, hi=hi, limit=settings.MAX_RUNS_PER_EXPERIMENT)
     )
 
 
 def train_sweep_value(name: str, values: Any) -> list[int | float]:
     """A training setting given as a list of values (numbers, or text items holding one value or range)."""
-    kind, lo, hi, _ = TRAIN_FIELDS[name]
     if isinstance(values, dict):
         raise ValidationError(SWEEP_SHAPE)
-    return _sweep(
-        lambda: sweeps.value_list(values, kind=kind, lo=lo, hi=hi, limit=settings.MAX_RUNS_PER_EXPERIMENT)
+    return _train_values(
+        name, lambda kind, lo, hi: sweeps.value_list(
+            values, kind=kind, lo=lo, hi=hi, limit=settings.MAX_RUNS_PER_EXPERIMENT)
     )
+
+
+def _train_values(name: str, parse: Callable[[type, float, float | None], list[Any]]) -> list[Any]:
+    """``parse(kind, lo, hi)`` within the setting's bounds; more GPUs than one host has get their own
+    message (``validation.MULTI_HOST_MESSAGE``)."""
+    kind, lo, hi, _ = TRAIN_FIELDS[name]
+    if name != "gpus":
+        return _sweep(lambda: parse(kind, lo, hi))
+    values = _sweep(lambda: parse(kind, lo, None))
+    if any(v > hi for v in values):
+        raise ValidationError(MULTI_HOST_MESSAGE)
+    return values
+
+
+def choice_sweep_text(name: str, text: Any) -> Any:
+    """A resource choice typed or picked on the page: one name (``"fsdp"``), several (a sweep: ``"ddp, fsdp"``
+    or the boxes ticked), or for a yes/no setting "on", "off" or "both"; blank: none."""
+    items = [text] if isinstance(text, bool) else text if isinstance(text, list) else comma_items(str(text))
+    if not items:
+        return None
+    if SWEPT_CHOICES[name] == (False, True):
+        words = {"true": [True], "on": [True], "false": [False], "off": [False], "both": [False, True]}
+        found = [v for item in items for v in words.get(str(item).strip().lower(), [item])]
+    else:
+        found = [str(item).strip().lower() if isinstance(item, str) else item for item in items]
+    return choice_sweep_value(name, found)
+
+
+def choice_sweep_value(name: str, values: Any) -> Any:
+    """A resource choice given as a value: one choice, or a list of them (a sweep)."""
+    try:
+        return clean_choice_sweep(name, values, limit=settings.MAX_RUNS_PER_EXPERIMENT)
+    except ValidationError as exc:
+        raise ValidationError(exc.message_dict[name]) from None
 
 
 def term_sweeps_text(text: str) -> dict[str, list[Any]]:

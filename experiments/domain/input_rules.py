@@ -17,7 +17,14 @@ from experiments.domain import fields
 from experiments.domain.engine_config import TRAIN_DEFAULTS
 from experiments.domain.fields import AddError, Rule, rule
 from experiments.domain.specs import BUILTIN_ARCHS, BUILTIN_DATASETS
-from experiments.domain.validation import ALL_EARLY_STOPPING_METRICS, LR_SCHEDULES, TRAIN_FIELDS
+from experiments.domain.validation import (
+    ALL_EARLY_STOPPING_METRICS,
+    LR_SCHEDULES,
+    PRECISIONS,
+    STRATEGIES,
+    SWEPT_CHOICES,
+    TRAIN_FIELDS,
+)
 from experiments.models import DatasetSpec, ModelSpec, Recipe, Task
 
 Rules = Mapping[str, Rule]
@@ -254,6 +261,21 @@ def _train_rule(name: str) -> Rule:
     )
 
 
+def _choice_sweep_rule(name: str, kind: type[forms.Field], **options: Any) -> Rule:
+    """A resource choice: one name or true/false, or a list of them (a sweep); text as the page posts it."""
+    return rule(
+        kind,
+        required=False,
+        text=partial(fields.choice_sweep_text, name),
+        value=partial(fields.choice_sweep_value, name),
+        takes=(list, str) if kind is forms.MultipleChoiceField else (list, bool),
+        **options,
+    )
+
+
+# activation_checkpointing on the page: off, on, or both (a sweep); true/false or a list of them as a value.
+ON_OFF_CHOICES = [("off", "off"), ("on", "on"), ("both", "off and on (a sweep)")]
+
 EXPERIMENT: Rules = {
     "team": TEAM,
     "name": rule(forms.CharField, max_length=200),
@@ -295,6 +317,16 @@ EXPERIMENT: Rules = {
         choices=[("", "off"), *((m, m) for m in ALL_EARLY_STOPPING_METRICS)],
     ),
     "vary_labelled_subset": rule(forms.BooleanField, required=False),
+    # Resources: the ranks of numbers above (gpus, processes), and the choices here.
+    "strategy": _choice_sweep_rule(
+        "strategy", forms.MultipleChoiceField, choices=[(s, s) for s in STRATEGIES]
+    ),
+    "precision": _choice_sweep_rule(
+        "precision", forms.MultipleChoiceField, choices=[(p, p) for p in PRECISIONS]
+    ),
+    "activation_checkpointing": _choice_sweep_rule(
+        "activation_checkpointing", forms.CharField, max_length=20
+    ),
 }
 EXPERIMENT_TEAM_FIELDS = ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers")
 
@@ -320,6 +352,9 @@ def experiment_train_settings(data: Mapping[str, Any]) -> dict[str, Any]:
         train["early_stopping_metric"] = data["early_stopping_metric"]
     if data.get("vary_labelled_subset"):
         train["vary_labelled_subset"] = True
+    for name in SWEPT_CHOICES:  # False is a choice of its own (activation checkpointing off)
+        if data.get(name) is not None:
+            train[name] = data[name]
     return train
 
 

@@ -12,6 +12,13 @@ from django.core.exceptions import ValidationError
 from experiments.domain import specs
 from experiments.models import DatasetSpec, ModelSpec, Recipe
 
+# The most GPUs one host offers: more would need a run across hosts (DESIGN.md §5), not supported yet.
+MAX_GPUS_PER_RUN = 8
+MULTI_HOST_MESSAGE = (
+    f"At most {MAX_GPUS_PER_RUN} GPUs: a run on more would span several hosts, and multi-host runs are not "
+    "supported yet."
+)
+
 # name: (type, min, max, help). Shared by every run of an experiment so that comparisons are fair.
 TRAIN_FIELDS: dict[str, tuple[type, float, float, str]] = {
     "max_steps": (int, 1, 1_000_000, "Optimizer steps per run"),
@@ -50,6 +57,20 @@ TRAIN_FIELDS: dict[str, tuple[type, float, float, str]] = {
         "Early stopping: fraction of the labelled train rows held out of "
         "training to select on; the eval split is only reported",
     ),
+    # Resources (the form's Resources section): how many ranks one run spans.
+    "gpus": (int, 1, MAX_GPUS_PER_RUN, "GPUs per run, one rank each, on one host"),
+    "processes": (int, 1, 8, "CPU processes (gloo ranks) per run when it trains without a GPU"),
+}
+
+# Settings of the form's Resources section (the others are its training settings).
+RESOURCE_FIELDS = ("gpus", "processes", "strategy", "precision", "activation_checkpointing")
+STRATEGIES = ("auto", "ddp", "fsdp")
+PRECISIONS = ("auto", "bf16", "fp32")
+# Settings that take one of a few names (or true/false) and may be swept as a list of them.
+SWEPT_CHOICES: dict[str, tuple[Any, ...]] = {
+    "strategy": STRATEGIES,
+    "precision": PRECISIONS,
+    "activation_checkpointing": (False, True),
 }
 
 
@@ -68,8 +89,9 @@ EARLY_STOPPING_METRICS: dict[str, dict[str, str]] = {
 ALL_EARLY_STOPPING_METRICS = tuple(dict.fromkeys(m for ms in EARLY_STOPPING_METRICS.values() for m in ms))
 
 
-# Settings that are not numbers (and never swept).
-TRAIN_CHOICES = ("lr_schedule", "early_stopping_metric", "vary_labelled_subset")
+# Settings that are not numbers: the first three are never swept, the resources' choices may be
+# (``SWEPT_CHOICES``).
+TRAIN_CHOICES = ("lr_schedule", "early_stopping_metric", "vary_labelled_subset", *SWEPT_CHOICES)
 
 
 MAX_SEEDS = 20
@@ -84,6 +106,8 @@ def _number(value: Any, kind: type, lo: float, hi: float, field: str) -> int | f
         raise ValidationError({field: f"Enter {'a whole number' if kind is int else 'a number'}."}) from None
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ValidationError({field: "Enter a whole number."})
+    if field == "gpus" and number > hi:
+        raise ValidationError({field: MULTI_HOST_MESSAGE})
     if number != number or not lo <= number <= hi:  # NaN fails the range check too
         raise ValidationError({field: f"Must be between {lo:g} and {hi:g}."})
     return number
@@ -120,6 +144,12 @@ def clean_train(train: dict[str, Any], *, limit: int | None = None) -> dict[str,
             elif value:
                 cleaned[key] = True
             continue
+        if key in SWEPT_CHOICES:
+            try:
+                cleaned[key] = clean_choice_sweep(key, value, limit=limit)
+            except ValidationError as exc:
+                errors.update(exc.message_dict)
+            continue
         if key not in TRAIN_FIELDS:
             errors[key] = [f"Unknown training setting '{key}'."]
             continue
@@ -154,9 +184,51 @@ def clean_train(train: dict[str, Any], *, limit: int | None = None) -> dict[str,
             errors["early_stopping_patience"] = [
                 "Give a patience of at least 1 evaluation, or clear the early-stopping metric."
             ]
+    if "batch_size" not in errors:
+        errors.update(_rank_split_errors(merged, errors))
     if errors:
         raise ValidationError(errors)
     return merged
+
+
+def clean_choice_sweep(key: str, value: Any, *, limit: int) -> Any:
+    """One of ``SWEPT_CHOICES[key]``, or a list of them (a sweep; one value is kept plain)."""
+    choices = SWEPT_CHOICES[key]
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    boolean = choices == (False, True)
+    # True == 1 in Python: a choice must be of the choices' own type.
+    if not values or not all(isinstance(v, bool) == boolean and v in choices for v in values):
+        raise ValidationError(
+            {key: "Give true or false, or both as a list [false, true] (a sweep)." if boolean
+             else f"Choose one of: {', '.join(choices)} (or a list of them, a sweep)."}
+        )
+    if len(values) > limit:
+        raise ValidationError(
+            {key: f"This gives {len(values):,} values; at most {limit:,} fit in one experiment."}
+        )
+    if len(set(values)) != len(values):
+        raise ValidationError({key: "Each swept value may appear once."})
+    return values if len(values) > 1 else values[0]
+
+
+def _rank_split_errors(train: dict[str, Any], errors: dict[str, list[str]]) -> dict[str, list[str]]:
+    """A step's batch is split evenly over the run's ranks: ``gpus`` on a GPU, ``processes`` on a CPU. Which
+    of the two a run gets is known only when it is routed (a run on the ``auto`` device trains where its
+    queue's worker has a GPU or not), so the batch must divide by both, for every swept combination."""
+    ranks = [
+        (n, what)
+        for key, what in (("gpus", "GPUs (one rank per GPU)"), ("processes", "CPU processes"))
+        if key not in errors
+        for n in _as_list(train.get(key, 1))
+    ]
+    for batch in _as_list(train["batch_size"]):
+        for n, what in ranks:
+            if batch % n:
+                return {"batch_size": [
+                    f"The batch is split evenly over the run's ranks: batch size {batch} does not divide by "
+                    f"{n} {what}. Give a multiple of {n}."
+                ]}
+    return {}
 
 
 def check_selection(train: dict[str, Any], *, dataset: DatasetSpec) -> dict[str, Any]:
