@@ -1,8 +1,12 @@
 """Route each run to a queue by the GPU memory it needs, and say why a queued run is still waiting.
 
-Queues declare their memory by name: ``gpu-<N>g`` (N GiB per GPU: ``gpu-24g``, ``gpu-80g``, ``gpu-141g``) and
-``cpu`` (no GPU: runs pinned to the CPU, and small ones). Any other name, like the default ``training``, has
-an unknown capacity and takes any run. With ``RUN_ROUTING=auto`` (the default) a new run goes to:
+Queues declare their memory by name: ``gpu-<N>g`` (one GPU of N GiB: ``gpu-24g``, ``gpu-80g``, ``gpu-141g``),
+``gpu-<K>x<N>g`` (a group of K GPUs of N GiB each on one host, served by a worker that owns them all:
+``gpu-4x80g``) and ``cpu`` (no GPU: runs pinned to the CPU, and small ones). A run of ``gpus`` > 1 (estimated
+per GPU: ``workers.engine.memory``) fits only a group of at least that many GPUs, each holding its per-GPU
+estimate; a one-GPU run fits any GPU queue that holds it, the single GPUs first. Any other name, like the
+default ``training``, has an unknown capacity and takes any run. With ``RUN_ROUTING=auto`` (the default) a
+new run goes to:
 
 1. the smallest declared queue an online worker consumes that fits the run's estimate × ``HEADROOM``
    (``cpu`` counts as the smallest);
@@ -10,7 +14,10 @@ an unknown capacity and takes any run. With ``RUN_ROUTING=auto`` (the default) a
    accepted);
 3. else the smallest declared queue that fits among those of every registered worker, offline and draining
    ones included: the run waits for that worker to come back;
-4. else ``gpu-<N>g`` for the smallest common GPU size that fits: a queue no worker has yet.
+4. else ``gpu-<N>g`` (``gpu-<K>x<N>g`` for K GPUs) for the smallest common GPU size that fits: a queue no
+   worker has yet.
+
+A multi-GPU run never takes step 2: a queue of unknown capacity may be served by a single GPU.
 
 While no registered worker declares a queue (the embedded default, a fleet on ``training`` only) every run
 goes to ``RUN_QUEUE``, as with ``RUN_ROUTING=off``. A run whose size cannot be read (a hub model outside the
@@ -50,45 +57,52 @@ CPU_SMALL_RUN_BYTES = 512 * MIB
 COMMON_GPU_GIB = (8, 12, 16, 24, 32, 40, 48, 64, 80, 94, 96, 141, 192, 288)
 # A GPU is named after the smallest common size it reaches at least this fraction of.
 COMMON_SIZE_MIN_FRACTION = 0.85
-GPU_QUEUE_RE = re.compile(r"^gpu-(\d{1,5})g$")
+GPU_QUEUE_RE = re.compile(r"^gpu-(?:(\d{1,2})x)?(\d{1,5})g$")
 
 
 # --- queue names --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class QueueCapacity:
-    """What a declared queue offers: ``gpu_memory_bytes`` per GPU, or None for the ``cpu`` queue."""
+    """What a declared queue offers: ``gpu_count`` GPUs of ``gpu_memory_bytes`` each, or None for ``cpu``."""
 
     name: str
     gpu_memory_bytes: int | None
+    gpu_count: int = 1
 
     @property
     def is_cpu(self) -> bool:
         return self.gpu_memory_bytes is None
 
     @property
-    def sort_key(self) -> tuple[int, int]:
-        """``cpu`` first, then GPU queues from the smallest."""
-        return (0, 0) if self.gpu_memory_bytes is None else (1, self.gpu_memory_bytes)
+    def sort_key(self) -> tuple[int, int, int]:
+        """``cpu`` first, then GPU queues from the fewest GPUs, then from the smallest."""
+        return (0, 0, 0) if self.gpu_memory_bytes is None else (1, self.gpu_count, self.gpu_memory_bytes)
 
     def fits(self, estimate: MemoryEstimate) -> bool:
         """Whether a run of this estimate may go here (the estimate must be complete to mean anything).
 
-        ``cpu`` takes runs pinned to the CPU and small runs on the ``auto`` device; a GPU queue takes runs
-        pinned to the CPU too, and the others when their estimate with headroom is within its memory.
+        ``cpu`` takes runs pinned to the CPU and small one-GPU runs on the ``auto`` device; a GPU queue takes
+        runs pinned to the CPU too, and the others when it has at least their GPUs and their per-GPU estimate
+        with headroom is within each GPU's memory.
         """
         if self.gpu_memory_bytes is None:
             return not estimate.needs_gpu or (
-                estimate.device == "auto" and estimate.model_bytes <= CPU_SMALL_RUN_BYTES)
-        return not estimate.needs_gpu or needed_bytes(estimate) <= self.gpu_memory_bytes
+                estimate.device == "auto" and estimate.ranks == 1
+                and estimate.model_bytes <= CPU_SMALL_RUN_BYTES
+            )
+        return not estimate.needs_gpu or (
+            self.gpu_count >= estimate.ranks and needed_bytes(estimate) <= self.gpu_memory_bytes)
 
 
 def queue_capacity(name: str) -> QueueCapacity | None:
-    """``gpu-80g`` → 80 GiB per GPU; ``cpu`` → no GPU; None for any other name (unknown capacity)."""
+    """``gpu-80g`` → one GPU of 80 GiB; ``gpu-4x80g`` → four of 80 GiB; ``cpu`` → no GPU; None for any other
+    name (unknown capacity)."""
     if name == CPU_QUEUE:
         return QueueCapacity(name, None)
     match = GPU_QUEUE_RE.fullmatch(name)
-    if match and int(match[1]) > 0:
-        return QueueCapacity(name, int(match[1]) * GIB)
+    count = int(match[1]) if match and match[1] else 1
+    if match and int(match[2]) > 0 and count > 0:
+        return QueueCapacity(name, int(match[2]) * GIB, count)
     return None
 
 
@@ -102,16 +116,38 @@ def gpu_queue_name(memory_total_bytes: int) -> str:
     return f"gpu-{whole}g"
 
 
+def gpu_group_queue_name(count: int, memory_total_bytes: int) -> str:
+    """The queue a worker owning ``count`` GPUs of this much memory each serves for multi-GPU runs
+    (``gpu-4x80g``); one GPU is :func:`gpu_queue_name`'s ``gpu-<N>g``."""
+    single = gpu_queue_name(memory_total_bytes)
+    return single if count <= 1 else single.replace("gpu-", f"gpu-{count}x", 1)
+
+
 def needed_bytes(estimate: MemoryEstimate) -> int:
     """The GPU memory a run asks of a queue: its estimate with the headroom."""
     return math.ceil(estimate.total_bytes * HEADROOM)
 
 
-def smallest_gpu_queue_for(n_bytes: int) -> str:
-    """``gpu-<N>g`` for the smallest common GPU size that holds ``n_bytes`` (whole GiB beyond the largest)."""
+def smallest_gpu_queue_for(n_bytes: int, gpus: int = 1) -> str:
+    """``gpu-<N>g`` for the smallest common GPU size that holds ``n_bytes`` (whole GiB beyond the largest);
+    ``gpu-<K>x<N>g`` for a group of ``gpus`` such GPUs."""
     gib = n_bytes / GIB
     size = next((s for s in COMMON_GPU_GIB if s >= gib), math.ceil(gib))
-    return f"gpu-{size}g"
+    return f"gpu-{gpus}x{size}g" if gpus > 1 else f"gpu-{size}g"
+
+
+def multi_gpu(estimate: MemoryEstimate) -> bool:
+    """Whether the run needs a group of GPUs (several ranks on GPUs)."""
+    return estimate.needs_gpu and estimate.ranks > 1
+
+
+def gpus_needed_text(estimate: MemoryEstimate) -> str:
+    """What a run asks of a queue, in words: "needs 4 GPUs with ≥ 38 GiB each" (whole GiB, headroom
+    included) or, for one GPU, "needs a GPU with ≥ 12 GiB"."""
+    each = f"≥ {math.ceil(needed_bytes(estimate) / GIB)} GiB"
+    if multi_gpu(estimate):
+        return f"needs {estimate.ranks} GPUs with {each} each"
+    return f"needs a GPU with {each}"
 
 
 # --- the fleet ----------------------------------------------------------------------------------------------
@@ -191,8 +227,14 @@ def route(estimate: MemoryEstimate, fleet: FleetQueues) -> str:
         return settings.RUN_QUEUE
     run_queue_accepts = settings.RUN_QUEUE in fleet.online and queue_capacity(settings.RUN_QUEUE) is None
     online = fleet.declared(fleet.online)
+    if multi_gpu(estimate):
+        # A queue of unknown capacity may be served by one GPU: a group run waits for a group instead.
+        run_queue_accepts = False
+        online = [c for c in online if c.is_cpu or c.gpu_count >= estimate.ranks]
     if not estimate.complete:
         gpu = [c for c in online if not c.is_cpu]
+        if multi_gpu(estimate) and gpu:
+            return max(gpu, key=lambda c: (c.gpu_memory_bytes, c.gpu_count)).name
         return settings.RUN_QUEUE if run_queue_accepts or not gpu else gpu[-1].name
     for capacity in online:
         if capacity.fits(estimate):
@@ -202,7 +244,7 @@ def route(estimate: MemoryEstimate, fleet: FleetQueues) -> str:
     for capacity in fleet.declared(fleet.known):
         if capacity.fits(estimate):
             return capacity.name
-    return smallest_gpu_queue_for(needed_bytes(estimate))
+    return smallest_gpu_queue_for(needed_bytes(estimate), estimate.ranks if multi_gpu(estimate) else 1)
 
 
 class RunRouter:
@@ -236,18 +278,34 @@ def queue_reason(*, queue: str, fleet: FleetQueues, estimate: Callable[[], Memor
     capacity = queue_capacity(queue)
     if capacity is not None and not capacity.is_cpu:
         run = estimate()
+        if run.complete and multi_gpu(run):
+            return _group_reason(run, fleet)
         if run.complete and run.needs_gpu:
             gpus = [c for c in fleet.declared(fleet.online) if not c.is_cpu]
-            if gpus and not gpus[-1].fits(run):
+            if gpus and not any(c.fits(run) for c in gpus):
+                largest = max(gpus, key=lambda c: (c.gpu_memory_bytes, c.gpu_count))
                 return (
                     f"Needs ~{size_text(run.total_bytes)} of GPU memory ({size_text(needed_bytes(run))} with "
                     f"{round((HEADROOM - 1) * 100)}% headroom); no online worker serves a queue with that "
-                    f"much (largest: {gpus[-1].name})."
+                    f"much (largest: {largest.name})."
                 )
     reason = f"No online worker consumes queue '{queue}'."
     if queue in fleet.draining:
         reason += " The workers that have it are draining."
     return reason
+
+
+def _group_reason(run: MemoryEstimate, fleet: FleetQueues) -> str | None:
+    """Why a multi-GPU run finds no worker: no online group has that many GPUs with that much memory each."""
+    groups = [c for c in fleet.declared(fleet.online) if not c.is_cpu]
+    if any(c.fits(run) for c in groups):
+        return None  # the run's queue is another fitting group: the generic reason says it is not consumed
+    largest = max(groups, key=lambda c: (c.gpu_count, c.gpu_memory_bytes), default=None)
+    return (
+        f"The run {gpus_needed_text(run)} (~{size_text(run.total_bytes)} per GPU estimated, "
+        f"{run.strategy}, with {round((HEADROOM - 1) * 100)}% headroom); no online worker serves a group "
+        f"that large (largest: {largest.name if largest else 'none'})."
+    )
 
 
 @dataclass(frozen=True)

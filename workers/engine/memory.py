@@ -20,6 +20,16 @@ up:
 - an online teacher's forward pass: one layer's transient buffers, its logits, and the hidden states or
   attention maps the terms read.
 
+A run of several ranks (``train.gpus`` on a GPU, ``train.processes`` on a CPU) is estimated per rank, which
+is what one GPU must hold: each rank trains on ``batch_size / ranks`` rows of a step, so activations, logits
+and the teacher's forward pass shrink with the ranks; FSDP (``strategy`` fsdp, or auto with several ranks)
+shards the student's weights, gradients and AdamW states over the ranks (1/N of each per rank), DDP
+replicates them; teachers are frozen (no gradients, no optimizer state) and replicated on every rank.
+Activation checkpointing keeps only each block's input (2 bytes per token and hidden unit in bf16) and
+recomputes one block at a time in the backward pass, so one block's full activations are stored at once.
+The activation figure above is bf16's; fp32 precision doubles it (``precision`` auto keeps the figure of the
+run's device as the estimate always had it).
+
 Not counted: evaluation (a no-grad pass, smaller than a training step), the key/value caches of generation
 (``on_policy``, ``seq_kd``), and allocator fragmentation, which the router's headroom covers.
 
@@ -92,6 +102,11 @@ class MemoryEstimate:
     device: str = "auto"
     teacher_mode: str = "none"
     unknown: tuple[str, ...] = ()
+    # The run's ranks (one per GPU, or CPU processes) and how they share the student; components are per rank.
+    ranks: int = 1
+    strategy: str = "single"  # single (one rank) | ddp | fsdp
+    precision: str = "auto"
+    activation_checkpointing: bool = False
 
     COMPONENTS = (
         ("cuda_context", "CUDA context"),
@@ -126,6 +141,11 @@ class MemoryEstimate:
         """Everything but the CUDA context: what the run holds in memory on whichever device it trains."""
         return self.total_bytes - self.cuda_context
 
+    @property
+    def host_bytes(self) -> int:
+        """What every rank of a run on one host's CPU holds together: its per-rank figure times its ranks."""
+        return self.model_bytes * self.ranks
+
     def breakdown(self) -> list[tuple[str, int, str]]:
         """The non-zero components as (label, bytes, "1.2 GiB") rows, in display order."""
         return [
@@ -142,6 +162,10 @@ class MemoryEstimate:
             "device": self.device,
             "teacher_mode": self.teacher_mode,
             "unknown": list(self.unknown),
+            "ranks": self.ranks,
+            "strategy": self.strategy,
+            "precision": self.precision,
+            "activation_checkpointing": self.activation_checkpointing,
         }
 
 
@@ -351,23 +375,71 @@ def teacher_configs(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [teacher]
 
 
+@dataclass(frozen=True)
+class RankPlan:
+    """How a run spreads over its ranks, as the estimate reads ``train``: ``ranks`` (GPUs, or CPU processes on
+    a CPU), the resolved strategy, each rank's rows of a step, and the activations' factor for precision and
+    checkpointing."""
+
+    ranks: int
+    strategy: str
+    batch: int
+    precision: str
+    checkpointing: bool
+
+    @property
+    def shards(self) -> int:
+        """Over how many ranks the student's weights, gradients and optimizer states are split."""
+        return self.ranks if self.strategy == "fsdp" else 1
+
+    @property
+    def activation_factor(self) -> int:
+        return 2 if self.precision == "fp32" else 1
+
+
+def rank_plan(train: Mapping[str, Any], *, on_cpu: bool) -> RankPlan:
+    """The ranks of a run with these training settings, on a GPU or (``on_cpu``) on a CPU."""
+    ranks = positive_int(train.get("processes" if on_cpu else "gpus")) or 1
+    strategy = str(train.get("strategy") or "auto")
+    if ranks == 1:
+        strategy = "single"  # ddp or fsdp over one rank trains as one process
+    elif strategy not in ("ddp", "fsdp"):
+        strategy = "fsdp"  # auto
+    batch = positive_int(train.get("batch_size")) or 64
+    return RankPlan(
+        ranks=ranks,
+        strategy=strategy,
+        batch=max(1, -(-batch // ranks)),
+        precision=str(train.get("precision") or "auto"),
+        checkpointing=bool(train.get("activation_checkpointing")),
+    )
+
+
+def _shard(n_bytes: int, shards: int) -> int:
+    return -(-n_bytes // shards)
+
+
 def estimate_run_memory(
-    config: Mapping[str, Any], *, reader: ModelShapeReader | None = None
+    config: Mapping[str, Any], *, reader: ModelShapeReader | None = None, on_cpu: bool = False
 ) -> MemoryEstimate:
-    """Estimate the peak GPU memory of one run from its frozen engine config (see the module docstring).
+    """Estimate the peak memory of one rank of one run from its frozen engine config (see the module
+    docstring).
 
     Args:
         config: a run config as ``RunConfig.to_dict`` (or the Django side's frozen ``Run.config``) has it.
         reader: reads model sizes; share one across runs to read each model once.
+        on_cpu: estimate the run as it trains on a CPU (``processes`` ranks, no CUDA context), whatever its
+            device; by default a run not pinned to the CPU is estimated on GPUs (``gpus`` ranks).
     Returns:
-        the estimate by component; models whose size is unknown are named in ``unknown``.
+        the estimate by component, per rank; models whose size is unknown are named in ``unknown``.
     """
     reader = reader or ModelShapeReader()
     task = str(config.get("task") or "classification")
     train = config.get("train") or {}
-    batch = positive_int(train.get("batch_size")) or 64
     wanted_length = positive_int((config.get("dataset") or {}).get("max_length")) or 128
-    device = str(train.get("device") or "auto")
+    device = "cpu" if on_cpu else str(train.get("device") or "auto")
+    plan = rank_plan(train, on_cpu=device == "cpu")
+    batch = plan.batch
     term_names = {str(t.get("name")) for t in config.get("terms") or []}
     mode = teacher_mode(config)
     eager = bool(term_names & ATTENTION_TERMS)
@@ -380,17 +452,19 @@ def estimate_run_memory(
     if student is None:
         unknown.append(_describe(config.get("student") or {}))
     else:
-        parts["student_weights"] = student.weight_bytes
-        parts["student_grads"] = student.weight_bytes
-        parts["optimizer_states"] = student.params * ADAMW_STATE_BYTES
-        parts["activations"] = _training_activations(student, batch, length, eager=eager)
+        parts["student_weights"] = _shard(student.weight_bytes, plan.shards)
+        parts["student_grads"] = _shard(student.weight_bytes, plan.shards)
+        parts["optimizer_states"] = _shard(student.params * ADAMW_STATE_BYTES, plan.shards)
+        parts["activations"] = plan.activation_factor * _training_activations(
+            student, batch, length, eager=eager, checkpointing=plan.checkpointing
+        )
         parts["logits"] = _student_logits(student, batch, length, task=task)
     for teacher_cfg in teacher_configs(config):
         teacher = reader.shape(teacher_cfg, task=task)
         if teacher is None:
             unknown.append(_describe(teacher_cfg))
             continue
-        parts["teacher_weights"] += teacher.weight_bytes
+        parts["teacher_weights"] += teacher.weight_bytes  # frozen, replicated on every rank
         if mode == "online":
             teacher_length = length if task == "causal_lm" else teacher.sequence_length(wanted_length)
             parts["teacher_forward"] += _teacher_forward(
@@ -403,20 +477,36 @@ def estimate_run_memory(
             )
     if device != "cpu":
         parts["cuda_context"] = CUDA_CONTEXT_BYTES
-    return MemoryEstimate(**parts, device=device, teacher_mode=mode, unknown=tuple(unknown))
+    return MemoryEstimate(
+        **parts,
+        device=device,
+        teacher_mode=mode,
+        unknown=tuple(unknown),
+        ranks=plan.ranks,
+        strategy=plan.strategy,
+        precision=plan.precision,
+        activation_checkpointing=plan.checkpointing,
+    )
 
 
-def _training_activations(model: ModelShape, batch: int, length: int, *, eager: bool) -> int:
+def _training_activations(
+    model: ModelShape, batch: int, length: int, *, eager: bool, checkpointing: bool = False
+) -> int:
     """What the backward pass needs kept from the forward: per layer 34 bytes per token and hidden unit
     (bf16), plus the attention maps under eager attention; builtin nets keep each layer's output, ReLU and
-    mask."""
+    mask. With activation checkpointing: each layer's input (2 bytes per token and hidden unit) and one
+    layer's full activations, recomputed one at a time."""
+    kept_layers = 1 if checkpointing else model.num_layers
     if model.builtin:
-        return batch * model.hidden_size * model.num_layers * 12
+        inputs = batch * model.hidden_size * model.num_layers * 4 if checkpointing else 0
+        return inputs + batch * model.hidden_size * kept_layers * 12
     tokens = batch * length
-    stored = tokens * model.hidden_size * model.num_layers * ACTIVATION_BYTES
+    stored = tokens * model.hidden_size * kept_layers * ACTIVATION_BYTES
+    if checkpointing:
+        stored += tokens * model.hidden_size * model.num_layers * 2
     stored += tokens * model.hidden_size * 4  # the embeddings' output and the final hidden state
     if eager:
-        stored += batch * model.num_heads * length * length * model.num_layers * ATTENTION_MAP_BYTES
+        stored += batch * model.num_heads * length * length * kept_layers * ATTENTION_MAP_BYTES
     return stored
 
 
