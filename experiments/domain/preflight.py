@@ -12,12 +12,9 @@ here), ``warning`` (launch is allowed) or ``error`` (launch is refused) — a on
   a notice where a cross-tokenizer method carries it (``uld``, alone or with ``ce``, online, offline from the
   cache or on-policy; ``seq_kd`` with ``ce``); classification logits and sentence embeddings do not depend on
   tokens. Unrecorded identities: "cannot check".
-- **GPU memory**: each distinct run shape estimated from its config (``workers.engine.memory``) and routed
-  like a new run (``routing.route``); a run no online worker can take is a warning, one larger than any GPU an
-  error. A run that trains on the CPU (pinned to it, sent to the ``cpu`` queue, or on the ``auto`` device
-  while no GPU queue is declared and no worker that takes it has a GPU) holds its whole estimate in RAM: with
-  the headroom, more than the largest RAM among the workers that take it (``Worker.memory_total_bytes``), or,
-  when none of them has reported it, than this machine's, is an error.
+- **GPU memory**: each distinct run shape estimated per rank and routed like a new run
+  (:mod:`experiments.domain.memory_check`, which says what a multi-GPU run needs: "needs 4 GPUs with ≥ 38 GiB
+  each").
 - **Time**: the median seconds per step of finished runs of the same student on the same dataset with a
   similar number of steps (one query: a window over the runs, whatever their number), times the planned steps.
 
@@ -30,24 +27,22 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db.models import Count, F, FloatField, Func, Window
 from django.db.models.functions import Cast, RowNumber
-from django.utils import timezone
 
-from experiments.domain import engine_config, routing, sweep_plan, tokenizers
+from experiments.domain import engine_config, sweep_plan, tokenizers
+from experiments.domain.memory_check import LARGEST_GPU_BYTES as LARGEST_GPU_BYTES  # the memory check's names
+from experiments.domain.memory_check import RunShape as RunShape
+from experiments.domain.memory_check import check_memory, run_shapes
 from experiments.domain.specs import model_kind
-from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, Worker
-from workers.engine.memory import MODEL_COMPONENTS, MemoryEstimate, host_memory_bytes
+from experiments.models import DatasetSpec, ModelSpec, Recipe, Run
 
 LEVELS = ("ok", "notice", "unknown", "warning", "error")  # by severity
 # Past runs count as similar when their length is within this factor of the planned one.
 SIMILAR_STEPS_FACTOR = 4
-# The largest single GPU a queue can declare (routing.COMMON_GPU_GIB): a run above it fits no GPU at all.
-LARGEST_GPU_BYTES = max(routing.COMMON_GPU_GIB) * 1024**3
 
 
 @dataclass(frozen=True)
@@ -251,189 +246,6 @@ def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, student
     return Check(
         "tokenizers", title, level, summary, tuple(text for _, text in ordered[1:]), field="students"
     )
-
-
-# --- GPU memory ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunShape:
-    """One distinct kind of run of the experiment, for the memory estimate."""
-
-    label: str
-    config: dict[str, Any]
-
-
-def run_shapes(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
-               recipes: Sequence[Recipe], train: dict[str, Any], assistant: ModelSpec | None = None,
-               extra_teachers: Sequence[ModelSpec] = (), with_baseline: bool = True) -> list[RunShape]:
-    """A frozen config for every distinct (student, teacher, recipe, batch size) of the experiment.
-
-    Chained recipes are sized by the models their stages load (the assistant as a student, then as the
-    teacher; a self-distilled student as its own teacher). Term sweeps change no tensor size and are left out.
-    """
-    axes = sweep_plan.train_axes(train)
-    base = {k: v for k, v in train.items() if k not in axes and k != "term_sweeps"}
-    base.update({k: v[0] for k, v in axes.items()})
-    batch_sizes = axes.get("batch_size") or [
-        base.get("batch_size", engine_config.TRAIN_DEFAULTS["batch_size"])
-    ]
-    weights = [1.0 / (1 + len(extra_teachers))] * (1 + len(extra_teachers))
-    kinds: list[
-        tuple[str, ModelSpec, Recipe | None, ModelSpec | None]
-    ] = []  # label, student, recipe, teacher
-    for student in students:
-        for recipe in recipes:
-            if recipe.scheme == Recipe.Scheme.HARD_LABELS:
-                continue
-            if recipe.scheme == Recipe.Scheme.TEACHER_ASSISTANT and assistant is not None:
-                kinds.append((f"{assistant} · {recipe} (assistant stage)", assistant, recipe, teacher))
-                kinds.append((f"{student} · {recipe}", student, recipe, assistant))
-                continue
-            kinds.append((f"{student} · {recipe}", student, recipe, teacher))
-            if recipe.scheme == Recipe.Scheme.SELF_DISTILLATION:
-                kinds.append((f"{student} · {recipe} (later generations)", student, recipe, student))
-        if with_baseline:
-            kinds.append((f"{student} · baseline", student, None, None))
-    shapes: list[RunShape] = []
-    for batch in batch_sizes:
-        experiment = Experiment(dataset=dataset, train={**base, "batch_size": batch})
-        for label, student, recipe, run_teacher in kinds:
-            config = engine_config.build_run_config(
-                experiment=experiment,
-                student=student,
-                recipe=recipe,
-                seed=0,
-                teacher=run_teacher,
-                extra_teachers=extra_teachers,
-                teacher_weights=weights,
-            )
-            shapes.append(RunShape(f"{label}, batch {batch}", config))
-    return shapes
-
-
-@dataclass(frozen=True)
-class CpuRam:
-    """The RAM a CPU run may find: the largest among the workers that take it, or this machine's when none of
-    them has reported it (``where`` says which, for the message)."""
-
-    memory_bytes: int | None
-    where: str
-
-
-def _worker_hosts() -> list[dict[str, Any]]:
-    """The worker table, once: what a CPU run's RAM check needs of each worker."""
-    fresh_since = timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER_S)
-    rows = Worker.objects.values("state", "last_heartbeat", "queues", "gpus", "memory_total_bytes")
-    return [{**row, "online": row["state"] == Worker.State.ONLINE and row["last_heartbeat"] is not None
-             and row["last_heartbeat"] >= fresh_since} for row in rows]
-
-
-def cpu_ram(estimate: MemoryEstimate, queue: str, *, fleet: routing.FleetQueues,
-            workers: Sequence[dict[str, Any]]) -> CpuRam | None:
-    """The RAM a run on ``queue`` finds when it trains on the CPU; None when it trains on a GPU.
-
-    It trains on the CPU when pinned to it (``train.device``), on the ``cpu`` queue, or on the ``auto`` device
-    on a queue that declares no GPU while no GPU queue is declared at all and none of the workers that take it
-    has a GPU. Those workers are the online ones consuming the queue, else every registered one that has it.
-    """
-    takers = [w for w in workers if isinstance(w["queues"], list) and queue in w["queues"]]
-    takers = [w for w in takers if w["online"]] or takers
-    if estimate.needs_gpu and queue != routing.CPU_QUEUE:
-        if estimate.device != "auto" or routing.queue_capacity(queue) is not None:
-            return None  # pinned to a GPU, or on a gpu-<N>g queue
-        if any(not c.is_cpu for c in fleet.declared(fleet.known)) or any(w["gpus"] for w in takers):
-            return None
-        takers = [w for w in takers if not w["gpus"]]
-    reported = [w["memory_total_bytes"] for w in takers if w["memory_total_bytes"]]
-    if reported:
-        return CpuRam(max(reported), "the largest CPU worker")
-    return CpuRam(host_memory_bytes(), "this machine")
-
-
-def ram_needed_bytes(estimate: MemoryEstimate) -> int:
-    """The RAM a CPU run needs: its estimate (no CUDA context on a CPU) with the router's headroom."""
-    return math.ceil(estimate.model_bytes * routing.HEADROOM)
-
-
-def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | None = None) -> Check:
-    title = "GPU memory"
-    if not shapes:
-        return Check("memory", title, "notice", "No runs to size.")
-    fleet = fleet if fleet is not None else routing.fleet_queues()
-    reader = routing.model_shape_reader()
-    rows = []
-    workers: list[dict[str, Any]] | None = None
-    on_cpu: list[tuple[RunShape, MemoryEstimate, CpuRam]] = []
-    for shape in shapes:
-        estimate = routing.config_memory_estimate(shape.config, reader=reader)
-        queue = routing.route(estimate, fleet)
-        reason = routing.queue_reason(queue=queue, fleet=fleet, estimate=lambda e=estimate: e)
-        rows.append((shape, estimate, queue, reason))
-        if estimate.complete:
-            workers = _worker_hosts() if workers is None else workers
-            ram = cpu_ram(estimate, queue, fleet=fleet, workers=workers)
-            if ram is not None and ram.memory_bytes:
-                on_cpu.append((shape, estimate, ram))
-    too_big = [
-        (s, e)
-        for s, e, _, _ in rows
-        if e.complete and e.needs_gpu and routing.needed_bytes(e) > LARGEST_GPU_BYTES
-    ]
-    unknown = [(s, e) for s, e, _, _ in rows if not e.complete]
-    waiting = [(s, e, q, r) for s, e, q, r in rows if r]
-    sized = [(s, e, q) for s, e, q, _ in rows if e.complete]
-    details: list[str] = []
-    if sized:
-        shape, estimate, queue = max(sized, key=lambda row: row[1].total_bytes)
-        where = "runs on the CPU" if not estimate.needs_gpu else f"goes to queue '{queue}'"
-        largest = (f"Largest run: ~{estimate.total_text} ({shape.label}); it {where}.")
-        parts = ", ".join(f"{label} {text}" for label, _, text in estimate.breakdown())
-        details.append(f"Breakdown of the largest: {parts}.")
-    else:
-        largest = "No run could be sized."
-    for shape, estimate in unknown:
-        details.append(
-            f"{shape.label}: size unknown ({', '.join(estimate.unknown)}), at least ~{estimate.total_text}."
-        )
-    short_of_ram = [(s, e, r) for s, e, r in on_cpu if ram_needed_bytes(e) > r.memory_bytes]
-    if on_cpu:
-        shape, estimate, ram = max(on_cpu, key=lambda row: row[1].model_bytes)
-        details.append(f"Largest CPU run: needs about {routing.size_text(ram_needed_bytes(estimate))} of RAM "
-                       f"({shape.label}); {ram.where} has {routing.size_text(ram.memory_bytes)}.")
-    if too_big:
-        shape, estimate = too_big[0]
-        return Check(
-            "memory",
-            title,
-            "error",
-            f"{shape.label} needs ~{estimate.total_text} of GPU memory "
-            f"({routing.size_text(routing.needed_bytes(estimate))} with headroom), more than any single GPU "
-            f"({routing.size_text(LARGEST_GPU_BYTES)}). Use a smaller batch, student or teacher.",
-            (largest, *details),
-            field="batch_size",
-        )
-    if short_of_ram:
-        shape, estimate, ram = max(short_of_ram, key=lambda row: row[1].model_bytes)
-        models = sum(getattr(estimate, name) for name in MODEL_COMPONENTS)
-        return Check(
-            "memory",
-            title,
-            "error",
-            f"{shape.label} trains on the CPU and needs about "
-            f"{routing.size_text(ram_needed_bytes(estimate))} of RAM "
-            f"(~{routing.size_text(estimate.model_bytes)}"
-            f" estimated, with {round((routing.HEADROOM - 1) * 100)}% headroom); {ram.where} has "
-            f"{routing.size_text(ram.memory_bytes)}. Use a smaller student, teacher or batch, "
-            "or a GPU queue.",
-            (largest, *details),
-            field="students" if models * 2 > estimate.model_bytes else "batch_size",
-        )
-    if waiting:
-        reasons = sorted({r for _, _, _, r in waiting})
-        return Check("memory", title, "warning", f"{largest} Some runs will wait: {reasons[0]}",
-                     (*reasons[1:], *details))
-    if unknown:
-        return Check("memory", title, "unknown", f"{largest} Some models could not be sized.", tuple(details))
-    return Check("memory", title, "ok", largest, tuple(details))
 
 
 # --- time ---------------------------------------------------------------------------------------------------

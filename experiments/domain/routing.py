@@ -204,12 +204,15 @@ def model_shape_reader(*, runs: Iterable[Run] = (), query: bool = True) -> Model
     return ModelShapeReader(artifact_root=Path(settings.ARTIFACT_ROOT), pending_run=pending_run)
 
 
-def config_memory_estimate(config: Mapping[str, Any], *, reader: ModelShapeReader) -> MemoryEstimate:
-    """The estimate of a frozen config. Never raises: an estimate is advice, and a config it cannot read
-    (which the worker will report properly) must not stop an experiment from being created or a page from
-    showing, so a failure gives an estimate of unknown size."""
+def config_memory_estimate(
+    config: Mapping[str, Any], *, reader: ModelShapeReader, on_cpu: bool = False
+) -> MemoryEstimate:
+    """The estimate of a frozen config, per rank (``on_cpu``: as it trains on a CPU, with its processes).
+    Never raises: an estimate is advice, and a config it cannot read (which the worker will report properly)
+    must not stop an experiment from being created or a page from showing, so a failure gives an estimate of
+    unknown size."""
     try:
-        return estimate_run_memory(config, reader=reader)
+        return estimate_run_memory(config, reader=reader, on_cpu=on_cpu)
     except Exception:
         logger.exception("could not estimate the memory of a run config")
         return MemoryEstimate(unknown=("the run's models",))
