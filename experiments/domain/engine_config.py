@@ -171,6 +171,48 @@ def build_run_config(
     return config
 
 
+def run_resources(config: dict[str, Any], *, on_gpu: bool | None) -> dict[str, Any]:
+    """A frozen config's resources as the run page shows them: world size (``gpus`` ranks on a GPU,
+    ``processes`` on a CPU), strategy and precision with ``auto`` resolved as the engine resolves it, and
+    activation checkpointing. ``on_gpu``: where the run trains, None when its queue does not say (then both
+    world sizes are given). Configs frozen before the resources existed read as their defaults."""
+    train = {**{k: TRAIN_DEFAULTS[k] for k in ("gpus", "processes", "strategy", "precision",
+                                               "activation_checkpointing")}, **(config.get("train") or {})}
+    if str(train.get("device") or "auto") == "cpu":
+        on_gpu = False
+    gpus, processes = int(train["gpus"]), int(train["processes"])
+    ranks: int | None
+    if on_gpu is None and gpus != processes:
+        world = f"{gpus} on GPUs ({gpus} GPUs), {processes} on a CPU ({processes} CPU processes)"
+        ranks = None
+    elif on_gpu is None:
+        world, ranks = str(gpus), gpus
+    else:
+        ranks = gpus if on_gpu else processes
+        world = f"{ranks} ({ranks} GPU{'s' if ranks != 1 else ''})" if on_gpu else \
+            f"{ranks} ({ranks} CPU process{'es' if ranks != 1 else ''})"
+    strategy = train["strategy"]
+    if ranks == 1:
+        strategy_text = f"{strategy}: one rank, trained as a single process"
+    elif strategy == "auto":
+        strategy_text = "fsdp (auto)" if ranks else "auto (fsdp with several ranks)"
+    else:
+        strategy_text = str(strategy)
+    precision = train["precision"]
+    if precision != "auto":
+        precision_text = str(precision)
+    elif on_gpu is None:
+        precision_text = "auto (bf16 on a GPU, fp32 on a CPU)"
+    else:
+        precision_text = "auto (bf16 on its GPU)" if on_gpu else "auto (fp32 on a CPU)"
+    return {
+        "world_size": world,
+        "strategy": strategy_text,
+        "precision": precision_text,
+        "activation_checkpointing": "on" if train["activation_checkpointing"] else "off",
+    }
+
+
 def _run_models(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Every model config inside a run config, nested parents of derived models included."""
     found = []

@@ -21,7 +21,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from experiments import forms, plots
 from experiments.domain import input_rules, routing, specs, uploads
-from experiments.domain.engine_config import TRAIN_DEFAULTS
+from experiments.domain.engine_config import TRAIN_DEFAULTS, run_resources
 from experiments.listing import list_page
 from experiments.models import DatasetSpec, Experiment, Run
 from experiments.selectors import curves, fleet, leaderboard, teams
@@ -352,8 +352,15 @@ def _render_run(request: HttpRequest, run: Run, register_form: forms.RegisterMod
         "queue_notice": routing.run_queue_notice(run=run),
         "live": curves.run_live_telemetry(run=run) if run.status == Run.Status.RUNNING else {},
         "transitions": run.transitions.all(),
+        "resources": run_resources(run.config or {}, on_gpu=_trains_on_gpu(run.queue)),
     }
     return TemplateResponse(request, "experiments/run_detail.html", context)
+
+
+def _trains_on_gpu(queue: str) -> bool | None:
+    """Whether a run on ``queue`` trains on a GPU: yes on a ``gpu-…`` queue, no on ``cpu``, else unknown."""
+    capacity = routing.queue_capacity(queue)
+    return None if capacity is None else not capacity.is_cpu
 
 
 def _run_figures(series: dict[str, tuple[list[int], list[float]]]) -> dict[str, Any]:
