@@ -7,6 +7,8 @@ request class (``Request=`` on the task) hears that in the parent and records it
 (``services.run_worker_process_lost``: requeued with the reason, or failed once the restart budget is spent),
 instead of leaving the run to wait for its lease to expire as "worker lost". When the whole worker dies (its
 main process too), nothing is left to tell: the lease expiry and the lifecycle sweep handle the run as before.
+A pool process that the stall watchdog killed (workers/watchdog.py) recorded the stall itself first: the run
+no longer belongs to that delivery, so nothing more is recorded here.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ writes and the cancellation polls, so the training loop never waits for the data
 checkpoint, whose points must be durable first. A database outage does not crash the run: metric points stay
 buffered (up to a bound) and are written when the database is back, and a checkpoint waits for them. Only an
 outage longer than RUN_DB_RETRY_S gives up, with DatabaseUnavailable: the task then leaves the run to be
-resumed, never marks it.
+resumed, never marks it. The same thread runs the stall watchdog (workers.watchdog): a run whose callbacks
+show no progress for RUN_STALL_TIMEOUT_S stops renewing its lease, is recorded as stalled, and its pool
+process is killed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from django.db import InterfaceError, OperationalError, connection
 
 from experiments.selectors import records
 from experiments.services import telemetry
+from workers import watchdog as stall_watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class RunReporter:
         durable_every_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        stall_timeout_s: float | None = None,
+        stop_stuck_work: Callable[[], object] = stall_watchdog.stop_stuck_work,
     ) -> None:
         self.run_id = run_id
         self.task_id = task_id
@@ -105,9 +110,13 @@ class RunReporter:
         self._retry_at = float("-inf")  # no such write before this time after a failure
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        timeout = settings.RUN_STALL_TIMEOUT_S if stall_timeout_s is None else stall_timeout_s
+        self.watchdog = stall_watchdog.Watchdog(timeout_s=timeout, clock=clock)
+        self._stop_stuck_work = stop_stuck_work
 
     # --- the writer thread ------------------------------------------------------------------------
     def __enter__(self) -> RunReporter:
+        self.watchdog.progress()  # the run starts now (claiming it may have waited out a database outage)
         if not connection.in_atomic_block:
             self._thread = threading.Thread(
                 target=self._run_writer, name=f"report-run-{self.run_id}", daemon=True
@@ -129,7 +138,14 @@ class RunReporter:
             connection.close()  # this thread's own connection
 
     def _routine_work(self) -> None:
-        """A write when one is due (also renewing the lease when nothing new was logged), and a poll."""
+        """A write when one is due (also renewing the lease when nothing new was logged), and a poll; or, once
+        nothing advanced for the stall timeout, the end of the run (see ``_stop_stalled``)."""
+        if self.stalled is not None:
+            return  # the lease is left to expire; the run's outcome is recorded
+        stall = self.watchdog.check()
+        if stall is not None:
+            self._stop_stalled(stall)
+            return
         now = self.clock()
         with self._state:
             due = now - self._last_flush >= self.flush_every_s or len(self._buffer) >= self.max_buffer
@@ -141,8 +157,34 @@ class RunReporter:
             if requested is not None:  # None: the database is down, keep the last answer
                 self.cancel_requested = requested
 
+    @property
+    def stalled(self) -> stall_watchdog.Stall | None:
+        """The stall the watchdog declared (nothing advanced for the stall timeout), or None."""
+        return self.watchdog.stall
+
+    def _stop_stalled(self, stall: stall_watchdog.Stall) -> None:
+        """No progress for the stall timeout: renew the lease no more, write nothing more, record the stall
+        on the run (requeued once, failed on the next stall), then kill the stuck work."""
+        from experiments.services import lifecycle
+
+        self.owned = False  # should the hung code wake up, it stops at its next poll and saves nothing
+        logger.error(
+            "run %s: no progress for %.0f s at step %s (phase: %s); stopping it",
+            self.run_id, stall.idle_s, stall.step, stall.phase,
+        )
+        try:
+            run = self.call(lifecycle.run_stalled, run_id=self.run_id, task_id=self.task_id, step=stall.step,
+                            phase=stall.phase, idle_s=stall.idle_s)
+        except Exception:  # the database is away: the lease expires and the sweep requeues the run
+            logger.exception("run %s: could not record the stall", self.run_id)
+        else:
+            if run is not None:
+                logger.error("run %s: the stall was recorded; the run is %s", self.run_id, run.status)
+        self._stop_stuck_work()
+
     # --- engine callbacks -------------------------------------------------------------------------
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.watchdog.progress(step=step)
         now = datetime.now(UTC)
         with self._state:
             self._buffer.extend((name, step, float(value), now) for name, value in metrics.items())
@@ -157,6 +199,7 @@ class RunReporter:
             self._attempt(self._write_points, durable=False)
 
     def on_progress(self, step: int, total: int) -> None:
+        self.watchdog.step_done(step, total)
         with self._state:
             self._last_step, self._total = step, total
         if self._is_checkpoint_step(step) and not self._is_log_step(step, total):
@@ -181,6 +224,11 @@ class RunReporter:
         )
         self.owned = bool(registered) and self.owned
         return self.owned
+
+    def on_phase(self, phase: str, done: int | None = None, total: int | None = None) -> None:
+        """Progress of a phase other than the training steps (loading, cache fill, evaluation rows): keeps
+        the stall watchdog quiet and names the phase a stall is reported in."""
+        self.watchdog.progress(phase=phase)
 
     def owns_run(self) -> bool:
         """False once a write found the run taken over (or cancelled and closed): the engine writes no
@@ -221,8 +269,8 @@ class RunReporter:
 
     def flush(self) -> None:
         """Write every buffered point durably, retrying through a database outage (raises
-        DatabaseUnavailable)."""
-        while self._buffer:
+        DatabaseUnavailable). A stalled run writes nothing more."""
+        while self._buffer and self.stalled is None:
             self.call(self._write_points)
         self._last_flush = self.clock()
 
@@ -295,8 +343,10 @@ class RunReporter:
 
     def _write_points(self, durable: bool = True) -> bool:
         """One write: buffered points, the progress (renewing the lease) and the throughput since the last
-        one."""
+        one. Nothing once the run stalled: its lease is left to expire."""
         with self._writing:
+            if self.stalled is not None:
+                return False
             now = self.clock()
             with self._state:
                 batch = self._buffer[: self.max_pending]

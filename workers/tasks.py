@@ -23,7 +23,9 @@ def run_distillation(self, run_id: int) -> None:
     While it runs, the reporter's thread renews the run's lease. When the database stays unreachable (longer
     than RUN_DB_RETRY_S) the outcome cannot be recorded: the message is rejected back to the broker instead of
     being acknowledged, and the run, still ``running`` with an expiring lease, resumes from its last
-    checkpoint in a later delivery.
+    checkpoint in a later delivery. When nothing advances for RUN_STALL_TIMEOUT_S (a hung load, a stuck
+    collective), the reporter's stall watchdog records it on the run and kills this pool process
+    (workers/watchdog.py); the worker goes on with a fresh one.
     """
     # Lazy imports: torch must not touch CUDA in the prefork parent process.
     from experiments.services import lifecycle
@@ -64,12 +66,17 @@ def _train_and_record(run: Run, reporter: RunReporter) -> None:
     from workers.reporting import DatabaseUnavailable
 
     owner = {"run_id": run.id, "task_id": reporter.task_id}
+    reporter.on_phase("loading")  # the engine's modules are imported (seconds in a fresh pool process)
     try:
         resolved = resolve_paths(run.config, run=run, artifact_root=settings.ARTIFACT_ROOT)
         resolved["evaluate_teacher"] = not reporter.call(records.teacher_evaluation_exists, run=run)
         cfg = RunConfig.from_dict(resolved)
+        reporter.on_phase("loading")
         reporter.set_batch_size(cfg.train.batch_size)
         reporter.set_schedule(save_every=cfg.train.save_every, log_every=cfg.train.log_every)
+        # A phase's progress (loading, cache fill, evaluation) keeps the stall watchdog quiet, where the
+        # engine reports it.
+        phases = {"on_phase": reporter.on_phase} if "on_phase" in Callbacks.__dataclass_fields__ else {}
         result = train(
             cfg,
             Callbacks(
@@ -78,6 +85,7 @@ def _train_and_record(run: Run, reporter: RunReporter) -> None:
                 on_checkpoint=reporter.on_checkpoint,
                 should_stop=reporter.should_stop,
                 owns_run=reporter.owns_run,
+                **phases,
             ),
         )
         reporter.flush()

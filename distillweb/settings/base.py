@@ -205,6 +205,9 @@ RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
 RUN_SWEEP_INTERVAL_S = env.float("RUN_SWEEP_INTERVAL_S", default=30.0)
 RUN_DB_RETRY_S = env.float("RUN_DB_RETRY_S", default=300.0)
 RUN_REDISPATCH_AFTER_S = env.int("RUN_REDISPATCH_AFTER_S", default=300)
+# The stall watchdog (workers/watchdog.py): a run whose step or phase progress has not advanced for this long
+# is stopped (its pool process killed) and requeued once, then failed on the next stall. 0 turns it off.
+RUN_STALL_TIMEOUT_S = env.float("RUN_STALL_TIMEOUT_S", default=1800.0)
 # How many of its newest registered checkpoints a run keeps on disk (a resume uses the newest).
 RUN_KEEP_CHECKPOINTS = env.int("RUN_KEEP_CHECKPOINTS", default=2)
 WORKER_HEARTBEAT_INTERVAL_S = env.int("WORKER_HEARTBEAT_INTERVAL_S", default=10)

@@ -89,12 +89,18 @@ def _lease_cutoff() -> datetime:
     return timezone.now() - timedelta(seconds=settings.RUN_HEARTBEAT_TIMEOUT_S)
 
 
-def _attempts_since_requeue(run_id: int, attempt: int) -> int:
-    """Attempts made since the run was last requeued by a user (each user requeue starts a fresh budget)."""
+def _last_user_requeue(run_id: int) -> int:
+    """The attempt after which a user last requeued the run (0: never); each user requeue starts a fresh
+    budget."""
     base = (RunTransition.objects.filter(run_id=run_id, to_status=Run.Status.QUEUED,
                                          from_status__in=[Run.Status.FAILED, Run.Status.CANCELLED])
             .order_by("-id").values_list("attempt", flat=True).first())
-    return attempt - (base or 0)
+    return base or 0
+
+
+def _attempts_since_requeue(run_id: int, attempt: int) -> int:
+    """Attempts made since the run was last requeued by a user (each user requeue starts a fresh budget)."""
+    return attempt - _last_user_requeue(run_id)
 
 
 def _expire_lease(run_id: int, *, next_task_id: str) -> Run | None:
@@ -247,6 +253,62 @@ def run_worker_process_lost(*, run_id: int, task_id: str, worker_name: str, stat
             logger.warning(
                 "run %s: its worker process died (%s); requeued as task %s", run_id, status, next_task_id
             )
+            dispatch.enqueue_on_commit(requeued, task_id=next_task_id)
+        return requeued
+
+
+STALL_PREFIX = "No progress for "
+
+
+def stall_message(*, idle_s: float, step: int, phase: str) -> str:
+    """A stall in a user's words: "No progress for 30 min at step 1200 (phase: training); the run was
+    stopped." (seconds under a minute)."""
+    idle = f"{int(idle_s // 60)} min" if idle_s >= 60 else f"{max(int(idle_s), 1)} s"
+    return f"{STALL_PREFIX}{idle} at step {step} (phase: {phase}); the run was stopped."
+
+
+def run_stalled(*, run_id: int, task_id: str, step: int, phase: str, idle_s: float) -> Run | None:
+    """The stall watchdog of this delivery saw no progress for RUN_STALL_TIMEOUT_S (``idle_s``) at ``step`` in
+    ``phase``; its worker kills the stuck work next. Requeue the run once (it resumes from its last
+    checkpoint), as a lost worker's run is; fail it when an earlier attempt since the last user requeue
+    stalled too, or once RUN_MAX_ATTEMPTS attempts are spent; cancel it when cancellation had been requested.
+    Returns the updated run, or None when this delivery no longer owns it."""
+    with transaction.atomic():
+        run = Run.objects.filter(id=run_id, status=Run.Status.RUNNING, task_id=task_id).first()
+        if run is None:
+            return None
+        owned = Q(task_id=task_id)
+        what = stall_message(idle_s=idle_s, step=step, phase=phase)
+        worker = run.worker_name or "its worker"
+        if run.cancel_requested:
+            return _transition(run_id=run_id, to=Run.Status.CANCELLED, sources=[Run.Status.RUNNING],
+                               where=owned, reason=f"Cancelled: {what}")
+        since = _last_user_requeue(run_id)
+        attempts = run.attempt - since
+        stalled_before = RunTransition.objects.filter(
+            run_id=run_id, from_status=Run.Status.RUNNING, to_status=Run.Status.QUEUED,
+            reason__startswith=STALL_PREFIX, attempt__gt=since).exists()
+        if stalled_before or attempts >= settings.RUN_MAX_ATTEMPTS:
+            why = "It also stalled on an earlier attempt" if stalled_before else \
+                f"That was attempt {attempts} of {settings.RUN_MAX_ATTEMPTS}"
+            error = f"{what} {why}; giving up."
+            failed = _transition(run_id=run_id, to=Run.Status.FAILED, sources=[Run.Status.RUNNING],
+                                 where=owned, values={"error": error}, reason=f"{error} (on {worker})")
+            if failed is not None:
+                _fail_dependents(
+                    run_id, reason=f"Run #{run_id}, which trains this run's teacher, failed: {error}"
+                )
+            return failed
+        next_task_id = str(uuid.uuid4())
+        requeued = _transition(
+            run_id=run_id, to=Run.Status.QUEUED, sources=[Run.Status.RUNNING], where=owned,
+            values={"task_id": next_task_id},
+            reason=f"{what} Requeued for attempt {attempts + 1} of {settings.RUN_MAX_ATTEMPTS} "
+                   f"(on {worker}).",
+        )
+        if requeued is not None:
+            logger.warning("run %s: no progress in %s at step %s; requeued as task %s", run_id, phase, step,
+                           next_task_id)
             dispatch.enqueue_on_commit(requeued, task_id=next_task_id)
         return requeued
 
