@@ -2,7 +2,10 @@
 ``prepare-models [--only NAME ...]``.
 
 ``run`` trains one run config (JSON, or YAML when PyYAML is installed), draws a one-line progress bar on
-stderr and prints a results table. ``methods`` lists the loss terms (with what they need) and the training
+stderr and prints a results table; under ``torchrun --standalone --nproc_per_node N`` every rank trains and
+rank 0 alone reports and prints. ``--callbacks MODULE:FACTORY`` adds the caller's callbacks (built by rank 0
+as ``factory(cfg)``), ``--result-json PATH`` writes the result for a caller that launched the run as a
+process. ``methods`` lists the loss terms (with what they need) and the training
 schemes. ``fetch-corpora`` downloads the text corpora the builtin datasets read (Debian ``fortunes``, no root
 install) into ``var/data`` (see ``workers/engine/fetch_corpora.sh``).
 """
@@ -10,7 +13,10 @@ install) into ``var/data`` (see ``workers/engine/fetch_corpora.sh``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -91,20 +97,54 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}"
 
 
+def run_callbacks(cfg: RunConfig, hook: str | None) -> Any:
+    """The progress bar's callbacks, chained after those of ``hook`` (``module:factory``, called as
+    ``factory(cfg)`` and returning :class:`~workers.engine.trainer.Callbacks`) when one is given. Only rank 0
+    builds them: a torchrun launch reports through rank 0 alone."""
+    from .trainer import Callbacks
+
+    bar = ProgressBar()
+    if not hook:
+        return Callbacks(on_metrics=bar.on_metrics, on_progress=bar.on_progress)
+    module_name, _, factory_name = hook.partition(":")
+    if not factory_name:
+        raise SystemExit(f"--callbacks takes MODULE:FACTORY, not '{hook}'.")
+    given = getattr(importlib.import_module(module_name), factory_name)(cfg)
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        if given.on_metrics:
+            given.on_metrics(step, metrics)
+        bar.on_metrics(step, metrics)
+
+    def on_progress(step: int, total: int) -> None:
+        if given.on_progress:
+            given.on_progress(step, total)
+        bar.on_progress(step, total)
+
+    return dataclasses.replace(given, on_metrics=on_metrics, on_progress=on_progress)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .trainer import Callbacks, train
+    from .distributed import is_main
+    from .trainer import train
 
     hf_logging.disable_progress_bar()  # save_pretrained's shard bars would break the one-line progress bar
     data = load_config_file(Path(args.config))
     if args.output_dir:
         data["output_dir"] = args.output_dir
     if not data.get("output_dir"):
-        data["output_dir"] = str(DEFAULT_RUNS_DIR / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        # Every rank of a torchrun launch names the same folder: the launch's run id.
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        name = f"torchrun-{run_id}" if run_id else datetime.now().strftime("%Y%m%d-%H%M%S")
+        data["output_dir"] = str(DEFAULT_RUNS_DIR / name)
     cfg = RunConfig.from_dict(data)
-    bar = ProgressBar()
-    result = train(cfg, Callbacks(on_metrics=bar.on_metrics, on_progress=bar.on_progress))
+    result = train(cfg, run_callbacks(cfg, args.callbacks) if is_main() else None)
+    if not is_main():  # rank 0 reports; the others only trained
+        return 0
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps(result.to_dict(), indent=2))
     print(f"output: {cfg.output_dir}")
     print(f"steps: {result.steps}  train time: {result.train_seconds:.1f} s  final model: {result.final_dir}")
     if result.stopped_early:
@@ -156,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="train and evaluate one run config")
     run.add_argument("config", help="run config file (.json, .yaml)")
     run.add_argument("--output-dir", help="where to write (default: ./var/engine-runs/<timestamp>)")
+    run.add_argument(
+        "--callbacks",
+        metavar="MODULE:FACTORY",
+        help="report through factory(cfg) -> Callbacks as well (rank 0 only under torchrun)",
+    )
+    run.add_argument("--result-json", metavar="PATH", help="write the run's result there (rank 0)")
     run.set_defaults(func=cmd_run)
     methods = sub.add_parser("methods", help="list the loss terms and their parameters")
     methods.set_defaults(func=cmd_methods)

@@ -100,6 +100,10 @@ class SentenceEmbedder(nn.Module):
         )
 
     def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
+        if kwargs.get("state_dict") is not None:  # this module's keys: the encoder's under "encoder."
+            state = kwargs["state_dict"]
+            prefix = "encoder."
+            kwargs["state_dict"] = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         self.encoder.save_pretrained(folder, **kwargs)
 
 

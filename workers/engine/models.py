@@ -549,8 +549,9 @@ def _from_pretrained(loader: Any, source: ModelSource, what: str, **kwargs: Any)
 # --- saving and sizes ---------------------------------------------------------------------------------------
 
 
-def save_model(loaded: LoadedModel, folder: str | Path) -> Path:
-    """Write ``loaded`` so a ``run`` source can load it back.
+def save_model(loaded: LoadedModel, folder: str | Path, *, state_dict: dict[str, Any] | None = None) -> Path:
+    """Write ``loaded`` (its weights: ``state_dict`` when given, e.g. gathered from sharded ranks) so a
+    ``run`` source can load it back.
 
     Builtin nets: ``model.safetensors`` + ``distillweb_model.json`` (arch, params, input_dim, num_labels,
     label_names). Transformers: ``save_pretrained`` (safetensors) + the tokenizer + the same JSON, which also
@@ -572,11 +573,12 @@ def save_model(loaded: LoadedModel, folder: str | Path) -> Path:
     if "derived" in loaded.spec:
         meta["derived"] = loaded.spec["derived"]
     if loaded.kind == "builtin":
-        state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
+        weights = loaded.model.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(state, folder / WEIGHTS_FILE)
         meta |= loaded.spec
     else:
-        loaded.model.save_pretrained(folder)
+        loaded.model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
         loaded.tokenizer.save_pretrained(folder)
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2))
     return folder

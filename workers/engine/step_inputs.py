@@ -8,6 +8,8 @@ every step, and raises ``TrainingError`` at the next log step or before anything
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,7 @@ import torch
 from .batching import Batch, Batcher, LMBatcher
 from .config import RunConfig
 from .errors import TrainingError
-from .evaluate import forward_outputs, shift_for_lm
+from .evaluate import ModelOutputs, forward_outputs, shift_for_lm
 from .losses import LossParts
 from .methods import TermInputs
 from .planning import RunPlan
@@ -72,6 +74,9 @@ class StepInputs:
     run: Loaded
     batches: Batcher | LMBatcher
     targets: TeacherTargets | None
+    # The student's forward the steps call (``forward_outputs`` on it, or a DDP wrapper around that); None:
+    # ``forward_outputs`` on the student.
+    forward: Callable[..., ModelOutputs] | None = None
 
     def micro_batch(
         self, rows: np.ndarray, at_step: int, index: int
@@ -114,8 +119,8 @@ class StepInputs:
     def term_inputs(self, batch: Batch, rows: np.ndarray | None, at_step: int) -> TermInputs:
         """Student forward + the teacher's part, as the terms need them."""
         needs, task = self.plan.needs, self.cfg.task
-        out = forward_outputs(
-            self.run.student.model,
+        forward = self.forward or functools.partial(forward_outputs, self.run.student.model)
+        out = forward(
             batch.inputs,
             hidden="hidden_states" in needs,
             attentions="attentions" in needs,

@@ -31,6 +31,7 @@ resumed from a checkpoint continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -42,17 +43,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import methods
+from . import distributed, methods
 from .batching import rows_for_step
 from .checkpoint import (
     MODULES_FILE,
     Checkpoints,
     owned_name,
 )
-from .config import RunConfig, TrainConfig
+from .config import ModelConfig, RunConfig, TrainConfig
+from .distributed import Ranks
 from .evaluate import autocast
 from .methods import TermState
-from .models import save_model
+from .models import load_model, save_model
 from .planning import check_with_models, plan_run
 from .run_evaluation import EarlyStopping, Evaluation
 from .run_setup import Loaded, load_data_and_models, select_train_rows, teacher_targets
@@ -175,7 +177,13 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         ConfigError, DataError, ModelLoadError: before training starts.
         TrainingError: NaN/inf loss, or out of memory (GPU or RAM, in any phase), with the run's estimate.
     """
-    cb = callbacks or Callbacks()
+    with distributed.session(cfg) as ranks:
+        return _train(cfg, ranks.callbacks(callbacks or Callbacks()), ranks)
+
+
+def _train(cfg: RunConfig, cb: Callbacks, ranks: Ranks) -> TrainResult:
+    """:func:`train` on this process's ranks (one, without torchrun): rank 0 reports through ``cb``, the
+    others get callbacks that only follow rank 0's decisions."""
     tc, task = cfg.train, cfg.task
     plan = plan_run(cfg)
     run = load_data_and_models(cfg, plan)
@@ -184,8 +192,9 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     run.outputs.terms = terms  # the train entry keeps the largest k the validated topk terms ask for
     rows = select_train_rows(cfg, plan, run, same_vocab=same_vocab)
     accum = tc.grad_accum_steps
-    batch_size = min(tc.batch_size, len(rows.rows))
+    batch_size = ranks.check_batch(min(tc.batch_size, len(rows.rows)))
     modules = methods.build_term_modules(terms, dims).to(device)
+    forward = ranks.wrap(student.model, tc)  # the student's forward: through DDP, or sharded in place (FSDP)
     term_state = TermState()
     params = list(student.model.parameters()) + list(modules.parameters())
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -196,7 +205,8 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
     step, last_checkpoint = saves.resume()
 
     started = time.perf_counter()
-    inputs_of = StepInputs(cfg, plan, run, rows.batches, teacher_targets(cfg, plan, run, rows, step=step))
+    targets = teacher_targets(cfg, plan, run, rows, step=step)
+    inputs_of = StepInputs(cfg, plan, run, rows.batches, targets, forward=forward)
     eval_batches = make_batcher("eval", run.dataset, student, max_length=run.max_length)
     evaluation = Evaluation(
         cfg,
@@ -220,18 +230,21 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
             group["lr"] = lr
         with out_of_memory_as_training_error(cfg, f"at step {step + 1}"):
             for index, micro_rows in enumerate(np.array_split(step_rows, accum)):  # gradient accumulation
-                batch, batch_rows, sampled = inputs_of.micro_batch(micro_rows, step, index)
+                batch, batch_rows, sampled = inputs_of.micro_batch(ranks.rows(micro_rows), step, index)
                 with autocast(device):
                     inputs = inputs_of.term_inputs(batch, batch_rows, step)
                 parts = methods.combine(terms, inputs, modules=modules, state=term_state)
-                (parts.total / accum).backward()
+                share = ranks.share(batch.labels, task)  # this rank's part of the global mean (None: 1 rank)
+                (ranks.weigh(parts.total, share) / accum).backward()
                 watch.update(step + 1, parts)
-                sums += torch.stack([parts.total.detach()] + [parts.parts[n] for n in term_names]) / accum
+                values = torch.stack([parts.total.detach()] + [parts.parts[n] for n in term_names])
+                sums += ranks.weigh(values, share) / accum
                 if task == "causal_lm":
                     tokens += batch.inputs["attention_mask"].sum()
                 generated += sampled
+            ranks.sync_grads(modules)
             if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                ranks.clip_grad_norm(params, tc.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -241,7 +254,7 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
 
         if step % tc.log_every == 0 or step == tc.max_steps:
             watch.check()
-            means = (sums / interval_steps).tolist()  # the one sync of the interval
+            means = (ranks.mean(sums) / interval_steps).tolist()  # the one sync of the interval
             elapsed = time.perf_counter() - interval_start
             logged = {
                 "loss": means[0],
@@ -250,7 +263,7 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
                 "samples_per_s": interval_steps * batch_size * accum / max(elapsed, 1e-9),
             }
             if task == "causal_lm":
-                logged["tokens_per_s"] = float(tokens.item()) / max(elapsed, 1e-9)
+                logged["tokens_per_s"] = float(ranks.sum(tokens).item()) / max(elapsed, 1e-9)
                 tokens.zero_()
             if device.type == "cuda":
                 logged["gpu_memory_bytes"] = float(torch.cuda.max_memory_allocated(device))
@@ -308,10 +321,36 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         restore_best=restore_best,
         train_seconds=time.perf_counter() - started,
         last_checkpoint=last_checkpoint,
+        ranks=ranks,
     )
 
 
 # --- the finish ---------------------------------------------------------------------------------------------
+
+
+def save_final(run: Loaded, modules: torch.nn.ModuleDict, final_dir: Path, ranks: Ranks) -> None:
+    """The final model (and the terms' learned projections); with several ranks, the full (unsharded)
+    student gathered from every rank and written by rank 0, in the one-process format."""
+    state = ranks.full_state_dict(run.student.model)
+    if ranks.is_main:
+        save_model(run.student, final_dir, state_dict=state)
+        if len(modules.state_dict()):
+            from safetensors.torch import save_model as save_weights_of
+
+            save_weights_of(modules, str(final_dir / MODULES_FILE))
+    ranks.barrier()
+
+
+def unsharded(evaluation: Evaluation, ranks: Ranks) -> Evaluation:
+    """The evaluation rank 0 runs alone after a multi-rank run: on the saved final model, loaded as a plain
+    model (a sharded student would wait for the other ranks at every forward)."""
+    if not ranks.enabled:
+        return evaluation
+    run = evaluation.run
+    source = ModelConfig(source="run", path=str(evaluation.final_dir))
+    student = load_model(source, dataset=run.dataset, role="student")
+    student.model.to(run.device)
+    return dataclasses.replace(evaluation, run=dataclasses.replace(run, student=student))
 
 
 def finish(
@@ -327,10 +366,13 @@ def finish(
     restore_best: bool,
     train_seconds: float,
     last_checkpoint: Path | None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """After the loop: restore the best weights (early stopping), save the final model, evaluate the student
     (and the teacher) on the eval split. A run that was stopped or lost its owner saves and evaluates
-    nothing."""
+    nothing. With several ranks, rank 0 saves the full student and evaluates it alone (the others return
+    once it is saved)."""
+    ranks = ranks or Ranks()
     teachers, stopper, modules = run.teachers, saves.stopper, saves.modules
     common = {"task": cfg.task, "scheme": cfg.scheme, "teacher_cache": [u.to_dict() for u in run.cache.uses]}
     if stopped or not cb.owned():
@@ -366,11 +408,19 @@ def finish(
             **common,
         )
     final_dir = evaluation.final_dir
-    save_model(run.student, final_dir)
-    if len(modules.state_dict()):
-        from safetensors.torch import save_model as save_weights_of
-
-        save_weights_of(modules, str(final_dir / MODULES_FILE))
+    save_final(run, modules, final_dir, ranks)
+    if not ranks.is_main:
+        return TrainResult(
+            steps=step,
+            stopped=False,
+            final_dir=str(final_dir),
+            student={},
+            teacher=None,
+            train_seconds=train_seconds,
+            last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
+            **common,
+        )
+    evaluation = unsharded(evaluation, ranks)
     student_metrics = evaluation.student(final=True)
     # The eval split's point of the reported student (with early stopping, the eval split's only point: every
     # decision was taken on the validation slice).

@@ -1,0 +1,177 @@
+"""Multi-process runs on CPU: real torchrun launches (2 ranks, gloo) of ``python -m workers.engine run``
+compared with the one-process run at the same global batch, and the launches the engine refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workers.engine.config import RunConfig
+from workers.engine.errors import ConfigError
+from workers.engine.trainer import Callbacks, train
+
+ROOT = Path(__file__).resolve().parents[3]
+LAUNCH_TIMEOUT_S = float(os.environ.get("DISTILLWEB_TEST_TORCHRUN_TIMEOUT_S", "240"))
+# fp32 on CPU: the ranks sum their halves of the batch and average the gradients, the one-process run sums
+# the whole batch at once. Only the order of the float additions differs (~1e-7 relative per reduction),
+# which a few Adam steps grow to ~1e-6; 1e-4 relative leaves room for that and still catches any real
+# difference (a wrong row split or loss scale moves the loss by 1e-2 or more).
+LOSS_RTOL = 1e-4
+WEIGHT_ATOL = 1e-4
+
+# Rank 0's reporter for a torchrun launch: every metric, one JSON line per call.
+REPORTER = """
+import json, os
+from workers.engine.trainer import Callbacks
+
+def factory(cfg):
+    def on_metrics(step, metrics):
+        with open(os.environ["DW_TEST_METRICS"], "a") as f:
+            f.write(json.dumps([step, metrics]) + "\\n")
+    return Callbacks(on_metrics=on_metrics)
+"""
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+}
+_SENTENCES = [
+    "the cat sat on the mat and looked at the bird",
+    "a dog ran to the park to play with a red ball",
+    "the sun was warm and the sky was blue today",
+    "she read a short book about the sea and ships",
+    "we ate bread and soup by the fire",
+    "the old man told a story",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Sentences of different lengths, so the ranks' batches hold different numbers of tokens."""
+    path = tmp_path_factory.mktemp("dist-lm") / "corpus.txt"
+    path.write_text("\n".join(f"{s} {i % 9}" for i in range(8) for s in _SENTENCES) + "\n")
+    return path
+
+
+def _config(kind: str, output_dir: Path, corpus: Path | None = None, **train: Any) -> dict[str, Any]:
+    common = {"lr": 1e-2, "log_every": 1, "eval_every": 1000, "save_every": 1000, "seed": 0, "device": "cpu"}
+    if kind == "mlp":
+        return {
+            "student": {"source": "builtin", "name": "mlp", "params": {"hidden_sizes": [32]}},
+            "dataset": {"source": "builtin", "name": "digits"},
+            "terms": [{"name": "ce"}],
+            "scheme": "hard_labels",
+            "train": {"max_steps": 5, "batch_size": 16, **common, **train},
+            "output_dir": str(output_dir),
+        }
+    return {
+        "student": {"source": "config", "params": TINY_LLAMA},
+        "task": "causal_lm",
+        "dataset": {"source": "hf", "path": str(corpus), "max_length": 20},
+        "terms": [{"name": "ce"}],
+        "scheme": "hard_labels",
+        "train": {"max_steps": 4, "batch_size": 8, **common, "lr": 3e-3, **train},
+        "output_dir": str(output_dir),
+        "cache_dir": str(output_dir.parent / "cache"),
+    }
+
+
+def _one_process(data: dict[str, Any]) -> tuple[list[float], Path]:
+    metrics: list[tuple[int, dict[str, float]]] = []
+    result = train(RunConfig.from_dict(data), Callbacks(on_metrics=lambda s, m: metrics.append((s, m))))
+    return [m["loss"] for _, m in metrics if "loss" in m], Path(result.final_dir)
+
+
+def _torchrun(tmp_path: Path, data: dict[str, Any], *, ranks: int = 2) -> subprocess.CompletedProcess:
+    config = tmp_path / f"{Path(data['output_dir']).name}.json"
+    config.write_text(json.dumps(data))
+    (tmp_path / "dw_test_reporter.py").write_text(REPORTER)
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+        "DW_TEST_METRICS": str(tmp_path / "metrics.jsonl"),
+        "DISTILLWEB_COLLECTIVE_TIMEOUT_S": "120",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    command += ["-m", "workers.engine", "run", str(config), "--callbacks", "dw_test_reporter:factory"]
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False
+    )
+
+
+def _losses(tmp_path: Path) -> list[float]:
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    return [m["loss"] for _, m in map(json.loads, lines) if "loss" in m]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.allclose(left[name], right[name], atol=WEIGHT_ATOL, rtol=0), name
+
+
+@pytest.mark.parametrize(
+    ("kind", "strategy", "accum"),
+    [
+        ("mlp", "ddp", 1),
+        ("mlp", "fsdp", 1),
+        ("mlp", "fsdp", 2),
+        ("lm", "ddp", 1),
+        ("lm", "fsdp", 1),
+        ("lm", "ddp", 2),
+    ],
+)
+def test_two_ranks_follow_the_one_process_curve_at_the_same_global_batch(
+    tmp_path, corpus, kind, strategy, accum
+):
+    reference, reference_final = _one_process(_config(kind, tmp_path / "one", corpus, grad_accum_steps=accum))
+    data = _config(kind, tmp_path / "two", corpus, grad_accum_steps=accum, processes=2, strategy=strategy)
+    launched = _torchrun(tmp_path, data)
+
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert launched.stdout.count("final model:") == 1  # rank 0 alone prints
+    losses = _losses(tmp_path)
+    assert len(losses) == len(reference) == data["train"]["max_steps"]
+    assert losses == pytest.approx(reference, rel=LOSS_RTOL)
+    # The full (unsharded) student, in the one-process format.
+    two_final = Path(data["output_dir"]) / "final"
+    assert (two_final / "distillweb_model.json").is_file()
+    _same_weights(two_final, reference_final)
+
+
+def test_a_world_size_other_than_the_runs_is_refused(tmp_path, digits_run, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"train.processes = 1.*WORLD_SIZE=2.*--nproc_per_node 1"):
+        train(digits_run(tmp_path))
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match=r"asks for 2 rank.*started with 1 process"):
+        train(digits_run(tmp_path, train={"processes": 2}))
+
+
+def test_a_batch_the_ranks_cannot_share_equally_is_refused(tmp_path, digits_run, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    refused = r"batch size \(15\) must be divisible by the number of ranks \(2\)"
+    with pytest.raises(ConfigError, match=refused):
+        train(digits_run(tmp_path, train={"processes": 2, "batch_size": 15}))
+
+
+def test_a_refused_launch_fails_on_every_rank_with_the_message(tmp_path):
+    data = _config("mlp", tmp_path / "run", processes=3)
+    launched = _torchrun(tmp_path, data)
+    assert launched.returncode != 0
+    assert "asks for 3 rank(s)" in launched.stderr and "--nproc_per_node 3" in launched.stderr

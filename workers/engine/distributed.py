@@ -1,0 +1,379 @@
+"""Multi-process runs: one process per rank, launched by torchrun, with torch.distributed.
+
+A run started by ``torchrun --nproc_per_node N`` reads its place from the environment (``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE``), joins the process group (gloo on CPU, nccl on CUDA with ``cuda:LOCAL_RANK``)
+with a collective timeout of ``DISTILLWEB_COLLECTIVE_TIMEOUT_S`` seconds (600 by default) and trains the
+student replicated (``ddp``: DistributedDataParallel) or sharded (``fsdp``: FSDP2 ``fully_shard`` on each
+transformer block, then the root; bf16 parameters with fp32 gradient reduction when ``precision`` is bf16).
+
+Every rank computes on its own contiguous block of each global micro-batch (the rows the one-process run
+uses, in the same order), so N ranks at a per-rank batch of B/N follow the one-process curve at batch B:
+DDP/FSDP average the ranks' gradients, and a causal LM weighs each rank's token mean by its share of the
+global batch's tokens. Rank 0 alone reports (:meth:`Ranks.callbacks`); the decisions a caller takes there
+(stop, lost ownership, a refused checkpoint) are broadcast so every rank stops at the same step.
+
+A process started without torchrun's environment is a world of one: :class:`Ranks` then changes nothing and
+the run takes the single-process path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import RunConfig, TrainConfig
+from .errors import ConfigError
+from .evaluate import ModelOutputs, forward_outputs
+
+TIMEOUT_ENV = "DISTILLWEB_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+LEAVING_TIMEOUT = datetime.timedelta(days=1)
+STRATEGIES = ("auto", "ddp", "fsdp")
+PRECISIONS = ("auto", "bf16", "fp32")
+BLOCK_LISTS = ("layers", "layer", "h", "blocks", "block")  # the ModuleList of an HF model's blocks
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a process that is no rank of anything)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return env_world()[0] == 0
+
+
+def collective_timeout() -> datetime.timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds, not '{raw}'.") from None
+    return datetime.timedelta(seconds=seconds)
+
+
+def _uses_cuda(tc: TrainConfig) -> bool:
+    return tc.device.startswith("cuda") or (tc.device == "auto" and torch.cuda.is_available())
+
+
+def check_resources(cfg: RunConfig, world: int) -> str:
+    """Refuse a launch whose world size is not the run's, and settings several ranks cannot honour.
+
+    Returns:
+        the strategy for this world: ``none`` (one rank), ``ddp`` or ``fsdp``.
+    Raises:
+        ConfigError: with what to change.
+    """
+    tc = cfg.train
+    if tc.strategy not in STRATEGIES:
+        raise ConfigError(f"Unknown strategy '{tc.strategy}'. Use {', '.join(STRATEGIES)}.")
+    if tc.precision not in PRECISIONS:
+        raise ConfigError(f"Unknown precision '{tc.precision}'. Use {', '.join(PRECISIONS)}.")
+    cuda = _uses_cuda(tc)
+    field, wanted = ("gpus", tc.gpus) if cuda else ("processes", tc.processes)
+    if wanted != world:
+        raise ConfigError(
+            f"This run asks for {wanted} rank(s) (train.{field} = {wanted}) but was started with "
+            f"{world} process(es) (WORLD_SIZE={world}). Launch it with "
+            f"`torchrun --standalone --nproc_per_node {wanted}`, or set train.{field} to {world}."
+        )
+    if world == 1:
+        return "none"
+    if cuda and ":" in tc.device:
+        raise ConfigError(
+            f"A run on {world} GPUs puts rank r on cuda:LOCAL_RANK; use device 'auto' or 'cuda', "
+            f"not '{tc.device}'."
+        )
+    if tc.batch_size % world:
+        below, above = tc.batch_size - tc.batch_size % world, tc.batch_size + world - tc.batch_size % world
+        raise ConfigError(
+            f"The batch size ({tc.batch_size}) must be divisible by the number of ranks ({world}): every "
+            f"rank takes an equal share of each batch. Use a batch size of "
+            f"{f'{below} or ' if below else ''}{above}."
+        )
+    strategy = "fsdp" if tc.strategy == "auto" else tc.strategy
+    if strategy == "fsdp" and cfg.scheme == "on_policy":
+        raise ConfigError(
+            "on_policy samples continuations from the student, which a sharded (fsdp) student cannot do "
+            "rank by rank; use strategy 'ddp'."
+        )
+    return strategy
+
+
+@dataclass
+class Ranks:
+    """This process's place in the run: rank, local rank, world size and how the student is spread.
+
+    With a world of one every method is a no-op returning its input, so the single-process path is
+    unchanged."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    strategy: str = "none"
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # --- data ---------------------------------------------------------------------------------------------
+
+    def check_batch(self, batch_size: int) -> int:
+        """``batch_size`` (the global one), refused when the ranks cannot share it equally."""
+        if batch_size % self.world:
+            raise ConfigError(
+                f"The batch size ({batch_size}, capped by the train rows) must be divisible by the number "
+                f"of ranks ({self.world}): every rank takes an equal share of each batch."
+            )
+        return batch_size
+
+    def rows(self, micro_rows: np.ndarray) -> np.ndarray:
+        """This rank's contiguous block of a global micro-batch's rows."""
+        if not self.enabled:
+            return micro_rows
+        return np.array_split(micro_rows, self.world)[self.rank]
+
+    def share(self, labels: torch.Tensor | None, task: str) -> torch.Tensor | None:
+        """A causal LM's weight for this rank's token mean, ``n_rank · world / n_global`` (the loss terms
+        average over the labelled next-token positions), so the averaged gradient is the global batch's
+        token mean. None with one rank and for row-mean tasks (equal rows per rank)."""
+        if not self.enabled or task != "causal_lm" or labels is None:
+            return None
+        local = (labels[..., 1:] != -100).sum().to(torch.float32)
+        total = self.sum(local.clone())
+        return local * self.world / total.clamp(min=1.0)
+
+    @staticmethod
+    def weigh(value: torch.Tensor, share: torch.Tensor | None) -> torch.Tensor:
+        return value if share is None else value * share
+
+    # --- collectives --------------------------------------------------------------------------------------
+
+    def _on_device(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.device]:
+        return tensor.to(self.device), tensor.device
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over the ranks (a new tensor); ``tensor`` itself with one rank."""
+        if not self.enabled:
+            return tensor
+        moved, home = self._on_device(tensor.detach().clone())
+        torch.distributed.all_reduce(moved, op=torch.distributed.ReduceOp.SUM)
+        return moved.to(home)
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if not self.enabled else self.sum(tensor) / self.world
+
+    def flag(self, value: bool) -> bool:
+        """Rank 0's ``value`` on every rank."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([1 if value else 0], dtype=torch.int32, device=self.device)
+        torch.distributed.broadcast(tensor, src=0)
+        return bool(tensor.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    # --- gradients ----------------------------------------------------------------------------------------
+
+    def sync_grads(self, module: nn.Module) -> None:
+        """Average the gradients of parameters no DDP/FSDP wrapper owns (the terms' learned projections)."""
+        if not self.enabled:
+            return
+        for param in module.parameters():
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
+                param.grad.div_(self.world)
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """``clip_grad_norm_`` over every rank's gradients: the total norm of sharded (DTensor) gradients is
+        the global one (``full_tensor``), combined with the replicated gradients' norm."""
+        if self.strategy != "fsdp":
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        from torch.distributed.tensor import DTensor
+
+        with_grad = [p for p in params if p.grad is not None]
+        sharded = [p.grad for p in with_grad if isinstance(p.grad, DTensor)]
+        plain = [p.grad for p in with_grad if not isinstance(p.grad, DTensor)]
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        if sharded:
+            norm = torch.nn.utils.get_total_norm(sharded)
+            squares = squares + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
+        if plain:
+            squares = squares + torch.nn.utils.get_total_norm(plain).float().to(self.device) ** 2
+        total = squares.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
+        return total
+
+    # --- the student --------------------------------------------------------------------------------------
+
+    def precision(self, tc: TrainConfig) -> torch.dtype:
+        if tc.precision == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return torch.bfloat16 if tc.precision == "bf16" else torch.float32
+
+    def wrap(self, model: nn.Module, tc: TrainConfig) -> Callable[..., ModelOutputs] | None:
+        """The student's forward for the training steps: None (``forward_outputs`` on the student) with one
+        rank or with the student sharded in place (FSDP2), else ``forward_outputs`` inside DDP. Activation
+        checkpointing applies with any world."""
+        if tc.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            return DistributedDataParallel(StudentForward(model), device_ids=ids)
+        if self.strategy == "fsdp":
+            shard(model, world=self.world, device=self.device, dtype=self.precision(tc))
+        return None
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The student's full (unsharded) weights on rank 0's CPU; every rank must call it. None with one
+        rank (the model's own state dict is the full one)."""
+        if not self.enabled:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options)
+
+    # --- callbacks ----------------------------------------------------------------------------------------
+
+    def callbacks(self, cb: Any) -> Any:
+        """Rank 0 keeps the caller's callbacks, the others get none; the decisions (``should_stop``,
+        ``owns_run``, ``on_checkpoint``'s refusal) are taken on rank 0 and broadcast, so every rank calls
+        them at the same points and follows rank 0."""
+        if not self.enabled:
+            return cb
+        main = self.is_main
+
+        def should_stop() -> bool:
+            return self.flag(bool(main and cb.should_stop and cb.should_stop()))
+
+        def owns_run() -> bool:
+            return self.flag(not main or cb.owned())
+
+        def on_checkpoint(step: int, path: str) -> bool:
+            refused = main and cb.on_checkpoint is not None and cb.on_checkpoint(step, path) is False
+            return not self.flag(refused)
+
+        return dataclasses.replace(
+            cb,
+            on_metrics=cb.on_metrics if main else None,
+            on_progress=cb.on_progress if main else None,
+            on_checkpoint=on_checkpoint,
+            should_stop=should_stop,
+            owns_run=owns_run,
+        )
+
+
+class StudentForward(nn.Module):
+    """``forward_outputs`` on the student as one module, so that DDP wraps the whole forward the terms read
+    (hidden states, attentions, an MLP's layers) while the student keeps its own class."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict[str, torch.Tensor], **options: bool) -> ModelOutputs:
+        return forward_outputs(self.model, inputs, **options)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of an HF model (the items of its ``layers`` / ``h`` / ``layer`` ModuleList); none for a
+    builtin net."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LISTS and len(module):
+            return list(module)
+    return []
+
+
+def shard(model: nn.Module, *, world: int, device: torch.device, dtype: torch.dtype) -> None:
+    """FSDP2: ``fully_shard`` each transformer block, then the root (bf16 parameters, fp32 reduction when
+    ``dtype`` is bf16)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if dtype == torch.bfloat16
+        else MixedPrecisionPolicy()
+    )
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward: the HF model's own switch, else ``torch.utils.checkpoint``
+    around each block's forward; a builtin net without blocks is left as it is."""
+    if hasattr(model, "gradient_checkpointing_enable") and getattr(
+        model, "supports_gradient_checkpointing", False
+    ):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    for block in transformer_blocks(model):
+        forward = block.forward
+
+        def checkpointed(*args: Any, _forward: Callable[..., Any] = forward, **kwargs: Any) -> Any:
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+
+
+@contextlib.contextmanager
+def session(cfg: RunConfig) -> Iterator[Ranks]:
+    """This process's :class:`Ranks` for ``cfg``, inside the process group when several ranks run; the group
+    is left on the way out, whatever happened.
+
+    Raises:
+        ConfigError: the world size from the environment is not the run's, or the ranks cannot share the
+            batch.
+    """
+    rank, local_rank, world = env_world()
+    strategy = check_resources(cfg, world)
+    if world == 1:
+        yield Ranks()
+        return
+    cuda = _uses_cuda(cfg.train)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    started = not torch.distributed.is_initialized()
+    if started:
+        torch.distributed.init_process_group(
+            backend="nccl" if cuda else "gloo", timeout=collective_timeout(), rank=rank, world_size=world
+        )
+    # The ranks leave the group together (one leaving early can abort another's gloo threads); the others wait
+    # there while rank 0 evaluates the final model, for as long as that takes.
+    leaving = torch.distributed.new_group(backend="gloo", timeout=LEAVING_TIMEOUT)
+    try:
+        yield Ranks(rank, local_rank, world, strategy, device)
+        torch.distributed.barrier(group=leaving)
+    finally:
+        if started and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
