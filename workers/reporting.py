@@ -184,7 +184,7 @@ class RunReporter:
 
     # --- engine callbacks -------------------------------------------------------------------------
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.watchdog.progress(step=step)
+        self.watchdog.metrics(step, metrics)
         now = datetime.now(UTC)
         with self._state:
             self._buffer.extend((name, step, float(value), now) for name, value in metrics.items())
@@ -256,10 +256,12 @@ class RunReporter:
     def set_batch_size(self, batch_size: int) -> None:
         self._batch_size = batch_size
 
-    def set_schedule(self, *, save_every: int, log_every: int) -> None:
+    def set_schedule(self, *, save_every: int, log_every: int, eval_every: int = 0) -> None:
         """The engine checkpoints every ``save_every`` steps, and logs metrics every ``log_every`` steps (and
-        at the last); the points before each checkpoint must be durable first."""
+        at the last); the points before each checkpoint must be durable first. It evaluates every
+        ``eval_every`` steps: a stall after such a step's progress is one of the evaluation."""
         self._save_every, self._log_every = save_every, log_every
+        self.watchdog.eval_every = eval_every
 
     def _is_checkpoint_step(self, step: int) -> bool:
         return self._save_every > 0 and step > 0 and step % self._save_every == 0

@@ -73,7 +73,8 @@ def _train_and_record(run: Run, reporter: RunReporter) -> None:
         cfg = RunConfig.from_dict(resolved)
         reporter.on_phase("loading")
         reporter.set_batch_size(cfg.train.batch_size)
-        reporter.set_schedule(save_every=cfg.train.save_every, log_every=cfg.train.log_every)
+        reporter.set_schedule(save_every=cfg.train.save_every, log_every=cfg.train.log_every,
+                              eval_every=cfg.train.eval_every)
         # A phase's progress (loading, cache fill, evaluation) keeps the stall watchdog quiet, where the
         # engine reports it.
         phases = {"on_phase": reporter.on_phase} if "on_phase" in Callbacks.__dataclass_fields__ else {}

@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,8 @@ class Watchdog:
         self.clock = clock
         self.step = 0
         self.phase = LOADING
+        self.eval_every = 0  # the engine evaluates after every such step (0: only after the last)
+        self.total = 0
         self.stall: Stall | None = None
         self._last = clock()
         self._lock = threading.Lock()
@@ -65,8 +67,17 @@ class Watchdog:
                 self.phase = phase
 
     def step_done(self, step: int, total: int) -> None:
-        """A training step finished: training until the last, then the final evaluation."""
-        self.progress(step=step, phase=TRAINING if step < total else EVALUATION)
+        """A training step finished: training goes on, or an evaluation follows (every ``eval_every`` steps
+        and after the last)."""
+        self.total = total
+        evaluates = step >= total or (self.eval_every > 0 and step % self.eval_every == 0)
+        self.progress(step=step, phase=EVALUATION if evaluates else TRAINING)
+
+    def metrics(self, step: int, names: Iterable[str]) -> None:
+        """Metric points of ``step``; evaluation results (``eval/…``, ``val/…``) before the last step end a
+        periodic evaluation: training goes on."""
+        done_evaluating = step < self.total and any(n.startswith(("eval/", "val/")) for n in names)
+        self.progress(step=step, phase=TRAINING if done_evaluating else None)
 
     def idle_s(self) -> float:
         with self._lock:

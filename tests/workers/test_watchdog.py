@@ -7,8 +7,13 @@ the worker goes on. The decision logic with a fake clock; the reporter and the s
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -17,6 +22,7 @@ from experiments.models import DatasetSpec, Run, RunTransition
 from experiments.services import launch as launch_writes
 from experiments.services import lifecycle, records
 from tests.waiting import scaled
+from tests.worker_process import REPO
 from tests.workers import test_faults as faults
 from tests.workers.test_faults import FakeTime, finished, history, reload, wait_for
 from tests.workers.test_worker_killed import pool_processes
@@ -56,8 +62,18 @@ def test_the_watchdog_declares_a_stall_once_nothing_advanced_for_the_timeout():
 def test_the_phase_follows_the_steps_and_a_zero_timeout_turns_the_watchdog_off():
     fake = FakeTime()
     dog = Watchdog(timeout_s=10, clock=fake.clock)
+    dog.eval_every = 4
     assert (dog.step, dog.phase) == (0, LOADING)
+    dog.step_done(3, 10)
+    assert dog.phase == TRAINING
+    dog.step_done(4, 10)  # the periodic evaluation follows step 4 (after the step's training metrics)
+    dog.metrics(4, ["loss", "lr"])
+    assert (dog.step, dog.phase) == (4, EVALUATION)
+    dog.metrics(4, ["eval/loss", "eval/accuracy"])  # its results: training goes on
+    assert dog.phase == TRAINING
     dog.step_done(10, 10)  # the last step: the final evaluation follows
+    dog.metrics(10, ["eval/accuracy"])
+    assert dog.phase == EVALUATION
     fake.now = 10
     assert dog.check() == Stall(idle_s=10, step=10, phase=EVALUATION)
     off = Watchdog(timeout_s=0, clock=fake.clock)
@@ -70,6 +86,42 @@ def test_the_message_says_how_long_at_which_step_in_which_phase():
         "No progress for 30 min at step 1200 (phase: training); the run was stopped.")
     assert lifecycle.stall_message(idle_s=5.2, step=0, phase="loading") == (
         "No progress for 5 s at step 0 (phase: loading); the run was stopped.")
+
+
+KILL_RANKS = """
+import json, os, subprocess, sys, time
+from workers.watchdog import child_pids, kill_children
+sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+launcher = [sys.executable, "-c", f"import subprocess, time; subprocess.Popen({sleeper!r}); time.sleep(600)"]
+ranks = subprocess.Popen(launcher, start_new_session=True)  # like torchrun: a group of its own, with a rank
+helper = subprocess.Popen(sleeper)  # in this process's group
+deadline = time.monotonic() + float(sys.argv[1])
+while not child_pids(ranks.pid) and time.monotonic() < deadline:
+    time.sleep(0.05)
+(rank,) = child_pids(ranks.pid)
+killed = kill_children(os.getpid())
+codes = [ranks.wait(timeout=30), helper.wait(timeout=30)]
+def gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+while not gone(rank) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(json.dumps({"killed": sorted(killed), "expected": sorted([ranks.pid, helper.pid]), "codes": codes,
+                  "rank_gone": gone(rank)}))
+"""
+
+
+def test_the_stuck_work_s_child_process_groups_are_killed_with_their_ranks():
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("finds child processes through /proc")
+    out = subprocess.run([sys.executable, "-c", KILL_RANKS, str(scaled(20))], cwd=REPO, capture_output=True,
+                         text=True, timeout=scaled(60), check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["killed"] == result["expected"]
+    assert result["codes"] == [-signal.SIGKILL, -signal.SIGKILL] and result["rank_gone"], result
 
 
 def test_nothing_is_killed_outside_a_celery_pool_process():
