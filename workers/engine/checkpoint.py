@@ -24,12 +24,13 @@ stopping watches a metric.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from safetensors.torch import save_model as save_weights_of
 from torch import nn
 
 from .config import RunConfig
+from .distributed import Ranks, load_sharded, save_sharded
 from .errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ STATE_FILE = "trainer_state.json"
 MODULES_FILE = "term_modules.safetensors"
 BEST_DIR = "best"  # the best eval's weights while early stopping watches a metric
 BEST_WEIGHTS_FILE = "model.safetensors"
+SHARDED_DIR = "sharded"  # a multi-rank run's weights, term modules and optimizer state (torch DCP)
 _STEP_DIR = re.compile(r"step-(\d+)(?:-a(\d+))?")
 # Settings that may change between a run and its resumption without changing what it computes.
 _RESUMABLE_CHANGES = {
@@ -66,7 +69,17 @@ _RESUMABLE_CHANGES = {
     "keep_checkpoints",
     "allowed_paths",
 }
-_RESUMABLE_TRAIN_CHANGES = {"log_every", "eval_every", "save_every", "device"}
+# The ranks a run spans change how it computes, not what: a multi-rank checkpoint resumes with any number.
+_RESUMABLE_TRAIN_CHANGES = {
+    "log_every",
+    "eval_every",
+    "save_every",
+    "device",
+    "processes",
+    "gpus",
+    "strategy",
+    "activation_checkpointing",
+}
 
 
 def owned_name(stem: str, attempt: int) -> str:
@@ -128,6 +141,47 @@ def write_checkpoint(
     if modules is not None and len(modules.state_dict()):
         save_weights_of(modules, str(tmp / MODULES_FILE))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _write_trainer_state(tmp, step=step, config=config, extra=extra)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def write_sharded_checkpoint(
+    output_dir: str | Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    ranks: Ranks,
+    attempt: int = 0,
+    modules: nn.Module | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """:func:`write_checkpoint` for a multi-rank run; every rank calls it. The weights, the terms' modules
+    and the optimizer state are a DCP checkpoint in ``sharded/`` (each rank writes its shards; any number of
+    ranks reads them back); rank 0 writes the RNG and trainer state and renames the folder."""
+    root = Path(output_dir) / CHECKPOINTS
+    final = root / owned_name(f"step-{step}", attempt)
+    tmp = root / f".{final.name}.tmp-ranks"
+    if ranks.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / SHARDED_DIR).mkdir(parents=True)
+    ranks.barrier()
+    save_sharded(tmp / SHARDED_DIR, model=model, optimizer=optimizer, modules=modules)
+    if ranks.is_main:
+        _write_trainer_state(tmp, step=step, config=config, extra=extra)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    ranks.barrier()
+    return final
+
+
+def _write_trainer_state(
+    tmp: Path, *, step: int, config: dict[str, Any], extra: dict[str, Any] | None
+) -> None:
+    """The RNG states and ``trainer_state.json``, written last: a folder holding it is complete."""
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng |= {f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
@@ -141,9 +195,6 @@ def write_checkpoint(
         "extra": extra or {},
     }
     (tmp / STATE_FILE).write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
 
 
 def prune(folder: str | Path, *, attempt: int, keep: int, protect: tuple[str, ...] = ()) -> None:
@@ -230,10 +281,13 @@ def load_checkpoint(
             f"The output folder holds a checkpoint of a different run (changed: {', '.join(changed)}). "
             "Use a new output folder."
         )
-    load_weights_into(model, str(folder / "model.safetensors"), device=str(device))
-    if modules is not None and (folder / MODULES_FILE).is_file():
-        load_weights_into(modules, str(folder / MODULES_FILE), device=str(device))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    if (folder / SHARDED_DIR).is_dir():  # a multi-rank run's: read with any number of ranks
+        load_sharded(folder / SHARDED_DIR, model=model, optimizer=optimizer, modules=modules)
+    else:
+        load_weights_into(model, str(folder / "model.safetensors"), device=str(device))
+        if modules is not None and (folder / MODULES_FILE).is_file():
+            load_weights_into(modules, str(folder / MODULES_FILE), device=str(device))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
     rng = load_file(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
@@ -305,6 +359,7 @@ class Checkpoints:
     watch: NonFiniteWatch
     device: torch.device
     best_name: str = ""  # the folder under best/ holding the best eval's weights (early stopping)
+    ranks: Ranks = field(default_factory=Ranks)  # several: every rank calls every method, rank 0 writes
 
     def __post_init__(self) -> None:
         self.output_dir, self.attempt = Path(self.cfg.output_dir), self.cfg.attempt
@@ -317,10 +372,17 @@ class Checkpoints:
         Returns:
             the step to start at, and that checkpoint (None when the run starts afresh).
         """
-        step = 0
+        step, ranks = 0, self.ranks
         last_checkpoint = resume_point(self.cfg)
-        clean_for_resume(self.output_dir, attempt=self.attempt, resume_from=last_checkpoint)
+        if ranks.is_main:
+            clean_for_resume(self.output_dir, attempt=self.attempt, resume_from=last_checkpoint)
+        ranks.barrier()
         if last_checkpoint is not None:
+            if ranks.strategy == "fsdp" and not (last_checkpoint / SHARDED_DIR).is_dir():
+                raise ConfigError(
+                    "This run's checkpoint was written by one process; resume it with one process or with "
+                    "strategy 'ddp'."
+                )
             step, extra = load_checkpoint(
                 last_checkpoint,
                 model=self.student.model,
@@ -333,7 +395,9 @@ class Checkpoints:
             self.stopper.load_state_dict(extra.get("early_stopping", {}))
             self.best_name = extra.get("best_weights", "")
         # Best weights that no registered checkpoint refers to (a lost worker's, a crash's) never count.
-        prune(self.output_dir / BEST_DIR, attempt=self.attempt + 1, keep=0, protect=(self.best_name,))
+        if ranks.is_main:
+            prune(self.output_dir / BEST_DIR, attempt=self.attempt + 1, keep=0, protect=(self.best_name,))
+        ranks.barrier()
         return step, last_checkpoint
 
     def checkpoint(self, at_step: int) -> Path | None:
@@ -346,7 +410,12 @@ class Checkpoints:
             "early_stopping": self.stopper.state_dict(),
             "best_weights": self.best_name,
         }
-        path = write_checkpoint(
+        write = (
+            functools.partial(write_sharded_checkpoint, ranks=self.ranks)
+            if self.ranks.enabled
+            else write_checkpoint
+        )
+        path = write(
             self.output_dir,
             step=at_step,
             model=self.student.model,
@@ -356,7 +425,10 @@ class Checkpoints:
             modules=self.modules,
             extra=extra,
         )
-        if self.cb.on_checkpoint and self.cb.on_checkpoint(at_step, str(path)) is False:
+        registered = not (self.cb.on_checkpoint and self.cb.on_checkpoint(at_step, str(path)) is False)
+        if not self.ranks.is_main:
+            return path if registered else None
+        if not registered:
             shutil.rmtree(path, ignore_errors=True)
             return None
         # Registered: older checkpoints and best weights no registered checkpoint refers to can go.
@@ -370,24 +442,33 @@ class Checkpoints:
         if not self.cb.owned():
             return
         name = owned_name(f"step-{at_step}", self.attempt)
+        self.best_name = name
+        full = self.ranks.full_state_dict(self.student.model)  # several ranks: gathered on rank 0
+        if not self.ranks.is_main:
+            return
         best = self.output_dir / BEST_DIR / name
         tmp = best.with_name(f".{name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for module, file in ((self.student.model, BEST_WEIGHTS_FILE), (self.modules, MODULES_FILE)):
-            if module is self.modules and not len(self.modules.state_dict()):
-                continue
-            save_weights_of(module, str(tmp / file))
+        if full is not None:  # own copies: tied weights must not share memory in a safetensors file
+            save_file({k: v.contiguous().clone() for k, v in full.items()}, tmp / BEST_WEIGHTS_FILE)
+        else:
+            save_weights_of(self.student.model, str(tmp / BEST_WEIGHTS_FILE))
+        if len(self.modules.state_dict()):
+            save_weights_of(self.modules, str(tmp / MODULES_FILE))
         shutil.rmtree(best, ignore_errors=True)
         tmp.replace(best)
-        self.best_name = name
 
     def has_best(self) -> bool:
+        self.ranks.barrier()  # rank 0 wrote them
         best = self.output_dir / BEST_DIR / self.best_name
         return bool(self.best_name) and (best / BEST_WEIGHTS_FILE).exists()
 
     def load_best(self) -> None:
         best = self.output_dir / BEST_DIR / self.best_name
-        load_weights_into(self.student.model, str(best / BEST_WEIGHTS_FILE), device=str(self.device))
+        if self.ranks.enabled:
+            self.ranks.load_full_state_dict(self.student.model, load_file(best / BEST_WEIGHTS_FILE))
+        else:
+            load_weights_into(self.student.model, str(best / BEST_WEIGHTS_FILE), device=str(self.device))
         if len(self.modules.state_dict()) and (best / MODULES_FILE).exists():
             load_weights_into(self.modules, str(best / MODULES_FILE), device=str(self.device))

@@ -24,6 +24,7 @@ import datetime
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -258,6 +259,12 @@ class Ranks:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=options)
 
+    def load_full_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load full (unsharded) weights into the student, sharded or not; every rank passes them."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
     # --- callbacks ----------------------------------------------------------------------------------------
 
     def callbacks(self, cb: Any) -> Any:
@@ -343,6 +350,41 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
         block.forward = checkpointed
+
+
+# --- sharded checkpoints (torch Distributed Checkpoint) -----------------------------------------------------
+
+
+def _trained(model: nn.Module, modules: nn.Module | None) -> nn.Module:
+    """The student and the terms' modules as one module: the optimizer's parameters, named."""
+    return nn.ModuleDict({"student": model, "terms": modules if modules is not None else nn.ModuleDict()})
+
+
+def save_sharded(
+    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, modules: nn.Module | None
+) -> None:
+    """Every rank writes its shards of the student, the terms' modules and the optimizer state to ``folder``
+    (a DCP checkpoint, keyed by parameter name, so any number of ranks, one included, can read it back)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(_trained(model, modules), optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(
+    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, modules: nn.Module | None
+) -> None:
+    """Read a DCP checkpoint written by :func:`save_sharded` with any world size into this rank's student
+    (sharded or not), terms' modules and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    trained = _trained(model, modules)
+    model_state, optimizer_state = get_state_dict(trained, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(trained, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 @contextlib.contextmanager

@@ -201,7 +201,7 @@ def _train(cfg: RunConfig, cb: Callbacks, ranks: Ranks) -> TrainResult:
     stopper = EarlyStopping(tc)
     term_names = [t.name for t in terms]
     watch = NonFiniteWatch(term_names, device)
-    saves = Checkpoints(cfg, cb, student, modules, optimizer, term_state, stopper, watch, device)
+    saves = Checkpoints(cfg, cb, student, modules, optimizer, term_state, stopper, watch, device, ranks=ranks)
     step, last_checkpoint = saves.resume()
 
     started = time.perf_counter()
