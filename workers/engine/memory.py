@@ -634,7 +634,8 @@ def out_of_memory_message(
         )
         bound = "at least " if not estimate.complete else ""
         approx = size_text(figure) if figure < MIB else f"~{size_text(figure)}"
-        text = f"The run's estimate is {bound}{approx} of {kind}: {parts}"
+        each = f" per rank ({estimate.ranks} ranks, {estimate.strategy})" if estimate.ranks > 1 else ""
+        text = f"The run's estimate is {bound}{approx} of {kind}{each}: {parts}"
         if not gpu and available_bytes:
             text += f"; this machine has {size_text(available_bytes)}"
         sentences.append(text + ".")

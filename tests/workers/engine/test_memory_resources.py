@@ -114,3 +114,11 @@ def test_each_rank_trains_on_its_share_of_the_batch_rounded_up():
     assert rank_plan({"batch_size": 64, "gpus": 4}, on_cpu=False).batch == 16
     assert rank_plan({"batch_size": 10, "gpus": 4}, on_cpu=False).batch == 3
     assert rank_plan({"batch_size": 64, "gpus": 4, "processes": 2}, on_cpu=True).batch == 32
+
+
+def test_the_out_of_memory_message_of_a_multi_gpu_run_is_per_rank():
+    from workers.engine.memory import out_of_memory_message
+
+    text = out_of_memory_message(_config(gpus=4), headline="Out of GPU memory at step 3", gpu=True)
+
+    assert "of GPU memory per rank (4 ranks, fsdp): " in text
