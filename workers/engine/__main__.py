@@ -4,10 +4,11 @@
 ``run`` trains one run config (JSON, or YAML when PyYAML is installed), draws a one-line progress bar on
 stderr and prints a results table; under ``torchrun --standalone --nproc_per_node N`` every rank trains and
 rank 0 alone reports and prints. ``--callbacks MODULE:FACTORY`` adds the caller's callbacks (built by rank 0
-as ``factory(cfg)``), ``--result-json PATH`` writes the result for a caller that launched the run as a
-process. ``methods`` lists the loss terms (with what they need) and the training
-schemes. ``fetch-corpora`` downloads the text corpora the builtin datasets read (Debian ``fortunes``, no root
-install) into ``var/data`` (see ``workers/engine/fetch_corpora.sh``).
+as ``factory(cfg)``), ``--result-json PATH`` writes the result (or ``{"error", "error_type"}`` when the engine
+refused or failed the run) for a caller that launched the run as a process. ``methods`` lists the loss terms
+(with what they need) and the training schemes. ``fetch-corpora`` downloads the text corpora the builtin
+datasets read (Debian ``fortunes``, no root install) into ``var/data`` (see
+``workers/engine/fetch_corpora.sh``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .config import RunConfig
+from .distributed import is_main
 from .errors import EngineError
 
 DEFAULT_RUNS_DIR = Path("var") / "engine-runs"
@@ -127,7 +129,6 @@ def run_callbacks(cfg: RunConfig, hook: str | None) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .distributed import is_main
     from .trainer import train
 
     hf_logging.disable_progress_bar()  # save_pretrained's shard bars would break the one-line progress bar
@@ -226,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except EngineError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
+        result_json = getattr(args, "result_json", None)
+        if result_json and is_main():  # a caller that launched the run as a process reads why it failed
+            Path(result_json).write_text(json.dumps({"error": str(exc), "error_type": type(exc).__name__}))
         return 2
 
 

@@ -336,10 +336,12 @@ def shard(model: nn.Module, *, world: int, device: torch.device, dtype: torch.dt
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward: the HF model's own switch, else ``torch.utils.checkpoint``
     around each block's forward; a builtin net without blocks is left as it is."""
-    if hasattr(model, "gradient_checkpointing_enable") and getattr(
-        model, "supports_gradient_checkpointing", False
-    ):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "supports_gradient_checkpointing", False):
+        options = {"use_reentrant": False}  # the reentrant variant breaks under DDP/FSDP
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         return
     from torch.utils.checkpoint import checkpoint
 

@@ -114,7 +114,7 @@ def _one_process(data: dict[str, Any]) -> tuple[list[float], Path]:
 
 
 def _torchrun(
-    tmp_path: Path, data: dict[str, Any], *, ranks: int = 2, **env: str
+    tmp_path: Path, data: dict[str, Any], *, ranks: int = 2, args: tuple[str, ...] = (), **env: str
 ) -> subprocess.CompletedProcess:
     config = tmp_path / f"{Path(data['output_dir']).name}.json"
     config.write_text(json.dumps(data))
@@ -127,7 +127,7 @@ def _torchrun(
         **env,
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    command += ["-m", "workers.engine", "run", str(config), "--callbacks", "dw_test_reporter:factory"]
+    command += ["-m", "workers.engine", "run", str(config), "--callbacks", "dw_test_reporter:factory", *args]
     return subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False
     )
@@ -169,10 +169,12 @@ def test_two_ranks_follow_the_one_process_curve_at_the_same_global_batch(
 ):
     reference, reference_final = _one_process(_config(kind, tmp_path / "one", corpus, grad_accum_steps=accum))
     data = _config(kind, tmp_path / "two", corpus, grad_accum_steps=accum, processes=2, strategy=strategy)
-    launched = _torchrun(tmp_path, data)
+    launched = _torchrun(tmp_path, data, args=("--result-json", str(tmp_path / "result.json")))
 
     assert launched.returncode == 0, launched.stderr[-4000:]
     assert launched.stdout.count("final model:") == 1  # rank 0 alone prints
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["steps"] == data["train"]["max_steps"] and result["student"]
     losses = _losses(tmp_path)
     assert len(losses) == len(reference) == data["train"]["max_steps"]
     assert losses == pytest.approx(reference, rel=LOSS_RTOL)
@@ -200,9 +202,12 @@ def test_a_batch_the_ranks_cannot_share_equally_is_refused(tmp_path, digits_run,
 
 def test_a_refused_launch_fails_on_every_rank_with_the_message(tmp_path):
     data = _config("mlp", tmp_path / "run", processes=3)
-    launched = _torchrun(tmp_path, data)
+    launched = _torchrun(tmp_path, data, args=("--result-json", str(tmp_path / "result.json")))
     assert launched.returncode != 0
     assert "asks for 3 rank(s)" in launched.stderr and "--nproc_per_node 3" in launched.stderr
+    # What a caller that launched the run reads back (rank 0 writes it).
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["error_type"] == "ConfigError" and "asks for 3 rank(s)" in result["error"]
 
 
 def _resumes_from(source: Path, output_dir: Path) -> None:
@@ -243,3 +248,25 @@ def test_a_stop_on_rank_0_stops_every_rank_at_that_step_and_two_ranks_resume(tmp
     launched = _torchrun(tmp_path, resumed)
     assert launched.returncode == 0, launched.stderr[-4000:]
     assert _losses(tmp_path) == pytest.approx(reference[2:], rel=LOSS_RTOL)
+
+
+@pytest.mark.parametrize("scheme", ["offline", "online"])
+def test_distillation_with_two_ranks_follows_the_one_process_curve(tmp_path, digits_teacher, scheme):
+    """Offline: each rank reads its own rows of the teacher-output cache; online: the teacher is replicated
+    on every rank, frozen."""
+
+    def config(name: str, **train: Any) -> dict[str, Any]:
+        return _config("mlp", tmp_path / name, **train) | {
+            "teacher": {"source": "run", "path": str(digits_teacher)},
+            "terms": [
+                {"name": "ce", "weight": 0.1},
+                {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}},
+            ],
+            "scheme": scheme,
+            "cache_dir": str(tmp_path / f"cache-{name}"),
+        }
+
+    reference, _ = _one_process(config("one"))
+    launched = _torchrun(tmp_path, config("two", processes=2, strategy="ddp"))
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert _losses(tmp_path) == pytest.approx(reference, rel=LOSS_RTOL)
