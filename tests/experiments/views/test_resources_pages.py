@@ -6,10 +6,11 @@ from unittest import mock
 
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
 from experiments import forms
 from experiments.domain.validation import MULTI_HOST_MESSAGE
-from experiments.models import Experiment
+from experiments.models import Experiment, Run, Worker
 from tests.factories import ExperimentFactory, RunFactory
 
 pytestmark = pytest.mark.django_db
@@ -124,3 +125,24 @@ def test_the_run_page_of_an_older_run_shows_one_rank(client_logged_in, team, dig
 
     assert '<dd data-resource="world_size">1 (1 CPU process)</dd>' in html
     assert '<dd data-resource="precision">auto (fp32 on a CPU)</dd>' in html
+
+
+def test_a_waiting_multi_gpu_run_says_what_group_it_needs(client_logged_in, team, digits_setup):
+    llama_7b = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000,
+                "max_position_embeddings": 4096, "tie_word_embeddings": False}
+    Worker.objects.create(name="w@host", hostname="host", queues=["gpu-80g"], state=Worker.State.ONLINE,
+                          last_heartbeat=timezone.now())
+    experiment = ExperimentFactory(team=team, dataset=digits_setup["dataset"], seeds=[0])
+    run = RunFactory(experiment=experiment, student=digits_setup["students"][0],
+                     recipe=digits_setup["recipe"], queue="gpu-4x40g", status=Run.Status.QUEUED,
+                     config={"student": {"source": "config", "params": llama_7b, "num_labels": 0},
+                             "teacher": None, "task": "causal_lm", "scheme": "offline",
+                             "terms": [{"name": "ce", "weight": 1.0, "params": {}}],
+                             "dataset": {"max_length": 256}, "train": {"batch_size": 8, "gpus": 4}})
+
+    html = client_logged_in.get(reverse("experiments:run_detail", args=[run.pk])).content.decode()
+
+    assert "The run needs 4 GPUs with ≥ " in html
+    assert "no online worker serves a group that large (largest: gpu-80g)." in html
+    assert "per rank (4 ranks, fsdp)" in html
