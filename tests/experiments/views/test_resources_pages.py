@@ -129,8 +129,8 @@ def test_the_run_page_of_an_older_run_shows_one_rank(client_logged_in, team, dig
 
 def test_a_waiting_multi_gpu_run_says_what_group_it_needs(client_logged_in, team, digits_setup):
     llama_7b = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
-                "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000,
-                "max_position_embeddings": 4096, "tie_word_embeddings": False}
+                "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008,
+                "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False}
     Worker.objects.create(name="w@host", hostname="host", queues=["gpu-80g"], state=Worker.State.ONLINE,
                           last_heartbeat=timezone.now())
     experiment = ExperimentFactory(team=team, dataset=digits_setup["dataset"], seeds=[0])
