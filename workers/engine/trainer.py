@@ -24,6 +24,10 @@ online and on_policy schemes, on the positions where both models have read the s
 other terms compare token positions one to one and are refused. ``seq_kd`` re-tokenises the teacher's text.
 ``self_distillation`` and ``teacher_assistant`` are chains of ``offline`` runs built by the caller.
 
+Several ranks (``torchrun --nproc_per_node N``, :mod:`.distributed`): every rank trains on its block of the
+same global batch (the student replicated with DDP or sharded with FSDP2), rank 0 alone reports, and the run
+follows the one-process curve at the same global batch.
+
 A run is repeatable bit for bit on CPU: everything is seeded from ``train.seed``, the batch at step ``s`` is a
 pure function of (seed, s), and the term state, early-stopping state and RNG states are checkpointed, so a run
 resumed from a checkpoint continues exactly like an uninterrupted one.
