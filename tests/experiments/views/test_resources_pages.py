@@ -75,6 +75,8 @@ def test_the_form_saves_the_resources_into_every_run(client_logged_in, team, dig
         assert (train["gpus"], train["processes"], train["strategy"]) == (4, 2, "ddp")
         assert train["activation_checkpointing"] is True
     assert {r.config["train"]["precision"] for r in experiment.runs.all()} == {"bf16", "fp32"}
+    page = client_logged_in.get(response.url).content.decode()  # each run tagged with its point of the sweep
+    assert "precision=bf16" in page and "precision=fp32" in page
 
 
 def test_the_form_shows_the_errors_on_their_fields(client_logged_in, team, digits_setup):
