@@ -67,5 +67,6 @@ urlpatterns = [
         views.LeaderboardViewSet.as_view({"get": "export"}),
         name="leaderboard_export",
     ),
-    re_path(r"^(?P<path>.*)$", views.not_found, name="not_found"),
+    # (?s): a path with an encoded line break (%0A) is still an API path, answered in JSON.
+    re_path(r"(?s)^(?P<path>.*)$", views.not_found, name="not_found"),
 ]

@@ -216,3 +216,10 @@ def test_the_api_refuses_a_config_given_as_json_text_the_database_cannot_store(a
     assert response.status_code == 400
     assert "NUL" in response.json()["config"][0]
     assert not ModelSpec.objects.exists()
+
+
+@pytest.mark.django_db
+def test_an_api_path_with_an_encoded_line_break_is_a_json_404(client_logged_in):
+    response = client_logged_in.get("/api/runs/%0AN/metrics/")
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("application/json")
