@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from . import gpus
-from .engine.memory import host_memory_bytes
+from .engine.out_of_memory import host_memory_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from django.utils import timezone
 
 from experiments.domain import engine_config, routing, sweep_plan
 from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Worker
-from workers.engine.memory import MODEL_COMPONENTS, MemoryEstimate, host_memory_bytes
+from workers.engine.memory import MemoryEstimate
+from workers.engine.out_of_memory import MODEL_COMPONENTS, host_memory_bytes
 
 if TYPE_CHECKING:
     from experiments.domain.preflight import Check

@@ -30,7 +30,7 @@ from experiments.models import (
     RunTransition,
 )
 from experiments.services import artifacts, dispatch
-from workers.engine.memory import host_memory_bytes, out_of_memory_message
+from workers.engine.out_of_memory import host_memory_bytes, out_of_memory_message
 
 logger = logging.getLogger(__name__)
 

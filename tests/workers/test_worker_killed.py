@@ -17,7 +17,8 @@ from experiments.domain import routing
 from experiments.models import Run, Worker
 from tests.workers import test_faults as faults
 from tests.workers.test_faults import history, reload, training_with_a_checkpoint, wait_for
-from workers.engine.memory import host_memory_bytes, size_text
+from workers.engine.memory import size_text
+from workers.engine.out_of_memory import host_memory_bytes
 
 fleet = faults.fleet  # real `celery worker` processes on a queue of the test's own
 

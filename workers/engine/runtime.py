@@ -20,7 +20,7 @@ from .data import LoadedDataset
 from .embedder import SentenceEmbedder
 from .errors import ConfigError, TrainingError
 from .evaluate import eval_mode
-from .memory import host_memory_bytes, out_of_memory_message
+from .out_of_memory import host_memory_bytes, out_of_memory_message
 from .models import LoadedModel
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ from experiments.domain import preflight, routing
 from experiments.models import Run, Worker
 from experiments.services import launch
 from tests.factories import ModelSpecFactory
-from workers.engine.memory import GIB, estimate_run_memory, host_memory_bytes, size_text
+from workers.engine.memory import GIB, estimate_run_memory, size_text
+from workers.engine.out_of_memory import host_memory_bytes
 
 pytestmark = pytest.mark.django_db
 

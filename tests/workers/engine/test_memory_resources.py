@@ -117,7 +117,7 @@ def test_each_rank_trains_on_its_share_of_the_batch_rounded_up():
 
 
 def test_the_out_of_memory_message_of_a_multi_gpu_run_is_per_rank():
-    from workers.engine.memory import out_of_memory_message
+    from workers.engine.out_of_memory import out_of_memory_message
 
     text = out_of_memory_message(_config(gpus=4), headline="Out of GPU memory at step 3", gpu=True)
 

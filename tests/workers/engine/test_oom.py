@@ -18,7 +18,8 @@ import torch
 
 from workers.engine import run_setup, teachers
 from workers.engine.errors import TrainingError
-from workers.engine.memory import estimate_run_memory, host_memory_bytes, size_text
+from workers.engine.memory import estimate_run_memory, size_text
+from workers.engine.out_of_memory import host_memory_bytes
 from workers.engine.trainer import train
 
 REPO = Path(__file__).resolve().parents[3]
