@@ -154,3 +154,39 @@ def test_a_worker_that_fails_makes_the_command_fail(fake_gpus, monkeypatch, tmp_
     with pytest.raises(CommandError, match=r"gpu1@%h \(3\)"):
         call_command("gpuworker", stdout=io.StringIO())
     thread.join()
+
+
+@pytest.fixture
+def eight_gpus(monkeypatch):
+    """Eight 80 GB GPUs, the seventh a little smaller (an 80 GB card reporting less usable memory)."""
+    found = [gpu(i, "NVIDIA H100 80GB HBM3", 81559 if i != 6 else 80000) for i in range(8)]
+    monkeypatch.setattr("workers.gpus.read_gpus", lambda: list(found))
+    return found
+
+
+def test_gpus_per_worker_starts_one_worker_per_group_on_its_group_queue(eight_gpus):
+    launches = dry_run("--gpus-per-worker", "4")
+    assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in launches] == ["0,1,2,3", "4,5,6,7"]
+    assert [option(argv, "-Q") for _, argv in launches] == ["gpu-4x80g", "gpu-4x80g"]
+    assert [option(argv, "-n") for _, argv in launches] == ["gpus0-1-2-3@%h", "gpus4-5-6-7@%h"]
+    assert all(option(argv, "--concurrency") == "1" for _, argv in launches)
+
+
+def test_explicit_groups_and_their_errors(eight_gpus):
+    launches = dry_run("--groups", "0,1", "2,3,4,5", "7")
+    assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in launches] == ["0,1", "2,3,4,5", "7"]
+    assert [option(argv, "-Q") for _, argv in launches] == ["gpu-2x80g", "gpu-4x80g", "gpu-80g"]
+    assert option(launches[2][1], "-n") == "gpu7@%h"
+    with pytest.raises(CommandError, match="GPU 1 is in two groups"):
+        dry_run("--groups", "0,1", "1,2")
+    with pytest.raises(CommandError, match="No GPU 8 here; the GPUs are: 0, 1, 2, 3, 4, 5, 6, 7"):
+        dry_run("--groups", "6,7", "8,9")
+    with pytest.raises(CommandError, match="8 GPUs do not split into groups of 3"):
+        dry_run("--gpus-per-worker", "3")
+
+
+def test_a_group_is_named_by_its_smallest_gpu(monkeypatch):
+    found = [gpu(0, "NVIDIA H100 80GB HBM3", 81559), gpu(1, "NVIDIA A10", 23028)]
+    monkeypatch.setattr("workers.gpus.read_gpus", lambda: list(found))
+    [(env, argv)] = dry_run("--gpus-per-worker", "2")
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and option(argv, "-Q") == "gpu-2x24g"

@@ -1,10 +1,15 @@
-"""`manage.py gpuworker`: start one Celery worker process per GPU of this host, each pinned to its GPU.
+"""`manage.py gpuworker`: start one Celery worker process per GPU of this host, each pinned to its GPU, or one
+per group of GPUs for runs that span several (``--gpus-per-worker N`` or ``--groups 0,1,2,3 4,5,6,7``).
 
 Each GPU gets ``celery -A distillweb worker -Q gpu-<N>g -n gpu<index>@%h --concurrency 1`` with
 ``CUDA_VISIBLE_DEVICES=<index>``, where N is the GPU's memory in GiB rounded to its common size (an 80 GB H100
 reports 79.6 GiB: ``gpu-80g``), so the router (experiments.domain.routing) sends it the runs that fit. The
 GPUs are read through NVML (workers.gpus), whose indices are in PCI bus order; the workers get
 ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA numbers the GPUs the same way.
+
+A group of K GPUs gets one worker with ``CUDA_VISIBLE_DEVICES`` set to the group, node
+``gpus<i>-<j>-…@%h`` and queue ``gpu-<K>x<N>g`` (N from the group's smallest GPU), so the router sends it
+the multi-GPU runs whose per-GPU estimate fits; such a run starts one rank per GPU of the group.
 
 The workers run in their own process groups: a Ctrl-C or SIGTERM reaches this command only, which forwards it
 to each worker once (a warm shutdown: each finishes its current run), then waits for all of them to exit. A
@@ -30,6 +35,39 @@ from experiments.services.fleet import FleetError, validate_queue_name
 from workers import gpus
 
 POLL_INTERVAL_S = 0.5
+
+
+def gpu_groups(
+    found: list[gpus.GpuInfo], *, per_worker: int = 1, groups: list[list[int]] | tuple = ()
+) -> list[list[gpus.GpuInfo]]:
+    """The GPUs each worker owns: the explicit ``groups``, else consecutive groups of ``per_worker``.
+
+    Raises:
+        CommandError: a group names a GPU this host does not have or one already in another group, or the
+            GPUs do not split evenly into groups of ``per_worker``.
+    """
+    by_index = {gpu["index"]: gpu for gpu in found}
+    if groups:
+        taken: set[int] = set()
+        for group in groups:
+            if not group:
+                raise CommandError("--groups takes comma-separated GPU indices per group, e.g. 0,1 2,3.")
+            for index in group:
+                if index not in by_index:
+                    have = ", ".join(str(i) for i in by_index)
+                    raise CommandError(f"No GPU {index} here; the GPUs are: {have}.")
+                if index in taken:
+                    raise CommandError(f"GPU {index} is in two groups; each GPU belongs to one worker.")
+                taken.add(index)
+        return [[by_index[i] for i in group] for group in groups]
+    if per_worker < 1:
+        raise CommandError("--gpus-per-worker takes a whole number of at least 1.")
+    if len(found) % per_worker:
+        raise CommandError(
+            f"{len(found)} GPUs do not split into groups of {per_worker}: choose a count that divides "
+            f"{len(found)}, or name the groups with --groups."
+        )
+    return [found[i : i + per_worker] for i in range(0, len(found), per_worker)]
 
 
 @dataclass(frozen=True)
@@ -72,6 +110,18 @@ class Command(BaseCommand):
             help="comma-separated GPU indices (NVML's) to start workers for; default: every GPU "
             "this process may see",
         )
+        parser.add_argument(
+            "--gpus-per-worker",
+            type=int,
+            default=1,
+            help="GPUs each worker owns (consecutive indices), for runs that span several GPUs",
+        )
+        parser.add_argument(
+            "--groups",
+            nargs="+",
+            default=[],
+            help="explicit GPU groups, one worker each: e.g. --groups 0,1,2,3 4,5,6,7",
+        )
         parser.add_argument("--cpu", action="store_true",
                             help="start one CPU-only worker on queue cpu instead (GPUs hidden from it)")
         parser.add_argument("--loglevel", default="INFO", help="the workers' log level (default INFO)")
@@ -80,9 +130,11 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, queues: str = "", gpu_indices: str = "", cpu: bool = False,
-               loglevel: str = "INFO", dry_run: bool = False, **options: Any) -> None:
+               loglevel: str = "INFO", dry_run: bool = False, gpus_per_worker: int = 1,
+               groups: list[str] | None = None, **options: Any) -> None:
         launches = self.plan(queues=self._queues(queues), only=self._indices(gpu_indices), cpu=cpu,
-                             loglevel=loglevel)
+                             loglevel=loglevel, per_worker=gpus_per_worker,
+                             groups=[self._indices(g) or [] for g in groups or []])
         for launch in launches:
             self.stdout.write(f"# {launch.node}: {launch.description}" if dry_run else
                               f"Starting {launch.node}: {launch.description}")
@@ -93,9 +145,16 @@ class Command(BaseCommand):
 
     # --- what to start --------------------------------------------------------------------------------------
     def plan(
-        self, *, queues: list[str], only: list[int] | None, cpu: bool, loglevel: str
+        self,
+        *,
+        queues: list[str],
+        only: list[int] | None,
+        cpu: bool,
+        loglevel: str,
+        per_worker: int = 1,
+        groups: list[list[int]] | None = None,
     ) -> list[WorkerLaunch]:
-        """The workers to start: one per GPU (or the chosen ones), or the one CPU worker."""
+        """The workers to start: one per GPU or group of GPUs (or the chosen ones), or the one CPU worker."""
         if cpu:
             chosen = queues or [routing.CPU_QUEUE]
             node = "cpu@%h"
@@ -113,17 +172,25 @@ class Command(BaseCommand):
                 have = ", ".join(str(gpu["index"]) for gpu in found)
                 raise CommandError(f"No GPU {missing[0]} here; the GPUs are: {have}.")
             found = [gpu for gpu in found if gpu["index"] in only]
-        launches = []
-        for gpu in found:
-            index, memory = gpu["index"], gpu["memory_total_bytes"]
-            chosen = queues or [routing.gpu_queue_name(memory)]
-            node = f"gpu{index}@%h"
-            launches.append(WorkerLaunch(
-                node, f"GPU {index} ({gpu['name']}, {_gib(memory)}), queue {', '.join(chosen)}",
-                {"CUDA_VISIBLE_DEVICES": str(index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
-                celery_command(queues=chosen, node=node, loglevel=loglevel),
-            ))
-        return launches
+        return [self._gpu_launch(group, queues=queues, loglevel=loglevel)
+                for group in gpu_groups(found, per_worker=per_worker, groups=groups or [])]
+
+    @staticmethod
+    def _gpu_launch(group: list[gpus.GpuInfo], *, queues: list[str], loglevel: str) -> WorkerLaunch:
+        indices = [str(gpu["index"]) for gpu in group]
+        memory = min(gpu["memory_total_bytes"] for gpu in group)
+        chosen = queues or [routing.gpu_group_queue_name(len(group), memory)]
+        if len(group) == 1:
+            node = f"gpu{indices[0]}@%h"
+            what = f"GPU {indices[0]} ({group[0]['name']}, {_gib(memory)})"
+        else:
+            node = f"gpus{'-'.join(indices)}@%h"
+            what = f"GPUs {', '.join(indices)} ({len(group)} × {group[0]['name']}, {_gib(memory)} each)"
+        return WorkerLaunch(
+            node, f"{what}, queue {', '.join(chosen)}",
+            {"CUDA_VISIBLE_DEVICES": ",".join(indices), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
+            celery_command(queues=chosen, node=node, loglevel=loglevel),
+        )
 
     @staticmethod
     def _queues(text: str) -> list[str]:
