@@ -13,9 +13,11 @@ would start after ``--budget-s`` is skipped):
    models``), else a randomly initialised Llama of the same shape; student derived from it (every other
    layer). Seconds per step after warm-up, tokens/s, model FLOP utilisation (6·N per trained token plus 2·N
    per teacher token for the online teacher, against the card's dense bf16 peak) and peak memory.
-3. ``memory`` — the engine's memory estimate (what routing and pre-flight use) against
+3. ``distributed`` — the same online distillation through torchrun with FSDP2 and bf16 parameters: world size
+   1 on nccl on a GPU (every GPU of a larger host with ``--ranks``), 2 CPU ranks on gloo in ``--dry``.
+4. ``memory`` — the engine's memory estimate (what routing and pre-flight use) against
    ``torch.cuda.max_memory_allocated`` for full training and with activation checkpointing.
-4. ``worker`` — a real run through a Celery worker on the embedded default (``manage.py demo``: SQLite and a
+5. ``worker`` — a real run through a Celery worker on the embedded default (``manage.py demo``: SQLite and a
    filesystem broker, no Postgres or Redis needed): the seeded teacher experiment, and the GPUs the worker
    registered.
 
@@ -117,6 +119,7 @@ class Check:
     dry: bool
     work: Path
     deadline: float
+    ranks: int = 1
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -265,6 +268,59 @@ def section_engine(check: Check) -> dict[str, Any]:
     return out
 
 
+def section_distributed(check: Check) -> dict[str, Any]:
+    """Online distillation under torchrun, FSDP2 with bf16 parameters; the result rank 0 writes."""
+    ranks = 2 if check.dry else check.ranks
+    steps = 3 if check.dry else 30
+    resources = {"strategy": "fsdp", "precision": "bf16", "processes" if check.dry else "gpus": ranks}
+    config = run_config(
+        check,
+        slug="distributed",
+        scheme="online",
+        steps=steps,
+        terms=[{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9}],
+        **resources,
+    )
+    config["train"]["device"] = "cpu" if check.dry else "auto"
+    path, result = check.work / "distributed.json", check.work / "distributed-result.json"
+    path.write_text(json.dumps(config))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "workers.engine",
+        "run",
+        str(path),
+        "--result-json",
+        str(result),
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=max(60.0, check.deadline - time.monotonic()),
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0 or not result.exists():
+        raise RuntimeError(f"torchrun exited {done.returncode}: {done.stderr[-2000:]}")
+    outcome = json.loads(result.read_text())
+    if "error" in outcome:
+        raise RuntimeError(outcome["error"])
+    batch, length = config["train"]["batch_size"], config["dataset"]["max_length"]
+    return {
+        "ranks": ranks,
+        "seconds": round(seconds, 1),
+        "tokens_per_s_whole_run": batch * length * steps / seconds,
+        "student": outcome.get("student", {}),
+    }
+
+
 def section_memory(check: Check) -> dict[str, Any]:
     from workers.engine.memory import estimate_run_memory
 
@@ -337,6 +393,7 @@ def section_worker(check: Check) -> dict[str, Any]:
 SECTIONS: tuple[tuple[str, Callable[[Check], dict[str, Any]]], ...] = (
     ("inventory", section_inventory),
     ("engine", section_engine),
+    ("distributed", section_distributed),
     ("memory", section_memory),
     ("worker", section_worker),
 )
@@ -428,6 +485,7 @@ def main() -> int:
     parser.add_argument("--out", default="", help="folder for results.json (default: a temporary folder)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no section after this")
     parser.add_argument("--only", nargs="*", default=[], help="run only these sections")
+    parser.add_argument("--ranks", type=int, default=1, help="GPUs for the distributed section (default 1)")
     parser.add_argument("--fetch-wheels", default="", help="download the GPU host's missing wheels here")
     args = parser.parse_args()
     if args.fetch_wheels:
@@ -439,6 +497,7 @@ def main() -> int:
         dry=args.dry,
         work=Path(tempfile.mkdtemp(prefix="work-", dir=out)),
         deadline=time.monotonic() + args.budget_s,
+        ranks=args.ranks,
     )
     run_sections(check, args.only)
     (out / "results.json").write_text(json.dumps(check.results, indent=2, default=str))

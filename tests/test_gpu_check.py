@@ -24,7 +24,8 @@ def test_the_dry_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     failed = {name: row.get("error") for name, row in results.items() if row["status"] != "ok"}
     assert failed == {}, done.stderr[-3000:]
     assert done.returncode == 0
-    assert set(results) == {"inventory", "engine", "memory", "worker"}
+    assert set(results) == {"inventory", "engine", "distributed", "memory", "worker"}
+    assert results["distributed"]["ranks"] == 2 and results["distributed"]["student"]["perplexity"] > 1
     assert results["inventory"]["cuda_available"] is False and results["inventory"]["nvml_gpus"] == []
     for scheme in ("online", "offline"):
         row = results["engine"][scheme]
