@@ -23,12 +23,15 @@ def run_distillation(self, run_id: int) -> None:
     While it runs, the reporter's thread renews the run's lease. When the database stays unreachable (longer
     than RUN_DB_RETRY_S) the outcome cannot be recorded: the message is rejected back to the broker instead of
     being acknowledged, and the run, still ``running`` with an expiring lease, resumes from its last
-    checkpoint in a later delivery. When nothing advances for RUN_STALL_TIMEOUT_S (a hung load, a stuck
-    collective), the reporter's stall watchdog records it on the run and kills this pool process
-    (workers/watchdog.py); the worker goes on with a fresh one.
+    checkpoint in a later delivery. A run of several ranks (``train.processes`` on a CPU, ``train.gpus`` on
+    CUDA) trains under torchrun, in a child process group that dies with this process (workers/launcher.py);
+    its rank 0 reports as this process does for a one-rank run. When nothing advances for RUN_STALL_TIMEOUT_S
+    (a hung load, a stuck collective), the reporter's stall watchdog records it on the run and kills this pool
+    process (workers/watchdog.py); the worker goes on with a fresh one.
     """
     # Lazy imports: torch must not touch CUDA in the prefork parent process.
     from experiments.services import lifecycle
+    from workers import launcher
     from workers.reporting import DatabaseUnavailable, RunReporter
 
     task_id = self.request.id or f"local-{run_id}"
@@ -42,6 +45,10 @@ def run_distillation(self, run_id: int) -> None:
                 "run %s is owned by a live delivery, finished, or expects another message; nothing to do",
                 run_id,
             )
+            return
+        world, cuda = launcher.ranks(run.config.get("train") or {})
+        if world > 1:  # torchrun's rank 0 reports; this process waits and records the outcome
+            _train_in_ranks(run, reporter, world=world, cuda=cuda)
             return
         with (
             reporter
@@ -110,3 +117,35 @@ def _train_and_record(run: Run, reporter: RunReporter) -> None:
             reporter.call(lifecycle.run_mark_cancelled, **owner, step=reporter.last_step or None)
         return  # or taken over by another delivery: that one finishes the run
     reporter.call(lifecycle.run_finish, **owner, result=result.to_dict())
+
+
+def _train_in_ranks(run: Run, reporter: RunReporter, *, world: int, cuda: bool) -> None:
+    """Train the claimed run in ``world`` ranks under torchrun (workers/launcher.py) and record how it ended;
+    a config the engine cannot read fails the run here, with the in-process path's message."""
+    from django.conf import settings
+
+    from experiments.domain.engine_config import resolve_paths
+    from experiments.selectors import records
+    from experiments.services import lifecycle
+    from workers import launcher
+    from workers.engine.config import RunConfig
+    from workers.reporting import DatabaseUnavailable
+
+    owner = {"run_id": run.id, "task_id": reporter.task_id}
+    try:
+        resolved = resolve_paths(run.config, run=run, artifact_root=settings.ARTIFACT_ROOT)
+        resolved["evaluate_teacher"] = not reporter.call(records.teacher_evaluation_exists, run=run)
+        RunConfig.from_dict(resolved)
+    except DatabaseUnavailable:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        logger.exception("run %s has an invalid config", run.id)
+        reporter.finish_with(lifecycle.run_fail, **owner, error=f"The run's configuration is invalid: {exc}")
+        return
+    try:
+        launcher.train_in_ranks(run, reporter, resolved, world=world, cuda=cuda)
+    except DatabaseUnavailable:
+        raise
+    except Exception as exc:
+        logger.exception("run %s: the multi-process launch crashed", run.id)
+        reporter.call(lifecycle.run_fail, **owner, error=f"Internal error ({type(exc).__name__}): {exc}")
