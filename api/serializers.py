@@ -821,6 +821,19 @@ RESOURCE_FIELDS = {
         "Resources: recompute each block's activations in the backward pass (less memory); [false, true] "
         "sweeps it",
     ),
+    "lora_targets": serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=500,
+        help_text="LoRA (lora_r > 0): the linear layers that get adapters, module names separated by commas "
+        "(e.g. q_proj,v_proj); blank: the attention projections of the student's architecture",
+    ),
+    "lora_4bit": _json_field(
+        "Lora4bitField",
+        _choices_schema((False, True), "boolean"),
+        "LoRA (lora_r > 0): 4-bit QLoRA, the frozen weights in 4 bits (bitsandbytes, GPU queues only); "
+        "[false, true] sweeps it",
+    ),
 }
 
 

@@ -515,6 +515,9 @@ TRAIN_LABELS = {
     "grad_clip": "Gradient clipping",
     "gpus": "GPUs",
     "processes": "CPU processes",
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout",
 }
 
 
@@ -673,6 +676,21 @@ class ExperimentForm(TeamScopedForm):
         help_text="Recompute each block's activations in the backward pass: less memory, about a third "
         "more compute.",
     )
+    lora_targets = EXPERIMENT["lora_targets"].field(
+        label="LoRA target modules",
+        widget=forms.TextInput(attrs={"placeholder": "attention projections", "spellcheck": "false"}),
+        help_text="With a LoRA rank above 0: the linear layers that get adapters, as module names separated "
+        "by commas (e.g. q_proj,v_proj); blank: the attention projections of the student's architecture.",
+    )
+    lora_4bit = EXPERIMENT["lora_4bit"].field(
+        OnOffSweepField,
+        setting="lora_4bit",
+        widget=forms.Select(choices=input_rules.ON_OFF_CHOICES),
+        initial="off",
+        label="4-bit QLoRA",
+        help_text="With a LoRA rank above 0: keep the frozen weights in 4 bits (bitsandbytes; GPU queues "
+        "only).",
+    )
 
     team_fields = input_rules.EXPERIMENT_TEAM_FIELDS
     train_field_names = (*TRAIN_FIELDS, *TRAIN_CHOICES)
@@ -755,7 +773,8 @@ class ExperimentForm(TeamScopedForm):
         return [self[n] for n in self.train_field_names if n not in RESOURCE_FIELDS]
 
     def resource_fields(self):
-        """The Resources section: GPUs, CPU processes, strategy, precision, activation checkpointing."""
+        """The Resources section: GPUs, CPU processes, strategy, precision, activation checkpointing and
+        LoRA (rank, alpha, dropout, target modules, 4-bit QLoRA)."""
         return [self[n] for n in RESOURCE_FIELDS]
 
     def train_settings(self) -> dict[str, Any]:

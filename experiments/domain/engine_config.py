@@ -40,6 +40,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "strategy": "auto",
     "precision": "auto",
     "activation_checkpointing": False,
+    # LoRA (workers.engine.adapters): lora_r 0 = full fine-tuning; empty targets = the attention projections.
+    "lora_r": 0,
+    "lora_alpha": 16.0,
+    "lora_dropout": 0.0,
+    "lora_targets": "",
+    "lora_4bit": False,
 }
 
 HARD_LABELS_TERMS = [{"name": "ce", "weight": 1.0, "params": {}}]

@@ -327,6 +327,9 @@ EXPERIMENT: Rules = {
     "activation_checkpointing": _choice_sweep_rule(
         "activation_checkpointing", forms.CharField, max_length=20
     ),
+    # LoRA: the numbers above (lora_r, lora_alpha, lora_dropout), the target modules and QLoRA here.
+    "lora_targets": rule(forms.CharField, required=False, max_length=500),
+    "lora_4bit": _choice_sweep_rule("lora_4bit", forms.CharField, max_length=20),
 }
 EXPERIMENT_TEAM_FIELDS = ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers")
 
@@ -352,6 +355,8 @@ def experiment_train_settings(data: Mapping[str, Any]) -> dict[str, Any]:
         train["early_stopping_metric"] = data["early_stopping_metric"]
     if data.get("vary_labelled_subset"):
         train["vary_labelled_subset"] = True
+    if data.get("lora_targets"):
+        train["lora_targets"] = data["lora_targets"]
     for name in SWEPT_CHOICES:  # False is a choice of its own (activation checkpointing off)
         if data.get(name) is not None:
             train[name] = data[name]

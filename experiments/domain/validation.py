@@ -3,6 +3,7 @@ and whether an experiment's parts fit together. Messages name the field a user f
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,10 +61,31 @@ TRAIN_FIELDS: dict[str, tuple[type, float, float, str]] = {
     # Resources (the form's Resources section): how many ranks one run spans.
     "gpus": (int, 1, MAX_GPUS_PER_RUN, "GPUs per run, one rank each, on one host"),
     "processes": (int, 1, 8, "CPU processes (gloo ranks) per run when it trains without a GPU"),
+    # LoRA (workers.engine.adapters): adapters of rank lora_r instead of every weight; transformers students.
+    "lora_r": (
+        int,
+        0,
+        256,
+        "LoRA rank: train low-rank adapters on the student's linear layers instead of every weight "
+        "(0 = full fine-tuning; transformers students only)",
+    ),
+    "lora_alpha": (float, 1e-3, 1e4, "LoRA alpha: the adapters' update is scaled by alpha / rank"),
+    "lora_dropout": (float, 0.0, 0.99, "Dropout on the LoRA adapters' input"),
 }
 
 # Settings of the form's Resources section (the others are its training settings).
-RESOURCE_FIELDS = ("gpus", "processes", "strategy", "precision", "activation_checkpointing")
+RESOURCE_FIELDS = (
+    "gpus",
+    "processes",
+    "strategy",
+    "precision",
+    "activation_checkpointing",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "lora_4bit",
+)
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
 # Settings that take one of a few names (or true/false) and may be swept as a list of them.
@@ -71,7 +93,10 @@ SWEPT_CHOICES: dict[str, tuple[Any, ...]] = {
     "strategy": STRATEGIES,
     "precision": PRECISIONS,
     "activation_checkpointing": (False, True),
+    "lora_4bit": (False, True),
 }
+# LoRA's target modules: comma-separated module names (empty: the attention projections of the student).
+LORA_TARGET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,99}")
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -91,7 +116,13 @@ ALL_EARLY_STOPPING_METRICS = tuple(dict.fromkeys(m for ms in EARLY_STOPPING_METR
 
 # Settings that are not numbers: the first three are never swept, the resources' choices may be
 # (``SWEPT_CHOICES``).
-TRAIN_CHOICES = ("lr_schedule", "early_stopping_metric", "vary_labelled_subset", *SWEPT_CHOICES)
+TRAIN_CHOICES = (
+    "lr_schedule",
+    "early_stopping_metric",
+    "vary_labelled_subset",
+    "lora_targets",
+    *SWEPT_CHOICES,
+)
 
 
 MAX_SEEDS = 20
@@ -123,18 +154,13 @@ def clean_train(train: dict[str, Any], *, limit: int | None = None) -> dict[str,
     limit = settings.MAX_RUNS_PER_EXPERIMENT if limit is None else limit
     errors: dict[str, list[str]] = {}
     cleaned: dict[str, Any] = {}
+    named = {"lr_schedule": LR_SCHEDULES, "early_stopping_metric": ALL_EARLY_STOPPING_METRICS}
     for key, value in train.items():
         if value is None or value == "" or value == []:
             continue
-        if key == "lr_schedule":
-            if not isinstance(value, str) or value not in LR_SCHEDULES:
-                errors[key] = [f"Choose one of: {', '.join(LR_SCHEDULES)}."]
-            else:
-                cleaned[key] = value
-            continue
-        if key == "early_stopping_metric":
-            if not isinstance(value, str) or value not in ALL_EARLY_STOPPING_METRICS:
-                errors[key] = [f"Choose one of: {', '.join(ALL_EARLY_STOPPING_METRICS)}."]
+        if key in named:
+            if not isinstance(value, str) or value not in named[key]:
+                errors[key] = [f"Choose one of: {', '.join(named[key])}."]
             else:
                 cleaned[key] = value
             continue
@@ -143,6 +169,12 @@ def clean_train(train: dict[str, Any], *, limit: int | None = None) -> dict[str,
                 errors[key] = ["Give true or false."]
             elif value:
                 cleaned[key] = True
+            continue
+        if key == "lora_targets":
+            try:
+                cleaned[key] = clean_lora_targets(value)
+            except ValidationError as exc:
+                errors.update(exc.message_dict)
             continue
         if key in SWEPT_CHOICES:
             try:
@@ -191,6 +223,17 @@ def clean_train(train: dict[str, Any], *, limit: int | None = None) -> dict[str,
     return merged
 
 
+def clean_lora_targets(value: Any) -> str:
+    """LoRA's target modules as ``name,name``: a comma-separated text or a list of module names."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list | tuple) else None
+    names = [str(n).strip() for n in items or () if str(n).strip()]
+    if items is None or len(names) > 32 or not all(LORA_TARGET_NAME.fullmatch(n) for n in names):
+        raise ValidationError(
+            {"lora_targets": "Give module names separated by commas (e.g. q_proj,v_proj), at most 32."}
+        )
+    return ",".join(dict.fromkeys(names))
+
+
 def clean_choice_sweep(key: str, value: Any, *, limit: int) -> Any:
     """One of ``SWEPT_CHOICES[key]``, or a list of them (a sweep; one value is kept plain)."""
     choices = SWEPT_CHOICES[key]
@@ -235,6 +278,7 @@ def check_selection(train: dict[str, Any], *, dataset: DatasetSpec) -> dict[str,
     """Early-stopping settings that depend on the dataset: the watched metric is one its task reports, and the
     validation slice (``validation_fraction`` of the labelled train rows) has rows to select on while leaving
     rows to train on. ``train`` is cleaned (:func:`clean_train`); returned unchanged."""
+    _check_lora(train, dataset=dataset)
     metric = train.get("early_stopping_metric")
     if not metric or not max(_as_list(train.get("early_stopping_patience", 0))):
         return train
@@ -268,6 +312,22 @@ def check_selection(train: dict[str, Any], *, dataset: DatasetSpec) -> dict[str,
                 }
             )
     return train
+
+
+def _check_lora(train: dict[str, Any], *, dataset: DatasetSpec) -> None:
+    """LoRA adapts transformers students of causal-LM or classification data: numeric (tabular) data is read
+    by builtin nets (mlp) and embedding students are pooled encoders, neither of which takes an adapter."""
+    if not max(_as_list(train.get("lora_r", 0))):
+        return
+    if dataset.task == "embedding":
+        raise ValidationError(
+            {"lora_r": "LoRA adapts causal-LM and classification students, not embedding students: set 0."}
+        )
+    if specs.dataset_kind(dataset) == "tabular":
+        raise ValidationError(
+            {"lora_r": f"LoRA adapts transformers students; {dataset} is read by builtin nets (mlp), which "
+                       "train every weight: set 0."}
+        )
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -130,6 +130,15 @@ class TrainConfig:
     strategy: str = "auto"
     precision: str = "auto"
     activation_checkpointing: bool = False
+    # LoRA (workers.engine.adapters, through peft): ``lora_r`` 0 trains every weight (full fine-tuning), else
+    # the rank of the adapters on ``lora_targets`` (comma-separated module names; empty: the attention
+    # projections of the student's architecture). Transformers students only. ``lora_4bit``: QLoRA, the
+    # frozen weights in 4 bits (bitsandbytes, CUDA only). The final model is the merged one.
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
+    lora_4bit: bool = False
 
 
 @dataclass(frozen=True)
