@@ -45,8 +45,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 class ProgressBar:
-    """``step 120/500 [#####.....] 24% loss 0.53 12.3 it/s`` on one line, redrawn at most 10 times a
-    second."""
+    """``training step 120/500 [#####.....] 24% loss 0.53 12.3 it/s`` on one line, redrawn at most 10 times
+    a second; the other phases on the same line: ``loading``, ``teacher_cache 96/400 rows``, ..."""
 
     def __init__(self, stream: TextIO | None = None, width: int = 20) -> None:
         self.stream = stream or sys.stderr
@@ -55,6 +55,7 @@ class ProgressBar:
         self.start = time.perf_counter()
         self.first_step: int | None = None
         self.last_draw = 0.0
+        self.drawn = 0  # characters on the open line (0: none open)
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if "loss" in metrics:
@@ -67,8 +68,24 @@ class ProgressBar:
         if now - self.last_draw < 0.1 and step < total:
             return
         self.last_draw = now
-        self.stream.write("\r" + self.render(step, total, now) + ("\n" if step >= total else ""))
+        self.draw(self.render(step, total, now), end=step >= total)
+
+    def on_phase(self, phase: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.last_draw < 0.1 and not 0 < total <= done:
+            return
+        self.last_draw = now
+        self.draw(f"{phase} {done}/{total} rows" if total > 1 else phase)
+
+    def draw(self, line: str, *, end: bool = False) -> None:
+        """Redraw the open line (padded over a longer one before it); ``end`` closes it."""
+        self.stream.write("\r" + line.ljust(self.drawn) + ("\n" if end else ""))
         self.stream.flush()
+        self.drawn = 0 if end else len(line)
+
+    def close(self) -> None:
+        if self.drawn:
+            self.draw("", end=True)
 
     def render(self, step: int, total: int, now: float) -> str:
         done = int(self.width * step / total)
@@ -76,7 +93,7 @@ class ProgressBar:
         rate = f" {steps / seconds:.1f} it/s" if steps > 0 and seconds > 0 else ""
         loss = f" loss {self.loss:.4g}" if self.loss is not None else ""
         bar = "#" * done + "." * (self.width - done)
-        return f"step {step}/{total} [{bar}] {100 * step // total}%{loss}{rate}"
+        return f"training step {step}/{total} [{bar}] {100 * step // total}%{loss}{rate}"
 
 
 def results_table(result: dict[str, Any]) -> str:
@@ -99,15 +116,15 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}"
 
 
-def run_callbacks(cfg: RunConfig, hook: str | None) -> Any:
+def run_callbacks(cfg: RunConfig, hook: str | None, bar: ProgressBar | None = None) -> Any:
     """The progress bar's callbacks, chained after those of ``hook`` (``module:factory``, called as
     ``factory(cfg)`` and returning :class:`~workers.engine.trainer.Callbacks`) when one is given. Only rank 0
     builds them: a torchrun launch reports through rank 0 alone."""
     from .trainer import Callbacks
 
-    bar = ProgressBar()
+    bar = bar or ProgressBar()
     if not hook:
-        return Callbacks(on_metrics=bar.on_metrics, on_progress=bar.on_progress)
+        return Callbacks(on_metrics=bar.on_metrics, on_progress=bar.on_progress, on_phase=bar.on_phase)
     module_name, _, factory_name = hook.partition(":")
     if not factory_name:
         raise SystemExit(f"--callbacks takes MODULE:FACTORY, not '{hook}'.")
@@ -123,7 +140,12 @@ def run_callbacks(cfg: RunConfig, hook: str | None) -> Any:
             given.on_progress(step, total)
         bar.on_progress(step, total)
 
-    return dataclasses.replace(given, on_metrics=on_metrics, on_progress=on_progress)
+    def on_phase(phase: str, done: int, total: int) -> None:
+        if given.on_phase:
+            given.on_phase(phase, done, total)
+        bar.on_phase(phase, done, total)
+
+    return dataclasses.replace(given, on_metrics=on_metrics, on_progress=on_progress, on_phase=on_phase)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -141,7 +163,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         name = f"torchrun-{run_id}" if run_id else datetime.now().strftime("%Y%m%d-%H%M%S")
         data["output_dir"] = str(DEFAULT_RUNS_DIR / name)
     cfg = RunConfig.from_dict(data)
-    result = train(cfg, run_callbacks(cfg, args.callbacks) if is_main() else None)
+    bar = ProgressBar()
+    try:
+        result = train(cfg, run_callbacks(cfg, args.callbacks, bar) if is_main() else None)
+    finally:
+        bar.close()  # a phase's line (the final evaluation) stays open after the last step's
     if not is_main():  # rank 0 reports; the others only trained
         return 0
     if args.result_json:

@@ -41,6 +41,7 @@ from safetensors.torch import load_model as load_weights_into
 from safetensors.torch import save_model as save_weights_of
 from torch import nn
 
+from . import phases
 from .config import RunConfig
 from .distributed import Ranks, load_sharded, save_sharded
 from .errors import ConfigError, TrainingError
@@ -383,14 +384,15 @@ class Checkpoints:
                     "This run's checkpoint was written by one process; resume it with one process or with "
                     "strategy 'ddp'."
                 )
-            step, extra = load_checkpoint(
-                last_checkpoint,
-                model=self.student.model,
-                optimizer=self.optimizer,
-                config=self.config_dict,
-                device=self.device,
-                modules=self.modules,
-            )
+            with phases.part(phases.LOADING):
+                step, extra = load_checkpoint(
+                    last_checkpoint,
+                    model=self.student.model,
+                    optimizer=self.optimizer,
+                    config=self.config_dict,
+                    device=self.device,
+                    modules=self.modules,
+                )
             self.term_state.load_state_dict(extra.get("term_state", {}))
             self.stopper.load_state_dict(extra.get("early_stopping", {}))
             self.best_name = extra.get("best_weights", "")
@@ -415,16 +417,17 @@ class Checkpoints:
             if self.ranks.enabled
             else write_checkpoint
         )
-        path = write(
-            self.output_dir,
-            step=at_step,
-            model=self.student.model,
-            optimizer=self.optimizer,
-            config=self.config_dict,
-            attempt=self.attempt,
-            modules=self.modules,
-            extra=extra,
-        )
+        with phases.part(phases.SAVING):
+            path = write(
+                self.output_dir,
+                step=at_step,
+                model=self.student.model,
+                optimizer=self.optimizer,
+                config=self.config_dict,
+                attempt=self.attempt,
+                modules=self.modules,
+                extra=extra,
+            )
         registered = not (self.cb.on_checkpoint and self.cb.on_checkpoint(at_step, str(path)) is False)
         if not self.ranks.is_main:
             return path if registered else None
@@ -446,8 +449,11 @@ class Checkpoints:
         full = self.ranks.full_state_dict(self.student.model)  # several ranks: gathered on rank 0
         if not self.ranks.is_main:
             return
-        best = self.output_dir / BEST_DIR / name
-        tmp = best.with_name(f".{name}.tmp")
+        with phases.part(phases.SAVING):
+            self._write_best(self.output_dir / BEST_DIR / name, full)
+
+    def _write_best(self, best: Path, full: dict[str, torch.Tensor] | None) -> None:
+        tmp = best.with_name(f".{best.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if full is not None:  # own copies: tied weights must not share memory in a safetensors file

@@ -289,6 +289,7 @@ class Ranks:
             cb,
             on_metrics=cb.on_metrics if main else None,
             on_progress=cb.on_progress if main else None,
+            on_phase=cb.on_phase if main else None,
             on_checkpoint=on_checkpoint,
             should_stop=should_stop,
             owns_run=owns_run,

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import phases
 from .attention import capture_scores
 from .batching import Batch, Batcher
 from .data import IGNORE_INDEX
@@ -77,7 +78,7 @@ def predict_logits(
     """
     chunks = []
     with eval_mode(model):
-        for batch in batcher.iter_batches(batch_size):
+        for batch in phases.track(batcher.iter_batches(batch_size), len(batcher)):
             batch = batch.to(device)
             with autocast(device):
                 chunks.append(forward_logits(model, batch.inputs).float())
@@ -462,7 +463,7 @@ def lm_metrics(
     kl_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     with eval_mode(model):
-        for batch in batcher.iter_batches(batch_size):
+        for batch in phases.track(batcher.iter_batches(batch_size), len(batcher)):
             batch = batch.to(device)
             with autocast(device):
                 logits = forward_logits(model, batch.inputs)

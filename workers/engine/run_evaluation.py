@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from . import phases
 from .batching import Batcher, LMBatcher
 from .cache import CacheEntry, gather_topk
 from .config import RunConfig, TrainConfig
@@ -110,7 +111,10 @@ class Evaluation:
         modules = self.modules
         projection = modules["embedding_mse"] if task == "embedding" and "embedding_mse" in modules else None
         batches = self.rows.val_batches if validation else self.eval_batches
-        with out_of_memory_as_training_error(self.cfg, "while evaluating the student"):
+        with (
+            phases.within(phases.EVALUATION),
+            out_of_memory_as_training_error(self.cfg, "while evaluating the student"),
+        ):
             return evaluate(
                 self.run.student.model,
                 batches,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import phases
 from .batching import Batcher, LMBatcher
 from .cache import TeacherCache
 from .config import RunConfig
@@ -142,11 +143,12 @@ def load_data_and_models(cfg: RunConfig, plan: RunPlan) -> Loaded:
     device = resolve_device(cfg.train.device)
     output_dir = Path(cfg.output_dir)
     cache = TeacherCache(Path(cfg.cache_dir) if cfg.cache_dir else output_dir / "teacher-cache")
-    dataset = load_dataset(cfg.dataset, task=cfg.task)
+    with phases.part(phases.LOADING):
+        dataset = load_dataset(cfg.dataset, task=cfg.task)
     if len(dataset.train) == 0 or len(dataset.eval) == 0:
         raise DataError(f"Dataset '{dataset.name}' has an empty train or eval split.")
     seed_everything(cfg.train.seed)
-    with out_of_memory_as_training_error(cfg, "while loading the student"):
+    with phases.part(phases.LOADING), out_of_memory_as_training_error(cfg, "while loading the student"):
         student = load_model(cfg.student, dataset=dataset, role="student")
         prepare_attention(student, plan)
         student.model.to(device).train()

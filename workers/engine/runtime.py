@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import phases
 from .attention import use_scores_attention
 from .batching import Batcher, LMBatcher
 from .config import RunConfig
@@ -20,8 +21,8 @@ from .data import LoadedDataset
 from .embedder import SentenceEmbedder
 from .errors import ConfigError, TrainingError
 from .evaluate import eval_mode
-from .out_of_memory import host_memory_bytes, out_of_memory_message
 from .models import LoadedModel
+from .out_of_memory import host_memory_bytes, out_of_memory_message
 
 if TYPE_CHECKING:
     from .planning import RunPlan
@@ -90,12 +91,13 @@ def make_batcher(
 ) -> Batcher | LMBatcher:
     """Batches of one split for ``model`` (tokenised with its own tokenizer)."""
     split = dataset.train if split_name == "train" else dataset.eval
-    if dataset.task == "causal_lm":
-        length = max_length or lm_max_length(dataset, model)
-        return LMBatcher.from_texts(
-            split.inputs, tokenizer=model.tokenizer, max_length=length, pack=dataset.pack
-        )
-    return Batcher(split, tokenizer=model.tokenizer, max_length=model.max_length(dataset.max_length))
+    with phases.part(phases.LOADING):  # tokenising the split
+        if dataset.task == "causal_lm":
+            length = max_length or lm_max_length(dataset, model)
+            return LMBatcher.from_texts(
+                split.inputs, tokenizer=model.tokenizer, max_length=length, pack=dataset.pack
+            )
+        return Batcher(split, tokenizer=model.tokenizer, max_length=model.max_length(dataset.max_length))
 
 
 def _core_model(model: nn.Module) -> nn.Module:

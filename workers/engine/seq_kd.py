@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from . import phases
 from .batching import LMBatcher
 from .cache import (
     CacheEntry,
@@ -73,6 +74,7 @@ def seq_kd_rows(
         ]
         rows, lengths = [], []
         size = cfg.train.batch_size
+        phases.report(phases.SEQ_KD, 0, len(prompts))
         for start in range(0, len(prompts), size):
             chunk = prompts[start : start + size]
             new = generate_continuations(
@@ -87,6 +89,7 @@ def seq_kd_rows(
             )
             rows += [a + b for a, b in zip(chunk, new, strict=True)]
             lengths += [len(a) for a in chunk]
+            phases.report(phases.SEQ_KD, len(rows), len(prompts))
         flat = [{"tokens": torch.as_tensor(r, dtype=torch.int32)} for r in rows]
         return pack_positions(flat) | {"prompt_lengths": torch.as_tensor(lengths, dtype=torch.int64)}
 

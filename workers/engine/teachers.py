@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import phases
 from .align import prefix_ends
 from .batching import Batch, Batcher, LMBatcher
 from .cache import (
@@ -104,6 +105,7 @@ class Teachers:
             devices = [self.device] if self.device.type == "cuda" else []
             for i, teacher_cfg in enumerate(self.plan.teachers):
                 with (
+                    phases.part(phases.LOADING),
                     torch.random.fork_rng(devices=devices),
                     out_of_memory_as_training_error(self.cfg, "while loading the teacher"),
                 ):
@@ -230,7 +232,7 @@ def _lm_topk_outputs(
     with contextlib.ExitStack() as stack:
         for loaded in teachers.models():
             stack.enter_context(eval_mode(loaded.model))
-        for batch in batcher.iter_batches(batch_size):
+        for batch in phases.track(batcher.iter_batches(batch_size), len(batcher)):
             batch = batch.to(teachers.device)
             logits, labels = shift_for_lm(
                 teachers.logits(lambda _loaded, b=batch: b), batch.inputs["input_ids"]
@@ -318,7 +320,7 @@ class TeacherOutputs:
         ):
             return self.cache.get_or_compute(
                 cache_key(description),
-                lambda: (compute(), self.teachers.describe()),
+                lambda: (_filling(compute), self.teachers.describe()),
                 split=split,
                 stored=stored,
                 description=description,
@@ -397,6 +399,12 @@ class TeacherOutputs:
         return self._validation
 
 
+def _filling(compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """A cache entry's ``compute``, its rows reported as ``teacher_cache`` progress."""
+    with phases.within(phases.TEACHER_CACHE):
+        return compute()
+
+
 def _rows_digest(rows: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:32]
 
@@ -415,22 +423,27 @@ def _teacher_metrics(
     batch_size: int,
 ) -> dict[str, float]:
     """The teacher's own eval metrics: quality from its cached eval outputs, efficiency measured once per
-    device and kept beside the entry (so a cache hit needs no teacher at all)."""
+    device and kept beside the entry (so a cache hit needs no teacher at all). Its rows are reported as
+    ``evaluation`` progress."""
+    rows = len(eval_batches)
+    phases.report(phases.EVALUATION, 0, rows)
     if task == "classification":
         from .evaluate import classification_metrics
 
         metrics = classification_metrics(entry.tensors["logits"], torch.as_tensor(dataset.eval.labels))
     elif task == "causal_lm":
         total, count = 0.0, 0
-        for batch in eval_batches.iter_batches(batch_size):
-            _, labels = shift_for_lm(batch.inputs["input_ids"], batch.labels)
-            target = gather_rows(entry, "target_logprob", batch.indices, labels.shape[1])
-            mask = labels != -100
-            total -= float(target[mask].double().sum())
-            count += int(mask.sum())
+        with phases.within(phases.EVALUATION):
+            for batch in phases.track(eval_batches.iter_batches(batch_size), rows):
+                _, labels = shift_for_lm(batch.inputs["input_ids"], batch.labels)
+                target = gather_rows(entry, "target_logprob", batch.indices, labels.shape[1])
+                mask = labels != -100
+                total -= float(target[mask].double().sum())
+                count += int(mask.sum())
         metrics = lm_metrics_from_sums(total, count)
     else:
         metrics = {}
+    phases.report(phases.EVALUATION, rows, rows)
     device = teachers.device
     label = f"{device.type}:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
     efficiency = (entry.extra("efficiency") or {}).get(label)

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed, methods
+from . import distributed, methods, phases
 from .batching import rows_for_step
 from .checkpoint import (
     MODULES_FILE,
@@ -89,6 +89,9 @@ class Callbacks:
     - ``owns_run()``: False once the caller lost the run (another worker took it over); checked before any
       weights are written (checkpoints, best weights, the final model), so a run that lost its owner saves
       nothing.
+    - ``on_phase(phase, done, total)``: progress of the long phases besides the steps (``loading``,
+      ``teacher_cache``, ``seq_kd``, ``evaluation``, ``saving``; ``total`` 0 when unknown), a few times a
+      second at most per phase (:mod:`.phases`).
     """
 
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
@@ -96,6 +99,7 @@ class Callbacks:
     on_checkpoint: Callable[[int, str], bool | None] | None = None
     should_stop: Callable[[], bool] | None = None
     owns_run: Callable[[], bool] | None = None
+    on_phase: Callable[[str, int, int], None] | None = None
 
     def owned(self) -> bool:
         return self.owns_run is None or self.owns_run()
@@ -182,7 +186,9 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         TrainingError: NaN/inf loss, or out of memory (GPU or RAM, in any phase), with the run's estimate.
     """
     with distributed.session(cfg) as ranks:
-        return _train(cfg, ranks.callbacks(callbacks or Callbacks()), ranks)
+        cb = ranks.callbacks(callbacks or Callbacks())
+        with phases.reporting(cb.on_phase):  # rank 0's reports only: the other ranks' on_phase is None
+            return _train(cfg, cb, ranks)
 
 
 def _train(cfg: RunConfig, cb: Callbacks, ranks: Ranks) -> TrainResult:
@@ -337,11 +343,12 @@ def save_final(run: Loaded, modules: torch.nn.ModuleDict, final_dir: Path, ranks
     student gathered from every rank and written by rank 0, in the one-process format."""
     state = ranks.full_state_dict(run.student.model)
     if ranks.is_main:
-        save_model(run.student, final_dir, state_dict=state)
-        if len(modules.state_dict()):
-            from safetensors.torch import save_model as save_weights_of
+        with phases.part(phases.SAVING):
+            save_model(run.student, final_dir, state_dict=state)
+            if len(modules.state_dict()):
+                from safetensors.torch import save_model as save_weights_of
 
-            save_weights_of(modules, str(final_dir / MODULES_FILE))
+                save_weights_of(modules, str(final_dir / MODULES_FILE))
     ranks.barrier()
 
 
@@ -352,8 +359,9 @@ def unsharded(evaluation: Evaluation, ranks: Ranks) -> Evaluation:
         return evaluation
     run = evaluation.run
     source = ModelConfig(source="run", path=str(evaluation.final_dir))
-    student = load_model(source, dataset=run.dataset, role="student")
-    student.model.to(run.device)
+    with phases.part(phases.LOADING):
+        student = load_model(source, dataset=run.dataset, role="student")
+        student.model.to(run.device)
     return dataclasses.replace(evaluation, run=dataclasses.replace(run, student=student))
 
 
