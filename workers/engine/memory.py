@@ -30,6 +30,11 @@ recomputes one block at a time in the backward pass, so one block's full activat
 The activation figure above is bf16's; fp32 precision doubles it (``precision`` auto keeps the figure of the
 run's device as the estimate always had it).
 
+LoRA (``lora_r`` > 0): the weights stay, gradients and AdamW states count only the adapters (float32),
+r·(d_in + d_out) parameters for each adapted linear layer of each block (the attention projections by default,
+about 2·hidden wide each; an MLP projection hidden + intermediate) plus a classification head; with
+``lora_4bit`` the frozen weights count half a byte per parameter.
+
 Not counted: evaluation (a no-grad pass, smaller than a training step), the key/value caches of generation
 (``on_policy``, ``seq_kd``), and allocator fragmentation, which the router's headroom covers.
 
@@ -80,6 +85,11 @@ BUILTIN_INPUT_WIDTH = (
 HIDDEN_TERMS = frozenset({"hidden_mse", "hidden_cosine"})
 ATTENTION_TERMS = frozenset({"attention_mse", "attention_prob_mse", "attention_kl"})
 CACHED_SCHEMES = frozenset({"offline", "multi_teacher"})
+# LoRA: the default targets (the attention projections, workers.engine.adapters) and the MLP projections,
+# whose (d_in + d_out) is hidden + intermediate rather than about 2·hidden.
+LORA_DEFAULT_TARGETS = 4
+LORA_MLP_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h",
+                            "dense_4h_to_h", "w1", "w2", "w3", "lin1", "lin2", "intermediate.dense"})
 
 
 @dataclass(frozen=True)
@@ -451,9 +461,12 @@ def estimate_run_memory(
     if student is None:
         unknown.append(_describe(config.get("student") or {}))
     else:
-        parts["student_weights"] = _shard(student.weight_bytes, plan.shards)
-        parts["student_grads"] = _shard(student.weight_bytes, plan.shards)
-        parts["optimizer_states"] = _shard(student.params * ADAMW_STATE_BYTES, plan.shards)
+        adapter = lora_params(student, train, task=task)
+        weights = student.params // 2 if adapter and train.get("lora_4bit") else student.weight_bytes
+        parts["student_weights"] = _shard(weights + adapter * 4, plan.shards)
+        parts["student_grads"] = _shard(adapter * 4 if adapter else student.weight_bytes, plan.shards)
+        trained = adapter or student.params
+        parts["optimizer_states"] = _shard(trained * ADAMW_STATE_BYTES, plan.shards)
         parts["activations"] = plan.activation_factor * _training_activations(
             student, batch, length, eager=eager, checkpointing=plan.checkpointing
         )
@@ -486,6 +499,20 @@ def estimate_run_memory(
         precision=plan.precision,
         activation_checkpointing=plan.checkpointing,
     )
+
+
+def lora_params(model: ModelShape, train: Mapping[str, Any], *, task: str) -> int:
+    """The parameters a LoRA run trains (0 without LoRA): r·(d_in + d_out) per adapted linear layer and block,
+    plus a classification head."""
+    rank = positive_int(train.get("lora_r"))
+    if not rank or model.builtin:
+        return 0
+    names = [n.strip() for n in str(train.get("lora_targets") or "").split(",") if n.strip()]
+    hidden, inner = model.hidden_size, model.intermediate_size or 4 * model.hidden_size
+    widths = [hidden + inner if n in LORA_MLP_NAMES else 2 * hidden for n in names]
+    per_layer = rank * (sum(widths) if widths else LORA_DEFAULT_TARGETS * 2 * hidden)
+    head = hidden * max(model.num_labels, 2) if task == "classification" else 0
+    return model.num_layers * per_layer + head
 
 
 def _training_activations(
