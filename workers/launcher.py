@@ -24,7 +24,7 @@ each in a new session). No rank may outlive the worker:
   thread, which lives as long as the pool process.
 - every rank runs this module's ``run`` entry point, which sets the same death signal towards torchrun before
   it hands over to the engine's CLI: torchrun killed outright (it cannot forward a SIGKILL) takes every rank
-  with it. A parent that died before the prctl took effect is caught by re-reading the parent pid.
+  with it. A parent that died before the prctl took effect is caught by checking the parent after it.
 - on every exit path of the task (an exception, a soft time limit, a worker shutdown raising in the task)
   :func:`kill_launch` kills torchrun's group and each rank's group.
 - the task polls the run (a read) while it waits: once a cancellation is requested or the run no longer
@@ -99,14 +99,21 @@ def _death_signal_setter(sig: int) -> Callable[[], None]:
     return set_death_signal
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """In a running process: get ``sig`` when the parent dies (a rank, towards torchrun)."""
-    parent = os.getppid()
+def die_with_parent(
+    sig: int = signal.SIGKILL, *, parent_markers: tuple[str, ...] = ("torch.distributed.run", "torchrun")
+) -> None:
+    """In a running process (a rank): get ``sig`` when the parent (torchrun) dies. A parent that died before
+    the prctl took effect left this process to init or a subreaper, whose command line names none of
+    ``parent_markers``: the process exits at once."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     if prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
-    if os.getppid() != parent:
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        parent = ""
+    if not any(marker in parent for marker in parent_markers):
         os._exit(1)
 
 
@@ -154,13 +161,17 @@ def start(resolved: dict[str, Any], *, run_id: int, task_id: str, world: int, cu
                "-m", "workers.launcher", "run", str(launch.config_path), "--callbacks", CALLBACKS,
                "--result-json", str(launch.result_path)]
     with launch.log_path.open("ab") as log:
-        launch.process = subprocess.Popen(
-            command, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_death_signal_setter(signal.SIGKILL),
-        )
+        launch.process = spawn(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     logger.info("run %s: started torchrun (pid %s) with %d ranks; log %s", run_id, launch.process.pid, world,
                 launch.log_path)
     return launch
+
+
+def spawn(command: list[str], **popen: Any) -> subprocess.Popen:
+    """Start ``command`` in a session (process group) of its own that the kernel kills (SIGKILL) when this
+    process dies."""
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_death_signal_setter(signal.SIGKILL), **popen)
 
 
 def descendants(pid: int) -> list[int]:

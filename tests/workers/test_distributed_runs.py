@@ -9,6 +9,7 @@ fresh worker resumes the run from its last registered checkpoint once the lease 
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -217,3 +218,87 @@ def test_the_task_kills_ranks_that_do_not_stop_within_the_grace_period(tmp_path,
     with mock.patch.object(launcher, "_run_state", return_value=(False, True)):
         assert launcher.wait(quick, run_id=0, task_id="t", poll_s=0.2) is False
     assert quick.process.returncode == 0
+
+
+# A stand-in for the Celery pool process: starts a real torchrun of 2 ranks as the task does (workers.launcher
+# spawn), each rank dying with torchrun as the run's ranks do; on SIGUSR1 it does what the stall watchdog does
+# to the pool process's children (workers.watchdog.kill_children).
+POOL = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from workers import launcher, watchdog
+
+signal.signal(signal.SIGUSR1, lambda *_: watchdog.kill_children(os.getpid()))
+command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", {rank!r}]
+launcher.spawn(command, env={{**os.environ, "OMP_NUM_THREADS": "1"}})
+while True:
+    time.sleep(1)
+"""
+RANK = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from workers.launcher import die_with_parent
+
+die_with_parent()
+open(os.path.join({ready!r}, str(os.getpid())), "w").close()
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["pool process killed", "stall watchdog"])
+def test_no_rank_outlives_the_pool_process_or_the_watchdog_s_kill(tmp_path, how):
+    import signal
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[2])
+    rank = tmp_path / f"rank_{tmp_path.name}.py"
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    rank.write_text(RANK.format(root=root, ready=str(ready)))
+    (tmp_path / "pool.py").write_text(POOL.format(root=root, rank=str(rank)))
+    pool = subprocess.Popen([sys.executable, str(tmp_path / "pool.py")], start_new_session=True)
+    try:
+        def ranks() -> list[tuple[int, str]]:
+            return [p for p in processes_naming(str(rank)) if "torch.distributed.run" not in p[1]]
+
+        wait_for(lambda: len(list(ready.iterdir())) == 2, timeout=60, workers=[],
+                 what="torchrun to start 2 ranks that die with it")
+        assert len(ranks()) == 2
+        assert len(processes_naming(str(rank))) == 3  # and torchrun, in a session of its own
+        if how == "pool process killed":
+            os.kill(pool.pid, signal.SIGKILL)
+        else:
+            os.kill(pool.pid, signal.SIGUSR1)
+        wait_for(lambda: not processes_naming(str(rank)), timeout=10, workers=[],
+                 what=f"torchrun and its ranks to die: {processes_naming(str(rank))}")
+    finally:
+        if pool.poll() is None:
+            os.killpg(pool.pid, signal.SIGKILL)
+        pool.wait()
+
+
+def test_the_task_s_way_out_kills_the_launch(tmp_path):
+    """A soft time limit (or any exception, a worker shutdown) while the task waits kills torchrun's group and
+    every rank's before the exception goes on."""
+    import signal
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from workers import launcher
+
+    marker = f"marker-{tmp_path.name}"
+    child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', '{marker}'], start_new_session=True); time.sleep(600)"  # noqa: E501
+    process = subprocess.Popen([sys.executable, "-c", child, marker], start_new_session=True)
+    launch = launcher.Launch(process=process, folder=tmp_path, world=2)
+    wait_for(lambda: len(processes_naming(marker)) == 2, timeout=10, workers=[],
+             what="the processes to start")
+    with mock.patch.object(launcher, "start", return_value=launch), \
+            mock.patch.object(launcher, "wait", side_effect=SoftTimeLimitExceeded()), \
+            pytest.raises(SoftTimeLimitExceeded):
+        launcher.train_in_ranks(SimpleNamespace(id=0), SimpleNamespace(task_id="t"), {}, world=2, cuda=False)
+    assert process.returncode == -signal.SIGKILL
+    wait_for(lambda: not processes_naming(marker), timeout=10, workers=[], what="the rank stand-in to die")
