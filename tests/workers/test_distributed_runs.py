@@ -46,13 +46,13 @@ pytestmark = [
 ]
 
 
-def launch_two_ranks(fleet, **train) -> Run:
+def launch_two_ranks(fleet, *, batch_size: int = 64, **train) -> Run:
     """A hard-label MLP run on digits whose frozen config asks for 2 CPU processes, sent to the test's
     queue."""
     with mock.patch(DISPATCH):
         run = fleet.launch(**train)
     config = run.config
-    config["train"] = {**config["train"], "processes": 2, "device": "cpu"}
+    config["train"] = {**config["train"], "processes": 2, "device": "cpu", "batch_size": batch_size}
     Run.objects.filter(id=run.id).update(config=config)
     publish(run, broker_url=fleet.broker, queue=fleet.queue, task_id=reload(run).task_id)
     return run
@@ -122,6 +122,20 @@ def test_a_two_process_run_records_every_step_once_its_model_and_evaluation(flee
     wait_no_rank_left(run, 1, [worker])
     print(f"2-process run of 60 steps: {time.monotonic() - started:.1f} s")
 
+
+def test_a_two_process_run_the_engine_refuses_fails_with_the_engine_s_message(fleet):
+    worker = fleet.start("w", RUN_HEARTBEAT_TIMEOUT_S=str(LEASE_S))
+    worker.wait_registered()
+    run = launch_two_ranks(fleet, max_steps=50, batch_size=63)  # every rank takes an equal share of a batch
+
+    done = wait_for(finished(run), timeout=60, workers=[worker], what="the refused run to fail")
+    assert done.status == Run.Status.FAILED
+    refused = "The batch size (63) must be divisible by the number of ranks (2)"
+    assert done.error.startswith(refused), done.error
+    assert not MetricPoint.objects.filter(run=run).exists()
+    assert [(t.from_status, t.to_status) for t in history(run)] == [
+        ("queued", "running"), ("running", "failed")]
+    wait_no_rank_left(run, 1, [worker])
 
 def test_a_cancelled_two_process_run_stops_within_a_few_steps_and_leaves_no_rank(fleet):
     worker = fleet.start("w", RUN_HEARTBEAT_TIMEOUT_S=str(LEASE_S))
