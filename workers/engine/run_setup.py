@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import phases
+from . import adapters, phases
 from .batching import Batcher, LMBatcher
 from .cache import TeacherCache
 from .config import RunConfig
@@ -152,6 +152,7 @@ def load_data_and_models(cfg: RunConfig, plan: RunPlan) -> Loaded:
         student = load_model(cfg.student, dataset=dataset, role="student")
         prepare_attention(student, plan)
         student.model.to(device).train()
+        adapters.attach(cfg, student, device)  # LoRA (train.lora_r > 0): only the adapters train
     max_length = lm_max_length(dataset, student) if cfg.task == "causal_lm" else dataset.max_length
     teachers = Teachers(cfg, plan, dataset, device, max_length=max_length) if plan.uses_teacher else None
     outputs = TeacherOutputs(cfg, plan, teachers, cache, terms=plan.terms, max_length=max_length)

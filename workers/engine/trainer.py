@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed, methods, phases
+from . import adapters, distributed, methods, phases
 from .batching import rows_for_step
 from .checkpoint import (
     MODULES_FILE,
@@ -206,7 +206,7 @@ def _train(cfg: RunConfig, cb: Callbacks, ranks: Ranks) -> TrainResult:
     modules = methods.build_term_modules(terms, dims).to(device)
     forward = ranks.wrap(student.model, tc)  # the student's forward: through DDP, or sharded in place (FSDP)
     term_state = TermState()
-    params = list(student.model.parameters()) + list(modules.parameters())
+    params = adapters.trainable(list(student.model.parameters())) + list(modules.parameters())
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     stopper = EarlyStopping(tc)
     term_names = [t.name for t in terms]
@@ -341,6 +341,7 @@ def _train(cfg: RunConfig, cb: Callbacks, ranks: Ranks) -> TrainResult:
 def save_final(run: Loaded, modules: torch.nn.ModuleDict, final_dir: Path, ranks: Ranks) -> None:
     """The final model (and the terms' learned projections); with several ranks, the full (unsharded)
     student gathered from every rank and written by rank 0, in the one-process format."""
+    adapters.finalize(run.student, final_dir if ranks.is_main else None)  # LoRA: adapter/ saved, then merged
     state = ranks.full_state_dict(run.student.model)
     if ranks.is_main:
         with phases.part(phases.SAVING):
@@ -464,7 +465,7 @@ def finish(
         steps=step,
         stopped=False,
         final_dir=str(final_dir),
-        student=student_metrics,
+        student=student_metrics | adapters.counts(run.student),  # LoRA: trainable vs total parameters
         teacher=teacher_metrics,
         train_seconds=train_seconds,
         last_checkpoint=str(last_checkpoint) if last_checkpoint else None,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.engine import adapters, trainer
+from workers.engine import adapters
 from workers.engine.config import ModelConfig, RunConfig
 from workers.engine.data import load_dataset
 from workers.engine.errors import ConfigError
@@ -69,42 +69,6 @@ def _lm_run(tmp_path: Path, **train) -> RunConfig:
     )
 
 
-@pytest.fixture
-def lora_hooks(monkeypatch):
-    """The engine's calls into adapters.py where the trainer does not make them yet: attach after the
-    student is loaded, finalize before the final model is saved, the counts in the result."""
-    import inspect
-
-    from workers.engine import run_setup
-
-    seen: list[LoadedModel] = []
-    if "adapters." in inspect.getsource(run_setup.load_data_and_models):
-        yield seen
-        return
-    load, save, finish = trainer.load_data_and_models, trainer.save_final, trainer.finish
-
-    def loading(cfg, plan):
-        run = load(cfg, plan)
-        adapters.attach(cfg, run.student, run.device)
-        seen.append(run.student)
-        return run
-
-    def saving(run, modules, final_dir, ranks):
-        adapters.finalize(run.student, final_dir if ranks.is_main else None)
-        return save(run, modules, final_dir, ranks)
-
-    def finishing(cfg, cb, run, *args, **kwargs):
-        result = finish(cfg, cb, run, *args, **kwargs)
-        if result.student:
-            result.student |= adapters.counts(run.student)
-        return result
-
-    monkeypatch.setattr(trainer, "load_data_and_models", loading)
-    monkeypatch.setattr(trainer, "save_final", saving)
-    monkeypatch.setattr(trainer, "finish", finishing)
-    yield seen
-
-
 def _initial_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The student's weights at step 0: the same seed builds the same random init."""
     from workers.engine.runtime import seed_everything
@@ -115,7 +79,7 @@ def _initial_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in student.model.state_dict().items()}
 
 
-def test_only_the_adapters_train_and_the_merged_model_is_base_plus_their_delta(tmp_path, lora_hooks):
+def test_only_the_adapters_train_and_the_merged_model_is_base_plus_their_delta(tmp_path):
     cfg = _lm_run(tmp_path)
     before = _initial_weights(cfg)
     result = train(cfg)
@@ -144,7 +108,7 @@ def test_only_the_adapters_train_and_the_merged_model_is_base_plus_their_delta(t
     )
 
 
-def test_the_optimizer_updates_the_adapters_alone(tmp_path, lora_hooks, monkeypatch):
+def test_the_optimizer_updates_the_adapters_alone(tmp_path, monkeypatch):
     stepped: list[int] = []
     real = torch.optim.AdamW.step
 
@@ -159,7 +123,7 @@ def test_the_optimizer_updates_the_adapters_alone(tmp_path, lora_hooks, monkeypa
     assert stepped == [result.student["trainable_params"]] * 2
 
 
-def test_the_merged_final_model_loads_with_transformers_and_its_eval_loss_is_the_run_s(tmp_path, lora_hooks):
+def test_the_merged_final_model_loads_with_transformers_and_its_eval_loss_is_the_run_s(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = _lm_run(tmp_path)
@@ -181,7 +145,7 @@ def test_the_merged_final_model_loads_with_transformers_and_its_eval_loss_is_the
     assert type(again.model).__name__ == "LlamaForCausalLM"
 
 
-def test_the_adapter_alone_loads_with_peft_on_the_base(tmp_path, lora_hooks):
+def test_the_adapter_alone_loads_with_peft_on_the_base(tmp_path):
     from peft import PeftModel
 
     cfg = _lm_run(tmp_path)
@@ -205,7 +169,7 @@ def test_the_adapter_alone_loads_with_peft_on_the_base(tmp_path, lora_hooks):
         )
 
 
-def test_a_resumed_lora_run_ends_like_an_uninterrupted_one(tmp_path, lora_hooks):
+def test_a_resumed_lora_run_ends_like_an_uninterrupted_one(tmp_path):
     whole = train(_lm_run(tmp_path / "whole", max_steps=6, save_every=3, log_every=1))
 
     cfg = _lm_run(tmp_path / "split", max_steps=6, save_every=3, log_every=1)
@@ -219,7 +183,7 @@ def test_a_resumed_lora_run_ends_like_an_uninterrupted_one(tmp_path, lora_hooks)
     assert resumed.student["nll"] == pytest.approx(whole.student["nll"], rel=1e-5)
 
 
-def test_a_classification_student_trains_its_head_in_full(tmp_path, topics_csv, lora_hooks):
+def test_a_classification_student_trains_its_head_in_full(tmp_path, topics_csv):
     cfg = RunConfig.from_dict(
         {
             "student": {"source": "config", "params": TINY_BERT},
