@@ -176,7 +176,11 @@ def finalize(student: Any, final_dir: Any) -> None:
     if not isinstance(model, PeftModel):
         return
     if final_dir is not None:
-        model.save_pretrained(os.path.join(str(final_dir), ADAPTER_DIR), safe_serialization=True)
+        folder = os.path.join(str(final_dir), ADAPTER_DIR)
+        model.save_pretrained(folder, safe_serialization=True)
+        card = os.path.join(folder, "README.md")  # peft's model card template: nothing of this run's
+        if os.path.isfile(card):
+            os.remove(card)
     merged = model.merge_and_unload()
     _dequantize(merged)
     student.model = merged

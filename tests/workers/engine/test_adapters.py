@@ -151,7 +151,7 @@ def test_the_adapter_alone_loads_with_peft_on_the_base(tmp_path):
     cfg = _lm_run(tmp_path)
     result = train(cfg)
     folder = Path(result.final_dir) / adapters.ADAPTER_DIR
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in folder.iterdir()}
+    assert {p.name for p in folder.iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
 
     dataset = load_dataset(cfg.dataset, task=cfg.task)
