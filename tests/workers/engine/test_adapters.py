@@ -279,3 +279,26 @@ def test_lora_s_gradients_and_optimizer_states_are_a_small_part_of_a_full_fine_t
     assert lora.student_weights == full.student_weights + trained * 4
     assert qlora.student_weights < lora.student_weights / 7
     assert estimate(lora_r=8, lora_targets="q_proj,v_proj").student_grads == trained * 4 // 2
+
+
+def test_two_ddp_ranks_train_the_same_adapters_as_one_process(tmp_path):
+    from .test_distributed import _SENTENCES, _config, _losses, _one_process, _torchrun
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"{s} {i % 9}" for i in range(8) for s in _SENTENCES) + "\n")
+    reference, reference_final = _one_process(_config("lm", tmp_path / "one", corpus, lora_r=4))
+    data = _config("lm", tmp_path / "two", corpus, lora_r=4, processes=2, strategy="ddp")
+    launched = _torchrun(tmp_path, data)
+
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert _losses(tmp_path) == pytest.approx(reference, rel=1e-4)
+    two_final = Path(data["output_dir"]) / "final"
+    left, right = load_file(two_final / "model.safetensors"), load_file(reference_final / "model.safetensors")
+    assert left.keys() == right.keys() and not any("lora" in k for k in left)
+    for name in left:
+        torch.testing.assert_close(left[name], right[name], rtol=0, atol=1e-5)
+    assert (two_final / adapters.ADAPTER_DIR / "adapter_model.safetensors").is_file()
+
+    sharded = _config("lm", tmp_path / "fsdp", corpus, lora_r=4, processes=2, strategy="fsdp")
+    refused = _torchrun(tmp_path, sharded)
+    assert refused.returncode != 0 and "set strategy to ddp" in refused.stdout + refused.stderr
