@@ -31,8 +31,14 @@ each in a new session). No rank may outlive the worker:
   belongs to this delivery, the ranks have ``RUN_CANCEL_GRACE_S`` (default 60 s) to stop by themselves
   (rank 0 sees it too, and the engine broadcasts the stop); then the task kills them.
 
-The stall watchdog of the pool process (workers/watchdog.py ``kill_children``) finds torchrun as a child that
-leads its own group; its ranks then die of their death signal.
+Between the claim and rank 0's first write nothing renews the run's lease: torchrun's start and the ranks'
+imports (seconds) must fit in RUN_HEARTBEAT_TIMEOUT_S (120 s by default); loading models is covered, rank 0's
+reporter starts before the engine loads anything.
+
+The stall watchdog runs in rank 0's reporter: it records the stall, then kills torchrun (its parent), and
+every rank dies with it; the task then finds no result and records nothing more (the fencing refuses it). The
+pool process's own watchdog kill (workers/watchdog.py ``kill_children``) finds torchrun as a child that leads
+its own group; its ranks then die of their death signal.
 """
 
 from __future__ import annotations

@@ -56,12 +56,16 @@ def callbacks(cfg: RunConfig) -> Callbacks:
                           eval_every=cfg.train.eval_every)
     reporter.__enter__()  # its thread writes, renews the lease and polls until the process ends
     atexit.register(_finish, reporter)
+    # A phase's progress (loading, cache fill, evaluation) keeps the stall watchdog quiet, where the engine
+    # reports it (as in workers.tasks for a one-rank run).
+    phases = {"on_phase": reporter.on_phase} if "on_phase" in Callbacks.__dataclass_fields__ else {}
     return Callbacks(
         on_metrics=reporter.on_metrics,
         on_progress=reporter.on_progress,
         on_checkpoint=reporter.on_checkpoint,
         should_stop=reporter.should_stop,
         owns_run=reporter.owns_run,
+        **phases,
     )
 
 
