@@ -163,6 +163,26 @@ def test_a_cancelled_two_process_run_stops_within_a_few_steps_and_leaves_no_rank
     print(f"cancelled at step {stopped.step}, {took:.1f} s after the request")
 
 
+def test_a_two_process_run_taken_over_stops_every_rank_and_records_nothing_more(fleet):
+    worker = fleet.start("w", RUN_HEARTBEAT_TIMEOUT_S=str(LEASE_S))
+    worker.wait_registered()
+    run = launch_two_ranks(fleet, max_steps=200000, save_every=100, log_every=10)
+    training_ranks(run, [worker])
+
+    Run.objects.filter(id=run.id).update(task_id="another-delivery")  # as a takeover leaves the run
+    wait_no_rank_left(run, 1, [worker])  # rank 0's next write is refused; the engine stops every rank
+    task = f"workers.run_distillation[{run.task_id}] succeeded"
+    wait_for(lambda: task in worker.tail(10**6), timeout=20, workers=[worker], what="the task to end")
+    after = reload(run)
+    points = MetricPoint.objects.filter(run=run).count()
+    time.sleep(1)
+    # The task recorded nothing: the run is the other delivery's, still running, with no model of this one.
+    assert (after.status, after.task_id) == (Run.Status.RUNNING, "another-delivery")
+    assert not Artifact.objects.filter(run=run, kind=Artifact.Kind.MODEL).exists()
+    assert MetricPoint.objects.filter(run=run).count() == points
+    assert [(t.from_status, t.to_status) for t in history(run)] == [("queued", "running")]
+    assert "did not stop within" not in worker.tail(10**6)
+
 def test_a_killed_worker_leaves_no_rank_and_a_fresh_worker_resumes_from_the_last_checkpoint(fleet, settings):
     a = fleet.start("a", RUN_HEARTBEAT_TIMEOUT_S=str(LEASE_S))
     a.wait_registered()
