@@ -17,7 +17,13 @@ from django.forms.utils import ErrorDict
 from experiments.domain import fields as field_rules
 from experiments.domain import input_rules, sweep_plan, sweeps, uploads
 from experiments.domain.engine_config import TRAIN_DEFAULTS
-from experiments.domain.validation import MAX_SEEDS, RESOURCE_FIELDS, TRAIN_CHOICES, TRAIN_FIELDS
+from experiments.domain.validation import (
+    LORA_FIELDS,
+    MAX_SEEDS,
+    RESOURCE_FIELDS,
+    TRAIN_CHOICES,
+    TRAIN_FIELDS,
+)
 from experiments.models import Experiment, Recipe, Run
 from experiments.selectors import records as records_reads
 from experiments.selectors import teams as teams_reads
@@ -693,7 +699,8 @@ class ExperimentForm(TeamScopedForm):
     )
 
     team_fields = input_rules.EXPERIMENT_TEAM_FIELDS
-    train_field_names = (*TRAIN_FIELDS, *TRAIN_CHOICES)
+    # The training settings, LoRA's last and together.
+    train_field_names = (*(n for n in (*TRAIN_FIELDS, *TRAIN_CHOICES) if n not in LORA_FIELDS), *LORA_FIELDS)
     sweep_syntax = sweeps.SYNTAX_HELP
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -773,8 +780,7 @@ class ExperimentForm(TeamScopedForm):
         return [self[n] for n in self.train_field_names if n not in RESOURCE_FIELDS]
 
     def resource_fields(self):
-        """The Resources section: GPUs, CPU processes, strategy, precision, activation checkpointing and
-        LoRA (rank, alpha, dropout, target modules, 4-bit QLoRA)."""
+        """The Resources section: GPUs, CPU processes, strategy, precision, activation checkpointing."""
         return [self[n] for n in RESOURCE_FIELDS]
 
     def train_settings(self) -> dict[str, Any]:

@@ -74,18 +74,9 @@ TRAIN_FIELDS: dict[str, tuple[type, float, float, str]] = {
 }
 
 # Settings of the form's Resources section (the others are its training settings).
-RESOURCE_FIELDS = (
-    "gpus",
-    "processes",
-    "strategy",
-    "precision",
-    "activation_checkpointing",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_targets",
-    "lora_4bit",
-)
+RESOURCE_FIELDS = ("gpus", "processes", "strategy", "precision", "activation_checkpointing")
+# LoRA's settings (numbers in TRAIN_FIELDS, the targets and QLoRA among the choices), shown together.
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_4bit")
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
 # Settings that take one of a few names (or true/false) and may be swept as a list of them.
