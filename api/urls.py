@@ -67,6 +67,6 @@ urlpatterns = [
         views.LeaderboardViewSet.as_view({"get": "export"}),
         name="leaderboard_export",
     ),
-    # (?s): a path with an encoded line break (%0A) is still an API path, answered in JSON.
-    re_path(r"(?s)^(?P<path>.*)$", views.not_found, name="not_found"),
+    # [\s\S]: a path with an encoded line break (%0A) is still an API path, answered in JSON.
+    re_path(r"^(?P<path>[\s\S]*)$", views.not_found, name="not_found"),
 ]
