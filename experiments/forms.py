@@ -777,11 +777,12 @@ class ExperimentForm(TeamScopedForm):
         return [self[n] for n in ("assistant", "extra_teachers", "teacher_weights")]
 
     def train_fields(self):
-        return [self[n] for n in self.train_field_names if n not in RESOURCE_FIELDS]
+        return [self[n] for n in self.train_field_names if n not in (*RESOURCE_FIELDS, *LORA_FIELDS)]
 
     def resource_fields(self):
-        """The Resources section: GPUs, CPU processes, strategy, precision, activation checkpointing."""
-        return [self[n] for n in RESOURCE_FIELDS]
+        """The Resources section: GPUs, CPU processes, strategy, precision, activation checkpointing, and the
+        student's LoRA adapter (rank 0: full fine-tuning)."""
+        return [self[n] for n in (*RESOURCE_FIELDS, *LORA_FIELDS)]
 
     def train_settings(self) -> dict[str, Any]:
         """The training settings given: one value as itself, a sweep as its list of values."""

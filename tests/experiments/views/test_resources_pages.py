@@ -55,8 +55,9 @@ def test_the_form_keeps_resources_out_of_the_training_settings(user):
     names = [f.name for f in form.train_fields()]
 
     assert [f.name for f in form.resource_fields()] == [
-        "gpus", "processes", "strategy", "precision", "activation_checkpointing"]
-    assert "gpus" not in names and "strategy" not in names and "lr" in names
+        "gpus", "processes", "strategy", "precision", "activation_checkpointing",
+        "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_4bit"]
+    assert "gpus" not in names and "strategy" not in names and "lora_r" not in names and "lr" in names
 
 
 def test_the_form_saves_the_resources_into_every_run(client_logged_in, team, digits_setup):
