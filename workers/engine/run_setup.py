@@ -21,6 +21,7 @@ from .batching import Batcher, LMBatcher
 from .cache import TeacherCache
 from .config import RunConfig
 from .data import IGNORE_INDEX, LoadedDataset, Split, load_dataset
+from .distributed import Ranks
 from .errors import DataError
 from .models import LoadedModel, load_model
 from .planning import RunPlan
@@ -138,8 +139,11 @@ class Loaded:
     outputs: TeacherOutputs
 
 
-def load_data_and_models(cfg: RunConfig, plan: RunPlan) -> Loaded:
-    """Load the dataset and the student (after seeding everything); the teachers load later, if ever."""
+def load_data_and_models(cfg: RunConfig, plan: RunPlan, ranks: Ranks | None = None) -> Loaded:
+    """Load the dataset and the student (after seeding everything); the teachers load later, if ever. Under
+    FSDP, ranks other than 0 may build the student on the meta device (``Ranks.empty_init``): its weights
+    arrive once it is sharded."""
+    ranks = ranks or Ranks()
     device = resolve_device(cfg.train.device)
     output_dir = Path(cfg.output_dir)
     cache = TeacherCache(Path(cfg.cache_dir) if cfg.cache_dir else output_dir / "teacher-cache")
@@ -149,9 +153,11 @@ def load_data_and_models(cfg: RunConfig, plan: RunPlan) -> Loaded:
         raise DataError(f"Dataset '{dataset.name}' has an empty train or eval split.")
     seed_everything(cfg.train.seed)
     with phases.part(phases.LOADING), out_of_memory_as_training_error(cfg, "while loading the student"):
-        student = load_model(cfg.student, dataset=dataset, role="student")
+        with ranks.building():
+            student = load_model(cfg.student, dataset=dataset, role="student")
+        ranks.follow_rank0_rng()
         prepare_attention(student, plan)
-        student.model.to(device).train()
+        (student.model if ranks.builds_empty else student.model.to(device)).train()
         adapters.attach(cfg, student, device)  # LoRA (train.lora_r > 0): only the adapters train
     max_length = lm_max_length(dataset, student) if cfg.task == "causal_lm" else dataset.max_length
     teachers = Teachers(cfg, plan, dataset, device, max_length=max_length) if plan.uses_teacher else None

@@ -196,7 +196,7 @@ def _train(cfg: RunConfig, cb: Callbacks, ranks: Ranks) -> TrainResult:
     others get callbacks that only follow rank 0's decisions."""
     tc, task = cfg.train, cfg.task
     plan = plan_run(cfg)
-    run = load_data_and_models(cfg, plan)
+    run = load_data_and_models(cfg, plan, ranks)
     device, student = run.device, run.student
     terms, dims, same_vocab = check_with_models(cfg, plan, run)
     run.outputs.terms = terms  # the train entry keeps the largest k the validated topk terms ask for
@@ -353,11 +353,14 @@ def save_final(run: Loaded, modules: torch.nn.ModuleDict, final_dir: Path, ranks
     ranks.barrier()
 
 
-def unsharded(evaluation: Evaluation, ranks: Ranks) -> Evaluation:
+def unsharded(evaluation: Evaluation, ranks: Ranks, optimizer: torch.optim.Optimizer) -> Evaluation:
     """The evaluation rank 0 runs alone after a multi-rank run: on the saved final model, loaded as a plain
-    model (a sharded student would wait for the other ranks at every forward)."""
+    model (a sharded student would wait for the other ranks at every forward). No step follows: the
+    optimizer's state is freed first, so the full model and the evaluation take its room."""
     if not ranks.enabled:
         return evaluation
+    optimizer.state.clear()
+    distributed.release_free_memory()
     run = evaluation.run
     source = ModelConfig(source="run", path=str(evaluation.final_dir))
     with phases.part(phases.LOADING):
@@ -433,7 +436,7 @@ def finish(
             last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
             **common,
         )
-    evaluation = unsharded(evaluation, ranks)
+    evaluation = unsharded(evaluation, ranks, saves.optimizer)
     student_metrics = evaluation.student(final=True)
     # The eval split's point of the reported student (with early stopping, the eval split's only point: every
     # decision was taken on the validation slice).

@@ -56,6 +56,26 @@ def factory(cfg):
     )
 """
 
+# A torchrun entry point that runs the engine and records, per rank, the devices of the student's parameters
+# as load_model built them.
+BUILD_PROBE = """
+import json, os, sys
+import workers.engine.run_setup as run_setup
+from workers.engine.__main__ import main
+
+build = run_setup.load_model
+
+def load_model(*args, **kwargs):
+    loaded = build(*args, **kwargs)
+    with open(os.environ["DW_TEST_DEVICES"], "a") as f:
+        devices = sorted({p.device.type for p in loaded.model.parameters()})
+        f.write(json.dumps([int(os.environ["RANK"]), devices]) + "\\n")
+    return loaded
+
+run_setup.load_model = load_model
+sys.exit(main(sys.argv[1:]))
+"""
+
 TINY_LLAMA = {
     "model_type": "llama",
     "hidden_size": 32,
@@ -114,7 +134,13 @@ def _one_process(data: dict[str, Any]) -> tuple[list[float], Path]:
 
 
 def _torchrun(
-    tmp_path: Path, data: dict[str, Any], *, ranks: int = 2, args: tuple[str, ...] = (), **env: str
+    tmp_path: Path,
+    data: dict[str, Any],
+    *,
+    ranks: int = 2,
+    args: tuple[str, ...] = (),
+    entry: tuple[str, ...] = ("-m", "workers.engine"),
+    **env: str,
 ) -> subprocess.CompletedProcess:
     config = tmp_path / f"{Path(data['output_dir']).name}.json"
     config.write_text(json.dumps(data))
@@ -127,7 +153,7 @@ def _torchrun(
         **env,
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    command += ["-m", "workers.engine", "run", str(config), "--callbacks", "dw_test_reporter:factory", *args]
+    command += [*entry, "run", str(config), "--callbacks", "dw_test_reporter:factory", *args]
     return subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False
     )
@@ -283,3 +309,36 @@ def test_bf16_parameters_and_activation_checkpointing_on_sharded_ranks_stay_near
     assert launched.returncode == 0, launched.stderr[-4000:]
     # bf16 keeps 8 bits of mantissa: each loss within 1% of the fp32 run's (they differ by ~1e-4 here).
     assert _losses(tmp_path) == pytest.approx(reference, rel=1e-2)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_only_rank_0_builds_the_full_sharded_student_and_the_others_follow_it(tmp_path, corpus, tied):
+    """FSDP: rank 0 builds the randomly initialised student, the other ranks build it on the meta device and
+    receive their shards of rank 0's weights (and its buffers: the rotary frequencies), so the run still
+    follows the one-process curve to the same final weights."""
+    llama = TINY_LLAMA | {"tie_word_embeddings": tied}
+
+    def config(name: str, **train: Any) -> dict[str, Any]:
+        data = _config("lm", tmp_path / name, corpus, **train)
+        data["student"]["params"] = llama
+        return data
+
+    reference, reference_final = _one_process(config("one"))
+    data = config("two", processes=2, strategy="fsdp")
+    (tmp_path / "dw_build_probe.py").write_text(BUILD_PROBE)
+    devices = tmp_path / "devices.jsonl"
+    launched = _torchrun(
+        tmp_path, data, entry=(str(tmp_path / "dw_build_probe.py"),), DW_TEST_DEVICES=str(devices)
+    )
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    built = [json.loads(line) for line in devices.read_text().splitlines()]
+    assert sorted((rank, tuple(found)) for rank, found in built) == [(0, ("cpu",)), (1, ("meta",))]
+    assert _losses(tmp_path) == pytest.approx(reference, rel=LOSS_RTOL)
+    two = load_file(Path(data["output_dir"]) / "final" / "model.safetensors")
+    one = load_file(reference_final / "model.safetensors")
+    for name in one:  # (the gathered state dict also names a tied head: lm_head.weight)
+        assert torch.allclose(two[name], one[name], atol=WEIGHT_ATOL, rtol=0), name
+    if tied:
+        assert torch.equal(
+            two.get("lm_head.weight", two["model.embed_tokens.weight"]), two["model.embed_tokens.weight"]
+        )
