@@ -254,9 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         result_json = getattr(args, "result_json", None)
-        if result_json and is_main():  # a caller that launched the run as a process reads why it failed
-            Path(result_json).write_text(json.dumps({"error": str(exc), "error_type": type(exc).__name__}))
+        # A caller that launched the run as a process reads why it failed. Every rank that fails writes it:
+        # when another rank fails first, torchrun stops rank 0 before it could. Written whole (a rename).
+        if result_json and (is_main() or not Path(result_json).exists()):
+            _write_atomically(Path(result_json), {"error": str(exc), "error_type": type(exc).__name__})
         return 2
+
+
+def _write_atomically(path: Path, data: dict) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    partial.write_text(json.dumps(data))
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":
