@@ -194,6 +194,11 @@ def epoch_permutation(num_rows: int, *, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
+def steps_per_epoch(n_rows: int, *, batch_size: int) -> int:
+    """Steps in an epoch of :func:`rows_for_step` over ``n_rows`` rows (a trailing partial batch dropped)."""
+    return max(1, n_rows // max(1, min(batch_size, n_rows)))
+
+
 def rows_for_step(step: int, rows: np.ndarray, *, batch_size: int, seed: int) -> np.ndarray:
     """Row ids of the batch at ``step`` (0-based): epochs of ``len(rows) // batch_size`` full batches.
 
@@ -201,7 +206,6 @@ def rows_for_step(step: int, rows: np.ndarray, *, batch_size: int, seed: int) ->
     each epoch means every row still gets used.
     """
     batch_size = min(batch_size, len(rows))
-    steps_per_epoch = max(1, len(rows) // batch_size)
-    epoch, position = divmod(step, steps_per_epoch)
+    epoch, position = divmod(step, steps_per_epoch(len(rows), batch_size=batch_size))
     order = epoch_permutation(len(rows), seed=seed, epoch=epoch)
     return rows[order[position * batch_size : (position + 1) * batch_size]]

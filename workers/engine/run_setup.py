@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import adapters, phases
-from .batching import Batcher, LMBatcher
+from .batching import Batcher, LMBatcher, steps_per_epoch
 from .cache import TeacherCache
 from .config import RunConfig
 from .data import IGNORE_INDEX, LoadedDataset, Split, load_dataset
@@ -207,15 +207,22 @@ def select_train_rows(cfg: RunConfig, plan: RunPlan, run: Loaded, *, same_vocab:
 
 
 def teacher_targets(
-    cfg: RunConfig, plan: RunPlan, run: Loaded, rows: TrainRows, *, step: int
+    cfg: RunConfig, plan: RunPlan, run: Loaded, rows: TrainRows, *, step: int, ranks: Ranks | None = None
 ) -> TeacherTargets | None:
-    """The teacher's part of each batch: looked up in the train split's cache entry (computed now on a miss)
-    or computed online; None when no term reads the teacher or no step is left to train."""
+    """The teacher's part of each batch: looked up in the train split's cache entry, which a miss fills
+    while the first epoch trains (:mod:`.cache_fill`; up front where it cannot), or computed online; None
+    when no term reads the teacher or no step is left to train."""
     if plan.teacher_mode == "none" or step >= cfg.train.max_steps:
         return None
-    entry = None
+    entry, fill = None, None
     if plan.teacher_mode == "cached":
-        entry = run.outputs.train_entry(rows.batches, same_vocab=rows.same_vocab)
+        n, tc = len(rows.rows), cfg.train
+        epoch = steps_per_epoch(n, batch_size=min(tc.batch_size, n) * tc.grad_accum_steps)  # as the loop
+        fill = run.outputs.train_fill(
+            rows.batches, same_vocab=rows.same_vocab, until_step=epoch, ranks=ranks or Ranks()
+        )
+        if fill is None:
+            entry = run.outputs.train_entry(rows.batches, same_vocab=rows.same_vocab)
     same_tokens = cfg.task == "causal_lm" and rows.same_vocab
     return TeacherTargets(
         run.teachers,
@@ -224,4 +231,5 @@ def teacher_targets(
         same_tokens=same_tokens,
         student=run.student,
         student_rows=rows.batches if isinstance(rows.batches, LMBatcher) else None,
+        fill=fill,
     )

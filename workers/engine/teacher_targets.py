@@ -20,6 +20,7 @@ from .batching import Batch, LMBatcher
 from .cache import (
     CacheEntry,
     gather_topk,
+    pack_positions,
 )
 from .errors import ConfigError
 from .evaluate import (
@@ -34,6 +35,7 @@ from .runtime import (
 from .teachers import Teachers
 
 if TYPE_CHECKING:
+    from .cache_fill import TrainFill
     from .planning import RunPlan
 
 
@@ -59,8 +61,10 @@ class TeacherTargets:
         same_tokens: bool,
         student: LoadedModel | None = None,
         student_rows: LMBatcher | None = None,
+        fill: TrainFill | None = None,
     ) -> None:
         self.teachers, self.entry, self.task, self.same_tokens = teachers, entry, task, same_tokens
+        self.fill = fill  # the entry being filled by the first epoch (:mod:`.cache_fill`): read like one
         self.student, self.student_rows = student, student_rows
         self._own: dict[int, Any] = {}
         self._ends: dict[str, list[list[int]] | None] = {}
@@ -183,9 +187,31 @@ class TeacherTargets:
         )
         return teacher_batch, index
 
+    def _filling(self, batch: Batch) -> dict[str, Any]:
+        """The batch's rows from the entry being filled (each computed by the teacher when first used), in the
+        precision the entry stores them."""
+        device, records = self.teachers.device, self.fill.rows(batch.indices.cpu().numpy())
+        if self.task == "causal_lm":
+            width = batch.inputs["input_ids"].shape[1] - 1
+            part = CacheEntry(self.fill.key, self.fill.folder, {}, pack_positions(records))
+            return {"teacher_topk": gather_topk(part, torch.arange(len(records)), width, device)}
+        if self.task == "embedding":
+            return {"teacher_embedding": torch.stack([r["embeddings"] for r in records]).to(device)}
+        fields = {"teacher_logits": torch.stack([r["logits"] for r in records]).to(device)}
+        if "teacher_logits" in records[0]:  # multi_teacher: each teacher's logits, (K, B, C)
+            fields |= {
+                "teacher_mixture": torch.stack([r["teacher_logits"] for r in records], 1).to(device),
+                "teacher_weights": tuple(self.teachers.weights),
+            }
+        return fields
+
     @torch.no_grad()
     def fields(self, batch: Batch, rows: np.ndarray | None, *, plan: RunPlan) -> dict[str, Any]:
         device = self.teachers.device
+        if self.fill is not None and self.fill.entry is not None:  # the first epoch is over: read the entry
+            self.entry, self.fill = self.fill.entry, None
+        if self.fill is not None:
+            return self._filling(batch)
         if self.entry is not None:
             t = self.entry.tensors
             if self.task == "classification":

@@ -33,8 +33,10 @@ from .cache import (
     topk_of,
     vocab_digest,
 )
+from .cache_fill import TrainFill, fill_mode
 from .config import LossTermConfig, RunConfig
 from .data import LoadedDataset
+from .distributed import Ranks
 from .errors import ConfigError
 from .evaluate import (
     autocast,
@@ -46,7 +48,7 @@ from .evaluate import (
     shift_for_lm,
 )
 from .loss_primitives import mix_teachers
-from .models import LoadedModel, load_model, model_dims
+from .models import LoadedModel, forward_logits, load_model, model_dims
 from .runtime import (
     make_batcher,
     out_of_memory_as_training_error,
@@ -233,26 +235,67 @@ def _lm_topk_outputs(
         for loaded in teachers.models():
             stack.enter_context(eval_mode(loaded.model))
         for batch in phases.track(batcher.iter_batches(batch_size), len(batcher)):
-            batch = batch.to(teachers.device)
-            logits, labels = shift_for_lm(
-                teachers.logits(lambda _loaded, b=batch: b), batch.inputs["input_ids"]
-            )
-            top = topk_of(logits, k)
-            target = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            lengths = batch.inputs["attention_mask"].sum(1).tolist()
-            for b, (length, row) in enumerate(zip(lengths, batch.indices.tolist(), strict=True)):
-                n = max(int(length) - 1, 0)
-                per_row.append(
-                    {
-                        "logprobs": top.logprobs[b, :n].half().cpu(),
-                        "indices": top.indices[b, :n].int().cpu(),
-                        "tail_logmass": top.tail_logmass[b, :n].half().cpu(),
-                        "target_logprob": target[b, :n].float().cpu(),
-                    }
-                )
-                if ends is not None:
-                    per_row[-1]["prefix_end"] = torch.as_tensor(ends[row][:n], dtype=torch.int64)
+            per_row.extend(_lm_topk_batch(teachers, batch, k=k, ends=ends))
     return pack_positions(per_row)
+
+
+@torch.no_grad()
+def _lm_topk_batch(
+    teachers: Teachers, batch: Batch, *, k: int, ends: list[list[int]] | None
+) -> list[dict[str, Tensor]]:
+    """One batch's rows as :func:`_lm_topk_outputs` stores them: per row, its predicted positions' top-k
+    log-probs (float16), ids (int32), tail (float16), the target token's log-prob, and ``prefix_end`` with
+    ``ends``."""
+    batch = batch.to(teachers.device)
+    logits, labels = shift_for_lm(teachers.logits(lambda _loaded, b=batch: b), batch.inputs["input_ids"])
+    top = topk_of(logits, k)
+    target = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    lengths = batch.inputs["attention_mask"].sum(1).tolist()
+    per_row = []
+    for b, (length, row) in enumerate(zip(lengths, batch.indices.tolist(), strict=True)):
+        n = max(int(length) - 1, 0)
+        per_row.append(
+            {
+                "logprobs": top.logprobs[b, :n].half().cpu(),
+                "indices": top.indices[b, :n].int().cpu(),
+                "tail_logmass": top.tail_logmass[b, :n].half().cpu(),
+                "target_logprob": target[b, :n].float().cpu(),
+            }
+        )
+        if ends is not None:
+            per_row[-1]["prefix_end"] = torch.as_tensor(ends[row][:n], dtype=torch.int64)
+    return per_row
+
+
+@torch.no_grad()
+def _dense_rows(
+    teachers: Teachers, rows: np.ndarray, batchers: dict[int, Batcher]
+) -> list[dict[str, Tensor]]:
+    """Classification logits (several teachers: their mixture and each one's) or embeddings of ``rows`` of
+    the train split, one record per row, as :func:`_classification_outputs` / :func:`_embedding_outputs`
+    store them."""
+    per_teacher = []
+    for loaded in teachers.models():
+        if id(loaded) not in batchers:
+            batchers[id(loaded)] = make_batcher("train", teachers.dataset, loaded)
+        batch = batchers[id(loaded)].batch(rows).to(teachers.device)
+        with eval_mode(loaded.model), autocast(teachers.device):
+            per_teacher.append(forward_logits(loaded.model, batch.inputs).float().cpu())
+    if teachers.dataset.task == "embedding":
+        return [{"embeddings": e} for e in per_teacher[0]]
+    if len(per_teacher) == 1:
+        return [{"logits": z} for z in per_teacher[0]]
+    mixed = mix_teacher_logits(per_teacher, teachers.weights)
+    stacked = torch.stack(per_teacher, dim=1)  # (B, K, C)
+    return [{"logits": mixed[b], "teacher_logits": stacked[b]} for b in range(len(rows))]
+
+
+def _assemble_dense(records: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """A classification or embedding entry's tensors from its rows' records, in row order."""
+    out = {name: torch.stack([r[name] for r in records]) for name in records[0]}
+    if "teacher_logits" in out:
+        out["teacher_logits"] = out["teacher_logits"].transpose(0, 1).contiguous()  # (K, N, C)
+    return out
 
 
 # --- the run's teacher-output cache entries -----------------------------------------------------------------
@@ -281,6 +324,7 @@ class TeacherOutputs:
         self.task, self.max_length = cfg.task, max_length
         self._eval: CacheEntry | None = None
         self._validation: CacheEntry | None = None
+        self.fill: TrainFill | None = None
 
     def stored_for(self, split: str) -> dict[str, Any]:
         """What a cache entry of ``split`` holds (LM train entries keep the largest k the topk terms ask for,
@@ -355,6 +399,84 @@ class TeacherOutputs:
             )
 
         return self.entry_for("train", self.stored_for("train"), compute)
+
+    def train_fill(
+        self, train_batches: Batcher | LMBatcher, *, same_vocab: bool, until_step: int, ranks: Ranks
+    ) -> TrainFill | None:
+        """The train entry filled while the first epoch trains (:mod:`.cache_fill`), or None where it is in
+        the cache already or is filled up front: seq_kd (its rows are generated first), a teacher with
+        another tokenizer (its rows are its own), or ``DISTILLWEB_TEACHER_CACHE_FILL=before``."""
+        if (
+            self.cfg.scheme == "seq_kd"
+            or (self.task == "causal_lm" and not same_vocab)
+            or fill_mode() == "before"
+            or self.existing_train_entry() is not None
+        ):
+            return None
+        teachers, batch_size, k = self.teachers, self.cfg.train.batch_size, None
+        stored = self.stored_for("train")
+        description = self.describe("train", stored)
+        if self.task == "causal_lm":
+            k = stored["k"]
+            texts = None if teachers.dataset.pack else teachers.dataset.train.inputs
+            ends = (
+                prefix_ends(texts, train_batches.token_rows, tokenizer=teachers.first.tokenizer)
+                if texts is not None
+                else None
+            )
+
+            def outputs(rows: np.ndarray) -> list[dict[str, Tensor]]:
+                return _lm_topk_batch(teachers, train_batches.batch(rows), k=k, ends=ends)
+
+            assemble = pack_positions
+        else:
+            batchers: dict[int, Batcher] = {}
+
+            def outputs(rows: np.ndarray) -> list[dict[str, Tensor]]:
+                return _dense_rows(teachers, rows, batchers)
+
+            assemble = _assemble_dense
+
+        def compute(rows: np.ndarray) -> dict[int, dict[str, Tensor]]:
+            with out_of_memory_as_training_error(
+                self.cfg, "while the teacher computed its outputs on the train split"
+            ):
+                return dict(zip(rows.tolist(), outputs(rows), strict=True))
+        fill = TrainFill(
+            self.cache,
+            cache_key(description),
+            n_rows=len(train_batches),
+            compute=compute,
+            assemble=assemble,
+            manifest=teachers.describe,
+            split="train",
+            stored=stored,
+            description=description,
+            until_step=until_step,
+            batch_size=batch_size,
+            ranks=ranks,
+        )
+        if not fill.owner and ranks.flag(self.existing_train_entry() is not None):  # finished meanwhile
+            fill.close()
+            return None
+        self.fill = fill
+        return fill
+
+    def at_step(self, step: int) -> None:
+        """Complete the train entry being filled once the first epoch is over (all ranks at the same step)."""
+        if self.fill is not None and self.fill.due(step):
+            self.complete_fill()
+
+    def complete_fill(self) -> None:
+        """Complete the train entry being filled, if any: at the end of the first epoch, or at the end of a
+        run shorter than one epoch (so a finished run always leaves a whole entry for the next)."""
+        if self.fill is not None and self.fill.entry is None:
+            self.fill.complete()
+
+    def close(self) -> None:
+        """The run is over: an unfinished fill keeps its rows for the next run and frees the entry's lock."""
+        if self.fill is not None:
+            self.fill.close()
 
     def eval_entry(self, eval_batches: Batcher | LMBatcher, *, same_vocab: bool) -> CacheEntry | None:
         """The teachers' outputs on the eval split (None without a teacher), computed at most once per run."""

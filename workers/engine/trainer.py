@@ -35,6 +35,7 @@ resumed from a checkpoint continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -185,18 +186,19 @@ def train(cfg: RunConfig, callbacks: Callbacks | None = None) -> TrainResult:
         ConfigError, DataError, ModelLoadError: before training starts.
         TrainingError: NaN/inf loss, or out of memory (GPU or RAM, in any phase), with the run's estimate.
     """
-    with distributed.session(cfg) as ranks:
+    with distributed.session(cfg) as ranks, contextlib.ExitStack() as cleanup:
         cb = ranks.callbacks(callbacks or Callbacks())
         with phases.reporting(cb.on_phase):  # rank 0's reports only: the other ranks' on_phase is None
-            return _train(cfg, cb, ranks)
+            return _train(cfg, cb, ranks, cleanup)
 
 
-def _train(cfg: RunConfig, cb: Callbacks, ranks: Ranks) -> TrainResult:
+def _train(cfg: RunConfig, cb: Callbacks, ranks: Ranks, cleanup: contextlib.ExitStack) -> TrainResult:
     """:func:`train` on this process's ranks (one, without torchrun): rank 0 reports through ``cb``, the
     others get callbacks that only follow rank 0's decisions."""
     tc, task = cfg.train, cfg.task
     plan = plan_run(cfg)
     run = load_data_and_models(cfg, plan, ranks)
+    cleanup.callback(run.outputs.close)  # a teacher-cache fill left unfinished keeps its rows, frees its lock
     device, student = run.device, run.student
     terms, dims, same_vocab = check_with_models(cfg, plan, run)
     run.outputs.terms = terms  # the train entry keeps the largest k the validated topk terms ask for
@@ -215,7 +217,7 @@ def _train(cfg: RunConfig, cb: Callbacks, ranks: Ranks) -> TrainResult:
     step, last_checkpoint = saves.resume()
 
     started = time.perf_counter()
-    targets = teacher_targets(cfg, plan, run, rows, step=step)
+    targets = teacher_targets(cfg, plan, run, rows, step=step, ranks=ranks)
     inputs_of = StepInputs(cfg, plan, run, rows.batches, targets, forward=forward)
     eval_batches = make_batcher("eval", run.dataset, student, max_length=run.max_length)
     evaluation = Evaluation(
@@ -234,6 +236,7 @@ def _train(cfg: RunConfig, cb: Callbacks, ranks: Ranks) -> TrainResult:
     interval_steps, interval_start, generated = 0, time.perf_counter(), 0
     stopped = stopped_early = False
     while step < tc.max_steps:
+        run.outputs.at_step(step)  # the first epoch is over: a teacher-cache entry it filled is completed
         step_rows = rows_for_step(step, rows.rows, batch_size=batch_size * accum, seed=tc.seed)
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
@@ -369,6 +372,13 @@ def unsharded(evaluation: Evaluation, ranks: Ranks, optimizer: torch.optim.Optim
     return dataclasses.replace(evaluation, run=dataclasses.replace(run, student=student))
 
 
+def _cache_uses(run: Loaded) -> list[dict[str, Any]]:
+    """The cache entries the run used, train split first (a train entry filled during training is written
+    after the eval split's)."""
+    order = {"train": 0, "validation": 1, "eval": 2}
+    return [u.to_dict() for u in sorted(run.cache.uses, key=lambda u: order.get(u.split, 3))]
+
+
 def finish(
     cfg: RunConfig,
     cb: Callbacks,
@@ -390,7 +400,7 @@ def finish(
     once it is saved)."""
     ranks = ranks or Ranks()
     teachers, stopper, modules = run.teachers, saves.stopper, saves.modules
-    common = {"task": cfg.task, "scheme": cfg.scheme, "teacher_cache": [u.to_dict() for u in run.cache.uses]}
+    common = {"task": cfg.task, "scheme": cfg.scheme, "teacher_cache": _cache_uses(run)}
     if stopped or not cb.owned():
         return TrainResult(
             steps=step,
@@ -403,6 +413,7 @@ def finish(
             teacher_forwards=teachers.forwards if teachers else 0,
             **common,
         )
+    run.outputs.complete_fill()  # a run shorter than an epoch: the rows it did not use, so the entry is whole
     restored = False
     if restore_best:
         if not stopped_early:  # the last weights are a candidate too, judged on the validation slice
@@ -463,7 +474,7 @@ def finish(
             task=cfg.task,
             batch_size=cfg.train.batch_size,
         )
-    common["teacher_cache"] = [u.to_dict() for u in run.cache.uses]
+    common["teacher_cache"] = _cache_uses(run)
     return TrainResult(
         steps=step,
         stopped=False,
