@@ -26,7 +26,7 @@ from django.conf import settings
 from django.utils.text import slugify
 
 from experiments.models import Evaluation, ModelSpec, Run
-from experiments.selectors import leaderboard, records
+from experiments.selectors import footprint, leaderboard, records
 
 logger = logging.getLogger(__name__)
 
@@ -379,6 +379,9 @@ def model_card(*, run: Run, fmt: str, meta: dict[str, Any], folder_name: str, st
         f"- Student: {_describe_model(run.student, config.get('student'))}",
         f"- Teacher: {_describe_model(run.teacher, config.get('teacher'))}",
     ]
+    if adapter := footprint.adapter_text(train):
+        lines.insert(-1, f"- Adapter: {adapter} into these weights (a plain transformers model; the "
+                         "adapter alone, when the run saved it, is under `adapter/`)")
     if config.get("extra_teachers"):
         weights = ", ".join(_number(w) for w in config.get("teacher_weights") or [])
         lines.append(f"- Extra teachers: {len(config['extra_teachers'])} (weights {weights or 'equal'})")

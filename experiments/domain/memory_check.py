@@ -11,7 +11,9 @@ and routed like a new run (``routing.route``):
 - a run that trains on the CPU (pinned to it, sent to the ``cpu`` queue, or on the ``auto`` device while no
   GPU queue is declared and no worker that takes it has a GPU) holds its estimate in RAM once per CPU process:
   with the headroom, more than the largest RAM among the workers that take it (``Worker.memory_total_bytes``),
-  or, when none of them has reported it, than this machine's, is an error.
+  or, when none of them has reported it, than this machine's, is an error;
+- a 4-bit QLoRA run (``lora_r`` > 0 with ``lora_4bit``) that would train on the CPU by the same rule is an
+  error: bitsandbytes' 4-bit layers need a CUDA GPU, and the worker would refuse the run when it starts.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
 # The largest single GPU a queue can declare (routing.COMMON_GPU_GIB): a run above it fits no GPU at all.
 LARGEST_GPU_BYTES = max(routing.COMMON_GPU_GIB) * 1024**3
 # Swept training settings that change what one rank holds: each combination is sized on its own.
-SHAPE_AXES = ("batch_size", "gpus", "processes", "strategy", "precision", "activation_checkpointing")
+SHAPE_AXES = ("batch_size", "gpus", "processes", "strategy", "precision", "activation_checkpointing",
+              "lora_r", "lora_4bit")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,18 @@ def _point_label(point: dict[str, Any]) -> str:
             text += f", {point[key]}"
     if point.get("activation_checkpointing"):
         text += ", checkpointed"
+    rank, four_bit = _qlora_rank(point)
+    if rank:
+        text += f", LoRA r={rank}" + (", 4-bit" if four_bit else "")
     return text
+
+
+def _qlora_rank(train: dict[str, Any]) -> tuple[int, bool]:
+    """(LoRA rank, 4-bit) of training settings: (0, False) without an adapter."""
+    rank = train.get("lora_r")
+    if isinstance(rank, bool) or not isinstance(rank, int | float) or rank <= 0:
+        return 0, False
+    return int(rank), train.get("lora_4bit") is True
 
 
 def run_shapes(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
@@ -173,14 +187,21 @@ class _Sized:
     reason: str | None
 
 
-def _size(shapes: Sequence[RunShape], fleet: routing.FleetQueues
-          ) -> tuple[list[_Sized], list[tuple[RunShape, MemoryEstimate, CpuRam]]]:
-    """Every shape estimated and routed; and those that train on the CPU, estimated there (its processes),
-    with the RAM they find."""
+@dataclass(frozen=True)
+class _Sizes:
+    """Every shape estimated and routed (``rows``); those that train on the CPU, estimated there (its
+    processes), with the RAM they find (``on_cpu``); and the 4-bit QLoRA shapes that would train on the CPU
+    (``qlora_on_cpu``)."""
+
+    rows: list[_Sized]
+    on_cpu: list[tuple[RunShape, MemoryEstimate, CpuRam]]
+    qlora_on_cpu: list[_Sized]
+
+
+def _size(shapes: Sequence[RunShape], fleet: routing.FleetQueues) -> _Sizes:
     reader = routing.model_shape_reader()
-    rows: list[_Sized] = []
+    sizes = _Sizes([], [], [])
     workers: list[dict[str, Any]] | None = None
-    on_cpu: list[tuple[RunShape, MemoryEstimate, CpuRam]] = []
     for shape in shapes:
         estimate = routing.config_memory_estimate(shape.config, reader=reader)
         queue = routing.route(estimate, fleet)
@@ -190,14 +211,51 @@ def _size(shapes: Sequence[RunShape], fleet: routing.FleetQueues
             reason = (f"{shape.label} {routing.gpus_needed_text(estimate)} and goes to queue '{queue}', "
                       "which declares no GPU group: the worker that takes it may have fewer GPUs (a worker "
                       f"that owns them serves '{group}').")
-        rows.append(_Sized(shape, estimate, queue, reason))
-        if estimate.complete:
-            workers = _worker_hosts() if workers is None else workers
-            ram = cpu_ram(estimate, queue, fleet=fleet, workers=workers)
-            if ram is not None and ram.memory_bytes:
-                there = routing.config_memory_estimate(shape.config, reader=reader, on_cpu=True)
-                on_cpu.append((shape, there, ram))
-    return rows, on_cpu
+        sized = _Sized(shape, estimate, queue, reason)
+        sizes.rows.append(sized)
+        # Where a run trains does not depend on its size: a QLoRA run of unknown size is placed too.
+        four_bit = _qlora_rank(shape.config.get("train") or {})[1]
+        if not (estimate.complete or four_bit):
+            continue
+        workers = _worker_hosts() if workers is None else workers
+        ram = cpu_ram(estimate, queue, fleet=fleet, workers=workers)
+        if ram is None:
+            continue
+        if four_bit:
+            sizes.qlora_on_cpu.append(sized)
+        if estimate.complete and ram.memory_bytes:
+            there = routing.config_memory_estimate(shape.config, reader=reader, on_cpu=True)
+            sizes.on_cpu.append((shape, there, ram))
+    return sizes
+
+
+def _why_on_cpu(row: _Sized) -> str:
+    """Why a run trains on the CPU (``cpu_ram``'s rule), for a message."""
+    if not row.estimate.needs_gpu:
+        return "it is pinned to the CPU (device cpu)"
+    if row.queue == routing.CPU_QUEUE:
+        return f"it goes to queue '{routing.CPU_QUEUE}'"
+    return f"no GPU queue is declared and no worker that takes queue '{row.queue}' has a GPU"
+
+
+def check_qlora(qlora_on_cpu: Sequence[_Sized], *, details: Sequence[str] = ()) -> Check | None:
+    """The error for 4-bit QLoRA runs that would train on the CPU (None when there are none)."""
+    from experiments.domain.preflight import Check
+
+    if not qlora_on_cpu:
+        return None
+    first = qlora_on_cpu[0]
+    others = [f"Also on the CPU with 4-bit QLoRA: {r.shape.label}." for r in qlora_on_cpu[1:]]
+    return Check(
+        "memory",
+        "GPU memory",
+        "error",
+        f"{first.shape.label} uses 4-bit QLoRA, which needs a CUDA GPU with bitsandbytes, but it would train "
+        f"on the CPU: {_why_on_cpu(first)}. Turn 4-bit QLoRA off, or run it on a GPU queue that an online "
+        "GPU worker serves.",
+        (*others, *details),
+        field="lora_4bit",
+    )
 
 
 def _largest(sized: Sequence[_Sized]) -> tuple[str, list[str]]:
@@ -225,7 +283,8 @@ def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | Non
     if not shapes:
         return Check("memory", title, "notice", "No runs to size.")
     fleet = fleet if fleet is not None else routing.fleet_queues()
-    rows, on_cpu = _size(shapes, fleet)
+    sizes = _size(shapes, fleet)
+    rows, on_cpu = sizes.rows, sizes.on_cpu
     too_big = [r for r in rows if r.estimate.complete and r.estimate.needs_gpu
                and routing.needed_bytes(r.estimate) > LARGEST_GPU_BYTES]
     unknown = [r for r in rows if not r.estimate.complete]
@@ -239,6 +298,9 @@ def check_memory(shapes: Sequence[RunShape], *, fleet: routing.FleetQueues | Non
         shape, estimate, ram = max(on_cpu, key=lambda row: row[1].host_bytes)
         details.append(f"Largest CPU run: needs about {routing.size_text(ram_needed_bytes(estimate))} of RAM "
                        f"({shape.label}); {ram.where} has {routing.size_text(ram.memory_bytes)}.")
+    qlora = check_qlora(sizes.qlora_on_cpu, details=(largest, *details))
+    if qlora is not None:
+        return qlora
     if too_big:
         shape, estimate = too_big[0].shape, too_big[0].estimate
         return Check(

@@ -32,6 +32,7 @@ from experiments.models import (
     Recipe,
     Run,
 )
+from experiments.selectors import footprint
 from experiments.selectors import records as records_reads
 
 
@@ -56,6 +57,14 @@ class LeaderboardRow:
     higher_is_better: bool = True
     rank: int = 0
     pareto: bool = False
+    lora_r: int = 0
+    """The LoRA rank the row's runs trained (0: full fine-tuning); their final models hold it merged."""
+    lora_4bit: bool = False
+
+    @property
+    def adapter(self) -> str:
+        """"LoRA r=8, merged" for a row of LoRA runs; "" for full fine-tuning."""
+        return footprint.adapter_text({"lora_r": self.lora_r, "lora_4bit": self.lora_4bit})
 
     @property
     def family(self) -> str:
@@ -213,6 +222,8 @@ class _BoardEval(NamedTuple):
     stage: str
     seed: int
     is_baseline: bool
+    lora_r: Any
+    lora_4bit: Any
 
     def value(self, metric: PrimaryMetric) -> float | None:
         return _score(self.accuracy, self.metric_raw, metric)
@@ -220,7 +231,12 @@ class _BoardEval(NamedTuple):
 
 _BOARD_FIELDS = ("pk", "run_id", "split_key", "accuracy", "metric_raw", "param_count", "latency_ms",
                  "run__experiment_id", "run__student_id", "run__recipe_id", "run__stage", "run__seed",
-                 "run__is_baseline")
+                 "run__is_baseline", "lora_r", "lora_4bit")
+# The run's adapter (a LoRA student is exported merged), read from its frozen config in the same query.
+_BOARD_ADAPTER = {
+    "lora_r": KeyTransform("lora_r", KeyTransform("train", "run__config")),
+    "lora_4bit": KeyTransform("lora_4bit", KeyTransform("train", "run__config")),
+}
 
 
 # The parts of a run's frozen config that hold swept values (read only for runs of experiments that sweep).
@@ -237,7 +253,7 @@ def _board_evaluations(
     """The benchmark's evaluations as :class:`_BoardEval` rows, with ``metric`` read out of the metrics JSON
     in SQL, and for the runs of ``swept_experiments`` the parts of their frozen config that hold swept values
     (evaluation id → config parts shaped like the config for ``sweep_plan.config_value``). One query."""
-    rows = qs.annotate(metric_raw=KeyTransform(metric.name, "metrics")).order_by("run_id")
+    rows = qs.annotate(metric_raw=KeyTransform(metric.name, "metrics"), **_BOARD_ADAPTER).order_by("run_id")
     if not swept_experiments:
         return [_BoardEval(*values) for values in rows.values_list(*_BOARD_FIELDS)], {}
     swept = Q(run__experiment_id__in=list(swept_experiments))
@@ -380,6 +396,7 @@ def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], 
             row = rows[key] = LeaderboardRow(
                 experiment, students[e.student_id], recipes[e.recipe_id], experiment.teacher, e.is_baseline,
                 e.stage, sweep=label, higher_is_better=metric.higher_is_better,
+                lora_r=footprint.lora_rank({"lora_r": e.lora_r}), lora_4bit=bool(e.lora_4bit),
             )
         row.run_ids.append(e.run_id)
         row.accuracies.append(value)

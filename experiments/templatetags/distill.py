@@ -10,6 +10,7 @@ from django import template
 from django.utils import timezone
 
 from experiments import humanize
+from experiments.domain import routing
 from experiments.selectors import records
 
 register = template.Library()
@@ -130,3 +131,23 @@ SHOWN_METRICS = {"accuracy", "macro_f1", "params", "latency_ms_p50"}
 def other_metrics(metrics: dict | None) -> list[tuple[str, Any]]:
     """An evaluation's metrics without those the table shows in their own columns."""
     return [(k, v) for k, v in sorted((metrics or {}).items()) if k not in SHOWN_METRICS]
+
+
+@register.filter
+def share(value: float | None) -> str:
+    """A small fraction as a percentage with enough digits to read: 0.0089 → "0.89%", 0.25 → "25.0%",
+    1.0 → "100%"; "—" when missing."""
+    if value is None or value == "" or not math.isfinite(float(value)):
+        return "—"
+    percent = 100 * float(value)
+    if percent >= 99.95:
+        return "100%" if percent < 100.05 else f"{percent:.1f}%"
+    return f"{percent:.2f}%" if percent < 1 else f"{percent:.1f}%"
+
+
+@register.filter
+def memory_size(value: int | float | None) -> str:
+    """Bytes of memory as the estimates show them: 1288490188 → "1.2 GiB", 300 MiB → "300 MiB"."""
+    if value is None or value == "":
+        return "—"
+    return routing.size_text(float(value))

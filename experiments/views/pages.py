@@ -24,7 +24,7 @@ from experiments.domain import input_rules, routing, specs, uploads
 from experiments.domain.engine_config import TRAIN_DEFAULTS, run_resources
 from experiments.listing import list_page
 from experiments.models import DatasetSpec, Experiment, Run
-from experiments.selectors import curves, fleet, leaderboard, teams
+from experiments.selectors import curves, fleet, footprint, leaderboard, teams
 from experiments.selectors import records as records_reads
 from experiments.services import lifecycle
 from experiments.services import records as records_writes
@@ -118,6 +118,7 @@ def _render_model(request: HttpRequest, spec, derive_form: forms.ModelDeriveForm
         "spec": spec,
         "runs": runs,
         "derived": spec.derived.order_by("name"),
+        "adapter": footprint.model_adapter(spec=spec),
         # Only transformers models can be derived from (builtin nets have no layers to subset).
         "derive_form": derive_form if specs.model_kind(spec) == "text" else None,
     }
@@ -342,6 +343,7 @@ def _registered_name(run: Run) -> str:
 
 def _render_run(request: HttpRequest, run: Run, register_form: forms.RegisterModelForm) -> HttpResponse:
     series = curves.run_metric_series(run=run)
+    on_gpu = footprint.run_trains_on_gpu(run=run)
     context = {
         "run": run,
         "figures": _run_figures(series),
@@ -352,15 +354,10 @@ def _render_run(request: HttpRequest, run: Run, register_form: forms.RegisterMod
         "queue_notice": routing.run_queue_notice(run=run),
         "live": curves.run_live_telemetry(run=run) if run.status == Run.Status.RUNNING else {},
         "transitions": run.transitions.all(),
-        "resources": run_resources(run.config or {}, on_gpu=_trains_on_gpu(run.queue)),
+        "resources": run_resources(run.config or {}, on_gpu=on_gpu),
+        "footprint": footprint.run_footprint(run=run, on_gpu=on_gpu),
     }
     return TemplateResponse(request, "experiments/run_detail.html", context)
-
-
-def _trains_on_gpu(queue: str) -> bool | None:
-    """Whether a run on ``queue`` trains on a GPU: yes on a ``gpu-…`` queue, no on ``cpu``, else unknown."""
-    capacity = routing.queue_capacity(queue)
-    return None if capacity is None else not capacity.is_cpu
 
 
 def _run_figures(series: dict[str, tuple[list[int], list[float]]]) -> dict[str, Any]:

@@ -4,6 +4,8 @@
  * (each recipe's chained runs × its term-sweep points + the hard-label baseline). Values are counted with the
  * sweep syntax of experiments/sweeps.py (a number, a list, START:STOP:logN | linN | stepS) without expanding
  * ranges, so "1:1e9:step1" costs nothing. The server recounts authoritatively on "Check" and on launch.
+ * Resource choices sweep too (experiments/forms.py: ChoiceSweepField, OnOffSweepField): n ticked boxes of a
+ * group (strategy, precision) give n values, none or one give one; "off and on" (value "both") gives two.
  */
 (function () {
   "use strict";
@@ -75,6 +77,28 @@
     return axes;
   }
 
+  // [{name, count}] for the choice sweeps: groups of several checkboxes of one name, and off/on selects.
+  function choiceSweeps(form) {
+    var groups = {};
+    var order = [];
+    form.querySelectorAll("input[type='checkbox'][name]").forEach(function (box) {
+      if (!groups[box.name]) {
+        groups[box.name] = { boxes: 0, ticked: 0 };
+        order.push(box.name);
+      }
+      groups[box.name].boxes += 1;
+      if (box.checked) groups[box.name].ticked += 1;
+    });
+    var found = order.filter(function (name) { return groups[name].boxes > 1; }).map(function (name) {
+      return { name: name, count: Math.max(groups[name].ticked, 1) };
+    });
+    form.querySelectorAll("select[name]").forEach(function (select) {
+      if (select.multiple || !select.querySelector("option[value='both']")) return;
+      found.push({ name: select.name, count: select.value === "both" ? 2 : 1 });
+    });
+    return found;
+  }
+
   function start() {
     var form = document.querySelector("form[data-setup-form]");
     if (!form) return;
@@ -102,6 +126,12 @@
           }
         } catch (err) {
           problems.push(input.name + ": " + err.message);
+        }
+      });
+      choiceSweeps(form).forEach(function (choice) {
+        if (choice.count > 1) {
+          trainPoints *= choice.count;
+          swept.push(choice.name + " ×" + choice.count);
         }
       });
       var axes = {};
