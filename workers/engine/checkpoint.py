@@ -43,7 +43,7 @@ from torch import nn
 
 from . import phases
 from .config import RunConfig
-from .distributed import Ranks, load_sharded, save_sharded
+from .distributed import Ranks, is_sharded, load_full_into_sharded, load_sharded, save_sharded
 from .errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:
@@ -264,7 +264,9 @@ def load_checkpoint(
     device: torch.device,
     modules: nn.Module | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Restore model, term modules, optimizer and RNG states from ``folder``.
+    """Restore model, term modules, optimizer and RNG states from ``folder``: a multi-rank run's DCP state
+    with any number of ranks, a one-process checkpoint with one process or on several ranks (DDP: loaded as
+    is; FSDP: every rank reads the full state and keeps its shards).
 
     Args:
         config: the current run's config dict; it must match the checkpoint's apart from logging, saving and
@@ -284,6 +286,16 @@ def load_checkpoint(
         )
     if (folder / SHARDED_DIR).is_dir():  # a multi-rank run's: read with any number of ranks
         load_sharded(folder / SHARDED_DIR, model=model, optimizer=optimizer, modules=modules)
+    elif is_sharded(model):  # a one-process checkpoint, read by every rank of a sharded (FSDP) student
+        modules_file = folder / MODULES_FILE
+        load_full_into_sharded(
+            model=model,
+            optimizer=optimizer,
+            modules=modules,
+            weights=load_file(folder / "model.safetensors"),
+            module_weights=load_file(modules_file) if modules is not None and modules_file.is_file() else {},
+            optimizer_state=torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
+        )
     else:
         load_weights_into(model, str(folder / "model.safetensors"), device=str(device))
         if modules is not None and (folder / MODULES_FILE).is_file():
@@ -379,11 +391,6 @@ class Checkpoints:
             clean_for_resume(self.output_dir, attempt=self.attempt, resume_from=last_checkpoint)
         ranks.barrier()
         if last_checkpoint is not None:
-            if ranks.strategy == "fsdp" and not (last_checkpoint / SHARDED_DIR).is_dir():
-                raise ConfigError(
-                    "This run's checkpoint was written by one process; resume it with one process or with "
-                    "strategy 'ddp'."
-                )
             with phases.part(phases.LOADING):
                 step, extra = load_checkpoint(
                     last_checkpoint,

@@ -17,6 +17,18 @@ only; the other ranks build it on the meta device and receive their shards of ra
 sharded. Every rank of a multi-rank run fixes glibc's mmap threshold (:func:`keep_heap_small`), so the freed
 gathered layers and gradients go back to the system instead of growing the heap step after step.
 
+Checkpoints: a multi-rank run writes DCP checkpoints (:func:`save_sharded`), which any number of ranks reads
+back; a one-process checkpoint (full weights, an index-keyed optimizer state) resumes on sharded ranks too
+(:func:`load_full_into_sharded`: every rank reads it whole and keeps its shards). The final model is gathered
+on rank 0 with the one-process keys (a tied head is named once, as ``save_pretrained`` writes it alone).
+
+Generation (``on_policy``) on a sharded student: every forward is a collective, so the ranks step in
+lockstep until the last rank's rows are done (``generate``'s ``synced_gpus``); each rank samples its rows from
+its own seed. An online teacher beside a sharded student is sharded too (:func:`shards_teacher`,
+:func:`shard_frozen`: per block + root, frozen, resharded after each forward), unless
+``DISTILLWEB_REPLICATE_TEACHER`` is set; a rank that must run it alone gathers it first, with every rank
+(:func:`gathered`, :func:`gather_frozen`).
+
 A process started without torchrun's environment is a world of one: :class:`Ranks` then changes nothing and
 the run takes the single-process path.
 """
@@ -51,6 +63,7 @@ BLOCK_LISTS = ("layers", "layer", "h", "blocks", "block")  # the ModuleList of a
 SEEDED_SOURCES = ("config", "builtin")  # students whose initial weights come from the seed alone
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 128 * 1024
+ONLINE_SCHEMES = ("online", "on_policy")  # the teacher runs on every batch, on every rank
 
 
 def env_world() -> tuple[int, int, int]:
@@ -146,13 +159,7 @@ def check_resources(cfg: RunConfig, world: int) -> str:
             f"rank takes an equal share of each batch. Use a batch size of "
             f"{f'{below} or ' if below else ''}{above}."
         )
-    strategy = "fsdp" if tc.strategy == "auto" else tc.strategy
-    if strategy == "fsdp" and cfg.scheme == "on_policy":
-        raise ConfigError(
-            "on_policy samples continuations from the student, which a sharded (fsdp) student cannot do "
-            "rank by rank; use strategy 'ddp'."
-        )
-    return strategy
+    return "fsdp" if tc.strategy == "auto" else tc.strategy
 
 
 @dataclass
@@ -335,7 +342,13 @@ class Ranks:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options)
+        state = get_model_state_dict(model, options=options)
+        # Gathered, tied parameters (a head tied to the embedding) come back as separate copies; one tensor
+        # under both names again, so that save_pretrained drops the tied name as it does in one process.
+        for name, first in tied_names(model).items():
+            if name in state and first in state:
+                state[name] = state[first]
+        return state
 
     def load_full_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load full (unsharded) weights into the student, sharded or not; every rank passes them."""
@@ -395,9 +408,18 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def shard(model: nn.Module, *, world: int, device: torch.device, dtype: torch.dtype) -> None:
+def shard(
+    model: nn.Module,
+    *,
+    world: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    reshard_after_forward: bool | None = None,
+) -> None:
     """FSDP2: ``fully_shard`` each transformer block, then the root (bf16 parameters, fp32 reduction when
-    ``dtype`` is bf16)."""
+    ``dtype`` is bf16). ``reshard_after_forward`` None: FSDP2's default (the blocks reshard, the root keeps
+    its parameters gathered until the backward); True: every module frees its gathered parameters after its
+    forward (a frozen model that never runs a backward)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -407,9 +429,82 @@ def shard(model: nn.Module, *, world: int, device: torch.device, dtype: torch.dt
         if dtype == torch.bfloat16
         else MixedPrecisionPolicy()
     )
+    options: dict[str, Any] = {"mesh": mesh, "mp_policy": policy}
+    if reshard_after_forward is not None:
+        options["reshard_after_forward"] = reshard_after_forward
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+
+
+# --- a frozen teacher, sharded -----------------------------------------------------------------------------
+
+
+def shards_teacher(cfg: RunConfig, ranks: Ranks) -> bool:
+    """Whether this run's teacher is sharded over the ranks (:func:`shard_frozen`) rather than replicated on
+    each: with a sharded student (``fsdp``) on several ranks, for a teacher that runs on every batch
+    (``online``, ``on_policy``: every rank runs it at the same points, in lockstep), unless
+    ``DISTILLWEB_REPLICATE_TEACHER`` is set. The memory estimate follows the same rule
+    (:func:`memory.teacher_shards`)."""
+    from .memory import teacher_shards
+
+    mode = "online" if cfg.scheme in ONLINE_SCHEMES else "other"
+    return ranks.enabled and teacher_shards(ranks.strategy, ranks.world, mode) > 1
+
+
+def shard_frozen(model: nn.Module, *, world: int, device: torch.device, dtype: torch.dtype) -> None:
+    """FSDP2-shard a frozen model (an online teacher) per transformer block + root, like the student but
+    with no gradients and no optimizer: every rank keeps 1/``world`` of its weights, and a forward gathers
+    one block at a time and frees it afterwards (the root too: no backward follows). Every rank must run each
+    forward at the same point (the training steps do), with the training precision (``dtype``) for the
+    gathered weights. Run alone on one rank (rank 0's final evaluation, a cache entry one rank fills while
+    the others wait on its lock), it must be :func:`gathered` first, by every rank."""
+    model.eval().requires_grad_(False)
+    shard(model, world=world, device=device, dtype=dtype, reshard_after_forward=True)
+
+
+def place_teacher(model: nn.Module, cfg: RunConfig, ranks: Ranks) -> nn.Module:
+    """The loaded teacher on this rank: sharded (:func:`shard_frozen`) where :func:`shards_teacher` says so,
+    else moved to the rank's device whole; frozen either way (eval mode, no gradients). Idempotent."""
+    if shards_teacher(cfg, ranks):
+        if not is_sharded(model):
+            shard_frozen(model, world=ranks.world, device=ranks.device, dtype=ranks.precision(cfg.train))
+        return model
+    return model.to(ranks.device).eval().requires_grad_(False)
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def gather_frozen(model: nn.Module) -> None:
+    """Gather a sharded frozen model's full weights on every rank and keep them there, so that any rank can
+    then run it alone (no collective per forward); every rank must call it. A model that is not sharded is
+    left as it is. :func:`reshard_frozen` undoes it (no collective)."""
+    fsdp = _fsdp_modules(model)
+    for module in fsdp:
+        module.set_reshard_after_forward(False, recurse=False)
+    for module in fsdp:
+        module.unshard()
+
+
+def reshard_frozen(model: nn.Module) -> None:
+    """Free the weights :func:`gather_frozen` gathered (local, no collective): the model is sharded again."""
+    for module in _fsdp_modules(model):
+        module.set_reshard_after_forward(True, recurse=False)
+        module.reshard()
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`gather_frozen` for the block, resharded on the way out; every rank must enter it."""
+    gather_frozen(model)
+    try:
+        yield model
+    finally:
+        reshard_frozen(model)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -466,6 +561,86 @@ def load_sharded(
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(trained, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True where FSDP2 sharded ``model`` (``fully_shard`` applied: its parameters are DTensors, or gathered
+    for a while by :func:`gather_frozen`)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def load_full_into_sharded(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    modules: nn.Module | None,
+    weights: dict[str, torch.Tensor],
+    module_weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+) -> None:
+    """Load a one-process checkpoint (full weights, and ``optimizer.state_dict()`` keyed by parameter index)
+    into a sharded (FSDP2) student, the terms' modules and the optimizer; every rank passes the full state and
+    keeps its shards.
+
+    The one-process optimizer's parameters are the current optimizer's in the same order (both are built from
+    the student's parameters, then the terms' modules), so index i is the current optimizer's i-th parameter,
+    named here by its place in the student or the terms' modules."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    trained = _trained(model, modules)
+    names = {id(p): name for name, p in trained.named_parameters(remove_duplicate=False)}
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+    if len(saved_ids) != len(ordered):
+        raise ConfigError(
+            f"The checkpoint's optimizer holds {len(saved_ids)} parameters, this run's {len(ordered)}; "
+            "it belongs to a different student."
+        )
+    fqn = dict(zip(saved_ids, ordered, strict=True))
+    named = {
+        "state": {fqn[i]: value for i, value in optimizer_state["state"].items()},
+        "param_groups": [
+            group | {"params": [fqn[i] for i in group["params"]]} for group in optimizer_state["param_groups"]
+        ],
+    }
+    state = {f"student.{k}": v for k, v in weights.items()}
+    state |= {f"terms.{k}": v for k, v in module_weights.items()}
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    missing, unexpected = set_model_state_dict(trained, state, options=options)
+    tied = {name for name in missing if _is_tied(trained, name)}
+    if set(missing) - tied or unexpected:
+        raise ConfigError(
+            "The checkpoint's weights do not fit this run's student (missing: "
+            f"{sorted(set(missing) - tied)[:5]}, unexpected: {sorted(unexpected)[:5]})."
+        )
+    set_optimizer_state_dict(trained, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """Each name of a parameter that is the same tensor as an earlier one (a tied head), mapped to that
+    earlier name (in ``named_parameters`` order)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    """True where parameter ``name`` is the same tensor as another parameter (a tied head)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(name)
+    return target is not None and any(p is target for n, p in params.items() if n != name)
 
 
 @contextlib.contextmanager

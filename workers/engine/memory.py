@@ -24,7 +24,8 @@ A run of several ranks (``train.gpus`` on a GPU, ``train.processes`` on a CPU) i
 is what one GPU must hold: each rank trains on ``batch_size / ranks`` rows of a step, so activations, logits
 and the teacher's forward pass shrink with the ranks; FSDP (``strategy`` fsdp, or auto with several ranks)
 shards the student's weights, gradients and AdamW states over the ranks (1/N of each per rank), DDP
-replicates them; teachers are frozen (no gradients, no optimizer state) and replicated on every rank.
+replicates them; teachers are frozen (no gradients, no optimizer state) and replicated on every rank, but an
+online teacher beside an FSDP student is sharded too (its weights 1/N per rank; see :func:`teacher_shards`).
 Activation checkpointing keeps only each block's input (2 bytes per token and hidden unit in bf16) and
 recomputes one block at a time in the backward pass, so one block's full activations are stored at once.
 The activation figure above is bf16's; fp32 precision doubles it (``precision`` auto keeps the figure of the
@@ -48,6 +49,7 @@ a run's ``distillweb_model.json`` for builtin nets, and the parent's config with
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,6 +426,18 @@ def rank_plan(train: Mapping[str, Any], *, on_cpu: bool) -> RankPlan:
     )
 
 
+TEACHER_REPLICATE_ENV = "DISTILLWEB_REPLICATE_TEACHER"
+
+
+def teacher_shards(strategy: str, ranks: int, mode: str) -> int:
+    """Over how many ranks a teacher's weights are split: all of them for an ``online`` teacher (it runs on
+    every batch, on every rank in lockstep) beside a sharded (``fsdp``) student, unless
+    ``DISTILLWEB_REPLICATE_TEACHER`` is set (1, true, yes); else 1 (replicated on every rank). The engine
+    follows the same rule (``distributed.shards_teacher``)."""
+    replicate = os.environ.get(TEACHER_REPLICATE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return ranks if strategy == "fsdp" and ranks > 1 and mode == "online" and not replicate else 1
+
+
 def _shard(n_bytes: int, shards: int) -> int:
     return -(-n_bytes // shards)
 
@@ -476,7 +490,9 @@ def estimate_run_memory(
         if teacher is None:
             unknown.append(_describe(teacher_cfg))
             continue
-        parts["teacher_weights"] += teacher.weight_bytes  # frozen, replicated on every rank
+        # Frozen: replicated on every rank, or sharded beside an FSDP student (weights only, no gradients).
+        shards = teacher_shards(plan.strategy, plan.ranks, mode)
+        parts["teacher_weights"] += _shard(teacher.weight_bytes, shards)
         if mode == "online":
             teacher_length = length if task == "causal_lm" else teacher.sequence_length(wanted_length)
             parts["teacher_forward"] += _teacher_forward(

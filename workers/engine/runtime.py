@@ -137,9 +137,14 @@ def generate_continuations(
     eos_id: int | None,
     device: torch.device,
     seed: int,
+    synced: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt with ``model.generate`` (greedy when ``temperature`` is 0, else sampled with a
     generator seeded by ``seed``, leaving the global RNG untouched). Prompts are left-padded into one batch.
+
+    ``synced``: the model is sharded over the ranks (FSDP), whose every forward is a collective: all ranks
+    step in lockstep until the last rank's rows are done (``generate``'s ``synced_gpus``; a rank whose rows
+    all ended runs its forwards without sampling), so none stops early and leaves the others waiting.
 
     Returns:
         the new tokens of each prompt, up to and including the first EOS.
@@ -152,6 +157,7 @@ def generate_continuations(
         mask[i, width - len(p) :] = 1
     sample = temperature > 0
     kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
+    kwargs["synced_gpus"] = synced
     if eos_id is not None:
         kwargs["eos_token_id"] = eos_id
     if sample:
@@ -169,8 +175,11 @@ def generate_continuations(
     return result
 
 
-def step_seed(seed: int, step: int, salt: int) -> int:
-    return int(np.random.default_rng([seed, step, salt]).integers(2**62))
+def step_seed(seed: int, step: int, salt: int, rank: int = 0) -> int:
+    """A seed for (``seed``, ``step``, ``salt``); rank r > 0 of a multi-rank run draws its own (rank 0 and a
+    one-process run draw the same), so the ranks' rows are sampled independently, repeatably."""
+    key = [seed, step, salt] if rank == 0 else [seed, step, salt, rank]
+    return int(np.random.default_rng(key).integers(2**62))
 
 
 # --- device and seeds ---------------------------------------------------------------------------------------

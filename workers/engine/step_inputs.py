@@ -18,6 +18,7 @@ import torch
 
 from .batching import Batch, Batcher, LMBatcher
 from .config import RunConfig
+from .distributed import is_sharded
 from .errors import TrainingError
 from .evaluate import ModelOutputs, forward_outputs, shift_for_lm
 from .losses import LossParts
@@ -32,6 +33,13 @@ from .teacher_targets import TeacherTargets
 
 if TYPE_CHECKING:
     from .run_setup import Loaded
+
+
+def _rank() -> int:
+    """This process's rank (0 without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
 
 class NonFiniteWatch:
@@ -107,7 +115,8 @@ class StepInputs:
             pad_id=batches.pad_id,
             eos_id=eos,
             device=device,
-            seed=step_seed(cfg.train.seed, at_step, index),
+            seed=step_seed(cfg.train.seed, at_step, index, rank=_rank()),
+            synced=is_sharded(student.model),
         )
         sampled = LMBatcher(
             [a + b for a, b in zip(prompts, new, strict=True)],

@@ -1,7 +1,7 @@
 """The memory estimate of a run over several ranks (workers.engine.memory): FSDP shards the student's weights,
 gradients and optimizer states, DDP replicates them, each rank trains on its share of the batch, teachers are
 replicated without gradients or optimizer states, activation checkpointing and precision change
-activations."""
+activations; an online teacher beside an FSDP student is sharded too."""
 
 import pytest
 
@@ -60,17 +60,28 @@ def test_auto_strategy_is_fsdp_with_several_ranks_and_nothing_with_one():
     assert one_rank.total_bytes == estimate_run_memory(_config()).total_bytes
 
 
-def test_the_teacher_holds_weights_only_replicated_on_every_rank():
-    alone = estimate_run_memory(_config(SMOLLM2, gpus=4))
-    taught = estimate_run_memory(_config(SMOLLM2, teacher=LLAMA_7B, gpus=4))
+def test_the_teacher_holds_weights_only_replicated_on_every_rank(monkeypatch):
+    alone = estimate_run_memory(_config(SMOLLM2, gpus=4, strategy="ddp"))
+    taught = estimate_run_memory(_config(SMOLLM2, teacher=LLAMA_7B, gpus=4, strategy="ddp"))
     single = estimate_run_memory(_config(SMOLLM2, teacher=LLAMA_7B))
 
     # No gradients and no optimizer state for the teacher: only the student's are counted there.
     assert taught.student_grads == alone.student_grads
     assert taught.optimizer_states == alone.optimizer_states
-    # The frozen teacher is not sharded: every rank holds all of it.
+    # The frozen teacher beside a replicated (DDP) student is not sharded: every rank holds all of it.
     assert taught.teacher_weights == single.teacher_weights > 0
     assert taught.teacher_forward < single.teacher_forward  # its forward pass reads batch / 4 rows
+    # Beside an FSDP student an online teacher is sharded too (1/4 per rank), unless told to replicate it.
+    sharded = estimate_run_memory(_config(SMOLLM2, teacher=LLAMA_7B, gpus=4, strategy="fsdp"))
+    assert sharded.teacher_weights == pytest.approx(single.teacher_weights / 4, abs=1)
+    assert sharded.teacher_forward == taught.teacher_forward
+    monkeypatch.setenv("DISTILLWEB_REPLICATE_TEACHER", "1")
+    replicated = estimate_run_memory(_config(SMOLLM2, teacher=LLAMA_7B, gpus=4, strategy="fsdp"))
+    assert replicated.teacher_weights == single.teacher_weights
+    monkeypatch.delenv("DISTILLWEB_REPLICATE_TEACHER")
+    # An offline teacher fills the cache (a rank may fill it alone): replicated.
+    offline = estimate_run_memory(_config(SMOLLM2, teacher=LLAMA_7B, gpus=4) | {"scheme": "offline"})
+    assert offline.teacher_weights == single.teacher_weights
 
 
 def test_activation_checkpointing_lowers_activations():
