@@ -479,15 +479,21 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+GATHERED = "_distillweb_gathered"  # set on a sharded frozen model while its full weights are kept
+
+
 def gather_frozen(model: nn.Module) -> None:
     """Gather a sharded frozen model's full weights on every rank and keep them there, so that any rank can
-    then run it alone (no collective per forward); every rank must call it. A model that is not sharded is
-    left as it is. :func:`reshard_frozen` undoes it (no collective)."""
+    then run it alone (no collective per forward); every rank must call it. A model that is not sharded, or
+    already gathered, is left as it is. :func:`reshard_frozen` undoes it (no collective)."""
     fsdp = _fsdp_modules(model)
+    if not fsdp or getattr(model, GATHERED, False):
+        return
     for module in fsdp:
         module.set_reshard_after_forward(False, recurse=False)
     for module in fsdp:
         module.unshard()
+    setattr(model, GATHERED, True)
 
 
 def reshard_frozen(model: nn.Module) -> None:
@@ -495,11 +501,17 @@ def reshard_frozen(model: nn.Module) -> None:
     for module in _fsdp_modules(model):
         module.set_reshard_after_forward(True, recurse=False)
         module.reshard()
+    if hasattr(model, GATHERED):
+        setattr(model, GATHERED, False)
 
 
 @contextlib.contextmanager
 def gathered(model: nn.Module) -> Iterator[nn.Module]:
-    """:func:`gather_frozen` for the block, resharded on the way out; every rank must enter it."""
+    """:func:`gather_frozen` for the block, resharded on the way out; every rank must enter it. Inside a
+    gather that is already in place (rank 0 alone after :func:`gather_frozen`) it does nothing at all."""
+    if getattr(model, GATHERED, False) or not _fsdp_modules(model):
+        yield model
+        return
     gather_frozen(model)
     try:
         yield model

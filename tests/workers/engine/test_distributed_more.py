@@ -136,17 +136,20 @@ def test_ranks_of_a_sharded_student_generate_in_lockstep_when_one_rank_ends_firs
 
 # A torchrun entry point that places each loaded teacher as ``distributed.place_teacher`` decides (sharded
 # beside an FSDP student unless DISTILLWEB_REPLICATE_TEACHER is set) and gathers it on every rank before the
-# final model is saved, so rank 0 can evaluate with it alone; it records, per rank, whether the teacher was
-# sharded. (Once Teachers.models and trainer.finish make these calls themselves, the wrap is a no-op.)
+# final model is saved, so rank 0 can evaluate with it alone, and around each evaluation's teacher entry; it
+# records, per rank, whether the teacher was sharded. (Once Teachers.models, trainer.finish and
+# Evaluation.teacher_entry make these calls themselves, the wraps are no-ops.)
 TEACHER_PROBE = """
-import json, os, sys
+import contextlib, json, os, sys
 import torch
+import workers.engine.run_evaluation as run_evaluation
 import workers.engine.teachers as teachers
 import workers.engine.trainer as trainer
 from workers.engine import distributed
 from workers.engine.__main__ import main
 
 models, save_final = teachers.Teachers.models, trainer.save_final
+teacher_entry = run_evaluation.Evaluation.teacher_entry
 
 def placed(self):
     loaded = models(self)
@@ -166,8 +169,18 @@ def gathered_then_saved(run, modules, final_dir, ranks):
             distributed.gather_frozen(teacher.model)
     return save_final(run, modules, final_dir, ranks)
 
+def gathered_entry(self, *, validation=False):
+    # Every rank evaluates (eval_every): the teacher is gathered around the entry one rank computes under
+    # the cache's lock while the others wait on it.
+    with contextlib.ExitStack() as stack:
+        if self.run.teachers is not None and self.run.teachers.is_loaded:
+            for teacher in self.run.teachers.models():
+                stack.enter_context(distributed.gathered(teacher.model))
+        return teacher_entry(self, validation=validation)
+
 teachers.Teachers.models = placed
 trainer.save_final = gathered_then_saved
+run_evaluation.Evaluation.teacher_entry = gathered_entry
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -180,7 +193,7 @@ def test_an_online_teacher_sharded_over_fsdp_ranks_gives_the_replicated_teachers
     _, teacher = _one_process(trained)
 
     def config(name: str) -> dict[str, Any]:
-        data = _config("lm", tmp_path / name, corpus, processes=2, strategy="fsdp")
+        data = _config("lm", tmp_path / name, corpus, processes=2, strategy="fsdp", eval_every=2)
         return data | {
             "teacher": {"source": "run", "path": str(teacher)},
             "terms": [
