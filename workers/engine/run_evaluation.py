@@ -8,6 +8,7 @@ has not improved for ``patience`` evaluations in a row, and is checkpointed with
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,11 +85,16 @@ class Evaluation:
     final_dir: Path
 
     def teacher_entry(self, *, validation: bool = False) -> CacheEntry | None:
-        if validation:
-            return self.run.outputs.validation_entry(
-                self.rows.val_dataset, self.rows.val_batches, self.rows.held_out
-            )
-        return self.run.outputs.eval_entry(self.eval_batches, same_vocab=self.rows.same_vocab)
+        """The teacher's outputs on the eval split (or the validation slice), from the cache or computed now;
+        a sharded teacher is gathered for it on every rank (one rank computes while the others wait on the
+        entry's lock)."""
+        teachers = self.run.teachers
+        with teachers.gathered() if teachers is not None else contextlib.nullcontext():
+            if validation:
+                return self.run.outputs.validation_entry(
+                    self.rows.val_dataset, self.rows.val_batches, self.rows.held_out
+                )
+            return self.run.outputs.eval_entry(self.eval_batches, same_vocab=self.rows.same_vocab)
 
     def student(self, final: bool, *, validation: bool = False) -> dict[str, float]:
         """The student's metrics on the eval split, or (``validation``) on the validation slice."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import phases
+from . import distributed, phases
 from .align import prefix_ends
 from .batching import Batch, Batcher, LMBatcher
 from .cache import (
@@ -36,7 +36,6 @@ from .cache import (
 from .cache_fill import TrainFill, fill_mode
 from .config import LossTermConfig, RunConfig
 from .data import LoadedDataset
-from .distributed import Ranks
 from .errors import ConfigError
 from .evaluate import (
     autocast,
@@ -88,10 +87,18 @@ class Teachers:
     """
 
     def __init__(
-        self, cfg: RunConfig, plan: RunPlan, dataset: LoadedDataset, device: torch.device, *, max_length: int
+        self,
+        cfg: RunConfig,
+        plan: RunPlan,
+        dataset: LoadedDataset,
+        device: torch.device,
+        *,
+        max_length: int,
+        ranks: distributed.Ranks | None = None,
     ) -> None:
         self.cfg, self.plan, self.dataset, self.device = cfg, plan, dataset, device
         self.max_length = max_length
+        self.ranks = ranks or distributed.Ranks()
         self.weights = list(plan.teacher_weights)
         self._loaded: list[LoadedModel] | None = None
         self._fingerprint: str | None = None
@@ -105,6 +112,8 @@ class Teachers:
         if self._loaded is None:
             loaded = []
             devices = [self.device] if self.device.type == "cuda" else []
+            # Beside a sharded student, an online teacher is sharded too: it goes from the host to its shards.
+            sharded = distributed.shards_teacher(self.cfg, self.ranks)
             for i, teacher_cfg in enumerate(self.plan.teachers):
                 with (
                     phases.part(phases.LOADING),
@@ -121,7 +130,7 @@ class Teachers:
                         f"{self.max_length} long. Lower the dataset's max_length."
                     )
                 with out_of_memory_as_training_error(self.cfg, "while loading the teacher"):
-                    model.model.to(self.device).eval().requires_grad_(False)
+                    (model.model if sharded else model.model.to(self.device)).eval().requires_grad_(False)
                 model.model.register_forward_hook(self._count)
                 if (
                     i
@@ -134,7 +143,25 @@ class Teachers:
                     )
                 loaded.append(model)
             self._loaded = loaded
+            if sharded:
+                self.fingerprint()  # from the whole weights, before they are spread over the ranks
+                for model in loaded:
+                    distributed.place_teacher(model.model, self.cfg, self.ranks)
         return self._loaded
+
+    def gathered(self) -> contextlib.AbstractContextManager[Any]:
+        """Every loaded teacher's whole weights on every rank for the block (a sharded teacher; nothing
+        otherwise), so one rank may run it alone; every rank must enter it."""
+        stack = contextlib.ExitStack()
+        for model in self._loaded or []:
+            stack.enter_context(distributed.gathered(model.model))
+        return stack
+
+    def gather(self) -> None:
+        """Keep a sharded teacher's whole weights on every rank from now on (rank 0's final evaluation runs
+        alone); every rank must call it."""
+        for model in self._loaded or []:
+            distributed.gather_frozen(model.model)
 
     def _count(self, *_args: Any) -> None:
         self.forwards += 1
@@ -401,7 +428,12 @@ class TeacherOutputs:
         return self.entry_for("train", self.stored_for("train"), compute)
 
     def train_fill(
-        self, train_batches: Batcher | LMBatcher, *, same_vocab: bool, until_step: int, ranks: Ranks
+        self,
+        train_batches: Batcher | LMBatcher,
+        *,
+        same_vocab: bool,
+        until_step: int,
+        ranks: distributed.Ranks,
     ) -> TrainFill | None:
         """The train entry filled while the first epoch trains (:mod:`.cache_fill`), or None where it is in
         the cache already or is filled up front: seq_kd (its rows are generated first), a teacher with

@@ -435,6 +435,8 @@ def finish(
             **common,
         )
     final_dir = evaluation.final_dir
+    if teachers is not None:
+        teachers.gather()  # a sharded teacher whole on every rank: rank 0 evaluates alone after the save
     save_final(run, modules, final_dir, ranks)
     if not ranks.is_main:
         return TrainResult(

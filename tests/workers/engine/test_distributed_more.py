@@ -134,53 +134,23 @@ def test_ranks_of_a_sharded_student_generate_in_lockstep_when_one_rank_ends_firs
     assert rank_1["got"] == rank_1["expected"] and all(len(row) == 6 for row in rank_1["got"])
 
 
-# A torchrun entry point that places each loaded teacher as ``distributed.place_teacher`` decides (sharded
-# beside an FSDP student unless DISTILLWEB_REPLICATE_TEACHER is set) and gathers it on every rank before the
-# final model is saved, so rank 0 can evaluate with it alone, and around each evaluation's teacher entry; it
-# records, per rank, whether the teacher was sharded. (Once Teachers.models, trainer.finish and
-# Evaluation.teacher_entry make these calls themselves, the wraps are no-ops.)
+# A torchrun entry point that records, per rank, whether each loaded teacher is sharded (beside an FSDP
+# student, unless DISTILLWEB_REPLICATE_TEACHER is set).
 TEACHER_PROBE = """
-import contextlib, json, os, sys
-import torch
-import workers.engine.run_evaluation as run_evaluation
+import json, os, sys
 import workers.engine.teachers as teachers
-import workers.engine.trainer as trainer
 from workers.engine import distributed
 from workers.engine.__main__ import main
 
-models, save_final = teachers.Teachers.models, trainer.save_final
-teacher_entry = run_evaluation.Evaluation.teacher_entry
+models = teachers.Teachers.models
 
-def placed(self):
+def recorded(self):
     loaded = models(self)
-    rank, local_rank, world = distributed.env_world()
-    ranks = distributed.Ranks(
-        rank, local_rank, world, distributed.check_resources(self.cfg, world), torch.device("cpu")
-    )
-    for teacher in loaded:
-        distributed.place_teacher(teacher.model, self.cfg, ranks)
     with open(os.environ["DW_TEST_TEACHER"], "a") as f:
-        f.write(json.dumps([rank, [distributed.is_sharded(t.model) for t in loaded]]) + "\\n")
+        f.write(json.dumps([self.ranks.rank, [distributed.is_sharded(t.model) for t in loaded]]) + "\\n")
     return loaded
 
-def gathered_then_saved(run, modules, final_dir, ranks):
-    if run.teachers is not None and run.teachers.is_loaded:
-        for teacher in run.teachers.models():
-            distributed.gather_frozen(teacher.model)
-    return save_final(run, modules, final_dir, ranks)
-
-def gathered_entry(self, *, validation=False):
-    # Every rank evaluates (eval_every): the teacher is gathered around the entry one rank computes under
-    # the cache's lock while the others wait on it.
-    with contextlib.ExitStack() as stack:
-        if self.run.teachers is not None and self.run.teachers.is_loaded:
-            for teacher in self.run.teachers.models():
-                stack.enter_context(distributed.gathered(teacher.model))
-        return teacher_entry(self, validation=validation)
-
-teachers.Teachers.models = placed
-trainer.save_final = gathered_then_saved
-run_evaluation.Evaluation.teacher_entry = gathered_entry
+teachers.Teachers.models = recorded
 sys.exit(main(sys.argv[1:]))
 """
 
