@@ -388,6 +388,19 @@ class PrimaryMetricSerializer(serializers.Serializer):
     percent = serializers.BooleanField()
 
 
+class AdapterSerializer(serializers.Serializer):
+    """How a row's students trained when not every weight trained: LoRA adapters, named by the experiment's
+    training settings (``lora_r``, ``lora_4bit``), which the final model holds merged into its weights."""
+
+    kind = serializers.CharField(help_text='"lora", the only kind so far')
+    lora_r = serializers.IntegerField(min_value=1, help_text="The adapters' rank")
+    lora_4bit = serializers.BooleanField(help_text="4-bit QLoRA: the frozen weights were held in 4 bits")
+    merged = serializers.BooleanField(
+        help_text="The exported student holds the adapters merged into its weights (a plain model)"
+    )
+    label = serializers.CharField(help_text='As the leaderboard page shows it, e.g. "LoRA r=8, merged"')
+
+
 class LeaderboardRowSerializer(serializers.Serializer):
     """One leaderboard row: a (experiment, student, recipe, stage, sweep point) over its seeds, as on the
     leaderboard page."""
@@ -418,7 +431,18 @@ class LeaderboardRowSerializer(serializers.Serializer):
     teacher_params = serializers.IntegerField(allow_null=True)
     teacher_latency_ms = serializers.FloatField(allow_null=True)
     family = serializers.CharField(help_text="The student's family (mlp, bert, …)")
+    adapter = serializers.SerializerMethodField(
+        help_text="The LoRA adapters the row's runs trained, merged into the student; null for full "
+        "fine-tuning"
+    )
     pareto = serializers.BooleanField(help_text="No other kept row is at least as small and as good")
+
+    @extend_schema_field(AdapterSerializer(allow_null=True))
+    def get_adapter(self, row: Any) -> dict[str, Any] | None:
+        if not row.lora_r:
+            return None
+        adapter = {"kind": "lora", "lora_r": row.lora_r, "lora_4bit": row.lora_4bit, "merged": True}
+        return AdapterSerializer({**adapter, "label": row.adapter}).data
 
 
 class SplitOptionSerializer(serializers.Serializer):

@@ -476,6 +476,7 @@ LEADERBOARD_CSV_HEADER = [
     "baseline",
     "stage",
     "sweep",
+    "adapter",
     "experiment",
     "team",
     "teacher",
@@ -501,7 +502,8 @@ LEADERBOARD_CSV_HEADER = [
 def leaderboard_csv_lines(rows: Iterable[leaderboard.LeaderboardRow], *, metric: leaderboard.PrimaryMetric,
                           config_url: Callable[[int], str]) -> Iterator[list[Any]]:
     """The header, then one list of cells per leaderboard row (escaped with :func:`csv_safe`); ``config_url``
-    turns a run id into the address of its frozen config."""
+    turns a run id into the address of its frozen config. ``adapter`` is the row's LoRA label as the page
+    shows it ("LoRA r=8, merged", "LoRA r=16, 4-bit, merged"; empty for full fine-tuning)."""
     yield LEADERBOARD_CSV_HEADER
     for r in rows:
         yield [
@@ -514,6 +516,7 @@ def leaderboard_csv_lines(rows: Iterable[leaderboard.LeaderboardRow], *, metric:
                 r.is_baseline,
                 r.stage,
                 r.sweep,
+                r.adapter,
                 r.experiment.name,
                 r.experiment.team.name,
                 r.teacher.name if r.teacher else "",
