@@ -375,34 +375,53 @@ def pack_positions(per_row: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {"offsets": offsets, **{name: torch.cat([r[name] for r in per_row]) for name in names}}
 
 
+def _row_positions(offsets: Tensor, rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Flat positions of ``rows`` laid out as (B, width), and which of them exist (a row may be shorter than
+    ``width``; missing positions point at position 0 and are False)."""
+    rows = torch.as_tensor(rows).to("cpu", torch.long).reshape(-1)  # the entry's tensors are on the CPU
+    starts, ends = offsets[rows], offsets[rows + 1]  # (B,)
+    position = starts.unsqueeze(1) + torch.arange(width, dtype=torch.long)  # (B, width)
+    valid = position < ends.unsqueeze(1)
+    return torch.where(valid, position, 0), valid
+
+
+def _read(stored: Tensor, position: Tensor) -> Tensor:
+    """``stored[position]`` for (B, width) flat positions, in one indexed read: (B, width, ...)."""
+    if not len(stored):  # an entry without positions: everything is padding
+        return stored.new_zeros((*position.shape, *stored.shape[1:]))
+    return stored.index_select(0, position.reshape(-1)).view(*position.shape, *stored.shape[1:])
+
+
 def gather_topk(entry: CacheEntry, rows: Tensor, width: int, device: torch.device) -> TopK:
     """The cached top-k of ``rows`` laid out like a batch: (B, width, k), padding positions filled with a
-    valid dummy distribution (they are masked by the labels)."""
+    valid dummy distribution (they are masked by the labels).
+
+    One indexed read per stored tensor (no Python loop over rows); the float16 values are widened to float32
+    and the indices to int64 after the read, on the ``device``."""
     t = entry.tensors
     k = t["logprobs"].shape[1]
-    logprobs = torch.full((len(rows), width, k), math.log((1 - _PAD_TAIL) / k))
-    indices = torch.arange(k, dtype=torch.long).expand(len(rows), width, k).clone()
-    tail = torch.full((len(rows), width), math.log(_PAD_TAIL))
-    for b, row in enumerate(rows.tolist()):
-        start, end = int(t["offsets"][row]), int(t["offsets"][row + 1])
-        n = min(end - start, width)
-        logprobs[b, :n] = t["logprobs"][start : start + n].float()
-        indices[b, :n] = t["indices"][start : start + n].long()
-        if "tail_logmass" in t:
-            tail[b, :n] = t["tail_logmass"][start : start + n].float()
-    has_tail = "tail_logmass" in t
-    return TopK(logprobs.to(device), indices.to(device), tail.to(device) if has_tail else None)
+    position, valid = _row_positions(t["offsets"], rows, width)
+    ok = valid.to(device).unsqueeze(-1)
+    logprobs = _read(t["logprobs"], position).to(device).float()
+    indices = _read(t["indices"], position).to(device).long()
+    padded = not bool(valid.all())  # full rows (packed text, long rows) need no padding
+    if padded:
+        logprobs = torch.where(ok, logprobs, math.log((1 - _PAD_TAIL) / k))
+        indices = torch.where(ok, indices, torch.arange(k, dtype=torch.long, device=device))
+    tail = None
+    if "tail_logmass" in t:
+        tail = _read(t["tail_logmass"], position).to(device).float()
+        if padded:
+            tail = torch.where(ok.squeeze(-1), tail, math.log(_PAD_TAIL))
+    return TopK(logprobs, indices, tail)
 
 
 def gather_rows(entry: CacheEntry, name: str, rows: Tensor, width: int, fill: float = 0.0) -> Tensor:
     """A flat per-position tensor (``target_logprob``) laid out as (B, width)."""
     t = entry.tensors
-    out = torch.full((len(rows), width), fill, dtype=torch.float32)
-    for b, row in enumerate(rows.tolist()):
-        start, end = int(t["offsets"][row]), int(t["offsets"][row + 1])
-        n = min(end - start, width)
-        out[b, :n] = t[name][start : start + n].float()
-    return out
+    position, valid = _row_positions(t["offsets"], rows, width)
+    values = _read(t[name], position).float()
+    return torch.where(valid, values, fill)
 
 
 def row_tokens(entry: CacheEntry) -> tuple[list[list[int]], list[int]]:

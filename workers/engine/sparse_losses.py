@@ -29,6 +29,80 @@ def _tail_logmass(log_probs: Tensor, indices: Tensor) -> Tensor:
     return torch.logsumexp(log_probs.scatter(-1, indices, LOG_ZERO), dim=-1)
 
 
+# Below these probabilities float32 loses digits (values under 1e-38 are denormal, then 0): a row whose tail
+# mass (a sum of up to ~2.5e5 such values), or one of whose kept tokens, is that small is computed in log
+# space, exactly, instead.
+_TINY = 1e-25
+
+
+class _StudentTopK(torch.autograd.Function):
+    """The student's log-probabilities at ``indices`` and of the tail (every other token), from raw logits.
+
+    Equal to gathering ``log_softmax(z)`` at ``indices`` and taking :func:`_tail_logmass` of it, with fewer
+    passes over the vocabulary: one fused softmax (on a contiguous copy: the softmax kernels are far slower on
+    the shifted, strided logits), one sum for the tail after zeroing the kept entries (so no ``1 − Σ``
+    cancellation); the backward turns the probabilities into the gradient in place (``p_j·c`` per row, the
+    k kept entries overwritten). A top-k term then costs about what a cross-entropy does. ``indices`` must be
+    distinct within a row (a top-k always is). Rows with a kept probability or a tail mass below ``_TINY``
+    are computed in log space (exact where float32 probabilities would lose digits). One backward pass (the
+    gradient reuses the saved probabilities; autograd refuses a second).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, indices: Tensor, with_tail: bool) -> tuple[Tensor, Tensor]:
+        probs = torch.softmax(z.contiguous(), dim=-1)  # (..., V)
+        kept = probs.gather(-1, indices)  # (..., k)
+        log_k = kept.log()
+        small = kept.amin(-1) < _TINY  # (...)
+        if with_tail:
+            probs.scatter_(-1, indices, 0.0)  # the mass of every other token, summed without cancellation
+            tail = probs.sum(-1)  # (...)
+            log_tail = tail.log()
+            small |= tail < _TINY
+        else:
+            log_tail = log_k.new_zeros(log_k.shape[:-1])
+        tiny = small if bool(small.any()) else None
+        if tiny is not None:
+            exact = torch.log_softmax(z[tiny], dim=-1)
+            log_k[tiny] = exact.gather(-1, indices[tiny])
+            if with_tail:
+                log_tail[tiny] = _tail_logmass(exact, indices[tiny])
+        ctx.with_tail = with_tail
+        ctx.save_for_backward(z, indices, probs, log_k, log_tail, tiny)
+        return log_k, log_tail
+
+    @staticmethod
+    def backward(ctx, grad_k: Tensor, grad_tail: Tensor) -> tuple[Tensor, None, None]:
+        z, indices, probs, log_k, log_tail, tiny = ctx.saved_tensors
+        total = grad_k.sum(-1, keepdim=True)  # (..., 1)
+        if ctx.with_tail:
+            g_tail = grad_tail.unsqueeze(-1)
+            total = total + g_tail
+            # any other token j: g_tail·p_j/T − total·p_j (T the tail mass); the kept ones are set below
+            grad = probs.mul_(g_tail * (-log_tail).exp().unsqueeze(-1) - total)
+        else:
+            grad = probs.mul_(-total)
+        if tiny is not None:
+            log_p = torch.log_softmax(z[tiny], dim=-1)
+            rows = -log_p.exp() * total[tiny]
+            if ctx.with_tail:
+                rows += (log_p - log_tail[tiny].unsqueeze(-1)).exp() * g_tail[tiny]
+            grad[tiny] = rows
+        grad.scatter_(-1, indices, grad_k - log_k.exp() * total)
+        return grad, None, None
+
+
+def _student_log_probs(
+    student_logits: Tensor, indices: Tensor, *, tail: bool, temperature: float | Tensor
+) -> Tensor:
+    """The student's log-probabilities at ``indices`` (..., k), plus the tail's as entry k with ``tail``."""
+    z = student_logits.float()
+    if not (isinstance(temperature, int | float) and temperature == 1):
+        z = z / temperature
+    log_s, log_tail = _StudentTopK.apply(z, indices, tail)
+    return torch.cat([log_s, log_tail.unsqueeze(-1)], dim=-1) if tail else log_s
+
+
 def topk_log_probs(
     student_logits: Tensor, teacher: Tensor | TopK, *, k: int, tail: bool, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
@@ -80,10 +154,8 @@ def topk_log_probs(
         log_t = full_t.gather(-1, indices)
         if tail:
             t_tail = _tail_logmass(full_t, indices)
-    full_s = _log_probs(student_logits, temperature)  # (..., V)
-    log_s = full_s.gather(-1, indices)  # (..., k)
+    log_s = _student_log_probs(student_logits, indices, tail=tail, temperature=temperature)  # (..., k [+ 1])
     if tail:
-        log_s = torch.cat([log_s, _tail_logmass(full_s, indices).unsqueeze(-1)], dim=-1)
         log_t = torch.cat([log_t, t_tail.unsqueeze(-1)], dim=-1)
     # Renormalise: a no-op with the tail (up to rounding in a half-precision cache), the restriction without.
     return log_s - torch.logsumexp(log_s, -1, keepdim=True), log_t - torch.logsumexp(log_t, -1, keepdim=True)
