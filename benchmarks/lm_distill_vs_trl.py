@@ -169,7 +169,7 @@ def contender_plain(
 
 
 def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int, topk: int = 64,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, scheme: str = "offline") -> dict:
     sys.path.insert(0, str(REPO))
     from workers.engine.config import DatasetConfig, LossTermConfig, ModelConfig, RunConfig, TrainConfig
     from workers.engine.trainer import Callbacks, train
@@ -177,7 +177,7 @@ def contender_distillweb(work: Path, out: Path, steps: int, steps_per_epoch: int
     marks: list[float] = []
     cfg = RunConfig(
         task="causal_lm",
-        scheme="offline",
+        scheme=scheme,
         student=ModelConfig(source="hf", path=str(work / "student-init")),
         teacher=ModelConfig(source="hf", path=str(work / "teacher")),
         # Every train row trains (like the other two); the held-out file is the engine's eval split.
