@@ -28,8 +28,8 @@ replicates them; teachers are frozen (no gradients, no optimizer state) and repl
 online teacher beside an FSDP student is sharded too (its weights 1/N per rank; see :func:`teacher_shards`).
 Activation checkpointing keeps only each block's input (2 bytes per token and hidden unit in bf16) and
 recomputes one block at a time in the backward pass, so one block's full activations are stored at once.
-The activation figure above is bf16's; fp32 precision doubles it (``precision`` auto keeps the figure of the
-run's device as the estimate always had it).
+The activation figure above is bf16's; fp32 precision doubles it (``precision`` auto is bf16 on a GPU and fp32
+on a CPU, as the engine trains).
 
 LoRA (``lora_r`` > 0): the weights stay, gradients and AdamW states count only the adapters (float32),
 r·(d_in + d_out) parameters for each adapted linear layer of each block (the attention projections by default,
@@ -421,9 +421,14 @@ def rank_plan(train: Mapping[str, Any], *, on_cpu: bool) -> RankPlan:
         ranks=ranks,
         strategy=strategy,
         batch=max(1, -(-batch // ranks)),
-        precision=str(train.get("precision") or "auto"),
+        # auto: bf16 autocast on a GPU, float32 on a CPU (the engine's Ranks.precision)
+        precision=_resolved_precision(str(train.get("precision") or "auto"), on_cpu=on_cpu),
         checkpointing=bool(train.get("activation_checkpointing")),
     )
+
+
+def _resolved_precision(precision: str, *, on_cpu: bool) -> str:
+    return ("fp32" if on_cpu else "bf16") if precision == "auto" else precision
 
 
 TEACHER_REPLICATE_ENV = "DISTILLWEB_REPLICATE_TEACHER"

@@ -34,7 +34,7 @@ def _memory(setup, students, **train):
 
 def _needed(shapes, label_start):
     shape = next(s for s in shapes if s.label.startswith(label_start))
-    return size_text(math.ceil(estimate_run_memory(shape.config).model_bytes * routing.HEADROOM))
+    return size_text(math.ceil(estimate_run_memory(shape.config, on_cpu=True).model_bytes * routing.HEADROOM))
 
 
 def test_a_3_6b_parameter_mlp_on_cpu_workers_is_refused_with_the_figures(digits_setup, team, user):
@@ -48,7 +48,7 @@ def test_a_3_6b_parameter_mlp_on_cpu_workers_is_refused_with_the_figures(digits_
     assert check.summary == (
         f"mlp-3.6b · kd-t4, batch 64 trains on the CPU and needs about "
         f"{_needed(shapes, 'mlp-3.6b · kd-t4')} of "
-        f"RAM (~{size_text(estimate_run_memory(shapes[0].config).model_bytes)} estimated, "
+        f"RAM (~{size_text(estimate_run_memory(shapes[0].config, on_cpu=True).model_bytes)} estimated, "
         f"with 10% headroom); the "
         "largest CPU worker has 24.0 GiB. Use a smaller student, teacher or batch, or a GPU queue."
     )
