@@ -121,3 +121,131 @@ def sweep_grid(configs: Sequence[Mapping[str, Any]], values: Sequence[float | No
     ]
     return SweepGrid(x.key, y.key, x_levels, y_levels, z,
                      tuple(k.key for k in x_group), tuple(k.key for k in y_group))
+
+
+# --- efficiency figures -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A measured latency from an evaluation's metrics: the median with its spread (``low``–``high``: p25–p75;
+    ``fastest``–``slowest``: the range of the repeats) and the setting it was measured in (see
+    ``workers.engine.evaluate.efficiency_metrics``). Older evaluations recorded only a median: the spread is
+    then None and the setting empty."""
+
+    median: float
+    low: float | None = None
+    high: float | None = None
+    fastest: float | None = None
+    slowest: float | None = None
+    device: str = ""
+    threads: int | None = None
+    batch: int | None = None
+    seq_len: int | None = None
+    shared_host: bool = False
+
+    @property
+    def has_spread(self) -> bool:
+        return None not in (self.low, self.high, self.fastest, self.slowest)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device == "cpu"
+
+    @property
+    def mark(self) -> str:
+        """"CPU, shared host" for figures measured on a shared CPU (compare them only with their spread)."""
+        if self.on_cpu or self.shared_host:
+            return "CPU, shared host" if self.shared_host else "CPU"
+        return ""
+
+    @property
+    def setting(self) -> str:
+        """The setting in words, e.g. "cpu · 1 thread · batch 1 · 128 tokens"; "" when not recorded."""
+        if not self.device:
+            return ""
+        parts = [self.device]
+        if self.threads is not None:
+            parts.append(f"{self.threads} thread{'' if self.threads == 1 else 's'}")
+        if self.batch is not None:
+            parts.append(f"batch {self.batch}")
+        if self.seq_len is not None:
+            parts.append(f"{self.seq_len} tokens")
+        if self.shared_host:
+            parts.append("shared host")
+        return " · ".join(parts)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def latency_of(metrics: Mapping[str, Any] | None, median: float | None = None) -> Latency | None:
+    """The batch-1 latency recorded in an evaluation's ``metrics`` (``median`` overrides its
+    ``latency_ms_p50``, e.g. the evaluation's own column); None when there is none."""
+    metrics = metrics or {}
+    median = _number(median) if median is not None else _number(metrics.get("latency_ms_p50"))
+    if median is None or median <= 0:
+        return None
+    low, high = _number(metrics.get("latency_ms_p25")), _number(metrics.get("latency_ms_p75"))
+    fastest, slowest = _number(metrics.get("latency_ms_min")), _number(metrics.get("latency_ms_max"))
+    if None in (low, high, fastest, slowest) or not 0 < fastest <= low <= median <= high <= slowest:  # type: ignore[operator]
+        low = high = fastest = slowest = None
+    setting = metrics.get("efficiency_setting")
+    setting = setting if isinstance(setting, Mapping) else {}
+
+    def whole(key: str) -> int | None:
+        value = _number(setting.get(key))
+        return int(value) if value is not None else None
+
+    return Latency(
+        median, low, high, fastest, slowest,
+        device=str(setting.get("device") or ""),
+        threads=whole("threads"),
+        batch=whole("batch"),
+        seq_len=whole("seq_len"),
+        shared_host=setting.get("shared_host") is True,
+    )
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """Teacher latency / student latency: the ratio of the medians, and the interval from the two spreads
+    (the teacher's fastest repeat over the student's slowest up to the teacher's slowest over the student's
+    fastest). The range of the repeats, not p25–p75: two measurements of the same model minutes apart on a
+    shared host differ by more than one measurement's interquartile range (its drift is a few per cent,
+    the quartiles often within 2%), so a p25–p75 interval would exclude 1.0 for identical models."""
+
+    value: float
+    low: float
+    high: float
+    mark: str = ""
+    """"CPU, shared host" when either side was measured on a shared CPU, else ""."""
+    comparable: bool = True
+    """False when the two sides were measured in different settings (device, threads or batch)."""
+
+    def contains(self, ratio: float) -> bool:
+        return self.low <= ratio <= self.high
+
+
+def speedup(teacher: Latency | None, student: Latency | None) -> Speedup | None:
+    """The student's speedup over the teacher with its interval; None unless both latencies carry a spread
+    (a bare ratio of two single numbers is not shown)."""
+    if teacher is None or student is None or not teacher.has_spread or not student.has_spread:
+        return None
+    assert teacher.fastest is not None and teacher.slowest is not None  # for the type checker
+    assert student.fastest is not None and student.slowest is not None
+    mark = teacher.mark or student.mark
+    if teacher.shared_host or student.shared_host:
+        mark = "CPU, shared host"
+    comparable = (teacher.device, teacher.threads, teacher.batch) == (student.device, student.threads,
+                                                                        student.batch)
+    return Speedup(
+        teacher.median / student.median,
+        teacher.fastest / student.slowest,
+        teacher.slowest / student.fastest,
+        mark=mark,
+        comparable=comparable,
+    )

@@ -9,16 +9,17 @@ Metrics by task (all on the eval split):
   teacher's top-k plus a tail bucket, see :func:`lm_topk_fidelity`);
 - embedding: ``cosine_to_teacher`` (mean cosine similarity of student and teacher sentence embeddings);
 - efficiency (final evaluation): ``params``, ``params_non_embedding``, ``size_bytes``, ``latency_ms_p50`` /
-  ``latency_ms_p95`` (batch 1), ``throughput_per_s`` (rows per second at batch 32; ``tokens_per_s`` for text),
-  ``peak_memory_bytes`` (``torch.cuda.max_memory_allocated`` during the timing on CUDA; the process's peak
-  resident set size on CPU).
+  ``latency_ms_p25`` / ``latency_ms_p75`` / ``latency_ms_p95`` (batch 1: median and spread of repeated
+  forwards after warm-up), ``throughput_per_s`` (rows per second at batch 32; ``tokens_per_s`` for text),
+  ``model_memory_bytes`` (weights + activations at batch 32; also ``peak_memory_bytes``), and the setting they
+  were measured in, ``efficiency_setting`` (device, threads, batch, sequence length, shared host): see
+  :func:`efficiency_metrics`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -41,12 +42,16 @@ from .loss_primitives import TopK
 from .models import MLP, count_non_embedding_parameters, count_parameters, forward_logits
 
 ECE_BINS = 15
-LATENCY_WARMUP = 3
-LATENCY_ITERS = 30
+LATENCY_WARMUP = 10
+LATENCY_REPEATS = 50
 THROUGHPUT_BATCH = 32
-THROUGHPUT_ITERS = 5
-# Efficiency timing stops early after this long, so a large model on a CPU does not stall a run's end.
+THROUGHPUT_REPEATS = 10
+# Each timing stops early after this long (keeping at least MIN_REPEATS), so a large model on a CPU does not
+# stall a run's end.
 TIMING_BUDGET_S = 3.0
+MIN_REPEATS = 5
+# Intra-op threads while timing on a CPU: one fixed setting whatever the worker's cores (recorded with it).
+CPU_TIMING_THREADS = 1
 
 
 @contextlib.contextmanager
@@ -150,60 +155,173 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, *, bins: int = ECE
 @torch.no_grad()
 def efficiency_metrics(
     model: nn.Module, batcher: Batcher, *, device: torch.device, saved_dir: str | Path | None = None
-) -> dict[str, float]:
-    """Size and speed of ``model`` on ``device``.
+) -> dict[str, Any]:
+    """Size, speed and memory of ``model`` on ``device``, in a fixed setting recorded with the numbers.
+
+    Latency: the same row (batch 1, so one fixed sequence length) after :data:`LATENCY_WARMUP` untimed
+    passes, then up to :data:`LATENCY_REPEATS` timed forwards (at least :data:`MIN_REPEATS`); the median and
+    its spread. Throughput: the first :data:`THROUGHPUT_BATCH` rows, one warm-up pass, then repeats; rows per
+    second at the median time. On a CPU the timing runs with :data:`CPU_TIMING_THREADS` intra-op threads
+    (so workers with different core counts or loads measure alike) and is marked ``shared_host``: other
+    processes share the cores, compare such figures only with their spread.
 
     Returns:
         ``params``, ``params_non_embedding``, ``size_bytes`` (the saved ``*.safetensors`` in ``saved_dir``, or
-        the in-memory weights when not saved), ``latency_ms_p50`` / ``latency_ms_p95`` (batch 1),
-        ``throughput_per_s`` (examples per second at batch 32), ``tokens_per_s`` (text models) and
-        ``peak_memory_bytes``.
+        the in-memory weights when not saved); ``latency_ms_p50`` (median, batch 1) with ``latency_ms_p25`` /
+        ``latency_ms_p75`` / ``latency_ms_p95`` / ``latency_ms_min`` / ``latency_ms_max`` and
+        ``latency_repeats``; ``throughput_per_s`` (rows per second at batch :data:`THROUGHPUT_BATCH`),
+        ``tokens_per_s`` (text models); ``model_memory_bytes`` = ``weights_bytes`` (parameters and buffers)
+        + ``activation_bytes`` at the throughput batch (CUDA: the allocator's peak during one forward above
+        what was allocated before it; CPU: the bytes of every distinct tensor the model's modules output in
+        one forward, an upper bound of what is live at once), also as ``peak_memory_bytes`` (older readers);
+        and ``efficiency_setting``: ``device``, ``threads``, ``batch`` (latency), ``throughput_batch``,
+        ``seq_len`` (latency batch; None for tabular inputs), ``throughput_seq_len``, ``shared_host``.
     """
-    metrics: dict[str, float] = {
+    metrics: dict[str, Any] = {
         "params": count_parameters(model),
         "params_non_embedding": count_non_embedding_parameters(model),
         "size_bytes": _size_bytes(model, saved_dir),
     }
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with eval_mode(model):
-        single = [batcher.batch([i % len(batcher)]).to(device) for i in range(LATENCY_WARMUP + LATENCY_ITERS)]
-        times = _time_forwards(model, single, warmup=LATENCY_WARMUP, device=device)
-        metrics["latency_ms_p50"] = 1000 * statistics.median(times)
-        metrics["latency_ms_p95"] = 1000 * float(np.percentile(times, 95))
-        rows = np.arange(THROUGHPUT_BATCH) % len(batcher)
-        big = [batcher.batch(rows).to(device)] * (1 + THROUGHPUT_ITERS)
-        times = _time_forwards(model, big, warmup=1, device=device)
-        metrics["throughput_per_s"] = THROUGHPUT_BATCH * len(times) / sum(times)
-        if "attention_mask" in big[0].inputs:
-            tokens = int(big[0].inputs["attention_mask"].sum())
-            metrics["tokens_per_s"] = tokens * len(times) / sum(times)
-    metrics["peak_memory_bytes"] = peak_memory_bytes(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(CPU_TIMING_THREADS)
+    try:
+        with eval_mode(model):
+            single = batcher.batch([0]).to(device)
+            times = _time_forwards(
+                model, single, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS, device=device
+            )
+            metrics |= latency_summary(times)
+            rows = np.arange(THROUGHPUT_BATCH) % len(batcher)
+            big = batcher.batch(rows).to(device)
+            times = _time_forwards(model, big, warmup=1, repeats=THROUGHPUT_REPEATS, device=device)
+            metrics["throughput_per_s"] = THROUGHPUT_BATCH / statistics.median(times)
+            if "attention_mask" in big.inputs:
+                tokens = int(big.inputs["attention_mask"].sum())
+                metrics["tokens_per_s"] = tokens / statistics.median(times)
+            memory = model_memory(model, big, device=device)
+        metrics |= memory
+        metrics["efficiency_setting"] = {
+            "device": device_label(device),
+            "threads": torch.get_num_threads(),
+            "batch": 1,
+            "throughput_batch": THROUGHPUT_BATCH,
+            "seq_len": _seq_len(single),
+            "throughput_seq_len": _seq_len(big),
+            "shared_host": device.type == "cpu",
+        }
+    finally:
+        torch.set_num_threads(threads)
     return metrics
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA memory allocated since the last reset on CUDA; the process's peak resident set size on
-    CPU."""
+def device_label(device: torch.device) -> str:
+    """``"cpu"``, or ``"cuda:<device name>"`` (as the teacher's efficiency is keyed per device)."""
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
+def latency_summary(seconds: list[float]) -> dict[str, float]:
+    """Median and spread of per-forward times, in milliseconds (``latency_ms_p50`` etc.)."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1000
+    p25, p50, p75, p95 = (float(v) for v in np.percentile(ms, [25, 50, 75, 95]))
+    return {
+        "latency_ms_p50": p50,
+        "latency_ms_p25": p25,
+        "latency_ms_p75": p75,
+        "latency_ms_p95": p95,
+        "latency_ms_min": float(ms.min()),
+        "latency_ms_max": float(ms.max()),
+        "latency_repeats": len(seconds),
+    }
+
+
+def model_memory(model: nn.Module, batch: Batch, *, device: torch.device) -> dict[str, int]:
+    """``weights_bytes`` + ``activation_bytes`` of one forward of ``batch`` = ``model_memory_bytes`` (also
+    ``peak_memory_bytes``), and ``memory_batch``; see :func:`efficiency_metrics`. Not the process's
+    memory."""
+    weights = _weights_bytes(model)
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with autocast(device):
+            out = forward_logits(model, batch.inputs)
+        _sync(device)
+        activations = max(0, int(torch.cuda.max_memory_allocated(device)) - before)
+        del out
+    else:
+        activations = _output_bytes(model, batch)
+    rows = _batch_rows(batch)
+    return {
+        "weights_bytes": weights,
+        "activation_bytes": activations,
+        "model_memory_bytes": weights + activations,
+        "peak_memory_bytes": weights + activations,
+        "memory_batch": rows,
+    }
 
 
-def _time_forwards(model: nn.Module, batches: list, *, warmup: int, device: torch.device) -> list[float]:
-    """Seconds per forward for ``batches[warmup:]``; stops after TIMING_BUDGET_S (keeping at least 3)."""
+def _weights_bytes(model: nn.Module) -> int:
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _output_bytes(model: nn.Module, batch: Batch) -> int:
+    """Bytes of the distinct storages output by any module of ``model`` during one forward (views counted
+    once; each kept alive until the end so a freed address is not mistaken for a seen one)."""
+    seen: dict[int, Any] = {}
+
+    def collect(value: Any) -> None:
+        if isinstance(value, Tensor):
+            storage = value.untyped_storage()
+            seen.setdefault(storage.data_ptr(), storage)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                collect(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif hasattr(value, "to_tuple"):  # transformers' ModelOutput
+            collect(value.to_tuple())
+
+    handles = [m.register_forward_hook(lambda _m, _i, out: collect(out)) for m in model.modules()]
+    try:
+        forward_logits(model, batch.inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(storage.nbytes() for storage in seen.values())
+
+
+def _batch_rows(batch: Batch) -> int:
+    first = next(iter(batch.inputs.values()))
+    return int(first.shape[0])
+
+
+def _seq_len(batch: Batch) -> int | None:
+    ids = batch.inputs.get("input_ids")
+    return int(ids.shape[1]) if ids is not None and ids.dim() > 1 else None
+
+
+def _time_forwards(
+    model: nn.Module, batch: Batch, *, warmup: int, repeats: int, device: torch.device
+) -> list[float]:
+    """Seconds per forward of ``batch``, after ``warmup`` untimed forwards: ``repeats`` of them, or fewer
+    (never under MIN_REPEATS) once the timing has taken TIMING_BUDGET_S."""
+    for _ in range(warmup):
+        with autocast(device):
+            forward_logits(model, batch.inputs)
+    _sync(device)
     times: list[float] = []
     started = time.perf_counter()
-    for i, batch in enumerate(batches):
-        _sync(device)
+    while len(times) < repeats:
         t0 = time.perf_counter()
         with autocast(device):
             forward_logits(model, batch.inputs)
         _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            if len(times) >= 3 and time.perf_counter() - started > TIMING_BUDGET_S:
-                break
+        times.append(time.perf_counter() - t0)
+        if len(times) >= MIN_REPEATS and time.perf_counter() - started > TIMING_BUDGET_S:
+            break
     return times
 
 
