@@ -102,8 +102,9 @@ def digits_setup(team, user):
 
 
 @pytest.fixture
-def celery_worker_process(transactional_db, settings, tmp_path):
-    """One real `celery worker` on a queue of its own, sharing the test database and artifact root."""
+def celery_worker_process(transactional_db, settings, tmp_path, request):
+    """One real `celery worker` on a queue of its own, sharing the test database and artifact root (with its
+    pool's import warm-up where the test is marked ``worker_warmup``)."""
     from django.db import connections
 
     from tests.worker_process import WorkerProcess, redis_broker_url
@@ -112,7 +113,8 @@ def celery_worker_process(transactional_db, settings, tmp_path):
     queue = f"test-{uuid.uuid4().hex[:8]}"
     settings.RUN_QUEUE = queue
     worker = WorkerProcess(queue=queue, name=f"it-{queue}", broker_url=broker, log=tmp_path / "worker.log",
-                           read_roots=(tmp_path,))  # the test's own files, wherever it registers them from
+                           read_roots=(tmp_path,),  # the test's own files, wherever it registers them from
+                           warmup=request.node.get_closest_marker("worker_warmup") is not None)
     try:
         worker.wait_registered()
         yield worker

@@ -56,7 +56,14 @@ def broker_reachable(url: str) -> bool:
 
 class WorkerProcess:
     def __init__(
-        self, *, queue: str, name: str, broker_url: str, log: Path, read_roots: tuple[Path, ...] = ()
+        self,
+        *,
+        queue: str,
+        name: str,
+        broker_url: str,
+        log: Path,
+        read_roots: tuple[Path, ...] = (),
+        warmup: bool = False,
     ) -> None:
         database_url = shared_database_url()
         if connection.settings_dict["ENGINE"] != "django.db.backends.postgresql":
@@ -76,6 +83,9 @@ class WorkerProcess:
             "DATASET_ROOTS": ",".join(str(p) for p in (*settings.DATASET_ROOTS, *read_roots)),
             "RUN_QUEUE": queue,
             "WORKER_HEARTBEAT_INTERVAL_S": "1",
+            # The pool's import warm-up (workers/warmup.py) only costs CPU on a test machine that starts a
+            # worker per test; tests/workers/test_warmup.py turns it on.
+            "WORKER_WARMUP": "1" if warmup else "0",
             "PYTHONUNBUFFERED": "1",
         }
         self.process = subprocess.Popen(

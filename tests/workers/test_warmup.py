@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests import waiting
 from tests.waiting import wait_until
 
@@ -43,6 +45,7 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert warmup.enabled()
 
 
+@pytest.mark.worker_warmup
 def test_a_real_worker_s_pool_process_warms_up_when_it_starts(celery_worker_process):
     wait_until(lambda: "Warm-up of process" in celery_worker_process.tail(200_000), timeout=120,
                what="the pool process to finish its warm-up", every=0.5,
