@@ -18,6 +18,7 @@ from .cache import vocab_digest
 from .config import TASKS, LossTermConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import ConfigError
 from .models import LoadedModel, model_dims
+from .recipe_rules import FEATURE_NEEDS, recipe_problems
 from .schemes import SCHEMES, validate_scheme_params
 from .sources import check_run_sources
 from .terms import LOSS_TERMS, ModelDims, validate_terms
@@ -32,8 +33,6 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 # Schemes this loop runs; the chained ones are sequences of offline runs the caller builds.
 LOOP_SCHEMES = ("offline", "online", "hard_labels", "multi_teacher", "seq_kd", "on_policy")
 
-
-FEATURE_NEEDS = frozenset({"hidden_states", "attentions", "attention_scores", "values"})
 
 
 # Eval metrics streamed during training (efficiency is measured once, at the end), by task.
@@ -140,22 +139,15 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         )
     if cfg.scheme not in LOOP_SCHEMES or spec is None:
         raise ConfigError(f"Unknown training scheme '{cfg.scheme}'. Use one of: {', '.join(LOOP_SCHEMES)}.")
-    if cfg.task not in spec.tasks:
-        raise ConfigError(f"Scheme '{cfg.scheme}' works for {' and '.join(spec.tasks)} runs, not {cfg.task}.")
     scheme_params = validate_scheme_params(cfg.scheme, cfg.scheme_params)
     terms = recipe_terms(cfg)
-    if cfg.task == "embedding":
-        label_terms = [t.name for t in terms if LOSS_TERMS[t.name].kind == "labels"]
-        if label_terms:
-            raise ConfigError(
-                f"Loss term '{label_terms[0]}' needs labels, but an embedding run has none. Use "
-                "embedding_mse (and an offline, online or multi_teacher scheme)."
-            )
-    if cfg.scheme == "on_policy" and any(t.name == "ce" and t.weight > 0 for t in terms):
-        raise ConfigError(
-            "The on_policy scheme scores student samples with the teacher; they have no ground "
-            "truth for ce. Remove ce, or use the online scheme."
-        )
+    # The scheme × term × task rules, shared with the web (recipe save and pre-flight) so both give this
+    # message.
+    problems = recipe_problems(
+        cfg.scheme, terms, cfg.task, several_teachers=cfg.teacher is not None and bool(cfg.extra_teachers)
+    )
+    if problems:
+        raise ConfigError(problems[0].message)
     needs = frozenset().union(*(LOSS_TERMS[t.name].needs for t in terms))
     if cfg.task != "embedding" and "embeddings" in needs:
         needs |= {"hidden_states"}  # pooled from the last hidden state, on every batch
@@ -181,35 +173,6 @@ def plan_run(cfg: RunConfig) -> RunPlan:
             )
         if any(isinstance(w, bool) or not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError("teacher_weights must be numbers >= 0 with a positive sum.")
-    features = needs & FEATURE_NEEDS
-    if features and cfg.scheme in ("offline", "multi_teacher"):
-        term = next(
-            t.name
-            for t in terms
-            if LOSS_TERMS[t.name].needs & features
-            or ("embeddings" in LOSS_TERMS[t.name].needs and cfg.task != "embedding")
-        )
-        raise ConfigError(
-            f"Loss term '{term}' needs the teacher's {', '.join(sorted(features))} on every batch, "
-            f"which the {cfg.scheme} scheme does not keep (it caches outputs only). Use the online "
-            "scheme."
-        )
-    if cfg.scheme == "multi_teacher" and cfg.task == "embedding":
-        raise ConfigError(
-            "multi_teacher averages the teachers' output distributions; embedding runs have none."
-        )
-    if cfg.scheme == "multi_teacher" and cfg.task == "causal_lm" and len(teachers) > 1:
-        # The LM cache keeps the top-k of the τ = 1 mixture only; softening it afterwards is not the average
-        # of the softened teachers.
-        softened = [
-            t.name for t in terms if t.params.get("temperature", 1.0) != 1 or "temperature" in t.schedule
-        ]
-        if softened:
-            raise ConfigError(
-                f"Loss term '{softened[0]}' softens the teachers with a temperature other than 1, but "
-                "a causal-LM multi_teacher run caches the top-k of the teachers' average at "
-                "temperature 1 only. Set its temperature to 1 (without a schedule)."
-            )
     if not teacher_terms:
         mode = "none"
     elif cfg.scheme in ("offline", "multi_teacher"):
