@@ -10,7 +10,16 @@ from django.db.models import (
     Q,
 )
 
-from experiments.domain.compare import ConfigKey, SweepGrid, config_diff, sweep_grid
+from experiments.domain.compare import (
+    ConfigKey,
+    Latency,
+    Speedup,
+    SweepGrid,
+    config_diff,
+    latency_of,
+    speedup,
+    sweep_grid,
+)
 from experiments.models import (
     Evaluation,
     Run,
@@ -60,6 +69,17 @@ class CompareRow:
     @property
     def latency_ms(self) -> float | None:
         return self.evaluation.latency_ms if self.evaluation else None
+
+    @property
+    def latency(self) -> Latency | None:
+        """The batch-1 latency with its spread and the setting it was measured in."""
+        return latency_of(self.evaluation.metrics, self.evaluation.latency_ms) if self.evaluation else None
+
+    @property
+    def speedup(self) -> Speedup | None:
+        """Teacher latency / this run's, with its interval; None unless both carry a spread."""
+        teacher = self.teacher_evaluation
+        return speedup(latency_of(teacher.metrics, teacher.latency_ms) if teacher else None, self.latency)
 
     @property
     def retention(self) -> float | None:

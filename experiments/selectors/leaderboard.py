@@ -23,6 +23,8 @@ from django.db.models import (
 from django.db.models.fields.json import KeyTransform
 
 from experiments.domain import sweep_plan
+from experiments.domain.compare import Latency, Speedup, latency_of
+from experiments.domain.compare import speedup as speedup_of
 from experiments.domain.leaderboard import sample_std
 from experiments.models import (
     DatasetSpec,
@@ -54,6 +56,9 @@ class LeaderboardRow:
     teacher_accuracy: float | None = None
     teacher_params: int | None = None
     teacher_latency_ms: float | None = None
+    latency: Latency | None = None
+    """The batch-1 latency with its spread and setting (of the row's last seed with one)."""
+    teacher_latency: Latency | None = None
     higher_is_better: bool = True
     rank: int = 0
     pareto: bool = False
@@ -78,10 +83,16 @@ class LeaderboardRow:
 
     @property
     def speedup(self) -> float | None:
-        """Teacher latency / student latency (batch 1, on the workers that measured them)."""
+        """Teacher latency / student latency (batch 1, on the workers that measured them); pages show
+        :attr:`speedup_interval` instead."""
         return (
             self.teacher_latency_ms / self.latency_ms if self.teacher_latency_ms and self.latency_ms else None
         )
+
+    @property
+    def speedup_interval(self) -> Speedup | None:
+        """The speedup with its interval and setting mark; None unless both latencies carry a spread."""
+        return speedup_of(self.teacher_latency, self.latency)
 
     # Mean and spread are read many times per row (ranking, filters, plot, table) and only once the row holds
     # all its seeds: computed once.
@@ -224,14 +235,34 @@ class _BoardEval(NamedTuple):
     is_baseline: bool
     lora_r: Any
     lora_4bit: Any
+    latency_p25: Any
+    latency_p75: Any
+    latency_min: Any
+    latency_max: Any
+    efficiency_setting: Any
 
     def value(self, metric: PrimaryMetric) -> float | None:
         return _score(self.accuracy, self.metric_raw, metric)
 
+    @property
+    def latency(self) -> Latency | None:
+        return _latency(self, self.latency_ms)
+
 
 _BOARD_FIELDS = ("pk", "run_id", "split_key", "accuracy", "metric_raw", "param_count", "latency_ms",
                  "run__experiment_id", "run__student_id", "run__recipe_id", "run__stage", "run__seed",
-                 "run__is_baseline", "lora_r", "lora_4bit")
+                 "run__is_baseline", "lora_r", "lora_4bit", "latency_p25", "latency_p75", "latency_min",
+                 "latency_max", "efficiency_setting")
+# The latency's spread and setting (see experiments.domain.compare.latency_of), read out of the metrics JSON.
+_LATENCY_KEYS = {"latency_p25": "latency_ms_p25", "latency_p75": "latency_ms_p75",
+                 "latency_min": "latency_ms_min", "latency_max": "latency_ms_max",
+                 "efficiency_setting": "efficiency_setting"}
+_BOARD_LATENCY = {name: KeyTransform(key, "metrics") for name, key in _LATENCY_KEYS.items()}
+
+
+def _latency(source: Any, median: float | None) -> Latency | None:
+    """The latency of a board evaluation or an annotated teacher evaluation (see :data:`_BOARD_LATENCY`)."""
+    return latency_of({key: getattr(source, name, None) for name, key in _LATENCY_KEYS.items()}, median)
 # The run's adapter (a LoRA student is exported merged), read from its frozen config in the same query.
 _BOARD_ADAPTER = {
     "lora_r": KeyTransform("lora_r", KeyTransform("train", "run__config")),
@@ -253,7 +284,8 @@ def _board_evaluations(
     """The benchmark's evaluations as :class:`_BoardEval` rows, with ``metric`` read out of the metrics JSON
     in SQL, and for the runs of ``swept_experiments`` the parts of their frozen config that hold swept values
     (evaluation id → config parts shaped like the config for ``sweep_plan.config_value``). One query."""
-    rows = qs.annotate(metric_raw=KeyTransform(metric.name, "metrics"), **_BOARD_ADAPTER).order_by("run_id")
+    rows = qs.annotate(metric_raw=KeyTransform(metric.name, "metrics"), **_BOARD_ADAPTER, **_BOARD_LATENCY) \
+        .order_by("run_id")
     if not swept_experiments:
         return [_BoardEval(*values) for values in rows.values_list(*_BOARD_FIELDS)], {}
     swept = Q(run__experiment_id__in=list(swept_experiments))
@@ -295,8 +327,9 @@ def _leaderboard_teachers(*, dataset: DatasetSpec, split_key: str | None, scope:
         qs = qs.filter(dataset=dataset)
         if split_key:
             qs = qs.filter(split_key=split_key)
-    return {(e.model_id, e.split_key): e for e in qs.defer("metrics").annotate(
-        metric_raw=KeyTransform(metric.name, "metrics")) if _teacher_value(e, metric) is not None}
+    metric_raw = KeyTransform(metric.name, "metrics")
+    annotated = qs.defer("metrics").annotate(metric_raw=metric_raw, **_BOARD_LATENCY)
+    return {(e.model_id, e.split_key): e for e in annotated if _teacher_value(e, metric) is not None}
 
 
 def _teacher_value(evaluation: Evaluation, metric: PrimaryMetric) -> float | None:
@@ -401,7 +434,8 @@ def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], 
         row.run_ids.append(e.run_id)
         row.accuracies.append(value)
         row.params = e.params or row.params
-        row.latency_ms = e.latency_ms if e.latency_ms is not None else row.latency_ms
+        if e.latency_ms is not None:
+            row.latency_ms, row.latency = e.latency_ms, e.latency
         if not e.is_baseline:
             base = baseline.get((e.experiment_id, e.student_id, e.seed, train_point))
             if base is None:
@@ -414,6 +448,7 @@ def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], 
             row.teacher_accuracy = _teacher_value(teacher_eval, metric)
             row.teacher_params = teacher_eval.param_count
             row.teacher_latency_ms = teacher_eval.latency_ms
+            row.teacher_latency = _latency(teacher_eval, teacher_eval.latency_ms)
     ranked = sorted(rows.values(), key=lambda r: (-sign * r.mean, r.params or 0))
     for i, row in enumerate(ranked, 1):
         row.rank = i

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from experiments import humanize
 from experiments.domain import routing
+from experiments.domain.compare import Latency, latency_of
 from experiments.selectors import records
 
 register = template.Library()
@@ -124,7 +125,9 @@ def pp_unsigned(value: float | None, digits: int = 1) -> str:
     return f"{100 * float(value):.{int(digits)}f} pp"
 
 
-SHOWN_METRICS = {"accuracy", "macro_f1", "params", "latency_ms_p50"}
+# The latency cell shows the median, its p25–p75 and the setting (experiments/_latency.html).
+SHOWN_METRICS = {"accuracy", "macro_f1", "params", "latency_ms_p50", "latency_ms_p25", "latency_ms_p75",
+                 "efficiency_setting"}
 
 
 @register.filter
@@ -151,3 +154,21 @@ def memory_size(value: int | float | None) -> str:
     if value is None or value == "":
         return "—"
     return routing.size_text(float(value))
+
+
+@register.filter
+def latency(evaluation: Any) -> Latency | None:
+    """An evaluation's batch-1 latency with its spread and setting (for experiments/_latency.html)."""
+    if evaluation is None:
+        return None
+    return latency_of(getattr(evaluation, "metrics", None), getattr(evaluation, "latency_ms", None))
+
+
+@register.filter
+def sig3(value: float | None) -> str:
+    """A latency or a ratio with 3 significant digits: 0.02384 → "0.0238", 1.0309 → "1.03", 173.2 → "173",
+    4210.7 → "4,211"; "—" when missing."""
+    if value is None or value == "" or not math.isfinite(float(value)):
+        return "—"
+    value = float(value)
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
