@@ -9,7 +9,10 @@ compares:
 - ``hard``: the ``hard_labels`` scheme, ``ce`` alone;
 - ``topk``: the ``offline`` scheme, the ``topk`` term alone (forward KL on the teacher's top-64 plus the tail
   bucket, the engine's defaults) from a teacher-output cache filled beforehand (a cache hit: no teacher);
-- ``ce+topk``: the ``offline`` scheme, ``0.5·ce + 0.5·topk``.
+- ``ce+topk``: the ``offline`` scheme, ``0.5·ce + 0.5·topk``: both terms from one student softmax
+  (``methods.combine`` hands them to ``sparse_losses.ce_topk``);
+- ``ce+topk-apart``: the same recipe with that sharing turned off (each term its own pass over the
+  vocabulary, as before it), the before/after comparison in the same interleaved rounds.
 
 Each run is 1 + ``--intervals`` log intervals of ``--log-every`` steps; the first interval (warm-up, first
 allocations) is dropped and the run's steady rate is the median of its other intervals' ``samples_per_s``
@@ -61,6 +64,7 @@ CONTENDERS = {
         [{"name": "ce", "weight": 0.5}, {"name": "topk", "weight": 0.5, "params": {"k": K}}],
     ),
 }
+CONTENDERS["ce+topk-apart"] = CONTENDERS["ce+topk"]  # run with methods' ce/topk sharing off
 
 
 def prepare(work: Path, vocab: int, seed: int = 0) -> None:
@@ -152,8 +156,16 @@ def steady_rate(
             rates.append(metrics["samples_per_s"] / BATCH)
             cpu_marks.append(time.process_time())
 
+    from workers.engine import methods
+
     cfg = run_config(work, contender, steps=(intervals + 1) * log_every, log_every=log_every, tag=tag)
-    result = train(RunConfig.from_dict(cfg), Callbacks(on_metrics=on_metrics))
+    shared = methods._shared_ce_topk
+    if contender.endswith("-apart"):
+        methods._shared_ce_topk = lambda current, inputs: None
+    try:
+        result = train(RunConfig.from_dict(cfg), Callbacks(on_metrics=on_metrics))
+    finally:
+        methods._shared_ce_topk = shared
     if (
         contender != "hard"
         and not fill
@@ -189,8 +201,8 @@ def bench(vocab: int, args: argparse.Namespace) -> dict[str, Any]:
             wall[contender].append(rate)
             cpu[contender].append(cpu_rate)
             print(
-                f"  V={vocab} repeat {repeat} {contender:8s} {rate:7.3f} steps/s, {cpu_rate:7.3f} per CPU s, "
-                f"load {os.getloadavg()[0]:.2f}",
+                f"  V={vocab} repeat {repeat} {contender:13s} {rate:7.3f} steps/s, "
+                f"{cpu_rate:7.3f} per CPU s, load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
     summary: dict[str, Any] = {"vocab": vocab}
@@ -232,7 +244,7 @@ def main() -> int:
         for clock, label in (("wall", "steps/s (wall)"), ("cpu", "steps per CPU s")):
             print(f"V={r['vocab']}, {label}")
             for contender, (rate, ratio) in r[clock].items():
-                print(f"  {contender:8s} {rate}   vs hard {ratio}")
+                print(f"  {contender:13s} {rate}   vs hard {ratio}")
     return 0
 
 

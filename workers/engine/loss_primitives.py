@@ -198,6 +198,89 @@ class _ChunkedTokenMean(torch.autograd.Function):
         return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None
 
 
+class _ChunkedTokenMeans(torch.autograd.Function):
+    """Several masked means of per-position losses computed together, block by block, and their weighted sum.
+
+    As :class:`_ChunkedTokenMean`, for a ``per_token`` that returns several per-position values from one pass
+    over a block (terms sharing the student's softmax): the forward keeps the gradient of the weighted sum
+    (the weights are known then), one logits-sized buffer for all the terms. Outputs: the weighted sum (with
+    the gradient) and each mean (without).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, per_token, targets, masks, weights, chunk_size):
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(logits, memory_format=torch.contiguous_format) if want_grad else None
+        counts = [mask.sum().clamp_min(1).to(torch.float32) for mask in masks]
+        parts = [torch.zeros((), dtype=torch.float32, device=logits.device) for _ in masks]
+
+        def means(rows: Tensor, index: tuple) -> list[Tensor]:
+            values = per_token(rows, *[_take(target, index) for target in targets])
+            return [
+                torch.where(mask[index], v, 0.0).sum() / count
+                for v, mask, count in zip(values, masks, counts, strict=True)
+            ]
+
+        for index in _chunk_indices(logits.shape[:-1], chunk_size):
+            if want_grad:
+                with torch.enable_grad():
+                    x = logits[index].detach().requires_grad_()
+                    values = means(x, index)
+                    weighted = sum(w * v for w, v in zip(weights, values, strict=True))
+                    (g,) = torch.autograd.grad(weighted, x)
+                grad[index] = g
+            else:
+                values = means(logits[index], index)
+            for part, value in zip(parts, values, strict=True):
+                part += value.detach()
+        ctx.grad = grad
+        total = sum(w * part for w, part in zip(weights, parts, strict=True))
+        ctx.mark_non_differentiable(*parts)
+        return (total, *parts)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor, *_parts: Tensor):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("chunked_token_means supports a single backward pass.")
+        ctx.grad = None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
+
+
+def token_means(
+    per_token: Callable[..., tuple[Tensor, ...]],
+    student_logits: Tensor,
+    targets: Sequence[Any],
+    masks: Sequence[Tensor | None],
+    weights: Sequence[float | Tensor],
+    *,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Masked means of several per-position losses that ``per_token(student_rows, *target_rows)`` returns
+    together, and their weighted sum.
+
+    Equal to ``Σ_i weights[i]·_masked_mean(per_token(...)[i], masks[i])``; with ``chunk_size`` smaller than
+    the number of positions the blocks go through one chunked pass (:class:`_ChunkedTokenMeans`), the weights
+    applied to the gradient in the forward.
+
+    Returns:
+        (total: float32 scalar with the gradient, [each mean, detached]).
+    """
+    every = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    masks = [every if m is None else m for m in masks]
+    positions = math.prod(student_logits.shape[:-1])
+    if chunk_size is None or chunk_size >= positions:
+        means = [_masked_mean(v, m) for v, m in zip(per_token(student_logits, *targets), masks, strict=True)]
+        total = sum(w * m for w, m in zip(weights, means, strict=True))
+        return total, [m.detach() for m in means]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    total, *parts = _ChunkedTokenMeans.apply(
+        student_logits, per_token, tuple(targets), tuple(masks), tuple(weights), chunk_size
+    )
+    return total, parts
+
+
 def chunked_token_loss(
     per_token: Callable[..., Tensor],
     student_logits: Tensor,

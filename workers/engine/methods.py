@@ -40,7 +40,7 @@ once.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,6 +53,7 @@ from .errors import ConfigError
 from .logit_losses import taid_update
 from .loss_primitives import IGNORE_INDEX, TopK, mix_teachers
 from .losses import LOSS_TERMS, LossParts
+from .sparse_losses import ce_topk
 from .terms import ModelDims, TermSpec
 
 __all__ = ["TermInputs", "TermState", "build_term_modules", "combine"]
@@ -258,6 +259,7 @@ def combine(
     total = inputs.student_logits.new_zeros((), dtype=torch.float32)
     parts: dict[str, Tensor] = {}
     weights: dict[str, float] = {}
+    current: dict[str, tuple[TermSpec, float, dict[str, Any]]] = {}
     for term in terms:
         spec = LOSS_TERMS.get(term.name)
         if spec is None:
@@ -269,12 +271,67 @@ def combine(
                 "but this step has none."
             )
         weight, params = current_params(term, inputs.step, inputs.total_steps)
+        current[term.name] = (spec, weight, params)
+    shared = _shared_ce_topk(current, inputs)
+    if shared is not None:
+        total, parts["ce"], parts["topk"] = shared(chunk_size or None)
+    for name, (spec, weight, params) in current.items():
+        weights[name] = weight
+        if name in parts:  # computed above, with the term it shares the student's softmax with
+            continue
         extra = {"chunk_size": chunk_size} if chunk_size and spec.kind in _TOKEN_KINDS else {}
         value = _compute(spec, params, inputs, modules=modules, state=state, extra=extra)
         total = total + weight * value
-        parts[term.name] = value.detach()
-        weights[term.name] = weight
-    return LossParts(total=total, parts=parts, weights=weights)
+        parts[name] = value.detach()
+    return LossParts(total=total, parts={name: parts[name] for name in current}, weights=weights)
+
+
+def _topk_teacher(params: Mapping[str, Any], inputs: TermInputs) -> Tensor | TopK:
+    """What a topk term reads: the cached top-k, else the dense teacher (mixed at the term's τ with several
+    teachers)."""
+    if inputs.teacher_topk is not None:
+        return inputs.teacher_topk
+    if inputs.teacher_mixture is not None:
+        return mix_teachers(
+            inputs.teacher_mixture, inputs.teacher_weights, temperature=params.get("temperature", 1.0)
+        )
+    return inputs.teacher_logits
+
+
+def _shared_ce_topk(
+    current: Mapping[str, tuple[TermSpec, float, dict[str, Any]]], inputs: TermInputs
+) -> Callable[[int | None], tuple[Tensor, Tensor, Tensor]] | None:
+    """When a recipe has both ``ce`` and ``topk`` over the same student distribution (topk at τ = 1, ce
+    without label smoothing), a function computing ``w_ce·ce + w_topk·topk`` and each value from one student
+    softmax (:func:`.sparse_losses.ce_topk`: equal values and gradient); None otherwise."""
+    if "ce" not in current or "topk" not in current:
+        return None
+    (_, w_ce, ce_params), (_, w_topk, topk_params) = current["ce"], current["topk"]
+    if set(ce_params) - {"label_smoothing"} or ce_params.get("label_smoothing", 0.0) != 0:
+        return None
+    if set(topk_params) - {"k", "divergence", "tail", "temperature", "beta"}:
+        return None
+    if topk_params.get("temperature", 1.0) != 1:
+        return None
+    teacher = _topk_teacher(topk_params, inputs)
+    k = topk_params.get("k", 64)
+    if isinstance(teacher, TopK) and k == inputs.student_logits.shape[-1] == teacher.logprobs.shape[-1]:
+        return None  # the cache holds the whole vocabulary: topk computes the dense divergence
+    options = {name: value for name, value in topk_params.items() if name != "temperature"}
+
+    def shared(chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+        return ce_topk(
+            inputs.student_logits,
+            inputs.labels,
+            teacher,
+            sequence_mask(inputs),
+            ce_weight=w_ce,
+            topk_weight=w_topk,
+            chunk_size=chunk_size,
+            **options,
+        )
+
+    return shared
 
 
 def _compute(

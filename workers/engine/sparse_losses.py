@@ -9,18 +9,22 @@ sparse one. Both are token-level terms averaged over the mask, chunked like the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError
 from .loss_primitives import (
+    IGNORE_INDEX,
     LOG_ZERO,
     TopK,
     _divergence,
     _log_probs,
     _tau_squared,
     token_mean,
+    token_means,
 )
 
 
@@ -36,24 +40,35 @@ _TINY = 1e-25
 
 
 class _StudentTopK(torch.autograd.Function):
-    """The student's log-probabilities at ``indices`` and of the tail (every other token), from raw logits.
+    """The student's log-probabilities at ``indices``, of the tail (every other token) and, optionally, of one
+    more token per position (the label), from raw logits.
 
-    Equal to gathering ``log_softmax(z)`` at ``indices`` and taking :func:`_tail_logmass` of it, with fewer
-    passes over the vocabulary: one fused softmax (on a contiguous copy: the softmax kernels are far slower on
-    the shifted, strided logits), one sum for the tail after zeroing the kept entries (so no ``1 − Σ``
-    cancellation); the backward turns the probabilities into the gradient in place (``p_j·c`` per row, the
-    k kept entries overwritten). A top-k term then costs about what a cross-entropy does. ``indices`` must be
-    distinct within a row (a top-k always is). Rows with a kept probability or a tail mass below ``_TINY``
-    are computed in log space (exact where float32 probabilities would lose digits). One backward pass (the
-    gradient reuses the saved probabilities; autograd refuses a second).
+    Equal to gathering ``log_softmax(z)`` at ``indices`` (and at ``labels``) and taking :func:`_tail_logmass`
+    of it, with fewer passes over the vocabulary: one fused softmax (on a contiguous copy: the softmax kernels
+    are far slower on the shifted, strided logits), one sum for the tail after zeroing the kept entries (so no
+    ``1 − Σ`` cancellation); the backward turns the probabilities into the gradient in place (``p_j·c`` per
+    row, the k kept entries overwritten, the label's ``+g`` added). A top-k term then costs about what a
+    cross-entropy does, and a cross-entropy on the same logits (``−log p_label``) adds only a gather and one
+    scattered entry. ``indices`` must be distinct within a row (a top-k always is); the label may be one of
+    them. Rows with a kept probability, the label's or a tail mass below ``_TINY`` are computed in log space
+    (exact where float32 probabilities would lose digits). One backward pass (the gradient reuses the saved
+    probabilities; autograd refuses a second).
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, indices: Tensor, with_tail: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx, z: Tensor, indices: Tensor, with_tail: bool, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         probs = torch.softmax(z.contiguous(), dim=-1)  # (..., V)
         kept = probs.gather(-1, indices)  # (..., k)
         log_k = kept.log()
         small = kept.amin(-1) < _TINY  # (...)
+        if labels is not None:
+            at_label = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (...)
+            log_label = at_label.log()
+            small |= at_label < _TINY
+        else:
+            log_label = log_k.new_zeros(log_k.shape[:-1])
         if with_tail:
             probs.scatter_(-1, indices, 0.0)  # the mass of every other token, summed without cancellation
             tail = probs.sum(-1)  # (...)
@@ -65,16 +80,22 @@ class _StudentTopK(torch.autograd.Function):
         if tiny is not None:
             exact = torch.log_softmax(z[tiny], dim=-1)
             log_k[tiny] = exact.gather(-1, indices[tiny])
+            if labels is not None:
+                log_label[tiny] = exact.gather(-1, labels[tiny].unsqueeze(-1)).squeeze(-1)
             if with_tail:
                 log_tail[tiny] = _tail_logmass(exact, indices[tiny])
         ctx.with_tail = with_tail
-        ctx.save_for_backward(z, indices, probs, log_k, log_tail, tiny)
-        return log_k, log_tail
+        ctx.save_for_backward(z, indices, probs, log_k, log_tail, tiny, labels)
+        return log_k, log_tail, log_label
 
     @staticmethod
-    def backward(ctx, grad_k: Tensor, grad_tail: Tensor) -> tuple[Tensor, None, None]:
-        z, indices, probs, log_k, log_tail, tiny = ctx.saved_tensors
+    def backward(
+        ctx, grad_k: Tensor, grad_tail: Tensor, grad_label: Tensor
+    ) -> tuple[Tensor, None, None, None]:
+        z, indices, probs, log_k, log_tail, tiny, labels = ctx.saved_tensors
         total = grad_k.sum(-1, keepdim=True)  # (..., 1)
+        if labels is not None:
+            total = total + grad_label.unsqueeze(-1)  # d log p_label / dz_j = δ_j,label − p_j
         if ctx.with_tail:
             g_tail = grad_tail.unsqueeze(-1)
             total = total + g_tail
@@ -89,7 +110,9 @@ class _StudentTopK(torch.autograd.Function):
                 rows += (log_p - log_tail[tiny].unsqueeze(-1)).exp() * g_tail[tiny]
             grad[tiny] = rows
         grad.scatter_(-1, indices, grad_k - log_k.exp() * total)
-        return grad, None, None
+        if labels is not None:
+            grad.scatter_add_(-1, labels.unsqueeze(-1), grad_label.unsqueeze(-1))
+        return grad, None, None, None
 
 
 def _student_log_probs(
@@ -99,28 +122,15 @@ def _student_log_probs(
     z = student_logits.float()
     if not (isinstance(temperature, int | float) and temperature == 1):
         z = z / temperature
-    log_s, log_tail = _StudentTopK.apply(z, indices, tail)
+    log_s, log_tail, _ = _StudentTopK.apply(z, indices, tail)
     return torch.cat([log_s, log_tail.unsqueeze(-1)], dim=-1) if tail else log_s
 
 
-def topk_log_probs(
-    student_logits: Tensor, teacher: Tensor | TopK, *, k: int, tail: bool, temperature: float = 1.0
+def _teacher_log_probs(
+    teacher: Tensor | TopK, *, k: int, tail: bool, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """Student and teacher distributions restricted to the teacher's top-k tokens, as log-probabilities.
-
-    Without ``tail`` both are renormalised over the k tokens; with ``tail`` one more entry holds the rest of
-    the mass (the student's is the exact log-mass of its other tokens; the teacher's the cache's stored tail,
-    or ``1 − Σ top-k`` when none is stored). Both rows sum to 1.
-
-    Args:
-        student_logits: (..., V).
-        teacher: dense teacher logits (..., V) or a :class:`TopK` (at least k entries per position).
-        k: tokens kept.
-        tail: add the remaining-mass bucket (needs temperature 1).
-        temperature: τ applied to both sides.
-    Returns:
-        (log_s, log_t), each (..., k) or (..., k + 1) float32.
-    """
+    """The teacher side of :func:`topk_log_probs`: its log-probabilities at its top-k tokens (plus the tail's
+    as entry k with ``tail``), not yet renormalised, and the token ids (..., k)."""
     t_tail: Tensor | None = None
     if isinstance(teacher, TopK):
         log_t, indices = teacher.logprobs.float(), teacher.indices  # (..., K)
@@ -154,11 +164,37 @@ def topk_log_probs(
         log_t = full_t.gather(-1, indices)
         if tail:
             t_tail = _tail_logmass(full_t, indices)
-    log_s = _student_log_probs(student_logits, indices, tail=tail, temperature=temperature)  # (..., k [+ 1])
     if tail:
         log_t = torch.cat([log_t, t_tail.unsqueeze(-1)], dim=-1)
-    # Renormalise: a no-op with the tail (up to rounding in a half-precision cache), the restriction without.
-    return log_s - torch.logsumexp(log_s, -1, keepdim=True), log_t - torch.logsumexp(log_t, -1, keepdim=True)
+    return log_t, indices
+
+
+def _renormalised(log_p: Tensor) -> Tensor:
+    # A no-op with the tail (up to rounding in a half-precision cache), the restriction without.
+    return log_p - torch.logsumexp(log_p, -1, keepdim=True)
+
+
+def topk_log_probs(
+    student_logits: Tensor, teacher: Tensor | TopK, *, k: int, tail: bool, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher distributions restricted to the teacher's top-k tokens, as log-probabilities.
+
+    Without ``tail`` both are renormalised over the k tokens; with ``tail`` one more entry holds the rest of
+    the mass (the student's is the exact log-mass of its other tokens; the teacher's the cache's stored tail,
+    or ``1 − Σ top-k`` when none is stored). Both rows sum to 1.
+
+    Args:
+        student_logits: (..., V).
+        teacher: dense teacher logits (..., V) or a :class:`TopK` (at least k entries per position).
+        k: tokens kept.
+        tail: add the remaining-mass bucket (needs temperature 1).
+        temperature: τ applied to both sides.
+    Returns:
+        (log_s, log_t), each (..., k) or (..., k + 1) float32.
+    """
+    log_t, indices = _teacher_log_probs(teacher, k=k, tail=tail, temperature=temperature)
+    log_s = _student_log_probs(student_logits, indices, tail=tail, temperature=temperature)  # (..., k [+ 1])
+    return _renormalised(log_s), _renormalised(log_t)
 
 
 def _dense_from_topk(teacher: TopK, temperature: float) -> Tensor:
@@ -222,6 +258,59 @@ def topk(
         temperature=temperature,
         beta=beta,
     )
+
+
+def _ce_topk_tokens(
+    s: Tensor, labels: Tensor, teacher: Tensor | TopK, *, k: int, divergence: str, tail: bool, beta: float
+) -> tuple[Tensor, Tensor]:
+    """Per position: the cross-entropy with ``labels`` (any value at -100, masked later) and the top-k term at
+    τ = 1, from one student softmax (:class:`_StudentTopK` with the label as one more gathered token)."""
+    log_t, indices = _teacher_log_probs(teacher, k=k, tail=tail)
+    log_k, log_tail, log_label = _StudentTopK.apply(s.float(), indices, tail, labels.clamp_min(0))
+    log_s = torch.cat([log_k, log_tail.unsqueeze(-1)], dim=-1) if tail else log_k
+    return -log_label, _divergence(divergence, _renormalised(log_s), _renormalised(log_t), beta=beta)
+
+
+def ce_topk(
+    student_logits: Tensor,
+    labels: Tensor,
+    teacher: Tensor | TopK,
+    mask: Tensor | None = None,
+    *,
+    ce_weight: float | Tensor = 1.0,
+    topk_weight: float | Tensor = 1.0,
+    k: int = 64,
+    divergence: str = "kd",
+    tail: bool = True,
+    beta: float = 0.5,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``ce_weight·ce(student_logits, labels) + topk_weight·topk(student_logits, teacher, mask)`` at τ = 1
+    (ce without label smoothing), both terms from one student softmax and one gradient buffer.
+
+    Equal to the two terms computed apart (values and gradient), at about the cost of one of them: the label's
+    ``−log p`` is one more gathered entry of the top-k term's softmax, its gradient one more scattered entry.
+    ``ce`` averages over the labelled positions (``labels != -100``), ``topk`` over ``mask`` (for
+    classification None: every row, unlabelled ones too). Not for a cache holding the whole vocabulary
+    (k = V), which :func:`topk` computes densely.
+
+    Returns:
+        (the weighted sum, float32 scalar with the gradient; ce's value; topk's value), the values detached.
+    """
+    if labels.shape != student_logits.shape[:-1]:
+        raise ConfigError(
+            f"Labels {tuple(labels.shape)} do not match the logits' positions "
+            f"{tuple(student_logits.shape[:-1])}."
+        )
+    total, (ce_value, topk_value) = token_means(
+        functools.partial(_ce_topk_tokens, k=k, divergence=divergence, tail=tail, beta=beta),
+        student_logits,
+        (labels, teacher),
+        (labels != IGNORE_INDEX, mask),
+        (ce_weight, topk_weight),
+        chunk_size=chunk_size,
+    )
+    return total, ce_value, topk_value
 
 
 def _uld_tokens(s: Tensor, t: Tensor | TopK) -> Tensor:
