@@ -41,4 +41,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean-demo:
-	rm -rf var/distillweb.sqlite3* var/broker var/artifacts var/demo-credentials.txt
+	rm -rf var/distillweb.sqlite3* var/broker var/artifacts var/demo-credentials.txt var/demo.env var/celerybeat-schedule*

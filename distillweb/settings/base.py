@@ -3,6 +3,8 @@
 Production differences come from environment variables, not from a separate settings module.
 """
 
+import os
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +17,12 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env")  # the OS environment wins over .env
 
 VAR_DIR = Path(env("DISTILLWEB_VAR_DIR", default=str(BASE_DIR / "var")))
+# `make demo` writes its generated SECRET_KEY here (mode 0600), so the documented `manage.py` and `celery`
+# commands work on the demo's data without DEBUG=true. Read only on the embedded default database (no
+# DATABASE_URL), so a deployment never picks up a demo's key; the environment still wins.
+DEMO_ENV_FILE = VAR_DIR / "demo.env"
+if "DATABASE_URL" not in os.environ and DEMO_ENV_FILE.is_file():
+    environ.Env.read_env(DEMO_ENV_FILE)
 
 DEBUG = env.bool("DEBUG", default=False)
 SECRET_KEY = env("SECRET_KEY", default="")
@@ -236,6 +244,10 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "store_processed": False,
         "control_folder": str(_broker_dir / "control"),
     }
+    # The embedded shape runs on one machine, often as root in a container; with JSON as the only accepted
+    # content Celery refuses nothing and only warns, which is noise for the demo. Servers and a real broker
+    # keep the warning.
+    warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
 else:
     # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
     # Redis re-delivers a message nobody acknowledged after this long. Runs are acknowledged when they end
@@ -329,7 +341,12 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {"filesystem_broker_host": {"()": "distillweb.logfilters.FilesystemBrokerHost"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    # kombu warns "No hostname was supplied" on every connection to the filesystem transport, which has no
+    # host.
+    LOGGING["loggers"]["kombu.connection"] = {"filters": ["filesystem_broker_host"]}

@@ -66,7 +66,7 @@ class Command(BaseCommand):
         creds.parent.mkdir(parents=True, exist_ok=True)
         creds.write_text(f"{username}:{password}\n")
         creds.chmod(0o600)
-        self.stdout.write(self.style.SUCCESS(f"Admin login: {username} / {password}"))
+        self.stdout.write(self.style.SUCCESS(f"Admin login: {username} / {password} (saved in {creds})"))
         return user
 
     def _seed(self, admin, *, teacher_steps: int, student_steps: int) -> None:
