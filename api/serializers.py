@@ -6,6 +6,8 @@ serializers here only describe them in the OpenAPI schema, with the same choices
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 from django.urls import reverse
@@ -381,6 +383,24 @@ class MetricsSerializer(serializers.Serializer):
     series = SeriesSerializer(many=True)
 
 
+class MetricHistoryPointSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    step = serializers.IntegerField()
+    value = serializers.FloatField(allow_null=True, help_text="null where the value was NaN or infinite")
+    wall_time = serializers.DateTimeField(help_text="When the worker logged the point")
+
+
+class MetricHistorySerializer(serializers.Serializer):
+    run = serializers.IntegerField()
+    name = serializers.CharField(allow_null=True, help_text="The metric asked for; null: every metric")
+    limit = serializers.IntegerField()
+    points = MetricHistoryPointSerializer(many=True, help_text="In (name, step) order, every stored point")
+    cursor = serializers.CharField(
+        allow_null=True, help_text="Pass as ?cursor= for the next page; null when the history is exhausted"
+    )
+    next = serializers.URLField(allow_null=True, help_text="The next page's URL; null at the end")
+
+
 class PrimaryMetricSerializer(serializers.Serializer):
     name = serializers.CharField()
     label = serializers.CharField()
@@ -579,6 +599,70 @@ class MetricsQuerySerializer(serializers.Serializer):
         default=2000,
         help_text="Points per series at most (min/max buckets keep the spikes)",
     )
+
+
+HISTORY_MAX_LIMIT = 10_000
+
+
+def history_cursor(name: str, step: int) -> str:
+    """The opaque token of the point (name, step): the history's next page starts after it."""
+    raw = json.dumps([name, step], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _history_position(token: str) -> tuple[str, int] | None:
+    try:
+        name, step = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, TypeError):  # bad base64 (binascii.Error), bad UTF-8 or JSON, not a pair
+        return None
+    if not isinstance(name, str) or not 0 < len(name) <= 64 or "\x00" in name:
+        return None
+    try:
+        name.encode()  # a lone surrogate cannot reach the database
+    except UnicodeEncodeError:
+        return None
+    return (name, step) if type(step) is int and 0 <= step <= MAX_ID else None
+
+
+class MetricHistoryQuerySerializer(serializers.Serializer):
+    name = serializers.CharField(
+        max_length=64,
+        required=False,
+        help_text="One metric (e.g. loss, eval/accuracy); every metric when left out",
+    )
+    limit = serializers.IntegerField(
+        min_value=1,
+        max_value=HISTORY_MAX_LIMIT,
+        required=False,
+        default=1000,
+        help_text=f"Points per page (default 1000, at most {HISTORY_MAX_LIMIT:,})",
+    )
+    cursor = serializers.CharField(
+        max_length=512, required=False, help_text="The previous page's cursor: this page starts after it"
+    )
+    after_step = serializers.IntegerField(
+        min_value=0,
+        max_value=MAX_ID,
+        required=False,
+        help_text="With name instead of a cursor: the points after this step",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        name = attrs.get("name")
+        after = None
+        if "cursor" in attrs:
+            if "after_step" in attrs:
+                raise serializers.ValidationError({"after_step": ["Give a cursor or after_step, not both."]})
+            after = _history_position(attrs["cursor"])
+            if after is None or (name is not None and after[0] != name):
+                raise serializers.ValidationError(
+                    {"cursor": ["Not a cursor this history gave: pass the cursor of its previous page."]}
+                )
+        elif "after_step" in attrs:
+            if name is None:
+                raise serializers.ValidationError({"after_step": ["Give a name with after_step."]})
+            after = (name, attrs["after_step"])
+        return {"name": name, "limit": attrs["limit"], "after": after}
 
 
 class LeaderboardQuerySerializer(serializers.Serializer):

@@ -59,6 +59,19 @@ urlpatterns = [
     path("runs/<int:pk>/cancel/", views.RunViewSet.as_view({"post": "cancel"}), name="run_cancel"),
     path("runs/<int:pk>/requeue/", views.RunViewSet.as_view({"post": "requeue"}), name="run_requeue"),
     path("runs/<int:pk>/metrics/", views.RunViewSet.as_view({"get": "metrics"}), name="run_metrics"),
+    path(
+        "runs/<int:pk>/metrics/history/",
+        views.RunViewSet.as_view({"get": "history"}),
+        name="run_metric_history",
+    ),
+    path(
+        "runs/<int:pk>/metrics.csv", views.RunViewSet.as_view({"get": "metrics_csv"}), name="run_metrics_csv"
+    ),
+    path(
+        "runs/<int:pk>/metrics.parquet",
+        views.RunViewSet.as_view({"get": "metrics_parquet"}),
+        name="run_metrics_parquet",
+    ),
     path("runs/<int:pk>/register/", views.RunViewSet.as_view({"post": "register"}), name="run_register"),
     path("leaderboards/", views.LeaderboardViewSet.as_view(LIST), name="leaderboard_list"),
     path("leaderboards/<int:pk>/", views.LeaderboardViewSet.as_view(DETAIL), name="leaderboard_detail"),

@@ -8,12 +8,14 @@ session) and answers 401 JSON instead of redirecting to the login page.
 from __future__ import annotations
 
 import csv
+import math
 from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib.auth.decorators import login_not_required
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.urls import Resolver404, resolve, reverse
 from django.utils.text import slugify
@@ -29,11 +31,12 @@ from rest_framework.response import Response
 from experiments import export, plots
 from experiments.domain import leaderboard
 from experiments.models import Experiment
+from experiments.selectors import curves as curves_reads
 from experiments.selectors import leaderboard as leaderboard_reads
 from experiments.selectors import records as records_reads
 from experiments.services import lifecycle
 
-from . import inputs, yaml_io
+from . import inputs, metric_downloads, yaml_io
 from . import selectors as api_selectors
 from . import serializers as s
 from .parsers import YAML_PARSERS
@@ -362,7 +365,7 @@ class RunViewSet(ApiViewSet):
 
     def get_queryset(self) -> QuerySet:
         runs = api_selectors.run_list(user=self.request.user)
-        if self.action != "list":
+        if self.action not in ("list", "history", "metrics_csv", "metrics_parquet"):
             runs = runs.prefetch_related("artifacts", "transitions")
         return runs
 
@@ -449,6 +452,64 @@ class RunViewSet(ApiViewSet):
                 "names": api_selectors.run_metric_names(run=run),
                 "series": series,
             }
+        )
+
+    @extend_schema(
+        summary="The run's metric points at full resolution, a page at a time (a cursor by step)",
+        description=(
+            "Every stored point, never downsampled, in (name, step) order: one metric's points in step order "
+            "with `name`, else every metric's. Pass the page's `cursor` (or follow `next`) for the next "
+            "page; both are null once the history is exhausted. With `name`, `after_step=S` starts after "
+            "step S. Each page is a keyset read on the (run, name, step) index."
+        ),
+        parameters=[s.MetricHistoryQuerySerializer],
+        responses={200: s.MetricHistorySerializer, 400: _ERRORS, 404: _NOT_FOUND},
+    )
+    def history(self, request: Request, pk: int) -> Response:
+        run = self.get_object()
+        params = self.query(s.MetricHistoryQuerySerializer)
+        name, limit = params["name"], params["limit"]
+        # One point more than the page: a cursor only when another page has points.
+        rows = curves_reads.run_metric_history(
+            run_id=run.pk, name=name, after=params["after"], limit=limit + 1
+        )
+        page = rows[:limit]
+        cursor = s.history_cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
+        next_url = None
+        if cursor is not None:
+            query = {"name": name} if name is not None else {}
+            query = urlencode({**query, "limit": limit, "cursor": cursor})
+            next_url = request.build_absolute_uri(f"{request.path}?{query}")
+        points = [
+            {"name": n, "step": step, "value": value if math.isfinite(value) else None, "wall_time": time}
+            for n, step, value, time in page
+        ]
+        body = {"run": run.pk, "name": name, "limit": limit, "points": points}
+        return Response({**body, "cursor": cursor, "next": next_url})
+
+    @extend_schema(
+        summary="Every metric point of the run as CSV (streamed): step, name, value, wall_time",
+        responses={(200, "text/csv"): OpenApiTypes.STR, 404: _NOT_FOUND},
+    )
+    def metrics_csv(self, request: Request, pk: int) -> StreamingHttpResponse:
+        run = self.get_object()
+        response = StreamingHttpResponse(
+            metric_downloads.csv_chunks(run_id=run.pk), content_type="text/csv; charset=utf-8"
+        )
+        response["Content-Disposition"] = f'attachment; filename="run-{run.pk}-metrics.csv"'
+        return response
+
+    @extend_schema(
+        summary="Every metric point of the run as Parquet: step, name, value, wall_time (UTC timestamp)",
+        responses={(200, metric_downloads.PARQUET_CONTENT_TYPE): OpenApiTypes.BINARY, 404: _NOT_FOUND},
+    )
+    def metrics_parquet(self, request: Request, pk: int) -> FileResponse:
+        run = self.get_object()
+        return FileResponse(
+            metric_downloads.parquet_file(run_id=run.pk),
+            as_attachment=True,
+            filename=f"run-{run.pk}-metrics.parquet",
+            content_type=metric_downloads.PARQUET_CONTENT_TYPE,
         )
 
     @extend_schema(

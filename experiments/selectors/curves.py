@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 
 from django.db import connections
 from django.db.models import (
@@ -57,6 +58,38 @@ def run_metric_series(*, run: Run, max_points: int = 2000) -> dict[str, tuple[li
         steps.append(step)
         values.append(value)
     return dict(series)
+
+
+# A point of a run's full-resolution history: (name, step, value, wall time).
+HistoryPoint = tuple[str, int, float, datetime]
+
+
+def run_metric_history(
+    *, run_id: int, name: str | None = None, after: tuple[str, int] | None = None, limit: int
+) -> list[HistoryPoint]:
+    """Up to ``limit`` points of the run at full resolution, in (name, step) order, after the point ``after``
+    ((name, step), exclusive); only metric ``name`` when given.
+
+    Keyset reads on the (run, name, step) unique index: a page costs the same at the first and the millionth
+    point, and the key names one point (steps tie across names, never within one), so a walk from page to
+    page meets every point exactly once, even while a live run appends steps.
+    """
+    points = MetricPoint.objects.filter(run_id=run_id)
+    fields = ("name", "step", "value", "wall_time")
+    if name is not None:
+        points = points.filter(name=name)
+        if after is not None:
+            points = points.filter(step__gt=after[1])
+        return list(points.order_by("step").values_list(*fields)[:limit])
+    if after is None:
+        return list(points.order_by("name", "step").values_list(*fields)[:limit])
+    # The rest of the cursor's metric, then the metrics after it: two index range scans (an OR of both
+    # would scan the run's index from its start on every page).
+    rows = list(points.filter(name=after[0], step__gt=after[1]).order_by("step").values_list(*fields)[:limit])
+    if len(rows) < limit:
+        rest = points.filter(name__gt=after[0]).order_by("name", "step").values_list(*fields)
+        rows += rest[: limit - len(rows)]
+    return rows
 
 
 def _run_metric_series_downsampled(
