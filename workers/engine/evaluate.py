@@ -172,8 +172,9 @@ def efficiency_metrics(
         ``latency_repeats``; ``throughput_per_s`` (rows per second at batch :data:`THROUGHPUT_BATCH`),
         ``tokens_per_s`` (text models); ``model_memory_bytes`` = ``weights_bytes`` (parameters and buffers)
         + ``activation_bytes`` at the throughput batch (CUDA: the allocator's peak during one forward above
-        what was allocated before it; CPU: the bytes of every distinct tensor the model's modules output in
-        one forward, an upper bound of what is live at once), also as ``peak_memory_bytes`` (older readers);
+        what was allocated before it, bf16 autocast's weight copies included; CPU: the bytes of every distinct
+        tensor the model's modules output in one forward, an upper bound of what is live at once), also as
+        ``peak_memory_bytes`` (older readers);
         and ``efficiency_setting``: ``device``, ``threads``, ``batch`` (latency), ``throughput_batch``,
         ``seq_len`` (latency batch; None for tabular inputs), ``throughput_seq_len``, ``shared_host``.
     """
