@@ -4,6 +4,9 @@ Each check gives a level — ``ok``, ``notice`` (worth knowing, nothing to fix),
 here), ``warning`` (launch is allowed) or ``error`` (launch is refused) — a one-line summary and details:
 
 - **Runs**: how many runs the grid creates, against ``MAX_RUNS_PER_EXPERIMENT``.
+- **Recipes**: each recipe against the dataset's task, by the scheme × term × task rules the engine enforces
+  before training (``workers.engine.recipe_rules``, the same function and messages): a recipe that cannot run
+  is an error naming it.
 - **Label spaces**: on classification data every model predicts the dataset's classes; a teacher trained here
   on other data with other label names is a warning (class 3 may not mean the same thing).
 - **Tokenizers**: for text models, teacher and student tokenizers compared by the identity their records keep
@@ -33,7 +36,7 @@ from django.conf import settings
 from django.db.models import Count, F, FloatField, Func, Window
 from django.db.models.functions import Cast, RowNumber
 
-from experiments.domain import engine_config, sweep_plan, tokenizers
+from experiments.domain import engine_config, sweep_plan, tokenizers, validation
 from experiments.domain.memory_check import LARGEST_GPU_BYTES as LARGEST_GPU_BYTES  # the memory check's names
 from experiments.domain.memory_check import RunShape as RunShape
 from experiments.domain.memory_check import check_memory, run_shapes
@@ -166,6 +169,23 @@ def check_labels(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: S
 def _names(names: Sequence[Any], shown: int = 6) -> str:
     text = ", ".join(str(n) for n in list(names)[:shown])
     return text + (", …" if len(names) > shown else "")
+
+
+# --- recipes ------------------------------------------------------------------------------------------------
+def check_recipes(*, dataset: DatasetSpec, recipes: Sequence[Recipe]) -> Check:
+    """Each recipe against the dataset's task, with the engine's own refusals (``recipe_rules``)."""
+    title = "Recipes"
+    problems = [
+        f"Recipe {recipe}: {message}"
+        for recipe in recipes
+        for message in validation.recipe_task_problems(recipe, task=dataset.task)
+    ]
+    if problems:
+        return Check("recipes", title, "error", problems[0], tuple(problems[1:]), field="recipes")
+    if not recipes:
+        return Check("recipes", title, "notice", "No recipe chosen.")
+    task = dataset.get_task_display().lower()
+    return Check("recipes", title, "ok", f"Every recipe can run on {task} data.")
 
 
 # --- tokenizers ---------------------------------------------------------------------------------------------
@@ -381,6 +401,7 @@ def experiment_preflight(*, dataset: DatasetSpec, teacher: ModelSpec | None, stu
     shapes = run_shapes(dataset=dataset, recipes=recipes, train=train, with_baseline=count.baseline, **models)
     checks = (
         runs,
+        check_recipes(dataset=dataset, recipes=recipes),
         check_labels(dataset=dataset, **models),
         check_tokenizers(dataset=dataset, recipes=recipes, **models),
         check_memory(shapes),

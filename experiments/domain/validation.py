@@ -430,7 +430,56 @@ def clean_terms(terms: list[dict[str, Any]], *, scheme: str) -> list[dict[str, A
         raise ValidationError({"terms": "Each loss term may appear once."})
     if scheme == Recipe.Scheme.HARD_LABELS and names != ["ce"]:
         raise ValidationError({"scheme": "The hard-labels scheme trains with the ce term only."})
+    check_recipe_rules(scheme=scheme, terms=cleaned)
     return cleaned
+
+
+def engine_terms(terms: Sequence[dict[str, Any]]) -> list[Any]:
+    """A recipe's stored terms as the engine validates them (parameters complete); terms the engine refuses
+    are left out (their own validation reports them)."""
+    from workers.engine.config import LossTermConfig
+    from workers.engine.errors import ConfigError
+    from workers.engine.terms import validate_term
+
+    valid = []
+    for term in terms:
+        try:
+            valid.append(
+                validate_term(
+                    LossTermConfig(
+                        term["name"],
+                        term.get("weight", 1.0),
+                        term.get("params") or {},
+                        term.get("schedule") or {},
+                    )
+                )
+            )
+        except (ConfigError, KeyError, TypeError):
+            continue
+    return valid
+
+
+def recipe_rule_errors(
+    *, scheme: str, terms: Sequence[dict[str, Any]], task: str | None = None
+) -> dict[str, list[str]]:
+    """The scheme × term × task rules the engine enforces before training
+    (``workers.engine.recipe_rules``), by recipe field, with the engine's messages. ``task`` None: only the
+    rules that hold on any dataset (a recipe does not name its task)."""
+    from workers.engine.recipe_rules import recipe_errors
+
+    return recipe_errors(scheme, engine_terms(terms), task)
+
+
+def check_recipe_rules(*, scheme: str, terms: Sequence[dict[str, Any]]) -> None:
+    """Refuse a recipe that cannot run on any dataset (an offline recipe with a hidden-state term, ...)."""
+    if errors := recipe_rule_errors(scheme=scheme, terms=terms):
+        raise ValidationError(errors)
+
+
+def recipe_task_problems(recipe: Recipe, *, task: str) -> list[str]:
+    """Why ``recipe`` cannot run on ``task`` data, in the engine's words (empty: it can)."""
+    errors = recipe_rule_errors(scheme=recipe.scheme, terms=recipe.terms, task=task)
+    return [message for messages in errors.values() for message in messages]
 
 
 def clean_scheme_params(scheme: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -484,12 +533,8 @@ def check_experiment(
             err("extra_teachers", "A multi-teacher recipe needs at least one more teacher.")
         weights = _clean_teacher_weights(teacher_weights, 1 + len(extra_teachers), err)
     for recipe in recipes:
-        allowed = SCHEME_TASKS.get(recipe.scheme)
-        if allowed and dataset.task not in allowed:
-            err(
-                "recipes",
-                f"Recipe {recipe} ({recipe.scheme}) works on {' / '.join(allowed)} data, not {dataset.task}.",
-            )
+        for message in recipe_task_problems(recipe, task=dataset.task):
+            err("recipes", f"Recipe {recipe}: {message}")
     if teacher is not None and teacher in students:
         err("students", "The teacher cannot also be a student.")
     data_kind = specs.dataset_kind(dataset)
@@ -523,12 +568,6 @@ def check_experiment(
     if errors:
         raise ValidationError(errors)
     return weights
-
-
-SCHEME_TASKS = {
-    Recipe.Scheme.SEQ_KD: ("causal_lm",),
-    Recipe.Scheme.ON_POLICY: ("causal_lm",),
-}
 
 
 def _clean_teacher_weights(raw: Sequence[Any], count: int, err) -> list[float]:

@@ -63,7 +63,8 @@ def lm_setup(team):
         "teacher": _lm(team, "gpt2-teacher", tokenizer_id="gpt2"),
         "student": _lm(team, "gpt2-student", tokenizer_id="gpt2"),
         "smol": _lm(team, "smol-student", tokenizer_id="HuggingFaceTB/SmolLM2-135M"),
-        "kd": RecipeFactory(team=team, name="lm-kd", terms=KD),
+        # Online: dense kd on a causal LM cannot run from the (top-k) teacher cache.
+        "kd": RecipeFactory(team=team, name="lm-kd", scheme=Recipe.Scheme.ONLINE, terms=KD),
         "uld": RecipeFactory(team=team, name="lm-uld", scheme=Recipe.Scheme.ONLINE,
                              terms=[{"name": "ce", "weight": 0.5, "params": {}},
                                     {"name": "uld", "weight": 0.5, "params": {}}]),
@@ -432,7 +433,7 @@ def test_the_check_step_recounts_and_shows_every_check_without_creating_anything
     assert response.status_code == 200
     report = response.context["report"]
     assert report.count.total == 2 * 2 * 3 * 2
-    assert [c.key for c in report.checks] == ["runs", "labels", "tokenizers", "memory", "time"]
+    assert [c.key for c in report.checks] == ["runs", "recipes", "labels", "tokenizers", "memory", "time"]
     html = response.content.decode()
     assert 'id="preflight"' in html and "24 runs" in html and "No similar runs yet." in html
     assert not Experiment.objects.exists() and not Run.objects.exists()

@@ -17,9 +17,9 @@ DISPATCH = "workers.tasks.run_distillation.apply_async"
 KD = [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9, "params": {"temperature": 4}}]
 
 
-def _recipe(team, user, scheme, **params):
-    return records.recipe_create(team=team, created_by=user, name=f"{scheme}-recipe", scheme=scheme, terms=KD,
-                                  scheme_params=params)
+def _recipe(team, user, scheme, terms=KD, **params):
+    return records.recipe_create(team=team, created_by=user, name=f"{scheme}-recipe", scheme=scheme,
+                                  terms=terms, scheme_params=params)
 
 
 def _create(setup, team, user, recipe, capture=None, **kwargs):
@@ -110,7 +110,9 @@ def test_scheme_parameters_are_validated(team, user):
     assert "scheme_params" in exc.value.message_dict
     with pytest.raises(ValidationError):
         _recipe(team, user, Recipe.Scheme.ON_POLICY, lmbda=1.5)
-    assert _recipe(team, user, Recipe.Scheme.ON_POLICY).scheme_params == {
+    # on_policy scores student samples: no ce (the engine's rule, refused at save).
+    on_policy = _recipe(team, user, Recipe.Scheme.ON_POLICY, terms=[{"name": "kd", "weight": 1.0}])
+    assert on_policy.scheme_params == {
         "lmbda": 0.5, "temperature": 1.0, "max_new_tokens": 32}
 
 
