@@ -1,4 +1,4 @@
-# Two commands a new user needs: `make demo` (embedded: SQLite + filesystem broker + a local worker) and
+# Two commands a new user needs: `make demo` (embedded: SQLite + filesystem broker + local workers) and
 # `make test` (the suite, against the Postgres and Redis named by DATABASE_URL / CELERY_BROKER_URL).
 VENV ?= .venv
 PY := $(VENV)/bin/python
