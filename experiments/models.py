@@ -10,6 +10,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from experiments.domain.run_phase import PhaseStatus, phase_status
+
 
 def _choices_check(field: str, choices: type[models.TextChoices], name: str) -> models.CheckConstraint:
     return models.CheckConstraint(condition=Q(**{f"{field}__in": choices.values}), name=name)
@@ -355,6 +357,12 @@ class Run(models.Model):
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
     samples_per_s = models.FloatField(null=True, blank=True)
+    # A phase other than the training steps (workers/engine/phases.py): loading, teacher_cache, seq_kd,
+    # evaluation, teacher_evaluation, saving; empty while the steps run.
+    phase = models.CharField(max_length=32, blank=True)
+    phase_done = models.PositiveIntegerField(default=0)
+    phase_total = models.PositiveIntegerField(default=0)
+    phase_started_at = models.DateTimeField(null=True, blank=True)
     cancel_requested = models.BooleanField(default=False)
     error = models.TextField(blank=True)
     checkpoint_path = models.CharField(max_length=500, blank=True, help_text="Relative to ARTIFACT_ROOT")
@@ -402,6 +410,16 @@ class Run(models.Model):
         if self.status == self.Status.SUCCEEDED:
             return 100
         return int(100 * self.step / self.total_steps) if self.total_steps else 0
+
+    @property
+    def phase_status(self) -> PhaseStatus | None:
+        """The phase a running run reports besides its steps (loading, evaluation rows…), in words, with the
+        time left; None while it trains its steps or when it is not running."""
+        if self.status != self.Status.RUNNING:
+            return None
+        return phase_status(
+            self.phase, self.phase_done, self.phase_total, self.phase_started_at, timezone.now()
+        )
 
     @property
     def lease_expired(self) -> bool:

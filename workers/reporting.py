@@ -103,6 +103,10 @@ class RunReporter:
         self._last_step_time: tuple[int, float] | None = None
         self._last_step = 0
         self._total = 0
+        # The phase besides the steps (name, done, total, started), "" while the steps run, and the last one
+        # written.
+        self._phase: tuple[str, int, int, datetime | None] = ("", 0, 0, None)
+        self._phase_written: tuple[str, int, int, datetime | None] | None = None
         self._batch_size = 1
         self._save_every = 0
         self._log_every = 0
@@ -202,6 +206,8 @@ class RunReporter:
         self.watchdog.step_done(step, total)
         with self._state:
             self._last_step, self._total = step, total
+            if self._phase[0]:
+                self._phase = ("", 0, 0, None)  # the steps again (after a mid-run evaluation, say)
         if self._is_checkpoint_step(step) and not self._is_log_step(step, total):
             # Everything logged before a checkpoint is durable before the checkpoint exists (at a log step,
             # the metrics of the step come before the checkpoint too, and that call flushes).
@@ -227,8 +233,14 @@ class RunReporter:
 
     def on_phase(self, phase: str, done: int | None = None, total: int | None = None) -> None:
         """Progress of a phase other than the training steps (loading, cache fill, evaluation rows): keeps
-        the stall watchdog quiet and names the phase a stall is reported in."""
+        the stall watchdog quiet, names the phase a stall is reported in, and goes on the run record with
+        the next write (the run page shows it with the time left)."""
         self.watchdog.progress(phase=phase)
+        with self._state:
+            name, _, _, started = self._phase
+            if name != phase or not done or started is None:  # a new phase, or a new part of it
+                started = datetime.now(UTC)
+            self._phase = (phase, int(done or 0), int(total or 0), started)
 
     def owns_run(self) -> bool:
         """False once a write found the run taken over (or cancelled and closed): the engine writes no
@@ -353,6 +365,7 @@ class RunReporter:
             with self._state:
                 batch = self._buffer[: self.max_pending]
                 step, total = self._last_step, self._total
+                phase = self._phase if self._phase != self._phase_written else None
             progress = None  # unchanged since the last write (loading, evaluating): renew the lease only
             if total and (self._last_step_time is None or step != self._last_step_time[0]):
                 rate = None
@@ -360,7 +373,12 @@ class RunReporter:
                     rate = (step - self._last_step_time[0]) / (now - self._last_step_time[1])
                 progress = (step, total, None if rate is None else rate * self._batch_size)
             owned = telemetry.run_record_metrics(
-                run_id=self.run_id, task_id=self.task_id, points=batch, durable=durable, progress=progress
+                run_id=self.run_id,
+                task_id=self.task_id,
+                points=batch,
+                durable=durable,
+                progress=progress,
+                phase=phase,
             )
             # On the same connection: had the server restarted since the commit, this read would fail instead.
             incarnation = records.database_incarnation()
@@ -372,6 +390,8 @@ class RunReporter:
             self._last_flush = now
             if progress is not None:
                 self._last_progress, self._last_step_time = now, (step, now)
+            if phase is not None:
+                self._phase_written = phase
             self.owned = owned and self.owned
             return owned
 

@@ -67,13 +67,15 @@ def _train_and_record(run: Run, reporter: RunReporter) -> None:
     from experiments.domain.engine_config import resolve_paths
     from experiments.selectors import records
     from experiments.services import lifecycle
+    from workers import warmup
     from workers.engine.config import RunConfig
     from workers.engine.errors import EngineError
-    from workers.engine.trainer import Callbacks, train
     from workers.reporting import DatabaseUnavailable
 
     owner = {"run_id": run.id, "task_id": reporter.task_id}
     reporter.on_phase("loading")  # the engine's modules are imported (seconds in a fresh pool process)
+    warmup.settle()  # after this process's warm-up, never beside it (the lease is renewed meanwhile)
+    from workers.engine.trainer import Callbacks, train
     try:
         resolved = resolve_paths(run.config, run=run, artifact_root=settings.ARTIFACT_ROOT)
         resolved["evaluate_teacher"] = not reporter.call(records.teacher_evaluation_exists, run=run)

@@ -23,6 +23,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready
 
 log = logging.getLogger(__name__)
+SETTLE_TIMEOUT_S = 300.0  # a task waits at most this long for the warm-up (its lease renewed meanwhile)
 
 # In import order: the engine first (torch, transformers, peft, safetensors come with it), then what its
 # first run loads lazily.
@@ -38,7 +39,7 @@ MODULES = (
     "transformers.models.gpt2.modeling_gpt2",
     "tokenizers",
 )
-_done = threading.Event()
+_started, _done = threading.Event(), threading.Event()
 _state: dict[str, Any] = {"imported": [], "failed": {}, "seconds": None}
 
 
@@ -73,8 +74,17 @@ def wait(timeout: float | None = None) -> bool:
     return _done.wait(timeout)
 
 
+def settle(timeout: float = SETTLE_TIMEOUT_S) -> None:
+    """Let a warm-up under way finish before a task imports the engine itself: transformers' lazily
+    imported modules are not safe to initialise from two threads at once (a class can come out missing). A
+    process that never started a warm-up returns at once."""
+    if _started.is_set():
+        _done.wait(timeout)
+
+
 def _start() -> None:
-    if enabled() and not _done.is_set():
+    if enabled() and not _started.is_set():
+        _started.set()
         threading.Thread(target=warm, name="distillweb-warmup", daemon=True).start()
 
 

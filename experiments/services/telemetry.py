@@ -37,9 +37,11 @@ def _telemetry_commit() -> None:
 
 
 def run_record_metrics(*, run_id: int, task_id: str, points: Sequence[tuple[str, int, float, datetime]],
-                       durable: bool = True, progress: tuple[int, int, float | None] | None = None) -> bool:
+                       durable: bool = True, progress: tuple[int, int, float | None] | None = None,
+                       phase: tuple[str, int, int, datetime | None] | None = None) -> bool:
     """Write a batch of (name, step, value, wall_time) points and renew the lease, with the progress (step,
-    total, samples/s) when given: one transaction.
+    total, samples/s) and the phase (name, done, total, started; name "" while the steps run) when given: one
+    transaction.
 
     A resumed run re-logs the steps after its last checkpoint: the upsert on (run, name, step) keeps exactly
     one point per step. ``durable=False`` (routine batches) confirms the commit before the disk flush; the
@@ -50,6 +52,10 @@ def run_record_metrics(*, run_id: int, task_id: str, points: Sequence[tuple[str,
     if progress is not None:
         step, total, samples_per_s = progress
         fields |= {"step": min(step, total), "total_steps": total, "samples_per_s": samples_per_s}
+    if phase is not None:
+        name, done, total_rows, started = phase
+        fields |= {"phase": name[:32], "phase_done": max(done, 0), "phase_total": max(total_rows, 0),
+                   "phase_started_at": started}
     with transaction.atomic():
         if not durable:
             _telemetry_commit()

@@ -6,8 +6,8 @@ Phases (``on_phase(phase, done, total)``, ``total`` 0 when unknown):
   ``(0, 1)`` when a part starts, ``(1, 1)`` when it ends;
 - ``teacher_cache``: a teacher-output cache entry being filled, rows done / rows, per batch;
 - ``seq_kd``: seq_kd's teacher continuations being generated, rows done / rows, per batch;
-- ``evaluation``: the student's, then the teacher's evaluation (eval split or validation slice), rows done /
-  rows, per batch;
+- ``evaluation``: the student's evaluation (eval split or validation slice), rows done / rows, per batch;
+- ``teacher_evaluation``: the teacher's own metrics at the end of a run, rows done / rows, per batch;
 - ``saving``: a checkpoint, the best weights or the final model being written: ``(0, 1)`` then ``(1, 1)``.
 
 The training steps report through ``on_progress``, not here.
@@ -31,8 +31,8 @@ from contextvars import ContextVar
 from typing import Any, TypeVar
 
 LOADING, TEACHER_CACHE, SEQ_KD = "loading", "teacher_cache", "seq_kd"
-EVALUATION, SAVING = "evaluation", "saving"
-PHASES = (LOADING, TEACHER_CACHE, SEQ_KD, EVALUATION, SAVING)
+EVALUATION, TEACHER_EVALUATION, SAVING = "evaluation", "teacher_evaluation", "saving"
+PHASES = (LOADING, TEACHER_CACHE, SEQ_KD, EVALUATION, TEACHER_EVALUATION, SAVING)
 MAX_PER_SECOND = 4.0
 
 OnPhase = Callable[[str, int, int], None]

@@ -580,14 +580,14 @@ def _teacher_metrics(
     device and kept beside the entry (so a cache hit needs no teacher at all). Its rows are reported as
     ``evaluation`` progress."""
     rows = len(eval_batches)
-    phases.report(phases.EVALUATION, 0, rows)
+    phases.report(phases.TEACHER_EVALUATION, 0, rows)
     if task == "classification":
         from .evaluate import classification_metrics
 
         metrics = classification_metrics(entry.tensors["logits"], torch.as_tensor(dataset.eval.labels))
     elif task == "causal_lm":
         total, count = 0.0, 0
-        with phases.within(phases.EVALUATION):
+        with phases.within(phases.TEACHER_EVALUATION):
             for batch in phases.track(eval_batches.iter_batches(batch_size), rows):
                 _, labels = shift_for_lm(batch.inputs["input_ids"], batch.labels)
                 target = gather_rows(entry, "target_logprob", batch.indices, labels.shape[1])
@@ -597,7 +597,7 @@ def _teacher_metrics(
         metrics = lm_metrics_from_sums(total, count)
     else:
         metrics = {}
-    phases.report(phases.EVALUATION, rows, rows)
+    phases.report(phases.TEACHER_EVALUATION, rows, rows)
     device = teachers.device
     label = f"{device.type}:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
     efficiency = (entry.extra("efficiency") or {}).get(label)

@@ -85,7 +85,7 @@ def test_an_offline_lm_run_reports_loading_the_cache_fill_evaluation_and_saving(
     result = train(_lm_run(tmp_path), rec.callbacks())
     assert result.steps == 3 and rec.steps == [1, 2, 3]
     phases_seen = [p for p, _, _ in rec.calls]
-    assert set(phases_seen) == {"loading", "teacher_cache", "evaluation", "saving"}
+    assert set(phases_seen) == {"loading", "teacher_cache", "evaluation", "teacher_evaluation", "saving"}
     # Loading: the dataset, the student, the teacher, the tokenisations; each part starts and ends.
     loading = rec.runs("loading")
     assert len(loading) >= 4 and all(part == [(0, 1), (1, 1)] for part in loading)
@@ -95,9 +95,10 @@ def test_an_offline_lm_run_reports_loading_the_cache_fill_evaluation_and_saving(
     assert len(fills) == 2 and all(_complete(part) for part in fills)
     assert any(len(part) > 3 for part in fills)  # more than one batch in between
     # The student's final evaluation, then the teacher's, each over every eval row.
-    evaluations = rec.runs("evaluation")
-    assert len(evaluations) == 2 and all(_complete(part) for part in evaluations)
-    assert evaluations[0][-1][1] == evaluations[1][-1][1]  # the same eval rows
+    evaluations, teacher = rec.runs("evaluation"), rec.runs("teacher_evaluation")
+    assert len(evaluations) == len(teacher) == 1 and _complete(evaluations[0]) and _complete(teacher[0])
+    assert evaluations[0][-1][1] == teacher[0][-1][1]  # the same eval rows
+    assert phases_seen.index("teacher_evaluation") > phases_seen.index("evaluation")
     # A checkpoint at step 2, then the final model.
     assert rec.runs("saving") == [[(0, 1), (1, 1)], [(0, 1), (1, 1)]]
     # Training steps come through on_progress only.
@@ -110,7 +111,7 @@ def test_a_cache_hit_reports_no_fill(tmp_path):
     rec = Recorder()
     train(_lm_run(tmp_path, "b", cache_dir=str(cache)), rec.callbacks())
     assert rec.of("teacher_cache") == []
-    assert {"loading", "evaluation", "saving"} <= {p for p, _, _ in rec.calls}
+    assert {"loading", "evaluation", "teacher_evaluation", "saving"} <= {p for p, _, _ in rec.calls}
 
 
 def test_the_validation_slice_evaluations_are_reported(tmp_path, every_report):
@@ -164,8 +165,8 @@ def test_a_distilled_classification_run_reports_the_teacher_evaluation(tmp_path,
         terms=[{"name": "ce", "weight": 0.5}, {"name": "kd", "weight": 0.5}],
     )
     train(cfg, rec.callbacks())
-    evaluations = rec.runs("evaluation")
-    assert len(evaluations) == 2 and all(_complete(part) for part in evaluations)
+    evaluations, teacher = rec.runs("evaluation"), rec.runs("teacher_evaluation")
+    assert len(evaluations) == len(teacher) == 1 and _complete(evaluations[0]) and _complete(teacher[0])
     assert rec.of("teacher_cache")
 
 
