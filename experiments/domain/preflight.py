@@ -201,6 +201,9 @@ def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, student
             identities[model.pk] = tokenizers.tokenizer_identity(model)
         return identities[model.pk]
 
+    cross_tokenizer_problems = {
+        r.pk: validation.recipe_cross_tokenizer_problem(r) for r in recipes if dataset.task == "causal_lm"
+    }
     seen: set[tuple[int, int, int]] = set()
     for recipe in recipes:
         rule = tokenizers.tokenizer_rule(
@@ -240,6 +243,11 @@ def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, student
                         f"{pair}: different tokenizers ({a.label} vs {b.label}), carried by the "
                         "recipe's cross-tokenizer method.",
                     )
+                )
+            elif engine_says := cross_tokenizer_problems.get(recipe.pk):
+                # The engine's own refusal (``recipe_rules.cross_tokenizer_problem``), word for word.
+                findings.append(
+                    ("error", f"{pair}: different tokenizers ({a.label} vs {b.label}). {engine_says}")
                 )
             else:
                 findings.append(

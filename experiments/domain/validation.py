@@ -476,6 +476,13 @@ def check_recipe_rules(*, scheme: str, terms: Sequence[dict[str, Any]]) -> None:
         raise ValidationError(errors)
 
 
+def recipe_cross_tokenizer_problem(recipe: Recipe) -> str | None:
+    """Why the engine refuses ``recipe`` in a causal-LM run whose teacher has another tokenizer, or None."""
+    from workers.engine.recipe_rules import cross_tokenizer_problem
+
+    return cross_tokenizer_problem(recipe.scheme, engine_terms(recipe.terms))
+
+
 def recipe_task_problems(recipe: Recipe, *, task: str) -> list[str]:
     """Why ``recipe`` cannot run on ``task`` data, in the engine's words (empty: it can)."""
     errors = recipe_rule_errors(scheme=recipe.scheme, terms=recipe.terms, task=task)

@@ -14,7 +14,7 @@ from experiments.models import Recipe
 from experiments.services import records
 from tests.factories import DatasetSpecFactory, ModelSpecFactory, RecipeFactory
 from workers.engine.config import LossTermConfig
-from workers.engine.recipe_rules import recipe_problems
+from workers.engine.recipe_rules import cross_tokenizer_problem, recipe_problems
 from workers.engine.terms import validate_terms
 
 pytestmark = pytest.mark.django_db
@@ -152,3 +152,17 @@ def test_launch_validation_refuses_the_recipe_by_name(team):
 
     expected = _engine_messages("offline", [{"name": "kd"}], "causal_lm")
     assert refused.value.message_dict["recipes"] == [f"Recipe lm-kd: {m}" for m in expected]
+
+
+def test_preflight_shows_the_engine_refusal_of_a_teacher_with_another_tokenizer(team):
+    dataset = _dataset(team, "causal_lm")
+    lm = {"source": "config", "builtin_arch": "", "task": "causal_lm", "num_labels": 0,
+          "config": {"model_type": "gpt2"}}
+    teacher = ModelSpecFactory(team=team, name="gpt2", tokenizer_id="gpt2", **lm)
+    student = ModelSpecFactory(team=team, name="smol", tokenizer_id="HuggingFaceTB/SmolLM2-135M", **lm)
+    seq_kd = RecipeFactory(team=team, name="seq", scheme="seq_kd", terms=[{"name": "ce"}, {"name": "kd"}])
+
+    check = preflight.check_tokenizers(dataset=dataset, teacher=teacher, students=[student], recipes=[seq_kd])
+
+    engine = cross_tokenizer_problem("seq_kd", validate_terms([LossTermConfig("ce"), LossTermConfig("kd")]))
+    assert check.level == "error" and check.summary.endswith(engine)

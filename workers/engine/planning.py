@@ -18,7 +18,7 @@ from .cache import vocab_digest
 from .config import TASKS, LossTermConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import ConfigError
 from .models import LoadedModel, model_dims
-from .recipe_rules import FEATURE_NEEDS, recipe_problems
+from .recipe_rules import FEATURE_NEEDS, cross_tokenizer_problem, recipe_problems
 from .schemes import SCHEMES, validate_scheme_params
 from .sources import check_run_sources
 from .terms import LOSS_TERMS, ModelDims, validate_terms
@@ -236,21 +236,8 @@ def _check_cross_tokenizer_terms(
     text the teacher's: both come from fast (Rust) tokenizers only. ``teacher``: the loaded teacher, None when
     not loaded.
     """
-    if not any(LOSS_TERMS[t.name].kind == "uld" for t in terms):
-        raise ConfigError(
-            "The teacher and the student use different tokenizers, so their token positions "
-            "do not line up. Give them the same tokenizer, use the uld (cross-tokenizer) term, or "
-            "use seq_kd (trains on the teacher's text)."
-        )
-    others = [t.name for t in terms if LOSS_TERMS[t.name].kind not in ("uld", "labels")]
-    if others:
-        raise ConfigError(
-            f"The teacher and the student use different tokenizers, so only the uld term can compare "
-            "them (on the positions where both have read the same text); "
-            f"{', '.join(others)} compare{'s' if len(others) == 1 else ''} token positions one to "
-            f"one. Remove {'it' if len(others) == 1 else 'them'}, or give both models the same "
-            "tokenizer."
-        )
+    if problem := cross_tokenizer_problem(scheme, terms):  # shared with the web's pre-flight
+        raise ConfigError(problem)
     if teacher_mode == "cached" and not getattr(student.tokenizer, "is_fast", False):
         raise ConfigError(
             "Cross-tokenizer uld from the teacher cache pairs positions by the characters each "
@@ -288,11 +275,8 @@ def check_with_models(
     same_vocab = t_vocab is None or t_vocab == vocab_digest(run.student.tokenizer)
     if task == "causal_lm" and not same_vocab:
         if cfg.scheme == "seq_kd":
-            if any(LOSS_TERMS[t.name].kind != "labels" for t in terms):
-                raise ConfigError(
-                    "seq_kd across tokenizers trains the student on the teacher's text, re-tokenised "
-                    "with its own tokenizer; only ce can score it. Remove the other terms."
-                )
+            if problem := cross_tokenizer_problem(cfg.scheme, terms):
+                raise ConfigError(problem)
         else:
             _check_cross_tokenizer_terms(
                 terms,

@@ -168,3 +168,41 @@ def recipe_errors(
     for problem in recipe_problems(scheme, terms, task, several_teachers=several_teachers):
         errors.setdefault(problem.field, []).append(problem.message)
     return errors
+
+
+def cross_tokenizer_problem(scheme: str, terms: Sequence[LossTermConfig]) -> str | None:
+    """Why a causal-LM recipe cannot run with a teacher that reads the text with another tokenizer, or None.
+
+    Across tokenizers only ``uld`` compares the two models (on the positions where both have read the same
+    text) and ``ce`` trains on the data alone; ``seq_kd`` re-tokenises the teacher's text, which only ``ce``
+    can score. The checks that need the loaded tokenizers (fast or slow) stay in ``planning``.
+    """
+    scheme = run_scheme(scheme)
+    kinds = [LOSS_TERMS[t.name].kind for t in terms if t.name in LOSS_TERMS]
+    if scheme == "hard_labels":
+        return None
+    if scheme == "seq_kd":
+        if any(kind != "labels" for kind in kinds):
+            return (
+                "seq_kd across tokenizers trains the student on the teacher's text, re-tokenised "
+                "with its own tokenizer; only ce can score it. Remove the other terms."
+            )
+        return None
+    if "uld" not in kinds:
+        return (
+            "The teacher and the student use different tokenizers, so their token positions "
+            "do not line up. Give them the same tokenizer, use the uld (cross-tokenizer) term, or "
+            "use seq_kd (trains on the teacher's text)."
+        )
+    others = [
+        t.name for t in terms if t.name in LOSS_TERMS and LOSS_TERMS[t.name].kind not in ("uld", "labels")
+    ]
+    if others:
+        return (
+            f"The teacher and the student use different tokenizers, so only the uld term can compare "
+            "them (on the positions where both have read the same text); "
+            f"{', '.join(others)} compare{'s' if len(others) == 1 else ''} token positions one to "
+            f"one. Remove {'it' if len(others) == 1 else 'them'}, or give both models the same "
+            "tokenizer."
+        )
+    return None

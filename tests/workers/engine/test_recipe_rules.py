@@ -10,7 +10,7 @@ import pytest
 from workers.engine import planning, run_setup
 from workers.engine.config import LossTermConfig, RunConfig
 from workers.engine.errors import ConfigError
-from workers.engine.recipe_rules import recipe_errors, recipe_problems, run_scheme
+from workers.engine.recipe_rules import cross_tokenizer_problem, recipe_errors, recipe_problems, run_scheme
 from workers.engine.terms import validate_terms
 
 TINY_GPT = {
@@ -142,3 +142,21 @@ def test_without_a_task_only_the_rules_of_every_task_apply():
 def test_a_single_teacher_multi_teacher_lm_run_may_soften():
     terms = _terms([{"name": "topk", "params": {"k": 8, "tail": False, "temperature": 2.0}}])
     assert recipe_problems("multi_teacher", terms, "causal_lm", several_teachers=False) == []
+
+
+@pytest.mark.parametrize(
+    ("scheme", "terms", "part"),
+    [
+        ("online", [{"name": "kd"}], "their token positions do not line up"),
+        ("offline", [{"name": "uld"}, {"name": "topk", "params": {"k": 8}}], "topk compares token positions"),
+        ("seq_kd", [{"name": "ce"}, {"name": "kd"}], "only ce can score it"),
+        ("online", [{"name": "ce"}, {"name": "uld"}], None),
+        ("on_policy", [{"name": "uld"}], None),
+        ("seq_kd", [{"name": "ce"}], None),
+    ],
+)
+def test_what_a_teacher_with_another_tokenizer_allows(scheme, terms, part):
+    """``planning.check_with_models`` raises exactly this message (test_uld_sparse.py runs it with real
+    tokenizers); pre-flight shows it."""
+    problem = cross_tokenizer_problem(scheme, _terms(terms))
+    assert (problem is None) if part is None else (part in problem)
