@@ -97,15 +97,21 @@ class ProgressBar:
 
 
 def results_table(result: dict[str, Any]) -> str:
-    """Metric rows with student and teacher columns."""
+    """Metric rows with student and teacher columns (numbers only: the setting the efficiency figures were
+    measured in is a record of its own, in the result's JSON)."""
     student, teacher = result.get("student") or {}, result.get("teacher") or {}
-    names = list(student) + [k for k in teacher if k not in student]
+    names = [*student, *(k for k in teacher if k not in student)]
+    names = [k for k in names if _is_metric(student, teacher, k)]
     rows = [("metric", "student", "teacher")]
     rows += [(name, _fmt(student.get(name)), _fmt(teacher.get(name))) for name in names]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _is_metric(student: dict[str, Any], teacher: dict[str, Any], name: str) -> bool:
+    return all(v is None or isinstance(v, int | float) for v in (student.get(name), teacher.get(name)))
 
 
 def _fmt(value: Any) -> str:
