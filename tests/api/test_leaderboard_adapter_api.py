@@ -12,27 +12,16 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
-from django.utils import timezone
 
-from experiments.models import Evaluation, Run
-from tests.factories import ExperimentFactory, RunFactory
+from experiments.models import Run
+from tests.experiments.selectors.test_leaderboard_lora import _finished
+from tests.factories import ExperimentFactory
 
 pytestmark = pytest.mark.django_db
 
 
 def _url(name: str, **kwargs) -> str:
     return reverse(f"api:{name}", kwargs=kwargs)
-
-
-def _finished(experiment, student, recipe, *, train, accuracy, seed=0):
-    now = timezone.now()
-    run = RunFactory(experiment=experiment, student=student, recipe=recipe, seed=seed,
-                     config={"train": {"max_steps": 20, **train}}, status=Run.Status.SUCCEEDED,
-                     started_at=now, finished_at=now, step=20, total_steps=20)
-    Evaluation.objects.create(team=experiment.team, role=Evaluation.Role.STUDENT, run=run, model=student,
-                              dataset=experiment.dataset, split_key="k", accuracy=accuracy, param_count=1000,
-                              latency_ms=0.5)
-    return run
 
 
 @pytest.fixture

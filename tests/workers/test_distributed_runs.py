@@ -40,10 +40,7 @@ fleet = faults.fleet  # real `celery worker` processes on a queue of the test's 
 # lease: the lease of these tests' workers outlasts that start on a loaded machine.
 LEASE_S = 20
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds rank processes through /proc"),
-]
+pytestmark = pytest.mark.integration
 
 
 def launch_two_ranks(fleet, *, batch_size: int = 64, **train) -> Run:

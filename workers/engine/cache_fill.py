@@ -120,7 +120,6 @@ class TrainFill:
         self.owner = self.ranks.flag(self._try_lock() if self.ranks.is_main else False)
         if self.owner:
             self.records.update(self._read_chunks())
-        self.resumed_rows = len(self.records)  # rows an earlier run left in the partial entry
 
     # --- the lock and the partial folder -------------------------------------------------------------------
 

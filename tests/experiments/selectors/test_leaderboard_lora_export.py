@@ -8,43 +8,15 @@ import io
 
 import pytest
 from django.urls import reverse
-from django.utils import timezone
 
 from experiments import export
-from experiments.models import Evaluation, Run
 from experiments.selectors import leaderboard as leaderboard_reads
-from tests.factories import ExperimentFactory, RunFactory
+from tests.experiments.selectors import test_leaderboard_lora as lora_boards
 
 pytestmark = pytest.mark.django_db
 
 
-def _finished(experiment, student, recipe, *, train, accuracy, seed=0):
-    now = timezone.now()
-    run = RunFactory(experiment=experiment, student=student, recipe=recipe, seed=seed,
-                     config={"train": {"max_steps": 20, **train}}, status=Run.Status.SUCCEEDED,
-                     started_at=now, finished_at=now, step=20, total_steps=20)
-    Evaluation.objects.create(team=experiment.team, role=Evaluation.Role.STUDENT, run=run, model=student,
-                              dataset=experiment.dataset, split_key="k", accuracy=accuracy, param_count=1000,
-                              latency_ms=0.5)
-    return run
-
-
-@pytest.fixture
-def boards(team, digits_setup):
-    """A LoRA experiment (r=8), a QLoRA one (r=16), a full fine-tuning one and one that sweeps the rank."""
-    student, recipe, dataset = digits_setup["students"][0], digits_setup["recipe"], digits_setup["dataset"]
-    made = {}
-    for name, train in (("lora", {"lora_r": 8}), ("qlora", {"lora_r": 16, "lora_4bit": True}), ("full", {}),
-                        ("swept", {"lora_r": [4, 32]})):
-        made[name] = ExperimentFactory(team=team, dataset=dataset, name=name,
-                                       train={"max_steps": 20, **train})
-    _finished(made["lora"], student, recipe, train={"lora_r": 8, "lora_4bit": False}, accuracy=0.9)
-    _finished(made["qlora"], student, recipe, train={"lora_r": 16, "lora_4bit": True}, accuracy=0.85)
-    _finished(made["full"], student, recipe, train={}, accuracy=0.8)
-    _finished(made["full"], student, recipe, train={"lora_r": 0}, accuracy=0.82, seed=1)
-    for rank, accuracy in ((4, 0.7), (32, 0.75)):
-        _finished(made["swept"], student, recipe, train={"lora_r": rank}, accuracy=accuracy)
-    return made
+boards = lora_boards.boards  # the LoRA, QLoRA, full fine-tuning and rank-sweep experiments
 
 
 EXPECTED = {
