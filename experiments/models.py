@@ -53,6 +53,55 @@ class Membership(models.Model):
         return f"{self.user} in {self.team} ({self.role})"
 
 
+class TeamInvite(models.Model):
+    """A one-time link that lets whoever opens it join ``team`` with ``role``. Only the SHA-256 of the link's
+    token is stored; the token itself is shown once, to the lead who made the invite."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        ACCEPTED = "accepted", "Accepted"
+        REVOKED = "revoked", "Revoked"
+        EXPIRED = "expired", "Expired"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="invites")
+    role = models.CharField(max_length=16, choices=MembershipRole.choices, default=MembershipRole.MEMBER)
+    token_hash = models.CharField(max_length=64, unique=True)
+    note = models.CharField(max_length=200, blank=True)  # who it is for, as the lead wrote it
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            _choices_check("role", MembershipRole, "teaminvite_role_valid"),
+            models.CheckConstraint(
+                condition=Q(accepted_at__isnull=True) | Q(revoked_at__isnull=True),
+                name="teaminvite_accepted_or_revoked",
+            ),
+        ]
+        indexes = [models.Index(fields=["team", "-created_at"], name="teaminvite_team_created")]
+
+    def __str__(self) -> str:
+        return f"invite to {self.team} ({self.role})"
+
+    @property
+    def status(self) -> str:
+        if self.accepted_at is not None:
+            return self.Status.ACCEPTED
+        if self.revoked_at is not None:
+            return self.Status.REVOKED
+        if self.expires_at <= timezone.now():
+            return self.Status.EXPIRED
+        return self.Status.PENDING
+
+
 class TeamOwned(models.Model):
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
     created_by = models.ForeignKey(
@@ -241,8 +290,9 @@ class Recipe(TeamOwned):
 
     @staticmethod
     def label(name: str, version: int) -> str:
-        """How a recipe is named on pages: ``kd-t4``, then ``kd-t4 v2`` for later versions."""
-        return f"{name} v{version}" if version > 1 else name
+        """How a recipe is named everywhere: ``kd-t4 v1``, ``kd-t4 v2``, … (every version labelled, so an old
+        version is never mistaken for the latest)."""
+        return f"{name} v{version}"
 
     @property
     def needs_teacher(self) -> bool:
