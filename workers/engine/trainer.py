@@ -56,6 +56,7 @@ from .checkpoint import (
     owned_name,
 )
 from .config import ModelConfig, RunConfig, TrainConfig
+from .data import write_preprocessing
 from .distributed import Ranks
 from .evaluate import autocast
 from .methods import TermState
@@ -349,6 +350,7 @@ def save_final(run: Loaded, modules: torch.nn.ModuleDict, final_dir: Path, ranks
     if ranks.is_main:
         with phases.part(phases.SAVING):
             save_model(run.student, final_dir, state_dict=state)
+            write_preprocessing(run.dataset, final_dir)  # tabular: how raw rows become the model's inputs
             if len(modules.state_dict()):
                 from safetensors.torch import save_model as save_weights_of
 
