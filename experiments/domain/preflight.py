@@ -19,7 +19,9 @@ here), ``warning`` (launch is allowed) or ``error`` (launch is refused) — a on
   (:mod:`experiments.domain.memory_check`, which says what a multi-GPU run needs: "needs 4 GPUs with ≥ 38 GiB
   each").
 - **Time**: the median seconds per step of finished runs of the same student on the same dataset with a
-  similar number of steps (one query: a window over the runs, whatever their number), times the planned steps.
+  similar number of steps (one query: a window over the runs, whatever their number), times the planned steps;
+  a student without such runs is extrapolated by parameter count from the students measured on that dataset,
+  or the estimate says it is partial and without whom.
 
 The functions are pure apart from :func:`similar_run_speeds` (one query), the worker table read for routing,
 and the few records a tokenizer identity walks through (a derived model's parent, a run's student).
@@ -33,13 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, F, FloatField, Func, Window
+from django.db.models import Count, F, FloatField, Func, Q, Window
 from django.db.models.functions import Cast, RowNumber
 
 from experiments.domain import engine_config, sweep_plan, tokenizers, validation
 from experiments.domain.memory_check import LARGEST_GPU_BYTES as LARGEST_GPU_BYTES  # the memory check's names
 from experiments.domain.memory_check import RunShape as RunShape
 from experiments.domain.memory_check import check_memory, run_shapes
+from experiments.domain.model_size import model_size
 from experiments.domain.specs import model_kind
 from experiments.models import DatasetSpec, ModelSpec, Recipe, Run
 
@@ -292,10 +295,11 @@ class ElapsedSeconds(Func):
                               arg_joiner=") - julianday(", **extra_context)
 
 
-def similar_run_speeds(*, students: Sequence[ModelSpec], dataset: DatasetSpec, min_steps: int,
+def similar_run_speeds(*, students: Sequence[ModelSpec] | None, dataset: DatasetSpec, min_steps: int,
                        max_steps: int) -> dict[int, tuple[float, int]]:
-    """Median seconds per step of the succeeded runs of each student on ``dataset`` that trained between
-    ``min_steps`` and ``max_steps`` steps: ``{student id: (median, number of runs)}``.
+    """Median seconds per step of the succeeded runs of each student on ``dataset`` (every student that
+    trained on it when ``students`` is None) that trained between ``min_steps`` and ``max_steps`` steps:
+    ``{student id: (median, number of runs)}``.
 
     One query whatever the number of runs: each student's runs are ranked by seconds per step in a window and
     only the one or two middle rows come back.
@@ -304,7 +308,7 @@ def similar_run_speeds(*, students: Sequence[ModelSpec], dataset: DatasetSpec, m
     rows = (
         # Saved students only: one derived at launch has no runs yet.
         Run.objects.filter(
-            student_id__in=[s.pk for s in students if s.pk is not None],
+            *([] if students is None else [Q(student_id__in=[s.pk for s in students if s.pk is not None])]),
             experiment__dataset=dataset,
             status=Run.Status.SUCCEEDED,
             started_at__isnull=False,
@@ -342,44 +346,108 @@ def duration_text(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+@dataclass(frozen=True)
+class StepTime:
+    """A student's seconds per step: measured (``reference`` None) or extrapolated from ``reference``."""
+
+    seconds: float
+    detail: str
+    reference: ModelSpec | None = None
+
+
+def extrapolated_step_time(*, params: int, references: Sequence[tuple[ModelSpec, int, float]]
+                           ) -> tuple[ModelSpec, int, float] | None:
+    """Seconds per step for a student of ``params`` parameters without runs of its own, from
+    ``references``: ``(student, its parameters, its median seconds per step)`` measured on the same dataset
+    (so on the workers that trained there, with similar run lengths).
+
+    The rule is first-order: at a fixed batch and sequence length a step's work (forward and backward) grows
+    with the parameter count, so the reference nearest in size (by the ratio of parameter counts) is scaled
+    by ``params / its parameters``. Fixed per-step costs (data loading, the teacher's forward, logging) do
+    not scale, so a much larger student is overestimated and a much smaller one underestimated; the page
+    says which students were extrapolated and from what. Returns ``(reference, its parameters, seconds)``,
+    or None without references.
+    """
+    usable = [(m, n, sec) for m, n, sec in references if n > 0]
+    if params <= 0 or not usable:
+        return None
+    model, n, seconds = min(usable, key=lambda r: (abs(math.log(params / r[1])), r[1], r[0].pk or 0))
+    return model, n, seconds * params / n
+
+
+def _step_times(*, dataset: DatasetSpec, students: Sequence[ModelSpec], speeds: dict[int, tuple[float, int]],
+                window: str) -> dict[int, StepTime]:
+    """{index in ``students``: its step time} for every student that has one, measured or extrapolated."""
+    found: dict[int, StepTime] = {}
+    for i, student in enumerate(students):
+        if student.pk in speeds:
+            seconds, n = speeds[student.pk]
+            found[i] = StepTime(seconds, f"{student}: median {seconds:.3g} s/step over {n} finished "
+                                         f"run{'s' if n != 1 else ''} on {dataset} ({window}).")
+    if len(found) == len(students):
+        return found
+    mine = {s.pk: s for s in students if s.pk is not None}
+    others = ModelSpec.objects.filter(pk__in=[pk for pk in speeds if pk not in mine])
+    references = []
+    for model in [*(m for pk, m in mine.items() if pk in speeds), *others]:
+        size = model_size(model, dataset=dataset)
+        if size is not None and size.exact:
+            references.append((model, size.low, speeds[model.pk][0]))
+    for i, student in enumerate(students):
+        if i in found:
+            continue
+        size = model_size(student, dataset=dataset)
+        guess = extrapolated_step_time(params=size.low, references=references) \
+            if size is not None and size.exact else None
+        if guess is None:
+            continue
+        reference, ref_params, seconds = guess
+        found[i] = StepTime(
+            seconds,
+            f"No similar runs yet for {student}: ~{seconds:.3g} s/step extrapolated from {reference} "
+            f"({speeds[reference.pk][0]:.3g} s/step measured on {dataset}) by parameter count "
+            f"({size.low:,} vs {ref_params:,}).",
+            reference,
+        )
+    return found
+
+
 def check_time(*, dataset: DatasetSpec, students: Sequence[ModelSpec], train: dict[str, Any],
                count: sweep_plan.RunCount) -> Check:
+    """Training time: each student's median seconds per step over its similar finished runs on ``dataset``;
+    a student without such runs is extrapolated from the others measured there
+    (:func:`extrapolated_step_time`) or, when its size is unknown, left out of a total the summary then calls
+    partial."""
     title = "Time"
     steps_values = train.get("max_steps", engine_config.TRAIN_DEFAULTS["max_steps"])
     steps_values = list(steps_values) if isinstance(steps_values, list) else [steps_values]
     lo, hi = min(steps_values), max(steps_values)
     lo_similar, hi_similar = math.ceil(lo / SIMILAR_STEPS_FACTOR), hi * SIMILAR_STEPS_FACTOR
-    speeds = similar_run_speeds(
-        students=students, dataset=dataset, min_steps=lo_similar, max_steps=hi_similar
-    )
     window = f"{lo_similar:,}–{hi_similar:,} steps"
-    if not speeds:
+    speeds = similar_run_speeds(students=None, dataset=dataset, min_steps=lo_similar, max_steps=hi_similar)
+    times = _step_times(dataset=dataset, students=students, speeds=speeds, window=window) if speeds else {}
+    if not times:
         names = ", ".join(str(s) for s in students)
         return Check("time", title, "unknown", "No similar runs yet.",
                      (f"No finished run of {names} on {dataset} with {window} to time from.",))
     runs_per_student = count.total / max(len(students), 1)
     mean_steps = sum(steps_values) / len(steps_values)
-    details: list[str] = []
-    total = 0.0
-    per_run: list[float] = []
-    missing: list[str] = []
-    for student in students:
-        if student.pk not in speeds:
-            missing.append(str(student))
-            continue
-        seconds_per_step, n = speeds[student.pk]
-        per_run += [seconds_per_step * steps for steps in steps_values]
-        total += seconds_per_step * mean_steps * runs_per_student
-        details.append(
-            f"{student}: median {seconds_per_step:.3g} s/step over {n} finished run{'s' if n != 1 else ''} "
-            f"on {dataset} ({window})."
-        )
-    if missing:
-        details.append(f"No similar runs yet for {', '.join(missing)}; not counted in the total.")
+    total = sum(t.seconds * mean_steps * runs_per_student for t in times.values())
+    per_run = [t.seconds * steps for t in times.values() for steps in steps_values]
+    details = [t.detail for _, t in sorted(times.items())]
+    guessed = [str(students[i]) for i, t in sorted(times.items()) if t.reference is not None]
+    missing = [str(s) for i, s in enumerate(students) if i not in times]
     shortest, longest = min(per_run), max(per_run)
     each = duration_text(longest) if duration_text(shortest) == duration_text(longest) else \
         f"{duration_text(shortest)} to {duration_text(longest)}"
     summary = f"About {each} per run; ~{duration_text(total)} of training in all, on one worker."
+    if guessed:
+        summary += f" Extrapolated by parameter count for {', '.join(guessed)}."
+    if missing:
+        details.append(f"No similar runs yet for {', '.join(missing)}, and no parameter count to extrapolate "
+                       "from; not counted in the total.")
+        return Check("time", title, "notice", f"Partial estimate, without {', '.join(missing)}: {summary}",
+                     tuple(details))
     return Check("time", title, "ok", summary, tuple(details))
 
 
