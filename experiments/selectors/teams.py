@@ -4,11 +4,15 @@ request)."""
 
 from __future__ import annotations
 
+import hashlib
+
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Case, Count, IntegerField, OuterRef, QuerySet, Subquery, Value, When
 from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.formats import date_format
 
-from experiments.models import Membership, Team
+from experiments.models import Membership, Team, TeamInvite
 
 SESSION_KEY = "team_id"
 
@@ -86,3 +90,49 @@ def team_list(*, user) -> QuerySet[Team]:
     if (team_id := team_scope(user)) is not None:
         teams = teams.filter(pk=team_id)
     return teams
+
+
+def team_pending_invites(*, team: Team) -> QuerySet[TeamInvite]:
+    """The team's invites that can still be accepted, newest first."""
+    return (
+        TeamInvite.objects.filter(
+            team=team, accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=timezone.now()
+        )
+        .select_related("created_by")
+        .order_by("-created_at", "-pk")
+    )
+
+
+def invite_token_hash(token: str) -> str:
+    # The token carries 256 random bits, so a plain hash (no salt, no slow KDF) cannot be reversed by search.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def invite_for_token(token: str) -> TeamInvite | None:
+    """The invite a link's token names, found by the token's hash (the token itself is never stored)."""
+    return (
+        TeamInvite.objects.select_related("team", "created_by")
+        .filter(token_hash=invite_token_hash(token))
+        .first()
+    )
+
+
+def invite_refusal(invite: TeamInvite | None) -> tuple[str, str] | None:
+    """Why an invite cannot be accepted, as (reason, message for the person holding the link), or None."""
+    if invite is None:
+        return "invalid", (
+            "This invitation link is not valid. Check that you copied the whole link, or ask the team's lead "
+            "for a new one."
+        )
+    status = invite.status
+    if status == TeamInvite.Status.PENDING:
+        return None
+    ask = f"Ask a lead of {invite.team} for a new link."
+    if status == TeamInvite.Status.ACCEPTED:
+        when = date_format(timezone.localtime(invite.accepted_at), "DATETIME_FORMAT")
+        used = f"This invitation to {invite.team} was already used on {when}: each link works once."
+        return status, f"{used} {ask}"
+    if status == TeamInvite.Status.REVOKED:
+        return status, f"This invitation to {invite.team} was withdrawn by the team. {ask}"
+    when = date_format(timezone.localtime(invite.expires_at), "DATETIME_FORMAT")
+    return status, f"This invitation to {invite.team} expired on {when}. {ask}"
