@@ -7,8 +7,9 @@ built while it streams (``zipfile`` writing into the response), so nothing of th
 written to disk.
 
 Builtin nets (the MLPs for tabular data) are exported too: they are not transformers models, so the zip holds
-their ``model.safetensors``, the ``distillweb_model.json`` that describes the architecture, and a card that
-shows how to rebuild the net in plain PyTorch.
+their ``model.safetensors``, the ``distillweb_model.json`` that describes the architecture, the
+``preprocessing.json`` the engine wrote beside them (feature order, the scaling statistics, label order), and
+a card that states that preprocessing and shows how to rebuild the net and prepare raw rows in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 # Written next to the student by the engine (workers.engine.models / trainer); not imported from there so this
 # module does not pull torch into the web process.
 ENGINE_METADATA_FILE = "distillweb_model.json"
+# How raw tabular rows become a builtin net's inputs (workers.engine.data.write_preprocessing).
+PREPROCESSING_FILE = "preprocessing.json"
 # Projection heads some loss terms train beside the student: training state, not part of the model.
 TRAINING_ONLY_FILES = frozenset({"term_modules.safetensors"})
 CHUNK_BYTES = 1 << 20
@@ -99,12 +102,28 @@ def _model_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-def _read_engine_metadata(folder: Path) -> dict[str, Any]:
+def _read_json_dict(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads((folder / ENGINE_METADATA_FILE).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _read_engine_metadata(folder: Path) -> dict[str, Any]:
+    return _read_json_dict(folder / ENGINE_METADATA_FILE)
+
+
+def read_preprocessing(folder: Path) -> dict[str, Any] | None:
+    """The ``preprocessing.json`` of a builtin net's folder, or None when there is none or it is not a
+    well-formed record (a feature name, mean and std for every feature)."""
+    record = _read_json_dict(folder / PREPROCESSING_FILE)
+    features, mean, std = record.get("features"), record.get("mean"), record.get("std")
+    lists = all(isinstance(v, list) for v in (features, mean, std))
+    if not lists or not features or not len(features) == len(mean) == len(std):
+        return None
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (*mean, *std))
+    return record if numbers else None
 
 
 def model_export(*, run: Run) -> ModelExport:
@@ -126,13 +145,14 @@ def model_export(*, run: Run) -> ModelExport:
         raise ExportRefused(f"Run #{run.pk}'s model folder holds no safetensors weights.")
     meta = _read_engine_metadata(folder)
     fmt = "builtin" if meta.get("format") == "builtin" else "transformers"
+    preprocessing = read_preprocessing(folder) if fmt == "builtin" else None
     root_name = f"{slugify(run.student.name)[:60] or 'student'}-run{run.pk}"
     evaluations = records.run_evaluations(run=run)
     student = next((e for e in evaluations if e.role == Evaluation.Role.STUDENT), None)
     teacher = next((e for e in evaluations if e.role == Evaluation.Role.TEACHER), None)
     baseline = None if run.is_baseline else records.run_baseline_evaluation(run=run)
     card = model_card(run=run, fmt=fmt, meta=meta, folder_name=root_name, student=student, teacher=teacher,
-                      baseline=baseline)
+                      baseline=baseline, preprocessing=preprocessing)
     files = [(p, f"{root_name}/{p.relative_to(folder).as_posix()}") for p in paths
              if p.relative_to(folder).as_posix() != "README.md"]
     return ModelExport(run=run, root_name=root_name, files=files, card=card, format=fmt)
@@ -276,37 +296,97 @@ def _comparison_lines(run: Run, metric: leaderboard.PrimaryMetric, student: Eval
     return lines
 
 
-def _usage(fmt: str, task: str, folder_name: str, meta: dict[str, Any], max_length: int | None) -> list[str]:
+def _exact(value: Any) -> str:
+    """A number as the shortest text that reads back as the same float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _md(value)
+    return repr(float(value))
+
+
+def _preprocessing_lines(record: dict[str, Any] | None, meta: dict[str, Any]) -> list[str]:
+    """The card's statement of how raw rows become a builtin net's inputs, from the engine's record."""
+    if record is None:
+        return [
+            "This model was saved without a record of its input preprocessing, so the exact scaling "
+            "statistics are not known; retrain it to get a `preprocessing.json`.",
+        ]
+    features, mean, std = record["features"], record["mean"], record["std"]
+    if record.get("method") == "scale":
+        divisor = f"{_exact(std[0])} for every feature" if len(set(std)) == 1 else "the std column below"
+        how = f"every feature is divided by a fixed number, not by data statistics: {divisor}, with mean 0"
+    else:
+        how = ("features are standardised with the mean and standard deviation (population, ddof 0) of "
+               f"the {_md(record.get('fitted_on', 'train split'))}; a constant feature's std is 1")
+    lines = [
+        f"The net reads {len(features)} features, in exactly the order below; {how}. Each raw value `x` "
+        "becomes `float32((x - mean) / std)`, computed in float64 and then cast to float32. The same numbers "
+        f"are in `{PREPROCESSING_FILE}` (keys `features`, `mean`, `std`, `label_names`)."
+        + (f" Raw rows as read from {_md(record['raw_source'])}." if record.get("raw_source") else ""),
+        "",
+        "| # | feature | mean | std |",
+        "|---|---|---|---|",
+        *(f"| {i} | {_md(f)} | {_exact(m)} | {_exact(d)} |" for i, (f, m, d) in
+          enumerate(zip(features, mean, std, strict=True))),
+    ]
+    labels = record.get("label_names") or meta.get("label_names") or []
+    if labels:
+        order = ", ".join(f"{i} = {_md(n)}" for i, n in enumerate(labels))
+        lines += ["", f"The output is one logit per label, in this order: {order}."]
+    return lines
+
+
+def _builtin_usage(path: str, preprocessing: dict[str, Any] | None) -> list[str]:
+    prepare = [
+        "",
+        f'prep = json.load(open(f"{{folder}}/{PREPROCESSING_FILE}"))',
+        'mean = torch.tensor(prep["mean"], dtype=torch.float64)',
+        'std = torch.tensor(prep["std"], dtype=torch.float64)',
+        "",
+        "",
+        "def prepare(rows):",
+        '    """Raw feature rows, each in the order of prep["features"] -> the float32 inputs of the net."""',
+        "    return ((torch.as_tensor(rows, dtype=torch.float64) - mean) / std).float()",
+        "",
+        "",
+        "# with torch.no_grad():",
+        "#     predicted = [prep[\"label_names\"][i] for i in net(prepare(rows)).argmax(-1).tolist()]",
+    ] if preprocessing else [
+        "# logits = net(features)  "
+        "# features: (batch, input_dim) float32, prepared as distillweb prepares them",
+    ]
+    return [
+        "This is a builtin distillweb net (an MLP over numeric features), not a transformers model. "
+        "Rebuild it in PyTorch from `distillweb_model.json`, load the weights"
+        + (", and prepare raw rows with `preprocessing.json`:" if preprocessing else ":"),
+        "",
+        "```python",
+        "import json",
+        "",
+        "import torch",
+        "from safetensors.torch import load_file",
+        "",
+        f'folder = "{path}"',
+        'meta = json.load(open(f"{folder}/distillweb_model.json"))',
+        'layers, width = [], meta["input_dim"]',
+        'for size in meta["params"]["hidden_sizes"]:',
+        "    layers += [torch.nn.Linear(width, size), torch.nn.ReLU(), "
+        'torch.nn.Dropout(meta["params"].get("dropout", 0.0))]',
+        "    width = size",
+        'layers.append(torch.nn.Linear(width, meta["num_labels"]))',
+        "net = torch.nn.Sequential(*layers)",
+        'weights = load_file(f"{folder}/model.safetensors")',
+        'net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})',
+        "net.eval()",
+        *prepare,
+        "```",
+    ]
+
+
+def _usage(fmt: str, task: str, folder_name: str, meta: dict[str, Any], max_length: int | None,
+           preprocessing: dict[str, Any] | None = None) -> list[str]:
     path = f"./{folder_name}"
     if fmt == "builtin":
-        return [
-            "This is a builtin distillweb net (an MLP over numeric features), not a transformers model. "
-            "Rebuild it "
-            "in PyTorch from `distillweb_model.json` and load the weights:",
-            "",
-            "```python",
-            "import json",
-            "",
-            "import torch",
-            "from safetensors.torch import load_file",
-            "",
-            f'folder = "{path}"',
-            'meta = json.load(open(f"{folder}/distillweb_model.json"))',
-            'layers, width = [], meta["input_dim"]',
-            'for size in meta["params"]["hidden_sizes"]:',
-            "    layers += [torch.nn.Linear(width, size), torch.nn.ReLU(), "
-            'torch.nn.Dropout(meta["params"].get("dropout", 0.0))]',
-            "    width = size",
-            'layers.append(torch.nn.Linear(width, meta["num_labels"]))',
-            "net = torch.nn.Sequential(*layers)",
-            'weights = load_file(f"{folder}/model.safetensors")',
-            'net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})',
-            "net.eval()",
-            "# logits = net(features)  "
-            "# features: (batch, input_dim) float32, prepared as distillweb "
-            "prepares them",
-            "```",
-        ]
+        return _builtin_usage(path, preprocessing)
     limit = f", truncation=True, max_length={max_length}" if max_length else ""
     if task == "causal_lm":
         body = [
@@ -348,9 +428,10 @@ def _usage(fmt: str, task: str, folder_name: str, meta: dict[str, Any], max_leng
 
 
 def model_card(*, run: Run, fmt: str, meta: dict[str, Any], folder_name: str, student: Evaluation | None,
-               teacher: Evaluation | None, baseline: Evaluation | None) -> str:
+               teacher: Evaluation | None, baseline: Evaluation | None,
+               preprocessing: dict[str, Any] | None = None) -> str:
     """The README.md of an exported student: where it comes from (teacher, data, recipe, training settings),
-    how well it does next to its teacher, and how to load it."""
+    how well it does next to its teacher, how a builtin net's inputs are prepared, and how to load it."""
     config = run.config or {}
     experiment, dataset = run.experiment, run.experiment.dataset
     task = config.get("task") or dataset.task
@@ -451,7 +532,10 @@ def model_card(*, run: Run, fmt: str, meta: dict[str, Any], folder_name: str, st
                       "held out of training); the eval split below was used for no decision."]
     lines += ["", "## Results on the eval split", "", *_metrics_table(student, teacher), ""]
     lines += _comparison_lines(run, metric, student, teacher, baseline)
-    lines += ["", "## How to use", "", *_usage(fmt, task, folder_name, meta, data_cfg.get("max_length")), ""]
+    if fmt == "builtin":
+        lines += ["", "## Input preprocessing", "", *_preprocessing_lines(preprocessing, meta)]
+    usage = _usage(fmt, task, folder_name, meta, data_cfg.get("max_length"), preprocessing)
+    lines += ["", "## How to use", "", *usage, ""]
     return "\n".join(lines)
 
 

@@ -254,7 +254,8 @@ def test_builtin_mlp_exports_weights_metadata_and_a_card_whose_code_rebuilds_it(
     names = _unzip(_download(client_logged_in, run), tmp_path)
 
     root = f"mlp-16-run{run.pk}"
-    assert set(names) == {f"{root}/model.safetensors", f"{root}/distillweb_model.json", f"{root}/README.md"}
+    assert set(names) == {f"{root}/model.safetensors", f"{root}/distillweb_model.json",
+                          f"{root}/preprocessing.json", f"{root}/README.md"}
     card = (tmp_path / root / "README.md").read_text()
     assert "library_name" not in card and "not a transformers model" in card
     assert "Hard-label baseline" in card and "KD gain" not in card

@@ -115,7 +115,8 @@ class TabularPreprocessing:
 
     ``method`` is ``standardise`` (mean and std of the train split's rows; a constant feature's std is 1) or
     ``scale`` (a fixed divisor: mean 0, std the divisor). ``features`` names the columns in the order the
-    model reads them; ``fitted_rows`` is the number of train rows the statistics come from (0 for ``scale``).
+    model reads them; ``fitted_rows`` is the number of train rows the statistics come from (0 for ``scale``);
+    ``raw_source`` says where the raw rows come from.
     """
 
     method: Literal["standardise", "scale"]
@@ -123,6 +124,7 @@ class TabularPreprocessing:
     mean: list[float]
     std: list[float]
     fitted_rows: int = 0
+    raw_source: str = ""
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
         """(N, D) raw feature values → (N, D) float32 model inputs."""
@@ -136,6 +138,7 @@ class TabularPreprocessing:
             "format": PREPROCESSING_FORMAT,
             "dataset": dataset,
             "input": "one row of raw feature values, in the order of 'features'",
+            "raw_source": self.raw_source,
             "formula": "float32((x - mean) / std), computed per feature in float64, then cast to float32",
             "method": self.method,
             "fitted_on": "fixed" if self.method == "scale" else f"train split ({self.fitted_rows} rows)",
@@ -152,13 +155,16 @@ def fit_tabular_preprocessing(name: str, features: list[str], train_x: np.ndarra
     """The preprocessing of builtin tabular dataset ``name``, fitted on its (N, D) raw train rows: the train
     split's statistics only, so eval rows never leak into it."""
     train_x = np.asarray(train_x, dtype=np.float64)
+    source = f"scikit-learn: sklearn.datasets.load_{name}().data"
     if name in _STANDARDISED:
         mean, std = train_x.mean(axis=0), train_x.std(axis=0)
         std[std == 0] = 1.0
-        return TabularPreprocessing("standardise", features, mean.tolist(), std.tolist(), len(train_x))
+        return TabularPreprocessing(
+            "standardise", features, mean.tolist(), std.tolist(), fitted_rows=len(train_x), raw_source=source
+        )
     divisor = _SCALED.get(name, 1.0)
     width = train_x.shape[1]
-    return TabularPreprocessing("scale", features, [0.0] * width, [divisor] * width)
+    return TabularPreprocessing("scale", features, [0.0] * width, [divisor] * width, raw_source=source)
 
 
 def write_preprocessing(dataset: LoadedDataset, folder: str | Path) -> Path | None:

@@ -82,6 +82,7 @@ def test_the_written_record_rebuilds_the_eval_inputs_bit_for_bit_from_raw_rows(t
     record = json.loads(path.read_text())
     assert record["format"] == PREPROCESSING_FORMAT and record["dataset"] == "wine"
     assert record["method"] == "standardise" and record["dtype"] == "float32"
+    assert record["raw_source"] == "scikit-learn: sklearn.datasets.load_wine().data"
     assert record["features"] == list(bunch.feature_names)
     assert record["label_names"] == [str(n) for n in bunch.target_names] == dataset.label_names
     assert np.array_equal(_apply_record(record, bunch.data[eval_rows]), dataset.eval.inputs)
