@@ -1,22 +1,32 @@
-"""Team pages: the user's teams, one team's members, what a lead changes there, and the header's team switch.
+"""Team pages: the user's teams (where staff create one), one team's members and pending invites, what a lead
+changes there, the page an invite link opens, and the header's team switch.
 
-A team the user is not in gives 404 (staff see every team). Membership changes are POSTs that only a lead of
-the team (or staff) may make: others get 403. The forms here only validate; ``experiments.services.teams``
-decides.
+A team the user is not in gives 404 (staff see every team). Membership changes and invites are POSTs that only
+a lead of the team (or staff) may make: others get 403. The invite page is the one page here open without
+logging in: the link's token is the credential, and signing in to an existing account goes through the login
+page (and its throttling). The forms here only validate; ``experiments.services.teams`` decides.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+from urllib.parse import urlencode
+
 from django import forms
 from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_not_required
+from django.contrib.auth.forms import UserCreationForm
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from experiments.models import Membership, Team
+from experiments.models import Membership, Team, TeamInvite
 from experiments.selectors import teams as teams_reads
 from experiments.services import teams as teams_writes
 
@@ -30,6 +40,29 @@ class MemberAddForm(forms.Form):
 
 class MemberRoleForm(forms.Form):
     role = forms.ChoiceField(choices=Membership.Role.choices)
+
+
+class TeamCreateForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    lead_username = forms.CharField(
+        max_length=150, required=False, label="First lead (optional)",
+        help_text="An existing account. Leave empty to invite the lead by a link from the team's page.",
+    )
+
+
+class InviteCreateForm(forms.Form):
+    VALID_FOR_DAYS = [(1, "1 day"), (7, "7 days"), (14, "14 days"), (30, "30 days")]
+
+    role = forms.ChoiceField(choices=Membership.Role.choices, initial=Membership.Role.MEMBER,
+                             help_text="The role the person gets when they accept.")
+    valid_for_days = forms.TypedChoiceField(choices=VALID_FOR_DAYS, coerce=int, initial=7, required=False,
+                                            empty_value=7, label="Valid for")
+    note = forms.CharField(max_length=200, required=False, label="For (optional)",
+                           help_text="Who it is for, to tell pending invites apart. Not sent anywhere.")
+
+
+class InviteRevokeForm(forms.Form):
+    invite = forms.IntegerField(min_value=1)
 
 
 class TeamSwitchForm(forms.Form):
@@ -53,28 +86,65 @@ def _membership(team: Team, membership_id: int) -> Membership:
     return get_object_or_404(Membership.objects.select_related("user", "team"), pk=membership_id, team=team)
 
 
-@require_GET
+def _add_errors(form: forms.Form, exc: ValidationError) -> None:
+    if not hasattr(exc, "error_dict"):
+        form.add_error(None, exc)
+        return
+    for field, errors in exc.message_dict.items():
+        for error in errors:
+            form.add_error(field if field in form.fields else None, error)
+
+
+@require_http_methods(["GET", "POST"])
 def team_list_page(request: HttpRequest) -> HttpResponse:
-    return TemplateResponse(
-        request, "experiments/team_list.html", {"teams": teams_reads.team_summaries(user=request.user)}
-    )
+    """The user's teams; staff also create a team here (a POST from anyone else gets 403)."""
+    form = TeamCreateForm(request.POST if request.method == "POST" else None)
+    status = 200
+    if request.method == "POST":
+        if not request.user.is_staff:
+            raise PermissionDenied("Only staff can create teams.")
+        if form.is_valid():
+            try:
+                team = teams_writes.team_create_by_staff(by=request.user, **form.cleaned_data)
+            except ValidationError as exc:
+                _add_errors(form, exc)
+            else:
+                messages.success(request, f"Team {team} created. Add or invite its members here.")
+                return redirect("experiments:team_detail", team_id=team.pk)
+        status = 400
+    context = {"teams": teams_reads.team_summaries(user=request.user), "create_form": form}
+    return TemplateResponse(request, "experiments/team_list.html", context, status=status)
 
 
 @require_GET
 def team_detail(request: HttpRequest, team_id: int) -> HttpResponse:
     team = _team(request, team_id)
-    return _render_team(request, team, MemberAddForm())
+    return _render_team(request, team)
 
 
-def _render_team(request: HttpRequest, team: Team, add_form: MemberAddForm) -> HttpResponse:
+def _render_team(
+    request: HttpRequest,
+    team: Team,
+    add_form: MemberAddForm | None = None,
+    invite_form: InviteCreateForm | None = None,
+    *,
+    new_invite: TeamInvite | None = None,
+    invite_url: str = "",
+    status: int = 200,
+) -> HttpResponse:
+    can_manage = teams_reads.can_manage(user=request.user, team=team)
     context = {
         "team": team,
         "members": teams_reads.team_members(team=team),
-        "can_manage": teams_reads.can_manage(user=request.user, team=team),
-        "add_form": add_form,
+        "can_manage": can_manage,
+        "add_form": add_form or MemberAddForm(),
+        "invite_form": invite_form or InviteCreateForm(),
+        "invites": teams_reads.team_pending_invites(team=team) if can_manage else [],
+        "new_invite": new_invite,
+        "invite_url": invite_url,
         "roles": Membership.Role.choices,
     }
-    return TemplateResponse(request, "experiments/team_detail.html", context)
+    return TemplateResponse(request, "experiments/team_detail.html", context, status=status)
 
 
 @require_POST
@@ -85,15 +155,123 @@ def team_member_add(request: HttpRequest, team_id: int) -> HttpResponse:
         try:
             membership = teams_writes.team_member_add(team=team, by=request.user, **form.cleaned_data)
         except ValidationError as exc:
-            for field, errors in exc.message_dict.items():
-                for error in errors:
-                    form.add_error(field if field in form.fields else None, error)
+            _add_errors(form, exc)
         else:
             messages.success(
                 request, f"{membership.user} joined {team} as {membership.get_role_display().lower()}."
             )
             return redirect("experiments:team_detail", team_id=team.pk)
     return _render_team(request, team, form)
+
+
+@require_POST
+def team_invite_create(request: HttpRequest, team_id: int) -> HttpResponse:
+    """Make a one-time invite link and show it on the team's page, this once (only its hash is kept)."""
+    team = _managed_team(request, team_id)
+    form = InviteCreateForm(request.POST)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            invite, token = teams_writes.team_invite_create(
+                team=team, role=data["role"], note=data["note"], by=request.user,
+                valid_for=timedelta(days=data["valid_for_days"]),
+            )
+        except ValidationError as exc:
+            _add_errors(form, exc)
+        else:
+            url = request.build_absolute_uri(reverse("experiments:team_invite_accept", args=[token]))
+            response = _render_team(request, team, new_invite=invite, invite_url=url)
+            response["Cache-Control"] = "no-store"  # the page carries the link's token
+            return response
+    return _render_team(request, team, invite_form=form, status=400)
+
+
+@require_POST
+def team_invite_revoke(request: HttpRequest, team_id: int) -> HttpResponse:
+    team = _managed_team(request, team_id)
+    form = InviteRevokeForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Choose the invite to revoke.")
+        return redirect("experiments:team_detail", team_id=team.pk)
+    invite = get_object_or_404(TeamInvite.objects.select_related("team"), pk=form.cleaned_data["invite"],
+                               team=team)
+    try:
+        teams_writes.team_invite_revoke(invite=invite, by=request.user)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        whom = f" for {invite.note}" if invite.note else ""
+        messages.success(request, f"The invite{whom} was revoked: its link no longer works.")
+    return redirect("experiments:team_detail", team_id=team.pk)
+
+
+class InviteSignupForm(UserCreationForm):
+    """A new account made from an invite link: a username and a password (twice), checked by the site's
+    password validators."""
+
+
+def _render_invite(request: HttpRequest, context: dict, *, status: int = 200) -> HttpResponse:
+    return TemplateResponse(request, "experiments/team_invite_accept.html", context, status=status)
+
+
+def _invite_refused(request: HttpRequest, exc: teams_writes.InviteRefused) -> HttpResponse:
+    status = 404 if exc.reason == "invalid" else 409 if exc.reason == "member" else 410
+    return _render_invite(request, {"invite": exc.invite, "problem": exc.messages[0], "reason": exc.reason},
+                          status=status)
+
+
+@login_not_required
+@never_cache
+@require_http_methods(["GET", "POST"])
+def team_invite_accept(request: HttpRequest, token: str) -> HttpResponse:
+    """The page an invite link opens. Signed in: join the team with one click. Not signed in: make an account
+    here (and join), or log in first and come back. A used, revoked, expired or unknown link says which."""
+    invite = teams_reads.invite_for_token(token)
+    refusal = teams_reads.invite_refusal(invite)
+    if refusal is not None:
+        reason, message = refusal
+        return _invite_refused(request, teams_writes.InviteRefused(message, reason=reason, invite=invite))
+    context = {"invite": invite, "login_url": f"{reverse('login')}?{urlencode({'next': request.path})}"}
+    if request.user.is_authenticated:
+        return _accept_signed_in(request, token, invite, context)
+    return _accept_new_account(request, token, context)
+
+
+def _joined(request: HttpRequest, membership: Membership, greeting: str = "") -> HttpResponse:
+    role = membership.get_role_display().lower()
+    messages.success(request, f"{greeting}You joined {membership.team} as {role}.")
+    return redirect("experiments:team_detail", team_id=membership.team_id)
+
+
+def _accept_signed_in(request: HttpRequest, token: str, invite: TeamInvite, context: dict) -> HttpResponse:
+    if request.method == "POST":
+        try:
+            membership = teams_writes.team_invite_accept(token=token, user=request.user)
+        except teams_writes.InviteRefused as exc:
+            return _invite_refused(request, exc)
+        return _joined(request, membership)
+    context["already_member"] = Membership.objects.filter(team=invite.team, user=request.user).exists()
+    return _render_invite(request, context)
+
+
+def _accept_new_account(request: HttpRequest, token: str, context: dict) -> HttpResponse:
+    form = context["form"] = InviteSignupForm(request.POST if request.method == "POST" else None)
+    if request.method != "POST":
+        return _render_invite(request, context)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            membership = teams_writes.team_invite_accept_new_user(
+                token=token, username=data["username"], password=data["password1"]
+            )
+        except teams_writes.InviteRefused as exc:
+            return _invite_refused(request, exc)
+        except ValidationError as exc:
+            _add_errors(form, exc)
+        else:
+            login(request, membership.user, backend="django.contrib.auth.backends.ModelBackend")
+            return _joined(request, membership, greeting=f"Welcome, {membership.user}. ")
+    return _render_invite(request, context, status=400)
 
 
 @require_POST
