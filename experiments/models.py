@@ -355,12 +355,13 @@ class RunStatus(models.TextChoices):
 #   queued → running (claimed) | cancelled | failed (a run it waits for failed)
 #   running → succeeded | failed | cancelled | queued (requeued: lease expired, worker lost, admin requeue)
 #   failed | cancelled → queued (requeued by a user: a new attempt that resumes from the last checkpoint)
+#   succeeded → queued (only a run that reused an identical run's results: a user asks to train it after all)
 RUN_TRANSITIONS: dict[str, frozenset[str]] = {
     RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.FAILED}),
     RunStatus.RUNNING: frozenset(
         {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.QUEUED}
     ),
-    RunStatus.SUCCEEDED: frozenset(),
+    RunStatus.SUCCEEDED: frozenset({RunStatus.QUEUED}),
     RunStatus.FAILED: frozenset({RunStatus.QUEUED}),
     RunStatus.CANCELLED: frozenset({RunStatus.QUEUED}),
 }
@@ -421,6 +422,17 @@ class Run(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Where the run stands in its queue: when its current message was sent (experiments.domain.queue_order).
+    ready_at = models.DateTimeField(default=timezone.now)
+    config_digest = models.CharField(
+        max_length=64, blank=True,
+        help_text="Content address of the frozen config, its inputs' content and the engine's code "
+                  "(experiments.domain.config_digest)",
+    )
+    reused_from = models.ForeignKey(
+        "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="reused_by",
+        help_text="The identical run whose results this run took instead of training",
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -444,8 +456,11 @@ class Run(models.Model):
         ]
         indexes = [
             models.Index(fields=["team", "-created_at"], name="run_team_created"),
+            models.Index(fields=["-created_at", "-id"], name="run_created_id"),
             models.Index(fields=["experiment", "status"], name="run_experiment_status"),
             models.Index(fields=["status", "heartbeat_at"], name="run_status_heartbeat"),
+            models.Index(fields=["team", "config_digest"], name="run_team_config_digest"),
+            models.Index(fields=["queue", "ready_at"], condition=Q(status="queued"), name="run_queued_ready"),
         ]
 
     def __str__(self) -> str:
@@ -480,8 +495,39 @@ class Run(models.Model):
         return (timezone.now() - self.heartbeat_at).total_seconds() > settings.RUN_HEARTBEAT_TIMEOUT_S
 
     @property
+    def is_reused(self) -> bool:
+        """The run took the results of an identical run instead of training (its source may since have been
+        deleted)."""
+        return self.status == self.Status.SUCCEEDED and bool((self.result or {}).get("reused_from"))
+
+    @property
+    def reused_from_number(self) -> int | None:
+        return (self.result or {}).get("reused_from") if self.is_reused else None
+
+    @property
     def can_requeue(self) -> bool:
-        return self.status in (self.Status.FAILED, self.Status.CANCELLED) or self.lease_expired
+        return (self.status in (self.Status.FAILED, self.Status.CANCELLED) or self.lease_expired
+                or self.is_reused)
+
+    @property
+    def queue_position(self) -> int | None:
+        """1-based place of a queued run that waits for no other run among the ready runs of its queue;
+        None otherwise. Views set it for many runs at once (``queue_order.annotate_positions``)."""
+        if not hasattr(self, "_queue_position"):
+            from experiments.domain import queue_order
+
+            queue_order.annotate_positions([self])
+        return self._queue_position
+
+    @property
+    def queue_place(self) -> str:
+        """``3rd in training queue`` for a queued run that waits for no other run; empty otherwise."""
+        position = self.queue_position
+        if position is None:
+            return ""
+        from experiments.domain.queue_order import ordinal
+
+        return f"{ordinal(position)} in {self.queue} queue"
 
 
 class RunTransition(models.Model):
@@ -675,3 +721,53 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class LeaderboardEntry(models.Model):
+    """One leaderboard row, kept by ``experiments.services.leaderboard_summary`` whenever the evaluations it
+    summarises change: the student evaluations of one (experiment, student, recipe, stage, sweep point) on one
+    dataset and eval split, with their scores on every quality metric over the seeds (``stats``: metric →
+    values, KD gains and run ids), so that a leaderboard page reads one page of rows whatever the size of the
+    board."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="leaderboard_entries")
+    dataset = models.ForeignKey(DatasetSpec, on_delete=models.CASCADE, related_name="leaderboard_entries")
+    task = models.CharField(max_length=32)
+    split = models.CharField(max_length=32)
+    split_key = models.CharField(max_length=64)
+    student = models.ForeignKey(ModelSpec, on_delete=models.CASCADE, related_name="+")
+    recipe = models.ForeignKey(Recipe, on_delete=models.CASCADE, related_name="+")
+    stage = models.CharField(max_length=32, blank=True)
+    sweep = models.CharField(max_length=500, blank=True, help_text="The row's point of its sweep")
+    point_key = models.CharField(max_length=64, help_text="Hash of the sweep point (the row's identity)")
+    is_baseline = models.BooleanField(default=False)
+    trains_teacher = models.BooleanField(
+        default=False, help_text="A run of the row trained a model that is the teacher of an experiment"
+    )
+    family = models.CharField(max_length=64, blank=True)
+    lora_r = models.PositiveIntegerField(default=0)
+    lora_4bit = models.BooleanField(default=False)
+    first_run_id = models.BigIntegerField(help_text="Ties rank in run order")
+    evaluations = models.PositiveIntegerField(default=0)
+    params = models.BigIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    latency = models.JSONField(default=dict, blank=True, help_text="The latency's spread and setting")
+    stats = models.JSONField(default=dict, help_text="metric → {values, gains, run_ids} over the seeds")
+    means = models.JSONField(default=dict, help_text="metric → mean over the seeds")
+    score = models.FloatField(null=True, blank=True, help_text="Mean of the dataset's primary metric")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["experiment", "dataset", "split_key", "student", "recipe", "stage", "point_key"],
+                name="leaderboardentry_unique_row",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["dataset", "split_key", "score"], name="leaderboard_board_score"),
+            models.Index(fields=["split_key", "task", "score"], name="leaderboard_global_score"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.student} · {self.recipe} on {self.dataset}/{self.split_key[:8]}"

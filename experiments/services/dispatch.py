@@ -74,6 +74,37 @@ def _dispatch(*, run_id: int, queue: str, task_id: str | None) -> None:
         logger.exception("could not send run %s to the broker; the lifecycle sweep sends it again", run_id)
 
 
+def run_yield_turn(*, run_id: int, task_id: str) -> bool:
+    """A hard-label baseline whose message reached a worker gives its turn to the distilled runs of its
+    experiment that became ready after it was sent (experiments.domain.queue_order says why): its message is
+    sent again, to the end of its queue, and True is returned (the delivery then ends without claiming).
+
+    It yields at most once per distilled run that became ready after it (each yield moves its ``ready_at``
+    past theirs), so it cannot cycle. False when the run is not a ready queued baseline expecting this
+    delivery, or no such distilled run waits."""
+    with transaction.atomic():
+        run = (Run.objects.filter(id=run_id, status=Run.Status.QUEUED, is_baseline=True,
+                                  waiting_for__isnull=True, cancel_requested=False)
+               .filter(Q(task_id=task_id) | Q(task_id=""))
+               .values("experiment_id", "queue", "ready_at").first())
+        if run is None:
+            return False
+        later = (Run.objects.filter(experiment_id=run["experiment_id"], queue=run["queue"],
+                                    status=Run.Status.QUEUED, is_baseline=False, waiting_for__isnull=True,
+                                    cancel_requested=False)
+                 .filter(Q(ready_at__gt=run["ready_at"]) | Q(ready_at=run["ready_at"], id__gt=run_id)))
+        if not later.exists():
+            return False
+        if not Run.objects.filter(id=run_id, status=Run.Status.QUEUED, ready_at=run["ready_at"]).update(
+            ready_at=timezone.now(), task_id=task_id
+        ):
+            return False  # changed meanwhile: let the claim decide
+        logger.info("run %s gives its turn on %s to the distilled runs of its experiment", run_id,
+                    run["queue"])
+        _send_on_commit(run_id=run_id, queue=run["queue"], task_id=task_id)
+    return True
+
+
 def revoke_on_commit(task_id: str) -> None:
     """Tell the workers to drop the task's message (a cancelled queued run); the claim refuses it anyway."""
 
@@ -111,7 +142,9 @@ def run_redispatch_lost(*, queue_size: Callable[[str], int | None]) -> int:
         for run_id in run_ids:
             task_id = str(uuid.uuid4())
             with transaction.atomic():
-                if Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(task_id=task_id):
+                if Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(
+                    task_id=task_id, ready_at=timezone.now()
+                ):
                     logger.warning(
                         "run %s has been queued without a message on %s; sending it again", run_id, queue
                     )

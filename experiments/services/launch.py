@@ -6,13 +6,23 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 
-from experiments.domain import engine_config, routing, sweep_plan, sweeps, validation
+from experiments.domain import (
+    config_digest,
+    engine_config,
+    queue_order,
+    routing,
+    sweep_plan,
+    sweeps,
+    validation,
+)
 from experiments.models import (
     DatasetSpec,
     Experiment,
@@ -21,7 +31,7 @@ from experiments.models import (
     Run,
     Team,
 )
-from experiments.services import dispatch
+from experiments.services import baseline_reuse, dispatch
 from experiments.services import records as records_writes
 
 
@@ -244,12 +254,17 @@ def experiment_create(
     term_sweeps: dict[str, list[Any]] | None = None,
     description: str = "",
     derive_student: str = "",
+    reuse_baselines: bool = True,
 ) -> Experiment:
     """Create the experiment and all its runs in one transaction; each run is enqueued after the commit.
 
     ``derive_student`` (``every_other`` / ``every_third``) adds a student derived from the teacher (the model
     already registered for it, or a new one created in the same transaction: it disappears if the experiment
     is refused).
+
+    A hard-label baseline whose content address (``Run.config_digest``) matches a run that succeeded in the
+    team takes that run's results instead of training (``baseline_reuse``), unless ``reuse_baselines`` is
+    False.
 
     A training setting given as a list, and each entry of ``term_sweeps`` (``{"kd.temperature": [2, 4]}``), is
     swept: one run per point of the grid (see ``experiment_plan``), each run's frozen config holding its
@@ -288,7 +303,8 @@ def experiment_create(
     )
     base_train = {k: v for k, v in inputs.train.items() if k not in axes}
     runs = _record_runs(plan, experiment=experiment, extra_teachers=extra_teachers,
-                        teacher_weights=inputs.teacher_weights, base_train=base_train)
+                        teacher_weights=inputs.teacher_weights, base_train=base_train,
+                        reuse_baselines=reuse_baselines)
     _queue_ready(runs)
     return experiment
 
@@ -339,11 +355,16 @@ def _record_runs(
     extra_teachers: Sequence[ModelSpec],
     teacher_weights: Sequence[float],
     base_train: dict[str, Any],
+    reuse_baselines: bool = True,
 ) -> list[Run]:
-    """One run per planned run, in plan order, each with its frozen config and queue."""
+    """One run per planned run, in plan order, each with its frozen config, content address and queue. Their
+    ``ready_at`` follows ``queue_order.sending_order`` (distilled runs first), one microsecond apart, so
+    their places in the queue match the order ``_queue_ready`` sends them in."""
     runs: list[Run] = []
     router = routing.RunRouter()  # one read of the worker table for all the runs
-    for p in plan:
+    launched_at = timezone.now()
+    sent_as = {index: rank for rank, index in enumerate(queue_order.sending_order(plan))}
+    for index, p in enumerate(plan):
         upstream = runs[p.teacher_from] if p.teacher_from is not None else None
         uses_teacher = p.recipe.needs_teacher
         config = _run_config(p, experiment=experiment, upstream=upstream, extra_teachers=extra_teachers,
@@ -356,15 +377,21 @@ def _record_runs(
             waiting_for=upstream or (dispatch.pending_source_run(p.teacher) if uses_teacher else None)
             or dispatch.pending_source_run(p.student),
             config=config,
+            config_digest=config_digest.config_digest(config),
+            ready_at=launched_at + timedelta(microseconds=sent_as[index]),
         )
         run.queue = router.queue_for(run.config)
         run.save()
-        runs.append(run)
+        source = baseline_reuse.reusable_source(team=experiment.team, digest=run.config_digest) \
+            if reuse_baselines and p.is_baseline and run.waiting_for_id is None else None
+        runs.append(baseline_reuse.run_take_results(run=run, source=source) if source else run)
     return runs
 
 
 def _queue_ready(runs: Sequence[Run]) -> None:
-    """Enqueue, after the commit, every run that waits for no other run."""
-    for run in runs:
-        if run.waiting_for_id is None:
+    """Enqueue, after the commit, every run that waits for no other run and has not reused another run's
+    results, in ``queue_order.sending_order``."""
+    for index in queue_order.sending_order(runs):
+        run = runs[index]
+        if run.status == Run.Status.QUEUED and run.waiting_for_id is None:
             dispatch.enqueue_on_commit(run)

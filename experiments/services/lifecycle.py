@@ -67,6 +67,8 @@ def _transition(
         fields["finished_at"] = None
     if to == Run.Status.RUNNING:
         fields |= {"started_at": Coalesce("started_at", now), "heartbeat_at": now}
+    if to == Run.Status.QUEUED:
+        fields["ready_at"] = now  # its new message goes to the end of its queue
     fields |= values or {}
     with transaction.atomic():
         for source in sources:
@@ -371,9 +373,22 @@ def _record_finish(*, run_id: int, task_id: str, result: dict[str, Any], model: 
     for rel, size in caches:
         Artifact.objects.update_or_create(run=run, path=rel,
                                           defaults={"kind": Artifact.Kind.TEACHER_CACHE, "size_bytes": size})
-    for dependent in Run.objects.filter(waiting_for=run, status=Run.Status.QUEUED):
-        dispatch.enqueue_on_commit(dependent)
+    _release_dependents(run)
     return run
+
+
+def _release_dependents(run: Run) -> None:
+    """The queued runs that waited for ``run`` wait no more: the wait is cleared in the transaction that
+    finishes ``run`` (pages stop saying "waits for run #N" at once) and they are sent after the commit."""
+    waiting = Run.objects.filter(waiting_for=run, status=Run.Status.QUEUED)
+    dependents = list(waiting.values_list("id", flat=True))
+    if not dependents:
+        return
+    Run.objects.filter(id__in=dependents, status=Run.Status.QUEUED).update(
+        waiting_for=None, ready_at=timezone.now())
+    released = Run.objects.filter(id__in=dependents, status=Run.Status.QUEUED)
+    for dependent in released.order_by("is_baseline", "id"):
+        dispatch.enqueue_on_commit(dependent)
 
 
 def _finished_reason(result: dict[str, Any]) -> str:
@@ -469,9 +484,16 @@ def run_requeue(*, run: Run, reason: str) -> Run:
     budget; it resumes from its last checkpoint. Runs that were failed or cancelled only because they waited
     for it are queued again behind it.
 
-    Raises ValidationError when the run is queued, live or succeeded, or waits for a run that did not succeed.
+    A run that reused another run's results is trained after all (``baseline_reuse.run_retrain``).
+
+    Raises ValidationError when the run is queued, live or succeeded by training, or waits for a run that did
+    not succeed.
     """
     run = Run.objects.select_related("waiting_for").get(pk=run.pk)
+    if run.is_reused:
+        from experiments.services import baseline_reuse
+
+        return baseline_reuse.run_retrain(run=run, reason=reason)
     upstream = run.waiting_for
     if upstream is not None and upstream.status in (Run.Status.FAILED, Run.Status.CANCELLED):
         raise ValidationError(f"Run #{run.pk} waits for run #{upstream.pk}, which {upstream.status}; "

@@ -94,9 +94,11 @@ def test_a_failure_records_the_error_as_the_reason_and_fails_waiting_runs_with_t
 
 
 def test_transitions_outside_the_table_are_refused_by_the_service_and_the_database(run):
-    assert RUN_TRANSITIONS[Run.Status.SUCCEEDED] == frozenset()
-    with pytest.raises(ValueError, match="cannot go from succeeded to queued"):
-        lifecycle._transition(run_id=run.id, to=Run.Status.QUEUED, sources=[Run.Status.SUCCEEDED], reason="x")
+    # A succeeded run goes back to the queue only when it had reused another run's results (baseline_reuse).
+    assert RUN_TRANSITIONS[Run.Status.SUCCEEDED] == frozenset({Run.Status.QUEUED})
+    with pytest.raises(ValueError, match="cannot go from succeeded to running"):
+        lifecycle._transition(run_id=run.id, to=Run.Status.RUNNING, sources=[Run.Status.SUCCEEDED],
+                              reason="x")
     with pytest.raises(ValueError, match="cannot go from queued to succeeded"):
         lifecycle._transition(run_id=run.id, to=Run.Status.SUCCEEDED, sources=[Run.Status.QUEUED], reason="x")
     with pytest.raises(IntegrityError), transaction.atomic():

@@ -1,0 +1,76 @@
+"""The order in which a queue's workers take its ready runs, and each queued run's place in it.
+
+A queue is served first come, first served: runs in the order their messages were sent (``Run.ready_at``),
+with one exception. A hard-label baseline gives its turn to a distilled run of its own experiment that became
+ready after it (``dispatch.run_yield_turn``): its message goes back to the end of the queue.
+
+Why distilled runs first: they are what an experiment is launched for, and a distilled run whose teacher is
+trained by another run becomes ready only when that run finishes, long after the experiment's baselines were
+sent. Served in sending order, one worker would train every baseline before the first distilled run. The
+baselines still run as soon as no distilled run of their experiment is ready (at once on an idle worker), and
+each student's KD gain appears as soon as its baseline finishes: a gain needs both runs, so no order shows it
+before the later of the two, and distilled-first delays only the gains while the distilled results come
+first. At launch the runs are sent in the same order, distilled runs first (``sending_order``).
+
+Places are computed from one indexed read of the ready runs of the queues concerned, whatever the number of
+runs asked about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from experiments.models import Run
+
+
+def sending_order(runs: Sequence[Any]) -> list[int]:
+    """Indexes of ``runs`` (anything with ``is_baseline``) in the order they are sent: distilled runs first,
+    then the baselines, each group in its given order."""
+    return sorted(range(len(runs)), key=lambda i: (bool(runs[i].is_baseline), i))
+
+
+def serve_order(ready: Iterable[tuple[int, int, bool, Any]]) -> list[int]:
+    """The run ids of one queue in the order its workers take them.
+
+    ``ready``: (id, experiment id, is baseline, ready_at) of every ready queued run of the queue. Sorted by
+    sending time; then every baseline with a distilled run of its experiment sent after it moves to the end,
+    in its order, as its yielded message does.
+    """
+    rows = sorted(ready, key=lambda r: (r[3], r[0]))
+    last_distilled: dict[int, int] = {}
+    for index, (_, experiment_id, is_baseline, _) in enumerate(rows):
+        if not is_baseline:
+            last_distilled[experiment_id] = index
+    stays, yields = [], []
+    for index, (run_id, experiment_id, is_baseline, _) in enumerate(rows):
+        behind = is_baseline and last_distilled.get(experiment_id, -1) > index
+        (yields if behind else stays).append(run_id)
+    return stays + yields
+
+
+def _ready_queued():
+    return Run.objects.filter(status=Run.Status.QUEUED, waiting_for__isnull=True, cancel_requested=False)
+
+
+def annotate_positions(runs: Sequence[Run]) -> None:
+    """Set ``_queue_position`` on each run (read through ``Run.queue_position``): its 1-based place in its
+    queue when it is queued and waits for no other run, else None. One query for all the runs."""
+    wanted = {run.queue for run in runs if run.status == Run.Status.QUEUED and run.waiting_for_id is None}
+    places: dict[int, int] = {}
+    if wanted:
+        by_queue: dict[str, list[tuple[int, int, bool, Any]]] = {}
+        rows = _ready_queued().filter(queue__in=wanted).values_list(
+            "queue", "id", "experiment_id", "is_baseline", "ready_at")
+        for queue, *row in rows:
+            by_queue.setdefault(queue, []).append(tuple(row))  # type: ignore[arg-type]
+        for ready in by_queue.values():
+            places |= {run_id: place for place, run_id in enumerate(serve_order(ready), start=1)}
+    for run in runs:
+        run._queue_position = places.get(run.pk)
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st…"""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
