@@ -68,9 +68,12 @@ def slug_class(value: str) -> str:
 
 @register.filter
 def eta(run) -> str:
-    """Time left for a running run from its throughput; "" when unknown."""
+    """Time left for a running run's steps from its throughput; "" when unknown or when every step is done
+    (evaluation and saving then show their own time left)."""
     batch = ((run.config or {}).get("train") or {}).get("batch_size")
     if run.status != "running" or not run.samples_per_s or not batch or not run.total_steps:
+        return ""
+    if run.step >= run.total_steps:
         return ""
     return humanize.duration((run.total_steps - run.step) * batch / run.samples_per_s)
 
