@@ -14,7 +14,7 @@ from django.core.exceptions import ValidationError
 from django.forms.utils import ErrorDict
 
 from experiments.domain import fields as field_rules
-from experiments.domain import input_rules, sweep_plan, sweeps, uploads
+from experiments.domain import input_rules, model_size, specs, sweep_plan, sweeps, uploads
 from experiments.domain.engine_config import TRAIN_DEFAULTS
 from experiments.domain.validation import (
     LORA_FIELDS,
@@ -23,7 +23,7 @@ from experiments.domain.validation import (
     TRAIN_CHOICES,
     TRAIN_FIELDS,
 )
-from experiments.models import Experiment, Recipe, Run
+from experiments.models import Experiment, ModelSpec, Recipe, Run
 from experiments.selectors import records as records_reads
 from experiments.selectors import teams as teams_reads
 
@@ -347,6 +347,30 @@ class TermSweepsField(forms.CharField):
         return EXPERIMENT["term_sweeps"].from_text(super().clean(value))
 
 
+MODEL_PICKERS = ("teacher", "students", "assistant", "extra_teachers")
+TASK_SHORT = {"classification": "classification", "causal_lm": "causal LM", "embedding": "embedding"}
+
+
+def model_summary(model: ModelSpec) -> str:
+    """What a model picker shows after the name: task, labels (classifiers) and parameters."""
+    parts = [TASK_SHORT.get(model.task, model.task)]
+    if model.task == "classification":
+        parts.append(f"{model.num_labels} labels")
+    size = model_size.model_size(model)
+    parts.append(f"{model_size.size_text(size)} params" if size is not None else "params unknown")
+    return ", ".join(parts)
+
+
+def model_option_data(model: ModelSpec) -> dict[str, Any]:
+    """What the page needs to tell whether a model fits the chosen dataset (``data-*`` of its option)."""
+    return {"task": model.task, "kind": specs.model_kind(model), "labels": model.num_labels,
+            "name": model.name}
+
+
+def dataset_option_data(dataset) -> dict[str, Any]:
+    return {"task": dataset.task, "kind": specs.dataset_kind(dataset), "labels": dataset.num_labels}
+
+
 class ExperimentForm(TeamScopedForm):
     """Teacher, dataset, students, recipes and seeds, the training settings, and sweeps: any numeric training
     setting may list or range its values, and ``term_sweeps`` sweeps recipe term parameters."""
@@ -470,15 +494,21 @@ class ExperimentForm(TeamScopedForm):
         self.fields["recipes"].queryset = records_reads.recipe_list(user=self.user).order_by(
             "team__name", "name", "-version"
         )
-        for name in ("dataset", "teacher", "students", "recipes", "assistant", "extra_teachers"):
+        for name in ("dataset", "recipes"):
             self.fields[name].label_from_instance = self.label_with_team
+        # Model pickers: each option says what the model is; the page searches and filters them by the
+        # dataset's task (static/js/experiment_setup.js).
+        for name in MODEL_PICKERS:
+            self.fields[name].label_from_instance = self.model_label
+            self.fields[name].widget.option_data = model_option_data
+            self.fields[name].widget.attrs["data-model-picker"] = name
         # What the page's run count needs to know about each option (static/js/experiment_setup.js).
         self.fields["recipes"].widget.option_data = lambda r: {
             "baseline": "1" if r.scheme == Recipe.Scheme.HARD_LABELS else "0",
             "terms": " ".join(str(t.get("name", "")) for t in r.terms),
             "chain": sweep_plan.chain_length(r.scheme, r.scheme_params),
         }
-        self.fields["dataset"].widget.option_data = lambda d: {"task": d.task}
+        self.fields["dataset"].widget.option_data = dataset_option_data
         for name, (kind, lo, hi, help_text) in TRAIN_FIELDS.items():
             default = TRAIN_DEFAULTS.get(name)
             widget = forms.TextInput(
@@ -499,6 +529,10 @@ class ExperimentForm(TeamScopedForm):
         # Keep the schedule and the other choices next to the numeric settings.
         for name in (*TRAIN_CHOICES, *RESOURCE_FIELDS):
             self.fields[name] = self.fields.pop(name)
+
+    def model_label(self, model: ModelSpec) -> str:
+        """"mlp-32 — classification, 10 labels, 2.41k params" (with its team when the user has several)."""
+        return f"{self.label_with_team(model)} — {model_summary(model)}"
 
     def clean_seeds(self) -> list[int]:
         return EXPERIMENT["seeds"].from_text(self.cleaned_data["seeds"])

@@ -6,6 +6,12 @@
  * ranges, so "1:1e9:step1" costs nothing. The server recounts authoritatively on "Check" and on launch.
  * Resource choices sweep too (experiments/forms.py: ChoiceSweepField, OnOffSweepField): n ticked boxes of a
  * group (strategy, precision) give n values, none or one give one; "off and on" (value "both") gives two.
+ * Create is disabled while the count is over the limit, and a pre-flight panel is marked out of date on any
+ * edit after its check.
+ *
+ * Model pickers (selects marked data-model-picker) get a search box, a filter to the models that fit the
+ * chosen dataset (its task, input kind and, for classification, number of classes; selected models always
+ * stay listed) and removable chips for the chosen models. The selects themselves still post the form.
  */
 (function () {
   "use strict";
@@ -147,6 +153,7 @@
       var picked = recipes ? Array.prototype.slice.call(recipes.selectedOptions) : [];
       var option = dataset && dataset.selectedOptions[0];
       var baseline = !(option && option.dataset.task === "embedding");
+      if (problems.length || !s || !k || !picked.length) guardLaunch(form, 0, limit);
       if (problems.length) {
         out.textContent = "Check the sweeps: " + problems.join("; ") + ".";
         out.classList.add("text-bad");
@@ -181,11 +188,171 @@
       out.textContent = text;
       out.classList.toggle("text-bad", total > limit);
       out.dataset.runs = String(total);
+      guardLaunch(form, total, limit);
     }
 
     form.addEventListener("input", recount);
     form.addEventListener("change", recount);
     recount();
+    markStaleOnEdit(form);
+    form.querySelectorAll("select[data-model-picker]").forEach(function (select) {
+      modelPicker(form, select, dataset);
+    });
+  }
+
+  // Create is disabled while the live count is over the limit (the server refuses such a grid anyway).
+  function guardLaunch(form, total, limit) {
+    var launch = form.querySelector("[data-launch]");
+    if (!launch) return;
+    var over = total > limit;
+    launch.disabled = over;
+    launch.title = over ? "Over the limit of " + limit.toLocaleString("en-US") + " runs: sweep fewer values." : "";
+  }
+
+  // The pre-flight panel describes the form as it was checked: any edit after that marks it out of date.
+  function markStaleOnEdit(form) {
+    var panel = form.querySelector("#preflight");
+    if (!panel) return;
+    function stale(event) {
+      // Only edits of posted fields count (a picker's search box is not one).
+      if (!event.target.name || panel.classList.contains("preflight-stale")) return;
+      panel.classList.add("preflight-stale");
+      panel.setAttribute("data-stale", "1");
+      var badge = panel.querySelector("h2 .badge");
+      if (badge) {
+        badge.className = "badge status-empty";
+        badge.textContent = "out of date";
+      }
+      var note = document.createElement("p");
+      note.className = "preflight-stale-note";
+      note.setAttribute("role", "status");
+      note.appendChild(document.createTextNode("Out of date: the form changed after this check. "));
+      var again = document.createElement("button");
+      again.type = "button";
+      again.className = "btn btn-small";
+      again.textContent = "Check again";
+      again.addEventListener("click", function () {
+        var check = form.querySelector("button[data-check]");
+        if (check) check.click();
+      });
+      note.appendChild(again);
+      panel.insertBefore(note, panel.children[1] || null);
+    }
+    form.addEventListener("input", stale);
+    form.addEventListener("change", stale);
+  }
+
+  // --- model pickers: search, filter by the dataset's task, chips -----------------------------------
+  function modelName(option) {
+    return option.getAttribute("data-name") || option.textContent.split(" — ")[0].trim();
+  }
+
+  // Whether a model can train on the chosen dataset: same task and input kind, and (classification) the
+  // same number of classes. No dataset chosen: every model fits.
+  function fits(option, datasetOption) {
+    if (!datasetOption || !datasetOption.value) return true;
+    var d = datasetOption.dataset, m = option.dataset;
+    if (m.task !== d.task || (m.kind && d.kind && m.kind !== d.kind)) return false;
+    return d.task !== "classification" || m.labels === d.labels;
+  }
+
+  function modelPicker(form, select, datasetSelect) {
+    var team = form.querySelector("select[name='team']");
+    var field = select.parentNode;
+    var bar = document.createElement("div");
+    bar.className = "picker-bar";
+    var search = document.createElement("input");
+    search.type = "search";
+    search.className = "picker-search";
+    search.placeholder = "Search models…";
+    search.setAttribute("aria-label", "Search " + select.getAttribute("data-model-picker").replace("_", " "));
+    search.setAttribute("aria-controls", select.id);
+    search.autocomplete = "off";
+    var allLabel = document.createElement("label");
+    allLabel.className = "picker-all small";
+    var all = document.createElement("input");
+    all.type = "checkbox";
+    allLabel.appendChild(all);
+    allLabel.appendChild(document.createTextNode(" show models that do not fit"));
+    var status = document.createElement("span");
+    status.className = "picker-status muted small";
+    status.setAttribute("aria-live", "polite");
+    bar.appendChild(search);
+    bar.appendChild(allLabel);
+    var chips = document.createElement("ul");
+    chips.className = "picker-chips";
+    chips.setAttribute("aria-label", "Chosen");
+    field.insertBefore(bar, select);
+    field.insertBefore(status, select);
+    field.insertBefore(chips, select);
+
+    function datasetOption() {
+      return datasetSelect && datasetSelect.selectedOptions[0];
+    }
+
+    function filter() {
+      var terms = search.value.trim().toLowerCase().split(/\s+/).filter(Boolean);
+      var chosen = datasetOption();
+      var shown = 0, fitting = 0, total = 0;
+      Array.prototype.forEach.call(select.options, function (option) {
+        if (!option.value) return;
+        total += 1;
+        var ok = fits(option, chosen);
+        if (ok) fitting += 1;
+        var text = option.textContent.toLowerCase();
+        var found = terms.every(function (t) { return text.indexOf(t) !== -1; });
+        var teamOk = !team || !option.dataset.team || option.dataset.team === team.value;
+        var visible = teamOk && (option.selected || (found && (ok || all.checked)));
+        option.hidden = !visible;
+        option.classList.toggle("picker-misfit", !ok);
+        if (visible) shown += 1;
+      });
+      var text = chosen && chosen.value ?
+        fitting + " of " + total + " models fit " + chosen.textContent.trim() : total + " models";
+      if (terms.length) text += "; " + shown + " shown";
+      status.textContent = text + ".";
+    }
+
+    function renderChips() {
+      chips.textContent = "";
+      var chosen = datasetOption();
+      Array.prototype.forEach.call(select.selectedOptions, function (option) {
+        if (!option.value) return;
+        var chip = document.createElement("li");
+        chip.className = "chip" + (fits(option, chosen) ? "" : " chip-misfit");
+        chip.setAttribute("data-chip", option.value);
+        chip.title = option.textContent.trim() + (fits(option, chosen) ? "" : " (does not fit the dataset)");
+        chip.appendChild(document.createTextNode(modelName(option)));
+        var remove = document.createElement("button");
+        remove.type = "button";
+        remove.className = "chip-remove";
+        remove.setAttribute("aria-label", "Remove " + modelName(option));
+        remove.textContent = "×";
+        remove.addEventListener("click", function () {
+          if (select.multiple) option.selected = false;
+          else select.value = "";
+          select.dispatchEvent(new Event("change", { bubbles: true }));
+        });
+        chip.appendChild(remove);
+        chips.appendChild(chip);
+      });
+      chips.hidden = !chips.children.length;
+    }
+
+    function update() {
+      filter();
+      renderChips();
+    }
+
+    search.addEventListener("input", filter);
+    search.addEventListener("keydown", function (event) {
+      if (event.key === "Enter") event.preventDefault();  // never submits the form
+    });
+    all.addEventListener("change", filter);
+    select.addEventListener("change", renderChips);
+    if (datasetSelect) datasetSelect.addEventListener("change", update);
+    if (team) team.addEventListener("change", update);
+    update();
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
