@@ -20,7 +20,7 @@ from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 
 from experiments import forms, plots
-from experiments.domain import input_rules, routing, specs, uploads
+from experiments.domain import input_rules, queue_order, routing, specs, uploads
 from experiments.domain.engine_config import TRAIN_DEFAULTS, run_resources
 from experiments.listing import list_page
 from experiments.models import DatasetSpec, Experiment, Run
@@ -297,6 +297,7 @@ def _experiment_live(experiment: Experiment, runs: list[Run]) -> dict[str, Any]:
     counts = {s: 0 for s in Run.Status.values}
     for run in runs:
         counts[run.status] += 1
+    queue_order.annotate_positions(runs)  # each queued run's place in its queue, in one query
     for status, n in counts.items():
         setattr(experiment, f"{status}_count", n)
     done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
