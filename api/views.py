@@ -29,7 +29,6 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from experiments import export, plots
-from experiments.domain import leaderboard
 from experiments.models import Experiment
 from experiments.selectors import curves as curves_reads
 from experiments.selectors import leaderboard as leaderboard_reads
@@ -549,6 +548,7 @@ class LeaderboardViewSet(ApiViewSet):
             metric_name=chosen.get("metric", ""),
             split_key=chosen.get("split", ""),
             scope=chosen.get("scope", "team"),
+            filters=chosen,
         )
         errors = {}
         if chosen.get("metric", benchmark.metric.name) != benchmark.metric.name:
@@ -563,15 +563,7 @@ class LeaderboardViewSet(ApiViewSet):
             ]
         if errors:
             raise ValidationError(errors)
-        rows = leaderboard.leaderboard_filter(
-            benchmark.rows,
-            higher_is_better=benchmark.metric.higher_is_better,
-            max_params=chosen.get("max_params"),
-            max_latency_ms=chosen.get("max_latency_ms"),
-            recipe=chosen.get("recipe", ""),
-            family=chosen.get("family", ""),
-        )
-        return benchmark, rows
+        return benchmark, benchmark.rows
 
     @extend_schema(
         summary="A dataset's leaderboard: rows ranked by a quality metric (mean over seeds), with "
@@ -590,7 +582,7 @@ class LeaderboardViewSet(ApiViewSet):
             "split": benchmark.split_key,
             "splits": s.SplitOptionSerializer(benchmark.splits, many=True).data,
             "scope": benchmark.scope,
-            "total": len(benchmark.rows),
+            "total": benchmark.total,
         }
         return page
 

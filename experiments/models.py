@@ -771,3 +771,53 @@ class LeaderboardEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.student} · {self.recipe} on {self.dataset}/{self.split_key[:8]}"
+
+
+class LeaderboardEntry(models.Model):
+    """One leaderboard row, kept by ``experiments.services.leaderboard_summary`` whenever the evaluations it
+    summarises change: the student evaluations of one (experiment, student, recipe, stage, sweep point) on one
+    dataset and eval split, with their scores on every quality metric over the seeds (``stats``: metric →
+    values, KD gains and run ids), so that a leaderboard page reads one page of rows whatever the size of the
+    board."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="leaderboard_entries")
+    dataset = models.ForeignKey(DatasetSpec, on_delete=models.CASCADE, related_name="leaderboard_entries")
+    task = models.CharField(max_length=32)
+    split = models.CharField(max_length=32)
+    split_key = models.CharField(max_length=64)
+    student = models.ForeignKey(ModelSpec, on_delete=models.CASCADE, related_name="+")
+    recipe = models.ForeignKey(Recipe, on_delete=models.CASCADE, related_name="+")
+    stage = models.CharField(max_length=32, blank=True)
+    sweep = models.CharField(max_length=500, blank=True, help_text="The row's point of its sweep")
+    point_key = models.CharField(max_length=64, help_text="Hash of the sweep point (the row's identity)")
+    is_baseline = models.BooleanField(default=False)
+    trains_teacher = models.BooleanField(
+        default=False, help_text="A run of the row trained a model that is the teacher of an experiment"
+    )
+    family = models.CharField(max_length=64, blank=True)
+    lora_r = models.PositiveIntegerField(default=0)
+    lora_4bit = models.BooleanField(default=False)
+    first_run_id = models.BigIntegerField(help_text="Ties rank in run order")
+    evaluations = models.PositiveIntegerField(default=0)
+    params = models.BigIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    latency = models.JSONField(default=dict, blank=True, help_text="The latency's spread and setting")
+    stats = models.JSONField(default=dict, help_text="metric → {values, gains, run_ids} over the seeds")
+    means = models.JSONField(default=dict, help_text="metric → mean over the seeds")
+    score = models.FloatField(null=True, blank=True, help_text="Mean of the dataset's primary metric")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["experiment", "dataset", "split_key", "student", "recipe", "stage", "point_key"],
+                name="leaderboardentry_unique_row",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["dataset", "split_key", "score"], name="leaderboard_board_score"),
+            models.Index(fields=["split_key", "task", "score"], name="leaderboard_global_score"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.student} · {self.recipe} on {self.dataset}/{self.split_key[:8]}"

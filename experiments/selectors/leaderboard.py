@@ -3,6 +3,8 @@ hard-label baseline, per split, ranked by the primary metric of its task."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,14 +15,21 @@ from typing import Any, NamedTuple
 from django.db.models import (
     Case,
     Count,
+    F,
+    FloatField,
     JSONField,
+    Max,
     Min,
     Q,
     QuerySet,
+    Sum,
     Value,
+    ValueRange,
     When,
+    Window,
 )
-from django.db.models.fields.json import KeyTransform
+from django.db.models.fields.json import KeyTextTransform, KeyTransform
+from django.db.models.functions import Cast, Coalesce, RowNumber
 
 from experiments.domain import sweep_plan
 from experiments.domain.compare import Latency, Speedup, latency_of
@@ -30,6 +39,7 @@ from experiments.models import (
     DatasetSpec,
     Evaluation,
     Experiment,
+    LeaderboardEntry,
     ModelSpec,
     Recipe,
     Run,
@@ -240,6 +250,9 @@ class _BoardEval(NamedTuple):
     latency_min: Any
     latency_max: Any
     efficiency_setting: Any
+    dataset_id: int
+    split: str
+    team_id: int
 
     def value(self, metric: PrimaryMetric) -> float | None:
         return _score(self.accuracy, self.metric_raw, metric)
@@ -252,7 +265,7 @@ class _BoardEval(NamedTuple):
 _BOARD_FIELDS = ("pk", "run_id", "split_key", "accuracy", "metric_raw", "param_count", "latency_ms",
                  "run__experiment_id", "run__student_id", "run__recipe_id", "run__stage", "run__seed",
                  "run__is_baseline", "lora_r", "lora_4bit", "latency_p25", "latency_p75", "latency_min",
-                 "latency_max", "efficiency_setting")
+                 "latency_max", "efficiency_setting", "dataset_id", "split", "run__team_id")
 # The latency's spread and setting (see experiments.domain.compare.latency_of), read out of the metrics JSON.
 _LATENCY_KEYS = {"latency_p25": "latency_ms_p25", "latency_p75": "latency_ms_p75",
                  "latency_min": "latency_ms_min", "latency_max": "latency_ms_max",
@@ -279,13 +292,14 @@ _LEADERBOARD_SWEEP_PARTS = {
 
 
 def _board_evaluations(
-    qs: QuerySet[Evaluation], metric: PrimaryMetric, swept_experiments: Sequence[int]
+    qs: QuerySet[Evaluation], metric: PrimaryMetric | None, swept_experiments: Sequence[int]
 ) -> tuple[list[_BoardEval], dict[int, dict[str, Any]]]:
     """The benchmark's evaluations as :class:`_BoardEval` rows, with ``metric`` read out of the metrics JSON
-    in SQL, and for the runs of ``swept_experiments`` the parts of their frozen config that hold swept values
+    in SQL (``metric=None``: ``metric_raw`` holds the whole metrics JSON), and for the runs of
+    ``swept_experiments`` the parts of their frozen config that hold swept values
     (evaluation id → config parts shaped like the config for ``sweep_plan.config_value``). One query."""
-    rows = qs.annotate(metric_raw=KeyTransform(metric.name, "metrics"), **_BOARD_ADAPTER, **_BOARD_LATENCY) \
-        .order_by("run_id")
+    raw = KeyTransform(metric.name, "metrics") if metric is not None else F("metrics")
+    rows = qs.annotate(metric_raw=raw, **_BOARD_ADAPTER, **_BOARD_LATENCY).order_by("run_id")
     if not swept_experiments:
         return [_BoardEval(*values) for values in rows.values_list(*_BOARD_FIELDS)], {}
     swept = Q(run__experiment_id__in=list(swept_experiments))
@@ -455,6 +469,115 @@ def _leaderboard_rows(qs: QuerySet[Evaluation], teachers: dict[tuple[int, str], 
     return ranked
 
 
+# --- summary rows (LeaderboardEntry): what the leaderboard page reads ------------------------------------
+def leaderboard_entry_values(*, experiment_ids: Iterable[int]) -> list[dict[str, Any]]:
+    """The field values of the summary rows of these experiments: their finished student evaluations grouped
+    as :func:`_leaderboard_rows` groups them, per dataset and eval split, scored on every quality metric at
+    once (values, KD gains and run ids per metric; the KD gain pairs runs with baselines exactly as the full
+    computation does). Rows hold a row's size and latency from its last evaluation that has them; a score
+    that is not a finite number is left out (JSON cannot hold it).
+    """
+    ids = sorted(set(experiment_ids))
+    qs = Evaluation.objects.filter(role=Evaluation.Role.STUDENT, run__status=Run.Status.SUCCEEDED,
+                                   run__experiment_id__in=ids)
+    trains = {pk: train if isinstance(train, dict) else {}
+              for pk, train in Experiment.objects.filter(pk__in=ids).values_list("pk", "train")}
+    axes_of = {pk: sweep_plan.experiment_axes(train) for pk, train in trains.items()}
+    evaluations, configs = _board_evaluations(qs, None, [pk for pk, axes in axes_of.items() if axes])
+    if not evaluations:
+        return []
+    points = _sweep_points(evaluations, trains=trains, axes_of=axes_of, configs=configs)
+    # Families as the page names them (a derived student takes its parent's).
+    students = ModelSpec.objects.select_related("parent").defer(*_BOARD_MODEL_DEFERRED) \
+        .in_bulk({e.student_id for e in evaluations})
+    tasks = dict(DatasetSpec.objects.filter(pk__in={e.dataset_id for e in evaluations})
+                 .values_list("pk", "task"))
+    trainers = set(ModelSpec.objects.filter(source_run__experiment_id__in=ids,
+                                            teacher_experiments__isnull=False)
+                   .values_list("source_run_id", flat=True))
+    boards: dict[tuple[int, str], list[_BoardEval]] = defaultdict(list)
+    for e in evaluations:
+        boards[(e.dataset_id, e.split_key)].append(e)
+    entries: list[dict[str, Any]] = []
+    for (dataset_id, split_key), board in boards.items():
+        task = tasks[dataset_id]
+        groups = _entry_groups(board, points=points, students=students, trainers=trainers,
+                               dataset_id=dataset_id, split_key=split_key, task=task)
+        for metric in QUALITY_METRICS.values():
+            _entry_scores(board, groups, points=points, metric=metric)
+        primary = PRIMARY_METRICS.get(task, PRIMARY_METRICS["classification"])
+        for group in groups.values():
+            group["means"] = {name: statistics.fmean(s["values"]) for name, s in group["stats"].items()}
+            group["score"] = group["means"].get(primary.name)
+            entries.append(group)
+    return entries
+
+
+def _row_key(e: _BoardEval, points: dict[int, tuple[str, tuple, tuple]]) -> tuple:
+    return (e.experiment_id, e.student_id, e.recipe_id, e.stage, points[e.pk][1])
+
+
+def _entry_groups(board: Sequence[_BoardEval], *, points: dict[int, tuple[str, tuple, tuple]],
+                  students: dict[int, ModelSpec], trainers: set[int], dataset_id: int, split_key: str,
+                  task: str) -> dict[tuple, dict[str, Any]]:
+    """The summary rows of one dataset and split, keyed like the leaderboard's rows, without their scores."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for e in board:
+        key = _row_key(e, points)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = {
+                "team_id": e.team_id, "experiment_id": e.experiment_id, "dataset_id": dataset_id,
+                "task": task, "split": e.split, "split_key": split_key, "student_id": e.student_id,
+                "recipe_id": e.recipe_id,
+                "stage": e.stage, "sweep": points[e.pk][0],
+                "point_key": hashlib.sha256(repr(key[4]).encode()).hexdigest(),
+                "is_baseline": e.is_baseline, "trains_teacher": False,
+                "family": records_reads.model_family(students[e.student_id]),
+                "lora_r": footprint.lora_rank({"lora_r": e.lora_r}), "lora_4bit": bool(e.lora_4bit),
+                "first_run_id": e.run_id, "evaluations": 0, "params": None, "latency_ms": None, "latency": {},
+                "stats": {},
+            }
+        group["evaluations"] += 1
+        group["split"] = min(group["split"], e.split)
+        group["trains_teacher"] = group["trains_teacher"] or e.run_id in trainers
+        group["params"] = e.params or group["params"]
+        if e.latency_ms is not None:
+            group["latency_ms"] = e.latency_ms
+            group["latency"] = {key: getattr(e, name) for name, key in _LATENCY_KEYS.items()
+                                if getattr(e, name) is not None}
+    return groups
+
+
+def _entry_scores(board: Sequence[_BoardEval], groups: dict[tuple, dict[str, Any]], *,
+                  points: dict[int, tuple[str, tuple, tuple]], metric: PrimaryMetric) -> None:
+    """Add each row's values, KD gains and run ids on ``metric`` (as :func:`_leaderboard_rows` computes
+    them) to ``groups``."""
+    values: dict[int, float | None] = {}
+    for e in board:
+        value = _score(e.accuracy, (e.metric_raw or {}).get(metric.name), metric)
+        values[e.pk] = value if value is not None and math.isfinite(value) else None
+    if all(v is None for v in values.values()):
+        return
+    baseline, sole_baseline = _baselines(board, values=values, points=points)
+    sign = 1.0 if metric.higher_is_better else -1.0
+    for e in board:
+        value = values[e.pk]
+        if value is None:
+            continue
+        stats = groups[_row_key(e, points)]["stats"].setdefault(
+            metric.name, {"values": [], "gains": [], "run_ids": []}
+        )
+        stats["values"].append(value)
+        stats["run_ids"].append(e.run_id)
+        if not e.is_baseline:
+            base = baseline.get((e.experiment_id, e.student_id, e.seed, points[e.pk][2]))
+            if base is None:
+                base = sole_baseline.get((e.experiment_id, e.student_id, e.seed))
+            if base is not None:
+                stats["gains"].append(sign * (value - base))
+
+
 def leaderboard(
     *,
     user,
@@ -488,9 +611,112 @@ class SplitOption:
     count: int
 
 
+class RankedRows(Sequence[LeaderboardRow]):
+    """The rows of a leaderboard that fit its filters, ranked, read from the summary rows one slice at a time:
+    ``len()`` is one COUNT and ``rows[a:b]`` one indexed ORDER BY … LIMIT (Django's and the API's paginators
+    read a page that way), so a page costs the same whatever the number of rows on the board. Iterating reads
+    every row (the CSV export), in chunks."""
+
+    CHUNK = 500
+
+    def __init__(self, entries: QuerySet[LeaderboardEntry], *, metric: PrimaryMetric,
+                 teachers: dict[tuple[int, str], Evaluation]) -> None:
+        self._entries = entries
+        self._metric = metric
+        self._teachers = teachers
+        self._count: int | None = None
+
+    def count(self) -> int:
+        if self._count is None:
+            self._count = self._entries.order_by().count()
+        return self._count
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def __bool__(self) -> bool:
+        return self.count() > 0
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if not isinstance(index, slice):
+            index = index + self.count() if index < 0 else index
+            rows = self[index:index + 1]
+            if not rows:
+                raise IndexError(index)
+            return rows[0]
+        if index.step not in (None, 1):
+            raise ValueError("RankedRows slices take no step")
+        start, stop = index.start or 0, index.stop
+        if start < 0 or (stop is not None and stop < 0):
+            start, stop, _ = index.indices(self.count())
+        if stop is not None and stop <= start:
+            return []
+        return self._rows(list(self._entries[start:stop]), start)
+
+    def frontier(self) -> list[LeaderboardRow]:
+        """The rows on the Pareto frontier of the rows that fit (their rank is their place on the board)."""
+        ranked = self._entries.annotate(
+            place=Window(RowNumber(), order_by=self._entries.query.order_by)
+        )
+        best = ranked.filter(params__isnull=False, group_best=F("oriented"))
+        rows = []
+        for entry in best:
+            row = _entry_row(entry, self._metric, self._teachers)
+            if row.pareto:
+                row.rank = entry.place
+                rows.append(row)
+        return rows
+
+    def __iter__(self):
+        start = 0
+        while True:
+            chunk = self[start:start + self.CHUNK]
+            yield from chunk
+            if len(chunk) < self.CHUNK:
+                return
+            start += self.CHUNK
+
+    def _rows(self, entries: list[LeaderboardEntry], offset: int) -> list[LeaderboardRow]:
+        rows = []
+        for rank, entry in enumerate(entries, offset + 1):
+            row = _entry_row(entry, self._metric, self._teachers)
+            row.rank = rank
+            rows.append(row)
+        return rows
+
+
+def _entry_row(entry: LeaderboardEntry, metric: PrimaryMetric,
+               teachers: dict[tuple[int, str], Evaluation]) -> LeaderboardRow:
+    """A leaderboard row from a summary row annotated by :func:`_ranked_entries`."""
+    stats = entry.stats.get(metric.name) or {}
+    experiment = entry.experiment
+    row = LeaderboardRow(
+        experiment, entry.student, entry.recipe, experiment.teacher, entry.is_baseline, entry.stage,
+        sweep=entry.sweep, run_ids=list(stats.get("run_ids", [])), accuracies=list(stats.get("values", [])),
+        gains=list(stats.get("gains", [])), params=entry.params, higher_is_better=metric.higher_is_better,
+        lora_r=entry.lora_r, lora_4bit=entry.lora_4bit,
+    )
+    if entry.latency_ms is not None:
+        row.latency_ms, row.latency = entry.latency_ms, latency_of(entry.latency, entry.latency_ms)
+    oriented, group_best, cheaper_best = entry.oriented, entry.group_best, entry.cheaper_best
+    row.pareto = (
+        entry.params is not None and oriented is not None and math.isfinite(oriented)
+        and oriented == group_best and (cheaper_best is None or oriented > cheaper_best)
+    )
+    teacher_eval = teachers.get((experiment.teacher_id, entry.split_key)) if experiment.teacher_id else None
+    if teacher_eval is not None:
+        row.teacher_accuracy = _teacher_value(teacher_eval, metric)
+        row.teacher_params = teacher_eval.param_count
+        row.teacher_latency_ms = teacher_eval.latency_ms
+        row.teacher_latency = _latency(teacher_eval, teacher_eval.latency_ms)
+    return row
+
+
 @dataclass
 class Benchmark:
-    """One leaderboard: a dataset's eval split and a metric, with the options its page offers."""
+    """One leaderboard: a dataset's eval split and a metric, with the options its page offers. ``rows`` are
+    the ranked rows that fit the filters (a lazy :class:`RankedRows`); ``total`` counts the board's rows
+    before the filters."""
 
     dataset: DatasetSpec
     metric: PrimaryMetric
@@ -498,22 +724,37 @@ class Benchmark:
     split_key: str | None
     splits: list[SplitOption]
     scope: str
-    rows: list[LeaderboardRow]
+    rows: Sequence[LeaderboardRow]
+    total: int = 0
+    recipes: list[str] = field(default_factory=list)
+    families: list[str] = field(default_factory=list)
 
-    @property
-    def recipes(self) -> list[str]:
-        return sorted({r.recipe.name for r in self.rows})
-
-    @property
-    def families(self) -> list[str]:
-        return sorted({r.family for r in self.rows if r.family})
+    def frontier(self) -> list[LeaderboardRow]:
+        """The rows on the Pareto frontier (quality vs parameters) of the rows that fit the filters."""
+        if isinstance(self.rows, RankedRows):
+            return self.rows.frontier()
+        return [r for r in self.rows if r.pareto]
 
 
-def _split_options(qs: QuerySet[Evaluation]) -> list[SplitOption]:
-    """The eval splits of ``qs`` with their result counts, most results first, each labelled from the frozen
-    dataset config of one run evaluated on it (two queries whatever the number of splits)."""
-    groups = list(qs.order_by().values("split_key").annotate(n=Count("pk"), split=Min("split"),
-                                                              run_id=Min("run_id")))
+def _board_entries(*, user, dataset: DatasetSpec, split_key: str | None,
+                   scope: str) -> QuerySet[LeaderboardEntry]:
+    """The summary rows of the benchmark, scoped to the user's teams (staff: all); ``scope`` as in
+    :func:`_leaderboard_scope`."""
+    qs = LeaderboardEntry.objects.all()
+    if scope == "global" and split_key:
+        qs = qs.filter(split_key=split_key, task=dataset.task)
+    else:
+        qs = qs.filter(dataset=dataset)
+        if split_key:
+            qs = qs.filter(split_key=split_key)
+    return records_reads.scoped(qs, user, team_field="team")
+
+
+def _split_options(entries: QuerySet[LeaderboardEntry]) -> list[SplitOption]:
+    """The eval splits of ``entries`` with their result counts, most results first, each labelled from the
+    frozen dataset config of one run evaluated on it (two queries whatever the number of splits)."""
+    groups = list(entries.order_by().values("split_key").annotate(n=Sum("evaluations"), split=Min("split"),
+                                                                   run_id=Min("first_run_id")))
     run_ids = [g["run_id"] for g in groups if g["run_id"]]
     configs = dict(Run.objects.filter(pk__in=run_ids).values_list("pk", "config__dataset")) if run_ids else {}
     options = [SplitOption(g["split_key"], _split_label(g["split"], g["split_key"], configs.get(g["run_id"])),
@@ -533,38 +774,93 @@ def _split_label(split: str, split_key: str, dataset_config: Mapping[str, Any] |
     return f"{split} · " + (", ".join(parts) or split_key[:8])
 
 
-def _board_metrics(qs: QuerySet[Evaluation], *, primary: PrimaryMetric) -> list[PrimaryMetric]:
-    """The quality metrics measured by the evaluations of ``qs``: the primary one first, then in
-    QUALITY_METRICS order (one aggregate query; the metrics JSON is never sent to Python)."""
-    counts = qs.order_by().aggregate(
-        _accuracy_column=Count("accuracy"),
-        **{name: Count("pk", filter=Q(metrics__has_key=name) & ~Q(**{f"metrics__{name}": None}))
-           for name in QUALITY_METRICS},
+def _board_metrics(entries: QuerySet[LeaderboardEntry], *, primary: PrimaryMetric) -> list[PrimaryMetric]:
+    """The quality metrics measured on the board: the primary one first, then in QUALITY_METRICS order (one
+    aggregate query)."""
+    counts = entries.order_by().aggregate(
+        **{name: Count("pk", filter=Q(means__has_key=name)) for name in QUALITY_METRICS}
     )
-    counts["accuracy"] += counts.pop("_accuracy_column")
     return [primary] + [m for name, m in QUALITY_METRICS.items() if counts[name] and name != primary.name]
 
 
-def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", split_key: str = "",
-                          scope: str = "team") -> Benchmark:
-    """The leaderboard of one benchmark of ``dataset``: an eval split (default: the one with most results) and
-    a quality metric (default: the dataset's primary metric), in the team or the global scope.
+def _mean_of(metric: PrimaryMetric, primary: PrimaryMetric):
+    """The SQL expression of a summary row's mean on ``metric`` (the indexed ``score`` column for the
+    dataset's primary metric)."""
+    if metric.name == primary.name:
+        return F("score")
+    return Cast(KeyTextTransform(metric.name, "means"), FloatField())
 
-    A constant number of queries whatever the row count: the splits and their labels, the metrics present, the
-    teachers' scores, then the rows (:func:`_leaderboard_rows`).
+
+class _SmallerRows(ValueRange):
+    """The window frame of the rows strictly smaller than the current one: ``RANGE BETWEEN UNBOUNDED
+    PRECEDING AND 1 PRECEDING`` over the whole-number parameter counts (Django builds only whole-row
+    offsets)."""
+
+    def window_frame_start_end(self, connection, start, end):
+        return connection.ops.UNBOUNDED_PRECEDING, "1 PRECEDING"
+
+
+def _ranked_entries(entries: QuerySet[LeaderboardEntry], *, metric: PrimaryMetric, primary: PrimaryMetric,
+                    filters: Mapping[str, Any]) -> QuerySet[LeaderboardEntry]:
+    """The summary rows that fit ``filters`` (max_params, max_latency_ms, recipe, family), ranked best first
+    (smaller first on ties, then in run order), each annotated with what its Pareto flag needs: its oriented
+    mean, the best oriented mean at its size and the best among strictly smaller rows (two window functions
+    over the rows that fit, so that a page's flags need no other row in Python)."""
+    entries = entries.filter(means__has_key=metric.name)
+    if filters.get("max_params") is not None:
+        entries = entries.filter(params__isnull=False, params__lte=filters["max_params"])
+    if filters.get("max_latency_ms") is not None:
+        entries = entries.filter(latency_ms__isnull=False, latency_ms__lte=filters["max_latency_ms"])
+    if filters.get("recipe"):
+        entries = entries.filter(recipe__name=filters["recipe"])
+    if filters.get("family"):
+        entries = entries.filter(family=filters["family"])
+    sign = 1.0 if metric.higher_is_better else -1.0
+    oriented = _mean_of(metric, primary) * Value(sign)
+    mean = _mean_of(metric, primary)
+    return (
+        entries.annotate(
+            oriented=oriented,
+            group_best=Window(Max(oriented), partition_by=[F("params")]),
+            cheaper_best=Window(Max(oriented), order_by=F("params").asc(), frame=_SmallerRows()),
+        )
+        .select_related("experiment__team", "experiment__teacher", "student__parent", "recipe")
+        .defer(*(f"experiment__{name}" for name in _BOARD_EXPERIMENT_DEFERRED),
+               *(f"student__{name}" for name in _BOARD_MODEL_DEFERRED if "__" not in name),
+               "student__parent__notes", "student__parent__config",
+               "recipe__description", "recipe__terms", "recipe__scheme_params")
+        .order_by(mean.desc() if metric.higher_is_better else mean.asc(), Coalesce("params", 0),
+                  "first_run_id")
+    )
+
+
+def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", split_key: str = "",
+                          scope: str = "team", filters: Mapping[str, Any] | None = None) -> Benchmark:
+    """The leaderboard of one benchmark of ``dataset``: an eval split (default: the one with most results) and
+    a quality metric (default: the dataset's primary metric), in the team or the global scope, its rows
+    narrowed by ``filters`` (``max_params``, ``max_latency_ms``: an unknown size or latency does not fit;
+    ``recipe``: a recipe name; ``family``: a student family) and ranked among themselves.
+
+    Reads the summary rows (``LeaderboardEntry``), never the evaluations: a constant number of queries whose
+    cost does not grow with the rows beyond the page read (the splits, the metrics present, the recipe and
+    family options, the teachers' scores, the count; then one query per page). A run that trained the teacher
+    of an experiment is the reference, not a competitor: its row is not ranked.
     """
     scope = "global" if scope == "global" else "team"
-    splits = _split_options(_leaderboard_scope(user=user, dataset=dataset, split_key=None, scope="team"))
+    splits = _split_options(_board_entries(user=user, dataset=dataset, split_key=None, scope="team"))
     keys = {o.key for o in splits}
     chosen = split_key if split_key in keys else (splits[0].key if splits else None)
     primary = primary_metric(dataset)
     if chosen is None:
         return Benchmark(dataset=dataset, metric=primary, metrics=[primary], split_key=None, splits=[],
                          scope=scope, rows=[])
-    qs = _leaderboard_scope(user=user, dataset=dataset, split_key=chosen, scope=scope)
-    metrics = _board_metrics(qs, primary=primary)
+    entries = _board_entries(user=user, dataset=dataset, split_key=chosen, scope=scope)
+    metrics = _board_metrics(entries, primary=primary)
     metric = next((m for m in metrics if m.name == metric_name), primary)
+    board = entries.filter(trains_teacher=False, means__has_key=metric.name)
     teachers = _leaderboard_teachers(dataset=dataset, split_key=chosen, scope=scope, metric=metric)
+    rows = RankedRows(_ranked_entries(board, metric=metric, primary=primary, filters=filters or {}),
+                      metric=metric, teachers=teachers)
     return Benchmark(
         dataset=dataset,
         metric=metric,
@@ -572,7 +868,10 @@ def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", 
         split_key=chosen,
         splits=splits,
         scope=scope,
-        rows=_leaderboard_rows(qs, teachers, metric),
+        rows=rows,
+        total=board.count(),
+        recipes=sorted(set(board.order_by().values_list("recipe__name", flat=True).distinct())),
+        families=sorted(set(board.exclude(family="").order_by().values_list("family", flat=True).distinct())),
     )
 
 
