@@ -153,11 +153,14 @@ def recipe_export(recipe: Recipe) -> str:
     )
 
 
-def recipe_import(text: str, *, user, team_id: int | None = None) -> Recipe:
-    """Save the recipe in a YAML document (validated like POST /api/recipes/)."""
+def recipe_import(text: str, *, user, team_id: int | None = None, name: str | None = None) -> Recipe:
+    """Save the recipe in a YAML document (validated like POST /api/recipes/). ``name`` replaces the
+    document's, so the document becomes the next version of that recipe."""
     spec = load(text, kind="recipe", keys=RECIPE_KEYS)
     team = import_team(user=user, team_id=team_id, spec=spec)
     payload = {k: v for k, v in spec.items() if k not in ("format", "kind", "team")}
+    if name is not None:
+        payload["name"] = name
     return inputs.recipe_create(user=user, payload={**payload, "team": team.pk})
 
 

@@ -80,10 +80,96 @@ def term_param_names(catalog: list[TermInfo]) -> list[str]:
     return names
 
 
+SCHEME_PARAM_PREFIX = "scheme_"
+
+
+def _scheme_param_fields() -> dict[str, forms.Field]:
+    """One optional number field per scheme parameter name (``scheme_<name>``), shared by the schemes that
+    take it; ``data-schemes`` and ``data-defaults`` let the page show only the chosen scheme's parameters."""
+    from workers.engine.schemes import SCHEMES
+
+    users: dict[str, list[tuple[str, Any]]] = {}
+    for spec in SCHEMES.values():
+        for param in spec.params.values():
+            users.setdefault(param.name, []).append((spec.name, param))
+    made: dict[str, forms.Field] = {}
+    for name, schemes in users.items():
+        integer = all(p.integer for _, p in schemes)
+        attrs = {
+            "data-schemes": " ".join(s for s, _ in schemes),
+            "data-defaults": " ".join(f"{s}={p.default:g}" for s, p in schemes),
+            "step": "1" if integer else "any",
+            "placeholder": "default",
+        }
+        field_class = forms.IntegerField if integer else forms.FloatField
+        made[SCHEME_PARAM_PREFIX + name] = field_class(
+            label=name,
+            required=False,
+            widget=forms.NumberInput(attrs=attrs),
+            help_text="; ".join(f"{s}: {p.description} ({p.range_text()})" for s, p in schemes),
+        )
+    return made
+
+
 class RecipeForm(TeamScopedForm):
     name = input_rules.RECIPE["name"].field(help_text="Saving a name that exists creates its next version.")
     scheme = input_rules.RECIPE["scheme"].field()
     description = input_rules.RECIPE["description"].field(widget=forms.Textarea(attrs={"rows": 2}))
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scheme_param_names = []
+        for name, field in _scheme_param_fields().items():
+            self.fields[name] = field
+            self.scheme_param_names.append(name)
+        self.valid_scheme_params: dict[str, Any] = {}
+
+    def chosen_scheme(self) -> str:
+        """The scheme the page shows: the posted one, else the initial one."""
+        if self.is_bound:
+            return str(self.data.get(self.add_prefix("scheme")) or "")
+        return str(self.initial.get("scheme") or self.fields["scheme"].initial or "")
+
+    def scheme_param_fields(self) -> list[dict[str, Any]]:
+        """The scheme parameters' bound fields, each with whether the chosen scheme takes it (the others are
+        rendered hidden unless they hold a value or an error) and its default there."""
+        scheme = self.chosen_scheme()
+        rows = []
+        for name in self.scheme_param_names:
+            bound = self[name]
+            defaults = dict(d.split("=", 1) for d in bound.field.widget.attrs["data-defaults"].split())
+            if scheme in defaults:
+                bound.field.widget.attrs["placeholder"] = f"default {defaults[scheme]}"
+            given = bound.value() not in (None, "")
+            shown = scheme in defaults or given or bool(bound.errors)
+            rows.append({"field": bound, "shown": shown, "schemes": bound.field.widget.attrs["data-schemes"]})
+        return rows
+
+    def clean(self) -> dict[str, Any]:
+        from workers.engine.errors import ConfigError
+        from workers.engine.schemes import SCHEMES, validate_scheme_params
+
+        cleaned = super().clean()
+        scheme = cleaned.get("scheme")
+        spec = SCHEMES.get(scheme or "")
+        self.valid_scheme_params = {}
+        for field in self.scheme_param_names:
+            value = cleaned.get(field)
+            if value is None or spec is None:
+                continue
+            param = field.removeprefix(SCHEME_PARAM_PREFIX)
+            if param not in spec.params:
+                self.add_error(field, f"Scheme {scheme} has no parameter {param}; clear it.")
+                continue
+            try:
+                self.valid_scheme_params[param] = validate_scheme_params(scheme, {param: value})[param]
+            except ConfigError as exc:
+                self.add_error(field, str(exc))
+        return cleaned
+
+    def scheme_params(self) -> dict[str, Any]:
+        """The scheme parameters the user set (the service fills in the defaults)."""
+        return dict(self.valid_scheme_params)
 
 
 def _param_field(name: str, infos: list[tuple[str, ParamInfo]]) -> forms.Field:
@@ -92,6 +178,8 @@ def _param_field(name: str, infos: list[tuple[str, ParamInfo]]) -> forms.Field:
     terms = " ".join(term for term, _ in infos)
     attrs = {
         "data-terms": terms,
+        # Each term's default, so the page can show the row's term's default as the placeholder.
+        "data-defaults": " ".join(f"{term}={i.default}" for term, i in infos),
         "title": "; ".join(f"{term}: {i.help}, default {i.default}" for term, i in infos),
     }
     if info.type == "bool":
@@ -152,6 +240,32 @@ class TermForm(forms.Form):
             self.fields[param] = _param_field(param, users)
         self.bool_params = {n for n in self.param_names if isinstance(self.fields[n], forms.BooleanField)}
         self.valid_params: dict[str, Any] | None = None
+
+    def chosen_term(self) -> str:
+        """The row's term as the page shows it: the posted one, else the initial one ("" for an empty row)."""
+        if self.is_bound:
+            return str(self.data.get(self.add_prefix("name")) or "")
+        return str(self.initial.get("name") or "")
+
+    def param_fields(self) -> list[dict[str, Any]]:
+        """The row's parameter fields, each with the terms that take it and whether the page shows it: a row
+        with a term shows that term's parameters (with its defaults as placeholders) and any other that holds
+        a value or an error; an empty row shows them all (without JavaScript, the page's fallback)."""
+        term = self.chosen_term()
+        own = {p.name: p for p in self.catalog[term].params} if term in self.catalog else None
+        rows = []
+        for name in self.param_names:
+            bound = self[name]
+            widget = bound.field.widget
+            if own is not None and name in own and not isinstance(bound.field, forms.BooleanField):
+                if isinstance(bound.field, forms.ChoiceField):
+                    bound.field.choices = [("", f"default ({own[name].default})"), *bound.field.choices[1:]]
+                else:
+                    widget.attrs["placeholder"] = own[name].default
+            given = name not in self.bool_params and bound.value() not in (None, "")
+            shown = own is None or name in own or given or bool(bound.errors)
+            rows.append({"name": name, "field": bound, "shown": shown, "terms": widget.attrs["data-terms"]})
+        return rows
 
     def _given(self, cleaned: dict[str, Any], name: str) -> bool:
         return name not in self.bool_params and cleaned.get(name) not in (None, "")
@@ -256,3 +370,63 @@ class BaseTermFormSet(forms.BaseFormSet):
 TermFormSet = forms.formset_factory(
     TermForm, formset=BaseTermFormSet, extra=4, max_num=field_rules.MAX_TERMS, validate_max=True
 )
+
+
+def _initial_value(value: Any) -> Any:
+    """A stored parameter value as its field shows it (a layer map list as "2, 4")."""
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return value
+
+
+def recipe_form_initial(recipe: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The recipe form and its term rows pre-filled from a saved version (its next version starts there)."""
+    form = {
+        "team": recipe.team_id,
+        "name": recipe.name,
+        "scheme": recipe.scheme,
+        "description": recipe.description,
+        **{SCHEME_PARAM_PREFIX + k: v for k, v in (recipe.scheme_params or {}).items()},
+    }
+    rows = []
+    for term in recipe.terms:
+        row = {"name": term.get("name"), "weight": term.get("weight", 1.0)}
+        schedule = (term.get("schedule") or {}).get("weight")
+        if schedule:
+            row.update(weight=schedule.get("start"), weight_schedule=schedule.get("kind"),
+                       weight_end=schedule.get("end"))
+        row.update({k: _initial_value(v) for k, v in (term.get("params") or {}).items()})
+        rows.append(row)
+    return form, rows
+
+
+class RecipeImportForm(TeamScopedForm):
+    """A recipe as an uploaded YAML document (the API's format); with ``recipe``, its next version."""
+
+    file = forms.FileField(label="YAML file", help_text="A recipe as exported (.yaml).")
+
+    def __init__(self, *args: Any, recipe: Any = None, max_bytes: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.max_bytes = max_bytes
+        self.fields["file"].widget.attrs["accept"] = ".yaml,.yml,application/yaml,text/yaml"
+        if recipe is not None:
+            self.fields["team"].widget = forms.HiddenInput()
+            self.fields["team"].required = False
+            self.fields["recipe"] = forms.IntegerField(widget=forms.HiddenInput(), initial=recipe.pk)
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if self.recipe is not None:
+            cleaned["team"] = self.recipe.team
+        upload = cleaned.get("file")
+        if upload is None:
+            return cleaned
+        if self.max_bytes is not None and upload.size > self.max_bytes:
+            self.add_error("file", f"A YAML recipe may be at most {self.max_bytes // 1024} KiB.")
+            return cleaned
+        try:
+            cleaned["text"] = upload.read().decode("utf-8")
+        except UnicodeDecodeError:
+            self.add_error("file", "The file is not UTF-8 text: export a recipe as YAML and upload that.")
+        return cleaned

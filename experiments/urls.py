@@ -1,7 +1,7 @@
 from django.urls import path
 
 from experiments.views import compare as compare_views
-from experiments.views import fleet, pages, setup, teams
+from experiments.views import fleet, pages, recipes, setup, teams
 
 app_name = "experiments"
 
@@ -14,8 +14,11 @@ urlpatterns = [
     path("datasets/", pages.dataset_list, name="dataset_list"),
     path("datasets/new/", pages.dataset_create, name="dataset_create"),
     path("datasets/<int:dataset_id>/", pages.dataset_detail, name="dataset_detail"),
-    path("recipes/", pages.recipe_list, name="recipe_list"),
-    path("recipes/new/", pages.recipe_create, name="recipe_create"),
+    path("recipes/", recipes.recipe_list, name="recipe_list"),
+    path("recipes/new/", recipes.recipe_create, name="recipe_create"),
+    path("recipes/import/", recipes.recipe_import, name="recipe_import"),
+    path("recipes/<int:recipe_id>/", recipes.recipe_detail, name="recipe_detail"),
+    path("recipes/<int:recipe_id>/export.yaml", recipes.recipe_export, name="recipe_export"),
     path("experiments/", pages.experiment_list, name="experiment_list"),
     path("experiments/new/", setup.experiment_create, name="experiment_create"),
     path("experiments/new/check/", setup.experiment_check, name="experiment_check"),

@@ -13,6 +13,7 @@ from typing import Any
 from django.db import connection
 from django.db.models import (
     Count,
+    Exists,
     F,
     OuterRef,
     QuerySet,
@@ -40,6 +41,42 @@ def dataset_spec_list(*, user) -> QuerySet[DatasetSpec]:
 
 def recipe_list(*, user) -> QuerySet[Recipe]:
     return scoped(Recipe.objects.select_related("team"), user)
+
+
+def recipe_latest_list(*, user) -> QuerySet[Recipe]:
+    """The latest version of each of the user's recipes (the recipe page lists the others)."""
+    newer = Recipe.objects.filter(
+        team=OuterRef("team"), name=OuterRef("name"), version__gt=OuterRef("version")
+    )
+    return recipe_list(user=user).filter(~Exists(newer))
+
+
+def recipe_versions(*, recipe: Recipe) -> list[Recipe]:
+    """Every version of ``recipe`` (same team and name), the latest first."""
+    return list(
+        Recipe.objects.filter(team_id=recipe.team_id, name=recipe.name)
+        .select_related("team", "created_by")
+        .order_by("-version")
+    )
+
+
+RECIPE_USES_SHOWN = 200  # experiments listed per recipe page, newest first
+
+
+def recipe_experiments(*, user, recipes: Iterable[Recipe]) -> dict[int, list[Experiment]]:
+    """The user's experiments that used each of ``recipes`` (by recipe id), newest first."""
+    ids = [r.pk for r in recipes]
+    uses = scoped(
+        Experiment.recipes.through.objects.filter(recipe_id__in=ids), user, team_field="experiment__team"
+    ).order_by("-experiment__created_at", "-experiment_id")[:RECIPE_USES_SHOWN]
+    experiments: dict[int, Experiment] = {}
+    found: dict[int, list[Experiment]] = {pk: [] for pk in ids}
+    rows = list(uses.values_list("recipe_id", "experiment_id"))
+    for experiment in Experiment.objects.filter(pk__in={e for _, e in rows}).only("pk", "name", "created_at"):
+        experiments[experiment.pk] = experiment
+    for recipe_id, experiment_id in rows:
+        found[recipe_id].append(experiments[experiment_id])
+    return found
 
 
 def _run_count(status: str | None = None) -> Coalesce:

@@ -60,10 +60,6 @@ DATASET_SORTS = {
     "name": ("name",), "team": ("team__name", "name"), "source": ("source", "name"),
     "classes": ("num_labels",), "created_at": ("created_at",),
 }
-RECIPE_SORTS = {
-    "name": ("name", "version"), "team": ("team__name", "name"), "scheme": ("scheme", "name"),
-    "created_at": ("created_at",),
-}
 EXPERIMENT_SORTS = {
     "name": ("name",), "team": ("team__name", "name"), "dataset": ("dataset__name", "name"),
     "runs": ("run_count",), "created_at": ("created_at",),
@@ -204,46 +200,6 @@ def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
     return TemplateResponse(
         request, "experiments/dataset_detail.html", {"dataset": dataset, "experiments": experiments}
     )
-
-
-@require_GET
-def recipe_list(request: HttpRequest) -> HttpResponse:
-    context = _list_context(request, records_reads.recipe_list(user=request.user), RECIPE_SORTS, "name")
-    context["recipes"] = context["page"].object_list
-    return TemplateResponse(request, "experiments/recipe_list.html", context)
-
-
-RECIPE_INITIAL_TERMS = [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9, "temperature": 4.0}]
-
-
-def recipe_create(request: HttpRequest) -> HttpResponse:
-    catalog = forms.loss_term_catalog()
-    bound = request.method == "POST"
-    default_team = teams.selected_team(request)
-    form = forms.RecipeForm(request.POST if bound else None, user=request.user, default_team=default_team)
-    terms = forms.TermFormSet(
-        request.POST if bound else None, prefix="terms", form_kwargs={"catalog": catalog},
-        initial=None if bound else RECIPE_INITIAL_TERMS,
-    )
-    if bound and all([form.is_valid(), terms.is_valid()]):
-        data = form.cleaned_data
-        try:
-            recipe = records_writes.recipe_create(
-                team=data["team"], created_by=request.user, name=data["name"], scheme=data["scheme"],
-                terms=terms.terms(), description=data["description"],
-            )
-        except ValidationError as exc:
-            forms.add_service_errors(form, exc)
-        else:
-            messages.success(request, f"Recipe {recipe} saved: {recipe.formula}")
-            return redirect("experiments:recipe_list")
-    context = {
-        "form": form,
-        "terms": terms,
-        "catalog": catalog,
-        "param_names": forms.term_param_names(catalog),
-    }
-    return TemplateResponse(request, "experiments/recipe_form.html", context)
 
 
 # --- experiments ----------------------------------------------------------------------------------

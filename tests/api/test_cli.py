@@ -209,10 +209,10 @@ def test_leaderboard_csv_is_the_pages_export(logged_in, experiment, ranked):
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["rank"], r["student"], r["recipe"], r["pareto"]) for r in rows] == [
-        ("1", "mlp-16", "kd-t4", "True"),
-        ("2", "mlp-16", "hard_labels", "False"),
-        ("3", "mlp-32", "hard_labels", "True"),
-        ("4", "mlp-32", "kd-t4", "False"),
+        ("1", "mlp-16", "kd-t4 v1", "True"),
+        ("2", "mlp-16", "hard_labels v1", "False"),
+        ("3", "mlp-32", "hard_labels v1", "True"),
+        ("4", "mlp-32", "kd-t4 v1", "False"),
     ]
     assert float(rows[0]["mean"]) == pytest.approx(0.86) and float(rows[0]["kd_gain"]) == pytest.approx(0.05)
     assert rows[0]["params"] == "2000" and len(rows[0]["run_ids"].split()) == 2

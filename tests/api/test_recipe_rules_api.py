@@ -60,5 +60,5 @@ def test_the_check_blocks_a_recipe_the_dataset_task_cannot_run(api, team, digits
     data = response.json()
     (message,) = _engine_messages("seq_kd", [{"name": "ce"}], "classification")
     check = next(c for c in data["checks"] if c["key"] == "recipes")
-    assert check["level"] == "error" and check["summary"] == f"Recipe lm-only: {message}"
-    assert not data["can_launch"] and f"Recipe lm-only: {message}" in data["errors"]["recipes"]
+    assert check["level"] == "error" and check["summary"] == f"Recipe lm-only v1: {message}"
+    assert not data["can_launch"] and f"Recipe lm-only v1: {message}" in data["errors"]["recipes"]

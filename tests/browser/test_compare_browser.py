@@ -93,7 +93,7 @@ def test_select_runs_compare_them_and_see_the_pareto_plot(page, live_server, fin
     expect(pareto).to_be_visible(timeout=scaled_ms(15))
     expect(pareto.locator(".scatterlayer .trace").first).to_be_attached()
     names = page.evaluate("document.getElementById('pareto-figure').data.map(t => t.name)")
-    assert {"Pareto frontier", "teacher", "kd-t4", "hard-label baseline"} <= set(names)
+    assert {"Pareto frontier", "teacher", "kd-t4 v1", "hard-label baseline"} <= set(names)
     expect(page.locator("#curves-figure.js-plotly-plot")).to_be_visible()
     assert _trace_count(page, "curves-figure") == 3
     expect(page.locator("#config-diff")).to_contain_text("student.params.hidden_sizes")

@@ -79,7 +79,7 @@ def test_the_recipe_form_shows_the_engine_message_beside_the_scheme(client_logge
         reverse("experiments:recipe_create"), _recipe_post(team, "offline", [{"name": "hidden_mse"}])
     )
 
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert response.context["form"].errors["scheme"] == [OFFLINE_HIDDEN]
     assert not Recipe.objects.exists()
 
@@ -124,7 +124,7 @@ def test_preflight_blocks_a_recipe_the_dataset_task_cannot_run_with_the_engine_m
 
     check = next(c for c in report.checks if c.key == "recipes")
     assert check.blocks and not report.can_launch and check.field == "recipes"
-    assert [check.summary, *check.details] == [f"Recipe r: {m}" for m in expected]
+    assert [check.summary, *check.details] == [f"Recipe r v1: {m}" for m in expected]
     assert validation.recipe_task_problems(recipe, task=task) == expected
 
 
@@ -151,7 +151,7 @@ def test_launch_validation_refuses_the_recipe_by_name(team):
                                     students=[student], recipes=[recipe])
 
     expected = _engine_messages("offline", [{"name": "kd"}], "causal_lm")
-    assert refused.value.message_dict["recipes"] == [f"Recipe lm-kd: {m}" for m in expected]
+    assert refused.value.message_dict["recipes"] == [f"Recipe lm-kd v1: {m}" for m in expected]
 
 
 def test_preflight_shows_the_engine_refusal_of_a_teacher_with_another_tokenizer(team):

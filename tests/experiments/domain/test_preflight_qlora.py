@@ -60,7 +60,7 @@ def test_qlora_with_no_gpu_worker_is_a_blocking_error_on_its_field(lm_setup):
 
     assert check.blocks and check.field == "lora_4bit"
     assert check.summary == (
-        f"gpt2-student · lm-kd, batch 8, LoRA r=8, 4-bit {NEEDS_CUDA}: no GPU queue is declared and no "
+        f"gpt2-student · lm-kd v1, batch 8, LoRA r=8, 4-bit {NEEDS_CUDA}: no GPU queue is declared and no "
         "worker that takes queue 'training' has a GPU. Turn 4-bit QLoRA off, or run it on a GPU queue that "
         "an online GPU worker serves."
     )
@@ -107,8 +107,8 @@ def test_a_sweep_of_4bit_or_of_the_rank_is_checked_point_by_point(lm_setup):
     four_bit = _check(lm_setup, lora_r=8, lora_4bit=[False, True])
     ranks = _check(lm_setup, lora_r=[0, 16], lora_4bit=True)
 
-    assert four_bit.blocks and four_bit.summary.startswith("gpt2-student · lm-kd, batch 8, LoRA r=8, 4-bit ")
-    assert ranks.blocks and ranks.summary.startswith("gpt2-student · lm-kd, batch 8, LoRA r=16, 4-bit ")
+    assert four_bit.blocks and four_bit.summary.startswith("gpt2-student · lm-kd v1, batch 8, LoRA r=8, 4-bit ")
+    assert ranks.blocks and ranks.summary.startswith("gpt2-student · lm-kd v1, batch 8, LoRA r=16, 4-bit ")
 
 
 def test_the_launch_is_refused_before_any_run_exists(lm_setup, team, user):

@@ -46,8 +46,8 @@ def test_a_3_6b_parameter_mlp_on_cpu_workers_is_refused_with_the_figures(digits_
 
     assert check.level == "error" and check.field == "students"
     assert check.summary == (
-        f"mlp-3.6b · kd-t4, batch 64 trains on the CPU and needs about "
-        f"{_needed(shapes, 'mlp-3.6b · kd-t4')} of "
+        f"mlp-3.6b · kd-t4 v1, batch 64 trains on the CPU and needs about "
+        f"{_needed(shapes, 'mlp-3.6b · kd-t4 v1')} of "
         f"RAM (~{size_text(estimate_run_memory(shapes[0].config, on_cpu=True).model_bytes)} estimated, "
         f"with 10% headroom); the "
         "largest CPU worker has 24.0 GiB. Use a smaller student, teacher or batch, or a GPU queue."
@@ -79,8 +79,8 @@ def test_without_a_worker_s_figure_the_run_is_checked_against_this_machine(digit
     check, shapes = _memory(digits_setup, [big])
 
     assert check.level == "error"
-    assert check.summary.startswith(f"mlp-big · kd-t4, batch 64 trains on the CPU and needs about "
-                                    f"{_needed(shapes, 'mlp-big · kd-t4')} of RAM")
+    assert check.summary.startswith(f"mlp-big · kd-t4 v1, batch 64 trains on the CPU and needs about "
+                                    f"{_needed(shapes, 'mlp-big · kd-t4 v1')} of RAM")
     assert f"; this machine has {size_text(host)}." in check.summary
 
 
@@ -108,7 +108,7 @@ def test_a_small_cpu_run_passes_and_shows_its_ram(digits_setup):
 
     assert check.level == "ok"
     assert (
-        f"Largest CPU run: needs about {_needed(shapes, 'mlp-16 · kd-t4')} of RAM (mlp-16 · kd-t4, batch "
+        f"Largest CPU run: needs about {_needed(shapes, 'mlp-16 · kd-t4 v1')} of RAM (mlp-16 · kd-t4 v1, batch "
         f"64); "
         "the largest CPU worker has 24.0 GiB."
     ) in check.details

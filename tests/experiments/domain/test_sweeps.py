@@ -375,7 +375,7 @@ def test_a_term_sweep_is_checked_with_the_rest_of_the_recipe(digits_setup, team,
         _create(digits_setup, team, user, recipes=[taid], term_sweeps={"taid.t_start": [0.2, 0.6]})
 
     message = exc.value.message_dict["term_sweeps"][0]
-    assert "taid with taid.t_start=0.6" in message and "t_end" in message
+    assert "taid v1 with taid.t_start=0.6" in message and "t_end" in message
     assert not Experiment.objects.exists()
 
 

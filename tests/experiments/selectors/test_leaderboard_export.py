@@ -111,7 +111,7 @@ def test_csv_export_has_every_row_with_links_to_each_runs_config(client_logged_i
     col = {name: i for i, name in enumerate(header)}
     assert [r[col["rank"]] for r in rows] == ["1", "2", "3", "4", "5"]
     top = rows[1]  # the BERT row ranks first; s1 · kd second
-    assert (top[col["student"]], top[col["recipe"]]) == (board["s1"].name, "kd-t4")
+    assert (top[col["student"]], top[col["recipe"]]) == (board["s1"].name, "kd-t4 v1")
     assert float(top[col["mean"]]) == pytest.approx(0.86) and top[col["seeds"]] == "2"
     assert float(top[col["retention"]]) == pytest.approx(0.86 / 0.9)
     assert float(top[col["kd_gain"]]) == pytest.approx(0.05)
@@ -127,9 +127,9 @@ def test_csv_escapes_formulas_but_keeps_negative_numbers_numeric(client_logged_i
 
     bert = next(r for r in rows if "HYPERLINK" in r[col["student"]])
     assert bert[col["student"]] == "'" + board["bert"].name
-    assert bert[col["recipe"]] == "'@SUM(A1)"
+    assert bert[col["recipe"]] == "'@SUM(A1) v1"
     assert bert[col["experiment"]] == "'-1+2"
-    s2_kd = next(r for r in rows if r[col["student"]] == board["s2"].name and r[col["recipe"]] == "kd-t4")
+    s2_kd = next(r for r in rows if r[col["student"]] == board["s2"].name and r[col["recipe"]] == "kd-t4 v1")
     assert float(s2_kd[col["kd_gain"]]) == pytest.approx(-0.02)  # a number, not text: no apostrophe
     assert not any(cell.startswith(("=", "+", "@")) for row in rows for cell in row)
 
@@ -151,7 +151,7 @@ def test_csv_export_applies_the_same_filters(client_logged_in, board):
     assert [r[col["rank"]] for r in small] == ["1", "2"]
 
     _, *kd_only = _csv(client_logged_in, board["dataset"], recipe="kd-t4")
-    assert {r[col["recipe"]] for r in kd_only} == {"kd-t4"} and len(kd_only) == 2
+    assert {r[col["recipe"]] for r in kd_only} == {"kd-t4 v1"} and len(kd_only) == 2
 
     _, *berts = _csv(client_logged_in, board["dataset"], family="bert")
     assert [r[col["family"]] for r in berts] == ["bert"]

@@ -400,7 +400,7 @@ def test_recipe_create_out_of_range_param_creates_nothing(client_logged_in, team
         team, [{"name": "kd", "weight": "1", "temperature": "-1"}]
     ))
 
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert "must be > 0" in " ".join(response.context["terms"].forms[0].errors["temperature"])
     assert not Recipe.objects.exists()
 
