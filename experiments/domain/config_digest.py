@@ -6,7 +6,7 @@ the same engine code, so one can take the other's results (``services.baseline_r
 - the frozen engine config (canonical JSON: sorted keys, no whitespace, floats as JSON writes them);
 - the content of every local file or folder the config reads (datasets, local models): a file's bytes are
   hashed; a model folder by its files' names, sizes and modification times (weights are too large to read
-  at launch); ``runs/<id>/final`` models are the fixed output of a finished run, named by the path itself;
+  at launch); a model trained by a run here (``runs/<id>/final``) by the digest its run recorded for it;
 - the engine's code: every file under workers/engine, and the torch and transformers versions.
 
 Hub names are part of the config; a hub model without a local folder is addressed by its id and revision.
@@ -72,23 +72,46 @@ def content_fingerprint(path: str, *, read_bytes: bool) -> str:
     return digest.hexdigest()
 
 
-def _model_inputs(model: dict[str, Any] | None, found: list[str]) -> None:
+def _run_model_digest(path: str) -> str:
+    """The sha256 the run recorded for its final model (``pending`` before it has one): a run's output changes
+    only if it is trained again, and then it records a new one."""
+    from experiments.domain.engine_config import RUN_OUTPUT_RE
+    from experiments.models import Artifact
+
+    match = RUN_OUTPUT_RE.fullmatch(path)
+    if match is None:
+        return content_fingerprint(path, read_bytes=False)
+    recorded = (Artifact.objects.filter(run_id=int(match[1]), kind=Artifact.Kind.MODEL)
+                .order_by("-created_at", "-id").values_list("sha256", flat=True).first())
+    return recorded or "pending"
+
+
+def _model_inputs(model: dict[str, Any] | None, found: list[str], memo: dict[str, str]) -> None:
     while model:
         path = model.get("path")
-        if path and model.get("source") != "run":
-            found.append(f"model:{path}:{content_fingerprint(path, read_bytes=False)}")
+        if path:
+            key = f"{model.get('source')}:{path}"
+            if key not in memo:
+                memo[key] = _run_model_digest(path) if model.get("source") == "run" \
+                    else content_fingerprint(path, read_bytes=False)
+            found.append(f"model:{key}:{memo[key]}")
         model = model.get("parent")
 
 
-def config_digest(config: dict[str, Any]) -> str:
-    """The run's content address (64 hex digits)."""
+def config_digest(config: dict[str, Any], *, memo: dict[str, str] | None = None) -> str:
+    """The run's content address (64 hex digits). ``memo``: fingerprints already taken (one launch shares
+    one, so a model folder is read once for all its runs)."""
+    memo = {} if memo is None else memo
     inputs: list[str] = []
     dataset = config.get("dataset") or {}
     for key in ("path", "eval_path"):
         if dataset.get(key):
-            inputs.append(f"data:{key}:{content_fingerprint(dataset[key], read_bytes=True)}")
+            seen = f"data:{dataset[key]}"
+            if seen not in memo:
+                memo[seen] = content_fingerprint(dataset[key], read_bytes=True)
+            inputs.append(f"data:{key}:{memo[seen]}")
     for model in (config.get("student"), config.get("teacher"), *(config.get("extra_teachers") or [])):
-        _model_inputs(model, inputs)
+        _model_inputs(model, inputs, memo)
     canonical = json.dumps({"config": config, "inputs": inputs, "code": code_version()}, sort_keys=True,
                            separators=(",", ":"), ensure_ascii=True, allow_nan=True)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -363,6 +363,7 @@ def _record_runs(
     runs: list[Run] = []
     router = routing.RunRouter()  # one read of the worker table for all the runs
     launched_at = timezone.now()
+    fingerprints: dict[str, str] = {}  # each input's content is read once for all the runs
     sent_as = {index: rank for rank, index in enumerate(queue_order.sending_order(plan))}
     for index, p in enumerate(plan):
         upstream = runs[p.teacher_from] if p.teacher_from is not None else None
@@ -377,7 +378,7 @@ def _record_runs(
             waiting_for=upstream or (dispatch.pending_source_run(p.teacher) if uses_teacher else None)
             or dispatch.pending_source_run(p.student),
             config=config,
-            config_digest=config_digest.config_digest(config),
+            config_digest=config_digest.config_digest(config, memo=fingerprints),
             ready_at=launched_at + timedelta(microseconds=sent_as[index]),
         )
         run.queue = router.queue_for(run.config)

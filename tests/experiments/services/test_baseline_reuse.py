@@ -178,3 +178,16 @@ def test_the_digest_is_canonical_and_follows_data_content(tmp_path, settings):
         data.write_text("text,label\na,0\n")
         assert config_digest.config_digest(config) != first
     assert config_digest.config_digest(config) == first
+
+
+def test_a_model_trained_here_is_addressed_by_the_digest_its_run_recorded(trained):
+    config = {"student": {"source": "run", "path": f"runs/{trained.id}/final"}, "train": {"seed": 0}}
+    before = config_digest.config_digest(config)
+    pending = {"student": {"source": "run", "path": "runs/999999/final"}, "train": {"seed": 0}}
+    assert config_digest.config_digest(pending) != before
+    Artifact.objects.create(run=trained, kind=Artifact.Kind.MODEL, path=f"runs/{trained.id}/final-a2",
+                            sha256="b" * 64)  # the run trained again: a new final model
+    memo: dict[str, str] = {}
+    after = config_digest.config_digest(config, memo=memo)
+    assert after != before and after == config_digest.config_digest(config, memo=memo)
+    assert memo == {f"run:runs/{trained.id}/final": "b" * 64}
