@@ -29,7 +29,7 @@ from django.db.models import (
     Window,
 )
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
-from django.db.models.functions import Cast, Coalesce, RowNumber
+from django.db.models.functions import Cast, Coalesce
 
 from experiments.domain import sweep_plan
 from experiments.domain.compare import Latency, Speedup, latency_of
@@ -620,11 +620,20 @@ class RankedRows(Sequence[LeaderboardRow]):
     CHUNK = 500
 
     def __init__(self, entries: QuerySet[LeaderboardEntry], *, metric: PrimaryMetric,
-                 teachers: dict[tuple[int, str], Evaluation]) -> None:
+                 teachers: dict[tuple[int, str], Evaluation], optimal: QuerySet | None = None,
+                 count: int | None = None) -> None:
         self._entries = entries
         self._metric = metric
         self._teachers = teachers
-        self._count: int | None = None
+        self._optimal = optimal
+        self._optimal_ids: set[int] | None = None
+        self._count = count
+
+    def optimal_ids(self) -> set[int]:
+        """The ids of the summary rows on the Pareto frontier of the rows that fit (one narrow query)."""
+        if self._optimal_ids is None:
+            self._optimal_ids = set(self._optimal) if self._optimal is not None else set()
+        return self._optimal_ids
 
     def count(self) -> int:
         if self._count is None:
@@ -654,18 +663,30 @@ class RankedRows(Sequence[LeaderboardRow]):
         return self._rows(list(self._entries[start:stop]), start)
 
     def frontier(self) -> list[LeaderboardRow]:
-        """The rows on the Pareto frontier of the rows that fit (their rank is their place on the board)."""
-        ranked = self._entries.annotate(
-            place=Window(RowNumber(), order_by=self._entries.query.order_by)
-        )
-        best = ranked.filter(params__isnull=False, group_best=F("oriented"))
+        """The rows on the Pareto frontier of the rows that fit, best first (their rank is their place on the
+        board: the number of better-ranked rows that fit, plus one)."""
+        ids = self.optimal_ids()
+        if not ids:
+            return []
+        entries = list(self._entries.filter(pk__in=ids))
+        ranks = self._ranks(entries)
         rows = []
-        for entry in best:
-            row = _entry_row(entry, self._metric, self._teachers)
-            if row.pareto:
-                row.rank = entry.place
-                rows.append(row)
+        for entry in entries:
+            row = _entry_row(entry, self._metric, self._teachers, pareto=True)
+            row.rank = ranks[entry.pk]
+            rows.append(row)
         return rows
+
+    def _ranks(self, entries: list[LeaderboardEntry]) -> dict[int, int]:
+        """The places of a few rows among the rows that fit (one COUNT each; the frontier holds few rows)."""
+        ranks = {}
+        for entry in entries:
+            mean = entry.means[self._metric.name]
+            better = Q(ranked_mean__gt=mean) if self._metric.higher_is_better else Q(ranked_mean__lt=mean)
+            same = Q(ranked_mean=mean) & (Q(ranked_params__lt=entry.params or 0) | Q(
+                ranked_params=entry.params or 0, first_run_id__lt=entry.first_run_id))
+            ranks[entry.pk] = self._entries.filter(better | same).order_by().count() + 1
+        return ranks
 
     def __iter__(self):
         start = 0
@@ -677,17 +698,18 @@ class RankedRows(Sequence[LeaderboardRow]):
             start += self.CHUNK
 
     def _rows(self, entries: list[LeaderboardEntry], offset: int) -> list[LeaderboardRow]:
+        optimal = self.optimal_ids() if entries else set()
         rows = []
         for rank, entry in enumerate(entries, offset + 1):
-            row = _entry_row(entry, self._metric, self._teachers)
+            row = _entry_row(entry, self._metric, self._teachers, pareto=entry.pk in optimal)
             row.rank = rank
             rows.append(row)
         return rows
 
 
-def _entry_row(entry: LeaderboardEntry, metric: PrimaryMetric,
-               teachers: dict[tuple[int, str], Evaluation]) -> LeaderboardRow:
-    """A leaderboard row from a summary row annotated by :func:`_ranked_entries`."""
+def _entry_row(entry: LeaderboardEntry, metric: PrimaryMetric, teachers: dict[tuple[int, str], Evaluation],
+               *, pareto: bool) -> LeaderboardRow:
+    """A leaderboard row from a summary row."""
     stats = entry.stats.get(metric.name) or {}
     experiment = entry.experiment
     row = LeaderboardRow(
@@ -698,11 +720,7 @@ def _entry_row(entry: LeaderboardEntry, metric: PrimaryMetric,
     )
     if entry.latency_ms is not None:
         row.latency_ms, row.latency = entry.latency_ms, latency_of(entry.latency, entry.latency_ms)
-    oriented, group_best, cheaper_best = entry.oriented, entry.group_best, entry.cheaper_best
-    row.pareto = (
-        entry.params is not None and oriented is not None and math.isfinite(oriented)
-        and oriented == group_best and (cheaper_best is None or oriented > cheaper_best)
-    )
+    row.pareto = pareto
     teacher_eval = teachers.get((experiment.teacher_id, entry.split_key)) if experiment.teacher_id else None
     if teacher_eval is not None:
         row.teacher_accuracy = _teacher_value(teacher_eval, metric)
@@ -800,12 +818,10 @@ class _SmallerRows(ValueRange):
         return connection.ops.UNBOUNDED_PRECEDING, "1 PRECEDING"
 
 
-def _ranked_entries(entries: QuerySet[LeaderboardEntry], *, metric: PrimaryMetric, primary: PrimaryMetric,
-                    filters: Mapping[str, Any]) -> QuerySet[LeaderboardEntry]:
-    """The summary rows that fit ``filters`` (max_params, max_latency_ms, recipe, family), ranked best first
-    (smaller first on ties, then in run order), each annotated with what its Pareto flag needs: its oriented
-    mean, the best oriented mean at its size and the best among strictly smaller rows (two window functions
-    over the rows that fit, so that a page's flags need no other row in Python)."""
+def _fitting_entries(entries: QuerySet[LeaderboardEntry], *, metric: PrimaryMetric, primary: PrimaryMetric,
+                     filters: Mapping[str, Any]) -> QuerySet[LeaderboardEntry]:
+    """The summary rows scored on ``metric`` that fit ``filters`` (max_params, max_latency_ms, recipe,
+    family), annotated with the mean they rank by and the size they tie-break on."""
     entries = entries.filter(means__has_key=metric.name)
     if filters.get("max_params") is not None:
         entries = entries.filter(params__isnull=False, params__lte=filters["max_params"])
@@ -815,22 +831,45 @@ def _ranked_entries(entries: QuerySet[LeaderboardEntry], *, metric: PrimaryMetri
         entries = entries.filter(recipe__name=filters["recipe"])
     if filters.get("family"):
         entries = entries.filter(family=filters["family"])
-    sign = 1.0 if metric.higher_is_better else -1.0
-    oriented = _mean_of(metric, primary) * Value(sign)
-    mean = _mean_of(metric, primary)
+    return entries.annotate(ranked_mean=_mean_of(metric, primary), ranked_params=Coalesce("params", 0))
+
+
+def _ranked_entries(fitting: QuerySet[LeaderboardEntry], *,
+                    metric: PrimaryMetric) -> QuerySet[LeaderboardEntry]:
+    """The rows that fit, ranked best first (smaller first on ties, then in run order), with what a page shows
+    of the records they name: an ORDER BY … LIMIT the (dataset, split, score) index serves."""
+    mean = F("ranked_mean")
     return (
-        entries.annotate(
-            oriented=oriented,
-            group_best=Window(Max(oriented), partition_by=[F("params")]),
-            cheaper_best=Window(Max(oriented), order_by=F("params").asc(), frame=_SmallerRows()),
-        )
+        fitting
         .select_related("experiment__team", "experiment__teacher", "student__parent", "recipe")
         .defer(*(f"experiment__{name}" for name in _BOARD_EXPERIMENT_DEFERRED),
                *(f"student__{name}" for name in _BOARD_MODEL_DEFERRED if "__" not in name),
                "student__parent__notes", "student__parent__config",
                "recipe__description", "recipe__terms", "recipe__scheme_params")
-        .order_by(mean.desc() if metric.higher_is_better else mean.asc(), Coalesce("params", 0),
-                  "first_run_id")
+        .order_by(mean.desc() if metric.higher_is_better else mean.asc(), "ranked_params", "first_run_id")
+    )
+
+
+def _optimal_ids(fitting: QuerySet[LeaderboardEntry], *, metric: PrimaryMetric) -> QuerySet:
+    """The ids of the rows that fit and are Pareto-optimal (quality vs parameters; as
+    ``experiments.domain.leaderboard.pareto_flags``): the best at their size, and better than every strictly
+    smaller row. Two window functions over the narrow (id, size, mean) of the rows that fit, in SQL."""
+    sign = 1.0 if metric.higher_is_better else -1.0
+    oriented = F("ranked_mean") * Value(sign)
+    return (
+        fitting.filter(params__isnull=False)
+        .annotate(
+            oriented=oriented,
+            group_best=Window(Max(oriented), partition_by=[F("params")]),
+            # -inf where no row is smaller (filters on window functions cannot use OR).
+            cheaper_best=Coalesce(
+                Window(Max(oriented), order_by=F("params").asc(), frame=_SmallerRows()),
+                Value(float("-inf")), output_field=FloatField(),
+            ),
+        )
+        .filter(oriented=F("group_best"), oriented__gt=F("cheaper_best"))
+        .order_by()
+        .values_list("pk", flat=True)
     )
 
 
@@ -859,8 +898,12 @@ def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", 
     metric = next((m for m in metrics if m.name == metric_name), primary)
     board = entries.filter(trains_teacher=False, means__has_key=metric.name)
     teachers = _leaderboard_teachers(dataset=dataset, split_key=chosen, scope=scope, metric=metric)
-    rows = RankedRows(_ranked_entries(board, metric=metric, primary=primary, filters=filters or {}),
-                      metric=metric, teachers=teachers)
+    filters = {k: v for k, v in (filters or {}).items()
+               if k in ("max_params", "max_latency_ms", "recipe", "family") and v not in (None, "")}
+    fitting = _fitting_entries(board, metric=metric, primary=primary, filters=filters)
+    total = board.count()
+    rows = RankedRows(_ranked_entries(fitting, metric=metric), metric=metric, teachers=teachers,
+                      optimal=_optimal_ids(fitting, metric=metric), count=None if filters else total)
     return Benchmark(
         dataset=dataset,
         metric=metric,
@@ -869,7 +912,7 @@ def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", 
         splits=splits,
         scope=scope,
         rows=rows,
-        total=board.count(),
+        total=total,
         recipes=sorted(set(board.order_by().values_list("recipe__name", flat=True).distinct())),
         families=sorted(set(board.exclude(family="").order_by().values_list("family", flat=True).distinct())),
     )
