@@ -50,7 +50,9 @@ urlpatterns = [
     ),
     path("teams/<int:team_id>/invites/create/", teams.team_invite_create, name="team_invite_create"),
     path("teams/<int:team_id>/invites/revoke/", teams.team_invite_revoke, name="team_invite_revoke"),
-    path("invites/<str:token>/", teams.team_invite_accept, name="team_invite_accept"),  # open without login
+    # The invite pages are open without login: the link's token is the credential.
+    path("invites/accept/", teams.team_invite_accept, name="team_invite_accept"),
+    path("invites/<str:token>/", teams.team_invite_open, name="team_invite_open"),
     path("leaderboard/", pages.leaderboard_index, name="leaderboard_index"),
     path("leaderboard/<int:dataset_id>/", compare_views.leaderboard, name="leaderboard"),
     path("compare/", compare_views.compare, name="compare"),

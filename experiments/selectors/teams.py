@@ -129,10 +129,10 @@ def invite_refusal(invite: TeamInvite | None) -> tuple[str, str] | None:
         return None
     ask = f"Ask a lead of {invite.team} for a new link."
     if status == TeamInvite.Status.ACCEPTED:
-        when = date_format(timezone.localtime(invite.accepted_at), "DATETIME_FORMAT")
+        when = date_format(timezone.localtime(invite.accepted_at), "Y-m-d H:i T")
         used = f"This invitation to {invite.team} was already used on {when}: each link works once."
         return status, f"{used} {ask}"
     if status == TeamInvite.Status.REVOKED:
         return status, f"This invitation to {invite.team} was withdrawn by the team. {ask}"
-    when = date_format(timezone.localtime(invite.expires_at), "DATETIME_FORMAT")
+    when = date_format(timezone.localtime(invite.expires_at), "Y-m-d H:i T")
     return status, f"This invitation to {invite.team} expired on {when}. {ask}"

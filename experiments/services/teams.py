@@ -207,12 +207,10 @@ def team_invite_revoke(*, invite: TeamInvite, by: teams_reads.User) -> TeamInvit
     return invite
 
 
-def _usable_invite(token: str, *, user=None) -> TeamInvite:
-    """The token's invite, locked for this transaction, if it can still be accepted (by ``user`` if given)."""
-    invite = (
-        TeamInvite.objects.select_for_update(of=("self",)).select_related("team")
-        .filter(token_hash=teams_reads.invite_token_hash(token)).first()
-    )
+def _usable_invite(invite_id: int, *, user=None) -> TeamInvite:
+    """The invite, locked for this transaction, if it can still be accepted (by ``user`` if given)."""
+    locked = TeamInvite.objects.select_for_update(of=("self",)).select_related("team")
+    invite = locked.filter(pk=invite_id).first()
     refusal = teams_reads.invite_refusal(invite)
     if refusal is not None:
         raise InviteRefused(refusal[1], reason=refusal[0], invite=invite)
@@ -230,17 +228,18 @@ def _consume(invite: TeamInvite, user) -> Membership:
 
 
 @transaction.atomic
-def team_invite_accept(*, token: str, user) -> Membership:
+def team_invite_accept(*, invite_id: int, user) -> Membership:
     """An existing (signed-in) user joins the invite's team with its role; the invite is used up. A user who
-    is in the team already is told so, and the invite stays pending for someone else."""
-    return _consume(_usable_invite(token, user=user), user)
+    is in the team already is told so, and the invite stays pending for someone else. (The caller has checked
+    the link's token: ``teams_reads.invite_for_token``.)"""
+    return _consume(_usable_invite(invite_id, user=user), user)
 
 
 @transaction.atomic
-def team_invite_accept_new_user(*, token: str, username: str, password: str):
+def team_invite_accept_new_user(*, invite_id: int, username: str, password: str):
     """Create an account and join the invite's team in one step: if the invite cannot be used, no account is
     made. The password goes through the site's password validators."""
-    invite = _usable_invite(token)
+    invite = _usable_invite(invite_id)
     user_model = get_user_model()
     username = user_model.normalize_username(username.strip())
     if user_model.objects.filter(**{f"{user_model.USERNAME_FIELD}__iexact": username}).exists():

@@ -61,6 +61,9 @@ class InviteCreateForm(forms.Form):
                            help_text="Who it is for, to tell pending invites apart. Not sent anywhere.")
 
 
+INVITE_FORM_IDS = "invite_%s"  # the add-member form on the same page has a role field too
+
+
 class InviteRevokeForm(forms.Form):
     invite = forms.IntegerField(min_value=1)
 
@@ -138,7 +141,7 @@ def _render_team(
         "members": teams_reads.team_members(team=team),
         "can_manage": can_manage,
         "add_form": add_form or MemberAddForm(),
-        "invite_form": invite_form or InviteCreateForm(),
+        "invite_form": invite_form or InviteCreateForm(auto_id=INVITE_FORM_IDS),
         "invites": teams_reads.team_pending_invites(team=team) if can_manage else [],
         "new_invite": new_invite,
         "invite_url": invite_url,
@@ -168,7 +171,7 @@ def team_member_add(request: HttpRequest, team_id: int) -> HttpResponse:
 def team_invite_create(request: HttpRequest, team_id: int) -> HttpResponse:
     """Make a one-time invite link and show it on the team's page, this once (only its hash is kept)."""
     team = _managed_team(request, team_id)
-    form = InviteCreateForm(request.POST)
+    form = InviteCreateForm(request.POST, auto_id=INVITE_FORM_IDS)
     if form.is_valid():
         data = form.cleaned_data
         try:
@@ -179,7 +182,7 @@ def team_invite_create(request: HttpRequest, team_id: int) -> HttpResponse:
         except ValidationError as exc:
             _add_errors(form, exc)
         else:
-            url = request.build_absolute_uri(reverse("experiments:team_invite_accept", args=[token]))
+            url = request.build_absolute_uri(reverse("experiments:team_invite_open", args=[token]))
             response = _render_team(request, team, new_invite=invite, invite_url=url)
             response["Cache-Control"] = "no-store"  # the page carries the link's token
             return response
@@ -210,6 +213,9 @@ class InviteSignupForm(UserCreationForm):
     password validators."""
 
 
+INVITE_SESSION_KEY = "team_invite_id"
+
+
 def _render_invite(request: HttpRequest, context: dict, *, status: int = 200) -> HttpResponse:
     return TemplateResponse(request, "experiments/team_invite_accept.html", context, status=status)
 
@@ -220,33 +226,59 @@ def _invite_refused(request: HttpRequest, exc: teams_writes.InviteRefused) -> Ht
                           status=status)
 
 
+def _unusable(request: HttpRequest, invite: TeamInvite | None) -> HttpResponse | None:
+    """The page that says why the invite cannot be used, or None if it can."""
+    refusal = teams_reads.invite_refusal(invite)
+    if refusal is None:
+        return None
+    reason, message = refusal
+    return _invite_refused(request, teams_writes.InviteRefused(message, reason=reason, invite=invite))
+
+
+@login_not_required
+@never_cache
+@require_GET
+def team_invite_open(request: HttpRequest, token: str) -> HttpResponse:
+    """The link itself: check its token, remember the invite in the session and go on to the accept page, so
+    that the live token stays out of the address bar, the Referer header and the request logs (as Django's
+    password reset does). A link that can no longer be used says why here."""
+    invite = teams_reads.invite_for_token(token)
+    if (refused := _unusable(request, invite)) is not None:
+        return refused
+    request.session[INVITE_SESSION_KEY] = invite.pk
+    return redirect("experiments:team_invite_accept")
+
+
 @login_not_required
 @never_cache
 @require_http_methods(["GET", "POST"])
-def team_invite_accept(request: HttpRequest, token: str) -> HttpResponse:
-    """The page an invite link opens. Signed in: join the team with one click. Not signed in: make an account
-    here (and join), or log in first and come back. A used, revoked, expired or unknown link says which."""
-    invite = teams_reads.invite_for_token(token)
-    refusal = teams_reads.invite_refusal(invite)
-    if refusal is not None:
-        reason, message = refusal
-        return _invite_refused(request, teams_writes.InviteRefused(message, reason=reason, invite=invite))
+def team_invite_accept(request: HttpRequest) -> HttpResponse:
+    """The invite the session holds (from its link). Signed in: join the team with one click. Not signed in:
+    make an account here (and join), or log in first and come back here."""
+    invite_id = request.session.get(INVITE_SESSION_KEY)
+    invite = TeamInvite.objects.select_related("team", "created_by").filter(pk=invite_id).first()
+    if invite is None:
+        return _render_invite(request, {"problem": "Open the invitation link you were sent to join a team.",
+                                        "reason": "invalid"}, status=404)
+    if (refused := _unusable(request, invite)) is not None:
+        return refused
     context = {"invite": invite, "login_url": f"{reverse('login')}?{urlencode({'next': request.path})}"}
     if request.user.is_authenticated:
-        return _accept_signed_in(request, token, invite, context)
-    return _accept_new_account(request, token, context)
+        return _accept_signed_in(request, invite, context)
+    return _accept_new_account(request, invite, context)
 
 
 def _joined(request: HttpRequest, membership: Membership, greeting: str = "") -> HttpResponse:
+    request.session.pop(INVITE_SESSION_KEY, None)
     role = membership.get_role_display().lower()
     messages.success(request, f"{greeting}You joined {membership.team} as {role}.")
     return redirect("experiments:team_detail", team_id=membership.team_id)
 
 
-def _accept_signed_in(request: HttpRequest, token: str, invite: TeamInvite, context: dict) -> HttpResponse:
+def _accept_signed_in(request: HttpRequest, invite: TeamInvite, context: dict) -> HttpResponse:
     if request.method == "POST":
         try:
-            membership = teams_writes.team_invite_accept(token=token, user=request.user)
+            membership = teams_writes.team_invite_accept(invite_id=invite.pk, user=request.user)
         except teams_writes.InviteRefused as exc:
             return _invite_refused(request, exc)
         return _joined(request, membership)
@@ -254,7 +286,7 @@ def _accept_signed_in(request: HttpRequest, token: str, invite: TeamInvite, cont
     return _render_invite(request, context)
 
 
-def _accept_new_account(request: HttpRequest, token: str, context: dict) -> HttpResponse:
+def _accept_new_account(request: HttpRequest, invite: TeamInvite, context: dict) -> HttpResponse:
     form = context["form"] = InviteSignupForm(request.POST if request.method == "POST" else None)
     if request.method != "POST":
         return _render_invite(request, context)
@@ -262,7 +294,7 @@ def _accept_new_account(request: HttpRequest, token: str, context: dict) -> Http
         data = form.cleaned_data
         try:
             membership = teams_writes.team_invite_accept_new_user(
-                token=token, username=data["username"], password=data["password1"]
+                invite_id=invite.pk, username=data["username"], password=data["password1"]
             )
         except teams_writes.InviteRefused as exc:
             return _invite_refused(request, exc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from urllib.parse import urlparse
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -41,8 +40,11 @@ def invite(team, lead) -> tuple[TeamInvite, str]:
     return teams.team_invite_create(team=team, role=Membership.Role.MEMBER, by=lead, note="Sam")
 
 
-def _accept_url(token: str) -> str:
-    return reverse("experiments:team_invite_accept", args=[token])
+ACCEPT = "/invites/accept/"
+
+
+def _open_url(token: str) -> str:
+    return reverse("experiments:team_invite_open", args=[token])
 
 
 def _text(response) -> str:
@@ -51,8 +53,10 @@ def _text(response) -> str:
 
 def _signup(client, token: str, username: str = "newbie", password: str = NEW_PASSWORD,
             again: str | None = None):
-    return client.post(_accept_url(token), {"username": username, "password1": password,
-                                            "password2": password if again is None else again})
+    """Open the link, then send the sign-up form of the page it leads to."""
+    client.get(_open_url(token))
+    return client.post(ACCEPT, {"username": username, "password1": password,
+                                "password2": password if again is None else again})
 
 
 # --- staff create teams ---------------------------------------------------------------------------
@@ -137,7 +141,7 @@ def test_a_lead_revokes_an_invite_and_its_link_stops_working(as_lead, team, invi
 
     assert "was revoked" in _text(response)
     assert 'id="pending-invites"' not in _text(response)
-    opened = Client().get(_accept_url(token))
+    opened = Client().get(_open_url(token))
     assert opened.status_code == 410 and "withdrawn" in _text(opened)
 
 
@@ -163,22 +167,29 @@ def test_a_member_cannot_revoke(client, user, team, invite):
     assert invite[0].status == TeamInvite.Status.PENDING
 
 
-# --- the invite page ------------------------------------------------------------------------------
-def test_the_invite_page_is_the_only_page_open_without_login():
+# --- the invite pages ----------------------------------------------------------------------------
+def test_the_invite_pages_are_the_only_pages_open_without_login():
     open_pages = [
         p.name for p in experiments.urls.urlpatterns
         if isinstance(p, URLPattern) and getattr(p.callback, "login_required", True) is False
     ]
 
-    assert open_pages == ["team_invite_accept"]
+    assert sorted(open_pages) == ["team_invite_accept", "team_invite_open"]
+
+
+def test_the_link_moves_its_token_out_of_the_address_at_once(client, invite):
+    response = client.get(_open_url(invite[1]))
+
+    assert response.status_code == 302 and response.url == ACCEPT
+    page = client.get(ACCEPT)
+    assert page.status_code == 200 and invite[1] not in _text(page)
+    assert page["Cache-Control"].startswith("max-age=0")
 
 
 def test_a_newcomer_opens_the_link_makes_an_account_and_lands_in_the_team(client, team, invite):
-    page = client.get(_accept_url(invite[1]))
-    assert page.status_code == 200 and page["Cache-Control"].startswith("max-age=0")
-    text = _text(page)
-    assert f"Join {team.name}" in text and 'name="password1"' in text
-    assert f'href="/login/?next=%2Finvites%2F{invite[1]}%2F"' in text
+    text = _text(client.get(_open_url(invite[1]), follow=True))
+    assert f"Join {team.name}" in text and 'name="password1"' in text and "lena-lead invited you" in text
+    assert 'href="/login/?next=%2Finvites%2Faccept%2F"' in text
 
     response = _signup(client, invite[1])
 
@@ -212,36 +223,45 @@ def test_a_taken_username_gives_400(client, invite):
 
 
 def test_a_used_link_says_so_and_makes_no_second_account(client, team, invite):
+    other = Client()
+    other.get(_open_url(invite[1]))  # opened before it was used, accepted after
     assert _signup(client, invite[1]).status_code == 302
 
-    second = _signup(Client(), invite[1], username="second")
+    late = other.post(ACCEPT, {"username": "second", "password1": NEW_PASSWORD, "password2": NEW_PASSWORD})
+    reopened = Client().get(_open_url(invite[1]))
 
-    assert second.status_code == 410
-    assert "already used" in _text(second) and "each link works once" in _text(second)
+    for response in (late, reopened):
+        assert response.status_code == 410
+        assert "already used" in _text(response) and "each link works once" in _text(response)
     assert not get_user_model().objects.filter(username="second").exists()
 
 
 def test_an_expired_link_says_so(client, invite):
+    client.get(_open_url(invite[1]))
     TeamInvite.objects.filter(pk=invite[0].pk).update(expires_at=timezone.now() - timedelta(hours=1))
 
-    for response in (client.get(_accept_url(invite[1])), _signup(client, invite[1])):
+    for response in (_signup(client, invite[1]), client.get(_open_url(invite[1]))):
         assert response.status_code == 410 and "expired on" in _text(response)
     assert not get_user_model().objects.filter(username="newbie").exists()
 
 
 def test_an_unknown_link_gives_a_404_page_with_a_message(client, invite):
-    response = client.get(_accept_url("x" * 43))
+    response = client.get(_open_url("x" * 43))
 
     assert response.status_code == 404 and "not valid" in _text(response)
+    signup = {"username": "newbie", "password1": NEW_PASSWORD, "password2": NEW_PASSWORD}
+    no_link = client.post(ACCEPT, signup)
+    assert no_link.status_code == 404 and "Open the invitation link" in _text(no_link)
+    assert not get_user_model().objects.filter(username="newbie").exists()
 
 
 def test_a_signed_in_user_joins_with_one_click(client, team, invite):
     bob = UserFactory(username="bob")
     client.force_login(bob)
-    page = _text(client.get(_accept_url(invite[1])))
-    assert "Join Team" in page and "as bob" in page and 'name="password1"' not in page
+    page = _text(client.get(_open_url(invite[1]), follow=True))
+    assert f"Join {team.name} as bob" in page and 'name="password1"' not in page
 
-    response = client.post(_accept_url(invite[1]))
+    response = client.post(ACCEPT)
 
     assert response.status_code == 302
     assert Membership.objects.get(user=bob).team == team
@@ -251,13 +271,12 @@ def test_an_existing_account_logs_in_through_the_login_page_then_joins(client, t
     bob = UserFactory(username="bob")
     bob.set_password(NEW_PASSWORD)
     bob.save()
-    login = client.get(_accept_url(invite[1])).context["login_url"]
+    login = client.get(_open_url(invite[1]), follow=True).context["login_url"]
 
-    response = client.post(login, {"username": "bob", "password": NEW_PASSWORD,
-                                   "next": urlparse(login).query.split("=", 1)[1].replace("%2F", "/")})
+    response = client.post(login, {"username": "bob", "password": NEW_PASSWORD, "next": ACCEPT})
 
-    assert response.status_code == 302 and response.url == _accept_url(invite[1])
-    assert client.post(response.url).status_code == 302
+    assert response.status_code == 302 and response.url == ACCEPT
+    assert client.post(ACCEPT).status_code == 302
     assert Membership.objects.filter(user=bob, team=team).exists()
 
 
@@ -266,7 +285,7 @@ def test_the_login_for_an_invite_is_throttled_like_any_login(client, settings, i
     bob = UserFactory(username="bob")
     bob.set_password(NEW_PASSWORD)
     bob.save()
-    login = client.get(_accept_url(invite[1])).context["login_url"]
+    login = client.get(_open_url(invite[1]), follow=True).context["login_url"]
 
     statuses = [client.post(login, {"username": "bob", "password": "wrong"}).status_code for _ in range(2)]
     locked = client.post(login, {"username": "bob", "password": NEW_PASSWORD})
@@ -277,9 +296,9 @@ def test_the_login_for_an_invite_is_throttled_like_any_login(client, settings, i
 
 def test_a_member_opening_the_link_is_told_and_the_link_stays_usable(client, user, team, invite):
     client.force_login(user)
-    assert "You are already in" in _text(client.get(_accept_url(invite[1])))
+    assert "You are already in" in _text(client.get(_open_url(invite[1]), follow=True))
 
-    response = client.post(_accept_url(invite[1]))
+    response = client.post(ACCEPT)
 
     assert response.status_code == 409 and "already in" in _text(response)
     invite[0].refresh_from_db()
