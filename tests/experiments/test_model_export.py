@@ -216,7 +216,7 @@ def test_model_card_states_teacher_data_recipe_settings_and_metrics(client_logge
     assert f"distillweb run #{run.pk}" in card and 'experiment "topics sweep"' in card
     assert "**tiny-bert-teacher**" in card and "randomly initialised `bert` config" in card
     assert "**topics**" in card and "money, sport, tech" in card
-    assert "**kd-t4**" in card and "Scheme: `online`" in card
+    assert "**kd-t4 v1**" in card and "Scheme: `online`" in card
     assert "| `kd` | 0.9 | temperature=4 | — |" in card and "| `ce` | 0.1 | — | — |" in card
     assert "| max_steps | 4 |" in card and "| lr | 0.001 |" in card
     accuracy_row = re.search(r"^\| accuracy \| (\S+) \| (\S+) \|$", card, re.M)
