@@ -433,6 +433,11 @@ class Run(models.Model):
         "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="reused_by",
         help_text="The identical run whose results this run took instead of training",
     )
+    may_reuse = models.BooleanField(
+        default=False,
+        help_text="A baseline that takes an identical succeeded run's results instead of training, when one "
+                  "exists at launch or when a worker receives it",
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -30,15 +30,19 @@ def run_distillation(self, run_id: int) -> None:
     process (workers/watchdog.py); the worker goes on with a fresh one.
     """
     # Lazy imports: torch must not touch CUDA in the prefork parent process.
-    from experiments.services import dispatch, lifecycle
+    from experiments.services import baseline_reuse, dispatch, lifecycle
     from workers import launcher
     from workers.reporting import DatabaseUnavailable, RunReporter
 
     task_id = self.request.id or f"local-{run_id}"
     reporter = RunReporter(run_id=run_id, task_id=task_id)
     try:
-        # A baseline gives its turn to distilled runs of its experiment that became ready after it
+        # A baseline identical to a run that succeeded meanwhile takes its results instead of training; one
+        # gives its turn to distilled runs of its experiment that became ready after it
         # (experiments.domain.queue_order): its message goes to the end of the queue.
+        if reporter.call(baseline_reuse.run_reuse_on_delivery, run_id=run_id, task_id=task_id) is not None:
+            logger.info("run %s reused an identical run's results", run_id)
+            return
         if reporter.call(dispatch.run_yield_turn, run_id=run_id, task_id=task_id):
             return
         run = reporter.call(

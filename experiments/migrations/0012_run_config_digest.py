@@ -43,6 +43,15 @@ class Migration(migrations.Migration):
                 to="experiments.run",
             ),
         ),
+        migrations.AddField(
+            model_name="run",
+            name="may_reuse",
+            field=models.BooleanField(
+                default=False,
+                help_text="A baseline that takes an identical succeeded run's results instead of training, when "
+                "one exists at launch or when a worker receives it",
+            ),
+        ),
         migrations.AddIndex(
             model_name="run",
             index=models.Index(fields=["team", "config_digest"], name="run_team_config_digest"),

@@ -1,12 +1,14 @@
 """Reusing a finished hard-label baseline instead of training an identical one again.
 
 A run's content address (``Run.config_digest``, experiments.domain.config_digest) covers its frozen config,
-the content of its inputs and the engine's code. When a baseline about to be queued has the address of a run
-that succeeded in the same team, it takes that run's results: its student evaluation, metric curves and final
-model are copied onto it (rows only; the model's files stay where the source wrote them), and it succeeds at
-once, marked ``reused_from``. Copies, rather than reads through the source, keep every reader (leaderboards,
-KD gains, compare, exports) unchanged and team-scoped, and survive the source's deletion. A user can still
-train it: ``run_retrain`` drops the copies and queues it like any run.
+the content of its inputs and the engine's code. When a baseline (``Run.may_reuse``) has the address of a run
+that succeeded by training in the same team, at launch or when a worker receives it (an identical baseline of
+another experiment launched minutes before may have finished meanwhile), it takes that run's results: its
+student evaluation, metric curves and final model are copied onto it (rows only; the model's files stay where
+the source wrote them), and it succeeds at once, marked ``reused_from``. Copies, rather than reads through
+the source, keep every reader (leaderboards, KD gains, compare, exports) unchanged and team-scoped, and
+survive the source's deletion. A user can still train it: ``run_retrain`` drops the copies and queues it like
+any run, never to reuse again.
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ def _copy_rows(model, *, columns: list[str], source_id: int, run_id: int) -> Non
             f"WHERE {run_column} = %s",
             [run_id, source_id],
         )
+
+
+def run_reuse_on_delivery(*, run_id: int, task_id: str) -> Run | None:
+    """A delivery of a queued baseline that may reuse and never trained: take the results of an identical run
+    that succeeded since the launch, instead of training. Returns the run, succeeded, or None (train it)."""
+    with transaction.atomic():
+        run = (Run.objects.select_for_update()
+               .filter(id=run_id, status=Run.Status.QUEUED, may_reuse=True, attempt=0,
+                       waiting_for__isnull=True, cancel_requested=False)
+               .filter(Q(task_id=task_id) | Q(task_id="")).exclude(config_digest="").first())
+        if run is None:
+            return None
+        source = reusable_source(team=run.team, digest=run.config_digest)
+        return run_take_results(run=run, source=source) if source is not None else None
 
 
 def run_take_results(*, run: Run, source: Run) -> Run:
@@ -98,7 +114,8 @@ def run_retrain(*, run: Run, reason: str = "Train it instead of reusing another 
     task_id = str(uuid.uuid4())
     queued = _transition(
         run_id=run.pk, to=Run.Status.QUEUED, sources=[Run.Status.SUCCEEDED], reason=reason, worker_name="",
-        values={"result": {}, "reused_from": None, "step": 0, "samples_per_s": None, "task_id": task_id,
+        values={"result": {}, "reused_from": None, "may_reuse": False, "step": 0, "samples_per_s": None,
+                "task_id": task_id,
                 "attempt": 0, "started_at": None, "ready_at": timezone.now(), "cancel_requested": False},
     )
     if queued is None:

@@ -263,8 +263,8 @@ def experiment_create(
     is refused).
 
     A hard-label baseline whose content address (``Run.config_digest``) matches a run that succeeded in the
-    team takes that run's results instead of training (``baseline_reuse``), unless ``reuse_baselines`` is
-    False.
+    team, at launch or when a worker receives it, takes that run's results instead of training
+    (``baseline_reuse``), unless ``reuse_baselines`` is False.
 
     A training setting given as a list, and each entry of ``term_sweeps`` (``{"kd.temperature": [2, 4]}``), is
     swept: one run per point of the grid (see ``experiment_plan``), each run's frozen config holding its
@@ -380,6 +380,7 @@ def _record_runs(
             config=config,
             config_digest=config_digest.config_digest(config, memo=fingerprints),
             ready_at=launched_at + timedelta(microseconds=sent_as[index]),
+            may_reuse=reuse_baselines and p.is_baseline,
         )
         run.queue = router.queue_for(run.config)
         run.save()

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from experiments.domain import config_digest
 from experiments.models import Artifact, Evaluation, MetricPoint, Run
-from experiments.services import dispatch, launch, lifecycle, telemetry
+from experiments.services import baseline_reuse, dispatch, launch, lifecycle, telemetry
 from tests.factories import DatasetSpecFactory, ModelSpecFactory
 
 pytestmark = pytest.mark.django_db
@@ -191,3 +191,31 @@ def test_a_model_trained_here_is_addressed_by_the_digest_its_run_recorded(traine
     after = config_digest.config_digest(config, memo=memo)
     assert after != before and after == config_digest.config_digest(config, memo=memo)
     assert memo == {f"run:runs/{trained.id}/final": "b" * 64}
+
+
+def test_a_baseline_whose_twin_succeeded_after_its_launch_reuses_it_when_a_worker_receives_it(
+    digits_setup, team, user, django_capture_on_commit_callbacks
+):
+    from workers.tasks import run_distillation
+
+    with mock.patch(DISPATCH), django_capture_on_commit_callbacks(execute=True):
+        first = launch_kd(digits_setup, team, user)
+        second = launch_kd(digits_setup, team, user)  # launched while the first baseline is still queued
+        not_asked = launch_kd(digits_setup, team, user, reuse_baselines=False)
+    twin, late, kept = (e.runs.get(is_baseline=True) for e in (first, second, not_asked))
+    assert late.status == Run.Status.QUEUED and late.may_reuse and not kept.may_reuse
+    train_to_success(twin, accuracy=0.8)
+
+    with mock.patch("workers.engine.trainer.train") as train:
+        run_distillation.apply(args=(late.id,), task_id=late.task_id)
+    train.assert_not_called()
+    late.refresh_from_db()
+    assert late.status == Run.Status.SUCCEEDED and late.reused_from_id == twin.id
+    assert Evaluation.objects.get(run=late, role="student").accuracy == 0.8
+    assert baseline_reuse.run_reuse_on_delivery(run_id=kept.id, task_id=kept.task_id) is None
+
+    with mock.patch(DISPATCH), django_capture_on_commit_callbacks(execute=True):
+        retrained = lifecycle.run_requeue(run=late, reason="Train it.")
+    assert not retrained.may_reuse and retrained.status == Run.Status.QUEUED
+    assert baseline_reuse.run_reuse_on_delivery(run_id=late.id, task_id=retrained.task_id) is None
+    assert Run.objects.get(id=late.id).status == Run.Status.QUEUED  # it trains this time
