@@ -139,7 +139,7 @@ class RecipeForm(TeamScopedForm):
             bound = self[name]
             defaults = dict(d.split("=", 1) for d in bound.field.widget.attrs["data-defaults"].split())
             if scheme in defaults:
-                bound.field.widget.attrs["placeholder"] = f"default {defaults[scheme]}"
+                bound.field.widget.attrs["placeholder"] = defaults[scheme]
             given = bound.value() not in (None, "")
             shown = scheme in defaults or given or bool(bound.errors)
             rows.append({"field": bound, "shown": shown, "schemes": bound.field.widget.attrs["data-schemes"]})
@@ -381,6 +381,8 @@ def _initial_value(value: Any) -> Any:
 
 def recipe_form_initial(recipe: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The recipe form and its term rows pre-filled from a saved version (its next version starts there)."""
+    from workers.engine.terms import LOSS_TERMS
+
     form = {
         "team": recipe.team_id,
         "name": recipe.name,
@@ -395,7 +397,16 @@ def recipe_form_initial(recipe: Any) -> tuple[dict[str, Any], list[dict[str, Any
         if schedule:
             row.update(weight=schedule.get("start"), weight_schedule=schedule.get("kind"),
                        weight_end=schedule.get("end"))
-        row.update({k: _initial_value(v) for k, v in (term.get("params") or {}).items()})
+        # A saved version keeps every parameter; the ones at their default stay blank (the placeholder).
+        spec = LOSS_TERMS.get(term.get("name"))
+        defaults = {n: p.default for n, p in spec.params.items()} if spec is not None else {}
+        row.update(
+            {
+                k: _initial_value(v)
+                for k, v in (term.get("params") or {}).items()
+                if k not in defaults or v != defaults[k] or isinstance(v, bool)
+            }
+        )
         rows.append(row)
     return form, rows
 

@@ -46,6 +46,14 @@
     row.querySelectorAll("[data-param]").forEach(function (box) {
       var takes = term !== "" && box.dataset.terms.split(" ").indexOf(term) !== -1;
       setShown(box, takes);
+      if (fresh) {
+        // A newly chosen term starts from its own defaults, not from the previous term's values.
+        box.querySelectorAll("input[type=number], input[type=text], select").forEach(function (input) {
+          input.value = "";
+        });
+        box.classList.remove("has-error");
+        box.querySelectorAll(".errorlist").forEach(function (list) { list.remove(); });
+      }
       if (takes) {
         shown += 1;
         box.querySelectorAll("input, select").forEach(function (input) { showDefault(input, term, fresh); });
