@@ -14,6 +14,7 @@ from experiments.models import (
     Recipe,
     Run,
     Team,
+    TeamInvite,
     Worker,
 )
 from experiments.services import fleet, lifecycle
@@ -38,6 +39,24 @@ class MembershipAdmin(admin.ModelAdmin):
     list_display = ["user", "team", "role", "created_at"]
     list_filter = ["role", "team"]
     search_fields = ["user__username", "team__name"]
+
+
+@admin.register(TeamInvite)
+class TeamInviteAdmin(admin.ModelAdmin):
+    """To look at invites only: leads make and revoke them on the team's page (a link needs its token, which
+    only that page shows)."""
+
+    list_display = ["team", "role", "note", "created_by", "created_at", "expires_at", "accepted_by",
+                    "revoked_at"]
+    list_filter = ["role", "team"]
+    search_fields = ["team__name", "note"]
+    exclude = ["token_hash"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(ModelSpec)
