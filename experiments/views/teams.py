@@ -2,9 +2,11 @@
 changes there, the page an invite link opens, and the header's team switch.
 
 A team the user is not in gives 404 (staff see every team). Membership changes and invites are POSTs that only
-a lead of the team (or staff) may make: others get 403. The invite page is the one page here open without
-logging in: the link's token is the credential, and signing in to an existing account goes through the login
-page (and its throttling). The forms here only validate; ``experiments.services.teams`` decides.
+a lead of the team (or staff) may make: others get 403. The two invite pages are the only pages here open
+without logging in: the link's token is the credential (256 random bits: guessing one is hopeless, so the
+link needs no throttle), a new account's password goes through the password validators, and signing in to an
+existing account goes through the login page and its throttling. The forms here only validate;
+``experiments.services.teams`` decides.
 """
 
 from __future__ import annotations
