@@ -51,7 +51,7 @@ def _ref(record: dict[str, Any] | None) -> str:
     if not record:
         return ""
     version = record.get("version")
-    return f"{record['name']} v{version}" if version and version > 1 else record["name"]
+    return f"{record['name']} v{version}" if version else record["name"]
 
 
 def _counts_line(experiment: dict[str, Any]) -> str:
