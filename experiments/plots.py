@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -21,7 +22,21 @@ MAX_POINTS = 2000
 Series = Mapping[str, tuple[Sequence[int], Sequence[float]]]
 
 COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777", "#4b5563"]
+# One colour per method (recipe), the same on every page: a recipe's id picks its colour, so the recipes of a
+# team, created one after another, differ until the palette wraps. Grey is kept for the hard-label baseline.
+METHOD_COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777",
+                 "#65a30d", "#7c3aed", "#0d9488", "#be123c", "#1e40af", "#a16207", "#c026d3", "#15803d"]
+BASELINE_COLOR = "#6b7280"
+TEACHER_COLOR = "#111827"
 _AXIS = {"gridcolor": "#e5e7eb", "zerolinecolor": "#d1d5db", "linecolor": "#9ca3af", "automargin": True}
+
+
+def method_color(recipe_id: int | None, *, baseline: bool = False) -> str:
+    """The colour of a method (recipe) in every figure: grey for the hard-label baseline, else picked by the
+    recipe's id."""
+    if baseline or recipe_id is None:
+        return BASELINE_COLOR
+    return METHOD_COLORS[recipe_id % len(METHOD_COLORS)]
 
 
 def _finite(value: Any) -> float | None:
@@ -117,10 +132,102 @@ def _line(name: str, steps: Sequence[int], values: Sequence[float], *, max_point
 
 
 class Curve(NamedTuple):
+    """One run's curve. ``group``: what runs differing only by seed share (e.g. student and recipe), the
+    unit of the mean ± std band when many runs are overlaid; ``color``: its method's (see
+    :func:`method_color`)."""
+
     label: str
     steps: Sequence[int]
     values: Sequence[float]
     dashed: bool = False
+    group: str = ""
+    color: str = ""
+
+
+GROUP_FROM = 10
+"""From this many curves on, an overlay draws the runs of a group (two or more) as their mean ± std band."""
+
+
+def _rgba(color: str, alpha: float) -> str:
+    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r}, {g}, {b}, {alpha})"
+
+
+def _grouped(curves: Sequence[Curve]) -> list[tuple[str, list[Curve]]] | None:
+    """The curves by group (in order of first appearance) when the overlay is crowded enough to draw groups
+    as bands, else None."""
+    groups: dict[str, list[Curve]] = {}
+    for i, curve in enumerate(curves):
+        groups.setdefault(curve.group or f"\0{i}", []).append(curve)
+    if len(curves) < GROUP_FROM or all(len(members) < 2 for members in groups.values()):
+        return None
+    return list(groups.items())
+
+
+Band = tuple[list[int], list[float | None], list[float], list[float]]
+
+
+def _band(members: Sequence[Curve], max_points: int) -> Band:
+    """The group's mean at every step some member logged, with the mean ± sample std (0 where one member
+    has a value), reduced to at most ``max_points`` steps chosen on the mean."""
+    at: dict[int, list[float]] = {}
+    for curve in members:
+        for step, value in zip(curve.steps, curve.values, strict=True):
+            value = _finite(value)
+            if value is not None:
+                at.setdefault(int(step), []).append(value)
+    steps = sorted(at)
+    means = [statistics.fmean(at[s]) for s in steps]
+    stds = [statistics.stdev(at[s]) if len(at[s]) > 1 else 0.0 for s in steps]
+    kept, kept_means = downsample(steps, means, max_points)
+    index = {s: i for i, s in enumerate(steps)}
+    lower = [means[index[s]] - stds[index[s]] for s in kept]
+    upper = [means[index[s]] + stds[index[s]] for s in kept]
+    return kept, kept_means, lower, upper
+
+
+def _overlay_traces(curves: Iterable[Curve], *, max_points: int, typed: bool) -> list[dict[str, Any]]:
+    """Lines of an overlay: one per curve, or, when crowded (see :data:`GROUP_FROM`), one mean line and a
+    mean ± std band per group of runs (groups of one stay a plain line). ``typed`` sends the points as
+    plotly.js typed arrays."""
+    curves = [Curve(*c) for c in curves]
+
+    def xy(steps: Sequence[int], values: Sequence[float | None]) -> dict[str, Any]:
+        if not typed:
+            return {"x": list(steps), "y": list(values)}
+        return {"x": _typed(np.asarray(steps, dtype=np.int64)),
+                "y": _typed(np.array([np.nan if v is None else v for v in values], dtype=np.float64))}
+
+    def line(curve: Curve, label: str) -> dict[str, Any]:
+        steps, values = downsample(curve.steps, curve.values, max_points)
+        style = {"dash": "dash" if curve.dashed else "solid", "width": 1.5}
+        if curve.color:
+            style["color"] = curve.color
+        return _scatter(**xy(steps, values), name=label, mode="lines+markers" if len(steps) < 30 else "lines",
+                        line=style)
+
+    groups = _grouped(curves)
+    if groups is None:
+        return [line(c, c.label) for c in curves]
+    traces = []
+    for i, (group, members) in enumerate(groups):
+        if len(members) == 1:
+            traces.append(line(members[0], members[0].label))
+            continue
+        color = members[0].color or COLORS[i % len(COLORS)]
+        steps, means, lower, upper = _band(members, max_points)
+        name = f"{group} (mean ± std of {len(members)})"
+        edge = {"width": 0, "color": color}
+        traces += [
+            _scatter(**xy(steps, lower), mode="lines", line=edge, legendgroup=group, showlegend=False,
+                     hoverinfo="skip", name=f"{group} − std"),
+            _scatter(**xy(steps, upper), mode="lines", line=edge, legendgroup=group, showlegend=False,
+                     hoverinfo="skip", name=f"{group} + std", fill="tonexty", fillcolor=_rgba(color, 0.18)),
+            _scatter(**xy(steps, means), mode="lines+markers" if len(steps) < 30 else "lines", name=name,
+                     legendgroup=group,
+                     line={"color": color, "width": 2, "dash": "dash" if members[0].dashed else "solid"}),
+        ]
+    return traces
 
 
 def _loss_order(name: str) -> tuple[int, str]:
@@ -146,13 +253,33 @@ def _is_divergence(name: str) -> bool:
     return "loss" in short or short in ("nll", "perplexity") or short.startswith("kl") or "_kl" in short
 
 
+def _same_curve(a: tuple[Sequence[int], Sequence[float]], b: tuple[Sequence[int], Sequence[float]]) -> bool:
+    """Whether two logged curves are the same points (within float rounding)."""
+    (a_steps, a_values), (b_steps, b_values) = a, b
+    if list(a_steps) != list(b_steps):
+        return False
+    for x, y in zip(a_values, b_values, strict=True):
+        x, y = _finite(x), _finite(y)
+        if (x is None) != (y is None):
+            return False
+        if x is not None and not math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9):
+            return False
+    return True
+
+
 def loss_figure(series: Series, *, max_points: int = MAX_POINTS) -> dict[str, Any]:
     """Training curves: the total ``loss`` and each loss term (``ce``, ``kd``, …) on one axis; the learning
     rate (``lr``), when logged, on a second axis. Metrics named ``eval/…`` belong to :func:`eval_figure`;
-    throughputs such as ``samples_per_s`` are left out."""
+    throughputs such as ``samples_per_s`` are left out. With a single term equal to the total (a one-term
+    recipe at weight 1) only one curve is drawn, named ``loss = <term>``."""
     names = sorted((n for n in series if _is_training_loss(n)), key=_loss_order)
+    terms = [n for n in names if n != "loss"]
+    labels = {n: n for n in names}
+    if "loss" in series and len(terms) == 1 and _same_curve(series["loss"], series[terms[0]]):
+        names.remove(terms[0])
+        labels["loss"] = f"loss = {terms[0]}"
     traces = [
-        _line(n, *series[n], max_points=max_points, line={"width": 2.5 if n == "loss" else 1.5})
+        _line(labels[n], *series[n], max_points=max_points, line={"width": 2.5 if n == "loss" else 1.5})
         for n in names
     ]
     extra: dict[str, Any] = {}
@@ -190,76 +317,22 @@ def runs_figure(
     curves: Iterable[Curve], *, metric: str = "eval/accuracy", max_points: int = MAX_POINTS
 ) -> dict[str, Any]:
     """One metric across the runs of an experiment: one line per curve, dashed ones (e.g. baselines)
-    dashed."""
-    traces = [
-        _line(
-            c.label, c.steps, c.values, max_points=max_points, line={"dash": "dash" if c.dashed else "solid"}
-        )
-        for c in (Curve(*curve) for curve in curves)
-    ]
+    dashed; many runs are drawn as one mean ± std band per group (see :func:`_overlay_traces`)."""
+    traces = _overlay_traces(curves, max_points=max_points, typed=False)
     short = metric.removeprefix("eval/")
     layout = _layout(title=f"Eval {short.replace('_', ' ')} by run", y_title=short, hovermode="closest")
     return _figure(traces, layout)
 
 
-def leaderboard_figure(points: Iterable[Mapping[str, Any]], *, metric_label: str = "Accuracy",
-                       percent: bool = True) -> dict[str, Any]:
-    """The leaderboard's metric against parameter count, one marker per row, grouped by recipe.
-
-    Each point: ``label``, ``recipe``, ``params`` (may be None: such rows are left out), ``mean`` and ``std``
-    (a fraction when ``percent``).
-    """
-    scale = 100 if percent else 1
-    unit = " (%)" if percent else ""
-    by_recipe: dict[str, list[Mapping[str, Any]]] = {}
-    for point in points:
-        if point.get("params"):
-            by_recipe.setdefault(point["recipe"], []).append(point)
-    traces = [
-        _scatter(
-            x=[p["params"] for p in group],
-            y=[scale * p["mean"] for p in group],
-            error_y={
-                "type": "data",
-                "array": [scale * p["std"] for p in group],
-                "visible": True,
-                "thickness": 1,
-            },
-            text=[p["label"] for p in group],
-            name=recipe,
-            mode="markers",
-            marker={"size": 10, "symbol": "circle"},
-            hovertemplate="%{text}<br>%{y:.3g}" + ("%" if percent else "") + " at %{x:,} params"
-            "<extra>%{fullData.name}</extra>",
-        )
-        for recipe, group in sorted(by_recipe.items())
-    ]
-    layout = _layout(
-        title=f"{metric_label} vs size",
-        x_title="parameters",
-        y_title=f"{metric_label.lower()}{unit}",
-        hovermode="closest",
-    )
-    layout["xaxis"]["type"] = "log"
-    return _figure(traces, layout)
-
-
 def compare_figure(curves: Iterable[Curve], *, metric: str, max_points: int = MAX_POINTS) -> dict[str, Any]:
     """One metric (a loss term, the learning rate or an eval metric) of several runs, overlaid; dashed curves
-    (baselines) dashed. Curves longer than ``max_points`` are downsampled here too, so the cap always holds.
+    (baselines) dashed; many runs drawn as one mean ± std band per group (see :func:`_overlay_traces`).
+    Curves longer than ``max_points`` are downsampled here too, so the cap always holds.
 
     The points go out as typed arrays (``{"dtype", "bdata"}``, base64) that plotly.js decodes: up to 50 runs ×
     2,000 points stay cheap to build and to send. Gaps (non-finite values) are NaN there.
     """
-    traces = []
-    for curve in (Curve(*c) for c in curves):
-        steps, values = downsample(curve.steps, curve.values, max_points)
-        traces.append(_scatter(
-            x=_typed(np.asarray(steps, dtype=np.int64)),
-            y=_typed(np.array([np.nan if v is None else v for v in values], dtype=np.float64)),
-            name=curve.label, mode="lines+markers" if len(steps) < 30 else "lines",
-            line={"dash": "dash" if curve.dashed else "solid", "width": 1.5},
-        ))
+    traces = _overlay_traces(curves, max_points=max_points, typed=True)
     layout = _layout(title=metric, y_title=metric.removeprefix("eval/"), hovermode="closest")
     return _figure(traces, layout)
 
@@ -274,6 +347,9 @@ class ParetoPoint(NamedTuple):
     group: str = ""
     teacher: bool = False
     optimal: bool = False
+    color: str = ""
+    spread: float | None = None
+    """The quality's standard deviation over seeds, drawn as an error bar (None: no bar)."""
 
 
 def pareto_figure(
@@ -311,8 +387,13 @@ def pareto_figure(
             )
         )
     for group, members in sorted(groups.items()):
+        bars: dict[str, Any] = {}
+        if any(p.spread for p in members):
+            bars["error_y"] = {"type": "data", "array": [scale * (p.spread or 0.0) for p in members],
+                               "visible": True, "thickness": 1}
         traces.append(
             _scatter(
+                **bars,
                 x=[p.cost for p in members],
                 y=[scale * p.quality for p in members],
                 text=[p.label for p in members],
@@ -322,7 +403,8 @@ def pareto_figure(
                 marker={
                     "size": 11,
                     "opacity": [1.0 if p.optimal else 0.3 for p in members],
-                    "line": {"width": [1.5 if p.optimal else 0 for p in members], "color": "#111827"},
+                    "line": {"width": [1.5 if p.optimal else 0 for p in members], "color": TEACHER_COLOR},
+                    **({"color": members[0].color} if members[0].color else {}),
                 },
             )
         )
@@ -339,7 +421,7 @@ def pareto_figure(
                 marker={
                     "symbol": "star",
                     "size": 17,
-                    "color": "#111827",
+                    "color": TEACHER_COLOR,
                     "line": {"width": 1, "color": "#facc15"},
                 },
             )

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from django.db.models import (
     Q,
 )
 
+from experiments.domain import sweep_plan
 from experiments.domain.compare import (
+    MISSING,
     ConfigKey,
     Latency,
     Speedup,
     SweepGrid,
     config_diff,
+    flatten_config,
     latency_of,
     speedup,
     sweep_grid,
@@ -159,3 +163,75 @@ def run_comparison(*, runs: Sequence[Run]) -> Comparison:
     return Comparison(rows=rows, metric=metric, columns=columns, teachers=shown_teachers,
                       config=config_diff([r.config for r in runs]),
                       grid=sweep_grid([r.config for r in runs], [row.quality for row in rows]))
+
+
+@dataclass(frozen=True)
+class HeatmapAxes:
+    """A sweep grid as the heatmap shows it: axes named for people (``student``, ``recipe``, ``lr``, ``τ``),
+    levels by the students' and recipes' names rather than their JSON configs."""
+
+    x_label: str
+    y_label: str
+    x_levels: list[str]
+    y_levels: list[str]
+    z: list[list[float | None]]
+
+
+def _run_method(run: Run) -> str:
+    return "baseline" if run.is_baseline else str(run.recipe)
+
+
+# What a level of a grid axis can stand for, tried in order: the runs' students, then their recipes.
+_NAMED_AXES: tuple[tuple[str, Callable[[Run], str]], ...] = (("student", lambda r: str(r.student)),
+                                                             ("recipe", _run_method))
+
+
+def _key_label(key: str) -> str:
+    """A flattened config key as a short name: ``train.lr`` → ``lr``, ``terms.kd.params.temperature`` → ``τ``,
+    ``terms.kd.weight`` → ``w_kd``."""
+    parts = key.split(".")
+    if parts[0] == "train" and len(parts) == 2:
+        return parts[1]
+    if parts[0] == "terms" and len(parts) == 4 and parts[2] == "params":
+        return sweep_plan.axis_label(f"{parts[1]}.{parts[3]}", [])
+    if parts[0] == "terms" and len(parts) == 3 and parts[2] == "weight":
+        return sweep_plan.axis_label(f"{parts[1]}.weight", [])
+    if parts[0] == "dataset" and len(parts) == 2:
+        return parts[1].replace("_", " ")
+    return key
+
+
+def _level_text(level: str) -> str:
+    """A JSON leaf as plain text (strings without their quotes)."""
+    try:
+        value = json.loads(level)
+    except ValueError:
+        return level
+    return value if isinstance(value, str) else level
+
+
+def _axis(key: str, levels: list[str], runs: Sequence[Run]) -> tuple[str, list[str]]:
+    """The name and level labels of one grid axis. When each level holds exactly one student (or recipe)
+    and different levels different ones, the axis is that: named ``student`` (``recipe``), its levels by
+    name."""
+    at = [flatten_config(r.config).get(key, MISSING) for r in runs]
+    for label, name_of in _NAMED_AXES:
+        names: dict[str, set[str]] = {level: set() for level in levels}
+        for level, run in zip(at, runs, strict=True):
+            names[level].add(name_of(run))
+        if all(len(found) == 1 for found in names.values()):
+            shown = [next(iter(names[level])) for level in levels]
+            if len(set(shown)) == len(shown):
+                return label, shown
+    return _key_label(key), [_level_text(level) for level in levels]
+
+
+def heatmap_axes(comparison: Comparison) -> HeatmapAxes | None:
+    """The comparison's sweep grid with readable axes, or None when the runs do not form a grid."""
+    grid = comparison.grid
+    if grid is None:
+        return None
+    runs = [row.run for row in comparison.rows]
+    x_label, x_levels = _axis(grid.x_key, grid.x_levels, runs)
+    y_label, y_levels = _axis(grid.y_key, grid.y_levels, runs)
+    return HeatmapAxes(x_label, y_label, x_levels, y_levels, grid.z)

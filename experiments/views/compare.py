@@ -24,6 +24,7 @@ from django.views.decorators.http import require_GET
 
 from experiments import export, plots
 from experiments.domain import leaderboard as board
+from experiments.domain.seed_groups import seed_groups
 from experiments.forms_compare import MAX_COMPARE_RUNS, CompareForm, LeaderboardQueryForm
 from experiments.models import Run
 from experiments.selectors import compare as compare_reads
@@ -60,6 +61,7 @@ def compare(request: HttpRequest) -> HttpResponse:
         "cost": cost,
         "runs_param": ",".join(str(i) for i in run_ids),
         "optimal": optimal,
+        "group_from": plots.GROUP_FROM,
         "figures": {
             "curves": _curves_figure(runs, curves, curve),
             "pareto": pareto_figure,
@@ -78,12 +80,21 @@ def _default_curve(names: list[str], metric: leaderboard_reads.PrimaryMetric) ->
 
 
 def _run_label(run: Run) -> str:
-    return f"#{run.pk} {run.student} · {'baseline' if run.is_baseline else run.recipe} · s{run.seed}"
+    return f"#{run.pk} {run.student} · {_method(run)} · s{run.seed}"
+
+
+def _method(run: Run) -> str:
+    return "baseline" if run.is_baseline else str(run.recipe)
 
 
 def _curves_figure(runs: list[Run], curves: curves_reads.Curves, name: str) -> dict[str, Any]:
+    groups = seed_groups((r.pk, f"{r.student} · {_method(r)}", r.config) for r in runs)
     return plots.compare_figure(
-        (plots.Curve(_run_label(r), *curves[r.pk], dashed=r.is_baseline) for r in runs if r.pk in curves),
+        (
+            plots.Curve(_run_label(r), *curves[r.pk], dashed=r.is_baseline, group=groups[r.pk],
+                        color=plots.method_color(r.recipe_id, baseline=r.is_baseline))
+            for r in runs if r.pk in curves
+        ),
         metric=name,
     )
 
@@ -107,6 +118,7 @@ def _pareto(comparison: compare_reads.Comparison, cost: str) -> tuple[dict[str, 
             row.quality,
             group="hard-label baseline" if row.run.is_baseline else str(row.run.recipe),
             optimal=flag,
+            color=plots.method_color(row.run.recipe_id, baseline=row.run.is_baseline),
         )
         for row, c, flag in zip(comparison.rows, costs, flags, strict=True)
     ]
@@ -123,12 +135,12 @@ def _pareto(comparison: compare_reads.Comparison, cost: str) -> tuple[dict[str, 
 
 
 def _heatmap_figure(comparison: compare_reads.Comparison) -> dict[str, Any] | None:
-    grid = comparison.grid
-    if grid is None:
+    axes = compare_reads.heatmap_axes(comparison)
+    if axes is None:
         return None
     metric = comparison.metric
-    return plots.heatmap_figure(x_label=grid.x_key, y_label=grid.y_key, x_levels=grid.x_levels,
-                                y_levels=grid.y_levels, z=grid.z, metric_label=metric.label,
+    return plots.heatmap_figure(x_label=axes.x_label, y_label=axes.y_label, x_levels=axes.x_levels,
+                                y_levels=axes.y_levels, z=axes.z, metric_label=metric.label,
                                 higher_is_better=metric.higher_is_better, percent=metric.percent)
 
 
@@ -181,16 +193,6 @@ def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
     page = Paginator(rows, LEADERBOARD_PAGE_ROWS).get_page(request.GET.get("page"))
     shown = {tuple(r.run_ids) for r in page.object_list}
     plotted = [*page.object_list, *(r for r in benchmark.frontier() if tuple(r.run_ids) not in shown)]
-    points = [
-        {
-            "label": f"{r.student} · {r.recipe}" + (f" · {r.sweep}" if r.sweep else ""),
-            "recipe": "hard-label baseline" if r.is_baseline else str(r.recipe),
-            "params": r.params,
-            "mean": r.mean,
-            "std": r.std,
-        }
-        for r in plotted
-    ]
     context = {
         "dataset": dataset,
         "rows": rows,
@@ -203,9 +205,35 @@ def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
         "csv_query": csv_query.urlencode(),
         "max_runs": MAX_COMPARE_RUNS,
         "filtered": any(k in chosen for k in ("max_params", "max_latency_ms", "recipe", "family")),
-        "figure": plots.leaderboard_figure(points, metric_label=metric.label, percent=metric.percent),
+        "figure": _leaderboard_figure(plotted, metric),
     }
     return TemplateResponse(request, "experiments/leaderboard.html", context)
+
+
+def _leaderboard_figure(rows: list[leaderboard_reads.LeaderboardRow],
+                        metric: leaderboard_reads.PrimaryMetric) -> dict[str, Any]:
+    """The plotted rows against their size, coloured by method (the same colours as every other figure),
+    dominated rows faded, the Pareto frontier of the rows flagged ``pareto`` as a step line and each teacher
+    as a star."""
+    points = [
+        plots.ParetoPoint(
+            f"{r.student} · {r.recipe}" + (f" · {r.sweep}" if r.sweep else ""),
+            r.params,
+            r.mean,
+            group="hard-label baseline" if r.is_baseline else str(r.recipe),
+            optimal=r.pareto,
+            color=plots.method_color(r.recipe.pk, baseline=r.is_baseline),
+            spread=r.std if r.seeds > 1 else None,
+        )
+        for r in rows
+    ]
+    teachers = {r.teacher.pk: r for r in rows if r.teacher is not None and r.teacher_accuracy is not None}
+    points += [
+        plots.ParetoPoint(f"teacher {r.teacher}", r.teacher_params, r.teacher_accuracy, teacher=True)
+        for r in teachers.values()
+    ]
+    return plots.pareto_figure(points, cost_label="parameters", metric_label=metric.label,
+                               higher_is_better=metric.higher_is_better, percent=metric.percent)
 
 
 def _leaderboard_csv(request: HttpRequest, benchmark: leaderboard_reads.Benchmark,

@@ -22,10 +22,12 @@ from django.views.decorators.http import require_GET, require_POST
 from experiments import forms, plots
 from experiments.domain import input_rules, queue_order, routing, specs, uploads
 from experiments.domain.engine_config import TRAIN_DEFAULTS, run_resources
+from experiments.domain.seed_groups import seed_groups
 from experiments.listing import list_page
 from experiments.models import DatasetSpec, Experiment, Run
 from experiments.selectors import curves, fleet, footprint, leaderboard, teams
 from experiments.selectors import records as records_reads
+from experiments.selectors import results as results_reads
 from experiments.services import lifecycle
 from experiments.services import records as records_writes
 from experiments.views.uploads import CappedUploadHandler, announced_too_large
@@ -224,6 +226,7 @@ def experiment_detail(request: HttpRequest, experiment_id: int) -> HttpResponse:
         "train": {**TRAIN_DEFAULTS, **experiment.train},
         "curves": _experiment_figure(experiment, runs),
         "queue_notices": routing.experiment_queue_notices(runs=runs),
+        "results": results_reads.experiment_results(experiment=experiment),
     }
     return TemplateResponse(request, "experiments/experiment_detail.html", context)
 
@@ -270,10 +273,16 @@ def _experiment_live(experiment: Experiment, runs: list[Run]) -> dict[str, Any]:
 def _experiment_figure(experiment: Experiment, runs: list[Run]) -> dict[str, Any]:
     series = curves.experiment_metric_series(experiment=experiment, name="eval/accuracy")
     by_id = {r.pk: r for r in runs}
+    groups = seed_groups((r.pk, f"{r.student} · {_method(r)}", r.config) for r in runs)
     return plots.runs_figure(
-        plots.Curve(f"#{r.pk} {r.student} · {r.recipe} · s{r.seed}", steps, values, dashed=r.is_baseline)
+        plots.Curve(f"#{r.pk} {r.student} · {_method(r)} · s{r.seed}", steps, values, dashed=r.is_baseline,
+                    group=groups[r.pk], color=plots.method_color(r.recipe_id, baseline=r.is_baseline))
         for r, (steps, values) in ((by_id[i], s) for i, s in sorted(series.items()) if i in by_id)
     )
+
+
+def _method(run: Run) -> str:
+    return "baseline" if run.is_baseline else str(run.recipe)
 
 
 @require_POST

@@ -124,23 +124,6 @@ def test_runs_figure_has_one_line_per_run():
     assert [t["name"] for t in fig["data"]] == ["#1 mlp · kd", "#2 mlp · ce"]
 
 
-def test_leaderboard_figure_groups_by_recipe_and_skips_rows_without_size():
-    points = [
-        {"label": "a", "recipe": "kd", "params": 1000, "mean": 0.9, "std": 0.01},
-        {"label": "b", "recipe": "kd", "params": 5000, "mean": 0.95, "std": 0.0},
-        {"label": "c", "recipe": "baseline", "params": 1000, "mean": 0.8, "std": 0.02},
-        {"label": "d", "recipe": "jsd", "params": None, "mean": 0.99, "std": 0.0},
-    ]
-
-    fig = plots.leaderboard_figure(points)
-
-    kd = _trace(fig, "kd")
-    assert kd["x"] == [1000, 5000]
-    assert kd["y"] == pytest.approx([90.0, 95.0])
-    assert {t["name"] for t in fig["data"]} == {"kd", "baseline"}
-    assert fig["layout"]["xaxis"]["type"] == "log"
-
-
 def test_loss_figure_leaves_out_throughput():
     fig = plots.loss_figure({"loss": ([1], [1.0]), "samples_per_s": ([1], [50_000.0])})
 
@@ -180,8 +163,13 @@ def _every_figure():
         "loss": plots.loss_figure(series),
         "eval": plots.eval_figure(series),
         "runs": plots.runs_figure(curves),
-        "leaderboard": plots.leaderboard_figure(
-            [{"label": "a", "recipe": "kd", "params": 10, "mean": 0.5, "std": 0.1}]
+        "pareto-with-spread": plots.pareto_figure(
+            [plots.ParetoPoint("a", 10, 0.5, "kd", optimal=True, color=plots.method_color(3), spread=0.1)],
+            cost_label="parameters", metric_label="Accuracy", higher_is_better=True, percent=True,
+        ),
+        "grouped": plots.compare_figure(
+            [plots.Curve(f"#{i}", [1, 2], [0.1 * i, 0.2], group="g", color="#2563eb") for i in range(6)],
+            metric="loss",
         ),
         "compare": plots.compare_figure(curves, metric="loss"),
         "pareto": plots.pareto_figure(

@@ -8,6 +8,8 @@
  * - filters the experiment form's choices by team and previews how many runs it will create
  * - asks for confirmation before forms marked data-confirm are submitted
  * - selects the whole value of a field marked data-select-on-focus when it gets the focus
+ * - a checkbox marked data-log-y="PLOT-ID" switches that plot's y axis between linear and log; the choice
+ *   survives the live refresh's redraws
  *
  * The site's Content-Security-Policy allows scripts from this site only: no inline <script> or on*= attribute.
  */
@@ -39,7 +41,11 @@
       return;
     }
     if (!el.dataset.drawn) el.replaceChildren();
-    window.Plotly.react(el, fig.data, fig.layout || {}, PLOT_CONFIG);
+    var layout = fig.layout || {};
+    if (el.dataset.logY === "1") {
+      layout.yaxis = Object.assign({}, layout.yaxis, { type: "log" });
+    }
+    window.Plotly.react(el, fig.data, layout, PLOT_CONFIG);
     el.dataset.drawn = "1";
   }
 
@@ -187,7 +193,24 @@
     });
   }
 
+  function logToggles() {
+    document.querySelectorAll("input[data-log-y]").forEach(function (box) {
+      var plot = document.getElementById(box.dataset.logY);
+      if (!plot) return;
+      var tools = box.closest("[data-plot-tools]");
+      if (tools) tools.hidden = false; // useful only with this script
+      box.addEventListener("change", function () {
+        plot.dataset.logY = box.checked ? "1" : "";
+        if (plot.dataset.drawn && window.Plotly) {
+          window.Plotly.relayout(plot, { "yaxis.type": box.checked ? "log" : "linear" });
+        }
+      });
+      if (box.checked) plot.dataset.logY = "1"; // restored by "back"
+    });
+  }
+
   function start() {
+    logToggles();
     drawAll();
     selectOnFocus();
     document.querySelectorAll("[data-live-url]").forEach(function (el) {
