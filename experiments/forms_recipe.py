@@ -379,6 +379,16 @@ def _initial_value(value: Any) -> Any:
     return value
 
 
+def parameter_schedules(recipe: Any) -> list[str]:
+    """The scheduled parameters of ``recipe`` (``kd.temperature``): the form edits weight schedules only."""
+    return [
+        f"{term.get('name')}.{target}"
+        for term in recipe.terms
+        for target in (term.get("schedule") or {})
+        if target != "weight"
+    ]
+
+
 def recipe_form_initial(recipe: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The recipe form and its term rows pre-filled from a saved version (its next version starts there)."""
     from workers.engine.terms import LOSS_TERMS

@@ -94,7 +94,13 @@ def recipe_create(request: HttpRequest) -> HttpResponse:
         else:
             messages.success(request, f"Recipe {recipe} saved: {recipe.formula}")
             return redirect("experiments:recipe_detail", recipe_id=recipe.pk)
-    context = {"form": form, "terms": terms, "catalog": catalog, "start": start}
+    context = {
+        "form": form,
+        "terms": terms,
+        "catalog": catalog,
+        "start": start,
+        "unedited_schedules": forms_recipe.parameter_schedules(start) if start else [],
+    }
     return TemplateResponse(request, "experiments/recipe_form.html", context, status=400 if bound else 200)
 
 

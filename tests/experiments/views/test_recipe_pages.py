@@ -475,3 +475,24 @@ def test_opening_the_import_address_goes_to_the_lists_import_form(client_logged_
 
     assert response.status_code == 302
     assert response["Location"] == reverse("experiments:recipe_list") + "#import"
+
+
+def test_starting_from_a_version_with_a_parameter_schedule_says_the_form_keeps_it_constant(
+    client_logged_in, team, user
+):
+    schedule = {"temperature": {"kind": "linear", "start": 4.0, "end": 1.0}}
+    recipe = _save(
+        team,
+        user,
+        name="annealed",
+        scheme="offline",
+        terms=[{"name": "kd", "weight": 1.0, "schedule": schedule}],
+    )
+    plain = _save(team, user, name="plain", scheme="offline", terms=[{"name": "kd"}])
+
+    annealed = client_logged_in.get(reverse("experiments:recipe_create") + f"?from={recipe.pk}")
+    constant = client_logged_in.get(reverse("experiments:recipe_create") + f"?from={plain.pk}")
+
+    assert annealed.context["unedited_schedules"] == ["kd.temperature"]
+    assert "schedules kd.temperature" in annealed.content.decode()
+    assert constant.context["unedited_schedules"] == []
