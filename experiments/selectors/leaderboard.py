@@ -678,15 +678,16 @@ class RankedRows(Sequence[LeaderboardRow]):
         return rows
 
     def _ranks(self, entries: list[LeaderboardEntry]) -> dict[int, int]:
-        """The places of a few rows among the rows that fit (one COUNT each; the frontier holds few rows)."""
-        ranks = {}
+        """The places of a few rows among the rows that fit: one query counting the rows ranked above each."""
+        above = {}
         for entry in entries:
-            mean = entry.means[self._metric.name]
+            mean, params = entry.means[self._metric.name], entry.params or 0
             better = Q(ranked_mean__gt=mean) if self._metric.higher_is_better else Q(ranked_mean__lt=mean)
-            same = Q(ranked_mean=mean) & (Q(ranked_params__lt=entry.params or 0) | Q(
-                ranked_params=entry.params or 0, first_run_id__lt=entry.first_run_id))
-            ranks[entry.pk] = self._entries.filter(better | same).order_by().count() + 1
-        return ranks
+            tied = Q(ranked_mean=mean) & (Q(ranked_params__lt=params)
+                                          | Q(ranked_params=params, first_run_id__lt=entry.first_run_id))
+            above[f"above_{entry.pk}"] = Count("pk", filter=better | tied)
+        counts = self._entries.order_by().aggregate(**above) if above else {}
+        return {entry.pk: counts[f"above_{entry.pk}"] + 1 for entry in entries}
 
     def __iter__(self):
         start = 0
