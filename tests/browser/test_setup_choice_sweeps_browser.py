@@ -44,10 +44,10 @@ def test_the_run_count_includes_ticked_boxes_and_off_and_on(page, live_server, r
     page.select_option("select[name=dataset]", label="digits")
     page.select_option("select[name=teacher]", label="teacher-mlp")
     page.select_option("select[name=students]", label="student-mlp")
-    page.select_option("select[name=recipes]", label="kd-t4")
+    page.select_option("select[name=recipes]", label="kd-t4 v1")
     page.fill("input[name=max_steps]", "20")
     count = page.locator("[data-sweep-count]")
-    expect(count).to_contain_text("Creates 2 runs: 1 student × 1 seed × (kd-t4 + baseline).")
+    expect(count).to_contain_text("Creates 2 runs: 1 student × 1 seed × (kd-t4 v1 + baseline).")
 
     # auto is ticked by default; ticking ddp too sweeps two strategies.
     page.check("input[name=strategy][value=ddp]")
@@ -59,7 +59,7 @@ def test_the_run_count_includes_ticked_boxes_and_off_and_on(page, live_server, r
     page.select_option("select[name=activation_checkpointing]", "both")
     expect(count).to_contain_text(
         "Creates 24 runs: 1 student × 1 seed × 12 training settings "
-        "(strategy ×2, precision ×3, activation_checkpointing ×2) × (kd-t4 + baseline).")
+        "(strategy ×2, precision ×3, activation_checkpointing ×2) × (kd-t4 v1 + baseline).")
     # No box ticked is the default (one value), as on the server; so is one.
     page.uncheck("input[name=strategy][value=auto]")
     page.uncheck("input[name=strategy][value=ddp]")

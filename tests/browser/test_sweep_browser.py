@@ -58,7 +58,7 @@ def test_set_up_a_sweep_check_it_and_launch_it(page, live_server, records, no_br
     page.select_option("select[name=dataset]", label="digits")
     page.select_option("select[name=teacher]", label="teacher-mlp")
     page.select_option("select[name=students]", label="student-mlp")
-    page.select_option("select[name=recipes]", label="kd-t4")
+    page.select_option("select[name=recipes]", label="kd-t4 v1")
     page.fill("input[name=max_steps]", "50")
     count = page.locator("[data-sweep-count]")
     expect(count).to_contain_text("Creates 2 runs")
@@ -68,7 +68,7 @@ def test_set_up_a_sweep_check_it_and_launch_it(page, live_server, records, no_br
     expect(count).to_contain_text("Creates 6 runs")
     page.fill("textarea[name=term_sweeps]", "kd.temperature = 2, 8")
     expect(count).to_contain_text("Creates 9 runs: 1 student × 1 seed × 3 training settings (lr ×3) × "
-                                  "(kd-t4 × 2 term values + baseline).")
+                                  "(kd-t4 v1 × 2 term values + baseline).")
     # A huge range is counted, not expanded, and flagged at once; a typo is named.
     page.fill("input[name=weight_decay]", "0:1:step1e-9")
     expect(count).to_contain_text("over the limit of 200 runs")
