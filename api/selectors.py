@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
 
-from experiments.models import Evaluation, Membership, MetricPoint, Run, Team
+from experiments.models import Evaluation, Experiment, Membership, MetricPoint, ModelSpec, Recipe, Run, Team
 from experiments.selectors import leaderboard, records, teams
 
 from .models import ApiToken
@@ -27,6 +27,36 @@ def run_list(*, user) -> QuerySet[Run]:
         records.run_list(user=user)
         .select_related("experiment__dataset")
         .prefetch_related(Prefetch("evaluations", queryset=student, to_attr="student_evaluations"))
+    )
+
+
+def run_list_rows(*, user) -> QuerySet[Run]:
+    """:func:`run_list` for a page of rows: the paged query reads the runs alone (with the team scope) and
+    each kind of related record comes by id in one query of its own, with only what a row shows. One query
+    joining the seven tables cost Postgres' planner ~60 ms (its join-order search) for 1 ms of execution."""
+    names = ("id", "name")
+    model_refs = ModelSpec.objects.only(*names)
+    return (
+        records.run_list(user=user)
+        .select_related(None)
+        .defer("config", "result")
+        .prefetch_related(
+            Prefetch("team", queryset=Team.objects.only(*names)),
+            Prefetch("student", queryset=model_refs),
+            Prefetch("teacher", queryset=model_refs),
+            Prefetch("recipe", queryset=Recipe.objects.only(*names, "version")),
+            Prefetch(
+                "experiment",
+                queryset=Experiment.objects.select_related("dataset").only(
+                    *names, "dataset__id", "dataset__task"
+                ),
+            ),
+            Prefetch(
+                "evaluations",
+                queryset=Evaluation.objects.filter(role=Evaluation.Role.STUDENT),
+                to_attr="student_evaluations",
+            ),
+        )
     )
 
 

@@ -248,7 +248,8 @@ class MetricValueSerializer(serializers.Serializer):
 
 
 class RunSerializer(serializers.ModelSerializer):
-    """A run as listed. Needs ``api.selectors.run_list``'s related records and student evaluations."""
+    """A run as listed. Needs ``api.selectors.run_list_rows``' (or ``run_list``'s) related records and
+    student evaluations."""
 
     team = RefSerializer(read_only=True)
     experiment = RefSerializer(read_only=True)

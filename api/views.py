@@ -28,7 +28,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from experiments import export, plots
+from experiments import export
 from experiments.models import Experiment
 from experiments.selectors import curves as curves_reads
 from experiments.selectors import leaderboard as leaderboard_reads
@@ -363,10 +363,12 @@ class RunViewSet(ApiViewSet):
     serializer_class = s.RunDetailSerializer
 
     def get_queryset(self) -> QuerySet:
-        runs = api_selectors.run_list(user=self.request.user)
-        if self.action not in ("list", "history", "metrics_csv", "metrics_parquet"):
-            runs = runs.prefetch_related("artifacts", "transitions")
-        return runs
+        if self.action == "list":
+            return api_selectors.run_list_rows(user=self.request.user)
+        if self.action in ("metrics", "history", "metrics_csv", "metrics_parquet"):
+            # The points are read by the run's id: the run itself only needs to be one of the user's.
+            return records_reads.run_list(user=self.request.user).select_related(None).only("id", "team_id")
+        return api_selectors.run_list(user=self.request.user).prefetch_related("artifacts", "transitions")
 
     @extend_schema(
         summary="Runs of your teams, newest first",
@@ -431,27 +433,12 @@ class RunViewSet(ApiViewSet):
         run = self.get_object()
         params = self.query(s.MetricsQuerySerializer, lists=("name",))
         max_points = params["max_points"]
-        curves = api_selectors.run_metric_points(run=run, names=params.get("name", ()))
-        series = []
-        for name, (steps, values) in sorted(curves.items()):
-            xs, ys = plots.downsample(steps, values, max_points)  # min/max buckets: spikes survive
-            series.append(
-                {
-                    "name": name,
-                    "points": len(steps),
-                    "downsampled": len(xs) < len(steps),
-                    "steps": xs,
-                    "values": ys,
-                }
-            )
-        return Response(
-            {
-                "run": run.pk,
-                "max_points": max_points,
-                "names": api_selectors.run_metric_names(run=run),
-                "series": series,
-            }
+        names = curves_reads.metric_names(run_ids=[run.pk])
+        wanted = set(params.get("name") or names)
+        series = curves_reads.run_metric_curves(
+            run_id=run.pk, names=[n for n in names if n in wanted], max_points=max_points
         )
+        return Response({"run": run.pk, "max_points": max_points, "names": names, "series": series})
 
     @extend_schema(
         summary="The run's metric points at full resolution, a page at a time (a cursor by step)",
@@ -470,7 +457,7 @@ class RunViewSet(ApiViewSet):
         name, limit = params["name"], params["limit"]
         # One point more than the page: a cursor only when another page has points.
         rows = curves_reads.run_metric_history(
-            run_id=run.pk, name=name, after=params["after"], limit=limit + 1
+            run_id=run.pk, name=name, after=params["after"], limit=limit + 1, iso_times=True
         )
         page = rows[:limit]
         cursor = s.history_cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
