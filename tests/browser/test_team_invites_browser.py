@@ -57,6 +57,7 @@ def test_staff_create_a_team_the_lead_invites_and_a_newcomer_joins(browser, page
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Teams", exact=True).click()
     page.fill("input[name=name]", "Speech")
     page.fill("input[name=lead_username]", "lena")
+    screenshot("team-list-create-form")
     page.get_by_role("button", name="Create team").click()
     expect(page.locator("h1")).to_have_text("Speech")
     expect(page.locator(".messages")).to_contain_text("Team Speech created")
