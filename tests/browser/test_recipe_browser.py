@@ -139,3 +139,19 @@ def test_without_script_the_form_still_saves_from_its_spare_rows(
         assert [t["name"] for t in Recipe.objects.get(name="plain-kd").terms] == ["ce", "kd", "tvd"]
     finally:
         context.close()
+
+
+def test_the_recipe_page_and_form_fit_a_phone(page, live_server, researcher, errors, screenshot):
+    recipe = Recipe.objects.get(name="jsd-hidden")
+    records.recipe_create(team=recipe.team, created_by=researcher, name="jsd-hidden", scheme="online",
+                          terms=[{"name": "ce", "weight": 0.2},
+                                 {"name": "topk", "weight": 0.8, "params": {"k": 16, "tail": False}}])
+    page.set_viewport_size({"width": 390, "height": 844})
+    _log_in(page, live_server)
+    for name, path in (("recipe-page", f"/recipes/{recipe.pk}/"), ("recipe-form", "/recipes/new/")):
+        page.goto(live_server.url + path)
+        expect(page.locator("h1")).to_be_visible()
+        width = page.evaluate("document.documentElement.scrollWidth")
+        screenshot(f"{name}-390")
+        assert width <= 390, f"{name} scrolls sideways ({width} px)"
+    assert errors == []
