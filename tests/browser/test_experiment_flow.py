@@ -5,7 +5,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from experiments.models import Experiment, Run
+from experiments.models import Experiment, ModelSpec, Run
 from experiments.services import records
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 from tests.waiting import scaled_ms, wait_for_runs
@@ -74,7 +74,7 @@ def test_create_records_launch_an_experiment_and_watch_it_finish(
     page.goto(live_server.url + "/experiments/new/")
     page.fill("input[name=name]", "train teacher")
     page.select_option("select[name=dataset]", label="digits")
-    page.select_option("select[name=students]", label="teacher-mlp")
+    page.select_option("select[name=students]", value=str(ModelSpec.objects.get(name="teacher-mlp").pk))
     page.select_option("select[name=recipes]", value=str(hard_labels.pk))
     page.fill("input[name=max_steps]", "300")
     page.fill("input[name=lr]", "0.01")
@@ -97,7 +97,7 @@ def test_create_records_launch_an_experiment_and_watch_it_finish(
     page.goto(live_server.url + "/experiments/new/")
     page.fill("input[name=name]", "kd without teacher")
     page.select_option("select[name=dataset]", label="digits")
-    page.select_option("select[name=students]", label="student-mlp")
+    page.select_option("select[name=students]", value=str(ModelSpec.objects.get(name="student-mlp").pk))
     page.select_option("select[name=recipes]", value=str(kd.pk))
     page.click("main form button[type=submit]")
     expect(page.locator("body")).to_contain_text("distills from a teacher")
@@ -105,7 +105,7 @@ def test_create_records_launch_an_experiment_and_watch_it_finish(
     assert not Experiment.objects.filter(name="kd without teacher").exists()
 
     # Now with the teacher: the runs table updates live while the worker trains.
-    page.select_option("select[name=teacher]", label="digits-teacher")
+    page.select_option("select[name=teacher]", value=str(ModelSpec.objects.get(name="digits-teacher").pk))
     page.fill("input[name=name]", "kd student")
     page.fill("input[name=max_steps]", "3000")
     page.fill("input[name=lr]", "0.01")

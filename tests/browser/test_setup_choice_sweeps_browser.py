@@ -4,7 +4,7 @@
 import pytest
 from playwright.sync_api import expect
 
-from experiments.models import Experiment
+from experiments.models import Experiment, ModelSpec
 from tests.factories import (
     DatasetSpecFactory,
     MembershipFactory,
@@ -42,8 +42,8 @@ def test_the_run_count_includes_ticked_boxes_and_off_and_on(page, live_server, r
     page.goto(live_server.url + "/experiments/new/")
     page.fill("input[name=name]", "resource sweep")
     page.select_option("select[name=dataset]", label="digits")
-    page.select_option("select[name=teacher]", label="teacher-mlp")
-    page.select_option("select[name=students]", label="student-mlp")
+    page.select_option("select[name=teacher]", value=str(ModelSpec.objects.get(name="teacher-mlp").pk))
+    page.select_option("select[name=students]", value=str(ModelSpec.objects.get(name="student-mlp").pk))
     page.select_option("select[name=recipes]", label="kd-t4 v1")
     page.fill("input[name=max_steps]", "20")
     count = page.locator("[data-sweep-count]")

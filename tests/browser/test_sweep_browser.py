@@ -7,7 +7,7 @@ from unittest import mock
 import pytest
 from playwright.sync_api import expect
 
-from experiments.models import Experiment
+from experiments.models import Experiment, ModelSpec
 from tests.factories import (
     DatasetSpecFactory,
     MembershipFactory,
@@ -56,8 +56,8 @@ def test_set_up_a_sweep_check_it_and_launch_it(page, live_server, records, no_br
     page.goto(live_server.url + "/experiments/new/")
     page.fill("input[name=name]", "lr × temperature")
     page.select_option("select[name=dataset]", label="digits")
-    page.select_option("select[name=teacher]", label="teacher-mlp")
-    page.select_option("select[name=students]", label="student-mlp")
+    page.select_option("select[name=teacher]", value=str(ModelSpec.objects.get(name="teacher-mlp").pk))
+    page.select_option("select[name=students]", value=str(ModelSpec.objects.get(name="student-mlp").pk))
     page.select_option("select[name=recipes]", label="kd-t4 v1")
     page.fill("input[name=max_steps]", "50")
     count = page.locator("[data-sweep-count]")
