@@ -793,13 +793,18 @@ def _split_label(split: str, split_key: str, dataset_config: Mapping[str, Any] |
     return f"{split} · " + (", ".join(parts) or split_key[:8])
 
 
-def _board_metrics(entries: QuerySet[LeaderboardEntry], *, primary: PrimaryMetric) -> list[PrimaryMetric]:
-    """The quality metrics measured on the board: the primary one first, then in QUALITY_METRICS order (one
-    aggregate query)."""
+def _board_metrics(entries: QuerySet[LeaderboardEntry], *,
+                   primary: PrimaryMetric) -> tuple[list[PrimaryMetric], dict[str, int]]:
+    """The quality metrics measured on the board (the primary one first, then in QUALITY_METRICS order) and
+    per metric the number of rows it ranks (rows of runs that trained a teacher left out): one aggregate
+    query."""
+    ranked = Q(trains_teacher=False)
     counts = entries.order_by().aggregate(
-        **{name: Count("pk", filter=Q(means__has_key=name)) for name in QUALITY_METRICS}
+        **{name: Count("pk", filter=Q(means__has_key=name)) for name in QUALITY_METRICS},
+        **{f"ranked_{name}": Count("pk", filter=ranked & Q(means__has_key=name)) for name in QUALITY_METRICS},
     )
-    return [primary] + [m for name, m in QUALITY_METRICS.items() if counts[name] and name != primary.name]
+    metrics = [primary] + [m for name, m in QUALITY_METRICS.items() if counts[name] and name != primary.name]
+    return metrics, {name: counts[f"ranked_{name}"] for name in QUALITY_METRICS}
 
 
 def _mean_of(metric: PrimaryMetric, primary: PrimaryMetric):
@@ -895,14 +900,15 @@ def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", 
         return Benchmark(dataset=dataset, metric=primary, metrics=[primary], split_key=None, splits=[],
                          scope=scope, rows=[])
     entries = _board_entries(user=user, dataset=dataset, split_key=chosen, scope=scope)
-    metrics = _board_metrics(entries, primary=primary)
+    metrics, ranked_counts = _board_metrics(entries, primary=primary)
     metric = next((m for m in metrics if m.name == metric_name), primary)
     board = entries.filter(trains_teacher=False, means__has_key=metric.name)
     teachers = _leaderboard_teachers(dataset=dataset, split_key=chosen, scope=scope, metric=metric)
     filters = {k: v for k, v in (filters or {}).items()
                if k in ("max_params", "max_latency_ms", "recipe", "family") and v not in (None, "")}
     fitting = _fitting_entries(board, metric=metric, primary=primary, filters=filters)
-    total = board.count()
+    total = ranked_counts[metric.name]
+    options = set(board.order_by().values_list("recipe__name", "family").distinct())
     rows = RankedRows(_ranked_entries(fitting, metric=metric), metric=metric, teachers=teachers,
                       optimal=_optimal_ids(fitting, metric=metric), count=None if filters else total)
     return Benchmark(
@@ -914,8 +920,8 @@ def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", 
         scope=scope,
         rows=rows,
         total=total,
-        recipes=sorted(set(board.order_by().values_list("recipe__name", flat=True).distinct())),
-        families=sorted(set(board.exclude(family="").order_by().values_list("family", flat=True).distinct())),
+        recipes=sorted({recipe for recipe, _ in options}),
+        families=sorted({family for _, family in options if family}),
     )
 
 
