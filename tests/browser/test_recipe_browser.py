@@ -96,6 +96,13 @@ def test_write_the_next_version_one_term_per_row_and_read_its_diff(page, live_se
     rows.nth(2).locator("input[name$='-weight']").fill("0.1")
     screenshot("recipe-form-added-term")
 
+    # A row added by mistake is removed again: it is not saved.
+    page.get_by_role("button", name="+ add term").click()
+    expect(rows).to_have_count(4)
+    rows.nth(3).locator("select[name$='-name']").select_option("tvd")
+    rows.nth(3).get_by_role("button", name="Remove").click()
+    expect(rows).to_have_count(3)
+
     # An out-of-range value comes back as an error beside its own field, in the row it belongs to.
     page.get_by_role("button", name="Save recipe").click()
     k_box = page.locator("[data-term-row]:visible").nth(2).locator("[data-param]:has(input[name$='-k'])")
