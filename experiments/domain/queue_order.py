@@ -12,14 +12,17 @@ each student's KD gain appears as soon as its baseline finishes: a gain needs bo
 before the later of the two, and distilled-first delays only the gains while the distilled results come
 first. At launch the runs are sent in the same order, distilled runs first (``sending_order``).
 
-Places are computed from one indexed read of the ready runs of the queues concerned, whatever the number of
-runs asked about.
+Places are ranked in the database (one query, whatever the number of runs asked about; ``serve_order`` is the
+same rule in Python).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from django.db.models import Case, Exists, F, OuterRef, Q, Value, When, Window
+from django.db.models.functions import RowNumber
 
 from experiments.models import Run
 
@@ -53,19 +56,27 @@ def _ready_queued():
     return Run.objects.filter(status=Run.Status.QUEUED, waiting_for__isnull=True, cancel_requested=False)
 
 
+def _ranked(queues: set[str]):
+    """The ready queued runs of ``queues`` with their ``place``: ``serve_order``'s rule as a window."""
+    later_distilled = _ready_queued().filter(
+        Q(ready_at__gt=OuterRef("ready_at")) | Q(ready_at=OuterRef("ready_at"), id__gt=OuterRef("id")),
+        experiment_id=OuterRef("experiment_id"), queue=OuterRef("queue"), is_baseline=False,
+    )
+    gives_turn = Case(When(is_baseline=True, then=Exists(later_distilled)), default=Value(False))
+    return _ready_queued().filter(queue__in=queues).annotate(
+        place=Window(RowNumber(), partition_by=[F("queue")],
+                     order_by=[gives_turn.asc(), F("ready_at").asc(), F("id").asc()]),
+    )
+
+
 def annotate_positions(runs: Sequence[Run]) -> None:
     """Set ``_queue_position`` on each run (read through ``Run.queue_position``): its 1-based place in its
     queue when it is queued and waits for no other run, else None. One query for all the runs."""
-    wanted = {run.queue for run in runs if run.status == Run.Status.QUEUED and run.waiting_for_id is None}
+    wanted = {run.pk: run.queue for run in runs
+              if run.status == Run.Status.QUEUED and run.waiting_for_id is None}
     places: dict[int, int] = {}
     if wanted:
-        by_queue: dict[str, list[tuple[int, int, bool, Any]]] = {}
-        rows = _ready_queued().filter(queue__in=wanted).values_list(
-            "queue", "id", "experiment_id", "is_baseline", "ready_at")
-        for queue, *row in rows:
-            by_queue.setdefault(queue, []).append(tuple(row))  # type: ignore[arg-type]
-        for ready in by_queue.values():
-            places |= {run_id: place for place, run_id in enumerate(serve_order(ready), start=1)}
+        places = dict(_ranked(set(wanted.values())).filter(id__in=list(wanted)).values_list("id", "place"))
     for run in runs:
         run._queue_position = places.get(run.pk)
 

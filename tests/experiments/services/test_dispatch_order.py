@@ -194,3 +194,28 @@ def test_places_are_read_in_one_query_whatever_the_number_of_runs(
                                          (12, "12th"), (13, "13th"), (21, "21st"), (102, "102nd")])
 def test_ordinal(n, text):
     assert queue_order.ordinal(n) == text
+
+
+def test_places_from_the_database_follow_serve_order_on_mixed_queues(digits_setup, team, user):
+    import random
+
+    with mock.patch(DISPATCH):
+        experiments = [launch_kd(digits_setup, team, user, seeds=(0, 1)) for _ in range(3)]
+    runs = list(Run.objects.filter(experiment__in=experiments))
+    rng = random.Random(7)
+    t0 = timezone.now()
+    for run in runs:  # released at shuffled times, on two queues, some tied
+        run.ready_at = t0 + timedelta(seconds=rng.randrange(6))
+        run.queue = rng.choice(["training", "gpu-24g"])
+    Run.objects.bulk_update(runs, ["ready_at", "queue"])
+    waiting = runs[0]
+    Run.objects.filter(id=waiting.id).update(waiting_for=runs[1])
+    runs = list(Run.objects.filter(experiment__in=experiments))
+    queue_order.annotate_positions(runs)
+    expected: dict[int, int] = {}
+    for queue in ("training", "gpu-24g"):
+        ready = [(r.id, r.experiment_id, r.is_baseline, r.ready_at) for r in runs
+                 if r.queue == queue and r.waiting_for_id is None]
+        expected |= {run_id: place for place, run_id in enumerate(queue_order.serve_order(ready), start=1)}
+    assert {r.id: r.queue_position for r in runs} == {**expected, waiting.id: None}
+    assert len(expected) == len(runs) - 1
