@@ -16,7 +16,7 @@ from experiments.domain import leaderboard as board
 from experiments.models import Evaluation, Experiment, LeaderboardEntry, Run
 from experiments.selectors import leaderboard as leaderboard_reads
 from experiments.services import launch, lifecycle, records
-from tests.factories import ModelSpecFactory, RecipeFactory
+from tests.factories import ModelSpecFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -41,9 +41,9 @@ def _finish(run: Run, metrics: dict, *, params: int, latency: float | None = Non
     Run.objects.filter(pk=run.pk).update(status=Run.Status.SUCCEEDED, started_at=now, finished_at=now,
                                          step=run.total_steps)
     return Evaluation.objects.create(
-        team=run.team, role=Evaluation.Role.STUDENT, run=run, model=run.student, dataset=run.experiment.dataset,
-        split_key=split_key, accuracy=metrics.get("accuracy"), param_count=params, latency_ms=latency,
-        metrics=metrics,
+        team=run.team, role=Evaluation.Role.STUDENT, run=run, model=run.student,
+        dataset=run.experiment.dataset, split_key=split_key, accuracy=metrics.get("accuracy"),
+        param_count=params, latency_ms=latency, metrics=metrics,
     )
 
 
@@ -222,3 +222,19 @@ def test_other_teams_never_see_the_rows(other_user, varied):
     assert not LeaderboardEntry.objects.filter(team__memberships__user=other_user).exists()
     assert not _summary(other_user, varied["dataset"]).rows
 
+
+
+def test_the_migration_summarises_existing_results(user, varied):
+    import importlib
+
+    from django.apps import apps
+    from django.db import connection
+
+    expected = _as_dicts(_summary(user, varied["dataset"]).rows)
+    LeaderboardEntry.objects.all().delete()
+    migration = importlib.import_module("experiments.migrations.0011_leaderboard_summary")
+
+    with connection.schema_editor() as editor:
+        migration.summarise_existing_results(apps, editor)
+
+    assert expected and _as_dicts(_summary(user, varied["dataset"]).rows) == expected
