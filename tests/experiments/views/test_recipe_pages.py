@@ -329,6 +329,7 @@ def test_an_import_into_another_teams_recipe_or_team_is_refused(client_logged_in
 
     assert into_recipe.status_code == 404
     assert into_team.status_code == 400 and into_team.context["import_form"].errors["team"]
+    assert into_team.context["import_form"].errors["team"][0] in into_team.content.decode()  # shown
     assert Recipe.objects.count() == 1
 
 
