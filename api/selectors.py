@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
 
@@ -30,33 +32,67 @@ def run_list(*, user) -> QuerySet[Run]:
     )
 
 
-def run_list_rows(*, user) -> QuerySet[Run]:
-    """:func:`run_list` for a page of rows: the paged query reads the runs alone (with the team scope) and
-    each kind of related record comes by id in one query of its own, with only what a row shows. One query
-    joining the seven tables cost Postgres' planner ~60 ms (its join-order search) for 1 ms of execution."""
-    names = ("id", "name")
-    model_refs = ModelSpec.objects.only(*names)
-    return (
-        records.run_list(user=user)
-        .select_related(None)
-        .defer("config", "result")
-        .prefetch_related(
-            Prefetch("team", queryset=Team.objects.only(*names)),
-            Prefetch("student", queryset=model_refs),
-            Prefetch("teacher", queryset=model_refs),
-            Prefetch("recipe", queryset=Recipe.objects.only(*names, "version")),
-            Prefetch(
-                "experiment",
-                queryset=Experiment.objects.select_related("dataset").only(
-                    *names, "dataset__id", "dataset__task"
-                ),
-            ),
-            Prefetch(
-                "evaluations",
-                queryset=Evaluation.objects.filter(role=Evaluation.Role.STUDENT),
-                to_attr="student_evaluations",
-            ),
+# A listed run's own columns (``RunSerializer``'s fields that are not related records or computed).
+RUN_ROW_COLUMNS = (
+    "id", "team_id", "experiment_id", "student_id", "teacher_id", "recipe_id", "seed", "is_baseline", "stage",
+    "status", "queue", "worker_name", "attempt", "step", "total_steps", "samples_per_s", "cancel_requested",
+    "error", "waiting_for_id", "created_at", "started_at", "heartbeat_at", "finished_at",
+)
+
+
+def run_list_rows(*, user) -> QuerySet:
+    """:func:`run_list` as plain rows of :data:`RUN_ROW_COLUMNS` (``values()``), for a page of the run list:
+    the paged query reads the runs alone (with the team scope), and :func:`run_row_refs` brings what the
+    rows name. Joining the seven tables in one query cost Postgres' planner ~60 ms (its join-order search)
+    for 1 ms of execution, and model instances cost more than the rows they carry."""
+    return records.run_list(user=user).select_related(None).values(*RUN_ROW_COLUMNS)
+
+
+@dataclass(frozen=True)
+class RunRowRefs:
+    """What a page of run rows names, by id: teams, experiments, models and recipes (id → name, recipes
+    (name, version)), and each run's score on its dataset's primary metric (run id → (metric, value))."""
+
+    teams: dict[int, str]
+    experiments: dict[int, str]
+    models: dict[int, str]
+    recipes: dict[int, tuple[str, int]]
+    metrics: dict[int, tuple[str, float | None]]
+
+
+def run_row_refs(*, rows: Sequence[dict]) -> RunRowRefs:
+    """The records a page of :func:`run_list_rows` names, in one query per kind whatever the page's size."""
+
+    def ids(*keys: str) -> set[int]:
+        return {row[key] for row in rows for key in keys if row[key] is not None}
+
+    experiments = {
+        pk: (name, task)
+        for pk, name, task in Experiment.objects.filter(pk__in=ids("experiment_id")).values_list(
+            "id", "name", "dataset__task"
         )
+    }
+    evaluations: dict[int, SimpleNamespace] = {}
+    student = Evaluation.objects.filter(run_id__in=ids("id"), role=Evaluation.Role.STUDENT)
+    for run_id, accuracy, metrics in student.values_list("run_id", "accuracy", "metrics"):
+        evaluations.setdefault(run_id, SimpleNamespace(accuracy=accuracy, metrics=metrics))  # the newest
+    scores = {}
+    for row in rows:
+        metric = leaderboard.primary_metric(SimpleNamespace(task=experiments[row["experiment_id"]][1]))
+        scores[row["id"]] = (metric.name, leaderboard.metric_value(evaluations.get(row["id"]), metric))
+    return RunRowRefs(
+        teams=dict(Team.objects.filter(pk__in=ids("team_id")).values_list("id", "name")),
+        experiments={pk: name for pk, (name, _) in experiments.items()},
+        models=dict(
+            ModelSpec.objects.filter(pk__in=ids("student_id", "teacher_id")).values_list("id", "name")
+        ),
+        recipes={
+            pk: (name, version)
+            for pk, name, version in Recipe.objects.filter(pk__in=ids("recipe_id")).values_list(
+                "id", "name", "version"
+            )
+        },
+        metrics=scores,
     )
 
 

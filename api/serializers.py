@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from django.urls import reverse
@@ -301,6 +302,55 @@ class RunSerializer(serializers.ModelSerializer):
 
     def get_url(self, obj: Run) -> str:
         return _web_url(self, "experiments:run_detail", run_id=obj.pk)
+
+
+_RUN_TIMES = ("created_at", "started_at", "heartbeat_at", "finished_at")
+
+
+def run_rows(rows: Sequence[dict[str, Any]], *, refs: Any, request: Any) -> list[dict[str, Any]]:
+    """:class:`RunSerializer`'s output for a page of ``api.selectors.run_list_rows`` and its
+    ``run_row_refs``, written directly: the same keys in the same order and the same values (a test holds the
+    two equal), without a serializer's per-field machinery over model instances."""
+    time = serializers.DateTimeField()
+
+    def when(value: Any) -> str | None:
+        return None if value is None else time.to_representation(value)
+
+    out = []
+    for row in rows:
+        model = refs.models
+        recipe_name, recipe_version = refs.recipes[row["recipe_id"]]
+        metric_name, metric_value = refs.metrics[row["id"]]
+        status, step, total = row["status"], row["step"], row["total_steps"]
+        out.append(
+            {
+                "id": row["id"],
+                "team": {"id": row["team_id"], "name": refs.teams[row["team_id"]]},
+                "experiment": {"id": row["experiment_id"], "name": refs.experiments[row["experiment_id"]]},
+                "student": {"id": row["student_id"], "name": model[row["student_id"]]},
+                "teacher": (
+                    {"id": row["teacher_id"], "name": model[row["teacher_id"]]}
+                    if row["teacher_id"] is not None
+                    else None
+                ),
+                "recipe": {"id": row["recipe_id"], "name": recipe_name, "version": recipe_version},
+                **{key: row[key] for key in ("seed", "is_baseline", "stage", "status", "queue", "worker_name",
+                                             "attempt", "step", "total_steps")},
+                "progress_percent": (
+                    100 if status == Run.Status.SUCCEEDED else int(100 * step / total) if total else 0
+                ),
+                "samples_per_s": row["samples_per_s"],
+                "cancel_requested": row["cancel_requested"],
+                "error": row["error"],
+                "waiting_for": row["waiting_for_id"],
+                "metric": {"name": metric_name, "value": metric_value},
+                **{key: when(row[key]) for key in _RUN_TIMES},
+                "url": request.build_absolute_uri(
+                    reverse("experiments:run_detail", kwargs={"run_id": row["id"]})
+                ),
+            }
+        )
+    return out
 
 
 class EvaluationSerializer(serializers.ModelSerializer):

@@ -387,7 +387,9 @@ class RunViewSet(ApiViewSet):
         )
         if params.get("status"):
             runs = runs.filter(status__in=sorted(params["status"]))
-        return self.paginated(runs.order_by(params["ordering"], "-id"), s.RunSerializer)
+        page = self.paginate_queryset(runs.order_by(params["ordering"], "-id"))
+        refs = api_selectors.run_row_refs(rows=page)
+        return self.get_paginated_response(s.run_rows(page, refs=refs, request=request))
 
     @extend_schema(
         summary="A run with its frozen config, evaluations and artifacts",

@@ -138,3 +138,35 @@ def test_history_wall_times_read_as_text_are_the_iso_utc_json_of_the_datetime(ap
     body = api.get(reverse("api:run_metric_history", kwargs={"pk": run.pk}), {"name": "loss"}).json()
 
     assert body["points"][0]["wall_time"] == stamp.isoformat().replace("+00:00", "Z")
+
+
+def test_listed_rows_are_exactly_what_the_run_serializer_writes(api, run, user):
+    from django.test import RequestFactory
+
+    from api import selectors as api_selectors
+    from api.serializers import RunSerializer
+    from experiments.models import Evaluation
+    from tests.factories import RunFactory
+
+    queued = RunFactory(experiment=run.experiment, student=run.student, recipe=run.recipe, seed=7,
+                        is_baseline=True, teacher=None)
+    stamp = timezone.now().replace(microsecond=120_000)
+    Run.objects.filter(pk=run.pk).update(
+        status=Run.Status.SUCCEEDED, step=20, total_steps=20, started_at=stamp, finished_at=stamp,
+        heartbeat_at=stamp, samples_per_s=12.5, worker_name="w1", attempt=1,
+    )
+    Run.objects.filter(pk=queued.pk).update(waiting_for=run)
+    Evaluation.objects.create(
+        team=run.team, role=Evaluation.Role.STUDENT, run=run, model=run.student,
+        dataset=run.experiment.dataset, split="test", accuracy=0.875, metrics={"accuracy": 0.875},
+    )
+
+    body = api.get(reverse("api:run_list"), {"limit": 50}).json()["results"]
+
+    request = RequestFactory().get("/", HTTP_HOST="testserver")
+    runs = api_selectors.run_list(user=user).order_by("-created_at", "-id")
+    expected = RunSerializer(runs, many=True, context={"request": request}).data
+    assert body == [dict(row) for row in expected]
+    assert [r["id"] for r in body] == [queued.pk, run.pk]
+    assert body[1]["metric"]["value"] == 0.875 and body[1]["progress_percent"] == 100
+    assert body[0]["teacher"] is None and body[0]["waiting_for"] == run.pk
