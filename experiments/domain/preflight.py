@@ -38,13 +38,14 @@ from django.conf import settings
 from django.db.models import Count, F, FloatField, Func, Q, Window
 from django.db.models.functions import Cast, RowNumber
 
-from experiments.domain import engine_config, sweep_plan, tokenizers, validation
+from experiments.domain import engine_config, routing, sweep_plan, tokenizers, validation
 from experiments.domain.memory_check import LARGEST_GPU_BYTES as LARGEST_GPU_BYTES  # the memory check's names
 from experiments.domain.memory_check import RunShape as RunShape
 from experiments.domain.memory_check import check_memory, run_shapes
 from experiments.domain.model_size import model_size
 from experiments.domain.specs import model_kind
 from experiments.models import DatasetSpec, ModelSpec, Recipe, Run
+from workers.engine.memory import ModelShapeReader
 
 LEVELS = ("ok", "notice", "unknown", "warning", "error")  # by severity
 # Past runs count as similar when their length is within this factor of the planned one.
@@ -387,18 +388,18 @@ def _step_times(*, dataset: DatasetSpec, students: Sequence[ModelSpec], speeds: 
     if len(found) == len(students):
         return found
     mine = {s.pk: s for s in students if s.pk is not None}
-    others = ModelSpec.objects.filter(pk__in=[pk for pk in speeds if pk not in mine])
+    others = ModelSpec.objects.filter(pk__in=[pk for pk in speeds if pk not in mine]).select_related("parent")
+    reader = routing.model_shape_reader()
     references = []
     for model in [*(m for pk, m in mine.items() if pk in speeds), *others]:
-        size = model_size(model, dataset=dataset)
-        if size is not None and size.exact:
-            references.append((model, size.low, speeds[model.pk][0]))
+        params = _param_count(model, dataset=dataset, reader=reader)
+        if params:
+            references.append((model, params, speeds[model.pk][0]))
     for i, student in enumerate(students):
         if i in found:
             continue
-        size = model_size(student, dataset=dataset)
-        guess = extrapolated_step_time(params=size.low, references=references) \
-            if size is not None and size.exact else None
+        params = _param_count(student, dataset=dataset, reader=reader)
+        guess = extrapolated_step_time(params=params, references=references) if params else None
         if guess is None:
             continue
         reference, ref_params, seconds = guess
@@ -406,10 +407,23 @@ def _step_times(*, dataset: DatasetSpec, students: Sequence[ModelSpec], speeds: 
             seconds,
             f"No similar runs yet for {student}: ~{seconds:.3g} s/step extrapolated from {reference} "
             f"({speeds[reference.pk][0]:.3g} s/step measured on {dataset}) by parameter count "
-            f"({size.low:,} vs {ref_params:,}).",
+            f"({params:,} vs {ref_params:,}).",
             reference,
         )
     return found
+
+
+def _param_count(model: ModelSpec, *, dataset: DatasetSpec, reader: ModelShapeReader) -> int | None:
+    """The model's parameters on ``dataset``: its record or the formulas (:mod:`model_size`), else its shape
+    as the memory check reads it (a derived model from its parent's config, a model folder's config)."""
+    size = model_size(model, dataset=dataset)
+    if size is not None:
+        return size.low if size.exact else None
+    try:
+        shape = reader.shape(engine_config.model_config(model), task=dataset.task)
+    except (ValueError, TypeError, KeyError, OSError):  # advice only: an unreadable model has no size
+        return None
+    return shape.params if shape is not None and shape.params > 0 else None
 
 
 def check_time(*, dataset: DatasetSpec, students: Sequence[ModelSpec], train: dict[str, Any],

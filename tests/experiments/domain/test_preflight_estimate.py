@@ -1,5 +1,6 @@
 """The pre-flight time estimate for students without run history, and the parameter counts it scales by."""
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -159,3 +160,29 @@ def test_speeds_of_every_student_on_a_dataset_come_in_one_query(digits_setup, te
 
     assert speeds == {a.pk: (pytest.approx(0.1), 1), b.pk: (pytest.approx(0.3), 1),
                       other.pk: (pytest.approx(0.5), 1)}
+
+
+def test_a_derived_student_is_sized_from_its_parents_config_and_extrapolated(team):
+    from experiments.services import records as records_writes
+    from tests.factories import RecipeFactory
+
+    bert = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+            "intermediate_size": 128, "vocab_size": 1000, "max_position_embeddings": 64}
+    news = DatasetSpecFactory(team=team, name="news", builtin_name="bbc-news", num_labels=5,
+                              label_names=["business", "entertainment", "politics", "sport", "tech"])
+    parent = ModelSpecFactory(team=team, name="bert-4", source=ModelSpec.Source.CONFIG, builtin_arch="",
+                              config=bert, num_labels=5, tokenizer_id="google-bert/bert-base-uncased")
+    derived = records_writes.derived_student_preview(parent=parent, layers="every_other")   # unsaved
+    _finished(parent, news, steps=1000, seconds=500)                                       # 0.5 s/step
+    setup = {"dataset": news, "teacher": parent, "recipe": RecipeFactory(team=team)}
+
+    check = _time(setup, [derived])
+
+    assert check.level == "ok"
+    line = next(d for d in check.details if d.startswith(f"No similar runs yet for {derived}"))
+    seconds = float(re.search(r"~([\d.e-]+) s/step extrapolated from bert-4", line).group(1))
+    counts = re.search(r"\(([\d,]+) vs ([\d,]+)\)", line).groups()
+    params, parent_params = (int(n.replace(",", "")) for n in counts)
+    # Half the layers: fewer parameters than the parent, so a proportionally shorter step.
+    assert params < parent_params
+    assert seconds == pytest.approx(0.5 * params / parent_params, rel=1e-2)
