@@ -17,6 +17,7 @@ from tests.factories import (
     TeamFactory,
     UserFactory,
 )
+from tests.waiting import scaled_ms
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -160,17 +161,43 @@ def test_log_y_toggle_switches_the_loss_and_compare_plots(page, live_server, fin
     assert page.evaluate(axis_type) == "linear"
 
     toggle.check()
-    page.wait_for_function(f"{axis_type} === 'log'")
+    page.wait_for_function(f"() => {axis_type} === 'log'")
     screenshot("run-loss-log-y")
     toggle.uncheck()
-    page.wait_for_function(f"{axis_type} === 'linear'")
+    page.wait_for_function(f"() => {axis_type} === 'linear'")
 
     page.goto(f"{live_server.url}/compare/?runs={','.join(str(r.pk) for r in runs)}&metric=loss")
     page.locator("#curves-log-y").check()
-    page.wait_for_function("document.getElementById('curves-figure')._fullLayout.yaxis.type === 'log'")
+    page.wait_for_function("() => document.getElementById('curves-figure')._fullLayout.yaxis.type === 'log'")
     # Twelve runs: drawn as six seed groups, each a mean line with its ± std band.
     legend = page.evaluate("document.getElementById('curves-figure').data.filter(t => t.showlegend !== false)"
                            ".map(t => t.name)")
     assert len(legend) == 6 and all("mean ± std of 2" in name for name in legend)
     screenshot("compare-grouped-log-y")
+    assert errors == []
+
+
+def test_log_y_survives_the_live_refresh_of_a_running_run(page, live_server, finished_experiment):
+    user, experiment, runs = finished_experiment
+    run = runs[0]
+    now = timezone.now()
+    Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING, finished_at=None, started_at=now,
+                                         heartbeat_at=now, step=150)
+    logged = MetricPoint.objects.filter(run=run, name="loss").count()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    _log_in(page, live_server, user.username)
+    page.goto(f"{live_server.url}/runs/{run.pk}/")
+    expect(page.locator("#loss-figure .main-svg").first).to_be_visible()
+    page.locator("#loss-log-y").check()
+    page.wait_for_function("() => document.getElementById('loss-figure')._fullLayout.yaxis.type === 'log'")
+
+    MetricPoint.objects.create(run=run, name="loss", step=400, value=0.05, wall_time=timezone.now())
+    # The live refresh redraws the curves from the server's figure (every few seconds): the new point arrives
+    # and the axis stays logarithmic.
+    page.wait_for_function(
+        f"() => document.getElementById('loss-figure').data[0].x.length === {logged + 1}",
+        timeout=scaled_ms(30),
+    )
+    assert page.evaluate("document.getElementById('loss-figure')._fullLayout.yaxis.type") == "log"
     assert errors == []
