@@ -1,28 +1,32 @@
-"""distillweb at 10,000 runs and 5,000,000 metric points, side by side with MLflow's tracking server.
+"""distillweb's API and pages against MLflow's tracking server, over HTTP on both sides, at 10,000 runs and
+5,000,000 metric points: the same work, the same client, one server worker each.
 
 1. Seeds a dedicated Postgres database (``distillweb_scale``): 2 teams, 500 experiments of 20 runs (2 students
    × (4 recipes + the hard-label baseline) × 2 seeds) with a realistic mix of statuses, frozen configs built
    by ``engine_config.build_run_config``, transitions, artifacts, student and teacher evaluations, and
    5,000,000 metric points: 10 runs × 100,000 points of ``loss`` (the compare case) and the rest spread over
-   every run that started (loss, ce, kd, lr every few steps, eval/accuracy less often). Records go in with
-   COPY (psycopg 3) and the points with one server-side INSERT … SELECT over generate_series per chunk of
-   runs.
-2. Times server time in-process (Django's test ``Client`` against that database, DEBUG off, logged in as a
-   member of both teams): the experiment list, the leaderboard of the dataset with most finished runs, the
-   page of a run with 100,000 points, and compare of the 10 runs × 100,000 points
-   (``/compare/?runs=…&metric=loss``). Asserts that every curve trace on those pages holds at most 2,000
-   points, counts SQL queries per page, and for a page over the target prints EXPLAIN ANALYZE of its slowest
-   query and a profile.
-3. Ingestion through the worker path: ``workers.reporting.RunReporter`` (its default 500-point batches, with
-   the progress writes and cancellation polls a worker makes) writing 500,000 points into a running run.
-4. MLflow: its own venv (``--mlflow-python``), its own database (``mlflow_scale``) and ``mlflow server``; the
-   same experiments and runs (params, tags, final metrics, the 10 × 100,000-point curves and the other runs'
-   histories) are logged through its REST API by a child process running in MLflow's venv, which reads them
-   from the distillweb database. Then ``search_runs`` (100 per page), ``get_metric_history`` and MLflow's own
-   downsampled endpoint (``get-history-bulk-interval``) are timed, interleaved with the distillweb pages, and
-   ``log_batch`` ingestion is measured. The server is stopped (SIGTERM to its PID) at the end.
+   every run that started. Records go in with COPY (psycopg 3), the points with one server-side
+   INSERT … SELECT over generate_series per chunk of runs, then ``rollups.rebuild()``.
+2. Seeds MLflow's store (its own database, ``mlflow_scale``) from it, in a child process running in MLflow's
+   venv (``--mlflow-python``): ``SqlAlchemyStore`` creates MLflow's schema and the 500 experiments; the 10,000
+   runs (status, times, 11 params, tags, the final evaluation metrics) and every one of the 5,000,000 points
+   go into MLflow's own tables with COPY, and ``latest_metrics`` is derived from ``metrics``. Population is
+   not timed.
+3. Serves both over HTTP with one worker each (distillweb: gunicorn, one gthread worker with one thread and
+   keep-alive, DEBUG off; MLflow: ``mlflow server --workers 1``, uvicorn, access log off as gunicorn's is)
+   and times the same work from one client (``requests.Session`` per server, keep-alive on both; every body
+   read and parsed), the two sides interleaved (A, B then B, A):
+   - list the 50 newest runs (``GET /api/runs/?limit=50`` / ``runs/search`` over every experiment), and one
+     experiment's 20 runs;
+   - a run's ``loss`` curve downsampled (``/api/runs/{id}/metrics/`` asked for at least as many points as
+     MLflow's ``get-history-bulk-interval`` returns) and at full resolution (every page of
+     ``/api/runs/{id}/metrics/history/`` / one ``metrics/get-history``);
+   - compare 10 runs × 100,000 points (the compare page with its figure / ``runs/search`` for the 10 runs and
+     ``get-history-bulk-interval`` over them).
+   Reports medians, p95 and MLflow / distillweb ratios, and checks every compare trace holds at most 2,000
+   points. Both servers are stopped at the end (SIGTERM to each one's PID).
 
-    .venv/bin/python benchmarks/dashboard_scale.py --mlflow-python var/bench/mlflow-venv/bin/python
+    .venv/bin/python benchmarks/dashboard_scale.py --mlflow-python var/bench/mlflow-venv/bin/python --readme
     .venv/bin/python benchmarks/dashboard_scale.py --reuse ...   # keep both seeded databases
 
 ``--scale 0.02`` runs the whole thing on a small copy (its own databases) as a smoke test.
@@ -44,7 +48,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -56,16 +59,13 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "var" / "bench"
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
-TARGET_P95_MS = 150.0
 MAX_TRACE_POINTS = 2000
-TARGET_INGEST = 50_000
-TARGET_RATIO = 5.0
+TARGET_RATIO = 3.0
 
 RUNS_PER_EXPERIMENT = 20  # 2 students × (4 recipes + baseline) × 2 seeds
 CURVE_RUNS = 10  # seed 0 of the curve experiment: 2 students × 5
 TRAIN_NAMES = ("loss", "ce", "kd", "lr")
 EVAL_NAME = "eval/accuracy"
-INGEST_NAMES = ("loss", "ce", "kd", "lr", "grad_norm")
 
 
 def log(message: str) -> None:
@@ -820,7 +820,7 @@ def ensure_seeded(scale: Scale, db: str, reuse: bool) -> SeedInfo:
 
 
 # =====================================================================================================
-# distillweb timing
+# Timing over HTTP: the same client for both servers
 # =====================================================================================================
 def figure_traces(html: str, element_id: str) -> list[tuple[str, int]]:
     """(trace name, number of x values) of the plotly figure embedded with json_script under ``element_id``.
@@ -843,168 +843,9 @@ def figure_traces(html: str, element_id: str) -> list[tuple[str, int]]:
     return counted
 
 
-@dataclass
-class PageCase:
-    key: str
-    label: str
-    url: str
-    figures: tuple[str, ...] = ()
-    samples: list[float] = field(default_factory=list)
-    queries: int = 0
-    sql_ms: float = 0.0
-    bytes: int = 0
-    traces: list[tuple[str, int]] = field(default_factory=list)
-
-
-def check_page(case: PageCase, response) -> None:
-    if response.status_code != 200:
-        raise AssertionError(f"{case.url} answered {response.status_code}")
-    if case.figures:
-        html = response.content.decode()
-        traces = [t for element in case.figures for t in figure_traces(html, element)]
-        too_long = [t for t in traces if t[1] > MAX_TRACE_POINTS]
-        if too_long:
-            raise AssertionError(f"{case.url}: traces over {MAX_TRACE_POINTS} points: {too_long}")
-        case.traces = traces
-
-
-def count_queries(client, case: PageCase) -> list[dict[str, str]]:
-    from django.db import connection
-    from django.test.utils import CaptureQueriesContext
-
-    with CaptureQueriesContext(connection) as captured:
-        response = client.get(case.url)
-    check_page(case, response)
-    case.queries = len(captured.captured_queries)
-    case.sql_ms = 1000 * sum(float(q["time"]) for q in captured.captured_queries)
-    case.bytes = len(response.content)
-    return captured.captured_queries
-
-
-def explain_slow(client, case: PageCase, out: list[str]) -> None:
-    """EXPLAIN ANALYZE the slowest query of a page over the target, and profile the page once."""
-    import cProfile
-    import io
-    import pstats
-
-    from django.db import connection
-
-    queries = count_queries(client, case)
-    slowest = sorted(queries, key=lambda q: -float(q["time"]))[:2]
-    out.append(f"## {case.label} ({case.url}): {case.queries} queries, {case.sql_ms:.1f} ms in SQL\n")
-    for q in slowest:
-        out.append(f"-- {1000 * float(q['time']):.1f} ms\n{q['sql']}\n")
-        if q["sql"].lstrip().upper().startswith(("SELECT", "WITH")):
-            with connection.cursor() as cursor:
-                cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + q["sql"])
-                out.append("\n".join(r[0] for r in cursor.fetchall()) + "\n")
-    profiler = cProfile.Profile()
-    profiler.enable()
-    client.get(case.url)
-    profiler.disable()
-    stream = io.StringIO()
-    pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(30)
-    out.append("Profile (cumulative):\n" + stream.getvalue())
-
-
-def time_request(client, case: PageCase) -> float:
-    start = time.perf_counter()
-    response = client.get(case.url)
-    elapsed = time.perf_counter() - start
-    if response.status_code != 200:
-        raise AssertionError(f"{case.url} answered {response.status_code}")
-    return elapsed
-
-
-# =====================================================================================================
-# distillweb ingestion
-# =====================================================================================================
-class DistillwebIngest:
-    """A running run fed through ``workers.reporting.RunReporter`` the way ``workers.tasks`` drives it: the
-    reporter as a context manager (its writer thread, where it has one), its schedule set, then per step
-    ``on_metrics`` (5 metrics), ``on_progress`` and ``should_stop``; a final ``flush``. The reporter batches
-    as it does in a worker; the writes are counted (by wrapping ``services.run_record_metrics``) to report
-    their mean size."""
-
-    def __init__(self, marker: dict[str, Any]) -> None:
-        from experiments.models import Run
-
-        template = Run.objects.get(pk=marker["curve_runs"][0])
-        self.task_id = f"bench-ingest-{secrets.token_hex(6)}"
-        now = datetime.now(UTC)
-        self.run = Run.objects.create(
-            team_id=template.team_id, experiment_id=template.experiment_id, student_id=template.student_id,
-            recipe_id=template.recipe_id, teacher_id=template.teacher_id, seed=99, config=template.config,
-            status=Run.Status.RUNNING, task_id=self.task_id, worker_name="bench@ingest", attempt=1,
-            started_at=now, heartbeat_at=now, total_steps=10_000_000,
-        )
-        self.next_step = 0
-        self.samples: list[tuple[int, float]] = []
-        self.writes: list[int] = []
-
-    def ingest(self, points: int) -> tuple[int, float]:
-        import contextlib
-
-        from experiments.services import telemetry
-        from workers.reporting import RunReporter
-
-        write = telemetry.run_record_metrics
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.writes.append(len(kwargs.get("points") or ()))
-            return write(*args, **kwargs)
-
-        reporter = RunReporter(run_id=self.run.pk, task_id=self.task_id)
-        reporter.set_batch_size(64)
-        if hasattr(reporter, "set_schedule"):
-            reporter.set_schedule(save_every=0, log_every=1)
-        total = 10_000_000
-        steps = points // len(INGEST_NAMES)
-        first = self.next_step
-        telemetry.run_record_metrics = counted
-        try:
-            start = time.perf_counter()
-            with reporter if hasattr(reporter, "__enter__") else contextlib.nullcontext():
-                for step in range(first, first + steps):
-                    x = step / 50_000
-                    reporter.on_metrics(
-                        step,
-                        {
-                            "loss": 2.3 * math.exp(-x) + 0.1,
-                            "ce": 0.9 * math.exp(-x) + 0.05,
-                            "kd": 1.4 * math.exp(-x) + 0.05,
-                            "lr": 1e-3 * (1 - x / 100),
-                            "grad_norm": 1.0 + 0.1 * math.sin(step),
-                        },
-                    )
-                    reporter.on_progress(step, total)
-                    if reporter.should_stop():
-                        raise RuntimeError("the ingest run was taken over")
-                reporter.flush()
-            elapsed = time.perf_counter() - start
-        finally:
-            telemetry.run_record_metrics = write
-        self.next_step = first + steps
-        self.samples.append((steps * len(INGEST_NAMES), elapsed))
-        return steps * len(INGEST_NAMES), elapsed
-
-    @property
-    def mean_batch(self) -> float:
-        batches = [n for n in self.writes if n]
-        return statistics.fmean(batches) if batches else 0.0
-
-    def stored(self) -> int:
-        from experiments.models import MetricPoint
-
-        return MetricPoint.objects.filter(run_id=self.run.pk).count()
-
-    def cleanup(self) -> None:
-        delete_runs([self.run.pk])
-
-
 def delete_runs(run_ids: list[int]) -> None:
-    """Delete benchmark runs (the ingest runs) with everything that hangs off them; their points first, in one
-    statement, then the run through the ORM so that every cascade (rollups, transitions, …) follows."""
+    """Delete benchmark runs (ingest runs an older version of this script left) with everything that hangs
+    off them; their points first, in one statement, then the run through the ORM so every cascade follows."""
     from django.db import connection
 
     from experiments.models import MetricPoint, Run
@@ -1013,58 +854,38 @@ def delete_runs(run_ids: list[int]) -> None:
         cursor.execute(f"DELETE FROM {connection.ops.quote_name(MetricPoint._meta.db_table)} "
                        "WHERE run_id = ANY(%s::bigint[])", [run_ids])
     Run.objects.filter(pk__in=run_ids).delete()
-    with connection.cursor() as cursor:
-        cursor.execute(f"VACUUM (ANALYZE) {connection.ops.quote_name(MetricPoint._meta.db_table)}")
 
 
-# =====================================================================================================
-# MLflow: server and child process (the child runs in MLflow's venv)
-# =====================================================================================================
-class MlflowServer:
-    def __init__(self, mlflow_python: Path, db: str) -> None:
-        self.mlflow_bin = mlflow_python.parent / "mlflow"
-        self.db = db
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
+class Server:
+    """A server process in its own session (SIGTERM to it, then SIGKILL to its group: only what it started),
+    ready when ``ready_path`` answers 200."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, ready_path: str,
+                 headers: dict[str, str] | None = None) -> None:
+        self.name, self.cmd, self.env, self.port = name, cmd, env, port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.ready_path, self.headers = ready_path, headers or {}
         self.proc: subprocess.Popen | None = None
+        self.log_path = BENCH_DIR / f"dashboard-scale-{name}.log"
 
     def start(self) -> None:
-        artifacts = BENCH_DIR / "mlflow-scale-artifacts"
-        artifacts.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **mlflow_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("DATABASE_URL", None)
-        cmd = [
-            str(self.mlflow_bin),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{self.db}",
-            "--default-artifact-root",
-            str(artifacts),
-        ]
-        self.log_path = BENCH_DIR / "mlflow-scale-server.log"
-        self.proc = subprocess.Popen(cmd, cwd=BENCH_DIR, env=env, stdout=self.log_path.open("wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        import urllib.request
+        import requests
 
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self.log_path.open("wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited ({self.proc.returncode}); see {self.log_path}")
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log_path}")
             try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        log(f"mlflow server ready on {self.uri} (pid {self.proc.pid})")
-                        return
-            except OSError:
+                answer = requests.get(self.uri + self.ready_path, headers=self.headers, timeout=5)
+                if answer.status_code == 200:
+                    log(f"{self.name} ready on {self.uri} (pid {self.proc.pid})")
+                    return
+            except requests.RequestException:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"mlflow server did not answer /health in 180 s; see {self.log_path}")
+        raise RuntimeError(f"{self.name} did not answer {self.ready_path} in 180 s; see {self.log_path}")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -1073,13 +894,40 @@ class MlflowServer:
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: only the processes it started
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-        log(f"mlflow server (pid {self.proc.pid}) stopped")
+        log(f"{self.name} (pid {self.proc.pid}) stopped")
+
+
+def distillweb_server() -> Server:
+    """gunicorn with one worker and one thread (gthread: HTTP keep-alive, as MLflow's uvicorn has), the
+    settings ``django_setup`` put in the environment (DEBUG off, the scale database, the same SECRET_KEY as
+    this process, so the session made here is valid there)."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "gunicorn"), "distillweb.wsgi:application", "--workers", "1",
+           "--worker-class", "gthread", "--threads", "1", "--keep-alive", "60", "--bind", f"127.0.0.1:{port}",
+           "--log-level", "warning"]
+    return Server("distillweb (gunicorn)", cmd, dict(os.environ), port, "/api/teams/")
+
+
+def mlflow_server(mlflow_python: Path, db: str) -> Server:
+    artifacts = BENCH_DIR / "mlflow-scale-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **mlflow_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    for key in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE", "SECRET_KEY"):
+        env.pop(key, None)
+    port = free_port()
+    cmd = [str(mlflow_python.parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", mlflow_store_uri(db), "--default-artifact-root",
+           str(artifacts), "--uvicorn-opts", "--no-access-log"]  # as gunicorn: no line per request
+    return Server("mlflow server", cmd, env, port, "/health")
+
+
+def mlflow_store_uri(db: str) -> str:
+    return f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{db}"
 
 
 def mlflow_env() -> dict[str, str]:
-    # The last one: set_terminated would otherwise print the run's address, after one more get_run request.
     return {
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
@@ -1087,44 +935,9 @@ def mlflow_env() -> dict[str, str]:
     }
 
 
-class MlflowChild:
-    """The MLflow client side: this file run by MLflow's python with --mlflow-child, one JSON request per line
-    on its stdin, one JSON answer per line on its stdout (progress goes to stderr)."""
-
-    def __init__(self, mlflow_python: Path, uri: str, source_db: str, map_file: Path) -> None:
-        env = {**os.environ, **mlflow_env()}
-        env.pop("DJANGO_SETTINGS_MODULE", None)
-        self.proc = subprocess.Popen(
-            [str(mlflow_python), str(Path(__file__).resolve()), "--mlflow-child", "--tracking-uri", uri,
-             "--source-dsn", pg_dsn(source_db), "--map-file", str(map_file)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=BENCH_DIR,
-        )
-
-    def call(self, op: str, **kwargs: Any) -> dict[str, Any]:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the MLflow child exited ({self.proc.wait()}) during {op}")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(f"MLflow child, {op}: {answer['error']}")
-        return answer
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.call("quit")
-            except (RuntimeError, BrokenPipeError):
-                pass
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-# --- code that runs inside MLflow's venv ------------------------------------------------------------------
+# =====================================================================================================
+# MLflow's store, seeded by a child process in MLflow's venv through its own storage layer
+# =====================================================================================================
 MLFLOW_STATUS = {"queued": "SCHEDULED", "running": "RUNNING", "succeeded": "FINISHED", "failed": "FAILED",
                  "cancelled": "KILLED"}
 
@@ -1139,322 +952,202 @@ def _formula(terms: list[dict[str, Any]]) -> str:
                          if t.get("params") else "") for t in terms)
 
 
-class ChildState:
-    def __init__(self, uri: str, dsn: str, map_file: Path) -> None:
-        import mlflow
-        from mlflow.tracking import MlflowClient
+def _copy_csv(cursor, table: str, columns: tuple[str, ...], rows: Iterable[Iterable[Any]]) -> int:
+    import csv
+    import io
 
-        mlflow.set_tracking_uri(uri)
-        self.uri = uri
-        self.dsn = dsn
-        self.map_file = map_file
-        self.client = MlflowClient(tracking_uri=uri)
-        self.local = threading.local()
-        self.mapping: dict[str, Any] = {}
-        if map_file.exists():
-            self.mapping = json.loads(map_file.read_text())
-        import requests
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    n = 0
+    for row in rows:
+        writer.writerow(row)
+        n += 1
+    buffer.seek(0)
+    cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)", buffer)
+    return n
 
-        self.http = requests.Session()
-        self.ingest_run: str | None = None
 
-    def thread_client(self):
-        from mlflow.tracking import MlflowClient
+MLFLOW_RUNS_SQL = """
+    SELECT r.id, r.experiment_id, r.seed, r.is_baseline, r.status, r.step, r.config,
+           r.created_at, r.started_at, r.finished_at, s.name AS student, rc.name AS recipe, rc.terms,
+           tch.name AS teacher, d.name AS dataset, t.name AS team,
+           ev.accuracy, ev.macro_f1, ev.param_count, ev.latency_ms
+    FROM experiments_run r
+    JOIN experiments_modelspec s ON s.id = r.student_id
+    JOIN experiments_recipe rc ON rc.id = r.recipe_id
+    LEFT JOIN experiments_modelspec tch ON tch.id = r.teacher_id
+    JOIN experiments_experiment e ON e.id = r.experiment_id
+    JOIN experiments_datasetspec d ON d.id = e.dataset_id
+    JOIN experiments_team t ON t.id = r.team_id
+    LEFT JOIN experiments_evaluation ev ON ev.run_id = r.id AND ev.role = 'student'
+    ORDER BY r.id"""
 
-        if not hasattr(self.local, "client"):
-            self.local.client = MlflowClient(tracking_uri=self.uri)
-        return self.local.client
 
-    # --- seeding -------------------------------------------------------------------------------------
-    def seed(self, *, seed_token: str, threads: int, history: str) -> dict[str, Any]:
-        if self.mapping.get("seed") == seed_token and self.mapping.get("complete") and \
-                self.mapping.get("history") == history:
-            return {"reused": True, **self.mapping["summary"]}
-        import psycopg2
-        import psycopg2.extras
+def mlflow_seed(*, dsn: str, store_uri: str, artifact_root: str) -> dict[str, Any]:
+    """Runs in MLflow's venv. MLflow's ``SqlAlchemyStore`` creates its schema and the experiments; the runs,
+    their tags, params and metrics (every one of the distillweb database's points, with their steps and wall
+    times) go into its tables with COPY, and ``latest_metrics`` is derived from ``metrics`` as ``log_batch``
+    keeps it. Returns the id maps and counts."""
+    import uuid
 
-        t_all = time.monotonic()
-        conn = psycopg2.connect(self.dsn)
-        cur = conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
-        cur.execute("""
-            SELECT e.id, e.name, t.name AS team FROM experiments_experiment e
-            JOIN experiments_team t ON t.id = e.team_id ORDER BY e.id""")
-        experiments = cur.fetchall()
-        exp_map: dict[int, str] = {}
-        progress = Progress("MLflow experiments", len(experiments))
-        for n, e in enumerate(experiments, 1):
-            exp_map[e["id"]] = self.client.create_experiment(
-                f"{e['team']} / {e['name']}",
-                tags={"team": e["team"], "distillweb_experiment_id": str(e["id"])},
-            )
-            progress.update(n)
-        progress.done()
-        cur.execute("""
-            SELECT r.id, r.experiment_id, r.seed, r.is_baseline, r.status, r.step, r.total_steps, r.config,
-                   r.created_at, r.started_at, r.finished_at, s.name AS student, rc.name AS recipe, rc.terms,
-                   tch.name AS teacher, d.name AS dataset, t.name AS team,
-                   ev.accuracy, ev.macro_f1, ev.param_count, ev.latency_ms
-            FROM experiments_run r
-            JOIN experiments_modelspec s ON s.id = r.student_id
-            JOIN experiments_recipe rc ON rc.id = r.recipe_id
-            LEFT JOIN experiments_modelspec tch ON tch.id = r.teacher_id
-            JOIN experiments_experiment e ON e.id = r.experiment_id
-            JOIN experiments_datasetspec d ON d.id = e.dataset_id
-            JOIN experiments_team t ON t.id = r.team_id
-            LEFT JOIN experiments_evaluation ev ON ev.run_id = r.id AND ev.role = 'student'
-            ORDER BY r.id""")
-        runs = cur.fetchall()
-        curve_ids = set(json.loads(self.mapping_marker(cur))["curve_runs"])
-        history_for = self._history_runs(runs, curve_ids, history)
-        run_map: dict[int, str] = {}
-        lock = threading.Lock()
-        logged = {"points": 0, "runs": 0}
+    import psycopg2
+    import psycopg2.extras
+    from mlflow.entities import ExperimentTag
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-        def log_run(run: dict[str, Any], points: list[tuple[str, int, float, int]]) -> None:
-            from mlflow.entities import Metric, Param
-
-            client = self.thread_client()
-            cfg = run["config"] or {}
-            train = cfg.get("train") or {}
-            created = client.create_run(
-                exp_map[run["experiment_id"]],
-                start_time=_ms(run["started_at"] or run["created_at"]),
-                run_name=f"{run['student']} · {'baseline' if run['is_baseline'] else run['recipe']} · "
-                         f"s{run['seed']}",
-                tags={"team": run["team"], "distillweb_run_id": str(run["id"])},
-            )
-            rid = created.info.run_id
-            params = {
-                "student": run["student"],
-                "teacher": run["teacher"] or "",
-                "recipe": run["recipe"],
-                "dataset": run["dataset"],
-                "seed": run["seed"],
-                "is_baseline": run["is_baseline"],
-                "scheme": cfg.get("scheme", ""),
-                "terms": _formula(run["terms"] or []),
-                "lr": train.get("lr"),
-                "batch_size": train.get("batch_size"),
-                "max_steps": train.get("max_steps"),
-            }
-            stamp = _ms(run["finished_at"] or run["started_at"] or run["created_at"]) or 0
-            metrics = [Metric(key, float(value), ts, step) for key, step, value, ts in points]
-            final = {"accuracy": run["accuracy"], "macro_f1": run["macro_f1"], "params": run["param_count"],
-                     "latency_ms": run["latency_ms"]}
-            metrics += [
-                Metric(f"final/{k}", float(v), stamp, run["step"]) for k, v in final.items() if v is not None
-            ]
-            client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
-            status = MLFLOW_STATUS[run["status"]]
-            if status in ("FINISHED", "FAILED", "KILLED"):
-                client.set_terminated(rid, status=status, end_time=_ms(run["finished_at"]))
-            elif status == "SCHEDULED":
-                client.update_run(rid, status="SCHEDULED")
-            with lock:
-                run_map[run["id"]] = rid
-                logged["points"] += len(points)
-                logged["runs"] += 1
-
-        # 1. The curve runs, one client, in order: MLflow's log_batch ingestion rate (1,000 metrics a
-        #    request).
-        by_id = {r["id"]: r for r in runs}
-        curve_points = 0
-        t_curves = time.monotonic()
-        for rid in sorted(curve_ids):
-            points_cur = conn.cursor()
-            points_cur.execute("SELECT name, step, value, (extract(epoch FROM wall_time) * 1000)::bigint "
-                               "FROM experiments_metricpoint WHERE run_id = %s ORDER BY name, step", [rid])
-            pts = points_cur.fetchall()
-            log(f"  MLflow: logging run #{rid} with {len(pts):,} points…")
-            log_run(by_id[rid], pts)
-            curve_points += len(pts)
-        curve_seconds = time.monotonic() - t_curves
-
-        # 2. Every other run (params, tags, final metrics and, for history runs, their points), several
-        #    clients.
-        from concurrent.futures import ThreadPoolExecutor, wait
-
-        rest = [r for r in runs if r["id"] not in curve_ids]
-        total_points_expected = sum(r["id"] in history_for for r in rest)
-        progress = Progress(f"MLflow runs ({total_points_expected:,} with history)", len(rest))
-        stream = conn.cursor(name="history_stream")
-        stream.itersize = 50_000
-        wanted = sorted(history_for - curve_ids)
-        if wanted:
-            stream.execute("SELECT run_id, name, step, value, (extract(epoch FROM wall_time) * 1000)::bigint "
-                           "FROM experiments_metricpoint WHERE run_id = ANY(%s) ORDER BY run_id, name, step",
-                           [wanted])
-        history_iter = iter(stream) if wanted else iter(())
-        pending: tuple | None = next(history_iter, None)
-        errors: list[BaseException] = []
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            futures = set()
-            for n, run in enumerate(rest, 1):
-                pts: list[tuple[str, int, float, int]] = []
-                if run["id"] in history_for:
-                    while pending is not None and pending[0] < run["id"]:
-                        pending = next(history_iter, None)
-                    while pending is not None and pending[0] == run["id"]:
-                        pts.append(tuple(pending[1:]))
-                        pending = next(history_iter, None)
-                futures.add(pool.submit(log_run, run, pts))
-                if len(futures) >= threads * 4:
-                    done, futures = wait(futures, return_when="FIRST_COMPLETED")
-                    errors += [f.exception() for f in done if f.exception()]
-                    if errors:
-                        raise errors[0]
-                progress.update(n - len(futures))
-            done, _ = wait(futures)
-            errors += [f.exception() for f in done if f.exception()]
-            if errors:
-                raise errors[0]
-        rest_seconds = progress.done()
-        conn.close()
-        summary = {
-            "experiments": len(exp_map), "runs": len(run_map), "points": logged["points"],
-            "curve_points": curve_points, "curve_seconds": curve_seconds,
-            "curve_rate": curve_points / curve_seconds if curve_seconds else None,
-            "rest_seconds": rest_seconds, "threads": threads, "history": history,
-            "history_runs": len(history_for), "seconds": time.monotonic() - t_all,
+    t_all = time.monotonic()
+    store = SqlAlchemyStore(store_uri, artifact_root)
+    src = psycopg2.connect(dsn)
+    cur = src.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
+    cur.execute("""SELECT e.id, e.name, t.name AS team FROM experiments_experiment e
+                   JOIN experiments_team t ON t.id = e.team_id ORDER BY e.id""")
+    experiments = cur.fetchall()
+    exp_map: dict[int, str] = {}
+    locations: dict[int, str] = {}
+    progress = Progress("MLflow experiments (SqlAlchemyStore.create_experiment)", len(experiments))
+    for n, e in enumerate(experiments, 1):
+        exp_id = store.create_experiment(
+            f"{e['team']} / {e['name']}",
+            tags=[ExperimentTag("team", e["team"]), ExperimentTag("distillweb_experiment_id", str(e["id"]))],
+        )
+        exp_map[e["id"]] = exp_id
+        locations[e["id"]] = store.get_experiment(exp_id).artifact_location
+        progress.update(n)
+    progress.done()
+    cur.execute(MLFLOW_RUNS_SQL)
+    runs = cur.fetchall()
+    run_map = {r["id"]: uuid.uuid4().hex for r in runs}
+    run_rows, tag_rows, param_rows, final_rows = [], [], [], []
+    for run in runs:
+        rid = run_map[run["id"]]
+        cfg = run["config"] or {}
+        train = cfg.get("train") or {}
+        name = f"{run['student']} · {'baseline' if run['is_baseline'] else run['recipe']} · s{run['seed']}"
+        start = _ms(run["started_at"] or run["created_at"])
+        status = MLFLOW_STATUS[run["status"]]
+        end = _ms(run["finished_at"]) if status in ("FINISHED", "FAILED", "KILLED") else None
+        run_rows.append((rid, name, "UNKNOWN", "", "", "bench", status, start, end, "", "active",
+                         f"{locations[run['experiment_id']]}/{rid}/artifacts", exp_map[run["experiment_id"]]))
+        tags = {"mlflow.runName": name, "mlflow.user": "bench", "team": run["team"],
+                "distillweb_run_id": str(run["id"])}
+        tag_rows += [(k, v, rid) for k, v in tags.items()]
+        params = {
+            "student": run["student"], "teacher": run["teacher"] or "none", "recipe": run["recipe"],
+            "dataset": run["dataset"], "seed": run["seed"], "is_baseline": run["is_baseline"],
+            "scheme": cfg.get("scheme") or "none", "terms": _formula(run["terms"] or []) or "none",
+            "lr": train.get("lr"), "batch_size": train.get("batch_size"), "max_steps": train.get("max_steps"),
         }
-        self.mapping = {"seed": seed_token, "complete": True, "history": history,
-                        "experiments": {str(k): v for k, v in exp_map.items()},
-                        "runs": {str(k): v for k, v in run_map.items()}, "summary": summary}
-        self.map_file.write_text(json.dumps(self.mapping))
-        return {"reused": False, **summary}
+        param_rows += [(k, str(v), rid) for k, v in params.items()]
+        stamp = _ms(run["finished_at"] or run["started_at"] or run["created_at"]) or 0
+        final = {"accuracy": run["accuracy"], "macro_f1": run["macro_f1"], "params": run["param_count"],
+                 "latency_ms": run["latency_ms"]}
+        final_rows += [(f"final/{k}", float(v), stamp, rid, run["step"] or 0, False)
+                       for k, v in final.items() if v is not None]
+    dst = psycopg2.connect(store_uri.replace("postgresql+psycopg2://", "postgresql://"))
+    out = dst.cursor()
+    t0 = time.monotonic()
+    _copy_csv(out, "runs", ("run_uuid", "name", "source_type", "source_name", "entry_point_name", "user_id",
+                            "status", "start_time", "end_time", "source_version", "lifecycle_stage",
+                            "artifact_uri", "experiment_id"), run_rows)
+    _copy_csv(out, "tags", ("key", "value", "run_uuid"), tag_rows)
+    _copy_csv(out, "params", ("key", "value", "run_uuid"), param_rows)
+    _copy_csv(out, "metrics", ("key", "value", "timestamp", "run_uuid", "step", "is_nan"), final_rows)
+    log(f"  MLflow: {len(run_rows):,} runs, {len(tag_rows):,} tags, {len(param_rows):,} params in "
+        f"{time.monotonic() - t0:.1f} s")
+    # Every point: copied out of distillweb's table and into a staging table beside MLflow's, then into
+    # ``metrics`` with each run's uuid.
+    t0 = time.monotonic()
+    out.execute("CREATE UNLOGGED TABLE bench_runmap (run_id bigint PRIMARY KEY, run_uuid varchar(32))")
+    _copy_csv(out, "bench_runmap", ("run_id", "run_uuid"), run_map.items())
+    out.execute("CREATE UNLOGGED TABLE bench_points (run_id bigint, key varchar(250), value float8, "
+                "ts bigint, step bigint)")
+    import tempfile
 
-    @staticmethod
-    def mapping_marker(cur) -> str:
-        cur.execute("SELECT shobj_description(oid, 'pg_database') AS c FROM pg_database "
-                    "WHERE datname = current_database()")
-        return cur.fetchone()["c"]
-
-    @staticmethod
-    def _history_runs(runs: list[dict[str, Any]], curve_ids: set[int], history: str) -> set[int]:
-        """Runs whose metric histories are logged: ``all``, ``curves`` (only the 10 curve runs) or a number N
-        (the curve runs plus every k-th started run, N in all)."""
-        started = [r["id"] for r in runs if r["status"] != "queued"]
-        if history == "all":
-            return set(started)
-        if history == "curves":
-            return set(curve_ids)
-        n = int(history)
-        step = max(1, len(started) // max(n, 1))
-        return set(curve_ids) | set(started[::step][:n])
-
-    # --- timing ------------------------------------------------------------------------------------------
-    def timed(self, case: str, **kw: Any) -> dict[str, Any]:
-        exp_ids = list(self.mapping["experiments"].values())
-        curve = [self.mapping["runs"][str(i)] for i in kw.get("curve_runs", [])]
-        start = time.perf_counter()
-        if case == "search_runs":
-            result = self.client.search_runs(exp_ids, max_results=kw.get("max_results", 100),
-                                             order_by=["attributes.start_time DESC"])
-            count = len(result)
-        elif case == "search_runs_rest":
-            r = self.http.post(f"{self.uri}/api/2.0/mlflow/runs/search",
-                               json={"experiment_ids": exp_ids, "max_results": kw.get("max_results", 100),
-                                     "order_by": ["attributes.start_time DESC"]})
-            r.raise_for_status()
-            count = len(r.json().get("runs", []))
-        elif case == "history":
-            count = len(self.client.get_metric_history(curve[0], "loss"))
-        elif case == "history_rest":
-            r = self.http.get(f"{self.uri}/api/2.0/mlflow/metrics/get-history",
-                              params={"run_id": curve[0], "metric_key": "loss"})
-            r.raise_for_status()
-            count = len(r.json().get("metrics", []))
-        elif case == "history_all":
-            count = sum(len(self.client.get_metric_history(rid, "loss")) for rid in curve)
-        elif case == "sampled":
-            r = self.http.get(
-                f"{self.uri}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
-                params={"run_ids": curve, "metric_key": "loss", "max_results": MAX_TRACE_POINTS},
-            )
-            r.raise_for_status()
-            count = len(r.json().get("metrics", []))
-        else:
-            raise ValueError(case)
-        return {"seconds": time.perf_counter() - start, "count": count}
-
-    def ingest(self, points: int) -> dict[str, Any]:
-        """log_batch from one client into one running run, 1,000 metrics a request (MLflow's own limit)."""
-        from mlflow.entities import Metric
-
-        if self.ingest_run is None:
-            name = f"distillweb-scale ingest {secrets.token_hex(4)}"
-            exp = self.client.create_experiment(name)
-            self.ingest_run = self.client.create_run(exp).info.run_id
-            self.ingest_step = 0
-        steps = points // len(INGEST_NAMES)
-        first = self.ingest_step
-        stamp = int(time.time() * 1000)
-        start = time.perf_counter()
-        batch: list[Any] = []
-        for step in range(first, first + steps):
-            x = step / 50_000
-            values = {
-                "loss": 2.3 * math.exp(-x) + 0.1,
-                "ce": 0.9 * math.exp(-x) + 0.05,
-                "kd": 1.4 * math.exp(-x) + 0.05,
-                "lr": 1e-3 * (1 - x / 100),
-                "grad_norm": 1.0 + 0.1 * math.sin(step),
-            }
-            batch += [Metric(k, v, stamp, step) for k, v in values.items()]
-            if len(batch) >= 1000:
-                self.client.log_batch(self.ingest_run, metrics=batch)
-                batch = []
-        if batch:
-            self.client.log_batch(self.ingest_run, metrics=batch)
-        self.ingest_step = first + steps
-        return {"points": steps * len(INGEST_NAMES), "seconds": time.perf_counter() - start}
+    with tempfile.TemporaryFile(dir=BENCH_DIR) as spool:
+        src.cursor().copy_expert(
+            "COPY (SELECT run_id, name, value, (extract(epoch FROM wall_time) * 1000)::bigint, step "
+            "FROM experiments_metricpoint) TO STDOUT", spool)
+        spool.seek(0)
+        out.copy_expert("COPY bench_points FROM STDIN", spool)
+    out.execute("""
+        INSERT INTO metrics (key, value, timestamp, run_uuid, step, is_nan)
+        SELECT p.key, CASE WHEN p.value = 'NaN' THEN 0 ELSE p.value END, p.ts, m.run_uuid, p.step,
+               p.value = 'NaN'
+        FROM bench_points p JOIN bench_runmap m USING (run_id)""")
+    points = out.rowcount
+    log(f"  MLflow: {points:,} metric points in {time.monotonic() - t0:.1f} s")
+    t0 = time.monotonic()
+    out.execute("""
+        INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid)
+        SELECT DISTINCT ON (run_uuid, key) key, value, timestamp, step, is_nan, run_uuid
+        FROM metrics ORDER BY run_uuid, key, step DESC, timestamp DESC, value DESC""")
+    out.execute("DROP TABLE bench_points")
+    out.execute("DROP TABLE bench_runmap")
+    dst.commit()
+    dst.autocommit = True
+    dst.cursor().execute("VACUUM (ANALYZE)")
+    log(f"  MLflow: latest_metrics, VACUUM ANALYZE in {time.monotonic() - t0:.1f} s")
+    src.close()
+    dst.close()
+    return {
+        "experiments": {str(k): v for k, v in exp_map.items()},
+        "runs": {str(k): v for k, v in run_map.items()},
+        "summary": {"experiments": len(exp_map), "runs": len(run_map), "points": points,
+                    "final_metrics": len(final_rows), "params": len(param_rows),
+                    "seconds": time.monotonic() - t_all},
+    }
 
 
 def child_main(args: argparse.Namespace) -> int:
-    """Serve JSON-line requests from the parent; stdout carries only the answers."""
-    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    """In MLflow's venv: seed its store, write the id maps to ``--map-file`` and print its version."""
     sys.stdout = sys.stderr  # whatever MLflow prints goes to stderr
-    state = ChildState(args.tracking_uri, args.source_dsn, Path(args.map_file))
-    for line in sys.stdin:
-        request = json.loads(line)
-        op = request.pop("op")
-        try:
-            if op == "quit":
-                answers.write(json.dumps({"ok": True}) + "\n")
-                return 0
-            if op == "seed":
-                answer = state.seed(**request)
-            elif op == "time":
-                answer = state.timed(**request)
-            elif op == "ingest":
-                answer = state.ingest(**request)
-            elif op == "finish_ingest":
-                if state.ingest_run:
-                    state.client.set_terminated(state.ingest_run)
-                answer = {"ok": True}
-            elif op == "version":
-                import mlflow
+    import mlflow
 
-                answer = {"version": mlflow.__version__}
-            else:
-                raise ValueError(f"unknown op {op!r}")
-        except Exception as exc:  # report to the parent, which stops
-            import traceback
-
-            traceback.print_exc()
-            answer = {"error": f"{type(exc).__name__}: {exc}"}
-        answers.write(json.dumps(answer, default=str) + "\n")
+    result = mlflow_seed(dsn=args.source_dsn, store_uri=args.store_uri, artifact_root=args.artifact_root)
+    result.update(seed=args.seed_token, complete=True, version=mlflow.__version__)
+    Path(args.map_file).write_text(json.dumps(result))
     return 0
 
 
+def ensure_mlflow_store(mlflow_python: Path, db: str, source_db: str, seed_token: str, map_file: Path,
+                        reuse: bool) -> dict[str, Any]:
+    """MLflow's database seeded from ``source_db`` (recreated unless the map file says it holds this seed)."""
+    mapping = json.loads(map_file.read_text()) if map_file.exists() else {}
+    if reuse and database_comment(db) is not None and mapping.get("seed") == seed_token and \
+            mapping.get("complete"):
+        log(f"Reusing MLflow's database {db}.")
+        return {**mapping, "reused": True}
+    recreate_database(db)
+    map_file.unlink(missing_ok=True)
+    env = {**os.environ, **mlflow_env()}
+    for key in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL"):
+        env.pop(key, None)
+    artifacts = BENCH_DIR / "mlflow-scale-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    log(f"Seeding MLflow's store {db} from {source_db} (through its own storage layer)…")
+    subprocess.run(
+        [str(mlflow_python), str(Path(__file__).resolve()), "--mlflow-child",
+         "--source-dsn", pg_dsn(source_db),
+         "--store-uri", mlflow_store_uri(db), "--artifact-root", str(artifacts), "--map-file", str(map_file),
+         "--seed-token", seed_token],
+        env=env, cwd=BENCH_DIR, check=True,
+    )
+    return {**json.loads(map_file.read_text()), "reused": False}
+
+
 # =====================================================================================================
-# Orchestration
+# The cases: the same work on both sides
 # =====================================================================================================
 @dataclass
-class Sampled:
+class Side:
+    """One contender's way of doing a case: ``call(session)`` makes its HTTP requests, reads and parses
+    every body, and returns how many items (runs or points) it got."""
+
     label: str
+    call: Any
     samples: list[float] = field(default_factory=list)
     count: int = 0
+    requests: int = 1
 
     @property
     def p50(self) -> float:
@@ -1465,19 +1158,166 @@ class Sampled:
         return 1000 * percentile(self.samples, 95) if self.samples else math.nan
 
 
-def ensure_mlflow_database(db: str, seed_token: str, map_file: Path, reuse: bool, history: str) -> None:
-    """Recreate MLflow's database unless it holds exactly this distillweb seed (per the map file)."""
-    mapping = json.loads(map_file.read_text()) if map_file.exists() else {}
-    exists = database_comment(db) is not None
-    if reuse and exists and mapping.get("seed") == seed_token and mapping.get("complete") and \
-            mapping.get("history") == history:
-        log(f"Reusing MLflow's database {db}.")
-        return
-    recreate_database(db)
-    if map_file.exists():
-        map_file.unlink()
+@dataclass
+class Case:
+    key: str
+    label: str
+    ours: Side
+    theirs: Side
 
 
+def _get_json(session, url: str, **params: Any) -> Any:
+    response = session.get(url, params=params, timeout=300)
+    if response.status_code != 200:
+        raise AssertionError(f"{response.url} answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def _post_json(session, url: str, body: dict[str, Any]) -> Any:
+    response = session.post(url, json=body, timeout=300)
+    if response.status_code != 200:
+        raise AssertionError(f"{url} answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def build_cases(marker: dict[str, Any], mapping: dict[str, Any], dw: str, ml: str, n_curve: int,
+                list_experiment: int) -> list[Case]:
+    curve_runs = marker["curve_runs"]
+    uuids = [mapping["runs"][str(i)] for i in curve_runs]
+    all_experiments = list(mapping["experiments"].values())
+    one_experiment = mapping["experiments"][str(list_experiment)]
+    search = f"{ml}/api/2.0/mlflow/runs/search"
+    bulk = f"{ml}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval"
+
+    def dw_runs(session, **params: Any) -> int:
+        return len(_get_json(session, f"{dw}/api/runs/", **params)["results"])
+
+    def ml_runs(session, experiment_ids: list[str], **extra: Any) -> int:
+        body = {"experiment_ids": experiment_ids, "max_results": 50,
+                "order_by": ["attributes.start_time DESC"], **extra}
+        return len(_post_json(session, search, body).get("runs", []))
+
+    def ml_sampled(session, run_ids: list[str]) -> int:
+        return len(_get_json(session, bulk, run_ids=run_ids, metric_key="loss", max_results=MAX_TRACE_POINTS)
+                   .get("metrics", []))
+
+    sampled_points = {"n": MAX_TRACE_POINTS}
+
+    def dw_sampled(session) -> int:
+        body = _get_json(session, f"{dw}/api/runs/{curve_runs[0]}/metrics/", name="loss",
+                         max_points=sampled_points["n"])
+        return sum(len(series["steps"]) for series in body["series"])
+
+    def dw_full(session) -> int:
+        got, url, params = 0, f"{dw}/api/runs/{curve_runs[0]}/metrics/history/", {"name": "loss",
+                                                                                   "limit": 10_000}
+        while url:
+            body = _get_json(session, url, **params)
+            got += len(body["points"])
+            url, params = body["next"], {}
+        return got
+
+    def ml_full(session) -> int:
+        return len(_get_json(session, f"{ml}/api/2.0/mlflow/metrics/get-history", run_id=uuids[0],
+                             metric_key="loss").get("metrics", []))
+
+    def dw_compare(session) -> int:
+        response = session.get(f"{dw}/compare/", params={"runs": ",".join(map(str, curve_runs)),
+                                                         "metric": "loss"}, timeout=300)
+        if response.status_code != 200:
+            raise AssertionError(f"compare answered {response.status_code}")
+        traces = figure_traces(response.text, "curves-figure-data")
+        too_long = [t for t in traces if t[1] > MAX_TRACE_POINTS]
+        if too_long:
+            raise AssertionError(f"compare: traces over {MAX_TRACE_POINTS} points: {too_long}")
+        return sum(n for _, n in traces)
+
+    def ml_compare(session) -> int:
+        ids = ", ".join(f"'{u}'" for u in uuids)
+        ml_runs(session, all_experiments, filter=f"attributes.run_id IN ({ids})")
+        return ml_sampled(session, uuids)
+
+    cases = [
+        Case("list", f"List the 50 newest runs of {len(all_experiments)} experiments (10,000 runs)",
+             Side("`GET /api/runs/?limit=50`", lambda s: dw_runs(s, limit=50)),
+             Side("`runs/search`, every experiment, max_results 50", lambda s: ml_runs(s, all_experiments))),
+        Case("list_experiment", "List one experiment's runs (20)",
+             Side("`GET /api/runs/?experiment=…&limit=50`", lambda s: dw_runs(s, experiment=list_experiment,
+                                                                                limit=50)),
+             Side("`runs/search`, one experiment, max_results 50", lambda s: ml_runs(s, [one_experiment]))),
+        Case("sampled", f"A run's `loss` curve downsampled ({n_curve:,} points stored)",
+             Side("`GET /api/runs/{id}/metrics/?name=loss&max_points=N` (N: as many points as MLflow's)",
+                  dw_sampled),
+             Side(f"`get-history-bulk-interval` (1 run, max_results {MAX_TRACE_POINTS:,})",
+                  lambda s: ml_sampled(s, uuids[:1]))),
+        Case("full", f"A run's full `loss` history ({n_curve:,} points)",
+             Side("`GET /api/runs/{id}/metrics/history/?name=loss&limit=10000`, every page", dw_full,
+                  requests=math.ceil(n_curve / 10_000)),
+             Side("`metrics/get-history` (one response)", ml_full)),
+        Case("compare", f"Compare {len(curve_runs)} runs × {n_curve:,} points (`loss`)",
+             Side("the compare page `/compare/?runs=…&metric=loss` (HTML with the figure)", dw_compare),
+             Side(f"`runs/search` for the 10 runs + `get-history-bulk-interval` (10 runs, max_results "
+                  f"{MAX_TRACE_POINTS:,})", ml_compare, requests=2)),
+    ]
+    cases[2].sampled_points = sampled_points  # type: ignore[attr-defined]
+    return cases
+
+
+def measure(args: argparse.Namespace, marker: dict[str, Any], mapping: dict[str, Any], dw: Server,
+            ml: Server, session_cookie: tuple[str, str], loads: list[float]) -> list[Case]:
+    import requests
+
+    from experiments.models import Run
+
+    n_curve = marker["scale"][2]
+    list_experiment = Run.objects.filter(id=marker["curve_runs"][0]).values_list("experiment_id",
+                                                                                 flat=True).get()
+    cases = build_cases(marker, mapping, dw.uri, ml.uri, n_curve, list_experiment)
+    ours, theirs = requests.Session(), requests.Session()  # one client library, keep-alive on both
+    ours.cookies.set(*session_cookie)
+    # Equal work for the downsampled curve: ask distillweb for at least as many points as MLflow returns (its
+    # min/max buckets return fewer than max_points where a bucket's lowest and highest point are one).
+    sampled = next(c for c in cases if c.key == "sampled")
+    wanted = sampled.theirs.call(theirs)
+    asked = sampled.sampled_points  # type: ignore[attr-defined]
+    asked["n"] = max(4, wanted)
+    got = sampled.ours.call(ours)
+    while got < wanted and asked["n"] < 10_000:  # ask for more, as long as more points come back
+        before = asked["n"], got
+        asked["n"] = min(10_000, asked["n"] * wanted // max(got, 1) + 2)
+        if (got := sampled.ours.call(ours)) <= before[1]:  # a long run's rollups bound the resolution
+            asked["n"], got = before
+            break
+    log(f"  sampled: max_points={asked['n']} gives distillweb {got:,} points, MLflow {wanted:,}")
+    for case in cases:  # correctness and the first warm-up
+        case.ours.count, case.theirs.count = case.ours.call(ours), case.theirs.call(theirs)
+        log(f"  {case.key}: distillweb → {case.ours.count:,}, MLflow → {case.theirs.count:,}")
+    rounds = args.warmup + args.requests
+    progress = Progress("timing rounds (distillweb and MLflow interleaved)", rounds)
+    for r in range(rounds):
+        for case in cases:
+            pair = [(case.ours, ours), (case.theirs, theirs)]
+            if r % 2:
+                pair.reverse()  # alternate who goes first
+            for side, session in pair:
+                if case.key == "full" and side is case.theirs and r >= args.warmup + args.full_rounds:
+                    continue
+                if case.key == "full" and side is case.ours and r >= args.warmup + args.full_rounds:
+                    continue
+                start = time.perf_counter()
+                side.call(session)
+                elapsed = time.perf_counter() - start
+                if r >= args.warmup:
+                    side.samples.append(elapsed)
+        loads.append(os.getloadavg()[0])
+        progress.update(r + 1, force=True)
+    progress.done()
+    return cases
+
+
+# =====================================================================================================
+# Report
+# =====================================================================================================
 def machine_line(loads: list[float]) -> str:
     cpu = ""
     try:
@@ -1506,307 +1346,46 @@ def fmt_ms(value: float) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", default="distillweb_scale")
-    parser.add_argument("--mlflow-db", default="mlflow_scale")
-    parser.add_argument("--reuse", action="store_true", help="keep seeded databases that match this scale")
-    parser.add_argument("--scale", type=float, default=1.0, help="1.0 = 10,000 runs and 5,000,000 points")
-    parser.add_argument("--requests", type=int, default=30, help="timed requests per page (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--ingest-points", type=int, default=500_000)
-    parser.add_argument("--mlflow-python", type=Path, default=None)
-    parser.add_argument(
-        "--mlflow-threads", type=int, default=4, help="clients logging runs to MLflow in parallel"
-    )
-    parser.add_argument(
-        "--mlflow-history",
-        default="1000",
-        help="metric histories logged to MLflow besides the 10 curves: all, curves, or N runs",
-    )
-    parser.add_argument("--mlflow-ingest-points", type=int, default=100_000)
-    parser.add_argument("--mlflow-full-compare-rounds", type=int, default=5,
-                        help="rounds that fetch the 10 full 100k-point histories from MLflow (slow)")
-    parser.add_argument("--readme", action="store_true", help="write the results into benchmarks/README.md")
-    parser.add_argument("--seed-only", action="store_true", help="seed (or check) the databases and stop")
-    parser.add_argument("--mlflow-child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--tracking-uri", help=argparse.SUPPRESS)
-    parser.add_argument("--source-dsn", help=argparse.SUPPRESS)
-    parser.add_argument("--map-file", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.mlflow_child:
-        return child_main(args)
-    signal.signal(signal.SIGTERM, _terminate)  # run the finally blocks: stop MLflow's server
-
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    if args.mlflow_python:
-        args.mlflow_python = args.mlflow_python.absolute()  # not resolve(): the venv's python is a symlink
-    scale = Scale.of(args.scale)
-    db = args.db if args.scale == 1.0 else f"{args.db}_{str(args.scale).replace('.', '_')}"
-    mlflow_db = (
-        args.mlflow_db if args.scale == 1.0 else f"{args.mlflow_db}_{str(args.scale).replace('.', '_')}"
-    )
-    command = "$ .venv/bin/python benchmarks/dashboard_scale.py " + " ".join(argv or sys.argv[1:])
-    loads: list[float] = [os.getloadavg()[0]]
-    info = ensure_seeded(scale, db, args.reuse)
-    marker = info.marker
-    if args.seed_only and not args.mlflow_python:
-        return 0
-
-    server = child = None
-    mlflow_seed: dict[str, Any] | None = None
-    mlflow_version = ""
-    if args.mlflow_python:
-        map_file = BENCH_DIR / f"{mlflow_db}-map.json"
-        ensure_mlflow_database(mlflow_db, marker["seed"], map_file, args.reuse, args.mlflow_history)
-        server = MlflowServer(args.mlflow_python, mlflow_db)
-    try:
-        if server is not None:
-            server.start()
-            child = MlflowChild(args.mlflow_python, server.uri, db, BENCH_DIR / f"{mlflow_db}-map.json")
-            mlflow_version = child.call("version")["version"]
-            log(f"Logging the same runs to MLflow {mlflow_version} ({args.mlflow_threads} clients; history: "
-                f"{args.mlflow_history})…")
-            mlflow_seed = child.call("seed", seed_token=marker["seed"], threads=args.mlflow_threads,
-                                     history=args.mlflow_history)
-            log(f"MLflow seeded: {json.dumps(mlflow_seed)}")
-            if args.seed_only:
-                return 0
-        results = measure(args, marker, child, loads)
-    finally:
-        if child is not None:
-            child.close()
-        if server is not None:
-            server.stop()
-    report = render(args, scale, info, marker, results, mlflow_seed, mlflow_version, loads, command)
-    print(report)
-    (BENCH_DIR / "dashboard_scale.md").write_text(report)
-    if args.readme:
-        write_readme(report)
-    failures = results["failures"]
-    for failure in failures:
-        log(f"MISSED: {failure}")
-    return 0
-
-
-def measure(args: argparse.Namespace, marker: dict[str, Any], child: MlflowChild | None,
-            loads: list[float]) -> dict[str, Any]:
-    from django.contrib.auth import get_user_model
-    from django.test import Client
-
-    import distillweb.wsgi  # noqa: F401  the serving entry point: its start-up (gc.freeze) applies here too
-
-    user = get_user_model().objects.get(username=marker["user"])
-    client = Client()
-    client.force_login(user)
-    curve_runs = marker["curve_runs"]
-    n_exp, _, n_curve = marker["scale"]
-    from experiments.models import Evaluation
-
-    board = Evaluation.objects.filter(dataset_id=marker["leaderboard_dataset"], role="student",
-                                      run__status="succeeded").count()
-    pages = [
-        PageCase("list", f"Experiment list (page 1 of {n_exp} experiments, 25 a page)", "/experiments/"),
-        PageCase(
-            "leaderboard",
-            "Leaderboard (team A's bbc-news" + (f", {board:,} finished runs)" if board else ")"),
-            f"/leaderboard/{marker['leaderboard_dataset']}/",
-        ),
-        PageCase(
-            "run",
-            f"Run page (a run with {n_curve:,} loss points)",
-            f"/runs/{curve_runs[0]}/",
-            ("loss-figure-data", "eval-figure-data"),
-        ),
-        PageCase(
-            "compare",
-            f"Compare {len(curve_runs)} runs × {n_curve:,} points (loss)",
-            f"/compare/?runs={','.join(map(str, curve_runs))}&metric=loss",
-            ("curves-figure-data",),
-        ),
-    ]
-    ml: dict[str, Sampled] = {}
-    ml_cases: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
-        "list": [
-            ("search_runs", f"search_runs ({n_exp} experiments, 100 a page), client", {"max_results": 100}),
-            ("search_runs_rest", "runs/search (100 a page), raw HTTP", {"max_results": 100}),
-        ],
-        "run": [
-            ("history", f"get_metric_history ({n_curve:,} points), client", {"curve_runs": curve_runs[:1]}),
-            ("history_rest", "metrics/get-history, raw HTTP", {"curve_runs": curve_runs[:1]}),
-            (
-                "sampled1",
-                "get-history-bulk-interval (1 run, ≤2,000 points), raw HTTP",
-                {"curve_runs": curve_runs[:1]},
-            ),
-        ],
-        "compare": [
-            (
-                "sampled10",
-                "get-history-bulk-interval (10 runs, ≤2,000 points each), raw HTTP",
-                {"curve_runs": curve_runs},
-            ),
-            ("history_all", "get_metric_history × 10 runs, client", {"curve_runs": curve_runs}),
-        ],
-    }
-    for cases in ml_cases.values():
-        for key, label, _ in cases:
-            ml[key] = Sampled(label)
-
-    # Correctness and query counts first (also the first warm-up).
-    for case in pages:
-        count_queries(client, case)
-        log(f"  {case.key}: {case.queries} queries, {case.sql_ms:.1f} ms in SQL, {case.bytes:,} bytes"
-            + (f", traces {case.traces}" if case.traces else ""))
-    rounds = args.warmup + args.requests
-    progress = Progress("timing rounds (distillweb and MLflow interleaved)", rounds)
-    for r in range(rounds):
-        record = r >= args.warmup
-        for case in pages:
-            elapsed = time_request(client, case)
-            if record:
-                case.samples.append(elapsed)
-            if child is None:
-                continue
-            for key, _, kw in ml_cases.get(case.key, []):
-                if key == "history_all" and (
-                    not record or len(ml[key].samples) >= args.mlflow_full_compare_rounds
-                ):
-                    continue
-                op = "sampled" if key.startswith("sampled") else key
-                answer = child.call("time", case=op, **kw)
-                if record:
-                    ml[key].samples.append(answer["seconds"])
-                    ml[key].count = answer["count"]
-        loads.append(os.getloadavg()[0])
-        progress.update(r + 1, force=True)
-    progress.done()
-
-    explain: list[str] = []
-    failures: list[str] = []
-    for case in pages:
-        p95 = 1000 * percentile(case.samples, 95)
-        if p95 > TARGET_P95_MS:
-            failures.append(f"{case.label}: p95 {p95:.0f} ms > {TARGET_P95_MS:.0f} ms")
-            explain_slow(client, case, explain)
-    if explain:
-        path = BENCH_DIR / "dashboard_scale_explain.txt"
-        path.write_text("\n".join(explain))
-        log(f"EXPLAIN ANALYZE and profiles of the pages over target: {path}")
-
-    # Ingestion, interleaved: distillweb half, MLflow half, distillweb half, MLflow half.
-    ingest = DistillwebIngest(marker)
-    ml_ingest: list[tuple[int, float]] = []
-    try:
-        for half in range(2):
-            points = args.ingest_points // 2 if half == 0 else args.ingest_points - args.ingest_points // 2
-            n, seconds = ingest.ingest(points)
-            log(f"  distillweb RunReporter: {n:,} points in {seconds:.1f} s = {n / seconds:,.0f} points/s")
-            loads.append(os.getloadavg()[0])
-            if child is not None:
-                answer = child.call("ingest", points=args.mlflow_ingest_points // 2)
-                ml_ingest.append((answer["points"], answer["seconds"]))
-                log(f"  MLflow log_batch: {answer['points']:,} points in {answer['seconds']:.1f} s = "
-                    f"{answer['points'] / answer['seconds']:,.0f} points/s")
-                loads.append(os.getloadavg()[0])
-        stored = ingest.stored()
-        if stored != sum(n for n, _ in ingest.samples):
-            failures.append(f"ingestion stored {stored} points, expected {sum(n for n, _ in ingest.samples)}")
-        if child is not None:
-            child.call("finish_ingest")
-    finally:
-        ingest.cleanup()
-    dw_points = sum(n for n, _ in ingest.samples)
-    dw_rate = dw_points / sum(s for _, s in ingest.samples)
-    if dw_rate < TARGET_INGEST:
-        failures.append(f"ingestion {dw_rate:,.0f} points/s < {TARGET_INGEST:,}")
-    ml_rate = (sum(n for n, _ in ml_ingest) / sum(s for _, s in ml_ingest)) if ml_ingest else None
-    return {
-        "pages": pages,
-        "mlflow": ml,
-        "ml_cases": ml_cases,
-        "dw_ingest": (dw_points, dw_rate, ingest.mean_batch),
-        "ml_ingest": (sum(n for n, _ in ml_ingest), ml_rate),
-        "failures": failures,
-    }
-
-
-def render(args, scale: Scale, info: SeedInfo, marker: dict[str, Any], results: dict[str, Any],
-           mlflow_seed: dict[str, Any] | None, mlflow_version: str, loads: list[float], command: str) -> str:
-    pages: list[PageCase] = results["pages"]
-    ml: dict[str, Sampled] = results["mlflow"]
-    ml_cases = results["ml_cases"]
+def render(args, scale: Scale, info: SeedInfo, marker: dict[str, Any], cases: list[Case],
+           mapping: dict[str, Any], loads: list[float], command: str, failures: list[str]) -> str:
     out = []
     seeded = marker.get("seed_seconds", {})
     statuses = ", ".join(f"{n:,} {s}" for s, n in marker.get("statuses", {}).items())
+    summary = mapping["summary"]
     out.append(
-        f"Data: {marker['runs']:,} runs ({statuses}) in {scale.experiments} experiments of 2 teams, "
-        f"{marker.get('evaluations', 0):,} evaluations, {marker['points']:,} metric points "
-        f"({CURVE_RUNS} runs × {scale.curve_points:,} `loss` points, "
-        "the rest spread over every started run). "
-        f"Seeding (COPY + INSERT … SELECT generate_series, `rollups.rebuild()`, then VACUUM ANALYZE): "
-        f"{seeded.get('total', 0):.0f} s in all, of which metric points {seeded.get('metric points', 0):.0f} "
-        f"s"
-        + (f" and their rollups {seeded['rollups']:.0f} s" if "rollups" in seeded else "")
-        + (" (reused this run)." if not info.seconds else ".")
+        f"Data (the same in both stores): {marker['runs']:,} runs ({statuses}) in {scale.experiments} "
+        f"experiments, {marker['points']:,} metric points ({CURVE_RUNS} runs × {scale.curve_points:,} `loss` "
+        "points, the rest spread over every started run). distillweb's database seeded with COPY and "
+        f"INSERT … SELECT generate_series in {seeded.get('total', 0):.0f} s; "
+        f"MLflow {mapping.get('version')}'s "
+        f"from it through its `SqlAlchemyStore` (schema, experiments) and COPY into its `runs`, `tags`, "
+        f"`params`, `metrics` (all {summary['points']:,} points) and `latest_metrics` tables in "
+        f"{summary['seconds']:.0f} s" + (" (both reused this run)." if mapping.get("reused") else ".")
     )
     out.append("")
     out.append(
-        f"Server time in-process (Django test `Client`, DEBUG off, logged in as a member of both teams), "
-        f"{args.requests} requests per page after {args.warmup} warm-up rounds, interleaved with the MLflow "
-        f"calls; MLflow times are the client's wall time around each call (server + HTTP + parsing)."
+        "HTTP vs HTTP: each server has one worker (distillweb: gunicorn, 1 gthread worker, 1 thread, "
+        "DEBUG off; "
+        "MLflow: `mlflow server --workers 1`), both on Postgres on this machine; one client "
+        "(`requests.Session`, keep-alive on both) reads and parses every response body; the two sides "
+        f"alternate (A, B then B, A), {args.requests} timed rounds after {args.warmup} warm-up rounds"
+        + (f" ({args.full_rounds} for the full histories)" if args.full_rounds < args.requests else "")
+        + ". Times are the client's wall time for all the requests a side needs for the work."
     )
     out.append("")
-    out.append("| page | p50 ms | p95 ms | SQL queries (ms) | points per trace (max) | MLflow equivalent "
-               "| MLflow p50 ms | MLflow p95 ms | MLflow / distillweb (p50) |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
-    for case in pages:
-        p50 = 1000 * statistics.median(case.samples)
-        p95 = 1000 * percentile(case.samples, 95)
-        traces = f"{max(n for _, n in case.traces):,} ({len(case.traces)} traces)" if case.traces else "—"
-        mark = "" if p95 <= TARGET_P95_MS else " ✗"
-        cases = ml_cases.get(case.key) or [(None, "—", {})]
-        for k, (key, label, _) in enumerate(cases):
-            sample = ml.get(key) if key else None
-            ratio = f"{sample.p50 / p50:.1f}×" if sample and sample.samples else "—"
-            mp50 = fmt_ms(sample.p50) if sample and sample.samples else "—"
-            mp95 = fmt_ms(sample.p95) if sample and sample.samples else "—"
-            n = (
-                f" (n={len(sample.samples)})"
-                if sample and sample.samples and len(sample.samples) != args.requests
-                else ""
-            )
-            if sample and sample.samples:
-                n += f" → {sample.count:,} {'runs' if key.startswith('search') else 'points'}"
-            if k == 0:
-                out.append(f"| {case.label} | {fmt_ms(p50)} | {fmt_ms(p95)}{mark} | {case.queries} "
-                           f"({case.sql_ms:.0f}) | {traces} "
-                           f"| {label}{n} | {mp50} | {mp95} | {ratio} |")
-            else:
-                out.append(f"| | | | | | {label}{n} | {mp50} | {mp95} | {ratio} |")
-    out.append("")
-    dw_points, dw_rate, dw_batch = results["dw_ingest"]
-    ml_points, ml_rate = results["ml_ingest"]
-    out.append("| ingestion | points | points/s |")
-    out.append("|---|---|---|")
-    out.append(f"| distillweb `RunReporter` as `workers.tasks` drives it (5 metrics a step; its writes held "
-               f"{dw_batch:,.0f} points on average) | {dw_points:,} | {dw_rate:,.0f} |")
-    if ml_rate:
+    out.append("| work | distillweb | got | p50 ms | p95 ms | MLflow | got | p50 ms | p95 ms "
+               "| MLflow / distillweb (p50) |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    for case in cases:
+        ratio = case.theirs.p50 / case.ours.p50
+        mark = "" if ratio >= TARGET_RATIO else " ✗"
+        unit = "runs" if case.key.startswith("list") else "points"
+        reqs = lambda side: f" ({side.requests} requests)" if side.requests > 1 else ""  # noqa: E731
         out.append(
-            f"| MLflow `log_batch` (1,000 metrics a request, one client) | {ml_points:,} | {ml_rate:,.0f} |"
-        )
-    if mlflow_seed:
-        out.append("")
-        hist = mlflow_seed.get("history")
-        out.append(
-            f"MLflow {mlflow_version} (`mlflow server --workers 1`, its own Postgres database): "
-            f"{mlflow_seed['experiments']} experiments, {mlflow_seed['runs']:,} runs with 11 params, 2 tags "
-            f"and their final metrics, {mlflow_seed['points']:,} history points "
-            f"(histories: {hist}, {mlflow_seed['history_runs']:,} runs), logged through its REST API in "
-            f"{mlflow_seed['seconds']:.0f} s ({mlflow_seed['threads']} clients); the 10 curves "
-            f"({mlflow_seed['curve_points']:,} points) by one client at "
-            f"{mlflow_seed['curve_rate']:,.0f} points/s"
-            + (" (reused this run)." if mlflow_seed.get("reused") else ".")
+            f"| {case.label} | {case.ours.label}{reqs(case.ours)} | {case.ours.count:,} {unit} "
+            f"| {fmt_ms(case.ours.p50)} | {fmt_ms(case.ours.p95)} | {case.theirs.label}{reqs(case.theirs)} "
+            f"| {case.theirs.count:,} {unit} | {fmt_ms(case.theirs.p50)} | {fmt_ms(case.theirs.p95)} "
+            f"| **{ratio:.1f}×**{mark} |"
         )
     out.append("")
     out.append(f"Machine: {machine_line(loads)}.")
@@ -1814,9 +1393,9 @@ def render(args, scale: Scale, info: SeedInfo, marker: dict[str, Any], results: 
     out.append("```")
     out.append(command)
     out.append("```")
-    if results["failures"]:
+    if failures:
         out.append("")
-        out.append("Missed targets: " + "; ".join(results["failures"]) + ".")
+        out.append("Below the target: " + "; ".join(failures) + ".")
     return "\n".join(out) + "\n"
 
 
@@ -1828,21 +1407,82 @@ BEGIN, END = "<!-- dashboard_scale:begin -->", "<!-- dashboard_scale:end -->"
 
 
 def write_readme(report: str) -> None:
-    """Put the generated block between the markers of the dashboard-at-scale section (created at the end of
-    benchmarks/README.md if missing); the text around the markers is kept."""
+    """Put the generated block between the markers of the dashboard section of benchmarks/README.md; the text
+    around the markers is kept."""
     path = REPO / "benchmarks" / "README.md"
     text = path.read_text()
     block = f"{BEGIN}\n{report}{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = (
-            text.rstrip("\n")
-            + "\n\n## Dashboard at scale: 10,000 runs, 5,000,000 points, vs MLflow\n\n"
-            + block
-            + "\n"
-        )
-    path.write_text(text)
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} … {END} block")
+    path.write_text(text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", default="distillweb_scale")
+    parser.add_argument("--mlflow-db", default="mlflow_scale")
+    parser.add_argument("--reuse", action="store_true", help="keep seeded databases that match this scale")
+    parser.add_argument("--scale", type=float, default=1.0, help="1.0 = 10,000 runs and 5,000,000 points")
+    parser.add_argument("--requests", type=int, default=30, help="timed rounds (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--full-rounds", type=int, default=10,
+                        help="timed rounds of the full-history case (each moves the whole curve twice)")
+    parser.add_argument("--mlflow-python", type=Path, default=None)
+    parser.add_argument("--readme", action="store_true", help="write the results into benchmarks/README.md")
+    parser.add_argument("--seed-only", action="store_true", help="seed (or check) the databases and stop")
+    parser.add_argument("--mlflow-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--source-dsn", help=argparse.SUPPRESS)
+    parser.add_argument("--store-uri", help=argparse.SUPPRESS)
+    parser.add_argument("--artifact-root", help=argparse.SUPPRESS)
+    parser.add_argument("--map-file", help=argparse.SUPPRESS)
+    parser.add_argument("--seed-token", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.mlflow_child:
+        return child_main(args)
+    signal.signal(signal.SIGTERM, _terminate)  # run the finally blocks: stop both servers
+
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    scale = Scale.of(args.scale)
+    suffix = "" if args.scale == 1.0 else f"_{str(args.scale).replace('.', '_')}"
+    db, mlflow_db = f"{args.db}{suffix}", f"{args.mlflow_db}{suffix}"
+    command = "$ .venv/bin/python benchmarks/dashboard_scale.py " + " ".join(argv or sys.argv[1:])
+    loads: list[float] = [os.getloadavg()[0]]
+    info = ensure_seeded(scale, db, args.reuse)
+    marker = info.marker
+    if args.mlflow_python is None:
+        if args.seed_only:
+            return 0
+        parser.error("--mlflow-python (the python of a venv with mlflow and psycopg2-binary) is required")
+    mlflow_python = args.mlflow_python.absolute()  # not resolve(): the venv's python is a symlink
+    mapping = ensure_mlflow_store(mlflow_python, mlflow_db, db, marker["seed"],
+                                  BENCH_DIR / f"{mlflow_db}-map.json", args.reuse)
+    if args.seed_only:
+        return 0
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    client = Client()
+    client.force_login(get_user_model().objects.get(username=marker["user"]))
+    cookie = client.cookies["sessionid"]
+    servers = [distillweb_server(), mlflow_server(mlflow_python, mlflow_db)]
+    servers[0].headers = {"Cookie": f"sessionid={cookie.value}"}
+    try:
+        for server in servers:
+            server.start()
+        cases = measure(args, marker, mapping, servers[0], servers[1], ("sessionid", cookie.value), loads)
+    finally:
+        for server in servers:
+            server.stop()
+    failures = [f"{c.label}: {c.theirs.p50 / c.ours.p50:.1f}× < {TARGET_RATIO:.0f}×" for c in cases
+                if c.theirs.p50 / c.ours.p50 < TARGET_RATIO]
+    report = render(args, scale, info, marker, cases, mapping, loads, command, failures)
+    print(report)
+    (BENCH_DIR / "dashboard_scale.md").write_text(report)
+    if args.readme:
+        write_readme(report)
+    for failure in failures:
+        log(f"MISSED: {failure}")
+    return 0
 
 
 if __name__ == "__main__":
