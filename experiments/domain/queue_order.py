@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from django.db.models import Case, Exists, F, OuterRef, Q, Value, When, Window
-from django.db.models.functions import RowNumber
+from django.db import connection
+from django.db.models import Case, F, Max, When, Window
 
 from experiments.models import Run
 
@@ -37,18 +37,18 @@ def serve_order(ready: Iterable[tuple[int, int, bool, Any]]) -> list[int]:
     """The run ids of one queue in the order its workers take them.
 
     ``ready``: (id, experiment id, is baseline, ready_at) of every ready queued run of the queue. Sorted by
-    sending time; then every baseline with a distilled run of its experiment sent after it moves to the end,
-    in its order, as its yielded message does.
+    sending time (then id); then every baseline with a distilled run of its experiment sent strictly later
+    moves to the end, in its order, as its yielded message does.
     """
     rows = sorted(ready, key=lambda r: (r[3], r[0]))
-    last_distilled: dict[int, int] = {}
-    for index, (_, experiment_id, is_baseline, _) in enumerate(rows):
+    last_distilled: dict[int, Any] = {}
+    for _, experiment_id, is_baseline, ready_at in rows:
         if not is_baseline:
-            last_distilled[experiment_id] = index
+            last_distilled[experiment_id] = ready_at
     stays, yields = [], []
-    for index, (run_id, experiment_id, is_baseline, _) in enumerate(rows):
-        behind = is_baseline and last_distilled.get(experiment_id, -1) > index
-        (yields if behind else stays).append(run_id)
+    for run_id, experiment_id, is_baseline, ready_at in rows:
+        later = last_distilled.get(experiment_id)
+        (yields if is_baseline and later is not None and later > ready_at else stays).append(run_id)
     return stays + yields
 
 
@@ -56,27 +56,33 @@ def _ready_queued():
     return Run.objects.filter(status=Run.Status.QUEUED, waiting_for__isnull=True, cancel_requested=False)
 
 
-def _ranked(queues: set[str]):
-    """The ready queued runs of ``queues`` with their ``place``: ``serve_order``'s rule as a window."""
-    later_distilled = _ready_queued().filter(
-        Q(ready_at__gt=OuterRef("ready_at")) | Q(ready_at=OuterRef("ready_at"), id__gt=OuterRef("id")),
-        experiment_id=OuterRef("experiment_id"), queue=OuterRef("queue"), is_baseline=False,
-    )
-    gives_turn = Case(When(is_baseline=True, then=Exists(later_distilled)), default=Value(False))
-    return _ready_queued().filter(queue__in=queues).annotate(
-        place=Window(RowNumber(), partition_by=[F("queue")],
-                     order_by=[gives_turn.asc(), F("ready_at").asc(), F("id").asc()]),
-    )
-
-
 def annotate_positions(runs: Sequence[Run]) -> None:
     """Set ``_queue_position`` on each run (read through ``Run.queue_position``): its 1-based place in its
-    queue when it is queued and waits for no other run, else None. One query for all the runs."""
+    queue when it is queued and waits for no other run, else None.
+
+    One query for all the runs: ``serve_order``'s rule as two window passes over the ready runs of their
+    queues (the last distilled run of each experiment, then the rank), narrowed to the runs asked about only
+    after ranking."""
     wanted = {run.pk: run.queue for run in runs
               if run.status == Run.Status.QUEUED and run.waiting_for_id is None}
     places: dict[int, int] = {}
     if wanted:
-        places = dict(_ranked(set(wanted.values())).filter(id__in=list(wanted)).values_list("id", "place"))
+        ready = _ready_queued().filter(queue__in=set(wanted.values())).annotate(
+            last_distilled=Window(Max(Case(When(is_baseline=False, then=F("ready_at")))),
+                                  partition_by=[F("experiment_id"), F("queue")]),
+        ).values("id", "queue", "ready_at", "is_baseline", "last_distilled")
+        sql, params = ready.query.sql_with_params()
+        ids = list(wanted)
+        marks = ", ".join(["%s"] * len(ids))
+        # A baseline with a distilled run of its experiment sent strictly after it goes behind the others.
+        gives_turn = ("CASE WHEN r.is_baseline AND r.last_distilled IS NOT NULL "
+                      "AND r.ready_at < r.last_distilled THEN 1 ELSE 0 END")
+        ranked = (f"SELECT r.id, ROW_NUMBER() OVER (PARTITION BY r.queue ORDER BY {gives_turn}, r.ready_at, "
+                  f"r.id) AS place FROM ({sql}) r")
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT ranked.id, ranked.place FROM ({ranked}) ranked "
+                           f"WHERE ranked.id IN ({marks})", [*params, *ids])
+            places = dict(cursor.fetchall())
     for run in runs:
         run._queue_position = places.get(run.pk)
 

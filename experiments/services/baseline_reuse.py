@@ -41,7 +41,7 @@ def _copy_rows(model, *, columns: list[str], source_id: int, run_id: int) -> Non
     run_column = connection.ops.quote_name(model._meta.get_field("run").column)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO {table} ({run_column}, {names}) SELECT %s, {names} FROM {table} "  # noqa: S608
+            f"INSERT INTO {table} ({run_column}, {names}) SELECT %s, {names} FROM {table} "
             f"WHERE {run_column} = %s",
             [run_id, source_id],
         )

@@ -92,7 +92,7 @@ def run_yield_turn(*, run_id: int, task_id: str) -> bool:
         later = (Run.objects.filter(experiment_id=run["experiment_id"], queue=run["queue"],
                                     status=Run.Status.QUEUED, is_baseline=False, waiting_for__isnull=True,
                                     cancel_requested=False)
-                 .filter(Q(ready_at__gt=run["ready_at"]) | Q(ready_at=run["ready_at"], id__gt=run_id)))
+                 .filter(ready_at__gt=run["ready_at"]))
         if not later.exists():
             return False
         if not Run.objects.filter(id=run_id, status=Run.Status.QUEUED, ready_at=run["ready_at"]).update(

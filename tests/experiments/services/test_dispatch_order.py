@@ -219,3 +219,9 @@ def test_places_from_the_database_follow_serve_order_on_mixed_queues(digits_setu
         expected |= {run_id: place for place, run_id in enumerate(queue_order.serve_order(ready), start=1)}
     assert {r.id: r.queue_position for r in runs} == {**expected, waiting.id: None}
     assert len(expected) == len(runs) - 1
+    # One experiment's table: its runs' places among every ready run of their queues, not among themselves.
+    table = list(Run.objects.filter(experiment=experiments[1]))
+    queue_order.annotate_positions(table)
+    assert {r.id: r.queue_position for r in table} == {r.id: expected[r.id] for r in table}
+    one = Run.objects.get(id=table[-1].id)
+    assert one.queue_position == expected[one.id]
