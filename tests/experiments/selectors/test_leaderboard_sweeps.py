@@ -35,6 +35,8 @@ def _launch(digits_setup, team, user, *, train, term_sweeps=None, seeds=(0, 1), 
             seeds=list(seeds),
             train={"max_steps": 10, **train},
             term_sweeps=term_sweeps or {},
+            # These tests write each run's evaluation by hand: an identical baseline is trained, not reused.
+            reuse_baselines=False,
         )
 
 
