@@ -217,3 +217,17 @@ def test_the_models_list_shows_task_and_parameters(page, live_server, records, j
     expect(bert.locator("td[data-params]")).not_to_have_text("—")
     screenshot("models-task-and-params")
     assert js_errors == []
+
+
+def test_the_pickers_fit_a_phone_screen(page, live_server, records, js_errors, screenshot):
+    page.set_viewport_size({"width": 390, "height": 844})
+    _log_in(page, live_server)
+    page.goto(live_server.url + "/experiments/new/")
+    page.select_option("select[name=dataset]", label="digits")
+    page.select_option("select[name=students]", value=[_pk("mlp-16"), _pk("mlp-32"), _pk("teacher-mlp")])
+
+    expect(_field(page, "students").locator(".chip")).to_have_count(3)
+    width = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], f"the form scrolls sideways ({width[0]} px on a {width[1]} px screen)"
+    screenshot("setup-pickers-390")
+    assert js_errors == []
