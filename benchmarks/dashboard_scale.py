@@ -1238,7 +1238,8 @@ def build_cases(marker: dict[str, Any], mapping: dict[str, Any], dw: str, ml: st
         return ml_sampled(session, uuids)
 
     cases = [
-        Case("list", f"List the 50 newest runs of {len(all_experiments)} experiments (10,000 runs)",
+        Case("list", f"List the 50 newest runs of {len(all_experiments)} experiments "
+                     f"({len(mapping['runs']):,} runs)",
              Side("`GET /api/runs/?limit=50`", lambda s: dw_runs(s, limit=50)),
              Side("`runs/search`, every experiment, max_results 50", lambda s: ml_runs(s, all_experiments))),
         Case("list_experiment", "List one experiment's runs (20)",
