@@ -29,6 +29,21 @@ class CappedLimitOffsetPagination(pagination.LimitOffsetPagination):
     def get_offset(self, request) -> int:
         return self._param(request, self.offset_query_param, 0)
 
+    def paginate_queryset(self, queryset, request, view=None):
+        """The page first; the total is counted only when the page cannot tell it (a full page, or an empty
+        page past the first), so a list shorter than a page costs one query, not two."""
+        self.request = request
+        self.limit = self.get_limit(request)
+        self.offset = self.get_offset(request)
+        rows = list(queryset[self.offset:self.offset + self.limit])
+        if 0 < len(rows) < self.limit or (not rows and self.offset == 0):
+            self.count = self.offset + len(rows)
+        else:
+            self.count = self.get_count(queryset)
+        if self.count > self.limit and self.template is not None:
+            self.display_page_controls = True
+        return rows
+
     def get_schema_operation_parameters(self, view):
         parameters = super().get_schema_operation_parameters(view)
         for parameter in parameters:
