@@ -93,7 +93,9 @@ def test_the_run_count_passes_under_the_limit(digits_setup):
     check = _check(_report(digits_setup, train={"lr": [1e-3, 3e-3]}), "runs")
 
     assert check.level == "ok"
-    assert check.summary.startswith("8 runs: 2 students × 1 seed × 2 training settings × (kd-t4 v1 + baseline)")
+    assert check.summary.startswith(
+        "8 runs: 2 students × 1 seed × 2 training settings × (kd-t4 v1 + baseline)"
+    )
 
 
 def test_the_run_count_over_the_limit_is_the_only_check_and_an_error(digits_setup, settings):

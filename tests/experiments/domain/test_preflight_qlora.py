@@ -107,7 +107,8 @@ def test_a_sweep_of_4bit_or_of_the_rank_is_checked_point_by_point(lm_setup):
     four_bit = _check(lm_setup, lora_r=8, lora_4bit=[False, True])
     ranks = _check(lm_setup, lora_r=[0, 16], lora_4bit=True)
 
-    assert four_bit.blocks and four_bit.summary.startswith("gpt2-student · lm-kd v1, batch 8, LoRA r=8, 4-bit ")
+    assert four_bit.blocks
+    assert four_bit.summary.startswith("gpt2-student · lm-kd v1, batch 8, LoRA r=8, 4-bit ")
     assert ranks.blocks and ranks.summary.startswith("gpt2-student · lm-kd v1, batch 8, LoRA r=16, 4-bit ")
 
 

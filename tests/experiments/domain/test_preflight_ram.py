@@ -108,7 +108,7 @@ def test_a_small_cpu_run_passes_and_shows_its_ram(digits_setup):
 
     assert check.level == "ok"
     assert (
-        f"Largest CPU run: needs about {_needed(shapes, 'mlp-16 · kd-t4 v1')} of RAM (mlp-16 · kd-t4 v1, batch "
-        f"64); "
+        f"Largest CPU run: needs about {_needed(shapes, 'mlp-16 · kd-t4 v1')} of RAM "
+        "(mlp-16 · kd-t4 v1, batch 64); "
         "the largest CPU worker has 24.0 GiB."
     ) in check.details
