@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,27 +49,31 @@ def run_list_rows(*, user) -> QuerySet:
     query. Joining the seven tables instead cost Postgres' planner ~60 ms (its join-order search) for 1 ms of
     execution, and model instances cost more than the rows they carry."""
 
+    return records.run_list(user=user).select_related(None).values(*RUN_ROW_COLUMNS, **_run_row_lookups())
+
+
+@functools.cache
+def _run_row_lookups() -> dict[str, Subquery]:
+    """:func:`run_list_rows`' per-row lookups. They depend on no request, and building their querysets cost
+    more than running them, so they are built once per process (expressions are copied when a query uses
+    them, never changed)."""
+
     def one(model, field: str, key: str = "pk", outer: str = "", **filters) -> Subquery:
         rows = model.objects.filter(**{key: OuterRef(outer)}, **filters)
         return Subquery(rows.order_by().values(field)[:1])
 
     evaluation = Evaluation.objects.filter(run_id=OuterRef("pk"), role=Evaluation.Role.STUDENT)
-    return (
-        records.run_list(user=user)
-        .select_related(None)
-        .values(
-            *RUN_ROW_COLUMNS,
-            team_name=one(Team, "name", outer="team_id"),
-            experiment_name=one(Experiment, "name", outer="experiment_id"),
-            dataset_task=one(Experiment, "dataset__task", outer="experiment_id"),
-            student_name=one(ModelSpec, "name", outer="student_id"),
-            teacher_name=one(ModelSpec, "name", outer="teacher_id"),
-            recipe_name=one(Recipe, "name", outer="recipe_id"),
-            recipe_version=one(Recipe, "version", outer="recipe_id"),
-            student_accuracy=Subquery(evaluation.order_by("-created_at").values("accuracy")[:1]),
-            student_metrics=Subquery(evaluation.order_by("-created_at").values("metrics")[:1]),
-        )
-    )
+    return {
+        "team_name": one(Team, "name", outer="team_id"),
+        "experiment_name": one(Experiment, "name", outer="experiment_id"),
+        "dataset_task": one(Experiment, "dataset__task", outer="experiment_id"),
+        "student_name": one(ModelSpec, "name", outer="student_id"),
+        "teacher_name": one(ModelSpec, "name", outer="teacher_id"),
+        "recipe_name": one(Recipe, "name", outer="recipe_id"),
+        "recipe_version": one(Recipe, "version", outer="recipe_id"),
+        "student_accuracy": Subquery(evaluation.order_by("-created_at").values("accuracy")[:1]),
+        "student_metrics": Subquery(evaluation.order_by("-created_at").values("metrics")[:1]),
+    }
 
 
 @dataclass(frozen=True)
