@@ -915,7 +915,10 @@ def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", 
                if k in ("max_params", "max_latency_ms", "recipe", "family") and v not in (None, "")}
     fitting = _fitting_entries(board, metric=metric, primary=primary, filters=filters)
     total = board.order_by().count()
-    options = set(board.order_by().values_list("recipe__name", "family").distinct())
+    # The filter options: the board's (recipe, family) pairs by id (no join over every row), then the names.
+    pairs = set(board.order_by().values_list("recipe_id", "family").distinct())
+    names = dict(Recipe.objects.filter(pk__in={r for r, _ in pairs}).values_list("pk", "name"))
+    options = {(names[r], family) for r, family in pairs}
     rows = RankedRows(_ranked_entries(fitting, metric=metric), metric=metric, teachers=teachers,
                       optimal=_optimal_ids(fitting, metric=metric), count=None if filters else total)
     return Benchmark(
