@@ -1347,6 +1347,11 @@ def fmt_ms(value: float) -> str:
     )
 
 
+def fmt_ratio(ratio: float) -> str:
+    """Two decimals below 10 (so 2.95 never reads as a met 3.0), one above."""
+    return f"{ratio:.2f}" if ratio < 10 else f"{ratio:.1f}"
+
+
 def render(args, scale: Scale, info: SeedInfo, marker: dict[str, Any], cases: list[Case],
            mapping: dict[str, Any], loads: list[float], command: str, failures: list[str]) -> str:
     out = []
@@ -1386,7 +1391,7 @@ def render(args, scale: Scale, info: SeedInfo, marker: dict[str, Any], cases: li
             f"| {case.label} | {case.ours.label}{reqs(case.ours)} | {case.ours.count:,} {unit} "
             f"| {fmt_ms(case.ours.p50)} | {fmt_ms(case.ours.p95)} | {case.theirs.label}{reqs(case.theirs)} "
             f"| {case.theirs.count:,} {unit} | {fmt_ms(case.theirs.p50)} | {fmt_ms(case.theirs.p95)} "
-            f"| **{ratio:.1f}×**{mark} |"
+            f"| **{fmt_ratio(ratio)}×**{mark} |"
         )
     out.append("")
     out.append(f"Machine: {machine_line(loads)}.")
@@ -1474,7 +1479,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers:
             server.stop()
-    failures = [f"{c.label}: {c.theirs.p50 / c.ours.p50:.1f}× < {TARGET_RATIO:.0f}×" for c in cases
+    failures = [f"{c.label}: {fmt_ratio(c.theirs.p50 / c.ours.p50)}× < {TARGET_RATIO:.0f}×" for c in cases
                 if c.theirs.p50 / c.ours.p50 < TARGET_RATIO]
     report = render(args, scale, info, marker, cases, mapping, loads, command, failures)
     print(report)
