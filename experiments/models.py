@@ -776,3 +776,93 @@ class LeaderboardEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.student} · {self.recipe} on {self.dataset}/{self.split_key[:8]}"
+
+
+class TeacherStoreKind(models.TextChoices):
+    TOPK = "topk", "LM top-k"
+    LOGITS = "logits", "Logits"
+    EMBEDDINGS = "embeddings", "Embeddings"
+    GENERATIONS = "generations", "Generations"
+
+
+class TeacherStore(models.Model):
+    """A teacher-output cache entry (workers/engine/cache.py) as a record of its team: what it holds, how big
+    it is and which runs filled or reused it. Written by ``experiments.services.teacher_stores`` when a run
+    that used it finishes; the files live under ``ARTIFACT_ROOT/teacher-cache/<key>/`` (``path``,
+    generated)."""
+
+    Kind = TeacherStoreKind
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="teacher_stores")
+    key = models.CharField(
+        max_length=64, help_text="The engine's cache key (sha256 of what decides the outputs)"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    split = models.CharField(max_length=32)
+    teacher = models.ForeignKey(ModelSpec, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    teacher_label = models.CharField(max_length=300)
+    teacher_revision = models.CharField(max_length=200, blank=True, help_text="Hub commit or files digest")
+    tokenizer = models.CharField(max_length=200, blank=True)
+    vocab_digest = models.CharField(max_length=64, blank=True)
+    dataset = models.ForeignKey(
+        DatasetSpec, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    dataset_label = models.CharField(max_length=200, blank=True)
+    max_length = models.PositiveIntegerField(null=True, blank=True)
+    k = models.PositiveIntegerField(null=True, blank=True)
+    format = models.PositiveSmallIntegerField(default=1)
+    size_bytes = models.BigIntegerField(default=0)
+    positions = models.BigIntegerField(null=True, blank=True, help_text="Token positions stored (LM entries)")
+    bytes_per_token = models.FloatField(null=True, blank=True)
+    compute_seconds = models.FloatField(null=True, blank=True)
+    path = models.CharField(
+        max_length=500, help_text="Relative to ARTIFACT_ROOT; generated, never user input"
+    )
+    # What a run's frozen config must hold to produce this key (services.teacher_stores.config_match).
+    match_teacher = models.CharField(max_length=64, blank=True)
+    match_dataset = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-last_used_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["team", "key"], name="teacherstore_unique_team_key"),
+            _choices_check("kind", TeacherStoreKind, "teacherstore_kind_valid"),
+        ]
+        indexes = [models.Index(fields=["team", "-last_used_at"], name="teacherstore_team_used")]
+
+    def __str__(self) -> str:
+        return self.label
+
+    @property
+    def label(self) -> str:
+        """``gpt2-teacher · top-64 · format 2`` (teacher, what it stores, format)."""
+        what = f"top-{self.k}" if self.kind == TeacherStoreKind.TOPK and self.k else self.get_kind_display()
+        return f"{self.teacher_label} · {what} · format {self.format}"
+
+
+class TeacherStoreUse(models.Model):
+    """One run's use of a store: it filled it (a cache miss) or reused it (a hit). Kept when the store is
+    deleted (``store`` None, ``store_deleted_at`` set, ``label`` still naming it), so a run's history
+    stays."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="teacher_store_uses")
+    store = models.ForeignKey(
+        TeacherStore, on_delete=models.SET_NULL, null=True, blank=True, related_name="uses"
+    )
+    key = models.CharField(max_length=64)
+    label = models.CharField(max_length=400)
+    split = models.CharField(max_length=32)
+    filled = models.BooleanField(help_text="The run computed the entry (a miss); False: it reused it")
+    waited = models.BooleanField(default=False, help_text="Another run was filling it: this one waited")
+    seconds = models.FloatField(default=0.0)
+    used_at = models.DateTimeField(default=timezone.now)
+    store_deleted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["run", "key"], name="teacherstoreuse_unique_run_key")]
+
+    def __str__(self) -> str:
+        return f"run #{self.run_id} {'filled' if self.filled else 'reused'} {self.label}"

@@ -29,7 +29,7 @@ from experiments.models import (
     Run,
     RunTransition,
 )
-from experiments.services import artifacts, dispatch
+from experiments.services import artifacts, dispatch, teacher_stores
 from workers.engine.out_of_memory import host_memory_bytes, out_of_memory_message
 
 logger = logging.getLogger(__name__)
@@ -328,8 +328,12 @@ def run_finish(*, run_id: int, task_id: str, result: dict[str, Any]) -> Run | No
               for entry in result.get("teacher_cache") or [] if entry.get("path")
               for path in [Path(entry["path"])]
               if path.resolve().is_relative_to(Path(settings.ARTIFACT_ROOT).resolve())]
+    stores = teacher_stores.store_facts(result)
     with transaction.atomic():
-        return _record_finish(run_id=run_id, task_id=task_id, result=result, model=model, caches=caches)
+        run = _record_finish(run_id=run_id, task_id=task_id, result=result, model=model, caches=caches)
+        if run is not None:  # fenced: only the delivery that owned the run records its stores
+            teacher_stores.stores_record(run=run, facts=stores)
+        return run
 
 
 def _record_finish(*, run_id: int, task_id: str, result: dict[str, Any], model: tuple[str, int, str] | None,
