@@ -1,7 +1,7 @@
 from django.urls import path
 
 from experiments.views import compare as compare_views
-from experiments.views import fleet, pages, recipes, setup, teams
+from experiments.views import fleet, pages, recipes, setup, stores, teams
 
 app_name = "experiments"
 
@@ -58,6 +58,9 @@ urlpatterns = [
     path("compare/", compare_views.compare, name="compare"),
     path("runs/<int:run_id>/config.json", compare_views.run_config_json, name="run_config_json"),
     path("runs/<int:run_id>/model.zip", compare_views.run_model_download, name="run_model_download"),
+    path("stores/", stores.store_list, name="store_list"),
+    path("stores/<int:store_id>/", stores.store_detail, name="store_detail"),
+    path("stores/<int:store_id>/delete/", stores.store_delete, name="store_delete"),
     path("workers/", fleet.worker_list, name="worker_list"),
     path("workers/status.json", fleet.worker_list_json, name="worker_list_json"),
     path("workers/<int:worker_id>/drain/", fleet.worker_drain, name="worker_drain"),

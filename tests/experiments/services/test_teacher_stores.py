@@ -8,7 +8,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
@@ -16,7 +15,8 @@ from experiments.domain.engine_config import TEACHER_CACHE_DIR
 from experiments.models import Run, TeacherStore, TeacherStoreUse
 from experiments.services import launch, lifecycle, teacher_stores
 from tests.factories import RunFactory
-from workers.engine.cache import TeacherCache, cache_key
+from tests.teacher_store_entries import artifact_cache, topk_use
+from workers.engine.cache import TeacherCache
 
 DISPATCH = "workers.tasks.run_distillation.apply_async"
 
@@ -39,28 +39,8 @@ def runs(experiment) -> list[Run]:
 
 
 @pytest.fixture
-def cache(settings) -> TeacherCache:
-    return TeacherCache(Path(settings.ARTIFACT_ROOT) / TEACHER_CACHE_DIR)
-
-
-def topk_use(cache: TeacherCache, *, positions: int = 30, k: int = 8, teacher: str = "files:" + "a" * 64,
-             max_length: int = 64) -> dict:
-    """A real top-k entry written by the engine's cache (a miss), as a run's result reports its use."""
-    stored = {"kind": "topk", "k": k, "tail": True, "dtype": "float16"}
-    description = {"teacher": teacher, "split": "train", "stored": stored,
-                   "dataset": {"source": "builtin", "name": "fortunes", "max_length": max_length}}
-
-    def compute():
-        tensors = {"logprobs": torch.randn(positions, k).half(),
-                   "indices": torch.randint(0, 100, (positions, k), dtype=torch.int32),
-                   "tail_logmass": torch.zeros(positions).half(),
-                   "offsets": torch.tensor([0, positions // 2, positions])}
-        return tensors, {"teachers": ["tiny-llama"], "vocab_digest": "v" * 64}
-
-    before = len(cache.uses)
-    cache.get_or_compute(cache_key(description), compute, split="train", stored=stored,
-                         description=description)
-    return cache.uses[before].to_dict()
+def cache() -> TeacherCache:
+    return artifact_cache()
 
 
 def finish(run: Run, uses: list[dict], task_id: str = "t1") -> Run | None:
