@@ -28,6 +28,7 @@ from django.utils.text import slugify
 
 from experiments.models import Evaluation, ModelSpec, Run
 from experiments.selectors import footprint, leaderboard, records
+from experiments.selectors import teacher_stores as store_reads
 
 logger = logging.getLogger(__name__)
 
@@ -427,6 +428,13 @@ def _usage(fmt: str, task: str, folder_name: str, meta: dict[str, Any], max_leng
     return ["Load it with transformers:", "", "```python", *body, "```"]
 
 
+def _store_lines(run: Run) -> list[str]:
+    """The teacher-output stores the run read: what they hold and whether the run filled or reused them."""
+    return [f"- Teacher outputs ({_md(use.split)} split): {_md(store_reads.use_label(use))}, "
+            f"{'computed by this run' if use.filled else 'reused from an earlier run'} (store "
+            f"`{use.key[:12]}`)" for use in store_reads.run_store_uses(run=run)]
+
+
 def model_card(*, run: Run, fmt: str, meta: dict[str, Any], folder_name: str, student: Evaluation | None,
                teacher: Evaluation | None, baseline: Evaluation | None,
                preprocessing: dict[str, Any] | None = None) -> str:
@@ -466,6 +474,7 @@ def model_card(*, run: Run, fmt: str, meta: dict[str, Any], folder_name: str, st
     if config.get("extra_teachers"):
         weights = ", ".join(_number(w) for w in config.get("teacher_weights") or [])
         lines.append(f"- Extra teachers: {len(config['extra_teachers'])} (weights {weights or 'equal'})")
+    lines += _store_lines(run)
     source_name = f": `{_md(data_cfg['name'])}`" if data_cfg.get("name") else ""
     eval_fraction = float(data_cfg.get("eval_fraction", dataset.eval_fraction))
     labelled = data_cfg.get("labelled_fraction")

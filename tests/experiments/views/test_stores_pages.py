@@ -9,6 +9,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from experiments.models import Run, TeacherStore, TeacherStoreUse
+from experiments.selectors import teacher_stores as store_reads
 from experiments.services import teacher_stores
 from tests.factories import ExperimentFactory, RunFactory
 from tests.teacher_store_entries import artifact_cache, topk_use
@@ -107,3 +108,27 @@ def test_the_run_page_names_the_store_it_used(client, user, store):
     client.force_login(user)
     html = client.get(reverse("experiments:run_detail", args=[use.run_id])).content.decode()
     assert reverse("experiments:store_detail", args=[store.pk]) in html and store.label in html
+
+
+def test_the_model_card_names_the_store_and_says_it_was_reused(store):
+    from experiments.export import model_card
+
+    filler, reuser = (use.run for use in store.uses.order_by("id"))
+    card = model_card(run=reuser, fmt="builtin", meta={}, folder_name="student", student=None, teacher=None,
+                      baseline=None)
+    assert f"- Teacher outputs (train split): {store.label}, reused from an earlier run (store " \
+           f"`{store.key[:12]}`)" in card
+    assert "computed by this run" in model_card(run=filler, fmt="builtin", meta={}, folder_name="student",
+                                                student=None, teacher=None, baseline=None)
+
+
+def test_store_labels_for_runs_names_each_runs_train_store_in_one_query(store, experiment,
+                                                                        django_assert_num_queries):
+    filler, reuser = (use.run_id for use in store.uses.order_by("id"))
+    plain = _run(experiment, Run.Status.SUCCEEDED)
+    TeacherStoreUse.objects.create(run_id=reuser, key="e" * 64, label="eval entry", split="eval", filled=True)
+    with django_assert_num_queries(1):
+        labels = store_reads.store_labels_for_runs([filler, reuser, plain.pk])
+    assert labels == {filler: store.label, reuser: store.label}
+    TeacherStoreUse.objects.filter(run_id=filler).update(store_deleted_at=timezone.now(), split="eval")
+    assert store_reads.store_labels_for_runs([filler]) == {filler: f"{store.label} (deleted)"}
