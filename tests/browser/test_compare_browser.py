@@ -8,6 +8,7 @@ from django.utils import timezone
 from playwright.sync_api import expect
 
 from experiments.models import Evaluation, MetricPoint, Recipe, Run
+from tests.browser.session import log_in
 from tests.factories import (
     DatasetSpecFactory,
     ExperimentFactory,
@@ -65,21 +66,13 @@ def finished_sweep():
     return user, experiment, runs
 
 
-def log_in(page, live_server, username):
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
-
-
 def _trace_count(page, element_id):
     return page.evaluate(f"document.getElementById('{element_id}').data.length")
 
 
 def test_select_runs_compare_them_and_see_the_pareto_plot(page, live_server, finished_sweep, screenshot):
     user, experiment, runs = finished_sweep
-    log_in(page, live_server, user.username)
+    log_in(page, live_server, user.username, PASSWORD)
 
     page.goto(live_server.url + f"/experiments/{experiment.pk}/")
     for run in runs[:3]:
@@ -108,7 +101,7 @@ def test_select_runs_compare_them_and_see_the_pareto_plot(page, live_server, fin
 
 def test_compare_rows_of_a_leaderboard(page, live_server, finished_sweep, screenshot):
     user, experiment, runs = finished_sweep
-    log_in(page, live_server, user.username)
+    log_in(page, live_server, user.username, PASSWORD)
 
     page.goto(live_server.url + f"/leaderboard/{experiment.dataset_id}/")
     boxes = page.locator("input[form=compare-rows]")
@@ -130,7 +123,7 @@ def test_ticked_runs_stay_ticked_when_the_live_refresh_swaps_the_table(page, liv
     waiting = RunFactory(
         experiment=experiment, student=runs[0].student, recipe=runs[0].recipe, seed=1
     )  # polls
-    log_in(page, live_server, user.username)
+    log_in(page, live_server, user.username, PASSWORD)
     page.goto(live_server.url + f"/experiments/{experiment.pk}/")
     page.check(f"input[data-compare-run][value='{runs[1].pk}']")
     page.check(f"input[data-compare-run][value='{waiting.pk}']")

@@ -5,9 +5,10 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser import test_compare_browser as compare_pages
+from tests.browser.session import log_in
 from tests.waiting import scaled_ms
 
-log_in = compare_pages.log_in
+PASSWORD = compare_pages.PASSWORD
 finished_sweep = compare_pages.finished_sweep  # the fixture: a finished sweep with curves and a leaderboard
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -42,7 +43,7 @@ def _drawn(page, *figure_ids: str) -> None:
 
 def test_every_page_draws_its_figures_under_the_policy(page, violations, live_server, finished_sweep):
     user, experiment, runs = finished_sweep
-    log_in(page, live_server, user.username)
+    log_in(page, live_server, user.username, PASSWORD)
 
     response = page.goto(live_server.url + f"/runs/{runs[0].pk}/")
     policy = response.headers["content-security-policy"]

@@ -4,6 +4,7 @@ import pytest
 from playwright.sync_api import expect
 
 from experiments.models import Membership
+from tests.browser.session import log_in
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -21,11 +22,7 @@ def member():
 
 
 def test_missing_and_forbidden_pages_keep_the_layout_and_lead_back(page, live_server, member, screenshot):
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", "member")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
+    log_in(page, live_server, "member", PASSWORD)
 
     response = page.goto(live_server.url + "/no-such-page/")
     assert response.status == 404

@@ -7,6 +7,7 @@ from playwright.sync_api import expect
 
 from experiments.models import Experiment, ModelSpec, Run
 from experiments.services import records
+from tests.browser.session import log_in
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 from tests.waiting import scaled_ms, wait_for_runs
 
@@ -25,14 +26,6 @@ def researcher():
     return user, team
 
 
-def log_in(page, live_server, username):
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
-
-
 def test_login_is_required_and_bad_passwords_are_refused(page, live_server, researcher, screenshot):
     page.goto(live_server.url + "/experiments/")
     expect(page).to_have_url(re.compile(r"/login/\?next=/experiments/"))
@@ -48,7 +41,7 @@ def test_create_records_launch_an_experiment_and_watch_it_finish(
 ):
     user, team = researcher
     worker = celery_worker_process
-    log_in(page, live_server, "researcher")
+    log_in(page, live_server, "researcher", PASSWORD)
     screenshot("home-empty")
 
     # Records through the browser: a dataset and two models.

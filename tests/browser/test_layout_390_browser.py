@@ -7,6 +7,7 @@ from django.utils import timezone
 from playwright.sync_api import expect
 
 from experiments.models import Artifact, Evaluation, MetricPoint, Recipe, Run, Worker
+from tests.browser.session import log_in
 from tests.factories import (
     DatasetSpecFactory,
     ExperimentFactory,
@@ -78,14 +79,6 @@ def finished_experiment():
     return user, experiment, runs
 
 
-def _log_in(page, live_server, username):
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
-
-
 # scrollWidth of the page, of each card and of each table's scroll container, measured in the page.
 _MEASURE = """() => {
   const doc = document.documentElement;
@@ -125,7 +118,7 @@ def test_main_pages_fit_the_screen_and_tables_scroll_inside_their_cards(
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.set_viewport_size(screen)
-    _log_in(page, live_server, user.username)
+    log_in(page, live_server, user.username, PASSWORD)
     wide_tables = {}
     for name, path in _pages(experiment, runs).items():
         page.goto(live_server.url + path)
@@ -152,7 +145,7 @@ def test_log_y_toggle_switches_the_loss_and_compare_plots(page, live_server, fin
     user, experiment, runs = finished_experiment
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    _log_in(page, live_server, user.username)
+    log_in(page, live_server, user.username, PASSWORD)
     page.goto(f"{live_server.url}/runs/{runs[0].pk}/")
     toggle = page.locator("#loss-log-y")
     expect(toggle).to_be_visible()
@@ -186,7 +179,7 @@ def test_log_y_survives_the_live_refresh_of_a_running_run(page, live_server, fin
     logged = MetricPoint.objects.filter(run=run, name="loss").count()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    _log_in(page, live_server, user.username)
+    log_in(page, live_server, user.username, PASSWORD)
     page.goto(f"{live_server.url}/runs/{run.pk}/")
     expect(page.locator("#loss-figure .main-svg").first).to_be_visible()
     page.locator("#loss-log-y").check()

@@ -8,7 +8,8 @@ from playwright.sync_api import expect
 
 from experiments.models import Evaluation, Run
 from experiments.services import records
-from tests.browser.test_compare_browser import PASSWORD, log_in
+from tests.browser.session import log_in
+from tests.browser.test_compare_browser import PASSWORD
 from tests.factories import (
     DatasetSpecFactory,
     ExperimentFactory,
@@ -57,7 +58,7 @@ def test_the_second_page_of_a_large_board(page, live_server, big_board, screensh
     user, dataset = big_board
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    log_in(page, live_server, user.username)
+    log_in(page, live_server, user.username, PASSWORD)
 
     page.goto(live_server.url + f"/leaderboard/{dataset.pk}/?page=2")
 

@@ -12,6 +12,7 @@ from playwright.sync_api import expect
 
 from experiments.models import Run
 from experiments.services import launch, lifecycle, records
+from tests.browser.session import log_in
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,14 +26,6 @@ def researcher(user):
     user.set_password(PASSWORD)
     user.save()
     return user
-
-
-def _log_in(page, live_server, username):
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
 
 
 def _finish(run: Run, task_id: str) -> None:
@@ -63,7 +56,7 @@ def test_waits_clear_and_places_show_live_and_a_reused_baseline_says_so(
     distilled = experiment.runs.get(is_baseline=False)
     baseline = experiment.runs.get(is_baseline=True)
 
-    _log_in(page, live_server, researcher.username)
+    log_in(page, live_server, researcher.username, PASSWORD)
     page.goto(live_server.url + reverse("experiments:experiment_detail", args=[experiment.id]))
     row = page.locator(f"#run-{distilled.id}")
     expect(row.locator(".note")).to_contain_text(f"waits for run #{teacher_run.id}")

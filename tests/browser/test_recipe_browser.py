@@ -8,6 +8,7 @@ from playwright.sync_api import expect
 
 from experiments.models import Recipe
 from experiments.services import records
+from tests.browser.session import log_in
 from tests.factories import MembershipFactory, TeamFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -42,21 +43,13 @@ def errors(page):
     return seen
 
 
-def _log_in(page, live_server) -> None:
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", "recipe-writer")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
-
-
 def _visible_params(row) -> list[str]:
     return sorted(row.locator("[data-param]:visible label").all_inner_texts())
 
 
 def test_write_the_next_version_one_term_per_row_and_read_its_diff(page, live_server, researcher, errors,
                                                                    screenshot):
-    _log_in(page, live_server)
+    log_in(page, live_server, "recipe-writer", PASSWORD)
     page.goto(live_server.url + "/recipes/")
     page.get_by_role("link", name="jsd-hidden v1").click()
     expect(page.locator("h1")).to_contain_text("jsd-hidden v1")
@@ -132,7 +125,7 @@ def test_without_script_the_form_still_saves_from_its_spare_rows(
     context = browser.new_context(java_script_enabled=False, viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     try:
-        _log_in(page, live_server)
+        log_in(page, live_server, "recipe-writer", PASSWORD)
         page.goto(live_server.url + "/recipes/new/")
         rows = page.locator("[data-term-row]")
         expect(rows).to_have_count(6)  # the two first terms and four spare rows
@@ -154,7 +147,7 @@ def test_the_recipe_page_and_form_fit_a_phone(page, live_server, researcher, err
                           terms=[{"name": "ce", "weight": 0.2},
                                  {"name": "topk", "weight": 0.8, "params": {"k": 16, "tail": False}}])
     page.set_viewport_size({"width": 390, "height": 844})
-    _log_in(page, live_server)
+    log_in(page, live_server, "recipe-writer", PASSWORD)
     for name, path in (("recipe-page", f"/recipes/{recipe.pk}/"), ("recipe-form", "/recipes/new/")):
         page.goto(live_server.url + path)
         expect(page.locator("h1")).to_be_visible()

@@ -12,6 +12,7 @@ from django.urls import reverse
 from playwright.sync_api import expect
 
 from experiments.models import Run
+from tests.browser.session import log_in
 from tests.waiting import scaled_ms
 from tests.workers import test_faults
 from tests.workers.test_faults import FakeTime
@@ -28,14 +29,6 @@ def researcher(user):
     user.set_password(PASSWORD)
     user.save()
     return user
-
-
-def _log_in(page, live_server, username):
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
 
 
 class Worker:
@@ -73,7 +66,7 @@ def test_the_run_page_follows_every_phase_live_with_rows_and_time_left(
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     worker = Worker(claimed_run)
     worker.phase("loading", 0, 1)
-    _log_in(page, live_server, researcher.username)
+    log_in(page, live_server, researcher.username, PASSWORD)
     run_url = live_server.url + reverse("experiments:run_detail", args=[claimed_run.id])
     page.goto(run_url)
     live = page.locator("#run-live")

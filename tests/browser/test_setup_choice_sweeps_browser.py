@@ -5,6 +5,7 @@ import pytest
 from playwright.sync_api import expect
 
 from experiments.models import Experiment, ModelSpec
+from tests.browser.session import log_in
 from tests.factories import (
     DatasetSpecFactory,
     MembershipFactory,
@@ -34,11 +35,7 @@ def records():
 
 
 def test_the_run_count_includes_ticked_boxes_and_off_and_on(page, live_server, records, screenshot):
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", "chooser")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
+    log_in(page, live_server, "chooser", PASSWORD)
     page.goto(live_server.url + "/experiments/new/")
     page.fill("input[name=name]", "resource sweep")
     page.select_option("select[name=dataset]", label="digits")

@@ -9,6 +9,7 @@ import pytest
 from playwright.sync_api import expect
 
 from experiments.models import Experiment, ModelSpec
+from tests.browser.session import log_in
 from tests.factories import (
     DatasetSpecFactory,
     MembershipFactory,
@@ -53,14 +54,6 @@ def js_errors(page) -> list[str]:
     return seen
 
 
-def _log_in(page, live_server):
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", "picker")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
-
-
 def _listed(page, select: str) -> list[str]:
     """The names of the options a picker shows (not hidden by its search or filter)."""
     return page.eval_on_selector_all(f"select[name={select}] option:not([hidden])[data-name]",
@@ -77,7 +70,7 @@ def _field(page, name: str):
 
 def test_pickers_search_filter_by_the_dataset_and_show_chips(page, live_server, records, js_errors,
                                                              screenshot):
-    _log_in(page, live_server)
+    log_in(page, live_server, "picker", PASSWORD)
     page.goto(live_server.url + "/experiments/new/")
     students = _field(page, "students")
     assert sorted(_listed(page, "students")) == ["iris-mlp", "mlp-16", "mlp-32", "teacher-mlp", "tiny-bert"]
@@ -135,7 +128,7 @@ def test_pickers_search_filter_by_the_dataset_and_show_chips(page, live_server, 
 
 def test_an_edit_after_the_check_marks_the_panel_out_of_date(page, live_server, records, js_errors,
                                                              screenshot):
-    _log_in(page, live_server)
+    log_in(page, live_server, "picker", PASSWORD)
     page.goto(live_server.url + "/experiments/new/")
     page.fill("input[name=name]", "checked")
     page.select_option("select[name=dataset]", label="digits")
@@ -169,7 +162,7 @@ def test_an_edit_after_the_check_marks_the_panel_out_of_date(page, live_server, 
 def test_create_is_disabled_over_the_run_limit_and_the_server_refuses_too(page, live_server, records,
                                                                           settings, js_errors, screenshot):
     settings.MAX_RUNS_PER_EXPERIMENT = 10
-    _log_in(page, live_server)
+    log_in(page, live_server, "picker", PASSWORD)
     page.goto(live_server.url + "/experiments/new/")
     page.fill("input[name=name]", "too big")
     page.select_option("select[name=dataset]", label="digits")
@@ -203,7 +196,7 @@ def test_create_is_disabled_over_the_run_limit_and_the_server_refuses_too(page, 
 
 
 def test_the_models_list_shows_task_and_parameters(page, live_server, records, js_errors, screenshot):
-    _log_in(page, live_server)
+    log_in(page, live_server, "picker", PASSWORD)
     page.goto(live_server.url + "/models/")
 
     expect(page.locator("table.data thead")).to_contain_text("Task")
@@ -221,7 +214,7 @@ def test_the_models_list_shows_task_and_parameters(page, live_server, records, j
 
 def test_the_pickers_fit_a_phone_screen(page, live_server, records, js_errors, screenshot):
     page.set_viewport_size({"width": 390, "height": 844})
-    _log_in(page, live_server)
+    log_in(page, live_server, "picker", PASSWORD)
     page.goto(live_server.url + "/experiments/new/")
     page.select_option("select[name=dataset]", label="digits")
     page.select_option("select[name=students]", value=[_pk("mlp-16"), _pk("mlp-32"), _pk("teacher-mlp")])

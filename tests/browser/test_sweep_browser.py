@@ -8,6 +8,7 @@ import pytest
 from playwright.sync_api import expect
 
 from experiments.models import Experiment, ModelSpec
+from tests.browser.session import log_in
 from tests.factories import (
     DatasetSpecFactory,
     MembershipFactory,
@@ -43,16 +44,8 @@ def no_broker():
         yield dispatch
 
 
-def log_in(page, live_server, username):
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
-
-
 def test_set_up_a_sweep_check_it_and_launch_it(page, live_server, records, no_broker, screenshot):
-    log_in(page, live_server, "sweeper")
+    log_in(page, live_server, "sweeper", PASSWORD)
     page.goto(live_server.url + "/experiments/new/")
     page.fill("input[name=name]", "lr × temperature")
     page.select_option("select[name=dataset]", label="digits")

@@ -9,6 +9,7 @@ from playwright.sync_api import expect
 
 from experiments.models import Membership, TeamInvite
 from tests.browser.conftest import SCREENSHOTS
+from tests.browser.session import log_in
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -38,14 +39,6 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
-def _log_in(page, live_server, username: str) -> None:
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
-
-
 def test_staff_create_a_team_the_lead_invites_and_a_newcomer_joins(browser, page, live_server, screenshot):
     _account("root", is_staff=True, is_superuser=True)
     lead = _account("lena")
@@ -53,7 +46,7 @@ def test_staff_create_a_team_the_lead_invites_and_a_newcomer_joins(browser, page
     _watch_errors(page, errors)
 
     # Staff: the Teams page creates a team with its first lead.
-    _log_in(page, live_server, "root")
+    log_in(page, live_server, "root", PASSWORD)
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Teams", exact=True).click()
     page.fill("input[name=name]", "Speech")
     page.fill("input[name=lead_username]", "lena")
@@ -66,7 +59,7 @@ def test_staff_create_a_team_the_lead_invites_and_a_newcomer_joins(browser, page
     page.get_by_role("button", name="Log out").click()
 
     # The lead makes a lead invite for one week and copies the link, which is shown this once.
-    _log_in(page, live_server, "lena")
+    log_in(page, live_server, "lena", PASSWORD)
     page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_server.url)
     page.goto(live_server.url + "/teams/")
     page.get_by_role("link", name="Speech").click()

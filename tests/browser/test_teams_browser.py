@@ -6,6 +6,7 @@ import pytest
 from playwright.sync_api import expect
 
 from experiments.models import Membership
+from tests.browser.session import log_in
 from tests.factories import ExperimentFactory, MembershipFactory, TeamFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -35,11 +36,7 @@ def _switch_team(page, label: str) -> None:
 
 
 def test_switch_team_then_page_and_sort_the_experiments(page, live_server, researcher, screenshot):
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", "researcher")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
+    log_in(page, live_server, "researcher", PASSWORD)
 
     # One team: the list shows its experiments only, and the switch keeps the user on the page they were on.
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Experiments").click()
