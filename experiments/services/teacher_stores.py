@@ -27,7 +27,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from experiments.domain.engine_config import TEACHER_CACHE_DIR, split_key
-from experiments.models import Run, TeacherStore, TeacherStoreUse
+from experiments.models import Artifact, Run, TeacherStore, TeacherStoreUse
 from experiments.services import artifacts
 
 logger = logging.getLogger(__name__)
@@ -204,13 +204,14 @@ def _teacher_label(run: Run, facts: StoreFacts) -> str:
     return " + ".join(facts.teacher_names) or (run.teacher.name if run.teacher_id else "teacher")
 
 
-def stores_record(*, run: Run, facts: list[StoreFacts]) -> list[TeacherStore]:
-    """Record the stores ``run`` used and its use of each, inside the transaction that fenced the run's own
-    write (the caller checked that its delivery owns the run). Idempotent: a use is recorded once per run and
-    key; a store's size, bytes/token and last use follow its latest use."""
+def stores_record(*, run: Run, facts: list[StoreFacts], at: datetime | None = None) -> list[TeacherStore]:
+    """Record the stores ``run`` used (at ``at``, default now) and its use of each, inside the transaction
+    that fenced the run's own write (the caller checked that its delivery owns the run). Idempotent: a use is
+    recorded once per run and key; a store's size and bytes/token follow its latest recording, its last use
+    the latest use."""
     if not facts:
         return []
-    now = timezone.now()
+    now = at or timezone.now()
     teacher_cfg = (run.config or {}).get("teacher") or {}
     match_teacher, match_dataset = config_match(run.config or {})
     dataset = run.experiment.dataset
@@ -240,6 +241,7 @@ def stores_record(*, run: Run, facts: list[StoreFacts]) -> list[TeacherStore]:
             },
         )
         if not created:
+            measured["last_used_at"] = max(store.last_used_at, now)
             for name, value in measured.items():
                 setattr(store, name, value)
             store.save(update_fields=list(measured))
@@ -320,3 +322,20 @@ def store_delete(*, store: TeacherStore) -> StoreDeletion:
     if not kept and folder is not None:
         transaction.on_commit(lambda: shutil.rmtree(folder, ignore_errors=True))
     return StoreDeletion(label=label, freed_bytes=0 if kept else size, files_kept=kept)
+
+
+def stores_backfill() -> tuple[int, int]:
+    """Record the stores of runs that finished before stores were records (their ``teacher_cache``
+    artifacts), oldest first, from each entry's manifest where it is still readable. Idempotent. Returns
+    (runs recorded, uses skipped: entries deleted or unreadable)."""
+    runs = (Run.objects.filter(status=Run.Status.SUCCEEDED, artifacts__kind=Artifact.Kind.TEACHER_CACHE)
+            .distinct().select_related("experiment__dataset", "teacher").order_by("finished_at", "id"))
+    recorded = skipped = 0
+    for run in runs.iterator(chunk_size=200):
+        uses = (run.result or {}).get("teacher_cache")
+        facts = store_facts(run.result or {})
+        skipped += (len(uses) if isinstance(uses, list) else 0) - len(facts)
+        with transaction.atomic():
+            if stores_record(run=run, facts=facts, at=run.finished_at):
+                recorded += 1
+    return recorded, skipped

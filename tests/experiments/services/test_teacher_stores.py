@@ -2,7 +2,9 @@
 engine's TeacherCache), fenced like the rest of run_finish, deleted only when no queued or running run needs
 them, per team."""
 
+import io
 import json
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from unittest import mock
@@ -48,7 +50,8 @@ def finish(run: Run, uses: list[dict], task_id: str = "t1") -> Run | None:
     return lifecycle.run_finish(run_id=run.id, task_id=task_id, result={"steps": 40, "teacher_cache": uses})
 
 
-def test_a_finished_run_records_the_store_it_filled_and_the_next_run_its_reuse(runs, cache):
+def test_a_finished_run_records_the_store_it_filled_and_the_next_run_its_reuse(runs, cache, monkeypatch):
+    monkeypatch.setenv("DISTILLWEB_TOPK_STORE", "float32")  # a format-1 entry (outputs.safetensors)
     filled = topk_use(cache)
     assert finish(runs[0], [filled])
     store = TeacherStore.objects.get()
@@ -66,6 +69,16 @@ def test_a_finished_run_records_the_store_it_filled_and_the_next_run_its_reuse(r
     uses = list(TeacherStoreUse.objects.order_by("id").values_list("run_id", "store_id", "filled"))
     assert uses == [(runs[0].id, store.id, True), (runs[1].id, store.id, False)]
     assert TeacherStore.objects.get().last_used_at >= store.last_used_at
+
+
+def test_the_engines_default_entry_is_recorded_with_its_manifests_figures(runs, cache):
+    use = topk_use(cache, positions=40, k=16)
+    assert finish(runs[0], [use])
+    manifest = json.loads((Path(use["path"]) / "manifest.json").read_text())
+    store = TeacherStore.objects.get()
+    assert (store.format, store.k, store.positions) == (manifest.get("format", 1), 16, 40)
+    assert store.bytes_per_token == pytest.approx(manifest.get("bytes_per_token") or store.size_bytes / 40)
+    assert store.size_bytes == manifest.get("bytes", store.size_bytes) > 0
 
 
 def test_a_delivery_that_lost_the_run_records_no_store(runs, cache, settings):
@@ -162,3 +175,23 @@ def test_stores_are_per_team_and_shared_files_outlive_one_teams_delete(
         deletion = teacher_stores.store_delete(store=mine)
     assert deletion.files_kept and deletion.freed_bytes == 0
     assert Path(use["path"]).is_dir() and TeacherStore.objects.get() == other
+
+
+def test_the_backfill_command_records_stores_of_earlier_runs_whose_entries_are_readable(runs, cache):
+    from django.core.management import call_command
+
+    kept, gone = topk_use(cache), topk_use(cache, k=4)
+    finish(runs[0], [kept, gone])
+    finish(runs[1], [{**kept, "hit": True}])
+    TeacherStoreUse.objects.all().delete()  # as before stores were records: only the teacher_cache artifacts
+    TeacherStore.objects.all().delete()
+    shutil.rmtree(gone["path"])
+    out = io.StringIO()
+    call_command("teacher_stores_backfill", stdout=out)
+    assert "from 2 runs; 1 entries no longer readable" in out.getvalue()
+    store = TeacherStore.objects.get()
+    assert store.key == kept["key"] and store.last_used_at == Run.objects.get(pk=runs[1].pk).finished_at
+    assert list(store.uses.order_by("id").values_list("run_id", "filled")) == [(runs[0].id, True),
+                                                                               (runs[1].id, False)]
+    call_command("teacher_stores_backfill", stdout=io.StringIO())  # idempotent
+    assert TeacherStoreUse.objects.count() == 2
