@@ -204,6 +204,7 @@ def _teacher_label(run: Run, facts: StoreFacts) -> str:
     return " + ".join(facts.teacher_names) or (run.teacher.name if run.teacher_id else "teacher")
 
 
+@transaction.atomic
 def stores_record(*, run: Run, facts: list[StoreFacts], at: datetime | None = None) -> list[TeacherStore]:
     """Record the stores ``run`` used (at ``at``, default now) and its use of each, inside the transaction
     that fenced the run's own write (the caller checked that its delivery owns the run). Idempotent: a use is
@@ -335,7 +336,6 @@ def stores_backfill() -> tuple[int, int]:
         uses = (run.result or {}).get("teacher_cache")
         facts = store_facts(run.result or {})
         skipped += (len(uses) if isinstance(uses, list) else 0) - len(facts)
-        with transaction.atomic():
-            if stores_record(run=run, facts=facts, at=run.finished_at):
-                recorded += 1
+        if stores_record(run=run, facts=facts, at=run.finished_at):
+            recorded += 1
     return recorded, skipped
