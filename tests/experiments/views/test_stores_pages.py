@@ -132,3 +132,24 @@ def test_store_labels_for_runs_names_each_runs_train_store_in_one_query(store, e
     assert labels == {filler: store.label, reuser: store.label}
     TeacherStoreUse.objects.filter(run_id=filler).update(store_deleted_at=timezone.now(), split="eval")
     assert store_reads.store_labels_for_runs([filler]) == {filler: f"{store.label} (deleted)"}
+
+
+def test_the_list_reads_a_fixed_number_of_queries_whatever_the_number_of_stores(client, user, store,
+                                                                               experiment):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def queries() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert client.get(reverse("experiments:store_list")).status_code == 200
+        return len(captured)
+
+    client.force_login(user)
+    one = queries()
+    for i in range(5):
+        extra = TeacherStore.objects.create(team=store.team, key=f"{i}" * 64, kind="logits", split="eval",
+                                            teacher_label="t", dataset=store.dataset, path="x")
+        for _ in range(3):
+            TeacherStoreUse.objects.create(run=_run(experiment, Run.Status.SUCCEEDED), store=extra,
+                                           key=extra.key, label=extra.label, split="eval", filled=False)
+    assert queries() == one
