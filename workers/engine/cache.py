@@ -1,8 +1,12 @@
 """The teacher-output cache (METHODS.md §4): teacher outputs computed once, reused by every run with the same
 key.
 
-An entry is a folder ``<root>/<key>/`` holding ``outputs.safetensors`` and ``manifest.json``. The key is the
-sha256 of a JSON description of everything that decides the outputs:
+An entry is a folder ``<root>/<key>/`` holding ``manifest.json`` and its outputs: ``outputs.safetensors``
+(format 1), or for a causal-LM top-k entry written since format 2, a sharded, memory-mapped store
+(:mod:`.topk_store`: ``index.json``, ``offsets.bin``, ``shard-*.bin``; 149 B of top-k a position at k = 64
+and a 49k vocabulary, against 386 B in format 1). Format-1 top-k entries still read as before, and
+:meth:`TeacherCache.upgrade` (the ``upgrade_teacher_cache`` command) rewrites them as format 2 in place.
+The key is the sha256 of a JSON description of everything that decides the outputs:
 
 - the teacher: a digest of its weight and tokenizer files (or of its state dict when it has no files, e.g. a
   random-init builtin net), and for ``multi_teacher`` every teacher with its weight;
@@ -12,7 +16,8 @@ sha256 of a JSON description of everything that decides the outputs:
 - the split (``train`` / ``eval``) and what is stored (``logits``; ``topk`` with k and the tail;
   ``embeddings``; ``generations`` with the decoding settings).
 
-What an entry stores (float16 where noted; row ``i`` of the split is entry row ``i``):
+What an entry stores (float16 where noted; row ``i`` of the split is entry row ``i``; format 1's tensors:
+format 2 holds the same per position in its own encoding, see :mod:`.topk_store`):
 
 - classification ``logits``: ``logits`` (N, C) float32;
 - causal LM ``topk``: per predicted position (positions 0..len-2 of each row, i.e. already shifted), flat over
@@ -40,7 +45,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,9 +55,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import topk_store
 from .config import DatasetConfig, ModelConfig
 from .loss_primitives import TopK
+from .topk_store import TopkStore
 
+# The version of the key (part of every key: changing it orphans every entry). An entry's own manifest says
+# its storage format: 1 (``outputs.safetensors``) or :data:`topk_store.FORMAT` (a sharded top-k store).
 CACHE_FORMAT = 1
 OUTPUTS_FILE = "outputs.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -71,8 +80,13 @@ _digest_lock = threading.Lock()
 
 
 def cache_key(description: dict[str, Any]) -> str:
-    """sha256 (hex) of the canonical JSON of ``description``."""
-    canonical = json.dumps({"format": CACHE_FORMAT, **description}, sort_keys=True, separators=(",", ":"))
+    """sha256 (hex) of the canonical JSON of ``description``. A top-k entry written with
+    ``DISTILLWEB_TOPK_STORE=float32`` (the uncompressed reference) has keys of its own; format 1 and format 2
+    entries share theirs (format 2 is format 1's outputs, stored compactly)."""
+    keyed = {"format": CACHE_FORMAT, **description}
+    if (description.get("stored") or {}).get("kind") == "topk" and topk_store.store_mode() == "float32":
+        keyed["store"] = "float32"
+    canonical = json.dumps(keyed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -199,12 +213,15 @@ def dataset_description(cfg: DatasetConfig, *, task: str, max_length: int) -> di
 
 @dataclass
 class CacheEntry:
-    """A stored entry: its folder, manifest and tensors (on the CPU)."""
+    """A stored entry: its folder, manifest and tensors (on the CPU). A format-2 top-k entry has its
+    ``store`` (read by rows: :func:`gather_topk`, :func:`gather_rows`) and as ``tensors`` only its offsets and
+    side fields (:class:`.topk_store.StoreTensors`)."""
 
     key: str
     path: Path
     manifest: dict[str, Any]
-    tensors: dict[str, Tensor]
+    tensors: Mapping[str, Tensor]
+    store: TopkStore | None = None
 
     def extra(self, name: str) -> dict[str, Any] | None:
         """A JSON side file written later with :meth:`TeacherCache.write_extra`, or None."""
@@ -224,6 +241,17 @@ class CacheUse:
     path: str
     bytes: int
     waited: bool = False  # another run held the lock: this one waited for it, then read its entry
+    format: int = CACHE_FORMAT  # the entry's storage format (manifest "format")
+    bytes_per_token: float | None = None  # format-2 entries: the store's bytes per position
+
+    @classmethod
+    def of(
+        cls, entry: CacheEntry, split: str, stored: dict[str, Any], *, hit: bool, seconds: float, waited: bool
+    ) -> CacheUse:
+        size = sum(f.stat().st_size for f in entry.path.iterdir() if f.is_file())
+        fmt = int(entry.manifest.get("format", CACHE_FORMAT))
+        per_token = entry.manifest.get("bytes_per_token")
+        return cls(entry.key, split, stored, hit, seconds, str(entry.path), size, waited, fmt, per_token)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -235,6 +263,8 @@ class CacheUse:
             "path": self.path,
             "bytes": self.bytes,
             "waited": self.waited,
+            "format": self.format,
+            "bytes_per_token": self.bytes_per_token,
         }
 
 
@@ -253,6 +283,9 @@ class TeacherCache:
         if not (folder / MANIFEST_FILE).is_file():
             return None
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        if (folder / topk_store.INDEX_FILE).is_file():
+            store = TopkStore(folder)
+            return CacheEntry(key, folder, manifest, store.tensors, store)
         return CacheEntry(key, folder, manifest, load_file(folder / OUTPUTS_FILE))
 
     def get_or_compute(
@@ -311,12 +344,8 @@ class TeacherCache:
         started: float,
         waited: bool = False,
     ) -> None:
-        size = sum(f.stat().st_size for f in entry.path.iterdir() if f.is_file())
-        self.uses.append(
-            CacheUse(
-                entry.key, split, stored, hit, time.perf_counter() - started, str(entry.path), size, waited
-            )
-        )
+        seconds = time.perf_counter() - started
+        self.uses.append(CacheUse.of(entry, split, stored, hit=hit, seconds=seconds, waited=waited))
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[bool]:
@@ -340,14 +369,72 @@ class TeacherCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, tmp / OUTPUTS_FILE)
+        compact = topk_store.is_lm_topk(tensors) and topk_store.store_mode() == "compact"
+        if compact:
+            vocab = (manifest.get("teacher_dims") or {}).get("vocab_size")
+            manifest = {**manifest, **topk_store.write_store(tmp, tensors, vocab_size=vocab)}
+        else:
+            if topk_store.is_lm_topk(tensors):  # the float32 reference: format 1 with float32 values
+                tensors |= {k: tensors[k].float() for k in ("logprobs", "tail_logmass") if k in tensors}
+            save_file(tensors, tmp / OUTPUTS_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)  # a stale half entry (no manifest) from a crashed writer
         os.replace(tmp, final)
+        if compact:
+            store = TopkStore(final)
+            return CacheEntry(key, final, manifest, store.tensors, store)
         return CacheEntry(key, final, manifest, tensors)
+
+    def upgrade(self, *, dry_run: bool = False, log: Callable[[str], None] = print) -> dict[str, int]:
+        """Rewrite every format-1 LM top-k entry under the root as format 2, in place, each under its key's
+        lock (a run that needs the entry meanwhile waits, then reads the new one). Logs a line per entry;
+        returns the counts of entries, entries ``to_convert`` and ``converted``, and the bytes before and
+        after."""
+        folders = sorted(p for p in self.root.glob("*") if (p / MANIFEST_FILE).is_file())
+        todo = [p for p in folders if not (p / topk_store.INDEX_FILE).is_file() and _holds_topk(p)]
+        counts = dict(entries=len(folders), to_convert=len(todo), converted=0, bytes_before=0, bytes_after=0)
+        for n, folder in enumerate(todo, 1):
+            before = (folder / OUTPUTS_FILE).stat().st_size
+            if dry_run:
+                log(f"[{n}/{len(todo)}] {folder.name}: format 1, {before:,} bytes (would convert)")
+                continue
+            started = time.perf_counter()
+            with self._locked(folder.name):
+                fields = topk_store.convert_entry(
+                    folder, outputs_file=OUTPUTS_FILE, manifest_file=MANIFEST_FILE
+                )
+            if fields is None:  # converted by another process meanwhile
+                continue
+            counts["converted"] += 1
+            counts["bytes_before"] += before
+            counts["bytes_after"] += fields["bytes"]
+            log(
+                f"[{n}/{len(todo)}] {folder.name}: {before:,} → {fields['bytes']:,} bytes "
+                f"({fields['bytes_per_token']:.1f} B/token, {time.perf_counter() - started:.1f} s)"
+            )
+        return counts
 
 
 # --- sparse LM outputs --------------------------------------------------------------------------------------
+
+
+def entry_tensors(folder: str | Path) -> dict[str, Tensor]:
+    """Every tensor of the entry in ``folder``, whatever its format (format 2 decoded whole, laid out as
+    format 1): for tools and tests; a run reads a format-2 entry by rows."""
+    folder = Path(folder)
+    if (folder / topk_store.INDEX_FILE).is_file():
+        return TopkStore(folder).read_all()
+    return load_file(folder / OUTPUTS_FILE)
+
+
+def _holds_topk(folder: Path) -> bool:
+    """Whether an entry folder holds a format-1 LM top-k (reads the outputs file's header only)."""
+    from safetensors import safe_open
+
+    if not (folder / OUTPUTS_FILE).is_file():
+        return False
+    with safe_open(folder / OUTPUTS_FILE, framework="pt") as f:
+        return topk_store.is_lm_topk(dict.fromkeys(f.keys()))
 
 
 def topk_of(logits: Tensor, k: int) -> TopK:
@@ -397,7 +484,10 @@ def gather_topk(entry: CacheEntry, rows: Tensor, width: int, device: torch.devic
     valid dummy distribution (they are masked by the labels).
 
     One indexed read per stored tensor (no Python loop over rows); the float16 values are widened to float32
-    and the indices to int64 after the read, on the ``device``."""
+    and the indices to int64 after the read, on the ``device``. A format-2 entry decodes just those rows'
+    positions, from the shards that hold them."""
+    if entry.store is not None:
+        return _gather_stored(entry.store, rows, width, device)
     t = entry.tensors
     k = t["logprobs"].shape[1]
     position, valid = _row_positions(t["offsets"], rows, width)
@@ -416,8 +506,30 @@ def gather_topk(entry: CacheEntry, rows: Tensor, width: int, device: torch.devic
     return TopK(logprobs, indices, tail)
 
 
+def _gather_stored(store: TopkStore, rows: Tensor, width: int, device: torch.device) -> TopK:
+    """:func:`gather_topk` of a format-2 entry: only the valid positions are decoded; the padding is the same
+    dummy distribution."""
+    k = store.codec.k
+    position, valid = _row_positions(store.offsets, rows, width)
+    values, ids, tail = store.read(position[valid].numpy())
+    logprobs = torch.full((*position.shape, k), math.log((1 - _PAD_TAIL) / k))
+    indices = torch.arange(k, dtype=torch.long).expand(*position.shape, k).clone()
+    logprobs[valid], indices[valid] = torch.from_numpy(values), torch.from_numpy(ids)
+    out_tail = None
+    if tail is not None:
+        out_tail = torch.full(position.shape, math.log(_PAD_TAIL))
+        out_tail[valid] = torch.from_numpy(tail)
+        out_tail = out_tail.to(device)
+    return TopK(logprobs.to(device), indices.to(device), out_tail)
+
+
 def gather_rows(entry: CacheEntry, name: str, rows: Tensor, width: int, fill: float = 0.0) -> Tensor:
     """A flat per-position tensor (``target_logprob``) laid out as (B, width)."""
+    if entry.store is not None:
+        position, valid = _row_positions(entry.store.offsets, rows, width)
+        values = torch.full(position.shape, fill, dtype=torch.float32)
+        values[valid] = torch.from_numpy(entry.store.read_side(name, position[valid].numpy())).float()
+        return values
     t = entry.tensors
     position, valid = _row_positions(t["offsets"], rows, width)
     values = _read(t[name], position).float()

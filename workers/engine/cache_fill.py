@@ -38,6 +38,7 @@ from . import phases
 from .cache import CACHE_FORMAT, MANIFEST_FILE, CacheEntry, CacheUse, TeacherCache, pack_positions
 from .distributed import Ranks
 from .errors import ConfigError
+from .topk_store import as_stored
 
 FILL_ENV = "DISTILLWEB_TEACHER_CACHE_FILL"
 FLUSH_ROWS = 256  # rows buffered before a chunk is written (a kill loses at most these: they are recomputed)
@@ -179,7 +180,7 @@ class TrainFill:
             self._buffer.extend(missing.tolist())
             if len(self._buffer) >= self.flush_rows:
                 self._flush()
-        return [self.records[r] for r in rows.tolist()]
+        return as_stored([self.records[r] for r in rows.tolist()])
 
     def due(self, step: int) -> bool:
         return self.entry is None and step >= self.until_step
@@ -237,9 +238,8 @@ class TrainFill:
         tensors = self._assemble([self.records[r] for r in range(self.n_rows)])
         try:
             entry = self.cache._write(self.key, tensors, self._entry_manifest())
-            size = sum(f.stat().st_size for f in entry.path.iterdir() if f.is_file())
             self.cache.uses.append(
-                CacheUse(self.key, self.split, self.stored, False, self.seconds, str(entry.path), size)
+                CacheUse.of(entry, self.split, self.stored, hit=False, seconds=self.seconds, waited=False)
             )
             shutil.rmtree(self.folder, ignore_errors=True)
         finally:
@@ -253,6 +253,9 @@ class TrainFill:
     def _in_memory(self) -> CacheEntry:
         """An entry this run keeps to itself (another run holds the lock): the same tensors, not written."""
         tensors = self._assemble([self.records[r] for r in range(self.n_rows)])
+        if "offsets" in tensors:  # an LM top-k: the values a written entry would give back
+            rest = as_stored([{k: v for k, v in tensors.items() if k != "offsets"}])[0]
+            tensors = {"offsets": tensors["offsets"], **rest}
         return CacheEntry(self.key, self.folder, {"stored": self.stored, **self._manifest()}, tensors)
 
     def close(self) -> None:

@@ -196,15 +196,21 @@ def test_topk_entries_round_trip_through_the_cache(tmp_path):
         description={},
     )
     entry = TeacherCache(tmp_path).lookup(key)
-    assert entry.tensors["logprobs"].dtype == torch.float16 and entry.tensors["indices"].dtype == torch.int32
+    assert entry.store is not None and entry.manifest["format"] == 2 and entry.manifest["k"] == 8
     assert entry.tensors["offsets"].tolist() == [0, 5, 7, 11]
+    assert sorted(entry.tensors) == ["offsets", "target_logprob"]  # the top-k is read by rows, never whole
 
     back = gather_topk(entry, torch.tensor([2, 0]), 5, torch.device("cpu"))  # rows in another order
     assert back.logprobs.shape == (2, 5, 8)
     assert torch.equal(back.indices[0, :4], top.indices[2, :4]) and torch.equal(
         back.indices[1], top.indices[0]
     )
-    assert torch.allclose(back.logprobs[0, :4], top.logprobs[2, :4], atol=1e-2)
+    # format 2 keeps the top log-prob and the tail as float16, the rest within a small KL
+    assert torch.allclose(back.logprobs[0, :4, 0], top.logprobs[2, :4, 0], atol=1e-2)
+    full = torch.cat([top.logprobs[2, :4], top.tail_logmass[2, :4, None]], -1)
+    read = torch.cat([back.logprobs[0, :4], back.tail_logmass[0, :4, None]], -1)
+    kl = (full.exp() * (full - read.log_softmax(-1))).sum(-1)
+    assert (kl < 2e-3).all(), kl
     assert torch.allclose(back.tail_logmass[1], top.tail_logmass[0], atol=1e-2)
     assert torch.isfinite(back.logprobs).all() and torch.isfinite(back.tail_logmass).all()  # padding is valid
     assert torch.allclose(gather_rows(entry, "target_logprob", torch.tensor([1]), 5)[0, :2], target[1, :2])

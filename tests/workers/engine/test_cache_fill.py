@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.workers.engine import test_lm
 from tests.workers.engine.test_lm import Log, _lm_run
 from workers.engine import cache_fill, teachers
+from workers.engine.cache import entry_tensors
 from workers.engine.trainer import train
 
 corpus, lm_teacher = test_lm.corpus, test_lm.lm_teacher  # the LM tests' fixtures
@@ -61,7 +61,7 @@ def _offline(tmp: Path, corpus: Path, lm_teacher: Path, name: str, cache: str, *
 
 def _train_entry(cache: Path, result) -> dict[str, torch.Tensor]:
     (use,) = [u for u in result.teacher_cache if u["split"] == "train"]
-    return load_file(cache / use["key"] / "outputs.safetensors")
+    return entry_tensors(cache / use["key"])
 
 
 def test_the_first_epoch_fills_the_entry_an_up_front_fill_writes_and_trains_the_same_curve(
@@ -226,6 +226,6 @@ def test_two_ranks_fill_their_rows_and_rank_0_writes_the_whole_entry(tmp_path, m
     assert [m["filled_during_training"] for m in manifests if m["split"] == "train"] == [True]
     entry = tmp_path / "cache-two" / key
     reference = tmp_path / "cache-one" / entry.name
-    a, b = load_file(entry / "outputs.safetensors"), load_file(reference / "outputs.safetensors")
+    a, b = entry_tensors(entry), entry_tensors(reference)
     assert torch.equal(a["offsets"], b["offsets"]) and (a["indices"] == b["indices"]).float().mean() > 0.999
     assert not list((tmp_path / "cache-two").glob(".partial-*"))
