@@ -11,6 +11,8 @@ from pathlib import Path
 import environ
 from csp.constants import NONE, SELF, UNSAFE_INLINE
 
+from workers.engine.served_teacher import parse_servers
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
 env = environ.Env()
@@ -202,6 +204,13 @@ DATASET_ROOTS = [Path(p) for p in env.list("DATASET_ROOTS", default=[])]
 # stored.
 DATASET_UPLOAD_MAX_BYTES = env.int("DATASET_UPLOAD_MAX_BYTES", default=50 * 1024 * 1024)
 ALLOW_TRUST_REMOTE_CODE = env.bool("ALLOW_TRUST_REMOTE_CODE", default=False)
+# Inference servers (vLLM, sglang: OpenAI-compatible) a teacher of source "server" may name:
+# DISTILLWEB_TEACHER_SERVERS="name=base_url[,name2=base_url2]"; users pick a name, never a URL. A server's
+# bearer token, if any, stays in the workers' environment (DISTILLWEB_TEACHER_SERVER_TOKEN_<NAME>).
+try:
+    TEACHER_SERVERS = parse_servers(env("DISTILLWEB_TEACHER_SERVERS", default=""))
+except ValueError as exc:
+    raise environ.ImproperlyConfigured(str(exc)) from None
 # The run lifecycle (experiments.services): a run's heartbeat is its lease, renewed by every metric, progress
 # and checkpoint write. A running run silent for RUN_HEARTBEAT_TIMEOUT_S lost its worker: the
 # `workers.requeue_stale_runs` beat task (every RUN_SWEEP_INTERVAL_S) requeues it, and another worker resumes

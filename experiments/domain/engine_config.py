@@ -265,9 +265,10 @@ def resolve_paths(config: dict[str, Any], *, run: Run, artifact_root: Path) -> d
 
 def allowed_paths(run_outputs: dict[str, str], *, run: Run, artifact_root: Path) -> dict[str, Any]:
     """What the engine may read for ``run`` (``workers.engine.config.AllowedPaths``), from this process's
-    settings and never from the stored config: the model and dataset roots, the run's team upload folder, and
-    the model folders of the config's ``run`` sources (``run_outputs``: logical path → folder on disk) that
-    are runs of the run's team (the engine refuses any other)."""
+    settings and never from the stored config: the model and dataset roots, the teacher servers
+    (``name=base_url``), the run's team upload folder, and the model folders of the config's ``run`` sources
+    (``run_outputs``: logical path → folder on disk) that are runs of the run's team (the engine refuses any
+    other)."""
     from experiments.domain.uploads import upload_dir
 
     wanted = {
@@ -281,6 +282,7 @@ def allowed_paths(run_outputs: dict[str, str], *, run: Run, artifact_root: Path)
         "run_outputs": [str(artifact_root / wanted[pk]) for pk in sorted(same_team)],
         "artifact_root": str(artifact_root),
         "uploads": str(uploads),
+        "teacher_servers": [f"{name}={url}" for name, url in settings.TEACHER_SERVERS.items()],
     }
 
 

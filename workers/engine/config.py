@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-MODEL_SOURCES = ("builtin", "config", "hf", "run", "derived")
+MODEL_SOURCES = ("builtin", "config", "hf", "run", "derived", "server")
 DATASET_SOURCES = ("builtin", "hf")
 SCHEMES = ("offline", "online", "hard_labels", "multi_teacher", "seq_kd", "on_policy")
 # classification: sequence / tabular classification; causal_lm: next-token prediction;
@@ -29,6 +29,9 @@ class ModelConfig:
     - ``run``: ``path`` is the ``final`` folder a run of this system wrote (builtin or transformers format).
     - ``derived``: built from ``parent`` (another model config): ``params`` says which layers to keep and
       optionally narrower widths; weights are copied from the parent where shapes allow.
+    - ``server`` (teachers of causal LMs only): ``name`` is the model an inference server serves (vLLM,
+      sglang: its ``/v1/models`` id), ``params["server"]`` the name of a server the admin configured
+      (:mod:`.served_teacher`); its tokenizer must be the student's.
     """
 
     source: str
@@ -150,6 +153,8 @@ class AllowedPaths:
     (runs of the same team); ``artifact_root``: the worker's artifact root, of which nothing else is read
     (whatever the roots say), and which messages call ``ARTIFACT_ROOT``; ``uploads``: the run's team upload
     folder inside it, where uploaded dataset files are read from. See :mod:`.sources`.
+    ``teacher_servers``: the inference servers a ``server`` teacher may name, as ``name=base_url`` (their
+    tokens stay in the worker's environment; :mod:`.served_teacher`).
     """
 
     model_roots: tuple[str, ...] = ()
@@ -157,6 +162,7 @@ class AllowedPaths:
     run_outputs: tuple[str, ...] = ()
     artifact_root: str = ""
     uploads: str = ""
+    teacher_servers: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AllowedPaths:

@@ -268,8 +268,8 @@ def check_with_models(
         if existing is not None and not teachers.is_loaded:
             t_dims, t_vocab = existing.manifest["teacher_dims"], existing.manifest["vocab_digest"]
         else:
-            t_dims, t_vocab = model_dims(teachers.first), vocab_digest(teachers.first.tokenizer)
-    sparse = plan.teacher_mode == "cached" and task == "causal_lm"
+            t_dims, t_vocab = teachers.dims(), teachers.vocab()
+    sparse = task == "causal_lm" and (plan.teacher_mode == "cached" or bool(teachers and teachers.is_served))
     dims = run_dims(run.student, t_dims, task=task, sparse=sparse)
     terms = validate_terms(plan.terms, dims=dims)
     same_vocab = t_vocab is None or t_vocab == vocab_digest(run.student.tokenizer)

@@ -160,7 +160,7 @@ def load_data_and_models(cfg: RunConfig, plan: RunPlan, ranks: Ranks | None = No
         (student.model if ranks.builds_empty else student.model.to(device)).train()
         adapters.attach(cfg, student, device)  # LoRA (train.lora_r > 0): only the adapters train
     max_length = lm_max_length(dataset, student) if cfg.task == "causal_lm" else dataset.max_length
-    teachers = Teachers(cfg, plan, dataset, device, max_length=max_length, ranks=ranks)
+    teachers = Teachers(cfg, plan, dataset, device, max_length=max_length, ranks=ranks, student=student)
     teachers = teachers if plan.uses_teacher else None
     outputs = TeacherOutputs(cfg, plan, teachers, cache, terms=plan.terms, max_length=max_length)
     return Loaded(device, output_dir, cache, dataset, student, max_length, teachers, outputs)

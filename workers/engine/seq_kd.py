@@ -4,7 +4,8 @@
 :func:`seq_kd_rows` has the teachers continue every train row's prompt once (the continuations are a
 teacher-output cache entry, so later runs with the same key generate nothing) and returns the rows the
 student trains on; a teacher with another tokenizer has its text re-tokenised by the student's
-(:func:`retokenize_rows`).
+(:func:`retokenize_rows`). A served teacher (:mod:`.served_teacher`) writes them on its server, with the same
+decoding settings.
 """
 
 from __future__ import annotations
@@ -60,14 +61,15 @@ def seq_kd_rows(
     }
 
     def compute() -> dict[str, Tensor]:
-        teacher = teachers.first
+        served = teachers.served
+        teacher = None if served is not None else teachers.first
         # Prompts in the teacher's own tokens (the student's, unless the two tokenizers differ).
         source = (
             text_rows
-            if vocab_digest(teacher.tokenizer) == vocab_digest(student.tokenizer)
+            if vocab_digest(teachers.tokenizer) == vocab_digest(student.tokenizer)
             else make_batcher("train", teachers.dataset, teacher, max_length=max_length)
         )
-        t_eos = teacher.tokenizer.eos_token_id
+        t_eos = teachers.tokenizer.eos_token_id
         prompts = [
             r[: prompt_length(r, max_new_tokens=p["max_new_tokens"], max_length=max_length, eos_id=t_eos)]
             for r in source.token_rows
@@ -77,16 +79,15 @@ def seq_kd_rows(
         phases.report(phases.SEQ_KD, 0, len(prompts))
         for start in range(0, len(prompts), size):
             chunk = prompts[start : start + size]
-            new = generate_continuations(
-                teacher.model,
-                chunk,
-                max_new_tokens=p["max_new_tokens"],
-                temperature=p["temperature"],
-                pad_id=source.pad_id,
-                eos_id=t_eos,
-                device=teachers.device,
-                seed=step_seed(cfg.train.seed, start, 2),
-            )
+            decoding = {"max_new_tokens": p["max_new_tokens"], "temperature": p["temperature"]}
+            seed = step_seed(cfg.train.seed, start, 2)
+            if served is not None:
+                new = served.generate(chunk, **decoding, seed=seed, eos_id=t_eos)
+            else:
+                new = generate_continuations(
+                    teacher.model, chunk, **decoding, pad_id=source.pad_id, eos_id=t_eos,
+                    device=teachers.device, seed=seed,
+                )
             rows += [a + b for a, b in zip(chunk, new, strict=True)]
             lengths += [len(a) for a in chunk]
             phases.report(phases.SEQ_KD, len(rows), len(prompts))
@@ -98,7 +99,7 @@ def seq_kd_rows(
     same = entry.manifest["vocab_digest"] == vocab_digest(student.tokenizer)
     if not same:
         rows, lengths = retokenize_rows(
-            rows, lengths, source=teachers.first.tokenizer, target=student.tokenizer, max_length=max_length
+            rows, lengths, source=teachers.tokenizer, target=student.tokenizer, max_length=max_length
         )
     return LMBatcher(rows, pad_id=text_rows.pad_id, prompt_lengths=lengths), same
 

@@ -258,6 +258,8 @@ def check_run_sources(cfg: RunConfig) -> None:
             _check_local(model.path, allowed, kind="model", what=what)
         elif model.source == "run":
             _check_run_output(model.path, allowed, what)
+        elif model.source == "server":
+            _check_served(model, role, allowed, what)
         elif model.source == "config":
             if model.path:  # the tokenizer folder when params name none
                 _check_local(model.path, allowed, kind="model", what=f"{what}'s tokenizer")
@@ -276,6 +278,17 @@ def check_run_sources(cfg: RunConfig) -> None:
             check_hub_dataset(data.name)
         if data.eval_path:
             _check_local(data.eval_path, allowed, kind="dataset", what="The dataset's eval file")
+
+
+def _check_served(model: ModelConfig, role: str, allowed: AllowedPaths | None, what: str) -> None:
+    """A ``server`` teacher names a server the worker allows (:mod:`.served_teacher`); a student is never
+    served."""
+    from .served_teacher import server_problem, servers_allowed
+
+    if role == "Student":
+        raise ModelLoadError(f"{what}: only a teacher can be served; a student trains here.")
+    if problem := server_problem(model, list(servers_allowed(allowed))):
+        raise ModelLoadError(f"{what} cannot be served: {problem}.")
 
 
 def _error(kind: str, message: str) -> Exception:

@@ -4,11 +4,13 @@ Per batch, the teacher's fields of :class:`.methods.TermInputs`: logits, top-k l
 embeddings, looked up by row in the train split's teacher-output cache entry or computed online by the loaded
 teachers (several mixed by their weights). Across tokenizers the teacher's positions are paired with the
 student's where both have read the same text (:mod:`.align`): from the cached character offsets, online, or
-for ``on_policy`` on the student's own samples, re-read by the teacher.
+for ``on_policy`` on the student's own samples, re-read by the teacher. A served teacher
+(:mod:`.served_teacher`) gives its top-k of each batch's rows online, from its server.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from torch import Tensor
 from .align import align_positions, decoded_prefix_ends, gather_aligned, prefix_ends
 from .batching import Batch, LMBatcher
 from .cache import (
+    EVAL_TOPK,
     CacheEntry,
     gather_topk,
     pack_positions,
@@ -32,7 +35,8 @@ from .runtime import (
     lm_max_length,
     make_batcher,
 )
-from .teachers import Teachers
+from .teachers import Teachers, _lm_topk_batch
+from .terms import LOSS_TERMS
 
 if TYPE_CHECKING:
     from .cache_fill import TrainFill
@@ -205,6 +209,15 @@ class TeacherTargets:
             }
         return fields
 
+    def _served(self, batch: Batch, plan: RunPlan) -> dict[str, Any]:
+        """The batch's top-k from the served teacher (its tokens are the student's), k the largest a topk
+        term asks for (else EVAL_TOPK, which uld reads whole)."""
+        ks = [t.params["k"] for t in plan.terms if LOSS_TERMS[t.name].kind == "topk"]
+        records = _lm_topk_batch(self.teachers, batch, k=max(ks or [EVAL_TOPK]), ends=None)
+        part = CacheEntry("served", Path(self.teachers.cfg.output_dir), {}, pack_positions(records))
+        width = batch.inputs["input_ids"].shape[1] - 1
+        return {"teacher_topk": gather_topk(part, torch.arange(len(records)), width, self.teachers.device)}
+
     @torch.no_grad()
     def fields(self, batch: Batch, rows: np.ndarray | None, *, plan: RunPlan) -> dict[str, Any]:
         device = self.teachers.device
@@ -228,6 +241,8 @@ class TeacherTargets:
             if self.same_tokens:
                 return {"teacher_topk": gather_topk(self.entry, batch.indices.cpu(), width, device)}
             return self._cached_across_tokenizers(batch.indices.cpu(), width)
+        if self.teachers.is_served:
+            return self._served(batch, plan)
         needs = plan.needs
         loaded = self.teachers.first
         index: Tensor | None = None

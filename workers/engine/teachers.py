@@ -3,13 +3,17 @@ entries a run reads (:class:`TeacherOutputs`): the train split's outputs (offlin
 generated rows, and the eval split's and validation slice's outputs that evaluation compares the student with.
 Each batch's part of the teacher is :mod:`.teacher_targets`'s; seq_kd's continuations are :mod:`.seq_kd`'s.
 
-Teachers are loaded only when something needs them: a run whose entries are all in the cache loads none.
+Teachers are loaded only when something needs them: a run whose entries are all in the cache loads none. A
+teacher of source ``server`` is never loaded: an inference server (:mod:`.served_teacher`) gives its top-k
+log-probabilities and its continuations, after a check that it serves the model with the student's tokenizer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -53,10 +57,13 @@ from .runtime import (
     out_of_memory_as_training_error,
     prepare_attention,
 )
+from .served_teacher import ServedTeacher
 from .terms import LOSS_TERMS
 
 if TYPE_CHECKING:
     from .planning import RunPlan
+
+logger = logging.getLogger(__name__)
 
 
 def mix_teacher_logits(logits: list[Tensor], weights: list[float], *, temperature: float = 1.0) -> Tensor:
@@ -95,20 +102,84 @@ class Teachers:
         *,
         max_length: int,
         ranks: distributed.Ranks | None = None,
+        student: LoadedModel | None = None,
     ) -> None:
         self.cfg, self.plan, self.dataset, self.device = cfg, plan, dataset, device
         self.max_length = max_length
         self.ranks = ranks or distributed.Ranks()
         self.weights = list(plan.teacher_weights)
+        self.student = student
         self._loaded: list[LoadedModel] | None = None
+        self._served: ServedTeacher | None = None
         self._fingerprint: str | None = None
         self.forwards = 0
+
+    # -- a teacher served by an inference server --
+    @property
+    def is_served(self) -> bool:
+        """The teacher is a ``server`` model: nothing of it is loaded here."""
+        return any(t.source == "server" for t in self.plan.teachers)
+
+    @property
+    def served(self) -> ServedTeacher | None:
+        """The served teacher's client, checked on first use (the server lists the model, reads rows this
+        long, tokenises as the student does); None for a teacher that runs here.
+
+        Raises:
+            ConfigError / ModelLoadError: what the run cannot do with a served teacher, or what differs.
+        """
+        if not self.is_served:
+            return None
+        if self._served is None:
+            teacher = self.plan.teachers[0]
+            if len(self.plan.teachers) > 1 or teacher.source != "server":
+                raise ConfigError("A served teacher is a run's only teacher: multi_teacher cannot mix it.")
+            if self.dataset.task != "causal_lm" or self.student is None or self.student.tokenizer is None:
+                raise ConfigError(
+                    f"Teacher '{teacher.describe()}' is served by an inference server, which serves causal "
+                    "language models only: use it for a causal_lm run."
+                )
+            dense = sorted({t.name for t in self.plan.terms if LOSS_TERMS[t.name].needs}
+                           - {t.name for t in self.plan.terms if LOSS_TERMS[t.name].kind in ("topk", "uld")})
+            if dense:
+                raise ConfigError(
+                    f"Teacher '{teacher.describe()}' is served: it gives top-k log-probabilities, not its "
+                    f"logits or features, so loss term '{dense[0]}' cannot read it. Use the topk or uld "
+                    "terms."
+                )
+            client = ServedTeacher.for_model(teacher, self.cfg.allowed_paths)
+            inputs = self.dataset.train.inputs[:3]
+            texts = [] if self.dataset.pack else [t for t in inputs if isinstance(t, str)]
+            with phases.part(phases.LOADING):
+                client.check(self.student.tokenizer, texts=texts, max_length=self.max_length)
+            self._served = client
+        return self._served
+
+    @property
+    def tokenizer(self) -> Any:
+        """The (first) teacher's tokenizer: a served teacher's is the student's (checked)."""
+        return self.student.tokenizer if self.served is not None else self.first.tokenizer
+
+    def dims(self) -> dict[str, Any]:
+        """The first teacher's :func:`models.model_dims`; a served teacher's sizes are unknown here (None)."""
+        if self.served is not None:
+            return {"vocab_size": None, "num_layers": None, "hidden_size": None, "num_heads": None}
+        return model_dims(self.first)
+
+    def vocab(self) -> str | None:
+        return vocab_digest(self.tokenizer)
 
     @property
     def is_loaded(self) -> bool:
         return self._loaded is not None
 
     def models(self) -> list[LoadedModel]:
+        if self.is_served:
+            raise ConfigError(
+                f"Teacher '{self.plan.teachers[0].describe()}' is served by an inference server: there is no "
+                "model to run here. It gives top-k log-probabilities (topk and uld terms) and continuations "
+                "(seq_kd)."
+            )
         if self._loaded is None:
             loaded = []
             devices = [self.device] if self.device.type == "cuda" else []
@@ -172,6 +243,12 @@ class Teachers:
 
     def fingerprint(self) -> str:
         """What identifies the teachers' outputs: file digests where possible, else state-dict digests."""
+        if self._fingerprint is None and self.served is not None:
+            served = self.served
+            self._fingerprint = "served:" + cache_key(
+                {"server": served.name, "model": served.model, "root": served.model_info().get("root"),
+                 "vocab": self.vocab()}
+            )
         if self._fingerprint is None:
             parts = []
             for i, teacher_cfg in enumerate(self.plan.teachers):
@@ -190,12 +267,21 @@ class Teachers:
     def describe(self) -> dict[str, Any]:
         """Manifest fields recorded with a computed entry, so a later hit needs no teacher to check the
         run."""
-        first = self.first
-        return {
-            "teacher_dims": model_dims(first),
-            "vocab_digest": vocab_digest(first.tokenizer),
+        described = {
+            "teacher_dims": self.dims(),
+            "vocab_digest": self.vocab(),
             "teachers": [c.describe() for c in self.plan.teachers],
         }
+        if self.served is not None:
+            stats = self.served.stats
+            described["served"] = {
+                "server": self.served.name,
+                "model": self.served.model,
+                "requests": stats.requests,
+                "tokens": stats.tokens,
+                "tokens_per_s": round(stats.tokens_per_s, 1),
+            }
+        return described
 
     # -- dense outputs on a batch --
     def logits(self, batch_for: Callable[[LoadedModel], Batch]) -> Tensor:
@@ -253,11 +339,21 @@ def _lm_topk_outputs(
     another tokenizer can pair its positions with the entry's without the teacher.
     """
     ends = (
-        prefix_ends(texts, batcher.token_rows, tokenizer=teachers.first.tokenizer)
+        prefix_ends(texts, batcher.token_rows, tokenizer=teachers.tokenizer)
         if texts is not None
         else None
     )
     per_row: list[dict[str, Tensor]] = []
+    if teachers.served is not None:  # the whole split, a batch of rows at a time, several requests at once
+        rows = batcher.token_rows
+        chunks = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
+        started, tokens = time.perf_counter(), sum(len(r) for r in rows)
+        for chunk in phases.track(chunks, len(rows)):
+            per_row.extend(_served_rows(teachers, [rows[i] for i in chunk], chunk, k=k, ends=ends))
+        seconds = time.perf_counter() - started
+        logger.info("served teacher: %d rows, %d tokens in %.1f s (%.0f tokens/s)",
+                    len(rows), tokens, seconds, tokens / max(seconds, 1e-9))
+        return pack_positions(per_row)
     with contextlib.ExitStack() as stack:
         for loaded in teachers.models():
             stack.enter_context(eval_mode(loaded.model))
@@ -272,7 +368,11 @@ def _lm_topk_batch(
 ) -> list[dict[str, Tensor]]:
     """One batch's rows as :func:`_lm_topk_outputs` stores them: per row, its predicted positions' top-k
     log-probs (float16), ids (int32), tail (float16), the target token's log-prob, and ``prefix_end`` with
-    ``ends``."""
+    ``ends``. A served teacher's come from its server."""
+    if teachers.served is not None:
+        ids, lengths = batch.inputs["input_ids"].cpu(), batch.inputs["attention_mask"].sum(1).tolist()
+        rows = [ids[b, : int(n)].tolist() for b, n in enumerate(lengths)]
+        return _served_rows(teachers, rows, batch.indices.tolist(), k=k, ends=ends)
     batch = batch.to(teachers.device)
     logits, labels = shift_for_lm(teachers.logits(lambda _loaded, b=batch: b), batch.inputs["input_ids"])
     top = topk_of(logits, k)
@@ -292,6 +392,19 @@ def _lm_topk_batch(
         if ends is not None:
             per_row[-1]["prefix_end"] = torch.as_tensor(ends[row][:n], dtype=torch.int64)
     return per_row
+
+
+def _served_rows(
+    teachers: Teachers, rows: list[list[int]], row_ids: list[int], *, k: int, ends: list[list[int]] | None
+) -> list[dict[str, Tensor]]:
+    """:func:`_lm_topk_batch`'s records of token ``rows`` (split rows ``row_ids``) from the served teacher."""
+    records = teachers.served.topk(rows, k)
+    teachers.forwards += 1
+    if ends is not None:
+        for record, row, tokens in zip(records, row_ids, rows, strict=True):
+            n = max(len(tokens) - 1, 0)
+            record["prefix_end"] = torch.as_tensor(ends[row][:n], dtype=torch.int64)
+    return records
 
 
 @torch.no_grad()
@@ -452,7 +565,7 @@ class TeacherOutputs:
             k = stored["k"]
             texts = None if teachers.dataset.pack else teachers.dataset.train.inputs
             ends = (
-                prefix_ends(texts, train_batches.token_rows, tokenizer=teachers.first.tokenizer)
+                prefix_ends(texts, train_batches.token_rows, tokenizer=teachers.tokenizer)
                 if texts is not None
                 else None
             )
@@ -607,6 +720,8 @@ def _teacher_metrics(
     label = f"{device.type}:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
     label = f"{label}@{EFFICIENCY_VERSION}"  # figures measured the way this version measures them
     efficiency = (entry.extra("efficiency") or {}).get(label)
+    if teachers.is_served:  # measured on the server's hardware, not here
+        efficiency = {}
     if efficiency is None:
         efficiency = {}
         for loaded in teachers.models():
