@@ -163,14 +163,25 @@ def store_facts(result: dict[str, Any]) -> list[StoreFacts]:
     return facts
 
 
+def _random_init(model: dict[str, Any]) -> bool:
+    """A model without weight files (a random init from a config, a builtin net, or one derived from them):
+    the engine initialises a teacher like that with the run's seed, so its outputs depend on the seed."""
+    while model.get("source") == "derived" and isinstance(model.get("parent"), dict):
+        model = model["parent"]
+    return model.get("source") in ("config", "builtin")
+
+
 def config_match(config: dict[str, Any]) -> tuple[str, str]:
     """What identifies, in a frozen run config, the teacher outputs it reads: a digest of its teachers (main,
-    extra, weights) and the dataset's split key (max length included). ("", "") for a run without a
-    teacher."""
+    extra, weights; the seed too for a randomly initialised teacher) and the dataset's split key (max length
+    included). ("", "") for a run without a teacher."""
     if not config.get("teacher"):
         return "", ""
+    models = [config["teacher"], *(config.get("extra_teachers") or [])]
     teachers = {"teacher": config["teacher"], "extra": config.get("extra_teachers") or [],
                 "weights": config.get("teacher_weights") or []}
+    if any(isinstance(m, dict) and _random_init(m) for m in models):
+        teachers["seed"] = (config.get("train") or {}).get("seed")
     digest = hashlib.sha256(json.dumps(teachers, sort_keys=True).encode()).hexdigest()[:32]
     return digest, split_key(config.get("dataset") or {})
 

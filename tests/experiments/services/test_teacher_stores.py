@@ -195,3 +195,61 @@ def test_the_backfill_command_records_stores_of_earlier_runs_whose_entries_are_r
                                                                                (runs[1].id, False)]
     call_command("teacher_stores_backfill", stdout=io.StringIO())  # idempotent
     assert TeacherStoreUse.objects.count() == 2
+
+
+def test_a_real_causal_lm_run_records_its_stores_and_a_later_run_of_the_same_config_needs_them(
+        team, user, settings, tmp_path):
+    """End to end: the task runs the engine in process, the engine fills the top-k cache, run_finish records
+    the stores; a queued run of another experiment with the same teacher, data, k and seed is recognised as
+    needing them (the other seed, whose random-init teacher differs, is not), and when it runs it reuses
+    them."""
+    from experiments.services import records
+    from workers.tasks import run_distillation
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    lines = [f"the {w} sat on the mat and the {w} ran to door {i}" for i, w in enumerate(["cat", "dog"] * 20)]
+    (data / "lines.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    settings.DATASET_ROOTS = [data]
+    dataset = records.dataset_spec_create(team=team, created_by=user, name="lines", source="hf",
+                                          task="causal_lm", local_path=str(data / "lines.jsonl"),
+                                          max_length=24)
+    llama = {"model_type": "llama", "intermediate_size": 64, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 64}
+    teacher, student = (records.model_spec_create(team=team, created_by=user, name=name, source="config",
+                                                  task="causal_lm", config={**llama, "hidden_size": hidden,
+                                                                            "num_hidden_layers": layers})
+                        for name, hidden, layers in (("lm-teacher", 32, 2), ("lm-student", 16, 1)))
+    topk = records.recipe_create(team=team, created_by=user, name="topk", scheme="offline",
+                                 terms=[{"name": "topk", "weight": 1.0, "params": {"k": 16}}])
+
+    def launch_lm(name: str, seeds: list[int]):
+        with mock.patch(DISPATCH):
+            experiment = launch.experiment_create(
+                team=team, created_by=user, name=name, dataset=dataset, teacher=teacher, students=[student],
+                recipes=[topk], seeds=seeds, train={"max_steps": 4, "batch_size": 8, "eval_every": 4,
+                                                    "log_every": 2, "save_every": 4})
+        return list(experiment.runs.filter(is_baseline=False).order_by("seed"))
+
+    first, other_seed = launch_lm("lm", [0, 1])
+    run_distillation.apply(args=(first.id,))
+    first.refresh_from_db()
+    assert first.status == Run.Status.SUCCEEDED, first.error
+    stores = {store.split: store for store in TeacherStore.objects.all()}
+    train = stores["train"]
+    assert (train.kind, train.k, train.teacher, train.dataset, train.max_length) == (
+        "topk", 16, teacher, dataset, 24)
+    assert train.positions and train.size_bytes and train.bytes_per_token == pytest.approx(
+        train.size_bytes / train.positions, rel=0.05)
+    assert all(teacher_stores.store_needed_by(store=store) == [] for store in stores.values())
+    [again] = launch_lm("lm again", [0])
+    assert all(teacher_stores.store_needed_by(store=store) == [again] for store in stores.values())
+    with pytest.raises(ValidationError, match=f"#{again.id}"):
+        teacher_stores.store_delete(store=train)
+    run_distillation.apply(args=(again.id,))
+    again.refresh_from_db()
+    assert again.status == Run.Status.SUCCEEDED, again.error
+    assert set(again.teacher_store_uses.values_list("store__split", "filled")) == {
+        (split, False) for split in stores}
+    assert TeacherStore.objects.count() == len(stores)
+    assert other_seed.status == Run.Status.QUEUED
