@@ -31,6 +31,7 @@ instead (the uncompressed reference the fidelity benchmark compares with).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -84,31 +85,37 @@ class Codec:
     id_bits: int
     tail: bool = True
 
-    @property
+    @functools.cached_property
     def gap_bits(self) -> np.ndarray:
         """Bits of the gap of ranks 1..k−1."""
         rank = np.arange(1, self.k)
         return np.select([rank == 1, rank <= 4, rank <= 8, rank <= 40], [6, 5, 4, 2], 1)
 
-    @property
+    @functools.cached_property
     def level_table(self) -> np.ndarray:
         """(k−1, 2^bits): the gap multiple each code of each rank stands for (:func:`_levels`)."""
-        table = np.zeros((self.k - 1, 1 << int(self.gap_bits.max(initial=0))))
+        table = np.zeros((self.k - 1, 1 << int(self.gap_bits.max(initial=0))), dtype=np.float32)
         for i, bits in enumerate(self.gap_bits):
             levels = _levels(int(bits))
             table[i, : len(levels)] = levels
         return table
 
-    @property
+    @functools.cached_property
     def fields(self) -> list[tuple[int, int]]:
-        """(count, bits) of each field in record order: ids, l₀, tail, scale, gaps by width."""
+        """(count, bits) of each field in record order: ids, l₀, tail, scale, then the gaps, one field per run
+        of ranks with the same width."""
         out = [(self.k, self.id_bits), (1, 16)]
         if self.tail:
             out.append((1, 16))
         out.append((1, SCALE_BITS))
-        return out + [(1, int(b)) for b in self.gap_bits]
+        for bits in self.gap_bits:
+            if out[-1][1] == bits and len(out) > 3 + self.tail:
+                out[-1] = (out[-1][0] + 1, int(bits))
+            else:
+                out.append((1, int(bits)))
+        return out
 
-    @property
+    @functools.cached_property
     def record_bytes(self) -> int:
         return -(-sum(n * b for n, b in self.fields) // 8)
 
@@ -145,24 +152,35 @@ class Codec:
             tail16 = np.clip(np.asarray(tail, dtype=np.float32), -60000, 0).astype(np.float16)
             fields.append(tail16.view(np.uint16)[:, None])
         fields.append(best[:, None])
-        fields += [gaps[:, i : i + 1] for i in range(self.k - 1)]
+        start = 0
+        for count, _bits in self.fields[len(fields) :]:
+            fields.append(gaps[:, start : start + count])
+            start += count
         return _pack_bits(fields, self.fields, self.record_bytes)
 
     def _gaps(self, x: np.ndarray, top: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The closed-loop gap codes of ``x`` (P, k−1) for each candidate scale (P, C), and their error."""
-        scales = _scales()[candidates]
-        rebuilt = np.zeros(scales.shape)
-        error = np.zeros(scales.shape)
+        """The closed-loop gap codes of ``x`` (P, k−1) for each candidate scale (P, C), and their error
+        (float32: the codes are exact integers; the decoder's sums are its own)."""
+        scales = _scales()[candidates].astype(np.float32)
+        inverse = 1 / scales
+        rebuilt = np.zeros(scales.shape, dtype=np.float32)
+        error = np.zeros(scales.shape, dtype=np.float32)
         codes = np.empty((self.k - 1, *scales.shape), dtype=np.uint8)
-        top = top.astype(np.float64)[:, None]
+        x, top = x.astype(np.float32), top.astype(np.float32)[:, None]
         for i, bits in enumerate(self.gap_bits):
-            levels = _levels(int(bits))
+            levels = _levels(int(bits)).astype(np.float32)
             target = x[:, i, None]
-            q = np.searchsorted((levels[1:] + levels[:-1]) / 2, (target - rebuilt) / scales)
+            ratio = (target - rebuilt) * inverse
+            if int(bits) in _LEVEL_TABLE:  # spread levels: count the midpoints passed
+                q = np.zeros(ratio.shape, dtype=np.uint8)
+                for mid in (levels[1:] + levels[:-1]) / 2:
+                    q += ratio > mid
+            else:
+                q = np.clip(np.rint(ratio), 0, len(levels) - 1).astype(np.uint8)
             rebuilt += levels[q] * scales
             # weighted by the larger of the true and the rebuilt probability: a rank rebuilt too likely
             # costs as much as one rebuilt too unlikely
-            error += np.exp(top - np.minimum(rebuilt, target)) * (rebuilt - target) ** 2
+            error += np.exp(top - np.minimum(rebuilt, target)) * np.square(rebuilt - target)
             codes[i] = q
         return error, codes
 
@@ -170,19 +188,19 @@ class Codec:
         """(P, record_bytes) uint8 → log-probs (P, k) float32 descending, ids (P, k) int64, tail (P,) float32
         (None without a tail)."""
         parts = _unpack_bits(records, self.fields)
-        ids, top = parts[0], parts[1][:, 0].astype(np.uint16).view(np.float16).astype(np.float64)
+        ids, top = parts[0], parts[1][:, 0].astype(np.uint16).view(np.float16).astype(np.float32)
         at = 2
         tail = None
         if self.tail:
             tail = parts[2][:, 0].astype(np.uint16).view(np.float16).astype(np.float32)
             at = 3
-        scale = _scales()[parts[at][:, 0]]
+        scale = _scales().astype(np.float32)[parts[at][:, 0]]
         gaps = np.concatenate(parts[at + 1 :], axis=1) if self.k > 1 else None
         values = np.empty((len(records), self.k), dtype=np.float32)
         values[:, 0] = top
         if gaps is not None:
             multiples = self.level_table[np.arange(self.k - 1), gaps]  # (P, k−1)
-            values[:, 1:] = top[:, None] - np.cumsum(multiples * scale[:, None], axis=1)
+            values[:, 1:] = top[:, None] - np.cumsum(multiples, axis=1) * scale[:, None]
         return values, ids, tail
 
 
@@ -205,34 +223,50 @@ def id_bits(vocab_size: int) -> int:
 
 
 def _pack_bits(values: list[np.ndarray], layout: list[tuple[int, int]], nbytes: int) -> np.ndarray:
-    """Fields ((P, n) unsigned ints of ``bits`` bits each) → (P, nbytes) uint8, little-endian bit order."""
+    """Fields ((P, n) unsigned ints of ``bits`` bits each) → (P, nbytes) uint8, little-endian bit order.
+    Leading 8/16/32-bit fields (the ids, l₀ and the tail at 16-bit ids) are copied as bytes, the rest go
+    through a bit matrix."""
+    out = np.zeros((len(values[0]), nbytes), dtype=np.uint8)
+    offset, first = 0, 0
+    for array, (count, width) in zip(values, layout, strict=True):
+        if width not in (8, 16, 32):
+            break
+        raw = np.ascontiguousarray(np.asarray(array).astype(f"<u{width // 8}")).view(np.uint8)
+        out[:, offset // 8 : (offset + count * width) // 8] = raw.reshape(len(out), -1)
+        offset, first = offset + count * width, first + 1
     planes = []
-    for array, (_count, bits) in zip(values, layout, strict=True):
-        array = np.asarray(array, dtype=np.uint64)
-        shifts = np.arange(bits, dtype=np.uint64)
-        planes.append(((array[:, :, None] >> shifts) & np.uint64(1)).astype(np.uint8).reshape(len(array), -1))
-    bits = np.concatenate(planes, axis=1)
-    bits = np.pad(bits, ((0, 0), (0, nbytes * 8 - bits.shape[1])))
-    return np.packbits(bits, axis=1, bitorder="little")
+    for array, (_count, width) in zip(values[first:], layout[first:], strict=True):
+        array = np.asarray(array, dtype=np.uint32)
+        shifts = np.arange(width, dtype=np.uint32)
+        planes.append(((array[:, :, None] >> shifts) & 1).astype(np.uint8).reshape(len(array), -1))
+    if planes:
+        packed = np.packbits(np.concatenate(planes, axis=1), axis=1, bitorder="little")
+        out[:, offset // 8 : offset // 8 + packed.shape[1]] = packed
+    return out
 
 
 def _unpack_bits(records: np.ndarray, layout: list[tuple[int, int]]) -> list[np.ndarray]:
     """The inverse of :func:`_pack_bits`: one (P, n) int64 array per field. Byte-aligned 8/16/32-bit fields
-    (the ids at k·16 bits) are read as integers; the rest through a bit matrix."""
+    are read as integers, the rest through a bit matrix of the bytes from the first of them on."""
     records = np.ascontiguousarray(records)
     out: list[np.ndarray] = []
     bits: np.ndarray | None = None
-    offset = 0
+    offset, base = 0, 0
     for count, width in layout:
-        if offset % 8 == 0 and width in (8, 16, 32):
+        if bits is None and offset % 8 == 0 and width in (8, 16, 32):
             chunk = records[:, offset // 8 : (offset + count * width) // 8]
             out.append(np.ascontiguousarray(chunk).view(f"<u{width // 8}").astype(np.int64))
         else:
             if bits is None:
-                bits = np.unpackbits(records, axis=1, bitorder="little")
-            plane = bits[:, offset : offset + count * width].reshape(len(records), count, width)
-            out.append(plane.astype(np.float32) @ (2.0 ** np.arange(width, dtype=np.float32)))
-            out[-1] = out[-1].astype(np.int64)
+                base = offset // 8 * 8
+                bits = np.unpackbits(records[:, offset // 8 :], axis=1, bitorder="little")
+            plane = bits[:, offset - base : offset - base + count * width].reshape(len(records), count, width)
+            if width == 1:
+                out.append(plane[:, :, 0].astype(np.int64))
+            else:
+                out.append(
+                    (plane.astype(np.float32) @ (2.0 ** np.arange(width, dtype=np.float32))).astype(np.int64)
+                )
         offset += count * width
     return out
 
@@ -447,6 +481,9 @@ class StoreTensors(Mapping[str, Tensor]):
         if name not in self.store.index["side"]:
             raise KeyError(name)
         return torch.from_numpy(self.store.read_side(name, np.arange(self.store.index["positions"])))
+
+    def __contains__(self, name: object) -> bool:  # without reading the field
+        return name in self._names()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names())
