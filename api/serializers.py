@@ -27,7 +27,7 @@ from experiments.domain.validation import (
     STRATEGIES,
     TRAIN_FIELDS,
 )
-from experiments.models import DatasetSpec, Evaluation, Experiment, ModelSpec, Recipe, Run, Task
+from experiments.models import DatasetSpec, Evaluation, Experiment, ModelSpec, Recipe, Run, Task, TeacherStore
 from experiments.selectors import records
 
 from . import selectors as api_selectors
@@ -1034,3 +1034,30 @@ ExperimentCreateSerializer = type(
 
 class RegisterModelSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=120)
+
+
+class TeacherStoreSerializer(serializers.ModelSerializer):
+    """A store of teacher outputs: what it holds, its size and the runs that used it."""
+
+    team = RefSerializer(read_only=True)
+    teacher = RefSerializer(read_only=True, allow_null=True)
+    dataset = RefSerializer(read_only=True, allow_null=True)
+    reuse_count = serializers.IntegerField(read_only=True, help_text="Runs that read it without computing it")
+    run_count = serializers.IntegerField(read_only=True)
+    recent_run_ids = serializers.SerializerMethodField(help_text="The latest runs that used it, newest first")
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = TeacherStore
+        fields = ["id", "team", "key", "kind", "split", "teacher", "teacher_label", "teacher_revision",
+                  "tokenizer", "dataset", "dataset_label", "max_length", "k", "format", "size_bytes",
+                  "positions", "bytes_per_token", "reuse_count", "run_count", "recent_run_ids", "created_at",
+                  "last_used_at", "url"]
+        read_only_fields = fields
+
+    def get_recent_run_ids(self, obj: TeacherStore) -> list[int]:
+        return [use.run_id for use in getattr(obj, "shown_uses", [])]
+
+    def get_url(self, obj: TeacherStore) -> str:
+        return _web_url(self, "experiments:store_detail", store_id=obj.pk)
+

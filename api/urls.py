@@ -25,6 +25,7 @@ urlpatterns = [
     ),
     # Endpoints.
     path("teams/", views.TeamViewSet.as_view(LIST), name="team_list"),
+    path("teacher-stores/", views.TeacherStoreViewSet.as_view(LIST), name="teacher_store_list"),
     path("models/", views.ModelSpecViewSet.as_view(LIST_CREATE), name="model_list"),
     path("models/<int:pk>/", views.ModelSpecViewSet.as_view(DETAIL), name="model_detail"),
     path("models/<int:pk>/derive/", views.ModelSpecViewSet.as_view({"post": "derive"}), name="model_derive"),

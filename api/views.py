@@ -33,6 +33,7 @@ from experiments.models import Experiment
 from experiments.selectors import curves as curves_reads
 from experiments.selectors import leaderboard as leaderboard_reads
 from experiments.selectors import records as records_reads
+from experiments.selectors import teacher_stores as store_reads
 from experiments.services import lifecycle
 
 from . import inputs, metric_downloads, yaml_io
@@ -127,6 +128,15 @@ class TeamViewSet(ApiViewSet):
     @extend_schema(summary="Your teams (staff: all)", responses=s.TeamSerializer(many=True))
     def list(self, request: Request) -> Response:
         return self.paginated(api_selectors.team_list(user=request.user), s.TeamSerializer)
+
+
+class TeacherStoreViewSet(ApiViewSet):
+    """Stores of teacher outputs of your teams (read-only; delete one on its page)."""
+
+    @extend_schema(summary="Teacher stores of your teams", responses=s.TeacherStoreSerializer(many=True))
+    def list(self, request: Request) -> Response:
+        stores = store_reads.store_list(user=request.user).order_by("-last_used_at", "-id")
+        return self.paginated(stores, s.TeacherStoreSerializer)
 
 
 # --- records --------------------------------------------------------------------------------------
