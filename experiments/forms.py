@@ -130,6 +130,12 @@ class ModelSpecForm(TeamScopedForm):
     tokenizer_id = MODEL["tokenizer_id"].field(
         label="Tokenizer id", help_text="Optional; defaults to the model's own tokenizer."
     )
+    server = MODEL["server"].field(
+        label="Teacher server", help_text="One of the inference servers this site is configured with."
+    )
+    served_model = MODEL["served_model"].field(
+        label="Served model", help_text="The name the server serves it under (its /v1/models id)."
+    )
     notes = MODEL["notes"].field(widget=forms.Textarea(attrs={"rows": 2}))
 
     def clean_hidden_sizes(self) -> list[int]:

@@ -125,6 +125,7 @@ class ModelSpecSource(models.TextChoices):
     DERIVED = "derived", "Derived from another model"
     BUILTIN = "builtin", "Builtin torch net"
     RUN = "run", "Trained by a run here"
+    SERVER = "server", "Served by an inference server (teacher only)"
 
 
 class ModelSpec(TeamOwned):

@@ -80,6 +80,8 @@ def model_config(spec: ModelSpec) -> dict[str, Any]:
             return {**base, "path": f"{run_output_dir(spec.source_run_id)}/final"}
         case ModelSpec.Source.DERIVED:
             return {**base, "parent": model_config(spec.parent), "params": dict(spec.config)}
+        case ModelSpec.Source.SERVER:  # a configured server's name; its URL stays in the settings
+            return {**base, "name": spec.hub_id, "params": {"server": spec.config.get("server", "")}}
     raise ValueError(f"model source {spec.source!r} cannot be trained yet")
 
 

@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any
 
 from django import forms
+from django.conf import settings
 
 from experiments.domain import fields
 from experiments.domain.engine_config import TRAIN_DEFAULTS
@@ -38,7 +39,15 @@ MODEL_SOURCES = [
     (ModelSpec.Source.BUILTIN, "Builtin torch net (MLP)"),
     (ModelSpec.Source.CONFIG, "Random init from a transformers config"),
     (ModelSpec.Source.HF, "Hugging Face model (hub id or local folder)"),
+    (ModelSpec.Source.SERVER, "Served by an inference server (vLLM, sglang; a causal-LM teacher only)"),
 ]
+
+
+def teacher_server_choices() -> list[tuple[str, str]]:
+    """The inference servers the admin configured (``DISTILLWEB_TEACHER_SERVERS``), by name: users never
+    give a URL."""
+    return [(name, name) for name in settings.TEACHER_SERVERS]
+
 
 MODEL_SPEC: Rules = {
     "team": TEAM,
@@ -67,6 +76,8 @@ MODEL_SPEC: Rules = {
     "local_path": rule(forms.CharField, max_length=500, required=False),
     "revision": rule(forms.CharField, max_length=100, required=False),
     "tokenizer_id": rule(forms.CharField, max_length=200, required=False),
+    "server": rule(forms.ChoiceField, choices=teacher_server_choices, required=False),
+    "served_model": rule(forms.CharField, max_length=200, required=False),
     "notes": NOTES,
 }
 
@@ -90,6 +101,15 @@ def model_spec_checks(cleaned: dict[str, Any], errors: Container[str], add_error
         cleaned["num_labels"] = 0
     if source == ModelSpec.Source.BUILTIN and cleaned.get("task") != Task.CLASSIFICATION:
         add_error("task", "Builtin nets are classifiers.")
+    if source == ModelSpec.Source.SERVER:
+        if not settings.TEACHER_SERVERS:
+            add_error("server", "No teacher server is configured on this site.")
+        elif not cleaned.get("server") and "server" not in errors:
+            add_error("server", "Choose one of the configured teacher servers.")
+        if not (cleaned.get("served_model") or "").strip() and "served_model" not in errors:
+            add_error("served_model", "Give the model name the server serves (as its /v1/models lists it).")
+        if cleaned.get("task") != Task.CAUSAL_LM:
+            add_error("task", "An inference server serves causal language models: choose causal_lm.")
 
 
 def model_spec_service_fields(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,11 +133,16 @@ def model_spec_service_fields(data: Mapping[str, Any]) -> dict[str, Any]:
                 local_path=data["local_path"].strip(),
                 revision=data["revision"].strip(),
             )
+        case ModelSpec.Source.SERVER:  # the served model name in hub_id, the server's name in the config
+            found.update(hub_id=data["served_model"].strip(), config={"server": data["server"]})
     return found
 
 
 def model_spec_error_aliases(data: Mapping[str, Any]) -> dict[str, str]:
-    """Service error keys → a model's fields (a builtin net's config is its hidden sizes)."""
+    """Service error keys → a model's fields (a builtin net's config is its hidden sizes; a served model's
+    hub id is its served name, its config its server)."""
+    if data.get("source") == ModelSpec.Source.SERVER:
+        return {"hub_id": "served_model", "config": "server"}
     return {"config": "hidden_sizes"} if data.get("source") == ModelSpec.Source.BUILTIN else {}
 
 

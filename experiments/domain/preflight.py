@@ -15,6 +15,10 @@ here), ``warning`` (launch is allowed) or ``error`` (launch is refused) — a on
   a notice where a cross-tokenizer method carries it (``uld``, alone or with ``ce``, online, offline from the
   cache or on-policy; ``seq_kd`` with ``ce``); classification logits and sentence embeddings do not depend on
   tokens. Unrecorded identities: "cannot check".
+- **Served teachers**: a teacher of source ``server`` (issue 14) must be the only teacher of a causal-LM
+  experiment, its server must list the model and read rows of the dataset's length (asked here, once, with a
+  short timeout: a server that does not answer is a warning, a missing model an error); a served student is an
+  error. The worker compares the server's tokenizer with each student's before training.
 - **GPU memory**: each distinct run shape estimated per rank and routed like a new run
   (:mod:`experiments.domain.memory_check`, which says what a multi-GPU run needs: "needs 4 GPUs with ≥ 38 GiB
   each").
@@ -280,6 +284,58 @@ def check_tokenizers(*, dataset: DatasetSpec, teacher: ModelSpec | None, student
     )
 
 
+# --- served teachers ---------------------------------------------------------------------------------------
+SERVER_CHECK_TIMEOUT_S = 10.0
+
+
+def check_served_teachers(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: Sequence[ModelSpec],
+                          assistant: ModelSpec | None = None, extra_teachers: Sequence[ModelSpec] = ()
+                          ) -> Check | None:
+    """A served teacher's server asked for its model (None when no model of the set-up is served)."""
+    from workers.engine.config import AllowedPaths, ModelConfig
+    from workers.engine.errors import EngineError
+    from workers.engine.served_teacher import ServedTeacher, ServerUnavailable
+
+    title, server = "Served teachers", ModelSpec.Source.SERVER
+    teachers = [m for m in (teacher, *extra_teachers) if m is not None]
+    served = [m for m in teachers if m.source == server]
+    findings: list[tuple[str, str]] = [
+        ("error", f"{m} is served by an inference server: only a teacher can be; a student trains here.")
+        for m in (*students, *([assistant] if assistant else [])) if m.source == server
+    ]
+    if not served and not findings:
+        return None
+    if served and len(teachers) > 1:
+        findings.append(("error", "A served teacher is the only teacher: multi_teacher cannot mix it."))
+    allowed = AllowedPaths(teacher_servers=tuple(f"{n}={u}" for n, u in settings.TEACHER_SERVERS.items()))
+    for model in served:
+        if dataset.task != "causal_lm":
+            findings.append(("error", f"{model} is served: an inference server serves causal language "
+                                      f"models, and {dataset} is a {dataset.task} dataset."))
+            continue
+        try:
+            config = ModelConfig(source="server", name=model.hub_id, params=dict(model.config))
+            client = ServedTeacher.for_model(config, allowed)
+            client.retries, client.timeout = 1, SERVER_CHECK_TIMEOUT_S
+            limit = client.max_model_len
+        except ServerUnavailable as exc:
+            findings.append(("warning", f"{model}: {exc} Runs fail until it answers."))
+            continue
+        except EngineError as exc:
+            findings.append(("error", f"{model}: {exc}"))
+            continue
+        if limit is not None and limit < dataset.max_length:
+            findings.append(("error", f"{model}: server '{client.name}' reads at most {limit} tokens of "
+                                      f"'{client.model}', but {dataset} has rows of {dataset.max_length}."))
+        else:
+            findings.append(("ok", f"{model}: server '{client.name}' serves '{client.model}'; the worker "
+                                   "checks its tokenizer against each student's before training."))
+    level = worst(level for level, _ in findings)
+    ordered = sorted(findings, key=lambda f: -LEVELS.index(f[0]))
+    return Check("served", title, level, ordered[0][1], tuple(text for _, text in ordered[1:]),
+                 field="teacher")
+
+
 # --- time ---------------------------------------------------------------------------------------------------
 class ElapsedSeconds(Func):
     """Seconds between two timestamps, ``ElapsedSeconds(end, start)``, on Postgres and SQLite."""
@@ -489,11 +545,13 @@ def experiment_preflight(*, dataset: DatasetSpec, teacher: ModelSpec | None, stu
         "extra_teachers": extra_teachers,
     }
     shapes = run_shapes(dataset=dataset, recipes=recipes, train=train, with_baseline=count.baseline, **models)
+    served = check_served_teachers(dataset=dataset, **models)
     checks = (
         runs,
         check_recipes(dataset=dataset, recipes=recipes),
         check_labels(dataset=dataset, **models),
         check_tokenizers(dataset=dataset, recipes=recipes, **models),
+        *([served] if served else []),
         check_memory(shapes),
         check_time(dataset=dataset, students=students, train=train, count=count),
     )
@@ -513,6 +571,8 @@ def launch_errors(*, dataset: DatasetSpec, teacher: ModelSpec | None, students: 
         "extra_teachers": extra_teachers,
     }
     checks = [check_tokenizers(dataset=dataset, recipes=recipes, **models)]
+    if served := check_served_teachers(dataset=dataset, **models):
+        checks.append(served)
     shapes = run_shapes(dataset=dataset, recipes=recipes, train=train, with_baseline=False, **models)
     checks.append(check_memory(shapes))
     errors: dict[str, list[str]] = {}

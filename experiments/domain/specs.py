@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from experiments.domain import uploads as uploads_rules
-from experiments.models import DatasetSpec, ModelSpec
+from experiments.models import DatasetSpec, ModelSpec, Task
 from workers.engine import sources
 
 _CLS, _LM, _EMB = "classification", "causal_lm", "embedding"
@@ -141,6 +141,8 @@ def _check_config_tokenizer(config: dict[str, Any]) -> dict[str, Any]:
 def clean_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
     fields = dict(fields)
     source = fields.get("source")
+    if source == ModelSpec.Source.SERVER:
+        return _clean_served_fields(fields)
     # Hub identifiers, whatever the source: a hub id is never a path (workers.engine.sources).
     check_hub_field(fields, "hub_id")
     check_hub_field(fields, "revision", sources.revision_problem, what="revision")
@@ -176,6 +178,23 @@ def clean_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
         raise ValidationError({"source": "Register trained models from their run page."})
     else:
         raise ValidationError({"source": "Choose a model source."})
+    return fields
+
+
+def _clean_served_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A teacher served by an inference server: a configured server's name (never a URL) and the model name
+    it serves (``hub_id``); a causal LM (:mod:`workers.engine.served_teacher`)."""
+    from workers.engine.served_teacher import model_name_problem
+
+    server = (fields.get("config") or {}).get("server")
+    if server not in settings.TEACHER_SERVERS:
+        known = ", ".join(settings.TEACHER_SERVERS) or "none is configured"
+        raise ValidationError({"config": f"Choose one of the configured teacher servers ({known})."})
+    if problem := model_name_problem(fields.get("hub_id")):
+        raise ValidationError({"hub_id": f"{problem[0].upper()}{problem[1:]}."})
+    if fields.get("task") != Task.CAUSAL_LM:
+        raise ValidationError({"task": "An inference server serves causal language models: use causal_lm."})
+    fields.update(config={"server": server}, local_path="", revision="", builtin_arch="", num_labels=0)
     return fields
 
 

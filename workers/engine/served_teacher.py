@@ -59,6 +59,10 @@ PROBE_TEXTS = (
 )
 
 
+class ServerUnavailable(ModelLoadError):
+    """The server could not be reached, timed out or kept failing (5xx) through every retry."""
+
+
 # --- configuration ------------------------------------------------------------------------------------------
 
 
@@ -230,7 +234,7 @@ class ServedTeacher:
                 last = f"it {kind} ({type(reason).__name__})"
             except json.JSONDecodeError:
                 raise ModelLoadError(f"{self.what} answered {path} with something other than JSON.") from None
-        raise ModelLoadError(f"{self.what} failed after {self.retries + 1} tries: {last}.")
+        raise ServerUnavailable(f"{self.what} failed after {self.retries + 1} tries: {last}.")
 
     # -- the model and its tokenizer --
     def model_info(self) -> dict[str, Any]:

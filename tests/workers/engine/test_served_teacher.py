@@ -24,7 +24,7 @@ import torch
 
 from tests.vllm_server import REPO, vllm_python, vllm_server
 from tests.workers.engine.test_lm import _SENTENCES, TINY_LLAMA, _lm_run
-from workers.engine.cache import TeacherCache
+from workers.engine.cache import CacheEntry, TeacherCache, gather_rows, gather_topk
 from workers.engine.config import AllowedPaths, ModelConfig, RunConfig
 from workers.engine.errors import ConfigError, ModelLoadError
 from workers.engine.served_teacher import (
@@ -37,6 +37,7 @@ from workers.engine.served_teacher import (
     token_env,
 )
 from workers.engine.sources import check_run_sources
+from workers.engine.topk_store import STORE_ENV
 from workers.engine.trainer import train
 
 RESPONSES = Path(__file__).parent / "served_responses"
@@ -192,19 +193,34 @@ def served(tmp_path_factory: pytest.TempPathFactory, corpus: Path):
         yield Served(model_dir, url)
 
 
-def _entry(result, kind: str, split: str = "train") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _lookup(use: dict[str, Any]) -> CacheEntry:
+    return TeacherCache(Path(use["path"]).parent).lookup(use["key"])
+
+
+def _entry(result, kind: str, split: str = "train") -> tuple[CacheEntry, dict[str, Any]]:
     use = next(u for u in result.teacher_cache if u["split"] == split and u["stored"]["kind"] == kind)
-    entry = TeacherCache(Path(use["path"]).parent).lookup(use["key"])
-    return entry.tensors, entry.manifest
+    entry = _lookup(use)
+    return entry, entry.manifest
 
 
-def _same_topk(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """The contract's tolerance: identical offsets and top-k ids; float16 log-probabilities and tails within
-    one float16 step (2^-10 relative); float32 target log-probabilities within 1e-4."""
+def _read_all(entry: CacheEntry) -> dict[str, torch.Tensor]:
+    """Every row of a top-k entry as the loss reads it (either store format): (N, width, k) and (N, width)."""
+    offsets = entry.tensors["offsets"]
+    rows, width = torch.arange(len(offsets) - 1), int(offsets.diff().max())
+    top = gather_topk(entry, rows, width, torch.device("cpu"))
+    target = gather_rows(entry, "target_logprob", rows, width)
+    return {"offsets": offsets, "indices": top.indices, "logprobs": top.logprobs,
+            "tail_logmass": top.tail_logmass, "target_logprob": target}
+
+
+def _same_topk(a: CacheEntry, b: CacheEntry) -> None:
+    """The contract's tolerance: identical offsets and top-k ids at every position; the stored (float16)
+    log-probabilities and tails within one float16 step (2^-10 relative); target log-probs within 1e-4."""
+    a, b = _read_all(a), _read_all(b)
     assert torch.equal(a["offsets"], b["offsets"])
     assert torch.equal(a["indices"], b["indices"])
     for name in ("logprobs", "tail_logmass"):
-        assert torch.allclose(a[name].float(), b[name].float(), rtol=2**-10, atol=1e-4), name
+        assert torch.allclose(a[name], b[name], rtol=2**-10, atol=1e-4), name
     assert torch.allclose(a["target_logprob"], b["target_logprob"], atol=1e-4)
 
 
@@ -213,12 +229,14 @@ def _offline(out: Path, corpus: Path, teacher: dict[str, Any], **train_args: Any
                    terms=[{"name": "topk", "params": {"k": 20}}], train={"max_steps": 12, **train_args})
 
 
-def test_the_cache_filled_from_the_server_is_the_one_a_local_forward_fills(tmp_path, corpus, served):
+def test_the_cache_filled_from_the_server_is_the_local_forwards(tmp_path, corpus, served, monkeypatch):
+    # Entries as the teacher gave them (format 1, no quantisation): the compact store turns equal inputs into
+    # equal records, and is measured on its own (topk_store).
+    monkeypatch.setenv(STORE_ENV, "float32")
     local = train(_offline(tmp_path / "local", corpus, served.local))
     remote = train(_offline(tmp_path / "served", corpus, TEACHER))
     for split in ("train", "eval"):
-        (a, _), (b, manifest) = _entry(local, "topk", split), _entry(remote, "topk", split)
-        _same_topk(a, b)
+        _same_topk(_entry(local, "topk", split)[0], _entry(remote, "topk", split)[0])
     _, manifest = _entry(remote, "topk", "train")
     assert manifest["served"]["server"] == "test" and manifest["served"]["tokens"] > 0
     assert manifest["served"]["tokens_per_s"] > 0
@@ -239,7 +257,7 @@ def test_the_online_scheme_trains_on_the_servers_top_k(tmp_path, corpus, served)
     assert min(losses[-3:]) < losses[0]
     assert result.teacher_forwards >= 10  # one request batch per step, besides the eval entry
     assert result.student["kl_to_teacher"] >= 0
-    with pytest.raises(ConfigError, match="dense teacher logits"):
+    with pytest.raises(ConfigError, match="not its logits or features, so loss term .kd. cannot"):
         train(_lm_run(tmp_path / "dense", corpus, teacher=TEACHER, scheme="online", terms=[{"name": "kd"}]))
 
 
@@ -248,9 +266,9 @@ def test_seq_kd_continuations_written_by_the_server_are_the_local_teachers(tmp_p
         return train(_lm_run(tmp_path / name, corpus, teacher=teacher, scheme="seq_kd",
                              terms=[{"name": "ce"}], scheme_params={"max_new_tokens": 4, "temperature": 0.0}))
 
-    (local, _), (remote, manifest) = _entry(run("local", served.local), "generations"), _entry(
-        run("served", TEACHER), "generations"
-    )
+    local = _entry(run("local", served.local), "generations")[0].tensors
+    remote, manifest = _entry(run("served", TEACHER), "generations")
+    remote = remote.tensors
     assert torch.equal(local["prompt_lengths"], remote["prompt_lengths"])
     assert torch.equal(local["offsets"], remote["offsets"]) and torch.equal(local["tokens"], remote["tokens"])
     assert manifest["served"]["tokens"] > 0
@@ -298,10 +316,9 @@ def test_a_fill_from_the_server_killed_mid_way_is_continued_by_the_next_run(tmp_
 
     resumed = train(cfg)
     filled, manifest = _entry(resumed, "topk")
-    # A fresh fill in another cache.
-    whole = train(_offline(tmp_path / "other" / "whole", corpus, TEACHER)).teacher_cache
-    tokens = int(filled["offsets"][-1]) + len(filled["offsets"]) - 1  # positions + one first token per row
+    whole, _ = _entry(train(_offline(tmp_path / "other" / "whole", corpus, TEACHER)), "topk")  # another cache
+    offsets = filled.tensors["offsets"]
+    tokens = int(offsets[-1]) + len(offsets) - 1  # positions + the first token of every row
     assert 0 < manifest["served"]["tokens"] < tokens  # the rows of the chunks were not asked again
-    use = next(u for u in whole if u["split"] == "train")
-    _same_topk(filled, TeacherCache(Path(use["path"]).parent).lookup(use["key"]).tensors)
+    _same_topk(filled, whole)
     assert not list(Path(cfg.cache_dir).glob(".partial-*"))
