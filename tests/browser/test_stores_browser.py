@@ -12,6 +12,7 @@ from playwright.sync_api import expect
 
 from experiments.models import Membership, Run, TeacherStore
 from experiments.services import lifecycle, teacher_stores
+from tests.browser.session import log_in
 from tests.factories import (
     DatasetSpecFactory,
     ExperimentFactory,
@@ -52,17 +53,9 @@ def store_setup():
     return TeacherStore.objects.get(), queued
 
 
-def _log_in(page, live_server) -> None:
-    page.goto(live_server.url + "/login/")
-    page.fill("input[name=username]", "store-user")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(live_server.url + "/")
-
-
 def test_the_stores_page_and_a_refused_then_allowed_delete(page, live_server, store_setup, screenshot):
     store, queued = store_setup
-    _log_in(page, live_server)
+    log_in(page, live_server, "store-user", PASSWORD)
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Stores").click()
     expect(page).to_have_url(live_server.url + "/stores/")
     row = page.locator(f'tr[data-store-id="{store.pk}"]')
@@ -95,7 +88,7 @@ def test_the_stores_page_and_a_refused_then_allowed_delete(page, live_server, st
 def test_the_stores_page_fits_a_phone_and_its_table_scrolls_in_its_card(page, live_server, store_setup,
                                                                         screenshot):
     page.set_viewport_size({"width": 390, "height": 844})
-    _log_in(page, live_server)
+    log_in(page, live_server, "store-user", PASSWORD)
     page.goto(live_server.url + "/stores/")
     expect(page.locator("table.stores")).to_be_visible()
     widths = page.evaluate("""() => ({page: document.documentElement.scrollWidth, viewport: window.innerWidth,
