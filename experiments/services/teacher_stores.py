@@ -203,9 +203,10 @@ def _revision(fingerprint: str, config_revision: str) -> str:
     revision."""
     if fingerprint.startswith("hub:") and "@" in fingerprint:
         return fingerprint.rsplit("@", 1)[1][:200]
-    for prefix, word in (("files:", "files"), ("state:", "weights"), ("derived:", "derived")):
-        if fingerprint.startswith(prefix):
-            return f"{word} {fingerprint[len(prefix):][:12]}"
+    word, sep, digest = fingerprint.partition(":")
+    named = {"files": "files", "state": "weights", "derived": "derived", "served": "served"}
+    if sep and word in named:
+        return f"{named[word]} {digest[:12]}"
     return config_revision
 
 
