@@ -20,7 +20,7 @@ from django.urls import URLPattern, URLResolver, reverse
 from django.utils import timezone
 
 import experiments.urls
-from experiments.models import Artifact, Evaluation, Membership, MetricPoint, Run, Worker
+from experiments.models import Artifact, Evaluation, Membership, MetricPoint, Run, TeacherStore, Worker
 from tests.factories import (
     DatasetSpecFactory,
     ExperimentFactory,
@@ -48,6 +48,7 @@ RECORD_FOR_ARG = {
     "evaluation_id": "evaluation",
     "artifact_id": "artifact",
     "metric_id": "metric_point",
+    "store_id": "store",
     "worker_id": "worker",  # not a team's record: the fleet pages are staff-only
 }
 # Parameters a page may read from the query string (compare, exports, filters): filled with Bravo's ids when
@@ -132,6 +133,8 @@ def _team_world(prefix: str) -> dict[str, Any]:
                               split_key="k", accuracy=0.95, param_count=5000, latency_ms=0.5)
     artifact = Artifact.objects.create(run=run, kind=Artifact.Kind.MODEL, path=f"runs/{run.pk}/model")
     Artifact.objects.create(run=run, kind=Artifact.Kind.CHECKPOINT, path=f"runs/{run.pk}/ckpt-20", step=20)
+    store = TeacherStore.objects.create(team=team, key=prefix[0] * 64, kind="logits", split="train",
+                                        teacher=teacher, teacher_label=teacher.name, path="teacher-cache/x")
     return {
         "team": team,
         "user": lead,
@@ -145,6 +148,7 @@ def _team_world(prefix: str) -> dict[str, Any]:
         "metric_point": metric_point,
         "evaluation": evaluation,
         "artifact": artifact,
+        "store": store,
     }
 
 
