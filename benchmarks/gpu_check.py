@@ -23,7 +23,13 @@ would start after ``--budget-s`` is skipped):
    gets it from ``--fetch-wheels``); in ``--dry`` a missing trl marks the section skipped, not failed.
 5. ``memory`` — the engine's memory estimate (what routing and pre-flight use) against
    ``torch.cuda.max_memory_allocated`` for full training and with activation checkpointing.
-6. ``worker`` — a real run through a Celery worker on the embedded default (``manage.py demo``: SQLite and a
+6. ``served`` — the teacher served by vLLM (issue 14) on the GPU: vLLM's OpenAI-compatible server started
+   here on the prepared SmolLM2-135M folder (a third of the GPU's memory), then the offline run of ``engine``
+   with that teacher as source ``server``: its cache filled from the server's ``prompt_logprobs`` during the
+   first epoch. Seconds per step, and the server's tokens/s from the entry's manifest. Needs ``vllm``
+   importable here and the prepared model; otherwise skipped, saying which is missing. ``--dry`` skips it:
+   tests/workers/engine/test_served_teacher.py runs the served path against vLLM's CPU build.
+7. ``worker`` — a real run through a Celery worker on the embedded default (``manage.py demo``: SQLite and a
    filesystem broker, no Postgres or Redis needed): the seeded teacher experiment, and the GPUs the worker
    registered.
 
@@ -551,12 +557,69 @@ def section_worker(check: Check) -> dict[str, Any]:
     }
 
 
+def section_served(check: Check) -> dict[str, Any]:
+    """The offline run of ``engine`` with its teacher served by vLLM on this GPU (see the module's help)."""
+    import importlib.util
+    import urllib.request
+
+    from benchmarks.demo_time import free_port
+    from workers.engine.served_teacher import SERVERS_ENV
+
+    if check.dry:
+        raise Skipped("--dry: tests/workers/engine/test_served_teacher.py runs it against vLLM's CPU build")
+    if importlib.util.find_spec("vllm") is None:
+        raise Skipped("vllm is not installed on this host (its wheels are GBs; --fetch-wheels carries none)")
+    teacher = teacher_config(check)
+    if teacher["source"] != "hf":
+        raise Skipped("vLLM serves a model folder with its tokenizer: prepare SmolLM2-135M (make models)")
+    port, log = free_port(), check.work / "vllm.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", teacher["path"],
+         "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port),
+         "--max-model-len", "512", "--max-logprobs", "64", "--gpu-memory-utilization", "0.3"],
+        cwd=check.work, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url, previous = f"http://127.0.0.1:{port}", os.environ.get(SERVERS_ENV)
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=5) as answer:
+                    if json.loads(answer.read()).get("data"):
+                        break
+            except (OSError, ValueError):
+                pass
+            if server.poll() is not None or time.monotonic() > check.deadline:
+                raise RuntimeError(f"vLLM did not serve the model; its log ends:\n{log.read_text()[-2000:]}")
+            time.sleep(2)
+        os.environ[SERVERS_ENV] = f"gpu-check={url}"
+        steps, warmup = engine_steps(check)
+        terms = [{"name": "ce", "weight": 0.1}, {"name": "topk", "weight": 0.9, "params": {"k": 64}}]
+        config = run_config(check, slug="served", scheme="offline", terms=terms, steps=steps)
+        config["teacher"] = {"source": "server", "name": "teacher", "params": {"server": "gpu-check"}}
+        row = timed_train(config, warmup=warmup)
+        manifests = [json.loads(m.read_text()) for m in (check.work / "cache").glob("*/manifest.json")]
+        served = [m["served"] for m in manifests if "served" in m and m.get("split") == "train"]
+        row["served"] = served[0] if served else None
+        return {"offline": row}
+    finally:
+        if previous is None:
+            os.environ.pop(SERVERS_ENV, None)
+        else:
+            os.environ[SERVERS_ENV] = previous
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
 SECTIONS: tuple[tuple[str, Callable[[Check], dict[str, Any]]], ...] = (
     ("inventory", section_inventory),
     ("engine", section_engine),
     ("distributed", section_distributed),
     ("trl", section_trl),
     ("memory", section_memory),
+    ("served", section_served),
     ("worker", section_worker),
 )
 
@@ -605,6 +668,10 @@ def summary(check: Check) -> str:
             r = engine[slug]
             util = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
             lines.append(f"  - {slug}: {r['s_per_step']:.3f} s/step, {r['tokens_per_s']:,.0f} tokens/s{util}")
+    served = check.results.get("served", {}).get("offline") or {}
+    if served.get("s_per_step") and served.get("served"):
+        lines.append(f"  - offline from vLLM: {served['s_per_step']:.3f} s/step, the server scored "
+                     f"{served['served']['tokens_per_s']:,.0f} tokens/s while the first epoch filled it")
     trl = check.results.get("trl", {})
     if trl.get("tokens_per_s"):
         util = f", MFU {100 * trl['mfu']:.1f}%" if trl.get("mfu") else ""

@@ -29,7 +29,8 @@ def test_the_dry_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     }
     assert failed == {}, done.stderr[-3000:]
     assert done.returncode == 0
-    assert set(results) == {"inventory", "engine", "distributed", "trl", "memory", "worker"}
+    assert set(results) == {"inventory", "engine", "distributed", "trl", "memory", "served", "worker"}
+    assert results["served"]["status"] == "skipped" and "test_served_teacher" in results["served"]["why"]
     assert results["distributed"]["ranks"] == 2 and results["distributed"]["student"]["perplexity"] > 1
     assert results["inventory"]["cuda_available"] is False and results["inventory"]["nvml_gpus"] == []
     for scheme in ("online", "offline"):
