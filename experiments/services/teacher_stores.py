@@ -84,6 +84,13 @@ def _tensor_shapes(file: Path) -> dict[str, list[int]]:
             if isinstance(info, dict) and isinstance(info.get("shape"), list)}
 
 
+def _datetime(value: Any) -> datetime | None:
+    try:
+        return parse_datetime(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -111,9 +118,10 @@ def entry_facts(use: dict[str, Any]) -> StoreFacts | None:
     kind = str(stored.get("kind") or "")
     shapes = _tensor_shapes(folder / "outputs.safetensors")
     per_position = {"topk": "logprobs", "generations": "tokens"}.get(kind)
-    shape = shapes.get(per_position or "", [])
-    k = _count(manifest.get("k")) or _count(stored.get("k")) or (shape[1] if kind == "topk" and
-                                                                  len(shape) == 2 else None)
+    shape = shapes.get(per_position or "", [])  # format 1: (positions, k) or (positions,)
+    k = _count(manifest.get("k")) or _count(stored.get("k"))
+    if k is None and kind == "topk" and len(shape) == 2:
+        k = _count(shape[1])
     positions = _count(manifest.get("positions"))
     if positions is None and shape:
         positions = _count(shape[0])
@@ -140,7 +148,7 @@ def entry_facts(use: dict[str, Any]) -> StoreFacts | None:
         teacher_names=tuple(str(t) for t in teachers),
         vocab_digest=str(manifest.get("vocab_digest") or "")[:64],
         max_length=_count(dataset.get("max_length")),
-        created_at=parse_datetime(created) if isinstance(created, str) else None,
+        created_at=_datetime(created),
         compute_seconds=_number(manifest.get("compute_seconds")),
     )
 
