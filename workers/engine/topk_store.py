@@ -296,35 +296,24 @@ def write_store(
     side = [name for name in _SIDE if name in tensors]
     per_shard = shard_positions or SHARD_POSITIONS
     (folder / OFFSETS_FILE).write_bytes(offsets.tobytes())
-    shards = []
-    row = 0
     n_rows = len(offsets) - 1
-    while row < n_rows or (not shards and n_rows == 0):
-        end = int(np.searchsorted(offsets, offsets[row] + per_shard, side="right")) - 1
-        end = min(max(end, row + 1), n_rows)
+    bounds = [0]  # whole rows, about ``per_shard`` positions a shard (at least one row)
+    while bounds[-1] < n_rows:
+        end = int(np.searchsorted(offsets, offsets[bounds[-1]] + per_shard, side="right")) - 1
+        bounds.append(min(max(end, bounds[-1] + 1), n_rows))
+    shards = []
+    for row, end in zip(bounds, bounds[1:] or [0], strict=False):
         start, stop = int(offsets[row]), int(offsets[end])
         name = f"shard-{len(shards):05d}.bin"
+        tail = tensors["tail_logmass"][start:stop].float().numpy() if codec.tail else None
         with (folder / name).open("wb") as f:
-            tail = tensors["tail_logmass"][start:stop].float().numpy() if codec.tail else None
-            f.write(
-                codec.encode(
-                    logprobs[start:stop].float().numpy(), indices[start:stop].numpy(), tail
-                ).tobytes()
-            )
+            f.write(codec.encode(logprobs[start:stop].float().numpy(), indices[start:stop].numpy(), tail))
             for field in side:
                 f.write(tensors[field][start:stop].numpy().astype(_SIDE[field]).tobytes())
+        size, digest = (folder / name).stat().st_size, _sha256(folder / name)
         shards.append(
-            {
-                "file": name,
-                "rows": [row, end],
-                "positions": [start, stop],
-                "bytes": (folder / name).stat().st_size,
-                "sha256": _sha256(folder / name),
-            }
+            {"file": name, "rows": [row, end], "positions": [start, stop], "bytes": size, "sha256": digest}
         )
-        row = end
-        if n_rows == 0:
-            break
     index = {
         "format": FORMAT,
         "codec": CODEC,

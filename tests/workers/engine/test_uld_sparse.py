@@ -10,14 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tests.workers.engine.test_align import TEXTS, _bpe
 from tests.workers.engine.test_lm import _SENTENCES, STUDENT, TINY_LLAMA, Log, _lm_run
 from workers.engine import methods, sparse_losses, teacher_targets, teachers
 from workers.engine.align import UNPAIRABLE, align_positions, decoded_prefix_ends, gather_aligned, prefix_ends
 from workers.engine.batching import tokenize_for_lm
-from workers.engine.cache import topk_of
+from workers.engine.cache import entry_tensors, topk_of
 from workers.engine.config import LossTermConfig
 from workers.engine.errors import ConfigError
 from workers.engine.loss_primitives import TopK
@@ -382,12 +382,15 @@ def test_offline_uld_across_tokenizers_pairs_cached_teacher_positions(tmp_path, 
     second, _ = run("b")
     assert second.teacher_forwards == 0 and second.teacher_cache[0]["hit"]
 
-    # An entry written without the prefix ends (before they were stored) pairs the same positions, from the
-    # teacher's tokenizer.
-    entry = tmp_path / "cache" / first.teacher_cache[0]["key"] / "outputs.safetensors"
-    tensors = load_file(entry)
+    # An entry written without the prefix ends (a format-1 entry from before they were stored) pairs the same
+    # positions, from the teacher's tokenizer.
+    folder = tmp_path / "cache" / first.teacher_cache[0]["key"]
+    tensors = entry_tensors(folder)
     del tensors["prefix_end"]
-    save_file(tensors, entry)
+    for file in folder.iterdir():
+        if file.name != "manifest.json":
+            file.unlink()
+    save_file(tensors, folder / "outputs.safetensors")
     calls.clear()
     third, _ = run("c")
     assert third.teacher_forwards == 0 and third.teacher_cache[0]["hit"] and len(calls) == 6
