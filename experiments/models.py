@@ -779,6 +779,36 @@ class LeaderboardEntry(models.Model):
         return f"{self.student} · {self.recipe} on {self.dataset}/{self.split_key[:8]}"
 
 
+class LeaderboardBoard(models.Model):
+    """What a leaderboard page shows of a whole board, kept with its summary rows
+    (``experiments.services.leaderboard_summary``): one per team, dataset and eval split. A page then reads
+    this row and one page of ``LeaderboardEntry`` rows, never an aggregate over every row of the board.
+
+    ``ranked``: metric → ``{"count": rows ranked on it, "options": [[recipe id, family], …], "frontier":
+    [[entry id, params, mean, rank], …]}`` over the rows scored on the metric that are not a teacher's own
+    training run (the rows a board ranks)."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    dataset = models.ForeignKey(DatasetSpec, on_delete=models.CASCADE, related_name="leaderboard_boards")
+    task = models.CharField(max_length=32)
+    split_key = models.CharField(max_length=64)
+    split = models.CharField(max_length=32)
+    split_label = models.CharField(max_length=200)
+    evaluations = models.PositiveIntegerField(default=0)
+    first_run_id = models.BigIntegerField()
+    metrics = models.JSONField(default=list, help_text="The quality metrics some row of the board holds")
+    ranked = models.JSONField(default=dict, help_text="metric → {count, options, frontier}")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["team", "dataset", "split_key"], name="leaderboardboard_unique"),
+        ]
+        indexes = [models.Index(fields=["split_key", "task"], name="leaderboardboard_global")]
+
+    def __str__(self) -> str:
+        return f"{self.dataset}/{self.split_key[:8]} ({self.team})"
+
+
 class TeacherStoreKind(models.TextChoices):
     TOPK = "topk", "LM top-k"
     LOGITS = "logits", "Logits"

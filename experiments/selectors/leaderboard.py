@@ -15,16 +15,13 @@ from typing import Any, NamedTuple
 from django.db.models import (
     Case,
     Count,
-    Exists,
     F,
     FloatField,
     JSONField,
     Max,
-    Min,
     Prefetch,
     Q,
     QuerySet,
-    Sum,
     Value,
     ValueRange,
     When,
@@ -36,11 +33,12 @@ from django.db.models.functions import Cast, Coalesce
 from experiments.domain import sweep_plan
 from experiments.domain.compare import Latency, Speedup, latency_of
 from experiments.domain.compare import speedup as speedup_of
-from experiments.domain.leaderboard import sample_std
+from experiments.domain.leaderboard import pareto_flags, sample_std
 from experiments.models import (
     DatasetSpec,
     Evaluation,
     Experiment,
+    LeaderboardBoard,
     LeaderboardEntry,
     ModelSpec,
     Recipe,
@@ -515,6 +513,46 @@ def leaderboard_entry_values(*, experiment_ids: Iterable[int]) -> list[dict[str,
     return entries
 
 
+def board_values(*, team_id: int, dataset_id: int, split_key: str) -> dict[str, Any] | None:
+    """The field values of one board's ``LeaderboardBoard`` row, from its summary rows (None when it has
+    none): the split's label and counts, the metrics present and, per metric, the rows ranked on it, their
+    (recipe, family) pairs and the Pareto frontier with each frontier row's rank — exactly what
+    :func:`leaderboard_benchmark` would compute over every row of the board. Reads the board's rows once."""
+    rows = list(LeaderboardEntry.objects.filter(team_id=team_id, dataset_id=dataset_id, split_key=split_key)
+                .order_by("first_run_id", "pk")
+                .values_list("pk", "task", "split", "first_run_id", "evaluations", "params", "means",
+                             "recipe_id", "family", "trains_teacher"))
+    if not rows:
+        return None
+    first_run_id = rows[0][3]
+    split = min(r[2] for r in rows)
+    config = Run.objects.filter(pk=first_run_id).values_list("config__dataset", flat=True).first()
+    present = {name for r in rows for name in (r[6] or {})}
+    ranked = {}
+    for name, metric in QUALITY_METRICS.items():
+        if name not in present:
+            continue
+        sign = 1.0 if metric.higher_is_better else -1.0
+        # (id, params, mean, first run, recipe, family) of the rows ranked on the metric, in rank order.
+        scored = sorted(((r[0], r[5], r[6][name], r[3], r[7], r[8]) for r in rows
+                         if not r[9] and r[6] and name in r[6]),
+                        key=lambda t: (-sign * t[2], t[1] or 0, t[3]))
+        flags = pareto_flags([(t[1], t[2]) for t in scored], higher_is_better=metric.higher_is_better)
+        ranked[name] = {
+            "count": len(scored),
+            "options": sorted({(t[4], t[5]) for t in scored}),
+            "frontier": [[t[0], t[1], t[2], rank] for rank, (t, flag) in enumerate(zip(scored, flags,
+                                                                                        strict=True), 1)
+                         if flag],
+        }
+    return {
+        "team_id": team_id, "dataset_id": dataset_id, "split_key": split_key, "task": rows[0][1],
+        "split": split, "split_label": _split_label(split, split_key, config)[:200],
+        "evaluations": sum(r[4] for r in rows), "first_run_id": first_run_id,
+        "metrics": [name for name in QUALITY_METRICS if name in present], "ranked": ranked,
+    }
+
+
 def _row_key(e: _BoardEval, points: dict[int, tuple[str, tuple, tuple]]) -> tuple:
     return (e.experiment_id, e.student_id, e.recipe_id, e.stage, points[e.pk][1])
 
@@ -622,17 +660,19 @@ class RankedRows(Sequence[LeaderboardRow]):
     CHUNK = 500
 
     def __init__(self, entries: QuerySet[LeaderboardEntry], *, metric: PrimaryMetric,
-                 teachers: dict[tuple[int, str], Evaluation], optimal: QuerySet | None = None,
-                 count: int | None = None) -> None:
+                 teachers: dict[tuple[int, str], Evaluation], optimal: QuerySet | set[int] | None = None,
+                 ranks: dict[int, int] | None = None, count: int | None = None) -> None:
         self._entries = entries
         self._metric = metric
         self._teachers = teachers
         self._optimal = optimal
-        self._optimal_ids: set[int] | None = None
+        self._optimal_ids: set[int] | None = set(optimal) if isinstance(optimal, set) else None
+        self._ranks_known = ranks
         self._count = count
 
     def optimal_ids(self) -> set[int]:
-        """The ids of the summary rows on the Pareto frontier of the rows that fit (one narrow query)."""
+        """The ids of the summary rows on the Pareto frontier of the rows that fit (given, or one narrow
+        query)."""
         if self._optimal_ids is None:
             self._optimal_ids = set(self._optimal) if self._optimal is not None else set()
         return self._optimal_ids
@@ -671,7 +711,7 @@ class RankedRows(Sequence[LeaderboardRow]):
         if not ids:
             return []
         entries = list(self._entries.filter(pk__in=ids))
-        ranks = self._ranks(entries)
+        ranks = self._ranks_known if self._ranks_known is not None else self._ranks(entries)
         rows = []
         for entry in entries:
             row = _entry_row(entry, self._metric, self._teachers, pareto=True)
@@ -771,15 +811,28 @@ def _board_entries(*, user, dataset: DatasetSpec, split_key: str | None,
     return records_reads.scoped(qs, user, team_field="team")
 
 
-def _split_options(entries: QuerySet[LeaderboardEntry]) -> list[SplitOption]:
-    """The eval splits of ``entries`` with their result counts, most results first, each labelled from the
-    frozen dataset config of one run evaluated on it (two queries whatever the number of splits)."""
-    groups = list(entries.order_by().values("split_key").annotate(n=Sum("evaluations"), split=Min("split"),
-                                                                   run_id=Min("first_run_id")))
-    run_ids = [g["run_id"] for g in groups if g["run_id"]]
-    configs = dict(Run.objects.filter(pk__in=run_ids).values_list("pk", "config__dataset")) if run_ids else {}
-    options = [SplitOption(g["split_key"], _split_label(g["split"], g["split_key"], configs.get(g["run_id"])),
-                           g["n"]) for g in groups]
+def _boards(*, user, dataset: DatasetSpec, split_key: str | None, scope: str) -> QuerySet[LeaderboardBoard]:
+    """The board rows of the benchmark, scoped to the user's teams (staff: all); ``scope`` as in
+    :func:`_leaderboard_scope`."""
+    qs = LeaderboardBoard.objects.all()
+    if scope == "global" and split_key:
+        qs = qs.filter(split_key=split_key, task=dataset.task)
+    else:
+        qs = qs.filter(dataset=dataset)
+        if split_key:
+            qs = qs.filter(split_key=split_key)
+    return records_reads.scoped(qs, user, team_field="team")
+
+
+def _split_options(boards: Sequence[LeaderboardBoard]) -> list[SplitOption]:
+    """The eval splits of ``boards`` with their result counts, most results first, each labelled from the
+    frozen dataset config of the first run evaluated on it."""
+    merged: dict[str, LeaderboardBoard] = {}
+    counts: dict[str, int] = defaultdict(int)
+    for board in sorted(boards, key=lambda b: b.first_run_id):
+        merged.setdefault(board.split_key, board)
+        counts[board.split_key] += board.evaluations
+    options = [SplitOption(key, board.split_label, counts[key]) for key, board in merged.items()]
     return sorted(options, key=lambda o: (-o.count, o.key))
 
 
@@ -795,14 +848,24 @@ def _split_label(split: str, split_key: str, dataset_config: Mapping[str, Any] |
     return f"{split} · " + (", ".join(parts) or split_key[:8])
 
 
-def _board_metrics(entries: QuerySet[LeaderboardEntry], *, dataset: DatasetSpec,
-                   primary: PrimaryMetric) -> list[PrimaryMetric]:
-    """The quality metrics measured on the board (the primary one first, then in QUALITY_METRICS order): one
-    query of EXISTS probes, each answered by the GIN index on ``means`` (no scan of the board's rows)."""
-    probes = {name: Exists(entries.filter(means__has_key=name))
-              for name in QUALITY_METRICS if name != primary.name}
-    present = (DatasetSpec.objects.filter(pk=dataset.pk).values(**probes).first() or {}) if probes else {}
-    return [primary] + [m for name, m in QUALITY_METRICS.items() if present.get(name)]
+def _board_metrics(boards: Sequence[LeaderboardBoard], *, primary: PrimaryMetric) -> list[PrimaryMetric]:
+    """The quality metrics measured on the board (the primary one first, then in QUALITY_METRICS order)."""
+    present = {name for board in boards for name in board.metrics}
+    return [primary] + [m for name, m in QUALITY_METRICS.items() if name in present and name != primary.name]
+
+
+def _board_frontier(boards: Sequence[LeaderboardBoard],
+                    metric: PrimaryMetric) -> tuple[set[int], dict[int, int] | None]:
+    """The ids of the Pareto-optimal rows of the boards on ``metric`` (no filters), with their ranks when one
+    board holds them all (None: the rows of several teams' boards rank among each other, counted live). The
+    frontier of several boards is the frontier of their frontiers: a row dominated on its own board is
+    dominated on the union."""
+    frontiers = [(board.ranked.get(metric.name) or {}).get("frontier", []) for board in boards]
+    if len(boards) == 1:
+        return {f[0] for f in frontiers[0]}, {f[0]: f[3] for f in frontiers[0]}
+    points = [f for frontier in frontiers for f in frontier]
+    flags = pareto_flags([(f[1], f[2]) for f in points], higher_is_better=metric.higher_is_better)
+    return {f[0] for f, flag in zip(points, flags, strict=True) if flag}, None
 
 
 def _has_metric(metric: PrimaryMetric, primary: PrimaryMetric) -> Q:
@@ -893,34 +956,44 @@ def leaderboard_benchmark(*, user, dataset: DatasetSpec, metric_name: str = "", 
     narrowed by ``filters`` (``max_params``, ``max_latency_ms``: an unknown size or latency does not fit;
     ``recipe``: a recipe name; ``family``: a student family) and ranked among themselves.
 
-    Reads the summary rows (``LeaderboardEntry``), never the evaluations: a constant number of queries whose
-    cost does not grow with the rows beyond the page read (the splits, the metrics present, the recipe and
-    family options, the teachers' scores, the count; then one query per page). A run that trained the teacher
-    of an experiment is the reference, not a competitor: its row is not ranked.
+    Reads the board rows (``LeaderboardBoard``: the splits, the metrics present, the count, the recipe and
+    family options, the Pareto frontier with its ranks) and the summary rows (``LeaderboardEntry``: one query
+    per page), never the evaluations nor an aggregate over the board's rows: the cost does not grow with the
+    rows beyond the page read. With filters, the rows that fit are counted and their frontier found over
+    them. A run that trained the teacher of an experiment is the reference, not a competitor: its row is not
+    ranked.
     """
     scope = "global" if scope == "global" else "team"
-    splits = _split_options(_board_entries(user=user, dataset=dataset, split_key=None, scope="team"))
+    team_boards = list(_boards(user=user, dataset=dataset, split_key=None, scope="team"))
+    splits = _split_options(team_boards)
     keys = {o.key for o in splits}
     chosen = split_key if split_key in keys else (splits[0].key if splits else None)
     primary = primary_metric(dataset)
     if chosen is None:
         return Benchmark(dataset=dataset, metric=primary, metrics=[primary], split_key=None, splits=[],
                          scope=scope, rows=[])
-    entries = _board_entries(user=user, dataset=dataset, split_key=chosen, scope=scope)
-    metrics = _board_metrics(entries, dataset=dataset, primary=primary)
+    boards = list(_boards(user=user, dataset=dataset, split_key=chosen, scope=scope)) if scope == "global" \
+        else [b for b in team_boards if b.split_key == chosen]
+    metrics = _board_metrics(boards, primary=primary)
     metric = next((m for m in metrics if m.name == metric_name), primary)
+    entries = _board_entries(user=user, dataset=dataset, split_key=chosen, scope=scope)
     board = entries.filter(_has_metric(metric, primary), trains_teacher=False)
     teachers = _leaderboard_teachers(dataset=dataset, split_key=chosen, scope=scope, metric=metric)
     filters = {k: v for k, v in (filters or {}).items()
                if k in ("max_params", "max_latency_ms", "recipe", "family") and v not in (None, "")}
     fitting = _fitting_entries(board, metric=metric, primary=primary, filters=filters)
-    total = board.order_by().count()
-    # The filter options: the board's (recipe, family) pairs by id (no join over every row), then the names.
-    pairs = set(board.order_by().values_list("recipe_id", "family").distinct())
+    ranked = [b.ranked.get(metric.name) or {} for b in boards]
+    total = sum(r.get("count", 0) for r in ranked)
+    # The filter options: the board's (recipe, family) pairs by recipe id, then the names.
+    pairs = {(recipe_id, family) for r in ranked for recipe_id, family in r.get("options", [])}
     names = dict(Recipe.objects.filter(pk__in={r for r, _ in pairs}).values_list("pk", "name"))
-    options = {(names[r], family) for r, family in pairs}
+    options = {(names[r], family) for r, family in pairs if r in names}
+    if filters:  # the frontier and the count of the rows that fit, over those rows
+        optimal, ranks = _optimal_ids(fitting, metric=metric), None
+    else:
+        optimal, ranks = _board_frontier(boards, metric)
     rows = RankedRows(_ranked_entries(fitting, metric=metric), metric=metric, teachers=teachers,
-                      optimal=_optimal_ids(fitting, metric=metric), count=None if filters else total)
+                      optimal=optimal, ranks=ranks, count=None if filters else total)
     return Benchmark(
         dataset=dataset,
         metric=metric,

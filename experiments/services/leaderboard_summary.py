@@ -1,5 +1,6 @@
 """The leaderboard's summary rows (``LeaderboardEntry``): one per leaderboard row, recomputed for an
-experiment in the same transaction as any write that changes its rows.
+experiment in the same transaction as any write that changes its rows; and the board rows
+(``LeaderboardBoard``), recomputed for every board whose rows changed, in that transaction too.
 
 Evaluations are written by the run lifecycle (a run's success), and also by the admin, imports and fixtures;
 a model registered from a run becomes a teacher when an experiment names it. So the summary follows the model
@@ -16,7 +17,7 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from experiments.models import Evaluation, Experiment, LeaderboardEntry, ModelSpec, Run
+from experiments.models import Evaluation, Experiment, LeaderboardBoard, LeaderboardEntry, ModelSpec, Run
 from experiments.selectors import leaderboard as leaderboard_reads
 
 REBUILD_CHUNK = 200
@@ -32,10 +33,43 @@ def leaderboard_summary_refresh(*, experiment_ids: Iterable[int]) -> int:
     with transaction.atomic():
         ids = list(Experiment.objects.select_for_update().filter(pk__in=ids).order_by("pk")
                    .values_list("pk", flat=True))
-        LeaderboardEntry.objects.filter(experiment_id__in=ids).delete()
+        old = LeaderboardEntry.objects.filter(experiment_id__in=ids)
+        boards = set(old.values_list("team_id", "dataset_id", "split_key").distinct())
+        old.delete()
         values = leaderboard_reads.leaderboard_entry_values(experiment_ids=ids)
         LeaderboardEntry.objects.bulk_create(LeaderboardEntry(**v) for v in values)
+        _refresh_boards(boards | {(v["team_id"], v["dataset_id"], v["split_key"]) for v in values})
     return len(values)
+
+
+def _refresh_boards(boards: set[tuple[int, int, str]]) -> None:
+    """Recompute these boards' rows from their summary rows. Each board row is locked first (created empty if
+    missing), in one order, so two experiments of one board refreshing together do it one after the other and
+    the second reads the first's rows."""
+    if not boards:
+        return
+    keys = sorted(boards)
+    LeaderboardBoard.objects.bulk_create(
+        [LeaderboardBoard(team_id=t, dataset_id=d, split_key=k, first_run_id=0) for t, d, k in keys],
+        ignore_conflicts=True,
+    )
+    for team_id, dataset_id, split_key in keys:
+        board = LeaderboardBoard.objects.filter(team_id=team_id, dataset_id=dataset_id, split_key=split_key)
+        list(board.select_for_update().values_list("pk", flat=True))  # wait for, then hold, the row's lock
+        values = leaderboard_reads.board_values(team_id=team_id, dataset_id=dataset_id, split_key=split_key)
+        if values is None:
+            board.delete()
+        else:
+            board.update(**values)
+
+
+def leaderboard_boards_rebuild() -> int:
+    """Recompute every board row from the summary rows; the number of boards."""
+    with transaction.atomic():
+        LeaderboardBoard.objects.all().delete()
+        boards = set(LeaderboardEntry.objects.values_list("team_id", "dataset_id", "split_key").distinct())
+        _refresh_boards(boards)
+    return len(boards)
 
 
 def leaderboard_summary_rebuild() -> int:
@@ -49,6 +83,7 @@ def leaderboard_summary_rebuild() -> int:
             values = leaderboard_reads.leaderboard_entry_values(experiment_ids=chunk)
             LeaderboardEntry.objects.bulk_create((LeaderboardEntry(**v) for v in values), batch_size=1000)
             written += len(values)
+        leaderboard_boards_rebuild()
     return written
 
 

@@ -145,7 +145,7 @@ def pp_unsigned(value: float | None, digits: int = 1) -> str:
     return f"{100 * float(value):.{int(digits)}f} pp"
 
 
-# The latency cell shows the median, its p25–p75 and the setting (experiments/_latency.html).
+# The latency cell shows the median, its p25–p75 and the setting (``cells.latency_cell``).
 SHOWN_METRICS = {"accuracy", "macro_f1", "params", "latency_ms_p50", "latency_ms_p25", "latency_ms_p75",
                  "efficiency_setting"}
 
@@ -178,7 +178,7 @@ def memory_size(value: int | float | None) -> str:
 
 @register.filter
 def latency(evaluation: Any) -> Latency | None:
-    """An evaluation's batch-1 latency with its spread and setting (for experiments/_latency.html)."""
+    """An evaluation's batch-1 latency with its spread and setting (for ``cells.latency_cell``)."""
     if evaluation is None:
         return None
     return latency_of(getattr(evaluation, "metrics", None), getattr(evaluation, "latency_ms", None))

@@ -85,7 +85,7 @@ def run(experiment, digits_setup):
 @pytest.fixture
 def foreign(other_team):
     """One record of every kind in a team the user is not in: the run has succeeded, with an evaluation."""
-    from experiments.models import Evaluation, Run
+    from experiments.models import Evaluation, Run, TeacherStore
     from tests.factories import DatasetSpecFactory, ExperimentFactory, RunFactory
 
     dataset = DatasetSpecFactory(team=other_team, name="secret-data")
@@ -103,12 +103,15 @@ def foreign(other_team):
         accuracy=0.5,
         param_count=100,
     )
+    store = TeacherStore.objects.create(team=other_team, key="f" * 64, kind="logits", split="train",
+                                        teacher_label="secret teacher", path="teacher-cache/" + "f" * 64)
     return {
         "experiment": experiment,
         "run": run,
         "model": run.student,
         "dataset": dataset,
         "recipe": run.recipe,
+        "store": store,
     }
 
 

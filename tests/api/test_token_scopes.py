@@ -15,7 +15,7 @@ from django.utils import timezone
 from api import urls as api_urls
 from api.models import ApiToken
 from api.services import api_token_create
-from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Run
+from experiments.models import DatasetSpec, Experiment, ModelSpec, Recipe, Run, TeacherStore
 from tests.api.conftest import Api
 from tests.factories import MembershipFactory
 
@@ -70,6 +70,8 @@ def _token(user, **limits) -> str:
 @pytest.fixture
 def own(digits_setup, experiment, run, ranked):
     """One record of every kind in the user's team, with a leaderboard."""
+    TeacherStore.objects.create(team=digits_setup["dataset"].team, key="a" * 64, kind="logits", split="train",
+                                teacher_label="our teacher", path="teacher-cache/" + "a" * 64)
     return {
         "model": digits_setup["teacher"],
         "dataset": digits_setup["dataset"],

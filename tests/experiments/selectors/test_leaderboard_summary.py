@@ -5,18 +5,21 @@ that trained a teacher out of the ranking."""
 from __future__ import annotations
 
 import random
+import threading
 from unittest import mock
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 
 from experiments.domain import leaderboard as board
-from experiments.models import Evaluation, Experiment, LeaderboardEntry, Run
+from experiments.models import Evaluation, Experiment, LeaderboardBoard, LeaderboardEntry, Run
 from experiments.selectors import leaderboard as leaderboard_reads
-from experiments.services import launch, lifecycle, records
-from tests.factories import ModelSpecFactory
+from experiments.services import launch, leaderboard_summary, lifecycle, records
+from tests.factories import DatasetSpecFactory, MembershipFactory, ModelSpecFactory, RecipeFactory
+from tests.waiting import scaled
 
 pytestmark = pytest.mark.django_db
 
@@ -207,14 +210,33 @@ def test_the_run_that_trained_the_teacher_is_not_ranked(client_logged_in, digits
     assert response.context["rows"][0].rank == 1
 
 
+def _board_shapes() -> list[dict]:
+    """The board rows without the summary rows' ids (a rebuild writes new ones)."""
+    boards = list(LeaderboardBoard.objects.order_by("pk").values("team", "dataset", "split_key", "metrics",
+                                                                  "ranked", "evaluations", "split_label"))
+    for row in boards:
+        for ranked in row["ranked"].values():
+            ranked["frontier"] = [f[1:] for f in ranked["frontier"]]
+    assert boards
+    return boards
+
+
 def test_rebuild_command_recomputes_the_same_rows(user, varied, capsys):
-    incremental = _as_dicts(_summary(user, varied["dataset"]).rows)
+    before = _summary(user, varied["dataset"])
+    incremental = _as_dicts(before.rows)
+    boards = _board_shapes()
+    # A bulk delete bypasses the signals: the summary and board rows are gone until the rebuild.
     LeaderboardEntry.objects.all().delete()
+    LeaderboardBoard.objects.all().delete()
     assert not _summary(user, varied["dataset"]).rows
 
     call_command("rebuild_leaderboard")
 
-    assert _as_dicts(_summary(user, varied["dataset"]).rows) == incremental
+    after = _summary(user, varied["dataset"])
+    assert _as_dicts(after.rows) == incremental
+    assert (after.total, after.splits, after.recipes, after.families) == \
+        (before.total, before.splits, before.recipes, before.families)
+    assert _board_shapes() == boards
     assert f"{LeaderboardEntry.objects.count()} leaderboard rows written." in capsys.readouterr().out
 
 
@@ -238,3 +260,99 @@ def test_the_migration_summarises_existing_results(user, varied):
         migration.summarise_existing_results(apps, editor)
 
     assert expected and _as_dicts(_summary(user, varied["dataset"]).rows) == expected
+
+
+def test_the_board_row_holds_what_the_page_shows_of_the_whole_board(user, varied):
+    """The split, the metrics, the count, the options and the frontier come from one board row, equal to
+    computing them over every summary row."""
+    (stored,) = LeaderboardBoard.objects.filter(dataset=varied["dataset"])
+    ranked_rows = LeaderboardEntry.objects.filter(dataset=varied["dataset"], trains_teacher=False)
+    assert stored.evaluations == Evaluation.objects.filter(role=Evaluation.Role.STUDENT).count()
+    assert stored.metrics == ["accuracy", "macro_f1", "nll"]
+    for name in stored.metrics:
+        full = _full(user, varied["dataset"], name)
+        assert stored.ranked[name]["count"] == len(full) == ranked_rows.filter(means__has_key=name).count()
+        assert [f[3] for f in stored.ranked[name]["frontier"]] == [r.rank for r in full if r.pareto]
+    benchmark = _summary(user, varied["dataset"])
+    assert (benchmark.recipes, benchmark.families) == (["hard_labels", "kd-t4"], ["mlp"])
+
+
+def test_the_global_scope_merges_the_boards_of_the_users_teams(user, varied, other_team):
+    """Two teams' boards of the same eval split: the global leaderboard's count, rows, frontier and ranks
+    equal the full computation over both teams' evaluations."""
+    MembershipFactory(user=user, team=other_team, role="member")
+    theirs = {"dataset": DatasetSpecFactory(team=other_team, name="digits-copy"),
+              "teacher": ModelSpecFactory(team=other_team, name="their-teacher"),
+              "students": [ModelSpecFactory(team=other_team, name=f"their-{w}", config={"hidden_sizes": [w]})
+                           for w in (12, 24)],
+              "recipe": RecipeFactory(team=other_team, name="kd-t2")}
+    experiment = _launch(theirs, other_team, user, students=theirs["students"], train={}, name="theirs")
+    for i, run in enumerate(experiment.runs.order_by("pk")):
+        _finish(run, {"accuracy": 0.7 + 0.05 * (i % 4), "macro_f1": 0.6}, params=400 + 600 * (i % 3))
+    assert LeaderboardBoard.objects.filter(split_key="k").count() == 2
+
+    benchmark = leaderboard_reads.leaderboard_benchmark(user=user, dataset=varied["dataset"], split_key="k",
+                                                        scope="global")
+    metric = leaderboard_reads.primary_metric(varied["dataset"])
+    full = board.leaderboard_filter(
+        leaderboard_reads.leaderboard(user=user, dataset=varied["dataset"], metric=metric, split_key="k",
+                                      scope="global"), higher_is_better=True)
+    assert {r.experiment.team_id for r in full} == {varied["dataset"].team_id, other_team.pk}
+    assert benchmark.total == len(full)
+    assert _as_dicts(benchmark.rows) == _as_dicts(full)
+    assert [r.rank for r in benchmark.frontier()] == [r.rank for r in full if r.pareto]
+    assert "kd-t2" in benchmark.recipes and "kd-t4" in benchmark.recipes
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_experiments_of_one_board_refreshing_together_both_count(digits_setup, team, user):
+    """Each refresh locks the board row before computing it: the second reads the first's rows instead of
+    writing a board that misses them."""
+    first = _launch(digits_setup, team, user, students=digits_setup["students"][:1], train={}, name="a")
+    second = _launch(digits_setup, team, user, students=digits_setup["students"][1:], train={}, name="b")
+    for i, run in enumerate([*first.runs.all(), *second.runs.all()]):
+        _finish(run, {"accuracy": 0.6 + 0.01 * i}, params=500 + 100 * i)
+    LeaderboardEntry.objects.all().delete()  # the board row stays: refreshing it is what races
+    both_computed = threading.Barrier(2, timeout=scaled(60))
+    compute = leaderboard_reads.leaderboard_entry_values
+
+    def entries_then_wait(**kwargs):
+        values = compute(**kwargs)
+        both_computed.wait()  # both have their rows before either computes the board
+        return values
+
+    errors = []
+
+    def refresh(experiment_id):
+        try:
+            leaderboard_summary.leaderboard_summary_refresh(experiment_ids=[experiment_id])
+        except Exception as exc:  # reported below: a thread's exception would otherwise vanish
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    with mock.patch.object(leaderboard_reads, "leaderboard_entry_values", entries_then_wait):
+        threads = [threading.Thread(target=refresh, args=(x.pk,)) for x in (first, second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors
+    (stored,) = LeaderboardBoard.objects.all()
+    assert stored.ranked["accuracy"]["count"] == LeaderboardEntry.objects.count() == 4
+    assert stored.evaluations == 8
+
+
+def test_the_migration_computes_the_boards_of_existing_results(user, varied):
+    import importlib
+
+    from django.apps import apps
+
+    expected = _board_shapes()
+    LeaderboardBoard.objects.all().delete()
+    migration = importlib.import_module("experiments.migrations.0016_leaderboard_boards")
+
+    with connection.schema_editor() as editor:
+        migration.compute_existing_boards(apps, editor)
+
+    assert _board_shapes() == expected
