@@ -75,6 +75,9 @@ class LeaderboardRow:
     lora_r: int = 0
     """The LoRA rank the row's runs trained (0: full fine-tuning); their final models hold it merged."""
     lora_4bit: bool = False
+    stores: str = ""
+    """The stores of teacher outputs the row's runs trained from (set for a page's rows, see
+    ``experiments.selectors.teacher_stores.store_labels_for_runs``)."""
 
     @property
     def adapter(self) -> str:

@@ -28,6 +28,8 @@ _LORA = (' <span class="tag tag-lora" data-adapter title="Trained through LoRA a
 _SWEEP = ' <span class="tag tag-sweep mono" title="This row\'s point of the experiment\'s sweep">{}</span>'
 _RUN = '<div><a href="{}">#{}</a> <a class="muted" href="{}" title="The run\'s exact frozen config (JSON)">' \
        'config</a></div>'
+_STORE = ('<div class="muted" data-store title="The stored teacher outputs these runs trained from">store: {}'
+          '</div>')
 _ROW = ('<tr class="{}"><td><input type="checkbox" form="compare-rows" name="runs" value="{}" '
         'aria-label="Compare {}"></td><td class="num rank">{}</td><td>{}</td><td>{}</td><td>{}</td>'
         '<td class="num nowrap">{}</td><td class="num">{}</td><td class="num nowrap">{}</td>'
@@ -137,6 +139,8 @@ def leaderboard_row(row: Any, metric: Any, scope: str) -> SafeString:
                          'Pareto</span>', metric.label.lower()) if row.pareto else ""
     runs = format_html_join("", _RUN, ((path_for(i, "experiments:run_detail"), i,
                                         path_for(i, "experiments:run_config_json")) for i in row.run_ids))
+    if row.stores:
+        runs = _join(runs, format_html(_STORE, row.stores))
     classes = ("baseline" if row.is_baseline else "") + (" pareto" if row.pareto else "")
     return format_html(
         _ROW, classes, ",".join(map(str, row.run_ids)), label, row.rank, student, recipe,

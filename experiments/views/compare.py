@@ -31,6 +31,7 @@ from experiments.selectors import compare as compare_reads
 from experiments.selectors import curves as curves_reads
 from experiments.selectors import leaderboard as leaderboard_reads
 from experiments.selectors import records
+from experiments.selectors import teacher_stores as store_reads
 
 
 # --- compare ------------------------------------------------------------------------------------------
@@ -191,6 +192,9 @@ def leaderboard(request: HttpRequest, dataset_id: int) -> HttpResponse:
     # The table shows one page of the ranking, the plot that page and the Pareto frontier of every row that
     # fits (the CSV keeps every row): the page costs the same whatever the size of the board.
     page = Paginator(rows, LEADERBOARD_PAGE_ROWS).get_page(request.GET.get("page"))
+    labels = store_reads.store_labels_for_runs(i for r in page.object_list for i in r.run_ids)
+    for row in page.object_list:
+        row.stores = "; ".join(dict.fromkeys(labels[i] for i in row.run_ids if i in labels))
     shown = {tuple(r.run_ids) for r in page.object_list}
     plotted = [*page.object_list, *(r for r in benchmark.frontier() if tuple(r.run_ids) not in shown)]
     context = {

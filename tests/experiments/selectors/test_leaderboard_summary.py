@@ -15,7 +15,15 @@ from django.urls import reverse
 from django.utils import timezone
 
 from experiments.domain import leaderboard as board
-from experiments.models import Evaluation, Experiment, LeaderboardBoard, LeaderboardEntry, Run
+from experiments.models import (
+    Evaluation,
+    Experiment,
+    LeaderboardBoard,
+    LeaderboardEntry,
+    Run,
+    TeacherStore,
+    TeacherStoreUse,
+)
 from experiments.selectors import leaderboard as leaderboard_reads
 from experiments.services import launch, leaderboard_summary, lifecycle, records
 from tests.factories import DatasetSpecFactory, MembershipFactory, ModelSpecFactory, RecipeFactory
@@ -356,3 +364,18 @@ def test_the_migration_computes_the_boards_of_existing_results(user, varied):
         migration.compute_existing_boards(apps, editor)
 
     assert _board_shapes() == expected
+
+
+def test_the_page_names_the_store_a_rows_runs_trained_from(client_logged_in, user, varied):
+    run = varied["plain"].runs.filter(is_baseline=False).order_by("pk").first()
+    store = TeacherStore.objects.create(team=run.team, key="b" * 64, kind="topk", split="train", k=64,
+                                        format=2, teacher_label="mlp-teacher", path="teacher-cache/bbb")
+    TeacherStoreUse.objects.create(run=run, store=store, key=store.key, label=store.label, split="train",
+                                   filled=True)
+    page = client_logged_in.get(reverse("experiments:leaderboard", args=[varied["dataset"].pk]))
+    rows = page.context["page"].object_list
+    assert len(rows) == page.context["total"] < 50  # every row on the one page
+    (row,) = [r for r in rows if run.pk in r.run_ids]
+    assert row.stores == "mlp-teacher · top-64 · format 2"
+    assert all(not r.stores for r in rows if r is not row)
+    assert "store: mlp-teacher · top-64 · format 2" in page.content.decode()
