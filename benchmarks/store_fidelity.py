@@ -6,10 +6,12 @@ Trains a tiny Llama teacher on the fortunes corpus (not timed), then the same st
 Reports:
 
 - bytes per token of each train entry (the whole entry folder / positions; format 2 also its records alone);
-- fill time: the first run's teacher compute + write of the train entry (its ``teacher_cache`` seconds);
+- fill time: the first run's teacher compute + write of the train entry (its ``teacher_cache`` seconds), and
+  the write alone (the whole entry written as format 1 with float32 values and as format 2, best of 3);
 - the stored distributions' difference: KL(float32 ‖ compact) per position over the top-k and the tail;
 - read throughput: positions per second that ``gather_topk`` serves from each entry, in batches of the run's
-  shape, against the positions per second the training steps consumed;
+  shape (padding counted; the two entries read in turns, the median of 3 rounds of 2 s), against the
+  positions per second the training steps consumed;
 - the fidelity goal: every student's eval KL(p_T‖p_S) against the real teacher over the whole vocabulary (the
   same yardstick for both arms; the runs' own ``kl_to_teacher`` is measured against each arm's eval entry),
   mean and spread over seeds, and the difference of the means against that spread.
@@ -100,7 +102,7 @@ def dense_eval_kl(teacher_dir: str, student_dir: str, dataset: Any) -> float:
     return total / count
 
 
-def read_rate(entry: Any, rows: int, width: int, seconds: float = 3.0) -> float:
+def read_rate(entry: Any, rows: int, width: int, seconds: float) -> float:
     """Positions per second ``gather_topk`` serves from ``entry`` in batches of ``BATCH`` random rows."""
     import torch
 
@@ -113,6 +115,28 @@ def read_rate(entry: Any, rows: int, width: int, seconds: float = 3.0) -> float:
         top = gather_topk(entry, batch, width, torch.device("cpu"))
         served += top.logprobs.shape[0] * top.logprobs.shape[1]
     return served / (time.perf_counter() - started)
+
+
+def write_seconds(tensors: dict) -> dict[str, float]:
+    """Seconds to write ``tensors`` (a whole train entry) as format 1 with float32 values and as format 2
+    (encode, shards, sha256, index), each the best of 3."""
+    from safetensors.torch import save_file
+
+    from workers.engine import topk_store
+
+    out: dict[str, float] = {}
+    for name in ("float32", "compact"):
+        best = float("inf")
+        for _ in range(3):
+            folder = Path(tempfile.mkdtemp(prefix="distillweb-store-write-"))
+            started = time.perf_counter()
+            if name == "compact":
+                topk_store.write_store(folder, tensors, vocab_size=TEACHER["vocab_size"])
+            else:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "outputs.safetensors")
+            best = min(best, time.perf_counter() - started)
+        out[name] = best
+    return out
 
 
 def stored_kl(reference: dict, compact: dict) -> list[float]:
@@ -228,26 +252,35 @@ def main() -> int:
         width = int((offsets[1:] - offsets[:-1]).max())
         arm["bytes_per_token"] = arm["entry"]["bytes"] / positions
         arm["topk_bytes"] = entry.manifest.get("bytes_per_token_topk")
-        arm["read_per_s"] = read_rate(entry, rows, width)
+        arm["read"] = (entry, rows, width)
         # positions the training steps consumed: steps × batch × the mean positions of a row, per second
         arm["train_per_s"] = args.steps * BATCH * positions / rows / arm["train_seconds"]
         arm["tensors"] = entry_tensors(entry.path)
         arm["positions"] = positions
         arms[store] = arm
     os.environ.pop(topk_store.STORE_ENV, None)
+    rates: dict[str, list[float]] = {store: [] for store in arms}
+    for _ in range(3):  # the two entries read in turns, 2 s each; the median of 3
+        for store, arm in arms.items():
+            rates[store].append(read_rate(*arm["read"], seconds=2.0))
+    for store, arm in arms.items():
+        arm["read_per_s"] = statistics.median(rates[store])
 
     kl = stored_kl(arms["float32"]["tensors"], arms["compact"]["tensors"])
+    writes = write_seconds(arms["float32"]["tensors"])
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), Python {platform.python_version()}, load average "
           f"{os.getloadavg()[0]:.2f}")
     print(f"teacher: Llama 2×64, V = 2,000, {args.rows:,} fortunes, max length {MAX_LENGTH}; student 1×32; "
           f"k = {K}; {args.steps} steps × batch {BATCH}; {arms['compact']['positions']:,} train positions\n")
-    print("| store | bytes/token (entry) | records B/token | fill s | gather_topk positions/s | "
-          "training positions/s | eval KL mean ± std (dense) | runs' own kl_to_teacher |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| store | bytes/token (entry) | records B/token | fill s | entry write s | "
+          "gather_topk positions/s | training positions/s | eval KL mean ± std (dense) | "
+          "runs' own kl_to_teacher |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for store, arm in arms.items():
         print(f"| {store} | {arm['bytes_per_token']:.1f} | {arm['topk_bytes'] or '-'} | "
-              f"{arm['fill_seconds']:.2f} | {arm['read_per_s']:,.0f} | {arm['train_per_s']:,.0f} | "
+              f"{arm['fill_seconds']:.2f} | {writes[store]:.2f} | {arm['read_per_s']:,.0f} | "
+              f"{arm['train_per_s']:,.0f} | "
               f"{statistics.fmean(arm['kl']):.4f} ± {statistics.stdev(arm['kl']):.4f} | "
               f"{', '.join(f'{v:.4f}' for v in arm['run_kl'])} |")
     diff = statistics.fmean(arms["compact"]["kl"]) - statistics.fmean(arms["float32"]["kl"])

@@ -233,13 +233,16 @@ class TrainFill:
         }
 
     def _write(self) -> CacheEntry:
-        """Write the entry (holding the lock), record its use, drop the partial folder, free the lock."""
+        """Write the entry (holding the lock), record its use (the teacher's time and the write's), drop the
+        partial folder, free the lock."""
         self._lock_held_or_raise()
+        started = time.perf_counter()
         tensors = self._assemble([self.records[r] for r in range(self.n_rows)])
         try:
             entry = self.cache._write(self.key, tensors, self._entry_manifest())
+            seconds = self.seconds + time.perf_counter() - started
             self.cache.uses.append(
-                CacheUse.of(entry, self.split, self.stored, hit=False, seconds=self.seconds, waited=False)
+                CacheUse.of(entry, self.split, self.stored, hit=False, seconds=seconds, waited=False)
             )
             shutil.rmtree(self.folder, ignore_errors=True)
         finally:
