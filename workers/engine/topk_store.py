@@ -361,6 +361,11 @@ class TopkStore:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.index = json.loads((self.folder / INDEX_FILE).read_text())
+        if self.index.get("codec") != CODEC:
+            raise StoreError(
+                f"The teacher-output cache entry {self.folder.name} uses the codec "
+                f"'{self.index.get('codec')}', which this version cannot read (it reads '{CODEC}')."
+            )
         self.codec = Codec(self.index["k"], self.index["id_bits"], tail=self.index["tail"])
         offsets = self._verified(self.folder / OFFSETS_FILE, self.index["offsets"]["sha256"])
         self.offsets = torch.from_numpy(np.fromfile(offsets, dtype=np.int64))

@@ -324,3 +324,11 @@ def test_an_offline_run_fills_and_then_trains_from_a_format_2_entry(tmp_path, co
     assert not (Path(hit["path"]) / OUTPUTS_FILE).exists()
     # The first run trained on the values its entry gives back: the same curve as the run that read them.
     assert len(first_losses) == 6 and second_losses == pytest.approx(first_losses, rel=1e-4)
+
+
+def test_an_entry_of_an_unknown_codec_is_refused_clearly(tmp_path):
+    folder, _ = _entry(tmp_path)
+    index = json.loads((folder / topk_store.INDEX_FILE).read_text())
+    (folder / topk_store.INDEX_FILE).write_text(json.dumps({**index, "codec": "gap-dpcm-9"}))
+    with pytest.raises(StoreError, match="uses the codec 'gap-dpcm-9', which this version cannot read"):
+        TopkStore(folder)
