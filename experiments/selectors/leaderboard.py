@@ -26,6 +26,7 @@ from django.db.models import (
     ValueRange,
     When,
     Window,
+    prefetch_related_objects,
 )
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
 from django.db.models.functions import Cast, Coalesce
@@ -672,6 +673,7 @@ class RankedRows(Sequence[LeaderboardRow]):
         self._optimal_ids: set[int] | None = set(optimal) if isinstance(optimal, set) else None
         self._ranks_known = ranks
         self._count = count
+        self._loaded: dict[int, LeaderboardEntry] = {}  # the rows the pages read, by id
 
     def optimal_ids(self) -> set[int]:
         """The ids of the summary rows on the Pareto frontier of the rows that fit (given, or one narrow
@@ -705,7 +707,9 @@ class RankedRows(Sequence[LeaderboardRow]):
             start, stop, _ = index.indices(self.count())
         if stop is not None and stop <= start:
             return []
-        return self._rows(list(self._entries[start:stop]), start)
+        entries = list(self._entries[start:stop])
+        self._loaded.update((entry.pk, entry) for entry in entries)
+        return self._rows(entries, start)
 
     def frontier(self) -> list[LeaderboardRow]:
         """The rows on the Pareto frontier of the rows that fit, best first (their rank is their place on the
@@ -713,14 +717,27 @@ class RankedRows(Sequence[LeaderboardRow]):
         ids = self.optimal_ids()
         if not ids:
             return []
-        entries = list(self._entries.filter(pk__in=ids))
+        entries = [self._loaded[pk] for pk in ids if pk in self._loaded]
+        if missing := ids - self._loaded.keys():
+            entries += self._with_records(list(self._entries.prefetch_related(None).filter(pk__in=missing)))
         ranks = self._ranks_known if self._ranks_known is not None else self._ranks(entries)
         rows = []
-        for entry in entries:
+        for entry in sorted(entries, key=lambda e: ranks[e.pk]):
             row = _entry_row(entry, self._metric, self._teachers, pareto=True)
             row.rank = ranks[entry.pk]
             rows.append(row)
         return rows
+
+    def _with_records(self, entries: list[LeaderboardEntry]) -> list[LeaderboardEntry]:
+        """``entries`` with the records they name: those a page already read, the others fetched."""
+        read = {(name, getattr(e, f"{name}_id")): getattr(e, name)
+                for e in self._loaded.values() for name in ("experiment", "student", "recipe")}
+        for entry in entries:
+            for name in ("experiment", "student", "recipe"):
+                if (record := read.get((name, getattr(entry, f"{name}_id")))) is not None:
+                    setattr(entry, name, record)
+        prefetch_related_objects(entries, *_row_records())  # what is still missing
+        return entries
 
     def _ranks(self, entries: list[LeaderboardEntry]) -> dict[int, int]:
         """The places of a few rows among the rows that fit: one query counting the rows ranked above each."""
@@ -916,16 +933,20 @@ def _ranked_entries(fitting: QuerySet[LeaderboardEntry], *,
     mean = F("ranked_mean")
     return (
         fitting
-        # The records a row names come by id in three small queries: joining them here made Postgres spend
-        # ~10 ms choosing a join order for a query that runs in 1 ms.
-        .prefetch_related(
-            Prefetch("experiment", queryset=Experiment.objects.select_related("team", "teacher")
-                     .defer(*_BOARD_EXPERIMENT_DEFERRED)),
-            Prefetch("student", queryset=ModelSpec.objects.select_related("parent")
-                     .defer(*_BOARD_MODEL_DEFERRED)),
-            Prefetch("recipe", queryset=Recipe.objects.defer("description", "terms", "scheme_params")),
-        )
+        .prefetch_related(*_row_records())
         .order_by(mean.desc() if metric.higher_is_better else mean.asc(), "ranked_params", "first_run_id")
+    )
+
+
+def _row_records() -> tuple[Prefetch, ...]:
+    """The records a row names, by id in three small queries: joining them in made Postgres spend ~10 ms
+    choosing a join order for a query that runs in 1 ms."""
+    return (
+        Prefetch("experiment", queryset=Experiment.objects.select_related("team", "teacher")
+                 .defer(*_BOARD_EXPERIMENT_DEFERRED)),
+        Prefetch("student", queryset=ModelSpec.objects.select_related("parent")
+                 .defer(*_BOARD_MODEL_DEFERRED)),
+        Prefetch("recipe", queryset=Recipe.objects.defer("description", "terms", "scheme_params")),
     )
 
 
