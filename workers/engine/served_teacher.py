@@ -265,10 +265,10 @@ class ServedTeacher:
     def detokenize(self, ids: Sequence[int]) -> str:
         return str(self._request("/detokenize", {"model": self.model, "tokens": list(ids)})["prompt"])
 
-    def check(self, tokenizer: Any, *, texts: Sequence[str] = (), max_length: int = 0) -> None:
-        """Pre-flight: the server lists the model, reads rows of ``max_length`` tokens, and tokenises as
-        ``tokenizer`` (the student's) does: the same ids for the probe texts and ``texts``, and the same
-        text for the student's last token id.
+    def check(self, tokenizer: Any, *, texts: Sequence[str] = (), max_length: int = 0, k: int = 0) -> None:
+        """Pre-flight: the server lists the model, reads rows of ``max_length`` tokens, gives ``k``
+        log-probabilities a position, and tokenises as ``tokenizer`` (the student's) does: the same ids for
+        the probe texts and ``texts``, and the same text for the student's last token id.
 
         Raises:
             ModelLoadError (server, model) or ConfigError (tokenizer, length) naming what differs.
@@ -280,6 +280,16 @@ class ServedTeacher:
                 f"{self.what} reads at most {limit} tokens of model '{self.model}', but the student's rows "
                 f"are {max_length} long. Lower the dataset's max_length."
             )
+        if k:
+            try:
+                self.topk([self.tokenize(PROBE_TEXTS[0])[:4]], k)
+            except (ModelLoadError, ValueError) as exc:
+                if isinstance(exc, ServerUnavailable):
+                    raise
+                raise ConfigError(
+                    f"{self.what} does not give the top {k} log-probabilities a position needs ({exc}). "
+                    f"Start vLLM with --max-logprobs {k} or more."
+                ) from None
         for text in (*PROBE_TEXTS, *texts):
             for special in (True, False):
                 theirs = self.tokenize(text, add_special_tokens=special)
@@ -323,7 +333,10 @@ class ServedTeacher:
                 out[i] = parse_prompt_logprobs([None] * len(row), row, k)
             else:
                 asked.append(i)
-        groups = [asked[i : i + self.rows_per_request] for i in range(0, len(asked), self.rows_per_request)]
+        # At most rows_per_request prompts a request, spread over the concurrent requests (a batch of 8 rows
+        # is 4 requests of 2 at concurrency 4, not one of 8).
+        size = max(1, min(self.rows_per_request, -(-len(asked) // self.concurrency)))
+        groups = [asked[i : i + size] for i in range(0, len(asked), size)]
 
         def one(group: list[int]) -> None:
             prompts = [[int(t) for t in rows[i]] for i in group]

@@ -150,8 +150,10 @@ class Teachers:
             client = ServedTeacher.for_model(teacher, self.cfg.allowed_paths)
             inputs = self.dataset.train.inputs[:3]
             texts = [] if self.dataset.pack else [t for t in inputs if isinstance(t, str)]
-            with phases.part(phases.LOADING):
-                client.check(self.student.tokenizer, texts=texts, max_length=self.max_length)
+            ks = [t.params["k"] for t in self.plan.terms if LOSS_TERMS[t.name].kind == "topk"]
+            with phases.part(phases.LOADING):  # evaluation reads the top EVAL_TOPK
+                client.check(self.student.tokenizer, texts=texts, max_length=self.max_length,
+                             k=max(ks + [EVAL_TOPK]))
             self._served = client
         return self._served
 

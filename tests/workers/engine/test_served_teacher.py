@@ -285,6 +285,8 @@ def test_preflight_refuses_a_model_the_server_does_not_serve_or_another_tokenize
                       terms=[{"name": "topk", "params": {"k": 4}}]))
     with pytest.raises(ConfigError, match="reads at most 128 tokens"):
         ServedTeacher("test", served.url, "teacher").check(None, max_length=200)
+    with pytest.raises(ConfigError, match="top 65 log-probabilities.*max allowed: 64.*--max-logprobs 65"):
+        ServedTeacher("test", served.url, "teacher").check(None, k=65)
 
 
 KILLED_FILL = """
