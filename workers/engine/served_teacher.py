@@ -25,6 +25,7 @@ the servers with :func:`parse_servers`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,9 +33,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, ModelLoadError
@@ -133,20 +133,31 @@ def servers_allowed(allowed: AllowedPaths | None) -> dict[str, str]:
 # --- the client ---------------------------------------------------------------------------------------------
 
 
-@dataclass
 class ServedStats:
-    """What the server has done for this process: requests, tokens scored or generated, seconds waited."""
+    """What the server has done for this process: requests, tokens scored or generated, and the seconds at
+    least one request was in flight (so concurrent requests count once: tokens/s is the server's rate)."""
 
-    requests: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    def __init__(self) -> None:
+        self.requests, self.tokens, self.seconds = 0, 0, 0.0
+        self._lock, self._in_flight, self._since = threading.Lock(), 0, 0.0
 
-    def add(self, tokens: int, seconds: float) -> None:
-        with self.lock:
-            self.requests += 1
-            self.tokens += tokens
-            self.seconds += seconds
+    @contextlib.contextmanager
+    def request(self, tokens: int) -> Iterator[list[int]]:
+        """One request of ``tokens`` tokens; append to the yielded list the tokens its answer adds."""
+        with self._lock:
+            if not self._in_flight:
+                self._since = time.perf_counter()
+            self._in_flight += 1
+        counted = [tokens]
+        try:
+            yield counted
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self.requests += 1
+                self.tokens += sum(counted)
+                if not self._in_flight:
+                    self.seconds += time.perf_counter() - self._since
 
     @property
     def tokens_per_s(self) -> float:
@@ -340,18 +351,10 @@ class ServedTeacher:
 
         def one(group: list[int]) -> None:
             prompts = [[int(t) for t in rows[i]] for i in group]
-            started = time.perf_counter()
-            answer = self._request(
-                "/v1/completions",
-                {
-                    "model": self.model,
-                    "prompt": prompts,
-                    "max_tokens": 1,
-                    "temperature": 0.0,
-                    "prompt_logprobs": k,
-                },
-            )
-            self.stats.add(sum(len(p) for p in prompts), time.perf_counter() - started)
+            body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
+                    "prompt_logprobs": k}
+            with self.stats.request(sum(len(p) for p in prompts)):
+                answer = self._request("/v1/completions", body)
             for choice in _choices(answer, len(prompts), self.what):
                 i = group[choice["index"]]
                 out[i] = parse_prompt_logprobs(choice.get("prompt_logprobs"), prompts[choice["index"]], k)
@@ -389,13 +392,13 @@ class ServedTeacher:
             }
             if temperature > 0:
                 body["seed"] = (int(seed) + i) % 2**31
-            started = time.perf_counter()
-            answer = self._request("/v1/completions", body)
-            tokens = completion_tokens(_choices(answer, 1, self.what)[0], self.what)
+            with self.stats.request(len(prompt)) as counted:
+                answer = self._request("/v1/completions", body)
+                tokens = completion_tokens(_choices(answer, 1, self.what)[0], self.what)
+                counted.append(len(tokens))
             if eos_id is not None and eos_id in tokens:
                 tokens = tokens[: tokens.index(eos_id) + 1]
             out[i] = tokens
-            self.stats.add(len(prompt) + len(tokens), time.perf_counter() - started)
             if on_done is not None:
                 on_done(1)
 

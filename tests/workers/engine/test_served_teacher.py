@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from workers.engine.config import AllowedPaths, ModelConfig, RunConfig
 from workers.engine.errors import ConfigError, ModelLoadError
 from workers.engine.served_teacher import (
     SERVERS_ENV,
+    ServedStats,
     ServedTeacher,
     completion_tokens,
     parse_prompt_logprobs,
@@ -104,6 +106,16 @@ def test_generated_token_ids_are_read_from_the_completion():
     assert completion_tokens(choice, "x") == choice["token_ids"]
     with pytest.raises(ModelLoadError, match="return_token_ids"):
         completion_tokens({"text": "no ids"}, "Teacher server 'x'")
+
+
+def test_concurrent_requests_count_their_time_once():
+    stats = ServedStats()
+    started = time.perf_counter()
+    with stats.request(3), stats.request(4) as counted:
+        counted.append(5)  # generated tokens
+    elapsed = time.perf_counter() - started
+    assert (stats.requests, stats.tokens) == (2, 12)
+    assert 0 < stats.seconds <= elapsed and stats.tokens_per_s >= 12 / elapsed
 
 
 def test_servers_are_configured_by_name_and_a_bad_entry_is_named():
