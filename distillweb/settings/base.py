@@ -140,6 +140,14 @@ WHITENOISE_USE_FINDERS = DEBUG
 if DEBUG:
     STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise serves from finders, but wants the folder
 
+# A shared cache when CACHE_URL names a Redis server (e.g. redis://127.0.0.1:6379/2): sessions are then read
+# from it and written through to the database (cached_db), which saves every request its session query.
+# Without one, sessions are read from the database only: a per-process cache would keep serving a session
+# that another web process has logged out.
+if CACHE_URL := env.str("CACHE_URL", default=""):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}}
+    SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
+
 # Uploads: capped so a huge request never reaches the disk.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=5 * 1024 * 1024)
 FILE_UPLOAD_MAX_MEMORY_SIZE = env.int("FILE_UPLOAD_MAX_MEMORY_SIZE", default=5 * 1024 * 1024)
