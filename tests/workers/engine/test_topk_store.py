@@ -91,8 +91,9 @@ def test_bytes_per_token_at_k_64_and_a_49k_vocabulary_stay_under_150(tmp_path):
         "target_logprob": torch.from_numpy(values[:, 3].copy()),
     }
     fields = write_store(tmp_path, tensors, vocab_size=49_152)
-    on_disk = sum(f.stat().st_size for f in tmp_path.iterdir())
-    assert fields["bytes"] == on_disk and fields["positions"] == 3000
+    on_disk = sum(f.stat().st_size for f in tmp_path.iterdir() if f.is_file())
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    assert fields["bytes"] == on_disk and fields["positions"] == 3000, listing
     assert fields["bytes_per_token_topk"] == 149
     # with target_logprob (4 B) and the offsets and index shared out: still ≤ 155 B a position
     assert 149 + 4 < fields["bytes_per_token"] < 155
