@@ -817,11 +817,9 @@ class Benchmark:
         return [r for r in self.rows if r.pareto]
 
 
-def _board_entries(*, user, dataset: DatasetSpec, split_key: str | None,
-                   scope: str) -> QuerySet[LeaderboardEntry]:
-    """The summary rows of the benchmark, scoped to the user's teams (staff: all); ``scope`` as in
-    :func:`_leaderboard_scope`."""
-    qs = LeaderboardEntry.objects.all()
+def _on_benchmark(qs: QuerySet, *, user, dataset: DatasetSpec, split_key: str | None, scope: str) -> QuerySet:
+    """The rows of ``qs`` (summary rows or board rows) on the benchmark, scoped to the user's teams (staff:
+    all); ``scope`` as in :func:`_leaderboard_scope`."""
     if scope == "global" and split_key:
         qs = qs.filter(split_key=split_key, task=dataset.task)
     else:
@@ -829,19 +827,17 @@ def _board_entries(*, user, dataset: DatasetSpec, split_key: str | None,
         if split_key:
             qs = qs.filter(split_key=split_key)
     return records_reads.scoped(qs, user, team_field="team")
+
+
+def _board_entries(*, user, dataset: DatasetSpec, split_key: str | None,
+                   scope: str) -> QuerySet[LeaderboardEntry]:
+    return _on_benchmark(LeaderboardEntry.objects.all(), user=user, dataset=dataset, split_key=split_key,
+                         scope=scope)
 
 
 def _boards(*, user, dataset: DatasetSpec, split_key: str | None, scope: str) -> QuerySet[LeaderboardBoard]:
-    """The board rows of the benchmark, scoped to the user's teams (staff: all); ``scope`` as in
-    :func:`_leaderboard_scope`."""
-    qs = LeaderboardBoard.objects.all()
-    if scope == "global" and split_key:
-        qs = qs.filter(split_key=split_key, task=dataset.task)
-    else:
-        qs = qs.filter(dataset=dataset)
-        if split_key:
-            qs = qs.filter(split_key=split_key)
-    return records_reads.scoped(qs, user, team_field="team")
+    return _on_benchmark(LeaderboardBoard.objects.all(), user=user, dataset=dataset, split_key=split_key,
+                         scope=scope)
 
 
 def _split_options(boards: Sequence[LeaderboardBoard]) -> list[SplitOption]:
